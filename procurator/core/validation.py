@@ -1,0 +1,119 @@
+"""Rules every identifier and store path must obey, wherever it comes from.
+
+VM ids become directory names, tap-name seeds and metric labels; worker ids
+become certificate names and labels. Store paths are handed to Nix. So each
+is checked against a strict pattern once at every trust boundary (fleet file,
+RPC request, state dir on disk) with this one module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+__all__ = [
+    "LIMITS",
+    "Limits",
+    "check_hash",
+    "check_store_path",
+    "check_vm_id",
+    "check_worker_id",
+    "default_hash",
+    "store_path_hash",
+]
+
+VM_ID_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+WORKER_ID_RE = re.compile(r"[a-z0-9][a-z0-9.-]{0,62}")
+HASH_RE = re.compile(r"[A-Za-z0-9._+-]{1,128}")
+# Nix's base-32 alphabet has no e, o, u, t. Names: nix's own rule
+# (store-api.cc checkName), at most 211 characters, not starting with '.'.
+NIX_BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"
+STORE_DIR = "/nix/store"
+STORE_PATH_RE = re.compile(
+    rf"{re.escape(STORE_DIR)}/([{NIX_BASE32}]{{32}})-([A-Za-z0-9+\-_?=][A-Za-z0-9+\-._?=]{{0,210}})"
+)
+
+
+class Limits:
+    """Bounds on what any peer or file may ask for. One place, so the fleet
+    parser, the RPC servers and the docs agree."""
+
+    max_workers = 10_000
+    max_vms_per_worker = 20_000
+    max_vms_total = 200_000
+    max_vcpus = 256
+    min_memory_mib = 16
+    max_memory_mib = 1 << 20  # 1 TiB
+    max_text = 4096  # any single string on the wire
+    max_fleet_file_bytes = 64 * 1024 * 1024
+
+
+LIMITS = Limits()
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_vm_id(value: object) -> str | None:
+    """Return a problem description, or None when ``value`` is a valid VM id."""
+    if not isinstance(value, str):
+        return f"must be a string, not {type(value).__name__}"
+    if not VM_ID_RE.fullmatch(value):
+        return (
+            f"{_shown(value)} is not a valid VM id: 1-63 characters of a-z, 0-9 and '-', "
+            "starting with a letter or digit"
+        )
+    return None
+
+
+def check_worker_id(value: object) -> str | None:
+    if not isinstance(value, str):
+        return f"must be a string, not {type(value).__name__}"
+    if not WORKER_ID_RE.fullmatch(value):
+        return (
+            f"{_shown(value)} is not a valid worker id: 1-63 characters of a-z, 0-9, '.' "
+            "and '-', starting with a letter or digit"
+        )
+    return None
+
+
+def check_store_path(value: object) -> str | None:
+    if not isinstance(value, str):
+        return f"must be a string, not {type(value).__name__}"
+    if not STORE_PATH_RE.fullmatch(value):
+        return (
+            f"{_shown(value)} is not a Nix store path: expected "
+            f"{STORE_DIR}/<32 base-32 characters>-<name>"
+        )
+    return None
+
+
+def check_hash(value: object) -> str | None:
+    if not isinstance(value, str):
+        return f"must be a string, not {type(value).__name__}"
+    if not HASH_RE.fullmatch(value):
+        return f"{_shown(value)} is not a valid hash: 1-128 characters of A-Z a-z 0-9 . _ + -"
+    return None
+
+
+def store_path_hash(path: str) -> str:
+    """The 32-character hash part of a valid store path."""
+    match = STORE_PATH_RE.fullmatch(path)
+    if match is None:
+        raise ValueError(f"not a store path: {path!r}")
+    return match.group(1)
+
+
+def default_hash(path: str, vcpus: int = 0, memory_mib: int = 0) -> str:
+    """The identity of a VM when the fleet file names none.
+
+    It changes whenever the VM must be replaced: a new image (a new store path
+    always has a new hash part) or new resources. Without resource overrides
+    it is the store path's own hash, which Nix users recognise.
+    """
+    if not vcpus and not memory_mib:
+        return store_path_hash(path)
+    digest = hashlib.sha256(f"{path}\0{vcpus}\0{memory_mib}".encode()).hexdigest()
+    return digest[:32]

@@ -1,0 +1,310 @@
+@0xac7ebed6f3cb0532;
+# procurator wire contract, version 1.
+#
+# This file alone is enough to write a worker or a CI client in any language
+# with a Cap'n Proto implementation. Rules of evolution: fields and methods are
+# only ever added (with the next ordinal), never renumbered, retyped or removed;
+# enums only gain enumerants. Readers must treat an unknown enumerant as the
+# "unknown"/first value.
+#
+# Topology. The master listens; everyone dials it. The bootstrap capability of
+# a connection is `Master`. A worker calls `Master.register`, handing over a
+# `Node` capability through which the master pushes assignments; it gets back a
+# `WorkerSession` bound to its worker id for pulls and reports. People and CI
+# call `Master.control` and use the returned `Control`.
+#
+# Errors. Methods that can fail for reasons a client should act on return a
+# union with an `error :Error` arm instead of raising: Cap'n Proto exceptions
+# carry only a string. An RPC exception (disconnect, overload, bug) is still
+# possible on every call and means "try again later".
+
+# ---------------------------------------------------------------- desired state
+
+enum PowerState {
+  # Desired (or observed) power state of a VM. Changing only the power state
+  # never replaces a VM.
+  running @0;
+  paused @1;
+  stopped @2;
+}
+
+struct Resources {
+  # Optional overrides of what the image's vm-config.json asks for.
+  # 0 means "as the image says".
+  vcpus @0 :UInt32;
+  memoryMib @1 :UInt64;
+}
+
+struct VmAssignment {
+  id @0 :Text;
+  # [a-z0-9][a-z0-9-]{0,62}; unique across the whole fleet.
+  hash @1 :Text;
+  # Identity of the desired VM: when it changes, the VM is replaced.
+  # By default the 32-character hash part of nixStorePath.
+  nixStorePath @2 :Text;
+  # /nix/store/<32 base-32 chars>-<name>, holding vm-config.json.
+  power @3 :PowerState;
+  resources @4 :Resources;
+}
+
+struct Assignment {
+  # Everything one worker should run. Generations are fleet-wide, monotonic,
+  # never reused (also across master restarts). A worker's assignment carries
+  # the generation of the last apply that changed it.
+  workerId @0 :Text;
+  generation @1 :UInt64;
+  vms @2 :List(VmAssignment);
+  opId @3 :Text;
+  # Operation id of the apply that produced this generation ("" if none).
+}
+
+struct WorkerFleet {
+  workerId @0 :Text;
+  vms @1 :List(VmAssignment);
+}
+
+struct Fleet {
+  # A whole desired fleet, as applied by `procurator apply`. Workers not named
+  # here are assigned nothing (their VMs are removed).
+  workers @0 :List(WorkerFleet);
+}
+
+# ---------------------------------------------------------------- observed state
+
+enum Phase {
+  unknown @0;
+  pending @1;      # assigned, nothing done yet
+  realising @2;    # fetching the image from a substituter
+  starting @3;     # VMM spawned, VM being created and booted
+  running @4;
+  paused @5;
+  stopping @6;
+  stopped @7;      # VMM gone on purpose (desired power = stopped)
+  failed @8;       # permanent failure (bad image, bad config); see message
+  crashLoop @9;    # VMM keeps dying; restarting with backoff
+  removing @10;
+}
+
+struct VmStatus {
+  id @0 :Text;
+  phase @1 :Phase;
+  observedHash @2 :Text;
+  # Hash of the VM that actually runs ("" if none).
+  message @3 :Text;
+  # Human-readable reason for the phase.
+  restarts @4 :UInt32;
+  address @5 :Text;
+  # IPv4 address given to the guest, "" if none.
+  observedPower @6 :PowerState;
+  opId @7 :Text;
+}
+
+struct WorkerStatus {
+  workerId @0 :Text;
+  observedGeneration @1 :UInt64;
+  # The newest generation every VM of which has reached its desired state or
+  # a permanent failure.
+  vms @2 :List(VmStatus);
+}
+
+struct WorkerInfo {
+  workerId @0 :Text;
+  version @1 :Text;
+  capacity @2 :Capacity;
+  metricsUrl @3 :Text;
+  # Where this worker's Prometheus exporter listens ("" if none); the
+  # master lists it in its HTTP service discovery.
+  driver @4 :Text;
+  # VMM driver in use ("cloud-hypervisor", "qemu", ...).
+}
+
+struct Capacity {
+  vcpus @0 :UInt32;
+  memoryMib @1 :UInt64;
+  maxVms @2 :UInt32;
+}
+
+struct MetricSample {
+  # One numeric sample of a per-VM or per-worker metric.
+  name @0 :Text;     # Prometheus metric name, e.g. procurator_vm_restarts_total
+  vmId @1 :Text;     # "" for worker-level samples
+  labels @2 :List(Label);
+  value @3 :Float64;
+}
+
+struct Label {
+  name @0 :Text;
+  value @1 :Text;
+}
+
+struct MetricsReport {
+  workerId @0 :Text;
+  samples @1 :List(MetricSample);
+}
+
+enum EventKind {
+  unknown @0;
+  created @1;
+  booted @2;
+  crashed @3;
+  restarted @4;
+  replaced @5;
+  stopped @6;
+  failed @7;
+  readopted @8;
+  removed @9;
+  paused @10;
+  resumed @11;
+}
+
+struct VmEvent {
+  vmId @0 :Text;
+  kind @1 :EventKind;
+  message @2 :Text;
+  opId @3 :Text;
+  unixTimeMs @4 :Int64;
+}
+
+struct WorkerConnection {
+  workerId @0 :Text;
+  connected @1 :Bool;
+  sinceUnixMs @2 :Int64;
+  # When the worker (dis)connected.
+  desiredGeneration @3 :UInt64;
+  status @4 :WorkerStatus;
+  # Last status the worker reported (empty until it reports).
+  lastReportUnixMs @5 :Int64;
+  vmCount @6 :UInt32;
+  # Number of VMs assigned to this worker.
+}
+
+struct FleetStatus {
+  generation @0 :UInt64;
+  # Current fleet generation.
+  workers @1 :List(WorkerConnection);
+}
+
+# ---------------------------------------------------------------- errors
+
+enum ErrorCode {
+  internal @0;
+  invalid @1;           # the request is malformed; see details
+  staleGeneration @2;   # expectedGeneration did not match
+  notFound @3;
+  unauthorized @4;
+  limitExceeded @5;
+  unavailable @6;       # try again later
+}
+
+struct Error {
+  code @0 :ErrorCode;
+  message @1 :Text;
+  details @2 :List(Text);
+  # One line per problem, e.g. "workers.host-a.vms[2].id: ...".
+  opId @3 :Text;
+}
+
+# ---------------------------------------------------------------- diffs
+
+struct PowerChange {
+  vmId @0 :Text;
+  from @1 :PowerState;
+  to @2 :PowerState;
+}
+
+struct WorkerDiff {
+  workerId @0 :Text;
+  added @1 :List(Text);
+  replaced @2 :List(Text);
+  removed @3 :List(Text);
+  powerChanged @4 :List(PowerChange);
+  updated @5 :List(Text);
+  # VMs whose entry changed in another way (resources with an explicit,
+  # unchanged hash): the worker gets the new assignment, the VM is kept.
+}
+
+struct ApplyResult {
+  union {
+    ok :group {
+      generation @0 :UInt64;
+      # The new generation, or the current one when nothing changed.
+      changed @1 :Bool;
+      diffs @2 :List(WorkerDiff);
+      # Only workers whose assignment changes.
+      opId @3 :Text;
+      dryRun @4 :Bool;
+    }
+    error @5 :Error;
+  }
+}
+
+# ---------------------------------------------------------------- interfaces
+
+interface Node {
+  # Implemented by a worker, handed to the master in `register`.
+  push @0 (assignment :Assignment) -> ();
+  # The master pushes a new assignment. Returns once the worker has taken
+  # note of it (not when it has converged). Pushes may arrive out of order or
+  # be lost; the worker ignores generations older than the newest it has.
+}
+
+interface WorkerSession {
+  # Bound to one worker id by `Master.register`; a worker can only pull and
+  # report for itself.
+  getAssignment @0 (knownGeneration :UInt64) -> (assignment :Assignment, changed :Bool);
+  # `changed` is false (and `assignment.vms` empty) when knownGeneration is
+  # already the newest.
+  reportStatus @1 (status :WorkerStatus) -> (result :ReportResult);
+  reportMetrics @2 (report :MetricsReport) -> (result :ReportResult);
+  reportEvents @3 (events :List(VmEvent)) -> (result :ReportResult);
+}
+
+struct ReportResult {
+  union {
+    ok @0 :Void;
+    error @1 :Error;
+  }
+}
+
+struct RegisterResult {
+  union {
+    session @0 :WorkerSession;
+    error @1 :Error;
+  }
+}
+
+interface Control {
+  # For people and CI pipelines.
+  apply @0 (fleet :Fleet, expected :ExpectedGeneration, dryRun :Bool)
+      -> (result :ApplyResult);
+  status @1 () -> (status :FleetStatus);
+  events @2 (vmId :Text, limit :UInt32) -> (events :List(WorkerEvent));
+  # Recent events, newest last; vmId "" means all VMs.
+}
+
+struct ExpectedGeneration {
+  # Optimistic concurrency: refuse the apply unless the fleet is still at
+  # this generation.
+  union {
+    any @0 :Void;
+    generation @1 :UInt64;
+  }
+}
+
+struct WorkerEvent {
+  workerId @0 :Text;
+  event @1 :VmEvent;
+}
+
+interface Master {
+  # The bootstrap capability of every connection to the master.
+  register @0 (info :WorkerInfo, node :Node) -> (result :RegisterResult);
+  control @1 () -> (result :ControlResult);
+}
+
+struct ControlResult {
+  union {
+    control @0 :Control;
+    error @1 :Error;
+  }
+}
