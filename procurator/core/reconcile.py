@@ -1,0 +1,404 @@
+"""Converge desired VMs (an ``Assignment``) with observed ones, by hash.
+
+Two layers:
+
+- ``plan(desired, observed)`` is a pure function: what must happen to each
+  VM. A VM whose desired entry matches what runs gets *no* action: it is
+  never restarted, replaced or touched beyond observation.
+- ``Reconciler`` is level-triggered: every pass observes the actual state
+  again through the ``VmActuator`` port and recomputes the plan, so a pass
+  interrupted by a crash, a lost push or a failed step simply continues the
+  next time. It runs each VM's work in its own task, at most ``concurrency``
+  at once, and strictly one at a time per VM; a slow or failing VM never
+  blocks the others and the loop never waits for a step to finish before
+  reacting to new input.
+
+Failures are state, not sleeps: a ``TemporaryError`` records ``not_before``
+(exponential backoff per VM) and the loop wakes for it; a ``PermanentError``
+parks the VM as failed until its desired entry changes (new hash, power or
+image). ``observed_generation`` is the newest generation every VM of which
+is *settled*: running the desired hash in the desired power state, or
+failed for good (permanent error, or the VMM keeps crashing: the
+VmManager's own restart backoff owns that VM now).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+from procurator.core.errors import PermanentError, TemporaryError
+from procurator.core.models import (
+    Assignment,
+    Phase,
+    PowerState,
+    VmAssignment,
+    VmStatus,
+    WorkerStatus,
+)
+
+__all__ = [
+    "Action",
+    "ActionKind",
+    "ObservedVm",
+    "Reconciler",
+    "VmActuator",
+    "plan",
+]
+
+log = logging.getLogger(__name__)
+
+_POWER_PHASE = {
+    PowerState.RUNNING: Phase.RUNNING,
+    PowerState.PAUSED: Phase.PAUSED,
+    PowerState.STOPPED: Phase.STOPPED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ObservedVm:
+    """What is true of one VM on this worker right now."""
+
+    id: str
+    hash: str
+    phase: Phase
+    power: PowerState
+    message: str = ""
+    restarts: int = 0
+    address: str = ""
+    op_id: str = ""
+
+
+class ActionKind(enum.Enum):
+    CREATE = "create"
+    REPLACE = "replace"
+    SET_POWER = "set-power"
+    REMOVE = "remove"
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    kind: ActionKind
+    vm_id: str
+    desired: VmAssignment | None = None
+
+
+class VmActuator(Protocol):
+    """What the reconciler drives. Both steps are idempotent and verify
+    their result; they raise ``PermanentError`` or ``TemporaryError``."""
+
+    async def observe(self) -> Mapping[str, ObservedVm]:
+        """Every VM this worker has, assigned or not."""
+        ...
+
+    async def ensure(self, vm: VmAssignment, op_id: str) -> None:
+        """Make the VM exactly ``vm``: create it, replace it (hash changed)
+        or change its power state."""
+        ...
+
+    async def remove(self, vm_id: str, op_id: str) -> None:
+        """Stop the VM and release everything it held."""
+        ...
+
+
+def settled(desired: VmAssignment, observed: ObservedVm | None) -> bool:
+    """The VM needs nothing more from the reconciler."""
+    if observed is None or observed.hash != desired.hash:
+        return False
+    if observed.phase in (Phase.FAILED, Phase.CRASH_LOOP):
+        return True
+    return observed.power == desired.power and observed.phase == _POWER_PHASE[desired.power]
+
+
+def plan(desired: Mapping[str, VmAssignment], observed: Mapping[str, ObservedVm]) -> list[Action]:
+    """The actions that take ``observed`` to ``desired``; empty at the
+    fixed point. Pure and O(n): it runs on every pass."""
+    actions: list[Action] = []
+    for vm_id, want in desired.items():
+        have = observed.get(vm_id)
+        if have is None:
+            actions.append(Action(ActionKind.CREATE, vm_id, want))
+        elif have.hash != want.hash:
+            actions.append(Action(ActionKind.REPLACE, vm_id, want))
+        elif have.phase in (Phase.FAILED, Phase.CRASH_LOOP):
+            # The VmManager owns a crashing VM's restarts; a failed one waits
+            # for a new desired entry. Neither is acted on again here.
+            continue
+        elif have.power != want.power or have.phase not in (_POWER_PHASE[want.power],):
+            if have.phase in (Phase.STARTING, Phase.STOPPING, Phase.REALISING):
+                continue  # in transition; observe again later
+            actions.append(Action(ActionKind.SET_POWER, vm_id, want))
+    for vm_id in observed:
+        if vm_id not in desired:
+            actions.append(Action(ActionKind.REMOVE, vm_id))
+    return actions
+
+
+@dataclass(slots=True)
+class _Failure:
+    """Why the last step for a VM failed, for which desired entry."""
+
+    key: tuple[str, PowerState, str] | None  # desired entry it failed for; None: removal
+    message: str
+    permanent: bool
+    attempts: int
+    not_before: float
+
+
+def _key(vm: VmAssignment | None) -> tuple[str, PowerState, str] | None:
+    return None if vm is None else (vm.hash, vm.power, vm.nix_store_path)
+
+
+@dataclass
+class Reconciler:
+    """Level-triggered reconcile loop for one worker.
+
+    Feed it with ``set_assignment`` (pushes, pulls) and ``poke`` (VM events,
+    periodic resync); it reports with ``on_status`` after every pass whose
+    result differs from the last one.
+    """
+
+    actuator: VmActuator
+    on_status: Callable[[WorkerStatus], None]
+    worker_id: str
+    concurrency: int = 8
+    retry_initial: float = 1.0  # seconds before the first retry of a failed step
+    retry_max: float = 300.0  # cap of the doubling retry delay
+    on_pass: Callable[[float, int], None] | None = None  # (seconds, actions started)
+
+    _assignment: Assignment | None = field(default=None, init=False)
+    _wake: trio.Event = field(default_factory=trio.Event, init=False)
+    _busy: set[str] = field(default_factory=set, init=False)
+    _failures: dict[str, _Failure] = field(default_factory=dict, init=False)
+    _last_status: WorkerStatus | None = field(default=None, init=False)
+    _observed_generation: int = field(default=0, init=False)
+    _passes: int = field(default=0, init=False)
+
+    # -- inputs ----------------------------------------------------------
+
+    def set_assignment(self, assignment: Assignment) -> bool:
+        """Take a newer assignment; older or equal generations are ignored
+        (pushes and pulls can race). Returns whether it was taken."""
+        current = self._assignment
+        if current is not None and assignment.generation <= current.generation:
+            return False
+        self._assignment = assignment
+        self.poke()
+        return True
+
+    def poke(self) -> None:
+        """Ask for a pass soon (VM event, periodic resync)."""
+        self._wake.set()
+
+    @property
+    def assignment(self) -> Assignment | None:
+        return self._assignment
+
+    @property
+    def observed_generation(self) -> int:
+        return self._observed_generation
+
+    @property
+    def passes(self) -> int:
+        return self._passes
+
+    # -- the loop --------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        limiter = trio.CapacityLimiter(self.concurrency)
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                await self._wait_for_work()
+                await self.run_pass(nursery, limiter)
+
+    async def _wait_for_work(self) -> None:
+        deadline = self._next_retry()
+        with trio.move_on_at(deadline):
+            await self._wake.wait()
+        self._wake = trio.Event()
+
+    def _next_retry(self) -> float:
+        desired = self._desired()
+        times = [
+            f.not_before
+            for vm_id, f in self._failures.items()
+            if not f.permanent and vm_id not in self._busy and _key(desired.get(vm_id)) == f.key
+        ]
+        return min(times, default=math.inf)
+
+    def _desired(self) -> dict[str, VmAssignment]:
+        return {vm.id: vm for vm in self._assignment.vms} if self._assignment else {}
+
+    async def run_pass(self, nursery: trio.Nursery, limiter: trio.CapacityLimiter) -> int:
+        """Observe, plan, start what is allowed, report. Returns the number
+        of actions started. Public for tests and benchmarks."""
+        started_at = trio.current_time()
+        assignment = self._assignment
+        observed = await self.actuator.observe()
+        if assignment is None:
+            # Never remove anything before the master has told us what is
+            # desired: an empty worker view after restart is not an order.
+            self._report(observed)
+            return 0
+        desired = self._desired()
+        now = trio.current_time()
+        started = 0
+        for action in plan(desired, observed):
+            if action.vm_id in self._busy:
+                continue
+            failure = self._failures.get(action.vm_id)
+            if failure is not None:
+                if failure.key != _key(action.desired):
+                    del self._failures[action.vm_id]  # desired entry changed: fresh start
+                elif failure.permanent or failure.not_before > now:
+                    continue
+            self._busy.add(action.vm_id)
+            nursery.start_soon(self._act, action, assignment.op_id, limiter)
+            started += 1
+        # Forget failures of VMs that are no longer desired nor present.
+        for vm_id in [v for v in self._failures if v not in desired and v not in observed]:
+            del self._failures[vm_id]
+        self._report(observed)
+        self._passes += 1
+        if self.on_pass is not None:
+            self.on_pass(trio.current_time() - started_at, started)
+        return started
+
+    async def _act(self, action: Action, op_id: str, limiter: trio.CapacityLimiter) -> None:
+        try:
+            async with limiter:
+                log.info(
+                    "%s %s",
+                    action.kind.value,
+                    action.vm_id,
+                    extra={"vm_id": action.vm_id, "op_id": op_id},
+                )
+                if action.kind is ActionKind.REMOVE:
+                    await self.actuator.remove(action.vm_id, op_id)
+                else:
+                    assert action.desired is not None
+                    await self.actuator.ensure(action.desired, op_id)
+            self._failures.pop(action.vm_id, None)
+        except PermanentError as exc:
+            log.warning("%s %s failed for good: %s", action.kind.value, action.vm_id, exc)
+            self._record_failure(action, str(exc), permanent=True)
+        except TemporaryError as exc:
+            self._record_failure(action, str(exc), permanent=False, delay=exc.delay)
+        except trio.Cancelled:
+            raise
+        except Exception as exc:
+            # A bug in one VM's step must not take down the worker or the
+            # other VMs: log it loudly and retry with backoff like a
+            # temporary failure.
+            log.exception("%s %s raised an unexpected error", action.kind.value, action.vm_id)
+            self._record_failure(action, f"internal error: {exc!r}", permanent=False)
+        finally:
+            self._busy.discard(action.vm_id)
+            self.poke()
+
+    def _record_failure(
+        self, action: Action, message: str, *, permanent: bool, delay: float = 0.0
+    ) -> None:
+        previous = self._failures.get(action.vm_id)
+        key = _key(action.desired)
+        attempts = previous.attempts + 1 if previous is not None and previous.key == key else 1
+        backoff = min(self.retry_max, self.retry_initial * 2 ** min(attempts - 1, 32))
+        wait = max(delay, backoff)
+        self._failures[action.vm_id] = _Failure(
+            key=key,
+            message=message,
+            permanent=permanent,
+            attempts=attempts,
+            not_before=trio.current_time() + wait,
+        )
+        if not permanent:
+            log.info(
+                "%s %s will be retried in %.1fs: %s", action.kind.value, action.vm_id, wait, message
+            )
+
+    # -- status ----------------------------------------------------------
+
+    def _compute_status(self, observed: Mapping[str, ObservedVm]) -> WorkerStatus:
+        """The report for the master, from the current assignment,
+        observations and failure records; advances observed_generation
+        when everything desired is settled."""
+        assignment = self._assignment
+        desired = self._desired()
+        vms: list[VmStatus] = []
+        converged = True
+        op_id = assignment.op_id if assignment else ""
+        for vm_id, want in desired.items():
+            have = observed.get(vm_id)
+            failure = self._failures.get(vm_id)
+            if failure is not None and failure.key != _key(want):
+                failure = None
+            ok = settled(want, have)
+            if failure is not None and failure.permanent:
+                ok = True
+            converged = converged and ok and vm_id not in self._busy
+            vms.append(self._vm_status(vm_id, want, have, failure, op_id))
+        for vm_id, have in observed.items():
+            if vm_id not in desired:
+                vms.append(
+                    VmStatus(
+                        id=vm_id,
+                        phase=Phase.REMOVING,
+                        observed_hash=have.hash,
+                        message="no longer assigned",
+                        restarts=have.restarts,
+                        address=have.address,
+                        observed_power=have.power,
+                        op_id=op_id,
+                    )
+                )
+                converged = False
+        if assignment is not None and converged:
+            self._observed_generation = max(self._observed_generation, assignment.generation)
+        return WorkerStatus(
+            worker_id=self.worker_id,
+            observed_generation=self._observed_generation,
+            vms=tuple(vms),
+        )
+
+    @staticmethod
+    def _vm_status(
+        vm_id: str,
+        want: VmAssignment,
+        have: ObservedVm | None,
+        failure: _Failure | None,
+        op_id: str,
+    ) -> VmStatus:
+        if failure is not None and failure.permanent:
+            phase, message = Phase.FAILED, failure.message
+        elif have is None or have.hash != want.hash:
+            phase = Phase.PENDING
+            message = "waiting to be created" if have is None else "waiting to be replaced"
+            if failure is not None:
+                message = f"retrying after: {failure.message}"
+        else:
+            phase, message = have.phase, have.message
+            if failure is not None:
+                message = f"retrying after: {failure.message}"
+        return VmStatus(
+            id=vm_id,
+            phase=phase,
+            observed_hash=have.hash if have else "",
+            message=message,
+            restarts=have.restarts if have else 0,
+            address=have.address if have else "",
+            observed_power=have.power if have else PowerState.STOPPED,
+            op_id=op_id,
+        )
+
+    def _report(self, observed: Mapping[str, ObservedVm]) -> None:
+        status = self._compute_status(observed)
+        if status != self._last_status:
+            self._last_status = status
+            self.on_status(status)
