@@ -15,7 +15,7 @@ dev=0
 # NAT script) and what the tests check against (promtool, busybox for the test
 # image's initramfs).
 apt_packages=(python3-venv nix-bin qemu-system-x86 busybox-static prometheus
-              nftables iproute2 cpio xz-utils procps curl)
+              nftables iproute2 cpio xz-utils procps curl btrfs-progs)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

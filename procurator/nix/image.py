@@ -1,0 +1,303 @@
+"""From a store path to a VM config the VMM can safely be given.
+
+``ImageManager.prepare`` turns (VM id, image store path, what the worker
+decided for the VM) into a ``PreparedImage``: the image present and rooted,
+its ``vm-config.json`` confined (``procurator.core.confinement``), and the
+VM's writable disk copies in place. Every step is idempotent, so a prepare
+interrupted by a crash is simply called again.
+
+State, all under ``state_dir`` (the worker's):
+
+- ``gcroots/<vm id>/<store basename>``: an indirect GC root per VM and
+  image. An image used by several VMs stays rooted until the last of them
+  is released; a VM being moved to a new image keeps its old root until the
+  new image is fully prepared.
+- ``vms/<vm id>/disks/<store basename>/disk<i>.img``: the VM's writable
+  copies of the image's writable disks. They live as long as the VM keeps
+  that image: a restart reuses them (the guest's writes survive), a new
+  image gets fresh copies and the old ones are deleted once the new image is
+  prepared. ``vms/<vm id>/`` itself belongs to the VmManager; only
+  ``disks/`` is this module's.
+
+Invariants: nothing is ever written into the store (sources are opened
+read-only, ``state_dir`` may not lie in the store); a failed prepare leaves
+the VM's previous image, root and disks exactly as they were, and removes
+whatever it created for the new image; a successful prepare leaves exactly
+one root and one disk directory for the VM.
+
+Thread safety: calls for *different* VMs may run in parallel threads (they
+share nothing but the Nix store, which locks itself). Calls for one VM must
+not overlap: the reconciler runs each VM's steps strictly one at a time.
+Calling ``prepare`` with a new image while the VM still runs on the old one
+is allowed but pointless: the old disks are deleted under the running VMM
+(which keeps its open files); replace a VM as stop -> prepare -> start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from procurator.core.confinement import (
+    DiskCopy,
+    HostSide,
+    ImageLimits,
+    PathKind,
+    ResolvedPath,
+    confine,
+    host_paths,
+    in_closure,
+)
+from procurator.core.errors import TemporaryError, ValidationError
+from procurator.core.validation import STORE_DIR, check_store_path, check_vm_id
+from procurator.nix._disk import clone_or_copy, remove_partials
+from procurator.nix.store import Store
+
+__all__ = ["CONFIG_NAME", "ImageManager", "PreparedImage"]
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "vm-config.json"
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedImage:
+    """A VM's image, ready to boot: ``config`` is the final, confined
+    ``VmConfig``; ``disks`` the VM's writable copies it names."""
+
+    store_path: str
+    config: dict[str, Any]
+    disks: tuple[Path, ...]
+
+
+class ImageManager:
+    """Prepares and releases the images of one worker's VMs."""
+
+    def __init__(
+        self,
+        store: Store,
+        state_dir: Path,
+        *,
+        limits: ImageLimits,
+        allow_reflink: bool = True,
+    ) -> None:
+        state_dir = Path(os.path.abspath(state_dir))
+        if _inside(str(state_dir), STORE_DIR) or _inside(os.path.realpath(state_dir), STORE_DIR):
+            raise ValueError(f"the worker's state dir {state_dir} may not lie in the Nix store")
+        self._store = store
+        self._limits = limits
+        self._allow_reflink = allow_reflink
+        self._roots_dir = state_dir / "gcroots"
+        self._vms_dir = state_dir / "vms"
+
+    # ------------------------------------------------------------------ API
+
+    def prepare(
+        self,
+        vm_id: str,
+        store_path: str,
+        *,
+        host: HostSide,
+        on_realise: Callable[[], None] | None = None,
+    ) -> PreparedImage:
+        """Make ``store_path`` ready to boot as VM ``vm_id``.
+
+        ``on_realise`` is called (in this thread) just before a missing path
+        is fetched from the substituters, so the caller can show that phase.
+        Raises ``ValidationError`` (bad id, path or config: every problem
+        listed), ``NotFoundError``, or ``TemporaryError`` (fetch failed,
+        I/O error: retry later).
+        """
+        _check(check_vm_id(vm_id), "VM id")
+        _check(check_store_path(store_path), f"VM {vm_id}: image")
+        name = os.path.basename(store_path)
+        link = self._roots_dir / vm_id / name
+        disk_dir = self._vms_dir / vm_id / "disks" / name
+        fresh = not os.path.islink(link)
+        try:
+            if self._store.is_valid(store_path):
+                self._store.add_root(store_path, link)
+            else:
+                log.info("VM %s: %s is not in the store; realising it", vm_id, store_path)
+                if on_realise is not None:
+                    on_realise()
+                self._store.realise(store_path, root=link)
+            closure = self._store.closure(store_path)
+            config = _load_config(vm_id, store_path, closure, self._limits.max_config_bytes)
+            wanted = host_paths(config, store_path)
+            try:
+                confined = confine(
+                    config,
+                    image_dir=store_path,
+                    closure=closure,
+                    resolved={path: _resolve(path) for path in set(wanted.values())},
+                    limits=self._limits,
+                    host=host,
+                    disk_dir=str(disk_dir),
+                )
+            except ValidationError as err:
+                raise ValidationError(f"VM {vm_id}: {err.message}", details=err.details) from err
+            disks = self._ensure_copies(vm_id, disk_dir, confined.copies)
+        except BaseException:
+            if fresh:  # leave the previous state exactly as it was
+                self._forget_after_failure(vm_id, link, disk_dir)
+            raise
+        self._drop_other_images(vm_id, keep=name)
+        return PreparedImage(store_path=store_path, config=confined.config, disks=disks)
+
+    def release(self, vm_id: str) -> None:
+        """Drop every GC root and disk copy of VM ``vm_id`` (it is removed).
+        Idempotent."""
+        _check(check_vm_id(vm_id), "VM id")
+        self._drop_other_images(vm_id, keep=None)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                (self._roots_dir / vm_id).rmdir()
+            with contextlib.suppress(FileNotFoundError):
+                (self._vms_dir / vm_id / "disks").rmdir()
+        except OSError as err:
+            raise TemporaryError(f"VM {vm_id}: could not release its image: {err}") from err
+
+    def roots(self) -> dict[str, frozenset[str]]:
+        """VM id -> the store paths rooted for it: what the state dir holds,
+        for the sweep at start (release the VMs no longer assigned). Usually
+        one path per VM; two after a crash in the middle of a prepare that
+        moved the VM to a new image."""
+        found: dict[str, frozenset[str]] = {}
+        with contextlib.suppress(FileNotFoundError):
+            for vm_dir in sorted(self._roots_dir.iterdir()):
+                targets = frozenset(
+                    os.readlink(link) for link in vm_dir.iterdir() if link.is_symlink()
+                )
+                if targets:
+                    found[vm_dir.name] = targets
+        return found
+
+    # ------------------------------------------------------------- helpers
+
+    def _ensure_copies(
+        self, vm_id: str, disk_dir: Path, copies: tuple[DiskCopy, ...]
+    ) -> tuple[Path, ...]:
+        disks: list[Path] = []
+        try:
+            if copies:
+                disk_dir.mkdir(parents=True, exist_ok=True)
+                remove_partials(disk_dir)
+            for copy in copies:
+                target = Path(copy.target)
+                disks.append(target)
+                if target.is_file():
+                    continue  # made by an earlier prepare: keeps the guest's writes
+                started = time.monotonic()
+                try:
+                    method = clone_or_copy(
+                        Path(copy.source), target, allow_reflink=self._allow_reflink
+                    )
+                except FileExistsError:
+                    continue  # a concurrent prepare made it
+                log.info(
+                    "VM %s: disk%d: %s of %s (%d bytes) in %.3fs",
+                    vm_id,
+                    copy.index,
+                    method,
+                    copy.source,
+                    os.stat(target).st_size,
+                    time.monotonic() - started,
+                )
+        except OSError as err:
+            raise TemporaryError(
+                f"VM {vm_id}: could not make its writable disk copies in {disk_dir}: {err}"
+            ) from err
+        return tuple(disks)
+
+    def _drop_other_images(self, vm_id: str, *, keep: str | None) -> None:
+        """Remove the VM's roots and disks of every image but ``keep``."""
+        roots = self._roots_dir / vm_id
+        disks = self._vms_dir / vm_id / "disks"
+        try:
+            for directory in (roots, disks):
+                with contextlib.suppress(FileNotFoundError):
+                    for entry in directory.iterdir():
+                        if entry.name != keep:
+                            self._forget(roots / entry.name, disks / entry.name)
+        except OSError as err:
+            raise TemporaryError(
+                f"VM {vm_id}: could not drop the roots and disks of its old images: {err}"
+            ) from err
+
+    def _forget(self, link: Path, disk_dir: Path) -> None:
+        self._store.remove_root(link)
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(disk_dir)
+
+    def _forget_after_failure(self, vm_id: str, link: Path, disk_dir: Path) -> None:
+        # The original error is what the caller must see; a failure to clean
+        # up is logged, and healed by the next prepare or release of the VM.
+        try:
+            self._forget(link, disk_dir)
+        except (OSError, TemporaryError) as err:
+            log.warning("VM %s: could not undo a failed prepare (%s): %s", vm_id, link, err)
+
+
+def _load_config(vm_id: str, store_path: str, closure: frozenset[str], limit: int) -> object:
+    path = f"{store_path}/{CONFIG_NAME}"
+    where = f"VM {vm_id}: {path}"
+    real = os.path.realpath(path)
+    if not in_closure(real, closure):
+        raise ValidationError(f"{where} resolves to {real}, outside the image's closure")
+    try:
+        with open(real, "rb") as file:
+            info = os.fstat(file.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ValidationError(f"{where} is not a regular file")
+            if info.st_size > limit:
+                raise ValidationError(f"{where} is {info.st_size} bytes; the limit is {limit}")
+            data = file.read(limit + 1)
+    except (FileNotFoundError, NotADirectoryError) as err:
+        raise ValidationError(
+            f"VM {vm_id}: the image {store_path} has no {CONFIG_NAME}; an image is a "
+            "directory holding a cloud-hypervisor VmConfig as vm-config.json"
+        ) from err
+    except IsADirectoryError as err:
+        raise ValidationError(f"{where} is a directory, not a file") from err
+    except OSError as err:
+        raise TemporaryError(f"{where}: could not be read: {err}") from err
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as err:
+        # json.JSONDecodeError and UnicodeDecodeError are ValueErrors.
+        raise ValidationError(f"{where} is not valid JSON: {err}") from err
+
+
+def _resolve(path: str) -> ResolvedPath:
+    """What is really at ``path``: its symlink-free path, kind and size."""
+    real = os.path.realpath(path)
+    try:
+        info = os.stat(real)
+    except (FileNotFoundError, NotADirectoryError):
+        return ResolvedPath(real=real, kind=PathKind.MISSING)
+    except OSError:  # a symlink loop, or unreadable: not something to boot
+        return ResolvedPath(real=real, kind=PathKind.OTHER)
+    if stat.S_ISREG(info.st_mode):
+        return ResolvedPath(real=real, kind=PathKind.FILE, size=info.st_size)
+    if stat.S_ISDIR(info.st_mode):
+        return ResolvedPath(real=real, kind=PathKind.DIRECTORY)
+    return ResolvedPath(real=real, kind=PathKind.OTHER)
+
+
+def _inside(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def _check(problem: str | None, what: str) -> None:
+    if problem is not None:
+        raise ValidationError(f"{what}: {problem}")
