@@ -1,0 +1,172 @@
+# NixOS module: the procurator master, one per fleet.
+#
+# The master keeps the desired fleet under monotonic generations in SQLite
+# and pushes each worker its assignment over Cap'n Proto RPC; workers dial in
+# (so only the master needs an open port), `procurator apply` talks to the
+# same port. It also serves Prometheus metrics and HTTP service discovery for
+# the workers' exporters on a second port.
+#
+# The service runs as a systemd DynamicUser: it needs no privilege beyond its
+# own state directory (/var/lib/procurator-master, holding master.db), so the
+# unit is locked down hard. It restarts always: desired state and generations
+# live in SQLite and survive any restart; workers reconnect by themselves.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  cfg = config.services.procurator.master;
+  net = import ../lib/net.nix;
+  stateDirectory = "procurator-master";
+  database = "/var/lib/${stateDirectory}/master.db";
+  privilegedPorts = lib.any (port: port < 1024) [
+    cfg.port
+    cfg.metrics.port
+  ];
+in
+{
+  options.services.procurator.master = {
+    enable = lib.mkEnableOption "the procurator master (desired fleet state and per-worker assignments)";
+
+    package = lib.mkOption {
+      type = lib.types.package;
+      default = pkgs.callPackage ../lib/package.nix { };
+      defaultText = lib.literalExpression "procurator.packages.\${system}.default";
+      description = "The procurator package providing the `procurator` command.";
+    };
+
+    listenAddress = lib.mkOption {
+      type = lib.types.str;
+      default = "0.0.0.0";
+      example = "::";
+      description = ''
+        Address the Cap'n Proto RPC port listens on, for workers and for
+        `procurator apply` / `procurator status`. Use a specific address to
+        serve one network only.
+      '';
+    };
+
+    port = lib.mkOption {
+      type = lib.types.port;
+      default = 7300;
+      description = ''
+        Cap'n Proto RPC port. Workers are started with
+        `--master <this host>:<port>` (services.procurator.worker.master).
+      '';
+    };
+
+    metrics = {
+      listenAddress = lib.mkOption {
+        type = lib.types.str;
+        default = "0.0.0.0";
+        description = ''
+          Address of the HTTP server for Prometheus: `/metrics` (fleet metrics,
+          and the per-VM figures workers relay) and the HTTP service discovery
+          document listing every worker's exporter.
+        '';
+      };
+
+      port = lib.mkOption {
+        type = lib.types.port;
+        default = 9300;
+        description = "Port of the Prometheus metrics and service discovery HTTP server.";
+      };
+    };
+
+    openFirewall = lib.mkOption {
+      type = lib.types.bool;
+      default = false;
+      description = ''
+        Whether to open the RPC port and the metrics port in the NixOS
+        firewall. Workers must reach the RPC port; Prometheus the metrics port.
+      '';
+    };
+
+    extraArgs = lib.mkOption {
+      type = lib.types.listOf lib.types.str;
+      default = [ ];
+      example = [
+        "--log-format"
+        "json"
+      ];
+      description = ''
+        Further arguments to `procurator master` (see `procurator master
+        --help`), appended after the ones this module sets.
+      '';
+    };
+  };
+
+  config = lib.mkIf cfg.enable {
+    # `procurator apply` and `procurator status` for people logged in here.
+    environment.systemPackages = [ cfg.package ];
+
+    networking.firewall.allowedTCPPorts = lib.mkIf cfg.openFirewall [
+      cfg.port
+      cfg.metrics.port
+    ];
+
+    systemd.services.procurator-master = {
+      description = "procurator master: desired fleet state for procurator workers";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+      # Restart=always means forever: never give up after a burst of failures.
+      startLimitIntervalSec = 0;
+      environment.PYTHONUNBUFFERED = "1";
+      serviceConfig = {
+        ExecStart = lib.escapeShellArgs (
+          [
+            (lib.getExe cfg.package)
+            "master"
+            "--listen"
+            (net.hostPort cfg.listenAddress cfg.port)
+            "--db"
+            database
+            "--metrics-listen"
+            (net.hostPort cfg.metrics.listenAddress cfg.metrics.port)
+          ]
+          ++ cfg.extraArgs
+        );
+        Restart = "always";
+        RestartSec = "2s";
+
+        DynamicUser = true;
+        StateDirectory = stateDirectory;
+        StateDirectoryMode = "0700";
+        UMask = "0077";
+
+        # Nothing but sockets and its own state directory.
+        CapabilityBoundingSet = if privilegedPorts then [ "CAP_NET_BIND_SERVICE" ] else [ "" ];
+        AmbientCapabilities = lib.mkIf privilegedPorts [ "CAP_NET_BIND_SERVICE" ];
+        NoNewPrivileges = true;
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        PrivateTmp = true;
+        PrivateDevices = true;
+        ProtectHostname = true;
+        ProtectClock = true;
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectKernelLogs = true;
+        ProtectControlGroups = true;
+        ProtectProc = "invisible";
+        RestrictAddressFamilies = [
+          "AF_UNIX"
+          "AF_INET"
+          "AF_INET6"
+        ];
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        LockPersonality = true;
+        SystemCallArchitectures = "native";
+        SystemCallFilter = [
+          "@system-service"
+          "~@privileged"
+        ];
+      };
+    };
+  };
+}

@@ -1,0 +1,357 @@
+# NixOS module: a procurator worker, one per VM host.
+#
+# The worker dials the master, receives its assignment and runs one VMM
+# process (cloud-hypervisor, or QEMU) per VM, each on its own tap on a bridge.
+# It opens no RPC port (it dials out); only its Prometheus exporter listens.
+#
+# Why the unit looks the way it does:
+#
+# - VMs must outlive the worker. Each VMM runs in its own session (setsid), so
+#   no terminal or process-group signal reaches it, and on start the worker
+#   re-adopts running VMMs from its state directory instead of booting them
+#   again. systemd would still kill them with the worker: by default stopping
+#   or restarting a unit kills every process in its cgroup. KillMode=process
+#   limits that to the worker's main process, so `systemctl restart`, a crash
+#   with Restart=always, and `nixos-rebuild switch` (which restarts changed
+#   units) leave running VMs alone. The VMMs stay in this unit's cgroup, so
+#   their CPU and memory still show under procurator-worker.service, and
+#   TasksMax is lifted because every vCPU thread of every VM counts there.
+#   Stopping the unit therefore does not stop VMs either: apply a fleet
+#   without them for that. At system shutdown systemd's final kill ends them.
+#
+# - A static system user, not DynamicUser: VMM processes keep running while
+#   the unit is stopped, and a dynamic user's UID is released on stop and may
+#   be reused, which would hand the VMMs and the state directory to someone
+#   else.
+#
+# - Privileges: CAP_NET_ADMIN (ambient, so the VMMs it spawns inherit it) for
+#   the bridge, taps and attaching a tap to a VMM; membership of the kvm group
+#   and device access to /dev/kvm, /dev/net/tun and /dev/vhost-net. Nothing
+#   else: the capability bounding set holds CAP_NET_ADMIN only.
+#
+# - Nix: the worker checks, realises (from the configured substituters, as an
+#   untrusted client of the Nix daemon) and GC-roots image store paths with
+#   the system's `nix-store`, and copies each VM's disk into its state
+#   directory, /var/lib/procurator-worker.
+#
+# - Network: the bridge (default br-procurator) gets the first host address
+#   of the subnet, the guests' gateway, exactly as the worker computes it
+#   (nix/lib/net.nix mirrors procurator/worker/network.py), and NAT lets VMs
+#   reach the outside. The worker would create a missing bridge itself; the
+#   declarative one is there at boot, before the worker, and survives it.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  cfg = config.services.procurator.worker;
+  net = import ../lib/net.nix;
+  stateDirectory = "procurator-worker";
+  user = "procurator-worker";
+  subnet = net.parseCidr cfg.network.subnet;
+  vmmPackage = if cfg.driver == "cloud-hypervisor" then cfg.cloudHypervisorPackage else cfg.qemuPackage;
+  useNetworkd = config.networking.useNetworkd;
+in
+{
+  options.services.procurator.worker = {
+    enable = lib.mkEnableOption "a procurator worker (runs this host's share of the fleet's VMs)";
+
+    package = lib.mkOption {
+      type = lib.types.package;
+      default = pkgs.callPackage ../lib/package.nix { };
+      defaultText = lib.literalExpression "procurator.packages.\${system}.default";
+      description = "The procurator package providing the `procurator` command.";
+    };
+
+    id = lib.mkOption {
+      type = lib.types.strMatching "[a-z0-9][a-z0-9.-]{0,62}";
+      default = config.networking.hostName;
+      defaultText = lib.literalExpression "config.networking.hostName";
+      example = "host-a";
+      description = ''
+        This worker's id: the key of its entry under `[workers.<id>]` in fleet
+        files. 1-63 characters of a-z, 0-9, '.' and '-', starting with a letter
+        or digit.
+      '';
+    };
+
+    master = lib.mkOption {
+      type = lib.types.strMatching "(.+:[0-9]+|unix:/.+)";
+      example = "master.example.org:7300";
+      description = ''
+        The master's RPC address as HOST:PORT (services.procurator.master.port
+        on the master host, 7300 by default), or unix:/path for a master on
+        the same host. The worker dials it and keeps reconnecting; VMs keep
+        running while the master is unreachable.
+      '';
+    };
+
+    driver = lib.mkOption {
+      type = lib.types.enum [
+        "cloud-hypervisor"
+        "qemu"
+      ];
+      default = "cloud-hypervisor";
+      description = ''
+        The VMM that runs the VMs: cloud-hypervisor (one process per VM, REST
+        API on a unix socket), or QEMU (`-M microvm`, QMP) where
+        cloud-hypervisor cannot run. The chosen one is put on the worker's PATH.
+      '';
+    };
+
+    cloudHypervisorPackage = lib.mkOption {
+      type = lib.types.package;
+      default = pkgs.cloud-hypervisor;
+      defaultText = lib.literalExpression "pkgs.cloud-hypervisor";
+      description = "The cloud-hypervisor package used when `driver` is \"cloud-hypervisor\".";
+    };
+
+    qemuPackage = lib.mkOption {
+      type = lib.types.package;
+      default = pkgs.qemu_kvm;
+      defaultText = lib.literalExpression "pkgs.qemu_kvm";
+      description = "The QEMU package used when `driver` is \"qemu\".";
+    };
+
+    network = {
+      bridge = lib.mkOption {
+        type = lib.types.strMatching "[a-zA-Z0-9_.-]{1,15}";
+        default = "br-procurator";
+        description = ''
+          The bridge every VM's tap is attached to (at most 15 characters, the
+          kernel's limit on interface names).
+        '';
+      };
+
+      subnet = lib.mkOption {
+        type = lib.types.str;
+        default = "10.120.0.0/24";
+        example = "10.121.0.0/22";
+        description = ''
+          IPv4 subnet of the VMs on this host, in CIDR form. The bridge gets
+          its first host address (10.120.0.1 for the default), which is the
+          guests' gateway; each VM gets a stable address from the rest, passed
+          to the guest on the kernel command line (ip=). Give each worker its
+          own subnet if their VMs must route to each other.
+        '';
+      };
+
+      configureHost = lib.mkOption {
+        type = lib.types.bool;
+        default = true;
+        description = ''
+          Whether to declare the bridge and its address in the NixOS network
+          configuration (networking.bridges and networking.interfaces, so with
+          scripted networking and with systemd-networkd alike). Turn off to
+          manage the bridge yourself; the worker then creates a missing bridge
+          at start.
+        '';
+      };
+
+      nat = {
+        enable = lib.mkOption {
+          type = lib.types.bool;
+          default = true;
+          description = ''
+            Whether VMs reach the outside world through NAT (networking.nat:
+            IP forwarding plus masquerading of the subnet).
+          '';
+        };
+
+        externalInterface = lib.mkOption {
+          type = lib.types.nullOr lib.types.str;
+          default = null;
+          example = "eth0";
+          description = ''
+            The uplink VMs' traffic leaves through (networking.nat.externalInterface).
+            null masquerades towards any interface.
+          '';
+        };
+      };
+
+      trustBridge = lib.mkOption {
+        type = lib.types.bool;
+        default = false;
+        description = ''
+          Whether the host firewall accepts everything VMs send to the host
+          itself (adds the bridge to networking.firewall.trustedInterfaces).
+          Off by default: VMs then reach the outside through NAT but none of
+          the host's own services.
+        '';
+      };
+    };
+
+    metrics = {
+      listenAddress = lib.mkOption {
+        type = lib.types.str;
+        default = "0.0.0.0";
+        description = ''
+          Address of the worker's Prometheus exporter (`/metrics`: per-VM
+          phase, restarts, CPU, memory, disk and network counters, reconcile
+          timings). The master's service discovery lists it for Prometheus.
+        '';
+      };
+
+      port = lib.mkOption {
+        type = lib.types.port;
+        default = 9301;
+        description = "Port of the worker's Prometheus exporter.";
+      };
+    };
+
+    openFirewall = lib.mkOption {
+      type = lib.types.bool;
+      default = false;
+      description = ''
+        Whether to open the metrics port in the NixOS firewall (the worker has
+        no other listening port: it dials the master).
+      '';
+    };
+
+    extraArgs = lib.mkOption {
+      type = lib.types.listOf lib.types.str;
+      default = [ ];
+      description = ''
+        Further arguments to `procurator worker` (see `procurator worker
+        --help`), appended after the ones this module sets.
+      '';
+    };
+  };
+
+  config = lib.mkIf cfg.enable (
+    lib.mkMerge [
+      {
+        environment.systemPackages = [ cfg.package ];
+
+        users.users.${user} = {
+          isSystemUser = true;
+          group = user;
+          extraGroups = [ "kvm" ];
+          description = "procurator worker";
+        };
+        users.groups.${user} = { };
+
+        # Loaded up front: the unit may not load modules itself
+        # (ProtectKernelModules), and taps, vhost-net and the bridge need them.
+        boot.kernelModules = [
+          "tun"
+          "vhost_net"
+          "bridge"
+        ];
+
+        networking.firewall.allowedTCPPorts = lib.mkIf cfg.openFirewall [ cfg.metrics.port ];
+        networking.firewall.trustedInterfaces = lib.mkIf cfg.network.trustBridge [ cfg.network.bridge ];
+
+        systemd.services.procurator-worker = {
+          description = "procurator worker ${cfg.id}: runs this host's VMs";
+          wantedBy = [ "multi-user.target" ];
+          wants = [ "network-online.target" ];
+          # After the bridge units of scripted networking (ignored when they
+          # do not exist, e.g. with networkd) and networkd.
+          after = [
+            "network-online.target"
+            "nix-daemon.socket"
+            "${cfg.network.bridge}-netdev.service"
+            "network-addresses-${cfg.network.bridge}.service"
+            "systemd-networkd.service"
+          ];
+          startLimitIntervalSec = 0;
+          # nix-store for image paths and GC roots; the VMM of the chosen driver.
+          path = [
+            config.nix.package
+            vmmPackage
+          ];
+          environment.PYTHONUNBUFFERED = "1";
+          serviceConfig = {
+            ExecStart = lib.escapeShellArgs (
+              [
+                (lib.getExe cfg.package)
+                "worker"
+                "--id"
+                cfg.id
+                "--master"
+                cfg.master
+                "--state-dir"
+                "/var/lib/${stateDirectory}"
+                "--driver"
+                cfg.driver
+                "--bridge"
+                cfg.network.bridge
+                "--subnet"
+                cfg.network.subnet
+                "--metrics-listen"
+                (net.hostPort cfg.metrics.listenAddress cfg.metrics.port)
+              ]
+              ++ cfg.extraArgs
+            );
+            Restart = "always";
+            RestartSec = "2s";
+            # See the top of this file: VMMs survive worker restarts.
+            KillMode = "process";
+            TasksMax = "infinity";
+            LimitNOFILE = 1048576;
+
+            User = user;
+            Group = user;
+            StateDirectory = stateDirectory;
+            StateDirectoryMode = "0750";
+            UMask = "0027";
+
+            AmbientCapabilities = [ "CAP_NET_ADMIN" ];
+            CapabilityBoundingSet = [ "CAP_NET_ADMIN" ];
+            # Ambient capabilities survive execve under NoNewPrivileges; what
+            # it forbids (setuid, file capabilities) the worker never needs.
+            NoNewPrivileges = true;
+            DevicePolicy = "closed";
+            DeviceAllow = [
+              "/dev/kvm rw"
+              "/dev/net/tun rw"
+              "/dev/vhost-net rw"
+            ];
+            ProtectSystem = "full";
+            ProtectHome = true;
+            PrivateTmp = true;
+            ProtectKernelModules = true;
+            ProtectKernelLogs = true;
+            ProtectControlGroups = true;
+            ProtectClock = true;
+            RestrictSUIDSGID = true;
+            LockPersonality = true;
+          };
+        };
+      }
+
+      (lib.mkIf cfg.network.configureHost {
+        networking.bridges.${cfg.network.bridge}.interfaces = [ ];
+        networking.interfaces.${cfg.network.bridge}.ipv4.addresses = [
+          {
+            address = subnet.firstHost;
+            inherit (subnet) prefixLength;
+          }
+        ];
+      })
+
+      # systemd-networkd would wait for a carrier before configuring the
+      # address, and an empty bridge has none until the first VM's tap joins;
+      # nor should an empty bridge hold back network-online.target. "40-<name>"
+      # is the unit NixOS generates from networking.interfaces.
+      (lib.mkIf (cfg.network.configureHost && useNetworkd) {
+        systemd.network.networks."40-${cfg.network.bridge}" = {
+          networkConfig.ConfigureWithoutCarrier = true;
+          linkConfig.RequiredForOnline = "no";
+        };
+      })
+
+      (lib.mkIf cfg.network.nat.enable {
+        networking.nat = {
+          enable = true;
+          internalInterfaces = [ cfg.network.bridge ];
+          internalIPs = [ "${subnet.network}/${toString subnet.prefixLength}" ];
+          externalInterface = lib.mkIf (cfg.network.nat.externalInterface != null) cfg.network.nat.externalInterface;
+        };
+      })
+    ]
+  );
+}
