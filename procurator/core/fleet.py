@@ -21,8 +21,14 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from procurator.core.errors import LimitExceededError, ValidationError
-from procurator.core.models import Assignment, Fleet, PowerChange, PowerState, VmAssignment
-from procurator.core.models import WorkerDiff
+from procurator.core.models import (
+    Assignment,
+    Fleet,
+    PowerChange,
+    PowerState,
+    VmAssignment,
+    WorkerDiff,
+)
 from procurator.core.validation import (
     LIMITS,
     check_hash,
@@ -48,7 +54,9 @@ class _Problems:
         """Best effort: the first line that mentions ``needle`` (an id)."""
         if not needle:
             return None
-        pattern = re.compile(r"[\"']" + re.escape(needle) + r"[\"']")
+        # Quoted ("web-1", 'web-1') or as a TOML table name ([workers.host-a]).
+        quoted = re.escape(needle)
+        pattern = re.compile(rf"[\"']{quoted}[\"']|\[workers\.{quoted}[\].]")
         for number, line in enumerate(self._lines, 1):
             if pattern.search(line):
                 return number
@@ -64,14 +72,24 @@ def parse_fleet(text: str, *, fmt: str = "toml", source: str = "") -> Fleet:
     """Parse and validate a fleet file. Raises ``ValidationError`` listing
     every problem; returns a ``Fleet`` sorted by worker id otherwise."""
     if len(text.encode()) > LIMITS.max_fleet_file_bytes:
-        raise LimitExceededError(
-            f"fleet file is larger than {LIMITS.max_fleet_file_bytes} bytes"
-        )
+        raise LimitExceededError(f"fleet file is larger than {LIMITS.max_fleet_file_bytes} bytes")
+    duplicates: list[str] = []
+
+    def json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        # JSON allows repeated keys (the last silently wins); a fleet file
+        # that names a worker or a key twice is a mistake, as it is in TOML.
+        obj: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in obj:
+                duplicates.append(key)
+            obj[key] = value
+        return obj
+
     try:
         if fmt == "toml":
             data: Any = tomllib.loads(text)
         elif fmt == "json":
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=json_object)
         else:
             raise ValueError(f"unknown fleet format {fmt!r}")
     except tomllib.TOMLDecodeError as exc:
@@ -81,6 +99,8 @@ def parse_fleet(text: str, *, fmt: str = "toml", source: str = "") -> Fleet:
             f"{source or 'fleet'}:{exc.lineno}: not valid JSON: {exc.msg}"
         ) from None
     problems = _Problems(source, text)
+    for key in duplicates:
+        problems.add(str(key), "key given more than once", near=key)
     fleet = _from_data(data, problems)
     if problems.items:
         raise ValidationError(
@@ -191,7 +211,9 @@ def _vm_from_data(entry: Any, where: str, problems: _Problems) -> VmAssignment |
 
 def _check_fleet_wide(fleet: Fleet, problems: _Problems) -> None:
     if len(fleet.workers) > LIMITS.max_workers:
-        problems.add("workers", f"{len(fleet.workers)} workers exceed the limit of {LIMITS.max_workers}")
+        problems.add(
+            "workers", f"{len(fleet.workers)} workers exceed the limit of {LIMITS.max_workers}"
+        )
     seen: dict[str, str] = {}
     total = 0
     for worker_id, vms in fleet.workers:

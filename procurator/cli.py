@@ -1,0 +1,543 @@
+"""The ``procurator`` command: ``master``, ``worker``, ``apply``, ``status``.
+
+This module is also the composition root: it is the one place that wires
+the RPC adapter (``procurator.rpc``) to the master service and to the
+worker's link, which know nothing of Cap'n Proto.
+
+Exit codes: 0 success; 1 refused, invalid or unreachable (the message says
+which); 2 bad usage; 3 ``apply --wait`` timed out; 4 ``apply --wait`` saw a
+failed VM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import trio
+
+from procurator import __version__
+from procurator.core.errors import ProcuratorError
+from procurator.core.fleet import parse_fleet
+from procurator.core.models import Fleet, Phase, WorkerDiff
+from procurator.master.service import MasterService
+from procurator.master.store import FleetStore
+from procurator.rpc.bridge import open_bridge
+from procurator.rpc.clients import CapnpMasterDialer, ControlClient, open_control
+from procurator.rpc.master_server import serve_master
+from procurator.rpc.messages import (
+    DEFAULT_PORT,
+    Address,
+    ApplyResult,
+    FleetStatus,
+    WorkerConnection,
+    default_master_address,
+    parse_address,
+)
+from procurator.worker.daemon import WorkerConfig, run_worker
+
+__all__ = ["MasterConfig", "main", "run_master", "run_worker_process"]
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_TIMEOUT = 3
+EXIT_FAILED = 4
+
+DEFAULT_DB = "/var/lib/procurator/master.db"
+
+
+# ---------------------------------------------------------------- daemons
+
+
+@dataclass(frozen=True)
+class MasterConfig:
+    listen: str = f"127.0.0.1:{DEFAULT_PORT}"  # "host:port" or "unix:/path"
+    db: Path = Path(DEFAULT_DB)
+    push_timeout: float = 10.0
+
+
+async def run_master(
+    config: MasterConfig, *, task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run a master until cancelled; ``task_status.started`` gets the bound
+    address."""
+    address = parse_address(config.listen)
+    async with open_bridge() as bridge, await FleetStore.open(config.db) as store:
+        service = MasterService(store, push_timeout=config.push_timeout)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.run)
+            bound = await nursery.start(serve_master, bridge, service, address)
+            task_status.started(bound)
+
+
+async def run_worker_process(
+    config: WorkerConfig, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run a worker (with the Cap'n Proto link) until cancelled."""
+    async with open_bridge() as bridge:
+        dialer = CapnpMasterDialer(bridge, config.master)
+        await run_worker(config, dialer, task_status=task_status)
+
+
+async def _until_signalled(daemon: Any, config: Any) -> None:
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            nursery.start_soon(daemon, config)
+            async for signum in signals:
+                logger.info("received %s; shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+# ---------------------------------------------------------------- logging
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (+ exception)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in ("vm_id", "op_id", "worker_id"):
+            if key in record.__dict__:
+                entry[key] = record.__dict__[key]
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def _setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+# ---------------------------------------------------------------- printing
+
+
+def _diff_lines(diff: WorkerDiff) -> list[str]:
+    lines = [f"  worker {diff.worker_id}:"]
+    for label, ids in (
+        ("added", diff.added),
+        ("replaced", diff.replaced),
+        ("removed", diff.removed),
+        ("updated", diff.updated),
+    ):
+        if ids:
+            lines.append(f"    {label + ':':<10}{', '.join(ids)}")
+    for change in diff.power_changed:
+        lines.append(
+            f"    {'power:':<10}{change.vm_id} {change.before.value} -> {change.after.value}"
+        )
+    return lines
+
+
+def _print_apply(result: ApplyResult, source: str, out: TextIO) -> None:
+    if result.dry_run:
+        if not result.changed:
+            print(
+                f"{source}: dry run: no changes (fleet at generation {result.generation})", file=out
+            )
+            return
+        print(
+            f"{source}: dry run: would change {len(result.diffs)} worker(s) "
+            f"(fleet at generation {result.generation}):",
+            file=out,
+        )
+    elif not result.changed:
+        print(f"{source}: no changes; the fleet stays at generation {result.generation}", file=out)
+        return
+    else:
+        print(
+            f"{source}: applied as generation {result.generation} (op {result.op_id}), "
+            f"{len(result.diffs)} worker(s) changed:",
+            file=out,
+        )
+    for diff in result.diffs:
+        print("\n".join(_diff_lines(diff)), file=out)
+
+
+def _format_time(unix_ms: int) -> str:
+    if unix_ms <= 0:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unix_ms / 1000))
+
+
+def _phases(worker: WorkerConnection) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    if worker.status is not None:
+        for vm in worker.status.vms:
+            counts[vm.phase.value] = counts.get(vm.phase.value, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _status_json(status: FleetStatus) -> dict[str, Any]:
+    return {
+        "generation": status.generation,
+        "workers": [
+            {
+                "worker_id": w.worker_id,
+                "connected": w.connected,
+                "since_unix_ms": w.since_unix_ms,
+                "desired_generation": w.desired_generation,
+                "observed_generation": w.status.observed_generation if w.status else None,
+                "last_report_unix_ms": w.last_report_unix_ms,
+                "vm_count": w.vm_count,
+                "phases": _phases(w),
+                "vms": [
+                    {
+                        "id": vm.id,
+                        "phase": vm.phase.value,
+                        "observed_hash": vm.observed_hash,
+                        "message": vm.message,
+                        "restarts": vm.restarts,
+                        "address": vm.address,
+                    }
+                    for vm in (w.status.vms if w.status else ())
+                ],
+            }
+            for w in status.workers
+        ],
+    }
+
+
+def _print_status(status: FleetStatus, out: TextIO) -> None:
+    print(f"fleet generation {status.generation}", file=out)
+    if not status.workers:
+        print("no workers", file=out)
+        return
+    rows = [("WORKER", "CONNECTION", "DESIRED", "OBSERVED", "VMS", "PHASES")]
+    for w in status.workers:
+        if w.connected:
+            connection = f"up since {_format_time(w.since_unix_ms)}"
+        elif w.since_unix_ms:
+            connection = f"down since {_format_time(w.since_unix_ms)}"
+        else:
+            connection = "never connected"
+        observed = str(w.status.observed_generation) if w.status else "-"
+        phases = " ".join(f"{k}={v}" for k, v in _phases(w).items()) or "-"
+        rows.append(
+            (w.worker_id, connection, str(w.desired_generation), observed, str(w.vm_count), phases)
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        print("  ".join([*cells, row[-1]]).rstrip(), file=out)
+
+
+# ---------------------------------------------------------------- apply --wait
+
+
+@dataclass(frozen=True)
+class _WaitOutcome:
+    code: int
+    message: str
+
+
+def _check_progress(
+    status: FleetStatus, result: ApplyResult
+) -> tuple[_WaitOutcome | None, list[str]]:
+    """(final outcome or None while waiting, one progress line per worker)."""
+    by_id = {w.worker_id: w for w in status.workers}
+    lines: list[str] = []
+    pending = 0
+    failed: list[str] = []
+    for diff in result.diffs:
+        worker = by_id.get(diff.worker_id)
+        observed = worker.status.observed_generation if worker and worker.status else 0
+        phases = " ".join(f"{k}={v}" for k, v in _phases(worker).items()) if worker else ""
+        state = "" if worker and worker.connected else " (disconnected)"
+        lines.append(
+            f"  {diff.worker_id}: observed {observed}/{result.generation}{state}"
+            + (f" [{phases}]" if phases else "")
+        )
+        if worker is not None and worker.status is not None:
+            for vm in worker.status.vms:
+                if vm.phase is Phase.FAILED and (
+                    observed >= result.generation or vm.op_id == result.op_id
+                ):
+                    failed.append(f"{diff.worker_id}/{vm.id}: {vm.message or 'failed'}")
+        if observed < result.generation:
+            pending += 1
+    if failed:
+        return _WaitOutcome(EXIT_FAILED, "failed VMs:\n  " + "\n  ".join(failed)), lines
+    if pending == 0:
+        return _WaitOutcome(EXIT_OK, f"all {len(result.diffs)} worker(s) converged"), lines
+    return None, lines
+
+
+async def _wait_converged(
+    client: ControlClient, result: ApplyResult, timeout: float, interval: float, out: TextIO
+) -> int:
+    last: list[str] = []
+    with trio.move_on_after(timeout):
+        while True:
+            status = await client.status()
+            outcome, lines = _check_progress(status, result)
+            if lines != last:
+                print("\n".join(lines), file=out, flush=True)
+                last = lines
+            if outcome is not None:
+                print(outcome.message, file=out if outcome.code == EXIT_OK else sys.stderr)
+                return outcome.code
+            await trio.sleep(interval)
+    print(
+        f"timed out after {timeout:g}s waiting for generation {result.generation}", file=sys.stderr
+    )
+    return EXIT_TIMEOUT
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _load_fleet(path: str) -> Fleet:
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".toml", ".json"):
+        raise ProcuratorError(f"{path}: fleet files must end in .toml or .json")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProcuratorError(f"{path}: cannot read: {exc}") from exc
+    return parse_fleet(text, fmt=suffix[1:], source=path)
+
+
+async def _apply(args: argparse.Namespace) -> int:
+    fleet = _load_fleet(args.file)
+    async with open_bridge() as bridge, open_control(bridge, args.master) as client:
+        result = await client.apply(
+            fleet, expected_generation=args.expect_generation, dry_run=args.dry_run
+        )
+        _print_apply(result, args.file, sys.stdout)
+        if args.wait and not result.dry_run and result.changed:
+            return await _wait_converged(client, result, args.timeout, args.interval, sys.stdout)
+    return EXIT_OK
+
+
+async def _status(args: argparse.Namespace) -> int:
+    async with open_bridge() as bridge, open_control(bridge, args.master) as client:
+        status = await client.status()
+    if args.json:
+        json.dump(_status_json(status), sys.stdout, indent=2)
+        print()
+    else:
+        _print_status(status, sys.stdout)
+    return EXIT_OK
+
+
+def _master(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level, args.log_format)
+    config = MasterConfig(listen=args.listen, db=Path(args.db), push_timeout=args.push_timeout)
+    trio.run(_until_signalled, run_master, config)
+    return EXIT_OK
+
+
+def _worker(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level, args.log_format)
+    config = WorkerConfig(
+        worker_id=args.id,
+        master=args.master,
+        state_dir=Path(args.state_dir),
+        resync_interval=args.resync_interval,
+    )
+    trio.run(_until_signalled, run_worker_process, config)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- parser
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    return value
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="procurator",
+        description="Declarative control plane for microVMs whose images are Nix store paths.",
+    )
+    parser.add_argument("--version", action="version", version=f"procurator {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    raw = argparse.RawDescriptionHelpFormatter
+    master_default = default_master_address()
+
+    def add_common(p: argparse.ArgumentParser, *, daemon: bool) -> None:
+        p.add_argument(
+            "--log-level",
+            default="info",
+            choices=["debug", "info", "warning", "error"],
+            help="log verbosity (default: info)",
+        )
+        if daemon:
+            p.add_argument(
+                "--log-format",
+                default="text",
+                choices=["text", "json"],
+                help="log lines as text or as JSON objects (default: text)",
+            )
+
+    p = sub.add_parser(
+        "master",
+        help="run the master (desired state, generations, pushes to workers)",
+        description=(
+            "Run the master: it stores the desired fleet in SQLite, hands out\n"
+            "generations, and pushes each worker its assignment.\n\n"
+            "example:\n  procurator master --listen 0.0.0.0:7300 --db /var/lib/procurator/master.db"
+        ),
+        formatter_class=raw,
+    )
+    p.add_argument(
+        "--listen",
+        default=f"127.0.0.1:{DEFAULT_PORT}",
+        help=f"host:port or unix:/path to listen on (default: 127.0.0.1:{DEFAULT_PORT})",
+    )
+    p.add_argument("--db", default=DEFAULT_DB, help=f"SQLite database (default: {DEFAULT_DB})")
+    p.add_argument(
+        "--push-timeout",
+        type=_positive,
+        default=10.0,
+        help="seconds before a worker that does not take a push is disconnected (default: 10)",
+    )
+    add_common(p, daemon=True)
+    p.set_defaults(handler=_master)
+
+    p = sub.add_parser(
+        "worker",
+        help="run a worker (connects to the master, runs its assigned VMs)",
+        description=(
+            "Run a worker: it dials the master, registers, receives its\n"
+            "assignment and reports what it observes. It keeps running its VMs\n"
+            "while the master is away and reconnects on its own.\n\n"
+            "example:\n  procurator worker --id host-a --master 10.0.0.1:7300 "
+            "--state-dir /var/lib/procurator/worker"
+        ),
+        formatter_class=raw,
+    )
+    p.add_argument("--id", required=True, help="this worker's id, e.g. host-a")
+    p.add_argument(
+        "--master",
+        default=master_default,
+        help=f"master address, host:port or unix:/path (default: $PROCURATOR_MASTER or "
+        f"{master_default})",
+    )
+    p.add_argument(
+        "--state-dir",
+        default="/var/lib/procurator/worker",
+        help="where the worker keeps its state (default: /var/lib/procurator/worker)",
+    )
+    p.add_argument(
+        "--resync-interval",
+        type=_positive,
+        default=30.0,
+        help="seconds between full pulls of the assignment (default: 30)",
+    )
+    add_common(p, daemon=True)
+    p.set_defaults(handler=_worker)
+
+    p = sub.add_parser(
+        "apply",
+        help="apply a fleet file (TOML or JSON) and print what changes",
+        description=(
+            "Validate a fleet file locally, send it to the master and print the\n"
+            "per-worker diff (added / replaced / removed / power / updated).\n"
+            "The format follows the extension: .toml or .json (nix eval --json).\n\n"
+            "example:\n  procurator apply fleet.toml --wait --timeout 300\n\n"
+            "fleet.toml:\n  [workers.host-a]\n"
+            '  vms = [ { id = "web-1", image = "/nix/store/<32 chars>-web-vm" } ]'
+        ),
+        formatter_class=raw,
+    )
+    p.add_argument("file", help="fleet file, .toml or .json")
+    p.add_argument("--dry-run", action="store_true", help="show the diff, store nothing")
+    p.add_argument(
+        "--expect-generation",
+        type=int,
+        metavar="N",
+        help="refuse unless the fleet is still at generation N (optimistic concurrency)",
+    )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait until every affected worker reports the new generation",
+    )
+    p.add_argument(
+        "--timeout", type=_positive, default=300.0, help="seconds --wait waits (default: 300)"
+    )
+    p.add_argument("--interval", type=_positive, default=0.5, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--master",
+        default=master_default,
+        help=f"master address (default: $PROCURATOR_MASTER or {master_default})",
+    )
+    add_common(p, daemon=False)
+    p.set_defaults(handler=lambda args: trio.run(_apply, args))
+
+    p = sub.add_parser(
+        "status",
+        help="show each worker's connection, generations and VMs by phase",
+        description=(
+            "Show the fleet generation and, per worker: connected or since when\n"
+            "not, desired vs observed generation, VMs by phase.\n\n"
+            "example:\n  procurator status --json"
+        ),
+        formatter_class=raw,
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--master",
+        default=master_default,
+        help=f"master address (default: $PROCURATOR_MASTER or {master_default})",
+    )
+    add_common(p, daemon=False)
+    p.set_defaults(handler=lambda args: trio.run(_status, args))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command in ("apply", "status"):
+        logging.basicConfig(
+            level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+        )
+    try:
+        return int(args.handler(args))
+    except BaseException as exc:
+        # Errors may come wrapped in exception groups from a nursery; say
+        # what went wrong, without a traceback, when it is one of ours.
+        leaves = _leaves(exc)
+        if all(isinstance(leaf, ProcuratorError) for leaf in leaves):
+            for leaf in leaves:
+                print(f"procurator {args.command}: {leaf}", file=sys.stderr)
+            return EXIT_ERROR
+        if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+            return 130
+        raise
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]

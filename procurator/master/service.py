@@ -1,0 +1,430 @@
+"""The master: desired fleet, generations, connected workers, their status.
+
+Trio only. The Cap'n Proto server (``procurator.rpc.master_server``) calls
+these methods through the bridge; a worker's ``Node`` capability stays on
+the capnp thread and reaches this module as a :class:`WorkerNode` (an opaque
+handle whose methods cross the bridge).
+
+Invariants:
+
+- The in-memory fleet (``_assignments``, ``_generation``) always equals what
+  the store holds: it is loaded once at start and changed only after a
+  successful commit, under ``_apply_lock``.
+- An apply is validated and diffed before anything is stored; a rejected
+  apply changes nothing. A no-op apply stores nothing and returns the current
+  generation with ``changed=False``.
+- After a commit, each *affected* connected worker gets the new assignment
+  pushed at once; unaffected workers are not contacted. Every session has
+  one pusher task and a latest-wins slot: at most one push per worker is in
+  flight, a newer assignment overwrites one not yet sent, and a push that
+  times out ends the session (the worker reconnects and pulls). So a slow or
+  dead worker never delays an apply or another worker.
+- A worker id has at most one live session; registering again replaces the
+  old one, whose connection is closed. Calls on a replaced session fail with
+  ``UnavailableError``; reports on a session are accepted only for its own
+  worker id (else ``UnauthorizedError``).
+- Events are kept in bounded rings (per VM and overall).
+
+Lock order: ``_apply_lock`` is the only lock; nothing else is awaited under
+it but the store commit and the (pure) validation/diff in a thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+from procurator.core.errors import (
+    ProcuratorError,
+    StaleGenerationError,
+    UnauthorizedError,
+    UnavailableError,
+)
+from procurator.core.fleet import diff_fleets, validate_fleet
+from procurator.core.models import (
+    Assignment,
+    Fleet,
+    VmAssignment,
+    VmEvent,
+    WorkerDiff,
+    WorkerInfo,
+    WorkerStatus,
+)
+from procurator.rpc.messages import (
+    ApplyResult,
+    FleetStatus,
+    MetricSample,
+    WorkerConnection,
+    WorkerEvent,
+)
+
+__all__ = ["DesiredStateStore", "MasterService", "WorkerNode", "new_op_id"]
+
+logger = logging.getLogger(__name__)
+
+
+def new_op_id() -> str:
+    """A fresh operation id, e.g. ``op-3f9a0c12b7de``."""
+    return "op-" + secrets.token_hex(6)
+
+
+class WorkerNode(Protocol):
+    """The master's handle on one connected worker's ``Node`` capability."""
+
+    @property
+    def connection_id(self) -> int:
+        """Identifies the network connection the node came over."""
+        ...
+
+    async def push(self, assignment: Assignment) -> None:
+        """Deliver ``assignment``; returns once the worker took note of it."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close the worker's connection (idempotent)."""
+        ...
+
+
+class DesiredStateStore(Protocol):
+    """The durable store (``procurator.master.store.FleetStore``)."""
+
+    async def load(self) -> _Stored: ...
+
+    async def commit(
+        self,
+        *,
+        expected_generation: int,
+        changes: Mapping[str, Sequence[VmAssignment]],
+        op_id: str,
+        unix_ms: int,
+    ) -> int: ...
+
+
+class _Stored(Protocol):
+    @property
+    def generation(self) -> int: ...
+
+    @property
+    def assignments(self) -> Mapping[str, Assignment]: ...
+
+
+@dataclass(eq=False)
+class _Session:
+    token: int
+    worker_id: str
+    info: WorkerInfo
+    node: WorkerNode
+    pending: Assignment | None = None
+    wake: trio.Event = field(default_factory=trio.Event)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+@dataclass(eq=False)
+class _Worker:
+    worker_id: str
+    info: WorkerInfo | None = None
+    session: _Session | None = None
+    since_unix_ms: int = 0
+    status: WorkerStatus | None = None
+    last_report_unix_ms: int = 0
+    metrics: tuple[MetricSample, ...] = ()
+    last_metrics_unix_ms: int = 0
+
+
+class MasterService:
+    """Start with ``await nursery.start(service.run)``; every other method
+    raises ``UnavailableError`` before that."""
+
+    def __init__(
+        self,
+        store: DesiredStateStore,
+        *,
+        push_timeout: float = 10.0,
+        events_per_vm: int = 100,
+        events_total: int = 10_000,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._push_timeout = push_timeout
+        self._events_per_vm = events_per_vm
+        self._wall_clock = wall_clock
+        self._apply_lock = trio.Lock()
+        self._generation = 0
+        self._assignments: dict[str, Assignment] = {}
+        self._workers: dict[str, _Worker] = {}
+        self._sessions: dict[int, _Session] = {}
+        self._tokens = itertools.count(1)
+        self._events: collections.deque[WorkerEvent] = collections.deque(maxlen=events_total)
+        self._vm_events: dict[str, collections.deque[WorkerEvent]] = {}
+        self._max_vm_event_keys = events_total
+        self._nursery: trio.Nursery | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        stored = await self._store.load()
+        self._generation = stored.generation
+        self._assignments = dict(stored.assignments)
+        logger.info(
+            "master state loaded: generation %d, %d workers, %d VMs",
+            self._generation,
+            len(self._assignments),
+            sum(len(a.vms) for a in self._assignments.values()),
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            for session in list(self._sessions.values()):
+                self._end_session(session, "master stopping")
+
+    def _require_running(self) -> trio.Nursery:
+        if self._nursery is None:
+            raise UnavailableError("the master is not running")
+        return self._nursery
+
+    def _now_ms(self) -> int:
+        return int(self._wall_clock() * 1000)
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    # ------------------------------------------------------------ control
+
+    async def apply(
+        self, fleet: Fleet, *, expected_generation: int | None = None, dry_run: bool = False
+    ) -> ApplyResult:
+        """Validate, diff, store (one transaction), push to affected workers.
+
+        Raises ``ValidationError`` (nothing stored) or
+        ``StaleGenerationError`` when ``expected_generation`` is given and
+        the fleet has moved on.
+        """
+        self._require_running()
+        op_id = new_op_id()
+        # Pure CPU work that grows with the fleet: off the event loop.
+        await trio.to_thread.run_sync(validate_fleet, fleet)
+        async with self._apply_lock:
+            current = self._generation
+            if expected_generation is not None and expected_generation != current:
+                raise StaleGenerationError(
+                    f"expected generation {expected_generation}, but the fleet is at "
+                    f"generation {current}; nothing was applied",
+                    op_id=op_id,
+                )
+            assignments = self._assignments
+            diffs: list[WorkerDiff] = await trio.to_thread.run_sync(diff_fleets, assignments, fleet)
+            if dry_run or not diffs:
+                return ApplyResult(current, bool(diffs), tuple(diffs), op_id, dry_run)
+            desired = fleet.as_dict()
+            changes = {d.worker_id: desired.get(d.worker_id, ()) for d in diffs}
+            generation = await self._store.commit(
+                expected_generation=current, changes=changes, op_id=op_id, unix_ms=self._now_ms()
+            )
+            for worker_id, vms in changes.items():
+                self._assignments[worker_id] = Assignment(worker_id, generation, tuple(vms), op_id)
+            self._generation = generation
+        logger.info(
+            "applied %s: generation %d, %d worker(s) changed", op_id, generation, len(diffs)
+        )
+        for diff in diffs:
+            worker = self._workers.get(diff.worker_id)
+            if worker is not None and worker.session is not None:
+                self._queue_push(worker.session, self._assignments[diff.worker_id])
+        return ApplyResult(generation, True, tuple(diffs), op_id, False)
+
+    async def fleet_status(self) -> FleetStatus:
+        self._require_running()
+        workers = []
+        for worker_id in sorted(set(self._assignments) | set(self._workers)):
+            assignment = self._assignments.get(worker_id)
+            worker = self._workers.get(worker_id)
+            workers.append(
+                WorkerConnection(
+                    worker_id=worker_id,
+                    connected=worker is not None and worker.session is not None,
+                    since_unix_ms=worker.since_unix_ms if worker else 0,
+                    desired_generation=assignment.generation if assignment else 0,
+                    status=worker.status if worker else None,
+                    last_report_unix_ms=worker.last_report_unix_ms if worker else 0,
+                    vm_count=len(assignment.vms) if assignment else 0,
+                )
+            )
+        return FleetStatus(self._generation, tuple(workers))
+
+    async def recent_events(self, vm_id: str = "", limit: int = 100) -> tuple[WorkerEvent, ...]:
+        """The newest ``limit`` events (of ``vm_id``, or of all VMs), oldest
+        first."""
+        self._require_running()
+        ring = self._events if not vm_id else self._vm_events.get(vm_id, ())
+        if limit <= 0:
+            return ()
+        return tuple(ring)[-limit:]
+
+    def worker_info(self) -> dict[str, WorkerInfo]:
+        """What each worker said about itself when it last registered."""
+        return {w.worker_id: w.info for w in self._workers.values() if w.info is not None}
+
+    def worker_metrics(self) -> dict[str, tuple[int, tuple[MetricSample, ...]]]:
+        """Each worker's latest metric samples with their time (unix ms)."""
+        return {
+            w.worker_id: (w.last_metrics_unix_ms, w.metrics)
+            for w in self._workers.values()
+            if w.metrics
+        }
+
+    # ------------------------------------------------------------ workers
+
+    async def register(self, info: WorkerInfo, node: WorkerNode) -> int:
+        """Start a session for ``info.worker_id``; returns its token. An
+        older session of the same worker is ended and its connection closed."""
+        nursery = self._require_running()
+        worker = self._workers.get(info.worker_id)
+        if worker is None:
+            worker = self._workers[info.worker_id] = _Worker(info.worker_id)
+        old = worker.session
+        session = _Session(next(self._tokens), info.worker_id, info, node)
+        self._sessions[session.token] = session
+        worker.session = session
+        worker.info = info
+        worker.since_unix_ms = self._now_ms()
+        if old is not None:
+            logger.info("worker %s registered again; replacing its old session", info.worker_id)
+            self._end_session(old, "replaced by a new registration")
+            if old.node.connection_id != node.connection_id:
+                nursery.start_soon(self._close_node, old.node, info.worker_id)
+        else:
+            logger.info("worker %s connected (version %r)", info.worker_id, info.version)
+        nursery.start_soon(self._pusher, session, name=f"push to {info.worker_id}")
+        return session.token
+
+    async def unregister(self, token: int) -> None:
+        """The session's connection is gone."""
+        session = self._sessions.get(token)
+        if session is None:
+            return
+        self._end_session(session, "disconnected")
+        worker = self._workers.get(session.worker_id)
+        if worker is not None and worker.session is None:
+            logger.info("worker %s disconnected", session.worker_id)
+
+    def _session(self, token: int) -> _Session:
+        session = self._sessions.get(token)
+        if session is None:
+            raise UnavailableError("this worker session has ended; register again")
+        return session
+
+    async def get_assignment(self, token: int, known_generation: int) -> tuple[Assignment, bool]:
+        """The worker's assignment and whether it differs from
+        ``known_generation`` (when it does not, ``vms`` is empty)."""
+        self._require_running()
+        worker_id = self._session(token).worker_id
+        assignment = self._assignments.get(worker_id) or Assignment(worker_id, 0)
+        if assignment.generation == known_generation:
+            return Assignment(worker_id, assignment.generation, (), assignment.op_id), False
+        return assignment, True
+
+    async def report_status(self, token: int, status: WorkerStatus) -> None:
+        self._require_running()
+        session = self._session(token)
+        self._check_own(session, status.worker_id, "status")
+        worker = self._workers[session.worker_id]
+        worker.status = status
+        worker.last_report_unix_ms = self._now_ms()
+
+    async def report_metrics(
+        self, token: int, worker_id: str, samples: tuple[MetricSample, ...]
+    ) -> None:
+        self._require_running()
+        session = self._session(token)
+        self._check_own(session, worker_id, "metrics")
+        worker = self._workers[session.worker_id]
+        worker.metrics = samples
+        worker.last_metrics_unix_ms = self._now_ms()
+
+    async def report_events(self, token: int, events: Sequence[VmEvent]) -> None:
+        self._require_running()
+        worker_id = self._session(token).worker_id
+        for event in events:
+            item = WorkerEvent(worker_id, event)
+            self._events.append(item)
+            ring = self._vm_events.pop(event.vm_id, None)
+            if ring is None:
+                ring = collections.deque(maxlen=self._events_per_vm)
+                if len(self._vm_events) >= self._max_vm_event_keys:
+                    # Forget the VM whose events are the stalest.
+                    del self._vm_events[next(iter(self._vm_events))]
+            ring.append(item)
+            self._vm_events[event.vm_id] = ring  # re-inserted: newest last
+
+    @staticmethod
+    def _check_own(session: _Session, worker_id: str, what: str) -> None:
+        if worker_id != session.worker_id:
+            raise UnauthorizedError(
+                f"the session of worker {session.worker_id!r} cannot report {what} for "
+                f"worker {worker_id!r}"
+            )
+
+    # ------------------------------------------------------------ pushing
+
+    def _queue_push(self, session: _Session, assignment: Assignment) -> None:
+        session.pending = assignment
+        session.wake.set()
+
+    def _end_session(self, session: _Session, reason: str) -> None:
+        if self._sessions.pop(session.token, None) is None:
+            return
+        session.scope.cancel()
+        worker = self._workers.get(session.worker_id)
+        if worker is not None and worker.session is session:
+            worker.session = None
+            worker.since_unix_ms = self._now_ms()
+        logger.debug("session %d of worker %s ended: %s", session.token, session.worker_id, reason)
+
+    async def _pusher(self, session: _Session) -> None:
+        problem: str | None = None
+        with session.scope:
+            problem = await self._push_until_failure(session)
+        if problem is None:  # the session ended otherwise
+            return
+        # The worker pulls when it reconnects, so nothing is lost.
+        logger.warning("worker %s: %s; closing its session", session.worker_id, problem)
+        self._end_session(session, problem)
+        await self._close_node(session.node, session.worker_id)
+
+    async def _push_until_failure(self, session: _Session) -> str:
+        while True:
+            await session.wake.wait()
+            session.wake = trio.Event()
+            assignment, session.pending = session.pending, None
+            if assignment is None:
+                continue
+            try:
+                with trio.fail_after(self._push_timeout):
+                    await session.node.push(assignment)
+            except trio.TooSlowError:
+                return f"push of generation {assignment.generation} timed out"
+            except ProcuratorError as exc:
+                return f"push of generation {assignment.generation} failed: {exc}"
+            logger.debug(
+                "pushed generation %d to worker %s", assignment.generation, session.worker_id
+            )
+
+    async def _close_node(self, node: WorkerNode, worker_id: str) -> None:
+        try:
+            with trio.move_on_after(self._push_timeout):
+                await node.aclose()
+        except ProcuratorError as exc:
+            logger.debug("closing the connection of worker %s: %s", worker_id, exc)

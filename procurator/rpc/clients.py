@@ -1,0 +1,311 @@
+"""Clients of the master, for trio code: the control client (CLI, CI) and the
+worker's dialer (used by ``procurator.worker.link.MasterLink``).
+
+Every method crosses the bridge once and returns plain models; Cap'n Proto
+objects stay on the capnp thread behind :class:`CapnpHandle`s. A broken
+connection is noticed without waiting for the next call (the connection's
+``on_disconnect`` is watched) and surfaces as
+:meth:`CapnpMasterSession.wait_disconnected` returning; calls on a dead
+connection raise ``UnavailableError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import trio
+
+from procurator.core.errors import ValidationError
+from procurator.core.models import Assignment, Fleet, VmEvent, WorkerInfo, WorkerStatus
+from procurator.core.validation import check_vm_id
+from procurator.rpc.bridge import Bridge, CapnpHandle, ClientConnection, connect
+from procurator.rpc.convert import (
+    apply_result_from_reader,
+    assignment_from_reader,
+    error_from_reader,
+    fill_events,
+    fill_fleet,
+    fill_metrics,
+    fill_worker_info,
+    fill_worker_status,
+    fleet_status_from_reader,
+    worker_events_from_reader,
+)
+from procurator.rpc.messages import (
+    Address,
+    ApplyResult,
+    FleetStatus,
+    MetricSample,
+    WorkerEvent,
+    parse_address,
+)
+from procurator.rpc.schema import load_schema
+
+__all__ = [
+    "CapnpMasterDialer",
+    "CapnpMasterSession",
+    "ControlClient",
+    "open_control",
+]
+
+logger = logging.getLogger(__name__)
+
+_schema = load_schema()
+
+OnPush = Callable[[Assignment], Awaitable[None]]
+
+
+def _address(address: str | Address) -> Address:
+    return address if isinstance(address, Address) else parse_address(address)
+
+
+# ---------------------------------------------------------------- control
+
+
+class ControlClient:
+    """The ``Control`` interface of one master. Use :func:`open_control`."""
+
+    def __init__(self, bridge: Bridge, handle: CapnpHandle[tuple[ClientConnection, Any]]) -> None:
+        self._bridge = bridge
+        self._handle = handle
+
+    async def apply(
+        self, fleet: Fleet, *, expected_generation: int | None = None, dry_run: bool = False
+    ) -> ApplyResult:
+        """Raises ``ValidationError`` / ``StaleGenerationError`` / ... as the
+        master answered, ``UnavailableError`` if it cannot be reached."""
+        return await self._bridge.run(
+            _apply, self._handle, fleet, expected_generation, dry_run, what="apply"
+        )
+
+    async def status(self) -> FleetStatus:
+        return await self._bridge.run(_status, self._handle, what="status")
+
+    async def events(self, vm_id: str = "", limit: int = 100) -> tuple[WorkerEvent, ...]:
+        if vm_id and (problem := check_vm_id(vm_id)) is not None:
+            raise ValidationError(f"vm id: {problem}")
+        return await self._bridge.run(_events, self._handle, vm_id, limit, what="events")
+
+
+@contextlib.asynccontextmanager
+async def open_control(bridge: Bridge, address: str | Address) -> AsyncIterator[ControlClient]:
+    """Connect to the master at ``address`` and yield its control client."""
+    target = _address(address)
+    handle = await bridge.run(
+        _open_control, bridge, target, what=f"connecting to the master at {target}"
+    )
+    try:
+        yield ControlClient(bridge, handle)
+    finally:
+        with trio.CancelScope(shield=True):
+            await bridge.run(_close, handle)
+
+
+async def _open_control(bridge: Bridge, address: Address) -> CapnpHandle[Any]:
+    conn = await connect(address, lambda reason: None)
+    try:
+        master = conn.bootstrap(_schema.Master)
+        response = await master.control()
+        control = _ok(response.result).control
+    except BaseException:
+        conn.close()
+        raise
+    return bridge.own((conn, control), f"control connection to {address}")
+
+
+async def _close(handle: CapnpHandle[tuple[ClientConnection, Any]]) -> None:
+    pair = handle.release()
+    if pair is not None:
+        pair[0].close()
+
+
+async def _apply(
+    handle: CapnpHandle[tuple[ClientConnection, Any]],
+    fleet: Fleet,
+    expected_generation: int | None,
+    dry_run: bool,
+) -> ApplyResult:
+    request = handle.get()[1].apply_request()
+    fill_fleet(request.init("fleet"), fleet)
+    if expected_generation is not None:
+        request.expected.generation = expected_generation
+    request.dryRun = dry_run
+    response = await request.send()
+    return apply_result_from_reader(response.result)
+
+
+async def _status(handle: CapnpHandle[tuple[ClientConnection, Any]]) -> FleetStatus:
+    response = await handle.get()[1].status()
+    return fleet_status_from_reader(response.status)
+
+
+async def _events(
+    handle: CapnpHandle[tuple[ClientConnection, Any]], vm_id: str, limit: int
+) -> tuple[WorkerEvent, ...]:
+    response = await handle.get()[1].events(vmId=vm_id, limit=limit)
+    return worker_events_from_reader(response.events)
+
+
+# ---------------------------------------------------------------- worker
+
+
+class _NodeImpl(_schema.Node.Server):  # type: ignore[misc, name-defined]
+    """The worker's callback capability: the master pushes through it."""
+
+    def __init__(self, bridge: Bridge, on_push: OnPush, worker_id: str) -> None:
+        self._bridge = bridge
+        self._on_push = on_push
+        self._worker_id = worker_id
+
+    async def push(self, assignment: Any, _context: Any, **_: Any) -> None:
+        value = assignment_from_reader(assignment)  # raises to the master if bad
+        if value.worker_id != self._worker_id:
+            raise ValidationError(
+                f"pushed assignment is for worker {value.worker_id!r}, this is {self._worker_id!r}"
+            )
+        await self._bridge.call_trio(self._on_push, value)
+
+
+class CapnpMasterDialer:
+    """Dials the master for a worker (implements
+    ``procurator.worker.link.MasterDialer``)."""
+
+    def __init__(self, bridge: Bridge, address: str | Address) -> None:
+        self._bridge = bridge
+        self.address = _address(address)
+
+    async def connect(self, info: WorkerInfo, on_push: OnPush) -> CapnpMasterSession:
+        """Connect and register. Raises ``UnavailableError`` when the master
+        cannot be reached, or the master's typed error if it refuses."""
+        disconnected = trio.Event()
+        handle = await self._bridge.run(
+            _register,
+            self._bridge,
+            self.address,
+            info,
+            on_push,
+            disconnected,
+            what=f"registering with the master at {self.address}",
+        )
+        return CapnpMasterSession(self._bridge, handle, info.worker_id, disconnected)
+
+
+class CapnpMasterSession:
+    """One registration with the master (implements
+    ``procurator.worker.link.MasterSession``)."""
+
+    def __init__(
+        self,
+        bridge: Bridge,
+        handle: CapnpHandle[tuple[ClientConnection, Any]],
+        worker_id: str,
+        disconnected: trio.Event,
+    ) -> None:
+        self._bridge = bridge
+        self._handle = handle
+        self.worker_id = worker_id
+        self._disconnected = disconnected
+
+    @property
+    def connected(self) -> bool:
+        return not self._disconnected.is_set()
+
+    async def wait_disconnected(self) -> None:
+        await self._disconnected.wait()
+
+    async def get_assignment(self, known_generation: int) -> Assignment | None:
+        """The current assignment, or None when ``known_generation`` is
+        still the newest."""
+        return await self._bridge.run(
+            _get_assignment, self._handle, known_generation, what="getAssignment"
+        )
+
+    async def report_status(self, status: WorkerStatus) -> None:
+        await self._bridge.run(_report_status, self._handle, status, what="reportStatus")
+
+    async def report_metrics(self, samples: Sequence[MetricSample]) -> None:
+        await self._bridge.run(
+            _report_metrics, self._handle, self.worker_id, samples, what="reportMetrics"
+        )
+
+    async def report_events(self, events: Sequence[VmEvent]) -> None:
+        await self._bridge.run(_report_events, self._handle, events, what="reportEvents")
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self._bridge.run(_close, self._handle)
+        self._disconnected.set()
+
+
+async def _register(
+    bridge: Bridge,
+    address: Address,
+    info: WorkerInfo,
+    on_push: OnPush,
+    disconnected: trio.Event,
+) -> CapnpHandle[Any]:
+    conn = await connect(address, lambda reason: bridge.trio_soon(disconnected.set))
+    try:
+        master = conn.bootstrap(_schema.Master)
+        request = master.register_request()
+        fill_worker_info(request.init("info"), info)
+        request.node = _NodeImpl(bridge, on_push, info.worker_id)
+        response = await request.send()
+        session = _ok(response.result).session
+    except BaseException:
+        conn.close()
+        raise
+    return bridge.own((conn, session), f"session of worker {info.worker_id} at {address}")
+
+
+def _session(handle: CapnpHandle[tuple[ClientConnection, Any]]) -> Any:
+    return handle.get()[1]
+
+
+async def _get_assignment(
+    handle: CapnpHandle[tuple[ClientConnection, Any]], known_generation: int
+) -> Assignment | None:
+    response = await _session(handle).getAssignment(knownGeneration=known_generation)
+    if not response.changed:
+        return None
+    return assignment_from_reader(response.assignment)
+
+
+def _ok(result: Any) -> Any:
+    """``result`` itself, or the typed error of its ``error`` arm raised."""
+    if result.which() == "error":
+        raise error_from_reader(result.error)
+    return result
+
+
+def _check_report(response: Any) -> None:
+    _ok(response.result)
+
+
+async def _report_status(
+    handle: CapnpHandle[tuple[ClientConnection, Any]], status: WorkerStatus
+) -> None:
+    request = _session(handle).reportStatus_request()
+    fill_worker_status(request.init("status"), status)
+    _check_report(await request.send())
+
+
+async def _report_metrics(
+    handle: CapnpHandle[tuple[ClientConnection, Any]],
+    worker_id: str,
+    samples: Sequence[MetricSample],
+) -> None:
+    request = _session(handle).reportMetrics_request()
+    fill_metrics(request.init("report"), worker_id, samples)
+    _check_report(await request.send())
+
+
+async def _report_events(
+    handle: CapnpHandle[tuple[ClientConnection, Any]], events: Sequence[VmEvent]
+) -> None:
+    request = _session(handle).reportEvents_request()
+    fill_events(request.init("events", len(events)), events)
+    _check_report(await request.send())

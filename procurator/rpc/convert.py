@@ -1,0 +1,605 @@
+"""Cap'n Proto messages <-> procurator models. Capnp thread only.
+
+Invariants:
+
+- **Everything read from the wire is validated** here, with the same rules
+  (``procurator.core.validation``) and bounds (``LIMITS``) as fleet files:
+  ids, store paths, hashes, text lengths, list lengths. A bad value raises
+  ``ValidationError`` whose details name the field
+  (``assignment.vms[3].nixStorePath: ...``); list lengths are checked before
+  anything is built, so a hostile peer cannot make us allocate much.
+- **Big lists are built and read field by field** (no ``to_dict`` /
+  ``from_dict``, which are 5-20x slower), each reader field read once, so the
+  cumulative traversal limit is not spent twice.
+- Enums cross as their enumerant names, which are the ``.value`` of our
+  Python enums; an enumerant unknown to this build (a newer peer) reads as the
+  first value of the enum, as the schema's evolution rules say.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+from procurator.core.errors import (
+    LimitExceededError,
+    ProcuratorError,
+    ValidationError,
+    error_from_code,
+)
+from procurator.core.models import (
+    Assignment,
+    Capacity,
+    EventKind,
+    Fleet,
+    Phase,
+    PowerChange,
+    PowerState,
+    VmAssignment,
+    VmEvent,
+    VmStatus,
+    WorkerDiff,
+    WorkerInfo,
+    WorkerStatus,
+)
+from procurator.core.validation import (
+    LIMITS,
+    check_hash,
+    check_store_path,
+    check_vm_id,
+    check_worker_id,
+)
+from procurator.rpc.messages import (
+    ApplyResult,
+    FleetStatus,
+    MetricSample,
+    WorkerConnection,
+    WorkerEvent,
+)
+
+__all__ = [
+    "MAX_EVENTS_PER_REPORT",
+    "MAX_SAMPLES_PER_REPORT",
+    "apply_result_from_reader",
+    "assignment_from_reader",
+    "error_from_reader",
+    "events_from_reader",
+    "fill_apply_result",
+    "fill_assignment",
+    "fill_error",
+    "fill_events",
+    "fill_fleet",
+    "fill_fleet_status",
+    "fill_metrics",
+    "fill_worker_events",
+    "fill_worker_info",
+    "fill_worker_status",
+    "fleet_from_reader",
+    "fleet_status_from_reader",
+    "metrics_from_reader",
+    "worker_events_from_reader",
+    "worker_info_from_reader",
+    "worker_status_from_reader",
+]
+
+MAX_EVENTS_PER_REPORT = 10_000
+MAX_SAMPLES_PER_REPORT = 200_000
+MAX_LABELS_PER_SAMPLE = 32
+MAX_DETAILS = 1_000
+_MAX_PROBLEMS = 50  # stop collecting after this many; one is enough to refuse
+
+_METRIC_NAME_RE = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]{0,199}")
+_LABEL_NAME_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]{0,99}")
+
+E = TypeVar("E", PowerState, Phase, EventKind)
+
+
+def _enum_table(enum: type[E], names: Sequence[str]) -> list[E]:
+    """Capnp ordinal -> our enum member (the schema order is the source)."""
+    by_value = {member.value: member for member in enum}
+    return [by_value[name] for name in names]
+
+
+# The schema's enumerants in ordinal order; checked against the schema by
+# the tests so a new enumerant cannot be forgotten here.
+POWER_NAMES = ("running", "paused", "stopped")
+PHASE_NAMES = (
+    "unknown",
+    "pending",
+    "realising",
+    "starting",
+    "running",
+    "paused",
+    "stopping",
+    "stopped",
+    "failed",
+    "crashLoop",
+    "removing",
+)
+EVENT_KIND_NAMES = (
+    "unknown",
+    "created",
+    "booted",
+    "crashed",
+    "restarted",
+    "replaced",
+    "stopped",
+    "failed",
+    "readopted",
+    "removed",
+    "paused",
+    "resumed",
+)
+ERROR_CODE_NAMES = (
+    "internal",
+    "invalid",
+    "staleGeneration",
+    "notFound",
+    "unauthorized",
+    "limitExceeded",
+    "unavailable",
+)
+_POWER = _enum_table(PowerState, POWER_NAMES)
+_PHASE = _enum_table(Phase, PHASE_NAMES)
+_EVENT_KIND = _enum_table(EventKind, EVENT_KIND_NAMES)
+
+
+def _enum(table: Sequence[E], field: Any) -> E:
+    raw: int = field.raw
+    return table[raw] if 0 <= raw < len(table) else table[0]
+
+
+class _Problems:
+    """Collects ``where: problem`` lines; raises them as one error."""
+
+    __slots__ = ("items", "what")
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.items: list[str] = []
+
+    def add(self, where: str, problem: str) -> None:
+        if len(self.items) < _MAX_PROBLEMS:
+            self.items.append(f"{where}: {problem}")
+
+    def text(self, where: str, value: str, *, limit: int = LIMITS.max_text) -> str:
+        if len(value) > limit:
+            self.add(where, f"longer than {limit} characters")
+            return value[:limit]
+        return value
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise ValidationError(
+                f"invalid {self.what} received: {len(self.items)} problem(s)",
+                details=self.items,
+            )
+
+
+def _check_length(count: int, limit: int, where: str) -> None:
+    if count > limit:
+        raise LimitExceededError(f"{where}: {count} entries exceed the limit of {limit}")
+
+
+# ---------------------------------------------------------------- assignments
+
+
+def _vms_from_reader(items: Any, where: str, problems: _Problems) -> tuple[VmAssignment, ...]:
+    _check_length(len(items), LIMITS.max_vms_per_worker, where)
+    vms: list[VmAssignment] = []
+    append = vms.append
+    for index, item in enumerate(items):
+        vm_id: str = item.id
+        vm_hash: str = item.hash
+        path: str = item.nixStorePath
+        power = _enum(_POWER, item.power)
+        resources = item.resources
+        vcpus: int = resources.vcpus
+        memory: int = resources.memoryMib
+        for name, check, value in (
+            ("id", check_vm_id, vm_id),
+            ("hash", check_hash, vm_hash),
+            ("nixStorePath", check_store_path, path),
+        ):
+            if (problem := check(value)) is not None:
+                problems.add(f"{where}[{index}].{name}", problem)
+        if vcpus and not 1 <= vcpus <= LIMITS.max_vcpus:
+            problems.add(f"{where}[{index}].resources.vcpus", f"{vcpus} is out of range")
+        if memory and not LIMITS.min_memory_mib <= memory <= LIMITS.max_memory_mib:
+            problems.add(f"{where}[{index}].resources.memoryMib", f"{memory} is out of range")
+        append(VmAssignment(vm_id, vm_hash, path, power, vcpus, memory))
+    return tuple(vms)
+
+
+def _fill_vms(items: Any, vms: Sequence[VmAssignment]) -> None:
+    for entry, vm in zip(items, vms, strict=True):
+        entry.id = vm.id
+        entry.hash = vm.hash
+        entry.nixStorePath = vm.nix_store_path
+        if vm.power is not PowerState.RUNNING:
+            entry.power = vm.power.value
+        if vm.vcpus or vm.memory_mib:
+            resources = entry.resources
+            resources.vcpus = vm.vcpus
+            resources.memoryMib = vm.memory_mib
+
+
+def assignment_from_reader(reader: Any, where: str = "assignment") -> Assignment:
+    problems = _Problems(where)
+    worker_id: str = reader.workerId
+    if (problem := check_worker_id(worker_id)) is not None:
+        problems.add(f"{where}.workerId", problem)
+    generation: int = reader.generation
+    op_id = problems.text(f"{where}.opId", reader.opId, limit=64)
+    vms = _vms_from_reader(reader.vms, f"{where}.vms", problems)
+    problems.raise_if_any()
+    return Assignment(worker_id, generation, vms, op_id)
+
+
+def fill_assignment(builder: Any, assignment: Assignment) -> None:
+    builder.workerId = assignment.worker_id
+    builder.generation = assignment.generation
+    builder.opId = assignment.op_id
+    _fill_vms(builder.init("vms", len(assignment.vms)), assignment.vms)
+
+
+def fleet_from_reader(reader: Any, where: str = "fleet") -> Fleet:
+    """A fleet as sent by a client, sorted by worker id and VM id. Only the
+    per-field rules are checked here; fleet-wide ones (unique ids, totals) are
+    ``validate_fleet``'s."""
+    problems = _Problems(where)
+    workers_reader = reader.workers
+    _check_length(len(workers_reader), LIMITS.max_workers, f"{where}.workers")
+    total = 0
+    workers: list[tuple[str, tuple[VmAssignment, ...]]] = []
+    for index, worker in enumerate(workers_reader):
+        worker_id: str = worker.workerId
+        if (problem := check_worker_id(worker_id)) is not None:
+            problems.add(f"{where}.workers[{index}].workerId", problem)
+        vms_reader = worker.vms
+        total += len(vms_reader)
+        _check_length(total, LIMITS.max_vms_total, f"{where} (all workers' VMs)")
+        vms = _vms_from_reader(vms_reader, f"{where}.workers[{index}].vms", problems)
+        workers.append((worker_id, tuple(sorted(vms, key=lambda vm: vm.id))))
+    problems.raise_if_any()
+    return Fleet(tuple(sorted(workers, key=lambda pair: pair[0])))
+
+
+def fill_fleet(builder: Any, fleet: Fleet) -> None:
+    items = builder.init("workers", len(fleet.workers))
+    for entry, (worker_id, vms) in zip(items, fleet.workers, strict=True):
+        entry.workerId = worker_id
+        _fill_vms(entry.init("vms", len(vms)), vms)
+
+
+# ---------------------------------------------------------------- status
+
+
+def _worker_status(reader: Any, where: str, problems: _Problems) -> WorkerStatus:
+    worker_id: str = reader.workerId
+    if (problem := check_worker_id(worker_id)) is not None:
+        problems.add(f"{where}.workerId", problem)
+    generation: int = reader.observedGeneration
+    items = reader.vms
+    _check_length(len(items), LIMITS.max_vms_per_worker, f"{where}.vms")
+    vms: list[VmStatus] = []
+    for index, item in enumerate(items):
+        at = f"{where}.vms[{index}]"
+        vm_id: str = item.id
+        if (problem := check_vm_id(vm_id)) is not None:
+            problems.add(f"{at}.id", problem)
+        observed_hash: str = item.observedHash
+        if observed_hash and (problem := check_hash(observed_hash)) is not None:
+            problems.add(f"{at}.observedHash", problem)
+        vms.append(
+            VmStatus(
+                id=vm_id,
+                phase=_enum(_PHASE, item.phase),
+                observed_hash=observed_hash,
+                message=problems.text(f"{at}.message", item.message),
+                restarts=item.restarts,
+                address=problems.text(f"{at}.address", item.address, limit=64),
+                observed_power=_enum(_POWER, item.observedPower),
+                op_id=problems.text(f"{at}.opId", item.opId, limit=64),
+            )
+        )
+    return WorkerStatus(worker_id, generation, tuple(vms))
+
+
+def worker_status_from_reader(reader: Any, where: str = "status") -> WorkerStatus:
+    problems = _Problems(where)
+    status = _worker_status(reader, where, problems)
+    problems.raise_if_any()
+    return status
+
+
+def fill_worker_status(builder: Any, status: WorkerStatus) -> None:
+    builder.workerId = status.worker_id
+    builder.observedGeneration = status.observed_generation
+    items = builder.init("vms", len(status.vms))
+    for entry, vm in zip(items, status.vms, strict=True):
+        entry.id = vm.id
+        entry.phase = vm.phase.value
+        entry.observedHash = vm.observed_hash
+        entry.message = vm.message
+        entry.restarts = vm.restarts
+        entry.address = vm.address
+        entry.observedPower = vm.observed_power.value
+        entry.opId = vm.op_id
+
+
+def worker_info_from_reader(reader: Any, where: str = "info") -> WorkerInfo:
+    problems = _Problems(where)
+    worker_id: str = reader.workerId
+    if (problem := check_worker_id(worker_id)) is not None:
+        problems.add(f"{where}.workerId", problem)
+    capacity = reader.capacity
+    info = WorkerInfo(
+        worker_id=worker_id,
+        version=problems.text(f"{where}.version", reader.version, limit=128),
+        capacity=Capacity(capacity.vcpus, capacity.memoryMib, capacity.maxVms),
+        metrics_url=problems.text(f"{where}.metricsUrl", reader.metricsUrl),
+        driver=problems.text(f"{where}.driver", reader.driver, limit=128),
+    )
+    problems.raise_if_any()
+    return info
+
+
+def fill_worker_info(builder: Any, info: WorkerInfo) -> None:
+    builder.workerId = info.worker_id
+    builder.version = info.version
+    capacity = builder.capacity
+    capacity.vcpus = info.capacity.vcpus
+    capacity.memoryMib = info.capacity.memory_mib
+    capacity.maxVms = info.capacity.max_vms
+    builder.metricsUrl = info.metrics_url
+    builder.driver = info.driver
+
+
+# ---------------------------------------------------------------- events, metrics
+
+
+def _event(reader: Any, where: str, problems: _Problems) -> VmEvent:
+    vm_id: str = reader.vmId
+    if (problem := check_vm_id(vm_id)) is not None:
+        problems.add(f"{where}.vmId", problem)
+    return VmEvent(
+        vm_id=vm_id,
+        kind=_enum(_EVENT_KIND, reader.kind),
+        message=problems.text(f"{where}.message", reader.message),
+        op_id=problems.text(f"{where}.opId", reader.opId, limit=64),
+        unix_time_ms=reader.unixTimeMs,
+    )
+
+
+def _fill_event(builder: Any, event: VmEvent) -> None:
+    builder.vmId = event.vm_id
+    builder.kind = event.kind.value
+    builder.message = event.message
+    builder.opId = event.op_id
+    builder.unixTimeMs = event.unix_time_ms
+
+
+def events_from_reader(items: Any, where: str = "events") -> tuple[VmEvent, ...]:
+    _check_length(len(items), MAX_EVENTS_PER_REPORT, where)
+    problems = _Problems(where)
+    events = tuple(_event(item, f"{where}[{i}]", problems) for i, item in enumerate(items))
+    problems.raise_if_any()
+    return events
+
+
+def fill_events(items: Any, events: Sequence[VmEvent]) -> None:
+    for entry, event in zip(items, events, strict=True):
+        _fill_event(entry, event)
+
+
+def worker_events_from_reader(items: Any, where: str = "events") -> tuple[WorkerEvent, ...]:
+    _check_length(len(items), MAX_EVENTS_PER_REPORT, where)
+    problems = _Problems(where)
+    result = []
+    for index, item in enumerate(items):
+        worker_id: str = item.workerId
+        if (problem := check_worker_id(worker_id)) is not None:
+            problems.add(f"{where}[{index}].workerId", problem)
+        result.append(WorkerEvent(worker_id, _event(item.event, f"{where}[{index}]", problems)))
+    problems.raise_if_any()
+    return tuple(result)
+
+
+def fill_worker_events(items: Any, events: Sequence[WorkerEvent]) -> None:
+    for entry, worker_event in zip(items, events, strict=True):
+        entry.workerId = worker_event.worker_id
+        _fill_event(entry.event, worker_event.event)
+
+
+def metrics_from_reader(
+    reader: Any, where: str = "metrics"
+) -> tuple[str, tuple[MetricSample, ...]]:
+    """(worker id, samples) of a ``MetricsReport``."""
+    problems = _Problems(where)
+    worker_id: str = reader.workerId
+    if (problem := check_worker_id(worker_id)) is not None:
+        problems.add(f"{where}.workerId", problem)
+    items = reader.samples
+    _check_length(len(items), MAX_SAMPLES_PER_REPORT, f"{where}.samples")
+    samples: list[MetricSample] = []
+    for index, item in enumerate(items):
+        at = f"{where}.samples[{index}]"
+        name: str = item.name
+        if not _METRIC_NAME_RE.fullmatch(name):
+            problems.add(f"{at}.name", f"{name[:80]!r} is not a Prometheus metric name")
+        vm_id: str = item.vmId
+        if vm_id and (problem := check_vm_id(vm_id)) is not None:
+            problems.add(f"{at}.vmId", problem)
+        labels_reader = item.labels
+        if len(labels_reader) > MAX_LABELS_PER_SAMPLE:
+            problems.add(f"{at}.labels", f"more than {MAX_LABELS_PER_SAMPLE} labels")
+            continue
+        labels = []
+        for label in labels_reader:
+            label_name: str = label.name
+            if not _LABEL_NAME_RE.fullmatch(label_name):
+                problems.add(f"{at}.labels", f"{label_name[:80]!r} is not a label name")
+            labels.append((label_name, problems.text(f"{at}.labels", label.value, limit=1024)))
+        samples.append(MetricSample(name, item.value, vm_id, tuple(labels)))
+    problems.raise_if_any()
+    return worker_id, tuple(samples)
+
+
+def fill_metrics(builder: Any, worker_id: str, samples: Sequence[MetricSample]) -> None:
+    builder.workerId = worker_id
+    items = builder.init("samples", len(samples))
+    for entry, sample in zip(items, samples, strict=True):
+        entry.name = sample.name
+        entry.vmId = sample.vm_id
+        entry.value = sample.value
+        if sample.labels:
+            labels = entry.init("labels", len(sample.labels))
+            for label, (name, value) in zip(labels, sample.labels, strict=True):
+                label.name = name
+                label.value = value
+
+
+# ---------------------------------------------------------------- control
+
+
+def _diff_from_reader(reader: Any, where: str, problems: _Problems) -> WorkerDiff:
+    worker_id: str = reader.workerId
+    if (problem := check_worker_id(worker_id)) is not None:
+        problems.add(f"{where}.workerId", problem)
+
+    def ids(items: Any, name: str) -> tuple[str, ...]:
+        _check_length(len(items), LIMITS.max_vms_per_worker, f"{where}.{name}")
+        out = tuple(items)
+        for index, vm_id in enumerate(out):
+            if (problem := check_vm_id(vm_id)) is not None:
+                problems.add(f"{where}.{name}[{index}]", problem)
+        return out
+
+    changes = reader.powerChanged
+    _check_length(len(changes), LIMITS.max_vms_per_worker, f"{where}.powerChanged")
+    return WorkerDiff(
+        worker_id=worker_id,
+        added=ids(reader.added, "added"),
+        replaced=ids(reader.replaced, "replaced"),
+        removed=ids(reader.removed, "removed"),
+        power_changed=tuple(
+            PowerChange(c.vmId, _enum(_POWER, getattr(c, "from")), _enum(_POWER, c.to))
+            for c in changes
+        ),
+        updated=ids(reader.updated, "updated"),
+    )
+
+
+def _fill_diff(builder: Any, diff: WorkerDiff) -> None:
+    builder.workerId = diff.worker_id
+    for name, values in (
+        ("added", diff.added),
+        ("replaced", diff.replaced),
+        ("removed", diff.removed),
+        ("updated", diff.updated),
+    ):
+        if values:
+            items = builder.init(name, len(values))
+            for index, value in enumerate(values):
+                items[index] = value
+    if diff.power_changed:
+        changes = builder.init("powerChanged", len(diff.power_changed))
+        for entry, change in zip(changes, diff.power_changed, strict=True):
+            entry.vmId = change.vm_id
+            setattr(entry, "from", change.before.value)
+            entry.to = change.after.value
+
+
+def error_from_reader(reader: Any) -> ProcuratorError:
+    """The typed error of an ``Error`` struct (unknown codes -> internal)."""
+    raw: int = reader.code.raw
+    code = ERROR_CODE_NAMES[raw] if 0 <= raw < len(ERROR_CODE_NAMES) else "internal"
+    details_reader = reader.details
+    details = [str(d)[: LIMITS.max_text] for d in list(details_reader)[:MAX_DETAILS]]
+    return error_from_code(
+        code, str(reader.message)[: LIMITS.max_text], details, str(reader.opId)[:64]
+    )
+
+
+def fill_error(builder: Any, error: ProcuratorError) -> None:
+    code = error.code if error.code in ERROR_CODE_NAMES else "internal"
+    builder.code = code
+    builder.message = error.message[: LIMITS.max_text]
+    details = error.details[:MAX_DETAILS]
+    if details:
+        items = builder.init("details", len(details))
+        for index, line in enumerate(details):
+            items[index] = line[: LIMITS.max_text]
+    builder.opId = error.op_id
+
+
+def apply_result_from_reader(reader: Any) -> ApplyResult:
+    """The ``ok`` arm of an ``ApplyResult``; raises the typed error of the
+    ``error`` arm."""
+    if reader.which() == "error":
+        raise error_from_reader(reader.error)
+    ok = reader.ok
+    problems = _Problems("apply result")
+    diffs_reader = ok.diffs
+    _check_length(len(diffs_reader), LIMITS.max_workers, "diffs")
+    diffs = tuple(_diff_from_reader(d, f"diffs[{i}]", problems) for i, d in enumerate(diffs_reader))
+    op_id = problems.text("opId", ok.opId, limit=64)
+    problems.raise_if_any()
+    return ApplyResult(ok.generation, ok.changed, diffs, op_id, ok.dryRun)
+
+
+def fill_apply_result(builder: Any, result: ApplyResult) -> None:
+    ok = builder.init("ok")
+    ok.generation = result.generation
+    ok.changed = result.changed
+    ok.opId = result.op_id
+    ok.dryRun = result.dry_run
+    items = ok.init("diffs", len(result.diffs))
+    for entry, diff in zip(items, result.diffs, strict=True):
+        _fill_diff(entry, diff)
+
+
+def fleet_status_from_reader(reader: Any) -> FleetStatus:
+    problems = _Problems("fleet status")
+    items = reader.workers
+    _check_length(len(items), LIMITS.max_workers, "workers")
+    workers = []
+    for index, item in enumerate(items):
+        where = f"workers[{index}]"
+        worker_id: str = item.workerId
+        if (problem := check_worker_id(worker_id)) is not None:
+            problems.add(f"{where}.workerId", problem)
+        status = (
+            _worker_status(item.status, f"{where}.status", problems)
+            if item._has("status")
+            else None
+        )
+        workers.append(
+            WorkerConnection(
+                worker_id=worker_id,
+                connected=item.connected,
+                since_unix_ms=item.sinceUnixMs,
+                desired_generation=item.desiredGeneration,
+                status=status,
+                last_report_unix_ms=item.lastReportUnixMs,
+                vm_count=item.vmCount,
+            )
+        )
+    problems.raise_if_any()
+    return FleetStatus(reader.generation, tuple(workers))
+
+
+def fill_fleet_status(builder: Any, status: FleetStatus) -> None:
+    builder.generation = status.generation
+    items = builder.init("workers", len(status.workers))
+    for entry, worker in zip(items, status.workers, strict=True):
+        entry.workerId = worker.worker_id
+        entry.connected = worker.connected
+        entry.sinceUnixMs = worker.since_unix_ms
+        entry.desiredGeneration = worker.desired_generation
+        entry.lastReportUnixMs = worker.last_report_unix_ms
+        entry.vmCount = worker.vm_count
+        if worker.status is not None:
+            fill_worker_status(entry.status, worker.status)

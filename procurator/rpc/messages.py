@@ -1,0 +1,127 @@
+"""Plain values of the RPC boundary that the core models do not cover.
+
+Pure Python (no capnp import), so the master and the worker can use these
+types without depending on Cap'n Proto. Every collection is a tuple; values
+are immutable and safe to share between threads.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from procurator.core.errors import ValidationError
+from procurator.core.models import VmEvent, WorkerDiff, WorkerStatus
+
+__all__ = [
+    "DEFAULT_MASTER_ADDRESS",
+    "DEFAULT_PORT",
+    "Address",
+    "ApplyResult",
+    "FleetStatus",
+    "MetricSample",
+    "WorkerConnection",
+    "WorkerEvent",
+    "default_master_address",
+    "parse_address",
+]
+
+DEFAULT_PORT = 7300
+DEFAULT_MASTER_ADDRESS = f"127.0.0.1:{DEFAULT_PORT}"
+MASTER_ENV = "PROCURATOR_MASTER"
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """Where a master listens: TCP ``host:port`` or a unix socket path."""
+
+    host: str = ""
+    port: int = 0
+    unix_path: str | None = None
+
+    def __str__(self) -> str:
+        if self.unix_path is not None:
+            return f"unix:{self.unix_path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_address(text: str, *, default_port: int = DEFAULT_PORT) -> Address:
+    """Parse ``host:port``, ``[v6]:port``, ``host`` (default port) or
+    ``unix:/path``. Raises ``ValidationError`` naming the text."""
+    text = text.strip()
+    if text.startswith("unix:"):
+        path = text[len("unix:") :]
+        if not path:
+            raise ValidationError(f"address {text!r}: empty unix socket path")
+        return Address(unix_path=path)
+    host, port_text = text, ""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValidationError(f"address {text!r}: unbalanced '['")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ValidationError(f"address {text!r}: expected ':port' after ']'")
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    if not host:
+        raise ValidationError(f"address {text!r}: empty host")
+    port = default_port
+    if port_text:
+        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise ValidationError(f"address {text!r}: port must be 0..65535")
+        port = int(port_text)
+    return Address(host=host, port=port)
+
+
+def default_master_address() -> str:
+    """``$PROCURATOR_MASTER`` or ``127.0.0.1:7300``."""
+    return os.environ.get(MASTER_ENV) or DEFAULT_MASTER_ADDRESS
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSample:
+    """One numeric sample of a per-VM (``vm_id``) or per-worker metric."""
+
+    name: str
+    value: float
+    vm_id: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerEvent:
+    worker_id: str
+    event: VmEvent
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """What an apply did (or, with ``dry_run``, would do)."""
+
+    generation: int
+    changed: bool
+    diffs: tuple[WorkerDiff, ...]
+    op_id: str
+    dry_run: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConnection:
+    """The master's view of one worker."""
+
+    worker_id: str
+    connected: bool
+    since_unix_ms: int  # when it (dis)connected; 0: never seen
+    desired_generation: int
+    status: WorkerStatus | None  # last reported, None before the first report
+    last_report_unix_ms: int
+    vm_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class FleetStatus:
+    generation: int
+    workers: tuple[WorkerConnection, ...]

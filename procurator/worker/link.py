@@ -1,0 +1,381 @@
+"""The worker's link to the master: register, receive, pull, report.
+
+The worker dials the master (NAT- and firewall-friendly), registers with its
+``WorkerInfo`` and a ``Node`` callback through which the master pushes
+assignments, pulls its assignment on every (re)connect and on a periodic full
+resync (so a lost push is healed), and reports status, metrics and events.
+
+Invariants:
+
+- **The worker never depends on the master being there.** ``run`` reports
+  ready at once (``task_status.started()`` does not wait for the first
+  registration: a worker restarting during a master outage must go on
+  running its VMs) and then reconnects forever with exponential backoff plus
+  jitter. ``wait_connected`` is there for whoever needs the master.
+- **Assignments are delivered newest-first, serially, latest-wins.** Pushes
+  and pulls both feed one slot; an assignment whose generation is not newer
+  than the newest seen is ignored (pushes may arrive late or twice); the
+  handler gets one assignment at a time and, if several arrive meanwhile,
+  only the newest. A push is acknowledged as soon as it is in the slot, so a
+  slow reconciler never makes the master's push time out.
+- **Status is latest-wins and coalesced**: a burst of ``publish_status``
+  calls while a report is in flight yields one more report, with the latest
+  status; after a reconnect the latest status is sent again.
+- **Metrics are dropped, never queued**, when the master is slow or away
+  (only the newest unsent set is kept; ``metrics_dropped`` counts the rest).
+- **Events are buffered up to a bound**; when it overflows the oldest are
+  dropped and counted (``events_dropped``). Sent events leave the buffer only
+  once the master acknowledged them.
+- A call that hangs longer than ``call_timeout`` ends the session: the
+  connection is closed and the link reconnects.
+
+Everything here runs on trio; the ``publish_*`` methods are synchronous and
+must be called from the trio thread. The connection itself is a
+:class:`MasterDialer` port (``procurator.rpc.clients.CapnpMasterDialer`` in
+production, a fake in tests), so this module knows no RPC library.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import trio
+
+from procurator.core.errors import PermanentError, ProcuratorError, UnavailableError
+from procurator.core.models import Assignment, VmEvent, WorkerInfo, WorkerStatus
+from procurator.rpc.messages import MetricSample
+
+__all__ = [
+    "LinkSettings",
+    "MasterDialer",
+    "MasterLink",
+    "MasterSession",
+    "OnAssignment",
+]
+
+logger = logging.getLogger(__name__)
+
+OnAssignment = Callable[[Assignment], Awaitable[None]]
+_T = TypeVar("_T")
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+class MasterSession(Protocol):
+    """One live registration with the master."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def wait_disconnected(self) -> None:
+        """Return once the connection is known to be broken."""
+        ...
+
+    async def get_assignment(self, known_generation: int) -> Assignment | None:
+        """The current assignment, or None if ``known_generation`` is newest."""
+        ...
+
+    async def report_status(self, status: WorkerStatus) -> None: ...
+
+    async def report_metrics(self, samples: Sequence[MetricSample]) -> None: ...
+
+    async def report_events(self, events: Sequence[VmEvent]) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class MasterDialer(Protocol):
+    async def connect(self, info: WorkerInfo, on_push: OnAssignment) -> MasterSession:
+        """Connect and register; ``on_push`` gets every pushed assignment.
+        Raises ``TemporaryError`` when the master cannot be reached."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class LinkSettings:
+    resync_interval: float = 30.0  # full pull this often while connected
+    call_timeout: float = 10.0  # any single call to the master
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    backoff_multiplier: float = 2.0
+    jitter: float = 0.2  # +-20 % of each delay
+    max_buffered_events: int = 10_000
+    event_batch: int = 1_000
+
+
+class MasterLink:
+    """See the module docstring. Start with ``await nursery.start(link.run)``."""
+
+    def __init__(
+        self,
+        dialer: MasterDialer,
+        info: WorkerInfo,
+        on_assignment: OnAssignment,
+        *,
+        settings: LinkSettings | None = None,
+        initial_generation: int = 0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._dialer = dialer
+        self.info = info
+        self._on_assignment = on_assignment
+        self.settings = settings or LinkSettings()
+        self._rng = rng or random.Random()
+        # Assignments: newest generation seen, slot for the deliverer.
+        self._newest_generation = initial_generation
+        self._pending: Assignment | None = None
+        self._pending_wake = trio.Event()
+        # Connection state.
+        self._connected = trio.Event()
+        self._session: MasterSession | None = None
+        # Status: latest wins.
+        self._status: WorkerStatus | None = None
+        self._status_dirty = False
+        self._status_wake = trio.Event()
+        # Metrics: latest unsent set only.
+        self._metrics: tuple[MetricSample, ...] | None = None
+        self._metrics_wake = trio.Event()
+        # Events: bounded buffer of (sequence number, event).
+        self._events: collections.deque[tuple[int, VmEvent]] = collections.deque()
+        self._event_seq = itertools.count(1)
+        self._events_wake = trio.Event()
+        # Counters for the worker's own metrics.
+        self.events_dropped = 0
+        self.metrics_dropped = 0
+        self.connects = 0
+        self.assignments_ignored = 0
+
+    # ------------------------------------------------------------ public
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def newest_generation(self) -> int:
+        """The newest generation received from the master (or the initial)."""
+        return self._newest_generation
+
+    async def wait_connected(self) -> None:
+        """Return once the link is registered with the master."""
+        await self._connected.wait()
+
+    def publish_status(self, status: WorkerStatus) -> None:
+        """Report ``status`` (latest wins; coalesced; resent on reconnect)."""
+        if status.worker_id != self.info.worker_id:
+            raise ValueError(
+                f"status of worker {status.worker_id!r} published on the link of "
+                f"{self.info.worker_id!r}"
+            )
+        self._status = status
+        self._status_dirty = True
+        self._status_wake.set()
+
+    def publish_metrics(self, samples: Sequence[MetricSample]) -> None:
+        """Send ``samples`` when the master can take them; an unsent older
+        set is dropped."""
+        if self._metrics is not None:
+            self.metrics_dropped += 1
+        self._metrics = tuple(samples)
+        self._metrics_wake.set()
+
+    def publish_events(self, events: Sequence[VmEvent]) -> None:
+        """Queue events for the master (bounded; the oldest are dropped)."""
+        limit = self.settings.max_buffered_events
+        for event in events:
+            if len(self._events) >= limit:
+                self._events.popleft()
+                self.events_dropped += 1
+            self._events.append((next(self._event_seq), event))
+        if events:
+            self._events_wake.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled; ready at once (see the module docstring)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._deliver_assignments)
+            task_status.started()
+            await self._connect_forever()
+
+    # ------------------------------------------------------------ assignments
+
+    async def _on_push(self, assignment: Assignment) -> None:
+        self._offer(assignment, "push")
+
+    def _offer(self, assignment: Assignment, source: str) -> None:
+        if assignment.worker_id != self.info.worker_id:
+            logger.error(
+                "ignoring a %s for worker %r (this is %r)",
+                source,
+                assignment.worker_id,
+                self.info.worker_id,
+            )
+            return
+        if assignment.generation <= self._newest_generation:
+            self.assignments_ignored += 1
+            logger.debug(
+                "ignoring %s of generation %d (have %d)",
+                source,
+                assignment.generation,
+                self._newest_generation,
+            )
+            return
+        logger.info(
+            "assignment generation %d (%s, op %s): %d VM(s)",
+            assignment.generation,
+            source,
+            assignment.op_id or "-",
+            len(assignment.vms),
+        )
+        self._newest_generation = assignment.generation
+        self._pending = assignment
+        self._pending_wake.set()
+
+    async def _deliver_assignments(self) -> None:
+        while True:
+            await self._pending_wake.wait()
+            self._pending_wake = trio.Event()
+            assignment, self._pending = self._pending, None
+            if assignment is not None:
+                await self._on_assignment(assignment)
+
+    async def _pull(self, session: MasterSession) -> None:
+        with trio.fail_after(self.settings.call_timeout):
+            assignment = await session.get_assignment(self._newest_generation)
+        if assignment is not None:
+            self._offer(assignment, "pull")
+
+    # ------------------------------------------------------------ connection
+
+    def _backoff(self, failures: int) -> float:
+        s = self.settings
+        delay = min(s.backoff_max, s.backoff_initial * s.backoff_multiplier ** max(0, failures - 1))
+        return max(0.0, delay * self._rng.uniform(1 - s.jitter, 1 + s.jitter))
+
+    async def _connect_forever(self) -> None:
+        failures = 0
+        while True:
+            try:
+                with trio.fail_after(self.settings.call_timeout):
+                    session = await self._dialer.connect(self.info, self._on_push)
+            except (ProcuratorError, trio.TooSlowError) as exc:
+                failures += 1
+                await self._after_connect_failure(exc, failures)
+                continue
+            failures = 0
+            self.connects += 1
+            try:
+                await self._serve(session)
+            except* (ProcuratorError, trio.TooSlowError) as group:
+                cause = _first_leaf(group)
+                reason = str(cause) if isinstance(cause, ProcuratorError) else "a call timed out"
+                logger.warning("lost the master: %s; reconnecting", reason)
+            finally:
+                self._session = None
+                if self._connected.is_set():
+                    self._connected = trio.Event()
+                with trio.CancelScope(shield=True), trio.move_on_after(self.settings.call_timeout):
+                    await session.aclose()
+            # A session that worked: reconnect soon, but not in a tight loop.
+            await trio.sleep(self._backoff(1))
+
+    async def _after_connect_failure(self, exc: Exception, failures: int) -> None:
+        delay = self._backoff(failures)
+        if isinstance(exc, PermanentError):
+            # Retrying cannot help until someone changes the master or this
+            # worker; keep trying, slowly, rather than give up on the VMs.
+            delay = self.settings.backoff_max
+            logger.error("the master refused worker %s: %s", self.info.worker_id, exc)
+        else:
+            log = logger.warning if failures == 1 else logger.debug
+            log(
+                "cannot reach the master (attempt %d): %s; retrying in %.1fs",
+                failures,
+                exc if isinstance(exc, ProcuratorError) else "timed out",
+                delay,
+            )
+        await trio.sleep(delay)
+
+    async def _serve(self, session: MasterSession) -> None:
+        """Run one session until it breaks (raises) or is cancelled."""
+        logger.info("registered with the master as %s", self.info.worker_id)
+        self._session = session
+        self._connected.set()
+        # Resend the latest status: the master may have restarted.
+        self._status_dirty = self._status is not None
+        async with trio.open_nursery() as nursery:
+            await self._pull(session)
+            nursery.start_soon(self._resync, session)
+            nursery.start_soon(self._send_status, session)
+            nursery.start_soon(self._send_metrics, session)
+            nursery.start_soon(self._send_events, session)
+            await session.wait_disconnected()
+            raise UnavailableError("the connection to the master broke")
+
+    async def _resync(self, session: MasterSession) -> None:
+        while True:
+            await trio.sleep(self.settings.resync_interval)
+            await self._pull(session)
+
+    async def _call(self, what: str, method: Callable[[_T], Awaitable[None]], argument: _T) -> bool:
+        """Make one report; False if the master refused it for good (it is
+        then dropped: resending cannot help). Temporary failures raise and
+        end the session."""
+        refused: PermanentError | None = None
+        try:
+            with trio.fail_after(self.settings.call_timeout):
+                await method(argument)
+        except PermanentError as exc:
+            refused = exc
+        if refused is not None:
+            logger.error("the master refused %s: %s", what, refused)
+            return False
+        return True
+
+    async def _send_status(self, session: MasterSession) -> None:
+        while True:
+            status = self._status
+            if not self._status_dirty or status is None:
+                await self._status_wake.wait()
+                self._status_wake = trio.Event()
+                continue
+            self._status_dirty = False
+            try:
+                await self._call("a status report", session.report_status, status)
+            except BaseException:
+                if self._status is status:
+                    self._status_dirty = True  # not delivered: send again later
+                raise
+
+    async def _send_metrics(self, session: MasterSession) -> None:
+        while True:
+            samples, self._metrics = self._metrics, None
+            if samples is None:
+                await self._metrics_wake.wait()
+                self._metrics_wake = trio.Event()
+                continue
+            await self._call("a metrics report", session.report_metrics, samples)
+
+    async def _send_events(self, session: MasterSession) -> None:
+        while True:
+            if not self._events:
+                await self._events_wake.wait()
+                self._events_wake = trio.Event()
+                continue
+            batch = list(itertools.islice(self._events, self.settings.event_batch))
+            events = [event for _, event in batch]
+            await self._call("an events report", session.report_events, events)
+            # Drop what was sent (or refused), wherever overflow left it.
+            last = batch[-1][0]
+            while self._events and self._events[0][0] <= last:
+                self._events.popleft()

@@ -1,0 +1,183 @@
+"""MasterService logic with a fake WorkerNode (no sockets)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from procurator.core.errors import (
+    StaleGenerationError,
+    UnauthorizedError,
+    UnavailableError,
+    ValidationError,
+)
+from procurator.core.models import (
+    Assignment,
+    EventKind,
+    Fleet,
+    VmAssignment,
+    VmEvent,
+    WorkerInfo,
+    WorkerStatus,
+)
+from procurator.master.service import MasterService
+from procurator.master.store import FleetStore
+
+FleetOf = Callable[[dict[str, list[tuple[str, str]]]], Fleet]
+
+
+class FakeNode:
+    """A worker's Node: records pushes; can be made to hang."""
+
+    _ids = iter(range(1, 1_000_000))
+
+    def __init__(self, *, hang: bool = False) -> None:
+        self.connection_id = next(self._ids)
+        self.pushed: list[Assignment] = []
+        self.hang = hang
+        self.closed = False
+
+    async def push(self, assignment: Assignment) -> None:
+        if self.hang:
+            await trio.sleep_forever()
+        self.pushed.append(assignment)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+async def service(tmp_path: Path) -> AsyncIterator[MasterService]:
+    async with await FleetStore.open(tmp_path / "m.db") as store, trio.open_nursery() as nursery:
+        svc = MasterService(store, push_timeout=1.0, events_per_vm=3, events_total=5)
+        await nursery.start(svc.run)
+        yield svc
+        nursery.cancel_scope.cancel()
+
+
+async def settle() -> None:
+    await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_apply_pushes_only_to_affected_connected_workers(
+    service: MasterService, fleet_of: FleetOf
+) -> None:
+    a, b = FakeNode(), FakeNode()
+    await service.register(WorkerInfo("host-a"), a)
+    await service.register(WorkerInfo("host-b"), b)
+    result = await service.apply(fleet_of({"host-a": [("web-1", "a")], "host-b": [("db-1", "b")]}))
+    await settle()
+    assert [p.generation for p in a.pushed] == [result.generation]
+    assert [p.generation for p in b.pushed] == [result.generation]
+
+    second = await service.apply(fleet_of({"host-a": [("web-1", "c")], "host-b": [("db-1", "b")]}))
+    await settle()
+    assert [p.generation for p in a.pushed] == [1, 2]
+    assert a.pushed[-1].op_id == second.op_id
+    assert [p.generation for p in b.pushed] == [1]
+
+
+async def test_dry_run_and_noop_store_nothing(service: MasterService, fleet_of: FleetOf) -> None:
+    fleet = fleet_of({"host-a": [("web-1", "a")]})
+    dry = await service.apply(fleet, dry_run=True)
+    assert (dry.dry_run, dry.changed, dry.generation) == (True, True, 0)
+    assert dry.diffs[0].added == ("web-1",)
+    assert service.generation == 0
+    applied = await service.apply(fleet)
+    again = await service.apply(fleet)
+    assert (applied.generation, again.generation, again.changed) == (1, 1, False)
+    assert again.op_id != applied.op_id
+
+
+async def test_invalid_or_stale_applies_change_nothing(
+    service: MasterService, fleet_of: FleetOf
+) -> None:
+    await service.apply(fleet_of({"host-a": [("web-1", "a")]}))
+    with pytest.raises(StaleGenerationError) as stale:
+        await service.apply(fleet_of({"host-a": [("web-2", "a")]}), expected_generation=0)
+    assert stale.value.op_id.startswith("op-")
+    bad = Fleet((("host-a", (VmAssignment("BAD", "h", "/nix/store/x"),)),))
+    with pytest.raises(ValidationError) as invalid:
+        await service.apply(bad)
+    assert any("workers.host-a.vms[0].id" in d for d in invalid.value.details)
+    status = await service.fleet_status()
+    assert status.generation == 1
+    assert status.workers[0].vm_count == 1
+
+
+async def test_a_dead_worker_does_not_block_apply_or_others(
+    service: MasterService, fleet_of: FleetOf
+) -> None:
+    dead, alive = FakeNode(hang=True), FakeNode()
+    await service.register(WorkerInfo("host-dead"), dead)
+    await service.register(WorkerInfo("host-ok"), alive)
+    with trio.fail_after(0.5):  # well under the push timeout
+        await service.apply(fleet_of({"host-dead": [("a", "a")], "host-ok": [("b", "b")]}))
+    await settle()
+    assert [p.generation for p in alive.pushed] == [1]
+    # After the push timeout the dead worker's session is closed.
+    with trio.fail_after(10):
+        while not dead.closed:
+            await trio.sleep(0.05)
+    (dead_status,) = [
+        w for w in (await service.fleet_status()).workers if w.worker_id == "host-dead"
+    ]
+    assert not dead_status.connected
+
+
+async def test_reregistering_replaces_the_old_session(service: MasterService) -> None:
+    old, new = FakeNode(), FakeNode()
+    old_token = await service.register(WorkerInfo("host-a"), old)
+    new_token = await service.register(WorkerInfo("host-a"), new)
+    await settle()
+    assert old.closed and not new.closed
+    with pytest.raises(UnavailableError):
+        await service.get_assignment(old_token, 0)
+    assignment, changed = await service.get_assignment(new_token, 0)
+    assert (assignment.generation, changed) == (0, False)
+    # The old connection's late disconnect does not unseat the new session.
+    await service.unregister(old_token)
+    assert (await service.fleet_status()).workers[0].connected
+
+
+async def test_get_assignment_reports_changes_only(
+    service: MasterService, fleet_of: FleetOf
+) -> None:
+    token = await service.register(WorkerInfo("host-a"), FakeNode())
+    result = await service.apply(fleet_of({"host-a": [("web-1", "a")]}))
+    assignment, changed = await service.get_assignment(token, 0)
+    assert changed and assignment.generation == result.generation and len(assignment.vms) == 1
+    same, changed = await service.get_assignment(token, result.generation)
+    assert not changed and same.vms == ()
+
+
+async def test_reports_are_bound_to_the_session_worker(service: MasterService) -> None:
+    token = await service.register(WorkerInfo("host-a"), FakeNode())
+    await service.report_status(token, WorkerStatus("host-a", 0))
+    with pytest.raises(UnauthorizedError):
+        await service.report_status(token, WorkerStatus("host-b", 0))
+    with pytest.raises(UnauthorizedError):
+        await service.report_metrics(token, "host-b", ())
+    status = await service.fleet_status()
+    assert status.workers[0].status == WorkerStatus("host-a", 0)
+    assert status.workers[0].last_report_unix_ms > 0
+
+
+async def test_events_are_bounded(service: MasterService) -> None:
+    token = await service.register(WorkerInfo("host-a"), FakeNode())
+    events = [VmEvent(f"vm-{i % 2}", EventKind.BOOTED, str(i)) for i in range(10)]
+    await service.report_events(token, events)
+    assert [e.event.message for e in await service.recent_events()] == ["5", "6", "7", "8", "9"]
+    assert [e.event.message for e in await service.recent_events("vm-0")] == ["4", "6", "8"]
+    assert [e.event.message for e in await service.recent_events("vm-1", 2)] == ["7", "9"]
+
+
+async def test_disconnect_is_visible_in_status(service: MasterService) -> None:
+    token = await service.register(WorkerInfo("host-a"), FakeNode())
+    await service.unregister(token)
+    (worker,) = (await service.fleet_status()).workers
+    assert not worker.connected and worker.since_unix_ms > 0

@@ -1,0 +1,236 @@
+"""capnp <-> models: round trips, validation of what comes off the wire."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from procurator.core.errors import (
+    LimitExceededError,
+    StaleGenerationError,
+    ValidationError,
+)
+from procurator.core.models import (
+    Assignment,
+    EventKind,
+    Fleet,
+    Phase,
+    PowerChange,
+    PowerState,
+    VmAssignment,
+    VmEvent,
+    VmStatus,
+    WorkerDiff,
+    WorkerInfo,
+    WorkerStatus,
+)
+from procurator.core.validation import LIMITS
+from procurator.rpc import convert
+from procurator.rpc.messages import (
+    ApplyResult,
+    FleetStatus,
+    MetricSample,
+    WorkerConnection,
+    WorkerEvent,
+)
+from procurator.rpc.schema import load_schema
+
+S = load_schema()
+PATH = "/nix/store/" + "a" * 32 + "-web"
+
+
+def roundtrip(struct: Any, fill: Any, read: Any, *args: Any) -> Any:
+    builder = struct.new_message()
+    fill(builder, *args)
+    with struct.from_bytes(builder.to_bytes(), traversal_limit_in_words=1 << 30) as reader:
+        return read(reader)
+
+
+def big_assignment(count: int) -> Assignment:
+    return Assignment(
+        "host-a",
+        7,
+        tuple(
+            VmAssignment(
+                f"vm-{i}",
+                f"h{i}",
+                PATH,
+                PowerState.STOPPED if i % 3 == 0 else PowerState.RUNNING,
+                i % 4,
+                (i % 2) * 512,
+            )
+            for i in range(count)
+        ),
+        "op-0123456789ab",
+    )
+
+
+def test_enum_tables_match_the_schema() -> None:
+    for names, enum in (
+        (convert.POWER_NAMES, S.PowerState),
+        (convert.PHASE_NAMES, S.Phase),
+        (convert.EVENT_KIND_NAMES, S.EventKind),
+        (convert.ERROR_CODE_NAMES, S.ErrorCode),
+    ):
+        ordinals = enum.schema.enumerants
+        assert list(names) == sorted(ordinals, key=ordinals.__getitem__)
+
+
+def test_assignment_of_ten_thousand_vms_round_trips() -> None:
+    assignment = big_assignment(10_000)
+    got = roundtrip(
+        S.Assignment, convert.fill_assignment, convert.assignment_from_reader, assignment
+    )
+    assert got == assignment
+
+
+def test_fleet_round_trips_sorted() -> None:
+    fleet = Fleet(
+        (
+            ("w-b", (VmAssignment("b", "h", PATH),)),
+            ("w-a", (VmAssignment("z", "h", PATH), VmAssignment("a", "h", PATH))),
+        )
+    )
+    got = roundtrip(S.Fleet, convert.fill_fleet, convert.fleet_from_reader, fleet)
+    assert [w for w, _ in got.workers] == ["w-a", "w-b"]
+    assert [vm.id for vm in got.workers[0][1]] == ["a", "z"]
+
+
+def test_status_info_events_metrics_round_trip() -> None:
+    status = WorkerStatus(
+        "host-a",
+        5,
+        (
+            VmStatus(
+                "web-1", Phase.CRASH_LOOP, "h1", "dying", 3, "10.0.0.2", PowerState.RUNNING, "op-1"
+            ),
+            VmStatus("web-2", Phase.PENDING),
+        ),
+    )
+    assert (
+        roundtrip(
+            S.WorkerStatus, convert.fill_worker_status, convert.worker_status_from_reader, status
+        )
+        == status
+    )
+    info = WorkerInfo("host-a", "0.1.0", metrics_url="http://h:9", driver="qemu")
+    assert (
+        roundtrip(S.WorkerInfo, convert.fill_worker_info, convert.worker_info_from_reader, info)
+        == info
+    )
+    samples = (
+        MetricSample("procurator_vm_up", 1.0, "web-1", (("kind", "x"),)),
+        MetricSample("w", 2.5),
+    )
+    assert roundtrip(
+        S.MetricsReport, convert.fill_metrics, convert.metrics_from_reader, "host-a", samples
+    ) == ("host-a", samples)
+
+    events = (VmEvent("web-1", EventKind.READOPTED, "m", "op-2", 1234),)
+    builder = S.WorkerEvent.new_message()
+    convert.fill_worker_events([builder], [WorkerEvent("host-a", events[0])])
+    with S.WorkerEvent.from_bytes(builder.to_bytes()) as reader:
+        assert convert.worker_events_from_reader([reader]) == (WorkerEvent("host-a", events[0]),)
+
+
+def test_apply_result_and_errors_round_trip() -> None:
+    result = ApplyResult(
+        3,
+        True,
+        (
+            WorkerDiff(
+                "host-a",
+                added=("a",),
+                replaced=("b",),
+                removed=("c",),
+                power_changed=(PowerChange("d", PowerState.RUNNING, PowerState.PAUSED),),
+                updated=("e",),
+            ),
+        ),
+        "op-1",
+        False,
+    )
+    assert (
+        roundtrip(
+            S.ApplyResult, convert.fill_apply_result, convert.apply_result_from_reader, result
+        )
+        == result
+    )
+
+    def fill_error(builder: Any, error: Any) -> None:
+        convert.fill_error(builder.init("error"), error)
+
+    with pytest.raises(StaleGenerationError) as info:
+        roundtrip(
+            S.ApplyResult,
+            fill_error,
+            convert.apply_result_from_reader,
+            StaleGenerationError("moved", details=["x"], op_id="op-9"),
+        )
+    assert (info.value.details, info.value.op_id) == (("x",), "op-9")
+
+
+def test_fleet_status_round_trips() -> None:
+    status = FleetStatus(
+        4,
+        (
+            WorkerConnection("host-a", True, 10, 4, WorkerStatus("host-a", 4), 11, 2),
+            WorkerConnection("host-b", False, 0, 2, None, 0, 1),
+        ),
+    )
+    assert (
+        roundtrip(
+            S.FleetStatus, convert.fill_fleet_status, convert.fleet_status_from_reader, status
+        )
+        == status
+    )
+
+
+def test_bad_values_name_their_field() -> None:
+    builder = S.Assignment.new_message()
+    convert.fill_assignment(builder, big_assignment(3))
+    builder.vms[1].id = "Not/Valid"
+    builder.vms[2].nixStorePath = "/etc/passwd"
+    builder.vms[0].resources.vcpus = 100_000
+    with (
+        pytest.raises(ValidationError) as info,
+        S.Assignment.from_bytes(builder.to_bytes()) as reader,
+    ):
+        convert.assignment_from_reader(reader)
+    details = "\n".join(info.value.details)
+    assert "assignment.vms[1].id" in details
+    assert "assignment.vms[2].nixStorePath" in details
+    assert "assignment.vms[0].resources.vcpus" in details
+
+    status = S.WorkerStatus.new_message(workerId="host-a")
+    status.init("vms", 1)[0].id = "web-1"
+    status.vms[0].message = "x" * (LIMITS.max_text + 1)
+    with (
+        pytest.raises(ValidationError, match="problem") as info,
+        S.WorkerStatus.from_bytes(status.to_bytes()) as reader,
+    ):
+        convert.worker_status_from_reader(reader)
+    assert "status.vms[0].message: longer than" in info.value.details[0]
+
+
+def test_too_long_lists_are_refused_before_building() -> None:
+    builder = S.MetricsReport.new_message(workerId="host-a")
+    builder.init("samples", convert.MAX_SAMPLES_PER_REPORT + 1)
+    with (
+        pytest.raises(LimitExceededError, match=r"metrics\.samples"),
+        S.MetricsReport.from_bytes(builder.to_bytes()) as reader,
+    ):
+        convert.metrics_from_reader(reader)
+
+
+def test_unknown_enumerants_read_as_the_first_value() -> None:
+    builder = S.VmStatus.new_message(id="web-1")
+    builder.phase = 4
+    with S.VmStatus.from_bytes(builder.to_bytes()) as reader:
+
+        class Fake:
+            raw = 99
+
+        assert convert._enum(convert._PHASE, Fake()) is Phase.UNKNOWN
+        assert convert._enum(convert._PHASE, reader.phase) is Phase.RUNNING

@@ -1,0 +1,234 @@
+"""MasterLink logic against a fake dialer, on trio's MockClock (no bridge)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import pytest
+import trio
+import trio.testing
+
+from procurator.core.errors import UnavailableError, ValidationError
+from procurator.core.models import Assignment, EventKind, VmEvent, WorkerInfo, WorkerStatus
+from procurator.rpc.messages import MetricSample
+from procurator.worker.link import LinkSettings, MasterLink, OnAssignment
+
+
+class FakeSession:
+    def __init__(self, master: FakeMaster, on_push: OnAssignment) -> None:
+        self.master = master
+        self.on_push = on_push
+        self._gone = trio.Event()
+        self.block_reports = False
+
+    @property
+    def connected(self) -> bool:
+        return not self._gone.is_set()
+
+    def drop(self) -> None:
+        self._gone.set()
+
+    async def wait_disconnected(self) -> None:
+        await self._gone.wait()
+
+    def _check(self) -> None:
+        if self._gone.is_set():
+            raise UnavailableError("connection lost")
+
+    async def get_assignment(self, known_generation: int) -> Assignment | None:
+        self._check()
+        self.master.pulls.append(known_generation)
+        current = self.master.assignment
+        return None if current.generation == known_generation else current
+
+    async def report_status(self, status: WorkerStatus) -> None:
+        self._check()
+        if self.master.slow_reports:
+            await self.master.release_reports.wait()
+        self.master.statuses.append(status)
+
+    async def report_metrics(self, samples: Sequence[MetricSample]) -> None:
+        self._check()
+        if self.master.slow_reports:
+            await self.master.release_reports.wait()
+        self.master.metrics.append(tuple(samples))
+
+    async def report_events(self, events: Sequence[VmEvent]) -> None:
+        self._check()
+        if self.master.refuse_events:
+            raise ValidationError("bad events")
+        self.master.events.extend(events)
+
+    async def aclose(self) -> None:
+        self._gone.set()
+
+
+class FakeMaster:
+    def __init__(self) -> None:
+        self.up = False
+        self.assignment = Assignment("host-a", 0)
+        self.sessions: list[FakeSession] = []
+        self.attempts: list[float] = []
+        self.pulls: list[int] = []
+        self.statuses: list[WorkerStatus] = []
+        self.metrics: list[tuple[MetricSample, ...]] = []
+        self.events: list[VmEvent] = []
+        self.slow_reports = False
+        self.release_reports = trio.Event()
+        self.refuse_events = False
+
+    async def connect(self, info: WorkerInfo, on_push: OnAssignment) -> FakeSession:
+        self.attempts.append(trio.current_time())
+        if not self.up:
+            raise UnavailableError("connection refused")
+        session = FakeSession(self, on_push)
+        self.sessions.append(session)
+        return session
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    async def __call__(self, assignment: Assignment) -> None:
+        self.seen.append(assignment.generation)
+
+
+SETTINGS = LinkSettings(
+    resync_interval=10, call_timeout=5, backoff_initial=1, backoff_max=8, jitter=0.0
+)
+
+
+def make_link(master: FakeMaster, settings: LinkSettings = SETTINGS) -> tuple[MasterLink, Recorder]:
+    recorder = Recorder()
+    link = MasterLink(
+        master, WorkerInfo("host-a"), recorder, settings=settings, rng=random.Random(1)
+    )
+    return link, recorder
+
+
+async def test_ready_at_once_then_backs_off_exponentially(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    master = FakeMaster()
+    link, _ = make_link(master)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        assert not link.connected
+        await trio.sleep(40)
+        gaps = [b - a for a, b in zip(master.attempts, master.attempts[1:], strict=False)]
+        assert gaps[:5] == [1, 2, 4, 8, 8]
+        master.up = True
+        with trio.fail_after(10):
+            await link.wait_connected()
+        nursery.cancel_scope.cancel()
+
+
+async def test_jitter_spreads_delays() -> None:
+    link, _ = make_link(FakeMaster(), LinkSettings(backoff_initial=1, jitter=0.5))
+    delays = {link._backoff(1) for _ in range(20)}
+    assert len(delays) > 1 and all(0.5 <= d <= 1.5 for d in delays)
+
+
+async def test_pulls_on_connect_and_resyncs(autojump_clock: trio.testing.MockClock) -> None:
+    master = FakeMaster()
+    master.up = True
+    master.assignment = Assignment("host-a", 3)
+    link, recorder = make_link(master)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        await trio.sleep(1)
+        assert recorder.seen == [3]
+        master.assignment = Assignment("host-a", 4)  # a lost push
+        await trio.sleep(SETTINGS.resync_interval + 1)
+        assert recorder.seen == [3, 4]
+        assert master.pulls[:2] == [0, 3]
+        nursery.cancel_scope.cancel()
+
+
+async def test_old_and_duplicate_pushes_are_ignored(autojump_clock: trio.testing.MockClock) -> None:
+    master = FakeMaster()
+    master.up = True
+    link, recorder = make_link(master)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        await link.wait_connected()
+        push = master.sessions[0].on_push
+        await push(Assignment("host-a", 5))
+        await push(Assignment("host-a", 4))
+        await push(Assignment("host-a", 5))
+        await push(Assignment("host-b", 9))
+        await trio.sleep(1)
+        assert recorder.seen == [5]
+        assert link.newest_generation == 5
+        assert link.assignments_ignored == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_status_is_coalesced_and_resent_after_reconnect(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    master = FakeMaster()
+    master.up = True
+    link, _ = make_link(master)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        await link.wait_connected()
+        master.slow_reports = True
+        link.publish_status(WorkerStatus("host-a", 1))
+        await trio.sleep(0.1)
+        for generation in range(2, 10):
+            link.publish_status(WorkerStatus("host-a", generation))
+        master.release_reports.set()
+        await trio.sleep(1)
+        assert [s.observed_generation for s in master.statuses] == [1, 9]
+        master.sessions[0].drop()
+        await trio.sleep(5)
+        assert link.connected and len(master.sessions) == 2
+        assert [s.observed_generation for s in master.statuses] == [1, 9, 9]
+        with pytest.raises(ValueError, match="host-b"):
+            link.publish_status(WorkerStatus("host-b", 1))
+        nursery.cancel_scope.cancel()
+
+
+async def test_metrics_drop_and_events_buffer_while_away(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    master = FakeMaster()
+    link, _ = make_link(master, LinkSettings(max_buffered_events=3, event_batch=2, backoff_max=1))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        link.publish_metrics([MetricSample("m", 1.0)])
+        link.publish_metrics([MetricSample("m", 2.0)])
+        link.publish_events([VmEvent(f"vm-{i}", EventKind.BOOTED) for i in range(5)])
+        assert (link.metrics_dropped, link.events_dropped) == (1, 2)
+        master.up = True
+        await trio.sleep(5)
+        assert master.metrics == [(MetricSample("m", 2.0),)]
+        assert [e.vm_id for e in master.events] == ["vm-2", "vm-3", "vm-4"]
+        # Refused events are dropped, not resent forever.
+        master.refuse_events = True
+        link.publish_events([VmEvent("vm-9", EventKind.CRASHED)])
+        await trio.sleep(1)
+        master.refuse_events = False
+        link.publish_events([VmEvent("vm-10", EventKind.CRASHED)])
+        await trio.sleep(1)
+        assert [e.vm_id for e in master.events][-1] == "vm-10"
+        assert "vm-9" not in [e.vm_id for e in master.events]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_hanging_call_ends_the_session(autojump_clock: trio.testing.MockClock) -> None:
+    master = FakeMaster()
+    master.up = True
+    link, _ = make_link(master)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        await link.wait_connected()
+        master.slow_reports = True  # never released
+        link.publish_status(WorkerStatus("host-a", 1))
+        await trio.sleep(SETTINGS.call_timeout + 3)
+        assert len(master.sessions) == 2
+        assert not master.sessions[0].connected
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,312 @@
+"""Master, worker link and control client over real sockets, in one process."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from procurator.core.errors import (
+    ProcuratorError,
+    StaleGenerationError,
+    UnavailableError,
+    ValidationError,
+)
+from procurator.core.models import (
+    Assignment,
+    EventKind,
+    Fleet,
+    VmAssignment,
+    VmEvent,
+    WorkerInfo,
+    WorkerStatus,
+)
+from procurator.rpc.bridge import Bridge
+from procurator.rpc.clients import CapnpMasterDialer, open_control
+from procurator.rpc.master_server import serve_master
+from procurator.rpc.messages import Address, parse_address
+from procurator.worker.link import LinkSettings, MasterLink
+
+FleetOf = Callable[[dict[str, list[tuple[str, str]]]], Fleet]
+MasterFactory = Callable[[trio.Nursery, Path, str], Any]
+
+FAST = LinkSettings(resync_interval=0.5, call_timeout=5.0, backoff_initial=0.05, backoff_max=0.2)
+
+
+class Received:
+    def __init__(self) -> None:
+        self.assignments: list[Assignment] = []
+        self._changed = trio.Event()
+
+    async def __call__(self, assignment: Assignment) -> None:
+        self.assignments.append(assignment)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_generation(self, generation: int) -> Assignment:
+        with trio.fail_after(20):
+            while not self.assignments or self.assignments[-1].generation < generation:
+                await self._changed.wait()
+        return self.assignments[-1]
+
+
+async def start_link(
+    nursery: trio.Nursery, bridge: Bridge, address: Address, worker_id: str
+) -> tuple[MasterLink, Received]:
+    received = Received()
+    link = MasterLink(
+        CapnpMasterDialer(bridge, address), WorkerInfo(worker_id), received, settings=FAST
+    )
+    await nursery.start(link.run)
+    return link, received
+
+
+async def test_apply_pushes_to_the_connected_worker_only_when_affected(
+    bridge: Bridge, master, fleet_of: FleetOf
+) -> None:
+    async with trio.open_nursery() as nursery:
+        link_a, got_a = await start_link(nursery, bridge, master.address, "host-a")
+        link_b, got_b = await start_link(nursery, bridge, master.address, "host-b")
+        with trio.fail_after(20):
+            await link_a.wait_connected()
+            await link_b.wait_connected()
+        async with open_control(bridge, master.address) as control:
+            first = await control.apply(
+                fleet_of({"host-a": [("web-1", "a")], "host-b": [("db-1", "b")]})
+            )
+            assert first.changed and first.generation == 1
+            assert [d.worker_id for d in first.diffs] == ["host-a", "host-b"]
+            assert (await got_a.wait_generation(1)).vms[0].id == "web-1"
+            await got_b.wait_generation(1)
+
+            # Only host-a changes: host-b is not contacted.
+            second = await control.apply(
+                fleet_of({"host-a": [("web-1", "c")], "host-b": [("db-1", "b")]})
+            )
+            assert second.generation == 2
+            assert second.diffs[0].replaced == ("web-1",)
+            pushed = await got_a.wait_generation(2)
+            assert pushed.op_id == second.op_id
+            assert [a.generation for a in got_b.assignments] == [1]
+
+            # A no-op apply keeps the generation.
+            same = await control.apply(
+                fleet_of({"host-a": [("web-1", "c")], "host-b": [("db-1", "b")]})
+            )
+            assert (same.changed, same.generation) == (False, 2)
+        nursery.cancel_scope.cancel()
+
+
+async def test_offline_worker_gets_its_assignment_on_connect(
+    bridge: Bridge, master, fleet_of: FleetOf
+) -> None:
+    async with open_control(bridge, master.address) as control:
+        result = await control.apply(fleet_of({"host-c": [("web-9", "d")]}))
+        status = await control.status()
+    (worker,) = status.workers
+    assert (worker.worker_id, worker.connected, worker.since_unix_ms) == ("host-c", False, 0)
+    async with trio.open_nursery() as nursery:
+        _, got = await start_link(nursery, bridge, master.address, "host-c")
+        assignment = await got.wait_generation(result.generation)
+        assert [vm.id for vm in assignment.vms] == ["web-9"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_status_reports_reach_fleet_status(bridge: Bridge, master, fleet_of: FleetOf) -> None:
+    async with trio.open_nursery() as nursery:
+        link, got = await start_link(nursery, bridge, master.address, "host-a")
+        async with open_control(bridge, master.address) as control:
+            result = await control.apply(fleet_of({"host-a": [("web-1", "a")]}))
+            await got.wait_generation(result.generation)
+            link.publish_status(WorkerStatus("host-a", result.generation))
+            link.publish_events([VmEvent("web-1", EventKind.BOOTED, "up", result.op_id, 1)])
+            with trio.fail_after(20):
+                while True:
+                    (worker,) = (await control.status()).workers
+                    events = await control.events("web-1")
+                    if worker.status is not None and events:
+                        break
+                    await trio.sleep(0.05)
+            assert worker.connected
+            assert worker.status.observed_generation == result.generation
+            assert events[0].worker_id == "host-a"
+            assert events[0].event.kind is EventKind.BOOTED
+        nursery.cancel_scope.cancel()
+
+
+async def test_stale_expected_generation_is_refused(
+    bridge: Bridge, master, fleet_of: FleetOf
+) -> None:
+    async with open_control(bridge, master.address) as control:
+        base = await control.apply(fleet_of({"host-a": [("web-1", "a")]}))
+        results: list[object] = []
+
+        async def racer(tag: str) -> None:
+            try:
+                results.append(
+                    await control.apply(
+                        fleet_of({"host-a": [("web-1", tag)]}),
+                        expected_generation=base.generation,
+                    )
+                )
+            except StaleGenerationError as exc:
+                results.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for tag in "bcdf":
+                nursery.start_soon(racer, tag)
+        stale = [r for r in results if isinstance(r, StaleGenerationError)]
+        assert len(stale) == 3
+        assert "nothing was applied" in str(stale[0])
+        assert (await control.status()).generation == base.generation + 1
+
+
+async def test_invalid_fleet_over_the_wire_is_refused_without_change(
+    bridge: Bridge, master, fleet_of: FleetOf
+) -> None:
+    async with open_control(bridge, master.address) as control:
+        await control.apply(fleet_of({"host-a": [("web-1", "a")]}))
+        path = "/nix/store/" + "b" * 32 + "-x"
+        duplicate = Fleet(
+            (
+                ("host-a", (VmAssignment("web-1", "h1", path),)),
+                ("host-b", (VmAssignment("web-1", "h2", path),)),
+            )
+        )
+        with pytest.raises(ValidationError) as info:
+            await control.apply(duplicate)
+        assert any("'web-1' is used more than once" in d for d in info.value.details)
+        bad_path = Fleet((("host-a", (VmAssignment("web-1", "h1", "/tmp/evil"),)),))
+        with pytest.raises(ValidationError) as info:
+            await control.apply(bad_path)
+        assert any("workers[0].vms[0].nixStorePath" in d for d in info.value.details)
+        status = await control.status()
+        assert status.generation == 1
+
+
+async def test_master_restart_keeps_state_and_workers_come_back(
+    bridge: Bridge, master, fleet_of: FleetOf
+) -> None:
+    async with trio.open_nursery() as nursery:
+        link, got = await start_link(nursery, bridge, master.address, "host-a")
+        async with open_control(bridge, master.address) as control:
+            first = await control.apply(fleet_of({"host-a": [("web-1", "a")]}))
+        await got.wait_generation(first.generation)
+
+        await master.stop()
+        with trio.fail_after(20):
+            while link.connected:
+                await trio.sleep(0.01)
+        await master.start()
+        with trio.fail_after(20):
+            await link.wait_connected()
+
+        async with open_control(bridge, master.address) as control:
+            status = await control.status()
+            assert status.generation == first.generation
+            second = await control.apply(fleet_of({"host-a": [("web-1", "a"), ("web-2", "b")]}))
+        assert second.generation == first.generation + 1
+        assert len((await got.wait_generation(second.generation)).vms) == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_garbage_on_the_master_port_does_not_hurt_others(
+    bridge: Bridge, master, fleet_of: FleetOf
+) -> None:
+    async with open_control(bridge, master.address) as control:
+        await control.apply(fleet_of({"host-a": [("web-1", "a")]}))
+        for payload in (
+            b"\xff" * 64,
+            b"GET / HTTP/1.1\r\n\r\n",
+            b"\x00\x00\x00\x00\xff\xff\xff\x7f",
+        ):
+            stream = await trio.open_tcp_stream(master.address.host, master.address.port)
+            await stream.send_all(payload * 50)
+            await stream.aclose()
+        # A half-open connection that sends a huge segment table and stalls.
+        stuck = socket.create_connection((master.address.host, master.address.port))
+        try:
+            stuck.sendall(b"\x00\x00\x00\x00\xff\xff\xff\x0f")
+            status = await control.status()
+            assert status.generation == 1
+        finally:
+            stuck.close()
+        assert (await control.status()).generation == 1
+
+
+async def test_unreachable_master_is_unavailable(bridge: Bridge) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(UnavailableError, match="Connection refused"):
+        async with open_control(bridge, f"127.0.0.1:{port}"):
+            pass
+
+
+async def test_unix_socket_address(
+    bridge: Bridge, tmp_path: Path, fleet_of: FleetOf, master_factory: MasterFactory
+) -> None:
+    sock = tmp_path / "master.sock"
+    async with trio.open_nursery() as nursery:
+        running = master_factory(nursery, tmp_path / "m.db", f"unix:{sock}")
+        address = await running.start()
+        assert address.unix_path == str(sock)
+        _, got = await start_link(nursery, bridge, address, "host-u")
+        async with open_control(bridge, f"unix:{sock}") as control:
+            result = await control.apply(fleet_of({"host-u": [("web-1", "a")]}))
+        await got.wait_generation(result.generation)
+        nursery.cancel_scope.cancel()
+    assert not sock.exists()
+
+
+class BrokenBackend:
+    """A backend with a bug in every method but ``apply`` validation."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def apply(self, fleet: Fleet, **_: Any) -> Any:
+        self.calls += 1
+        raise RuntimeError("bug in apply")
+
+    async def fleet_status(self) -> Any:
+        self.calls += 1
+        raise RuntimeError("bug in status")
+
+    async def recent_events(self, vm_id: str = "", limit: int = 100) -> Any:
+        raise ValidationError("no such thing")
+
+    async def register(self, info: WorkerInfo, node: Any) -> int:
+        raise RuntimeError("bug in register")
+
+    async def unregister(self, token: int) -> None:
+        return None
+
+
+async def test_a_failing_handler_does_not_kill_the_server(
+    bridge: Bridge, fleet_of: FleetOf, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = BrokenBackend()
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(serve_master, bridge, backend, parse_address("127.0.0.1:0"))
+        async with open_control(bridge, address) as control:
+            for _ in range(2):
+                with pytest.raises(ProcuratorError, match="internal error"):
+                    await control.apply(fleet_of({"host-a": [("web-1", "a")]}))
+                with pytest.raises(ProcuratorError, match=r"Control\.status: internal error"):
+                    await control.status()
+            with pytest.raises(ValidationError, match="events: no such thing"):
+                await control.events()
+        with pytest.raises(ProcuratorError, match="internal error"):
+            await CapnpMasterDialer(bridge, address).connect(WorkerInfo("host-a"), _ignore)
+        assert backend.calls == 4
+        assert "bug in apply" in caplog.text
+        nursery.cancel_scope.cancel()
+
+
+async def _ignore(assignment: Assignment) -> None:
+    return None
