@@ -1,6 +1,10 @@
 """Suite-wide rules: a test that leaves a VMM or procurator process, a tap
 device or a network namespace behind fails, whatever it asserted.
 
+Processes count only when they carry this session's marker in their
+environment (children inherit it), so two test runs on one machine never
+judge, or kill, each other's processes.
+
 Area fixtures live in each test directory's own conftest.py.
 """
 
@@ -12,7 +16,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import uuid
+
 import pytest
+
+_MARKER = f"PROCURATOR_TEST_SESSION={uuid.uuid4().hex}"
+os.environ["PROCURATOR_TEST_SESSION"] = _MARKER.split("=", 1)[1]
+_MARKER_BYTES = _MARKER.encode()
 
 _OURS = re.compile(
     rb"qemu-system|cloud-hypervisor|procurator(\x00| )(master|worker)|-m\x00procurator\x00(master|worker)"
@@ -33,7 +43,13 @@ def _our_processes() -> dict[int, str]:
         # A zombie is already dead; its parent reaps it.
         if stat.rsplit(")", 1)[-1].split()[0] == "Z":
             continue
-        if _OURS.search(cmdline):
+        if not _OURS.search(cmdline):
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes()
+        except OSError:
+            continue
+        if _MARKER_BYTES in environ.split(b"\x00"):
             found[int(entry)] = cmdline.replace(b"\x00", b" ").decode(errors="replace")[:200]
     return found
 

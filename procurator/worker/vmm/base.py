@@ -12,6 +12,12 @@ By the time a driver sees a config, the worker has already made it safe
 serial file. The API socket, event and log files are spawn arguments
 (``VmmPaths``), never part of the image's config.
 
+Starting a VM: call ``launch_vm(driver, paths, config, timeout=...)``. A VMM
+that can wait for its config (cloud-hypervisor) is spawned, then given the
+VM; one that needs the config on its command line (QEMU) implements
+``VmmLauncher.launch`` and gets both at once. Either way no process is left
+behind when it raises.
+
 Errors: drivers raise only ``VmmError`` subclasses (a ``TemporaryError``:
 the VMM may answer later) or ``VmmRejected`` (a ``PermanentError``: the VMM
 refused the config). Library exceptions (httpx, OSError, JSON) never leak.
@@ -19,13 +25,16 @@ refused the config). Library exceptions (httpx, OSError, JSON) never leak.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from procurator.core.errors import PermanentError, TemporaryError
+from procurator.worker.vmm.process import terminate, wait_exit
 
 __all__ = [
     "VmState",
@@ -33,9 +42,11 @@ __all__ = [
     "VmmError",
     "VmmGone",
     "VmmHandle",
+    "VmmLauncher",
     "VmmPaths",
     "VmmRejected",
     "VmmTimeout",
+    "launch_vm",
 ]
 
 
@@ -122,7 +133,9 @@ class VmmDriver(Protocol):
         has no VM yet. Raises ``VmmError`` (and leaves no process) on failure."""
         ...
 
-    def create_and_boot(self, handle: VmmHandle, config: Mapping[str, Any], *, timeout: float) -> None:
+    def create_and_boot(
+        self, handle: VmmHandle, config: Mapping[str, Any], *, timeout: float
+    ) -> None:
         """Create the VM from ``config`` and boot it; confirm it runs."""
         ...
 
@@ -150,3 +163,35 @@ class VmmDriver(Protocol):
         """Device counters by device id (``vm.counters``); latency sentinels
         (u64::MAX) already filtered out."""
         ...
+
+
+@runtime_checkable
+class VmmLauncher(Protocol):
+    """A driver whose VMM takes the VM's config when it starts (QEMU)."""
+
+    def launch(self, paths: VmmPaths, config: Mapping[str, Any], *, timeout: float) -> VmmHandle:
+        """Start the VMM with the VM from ``config``, boot it, confirm it
+        runs, return the handle. Leaves no process behind when it raises."""
+        ...
+
+
+def launch_vm(
+    driver: VmmDriver, paths: VmmPaths, config: Mapping[str, Any], *, timeout: float
+) -> VmmHandle:
+    """Start a VMM running the VM from ``config``, for any driver; the one
+    entry point for booting a VM. ``timeout`` bounds the whole start. On
+    failure no VMM process is left (the error is re-raised)."""
+    if isinstance(driver, VmmLauncher):
+        return driver.launch(paths, config, timeout=timeout)
+    deadline = time.monotonic() + timeout
+    handle = driver.spawn(paths, timeout=timeout)
+    try:
+        driver.create_and_boot(handle, config, timeout=max(0.0, deadline - time.monotonic()))
+    except BaseException:
+        # The VMM has no running guest yet: nothing to save, only to stop.
+        with contextlib.suppress(VmmError):
+            driver.shutdown_vmm(handle, timeout=1.0)
+        if not wait_exit(handle.pid, handle.pid_start_ticks, 2.0):
+            terminate(handle.pid, handle.pid_start_ticks, grace=2.0)
+        raise
+    return handle
