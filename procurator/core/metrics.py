@@ -1,0 +1,591 @@
+"""What procurator measures: the metric catalogue, the plain-data snapshots
+the exporters read, and the compact sample form workers report to the master.
+
+Pure: no I/O, no Prometheus library. The worker exporter
+(``procurator.worker.metrics``) and the master exporter
+(``procurator.master.metrics``) both turn the same grouped rows into
+Prometheus families, so the two expositions (a worker scraped directly, or
+its figures relayed by the master with a ``worker`` label) can never
+disagree on a name, a type, a label set or a HELP text.
+
+Invariants:
+
+- Every metric either exporter exposes is in ``CATALOGUE``; names follow
+  Prometheus conventions (``procurator_`` prefix, base units ``_seconds`` /
+  ``_bytes``, counters end in ``_total``) and every one has HELP text.
+- Label values are bounded: VM ids, device ids set in the image's config,
+  phases, and small fixed sets of kinds/endpoints. Never an operation id.
+- A ``MetricSample`` carries the VM id apart from its labels (``vmId`` on
+  the wire), so a receiver can group by VM without parsing labels.
+- ``group_samples`` never emits two rows with the same label values for one
+  metric (Prometheus rejects a whole scrape for a duplicate series); a
+  sample that does not fit the catalogue is counted and dropped, never
+  exposed.
+- Snapshots are immutable values: a producer builds a new one and hands it
+  over; consumers may keep references and read them from any thread.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from procurator.core.errors import ValidationError
+from procurator.core.models import Phase
+
+__all__ = [
+    "CATALOGUE",
+    "PHASES",
+    "U64_MAX",
+    "Family",
+    "FleetView",
+    "MetricKind",
+    "MetricSample",
+    "MetricSpec",
+    "ProcessUsage",
+    "SampleLike",
+    "Scope",
+    "VmSnapshot",
+    "WorkerSnapshot",
+    "WorkerView",
+    "group_samples",
+    "http_sd_groups",
+    "parse_metrics_url",
+    "vm_samples",
+    "vms_by_phase",
+]
+
+log = logging.getLogger(__name__)
+
+U64_MAX = 2**64 - 1
+"""cloud-hypervisor reports an unset counter (latency before the first
+request) as u64::MAX; such a value is never a measurement."""
+
+PHASES: tuple[str, ...] = tuple(p.value for p in Phase)
+
+
+class MetricKind(enum.Enum):
+    GAUGE = "gauge"
+    COUNTER = "counter"
+    HISTOGRAM = "histogram"
+
+
+class Scope(enum.Enum):
+    """Whose figure a metric is, which decides its implicit labels."""
+
+    VM = "vm"  # one series per VM: label ``vm`` (plus ``worker`` when relayed)
+    WORKER = "worker"  # worker-wide (plus ``worker`` when relayed)
+    MASTER = "master"  # computed by the master itself
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    """One metric as exposed. ``name`` is the sample name (a counter's
+    includes ``_total``); ``labels`` are those beyond the implicit
+    ``worker``/``vm``. ``states`` marks a one-hot metric: its last label
+    takes each of these values, 1 for the current one and 0 for the rest."""
+
+    name: str
+    kind: MetricKind
+    help: str
+    scope: Scope
+    labels: tuple[str, ...] = ()
+    reported: bool = False  # carried to the master in MetricsReport
+    states: tuple[str, ...] = ()
+
+    @property
+    def family(self) -> str:
+        """The family name (a counter's without ``_total``)."""
+        if self.kind is MetricKind.COUNTER:
+            return self.name.removesuffix("_total")
+        return self.name
+
+
+def _spec(
+    name: str,
+    kind: MetricKind,
+    scope: Scope,
+    help: str,
+    labels: tuple[str, ...] = (),
+    *,
+    reported: bool = False,
+    states: tuple[str, ...] = (),
+) -> MetricSpec:
+    return MetricSpec(name, kind, help, scope, labels, reported, states)
+
+
+_G, _C, _H = MetricKind.GAUGE, MetricKind.COUNTER, MetricKind.HISTOGRAM
+_VM, _WORKER, _MASTER = Scope.VM, Scope.WORKER, Scope.MASTER
+
+_SPECS: tuple[MetricSpec, ...] = (
+    # -- per VM (worker exposition; relayed by the master) ------------------
+    _spec(
+        "procurator_vm_phase", _G, _VM,
+        "Lifecycle phase of the VM: 1 for its current phase, 0 for the others.",
+        ("phase",), reported=True, states=PHASES,
+    ),
+    _spec(
+        "procurator_vm_info", _G, _VM,
+        "The VM's image and address (value always 1): image hash, Nix store path, address.",
+        ("hash", "store_path", "address"), reported=True,
+    ),
+    _spec(
+        "procurator_vm_restarts_total", _C, _VM,
+        "Times the worker restarted the VM's VMM after it exited unexpectedly.",
+        reported=True,
+    ),
+    _spec(
+        "procurator_vm_boot_duration_seconds", _G, _VM,
+        "Seconds from starting the VM's VMM until the VM ran, at its last boot.",
+        reported=True,
+    ),
+    _spec(
+        "procurator_vm_cpu_seconds_total", _C, _VM,
+        "User and system CPU time of the VM's VMM process, guest vCPU threads included.",
+        reported=True,
+    ),
+    _spec(
+        "procurator_vm_resident_memory_bytes", _G, _VM,
+        "Resident memory of the VM's VMM process, guest memory it has touched included.",
+        reported=True,
+    ),
+    _spec(
+        "procurator_vm_disk_read_bytes_total", _C, _VM,
+        "Bytes the guest read from a virtio disk (VMM counter read_bytes).",
+        ("device",), reported=True,
+    ),
+    _spec(
+        "procurator_vm_disk_write_bytes_total", _C, _VM,
+        "Bytes the guest wrote to a virtio disk (VMM counter write_bytes).",
+        ("device",), reported=True,
+    ),
+    _spec(
+        "procurator_vm_disk_read_ops_total", _C, _VM,
+        "Read requests the guest completed on a virtio disk (VMM counter read_ops).",
+        ("device",), reported=True,
+    ),
+    _spec(
+        "procurator_vm_disk_write_ops_total", _C, _VM,
+        "Write requests the guest completed on a virtio disk (VMM counter write_ops).",
+        ("device",), reported=True,
+    ),
+    _spec(
+        "procurator_vm_network_receive_bytes_total", _C, _VM,
+        "Bytes the guest received on a virtio-net device (VMM counter rx_bytes).",
+        ("device",), reported=True,
+    ),
+    _spec(
+        "procurator_vm_network_transmit_bytes_total", _C, _VM,
+        "Bytes the guest transmitted on a virtio-net device (VMM counter tx_bytes).",
+        ("device",), reported=True,
+    ),
+    _spec(
+        "procurator_vm_network_receive_frames_total", _C, _VM,
+        "Frames the guest received on a virtio-net device (VMM counter rx_frames).",
+        ("device",), reported=True,
+    ),
+    _spec(
+        "procurator_vm_network_transmit_frames_total", _C, _VM,
+        "Frames the guest transmitted on a virtio-net device (VMM counter tx_frames).",
+        ("device",), reported=True,
+    ),
+    # -- worker-wide --------------------------------------------------------
+    _spec(
+        "procurator_worker_vms", _G, _WORKER,
+        "VMs on this worker by phase.",
+        ("phase",), reported=True,
+    ),
+    _spec(
+        "procurator_worker_observed_generation", _G, _WORKER,
+        "Newest assignment generation this worker has fully applied.",
+        reported=True,
+    ),
+    _spec(
+        "procurator_worker_errors_total", _C, _WORKER,
+        "Errors the worker met, by kind.",
+        ("kind",), reported=True,
+    ),
+    _spec(
+        "procurator_worker_metrics_poll_timestamp_seconds", _G, _WORKER,
+        "Unix time of the last refresh of the per-VM figures (VM state, /proc, VMM counters).",
+    ),
+    _spec(
+        "procurator_reconcile_pass_duration_seconds", _H, _WORKER,
+        "Duration of one reconcile pass (observe, plan, start actions).",
+    ),
+    _spec(
+        "procurator_reconcile_actions_started_total", _C, _WORKER,
+        "Actions (create, replace, power change, remove) reconcile passes started.",
+    ),
+    _spec(
+        "procurator_vmm_api_call_duration_seconds", _H, _WORKER,
+        "Latency of calls to the VMM API, by endpoint.",
+        ("endpoint",),
+    ),
+    _spec(
+        "procurator_vmm_api_call_failures_total", _C, _WORKER,
+        "Calls to the VMM API that failed (error status, timeout, VMM gone), by endpoint.",
+        ("endpoint",),
+    ),
+    _spec(
+        "procurator_image_realise_duration_seconds", _H, _WORKER,
+        "Time to validate and realise a VM image's Nix store path before boot.",
+    ),
+    # -- master (fleet view) -------------------------------------------------
+    _spec(
+        "procurator_master_workers_connected", _G, _MASTER,
+        "Workers connected to the master now.",
+    ),
+    _spec(
+        "procurator_master_worker_connected", _G, _MASTER,
+        "1 while the worker is connected to the master, else 0.",
+        ("worker",),
+    ),
+    _spec(
+        "procurator_master_worker_desired_generation", _G, _MASTER,
+        "Generation of the assignment the master wants the worker to run.",
+        ("worker",),
+    ),
+    _spec(
+        "procurator_master_worker_observed_generation", _G, _MASTER,
+        "Newest generation the worker reported as fully applied.",
+        ("worker",),
+    ),
+    _spec(
+        "procurator_master_worker_vms", _G, _MASTER,
+        "VMs on the worker by phase, as last reported to the master.",
+        ("worker", "phase"),
+    ),
+    _spec(
+        "procurator_master_worker_last_report_timestamp_seconds", _G, _MASTER,
+        "Unix time of the worker's last report to the master.",
+        ("worker",),
+    ),
+    _spec(
+        "procurator_master_worker_last_report_age_seconds", _G, _MASTER,
+        "Seconds since the worker last reported to the master.",
+        ("worker",),
+    ),
+    _spec(
+        "procurator_master_relayed_samples_invalid", _G, _MASTER,
+        "Samples in the worker's last metrics report that the master cannot relay "
+        "(unknown name or labels: version skew).",
+        ("worker",),
+    ),
+)  # fmt: skip
+
+CATALOGUE: Mapping[str, MetricSpec] = {s.name: s for s in _SPECS}
+"""Every metric procurator exposes, by sample name, in exposition order."""
+
+# vm.counters keys -> metric. Latency counters (read_latency_min/max/avg...)
+# are deliberately not exported: their unit is undocumented in the VMM's API
+# and min/max/average-since-boot figures do not aggregate across scrapes.
+_DEVICE_COUNTERS: Mapping[str, str] = {
+    "read_bytes": "procurator_vm_disk_read_bytes_total",
+    "write_bytes": "procurator_vm_disk_write_bytes_total",
+    "read_ops": "procurator_vm_disk_read_ops_total",
+    "write_ops": "procurator_vm_disk_write_ops_total",
+    "rx_bytes": "procurator_vm_network_receive_bytes_total",
+    "tx_bytes": "procurator_vm_network_transmit_bytes_total",
+    "rx_frames": "procurator_vm_network_receive_frames_total",
+    "tx_frames": "procurator_vm_network_transmit_frames_total",
+}
+
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+# -- snapshots ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessUsage:
+    """Resource use of one VMM process, read from ``/proc``."""
+
+    cpu_seconds: float  # user + system, all threads
+    rss_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class VmSnapshot:
+    """What the worker knows about one VM at one instant.
+
+    ``pid`` / ``pid_start_ticks`` identify the VMM process (0: none running;
+    start ticks 0: do not check identity); the metrics poller reads its
+    ``/proc`` figures into ``usage``, sources leave it None. ``counters``
+    is ``vm.counters`` as the driver returned it: device id -> counter ->
+    value (empty when the VM does not run).
+    """
+
+    id: str
+    phase: Phase
+    hash: str = ""
+    store_path: str = ""
+    address: str = ""
+    restarts: int = 0
+    pid: int = 0
+    pid_start_ticks: int = 0
+    boot_seconds: float | None = None
+    counters: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    usage: ProcessUsage | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSnapshot:
+    """All VMs of a worker at one instant; ``taken_at`` is Unix time."""
+
+    vms: tuple[VmSnapshot, ...] = ()
+    taken_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSample:
+    """One numeric sample in the compact report form (``MetricSample`` in
+    ``schema/procurator.capnp``). ``vm_id`` is "" for worker-wide samples;
+    ``labels`` are the metric's own labels (never ``vm`` or ``worker``).
+    Same fields, order and defaults as ``procurator.rpc.messages.MetricSample``."""
+
+    name: str
+    value: float
+    vm_id: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+class SampleLike(Protocol):
+    """Anything shaped like ``MetricSample`` (the rpc layer has its own)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def value(self) -> float: ...
+    @property
+    def vm_id(self) -> str: ...
+    @property
+    def labels(self) -> tuple[tuple[str, str], ...]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerView:
+    """What the master knows of one worker, for its exporter and service
+    discovery. ``last_report_unix`` is the Unix time of the worker's last
+    status or metrics report (None: never). ``samples`` are those of the
+    worker's last ``MetricsReport``, relayed as they are."""
+
+    worker_id: str
+    connected: bool
+    desired_generation: int = 0
+    observed_generation: int = 0
+    last_report_unix: float | None = None
+    vms_by_phase: Mapping[Phase, int] = field(default_factory=dict)
+    samples: tuple[SampleLike, ...] = ()
+    metrics_url: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class FleetView:
+    workers: tuple[WorkerView, ...] = ()
+
+
+# -- the compact form -----------------------------------------------------------
+
+
+def _is_counter_value(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return math.isfinite(value) and 0 <= value < U64_MAX
+
+
+def vm_samples(vm: VmSnapshot) -> list[MetricSample]:
+    """The per-VM samples of one VM, in catalogue order. The phase is one
+    sample (its current phase, value 1); exporters expand it to one-hot.
+    Counters the catalogue does not know, and values that cannot be
+    measurements (negative, u64::MAX sentinels, not numbers), are left out."""
+    vm_id = vm.id
+    out = [
+        MetricSample("procurator_vm_phase", 1.0, vm_id, (("phase", vm.phase.value),)),
+        MetricSample(
+            "procurator_vm_info",
+            1.0,
+            vm_id,
+            (("hash", vm.hash), ("store_path", vm.store_path), ("address", vm.address)),
+        ),
+        MetricSample("procurator_vm_restarts_total", float(vm.restarts), vm_id),
+    ]
+    boot = vm.boot_seconds
+    if boot is not None and math.isfinite(boot) and boot >= 0:
+        out.append(MetricSample("procurator_vm_boot_duration_seconds", boot, vm_id))
+    if vm.usage is not None:
+        out.append(MetricSample("procurator_vm_cpu_seconds_total", vm.usage.cpu_seconds, vm_id))
+        out.append(
+            MetricSample("procurator_vm_resident_memory_bytes", float(vm.usage.rss_bytes), vm_id)
+        )
+    for device in sorted(vm.counters):
+        counters = vm.counters[device]
+        if not isinstance(counters, Mapping):
+            continue
+        for key, value in counters.items():
+            name = _DEVICE_COUNTERS.get(key)
+            if name is not None and _is_counter_value(value):
+                out.append(MetricSample(name, float(value), vm_id, (("device", device),)))
+    return out
+
+
+def vms_by_phase(vms: Iterable[VmSnapshot]) -> dict[Phase, int]:
+    """How many VMs are in each phase; every phase present, zeros included."""
+    counts = dict.fromkeys(Phase, 0)
+    for vm in vms:
+        counts[vm.phase] += 1
+    return counts
+
+
+@dataclass(slots=True)
+class Family:
+    """Rows of one metric ready for exposition: ``label_names`` in order,
+    each row a tuple of label values and the value."""
+
+    spec: MetricSpec
+    label_names: tuple[str, ...]
+    rows: list[tuple[tuple[str, ...], float]]
+
+
+def _label_values(
+    labels: tuple[tuple[str, str], ...], names: tuple[str, ...]
+) -> tuple[str, ...] | None:
+    """The values of ``labels`` in the order of ``names``; None unless the
+    label names are exactly ``names`` (each once)."""
+    if len(labels) != len(names):
+        return None
+    if all(label[0] == name for label, name in zip(labels, names, strict=True)):
+        return tuple(label[1] for label in labels)  # the usual case: in order
+    by_name = dict(labels)
+    if len(by_name) != len(names) or by_name.keys() != set(names):
+        return None
+    return tuple(by_name[name] for name in names)
+
+
+def group_samples(
+    samples: Iterable[SampleLike],
+    *,
+    prefix: Sequence[tuple[str, str]] = (),
+) -> tuple[list[Family], int]:
+    """Validate reported samples against the catalogue and group them into
+    families, in catalogue order, expanding one-hot metrics. ``prefix``
+    labels (``worker`` on the master) come first; per-VM samples get ``vm``
+    next. Returns the families and how many samples were dropped: unknown or
+    unreported names, wrong label names, a missing or stray VM id, a
+    non-finite value, an unknown state. A repeated series keeps its last
+    value."""
+    prefix_names = tuple(name for name, _ in prefix)
+    prefix_values = tuple(value for _, value in prefix)
+    rows: dict[str, dict[tuple[str, ...], float]] = {}
+    dropped = 0
+    for sample in samples:
+        spec = CATALOGUE.get(sample.name)
+        if (
+            spec is None
+            or not spec.reported
+            or (spec.scope is Scope.VM) != bool(sample.vm_id)
+            or not math.isfinite(sample.value)
+        ):
+            dropped += 1
+            continue
+        values = _label_values(sample.labels, spec.labels)
+        if values is None or (spec.states and values[-1] not in spec.states):
+            dropped += 1
+            continue
+        head = (*prefix_values, sample.vm_id) if spec.scope is Scope.VM else prefix_values
+        into = rows.get(spec.name)
+        if into is None:
+            into = rows[spec.name] = {}
+        if spec.states:
+            # One-hot: every state gets a row, 1 for the reported one. A
+            # second sample for the same series overrides the first entirely.
+            current = values[-1]
+            fixed = (*head, *values[:-1])
+            for state in spec.states:
+                into[(*fixed, state)] = 1.0 if state == current else 0.0
+        else:
+            into[(*head, *values)] = sample.value
+    families = []
+    for name, by_labels in rows.items():
+        spec = CATALOGUE[name]
+        implicit = (*prefix_names, "vm") if spec.scope is Scope.VM else prefix_names
+        families.append(Family(spec, (*implicit, *spec.labels), list(by_labels.items())))
+    order = {name: i for i, name in enumerate(CATALOGUE)}
+    families.sort(key=lambda f: order[f.spec.name])
+    return families, dropped
+
+
+# -- service discovery ----------------------------------------------------------
+
+
+def parse_metrics_url(url: str) -> tuple[str, str, str]:
+    """Split a worker's exporter URL into (scheme, host:port, path) for
+    Prometheus. Raises ``ValidationError`` naming the URL when it is not an
+    absolute http(s) URL with a host."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValidationError(f"metrics URL {url!r} is not a valid URL: {exc}") from exc
+    if parts.scheme not in ("http", "https"):
+        raise ValidationError(f"metrics URL {url!r} must start with http:// or https://")
+    if not parts.hostname:
+        raise ValidationError(f"metrics URL {url!r} names no host")
+    if parts.username is not None or parts.password is not None:
+        raise ValidationError(f"metrics URL {url!r} must not carry credentials")
+    if parts.query or parts.fragment:
+        raise ValidationError(f"metrics URL {url!r} must not have a query or fragment")
+    host = parts.hostname
+    if ":" in host:
+        host = f"[{host}]"  # IPv6 literal
+    if port is None:
+        port = 443 if parts.scheme == "https" else 80
+    return parts.scheme, f"{host}:{port}", parts.path or "/metrics"
+
+
+def http_sd_groups(workers: Iterable[WorkerView]) -> list[dict[str, Any]]:
+    """The Prometheus HTTP service discovery document: one target group per
+    worker that advertises an exporter, labelled ``worker``, sorted by worker
+    id. Connected or not: a worker's exporter outlives its connection to the
+    master, and Prometheus' own ``up`` tells whether it answers. Workers with
+    an invalid URL are left out (and logged)."""
+    groups: list[dict[str, Any]] = []
+    for worker in sorted(workers, key=lambda w: w.worker_id):
+        if not worker.metrics_url:
+            continue
+        try:
+            scheme, target, path = parse_metrics_url(worker.metrics_url)
+        except ValidationError as exc:
+            log.warning("worker %s left out of service discovery: %s", worker.worker_id, exc)
+            continue
+        groups.append(
+            {
+                "targets": [target],
+                "labels": {
+                    "worker": worker.worker_id,
+                    "__scheme__": scheme,
+                    "__metrics_path__": path,
+                },
+            }
+        )
+    return groups
+
+
+def _check_catalogue() -> None:
+    """Import-time self-check: a bad entry is a programming error."""
+    for spec in _SPECS:
+        assert spec.name.startswith("procurator_"), spec.name
+        assert spec.help, spec.name
+        assert (spec.kind is MetricKind.COUNTER) == spec.name.endswith("_total"), spec.name
+        assert all(_LABEL_NAME.match(label) for label in spec.labels), spec.name
+        assert not spec.states or spec.labels, spec.name
+    assert len(CATALOGUE) == len(_SPECS)
+
+
+_check_catalogue()

@@ -1,0 +1,477 @@
+"""The worker's Prometheus exporter: per-VM figures, worker-wide histograms
+and counters, the compact report for the master, and the ``/proc`` reader.
+
+Shape:
+
+- A *poller* (``WorkerMetrics.run_poller``, a trio service) calls a blocking
+  ``source`` (the VmManager's snapshot of its VMs, counters included) in a
+  worker thread, reads each VMM process' CPU time and resident memory from
+  ``/proc``, and publishes the result with ``update``. ``update`` builds
+  the per-VM metric families right away, in the poller's thread.
+- ``collect()`` (run by the HTTP server's threads on every scrape) does no
+  I/O and no per-VM work: it yields the families the last ``update``
+  published plus a handful of worker-wide figures. A scrape therefore never
+  touches ``/proc``, a VMM socket or a lock held across I/O, and costs the
+  same whether a VMM hangs or not.
+- Event hooks (``observe_reconcile_pass``, ``observe_api_call``,
+  ``count_error``, ``observe_realise``, ``set_observed_generation``) are
+  cheap and thread-safe: the reconciler (trio thread) and the VmManager's
+  supervisor threads call them directly.
+- Every instance owns its ``CollectorRegistry``; nothing touches
+  prometheus_client's global registry.
+
+Concurrency: the published state is one immutable ``_Published`` value
+swapped by a single attribute assignment, so readers (scrapes,
+``to_report``) never lock for it. ``_lock`` guards only the small event
+dicts; it is a leaf lock: never held while calling out, never taken with
+another lock held. Label values of events are bounded: past
+``MAX_LABEL_VALUES`` distinct endpoints (or error kinds) new ones are
+counted as ``other``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Self
+
+import trio
+from prometheus_client import CollectorRegistry, Histogram, generate_latest, start_http_server
+from prometheus_client.metrics_core import Metric
+
+from procurator.core.errors import PermanentError, ProcuratorError, UnavailableError
+from procurator.core.metrics import (
+    CATALOGUE,
+    Family,
+    MetricKind,
+    MetricSample,
+    ProcessUsage,
+    Scope,
+    VmSnapshot,
+    WorkerSnapshot,
+    group_samples,
+    vm_samples,
+    vms_by_phase,
+)
+from procurator.core.models import Phase
+
+__all__ = [
+    "MAX_LABEL_VALUES",
+    "MetricsServer",
+    "UsageReader",
+    "VmSource",
+    "WorkerMetrics",
+    "read_process_usage",
+]
+
+log = logging.getLogger(__name__)
+
+MAX_LABEL_VALUES = 32
+"""Distinct endpoints / error kinds tracked before folding into ``other``."""
+
+VmSource = Callable[[], Iterable[VmSnapshot]]
+"""Blocking, thread-safe: every VM of the worker right now (``usage`` unset)."""
+
+UsageReader = Callable[[int, int], ProcessUsage | None]
+"""(pid, start ticks or 0) -> usage, or None when that process is gone."""
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+_REALISE_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+_PASS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_API_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+
+# -- /proc ----------------------------------------------------------------------
+
+
+def read_process_usage(pid: int, start_ticks: int = 0) -> ProcessUsage | None:
+    """CPU time (user + system, all threads) and resident memory of ``pid``
+    from ``/proc/<pid>/stat`` and ``/proc/<pid>/statm``.
+
+    Returns None when the process is gone, is a zombie, or (``start_ticks``
+    given) is not the process that started then: its pid was recycled.
+    Raises ``UnavailableError`` naming the pid and file for any other
+    failure to read ``/proc``."""
+    stat_path = f"/proc/{pid}/stat"
+    statm_path = f"/proc/{pid}/statm"
+    try:
+        stat = Path(stat_path).read_text()
+        statm = Path(statm_path).read_text()
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ESRCH):
+            return None
+        raise UnavailableError(
+            f"cannot read /proc figures of pid {pid}: {exc.strerror} ({exc.filename})"
+        ) from exc
+    try:
+        # The command name (field 2) is in parentheses and may hold spaces
+        # or parentheses itself: split after the last ')'.
+        fields = stat.rsplit(")", 1)[1].split()
+        state = fields[0]
+        utime, stime, started = int(fields[11]), int(fields[12]), int(fields[19])
+        resident_pages = int(statm.split()[1])
+    except (IndexError, ValueError) as exc:
+        raise UnavailableError(f"cannot parse {stat_path} / {statm_path}: {exc}") from exc
+    if state in ("Z", "X"):
+        return None
+    if start_ticks and started != start_ticks:
+        return None
+    # statm is read after stat: a pid recycled in between (microseconds,
+    # with the pid space to wrap around first) is not worth a re-read.
+    return ProcessUsage(
+        cpu_seconds=(utime + stime) / _CLOCK_TICKS,
+        rss_bytes=resident_pages * _PAGE_SIZE,
+    )
+
+
+# -- the HTTP endpoint ------------------------------------------------------------
+
+
+class MetricsServer:
+    """A running ``/metrics`` HTTP server (prometheus_client's WSGI app in
+    daemon threads). ``close`` stops it and frees the port; it is
+    idempotent and blocks for up to half a second (the serve loop's poll)."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        try:
+            self._httpd, self._thread = start_http_server(port, addr=host, registry=registry)
+        except OSError as exc:
+            raise PermanentError(
+                f"cannot serve worker metrics on {host}:{port}: {exc.strerror or exc}"
+            ) from exc
+        self._closed = False
+        self.host = host
+        self.port: int = self._httpd.server_port
+
+    @property
+    def url(self) -> str:
+        """``http://host:port/metrics`` as bound. A wildcard host (0.0.0.0,
+        ::) is not reachable from elsewhere: advertise a routable address
+        in ``WorkerInfo.metrics_url`` instead."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+# -- the exporter ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Published:
+    """Everything a scrape or a report reads, built once per ``update``."""
+
+    snapshot: WorkerSnapshot
+    samples: tuple[MetricSample, ...]  # per-VM, compact form
+    metrics: tuple[Metric, ...]  # per-VM families, ready to expose
+    phases: dict[Phase, int]
+
+
+def _to_metric(family: Family) -> Metric:
+    """A prometheus_client family from grouped rows (never mutated after)."""
+    spec = family.spec
+    metric = Metric(spec.family, spec.help, spec.kind.value)
+    names = family.label_names
+    for values, value in family.rows:
+        metric.add_sample(spec.name, dict(zip(names, values, strict=True)), value)
+    return metric
+
+
+def _bounded(value: str, seen: set[str]) -> str:
+    """``value`` if tracked (or room is left), else ``other``. Caller holds
+    the lock guarding ``seen``."""
+    if value in seen:
+        return value
+    if len(seen) < MAX_LABEL_VALUES:
+        seen.add(value)
+        return value
+    return "other"
+
+
+def _seconds(value: float) -> float | None:
+    """A duration fit to observe: finite, negatives (clock steps) as 0."""
+    if not math.isfinite(value):
+        return None
+    return max(0.0, value)
+
+
+class WorkerMetrics:
+    """The worker's metrics: feed it (hooks, ``update`` / ``run_poller``),
+    expose it (``serve`` / ``run_http``), report it (``to_report``).
+
+    ``clock`` gives Unix time for snapshot timestamps (tests inject one)."""
+
+    def __init__(
+        self,
+        *,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._clock = clock
+        self._lock = threading.Lock()  # leaf lock: guards the event dicts below
+        self._errors: dict[str, int] = {}
+        self._error_kinds: set[str] = set()
+        self._api_failures: dict[str, int] = {}
+        self._endpoints: set[str] = set()
+        self._actions_started = 0
+        self._observed_generation = 0
+        self._published = _Published(WorkerSnapshot(), (), (), vms_by_phase(()))
+        self.registry.register(self)
+        self._reconcile_pass = self._histogram(
+            "procurator_reconcile_pass_duration_seconds", _PASS_BUCKETS
+        )
+        self._api_call = self._histogram("procurator_vmm_api_call_duration_seconds", _API_BUCKETS)
+        self._realise = self._histogram(
+            "procurator_image_realise_duration_seconds", _REALISE_BUCKETS
+        )
+
+    def _histogram(self, name: str, buckets: tuple[float, ...]) -> Histogram:
+        spec = CATALOGUE[name]
+        return Histogram(
+            name, spec.help, labelnames=spec.labels, buckets=buckets, registry=self.registry
+        )
+
+    # -- event hooks (thread-safe, cheap) ------------------------------------
+
+    def observe_reconcile_pass(self, seconds: float, actions_started: int = 0) -> None:
+        """One reconcile pass took ``seconds``; fits ``Reconciler.on_pass``."""
+        observed = _seconds(seconds)
+        if observed is not None:
+            self._reconcile_pass.observe(observed)
+        if actions_started > 0:
+            with self._lock:
+                self._actions_started += actions_started
+
+    def observe_api_call(self, endpoint: str, seconds: float, ok: bool) -> None:
+        """One VMM API call (``endpoint`` like ``vm.boot``) and its outcome."""
+        with self._lock:
+            endpoint = _bounded(endpoint, self._endpoints)
+            if not ok:
+                self._api_failures[endpoint] = self._api_failures.get(endpoint, 0) + 1
+        observed = _seconds(seconds)
+        if observed is not None:
+            self._api_call.labels(endpoint).observe(observed)
+
+    def count_error(self, kind: str) -> None:
+        """One error of ``kind``: a small fixed vocabulary (an error ``code``
+        such as ``unavailable``, or ``metrics_poll``, ``proc_read``...),
+        never a message or an id."""
+        with self._lock:
+            kind = _bounded(kind, self._error_kinds)
+            self._errors[kind] = self._errors.get(kind, 0) + 1
+
+    def observe_realise(self, seconds: float) -> None:
+        """Validating and realising one image's store path took ``seconds``."""
+        observed = _seconds(seconds)
+        if observed is not None:
+            self._realise.observe(observed)
+
+    def set_observed_generation(self, generation: int) -> None:
+        with self._lock:
+            self._observed_generation = generation
+
+    # -- the snapshot ------------------------------------------------------------
+
+    def update(self, snapshot: WorkerSnapshot) -> None:
+        """Publish a new snapshot of the worker's VMs (from any thread).
+        Builds the per-VM families here, so that scrapes do not."""
+        samples = [s for vm in snapshot.vms for s in vm_samples(vm)]
+        families, dropped = group_samples(samples)
+        if dropped:  # vm_samples only makes catalogue samples: a bug if not
+            log.error("%d per-VM samples did not fit the metric catalogue", dropped)
+        self._published = _Published(
+            snapshot=snapshot,
+            samples=tuple(samples),
+            metrics=tuple(_to_metric(f) for f in families),
+            phases=vms_by_phase(snapshot.vms),
+        )
+
+    @property
+    def snapshot(self) -> WorkerSnapshot:
+        """The snapshot published last."""
+        return self._published.snapshot
+
+    def refresh(
+        self, source: VmSource, *, read_usage: UsageReader = read_process_usage
+    ) -> WorkerSnapshot:
+        """One poll, blocking (run it in a thread): ask ``source`` for the
+        VMs, read each VMM's ``/proc`` figures, publish. Errors of
+        ``source`` propagate; a ``/proc`` failure only loses that VM's
+        usage figures (and counts a ``proc_read`` error)."""
+        vms = []
+        for vm in source():
+            if vm.pid <= 0:
+                vms.append(vm)  # no VMM process: nothing to read
+                continue
+            usage = None
+            try:
+                usage = read_usage(vm.pid, vm.pid_start_ticks)
+            except ProcuratorError as exc:
+                log.warning("no CPU/memory figures for VM %s (pid %d): %s", vm.id, vm.pid, exc)
+                self.count_error("proc_read")
+            vms.append(replace(vm, usage=usage))
+        snapshot = WorkerSnapshot(vms=tuple(vms), taken_at=self._clock())
+        self.update(snapshot)
+        return snapshot
+
+    async def run_poller(
+        self,
+        source: VmSource,
+        *,
+        interval: float = 15.0,
+        read_usage: UsageReader = read_process_usage,
+        limiter: trio.CapacityLimiter | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Refresh every ``interval`` seconds until cancelled; reports
+        started after the first poll (so figures exist). A failed poll keeps
+        the last figures (``procurator_worker_metrics_poll_timestamp_seconds``
+        shows their age) and counts a ``metrics_poll`` error."""
+        if not interval > 0:
+            raise ValueError(f"metrics poll interval must be positive, not {interval}")
+        poll = partial(self.refresh, source, read_usage=read_usage)
+        started = False
+        while True:
+            began = trio.current_time()
+            try:
+                await trio.to_thread.run_sync(poll, limiter=limiter)
+            except ProcuratorError as exc:
+                log.warning("metrics poll failed, keeping the last figures: %s", exc)
+                self.count_error("metrics_poll")
+            except Exception:
+                # A bug in a source must not take the worker (and its
+                # reconciler) down with it: log it loudly, try next time.
+                log.exception("metrics poll raised an unexpected error")
+                self.count_error("metrics_poll")
+            if not started:
+                task_status.started()
+                started = True
+            await trio.sleep_until(began + interval)
+
+    # -- outputs -------------------------------------------------------------------
+
+    def to_report(self) -> list[MetricSample]:
+        """The compact sample list for ``Worker.reportMetrics``: every per-VM
+        figure of the last snapshot plus the worker's observed generation,
+        VMs by phase and errors by kind. No histograms. No I/O."""
+        published = self._published
+        with self._lock:
+            generation = self._observed_generation
+            errors = sorted(self._errors.items())
+        out = list(published.samples)
+        out.append(MetricSample("procurator_worker_observed_generation", float(generation)))
+        out.extend(
+            MetricSample("procurator_worker_vms", float(count), "", (("phase", phase.value),))
+            for phase, count in published.phases.items()
+        )
+        out.extend(
+            MetricSample("procurator_worker_errors_total", float(count), "", (("kind", kind),))
+            for kind, count in errors
+        )
+        return out
+
+    def exposition(self) -> bytes:
+        """The text exposition format (what ``/metrics`` serves by default)."""
+        return generate_latest(self.registry)
+
+    def serve(self, host: str = "0.0.0.0", port: int = 9101) -> MetricsServer:
+        """Serve ``/metrics`` on ``host:port`` (port 0: any free port; see
+        ``MetricsServer.port``) until ``close``. Raises ``PermanentError``
+        when the address cannot be bound."""
+        return MetricsServer(self.registry, host, port)
+
+    async def run_http(
+        self,
+        host: str = "0.0.0.0",
+        port: int = 9101,
+        *,
+        task_status: trio.TaskStatus[MetricsServer] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """``serve`` as a trio service: ``server = await nursery.start(
+        metrics.run_http, host, port)``; stops when cancelled."""
+        server = self.serve(host, port)
+        try:
+            task_status.started(server)
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(server.close)
+
+    # -- the registry's collector interface ----------------------------------------
+
+    def describe(self) -> list[Metric]:
+        """Names ``collect`` produces, for the registry's clash check and
+        ``?name[]=`` filtering (histograms are registered on their own)."""
+        return [
+            Metric(spec.family, spec.help, spec.kind.value)
+            for spec in CATALOGUE.values()
+            if spec.scope in (Scope.VM, Scope.WORKER) and spec.kind is not MetricKind.HISTOGRAM
+        ]
+
+    def collect(self) -> Iterator[Metric]:
+        """Called by the registry on every scrape. No I/O and no per-VM
+        work: the per-VM families were built by the last ``update``."""
+        yield from self._published.metrics
+        yield from self._worker_metrics()
+
+    def _worker_metrics(self) -> Iterator[Metric]:
+        published = self._published
+        with self._lock:
+            generation = self._observed_generation
+            errors = sorted(self._errors.items())
+            failures = sorted(self._api_failures.items())
+            actions = self._actions_started
+
+        def metric(name: str) -> Metric:
+            spec = CATALOGUE[name]
+            return Metric(spec.family, spec.help, spec.kind.value)
+
+        vms = metric("procurator_worker_vms")
+        for phase, count in published.phases.items():
+            vms.add_sample(vms.name, {"phase": phase.value}, float(count))
+        yield vms
+        observed = metric("procurator_worker_observed_generation")
+        observed.add_sample(observed.name, {}, float(generation))
+        yield observed
+        errors_total = metric("procurator_worker_errors_total")
+        for kind, count in errors:
+            errors_total.add_sample("procurator_worker_errors_total", {"kind": kind}, count)
+        yield errors_total
+        if published.snapshot.taken_at > 0:
+            polled = metric("procurator_worker_metrics_poll_timestamp_seconds")
+            polled.add_sample(polled.name, {}, published.snapshot.taken_at)
+            yield polled
+        started = metric("procurator_reconcile_actions_started_total")
+        started.add_sample("procurator_reconcile_actions_started_total", {}, float(actions))
+        yield started
+        failed = metric("procurator_vmm_api_call_failures_total")
+        for endpoint, count in failures:
+            failed.add_sample(
+                "procurator_vmm_api_call_failures_total", {"endpoint": endpoint}, count
+            )
+        yield failed

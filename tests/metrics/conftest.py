@@ -1,0 +1,89 @@
+"""Fixtures for the metrics tests: realistic snapshots, Prometheus' own
+tools, real processes to read ``/proc`` from, and an I/O recorder built on
+``sys.addaudithook`` (the interpreter's own hook: no patching) to prove that
+scrapes do no I/O."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from metricshelpers import PROMETHEUS, PROMTOOL
+
+
+@pytest.fixture
+def promtool() -> str:
+    if not Path(PROMTOOL).exists():
+        pytest.skip(f"{PROMTOOL} missing (Debian package prometheus)")
+    return PROMTOOL
+
+
+@pytest.fixture
+def prometheus_binary() -> str:
+    if not Path(PROMETHEUS).exists():
+        pytest.skip(f"{PROMETHEUS} missing (Debian package prometheus)")
+    return PROMETHEUS
+
+
+@pytest.fixture
+def sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    """A real, idle process; killed and reaped afterwards."""
+    sleep = shutil.which("sleep") or "/bin/sleep"
+    proc = subprocess.Popen([sleep, "300"])
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+# -- I/O recorder --------------------------------------------------------------
+
+_IO_EVENTS = (
+    "open",
+    "os.listdir",
+    "os.scandir",
+    "os.chdir",
+    "socket.",
+    "subprocess.Popen",
+    "os.system",
+    "os.exec",
+    "os.posix_spawn",
+    "os.fork",
+)
+
+
+class IoRecorder:
+    """Audit events that mean I/O, raised in one thread while recording."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def hook(self, event: str, args: tuple[object, ...]) -> None:
+        events = getattr(self._local, "events", None)
+        if events is not None and event.startswith(_IO_EVENTS):
+            events.append((event, repr(args)[:200]))
+
+    @contextmanager
+    def recording(self) -> Iterator[list[tuple[str, str]]]:
+        events: list[tuple[str, str]] = []
+        self._local.events = events
+        try:
+            yield events
+        finally:
+            self._local.events = None
+
+
+@pytest.fixture(scope="session")
+def io_recorder() -> IoRecorder:
+    """One recorder per session (audit hooks cannot be removed): it stays
+    installed and records nothing outside ``recording()``."""
+    recorder = IoRecorder()
+    sys.addaudithook(recorder.hook)
+    return recorder
