@@ -20,10 +20,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 __all__ = [
+    "find_by_argument",
     "is_alive",
     "pid_start_ticks",
     "signal_process",
     "spawn_detached",
+    "spawn_orphan",
     "terminate",
     "wait_exit",
 ]
@@ -32,15 +34,21 @@ __all__ = [
 def pid_start_ticks(pid: int) -> int | None:
     """Start time of ``pid`` in clock ticks since boot, or None if it is gone
     (or a zombie: it has exited, only its exit status is left)."""
+    found = _state_and_ticks(pid)
+    if found is None or found[0] in ("Z", "X"):
+        return None
+    return found[1]
+
+
+def _state_and_ticks(pid: int) -> tuple[str, int] | None:
+    """(state letter, start ticks) of ``pid`` from ``/proc/<pid>/stat``."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     # The command name (field 2) is in parentheses and may hold spaces.
     fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
+    return fields[0], int(fields[19])
 
 
 def is_alive(pid: int, start_ticks: int) -> bool:
@@ -72,6 +80,53 @@ def spawn_detached(
         )
 
 
+# Starts "$@" in the background with its output appended to $1, prints its
+# pid and exits: the command becomes a grandchild that init adopts.
+_ORPHAN_SCRIPT = 'log=$1; shift; "$@" </dev/null >>"$log" 2>&1 & echo $!'
+
+
+def spawn_orphan(
+    argv: Sequence[str],
+    *,
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> int:
+    """Start ``argv`` in a new session as a process that is *not* our child
+    (a shell forks it and exits, so init adopts it); return its pid.
+
+    Use this for processes that must outlive the caller (VMMs): a child would
+    need reaping by whoever spawned it and its ``Popen`` object must not be
+    garbage-collected while it runs, neither of which holds once the worker
+    restarts. An orphan is watched and reaped the same way whether this
+    process started it or re-adopted it: by (pid, start ticks) and a pidfd.
+    Raises ``OSError`` when the shell or the command cannot be started.
+    """
+    shell = subprocess.Popen(
+        ["/bin/sh", "-c", _ORPHAN_SCRIPT, "sh", str(log_path), *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        close_fds=True,
+        env=dict(env) if env is not None else None,
+        cwd=cwd,
+    )
+    try:
+        out, err = shell.communicate(timeout=30.0)
+    except subprocess.TimeoutExpired:
+        shell.kill()
+        shell.communicate()
+        raise OSError(f"could not start {argv[0]}: the launching shell hung") from None
+    text = out.decode().strip()
+    if shell.returncode != 0 or not text.isdigit():
+        raise OSError(
+            f"could not start {argv[0]}: shell exited with {shell.returncode}: "
+            f"{err.decode(errors='replace').strip() or text}"
+        )
+    return int(text)
+
+
 def wait_exit(pid: int, start_ticks: int, timeout: float) -> bool:
     """Wait up to ``timeout`` seconds for the process to exit. Works for
     processes that are not our children (re-adopted VMMs) through a pidfd.
@@ -85,13 +140,17 @@ def wait_exit(pid: int, start_ticks: int, timeout: float) -> bool:
     try:
         # The pid could have been recycled between the caller's check and
         # pidfd_open; the pidfd now pins whatever runs, so re-check identity.
-        if not is_alive(pid, start_ticks):
+        found = _state_and_ticks(pid)
+        if found is None or found[1] != start_ticks:
             return True
+        # Only the pidfd says when the whole process is gone: a thread-group
+        # leader shows as a zombie while its other threads still exit (and
+        # still hold its files and locks).
         readable, _, _ = select.select([fd], [], [], max(0.0, timeout))
         if readable:
             _reap(pid)
             return True
-        return not is_alive(pid, start_ticks)
+        return False
     finally:
         os.close(fd)
 
@@ -115,9 +174,10 @@ def signal_process(pid: int, start_ticks: int, sig: signal.Signals) -> bool:
         if not is_alive(pid, start_ticks):
             return False
         signal.pidfd_send_signal(fd, sig)
-        return True
     except ProcessLookupError:
         return False
+    else:
+        return True
     finally:
         os.close(fd)
 
@@ -130,3 +190,48 @@ def terminate(pid: int, start_ticks: int, *, grace: float) -> None:
         deadline = time.monotonic() + 10.0
         while not wait_exit(pid, start_ticks, 0.5) and time.monotonic() < deadline:
             pass
+
+
+def _argument_names(arg: str, path: str) -> bool:
+    """True when ``arg`` names ``path`` as a whole path, not as a prefix of a
+    longer one: ``path=/x/api.sock``, ``unix:/x/api.sock,server`` and
+    ``/x/api.sock`` all name ``/x/api.sock``; ``/x/api.sock2`` does not."""
+    start = arg.find(path)
+    while start != -1:
+        end = start + len(path)
+        before_ok = start == 0 or arg[start - 1] in "=:,"
+        after_ok = end == len(arg) or arg[end] in ","
+        if before_ok and after_ok:
+            return True
+        start = arg.find(path, start + 1)
+    return False
+
+
+def find_by_argument(path: Path) -> list[tuple[int, int]]:
+    """(pid, start ticks) of every live process with ``path`` as (part of)
+    one of its command-line arguments.
+
+    This finds a VMM whose handle was never recorded (the worker died between
+    spawning it and writing ``handles.json``): every VMM is started with its
+    API socket path on its command line, and that path is unique to its VM.
+    """
+    needle = str(path)
+    encoded = needle.encode()
+    found: list[tuple[int, int]] = []
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if encoded not in cmdline:
+            continue
+        args = cmdline.decode(errors="replace").split("\x00")
+        if not any(_argument_names(arg, needle) for arg in args):
+            continue
+        ticks = pid_start_ticks(int(entry))
+        if ticks is not None:
+            found.append((int(entry), ticks))
+    return found

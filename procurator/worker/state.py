@@ -1,0 +1,330 @@
+"""The worker's on-disk state: one directory per VM, one flock per VM.
+
+Layout under ``<state_dir>``::
+
+    vms/<vm_id>/vm.json        durable: the spec last applied (what the VM *is*)
+    vms/<vm_id>/handles.json   transient: pid, start ticks, API socket, driver
+    vms/<vm_id>/api.sock ...   the VMM's socket, event, log and serial files
+    locks/<vm_id>.lock         the VM's ownership lock (flock)
+
+Why the split: ``vm.json`` says what should exist and survives anything;
+``handles.json`` says what *was* true when it was written and is never trusted
+without re-checking it against the OS (is that pid alive, with that start
+time?). Both are written atomically (temporary file, fsync, rename, fsync of
+the directory), so a crash leaves either the old or the new content.
+
+Ownership: a process may touch a VM's directory, and may spawn or signal its
+VMM, only while it holds ``locks/<vm_id>.lock`` (``flock(LOCK_EX)``). The
+VmManager takes it without blocking when it starts managing a VM and keeps it
+for as long as it manages it (the worker's lifetime), so a second worker
+process on the same state dir is refused instead of spawning a second VMM.
+The kernel drops the lock when its holder dies (even by SIGKILL), which is
+what lets a restarted worker re-adopt the VM. Lock file descriptors are
+close-on-exec, so a spawned VMM never inherits (and never extends) the lock.
+
+The lock files live outside the VM directories so that deleting a VM's
+directory cannot race a waiter on its lock; removing a VM unlinks its lock
+file while holding it, and ``acquire`` re-checks that the file it locked is
+still the one at the path (the classic unlink-while-locked race).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from procurator.core.errors import PermanentError, TemporaryError
+from procurator.core.validation import check_vm_id
+from procurator.worker.vmm.base import VmmHandle, VmmPaths
+
+__all__ = [
+    "HandlesRecord",
+    "StateDir",
+    "StateError",
+    "StateWriteError",
+    "VmLock",
+    "VmLockedError",
+    "write_json_atomic",
+]
+
+SPEC_FILE = "vm.json"
+HANDLES_FILE = "handles.json"
+
+
+class StateError(PermanentError):
+    """A state file is unreadable or malformed (named in the message)."""
+
+
+class StateWriteError(TemporaryError):
+    """A state file could not be written (disk full, I/O error)."""
+
+
+class VmLockedError(TemporaryError):
+    """Another process owns the VM (holds its flock)."""
+
+
+def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    """Replace ``path`` with ``data`` as JSON so that a crash at any moment
+    leaves either the old or the new file, never a torn one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    payload = json.dumps(data, indent=2, sort_keys=True).encode() + b"\n"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise StateWriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StateError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise StateError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise StateError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class HandlesRecord:
+    """What ``handles.json`` holds.
+
+    ``spawning`` is written *before* a VMM is spawned: if the worker dies
+    before it records the handle, the next owner knows to look for a VMM that
+    nobody recorded (by its API socket path on the command line). ``hash`` is
+    the spec hash the VMM was booted with, so a re-adopted VMM can be compared
+    with the desired spec.
+    """
+
+    driver: str
+    spawning: bool = False
+    handle: VmmHandle | None = None
+    hash: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "driver": self.driver,
+            "spawning": self.spawning,
+            "handle": self.handle.to_json() if self.handle is not None else None,
+            "hash": self.hash,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> HandlesRecord:
+        raw = data.get("handle")
+        return cls(
+            driver=str(data["driver"]),
+            spawning=bool(data.get("spawning", False)),
+            handle=VmmHandle.from_json(raw) if isinstance(raw, Mapping) else None,
+            hash=str(data.get("hash", "")),
+        )
+
+
+class VmLock:
+    """An exclusive flock on one VM's lock file, held until ``release``."""
+
+    def __init__(self, vm_id: str, path: Path, fd: int) -> None:
+        self.vm_id = vm_id
+        self.path = path
+        self._fd: int | None = fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor drops the flock
+            self._fd = None
+
+    def release_and_unlink(self) -> None:
+        """Delete the lock file, then release it: a waiter that locked the
+        unlinked file notices (``StateDir.lock`` re-checks the inode)."""
+        if self._fd is None:
+            raise RuntimeError(f"lock of VM {self.vm_id} is not held")
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        self.release()
+
+    def __enter__(self) -> VmLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class StateDir:
+    """Paths and files of one worker's state directory (thread-safe: every
+    method works on files only; callers serialise per VM with ``VmLock``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.vms_dir = root / "vms"
+        self.locks_dir = root / "locks"
+
+    def prepare(self) -> None:
+        self.vms_dir.mkdir(parents=True, exist_ok=True)
+        self.locks_dir.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def check_id(vm_id: str) -> None:
+        problem = check_vm_id(vm_id)
+        if problem is not None:
+            raise PermanentError(f"VM id {problem}")
+
+    def vm_dir(self, vm_id: str) -> Path:
+        self.check_id(vm_id)
+        return self.vms_dir / vm_id
+
+    def paths(self, vm_id: str) -> VmmPaths:
+        vm_dir = self.vm_dir(vm_id)
+        return VmmPaths(
+            vm_dir=vm_dir,
+            api_socket=vm_dir / "api.sock",
+            event_file=vm_dir / "events.json",
+            log_file=vm_dir / "vmm.log",
+            serial_file=vm_dir / "serial.log",
+        )
+
+    def vm_ids(self) -> list[str]:
+        """Ids of the VMs that have a directory (sorted); names that are not
+        valid VM ids are ignored, they are not ours."""
+        try:
+            entries = list(self.vms_dir.iterdir())
+        except FileNotFoundError:
+            return []
+        return sorted(p.name for p in entries if p.is_dir() and check_vm_id(p.name) is None)
+
+    def exists(self, vm_id: str) -> bool:
+        return self.vm_dir(vm_id).is_dir()
+
+    # -- ownership ---------------------------------------------------------------
+
+    def lock(self, vm_id: str) -> VmLock:
+        """Take the VM's flock without waiting; ``VmLockedError`` names the
+        process holding it when another one does."""
+        self.check_id(vm_id)
+        self.locks_dir.mkdir(parents=True, exist_ok=True)
+        path = self.locks_dir / f"{vm_id}.lock"
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise StateError(f"cannot lock {path}: {exc.strerror}") from exc
+                raise VmLockedError(
+                    f"VM {vm_id} is owned by another process ({self._holder(path)}); "
+                    f"its lock {path} is held",
+                    delay=5.0,
+                ) from None
+            # The previous owner may have unlinked the file between our open
+            # and our flock (removing the VM): then we locked a dead inode.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                return VmLock(vm_id, path, fd)
+            os.close(fd)
+
+    @staticmethod
+    def _holder(path: Path) -> str:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            return "unknown pid"
+        return f"pid {text}" if text.isdigit() else "unknown pid"
+
+    # -- durable spec ------------------------------------------------------------
+
+    def read_spec(self, vm_id: str) -> dict[str, Any] | None:
+        return _read_json(self.vm_dir(vm_id) / SPEC_FILE)
+
+    def write_spec(self, lock: VmLock, data: Mapping[str, Any]) -> None:
+        self._check_lock(lock)
+        write_json_atomic(self.vm_dir(lock.vm_id) / SPEC_FILE, data)
+
+    # -- transient handles -------------------------------------------------------
+
+    def read_handles(self, vm_id: str) -> HandlesRecord | None:
+        data = _read_json(self.vm_dir(vm_id) / HANDLES_FILE)
+        if data is None:
+            return None
+        try:
+            return HandlesRecord.from_json(data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateError(f"{self.vm_dir(vm_id) / HANDLES_FILE} is malformed: {exc!r}") from exc
+
+    def write_handles(self, lock: VmLock, record: HandlesRecord) -> None:
+        self._check_lock(lock)
+        write_json_atomic(self.vm_dir(lock.vm_id) / HANDLES_FILE, record.to_json())
+
+    def clear_handles(self, lock: VmLock) -> None:
+        self._check_lock(lock)
+        path = self.vm_dir(lock.vm_id) / HANDLES_FILE
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StateWriteError(f"cannot remove {path}: {exc.strerror}") from exc
+
+    # -- removal -----------------------------------------------------------------
+
+    def remove_vm(self, lock: VmLock) -> None:
+        """Delete the VM's directory and its lock file, then release the lock.
+        The caller has made sure no VMM runs for it."""
+        self._check_lock(lock)
+        vm_dir = self.vm_dir(lock.vm_id)
+        try:
+            shutil.rmtree(vm_dir)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StateError(f"cannot remove {vm_dir}: {exc.strerror}") from exc
+        with contextlib.suppress(FileNotFoundError):
+            _fsync_dir(self.vms_dir)
+        lock.release_and_unlink()
+
+    @staticmethod
+    def _check_lock(lock: VmLock) -> None:
+        if not lock.held:
+            raise RuntimeError(f"state of VM {lock.vm_id} changed without holding its lock")

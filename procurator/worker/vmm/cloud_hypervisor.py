@@ -1,0 +1,402 @@
+"""cloud-hypervisor driver: one VMM process per VM, REST over its unix socket.
+
+The driver speaks cloud-hypervisor's HTTP API (v53, base path ``/api/v1``)
+with httpx over the VMM's ``--api-socket``. It implements ``VmmDriver``: it
+starts processes and makes API calls, nothing else. Restarts, backoff and the
+order of the stop ladder belong to the VmManager.
+
+Error translation happens here and only here; callers never see httpx:
+
+- cannot connect, connection dropped, socket missing   -> ``VmmGone``
+- no answer within the call's timeout                 -> ``VmmTimeout``
+- 4xx (the VMM refused the request, e.g. a bad config) -> ``VmmRejected``
+  (permanent), with cloud-hypervisor's error chain (a JSON list of messages,
+  outermost first) as ``details``
+- 5xx, malformed answers, other transport trouble     -> ``VmmError``
+  (temporary), with the error chain as ``details`` when there is one
+
+HTTP clients: one ``httpx.Client`` per VMM *process* (keyed by pid and start
+ticks, not by socket path, so a restarted VMM on the same path never gets a
+pooled connection to its dead predecessor). Clients are created lazily,
+dropped when their VMM is shut down or found gone, and pruned on each spawn.
+They never read proxy settings from the environment (``trust_env=False``):
+the socket is local and a stray ``HTTP_PROXY`` must not reroute VMM control.
+
+Processes: a VMM is started as an orphan (``process.spawn_orphan``), not as
+the worker's child, so a VMM the worker started and one it re-adopted after
+a restart are watched, signalled and reaped the same way: by (pid, start
+ticks) and a pidfd. Nobody has to keep a ``Popen`` alive for it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from procurator.worker.vmm import process
+from procurator.worker.vmm._unix_http import UnixSocketTransport
+from procurator.worker.vmm.base import (
+    VmmError,
+    VmmGone,
+    VmmHandle,
+    VmmPaths,
+    VmmRejected,
+    VmmTimeout,
+    VmState,
+)
+
+__all__ = ["U64_MAX", "ApiCallObserver", "ClientFactory", "CloudHypervisorDriver", "default_client"]
+
+log = logging.getLogger(__name__)
+
+#: cloud-hypervisor reports latency counters as u64::MAX before the first op.
+U64_MAX = 2**64 - 1
+
+#: ``on_api_call(endpoint, seconds, ok)``: called after every API call, from
+#: the calling thread; ``ok`` is False for transport errors and 4xx/5xx.
+ApiCallObserver = Callable[[str, float, bool], None]
+
+#: Builds the HTTP client for one API socket (tests add validation hooks).
+ClientFactory = Callable[[str], httpx.Client]
+
+_BASE_URL = "http://localhost/api/v1"
+_PING_INTERVAL = 0.02
+_TAIL_BYTES = 2000
+_MAX_SOCKET_PATH = 107  # sun_path is 108 bytes, NUL included
+
+
+def default_client(api_socket: str) -> httpx.Client:
+    """A client bound to one unix socket (see ``_unix_http`` for why not
+    ``httpx.HTTPTransport(uds=...)``)."""
+    return httpx.Client(transport=UnixSocketTransport(api_socket), trust_env=False)
+
+
+class CloudHypervisorDriver:
+    """``VmmDriver`` for cloud-hypervisor. Thread-safe.
+
+    ``binary`` is the command to run (a path, or an argv prefix such as
+    ``[python, fake.py]`` in tests); ``extra_args`` are appended after the
+    flags the driver owns; ``env`` replaces the VMM's environment when given.
+    """
+
+    name = "cloud-hypervisor"
+
+    def __init__(
+        self,
+        binary: str | Sequence[str] = "cloud-hypervisor",
+        *,
+        extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        on_api_call: ApiCallObserver | None = None,
+        client_factory: ClientFactory = default_client,
+    ) -> None:
+        self.binary: tuple[str, ...] = (binary,) if isinstance(binary, str) else tuple(binary)
+        if not self.binary:
+            raise ValueError("cloud-hypervisor binary must not be empty")
+        self.extra_args = tuple(extra_args)
+        self.env = dict(env) if env is not None else None
+        self.on_api_call = on_api_call
+        self._client_factory = client_factory
+        # Leaf lock: guards the two dicts only; never held across I/O.
+        self._lock = threading.Lock()
+        self._clients: dict[tuple[int, int], httpx.Client] = {}
+
+    # -- process -----------------------------------------------------------------
+
+    def argv(self, paths: VmmPaths) -> list[str]:
+        return [
+            *self.binary,
+            "--api-socket",
+            f"path={paths.api_socket}",
+            "--event-monitor",
+            f"path={paths.event_file}",
+            "--log-file",
+            str(paths.log_file),
+            *self.extra_args,
+        ]
+
+    def spawn(self, paths: VmmPaths, *, timeout: float) -> VmmHandle:
+        if len(os.fsencode(paths.api_socket)) > _MAX_SOCKET_PATH:
+            raise VmmRejected(
+                f"API socket path {paths.api_socket} is too long for a unix socket "
+                f"({len(os.fsencode(paths.api_socket))} bytes, at most {_MAX_SOCKET_PATH})"
+            )
+        self._prune()
+        if shutil.which(self.binary[0]) is None:
+            raise VmmError(f"cannot start {self.binary[0]}: not found or not executable")
+        paths.vm_dir.mkdir(parents=True, exist_ok=True)
+        output = paths.vm_dir / "vmm.stdout"
+        try:
+            pid = process.spawn_orphan(self.argv(paths), log_path=output, env=self.env)
+        except OSError as exc:
+            raise VmmError(f"cannot start {self.binary[0]} for {paths.vm_dir}: {exc}") from exc
+        ticks = process.pid_start_ticks(pid)
+        if ticks is None:
+            raise VmmGone(
+                f"cloud-hypervisor for {paths.vm_dir} exited at once",
+                details=_tails(output, paths.log_file),
+            )
+        handle = VmmHandle(
+            driver=self.name, pid=pid, pid_start_ticks=ticks, api_socket=str(paths.api_socket)
+        )
+        deadline = time.monotonic() + timeout
+        try:
+            self._wait_api(handle, deadline, paths, output)
+        except BaseException:
+            self.forget(handle)
+            process.terminate(handle.pid, handle.pid_start_ticks, grace=0.0)
+            raise
+        return handle
+
+    def _wait_api(
+        self,
+        handle: VmmHandle,
+        deadline: float,
+        paths: VmmPaths,
+        output: Path,
+    ) -> None:
+        last: VmmError | None = None
+        while True:
+            if not process.is_alive(handle.pid, handle.pid_start_ticks):
+                raise VmmGone(
+                    f"cloud-hypervisor for {paths.vm_dir} (pid {handle.pid}) exited "
+                    "before its API answered",
+                    details=_tails(output, paths.log_file),
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise VmmTimeout(
+                    f"cloud-hypervisor for {paths.vm_dir} (pid {handle.pid}) did not answer "
+                    f"vmm.ping on {handle.api_socket}"
+                    + (f": {last.message}" if last is not None else ""),
+                    details=_tails(output, paths.log_file),
+                )
+            try:
+                info = self.ping(handle, timeout=min(remaining, 1.0))
+            except (VmmGone, VmmTimeout) as exc:
+                # Not listening yet: the socket appears once the VMM bound it.
+                last = exc
+                time.sleep(min(_PING_INTERVAL, max(0.0, remaining)))
+                continue
+            pid = info.get("pid")
+            if isinstance(pid, int) and pid != handle.pid:
+                raise VmmError(
+                    f"{handle.api_socket} is served by pid {pid}, not by the VMM just "
+                    f"started (pid {handle.pid}): another VMM owns this socket"
+                )
+            return
+
+    def forget(self, handle: VmmHandle) -> None:
+        """Drop the client of a VMM that is gone (or about to be)."""
+        with self._lock:
+            client = self._clients.pop((handle.pid, handle.pid_start_ticks), None)
+        if client is not None:
+            client.close()
+
+    def _prune(self) -> None:
+        """Close the clients of VMMs that are gone."""
+        with self._lock:
+            clients = list(self._clients.items())
+        dead = [key for key, _ in clients if not process.is_alive(*key)]
+        with self._lock:
+            closing = [c for key in dead if (c := self._clients.pop(key, None)) is not None]
+        for client in closing:
+            client.close()
+
+    def close(self) -> None:
+        """Close every HTTP client. VMM processes keep running."""
+        with self._lock:
+            clients = list(self._clients.values())
+            self._clients.clear()
+        for client in clients:
+            client.close()
+
+    # -- API ---------------------------------------------------------------------
+
+    def ping(self, handle: VmmHandle, *, timeout: float) -> dict[str, Any]:
+        """``vmm.ping``: the VMM's version information."""
+        return self._json_object(self._call(handle, "GET", "vmm.ping", timeout=timeout), handle)
+
+    def create_and_boot(
+        self, handle: VmmHandle, config: Mapping[str, Any], *, timeout: float
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        self._call(handle, "PUT", "vm.create", timeout=timeout, body=dict(config))
+        self._call(handle, "PUT", "vm.boot", timeout=_left(deadline, handle, "vm.boot"))
+        state = self.state(handle, timeout=_left(deadline, handle, "vm.info"))
+        if state is not VmState.RUNNING:
+            raise VmmError(
+                f"cloud-hypervisor at {handle.api_socket} reports the VM {state.value} "
+                "right after vm.boot, not Running"
+            )
+
+    def info(self, handle: VmmHandle, *, timeout: float) -> dict[str, Any] | None:
+        """``vm.info``, or None when no VM is created (404)."""
+        try:
+            response = self._call(handle, "GET", "vm.info", timeout=timeout)
+        except VmmRejected as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return self._json_object(response, handle)
+
+    def state(self, handle: VmmHandle, *, timeout: float) -> VmState:
+        info = self.info(handle, timeout=timeout)
+        if info is None:
+            return VmState.NOT_CREATED
+        raw = info.get("state")
+        try:
+            return VmState(raw)
+        except ValueError:
+            raise VmmError(
+                f"cloud-hypervisor at {handle.api_socket} reports an unknown VM state {raw!r}"
+            ) from None
+
+    def pause(self, handle: VmmHandle, *, timeout: float) -> None:
+        self._call(handle, "PUT", "vm.pause", timeout=timeout)
+
+    def resume(self, handle: VmmHandle, *, timeout: float) -> None:
+        self._call(handle, "PUT", "vm.resume", timeout=timeout)
+
+    def power_button(self, handle: VmmHandle, *, timeout: float) -> None:
+        self._call(handle, "PUT", "vm.power-button", timeout=timeout)
+
+    def shutdown_vm(self, handle: VmmHandle, *, timeout: float) -> None:
+        self._call(handle, "PUT", "vm.shutdown", timeout=timeout)
+
+    def shutdown_vmm(self, handle: VmmHandle, *, timeout: float) -> None:
+        try:
+            self._call(handle, "PUT", "vmm.shutdown", timeout=timeout)
+        except VmmGone:
+            # The VMM may exit before its answer is read: that is what we asked.
+            pass
+        finally:
+            self.forget(handle)
+
+    def counters(self, handle: VmmHandle, *, timeout: float) -> Mapping[str, Mapping[str, int]]:
+        data = self._json_object(self._call(handle, "GET", "vm.counters", timeout=timeout), handle)
+        result: dict[str, dict[str, int]] = {}
+        for device, values in data.items():
+            if not isinstance(values, Mapping):
+                raise VmmError(
+                    f"cloud-hypervisor at {handle.api_socket} returned counters of "
+                    f"{device!r} as {type(values).__name__}, not an object"
+                )
+            result[str(device)] = {
+                str(name): value
+                for name, value in values.items()
+                if isinstance(value, int) and not isinstance(value, bool) and value != U64_MAX
+            }
+        return result
+
+    # -- transport ---------------------------------------------------------------
+
+    def _client(self, handle: VmmHandle) -> httpx.Client:
+        key = (handle.pid, handle.pid_start_ticks)
+        with self._lock:
+            client = self._clients.get(key)
+            if client is None:
+                client = self._clients[key] = self._client_factory(handle.api_socket)
+            return client
+
+    def _call(
+        self,
+        handle: VmmHandle,
+        method: str,
+        endpoint: str,
+        *,
+        timeout: float,
+        body: Mapping[str, Any] | None = None,
+    ) -> httpx.Response:
+        where = f"cloud-hypervisor at {handle.api_socket} (pid {handle.pid})"
+        client = self._client(handle)
+        started = time.perf_counter()
+        ok = False
+        try:
+            try:
+                response = client.request(
+                    method,
+                    f"{_BASE_URL}/{endpoint}",
+                    json=body,
+                    timeout=httpx.Timeout(max(timeout, 0.001)),
+                )
+            except httpx.TimeoutException as exc:
+                raise VmmTimeout(
+                    f"{where} did not answer {endpoint} within {timeout:.3g} s"
+                ) from exc
+            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as exc:
+                self.forget(handle)
+                raise VmmGone(f"{where} is not reachable for {endpoint}: {exc}") from exc
+            except httpx.HTTPError as exc:
+                raise VmmError(f"{where} failed on {endpoint}: {exc}") from exc
+            if response.status_code >= 400:
+                details = _error_chain(response)
+                summary = f"{where} refused {endpoint} with HTTP {response.status_code}"
+                if response.status_code < 500:
+                    raise VmmRejected(summary, status=response.status_code, details=details)
+                raise VmmError(summary, details=details)
+            ok = True
+            return response
+        finally:
+            if self.on_api_call is not None:
+                self.on_api_call(endpoint, time.perf_counter() - started, ok)
+
+    @staticmethod
+    def _json_object(response: httpx.Response, handle: VmmHandle) -> dict[str, Any]:
+        try:
+            data = response.json()
+        except ValueError as exc:
+            raise VmmError(
+                f"cloud-hypervisor at {handle.api_socket} sent invalid JSON for "
+                f"{response.request.url.path}: {exc}"
+            ) from exc
+        if not isinstance(data, dict):
+            raise VmmError(
+                f"cloud-hypervisor at {handle.api_socket} sent {type(data).__name__} for "
+                f"{response.request.url.path}, expected an object"
+            )
+        return data
+
+
+def _left(deadline: float, handle: VmmHandle, step: str) -> float:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise VmmTimeout(f"cloud-hypervisor at {handle.api_socket}: no time left for {step}")
+    return remaining
+
+
+def _error_chain(response: httpx.Response) -> tuple[str, ...]:
+    """cloud-hypervisor's error body: a JSON list of messages, outermost first.
+    Anything else is shown as text."""
+    try:
+        data = json.loads(response.content)
+    except ValueError:
+        text = response.content.decode(errors="replace").strip()
+        return (text,) if text else ()
+    if isinstance(data, list):
+        return tuple(str(item) for item in data)
+    return (json.dumps(data),)
+
+
+def _tails(*paths: Path) -> tuple[str, ...]:
+    """The last lines of the VMM's output files, for error details."""
+    lines: list[str] = []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - _TAIL_BYTES))
+                text = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        lines.extend(f"{path.name}: {line}" for line in text.splitlines()[-5:] if line.strip())
+    return tuple(lines)

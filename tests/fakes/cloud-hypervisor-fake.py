@@ -1,0 +1,451 @@
+"""A fake cloud-hypervisor VMM for tests: a real process on a real unix socket.
+
+Run it as ``python tests/fakes/cloud-hypervisor-fake.py --api-socket
+path=<sock> [--event-monitor path=<file>] [--log-file <file>] [-v]``, the
+same flags the driver gives cloud-hypervisor. (The file name keeps the string
+``cloud-hypervisor`` in the process's command line, so the suite's leak guard
+sees a fake VMM left behind exactly as it would see a real one.)
+
+What it imitates (cloud-hypervisor v53, see the OpenAPI description):
+- HTTP/1.1 REST under ``/api/v1`` on the unix socket: ``vmm.ping``,
+  ``vmm.shutdown``, ``vm.create``, ``vm.boot``, ``vm.info``, ``vm.counters``,
+  ``vm.pause``, ``vm.resume``, ``vm.shutdown``, ``vm.reboot``,
+  ``vm.power-button``, ``vm.delete``; errors are a JSON list of messages.
+- VM states Created / Running / Shutdown / Paused; 404 before ``vm.create``,
+  405 for a request the state does not allow.
+- Counters that grow while the VM runs; latency counters read u64::MAX
+  before the first operation.
+- ``--event-monitor``: one JSON object per line, ``{timestamp, source,
+  event, properties}``.
+- Takes a flock on ``<socket>.lock`` and refuses to start when another VMM
+  holds it; removes a stale socket file itself (v53); removes its socket on a
+  clean exit (``vmm.shutdown``, guest poweroff, SIGTERM); exits when the guest
+  powers off (as without ``--no-shutdown``): ``vm.power-button`` makes the
+  guest power off shortly after.
+
+Fault injection, for the manager's fault tests. A JSON object read from the
+``FAKE_CHV_FAULTS`` environment variable, overlaid by ``<socket>.fault`` (a
+file the test writes; re-read on every request, so it can change at run time):
+
+  fail_start: "msg"          print msg and exit 1 at start
+  legacy_bind: true          fail with "Address in use" if the socket file
+                             exists (releases before v53)
+  crash_after_boot: s        die (exit 134, socket left behind) s seconds after vm.boot
+  poweroff_after_boot: s     the guest powers off s seconds after vm.boot
+  crash_on: [endpoint]       die as soon as one of these is requested
+  hang: [endpoint | "*"]     never answer these requests
+  delay: {endpoint: s}       answer these after s seconds
+  reject: {endpoint: code}   answer these with HTTP code and an error list
+  ignore_power_button: true  the guest ignores the power button
+  ignore_sigterm: true       SIGTERM does nothing (only SIGKILL ends it); read
+                             when the signal arrives
+  power_button_delay: s      how long the guest takes to power off (0.05)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+
+U64_MAX = 2**64 - 1
+VERSION = "v53.0-fake"
+PREFIX = "/api/v1/"
+
+GET_ENDPOINTS = {"vmm.ping", "vm.info", "vm.counters"}
+PUT_ENDPOINTS = {
+    "vmm.shutdown",
+    "vm.create",
+    "vm.boot",
+    "vm.pause",
+    "vm.resume",
+    "vm.shutdown",
+    "vm.reboot",
+    "vm.power-button",
+    "vm.delete",
+}
+
+
+class Vmm:
+    """The fake VMM's state; every field is guarded by ``lock``."""
+
+    def __init__(self, api_socket: Path, event_file: Path | None, log_file: Path | None) -> None:
+        self.api_socket = api_socket
+        self.event_file = event_file
+        self.log_file = log_file
+        self.lock = threading.RLock()
+        self.config: dict[str, Any] | None = None
+        self.state: str | None = None  # None: no VM created
+        self.booted_at = 0.0
+        self.ops = 0  # I/O operations done; latency counters are u64::MAX at 0
+        self.env_faults = _parse_faults(os.environ.get("FAKE_CHV_FAULTS", ""), "FAKE_CHV_FAULTS")
+
+    # -- faults ------------------------------------------------------------------
+
+    def faults(self) -> dict[str, Any]:
+        merged = dict(self.env_faults)
+        path = Path(f"{self.api_socket}.fault")
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return merged
+        merged.update(_parse_faults(text, str(path)))
+        return merged
+
+    # -- output ------------------------------------------------------------------
+
+    def log(self, message: str) -> None:
+        if self.log_file is None:
+            return
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        with open(self.log_file, "a") as f:
+            f.write(f"cloud-hypervisor: {stamp}: <fake> {message}\n")
+
+    def event(self, source: str, event: str) -> None:
+        if self.event_file is None:
+            return
+        now = time.time()
+        record = {
+            "timestamp": {"secs": int(now), "nanos": int((now % 1) * 1e9)},
+            "source": source,
+            "event": event,
+            "properties": None,
+        }
+        with open(self.event_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- exits -------------------------------------------------------------------
+
+    def exit_clean(self, status: int = 0) -> None:
+        """A clean exit: cloud-hypervisor removes its socket."""
+        self.log(f"exiting with status {status}")
+        self.event("vmm", "shutdown")
+        with contextlib.suppress(FileNotFoundError):
+            self.api_socket.unlink()
+        os._exit(status)
+
+    def crash(self) -> None:
+        """An abrupt death: the socket file stays behind."""
+        self.log("crashing (fault injection)")
+        os._exit(134)
+
+    def guest_poweroff(self) -> None:
+        with self.lock:
+            if self.state not in ("Running", "Paused"):
+                return
+            self.state = "Shutdown"
+        self.event("vm", "shutdown")
+        self.exit_clean(0)
+
+    def later(self, seconds: float, action: Any) -> None:
+        timer = threading.Timer(seconds, action)
+        timer.daemon = True
+        timer.start()
+
+    # -- counters ----------------------------------------------------------------
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        assert self.config is not None
+        running = self.state in ("Running", "Paused")
+        ticks = int((time.monotonic() - self.booted_at) * 100) if running else 0
+        # Every read after the first sees I/O done: the first read right after
+        # boot shows the u64::MAX latency sentinels, as a fresh VM does.
+        ops = self.ops
+        self.ops += 1 if self.state == "Running" else 0
+        result: dict[str, dict[str, int]] = {}
+        for index, disk in enumerate(self.config.get("disks") or []):
+            name = disk.get("id") or f"_disk{index}"
+            latency = {"min": 120, "max": 9000, "avg": 800} if ops else {}
+            result[name] = {
+                "read_bytes": ops * 4096 + ticks * 512,
+                "write_bytes": ops * 512,
+                "read_ops": ops + ticks,
+                "write_ops": ops,
+                **{
+                    f"{kind}_latency_{stat}": latency.get(stat, U64_MAX)
+                    for kind in ("read", "write")
+                    for stat in ("min", "max", "avg")
+                },
+            }
+        offset = len(self.config.get("disks") or [])
+        for index, net in enumerate(self.config.get("net") or []):
+            name = net.get("id") or f"_net{offset + index}"
+            result[name] = {
+                "rx_bytes": ticks * 1500,
+                "rx_frames": ticks,
+                "tx_bytes": ticks * 1000 + ops * 60,
+                "tx_frames": ticks + ops,
+            }
+        return result
+
+
+def _parse_faults(text: str, where: str) -> dict[str, Any]:
+    if not text.strip():
+        return {}
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        sys.stderr.write(f"fake cloud-hypervisor: bad faults in {where}: {exc}\n")
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: Server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        self.server.vmm.log("api: " + format % args)
+
+    # -- plumbing ----------------------------------------------------------------
+
+    def _reply(self, status: int, body: Any = None) -> None:
+        payload = b"" if body is None else json.dumps(body).encode()
+        self.send_response(status)
+        if body is not None:
+            self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if payload:
+            self.wfile.write(payload)
+        self.wfile.flush()
+
+    def _error(self, status: int, *messages: str) -> None:
+        self._reply(status, list(messages))
+
+    def _body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def do_GET(self) -> None:
+        self._dispatch("GET", GET_ENDPOINTS)
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT", PUT_ENDPOINTS)
+
+    def _dispatch(self, method: str, allowed: set[str]) -> None:
+        body = self._body()
+        if not self.path.startswith(PREFIX):
+            self._error(404, f"Unknown path {self.path}")
+            return
+        endpoint = self.path[len(PREFIX) :]
+        if endpoint not in GET_ENDPOINTS | PUT_ENDPOINTS:
+            self._error(404, f"Unknown endpoint {endpoint}")
+            return
+        if endpoint not in allowed:
+            self._error(405, f"{method} is not allowed on {endpoint}")
+            return
+        vmm = self.server.vmm
+        faults = vmm.faults()
+        if endpoint in faults.get("crash_on", ()):
+            vmm.crash()
+        hang = faults.get("hang", ())
+        if endpoint in hang or "*" in hang:
+            vmm.log(f"hanging on {endpoint} (fault injection)")
+            threading.Event().wait()
+        delay = faults.get("delay", {}).get(endpoint)
+        if delay:
+            time.sleep(float(delay))
+        rejected = faults.get("reject", {}).get(endpoint)
+        if rejected:
+            self._error(int(rejected), f"Error from API: {endpoint} rejected", "fault injection")
+            return
+        getattr(self, "ep_" + endpoint.replace(".", "_").replace("-", "_"))(body, faults)
+
+    # -- endpoints ---------------------------------------------------------------
+
+    def ep_vmm_ping(self, body: bytes, faults: dict[str, Any]) -> None:
+        self._reply(
+            200,
+            {"build_version": VERSION, "version": VERSION, "pid": os.getpid(), "features": ["kvm"]},
+        )
+
+    def ep_vmm_shutdown(self, body: bytes, faults: dict[str, Any]) -> None:
+        self._reply(204)
+        self.server.vmm.exit_clean(0)
+
+    def ep_vm_create(self, body: bytes, faults: dict[str, Any]) -> None:
+        vmm = self.server.vmm
+        try:
+            config = json.loads(body)
+        except ValueError as exc:
+            self._error(400, "Error from API", f"Error parsing VmConfig: {exc}")
+            return
+        if not isinstance(config, dict) or not isinstance(config.get("payload"), dict):
+            self._error(400, "Error from API", "missing field `payload`")
+            return
+        with vmm.lock:
+            if vmm.state is not None:
+                self._error(400, "Error from API", "The VM is already created")
+                return
+            config.setdefault("cpus", {"boot_vcpus": 1, "max_vcpus": 1})
+            config.setdefault("memory", {"size": 512 << 20})
+            vmm.config = config
+            vmm.state = "Created"
+        self._reply(204)
+
+    def ep_vm_delete(self, body: bytes, faults: dict[str, Any]) -> None:
+        vmm = self.server.vmm
+        with vmm.lock:
+            vmm.config = None
+            vmm.state = None
+        vmm.event("vm", "deleted")
+        self._reply(204)
+
+    def _needs(self, *states: str) -> str | None:
+        """The current state if it is one of ``states``; else answers 404/405."""
+        state = self.server.vmm.state
+        if state is None:
+            self._error(404, "Error from API", "The VM is not created")
+            return None
+        if state not in states:
+            self._error(405, "Error from API", f"Invalid VM state transition from {state}")
+            return None
+        return state
+
+    def ep_vm_boot(self, body: bytes, faults: dict[str, Any]) -> None:
+        vmm = self.server.vmm
+        with vmm.lock:
+            if self._needs("Created", "Shutdown") is None:
+                return
+            vmm.event("vm", "booting")
+            vmm.state = "Running"
+            vmm.booted_at = time.monotonic()
+            vmm.event("vm", "booted")
+        self._reply(204)
+        if "crash_after_boot" in faults:
+            vmm.later(float(faults["crash_after_boot"]), vmm.crash)
+        if "poweroff_after_boot" in faults:
+            vmm.later(float(faults["poweroff_after_boot"]), vmm.guest_poweroff)
+
+    def ep_vm_info(self, body: bytes, faults: dict[str, Any]) -> None:
+        vmm = self.server.vmm
+        with vmm.lock:
+            if vmm.state is None:
+                self._error(404, "Error from API", "The VM is not created")
+                return
+            assert vmm.config is not None
+            info = {
+                "config": vmm.config,
+                "state": vmm.state,
+                "memory_actual_size": int(vmm.config.get("memory", {}).get("size", 0)),
+            }
+        self._reply(200, info)
+
+    def ep_vm_counters(self, body: bytes, faults: dict[str, Any]) -> None:
+        vmm = self.server.vmm
+        with vmm.lock:
+            if vmm.state is None:
+                self._error(404, "Error from API", "The VM is not created")
+                return
+            counters = vmm.counters()
+        self._reply(200, counters)
+
+    def _transition(self, allowed: tuple[str, ...], target: str, events: tuple[str, ...]) -> None:
+        vmm = self.server.vmm
+        with vmm.lock:
+            if self._needs(*allowed) is None:
+                return
+            vmm.state = target
+            for event in events:
+                vmm.event("vm", event)
+        self._reply(204)
+
+    def ep_vm_pause(self, body: bytes, faults: dict[str, Any]) -> None:
+        self._transition(("Running",), "Paused", ("pausing", "paused"))
+
+    def ep_vm_resume(self, body: bytes, faults: dict[str, Any]) -> None:
+        self._transition(("Paused",), "Running", ("resuming", "resumed"))
+
+    def ep_vm_shutdown(self, body: bytes, faults: dict[str, Any]) -> None:
+        self._transition(("Running", "Paused"), "Shutdown", ("shutdown",))
+
+    def ep_vm_reboot(self, body: bytes, faults: dict[str, Any]) -> None:
+        self._transition(("Running",), "Running", ("rebooting", "rebooted"))
+
+    def ep_vm_power_button(self, body: bytes, faults: dict[str, Any]) -> None:
+        vmm = self.server.vmm
+        with vmm.lock:
+            if self._needs("Running") is None:
+                return
+        self._reply(204)
+        if not faults.get("ignore_power_button"):
+            vmm.later(float(faults.get("power_button_delay", 0.05)), vmm.guest_poweroff)
+
+
+class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+    def __init__(self, vmm: Vmm) -> None:
+        self.vmm = vmm
+        super().__init__(str(vmm.api_socket), Handler, bind_and_activate=False)
+
+
+def _path_option(value: str) -> Path:
+    for part in value.split(","):
+        if part.startswith("path="):
+            return Path(part[len("path=") :])
+    raise argparse.ArgumentTypeError(f"expected path=<file>, got {value!r}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="cloud-hypervisor")
+    parser.add_argument("--api-socket", type=_path_option, required=True)
+    parser.add_argument("--event-monitor", type=_path_option)
+    parser.add_argument("--log-file", type=Path)
+    parser.add_argument("-v", action="count", default=0)
+    args = parser.parse_args()
+
+    vmm = Vmm(args.api_socket, args.event_monitor, args.log_file)
+    faults = vmm.faults()
+    if faults.get("fail_start"):
+        sys.stderr.write(f"Error: {faults['fail_start']}\n")
+        sys.exit(1)
+
+    # v53: one VMM per socket, enforced with a flock on <socket>.lock.
+    lock_fd = os.open(f"{args.api_socket}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.stderr.write(f"Error: API socket {args.api_socket} is in use by another VMM\n")
+        sys.exit(1)
+
+    server = Server(vmm)
+    if args.api_socket.exists():
+        if faults.get("legacy_bind"):
+            sys.stderr.write(
+                f"Error: Failed to bind API socket {args.api_socket}: Address in use "
+                f"(os error {errno.EADDRINUSE})\n"
+            )
+            sys.exit(1)
+        args.api_socket.unlink()  # stale: the lock proves nobody serves it
+    server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.server_bind()
+    server.server_activate()
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        if vmm.faults().get("ignore_sigterm"):
+            vmm.log("ignoring SIGTERM (fault injection)")
+            return
+        vmm.exit_clean(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    vmm.log(f"API server listening on {args.api_socket}")
+    vmm.event("vmm", "starting")
+    server.serve_forever(poll_interval=0.5)
+
+
+if __name__ == "__main__":
+    main()

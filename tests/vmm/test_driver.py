@@ -1,0 +1,294 @@
+"""The cloud-hypervisor driver against the fake VMM (a real process on a real
+unix socket), and the fake against the cloud-hypervisor API description."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from vmmhelpers import FAKE_ARGV, U64_MAX, ApiCalls, ApiValidator, config
+
+from procurator.core.errors import PermanentError, TemporaryError
+from procurator.worker.vmm import process
+from procurator.worker.vmm.base import (
+    VmmError,
+    VmmGone,
+    VmmHandle,
+    VmmPaths,
+    VmmRejected,
+    VmmTimeout,
+    VmState,
+)
+from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver
+
+
+@pytest.fixture
+def paths(state_dir: Path) -> VmmPaths:
+    vm_dir = state_dir / "vm"
+    vm_dir.mkdir()
+    return VmmPaths(
+        vm_dir=vm_dir,
+        api_socket=vm_dir / "api.sock",
+        event_file=vm_dir / "events.json",
+        log_file=vm_dir / "vmm.log",
+        serial_file=vm_dir / "serial.log",
+    )
+
+
+def faults(paths: VmmPaths, **values: object) -> None:
+    Path(f"{paths.api_socket}.fault").write_text(json.dumps(values))
+
+
+@pytest.fixture
+def vmm(driver: CloudHypervisorDriver, paths: VmmPaths) -> Iterator[VmmHandle]:
+    handle = driver.spawn(paths, timeout=20.0)
+    yield handle
+    process.terminate(handle.pid, handle.pid_start_ticks, grace=2.0)
+
+
+def events(paths: VmmPaths) -> list[str]:
+    return [json.loads(line)["event"] for line in paths.event_file.read_text().splitlines()]
+
+
+def test_spawn_boot_and_inspect(
+    driver: CloudHypervisorDriver, paths: VmmPaths, api_calls: ApiCalls
+) -> None:
+    handle = driver.spawn(paths, timeout=20.0)
+    try:
+        assert process.is_alive(handle.pid, handle.pid_start_ticks)
+        assert handle.api_socket == str(paths.api_socket)
+        cmdline = Path(f"/proc/{handle.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"--api-socket" in cmdline
+        assert f"path={paths.api_socket}".encode() in cmdline
+        assert f"path={paths.event_file}".encode() in cmdline
+        # Its own session, and not our child: it outlives the worker, and
+        # is watched the same way whether started or re-adopted.
+        assert os.getsid(handle.pid) != os.getsid(0)
+        ppid = int(Path(f"/proc/{handle.pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        assert ppid != os.getpid()
+
+        assert driver.state(handle, timeout=5.0) is VmState.NOT_CREATED
+        driver.create_and_boot(handle, config(), timeout=10.0)
+        assert driver.state(handle, timeout=5.0) is VmState.RUNNING
+        info = driver.info(handle, timeout=5.0)
+        assert info is not None
+        assert info["config"]["payload"]["kernel"] == "/nix/store/aaaa-vm/vmlinux"
+
+        driver.pause(handle, timeout=5.0)
+        assert driver.state(handle, timeout=5.0) is VmState.PAUSED
+        driver.resume(handle, timeout=5.0)
+        assert driver.state(handle, timeout=5.0) is VmState.RUNNING
+        assert events(paths)[:3] == ["starting", "booting", "booted"]
+        assert events(paths)[3:7] == ["pausing", "paused", "resuming", "resumed"]
+
+        driver.shutdown_vmm(handle, timeout=5.0)
+        assert process.wait_exit(handle.pid, handle.pid_start_ticks, 10.0)
+        assert not paths.api_socket.exists()  # a clean exit removes the socket
+    finally:
+        process.terminate(handle.pid, handle.pid_start_ticks, grace=1.0)
+    endpoints = {endpoint for endpoint, _, _ in api_calls.calls}
+    assert {"vmm.ping", "vm.create", "vm.boot", "vm.info", "vm.pause", "vm.resume"} <= endpoints
+    assert all(seconds >= 0 for _, seconds, _ in api_calls.calls)
+
+
+def test_counters_drop_the_u64_max_latency_sentinels(
+    driver: CloudHypervisorDriver, vmm: VmmHandle
+) -> None:
+    driver.create_and_boot(vmm, config(), timeout=10.0)
+    raw = httpx.Client(transport=httpx.HTTPTransport(uds=vmm.api_socket), trust_env=False)
+    with raw:
+        first_raw = raw.get("http://localhost/api/v1/vm.counters").json()
+    assert first_raw["disk0"]["read_latency_min"] == U64_MAX  # no I/O yet
+    first = driver.counters(vmm, timeout=5.0)
+    assert set(first) == {"disk0", "net0"}
+    assert all(value != U64_MAX for device in first.values() for value in device.values())
+    later = driver.counters(vmm, timeout=5.0)
+    assert later["disk0"]["read_latency_max"] > 0
+    assert later["disk0"]["read_bytes"] >= first["disk0"]["read_bytes"]
+    assert {"rx_bytes", "rx_frames", "tx_bytes", "tx_frames"} <= set(later["net0"])
+
+
+def test_a_rejected_config_is_permanent_with_the_vmm_error_chain(
+    driver: CloudHypervisorDriver, vmm: VmmHandle, paths: VmmPaths, api_calls: ApiCalls
+) -> None:
+    faults(paths, reject={"vm.create": 400})
+    with pytest.raises(VmmRejected) as caught:
+        driver.create_and_boot(vmm, config(), timeout=10.0)
+    assert isinstance(caught.value, PermanentError)
+    assert caught.value.status == 400
+    assert caught.value.details == ("Error from API: vm.create rejected", "fault injection")
+    assert "vm.create" in str(caught.value) and str(paths.api_socket) in str(caught.value)
+    assert ("vm.create", False) in [(e, ok) for e, _, ok in api_calls.calls]
+
+
+def test_a_server_error_is_temporary(
+    driver: CloudHypervisorDriver, vmm: VmmHandle, paths: VmmPaths
+) -> None:
+    faults(paths, reject={"vm.boot": 500})
+    with pytest.raises(VmmError) as caught:
+        driver.create_and_boot(vmm, config(), timeout=10.0)
+    assert isinstance(caught.value, TemporaryError)
+    assert not isinstance(caught.value, PermanentError)
+    assert "HTTP 500" in str(caught.value)
+
+
+def test_wrong_state_is_rejected(driver: CloudHypervisorDriver, vmm: VmmHandle) -> None:
+    with pytest.raises(VmmRejected) as caught:
+        driver.pause(vmm, timeout=5.0)
+    assert caught.value.status == 404
+    driver.create_and_boot(vmm, config(), timeout=10.0)
+    with pytest.raises(VmmRejected) as caught:
+        driver.resume(vmm, timeout=5.0)
+    assert caught.value.status == 405
+
+
+def test_a_hung_call_times_out(
+    driver: CloudHypervisorDriver, vmm: VmmHandle, paths: VmmPaths
+) -> None:
+    driver.create_and_boot(vmm, config(), timeout=10.0)
+    faults(paths, hang=["vm.info"])
+    with pytest.raises(VmmTimeout, match=r"did not answer vm\.info"):
+        driver.state(vmm, timeout=0.3)
+    # The API as a whole still answers: only that call hangs.
+    assert driver.ping(vmm, timeout=5.0)["version"]
+
+
+def test_a_vanished_vmm_is_gone(driver: CloudHypervisorDriver, vmm: VmmHandle) -> None:
+    process.signal_process(vmm.pid, vmm.pid_start_ticks, signal.SIGKILL)
+    assert process.wait_exit(vmm.pid, vmm.pid_start_ticks, 10.0)
+    with pytest.raises(VmmGone):
+        driver.state(vmm, timeout=2.0)
+
+
+def test_a_vmm_that_fails_to_start_leaves_nothing(
+    driver: CloudHypervisorDriver, paths: VmmPaths
+) -> None:
+    faults(paths, fail_start="no such kernel feature")
+    with pytest.raises(VmmGone) as caught:
+        driver.spawn(paths, timeout=20.0)
+    assert any("no such kernel feature" in line for line in caught.value.details)
+
+
+def test_a_missing_binary_is_reported(paths: VmmPaths) -> None:
+    missing = CloudHypervisorDriver(str(paths.vm_dir / "no-such-cloud-hypervisor"))
+    with pytest.raises(VmmError, match="cannot start"):
+        missing.spawn(paths, timeout=5.0)
+
+
+def test_a_socket_held_by_another_vmm_is_never_taken(
+    driver: CloudHypervisorDriver, vmm: VmmHandle, paths: VmmPaths
+) -> None:
+    # v53 semantics: the first VMM holds <socket>.lock and a second one exits;
+    # if the driver pings before that, the answering pid gives it away.
+    with pytest.raises(VmmError) as caught:
+        driver.spawn(paths, timeout=20.0)
+    assert "another VMM owns this socket" in str(caught.value) or any(
+        "in use by another VMM" in line for line in caught.value.details
+    )
+    assert driver.ping(vmm, timeout=5.0)["pid"] == vmm.pid
+
+
+def test_power_button_powers_the_guest_off_and_the_vmm_exits(
+    driver: CloudHypervisorDriver, vmm: VmmHandle, paths: VmmPaths
+) -> None:
+    driver.create_and_boot(vmm, config(), timeout=10.0)
+    driver.power_button(vmm, timeout=5.0)
+    assert process.wait_exit(vmm.pid, vmm.pid_start_ticks, 10.0)
+    assert not paths.api_socket.exists()
+    assert events(paths)[-2:] == ["shutdown", "shutdown"]  # vm, then vmm
+
+
+def test_shutdown_vm_keeps_the_vmm(driver: CloudHypervisorDriver, vmm: VmmHandle) -> None:
+    driver.create_and_boot(vmm, config(), timeout=10.0)
+    driver.shutdown_vm(vmm, timeout=5.0)
+    assert driver.state(vmm, timeout=5.0) is VmState.SHUTDOWN
+    assert process.is_alive(vmm.pid, vmm.pid_start_ticks)
+
+
+def test_the_api_observer_sees_every_call(
+    driver: CloudHypervisorDriver, vmm: VmmHandle, api_calls: ApiCalls
+) -> None:
+    before = api_calls.count()
+    driver.state(vmm, timeout=5.0)
+    driver.create_and_boot(vmm, config(), timeout=10.0)
+    assert api_calls.endpoints()[before:] == ["vm.info", "vm.create", "vm.boot", "vm.info"]
+
+
+def test_the_fake_speaks_the_documented_api(openapi: ApiValidator, paths: VmmPaths) -> None:
+    """Every endpoint the fake serves, in every state, through a validating
+    client: request and response checked against the OpenAPI description."""
+    driver = CloudHypervisorDriver(FAKE_ARGV, client_factory=openapi.client)
+    handle = driver.spawn(paths, timeout=20.0)
+    try:
+        client = openapi.client(handle.api_socket)
+        with client:
+            base = "http://localhost/api/v1/"
+            # Before vm.create: 404s with error lists.
+            for method, endpoint in [
+                ("GET", "vm.info"),
+                ("GET", "vm.counters"),
+                ("PUT", "vm.boot"),
+                ("PUT", "vm.pause"),
+                ("PUT", "vm.power-button"),
+            ]:
+                assert client.request(method, base + endpoint).status_code == 404
+            assert client.get(base + "vmm.ping").status_code == 200
+            assert client.put(base + "vm.create", json=config()).status_code == 204
+            assert client.put(base + "vm.create", json=config()).status_code == 400
+            assert client.put(base + "vm.boot").status_code == 204
+            for endpoint in ["vm.counters", "vm.counters", "vm.info"]:
+                assert client.get(base + endpoint).status_code == 200
+            for endpoint, status in [
+                ("vm.resume", 405),
+                ("vm.pause", 204),
+                ("vm.pause", 405),
+                ("vm.resume", 204),
+                ("vm.reboot", 204),
+                ("vm.shutdown", 204),
+                ("vm.delete", 204),
+            ]:
+                assert client.put(base + endpoint).status_code == status, endpoint
+            assert client.get(base + "vm.info").status_code == 404
+            assert client.put(base + "vmm.shutdown").status_code == 204
+        assert process.wait_exit(handle.pid, handle.pid_start_ticks, 10.0)
+    finally:
+        process.terminate(handle.pid, handle.pid_start_ticks, grace=1.0)
+        driver.close()
+    assert sum(openapi.seen.values()) >= 20
+    assert not openapi.errors
+
+
+def test_the_validator_catches_drift(openapi: ApiValidator) -> None:
+    """The validation is real: a malformed request and response are caught."""
+    openapi.check_request(
+        "put", "/api/v1/vm.create", b'{"cpus": {"boot_vcpus": 0}}', "application/json"
+    )
+    openapi.check_response(
+        "get", "/api/v1/vm.info", 200, b'{"state": "Sleeping", "config": {}}', "application/json"
+    )
+    openapi.check_response("put", "/api/v1/vm.boot", 500, b"oops", "text/plain")
+    found = list(openapi.errors)
+    openapi.errors.clear()
+    assert len(found) >= 3, found
+    assert any("payload" in e for e in found)
+    assert any("Sleeping" in e for e in found)
+
+
+def test_a_socket_path_too_long_is_refused(driver: CloudHypervisorDriver, state_dir: Path) -> None:
+    deep = state_dir / ("d" * 120)
+    deep.mkdir()
+    long_paths = VmmPaths(deep, deep / "api.sock", deep / "e", deep / "l", deep / "s")
+    with pytest.raises(VmmRejected, match="too long"):
+        driver.spawn(long_paths, timeout=5.0)
+
+
+def test_fake_runs_under_the_leak_guard_name() -> None:
+    # The suite's leak guard looks for "cloud-hypervisor" in command lines.
+    assert "cloud-hypervisor" in " ".join(FAKE_ARGV)
+    assert sys.executable in FAKE_ARGV

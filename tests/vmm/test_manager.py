@@ -1,0 +1,464 @@
+"""VmManager against real fake-VMM processes: lifecycle, concurrency, faults,
+and crashes of the worker itself."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from vmmhelpers import (
+    ApiCalls,
+    ManagerFactory,
+    Recorder,
+    config,
+    vmm_pids_under,
+    write_faults,
+)
+
+from procurator.core.errors import PermanentError, TemporaryError
+from procurator.core.models import EventKind, Phase, PowerState
+from procurator.worker.manager import Timeouts, VmSpec
+from procurator.worker.state import StateDir, VmLockedError
+from procurator.worker.vmm import process
+from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver
+
+HERE = Path(__file__).resolve().parent
+
+
+def spec(vm_id: str = "vm1", hash: str = "h1", **kwargs: object) -> VmSpec:
+    return VmSpec(vm_id, hash, config(), **kwargs)  # type: ignore[arg-type]
+
+
+def vmms_of(state_dir: Path, vm_id: str) -> list[tuple[int, int]]:
+    return process.find_by_argument(state_dir / "vms" / vm_id / "api.sock")
+
+
+def alive(pid: int) -> bool:
+    return process.pid_start_ticks(pid) is not None
+
+
+def test_lifecycle(make_manager: ManagerFactory, state_dir: Path, recorder: Recorder) -> None:
+    manager = make_manager()
+    obs = manager.ensure(spec(labels={"address": "10.0.0.2", "store": "/nix/store/x"}))
+    assert obs.phase is Phase.RUNNING
+    assert obs.power is PowerState.RUNNING
+    assert obs.observed_hash == obs.hash == "h1"
+    assert obs.pid is not None and alive(obs.pid)
+    assert obs.restarts == 0
+    assert obs.to_status().address == "10.0.0.2"
+    assert [pid for pid, _ in vmms_of(state_dir, "vm1")] == [obs.pid]
+
+    vm_dir = state_dir / "vms" / "vm1"
+    durable = json.loads((vm_dir / "vm.json").read_text())
+    assert durable["hash"] == "h1" and durable["labels"]["store"] == "/nix/store/x"
+    handles = json.loads((vm_dir / "handles.json").read_text())
+    assert handles["handle"]["pid"] == obs.pid and handles["hash"] == "h1"
+    assert manager.get("vm1") == obs
+    assert [o.vm_id for o in manager.list()] == ["vm1"]
+    assert recorder.kinds("vm1")[:2] == [EventKind.CREATED, EventKind.BOOTED]
+
+    manager.remove("vm1")
+    assert not alive(obs.pid)
+    assert not vm_dir.exists()
+    assert not (state_dir / "locks" / "vm1.lock").exists()
+    assert manager.get("vm1") is None
+    assert recorder.kinds("vm1")[-1] is EventKind.REMOVED
+    manager.remove("vm1")  # idempotent
+
+
+def test_ensure_is_idempotent_and_makes_no_vmm_calls(
+    make_manager: ManagerFactory, api_calls: ApiCalls
+) -> None:
+    manager = make_manager(timeouts=Timeouts(health_interval=3600.0, counters_interval=0))
+    first = manager.ensure(spec())
+    before = api_calls.count()
+    again = manager.ensure(spec(labels={"address": "10.0.0.9"}, op_id="op-2"))
+    assert api_calls.count() == before
+    assert again.pid == first.pid
+    assert again.labels == {"address": "10.0.0.9"} and again.op_id == "op-2"
+
+
+def test_fifty_vms_concurrently(make_manager: ManagerFactory, state_dir: Path) -> None:
+    manager = make_manager()
+    ids = [f"vm-{i:02d}" for i in range(50)]
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        observations = list(pool.map(lambda vm_id: manager.ensure(spec(vm_id)), ids))
+    ensured = time.monotonic() - started
+    assert all(o.phase is Phase.RUNNING for o in observations)
+    pids = {o.pid for o in observations}
+    assert len(pids) == 50
+    assert set(vmm_pids_under(state_dir)) == pids  # exactly one VMM per VM
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        list(pool.map(manager.remove, ids))
+    removed = time.monotonic() - started
+    assert vmm_pids_under(state_dir) == {}
+    assert manager.list() == []
+    print(f"\n50 VMs: ensured in {ensured:.2f} s, removed in {removed:.2f} s")
+
+
+def test_concurrent_ensure_of_one_vm_starts_one_vmm(
+    make_manager: ManagerFactory, state_dir: Path
+) -> None:
+    manager = make_manager()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        observations = list(pool.map(lambda _: manager.ensure(spec()), range(8)))
+    assert len({o.pid for o in observations}) == 1
+    assert len(vmms_of(state_dir, "vm1")) == 1
+
+
+def test_crash_is_restarted_with_backoff(
+    make_manager: ManagerFactory, state_dir: Path, recorder: Recorder
+) -> None:
+    manager = make_manager()
+    faults = write_faults(state_dir, "vm1", {"crash_after_boot": 0.2})
+    first = manager.ensure(spec())
+    recorder.wait_for(lambda: (o := manager.get("vm1")) is not None and o.restarts >= 2)
+    faults.unlink()  # stop crashing: the next start stays up
+    recorder.wait_for(
+        lambda: (
+            (o := manager.get("vm1")) is not None
+            and o.phase is Phase.RUNNING
+            and o.pid != first.pid
+            and not vmm_crashing(state_dir)
+        )
+    )
+    kinds = recorder.kinds("vm1")
+    assert EventKind.CRASHED in kinds and EventKind.RESTARTED in kinds
+    crashed = [e for e in recorder.events("vm1") if e.kind is EventKind.CRASHED]
+    assert "crashed" in crashed[0].message and "restart in" in crashed[0].message
+    assert len(vmms_of(state_dir, "vm1")) == 1
+
+
+def vmm_crashing(state_dir: Path) -> bool:
+    return (state_dir / "vms" / "vm1" / "api.sock.fault").exists()
+
+
+def test_fast_crashes_show_as_crash_loop(
+    make_manager: ManagerFactory, state_dir: Path, recorder: Recorder
+) -> None:
+    manager = make_manager()
+    write_faults(state_dir, "vm1", {"crash_after_boot": 0.0})
+    with contextlib.suppress(TemporaryError):  # it may crash before the first check
+        manager.ensure(spec())
+    recorder.wait_for(lambda: any(o.phase is Phase.CRASH_LOOP for o, _ in recorder.changes))
+    # A caller asking again for the same spec hears of the trouble.
+    with pytest.raises(TemporaryError):
+        manager.ensure(spec())
+
+
+def test_guest_poweroff_is_restarted(
+    make_manager: ManagerFactory, state_dir: Path, recorder: Recorder
+) -> None:
+    manager = make_manager()
+    faults = write_faults(state_dir, "vm1", {"poweroff_after_boot": 0.2})
+    first = manager.ensure(spec())
+    recorder.wait_for(lambda: EventKind.RESTARTED in recorder.kinds("vm1"))
+    faults.unlink()
+    stopped = [e for e in recorder.events("vm1") if e.kind is EventKind.STOPPED]
+    assert "guest powered off" in stopped[0].message
+    recorder.wait_for(
+        lambda: (
+            (o := manager.get("vm1")) is not None
+            and o.phase is Phase.RUNNING
+            and o.pid not in (None, first.pid)
+        )
+    )
+
+
+def test_new_hash_replaces_the_vm(
+    make_manager: ManagerFactory, state_dir: Path, recorder: Recorder
+) -> None:
+    manager = make_manager()
+    first = manager.ensure(spec(hash="h1"))
+    second = manager.ensure(spec(hash="h2"))
+    assert second.pid != first.pid
+    assert second.observed_hash == "h2"
+    assert first.pid is not None and not alive(first.pid)
+    assert EventKind.REPLACED in recorder.kinds("vm1")
+    assert second.restarts == 0
+    assert len(vmms_of(state_dir, "vm1")) == 1
+
+
+def test_power_transitions(make_manager: ManagerFactory, recorder: Recorder) -> None:
+    manager = make_manager()
+    running = manager.ensure(spec())
+    paused = manager.ensure(spec(power=PowerState.PAUSED))
+    assert paused.phase is Phase.PAUSED and paused.power is PowerState.PAUSED
+    assert paused.pid == running.pid
+    resumed = manager.ensure(spec())
+    assert resumed.phase is Phase.RUNNING and resumed.pid == running.pid
+    stopped = manager.ensure(spec(power=PowerState.STOPPED))
+    assert stopped.phase is Phase.STOPPED and stopped.pid is None
+    assert running.pid is not None and not alive(running.pid)
+    assert "power button" in stopped.message  # the guest honoured it
+    again = manager.ensure(spec(power=PowerState.PAUSED))
+    assert again.phase is Phase.PAUSED and again.pid not in (None, running.pid)
+    kinds = recorder.kinds("vm1")
+    for kind in (EventKind.PAUSED, EventKind.RESUMED, EventKind.STOPPED):
+        assert kind in kinds
+
+
+def test_stopped_keeps_the_durable_state(make_manager: ManagerFactory, state_dir: Path) -> None:
+    manager = make_manager()
+    manager.ensure(spec())
+    manager.ensure(spec(power=PowerState.STOPPED))
+    vm_dir = state_dir / "vms" / "vm1"
+    assert json.loads((vm_dir / "vm.json").read_text())["power"] == "stopped"
+    assert not (vm_dir / "handles.json").exists()
+    assert vmms_of(state_dir, "vm1") == []
+
+
+def test_hung_vmm_is_escalated_to_sigkill_and_restarted(
+    make_manager: ManagerFactory, state_dir: Path, recorder: Recorder
+) -> None:
+    manager = make_manager(timeouts=FAST_HANG)
+    first = manager.ensure(spec())
+    faults = write_faults(state_dir, "vm1", {"hang": ["*"], "ignore_sigterm": True})
+    recorder.wait_for(lambda: EventKind.CRASHED in recorder.kinds("vm1"))
+    faults.unlink()
+    crashed = next(e for e in recorder.events("vm1") if e.kind is EventKind.CRASHED)
+    assert "hung" in crashed.message and "SIGKILL" in crashed.message
+    assert first.pid is not None and not alive(first.pid)
+    recorder.wait_for(
+        lambda: (
+            (o := manager.get("vm1")) is not None
+            and o.phase is Phase.RUNNING
+            and o.pid not in (None, first.pid)
+        )
+    )
+    assert len(vmms_of(state_dir, "vm1")) == 1
+
+
+FAST_HANG = Timeouts(
+    api=0.3,
+    health_interval=0.1,
+    hung_after=2,
+    power_button_wait=1.0,
+    shutdown_vmm_wait=1.0,
+    sigterm_wait=0.3,
+    counters_interval=0,
+    ensure=60.0,
+)
+
+
+def test_guest_ignoring_the_power_button_is_stopped_further_down_the_ladder(
+    make_manager: ManagerFactory, state_dir: Path
+) -> None:
+    manager = make_manager(timeouts=FAST_HANG)
+    write_faults(state_dir, "vm1", {"ignore_power_button": True})
+    first = manager.ensure(spec())
+    stopped = manager.ensure(spec(power=PowerState.STOPPED))
+    assert "vmm.shutdown" in stopped.message
+    assert first.pid is not None and not alive(first.pid)
+
+
+def test_stale_socket_of_a_crashed_vmm_is_removed(
+    make_manager: ManagerFactory, state_dir: Path
+) -> None:
+    # Releases before v53 refuse to bind over a stale socket: the manager
+    # must remove it (under the VM's lock, knowing no VMM of its own runs).
+    manager = make_manager()
+    sock = state_dir / "vms" / "vm1" / "api.sock"
+    write_faults(state_dir, "vm1", {"legacy_bind": True})
+    first = manager.ensure(spec())
+    assert first.pid is not None
+    os.kill(first.pid, signal.SIGKILL)
+    assert process.wait_exit(first.pid, process.pid_start_ticks(first.pid) or 0, 10.0)
+    assert sock.exists()  # a crash leaves the socket behind
+    second = manager.ensure(spec(hash="h2"))
+    assert second.pid != first.pid and second.phase is Phase.RUNNING
+
+
+def test_a_rejected_config_fails_permanently_and_leaves_no_vmm(
+    make_manager: ManagerFactory, state_dir: Path
+) -> None:
+    manager = make_manager()
+    write_faults(state_dir, "vm1", {"reject": {"vm.create": 400}})
+    with pytest.raises(PermanentError) as caught:
+        manager.ensure(spec())
+    assert "vm.create rejected" in str(caught.value)
+    obs = manager.get("vm1")
+    assert obs is not None and obs.phase is Phase.FAILED and "HTTP 400" in obs.message
+    assert vmms_of(state_dir, "vm1") == []
+    with pytest.raises(PermanentError):  # the same spec is not retried
+        manager.ensure(spec())
+    (state_dir / "vms" / "vm1" / "api.sock.fault").unlink()
+    assert manager.ensure(spec(hash="h2")).phase is Phase.RUNNING  # a new spec is
+
+
+def test_two_managers_cannot_double_spawn(make_manager: ManagerFactory, state_dir: Path) -> None:
+    first = make_manager()
+    second = make_manager()
+    obs = first.ensure(spec())
+    with pytest.raises(VmLockedError, match=f"pid {os.getpid()}"):
+        second.ensure(spec())
+    with pytest.raises(VmLockedError):
+        second.remove("vm1")
+    assert second.recover() == []
+    assert [pid for pid, _ in vmms_of(state_dir, "vm1")] == [obs.pid]
+
+
+def test_close_leaves_vmms_running_and_recover_readopts_them(
+    make_manager: ManagerFactory, state_dir: Path, recorder: Recorder
+) -> None:
+    first = make_manager()
+    pids = {vm_id: first.ensure(spec(vm_id)).pid for vm_id in ("a", "b", "c")}
+    first.ensure(spec("d", power=PowerState.STOPPED))
+    first.close()
+    assert all(pid is not None and alive(pid) for pid in pids.values())
+
+    second = make_manager()
+    recovered = {o.vm_id: o for o in second.recover()}
+    assert set(recovered) == {"a", "b", "c", "d"}
+    for vm_id, pid in pids.items():
+        assert recovered[vm_id].pid == pid
+        assert recovered[vm_id].phase is Phase.RUNNING
+        assert recovered[vm_id].observed_hash == "h1"
+    assert recovered["d"].phase is Phase.STOPPED
+    assert EventKind.READOPTED in recorder.kinds("a")
+    assert set(vmm_pids_under(state_dir)) == set(pids.values())
+
+
+def test_worker_killed_with_sigkill_vms_survive_and_are_readopted(
+    make_manager: ManagerFactory, state_dir: Path, recorder: Recorder
+) -> None:
+    ids = ["k1", "k2", "k3"]
+    worker = subprocess.Popen(
+        [sys.executable, str(HERE / "worker_proc.py"), str(state_dir), *ids],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert worker.stdout is not None
+        pids = json.loads(worker.stdout.readline())
+    finally:
+        worker.kill()
+        worker.wait()
+        if worker.stdout is not None:
+            worker.stdout.close()
+    assert set(pids) == set(ids)
+    assert all(alive(pid) for pid in pids.values())  # VMMs outlive the worker
+
+    manager = make_manager()
+    recovered = {o.vm_id: o for o in manager.recover()}
+    for vm_id in ids:
+        assert recovered[vm_id].pid == pids[vm_id]  # re-adopted, not restarted
+        assert recovered[vm_id].phase is Phase.RUNNING
+        assert [pid for pid, _ in vmms_of(state_dir, vm_id)] == [pids[vm_id]]
+    assert all(EventKind.READOPTED in recorder.kinds(vm_id) for vm_id in ids)
+    # ... and fully managed again: a new hash replaces one of them.
+    replaced = manager.ensure(spec("k1", hash="h2"))
+    assert replaced.pid != pids["k1"] and not alive(pids["k1"])
+
+
+def test_recover_restarts_a_vmm_that_died_while_the_worker_was_away(
+    make_manager: ManagerFactory, state_dir: Path, recorder: Recorder
+) -> None:
+    first = make_manager()
+    pid = first.ensure(spec()).pid
+    first.close()
+    assert pid is not None
+    process.terminate(pid, process.pid_start_ticks(pid) or 0, grace=0.0)  # SIGTERM
+    second = make_manager()
+    [obs] = second.recover()
+    assert obs.phase is Phase.RUNNING and obs.pid != pid
+    assert obs.restarts == 1
+    assert EventKind.RESTARTED in recorder.kinds("vm1")
+
+
+def test_recover_kills_a_vmm_that_no_handle_recorded(
+    make_manager: ManagerFactory, state_dir: Path, driver: CloudHypervisorDriver
+) -> None:
+    # The worker died between spawning a VMM and recording its handle: the
+    # next owner finds it by its socket path on the command line.
+    first = make_manager()
+    first.ensure(spec(power=PowerState.STOPPED))
+    first.close()
+    orphan = driver.spawn(StateDir(state_dir).paths("vm1"), timeout=20.0)
+    (state_dir / "vms" / "vm1" / "handles.json").write_text(
+        json.dumps({"driver": "cloud-hypervisor", "spawning": True, "handle": None, "hash": ""})
+    )
+    second = make_manager()
+    [obs] = second.recover()
+    assert obs.phase is Phase.STOPPED
+    assert not alive(orphan.pid)
+    assert vmms_of(state_dir, "vm1") == []
+
+
+def test_counters_are_polled_and_served_without_io(
+    make_manager: ManagerFactory, api_calls: ApiCalls, recorder: Recorder
+) -> None:
+    manager = make_manager(timeouts=Timeouts(health_interval=3600.0, counters_interval=0.0))
+    manager.ensure(spec())
+    assert manager.counters() == {}
+    manager.poll_counters()
+    manager.poll_counters()
+    before = api_calls.count()
+    counters = manager.counters()
+    assert api_calls.count() == before
+    assert set(counters["vm1"]) == {"disk0", "net0"}
+    assert counters["vm1"]["disk0"]["read_latency_max"] > 0
+    assert all(v != 2**64 - 1 for dev in counters["vm1"].values() for v in dev.values())
+
+
+def test_a_callback_error_does_not_stop_supervision(make_manager: ManagerFactory) -> None:
+    calls = []
+
+    def broken(obs: object, event: object) -> None:
+        calls.append(event)
+        raise RuntimeError("subscriber bug")
+
+    manager = make_manager(on_change=broken)
+    assert manager.ensure(spec()).phase is Phase.RUNNING
+    assert calls
+
+
+def test_a_spec_must_be_plain_json() -> None:
+    with pytest.raises(PermanentError, match="not plain JSON"):
+        VmSpec("vm1", "h1", {"payload": {"kernel": object()}})
+
+
+def test_invalid_vm_id_is_rejected(make_manager: ManagerFactory) -> None:
+    manager = make_manager()
+    with pytest.raises(PermanentError, match="VM id"):
+        manager.ensure(VmSpec("../etc", "h1", config()))
+
+
+def test_operations_after_close_are_refused(make_manager: ManagerFactory) -> None:
+    manager = make_manager()
+    manager.close()
+    with pytest.raises(TemporaryError, match="closed"):
+        manager.ensure(spec())
+
+
+def test_ensure_blocks_callers_of_the_same_vm_in_turn(make_manager: ManagerFactory) -> None:
+    manager = make_manager()
+    results = []
+    lock = threading.Lock()
+
+    def flip(power: PowerState) -> None:
+        obs = manager.ensure(spec(power=power))
+        with lock:
+            results.append((power, obs.phase))
+
+    threads = [
+        threading.Thread(target=flip, args=(p,))
+        for p in [PowerState.RUNNING, PowerState.PAUSED, PowerState.RUNNING, PowerState.PAUSED]
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    expected = {PowerState.RUNNING: Phase.RUNNING, PowerState.PAUSED: Phase.PAUSED}
+    assert all(phase is expected[power] for power, phase in results)

@@ -1,0 +1,130 @@
+"""The per-VM state directory: atomic files, and the flock that makes a VM
+belong to one process at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from procurator.core.errors import PermanentError
+from procurator.worker.state import (
+    HandlesRecord,
+    StateDir,
+    StateError,
+    VmLockedError,
+    write_json_atomic,
+)
+from procurator.worker.vmm.base import VmmHandle
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> StateDir:
+    sd = StateDir(tmp_path / "state")
+    sd.prepare()
+    return sd
+
+
+def test_spec_and_handles_round_trip(state: StateDir) -> None:
+    with state.lock("vm1") as lock:
+        state.write_spec(lock, {"hash": "h1"})
+        handle = VmmHandle("cloud-hypervisor", 123, 456, "/x/api.sock")
+        state.write_handles(lock, HandlesRecord("cloud-hypervisor", handle=handle, hash="h1"))
+        assert state.read_spec("vm1") == {"hash": "h1"}
+        assert state.read_handles("vm1") == HandlesRecord(
+            "cloud-hypervisor", handle=handle, hash="h1"
+        )
+        state.clear_handles(lock)
+        assert state.read_handles("vm1") is None
+    assert state.vm_ids() == ["vm1"]
+    assert state.paths("vm1").api_socket == state.root / "vms" / "vm1" / "api.sock"
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path: Path) -> None:
+    target = tmp_path / "f.json"
+    for i in range(3):
+        write_json_atomic(target, {"i": i})
+    assert json.loads(target.read_text()) == {"i": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_lock_is_exclusive_within_and_across_processes(state: StateDir) -> None:
+    lock = state.lock("vm1")
+    try:
+        with pytest.raises(VmLockedError, match=rf"pid {os.getpid()}"):
+            state.lock("vm1")
+        code = (
+            "import sys; from pathlib import Path; from procurator.worker.state import *\n"
+            "try:\n    StateDir(Path(sys.argv[1])).lock('vm1')\n"
+            "except VmLockedError:\n    sys.exit(3)\n"
+        )
+        other = subprocess.run([sys.executable, "-c", code, str(state.root)], check=False)
+        assert other.returncode == 3
+    finally:
+        lock.release()
+    state.lock("vm1").release()  # free again
+
+
+def test_a_released_lock_can_be_taken_again_after_unlink(state: StateDir) -> None:
+    # Removing a VM unlinks its lock file while holding it; a process that
+    # opened the old file must not believe it owns the VM.
+    lock = state.lock("vm1")
+    taken: list[object] = []
+
+    def contender() -> None:
+        while True:
+            try:
+                taken.append(state.lock("vm1"))
+                return
+            except VmLockedError:
+                continue
+
+    thread = threading.Thread(target=contender)
+    thread.start()
+    state.remove_vm(lock)
+    thread.join(10.0)
+    assert len(taken) == 1
+    new_lock = taken[0]
+    assert isinstance(new_lock, type(lock))
+    assert new_lock.path.exists()  # it locked the live file, not the unlinked one
+    new_lock.release()
+
+
+def test_remove_deletes_the_directory_and_the_lock(state: StateDir) -> None:
+    lock = state.lock("vm1")
+    state.write_spec(lock, {"hash": "h1"})
+    state.remove_vm(lock)
+    assert not state.exists("vm1")
+    assert not (state.locks_dir / "vm1.lock").exists()
+    assert not lock.held
+
+
+def test_malformed_files_are_reported_with_their_path(state: StateDir) -> None:
+    with state.lock("vm1") as lock:
+        state.write_spec(lock, {"hash": "h1"})
+    (state.root / "vms" / "vm1" / "vm.json").write_text("{nope")
+    with pytest.raises(StateError, match=r"vm\.json is not valid JSON"):
+        state.read_spec("vm1")
+    (state.root / "vms" / "vm1" / "handles.json").write_text('{"handle": {"pid": 1}}')
+    with pytest.raises(StateError, match=r"handles\.json is malformed"):
+        state.read_handles("vm1")
+
+
+def test_bad_ids_never_become_paths(state: StateDir) -> None:
+    for bad in ("../x", "a/b", "", "UPPER", "x" * 64):
+        with pytest.raises(PermanentError):
+            state.vm_dir(bad)
+    (state.vms_dir / "Not_A_VM").mkdir()
+    assert state.vm_ids() == []
+
+
+def test_changes_need_the_lock(state: StateDir) -> None:
+    lock = state.lock("vm1")
+    lock.release()
+    with pytest.raises(RuntimeError, match="without holding its lock"):
+        state.write_spec(lock, {})

@@ -1,0 +1,35 @@
+"""A worker-like process for the crash tests: it builds a VmManager on a
+state dir, ensures VMs, prints one JSON line {vm_id: pid} and then waits to
+be killed (the test sends it SIGKILL).
+
+    python worker_proc.py <state_dir> <vm_id>...
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from pathlib import Path
+
+from vmmhelpers import FAKE_ARGV, FAST, FAST_POLICY, config
+
+from procurator.worker.manager import VmManager, VmSpec
+from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver
+
+
+def main() -> None:
+    state_dir = Path(sys.argv[1])
+    manager = VmManager(
+        state_dir, CloudHypervisorDriver(FAKE_ARGV), timeouts=FAST, policy=FAST_POLICY
+    )
+    pids = {}
+    for vm_id in sys.argv[2:]:
+        obs = manager.ensure(VmSpec(vm_id, "h1", config()))
+        pids[vm_id] = obs.pid
+    print(json.dumps(pids), flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
