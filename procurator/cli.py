@@ -12,9 +12,12 @@ failed VM.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -28,6 +31,8 @@ from procurator import __version__
 from procurator.core.errors import ProcuratorError
 from procurator.core.fleet import parse_fleet
 from procurator.core.models import Fleet, Phase, WorkerDiff
+from procurator.master.http import run_master_http
+from procurator.master.metrics import MasterMetrics
 from procurator.master.service import MasterService
 from procurator.master.store import FleetStore
 from procurator.rpc.bridge import open_bridge
@@ -42,7 +47,13 @@ from procurator.rpc.messages import (
     default_master_address,
     parse_address,
 )
-from procurator.worker.daemon import WorkerConfig, run_worker
+from procurator.worker.daemon import (
+    AssignmentHandler,
+    StatusPublisher,
+    WorkerConfig,
+    run_worker,
+)
+from procurator.worker.runtime import DRIVERS, ReconcilingHandler, RuntimeOptions, resolve_driver
 
 __all__ = ["MasterConfig", "main", "run_master", "run_worker_process"]
 
@@ -55,6 +66,8 @@ EXIT_TIMEOUT = 3
 EXIT_FAILED = 4
 
 DEFAULT_DB = "/var/lib/procurator/master.db"
+MASTER_METRICS_PORT = 9300
+WORKER_METRICS_PORT = 9301
 
 
 # ---------------------------------------------------------------- daemons
@@ -65,6 +78,7 @@ class MasterConfig:
     listen: str = f"127.0.0.1:{DEFAULT_PORT}"  # "host:port" or "unix:/path"
     db: Path = Path(DEFAULT_DB)
     push_timeout: float = 10.0
+    metrics_listen: str = ""  # "host:port" of /metrics and /sd; "" for none
 
 
 async def run_master(
@@ -77,17 +91,77 @@ async def run_master(
         service = MasterService(store, push_timeout=config.push_timeout)
         async with trio.open_nursery() as nursery:
             await nursery.start(service.run)
+            if config.metrics_listen:
+                await nursery.start(_serve_master_metrics, service, config.metrics_listen)
             bound = await nursery.start(serve_master, bridge, service, address)
             task_status.started(bound)
 
 
-async def run_worker_process(
-    config: WorkerConfig, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+async def _serve_master_metrics(
+    service: MasterService,
+    listen: str,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run a worker (with the Cap'n Proto link) until cancelled."""
+    """/metrics and /sd. The HTTP server's threads read a FleetView that a
+    trio task refreshes every second: they never touch trio-owned state."""
+    host, port = _host_port(listen)
+    latest = [service.fleet_view()]
+    metrics = MasterMetrics(lambda: latest[0])
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(run_master_http, metrics, host, port)
+        logger.info("master metrics at %s", server.url("/metrics"))
+        task_status.started()
+        while True:
+            await trio.sleep(1.0)
+            latest[0] = service.fleet_view()
+
+
+def _metrics_url(listen: str) -> str:
+    """Where Prometheus finds a worker's exporter, as the master's /sd lists
+    it: the listen address, or this host's name when it listens on all."""
+    if not listen:
+        return ""
+    host, port = _host_port(listen)
+    if host in ("0.0.0.0", "::"):
+        host = socket.getfqdn()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}/metrics"
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, not {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+async def run_worker_process(
+    config: WorkerConfig,
+    options: RuntimeOptions | None = None,
+    *,
+    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a worker (with the Cap'n Proto link) until cancelled. Without
+    ``options`` the worker only records assignments (no VMs): tests of the
+    link use that."""
     async with open_bridge() as bridge:
         dialer = CapnpMasterDialer(bridge, config.master)
-        await run_worker(config, dialer, task_status=task_status)
+        if options is None:
+            await run_worker(config, dialer, task_status=task_status)
+            return
+        runtime = options
+
+        def reconciling(cfg: WorkerConfig, publisher: StatusPublisher) -> AssignmentHandler:
+            return ReconcilingHandler(
+                worker_id=cfg.worker_id,
+                state_dir=cfg.state_dir,
+                options=runtime,
+                publisher=publisher,
+            )
+
+        await run_worker(config, dialer, handler_factory=reconciling, task_status=task_status)
 
 
 async def _until_signalled(daemon: Any, config: Any) -> None:
@@ -346,20 +420,42 @@ async def _status(args: argparse.Namespace) -> int:
 
 def _master(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level, args.log_format)
-    config = MasterConfig(listen=args.listen, db=Path(args.db), push_timeout=args.push_timeout)
+    config = MasterConfig(
+        listen=args.listen,
+        db=Path(args.db),
+        push_timeout=args.push_timeout,
+        metrics_listen=args.metrics_listen,
+    )
     trio.run(_until_signalled, run_master, config)
     return EXIT_OK
 
 
 def _worker(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level, args.log_format)
+    options = RuntimeOptions(
+        driver=resolve_driver(args.driver),
+        vmm_binary=args.vmm_binary,
+        qemu_accel=args.qemu_accel,
+        network=not args.no_network,
+        bridge=args.bridge,
+        subnet=args.subnet,
+        substituters=tuple(args.substituter),
+        max_vcpus=args.max_vcpus,
+        max_memory_mib=args.max_memory_mib,
+        concurrency=args.concurrency,
+        stop_grace=args.stop_grace,
+        metrics_listen=args.metrics_listen,
+        metrics_interval=args.metrics_interval,
+    )
     config = WorkerConfig(
         worker_id=args.id,
         master=args.master,
         state_dir=Path(args.state_dir),
         resync_interval=args.resync_interval,
+        driver=options.driver,
+        metrics_url=args.metrics_advertise or _metrics_url(args.metrics_listen),
     )
-    trio.run(_until_signalled, run_worker_process, config)
+    trio.run(_until_signalled, functools.partial(run_worker_process, options=options), config)
     return EXIT_OK
 
 
@@ -420,6 +516,12 @@ def _build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="seconds before a worker that does not take a push is disconnected (default: 10)",
     )
+    p.add_argument(
+        "--metrics-listen",
+        default=f"127.0.0.1:{MASTER_METRICS_PORT}",
+        help="host:port for Prometheus /metrics and HTTP service discovery /sd; '' for "
+        f"none (default: 127.0.0.1:{MASTER_METRICS_PORT})",
+    )
     add_common(p, daemon=True)
     p.set_defaults(handler=_master)
 
@@ -452,6 +554,72 @@ def _build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=30.0,
         help="seconds between full pulls of the assignment (default: 30)",
+    )
+    p.add_argument(
+        "--driver",
+        default="auto",
+        choices=["auto", *DRIVERS],
+        help="VMM to run VMs with; auto: cloud-hypervisor if on PATH, else qemu (default: auto)",
+    )
+    p.add_argument(
+        "--vmm-binary",
+        default="",
+        help="VMM command (default: cloud-hypervisor / qemu-system-x86_64)",
+    )
+    p.add_argument(
+        "--qemu-accel",
+        default="auto",
+        choices=["auto", "kvm", "tcg"],
+        help="QEMU acceleration (default: auto: kvm when /dev/kvm works, else tcg)",
+    )
+    p.add_argument("--bridge", default="br-procurator", help="bridge for the VMs' taps")
+    p.add_argument(
+        "--subnet",
+        default="10.120.0.0/24",
+        help="IPv4 subnet of the bridge; the bridge is .1, VMs get stable addresses from it",
+    )
+    p.add_argument("--no-network", action="store_true", help="give VMs no network interface")
+    p.add_argument(
+        "--substituter",
+        action="append",
+        default=[],
+        help="binary cache to fetch missing images from (repeatable; default: nix.conf's)",
+    )
+    p.add_argument(
+        "--max-vcpus", type=int, default=os.cpu_count() or 1, help="most vCPUs one VM may have"
+    )
+    p.add_argument(
+        "--max-memory-mib",
+        type=int,
+        default=0,
+        help="most memory one VM may have, MiB (default: the host's memory)",
+    )
+    p.add_argument(
+        "--concurrency", type=int, default=8, help="VMs prepared/started at once (default: 8)"
+    )
+    p.add_argument(
+        "--stop-grace",
+        type=_positive,
+        default=30.0,
+        help="seconds a guest gets to power off before it is stopped hard (default: 30)",
+    )
+    p.add_argument(
+        "--metrics-listen",
+        default=f"0.0.0.0:{WORKER_METRICS_PORT}",
+        help=f"host:port of the Prometheus exporter; '' for none (default: "
+        f"0.0.0.0:{WORKER_METRICS_PORT})",
+    )
+    p.add_argument(
+        "--metrics-advertise",
+        default="",
+        help="exporter URL the master lists for Prometheus service discovery "
+        "(default: http://<listen host or this host's name>:<port>/metrics)",
+    )
+    p.add_argument(
+        "--metrics-interval",
+        type=_positive,
+        default=15.0,
+        help="seconds between metric polls and reports to the master (default: 15)",
     )
     add_common(p, daemon=True)
     p.set_defaults(handler=_worker)

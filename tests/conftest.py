@@ -10,13 +10,13 @@ Area fixtures live in each test directory's own conftest.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
-
-import uuid
 
 import pytest
 
@@ -25,7 +25,8 @@ os.environ["PROCURATOR_TEST_SESSION"] = _MARKER.split("=", 1)[1]
 _MARKER_BYTES = _MARKER.encode()
 
 _OURS = re.compile(
-    rb"qemu-system|cloud-hypervisor|procurator(\x00| )(master|worker)|-m\x00procurator\x00(master|worker)"
+    rb"qemu-system|cloud-hypervisor"
+    rb"|procurator(\x00| )(master|worker)|-m\x00procurator\x00(master|worker)"
 )
 
 
@@ -56,7 +57,9 @@ def _our_processes() -> dict[int, str]:
 
 def _taps() -> set[str]:
     base = Path("/sys/class/net")
-    return {p.name for p in base.iterdir() if (p / "tun_flags").exists()} if base.exists() else set()
+    return (
+        {p.name for p in base.iterdir() if (p / "tun_flags").exists()} if base.exists() else set()
+    )
 
 
 def _namespaces() -> set[str]:
@@ -88,8 +91,6 @@ def no_leaks() -> Iterator[None]:
     problems = {k: v for k, v in leaked.items() if v}
     if problems:
         for pid in leaked_procs:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
         pytest.fail(f"test leaked {problems}")

@@ -33,6 +33,7 @@ from typing import Protocol
 
 import trio
 
+from procurator.core.backoff import RestartPolicy
 from procurator.core.errors import PermanentError, TemporaryError
 from procurator.core.models import (
     Assignment,
@@ -168,9 +169,10 @@ class Reconciler:
     on_status: Callable[[WorkerStatus], None]
     worker_id: str
     concurrency: int = 8
-    retry_initial: float = 1.0  # seconds before the first retry of a failed step
-    retry_max: float = 300.0  # cap of the doubling retry delay
+    # Delay before retrying a step that failed temporarily, by attempt.
+    retry: RestartPolicy = field(default_factory=RestartPolicy)
     on_pass: Callable[[float, int], None] | None = None  # (seconds, actions started)
+    on_failure: Callable[[str], None] | None = None  # kind: permanent, temporary, internal
 
     _assignment: Assignment | None = field(default=None, init=False)
     _wake: trio.Event = field(default_factory=trio.Event, init=False)
@@ -214,6 +216,9 @@ class Reconciler:
         limiter = trio.CapacityLimiter(self.concurrency)
         async with trio.open_nursery() as nursery:
             task_status.started()
+            # A first pass at once: it reports what this worker has even
+            # before (or without) an assignment.
+            self.poke()
             while True:
                 await self._wait_for_work()
                 await self.run_pass(nursery, limiter)
@@ -289,8 +294,10 @@ class Reconciler:
         except PermanentError as exc:
             log.warning("%s %s failed for good: %s", action.kind.value, action.vm_id, exc)
             self._record_failure(action, str(exc), permanent=True)
+            self._count("permanent")
         except TemporaryError as exc:
             self._record_failure(action, str(exc), permanent=False, delay=exc.delay)
+            self._count("temporary")
         except trio.Cancelled:
             raise
         except Exception as exc:
@@ -299,9 +306,14 @@ class Reconciler:
             # temporary failure.
             log.exception("%s %s raised an unexpected error", action.kind.value, action.vm_id)
             self._record_failure(action, f"internal error: {exc!r}", permanent=False)
+            self._count("internal")
         finally:
             self._busy.discard(action.vm_id)
             self.poke()
+
+    def _count(self, kind: str) -> None:
+        if self.on_failure is not None:
+            self.on_failure(kind)
 
     def _record_failure(
         self, action: Action, message: str, *, permanent: bool, delay: float = 0.0
@@ -309,8 +321,7 @@ class Reconciler:
         previous = self._failures.get(action.vm_id)
         key = _key(action.desired)
         attempts = previous.attempts + 1 if previous is not None and previous.key == key else 1
-        backoff = min(self.retry_max, self.retry_initial * 2 ** min(attempts - 1, 32))
-        wait = max(delay, backoff)
+        wait = max(delay, self.retry.delay(attempts))
         self._failures[action.vm_id] = _Failure(
             key=key,
             message=message,
@@ -346,12 +357,13 @@ class Reconciler:
             vms.append(self._vm_status(vm_id, want, have, failure, op_id))
         for vm_id, have in observed.items():
             if vm_id not in desired:
+                # Before the first assignment nothing is known to be surplus.
                 vms.append(
                     VmStatus(
                         id=vm_id,
-                        phase=Phase.REMOVING,
+                        phase=Phase.REMOVING if assignment is not None else have.phase,
                         observed_hash=have.hash,
-                        message="no longer assigned",
+                        message="no longer assigned" if assignment is not None else have.message,
                         restarts=have.restarts,
                         address=have.address,
                         observed_power=have.power,

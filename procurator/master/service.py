@@ -49,9 +49,11 @@ from procurator.core.errors import (
     UnavailableError,
 )
 from procurator.core.fleet import diff_fleets, validate_fleet
+from procurator.core.metrics import FleetView, WorkerView
 from procurator.core.models import (
     Assignment,
     Fleet,
+    Phase,
     VmAssignment,
     VmEvent,
     WorkerDiff,
@@ -272,6 +274,33 @@ class MasterService:
         if limit <= 0:
             return ()
         return tuple(ring)[-limit:]
+
+    def fleet_view(self) -> FleetView:
+        """What the exporter and service discovery show, as plain values.
+        Relayed samples keep their tuple identity until a worker reports
+        again (the exporter caches its checks by identity)."""
+        views = []
+        for worker_id in sorted(set(self._assignments) | set(self._workers)):
+            assignment = self._assignments.get(worker_id)
+            worker = self._workers.get(worker_id)
+            status = worker.status if worker else None
+            phases = dict.fromkeys(Phase, 0)
+            for vm in status.vms if status else ():
+                phases[vm.phase] += 1
+            last = max(worker.last_report_unix_ms, worker.last_metrics_unix_ms) if worker else 0
+            views.append(
+                WorkerView(
+                    worker_id=worker_id,
+                    connected=worker is not None and worker.session is not None,
+                    desired_generation=assignment.generation if assignment else 0,
+                    observed_generation=status.observed_generation if status else 0,
+                    last_report_unix=last / 1000 if last else None,
+                    vms_by_phase=phases,
+                    samples=worker.metrics if worker else (),
+                    metrics_url=worker.info.metrics_url if worker and worker.info else "",
+                )
+            )
+        return FleetView(tuple(views))
 
     def worker_info(self) -> dict[str, WorkerInfo]:
         """What each worker said about itself when it last registered."""

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 from procurator.core.errors import ValidationError
+from procurator.core.metrics import MetricSample
 from procurator.core.models import VmEvent, WorkerDiff, WorkerStatus
 
 __all__ = [
@@ -79,16 +80,6 @@ def parse_address(text: str, *, default_port: int = DEFAULT_PORT) -> Address:
 def default_master_address() -> str:
     """``$PROCURATOR_MASTER`` or ``127.0.0.1:7300``."""
     return os.environ.get(MASTER_ENV) or DEFAULT_MASTER_ADDRESS
-
-
-@dataclass(frozen=True, slots=True)
-class MetricSample:
-    """One numeric sample of a per-VM (``vm_id``) or per-worker metric."""
-
-    name: str
-    value: float
-    vm_id: str = ""
-    labels: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

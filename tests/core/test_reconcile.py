@@ -12,6 +12,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from procurator.core.backoff import RestartPolicy
 from procurator.core.errors import PermanentError, TemporaryError
 from procurator.core.models import Assignment, Phase, PowerState, VmAssignment, WorkerStatus
 from procurator.core.reconcile import ActionKind, ObservedVm, Reconciler, plan, settled
@@ -164,6 +165,7 @@ async def test_nothing_is_removed_before_the_first_assignment() -> None:
         reconciler.poke()
         await _settle()
         assert actuator.calls == []
+        assert [(s.id, s.phase) for s in reports[-1].vms] == [("old", Phase.RUNNING)]
         reconciler.set_assignment(Assignment("w", 1, ()))
         await _settle()
         assert actuator.calls == [("remove", "old")]
@@ -227,7 +229,9 @@ async def test_temporary_failures_retry_with_backoff(
     actuator = FakeActuator()
     actuator.fail["a"] = TemporaryError("VMM not answering")
     async with trio.open_nursery() as nursery:
-        reconciler, reports = await _start(actuator, nursery, retry_initial=1.0, retry_max=8.0)
+        reconciler, reports = await _start(
+            actuator, nursery, retry=RestartPolicy(initial_delay=1.0, max_delay=8.0)
+        )
         reconciler.set_assignment(Assignment("w", 1, (vm("a"),)))
         start = trio.current_time()
         await trio.sleep(20)

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import NIX_LIB, Nix, StorePaths, nix_path
 from flake_schema import problems
+from flakehelpers import NIX_LIB, Nix, StorePaths, nix_path
 
 from procurator.core.confinement import HostSide, ImageLimits
 from procurator.nix import ImageManager, NixStore

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Nix, StorePaths, nix_path
+from flakehelpers import REPO, Nix, StorePaths, nix_path
 
 pytestmark = pytest.mark.nix
 

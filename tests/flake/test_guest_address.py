@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import NIX_LIB
+from flakehelpers import NIX_LIB
 
 from procurator.core.netnames import SubnetPlan
 

@@ -13,7 +13,7 @@ import json
 import random
 
 import pytest
-from conftest import NIX_LIB, Nix, nix_path
+from flakehelpers import NIX_LIB, Nix, nix_path
 
 from procurator.core.errors import ValidationError
 from procurator.core.netnames import SubnetPlan

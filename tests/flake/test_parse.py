@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Nix
+from flakehelpers import REPO, Nix
 
 pytestmark = pytest.mark.nix
 

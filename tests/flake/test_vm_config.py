@@ -8,8 +8,8 @@ import json
 from typing import Any
 
 import pytest
-from conftest import NIX_LIB, Nix, nix_path
 from flake_schema import problems
+from flakehelpers import NIX_LIB, Nix, nix_path
 
 from procurator.core.validation import LIMITS
 

@@ -177,52 +177,6 @@ def test_cli_reports_an_unreachable_master(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_apply_wait_follows_a_worker_process(tmp_path: Path) -> None:
-    port = free_port()
-    master = f"127.0.0.1:{port}"
-    with master_process(tmp_path / "m.db", port, tmp_path / "master.log"):
-        with open(tmp_path / "worker.log", "ab") as out:
-            worker = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "procurator",
-                    "worker",
-                    "--id",
-                    "host-a",
-                    "--master",
-                    master,
-                    "--state-dir",
-                    str(tmp_path / "state"),
-                    "--resync-interval",
-                    "1",
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        try:
-            fleet = write_fleet(
-                tmp_path / "fleet.toml",
-                f'[workers.host-a]\nvms = [ {{ id = "web-1", image = "{IMAGE}" }} ]\n',
-            )
-            result = cli("apply", str(fleet), "--wait", "--timeout", "60", "--master", master)
-            assert result.returncode == 0, result.stdout + result.stderr
-            assert "host-a: observed 1/1" in result.stdout
-            assert "converged" in result.stdout
-            # A worker that never comes: --wait gives up with exit code 3.
-            other = write_fleet(
-                tmp_path / "other.toml",
-                f'[workers.host-a]\nvms = [ {{ id = "web-1", image = "{IMAGE}" }} ]\n'
-                f'[workers.host-z]\nvms = [ {{ id = "web-2", image = "{IMAGE2}" }} ]\n',
-            )
-            late = cli("apply", str(other), "--wait", "--timeout", "1", "--master", master)
-            assert late.returncode == 3, late.stdout + late.stderr
-            assert "host-z: observed 0/2 (disconnected)" in late.stdout
-        finally:
-            worker.send_signal(signal.SIGTERM)
-            assert worker.wait(timeout=30) == 0, (tmp_path / "worker.log").read_text()
-
-
 async def test_worker_reconnects_after_the_master_process_restarts(tmp_path: Path) -> None:
     port = free_port()
     db, log = tmp_path / "m.db", tmp_path / "master.log"

@@ -1,0 +1,183 @@
+"""The reconciler's hands on one worker: network, image, VMM, in that order.
+
+``WorkerActuator`` implements ``procurator.core.reconcile.VmActuator`` by
+composing three blocking, thread-safe adapters — ``NetworkManager`` (tap,
+MAC, address), ``ImageManager`` (store path, GC root, confinement, disk
+copies) and ``VmManager`` (the VMM process) — and running each VM's steps in
+a worker thread through ``trio.to_thread.run_sync`` with one capacity
+limiter, so at most ``limiter.total_tokens`` threads do blocking work at once.
+
+Every step is idempotent: ``ensure`` of a VM that already matches only
+verifies (the tap is there, the image rooted and its disk copies present,
+``VmManager.ensure`` sees the same hash and power and returns), and
+``remove`` of a VM that is gone is a no-op. So the reconciler may repeat
+any step after a crash. A power change goes through the same ``ensure``:
+the disk copies of an unchanged image are kept, so a stopped VM starts
+again with its disk contents and its address.
+
+Order matters. Ensure: the tap must exist before the VMM opens it, and the
+image (with the worker-owned net entry and kernel ``ip=``) must be prepared
+before the VMM is (re)created. Remove: stop the VMM first, then release the
+image (its GC root must outlive the VMM that reads it) and last the tap
+and the address.
+
+While a VM's step runs, ``observe`` shows it in a transitional phase
+(``realising`` while its image is fetched, else ``starting``/``stopping``)
+under its *target* hash, so the plan leaves it alone and status tells what
+is happening.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import trio
+
+from procurator.core.confinement import HostSide
+from procurator.core.models import Phase, PowerState, VmAssignment
+from procurator.core.reconcile import ObservedVm
+from procurator.nix.image import ImageManager
+from procurator.worker.manager import VmManager, VmObservation, VmSpec
+from procurator.worker.network import NetworkManager
+
+__all__ = ["WorkerActuator"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _InFlight:
+    hash: str
+    phase: Phase
+    message: str
+
+
+class WorkerActuator:
+    """See the module docstring. ``network`` None: VMs get no NIC."""
+
+    def __init__(
+        self,
+        manager: VmManager,
+        images: ImageManager,
+        network: NetworkManager | None,
+        *,
+        limiter: trio.CapacityLimiter,
+        serial_file: Callable[[str], str],
+        on_realise_seconds: Callable[[float], None] | None = None,
+    ) -> None:
+        self._manager = manager
+        self._images = images
+        self._network = network
+        self._limiter = limiter
+        self._serial_file = serial_file
+        self._on_realise_seconds = on_realise_seconds
+        # Written from worker threads, read from trio: guarded by a lock
+        # (leaf lock: nothing is called while holding it).
+        self._lock = threading.Lock()
+        self._in_flight: dict[str, _InFlight] = {}
+
+    # -- VmActuator ---------------------------------------------------------
+
+    async def observe(self) -> Mapping[str, ObservedVm]:
+        # VmManager.list() only copies in-memory observations under its map
+        # lock: cheap enough to call on the trio thread, and a thread hop per
+        # pass would dominate a no-op resync of thousands of VMs.
+        observed = {o.vm_id: _observed(o) for o in self._manager.list()}
+        with self._lock:
+            in_flight = dict(self._in_flight)
+        for vm_id, flight in in_flight.items():
+            current = observed.get(vm_id)
+            observed[vm_id] = ObservedVm(
+                id=vm_id,
+                hash=flight.hash,
+                phase=flight.phase,
+                power=current.power if current else PowerState.STOPPED,
+                message=flight.message,
+                restarts=current.restarts if current else 0,
+                address=current.address if current else "",
+            )
+        return observed
+
+    async def ensure(self, vm: VmAssignment, op_id: str) -> None:
+        await trio.to_thread.run_sync(self._ensure_blocking, vm, op_id, limiter=self._limiter)
+
+    async def remove(self, vm_id: str, op_id: str) -> None:
+        await trio.to_thread.run_sync(self._remove_blocking, vm_id, op_id, limiter=self._limiter)
+
+    # -- blocking steps (worker threads) ------------------------------------
+
+    def _mark(self, vm_id: str, flight: _InFlight | None) -> None:
+        with self._lock:
+            if flight is None:
+                self._in_flight.pop(vm_id, None)
+            else:
+                self._in_flight[vm_id] = flight
+
+    def _ensure_blocking(self, vm: VmAssignment, op_id: str) -> None:
+        self._mark(vm.id, _InFlight(vm.hash, Phase.STARTING, "preparing network and image"))
+        try:
+            nic = self._network.ensure_vm(vm.id) if self._network is not None else None
+            host = HostSide(
+                net=nic.net_config() if nic is not None else None,
+                cmdline_extra=nic.kernel_ip_arg() if nic is not None else "",
+                serial_file=self._serial_file(vm.id),
+                vcpus=vm.vcpus,
+                memory_mib=vm.memory_mib,
+            )
+            realise_started: list[float] = []
+
+            def on_realise() -> None:
+                realise_started.append(time.monotonic())
+                self._mark(vm.id, _InFlight(vm.hash, Phase.REALISING, "fetching the image"))
+
+            prepared = self._images.prepare(
+                vm.id, vm.nix_store_path, host=host, on_realise=on_realise
+            )
+            if realise_started and self._on_realise_seconds is not None:
+                self._on_realise_seconds(time.monotonic() - realise_started[0])
+            labels = {"store_path": vm.nix_store_path}
+            if nic is not None:
+                labels["address"] = nic.ip
+                labels["tap"] = nic.tap
+                labels["mac"] = nic.mac
+            self._mark(vm.id, _InFlight(vm.hash, Phase.STARTING, "starting the VMM"))
+            self._manager.ensure(
+                VmSpec(
+                    vm_id=vm.id,
+                    hash=vm.hash,
+                    config=prepared.config,
+                    power=vm.power,
+                    op_id=op_id,
+                    labels=labels,
+                )
+            )
+        finally:
+            self._mark(vm.id, None)
+
+    def _remove_blocking(self, vm_id: str, op_id: str) -> None:
+        self._mark(vm_id, _InFlight("", Phase.STOPPING, "removing"))
+        try:
+            log.info("removing VM %s", vm_id, extra={"vm_id": vm_id, "op_id": op_id})
+            self._manager.remove(vm_id)
+            self._images.release(vm_id)
+            if self._network is not None:
+                self._network.release_vm(vm_id)
+        finally:
+            self._mark(vm_id, None)
+
+
+def _observed(o: VmObservation) -> ObservedVm:
+    return ObservedVm(
+        id=o.vm_id,
+        hash=o.observed_hash or o.hash,
+        phase=o.phase,
+        power=o.power,
+        message=o.message,
+        restarts=o.restarts,
+        address=o.labels.get("address", ""),
+        op_id=o.op_id,
+    )

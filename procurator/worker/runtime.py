@@ -1,0 +1,275 @@
+"""The reconciling worker: VmManager, network, images and the reconciler,
+wired to the master link.
+
+``ReconcilingHandler`` is the ``AssignmentHandler`` the ``procurator worker``
+command runs. Start-up order matters and is the crash-safety story of the
+worker:
+
+1. ``VmManager.recover()``: re-adopt every VMM still running from the state
+   dir (never spawn twice), restart dead ones that were desired running.
+2. Network: make sure the bridge exists, then sweep taps carrying our prefix
+   that no VM owns — only now, after re-adoption, is "owned" known.
+3. Start the reconciler. It acts only once the first assignment arrived (a
+   push or the link's pull), so a worker restarted while the master is away
+   keeps its VMs as they are.
+
+Threads: the manager calls ``on_change`` from supervisor threads; it is
+handed to trio with the trio token (``run_sync_soon``), which pokes the
+reconciler (a crash or an exit is a reason for a pass) and forwards the
+event to the master. Nothing else crosses threads here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import shlex
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import trio
+
+from procurator.core.confinement import ImageLimits
+from procurator.core.metrics import VmSnapshot
+from procurator.core.models import Assignment, VmEvent, WorkerStatus
+from procurator.core.reconcile import Reconciler
+from procurator.nix.image import ImageManager
+from procurator.nix.store import NixStore
+from procurator.worker.actuator import WorkerActuator
+from procurator.worker.daemon import StatusPublisher
+from procurator.worker.manager import Timeouts, VmManager, VmObservation
+from procurator.worker.metrics import WorkerMetrics
+from procurator.worker.network import NetworkConfig, NetworkManager
+from procurator.worker.vmm.base import VmmDriver
+from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver
+from procurator.worker.vmm.qemu import QemuDriver
+
+__all__ = ["ReconcilingHandler", "RuntimeOptions", "make_driver"]
+
+log = logging.getLogger(__name__)
+
+DRIVERS = ("cloud-hypervisor", "qemu")
+_ACCELS: dict[str, Literal["kvm", "tcg", "auto"]] = {"kvm": "kvm", "tcg": "tcg", "auto": "auto"}
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How the worker runs VMs (the ``procurator worker`` flags)."""
+
+    driver: str = "auto"  # cloud-hypervisor, qemu, or auto (first found)
+    vmm_binary: str = ""  # default: the driver's usual command name
+    qemu_accel: str = "auto"  # kvm, tcg, auto
+    network: bool = True
+    bridge: str = "br-procurator"
+    subnet: str = "10.120.0.0/24"
+    manage_bridge: bool = True
+    substituters: tuple[str, ...] = ()
+    max_vcpus: int = field(default_factory=lambda: os.cpu_count() or 1)
+    max_memory_mib: int = 0  # 0: the host's memory
+    concurrency: int = 8
+    stop_grace: float = 30.0  # seconds the guest gets to power off
+    metrics_listen: str = ""  # host:port of the Prometheus exporter; "" for none
+    metrics_interval: float = 15.0  # seconds between metric polls and reports
+
+
+def resolve_driver(name: str) -> str:
+    """``auto``: cloud-hypervisor if it is on PATH, else QEMU."""
+    if name != "auto":
+        if name not in DRIVERS:
+            raise ValueError(f"unknown VMM driver {name!r} (choose from {', '.join(DRIVERS)})")
+        return name
+    return "cloud-hypervisor" if shutil.which("cloud-hypervisor") else "qemu"
+
+
+def make_driver(
+    options: RuntimeOptions, *, on_api_call: Callable[[str, float, bool], None] | None = None
+) -> VmmDriver:
+    name = resolve_driver(options.driver)
+    if name == "cloud-hypervisor":
+        binary = shlex.split(options.vmm_binary) if options.vmm_binary else ["cloud-hypervisor"]
+        return CloudHypervisorDriver(binary, on_api_call=on_api_call)
+    accel = _ACCELS.get(options.qemu_accel)
+    if accel is None:
+        raise ValueError(f"unknown QEMU acceleration {options.qemu_accel!r} (kvm, tcg or auto)")
+    return QemuDriver(binary=options.vmm_binary or "qemu-system-x86_64", accel=accel)
+
+
+def _host_memory_mib() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 1024
+
+
+class ReconcilingHandler:
+    """Turns assignments into running VMs on this host."""
+
+    def __init__(
+        self,
+        *,
+        worker_id: str,
+        state_dir: Path,
+        options: RuntimeOptions,
+        publisher: StatusPublisher,
+        driver: VmmDriver | None = None,
+        netns: str | None = None,
+    ) -> None:
+        self.worker_id = worker_id
+        self.state_dir = Path(state_dir)
+        self.options = options
+        self._publisher = publisher
+        self.metrics = WorkerMetrics()
+        self.driver = (
+            driver
+            if driver is not None
+            else make_driver(options, on_api_call=self.metrics.observe_api_call)
+        )
+        self._token: trio.lowlevel.TrioToken | None = None
+        timeouts = Timeouts(power_button_wait=options.stop_grace)
+        self.manager = VmManager(
+            self.state_dir, self.driver, timeouts=timeouts, on_change=self._on_change
+        )
+        self.network = (
+            NetworkManager(
+                NetworkConfig(
+                    bridge=options.bridge,
+                    subnet=options.subnet,
+                    manage_bridge=options.manage_bridge,
+                    netns=netns,
+                ),
+                self.state_dir,
+            )
+            if options.network
+            else None
+        )
+        nix_env = (
+            {"NIX_CONF_DIR": os.environ["NIX_CONF_DIR"]} if "NIX_CONF_DIR" in os.environ else None
+        )
+        self.images = ImageManager(
+            NixStore(substituters=options.substituters, extra_env=nix_env),
+            self.state_dir,
+            limits=ImageLimits(
+                max_vcpus=options.max_vcpus,
+                max_memory_mib=options.max_memory_mib or _host_memory_mib(),
+            ),
+        )
+        self.actuator = WorkerActuator(
+            self.manager,
+            self.images,
+            self.network,
+            limiter=trio.CapacityLimiter(options.concurrency),
+            serial_file=lambda vm_id: str(self.manager.state.vm_dir(vm_id) / "serial.log"),
+            on_realise_seconds=self.metrics.observe_realise,
+        )
+        self.reconciler = Reconciler(
+            actuator=self.actuator,
+            on_status=self._publish_status,
+            worker_id=worker_id,
+            concurrency=options.concurrency,
+            on_pass=self.metrics.observe_reconcile_pass,
+            on_failure=self.metrics.count_error,
+        )
+        log.info("worker %s uses the %s VMM driver", worker_id, self.driver.name)
+
+    # -- AssignmentHandler --------------------------------------------------
+
+    async def on_assignment(self, assignment: Assignment) -> None:
+        if self.reconciler.set_assignment(assignment):
+            log.info(
+                "assignment generation %d: %d VMs",
+                assignment.generation,
+                len(assignment.vms),
+                extra={"op_id": assignment.op_id, "generation": assignment.generation},
+            )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        try:
+            recovered = await trio.to_thread.run_sync(self.manager.recover)
+            if recovered:
+                log.info(
+                    "re-adopted %d VMs: %s", len(recovered), ", ".join(o.vm_id for o in recovered)
+                )
+            if self.network is not None:
+                await trio.to_thread.run_sync(self.network.ensure_bridge)
+                owned = {o.vm_id for o in self.manager.list()}
+                swept = await trio.to_thread.run_sync(self.network.sweep, owned)
+                if swept:
+                    log.info("removed taps nothing owns: %s", ", ".join(swept))
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.reconciler.run)
+                await nursery.start(self._run_metrics)
+                task_status.started()
+        finally:
+            # The VMs keep running: the next worker re-adopts them.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.close)
+
+    def _publish_status(self, status: WorkerStatus) -> None:
+        self.metrics.set_observed_generation(status.observed_generation)
+        self._publisher.publish_status(status)
+
+    async def _run_metrics(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Poll VM figures, serve them to Prometheus, relay them to the
+        master (latest wins: the link drops a report the master is slow to
+        take rather than queueing it)."""
+        interval = self.options.metrics_interval
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                functools.partial(self.metrics.run_poller, self._vm_snapshots, interval=interval)
+            )
+            if self.options.metrics_listen:
+                host, _, port = self.options.metrics_listen.rpartition(":")
+                server = await nursery.start(self.metrics.run_http, host.strip("[]"), int(port))
+                log.info("worker metrics at %s", server.url)
+            task_status.started()
+            while True:
+                self._publisher.publish_metrics(self.metrics.to_report())
+                await trio.sleep(interval)
+
+    def _vm_snapshots(self) -> list[VmSnapshot]:
+        """The metrics source: in-memory observations and the counters the
+        supervisors polled (thread-safe, no VMM calls)."""
+        counters = self.manager.counters()
+        return [
+            VmSnapshot(
+                id=o.vm_id,
+                phase=o.phase,
+                hash=o.observed_hash or o.hash,
+                store_path=o.labels.get("store_path", ""),
+                address=o.labels.get("address", ""),
+                restarts=o.restarts,
+                pid=o.pid or 0,
+                counters=counters.get(o.vm_id, {}),
+            )
+            for o in self.manager.list()
+        ]
+
+    def close(self) -> None:
+        self.manager.close()
+        if self.network is not None:
+            self.network.close()
+
+    # -- from supervisor threads -------------------------------------------
+
+    def _on_change(self, observation: VmObservation, event: VmEvent | None) -> None:
+        token = self._token
+        if token is None:
+            return
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(self._changed_in_trio, event)
+
+    def _changed_in_trio(self, event: VmEvent | None) -> None:
+        self.reconciler.poke()
+        if event is not None:
+            self._publisher.publish_events([event])
