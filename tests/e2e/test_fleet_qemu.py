@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,7 +33,7 @@ def images() -> dict[str, str]:
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    with Lab("procurator-e2e", stop_grace=10, resync_interval=2) as running:
+    with Lab(f"procurator-e2e-{uuid.uuid4().hex[:6]}", stop_grace=10, resync_interval=2) as running:
         running.start_master()
         running.start_worker()
         yield running
