@@ -62,7 +62,7 @@ class MasterHttpServer:
     ``port``) from construction until ``close``. Raises ``PermanentError``
     when the address cannot be bound."""
 
-    def __init__(self, metrics: MasterMetrics, host: str = "0.0.0.0", port: int = 9100) -> None:
+    def __init__(self, metrics: MasterMetrics, host: str = "0.0.0.0", port: int = 9300) -> None:
         self._metrics = metrics
         self._metrics_app = make_wsgi_app(metrics.registry)
         try:
@@ -147,7 +147,7 @@ class MasterHttpServer:
 async def run_master_http(
     metrics: MasterMetrics,
     host: str = "0.0.0.0",
-    port: int = 9100,
+    port: int = 9300,
     *,
     task_status: trio.TaskStatus[MasterHttpServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:

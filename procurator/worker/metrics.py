@@ -399,7 +399,7 @@ class WorkerMetrics:
         """The text exposition format (what ``/metrics`` serves by default)."""
         return generate_latest(self.registry)
 
-    def serve(self, host: str = "0.0.0.0", port: int = 9101) -> MetricsServer:
+    def serve(self, host: str = "0.0.0.0", port: int = 9301) -> MetricsServer:
         """Serve ``/metrics`` on ``host:port`` (port 0: any free port; see
         ``MetricsServer.port``) until ``close``. Raises ``PermanentError``
         when the address cannot be bound."""
@@ -408,7 +408,7 @@ class WorkerMetrics:
     async def run_http(
         self,
         host: str = "0.0.0.0",
-        port: int = 9101,
+        port: int = 9301,
         *,
         task_status: trio.TaskStatus[MetricsServer] = trio.TASK_STATUS_IGNORED,
     ) -> None:
