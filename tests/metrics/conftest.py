@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,12 +32,29 @@ def prometheus_binary() -> str:
     return PROMETHEUS
 
 
+_SLEEP_SYSCALLS = {"35", "230"}  # nanosleep, clock_nanosleep (x86_64)
+
+
+def _wait_until_asleep(pid: int) -> None:
+    """Block until ``pid`` sits in its sleep system call. Right after
+    ``Popen`` the child may still be exec'ing or faulting in pages, so its
+    resident memory moves; once it sleeps, it does not."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        fields = Path(f"/proc/{pid}/syscall").read_text().split()
+        if fields and fields[0] in _SLEEP_SYSCALLS:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"pid {pid} never reached its sleep system call")
+
+
 @pytest.fixture
 def sleeper() -> Iterator[subprocess.Popen[bytes]]:
     """A real, idle process; killed and reaped afterwards."""
     sleep = shutil.which("sleep") or "/bin/sleep"
     proc = subprocess.Popen([sleep, "300"])
     try:
+        _wait_until_asleep(proc.pid)
         yield proc
     finally:
         proc.kill()
