@@ -27,7 +27,8 @@ from typing import Any, TextIO
 
 import trio
 
-from procurator import __version__
+from procurator import __version__, logs, ops
+from procurator.certs import add_certs_parser
 from procurator.core.errors import ProcuratorError
 from procurator.core.fleet import parse_fleet
 from procurator.core.models import Fleet, Phase, WorkerDiff
@@ -36,8 +37,8 @@ from procurator.master.metrics import MasterMetrics
 from procurator.master.service import MasterService
 from procurator.master.store import FleetStore
 from procurator.rpc.bridge import open_bridge
-from procurator.rpc.clients import CapnpMasterDialer, ControlClient, open_control
-from procurator.rpc.master_server import serve_master
+from procurator.rpc.clients import CapnpMasterDialer, ControlClient
+from procurator.rpc.master_server import DEFAULT_MAX_CONNECTIONS, serve_master
 from procurator.rpc.messages import (
     DEFAULT_PORT,
     Address,
@@ -47,6 +48,7 @@ from procurator.rpc.messages import (
     default_master_address,
     parse_address,
 )
+from procurator.rpc.tls import ENV_CA, ENV_CERT, ENV_KEY, TlsFiles
 from procurator.worker.daemon import (
     AssignmentHandler,
     StatusPublisher,
@@ -79,6 +81,9 @@ class MasterConfig:
     db: Path = Path(DEFAULT_DB)
     push_timeout: float = 10.0
     metrics_listen: str = ""  # "host:port" of /metrics and /sd; "" for none
+    tls: TlsFiles | None = None  # mutual TLS; required off loopback unless insecure
+    insecure: bool = False
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
 
 async def run_master(
@@ -93,7 +98,13 @@ async def run_master(
             await nursery.start(service.run)
             if config.metrics_listen:
                 await nursery.start(_serve_master_metrics, service, config.metrics_listen)
-            bound = await nursery.start(serve_master, bridge, service, address)
+            serve = functools.partial(
+                serve_master,
+                tls=config.tls,
+                insecure=config.insecure,
+                max_connections=config.max_connections,
+            )
+            bound = await nursery.start(serve, bridge, service, address)
             task_status.started(bound)
 
 
@@ -141,13 +152,17 @@ async def run_worker_process(
     config: WorkerConfig,
     options: RuntimeOptions | None = None,
     *,
+    tls: TlsFiles | None = None,
+    insecure: bool = False,
     task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a worker (with the Cap'n Proto link) until cancelled. Without
     ``options`` the worker only records assignments (no VMs): tests of the
-    link use that."""
+    link use that. ``tls``: the worker's certificate (it must name
+    ``config.worker_id``); needed for a non-loopback master unless
+    ``insecure``."""
     async with open_bridge() as bridge:
-        dialer = CapnpMasterDialer(bridge, config.master)
+        dialer = CapnpMasterDialer(bridge, config.master, tls=tls, insecure=insecure)
         if options is None:
             await run_worker(config, dialer, task_status=task_status)
             return
@@ -177,33 +192,13 @@ async def _until_signalled(daemon: Any, config: Any) -> None:
 # ---------------------------------------------------------------- logging
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message (+ exception)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for key in ("vm_id", "op_id", "worker_id"):
-            if key in record.__dict__:
-                entry[key] = record.__dict__[key]
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+# JSON lines and text lines carry the same correlation fields (op_id,
+# vm_id, worker_id, generation): see procurator.logs.
+JsonFormatter = logs.JsonFormatter
 
 
-def _setup_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+def _setup_logging(level: str, fmt: str, *, worker_id: str = "") -> None:
+    logs.configure(level, fmt, static={"worker_id": worker_id} if worker_id else None)
 
 
 # ---------------------------------------------------------------- printing
@@ -279,14 +274,7 @@ def _status_json(status: FleetStatus) -> dict[str, Any]:
                 "vm_count": w.vm_count,
                 "phases": _phases(w),
                 "vms": [
-                    {
-                        "id": vm.id,
-                        "phase": vm.phase.value,
-                        "observed_hash": vm.observed_hash,
-                        "message": vm.message,
-                        "restarts": vm.restarts,
-                        "address": vm.address,
-                    }
+                    ops.status_vm_json(vm, {d.id: d for d in w.desired_vms}.get(vm.id))
                     for vm in (w.status.vms if w.status else ())
                 ],
             }
@@ -317,6 +305,7 @@ def _print_status(status: FleetStatus, out: TextIO) -> None:
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         print("  ".join([*cells, row[-1]]).rstrip(), file=out)
+    ops.print_vm_table(status, out)
 
 
 # ---------------------------------------------------------------- apply --wait
@@ -395,9 +384,17 @@ def _load_fleet(path: str) -> Fleet:
     return parse_fleet(text, fmt=suffix[1:], source=path)
 
 
+def _tls_files(args: argparse.Namespace) -> TlsFiles | None:
+    """The TLS files named by --tls-* (or $PROCURATOR_TLS_*), if any."""
+    return TlsFiles.from_options(args.tls_cert, args.tls_key, args.tls_ca)
+
+
+_control = ops.control_from_args
+
+
 async def _apply(args: argparse.Namespace) -> int:
     fleet = _load_fleet(args.file)
-    async with open_bridge() as bridge, open_control(bridge, args.master) as client:
+    async with open_bridge() as bridge, _control(bridge, args) as client:
         result = await client.apply(
             fleet, expected_generation=args.expect_generation, dry_run=args.dry_run
         )
@@ -408,7 +405,7 @@ async def _apply(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    async with open_bridge() as bridge, open_control(bridge, args.master) as client:
+    async with open_bridge() as bridge, _control(bridge, args) as client:
         status = await client.status()
     if args.json:
         json.dump(_status_json(status), sys.stdout, indent=2)
@@ -425,13 +422,16 @@ def _master(args: argparse.Namespace) -> int:
         db=Path(args.db),
         push_timeout=args.push_timeout,
         metrics_listen=args.metrics_listen,
+        tls=_tls_files(args),
+        insecure=args.insecure,
+        max_connections=args.max_connections,
     )
     trio.run(_until_signalled, run_master, config)
     return EXIT_OK
 
 
 def _worker(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level, args.log_format)
+    _setup_logging(args.log_level, args.log_format, worker_id=args.id)
     options = RuntimeOptions(
         driver=resolve_driver(args.driver),
         vmm_binary=args.vmm_binary,
@@ -455,7 +455,10 @@ def _worker(args: argparse.Namespace) -> int:
         driver=options.driver,
         metrics_url=args.metrics_advertise or _metrics_url(args.metrics_listen),
     )
-    trio.run(_until_signalled, functools.partial(run_worker_process, options=options), config)
+    worker = functools.partial(
+        run_worker_process, options=options, tls=_tls_files(args), insecure=args.insecure
+    )
+    trio.run(_until_signalled, worker, config)
     return EXIT_OK
 
 
@@ -493,6 +496,7 @@ def _build_parser() -> argparse.ArgumentParser:
                 choices=["text", "json"],
                 help="log lines as text or as JSON objects (default: text)",
             )
+        add_tls_arguments(p)
 
     p = sub.add_parser(
         "master",
@@ -510,6 +514,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help=f"host:port or unix:/path to listen on (default: 127.0.0.1:{DEFAULT_PORT})",
     )
     p.add_argument("--db", default=DEFAULT_DB, help=f"SQLite database (default: {DEFAULT_DB})")
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        help="connections served at once; more are refused with limitExceeded "
+        f"(default: {DEFAULT_MAX_CONNECTIONS})",
+    )
     p.add_argument(
         "--push-timeout",
         type=_positive,
@@ -532,6 +543,12 @@ def _build_parser() -> argparse.ArgumentParser:
             "Run a worker: it dials the master, registers, receives its\n"
             "assignment and reports what it observes. It keeps running its VMs\n"
             "while the master is away and reconnects on its own.\n\n"
+            "power: a VM's desired power (running, paused, stopped) is converged\n"
+            "without replacing it: pause/resume through the VMM's API, stop through\n"
+            "the stop ladder keeping its disk copies and address. After a resume\n"
+            "the guest's clock is NOT resynced: cloud-hypervisor (v53) has no\n"
+            "guest-clock API and QEMU runs without a guest agent; the guest lags\n"
+            "by the paused time until it corrects itself (NTP/chrony).\n\n"
             "example:\n  procurator worker --id host-a --master 10.0.0.1:7300 "
             "--state-dir /var/lib/procurator/worker"
         ),
@@ -667,7 +684,8 @@ def _build_parser() -> argparse.ArgumentParser:
         help="show each worker's connection, generations and VMs by phase",
         description=(
             "Show the fleet generation and, per worker: connected or since when\n"
-            "not, desired vs observed generation, VMs by phase.\n\n"
+            "not, desired vs observed generation, VMs by phase; then, per VM: its\n"
+            "phase, desired vs observed power, address and restarts.\n\n"
             "example:\n  procurator status --json"
         ),
         formatter_class=raw,
@@ -680,13 +698,37 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     add_common(p, daemon=False)
     p.set_defaults(handler=lambda args: trio.run(_status, args))
+
+    ops.add_commands(
+        sub, master_default=master_default, add_common=lambda p: add_common(p, daemon=False)
+    )
+    add_certs_parser(sub)
     return parser
+
+
+def add_tls_arguments(p: argparse.ArgumentParser) -> None:
+    """--tls-cert/--tls-key/--tls-ca/--insecure of every command that
+    listens for or dials the master (see docs/SECURITY.md)."""
+    tls = p.add_argument_group(
+        "TLS",
+        "Mutual TLS with certificates from the fleet CA (`procurator certs`). Required "
+        "unless the master is on a loopback address or a unix socket.",
+    )
+    tls.add_argument("--tls-cert", metavar="PEM", help=f"this party's certificate (${ENV_CERT})")
+    tls.add_argument("--tls-key", metavar="PEM", help=f"its private key (${ENV_KEY})")
+    tls.add_argument("--tls-ca", metavar="PEM", help=f"the fleet CA certificate (${ENV_CA})")
+    tls.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plaintext on a non-loopback address: anyone on the network can read "
+        "the traffic and act as any worker or operator",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
-    if args.command in ("apply", "status"):
+    if args.command in ("apply", "status", "describe", "events"):
         logging.basicConfig(
             level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
         )

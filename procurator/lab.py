@@ -32,6 +32,17 @@ WORKER_METRICS_PORT = 9301
 MASTER_METRICS_PORT = 9300
 
 
+# The lab's master listens on loopback inside its own namespace, so it runs
+# plaintext; TLS settings from the caller's environment must not leak in.
+_TLS_ENV = ("PROCURATOR_TLS_CERT", "PROCURATOR_TLS_KEY", "PROCURATOR_TLS_CA")
+
+
+def _plain_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _TLS_ENV}
+    env.update(extra)
+    return env
+
+
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
@@ -116,6 +127,18 @@ class Lab:
             subprocess.run(["ip", "netns", "del", self.netns], check=False)
             self._netns_made = False
         shutil.rmtree(self.dir, ignore_errors=True)
+        self._drop_nix_root_records()
+
+    def _drop_nix_root_records(self) -> None:
+        """The worker's GC roots went with the lab's directory; Nix's records
+        of them (``gcroots/auto``) must go too, or they dangle until a GC."""
+        auto = Path(os.environ.get("NIX_STATE_DIR", "/nix/var/nix")) / "gcroots" / "auto"
+        prefix = f"{self.dir}/"
+        with contextlib.suppress(FileNotFoundError):
+            for entry in auto.iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(entry).startswith(prefix):
+                        entry.unlink()
 
     def kill_vmms(self) -> None:
         for pid in self.vmm_pids().values():
@@ -129,7 +152,7 @@ class Lab:
 
     def _spawn(self, name: str, args: Sequence[str]) -> _Proc:
         log = self.dir / f"{name}.log"
-        env = dict(os.environ)
+        env = _plain_env()
         env.setdefault("NIX_CONF_DIR", "/var/cache/procurator/test-image/nix-conf")
         with open(log, "ab") as out:
             popen = subprocess.Popen(
@@ -212,7 +235,7 @@ class Lab:
         self, *args: str, check: bool = True, timeout: float = 300
     ) -> subprocess.CompletedProcess[str]:
         """Run ``procurator ARGS`` inside the namespace against the master."""
-        env = dict(os.environ, PROCURATOR_MASTER=self.master_addr)
+        env = _plain_env(PROCURATOR_MASTER=self.master_addr)
         result = subprocess.run(
             ["ip", "netns", "exec", self.netns, sys.executable, "-m", "procurator", *args],
             capture_output=True,

@@ -176,6 +176,9 @@ struct WorkerConnection {
   lastReportUnixMs @5 :Int64;
   vmCount @6 :UInt32;
   # Number of VMs assigned to this worker.
+  desiredVms @7 :List(VmAssignment);
+  # The VMs assigned to this worker (desired hash and power state), so a
+  # client can show desired vs observed per VM.
 }
 
 struct FleetStatus {
@@ -278,8 +281,45 @@ interface Control {
   apply @0 (fleet :Fleet, expected :ExpectedGeneration, dryRun :Bool)
       -> (result :ApplyResult);
   status @1 () -> (status :FleetStatus);
-  events @2 (vmId :Text, limit :UInt32) -> (events :List(WorkerEvent));
-  # Recent events, newest last; vmId "" means all VMs.
+  events @2 (vmId :Text, limit :UInt32, afterSeq :UInt64) -> (events :List(WorkerEvent));
+  # Recent events, oldest first; vmId "" means all VMs. afterSeq 0: the
+  # newest `limit`. Otherwise the oldest `limit` events whose seq is greater
+  # (a client following the stream passes the last seq it saw; a jump in
+  # seq means events it missed were dropped from the master's history).
+  describeVm @3 (vmId :Text, eventLimit :UInt32) -> (result :DescribeResult);
+  # Everything the master knows about one VM: desired and observed state and
+  # its newest `eventLimit` events (0: a default). notFound when the master
+  # has never heard of the VM.
+}
+
+struct VmDescription {
+  vmId @0 :Text;
+  fleetGeneration @1 :UInt64;
+  workerId @2 :Text;
+  # The worker the VM is assigned to ("" when it is not desired anywhere).
+  desiredGeneration @3 :UInt64;
+  # Generation of that worker's assignment (0 when not desired).
+  desiredOpId @4 :Text;
+  # Operation id of the apply that produced that assignment.
+  desired @5 :VmAssignment;
+  # Unset when the VM is not desired (e.g. being removed).
+  observedBy @6 :Text;
+  # The worker whose last status report shows the VM ("" when none does).
+  workerConnected @7 :Bool;
+  # Whether observedBy (or else workerId) is connected.
+  observedGeneration @8 :UInt64;
+  # observedBy's observed generation.
+  status @9 :VmStatus;
+  # Unset when no worker reports the VM.
+  events @10 :List(WorkerEvent);
+  # Newest last.
+}
+
+struct DescribeResult {
+  union {
+    vm @0 :VmDescription;
+    error @1 :Error;
+  }
 }
 
 struct ExpectedGeneration {
@@ -294,6 +334,9 @@ struct ExpectedGeneration {
 struct WorkerEvent {
   workerId @0 :Text;
   event @1 :VmEvent;
+  seq @2 :UInt64;
+  # Assigned by the master as it receives events: increasing, also across
+  # master restarts (it starts from the wall clock in microseconds).
 }
 
 interface Master {

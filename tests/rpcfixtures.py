@@ -31,15 +31,21 @@ class RunningMaster:
         self.listen = listen
         self.address: Address | None = None
         self._scope: trio.CancelScope | None = None
+        self._stopped = trio.Event()
 
     async def start(self) -> Address:
+        stopped = self._stopped = trio.Event()
+
         async def run(task_status: trio.TaskStatus[Address]) -> None:
-            with trio.CancelScope() as scope:
-                self._scope = scope
-                await run_master(
-                    MasterConfig(listen=self.listen, db=self.db, push_timeout=2.0),
-                    task_status=task_status,
-                )
+            try:
+                with trio.CancelScope() as scope:
+                    self._scope = scope
+                    await run_master(
+                        MasterConfig(listen=self.listen, db=self.db, push_timeout=2.0),
+                        task_status=task_status,
+                    )
+            finally:
+                stopped.set()
 
         self.address = await self._nursery.start(run)
         # Restart on the same port.
@@ -50,7 +56,9 @@ class RunningMaster:
         assert self._scope is not None
         self._scope.cancel()
         self._scope = None
-        await trio.testing.wait_all_tasks_blocked()
+        # Until run_master returned: its store lock is released then, so a
+        # restart on the same database cannot find it still held.
+        await self._stopped.wait()
 
 
 @pytest.fixture

@@ -84,6 +84,31 @@ in
       '';
     };
 
+    tls = {
+      cert = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        example = "/run/secrets/procurator/master.crt";
+        description = ''
+          Certificate (PEM) for mutual TLS with the master, made with
+          `procurator certs issue` (see docs/SECURITY.md). A path on the host,
+          not a Nix path: keys must not enter the world-readable store.
+          With `key` and `ca`; null: plaintext, which procurator refuses off
+          loopback unless `--insecure` is in `extraArgs`.
+        '';
+      };
+      key = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        description = "Private key (PEM) of `tls.cert`; a host path readable by the service.";
+      };
+      ca = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        description = "The fleet's CA certificate (PEM), `procurator certs init`.";
+      };
+    };
+
     extraArgs = lib.mkOption {
       type = lib.types.listOf lib.types.str;
       default = [ ];
@@ -99,6 +124,26 @@ in
   };
 
   config = lib.mkIf cfg.enable {
+    # procurator refuses plaintext off loopback (docs/SECURITY.md): say so at
+    # evaluation time, not as a unit that fails to start.
+    assertions = [
+      {
+        assertion =
+          cfg.tls.cert != null
+          || builtins.elem cfg.listenAddress [ "127.0.0.1" "::1" "localhost" ]
+          || builtins.elem "--insecure" cfg.extraArgs;
+        message = ''
+          services.procurator.master listens on ${cfg.listenAddress} without TLS:
+          set services.procurator.master.tls.{cert,key,ca} (procurator certs),
+          listen on loopback, or add "--insecure" to extraArgs.
+        '';
+      }
+      {
+        assertion = (cfg.tls.cert == null) == (cfg.tls.key == null) && (cfg.tls.key == null) == (cfg.tls.ca == null);
+        message = "services.procurator.master.tls: set cert, key and ca together.";
+      }
+    ];
+
     # `procurator apply` and `procurator status` for people logged in here.
     environment.systemPackages = [ cfg.package ];
 
@@ -126,6 +171,14 @@ in
             database
             "--metrics-listen"
             (net.hostPort cfg.metrics.listenAddress cfg.metrics.port)
+          ]
+          ++ lib.optionals (cfg.tls.cert != null) [
+            "--tls-cert"
+            cfg.tls.cert
+            "--tls-key"
+            cfg.tls.key
+            "--tls-ca"
+            cfg.tls.ca
           ]
           ++ cfg.extraArgs
         );

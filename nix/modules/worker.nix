@@ -210,6 +210,31 @@ in
       '';
     };
 
+    tls = {
+      cert = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        example = "/run/secrets/procurator/worker-ID.crt";
+        description = ''
+          Certificate (PEM) for mutual TLS with the master, made with
+          `procurator certs issue` (see docs/SECURITY.md). A path on the host,
+          not a Nix path: keys must not enter the world-readable store.
+          With `key` and `ca`; null: plaintext, which procurator refuses off
+          loopback unless `--insecure` is in `extraArgs`.
+        '';
+      };
+      key = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        description = "Private key (PEM) of `tls.cert`; a host path readable by the service.";
+      };
+      ca = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        description = "The fleet's CA certificate (PEM), `procurator certs init`.";
+      };
+    };
+
     extraArgs = lib.mkOption {
       type = lib.types.listOf lib.types.str;
       default = [ ];
@@ -223,6 +248,26 @@ in
   config = lib.mkIf cfg.enable (
     lib.mkMerge [
       {
+        # procurator refuses plaintext to a master off loopback
+        # (docs/SECURITY.md): say so at evaluation time.
+        assertions = [
+          {
+            assertion =
+              cfg.tls.cert != null
+              || builtins.match "(127[.].*|[[]::1[]]:.*|localhost:.*|unix:.*)" cfg.master != null
+              || builtins.elem "--insecure" cfg.extraArgs;
+            message = ''
+              services.procurator.worker dials ${cfg.master} without TLS: set
+              services.procurator.worker.tls.{cert,key,ca} (procurator certs issue
+              --worker ${cfg.id}), or add "--insecure" to extraArgs.
+            '';
+          }
+          {
+            assertion = (cfg.tls.cert == null) == (cfg.tls.key == null) && (cfg.tls.key == null) == (cfg.tls.ca == null);
+            message = "services.procurator.worker.tls: set cert, key and ca together.";
+          }
+        ];
+
         environment.systemPackages = [ cfg.package ];
 
         users.users.${user} = {
@@ -283,6 +328,14 @@ in
                 cfg.network.subnet
                 "--metrics-listen"
                 (net.hostPort cfg.metrics.listenAddress cfg.metrics.port)
+              ]
+              ++ lib.optionals (cfg.tls.cert != null) [
+                "--tls-cert"
+                cfg.tls.cert
+                "--tls-key"
+                cfg.tls.key
+                "--tls-ca"
+                cfg.tls.ca
               ]
               ++ cfg.extraArgs
             );

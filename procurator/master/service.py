@@ -23,7 +23,12 @@ Invariants:
   old one, whose connection is closed. Calls on a replaced session fail with
   ``UnavailableError``; reports on a session are accepted only for its own
   worker id (else ``UnauthorizedError``).
-- Events are kept in bounded rings (per VM and overall).
+- Events are kept in bounded rings: at most ``events_total`` overall, at
+  most ``events_per_vm`` per VM, and rings of at most ``events_total``
+  VMs (the stalest VM's ring is dropped first), so a worker flooding
+  events, or a fleet churning through VM ids, cannot grow the master.
+- Every log record of an apply and of the pushes, status transitions and
+  events it causes carries its ``op_id`` (``procurator.logs``).
 
 Lock order: ``_apply_lock`` is the only lock; nothing else is awaited under
 it but the store commit and the (pure) validation/diff in a thread.
@@ -34,7 +39,6 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +47,7 @@ from typing import Protocol
 import trio
 
 from procurator.core.errors import (
+    NotFoundError,
     ProcuratorError,
     StaleGenerationError,
     UnauthorizedError,
@@ -60,10 +65,12 @@ from procurator.core.models import (
     WorkerInfo,
     WorkerStatus,
 )
+from procurator.logs import log_context, new_op_id
 from procurator.rpc.messages import (
     ApplyResult,
     FleetStatus,
     MetricSample,
+    VmDescription,
     WorkerConnection,
     WorkerEvent,
 )
@@ -71,11 +78,6 @@ from procurator.rpc.messages import (
 __all__ = ["DesiredStateStore", "MasterService", "WorkerNode", "new_op_id"]
 
 logger = logging.getLogger(__name__)
-
-
-def new_op_id() -> str:
-    """A fresh operation id, e.g. ``op-3f9a0c12b7de``."""
-    return "op-" + secrets.token_hex(6)
 
 
 class WorkerNode(Protocol):
@@ -167,6 +169,9 @@ class MasterService:
         self._events: collections.deque[WorkerEvent] = collections.deque(maxlen=events_total)
         self._vm_events: dict[str, collections.deque[WorkerEvent]] = {}
         self._max_vm_event_keys = events_total
+        # Event seqs follow the wall clock (microseconds) so they keep
+        # increasing across master restarts; +1 when events come faster.
+        self._last_event_seq = 0
         self._nursery: trio.Nursery | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -206,16 +211,33 @@ class MasterService:
     # ------------------------------------------------------------ control
 
     async def apply(
-        self, fleet: Fleet, *, expected_generation: int | None = None, dry_run: bool = False
+        self,
+        fleet: Fleet,
+        *,
+        expected_generation: int | None = None,
+        dry_run: bool = False,
+        op_id: str = "",
     ) -> ApplyResult:
         """Validate, diff, store (one transaction), push to affected workers.
 
-        Raises ``ValidationError`` (nothing stored) or
-        ``StaleGenerationError`` when ``expected_generation`` is given and
-        the fleet has moved on.
+        ``op_id`` names the operation (minted here when not given); it is in
+        every log record of the apply and of its pushes, in the assignments
+        and in every error raised. Raises ``ValidationError`` (nothing
+        stored) or ``StaleGenerationError`` when ``expected_generation`` is
+        given and the fleet has moved on.
         """
         self._require_running()
-        op_id = new_op_id()
+        op_id = op_id or new_op_id()
+        with log_context(op_id=op_id):
+            try:
+                return await self._apply(fleet, expected_generation, dry_run, op_id)
+            except ProcuratorError as exc:
+                exc.op_id = exc.op_id or op_id
+                raise
+
+    async def _apply(
+        self, fleet: Fleet, expected_generation: int | None, dry_run: bool, op_id: str
+    ) -> ApplyResult:
         # Pure CPU work that grows with the fleet: off the event loop.
         await trio.to_thread.run_sync(validate_fleet, fleet)
         async with self._apply_lock:
@@ -229,6 +251,13 @@ class MasterService:
             assignments = self._assignments
             diffs: list[WorkerDiff] = await trio.to_thread.run_sync(diff_fleets, assignments, fleet)
             if dry_run or not diffs:
+                logger.info(
+                    "apply %s: %s (generation %d)",
+                    op_id,
+                    "dry run" if dry_run else "no changes",
+                    current,
+                    extra={"generation": current},
+                )
                 return ApplyResult(current, bool(diffs), tuple(diffs), op_id, dry_run)
             desired = fleet.as_dict()
             changes = {d.worker_id: desired.get(d.worker_id, ()) for d in diffs}
@@ -238,13 +267,22 @@ class MasterService:
             for worker_id, vms in changes.items():
                 self._assignments[worker_id] = Assignment(worker_id, generation, tuple(vms), op_id)
             self._generation = generation
-        logger.info(
-            "applied %s: generation %d, %d worker(s) changed", op_id, generation, len(diffs)
-        )
-        for diff in diffs:
-            worker = self._workers.get(diff.worker_id)
-            if worker is not None and worker.session is not None:
-                self._queue_push(worker.session, self._assignments[diff.worker_id])
+        with log_context(generation=generation):
+            logger.info(
+                "applied %s: generation %d, %d worker(s) changed", op_id, generation, len(diffs)
+            )
+            for diff in diffs:
+                with log_context(worker_id=diff.worker_id):
+                    logger.info("worker %s: %s", diff.worker_id, _diff_summary(diff))
+                    worker = self._workers.get(diff.worker_id)
+                    if worker is not None and worker.session is not None:
+                        self._queue_push(worker.session, self._assignments[diff.worker_id])
+                    else:
+                        logger.info(
+                            "worker %s is not connected: it gets generation %d when it does",
+                            diff.worker_id,
+                            generation,
+                        )
         return ApplyResult(generation, True, tuple(diffs), op_id, False)
 
     async def fleet_status(self) -> FleetStatus:
@@ -262,18 +300,80 @@ class MasterService:
                     status=worker.status if worker else None,
                     last_report_unix_ms=worker.last_report_unix_ms if worker else 0,
                     vm_count=len(assignment.vms) if assignment else 0,
+                    desired_vms=assignment.vms if assignment else (),
                 )
             )
         return FleetStatus(self._generation, tuple(workers))
 
-    async def recent_events(self, vm_id: str = "", limit: int = 100) -> tuple[WorkerEvent, ...]:
-        """The newest ``limit`` events (of ``vm_id``, or of all VMs), oldest
-        first."""
+    async def describe_vm(self, vm_id: str, event_limit: int = 20) -> VmDescription:
+        """Desired and observed state of one VM with its newest events.
+        Raises ``NotFoundError`` when no assignment, status or event names
+        it. O(VMs of the fleet): an operator's command, not a hot path."""
+        self._require_running()
+        assigned: Assignment | None = None
+        desired: VmAssignment | None = None
+        for assignment in self._assignments.values():
+            desired = next((vm for vm in assignment.vms if vm.id == vm_id), None)
+            if desired is not None:
+                assigned = assignment
+                break
+        observed_by, observed = "", None
+        # The assigned worker's report first: during a move the VM may
+        # still show on its old worker too.
+        candidates = sorted(
+            self._workers.values(),
+            key=lambda w: (assigned is None or w.worker_id != assigned.worker_id, w.worker_id),
+        )
+        for worker in candidates:
+            found = (
+                next((v for v in worker.status.vms if v.id == vm_id), None)
+                if worker.status
+                else None
+            )
+            if found is not None:
+                observed_by, observed = worker.worker_id, found
+                break
+        events = await self.recent_events(vm_id, event_limit)
+        if assigned is None and observed is None and not events:
+            raise NotFoundError(f"VM {vm_id!r} is neither desired nor reported by any worker")
+        shown = self._workers.get(observed_by or (assigned.worker_id if assigned else ""))
+        observer = self._workers.get(observed_by)
+        return VmDescription(
+            vm_id=vm_id,
+            fleet_generation=self._generation,
+            worker_id=assigned.worker_id if assigned else "",
+            desired_generation=assigned.generation if assigned else 0,
+            desired_op_id=assigned.op_id if assigned else "",
+            desired=desired,
+            observed_by=observed_by,
+            worker_connected=shown is not None and shown.session is not None,
+            observed_generation=(
+                observer.status.observed_generation if observer and observer.status else 0
+            ),
+            status=observed,
+            events=events,
+        )
+
+    async def recent_events(
+        self, vm_id: str = "", limit: int = 100, after_seq: int = 0
+    ) -> tuple[WorkerEvent, ...]:
+        """Events of ``vm_id`` (or of all VMs), oldest first: the newest
+        ``limit``, or with ``after_seq`` the oldest ``limit`` whose ``seq``
+        is greater (for a client following the stream)."""
         self._require_running()
         ring = self._events if not vm_id else self._vm_events.get(vm_id, ())
         if limit <= 0:
             return ()
-        return tuple(ring)[-limit:]
+        if not after_seq:
+            return tuple(ring)[-limit:]
+        # Rings are in seq order: skip from the newest end to the cursor.
+        newer: list[WorkerEvent] = []
+        for item in reversed(ring):
+            if item.seq <= after_seq:
+                break
+            newer.append(item)
+        newer.reverse()
+        return tuple(newer[:limit])
 
     def fleet_view(self) -> FleetView:
         """What the exporter and service discovery show, as plain values.
@@ -370,8 +470,15 @@ class MasterService:
         session = self._session(token)
         self._check_own(session, status.worker_id, "status")
         worker = self._workers[session.worker_id]
+        before = worker.status.observed_generation if worker.status else 0
         worker.status = status
         worker.last_report_unix_ms = self._now_ms()
+        reached = status.observed_generation
+        if reached != before:
+            assignment = self._assignments.get(worker.worker_id)
+            op_id = assignment.op_id if assignment and assignment.generation == reached else ""
+            with log_context(op_id=op_id, worker_id=worker.worker_id, generation=reached):
+                logger.info("worker %s converged to generation %d", worker.worker_id, reached)
 
     async def report_metrics(
         self, token: int, worker_id: str, samples: tuple[MetricSample, ...]
@@ -387,7 +494,10 @@ class MasterService:
         self._require_running()
         worker_id = self._session(token).worker_id
         for event in events:
-            item = WorkerEvent(worker_id, event)
+            with log_context(op_id=event.op_id, worker_id=worker_id, vm_id=event.vm_id):
+                logger.info("VM %s %s: %s", event.vm_id, event.kind.value, event.message)
+            self._last_event_seq = max(self._last_event_seq + 1, self._now_ms() * 1000)
+            item = WorkerEvent(worker_id, event, self._last_event_seq)
             self._events.append(item)
             ring = self._vm_events.pop(event.vm_id, None)
             if ring is None:
@@ -440,16 +550,22 @@ class MasterService:
             assignment, session.pending = session.pending, None
             if assignment is None:
                 continue
-            try:
-                with trio.fail_after(self._push_timeout):
-                    await session.node.push(assignment)
-            except trio.TooSlowError:
-                return f"push of generation {assignment.generation} timed out"
-            except ProcuratorError as exc:
-                return f"push of generation {assignment.generation} failed: {exc}"
-            logger.debug(
-                "pushed generation %d to worker %s", assignment.generation, session.worker_id
-            )
+            op = assignment.op_id or "-"
+            with log_context(
+                op_id=assignment.op_id,
+                worker_id=session.worker_id,
+                generation=assignment.generation,
+            ):
+                try:
+                    with trio.fail_after(self._push_timeout):
+                        await session.node.push(assignment)
+                except trio.TooSlowError:
+                    return f"push of generation {assignment.generation} (op {op}) timed out"
+                except ProcuratorError as exc:
+                    return f"push of generation {assignment.generation} (op {op}) failed: {exc}"
+                logger.info(
+                    "pushed generation %d to worker %s", assignment.generation, session.worker_id
+                )
 
     async def _close_node(self, node: WorkerNode, worker_id: str) -> None:
         try:
@@ -457,3 +573,18 @@ class MasterService:
                 await node.aclose()
         except ProcuratorError as exc:
             logger.debug("closing the connection of worker %s: %s", worker_id, exc)
+
+
+def _diff_summary(diff: WorkerDiff) -> str:
+    parts = [
+        f"{label} {', '.join(ids)}"
+        for label, ids in (
+            ("added", diff.added),
+            ("replaced", diff.replaced),
+            ("removed", diff.removed),
+            ("updated", diff.updated),
+        )
+        if ids
+    ]
+    parts += [f"power {c.vm_id} {c.before.value} -> {c.after.value}" for c in diff.power_changed]
+    return "; ".join(parts)

@@ -8,6 +8,8 @@
   server over a trio-side ``MasterBackend``.
 - ``clients``: ``open_control`` (CLI, CI) and ``CapnpMasterDialer`` (worker).
 - ``messages``: plain values of the boundary (no capnp), usable anywhere.
+- ``tls``: mutual TLS contexts, certificate identities and who may do what
+  (no capnp; see docs/SECURITY.md).
 
 This ``__init__`` imports nothing, so importing ``procurator.rpc.messages``
 does not pull in Cap'n Proto.

@@ -42,6 +42,7 @@ import itertools
 import logging
 import os
 import re
+import ssl
 import threading
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -53,12 +54,14 @@ import trio
 
 from procurator.core.errors import (
     PermanentError,
+    UnauthorizedError,
     UnavailableError,
     error_from_code,
 )
 from procurator.core.validation import LIMITS
 from procurator.rpc.messages import Address
 from procurator.rpc.schema import load_schema
+from procurator.rpc.tls import HANDSHAKE_TIMEOUT, MASTER_SERVER_NAME
 
 __all__ = [
     "TRAVERSAL_LIMIT_WORDS",
@@ -94,8 +97,9 @@ def translate_exception(exc: BaseException, what: str) -> BaseException:
     Cap'n Proto's exceptions carry a type: DISCONNECTED and OVERLOADED (and
     a remote FAILED: a bug or a crash on the other side) mean "try again
     later"; UNIMPLEMENTED means the peer does not speak this method, which no
-    retry fixes. Socket errors while connecting are "unavailable" too.
-    Anything else is returned unchanged.
+    retry fixes. Socket errors while connecting are "unavailable" too, except
+    a peer certificate that does not verify ("unauthorized": retrying with
+    the same certificates cannot help). Anything else is returned unchanged.
     """
     if isinstance(exc, capnp.KjException):
         kind = exc.type
@@ -116,6 +120,13 @@ def translate_exception(exc: BaseException, what: str) -> BaseException:
         if kind == "OVERLOADED":
             return UnavailableError(f"{what}: peer overloaded: {first}", delay=2.0)
         return UnavailableError(f"{what}: remote failure ({kind}): {first}")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return UnauthorizedError(
+            f"{what}: TLS: the peer's certificate is not trusted: "
+            f"{exc.verify_message or exc.reason or exc}"
+        )
+    if isinstance(exc, ssl.SSLError):
+        return UnavailableError(f"{what}: TLS: {exc.reason or exc}")
     if isinstance(exc, OSError):
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         return UnavailableError(f"{what}: {reason}")
@@ -463,10 +474,59 @@ async def open_bridge() -> AsyncIterator[Bridge]:
 # Everything below runs on the capnp thread (inside Bridge.run).
 
 
-async def _open_stream(address: Address) -> Any:
+# pycapnp's AsyncIoStream keeps its asyncio protocol (and so the transport,
+# which knows the peer's certificate) private; its public create_server
+# hands the accept callback nothing but the stream. `_connect` is the
+# protocol factory that create_server itself uses: it returns the protocol,
+# whose `transport` attribute is public. Calling it from our own factory is
+# the one way to learn who connected without forking pycapnp. Only TLS
+# connections go this way (plaintext ones use the public API); the security
+# tests fail loudly if a pycapnp release takes it away.
+_STREAM_PROTOCOL_FACTORY: Callable[[Callable[[Any], Any]], Any] | None = getattr(
+    capnp.AsyncIoStream, "_connect", None
+)
+
+
+def _stream_protocol_factory() -> Callable[[Callable[[Any], Any]], Any]:
+    factory_of = _STREAM_PROTOCOL_FACTORY
+    if factory_of is None:
+        raise PermanentError(
+            "this pycapnp has no AsyncIoStream._connect; procurator cannot use TLS with it "
+            "(pycapnp 2.2.x is known to work)"
+        )
+    return factory_of
+
+
+async def _open_stream(address: Address, tls: ssl.SSLContext | None) -> tuple[Any, Any]:
+    """(stream, TLS transport or None) of a new connection to ``address``."""
+    if tls is None:
+        if address.unix_path is not None:
+            stream = await capnp.AsyncIoStream.create_unix_connection(address.unix_path)
+        else:
+            stream = await capnp.AsyncIoStream.create_connection(address.host, address.port)
+        return stream, None
+    # Over TLS we keep the transport (see ClientConnection.close), so the
+    # stream is made the way start_listener makes it.
+    factory_of = _stream_protocol_factory()
+    loop = asyncio.get_running_loop()
+    streams: list[Any] = []
+    protocol = factory_of(streams.append)  # called with the stream once connected
+    options: dict[str, Any] = {
+        "ssl": tls,
+        # The master is known by its role name, not by the address dialed
+        # (see procurator.rpc.tls).
+        "server_hostname": MASTER_SERVER_NAME,
+        "ssl_handshake_timeout": HANDSHAKE_TIMEOUT,
+    }
     if address.unix_path is not None:
-        return await capnp.AsyncIoStream.create_unix_connection(address.unix_path)
-    return await capnp.AsyncIoStream.create_connection(address.host, address.port)
+        transport, _ = await loop.create_unix_connection(
+            lambda: protocol, address.unix_path, **options
+        )
+    else:
+        transport, _ = await loop.create_connection(
+            lambda: protocol, address.host, address.port, **options
+        )
+    return streams[0], transport
 
 
 class ClientConnection:
@@ -477,8 +537,11 @@ class ClientConnection:
     without waiting for its next call to fail.
     """
 
-    def __init__(self, stream: Any, on_lost: Callable[[str], None]) -> None:
+    def __init__(
+        self, stream: Any, on_lost: Callable[[str], None], *, tls_transport: Any = None
+    ) -> None:
         self._stream = stream
+        self._tls_transport = tls_transport
         self._client = capnp.TwoPartyClient(stream, traversal_limit_in_words=TRAVERSAL_LIMIT_WORDS)
         self._on_lost: Callable[[str], None] | None = on_lost
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
@@ -506,26 +569,69 @@ class ClientConnection:
         self._lost("closed")
         with contextlib.suppress(RuntimeError):
             self._client.close()
+        if self._tls_transport is not None:
+            # A graceful TLS close waits for the peer's close_notify; if the
+            # capnp thread stops meanwhile (a CLI exiting, a test's bridge
+            # closing) the socket is never closed. Everything we meant to
+            # send has been answered by now: drop the connection at once.
+            self._tls_transport.abort()
         self._stream.close()
 
 
-async def connect(address: Address, on_lost: Callable[[str], None]) -> ClientConnection:
-    """Dial ``address`` (capnp thread). Errors are translated by the caller's
-    :meth:`Bridge.run`."""
-    stream = await _open_stream(address)
-    return ClientConnection(stream, on_lost)
+async def connect(
+    address: Address, on_lost: Callable[[str], None], *, tls: ssl.SSLContext | None = None
+) -> ClientConnection:
+    """Dial ``address`` (capnp thread), over TLS when ``tls`` is given.
+    Errors are translated by the caller's :meth:`Bridge.run`."""
+    stream, tls_transport = await _open_stream(address, tls)
+    return ClientConnection(stream, on_lost, tls_transport=tls_transport)
+
+
+OnStream = Callable[[Any, Any], Awaitable[None]]
 
 
 async def start_listener(
-    address: Address, on_stream: Callable[[Any], Awaitable[None]]
+    address: Address, on_stream: OnStream, *, tls: ssl.SSLContext | None = None
 ) -> asyncio.Server:
-    """Listen on ``address`` (capnp thread); ``on_stream`` runs as a task per
-    accepted connection and must not raise (log instead)."""
+    """Listen on ``address`` (capnp thread), over TLS when ``tls`` is given.
+
+    ``on_stream(stream, tls_transport)`` runs as a task per accepted
+    connection (after the TLS handshake) and must not raise (log instead);
+    ``tls_transport`` is the connection's TLS transport (None without TLS):
+    ``get_extra_info("peercert")`` is the verified client certificate, and
+    ``abort()`` closes the connection at once (a graceful close waits for the
+    peer). A TLS handshake that fails (no certificate, another CA,
+    plaintext) never reaches ``on_stream``.
+    """
+    if tls is None:
+
+        def plain(stream: Any) -> Awaitable[None]:
+            return on_stream(stream, None)
+
+        if address.unix_path is not None:
+            server = await capnp.AsyncIoStream.create_unix_server(plain, address.unix_path)
+        else:
+            server = await capnp.AsyncIoStream.create_server(
+                plain, address.host, address.port, reuse_address=True
+            )
+        assert isinstance(server, asyncio.Server)
+        return server
+    factory_of = _stream_protocol_factory()
+    loop = asyncio.get_running_loop()
+
+    def protocol_factory() -> Any:
+        cell: list[Any] = []
+
+        def accepted(stream: Any) -> Awaitable[None]:
+            return on_stream(stream, cell[0].transport)
+
+        protocol = factory_of(accepted)
+        cell.append(protocol)
+        return protocol
+
+    options: dict[str, Any] = {"ssl": tls, "ssl_handshake_timeout": HANDSHAKE_TIMEOUT}
     if address.unix_path is not None:
-        server = await capnp.AsyncIoStream.create_unix_server(on_stream, address.unix_path)
-    else:
-        server = await capnp.AsyncIoStream.create_server(
-            on_stream, address.host, address.port, reuse_address=True
-        )
-    assert isinstance(server, asyncio.Server)
-    return server
+        return await loop.create_unix_server(protocol_factory, address.unix_path, **options)
+    return await loop.create_server(
+        protocol_factory, address.host, address.port, reuse_address=True, **options
+    )

@@ -7,24 +7,34 @@ connection is noticed without waiting for the next call (the connection's
 ``on_disconnect`` is watched) and surfaces as
 :meth:`CapnpMasterSession.wait_disconnected` returning; calls on a dead
 connection raise ``UnavailableError``.
+
+TLS: given ``TlsFiles``, both clients dial over mutual TLS and check that the
+master's certificate comes from the fleet CA (``procurator.rpc.tls``);
+without, they refuse a non-loopback master unless ``insecure``. Over TLS 1.3
+a master that refuses our certificate does so only after our side of the
+handshake is done, so the refusal shows as the connection closing on the
+first call; that error says so.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
+import capnp
 import trio
 
-from procurator.core.errors import ValidationError
+from procurator.core.errors import UnavailableError, ValidationError
 from procurator.core.models import Assignment, Fleet, VmEvent, WorkerInfo, WorkerStatus
 from procurator.core.validation import check_vm_id
 from procurator.rpc.bridge import Bridge, CapnpHandle, ClientConnection, connect
 from procurator.rpc.convert import (
     apply_result_from_reader,
     assignment_from_reader,
+    describe_result_from_reader,
     error_from_reader,
     fill_events,
     fill_fleet,
@@ -39,10 +49,12 @@ from procurator.rpc.messages import (
     ApplyResult,
     FleetStatus,
     MetricSample,
+    VmDescription,
     WorkerEvent,
     parse_address,
 )
 from procurator.rpc.schema import load_schema
+from procurator.rpc.tls import TlsFiles, client_context, require_secure
 
 __all__ = [
     "CapnpMasterDialer",
@@ -56,10 +68,36 @@ logger = logging.getLogger(__name__)
 _schema = load_schema()
 
 OnPush = Callable[[Assignment], Awaitable[None]]
+T = TypeVar("T")
 
 
 def _address(address: str | Address) -> Address:
     return address if isinstance(address, Address) else parse_address(address)
+
+
+def _tls_for(
+    address: Address, tls: TlsFiles | None, insecure: bool, what: str
+) -> ssl.SSLContext | None:
+    """The client TLS context for dialing ``address`` (None: plaintext,
+    allowed only where ``require_secure`` allows it)."""
+    require_secure(address, tls, insecure=insecure, what=what)
+    return client_context(tls) if tls is not None else None
+
+
+async def _first_answer(call: Awaitable[T], tls: ssl.SSLContext | None) -> T:
+    """Await the first call of a connection (capnp thread); over TLS, a
+    connection closed before it is answered most likely means the master
+    refused our certificate: say so."""
+    try:
+        return await call
+    except capnp.KjException as exc:
+        if tls is None or exc.type != "DISCONNECTED":
+            raise
+        raise UnavailableError(
+            "the master closed the TLS connection before answering: it most likely "
+            "refused this certificate (not signed by its CA, expired, or not a client "
+            "certificate), or it is shutting down; see the master's log"
+        ) from None
 
 
 # ---------------------------------------------------------------- control
@@ -84,18 +122,41 @@ class ControlClient:
     async def status(self) -> FleetStatus:
         return await self._bridge.run(_status, self._handle, what="status")
 
-    async def events(self, vm_id: str = "", limit: int = 100) -> tuple[WorkerEvent, ...]:
+    async def events(
+        self, vm_id: str = "", limit: int = 100, *, after_seq: int = 0
+    ) -> tuple[WorkerEvent, ...]:
+        """Recent events, oldest first: the newest ``limit``, or with
+        ``after_seq`` the oldest ``limit`` received after that one."""
         if vm_id and (problem := check_vm_id(vm_id)) is not None:
             raise ValidationError(f"vm id: {problem}")
-        return await self._bridge.run(_events, self._handle, vm_id, limit, what="events")
+        return await self._bridge.run(_events, self._handle, vm_id, limit, after_seq, what="events")
+
+    async def describe_vm(self, vm_id: str, event_limit: int = 20) -> VmDescription:
+        """Everything the master knows about VM ``vm_id``; ``NotFoundError``
+        when it knows nothing."""
+        if (problem := check_vm_id(vm_id)) is not None:
+            raise ValidationError(f"vm id: {problem}")
+        return await self._bridge.run(
+            _describe_vm, self._handle, vm_id, event_limit, what=f"describe VM {vm_id}"
+        )
 
 
 @contextlib.asynccontextmanager
-async def open_control(bridge: Bridge, address: str | Address) -> AsyncIterator[ControlClient]:
-    """Connect to the master at ``address`` and yield its control client."""
+async def open_control(
+    bridge: Bridge,
+    address: str | Address,
+    *,
+    tls: TlsFiles | None = None,
+    insecure: bool = False,
+) -> AsyncIterator[ControlClient]:
+    """Connect to the master at ``address`` and yield its control client.
+    ``tls``: a control certificate; needed for a non-loopback master unless
+    ``insecure``. The master answers ``UnauthorizedError`` to any other
+    certificate."""
     target = _address(address)
+    context = _tls_for(target, tls, insecure, "connecting to the master at")
     handle = await bridge.run(
-        _open_control, bridge, target, what=f"connecting to the master at {target}"
+        _open_control, bridge, target, context, what=f"connecting to the master at {target}"
     )
     try:
         yield ControlClient(bridge, handle)
@@ -104,11 +165,13 @@ async def open_control(bridge: Bridge, address: str | Address) -> AsyncIterator[
             await bridge.run(_close, handle)
 
 
-async def _open_control(bridge: Bridge, address: Address) -> CapnpHandle[Any]:
-    conn = await connect(address, lambda reason: None)
+async def _open_control(
+    bridge: Bridge, address: Address, tls: ssl.SSLContext | None
+) -> CapnpHandle[Any]:
+    conn = await connect(address, lambda reason: None, tls=tls)
     try:
         master = conn.bootstrap(_schema.Master)
-        response = await master.control()
+        response = await _first_answer(master.control(), tls)
         control = _ok(response.result).control
     except BaseException:
         conn.close()
@@ -143,10 +206,17 @@ async def _status(handle: CapnpHandle[tuple[ClientConnection, Any]]) -> FleetSta
 
 
 async def _events(
-    handle: CapnpHandle[tuple[ClientConnection, Any]], vm_id: str, limit: int
+    handle: CapnpHandle[tuple[ClientConnection, Any]], vm_id: str, limit: int, after_seq: int
 ) -> tuple[WorkerEvent, ...]:
-    response = await handle.get()[1].events(vmId=vm_id, limit=limit)
+    response = await handle.get()[1].events(vmId=vm_id, limit=limit, afterSeq=after_seq)
     return worker_events_from_reader(response.events)
+
+
+async def _describe_vm(
+    handle: CapnpHandle[tuple[ClientConnection, Any]], vm_id: str, event_limit: int
+) -> VmDescription:
+    response = await handle.get()[1].describeVm(vmId=vm_id, eventLimit=event_limit)
+    return describe_result_from_reader(response.result)
 
 
 # ---------------------------------------------------------------- worker
@@ -173,9 +243,21 @@ class CapnpMasterDialer:
     """Dials the master for a worker (implements
     ``procurator.worker.link.MasterDialer``)."""
 
-    def __init__(self, bridge: Bridge, address: str | Address) -> None:
+    def __init__(
+        self,
+        bridge: Bridge,
+        address: str | Address,
+        *,
+        tls: TlsFiles | None = None,
+        insecure: bool = False,
+    ) -> None:
+        """``tls``: this worker's certificate, which must name the worker id
+        it registers as. Raises ``PermanentError`` at once when the master is
+        not local and there is no ``tls`` (nor ``insecure``), or when the TLS
+        files cannot be loaded."""
         self._bridge = bridge
         self.address = _address(address)
+        self._tls = _tls_for(self.address, tls, insecure, "connecting to the master at")
 
     async def connect(self, info: WorkerInfo, on_push: OnPush) -> CapnpMasterSession:
         """Connect and register. Raises ``UnavailableError`` when the master
@@ -185,6 +267,7 @@ class CapnpMasterDialer:
             _register,
             self._bridge,
             self.address,
+            self._tls,
             info,
             on_push,
             disconnected,
@@ -243,17 +326,18 @@ class CapnpMasterSession:
 async def _register(
     bridge: Bridge,
     address: Address,
+    tls: ssl.SSLContext | None,
     info: WorkerInfo,
     on_push: OnPush,
     disconnected: trio.Event,
 ) -> CapnpHandle[Any]:
-    conn = await connect(address, lambda reason: bridge.trio_soon(disconnected.set))
+    conn = await connect(address, lambda reason: bridge.trio_soon(disconnected.set), tls=tls)
     try:
         master = conn.bootstrap(_schema.Master)
         request = master.register_request()
         fill_worker_info(request.init("info"), info)
         request.node = _NodeImpl(bridge, on_push, info.worker_id)
-        response = await request.send()
+        response = await _first_answer(request.send(), tls)
         session = _ok(response.result).session
     except BaseException:
         conn.close()

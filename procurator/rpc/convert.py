@@ -54,6 +54,7 @@ from procurator.rpc.messages import (
     ApplyResult,
     FleetStatus,
     MetricSample,
+    VmDescription,
     WorkerConnection,
     WorkerEvent,
 )
@@ -63,10 +64,12 @@ __all__ = [
     "MAX_SAMPLES_PER_REPORT",
     "apply_result_from_reader",
     "assignment_from_reader",
+    "describe_result_from_reader",
     "error_from_reader",
     "events_from_reader",
     "fill_apply_result",
     "fill_assignment",
+    "fill_describe_result",
     "fill_error",
     "fill_events",
     "fill_fleet",
@@ -151,27 +154,35 @@ def _enum(table: Sequence[E], field: Any) -> E:
 
 
 class _Problems:
-    """Collects ``where: problem`` lines; raises them as one error."""
+    """Collects ``where: problem`` lines; raises them as one error:
+    ``LimitExceededError`` when any of them is a bound exceeded (a string
+    too long, too many labels), else ``ValidationError``."""
 
-    __slots__ = ("items", "what")
+    __slots__ = ("items", "over_limit", "what")
 
     def __init__(self, what: str) -> None:
         self.what = what
         self.items: list[str] = []
+        self.over_limit = False
 
     def add(self, where: str, problem: str) -> None:
         if len(self.items) < _MAX_PROBLEMS:
             self.items.append(f"{where}: {problem}")
 
+    def exceeded(self, where: str, problem: str) -> None:
+        self.over_limit = True
+        self.add(where, problem)
+
     def text(self, where: str, value: str, *, limit: int = LIMITS.max_text) -> str:
         if len(value) > limit:
-            self.add(where, f"longer than {limit} characters")
+            self.exceeded(where, f"longer than {limit} characters")
             return value[:limit]
         return value
 
     def raise_if_any(self) -> None:
         if self.items:
-            raise ValidationError(
+            error = LimitExceededError if self.over_limit else ValidationError
+            raise error(
                 f"invalid {self.what} received: {len(self.items)} problem(s)",
                 details=self.items,
             )
@@ -285,26 +296,27 @@ def _worker_status(reader: Any, where: str, problems: _Problems) -> WorkerStatus
     _check_length(len(items), LIMITS.max_vms_per_worker, f"{where}.vms")
     vms: list[VmStatus] = []
     for index, item in enumerate(items):
-        at = f"{where}.vms[{index}]"
-        vm_id: str = item.id
-        if (problem := check_vm_id(vm_id)) is not None:
-            problems.add(f"{at}.id", problem)
-        observed_hash: str = item.observedHash
-        if observed_hash and (problem := check_hash(observed_hash)) is not None:
-            problems.add(f"{at}.observedHash", problem)
-        vms.append(
-            VmStatus(
-                id=vm_id,
-                phase=_enum(_PHASE, item.phase),
-                observed_hash=observed_hash,
-                message=problems.text(f"{at}.message", item.message),
-                restarts=item.restarts,
-                address=problems.text(f"{at}.address", item.address, limit=64),
-                observed_power=_enum(_POWER, item.observedPower),
-                op_id=problems.text(f"{at}.opId", item.opId, limit=64),
-            )
-        )
+        vms.append(_vm_status(item, f"{where}.vms[{index}]", problems))
     return WorkerStatus(worker_id, generation, tuple(vms))
+
+
+def _vm_status(item: Any, at: str, problems: _Problems) -> VmStatus:
+    vm_id: str = item.id
+    if (problem := check_vm_id(vm_id)) is not None:
+        problems.add(f"{at}.id", problem)
+    observed_hash: str = item.observedHash
+    if observed_hash and (problem := check_hash(observed_hash)) is not None:
+        problems.add(f"{at}.observedHash", problem)
+    return VmStatus(
+        id=vm_id,
+        phase=_enum(_PHASE, item.phase),
+        observed_hash=observed_hash,
+        message=problems.text(f"{at}.message", item.message),
+        restarts=item.restarts,
+        address=problems.text(f"{at}.address", item.address, limit=64),
+        observed_power=_enum(_POWER, item.observedPower),
+        op_id=problems.text(f"{at}.opId", item.opId, limit=64),
+    )
 
 
 def worker_status_from_reader(reader: Any, where: str = "status") -> WorkerStatus:
@@ -319,14 +331,18 @@ def fill_worker_status(builder: Any, status: WorkerStatus) -> None:
     builder.observedGeneration = status.observed_generation
     items = builder.init("vms", len(status.vms))
     for entry, vm in zip(items, status.vms, strict=True):
-        entry.id = vm.id
-        entry.phase = vm.phase.value
-        entry.observedHash = vm.observed_hash
-        entry.message = vm.message
-        entry.restarts = vm.restarts
-        entry.address = vm.address
-        entry.observedPower = vm.observed_power.value
-        entry.opId = vm.op_id
+        _fill_vm_status(entry, vm)
+
+
+def _fill_vm_status(entry: Any, vm: VmStatus) -> None:
+    entry.id = vm.id
+    entry.phase = vm.phase.value
+    entry.observedHash = vm.observed_hash
+    entry.message = vm.message
+    entry.restarts = vm.restarts
+    entry.address = vm.address
+    entry.observedPower = vm.observed_power.value
+    entry.opId = vm.op_id
 
 
 def worker_info_from_reader(reader: Any, where: str = "info") -> WorkerInfo:
@@ -402,7 +418,8 @@ def worker_events_from_reader(items: Any, where: str = "events") -> tuple[Worker
         worker_id: str = item.workerId
         if (problem := check_worker_id(worker_id)) is not None:
             problems.add(f"{where}[{index}].workerId", problem)
-        result.append(WorkerEvent(worker_id, _event(item.event, f"{where}[{index}]", problems)))
+        event = _event(item.event, f"{where}[{index}]", problems)
+        result.append(WorkerEvent(worker_id, event, item.seq))
     problems.raise_if_any()
     return tuple(result)
 
@@ -410,6 +427,7 @@ def worker_events_from_reader(items: Any, where: str = "events") -> tuple[Worker
 def fill_worker_events(items: Any, events: Sequence[WorkerEvent]) -> None:
     for entry, worker_event in zip(items, events, strict=True):
         entry.workerId = worker_event.worker_id
+        entry.seq = worker_event.seq
         _fill_event(entry.event, worker_event.event)
 
 
@@ -434,7 +452,7 @@ def metrics_from_reader(
             problems.add(f"{at}.vmId", problem)
         labels_reader = item.labels
         if len(labels_reader) > MAX_LABELS_PER_SAMPLE:
-            problems.add(f"{at}.labels", f"more than {MAX_LABELS_PER_SAMPLE} labels")
+            problems.exceeded(f"{at}.labels", f"more than {MAX_LABELS_PER_SAMPLE} labels")
             continue
         labels = []
         for label in labels_reader:
@@ -576,6 +594,7 @@ def fleet_status_from_reader(reader: Any) -> FleetStatus:
             if item._has("status")
             else None
         )
+        desired_vms = _vms_from_reader(item.desiredVms, f"{where}.desiredVms", problems)
         workers.append(
             WorkerConnection(
                 worker_id=worker_id,
@@ -585,6 +604,7 @@ def fleet_status_from_reader(reader: Any) -> FleetStatus:
                 status=status,
                 last_report_unix_ms=item.lastReportUnixMs,
                 vm_count=item.vmCount,
+                desired_vms=desired_vms,
             )
         )
     problems.raise_if_any()
@@ -603,3 +623,60 @@ def fill_fleet_status(builder: Any, status: FleetStatus) -> None:
         entry.vmCount = worker.vm_count
         if worker.status is not None:
             fill_worker_status(entry.status, worker.status)
+        if worker.desired_vms:
+            _fill_vms(entry.init("desiredVms", len(worker.desired_vms)), worker.desired_vms)
+
+
+# ---------------------------------------------------------------- describe
+
+
+def describe_result_from_reader(reader: Any) -> VmDescription:
+    """The ``vm`` arm of a ``DescribeResult``; raises the typed error of the
+    ``error`` arm."""
+    if reader.which() == "error":
+        raise error_from_reader(reader.error)
+    vm = reader.vm
+    problems = _Problems("VM description")
+    vm_id: str = vm.vmId
+    if (problem := check_vm_id(vm_id)) is not None:
+        problems.add("vmId", problem)
+    worker_id: str = vm.workerId
+    observed_by: str = vm.observedBy
+    for name, value in (("workerId", worker_id), ("observedBy", observed_by)):
+        if value and (problem := check_worker_id(value)) is not None:
+            problems.add(name, problem)
+    desired = _vms_from_reader([vm.desired], "desired", problems)[0] if vm._has("desired") else None
+    status = _vm_status(vm.status, "status", problems) if vm._has("status") else None
+    events = worker_events_from_reader(vm.events)
+    description = VmDescription(
+        vm_id=vm_id,
+        fleet_generation=vm.fleetGeneration,
+        worker_id=worker_id,
+        desired_generation=vm.desiredGeneration,
+        desired_op_id=problems.text("desiredOpId", vm.desiredOpId, limit=64),
+        desired=desired,
+        observed_by=observed_by,
+        worker_connected=vm.workerConnected,
+        observed_generation=vm.observedGeneration,
+        status=status,
+        events=events,
+    )
+    problems.raise_if_any()
+    return description
+
+
+def fill_describe_result(builder: Any, description: VmDescription) -> None:
+    vm = builder.init("vm")
+    vm.vmId = description.vm_id
+    vm.fleetGeneration = description.fleet_generation
+    vm.workerId = description.worker_id
+    vm.desiredGeneration = description.desired_generation
+    vm.desiredOpId = description.desired_op_id
+    if description.desired is not None:
+        _fill_vms([vm.init("desired")], [description.desired])
+    vm.observedBy = description.observed_by
+    vm.workerConnected = description.worker_connected
+    vm.observedGeneration = description.observed_generation
+    if description.status is not None:
+        _fill_vm_status(vm.init("status"), description.status)
+    fill_worker_events(vm.init("events", len(description.events)), description.events)

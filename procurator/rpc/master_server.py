@@ -17,6 +17,18 @@ Invariants:
   the connection's capabilities are released.
 - Calls on a ``WorkerSession`` are bound to the worker id it was registered
   with; the backend refuses reports for another worker id.
+- Over TLS (``serve_master(tls=...)``) every connection has the identity of
+  its client certificate (``procurator.rpc.tls``): ``register`` is answered
+  ``unauthorized`` unless the certificate is that very worker's, ``control``
+  unless it is a control certificate. So a worker can pull and report only
+  for itself, and only operators can apply. Without TLS (loopback, unix
+  socket, or ``insecure``) every caller is trusted.
+- At most ``max_connections`` connections are served at once. One more is
+  answered ``limitExceeded`` on whatever it calls and closed after
+  ``_REFUSE_GRACE`` seconds (a bounded number of those at a time; beyond
+  that, closed at once), so an overloaded master says so instead of
+  dropping connections silently. A connection registers at most
+  ``MAX_SESSIONS_PER_CONNECTION`` workers.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ import contextlib
 import itertools
 import logging
 import os
+import ssl
 import stat
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn, Protocol, TypeVar
@@ -33,9 +46,15 @@ from typing import Any, NoReturn, Protocol, TypeVar
 import capnp
 import trio
 
-from procurator.core.errors import ProcuratorError, ValidationError
+from procurator.core.errors import (
+    LimitExceededError,
+    ProcuratorError,
+    UnauthorizedError,
+    ValidationError,
+)
 from procurator.core.models import Assignment, Fleet, VmEvent, WorkerInfo, WorkerStatus
 from procurator.core.validation import check_vm_id
+from procurator.logs import log_context, new_op_id
 from procurator.rpc.bridge import (
     TRAVERSAL_LIMIT_WORDS,
     Bridge,
@@ -47,6 +66,7 @@ from procurator.rpc.convert import (
     events_from_reader,
     fill_apply_result,
     fill_assignment,
+    fill_describe_result,
     fill_error,
     fill_fleet_status,
     fill_worker_events,
@@ -60,11 +80,27 @@ from procurator.rpc.messages import (
     ApplyResult,
     FleetStatus,
     MetricSample,
+    VmDescription,
     WorkerEvent,
 )
 from procurator.rpc.schema import load_schema
+from procurator.rpc.tls import (
+    PeerIdentity,
+    TlsFiles,
+    authorize_control,
+    authorize_register,
+    peer_identity,
+    require_secure,
+    server_context,
+)
 
-__all__ = ["MasterBackend", "RemoteNode", "serve_master"]
+__all__ = [
+    "DEFAULT_MAX_CONNECTIONS",
+    "MAX_SESSIONS_PER_CONNECTION",
+    "MasterBackend",
+    "RemoteNode",
+    "serve_master",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -72,17 +108,35 @@ T = TypeVar("T")
 
 _schema = load_schema()
 
+DEFAULT_MAX_CONNECTIONS = 1024
+MAX_SESSIONS_PER_CONNECTION = 8
+# How long a connection over the cap is kept to hear why it is refused, and
+# how many such connections may wait at once (beyond that: closed at once).
+_REFUSE_GRACE = 2.0
+_MAX_REFUSING = 64
+# A refused connection may only ask "register" or "control": tiny messages.
+_REFUSED_TRAVERSAL_LIMIT_WORDS = 64 * 1024
+
 
 class MasterBackend(Protocol):
     """What the server needs from the master (``MasterService``)."""
 
     async def apply(
-        self, fleet: Fleet, *, expected_generation: int | None = None, dry_run: bool = False
+        self,
+        fleet: Fleet,
+        *,
+        expected_generation: int | None = None,
+        dry_run: bool = False,
+        op_id: str = "",
     ) -> ApplyResult: ...
 
     async def fleet_status(self) -> FleetStatus: ...
 
-    async def recent_events(self, vm_id: str = "", limit: int = 100) -> tuple[WorkerEvent, ...]: ...
+    async def describe_vm(self, vm_id: str, event_limit: int = 20) -> VmDescription: ...
+
+    async def recent_events(
+        self, vm_id: str = "", limit: int = 100, after_seq: int = 0
+    ) -> tuple[WorkerEvent, ...]: ...
 
     async def register(self, info: WorkerInfo, node: RemoteNode) -> int: ...
 
@@ -154,15 +208,42 @@ async def serve_master(
     backend: MasterBackend,
     address: Address,
     *,
+    tls: TlsFiles | None = None,
+    insecure: bool = False,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
     task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the ``Master`` bootstrap interface on ``address`` until
     cancelled. ``task_status.started`` gets the bound address (with the real
-    port when ``address.port`` is 0)."""
-    listener = await bridge.run(_start, bridge, backend, address, what=f"listening on {address}")
+    port when ``address.port`` is 0).
+
+    With ``tls`` every client must present a certificate of the fleet CA
+    and is authorized by it (see the module docstring). Without it,
+    ``address`` must be loopback or a unix socket unless ``insecure``
+    (``procurator.rpc.tls.require_secure``); raises ``PermanentError``
+    otherwise, or when the TLS files cannot be loaded.
+    """
+    if max_connections < 1:
+        raise ValidationError(f"max_connections must be at least 1, not {max_connections}")
+    require_secure(address, tls, insecure=insecure, what="the master listening on")
+    context = server_context(tls) if tls is not None else None
+    listener = await bridge.run(
+        _start,
+        bridge,
+        backend,
+        address,
+        context,
+        max_connections,
+        what=f"listening on {address}",
+    )
     try:
         bound = await bridge.run(_bound_address, listener, address)
-        logger.info("master listening on %s", bound)
+        logger.info(
+            "master listening on %s (%s, at most %d connections)",
+            bound,
+            "mutual TLS" if context is not None else "plaintext",
+            max_connections,
+        )
         task_status.started(bound)
         await trio.sleep_forever()
     finally:
@@ -176,13 +257,28 @@ async def serve_master(
 class _Connection:
     """One accepted stream and what was registered over it."""
 
-    def __init__(self, connection_id: int, stream: Any) -> None:
+    def __init__(self, connection_id: int, stream: Any, tls_transport: Any = None) -> None:
         self.id = connection_id
         self.stream = stream
+        self.tls_transport = tls_transport
         self.server: Any = None
         self.tokens: list[int] = []
         self.handles: list[CapnpHandle[Any]] = []
         self.closed = False
+        # Who the client certificate says the peer is (None: plaintext), or
+        # why it names nobody.
+        self.peer: PeerIdentity | None = None
+        self.peer_problem: str | None = None
+
+    def identity(self) -> PeerIdentity | None:
+        """The peer's identity; raises ``UnauthorizedError`` if its
+        certificate names none."""
+        if self.peer_problem is not None:
+            raise UnauthorizedError(self.peer_problem)
+        return self.peer
+
+    def __str__(self) -> str:
+        return f"connection #{self.id}" + (f" ({self.peer})" if self.peer is not None else "")
 
     def close(self) -> None:
         if self.closed:
@@ -191,21 +287,37 @@ class _Connection:
         if self.server is not None:
             with contextlib.suppress(RuntimeError):
                 self.server.close()
+        if self.tls_transport is not None:
+            # Not a graceful TLS close, which would wait for the peer (and,
+            # when the master stops, never finish): the peer is gone, or we
+            # are done with it.
+            self.tls_transport.abort()
         self.stream.close()
 
 
 class _Listener:
-    def __init__(self, bridge: Bridge, backend: MasterBackend) -> None:
+    def __init__(self, bridge: Bridge, backend: MasterBackend, *, max_connections: int) -> None:
         self.bridge = bridge
         self.backend = backend
+        self.max_connections = max_connections
         self.server: asyncio.Server | None = None
         self.connections: dict[int, _Connection] = {}
+        self.refusing: set[Any] = set()  # streams over the cap, being told so
+        self.refused_total = 0
         self._ids = itertools.count(1)
 
-    async def on_stream(self, stream: Any) -> None:
-        conn = _Connection(next(self._ids), stream)
+    async def on_stream(self, stream: Any, tls_transport: Any) -> None:
+        if len(self.connections) >= self.max_connections:
+            await self._refuse(stream, tls_transport)
+            return
+        conn = _Connection(next(self._ids), stream, tls_transport)
+        if tls_transport is not None:
+            try:
+                conn.peer = peer_identity(tls_transport.get_extra_info("peercert"))
+            except UnauthorizedError as exc:
+                conn.peer_problem = exc.message
         self.connections[conn.id] = conn
-        logger.debug("connection #%d accepted", conn.id)
+        logger.debug("%s accepted", conn)
         try:
             conn.server = capnp.TwoPartyServer(
                 stream,
@@ -224,12 +336,57 @@ class _Listener:
             for token in conn.tokens:
                 self.bridge.notify_trio(self.backend.unregister, token)
 
+    async def _refuse(self, stream: Any, tls_transport: Any) -> None:
+        """Tell a connection over the cap why, then close it."""
+        self.refused_total += 1
+        if self.refused_total == 1 or self.refused_total % 100 == 0:
+            logger.warning(
+                "refusing a connection: %d connections open, the limit is %d (%d refused so far)",
+                len(self.connections),
+                self.max_connections,
+                self.refused_total,
+            )
+        if len(self.refusing) >= _MAX_REFUSING:
+            if tls_transport is not None:
+                tls_transport.abort()
+            stream.close()
+            return
+        self.refusing.add(stream)
+        error = LimitExceededError(
+            f"the master serves at most {self.max_connections} connections at once; try again later"
+        )
+        server: Any = None
+        try:
+            server = capnp.TwoPartyServer(
+                stream,
+                bootstrap=_RefusingMaster(error),
+                traversal_limit_in_words=_REFUSED_TRAVERSAL_LIMIT_WORDS,
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(server.on_disconnect(), _REFUSE_GRACE)
+        except Exception as exc:  # noqa: BLE001 - this connection only
+            logger.debug("refused connection ended: %s", exc)
+        finally:
+            self.refusing.discard(stream)
+            if server is not None:
+                with contextlib.suppress(RuntimeError):
+                    server.close()
+            if tls_transport is not None:
+                tls_transport.abort()
+            stream.close()
 
-async def _start(bridge: Bridge, backend: MasterBackend, address: Address) -> CapnpHandle[Any]:
-    listener = _Listener(bridge, backend)
+
+async def _start(
+    bridge: Bridge,
+    backend: MasterBackend,
+    address: Address,
+    context: ssl.SSLContext | None,
+    max_connections: int,
+) -> CapnpHandle[Any]:
+    listener = _Listener(bridge, backend, max_connections=max_connections)
     if address.unix_path is not None:
         _remove_stale_socket(address.unix_path)
-    listener.server = await start_listener(address, listener.on_stream)
+    listener.server = await start_listener(address, listener.on_stream, tls=context)
     return bridge.own(listener, f"master listener {address}")
 
 
@@ -259,6 +416,8 @@ async def _stop(handle: CapnpHandle[_Listener], address: Address) -> None:
         listener.server.close()
     for conn in list(listener.connections.values()):
         conn.close()
+    for stream in list(listener.refusing):
+        stream.close()
     if listener.server is not None:
         await listener.server.wait_closed()
     if address.unix_path is not None:
@@ -299,6 +458,7 @@ class _MasterImpl(_schema.Master.Server):  # type: ignore[misc, name-defined]
         listener, conn = self._listener, self._conn
         try:
             worker_info = worker_info_from_reader(info)
+            _admit_registration(conn, worker_info.worker_id)
             node_handle = listener.bridge.own(node, f"node of worker {worker_info.worker_id}")
             conn_handle = listener.bridge.own(conn, f"connection #{conn.id}")
             conn.handles += [node_handle, conn_handle]
@@ -317,7 +477,41 @@ class _MasterImpl(_schema.Master.Server):  # type: ignore[misc, name-defined]
             fill_error(result.init("error"), _log_bug("Master.register", exc))
 
     async def control(self, _context: Any, **_: Any) -> None:
-        _context.results.result.control = _ControlImpl(self._listener)
+        result = _context.results.result
+        try:
+            authorize_control(self._conn.identity())
+        except UnauthorizedError as exc:
+            logger.warning("%s: control refused: %s", self._conn, exc)
+            fill_error(result.init("error"), exc)
+            return
+        result.control = _ControlImpl(self._listener)
+
+
+def _admit_registration(conn: _Connection, worker_id: str) -> None:
+    """Raise unless ``conn`` may register ``worker_id`` (its certificate,
+    and the per-connection cap)."""
+    try:
+        authorize_register(conn.identity(), worker_id)
+    except UnauthorizedError as exc:
+        logger.warning("%s: register refused: %s", conn, exc)
+        raise
+    if len(conn.tokens) >= MAX_SESSIONS_PER_CONNECTION:
+        raise LimitExceededError(
+            f"a connection may register at most {MAX_SESSIONS_PER_CONNECTION} times; open a new one"
+        )
+
+
+class _RefusingMaster(_schema.Master.Server):  # type: ignore[misc, name-defined]
+    """The bootstrap of a connection over the cap: every answer is ``error``."""
+
+    def __init__(self, error: ProcuratorError) -> None:
+        self._error = error
+
+    async def register(self, _context: Any, **_: Any) -> None:
+        fill_error(_context.results.result.init("error"), self._error)
+
+    async def control(self, _context: Any, **_: Any) -> None:
+        fill_error(_context.results.result.init("error"), self._error)
 
 
 class _WorkerSessionImpl(_schema.WorkerSession.Server):  # type: ignore[misc, name-defined]
@@ -395,19 +589,34 @@ class _ControlImpl(_schema.Control.Server):  # type: ignore[misc, name-defined]
     ) -> None:
         listener = self._listener
         result = _context.results.result
-        try:
-            value = fleet_from_reader(fleet)
-            expected_generation = (
-                int(expected.generation) if expected.which() == "generation" else None
-            )
-            outcome = await _backend_call(
-                listener, _apply, listener.backend, value, expected_generation, bool(dryRun)
-            )
-            fill_apply_result(result, outcome)
-        except ProcuratorError as exc:
-            fill_error(result.init("error"), exc)
-        except Exception as exc:  # noqa: BLE001 - a handler must answer
-            fill_error(result.init("error"), _log_bug("Control.apply", exc))
+        # The operation begins here, so that even a fleet refused while it is
+        # read from the wire is answered (and logged) with its op id.
+        op_id = new_op_id()
+        error: ProcuratorError | None = None
+        with log_context(op_id=op_id):
+            try:
+                value = fleet_from_reader(fleet)
+                expected_generation = (
+                    int(expected.generation) if expected.which() == "generation" else None
+                )
+                outcome = await _backend_call(
+                    listener,
+                    _apply,
+                    listener.backend,
+                    value,
+                    expected_generation,
+                    bool(dryRun),
+                    op_id,
+                )
+                fill_apply_result(result, outcome)
+            except ProcuratorError as exc:
+                error = exc
+            except Exception as exc:  # noqa: BLE001 - a handler must answer
+                error = _log_bug("Control.apply", exc)
+            if error is not None:
+                error.op_id = error.op_id or op_id
+                logger.info("apply %s refused: %s", op_id, error.message)
+                fill_error(result.init("error"), error)
 
     async def status(self, _context: Any, **_: Any) -> None:
         listener = self._listener
@@ -417,23 +626,51 @@ class _ControlImpl(_schema.Control.Server):  # type: ignore[misc, name-defined]
             _raise_for_wire("Control.status", exc)
         fill_fleet_status(_context.results.init("status"), value)
 
-    async def events(self, vmId: str, limit: int, _context: Any, **_: Any) -> None:
+    async def events(self, vmId: str, limit: int, afterSeq: int, _context: Any, **_: Any) -> None:
         listener = self._listener
         try:
             _check_vm_id_param(vmId)
             count = min(int(limit) or 100, MAX_EVENTS_PER_REPORT)
-            values = await _backend_call(listener, listener.backend.recent_events, vmId, count)
+            if afterSeq:
+                values = await _backend_call(
+                    listener, listener.backend.recent_events, vmId, count, int(afterSeq)
+                )
+            else:
+                values = await _backend_call(listener, listener.backend.recent_events, vmId, count)
         except Exception as exc:  # noqa: BLE001 - a handler must answer
             _raise_for_wire("Control.events", exc)
         fill_worker_events(_context.results.init("events", len(values)), values)
 
+    async def describeVm(self, vmId: str, eventLimit: int, _context: Any, **_: Any) -> None:
+        listener = self._listener
+        result = _context.results.result
+        try:
+            _check_vm_id_param(vmId, required=True)
+            count = min(int(eventLimit) or 20, MAX_EVENTS_PER_REPORT)
+            value = await _backend_call(listener, listener.backend.describe_vm, vmId, count)
+            fill_describe_result(result, value)
+        except ProcuratorError as exc:
+            fill_error(result.init("error"), exc)
+        except Exception as exc:  # noqa: BLE001 - a handler must answer
+            fill_error(result.init("error"), _log_bug("Control.describeVm", exc))
 
-def _check_vm_id_param(vm_id: str) -> None:
+
+def _check_vm_id_param(vm_id: str, *, required: bool = False) -> None:
+    if required and not vm_id:
+        raise ValidationError("vmId: a VM id is required")
     if vm_id and (problem := check_vm_id(vm_id)) is not None:
         raise ValidationError(f"vmId: {problem}")
 
 
 async def _apply(
-    backend: MasterBackend, fleet: Fleet, expected_generation: int | None, dry_run: bool
+    backend: MasterBackend,
+    fleet: Fleet,
+    expected_generation: int | None,
+    dry_run: bool,
+    op_id: str,
 ) -> ApplyResult:
-    return await backend.apply(fleet, expected_generation=expected_generation, dry_run=dry_run)
+    # Runs as a trio task: the op id must be set in its own context.
+    with log_context(op_id=op_id):
+        return await backend.apply(
+            fleet, expected_generation=expected_generation, dry_run=dry_run, op_id=op_id
+        )

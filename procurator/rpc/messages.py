@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from procurator.core.errors import ValidationError
 from procurator.core.metrics import MetricSample
-from procurator.core.models import VmEvent, WorkerDiff, WorkerStatus
+from procurator.core.models import VmAssignment, VmEvent, VmStatus, WorkerDiff, WorkerStatus
 
 __all__ = [
     "DEFAULT_MASTER_ADDRESS",
@@ -21,6 +21,7 @@ __all__ = [
     "ApplyResult",
     "FleetStatus",
     "MetricSample",
+    "VmDescription",
     "WorkerConnection",
     "WorkerEvent",
     "default_master_address",
@@ -86,6 +87,7 @@ def default_master_address() -> str:
 class WorkerEvent:
     worker_id: str
     event: VmEvent
+    seq: int = 0  # the master's receipt order (see the schema)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,9 +112,27 @@ class WorkerConnection:
     status: WorkerStatus | None  # last reported, None before the first report
     last_report_unix_ms: int
     vm_count: int
+    desired_vms: tuple[VmAssignment, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class FleetStatus:
     generation: int
     workers: tuple[WorkerConnection, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class VmDescription:
+    """Everything the master knows about one VM (``procurator describe``)."""
+
+    vm_id: str
+    fleet_generation: int
+    worker_id: str  # assigned to; "" when not desired anywhere
+    desired_generation: int  # of that worker's assignment; 0 when not desired
+    desired_op_id: str  # op id of the apply that made that assignment
+    desired: VmAssignment | None
+    observed_by: str  # the worker whose last status shows the VM; "" if none
+    worker_connected: bool
+    observed_generation: int
+    status: VmStatus | None
+    events: tuple[WorkerEvent, ...] = ()

@@ -47,6 +47,7 @@ rec {
   };
 
   mkIf = condition: value: if condition then value else { };
+  optionals = condition: list: if condition then list else [ ];
   mkMerge = builtins.foldl' (mergeAt "config") { };
   mkDefault = value: value;
 

@@ -115,6 +115,7 @@ def test_master_defaults_and_argv(nix: Nix) -> None:
         "port": 7300,
         "metrics": {"listenAddress": "0.0.0.0", "port": 9300},
         "openFirewall": False,
+        "tls": {"cert": None, "key": None, "ca": None},
         "extraArgs": [],
     }
     service = result["config"]["systemd"]["services"]["procurator-master"]
@@ -248,3 +249,40 @@ def test_guest_module(nix: Nix) -> None:
     service = config["systemd"]["services"]["procurator-guest-address"]
     assert service["serviceConfig"]["ExecStart"].endswith("guest-address.sh --interface eth0")
     assert service["bindsTo"] == ["sys-subsystem-net-devices-eth0.device"]
+
+
+TLS = {"cert": "/run/keys/p.crt", "key": "/run/keys/p.key", "ca": "/run/keys/ca.crt"}
+
+
+def _assertions(result: Any) -> list[tuple[bool, str]]:
+    return [(a["assertion"], a["message"]) for a in result["config"]["assertions"]]
+
+
+def test_plaintext_off_loopback_is_an_evaluation_error(nix: Nix) -> None:
+    # The CLI refuses it at run time (docs/SECURITY.md); the modules say so
+    # when the system is built instead.
+    master = _assertions(evaluate(nix, "master", {"enable": True}))
+    assert not master[0][0] and "without TLS" in master[0][1]
+    assert master[1][0]
+    loopback = _assertions(evaluate(nix, "master", {"enable": True, "listenAddress": "127.0.0.1"}))
+    assert all(ok for ok, _ in loopback)
+    worker = _assertions(evaluate(nix, "worker", {"enable": True, "master": "m.example:7300"}))
+    assert not worker[0][0] and "m.example:7300 without TLS" in worker[0][1]
+    local = _assertions(evaluate(nix, "worker", {"enable": True, "master": "127.0.0.1:7300"}))
+    assert all(ok for ok, _ in local)
+    half = _assertions(
+        evaluate(
+            nix, "worker", {"enable": True, "master": "127.0.0.1:7300", "tls": {**TLS, "ca": None}}
+        )
+    )
+    assert not half[1][0]
+
+
+def test_tls_files_reach_the_command_line(nix: Nix) -> None:
+    for module in ("master", "worker"):
+        result = evaluate(nix, module, {"enable": True, "master": "m.example:7300", "tls": TLS})
+        assert all(ok for ok, _ in _assertions(result))
+        unit = result["config"]["systemd"]["services"][f"procurator-{module}"]["serviceConfig"]
+        args, rejected = parse(module, unit["ExecStart"])
+        assert rejected == set()
+        assert (args.tls_cert, args.tls_key, args.tls_ca) == (TLS["cert"], TLS["key"], TLS["ca"])

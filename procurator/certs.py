@@ -1,0 +1,324 @@
+"""``procurator certs``: a small private CA and the certificates of a fleet.
+
+Meant for test fleets and small installations; a site with its own PKI
+issues the same certificates with it (docs/SECURITY.md has the openssl
+steps). What a certificate must carry is defined by ``procurator.rpc.tls``:
+one URI SAN ``procurator://worker/<id>``, ``procurator://control/<name>`` or
+``procurator://master`` (the master's also the DNS name
+``master.procurator``).
+
+Layout of a certificate directory::
+
+    ca.crt  ca.key                    the fleet CA (keep ca.key offline)
+    master.crt  master.key            the master's server certificate
+    worker-<id>.crt  worker-<id>.key  one per worker
+    control-<name>.crt  control-<name>.key   one per person or CI pipeline
+
+Invariants: private keys are written 0600 and never overwritten unless
+``force`` is given (nor are certificates); a file is written completely or
+not at all (temporary file + rename). Keys are ECDSA P-256, signatures
+SHA-256; the CA may sign leaves only (path length 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import ipaddress
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from procurator.core.errors import PermanentError, ValidationError
+from procurator.core.validation import check_worker_id
+from procurator.rpc.tls import MASTER_SERVER_NAME, Role, identity_uri
+
+__all__ = ["IssuedCert", "add_certs_parser", "init_ca", "issue", "run_certs"]
+
+CA_CERT = "ca.crt"
+CA_KEY = "ca.key"
+CA_DAYS = 3650
+LEAF_DAYS = 365
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedCert:
+    """Where a certificate and its key were written."""
+
+    cert: Path
+    key: Path
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _write(path: Path, data: bytes, *, mode: int, force: bool) -> None:
+    """Write ``data`` to ``path`` atomically with ``mode``; refuse to replace
+    an existing file unless ``force``."""
+    if path.exists() and not force:
+        raise PermanentError(f"{path} exists already; pass --force to replace it")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "procurator"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def init_ca(
+    directory: Path,
+    *,
+    common_name: str = "procurator fleet CA",
+    days: int = CA_DAYS,
+    force: bool = False,
+) -> IssuedCert:
+    """Make ``directory`` (if needed) and a new CA in it."""
+    if days <= 0:
+        raise ValidationError(f"--days must be positive, not {days}")
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    name = _name(common_name)
+    public = key.public_key()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    paths = IssuedCert(directory / CA_CERT, directory / CA_KEY)
+    if not force:
+        for path in (paths.cert, paths.key):
+            if path.exists():
+                raise PermanentError(f"{path} exists already; pass --force to replace the CA")
+    _write(paths.key, _key_pem(key), mode=0o600, force=force)
+    _write(paths.cert, cert.public_bytes(serialization.Encoding.PEM), mode=0o644, force=force)
+    return paths
+
+
+def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    cert_path, key_path = directory / CA_CERT, directory / CA_KEY
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except FileNotFoundError as exc:
+        raise PermanentError(
+            f"{exc.filename}: no CA here; run `procurator certs init {directory}` first"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise PermanentError(f"cannot load the CA in {directory}: {exc}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise PermanentError(f"{key_path}: expected an ECDSA key")
+    return cert, key
+
+
+def _file_stem(role: Role, name: str) -> str:
+    return "master" if role is Role.MASTER else f"{role.value}-{name}"
+
+
+def _sans(role: Role, name: str, extra: Sequence[str]) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity_uri(role, name))]
+    if role is Role.MASTER:
+        names.append(x509.DNSName(MASTER_SERVER_NAME))
+    for text in extra:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(text)))
+        except ValueError:
+            if not text or any(c.isspace() or c in "/:@" for c in text):
+                raise ValidationError(f"--san {text!r}: expected a DNS name or an IP") from None
+            names.append(x509.DNSName(text))
+    return names
+
+
+def issue(
+    directory: Path,
+    role: Role,
+    name: str = "",
+    *,
+    extra_sans: Sequence[str] = (),
+    days: int = LEAF_DAYS,
+    force: bool = False,
+) -> IssuedCert:
+    """Issue a certificate for ``role``/``name`` signed by the CA in
+    ``directory``; returns where it and its key were written."""
+    if role is not Role.MASTER and (problem := check_worker_id(name)) is not None:
+        raise ValidationError(f"{role.value} name: {problem}")
+    if days <= 0:
+        raise ValidationError(f"--days must be positive, not {days}")
+    ca_cert, ca_key = _load_ca(directory)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    usage = (
+        ExtendedKeyUsageOID.SERVER_AUTH if role is Role.MASTER else ExtendedKeyUsageOID.CLIENT_AUTH
+    )
+    not_after = min(now + datetime.timedelta(days=days), ca_cert.not_valid_after_utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name or "master"))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(_sans(role, name, extra_sans)), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    stem = _file_stem(role, name)
+    paths = IssuedCert(directory / f"{stem}.crt", directory / f"{stem}.key")
+    if not force:
+        for path in (paths.cert, paths.key):
+            if path.exists():
+                raise PermanentError(f"{path} exists already; pass --force to replace it")
+    _write(paths.key, _key_pem(key), mode=0o600, force=force)
+    _write(paths.cert, cert.public_bytes(serialization.Encoding.PEM), mode=0o644, force=force)
+    return paths
+
+
+# ---------------------------------------------------------------- command
+
+
+def add_certs_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``certs init`` and ``certs issue`` to the ``procurator`` parser."""
+    raw = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser(
+        "certs",
+        help="make a private CA and TLS certificates for a fleet",
+        description=(
+            "Make a small private CA and the certificates of a fleet's master,\n"
+            "workers and operators (mutual TLS; see docs/SECURITY.md).\n\n"
+            "example:\n"
+            "  procurator certs init ./pki\n"
+            "  procurator certs issue ./pki --master --san master.example.org\n"
+            "  procurator certs issue ./pki --worker host-a\n"
+            "  procurator certs issue ./pki --control ci"
+        ),
+        formatter_class=raw,
+    )
+    certs = p.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
+    init = certs.add_parser(
+        "init",
+        help="make a new CA (ca.crt, ca.key) in DIR",
+        description="Make a new fleet CA in DIR.\n\nexample:\n  procurator certs init ./pki",
+        formatter_class=raw,
+    )
+    init.add_argument("dir", help="directory for the CA and the certificates")
+    init.add_argument("--days", type=int, default=CA_DAYS, help=f"validity (default {CA_DAYS})")
+    init.add_argument("--force", action="store_true", help="replace an existing CA")
+    init.set_defaults(handler=run_certs)
+
+    iss = certs.add_parser(
+        "issue",
+        help="issue a master, worker or control certificate signed by DIR's CA",
+        description=(
+            "Issue a certificate signed by the CA in DIR; writes <role>-<name>.crt/.key\n"
+            "(master.crt/.key for the master).\n\n"
+            "example:\n  procurator certs issue ./pki --worker host-a"
+        ),
+        formatter_class=raw,
+    )
+    iss.add_argument("dir", help="directory holding ca.crt and ca.key")
+    who = iss.add_mutually_exclusive_group(required=True)
+    who.add_argument("--worker", metavar="ID", help="a worker's certificate (its worker id)")
+    who.add_argument("--control", metavar="NAME", help="an operator's or CI's certificate")
+    who.add_argument("--master", action="store_true", help="the master's server certificate")
+    iss.add_argument(
+        "--san",
+        action="append",
+        default=[],
+        metavar="NAME_OR_IP",
+        help="extra DNS name or IP in the certificate (repeatable)",
+    )
+    iss.add_argument("--days", type=int, default=LEAF_DAYS, help=f"validity (default {LEAF_DAYS})")
+    iss.add_argument("--force", action="store_true", help="replace an existing certificate")
+    iss.set_defaults(handler=run_certs)
+
+
+def run_certs(args: argparse.Namespace) -> int:
+    """Handler of ``procurator certs ...``; prints what it wrote."""
+    directory = Path(args.dir)
+    if args.certs_command == "init":
+        paths = init_ca(directory, days=args.days, force=args.force)
+        print(f"CA written: {paths.cert} (private key {paths.key}: keep it offline)")
+        return 0
+    if args.master:
+        role, name = Role.MASTER, ""
+    elif args.worker is not None:
+        role, name = Role.WORKER, args.worker
+    else:
+        role, name = Role.CONTROL, args.control
+    paths = issue(directory, role, name, extra_sans=args.san, days=args.days, force=args.force)
+    print(f"{identity_uri(role, name)}: {paths.cert} (key {paths.key})", file=sys.stdout)
+    return 0

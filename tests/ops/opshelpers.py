@@ -1,0 +1,251 @@
+"""Helpers and fixtures of the operations tests (tests/ops/conftest.py
+exports the fixtures): a real ``procurator master`` and
+``worker`` (cloud-hypervisor driver, the fake VMM of tests/fakes, real Nix
+store paths, ``--no-network``), the master logging text lines and the worker
+JSON lines, both to files the tests read.
+
+Every VM is removed through the product at teardown, so no VMM outlives a
+test; the processes are stopped with SIGTERM (SIGKILL after 30 s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+FAKE = REPO / "tests" / "fakes" / "cloud-hypervisor-fake.py"
+NIX_CONF = "build-users-group =\nsubstituters =\nflake-registry =\n"
+OP_RE = re.compile(r"\(op (op-[0-9a-f]{12})\)")
+
+
+@pytest.fixture(scope="module")
+def nix_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    conf = tmp_path_factory.mktemp("nix-conf")
+    (conf / "nix.conf").write_text(NIX_CONF)
+    return {**os.environ, "NIX_CONF_DIR": str(conf)}
+
+
+AddImage = Callable[..., str]
+
+
+@pytest.fixture(scope="module")
+def add_image(
+    nix_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[AddImage]:
+    """``add_image(name, config, files={})``: a store path holding
+    vm-config.json, a dummy kernel and ``files``; deleted afterwards."""
+    added: list[str] = []
+
+    def add(name: str, config: dict[str, Any], files: dict[str, bytes] | None = None) -> str:
+        src = tmp_path_factory.mktemp("image") / name
+        src.mkdir()
+        (src / "vmlinux").write_bytes(b"\0" * 4096)
+        (src / "vm-config.json").write_text(json.dumps(config))
+        for file_name, data in (files or {}).items():
+            (src / file_name).write_bytes(data)
+        out = subprocess.run(
+            ["nix-store", "--add", str(src)],
+            env=nix_env,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        added.append(out)
+        return out
+
+    yield add
+    for path in added:
+        subprocess.run(
+            ["nix-store", "--delete", path], env=nix_env, check=False, capture_output=True
+        )
+
+
+def vm_config(*, disk: bool = False) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "payload": {"kernel": "vmlinux", "cmdline": "console=ttyS0"},
+        "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
+        "memory": {"size": 64 << 20},
+    }
+    if disk:
+        config["disks"] = [{"path": "disk.img"}]
+    return config
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def run_cli(
+    env: dict[str, str], *args: str, timeout: float = 90
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "procurator", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@contextmanager
+def _process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "procurator", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+class OpsFleet:
+    """The running master and worker, and the CLI against them."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str]) -> None:
+        self.dir = tmp_path
+        self.env = env
+        self.state = tmp_path / "state"
+        self.master_log = tmp_path / "master.log"
+        self.worker_log = tmp_path / "worker.log"
+        self._fleets = 0
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli(self.env, *args)
+
+    def apply(self, text: str, *args: str) -> subprocess.CompletedProcess[str]:
+        self._fleets += 1
+        path = self.dir / f"fleet-{self._fleets}.toml"
+        path.write_text(text)
+        return self.cli("apply", str(path), *args)
+
+    def apply_ok(self, text: str) -> str:
+        """Apply and wait for convergence; returns the apply's op id."""
+        result = self.apply(text, "--wait", "--timeout", "60")
+        assert result.returncode == 0, result.stdout + result.stderr
+        match = OP_RE.search(result.stdout)
+        assert match is not None, result.stdout
+        return match.group(1)
+
+    def json(self, *args: str) -> Any:
+        result = self.cli(*args, "--json")
+        assert result.returncode == 0, result.stdout + result.stderr
+        return json.loads(result.stdout)
+
+    def status_vms(self) -> dict[str, dict[str, Any]]:
+        status = self.json("status")
+        return {vm["id"]: vm for w in status["workers"] for vm in w["vms"]}
+
+    def describe(self, vm_id: str) -> dict[str, Any]:
+        data: dict[str, Any] = self.json("describe", "vm", vm_id)
+        return data
+
+    def vmm_pid(self, vm_id: str) -> int | None:
+        """The pid of the VM's VMM as the worker recorded it (None: none)."""
+        path = self.state / "vms" / vm_id / "handles.json"
+        if not path.exists():
+            return None
+        handle = json.loads(path.read_text()).get("handle")
+        return int(handle["pid"]) if handle else None
+
+    def disk_copies(self, vm_id: str) -> list[Path]:
+        return sorted((self.state / "vms" / vm_id / "disks").glob("*/disk*.img"))
+
+    def worker_records(self) -> list[dict[str, Any]]:
+        """The worker's log: one JSON object per line."""
+        return [
+            json.loads(line)
+            for line in self.worker_log.read_text().splitlines()
+            if line.startswith("{")
+        ]
+
+    def wait_for(self, what: str, condition: Callable[[], bool], timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"timed out waiting for {what}\nmaster log:\n"
+                    f"{self.master_log.read_text()[-4000:]}\nworker log:\n"
+                    f"{self.worker_log.read_text()[-4000:]}"
+                )
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def ops_fleet(tmp_path: Path, nix_env: dict[str, str]) -> Iterator[OpsFleet]:
+    port = _free_port()
+    env = {**nix_env, "PROCURATOR_MASTER": f"127.0.0.1:{port}"}
+    fleet = OpsFleet(tmp_path, env)
+    master_args = [
+        "master",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--db",
+        str(tmp_path / "m.db"),
+        "--metrics-listen",
+        "",
+    ]
+    worker_args = [
+        "worker",
+        "--id",
+        "host-a",
+        "--state-dir",
+        str(fleet.state),
+        "--resync-interval",
+        "1",
+        "--driver",
+        "cloud-hypervisor",
+        "--vmm-binary",
+        f"{sys.executable} {FAKE}",
+        "--no-network",
+        "--metrics-listen",
+        "",
+        "--stop-grace",
+        "2",
+        "--log-format",
+        "json",
+    ]
+    with (
+        _process(master_args, env, fleet.master_log),
+        _process(worker_args, env, fleet.worker_log) as worker,
+    ):
+        fleet.wait_for("the master to answer", lambda: fleet.cli("status").returncode == 0)
+        yield fleet
+        assert worker.poll() is None, fleet.worker_log.read_text()
+        # Leave no VMM behind: remove every VM through the product.
+        result = fleet.apply("[workers.host-a]\nvms = []\n")
+        assert result.returncode == 0, result.stdout + result.stderr
+
+        def all_removed() -> bool:
+            status = fleet.json("status")
+            (host_a,) = [w for w in status["workers"] if w["worker_id"] == "host-a"]
+            return bool(
+                host_a["observed_generation"] == host_a["desired_generation"] and not host_a["vms"]
+            )
+
+        fleet.wait_for("every VM to be removed", all_removed)

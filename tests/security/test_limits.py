@@ -1,0 +1,162 @@
+"""Bounds on what a peer may send, and on how many may connect: over-limit
+input is answered ``limitExceeded`` and never disturbs anyone else."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import pytest
+import trio
+from sechelpers import MasterProcess, Pki, master_process, tls_master_args
+
+from procurator.core.errors import LimitExceededError
+from procurator.core.models import (
+    Assignment,
+    EventKind,
+    Fleet,
+    Phase,
+    VmAssignment,
+    VmEvent,
+    VmStatus,
+    WorkerInfo,
+    WorkerStatus,
+)
+from procurator.core.validation import LIMITS
+from procurator.rpc.bridge import Bridge, connect
+from procurator.rpc.clients import CapnpMasterDialer, ControlClient, open_control
+from procurator.rpc.convert import MAX_EVENTS_PER_REPORT, MAX_LABELS_PER_SAMPLE
+from procurator.rpc.master_server import MAX_SESSIONS_PER_CONNECTION
+from procurator.rpc.messages import Address, MetricSample, parse_address
+from procurator.rpc.schema import load_schema
+
+IMAGE = "/nix/store/" + "a" * 32 + "-web-vm"
+HASH = "a" * 32
+
+
+async def _nothing(assignment: Assignment) -> None:
+    pass
+
+
+def _status(*vms: VmStatus) -> WorkerStatus:
+    return WorkerStatus("host-a", 0, vms)
+
+
+async def test_over_limit_reports_are_refused_and_the_session_goes_on(
+    tls_master: MasterProcess, pki: Pki, bridge: Bridge
+) -> None:
+    dialer = CapnpMasterDialer(bridge, tls_master.address, tls=pki.files("worker-host-a"))
+    session = await dialer.connect(WorkerInfo("host-a"), _nothing)
+    try:
+        long_text = "x" * (LIMITS.max_text + 1)
+        with pytest.raises(LimitExceededError, match=r"status\.vms\[0\]\.message: longer than"):
+            await session.report_status(_status(VmStatus("web-1", Phase.FAILED, message=long_text)))
+        too_many = tuple(
+            VmStatus(f"vm-{i}", Phase.PENDING) for i in range(LIMITS.max_vms_per_worker + 1)
+        )
+        with pytest.raises(LimitExceededError, match=r"status\.vms: 20001 entries exceed"):
+            await session.report_status(_status(*too_many))
+        labels = tuple((f"l{i}", "v") for i in range(MAX_LABELS_PER_SAMPLE + 1))
+        with pytest.raises(LimitExceededError, match=r"labels: more than 32 labels"):
+            await session.report_metrics([MetricSample("procurator_x", 1.0, "", labels)])
+        with pytest.raises(LimitExceededError, match=r"labels: longer than 1024"):
+            await session.report_metrics(
+                [MetricSample("procurator_x", 1.0, "", (("l", long_text),))]
+            )
+        events = [VmEvent("web-1", EventKind.BOOTED)] * (MAX_EVENTS_PER_REPORT + 1)
+        with pytest.raises(LimitExceededError, match=r"events: 10001 entries exceed"):
+            await session.report_events(events)
+        with pytest.raises(LimitExceededError, match=r"events\[0\]\.message: longer than"):
+            await session.report_events([VmEvent("web-1", EventKind.FAILED, message=long_text)])
+        # The same session still works, and nothing of the above was kept.
+        await session.report_status(_status(VmStatus("web-1", Phase.PENDING)))
+        await session.report_events([VmEvent("web-1", EventKind.CREATED)])
+    finally:
+        await session.aclose()
+    async with open_control(bridge, tls_master.address, tls=pki.files("control-ci")) as client:
+        (worker,) = (await client.status()).workers
+        assert worker.status is not None
+        assert [vm.id for vm in worker.status.vms] == ["web-1"]
+        assert [e.event.kind for e in await client.events()] == [EventKind.CREATED]
+
+
+async def test_over_limit_apply_is_refused(
+    tls_master: MasterProcess, pki: Pki, bridge: Bridge
+) -> None:
+    vms = tuple(VmAssignment(f"vm-{i}", HASH, IMAGE) for i in range(LIMITS.max_vms_per_worker + 1))
+    async with open_control(bridge, tls_master.address, tls=pki.files("control-ci")) as client:
+        with pytest.raises(LimitExceededError, match=r"fleet\.workers\[0\]\.vms: 20001 entries"):
+            await client.apply(Fleet((("host-a", vms),)))
+        # The connection is still good, and nothing was stored.
+        assert (await client.status()).generation == 0
+        result = await client.apply(Fleet((("host-a", vms[:2]),)))
+        assert result.generation == 1
+
+
+async def _refused_for_the_cap(bridge: Bridge, master: MasterProcess, pki: Pki) -> None:
+    with pytest.raises(LimitExceededError, match="at most 2 connections at once"):
+        async with open_control(bridge, master.address, tls=pki.files("control-ci")):
+            pass
+    dialer = CapnpMasterDialer(bridge, master.address, tls=pki.files("worker-host-a"))
+    with pytest.raises(LimitExceededError, match="at most 2 connections at once"):
+        await dialer.connect(WorkerInfo("host-a"), _nothing)
+
+
+async def test_connection_cap(tmp_path: Path, pki: Pki, bridge: Bridge) -> None:
+    with master_process(tmp_path, *tls_master_args(pki, "--max-connections", "2")) as master:
+        assert "at most 2 connections" in master.text()
+        async with contextlib.AsyncExitStack() as held:
+            clients: list[ControlClient] = [
+                await held.enter_async_context(
+                    open_control(bridge, master.address, tls=pki.files("control-ci"))
+                )
+                for _ in range(2)
+            ]
+            await _refused_for_the_cap(bridge, master, pki)
+            # The connections in the cap are served as usual meanwhile.
+            for client in clients:
+                assert (await client.status()).generation == 0
+        # Once they are gone, a new one is served (the master notices the
+        # disconnects on its own time: retry until it has).
+        with trio.fail_after(30):
+            while True:
+                try:
+                    async with open_control(
+                        bridge, master.address, tls=pki.files("control-ci")
+                    ) as client:
+                        assert (await client.status()).generation == 0
+                        break
+                except LimitExceededError:
+                    await trio.sleep(0.05)
+        assert "refusing a connection: 2 connections open, the limit is 2" in master.text()
+
+
+class _Node(load_schema().Node.Server):  # type: ignore[misc]
+    async def push(self, **_: object) -> None:
+        pass
+
+
+async def _register_many(address: Address, count: int) -> list[str]:
+    """Register host-a ``count`` times over one connection (capnp thread);
+    each answer's arm, or the error code."""
+    schema = load_schema()
+    conn = await connect(address, lambda reason: None)
+    try:
+        master = conn.bootstrap(schema.Master)
+        answers = []
+        for _ in range(count):
+            request = master.register_request()
+            request.info.workerId = "host-a"
+            request.node = _Node()
+            result = (await request.send()).result
+            answers.append(str(result.error.code) if result.which() == "error" else "session")
+        return answers
+    finally:
+        conn.close()
+
+
+async def test_registrations_per_connection_are_capped(tmp_path: Path, bridge: Bridge) -> None:
+    with master_process(tmp_path, "--listen", "127.0.0.1:0") as master:
+        address = parse_address(master.address)
+        answers = await bridge.run(_register_many, address, MAX_SESSIONS_PER_CONNECTION + 1)
+    assert answers == ["session"] * MAX_SESSIONS_PER_CONNECTION + ["limitExceeded"]
