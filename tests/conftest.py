@@ -1,9 +1,22 @@
 """Suite-wide rules: a test that leaves a VMM or procurator process, a tap
-device or a network namespace behind fails, whatever it asserted.
+device, a network namespace, a mount or a Nix GC root behind fails, whatever
+it asserted.
 
 Processes count only when they carry this session's marker in their
 environment (children inherit it), so two test runs on one machine never
-judge, or kill, each other's processes.
+judge, or kill, each other's processes. Taps, namespaces and mounts are
+judged host-wide (a concurrent run can, rarely, be blamed for them).
+
+Mounts: every mount in ``/proc/self/mountinfo`` that was not there before,
+except a network namespace's ``/run/netns/<name>`` (judged as a namespace)
+and automounts (``autofs``, ``binfmt_misc``) the kernel makes on access.
+
+GC roots: an entry of Nix's ``gcroots/auto`` that is new and either dangles
+(the root link it records is gone: someone deleted a root's directory
+without removing the root, so Nix's record outlives it) or points into this
+session's pytest temporary directory (a root left in a test's ``tmp_path``
+pins its store path until pytest rotates the directory away). Roots made
+elsewhere on purpose (the cached test image's) stay allowed.
 
 Area fixtures live in each test directory's own conftest.py.
 """
@@ -67,23 +80,75 @@ def _namespaces() -> set[str]:
     return {p.name for p in run.iterdir()} if run.exists() else set()
 
 
-def _snapshot() -> tuple[dict[int, str], set[str], set[str]]:
-    return _our_processes(), _taps(), _namespaces()
+_GCROOTS_AUTO = Path(os.environ.get("NIX_STATE_DIR", "/nix/var/nix")) / "gcroots" / "auto"
+_AUTOMOUNT_TYPES = {"autofs", "binfmt_misc"}
+
+
+def _mounts() -> set[str]:
+    """``<mount id> <mount point>`` of every mount we judge."""
+    found = set()
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        fields = line.split()
+        fstype = fields[fields.index("-") + 1] if "-" in fields else ""
+        point = fields[4]
+        # /run/netns itself becomes a mount (a shared bind mount of itself)
+        # the first time any namespace is created on the host, and stays one
+        # by design; the namespaces under it are judged as namespaces.
+        if point == "/run/netns" or point.startswith("/run/netns/"):
+            continue
+        if fstype in _AUTOMOUNT_TYPES:
+            continue
+        found.add(f"{fields[0]} {point}")
+    return found
+
+
+def _gc_roots() -> dict[str, str]:
+    """Entry name -> the root link it records, for Nix's ``gcroots/auto``."""
+    found: dict[str, str] = {}
+    try:
+        entries = list(_GCROOTS_AUTO.iterdir())
+    except OSError:
+        return found
+    for entry in entries:
+        with contextlib.suppress(OSError):
+            found[entry.name] = os.readlink(entry)
+    return found
+
+
+def _leaked_roots(before: dict[str, str], basetemp: str) -> set[str]:
+    return {
+        target
+        for name, target in _gc_roots().items()
+        if before.get(name) != target
+        and (not os.path.lexists(target) or target.startswith(basetemp))
+    }
+
+
+def _snapshot() -> tuple[dict[int, str], set[str], set[str], set[str]]:
+    return _our_processes(), _taps(), _namespaces(), _mounts()
 
 
 @pytest.fixture(autouse=True)
-def no_leaks() -> Iterator[None]:
-    procs_before, taps_before, ns_before = _snapshot()
+def no_leaks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    basetemp = f"{tmp_path_factory.getbasetemp()}/"
+    procs_before, taps_before, ns_before, mounts_before = _snapshot()
+    roots_before = _gc_roots()
     yield
     # Processes may take a moment to be reaped after a test's teardown.
     deadline = time.monotonic() + 5.0
     while True:
-        procs, taps, namespaces = _snapshot()
+        procs, taps, namespaces, mounts = _snapshot()
         leaked_procs = {p: c for p, c in procs.items() if p not in procs_before}
         leaked = {
             "processes": leaked_procs,
             "taps": taps - taps_before,
             "namespaces": namespaces - ns_before,
+            "mounts": mounts - mounts_before,
+            "gc roots": _leaked_roots(roots_before, basetemp),
         }
         if not any(leaked.values()) or time.monotonic() > deadline:
             break

@@ -16,10 +16,16 @@ Two layers:
 Failures are state, not sleeps: a ``TemporaryError`` records ``not_before``
 (exponential backoff per VM) and the loop wakes for it; a ``PermanentError``
 parks the VM as failed until its desired entry changes (new hash, power or
-image). ``observed_generation`` is the newest generation every VM of which
-is *settled*: running the desired hash in the desired power state, or
+image) and is reported once as a ``failed`` event naming the reason.
+``observed_generation`` is the newest generation every VM of which is
+*settled*: running the desired hash in the desired power state, or
 failed for good (permanent error, or the VMM keeps crashing: the
 VmManager's own restart backoff owns that VM now).
+
+Every action runs in a logging context (``procurator.logs``) carrying the
+VM's id and the op id of the assignment it serves, so the actuator's and the
+VmManager's records for that work — in their worker threads too — name the
+operation.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -37,12 +44,15 @@ from procurator.core.backoff import RestartPolicy
 from procurator.core.errors import PermanentError, TemporaryError
 from procurator.core.models import (
     Assignment,
+    EventKind,
     Phase,
     PowerState,
     VmAssignment,
+    VmEvent,
     VmStatus,
     WorkerStatus,
 )
+from procurator.logs import log_context
 
 __all__ = [
     "Action",
@@ -55,11 +65,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_POWER_PHASE = {
-    PowerState.RUNNING: Phase.RUNNING,
-    PowerState.PAUSED: Phase.PAUSED,
-    PowerState.STOPPED: Phase.STOPPED,
-}
+
+def _power_phase(power: PowerState) -> Phase:
+    """The phase of a VM settled in ``power``. Identity tests, not a dict:
+    ``Enum.__hash__`` is Python code, and this runs per VM per pass."""
+    if power is PowerState.RUNNING:
+        return Phase.RUNNING
+    if power is PowerState.PAUSED:
+        return Phase.PAUSED
+    return Phase.STOPPED
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +88,8 @@ class ObservedVm:
     restarts: int = 0
     address: str = ""
     op_id: str = ""
+    # The power state the VmManager is converging this VM to (None: unknown).
+    desired_power: PowerState | None = None
 
 
 class ActionKind(enum.Enum):
@@ -113,8 +129,8 @@ def settled(desired: VmAssignment, observed: ObservedVm | None) -> bool:
     if observed is None or observed.hash != desired.hash:
         return False
     if observed.phase in (Phase.FAILED, Phase.CRASH_LOOP):
-        return True
-    return observed.power == desired.power and observed.phase == _POWER_PHASE[desired.power]
+        return observed.desired_power in (None, desired.power)
+    return observed.power == desired.power and observed.phase is _power_phase(desired.power)
 
 
 def plan(desired: Mapping[str, VmAssignment], observed: Mapping[str, ObservedVm]) -> list[Action]:
@@ -129,9 +145,12 @@ def plan(desired: Mapping[str, VmAssignment], observed: Mapping[str, ObservedVm]
             actions.append(Action(ActionKind.REPLACE, vm_id, want))
         elif have.phase in (Phase.FAILED, Phase.CRASH_LOOP):
             # The VmManager owns a crashing VM's restarts; a failed one waits
-            # for a new desired entry. Neither is acted on again here.
+            # for a new desired entry. Neither is acted on again here, unless
+            # the desired power changed (e.g. stop a crash-looping VM).
+            if have.desired_power not in (None, want.power):
+                actions.append(Action(ActionKind.SET_POWER, vm_id, want))
             continue
-        elif have.power != want.power or have.phase not in (_POWER_PHASE[want.power],):
+        elif have.power != want.power or have.phase is not _power_phase(want.power):
             if have.phase in (Phase.STARTING, Phase.STOPPING, Phase.REALISING):
                 continue  # in transition; observe again later
             actions.append(Action(ActionKind.SET_POWER, vm_id, want))
@@ -150,6 +169,18 @@ class _Failure:
     permanent: bool
     attempts: int
     not_before: float
+
+
+@dataclass(frozen=True, slots=True)
+class _StatusMemo:
+    """One desired VM's status as computed from these very inputs."""
+
+    want: VmAssignment
+    have: ObservedVm | None
+    failure: _Failure | None
+    op_id: str
+    ok: bool  # settled, or failed for good
+    status: VmStatus
 
 
 def _key(vm: VmAssignment | None) -> tuple[str, PowerState, str] | None:
@@ -173,6 +204,8 @@ class Reconciler:
     retry: RestartPolicy = field(default_factory=RestartPolicy)
     on_pass: Callable[[float, int], None] | None = None  # (seconds, actions started)
     on_failure: Callable[[str], None] | None = None  # kind: permanent, temporary, internal
+    on_event: Callable[[VmEvent], None] | None = None  # failed for good (once per entry)
+    wall_clock: Callable[[], float] = time.time  # event timestamps only
 
     _assignment: Assignment | None = field(default=None, init=False)
     _wake: trio.Event = field(default_factory=trio.Event, init=False)
@@ -181,6 +214,15 @@ class Reconciler:
     _last_status: WorkerStatus | None = field(default=None, init=False)
     _observed_generation: int = field(default=0, init=False)
     _passes: int = field(default=0, init=False)
+    # Pass caches, so that a pass over N settled VMs costs little more than
+    # N lookups: the desired map of the current assignment, and each desired
+    # VM's (want, have, failure, op id) -> (settled, VmStatus) of the last
+    # pass. Inputs are immutable and replaced when they change, so a hit is
+    # an identity match.
+    _desired_of: tuple[Assignment | None, dict[str, VmAssignment]] = field(
+        default=(None, {}), init=False
+    )
+    _status_memo: dict[str, _StatusMemo] = field(default_factory=dict, init=False)
 
     # -- inputs ----------------------------------------------------------
 
@@ -239,7 +281,15 @@ class Reconciler:
         return min(times, default=math.inf)
 
     def _desired(self) -> dict[str, VmAssignment]:
-        return {vm.id: vm for vm in self._assignment.vms} if self._assignment else {}
+        """The current assignment's VMs by id (shared: do not modify)."""
+        assignment = self._assignment
+        if assignment is None:
+            return {}
+        cached_for, desired = self._desired_of
+        if cached_for is not assignment:
+            desired = {vm.id: vm for vm in assignment.vms}
+            self._desired_of = (assignment, desired)
+        return desired
 
     async def run_pass(self, nursery: trio.Nursery, limiter: trio.CapacityLimiter) -> int:
         """Observe, plan, start what is allowed, report. Returns the number
@@ -277,14 +327,15 @@ class Reconciler:
         return started
 
     async def _act(self, action: Action, op_id: str, limiter: trio.CapacityLimiter) -> None:
+        with log_context(vm_id=action.vm_id, op_id=op_id):
+            await self._act_in_context(action, op_id, limiter)
+
+    async def _act_in_context(
+        self, action: Action, op_id: str, limiter: trio.CapacityLimiter
+    ) -> None:
         try:
             async with limiter:
-                log.info(
-                    "%s %s",
-                    action.kind.value,
-                    action.vm_id,
-                    extra={"vm_id": action.vm_id, "op_id": op_id},
-                )
+                log.info("%s %s", action.kind.value, action.vm_id)
                 if action.kind is ActionKind.REMOVE:
                     await self.actuator.remove(action.vm_id, op_id)
                 else:
@@ -293,8 +344,18 @@ class Reconciler:
             self._failures.pop(action.vm_id, None)
         except PermanentError as exc:
             log.warning("%s %s failed for good: %s", action.kind.value, action.vm_id, exc)
-            self._record_failure(action, str(exc), permanent=True)
+            first = self._record_failure(action, str(exc), permanent=True)
             self._count("permanent")
+            if first and self.on_event is not None:
+                self.on_event(
+                    VmEvent(
+                        vm_id=action.vm_id,
+                        kind=EventKind.FAILED,
+                        message=f"{action.kind.value} failed: {exc}",
+                        op_id=op_id,
+                        unix_time_ms=int(self.wall_clock() * 1000),
+                    )
+                )
         except TemporaryError as exc:
             self._record_failure(action, str(exc), permanent=False, delay=exc.delay)
             self._count("temporary")
@@ -317,9 +378,12 @@ class Reconciler:
 
     def _record_failure(
         self, action: Action, message: str, *, permanent: bool, delay: float = 0.0
-    ) -> None:
+    ) -> bool:
+        """Record the failure; True when it is news (not a repeat of the
+        same kind of failure for the same desired entry)."""
         previous = self._failures.get(action.vm_id)
         key = _key(action.desired)
+        news = previous is None or previous.key != key or previous.permanent != permanent
         attempts = previous.attempts + 1 if previous is not None and previous.key == key else 1
         wait = max(delay, self.retry.delay(attempts))
         self._failures[action.vm_id] = _Failure(
@@ -333,6 +397,7 @@ class Reconciler:
             log.info(
                 "%s %s will be retried in %.1fs: %s", action.kind.value, action.vm_id, wait, message
             )
+        return news
 
     # -- status ----------------------------------------------------------
 
@@ -345,16 +410,28 @@ class Reconciler:
         vms: list[VmStatus] = []
         converged = True
         op_id = assignment.op_id if assignment else ""
+        memo, fresh = self._status_memo, {}
         for vm_id, want in desired.items():
             have = observed.get(vm_id)
             failure = self._failures.get(vm_id)
-            if failure is not None and failure.key != _key(want):
-                failure = None
-            ok = settled(want, have)
-            if failure is not None and failure.permanent:
-                ok = True
-            converged = converged and ok and vm_id not in self._busy
-            vms.append(self._vm_status(vm_id, want, have, failure, op_id))
+            hit = memo.get(vm_id)
+            if (
+                hit is not None
+                and hit.want is want
+                and hit.have is have
+                and hit.failure is failure
+                and hit.op_id == op_id
+            ):
+                entry = hit
+            else:
+                relevant = failure if failure is not None and failure.key == _key(want) else None
+                ok = settled(want, have) or (relevant is not None and relevant.permanent)
+                status = self._vm_status(vm_id, want, have, relevant, op_id)
+                entry = _StatusMemo(want, have, failure, op_id, ok, status)
+            fresh[vm_id] = entry
+            converged = converged and entry.ok and vm_id not in self._busy
+            vms.append(entry.status)
+        self._status_memo = fresh
         for vm_id, have in observed.items():
             if vm_id not in desired:
                 # Before the first assignment nothing is known to be surplus.

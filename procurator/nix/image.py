@@ -28,9 +28,10 @@ one root and one disk directory for the VM.
 Thread safety: calls for *different* VMs may run in parallel threads (they
 share nothing but the Nix store, which locks itself). Calls for one VM must
 not overlap: the reconciler runs each VM's steps strictly one at a time.
-Calling ``prepare`` with a new image while the VM still runs on the old one
-is allowed but pointless: the old disks are deleted under the running VMM
-(which keeps its open files); replace a VM as stop -> prepare -> start.
+A replacement is prepare (new image) -> start the new VMM (the old one is
+stopped then) -> ``retire_others``: until the VM runs the new image, the old
+image stays rooted and its disk copies stay, so a worker killed in between
+restarts or re-adopts the old VM intact.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ from procurator.core.confinement import (
     host_paths,
     in_closure,
 )
-from procurator.core.errors import TemporaryError, ValidationError
+from procurator.core.errors import NotFoundError, TemporaryError, ValidationError
 from procurator.core.validation import STORE_DIR, check_store_path, check_vm_id
 from procurator.nix._disk import clone_or_copy, remove_partials
 from procurator.nix.store import Store
@@ -124,9 +125,11 @@ class ImageManager:
         disk_dir = self._vms_dir / vm_id / "disks" / name
         fresh = not os.path.islink(link)
         try:
-            if self._store.is_valid(store_path):
+            try:
+                # One nix-store run in the usual case (the path is there):
+                # rooting fails with NotFoundError, never fetches, if it is not.
                 self._store.add_root(store_path, link)
-            else:
+            except NotFoundError:
                 log.info("VM %s: %s is not in the store; realising it", vm_id, store_path)
                 if on_realise is not None:
                     on_realise()
@@ -151,8 +154,17 @@ class ImageManager:
             if fresh:  # leave the previous state exactly as it was
                 self._forget_after_failure(vm_id, link, disk_dir)
             raise
-        self._drop_other_images(vm_id, keep=name)
         return PreparedImage(store_path=store_path, config=confined.config, disks=disks)
+
+    def retire_others(self, vm_id: str, store_path: str) -> None:
+        """Drop the roots and disk copies of every image of VM ``vm_id``
+        but ``store_path``. Call it once the VM runs ``store_path``: until
+        then an older image may still be in use by the VM's running VMM
+        (``prepare`` of a new image happens before the old VMM stops, so a
+        replacement is short), and its GC root must outlive that VMM.
+        Idempotent."""
+        _check(check_vm_id(vm_id), "VM id")
+        self._drop_other_images(vm_id, keep=os.path.basename(store_path))
 
     def release(self, vm_id: str) -> None:
         """Drop every GC root and disk copy of VM ``vm_id`` (it is removed).
@@ -166,6 +178,38 @@ class ImageManager:
                 (self._vms_dir / vm_id / "disks").rmdir()
         except OSError as err:
             raise TemporaryError(f"VM {vm_id}: could not release its image: {err}") from err
+
+    def sweep(self, owned: Iterable[str]) -> list[str]:
+        """Release the images of every VM that has GC roots (or an empty
+        root directory) here but is neither in ``owned`` nor has a directory
+        under ``vms/``; returns their ids.
+
+        Why: ``prepare`` roots the image before the VM's directory exists,
+        and ``release`` runs after the VmManager deleted it. A worker killed
+        in either gap, whose VM is then dropped from the fleet while it is
+        down, comes back with roots no VM accounts for: nothing would ever
+        release them, and they would pin the image in the store for good.
+        A VM that still has a directory belongs to the VmManager (which
+        finishes or undoes it); only call this at start, after the manager
+        re-adopted its VMs and before any ``prepare`` runs."""
+        keep = set(owned)
+        swept: list[str] = []
+        with contextlib.suppress(FileNotFoundError):
+            for root_dir in sorted(self._roots_dir.iterdir()):
+                vm_id = root_dir.name
+                if vm_id in keep or check_vm_id(vm_id) is not None:
+                    continue
+                if (self._vms_dir / vm_id).exists():
+                    continue
+                log.info("VM %s is gone but its image is still rooted: releasing it", vm_id)
+                try:
+                    self.release(vm_id)
+                except TemporaryError as err:
+                    # Left for the next start; it pins an image, nothing worse.
+                    log.warning("VM %s: %s", vm_id, err)
+                    continue
+                swept.append(vm_id)
+        return swept
 
     def roots(self) -> dict[str, frozenset[str]]:
         """VM id -> the store paths rooted for it: what the state dir holds,
@@ -244,6 +288,11 @@ class ImageManager:
         # up is logged, and healed by the next prepare or release of the VM.
         try:
             self._forget(link, disk_dir)
+            # The VM's root directory too, if this prepare made it: a VM
+            # whose image never became ready may be dropped from the fleet
+            # before any VM exists to release it. (Not empty: leave it.)
+            with contextlib.suppress(OSError):
+                link.parent.rmdir()
         except (OSError, TemporaryError) as err:
             log.warning("VM %s: could not undo a failed prepare (%s): %s", vm_id, link, err)
 

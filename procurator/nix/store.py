@@ -8,8 +8,13 @@ binding and no build of its own.
 Invariants:
 
 - Every method is blocking, bounded by a timeout, and thread-safe (the
-  object holds no mutable state); the worker calls it through
-  ``trio.to_thread.run_sync``.
+  only mutable state is the closure cache, behind a leaf lock); the worker
+  calls it through ``trio.to_thread.run_sync``.
+- A store path's closure never changes (its references are fixed when it is
+  registered, and the path names its content), so ``closure`` answers from
+  a bounded cache after the first query: a worker starting a thousand VMs
+  of one image asks ``nix-store`` once, not a thousand times. Only queries
+  of *valid* paths are cached (a failed one raises and is asked again).
 - Nix's failures are translated here, at the boundary: a malformed path is a
   ``ValidationError``, an absent one a ``NotFoundError``; a substituter that
   fails, a timeout or a missing ``nix-store`` binary a ``TemporaryError``
@@ -31,6 +36,7 @@ import hashlib
 import logging
 import os
 import subprocess
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -44,6 +50,7 @@ log = logging.getLogger(__name__)
 
 _NIX_BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"
 _MAX_MESSAGE = 2000
+_CLOSURE_CACHE_SIZE = 1024  # store paths; dropped all at once when full
 
 
 class Store(Protocol):
@@ -93,6 +100,8 @@ class NixStore:
         self._gcroots_auto = (
             Path(self._env.get("NIX_STATE_DIR", "/nix/var/nix")) / "gcroots" / "auto"
         )
+        self._closures_lock = threading.Lock()  # leaf lock: guards _closures only
+        self._closures: dict[str, frozenset[str]] = {}
 
     # ------------------------------------------------------------- queries
 
@@ -119,12 +128,22 @@ class NixStore:
         return path not in done.stdout.split()
 
     def closure(self, path: str) -> frozenset[str]:
-        """Every store path ``path`` needs at run time, itself included."""
+        """Every store path ``path`` needs at run time, itself included
+        (cached: see the module docstring)."""
         _check_syntax(path)
+        with self._closures_lock:
+            cached = self._closures.get(path)
+        if cached is not None:
+            return cached
         done = self._run(["--query", "--requisites", path], what=f"querying {path}")
         if done.returncode != 0:
             self._raise_absent_or_temporary(path, done, "query the closure of")
-        return frozenset(line for line in done.stdout.splitlines() if line)
+        closure = frozenset(line for line in done.stdout.splitlines() if line)
+        with self._closures_lock:
+            if len(self._closures) >= _CLOSURE_CACHE_SIZE:
+                self._closures.clear()
+            self._closures[path] = closure
+        return closure
 
     # ------------------------------------------------------------- changes
 

@@ -79,6 +79,11 @@ class WorkerActuator:
         # (leaf lock: nothing is called while holding it).
         self._lock = threading.Lock()
         self._in_flight: dict[str, _InFlight] = {}
+        # Trio thread only (observe): each VM's last VmObservation and what
+        # it was turned into. Observations are immutable and replaced on
+        # every change, so an identical object needs no new ObservedVm —
+        # and the reconciler's own per-VM caches then hit by identity too.
+        self._observed: dict[str, tuple[VmObservation, ObservedVm]] = {}
 
     # -- VmActuator ---------------------------------------------------------
 
@@ -86,7 +91,15 @@ class WorkerActuator:
         # VmManager.list() only copies in-memory observations under its map
         # lock: cheap enough to call on the trio thread, and a thread hop per
         # pass would dominate a no-op resync of thousands of VMs.
-        observed = {o.vm_id: _observed(o) for o in self._manager.list()}
+        last = self._observed
+        seen: dict[str, tuple[VmObservation, ObservedVm]] = {}
+        observed: dict[str, ObservedVm] = {}
+        for o in self._manager.list():
+            hit = last.get(o.vm_id)
+            value = hit[1] if hit is not None and hit[0] is o else _observed(o)
+            seen[o.vm_id] = (o, value)
+            observed[o.vm_id] = value
+        self._observed = seen
         with self._lock:
             in_flight = dict(self._in_flight)
         for vm_id, flight in in_flight.items():
@@ -118,7 +131,12 @@ class WorkerActuator:
                 self._in_flight[vm_id] = flight
 
     def _ensure_blocking(self, vm: VmAssignment, op_id: str) -> None:
+        # Log records here carry the vm_id and op_id of the reconciler's
+        # action: trio.to_thread.run_sync runs this in a copy of its context.
         self._mark(vm.id, _InFlight(vm.hash, Phase.STARTING, "preparing network and image"))
+        log.info(
+            "VM %s: ensuring %s, power %s (%s)", vm.id, vm.hash, vm.power.value, vm.nix_store_path
+        )
         try:
             nic = self._network.ensure_vm(vm.id) if self._network is not None else None
             host = HostSide(
@@ -144,8 +162,14 @@ class WorkerActuator:
                 labels["address"] = nic.ip
                 labels["tap"] = nic.tap
                 labels["mac"] = nic.mac
+            log.info(
+                "VM %s: image ready (%d disk copies)%s",
+                vm.id,
+                len(prepared.disks),
+                f", tap {nic.tap}, address {nic.ip}" if nic is not None else ", no network",
+            )
             self._mark(vm.id, _InFlight(vm.hash, Phase.STARTING, "starting the VMM"))
-            self._manager.ensure(
+            observation = self._manager.ensure(
                 VmSpec(
                     vm_id=vm.id,
                     hash=vm.hash,
@@ -155,6 +179,9 @@ class WorkerActuator:
                     labels=labels,
                 )
             )
+            log.info("VM %s: %s (%s)", vm.id, observation.phase.value, observation.message)
+            # Only now that the VM runs this image may older ones go.
+            self._images.retire_others(vm.id, vm.nix_store_path)
         finally:
             self._mark(vm.id, None)
 
@@ -162,10 +189,11 @@ class WorkerActuator:
         self._mark(vm_id, _InFlight("", Phase.STOPPING, "removing"))
         try:
             log.info("removing VM %s", vm_id, extra={"vm_id": vm_id, "op_id": op_id})
-            self._manager.remove(vm_id)
+            self._manager.remove(vm_id, op_id=op_id)
             self._images.release(vm_id)
             if self._network is not None:
                 self._network.release_vm(vm_id)
+            log.info("VM %s removed: image, disk copies and address released", vm_id)
         finally:
             self._mark(vm_id, None)
 
@@ -180,4 +208,5 @@ def _observed(o: VmObservation) -> ObservedVm:
         restarts=o.restarts,
         address=o.labels.get("address", ""),
         op_id=o.op_id,
+        desired_power=o.desired_power,
     )

@@ -49,6 +49,7 @@ import trio
 
 from procurator.core.errors import PermanentError, ProcuratorError, UnavailableError
 from procurator.core.models import Assignment, VmEvent, WorkerInfo, WorkerStatus
+from procurator.logs import log_context
 from procurator.rpc.messages import MetricSample
 
 __all__ = [
@@ -230,13 +231,14 @@ class MasterLink:
                 self._newest_generation,
             )
             return
-        logger.info(
-            "assignment generation %d (%s, op %s): %d VM(s)",
-            assignment.generation,
-            source,
-            assignment.op_id or "-",
-            len(assignment.vms),
-        )
+        with log_context(op_id=assignment.op_id, generation=assignment.generation):
+            logger.info(
+                "received assignment generation %d (%s, op %s): %d VM(s)",
+                assignment.generation,
+                source,
+                assignment.op_id or "-",
+                len(assignment.vms),
+            )
         self._newest_generation = assignment.generation
         self._pending = assignment
         self._pending_wake.set()

@@ -60,6 +60,24 @@ while holding the map lock or a VM's condition lock):
 
 The supervisor thread takes only 3 (briefly, to read the desired spec and to
 publish); ``on_change`` is called by supervisor threads with no lock held.
+
+Operation ids. Every log record a supervisor writes carries the VM's
+``vm_id`` and the ``op_id`` of the spec it is converging (or of the removal
+it is carrying out), bound on its own thread (``procurator.logs.bind``);
+every ``VmEvent`` carries the same op id. Callers' threads log with the
+fields of their own context.
+
+Events: ``created`` (first VMM of this VM), ``booted``, ``crashed`` (with the
+restart delay), ``restarted`` (after N s of backoff), ``replaced`` (new
+hash), ``stopped`` (desired power stopped, or the guest powered off),
+``paused``, ``resumed``, ``failed`` (with the reason), ``readopted`` (a VMM
+found alive by a new worker) and ``removed``.
+
+Guest clock after resume: neither cloud-hypervisor (v53 API) nor QEMU
+without a guest agent offers a way to set the guest's clock, so a resumed
+guest's wall clock lags by the time it was paused until the guest corrects
+it itself (NTP, chrony). The ``resumed`` event says so; nothing pretends to
+resync it.
 """
 
 from __future__ import annotations
@@ -85,6 +103,7 @@ from typing import Any
 from procurator.core.backoff import RestartPolicy, RestartState
 from procurator.core.errors import PermanentError, ProcuratorError, TemporaryError
 from procurator.core.models import EventKind, Phase, PowerState, VmEvent, VmStatus
+from procurator.logs import bind
 from procurator.worker.state import HandlesRecord, StateDir, VmLock
 from procurator.worker.vmm import process
 from procurator.worker.vmm.base import (
@@ -245,6 +264,7 @@ class _Vm:
         self.cond = threading.Condition(threading.Lock())  # level 3
         self.desired: VmSpec | None = None
         self.remove_requested = False
+        self.remove_op_id = ""  # op id of the removal asked for, if any
         self.closing = False
         self.seq = 0  # bumped whenever the target (hash, power, removal) changes
         self.outcome_seq = -1
@@ -337,6 +357,7 @@ class VmManager:
                 with vm.cond:
                     vm.desired = spec
                     vm.remove_requested = False
+                    vm.remove_op_id = ""
                     vm.seq += 1
                     vm.converged = False
                     target_seq, after = vm.seq, vm.outcome_count
@@ -351,14 +372,16 @@ class VmManager:
             self._wait_outcome(vm, target_seq, after, f"ensure {spec.hash}")
             return self.get_or_raise(spec.vm_id)
 
-    def remove(self, vm_id: str) -> None:
-        """Stop the VM (stop ladder) and delete its state. Idempotent."""
+    def remove(self, vm_id: str, *, op_id: str = "") -> None:
+        """Stop the VM (stop ladder) and delete its state. Idempotent.
+        ``op_id``: the operation asking for it, for logs and the event."""
         StateDir.check_id(vm_id)
         with self._attached(vm_id, create=False) as vm:
             if vm is None:
                 return
             with vm.cond:
                 vm.remove_requested = True
+                vm.remove_op_id = op_id
                 vm.seq += 1
                 vm.converged = False
                 target_seq, after = vm.seq, vm.outcome_count
@@ -612,11 +635,17 @@ class _Supervisor:
         self.ever_started = False
         self.last_failure = ""  # why the VM last went down, shown while waiting
         self.pending_event: EventKind | None = None  # reported once the VM is seen running
+        self.pending_message = ""  # the message of that event ("" for the state's)
 
     # -- thread ------------------------------------------------------------------
 
     def run(self) -> None:
         vm = self.vm
+        # This thread's own context: its log records name the VM, and the
+        # operation whose spec (or removal) it is working on.
+        with vm.cond:
+            spec = vm.desired
+        bind(vm_id=vm.vm_id, op_id=spec.op_id if spec is not None else "")
         try:
             self._adopt()
             while True:
@@ -624,17 +653,35 @@ class _Supervisor:
                     if vm.closing:
                         return
                     spec, removing, seq = vm.desired, vm.remove_requested, vm.seq
+                    remove_op_id = vm.remove_op_id
+                bind(op_id=remove_op_id if removing else spec.op_id if spec is not None else "")
                 # Outcomes are reported for the seq acted upon: a caller that
                 # asked for something newer meanwhile keeps waiting.
                 self.seq = seq
-                if removing:
-                    if self._remove(seq):
-                        return
-                    timeout: float | None = self.t.health_interval
-                elif spec is None or seq == self.failed_seq:
-                    timeout = None
-                else:
-                    timeout = self._step(spec, seq)
+                timeout: float | None
+                try:
+                    if removing:
+                        if self._remove(seq):
+                            return
+                        timeout = self.t.health_interval
+                    elif spec is None or seq == self.failed_seq:
+                        timeout = None
+                    else:
+                        timeout = self._step(spec, seq)
+                except Exception as exc:
+                    # An error nothing translated (a bug, an OS error such as
+                    # EMFILE): ending this thread would leave the VMM running
+                    # unwatched. Report it to the waiting caller and try the
+                    # same pass again after the health interval.
+                    log.exception("VM %s: unexpected error; retrying", vm.vm_id)
+                    with vm.cond:
+                        phase = vm.obs.phase
+                    self._publish(
+                        phase,
+                        f"internal error, retrying: {exc!r}",
+                        outcome=TemporaryError(f"VM {vm.vm_id}: internal error: {exc!r}"),
+                    )
+                    timeout = self.t.health_interval
                 self._wait(timeout)
         except BaseException as exc:
             log.exception("VM %s: supervisor failed", vm.vm_id)
@@ -654,12 +701,17 @@ class _Supervisor:
                 vm.flock.release()
 
     def _wait(self, timeout: float | None) -> None:
-        fds = [self.vm.wake_fd] + ([self.pidfd] if self.pidfd >= 0 else [])
+        # poll(), not select(): a worker with a few hundred VMs has fds
+        # above FD_SETSIZE (1024), which select() cannot watch.
+        poller = select.poll()
+        poller.register(self.vm.wake_fd, select.POLLIN)
+        if self.pidfd >= 0:
+            poller.register(self.pidfd, select.POLLIN)
         try:
-            readable, _, _ = select.select(fds, [], [], timeout)
+            events = poller.poll(None if timeout is None else max(0.0, timeout) * 1000)
         except InterruptedError:
             return
-        if self.vm.wake_fd in readable:
+        if any(fd == self.vm.wake_fd for fd, _ in events):
             with contextlib.suppress(BlockingIOError):
                 os.eventfd_read(self.vm.wake_fd)
 
@@ -794,10 +846,21 @@ class _Supervisor:
         )
         if not self.ever_started and not restart:
             self._publish(Phase.STARTING, f"VM created (VMM pid {handle.pid})", EventKind.CREATED)
+        if restart:
+            waited = self.m.policy.delay(self.backoff.failures)
+            self.pending_event = EventKind.RESTARTED
+            self.pending_message = (
+                f"restarted after {waited:.3g} s of backoff (failure {self.backoff.failures} "
+                f"in a row, restart {self.backoff.restarts}; VMM pid {handle.pid})"
+            )
+        elif replacing:
+            self.pending_event = EventKind.REPLACED
+            self.pending_message = f"replaced: now runs {spec.hash} (VMM pid {handle.pid})"
+        else:
+            self.pending_event = EventKind.BOOTED
+            self.pending_message = f"booted {spec.hash} (VMM pid {handle.pid})"
         self.backoff = self.backoff.started(self.m.clock())
-        kind = EventKind.RESTARTED if restart else EventKind.REPLACED if replacing else None
         self.ever_started = True
-        self.pending_event = kind or EventKind.BOOTED
 
     def _check(self, spec: VmSpec, seq: int) -> float | None:
         """Health-check a live VMM and converge its power state."""
@@ -816,16 +879,24 @@ class _Supervisor:
                 f"{self.t.hung_after} times in a row (hung): {exc.message}"
             ) from None
         self.unanswered = 0
-        event = self.pending_event
-        self.pending_event = None
+        event, event_message = self.pending_event, self.pending_message
+        self.pending_event, self.pending_message = None, ""
         if state is VmState.RUNNING and spec.power is PowerState.PAUSED:
+            log.info("VM %s: pausing (VMM pid %s)", self.vm.vm_id, self.handle.pid)
             self.driver.pause(self.handle, timeout=self.t.api)
             state = self.driver.state(self.handle, timeout=self.t.api)
-            event = event or EventKind.PAUSED
+            if event is None:
+                event, event_message = EventKind.PAUSED, f"paused (VMM pid {self.handle.pid})"
         elif state is VmState.PAUSED and spec.power is PowerState.RUNNING:
+            log.info("VM %s: resuming (VMM pid %s)", self.vm.vm_id, self.handle.pid)
             self.driver.resume(self.handle, timeout=self.t.api)
             state = self.driver.state(self.handle, timeout=self.t.api)
-            event = event or EventKind.RESUMED
+            if event is None:
+                event = EventKind.RESUMED
+                event_message = (
+                    f"resumed (VMM pid {self.handle.pid}); the guest clock is not resynced: "
+                    f"the {self.driver.name} driver has no guest-clock API"
+                )
         if state in (VmState.NOT_CREATED, VmState.CREATED):
             # A start that a previous worker did not finish: begin afresh.
             self._stop(f"VM is {state.value} inside the VMM (unfinished start)")
@@ -841,6 +912,10 @@ class _Supervisor:
         message = f"{state.value} (pid {self.handle.pid})"
         with self.vm.cond:
             need_outcome = not self.vm.converged or self.vm.outcome_seq < seq
+        if event is not None and event_message:
+            # The event's own words first; the phase message follows at once.
+            self._publish(phase, event_message, event, power=power)
+            event = None
         self._publish(
             phase, message, event, power=power, outcome=_Outcome.OK if need_outcome else None
         )
@@ -926,6 +1001,7 @@ class _Supervisor:
         self._adopt_handle(handle, booted_hash)
         self.ever_started = True
         self.pending_event = EventKind.READOPTED
+        self.pending_message = f"re-adopted VMM pid {handle.pid} running {booted_hash or '?'}"
         log.info("VM %s: re-adopted VMM pid %s", self.vm.vm_id, handle.pid)
 
     def _adopt_handle(self, handle: VmmHandle, booted_hash: str) -> None:
@@ -966,13 +1042,28 @@ class _Supervisor:
         vm_dir = self.paths.vm_dir
         if not vm_dir.exists():
             return
-        handles = vm_dir / "handles.json"
-        if handles.exists() or self.paths.api_socket.exists():
+        if self._may_have_unrecorded_vmm():
             for pid, ticks in process.find_by_argument(self.paths.api_socket):
                 log.warning("VM %s: killing VMM pid %s that no handle recorded", self.vm.vm_id, pid)
                 process.terminate(pid, ticks, grace=self.t.sigterm_wait)
         _remove_stale_socket(self.paths.api_socket)
         self.m.state.clear_handles(self.vm.flock)
+
+    def _may_have_unrecorded_vmm(self) -> bool:
+        """Whether a VMM that no handle records may run for this VM: the
+        handles file says a spawn began but no pid was recorded (the worker
+        died in between), is unreadable, or is gone while the socket stays.
+        A recorded handle rules it out — every spawn is preceded by a
+        ``spawning`` record and followed by the handle, under the VM's flock
+        — and spares a scan of every process's command line (/proc), which
+        on a host of a thousand VMMs costs more than the rest of a restart."""
+        try:
+            record = self.m.state.read_handles(self.vm.vm_id)
+        except ProcuratorError:
+            return True
+        if record is None:
+            return self.paths.api_socket.exists()
+        return record.handle is None
 
     def _discard_vmm(self, why: str) -> str | None:
         """Stop a VMM that cannot serve the spec; returns the ladder step that
@@ -1093,7 +1184,7 @@ class _Supervisor:
                 vm.outcome_error = outcome if isinstance(outcome, ProcuratorError) else None
                 vm.converged = vm.outcome_error is None
                 vm.cond.notify_all()
-            op_id = obs.op_id
+            op_id = vm.remove_op_id if vm.remove_requested and vm.remove_op_id else obs.op_id
         if event is not None:
             log.info("VM %s: %s: %s", vm.vm_id, event.value, message)
         if changed or event is not None:

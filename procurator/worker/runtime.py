@@ -8,10 +8,16 @@ worker:
 1. ``VmManager.recover()``: re-adopt every VMM still running from the state
    dir (never spawn twice), restart dead ones that were desired running.
 2. Network: make sure the bridge exists, then sweep taps carrying our prefix
-   that no VM owns — only now, after re-adoption, is "owned" known.
+   that no VM owns — only now, after re-adoption, is "owned" known. Then
+   release the GC roots of VMs nothing owns (``ImageManager.sweep``).
 3. Start the reconciler. It acts only once the first assignment arrived (a
    push or the link's pull), so a worker restarted while the master is away
    keeps its VMs as they are.
+
+Events reach the master from two sources: the VmManager (what happened to a
+VMM: created, booted, crashed...) and the reconciler (a step that failed for
+good before any VMM ran, e.g. a bad image). Both carry the op id of the
+assignment that caused the work.
 
 Threads: the manager calls ``on_change`` from supervisor threads; it is
 handed to trio with the trio token (``run_sync_soon``), which pokes the
@@ -35,6 +41,7 @@ from typing import Literal
 import trio
 
 from procurator.core.confinement import ImageLimits
+from procurator.core.errors import ProcuratorError
 from procurator.core.metrics import VmSnapshot
 from procurator.core.models import Assignment, VmEvent, WorkerStatus
 from procurator.core.reconcile import Reconciler
@@ -45,6 +52,7 @@ from procurator.worker.daemon import StatusPublisher
 from procurator.worker.manager import Timeouts, VmManager, VmObservation
 from procurator.worker.metrics import WorkerMetrics
 from procurator.worker.network import NetworkConfig, NetworkManager
+from procurator.worker.vmm import process
 from procurator.worker.vmm.base import VmmDriver
 from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver
 from procurator.worker.vmm.qemu import QemuDriver
@@ -75,6 +83,11 @@ class RuntimeOptions:
     stop_grace: float = 30.0  # seconds the guest gets to power off
     metrics_listen: str = ""  # host:port of the Prometheus exporter; "" for none
     metrics_interval: float = 15.0  # seconds between metric polls and reports
+    # Seconds between a VM's vm.info health checks. A VMM that exits is seen
+    # at once (pidfd); this only bounds how long a hung API goes unnoticed
+    # (two missed checks). Every check is an HTTP call: at a thousand VMs,
+    # 5 s meant 200 calls a second, most of an idle worker's CPU.
+    health_interval: float = 15.0
 
 
 def resolve_driver(name: str) -> str:
@@ -133,7 +146,12 @@ class ReconcilingHandler:
             else make_driver(options, on_api_call=self.metrics.observe_api_call)
         )
         self._token: trio.lowlevel.TrioToken | None = None
-        timeouts = Timeouts(power_button_wait=options.stop_grace)
+        timeouts = Timeouts(
+            power_button_wait=options.stop_grace,
+            health_interval=options.health_interval,
+            # Counters are only read by the metrics poller: fresher is waste.
+            counters_interval=options.metrics_interval,
+        )
         self.manager = VmManager(
             self.state_dir, self.driver, timeouts=timeouts, on_change=self._on_change
         )
@@ -176,6 +194,7 @@ class ReconcilingHandler:
             concurrency=options.concurrency,
             on_pass=self.metrics.observe_reconcile_pass,
             on_failure=self.metrics.count_error,
+            on_event=self._publish_event,
         )
         log.info("worker %s uses the %s VMM driver", worker_id, self.driver.name)
 
@@ -193,17 +212,31 @@ class ReconcilingHandler:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._token = trio.lowlevel.current_trio_token()
         try:
+            if self.network is not None:
+                # Before recover(): a VMM it restarts (after a host reboot,
+                # say) must find its tap on the bridge, or the VMM would make
+                # an unbridged tap of its own and run without network.
+                await trio.to_thread.run_sync(self._ensure_known_taps)
             recovered = await trio.to_thread.run_sync(self.manager.recover)
             if recovered:
                 log.info(
                     "re-adopted %d VMs: %s", len(recovered), ", ".join(o.vm_id for o in recovered)
                 )
             if self.network is not None:
-                await trio.to_thread.run_sync(self.network.ensure_bridge)
                 owned = {o.vm_id for o in self.manager.list()}
                 swept = await trio.to_thread.run_sync(self.network.sweep, owned)
                 if swept:
                     log.info("removed taps nothing owns: %s", ", ".join(swept))
+            # Roots of VMs a crash left half-made or half-removed (see
+            # ImageManager.sweep); before the reconciler prepares anything.
+            # A nix-store the last worker left rooting an image would make
+            # its root after the sweep: end it first.
+            await trio.to_thread.run_sync(self._end_orphaned_helpers)
+            owned = {o.vm_id for o in self.manager.list()}
+            await trio.to_thread.run_sync(self._retire_replaced_images)
+            released = await trio.to_thread.run_sync(self.images.sweep, owned)
+            if released:
+                log.info("released the images of VMs nothing owns: %s", ", ".join(released))
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.reconciler.run)
                 await nursery.start(self._run_metrics)
@@ -212,6 +245,37 @@ class ReconcilingHandler:
             # The VMs keep running: the next worker re-adopts them.
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self.close)
+
+    def _publish_event(self, event: VmEvent) -> None:
+        self._publisher.publish_events([event])
+
+    def _retire_replaced_images(self) -> None:
+        """A worker killed between starting a VM's new image and retiring
+        the old one left both rooted: keep only what each VM runs."""
+        for observation in self.manager.list():
+            store_path = observation.labels.get("store_path")
+            if store_path and observation.observed_hash == observation.hash:
+                try:
+                    self.images.retire_others(observation.vm_id, store_path)
+                except ProcuratorError as exc:
+                    log.warning("VM %s: old images not released: %s", observation.vm_id, exc)
+
+    def _ensure_known_taps(self) -> None:
+        """The bridge, and the tap of every VM the state dir knows."""
+        assert self.network is not None
+        self.network.ensure_bridge()
+        for vm_id in self.manager.state.vm_ids():
+            try:
+                self.network.ensure_vm(vm_id)
+            except ProcuratorError as exc:
+                # The VM's own ensure will fail with the same reason and
+                # report it; the others go on.
+                log.warning("VM %s: cannot prepare its tap before recovery: %s", vm_id, exc)
+
+    def _end_orphaned_helpers(self) -> None:
+        for pid, ticks in process.find_by_argument_under(self.state_dir / "gcroots"):
+            log.warning("killing pid %s, left by the last worker: it still roots an image", pid)
+            process.terminate(pid, ticks, grace=0.0)
 
     def _publish_status(self, status: WorkerStatus) -> None:
         self.metrics.set_observed_generation(status.observed_generation)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from procurator.core.backoff import RestartPolicy
 from procurator.core.errors import PermanentError, TemporaryError
 from procurator.core.models import Assignment, Phase, PowerState, VmAssignment, WorkerStatus
-from procurator.core.reconcile import ActionKind, ObservedVm, Reconciler, plan, settled
+from procurator.core.reconcile import Action, ActionKind, ObservedVm, Reconciler, plan, settled
 
 _PHASE_OF = {
     PowerState.RUNNING: Phase.RUNNING,
@@ -89,6 +89,29 @@ def test_plan_leaves_crashing_and_transitioning_vms_to_the_manager() -> None:
     for phase in (Phase.CRASH_LOOP, Phase.FAILED, Phase.STARTING, Phase.STOPPING):
         observed = {"a": ObservedVm(id="a", hash="h1", phase=phase, power=PowerState.STOPPED)}
         assert plan({"a": want}, observed) == []
+
+
+def test_plan_stops_a_crash_looping_vm_when_asked() -> None:
+    want = vm("a", power=PowerState.STOPPED)
+    looping = ObservedVm(
+        id="a",
+        hash="h1",
+        phase=Phase.CRASH_LOOP,
+        power=PowerState.STOPPED,
+        desired_power=PowerState.RUNNING,
+    )
+    assert plan({"a": want}, {"a": looping}) == [Action(ActionKind.SET_POWER, "a", want)]
+    assert not settled(want, looping)
+    # Once the manager converges to the new power, nothing is left to do.
+    stopping = ObservedVm(
+        id="a",
+        hash="h1",
+        phase=Phase.CRASH_LOOP,
+        power=PowerState.STOPPED,
+        desired_power=PowerState.STOPPED,
+    )
+    assert plan({"a": want}, {"a": stopping}) == []
+    assert settled(want, stopping)
 
 
 _ids = st.sampled_from([f"vm-{i}" for i in range(12)])

@@ -10,6 +10,7 @@ a re-adopted VM (same boot id, uptime goes on) from a rebooted one.
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -139,3 +140,29 @@ def test_master_restart_keeps_generation_and_vms(lab: Lab, images: dict[str, str
     lab.wait_ready("web-2")
     assert lab.vmm_pids()["web-1"] == pids["web-1"]
     assert lab.guest_status(address)["boot_id"] == boot_id
+
+
+def test_host_reboot_brings_vms_back_with_their_network(lab: Lab, images: dict[str, str]) -> None:
+    """After a reboot nothing runs and no bridge or tap exists: the worker
+    restarts its VMs on bridged taps with their old addresses."""
+    lab.apply([("web-1", images["v1"])])
+    address = lab.wait_ready("web-1")
+    boot_id = lab.guest_status(address)["boot_id"]
+
+    lab.stop_worker(sig=signal.SIGKILL)
+    lab.kill_vmms()
+    subprocess.run(["ip", "-n", lab.netns, "link", "del", "br-procurator"], check=True)
+    for tap in lab.taps():
+        subprocess.run(["ip", "-n", lab.netns, "link", "del", tap], check=True)
+
+    lab.start_worker()
+    guest = lab.guest_status(address, timeout=60)
+    assert guest["boot_id"] != boot_id
+    assert len(lab.taps()) == 1
+    links = subprocess.run(
+        ["ip", "-n", lab.netns, "-j", "link", "show", "master", "br-procurator"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert lab.taps()[0] in links

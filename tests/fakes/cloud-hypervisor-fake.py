@@ -110,7 +110,9 @@ class Vmm:
         if self.log_file is None:
             return
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-        with open(self.log_file, "a") as f:
+        # Like cloud-hypervisor's logger, a failed write (disk full) is
+        # dropped: it must not fail the API request that logged it.
+        with contextlib.suppress(OSError), open(self.log_file, "a") as f:
             f.write(f"cloud-hypervisor: {stamp}: <fake> {message}\n")
 
     def event(self, source: str, event: str) -> None:
@@ -123,7 +125,7 @@ class Vmm:
             "event": event,
             "properties": None,
         }
-        with open(self.event_file, "a") as f:
+        with contextlib.suppress(OSError), open(self.event_file, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     # -- exits -------------------------------------------------------------------

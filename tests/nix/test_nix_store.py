@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,39 @@ def test_closure_follows_references(nix: NixTool, store: NixStore) -> None:
     assert store.closure(kernel) == {kernel}
     with pytest.raises(NotFoundError):
         store.closure(ABSENT)
+
+
+def test_closure_is_queried_once_per_path(
+    nix: NixTool, nix_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A closure never changes: a worker starting many VMs of one image runs
+    ``nix-store --query --requisites`` once. Counted with a shim in front of
+    the real nix-store; a failed query is not cached."""
+    real = shutil.which("nix-store")
+    assert real is not None
+    shim_dir = tmp_path / "bin"
+    shim_dir.mkdir()
+    calls = tmp_path / "calls"
+    shim = shim_dir / "nix-store"
+    shim.write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexec {real} "$@"\n')
+    shim.chmod(0o755)
+    store = NixStore(extra_env=nix_env, nix_bin_dir=shim_dir)
+    image, kernel = nix.build_with_kernel('{"payload":{"kernel":"@KERNEL@/vmlinux"}}')
+
+    for _ in range(3):
+        assert store.closure(image) == {image, kernel}
+    assert store.closure(kernel) == {kernel}
+    for _ in range(2):
+        with pytest.raises(NotFoundError):
+            store.closure(ABSENT)
+
+    queries = [line for line in calls.read_text().splitlines() if "--requisites" in line]
+    assert queries == [
+        f"--query --requisites {image}",
+        f"--query --requisites {kernel}",
+        f"--query --requisites {ABSENT}",
+        f"--query --requisites {ABSENT}",
+    ]
 
 
 def test_indirect_root_protects_the_path_and_leaves_nothing_once_removed(

@@ -22,7 +22,7 @@ from qemuhelpers import (
     wait_for_ready,
 )
 
-from procurator.worker.vmm.base import VmmRejected, VmState, launch_vm
+from procurator.worker.vmm.base import VmmError, VmState, launch_vm
 from procurator.worker.vmm.process import is_alive, wait_exit
 from procurator.worker.vmm.qemu import QemuDriver
 
@@ -71,11 +71,16 @@ def test_second_driver_reattaches_by_handle(test_image: Path, vms: Vms) -> None:
     again.shutdown_vmm(restored, timeout=5)
 
 
-def test_launch_through_launch_vm_rejects_a_missing_kernel(test_image: Path, vms: Vms) -> None:
+def test_launch_through_launch_vm_reports_a_qemu_that_exits_at_start(
+    test_image: Path, vms: Vms
+) -> None:
     config = image_config(test_image)
     config["payload"]["kernel"] = "/nonexistent/vmlinux"
     paths = make_paths(vms.root / "bad")
-    with pytest.raises(VmmRejected) as raised:
+    # Temporary (VmmError): QEMU exiting at start may pass (memory, a busy
+    # tap); the manager's backoff and crash-loop detection handle one that
+    # does not.
+    with pytest.raises(VmmError) as raised:
         launch_vm(vms.driver, paths, config, timeout=30)
     # QEMU's own words come back, and nothing is left running.
     assert any("vmlinux" in line for line in raised.value.details), raised.value.details

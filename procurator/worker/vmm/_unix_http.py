@@ -14,6 +14,7 @@ callers handle ``httpx.HTTPError`` only, as with any httpx transport.
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 from collections.abc import Iterable, Iterator
@@ -52,12 +53,23 @@ def _to_httpx(exc: Exception, request: httpx.Request) -> Exception:
 
 
 class _SocketStream(httpcore.NetworkStream):
+    """One connection. Syscalls are what a request costs on a busy worker
+    (hundreds of health checks and counter polls a minute): the timeout is
+    set only when it changes, and empty writes (h11's end of a bodiless
+    message) are not sent."""
+
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
+        self._timeout: float | None = sock.gettimeout()
+
+    def _set_timeout(self, timeout: float | None) -> None:
+        if timeout != self._timeout:
+            self._sock.settimeout(timeout)
+            self._timeout = timeout
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         try:
-            self._sock.settimeout(timeout)
+            self._set_timeout(timeout)
             return self._sock.recv(max_bytes)
         except TimeoutError as exc:
             raise httpcore.ReadTimeout(str(exc)) from exc
@@ -65,8 +77,10 @@ class _SocketStream(httpcore.NetworkStream):
             raise httpcore.ReadError(str(exc)) from exc
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if not buffer:
+            return
         try:
-            self._sock.settimeout(timeout)
+            self._set_timeout(timeout)
             self._sock.sendall(buffer)
         except TimeoutError as exc:
             raise httpcore.WriteTimeout(str(exc)) from exc
@@ -80,17 +94,13 @@ class _SocketStream(httpcore.NetworkStream):
         if info == "socket":
             return self._sock
         if info == "is_readable":
-            # Idle keep-alive connections: readable means closed by the peer.
-            try:
-                self._sock.setblocking(False)
-                try:
-                    return self._sock.recv(1, socket.MSG_PEEK) == b""
-                finally:
-                    self._sock.setblocking(True)
-            except BlockingIOError:
-                return False
-            except OSError:
-                return True
+            # An idle keep-alive connection that is readable was closed by the
+            # peer (or sent something unasked): either way, not reusable, as
+            # httpcore's own backends decide. One poll(2), no mode switches
+            # (a recv under a socket timeout would first wait for data).
+            poller = select.poll()
+            poller.register(self._sock, select.POLLIN)
+            return bool(poller.poll(0))
         return None
 
 

@@ -189,7 +189,8 @@ def launch_vm(
         driver.create_and_boot(handle, config, timeout=max(0.0, deadline - time.monotonic()))
     except BaseException:
         # The VMM has no running guest yet: nothing to save, only to stop.
-        with contextlib.suppress(VmmError):
+        # Any refusal (a 4xx too) must not skip the signals below.
+        with contextlib.suppress(VmmError, VmmRejected):
             driver.shutdown_vmm(handle, timeout=1.0)
         if not wait_exit(handle.pid, handle.pid_start_ticks, 2.0):
             terminate(handle.pid, handle.pid_start_ticks, grace=2.0)

@@ -18,7 +18,10 @@ Error translation happens here and only here; callers never see httpx:
 HTTP clients: one ``httpx.Client`` per VMM *process* (keyed by pid and start
 ticks, not by socket path, so a restarted VMM on the same path never gets a
 pooled connection to its dead predecessor). Clients are created lazily,
-dropped when their VMM is shut down or found gone, and pruned on each spawn.
+dropped when their VMM is shut down or found gone, and the clients of VMMs
+that died unnoticed are pruned on a spawn at most every ``_PRUNE_INTERVAL``
+(a prune reads /proc once per client: on every spawn, a fleet start would
+cost O(VMs²) reads).
 They never read proxy settings from the environment (``trust_env=False``):
 the socket is local and a stray ``HTTP_PROXY`` must not reroute VMM control.
 
@@ -69,7 +72,12 @@ ApiCallObserver = Callable[[str, float, bool], None]
 ClientFactory = Callable[[str], httpx.Client]
 
 _BASE_URL = "http://localhost/api/v1"
-_PING_INTERVAL = 0.02
+# Waiting for a new VMM's API: a stat of the socket path every
+# _SOCKET_POLL until it exists (cheap), then vmm.ping every _PING_INTERVAL
+# until it answers. Both are short: the wait is on every VM start's path.
+_SOCKET_POLL = 0.002
+_PRUNE_INTERVAL = 10.0
+_PING_INTERVAL = 0.005
 _TAIL_BYTES = 2000
 _MAX_SOCKET_PATH = 107  # sun_path is 108 bytes, NUL included
 
@@ -106,9 +114,10 @@ class CloudHypervisorDriver:
         self.env = dict(env) if env is not None else None
         self.on_api_call = on_api_call
         self._client_factory = client_factory
-        # Leaf lock: guards the two dicts only; never held across I/O.
+        # Leaf lock: guards _clients and _pruned_at only; never held across I/O.
         self._lock = threading.Lock()
         self._clients: dict[tuple[int, int], httpx.Client] = {}
+        self._pruned_at = -_PRUNE_INTERVAL
 
     # -- process -----------------------------------------------------------------
 
@@ -180,6 +189,9 @@ class CloudHypervisorDriver:
                     + (f": {last.message}" if last is not None else ""),
                     details=_tails(output, paths.log_file),
                 )
+            if not os.path.exists(handle.api_socket):
+                time.sleep(min(_SOCKET_POLL, remaining))
+                continue
             try:
                 info = self.ping(handle, timeout=min(remaining, 1.0))
             except (VmmGone, VmmTimeout) as exc:
@@ -203,8 +215,13 @@ class CloudHypervisorDriver:
             client.close()
 
     def _prune(self) -> None:
-        """Close the clients of VMMs that are gone."""
+        """Close the clients of VMMs that are gone (at most every
+        ``_PRUNE_INTERVAL``)."""
+        now = time.monotonic()
         with self._lock:
+            if now - self._pruned_at < _PRUNE_INTERVAL:
+                return
+            self._pruned_at = now
             clients = list(self._clients.items())
         dead = [key for key, _ in clients if not process.is_alive(*key)]
         with self._lock:

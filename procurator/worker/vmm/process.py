@@ -146,8 +146,11 @@ def wait_exit(pid: int, start_ticks: int, timeout: float) -> bool:
         # Only the pidfd says when the whole process is gone: a thread-group
         # leader shows as a zombie while its other threads still exit (and
         # still hold its files and locks).
-        readable, _, _ = select.select([fd], [], [], max(0.0, timeout))
-        if readable:
+        # poll(), not select(): fds above FD_SETSIZE (1024) are normal in a
+        # worker with hundreds of VMs.
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        if poller.poll(max(0.0, timeout) * 1000):
             _reap(pid)
             return True
         return False
@@ -205,6 +208,36 @@ def _argument_names(arg: str, path: str) -> bool:
             return True
         start = arg.find(path, start + 1)
     return False
+
+
+def find_by_argument_under(directory: Path) -> list[tuple[int, int]]:
+    """(pid, start ticks) of every live process with an argument naming a
+    path strictly inside ``directory`` (as a whole argument, or after ``=``).
+
+    This finds helpers a killed worker left running, e.g. a ``nix-store
+    --add-root <state>/gcroots/...`` that would create a GC root after the
+    next worker decided which roots to keep.
+    """
+    prefix = str(directory).rstrip("/") + "/"
+    encoded = prefix.encode()
+    found: list[tuple[int, int]] = []
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if encoded not in cmdline:
+            continue
+        args = cmdline.decode(errors="replace").split("\x00")
+        if not any(arg.startswith(prefix) or f"={prefix}" in arg for arg in args):
+            continue
+        ticks = pid_start_ticks(int(entry))
+        if ticks is not None:
+            found.append((int(entry), ticks))
+    return found
 
 
 def find_by_argument(path: Path) -> list[tuple[int, int]]:

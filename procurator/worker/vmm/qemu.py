@@ -33,10 +33,10 @@ Why it is shaped this way, and what always holds:
   transmit is the guest's receive), with cloud-hypervisor's key names.
 
 Errors: socket and JSON failures become ``VmmTimeout`` / ``VmmGone`` /
-``VmmError``; a QMP ``error`` reply, a config QEMU cannot express and a QEMU
-that exits at start (bad argument, missing file) become ``VmmRejected``,
-with QMP's error class and description, or the tail of QEMU's log, in the
-details.
+``VmmError``; a QMP ``error`` reply and a config QEMU cannot express become
+``VmmRejected`` (permanent), with QMP's error class and description in the
+details. A QEMU that exits at start is a ``VmmError`` (temporary: no memory
+or a busy device may pass) with the tail of QEMU's log in the details.
 
 Lock order: ``QemuDriver._guard`` (the map of per-VM locks; a leaf, held
 only to look a lock up) is never held while taking a per-VM lock, and a
@@ -819,9 +819,12 @@ class QemuDriver:
         while True:
             code = child.poll()
             if code is not None:
-                raise VmmRejected(
+                # Temporary: the argv was already accepted by qemu_argv, so
+                # what ends QEMU here (no memory, a busy tap or /dev/kvm) may
+                # pass; the VmManager's backoff and crash-loop detection
+                # show a cause that does not.
+                raise VmmError(
                     f"{target}: QEMU exited at start (status {code})",
-                    status=code,
                     details=_read_tail(paths.log_file, log_offset),
                 )
             try:

@@ -1,0 +1,48 @@
+"""A supervisor survives errors nothing translated (a bug, EMFILE): the VMM
+it watches must never be left running unwatched."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vmmhelpers import ManagerFactory, Recorder, config
+
+from procurator.core.models import Phase, PowerState
+from procurator.worker.manager import VmSpec
+from procurator.worker.vmm.base import VmmHandle, VmState
+from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver
+
+
+class FlakyHealthChecks:
+    """The real driver, but its next ``failures`` health checks raise an
+    error no adapter translated."""
+
+    def __init__(self, inner: CloudHypervisorDriver) -> None:
+        self.inner = inner
+        self.failures = 0
+        self.raised = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def state(self, handle: VmmHandle, *, timeout: float) -> VmState:
+        if self.failures > 0:
+            self.failures -= 1
+            self.raised += 1
+            raise OSError(24, "Too many open files")
+        return self.inner.state(handle, timeout=timeout)
+
+
+def test_an_untranslated_error_does_not_end_supervision(
+    make_manager: ManagerFactory, driver: CloudHypervisorDriver, recorder: Recorder
+) -> None:
+    flaky = FlakyHealthChecks(driver)
+    manager = make_manager(driver=flaky)
+    first = manager.ensure(VmSpec("vm1", "h1", config()))
+    assert first.phase is Phase.RUNNING
+    flaky.failures = 2
+    recorder.wait_for(lambda: flaky.raised == 2)
+    # Still supervised: a new desired state is carried out on the same VMM.
+    paused = manager.ensure(VmSpec("vm1", "h1", config(), power=PowerState.PAUSED))
+    assert paused.phase is Phase.PAUSED
+    assert paused.pid == first.pid
