@@ -1,0 +1,19 @@
+"""procurator's benchmarks: the control plane's cost against its physical
+floor, at fleet scale. ``make bench`` (``python -m bench``) runs them all
+and prints one table; every figure is a ratio to, or is shown next to, a
+baseline measured in the same run, because absolute times drift on shared
+machines. Results and the machine they came from: docs/BENCHMARKS.md.
+
+Benchmarks (one module each, ``NAME`` and ``measure(run) -> rows``):
+
+- ``start``  N VMs through apply vs a bare spawn-and-boot loop
+- ``change`` one VM's hash changes in the N-VM fleet: apply -> observed
+- ``idle``   the worker's CPU share and memory holding N VMs
+- ``resync`` one no-op reconcile pass at 1,000 and 10,000 VMs
+- ``wire``   a 10,000-VM assignment on the wire
+- ``fanout`` 100 workers x 100 VMs: one apply until all report
+
+The fake VMM is ``bench/lean_vmm.py`` (instant boot and poweroff), so the
+control plane is what is measured; ``bench/null_worker.py`` runs a real
+worker with an in-process null VMM driver for the fan-out benchmark.
+"""

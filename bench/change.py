@@ -1,0 +1,142 @@
+"""2. Change latency: in the N-VM fleet, one VM's image (so its hash)
+changes; time from sending ``apply`` to the master's status showing the
+worker's report of the new observed hash, running, at the new generation.
+
+The apply carries the whole fleet, as ``procurator apply`` does. The status
+is polled back to back (its own duration, measured, bounds the resolution).
+Repeated, alternating the VM between two images; p50 and p95.
+
+Baseline, same run: the bare Cap'n Proto round trip to the same master
+process — ``Master.control()``, a call the master answers on its capnp
+thread without any work — timed on the capnp thread itself (asyncio, no
+bridge) and through the trio bridge.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import trio
+
+from bench._harness import Row, Run, control, fmt_s, median, percentile, wait_observed
+from bench.start import WORKER_ID, one_worker_fleet
+from procurator.core.models import Phase
+from procurator.core.validation import store_path_hash
+from procurator.rpc.bridge import Bridge, connect, open_bridge
+from procurator.rpc.messages import Address, FleetStatus
+from procurator.rpc.schema import load_schema
+
+NAME = "change"
+
+
+async def _capnp_rtts(address: Address, count: int) -> list[float]:
+    """On the capnp thread: ``count`` timed ``Master.control()`` calls."""
+    conn = await connect(address, lambda reason: None)
+    try:
+        master = conn.bootstrap(load_schema().Master)
+        await master.control()  # warm up the connection
+        times = []
+        for _ in range(count):
+            started = time.perf_counter()
+            await master.control()
+            times.append(time.perf_counter() - started)
+        return times
+    finally:
+        conn.close()
+
+
+async def _bridge_rtt(bridge: Bridge, address: Address, count: int) -> list[float]:
+    """From trio: ``count`` bridge crossings, each one ``Master.control()``."""
+    holder: dict[str, Any] = {}
+
+    async def open_() -> None:
+        conn = await connect(address, lambda reason: None)
+        holder["conn"] = conn
+        holder["master"] = conn.bootstrap(load_schema().Master)
+
+    async def call() -> None:
+        await holder["master"].control()
+
+    async def close() -> None:
+        holder.pop("master", None)
+        holder.pop("conn").close()
+
+    await bridge.run(open_)
+    try:
+        await bridge.run(call)
+        times = []
+        for _ in range(count):
+            started = time.perf_counter()
+            await bridge.run(call)
+            times.append(time.perf_counter() - started)
+        return times
+    finally:
+        await bridge.run(close)
+
+
+def measure(run: Run) -> list[Row]:
+    fleet = one_worker_fleet(run)
+    repeats = 5 if run.quick else 20
+    vm_id = fleet.vm_ids[0]
+    latencies: list[float] = []
+    polls: list[float] = []
+    address = Address(host="127.0.0.1", port=fleet.port)
+
+    async def main() -> tuple[list[float], list[float]]:
+        async with control(fleet.port) as client:
+            for index in range(repeats):
+                image = "b" if fleet.current[vm_id] == "a" else "a"
+                fleet.current[vm_id] = image
+                want = store_path_hash(fleet.images[image])
+
+                def shows_new_hash(status: FleetStatus, want: str = want) -> bool:
+                    for worker in status.workers:
+                        if worker.worker_id == WORKER_ID and worker.status is not None:
+                            for vm in worker.status.vms:
+                                if vm.id == vm_id:
+                                    return vm.observed_hash == want and vm.phase is Phase.RUNNING
+                    return False
+
+                await trio.sleep(0.5)  # let the previous change's reports settle
+                started = trio.current_time()
+                result = await client.apply(fleet.fleet())
+                seen = await wait_observed(
+                    client,
+                    result.generation,
+                    [WORKER_ID],
+                    timeout=60,
+                    interval=0,
+                    check=shows_new_hash,
+                    on_poll=fleet.worker.check_alive,
+                )
+                latencies.append(seen - started)
+                run.log(f"change {index + 1}/{repeats}: {(seen - started) * 1e3:.1f} ms")
+            for _ in range(20):
+                began = trio.current_time()
+                await client.status()
+                polls.append(trio.current_time() - began)
+        async with open_bridge() as bridge:
+            bare = await bridge.run(_capnp_rtts, address, 200)
+            bridged = await _bridge_rtt(bridge, address, 200)
+        return bare, bridged
+
+    bare, bridged = trio.run(main)
+    p50, p95 = median(latencies), percentile(latencies, 95)
+    rtt, bridged_rtt = median(bare), median(bridged)
+    return [
+        Row(
+            NAME,
+            f"one VM replaced in a {fleet.n}-VM fleet: apply -> observed, p50",
+            fmt_s(p50),
+            f"{fmt_s(rtt)} capnp RTT",
+            f"{p50 / rtt:.0f}x RTT",
+            "<= 50 ms",
+            note=(
+                f"{repeats} repeats; p95 {fmt_s(p95)}; capnp RTT through the trio bridge "
+                f"{fmt_s(bridged_rtt)}; one status poll of the {fleet.n}-VM fleet takes "
+                f"{fmt_s(median(polls))} (the resolution of the measurement)"
+            ),
+        ),
+        Row(NAME, "... p95", fmt_s(p95), f"{fmt_s(rtt)} capnp RTT", f"{p95 / rtt:.0f}x RTT"),
+    ]

@@ -1,0 +1,283 @@
+"""1. Start throughput: N VMs on one worker through ``apply``, against a bare
+loop doing the same VMM spawns and API calls directly, in the same run.
+
+The procurator side is the product as deployed: real ``procurator master``
+and ``procurator worker`` processes (``--no-network``, cloud-hypervisor
+driver pointed at the lean fake VMM), a real image added to the Nix store,
+one ``Control.apply`` of N VMs; the clock stops when the master's status
+shows the worker's ``observedGeneration`` at the applied generation (every
+VM running). The bare loop, at the worker's concurrency (8 threads): spawn
+the same fake VMM, wait for its socket, ``vmm.ping``, ``vm.create``,
+``vm.boot``, ``vm.info`` over one raw HTTP/1.1 connection. Ratio =
+procurator / bare.
+
+The 1,000-VM fleet this leaves running is reused by ``change`` and
+``idle`` (``one_worker_fleet``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from bench._harness import (
+    LEAN_VMM,
+    Proc,
+    Row,
+    Run,
+    control,
+    fleet_of,
+    fmt_ratio,
+    fmt_s,
+    free_port,
+    wait_connected,
+    wait_observed,
+)
+
+NAME = "start"
+WORKER_ID = "bench-a"
+CONCURRENCY = 8  # the worker's default (--concurrency)
+
+
+def vm_count(run: Run) -> int:
+    return 100 if run.quick else 1000
+
+
+# ---------------------------------------------------------------- bare loop
+
+
+class _RawHttp:
+    """HTTP/1.1 over one unix-socket connection, nothing else: the floor."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    def request(self, method: str, endpoint: str, body: bytes = b"") -> tuple[int, bytes]:
+        head = (
+            f"{method} /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\n"
+            f"Content-Length: {len(body)}\r\n"
+        )
+        if body:
+            head += "Content-Type: application/json\r\n"
+        self.sock.sendall(head.encode() + b"\r\n" + body)
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += self._recv()
+        header, _, rest = self.buffer.partition(b"\r\n\r\n")
+        lines = header.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        length = 0
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value)
+        while len(rest) < length:
+            rest += self._recv()
+        self.buffer = rest[length:]
+        return status, rest[:length]
+
+    def _recv(self) -> bytes:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("the VMM closed the connection")
+        return data
+
+
+def _connect(path: Path, proc: subprocess.Popen[bytes], deadline: float) -> socket.socket:
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"fake VMM for {path} did not start") from None
+            time.sleep(0.001)
+            continue
+        return sock
+
+
+def bare_start(run: Run, n: int, config: dict[str, Any]) -> float:
+    """Start ``n`` fake VMMs with a VM each, ``CONCURRENCY`` at a time;
+    returns the seconds it took. Every VMM is killed before returning."""
+    root = run.dir / "bare"
+    body = json.dumps(config).encode()
+    argv = [sys.executable, "-S", "-I", str(LEAN_VMM)]
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def one(index: int) -> None:
+        vm_dir = root / f"vm-{index:05d}"
+        vm_dir.mkdir(parents=True)
+        sock_path = vm_dir / "api.sock"
+        proc = subprocess.Popen(
+            [*argv, "--api-socket", f"path={sock_path}"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        procs.append(proc)
+        sock = _connect(sock_path, proc, time.monotonic() + 30)
+        try:
+            http = _RawHttp(sock)
+            for method, endpoint, payload, want in (
+                ("GET", "vmm.ping", b"", 200),
+                ("PUT", "vm.create", body, 204),
+                ("PUT", "vm.boot", b"", 204),
+                ("GET", "vm.info", b"", 200),
+            ):
+                status, answer = http.request(method, endpoint, payload)
+                if status != want:
+                    raise RuntimeError(f"{endpoint} of {sock_path}: HTTP {status} {answer!r}")
+            if json.loads(answer)["state"] != "Running":
+                raise RuntimeError(f"{sock_path}: VM not running after vm.boot")
+        finally:
+            sock.close()
+
+    try:
+        started = time.perf_counter()
+        with ThreadPoolExecutor(CONCURRENCY) as pool:
+            list(pool.map(one, range(n)))
+        return time.perf_counter() - started
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGKILL)
+        for proc in procs:
+            proc.wait()
+
+
+# ---------------------------------------------------------------- procurator
+
+
+@dataclass
+class OneWorkerFleet:
+    """A master and one worker running ``n`` VMs of image ``a``."""
+
+    master: Proc
+    port: int
+    worker: Proc
+    n: int
+    images: dict[str, str]
+    current: dict[str, str] = field(default_factory=dict)  # vm id -> image name
+
+    @property
+    def vm_ids(self) -> list[str]:
+        return sorted(self.current)
+
+    def fleet(self) -> Any:
+        return fleet_of(
+            {WORKER_ID: [(vm_id, self.images[img]) for vm_id, img in self.current.items()]}
+        )
+
+
+def _worker_args(run: Run, port: int) -> list[str]:
+    return [
+        "worker",
+        "--id",
+        WORKER_ID,
+        "--master",
+        f"127.0.0.1:{port}",
+        "--state-dir",
+        str(run.dir / "worker-a"),
+        "--driver",
+        "cloud-hypervisor",
+        "--vmm-binary",
+        f"{sys.executable} -S -I {LEAN_VMM}",
+        "--no-network",
+        "--metrics-listen",
+        f"127.0.0.1:{free_port()}",
+        "--stop-grace",
+        "5",
+        "--concurrency",
+        str(CONCURRENCY),
+    ]
+
+
+def start_cluster(run: Run) -> tuple[Proc, int, Proc]:
+    master, port = run.start_master()
+    worker = run.procurator("worker-a", *_worker_args(run, port))
+
+    async def ready() -> None:
+        async with control(port) as client:
+            await wait_connected(client, [WORKER_ID], timeout=60)
+
+    trio.run(ready)
+    return master, port, worker
+
+
+def procurator_start(run: Run, n: int) -> tuple[OneWorkerFleet, float]:
+    master, port, worker = start_cluster(run)
+    images = {"a": run.image("bench-vm-a"), "b": run.image("bench-vm-b")}
+    fleet = OneWorkerFleet(master, port, worker, n, images)
+    fleet.current = {f"vm-{i:05d}": "a" for i in range(n)}
+
+    async def apply() -> float:
+        async with control(port) as client:
+            started = trio.current_time()
+            result = await client.apply(fleet.fleet())
+            seen = await wait_observed(
+                client,
+                result.generation,
+                [WORKER_ID],
+                timeout=900,
+                interval=0.1,
+                on_poll=worker.check_alive,
+            )
+            return seen - started
+
+    return fleet, trio.run(apply)
+
+
+def one_worker_fleet(run: Run) -> OneWorkerFleet:
+    """The running N-VM fleet (started here if ``start`` did not run)."""
+    fleet = run.shared.get("fleet1k")
+    if fleet is None:
+        run.log(f"starting a {vm_count(run)}-VM fleet")
+        fleet, _ = procurator_start(run, vm_count(run))
+        run.shared["fleet1k"] = fleet
+    assert isinstance(fleet, OneWorkerFleet)
+    return fleet
+
+
+def _fake_config(run: Run) -> dict[str, Any]:
+    """What the worker gives the VMM for the bench image (kernel in the
+    store, serial to a file), so the bare loop sends a body of that size."""
+    image = run.image("bench-vm-a")
+    config: dict[str, Any] = json.loads(Path(image, "vm-config.json").read_text())
+    config["payload"]["kernel"] = os.path.join(image, "vmlinux")
+    config["serial"] = {"mode": "File", "file": str(run.dir / "serial.log")}
+    config["console"] = {"mode": "Off"}
+    return config
+
+
+def measure(run: Run) -> list[Row]:
+    n = vm_count(run)
+    run.log(f"start: bare loop, {n} fake VMMs")
+    bare = bare_start(run, n, _fake_config(run))
+    run.log(f"start: bare loop took {bare:.2f}s; now through procurator")
+    fleet, elapsed = procurator_start(run, n)
+    run.shared["fleet1k"] = fleet
+    run.log(f"start: procurator took {elapsed:.2f}s")
+    return [
+        Row(
+            NAME,
+            f"start {n} VMs on 1 worker (apply -> observed)",
+            f"{fmt_s(elapsed)} ({n / elapsed:.0f} VM/s)",
+            f"{fmt_s(bare)} ({n / bare:.0f} VM/s) bare loop",
+            fmt_ratio(elapsed, bare),
+            "<= 1.5x",
+        )
+    ]
