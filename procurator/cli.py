@@ -31,7 +31,7 @@ from procurator import __version__, logs, ops
 from procurator.certs import add_certs_parser
 from procurator.core.errors import ProcuratorError
 from procurator.core.fleet import parse_fleet
-from procurator.core.models import Fleet, Phase, WorkerDiff
+from procurator.core.models import Fleet, Phase, WorkerDiff, WorkerInfo
 from procurator.master.http import run_master_http
 from procurator.master.metrics import MasterMetrics
 from procurator.master.service import MasterService
@@ -272,6 +272,7 @@ def _status_json(status: FleetStatus) -> dict[str, Any]:
                 "observed_generation": w.status.observed_generation if w.status else None,
                 "last_report_unix_ms": w.last_report_unix_ms,
                 "vm_count": w.vm_count,
+                "info": _info_json(w.info),
                 "phases": _phases(w),
                 "vms": [
                     ops.status_vm_json(vm, {d.id: d for d in w.desired_vms}.get(vm.id))
@@ -283,12 +284,35 @@ def _status_json(status: FleetStatus) -> dict[str, Any]:
     }
 
 
+def _info_json(info: WorkerInfo | None) -> dict[str, Any] | None:
+    if info is None:
+        return None
+    return {
+        "version": info.version,
+        "driver": info.driver,
+        "metrics_url": info.metrics_url,
+        "capacity": {
+            "vcpus": info.capacity.vcpus,
+            "memory_mib": info.capacity.memory_mib,
+            "max_vms": info.capacity.max_vms,
+        },
+    }
+
+
+def _host(info: WorkerInfo | None) -> str:
+    """``qemu 2cpu 23.4GiB`` for the status table."""
+    if info is None:
+        return "-"
+    cap = info.capacity
+    return f"{info.driver or '?'} {cap.vcpus}cpu {cap.memory_mib / 1024:.1f}GiB"
+
+
 def _print_status(status: FleetStatus, out: TextIO) -> None:
     print(f"fleet generation {status.generation}", file=out)
     if not status.workers:
         print("no workers", file=out)
         return
-    rows = [("WORKER", "CONNECTION", "DESIRED", "OBSERVED", "VMS", "PHASES")]
+    rows = [("WORKER", "CONNECTION", "HOST", "DESIRED", "OBSERVED", "VMS", "PHASES")]
     for w in status.workers:
         if w.connected:
             connection = f"up since {_format_time(w.since_unix_ms)}"
@@ -299,7 +323,15 @@ def _print_status(status: FleetStatus, out: TextIO) -> None:
         observed = str(w.status.observed_generation) if w.status else "-"
         phases = " ".join(f"{k}={v}" for k, v in _phases(w).items()) or "-"
         rows.append(
-            (w.worker_id, connection, str(w.desired_generation), observed, str(w.vm_count), phases)
+            (
+                w.worker_id,
+                connection,
+                _host(w.info),
+                str(w.desired_generation),
+                observed,
+                str(w.vm_count),
+                phases,
+            )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
@@ -446,6 +478,7 @@ def _worker(args: argparse.Namespace) -> int:
         stop_grace=args.stop_grace,
         metrics_listen=args.metrics_listen,
         metrics_interval=args.metrics_interval,
+        health_interval=args.health_interval,
     )
     config = WorkerConfig(
         worker_id=args.id,
@@ -453,6 +486,7 @@ def _worker(args: argparse.Namespace) -> int:
         state_dir=Path(args.state_dir),
         resync_interval=args.resync_interval,
         driver=options.driver,
+        capacity=options.capacity(),
         metrics_url=args.metrics_advertise or _metrics_url(args.metrics_listen),
     )
     worker = functools.partial(
@@ -637,6 +671,15 @@ def _build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=15.0,
         help="seconds between metric polls and reports to the master (default: 15)",
+    )
+    p.add_argument(
+        "--health-interval",
+        type=_positive,
+        default=15.0,
+        metavar="SECONDS",
+        help="seconds between a VM's health checks (vm.info / QMP query-status); a VMM "
+        "that exits is seen at once, this bounds how long a hung one goes unnoticed "
+        "(two missed checks). Each check is an API call per VM (default: 15)",
     )
     add_common(p, daemon=True)
     p.set_defaults(handler=_worker)

@@ -119,9 +119,10 @@ struct WorkerInfo {
 }
 
 struct Capacity {
-  vcpus @0 :UInt32;
-  memoryMib @1 :UInt64;
-  maxVms @2 :UInt32;
+  # What a worker's host offers, as the worker reports it at registration.
+  vcpus @0 :UInt32;      # CPUs of the host
+  memoryMib @1 :UInt64;  # memory VMs may use (the host's, or the configured cap)
+  maxVms @2 :UInt32;     # the worker's own VM-count limit; 0: none of its own
 }
 
 struct MetricSample {
@@ -179,6 +180,9 @@ struct WorkerConnection {
   desiredVms @7 :List(VmAssignment);
   # The VMs assigned to this worker (desired hash and power state), so a
   # client can show desired vs observed per VM.
+  info @8 :WorkerInfo;
+  # What the worker said of itself when it last registered (version,
+  # driver, capacity, exporter); unset if it never connected.
 }
 
 struct FleetStatus {

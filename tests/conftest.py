@@ -4,8 +4,10 @@ it asserted.
 
 Processes count only when they carry this session's marker in their
 environment (children inherit it), so two test runs on one machine never
-judge, or kill, each other's processes. Taps, namespaces and mounts are
-judged host-wide (a concurrent run can, rarely, be blamed for them).
+judge, or kill, each other's processes. Namespaces count only when their
+name carries this session's token (``testnames.netns_name``). Taps and
+mounts are judged host-wide (a concurrent run can, rarely, be blamed for
+them; tests make their taps inside their own namespaces).
 
 Mounts: every mount in ``/proc/self/mountinfo`` that was not there before,
 except a network namespace's ``/run/netns/<name>`` (judged as a namespace)
@@ -32,6 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from testnames import is_ours
 
 _MARKER = f"PROCURATOR_TEST_SESSION={uuid.uuid4().hex}"
 os.environ["PROCURATOR_TEST_SESSION"] = _MARKER.split("=", 1)[1]
@@ -76,8 +79,9 @@ def _taps() -> set[str]:
 
 
 def _namespaces() -> set[str]:
+    """This session's namespaces (named by ``testnames.netns_name``)."""
     run = Path("/run/netns")
-    return {p.name for p in run.iterdir()} if run.exists() else set()
+    return {p.name for p in run.iterdir() if is_ours(p.name)} if run.exists() else set()
 
 
 _GCROOTS_AUTO = Path(os.environ.get("NIX_STATE_DIR", "/nix/var/nix")) / "gcroots" / "auto"

@@ -301,6 +301,7 @@ class MasterService:
                     last_report_unix_ms=worker.last_report_unix_ms if worker else 0,
                     vm_count=len(assignment.vms) if assignment else 0,
                     desired_vms=assignment.vms if assignment else (),
+                    info=worker.info if worker else None,
                 )
             )
         return FleetStatus(self._generation, tuple(workers))
@@ -435,7 +436,15 @@ class MasterService:
             if old.node.connection_id != node.connection_id:
                 nursery.start_soon(self._close_node, old.node, info.worker_id)
         else:
-            logger.info("worker %s connected (version %r)", info.worker_id, info.version)
+            cap = info.capacity
+            logger.info(
+                "worker %s connected (version %r, driver %s, %d vCPUs, %d MiB)",
+                info.worker_id,
+                info.version,
+                info.driver or "?",
+                cap.vcpus,
+                cap.memory_mib,
+            )
         nursery.start_soon(self._pusher, session, name=f"push to {info.worker_id}")
         return session.token
 

@@ -347,19 +347,23 @@ def _fill_vm_status(entry: Any, vm: VmStatus) -> None:
 
 def worker_info_from_reader(reader: Any, where: str = "info") -> WorkerInfo:
     problems = _Problems(where)
+    info = _worker_info(reader, where, problems)
+    problems.raise_if_any()
+    return info
+
+
+def _worker_info(reader: Any, where: str, problems: _Problems) -> WorkerInfo:
     worker_id: str = reader.workerId
     if (problem := check_worker_id(worker_id)) is not None:
         problems.add(f"{where}.workerId", problem)
     capacity = reader.capacity
-    info = WorkerInfo(
+    return WorkerInfo(
         worker_id=worker_id,
         version=problems.text(f"{where}.version", reader.version, limit=128),
         capacity=Capacity(capacity.vcpus, capacity.memoryMib, capacity.maxVms),
         metrics_url=problems.text(f"{where}.metricsUrl", reader.metricsUrl),
         driver=problems.text(f"{where}.driver", reader.driver, limit=128),
     )
-    problems.raise_if_any()
-    return info
 
 
 def fill_worker_info(builder: Any, info: WorkerInfo) -> None:
@@ -595,6 +599,7 @@ def fleet_status_from_reader(reader: Any) -> FleetStatus:
             else None
         )
         desired_vms = _vms_from_reader(item.desiredVms, f"{where}.desiredVms", problems)
+        info = _worker_info(item.info, f"{where}.info", problems) if item._has("info") else None
         workers.append(
             WorkerConnection(
                 worker_id=worker_id,
@@ -605,6 +610,7 @@ def fleet_status_from_reader(reader: Any) -> FleetStatus:
                 last_report_unix_ms=item.lastReportUnixMs,
                 vm_count=item.vmCount,
                 desired_vms=desired_vms,
+                info=info,
             )
         )
     problems.raise_if_any()
@@ -625,6 +631,8 @@ def fill_fleet_status(builder: Any, status: FleetStatus) -> None:
             fill_worker_status(entry.status, worker.status)
         if worker.desired_vms:
             _fill_vms(entry.init("desiredVms", len(worker.desired_vms)), worker.desired_vms)
+        if worker.info is not None:
+            fill_worker_info(entry.info, worker.info)
 
 
 # ---------------------------------------------------------------- describe

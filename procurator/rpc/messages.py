@@ -12,7 +12,14 @@ from dataclasses import dataclass
 
 from procurator.core.errors import ValidationError
 from procurator.core.metrics import MetricSample
-from procurator.core.models import VmAssignment, VmEvent, VmStatus, WorkerDiff, WorkerStatus
+from procurator.core.models import (
+    VmAssignment,
+    VmEvent,
+    VmStatus,
+    WorkerDiff,
+    WorkerInfo,
+    WorkerStatus,
+)
 
 __all__ = [
     "DEFAULT_MASTER_ADDRESS",
@@ -113,6 +120,7 @@ class WorkerConnection:
     last_report_unix_ms: int
     vm_count: int
     desired_vms: tuple[VmAssignment, ...] = ()
+    info: WorkerInfo | None = None  # as it last registered; None: never connected
 
 
 @dataclass(frozen=True, slots=True)

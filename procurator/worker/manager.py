@@ -466,9 +466,15 @@ class VmManager:
                     result.append(vm.obs)
         return result
 
-    def close(self) -> None:
-        """Stop every supervisor thread and release the VMs' locks. The VMMs
-        keep running, to be re-adopted by the next manager (``recover``)."""
+    def begin_close(self) -> None:
+        """Refuse new calls, make every blocked ``ensure``/``remove`` return
+        (``ManagerClosedError``) and ask every supervisor to end after its
+        current step. Does not wait: a caller shutting down calls this
+        before it waits for the threads blocked in those calls, then
+        ``close``."""
+        self._begin_close()
+
+    def _begin_close(self) -> builtins.list[_Vm]:
         with self._map_lock:
             self._closed = True
             vms = list(self._vms.values())
@@ -477,6 +483,12 @@ class VmManager:
                 vm.closing = True
                 vm.cond.notify_all()
             vm.wake()
+        return vms
+
+    def close(self) -> None:
+        """Stop every supervisor thread and release the VMs' locks. The VMMs
+        keep running, to be re-adopted by the next manager (``recover``)."""
+        vms = self._begin_close()
         for vm in vms:
             if vm.thread is not None:
                 vm.thread.join()
@@ -883,13 +895,19 @@ class _Supervisor:
         self.pending_event, self.pending_message = None, ""
         if state is VmState.RUNNING and spec.power is PowerState.PAUSED:
             log.info("VM %s: pausing (VMM pid %s)", self.vm.vm_id, self.handle.pid)
-            self.driver.pause(self.handle, timeout=self.t.api)
+            try:
+                self.driver.pause(self.handle, timeout=self.t.api)
+            except (VmmRejected, VmmTimeout) as exc:
+                return self._power_change_failed("pause", state, seq, exc)
             state = self.driver.state(self.handle, timeout=self.t.api)
             if event is None:
                 event, event_message = EventKind.PAUSED, f"paused (VMM pid {self.handle.pid})"
         elif state is VmState.PAUSED and spec.power is PowerState.RUNNING:
             log.info("VM %s: resuming (VMM pid %s)", self.vm.vm_id, self.handle.pid)
-            self.driver.resume(self.handle, timeout=self.t.api)
+            try:
+                self.driver.resume(self.handle, timeout=self.t.api)
+            except (VmmRejected, VmmTimeout) as exc:
+                return self._power_change_failed("resume", state, seq, exc)
             state = self.driver.state(self.handle, timeout=self.t.api)
             if event is None:
                 event = EventKind.RESUMED
@@ -920,6 +938,41 @@ class _Supervisor:
             phase, message, event, power=power, outcome=_Outcome.OK if need_outcome else None
         )
         return self.t.health_interval
+
+    def _power_change_failed(
+        self, what: str, state: VmState, seq: int, exc: VmmRejected | VmmTimeout
+    ) -> float:
+        """The VMM refused (or did not answer) a pause or resume. The VM
+        itself is fine as it is: keep it and its VMM, say why the desired
+        power is not reached, and try again after the health interval.
+        (Treating this like a failed start would kill a healthy guest
+        because of a power-state request.)"""
+        assert self.handle is not None
+        if isinstance(exc, VmmTimeout) and not self._alive():
+            return 0.0  # it exited meanwhile: the next pass handles that
+        wait = self.t.health_interval
+        message = f"cannot {what}: {_describe(exc)}; VM left {state.value}, retry in {wait:.3g} s"
+        log.warning("VM %s: %s", self.vm.vm_id, message)
+        error: ProcuratorError = (
+            VmmRejected(
+                f"VM {self.vm.vm_id}: {what} refused: {exc.message}",
+                status=exc.status,
+                details=exc.details,
+            )
+            if isinstance(exc, VmmRejected)
+            else VmmTimeout(f"VM {self.vm.vm_id}: {what}: {exc.message}", delay=wait)
+        )
+        paused = state is VmState.PAUSED
+        with self.vm.cond:
+            need_outcome = self.vm.outcome_seq < seq
+        self._publish(
+            Phase.PAUSED if paused else Phase.RUNNING,
+            message,
+            EventKind.FAILED,
+            power=PowerState.PAUSED if paused else PowerState.RUNNING,
+            outcome=error if need_outcome else None,
+        )
+        return wait
 
     def _poll_counters(self) -> None:
         if self.t.counters_interval <= 0 or self.handle is None:
@@ -1043,7 +1096,8 @@ class _Supervisor:
         if not vm_dir.exists():
             return
         if self._may_have_unrecorded_vmm():
-            for pid, ticks in process.find_by_argument(self.paths.api_socket):
+            found = process.find_by_argument(self.paths.api_socket, program=self.driver.program)
+            for pid, ticks in found:
                 log.warning("VM %s: killing VMM pid %s that no handle recorded", self.vm.vm_id, pid)
                 process.terminate(pid, ticks, grace=self.t.sigterm_wait)
         _remove_stale_socket(self.paths.api_socket)

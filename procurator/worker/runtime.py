@@ -43,7 +43,7 @@ import trio
 from procurator.core.confinement import ImageLimits
 from procurator.core.errors import ProcuratorError
 from procurator.core.metrics import VmSnapshot
-from procurator.core.models import Assignment, VmEvent, WorkerStatus
+from procurator.core.models import Assignment, Capacity, VmEvent, WorkerStatus
 from procurator.core.reconcile import Reconciler
 from procurator.nix.image import ImageManager
 from procurator.nix.store import NixStore
@@ -88,6 +88,16 @@ class RuntimeOptions:
     # (two missed checks). Every check is an HTTP call: at a thousand VMs,
     # 5 s meant 200 calls a second, most of an idle worker's CPU.
     health_interval: float = 15.0
+
+    def capacity(self) -> Capacity:
+        """What this host offers, as the worker tells the master: its CPUs
+        and memory (``max_memory_mib`` when set). No VM-count limit of its
+        own (``max_vms`` 0): the master's per-worker limit applies."""
+        return Capacity(
+            vcpus=os.cpu_count() or 1,
+            memory_mib=self.max_memory_mib or _host_memory_mib(),
+            max_vms=0,
+        )
 
 
 def resolve_driver(name: str) -> str:
@@ -241,6 +251,13 @@ class ReconcilingHandler:
                 await nursery.start(self.reconciler.run)
                 await nursery.start(self._run_metrics)
                 task_status.started()
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    # Shutting down: threads blocked in ensure()/remove()
+                    # (up to Timeouts.ensure) must return before the nursery
+                    # can end; closing the manager first makes them.
+                    self.manager.begin_close()
         finally:
             # The VMs keep running: the next worker re-adopts them.
             with trio.CancelScope(shield=True):
@@ -273,7 +290,8 @@ class ReconcilingHandler:
                 log.warning("VM %s: cannot prepare its tap before recovery: %s", vm_id, exc)
 
     def _end_orphaned_helpers(self) -> None:
-        for pid, ticks in process.find_by_argument_under(self.state_dir / "gcroots"):
+        gcroots = self.state_dir / "gcroots"
+        for pid, ticks in process.find_by_argument_under(gcroots, programs=("nix-store",)):
             log.warning("killing pid %s, left by the last worker: it still roots an image", pid)
             process.terminate(pid, ticks, grace=0.0)
 

@@ -196,6 +196,10 @@ def test_apply_wait_converges_replaces_and_reports_failures(fleet: Any, add_imag
     assert result.returncode == 0, result.stdout + result.stderr
     assert "host-a: observed 1/1" in result.stdout
     (worker,) = fleet.status()["workers"]
+    # What the worker said of itself at registration, relayed by the master.
+    assert worker["info"]["driver"] == "cloud-hypervisor"
+    assert worker["info"]["capacity"]["vcpus"] == os.cpu_count()
+    assert worker["info"]["capacity"]["memory_mib"] > 0
     assert {vm["id"]: vm["phase"] for vm in worker["vms"]} == {
         "web-1": "running",
         "web-2": "running",

@@ -12,11 +12,11 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from testnames import netns_name
 
 from procurator.core.validation import store_path_hash
 from procurator.lab import Lab, build_test_image
@@ -34,7 +34,7 @@ def images() -> dict[str, str]:
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    with Lab(f"procurator-e2e-{uuid.uuid4().hex[:6]}", stop_grace=10, resync_interval=2) as running:
+    with Lab(netns_name("procurator-e2e"), stop_grace=10, resync_interval=2) as running:
         running.start_master()
         running.start_worker()
         yield running

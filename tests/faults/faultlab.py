@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from testnames import netns_name
+
 from procurator.lab import Lab
 from procurator.nix.store import auto_root_name
 
@@ -116,7 +118,7 @@ class FaultLab(Lab):
         if not network:
             args.append("--no-network")
         super().__init__(
-            f"pf-{uuid.uuid4().hex[:8]}",
+            netns_name("pf"),
             driver="cloud-hypervisor",
             stop_grace=stop_grace,
             resync_interval=resync_interval,

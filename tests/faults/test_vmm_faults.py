@@ -78,7 +78,8 @@ def test_vmm_hung_is_escalated_and_restarted(
     images: Callable[..., str], make_lab: Callable[..., FaultLab]
 ) -> None:
     v1 = images("hung-v1", config())
-    lab = make_lab(network=False)
+    # Checks every second, so the two missed ones come soon (default 15 s).
+    lab = make_lab(network=False, worker_args=["--health-interval", "1"])
     lab.start_worker()
     lab.apply([("vm-h", v1)])
     (pid,) = lab.vmm_processes()["vm-h"]

@@ -7,7 +7,6 @@ pyroute2 code under test.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import pytest
 from nethelpers import Netns
 from pyroute2 import netns as pyroute2_netns
+from testnames import netns_name
 
 from procurator.worker.network import NetworkConfig, NetworkManager
 
@@ -32,7 +32,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture
 def netns() -> Iterator[Netns]:
-    name = f"proc-t-{uuid.uuid4().hex[:10]}"
+    name = netns_name("proc-t")
     pyroute2_netns.create(name)
     try:
         yield Netns(name)

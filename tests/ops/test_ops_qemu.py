@@ -10,11 +10,11 @@ is tested on the fake VMM (test_ops_power.py) by the disk copy's contents.
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from testnames import netns_name
 
 from procurator.lab import Lab, build_test_image
 
@@ -28,7 +28,7 @@ def image() -> str:
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    with Lab(f"procurator-ops-{uuid.uuid4().hex[:6]}", stop_grace=10, resync_interval=2) as running:
+    with Lab(netns_name("procurator-ops"), stop_grace=10, resync_interval=2) as running:
         running.start_master()
         running.start_worker()
         yield running

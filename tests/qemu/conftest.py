@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from qemuhelpers import Vms
+from testnames import netns_name
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -61,7 +62,7 @@ def netns() -> Iterator[str]:
     """A throwaway network namespace, deleted even when the test fails
     (deleting it destroys the bridge and taps made in it)."""
     _need(os.geteuid() == 0, "needs root (network namespaces)")
-    name = f"pq-{uuid.uuid4().hex[:10]}"
+    name = netns_name("pq")
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
         yield name

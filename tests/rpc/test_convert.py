@@ -13,6 +13,7 @@ from procurator.core.errors import (
 )
 from procurator.core.models import (
     Assignment,
+    Capacity,
     EventKind,
     Fleet,
     Phase,
@@ -175,7 +176,16 @@ def test_fleet_status_round_trips() -> None:
     status = FleetStatus(
         4,
         (
-            WorkerConnection("host-a", True, 10, 4, WorkerStatus("host-a", 4), 11, 2),
+            WorkerConnection(
+                "host-a",
+                True,
+                10,
+                4,
+                WorkerStatus("host-a", 4),
+                11,
+                2,
+                info=WorkerInfo("host-a", "1.0", Capacity(2, 4096, 0), "http://h:9301/m", "qemu"),
+            ),
             WorkerConnection("host-b", False, 0, 2, None, 0, 1),
         ),
     )

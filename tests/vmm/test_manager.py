@@ -26,7 +26,7 @@ from vmmhelpers import (
 
 from procurator.core.errors import PermanentError, TemporaryError
 from procurator.core.models import EventKind, Phase, PowerState
-from procurator.worker.manager import Timeouts, VmSpec
+from procurator.worker.manager import ManagerClosedError, Timeouts, VmSpec
 from procurator.worker.state import StateDir, VmLockedError
 from procurator.worker.vmm import process
 from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver
@@ -462,3 +462,63 @@ def test_ensure_blocks_callers_of_the_same_vm_in_turn(make_manager: ManagerFacto
         t.join()
     expected = {PowerState.RUNNING: Phase.RUNNING, PowerState.PAUSED: Phase.PAUSED}
     assert all(phase is expected[power] for power, phase in results)
+
+
+def test_refused_pause_keeps_the_guest_running_and_is_retried(
+    make_manager: ManagerFactory, state_dir: Path, recorder: Recorder
+) -> None:
+    """A VMM that refuses a pause leaves a healthy guest: the VM keeps its
+    VMM, says why it is not paused, and pauses once the VMM agrees."""
+    manager = make_manager()  # health checks every 0.1 s: the retry comes soon
+    running = manager.ensure(spec())
+    faults = write_faults(state_dir, "vm1", {"reject": {"vm.pause": 405}})
+    with pytest.raises(PermanentError, match="pause refused"):
+        manager.ensure(spec(power=PowerState.PAUSED))
+    obs = manager.get("vm1")
+    assert obs is not None
+    assert obs.phase is Phase.RUNNING and obs.pid == running.pid
+    assert "cannot pause" in obs.message
+    assert running.pid is not None and alive(running.pid)
+    faults.unlink()
+    recorder.wait_for(lambda: (o := manager.get("vm1")) is not None and o.phase is Phase.PAUSED)
+    paused = manager.get("vm1")
+    assert paused is not None and paused.pid == running.pid
+    assert recorder.kinds("vm1").count(EventKind.CRASHED) == 0
+
+
+def test_begin_close_releases_callers_blocked_in_ensure(
+    make_manager: ManagerFactory, state_dir: Path
+) -> None:
+    """A worker shutting down must not wait out a slow boot in every
+    ensure() its reconciler has in flight: begin_close() returns them at
+    once, while the supervisor finishes its step; close() then waits."""
+    manager = make_manager()
+    manager.ensure(spec())
+    write_faults(state_dir, "vm1", {"delay": {"vm.boot": 6}})
+    outcome: list[BaseException | None] = []
+
+    def replace_vm() -> None:
+        try:
+            manager.ensure(spec(hash="h2"))
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=replace_vm)
+    caller.start()
+    recorder_deadline = time.monotonic() + 30
+    while (obs := manager.get("vm1")) is None or obs.phase is not Phase.STARTING:
+        assert time.monotonic() < recorder_deadline, obs
+        time.sleep(0.02)
+    supervisor = next(t for t in threading.enumerate() if t.name == "vm-vm1")
+    manager.begin_close()
+    caller.join(timeout=5)  # inside the 6 s boot
+    assert not caller.is_alive()
+    assert supervisor.is_alive()  # still in its boot step: nothing was waited for
+    (error,) = outcome
+    assert isinstance(error, ManagerClosedError)
+    with pytest.raises(ManagerClosedError):
+        manager.ensure(spec())  # closed to new calls
+    manager.close()
+    assert not supervisor.is_alive()
+    make_manager().remove("vm1")  # the VMM outlived its manager, by design

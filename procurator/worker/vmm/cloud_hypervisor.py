@@ -110,6 +110,8 @@ class CloudHypervisorDriver:
         self.binary: tuple[str, ...] = (binary,) if isinstance(binary, str) else tuple(binary)
         if not self.binary:
             raise ValueError("cloud-hypervisor binary must not be empty")
+        # ("python3", "-S", "fake.py") runs fake.py: the last word names it.
+        self.program = os.path.basename(self.binary[-1])
         self.extra_args = tuple(extra_args)
         self.env = dict(env) if env is not None else None
         self.on_api_call = on_api_call

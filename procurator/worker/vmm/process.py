@@ -16,7 +16,7 @@ import select
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 __all__ = [
@@ -210,61 +210,64 @@ def _argument_names(arg: str, path: str) -> bool:
     return False
 
 
-def find_by_argument_under(directory: Path) -> list[tuple[int, int]]:
+def _processes_mentioning(text: str) -> Iterator[tuple[int, list[str]]]:
+    """(pid, arguments) of every other live process whose command line
+    contains ``text``; one pass over /proc."""
+    encoded = text.encode()
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if encoded in cmdline:
+            yield int(entry), cmdline.decode(errors="replace").split("\x00")
+
+
+def _with_ticks(pids: Iterable[int]) -> list[tuple[int, int]]:
+    """(pid, start ticks) of those still alive."""
+    return [(pid, ticks) for pid in pids if (ticks := pid_start_ticks(pid)) is not None]
+
+
+def find_by_argument_under(
+    directory: Path, *, programs: Collection[str] = ()
+) -> list[tuple[int, int]]:
     """(pid, start ticks) of every live process with an argument naming a
-    path strictly inside ``directory`` (as a whole argument, or after ``=``).
+    path strictly inside ``directory`` (as a whole argument, or after ``=``)
+    and, when ``programs`` is given, whose ``argv[0]`` has one of those file
+    names (so an operator's shell in that directory is never matched).
 
     This finds helpers a killed worker left running, e.g. a ``nix-store
     --add-root <state>/gcroots/...`` that would create a GC root after the
     next worker decided which roots to keep.
     """
     prefix = str(directory).rstrip("/") + "/"
-    encoded = prefix.encode()
-    found: list[tuple[int, int]] = []
-    me = os.getpid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if encoded not in cmdline:
-            continue
-        args = cmdline.decode(errors="replace").split("\x00")
-        if not any(arg.startswith(prefix) or f"={prefix}" in arg for arg in args):
-            continue
-        ticks = pid_start_ticks(int(entry))
-        if ticks is not None:
-            found.append((int(entry), ticks))
-    return found
+    return _with_ticks(
+        pid
+        for pid, args in _processes_mentioning(prefix)
+        if (not programs or os.path.basename(args[0]) in programs)
+        and any(arg.startswith(prefix) or f"={prefix}" in arg for arg in args)
+    )
 
 
-def find_by_argument(path: Path) -> list[tuple[int, int]]:
+def find_by_argument(path: Path, *, program: str = "") -> list[tuple[int, int]]:
     """(pid, start ticks) of every live process with ``path`` as (part of)
-    one of its command-line arguments.
+    one of its command-line arguments and, when ``program`` is given, an
+    argument before that one whose file name is ``program`` (the binary, or
+    the script an interpreter runs).
 
     This finds a VMM whose handle was never recorded (the worker died between
     spawning it and writing ``handles.json``): every VMM is started with its
     API socket path on its command line, and that path is unique to its VM.
+    ``program`` keeps an operator's ``curl --unix-socket <that path>`` or a
+    ``tail`` of the VM's files from being taken for the VMM (and killed).
     """
     needle = str(path)
-    encoded = needle.encode()
-    found: list[tuple[int, int]] = []
-    me = os.getpid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if encoded not in cmdline:
-            continue
-        args = cmdline.decode(errors="replace").split("\x00")
-        if not any(_argument_names(arg, needle) for arg in args):
-            continue
-        ticks = pid_start_ticks(int(entry))
-        if ticks is not None:
-            found.append((int(entry), ticks))
-    return found
+
+    def is_vmm(args: list[str]) -> bool:
+        at = next((i for i, arg in enumerate(args) if _argument_names(arg, needle)), -1)
+        return at >= 0 and (not program or any(os.path.basename(a) == program for a in args[:at]))
+
+    return _with_ticks(pid for pid, args in _processes_mentioning(needle) if is_vmm(args))

@@ -613,6 +613,7 @@ class QemuDriver:
             raise ValueError(f"accel must be tcg, kvm or auto, not {accel!r}")
         self._accel: Accel = accel
         self._binary = binary
+        self.program = os.path.basename(binary)
         self._extra_cmdline_tcg = extra_cmdline_tcg
         self._kvm_device = kvm_device
         self._guard = threading.Lock()
