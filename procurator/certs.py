@@ -169,6 +169,10 @@ def _file_stem(role: Role, name: str) -> str:
 
 
 def _sans(role: Role, name: str, extra: Sequence[str]) -> list[x509.GeneralName]:
+    if extra and role is not Role.MASTER:
+        # Only the master is dialed by name; a client certificate with DNS
+        # names could pose as it wherever extended key usage is not checked.
+        raise ValidationError("--san is for the master's certificate only")
     names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity_uri(role, name))]
     if role is Role.MASTER:
         names.append(x509.DNSName(MASTER_SERVER_NAME))
@@ -299,7 +303,7 @@ def add_certs_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         action="append",
         default=[],
         metavar="NAME_OR_IP",
-        help="extra DNS name or IP in the certificate (repeatable)",
+        help="extra DNS name or IP in the master's certificate (repeatable; master only)",
     )
     iss.add_argument("--days", type=int, default=LEAF_DAYS, help=f"validity (default {LEAF_DAYS})")
     iss.add_argument("--force", action="store_true", help="replace an existing certificate")

@@ -12,10 +12,12 @@ failed VM.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -447,8 +449,30 @@ async def _status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _open_files_for(connections: int) -> None:
+    """Every connection is a descriptor: raise the soft limit to the hard
+    one (often 1024 -> 524288) and say so when the cap cannot be reached
+    anyway (the master would fail on EMFILE before refusing politely)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    spare = 64  # the database, the HTTP server, logs, the bridge
+    if connections + spare > soft:
+        logger.warning(
+            "--max-connections %d is more than the open-file limit allows (%d, %d of them "
+            "kept for the rest); raise LimitNOFILE / ulimit -n",
+            connections,
+            soft,
+            spare,
+        )
+
+
 def _master(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level, args.log_format)
+    _open_files_for(args.max_connections)
     config = MasterConfig(
         listen=args.listen,
         db=Path(args.db),

@@ -26,6 +26,7 @@ from typing import Any, TextIO
 
 import trio
 
+from procurator.core.errors import UnavailableError
 from procurator.core.models import VmAssignment, VmStatus
 from procurator.rpc.bridge import open_bridge
 from procurator.rpc.clients import open_control
@@ -98,23 +99,34 @@ def _print_events(events: Iterable[WorkerEvent], as_json: bool, out: TextIO) -> 
 
 
 async def _events(args: argparse.Namespace) -> int:
+    """Print the recent events; with ``--follow`` keep polling, and when the
+    master goes away (restart, network) reconnect and go on after the last
+    event printed (seqs keep increasing across master restarts)."""
     out = sys.stdout
-    async with open_bridge() as bridge, control_from_args(bridge, args) as client:
-        events = await client.events(args.vm or "", args.limit)
-        _print_events(events, args.json, out)
-        if not args.follow:
-            return EXIT_OK
-        last = events[-1].seq if events else 0
-        while True:
-            if len(events) < EVENTS_PAGE:  # a full page: more are waiting
-                await trio.sleep(args.interval)
-            if not last:
-                events = await client.events(args.vm or "", EVENTS_PAGE)
-            else:
-                events = await client.events(args.vm or "", EVENTS_PAGE, after_seq=last)
-            _print_events(events, args.json, out)
-            if events:
-                last = events[-1].seq
+    vm = args.vm or ""
+    last: int | None = None  # None: nothing fetched yet
+    while True:
+        try:
+            async with open_bridge() as bridge, control_from_args(bridge, args) as client:
+                if last is None:
+                    events = await client.events(vm, args.limit)
+                    _print_events(events, args.json, out)
+                    if not args.follow:
+                        return EXIT_OK
+                    last = events[-1].seq if events else 0
+                while True:
+                    if len(events) < EVENTS_PAGE:  # a full page: more are waiting
+                        await trio.sleep(args.interval)
+                    events = await client.events(vm, EVENTS_PAGE, after_seq=last)
+                    _print_events(events, args.json, out)
+                    if events:
+                        last = events[-1].seq
+        except UnavailableError as exc:
+            if last is None:
+                raise  # the first call: report it, as every command does
+            print(f"events: {exc}; reconnecting in {args.interval:g} s", file=sys.stderr)
+            events = ()
+            await trio.sleep(args.interval)
 
 
 # ---------------------------------------------------------------- describe

@@ -100,7 +100,7 @@ in
       key = lib.mkOption {
         type = lib.types.nullOr lib.types.str;
         default = null;
-        description = "Private key (PEM) of `tls.cert`; a host path readable by the service.";
+        description = "Private key (PEM) of `tls.cert`; a host path, read by systemd (LoadCredential), so it may stay root-only.";
       };
       ca = lib.mkOption {
         type = lib.types.nullOr lib.types.str;
@@ -172,18 +172,28 @@ in
             "--metrics-listen"
             (net.hostPort cfg.metrics.listenAddress cfg.metrics.port)
           ]
+          # The files come in as systemd credentials (%d: the unit's
+          # credentials directory): root-only key files stay root-only,
+          # and the dynamic user still reads its copy.
           ++ lib.optionals (cfg.tls.cert != null) [
             "--tls-cert"
-            cfg.tls.cert
+            "%d/tls-cert"
             "--tls-key"
-            cfg.tls.key
+            "%d/tls-key"
             "--tls-ca"
-            cfg.tls.ca
+            "%d/tls-ca"
           ]
           ++ cfg.extraArgs
         );
+        LoadCredential = lib.optionals (cfg.tls.cert != null) [
+          "tls-cert:${cfg.tls.cert}"
+          "tls-key:${cfg.tls.key}"
+          "tls-ca:${cfg.tls.ca}"
+        ];
         Restart = "always";
         RestartSec = "2s";
+        # Every connection is a descriptor: well above --max-connections.
+        LimitNOFILE = 1048576;
 
         DynamicUser = true;
         StateDirectory = stateDirectory;

@@ -23,10 +23,11 @@ Invariants:
   old one, whose connection is closed. Calls on a replaced session fail with
   ``UnavailableError``; reports on a session are accepted only for its own
   worker id (else ``UnauthorizedError``).
-- Events are kept in bounded rings: at most ``events_total`` overall, at
-  most ``events_per_vm`` per VM, and rings of at most ``events_total``
-  VMs (the stalest VM's ring is dropped first), so a worker flooding
-  events, or a fleet churning through VM ids, cannot grow the master.
+- Events are kept in bounded rings: at most ``events_total`` overall (the
+  per-VM rings included: an event leaving the fleet's ring leaves its VM's
+  too), at most ``events_per_vm`` per VM, and rings of at most
+  ``events_total`` VMs, so a worker flooding events, or a fleet churning
+  through VM ids, cannot grow the master.
 - Every log record of an apply and of the pushes, status transitions and
   events it causes carries its ``op_id`` (``procurator.logs``).
 
@@ -507,6 +508,16 @@ class MasterService:
                 logger.info("VM %s %s: %s", event.vm_id, event.kind.value, event.message)
             self._last_event_seq = max(self._last_event_seq + 1, self._now_ms() * 1000)
             item = WorkerEvent(worker_id, event, self._last_event_seq)
+            if len(self._events) == self._events.maxlen:
+                # The fleet-wide bound holds for the per-VM rings too: the
+                # oldest event leaves its VM's ring with the fleet's (it is
+                # that ring's oldest: both are in arrival order).
+                oldest = self._events[0]
+                old_ring = self._vm_events.get(oldest.event.vm_id)
+                if old_ring and old_ring[0] is oldest:
+                    old_ring.popleft()
+                    if not old_ring:
+                        del self._vm_events[oldest.event.vm_id]
             self._events.append(item)
             ring = self._vm_events.pop(event.vm_id, None)
             if ring is None:

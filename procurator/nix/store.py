@@ -32,6 +32,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -191,12 +192,17 @@ class NixStore:
         try:
             if os.path.islink(absolute):
                 os.unlink(absolute)
-            if os.path.islink(auto) and os.readlink(auto) == absolute:
-                os.unlink(auto)
         except FileNotFoundError:
             pass  # a concurrent removal (or a collector) got there first
         except OSError as err:
             raise TemporaryError(f"could not remove the GC root {absolute}: {err}") from err
+        # The link is gone, so the path is no longer rooted. Nix's record of
+        # it is only bookkeeping: the collector drops records whose link is
+        # gone. A worker that is a daemon client (the NixOS module runs it
+        # as its own user) may not write gcroots/auto; that is fine.
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            if os.path.islink(auto) and os.readlink(auto) == absolute:
+                os.unlink(auto)
 
     # ------------------------------------------------------------- helpers
 

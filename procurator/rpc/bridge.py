@@ -61,7 +61,7 @@ from procurator.core.errors import (
 from procurator.core.validation import LIMITS
 from procurator.rpc.messages import Address
 from procurator.rpc.schema import load_schema
-from procurator.rpc.tls import HANDSHAKE_TIMEOUT, MASTER_SERVER_NAME
+from procurator.rpc.tls import HANDSHAKE_TIMEOUT, MASTER_SERVER_NAME, require_master
 
 __all__ = [
     "TRAVERSAL_LIMIT_WORDS",
@@ -526,6 +526,11 @@ async def _open_stream(address: Address, tls: ssl.SSLContext | None) -> tuple[An
         transport, _ = await loop.create_connection(
             lambda: protocol, address.host, address.port, **options
         )
+    try:
+        require_master(transport.get_extra_info("peercert"))
+    except UnauthorizedError:
+        transport.abort()
+        raise
     return streams[0], transport
 
 

@@ -326,6 +326,18 @@ def worker_status_from_reader(reader: Any, where: str = "status") -> WorkerStatu
     return status
 
 
+_CLIPPED = " …[cut]"
+
+
+def clip_text(text: str, limit: int = LIMITS.max_text) -> str:
+    """``text`` cut to fit ``limit`` characters, saying so. For what a
+    sender writes freely (messages with a VMM's log tail in them): the
+    receiver refuses an over-long string, and with it the whole report."""
+    if len(text) <= limit:
+        return text
+    return text[: limit - len(_CLIPPED)] + _CLIPPED
+
+
 def fill_worker_status(builder: Any, status: WorkerStatus) -> None:
     builder.workerId = status.worker_id
     builder.observedGeneration = status.observed_generation
@@ -338,7 +350,7 @@ def _fill_vm_status(entry: Any, vm: VmStatus) -> None:
     entry.id = vm.id
     entry.phase = vm.phase.value
     entry.observedHash = vm.observed_hash
-    entry.message = vm.message
+    entry.message = clip_text(vm.message)
     entry.restarts = vm.restarts
     entry.address = vm.address
     entry.observedPower = vm.observed_power.value
@@ -396,7 +408,7 @@ def _event(reader: Any, where: str, problems: _Problems) -> VmEvent:
 def _fill_event(builder: Any, event: VmEvent) -> None:
     builder.vmId = event.vm_id
     builder.kind = event.kind.value
-    builder.message = event.message
+    builder.message = clip_text(event.message)
     builder.opId = event.op_id
     builder.unixTimeMs = event.unix_time_ms
 

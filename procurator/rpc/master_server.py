@@ -86,6 +86,7 @@ from procurator.rpc.messages import (
 from procurator.rpc.schema import load_schema
 from procurator.rpc.tls import (
     PeerIdentity,
+    Role,
     TlsFiles,
     authorize_control,
     authorize_register,
@@ -116,6 +117,10 @@ _REFUSE_GRACE = 2.0
 _MAX_REFUSING = 64
 # A refused connection may only ask "register" or "control": tiny messages.
 _REFUSED_TRAVERSAL_LIMIT_WORDS = 64 * 1024
+# Over TLS, connections per certificate identity (a worker id, a control
+# name; every certificate without a usable identity counts as one): a
+# stolen key cannot take every slot of the cap.
+MAX_CONNECTIONS_PER_PEER = 16
 
 
 class MasterBackend(Protocol):
@@ -308,7 +313,12 @@ class _Listener:
 
     async def on_stream(self, stream: Any, tls_transport: Any) -> None:
         if len(self.connections) >= self.max_connections:
-            await self._refuse(stream, tls_transport)
+            await self._refuse(
+                stream,
+                tls_transport,
+                f"the master serves at most {self.max_connections} connections at once; "
+                "try again later",
+            )
             return
         conn = _Connection(next(self._ids), stream, tls_transport)
         if tls_transport is not None:
@@ -316,13 +326,22 @@ class _Listener:
                 conn.peer = peer_identity(tls_transport.get_extra_info("peercert"))
             except UnauthorizedError as exc:
                 conn.peer_problem = exc.message
+            same = sum(1 for c in self.connections.values() if _peer_key(c) == _peer_key(conn))
+            if same >= MAX_CONNECTIONS_PER_PEER:
+                await self._refuse(
+                    stream,
+                    tls_transport,
+                    f"{_peer_key(conn)} already has {same} connections open, the most one "
+                    "certificate identity may have; close some and try again",
+                )
+                return
         self.connections[conn.id] = conn
         logger.debug("%s accepted", conn)
         try:
             conn.server = capnp.TwoPartyServer(
                 stream,
                 bootstrap=_MasterImpl(self, conn),
-                traversal_limit_in_words=TRAVERSAL_LIMIT_WORDS,
+                traversal_limit_in_words=_traversal_limit(conn),
             )
             await conn.server.on_disconnect()
             logger.debug("connection #%d closed by the peer", conn.id)
@@ -336,8 +355,8 @@ class _Listener:
             for token in conn.tokens:
                 self.bridge.notify_trio(self.backend.unregister, token)
 
-    async def _refuse(self, stream: Any, tls_transport: Any) -> None:
-        """Tell a connection over the cap why, then close it."""
+    async def _refuse(self, stream: Any, tls_transport: Any, why: str) -> None:
+        """Tell a connection over a cap why, then close it."""
         self.refused_total += 1
         if self.refused_total == 1 or self.refused_total % 100 == 0:
             logger.warning(
@@ -352,9 +371,7 @@ class _Listener:
             stream.close()
             return
         self.refusing.add(stream)
-        error = LimitExceededError(
-            f"the master serves at most {self.max_connections} connections at once; try again later"
-        )
+        error = LimitExceededError(why)
         server: Any = None
         try:
             server = capnp.TwoPartyServer(
@@ -374,6 +391,21 @@ class _Listener:
             if tls_transport is not None:
                 tls_transport.abort()
             stream.close()
+
+
+def _peer_key(conn: _Connection) -> str:
+    """Whose connection this is, for the per-identity cap (TLS only)."""
+    return str(conn.peer) if conn.peer is not None else "a certificate without a usable identity"
+
+
+def _traversal_limit(conn: _Connection) -> int:
+    """The largest message this peer may send. A certificate that can do
+    nothing here (no usable identity, or the master's own) is only told so:
+    a registration's worth. (A worker keeps the full limit: a metrics report
+    of 200,000 samples, ~25 words each, is within a factor of three of it.)"""
+    if conn.tls_transport is not None and (conn.peer is None or conn.peer.role is Role.MASTER):
+        return _REFUSED_TRAVERSAL_LIMIT_WORDS
+    return TRAVERSAL_LIMIT_WORDS
 
 
 async def _start(

@@ -66,6 +66,7 @@ __all__ = [
     "is_local",
     "parse_identity_uri",
     "peer_identity",
+    "require_master",
     "require_secure",
     "server_context",
 ]
@@ -178,6 +179,20 @@ def authorize_control(peer: PeerIdentity | None) -> None:
         f"{peer} may not use the control interface: it needs a control certificate "
         "(procurator://control/<name>)"
     )
+
+
+def require_master(peercert: Mapping[str, Any] | None) -> None:
+    """Raise ``UnauthorizedError`` unless the server we dialed holds the
+    master's identity. The name check in the handshake (``master.procurator``)
+    plus OpenSSL's purpose check already stop a fleet worker or control
+    certificate; this holds even for a certificate issued without extended
+    key usage that also carries the master's DNS name."""
+    peer = peer_identity(peercert)
+    if peer.role is not Role.MASTER:
+        raise UnauthorizedError(
+            f"the server presented the certificate of {peer}, not of the master "
+            f"({identity_uri(Role.MASTER)})"
+        )
 
 
 # ---------------------------------------------------------------- contexts

@@ -646,6 +646,9 @@ class _Supervisor:
         self.last_counters = -1e18
         self.ever_started = False
         self.last_failure = ""  # why the VM last went down, shown while waiting
+        # (seq, "pause"|"resume", cause) of the last refused power change:
+        # its ``failed`` event is sent once, not on every retry.
+        self.power_failure: tuple[int, str, str] | None = None
         self.pending_event: EventKind | None = None  # reported once the VM is seen running
         self.pending_message = ""  # the message of that event ("" for the state's)
 
@@ -899,7 +902,11 @@ class _Supervisor:
                 self.driver.pause(self.handle, timeout=self.t.api)
             except (VmmRejected, VmmTimeout) as exc:
                 return self._power_change_failed("pause", state, seq, exc)
-            state = self.driver.state(self.handle, timeout=self.t.api)
+            self.power_failure = None
+            after = self._state_after_power_change()
+            if after is None:
+                return min(self.t.api, self.t.health_interval)
+            state = after
             if event is None:
                 event, event_message = EventKind.PAUSED, f"paused (VMM pid {self.handle.pid})"
         elif state is VmState.PAUSED and spec.power is PowerState.RUNNING:
@@ -908,7 +915,11 @@ class _Supervisor:
                 self.driver.resume(self.handle, timeout=self.t.api)
             except (VmmRejected, VmmTimeout) as exc:
                 return self._power_change_failed("resume", state, seq, exc)
-            state = self.driver.state(self.handle, timeout=self.t.api)
+            self.power_failure = None
+            after = self._state_after_power_change()
+            if after is None:
+                return min(self.t.api, self.t.health_interval)
+            state = after
             if event is None:
                 event = EventKind.RESUMED
                 event_message = (
@@ -939,6 +950,16 @@ class _Supervisor:
         )
         return self.t.health_interval
 
+    def _state_after_power_change(self) -> VmState | None:
+        """The VM's state right after a pause or resume; None when the VMM
+        did not answer (the next pass checks again, with the usual
+        tolerance for a slow VMM, rather than treating it as a failure)."""
+        assert self.handle is not None
+        try:
+            return self.driver.state(self.handle, timeout=self.t.api)
+        except (VmmTimeout, VmmGone):
+            return None
+
     def _power_change_failed(
         self, what: str, state: VmState, seq: int, exc: VmmRejected | VmmTimeout
     ) -> float:
@@ -946,31 +967,30 @@ class _Supervisor:
         itself is fine as it is: keep it and its VMM, say why the desired
         power is not reached, and try again after the health interval.
         (Treating this like a failed start would kill a healthy guest
-        because of a power-state request.)"""
+        because of a power-state request.) Waiting callers get a temporary
+        error each time; the ``failed`` event is sent once per cause, not
+        once per retry."""
         assert self.handle is not None
         if isinstance(exc, VmmTimeout) and not self._alive():
             return 0.0  # it exited meanwhile: the next pass handles that
         wait = self.t.health_interval
-        message = f"cannot {what}: {_describe(exc)}; VM left {state.value}, retry in {wait:.3g} s"
-        log.warning("VM %s: %s", self.vm.vm_id, message)
-        error: ProcuratorError = (
-            VmmRejected(
-                f"VM {self.vm.vm_id}: {what} refused: {exc.message}",
-                status=exc.status,
-                details=exc.details,
-            )
-            if isinstance(exc, VmmRejected)
-            else VmmTimeout(f"VM {self.vm.vm_id}: {what}: {exc.message}", delay=wait)
+        cause = _describe(exc)
+        message = f"cannot {what}: {cause}; VM left {state.value}, retry in {wait:.3g} s"
+        first = self.power_failure != (seq, what, cause)
+        self.power_failure = (seq, what, cause)
+        if first:
+            log.warning("VM %s: %s", self.vm.vm_id, message)
+        verb = "refused" if isinstance(exc, VmmRejected) else "not answered"
+        error = VmmError(
+            f"VM {self.vm.vm_id}: {what} {verb}: {exc.message}", details=exc.details, delay=wait
         )
         paused = state is VmState.PAUSED
-        with self.vm.cond:
-            need_outcome = self.vm.outcome_seq < seq
         self._publish(
             Phase.PAUSED if paused else Phase.RUNNING,
             message,
-            EventKind.FAILED,
+            EventKind.FAILED if first else None,
             power=PowerState.PAUSED if paused else PowerState.RUNNING,
-            outcome=error if need_outcome else None,
+            outcome=error,
         )
         return wait
 
@@ -1139,6 +1159,17 @@ class _Supervisor:
 
     # -- stop ladder -------------------------------------------------------------
 
+    def _resume_for_shutdown(self, handle: VmmHandle) -> None:
+        """A paused guest cannot answer the power button: resume it first so
+        it shuts down cleanly (flushes its disks) rather than waiting out
+        the button and being cut off further down the ladder."""
+        try:
+            if self.driver.state(handle, timeout=self.t.api) is VmState.PAUSED:
+                log.info("VM %s: resuming the paused guest so it can shut down", self.vm.vm_id)
+                self.driver.resume(handle, timeout=self.t.api)
+        except (VmmError, VmmRejected) as exc:
+            log.info("VM %s: not resumed before stopping: %s", self.vm.vm_id, exc)
+
     def _stop(self, reason: str, *, api: bool = True) -> str:
         """Run the stop ladder; returns the step that ended the VMM. Raises
         ``_StopFailed`` if it survives SIGKILL."""
@@ -1153,6 +1184,8 @@ class _Supervisor:
         how = ""
         if gone(0.0):
             how = "already exited"
+        elif api:
+            self._resume_for_shutdown(handle)
         steps: list[tuple[str, Callable[[], None], float]] = [
             (
                 "power button",

@@ -9,59 +9,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fleethelpers import FAKE, free_port, procurator_process, run_cli
 
 from procurator.core.validation import store_path_hash
 
 pytestmark = [pytest.mark.root, pytest.mark.nix]
-
-REPO = Path(__file__).resolve().parents[2]
-FAKE = REPO / "tests" / "fakes" / "cloud-hypervisor-fake.py"
-NIX_CONF = "build-users-group =\nsubstituters =\nflake-registry =\n"
-
-
-@pytest.fixture(scope="module")
-def nix_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    conf = tmp_path_factory.mktemp("nix-conf")
-    (conf / "nix.conf").write_text(NIX_CONF)
-    return {**os.environ, "NIX_CONF_DIR": str(conf)}
-
-
-@pytest.fixture(scope="module")
-def add_image(nix_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """``add_image(name, config)``: a store path holding vm-config.json and
-    a dummy kernel; every path added is deleted from the store afterwards."""
-    added: list[str] = []
-
-    def add(name: str, config: dict[str, Any]) -> str:
-        src = tmp_path_factory.mktemp("image") / name
-        src.mkdir()
-        (src / "vmlinux").write_bytes(b"\0" * 4096)
-        (src / "vm-config.json").write_text(json.dumps(config))
-        out = subprocess.run(
-            ["nix-store", "--add", str(src)],
-            env=nix_env,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        added.append(out)
-        return out
-
-    yield add
-    for path in added:
-        subprocess.run(
-            ["nix-store", "--delete", path], env=nix_env, check=False, capture_output=True
-        )
 
 
 def _config(cmdline: str = "console=ttyS0") -> dict[str, Any]:
@@ -72,49 +32,9 @@ def _config(cmdline: str = "console=ttyS0") -> dict[str, Any]:
     }
 
 
-def _free_port() -> int:
-    import socket  # noqa: PLC0415
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _cli(env: dict[str, str], *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "procurator", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-        check=False,
-    )
-
-
-@contextmanager
-def _process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "procurator", *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 @pytest.fixture
 def fleet(tmp_path: Path, nix_env: dict[str, str]) -> Iterator[Any]:
-    port = _free_port()
+    port = free_port()
     env = {**nix_env, "PROCURATOR_MASTER": f"127.0.0.1:{port}"}
     state = tmp_path / "state"
 
@@ -126,10 +46,10 @@ def fleet(tmp_path: Path, nix_env: dict[str, str]) -> Iterator[Any]:
         def apply(self, text: str, *args: str) -> subprocess.CompletedProcess[str]:
             path = tmp_path / "fleet.toml"
             path.write_text(text)
-            return _cli(env, "apply", str(path), *args)
+            return run_cli(env, "apply", str(path), *args)
 
         def status(self) -> dict[str, Any]:
-            result = _cli(env, "status", "--json")
+            result = run_cli(env, "status", "--json")
             assert result.returncode == 0, result.stderr
             data: dict[str, Any] = json.loads(result.stdout)
             return data
@@ -162,11 +82,11 @@ def fleet(tmp_path: Path, nix_env: dict[str, str]) -> Iterator[Any]:
         "2",
     ]
     with (
-        _process(master_args, env, tmp_path / "master.log"),
-        _process(worker_args, env, tmp_path / "worker.log") as worker,
+        procurator_process(master_args, env, tmp_path / "master.log"),
+        procurator_process(worker_args, env, tmp_path / "worker.log") as worker,
     ):
         deadline = time.monotonic() + 30
-        while _cli(env, "status").returncode != 0:
+        while run_cli(env, "status").returncode != 0:
             assert time.monotonic() < deadline, (tmp_path / "master.log").read_text()
             time.sleep(0.2)
         yield Fleet()

@@ -285,4 +285,16 @@ def test_tls_files_reach_the_command_line(nix: Nix) -> None:
         unit = result["config"]["systemd"]["services"][f"procurator-{module}"]["serviceConfig"]
         args, rejected = parse(module, unit["ExecStart"])
         assert rejected == set()
-        assert (args.tls_cert, args.tls_key, args.tls_ca) == (TLS["cert"], TLS["key"], TLS["ca"])
+        given = (args.tls_cert, args.tls_key, args.tls_ca)
+        if module == "worker":
+            assert given == (TLS["cert"], TLS["key"], TLS["ca"])
+            continue
+        # The master runs as a dynamic user: its files come as credentials,
+        # so a root-only key need not be made readable to everyone.
+        assert given == ("%d/tls-cert", "%d/tls-key", "%d/tls-ca")
+        assert unit["LoadCredential"] == [
+            f"tls-cert:{TLS['cert']}",
+            f"tls-key:{TLS['key']}",
+            f"tls-ca:{TLS['ca']}",
+        ]
+        assert unit["LimitNOFILE"] >= 65536

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -141,3 +145,43 @@ def test_missing_nix_binary_is_unavailable(nix_env: dict[str, str], tmp_path: Pa
 def test_auto_root_name_is_nix_base32_of_sha1() -> None:
     # Value computed by Nix 2.8 for this link (LocalStore::addIndirectRoot).
     assert auto_root_name("/tmp/nixtry/state/gcroots/vm1/x") == "cpiwc73ri5d1pvlkd1zmkv86fysvfz8i"
+
+
+def test_remove_root_as_a_daemon_client_leaves_nixs_record_to_the_collector(
+    tmp_path: Path,
+) -> None:
+    """The NixOS module runs the worker as its own user, a client of the Nix
+    daemon, which may not write gcroots/auto. Removing a root must still
+    work: the link goes, and Nix's record of it (now dangling) is the
+    collector's to drop. Run as ``nobody`` against a state dir laid out as
+    Nix's is (gcroots/auto owned by root, 0755)."""
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="pn-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        auto_dir = base / "state" / "gcroots" / "auto"
+        auto_dir.mkdir(parents=True)
+        links = base / "links"
+        links.mkdir()
+        os.chown(links, nobody.pw_uid, nobody.pw_gid)
+        link = links / "vm-1"
+        link.symlink_to("/nix/store/" + "a" * 32 + "-web-vm")
+        auto = auto_dir / auto_root_name(str(link))
+        auto.symlink_to(link)
+        script = (
+            # Imports first: the interpreter's own files may be root-only.
+            "import os\n"
+            "from pathlib import Path\n"
+            "from procurator.nix.store import NixStore\n"
+            f"store = NixStore(extra_env={{'NIX_STATE_DIR': '{base / 'state'}'}})\n"
+            f"os.setgid({nobody.pw_gid}); os.setuid({nobody.pw_uid})\n"
+            f"store.remove_root(Path('{link}'))\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        assert not link.is_symlink()
+        assert auto.is_symlink()  # dangling now: the collector's to drop
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

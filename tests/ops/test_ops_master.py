@@ -80,6 +80,14 @@ async def test_event_history_is_bounded_per_vm_overall_and_in_vms(served: Served
     )
     per_vm = await served.control.events("web-1", 1000)
     assert [e.event.message for e in per_vm] == ["46", "47", "48", "49"]
+    # Full rings of several VMs together still hold at most events_total.
+    await service.report_events(
+        token, [VmEvent(vm, EventKind.BOOTED, f"{vm} {i}") for vm in "abc" for i in range(4)]
+    )
+    assert sum(len(ring) for ring in service._vm_events.values()) == 10
+    assert await served.control.events("web-1", 1000) == ()  # left with the fleet's oldest
+    kept = await served.control.events("a", 1000)
+    assert [e.event.message for e in kept] == ["a 2", "a 3"]
     # Many VMs: the overall ring and the number of per-VM rings stay bounded.
     await service.report_events(
         token, [VmEvent(f"vm-{i}", EventKind.CREATED, f"vm {i}") for i in range(25)]

@@ -8,7 +8,8 @@ import os
 from typing import Any
 
 import pytest
-from opshelpers import AddImage, OpsFleet, vm_config
+from fleethelpers import AddImage
+from opshelpers import OpsFleet, vm_config
 
 from procurator.core.validation import store_path_hash
 

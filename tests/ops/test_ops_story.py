@@ -16,7 +16,8 @@ import time
 from typing import Any
 
 import pytest
-from opshelpers import AddImage, OpsFleet, vm_config
+from fleethelpers import AddImage
+from opshelpers import OpsFleet, vm_config
 
 pytestmark = [pytest.mark.root, pytest.mark.nix]
 

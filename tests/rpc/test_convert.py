@@ -244,3 +244,23 @@ def test_unknown_enumerants_read_as_the_first_value() -> None:
 
         assert convert._enum(convert._PHASE, Fake()) is Phase.UNKNOWN
         assert convert._enum(convert._PHASE, reader.phase) is Phase.RUNNING
+
+
+def test_over_long_messages_are_cut_by_the_sender_not_refused() -> None:
+    """A VMM's log tail can make a status or event message longer than the
+    wire allows; the receiver would refuse the whole report for it."""
+    long = "x" * (LIMITS.max_text * 3)
+    status = WorkerStatus(
+        "host-a", 1, (VmStatus("web-1", Phase.FAILED, "h", long, 0, "", PowerState.STOPPED),)
+    )
+    got = roundtrip(
+        S.WorkerStatus, convert.fill_worker_status, convert.worker_status_from_reader, status
+    )
+    (vm,) = got.vms
+    assert len(vm.message) == LIMITS.max_text and vm.message.endswith("[cut]")
+    assert vm.message.startswith("x" * 100)
+
+    builder = S.VmEvent.new_message()
+    convert._fill_event(builder, VmEvent("web-1", EventKind.FAILED, long))
+    assert len(builder.message) == LIMITS.max_text
+    assert convert.clip_text("short") == "short"

@@ -24,6 +24,7 @@ from procurator.rpc.tls import (
     is_local,
     parse_identity_uri,
     peer_identity,
+    require_master,
     require_secure,
 )
 
@@ -109,6 +110,20 @@ def test_certs_refuses_to_overwrite_and_explains_missing_ca(tmp_path: Path) -> N
     no_ca = cli("certs", "issue", str(tmp_path / "empty"), "--control", "ci")
     assert no_ca.returncode == 1
     assert "procurator certs init" in no_ca.stderr
+
+    # Only the master is dialed by name: a worker with DNS names could pose as it.
+    named = cli("certs", "issue", str(tmp_path / "pki"), "--worker", "host-b", "--san", "x.org")
+    assert named.returncode == 1
+    assert "--san is for the master's certificate only" in named.stderr
+    assert not list(tmp_path.glob("pki/worker-host-b*"))
+
+
+def test_a_client_accepts_only_the_master_identity_from_the_server() -> None:
+    require_master({"subjectAltName": (("URI", "procurator://master"),)})
+    for uri in ("procurator://worker/host-a", "procurator://control/ci"):
+        posing = {"subjectAltName": (("DNS", MASTER_SERVER_NAME), ("URI", uri))}
+        with pytest.raises(UnauthorizedError, match="not of the master"):
+            require_master(posing)
 
 
 def test_help_of_certs_explains_with_an_example() -> None:

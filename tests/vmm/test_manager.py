@@ -204,6 +204,9 @@ def test_power_transitions(make_manager: ManagerFactory, recorder: Recorder) -> 
     assert "power button" in stopped.message  # the guest honoured it
     again = manager.ensure(spec(power=PowerState.PAUSED))
     assert again.phase is Phase.PAUSED and again.pid not in (None, running.pid)
+    # A paused guest is resumed first, so it too shuts down cleanly.
+    stopped = manager.ensure(spec(power=PowerState.STOPPED))
+    assert "power button" in stopped.message, stopped.message
     kinds = recorder.kinds("vm1")
     for kind in (EventKind.PAUSED, EventKind.RESUMED, EventKind.STOPPED):
         assert kind in kinds
@@ -472,8 +475,10 @@ def test_refused_pause_keeps_the_guest_running_and_is_retried(
     manager = make_manager()  # health checks every 0.1 s: the retry comes soon
     running = manager.ensure(spec())
     faults = write_faults(state_dir, "vm1", {"reject": {"vm.pause": 405}})
-    with pytest.raises(PermanentError, match="pause refused"):
+    with pytest.raises(TemporaryError, match="pause refused"):
         manager.ensure(spec(power=PowerState.PAUSED))
+    with pytest.raises(TemporaryError, match="pause refused"):
+        manager.ensure(spec(power=PowerState.PAUSED))  # retried, refused again
     obs = manager.get("vm1")
     assert obs is not None
     assert obs.phase is Phase.RUNNING and obs.pid == running.pid
@@ -483,7 +488,9 @@ def test_refused_pause_keeps_the_guest_running_and_is_retried(
     recorder.wait_for(lambda: (o := manager.get("vm1")) is not None and o.phase is Phase.PAUSED)
     paused = manager.get("vm1")
     assert paused is not None and paused.pid == running.pid
-    assert recorder.kinds("vm1").count(EventKind.CRASHED) == 0
+    kinds = recorder.kinds("vm1")
+    assert kinds.count(EventKind.CRASHED) == 0
+    assert kinds.count(EventKind.FAILED) == 1  # once per cause, not once per retry
 
 
 def test_begin_close_releases_callers_blocked_in_ensure(
