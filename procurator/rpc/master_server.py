@@ -360,9 +360,9 @@ class _Listener:
         self.refused_total += 1
         if self.refused_total == 1 or self.refused_total % 100 == 0:
             logger.warning(
-                "refusing a connection: %d connections open, the limit is %d (%d refused so far)",
+                "refusing a connection: %s (%d connections open, %d refused so far)",
+                why,
                 len(self.connections),
-                self.max_connections,
                 self.refused_total,
             )
         if len(self.refusing) >= _MAX_REFUSING:
