@@ -312,7 +312,8 @@ struct VmDescription {
   workerConnected @7 :Bool;
   # Whether observedBy (or else workerId) is connected.
   observedGeneration @8 :UInt64;
-  # observedBy's observed generation.
+  # The observed generation of workerId (of observedBy when the VM is not
+  # desired): the one that compares with desiredGeneration.
   status @9 :VmStatus;
   # Unset when no worker reports the VM.
   events @10 :List(WorkerEvent);

@@ -339,7 +339,9 @@ class MasterService:
         if assigned is None and observed is None and not events:
             raise NotFoundError(f"VM {vm_id!r} is neither desired nor reported by any worker")
         shown = self._workers.get(observed_by or (assigned.worker_id if assigned else ""))
-        observer = self._workers.get(observed_by)
+        # The generation that compares with desired_generation is the
+        # assigned worker's, even while the VM still shows on its old one.
+        observer = self._workers.get(assigned.worker_id if assigned else observed_by)
         return VmDescription(
             vm_id=vm_id,
             fleet_generation=self._generation,

@@ -141,6 +141,6 @@ class VmDescription:
     desired: VmAssignment | None
     observed_by: str  # the worker whose last status shows the VM; "" if none
     worker_connected: bool
-    observed_generation: int
+    observed_generation: int  # of the assigned worker (else of observed_by)
     status: VmStatus | None
     events: tuple[WorkerEvent, ...] = ()

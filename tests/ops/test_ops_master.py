@@ -158,6 +158,18 @@ async def test_describe_shows_desired_observed_and_events(served: Served) -> Non
     (worker,) = (await served.control.status()).workers
     assert [(vm.id, vm.power) for vm in worker.desired_vms] == [("web-1", PowerState.PAUSED)]
 
+    # Moved to host-b, which has not started it yet: still shown on host-a,
+    # but the generation next to host-b's desired one is host-b's.
+    moved = await served.control.apply(
+        parse_fleet(f'[workers.host-b]\nvms = [ {{ id = "web-1", image = "{IMAGE}" }} ]\n')
+    )
+    token_b = await service.register(WorkerInfo("host-b"), FakeNode())
+    await service.report_status(token_b, WorkerStatus("host-b", 0))
+    described = await served.control.describe_vm("web-1")
+    assert (described.worker_id, described.observed_by) == ("host-b", "host-a")
+    assert described.desired_generation == moved.generation
+    assert described.observed_generation == 0  # not host-a's
+
     with pytest.raises(NotFoundError, match="'web-9' is neither desired"):
         await served.control.describe_vm("web-9")
     with pytest.raises(ValidationError):
