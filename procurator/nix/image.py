@@ -42,6 +42,7 @@ import logging
 import os
 import shutil
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -99,6 +100,13 @@ class ImageManager:
         self._allow_reflink = allow_reflink
         self._roots_dir = state_dir / "gcroots"
         self._vms_dir = state_dir / "vms"
+        # store path -> the roots this manager holds for it, so a VM whose
+        # image another VM already roots is rooted beside that one without
+        # a nix-store run (Store.add_root_beside). Guarded by _roots_lock,
+        # which is also held while a root is removed: a root named as a
+        # witness stays until the new root is written. Built on first use.
+        self._roots_lock = threading.Lock()
+        self._rooted: dict[str, set[Path]] | None = None
 
     # ------------------------------------------------------------------ API
 
@@ -125,15 +133,17 @@ class ImageManager:
         disk_dir = self._vms_dir / vm_id / "disks" / name
         fresh = not os.path.islink(link)
         try:
-            try:
-                # One nix-store run in the usual case (the path is there):
-                # rooting fails with NotFoundError, never fetches, if it is not.
-                self._store.add_root(store_path, link)
-            except NotFoundError:
-                log.info("VM %s: %s is not in the store; realising it", vm_id, store_path)
-                if on_realise is not None:
-                    on_realise()
-                self._store.realise(store_path, root=link)
+            if not self._root_beside(store_path, link):
+                try:
+                    # One nix-store run in the usual case (the path is there):
+                    # rooting fails with NotFoundError, never fetches, if not.
+                    self._store.add_root(store_path, link)
+                except NotFoundError:
+                    log.info("VM %s: %s is not in the store; realising it", vm_id, store_path)
+                    if on_realise is not None:
+                        on_realise()
+                    self._store.realise(store_path, root=link)
+                self._note_root(store_path, link)
             closure = self._store.closure(store_path)
             config = _load_config(vm_id, store_path, closure, self._limits.max_config_bytes)
             wanted = host_paths(config, store_path)
@@ -209,7 +219,24 @@ class ImageManager:
                     log.warning("VM %s: %s", vm_id, err)
                     continue
                 swept.append(vm_id)
+        self._reroot_unrecorded()
         return swept
+
+    def _reroot_unrecorded(self) -> None:
+        """Root again, through nix-store, every link Nix has no record of
+        (a worker killed inside ``add_root_beside``, between the link and
+        the record): such a link roots nothing, and a running VM's image is
+        not prepared again."""
+        for vm_id, targets in self.roots().items():
+            for target in targets:
+                link = self._roots_dir / vm_id / os.path.basename(target)
+                if self._store.has_root(link):
+                    continue
+                log.warning("VM %s: %s was not a GC root; rooting it again", vm_id, link)
+                try:
+                    self._store.add_root(target, link)
+                except (NotFoundError, TemporaryError) as err:
+                    log.warning("VM %s: could not root %s again: %s", vm_id, target, err)
 
     def roots(self) -> dict[str, frozenset[str]]:
         """VM id -> the store paths rooted for it: what the state dir holds,
@@ -278,8 +305,43 @@ class ImageManager:
                 f"VM {vm_id}: could not drop the roots and disks of its old images: {err}"
             ) from err
 
+    def _roots_by_path(self) -> dict[str, set[Path]]:
+        """The index of roots held here (caller holds ``_roots_lock``)."""
+        if self._rooted is None:
+            self._rooted = {}
+            for vm_id, targets in self.roots().items():
+                for target in targets:
+                    link = self._roots_dir / vm_id / os.path.basename(target)
+                    self._rooted.setdefault(target, set()).add(link)
+        return self._rooted
+
+    def _root_beside(self, store_path: str, link: Path) -> bool:
+        """Root ``store_path`` at ``link`` beside a root another VM holds for
+        it, without nix-store; False when there is none (or it cannot: a
+        daemon client may not write Nix's records, then nix-store does)."""
+        with self._roots_lock:
+            rooted = self._roots_by_path()
+            for witness in [w for w in rooted.get(store_path, ()) if w != link]:
+                if self._store.add_root_beside(store_path, link, witness):
+                    rooted[store_path].add(link)
+                    return True
+        return False
+
+    def _note_root(self, store_path: str, link: Path) -> None:
+        with self._roots_lock:
+            self._roots_by_path().setdefault(store_path, set()).add(link)
+
     def _forget(self, link: Path, disk_dir: Path) -> None:
-        self._store.remove_root(link)
+        with self._roots_lock:
+            # Under the lock: a root another prepare chose as its witness
+            # stays until that prepare has written its own.
+            try:
+                target = os.readlink(link)
+            except OSError:
+                target = ""
+            self._store.remove_root(link)
+            if self._rooted is not None and target:
+                self._rooted.get(target, set()).discard(link)
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(disk_dir)
 

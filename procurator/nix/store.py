@@ -65,6 +65,10 @@ class Store(Protocol):
 
     def add_root(self, path: str, link: Path) -> None: ...
 
+    def add_root_beside(self, path: str, link: Path, witness: Path) -> bool: ...
+
+    def has_root(self, link: Path) -> bool: ...
+
     def remove_root(self, link: Path) -> None: ...
 
 
@@ -184,6 +188,48 @@ class NixStore:
         if done.returncode != 0:
             self._raise_absent_or_temporary(path, done, "add a GC root for")
 
+    def add_root_beside(self, path: str, link: Path, witness: Path) -> bool:
+        """Root ``path`` at ``link`` as ``add_root`` does, without running
+        ``nix-store``, when ``witness`` (another indirect root, which the
+        caller keeps from being removed meanwhile) already roots ``path``:
+        write what ``nix-store --add-root`` writes, the link and then Nix's
+        record of it in ``gcroots/auto``, each replaced atomically. The path
+        is rooted by the witness until ours exists, so the collector never
+        sees it unrooted, and a valid witness means a valid path.
+
+        Returns False when it cannot: the witness does not root ``path``, or
+        this process may not write ``gcroots/auto`` (a client of the Nix
+        daemon). Then call ``add_root``; a link written here is replaced."""
+        _check_syntax(path)
+        witness_link = _absolute(witness)
+        try:
+            if os.readlink(witness_link) != path:
+                return False
+            if os.readlink(self._gcroots_auto / auto_root_name(witness_link)) != witness_link:
+                return False
+        except OSError:
+            return False
+        absolute = _absolute(link)
+        try:
+            link.parent.mkdir(parents=True, exist_ok=True)
+            _replace_symlink(path, absolute)
+            _replace_symlink(absolute, str(self._gcroots_auto / auto_root_name(absolute)))
+        except PermissionError:
+            return False
+        except OSError as err:
+            raise TemporaryError(f"could not add the GC root {absolute}: {err}") from err
+        return True
+
+    def has_root(self, link: Path) -> bool:
+        """Whether ``link`` is an indirect root Nix knows of (its record in
+        ``gcroots/auto`` names it). A link without one roots nothing: a
+        worker killed between writing the two of ``add_root_beside``."""
+        absolute = _absolute(link)
+        try:
+            return os.readlink(self._gcroots_auto / auto_root_name(absolute)) == absolute
+        except OSError:
+            return False
+
     def remove_root(self, link: Path) -> None:
         """Drop the indirect GC root ``link`` and Nix's record of it
         (idempotent). Leaves the store path for the collector to decide."""
@@ -263,6 +309,21 @@ def _check_syntax(path: str) -> None:
     problem = check_store_path(path)
     if problem is not None:
         raise ValidationError(f"not a store path: {problem}")
+
+
+def _replace_symlink(target: str, at: str) -> None:
+    """``at`` -> ``target``, replacing whatever ``at`` was, atomically (a
+    new link under a temporary name, renamed over it), as Nix does."""
+    temporary = f"{at}.tmp-{os.getpid()}-{threading.get_ident()}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary)
+    os.symlink(target, temporary)
+    try:
+        os.rename(temporary, at)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def _absolute(link: Path) -> str:

@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nixtool_helpers import Link, NixTool
+from nixtool_helpers import GCROOTS_AUTO, Link, NixTool
 
 from procurator.core.confinement import HostSide, ImageLimits
 from procurator.core.errors import TemporaryError, ValidationError
 from procurator.nix import ImageManager, NixStore
 from procurator.nix._disk import clone_or_copy
+from procurator.nix.store import auto_root_name
 
 pytestmark = pytest.mark.nix
 
@@ -76,6 +77,14 @@ class RecordingStore:
     def add_root(self, path: str, link: Path) -> None:
         self.calls.append("add_root")
         self.inner.add_root(path, link)
+
+    def add_root_beside(self, path: str, link: Path, witness: Path) -> bool:
+        self.calls.append("add_root_beside")
+        return self.inner.add_root_beside(path, link, witness)
+
+    def has_root(self, link: Path) -> bool:
+        self.calls.append("has_root")
+        return self.inner.has_root(link)
 
     def remove_root(self, link: Path) -> None:
         self.calls.append("remove_root")
@@ -426,3 +435,75 @@ def test_reflink_where_the_filesystem_can(tmp_path: Path) -> None:
         assert clone_or_copy(source, tmp_path / "copy.img") == "copy"
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+# ------------------------------------------------- roots beside roots
+
+
+def test_an_image_already_rooted_is_rooted_beside_without_nix_store(
+    nix: NixTool, store: NixStore, state_dir: Path, limits: ImageLimits
+) -> None:
+    """A thousand VMs of one image need one nix-store run, not a thousand:
+    the second VM's root is written beside the first's, the way nix-store
+    writes it, and both are real roots."""
+    path = nix.add(image_tree())
+    recording = RecordingStore(store)
+    images = ImageManager(recording, state_dir, limits=limits)
+    name = os.path.basename(path)
+    links = [state_dir / "gcroots" / vm / name for vm in ("vm1", "vm2", "vm3")]
+    try:
+        for vm in ("vm1", "vm2", "vm3"):
+            images.prepare(vm, path, host=HOST)
+        assert recording.calls.count("add_root") == 1
+        assert recording.calls.count("add_root_beside") == 2
+        for link in links:
+            assert os.readlink(link) == path
+            assert store.has_root(link)
+            assert os.readlink(GCROOTS_AUTO / auto_root_name(str(link))) == str(link)
+        # Each root holds the path on its own.
+        images.release("vm1")
+        images.release("vm2")
+        assert path not in nix.dead()
+        images.release("vm3")
+        assert path in nix.dead()
+        assert not any(os.path.lexists(GCROOTS_AUTO / auto_root_name(str(x))) for x in links)
+    finally:
+        for vm in ("vm1", "vm2", "vm3"):
+            images.release(vm)
+
+
+def test_a_witness_nix_has_no_record_of_is_not_trusted(
+    nix: NixTool, store: NixStore, state_dir: Path, limits: ImageLimits
+) -> None:
+    path = nix.add(image_tree())
+    recording = RecordingStore(store)
+    images = ImageManager(recording, state_dir, limits=limits)
+    first = state_dir / "gcroots" / "vm1" / os.path.basename(path)
+    try:
+        images.prepare("vm1", path, host=HOST)
+        os.unlink(GCROOTS_AUTO / auto_root_name(str(first)))  # vm1's link roots nothing now
+        images.prepare("vm2", path, host=HOST)
+        assert recording.calls.count("add_root") == 2  # nix-store, not beside vm1
+    finally:
+        images.release("vm1")
+        images.release("vm2")
+
+
+def test_sweep_roots_again_a_link_nix_has_no_record_of(
+    nix: NixTool, store: NixStore, state_dir: Path, limits: ImageLimits
+) -> None:
+    """A worker killed between the link and Nix's record of it left a link
+    that roots nothing; a running VM's image is not prepared again, so the
+    sweep at start must notice."""
+    path = nix.add(image_tree())
+    images = ImageManager(store, state_dir, limits=limits)
+    link = state_dir / "gcroots" / "vm1" / os.path.basename(path)
+    try:
+        images.prepare("vm1", path, host=HOST)
+        os.unlink(GCROOTS_AUTO / auto_root_name(str(link)))
+        assert path in nix.dead()
+        ImageManager(store, state_dir, limits=limits).sweep({"vm1"})
+        assert store.has_root(link)
+        assert path not in nix.dead()
+    finally:
+        images.release("vm1")
