@@ -1,16 +1,22 @@
 """What the end-to-end tests with real ``procurator`` processes share
 (tests/e2e, tests/ops): a private Nix configuration, images added to the
-real store and deleted afterwards, the CLI, and daemons stopped with SIGTERM
-(SIGKILL after 30 s)."""
+real store and deleted afterwards, the CLI, daemons stopped with SIGTERM
+(SIGKILL after 30 s), and ``fake_fleet``: a real ``procurator master`` and
+``worker`` (cloud-hypervisor driver, the fake VMM of tests/fakes,
+``--no-network``), the master logging text lines and the worker JSON lines
+to files the tests read. Every VM is removed through the product at
+teardown, so no VMM outlives a test."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +27,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 FAKE = REPO / "tests" / "fakes" / "cloud-hypervisor-fake.py"
 NIX_CONF = "build-users-group =\nsubstituters =\nflake-registry =\n"
+OP_RE = re.compile(r"\(op (op-[0-9a-f]{12})\)")
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +113,130 @@ def procurator_process(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+class FakeFleet:
+    """The running master and worker, and the CLI against them."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str]) -> None:
+        self.dir = tmp_path
+        self.env = env
+        self.state = tmp_path / "state"
+        self.master_log = tmp_path / "master.log"
+        self.worker_log = tmp_path / "worker.log"
+        self._fleets = 0
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli(self.env, *args)
+
+    def apply(self, text: str, *args: str) -> subprocess.CompletedProcess[str]:
+        self._fleets += 1
+        path = self.dir / f"fleet-{self._fleets}.toml"
+        path.write_text(text)
+        return self.cli("apply", str(path), *args)
+
+    def apply_ok(self, text: str) -> str:
+        """Apply and wait for convergence; returns the apply's op id."""
+        result = self.apply(text, "--wait", "--timeout", "60")
+        assert result.returncode == 0, result.stdout + result.stderr
+        match = OP_RE.search(result.stdout)
+        assert match is not None, result.stdout
+        return match.group(1)
+
+    def json(self, *args: str) -> Any:
+        result = self.cli(*args, "--json")
+        assert result.returncode == 0, result.stdout + result.stderr
+        return json.loads(result.stdout)
+
+    def status_vms(self) -> dict[str, dict[str, Any]]:
+        status = self.json("status")
+        return {vm["id"]: vm for w in status["workers"] for vm in w["vms"]}
+
+    def describe(self, vm_id: str) -> dict[str, Any]:
+        data: dict[str, Any] = self.json("describe", "vm", vm_id)
+        return data
+
+    def vmm_pid(self, vm_id: str) -> int | None:
+        """The pid of the VM's VMM as the worker recorded it (None: none)."""
+        path = self.state / "vms" / vm_id / "handles.json"
+        if not path.exists():
+            return None
+        handle = json.loads(path.read_text()).get("handle")
+        return int(handle["pid"]) if handle else None
+
+    def disk_copies(self, vm_id: str) -> list[Path]:
+        return sorted((self.state / "vms" / vm_id / "disks").glob("*/disk*.img"))
+
+    def worker_records(self) -> list[dict[str, Any]]:
+        """The worker's log: one JSON object per line."""
+        return [
+            json.loads(line)
+            for line in self.worker_log.read_text().splitlines()
+            if line.startswith("{")
+        ]
+
+    def wait_for(self, what: str, condition: Callable[[], bool], timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"timed out waiting for {what}\nmaster log:\n"
+                    f"{self.master_log.read_text()[-4000:]}\nworker log:\n"
+                    f"{self.worker_log.read_text()[-4000:]}"
+                )
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def fake_fleet(tmp_path: Path, nix_env: dict[str, str]) -> Iterator[FakeFleet]:
+    port = free_port()
+    env = {**nix_env, "PROCURATOR_MASTER": f"127.0.0.1:{port}"}
+    fleet = FakeFleet(tmp_path, env)
+    master_args = [
+        "master",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--db",
+        str(tmp_path / "m.db"),
+        "--metrics-listen",
+        "",
+    ]
+    worker_args = [
+        "worker",
+        "--id",
+        "host-a",
+        "--state-dir",
+        str(fleet.state),
+        "--resync-interval",
+        "1",
+        "--driver",
+        "cloud-hypervisor",
+        "--vmm-binary",
+        f"{sys.executable} {FAKE}",
+        "--no-network",
+        "--metrics-listen",
+        "",
+        "--stop-grace",
+        "2",
+        "--log-format",
+        "json",
+    ]
+    with (
+        procurator_process(master_args, env, fleet.master_log),
+        procurator_process(worker_args, env, fleet.worker_log) as worker,
+    ):
+        fleet.wait_for("the master to answer", lambda: fleet.cli("status").returncode == 0)
+        yield fleet
+        assert worker.poll() is None, fleet.worker_log.read_text()
+        # Leave no VMM behind: remove every VM through the product.
+        result = fleet.apply("[workers.host-a]\nvms = []\n")
+        assert result.returncode == 0, result.stdout + result.stderr
+
+        def all_removed() -> bool:
+            status = fleet.json("status")
+            (host_a,) = [w for w in status["workers"] if w["worker_id"] == "host-a"]
+            return bool(
+                host_a["observed_generation"] == host_a["desired_generation"] and not host_a["vms"]
+            )
+
+        fleet.wait_for("every VM to be removed", all_removed)

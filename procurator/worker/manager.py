@@ -896,31 +896,24 @@ class _Supervisor:
         self.unanswered = 0
         event, event_message = self.pending_event, self.pending_message
         self.pending_event, self.pending_message = None, ""
-        if state is VmState.RUNNING and spec.power is PowerState.PAUSED:
-            log.info("VM %s: pausing (VMM pid %s)", self.vm.vm_id, self.handle.pid)
+        pausing = state is VmState.RUNNING and spec.power is PowerState.PAUSED
+        if pausing or (state is VmState.PAUSED and spec.power is PowerState.RUNNING):
+            what = "pause" if pausing else "resume"
+            log.info("VM %s: %s (VMM pid %s)", self.vm.vm_id, what, self.handle.pid)
             try:
-                self.driver.pause(self.handle, timeout=self.t.api)
+                (self.driver.pause if pausing else self.driver.resume)(
+                    self.handle, timeout=self.t.api
+                )
             except (VmmRejected, VmmTimeout) as exc:
-                return self._power_change_failed("pause", state, seq, exc)
+                return self._power_change_failed(what, state, seq, exc)
             self.power_failure = None
             after = self._state_after_power_change()
             if after is None:
                 return min(self.t.api, self.t.health_interval)
             state = after
-            if event is None:
+            if event is None and pausing:
                 event, event_message = EventKind.PAUSED, f"paused (VMM pid {self.handle.pid})"
-        elif state is VmState.PAUSED and spec.power is PowerState.RUNNING:
-            log.info("VM %s: resuming (VMM pid %s)", self.vm.vm_id, self.handle.pid)
-            try:
-                self.driver.resume(self.handle, timeout=self.t.api)
-            except (VmmRejected, VmmTimeout) as exc:
-                return self._power_change_failed("resume", state, seq, exc)
-            self.power_failure = None
-            after = self._state_after_power_change()
-            if after is None:
-                return min(self.t.api, self.t.health_interval)
-            state = after
-            if event is None:
+            elif event is None:
                 event = EventKind.RESUMED
                 event_message = (
                     f"resumed (VMM pid {self.handle.pid}); the guest clock is not resynced: "

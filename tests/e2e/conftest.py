@@ -1,6 +1,6 @@
-"""Fixtures of the end-to-end tests with the fake VMM: images and the Nix
-environment from tests/fleethelpers.py."""
+"""Fixtures of the end-to-end tests with the fake VMM, from
+tests/fleethelpers.py: images, the Nix environment, the running fleet."""
 
-from fleethelpers import add_image, nix_env
+from fleethelpers import add_image, fake_fleet, nix_env
 
-__all__ = ["add_image", "nix_env"]
+__all__ = ["add_image", "fake_fleet", "nix_env"]

@@ -1,7 +1,6 @@
-"""The operations tests' fixtures: images and the Nix environment from
-tests/fleethelpers.py, the running fleet from opshelpers.py."""
+"""The operations tests' fixtures, from tests/fleethelpers.py: images, the
+Nix environment and the running fake-VMM fleet."""
 
-from fleethelpers import add_image, nix_env
-from opshelpers import ops_fleet
+from fleethelpers import add_image, fake_fleet, nix_env
 
-__all__ = ["add_image", "nix_env", "ops_fleet"]
+__all__ = ["add_image", "fake_fleet", "nix_env"]

@@ -8,8 +8,8 @@ import os
 from typing import Any
 
 import pytest
-from fleethelpers import AddImage
-from opshelpers import OpsFleet, vm_config
+from fleethelpers import AddImage, FakeFleet
+from opshelpers import vm_config
 
 from procurator.core.validation import store_path_hash
 
@@ -33,53 +33,53 @@ def _kinds(described: dict[str, Any]) -> list[str]:
 
 
 def test_power_transitions_keep_the_vm_its_process_and_its_disk(
-    ops_fleet: OpsFleet, add_image: AddImage
+    fake_fleet: FakeFleet, add_image: AddImage
 ) -> None:
     image = add_image("power-vm", vm_config(disk=True), {"disk.img": b"\0" * 65536})
     vm_hash = store_path_hash(image)
-    ops_fleet.apply_ok(_fleet(image, "running"))
-    pid = ops_fleet.vmm_pid("web-1")
+    fake_fleet.apply_ok(_fleet(image, "running"))
+    pid = fake_fleet.vmm_pid("web-1")
     assert pid is not None and _alive(pid)
-    (disk,) = ops_fleet.disk_copies("web-1")
+    (disk,) = fake_fleet.disk_copies("web-1")
     with open(disk, "r+b") as copy:  # what the guest wrote
         copy.write(b"guest data survives a stop")
 
     # Paused: the diff says so, the VMM process is the same one.
-    result = ops_fleet.apply(_fleet(image, "paused"), "--wait", "--timeout", "60")
+    result = fake_fleet.apply(_fleet(image, "paused"), "--wait", "--timeout", "60")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "power:    web-1 running -> paused" in result.stdout
     assert "replaced" not in result.stdout
-    vm = ops_fleet.status_vms()["web-1"]
+    vm = fake_fleet.status_vms()["web-1"]
     assert (vm["phase"], vm["desired_power"], vm["observed_power"]) == ("paused",) * 3
     assert vm["observed_hash"] == vm["desired_hash"] == vm_hash
-    assert ops_fleet.vmm_pid("web-1") == pid
-    text = ops_fleet.cli("status")
+    assert fake_fleet.vmm_pid("web-1") == pid
+    text = fake_fleet.cli("status")
     assert "paused/paused" in text.stdout, text.stdout
 
     # Running again: resumed in place; the event says the clock is not resynced.
-    resumed_op = ops_fleet.apply_ok(_fleet(image, "running"))
-    assert ops_fleet.vmm_pid("web-1") == pid
-    described = ops_fleet.describe("web-1")
+    resumed_op = fake_fleet.apply_ok(_fleet(image, "running"))
+    assert fake_fleet.vmm_pid("web-1") == pid
+    described = fake_fleet.describe("web-1")
     resumed = [e for e in described["events"] if e["kind"] == "resumed"]
     assert resumed and resumed[-1]["op_id"] == resumed_op
     assert "not resynced" in resumed[-1]["message"]
 
     # Stopped: no VMM any more, the disk copy stays with what was written.
-    ops_fleet.apply_ok(_fleet(image, "stopped"))
-    vm = ops_fleet.status_vms()["web-1"]
+    fake_fleet.apply_ok(_fleet(image, "stopped"))
+    vm = fake_fleet.status_vms()["web-1"]
     assert (vm["phase"], vm["desired_power"], vm["observed_power"]) == ("stopped",) * 3
-    assert ops_fleet.vmm_pid("web-1") is None
-    ops_fleet.wait_for("the VMM to exit", lambda: not _alive(pid))
-    assert ops_fleet.disk_copies("web-1") == [disk]
+    assert fake_fleet.vmm_pid("web-1") is None
+    fake_fleet.wait_for("the VMM to exit", lambda: not _alive(pid))
+    assert fake_fleet.disk_copies("web-1") == [disk]
     assert disk.read_bytes().startswith(b"guest data survives a stop")
 
     # And started again: a new VMM on the same disk copy, same identity.
-    ops_fleet.apply_ok(_fleet(image, "running"))
-    new_pid = ops_fleet.vmm_pid("web-1")
+    fake_fleet.apply_ok(_fleet(image, "running"))
+    new_pid = fake_fleet.vmm_pid("web-1")
     assert new_pid is not None and new_pid != pid
-    assert ops_fleet.disk_copies("web-1") == [disk]
+    assert fake_fleet.disk_copies("web-1") == [disk]
     assert disk.read_bytes().startswith(b"guest data survives a stop")
-    described = ops_fleet.describe("web-1")
+    described = fake_fleet.describe("web-1")
     assert described["observed"]["hash"] == vm_hash
     assert described["observed"]["power"] == "running"
     kinds = _kinds(described)

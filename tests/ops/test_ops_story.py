@@ -16,8 +16,8 @@ import time
 from typing import Any
 
 import pytest
-from fleethelpers import AddImage
-from opshelpers import OpsFleet, vm_config
+from fleethelpers import AddImage, FakeFleet
+from opshelpers import vm_config
 
 pytestmark = [pytest.mark.root, pytest.mark.nix]
 
@@ -32,13 +32,15 @@ def _grep(path: Any, needle: str) -> list[str]:
     return [line for line in path.read_text().splitlines() if needle in line]
 
 
-def test_one_grep_of_the_op_id_tells_the_rollout(ops_fleet: OpsFleet, add_image: AddImage) -> None:
+def test_one_grep_of_the_op_id_tells_the_rollout(
+    fake_fleet: FakeFleet, add_image: AddImage
+) -> None:
     image = add_image("story-vm", vm_config())
-    op = ops_fleet.apply_ok(_one_vm("web-1", image))
+    op = fake_fleet.apply_ok(_one_vm("web-1", image))
 
     # The master: the apply, the push, the worker's events, convergence —
     # text lines, the op id both in the message and in the fields.
-    master = "\n".join(_grep(ops_fleet.master_log, op))
+    master = "\n".join(_grep(fake_fleet.master_log, op))
     for step in (
         "applied " + op,
         "worker host-a: added web-1",
@@ -52,7 +54,7 @@ def test_one_grep_of_the_op_id_tells_the_rollout(ops_fleet: OpsFleet, add_image:
 
     # The worker: receipt, the reconciler's action, the actuator's steps and
     # the VmManager's supervisor thread — JSON lines with the same fields.
-    lines = _grep(ops_fleet.worker_log, op)
+    lines = _grep(fake_fleet.worker_log, op)
     records = [json.loads(line) for line in lines]
     assert all(r["op_id"] == op and r["worker_id"] == "host-a" for r in records)
     by_logger: dict[str, list[dict[str, Any]]] = {}
@@ -70,7 +72,7 @@ def test_one_grep_of_the_op_id_tells_the_rollout(ops_fleet: OpsFleet, add_image:
     assert any("booted" in r["message"] for r in by_logger["procurator.worker.manager"])
 
     # describe: desired vs observed, and the events with their op id.
-    described = ops_fleet.describe("web-1")
+    described = fake_fleet.describe("web-1")
     assert described["desired_op_id"] == op
     assert described["observed"]["op_id"] == op
     assert described["desired"]["hash"] == described["observed"]["hash"]
@@ -78,29 +80,29 @@ def test_one_grep_of_the_op_id_tells_the_rollout(ops_fleet: OpsFleet, add_image:
     assert described["worker_connected"] is True
     assert [e["kind"] for e in described["events"]] == ["created", "booted"]
     assert {e["op_id"] for e in described["events"]} == {op}
-    text = ops_fleet.cli("describe", "vm", "web-1")
+    text = fake_fleet.cli("describe", "vm", "web-1")
     assert text.returncode == 0 and op in text.stdout and "booted" in text.stdout
 
     # A second apply is a second story: its power change carries its own id.
-    pause_op = ops_fleet.apply_ok(_one_vm("web-1", image, "paused"))
+    pause_op = fake_fleet.apply_ok(_one_vm("web-1", image, "paused"))
     assert pause_op != op
-    assert any("web-1: paused" in line for line in _grep(ops_fleet.worker_log, pause_op))
-    assert any("VM web-1 paused" in line for line in _grep(ops_fleet.master_log, pause_op))
+    assert any("web-1: paused" in line for line in _grep(fake_fleet.worker_log, pause_op))
+    assert any("VM web-1 paused" in line for line in _grep(fake_fleet.master_log, pause_op))
 
 
-def test_a_refused_apply_carries_its_op_id(ops_fleet: OpsFleet, add_image: AddImage) -> None:
+def test_a_refused_apply_carries_its_op_id(fake_fleet: FakeFleet, add_image: AddImage) -> None:
     image = add_image("refused-vm", vm_config())
-    result = ops_fleet.apply(_one_vm("web-1", image), "--expect-generation", "41")
+    result = fake_fleet.apply(_one_vm("web-1", image), "--expect-generation", "41")
     assert result.returncode == 1
     assert "expected generation 41" in result.stderr
     op = result.stderr.rsplit("(op ", 1)[1].split(")", 1)[0]
     assert op.startswith("op-")
-    (line,) = _grep(ops_fleet.master_log, f"apply {op} refused")
+    (line,) = _grep(fake_fleet.master_log, f"apply {op} refused")
     assert f"op_id={op}" in line
 
 
-def test_describe_of_an_unknown_vm_is_not_found(ops_fleet: OpsFleet) -> None:
-    result = ops_fleet.cli("describe", "vm", "nobody")
+def test_describe_of_an_unknown_vm_is_not_found(fake_fleet: FakeFleet) -> None:
+    result = fake_fleet.cli("describe", "vm", "nobody")
     assert result.returncode == 1
     assert "'nobody' is neither desired nor reported" in result.stderr
 
@@ -123,13 +125,13 @@ def _read_lines(proc: subprocess.Popen[bytes], want: int, timeout: float) -> lis
 
 
 def test_events_follow_streams_new_events_and_failures_name_the_reason(
-    ops_fleet: OpsFleet, add_image: AddImage
+    fake_fleet: FakeFleet, add_image: AddImage
 ) -> None:
     follower = subprocess.Popen(
         [sys.executable, "-m", "procurator", "events", "--follow", "--json", "--interval", "0.2"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
-        env=ops_fleet.env,
+        env=fake_fleet.env,
     )
     try:
         good = add_image("follow-vm", vm_config())
@@ -139,7 +141,7 @@ def test_events_follow_streams_new_events_and_failures_name_the_reason(
             f'[workers.host-a]\nvms = [ {{ id = "web-1", image = "{good}" }},'
             f' {{ id = "evil", image = "{evil}" }} ]\n'
         )
-        result = ops_fleet.apply(fleet, "--wait", "--timeout", "60")
+        result = fake_fleet.apply(fleet, "--wait", "--timeout", "60")
         assert result.returncode == 4, result.stdout + result.stderr
         op = result.stdout.split("(op ", 1)[1].split(")", 1)[0]
         lines = _read_lines(follower, 3, timeout=30)
@@ -160,38 +162,38 @@ def test_events_follow_streams_new_events_and_failures_name_the_reason(
     (failed,) = [e for e in events if e["kind"] == "failed"]
     assert "/etc/shadow" in failed["message"]
 
-    described = ops_fleet.describe("evil")
+    described = fake_fleet.describe("evil")
     assert described["observed"]["phase"] == "failed"
     assert "/etc/shadow" in described["last_error"]
     # Once, not on every pass of the reconciler.
     assert [e["kind"] for e in described["events"]] == ["failed"]
 
-    listed = ops_fleet.cli("events", "--vm", "web-1")
+    listed = fake_fleet.cli("events", "--vm", "web-1")
     assert listed.returncode == 0
     assert [line.split()[4] for line in listed.stdout.splitlines()] == ["created", "booted"]
 
 
 def test_a_crash_is_told_with_its_backoff_and_restart(
-    ops_fleet: OpsFleet, add_image: AddImage
+    fake_fleet: FakeFleet, add_image: AddImage
 ) -> None:
     image = add_image("crash-vm", vm_config())
-    op = ops_fleet.apply_ok(_one_vm("web-1", image))
-    pid = ops_fleet.vmm_pid("web-1")
+    op = fake_fleet.apply_ok(_one_vm("web-1", image))
+    pid = fake_fleet.vmm_pid("web-1")
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
 
     def restarted() -> bool:
-        kinds = [e["kind"] for e in ops_fleet.describe("web-1")["events"]]
+        kinds = [e["kind"] for e in fake_fleet.describe("web-1")["events"]]
         return "restarted" in kinds
 
-    ops_fleet.wait_for("the VM to be restarted", restarted)
-    described = ops_fleet.describe("web-1")
+    fake_fleet.wait_for("the VM to be restarted", restarted)
+    described = fake_fleet.describe("web-1")
     events = {e["kind"]: e for e in described["events"]}
     assert "restart in 1 s" in events["crashed"]["message"]
     assert "restarted after 1 s of backoff" in events["restarted"]["message"]
     # The restart serves the spec of the last apply: it carries its op id.
     assert events["crashed"]["op_id"] == events["restarted"]["op_id"] == op
     assert "crashed" in described["last_error"]
-    ops_fleet.wait_for(
-        "the restart to show", lambda: ops_fleet.status_vms()["web-1"]["restarts"] == 1
+    fake_fleet.wait_for(
+        "the restart to show", lambda: fake_fleet.status_vms()["web-1"]["restarts"] == 1
     )

@@ -519,11 +519,12 @@ def test_begin_close_releases_callers_blocked_in_ensure(
         time.sleep(0.02)
     supervisor = next(t for t in threading.enumerate() if t.name == "vm-vm1")
     manager.begin_close()
-    caller.join(timeout=5)  # inside the 6 s boot
-    assert not caller.is_alive()
-    assert supervisor.is_alive()  # still in its boot step: nothing was waited for
+    caller.join()
+    # Released by the close, not by the boot: a finished boot would have
+    # answered the ensure with success instead.
     (error,) = outcome
     assert isinstance(error, ManagerClosedError)
+    assert supervisor.is_alive()  # still in its boot step: nothing was waited for
     with pytest.raises(ManagerClosedError):
         manager.ensure(spec())  # closed to new calls
     manager.close()
