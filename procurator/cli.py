@@ -196,9 +196,6 @@ async def _until_signalled(daemon: Any, config: Any) -> None:
 
 # JSON lines and text lines carry the same correlation fields (op_id,
 # vm_id, worker_id, generation): see procurator.logs.
-JsonFormatter = logs.JsonFormatter
-
-
 def _setup_logging(level: str, fmt: str, *, worker_id: str = "") -> None:
     logs.configure(level, fmt, static={"worker_id": worker_id} if worker_id else None)
 
@@ -265,23 +262,24 @@ def _phases(worker: WorkerConnection) -> dict[str, int]:
 def _status_json(status: FleetStatus) -> dict[str, Any]:
     return {
         "generation": status.generation,
-        "workers": [
-            {
-                "worker_id": w.worker_id,
-                "connected": w.connected,
-                "since_unix_ms": w.since_unix_ms,
-                "desired_generation": w.desired_generation,
-                "observed_generation": w.status.observed_generation if w.status else None,
-                "last_report_unix_ms": w.last_report_unix_ms,
-                "vm_count": w.vm_count,
-                "info": _info_json(w.info),
-                "phases": _phases(w),
-                "vms": [
-                    ops.status_vm_json(vm, {d.id: d for d in w.desired_vms}.get(vm.id))
-                    for vm in (w.status.vms if w.status else ())
-                ],
-            }
-            for w in status.workers
+        "workers": [_worker_json(w) for w in status.workers],
+    }
+
+
+def _worker_json(w: WorkerConnection) -> dict[str, Any]:
+    desired = {d.id: d for d in w.desired_vms}
+    return {
+        "worker_id": w.worker_id,
+        "connected": w.connected,
+        "since_unix_ms": w.since_unix_ms,
+        "desired_generation": w.desired_generation,
+        "observed_generation": w.status.observed_generation if w.status else None,
+        "last_report_unix_ms": w.last_report_unix_ms,
+        "vm_count": w.vm_count,
+        "info": _info_json(w.info),
+        "phases": _phases(w),
+        "vms": [
+            ops.status_vm_json(vm, desired.get(vm.id)) for vm in (w.status.vms if w.status else ())
         ],
     }
 

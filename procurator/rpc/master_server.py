@@ -326,12 +326,13 @@ class _Listener:
                 conn.peer = peer_identity(tls_transport.get_extra_info("peercert"))
             except UnauthorizedError as exc:
                 conn.peer_problem = exc.message
-            same = sum(1 for c in self.connections.values() if _peer_key(c) == _peer_key(conn))
+            key = _peer_key(conn)
+            same = sum(1 for c in self.connections.values() if _peer_key(c) == key)
             if same >= MAX_CONNECTIONS_PER_PEER:
                 await self._refuse(
                     stream,
                     tls_transport,
-                    f"{_peer_key(conn)} already has {same} connections open, the most one "
+                    f"{key} already has {same} connections open, the most one "
                     "certificate identity may have; close some and try again",
                 )
                 return
