@@ -139,7 +139,10 @@ def master_process(tmp_path: Path, *args: str, name: str = "master") -> Iterator
         )
     proc = MasterProcess(popen, log)
     try:
-        match = proc.wait_for_log(r"master listening on (\S+)")
+        # The line saying where it listens, once bound; not the --insecure
+        # warning, which names "the master listening on" the address asked
+        # for (port 0) before binding.
+        match = proc.wait_for_log(r"master listening on (\S+) \((?:mutual TLS|plaintext),")
         proc.address = match.group(1)
         yield proc
     finally:
