@@ -266,21 +266,42 @@ def test_guest_ignoring_the_power_button_is_stopped_further_down_the_ladder(
     assert first.pid is not None and not alive(first.pid)
 
 
-def test_stale_socket_of_a_crashed_vmm_is_removed(
+def test_stale_socket_of_a_vmm_that_crashed_while_the_worker_was_away_is_removed(
     make_manager: ManagerFactory, state_dir: Path
 ) -> None:
     # Releases before v53 refuse to bind over a stale socket: the manager
     # must remove it (under the VM's lock, knowing no VMM of its own runs).
-    manager = make_manager()
+    # The crash happens while no manager watches, so nothing can tidy the
+    # socket away before the next owner meets it.
+    first = make_manager()
     sock = state_dir / "vms" / "vm1" / "api.sock"
+    write_faults(state_dir, "vm1", {"legacy_bind": True})
+    pid = first.ensure(spec()).pid
+    first.close()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    assert process.wait_exit(pid, process.pid_start_ticks(pid) or 0, 10.0)
+    assert sock.exists()  # a crash leaves the socket behind
+    second = make_manager()
+    [obs] = second.recover()
+    assert obs.phase is Phase.RUNNING and obs.pid not in (None, pid)
+    assert obs.restarts == 1
+
+
+def test_a_vm_whose_vmm_crashed_under_a_live_manager_starts_again_over_its_socket(
+    make_manager: ManagerFactory, state_dir: Path
+) -> None:
+    # The supervisor may notice the crash (and tidy up) before or after the
+    # next ensure arrives; either way the new VMM must bind.
+    manager = make_manager()
     write_faults(state_dir, "vm1", {"legacy_bind": True})
     first = manager.ensure(spec())
     assert first.pid is not None
     os.kill(first.pid, signal.SIGKILL)
     assert process.wait_exit(first.pid, process.pid_start_ticks(first.pid) or 0, 10.0)
-    assert sock.exists()  # a crash leaves the socket behind
     second = manager.ensure(spec(hash="h2"))
     assert second.pid != first.pid and second.phase is Phase.RUNNING
+    assert [pid for pid, _ in vmms_of(state_dir, "vm1")] == [second.pid]
 
 
 def test_a_rejected_config_fails_permanently_and_leaves_no_vmm(
