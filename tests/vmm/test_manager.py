@@ -46,6 +46,16 @@ def alive(pid: int) -> bool:
     return process.pid_start_ticks(pid) is not None
 
 
+def kill9_and_wait(pid: int) -> None:
+    """SIGKILL a VMM and wait until the whole process is gone. Its identity
+    is read first: once the leader is a zombie (its other threads still
+    exiting, still holding the socket's lock) it no longer reads as alive."""
+    ticks = process.pid_start_ticks(pid)
+    assert ticks is not None
+    os.kill(pid, signal.SIGKILL)
+    assert process.wait_exit(pid, ticks, 10.0)
+
+
 def test_lifecycle(make_manager: ManagerFactory, state_dir: Path, recorder: Recorder) -> None:
     manager = make_manager()
     obs = manager.ensure(spec(labels={"address": "10.0.0.2", "store": "/nix/store/x"}))
@@ -279,8 +289,7 @@ def test_stale_socket_of_a_vmm_that_crashed_while_the_worker_was_away_is_removed
     pid = first.ensure(spec()).pid
     first.close()
     assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    assert process.wait_exit(pid, process.pid_start_ticks(pid) or 0, 10.0)
+    kill9_and_wait(pid)
     assert sock.exists()  # a crash leaves the socket behind
     second = make_manager()
     [obs] = second.recover()
@@ -297,8 +306,7 @@ def test_a_vm_whose_vmm_crashed_under_a_live_manager_starts_again_over_its_socke
     write_faults(state_dir, "vm1", {"legacy_bind": True})
     first = manager.ensure(spec())
     assert first.pid is not None
-    os.kill(first.pid, signal.SIGKILL)
-    assert process.wait_exit(first.pid, process.pid_start_ticks(first.pid) or 0, 10.0)
+    kill9_and_wait(first.pid)
     second = manager.ensure(spec(hash="h2"))
     assert second.pid != first.pid and second.phase is Phase.RUNNING
     assert [pid for pid, _ in vmms_of(state_dir, "vm1")] == [second.pid]
