@@ -9,7 +9,9 @@ single-threaded ``select`` loop, and is started with ``python -S -I``:
 ~15 ms to start, a few MB each. It is a *floor*, not a test double: no fault
 injection, no event monitor output, no OpenAPI validation (the test fake is
 validated against cloud-hypervisor's OpenAPI description; this one answers
-the same endpoints with the same shapes).
+the same endpoints with the same shapes, and writes the VM's transitions
+to ``--event-monitor`` as cloud-hypervisor does: the worker reads the state
+again only when that file changed).
 
 Behaviour kept from cloud-hypervisor v53 (what the worker relies on): the API
 socket is guarded by a flock on ``<socket>.lock`` (a stale socket file is
@@ -64,16 +66,32 @@ TRANSITIONS = {
     "vm.shutdown": (("Running", "Paused"), "Shutdown"),
     "vm.reboot": (("Running",), "Running"),
 }
+EVENTS = {
+    "vm.pause": ("pausing", "paused"),
+    "vm.resume": ("resuming", "resumed"),
+    "vm.shutdown": ("shutdown",),
+    "vm.reboot": ("rebooting", "rebooted"),
+    "vm.boot": ("booting", "booted"),
+}
 REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 404: "Not Found", 405: "Not Allowed"}
 
 
 class Vmm:
-    def __init__(self, api_socket: str) -> None:
+    def __init__(self, api_socket: str, event_file: str | None) -> None:
         self.api_socket = api_socket
+        self.events = (
+            None if event_file is None else open(event_file, "a", buffering=1)  # noqa: SIM115
+        )
         self.config: dict[str, Any] | None = None
         self.state: str | None = None  # None: no VM created
         self.booted_at = 0.0
         self.exit_after_reply = False
+
+    def event(self, source: str, name: str) -> None:
+        if self.events is not None:
+            line = {"timestamp": {"secs": int(time.monotonic()), "nanos": 0}, "source": source}
+            line.update(event=name, properties=None)
+            self.events.write(json.dumps(line) + "\n")
 
     def exit_clean(self) -> NoReturn:
         with contextlib.suppress(FileNotFoundError):
@@ -95,6 +113,7 @@ class Vmm:
             return self.create(body)
         if endpoint == "vm.delete":
             self.config = self.state = None
+            self.event("vm", "deleted")
             return 204, None
         if self.state is None or self.config is None:
             return 404, ["Error from API", "The VM is not created"]
@@ -105,15 +124,18 @@ class Vmm:
             ticks = int((time.monotonic() - self.booted_at) * 100)
             return 200, {"_net0": {"rx_bytes": ticks * 1500, "rx_frames": ticks}}
         if endpoint == "vm.boot":
-            return self.transition(("Created", "Shutdown"), "Running", boot=True)
+            return self.transition(
+                ("Created", "Shutdown"), "Running", boot=True, events=EVENTS["vm.boot"]
+            )
         if endpoint == "vm.power-button":
             if self.state != "Running":
                 return self.refuse()
             self.state = "Shutdown"
+            self.event("vm", "shutdown")
             self.exit_after_reply = True  # the guest powers off at once
             return 204, None
         allowed, target = TRANSITIONS[endpoint]
-        return self.transition(allowed, target)
+        return self.transition(allowed, target, events=EVENTS[endpoint])
 
     def create(self, body: bytes) -> Reply:
         try:
@@ -132,10 +154,14 @@ class Vmm:
     def refuse(self) -> Reply:
         return 405, ["Error from API", f"Invalid VM state transition from {self.state}"]
 
-    def transition(self, allowed: tuple[str, ...], target: str, *, boot: bool = False) -> Reply:
+    def transition(
+        self, allowed: tuple[str, ...], target: str, *, boot: bool = False, events: tuple[str, ...]
+    ) -> Reply:
         if self.state not in allowed:
             return self.refuse()
         self.state = target
+        for name in events:
+            self.event("vm", name)
         if boot:
             self.booted_at = time.monotonic()
         return 204, None
@@ -191,10 +217,12 @@ def path_option(value: str) -> str:
 
 def main() -> None:
     args = sys.argv[1:]
-    api_socket = None
+    api_socket = event_file = None
     for index, arg in enumerate(args):
         if arg == "--api-socket" and index + 1 < len(args):
             api_socket = path_option(args[index + 1])
+        elif arg == "--event-monitor" and index + 1 < len(args):
+            event_file = path_option(args[index + 1])
     if api_socket is None:
         sys.exit("usage: lean_vmm.py --api-socket path=<socket> [...]")
     lock_fd = os.open(api_socket + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -204,7 +232,8 @@ def main() -> None:
         sys.exit(f"Error: API socket {api_socket} is in use by another VMM")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(api_socket)  # stale: the lock proves nobody serves it
-    vmm = Vmm(api_socket)
+    vmm = Vmm(api_socket, event_file)
+    vmm.event("vmm", "starting")
     signal.signal(signal.SIGTERM, lambda signum, frame: vmm.exit_clean())
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(api_socket)

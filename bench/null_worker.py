@@ -27,7 +27,7 @@ import functools
 import os
 import signal
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,9 @@ class NullDriver:
 
     def counters(self, handle: VmmHandle, *, timeout: float) -> Mapping[str, Mapping[str, int]]:
         return {}
+
+    def state_mark(self, paths: VmmPaths) -> Hashable | None:
+        return None
 
 
 class NullImages(ImageManager):

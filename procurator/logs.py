@@ -31,7 +31,7 @@ import logging
 import secrets
 import sys
 import types
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, TextIO
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "current_fields",
     "log_context",
     "new_op_id",
+    "some",
 ]
 
 # Libraries whose INFO records are per request (see ``configure``).
@@ -62,6 +63,14 @@ _EMPTY: Mapping[str, object] = types.MappingProxyType({})
 _fields: contextvars.ContextVar[Mapping[str, object]] = contextvars.ContextVar(
     "procurator_log_fields", default=_EMPTY
 )
+
+
+def some(names: Iterable[str], limit: int = 10) -> str:
+    """``a, b, c and 997 more``: a list for a log line that stays one line
+    on a worker of a thousand VMs."""
+    items = list(names)
+    shown = ", ".join(items[:limit])
+    return shown if len(items) <= limit else f"{shown} and {len(items) - limit} more"
 
 
 def _clean(fields: Mapping[str, object]) -> dict[str, object]:

@@ -45,6 +45,7 @@ from procurator.core.errors import ProcuratorError
 from procurator.core.metrics import VmSnapshot
 from procurator.core.models import Assignment, Capacity, VmEvent, WorkerStatus
 from procurator.core.reconcile import Reconciler
+from procurator.logs import some
 from procurator.nix.image import ImageManager
 from procurator.nix.store import NixStore
 from procurator.worker.actuator import WorkerActuator
@@ -229,14 +230,12 @@ class ReconcilingHandler:
                 await trio.to_thread.run_sync(self._ensure_known_taps)
             recovered = await trio.to_thread.run_sync(self.manager.recover)
             if recovered:
-                log.info(
-                    "re-adopted %d VMs: %s", len(recovered), ", ".join(o.vm_id for o in recovered)
-                )
+                log.info("re-adopted %d VMs: %s", len(recovered), some(o.vm_id for o in recovered))
             if self.network is not None:
                 owned = {o.vm_id for o in self.manager.list()}
                 swept = await trio.to_thread.run_sync(self.network.sweep, owned)
                 if swept:
-                    log.info("removed taps nothing owns: %s", ", ".join(swept))
+                    log.info("removed taps nothing owns: %s", some(swept))
             # Roots of VMs a crash left half-made or half-removed (see
             # ImageManager.sweep); before the reconciler prepares anything.
             # A nix-store the last worker left rooting an image would make
@@ -246,7 +245,7 @@ class ReconcilingHandler:
             await trio.to_thread.run_sync(self._retire_replaced_images)
             released = await trio.to_thread.run_sync(self.images.sweep, owned)
             if released:
-                log.info("released the images of VMs nothing owns: %s", ", ".join(released))
+                log.info("released the images of VMs nothing owns: %s", some(released))
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.reconciler.run)
                 await nursery.start(self._run_metrics)

@@ -3,6 +3,7 @@ it watches must never be left running unwatched."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from vmmhelpers import ManagerFactory, Recorder, config
@@ -25,12 +26,21 @@ class FlakyHealthChecks:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def state(self, handle: VmmHandle, *, timeout: float) -> VmState:
+    def _fail(self) -> None:
         if self.failures > 0:
             self.failures -= 1
             self.raised += 1
             raise OSError(24, "Too many open files")
+
+    # A health check is a state read, or a counters read when those are due
+    # and the VMM reported no state change (VmManager._probe).
+    def state(self, handle: VmmHandle, *, timeout: float) -> VmState:
+        self._fail()
         return self.inner.state(handle, timeout=timeout)
+
+    def counters(self, handle: VmmHandle, *, timeout: float) -> Mapping[str, Mapping[str, int]]:
+        self._fail()
+        return self.inner.counters(handle, timeout=timeout)
 
 
 def test_an_untranslated_error_does_not_end_supervision(

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import time
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -166,6 +166,13 @@ class VmmDriver(Protocol):
     def counters(self, handle: VmmHandle, *, timeout: float) -> Mapping[str, Mapping[str, int]]:
         """Device counters by device id (``vm.counters``); latency sentinels
         (u64::MAX) already filtered out."""
+        ...
+
+    def state_mark(self, paths: VmmPaths) -> Hashable | None:
+        """A cheap token (no API call) that changes whenever the VMM reports
+        a change of the VM's state, or None when the driver cannot tell. The
+        VmManager reads the state again only when the token changed; None
+        means on every health check."""
         ...
 
 

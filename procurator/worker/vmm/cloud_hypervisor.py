@@ -39,7 +39,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -316,6 +316,17 @@ class CloudHypervisorDriver:
                 if isinstance(value, int) and not isinstance(value, bool) and value != U64_MAX
             }
         return result
+
+    def state_mark(self, paths: VmmPaths) -> Hashable | None:
+        """The event monitor file's identity, size and mtime: cloud-hypervisor
+        appends an event for every VM transition (booted, paused, resumed,
+        shutdown, rebooted, deleted...), so an unchanged file means an
+        unchanged state. None when the file is not there."""
+        try:
+            st = os.stat(paths.event_file)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
 
     # -- transport ---------------------------------------------------------------
 

@@ -59,7 +59,7 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -730,6 +730,11 @@ class QemuDriver:
     def shutdown_vmm(self, handle: VmmHandle, *, timeout: float) -> None:
         """Ask QEMU to exit (``quit``). Quiet when it is already gone."""
         self._quit(handle, timeout=timeout)
+
+    def state_mark(self, paths: VmmPaths) -> Hashable | None:
+        """None: QMP reports state changes only as events on a connection of
+        its own; every health check asks ``query-status``."""
+        return None
 
     def counters(self, handle: VmmHandle, *, timeout: float) -> Mapping[str, Mapping[str, int]]:
         """Per-device counters, keyed like cloud-hypervisor's: disks
