@@ -107,6 +107,22 @@ struct WorkerStatus {
   vms @2 :List(VmStatus);
 }
 
+struct WorkerStatusChanges {
+  # What changed in a worker's status since the status the master last
+  # acknowledged on this session: the first `reportStatus` of the session,
+  # then each `reportStatusChanges` in turn (a worker has at most one report
+  # in flight). Lets a worker of many VMs report a one-VM change without
+  # resending every VM. The order of `WorkerStatus.vms` carries no meaning.
+  workerId @0 :Text;
+  observedGeneration @1 :UInt64;
+  changed @2 :List(VmStatus);
+  # Whole entries: each replaces the master's entry of that VM id, or adds
+  # one. No id twice, none also in `removed`.
+  removed @3 :List(Text);
+  # Ids of VMs the worker no longer reports; each must be in the status
+  # the changes apply to.
+}
+
 struct WorkerInfo {
   workerId @0 :Text;
   version @1 :Text;
@@ -264,6 +280,12 @@ interface WorkerSession {
   reportStatus @1 (status :WorkerStatus) -> (result :ReportResult);
   reportMetrics @2 (report :MetricsReport) -> (result :ReportResult);
   reportEvents @3 (events :List(VmEvent)) -> (result :ReportResult);
+  reportStatusChanges @4 (changes :WorkerStatusChanges) -> (result :ReportResult);
+  # Refused with `invalid` when the session has delivered no full status
+  # yet or the changes do not fit the last one (an unknown removed id, a VM
+  # named twice), and with `limitExceeded` when the merged status would be
+  # over the per-worker VM limit. Either way the master keeps the status it
+  # had: the worker sends a full `reportStatus` next.
 }
 
 struct ReportResult {

@@ -26,6 +26,7 @@ __all__ = [
     "TemporaryError",
     "UnauthorizedError",
     "UnavailableError",
+    "UnsupportedError",
     "ValidationError",
 ]
 
@@ -94,6 +95,11 @@ class UnauthorizedError(PermanentError):
 
 class LimitExceededError(ValidationError):
     code = "limitExceeded"
+
+
+class UnsupportedError(PermanentError):
+    """The peer does not implement what was asked (an older release). Only
+    ever raised locally, by the adapter that saw the peer's answer."""
 
 
 class UnavailableError(TemporaryError):

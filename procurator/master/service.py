@@ -48,11 +48,13 @@ from typing import Protocol
 import trio
 
 from procurator.core.errors import (
+    LimitExceededError,
     NotFoundError,
     ProcuratorError,
     StaleGenerationError,
     UnauthorizedError,
     UnavailableError,
+    ValidationError,
 )
 from procurator.core.fleet import diff_fleets, validate_fleet
 from procurator.core.metrics import FleetView, WorkerView
@@ -66,6 +68,8 @@ from procurator.core.models import (
     WorkerInfo,
     WorkerStatus,
 )
+from procurator.core.status import StatusChanges, apply_status_changes
+from procurator.core.validation import LIMITS
 from procurator.logs import log_context, new_op_id
 from procurator.rpc.messages import (
     ApplyResult,
@@ -130,6 +134,9 @@ class _Session:
     pending: Assignment | None = None
     wake: trio.Event = field(default_factory=trio.Event)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    # The last status this session delivered: what its status changes apply
+    # to (never another session's, see procurator.core.status).
+    status: WorkerStatus | None = None
 
 
 @dataclass(eq=False)
@@ -481,6 +488,30 @@ class MasterService:
         self._require_running()
         session = self._session(token)
         self._check_own(session, status.worker_id, "status")
+        self._store_status(session, status)
+
+    async def report_status_changes(self, token: int, changes: StatusChanges) -> None:
+        """Merge what changed into the status this session delivered last.
+        Refused (``ValidationError``, or ``LimitExceededError`` when the
+        merge would pass the per-worker VM limit) without touching the
+        stored status; the worker then sends a full one."""
+        self._require_running()
+        session = self._session(token)
+        self._check_own(session, changes.worker_id, "status")
+        if session.status is None:
+            raise ValidationError(
+                "status changes before a full status on this session; send the full status"
+            )
+        merged = apply_status_changes(session.status, changes)
+        if len(merged.vms) > LIMITS.max_vms_per_worker:
+            raise LimitExceededError(
+                f"status changes would make {len(merged.vms)} VMs, over the limit of "
+                f"{LIMITS.max_vms_per_worker} per worker"
+            )
+        self._store_status(session, merged)
+
+    def _store_status(self, session: _Session, status: WorkerStatus) -> None:
+        session.status = status
         worker = self._workers[session.worker_id]
         before = worker.status.observed_generation if worker.status else 0
         worker.status = status

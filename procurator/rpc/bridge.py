@@ -56,6 +56,7 @@ from procurator.core.errors import (
     PermanentError,
     UnauthorizedError,
     UnavailableError,
+    UnsupportedError,
     error_from_code,
 )
 from procurator.core.validation import LIMITS
@@ -114,7 +115,7 @@ def translate_exception(exc: BaseException, what: str) -> BaseException:
             # Our server's typed error on a method without an error arm.
             return error_from_code(typed["code"], f"{what}: {typed['message']}")
         if kind == "UNIMPLEMENTED":
-            return PermanentError(f"{what}: the peer does not implement it: {first}")
+            return UnsupportedError(f"{what}: the peer does not implement it: {first}")
         if kind == "DISCONNECTED":
             return UnavailableError(f"{what}: connection lost: {first}")
         if kind == "OVERLOADED":

@@ -29,6 +29,7 @@ import trio
 
 from procurator.core.errors import UnavailableError, ValidationError
 from procurator.core.models import Assignment, Fleet, VmEvent, WorkerInfo, WorkerStatus
+from procurator.core.status import StatusChanges
 from procurator.core.validation import check_vm_id
 from procurator.rpc.bridge import Bridge, CapnpHandle, ClientConnection, connect
 from procurator.rpc.convert import (
@@ -39,6 +40,7 @@ from procurator.rpc.convert import (
     fill_events,
     fill_fleet,
     fill_metrics,
+    fill_status_changes,
     fill_worker_info,
     fill_worker_status,
     fleet_status_from_reader,
@@ -309,6 +311,11 @@ class CapnpMasterSession:
     async def report_status(self, status: WorkerStatus) -> None:
         await self._bridge.run(_report_status, self._handle, status, what="reportStatus")
 
+    async def report_status_changes(self, changes: StatusChanges) -> None:
+        await self._bridge.run(
+            _report_status_changes, self._handle, changes, what="reportStatusChanges"
+        )
+
     async def report_metrics(self, samples: Sequence[MetricSample]) -> None:
         await self._bridge.run(
             _report_metrics, self._handle, self.worker_id, samples, what="reportMetrics"
@@ -374,6 +381,14 @@ async def _report_status(
 ) -> None:
     request = _session(handle).reportStatus_request()
     fill_worker_status(request.init("status"), status)
+    _check_report(await request.send())
+
+
+async def _report_status_changes(
+    handle: CapnpHandle[tuple[ClientConnection, Any]], changes: StatusChanges
+) -> None:
+    request = _session(handle).reportStatusChanges_request()
+    fill_status_changes(request.init("changes"), changes)
     _check_report(await request.send())
 
 

@@ -43,6 +43,7 @@ from procurator.core.models import (
     WorkerInfo,
     WorkerStatus,
 )
+from procurator.core.status import StatusChanges
 from procurator.core.validation import (
     LIMITS,
     check_hash,
@@ -75,12 +76,14 @@ __all__ = [
     "fill_fleet",
     "fill_fleet_status",
     "fill_metrics",
+    "fill_status_changes",
     "fill_worker_events",
     "fill_worker_info",
     "fill_worker_status",
     "fleet_from_reader",
     "fleet_status_from_reader",
     "metrics_from_reader",
+    "status_changes_from_reader",
     "worker_events_from_reader",
     "worker_info_from_reader",
     "worker_status_from_reader",
@@ -324,6 +327,38 @@ def worker_status_from_reader(reader: Any, where: str = "status") -> WorkerStatu
     status = _worker_status(reader, where, problems)
     problems.raise_if_any()
     return status
+
+
+def status_changes_from_reader(reader: Any, where: str = "changes") -> StatusChanges:
+    problems = _Problems(where)
+    worker_id: str = reader.workerId
+    if (problem := check_worker_id(worker_id)) is not None:
+        problems.add(f"{where}.workerId", problem)
+    items = reader.changed
+    _check_length(len(items), LIMITS.max_vms_per_worker, f"{where}.changed")
+    changed = tuple(
+        _vm_status(item, f"{where}.changed[{index}]", problems) for index, item in enumerate(items)
+    )
+    ids = reader.removed
+    _check_length(len(ids), LIMITS.max_vms_per_worker, f"{where}.removed")
+    removed: list[str] = []
+    for index, vm_id in enumerate(ids):
+        if (problem := check_vm_id(vm_id)) is not None:
+            problems.add(f"{where}.removed[{index}]", problem)
+        removed.append(vm_id)
+    problems.raise_if_any()
+    return StatusChanges(worker_id, reader.observedGeneration, changed, tuple(removed))
+
+
+def fill_status_changes(builder: Any, changes: StatusChanges) -> None:
+    builder.workerId = changes.worker_id
+    builder.observedGeneration = changes.observed_generation
+    items = builder.init("changed", len(changes.changed))
+    for entry, vm in zip(items, changes.changed, strict=True):
+        _fill_vm_status(entry, vm)
+    removed = builder.init("removed", len(changes.removed))
+    for index, vm_id in enumerate(changes.removed):
+        removed[index] = vm_id
 
 
 _CLIPPED = " …[cut]"

@@ -53,6 +53,7 @@ from procurator.core.errors import (
     ValidationError,
 )
 from procurator.core.models import Assignment, Fleet, VmEvent, WorkerInfo, WorkerStatus
+from procurator.core.status import StatusChanges
 from procurator.core.validation import check_vm_id
 from procurator.logs import log_context, new_op_id
 from procurator.rpc.bridge import (
@@ -72,6 +73,7 @@ from procurator.rpc.convert import (
     fill_worker_events,
     fleet_from_reader,
     metrics_from_reader,
+    status_changes_from_reader,
     worker_info_from_reader,
     worker_status_from_reader,
 )
@@ -152,6 +154,8 @@ class MasterBackend(Protocol):
     ) -> tuple[Assignment, bool]: ...
 
     async def report_status(self, token: int, status: WorkerStatus) -> None: ...
+
+    async def report_status_changes(self, token: int, changes: StatusChanges) -> None: ...
 
     async def report_metrics(
         self, token: int, worker_id: str, samples: tuple[MetricSample, ...]
@@ -586,6 +590,17 @@ class _WorkerSessionImpl(_schema.WorkerSession.Server):  # type: ignore[misc, na
             await _backend_call(listener, listener.backend.report_status, self._token, value)
 
         await self._report("WorkerSession.reportStatus", _context, call)
+
+    async def reportStatusChanges(self, changes: Any, _context: Any, **_: Any) -> None:
+        listener = self._listener
+
+        async def call() -> None:
+            value = status_changes_from_reader(changes)
+            await _backend_call(
+                listener, listener.backend.report_status_changes, self._token, value
+            )
+
+        await self._report("WorkerSession.reportStatusChanges", _context, call)
 
     async def reportMetrics(self, report: Any, _context: Any, **_: Any) -> None:
         listener = self._listener

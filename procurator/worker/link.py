@@ -21,6 +21,10 @@ Invariants:
 - **Status is latest-wins and coalesced**: a burst of ``publish_status``
   calls while a report is in flight yields one more report, with the latest
   status; after a reconnect the latest status is sent again.
+- **A session's first status report is whole; later ones carry what
+  changed** since the status the master acknowledged last on that session
+  (``procurator.core.status``), unless that would be no smaller. A refused
+  change report is followed by a whole status at once.
 - **Metrics are dropped, never queued**, when the master is slow or away
   (only the newest unsent set is kept; ``metrics_dropped`` counts the rest).
 - **Events are buffered up to a bound**; when it overflows the oldest are
@@ -47,8 +51,14 @@ from typing import Protocol, TypeVar
 
 import trio
 
-from procurator.core.errors import PermanentError, ProcuratorError, UnavailableError
+from procurator.core.errors import (
+    PermanentError,
+    ProcuratorError,
+    UnavailableError,
+    UnsupportedError,
+)
 from procurator.core.models import Assignment, VmEvent, WorkerInfo, WorkerStatus
+from procurator.core.status import StatusChanges, status_changes
 from procurator.logs import log_context
 from procurator.rpc.messages import MetricSample
 
@@ -87,6 +97,10 @@ class MasterSession(Protocol):
         ...
 
     async def report_status(self, status: WorkerStatus) -> None: ...
+
+    async def report_status_changes(self, changes: StatusChanges) -> None:
+        """What changed since the status last acknowledged on this session."""
+        ...
 
     async def report_metrics(self, samples: Sequence[MetricSample]) -> None: ...
 
@@ -333,18 +347,26 @@ class MasterLink:
         """Make one report; False if the master refused it for good (it is
         then dropped: resending cannot help). Temporary failures raise and
         end the session."""
-        refused: PermanentError | None = None
-        try:
-            with trio.fail_after(self.settings.call_timeout):
-                await method(argument)
-        except PermanentError as exc:
-            refused = exc
+        refused = await self._refusal(method, argument)
         if refused is not None:
             logger.error("the master refused %s: %s", what, refused)
             return False
         return True
 
+    async def _refusal(
+        self, method: Callable[[_T], Awaitable[None]], argument: _T
+    ) -> PermanentError | None:
+        """Make one report; the master's refusal for good, or None."""
+        try:
+            with trio.fail_after(self.settings.call_timeout):
+                await method(argument)
+        except PermanentError as exc:
+            return exc
+        return None
+
     async def _send_status(self, session: MasterSession) -> None:
+        acknowledged: WorkerStatus | None = None  # on this session
+        send_changes = True  # False once the master said it does not take them
         while True:
             status = self._status
             if not self._status_dirty or status is None:
@@ -352,12 +374,28 @@ class MasterLink:
                 self._status_wake = trio.Event()
                 continue
             self._status_dirty = False
+            changes = status_changes(acknowledged, status) if acknowledged is not None else None
             try:
-                await self._call("a status report", session.report_status, status)
+                if send_changes and changes is not None and changes.size < len(status.vms):
+                    refused = await self._refusal(session.report_status_changes, changes)
+                    if refused is not None:
+                        # The master kept the status it had: make it whole.
+                        if isinstance(refused, UnsupportedError):
+                            send_changes = False  # an older master
+                            logger.info("the master takes whole status reports only")
+                        else:
+                            logger.warning("the master refused a status change report: %s", refused)
+                        acknowledged = None
+                        self._status_dirty = True
+                        continue
+                elif not await self._call("a status report", session.report_status, status):
+                    acknowledged = None  # refused: it holds no status of ours
+                    continue
             except BaseException:
                 if self._status is status:
                     self._status_dirty = True  # not delivered: send again later
                 raise
+            acknowledged = status
 
     async def _send_metrics(self, session: MasterSession) -> None:
         while True:

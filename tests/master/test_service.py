@@ -10,6 +10,7 @@ import trio
 import trio.testing
 
 from procurator.core.errors import (
+    LimitExceededError,
     StaleGenerationError,
     UnauthorizedError,
     UnavailableError,
@@ -19,11 +20,15 @@ from procurator.core.models import (
     Assignment,
     EventKind,
     Fleet,
+    Phase,
     VmAssignment,
     VmEvent,
+    VmStatus,
     WorkerInfo,
     WorkerStatus,
 )
+from procurator.core.status import StatusChanges
+from procurator.core.validation import LIMITS
 from procurator.master.service import MasterService
 from procurator.master.store import FleetStore
 
@@ -165,6 +170,47 @@ async def test_reports_are_bound_to_the_session_worker(service: MasterService) -
     status = await service.fleet_status()
     assert status.workers[0].status == WorkerStatus("host-a", 0)
     assert status.workers[0].last_report_unix_ms > 0
+
+
+async def test_status_changes_merge_into_the_sessions_last_status(
+    service: MasterService,
+) -> None:
+    def running(*ids: str) -> tuple[VmStatus, ...]:
+        return tuple(VmStatus(i, Phase.RUNNING) for i in ids)
+
+    token = await service.register(WorkerInfo("host-a"), FakeNode())
+    with pytest.raises(ValidationError, match="before a full status"):
+        await service.report_status_changes(token, StatusChanges("host-a", 1))
+    await service.report_status(token, WorkerStatus("host-a", 1, running("a", "b")))
+    failed = VmStatus("b", Phase.FAILED, message="boom")
+    await service.report_status_changes(
+        token, StatusChanges("host-a", 2, changed=(failed, *running("c")), removed=("a",))
+    )
+    merged = WorkerStatus("host-a", 2, (failed, *running("c")))
+    assert (await service.fleet_status()).workers[0].status == merged
+    # Changes that do not fit leave the status as it was.
+    with pytest.raises(ValidationError, match="'a', which the last status"):
+        await service.report_status_changes(token, StatusChanges("host-a", 3, removed=("a",)))
+    with pytest.raises(UnauthorizedError):
+        await service.report_status_changes(token, StatusChanges("host-b", 3))
+    assert (await service.fleet_status()).workers[0].status == merged
+    # A new session's changes never apply to what the old one reported.
+    new_token = await service.register(WorkerInfo("host-a"), FakeNode())
+    with pytest.raises(ValidationError, match="before a full status"):
+        await service.report_status_changes(new_token, StatusChanges("host-a", 3))
+
+
+async def test_status_changes_over_the_vm_limit_are_refused(
+    service: MasterService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(LIMITS, "max_vms_per_worker", 2)
+    token = await service.register(WorkerInfo("host-a"), FakeNode())
+    await service.report_status(token, WorkerStatus("host-a", 1, (VmStatus("a", Phase.RUNNING),)))
+    more = tuple(VmStatus(i, Phase.PENDING) for i in ("b", "c"))
+    with pytest.raises(LimitExceededError, match="3 VMs, over the limit of 2"):
+        await service.report_status_changes(token, StatusChanges("host-a", 2, changed=more))
+    (worker,) = (await service.fleet_status()).workers
+    assert worker.status is not None and [v.id for v in worker.status.vms] == ["a"]
 
 
 async def test_events_are_bounded(service: MasterService) -> None:

@@ -9,8 +9,22 @@ import pytest
 import trio
 import trio.testing
 
-from procurator.core.errors import UnavailableError, ValidationError
-from procurator.core.models import Assignment, EventKind, VmEvent, WorkerInfo, WorkerStatus
+from procurator.core.errors import (
+    ProcuratorError,
+    UnavailableError,
+    UnsupportedError,
+    ValidationError,
+)
+from procurator.core.models import (
+    Assignment,
+    EventKind,
+    Phase,
+    VmEvent,
+    VmStatus,
+    WorkerInfo,
+    WorkerStatus,
+)
+from procurator.core.status import StatusChanges, apply_status_changes
 from procurator.rpc.messages import MetricSample
 from procurator.worker.link import LinkSettings, MasterLink, OnAssignment
 
@@ -21,6 +35,7 @@ class FakeSession:
         self.on_push = on_push
         self._gone = trio.Event()
         self.block_reports = False
+        self.status: WorkerStatus | None = None
 
     @property
     def connected(self) -> bool:
@@ -46,7 +61,20 @@ class FakeSession:
         self._check()
         if self.master.slow_reports:
             await self.master.release_reports.wait()
+        self.status = status
+        self.master.whole.append(status)
         self.master.statuses.append(status)
+
+    async def report_status_changes(self, changes: StatusChanges) -> None:
+        """As the master does: merged into this session's last status."""
+        self._check()
+        self.master.changes.append(changes)
+        if self.master.changes_refusal is not None:
+            raise self.master.changes_refusal
+        if self.status is None:
+            raise ValidationError("no full status on this session")
+        self.status = apply_status_changes(self.status, changes)
+        self.master.statuses.append(self.status)
 
     async def report_metrics(self, samples: Sequence[MetricSample]) -> None:
         self._check()
@@ -71,7 +99,10 @@ class FakeMaster:
         self.sessions: list[FakeSession] = []
         self.attempts: list[float] = []
         self.pulls: list[int] = []
-        self.statuses: list[WorkerStatus] = []
+        self.statuses: list[WorkerStatus] = []  # as merged, one per report
+        self.whole: list[WorkerStatus] = []  # whole reports
+        self.changes: list[StatusChanges] = []  # change reports (refused too)
+        self.changes_refusal: ProcuratorError | None = None
         self.metrics: list[tuple[MetricSample, ...]] = []
         self.events: list[VmEvent] = []
         self.slow_reports = False
@@ -189,6 +220,79 @@ async def test_status_is_coalesced_and_resent_after_reconnect(
         assert [s.observed_generation for s in master.statuses] == [1, 9, 9]
         with pytest.raises(ValueError, match="host-b"):
             link.publish_status(WorkerStatus("host-b", 1))
+        nursery.cancel_scope.cancel()
+
+
+def fleet_status(generation: int, **phases: Phase) -> WorkerStatus:
+    """host-a with vm-0..vm-3 running, but those named in ``phases``."""
+    return WorkerStatus(
+        "host-a",
+        generation,
+        tuple(VmStatus(f"vm-{i}", phases.get(f"vm_{i}", Phase.RUNNING)) for i in range(4)),
+    )
+
+
+async def test_after_a_whole_status_only_what_changed_is_reported(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    master = FakeMaster()
+    master.up = True
+    link, _ = make_link(master)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        await link.wait_connected()
+        link.publish_status(fleet_status(1))
+        await trio.sleep(1)
+        link.publish_status(fleet_status(1, vm_2=Phase.STARTING))
+        await trio.sleep(1)
+        link.publish_status(fleet_status(2))
+        await trio.sleep(1)
+        assert master.whole == [fleet_status(1)]
+        assert [(c.observed_generation, [v.id for v in c.changed]) for c in master.changes] == [
+            (1, ["vm-2"]),
+            (2, ["vm-2"]),
+        ]
+        assert master.statuses[-1] == fleet_status(2)
+        # A new session starts with a whole status again.
+        master.sessions[0].drop()
+        await trio.sleep(5)
+        assert len(master.sessions) == 2 and master.whole == [fleet_status(1), fleet_status(2)]
+        # A change of every VM goes whole: changes would be no smaller.
+        failed = {f"vm_{i}": Phase.FAILED for i in range(4)}
+        link.publish_status(fleet_status(3, **failed))
+        await trio.sleep(1)
+        assert master.whole[-1] == fleet_status(3, **failed) and len(master.changes) == 2
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("unsupported", [False, True])
+async def test_a_refused_change_report_is_followed_by_a_whole_status(
+    autojump_clock: trio.testing.MockClock, unsupported: bool
+) -> None:
+    master = FakeMaster()
+    master.up = True
+    master.changes_refusal = (
+        UnsupportedError("reportStatusChanges: the peer does not implement it")
+        if unsupported
+        else ValidationError("status changes remove VM 'vm-9', which the last status did not")
+    )
+    link, _ = make_link(master)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        await link.wait_connected()
+        link.publish_status(fleet_status(1))
+        await trio.sleep(1)
+        link.publish_status(fleet_status(2, vm_1=Phase.FAILED))
+        await trio.sleep(1)
+        assert len(master.changes) == 1
+        assert master.whole == [fleet_status(1), fleet_status(2, vm_1=Phase.FAILED)]
+        link.publish_status(fleet_status(3, vm_1=Phase.FAILED))
+        await trio.sleep(1)
+        # An older master is not asked again on this session; any other
+        # refusal was about that one report.
+        assert len(master.changes) == (1 if unsupported else 2)
+        assert master.whole[-1] == fleet_status(3, vm_1=Phase.FAILED)
+        assert link.connected and len(master.sessions) == 1
         nursery.cancel_scope.cancel()
 
 

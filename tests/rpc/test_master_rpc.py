@@ -20,11 +20,14 @@ from procurator.core.models import (
     Assignment,
     EventKind,
     Fleet,
+    Phase,
     VmAssignment,
     VmEvent,
+    VmStatus,
     WorkerInfo,
     WorkerStatus,
 )
+from procurator.core.status import StatusChanges
 from procurator.rpc.bridge import Bridge
 from procurator.rpc.clients import CapnpMasterDialer, open_control
 from procurator.rpc.master_server import serve_master
@@ -136,6 +139,24 @@ async def test_status_reports_reach_fleet_status(bridge: Bridge, master, fleet_o
             assert events[0].worker_id == "host-a"
             assert events[0].event.kind is EventKind.BOOTED
         nursery.cancel_scope.cancel()
+
+
+async def test_status_changes_cross_the_wire_and_merge(bridge: Bridge, master) -> None:
+    session = await CapnpMasterDialer(bridge, master.address).connect(WorkerInfo("host-a"), _ignore)
+    try:
+        with pytest.raises(ValidationError, match="before a full status"):
+            await session.report_status_changes(StatusChanges("host-a", 1))
+        web = [VmStatus(f"web-{i}", Phase.RUNNING, observed_hash="a" * 32) for i in range(3)]
+        await session.report_status(WorkerStatus("host-a", 1, tuple(web)))
+        failed = VmStatus("web-1", Phase.FAILED, message="image refused", op_id="op-1")
+        await session.report_status_changes(
+            StatusChanges("host-a", 2, changed=(failed,), removed=("web-2",))
+        )
+        async with open_control(bridge, master.address) as control:
+            (worker,) = (await control.status()).workers
+        assert worker.status == WorkerStatus("host-a", 2, (web[0], failed))
+    finally:
+        await session.aclose()
 
 
 async def test_stale_expected_generation_is_refused(
