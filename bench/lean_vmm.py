@@ -89,8 +89,12 @@ class Vmm:
 
     def event(self, source: str, name: str) -> None:
         if self.events is not None:
-            line = {"timestamp": {"secs": int(time.monotonic()), "nanos": 0}, "source": source}
-            line.update(event=name, properties=None)
+            line: dict[str, Any] = {
+                "timestamp": {"secs": int(time.monotonic()), "nanos": 0},
+                "source": source,
+                "event": name,
+                "properties": None,
+            }
             self.events.write(json.dumps(line) + "\n")
 
     def exit_clean(self) -> NoReturn:
