@@ -876,7 +876,7 @@ class _Supervisor:
             )
         elif replacing:
             self.pending_event = EventKind.REPLACED
-            self.pending_message = f"replaced: now runs {spec.hash} (VMM pid {handle.pid})"
+            self.pending_message = f"now runs {spec.hash} (VMM pid {handle.pid})"
         else:
             self.pending_event = EventKind.BOOTED
             self.pending_message = f"booted {spec.hash} (VMM pid {handle.pid})"
