@@ -97,6 +97,9 @@ struct VmStatus {
   # IPv4 address given to the guest, "" if none.
   observedPower @6 :PowerState;
   opId @7 :Text;
+  # The operation this status is about: for a VM that has reached its
+  # desired state, the apply that last acted on it (an apply that left it
+  # alone does not change it); otherwise the apply whose work it waits for.
 }
 
 struct WorkerStatus {

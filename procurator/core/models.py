@@ -109,6 +109,7 @@ class VmStatus:
     restarts: int = 0
     address: str = ""
     observed_power: PowerState = PowerState.STOPPED
+    # Settled: the op that last acted on the VM; otherwise the assignment's.
     op_id: str = ""
 
 

@@ -87,7 +87,7 @@ class ObservedVm:
     message: str = ""
     restarts: int = 0
     address: str = ""
-    op_id: str = ""
+    op_id: str = ""  # the operation that last acted on the VM (durable)
     # The power state the VmManager is converging this VM to (None: unknown).
     desired_power: PowerState | None = None
 
@@ -178,7 +178,7 @@ class _StatusMemo:
     want: VmAssignment
     have: ObservedVm | None
     failure: _Failure | None
-    op_id: str
+    op_id: str | None  # the assignment's op id the status names; None: the VM's own
     ok: bool  # settled, or failed for good
     status: VmStatus
 
@@ -420,14 +420,19 @@ class Reconciler:
                 and hit.want is want
                 and hit.have is have
                 and hit.failure is failure
-                and hit.op_id == op_id
+                and (hit.op_id is None or hit.op_id == op_id)
             ):
                 entry = hit
             else:
                 relevant = failure if failure is not None and failure.key == _key(want) else None
-                ok = settled(want, have) or (relevant is not None and relevant.permanent)
-                status = self._vm_status(vm_id, want, have, relevant, op_id)
-                entry = _StatusMemo(want, have, failure, op_id, ok, status)
+                is_settled = settled(want, have)
+                ok = is_settled or (relevant is not None and relevant.permanent)
+                # A settled VM names the operation that last acted on it (an
+                # apply that left it alone did nothing to it); anything else
+                # names the assignment whose work it waits for.
+                own = have.op_id if is_settled and have is not None and have.op_id else None
+                status = self._vm_status(vm_id, want, have, relevant, own or op_id)
+                entry = _StatusMemo(want, have, failure, None if own else op_id, ok, status)
             fresh[vm_id] = entry
             converged = converged and entry.ok and vm_id not in self._busy
             vms.append(entry.status)

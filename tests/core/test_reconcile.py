@@ -6,6 +6,7 @@ Pure logic, so trio's MockClock (autojump) drives retries and backoff.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import trio
 import trio.testing
@@ -54,7 +55,7 @@ class FakeActuator:
             await self.gates[vm.id].wait()
         if vm.id in self.fail:
             raise self.fail[vm.id]
-        self.vms[vm.id] = running(vm)
+        self.vms[vm.id] = replace(running(vm), op_id=op_id)
 
     async def remove(self, vm_id: str, op_id: str) -> None:
         self.calls.append(("remove", vm_id))
@@ -209,6 +210,28 @@ async def test_converges_and_reports_observed_generation() -> None:
         assert not reconciler.set_assignment(Assignment("w", 2, ()))
         await _settle()
         assert set(actuator.vms) == {"a", "b"}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_settled_vm_names_the_operation_that_last_acted_on_it() -> None:
+    actuator = FakeActuator()
+    async with trio.open_nursery() as nursery:
+        reconciler, reports = await _start(actuator, nursery)
+        reconciler.set_assignment(Assignment("w", 1, (vm("a"), vm("b")), op_id="op-1"))
+        await _settle()
+        before = {s.id: s for s in reports[-1].vms}
+        actuator.gates["a"] = trio.Event()
+        reconciler.set_assignment(Assignment("w", 2, (vm("a", "h2"), vm("b")), op_id="op-2"))
+        await _settle()
+        # While the replacement runs, its VM names the apply it waits for;
+        # the VM the apply left alone keeps its own op id and its entry.
+        waiting = {s.id: s for s in reports[-1].vms}
+        assert (waiting["a"].op_id, waiting["a"].phase) == ("op-2", Phase.PENDING)
+        assert waiting["b"] == before["b"] and waiting["b"].op_id == "op-1"
+        actuator.gates.pop("a").set()
+        await _settle()
+        assert reports[-1].observed_generation == 2
+        assert {s.id: s.op_id for s in reports[-1].vms} == {"a": "op-2", "b": "op-1"}
         nursery.cancel_scope.cancel()
 
 
