@@ -31,9 +31,10 @@ import trio
 
 from procurator import __version__, logs, ops
 from procurator.certs import add_certs_parser
-from procurator.core.errors import ProcuratorError
+from procurator.core.errors import LimitExceededError, ProcuratorError
 from procurator.core.fleet import parse_fleet
 from procurator.core.models import Fleet, Phase, WorkerDiff, WorkerInfo
+from procurator.core.validation import LIMITS
 from procurator.master.http import run_master_http
 from procurator.master.metrics import MasterMetrics
 from procurator.master.service import MasterService
@@ -409,8 +410,16 @@ def _load_fleet(path: str) -> Fleet:
     suffix = Path(path).suffix.lower()
     if suffix not in (".toml", ".json"):
         raise ProcuratorError(f"{path}: fleet files must end in .toml or .json")
+    limit = LIMITS.max_fleet_file_bytes
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        # At most one byte over the limit is read: a huge (or endless, e.g.
+        # a FIFO fed by a runaway generator) file is refused without being
+        # held in memory first.
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise LimitExceededError(f"{path}: fleet file is larger than {limit} bytes")
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ProcuratorError(f"{path}: cannot read: {exc}") from exc
     return parse_fleet(text, fmt=suffix[1:], source=path)

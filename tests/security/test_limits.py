@@ -4,6 +4,7 @@ input is answered ``limitExceeded`` and never disturbs anyone else."""
 from __future__ import annotations
 
 import contextlib
+import re
 import resource
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import trio
 from sechelpers import MasterProcess, Pki, master_process, tls_master_args
 
 from procurator import cli
-from procurator.core.errors import LimitExceededError
+from procurator.core.errors import LimitExceededError, ProcuratorError
 from procurator.core.models import (
     Assignment,
     EventKind,
@@ -205,3 +206,20 @@ def test_master_raises_its_open_file_limit_and_warns_when_short(
         assert "--max-connections" in caplog.text and "LimitNOFILE" in caplog.text
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_huge_fleet_file_is_refused_without_being_read_whole(tmp_path: Path) -> None:
+    # A sparse 1 TiB file: reading it whole would fail with MemoryError (or
+    # take the machine down) before any size check could run.
+    huge = tmp_path / "huge.toml"
+    with open(huge, "wb") as f:
+        f.truncate(1 << 40)
+    with pytest.raises(LimitExceededError, match=re.escape(f"{huge}: fleet file is larger than")):
+        cli._load_fleet(str(huge))
+    # One byte under the limit is read and parsed (and refused as TOML, not
+    # for its size).
+    edge = tmp_path / "edge.toml"
+    edge.write_bytes(b"x" * LIMITS.max_fleet_file_bytes)
+    with pytest.raises(ProcuratorError) as caught:
+        cli._load_fleet(str(edge))
+    assert not isinstance(caught.value, LimitExceededError), caught.value
