@@ -216,8 +216,8 @@ def test_a_huge_fleet_file_is_refused_without_being_read_whole(tmp_path: Path) -
         f.truncate(1 << 40)
     with pytest.raises(LimitExceededError, match=re.escape(f"{huge}: fleet file is larger than")):
         cli._load_fleet(str(huge))
-    # One byte under the limit is read and parsed (and refused as TOML, not
-    # for its size).
+    # A file of exactly the limit is read and parsed (and refused as TOML,
+    # not for its size).
     edge = tmp_path / "edge.toml"
     edge.write_bytes(b"x" * LIMITS.max_fleet_file_bytes)
     with pytest.raises(ProcuratorError) as caught:
