@@ -22,7 +22,7 @@ from vmmhelpers import (
 )
 
 from procurator.worker.manager import VmManager
-from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver, default_client
+from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver, default_transport
 
 
 @pytest.fixture(scope="session")
@@ -76,7 +76,9 @@ def driver(
     drv = CloudHypervisorDriver(
         FAKE_ARGV,
         on_api_call=api_calls,
-        client_factory=api_validator.client if api_validator is not None else default_client,
+        transport_factory=(
+            api_validator.transport if api_validator is not None else default_transport
+        ),
     )
     yield drv
     drv.close()

@@ -11,11 +11,10 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from vmmhelpers import FAST, ApiCalls, ManagerFactory, Recorder, config, write_faults
+from vmmhelpers import FAST, ApiCalls, ManagerFactory, Recorder, api_client, config, write_faults
 
 from procurator.core.models import EventKind, Phase
 from procurator.worker.manager import VmSpec
-from procurator.worker.vmm.cloud_hypervisor import default_client
 
 API = "http://localhost/api/v1"
 
@@ -55,7 +54,7 @@ def test_a_state_change_the_vmm_reports_is_seen_and_undone(
     manager = make_manager()
     obs = manager.ensure(VmSpec("vm1", "h1", config()))
     _settle(api_calls, recorder, "vm.counters", 2)  # checks are counters-only now
-    with default_client(str(state_dir / "vms" / "vm1" / "api.sock")) as client:
+    with api_client(str(state_dir / "vms" / "vm1" / "api.sock")) as client:
         assert client.put(f"{API}/vm.pause").status_code == 204  # behind the worker's back
         window = _settle(api_calls, recorder, "vm.resume", 1)
         assert window.index("vm.info") < window.index("vm.resume"), window

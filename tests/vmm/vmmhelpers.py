@@ -34,7 +34,8 @@ from procurator.core.backoff import RestartPolicy
 from procurator.core.models import EventKind, VmEvent
 from procurator.worker.manager import Timeouts, VmManager, VmObservation
 from procurator.worker.vmm import process
-from procurator.worker.vmm.cloud_hypervisor import default_client
+from procurator.worker.vmm._unix_http import UnixSocketTransport
+from procurator.worker.vmm.cloud_hypervisor import default_transport
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE = REPO / "tests" / "fakes" / "cloud-hypervisor-fake.py"
@@ -112,10 +113,9 @@ class ApiValidator:
         self.seen: Counter[str] = Counter()
         self._lock = threading.Lock()
 
-    def client(self, api_socket: str) -> httpx.Client:
-        client = default_client(api_socket)
-        client.event_hooks = {"request": [self._on_request], "response": [self._on_response]}
-        return client
+    def transport(self, api_socket: str) -> httpx.BaseTransport:
+        """The driver's own transport, every request and answer checked."""
+        return _ValidatingTransport(default_transport(api_socket), self)
 
     def check_request(self, method: str, path: str, body: bytes, content_type: str) -> None:
         request = MockRequest(
@@ -149,24 +149,37 @@ class ApiValidator:
             if status >= 400 and not _is_error_list(body):
                 self.errors.append(f"{where}: error body is not a list of messages: {body!r}")
 
-    def _on_request(self, request: httpx.Request) -> None:
-        request.read()
-        self.check_request(
-            request.method.lower(),
-            request.url.path,
-            request.content,
-            request.headers.get("content-type", ""),
-        )
 
-    def _on_response(self, response: httpx.Response) -> None:
+class _ValidatingTransport(httpx.BaseTransport):
+    def __init__(self, inner: httpx.BaseTransport, validator: ApiValidator) -> None:
+        self._inner = inner
+        self._validator = validator
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        method, path = request.method.lower(), request.url.path
+        request.read()
+        self._validator.check_request(
+            method, path, request.content, request.headers.get("content-type", "")
+        )
+        response = self._inner.handle_request(request)
         response.read()
-        self.check_response(
-            response.request.method.lower(),
-            response.request.url.path,
+        self._validator.check_response(
+            method,
+            path,
             response.status_code,
             response.content,
             response.headers.get("content-type", "") if response.content else "",
         )
+        return response
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def api_client(api_socket: str) -> httpx.Client:
+    """A plain httpx client on a VMM's API socket, for calls behind the
+    worker's back."""
+    return httpx.Client(transport=UnixSocketTransport(api_socket), trust_env=False)
 
 
 def _is_error_list(body: bytes) -> bool:

@@ -1,194 +1,414 @@
-"""An httpx transport for HTTP/1.1 over a unix socket that never leaks sockets.
+"""An httpx transport for HTTP/1.1 over a unix socket: small and leak-free.
 
-Why not ``httpx.HTTPTransport(uds=...)``: httpcore's sync backend (1.0.x)
-does not close the socket when ``connect()`` fails (ENOENT while a VMM is
-starting, ECONNREFUSED on a stale socket); the socket is only closed by the
-garbage collector, with a ``ResourceWarning``. A VMM driver polls sockets
-that are not there yet all the time, so this transport plugs its own network
-backend into an ``httpcore.ConnectionPool`` (public API of both libraries)
-and closes the socket on every failure path.
+Why not ``httpx.HTTPTransport(uds=...)``:
 
-httpcore exceptions are mapped to the httpx exceptions of the same name, so
-callers handle ``httpx.HTTPError`` only, as with any httpx transport.
+- httpcore's sync backend (1.0.x) does not close the socket when
+  ``connect()`` fails (ENOENT while a VMM is starting, ECONNREFUSED on a
+  stale socket); the socket is only closed by the garbage collector, with a
+  ``ResourceWarning``. A VMM driver polls sockets that are not there yet all
+  the time.
+- Cost. A worker makes one API call per VM every health interval (67 calls
+  a second at 1,000 VMs); through httpcore's pool and h11's state machine
+  the transport alone cost ~220 µs of CPU per call, half of the whole call
+  (docs/BENCHMARKS.md). The peer is one local VMM answering one request at
+  a time, so this transport writes a request with one ``sendall`` and
+  parses the answer with bytes methods.
+
+What it speaks: HTTP/1.1 requests with the headers httpx built (a body is
+sent as it is framed by those headers: Content-Length, or chunked when httpx
+chose that for a streamed body); answers framed by Content-Length, the
+chunked transfer coding (alone) or the end of the connection; 1xx interim answers are
+skipped. A connection is kept for the next request unless the peer says
+``Connection: close`` (or speaks HTTP/1.0 without keep-alive), left bytes
+behind, or idled longer than ``keepalive_expiry``; before reuse one
+``poll(2)`` checks the peer did not close it meanwhile. A GET or HEAD that
+finds its reused connection closed before any byte of the answer is retried
+once on a new connection (the race between that check and the peer's idle
+close); other methods are never retried.
+
+Limits (a VMM answer is a few KiB; more is a broken or hostile peer): the
+head of an answer at most ``MAX_HEAD_BYTES``, its body at most
+``max_body_bytes``.
+
+Errors are httpx's own, as from any httpx transport: ``ConnectError`` /
+``ConnectTimeout``, ``WriteError`` / ``WriteTimeout``, ``ReadError`` /
+``ReadTimeout``, ``RemoteProtocolError`` (malformed, oversized or truncated
+answer, or the peer closed without answering), ``LocalProtocolError``
+(a header that cannot be sent). Every failure closes the connection it
+happened on.
+
+Thread-safe: concurrent requests each use their own connection; at most
+``max_idle`` idle connections are kept. Lock: ``_lock`` guards ``_idle`` and
+``_closed`` only and is never held across I/O.
 """
 
 from __future__ import annotations
 
 import select
 import socket
+import threading
 import time
-from collections.abc import Iterable, Iterator
-from typing import Any
 
-import httpcore
 import httpx
 
-__all__ = ["UnixSocketTransport"]
+__all__ = ["MAX_HEAD_BYTES", "UnixSocketTransport"]
 
-_MAPPED: tuple[tuple[type[Exception], type[httpx.HTTPError]], ...] = (
-    # Most specific first.
-    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
-    (httpcore.ReadTimeout, httpx.ReadTimeout),
-    (httpcore.WriteTimeout, httpx.WriteTimeout),
-    (httpcore.PoolTimeout, httpx.PoolTimeout),
-    (httpcore.TimeoutException, httpx.TimeoutException),
-    (httpcore.ConnectError, httpx.ConnectError),
-    (httpcore.ReadError, httpx.ReadError),
-    (httpcore.WriteError, httpx.WriteError),
-    (httpcore.NetworkError, httpx.NetworkError),
-    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
-    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
-    (httpcore.ProtocolError, httpx.ProtocolError),
-    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
-)
+MAX_HEAD_BYTES = 64 * 1024
+_RECV_BYTES = 64 * 1024
+_IDEMPOTENT = frozenset({"GET", "HEAD"})
+_NO_BODY_STATUS = frozenset({204, 304})
+_FORBIDDEN_IN_HEADERS = (b"\r", b"\n", b"\0")
 
 
-def _to_httpx(exc: Exception, request: httpx.Request) -> Exception:
-    for source, target in _MAPPED:
-        if isinstance(exc, source):
-            if issubclass(target, httpx.RequestError):
-                return target(str(exc), request=request)
-            return target(str(exc))
-    return exc
+class _PeerClosed(Exception):
+    """The peer closed the connection before any byte of an answer."""
 
 
-class _SocketStream(httpcore.NetworkStream):
-    """One connection. Syscalls are what a request costs on a busy worker
-    (hundreds of health checks and counter polls a minute): the timeout is
-    set only when it changes, and empty writes (h11's end of a bodiless
-    message) are not sent."""
+class _Connection:
+    __slots__ = ("buffer", "idle_since", "received", "sock", "timeout")
 
     def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._timeout: float | None = sock.gettimeout()
+        self.sock = sock
+        self.timeout: float | None = sock.gettimeout()
+        self.buffer = bytearray()
+        self.idle_since = 0.0
+        self.received = 0  # bytes received for the current answer
 
-    def _set_timeout(self, timeout: float | None) -> None:
-        if timeout != self._timeout:
-            self._sock.settimeout(timeout)
-            self._timeout = timeout
+    def set_timeout(self, timeout: float | None) -> None:
+        # A settimeout is two fcntl calls; most requests reuse the last one.
+        if timeout != self.timeout:
+            self.sock.settimeout(timeout)
+            self.timeout = timeout
 
-    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        try:
-            self._set_timeout(timeout)
-            return self._sock.recv(max_bytes)
-        except TimeoutError as exc:
-            raise httpcore.ReadTimeout(str(exc)) from exc
-        except OSError as exc:
-            raise httpcore.ReadError(str(exc)) from exc
+    def fill(self) -> bool:
+        """Read what is there into the buffer; False at the end of the stream."""
+        chunk = self.sock.recv(_RECV_BYTES)
+        if not chunk:
+            return False
+        self.buffer += chunk
+        self.received += len(chunk)
+        return True
 
-    def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        if not buffer:
-            return
-        try:
-            self._set_timeout(timeout)
-            self._sock.sendall(buffer)
-        except TimeoutError as exc:
-            raise httpcore.WriteTimeout(str(exc)) from exc
-        except OSError as exc:
-            raise httpcore.WriteError(str(exc)) from exc
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def get_extra_info(self, info: str) -> Any:
-        if info == "socket":
-            return self._sock
-        if info == "is_readable":
-            # An idle keep-alive connection that is readable was closed by the
-            # peer (or sent something unasked): either way, not reusable, as
-            # httpcore's own backends decide. One poll(2), no mode switches
-            # (a recv under a socket timeout would first wait for data).
-            poller = select.poll()
-            poller.register(self._sock, select.POLLIN)
-            return bool(poller.poll(0))
-        return None
-
-
-class _UnixBackend(httpcore.NetworkBackend):
-    def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.NetworkStream:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            for option in socket_options or ():
-                sock.setsockopt(*option)
-            sock.settimeout(timeout)
-            sock.connect(path)
-        except TimeoutError as exc:
-            sock.close()
-            raise httpcore.ConnectTimeout(str(exc)) from exc
-        except OSError as exc:
-            sock.close()
-            raise httpcore.ConnectError(str(exc)) from exc
-        return _SocketStream(sock)
-
-    def connect_tcp(self, *args: Any, **kwargs: Any) -> httpcore.NetworkStream:
-        raise httpcore.UnsupportedProtocol("this transport only speaks over a unix socket")
-
-    def sleep(self, seconds: float) -> None:  # pragma: no cover - retries are off
-        time.sleep(seconds)
-
-
-class _ResponseStream(httpx.SyncByteStream):
-    def __init__(self, stream: Iterable[bytes], request: httpx.Request) -> None:
-        self._stream = stream
-        self._request = request
-
-    def __iter__(self) -> Iterator[bytes]:
-        try:
-            yield from self._stream
-        except Exception as exc:
-            raise _to_httpx(exc, self._request) from exc
+    def reusable(self, now: float, expiry: float) -> bool:
+        if self.buffer or now - self.idle_since > expiry:
+            return False
+        # Readable while idle: the peer closed it (or sent something
+        # unasked); either way not reusable. One poll(2), no mode switches.
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return not poller.poll(0)
 
     def close(self) -> None:
-        close = getattr(self._stream, "close", None)
-        if close is not None:
-            close()
+        self.sock.close()
 
 
 class UnixSocketTransport(httpx.BaseTransport):
     """HTTP/1.1 to ``path``; the URL's host is only used for the Host header."""
 
-    def __init__(self, path: str, *, max_connections: int = 4) -> None:
-        self._pool = httpcore.ConnectionPool(
-            uds=path,
-            max_connections=max_connections,
-            max_keepalive_connections=max_connections,
-            keepalive_expiry=30.0,
-            http1=True,
-            http2=False,
-            retries=0,
-            network_backend=_UnixBackend(),
-        )
+    def __init__(
+        self,
+        path: str,
+        *,
+        max_idle: int = 4,
+        keepalive_expiry: float = 30.0,
+        max_body_bytes: int = 16 * 1024 * 1024,
+    ) -> None:
+        self._path = path
+        self._max_idle = max_idle
+        self._keepalive_expiry = keepalive_expiry
+        self._max_body = max_body_bytes
+        self._lock = threading.Lock()
+        self._idle: list[_Connection] = []
+        self._closed = False
+
+    # -- httpx.BaseTransport -------------------------------------------------------
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        assert isinstance(request.stream, httpx.SyncByteStream)
-        core_request = httpcore.Request(
-            method=request.method,
-            url=httpcore.URL(
-                scheme=request.url.raw_scheme,
-                host=request.url.raw_host,
-                port=request.url.port,
-                target=request.url.raw_path,
-            ),
-            headers=request.headers.raw,
-            content=request.stream,
-            extensions=request.extensions,
-        )
+        timeouts = request.extensions.get("timeout") or {}
+        data = _encode(request)
+        conn = self._take_idle()
+        if conn is not None:
+            try:
+                return self._exchange(conn, request, data, timeouts)
+            except _PeerClosed:
+                if request.method not in _IDEMPOTENT:
+                    raise httpx.RemoteProtocolError(
+                        "Server disconnected without sending a response.", request=request
+                    ) from None
+        conn = self._connect(request, timeouts.get("connect"))
         try:
-            response = self._pool.handle_request(core_request)
-        except Exception as exc:
-            raise _to_httpx(exc, request) from exc
-        assert isinstance(response.stream, Iterable)
-        return httpx.Response(
-            status_code=response.status,
-            headers=response.headers,
-            stream=_ResponseStream(response.stream, request),
-            extensions=response.extensions,
-        )
+            return self._exchange(conn, request, data, timeouts)
+        except _PeerClosed:
+            raise httpx.RemoteProtocolError(
+                "Server disconnected without sending a response.", request=request
+            ) from None
 
     def close(self) -> None:
-        self._pool.close()
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    # -- connections ---------------------------------------------------------------
+
+    def _take_idle(self) -> _Connection | None:
+        now = time.monotonic()
+        stale: list[_Connection] = []
+        found: _Connection | None = None
+        with self._lock:
+            while self._idle:
+                conn = self._idle.pop()
+                if conn.reusable(now, self._keepalive_expiry):
+                    found = conn
+                    break
+                stale.append(conn)
+        for conn in stale:
+            conn.close()
+        return found
+
+    def _give_back(self, conn: _Connection) -> None:
+        conn.idle_since = time.monotonic()
+        with self._lock:
+            if not self._closed and len(self._idle) < self._max_idle:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def _connect(self, request: httpx.Request, timeout: float | None) -> _Connection:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(self._path)
+        except TimeoutError as exc:
+            sock.close()
+            raise httpx.ConnectTimeout(str(exc), request=request) from exc
+        except OSError as exc:
+            sock.close()
+            raise httpx.ConnectError(str(exc), request=request) from exc
+        return _Connection(sock)
+
+    # -- one request -----------------------------------------------------------------
+
+    def _exchange(
+        self,
+        conn: _Connection,
+        request: httpx.Request,
+        data: bytes,
+        timeouts: dict[str, float | None],
+    ) -> httpx.Response:
+        """Send ``data`` and read the answer on ``conn``; ``conn`` is given
+        back or closed, whatever happens."""
+        try:
+            try:
+                conn.set_timeout(timeouts.get("write"))
+                conn.sock.sendall(data)
+            except TimeoutError as exc:
+                raise httpx.WriteTimeout(str(exc), request=request) from exc
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                # The peer closed an idle connection as we wrote to it.
+                raise _PeerClosed from exc
+            except OSError as exc:
+                raise httpx.WriteError(str(exc), request=request) from exc
+            try:
+                conn.received = 0
+                conn.set_timeout(timeouts.get("read"))
+                response, keep = _read_response(conn, request, self._max_body)
+            except TimeoutError as exc:
+                raise httpx.ReadTimeout(str(exc), request=request) from exc
+            except ConnectionResetError as exc:
+                if conn.received:
+                    raise httpx.ReadError(str(exc), request=request) from exc
+                raise _PeerClosed from exc
+            except OSError as exc:
+                raise httpx.ReadError(str(exc), request=request) from exc
+        except BaseException:
+            conn.close()
+            raise
+        if keep and not conn.buffer:
+            self._give_back(conn)
+        else:
+            conn.close()
+        return response
+
+
+def _encode(request: httpx.Request) -> bytes:
+    body = request.read()
+    parts = [request.method.encode("ascii"), b" ", request.url.raw_path, b" HTTP/1.1\r\n"]
+    chunked = False
+    for name, value in request.headers.raw:
+        for bad in _FORBIDDEN_IN_HEADERS:
+            if bad in name or bad in value:
+                raise httpx.LocalProtocolError(f"header {name!r} cannot be sent: it holds {bad!r}")
+        if name.lower() == b"transfer-encoding" and value.lower() == b"chunked":
+            chunked = True
+        parts += (name, b": ", value, b"\r\n")
+    parts.append(b"\r\n")
+    if chunked:
+        if body:
+            parts += (b"%x\r\n" % len(body), body, b"\r\n")
+        parts.append(b"0\r\n\r\n")
+    else:
+        parts.append(body)
+    return b"".join(parts)
+
+
+def _protocol_error(message: str, request: httpx.Request) -> httpx.RemoteProtocolError:
+    return httpx.RemoteProtocolError(message, request=request)
+
+
+def _read_line(conn: _Connection, limit: int, request: httpx.Request, what: str) -> bytes:
+    buf = conn.buffer
+    searched = 0
+    while True:
+        end = buf.find(b"\r\n", searched)
+        if end >= 0:
+            line = bytes(buf[:end])
+            del buf[: end + 2]
+            return line
+        if len(buf) > limit:
+            raise _protocol_error(f"{what} is longer than {limit} bytes", request)
+        searched = max(0, len(buf) - 1)
+        if not conn.fill():
+            raise _protocol_error(
+                f"the peer closed the connection in the middle of {what}", request
+            )
+
+
+def _read_head(conn: _Connection, request: httpx.Request) -> bytes:
+    buf = conn.buffer
+    searched = 0
+    while True:
+        end = buf.find(b"\r\n\r\n", searched)
+        if end >= 0:
+            head = bytes(buf[:end])
+            del buf[: end + 4]
+            return head
+        if len(buf) > MAX_HEAD_BYTES:
+            raise _protocol_error(
+                f"the head of the answer is longer than {MAX_HEAD_BYTES} bytes", request
+            )
+        searched = max(0, len(buf) - 3)
+        if not conn.fill():
+            if not conn.received:
+                raise _PeerClosed
+            raise _protocol_error(
+                "the peer closed the connection in the middle of the answer's head", request
+            )
+
+
+def _read_exact(conn: _Connection, size: int, request: httpx.Request) -> bytes:
+    buf = conn.buffer
+    while len(buf) < size:
+        if not conn.fill():
+            raise _protocol_error(
+                f"the peer closed the connection after {len(buf)} of {size} body bytes", request
+            )
+    data = bytes(buf[:size])
+    del buf[:size]
+    return data
+
+
+def _read_chunked(conn: _Connection, limit: int, request: httpx.Request) -> bytes:
+    parts: list[bytes] = []
+    total = 0
+    while True:
+        line = _read_line(conn, 1024, request, "a chunk size line")
+        digits = line.split(b";", 1)[0].strip()
+        if not digits or digits.strip(b"0123456789abcdefABCDEF"):
+            raise _protocol_error(f"malformed chunk size line {line[:80]!r}", request)
+        size = int(digits, 16)
+        if size == 0:
+            # Trailers, if any, up to the empty line.
+            while _read_line(conn, MAX_HEAD_BYTES, request, "the trailers"):
+                pass
+            return b"".join(parts)
+        total += size
+        if total > limit:
+            raise _protocol_error(f"the answer's body is larger than {limit} bytes", request)
+        parts.append(_read_exact(conn, size, request))
+        if _read_exact(conn, 2, request) != b"\r\n":
+            raise _protocol_error("a chunk is not followed by CRLF", request)
+
+
+def _read_to_end(conn: _Connection, limit: int, request: httpx.Request) -> bytes:
+    buf = conn.buffer
+    while True:
+        if len(buf) > limit:
+            raise _protocol_error(f"the answer's body is larger than {limit} bytes", request)
+        if not conn.fill():
+            break
+    data = bytes(buf)
+    buf.clear()
+    return data
+
+
+def _parse_head(
+    head: bytes, request: httpx.Request
+) -> tuple[bytes, int, bytes, list[tuple[bytes, bytes]]]:
+    lines = head.split(b"\r\n")
+    status_line = lines[0]
+    version, _, rest = status_line.partition(b" ")
+    code, _, reason = rest.partition(b" ")
+    if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not code.isdigit():
+        raise _protocol_error(f"malformed status line {status_line[:80]!r}", request)
+    headers: list[tuple[bytes, bytes]] = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name != name.strip() or b"\0" in line:
+            raise _protocol_error(f"malformed header line {line[:80]!r}", request)
+        headers.append((name, value.strip(b" \t")))
+    return version, int(code), reason, headers
+
+
+def _read_response(
+    conn: _Connection, request: httpx.Request, max_body: int
+) -> tuple[httpx.Response, bool]:
+    """One answer from ``conn``, and whether the connection may be reused."""
+    while True:
+        version, status, reason, headers = _parse_head(_read_head(conn, request), request)
+        if not (100 <= status < 200) or status == 101:
+            break
+        # An interim answer (100 Continue, 102, 103): the real one follows.
+    length: bytes | None = None
+    transfer: bytes | None = None
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"content-length":
+            if length is not None and value != length:
+                raise _protocol_error("conflicting Content-Length headers", request)
+            length = value
+        elif lower == b"transfer-encoding":
+            transfer = value.lower()
+        elif lower == b"connection":
+            tokens.update(token.strip().lower() for token in value.split(b","))
+    # HTTP/1.1 keeps the connection unless told otherwise; 1.0 only when told.
+    keep = b"close" not in tokens if version == b"HTTP/1.1" else b"keep-alive" in tokens
+    if request.method == "HEAD" or status in _NO_BODY_STATUS or status == 101:
+        body = b""
+        keep = keep and status != 101
+    elif transfer is not None:
+        if transfer != b"chunked":
+            raise _protocol_error(f"unsupported Transfer-Encoding {transfer[:80]!r}", request)
+        body = _read_chunked(conn, max_body, request)
+    elif length is not None:
+        if not length.isdigit():
+            raise _protocol_error(f"malformed Content-Length {length[:80]!r}", request)
+        size = int(length)
+        if size > max_body:
+            raise _protocol_error(
+                f"the answer's body of {size} bytes is larger than {max_body}", request
+            )
+        body = _read_exact(conn, size, request)
+    else:
+        body = _read_to_end(conn, max_body, request)
+        keep = False
+    response = httpx.Response(
+        status_code=status,
+        headers=headers,
+        stream=httpx.ByteStream(body),
+        extensions={"http_version": version, "reason_phrase": reason},
+        request=request,
+    )
+    return response, keep
