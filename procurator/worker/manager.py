@@ -639,6 +639,10 @@ class _Supervisor:
         self.paths: VmmPaths = manager.state.paths(vm.vm_id)
         self.handle: VmmHandle | None = None
         self.pidfd = -1
+        # Polls of the wake eventfd and the pidfd (_wait), and of the pidfd
+        # alone (_alive); rebuilt when the pidfd changes.
+        self.poller: select.poll | None = None
+        self.exit_poller: select.poll | None = None
         self.booted_hash = ""
         self.backoff = RestartState()
         self.unanswered = 0
@@ -723,11 +727,15 @@ class _Supervisor:
 
     def _wait(self, timeout: float | None) -> None:
         # poll(), not select(): a worker with a few hundred VMs has fds
-        # above FD_SETSIZE (1024), which select() cannot watch.
-        poller = select.poll()
-        poller.register(self.vm.wake_fd, select.POLLIN)
-        if self.pidfd >= 0:
-            poller.register(self.pidfd, select.POLLIN)
+        # above FD_SETSIZE (1024), which select() cannot watch. The poll
+        # object is kept until the pidfd changes (a settled VM waits once
+        # per health check).
+        poller = self.poller
+        if poller is None:
+            poller = self.poller = select.poll()
+            poller.register(self.vm.wake_fd, select.POLLIN)
+            if self.pidfd >= 0:
+                poller.register(self.pidfd, select.POLLIN)
         try:
             events = poller.poll(None if timeout is None else max(0.0, timeout) * 1000)
         except InterruptedError:
@@ -776,6 +784,10 @@ class _Supervisor:
 
     def _alive(self) -> bool:
         assert self.handle is not None
+        if self.exit_poller is not None:
+            # The pidfd turns readable when the VMM exits: one poll(2)
+            # instead of reading /proc (a third of a settled VM's check).
+            return not self.exit_poller.poll(0)
         return process.is_alive(self.handle.pid, self.handle.pid_start_ticks)
 
     def _exited(self, spec: VmSpec, seq: int, *, count: bool) -> None:
@@ -1126,6 +1138,14 @@ class _Supervisor:
             self.pidfd = os.pidfd_open(handle.pid)
         except ProcessLookupError:
             self.pidfd = -1
+        if self.pidfd >= 0 and not process.is_alive(handle.pid, handle.pid_start_ticks):
+            # The VMM exited and its pid was taken before the pidfd was
+            # opened: the pidfd names another process. /proc tells the truth.
+            self._close_pidfd()
+        if self.pidfd >= 0:
+            self.exit_poller = select.poll()
+            self.exit_poller.register(self.pidfd, select.POLLIN)
+        self.poller = None
         self.handle = handle
         self.booted_hash = booted_hash
         self.unanswered = 0
@@ -1197,6 +1217,7 @@ class _Supervisor:
             return None
 
     def _close_pidfd(self) -> None:
+        self.poller = self.exit_poller = None
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
