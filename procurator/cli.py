@@ -16,6 +16,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import resource
 import signal
@@ -510,6 +511,7 @@ def _worker(args: argparse.Namespace) -> int:
         metrics_listen=args.metrics_listen,
         metrics_interval=args.metrics_interval,
         health_interval=args.health_interval,
+        health_checks_per_second=args.health_budget,
     )
     config = WorkerConfig(
         worker_id=args.id,
@@ -532,8 +534,15 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _positive(text: str) -> float:
     value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, not {text}")
     return value
 
 
@@ -711,6 +720,15 @@ def _build_parser() -> argparse.ArgumentParser:
         help="seconds between a VM's health checks (vm.info / QMP query-status); a VMM "
         "that exits is seen at once, this bounds how long a hung one goes unnoticed "
         "(two missed checks). Each check is an API call per VM (default: 15)",
+    )
+    p.add_argument(
+        "--health-budget",
+        type=_non_negative,
+        default=25.0,
+        metavar="CHECKS_PER_S",
+        help="at most this many health checks a second across all VMs: with more VMs than "
+        "--health-interval allows, each VM's interval stretches to VMs / CHECKS_PER_S "
+        "(40 s at 1,000 VMs by default), keeping the idle cost flat; 0: no cap (default: 25)",
     )
     add_common(p, daemon=True)
     p.set_defaults(handler=_worker)

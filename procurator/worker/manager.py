@@ -236,6 +236,10 @@ class Timeouts:
     api: float = 5.0  # one API call (health checks, pause, ladder steps)
     boot: float = 30.0  # vm.create + vm.boot + confirmation
     health_interval: float = 5.0
+    # A cap on the health checks a second across all VMs (0: none): with
+    # more VMs than health_interval allows, each VM's interval stretches to
+    # VMs / health_checks_per_second (VmManager.health_interval).
+    health_checks_per_second: float = 0.0
     hung_after: int = 2
     counters_interval: float = 15.0  # 0: the supervisor never polls counters
     power_button_wait: float = 30.0
@@ -326,6 +330,20 @@ class VmManager:
     def closed(self) -> bool:
         with self._map_lock:
             return self._closed
+
+    def health_interval(self) -> float:
+        """Seconds between one settled VM's health checks: the configured
+        ``health_interval``, or longer when the manager holds more VMs than
+        ``health_checks_per_second`` allows to check that often. The worker's
+        background load of API calls then stays bounded whatever its fleet
+        size; the price is that a hung VMM goes unnoticed for up to
+        ``hung_after`` such intervals (a VMM that exits is still seen at
+        once through its pidfd). Reads the map's size without the map lock:
+        a size one VM off only moves one wait."""
+        t = self.timeouts
+        if t.health_checks_per_second <= 0:
+            return t.health_interval
+        return max(t.health_interval, len(self._vms) / t.health_checks_per_second)
 
     def ensure(self, spec: VmSpec) -> VmObservation:
         """Make the VM be ``spec``: idempotent; blocks until the VMM reports
@@ -959,7 +977,7 @@ class _Supervisor:
         self._publish(
             phase, message, event, power=power, outcome=_Outcome.OK if need_outcome else None
         )
-        return self.t.health_interval
+        return self.m.health_interval()
 
     def _state_after_power_change(self) -> VmState | None:
         """The VM's state right after a pause or resume; None when the VMM

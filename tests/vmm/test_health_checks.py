@@ -8,6 +8,7 @@ check read the state again, and the supervisor converges back."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -83,3 +84,29 @@ def test_a_vmm_that_hangs_on_the_counters_check_is_escalated(
             and o.pid not in (None, first.pid)
         )
     )
+
+
+def test_the_check_budget_stretches_every_vms_interval(
+    make_manager: ManagerFactory, api_calls: ApiCalls, recorder: Recorder
+) -> None:
+    """With more VMs than the budget allows checking at health_interval,
+    each VM waits VMs / budget between checks: here 2 VMs at 0.02 checks a
+    second, 100 s, where health_interval alone would check every 0.1 s."""
+    manager = make_manager(timeouts=replace(FAST, health_checks_per_second=0.02))
+    assert manager.health_interval() == FAST.health_interval  # no VM yet
+    for vm_id in ("vm1", "vm2"):
+        manager.ensure(VmSpec(vm_id, "h1", config()))
+    assert manager.health_interval() == 100.0
+    # Each VM's first check after its start may still be under way.
+    recorder.wait_for(lambda: api_calls.endpoints().count("vm.counters") >= 2)
+    start = len(api_calls.endpoints())
+    time.sleep(10 * FAST.health_interval)
+    assert api_calls.endpoints()[start:] == []
+
+
+def test_a_budget_the_fleet_fits_in_leaves_the_interval_alone(
+    make_manager: ManagerFactory,
+) -> None:
+    manager = make_manager(timeouts=replace(FAST, health_checks_per_second=1000.0))
+    manager.ensure(VmSpec("vm1", "h1", config()))
+    assert manager.health_interval() == FAST.health_interval
