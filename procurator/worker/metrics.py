@@ -40,7 +40,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
-from pathlib import Path
 from typing import Self
 
 import trio
@@ -98,7 +97,9 @@ _API_BUCKETS = (
 
 def read_process_usage(pid: int, start_ticks: int = 0) -> ProcessUsage | None:
     """CPU time (user + system, all threads) and resident memory of ``pid``
-    from ``/proc/<pid>/stat`` and ``/proc/<pid>/statm``.
+    from ``/proc/<pid>/stat`` and ``/proc/<pid>/statm``. (``stat`` has an
+    ``rss`` field too, but on current kernels it is an approximate per-CPU
+    sum: 0 for a process that just grew. ``statm`` is exact, as ``VmRSS``.)
 
     Returns None when the process is gone, is a zombie, or (``start_ticks``
     given) is not the process that started then: its pid was recycled.
@@ -107,8 +108,11 @@ def read_process_usage(pid: int, start_ticks: int = 0) -> ProcessUsage | None:
     stat_path = f"/proc/{pid}/stat"
     statm_path = f"/proc/{pid}/statm"
     try:
-        stat = Path(stat_path).read_text()
-        statm = Path(statm_path).read_text()
+        # Plain binary reads: the poller reads two files per VMM per poll.
+        with open(stat_path, "rb") as f:
+            stat = f.read()
+        with open(statm_path, "rb") as f:
+            statm = f.read()
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ESRCH):
             return None
@@ -118,13 +122,13 @@ def read_process_usage(pid: int, start_ticks: int = 0) -> ProcessUsage | None:
     try:
         # The command name (field 2) is in parentheses and may hold spaces
         # or parentheses itself: split after the last ')'.
-        fields = stat.rsplit(")", 1)[1].split()
+        fields = stat.rsplit(b")", 1)[1].split()
         state = fields[0]
         utime, stime, started = int(fields[11]), int(fields[12]), int(fields[19])
         resident_pages = int(statm.split()[1])
     except (IndexError, ValueError) as exc:
         raise UnavailableError(f"cannot parse {stat_path} / {statm_path}: {exc}") from exc
-    if state in ("Z", "X"):
+    if state in (b"Z", b"X"):
         return None
     if start_ticks and started != start_ticks:
         return None
@@ -183,11 +187,11 @@ class MetricsServer:
 
 @dataclass(frozen=True, slots=True)
 class _Published:
-    """Everything a scrape or a report reads, built once per ``update``."""
+    """Everything a report reads, built once per ``update``; a scrape's
+    per-VM families are built from ``samples`` by the first scrape after."""
 
     snapshot: WorkerSnapshot
     samples: tuple[MetricSample, ...]  # per-VM, compact form
-    metrics: tuple[Metric, ...]  # per-VM families, ready to expose
     phases: dict[Phase, int]
 
 
@@ -240,7 +244,12 @@ class WorkerMetrics:
         self._endpoints: set[str] = set()
         self._actions_started = 0
         self._observed_generation = 0
-        self._published = _Published(WorkerSnapshot(), (), (), vms_by_phase(()))
+        self._published = _Published(WorkerSnapshot(), (), vms_by_phase(()))
+        # The per-VM families of one _Published, built by the first scrape
+        # that needs them (most polls are never scraped: a poll every 15 s,
+        # a scrape every 15-60 s). Leaf lock, held while building (CPU only).
+        self._families_lock = threading.Lock()
+        self._families: tuple[_Published, tuple[Metric, ...]] | None = None
         self.registry.register(self)
         self._reconcile_pass = self._histogram(
             "procurator_reconcile_pass_duration_seconds", _PASS_BUCKETS
@@ -299,17 +308,25 @@ class WorkerMetrics:
 
     def update(self, snapshot: WorkerSnapshot) -> None:
         """Publish a new snapshot of the worker's VMs (from any thread).
-        Builds the per-VM families here, so that scrapes do not."""
-        samples = [s for vm in snapshot.vms for s in vm_samples(vm)]
-        families, dropped = group_samples(samples)
-        if dropped:  # vm_samples only makes catalogue samples: a bug if not
-            log.error("%d per-VM samples did not fit the metric catalogue", dropped)
+        Builds the per-VM samples (what a report sends); the families a
+        scrape exposes are built from them once, by the first scrape."""
+        samples = tuple(s for vm in snapshot.vms for s in vm_samples(vm))
         self._published = _Published(
-            snapshot=snapshot,
-            samples=tuple(samples),
-            metrics=tuple(_to_metric(f) for f in families),
-            phases=vms_by_phase(snapshot.vms),
+            snapshot=snapshot, samples=samples, phases=vms_by_phase(snapshot.vms)
         )
+
+    def _vm_families(self) -> tuple[Metric, ...]:
+        """The per-VM families of the last snapshot, built once per snapshot."""
+        published = self._published
+        with self._families_lock:
+            if self._families is not None and self._families[0] is published:
+                return self._families[1]
+            families, dropped = group_samples(published.samples)
+            if dropped:  # vm_samples only makes catalogue samples: a bug if not
+                log.error("%d per-VM samples did not fit the metric catalogue", dropped)
+            metrics = tuple(_to_metric(f) for f in families)
+            self._families = (published, metrics)
+            return metrics
 
     @property
     def snapshot(self) -> WorkerSnapshot:
@@ -434,9 +451,10 @@ class WorkerMetrics:
         ]
 
     def collect(self) -> Iterator[Metric]:
-        """Called by the registry on every scrape. No I/O and no per-VM
-        work: the per-VM families were built by the last ``update``."""
-        yield from self._published.metrics
+        """Called by the registry on every scrape. No I/O; the first scrape
+        after an ``update`` builds the per-VM families, later ones reuse
+        them."""
+        yield from self._vm_families()
         yield from self._worker_metrics()
 
     def _worker_metrics(self) -> Iterator[Metric]:

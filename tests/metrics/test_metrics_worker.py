@@ -219,6 +219,23 @@ def test_scrape_shows_the_snapshot_not_the_live_process(sleeper: subprocess.Pope
     assert key not in _samples(metrics.exposition().decode())
 
 
+def test_scrapes_build_the_per_vm_families_once_per_snapshot() -> None:
+    """A poll builds only the report's samples; the first scrape after it
+    builds the families, later scrapes of the same poll reuse them, and a
+    new poll's scrape shows the new figures."""
+    metrics = _fed_metrics()
+    first = list(metrics.collect())
+    again = list(metrics.collect())
+    per_vm = [m for m in first if m.name.startswith("procurator_vm_")]
+    assert per_vm and all(any(a is m for a in again) for m in per_vm)
+    vms = realistic_vms()
+    metrics.update(WorkerSnapshot(vms=(replace(vms[0], restarts=7), *vms[1:]), taken_at=NOW))
+    after = list(metrics.collect())
+    assert not any(a is m for a in after for m in per_vm)
+    restarts = next(m for m in after if m.name == "procurator_vm_restarts")
+    assert 7.0 in {s.value for s in restarts.samples}
+
+
 def test_a_proc_failure_loses_only_that_vms_usage() -> None:
     def reader(pid: int, start_ticks: int) -> ProcessUsage | None:
         if pid == 1:
