@@ -10,21 +10,34 @@ whole-fleet ``status``, 25-35 ms per call at 1,000 VMs: about a third of the
 figure was the measurement's own resolution.) Repeated, alternating the VM
 between two images; p50 and p95.
 
-Baseline, same run: the bare Cap'n Proto round trip to the same master
-process — ``Master.control()``, a call the master answers on its capnp
-thread without any work — timed on the capnp thread itself (asyncio, no
-bridge) and through the trio bridge.
+Baselines, same run:
+
+- the bare Cap'n Proto round trip to the same master process —
+  ``Master.control()``, a call the master answers on its capnp thread
+  without any work — timed on the capnp thread itself (asyncio, no bridge)
+  and through the trio bridge;
+- the per-replacement floor: what any control plane has to do to replace a
+  VM whose image the host does not root yet, done bare — one ``nix-store
+  --realise --add-root`` of the image (as the worker runs it), then one
+  fake VMM spawned and booted over a raw socket as in ``start``'s bare loop
+  (the old VMM's stop is left out: it is a few ms in the worker). Half of
+  the changes need that root (the VM goes to an image no other VM of the
+  worker runs), the other half find the image rooted already.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import trio
 
 from bench._harness import Row, Run, control, fmt_s, median, percentile
-from bench.start import WORKER_ID, one_worker_fleet
+from bench.start import WORKER_ID, bare_start, fake_config, one_worker_fleet
 from procurator.core.models import Phase
 from procurator.core.validation import store_path_hash
 from procurator.rpc.bridge import Bridge, connect, open_bridge
@@ -106,6 +119,36 @@ async def _wait_settled(
             on_poll()
 
 
+def _unroot(link: Path) -> None:
+    """Remove an indirect root and the ``gcroots/auto`` entry nix-store made."""
+    link.unlink()
+    auto = Path("/nix/var/nix/gcroots/auto")
+    for entry in auto.iterdir() if auto.is_dir() else ():
+        with contextlib.suppress(OSError):
+            if os.readlink(entry) == str(link):
+                entry.unlink()
+
+
+def _floor(run: Run, image: str, repeats: int) -> tuple[float, float]:
+    """Medians of (rooting ``image`` with nix-store, one bare VMM start)."""
+    roots, starts = [], []
+    config = fake_config(run)
+    for index in range(repeats):
+        link = run.dir / "floor-roots" / f"root-{index}"
+        link.parent.mkdir(exist_ok=True)
+        began = time.perf_counter()
+        subprocess.run(
+            ["nix-store", "--realise", image, "--add-root", str(link)],
+            env=run.nix_env,
+            check=True,
+            capture_output=True,
+        )
+        roots.append(time.perf_counter() - began)
+        _unroot(link)
+        starts.append(bare_start(run, 1, config, tag=f"floor-{index}"))
+    return median(roots), median(starts)
+
+
 def measure(run: Run) -> list[Row]:
     fleet = one_worker_fleet(run)
     repeats = 5 if run.quick else 20
@@ -142,6 +185,8 @@ def measure(run: Run) -> list[Row]:
         return bare, bridged
 
     bare, bridged = trio.run(main)
+    root_s, start_s = _floor(run, fleet.images["b"], repeats)
+    floor = root_s + start_s
     p50, p95 = median(latencies), percentile(latencies, 95)
     rtt, bridged_rtt = median(bare), median(bridged)
     return [
@@ -160,4 +205,17 @@ def measure(run: Run) -> list[Row]:
             ),
         ),
         Row(NAME, "... p95", fmt_s(p95), f"{fmt_s(rtt)} capnp RTT", f"{p95 / rtt:.0f}x RTT"),
+        Row(
+            NAME,
+            "... p50 against the bare per-replacement floor",
+            fmt_s(p50),
+            f"{fmt_s(floor)} nix-store root + VMM start",
+            f"{p50 / floor:.2f}x",
+            "",
+            note=(
+                f"floor, medians of {repeats}: nix-store --realise --add-root {fmt_s(root_s)}, "
+                f"one bare fake-VMM spawn + ping/create/boot/info {fmt_s(start_s)}; half of the "
+                "changes need the root, half find the image rooted"
+            ),
+        ),
     ]

@@ -109,10 +109,11 @@ def _connect(path: Path, proc: subprocess.Popen[bytes], deadline: float) -> sock
         return sock
 
 
-def bare_start(run: Run, n: int, config: dict[str, Any]) -> float:
-    """Start ``n`` fake VMMs with a VM each, ``CONCURRENCY`` at a time;
-    returns the seconds it took. Every VMM is killed before returning."""
-    root = run.dir / "bare"
+def bare_start(run: Run, n: int, config: dict[str, Any], *, tag: str = "bare") -> float:
+    """Start ``n`` fake VMMs with a VM each, ``CONCURRENCY`` at a time, in
+    ``run.dir / tag`` (unused before); returns the seconds it took. Every
+    VMM is killed before returning."""
+    root = run.dir / tag
     body = json.dumps(config).encode()
     argv = [sys.executable, "-S", "-I", str(LEAN_VMM)]
     procs: list[subprocess.Popen[bytes]] = []
@@ -252,7 +253,7 @@ def one_worker_fleet(run: Run) -> OneWorkerFleet:
     return fleet
 
 
-def _fake_config(run: Run) -> dict[str, Any]:
+def fake_config(run: Run) -> dict[str, Any]:
     """What the worker gives the VMM for the bench image (kernel in the
     store, serial to a file), so the bare loop sends a body of that size."""
     image = run.image("bench-vm-a")
@@ -266,7 +267,7 @@ def _fake_config(run: Run) -> dict[str, Any]:
 def measure(run: Run) -> list[Row]:
     n = vm_count(run)
     run.log(f"start: bare loop, {n} fake VMMs")
-    bare = bare_start(run, n, _fake_config(run))
+    bare = bare_start(run, n, fake_config(run))
     run.log(f"start: bare loop took {bare:.2f}s; now through procurator")
     fleet, elapsed = procurator_start(run, n)
     run.shared["fleet1k"] = fleet
