@@ -277,6 +277,15 @@ class Run:
         for proc in self.procs:
             proc.popen.wait()
         self.procs.clear()
+        # The worker's GC roots live under self.dir, each with an entry in
+        # Nix's gcroots/auto that keeps the image alive (and would dangle
+        # after the rmtree): drop those first, so the store paths can go.
+        auto = Path("/nix/var/nix/gcroots/auto")
+        prefix = f"{self.dir}/"
+        for entry in auto.iterdir() if auto.is_dir() else ():
+            with contextlib.suppress(OSError):
+                if os.readlink(entry).startswith(prefix):
+                    entry.unlink()
         for path in self.store_paths:
             subprocess.run(
                 ["nix-store", "--delete", path],
