@@ -415,9 +415,13 @@ class Reconciler:
             have = observed.get(vm_id)
             failure = self._failures.get(vm_id)
             hit = memo.get(vm_id)
+            # A new assignment brings new, mostly equal, VmAssignment
+            # objects: compare by value (six fields) after identity, or a
+            # one-VM change recomputes every VM's status before its
+            # replacement starts (~10 ms at 1,000 VMs).
             if (
                 hit is not None
-                and hit.want is want
+                and (hit.want is want or hit.want == want)
                 and hit.have is have
                 and hit.failure is failure
                 and (hit.op_id is None or hit.op_id == op_id)

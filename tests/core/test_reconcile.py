@@ -235,6 +235,27 @@ async def test_a_settled_vm_names_the_operation_that_last_acted_on_it() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_a_new_assignment_reuses_the_status_of_every_equal_entry() -> None:
+    """Each assignment brings new VmAssignment objects; an entry equal to
+    the last one keeps its memoised status (the same object), so a one-VM
+    change does not recompute every VM's status before acting."""
+    actuator = FakeActuator()
+    async with trio.open_nursery() as nursery:
+        reconciler, reports = await _start(actuator, nursery)
+        reconciler.set_assignment(Assignment("w", 1, (vm("a"), vm("b")), op_id="op-1"))
+        await _settle()
+        before = {s.id: s for s in reports[-1].vms}
+        actuator.gates["a"] = trio.Event()
+        reconciler.set_assignment(Assignment("w", 2, (vm("a", "h2"), vm("b")), op_id="op-2"))
+        await _settle()
+        after = {s.id: s for s in reports[-1].vms}
+        assert after["b"] is before["b"]
+        assert after["a"] is not before["a"] and after["a"].phase is Phase.PENDING
+        actuator.gates.pop("a").set()
+        await _settle()
+        nursery.cancel_scope.cancel()
+
+
 async def test_hash_change_replaces_exactly_one_vm() -> None:
     actuator = FakeActuator()
     async with trio.open_nursery() as nursery:
