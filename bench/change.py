@@ -27,11 +27,8 @@ Baselines, same run:
 
 from __future__ import annotations
 
-import contextlib
-import os
 import subprocess
 import time
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -119,16 +116,6 @@ async def _wait_settled(
             on_poll()
 
 
-def _unroot(link: Path) -> None:
-    """Remove an indirect root and the ``gcroots/auto`` entry nix-store made."""
-    link.unlink()
-    auto = Path("/nix/var/nix/gcroots/auto")
-    for entry in auto.iterdir() if auto.is_dir() else ():
-        with contextlib.suppress(OSError):
-            if os.readlink(entry) == str(link):
-                entry.unlink()
-
-
 def _floor(run: Run, image: str, repeats: int) -> tuple[float, float]:
     """Medians of (rooting ``image`` with nix-store, one bare VMM start)."""
     roots, starts = [], []
@@ -144,7 +131,7 @@ def _floor(run: Run, image: str, repeats: int) -> tuple[float, float]:
             capture_output=True,
         )
         roots.append(time.perf_counter() - began)
-        _unroot(link)
+        link.unlink()  # its gcroots/auto entry goes with the run (Run.close)
         starts.append(bare_start(run, 1, config, tag=f"floor-{index}"))
     return median(roots), median(starts)
 

@@ -321,7 +321,7 @@ def test_close_ends_the_idle_connections(peer: Peer, transport: UnixSocketTransp
     wait_for(lambda: peer.eofs == 2)
 
 
-def test_the_driver_speaks_through_it_with_httpx_errors_only(peer: Peer) -> None:
+def test_an_httpx_client_over_it_works_like_over_any_transport(peer: Peer) -> None:
     """An httpx client over the transport behaves like any httpx client."""
     with httpx.Client(transport=UnixSocketTransport(str(peer.path)), trust_env=False) as client:
         peer.script = [ok(b'{"state":"Paused"}', "Content-Type: application/json")]

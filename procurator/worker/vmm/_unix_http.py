@@ -257,43 +257,27 @@ def _protocol_error(message: str, request: httpx.Request) -> httpx.RemoteProtoco
     return httpx.RemoteProtocolError(message, request=request)
 
 
-def _read_line(conn: _Connection, limit: int, request: httpx.Request, what: str) -> bytes:
+def _read_until(
+    conn: _Connection, separator: bytes, limit: int, request: httpx.Request, what: str
+) -> bytes:
+    """The bytes before ``separator`` (both taken off the buffer). The end
+    of the stream before any byte of the answer is ``_PeerClosed``."""
     buf = conn.buffer
     searched = 0
     while True:
-        end = buf.find(b"\r\n", searched)
+        end = buf.find(separator, searched)
         if end >= 0:
-            line = bytes(buf[:end])
-            del buf[: end + 2]
-            return line
+            data = bytes(buf[:end])
+            del buf[: end + len(separator)]
+            return data
         if len(buf) > limit:
             raise _protocol_error(f"{what} is longer than {limit} bytes", request)
-        searched = max(0, len(buf) - 1)
-        if not conn.fill():
-            raise _protocol_error(
-                f"the peer closed the connection in the middle of {what}", request
-            )
-
-
-def _read_head(conn: _Connection, request: httpx.Request) -> bytes:
-    buf = conn.buffer
-    searched = 0
-    while True:
-        end = buf.find(b"\r\n\r\n", searched)
-        if end >= 0:
-            head = bytes(buf[:end])
-            del buf[: end + 4]
-            return head
-        if len(buf) > MAX_HEAD_BYTES:
-            raise _protocol_error(
-                f"the head of the answer is longer than {MAX_HEAD_BYTES} bytes", request
-            )
-        searched = max(0, len(buf) - 3)
+        searched = max(0, len(buf) - len(separator) + 1)
         if not conn.fill():
             if not conn.received:
                 raise _PeerClosed
             raise _protocol_error(
-                "the peer closed the connection in the middle of the answer's head", request
+                f"the peer closed the connection in the middle of {what}", request
             )
 
 
@@ -313,14 +297,14 @@ def _read_chunked(conn: _Connection, limit: int, request: httpx.Request) -> byte
     parts: list[bytes] = []
     total = 0
     while True:
-        line = _read_line(conn, 1024, request, "a chunk size line")
+        line = _read_until(conn, b"\r\n", 1024, request, "a chunk size line")
         digits = line.split(b";", 1)[0].strip()
         if not digits or digits.strip(b"0123456789abcdefABCDEF"):
             raise _protocol_error(f"malformed chunk size line {line[:80]!r}", request)
         size = int(digits, 16)
         if size == 0:
             # Trailers, if any, up to the empty line.
-            while _read_line(conn, MAX_HEAD_BYTES, request, "the trailers"):
+            while _read_until(conn, b"\r\n", MAX_HEAD_BYTES, request, "the trailers"):
                 pass
             return b"".join(parts)
         total += size
@@ -366,7 +350,9 @@ def _read_response(
 ) -> tuple[httpx.Response, bool]:
     """One answer from ``conn``, and whether the connection may be reused."""
     while True:
-        version, status, reason, headers = _parse_head(_read_head(conn, request), request)
+        version, status, reason, headers = _parse_head(
+            _read_until(conn, b"\r\n\r\n", MAX_HEAD_BYTES, request, "the answer's head"), request
+        )
         if not (100 <= status < 200) or status == 101:
             break
         # An interim answer (100 Continue, 102, 103): the real one follows.
