@@ -224,6 +224,49 @@ def test_bad_values_name_their_field() -> None:
     assert "status.vms[0].message: longer than" in info.value.details[0]
 
 
+def test_every_entry_is_checked_although_valid_values_are_remembered() -> None:
+    """The decoder skips re-matching a hash or store path already valid in
+    the same list; a value valid as one field must still be checked as the
+    other, and every bad entry is named, not only the first."""
+    builder = S.Assignment.new_message()
+    convert.fill_assignment(builder, big_assignment(5))
+    builder.vms[0].hash = "samehash"
+    builder.vms[1].nixStorePath = "samehash"  # a valid hash, not a store path
+    builder.vms[2].nixStorePath = "/etc/passwd"
+    builder.vms[4].nixStorePath = "/etc/passwd"
+    builder.vms[3].hash = PATH  # a valid store path, not a hash
+    builder.vms[3].power = 2
+    with (
+        pytest.raises(ValidationError) as info,
+        S.Assignment.from_bytes(builder.to_bytes()) as reader,
+    ):
+        convert.assignment_from_reader(reader)
+    named = {line.split(":")[0] for line in info.value.details}
+    assert named == {
+        "assignment.vms[1].nixStorePath",
+        "assignment.vms[2].nixStorePath",
+        "assignment.vms[3].hash",
+        "assignment.vms[4].nixStorePath",
+    }
+
+
+def test_resources_left_unset_read_as_zero_and_unknown_power_as_running() -> None:
+    builder = S.Assignment.new_message(workerId="host-a", generation=1)
+    entries = builder.init("vms", 2)
+    for index, entry in enumerate(entries):
+        entry.id = f"vm-{index}"
+        entry.hash = f"h{index}"
+        entry.nixStorePath = PATH
+    entries[1].resources.vcpus = 2  # memory left 0: as the image says
+    entries[1].power = 99  # an enumerant of a newer peer
+    with S.Assignment.from_bytes(builder.to_bytes()) as reader:
+        vms = convert.assignment_from_reader(reader).vms
+    assert [(vm.vcpus, vm.memory_mib, vm.power) for vm in vms] == [
+        (0, 0, PowerState.RUNNING),
+        (2, 0, PowerState.RUNNING),
+    ]
+
+
 def test_too_long_lists_are_refused_before_building() -> None:
     builder = S.MetricsReport.new_message(workerId="host-a")
     builder.init("samples", convert.MAX_SAMPLES_PER_REPORT + 1)
