@@ -112,6 +112,7 @@ class DesiredStateStore(Protocol):
         *,
         expected_generation: int,
         changes: Mapping[str, Sequence[VmAssignment]],
+        before: Mapping[str, Sequence[VmAssignment]],
         op_id: str,
         unix_ms: int,
     ) -> int: ...
@@ -269,8 +270,13 @@ class MasterService:
                 return ApplyResult(current, bool(diffs), tuple(diffs), op_id, dry_run)
             desired = fleet.as_dict()
             changes = {d.worker_id: desired.get(d.worker_id, ()) for d in diffs}
+            before = {w: assignments[w].vms for w in changes if w in assignments}
             generation = await self._store.commit(
-                expected_generation=current, changes=changes, op_id=op_id, unix_ms=self._now_ms()
+                expected_generation=current,
+                changes=changes,
+                before=before,
+                op_id=op_id,
+                unix_ms=self._now_ms(),
             )
             for worker_id, vms in changes.items():
                 self._assignments[worker_id] = Assignment(worker_id, generation, tuple(vms), op_id)

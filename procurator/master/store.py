@@ -18,6 +18,12 @@ Invariants:
   file could not both win.
 - VM ids are the primary key of ``vms``: unique across the fleet, as the
   fleet rules say.
+- **An apply writes only the rows that change**: the caller passes the
+  changed workers' lists as it holds them (``before``, which mirrors the
+  store: loaded from it, changed only after a commit) and the new ones; the
+  commit checks inside its transaction that the store holds as many VMs for
+  each of those workers and finds every row it deletes, and fails (rolled
+  back, nothing changed) otherwise.
 - One master per database: the store holds an exclusive ``flock`` on
   ``<db>.lock`` while open.
 
@@ -199,16 +205,21 @@ class FleetStore:
         *,
         expected_generation: int,
         changes: Mapping[str, Sequence[VmAssignment]],
+        before: Mapping[str, Sequence[VmAssignment]],
         op_id: str,
         unix_ms: int,
     ) -> int:
         """Store the new VM lists of the workers in ``changes`` (all others
-        keep theirs) under a new generation, which is returned. Raises
+        keep theirs) under a new generation, which is returned. ``before``
+        holds those workers' lists as stored now (as loaded or last
+        committed; a worker missing from it has none): only the rows that
+        differ are written, and a store that does not hold ``before`` fails
+        the commit rather than being patched wrongly. Raises
         ``StaleGenerationError`` if the stored generation is no longer
-        ``expected_generation``; nothing is changed then."""
+        ``expected_generation``; nothing is changed then, nor on any error."""
 
         def run(db: sqlite3.Connection) -> int:
-            return _commit(db, expected_generation, changes, op_id, unix_ms)
+            return _commit(db, expected_generation, changes, before, op_id, unix_ms)
 
         return await self._call(run, f"apply {op_id}")
 
@@ -256,34 +267,89 @@ def _load(db: sqlite3.Connection) -> StoredFleet:
     return StoredFleet(generation, assignments)
 
 
+def _row_changes(
+    changes: Mapping[str, Sequence[VmAssignment]],
+    before: Mapping[str, Sequence[VmAssignment]],
+) -> tuple[list[tuple[str, str]], list[tuple[str, str, str, str, str, int, int]]]:
+    """(vm_id, worker_id) rows to delete and rows to insert: a VM removed,
+    replaced or otherwise changed is deleted, one added or changed inserted.
+    A one-VM change in a 1,000-VM worker writes two rows, not 2,000."""
+    deletes: list[tuple[str, str]] = []
+    inserts: list[tuple[str, str, str, str, str, int, int]] = []
+    for worker_id, vms in changes.items():
+        old = {vm.id: vm for vm in before.get(worker_id, ())}
+        new_ids = set()
+        for vm in vms:
+            new_ids.add(vm.id)
+            previous = old.get(vm.id)
+            if previous == vm:
+                continue
+            if previous is not None:
+                deletes.append((vm.id, worker_id))
+            inserts.append(
+                (
+                    vm.id,
+                    worker_id,
+                    vm.hash,
+                    vm.nix_store_path,
+                    vm.power.value,
+                    vm.vcpus,
+                    vm.memory_mib,
+                )
+            )
+        deletes.extend((vm_id, worker_id) for vm_id in old.keys() - new_ids)
+    return deletes, inserts
+
+
+def _delete_rows(
+    db: sqlite3.Connection,
+    changes: Mapping[str, Sequence[VmAssignment]],
+    before: Mapping[str, Sequence[VmAssignment]],
+    deletes: Sequence[tuple[str, str]],
+    op_id: str,
+) -> None:
+    """Delete ``deletes``, after checking that the store holds what the
+    caller's ``before`` says: the row delta is only right against that."""
+    for worker_id in changes:
+        (count,) = db.execute(
+            "SELECT count(*) FROM vms WHERE worker_id = ?", (worker_id,)
+        ).fetchone()
+        if count != len(before.get(worker_id, ())):
+            raise ProcuratorError(
+                f"apply {op_id}: the store holds {count} VM(s) for worker {worker_id}, "
+                f"the master {len(before.get(worker_id, ()))}; nothing was applied"
+            )
+    # All deletes before any insert, so a VM that moves between two workers
+    # in one apply never collides with itself.
+    cursor = db.executemany("DELETE FROM vms WHERE vm_id = ? AND worker_id = ?", deletes)
+    if deletes and cursor.rowcount != len(deletes):
+        raise ProcuratorError(
+            f"apply {op_id}: the store does not hold the VMs the master holds "
+            f"({cursor.rowcount} of {len(deletes)} to delete found); nothing was applied"
+        )
+
+
 def _commit(
     db: sqlite3.Connection,
     expected_generation: int,
     changes: Mapping[str, Sequence[VmAssignment]],
+    before: Mapping[str, Sequence[VmAssignment]],
     op_id: str,
     unix_ms: int,
 ) -> int:
+    deletes, inserts = _row_changes(changes, before)
     db.execute("BEGIN IMMEDIATE")
     try:
         generation = _current_generation(db, expected_generation, op_id) + 1
         db.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (generation,))
-        # Delete every changed worker's VMs before inserting any, so a VM that
-        # moves between two workers in one apply never collides with itself.
-        db.executemany("DELETE FROM vms WHERE worker_id = ?", [(w,) for w in changes])
+        _delete_rows(db, changes, before, deletes, op_id)
         db.executemany(
             "INSERT INTO workers (worker_id, generation, op_id) VALUES (?, ?, ?) "
             "ON CONFLICT(worker_id) DO UPDATE SET generation = excluded.generation, "
             "op_id = excluded.op_id",
             [(w, generation, op_id) for w in changes],
         )
-        db.executemany(
-            "INSERT INTO vms VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [
-                (vm.id, w, vm.hash, vm.nix_store_path, vm.power.value, vm.vcpus, vm.memory_mib)
-                for w, vms in changes.items()
-                for vm in vms
-            ],
-        )
+        db.executemany("INSERT INTO vms VALUES (?, ?, ?, ?, ?, ?, ?)", inserts)
         db.execute(
             "INSERT INTO applies VALUES (?, ?, ?, ?)", (generation, op_id, unix_ms, len(changes))
         )
