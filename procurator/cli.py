@@ -386,10 +386,17 @@ def _check_progress(
 async def _wait_converged(
     client: ControlClient, result: ApplyResult, timeout: float, interval: float, out: TextIO
 ) -> int:
+    """Blocking reads: each status is asked for with the change index of
+    the one before, so the master answers when a report (or anything else)
+    changed it, not on a timer. ``interval`` paces the reads only with a
+    master that does not block (it answers change index 0)."""
     last: list[str] = []
+    index = 0
+    deadline = trio.current_time() + timeout
     with trio.move_on_after(timeout):
         while True:
-            status = await client.status()
+            wait = deadline - trio.current_time()
+            status = await client.status(wait_index=index, wait=wait)
             outcome, lines = _check_progress(status, result)
             if lines != last:
                 print("\n".join(lines), file=out, flush=True)
@@ -397,7 +404,9 @@ async def _wait_converged(
             if outcome is not None:
                 print(outcome.message, file=out if outcome.code == EXIT_OK else sys.stderr)
                 return outcome.code
-            await trio.sleep(interval)
+            index = status.change_index
+            if not index:
+                await trio.sleep(interval)
     print(
         f"timed out after {timeout:g}s waiting for generation {result.generation}", file=sys.stderr
     )

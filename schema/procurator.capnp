@@ -208,6 +208,8 @@ struct FleetStatus {
   generation @0 :UInt64;
   # Current fleet generation.
   workers @1 :List(WorkerConnection);
+  changeIndex @2 :UInt64;
+  # The master's change index when this was read: see Control.status.
 }
 
 # ---------------------------------------------------------------- errors
@@ -309,16 +311,26 @@ interface Control {
   # For people and CI pipelines.
   apply @0 (fleet :Fleet, expected :ExpectedGeneration, dryRun :Bool)
       -> (result :ApplyResult);
-  status @1 () -> (status :FleetStatus);
+  status @1 (waitIndex :UInt64, waitMs :UInt32) -> (status :FleetStatus);
+  # The fleet's desired and observed state. A blocking read when waitIndex
+  # and waitMs are both non-zero: the answer waits (at most waitMs, capped
+  # at ten minutes) until the master's change index differs from waitIndex.
+  # The index changes on every apply that changes the fleet, worker status
+  # report, event report, worker connect and disconnect; a client waiting
+  # for convergence passes the changeIndex of its last answer instead of
+  # polling. Any other value, e.g. one from before a master restart (the
+  # index starts from the wall clock in microseconds), answers at once.
   events @2 (vmId :Text, limit :UInt32, afterSeq :UInt64) -> (events :List(WorkerEvent));
   # Recent events, oldest first; vmId "" means all VMs. afterSeq 0: the
   # newest `limit`. Otherwise the oldest `limit` events whose seq is greater
   # (a client following the stream passes the last seq it saw; a jump in
   # seq means events it missed were dropped from the master's history).
-  describeVm @3 (vmId :Text, eventLimit :UInt32) -> (result :DescribeResult);
+  describeVm @3 (vmId :Text, eventLimit :UInt32, waitIndex :UInt64, waitMs :UInt32)
+      -> (result :DescribeResult);
   # Everything the master knows about one VM: desired and observed state and
   # its newest `eventLimit` events (0: a default). notFound when the master
-  # has never heard of the VM.
+  # has never heard of the VM. waitIndex and waitMs block as in status (the
+  # index is the master's, not the VM's: any change of the fleet answers).
 }
 
 struct VmDescription {
@@ -343,6 +355,8 @@ struct VmDescription {
   # Unset when no worker reports the VM.
   events @10 :List(WorkerEvent);
   # Newest last.
+  changeIndex @11 :UInt64;
+  # As in FleetStatus.
 }
 
 struct DescribeResult {

@@ -30,6 +30,12 @@ Invariants:
   through VM ids, cannot grow the master.
 - Every log record of an apply and of the pushes, status transitions and
   events it causes carries its ``op_id`` (``procurator.logs``).
+- The change index (``change_index``) moves on every change a control
+  client can see in a status or description: an apply that changes the
+  fleet, a status or event report, a session starting or ending. It starts
+  from the wall clock in microseconds, so an index from before a restart
+  does not come back; blocking reads (``wait_change``) wait while the index
+  still equals the caller's, at most ``max_waiters`` of them at once.
 
 Lock order: ``_apply_lock`` is the only lock; nothing else is awaited under
 it but the store commit and the (pure) validation/diff in a thread.
@@ -164,6 +170,7 @@ class MasterService:
         events_per_vm: int = 100,
         events_total: int = 10_000,
         wall_clock: Callable[[], float] = time.time,
+        max_waiters: int = 1024,
     ) -> None:
         self._store = store
         self._push_timeout = push_timeout
@@ -181,6 +188,10 @@ class MasterService:
         # Event seqs follow the wall clock (microseconds) so they keep
         # increasing across master restarts; +1 when events come faster.
         self._last_event_seq = 0
+        self._change_index = int(wall_clock() * 1e6)
+        self._changed = trio.Event()
+        self._waiters = 0
+        self._max_waiters = max_waiters
         self._nursery: trio.Nursery | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -216,6 +227,42 @@ class MasterService:
     @property
     def generation(self) -> int:
         return self._generation
+
+    @property
+    def change_index(self) -> int:
+        return self._change_index
+
+    @property
+    def waiting(self) -> int:
+        """Blocking reads waiting for a change now."""
+        return self._waiters
+
+    def _mark_changed(self) -> None:
+        self._change_index += 1
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_change(self, index: int, timeout: float) -> int:
+        """Wait (at most ``timeout`` seconds) while the change index still
+        equals ``index``; return the index then. Any other ``index`` returns
+        at once. ``LimitExceededError`` when ``max_waiters`` calls wait
+        already: the caller should poll instead."""
+        self._require_running()
+        if index != self._change_index or timeout <= 0:
+            return self._change_index
+        if self._waiters >= self._max_waiters:
+            raise LimitExceededError(
+                f"{self._waiters} calls are waiting for a change already (the limit); "
+                "poll without waiting"
+            )
+        self._waiters += 1
+        try:
+            with trio.move_on_after(timeout):
+                while self._change_index == index:
+                    await self._changed.wait()
+        finally:
+            self._waiters -= 1
+        return self._change_index
 
     # ------------------------------------------------------------ control
 
@@ -281,6 +328,7 @@ class MasterService:
             for worker_id, vms in changes.items():
                 self._assignments[worker_id] = Assignment(worker_id, generation, tuple(vms), op_id)
             self._generation = generation
+            self._mark_changed()
         with log_context(generation=generation):
             logger.info(
                 "applied %s: generation %d, %d worker(s) changed", op_id, generation, len(diffs)
@@ -318,7 +366,7 @@ class MasterService:
                     info=worker.info if worker else None,
                 )
             )
-        return FleetStatus(self._generation, tuple(workers))
+        return FleetStatus(self._generation, tuple(workers), self._change_index)
 
     async def describe_vm(self, vm_id: str, event_limit: int = 20) -> VmDescription:
         """Desired and observed state of one VM with its newest events.
@@ -369,6 +417,7 @@ class MasterService:
             ),
             status=observed,
             events=events,
+            change_index=self._change_index,
         )
 
     async def recent_events(
@@ -446,6 +495,7 @@ class MasterService:
         worker.session = session
         worker.info = info
         worker.since_unix_ms = self._now_ms()
+        self._mark_changed()
         if old is not None:
             logger.info("worker %s registered again; replacing its old session", info.worker_id)
             self._end_session(old, "replaced by a new registration")
@@ -522,6 +572,7 @@ class MasterService:
         before = worker.status.observed_generation if worker.status else 0
         worker.status = status
         worker.last_report_unix_ms = self._now_ms()
+        self._mark_changed()
         reached = status.observed_generation
         if reached != before:
             assignment = self._assignments.get(worker.worker_id)
@@ -566,6 +617,8 @@ class MasterService:
                     del self._vm_events[next(iter(self._vm_events))]
             ring.append(item)
             self._vm_events[event.vm_id] = ring  # re-inserted: newest last
+        if events:
+            self._mark_changed()
 
     @staticmethod
     def _check_own(session: _Session, worker_id: str, what: str) -> None:
@@ -589,6 +642,7 @@ class MasterService:
         if worker is not None and worker.session is session:
             worker.session = None
             worker.since_unix_ms = self._now_ms()
+            self._mark_changed()
         logger.debug("session %d of worker %s ended: %s", session.token, session.worker_id, reason)
 
     async def _pusher(self, session: _Session) -> None:

@@ -121,8 +121,13 @@ class ControlClient:
             _apply, self._handle, fleet, expected_generation, dry_run, what="apply"
         )
 
-    async def status(self) -> FleetStatus:
-        return await self._bridge.run(_status, self._handle, what="status")
+    async def status(self, *, wait_index: int = 0, wait: float = 0.0) -> FleetStatus:
+        """The fleet's status. With ``wait_index`` (the ``change_index`` of
+        an earlier answer) and ``wait`` seconds: a blocking read that answers
+        when something changed, or after ``wait``."""
+        return await self._bridge.run(
+            _status, self._handle, wait_index, _wait_ms(wait), what="status"
+        )
 
     async def events(
         self, vm_id: str = "", limit: int = 100, *, after_seq: int = 0
@@ -133,13 +138,22 @@ class ControlClient:
             raise ValidationError(f"vm id: {problem}")
         return await self._bridge.run(_events, self._handle, vm_id, limit, after_seq, what="events")
 
-    async def describe_vm(self, vm_id: str, event_limit: int = 20) -> VmDescription:
+    async def describe_vm(
+        self, vm_id: str, event_limit: int = 20, *, wait_index: int = 0, wait: float = 0.0
+    ) -> VmDescription:
         """Everything the master knows about VM ``vm_id``; ``NotFoundError``
-        when it knows nothing."""
+        when it knows nothing. ``wait_index`` and ``wait`` block as in
+        :meth:`status`."""
         if (problem := check_vm_id(vm_id)) is not None:
             raise ValidationError(f"vm id: {problem}")
         return await self._bridge.run(
-            _describe_vm, self._handle, vm_id, event_limit, what=f"describe VM {vm_id}"
+            _describe_vm,
+            self._handle,
+            vm_id,
+            event_limit,
+            wait_index,
+            _wait_ms(wait),
+            what=f"describe VM {vm_id}",
         )
 
 
@@ -202,8 +216,15 @@ async def _apply(
     return apply_result_from_reader(response.result)
 
 
-async def _status(handle: CapnpHandle[tuple[ClientConnection, Any]]) -> FleetStatus:
-    response = await handle.get()[1].status()
+def _wait_ms(wait: float) -> int:
+    """Seconds to the wire's waitMs (UInt32; the master caps it lower)."""
+    return 0 if wait <= 0 else min(max(1, round(wait * 1000)), 0xFFFF_FFFF)
+
+
+async def _status(
+    handle: CapnpHandle[tuple[ClientConnection, Any]], wait_index: int, wait_ms: int
+) -> FleetStatus:
+    response = await handle.get()[1].status(waitIndex=wait_index, waitMs=wait_ms)
     return fleet_status_from_reader(response.status)
 
 
@@ -215,9 +236,15 @@ async def _events(
 
 
 async def _describe_vm(
-    handle: CapnpHandle[tuple[ClientConnection, Any]], vm_id: str, event_limit: int
+    handle: CapnpHandle[tuple[ClientConnection, Any]],
+    vm_id: str,
+    event_limit: int,
+    wait_index: int,
+    wait_ms: int,
 ) -> VmDescription:
-    response = await handle.get()[1].describeVm(vmId=vm_id, eventLimit=event_limit)
+    response = await handle.get()[1].describeVm(
+        vmId=vm_id, eventLimit=event_limit, waitIndex=wait_index, waitMs=wait_ms
+    )
     return describe_result_from_reader(response.result)
 
 

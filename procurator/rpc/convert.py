@@ -679,11 +679,12 @@ def fleet_status_from_reader(reader: Any) -> FleetStatus:
             )
         )
     problems.raise_if_any()
-    return FleetStatus(reader.generation, tuple(workers))
+    return FleetStatus(reader.generation, tuple(workers), reader.changeIndex)
 
 
 def fill_fleet_status(builder: Any, status: FleetStatus) -> None:
     builder.generation = status.generation
+    builder.changeIndex = status.change_index
     items = builder.init("workers", len(status.workers))
     for entry, worker in zip(items, status.workers, strict=True):
         entry.workerId = worker.worker_id
@@ -733,6 +734,7 @@ def describe_result_from_reader(reader: Any) -> VmDescription:
         observed_generation=vm.observedGeneration,
         status=status,
         events=events,
+        change_index=vm.changeIndex,
     )
     problems.raise_if_any()
     return description
@@ -742,6 +744,7 @@ def fill_describe_result(builder: Any, description: VmDescription) -> None:
     vm = builder.init("vm")
     vm.vmId = description.vm_id
     vm.fleetGeneration = description.fleet_generation
+    vm.changeIndex = description.change_index
     vm.workerId = description.worker_id
     vm.desiredGeneration = description.desired_generation
     vm.desiredOpId = description.desired_op_id

@@ -123,6 +123,9 @@ _REFUSED_TRAVERSAL_LIMIT_WORDS = 64 * 1024
 # name; every certificate without a usable identity counts as one): a
 # stolen key cannot take every slot of the cap.
 MAX_CONNECTIONS_PER_PEER = 16
+# A blocking read (Control.status / describeVm with waitIndex) waits at most
+# this long, whatever the client asks: a client waiting longer asks again.
+MAX_WAIT_MS = 600_000
 
 
 class MasterBackend(Protocol):
@@ -138,6 +141,8 @@ class MasterBackend(Protocol):
     ) -> ApplyResult: ...
 
     async def fleet_status(self) -> FleetStatus: ...
+
+    async def wait_change(self, index: int, timeout: float) -> int: ...
 
     async def describe_vm(self, vm_id: str, event_limit: int = 20) -> VmDescription: ...
 
@@ -666,10 +671,17 @@ class _ControlImpl(_schema.Control.Server):  # type: ignore[misc, name-defined]
                 logger.info("apply %s refused: %s", op_id, error.message)
                 fill_error(result.init("error"), error)
 
-    async def status(self, _context: Any, **_: Any) -> None:
+    async def status(self, waitIndex: int, waitMs: int, _context: Any, **_: Any) -> None:
         listener = self._listener
         try:
-            value = await _backend_call(listener, listener.backend.fleet_status)
+            value = await _backend_call(
+                listener,
+                _after_change,
+                listener.backend,
+                int(waitIndex),
+                int(waitMs),
+                listener.backend.fleet_status,
+            )
         except Exception as exc:  # noqa: BLE001 - a handler must answer
             _raise_for_wire("Control.status", exc)
         fill_fleet_status(_context.results.init("status"), value)
@@ -689,13 +701,24 @@ class _ControlImpl(_schema.Control.Server):  # type: ignore[misc, name-defined]
             _raise_for_wire("Control.events", exc)
         fill_worker_events(_context.results.init("events", len(values)), values)
 
-    async def describeVm(self, vmId: str, eventLimit: int, _context: Any, **_: Any) -> None:
+    async def describeVm(
+        self, vmId: str, eventLimit: int, waitIndex: int, waitMs: int, _context: Any, **_: Any
+    ) -> None:
         listener = self._listener
         result = _context.results.result
         try:
             _check_vm_id_param(vmId, required=True)
             count = min(int(eventLimit) or 20, MAX_EVENTS_PER_REPORT)
-            value = await _backend_call(listener, listener.backend.describe_vm, vmId, count)
+            value = await _backend_call(
+                listener,
+                _after_change,
+                listener.backend,
+                int(waitIndex),
+                int(waitMs),
+                listener.backend.describe_vm,
+                vmId,
+                count,
+            )
             fill_describe_result(result, value)
         except ProcuratorError as exc:
             fill_error(result.init("error"), exc)
@@ -708,6 +731,21 @@ def _check_vm_id_param(vm_id: str, *, required: bool = False) -> None:
         raise ValidationError("vmId: a VM id is required")
     if vm_id and (problem := check_vm_id(vm_id)) is not None:
         raise ValidationError(f"vmId: {problem}")
+
+
+async def _after_change(
+    backend: MasterBackend,
+    wait_index: int,
+    wait_ms: int,
+    fn: Callable[..., Awaitable[T]],
+    *args: Any,
+) -> T:
+    """``await fn(*args)``, after waiting for the change index to leave
+    ``wait_index`` when both it and ``wait_ms`` are non-zero. One trio task
+    for both, so the answer reads the state right after the change."""
+    if wait_index and wait_ms:
+        await backend.wait_change(wait_index, min(wait_ms, MAX_WAIT_MS) / 1000)
+    return await fn(*args)
 
 
 async def _apply(

@@ -127,6 +127,9 @@ class WorkerConnection:
 class FleetStatus:
     generation: int
     workers: tuple[WorkerConnection, ...]
+    # The master's change index when it answered: pass it back to block
+    # until something changes (``ControlClient.status(wait_index=...)``).
+    change_index: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,3 +147,4 @@ class VmDescription:
     observed_generation: int  # of the assigned worker (else of observed_by)
     status: VmStatus | None
     events: tuple[WorkerEvent, ...] = ()
+    change_index: int = 0  # as in FleetStatus

@@ -228,3 +228,89 @@ async def test_disconnect_is_visible_in_status(service: MasterService) -> None:
     await service.unregister(token)
     (worker,) = (await service.fleet_status()).workers
     assert not worker.connected and worker.since_unix_ms > 0
+
+
+# ------------------------------------------------------------ blocking reads
+
+
+async def test_the_change_index_moves_with_what_status_shows(
+    service: MasterService, fleet_of: FleetOf
+) -> None:
+    seen = [(await service.fleet_status()).change_index]
+
+    def moved() -> bool:
+        index = service.change_index
+        changed = index != seen[-1]
+        seen.append(index)
+        return changed
+
+    token = await service.register(WorkerInfo("host-a"), FakeNode())
+    assert moved()
+    fleet = fleet_of({"host-a": [("web-1", "a")]})
+    result = await service.apply(fleet)
+    assert moved()
+    await service.apply(fleet)  # no-op
+    await service.apply(fleet_of({"host-a": [("web-1", "b")]}), dry_run=True)
+    assert not moved()
+    await service.report_metrics(token, "host-a", ())
+    assert not moved()  # metrics are not in a status
+    await service.report_status(token, WorkerStatus("host-a", result.generation))
+    assert moved()
+    await service.report_events(token, [VmEvent("web-1", EventKind.BOOTED, "up")])
+    assert moved()
+    description = await service.describe_vm("web-1")
+    assert description.change_index == service.change_index
+    await service.unregister(token)
+    assert moved()
+    assert seen == sorted(seen)
+
+
+async def test_wait_change_blocks_until_a_report_and_no_longer(
+    service: MasterService, fleet_of: FleetOf
+) -> None:
+    token = await service.register(WorkerInfo("host-a"), FakeNode())
+    result = await service.apply(fleet_of({"host-a": [("web-1", "a")]}))
+    index = service.change_index
+    # Another index (a stale one, one from before a restart) answers at once,
+    # and so does a zero timeout.
+    with trio.fail_after(1):
+        assert await service.wait_change(index - 1, 60) == index
+        assert await service.wait_change(index, 0) == index
+    answered: list[int] = []
+
+    async def waiter() -> None:
+        answered.append(await service.wait_change(index, 60))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        nursery.start_soon(waiter)
+        await settle()
+        assert answered == []  # nothing changed: both still wait
+        await service.report_status(token, WorkerStatus("host-a", result.generation))
+    assert answered == [index + 1, index + 1]
+    # Nothing changes: the wait ends with its timeout, the index unchanged.
+    with trio.fail_after(5):
+        assert await service.wait_change(index + 1, 0.05) == index + 1
+
+
+async def test_waiters_are_bounded(tmp_path: Path) -> None:
+    async with await FleetStore.open(tmp_path / "m.db") as store, trio.open_nursery() as nursery:
+        svc = MasterService(store, max_waiters=2)
+        await nursery.start(svc.run)
+        index = svc.change_index
+        for _ in range(2):
+            nursery.start_soon(svc.wait_change, index, 60)
+        await settle()
+        with pytest.raises(LimitExceededError, match="poll without waiting"):
+            await svc.wait_change(index, 60)
+        nursery.cancel_scope.cancel()
+    async with await FleetStore.open(tmp_path / "m.db") as store, trio.open_nursery() as nursery:
+        svc2 = MasterService(store, max_waiters=1)
+        await nursery.start(svc2.run)
+        # A restarted master's index does not go back (wall clock based).
+        assert svc2.change_index > index
+        # A wait that is cancelled gives its slot back.
+        with trio.move_on_after(0.01):
+            await svc2.wait_change(svc2.change_index, 60)
+        assert await svc2.wait_change(svc2.change_index, 0.01) == svc2.change_index
+        nursery.cancel_scope.cancel()

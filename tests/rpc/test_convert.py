@@ -32,6 +32,7 @@ from procurator.rpc.messages import (
     ApplyResult,
     FleetStatus,
     MetricSample,
+    VmDescription,
     WorkerConnection,
     WorkerEvent,
 )
@@ -188,12 +189,38 @@ def test_fleet_status_round_trips() -> None:
             ),
             WorkerConnection("host-b", False, 0, 2, None, 0, 1),
         ),
+        change_index=1_764_950_000_123_456,
     )
     assert (
         roundtrip(
             S.FleetStatus, convert.fill_fleet_status, convert.fleet_status_from_reader, status
         )
         == status
+    )
+
+
+def test_vm_description_round_trips() -> None:
+    description = VmDescription(
+        vm_id="web-1",
+        fleet_generation=7,
+        worker_id="host-a",
+        desired_generation=6,
+        desired_op_id="op-6",
+        desired=None,
+        observed_by="host-a",
+        worker_connected=True,
+        observed_generation=5,
+        status=VmStatus("web-1", Phase.RUNNING, observed_hash="a" * 32),
+        change_index=1_764_950_000_123_456,
+    )
+    assert (
+        roundtrip(
+            S.DescribeResult,
+            convert.fill_describe_result,
+            convert.describe_result_from_reader,
+            description,
+        )
+        == description
     )
 
 

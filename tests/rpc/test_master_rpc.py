@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,13 @@ from procurator.core.models import (
     WorkerStatus,
 )
 from procurator.core.status import StatusChanges
-from procurator.rpc.bridge import Bridge
+from procurator.master.service import MasterService
+from procurator.master.store import FleetStore
+from procurator.rpc.bridge import Bridge, connect
 from procurator.rpc.clients import CapnpMasterDialer, open_control
 from procurator.rpc.master_server import serve_master
-from procurator.rpc.messages import Address, parse_address
+from procurator.rpc.messages import Address, FleetStatus, parse_address
+from procurator.rpc.schema import load_schema
 from procurator.worker.link import LinkSettings, MasterLink
 
 FleetOf = Callable[[dict[str, list[tuple[str, str]]]], Fleet]
@@ -331,3 +335,96 @@ async def test_a_failing_handler_does_not_kill_the_server(
 
 async def _ignore(assignment: Assignment) -> None:
     return None
+
+
+# ---------------------------------------------------------------- blocking reads
+
+
+@contextlib.asynccontextmanager
+async def _served(tmp_path: Path, bridge: Bridge) -> AsyncIterator[tuple[MasterService, Address]]:
+    async with await FleetStore.open(tmp_path / "m.db") as store, trio.open_nursery() as nursery:
+        service = MasterService(store)
+        await nursery.start(service.run)
+        address = await nursery.start(serve_master, bridge, service, parse_address("127.0.0.1:0"))
+        yield service, address
+        nursery.cancel_scope.cancel()
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    with trio.fail_after(10):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+async def test_blocking_reads_answer_on_the_report_not_before(
+    tmp_path: Path, bridge: Bridge, fleet_of: FleetOf
+) -> None:
+    async with _served(tmp_path, bridge) as (service, address):
+        session = await CapnpMasterDialer(bridge, address).connect(WorkerInfo("host-a"), _ignore)
+        try:
+            async with open_control(bridge, address) as control:
+                result = await control.apply(fleet_of({"host-a": [("web-1", "a")]}))
+                first = await control.status()
+                assert first.change_index == service.change_index
+                answers: list[Any] = []
+
+                async def read_status() -> None:
+                    answers.append(await control.status(wait_index=first.change_index, wait=30))
+
+                async def read_vm() -> None:
+                    answers.append(
+                        await control.describe_vm("web-1", wait_index=first.change_index, wait=30)
+                    )
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(read_status)
+                    nursery.start_soon(read_vm)
+                    await _until(lambda: service.waiting == 2)
+                    await trio.sleep(0.2)
+                    assert answers == []  # nothing changed yet: both still wait
+                    running = VmStatus("web-1", Phase.RUNNING, observed_hash="a" * 32)
+                    await session.report_status(
+                        WorkerStatus("host-a", result.generation, (running,))
+                    )
+                status = next(a for a in answers if isinstance(a, FleetStatus))
+                described = next(a for a in answers if not isinstance(a, FleetStatus))
+                assert status.change_index > first.change_index
+                assert status.workers[0].status is not None
+                assert status.workers[0].status.observed_generation == result.generation
+                assert described.status == running
+                # No change within the wait: the same index comes back.
+                again = await control.status(wait_index=status.change_index, wait=0.1)
+                assert again.change_index == status.change_index
+        finally:
+            await session.aclose()
+
+
+async def test_a_waiting_read_that_goes_away_is_forgotten(tmp_path: Path, bridge: Bridge) -> None:
+    async with _served(tmp_path, bridge) as (service, address):
+        async with open_control(bridge, address) as control:
+            index = (await control.status()).change_index
+            with trio.move_on_after(0.2):
+                await control.status(wait_index=index, wait=60)
+            # The client cancelled its call: the master stops waiting for it.
+            await _until(lambda: service.waiting == 0)
+
+        # ... and when the connection closes under a waiting call.
+        held: dict[str, Any] = {}
+
+        async def send_and_hold() -> None:  # capnp thread
+            held["conn"] = conn = await connect(address, lambda reason: None)
+            master = conn.bootstrap(load_schema().Master)
+            control_ = (await master.control()).result.control
+            held["call"] = control_.status(waitIndex=index, waitMs=60_000)
+
+        async def close() -> None:  # capnp thread
+            held.pop("conn").close()  # the call still held: the close ends it
+            held.pop("call", None)
+
+        await bridge.run(send_and_hold)
+        try:
+            await _until(lambda: service.waiting == 1)
+        finally:
+            await bridge.run(close)
+        await _until(lambda: service.waiting == 0)
+        assert service.change_index == index
