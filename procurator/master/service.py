@@ -273,6 +273,7 @@ class MasterService:
         expected_generation: int | None = None,
         dry_run: bool = False,
         op_id: str = "",
+        request_id: str = "",
     ) -> ApplyResult:
         """Validate, diff, store (one transaction), push to affected workers.
 

@@ -138,6 +138,7 @@ class MasterBackend(Protocol):
         expected_generation: int | None = None,
         dry_run: bool = False,
         op_id: str = "",
+        request_id: str = "",
     ) -> ApplyResult: ...
 
     async def fleet_status(self) -> FleetStatus: ...

@@ -106,6 +106,9 @@ class ApplyResult:
     diffs: tuple[WorkerDiff, ...]
     op_id: str
     dry_run: bool = False
+    # True when the apply's request id matched one the master had already
+    # committed: this is that apply's result, nothing was applied again.
+    replayed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
