@@ -114,7 +114,9 @@ class NullImages(ImageManager):
         on_realise: Callable[[], None] | None = None,
     ) -> PreparedImage:
         config = {"payload": {"kernel": f"{store_path}/vmlinux"}}
-        return PreparedImage(store_path=store_path, config=config, disks=())
+        return PreparedImage(
+            store_path=store_path, config=config, disks=(), net_tunables={}, fresh=False
+        )
 
 
 def _parse(argv: list[str] | None = None) -> argparse.Namespace:

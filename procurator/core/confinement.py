@@ -54,6 +54,7 @@ __all__ = [
     "ImageLimits",
     "PathKind",
     "ResolvedPath",
+    "attach_nic",
     "confine",
     "host_paths",
     "in_closure",
@@ -109,7 +110,8 @@ class HostSide:
     """Everything host-facing the worker decides for one VM.
 
     ``net``: the VM's net entry (tap, MAC, ...) from the network adapter, or
-    None for a VM without network. ``cmdline_extra``: appended to the
+    None: a VM without network, or one whose NIC :func:`attach_nic` adds
+    once the image is accepted. ``cmdline_extra``: appended to the
     image's kernel command line (the kernel takes the last of repeated
     parameters, so the worker's win). ``serial_file``: where the serial port
     is written (None: no serial port). ``vcpus`` / ``memory_mib``: the
@@ -144,10 +146,13 @@ class DiskCopy:
 
 @dataclass(frozen=True, slots=True)
 class Confined:
-    """A safe config, and the disk copies it relies on."""
+    """A safe config, and the disk copies it relies on. ``net_tunables``:
+    the image's checked ``net[0]`` tunables (empty when it names none), for
+    :func:`attach_nic` when the NIC is attached after confinement."""
 
     config: dict[str, Any]
     copies: tuple[DiskCopy, ...]
+    net_tunables: dict[str, Any]
 
 
 # ------------------------------------------------------------------ the rules
@@ -382,9 +387,9 @@ def confine(
     disks, copies = _disks(config, paths, limits, disk_dir, problems)
     if disks:
         out["disks"] = disks
-    net = _net(config, host, problems)
-    if net:
-        out["net"] = net
+    tunables = _net_tunables(config, problems)
+    if host.net is not None:
+        out["net"] = [_nic_entry(tunables, host.net)]
     _simple_sections(config, out, problems)
     out["serial"] = (
         {"mode": "File", "file": host.serial_file}
@@ -401,7 +406,30 @@ def confine(
             f"problem{'s' if len(problems) > 1 else ''})",
             details=problems,
         )
-    return Confined(config=out, copies=copies)
+    return Confined(config=out, copies=copies, net_tunables=tunables)
+
+
+def attach_nic(
+    confined: Confined,
+    *,
+    net: Mapping[str, Any],
+    cmdline_extra: str,
+    limits: ImageLimits,
+) -> dict[str, Any]:
+    """The config of ``confined`` (made with ``HostSide.net`` None and no
+    ``cmdline_extra``) with the worker's NIC: the net entry (the image's
+    tunables under the worker's tap and MAC) and the kernel command line
+    additions. The worker confines an image before it takes a tap and an
+    address for it, so a refused image takes neither. Raises
+    ``ValidationError`` when the command line grows past the limit."""
+    problems: list[str] = []
+    payload = dict(confined.config["payload"])
+    cmdline = _cmdline(payload.get("cmdline", ""), cmdline_extra, limits, problems)
+    if problems:
+        raise ValidationError("the VM's kernel command line is refused", details=problems)
+    if cmdline:
+        payload["cmdline"] = cmdline
+    return {**confined.config, "payload": payload, "net": [_nic_entry(confined.net_tunables, net)]}
 
 
 # ------------------------------------------------------------------ sections
@@ -427,8 +455,18 @@ def _payload(
             real = paths.check(f"payload.{key}", payload[key])
             if real is not None:
                 payload[key] = real
-    parts = [p for p in (payload.get("cmdline", ""), host.cmdline_extra) if p.strip()]
-    cmdline = " ".join(p.strip() for p in parts)
+    cmdline = _cmdline(payload.get("cmdline", ""), host.cmdline_extra, limits, problems)
+    if cmdline:
+        payload["cmdline"] = cmdline
+    else:
+        payload.pop("cmdline", None)
+    return payload
+
+
+def _cmdline(image: str, extra: str, limits: ImageLimits, problems: list[str]) -> str:
+    """The image's kernel command line with the worker's additions (which
+    come last: the kernel takes the last of repeated parameters)."""
+    cmdline = " ".join(p.strip() for p in (image, extra) if p.strip())
     if "\x00" in cmdline:
         problems.append("payload.cmdline: must not contain NUL characters")
     elif len(cmdline.encode()) >= limits.max_cmdline:
@@ -436,11 +474,7 @@ def _payload(
             f"payload.cmdline: {len(cmdline.encode())} bytes with the worker's additions; "
             f"the limit is {limits.max_cmdline - 1}"
         )
-    if cmdline:
-        payload["cmdline"] = cmdline
-    else:
-        payload.pop("cmdline", None)
-    return payload
+    return cmdline
 
 
 def _cpus(
@@ -538,22 +572,26 @@ def _disks(
     return disks, tuple(copies)
 
 
-def _net(config: Mapping[str, Any], host: HostSide, problems: list[str]) -> list[dict[str, Any]]:
+def _net_tunables(config: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
+    """The image's checked net[0] tunables. Without a worker-made tap
+    (``HostSide.net`` None, no :func:`attach_nic`) the VM gets no NIC at
+    all, whatever the image asked: cloud-hypervisor would create a host tap
+    itself."""
     entries = _list(config, "net", problems)
     if len(entries) > 1:
         problems.append(f"net: {len(entries)} entries; the worker gives each VM one NIC")
-        return []
+        return {}
     tunables: dict[str, Any] = {}
     if entries:
         tunables = _section({"net[0]": entries[0]}, "net[0]", _NET, _NET_REFUSED, problems) or {}
         _rate_limiter(tunables, "net[0]", problems)
         if tunables.get("vhost_user"):
             problems.append(f"net[0].vhost_user: refused: {_HOST_SOCKET}")
-    if host.net is None:
-        # Without a worker-made tap cloud-hypervisor would create a host tap
-        # itself: no network at all, whatever the image asked.
-        return []
-    return [{**tunables, **host.net, "id": "net0"}]
+    return tunables
+
+
+def _nic_entry(tunables: Mapping[str, Any], net: Mapping[str, Any]) -> dict[str, Any]:
+    return {**tunables, **net, "id": "net0"}
 
 
 def _simple_sections(config: Mapping[str, Any], out: dict[str, Any], problems: list[str]) -> None:

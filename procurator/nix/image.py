@@ -44,17 +44,19 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from procurator.core.confinement import (
+    Confined,
     DiskCopy,
     HostSide,
     ImageLimits,
     PathKind,
     ResolvedPath,
+    attach_nic,
     confine,
     host_paths,
     in_closure,
@@ -74,11 +76,16 @@ CONFIG_NAME = "vm-config.json"
 @dataclass(frozen=True, slots=True)
 class PreparedImage:
     """A VM's image, ready to boot: ``config`` is the final, confined
-    ``VmConfig``; ``disks`` the VM's writable copies it names."""
+    ``VmConfig``; ``disks`` the VM's writable copies it names; ``net_tunables``
+    the image's checked NIC tunables (``confinement.attach_nic``). ``fresh``:
+    this prepare rooted the image for the VM (it was not before), so
+    ``abandon`` undoes it."""
 
     store_path: str
     config: dict[str, Any]
     disks: tuple[Path, ...]
+    net_tunables: dict[str, Any]
+    fresh: bool
 
 
 class ImageManager:
@@ -164,7 +171,42 @@ class ImageManager:
             if fresh:  # leave the previous state exactly as it was
                 self._forget_after_failure(vm_id, link, disk_dir)
             raise
-        return PreparedImage(store_path=store_path, config=confined.config, disks=disks)
+        return PreparedImage(
+            store_path=store_path,
+            config=confined.config,
+            disks=disks,
+            net_tunables=confined.net_tunables,
+            fresh=fresh,
+        )
+
+    def with_nic(
+        self, prepared: PreparedImage, *, net: Mapping[str, Any], cmdline_extra: str
+    ) -> PreparedImage:
+        """``prepared`` (made with ``HostSide.net`` None) with the VM's NIC
+        and its kernel command line additions (``confinement.attach_nic``).
+        Raises ``ValidationError`` when the command line grows too long."""
+        config = attach_nic(
+            Confined(prepared.config, (), prepared.net_tunables),
+            net=net,
+            cmdline_extra=cmdline_extra,
+            limits=self._limits,
+        )
+        return replace(prepared, config=config)
+
+    def abandon(self, vm_id: str, prepared: PreparedImage) -> None:
+        """Undo a ``prepare`` whose VM never got to run it (a later step of
+        its launch failed): drop the root and disk copies it made, when it
+        made them (``prepared.fresh``); an image the VM had before stays."""
+        if not prepared.fresh:
+            return
+        name = os.path.basename(prepared.store_path)
+        disks = self._vms_dir / vm_id / "disks"
+        self._forget_after_failure(vm_id, self._roots_dir / vm_id / name, disks / name)
+        # The directories the copies needed, when nothing else is in them
+        # (a VM the VmManager knows has its vm.json there: it stays).
+        for directory in (disks, disks.parent):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
 
     def retire_others(self, vm_id: str, store_path: str) -> None:
         """Drop the roots and disk copies of every image of VM ``vm_id``

@@ -1,9 +1,9 @@
-"""The reconciler's hands on one worker: network, image, VMM, in that order.
+"""The reconciler's hands on one worker: image, network, VMM, in that order.
 
 ``WorkerActuator`` implements ``procurator.core.reconcile.VmActuator`` by
-composing three blocking, thread-safe adapters — ``NetworkManager`` (tap,
-MAC, address), ``ImageManager`` (store path, GC root, confinement, disk
-copies) and ``VmManager`` (the VMM process) — and running each VM's steps in
+composing three blocking, thread-safe adapters — ``ImageManager`` (store
+path, GC root, confinement, disk copies), ``NetworkManager`` (tap, MAC,
+address) and ``VmManager`` (the VMM process) — and running each VM's steps in
 a worker thread through ``trio.to_thread.run_sync`` with one capacity
 limiter, so at most ``limiter.total_tokens`` threads do blocking work at once.
 
@@ -15,11 +15,15 @@ any step after a crash. A power change goes through the same ``ensure``:
 the disk copies of an unchanged image are kept, so a stopped VM starts
 again with its disk contents and its address.
 
-Order matters. Ensure: the tap must exist before the VMM opens it, and the
-image (with the worker-owned net entry and kernel ``ip=``) must be prepared
-before the VMM is (re)created. Remove: stop the VMM first, then release the
-image (its GC root must outlive the VMM that reads it) and last the tap
-and the address.
+Order matters. Ensure: the image is checked (confinement) before anything
+is taken on the host for the VM, so a refused image takes no tap and no
+address; then the tap and address, attached to the accepted config (net
+entry, kernel ``ip=``); then the hand-over to the VmManager. Every failure
+before the hand-over frees what this step took (a fresh image root and
+disk copies, a tap and address the VM did not have); from the hand-over on
+the VM is the VmManager's, observed, and a removal releases everything.
+Remove: stop the VMM first, then release the image (its GC root must
+outlive the VMM that reads it) and last the tap and the address.
 
 While a VM's step runs, ``observe`` shows it in a transitional phase
 (``realising`` while its image is fetched, else ``starting``/``stopping``)
@@ -38,9 +42,10 @@ from dataclasses import dataclass
 import trio
 
 from procurator.core.confinement import HostSide
+from procurator.core.errors import ProcuratorError
 from procurator.core.models import Phase, PowerState, VmAssignment
 from procurator.core.reconcile import ObservedVm
-from procurator.nix.image import ImageManager
+from procurator.nix.image import ImageManager, PreparedImage
 from procurator.worker.manager import VmManager, VmObservation, VmSpec
 from procurator.worker.network import NetworkManager
 
@@ -133,42 +138,21 @@ class WorkerActuator:
     def _ensure_blocking(self, vm: VmAssignment, op_id: str) -> None:
         # Log records here carry the vm_id and op_id of the reconciler's
         # action: trio.to_thread.run_sync runs this in a copy of its context.
-        self._mark(vm.id, _InFlight(vm.hash, Phase.STARTING, "preparing network and image"))
+        self._mark(vm.id, _InFlight(vm.hash, Phase.STARTING, "preparing the image"))
         log.info(
             "VM %s: ensuring %s, power %s (%s)", vm.id, vm.hash, vm.power.value, vm.nix_store_path
         )
         try:
-            nic = self._network.ensure_vm(vm.id) if self._network is not None else None
-            host = HostSide(
-                net=nic.net_config() if nic is not None else None,
-                cmdline_extra=nic.kernel_ip_arg() if nic is not None else "",
-                serial_file=self._serial_file(vm.id),
-                vcpus=vm.vcpus,
-                memory_mib=vm.memory_mib,
-            )
-            realise_started: list[float] = []
-
-            def on_realise() -> None:
-                realise_started.append(time.monotonic())
-                self._mark(vm.id, _InFlight(vm.hash, Phase.REALISING, "fetching the image"))
-
-            prepared = self._images.prepare(
-                vm.id, vm.nix_store_path, host=host, on_realise=on_realise
-            )
-            if realise_started and self._on_realise_seconds is not None:
-                self._on_realise_seconds(time.monotonic() - realise_started[0])
-            labels = {"store_path": vm.nix_store_path}
-            if nic is not None:
-                labels["address"] = nic.ip
-                labels["tap"] = nic.tap
-                labels["mac"] = nic.mac
-            log.info(
-                "VM %s: image ready (%d disk copies)%s",
-                vm.id,
-                len(prepared.disks),
-                f", tap {nic.tap}, address {nic.ip}" if nic is not None else ", no network",
-            )
+            # The image first: a refused one takes no tap and no address.
+            prepared = self._prepare_image(vm)
+            try:
+                prepared, labels = self._attach_network(vm, prepared)
+            except BaseException:
+                self._images.abandon(vm.id, prepared)
+                raise
             self._mark(vm.id, _InFlight(vm.hash, Phase.STARTING, "starting the VMM"))
+            # The hand-over: from here the VmManager owns the VM (and with it
+            # what was taken for it), and a removal releases all of it.
             observation = self._manager.ensure(
                 VmSpec(
                     vm_id=vm.id,
@@ -184,6 +168,56 @@ class WorkerActuator:
             self._images.retire_others(vm.id, vm.nix_store_path)
         finally:
             self._mark(vm.id, None)
+
+    def _prepare_image(self, vm: VmAssignment) -> PreparedImage:
+        """Root, confine and copy the VM's image (undone by the image
+        manager itself when it fails)."""
+        host = HostSide(
+            serial_file=self._serial_file(vm.id), vcpus=vm.vcpus, memory_mib=vm.memory_mib
+        )
+        realise_started: list[float] = []
+
+        def on_realise() -> None:
+            realise_started.append(time.monotonic())
+            self._mark(vm.id, _InFlight(vm.hash, Phase.REALISING, "fetching the image"))
+
+        prepared = self._images.prepare(vm.id, vm.nix_store_path, host=host, on_realise=on_realise)
+        if realise_started and self._on_realise_seconds is not None:
+            self._on_realise_seconds(time.monotonic() - realise_started[0])
+        log.info("VM %s: image ready (%d disk copies)", vm.id, len(prepared.disks))
+        return prepared
+
+    def _attach_network(
+        self, vm: VmAssignment, prepared: PreparedImage
+    ) -> tuple[PreparedImage, dict[str, str]]:
+        """The VM's tap and address, attached to its accepted image. A tap
+        and address taken here for a VM that had none are released again
+        when anything fails before the hand-over to the VmManager."""
+        labels = {"store_path": vm.nix_store_path}
+        if self._network is None:
+            return prepared, labels
+        self._mark(vm.id, _InFlight(vm.hash, Phase.STARTING, "preparing the network"))
+        fresh = self._network.nic(vm.id) is None
+        try:
+            nic = self._network.ensure_vm(vm.id)
+            prepared = self._images.with_nic(
+                prepared, net=nic.net_config(), cmdline_extra=nic.kernel_ip_arg()
+            )
+        except BaseException:
+            if fresh:
+                self._release_network(vm.id)
+            raise
+        log.info("VM %s: tap %s, address %s", vm.id, nic.tap, nic.ip)
+        return prepared, {**labels, "address": nic.ip, "tap": nic.tap, "mac": nic.mac}
+
+    def _release_network(self, vm_id: str) -> None:
+        assert self._network is not None
+        try:
+            self._network.release_vm(vm_id)
+        except ProcuratorError as exc:
+            # The step's own error is what the reconciler must see; the tap
+            # and address are swept at the next start if this keeps failing.
+            log.warning("VM %s: tap and address not released: %s", vm_id, exc)
 
     def _remove_blocking(self, vm_id: str, op_id: str) -> None:
         self._mark(vm_id, _InFlight("", Phase.STOPPING, "removing"))

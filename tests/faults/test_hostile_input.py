@@ -171,3 +171,39 @@ def test_hostile_images_are_refused(
         accepted=0,
         messages={vm: messages[vm].splitlines()[-1].strip()[:120] for vm in evil},
     )
+
+
+def test_refused_images_take_no_tap_and_no_address(
+    images: Callable[..., str], make_lab: Callable[..., FaultLab]
+) -> None:
+    """An image is checked before the worker takes anything on the host for
+    its VM. 200 refused images in a row on the default /24 (253 addresses)
+    leave no tap and the whole address pool: nothing for a removal to free,
+    nothing for repeated bad images to exhaust. An image refused only once
+    its NIC is attached (the worker's ``ip=`` pushes its kernel command line
+    past the limit) gives back the tap, address, GC root and disk copy it
+    was given."""
+    evil = images("refused-net", {**config(), "disks": [{"path": _SHADOW}]})
+    too_long = images("refused-net-cmdline", config("console=ttyS0 " + "x" * 2000))
+    good = images("refused-net-good", config())
+    lab = make_lab()  # network on: a bridge and a tap per VM
+    lab.start_worker()
+    refused = {f"vm-{i:03d}": evil for i in range(200)} | {"vm-long": too_long}
+    lab.apply_nowait(sorted(refused.items()))
+    worker = lab.wait_status(
+        lambda w: sum(vm["phase"] == "failed" for vm in w["vms"]) == len(refused),
+        "every refused image reported failed",
+        timeout=180,
+    )
+    messages = {vm["id"]: vm["message"] for vm in worker["vms"]}
+    assert all(_SHADOW in messages[vm_id] for vm_id in refused if vm_id != "vm-long")
+    assert "cmdline" in messages["vm-long"], messages["vm-long"]
+    assert lab.taps() == [], "taps were made for refused images"
+    assert lab.allocations() == {}, "addresses were taken for refused images"
+    assert lab.gc_roots() == [], "refused images stay rooted"
+    assert not list(lab.state_dir.glob("vms/*")), "refused images left VM directories"
+    # The pool is whole: a good VM still gets its address and tap.
+    lab.apply([("vm-ok", good)])
+    assert set(lab.allocations()) == {"vm-ok"}
+    assert len(lab.taps()) == 1
+    record("test_refused_images_take_no_tap_and_no_address", refused=len(refused), taps=0)

@@ -20,6 +20,7 @@ from procurator.core.confinement import (
     ImageLimits,
     PathKind,
     ResolvedPath,
+    attach_nic,
     confine,
     host_paths,
 )
@@ -141,6 +142,22 @@ def test_image_net_tunables_merge_under_the_worker_entry() -> None:
     assert run(config).config["net"] == [{"num_queues": 4, "mtu": 9000, **NET, "id": "net0"}]
     # Without a worker tap there is no NIC (cloud-hypervisor would make a tap itself).
     assert "net" not in run(config, host=HostSide()).config
+
+
+def test_the_nic_is_attached_once_the_image_is_accepted() -> None:
+    # The worker confines an image before it takes a tap and an address:
+    # attaching them afterwards gives what confining with them at once gives.
+    config = valid() | {"net": [{"num_queues": 4, "mtu": 9000, "id": "mine"}]}
+    without = run(config, host=HostSide(serial_file="/var/s.log"))
+    assert "net" not in without.config
+    assert without.net_tunables == {"num_queues": 4, "mtu": 9000, "id": "mine"}
+    attached = attach_nic(without, net=NET, cmdline_extra=HOST.cmdline_extra, limits=LIMITS)
+    assert attached == run(config).config
+    # Only the worker's addition pushes this command line past the limit.
+    near = run({"payload": {"kernel": "k", "cmdline": "x" * 2030}}, host=HostSide())
+    with pytest.raises(ValidationError) as info:
+        attach_nic(near, net=NET, cmdline_extra=HOST.cmdline_extra, limits=LIMITS)
+    assert info.value.details[0].startswith("payload.cmdline: 2066 bytes with the worker's")
 
 
 # ------------------------------------------------------------ host paths
