@@ -53,7 +53,6 @@ class NullDriver:
     """See the module docstring. Thread-safe (one lock over the states)."""
 
     name = "null"
-    program = "null"  # no process of its own
 
     def __init__(self) -> None:
         self._pid = os.getpid()

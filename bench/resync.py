@@ -38,7 +38,6 @@ class _NoDriver:
     """A VmmDriver that must never be called (nothing here acts)."""
 
     name = "cloud-hypervisor"
-    program = "cloud-hypervisor"
 
     def __getattr__(self, name: str) -> object:
         raise AssertionError(f"the no-op resync benchmark called the VMM driver: {name}")

@@ -508,6 +508,7 @@ def _worker(args: argparse.Namespace) -> int:
     options = RuntimeOptions(
         driver=resolve_driver(args.driver),
         vmm_binary=args.vmm_binary,
+        vmm_args=tuple(args.vmm_arg),
         qemu_accel=args.qemu_accel,
         network=not args.no_network,
         bridge=args.bridge,
@@ -664,7 +665,19 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--vmm-binary",
         default="",
-        help="VMM command (default: cloud-hypervisor / qemu-system-x86_64)",
+        metavar="PATH",
+        help="the VMM executable, a path taken as is (never split: arguments go in "
+        "--vmm-arg); may be a wrapper script that execs the VMM. The worker recognises "
+        "its VMMs by a marker in their environment, not by this name "
+        "(default: cloud-hypervisor / qemu-system-x86_64 on PATH)",
+    )
+    p.add_argument(
+        "--vmm-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="an argument for --vmm-binary, before the driver's own flags (repeatable; "
+        "write --vmm-arg=-x for one that starts with '-')",
     )
     p.add_argument(
         "--qemu-accel",

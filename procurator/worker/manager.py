@@ -48,7 +48,8 @@ for it; VMMs run in their own session and outlive the worker; the durable
 ``vm.json`` is written before acting on a spec, and ``handles.json`` before
 spawning (``spawning``) and right after (pid, start ticks), so a restarted
 worker finds every VMM it may have started: a recorded one by pid and start
-ticks, an unrecorded one by its API socket path on its command line. A VMM
+ticks, an unrecorded one by the marker it was launched with
+(``process.launch_env``: its environment names the VM's directory). A VMM
 found alive is re-adopted, never restarted or duplicated; one found dead is
 cleaned up (its stale socket removed under the VM's flock) and started again
 if still desired.
@@ -1198,8 +1199,7 @@ class _Supervisor:
         if not vm_dir.exists():
             return
         if self._may_have_unrecorded_vmm():
-            found = process.find_by_argument(self.paths.api_socket, program=self.driver.program)
-            for pid, ticks in found:
+            for pid, ticks in process.find_launched(self.paths.vm_dir):
                 log.warning("VM %s: killing VMM pid %s that no handle recorded", self.vm.vm_id, pid)
                 process.terminate(pid, ticks, grace=self.t.sigterm_wait)
         _remove_stale_socket(self.paths.api_socket)
@@ -1211,7 +1211,7 @@ class _Supervisor:
         died in between), is unreadable, or is gone while the socket stays.
         A recorded handle rules it out — every spawn is preceded by a
         ``spawning`` record and followed by the handle, under the VM's flock
-        — and spares a scan of every process's command line (/proc), which
+        — and spares a scan of every process's environment (/proc), which
         on a host of a thousand VMMs costs more than the rest of a restart."""
         try:
             record = self.m.state.read_handles(self.vm.vm_id)

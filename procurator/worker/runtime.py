@@ -31,7 +31,6 @@ import contextlib
 import functools
 import logging
 import os
-import shlex
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,7 +70,11 @@ class RuntimeOptions:
     """How the worker runs VMs (the ``procurator worker`` flags)."""
 
     driver: str = "auto"  # cloud-hypervisor, qemu, or auto (first found)
-    vmm_binary: str = ""  # default: the driver's usual command name
+    # The VMM executable: a path (or a name on PATH), never split like a
+    # shell line; "" for the driver's usual command. ``vmm_args`` follow it
+    # (before the driver's own flags).
+    vmm_binary: str = ""
+    vmm_args: tuple[str, ...] = ()
     qemu_accel: str = "auto"  # kvm, tcg, auto
     network: bool = True
     bridge: str = "br-procurator"
@@ -120,12 +123,17 @@ def make_driver(
 ) -> VmmDriver:
     name = resolve_driver(options.driver)
     if name == "cloud-hypervisor":
-        binary = shlex.split(options.vmm_binary) if options.vmm_binary else ["cloud-hypervisor"]
-        return CloudHypervisorDriver(binary, on_api_call=on_api_call)
+        return CloudHypervisorDriver(
+            options.vmm_binary or "cloud-hypervisor",
+            args=options.vmm_args,
+            on_api_call=on_api_call,
+        )
     accel = _ACCELS.get(options.qemu_accel)
     if accel is None:
         raise ValueError(f"unknown QEMU acceleration {options.qemu_accel!r} (kvm, tcg or auto)")
-    return QemuDriver(binary=options.vmm_binary or "qemu-system-x86_64", accel=accel)
+    return QemuDriver(
+        binary=options.vmm_binary or "qemu-system-x86_64", args=options.vmm_args, accel=accel
+    )
 
 
 def _host_memory_mib() -> int:

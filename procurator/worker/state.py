@@ -133,7 +133,7 @@ class HandlesRecord:
 
     ``spawning`` is written *before* a VMM is spawned: if the worker dies
     before it records the handle, the next owner knows to look for a VMM that
-    nobody recorded (by its API socket path on the command line). ``hash`` is
+    nobody recorded (by its launch marker, ``process.launch_env``). ``hash`` is
     the spec hash the VMM was booted with, so a re-adopted VMM can be compared
     with the desired spec.
     """

@@ -114,7 +114,7 @@ class FaultLab(Lab):
         resync_interval: float = 1.0,
         stop_grace: float = 2.0,
     ) -> None:
-        args = ["--vmm-binary", f"{sys.executable} {FAKE}", *worker_args]
+        args = ["--vmm-binary", sys.executable, "--vmm-arg", str(FAKE), *worker_args]
         if not network:
             args.append("--no-network")
         super().__init__(

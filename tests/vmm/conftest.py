@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 from vmmhelpers import (
-    FAKE_ARGV,
     FAST,
     FAST_POLICY,
     OPENAPI,
@@ -18,6 +17,7 @@ from vmmhelpers import (
     ApiValidator,
     ManagerFactory,
     Recorder,
+    fake_driver,
     kill_all_under,
 )
 
@@ -73,8 +73,7 @@ def api_calls() -> ApiCalls:
 def driver(
     api_validator: ApiValidator | None, api_calls: ApiCalls
 ) -> Iterator[CloudHypervisorDriver]:
-    drv = CloudHypervisorDriver(
-        FAKE_ARGV,
+    drv = fake_driver(
         on_api_call=api_calls,
         transport_factory=(
             api_validator.transport if api_validator is not None else default_transport

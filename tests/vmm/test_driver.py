@@ -12,9 +12,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from vmmhelpers import FAKE_ARGV, U64_MAX, ApiCalls, ApiValidator, config
+from vmmhelpers import FAKE, U64_MAX, ApiCalls, ApiValidator, config, fake_driver
 
 from procurator.core.errors import PermanentError, TemporaryError
+from procurator.worker.runtime import RuntimeOptions, make_driver
 from procurator.worker.vmm import process
 from procurator.worker.vmm.base import (
     VmmError,
@@ -181,6 +182,31 @@ def test_a_missing_binary_is_reported(paths: VmmPaths) -> None:
         missing.spawn(paths, timeout=5.0)
 
 
+def test_vmm_binary_is_a_path_taken_as_is(state_dir: Path, paths: VmmPaths) -> None:
+    # ``--vmm-binary`` names one executable, spaces and all: it is never
+    # split like a shell line (arguments go in ``--vmm-arg``).
+    bin_dir = state_dir / "my vmm"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "cloud hypervisor"
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    driver = make_driver(RuntimeOptions(driver="cloud-hypervisor", vmm_binary=str(wrapper)))
+    assert isinstance(driver, CloudHypervisorDriver)
+    assert driver.argv(paths)[0] == str(wrapper)
+    # The wrapper runs the fake, named by an argument of its own.
+    driver = make_driver(
+        RuntimeOptions(driver="cloud-hypervisor", vmm_binary=str(wrapper), vmm_args=(str(FAKE),))
+    )
+    assert isinstance(driver, CloudHypervisorDriver)
+    assert driver.argv(paths)[:2] == [str(wrapper), str(FAKE)]
+    handle = driver.spawn(paths, timeout=20.0)
+    try:
+        assert driver.ping(handle, timeout=5.0)["pid"] == handle.pid  # the wrapper exec'd
+    finally:
+        process.terminate(handle.pid, handle.pid_start_ticks, grace=1.0)
+        driver.close()
+
+
 def test_a_socket_held_by_another_vmm_is_never_taken(
     driver: CloudHypervisorDriver, vmm: VmmHandle, paths: VmmPaths
 ) -> None:
@@ -223,7 +249,7 @@ def test_the_api_observer_sees_every_call(
 def test_the_fake_speaks_the_documented_api(openapi: ApiValidator, paths: VmmPaths) -> None:
     """Every endpoint the fake serves, in every state, through a validating
     client: request and response checked against the OpenAPI description."""
-    driver = CloudHypervisorDriver(FAKE_ARGV, transport_factory=openapi.transport)
+    driver = fake_driver(transport_factory=openapi.transport)
     handle = driver.spawn(paths, timeout=20.0)
     try:
         client = httpx.Client(transport=openapi.transport(handle.api_socket), trust_env=False)
@@ -288,7 +314,8 @@ def test_a_socket_path_too_long_is_refused(driver: CloudHypervisorDriver, state_
         driver.spawn(long_paths, timeout=5.0)
 
 
-def test_fake_runs_under_the_leak_guard_name() -> None:
+def test_fake_runs_under_the_leak_guard_name(paths: VmmPaths) -> None:
     # The suite's leak guard looks for "cloud-hypervisor" in command lines.
-    assert "cloud-hypervisor" in " ".join(FAKE_ARGV)
-    assert sys.executable in FAKE_ARGV
+    argv = fake_driver().argv(paths)
+    assert argv[:2] == [sys.executable, str(FAKE)]
+    assert "cloud-hypervisor" in " ".join(argv)

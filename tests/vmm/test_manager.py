@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from vmmhelpers import (
+    FAKE,
     ApiCalls,
     ManagerFactory,
     Recorder,
@@ -39,7 +40,9 @@ def spec(vm_id: str = "vm1", hash: str = "h1", **kwargs: object) -> VmSpec:
 
 
 def vmms_of(state_dir: Path, vm_id: str) -> list[tuple[int, int]]:
-    return process.find_by_argument(state_dir / "vms" / vm_id / "api.sock")
+    """(pid, start ticks) of every fake VMM serving the VM's API socket,
+    found by its command line (not by the product's own mechanism)."""
+    return sorted(vmm_pids_under(state_dir / "vms" / vm_id / "api.sock").items())
 
 
 def alive(pid: int) -> bool:
@@ -426,6 +429,37 @@ def test_recover_kills_a_vmm_that_no_handle_recorded(
     assert obs.phase is Phase.STOPPED
     assert not alive(orphan.pid)
     assert vmms_of(state_dir, "vm1") == []
+
+
+def test_recover_kills_an_unrecorded_vmm_started_through_a_wrapper(
+    make_manager: ManagerFactory, state_dir: Path
+) -> None:
+    # --vmm-binary may be a wrapper script (here in a directory whose name
+    # has a space): the VMM's command line then names neither the wrapper
+    # nor anything the worker could guess. An unrecorded VMM is still ours:
+    # the worker recognises what it launched, not a program's file name.
+    bin_dir = state_dir / "my vmm"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "chv wrapper"
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {FAKE} "$@"\n')
+    wrapper.chmod(0o755)
+    driver = CloudHypervisorDriver(str(wrapper))
+    try:
+        first = make_manager(driver=driver)
+        assert first.ensure(spec()).phase is Phase.RUNNING  # the wrapper works
+        first.ensure(spec(power=PowerState.STOPPED))
+        first.close()
+        orphan = driver.spawn(StateDir(state_dir).paths("vm1"), timeout=20.0)
+        (state_dir / "vms" / "vm1" / "handles.json").write_text(
+            json.dumps({"driver": "cloud-hypervisor", "spawning": True, "handle": None, "hash": ""})
+        )
+        second = make_manager(driver=driver)
+        [obs] = second.recover()
+        assert obs.phase is Phase.STOPPED
+        assert not alive(orphan.pid)
+        assert vmms_of(state_dir, "vm1") == []
+    finally:
+        driver.close()
 
 
 def test_counters_are_polled_and_served_without_io(

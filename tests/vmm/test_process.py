@@ -1,4 +1,5 @@
-"""Finding processes by what their command line names, against real
+"""Finding the processes the worker launched (by their launch marker) and
+the helpers a killed worker left (by their command lines), against real
 processes: the search that finds an unrecorded VMM must not take a
 bystander that names the same socket for it (and kill it)."""
 
@@ -32,27 +33,52 @@ def _started(proc: subprocess.Popen[bytes], needle: str) -> None:
         time.sleep(0.01)
 
 
-def test_program_tells_the_vmm_from_a_bystander_naming_its_socket(
+def test_launched_vmms_are_told_from_bystanders_naming_their_socket(
     tmp_path: Path, procs: list[subprocess.Popen[bytes]]
 ) -> None:
-    sock = tmp_path / "vms" / "vm1" / "api.sock"
-    script = tmp_path / "cloud-hypervisor"  # a VMM is the script an interpreter runs
-    script.write_text("import time\ntime.sleep(300)\n")
-    vmm = subprocess.Popen([sys.executable, str(script), "--api-socket", f"path={sock}"])
-    # An operator's tools with the socket path on their command lines; the
-    # second even names the program, but after the path (as an argument).
+    vm_dir = tmp_path / "vms" / "vm1"
+    sock = vm_dir / "api.sock"
     sleep = "import time; time.sleep(300)"
+    # A VMM launched through a wrapper that execs it: its command line names
+    # neither the wrapper nor anything else the worker chose but the socket.
+    wrapper = tmp_path / "wrapper"
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    vmm = subprocess.Popen(
+        [str(wrapper), "-c", sleep, "--api-socket", f"path={sock}"],
+        env=process.launch_env(vm_dir),
+    )
+    # A wrapper that does not exec: it and its VMM both carry the marker.
+    shell = subprocess.Popen(
+        ["/bin/sh", "-c", f'{sys.executable} -c "{sleep}" --api-socket path={sock}; :'],
+        env=process.launch_env(vm_dir),
+    )
+    # An operator's tools with the socket path on their command lines, and
+    # the VMM of another VM (vm10: its directory starts with vm1's path).
     bystander = subprocess.Popen([sys.executable, "-c", sleep, "--unix-socket", str(sock)])
-    quoting = subprocess.Popen([sys.executable, "-c", sleep, str(sock), str(script)])
-    procs += [vmm, bystander, quoting]
-    for proc in procs:
+    other = subprocess.Popen(
+        [sys.executable, "-c", sleep], env=process.launch_env(tmp_path / "vms" / "vm10")
+    )
+    procs += [vmm, shell, bystander, other]
+    for proc in (vmm, bystander):
         _started(proc, str(sock))
+    _started(other, sleep)
 
-    everyone = {pid for pid, _ in process.find_by_argument(sock)}
-    assert {vmm.pid, bystander.pid, quoting.pid} <= everyone
-    vmms = {pid for pid, _ in process.find_by_argument(sock, program="cloud-hypervisor")}
-    assert vmms == {vmm.pid}
-    assert process.find_by_argument(sock, program="qemu-system-x86_64") == []
+    def launched() -> set[int]:
+        return {pid for pid, _ in process.find_launched(vm_dir)}
+
+    try:
+        deadline = time.monotonic() + 10
+        while len(launched()) < 3:  # the shell's child may still be starting
+            assert time.monotonic() < deadline, launched()
+            time.sleep(0.01)
+        found = launched()
+        assert {vmm.pid, shell.pid} <= found
+        assert len(found) == 3  # and the shell's child
+        assert bystander.pid not in found and other.pid not in found
+    finally:
+        for pid, ticks in process.find_launched(vm_dir):
+            process.terminate(pid, ticks, grace=0.0)
 
 
 def test_programs_filter_helpers_under_a_directory(

@@ -35,11 +35,18 @@ from procurator.core.models import EventKind, VmEvent
 from procurator.worker.manager import Timeouts, VmManager, VmObservation
 from procurator.worker.vmm import process
 from procurator.worker.vmm._unix_http import UnixSocketTransport
-from procurator.worker.vmm.cloud_hypervisor import default_transport
+from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver, default_transport
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE = REPO / "tests" / "fakes" / "cloud-hypervisor-fake.py"
-FAKE_ARGV = (sys.executable, str(FAKE))
+
+
+def fake_driver(**kwargs: Any) -> CloudHypervisorDriver:
+    """The cloud-hypervisor driver running the fake VMM (the interpreter,
+    with the fake's script as its first argument)."""
+    return CloudHypervisorDriver(sys.executable, args=[str(FAKE)], **kwargs)
+
+
 OPENAPI = Path(
     os.environ.get(
         "PROCURATOR_CHV_OPENAPI",

@@ -12,17 +12,14 @@ import sys
 import threading
 from pathlib import Path
 
-from vmmhelpers import FAKE_ARGV, FAST, FAST_POLICY, config
+from vmmhelpers import FAST, FAST_POLICY, config, fake_driver
 
 from procurator.worker.manager import VmManager, VmSpec
-from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver
 
 
 def main() -> None:
     state_dir = Path(sys.argv[1])
-    manager = VmManager(
-        state_dir, CloudHypervisorDriver(FAKE_ARGV), timeouts=FAST, policy=FAST_POLICY
-    )
+    manager = VmManager(state_dir, fake_driver(), timeouts=FAST, policy=FAST_POLICY)
     pids = {}
     for vm_id in sys.argv[2:]:
         obs = manager.ensure(VmSpec(vm_id, "h1", config()))

@@ -126,10 +126,6 @@ class VmmDriver(Protocol):
     """One hypervisor. Methods block; ``timeout`` is seconds for that call."""
 
     name: str
-    # The file name its VMM processes run (binary, or the script an
-    # interpreter runs): with the API socket path on the same command line,
-    # it tells an unrecorded VMM from anything else naming that path.
-    program: str
 
     def spawn(self, paths: VmmPaths, *, timeout: float) -> VmmHandle:
         """Start one VMM process in its own session (so it outlives the

@@ -115,27 +115,31 @@ def _url(endpoint: str) -> httpx.URL:
 class CloudHypervisorDriver:
     """``VmmDriver`` for cloud-hypervisor. Thread-safe.
 
-    ``binary`` is the command to run (a path, or an argv prefix such as
-    ``[python, fake.py]`` in tests); ``extra_args`` are appended after the
-    flags the driver owns; ``env`` replaces the VMM's environment when given.
+    ``binary`` is the executable to run: a path (or a name looked up on
+    PATH), taken as is, never split; it may be a wrapper script that
+    ``exec``s the VMM. ``args`` come right after it (e.g. the script an
+    interpreter runs, in tests), ``extra_args`` after the flags the driver
+    owns; ``env`` replaces the VMM's environment when given. Every VMM gets
+    ``process.launch_env``'s marker, by which it is recognised if its handle
+    was never recorded.
     """
 
     name = "cloud-hypervisor"
 
     def __init__(
         self,
-        binary: str | Sequence[str] = "cloud-hypervisor",
+        binary: str = "cloud-hypervisor",
         *,
+        args: Sequence[str] = (),
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         on_api_call: ApiCallObserver | None = None,
         transport_factory: TransportFactory = default_transport,
     ) -> None:
-        self.binary: tuple[str, ...] = (binary,) if isinstance(binary, str) else tuple(binary)
-        if not self.binary:
+        if not binary:
             raise ValueError("cloud-hypervisor binary must not be empty")
-        # ("python3", "-S", "fake.py") runs fake.py: the last word names it.
-        self.program = os.path.basename(self.binary[-1])
+        self.binary = binary
+        self.args = tuple(args)
         self.extra_args = tuple(extra_args)
         self.env = dict(env) if env is not None else None
         self.on_api_call = on_api_call
@@ -149,7 +153,8 @@ class CloudHypervisorDriver:
 
     def argv(self, paths: VmmPaths) -> list[str]:
         return [
-            *self.binary,
+            self.binary,
+            *self.args,
             "--api-socket",
             f"path={paths.api_socket}",
             "--event-monitor",
@@ -166,14 +171,18 @@ class CloudHypervisorDriver:
                 f"({len(os.fsencode(paths.api_socket))} bytes, at most {_MAX_SOCKET_PATH})"
             )
         self._prune()
-        if shutil.which(self.binary[0]) is None:
-            raise VmmError(f"cannot start {self.binary[0]}: not found or not executable")
+        if shutil.which(self.binary) is None:
+            raise VmmError(f"cannot start {self.binary!r}: not found or not executable")
         paths.vm_dir.mkdir(parents=True, exist_ok=True)
         output = paths.vm_dir / "vmm.stdout"
         try:
-            pid = process.spawn_orphan(self.argv(paths), log_path=output, env=self.env)
+            pid = process.spawn_orphan(
+                self.argv(paths),
+                log_path=output,
+                env=process.launch_env(paths.vm_dir, self.env),
+            )
         except OSError as exc:
-            raise VmmError(f"cannot start {self.binary[0]} for {paths.vm_dir}: {exc}") from exc
+            raise VmmError(f"cannot start {self.binary!r} for {paths.vm_dir}: {exc}") from exc
         ticks = process.pid_start_ticks(pid)
         if ticks is None:
             raise VmmGone(
@@ -229,7 +238,8 @@ class CloudHypervisorDriver:
             if isinstance(pid, int) and pid != handle.pid:
                 raise VmmError(
                     f"{handle.api_socket} is served by pid {pid}, not by the VMM just "
-                    f"started (pid {handle.pid}): another VMM owns this socket"
+                    f"started (pid {handle.pid}): another VMM owns this socket (or the "
+                    "VMM binary is a wrapper that does not exec the VMM)"
                 )
             return
 

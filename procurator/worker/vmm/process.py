@@ -19,9 +19,15 @@ import time
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+#: The environment variable every VMM is launched with (see ``launch_env``).
+LAUNCH_MARKER = "PROCURATOR_VM_DIR"
+
 __all__ = [
-    "find_by_argument",
+    "LAUNCH_MARKER",
+    "find_by_argument_under",
+    "find_launched",
     "is_alive",
+    "launch_env",
     "pid_start_ticks",
     "signal_process",
     "spawn_detached",
@@ -195,21 +201,6 @@ def terminate(pid: int, start_ticks: int, *, grace: float) -> None:
             pass
 
 
-def _argument_names(arg: str, path: str) -> bool:
-    """True when ``arg`` names ``path`` as a whole path, not as a prefix of a
-    longer one: ``path=/x/api.sock``, ``unix:/x/api.sock,server`` and
-    ``/x/api.sock`` all name ``/x/api.sock``; ``/x/api.sock2`` does not."""
-    start = arg.find(path)
-    while start != -1:
-        end = start + len(path)
-        before_ok = start == 0 or arg[start - 1] in "=:,"
-        after_ok = end == len(arg) or arg[end] in ","
-        if before_ok and after_ok:
-            return True
-        start = arg.find(path, start + 1)
-    return False
-
-
 def _processes_mentioning(text: str) -> Iterator[tuple[int, list[str]]]:
     """(pid, arguments) of every other live process whose command line
     contains ``text``; one pass over /proc."""
@@ -252,22 +243,32 @@ def find_by_argument_under(
     )
 
 
-def find_by_argument(path: Path, *, program: str = "") -> list[tuple[int, int]]:
-    """(pid, start ticks) of every live process with ``path`` as (part of)
-    one of its command-line arguments and, when ``program`` is given, an
-    argument before that one whose file name is ``program`` (the binary, or
-    the script an interpreter runs).
+def launch_env(vm_dir: Path, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment to launch a VMM for ``vm_dir`` with: ``env`` (or this
+    process's) plus ``LAUNCH_MARKER=<vm_dir>``. The marker is how the worker
+    recognises a VMM it launched but never recorded (``find_launched``):
+    unlike a program's name it survives a wrapper script that ``exec``s the
+    VMM, whatever the command line then says, and no bystander carries it."""
+    return {**(os.environ if env is None else env), LAUNCH_MARKER: str(vm_dir)}
 
-    This finds a VMM whose handle was never recorded (the worker died between
-    spawning it and writing ``handles.json``): every VMM is started with its
-    API socket path on its command line, and that path is unique to its VM.
-    ``program`` keeps an operator's ``curl --unix-socket <that path>`` or a
-    ``tail`` of the VM's files from being taken for the VMM (and killed).
-    """
-    needle = str(path)
 
-    def is_vmm(args: list[str]) -> bool:
-        at = next((i for i, arg in enumerate(args) if _argument_names(arg, needle)), -1)
-        return at >= 0 and (not program or any(os.path.basename(a) == program for a in args[:at]))
-
-    return _with_ticks(pid for pid, args in _processes_mentioning(needle) if is_vmm(args))
+def find_launched(vm_dir: Path) -> list[tuple[int, int]]:
+    """(pid, start ticks) of every live process launched for ``vm_dir`` by
+    ``launch_env`` (and their children, which inherit the marker): a VMM
+    whose handle was never recorded (the worker died between launching it
+    and writing ``handles.json``), or a wrapper still waiting for it. An
+    operator's ``curl --unix-socket`` or ``tail`` of the VM's files never
+    matches. One pass over ``/proc/*/environ``."""
+    entry = f"{LAUNCH_MARKER}={vm_dir}".encode()
+    me = os.getpid()
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            environ = Path(f"/proc/{name}/environ").read_bytes()
+        except OSError:
+            continue
+        if entry in environ.split(b"\x00"):
+            pids.append(int(name))
+    return _with_ticks(pids)

@@ -59,7 +59,7 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -75,6 +75,7 @@ from procurator.worker.vmm.base import (
 )
 from procurator.worker.vmm.process import (
     is_alive,
+    launch_env,
     pid_start_ticks,
     signal_process,
     spawn_detached,
@@ -593,6 +594,9 @@ def _split_option(value: str) -> dict[str, str]:
 class QemuDriver:
     """The ``VmmDriver`` for QEMU. Thread-safe; one instance serves all VMs.
 
+    ``binary`` is the executable (a path or a name on PATH, never split; it
+    may be a wrapper that ``exec``s QEMU), ``args`` come right after it.
+
     ``accel``: ``"tcg"`` (software; the only one that boots stock guests on
     hosts with a paravirtual KVM), ``"kvm"``, or ``"auto"`` (KVM when
     ``kvm_device`` opens read-write, else TCG). Under TCG,
@@ -606,6 +610,7 @@ class QemuDriver:
         *,
         accel: Accel = "auto",
         binary: str = "qemu-system-x86_64",
+        args: Sequence[str] = (),
         extra_cmdline_tcg: str = "tsc_early_khz=2600000",
         kvm_device: Path = Path("/dev/kvm"),
     ) -> None:
@@ -613,7 +618,7 @@ class QemuDriver:
             raise ValueError(f"accel must be tcg, kvm or auto, not {accel!r}")
         self._accel: Accel = accel
         self._binary = binary
-        self.program = os.path.basename(binary)
+        self._args = tuple(args)
         self._extra_cmdline_tcg = extra_cmdline_tcg
         self._kvm_device = kvm_device
         self._guard = threading.Lock()
@@ -649,7 +654,12 @@ class QemuDriver:
         except FileNotFoundError:
             log_offset = 0
         try:
-            child = spawn_detached(argv, log_path=paths.log_file, cwd=paths.vm_dir)
+            child = spawn_detached(
+                [argv[0], *self._args, *argv[1:]],
+                log_path=paths.log_file,
+                env=launch_env(paths.vm_dir),
+                cwd=paths.vm_dir,
+            )
         except OSError as exc:
             raise VmmError(f"VM {label}: cannot start {self._binary}: {exc}") from exc
         ticks = pid_start_ticks(child.pid)
