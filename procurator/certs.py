@@ -15,9 +15,13 @@ Layout of a certificate directory::
     control-<name>.crt  control-<name>.key   one per person or CI pipeline
 
 Invariants: private keys are written 0600 and never overwritten unless
-``force`` is given (nor are certificates); a file is written completely or
-not at all (temporary file + rename). Keys are ECDSA P-256, signatures
-SHA-256; the CA may sign leaves only (path length 0).
+``force`` is given (nor are certificates); a key and its certificate are
+written together or not at all (both staged as temporary files, then
+renamed), so a failure never leaves a key without its certificate. Output
+is printed only after both are in place: a closed pipe on stdout (exit
+status 141, see ``procurator.ops``) cannot cut the files short. Keys are
+ECDSA P-256, signatures SHA-256; the CA may sign leaves only (path length
+0).
 """
 
 from __future__ import annotations
@@ -61,22 +65,37 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def _write(path: Path, data: bytes, *, mode: int, force: bool) -> None:
-    """Write ``data`` to ``path`` atomically with ``mode``; refuse to replace
-    an existing file unless ``force``."""
-    if path.exists() and not force:
-        raise PermanentError(f"{path} exists already; pass --force to replace it")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+def _write_pair(paths: IssuedCert, key_pem: bytes, cert_pem: bytes, *, force: bool) -> None:
+    """Write a key (0600) and its certificate (0644) together or not at all:
+    both go to temporary files beside their targets first, fsynced, and are
+    renamed into place only once both are complete. A failure on the way
+    (disk full, a size limit, an interrupt) removes what it staged and
+    leaves the directory as it was, also with ``force``: never a key
+    without its certificate, which a rerun would refuse to replace."""
+    if not force:
+        for path in (paths.cert, paths.key):
+            if path.exists():
+                raise PermanentError(f"{path} exists already; pass --force to replace it")
+    staged: list[Path] = []
     try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
+        for path, data, mode in ((paths.key, key_pem, 0o600), (paths.cert, cert_pem, 0o644)):
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+                staged.append(tmp)
+                with os.fdopen(fd, "wb") as out:
+                    out.write(data)
+                    out.flush()
+                    os.fsync(out.fileno())
+            except OSError as exc:
+                raise PermanentError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        # The key first: a certificate never names a key that is not there.
+        os.replace(staged[0], paths.key)
+        os.replace(staged[1], paths.cert)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        for tmp in staged:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
         raise
 
 
@@ -107,7 +126,10 @@ def init_ca(
     """Make ``directory`` (if needed) and a new CA in it."""
     if days <= 0:
         raise ValidationError(f"--days must be positive, not {days}")
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PermanentError(f"cannot make {directory}: {exc.strerror or exc}") from exc
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
     name = _name(common_name)
@@ -143,8 +165,7 @@ def init_ca(
         for path in (paths.cert, paths.key):
             if path.exists():
                 raise PermanentError(f"{path} exists already; pass --force to replace the CA")
-    _write(paths.key, _key_pem(key), mode=0o600, force=force)
-    _write(paths.cert, cert.public_bytes(serialization.Encoding.PEM), mode=0o644, force=force)
+    _write_pair(paths, _key_pem(key), cert.public_bytes(serialization.Encoding.PEM), force=force)
     return paths
 
 
@@ -242,12 +263,7 @@ def issue(
     )
     stem = _file_stem(role, name)
     paths = IssuedCert(directory / f"{stem}.crt", directory / f"{stem}.key")
-    if not force:
-        for path in (paths.cert, paths.key):
-            if path.exists():
-                raise PermanentError(f"{path} exists already; pass --force to replace it")
-    _write(paths.key, _key_pem(key), mode=0o600, force=force)
-    _write(paths.cert, cert.public_bytes(serialization.Encoding.PEM), mode=0o644, force=force)
+    _write_pair(paths, _key_pem(key), cert.public_bytes(serialization.Encoding.PEM), force=force)
     return paths
 
 

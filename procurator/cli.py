@@ -6,7 +6,9 @@ worker's link, which know nothing of Cap'n Proto.
 
 Exit codes: 0 success; 1 refused, invalid or unreachable (the message says
 which); 2 bad usage; 3 ``apply --wait`` timed out; 4 ``apply --wait`` saw a
-failed VM.
+failed VM; 130 interrupted (Ctrl-C); 141 the reader of the output went away
+(``procurator status | head``: quietly, as a tool killed by SIGPIPE; see
+``procurator.ops`` and ``main``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import io
 import json
 import logging
 import math
@@ -70,6 +73,10 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_TIMEOUT = 3
 EXIT_FAILED = 4
+EXIT_INTERRUPTED = 130
+EXIT_OUTPUT_CLOSED = ops.EXIT_OUTPUT_CLOSED
+
+_DAEMONS = ("master", "worker")
 
 DEFAULT_DB = "/var/lib/procurator/master.db"
 MASTER_METRICS_PORT = 9300
@@ -811,7 +818,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help=f"master address (default: $PROCURATOR_MASTER or {master_default})",
     )
     add_common(p, daemon=False)
-    p.set_defaults(handler=lambda args: trio.run(_status, args))
+    p.set_defaults(handler=lambda args: trio.run(ops.run_reader, _status, args))
 
     ops.add_commands(
         sub, master_default=master_default, add_common=lambda p: add_common(p, daemon=False)
@@ -840,14 +847,54 @@ def add_tls_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _build_parser()
-    args = parser.parse_args(argv)
+    """Run one ``procurator`` command; returns its exit status.
+
+    In a pipe whose reader went away (``procurator status | head``) a
+    command ends quietly with ``EXIT_OUTPUT_CLOSED`` (141), whether the
+    failed write came while it ran or at the final flush; a daemon whose log
+    reader went away keeps serving and exits with its own status (see
+    ``procurator.ops``)."""
+    try:
+        code = _run(argv)
+        # Deliver what is still buffered now, where a reader that went away
+        # is handled, not at interpreter exit (a message and status 120).
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+    except BaseException as exc:
+        if not ops.output_closed(_leaves(exc)):
+            raise
+        ops.discard_output()
+        return EXIT_OUTPUT_CLOSED
+    return code
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace | int:
+    """The parsed arguments, or the exit status of ``--help``, ``--version``
+    or a usage error. argparse ignores a failed write of its help (it
+    catches OSError); it writes into a buffer here and the help is written
+    out afterwards, so a closed pipe shows as it does for any command."""
+    text = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(text):
+            return parser.parse_args(argv)
+    except SystemExit as exc:
+        if sys.stdout is not None:
+            sys.stdout.write(text.getvalue())
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    parsed = _parse(_build_parser(), argv)
+    if isinstance(parsed, int):
+        return parsed
+    args = parsed
     if args.command in ("apply", "status", "describe", "events"):
         logging.basicConfig(
             level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
         )
     try:
-        return int(args.handler(args))
+        code = int(args.handler(args))
     except BaseException as exc:
         # Errors may come wrapped in exception groups from a nursery; say
         # what went wrong, without a traceback, when it is one of ours.
@@ -857,8 +904,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"procurator {args.command}: {leaf}", file=sys.stderr)
             return EXIT_ERROR
         if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
-            return 130
+            return EXIT_INTERRUPTED
         raise
+    if args.command in _DAEMONS:
+        # A daemon's logs are best effort: one whose log reader went away
+        # (``procurator master 2>&1 | head``) kept serving, and its exit
+        # status is the service's. What its failed log writes left
+        # buffered goes nowhere.
+        ops.discard_output()
+    return code
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
