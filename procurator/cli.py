@@ -55,7 +55,7 @@ from procurator.rpc.messages import (
     default_master_address,
     parse_address,
 )
-from procurator.rpc.tls import ENV_CA, ENV_CERT, ENV_KEY, TlsFiles
+from procurator.rpc.tls import ENV_CA, ENV_CERT, ENV_KEY, TlsFiles, require_secure, server_context
 from procurator.worker.daemon import (
     AssignmentHandler,
     StatusPublisher,
@@ -101,8 +101,14 @@ async def run_master(
     config: MasterConfig, *, task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Run a master until cancelled; ``task_status.started`` gets the bound
-    address."""
+    address. A master that would refuse its address (plaintext off loopback
+    without ``insecure``) or its TLS files does so before it creates or
+    opens anything."""
     address = parse_address(config.listen)
+    if config.tls is not None:
+        server_context(config.tls)  # PermanentError naming the file that is wrong
+    elif not config.insecure:
+        require_secure(address, None, insecure=False, what="the master listening on")
     async with open_bridge() as bridge, await FleetStore.open(config.db) as store:
         service = MasterService(store, push_timeout=config.push_timeout)
         async with trio.open_nursery() as nursery:

@@ -177,6 +177,15 @@ def test_cli_reports_an_unreachable_master(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_a_master_refused_plaintext_off_loopback_touches_nothing(tmp_path: Path) -> None:
+    db = tmp_path / "x.db"
+    result = cli("master", "--listen", "0.0.0.0:0", "--db", str(db), "--metrics-listen", "")
+    assert result.returncode == 1, result.stderr
+    assert "refusing plaintext" in result.stderr and "--insecure" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no x.db, no x.db.lock
+
+
 async def test_worker_reconnects_after_the_master_process_restarts(tmp_path: Path) -> None:
     port = free_port()
     db, log = tmp_path / "m.db", tmp_path / "master.log"
