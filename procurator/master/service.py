@@ -22,7 +22,55 @@ Invariants:
 - A worker id has at most one live session; registering again replaces the
   old one, whose connection is closed. Calls on a replaced session fail with
   ``UnavailableError``; reports on a session are accepted only for its own
-  worker id (else ``UnauthorizedError``).
+  worker id (else ``UnauthorizedError``), and only about what that worker
+  may speak for (below).
+- **Who may report what.** A worker's reports may name only VMs it may
+  speak for, and only generations the master issued to it:
+
+  - its *assignment*: the VMs of its current assignment;
+  - its *pending removals*: each VM an apply took off it (removed, or moved
+    to another worker) by generation G, until it reports an observed
+    generation >= G. It is stopping that VM and says so until then; during
+    a move the VM is the new worker's assignment and the old one's pending
+    removal, and both report it (``describe`` shows the assigned worker's);
+  - its *confirmed removals*: once the worker reports an observed generation
+    >= G, the removal is confirmed, and for ``report_grace`` seconds (300)
+    after that its events and metric samples may still name the VM (they
+    travel apart from the status and may arrive after it: the ``removed``
+    event does).
+
+  A status report (whole, or the status after merging a change report) may
+  name a VM of the assignment, or of a pending removal by a generation G
+  above the report's own observed generation (a report that claims to have
+  observed G cannot still show the VM: that is ``ValidationError``). Its
+  observed generation must be at most the generation of the worker's
+  assignment (0 before it has one): ``ValidationError`` otherwise. Events
+  and per-VM metric samples may name a VM of the assignment, a pending
+  removal, or a removal confirmed within ``report_grace``; anything else is
+  ``UnauthorizedError``. A refused report is refused whole, logged with the
+  worker id at WARNING, and nothing of it is stored.
+
+  Removals are store rows written in the apply's transaction; a report that
+  confirms some is stored only after the store marked them confirmed, so a
+  restarted master rebuilds exactly this state (confirmations older than
+  ``report_grace`` are forgotten). A VM put back on the worker is its
+  assignment again; taken off again, its removal is pending with the new
+  generation.
+- **Listed workers.** ``fleet_status`` and ``fleet_view`` list a worker while
+  it has VMs assigned, is connected, or has pending removals (it may still
+  run VMs the fleet no longer wants; the master cannot know until it says
+  so). A worker removed from the fleet is listed until it confirmed the
+  removal and is disconnected.
+- **Request ids.** An apply may carry a client-chosen request id (1 to 64
+  of ``[A-Za-z0-9._-]``; "" for none). A committed apply records it in the
+  store, in the transaction of its generation, with a digest of the fleet
+  and its diffs. An apply (or dry run) whose request id is recorded applies
+  nothing: it answers that apply's result with ``replayed=True`` (same
+  generation, op id and diffs), whatever the fleet is at now, also after a
+  restart; with a different fleet it is refused (``ValidationError``). Dry
+  runs and no-op applies record nothing. The store keeps the newest 1,000
+  request ids (``procurator.master.store.REQUESTS_KEPT``): a retry within
+  that many applies is recognised.
 - Events are kept in bounded rings: at most ``events_total`` overall (the
   per-VM rings included: an event leaving the fleet's ring leaves its VM's
   too), at most ``events_per_vm`` per VM, and rings of at most
@@ -38,18 +86,21 @@ Invariants:
   still equals the caller's, at most ``max_waiters`` of them at once.
 
 Lock order: ``_apply_lock`` is the only lock; nothing else is awaited under
-it but the store commit and the (pure) validation/diff in a thread.
+it but the store (request lookup, commit) and the (pure) diff in a thread.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import itertools
+import json
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 import trio
 
@@ -70,13 +121,14 @@ from procurator.core.models import (
     Phase,
     VmAssignment,
     VmEvent,
+    VmStatus,
     WorkerDiff,
     WorkerInfo,
     WorkerStatus,
 )
 from procurator.core.status import StatusChanges, apply_status_changes
 from procurator.core.validation import LIMITS
-from procurator.logs import log_context, new_op_id
+from procurator.logs import log_context, new_op_id, some
 from procurator.rpc.messages import (
     ApplyResult,
     FleetStatus,
@@ -86,9 +138,41 @@ from procurator.rpc.messages import (
     WorkerEvent,
 )
 
-__all__ = ["DesiredStateStore", "MasterService", "WorkerNode", "new_op_id"]
+__all__ = [
+    "DesiredStateStore",
+    "MasterService",
+    "WorkerNode",
+    "check_request_id",
+    "fleet_digest",
+    "new_op_id",
+]
 
 logger = logging.getLogger(__name__)
+
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def check_request_id(request_id: str) -> str | None:
+    """Why ``request_id`` is not a valid request id (None: it is)."""
+    if _REQUEST_ID_RE.fullmatch(request_id):
+        return None
+    return f"{request_id[:80]!r} is not 1 to 64 characters of A-Z, a-z, 0-9, '.', '_', '-'"
+
+
+def fleet_digest(fleet: Fleet) -> str:
+    """A digest of what ``fleet`` asks for, independent of the order in which
+    workers and VMs are listed: tells a retried request from a reused id."""
+    canonical = sorted(
+        (
+            worker_id,
+            sorted(
+                (vm.id, vm.hash, vm.nix_store_path, vm.power.value, vm.vcpus, vm.memory_mib)
+                for vm in vms
+            ),
+        )
+        for worker_id, vms in fleet.workers
+    )
+    return hashlib.sha256(json.dumps(canonical, separators=(",", ":")).encode()).hexdigest()
 
 
 class WorkerNode(Protocol):
@@ -121,7 +205,24 @@ class DesiredStateStore(Protocol):
         before: Mapping[str, Sequence[VmAssignment]],
         op_id: str,
         unix_ms: int,
+        request_id: str = "",
+        fleet_digest: str = "",
+        diffs: Sequence[WorkerDiff] = (),
     ) -> int: ...
+
+    async def find_request(self, request_id: str) -> _AppliedRequest | None: ...
+
+    async def acknowledge_removals(
+        self, worker_id: str, observed_generation: int, unix_ms: int, forget_before_unix_ms: int
+    ) -> None: ...
+
+
+class _Removal(Protocol):
+    @property
+    def generation(self) -> int: ...
+
+    @property
+    def acked_unix_ms(self) -> int | None: ...
 
 
 class _Stored(Protocol):
@@ -130,6 +231,23 @@ class _Stored(Protocol):
 
     @property
     def assignments(self) -> Mapping[str, Assignment]: ...
+
+    @property
+    def removals(self) -> Mapping[str, Mapping[str, _Removal]]: ...
+
+
+class _AppliedRequest(Protocol):
+    @property
+    def generation(self) -> int: ...
+
+    @property
+    def op_id(self) -> str: ...
+
+    @property
+    def fleet_digest(self) -> str: ...
+
+    @property
+    def diffs(self) -> tuple[WorkerDiff, ...]: ...
 
 
 @dataclass(eq=False)
@@ -158,6 +276,24 @@ class _Worker:
     last_metrics_unix_ms: int = 0
 
 
+@dataclass(eq=False)
+class _Voice:
+    """What one worker may speak for (see the module docstring)."""
+
+    assigned: frozenset[str] = frozenset()
+    # VM id -> the generation that took it off this worker, not yet observed.
+    pending: dict[str, int] = field(default_factory=dict)
+    # VM id -> when (unix ms) the worker confirmed its removal.
+    confirmed: dict[str, int] = field(default_factory=dict)
+
+    def may_mention(self, vm_id: str, now_ms: int, grace_ms: int) -> bool:
+        """May this worker's events or metrics name ``vm_id``?"""
+        if vm_id in self.assigned or vm_id in self.pending:
+            return True
+        at = self.confirmed.get(vm_id)
+        return at is not None and now_ms - at < grace_ms
+
+
 class MasterService:
     """Start with ``await nursery.start(service.run)``; every other method
     raises ``UnavailableError`` before that."""
@@ -171,9 +307,12 @@ class MasterService:
         events_total: int = 10_000,
         wall_clock: Callable[[], float] = time.time,
         max_waiters: int = 1024,
+        report_grace: float = 300.0,
     ) -> None:
         self._store = store
         self._push_timeout = push_timeout
+        self._report_grace_ms = int(report_grace * 1000)
+        self._voices: dict[str, _Voice] = {}
         self._events_per_vm = events_per_vm
         self._wall_clock = wall_clock
         self._apply_lock = trio.Lock()
@@ -200,11 +339,23 @@ class MasterService:
         stored = await self._store.load()
         self._generation = stored.generation
         self._assignments = dict(stored.assignments)
+        self._voices = {}
+        for worker_id, assignment in self._assignments.items():
+            self._voice(worker_id).assigned = frozenset(vm.id for vm in assignment.vms)
+        forget_before = self._now_ms() - self._report_grace_ms
+        for worker_id, removals in stored.removals.items():
+            voice = self._voice(worker_id)
+            for vm_id, removal in removals.items():
+                if removal.acked_unix_ms is None:
+                    voice.pending[vm_id] = removal.generation
+                elif removal.acked_unix_ms >= forget_before:
+                    voice.confirmed[vm_id] = removal.acked_unix_ms
         logger.info(
-            "master state loaded: generation %d, %d workers, %d VMs",
+            "master state loaded: generation %d, %d workers, %d VMs, %d removals unconfirmed",
             self._generation,
             len(self._assignments),
             sum(len(a.vms) for a in self._assignments.values()),
+            sum(len(v.pending) for v in self._voices.values()),
         )
         try:
             async with trio.open_nursery() as nursery:
@@ -223,6 +374,26 @@ class MasterService:
 
     def _now_ms(self) -> int:
         return int(self._wall_clock() * 1000)
+
+    def _voice(self, worker_id: str) -> _Voice:
+        voice = self._voices.get(worker_id)
+        if voice is None:
+            voice = self._voices[worker_id] = _Voice()
+        return voice
+
+    def _listed(self, worker_id: str) -> bool:
+        """Shown in status and metrics (see "Listed workers")."""
+        assignment = self._assignments.get(worker_id)
+        worker = self._workers.get(worker_id)
+        voice = self._voices.get(worker_id)
+        return bool(
+            (assignment is not None and assignment.vms)
+            or (worker is not None and worker.session is not None)
+            or (voice is not None and voice.pending)
+        )
+
+    def _listed_ids(self) -> list[str]:
+        return sorted(w for w in set(self._assignments) | set(self._workers) if self._listed(w))
 
     @property
     def generation(self) -> int:
@@ -287,17 +458,33 @@ class MasterService:
         op_id = op_id or new_op_id()
         with log_context(op_id=op_id):
             try:
-                return await self._apply(fleet, expected_generation, dry_run, op_id)
+                return await self._apply(fleet, expected_generation, dry_run, op_id, request_id)
             except ProcuratorError as exc:
                 exc.op_id = exc.op_id or op_id
                 raise
 
     async def _apply(
-        self, fleet: Fleet, expected_generation: int | None, dry_run: bool, op_id: str
+        self,
+        fleet: Fleet,
+        expected_generation: int | None,
+        dry_run: bool,
+        op_id: str,
+        request_id: str,
     ) -> ApplyResult:
+        if request_id and (problem := check_request_id(request_id)) is not None:
+            raise ValidationError(f"request id: {problem}")
+
+        def prepare() -> str:
+            validate_fleet(fleet)
+            return fleet_digest(fleet) if request_id else ""
+
         # Pure CPU work that grows with the fleet: off the event loop.
-        await trio.to_thread.run_sync(validate_fleet, fleet)
+        digest = await trio.to_thread.run_sync(prepare)
         async with self._apply_lock:
+            # Before the generation check: a retry of a committed request
+            # finds the fleet moved on by its own first attempt.
+            if request_id and (replay := await self._replay(request_id, digest, op_id)):
+                return replay
             current = self._generation
             if expected_generation is not None and expected_generation != current:
                 raise StaleGenerationError(
@@ -325,9 +512,20 @@ class MasterService:
                 before=before,
                 op_id=op_id,
                 unix_ms=self._now_ms(),
+                request_id=request_id,
+                fleet_digest=digest,
+                diffs=diffs,
             )
+            # No checkpoint from here to the end: the memory follows the
+            # commit even if this task is cancelled (the client went away).
             for worker_id, vms in changes.items():
                 self._assignments[worker_id] = Assignment(worker_id, generation, tuple(vms), op_id)
+            for diff in diffs:
+                voice = self._voice(diff.worker_id)
+                voice.assigned = frozenset(vm.id for vm in changes[diff.worker_id])
+                for vm_id in diff.removed:
+                    voice.pending[vm_id] = generation
+                    voice.confirmed.pop(vm_id, None)
             self._generation = generation
             self._mark_changed()
         with log_context(generation=generation):
@@ -348,10 +546,35 @@ class MasterService:
                         )
         return ApplyResult(generation, True, tuple(diffs), op_id, False)
 
+    async def _replay(self, request_id: str, digest: str, op_id: str) -> ApplyResult | None:
+        """The result of the committed apply that carried ``request_id``, or
+        None when there is none (see "Request ids")."""
+        applied = await self._store.find_request(request_id)
+        if applied is None:
+            return None
+        if applied.fleet_digest != digest:
+            raise ValidationError(
+                f"request id {request_id} was used already, for another fleet (applied as "
+                f"generation {applied.generation}, op {applied.op_id}); nothing was applied: "
+                "use a new request id"
+            )
+        logger.info(
+            "apply %s: request %s was applied already as generation %d (op %s); "
+            "answering with that result",
+            op_id,
+            request_id,
+            applied.generation,
+            applied.op_id,
+            extra={"generation": applied.generation},
+        )
+        return ApplyResult(
+            applied.generation, True, applied.diffs, applied.op_id, dry_run=False, replayed=True
+        )
+
     async def fleet_status(self) -> FleetStatus:
         self._require_running()
         workers = []
-        for worker_id in sorted(set(self._assignments) | set(self._workers)):
+        for worker_id in self._listed_ids():
             assignment = self._assignments.get(worker_id)
             worker = self._workers.get(worker_id)
             workers.append(
@@ -447,7 +670,7 @@ class MasterService:
         Relayed samples keep their tuple identity until a worker reports
         again (the exporter caches its checks by identity)."""
         views = []
-        for worker_id in sorted(set(self._assignments) | set(self._workers)):
+        for worker_id in self._listed_ids():
             assignment = self._assignments.get(worker_id)
             worker = self._workers.get(worker_id)
             status = worker.status if worker else None
@@ -545,7 +768,8 @@ class MasterService:
         self._require_running()
         session = self._session(token)
         self._check_own(session, status.worker_id, "status")
-        self._store_status(session, status)
+        self._check_status(session.worker_id, status.observed_generation, status.vms)
+        await self._store_status(session, status)
 
     async def report_status_changes(self, token: int, changes: StatusChanges) -> None:
         """Merge what changed into the status this session delivered last.
@@ -565,9 +789,83 @@ class MasterService:
                 f"status changes would make {len(merged.vms)} VMs, over the limit of "
                 f"{LIMITS.max_vms_per_worker} per worker"
             )
-        self._store_status(session, merged)
+        self._check_status(session.worker_id, merged.observed_generation, merged.vms)
+        await self._store_status(session, merged)
 
-    def _store_status(self, session: _Session, status: WorkerStatus) -> None:
+    def _check_status(self, worker_id: str, observed: int, vms: Sequence[VmStatus]) -> None:
+        """Raise unless ``worker_id`` may report this status (see "Who may
+        report what"); log the refusal."""
+        assignment = self._assignments.get(worker_id)
+        issued = assignment.generation if assignment is not None else 0
+        voice = self._voices.get(worker_id) or _Voice()
+        problem: ProcuratorError | None = None
+        if observed > issued:
+            problem = ValidationError(
+                f"worker {worker_id} reports observed generation {observed}, which was never "
+                f"issued to it (its assignment is at generation {issued})"
+            )
+        else:
+            for vm in vms:
+                if vm.id in voice.assigned:
+                    continue
+                removed_by = voice.pending.get(vm.id)
+                if removed_by is None:
+                    problem = UnauthorizedError(
+                        f"worker {worker_id} reports VM {vm.id!r}, which is neither assigned to "
+                        "it nor being removed from it"
+                    )
+                elif removed_by <= observed:
+                    problem = ValidationError(
+                        f"worker {worker_id} reports VM {vm.id!r} with observed generation "
+                        f"{observed}, but generation {removed_by} removed that VM from it"
+                    )
+                if problem is not None:
+                    break
+        if problem is not None:
+            self._refused(worker_id, "status", problem)
+
+    def _refused(self, worker_id: str, what: str, problem: ProcuratorError) -> NoReturn:
+        logger.warning(
+            "worker %s: refused its %s report: %s",
+            worker_id,
+            what,
+            problem,
+            extra={"worker_id": worker_id},
+        )
+        raise problem
+
+    async def _confirm_removals(self, session: _Session, observed: int) -> None:
+        """Record in the store that the worker confirmed the removals at or
+        below ``observed``, then here (in this order: a restarted master
+        must not forget a removal the worker has not confirmed)."""
+        voice = self._voices.get(session.worker_id)
+        if voice is None or not any(g <= observed for g in voice.pending.values()):
+            return
+        now = self._now_ms()
+        await self._store.acknowledge_removals(
+            session.worker_id, observed, now, now - self._report_grace_ms
+        )
+        # Recomputed after the await: an apply may have taken a VM off again.
+        confirmed = [vm_id for vm_id, g in voice.pending.items() if g <= observed]
+        for vm_id in confirmed:
+            del voice.pending[vm_id]
+            voice.confirmed[vm_id] = now
+        for other in self._voices.values():
+            for vm_id, at in list(other.confirmed.items()):
+                if now - at >= self._report_grace_ms:
+                    del other.confirmed[vm_id]
+        with log_context(worker_id=session.worker_id, generation=observed):
+            logger.info(
+                "worker %s confirmed the removal of %d VM(s): %s",
+                session.worker_id,
+                len(confirmed),
+                some(sorted(confirmed)),
+            )
+        if self._sessions.get(session.token) is not session:
+            raise UnavailableError("this worker session has ended; register again")
+
+    async def _store_status(self, session: _Session, status: WorkerStatus) -> None:
+        await self._confirm_removals(session, status.observed_generation)
         session.status = status
         worker = self._workers[session.worker_id]
         before = worker.status.observed_generation if worker.status else 0
@@ -587,6 +885,22 @@ class MasterService:
         self._require_running()
         session = self._session(token)
         self._check_own(session, worker_id, "metrics")
+        voice = self._voices.get(session.worker_id) or _Voice()
+        now, grace, checked = self._now_ms(), self._report_grace_ms, ""
+        for sample in samples:
+            # Samples come grouped by VM: check each VM once.
+            if not sample.vm_id or sample.vm_id == checked:
+                continue
+            if not voice.may_mention(sample.vm_id, now, grace):
+                self._refused(
+                    session.worker_id,
+                    "metrics",
+                    UnauthorizedError(
+                        f"worker {session.worker_id} reports metrics of VM {sample.vm_id!r}, "
+                        "which is neither assigned to it nor was lately removed from it"
+                    ),
+                )
+            checked = sample.vm_id
         worker = self._workers[session.worker_id]
         worker.metrics = samples
         worker.last_metrics_unix_ms = self._now_ms()
@@ -594,6 +908,19 @@ class MasterService:
     async def report_events(self, token: int, events: Sequence[VmEvent]) -> None:
         self._require_running()
         worker_id = self._session(token).worker_id
+        voice = self._voices.get(worker_id) or _Voice()
+        now, grace = self._now_ms(), self._report_grace_ms
+        for event in events:
+            if not voice.may_mention(event.vm_id, now, grace):
+                self._refused(
+                    worker_id,
+                    "events",
+                    UnauthorizedError(
+                        f"worker {worker_id} reports an event of VM {event.vm_id!r}, which is "
+                        "neither assigned to it nor was lately removed from it; none of the "
+                        f"{len(events)} event(s) was stored"
+                    ),
+                )
         for event in events:
             with log_context(op_id=event.op_id, worker_id=worker_id, vm_id=event.vm_id):
                 logger.info("VM %s %s: %s", event.vm_id, event.kind.value, event.message)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from procurator.core.errors import PermanentError, ProcuratorError, StaleGenerationError
-from procurator.core.models import PowerState, VmAssignment
-from procurator.master.store import FleetStore
+from procurator.core.models import PowerChange, PowerState, VmAssignment, WorkerDiff
+from procurator.master.store import AppliedRequest, FleetStore, Removal
 
 PATH_A = "/nix/store/" + "a" * 32 + "-a"
 
@@ -165,3 +165,202 @@ async def test_uses_wal_and_refuses_missing_directories(tmp_path: Path) -> None:
         assert conn.execute("SELECT count(*) FROM applies").fetchone()[0] == 0
     with pytest.raises(PermanentError, match="does not exist"):
         await FleetStore.open(tmp_path / "nope" / "m.db")
+
+
+# ------------------------------------------------------------ request ids
+
+
+def diff(worker_id: str, *added: str) -> WorkerDiff:
+    change = PowerChange("x", PowerState.RUNNING, PowerState.PAUSED)
+    return WorkerDiff(worker_id, added=added, removed=("old",), power_changed=(change,))
+
+
+async def test_a_request_id_is_committed_with_its_apply_or_not_at_all(tmp_path: Path) -> None:
+    db = tmp_path / "m.db"
+    async with await FleetStore.open(db) as store:
+        g1 = await store.commit(
+            expected_generation=0,
+            changes={"w": [vm("a")]},
+            before={},
+            op_id="op-1",
+            unix_ms=1,
+            request_id="req-1",
+            fleet_digest="digest-1",
+            diffs=[diff("w", "a")],
+        )
+        # Stale: neither the fleet nor the request id is stored.
+        with pytest.raises(StaleGenerationError):
+            await store.commit(
+                expected_generation=0,
+                changes={"w": [vm("b")]},
+                before={"w": [vm("a")]},
+                op_id="op-2",
+                unix_ms=2,
+                request_id="req-2",
+                fleet_digest="digest-2",
+            )
+        # A request id recorded already: the whole apply fails.
+        with pytest.raises(ProcuratorError, match="req-1 is recorded already; nothing was applied"):
+            await store.commit(
+                expected_generation=g1,
+                changes={"w": [vm("b")]},
+                before={"w": [vm("a")]},
+                op_id="op-3",
+                unix_ms=3,
+                request_id="req-1",
+                fleet_digest="digest-3",
+            )
+        assert await store.find_request("req-2") is None
+    async with await FleetStore.open(db) as store:
+        found = await store.find_request("req-1")
+        stored = await store.load()
+    assert found == AppliedRequest("req-1", g1, "op-1", "digest-1", (diff("w", "a"),))
+    assert stored.generation == g1 and stored.assignments["w"].vms == (vm("a"),)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT generation, request_id FROM applies").fetchall() == [
+            (1, "req-1")
+        ]
+
+
+async def test_only_the_newest_request_ids_are_kept(tmp_path: Path) -> None:
+    db = tmp_path / "m.db"
+    async with await FleetStore.open(db, requests_kept=2) as store:
+        generation, vms = 0, []
+        for n in range(1, 5):
+            new = [*vms, vm(f"v{n}")]
+            generation = await store.commit(
+                expected_generation=generation,
+                changes={"w": new},
+                before={"w": vms},
+                op_id=f"op-{n}",
+                unix_ms=n,
+                request_id=f"req-{n}" if n != 3 else "",
+                fleet_digest="d",
+            )
+            vms = new
+        found = [await store.find_request(f"req-{n}") for n in range(1, 5)]
+    assert [f.generation if f else None for f in found] == [None, 2, None, 4]
+    with sqlite3.connect(db) as conn:
+        # The apply log keeps every apply's request id.
+        assert conn.execute("SELECT request_id FROM applies ORDER BY generation").fetchall() == [
+            ("req-1",),
+            ("req-2",),
+            ("",),
+            ("req-4",),
+        ]
+
+
+# ------------------------------------------------------------ removals
+
+
+async def test_removals_are_recorded_by_the_apply_and_confirmed_by_the_worker(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "m.db"
+    async with await FleetStore.open(db) as store:
+        g1 = await store.commit(
+            expected_generation=0,
+            changes={"w1": [vm("a"), vm("b"), vm("c")]},
+            before={},
+            op_id="o1",
+            unix_ms=1,
+        )
+        # b removed, c moved to w2.
+        g2 = await store.commit(
+            expected_generation=g1,
+            changes={"w1": [vm("a")], "w2": [vm("c")]},
+            before={"w1": [vm("a"), vm("b"), vm("c")]},
+            op_id="o2",
+            unix_ms=2,
+        )
+        assert (await store.load()).removals == {"w1": {"b": Removal(g2), "c": Removal(g2)}}
+        # A rejected commit records no removal.
+        with pytest.raises(StaleGenerationError):
+            await store.commit(
+                expected_generation=g1,
+                changes={"w1": []},
+                before={"w1": [vm("a")]},
+                op_id="o3",
+                unix_ms=3,
+            )
+        await store.acknowledge_removals("w1", g1, 100, 0)  # observed too old: nothing
+        await store.acknowledge_removals("w2", g2, 100, 0)  # another worker: nothing
+        assert (await store.load()).removals == {"w1": {"b": Removal(g2), "c": Removal(g2)}}
+        await store.acknowledge_removals("w1", g2, 100, 0)
+        # c taken off w2 too: pending there; w1's confirmations stay.
+        g3 = await store.commit(
+            expected_generation=g2,
+            changes={"w2": []},
+            before={"w2": [vm("c")]},
+            op_id="o4",
+            unix_ms=4,
+        )
+    async with await FleetStore.open(db) as store:
+        assert (await store.load()).removals == {
+            "w1": {"b": Removal(g2, 100), "c": Removal(g2, 100)},
+            "w2": {"c": Removal(g3)},
+        }
+        # Back on w1 and off again: pending there anew.
+        g4 = await store.commit(
+            expected_generation=g3,
+            changes={"w1": [vm("a"), vm("c")]},
+            before={"w1": [vm("a")]},
+            op_id="o5",
+            unix_ms=5,
+        )
+        g5 = await store.commit(
+            expected_generation=g4,
+            changes={"w1": [vm("a")]},
+            before={"w1": [vm("a"), vm("c")]},
+            op_id="o6",
+            unix_ms=6,
+        )
+        # Confirmations older than the caller's horizon are forgotten.
+        await store.acknowledge_removals("w2", g3, 200, 150)
+        assert (await store.load()).removals == {
+            "w1": {"c": Removal(g5)},
+            "w2": {"c": Removal(g3, 200)},
+        }
+
+
+async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
+    db = tmp_path / "m.db"
+    with sqlite3.connect(db) as conn:
+        conn.executescript(
+            """
+            CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+            CREATE TABLE workers (worker_id TEXT PRIMARY KEY, generation INTEGER NOT NULL,
+                op_id TEXT NOT NULL);
+            CREATE TABLE vms (vm_id TEXT PRIMARY KEY, worker_id TEXT NOT NULL
+                REFERENCES workers(worker_id), hash TEXT NOT NULL, nix_store_path TEXT NOT NULL,
+                power TEXT NOT NULL, vcpus INTEGER NOT NULL, memory_mib INTEGER NOT NULL);
+            CREATE TABLE applies (generation INTEGER PRIMARY KEY, op_id TEXT NOT NULL,
+                unix_ms INTEGER NOT NULL, workers_changed INTEGER NOT NULL);
+            INSERT INTO meta VALUES ('schema_version', 1), ('generation', 7);
+            INSERT INTO workers VALUES ('w', 7, 'op-old');
+            INSERT INTO vms VALUES ('a', 'w', 'h', '/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-a',
+                'running', 0, 0);
+            INSERT INTO applies VALUES (7, 'op-old', 1, 1);
+            """
+        )
+    async with await FleetStore.open(db) as store:
+        stored = await store.load()
+        assert stored.generation == 7 and [v.id for v in stored.assignments["w"].vms] == ["a"]
+        g8 = await store.commit(
+            expected_generation=7,
+            changes={"w": []},
+            before={"w": stored.assignments["w"].vms},
+            op_id="op-new",
+            unix_ms=2,
+            request_id="req-new",
+        )
+        assert (await store.find_request("req-new")) is not None
+        assert (await store.load()).removals == {"w": {"a": Removal(g8)}}
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
+            2,
+        )
+        assert conn.execute("SELECT generation, request_id FROM applies").fetchall() == [
+            (7, ""),
+            (8, "req-new"),
+        ]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from masterhelpers import FakeNode
 
 from procurator.core.errors import (
     LimitExceededError,
@@ -17,7 +18,6 @@ from procurator.core.errors import (
     ValidationError,
 )
 from procurator.core.models import (
-    Assignment,
     EventKind,
     Fleet,
     Phase,
@@ -33,26 +33,6 @@ from procurator.master.service import MasterService
 from procurator.master.store import FleetStore
 
 FleetOf = Callable[[dict[str, list[tuple[str, str]]]], Fleet]
-
-
-class FakeNode:
-    """A worker's Node: records pushes; can be made to hang."""
-
-    _ids = iter(range(1, 1_000_000))
-
-    def __init__(self, *, hang: bool = False) -> None:
-        self.connection_id = next(self._ids)
-        self.pushed: list[Assignment] = []
-        self.hang = hang
-        self.closed = False
-
-    async def push(self, assignment: Assignment) -> None:
-        if self.hang:
-            await trio.sleep_forever()
-        self.pushed.append(assignment)
-
-    async def aclose(self) -> None:
-        self.closed = True
 
 
 @pytest.fixture
@@ -173,11 +153,13 @@ async def test_reports_are_bound_to_the_session_worker(service: MasterService) -
 
 
 async def test_status_changes_merge_into_the_sessions_last_status(
-    service: MasterService,
+    service: MasterService, fleet_of: FleetOf
 ) -> None:
     def running(*ids: str) -> tuple[VmStatus, ...]:
         return tuple(VmStatus(i, Phase.RUNNING) for i in ids)
 
+    await service.apply(fleet_of({"host-a": [("a", "a"), ("b", "a"), ("c", "a")]}))
+    await service.apply(fleet_of({"host-a": [("a", "a"), ("b", "b"), ("c", "a")]}))
     token = await service.register(WorkerInfo("host-a"), FakeNode())
     with pytest.raises(ValidationError, match="before a full status"):
         await service.report_status_changes(token, StatusChanges("host-a", 1))
@@ -201,19 +183,21 @@ async def test_status_changes_merge_into_the_sessions_last_status(
 
 
 async def test_status_changes_over_the_vm_limit_are_refused(
-    service: MasterService, monkeypatch: pytest.MonkeyPatch
+    service: MasterService, monkeypatch: pytest.MonkeyPatch, fleet_of: FleetOf
 ) -> None:
+    await service.apply(fleet_of({"host-a": [("a", "a"), ("b", "a"), ("c", "a")]}))
     monkeypatch.setattr(LIMITS, "max_vms_per_worker", 2)
     token = await service.register(WorkerInfo("host-a"), FakeNode())
     await service.report_status(token, WorkerStatus("host-a", 1, (VmStatus("a", Phase.RUNNING),)))
     more = tuple(VmStatus(i, Phase.PENDING) for i in ("b", "c"))
     with pytest.raises(LimitExceededError, match="3 VMs, over the limit of 2"):
-        await service.report_status_changes(token, StatusChanges("host-a", 2, changed=more))
+        await service.report_status_changes(token, StatusChanges("host-a", 1, changed=more))
     (worker,) = (await service.fleet_status()).workers
     assert worker.status is not None and [v.id for v in worker.status.vms] == ["a"]
 
 
-async def test_events_are_bounded(service: MasterService) -> None:
+async def test_events_are_bounded(service: MasterService, fleet_of: FleetOf) -> None:
+    await service.apply(fleet_of({"host-a": [("vm-0", "a"), ("vm-1", "a")]}))
     token = await service.register(WorkerInfo("host-a"), FakeNode())
     events = [VmEvent(f"vm-{i % 2}", EventKind.BOOTED, str(i)) for i in range(10)]
     await service.report_events(token, events)
@@ -223,7 +207,8 @@ async def test_events_are_bounded(service: MasterService) -> None:
     assert [e.event.message for e in await service.recent_events("vm-1", 2)] == ["7", "9"]
 
 
-async def test_disconnect_is_visible_in_status(service: MasterService) -> None:
+async def test_disconnect_is_visible_in_status(service: MasterService, fleet_of: FleetOf) -> None:
+    await service.apply(fleet_of({"host-a": [("web-1", "a")]}))
     token = await service.register(WorkerInfo("host-a"), FakeNode())
     await service.unregister(token)
     (worker,) = (await service.fleet_status()).workers

@@ -15,12 +15,15 @@ import pytest
 import trio
 
 from procurator import ops
+from procurator.core.fleet import parse_fleet
 from procurator.core.models import EventKind, VmEvent, WorkerInfo
 from procurator.master.service import MasterService
 from procurator.master.store import FleetStore
 from procurator.rpc.bridge import open_bridge
 from procurator.rpc.master_server import serve_master
 from procurator.rpc.messages import parse_address
+
+IMAGE = "/nix/store/" + "a" * 32 + "-vm"
 
 
 class _Node:
@@ -71,6 +74,10 @@ async def test_follow_reconnects_after_a_master_restart(
             service = MasterService(store)
             await nursery.start(service.run)
             await nursery.start(serve_master, bridge, service, address)
+            # A worker reports events only of VMs assigned to it.
+            await service.apply(
+                parse_fleet(f'[workers.host-a]\nvms = [{{ id = "web-1", image = "{IMAGE}" }}]\n')
+            )
             token = await service.register(WorkerInfo("host-a"), _Node())
             await service.report_events(token, [VmEvent("web-1", EventKind.BOOTED, message)])
             task_status.started(nursery.cancel_scope)

@@ -72,8 +72,15 @@ def _fleet(power: str = "paused") -> str:
     return f'[workers.host-a]\nvms = [ {{ id = "web-1", image = "{IMAGE}", power = "{power}" }} ]\n'
 
 
+async def _assign(served: Served, *vm_ids: str) -> None:
+    """Assign ``vm_ids`` to host-a: a worker reports only its own VMs."""
+    vms = ", ".join(f'{{ id = "{vm_id}", image = "{IMAGE}" }}' for vm_id in vm_ids)
+    await served.control.apply(parse_fleet(f"[workers.host-a]\nvms = [ {vms} ]\n"))
+
+
 async def test_event_history_is_bounded_per_vm_overall_and_in_vms(served: Served) -> None:
     service = served.service
+    await _assign(served, "web-1", "a", "b", "c", *(f"vm-{i}" for i in range(25)))
     token = await service.register(WorkerInfo("host-a"), FakeNode())
     await service.report_events(
         token, [VmEvent("web-1", EventKind.BOOTED, str(i)) for i in range(50)]
@@ -101,6 +108,7 @@ async def test_event_history_is_bounded_per_vm_overall_and_in_vms(served: Served
 
 async def test_followers_page_by_seq(served: Served) -> None:
     service = served.service
+    await _assign(served, "web-1")
     token = await service.register(WorkerInfo("host-a"), FakeNode())
     await service.report_events(token, [VmEvent("web-1", EventKind.BOOTED, "a")])
     (first,) = await served.control.events("", 100)

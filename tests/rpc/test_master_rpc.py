@@ -145,7 +145,13 @@ async def test_status_reports_reach_fleet_status(bridge: Bridge, master, fleet_o
         nursery.cancel_scope.cancel()
 
 
-async def test_status_changes_cross_the_wire_and_merge(bridge: Bridge, master) -> None:
+async def test_status_changes_cross_the_wire_and_merge(
+    bridge: Bridge, master, fleet_of: FleetOf
+) -> None:
+    # The VMs and generations host-a reports must be its own (two applies: 1, 2).
+    async with open_control(bridge, master.address) as control:
+        for tag in "ab":
+            await control.apply(fleet_of({"host-a": [(f"web-{i}", tag) for i in range(3)]}))
     session = await CapnpMasterDialer(bridge, master.address).connect(WorkerInfo("host-a"), _ignore)
     try:
         with pytest.raises(ValidationError, match="before a full status"):

@@ -48,6 +48,9 @@ def _status(*vms: VmStatus) -> WorkerStatus:
 async def test_over_limit_reports_are_refused_and_the_session_goes_on(
     tls_master: MasterProcess, pki: Pki, bridge: Bridge
 ) -> None:
+    # host-a reports web-1: it must be assigned to it.
+    async with open_control(bridge, tls_master.address, tls=pki.files("control-ci")) as client:
+        await client.apply(Fleet((("host-a", (VmAssignment("web-1", HASH, IMAGE),)),)))
     dialer = CapnpMasterDialer(bridge, tls_master.address, tls=pki.files("worker-host-a"))
     session = await dialer.connect(WorkerInfo("host-a"), _nothing)
     try:

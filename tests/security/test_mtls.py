@@ -22,7 +22,7 @@ from sechelpers import MasterProcess, Pki, cli, master_process, plain_env
 
 from procurator.cli import run_worker_process
 from procurator.core.errors import UnauthorizedError, UnavailableError
-from procurator.core.models import Assignment, Phase, VmStatus, WorkerInfo, WorkerStatus
+from procurator.core.models import Assignment, WorkerInfo, WorkerStatus
 from procurator.rpc.bridge import Bridge
 from procurator.rpc.clients import CapnpMasterDialer, open_control
 from procurator.rpc.tls import MASTER_SERVER_NAME, TlsFiles
@@ -186,7 +186,7 @@ async def test_a_worker_certificate_registers_only_its_own_id(
     # Its own id works, and the session it gets reports only for itself.
     session = await dialer.connect(WorkerInfo("host-a"), _nothing)
     try:
-        await session.report_status(WorkerStatus("host-a", 0, (VmStatus("web-1", Phase.PENDING),)))
+        await session.report_status(WorkerStatus("host-a", 0))
         with pytest.raises(UnauthorizedError, match="cannot report status for worker 'host-b'"):
             await session.report_status(WorkerStatus("host-b", 0))
         assert await session.get_assignment(0) is None
