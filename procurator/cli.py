@@ -6,9 +6,11 @@ worker's link, which know nothing of Cap'n Proto.
 
 Exit codes: 0 success; 1 refused, invalid or unreachable (the message says
 which); 2 bad usage; 3 ``apply --wait`` timed out; 4 ``apply --wait`` saw a
-failed VM; 130 interrupted (Ctrl-C); 141 the reader of the output went away
-(``procurator status | head``: quietly, as a tool killed by SIGPIPE; see
-``procurator.ops`` and ``main``).
+failed VM; 5 ``apply --wait``: converged, except disconnected workers that the
+apply left with nothing to run and that have not confirmed stopping their VMs
+(they may still run them); 130 interrupted (Ctrl-C); 141 the reader of the
+output went away (``procurator status | head``: quietly, as a tool killed by
+SIGPIPE; see ``procurator.ops`` and ``main``).
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_TIMEOUT = 3
 EXIT_FAILED = 4
+EXIT_UNCONFIRMED = 5
 EXIT_INTERRUPTED = 130
 EXIT_OUTPUT_CLOSED = ops.EXIT_OUTPUT_CLOSED
 
@@ -352,6 +355,15 @@ def _print_status(status: FleetStatus, out: TextIO) -> None:
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         print("  ".join([*cells, row[-1]]).rstrip(), file=out)
+    for w in status.workers:
+        # Listed with nothing to run and disconnected: the master keeps it
+        # until it confirms the removal of its VMs.
+        if not w.connected and w.vm_count == 0:
+            print(
+                f"{w.worker_id}: nothing left to run, but it has not confirmed stopping its "
+                "VMs: it may still run them until it reconnects",
+                file=out,
+            )
     ops.print_vm_table(status, out)
 
 
@@ -364,36 +376,73 @@ class _WaitOutcome:
     message: str
 
 
-def _check_progress(
-    status: FleetStatus, result: ApplyResult
-) -> tuple[_WaitOutcome | None, list[str]]:
-    """(final outcome or None while waiting, one progress line per worker)."""
+@dataclass(frozen=True)
+class _Progress:
+    outcome: _WaitOutcome | None  # None: wait on
+    lines: list[str]  # one per worker of the apply
+    waiting_for: list[str]  # the workers waited for, e.g. "host-a (disconnected)"
+
+
+def _check_progress(status: FleetStatus, result: ApplyResult) -> _Progress:
+    """Where the workers of an apply stand. A worker has converged when it
+    reports the apply's generation or a later one. A worker that the apply
+    left with nothing to run and that is disconnected is not waited for (it
+    may have been taken out of service for good): it has not confirmed that
+    it stopped its VMs and may still run them, which the outcome says
+    (``EXIT_UNCONFIRMED``) once every other worker converged. A worker of the
+    apply that the master no longer lists had nothing to run and confirmed
+    it (the master lists such a worker until it confirms)."""
     by_id = {w.worker_id: w for w in status.workers}
     lines: list[str] = []
-    pending = 0
+    waiting: list[str] = []
+    unconfirmed: list[str] = []
     failed: list[str] = []
     for diff in result.diffs:
         worker = by_id.get(diff.worker_id)
-        observed = worker.status.observed_generation if worker and worker.status else 0
-        phases = " ".join(f"{k}={v}" for k, v in _phases(worker).items()) if worker else ""
-        state = "" if worker and worker.connected else " (disconnected)"
+        if worker is None:
+            lines.append(f"  {diff.worker_id}: nothing left to run, removals confirmed")
+            continue
+        observed = worker.status.observed_generation if worker.status else 0
+        phases = " ".join(f"{k}={v}" for k, v in _phases(worker).items())
+        state = "" if worker.connected else " (disconnected)"
         lines.append(
             f"  {diff.worker_id}: observed {observed}/{result.generation}{state}"
             + (f" [{phases}]" if phases else "")
         )
-        if worker is not None and worker.status is not None:
+        if worker.status is not None:
             for vm in worker.status.vms:
                 if vm.phase is Phase.FAILED and (
                     observed >= result.generation or vm.op_id == result.op_id
                 ):
                     failed.append(f"{diff.worker_id}/{vm.id}: {vm.message or 'failed'}")
-        if observed < result.generation:
-            pending += 1
+        if observed >= result.generation:
+            continue
+        if not worker.connected and worker.vm_count == 0:
+            removed = logs.some(diff.removed) if diff.removed else "its VMs"
+            unconfirmed.append(
+                f"{diff.worker_id}: {removed} (removed by generation {result.generation}); "
+                "it may still run them, and stops them when it reconnects"
+            )
+        else:
+            waiting.append(diff.worker_id + state)
     if failed:
-        return _WaitOutcome(EXIT_FAILED, "failed VMs:\n  " + "\n  ".join(failed)), lines
-    if pending == 0:
-        return _WaitOutcome(EXIT_OK, f"all {len(result.diffs)} worker(s) converged"), lines
-    return None, lines
+        return _Progress(
+            _WaitOutcome(EXIT_FAILED, "failed VMs:\n  " + "\n  ".join(failed)), lines, waiting
+        )
+    if waiting:
+        return _Progress(None, lines, waiting)
+    if unconfirmed:
+        message = (
+            f"converged, except {len(unconfirmed)} disconnected worker(s) that generation "
+            f"{result.generation} left with nothing to run and that have not confirmed "
+            "stopping their VMs:\n  "
+            + "\n  ".join(unconfirmed)
+            + "\n`procurator status` lists such a worker until it has confirmed."
+        )
+        return _Progress(_WaitOutcome(EXIT_UNCONFIRMED, message), lines, [])
+    return _Progress(
+        _WaitOutcome(EXIT_OK, f"all {len(result.diffs)} worker(s) converged"), lines, []
+    )
 
 
 async def _wait_converged(
@@ -402,26 +451,32 @@ async def _wait_converged(
     """Blocking reads: each status is asked for with the change index of
     the one before, so the master answers when a report (or anything else)
     changed it, not on a timer. ``interval`` paces the reads only with a
-    master that does not block (it answers change index 0)."""
+    master that does not block (it answers change index 0). Returns the exit
+    code: ``EXIT_OK``, ``EXIT_FAILED``, ``EXIT_UNCONFIRMED`` (see
+    ``_check_progress``) or ``EXIT_TIMEOUT`` naming the workers waited for."""
     last: list[str] = []
+    waiting_for: list[str] = []
     index = 0
     deadline = trio.current_time() + timeout
     with trio.move_on_after(timeout):
         while True:
             wait = deadline - trio.current_time()
             status = await client.status(wait_index=index, wait=wait)
-            outcome, lines = _check_progress(status, result)
-            if lines != last:
-                print("\n".join(lines), file=out, flush=True)
-                last = lines
-            if outcome is not None:
+            progress = _check_progress(status, result)
+            if progress.lines != last:
+                print("\n".join(progress.lines), file=out, flush=True)
+                last = progress.lines
+            waiting_for = progress.waiting_for
+            if (outcome := progress.outcome) is not None:
                 print(outcome.message, file=out if outcome.code == EXIT_OK else sys.stderr)
                 return outcome.code
             index = status.change_index
             if not index:
                 await trio.sleep(interval)
     print(
-        f"timed out after {timeout:g}s waiting for generation {result.generation}", file=sys.stderr
+        f"timed out after {timeout:g}s waiting for generation {result.generation} from "
+        + ", ".join(waiting_for),
+        file=sys.stderr,
     )
     return EXIT_TIMEOUT
 
@@ -792,7 +847,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--wait",
         action="store_true",
-        help="wait until every affected worker reports the new generation",
+        help="wait until every affected worker reports the new generation; a disconnected "
+        "worker left with nothing to run is not waited for: exit 5 says it has not "
+        "confirmed stopping its VMs",
     )
     p.add_argument(
         "--timeout", type=_positive, default=300.0, help="seconds --wait waits (default: 300)"
