@@ -42,7 +42,7 @@ from procurator.core.fleet import parse_fleet
 from procurator.core.models import Fleet, Phase, WorkerDiff, WorkerInfo
 from procurator.core.validation import LIMITS
 from procurator.master.http import run_master_http
-from procurator.master.metrics import MasterMetrics
+from procurator.master.metrics import MasterInstruments, MasterMetrics
 from procurator.master.service import MasterService
 from procurator.master.store import FleetStore
 from procurator.rpc.bridge import open_bridge
@@ -113,24 +113,28 @@ async def run_master(
     elif not config.insecure:
         require_secure(address, None, insecure=False, what="the master listening on")
     async with open_bridge() as bridge, await FleetStore.open(config.db) as store:
-        service = MasterService(store, push_timeout=config.push_timeout)
+        instruments = MasterInstruments()
+        service = MasterService(instruments.store(store), push_timeout=config.push_timeout)
         async with trio.open_nursery() as nursery:
             await nursery.start(service.run)
             if config.metrics_listen:
-                await nursery.start(_serve_master_metrics, service, config.metrics_listen)
+                await nursery.start(
+                    _serve_master_metrics, service, config.metrics_listen, instruments
+                )
             serve = functools.partial(
                 serve_master,
                 tls=config.tls,
                 insecure=config.insecure,
                 max_connections=config.max_connections,
             )
-            bound = await nursery.start(serve, bridge, service, address)
+            bound = await nursery.start(serve, bridge, instruments.backend(service), address)
             task_status.started(bound)
 
 
 async def _serve_master_metrics(
     service: MasterService,
     listen: str,
+    instruments: MasterInstruments,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -138,7 +142,7 @@ async def _serve_master_metrics(
     trio task refreshes every second: they never touch trio-owned state."""
     host, port = _host_port(listen)
     latest = [service.fleet_view()]
-    metrics = MasterMetrics(lambda: latest[0])
+    metrics = MasterMetrics(lambda: latest[0], instruments=instruments)
     async with trio.open_nursery() as nursery:
         server = await nursery.start(run_master_http, metrics, host, port)
         logger.info("master metrics at %s", server.url("/metrics"))

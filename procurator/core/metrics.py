@@ -278,6 +278,34 @@ _SPECS: tuple[MetricSpec, ...] = (
         "(unknown name or labels: version skew).",
         ("worker",),
     ),
+    # -- master (its own work; procurator.master.metrics.MasterInstruments) --
+    _spec(
+        "procurator_master_rpc_calls_total", _C, _MASTER,
+        "Calls the master handled, by method (wire name; waitChange is the blocking part "
+        "of a status or describeVm read).",
+        ("method",),
+    ),
+    _spec(
+        "procurator_master_rpc_errors_total", _C, _MASTER,
+        "Calls the master answered with an error, by method and error code.",
+        ("method", "code"),
+    ),
+    _spec(
+        "procurator_master_store_operation_duration_seconds", _H, _MASTER,
+        "Duration of the master's database operations (load, commit), failed ones included.",
+        ("operation",),
+    ),
+    _spec(
+        "procurator_master_store_errors_total", _C, _MASTER,
+        "Database operations that failed (not a stale-generation refusal), by operation "
+        "and error code.",
+        ("operation", "code"),
+    ),
+    _spec(
+        "procurator_master_apply_to_observed_seconds", _H, _MASTER,
+        "Seconds from an apply that changed a worker's assignment until that worker "
+        "reported the apply's generation (or a newer one) as observed.",
+    ),
 )  # fmt: skip
 
 CATALOGUE: Mapping[str, MetricSpec] = {s.name: s for s in _SPECS}

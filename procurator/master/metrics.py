@@ -21,18 +21,33 @@ several Prometheus servers may scrape at once).
 Relayed samples are exposed as given: when a worker disconnects, whether
 its last figures stay (marked stale by ``..._last_report_age_seconds``) or
 go is the view's choice.
+
+The master's own work is measured by ``MasterInstruments``, fed by two
+decorators the composition root (``procurator.cli``) puts around the ports
+it wires: ``InstrumentedBackend`` around the service the RPC server calls
+(calls and errors by method and code; the time from an apply to each
+affected worker's observing it) and ``InstrumentedStore`` around the
+database (operation durations, failures). Decorating the ports, rather than
+counting inside the RPC server or the service, keeps the counting in one
+place and leaves both untouched; what it cannot see: a request refused by
+the RPC layer itself before it reaches the service (undecodable, or an
+unauthorized certificate), and applies made before a master restart.
 """
 
 from __future__ import annotations
 
+import collections
+import functools
+import inspect
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 
+from procurator.core.errors import ProcuratorError, StaleGenerationError
 from procurator.core.metrics import (
     CATALOGUE,
     Family,
@@ -44,8 +59,57 @@ from procurator.core.metrics import (
     http_sd_groups,
 )
 from procurator.core.models import Phase
+from procurator.master.service import MasterService
+from procurator.master.store import FleetStore
+from procurator.rpc.messages import ApplyResult
 
-__all__ = ["FleetViewSource", "MasterMetrics"]
+__all__ = [
+    "MAX_PENDING_APPLIES",
+    "RPC_METHODS",
+    "STORE_OPERATIONS",
+    "FleetViewSource",
+    "InstrumentedBackend",
+    "InstrumentedStore",
+    "MasterInstruments",
+    "MasterMetrics",
+]
+
+MAX_PENDING_APPLIES = 64
+"""Applies per worker waiting to be observed that are remembered for the
+apply-to-observed histogram; older ones are forgotten (never observed)."""
+
+RPC_METHODS = (
+    "apply",
+    "status",
+    "waitChange",
+    "describeVm",
+    "events",
+    "register",
+    "getAssignment",
+    "reportStatus",
+    "reportStatusChanges",
+    "reportMetrics",
+    "reportEvents",
+)
+"""The ``method`` label values ``InstrumentedBackend`` counts under."""
+
+STORE_OPERATIONS = ("load", "commit")
+"""Store operations whose error series exist from the start (any other
+coroutine method of the store is timed too, under its own name)."""
+
+# Series that exist from the start at 0, so that ``increase()`` sees the
+# first error (a counter born at 1 shows no increase): every method's calls
+# and internal errors, every store operation's errors by the codes a store
+# raises.
+_INITIAL_ERROR_CODES = ("internal",)
+_INITIAL_STORE_ERROR_CODES = ("unavailable", "internal")
+
+_STORE_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+_APPLY_TO_OBSERVED_BUCKETS = (
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+)  # fmt: skip
 
 FleetViewSource = Callable[[], FleetView]
 
@@ -65,9 +129,11 @@ class MasterMetrics:
         *,
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.time,
+        instruments: MasterInstruments | None = None,
     ) -> None:
         self._view = view
         self._clock = clock
+        self._instruments = instruments
         self.registry = registry if registry is not None else CollectorRegistry()
         # worker id -> (the samples tuple validated, its metrics, dropped).
         # Guarded by _lock, a leaf lock held only for dict access.
@@ -100,6 +166,8 @@ class MasterMetrics:
         now = self._clock()
         workers = sorted(view.workers, key=lambda w: w.worker_id)
         yield from self._fleet_metrics(workers, now)
+        if self._instruments is not None:
+            yield from self._instruments.collect()
         yield from self._relayed_metrics(workers)
 
     def _fleet_metrics(self, workers: list[WorkerView], now: float) -> Iterator[Metric]:
@@ -174,3 +242,253 @@ def _to_metric(family: Family) -> Metric:
     for values, value in family.rows:
         metric.add_sample(spec.name, dict(zip(names, values, strict=True)), value)
     return metric
+
+
+# -- the master's own work --------------------------------------------------------
+
+
+def _error_code(exc: BaseException) -> str:
+    return exc.code if isinstance(exc, ProcuratorError) else "internal"
+
+
+class MasterInstruments:
+    """Figures of the master's own work, for ``MasterMetrics(instruments=)``.
+
+    Fed on the trio thread (through ``InstrumentedBackend`` and
+    ``InstrumentedStore``), read by scrapes on the HTTP server's threads.
+    ``_lock`` guards the counter dicts and is a leaf lock (held for dict
+    access only); the histograms are prometheus_client's own, thread-safe,
+    and registered nowhere (``collect`` hands them to the exporter). The
+    pending applies are touched only on the trio thread.
+
+    Label values are bounded: methods are the decorator's fixed names,
+    codes the error taxonomy's (``procurator.core.errors``), operations
+    ``load`` and ``commit``. ``clock`` is monotonic time, for durations."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._calls: dict[str, int] = dict.fromkeys(RPC_METHODS, 0)
+        self._errors: dict[tuple[str, str], int] = {
+            (method, code): 0 for method in RPC_METHODS for code in _INITIAL_ERROR_CODES
+        }
+        self._store_errors: dict[tuple[str, str], int] = {
+            (operation, code): 0
+            for operation in STORE_OPERATIONS
+            for code in _INITIAL_STORE_ERROR_CODES
+        }
+        self._store_duration = self._histogram(
+            "procurator_master_store_operation_duration_seconds", _STORE_BUCKETS
+        )
+        self._apply_to_observed = self._histogram(
+            "procurator_master_apply_to_observed_seconds", _APPLY_TO_OBSERVED_BUCKETS
+        )
+        # worker id -> (generation, applied at) of applies it has not observed
+        # yet, oldest first. Trio thread only.
+        self._pending: dict[str, collections.deque[tuple[int, float]]] = {}
+
+    @staticmethod
+    def _histogram(name: str, buckets: tuple[float, ...]) -> Histogram:
+        spec = CATALOGUE[name]
+        return Histogram(name, spec.help, labelnames=spec.labels, buckets=buckets, registry=None)
+
+    def backend(self, service: MasterService) -> InstrumentedBackend:
+        """``service`` as the RPC server should call it: every call counted."""
+        return InstrumentedBackend(service, self)
+
+    def store(self, store: FleetStore) -> InstrumentedStore:
+        """``store`` as the service should use it: every operation timed."""
+        return InstrumentedStore(store, self)
+
+    def now(self) -> float:
+        """The instruments' monotonic clock, in seconds."""
+        return self._clock()
+
+    # -- feeding (trio thread) ------------------------------------------------
+
+    def count_call(self, method: str, error: BaseException | None = None) -> None:
+        with self._lock:
+            self._calls[method] = self._calls.get(method, 0) + 1
+            if error is not None:
+                key = (method, _error_code(error))
+                self._errors[key] = self._errors.get(key, 0) + 1
+
+    def observe_store(
+        self, operation: str, seconds: float, error: BaseException | None = None
+    ) -> None:
+        self._store_duration.labels(operation).observe(max(0.0, seconds))
+        # A stale generation is optimistic concurrency doing its job, not
+        # the database failing.
+        if error is not None and not isinstance(error, StaleGenerationError):
+            key = (operation, _error_code(error))
+            with self._lock:
+                self._store_errors[key] = self._store_errors.get(key, 0) + 1
+
+    def applied(self, result: ApplyResult) -> None:
+        """An apply committed: each worker it changed now has a generation
+        to observe."""
+        if result.dry_run or not result.changed or result.replayed:
+            return  # nothing new to observe
+        now = self.now()
+        for diff in result.diffs:
+            pending = self._pending.get(diff.worker_id)
+            if pending is None:
+                pending = self._pending[diff.worker_id] = collections.deque(
+                    maxlen=MAX_PENDING_APPLIES
+                )
+            pending.append((result.generation, now))
+
+    def observed(self, worker_id: str, generation: int) -> None:
+        """``worker_id`` reported ``generation`` observed: every apply up to
+        it reached that worker now."""
+        pending = self._pending.get(worker_id)
+        if not pending:
+            return
+        now = self.now()
+        while pending and pending[0][0] <= generation:
+            _, applied_at = pending.popleft()
+            self._apply_to_observed.observe(max(0.0, now - applied_at))
+        if not pending:
+            del self._pending[worker_id]
+
+    # -- reading (any thread) -----------------------------------------------------
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            calls = sorted(self._calls.items())
+            errors = sorted(self._errors.items())
+            store_errors = sorted(self._store_errors.items())
+        calls_total = _metric("procurator_master_rpc_calls_total")
+        for method, count in calls:
+            calls_total.add_sample(
+                "procurator_master_rpc_calls_total", {"method": method}, float(count)
+            )
+        yield calls_total
+        errors_total = _metric("procurator_master_rpc_errors_total")
+        for (method, code), count in errors:
+            errors_total.add_sample(
+                "procurator_master_rpc_errors_total", {"method": method, "code": code}, float(count)
+            )
+        yield errors_total
+        yield from self._store_duration.collect()
+        store_errors_total = _metric("procurator_master_store_errors_total")
+        for (operation, code), count in store_errors:
+            store_errors_total.add_sample(
+                "procurator_master_store_errors_total",
+                {"operation": operation, "code": code},
+                float(count),
+            )
+        yield store_errors_total
+        yield from self._apply_to_observed.collect()
+
+
+class InstrumentedBackend:
+    """The master service as the RPC server calls it (it fits
+    ``procurator.rpc.master_server.MasterBackend``): every coroutine method
+    is counted under its wire method name (``_WIRE_NAMES``; one not listed
+    there under its own name), errors by code. An apply that changed the
+    fleet, and a status report, also feed the apply-to-observed histogram.
+
+    Attributes pass through (``__getattr__``), so the decorator follows the
+    port as it grows instead of having to be changed with it; each wrapper
+    is made once and kept."""
+
+    def __init__(self, service: MasterService, instruments: MasterInstruments) -> None:
+        self._service = service
+        self._instruments = instruments
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._service, name)
+        if name.startswith("_") or name in _UNCOUNTED or not inspect.iscoroutinefunction(attr):
+            return attr
+        method = _WIRE_NAMES.get(name, name)
+        instruments = self._instruments
+        after = _AFTER.get(name)
+
+        @functools.wraps(attr)
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            try:
+                result = await attr(*args, **kwargs)
+            except Exception as exc:
+                instruments.count_call(method, exc)
+                raise
+            instruments.count_call(method)
+            if after is not None:
+                after(instruments, args, kwargs, result)
+            return result
+
+        setattr(self, name, counted)
+        return counted
+
+
+def _after_apply(
+    instruments: MasterInstruments, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any
+) -> None:
+    instruments.applied(result)
+
+
+def _after_report(
+    instruments: MasterInstruments, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any
+) -> None:
+    # report_status(token, status) / report_status_changes(token, changes):
+    # both carry the worker id and its observed generation.
+    for value in (*args, *kwargs.values()):
+        if hasattr(value, "worker_id") and hasattr(value, "observed_generation"):
+            instruments.observed(value.worker_id, value.observed_generation)
+            return
+
+
+_WIRE_NAMES = {
+    "apply": "apply",
+    "fleet_status": "status",
+    "wait_change": "waitChange",
+    "describe_vm": "describeVm",
+    "recent_events": "events",
+    "register": "register",
+    "get_assignment": "getAssignment",
+    "report_status": "reportStatus",
+    "report_status_changes": "reportStatusChanges",
+    "report_metrics": "reportMetrics",
+    "report_events": "reportEvents",
+}
+_UNCOUNTED = frozenset({"run", "unregister"})  # the service's life; a connection that ended
+_AFTER: dict[str, Callable[[MasterInstruments, tuple[Any, ...], dict[str, Any], Any], None]] = {
+    "apply": _after_apply,
+    "report_status": _after_report,
+    "report_status_changes": _after_report,
+}
+
+
+class InstrumentedStore:
+    """The master's database as the service uses it (it fits
+    ``procurator.master.service.DesiredStateStore``): every coroutine method
+    is timed under its own name as the ``operation`` label, failures counted
+    by code. Attributes pass through (``__getattr__``), as for
+    ``InstrumentedBackend``."""
+
+    def __init__(self, store: FleetStore, instruments: MasterInstruments) -> None:
+        self._store = store
+        self._instruments = instruments
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if name.startswith("_") or name in _UNTIMED or not inspect.iscoroutinefunction(attr):
+            return attr
+        instruments = self._instruments
+
+        @functools.wraps(attr)
+        async def timed(*args: Any, **kwargs: Any) -> Any:
+            began = instruments.now()
+            try:
+                result = await attr(*args, **kwargs)
+            except Exception as exc:
+                instruments.observe_store(name, instruments.now() - began, exc)
+                raise
+            instruments.observe_store(name, instruments.now() - began)
+            return result
+
+        setattr(self, name, timed)
+        return timed
+
+
+_UNTIMED = frozenset({"aclose", "open"})
