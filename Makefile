@@ -21,6 +21,7 @@ check:
 	.venv/bin/ruff check procurator tests bench
 	.venv/bin/mypy
 	.venv/bin/lint-imports
+	promtool check rules contrib/prometheus/procurator.rules.yml
 
 bench:
 	scripts/bootstrap.sh --dev

@@ -124,6 +124,7 @@ class FakeFleet:
         self.state = tmp_path / "state"
         self.master_log = tmp_path / "master.log"
         self.worker_log = tmp_path / "worker.log"
+        self.metrics_urls: dict[str, str] = {}  # "master"/"worker" -> /metrics URL
         self._fleets = 0
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -189,9 +190,27 @@ class FakeFleet:
 
 @pytest.fixture
 def fake_fleet(tmp_path: Path, nix_env: dict[str, str]) -> Iterator[FakeFleet]:
+    with running_fake_fleet(tmp_path, nix_env) as fleet:
+        yield fleet
+
+
+@contextmanager
+def running_fake_fleet(
+    tmp_path: Path, nix_env: dict[str, str], *, metrics: bool = False
+) -> Iterator[FakeFleet]:
+    """The fleet of ``fake_fleet``; with ``metrics``, the master and the
+    worker also serve /metrics on free loopback ports
+    (``FakeFleet.metrics_urls``)."""
     port = free_port()
     env = {**nix_env, "PROCURATOR_MASTER": f"127.0.0.1:{port}"}
     fleet = FakeFleet(tmp_path, env)
+    master_metrics = f"127.0.0.1:{free_port()}" if metrics else ""
+    worker_metrics = f"127.0.0.1:{free_port()}" if metrics else ""
+    if metrics:
+        fleet.metrics_urls = {
+            "master": f"http://{master_metrics}/metrics",
+            "worker": f"http://{worker_metrics}/metrics",
+        }
     master_args = [
         "master",
         "--listen",
@@ -199,7 +218,7 @@ def fake_fleet(tmp_path: Path, nix_env: dict[str, str]) -> Iterator[FakeFleet]:
         "--db",
         str(tmp_path / "m.db"),
         "--metrics-listen",
-        "",
+        master_metrics,
     ]
     worker_args = [
         "worker",
@@ -217,7 +236,7 @@ def fake_fleet(tmp_path: Path, nix_env: dict[str, str]) -> Iterator[FakeFleet]:
         str(FAKE),
         "--no-network",
         "--metrics-listen",
-        "",
+        worker_metrics,
         "--stop-grace",
         "2",
         "--log-format",

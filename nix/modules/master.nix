@@ -25,6 +25,19 @@ let
     cfg.port
     cfg.metrics.port
   ];
+  # Where a Prometheus on this host reaches the master's metrics server: a
+  # wildcard listen address is reached on loopback.
+  localMetricsHost =
+    if cfg.metrics.listenAddress == "0.0.0.0" then
+      "127.0.0.1"
+    else if cfg.metrics.listenAddress == "::" then
+      "::1"
+    else
+      cfg.metrics.listenAddress;
+  localMetrics = net.hostPort localMetricsHost cfg.metrics.port;
+  # Tested with `promtool test rules` (tests/operator); docs/METRICS.md.
+  rulesFile = ../../contrib/prometheus/procurator.rules.yml;
+  dashboards = ../../contrib/grafana;
 in
 {
   options.services.procurator.master = {
@@ -109,6 +122,59 @@ in
       };
     };
 
+    monitoring = {
+      prometheus = {
+        enable = lib.mkOption {
+          type = lib.types.bool;
+          default = false;
+          description = ''
+            Whether the Prometheus of this host (services.prometheus, which
+            you enable and give its alertmanagers yourself) watches the fleet:
+            it gets procurator's alerting and recording rules (`rules`) and
+            scrape jobs for this master and, through the master's HTTP
+            service discovery, every worker (`scrape`). The alerts and what
+            to do about each are in docs/METRICS.md.
+          '';
+        };
+
+        rules = lib.mkOption {
+          type = lib.types.bool;
+          default = true;
+          description = ''
+            With `monitoring.prometheus.enable`: whether to load
+            contrib/prometheus/procurator.rules.yml (services.prometheus.ruleFiles):
+            the alerts (worker disconnected, fleet not converged, VM
+            crash-looping or failed, generation stuck, metrics stale, master
+            database unavailable...) and the recording rules the dashboard reads.
+          '';
+        };
+
+        scrape = lib.mkOption {
+          type = lib.types.bool;
+          default = true;
+          description = ''
+            With `monitoring.prometheus.enable`: whether to add the scrape
+            jobs `procurator-master` (this master's /metrics) and
+            `procurator-workers` (every worker's exporter, found through the
+            master's /sd). Turn off when the scrape configuration is kept
+            elsewhere; the rules do not depend on job names.
+          '';
+        };
+      };
+
+      grafana.enable = lib.mkOption {
+        type = lib.types.bool;
+        default = false;
+        description = ''
+          Whether to provision the fleet dashboard
+          (contrib/grafana/procurator-fleet.json) into the Grafana of this host
+          (services.grafana, which you enable and give a Prometheus data
+          source yourself). The dashboard's data source is a variable, and it
+          reads the recording rules of `monitoring.prometheus.rules`.
+        '';
+      };
+    };
+
     extraArgs = lib.mkOption {
       type = lib.types.listOf lib.types.str;
       default = [ ];
@@ -150,6 +216,27 @@ in
     networking.firewall.allowedTCPPorts = lib.mkIf cfg.openFirewall [
       cfg.port
       cfg.metrics.port
+    ];
+
+    services.prometheus = lib.mkIf cfg.monitoring.prometheus.enable {
+      ruleFiles = lib.optionals cfg.monitoring.prometheus.rules [ rulesFile ];
+      scrapeConfigs = lib.optionals cfg.monitoring.prometheus.scrape [
+        {
+          job_name = "procurator-master";
+          static_configs = [ { targets = [ localMetrics ]; } ];
+        }
+        {
+          job_name = "procurator-workers";
+          http_sd_configs = [ { url = "http://${localMetrics}/sd"; } ];
+        }
+      ];
+    };
+
+    services.grafana.provision.dashboards.settings.providers = lib.mkIf cfg.monitoring.grafana.enable [
+      {
+        name = "procurator";
+        options.path = dashboards;
+      }
     ];
 
     systemd.services.procurator-master = {

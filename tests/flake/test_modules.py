@@ -116,6 +116,10 @@ def test_master_defaults_and_argv(nix: Nix) -> None:
         "metrics": {"listenAddress": "0.0.0.0", "port": 9300},
         "openFirewall": False,
         "tls": {"cert": None, "key": None, "ca": None},
+        "monitoring": {
+            "prometheus": {"enable": False, "rules": True, "scrape": True},
+            "grafana": {"enable": False},
+        },
         "extraArgs": [],
     }
     service = result["config"]["systemd"]["services"]["procurator-master"]
