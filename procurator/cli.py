@@ -35,7 +35,7 @@ from typing import Any, TextIO
 
 import trio
 
-from procurator import __version__, logs, ops
+from procurator import __version__, logs, ops, top
 from procurator.certs import add_certs_parser
 from procurator.core.errors import LimitExceededError, ProcuratorError
 from procurator.core.fleet import parse_fleet
@@ -888,6 +888,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=lambda args: trio.run(ops.run_reader, _status, args))
 
     ops.add_commands(
+        sub, master_default=master_default, add_common=lambda p: add_common(p, daemon=False)
+    )
+    top.add_command(
         sub, master_default=master_default, add_common=lambda p: add_common(p, daemon=False)
     )
     add_certs_parser(sub)
