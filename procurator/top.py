@@ -382,7 +382,9 @@ def _plain_output(out: TextIO) -> Iterator[Callable[[FleetFrame], None]]:
 
 @contextlib.contextmanager
 def _live_output(console: Console) -> Iterator[Callable[[FleetFrame], None]]:
-    with Live(console=console, auto_refresh=False, redirect_stderr=False) as live:
+    # Anything written to stderr meanwhile (a warning) is printed above the
+    # view instead of through it.
+    with Live(console=console, auto_refresh=False, redirect_stderr=True) as live:
 
         def show(frame: FleetFrame) -> None:
             live.update(render(frame), refresh=True)

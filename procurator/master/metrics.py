@@ -391,7 +391,12 @@ class InstrumentedBackend:
 
     Attributes pass through (``__getattr__``), so the decorator follows the
     port as it grows instead of having to be changed with it; each wrapper
-    is made once and kept."""
+    is made once and kept. The RPC server looks methods up on the capnp
+    thread: two threads making the same wrapper at once is harmless (the
+    wrappers are alike; the last one is kept). The wrappers themselves run
+    on the trio thread, and feed the histogram with no checkpoint between
+    the service's answer and the feeding, so an apply is recorded before any
+    worker can report having observed it."""
 
     def __init__(self, service: MasterService, instruments: MasterInstruments) -> None:
         self._service = service
