@@ -628,10 +628,25 @@ def _non_negative(text: str) -> float:
     return value
 
 
+_EPILOG = f"""\
+the master: every client command dials --master HOST:PORT, else
+$PROCURATOR_MASTER, else 127.0.0.1:{DEFAULT_PORT}; with mutual TLS from --tls-cert,
+--tls-key, --tls-ca, else $PROCURATOR_TLS_CERT, _KEY, _CA (see README.md).
+
+exit status: 0 done; 1 refused, invalid or unreachable; 2 bad usage;
+3 apply --wait timed out; 4 apply --wait saw a VM fail; 5 apply --wait
+converged except on disconnected workers the apply left with no VMs, which
+have not confirmed stopping theirs; 130 interrupted; 141 the reader of the
+output went away (procurator events -f | head -n 3): the command ends
+quietly, and what it did before printing is whole."""
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="procurator",
         description="Declarative control plane for microVMs whose images are Nix store paths.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"procurator {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
