@@ -261,6 +261,11 @@ struct ApplyResult {
       # Only workers whose assignment changes.
       opId @3 :Text;
       dryRun @4 :Bool;
+      replayed @6 :Bool;
+      # True when the apply's requestId matched an apply the master had
+      # already committed: this is that apply's result (its generation, diffs
+      # and op id) and nothing was applied again. Added after version 1's
+      # first release; older masters never set it.
     }
     error @5 :Error;
   }
@@ -309,8 +314,15 @@ struct RegisterResult {
 
 interface Control {
   # For people and CI pipelines.
-  apply @0 (fleet :Fleet, expected :ExpectedGeneration, dryRun :Bool)
+  apply @0 (fleet :Fleet, expected :ExpectedGeneration, dryRun :Bool, requestId :Text)
       -> (result :ApplyResult);
+  # requestId makes a retry safe: "" (the default) or 1 to 64 characters of
+  # [A-Za-z0-9._-], chosen by the client (one per fleet it means to apply,
+  # reused only to retry that very apply). An apply whose requestId matches a
+  # committed apply of the same fleet is answered with that apply's result
+  # (`ok.replayed`), applying nothing; with another fleet it is refused
+  # `invalid`. Anything else is refused `invalid`. Added after version 1's
+  # first release: an older master ignores it.
   status @1 (waitIndex :UInt64, waitMs :UInt32) -> (status :FleetStatus);
   # The fleet's desired and observed state. A blocking read when waitIndex
   # and waitMs are both non-zero: the answer waits (at most waitMs, capped

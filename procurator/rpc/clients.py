@@ -37,8 +37,8 @@ from procurator.rpc.convert import (
     assignment_from_reader,
     describe_result_from_reader,
     error_from_reader,
+    fill_apply_request,
     fill_events,
-    fill_fleet,
     fill_metrics,
     fill_status_changes,
     fill_worker_info,
@@ -48,11 +48,13 @@ from procurator.rpc.convert import (
 )
 from procurator.rpc.messages import (
     Address,
+    ApplyRequest,
     ApplyResult,
     FleetStatus,
     MetricSample,
     VmDescription,
     WorkerEvent,
+    check_request_id,
     parse_address,
 )
 from procurator.rpc.schema import load_schema
@@ -113,12 +115,24 @@ class ControlClient:
         self._handle = handle
 
     async def apply(
-        self, fleet: Fleet, *, expected_generation: int | None = None, dry_run: bool = False
+        self,
+        fleet: Fleet,
+        *,
+        expected_generation: int | None = None,
+        dry_run: bool = False,
+        request_id: str = "",
     ) -> ApplyResult:
         """Raises ``ValidationError`` / ``StaleGenerationError`` / ... as the
-        master answered, ``UnavailableError`` if it cannot be reached."""
+        master answered, ``UnavailableError`` if it cannot be reached.
+
+        ``request_id`` (1 to 64 of ``A-Za-z0-9._-``; "" for none) makes a
+        retry safe: an apply the master already committed with that id and
+        the same fleet is answered with its result (``replayed``), not
+        applied again."""
+        if request_id and (problem := check_request_id(request_id)) is not None:
+            raise ValidationError(f"request id: {problem}")
         return await self._bridge.run(
-            _apply, self._handle, fleet, expected_generation, dry_run, what="apply"
+            _apply, self._handle, fleet, expected_generation, dry_run, request_id, what="apply"
         )
 
     async def status(self, *, wait_index: int = 0, wait: float = 0.0) -> FleetStatus:
@@ -206,12 +220,10 @@ async def _apply(
     fleet: Fleet,
     expected_generation: int | None,
     dry_run: bool,
+    request_id: str,
 ) -> ApplyResult:
     request = handle.get()[1].apply_request()
-    fill_fleet(request.init("fleet"), fleet)
-    if expected_generation is not None:
-        request.expected.generation = expected_generation
-    request.dryRun = dry_run
+    fill_apply_request(request, ApplyRequest(fleet, expected_generation, dry_run, request_id))
     response = await request.send()
     return apply_result_from_reader(response.result)
 

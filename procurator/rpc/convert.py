@@ -52,22 +52,26 @@ from procurator.core.validation import (
     check_worker_id,
 )
 from procurator.rpc.messages import (
+    ApplyRequest,
     ApplyResult,
     FleetStatus,
     MetricSample,
     VmDescription,
     WorkerConnection,
     WorkerEvent,
+    check_request_id,
 )
 
 __all__ = [
     "MAX_EVENTS_PER_REPORT",
     "MAX_SAMPLES_PER_REPORT",
+    "apply_request_from_reader",
     "apply_result_from_reader",
     "assignment_from_reader",
     "describe_result_from_reader",
     "error_from_reader",
     "events_from_reader",
+    "fill_apply_request",
     "fill_apply_result",
     "fill_assignment",
     "fill_describe_result",
@@ -599,6 +603,31 @@ def _fill_diff(builder: Any, diff: WorkerDiff) -> None:
             entry.to = change.after.value
 
 
+def fill_apply_request(builder: Any, request: ApplyRequest) -> None:
+    """``Control.apply``'s parameters."""
+    fill_fleet(builder.init("fleet"), request.fleet)
+    if request.expected_generation is not None:
+        builder.expected.generation = request.expected_generation
+    builder.dryRun = request.dry_run
+    builder.requestId = request.request_id
+
+
+def apply_request_from_reader(reader: Any) -> ApplyRequest:
+    """``Control.apply``'s parameters, validated: the fleet field by field
+    (``fleet_from_reader``), the request id by its rule."""
+    fleet = fleet_from_reader(reader.fleet)
+    expected = reader.expected
+    request_id: str = reader.requestId
+    if request_id and (problem := check_request_id(request_id)) is not None:
+        raise ValidationError(f"requestId: {problem}", details=[f"requestId: {problem}"])
+    return ApplyRequest(
+        fleet=fleet,
+        expected_generation=int(expected.generation) if expected.which() == "generation" else None,
+        dry_run=bool(reader.dryRun),
+        request_id=request_id,
+    )
+
+
 def error_from_reader(reader: Any) -> ProcuratorError:
     """The typed error of an ``Error`` struct (unknown codes -> internal)."""
     raw: int = reader.code.raw
@@ -634,7 +663,7 @@ def apply_result_from_reader(reader: Any) -> ApplyResult:
     diffs = tuple(_diff_from_reader(d, f"diffs[{i}]", problems) for i, d in enumerate(diffs_reader))
     op_id = problems.text("opId", ok.opId, limit=64)
     problems.raise_if_any()
-    return ApplyResult(ok.generation, ok.changed, diffs, op_id, ok.dryRun)
+    return ApplyResult(ok.generation, ok.changed, diffs, op_id, ok.dryRun, ok.replayed)
 
 
 def fill_apply_result(builder: Any, result: ApplyResult) -> None:
@@ -643,6 +672,7 @@ def fill_apply_result(builder: Any, result: ApplyResult) -> None:
     ok.changed = result.changed
     ok.opId = result.op_id
     ok.dryRun = result.dry_run
+    ok.replayed = result.replayed
     items = ok.init("diffs", len(result.diffs))
     for entry, diff in zip(items, result.diffs, strict=True):
         _fill_diff(entry, diff)

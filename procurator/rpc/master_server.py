@@ -64,6 +64,7 @@ from procurator.rpc.bridge import (
 )
 from procurator.rpc.convert import (
     MAX_EVENTS_PER_REPORT,
+    apply_request_from_reader,
     events_from_reader,
     fill_apply_result,
     fill_assignment,
@@ -71,7 +72,6 @@ from procurator.rpc.convert import (
     fill_error,
     fill_fleet_status,
     fill_worker_events,
-    fleet_from_reader,
     metrics_from_reader,
     status_changes_from_reader,
     worker_info_from_reader,
@@ -79,6 +79,7 @@ from procurator.rpc.convert import (
 )
 from procurator.rpc.messages import (
     Address,
+    ApplyRequest,
     ApplyResult,
     FleetStatus,
     MetricSample,
@@ -633,14 +634,7 @@ class _ControlImpl(_schema.Control.Server):  # type: ignore[misc, name-defined]
     def __init__(self, listener: _Listener) -> None:
         self._listener = listener
 
-    async def apply(
-        self,
-        fleet: Any,
-        expected: Any,
-        dryRun: bool,
-        _context: Any,
-        **_: Any,
-    ) -> None:
+    async def apply(self, _context: Any, **_: Any) -> None:
         listener = self._listener
         result = _context.results.result
         # The operation begins here, so that even a fleet refused while it is
@@ -649,19 +643,8 @@ class _ControlImpl(_schema.Control.Server):  # type: ignore[misc, name-defined]
         error: ProcuratorError | None = None
         with log_context(op_id=op_id):
             try:
-                value = fleet_from_reader(fleet)
-                expected_generation = (
-                    int(expected.generation) if expected.which() == "generation" else None
-                )
-                outcome = await _backend_call(
-                    listener,
-                    _apply,
-                    listener.backend,
-                    value,
-                    expected_generation,
-                    bool(dryRun),
-                    op_id,
-                )
+                request = apply_request_from_reader(_context.params)
+                outcome = await _backend_call(listener, _apply, listener.backend, request, op_id)
                 fill_apply_result(result, outcome)
             except ProcuratorError as exc:
                 error = exc
@@ -749,15 +732,13 @@ async def _after_change(
     return await fn(*args)
 
 
-async def _apply(
-    backend: MasterBackend,
-    fleet: Fleet,
-    expected_generation: int | None,
-    dry_run: bool,
-    op_id: str,
-) -> ApplyResult:
+async def _apply(backend: MasterBackend, request: ApplyRequest, op_id: str) -> ApplyResult:
     # Runs as a trio task: the op id must be set in its own context.
     with log_context(op_id=op_id):
         return await backend.apply(
-            fleet, expected_generation=expected_generation, dry_run=dry_run, op_id=op_id
+            request.fleet,
+            expected_generation=request.expected_generation,
+            dry_run=request.dry_run,
+            op_id=op_id,
+            request_id=request.request_id,
         )

@@ -8,11 +8,13 @@ are immutable and safe to share between threads.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 from procurator.core.errors import ValidationError
 from procurator.core.metrics import MetricSample
 from procurator.core.models import (
+    Fleet,
     VmAssignment,
     VmEvent,
     VmStatus,
@@ -25,12 +27,14 @@ __all__ = [
     "DEFAULT_MASTER_ADDRESS",
     "DEFAULT_PORT",
     "Address",
+    "ApplyRequest",
     "ApplyResult",
     "FleetStatus",
     "MetricSample",
     "VmDescription",
     "WorkerConnection",
     "WorkerEvent",
+    "check_request_id",
     "default_master_address",
     "parse_address",
 ]
@@ -85,6 +89,23 @@ def parse_address(text: str, *, default_port: int = DEFAULT_PORT) -> Address:
     return Address(host=host, port=port)
 
 
+MAX_REQUEST_ID_LENGTH = 64
+_REQUEST_ID = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_REQUEST_ID_LENGTH}}}")
+
+
+def check_request_id(request_id: str) -> str | None:
+    """Why ``request_id`` is not a valid request id of ``Control.apply``
+    (None: it is). The wire's rule (``schema/procurator.capnp``): 1 to 64
+    characters of ``A-Z a-z 0-9 . _ -``; "" means none and is not checked
+    here. Both the client and the master's RPC layer check it."""
+    if _REQUEST_ID.fullmatch(request_id):
+        return None
+    return (
+        f"{request_id[:80]!r} is not 1 to {MAX_REQUEST_ID_LENGTH} characters of "
+        "A-Z, a-z, 0-9, '.', '_', '-'"
+    )
+
+
 def default_master_address() -> str:
     """``$PROCURATOR_MASTER`` or ``127.0.0.1:7300``."""
     return os.environ.get(MASTER_ENV) or DEFAULT_MASTER_ADDRESS
@@ -95,6 +116,16 @@ class WorkerEvent:
     worker_id: str
     event: VmEvent
     seq: int = 0  # the master's receipt order (see the schema)
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyRequest:
+    """The parameters of ``Control.apply``."""
+
+    fleet: Fleet
+    expected_generation: int | None = None  # None: any
+    dry_run: bool = False
+    request_id: str = ""  # "" for none; else as ``check_request_id`` allows
 
 
 @dataclass(frozen=True, slots=True)

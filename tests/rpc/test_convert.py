@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import capnp
 import pytest
 
 from procurator.core.errors import (
@@ -29,12 +30,14 @@ from procurator.core.models import (
 from procurator.core.validation import LIMITS
 from procurator.rpc import convert
 from procurator.rpc.messages import (
+    ApplyRequest,
     ApplyResult,
     FleetStatus,
     MetricSample,
     VmDescription,
     WorkerConnection,
     WorkerEvent,
+    check_request_id,
 )
 from procurator.rpc.schema import load_schema
 
@@ -334,3 +337,39 @@ def test_over_long_messages_are_cut_by_the_sender_not_refused() -> None:
     convert._fill_event(builder, VmEvent("web-1", EventKind.FAILED, long))
     assert len(builder.message) == LIMITS.max_text
     assert convert.clip_text("short") == "short"
+
+
+def _apply_params(request: ApplyRequest) -> Any:
+    """``Control.apply``'s parameters as written by the client, read back."""
+    builder = capnp._MallocMessageBuilder().init_root(S.Control.schema.methods["apply"].param_type)
+    convert.fill_apply_request(builder, request)
+    return builder.as_reader()
+
+
+def test_apply_request_round_trips_with_its_request_id() -> None:
+    fleet = Fleet((("host-a", (VmAssignment("web-1", "h", PATH),)),))
+    for request in (
+        ApplyRequest(fleet),
+        ApplyRequest(fleet, expected_generation=0, dry_run=True, request_id="ci-1234.retry_2"),
+        ApplyRequest(fleet, expected_generation=7, request_id="x" * 64),
+    ):
+        assert convert.apply_request_from_reader(_apply_params(request)) == request
+
+
+def test_a_bad_request_id_is_refused_on_both_sides() -> None:
+    fleet = Fleet(())
+    for bad in ("x" * 65, "has space", "slash/y", "naïve", "\n"):
+        assert check_request_id(bad) is not None, bad
+        with pytest.raises(ValidationError, match=r"^requestId: .* is not 1 to 64 characters"):
+            convert.apply_request_from_reader(_apply_params(ApplyRequest(fleet, request_id=bad)))
+    assert check_request_id("a") is None and check_request_id("A-z_0.9") is None
+
+
+def test_a_replayed_apply_result_round_trips() -> None:
+    result = ApplyResult(5, True, (), "op-0123456789ab", False, replayed=True)
+    assert (
+        roundtrip(
+            S.ApplyResult, convert.fill_apply_result, convert.apply_result_from_reader, result
+        )
+        == result
+    )
