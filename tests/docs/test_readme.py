@@ -39,6 +39,7 @@ import fcntl
 import json
 import os
 import re
+import select
 import shlex
 import signal
 import struct
@@ -326,7 +327,7 @@ def readme_images(paths: list[str], nix_env: dict[str, str], workdir: Path) -> I
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            pass  # another session still uses them; the last one out deletes
+            pass  # another session uses them: left for it (and then for a GC)
         else:
             for path in made:
                 subprocess.run(
@@ -458,6 +459,37 @@ def scratch(tmp_path: Path, nix_env: dict[str, str]) -> Iterator[Scratch]:
                         (gc_auto / entry).unlink()
 
 
+def _interrupt_once_printed(here: Scratch, line: str) -> tuple[int, str]:
+    """Run ``line`` until it has printed a line (or 60 s went by: a guard,
+    not a measurement), then press Ctrl-C; its exit status and output."""
+    follower = subprocess.Popen(
+        here.argv(line),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=here.env,
+        start_new_session=True,
+    )
+    assert follower.stdout is not None
+    fd = follower.stdout.fileno()
+    data = b""
+    deadline = time.monotonic() + 60
+    try:
+        while b"\n" not in data and time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.5)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                data += chunk
+        os.killpg(follower.pid, signal.SIGINT)
+        rest, _ = follower.communicate(timeout=60)
+    finally:
+        if follower.poll() is None:
+            os.killpg(follower.pid, signal.SIGKILL)
+            follower.wait()
+    return follower.returncode, (data + rest).decode(errors="replace")
+
+
 def _wait(what: str, condition: Callable[[], bool], here: Scratch, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -499,25 +531,9 @@ def test_readme_commands_run_as_written(tmp_path: Path, nix_env: dict[str, str])
                 here.start("worker", line)
                 here.wait_log("worker", r"registered with the master as host-a")
             elif kind == FOLLOW:
-                follower = subprocess.Popen(
-                    here.argv(line),
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                    env=here.env,
-                    start_new_session=True,
-                )
-                try:
-                    assert follower.stdout is not None
-                    first = follower.stdout.readline()
-                    os.killpg(follower.pid, signal.SIGINT)
-                    rest, err = follower.communicate(timeout=60)
-                finally:
-                    if follower.poll() is None:
-                        os.killpg(follower.pid, signal.SIGKILL)
-                        follower.wait()
-                if not first or follower.returncode != 130:
-                    failures.append(f"{line}\n  exit {follower.returncode}: {first}{rest}{err}")
+                code, printed = _interrupt_once_printed(here, line)
+                if code != 130 or not printed.strip():
+                    failures.append(f"{line}\n  exit {code}: {printed}")
             else:
                 result = here.run(line)
                 if result.returncode != 0:
