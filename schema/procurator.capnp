@@ -13,10 +13,17 @@
 # `WorkerSession` bound to its worker id for pulls and reports. People and CI
 # call `Master.control` and use the returned `Control`.
 #
-# Errors. Methods that can fail for reasons a client should act on return a
-# union with an `error :Error` arm instead of raising: Cap'n Proto exceptions
-# carry only a string. An RPC exception (disconnect, overload, bug) is still
-# possible on every call and means "try again later".
+# Errors are data. Every method answers a failure in its results: an
+# `error :Error` arm of a result union, or (Control.status, Control.events,
+# WorkerSession.getAssignment, Node.push) an `error` result that is set only
+# when the call failed, the other results then meaning nothing. `Error.code`
+# says what the caller can do about it (see `ErrorCode`); `message` is one
+# line for a person; the server never puts stack traces or its own file paths
+# in an error. A message that does not decode (a field of the wrong type, a text
+# without its NUL or not UTF-8, a message beyond the limits) is answered
+# `invalid` or `limitExceeded` naming the field, and the connection goes on.
+# An RPC exception (disconnect, overload) is still possible on every call and
+# means "try again later"; the master raises none of its own.
 
 # ---------------------------------------------------------------- desired state
 
@@ -215,21 +222,43 @@ struct FleetStatus {
 # ---------------------------------------------------------------- errors
 
 enum ErrorCode {
+  # What went wrong, and so what the caller can do. A code this reader does
+  # not know (a newer peer) reads as `internal`.
   internal @0;
-  invalid @1;           # the request is malformed; see details
-  staleGeneration @2;   # expectedGeneration did not match
+  # A bug or an unexpected failure on the server. The message says no more
+  # than that; the server's log has the details under `opId`. Retrying the
+  # same request may fail the same way.
+  invalid @1;
+  # The request is malformed or breaks a rule: a bad value, a message that
+  # does not decode. `details` names each field ("fleet.workers[0].vms[2].id:
+  # ..."). Do not retry it unchanged.
+  staleGeneration @2;
+  # Control.apply: `expected` no longer matches the fleet's generation;
+  # nothing was applied. Read the status and decide again.
   notFound @3;
+  # What the request names does not exist (Control.describeVm: a VM the
+  # master has never heard of).
   unauthorized @4;
+  # The connection's certificate does not allow this call (a worker
+  # certificate calling `control`, or registering as another worker), or a
+  # worker reported about what is not its own. Do not retry.
   limitExceeded @5;
-  unavailable @6;       # try again later
+  # A bound was exceeded: a list or text too long, too many connections or
+  # registrations. `details` names the field. Retry only with less.
+  unavailable @6;
+  # The server cannot do it right now (shutting down, its store not
+  # answering). Try again later.
 }
 
 struct Error {
   code @0 :ErrorCode;
   message @1 :Text;
+  # One line for a person; no stack traces, no server file paths.
   details @2 :List(Text);
   # One line per problem, e.g. "workers.host-a.vms[2].id: ...".
   opId @3 :Text;
+  # The operation the error belongs to (Control.apply: the apply's op id;
+  # otherwise an id the server's log carries with the failure), or "".
 }
 
 # ---------------------------------------------------------------- diffs
@@ -275,18 +304,25 @@ struct ApplyResult {
 
 interface Node {
   # Implemented by a worker, handed to the master in `register`.
-  push @0 (assignment :Assignment) -> ();
+  push @0 (assignment :Assignment) -> (error :Error);
   # The master pushes a new assignment. Returns once the worker has taken
   # note of it (not when it has converged). Pushes may arrive out of order or
   # be lost; the worker ignores generations older than the newest it has.
+  # `error` is set when the worker refuses the assignment (not for it, or
+  # malformed). Added after version 1's first release: an older worker
+  # raises an RPC exception instead, an older master ignores it.
 }
 
 interface WorkerSession {
   # Bound to one worker id by `Master.register`; a worker can only pull and
   # report for itself.
-  getAssignment @0 (knownGeneration :UInt64) -> (assignment :Assignment, changed :Bool);
+  getAssignment @0 (knownGeneration :UInt64)
+      -> (assignment :Assignment, changed :Bool, error :Error);
   # `changed` is false (and `assignment.vms` empty) when knownGeneration is
-  # already the newest.
+  # already the newest. `error` is set when the call failed (the other
+  # results then mean nothing): check it first. Added after version 1's first release: an older
+  # master raises an RPC exception instead, and an older worker, which does
+  # not look at it, sees "nothing changed" and pulls again at its next resync.
   reportStatus @1 (status :WorkerStatus) -> (result :ReportResult);
   reportMetrics @2 (report :MetricsReport) -> (result :ReportResult);
   reportEvents @3 (events :List(VmEvent)) -> (result :ReportResult);
@@ -323,7 +359,7 @@ interface Control {
   # (`ok.replayed`), applying nothing; with another fleet it is refused
   # `invalid`. Anything else is refused `invalid`. Added after version 1's
   # first release: an older master ignores it.
-  status @1 (waitIndex :UInt64, waitMs :UInt32) -> (status :FleetStatus);
+  status @1 (waitIndex :UInt64, waitMs :UInt32) -> (status :FleetStatus, error :Error);
   # The fleet's desired and observed state. A blocking read when waitIndex
   # and waitMs are both non-zero: the answer waits (at most waitMs, capped
   # at ten minutes) until the master's change index differs from waitIndex.
@@ -332,11 +368,17 @@ interface Control {
   # for convergence passes the changeIndex of its last answer instead of
   # polling. Any other value, e.g. one from before a master restart (the
   # index starts from the wall clock in microseconds), answers at once.
-  events @2 (vmId :Text, limit :UInt32, afterSeq :UInt64) -> (events :List(WorkerEvent));
+  # `error` is set when the call failed (`status` then means nothing):
+  # check it first. Added after version 1's first release: an older master raises an
+  # RPC exception instead; an older client does not look at it and would
+  # take the empty status for the fleet's, so upgrade clients with masters.
+  events @2 (vmId :Text, limit :UInt32, afterSeq :UInt64)
+      -> (events :List(WorkerEvent), error :Error);
   # Recent events, oldest first; vmId "" means all VMs. afterSeq 0: the
   # newest `limit`. Otherwise the oldest `limit` events whose seq is greater
   # (a client following the stream passes the last seq it saw; a jump in
   # seq means events it missed were dropped from the master's history).
+  # `error` as in `status` (e.g. `invalid` for a vmId that is not a VM id).
   describeVm @3 (vmId :Text, eventLimit :UInt32, waitIndex :UInt64, waitMs :UInt32)
       -> (result :DescribeResult);
   # Everything the master knows about one VM: desired and observed state and

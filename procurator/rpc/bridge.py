@@ -41,7 +41,6 @@ import dataclasses
 import itertools
 import logging
 import os
-import re
 import ssl
 import threading
 import traceback
@@ -57,7 +56,6 @@ from procurator.core.errors import (
     UnauthorizedError,
     UnavailableError,
     UnsupportedError,
-    error_from_code,
 )
 from procurator.core.validation import LIMITS
 from procurator.rpc.messages import Address
@@ -87,33 +85,28 @@ T = TypeVar("T")
 TRAVERSAL_LIMIT_WORDS = LIMITS.max_vms_total * 64
 
 
-# How procurator's server words a typed error on a method whose answer has no
-# error arm (see master_server._raise_for_wire): "...WireError: <code>: <message>".
-_WIRE_ERROR = re.compile(r"WireError: (?P<code>[a-zA-Z]+): (?P<message>.*)$")
-
-
 def translate_exception(exc: BaseException, what: str) -> BaseException:
     """Our error for a library exception raised while doing ``what``.
 
     Cap'n Proto's exceptions carry a type: DISCONNECTED and OVERLOADED (and
-    a remote FAILED: a bug or a crash on the other side) mean "try again
-    later"; UNIMPLEMENTED means the peer does not speak this method, which no
-    retry fixes. Socket errors while connecting are "unavailable" too, except
-    a peer certificate that does not verify ("unauthorized": retrying with
-    the same certificates cannot help). Anything else is returned unchanged.
+    a remote FAILED: a crash on the other side, or a peer that raises instead
+    of answering an error as data, as procurator's own peers do) mean "try
+    again later"; UNIMPLEMENTED means the peer does not speak this method,
+    which no retry fixes. Socket errors while connecting are "unavailable"
+    too, except a peer certificate that does not verify ("unauthorized":
+    retrying with the same certificates cannot help). Anything else is
+    returned unchanged. Typed errors never come this way: they cross the
+    wire as data (``convert.error_from_reader``).
     """
     if isinstance(exc, capnp.KjException):
         kind = exc.type
         lines = [line for line in str(exc.description).strip().splitlines() if line.strip()]
-        # A Python exception that escaped a remote handler arrives as its whole
-        # formatted traceback; its last line ("Type: message") is the news.
+        # A Python exception that escaped a foreign peer's handler arrives as
+        # its whole formatted traceback; its last line is the news, and the
+        # frames are that peer's business.
         if any("Traceback (most recent call last)" in line for line in lines):
             lines = lines[-1:]
         first = lines[0].strip() if lines else str(kind)
-        typed = _WIRE_ERROR.search(first)
-        if typed is not None and kind == "FAILED":
-            # Our server's typed error on a method without an error arm.
-            return error_from_code(typed["code"], f"{what}: {typed['message']}")
         if kind == "UNIMPLEMENTED":
             return UnsupportedError(f"{what}: the peer does not implement it: {first}")
         if kind == "DISCONNECTED":

@@ -2,7 +2,11 @@
 worker's dialer (used by ``procurator.worker.link.MasterLink``).
 
 Every method crosses the bridge once and returns plain models; Cap'n Proto
-objects stay on the capnp thread behind :class:`CapnpHandle`s. A broken
+objects stay on the capnp thread behind :class:`CapnpHandle`s. The master's
+errors arrive as data (every method's results carry one) and are raised as
+the typed errors of ``procurator.core.errors``; nothing parses an error out
+of a string. The worker's ``Node`` answers the master the same way
+(``procurator.rpc.answer``). A broken
 connection is noticed without waiting for the next call (the connection's
 ``on_disconnect`` is watched) and surfaces as
 :meth:`CapnpMasterSession.wait_disconnected` returning; calls on a dead
@@ -27,10 +31,11 @@ from typing import Any, TypeVar
 import capnp
 import trio
 
-from procurator.core.errors import UnavailableError, ValidationError
+from procurator.core.errors import ProcuratorError, UnavailableError, ValidationError
 from procurator.core.models import Assignment, Fleet, VmEvent, WorkerInfo, WorkerStatus
 from procurator.core.status import StatusChanges
 from procurator.core.validation import check_vm_id
+from procurator.rpc.answer import answer, error_result
 from procurator.rpc.bridge import Bridge, CapnpHandle, ClientConnection, connect
 from procurator.rpc.convert import (
     apply_result_from_reader,
@@ -237,6 +242,7 @@ async def _status(
     handle: CapnpHandle[tuple[ClientConnection, Any]], wait_index: int, wait_ms: int
 ) -> FleetStatus:
     response = await handle.get()[1].status(waitIndex=wait_index, waitMs=wait_ms)
+    _raise_error(response)
     return fleet_status_from_reader(response.status)
 
 
@@ -244,6 +250,7 @@ async def _events(
     handle: CapnpHandle[tuple[ClientConnection, Any]], vm_id: str, limit: int, after_seq: int
 ) -> tuple[WorkerEvent, ...]:
     response = await handle.get()[1].events(vmId=vm_id, limit=limit, afterSeq=after_seq)
+    _raise_error(response)
     return worker_events_from_reader(response.events)
 
 
@@ -264,20 +271,36 @@ async def _describe_vm(
 
 
 class _NodeImpl(_schema.Node.Server):  # type: ignore[misc, name-defined]
-    """The worker's callback capability: the master pushes through it."""
+    """The worker's callback capability: the master pushes through it. A
+    refused push is answered as data, like the master's own answers."""
 
     def __init__(self, bridge: Bridge, on_push: OnPush, worker_id: str) -> None:
         self._bridge = bridge
         self._on_push = on_push
         self._worker_id = worker_id
 
-    async def push(self, assignment: Any, _context: Any, **_: Any) -> None:
-        value = assignment_from_reader(assignment)  # raises to the master if bad
+    async def push_context(self, context: Any) -> None:
+        await answer(
+            "Node.push",
+            context,
+            error_result,
+            self._decode_push,
+            self._push,
+            logger=logger,
+            who=f"worker {self._worker_id}",
+            log_name="the worker's log",
+        )
+
+    def _decode_push(self, params: Any) -> Assignment:
+        value = assignment_from_reader(params.assignment)
         if value.worker_id != self._worker_id:
             raise ValidationError(
                 f"pushed assignment is for worker {value.worker_id!r}, this is {self._worker_id!r}"
             )
-        await self._bridge.call_trio(self._on_push, value)
+        return value
+
+    async def _push(self, assignment: Assignment, results: Any) -> None:
+        await self._bridge.call_trio(self._on_push, assignment)
 
 
 class CapnpMasterDialer:
@@ -399,9 +422,18 @@ async def _get_assignment(
     handle: CapnpHandle[tuple[ClientConnection, Any]], known_generation: int
 ) -> Assignment | None:
     response = await _session(handle).getAssignment(knownGeneration=known_generation)
+    _raise_error(response)
     if not response.changed:
         return None
     return assignment_from_reader(response.assignment)
+
+
+def _raise_error(results: Any) -> None:
+    """Raise the typed error of a method whose results carry an ``error``
+    (set only when the call failed)."""
+    if results._has("error"):
+        error: ProcuratorError = error_from_reader(results.error)
+        raise error
 
 
 def _ok(result: Any) -> Any:

@@ -14,6 +14,13 @@ Invariants:
 - Enums cross as their enumerant names, which are the ``.value`` of our
   Python enums; an enumerant unknown to this build (a newer peer) reads as the
   first value of the enum, as the schema's evolution rules say.
+- **A message that does not decode is the sender's fault.** Reading a field
+  of the wrong type, a text without its NUL or not UTF-8, a pointer out of
+  bounds raises ``capnp.KjException`` or ``UnicodeDecodeError`` at whatever
+  field the converters happen to read; :func:`malformed_error` turns that
+  into ``ValidationError`` (``LimitExceededError`` for the traversal limit)
+  naming the field, found by walking the message by its schema. The walk
+  runs only on that failure path, so the hot paths stay as they are.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from typing import Any, TypeVar
+
+import capnp
 
 from procurator.core.errors import (
     LimitExceededError,
@@ -65,6 +74,7 @@ from procurator.rpc.messages import (
 __all__ = [
     "MAX_EVENTS_PER_REPORT",
     "MAX_SAMPLES_PER_REPORT",
+    "READ_ERRORS",
     "apply_request_from_reader",
     "apply_result_from_reader",
     "assignment_from_reader",
@@ -86,6 +96,7 @@ __all__ = [
     "fill_worker_status",
     "fleet_from_reader",
     "fleet_status_from_reader",
+    "malformed_error",
     "metrics_from_reader",
     "status_changes_from_reader",
     "worker_events_from_reader",
@@ -786,3 +797,100 @@ def fill_describe_result(builder: Any, description: VmDescription) -> None:
     if description.status is not None:
         _fill_vm_status(vm.init("status"), description.status)
     fill_worker_events(vm.init("events", len(description.events)), description.events)
+
+
+# ---------------------------------------------------------------- malformed messages
+
+READ_ERRORS: tuple[type[Exception], ...] = (capnp.KjException, UnicodeDecodeError)
+"""What reading a field of a malformed message raises (see
+:func:`malformed_error`)."""
+
+_TRAVERSAL = "traversal limit"
+_NESTING = "nesting limit"
+
+
+def malformed_error(reader: Any, exc: BaseException, where: str = "") -> ProcuratorError:
+    """The error to answer for ``exc``, raised while reading ``reader`` (a
+    struct reader, e.g. a call's parameters): ``ValidationError`` naming
+    the first field of ``reader`` that cannot be read and why, or
+    ``LimitExceededError`` when the message is beyond the reader's limits.
+    ``where`` prefixes the field paths ("" for a call's parameters, whose
+    field names are the parameter names)."""
+    reason = _read_problem(exc)
+    if _TRAVERSAL in reason or _NESTING in reason:
+        # Walking the message again would only hit the same limit.
+        problem = f"{where}: {reason}" if where else reason
+        return LimitExceededError(f"malformed message: {problem}", details=[problem])
+    try:
+        found = _first_unreadable(reader, where)
+    except READ_ERRORS as walk_failed:  # the walk itself cannot get in
+        found = (where or "message", walk_failed)
+    path, cause = found if found is not None else (where or "message", exc)
+    problem = f"{path}: {_read_problem(cause)}"
+    return ValidationError(f"malformed message: {problem}", details=[problem])
+
+
+def _read_problem(exc: BaseException) -> str:
+    """A short, stable phrase for why a field cannot be read (never a file
+    name, a line number or a stack)."""
+    if isinstance(exc, UnicodeDecodeError):
+        return "text is not valid UTF-8"
+    description = str(getattr(exc, "description", "") or exc)
+    if "NUL" in description or "'\\0'" in description:
+        # kj's own wording is cut at the NUL it quotes: say it plainly.
+        return "text is not NUL-terminated"
+    if "traversal limit" in description:
+        return f"message exceeds the {_TRAVERSAL} (too large, or read more than once)"
+    if "nesting limit" in description:
+        return f"message exceeds the {_NESTING} (nested too deeply)"
+    # kj words a failed check "expected <condition> [<values>]; <why>":
+    # the why is the part for people.
+    text = description.rsplit("; ", 1)[-1].strip().splitlines()[0] if description else ""
+    if text.startswith("Schema mismatch: "):
+        return "wrong type: " + text[len("Schema mismatch: ") :]
+    if "out-of-bounds" in text:
+        return "pointer out of bounds (corrupt message)"
+    return f"unreadable: {text[:200]}" if text else "unreadable"
+
+
+def _first_unreadable(reader: Any, where: str) -> tuple[str, BaseException] | None:
+    """(path, exception) of the first field of struct ``reader`` (walked
+    depth first, by its schema, union members only when active) whose read
+    fails; None when every field reads."""
+    schema = reader.schema
+    active = reader.which() if schema.union_fields else None
+    for name in schema.fieldnames:
+        proto = schema.fields[name].proto
+        if proto.discriminantValue != 0xFFFF and name != active:
+            continue
+        path = f"{where}.{name}" if where else name
+        try:
+            value = reader._get(name)
+        except READ_ERRORS as exc:
+            return path, exc
+        if proto.which() == "group":
+            found = _first_unreadable(value, path)
+        else:
+            found = _first_unreadable_value(value, proto.slot.type, path)
+        if found is not None:
+            return found
+    return None
+
+
+def _first_unreadable_value(value: Any, type_: Any, path: str) -> tuple[str, BaseException] | None:
+    kind = type_.which()
+    if kind == "struct":
+        return _first_unreadable(value, path)
+    if kind != "list":
+        return None
+    element = type_.list.elementType
+    for index in range(len(value)):
+        at = f"{path}[{index}]"
+        try:
+            item = value[index]
+        except READ_ERRORS as exc:
+            return at, exc
+        found = _first_unreadable_value(item, element, at)
+        if found is not None:
+            return found
+    return None

@@ -7,10 +7,14 @@ capnp thread), and build the answer there.
 
 Invariants:
 
+- **Errors are data.** Every handler is served by ``answer.answer``: a typed
+  error goes into the answer's error (arm or result) with its code, message
+  and op id; a request that does not decode is ``invalid`` naming the field
+  (one WARNING line); a bug is ``internal`` with a short message, its
+  traceback only in the master's log. Nothing we raise reaches pycapnp,
+  which would send the traceback to the client.
 - One connection's garbage, disconnect or failing handler never affects
-  another: each accepted stream has its own RPC system, and every handler
-  catches what it raises (typed errors go into the answer's ``error`` arm;
-  a bug is logged with its traceback and answered as ``internal``).
+  another: each accepted stream has its own RPC system.
 - A worker's ``Node`` capability stays on the capnp thread; the backend gets
   a :class:`RemoteNode`, which holds only handles. When a connection ends,
   the backend hears ``unregister`` for every session registered over it and
@@ -35,13 +39,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import os
 import ssl
 import stat
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, NoReturn, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import capnp
 import trio
@@ -56,6 +62,7 @@ from procurator.core.models import Assignment, Fleet, VmEvent, WorkerInfo, Worke
 from procurator.core.status import StatusChanges
 from procurator.core.validation import check_vm_id
 from procurator.logs import log_context, new_op_id
+from procurator.rpc.answer import ErrorBuilder, answer, error_arm, error_result
 from procurator.rpc.bridge import (
     TRAVERSAL_LIMIT_WORDS,
     Bridge,
@@ -65,6 +72,7 @@ from procurator.rpc.bridge import (
 from procurator.rpc.convert import (
     MAX_EVENTS_PER_REPORT,
     apply_request_from_reader,
+    error_from_reader,
     events_from_reader,
     fill_apply_result,
     fill_assignment,
@@ -127,6 +135,8 @@ MAX_CONNECTIONS_PER_PEER = 16
 # A blocking read (Control.status / describeVm with waitIndex) waits at most
 # this long, whatever the client asks: a client waiting longer asks again.
 MAX_WAIT_MS = 600_000
+
+_LOG_NAME = "the master's log"
 
 
 class MasterBackend(Protocol):
@@ -196,6 +206,8 @@ class RemoteNode:
         return self._connection_id
 
     async def push(self, assignment: Assignment) -> None:
+        """Raises the worker's typed error if it refuses the assignment,
+        ``UnavailableError`` if it cannot be reached."""
         await self._bridge.run(
             _push, self._node, assignment, what=f"push to worker {self.worker_id}"
         )
@@ -210,7 +222,9 @@ class RemoteNode:
 async def _push(node: CapnpHandle[Any], assignment: Assignment) -> None:
     request = node.get().push_request()
     fill_assignment(request.init("assignment"), assignment)
-    await request.send()
+    response = await request.send()
+    if response._has("error"):
+        raise error_from_reader(response.error)
 
 
 async def _close_connection(connection: CapnpHandle[_Connection]) -> None:
@@ -367,6 +381,12 @@ class _Listener:
             for token in conn.tokens:
                 self.bridge.notify_trio(self.backend.unregister, token)
 
+    async def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Await a backend method on trio without blocking the capnp thread.
+        If the peer goes away meanwhile, pycapnp cancels the handler task,
+        which cancels the trio task through ``call_trio``."""
+        return await self.bridge.call_trio(fn, *args)
+
     async def _refuse(self, stream: Any, tls_transport: Any, why: str) -> None:
         """Tell a connection over a cap why, then close it."""
         self.refused_total += 1
@@ -469,27 +489,37 @@ async def _stop(handle: CapnpHandle[_Listener], address: Address) -> None:
             os.unlink(address.unix_path)
 
 
-async def _backend_call(listener: _Listener, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-    """Await a backend method on trio without blocking the capnp thread. If
-    the peer goes away meanwhile, pycapnp cancels the handler task, which
-    cancels the trio task through ``call_trio``."""
-    return await listener.bridge.call_trio(fn, *args)
+# ---------------------------------------------------------------- the interfaces
+# Each method is a pycapnp ``<name>_context`` handler (pycapnp then leaves the
+# parameters to us) served by ``_answer``: ``decode`` reads the parameters,
+# ``serve`` does the work and fills the results (see procurator.rpc.answer).
 
 
-def _log_bug(method: str, exc: Exception) -> ProcuratorError:
-    logger.error("%s failed unexpectedly", method, exc_info=exc)
-    return ProcuratorError(f"{method}: internal error ({type(exc).__name__}); see the master's log")
+async def _answer(
+    conn: _Connection,
+    method: str,
+    context: Any,
+    error_builder: ErrorBuilder,
+    decode: Callable[[Any], T],
+    serve: Callable[[T, Any], Awaitable[None]],
+    *,
+    op_id: str = "",
+) -> None:
+    await answer(
+        method,
+        context,
+        error_builder,
+        decode,
+        serve,
+        logger=logger,
+        who=conn,
+        op_id=op_id,
+        log_name=_LOG_NAME,
+    )
 
 
-def _raise_for_wire(method: str, exc: Exception) -> NoReturn:
-    """For methods whose answer has no error arm: raise what the client will
-    see as a remote exception whose last line is ``code: message``."""
-    error = exc if isinstance(exc, ProcuratorError) else _log_bug(method, exc)
-    raise _WireError(f"{error.code}: {error}") from None
-
-
-class _WireError(Exception):
-    pass
+def _no_params(params: Any) -> None:
+    return None
 
 
 class _MasterImpl(_schema.Master.Server):  # type: ignore[misc, name-defined]
@@ -497,48 +527,44 @@ class _MasterImpl(_schema.Master.Server):  # type: ignore[misc, name-defined]
         self._listener = listener
         self._conn = conn
 
-    async def register(self, info: Any, node: Any, _context: Any, **_: Any) -> None:
-        result = _context.results.result
-        listener, conn = self._listener, self._conn
-        try:
-            worker_info = worker_info_from_reader(info)
-            _admit_registration(conn, worker_info.worker_id)
-            node_handle = listener.bridge.own(node, f"node of worker {worker_info.worker_id}")
-            conn_handle = listener.bridge.own(conn, f"connection #{conn.id}")
-            conn.handles += [node_handle, conn_handle]
-            remote = RemoteNode(
-                listener.bridge, node_handle, conn_handle, conn.id, worker_info.worker_id
-            )
-            token = await _backend_call(listener, listener.backend.register, worker_info, remote)
-            if conn.closed:  # the peer left while we registered it
-                listener.bridge.notify_trio(listener.backend.unregister, token)
-                return
-            conn.tokens.append(token)
-            result.session = _WorkerSessionImpl(listener, worker_info.worker_id, token)
-        except ProcuratorError as exc:
-            fill_error(result.init("error"), exc)
-        except Exception as exc:  # noqa: BLE001 - a handler must answer
-            fill_error(result.init("error"), _log_bug("Master.register", exc))
+    async def register_context(self, context: Any) -> None:
+        await _answer(
+            self._conn, "Master.register", context, error_arm, _decode_register, self._register
+        )
 
-    async def control(self, _context: Any, **_: Any) -> None:
-        result = _context.results.result
-        try:
-            authorize_control(self._conn.identity())
-        except UnauthorizedError as exc:
-            logger.warning("%s: control refused: %s", self._conn, exc)
-            fill_error(result.init("error"), exc)
+    async def _register(self, request: tuple[WorkerInfo, Any], results: Any) -> None:
+        listener, conn = self._listener, self._conn
+        worker_info, node = request
+        _admit_registration(conn, worker_info.worker_id)
+        node_handle = listener.bridge.own(node, f"node of worker {worker_info.worker_id}")
+        conn_handle = listener.bridge.own(conn, f"connection #{conn.id}")
+        conn.handles += [node_handle, conn_handle]
+        remote = RemoteNode(
+            listener.bridge, node_handle, conn_handle, conn.id, worker_info.worker_id
+        )
+        token = await listener.call(listener.backend.register, worker_info, remote)
+        if conn.closed:  # the peer left while we registered it
+            listener.bridge.notify_trio(listener.backend.unregister, token)
             return
-        result.control = _ControlImpl(self._listener)
+        conn.tokens.append(token)
+        results.result.session = _WorkerSessionImpl(listener, conn, worker_info.worker_id, token)
+
+    async def control_context(self, context: Any) -> None:
+        await _answer(self._conn, "Master.control", context, error_arm, _no_params, self._control)
+
+    async def _control(self, _: None, results: Any) -> None:
+        authorize_control(self._conn.identity())
+        results.result.control = _ControlImpl(self._listener, self._conn)
+
+
+def _decode_register(params: Any) -> tuple[WorkerInfo, Any]:
+    return worker_info_from_reader(params.info), params.node
 
 
 def _admit_registration(conn: _Connection, worker_id: str) -> None:
     """Raise unless ``conn`` may register ``worker_id`` (its certificate,
     and the per-connection cap)."""
-    try:
-        authorize_register(conn.identity(), worker_id)
-    except UnauthorizedError as exc:
-        logger.warning("%s: register refused: %s", conn, exc)
-        raise
+    authorize_register(conn.identity(), worker_id)
     if len(conn.tokens) >= MAX_SESSIONS_PER_CONNECTION:
         raise LimitExceededError(
             f"a connection may register at most {MAX_SESSIONS_PER_CONNECTION} times; open a new one"
@@ -546,168 +572,211 @@ def _admit_registration(conn: _Connection, worker_id: str) -> None:
 
 
 class _RefusingMaster(_schema.Master.Server):  # type: ignore[misc, name-defined]
-    """The bootstrap of a connection over the cap: every answer is ``error``."""
+    """The bootstrap of a connection over the cap: every answer is ``error``
+    (the parameters are not even read)."""
 
     def __init__(self, error: ProcuratorError) -> None:
         self._error = error
 
-    async def register(self, _context: Any, **_: Any) -> None:
-        fill_error(_context.results.result.init("error"), self._error)
+    async def register_context(self, context: Any) -> None:
+        fill_error(error_arm(context.results), self._error)
 
-    async def control(self, _context: Any, **_: Any) -> None:
-        fill_error(_context.results.result.init("error"), self._error)
+    async def control_context(self, context: Any) -> None:
+        fill_error(error_arm(context.results), self._error)
 
 
 class _WorkerSessionImpl(_schema.WorkerSession.Server):  # type: ignore[misc, name-defined]
-    def __init__(self, listener: _Listener, worker_id: str, token: int) -> None:
+    def __init__(self, listener: _Listener, conn: _Connection, worker_id: str, token: int) -> None:
         self._listener = listener
+        self._conn = conn
         self._worker_id = worker_id
         self._token = token
 
-    async def getAssignment(self, knownGeneration: int, _context: Any, **_: Any) -> None:
+    async def getAssignment_context(self, context: Any) -> None:
+        await _answer(
+            self._conn,
+            "WorkerSession.getAssignment",
+            context,
+            error_result,
+            _decode_known_generation,
+            self._get_assignment,
+        )
+
+    async def _get_assignment(self, known_generation: int, results: Any) -> None:
         listener = self._listener
-        try:
-            assignment, changed = await _backend_call(
-                listener, listener.backend.get_assignment, self._token, knownGeneration
-            )
-        except Exception as exc:  # noqa: BLE001 - a handler must answer
-            _raise_for_wire("WorkerSession.getAssignment", exc)
-        results = _context.results
+        assignment, changed = await listener.call(
+            listener.backend.get_assignment, self._token, known_generation
+        )
         fill_assignment(results.init("assignment"), assignment)
         results.changed = changed
 
+    async def reportStatus_context(self, context: Any) -> None:
+        await self._report(
+            "WorkerSession.reportStatus",
+            context,
+            lambda params: worker_status_from_reader(params.status),
+            self._listener.backend.report_status,
+        )
+
+    async def reportStatusChanges_context(self, context: Any) -> None:
+        await self._report(
+            "WorkerSession.reportStatusChanges",
+            context,
+            lambda params: status_changes_from_reader(params.changes),
+            self._listener.backend.report_status_changes,
+        )
+
+    async def reportMetrics_context(self, context: Any) -> None:
+        await self._report(
+            "WorkerSession.reportMetrics",
+            context,
+            lambda params: metrics_from_reader(params.report),
+            lambda token, report: self._listener.backend.report_metrics(token, *report),
+        )
+
+    async def reportEvents_context(self, context: Any) -> None:
+        await self._report(
+            "WorkerSession.reportEvents",
+            context,
+            lambda params: events_from_reader(params.events),
+            self._listener.backend.report_events,
+        )
+
     async def _report(
-        self, method: str, _context: Any, call: Callable[[], Awaitable[None]]
+        self,
+        method: str,
+        context: Any,
+        decode: Callable[[Any], T],
+        report: Callable[[int, T], Awaitable[None]],
     ) -> None:
-        result = _context.results.result
-        try:
-            await call()
-        except ProcuratorError as exc:
-            fill_error(result.init("error"), exc)
-        except Exception as exc:  # noqa: BLE001 - a handler must answer
-            fill_error(result.init("error"), _log_bug(method, exc))
-        else:
-            result.ok = None
+        async def serve(value: T, results: Any) -> None:
+            await self._listener.call(report, self._token, value)
+            results.result.ok = None
 
-    async def reportStatus(self, status: Any, _context: Any, **_: Any) -> None:
-        listener = self._listener
+        await _answer(self._conn, method, context, error_arm, decode, serve)
 
-        async def call() -> None:
-            value = worker_status_from_reader(status)
-            await _backend_call(listener, listener.backend.report_status, self._token, value)
 
-        await self._report("WorkerSession.reportStatus", _context, call)
+def _decode_known_generation(params: Any) -> int:
+    return int(params.knownGeneration)
 
-    async def reportStatusChanges(self, changes: Any, _context: Any, **_: Any) -> None:
-        listener = self._listener
 
-        async def call() -> None:
-            value = status_changes_from_reader(changes)
-            await _backend_call(
-                listener, listener.backend.report_status_changes, self._token, value
-            )
+@dataclass(frozen=True, slots=True)
+class _Wait:
+    """A blocking read's parameters: wait while the change index is
+    ``index``, at most ``ms`` milliseconds (see ``Control.status``)."""
 
-        await self._report("WorkerSession.reportStatusChanges", _context, call)
+    index: int
+    ms: int
 
-    async def reportMetrics(self, report: Any, _context: Any, **_: Any) -> None:
-        listener = self._listener
 
-        async def call() -> None:
-            worker_id, samples = metrics_from_reader(report)
-            await _backend_call(
-                listener, listener.backend.report_metrics, self._token, worker_id, samples
-            )
+def _decode_wait(params: Any) -> _Wait:
+    return _Wait(int(params.waitIndex), int(params.waitMs))
 
-        await self._report("WorkerSession.reportMetrics", _context, call)
 
-    async def reportEvents(self, events: Any, _context: Any, **_: Any) -> None:
-        listener = self._listener
+@dataclass(frozen=True, slots=True)
+class _EventsRequest:
+    vm_id: str
+    limit: int
+    after_seq: int
 
-        async def call() -> None:
-            values = events_from_reader(events)
-            await _backend_call(listener, listener.backend.report_events, self._token, values)
 
-        await self._report("WorkerSession.reportEvents", _context, call)
+def _decode_events(params: Any) -> _EventsRequest:
+    vm_id: str = params.vmId
+    _check_vm_id_param(vm_id)
+    limit = min(int(params.limit) or 100, MAX_EVENTS_PER_REPORT)
+    return _EventsRequest(vm_id, limit, int(params.afterSeq))
+
+
+@dataclass(frozen=True, slots=True)
+class _DescribeRequest:
+    vm_id: str
+    event_limit: int
+    wait: _Wait
+
+
+def _decode_describe(params: Any) -> _DescribeRequest:
+    vm_id: str = params.vmId
+    _check_vm_id_param(vm_id, required=True)
+    return _DescribeRequest(
+        vm_id, min(int(params.eventLimit) or 20, MAX_EVENTS_PER_REPORT), _decode_wait(params)
+    )
 
 
 class _ControlImpl(_schema.Control.Server):  # type: ignore[misc, name-defined]
-    def __init__(self, listener: _Listener) -> None:
+    def __init__(self, listener: _Listener, conn: _Connection) -> None:
         self._listener = listener
+        self._conn = conn
 
-    async def apply(self, _context: Any, **_: Any) -> None:
-        listener = self._listener
-        result = _context.results.result
+    async def apply_context(self, context: Any) -> None:
         # The operation begins here, so that even a fleet refused while it is
         # read from the wire is answered (and logged) with its op id.
         op_id = new_op_id()
-        error: ProcuratorError | None = None
         with log_context(op_id=op_id):
-            try:
-                request = apply_request_from_reader(_context.params)
-                outcome = await _backend_call(listener, _apply, listener.backend, request, op_id)
-                fill_apply_result(result, outcome)
-            except ProcuratorError as exc:
-                error = exc
-            except Exception as exc:  # noqa: BLE001 - a handler must answer
-                error = _log_bug("Control.apply", exc)
-            if error is not None:
-                error.op_id = error.op_id or op_id
-                logger.info("apply %s refused: %s", op_id, error.message)
-                fill_error(result.init("error"), error)
-
-    async def status(self, waitIndex: int, waitMs: int, _context: Any, **_: Any) -> None:
-        listener = self._listener
-        try:
-            value = await _backend_call(
-                listener,
-                _after_change,
-                listener.backend,
-                int(waitIndex),
-                int(waitMs),
-                listener.backend.fleet_status,
+            await _answer(
+                self._conn,
+                "Control.apply",
+                context,
+                error_arm,
+                apply_request_from_reader,
+                functools.partial(self._apply, op_id),
+                op_id=op_id,
             )
-        except Exception as exc:  # noqa: BLE001 - a handler must answer
-            _raise_for_wire("Control.status", exc)
-        fill_fleet_status(_context.results.init("status"), value)
 
-    async def events(self, vmId: str, limit: int, afterSeq: int, _context: Any, **_: Any) -> None:
+    async def _apply(self, op_id: str, request: ApplyRequest, results: Any) -> None:
         listener = self._listener
-        try:
-            _check_vm_id_param(vmId)
-            count = min(int(limit) or 100, MAX_EVENTS_PER_REPORT)
-            if afterSeq:
-                values = await _backend_call(
-                    listener, listener.backend.recent_events, vmId, count, int(afterSeq)
-                )
-            else:
-                values = await _backend_call(listener, listener.backend.recent_events, vmId, count)
-        except Exception as exc:  # noqa: BLE001 - a handler must answer
-            _raise_for_wire("Control.events", exc)
-        fill_worker_events(_context.results.init("events", len(values)), values)
+        outcome = await listener.call(_apply, listener.backend, request, op_id)
+        fill_apply_result(results.result, outcome)
 
-    async def describeVm(
-        self, vmId: str, eventLimit: int, waitIndex: int, waitMs: int, _context: Any, **_: Any
-    ) -> None:
+    async def status_context(self, context: Any) -> None:
+        await _answer(
+            self._conn, "Control.status", context, error_result, _decode_wait, self._status
+        )
+
+    async def _status(self, wait: _Wait, results: Any) -> None:
         listener = self._listener
-        result = _context.results.result
-        try:
-            _check_vm_id_param(vmId, required=True)
-            count = min(int(eventLimit) or 20, MAX_EVENTS_PER_REPORT)
-            value = await _backend_call(
-                listener,
-                _after_change,
-                listener.backend,
-                int(waitIndex),
-                int(waitMs),
-                listener.backend.describe_vm,
-                vmId,
-                count,
+        value = await listener.call(
+            _after_change, listener.backend, wait, listener.backend.fleet_status
+        )
+        fill_fleet_status(results.init("status"), value)
+
+    async def events_context(self, context: Any) -> None:
+        await _answer(
+            self._conn, "Control.events", context, error_result, _decode_events, self._events
+        )
+
+    async def _events(self, request: _EventsRequest, results: Any) -> None:
+        listener = self._listener
+        if request.after_seq:
+            values = await listener.call(
+                listener.backend.recent_events, request.vm_id, request.limit, request.after_seq
             )
-            fill_describe_result(result, value)
-        except ProcuratorError as exc:
-            fill_error(result.init("error"), exc)
-        except Exception as exc:  # noqa: BLE001 - a handler must answer
-            fill_error(result.init("error"), _log_bug("Control.describeVm", exc))
+        else:
+            values = await listener.call(
+                listener.backend.recent_events, request.vm_id, request.limit
+            )
+        fill_worker_events(results.init("events", len(values)), values)
+
+    async def describeVm_context(self, context: Any) -> None:
+        await _answer(
+            self._conn,
+            "Control.describeVm",
+            context,
+            error_arm,
+            _decode_describe,
+            self._describe_vm,
+        )
+
+    async def _describe_vm(self, request: _DescribeRequest, results: Any) -> None:
+        listener = self._listener
+        value = await listener.call(
+            _after_change,
+            listener.backend,
+            request.wait,
+            listener.backend.describe_vm,
+            request.vm_id,
+            request.event_limit,
+        )
+        fill_describe_result(results.result, value)
 
 
 def _check_vm_id_param(vm_id: str, *, required: bool = False) -> None:
@@ -719,16 +788,15 @@ def _check_vm_id_param(vm_id: str, *, required: bool = False) -> None:
 
 async def _after_change(
     backend: MasterBackend,
-    wait_index: int,
-    wait_ms: int,
+    wait: _Wait,
     fn: Callable[..., Awaitable[T]],
     *args: Any,
 ) -> T:
     """``await fn(*args)``, after waiting for the change index to leave
-    ``wait_index`` when both it and ``wait_ms`` are non-zero. One trio task
+    ``wait.index`` when both it and ``wait.ms`` are non-zero. One trio task
     for both, so the answer reads the state right after the change."""
-    if wait_index and wait_ms:
-        await backend.wait_change(wait_index, min(wait_ms, MAX_WAIT_MS) / 1000)
+    if wait.index and wait.ms:
+        await backend.wait_change(wait.index, min(wait.ms, MAX_WAIT_MS) / 1000)
     return await fn(*args)
 
 

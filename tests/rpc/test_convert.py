@@ -373,3 +373,17 @@ def test_a_replayed_apply_result_round_trips() -> None:
         )
         == result
     )
+
+
+def test_a_message_past_the_traversal_limit_is_limit_exceeded_not_a_bug() -> None:
+    builder = S.WorkerStatus.new_message(workerId="host-a")
+    for index, vm in enumerate(builder.init("vms", 100)):
+        vm.id = f"web-{index}"
+    with S.WorkerStatus.from_bytes(builder.to_bytes(), traversal_limit_in_words=64) as reader:
+        with pytest.raises(convert.READ_ERRORS) as caught:
+            convert.worker_status_from_reader(reader, "status")
+        error = convert.malformed_error(reader, caught.value, "status")
+    assert isinstance(error, LimitExceededError)
+    assert error.details == (
+        "status: message exceeds the traversal limit (too large, or read more than once)",
+    )

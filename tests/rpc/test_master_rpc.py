@@ -330,7 +330,7 @@ async def test_a_failing_handler_does_not_kill_the_server(
                     await control.apply(fleet_of({"host-a": [("web-1", "a")]}))
                 with pytest.raises(ProcuratorError, match=r"Control\.status: internal error"):
                     await control.status()
-            with pytest.raises(ValidationError, match="events: no such thing"):
+            with pytest.raises(ValidationError, match=r"^no such thing \(op op-"):
                 await control.events()
         with pytest.raises(ProcuratorError, match="internal error"):
             await CapnpMasterDialer(bridge, address).connect(WorkerInfo("host-a"), _ignore)
