@@ -24,6 +24,14 @@
 # `invalid` or `limitExceeded` naming the field, and the connection goes on.
 # An RPC exception (disconnect, overload) is still possible on every call and
 # means "try again later"; the master raises none of its own.
+#
+# Connections. The master closes a connection that has no worker registered
+# over it and no call in flight when it started no call within 10 s of
+# connecting (of finishing its TLS handshake), or within 60 s of its last
+# call's end: a half-sent message counts as no call. A connection a worker
+# registered over is long-lived and may stay quiet between resyncs; it is
+# closed when its peer goes away (TCP keepalive probes a silent peer after
+# 60 s, every 10 s, 6 times).
 
 # ---------------------------------------------------------------- desired state
 

@@ -469,13 +469,15 @@ async def open_bridge() -> AsyncIterator[Bridge]:
 
 
 # pycapnp's AsyncIoStream keeps its asyncio protocol (and so the transport,
-# which knows the peer's certificate) private; its public create_server
-# hands the accept callback nothing but the stream. `_connect` is the
-# protocol factory that create_server itself uses: it returns the protocol,
-# whose `transport` attribute is public. Calling it from our own factory is
-# the one way to learn who connected without forking pycapnp. Only TLS
-# connections go this way (plaintext ones use the public API); the security
-# tests fail loudly if a pycapnp release takes it away.
+# which knows the peer's certificate and the socket) private; its public
+# create_server hands the accept callback nothing but the stream. `_connect`
+# is the protocol factory that create_server itself uses: it returns the
+# protocol, whose `transport` attribute is public. Calling it from our own
+# factory is the one way to learn who connected, and to watch the socket
+# (the master's connection supervision needs it: see master_server), without
+# forking pycapnp. Every accepted connection and every TLS client connection
+# goes this way; the RPC and security tests fail loudly if a pycapnp release
+# takes it away.
 _STREAM_PROTOCOL_FACTORY: Callable[[Callable[[Any], Any]], Any] | None = getattr(
     capnp.AsyncIoStream, "_connect", None
 )
@@ -586,7 +588,7 @@ async def connect(
     return ClientConnection(stream, on_lost, tls_transport=tls_transport)
 
 
-OnStream = Callable[[Any, Any], Awaitable[None]]
+OnStream = Callable[[Any, asyncio.Transport, bool], Awaitable[None]]
 
 
 async def start_listener(
@@ -594,27 +596,15 @@ async def start_listener(
 ) -> asyncio.Server:
     """Listen on ``address`` (capnp thread), over TLS when ``tls`` is given.
 
-    ``on_stream(stream, tls_transport)`` runs as a task per accepted
-    connection (after the TLS handshake) and must not raise (log instead);
-    ``tls_transport`` is the connection's TLS transport (None without TLS):
-    ``get_extra_info("peercert")`` is the verified client certificate, and
-    ``abort()`` closes the connection at once (a graceful close waits for the
-    peer). A TLS handshake that fails (no certificate, another CA,
-    plaintext) never reaches ``on_stream``.
+    ``on_stream(stream, transport, over_tls)`` runs as a task per accepted
+    connection (after the TLS handshake) and must not raise (log instead).
+    ``transport`` is the connection's asyncio transport: its
+    ``get_extra_info("socket")`` is the socket, ``("peercert")`` over TLS the
+    verified client certificate, and ``abort()`` closes the connection at
+    once (a graceful TLS close waits for the peer). A TLS handshake that
+    fails (no certificate, another CA, plaintext) never reaches
+    ``on_stream``.
     """
-    if tls is None:
-
-        def plain(stream: Any) -> Awaitable[None]:
-            return on_stream(stream, None)
-
-        if address.unix_path is not None:
-            server = await capnp.AsyncIoStream.create_unix_server(plain, address.unix_path)
-        else:
-            server = await capnp.AsyncIoStream.create_server(
-                plain, address.host, address.port, reuse_address=True
-            )
-        assert isinstance(server, asyncio.Server)
-        return server
     factory_of = _stream_protocol_factory()
     loop = asyncio.get_running_loop()
 
@@ -622,13 +612,15 @@ async def start_listener(
         cell: list[Any] = []
 
         def accepted(stream: Any) -> Awaitable[None]:
-            return on_stream(stream, cell[0].transport)
+            return on_stream(stream, cell[0].transport, tls is not None)
 
         protocol = factory_of(accepted)
         cell.append(protocol)
         return protocol
 
-    options: dict[str, Any] = {"ssl": tls, "ssl_handshake_timeout": HANDSHAKE_TIMEOUT}
+    options: dict[str, Any] = (
+        {"ssl": tls, "ssl_handshake_timeout": HANDSHAKE_TIMEOUT} if tls is not None else {}
+    )
     if address.unix_path is not None:
         return await loop.create_unix_server(protocol_factory, address.unix_path, **options)
     return await loop.create_server(

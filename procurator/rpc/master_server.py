@@ -15,6 +15,35 @@ Invariants:
   which would send the traceback to the client.
 - One connection's garbage, disconnect or failing handler never affects
   another: each accepted stream has its own RPC system.
+- **Every connection ends, and ends once.** :meth:`_Listener.end` releases a
+  connection (its slot, its capabilities, its worker sessions, its socket),
+  whoever notices first:
+
+  * Cap'n Proto's ``on_disconnect`` (the peer closed, or sent garbage);
+  * the supervision sweep (every ``ConnectionDeadlines.sweep_interval``):
+    the socket reports a hang-up or an error (``poll`` for ``POLLRDHUP``,
+    ``POLLHUP``, ``POLLERR``: the peer closed, reset, or TCP keepalive gave
+    up on it), or the transport is closing;
+  * its deadline: a connection with no worker registered over it and no
+    call in flight is closed ``first_call`` seconds after it was accepted
+    if it never started a call, else ``idle`` seconds after its last call
+    ended. A half-sent message is no call, so it is held that long at most.
+    A connection a worker registered over is long-lived (quiet between
+    resyncs, whose interval the worker chooses): no deadline, but TCP
+    keepalive (``keepalive_*``) makes a vanished peer's socket fail, which
+    the sweep sees;
+  * the master stopping, or the service closing a worker's connection.
+
+  The sweep exists because neither of the first two signals is reliable
+  alone with pycapnp 2.2: its asyncio stream keeps the transport's reading
+  paused whenever Cap'n Proto is not reading, and after Cap'n Proto aborts
+  a connection (garbage, a message over the limits) it never reads again, so
+  asyncio never sees the peer's FIN or RST; and the first ``on_disconnect()``
+  future of a connection occasionally never completes although Cap'n Proto
+  has let go of the connection (a later ``on_disconnect()`` completes at
+  once). Before, the master waited for that one future alone: about one
+  abusive connection in 200 to 1,000 kept its slot and socket until restart
+  (tests/faults/test_wire_garbage.py).
 - A worker's ``Node`` capability stays on the capnp thread; the backend gets
   a :class:`RemoteNode`, which holds only handles. When a connection ends,
   the backend hears ``unregister`` for every session registered over it and
@@ -43,9 +72,11 @@ import functools
 import itertools
 import logging
 import os
+import select
+import socket
 import ssl
 import stat
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -109,6 +140,7 @@ from procurator.rpc.tls import (
 __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
     "MAX_SESSIONS_PER_CONNECTION",
+    "ConnectionDeadlines",
     "MasterBackend",
     "RemoteNode",
     "serve_master",
@@ -137,6 +169,36 @@ MAX_CONNECTIONS_PER_PEER = 16
 MAX_WAIT_MS = 600_000
 
 _LOG_NAME = "the master's log"
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionDeadlines:
+    """When the master gives up on a connection (see the module docstring).
+    The defaults are the ones ``schema/procurator.capnp`` promises."""
+
+    first_call: float = 10.0
+    """A connection with no worker registered over it must start its first
+    call within this many seconds of being accepted (after TLS)."""
+    idle: float = 60.0
+    """... and, once a call ended, start another within this many seconds,
+    unless one is still in flight."""
+    sweep_interval: float = 1.0
+    """How often connections are checked for a gone peer and deadlines."""
+    keepalive_idle: int = 60
+    """TCP keepalive: seconds of silence before the first probe ..."""
+    keepalive_interval: int = 10
+    """... seconds between probes ..."""
+    keepalive_count: int = 6
+    """... and unanswered probes before the socket fails: a vanished peer's
+    connection ends within ``idle + interval * count`` seconds (2 minutes)."""
+
+    def __post_init__(self) -> None:
+        for name in ("first_call", "idle", "sweep_interval"):
+            if not getattr(self, name) > 0:
+                raise ValidationError(f"{name} must be a positive number of seconds")
+        for name in ("keepalive_idle", "keepalive_interval", "keepalive_count"):
+            if getattr(self, name) < 1:
+                raise ValidationError(f"{name} must be at least 1")
 
 
 class MasterBackend(Protocol):
@@ -230,7 +292,7 @@ async def _push(node: CapnpHandle[Any], assignment: Assignment) -> None:
 async def _close_connection(connection: CapnpHandle[_Connection]) -> None:
     conn = connection.release()
     if conn is not None:
-        conn.close()
+        conn.listener.end(conn, "closed by the master")
 
 
 async def serve_master(
@@ -241,6 +303,7 @@ async def serve_master(
     tls: TlsFiles | None = None,
     insecure: bool = False,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    deadlines: ConnectionDeadlines = ConnectionDeadlines(),
     task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the ``Master`` bootstrap interface on ``address`` until
@@ -251,7 +314,8 @@ async def serve_master(
     and is authorized by it (see the module docstring). Without it,
     ``address`` must be loopback or a unix socket unless ``insecure``
     (``procurator.rpc.tls.require_secure``); raises ``PermanentError``
-    otherwise, or when the TLS files cannot be loaded.
+    otherwise, or when the TLS files cannot be loaded. ``deadlines``: when
+    connections are given up on (the defaults are the schema's promise).
     """
     if max_connections < 1:
         raise ValidationError(f"max_connections must be at least 1, not {max_connections}")
@@ -264,6 +328,7 @@ async def serve_master(
         address,
         context,
         max_connections,
+        deadlines,
         what=f"listening on {address}",
     )
     try:
@@ -285,20 +350,37 @@ async def serve_master(
 
 
 class _Connection:
-    """One accepted stream and what was registered over it."""
+    """One accepted stream, what was registered over it, and how busy it is
+    (for its deadline)."""
 
-    def __init__(self, connection_id: int, stream: Any, tls_transport: Any = None) -> None:
+    def __init__(
+        self,
+        listener: _Listener,
+        connection_id: int,
+        stream: Any,
+        transport: asyncio.Transport,
+        *,
+        over_tls: bool,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self.listener = listener
         self.id = connection_id
         self.stream = stream
-        self.tls_transport = tls_transport
+        self.transport = transport
+        self.over_tls = over_tls
         self.server: Any = None
         self.tokens: list[int] = []
         self.handles: list[CapnpHandle[Any]] = []
         self.closed = False
+        self.ended: asyncio.Future[None] = loop.create_future()
         # Who the client certificate says the peer is (None: plaintext), or
         # why it names nobody.
         self.peer: PeerIdentity | None = None
         self.peer_problem: str | None = None
+        # Deadline bookkeeping (loop time).
+        self.accepted_at = loop.time()
+        self.calls_in_flight = 0
+        self.last_call_ended: float | None = None
 
     def identity(self) -> PeerIdentity | None:
         """The peer's identity; raises ``UnauthorizedError`` if its
@@ -310,45 +392,116 @@ class _Connection:
     def __str__(self) -> str:
         return f"connection #{self.id}" + (f" ({self.peer})" if self.peer is not None else "")
 
+    def call_started(self) -> None:
+        self.calls_in_flight += 1
+
+    def call_ended(self) -> None:
+        self.calls_in_flight -= 1
+        self.last_call_ended = asyncio.get_running_loop().time()
+
+    def expiry(self, deadlines: ConnectionDeadlines) -> tuple[float, str] | None:
+        """(loop time, why) when this connection is to be closed for being
+        idle; None while a worker is registered over it or a call is in
+        flight."""
+        if self.tokens or self.calls_in_flight:
+            return None
+        if self.last_call_ended is None:
+            return (
+                self.accepted_at + deadlines.first_call,
+                f"no call within {deadlines.first_call:g} s of connecting",
+            )
+        return (
+            self.last_call_ended + deadlines.idle,
+            f"no call for {deadlines.idle:g} s and no worker registered",
+        )
+
+    def fileno(self) -> int:
+        """The socket's descriptor; -1 once it is closed."""
+        sock = self.transport.get_extra_info("socket")
+        return -1 if sock is None else int(sock.fileno())
+
     def close(self) -> None:
+        """Close the RPC system and the socket (use :meth:`_Listener.end`,
+        which also releases what the connection holds)."""
         if self.closed:
             return
         self.closed = True
         if self.server is not None:
             with contextlib.suppress(RuntimeError):
                 self.server.close()
-        if self.tls_transport is not None:
+        if self.over_tls:
             # Not a graceful TLS close, which would wait for the peer (and,
             # when the master stops, never finish): the peer is gone, or we
             # are done with it.
-            self.tls_transport.abort()
+            self.transport.abort()
         self.stream.close()
 
 
+_HUNG_UP = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
+
+
+def _hung_up(connections: Iterable[_Connection]) -> set[int]:
+    """Ids of the connections whose peer closed or reset its end, or whose
+    socket failed (TCP keepalive gave up): one ``poll`` for all of them,
+    which looks at the sockets without reading them (asyncio's own reading
+    is paused whenever Cap'n Proto is not reading)."""
+    poller = select.poll()
+    ids: dict[int, int] = {}
+    for conn in connections:
+        fd = conn.fileno()
+        if fd >= 0:
+            poller.register(fd, select.POLLRDHUP)
+            ids[fd] = conn.id
+    return {ids[fd] for fd, events in poller.poll(0) if events & _HUNG_UP and fd in ids}
+
+
+def _keep_alive(transport: asyncio.Transport, deadlines: ConnectionDeadlines) -> None:
+    """Turn on TCP keepalive for a TCP connection (a no-op for unix
+    sockets), so that a peer that vanished without a FIN or RST (power
+    loss, a partition) makes the socket fail."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, deadlines.keepalive_idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, deadlines.keepalive_interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, deadlines.keepalive_count)
+
+
 class _Listener:
-    def __init__(self, bridge: Bridge, backend: MasterBackend, *, max_connections: int) -> None:
+    def __init__(
+        self,
+        bridge: Bridge,
+        backend: MasterBackend,
+        *,
+        max_connections: int,
+        deadlines: ConnectionDeadlines,
+    ) -> None:
         self.bridge = bridge
         self.backend = backend
         self.max_connections = max_connections
+        self.deadlines = deadlines
         self.server: asyncio.Server | None = None
+        self.sweeper: asyncio.Task[None] | None = None
         self.connections: dict[int, _Connection] = {}
         self.refusing: set[Any] = set()  # streams over the cap, being told so
         self.refused_total = 0
         self._ids = itertools.count(1)
 
-    async def on_stream(self, stream: Any, tls_transport: Any) -> None:
+    async def on_stream(self, stream: Any, transport: asyncio.Transport, over_tls: bool) -> None:
         if len(self.connections) >= self.max_connections:
             await self._refuse(
                 stream,
-                tls_transport,
+                transport,
+                over_tls,
                 f"the master serves at most {self.max_connections} connections at once; "
                 "try again later",
             )
             return
-        conn = _Connection(next(self._ids), stream, tls_transport)
-        if tls_transport is not None:
+        conn = _Connection(self, next(self._ids), stream, transport, over_tls=over_tls)
+        if over_tls:
             try:
-                conn.peer = peer_identity(tls_transport.get_extra_info("peercert"))
+                conn.peer = peer_identity(transport.get_extra_info("peercert"))
             except UnauthorizedError as exc:
                 conn.peer_problem = exc.message
             key = _peer_key(conn)
@@ -356,30 +509,75 @@ class _Listener:
             if same >= MAX_CONNECTIONS_PER_PEER:
                 await self._refuse(
                     stream,
-                    tls_transport,
+                    transport,
+                    over_tls,
                     f"{key} already has {same} connections open, the most one "
                     "certificate identity may have; close some and try again",
                 )
                 return
         self.connections[conn.id] = conn
         logger.debug("%s accepted", conn)
+        disconnected: asyncio.Future[None] | None = None
         try:
+            _keep_alive(transport, self.deadlines)
             conn.server = capnp.TwoPartyServer(
                 stream,
                 bootstrap=_MasterImpl(self, conn),
                 traversal_limit_in_words=_traversal_limit(conn),
             )
-            await conn.server.on_disconnect()
-            logger.debug("connection #%d closed by the peer", conn.id)
-        except Exception as exc:  # noqa: BLE001 - garbage, resets: this connection only
-            logger.debug("connection #%d ended: %s", conn.id, exc)
+            disconnected = conn.server.on_disconnect()
+            disconnected.add_done_callback(functools.partial(self._disconnected, conn))
+            await conn.ended
+        except Exception as exc:  # noqa: BLE001 - this connection only
+            self.end(conn, f"could not be served: {exc}")
         finally:
-            self.connections.pop(conn.id, None)
-            for handle in conn.handles:
-                handle.release()
-            conn.close()
-            for token in conn.tokens:
-                self.bridge.notify_trio(self.backend.unregister, token)
+            if disconnected is not None:
+                disconnected.cancel()  # drops pycapnp's promise if it is still pending
+            self.end(conn, "the master is stopping")  # cancelled: the capnp thread stops
+
+    def _disconnected(self, conn: _Connection, future: asyncio.Future[None]) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        self.end(conn, "closed by the peer" if exc is None else f"ended: {exc}")
+
+    def end(self, conn: _Connection, why: str) -> None:
+        """Release ``conn`` (idempotent; capnp thread): out of the cap, its
+        capabilities dropped, its RPC system and socket closed, the backend
+        told of every worker session registered over it."""
+        if conn.closed:
+            return
+        self.connections.pop(conn.id, None)
+        for handle in conn.handles:
+            handle.release()
+        conn.close()
+        for token in conn.tokens:
+            self.bridge.notify_trio(self.backend.unregister, token)
+        if not conn.ended.done():
+            conn.ended.set_result(None)
+        logger.debug("%s closed: %s", conn, why)
+
+    async def sweep_forever(self) -> None:
+        """End connections whose peer is gone or whose deadline passed, every
+        ``sweep_interval`` seconds, until cancelled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.deadlines.sweep_interval)
+            try:
+                self.sweep(loop.time())
+            except Exception:  # a sweep that fails must not end supervision
+                logger.exception("the connection sweep failed")
+
+    def sweep(self, now: float) -> None:
+        connections = list(self.connections.values())
+        hung_up = _hung_up(connections)
+        for conn in connections:
+            if conn.id in hung_up:
+                self.end(conn, "the peer closed or reset its end, or stopped answering")
+            elif conn.transport.is_closing():
+                self.end(conn, "the connection closed")
+            elif (expiry := conn.expiry(self.deadlines)) is not None and now >= expiry[0]:
+                self.end(conn, expiry[1])
 
     async def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Await a backend method on trio without blocking the capnp thread.
@@ -387,7 +585,9 @@ class _Listener:
         which cancels the trio task through ``call_trio``."""
         return await self.bridge.call_trio(fn, *args)
 
-    async def _refuse(self, stream: Any, tls_transport: Any, why: str) -> None:
+    async def _refuse(
+        self, stream: Any, transport: asyncio.Transport, over_tls: bool, why: str
+    ) -> None:
         """Tell a connection over a cap why, then close it."""
         self.refused_total += 1
         if self.refused_total == 1 or self.refused_total % 100 == 0:
@@ -398,8 +598,8 @@ class _Listener:
                 self.refused_total,
             )
         if len(self.refusing) >= _MAX_REFUSING:
-            if tls_transport is not None:
-                tls_transport.abort()
+            if over_tls:
+                transport.abort()
             stream.close()
             return
         self.refusing.add(stream)
@@ -411,6 +611,7 @@ class _Listener:
                 bootstrap=_RefusingMaster(error),
                 traversal_limit_in_words=_REFUSED_TRAVERSAL_LIMIT_WORDS,
             )
+            # Bounded whatever pycapnp does: the grace is the most it is kept.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(server.on_disconnect(), _REFUSE_GRACE)
         except Exception as exc:  # noqa: BLE001 - this connection only
@@ -420,8 +621,8 @@ class _Listener:
             if server is not None:
                 with contextlib.suppress(RuntimeError):
                     server.close()
-            if tls_transport is not None:
-                tls_transport.abort()
+            if over_tls:
+                transport.abort()
             stream.close()
 
 
@@ -435,7 +636,7 @@ def _traversal_limit(conn: _Connection) -> int:
     nothing here (no usable identity, or the master's own) is only told so:
     a registration's worth. (A worker keeps the full limit: a metrics report
     of 200,000 samples, ~25 words each, is within a factor of three of it.)"""
-    if conn.tls_transport is not None and (conn.peer is None or conn.peer.role is Role.MASTER):
+    if conn.over_tls and (conn.peer is None or conn.peer.role is Role.MASTER):
         return _REFUSED_TRAVERSAL_LIMIT_WORDS
     return TRAVERSAL_LIMIT_WORDS
 
@@ -446,11 +647,13 @@ async def _start(
     address: Address,
     context: ssl.SSLContext | None,
     max_connections: int,
+    deadlines: ConnectionDeadlines,
 ) -> CapnpHandle[Any]:
-    listener = _Listener(bridge, backend, max_connections=max_connections)
+    listener = _Listener(bridge, backend, max_connections=max_connections, deadlines=deadlines)
     if address.unix_path is not None:
         _remove_stale_socket(address.unix_path)
     listener.server = await start_listener(address, listener.on_stream, tls=context)
+    listener.sweeper = asyncio.get_running_loop().create_task(listener.sweep_forever())
     return bridge.own(listener, f"master listener {address}")
 
 
@@ -476,10 +679,12 @@ async def _stop(handle: CapnpHandle[_Listener], address: Address) -> None:
     listener = handle.release()
     if listener is None:
         return
+    if listener.sweeper is not None:
+        listener.sweeper.cancel()
     if listener.server is not None:
         listener.server.close()
     for conn in list(listener.connections.values()):
-        conn.close()
+        listener.end(conn, "the master is stopping")
     for stream in list(listener.refusing):
         stream.close()
     if listener.server is not None:
@@ -505,17 +710,21 @@ async def _answer(
     *,
     op_id: str = "",
 ) -> None:
-    await answer(
-        method,
-        context,
-        error_builder,
-        decode,
-        serve,
-        logger=logger,
-        who=conn,
-        op_id=op_id,
-        log_name=_LOG_NAME,
-    )
+    conn.call_started()
+    try:
+        await answer(
+            method,
+            context,
+            error_builder,
+            decode,
+            serve,
+            logger=logger,
+            who=conn,
+            op_id=op_id,
+            log_name=_LOG_NAME,
+        )
+    finally:
+        conn.call_ended()
 
 
 def _no_params(params: Any) -> None:
