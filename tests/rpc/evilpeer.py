@@ -29,8 +29,9 @@ SCHEMA = Path(__file__).resolve().parents[2] / "schema" / "procurator.capnp"
 
 
 def _retype(source: str, struct: str, field: str, new_type: str) -> str:
-    """``source`` with ``field`` of ``struct`` (or of interface method
-    ``struct`` when it names a method's parameter) declared ``new_type``."""
+    """``source`` with the first ``field`` of struct (or interface)
+    ``struct`` declared ``new_type``: a struct's field, or a parameter of
+    one of the interface's methods."""
     block = re.search(rf"\n(struct|interface) {struct} \{{.*?\n\}}", source, re.DOTALL)
     assert block is not None, struct
     text = block.group(0)

@@ -5,24 +5,19 @@ long-lived worker connection, and TCP keepalive."""
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from rpchelpers import served_service
 
 from procurator.core.errors import UnavailableError, ValidationError
 from procurator.core.models import Assignment, WorkerInfo, WorkerStatus
-from procurator.master.service import MasterService
-from procurator.master.store import FleetStore
 from procurator.rpc.bridge import Bridge, connect
 from procurator.rpc.clients import CapnpMasterDialer, open_control
-from procurator.rpc.master_server import ConnectionDeadlines, serve_master
-from procurator.rpc.messages import Address, parse_address
+from procurator.rpc.master_server import ConnectionDeadlines
 from procurator.rpc.schema import load_schema
 
 SHORT = ConnectionDeadlines(
@@ -35,21 +30,8 @@ SHORT = ConnectionDeadlines(
 )
 
 
-@contextlib.asynccontextmanager
-async def master(
-    tmp_path: Path, bridge: Bridge, deadlines: ConnectionDeadlines = SHORT
-) -> AsyncIterator[tuple[MasterService, Address]]:
-    async with await FleetStore.open(tmp_path / "m.db") as store, trio.open_nursery() as nursery:
-        service = MasterService(store)
-        await nursery.start(service.run)
-        address = await nursery.start(
-            functools.partial(serve_master, deadlines=deadlines),
-            bridge,
-            service,
-            parse_address("127.0.0.1:0"),
-        )
-        yield service, address
-        nursery.cancel_scope.cancel()
+def master(tmp_path: Path, bridge: Bridge) -> Any:
+    return served_service(tmp_path, bridge, deadlines=SHORT)
 
 
 async def _ignore(assignment: Assignment) -> None:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from rpchelpers import served_service
 
 from procurator.core.errors import (
     ProcuratorError,
@@ -29,8 +29,6 @@ from procurator.core.models import (
     WorkerStatus,
 )
 from procurator.core.status import StatusChanges
-from procurator.master.service import MasterService
-from procurator.master.store import FleetStore
 from procurator.rpc.bridge import Bridge, connect
 from procurator.rpc.clients import CapnpMasterDialer, open_control
 from procurator.rpc.master_server import serve_master
@@ -346,16 +344,6 @@ async def _ignore(assignment: Assignment) -> None:
 # ---------------------------------------------------------------- blocking reads
 
 
-@contextlib.asynccontextmanager
-async def _served(tmp_path: Path, bridge: Bridge) -> AsyncIterator[tuple[MasterService, Address]]:
-    async with await FleetStore.open(tmp_path / "m.db") as store, trio.open_nursery() as nursery:
-        service = MasterService(store)
-        await nursery.start(service.run)
-        address = await nursery.start(serve_master, bridge, service, parse_address("127.0.0.1:0"))
-        yield service, address
-        nursery.cancel_scope.cancel()
-
-
 async def _until(predicate: Callable[[], bool]) -> None:
     with trio.fail_after(10):
         while not predicate():
@@ -365,7 +353,7 @@ async def _until(predicate: Callable[[], bool]) -> None:
 async def test_blocking_reads_answer_on_the_report_not_before(
     tmp_path: Path, bridge: Bridge, fleet_of: FleetOf
 ) -> None:
-    async with _served(tmp_path, bridge) as (service, address):
+    async with served_service(tmp_path, bridge) as (service, address):
         session = await CapnpMasterDialer(bridge, address).connect(WorkerInfo("host-a"), _ignore)
         try:
             async with open_control(bridge, address) as control:
@@ -406,7 +394,7 @@ async def test_blocking_reads_answer_on_the_report_not_before(
 
 
 async def test_a_waiting_read_that_goes_away_is_forgotten(tmp_path: Path, bridge: Bridge) -> None:
-    async with _served(tmp_path, bridge) as (service, address):
+    async with served_service(tmp_path, bridge) as (service, address):
         async with open_control(bridge, address) as control:
             index = (await control.status()).change_index
             with trio.move_on_after(0.2):

@@ -15,12 +15,13 @@ import io
 import json
 import logging
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from rpchelpers import served, served_service
 
 import procurator
 from procurator.core.errors import (
@@ -41,12 +42,10 @@ from procurator.core.models import (
 )
 from procurator.core.status import StatusChanges
 from procurator.logs import ContextFilter, TextFormatter
-from procurator.master.service import MasterService
-from procurator.master.store import FleetStore
 from procurator.rpc.bridge import Bridge
 from procurator.rpc.clients import CapnpMasterDialer, open_control
-from procurator.rpc.master_server import RemoteNode, serve_master
-from procurator.rpc.messages import Address, MetricSample, parse_address
+from procurator.rpc.master_server import RemoteNode
+from procurator.rpc.messages import Address, MetricSample
 
 EVIL_PEER = Path(__file__).with_name("evilpeer.py")
 PATH = "/nix/store/" + "a" * 32 + "-web"
@@ -72,24 +71,6 @@ def master_log() -> Iterator[io.StringIO]:
         target.setLevel(old_level)
 
 
-@contextlib.asynccontextmanager
-async def served(backend: Any, bridge: Bridge) -> AsyncIterator[Address]:
-    async with trio.open_nursery() as nursery:
-        address = await nursery.start(serve_master, bridge, backend, parse_address("127.0.0.1:0"))
-        yield address
-        nursery.cancel_scope.cancel()
-
-
-@contextlib.asynccontextmanager
-async def real_master(tmp_path: Path, bridge: Bridge) -> AsyncIterator[Address]:
-    async with await FleetStore.open(tmp_path / "m.db") as store, trio.open_nursery() as nursery:
-        service = MasterService(store)
-        await nursery.start(service.run)
-        async with served(service, bridge) as address:
-            yield address
-        nursery.cancel_scope.cancel()
-
-
 def _no_internals(text: str) -> None:
     """``text`` (an answer a client got) shows nothing of the master's
     insides: no traceback, no source file of ours."""
@@ -113,7 +94,7 @@ async def test_malformed_requests_are_invalid_and_name_the_field(
     tmp_path: Path, bridge: Bridge
 ) -> None:
     with master_log() as log:
-        async with real_master(tmp_path, bridge) as address:
+        async with served_service(tmp_path, bridge) as (_, address):
             peer = await trio.run_process(
                 [sys.executable, str(EVIL_PEER), f"{address.host}:{address.port}"],
                 capture_stdout=True,
@@ -146,7 +127,7 @@ async def test_malformed_requests_are_invalid_and_name_the_field(
 async def test_an_error_answer_carries_no_traceback_or_file_path(
     tmp_path: Path, bridge: Bridge
 ) -> None:
-    async with real_master(tmp_path, bridge) as address:
+    async with served_service(tmp_path, bridge) as (_, address):
         peer = await trio.run_process(
             [sys.executable, str(EVIL_PEER), f"{address.host}:{address.port}"],
             capture_stdout=True,
@@ -269,7 +250,7 @@ async def _every_call(bridge: Bridge, address: Address) -> dict[str, BaseExcepti
 async def test_every_method_answers_a_bug_as_internal_with_an_op_id(bridge: Bridge) -> None:
     backend = ScriptedBackend({name: RuntimeError(f"bug in {name}") for name in BACKEND_METHODS})
     with master_log() as log:
-        async with served(backend, bridge) as address:
+        async with served(bridge, backend) as address:
             raised = await _every_call(bridge, address)
     lines = log.getvalue()
     assert set(raised) == set(BACKEND_METHODS)
@@ -292,7 +273,7 @@ async def test_typed_errors_reach_the_client_typed(bridge: Bridge) -> None:
     }
     fail["apply"] = StaleGenerationError("moved on", details=["expected 3, is 4"])
     fail["fleet_status"] = UnavailableError("the store is not answering")
-    async with served(ScriptedBackend(fail), bridge) as address:
+    async with served(bridge, ScriptedBackend(fail)) as address:
         raised = await _every_call(bridge, address)
     for name, exc in raised.items():
         assert type(exc) is type(fail[name]), (name, exc)
@@ -304,7 +285,7 @@ async def test_a_worker_refusing_a_push_answers_typed(bridge: Bridge) -> None:
     """``Node.push`` answers its error as data too: the master's push raises
     the worker's typed error, not a remote failure."""
     backend = ScriptedBackend({})
-    async with served(backend, bridge) as address:
+    async with served(bridge, backend) as address:
         session = await CapnpMasterDialer(bridge, address).connect(WorkerInfo("host-a"), _ignore)
         try:
             (node,) = backend.nodes
