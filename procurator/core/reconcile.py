@@ -14,7 +14,8 @@ Two layers:
   reacting to new input.
 
 Failures are state, not sleeps: a ``TemporaryError`` records ``not_before``
-(exponential backoff per VM) and the loop wakes for it; a ``PermanentError``
+(the worker's one retry policy, ``procurator.core.backoff``, per VM and
+desired entry) and the loop wakes for it; a ``PermanentError``
 parks the VM as failed until its desired entry changes (new hash, power or
 image) and is reported once as a ``failed`` event naming the reason.
 ``observed_generation`` is the newest generation every VM of which is
@@ -40,7 +41,7 @@ from typing import Protocol
 
 import trio
 
-from procurator.core.backoff import RestartPolicy
+from procurator.core.backoff import RestartPolicy, RestartState
 from procurator.core.errors import PermanentError, TemporaryError
 from procurator.core.models import (
     Assignment,
@@ -167,8 +168,11 @@ class _Failure:
     key: tuple[str, PowerState, str] | None  # desired entry it failed for; None: removal
     message: str
     permanent: bool
-    attempts: int
-    not_before: float
+    backoff: RestartState  # the retries of this entry (procurator.core.backoff)
+
+    @property
+    def not_before(self) -> float:
+        return self.backoff.not_before
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,14 +388,12 @@ class Reconciler:
         previous = self._failures.get(action.vm_id)
         key = _key(action.desired)
         news = previous is None or previous.key != key or previous.permanent != permanent
-        attempts = previous.attempts + 1 if previous is not None and previous.key == key else 1
-        wait = max(delay, self.retry.delay(attempts))
+        history = previous.backoff if previous is not None and previous.key == key else None
+        now = trio.current_time()
+        backoff = (history or RestartState()).failed(self.retry, now, at_least=delay)
+        wait = backoff.not_before - now
         self._failures[action.vm_id] = _Failure(
-            key=key,
-            message=message,
-            permanent=permanent,
-            attempts=attempts,
-            not_before=trio.current_time() + wait,
+            key=key, message=message, permanent=permanent, backoff=backoff
         )
         if not permanent:
             log.info(

@@ -11,7 +11,8 @@ Invariants:
   ready at once (``task_status.started()`` does not wait for the first
   registration: a worker restarting during a master outage must go on
   running its VMs) and then reconnects forever with exponential backoff plus
-  jitter. ``wait_connected`` is there for whoever needs the master.
+  jitter: the worker's one retry policy (``procurator.core.backoff``), built
+  from ``LinkSettings``. ``wait_connected`` is there for whoever needs the master.
 - **Assignments are delivered newest-first, serially, latest-wins.** Pushes
   and pulls both feed one slot; an assignment whose generation is not newer
   than the newest seen is ignored (pushes may arrive late or twice); the
@@ -51,6 +52,7 @@ from typing import Protocol, TypeVar
 
 import trio
 
+from procurator.core.backoff import RestartPolicy, RestartState
 from procurator.core.errors import (
     PermanentError,
     ProcuratorError,
@@ -145,6 +147,13 @@ class MasterLink:
         self.info = info
         self._on_assignment = on_assignment
         self.settings = settings or LinkSettings()
+        s = self.settings
+        self._reconnect = RestartPolicy(
+            initial_delay=s.backoff_initial,
+            multiplier=s.backoff_multiplier,
+            max_delay=s.backoff_max,
+            jitter=s.jitter,
+        )
         self._rng = rng or random.Random()
         # Assignments: newest generation seen, slot for the deliverer.
         self._newest_generation = initial_generation
@@ -274,21 +283,22 @@ class MasterLink:
     # ------------------------------------------------------------ connection
 
     def _backoff(self, failures: int) -> float:
-        s = self.settings
-        delay = min(s.backoff_max, s.backoff_initial * s.backoff_multiplier ** max(0, failures - 1))
-        return max(0.0, delay * self._rng.uniform(1 - s.jitter, 1 + s.jitter))
+        """Seconds to wait after ``failures`` failures in a row (jittered)."""
+        return self._reconnect.delay(failures, draw=self._rng.random())
 
     async def _connect_forever(self) -> None:
-        failures = 0
+        retries = RestartState()
         while True:
             try:
                 with trio.fail_after(self.settings.call_timeout):
                     session = await self._dialer.connect(self.info, self._on_push)
             except (ProcuratorError, trio.TooSlowError) as exc:
-                failures += 1
-                await self._after_connect_failure(exc, failures)
+                retries = retries.failed(
+                    self._reconnect, trio.current_time(), draw=self._rng.random()
+                )
+                await self._after_connect_failure(exc, retries)
                 continue
-            failures = 0
+            retries = RestartState()
             self.connects += 1
             try:
                 await self._serve(session)
@@ -305,8 +315,9 @@ class MasterLink:
             # A session that worked: reconnect soon, but not in a tight loop.
             await trio.sleep(self._backoff(1))
 
-    async def _after_connect_failure(self, exc: Exception, failures: int) -> None:
-        delay = self._backoff(failures)
+    async def _after_connect_failure(self, exc: Exception, retries: RestartState) -> None:
+        failures = retries.failures
+        delay = retries.wait(trio.current_time())
         if isinstance(exc, PermanentError):
             # Retrying cannot help until someone changes the master or this
             # worker; keep trying, slowly, rather than give up on the VMs.

@@ -1,4 +1,5 @@
-"""The pure restart policy, driven with a fake clock (plain numbers)."""
+"""The pure retry policy (VM restarts, reconcile retries, reconnects), driven
+with a fake clock (plain numbers)."""
 
 from __future__ import annotations
 
@@ -66,6 +67,24 @@ def test_reset_and_stop_clear_the_wait() -> None:
     assert state.stopped().started_at is None
 
 
+def test_jitter_spreads_each_delay_around_itself() -> None:
+    policy = RestartPolicy(initial_delay=2.0, max_delay=60.0, jitter=0.25)
+    assert policy.delay(3, draw=0.0) == 6.0  # 8 s, 25 % early
+    assert policy.delay(3, draw=0.5) == 8.0  # the middle: the delay itself
+    assert policy.delay(3, draw=1.0) == 10.0  # 25 % late
+    assert POLICY.delay(3, draw=0.0) == POLICY.delay(3) == 4.0  # no jitter: no spread
+
+
+def test_a_failure_waits_at_least_what_it_asked_for() -> None:
+    # A store that says "come back in 30 s" is not asked again after 1 s.
+    state = RestartState().failed(POLICY, 100.0, at_least=30.0)
+    assert state.not_before == 130.0
+    # A longer backoff wins over a shorter request.
+    state = crash_repeatedly(RestartState(), 6, now=0.0, ran_for=1.0)
+    later = state.failed(POLICY, 1000.0, at_least=1.0)
+    assert later.not_before == 1000.0 + POLICY.delay(7)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -74,6 +93,8 @@ def test_reset_and_stop_clear_the_wait() -> None:
         {"multiplier": 0.5},
         {"stable_after": -1.0},
         {"crash_loop_after": 0},
+        {"jitter": 1.0},
+        {"jitter": -0.1},
     ],
 )
 def test_policy_rejects_nonsense(kwargs: dict[str, float]) -> None:
