@@ -58,13 +58,8 @@ from procurator.rpc.messages import (
     parse_address,
 )
 from procurator.rpc.tls import ENV_CA, ENV_CERT, ENV_KEY, TlsFiles, require_secure, server_context
-from procurator.worker.daemon import (
-    AssignmentHandler,
-    StatusPublisher,
-    WorkerConfig,
-    run_worker,
-)
-from procurator.worker.runtime import DRIVERS, ReconcilingHandler, RuntimeOptions, resolve_driver
+from procurator.worker.daemon import WorkerConfig, run_worker
+from procurator.worker.runtime import DRIVERS, RuntimeOptions, handler_factory, resolve_driver
 
 __all__ = ["MasterConfig", "main", "run_master", "run_worker_process"]
 
@@ -187,20 +182,8 @@ async def run_worker_process(
     ``insecure``."""
     async with open_bridge() as bridge:
         dialer = CapnpMasterDialer(bridge, config.master, tls=tls, insecure=insecure)
-        if options is None:
-            await run_worker(config, dialer, task_status=task_status)
-            return
-        runtime = options
-
-        def reconciling(cfg: WorkerConfig, publisher: StatusPublisher) -> AssignmentHandler:
-            return ReconcilingHandler(
-                worker_id=cfg.worker_id,
-                state_dir=cfg.state_dir,
-                options=runtime,
-                publisher=publisher,
-            )
-
-        await run_worker(config, dialer, handler_factory=reconciling, task_status=task_status)
+        factory = handler_factory(options)
+        await run_worker(config, dialer, handler_factory=factory, task_status=task_status)
 
 
 async def _until_signalled(daemon: Any, config: Any) -> None:

@@ -1,10 +1,12 @@
 """The worker daemon: its configuration and its composition.
 
-For now the worker is its link to the master (``MasterLink``) plus an
-``AssignmentHandler``. The real reconciler (VmManager, network, Nix) plugs
-in through ``run_worker(..., handler_factory=...)``; until then
-``PlaceholderHandler`` records every assignment and reports
-``observedGeneration = assignment.generation`` with every VM ``pending``.
+A worker is its link to the master (``MasterLink``) plus an
+``AssignmentHandler`` that turns assignments into VMs: ``run_worker(config,
+dialer, handler_factory=...)`` wires the two. The ``procurator worker``
+command passes ``procurator.worker.runtime.ReconcilingHandler`` (VmManager,
+network, Nix). ``RecordingHandler`` runs no VM at all: it records every
+assignment and reports it observed, for tests of the link and the master
+that need a real worker process but no VMs.
 
 The connection to the master is injected (``MasterDialer``): the worker
 package knows no RPC library; the ``procurator worker`` command builds a
@@ -38,7 +40,7 @@ from procurator.worker.link import LinkSettings, MasterDialer, MasterLink
 
 __all__ = [
     "AssignmentHandler",
-    "PlaceholderHandler",
+    "RecordingHandler",
     "StatusPublisher",
     "WorkerConfig",
     "run_worker",
@@ -107,9 +109,9 @@ class AssignmentHandler(Protocol):
 HandlerFactory = Callable[[WorkerConfig, StatusPublisher], AssignmentHandler]
 
 
-class PlaceholderHandler:
-    """Stands in for the reconciler: records each assignment and reports it
-    as observed with every VM ``pending``."""
+class RecordingHandler:
+    """Runs no VM: records each assignment and reports it as observed with
+    every VM ``pending`` (see the module docstring)."""
 
     def __init__(self, config: WorkerConfig, publisher: StatusPublisher) -> None:
         self._worker_id = config.worker_id
@@ -138,7 +140,7 @@ async def run_worker(
     config: WorkerConfig,
     dialer: MasterDialer,
     *,
-    handler_factory: HandlerFactory = PlaceholderHandler,
+    handler_factory: HandlerFactory,
     task_status: trio.TaskStatus[MasterLink] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the worker until cancelled. ``task_status.started`` gets the link
