@@ -33,7 +33,8 @@ from typing import Any
 
 import trio
 
-from procurator.core.confinement import HostSide
+from procurator.core.confinement import Confined, HostSide
+from procurator.core.vmdef import VmDefinition
 from procurator.nix.image import ImageManager, PreparedImage
 from procurator.nix.store import NixStore
 from procurator.rpc.bridge import open_bridge
@@ -113,8 +114,9 @@ class NullImages(ImageManager):
         on_realise: Callable[[], None] | None = None,
     ) -> PreparedImage:
         config = {"payload": {"kernel": f"{store_path}/vmlinux"}}
+        definition = VmDefinition.from_vm_config(config)
         return PreparedImage(
-            store_path=store_path, config=config, disks=(), net_tunables={}, fresh=False
+            store_path=store_path, confined=Confined(definition, ()), disks=(), fresh=False
         )
 
 

@@ -2,27 +2,33 @@
 
 An image is untrusted input. Whoever can push a store path to the fleet
 writes its ``vm-config.json``, a cloud-hypervisor ``VmConfig`` that the VMM,
-running as root on the worker, will obey. This module turns such a config
-into one that is safe to hand to the VMM, or refuses it with *every* problem
-listed (one line each, naming the key), so a hostile or broken image fails
-its own VM with a clear message and touches nothing else.
+running as root on the worker, will obey. This module reads such a config
+into a typed ``VmDefinition`` (``procurator.core.vmdef``, the one place the
+schema is written down) that is safe to hand to a VMM, or refuses it with
+*every* problem listed (one line each, naming the key), so a hostile or
+broken image fails its own VM with a clear message and touches nothing else.
 
-Invariants of a config returned by :func:`confine`:
+Invariants of a definition returned by :func:`confine`:
 
 - Every host path it names is either inside the image's closure (symlinks
   resolved by the caller, the resolved path is what the VMM gets, so a
   symlink cannot be swapped in between) or one the worker chose: the VM's
-  writable disk copies, the serial file and the net entry.
+  writable disk copies and the serial file.
 - It names no host device, socket or file descriptor: VFIO ``devices``,
   ``user_devices``, ``vdpa``, ``fs``, ``pmem``, ``generic_vhost_user``,
   ``vsock``, ``tpm``, vhost-user disks/NICs, serial/console files and
-  sockets, taps, MACs and addresses are refused or overwritten.
-- Only keys this module knows are passed through (an allow-list, not a
-  deny-list: a key added in a future cloud-hypervisor release is refused
-  until someone decides it is harmless).
+  sockets, taps, MACs and addresses are refused.
+- Only what the definition's dataclasses name is passed through (an
+  allow-list, not a deny-list: a key added in a future cloud-hypervisor
+  release is refused until someone adds it to ``vmdef`` and decides it is
+  harmless).
 - ``payload`` is present and names a kernel or firmware; vCPUs and memory
   lie within the worker's limits; devices have stable ids (``disk0``,
   ``net0``...) so the VMM's counters keep their names across restarts.
+- It has no NIC: the worker takes the VM's tap and address only once the
+  image is accepted, and adds them with :func:`attach_nic` (the image's NIC
+  tunables wait in ``Confined.nic_tuning``), so a refused image takes
+  neither.
 
 Resolving symlinks needs I/O, which the core does not do, so confinement is
 two pure steps around one impure one::
@@ -37,14 +43,34 @@ three components (``/nix/store/<hash>-<name>``) name a member of the closure.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import posixpath
 from collections.abc import Mapping, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from procurator.core.errors import ValidationError
 from procurator.core.validation import LIMITS, STORE_DIR
+from procurator.core.vmdef import (
+    Balloon,
+    Console,
+    Cpus,
+    Disk,
+    Memory,
+    Nic,
+    NicTuning,
+    Payload,
+    PciSegment,
+    Platform,
+    RateLimitGroup,
+    Rng,
+    Rtc,
+    VmDefinition,
+    json_type,
+    read_list,
+    read_section,
+)
 
 __all__ = [
     "ALLOWED_KEYS",
@@ -61,9 +87,6 @@ __all__ = [
 ]
 
 MIB = 1 << 20
-# cloud-hypervisor's defaults when a config leaves cpus/memory out.
-_DEFAULT_VCPUS = 1
-_DEFAULT_MEMORY = 512 * MIB
 _CONSOLE_MODES = ("Off", "Null")
 _RNG_SOURCES = ("/dev/urandom", "/dev/random")
 _IMAGE_TYPES = ("Raw", "Qcow2", "Vhdx", "FixedVhd")
@@ -107,19 +130,15 @@ class ImageLimits:
 
 @dataclass(frozen=True, slots=True)
 class HostSide:
-    """Everything host-facing the worker decides for one VM.
+    """What the worker decides for one VM before its image is read.
 
-    ``net``: the VM's net entry (tap, MAC, ...) from the network adapter, or
-    None: a VM without network, or one whose NIC :func:`attach_nic` adds
-    once the image is accepted. ``cmdline_extra``: appended to the
-    image's kernel command line (the kernel takes the last of repeated
-    parameters, so the worker's win). ``serial_file``: where the serial port
-    is written (None: no serial port). ``vcpus`` / ``memory_mib``: the
-    assignment's overrides, 0 for "as the image says".
+    ``serial_file``: where the serial port is written (None: no serial
+    port). ``console_mode``: the virtio console's mode. ``vcpus`` /
+    ``memory_mib``: the assignment's overrides, 0 for "as the image says".
+    The NIC is not here: it is attached to an accepted image
+    (:func:`attach_nic`).
     """
 
-    net: Mapping[str, Any] | None = None
-    cmdline_extra: str = ""
     serial_file: str | None = None
     console_mode: str = "Off"
     vcpus: int = 0
@@ -146,18 +165,22 @@ class DiskCopy:
 
 @dataclass(frozen=True, slots=True)
 class Confined:
-    """A safe config, and the disk copies it relies on. ``net_tunables``:
-    the image's checked ``net[0]`` tunables (empty when it names none), for
-    :func:`attach_nic` when the NIC is attached after confinement."""
+    """A safe definition (without NIC), the disk copies it relies on, and
+    the image's checked NIC tunables for :func:`attach_nic`."""
 
-    config: dict[str, Any]
+    definition: VmDefinition
     copies: tuple[DiskCopy, ...]
-    net_tunables: dict[str, Any]
+    nic_tuning: NicTuning = field(default_factory=NicTuning)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The definition as the cloud-hypervisor ``VmConfig`` JSON."""
+        return self.definition.to_vm_config()
 
 
 # ------------------------------------------------------------------ the rules
 #
-# Each section: the keys passed through (with their JSON type), and the keys
+# What a section may hold is its ``vmdef`` dataclass; here are the keys
 # refused with the reason an operator reads. A key in neither is unknown.
 
 _HOST_SOCKET = "reaches a host socket; the worker does not offer vhost-user devices"
@@ -178,32 +201,15 @@ _REFUSED_TOP: dict[str, str] = {
     "landlock_enable": "the VMM's sandbox is the worker's to configure",
     "landlock_rules": "the VMM's sandbox is the worker's to configure",
 }
-
-_PAYLOAD = {"kernel": str, "initramfs": str, "firmware": str, "cmdline": str}
 _PAYLOAD_REFUSED = {
     "igvm": "IGVM payloads (confidential guests) are not offered by the worker",
     "host_data": "host data (confidential guests) is not offered by the worker",
-}
-_CPUS = {
-    "boot_vcpus": int,
-    "max_vcpus": int,
-    "topology": dict,
-    "kvm_hyperv": bool,
-    "max_phys_bits": int,
-    "nested": bool,
 }
 _CPUS_REFUSED = {
     "affinity": "pins vCPUs to host CPUs; CPU placement is the worker's",
     "core_scheduling": "core scheduling is the worker's to configure",
     "features": "host CPU features (AMX) are the worker's to grant",
 }
-_TOPOLOGY = {
-    "threads_per_core": int,
-    "cores_per_die": int,
-    "dies_per_package": int,
-    "packages": int,
-}
-_MEMORY = {"size": int, "mergeable": bool, "shared": bool, "thp": bool, "prefault": bool}
 _NO_HOTPLUG = "memory hotplug is not offered: the worker budgets memory.size"
 _MEMORY_REFUSED = {
     "hotplug_size": _NO_HOTPLUG,
@@ -214,42 +220,14 @@ _MEMORY_REFUSED = {
     "hugepage_size": "huge pages are a host resource the worker does not grant",
     "reserve": "memory reservation is the worker's to configure",
 }
-_DISK = {
-    "path": str,
-    "readonly": bool,
-    "direct": bool,
-    "iommu": bool,
-    "num_queues": int,
-    "queue_size": int,
-    "id": str,
-    "serial": str,
-    "rate_limiter_config": dict,
-    "rate_limit_group": str,
-    "pci_segment": int,
-    "pci_device_id": int,
-    "image_type": str,
-    "sparse": bool,
-    "lock_granularity": str,
-    "backing_files": bool,
-    "vhost_user": bool,
-}
 _DISK_REFUSED = {
     "vhost_socket": _HOST_SOCKET,
     "queue_affinity": "pins queues to host CPUs; CPU placement is the worker's",
 }
-_NET = {
-    "num_queues": int,
-    "queue_size": int,
-    "mtu": int,
-    "iommu": bool,
-    "id": str,
-    "pci_segment": int,
-    "pci_device_id": int,
-    "rate_limiter_config": dict,
-    "offload_tso": bool,
-    "offload_ufo": bool,
-    "offload_csum": bool,
-    "vhost_user": bool,
+# Refused when true; false (the default) is accepted and dropped.
+_DISK_REFUSED_IF_TRUE = {
+    "vhost_user": _HOST_SOCKET,
+    "backing_files": "a backing file is a host path the worker cannot confine",
 }
 _NET_REFUSED = {
     "tap": _WORKER_NET,
@@ -261,34 +239,8 @@ _NET_REFUSED = {
     "vhost_socket": _HOST_SOCKET,
     "vhost_mode": _HOST_SOCKET,
 }
-_RNG = {"src": str, "iommu": bool, "id": str, "pci_segment": int, "pci_device_id": int}
-_BALLOON = {
-    "size": int,
-    "deflate_on_oom": bool,
-    "free_page_reporting": bool,
-    "id": str,
-    "iommu": bool,
-    "pci_segment": int,
-    "pci_device_id": int,
-}
-_RTC = {"id": str, "iommu": bool, "pci_segment": int, "pci_device_id": int}
-_CONSOLE = {"mode": str, "iommu": bool, "id": str, "pci_segment": int, "pci_device_id": int}
+_NET_REFUSED_IF_TRUE = {"vhost_user": _HOST_SOCKET}
 _CONSOLE_REFUSED = {"file": _WORKER_CONSOLE, "socket": _WORKER_CONSOLE}
-_SERIAL = {"mode": str}
-_PLATFORM = {
-    "num_pci_segments": int,
-    "system_serial_number": str,
-    "serial_number": str,
-    "system_uuid": str,
-    "uuid": str,
-    "oem_strings": list,
-    "system_manufacturer": str,
-    "system_product_name": str,
-    "system_version": str,
-    "system_family": str,
-    "system_sku_number": str,
-    "chassis_asset_tag": str,
-}
 _NO_CONFIDENTIAL = "confidential guests need host support the worker does not offer"
 _NO_IOMMU_PLUMBING = "IOMMU/VFIO plumbing serves host devices, which images may not use"
 _PLATFORM_REFUSED = {
@@ -299,31 +251,18 @@ _PLATFORM_REFUSED = {
     "iommu_segments": _NO_IOMMU_PLUMBING,
     "iommu_address_width_bits": _NO_IOMMU_PLUMBING,
 }
-_RATE_LIMITER = {"bandwidth": dict, "ops": dict}
-_TOKEN_BUCKET = {"size": int, "one_time_burst": int, "refill_time": int}
-_RATE_LIMIT_GROUP = {"id": str, "rate_limiter_config": dict}
-_PCI_SEGMENT = {"pci_segment": int, "mmio32_aperture_weight": int, "mmio64_aperture_weight": int}
 
 #: Top-level keys an image may use (everything else is refused).
-ALLOWED_KEYS: tuple[str, ...] = (
-    "payload",
-    "cpus",
-    "memory",
-    "disks",
-    "net",
-    "rng",
-    "balloon",
-    "serial",
-    "console",
-    "rtc",
-    "platform",
-    "rate_limit_groups",
-    "pci_segments",
-    "iommu",
-    "watchdog",
-    "pvpanic",
-)
+ALLOWED_KEYS: tuple[str, ...] = VmDefinition.KEYS
 _TOP_BOOLS = ("iommu", "watchdog", "pvpanic")
+
+
+@dataclass(frozen=True, slots=True)
+class _ImageSerial:
+    """The serial section an image may write: its mode, which the worker
+    overwrites anyway (only so that a VmConfig naming it is not refused)."""
+
+    mode: str | None = None
 
 
 # ---------------------------------------------------------------- public API
@@ -354,8 +293,8 @@ def confine(
     host: HostSide,
     disk_dir: str,
 ) -> Confined:
-    """Return the safe config for one VM, or raise ``ValidationError`` whose
-    ``details`` list every problem, one line each, naming its key.
+    """Return the safe definition of one VM, or raise ``ValidationError``
+    whose ``details`` list every problem, one line each, naming its key.
 
     ``image_dir`` is the image's store path and ``closure`` its closure
     (``nix-store -qR``); ``resolved`` maps the lexical paths of
@@ -366,10 +305,40 @@ def confine(
     if not isinstance(config, Mapping):
         raise ValidationError(
             f"{image_dir}/vm-config.json is refused",
-            details=[f"the config must be a JSON object, not {_json_type(config)}"],
+            details=[f"the config must be a JSON object, not {json_type(config)}"],
         )
     paths = _PathChecker(image_dir, closure, resolved, problems)
+    _top_level(config, problems)
+    payload = _payload(config, paths, limits, problems)
+    cpus = _cpus(config, limits, host, problems)
+    memory = _memory(config, limits, host, problems)
+    disks, copies = _disks(config, paths, limits, disk_dir, problems)
+    nic_tuning = _nic_tuning(config, problems)
+    extras = _simple_sections(config, memory, problems)
+    if "serial" in config:  # only its mode may be named, and the worker sets it
+        read_section(_ImageSerial, config["serial"], "serial", problems, refused=_CONSOLE_REFUSED)
+    console = _console(config, host, problems)
 
+    if problems or payload is None:
+        raise ValidationError(
+            f"{image_dir}/vm-config.json is refused ({len(problems)} "
+            f"problem{'s' if len(problems) > 1 else ''})",
+            details=problems,
+        )
+    definition = VmDefinition(
+        payload=payload,
+        cpus=cpus,
+        memory=memory,
+        disks=disks,
+        serial_file=host.serial_file,
+        console=console,
+        **extras,
+    )
+    return Confined(definition=definition, copies=copies, nic_tuning=nic_tuning)
+
+
+def _top_level(config: Mapping[Any, Any], problems: list[str]) -> None:
+    """Problems with the config's top-level keys."""
     for key in config:
         if not isinstance(key, str):  # not from JSON, but a Mapping may hold anything
             problems.append(f"{key!r}: keys must be strings")
@@ -380,92 +349,51 @@ def confine(
                 f"{key}: unknown or not allowed; an image may use: {', '.join(ALLOWED_KEYS)}"
             )
 
-    out: dict[str, Any] = {}
-    out["payload"] = _payload(config, paths, limits, host, problems)
-    out["cpus"] = _cpus(config, limits, host, problems)
-    out["memory"] = _memory(config, limits, host, problems)
-    disks, copies = _disks(config, paths, limits, disk_dir, problems)
-    if disks:
-        out["disks"] = disks
-    tunables = _net_tunables(config, problems)
-    if host.net is not None:
-        out["net"] = [_nic_entry(tunables, host.net)]
-    _simple_sections(config, out, problems)
-    out["serial"] = (
-        {"mode": "File", "file": host.serial_file}
-        if host.serial_file is not None
-        else {"mode": "Off"}
-    )
-    console = _section(config, "console", _CONSOLE, _CONSOLE_REFUSED, problems) or {}
-    console.pop("mode", None)  # the worker's
-    out["console"] = {**console, "mode": host.console_mode}
-
-    if problems:
-        raise ValidationError(
-            f"{image_dir}/vm-config.json is refused ({len(problems)} "
-            f"problem{'s' if len(problems) > 1 else ''})",
-            details=problems,
-        )
-    return Confined(config=out, copies=copies, net_tunables=tunables)
-
 
 def attach_nic(
-    confined: Confined,
-    *,
-    net: Mapping[str, Any],
-    cmdline_extra: str,
-    limits: ImageLimits,
-) -> dict[str, Any]:
-    """The config of ``confined`` (made with ``HostSide.net`` None and no
-    ``cmdline_extra``) with the worker's NIC: the net entry (the image's
-    tunables under the worker's tap and MAC) and the kernel command line
-    additions. The worker confines an image before it takes a tap and an
-    address for it, so a refused image takes neither. Raises
-    ``ValidationError`` when the command line grows past the limit."""
+    confined: Confined, *, nic: Nic, cmdline_extra: str, limits: ImageLimits
+) -> VmDefinition:
+    """The definition of ``confined`` with the worker's NIC (its tap and MAC
+    over the image's tunables) and the kernel command line additions that
+    go with it (the guest's ``ip=``; the kernel takes the last of repeated
+    parameters, so the worker's win). Raises ``ValidationError`` when the
+    command line grows past the limit."""
     problems: list[str] = []
-    payload = dict(confined.config["payload"])
-    cmdline = _cmdline(payload.get("cmdline", ""), cmdline_extra, limits, problems)
+    cmdline = _cmdline(confined.definition.payload.cmdline or "", cmdline_extra, limits, problems)
     if problems:
         raise ValidationError("the VM's kernel command line is refused", details=problems)
-    if cmdline:
-        payload["cmdline"] = cmdline
-    return {**confined.config, "payload": payload, "net": [_nic_entry(confined.net_tunables, net)]}
+    return confined.definition.with_nic(
+        dataclasses.replace(nic, tuning=confined.nic_tuning), cmdline=cmdline or None
+    )
 
 
 # ------------------------------------------------------------------ sections
 
 
 def _payload(
-    config: Mapping[str, Any],
-    paths: _PathChecker,
-    limits: ImageLimits,
-    host: HostSide,
-    problems: list[str],
-) -> dict[str, Any]:
+    config: Mapping[str, Any], paths: _PathChecker, limits: ImageLimits, problems: list[str]
+) -> Payload | None:
     if "payload" not in config:
         problems.append("payload: required (a kernel or firmware to boot)")
-        return {}
-    payload = _section(config, "payload", _PAYLOAD, _PAYLOAD_REFUSED, problems)
+        return None
+    payload = read_section(
+        Payload, config["payload"], "payload", problems, refused=_PAYLOAD_REFUSED
+    )
     if payload is None:
-        return {}
-    if "kernel" not in payload and "firmware" not in payload:
+        return None
+    if payload.kernel is None and payload.firmware is None:
         problems.append("payload: names neither a kernel nor a firmware")
-    for key in ("kernel", "initramfs", "firmware"):
-        if key in payload:
-            real = paths.check(f"payload.{key}", payload[key])
-            if real is not None:
-                payload[key] = real
-    cmdline = _cmdline(payload.get("cmdline", ""), host.cmdline_extra, limits, problems)
-    if cmdline:
-        payload["cmdline"] = cmdline
-    else:
-        payload.pop("cmdline", None)
-    return payload
+    real = {
+        key: paths.check(f"payload.{key}", getattr(payload, key))
+        for key in ("kernel", "initramfs", "firmware")
+        if getattr(payload, key) is not None
+    }
+    cmdline = _cmdline(payload.cmdline or "", "", limits, problems)
+    return dataclasses.replace(payload, **real, cmdline=cmdline or None)
 
 
 def _cmdline(image: str, extra: str, limits: ImageLimits, problems: list[str]) -> str:
-    """The image's kernel command line with the worker's additions (which
-    come last: the kernel takes the last of repeated parameters)."""
+    """The image's kernel command line with the worker's additions last."""
     cmdline = " ".join(p.strip() for p in (image, extra) if p.strip())
     if "\x00" in cmdline:
         problems.append("payload.cmdline: must not contain NUL characters")
@@ -479,14 +407,11 @@ def _cmdline(image: str, extra: str, limits: ImageLimits, problems: list[str]) -
 
 def _cpus(
     config: Mapping[str, Any], limits: ImageLimits, host: HostSide, problems: list[str]
-) -> dict[str, Any]:
-    cpus = _section(config, "cpus", _CPUS, _CPUS_REFUSED, problems) or {}
-    if "topology" in cpus:
-        cpus["topology"] = _section(
-            cpus, "topology", _TOPOLOGY, {}, problems, where="cpus.topology"
-        )
-    boot = cpus.get("boot_vcpus", _DEFAULT_VCPUS)
-    most = cpus.get("max_vcpus", boot)
+) -> Cpus:
+    raw = config.get("cpus", {})
+    cpus = read_section(Cpus, raw, "cpus", problems, refused=_CPUS_REFUSED) or Cpus()
+    boot = cpus.boot_vcpus
+    most = cpus.max_vcpus if isinstance(raw, Mapping) and "max_vcpus" in raw else boot
     for key, value in (("boot_vcpus", boot), ("max_vcpus", most)):
         if value < 1:
             problems.append(f"cpus.{key}: {value} is below 1")
@@ -501,16 +426,17 @@ def _cpus(
                 f"cpus.{key}: {value}{origin} exceeds this worker's limit of "
                 f"{limits.max_vcpus} vCPUs"
             )
-    cpus["boot_vcpus"], cpus["max_vcpus"] = boot, most
-    return cpus
+    return dataclasses.replace(cpus, boot_vcpus=boot, max_vcpus=most)
 
 
 def _memory(
     config: Mapping[str, Any], limits: ImageLimits, host: HostSide, problems: list[str]
-) -> dict[str, Any]:
-    memory = _section(config, "memory", _MEMORY, _MEMORY_REFUSED, problems) or {}
-    size = memory.get("size", _DEFAULT_MEMORY)
-    origin = ""
+) -> Memory:
+    memory = (
+        read_section(Memory, config.get("memory", {}), "memory", problems, refused=_MEMORY_REFUSED)
+        or Memory()
+    )
+    size, origin = memory.size, ""
     if host.memory_mib:
         size, origin = host.memory_mib * MIB, " (the assignment's override)"
     if size < limits.min_memory_mib * MIB:
@@ -522,8 +448,7 @@ def _memory(
             f"memory.size: {size} bytes{origin} exceeds this worker's limit of "
             f"{limits.max_memory_mib} MiB"
         )
-    memory["size"] = size
-    return memory
+    return dataclasses.replace(memory, size=size)
 
 
 def _disks(
@@ -532,214 +457,134 @@ def _disks(
     limits: ImageLimits,
     disk_dir: str,
     problems: list[str],
-) -> tuple[list[dict[str, Any]], tuple[DiskCopy, ...]]:
+) -> tuple[tuple[Disk, ...], tuple[DiskCopy, ...]]:
     entries = _list(config, "disks", problems)
     if len(entries) > limits.max_disks:
         problems.append(f"disks: {len(entries)} disks; the limit is {limits.max_disks}")
-        return [], ()
-    disks: list[dict[str, Any]] = []
+        return (), ()
+    disks: list[Disk] = []
     copies: list[DiskCopy] = []
-    for i, entry in enumerate(entries):
+    for i, raw in enumerate(entries):
         where = f"disks[{i}]"
-        disk = _section({where: entry}, where, _DISK, _DISK_REFUSED, problems)
+        entry = _refuse_if_true(raw, where, _DISK_REFUSED_IF_TRUE, problems)
+        # An image's disk id is accepted and replaced: the worker names devices.
+        disk = read_section(Disk, entry, where, problems, refused=_DISK_REFUSED)
         if disk is None:
             continue
-        _rate_limiter(disk, where, problems)
-        if disk.get("vhost_user"):
-            problems.append(f"{where}.vhost_user: refused: {_HOST_SOCKET}")
-        if disk.get("backing_files"):
-            problems.append(
-                f"{where}.backing_files: refused: a backing file is a host path the "
-                "worker cannot confine"
-            )
-        _enum(disk, where, "image_type", _IMAGE_TYPES, problems)
-        _enum(disk, where, "lock_granularity", _LOCK_GRANULARITIES, problems)
-        if "path" not in disk:
-            if "path" not in entry:  # else it was ill-typed, and already reported
-                problems.append(f"{where}.path: required")
-            continue
-        real = paths.check(f"{where}.path", disk["path"], max_size=limits.max_disk_bytes)
-        disk["id"] = f"disk{i}"
+        _enum(disk.image_type, f"{where}.image_type", _IMAGE_TYPES, problems)
+        _enum(disk.lock_granularity, f"{where}.lock_granularity", _LOCK_GRANULARITIES, problems)
+        real = paths.check(f"{where}.path", disk.path, max_size=limits.max_disk_bytes)
         if real is None:
             continue
-        if disk.get("readonly", False):
-            disk["path"] = real  # the store is read-only anyway
+        if disk.readonly:
+            path = real  # the store is read-only anyway
         else:
-            target = f"{disk_dir}/disk{i}.img"
-            copies.append(DiskCopy(index=i, source=real, target=target))
-            disk["path"] = target
-        disks.append(disk)
-    return disks, tuple(copies)
+            path = f"{disk_dir}/disk{i}.img"
+            copies.append(DiskCopy(index=i, source=real, target=path))
+        disks.append(dataclasses.replace(disk, path=path, id=f"disk{i}"))
+    return tuple(disks), tuple(copies)
 
 
-def _net_tunables(config: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
-    """The image's checked net[0] tunables. Without a worker-made tap
-    (``HostSide.net`` None, no :func:`attach_nic`) the VM gets no NIC at
-    all, whatever the image asked: cloud-hypervisor would create a host tap
-    itself."""
+def _nic_tuning(config: Mapping[str, Any], problems: list[str]) -> NicTuning:
+    """The image's checked net[0] tunables. The VM gets a NIC only through
+    :func:`attach_nic` (a worker-made tap): without one, cloud-hypervisor
+    would create a host tap itself."""
     entries = _list(config, "net", problems)
     if len(entries) > 1:
         problems.append(f"net: {len(entries)} entries; the worker gives each VM one NIC")
-        return {}
-    tunables: dict[str, Any] = {}
-    if entries:
-        tunables = _section({"net[0]": entries[0]}, "net[0]", _NET, _NET_REFUSED, problems) or {}
-        _rate_limiter(tunables, "net[0]", problems)
-        if tunables.get("vhost_user"):
-            problems.append(f"net[0].vhost_user: refused: {_HOST_SOCKET}")
-    return tunables
+        return NicTuning()
+    if not entries:
+        return NicTuning()
+    entry = _refuse_if_true(entries[0], "net[0]", _NET_REFUSED_IF_TRUE, problems)
+    if isinstance(entry, Mapping) and "id" in entry:  # accepted, and replaced by net0
+        if not isinstance(entry["id"], str):
+            problems.append(f"net[0].id: must be a string, not {json_type(entry['id'])}")
+        entry = {k: v for k, v in entry.items() if k != "id"}
+    tuning = read_section(NicTuning, entry, "net[0]", problems, refused=_NET_REFUSED)
+    return tuning if tuning is not None else NicTuning()
 
 
-def _nic_entry(tunables: Mapping[str, Any], net: Mapping[str, Any]) -> dict[str, Any]:
-    return {**tunables, **net, "id": "net0"}
+def _console(config: Mapping[str, Any], host: HostSide, problems: list[str]) -> Console:
+    raw = config.get("console", {})
+    if isinstance(raw, Mapping):
+        raw = {k: v for k, v in raw.items() if k != "mode"}  # the worker's
+    console = read_section(Console, raw, "console", problems, refused=_CONSOLE_REFUSED)
+    return dataclasses.replace(console or Console(), mode=host.console_mode)
 
 
-def _simple_sections(config: Mapping[str, Any], out: dict[str, Any], problems: list[str]) -> None:
-    rng = _section(config, "rng", _RNG, {}, problems)
-    if rng is not None:
-        if rng.get("src") not in _RNG_SOURCES:
+def _simple_sections(
+    config: Mapping[str, Any], memory: Memory, problems: list[str]
+) -> dict[str, Any]:
+    """The optional sections, by ``VmDefinition`` field name."""
+    out: dict[str, Any] = {}
+    if "rng" in config:
+        rng = read_section(Rng, config["rng"], "rng", problems)
+        if rng is not None and rng.src not in _RNG_SOURCES:
             problems.append(
-                f"rng.src: {_shown(rng.get('src'))} is not an entropy source the worker "
+                f"rng.src: {_shown(rng.src)} is not an entropy source the worker "
                 f"offers; use one of {', '.join(_RNG_SOURCES)}"
             )
         out["rng"] = rng
-    balloon = _section(config, "balloon", _BALLOON, {}, problems)
-    if balloon is not None:
-        if "size" not in balloon:
-            problems.append("balloon.size: required")
-        elif not 0 <= balloon["size"] <= out["memory"]["size"]:
+    if "balloon" in config:
+        balloon = read_section(Balloon, config["balloon"], "balloon", problems)
+        if balloon is not None and not 0 <= balloon.size <= memory.size:
             problems.append(
-                f"balloon.size: {balloon['size']} is not between 0 and memory.size "
-                f"({out['memory']['size']})"
+                f"balloon.size: {balloon.size} is not between 0 and memory.size ({memory.size})"
             )
         out["balloon"] = balloon
-    rtc = _section(config, "rtc", _RTC, {}, problems)
-    if rtc is not None:
-        out["rtc"] = rtc
-    platform = _section(config, "platform", _PLATFORM, _PLATFORM_REFUSED, problems)
-    if platform is not None:
-        strings = platform.get("oem_strings", [])
-        if not all(isinstance(s, str) for s in strings):
-            problems.append("platform.oem_strings: must be a list of strings")
-        out["platform"] = platform
-    for key, fields in (("rate_limit_groups", _RATE_LIMIT_GROUP), ("pci_segments", _PCI_SEGMENT)):
-        if key in config:
-            items = [
-                _section({f"{key}[{i}]": e}, f"{key}[{i}]", fields, {}, problems)
-                for i, e in enumerate(_list(config, key, problems))
-            ]
-            out[key] = [item for item in items if item is not None]
-    for i, group in enumerate(out.get("rate_limit_groups", [])):
-        _rate_limiter(group, f"rate_limit_groups[{i}]", problems)
+    if "rtc" in config:
+        out["rtc"] = read_section(Rtc, config["rtc"], "rtc", problems)
+    if "platform" in config:
+        out["platform"] = read_section(
+            Platform, config["platform"], "platform", problems, refused=_PLATFORM_REFUSED
+        )
+    if "rate_limit_groups" in config:
+        out["rate_limit_groups"] = read_list(
+            RateLimitGroup, config["rate_limit_groups"], "rate_limit_groups", problems
+        )
+    if "pci_segments" in config:
+        out["pci_segments"] = read_list(
+            PciSegment, config["pci_segments"], "pci_segments", problems
+        )
     for key in _TOP_BOOLS:
         if key in config:
             if isinstance(config[key], bool):
                 out[key] = config[key]
             else:
-                problems.append(f"{key}: must be a boolean, not {_json_type(config[key])}")
-    # serial: only its mode may be named, and the worker overwrites it.
-    _section(config, "serial", _SERIAL, _CONSOLE_REFUSED, problems)
+                problems.append(f"{key}: must be a boolean, not {json_type(config[key])}")
+    return out
 
 
 # ------------------------------------------------------------------- helpers
 
 
-def _section(
-    parent: Mapping[str, Any],
-    key: str,
-    fields: Mapping[str, type],
-    refused: Mapping[str, str],
-    problems: list[str],
-    *,
-    where: str | None = None,
-) -> dict[str, Any] | None:
-    """A copy of ``parent[key]`` holding only its well-typed allowed fields,
-    with a problem for each refused, unknown or ill-typed one; None when
-    the key is absent or not an object."""
-    if key not in parent:
-        return None
-    where = where or key
-    value = parent[key]
-    if not isinstance(value, Mapping):
-        problems.append(f"{where}: must be an object, not {_json_type(value)}")
-        return None
-    kept: dict[str, Any] = {}
-    for name, item in value.items():
-        if name in refused:
-            problems.append(f"{where}.{name}: refused: {refused[name]}")
-        elif name not in fields:
-            problems.append(
-                f"{where}.{name}: unknown or not allowed; allowed: {', '.join(fields) or 'none'}"
-            )
-        elif not _has_type(item, fields[name]):
-            problems.append(
-                f"{where}.{name}: must be {_TYPE_NAMES[fields[name]]}, not {_json_type(item)}"
-            )
-        else:
-            kept[name] = item
-    return kept
-
-
-def _rate_limiter(section: dict[str, Any], where: str, problems: list[str]) -> None:
-    """Replace ``section["rate_limiter_config"]`` by its checked copy."""
-    if "rate_limiter_config" not in section:
-        return
-    where = f"{where}.rate_limiter_config"
-    limiter = _section(section, "rate_limiter_config", _RATE_LIMITER, {}, problems, where=where)
-    for bucket in ("bandwidth", "ops"):
-        if limiter is not None and bucket in limiter:
-            limiter[bucket] = _section(
-                limiter, bucket, _TOKEN_BUCKET, {}, problems, where=f"{where}.{bucket}"
-            )
-    section["rate_limiter_config"] = limiter
+def _refuse_if_true(
+    entry: object, where: str, keys: Mapping[str, str], problems: list[str]
+) -> object:
+    """``entry`` without the ``keys`` an image may only set to false."""
+    if not isinstance(entry, Mapping):
+        return entry
+    for key, reason in keys.items():
+        if key not in entry:
+            continue
+        if not isinstance(entry[key], bool):
+            problems.append(f"{where}.{key}: must be a boolean, not {json_type(entry[key])}")
+        elif entry[key]:
+            problems.append(f"{where}.{key}: refused: {reason}")
+    return {k: v for k, v in entry.items() if k not in keys}
 
 
 def _list(parent: Mapping[str, Any], key: str, problems: list[str]) -> list[Any]:
     value = parent.get(key, [])
     if not isinstance(value, list):
-        problems.append(f"{key}: must be an array, not {_json_type(value)}")
+        problems.append(f"{key}: must be an array, not {json_type(value)}")
         return []
     return value
 
 
-def _enum(
-    section: dict[str, Any], where: str, key: str, allowed: tuple[str, ...], problems: list[str]
-) -> None:
-    if key in section and section[key] not in allowed:
-        problems.append(f"{where}.{key}: {_shown(section[key])} is not one of {', '.join(allowed)}")
-
-
-_TYPE_NAMES: dict[type, str] = {
-    str: "a string",
-    int: "an integer",
-    bool: "a boolean",
-    dict: "an object",
-    list: "an array",
-}
-
-
-def _has_type(value: object, wanted: type) -> bool:
-    if wanted is int:  # JSON has no separate bool/int, Python's bool is an int
-        return isinstance(value, int) and not isinstance(value, bool)
-    if wanted is dict:
-        return isinstance(value, Mapping)
-    return isinstance(value, wanted)
-
-
-def _json_type(value: object) -> str:
-    names: list[tuple[type | tuple[type, ...], str]] = [
-        (bool, "a boolean"),
-        (int, "an integer"),
-        (float, "a number"),
-        (str, "a string"),
-        (Mapping, "an object"),
-        ((list, tuple), "an array"),
-        (type(None), "null"),
-    ]
-    for kind, name in names:
-        if isinstance(value, kind):
-            return name
-    return type(value).__name__
+def _enum(value: str | None, where: str, allowed: tuple[str, ...], problems: list[str]) -> None:
+    if value is not None and value not in allowed:
+        problems.append(f"{where}: {_shown(value)} is not one of {', '.join(allowed)}")
 
 
 def _shown(value: object) -> str:
@@ -773,7 +618,7 @@ def _named_paths(config: object) -> list[tuple[str, object]]:
 
 def _path_syntax_problem(raw: object) -> str | None:
     if not isinstance(raw, str):
-        return f"must be a string, not {_json_type(raw)}"
+        return f"must be a string, not {json_type(raw)}"
     if not raw:
         return "must not be empty"
     if "\x00" in raw:

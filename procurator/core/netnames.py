@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from procurator.core.errors import LimitExceededError, ValidationError
+from procurator.core.vmdef import Nic
 
 __all__ = [
     "MAX_IFNAME",
@@ -259,8 +260,9 @@ class VmNic:
         <autoconf>``), with the VM id as hostname and the first NIC, eth0."""
         return f"ip={self.ip}::{self.gateway}:{self.netmask}:{self.vm_id}:eth0:off"
 
-    def net_config(self) -> dict[str, str]:
-        """The cloud-hypervisor ``VmConfig.net[]`` entry (OpenAPI ``NetConfig``).
+    def device(self) -> Nic:
+        """The VM's NIC for its definition (``VmConfig.net[]``, OpenAPI
+        ``NetConfig``).
 
         ``ip`` and ``mask`` are deliberately absent: in cloud-hypervisor they
         configure the *host* side of the tap (the VMM assigns them to a tap it
@@ -270,4 +272,4 @@ class VmNic:
         The tap is single-queue: ``num_queues`` must stay at its default (2,
         one queue pair), or the VMM refuses a non-multi-queue tap.
         """
-        return {"id": "net0", "tap": self.tap, "mac": self.mac, "host_mac": self.host_mac}
+        return Nic(tap=self.tap, mac=self.mac, host_mac=self.host_mac)

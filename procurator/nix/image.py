@@ -2,9 +2,11 @@
 
 ``ImageManager.prepare`` turns (VM id, image store path, what the worker
 decided for the VM) into a ``PreparedImage``: the image present and rooted,
-its ``vm-config.json`` confined (``procurator.core.confinement``), and the
-VM's writable disk copies in place. Every step is idempotent, so a prepare
-interrupted by a crash is simply called again.
+its ``vm-config.json`` confined into a typed ``VmDefinition``
+(``procurator.core.confinement``), and the VM's writable disk copies in
+place. The VM's NIC is attached afterwards (``attach_nic``), once the
+image is accepted: a refused image takes no tap and no address. Every step
+is idempotent, so a prepare interrupted by a crash is simply called again.
 
 State, all under ``state_dir`` (the worker's):
 
@@ -44,10 +46,9 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from procurator.core.confinement import (
     Confined,
@@ -63,6 +64,7 @@ from procurator.core.confinement import (
 )
 from procurator.core.errors import NotFoundError, TemporaryError, ValidationError
 from procurator.core.validation import STORE_DIR, check_store_path, check_vm_id
+from procurator.core.vmdef import Nic, VmDefinition
 from procurator.nix._disk import clone_or_copy, remove_partials
 from procurator.nix.store import Store
 
@@ -75,17 +77,21 @@ CONFIG_NAME = "vm-config.json"
 
 @dataclass(frozen=True, slots=True)
 class PreparedImage:
-    """A VM's image, ready to boot: ``config`` is the final, confined
-    ``VmConfig``; ``disks`` the VM's writable copies it names; ``net_tunables``
-    the image's checked NIC tunables (``confinement.attach_nic``). ``fresh``:
-    this prepare rooted the image for the VM (it was not before), so
-    ``abandon`` undoes it."""
+    """A VM's image, ready to boot once its NIC is attached: ``confined``
+    holds the definition (``confinement.confine``), the disk copies it names
+    and the image's NIC tunables; ``disks`` are those copies on disk.
+    ``fresh``: this prepare rooted the image for the VM (it was not before),
+    so ``abandon`` undoes it."""
 
     store_path: str
-    config: dict[str, Any]
+    confined: Confined
     disks: tuple[Path, ...]
-    net_tunables: dict[str, Any]
     fresh: bool
+
+    @property
+    def definition(self) -> VmDefinition:
+        """The VM without NIC (see ``ImageManager.attach_nic``)."""
+        return self.confined.definition
 
 
 class ImageManager:
@@ -171,27 +177,16 @@ class ImageManager:
             if fresh:  # leave the previous state exactly as it was
                 self._forget_after_failure(vm_id, link, disk_dir)
             raise
-        return PreparedImage(
-            store_path=store_path,
-            config=confined.config,
-            disks=disks,
-            net_tunables=confined.net_tunables,
-            fresh=fresh,
-        )
+        return PreparedImage(store_path=store_path, confined=confined, disks=disks, fresh=fresh)
 
-    def with_nic(
-        self, prepared: PreparedImage, *, net: Mapping[str, Any], cmdline_extra: str
-    ) -> PreparedImage:
-        """``prepared`` (made with ``HostSide.net`` None) with the VM's NIC
-        and its kernel command line additions (``confinement.attach_nic``).
-        Raises ``ValidationError`` when the command line grows too long."""
-        config = attach_nic(
-            Confined(prepared.config, (), prepared.net_tunables),
-            net=net,
-            cmdline_extra=cmdline_extra,
-            limits=self._limits,
+    def attach_nic(self, prepared: PreparedImage, *, nic: Nic, cmdline_extra: str) -> VmDefinition:
+        """The VM of ``prepared`` with its NIC and the kernel command line
+        additions that go with it (``confinement.attach_nic``, which
+        re-checks the command line against this worker's limit). Raises
+        ``ValidationError`` when it grows too long."""
+        return attach_nic(
+            prepared.confined, nic=nic, cmdline_extra=cmdline_extra, limits=self._limits
         )
-        return replace(prepared, config=config)
 
     def abandon(self, vm_id: str, prepared: PreparedImage) -> None:
         """Undo a ``prepare`` whose VM never got to run it (a later step of

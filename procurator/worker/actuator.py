@@ -38,6 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -146,7 +147,7 @@ class WorkerActuator:
             # The image first: a refused one takes no tap and no address.
             prepared = self._prepare_image(vm)
             try:
-                prepared, labels = self._attach_network(vm, prepared)
+                config, labels = self._attach_network(vm, prepared)
             except BaseException:
                 self._images.abandon(vm.id, prepared)
                 raise
@@ -157,7 +158,7 @@ class WorkerActuator:
                 VmSpec(
                     vm_id=vm.id,
                     hash=vm.hash,
-                    config=prepared.config,
+                    config=config,
                     power=vm.power,
                     op_id=op_id,
                     labels=labels,
@@ -189,26 +190,28 @@ class WorkerActuator:
 
     def _attach_network(
         self, vm: VmAssignment, prepared: PreparedImage
-    ) -> tuple[PreparedImage, dict[str, str]]:
-        """The VM's tap and address, attached to its accepted image. A tap
-        and address taken here for a VM that had none are released again
-        when anything fails before the hand-over to the VmManager."""
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        """The VM's config (its definition as the VmConfig) with its tap and
+        MAC, and its labels (with its address). A tap and address taken here
+        for a VM that had none are released again when anything fails
+        before the hand-over to the VmManager."""
         labels = {"store_path": vm.nix_store_path}
         if self._network is None:
-            return prepared, labels
+            return prepared.definition.to_vm_config(), labels
         self._mark(vm.id, _InFlight(vm.hash, Phase.STARTING, "preparing the network"))
         fresh = self._network.nic(vm.id) is None
         try:
             nic = self._network.ensure_vm(vm.id)
-            prepared = self._images.with_nic(
-                prepared, net=nic.net_config(), cmdline_extra=nic.kernel_ip_arg()
+            definition = self._images.attach_nic(
+                prepared, nic=nic.device(), cmdline_extra=nic.kernel_ip_arg()
             )
         except BaseException:
             if fresh:
                 self._release_network(vm.id)
             raise
         log.info("VM %s: tap %s, address %s", vm.id, nic.tap, nic.ip)
-        return prepared, {**labels, "address": nic.ip, "tap": nic.tap, "mac": nic.mac}
+        config = definition.to_vm_config()
+        return config, {**labels, "address": nic.ip, "tap": nic.tap, "mac": nic.mac}
 
     def _release_network(self, vm_id: str) -> None:
         assert self._network is not None

@@ -23,6 +23,7 @@ from procurator.core.netnames import (
     host_mac,
     tap_name,
 )
+from procurator.core.vmdef import Payload, VmDefinition
 
 VM_IDS = st.from_regex(r"[a-z0-9][a-z0-9-]{0,62}", fullmatch=True)
 IFNAME_OK = re.compile(r"[a-z0-9_-]{1,15}")
@@ -155,11 +156,12 @@ def test_kernel_ip_arg() -> None:
     assert _nic().kernel_ip_arg() == "ip=10.120.0.7::10.120.0.1:255.255.255.0:web-1:eth0:off"
 
 
-def test_net_config_fits_the_cloud_hypervisor_netconfig_schema() -> None:
+def test_the_nic_fits_the_cloud_hypervisor_netconfig_schema() -> None:
     if not OPENAPI.exists():
         pytest.skip(f"cloud-hypervisor OpenAPI description not found at {OPENAPI}")
     schema = yaml.safe_load(OPENAPI.read_text())["components"]["schemas"]["NetConfig"]
-    entry = _nic().net_config()
+    definition = VmDefinition(payload=Payload(kernel="/k")).with_nic(_nic().device(), cmdline=None)
+    (entry,) = definition.to_vm_config()["net"]
     assert entry == {
         "id": "net0",
         "tap": "pvmweb-1",

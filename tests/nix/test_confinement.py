@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -16,6 +17,8 @@ from hypothesis import strategies as st
 
 from procurator.core.confinement import (
     ALLOWED_KEYS,
+    Confined,
+    DiskCopy,
     HostSide,
     ImageLimits,
     PathKind,
@@ -25,6 +28,7 @@ from procurator.core.confinement import (
     host_paths,
 )
 from procurator.core.errors import ValidationError
+from procurator.core.vmdef import Nic, NicTuning
 
 IMG = "/nix/store/" + "a" * 32 + "-web-vm"
 KERNEL_PKG = "/nix/store/" + "b" * 32 + "-linux-6.1"
@@ -33,9 +37,9 @@ CLOSURE = frozenset({IMG, KERNEL_PKG})
 DISK_DIR = "/var/lib/procurator/vms/web/disks/" + IMG.rsplit("/", 1)[1]
 LIMITS = ImageLimits(max_vcpus=4, max_memory_mib=2048)
 NET = {"tap": "pvm-web", "mac": "52:54:00:12:34:56"}
-HOST = HostSide(
-    net=NET, cmdline_extra="ip=10.0.0.2::10.0.0.1:255.255.255.0", serial_file="/var/s.log"
-)
+NIC = Nic(tap=NET["tap"], mac=NET["mac"])
+IP_ARG = "ip=10.0.0.2::10.0.0.1:255.255.255.0"
+HOST = HostSide(serial_file="/var/s.log")
 MIB = 1 << 20
 
 
@@ -56,8 +60,27 @@ def resolve_all(
     }
 
 
-def run(config: Any, *, host: HostSide = HOST, limits: ImageLimits = LIMITS, **kw: Any) -> Any:
-    return confine(
+@dataclass(frozen=True)
+class Ran:
+    """What the VMM would be given (``config``: the VmConfig JSON), the
+    disk copies it relies on, and the confined image itself."""
+
+    config: dict[str, Any]
+    copies: tuple[DiskCopy, ...]
+    confined: Confined
+
+
+def run(
+    config: Any,
+    *,
+    host: HostSide = HOST,
+    nic: Nic | None = NIC,
+    limits: ImageLimits = LIMITS,
+    **kw: Any,
+) -> Ran:
+    """Confine ``config``, then attach ``nic`` (and the guest's ``ip=``) as
+    the worker does once the image is accepted."""
+    confined = confine(
         config,
         image_dir=IMG,
         closure=CLOSURE,
@@ -66,6 +89,12 @@ def run(config: Any, *, host: HostSide = HOST, limits: ImageLimits = LIMITS, **k
         host=host,
         disk_dir=DISK_DIR,
     )
+    definition = (
+        attach_nic(confined, nic=nic, cmdline_extra=IP_ARG, limits=limits)
+        if nic is not None
+        else confined.definition
+    )
+    return Ran(definition.to_vm_config(), confined.copies, confined)
 
 
 def problems(config: Any, **kw: Any) -> tuple[str, ...]:
@@ -114,7 +143,7 @@ def test_valid_config_is_completed_by_the_worker() -> None:
 
 
 def test_defaults_are_made_explicit_and_optional_parts_left_out() -> None:
-    config = run({"payload": {"kernel": "vmlinux"}}, host=HostSide()).config
+    config = run({"payload": {"kernel": "vmlinux"}}, host=HostSide(), nic=None).config
     assert config == {
         "payload": {"kernel": f"{IMG}/vmlinux"},
         "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
@@ -141,22 +170,24 @@ def test_image_net_tunables_merge_under_the_worker_entry() -> None:
     config = valid() | {"net": [{"num_queues": 4, "mtu": 9000, "id": "mine"}]}
     assert run(config).config["net"] == [{"num_queues": 4, "mtu": 9000, **NET, "id": "net0"}]
     # Without a worker tap there is no NIC (cloud-hypervisor would make a tap itself).
-    assert "net" not in run(config, host=HostSide()).config
+    assert "net" not in run(config, nic=None).config
 
 
 def test_the_nic_is_attached_once_the_image_is_accepted() -> None:
     # The worker confines an image before it takes a tap and an address:
-    # attaching them afterwards gives what confining with them at once gives.
+    # the confined definition has no NIC; attaching it adds the worker's tap
+    # and MAC over the image's tunables, and the guest's ip= last.
     config = valid() | {"net": [{"num_queues": 4, "mtu": 9000, "id": "mine"}]}
-    without = run(config, host=HostSide(serial_file="/var/s.log"))
+    without = run(config, nic=None)
     assert "net" not in without.config
-    assert without.net_tunables == {"num_queues": 4, "mtu": 9000, "id": "mine"}
-    attached = attach_nic(without, net=NET, cmdline_extra=HOST.cmdline_extra, limits=LIMITS)
-    assert attached == run(config).config
+    assert without.confined.nic_tuning == NicTuning(num_queues=4, mtu=9000)
+    attached = attach_nic(without.confined, nic=NIC, cmdline_extra=IP_ARG, limits=LIMITS)
+    assert attached.to_vm_config()["net"] == [{"num_queues": 4, "mtu": 9000, **NET, "id": "net0"}]
+    assert attached.payload.cmdline == f"console=ttyS0 {IP_ARG}"
     # Only the worker's addition pushes this command line past the limit.
-    near = run({"payload": {"kernel": "k", "cmdline": "x" * 2030}}, host=HostSide())
+    near = run({"payload": {"kernel": "k", "cmdline": "x" * 2030}}, nic=None)
     with pytest.raises(ValidationError) as info:
-        attach_nic(near, net=NET, cmdline_extra=HOST.cmdline_extra, limits=LIMITS)
+        attach_nic(near.confined, nic=NIC, cmdline_extra=IP_ARG, limits=LIMITS)
     assert info.value.details[0].startswith("payload.cmdline: 2066 bytes with the worker's")
 
 

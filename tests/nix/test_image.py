@@ -15,6 +15,7 @@ from nixtool_helpers import GCROOTS_AUTO, Link, NixTool
 
 from procurator.core.confinement import HostSide, ImageLimits
 from procurator.core.errors import TemporaryError, ValidationError
+from procurator.core.vmdef import Nic
 from procurator.nix import ImageManager, NixStore
 from procurator.nix._disk import clone_or_copy
 from procurator.nix.store import auto_root_name
@@ -23,11 +24,8 @@ pytestmark = pytest.mark.nix
 
 MIB = 1 << 20
 ABSENT = "/nix/store/" + "0" * 32 + "-procurator-test-absent"
-HOST = HostSide(
-    net={"tap": "pvm-test0", "mac": "52:54:00:00:00:01"},
-    cmdline_extra="ip=10.0.0.2",
-    serial_file="/var/lib/procurator/vms/web/serial.log",
-)
+HOST = HostSide(serial_file="/var/lib/procurator/vms/web/serial.log")
+NIC = Nic(tap="pvm-test0", mac="52:54:00:00:00:01")
 
 
 def config(**overrides: Any) -> str:
@@ -110,7 +108,7 @@ def test_valid_image_points_at_copies_and_closure_paths(
     try:
         name = os.path.basename(path)
         disk_dir = state_dir / "vms" / "web" / "disks" / name
-        cfg = prepared.config
+        cfg = images.attach_nic(prepared, nic=NIC, cmdline_extra="ip=10.0.0.2").to_vm_config()
         assert prepared.store_path == path
         assert cfg["payload"] == {
             "kernel": f"{path}/vmlinux",
@@ -137,7 +135,7 @@ def test_absolute_paths_into_the_closure(nix: NixTool, images: ImageManager) -> 
     image, kernel = nix.build_with_kernel(json.dumps(cfg))
     try:
         prepared = images.prepare("vm1", image, host=HostSide())
-        assert prepared.config["payload"] == {
+        assert prepared.definition.to_vm_config()["payload"] == {
             "kernel": f"{kernel}/vmlinux",
             "initramfs": f"{kernel}/initrd.img",
         }
@@ -188,7 +186,7 @@ def test_relative_paths_resolve_against_the_image(nix: NixTool, images: ImageMan
     tree = image_tree(cfg, **{"boot/vmlinux": "k", "boot/initrd.img": "i"})
     path = nix.add(tree)
     try:
-        payload = images.prepare("vm1", path, host=HostSide()).config["payload"]
+        payload = images.prepare("vm1", path, host=HostSide()).definition.to_vm_config()["payload"]
         assert payload == {"kernel": f"{path}/boot/vmlinux", "initramfs": f"{path}/boot/initrd.img"}
     finally:
         images.release("vm1")
@@ -288,7 +286,10 @@ def test_vcpu_and_memory_bounds(
     )
     bigger = ImageManager(store, state_dir, limits=ImageLimits(max_vcpus=8, max_memory_mib=1024))
     try:
-        assert bigger.prepare("vm1", path, host=HOST).config["cpus"]["boot_vcpus"] == 8
+        assert (
+            bigger.prepare("vm1", path, host=HOST).definition.to_vm_config()["cpus"]["boot_vcpus"]
+            == 8
+        )
     finally:
         bigger.release("vm1")
 
@@ -384,6 +385,50 @@ def test_a_refused_new_image_keeps_the_old_one(
     finally:
         images.release("vm1")
     assert leftovers(state_dir) == []
+
+
+def test_abandon_undoes_only_what_the_prepare_made(
+    nix: NixTool, images: ImageManager, state_dir: Path
+) -> None:
+    """A launch that fails after its image was prepared gives back what that
+    prepare took: a fresh root and disk copies (and the directories made for
+    them); an image the VM already had stays."""
+    old, new = nix.add(image_tree()), nix.add(image_tree(config(memory={"size": 128 * MIB})))
+    fresh = images.prepare("vm1", old, host=HOST)
+    assert fresh.fresh
+    images.abandon("vm1", fresh)
+    assert images.roots() == {}
+    assert not (state_dir / "vms" / "vm1").exists() and leftovers(state_dir) == []
+    try:
+        (disk,) = images.prepare("vm1", old, host=HOST).disks
+        again = images.prepare("vm1", old, host=HOST)  # the VM has it already
+        assert not again.fresh
+        images.abandon("vm1", again)
+        moving = images.prepare("vm1", new, host=HOST)  # a replacement, not yet running
+        images.abandon("vm1", moving)
+        assert images.roots() == {"vm1": frozenset({old})}
+        assert disk.exists()
+    finally:
+        images.release("vm1")
+    assert leftovers(state_dir) == []
+
+
+def test_the_nic_is_attached_with_its_kernel_arguments_within_the_limit(
+    nix: NixTool, store: NixStore, state_dir: Path
+) -> None:
+    tight = ImageManager(
+        store, state_dir, limits=ImageLimits(max_vcpus=4, max_memory_mib=1024, max_cmdline=40)
+    )
+    path = nix.add(image_tree(config(payload={"kernel": "vmlinux", "cmdline": "console=ttyS0"})))
+    try:
+        prepared = tight.prepare("vm1", path, host=HOST)
+        definition = tight.attach_nic(prepared, nic=NIC, cmdline_extra="ip=10.0.0.2")
+        assert definition.net is not None and definition.net.tap == NIC.tap
+        assert definition.payload.cmdline == "console=ttyS0 ip=10.0.0.2"
+        with pytest.raises(ValidationError, match="kernel command line"):
+            tight.attach_nic(prepared, nic=NIC, cmdline_extra="ip=" + "1" * 30)
+    finally:
+        tight.release("vm1")
 
 
 def test_state_dir_in_the_store_is_refused(store: NixStore, limits: ImageLimits) -> None:
