@@ -1,15 +1,38 @@
-"""Fleet files: parse, validate, diff.
+"""Fleet files: parse, validate, diff, and resolve a placement into them.
 
-A fleet file names, per worker, the VMs it should run::
+A fleet file names, per worker, the VMs pinned to it, and lists the VMs the
+scheduler places (``core.placement``; docs/SCHEDULING.md)::
 
     [workers.host-a]
     vms = [ { id = "web-1", image = "/nix/store/<32 chars>-web-vm" } ]
 
+    [placement]
+    strategy = "binpack"          # or "spread"
+
+    [[vms]]
+    id = "web-7"
+    image = "/nix/store/<32 chars>-web-vm"
+    vcpus = 4                     # required for unpinned VMs
+    memory_mib = 8192             # required for unpinned VMs
+    constraints = { zone = "b" }  # worker labels that must match
+    spread = "web"                # VMs of a group go to different workers
+    on_worker_lost = "reschedule" # or "wait"
+
 TOML and JSON (what ``nix eval --json`` emits) share one structure. The whole
 file is checked before anything is stored: every problem is collected (not
-only the first) and reported with where it is (``workers.host-a.vms[2].id``
-and, for TOML and JSON, the line). The same ``validate_fleet`` runs again on
-the master for fleets that arrive over the wire, so no client can bypass it.
+only the first) and reported with where it is (``workers.host-a.vms[2].id``,
+``vms[3].constraints.zone`` and, for TOML and JSON, the line). The same
+``validate_fleet`` runs again on the master for fleets that arrive over the
+wire, so no client can bypass it.
+
+Unpinned VMs (``[[vms]]``, ``[placement]``) are parsed only when the caller
+says it can carry them (``allow_unpinned``): the wire and the master do not
+yet, and a fleet that lost its unpinned VMs on the way would stop them.
+
+Invariants: VM ids are unique across pinned and unpinned VMs; a ``Fleet``
+has its workers sorted by id, each worker's VMs and the unpinned VMs sorted
+by VM id, constraints sorted by key. ``diff_fleets`` takes only a resolved
+fleet (no unpinned VMs): ``resolve_fleet`` merges a placement into it.
 """
 
 from __future__ import annotations
@@ -24,24 +47,46 @@ from procurator.core.errors import LimitExceededError, ValidationError
 from procurator.core.models import (
     Assignment,
     Fleet,
+    OnWorkerLost,
+    Placement,
+    PlacementPolicy,
+    PlacementStrategy,
     PowerChange,
     PowerState,
+    UnpinnedVm,
     VmAssignment,
     WorkerDiff,
 )
 from procurator.core.validation import (
     LIMITS,
+    check_group_name,
     check_hash,
+    check_label_key,
+    check_label_value,
     check_store_path,
     check_vm_id,
     check_worker_id,
     default_hash,
 )
 
-__all__ = ["diff_assignments", "diff_fleets", "parse_fleet", "validate_fleet"]
+__all__ = [
+    "diff_assignments",
+    "diff_fleets",
+    "parse_fleet",
+    "resolve_fleet",
+    "validate_fleet",
+]
 
-_VM_KEYS = {"id", "image", "hash", "power", "vcpus", "memory_mib"}
+_TOP_KEYS = ("workers", "vms", "placement")
+_VM_KEYS = frozenset({"id", "image", "hash", "power", "vcpus", "memory_mib"})
+_UNPINNED_KEYS = _VM_KEYS | {"constraints", "spread", "on_worker_lost"}
 _POWER = {p.value: p for p in PowerState}
+_ON_WORKER_LOST = {o.value: o for o in OnWorkerLost}
+_STRATEGY = {s.value: s for s in PlacementStrategy}
+_NOT_YET = (
+    "unpinned VMs ([[vms]], [placement]) cannot be applied yet: this release's master "
+    "does not place VMs; pin each VM under [workers.<id>]"
+)
 
 
 class _Problems:
@@ -54,9 +99,12 @@ class _Problems:
         """Best effort: the first line that mentions ``needle`` (an id)."""
         if not needle:
             return None
-        # Quoted ("web-1", 'web-1') or as a TOML table name ([workers.host-a]).
+        # Quoted ("web-1", 'web-1') or as a TOML table name ([workers.host-a],
+        # [placement], [[vms]]).
         quoted = re.escape(needle)
-        pattern = re.compile(rf"[\"']{quoted}[\"']|\[workers\.{quoted}[\].]")
+        pattern = re.compile(
+            rf"[\"']{quoted}[\"']|\[workers\.{quoted}[\].]|^\s*\[\[?\s*{quoted}\s*\]"
+        )
         for number, line in enumerate(self._lines, 1):
             if pattern.search(line):
                 return number
@@ -68,9 +116,15 @@ class _Problems:
         self.items.append(f"{prefix}{where}: {problem}")
 
 
-def parse_fleet(text: str, *, fmt: str = "toml", source: str = "") -> Fleet:
+def parse_fleet(
+    text: str, *, fmt: str = "toml", source: str = "", allow_unpinned: bool = False
+) -> Fleet:
     """Parse and validate a fleet file. Raises ``ValidationError`` listing
-    every problem; returns a ``Fleet`` sorted by worker id otherwise."""
+    every problem; returns a ``Fleet`` sorted by worker id otherwise.
+
+    ``allow_unpinned``: accept ``[[vms]]`` and ``[placement]`` (for a caller
+    that can place them or send them on whole); otherwise they are checked
+    like the rest and then refused, so no caller drops them unawares."""
     if len(text.encode()) > LIMITS.max_fleet_file_bytes:
         raise LimitExceededError(f"fleet file is larger than {LIMITS.max_fleet_file_bytes} bytes")
     duplicates: list[str] = []
@@ -102,6 +156,10 @@ def parse_fleet(text: str, *, fmt: str = "toml", source: str = "") -> Fleet:
     for key in duplicates:
         problems.add(str(key), "key given more than once", near=key)
     fleet = _from_data(data, problems)
+    if not allow_unpinned and isinstance(data, dict):
+        for key in ("vms", "placement"):
+            if key in data:
+                problems.add(key, _NOT_YET, near=key)
     if problems.items:
         raise ValidationError(
             f"{source or 'fleet'}: {len(problems.items)} problem(s), nothing was applied",
@@ -115,12 +173,26 @@ def _from_data(data: Any, problems: _Problems) -> Fleet:
         problems.add("(top level)", "must be a table/object with a 'workers' key")
         return Fleet()
     for key in data:
-        if key != "workers":
-            problems.add(str(key), "unknown key (only 'workers' is allowed at the top level)")
-    workers = data.get("workers", {})
+        if key not in _TOP_KEYS:
+            problems.add(
+                str(key),
+                f"unknown key (allowed at the top level: {', '.join(_TOP_KEYS)})",
+                near=str(key),
+            )
+    pinned = _pinned_from_data(data.get("workers", {}), problems)
+    unpinned = _unpinned_from_data(data.get("vms", []), problems)
+    policy = _policy_from_data(data.get("placement", {}), problems)
+    fleet = Fleet(pinned, unpinned, policy)
+    _check_fleet_wide(fleet, problems)
+    return fleet
+
+
+def _pinned_from_data(
+    workers: Any, problems: _Problems
+) -> tuple[tuple[str, tuple[VmAssignment, ...]], ...]:
     if not isinstance(workers, dict):
         problems.add("workers", "must be a table/object keyed by worker id")
-        return Fleet()
+        return ()
     result: list[tuple[str, tuple[VmAssignment, ...]]] = []
     for worker_id, body in workers.items():
         where = f"workers.{worker_id}"
@@ -143,25 +215,78 @@ def _from_data(data: Any, problems: _Problems) -> Fleet:
             if vm is not None:
                 vms.append(vm)
         result.append((worker_id, tuple(sorted(vms, key=lambda v: v.id))))
-    fleet = Fleet(tuple(sorted(result)))
-    _check_fleet_wide(fleet, problems)
-    return fleet
+    return tuple(sorted(result))
+
+
+def _unpinned_from_data(entries: Any, problems: _Problems) -> tuple[UnpinnedVm, ...]:
+    if not isinstance(entries, list):
+        problems.add("vms", "must be a list of VM entries ([[vms]] tables)", near="vms")
+        return ()
+    result = []
+    for index, entry in enumerate(entries):
+        vm = _unpinned_vm_from_data(entry, f"vms[{index}]", problems)
+        if vm is not None:
+            result.append(vm)
+    return tuple(sorted(result, key=lambda u: u.id))
+
+
+def _policy_from_data(section: Any, problems: _Problems) -> PlacementPolicy:
+    if not isinstance(section, dict):
+        problems.add(
+            "placement", "must be a table/object like { strategy = ... }", near="placement"
+        )
+        return PlacementPolicy()
+    for key in section:
+        if key != "strategy":
+            problems.add(
+                f"placement.{key}",
+                "unknown key (only 'strategy' is allowed; overcommit ratios are set in each "
+                "worker's configuration)",
+                near="placement",
+            )
+    text = section.get("strategy", PlacementStrategy.BINPACK.value)
+    strategy = _STRATEGY.get(text) if isinstance(text, str) else None
+    if strategy is None:
+        problems.add(
+            "placement.strategy",
+            f"{text!r} is not one of {sorted(_STRATEGY)}",
+            near=text if isinstance(text, str) else "placement",
+        )
+        return PlacementPolicy()
+    return PlacementPolicy(strategy)
 
 
 def _int_field(
-    entry: Mapping[str, Any], key: str, lo: int, hi: int, where: str, problems: _Problems, near: str
+    entry: Mapping[str, Any],
+    key: str,
+    lo: int,
+    hi: int,
+    where: str,
+    problems: _Problems,
+    near: str,
+    *,
+    zero_ok: bool = True,
 ) -> int:
+    """``entry[key]`` within ``lo..hi``; 0 (also when absent) means "as the
+    image says" unless ``zero_ok`` is false."""
     value = entry.get(key, 0)
     if isinstance(value, bool) or not isinstance(value, int):
         problems.add(f"{where}.{key}", f"must be an integer, not {value!r}", near=near)
         return 0
-    if value != 0 and not lo <= value <= hi:
+    if (value != 0 or not zero_ok) and not lo <= value <= hi:
         problems.add(f"{where}.{key}", f"{value} is out of range {lo}..{hi}", near=near)
         return 0
     return value
 
 
-def _vm_from_data(entry: Any, where: str, problems: _Problems) -> VmAssignment | None:
+def _vm_from_data(
+    entry: Any,
+    where: str,
+    problems: _Problems,
+    *,
+    keys: frozenset[str] = _VM_KEYS,
+    resources_required: bool = False,
+) -> VmAssignment | None:
     if not isinstance(entry, dict):
         problems.add(where, "must be a table/object like { id = ..., image = ... }")
         return None
@@ -169,13 +294,20 @@ def _vm_from_data(entry: Any, where: str, problems: _Problems) -> VmAssignment |
     near = vm_id if isinstance(vm_id, str) else ""
     ok = True
     for key in entry:
-        if key not in _VM_KEYS:
+        if key not in keys:
             problems.add(
                 f"{where}.{key}",
-                f"unknown key (allowed: {', '.join(sorted(_VM_KEYS))})",
+                f"unknown key (allowed: {', '.join(sorted(keys))})",
                 near=near,
             )
             ok = False
+    if resources_required:
+        for key in ("vcpus", "memory_mib"):
+            if key not in entry:
+                problems.add(
+                    f"{where}.{key}", "missing (required for a VM the scheduler places)", near=near
+                )
+                ok = False
     if (problem := check_vm_id(vm_id)) is not None:
         problems.add(f"{where}.id", "missing" if vm_id is None else problem, near=near)
         ok = False
@@ -188,9 +320,19 @@ def _vm_from_data(entry: Any, where: str, problems: _Problems) -> VmAssignment |
     if power is None:
         problems.add(f"{where}.power", f"{power_text!r} is not one of {sorted(_POWER)}", near=near)
         ok = False
-    vcpus = _int_field(entry, "vcpus", 1, LIMITS.max_vcpus, where, problems, near)
+    # A VM the scheduler places must say what it needs: no 0 ("the image's");
+    # a missing one is reported above, once.
+    zero_ok = not resources_required or "vcpus" not in entry
+    vcpus = _int_field(entry, "vcpus", 1, LIMITS.max_vcpus, where, problems, near, zero_ok=zero_ok)
     memory = _int_field(
-        entry, "memory_mib", LIMITS.min_memory_mib, LIMITS.max_memory_mib, where, problems, near
+        entry,
+        "memory_mib",
+        LIMITS.min_memory_mib,
+        LIMITS.max_memory_mib,
+        where,
+        problems,
+        near,
+        zero_ok=not resources_required or "memory_mib" not in entry,
     )
     explicit_hash = entry.get("hash")
     if explicit_hash is not None and (problem := check_hash(explicit_hash)) is not None:
@@ -209,13 +351,69 @@ def _vm_from_data(entry: Any, where: str, problems: _Problems) -> VmAssignment |
     )
 
 
+def _unpinned_vm_from_data(entry: Any, where: str, problems: _Problems) -> UnpinnedVm | None:
+    vm = _vm_from_data(entry, where, problems, keys=_UNPINNED_KEYS, resources_required=True)
+    if not isinstance(entry, dict):
+        return None
+    near = entry["id"] if isinstance(entry.get("id"), str) else ""
+    ok = True
+    constraints = _constraints_from_data(entry.get("constraints", {}), where, problems, near)
+    if constraints is None:
+        ok = False
+    spread = entry.get("spread", "")
+    if "spread" in entry and (problem := check_group_name(spread)) is not None:
+        problems.add(f"{where}.spread", problem, near=near)
+        ok = False
+    lost_text = entry.get("on_worker_lost", OnWorkerLost.RESCHEDULE.value)
+    on_lost = _ON_WORKER_LOST.get(lost_text) if isinstance(lost_text, str) else None
+    if on_lost is None:
+        problems.add(
+            f"{where}.on_worker_lost",
+            f"{lost_text!r} is not one of {sorted(_ON_WORKER_LOST)}",
+            near=near,
+        )
+        ok = False
+    if vm is None or not ok:
+        return None
+    assert constraints is not None and on_lost is not None and isinstance(spread, str)
+    return UnpinnedVm(vm, constraints, spread, on_lost)
+
+
+def _constraints_from_data(
+    value: Any, where: str, problems: _Problems, near: str
+) -> tuple[tuple[str, str], ...] | None:
+    if not isinstance(value, dict):
+        problems.add(
+            f"{where}.constraints",
+            'must be a table/object of worker labels, like { zone = "b" }',
+            near=near,
+        )
+        return None
+    ok = True
+    if len(value) > LIMITS.max_labels:
+        problems.add(
+            f"{where}.constraints",
+            f"{len(value)} constraints exceed the limit of {LIMITS.max_labels}",
+            near=near,
+        )
+        ok = False
+    for key, label in value.items():
+        if (problem := check_label_key(key)) is not None:
+            problems.add(f"{where}.constraints", problem, near=near)
+            ok = False
+        elif (problem := check_label_value(label)) is not None:
+            problems.add(f"{where}.constraints.{key}", problem, near=near)
+            ok = False
+    return tuple(sorted(value.items())) if ok else None
+
+
 def _check_fleet_wide(fleet: Fleet, problems: _Problems) -> None:
     if len(fleet.workers) > LIMITS.max_workers:
         problems.add(
             "workers", f"{len(fleet.workers)} workers exceed the limit of {LIMITS.max_workers}"
         )
     seen: dict[str, str] = {}
-    total = 0
+    total = len(fleet.unpinned)
     for worker_id, vms in fleet.workers:
         total += len(vms)
         if len(vms) > LIMITS.max_vms_per_worker:
@@ -235,8 +433,56 @@ def _check_fleet_wide(fleet: Fleet, problems: _Problems) -> None:
                 )
             else:
                 seen[vm.id] = worker_id
+    for index, unpinned in enumerate(fleet.unpinned):
+        if unpinned.id in seen:
+            other = seen[unpinned.id]
+            problems.add(
+                f"vms[{index}].id",
+                f"VM id {unpinned.id!r} is used more than once"
+                + (f" (also pinned to worker {other!r})" if other else " (also in vms)"),
+                near=unpinned.id,
+            )
+        else:
+            seen[unpinned.id] = ""
     if total > LIMITS.max_vms_total:
-        problems.add("workers", f"{total} VMs exceed the fleet limit of {LIMITS.max_vms_total}")
+        problems.add(
+            "workers" if not fleet.unpinned else "vms",
+            f"{total} VMs exceed the fleet limit of {LIMITS.max_vms_total}",
+        )
+
+
+def _check_vm(vm: VmAssignment, where: str, problems: _Problems) -> None:
+    for field_name, check, value in (
+        ("id", check_vm_id, vm.id),
+        ("image", check_store_path, vm.nix_store_path),
+        ("hash", check_hash, vm.hash),
+    ):
+        if (problem := check(value)) is not None:
+            problems.add(f"{where}.{field_name}", problem)
+    if vm.vcpus and not 1 <= vm.vcpus <= LIMITS.max_vcpus:
+        problems.add(f"{where}.vcpus", f"{vm.vcpus} is out of range")
+    if vm.memory_mib and not (LIMITS.min_memory_mib <= vm.memory_mib <= LIMITS.max_memory_mib):
+        problems.add(f"{where}.memory_mib", f"{vm.memory_mib} is out of range")
+
+
+def _check_unpinned(unpinned: UnpinnedVm, where: str, problems: _Problems) -> None:
+    _check_vm(unpinned.vm, where, problems)
+    for key in ("vcpus", "memory_mib"):
+        if not getattr(unpinned.vm, key):
+            problems.add(f"{where}.{key}", "missing (required for a VM the scheduler places)")
+    if len(unpinned.constraints) > LIMITS.max_labels:
+        problems.add(
+            f"{where}.constraints",
+            f"{len(unpinned.constraints)} constraints exceed the limit of {LIMITS.max_labels}",
+        )
+    keys = [key for key, _ in unpinned.constraints]
+    if keys != sorted(set(keys)):
+        problems.add(f"{where}.constraints", "keys must be unique and sorted")
+    for key, value in unpinned.constraints:
+        if (problem := check_label_key(key) or check_label_value(value)) is not None:
+            problems.add(f"{where}.constraints", problem)
+    if unpinned.spread and (problem := check_group_name(unpinned.spread)) is not None:
+        problems.add(f"{where}.spread", problem)
 
 
 def validate_fleet(fleet: Fleet) -> None:
@@ -252,20 +498,9 @@ def validate_fleet(fleet: Fleet) -> None:
             problems.add(where, "worker listed more than once")
         seen_workers.add(worker_id)
         for index, vm in enumerate(vms):
-            vm_where = f"{where}.vms[{index}]"
-            for field_name, check, value in (
-                ("id", check_vm_id, vm.id),
-                ("image", check_store_path, vm.nix_store_path),
-                ("hash", check_hash, vm.hash),
-            ):
-                if (problem := check(value)) is not None:
-                    problems.add(f"{vm_where}.{field_name}", problem)
-            if vm.vcpus and not 1 <= vm.vcpus <= LIMITS.max_vcpus:
-                problems.add(f"{vm_where}.vcpus", f"{vm.vcpus} is out of range")
-            if vm.memory_mib and not (
-                LIMITS.min_memory_mib <= vm.memory_mib <= LIMITS.max_memory_mib
-            ):
-                problems.add(f"{vm_where}.memory_mib", f"{vm.memory_mib} is out of range")
+            _check_vm(vm, f"{where}.vms[{index}]", problems)
+    for index, unpinned in enumerate(fleet.unpinned):
+        _check_unpinned(unpinned, f"vms[{index}]", problems)
     _check_fleet_wide(fleet, problems)
     if problems.items:
         raise ValidationError(
@@ -313,7 +548,13 @@ def diff_assignments(
 def diff_fleets(old: Mapping[str, Assignment], new: Fleet) -> list[WorkerDiff]:
     """Per-worker diffs between the current assignments and a new fleet, for
     every worker whose assignment changes (workers absent from ``new`` lose
-    all their VMs)."""
+    all their VMs). ``new`` must be resolved: its unpinned VMs placed
+    (``resolve_fleet``), else they would count as removed."""
+    if new.unpinned:
+        raise ValueError(
+            f"diff_fleets needs a resolved fleet: {len(new.unpinned)} unpinned VM(s) are not "
+            "placed (core.placement.place, then resolve_fleet)"
+        )
     new_map = new.as_dict()
     diffs = []
     for worker_id in sorted(set(old) | set(new_map)):
@@ -322,3 +563,26 @@ def diff_fleets(old: Mapping[str, Assignment], new: Fleet) -> list[WorkerDiff]:
         if not diff.empty:
             diffs.append(diff)
     return diffs
+
+
+def resolve_fleet(fleet: Fleet, placement: Placement) -> Fleet:
+    """The fleet with every unpinned VM pinned where ``placement`` puts it:
+    what the master assigns, diffs and stores. ``placement`` must be the
+    answer of ``place`` for this fleet (every unpinned VM, nothing else);
+    ``ValueError`` otherwise."""
+    where = placement.as_dict()
+    unpinned_ids = {u.id for u in fleet.unpinned}
+    if set(where) != unpinned_ids:
+        missing = sorted(unpinned_ids - set(where))[:5]
+        extra = sorted(set(where) - unpinned_ids)[:5]
+        raise ValueError(
+            f"the placement is not this fleet's: unplaced {missing}, not in the fleet {extra}"
+        )
+    merged: dict[str, list[VmAssignment]] = {w: list(vms) for w, vms in fleet.workers}
+    for unpinned in fleet.unpinned:
+        merged.setdefault(where[unpinned.id], []).append(unpinned.vm)
+    workers = tuple(
+        (worker_id, tuple(sorted(vms, key=lambda v: v.id)))
+        for worker_id, vms in sorted(merged.items())
+    )
+    return Fleet(workers, (), fleet.placement)

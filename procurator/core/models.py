@@ -2,7 +2,13 @@
 
 These are the only types that cross between adapters (Cap'n Proto, SQLite,
 the VmManager) and the core. They are immutable; every collection is a tuple
-so values can be shared between threads and compared cheaply.
+(or a frozenset) so values can be shared between threads and compared cheaply.
+
+Placement (docs/SCHEDULING.md): a ``Fleet`` holds pinned VMs per worker and
+``unpinned`` VMs the scheduler places; ``core.placement.place`` takes the
+fleet, one ``WorkerFacts`` per known worker and the previous assignments,
+and answers a ``Placement`` (where each unpinned VM goes, what moved and
+why) or an ``Unplaceable`` (each VM that does not fit, and its shortfall).
 """
 
 from __future__ import annotations
@@ -15,14 +21,25 @@ __all__ = [
     "Capacity",
     "EventKind",
     "Fleet",
+    "OnWorkerLost",
     "Phase",
+    "Placement",
+    "PlacementPolicy",
+    "PlacementReason",
+    "PlacementStrategy",
     "PowerChange",
     "PowerState",
+    "Shortfall",
+    "UnpinnedVm",
+    "Unplaceable",
     "VmAssignment",
     "VmEvent",
+    "VmPlacement",
     "VmStatus",
     "WorkerDiff",
+    "WorkerFacts",
     "WorkerInfo",
+    "WorkerState",
     "WorkerStatus",
 ]
 
@@ -86,18 +103,61 @@ class Assignment:
     op_id: str = ""
 
 
+class OnWorkerLost(enum.Enum):
+    """What becomes of an unpinned VM when its worker's lease expires."""
+
+    RESCHEDULE = "reschedule"  # placed on another worker
+    WAIT = "wait"  # stays, shown unavailable, until its worker is back
+
+
+class PlacementStrategy(enum.Enum):
+    BINPACK = "binpack"  # the fullest worker that fits: keeps whole workers free
+    SPREAD = "spread"  # the emptiest worker that fits: evens the load
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementPolicy:
+    """The fleet file's ``[placement]`` section."""
+
+    strategy: PlacementStrategy = PlacementStrategy.BINPACK
+
+
+@dataclass(frozen=True, slots=True)
+class UnpinnedVm:
+    """A VM of the fleet file's ``[[vms]]`` list: the scheduler picks its
+    worker. ``vm.vcpus`` and ``vm.memory_mib`` are always set (required)."""
+
+    vm: VmAssignment
+    # Worker labels that must match, sorted by key: (("kvm", "true"), ("zone", "b")).
+    constraints: tuple[tuple[str, str], ...] = ()
+    spread: str = ""  # group name: its VMs go to different workers where they can
+    on_worker_lost: OnWorkerLost = OnWorkerLost.RESCHEDULE
+
+    @property
+    def id(self) -> str:
+        return self.vm.id
+
+
 @dataclass(frozen=True, slots=True)
 class Fleet:
-    """A whole desired fleet: worker id -> its VMs (sorted by worker id)."""
+    """A whole desired fleet: worker id -> its pinned VMs (sorted by worker
+    id), and the unpinned VMs the scheduler places (sorted by VM id).
+
+    ``workers`` alone is what the master assigns: a fleet with ``unpinned``
+    VMs is turned into one without by ``core.fleet.resolve_fleet`` once
+    ``core.placement.place`` has placed them."""
 
     workers: tuple[tuple[str, tuple[VmAssignment, ...]], ...] = ()
+    unpinned: tuple[UnpinnedVm, ...] = ()
+    placement: PlacementPolicy = field(default_factory=PlacementPolicy)
 
     def as_dict(self) -> dict[str, tuple[VmAssignment, ...]]:
+        """The pinned VMs per worker (unpinned ones are nobody's yet)."""
         return dict(self.workers)
 
     @property
     def vm_count(self) -> int:
-        return sum(len(vms) for _, vms in self.workers)
+        return sum(len(vms) for _, vms in self.workers) + len(self.unpinned)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +194,105 @@ class WorkerInfo:
     capacity: Capacity = field(default_factory=Capacity)
     metrics_url: str = ""
     driver: str = ""
+
+
+class WorkerState(enum.Enum):
+    """A worker as the scheduler sees it."""
+
+    READY = "ready"  # takes new VMs
+    CORDONED = "cordoned"  # keeps its VMs, takes no new ones
+    DRAINING = "draining"  # its unpinned VMs go elsewhere, takes no new ones
+    LOST = "lost"  # lease expired: its `reschedule` VMs go elsewhere
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerFacts:
+    """What the scheduler knows of one worker: what it offers (its host's
+    capacity times its overcommit ratios), its labels, its state, and the
+    store paths it has realised (a VM whose image is among them is placed
+    there rather than on an equally good worker, so a move downloads
+    nothing)."""
+
+    worker_id: str
+    capacity: Capacity = field(default_factory=Capacity)
+    cpu_overcommit: float = 4.0
+    memory_overcommit: float = 1.0
+    labels: tuple[tuple[str, str], ...] = ()  # sorted by key
+    state: WorkerState = WorkerState.READY
+    images: frozenset[str] = frozenset()
+
+
+class PlacementReason(enum.Enum):
+    """Why an unpinned VM is where a placement puts it."""
+
+    NEW = "new"  # not placed before
+    KEPT = "kept"  # stays on the worker it had
+    WORKER_GONE = "worker gone"  # its worker is not known any more
+    WORKER_LOST = "worker lost"  # lease expired and the VM says reschedule
+    WORKER_DRAINING = "worker draining"
+    CONSTRAINTS = "constraints no longer match"
+    NO_LONGER_FITS = "no longer fits"
+
+
+@dataclass(frozen=True, slots=True)
+class VmPlacement:
+    """Where one unpinned VM goes. ``previous_worker`` is "" for a VM that
+    had none; the VM moves when it is set and differs from ``worker_id``."""
+
+    vm_id: str
+    worker_id: str
+    reason: PlacementReason
+    previous_worker: str = ""
+    detail: str = ""  # for a move: what the previous worker lacks, in words
+
+    @property
+    def moved(self) -> bool:
+        return bool(self.previous_worker) and self.previous_worker != self.worker_id
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """The answer of ``place``: every unpinned VM's worker (sorted by VM id),
+    the VMs waiting for a lost worker (pinned, or unpinned with
+    ``on_worker_lost = "wait"``), and warnings (pinned VMs over a worker's
+    capacity, or declaring no resources)."""
+
+    vms: tuple[VmPlacement, ...] = ()
+    unavailable: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    # The resource workers were ranked by: "memory" or "vcpus", whichever
+    # the fleet needs the larger share of (docs/SCHEDULING.md).
+    ranked_by: str = "memory"
+
+    def as_dict(self) -> dict[str, str]:
+        """VM id -> worker id."""
+        return {p.vm_id: p.worker_id for p in self.vms}
+
+    @property
+    def moves(self) -> tuple[VmPlacement, ...]:
+        return tuple(p for p in self.vms if p.moved)
+
+
+@dataclass(frozen=True, slots=True)
+class Shortfall:
+    """One VM no worker can take, and why, in words (``message``)."""
+
+    vm_id: str
+    vcpus: int
+    memory_mib: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unplaceable:
+    """The answer of ``place`` when some VM fits nowhere: the fleet is
+    refused whole. ``vms`` is sorted by VM id."""
+
+    vms: tuple[Shortfall, ...]
+
+    @property
+    def message(self) -> str:
+        return f"{len(self.vms)} VM(s) cannot be placed; nothing was applied"
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,11 @@ import re
 __all__ = [
     "LIMITS",
     "Limits",
+    "check_group_name",
     "check_hash",
+    "check_label_key",
+    "check_label_value",
+    "check_overcommit",
     "check_store_path",
     "check_vm_id",
     "check_worker_id",
@@ -25,6 +29,11 @@ __all__ = [
 VM_ID_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 WORKER_ID_RE = re.compile(r"[a-z0-9][a-z0-9.-]{0,62}")
 HASH_RE = re.compile(r"[A-Za-z0-9._+-]{1,128}")
+# Worker labels and the constraints that match them (``zone = "b"``), and
+# spread group names: they become metric label values and log fields.
+LABEL_KEY_RE = re.compile(r"[a-z][a-z0-9._-]{0,62}")
+LABEL_VALUE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+GROUP_RE = VM_ID_RE
 # Nix's base-32 alphabet has no e, o, u, t. Names: nix's own rule
 # (store-api.cc checkName), at most 211 characters, not starting with '.'.
 NIX_BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"
@@ -46,6 +55,8 @@ class Limits:
     max_memory_mib = 1 << 20  # 1 TiB
     max_text = 4096  # any single string on the wire
     max_fleet_file_bytes = 64 * 1024 * 1024
+    max_labels = 64  # labels of one worker, constraints of one VM
+    max_overcommit = 64.0  # a worker's CPU or memory overcommit ratio
 
 
 LIMITS = Limits()
@@ -95,6 +106,50 @@ def check_hash(value: object) -> str | None:
         return f"must be a string, not {type(value).__name__}"
     if not HASH_RE.fullmatch(value):
         return f"{_shown(value)} is not a valid hash: 1-128 characters of A-Z a-z 0-9 . _ + -"
+    return None
+
+
+def check_label_key(value: object) -> str | None:
+    if not isinstance(value, str):
+        return f"must be a string, not {type(value).__name__}"
+    if not LABEL_KEY_RE.fullmatch(value):
+        return (
+            f"{_shown(value)} is not a valid label key: 1-63 characters of a-z, 0-9, '.', '_' "
+            "and '-', starting with a letter"
+        )
+    return None
+
+
+def check_label_value(value: object) -> str | None:
+    if not isinstance(value, str):
+        hint = f' (write "{str(value).lower()}" in quotes)' if isinstance(value, bool | int) else ""
+        return f"must be a string, not {type(value).__name__}{hint}"
+    if not LABEL_VALUE_RE.fullmatch(value):
+        return (
+            f"{_shown(value)} is not a valid label value: 1-63 characters of A-Z, a-z, 0-9, "
+            "'.', '_' and '-', starting with a letter or digit"
+        )
+    return None
+
+
+def check_group_name(value: object) -> str | None:
+    if not isinstance(value, str):
+        return f"must be a string, not {type(value).__name__}"
+    if not GROUP_RE.fullmatch(value):
+        return (
+            f"{_shown(value)} is not a valid group name: 1-63 characters of a-z, 0-9 and '-', "
+            "starting with a letter or digit"
+        )
+    return None
+
+
+def check_overcommit(value: object) -> str | None:
+    """An overcommit ratio: a finite number above 0, at most
+    ``LIMITS.max_overcommit`` (below 1 holds capacity back for the host)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"must be a number, not {type(value).__name__}"
+    if not 0 < value <= LIMITS.max_overcommit:  # also false for nan
+        return f"{_shown(value)} is out of range: above 0, at most {LIMITS.max_overcommit:g}"
     return None
 
 
