@@ -11,6 +11,7 @@ Benchmarks (one module each, ``NAME`` and ``measure(run) -> rows``):
 - ``idle``   the worker's CPU share and memory holding N VMs
 - ``resync`` one no-op reconcile pass at 1,000 and 10,000 VMs
 - ``wire``   a 10,000-VM assignment on the wire
+- ``placement`` the scheduler: 10,000 VMs onto 100 workers, 100,000 onto 1,000
 - ``fanout`` 100 workers x 100 VMs: one apply until all report
 
 The fake VMM is ``bench/lean_vmm.py`` (instant boot and poweroff), so the
