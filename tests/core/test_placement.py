@@ -510,6 +510,15 @@ def naive_place(f: Fleet, workers: Sequence[WorkerFacts]) -> dict[str, str] | No
     return result
 
 
+def assert_as_naive(f: Fleet, workers: Sequence[WorkerFacts]) -> None:
+    expected = naive_place(f, workers)
+    answer = place(f, workers)
+    if expected is None:
+        assert isinstance(answer, Unplaceable)
+    else:
+        assert where(answer) == expected
+
+
 def cpu_of(w: WorkerFacts) -> int:
     return int(w.capacity.vcpus * w.cpu_overcommit)
 
@@ -684,12 +693,7 @@ def test_fresh_placements_match_the_naive_scan(
     tied runs) choose exactly what scanning every worker would."""
     workers = data.draw(worker_sets())
     f = fleet(*data.draw(unpinned_sets()), pins=data.draw(pin_sets(workers)), strategy=strategy)
-    answer = place(f, workers)
-    expected = naive_place(f, workers)
-    if expected is None:
-        assert isinstance(answer, Unplaceable)
-    else:
-        assert where(answer) == expected
+    assert_as_naive(f, workers)
 
 
 @settings(max_examples=200, deadline=None)
@@ -713,13 +717,7 @@ def test_big_groups_on_many_workers_match_the_naive_scan(
         )
         for i in range(data.draw(st.integers(0, 60)))
     ]
-    f = fleet(*vms, strategy=strategy)
-    expected = naive_place(f, workers)
-    answer = place(f, workers)
-    if expected is None:
-        assert isinstance(answer, Unplaceable)
-    else:
-        assert where(answer) == expected
+    assert_as_naive(fleet(*vms, strategy=strategy), workers)
 
 
 @settings(max_examples=300, deadline=None)
