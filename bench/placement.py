@@ -142,7 +142,7 @@ def measure(run: Run) -> list[Row]:
         rows.append(
             Row(
                 NAME,
-                f"place {vms:,} VMs after losing a worker ({len(healed.moves)} move)",
+                f"place {vms:,} VMs after losing a worker ({len(healed.moves)} moves)",
                 fmt_s(took),
                 "",
                 "",
