@@ -29,12 +29,11 @@ import signal
 import threading
 from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
-from typing import Any
 
 import trio
 
 from procurator.core.confinement import Confined, HostSide
-from procurator.core.vmdef import VmDefinition
+from procurator.core.vmdef import Payload, VmDefinition
 from procurator.nix.image import ImageManager, PreparedImage
 from procurator.nix.store import NixStore
 from procurator.rpc.bridge import open_bridge
@@ -46,7 +45,14 @@ from procurator.worker.daemon import (
     run_worker,
 )
 from procurator.worker.runtime import ReconcilingHandler, RuntimeOptions
-from procurator.worker.vmm.base import VmmHandle, VmmPaths, VmmRejected, VmState
+from procurator.worker.vmm.base import (
+    Capabilities,
+    VmExit,
+    VmmHandle,
+    VmmPaths,
+    VmmRejected,
+    VmState,
+)
 from procurator.worker.vmm.process import pid_start_ticks
 
 
@@ -54,6 +60,7 @@ class NullDriver:
     """See the module docstring. Thread-safe (one lock over the states)."""
 
     name = "null"
+    capabilities = Capabilities()
 
     def __init__(self) -> None:
         self._pid = os.getpid()
@@ -63,16 +70,25 @@ class NullDriver:
         self._lock = threading.Lock()
         self._states: dict[str, VmState] = {}  # by api socket
 
-    def spawn(self, paths: VmmPaths, *, timeout: float) -> VmmHandle:
+    def check(self, definition: VmDefinition) -> None:
+        """Runs anything (it runs nothing)."""
+
+    def launch(self, definition: VmDefinition, paths: VmmPaths, *, timeout: float) -> VmmHandle:
         handle = VmmHandle(self.name, self._pid, self._ticks, str(paths.api_socket))
-        with self._lock:
-            self._states[handle.api_socket] = VmState.NOT_CREATED
+        self._set(handle, VmState.RUNNING)
         return handle
 
-    def create_and_boot(
-        self, handle: VmmHandle, config: Mapping[str, Any], *, timeout: float
-    ) -> None:
-        self._set(handle, VmState.RUNNING)
+    def adopt(self, paths: VmmPaths, recorded: VmmHandle) -> VmmHandle | None:
+        return None  # the states lived in the last process
+
+    def classify_exit(self, paths: VmmPaths, handle: VmmHandle) -> VmExit:
+        return VmExit.CRASHED  # never: its "VMM" is this process
+
+    def clear_leftovers(self, paths: VmmPaths, *, unrecorded: bool, grace: float) -> None:
+        """Nothing is ever left."""
+
+    def close(self) -> None:
+        """Nothing is held."""
 
     def state(self, handle: VmmHandle, *, timeout: float) -> VmState:
         with self._lock:
@@ -113,8 +129,7 @@ class NullImages(ImageManager):
         host: HostSide,
         on_realise: Callable[[], None] | None = None,
     ) -> PreparedImage:
-        config = {"payload": {"kernel": f"{store_path}/vmlinux"}}
-        definition = VmDefinition.from_vm_config(config)
+        definition = VmDefinition(payload=Payload(kernel=f"{store_path}/vmlinux"))
         return PreparedImage(
             store_path=store_path, confined=Confined(definition, ()), disks=(), fresh=False
         )

@@ -27,7 +27,8 @@ from procurator.core.reconcile import Reconciler
 from procurator.nix.image import ImageManager
 from procurator.nix.store import NixStore
 from procurator.worker.actuator import WorkerActuator
-from procurator.worker.manager import VmManager, VmObservation, _Vm
+from procurator.worker.manager import VmManager, VmObservation
+from procurator.worker.vmrecord import VmRecord
 
 NAME = "resync"
 STORE_PATH = "/nix/store/" + "a" * 32 + "-bench-vm"
@@ -47,17 +48,17 @@ def _manager(state_dir: Path, n: int) -> VmManager:
     manager = VmManager(state_dir, _NoDriver())  # type: ignore[arg-type]
     for index in range(n):
         vm_id = f"vm-{index:05d}"
-        record = _Vm(vm_id, "cloud-hypervisor")
+        record = VmRecord(vm_id, "cloud-hypervisor")
         record.obs = VmObservation(
             vm_id=vm_id,
-            hash=HASH,
+            desired_hash=HASH,
             phase=Phase.RUNNING,
             power=PowerState.RUNNING,
             desired_power=PowerState.RUNNING,
             message=f"Running (pid {100000 + index})",
             pid=100000 + index,
             observed_hash=HASH,
-            labels={"store_path": STORE_PATH},
+            image=STORE_PATH,
             op_id="op-bench",
             driver="cloud-hypervisor",
         )

@@ -15,10 +15,13 @@ any step after a crash. A power change goes through the same ``ensure``:
 the disk copies of an unchanged image are kept, so a stopped VM starts
 again with its disk contents and its address.
 
-Order matters. Ensure: the image is checked (confinement) before anything
-is taken on the host for the VM, so a refused image takes no tap and no
-address; then the tap and address, attached to the accepted config (net
-entry, kernel ``ip=``); then the hand-over to the VmManager. Every failure
+Order matters. Ensure is the first half of the worker's launch path (the
+VmManager's supervisor does the rest: ``VmSupervisor._launch``): the image
+is checked — confinement, then what this worker's VMM driver can run
+(``VmmDriver.check``) — before anything is taken on the host for the VM, so
+a refused image takes no tap and no address; then the tap and address,
+attached to the accepted definition (NIC, kernel ``ip=``); then the
+hand-over to the VmManager, as a typed ``VmSpec``. Every failure
 before the hand-over frees what this step took (a fresh image root and
 disk copies, a tap and address the VM did not have); from the hand-over on
 the VM is the VmManager's, observed, and a removal releases everything.
@@ -38,7 +41,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import trio
 
@@ -46,6 +48,7 @@ from procurator.core.confinement import HostSide
 from procurator.core.errors import ProcuratorError
 from procurator.core.models import Phase, PowerState, VmAssignment
 from procurator.core.reconcile import ObservedVm
+from procurator.core.vmdef import VmDefinition
 from procurator.nix.image import ImageManager, PreparedImage
 from procurator.worker.manager import VmManager, VmObservation, VmSpec
 from procurator.worker.network import NetworkManager
@@ -144,31 +147,38 @@ class WorkerActuator:
             "VM %s: ensuring %s, power %s (%s)", vm.id, vm.hash, vm.power.value, vm.nix_store_path
         )
         try:
-            # The image first: a refused one takes no tap and no address.
-            prepared = self._prepare_image(vm)
-            try:
-                config, labels = self._attach_network(vm, prepared)
-            except BaseException:
-                self._images.abandon(vm.id, prepared)
-                raise
+            spec = self._launch_spec(vm, op_id)
             self._mark(vm.id, _InFlight(vm.hash, Phase.STARTING, "starting the VMM"))
             # The hand-over: from here the VmManager owns the VM (and with it
             # what was taken for it), and a removal releases all of it.
-            observation = self._manager.ensure(
-                VmSpec(
-                    vm_id=vm.id,
-                    hash=vm.hash,
-                    config=config,
-                    power=vm.power,
-                    op_id=op_id,
-                    labels=labels,
-                )
-            )
+            observation = self._manager.ensure(spec)
             log.info("VM %s: %s (%s)", vm.id, observation.phase.value, observation.message)
             # Only now that the VM runs this image may older ones go.
             self._images.retire_others(vm.id, vm.nix_store_path)
         finally:
             self._mark(vm.id, None)
+
+    def _launch_spec(self, vm: VmAssignment, op_id: str) -> VmSpec:
+        """What the VmManager is handed: the image checked (confinement,
+        then what this worker's VMM can run) before the tap and address are
+        taken; every failure frees what this step took."""
+        prepared = self._prepare_image(vm)
+        try:
+            # What the driver cannot run is refused before the network is touched.
+            self._manager.driver.check(prepared.definition)
+            definition, address = self._attach_network(vm, prepared)
+        except BaseException:
+            self._images.abandon(vm.id, prepared)
+            raise
+        return VmSpec(
+            vm_id=vm.id,
+            hash=vm.hash,
+            definition=definition,
+            power=vm.power,
+            op_id=op_id,
+            image=vm.nix_store_path,
+            address=address,
+        )
 
     def _prepare_image(self, vm: VmAssignment) -> PreparedImage:
         """Root, confine and copy the VM's image (undone by the image
@@ -190,14 +200,12 @@ class WorkerActuator:
 
     def _attach_network(
         self, vm: VmAssignment, prepared: PreparedImage
-    ) -> tuple[dict[str, Any], dict[str, str]]:
-        """The VM's config (its definition as the VmConfig) with its tap and
-        MAC, and its labels (with its address). A tap and address taken here
-        for a VM that had none are released again when anything fails
-        before the hand-over to the VmManager."""
-        labels = {"store_path": vm.nix_store_path}
+    ) -> tuple[VmDefinition, str]:
+        """The VM's definition with its tap and MAC, and its address. A tap
+        and address taken here for a VM that had none are released again
+        when anything fails before the hand-over to the VmManager."""
         if self._network is None:
-            return prepared.definition.to_vm_config(), labels
+            return prepared.definition, ""
         self._mark(vm.id, _InFlight(vm.hash, Phase.STARTING, "preparing the network"))
         fresh = self._network.nic(vm.id) is None
         try:
@@ -210,8 +218,7 @@ class WorkerActuator:
                 self._release_network(vm.id)
             raise
         log.info("VM %s: tap %s, address %s", vm.id, nic.tap, nic.ip)
-        config = definition.to_vm_config()
-        return config, {**labels, "address": nic.ip, "tap": nic.tap, "mac": nic.mac}
+        return definition, nic.ip
 
     def _release_network(self, vm_id: str) -> None:
         assert self._network is not None
@@ -238,12 +245,12 @@ class WorkerActuator:
 def _observed(o: VmObservation) -> ObservedVm:
     return ObservedVm(
         id=o.vm_id,
-        hash=o.observed_hash or o.hash,
+        hash=o.observed_hash or o.desired_hash,
         phase=o.phase,
         power=o.power,
         message=o.message,
         restarts=o.restarts,
-        address=o.labels.get("address", ""),
+        address=o.address,
         op_id=o.op_id,
         desired_power=o.desired_power,
     )

@@ -95,8 +95,8 @@ class RuntimeOptions:
     metrics_interval: float = 15.0  # seconds between metric polls and reports
     # Seconds between a VM's vm.info health checks. A VMM that exits is seen
     # at once (pidfd); this only bounds how long a hung API goes unnoticed
-    # (two missed checks). Every check is an HTTP call: at a thousand VMs,
-    # 5 s meant 200 calls a second, most of an idle worker's CPU.
+    # (two missed checks). Every check is an API call: at a thousand VMs a
+    # 5 s interval is 200 calls a second, most of an idle worker's CPU.
     health_interval: float = 15.0
     # At most this many health checks a second across all VMs: past
     # health_interval * this many VMs (375 by default), each VM's interval
@@ -308,8 +308,8 @@ class ReconcilingHandler:
         """A worker killed between starting a VM's new image and retiring
         the old one left both rooted: keep only what each VM runs."""
         for observation in self.manager.list():
-            store_path = observation.labels.get("store_path")
-            if store_path and observation.observed_hash == observation.hash:
+            store_path = observation.image
+            if store_path and observation.observed_hash == observation.desired_hash:
                 try:
                     self.images.retire_others(observation.vm_id, store_path)
                 except ProcuratorError as exc:
@@ -365,9 +365,9 @@ class ReconcilingHandler:
             VmSnapshot(
                 id=o.vm_id,
                 phase=o.phase,
-                hash=o.observed_hash or o.hash,
-                store_path=o.labels.get("store_path", ""),
-                address=o.labels.get("address", ""),
+                hash=o.observed_hash or o.desired_hash,
+                store_path=o.image,
+                address=o.address,
                 restarts=o.restarts,
                 pid=o.pid or 0,
                 counters=counters.get(o.vm_id, {}),

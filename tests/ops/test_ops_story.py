@@ -53,7 +53,8 @@ def test_one_grep_of_the_op_id_tells_the_rollout(
     assert f"[op_id={op}" in master
 
     # The worker: receipt, the reconciler's action, the actuator's steps and
-    # the VmManager's supervisor thread — JSON lines with the same fields.
+    # the VM's supervisor thread (worker/supervisor.py) — JSON lines with the
+    # same fields.
     lines = _grep(fake_fleet.worker_log, op)
     records = [json.loads(line) for line in lines]
     assert all(r["op_id"] == op and r["worker_id"] == "host-a" for r in records)
@@ -64,12 +65,12 @@ def test_one_grep_of_the_op_id_tells_the_rollout(
         "procurator.worker.link",
         "procurator.core.reconcile",
         "procurator.worker.actuator",
-        "procurator.worker.manager",
+        "procurator.worker.supervisor",
     ):
         assert logger in by_logger, f"{logger} logged nothing with {op}:\n" + "\n".join(lines)
     assert by_logger["procurator.worker.link"][0]["generation"] == 1
-    assert all(r["vm_id"] == "web-1" for r in by_logger["procurator.worker.manager"])
-    assert any("booted" in r["message"] for r in by_logger["procurator.worker.manager"])
+    assert all(r["vm_id"] == "web-1" for r in by_logger["procurator.worker.supervisor"])
+    assert any("booted" in r["message"] for r in by_logger["procurator.worker.supervisor"])
 
     # describe: desired vs observed, and the events with their op id.
     described = fake_fleet.describe("web-1")

@@ -3,6 +3,7 @@ readiness marker, the stop ladder, commands inside a network namespace."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from procurator.core.vmdef import VmDefinition
+from procurator.worker.state import StateDir
 from procurator.worker.vmm.base import VmmError, VmmHandle, VmmPaths
 from procurator.worker.vmm.process import terminate, wait_exit
 from procurator.worker.vmm.qemu import QemuDriver
@@ -24,9 +27,10 @@ BOOT_LIMIT = 120.0
 POWER_OFF_LIMIT = 30.0
 
 
-def image_config(image: Path, *, cmdline: str = "", **extra: Any) -> dict[str, Any]:
-    """The image's VmConfig with its paths made absolute (the worker's job
-    in production) and ``cmdline`` appended."""
+def image_definition(image: Path, *, cmdline: str = "", **extra: Any) -> VmDefinition:
+    """The image's VM with its paths made absolute and the serial port on
+    ``serial.log`` (the worker's job in production), ``cmdline`` appended
+    and ``extra`` VmConfig sections set."""
     config: dict[str, Any] = json.loads((image / "vm-config.json").read_text())
     payload = config["payload"]
     for key in ("kernel", "initramfs"):
@@ -34,18 +38,15 @@ def image_config(image: Path, *, cmdline: str = "", **extra: Any) -> dict[str, A
             payload[key] = str(image / payload[key])
     payload["cmdline"] = f"{payload.get('cmdline', '')} {cmdline}".strip()
     config.update(extra)
-    return config
+    return VmDefinition.from_vm_config(config)
 
 
-def make_paths(vm_dir: Path) -> VmmPaths:
-    vm_dir.mkdir(parents=True, exist_ok=True)
-    return VmmPaths(
-        vm_dir=vm_dir,
-        api_socket=vm_dir / "qmp.sock",
-        event_file=vm_dir / "events.jsonl",
-        log_file=vm_dir / "qemu.log",
-        serial_file=vm_dir / "serial.log",
-    )
+def make_paths(state_dir: Path, vm_id: str) -> VmmPaths:
+    """The paths a worker with ``state_dir`` gives VM ``vm_id`` (its
+    directory made)."""
+    paths = StateDir(state_dir).paths(vm_id)
+    paths.vm_dir.mkdir(parents=True, exist_ok=True)
+    return paths
 
 
 def wait_for_ready(paths: VmmPaths, handle: VmmHandle) -> str:
@@ -91,10 +92,11 @@ class Vms:
     running: list[VmmHandle] = field(default_factory=list)
 
     def launch(
-        self, name: str, config: dict[str, Any], driver: QemuDriver | None = None
+        self, name: str, definition: VmDefinition, driver: QemuDriver | None = None
     ) -> tuple[VmmHandle, VmmPaths]:
-        paths = make_paths(self.root / name)
-        handle = (driver or self.driver).launch(paths, config, timeout=30.0)
+        paths = make_paths(self.root, name)
+        definition = dataclasses.replace(definition, serial_file=str(paths.serial_file))
+        handle = (driver or self.driver).launch(definition, paths, timeout=30.0)
         self.running.append(handle)
         return handle, paths
 

@@ -5,6 +5,7 @@ network namespace. Every VM goes through the stop ladder at teardown."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -15,14 +16,15 @@ from pyroute2 import IPRoute
 from qemuhelpers import (
     POWER_OFF_LIMIT,
     Vms,
-    image_config,
+    image_definition,
     in_netns,
     make_paths,
     stop_vm,
     wait_for_ready,
 )
 
-from procurator.worker.vmm.base import VmmError, VmState, launch_vm
+from procurator.worker.vmm import process
+from procurator.worker.vmm.base import VmmError, VmState
 from procurator.worker.vmm.process import is_alive, wait_exit
 from procurator.worker.vmm.qemu import QemuDriver
 
@@ -30,7 +32,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.nix]
 
 
 def test_boot_pause_resume_and_power_button(test_image: Path, vms: Vms) -> None:
-    handle, paths = vms.launch("boot", image_config(test_image))
+    handle, paths = vms.launch("boot", image_definition(test_image))
     serial = wait_for_ready(paths, handle)
     assert "PROCURATOR-READY none" in serial
     assert vms.driver.state(handle, timeout=5) is VmState.RUNNING
@@ -55,7 +57,9 @@ def test_boot_pause_resume_and_power_button(test_image: Path, vms: Vms) -> None:
 
 
 def test_second_driver_reattaches_by_handle(test_image: Path, vms: Vms) -> None:
-    handle, paths = vms.launch("adopt", image_config(test_image), driver=QemuDriver(accel="tcg"))
+    handle, paths = vms.launch(
+        "adopt", image_definition(test_image), driver=QemuDriver(accel="tcg")
+    )
     wait_for_ready(paths, handle)
     # A fresh instance knows only the handle (as after a worker restart).
     again = QemuDriver(accel="tcg")
@@ -71,20 +75,22 @@ def test_second_driver_reattaches_by_handle(test_image: Path, vms: Vms) -> None:
     again.shutdown_vmm(restored, timeout=5)
 
 
-def test_launch_through_launch_vm_reports_a_qemu_that_exits_at_start(
-    test_image: Path, vms: Vms
-) -> None:
-    config = image_config(test_image)
-    config["payload"]["kernel"] = "/nonexistent/vmlinux"
-    paths = make_paths(vms.root / "bad")
+def test_launch_reports_a_qemu_that_exits_at_start(test_image: Path, vms: Vms) -> None:
+    definition = image_definition(test_image)
+    definition = dataclasses.replace(
+        definition,
+        payload=dataclasses.replace(definition.payload, kernel="/nonexistent/vmlinux"),
+    )
+    paths = make_paths(vms.root, "bad")
     # Temporary (VmmError): QEMU exiting at start may pass (memory, a busy
     # tap); the manager's backoff and crash-loop detection handle one that
     # does not.
     with pytest.raises(VmmError) as raised:
-        launch_vm(vms.driver, paths, config, timeout=30)
+        vms.driver.launch(definition, paths, timeout=30)
     # QEMU's own words come back, and nothing is left running.
     assert any("vmlinux" in line for line in raised.value.details), raised.value.details
     assert not paths.api_socket.exists()
+    assert process.find_launched(paths.vm_dir) == []
 
 
 def _guest_status(run: Any, address: str) -> dict[str, Any]:
@@ -116,13 +122,13 @@ def test_guest_on_a_bridge_in_a_netns(test_image: Path, netns: str, vms: Vms) ->
     disk = vms.root / "data.img"
     disk.write_bytes(b"\0" * (4 * 1024 * 1024))
     driver = QemuDriver(accel="tcg", binary=str(wrapper))
-    config = image_config(
+    definition = image_definition(
         test_image,
         cmdline="ip=10.77.0.2::10.77.0.1:255.255.255.0:guest:eth0:off",
         net=[{"tap": "tap0", "mac": "52:54:00:77:00:02"}],
         disks=[{"path": str(disk), "id": "data", "readonly": True}],
     )
-    handle, paths = vms.launch("net", config, driver=driver)
+    handle, paths = vms.launch("net", definition, driver=driver)
     assert "PROCURATOR-READY 10.77.0.2" in wait_for_ready(paths, handle)
 
     run = in_netns(netns)
@@ -140,11 +146,11 @@ def test_guest_on_a_bridge_in_a_netns(test_image: Path, netns: str, vms: Vms) ->
     assert after["uptime"] >= before["uptime"]
 
     counters = driver.counters(handle, timeout=5)
-    assert set(counters) == {"data", "_net0"}
-    assert counters["_net0"]["rx_frames"] > 0  # the guest received our requests
-    assert counters["_net0"]["tx_frames"] > 0  # and answered
-    assert counters["_net0"]["rx_bytes"] > 0
+    assert set(counters) == {"data", "net0"}  # the NIC's id, as cloud-hypervisor's
+    assert counters["net0"]["rx_frames"] > 0  # the guest received our requests
+    assert counters["net0"]["tx_frames"] > 0  # and answered
+    assert counters["net0"]["rx_bytes"] > 0
     assert counters["data"]["read_ops"] > 0  # the kernel read the partition table
     assert counters["data"]["write_ops"] == 0
     # A second instance reads the same counters with only the handle.
-    assert set(QemuDriver(accel="tcg").counters(handle, timeout=5)) == {"data", "_net0"}
+    assert set(QemuDriver(accel="tcg").counters(handle, timeout=5)) == {"data", "net0"}

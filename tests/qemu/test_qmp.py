@@ -5,6 +5,7 @@ process, which is alive, so every call reaches the monitor."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -15,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from qemuhelpers import make_paths
 
 from procurator.worker.vmm.base import (
+    VmExit,
     VmmGone,
     VmmHandle,
+    VmmPaths,
     VmmRejected,
     VmmTimeout,
     VmState,
@@ -207,7 +209,17 @@ def test_counters_from_blockstats(monitor: Callable[..., FakeMonitor]) -> None:
     assert counters == {"root": expected, "_disk1": expected}
 
 
-def test_protocol_two_step_start_is_refused(tmp_path: Path) -> None:
+def test_adoption_and_exits_go_by_the_process_and_its_socket(
+    monitor: Callable[..., FakeMonitor], sock_dir: Path
+) -> None:
+    fake = monitor(answer({}))
+    paths = VmmPaths(sock_dir, fake.path, sock_dir / "e", sock_dir / "l", sock_dir / "s")
     driver = QemuDriver(accel="tcg")
-    with pytest.raises(VmmRejected, match="launch"):
-        driver.spawn(make_paths(tmp_path / "vm"), timeout=1)
+    alive = own_handle(fake.path)
+    assert driver.adopt(paths, alive) == alive
+    stale = VmmHandle("qemu", os.getpid(), -1, str(fake.path))  # start time differs
+    assert driver.adopt(paths, stale) is None
+    # QEMU removes its QMP socket when it exits cleanly; a crash leaves it.
+    assert driver.classify_exit(paths, stale) is VmExit.CRASHED
+    gone = dataclasses.replace(paths, api_socket=sock_dir / "gone.sock")
+    assert driver.classify_exit(gone, stale) is VmExit.POWERED_OFF

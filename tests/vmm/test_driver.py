@@ -7,17 +7,29 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from vmmhelpers import FAKE, U64_MAX, ApiCalls, ApiValidator, config, fake_driver
+from vmmhelpers import (
+    FAKE,
+    U64_MAX,
+    ApiCalls,
+    ApiValidator,
+    config,
+    definition,
+    fake_driver,
+)
 
 from procurator.core.errors import PermanentError, TemporaryError
+from procurator.core.vmdef import VmDefinition
 from procurator.worker.runtime import RuntimeOptions, make_driver
+from procurator.worker.state import StateDir
 from procurator.worker.vmm import process
 from procurator.worker.vmm.base import (
+    VmExit,
     VmmError,
     VmmGone,
     VmmHandle,
@@ -31,15 +43,10 @@ from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver
 
 @pytest.fixture
 def paths(state_dir: Path) -> VmmPaths:
-    vm_dir = state_dir / "vm"
-    vm_dir.mkdir()
-    return VmmPaths(
-        vm_dir=vm_dir,
-        api_socket=vm_dir / "api.sock",
-        event_file=vm_dir / "events.json",
-        log_file=vm_dir / "vmm.log",
-        serial_file=vm_dir / "serial.log",
-    )
+    """The paths the worker gives VM ``vm`` (its directory made)."""
+    paths = StateDir(state_dir).paths("vm")
+    paths.vm_dir.mkdir(parents=True)
+    return paths
 
 
 def faults(paths: VmmPaths, **values: object) -> None:
@@ -48,7 +55,8 @@ def faults(paths: VmmPaths, **values: object) -> None:
 
 @pytest.fixture
 def vmm(driver: CloudHypervisorDriver, paths: VmmPaths) -> Iterator[VmmHandle]:
-    handle = driver.spawn(paths, timeout=20.0)
+    """A VMM running the VM of ``definition()``."""
+    handle = driver.launch(definition(), paths, timeout=20.0)
     yield handle
     process.terminate(handle.pid, handle.pid_start_ticks, grace=2.0)
 
@@ -57,10 +65,15 @@ def events(paths: VmmPaths) -> list[str]:
     return [json.loads(line)["event"] for line in paths.event_file.read_text().splitlines()]
 
 
-def test_spawn_boot_and_inspect(
+def left_running(paths: VmmPaths) -> list[tuple[int, int]]:
+    """Processes launched for the VM that still run (none after a failure)."""
+    return process.find_launched(paths.vm_dir)
+
+
+def test_launch_boot_and_inspect(
     driver: CloudHypervisorDriver, paths: VmmPaths, api_calls: ApiCalls
 ) -> None:
-    handle = driver.spawn(paths, timeout=20.0)
+    handle = driver.launch(definition(), paths, timeout=20.0)
     try:
         assert process.is_alive(handle.pid, handle.pid_start_ticks)
         assert handle.api_socket == str(paths.api_socket)
@@ -68,18 +81,19 @@ def test_spawn_boot_and_inspect(
         assert b"--api-socket" in cmdline
         assert f"path={paths.api_socket}".encode() in cmdline
         assert f"path={paths.event_file}".encode() in cmdline
+        # Marked as launched for this VM, whatever its command line says.
+        assert [pid for pid, _ in left_running(paths)] == [handle.pid]
         # Its own session, and not our child: it outlives the worker, and
         # is watched the same way whether started or re-adopted.
         assert os.getsid(handle.pid) != os.getsid(0)
         ppid = int(Path(f"/proc/{handle.pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
         assert ppid != os.getpid()
 
-        assert driver.state(handle, timeout=5.0) is VmState.NOT_CREATED
-        driver.create_and_boot(handle, config(), timeout=10.0)
         assert driver.state(handle, timeout=5.0) is VmState.RUNNING
         info = driver.info(handle, timeout=5.0)
         assert info is not None
         assert info["config"]["payload"]["kernel"] == "/nix/store/aaaa-vm/vmlinux"
+        assert info["config"] == config()  # the definition, rendered as the VmConfig
 
         driver.pause(handle, timeout=5.0)
         assert driver.state(handle, timeout=5.0) is VmState.PAUSED
@@ -91,6 +105,7 @@ def test_spawn_boot_and_inspect(
         driver.shutdown_vmm(handle, timeout=5.0)
         assert process.wait_exit(handle.pid, handle.pid_start_ticks, 10.0)
         assert not paths.api_socket.exists()  # a clean exit removes the socket
+        assert driver.classify_exit(paths, handle) is VmExit.POWERED_OFF
     finally:
         process.terminate(handle.pid, handle.pid_start_ticks, grace=1.0)
     endpoints = {endpoint for endpoint, _, _ in api_calls.calls}
@@ -98,10 +113,77 @@ def test_spawn_boot_and_inspect(
     assert all(seconds >= 0 for _, seconds, _ in api_calls.calls)
 
 
+def test_every_field_of_a_definition_is_rendered_as_the_documented_vmconfig(
+    driver: CloudHypervisorDriver, paths: VmmPaths, openapi: ApiValidator
+) -> None:
+    """A definition using every section of the schema goes to the VMM as a
+    VmConfig the OpenAPI description accepts (the driver's transport checks
+    the vm.create body), and comes back from vm.info as it went."""
+    bucket = {"size": 1 << 20, "refill_time": 100, "one_time_burst": 1 << 20}
+    limiter = {"bandwidth": bucket, "ops": {"size": 100, "refill_time": 100}}
+    rich = config(
+        cpus={
+            "boot_vcpus": 2,
+            "max_vcpus": 2,
+            "topology": {
+                "threads_per_core": 1,
+                "cores_per_die": 2,
+                "dies_per_package": 1,
+                "packages": 1,
+            },
+            "kvm_hyperv": False,
+            "max_phys_bits": 46,
+            "nested": False,
+        },
+        memory={"size": 256 << 20, "mergeable": True, "shared": False, "thp": True},
+        disks=[
+            {
+                "path": "/var/lib/procurator/disk.img",
+                "id": "disk0",
+                "readonly": False,
+                "direct": True,
+                "num_queues": 2,
+                "queue_size": 256,
+                "serial": "root",
+                "rate_limiter_config": limiter,
+                "image_type": "Raw",
+                "sparse": True,
+                "lock_granularity": "Full",
+            }
+        ],
+        net=[
+            {
+                "tap": "vm-tap0",
+                "mac": "52:54:00:12:34:56",
+                "host_mac": "fe:54:00:12:34:56",
+                "id": "net0",
+                "mtu": 1500,
+                "offload_tso": True,
+                "rate_limiter_config": limiter,
+            }
+        ],
+        rng={"src": "/dev/urandom"},
+        balloon={"size": 64 << 20, "deflate_on_oom": True},
+        console={"mode": "Null"},
+        platform={"num_pci_segments": 1, "serial_number": "sn-1", "oem_strings": ["a", "b"]},
+        rate_limit_groups=[{"id": "group0", "rate_limiter_config": limiter}],
+        pci_segments=[{"pci_segment": 0, "mmio32_aperture_weight": 1}],
+        watchdog=True,
+        pvpanic=True,
+    )
+    handle = driver.launch(VmDefinition.from_vm_config(rich), paths, timeout=20.0)
+    try:
+        info = driver.info(handle, timeout=5.0)
+        assert info is not None and info["config"] == rich
+    finally:
+        process.terminate(handle.pid, handle.pid_start_ticks, grace=1.0)
+    assert openapi.seen["PUT /api/v1/vm.create"] == 1
+    assert not openapi.errors
+
+
 def test_counters_drop_the_u64_max_latency_sentinels(
     driver: CloudHypervisorDriver, vmm: VmmHandle
 ) -> None:
-    driver.create_and_boot(vmm, config(), timeout=10.0)
     raw = httpx.Client(transport=httpx.HTTPTransport(uds=vmm.api_socket), trust_env=False)
     with raw:
         first_raw = raw.get("http://localhost/api/v1/vm.counters").json()
@@ -116,43 +198,43 @@ def test_counters_drop_the_u64_max_latency_sentinels(
 
 
 def test_a_rejected_config_is_permanent_with_the_vmm_error_chain(
-    driver: CloudHypervisorDriver, vmm: VmmHandle, paths: VmmPaths, api_calls: ApiCalls
+    driver: CloudHypervisorDriver, paths: VmmPaths, api_calls: ApiCalls
 ) -> None:
     faults(paths, reject={"vm.create": 400})
     with pytest.raises(VmmRejected) as caught:
-        driver.create_and_boot(vmm, config(), timeout=10.0)
+        driver.launch(definition(), paths, timeout=20.0)
     assert isinstance(caught.value, PermanentError)
     assert caught.value.status == 400
     assert caught.value.details == ("Error from API: vm.create rejected", "fault injection")
     assert "vm.create" in str(caught.value) and str(paths.api_socket) in str(caught.value)
     assert ("vm.create", False) in [(e, ok) for e, _, ok in api_calls.calls]
+    assert left_running(paths) == []  # a failed launch leaves no process
+    assert not paths.api_socket.exists()
 
 
-def test_a_server_error_is_temporary(
-    driver: CloudHypervisorDriver, vmm: VmmHandle, paths: VmmPaths
-) -> None:
+def test_a_server_error_is_temporary(driver: CloudHypervisorDriver, paths: VmmPaths) -> None:
     faults(paths, reject={"vm.boot": 500})
     with pytest.raises(VmmError) as caught:
-        driver.create_and_boot(vmm, config(), timeout=10.0)
+        driver.launch(definition(), paths, timeout=20.0)
     assert isinstance(caught.value, TemporaryError)
     assert not isinstance(caught.value, PermanentError)
     assert "HTTP 500" in str(caught.value)
+    assert left_running(paths) == []
 
 
 def test_wrong_state_is_rejected(driver: CloudHypervisorDriver, vmm: VmmHandle) -> None:
     with pytest.raises(VmmRejected) as caught:
-        driver.pause(vmm, timeout=5.0)
-    assert caught.value.status == 404
-    driver.create_and_boot(vmm, config(), timeout=10.0)
+        driver.resume(vmm, timeout=5.0)  # it runs
+    assert caught.value.status == 405
+    driver.shutdown_vm(vmm, timeout=5.0)
     with pytest.raises(VmmRejected) as caught:
-        driver.resume(vmm, timeout=5.0)
+        driver.pause(vmm, timeout=5.0)  # it is shut down
     assert caught.value.status == 405
 
 
 def test_a_hung_call_times_out(
     driver: CloudHypervisorDriver, vmm: VmmHandle, paths: VmmPaths
 ) -> None:
-    driver.create_and_boot(vmm, config(), timeout=10.0)
     faults(paths, hang=["vm.info"])
     with pytest.raises(VmmTimeout, match=r"did not answer vm\.info"):
         driver.state(vmm, timeout=0.3)
@@ -160,11 +242,15 @@ def test_a_hung_call_times_out(
     assert driver.ping(vmm, timeout=5.0)["version"]
 
 
-def test_a_vanished_vmm_is_gone(driver: CloudHypervisorDriver, vmm: VmmHandle) -> None:
+def test_a_vanished_vmm_is_gone(
+    driver: CloudHypervisorDriver, vmm: VmmHandle, paths: VmmPaths
+) -> None:
     process.signal_process(vmm.pid, vmm.pid_start_ticks, signal.SIGKILL)
     assert process.wait_exit(vmm.pid, vmm.pid_start_ticks, 10.0)
     with pytest.raises(VmmGone):
         driver.state(vmm, timeout=2.0)
+    assert driver.adopt(paths, vmm) is None
+    assert driver.classify_exit(paths, vmm) is VmExit.CRASHED  # it left its socket
 
 
 def test_a_vmm_that_fails_to_start_leaves_nothing(
@@ -172,14 +258,15 @@ def test_a_vmm_that_fails_to_start_leaves_nothing(
 ) -> None:
     faults(paths, fail_start="no such kernel feature")
     with pytest.raises(VmmGone) as caught:
-        driver.spawn(paths, timeout=20.0)
+        driver.launch(definition(), paths, timeout=20.0)
     assert any("no such kernel feature" in line for line in caught.value.details)
+    assert left_running(paths) == []
 
 
 def test_a_missing_binary_is_reported(paths: VmmPaths) -> None:
     missing = CloudHypervisorDriver(str(paths.vm_dir / "no-such-cloud-hypervisor"))
     with pytest.raises(VmmError, match="cannot start"):
-        missing.spawn(paths, timeout=5.0)
+        missing.launch(definition(), paths, timeout=5.0)
 
 
 def test_vmm_binary_is_a_path_taken_as_is(state_dir: Path, paths: VmmPaths) -> None:
@@ -199,7 +286,7 @@ def test_vmm_binary_is_a_path_taken_as_is(state_dir: Path, paths: VmmPaths) -> N
     )
     assert isinstance(driver, CloudHypervisorDriver)
     assert driver.argv(paths)[:2] == [str(wrapper), str(FAKE)]
-    handle = driver.spawn(paths, timeout=20.0)
+    handle = driver.launch(definition(), paths, timeout=20.0)
     try:
         assert driver.ping(handle, timeout=5.0)["pid"] == handle.pid  # the wrapper exec'd
     finally:
@@ -213,17 +300,28 @@ def test_a_socket_held_by_another_vmm_is_never_taken(
     # v53 semantics: the first VMM holds <socket>.lock and a second one exits;
     # if the driver pings before that, the answering pid gives it away.
     with pytest.raises(VmmError) as caught:
-        driver.spawn(paths, timeout=20.0)
+        driver.launch(definition(), paths, timeout=20.0)
     assert "another VMM owns this socket" in str(caught.value) or any(
         "in use by another VMM" in line for line in caught.value.details
     )
-    assert driver.ping(vmm, timeout=5.0)["pid"] == vmm.pid
+    assert driver.ping(vmm, timeout=5.0)["pid"] == vmm.pid  # its socket is still there
+    assert driver.adopt(paths, vmm) == vmm
+    with pytest.raises(VmmError, match="held by a live VMM"):
+        driver.clear_leftovers(paths, unrecorded=False, grace=0.0)
+
+
+def test_clear_leftovers_stops_an_unrecorded_vmm_and_removes_its_socket(
+    driver: CloudHypervisorDriver, vmm: VmmHandle, paths: VmmPaths
+) -> None:
+    driver.clear_leftovers(paths, unrecorded=True, grace=2.0)
+    assert not process.is_alive(vmm.pid, vmm.pid_start_ticks)
+    assert not paths.api_socket.exists()
+    assert left_running(paths) == []
 
 
 def test_power_button_powers_the_guest_off_and_the_vmm_exits(
     driver: CloudHypervisorDriver, vmm: VmmHandle, paths: VmmPaths
 ) -> None:
-    driver.create_and_boot(vmm, config(), timeout=10.0)
     driver.power_button(vmm, timeout=5.0)
     assert process.wait_exit(vmm.pid, vmm.pid_start_ticks, 10.0)
     assert not paths.api_socket.exists()
@@ -231,27 +329,41 @@ def test_power_button_powers_the_guest_off_and_the_vmm_exits(
 
 
 def test_shutdown_vm_keeps_the_vmm(driver: CloudHypervisorDriver, vmm: VmmHandle) -> None:
-    driver.create_and_boot(vmm, config(), timeout=10.0)
     driver.shutdown_vm(vmm, timeout=5.0)
     assert driver.state(vmm, timeout=5.0) is VmState.SHUTDOWN
     assert process.is_alive(vmm.pid, vmm.pid_start_ticks)
 
 
 def test_the_api_observer_sees_every_call(
-    driver: CloudHypervisorDriver, vmm: VmmHandle, api_calls: ApiCalls
+    driver: CloudHypervisorDriver, paths: VmmPaths, api_calls: ApiCalls
 ) -> None:
-    before = api_calls.count()
-    driver.state(vmm, timeout=5.0)
-    driver.create_and_boot(vmm, config(), timeout=10.0)
-    assert api_calls.endpoints()[before:] == ["vm.info", "vm.create", "vm.boot", "vm.info"]
+    handle = driver.launch(definition(), paths, timeout=20.0)
+    try:
+        driver.state(handle, timeout=5.0)
+    finally:
+        process.terminate(handle.pid, handle.pid_start_ticks, grace=1.0)
+    endpoints = api_calls.endpoints()
+    pings = endpoints.index("vm.create")
+    assert pings >= 1 and set(endpoints[:pings]) == {"vmm.ping"}  # until the API answered
+    assert endpoints[pings:] == ["vm.create", "vm.boot", "vm.info", "vm.info"]
 
 
 def test_the_fake_speaks_the_documented_api(openapi: ApiValidator, paths: VmmPaths) -> None:
     """Every endpoint the fake serves, in every state, through a validating
     client: request and response checked against the OpenAPI description."""
     driver = fake_driver(transport_factory=openapi.transport)
-    handle = driver.spawn(paths, timeout=20.0)
+    # A VMM without a VM: the fake launched as the driver would, not booted.
+    pid, ticks = process.launch_detached(
+        driver.argv(paths), vm_dir=paths.vm_dir, log_path=paths.vm_dir / "vmm.stdout"
+    )
+    handle = VmmHandle(driver.name, pid, ticks, str(paths.api_socket))
     try:
+        process.wait_for_api(
+            handle,
+            lambda seconds: driver.ping(handle, timeout=seconds),
+            deadline=time.monotonic() + 20.0,
+            who="the fake",
+        )
         client = httpx.Client(transport=openapi.transport(handle.api_socket), trust_env=False)
         with client:
             base = "http://localhost/api/v1/"
@@ -311,7 +423,7 @@ def test_a_socket_path_too_long_is_refused(driver: CloudHypervisorDriver, state_
     deep.mkdir()
     long_paths = VmmPaths(deep, deep / "api.sock", deep / "e", deep / "l", deep / "s")
     with pytest.raises(VmmRejected, match="too long"):
-        driver.spawn(long_paths, timeout=5.0)
+        driver.launch(definition(), long_paths, timeout=5.0)
 
 
 def test_fake_runs_under_the_leak_guard_name(paths: VmmPaths) -> None:

@@ -14,13 +14,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 from vmmhelpers import (
     FAKE,
     ApiCalls,
     ManagerFactory,
     Recorder,
+    api_client,
     config,
+    definition,
     vmm_pids_under,
     write_faults,
 )
@@ -36,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def spec(vm_id: str = "vm1", hash: str = "h1", **kwargs: object) -> VmSpec:
-    return VmSpec(vm_id, hash, config(), **kwargs)  # type: ignore[arg-type]
+    return VmSpec(vm_id, hash, definition(), **kwargs)  # type: ignore[arg-type]
 
 
 def vmms_of(state_dir: Path, vm_id: str) -> list[tuple[int, int]]:
@@ -61,18 +64,19 @@ def kill9_and_wait(pid: int) -> None:
 
 def test_lifecycle(make_manager: ManagerFactory, state_dir: Path, recorder: Recorder) -> None:
     manager = make_manager()
-    obs = manager.ensure(spec(labels={"address": "10.0.0.2", "store": "/nix/store/x"}))
+    obs = manager.ensure(spec(address="10.0.0.2", image="/nix/store/x"))
     assert obs.phase is Phase.RUNNING
     assert obs.power is PowerState.RUNNING
-    assert obs.observed_hash == obs.hash == "h1"
+    assert obs.observed_hash == obs.desired_hash == "h1"
     assert obs.pid is not None and alive(obs.pid)
     assert obs.restarts == 0
-    assert obs.to_status().address == "10.0.0.2"
+    assert (obs.address, obs.image) == ("10.0.0.2", "/nix/store/x")
     assert [pid for pid, _ in vmms_of(state_dir, "vm1")] == [obs.pid]
 
     vm_dir = state_dir / "vms" / "vm1"
     durable = json.loads((vm_dir / "vm.json").read_text())
-    assert durable["hash"] == "h1" and durable["labels"]["store"] == "/nix/store/x"
+    assert durable["hash"] == "h1" and durable["image"] == "/nix/store/x"
+    assert durable["config"] == config()  # the definition, as its VmConfig
     handles = json.loads((vm_dir / "handles.json").read_text())
     assert handles["handle"]["pid"] == obs.pid and handles["hash"] == "h1"
     assert manager.get("vm1") == obs
@@ -94,10 +98,10 @@ def test_ensure_is_idempotent_and_makes_no_vmm_calls(
     manager = make_manager(timeouts=Timeouts(health_interval=3600.0, counters_interval=0))
     first = manager.ensure(spec())
     before = api_calls.count()
-    again = manager.ensure(spec(labels={"address": "10.0.0.9"}, op_id="op-2"))
+    again = manager.ensure(spec(address="10.0.0.9", op_id="op-2"))
     assert api_calls.count() == before
     assert again.pid == first.pid
-    assert again.labels == {"address": "10.0.0.9"} and again.op_id == "op-2"
+    assert again.address == "10.0.0.9" and again.op_id == "op-2"
 
 
 def test_fifty_vms_concurrently(make_manager: ManagerFactory, state_dir: Path) -> None:
@@ -420,7 +424,7 @@ def test_recover_kills_a_vmm_that_no_handle_recorded(
     first = make_manager()
     first.ensure(spec(power=PowerState.STOPPED))
     first.close()
-    orphan = driver.spawn(StateDir(state_dir).paths("vm1"), timeout=20.0)
+    orphan = driver.launch(definition(), StateDir(state_dir).paths("vm1"), timeout=20.0)
     (state_dir / "vms" / "vm1" / "handles.json").write_text(
         json.dumps({"driver": "cloud-hypervisor", "spawning": True, "handle": None, "hash": ""})
     )
@@ -449,7 +453,7 @@ def test_recover_kills_an_unrecorded_vmm_started_through_a_wrapper(
         assert first.ensure(spec()).phase is Phase.RUNNING  # the wrapper works
         first.ensure(spec(power=PowerState.STOPPED))
         first.close()
-        orphan = driver.spawn(StateDir(state_dir).paths("vm1"), timeout=20.0)
+        orphan = driver.launch(definition(), StateDir(state_dir).paths("vm1"), timeout=20.0)
         (state_dir / "vms" / "vm1" / "handles.json").write_text(
             json.dumps({"driver": "cloud-hypervisor", "spawning": True, "handle": None, "hash": ""})
         )
@@ -460,6 +464,86 @@ def test_recover_kills_an_unrecorded_vmm_started_through_a_wrapper(
         assert vmms_of(state_dir, "vm1") == []
     finally:
         driver.close()
+
+
+def test_an_upgraded_worker_readopts_what_the_previous_release_started(
+    make_manager: ManagerFactory, state_dir: Path, recorder: Recorder
+) -> None:
+    """A worker upgraded in place meets a state dir the previous release
+    wrote — vm.json format 1 (the config plus string labels), handles.json —
+    and a VMM that release launched (without today's launch marker). It
+    re-adopts that VMM, keeps its address and image, and manages it."""
+    paths = StateDir(state_dir).paths("vm1")
+    paths.vm_dir.mkdir(parents=True)
+    argv = [sys.executable, str(FAKE), "--api-socket", f"path={paths.api_socket}"]
+    argv += ["--event-monitor", f"path={paths.event_file}", "--log-file", str(paths.log_file)]
+    shell = subprocess.run(
+        ["/bin/sh", "-c", '"$@" </dev/null >/dev/null 2>&1 & echo $!', "sh", *argv],
+        capture_output=True,
+        text=True,
+        check=True,
+        start_new_session=True,
+    )
+    pid = int(shell.stdout)
+    ticks = process.pid_start_ticks(pid)
+    assert ticks is not None
+    deadline = time.monotonic() + 20
+    while not paths.api_socket.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with api_client(str(paths.api_socket)) as client:
+        base = "http://localhost/api/v1"
+        while True:  # the socket exists once bound; it answers once listening
+            try:
+                created = client.put(f"{base}/vm.create", json=config())
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        assert created.status_code == 204
+        assert client.put(f"{base}/vm.boot").status_code == 204
+    (paths.vm_dir / "vm.json").write_text(
+        json.dumps(
+            {
+                "format": 1,
+                "vm_id": "vm1",
+                "hash": "h1",
+                "config": config(),
+                "power": "running",
+                "op_id": "op-old",
+                "labels": {
+                    "store_path": "/nix/store/x-web",
+                    "address": "10.120.0.7",
+                    "tap": "pvmvm1",
+                    "mac": "52:54:00:12:34:56",
+                },
+            }
+        )
+    )
+    (paths.vm_dir / "handles.json").write_text(
+        json.dumps(
+            {
+                "driver": "cloud-hypervisor",
+                "spawning": False,
+                "handle": {
+                    "driver": "cloud-hypervisor",
+                    "pid": pid,
+                    "pid_start_ticks": ticks,
+                    "api_socket": str(paths.api_socket),
+                },
+                "hash": "h1",
+            }
+        )
+    )
+    manager = make_manager()
+    [obs] = manager.recover()
+    assert obs.pid == pid and obs.phase is Phase.RUNNING  # re-adopted, not restarted
+    assert (obs.image, obs.address, obs.op_id) == ("/nix/store/x-web", "10.120.0.7", "op-old")
+    assert EventKind.READOPTED in recorder.kinds("vm1")
+    paused = manager.ensure(spec(power=PowerState.PAUSED, image=obs.image, address=obs.address))
+    assert paused.phase is Phase.PAUSED and paused.pid == pid
+    durable = json.loads((paths.vm_dir / "vm.json").read_text())
+    assert durable["format"] == 2 and durable["address"] == "10.120.0.7"
 
 
 def test_counters_are_polled_and_served_without_io(
@@ -490,15 +574,10 @@ def test_a_callback_error_does_not_stop_supervision(make_manager: ManagerFactory
     assert calls
 
 
-def test_a_spec_must_be_plain_json() -> None:
-    with pytest.raises(PermanentError, match="not plain JSON"):
-        VmSpec("vm1", "h1", {"payload": {"kernel": object()}})
-
-
 def test_invalid_vm_id_is_rejected(make_manager: ManagerFactory) -> None:
     manager = make_manager()
     with pytest.raises(PermanentError, match="VM id"):
-        manager.ensure(VmSpec("../etc", "h1", config()))
+        manager.ensure(VmSpec("../etc", "h1", definition()))
 
 
 def test_operations_after_close_are_refused(make_manager: ManagerFactory) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from vmmhelpers import ManagerFactory, Recorder, config, write_faults
+from vmmhelpers import ManagerFactory, Recorder, definition, write_faults
 
 from procurator.core.models import EventKind, Phase
 from procurator.worker.manager import VmSpec
@@ -41,7 +41,7 @@ def test_supervision_above_fd_setsize(
 ) -> None:
     manager = make_manager()
     faults = write_faults(state_dir, "vm1", {"crash_after_boot": 0.2})
-    first = manager.ensure(VmSpec("vm1", "h1", config()))
+    first = manager.ensure(VmSpec("vm1", "h1", definition()))
     assert first.phase is Phase.RUNNING
     # The crash is seen through the pidfd (a descriptor above 1024 now) and
     # the VM restarted.

@@ -5,6 +5,9 @@ bystander that names the same socket for it (and kill it)."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from procurator.worker.vmm import process
+from procurator.worker.vmm.base import VmmError, VmmGone, VmmHandle, VmmRejected, VmmTimeout
 
 
 @pytest.fixture
@@ -100,3 +104,66 @@ def test_programs_filter_helpers_under_a_directory(
     assert {nix.pid, shell.pid} <= {pid for pid, _ in process.find_by_argument_under(roots)}
     found = process.find_by_argument_under(roots, programs=("nix-store",))
     assert [pid for pid, _ in found] == [nix.pid]
+
+
+def test_a_stale_socket_is_removed_but_a_held_one_and_a_stranger_stay(tmp_path: Path) -> None:
+    sock = tmp_path / "api.sock"
+    lock = tmp_path / "api.sock.lock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(sock))
+    listener.close()  # the socket file stays, as a crashed VMM leaves it
+    lock.touch()
+    holder = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # a live VMM nobody recorded holds it
+        with pytest.raises(VmmError, match="held by a live VMM"):
+            process.remove_stale_socket(sock, lock_file=lock)
+        assert sock.exists()
+    finally:
+        os.close(holder)
+    process.remove_stale_socket(sock, lock_file=lock)
+    assert not sock.exists()
+    process.remove_stale_socket(sock)  # already gone: fine
+    sock.write_text("not a socket")
+    with pytest.raises(VmmRejected, match="is not a socket"):
+        process.remove_stale_socket(sock)
+    assert sock.exists()
+
+
+def test_log_tail_gives_the_last_lines_since_an_offset(tmp_path: Path) -> None:
+    log = tmp_path / "vmm.log"
+    log.write_text("old line\n")
+    since = process.log_size(log)
+    with open(log, "a") as out:
+        out.write("".join(f"line {i}\n" for i in range(30)) + "\n\n")
+    assert process.log_tail(log, since=since, lines=3) == (
+        "vmm.log: line 27",
+        "vmm.log: line 28",
+        "vmm.log: line 29",
+    )
+    assert "vmm.log: old line" not in process.log_tail(log, since=since, lines=100)
+    assert process.log_tail(tmp_path / "absent.log") == ()
+
+
+def test_wait_for_api_reports_an_exit_and_a_silence_with_the_logs(tmp_path: Path) -> None:
+    log = tmp_path / "out.log"
+    pid, ticks = process.launch_detached(
+        [sys.executable, "-c", "print('no such device'); raise SystemExit(1)"],
+        vm_dir=tmp_path,
+        log_path=log,
+    )
+    handle = VmmHandle("test", pid, ticks, str(tmp_path / "api.sock"))
+    with pytest.raises(VmmGone, match="exited before its API answered") as gone:
+        process.wait_for_api(
+            handle, lambda _: None, deadline=time.monotonic() + 20, who="it", logs=[(log, 0)]
+        )
+    assert "out.log: no such device" in gone.value.details
+    pid, ticks = process.launch_detached(
+        [sys.executable, "-c", "import time; time.sleep(300)"], vm_dir=tmp_path, log_path=log
+    )
+    handle = VmmHandle("test", pid, ticks, str(tmp_path / "api.sock"))
+    try:
+        with pytest.raises(VmmTimeout, match="did not answer"):
+            process.wait_for_api(handle, lambda _: None, deadline=time.monotonic() + 0.2, who="it")
+    finally:
+        process.terminate(pid, ticks, grace=0.0)

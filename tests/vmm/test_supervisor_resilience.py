@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from vmmhelpers import ManagerFactory, Recorder, config
+from vmmhelpers import ManagerFactory, Recorder, definition
 
 from procurator.core.models import Phase, PowerState
 from procurator.worker.manager import VmSpec
@@ -48,11 +48,11 @@ def test_an_untranslated_error_does_not_end_supervision(
 ) -> None:
     flaky = FlakyHealthChecks(driver)
     manager = make_manager(driver=flaky)
-    first = manager.ensure(VmSpec("vm1", "h1", config()))
+    first = manager.ensure(VmSpec("vm1", "h1", definition()))
     assert first.phase is Phase.RUNNING
     flaky.failures = 2
     recorder.wait_for(lambda: flaky.raised == 2)
     # Still supervised: a new desired state is carried out on the same VMM.
-    paused = manager.ensure(VmSpec("vm1", "h1", config(), power=PowerState.PAUSED))
+    paused = manager.ensure(VmSpec("vm1", "h1", definition(), power=PowerState.PAUSED))
     assert paused.phase is Phase.PAUSED
     assert paused.pid == first.pid

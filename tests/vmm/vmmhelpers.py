@@ -32,6 +32,7 @@ from openapi_core.testing import MockRequest, MockResponse
 
 from procurator.core.backoff import RestartPolicy
 from procurator.core.models import EventKind, VmEvent
+from procurator.core.vmdef import VmDefinition
 from procurator.worker.manager import Timeouts, VmManager, VmObservation
 from procurator.worker.vmm import process
 from procurator.worker.vmm._unix_http import UnixSocketTransport
@@ -75,8 +76,13 @@ FAST_POLICY = RestartPolicy(
 )
 
 
+def definition(**extra: Any) -> VmDefinition:
+    """A plausible, already-confined VM (``config`` as a definition)."""
+    return VmDefinition.from_vm_config(config(**extra))
+
+
 def config(**extra: Any) -> dict[str, Any]:
-    """A plausible, already-confined VmConfig."""
+    """A plausible, already-confined VmConfig (the JSON a VMM is given)."""
     base: dict[str, Any] = {
         "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
         "memory": {"size": 256 << 20},

@@ -12,7 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
-from vmmhelpers import FAST, FAST_POLICY, config, fake_driver
+from vmmhelpers import FAST, FAST_POLICY, definition, fake_driver
 
 from procurator.worker.manager import VmManager, VmSpec
 
@@ -22,7 +22,7 @@ def main() -> None:
     manager = VmManager(state_dir, fake_driver(), timeouts=FAST, policy=FAST_POLICY)
     pids = {}
     for vm_id in sys.argv[2:]:
-        obs = manager.ensure(VmSpec(vm_id, "h1", config()))
+        obs = manager.ensure(VmSpec(vm_id, "h1", definition()))
         pids[vm_id] = obs.pid
     print(json.dumps(pids), flush=True)
     threading.Event().wait()

@@ -5,48 +5,60 @@ thread-safe (each VM's supervisor thread calls it for its own VM only). A
 driver never decides policy (restarts, backoff, the order of the stop ladder):
 the VmManager does, the same way for every driver.
 
-The configuration language is cloud-hypervisor's ``VmConfig`` (see the
-OpenAPI description, v53) for every driver: the QEMU driver translates it.
-By the time a driver sees a config, the worker has already made it safe
-(confinement) and filled in everything host-facing: disk copies, tap, MAC,
-serial file. The API socket, event and log files are spawn arguments
-(``VmmPaths``), never part of the image's config.
+The port is launch-shaped, and every driver implements all of it:
 
-Starting a VM: call ``launch_vm(driver, paths, config, timeout=...)``. A VMM
-that can wait for its config (cloud-hypervisor) is spawned, then given the
-VM; one that needs the config on its command line (QEMU) implements
-``VmmLauncher.launch`` and gets both at once. Either way no process is left
-behind when it raises.
+- ``check(definition)``: refuse, before anything is taken on the host, a
+  definition this VMM cannot run as written (``VmmRejected`` naming every
+  field). Pure.
+- ``launch(definition, paths)``: start a VMM running the VM and confirm it
+  runs; no process is left behind when it raises. How (a VMM that takes its
+  config over its API after start, or one that takes it on its command
+  line) is the driver's own business.
+- ``adopt(paths, recorded)``: the live VMM a previous owner recorded, or
+  None; ``clear_leftovers(paths, ...)``: with no VMM of ours alive, remove
+  what a dead one left (a stale API socket, an unrecorded VMM);
+  ``classify_exit(paths, handle)``: how a VMM that exited on its own ended.
+- Power and stop operations: ``pause``, ``resume``, ``power_button``,
+  ``shutdown_vm``, ``shutdown_vmm``; observation: ``state``, ``counters``,
+  ``state_mark``.
+- ``capabilities``: what the manager may count on, declared by the driver.
+
+The VM is a typed ``procurator.core.vmdef.VmDefinition`` (made safe by
+confinement, completed by the worker: disk copies, tap, MAC, serial file);
+each driver renders it its own way. The API socket, event and log files are
+launch arguments (``VmmPaths``), never part of the definition. Shared
+process mechanics (launching detached, waiting for the API, stale sockets,
+log tails) are in ``procurator.worker.vmm.process``.
 
 Errors: drivers raise only ``VmmError`` subclasses (a ``TemporaryError``:
 the VMM may answer later) or ``VmmRejected`` (a ``PermanentError``: the VMM
-refused the config). Library exceptions (httpx, OSError, JSON) never leak.
+refused the VM or a request). Library exceptions (httpx, OSError, JSON)
+never leak.
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
-import time
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 from procurator.core.errors import PermanentError, TemporaryError
-from procurator.worker.vmm.process import terminate, wait_exit
+from procurator.core.supervision import VmState
+from procurator.core.vmdef import VmDefinition
 
 __all__ = [
+    "Capabilities",
+    "VmExit",
     "VmState",
     "VmmDriver",
     "VmmError",
     "VmmGone",
     "VmmHandle",
-    "VmmLauncher",
     "VmmPaths",
     "VmmRejected",
     "VmmTimeout",
-    "launch_vm",
 ]
 
 
@@ -70,15 +82,26 @@ class VmmRejected(PermanentError):
         self.status = status
 
 
-class VmState(enum.Enum):
-    """The VM's state as the VMM reports it (``vm.info`` ``state``)."""
+class VmExit(enum.Enum):
+    """How a VMM that exited on its own ended."""
 
-    NOT_CREATED = "NotCreated"
-    CREATED = "Created"
-    RUNNING = "Running"
-    SHUTDOWN = "Shutdown"
-    PAUSED = "Paused"
-    BREAKPOINT = "BreakPoint"
+    POWERED_OFF = "powered off"  # the guest shut down; the VMM exited cleanly
+    CRASHED = "crashed"  # anything else (a signal, a fatal error)
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What the VmManager may count on from a driver.
+
+    ``state_marks``: ``state_mark`` changes whenever the VMM reports a
+    transition of the VM, so an unchanged mark means an unchanged state and
+    a health check may read the counters alone. ``guest_clock``: a resume
+    can set the guest's clock (else a resumed guest lags by the paused time
+    until it corrects itself, and the ``resumed`` event says so).
+    """
+
+    state_marks: bool = False
+    guest_clock: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,20 +146,40 @@ class VmmHandle:
 
 
 class VmmDriver(Protocol):
-    """One hypervisor. Methods block; ``timeout`` is seconds for that call."""
+    """One hypervisor (see the module docstring). Methods block; ``timeout``
+    is seconds for that call."""
 
     name: str
+    capabilities: Capabilities
 
-    def spawn(self, paths: VmmPaths, *, timeout: float) -> VmmHandle:
-        """Start one VMM process in its own session (so it outlives the
-        worker), wait until its API answers, return its handle. The process
-        has no VM yet. Raises ``VmmError`` (and leaves no process) on failure."""
+    def check(self, definition: VmDefinition) -> None:
+        """Raise ``VmmRejected`` naming every part of ``definition`` this
+        VMM cannot run as written. No I/O."""
         ...
 
-    def create_and_boot(
-        self, handle: VmmHandle, config: Mapping[str, Any], *, timeout: float
-    ) -> None:
-        """Create the VM from ``config`` and boot it; confirm it runs."""
+    def launch(self, definition: VmDefinition, paths: VmmPaths, *, timeout: float) -> VmmHandle:
+        """Start a VMM in its own session (so it outlives the worker), with
+        the launch marker (``process.launch_env``), running the VM of
+        ``definition``; confirm the VM runs; return the handle. ``timeout``
+        bounds the whole start. Raises ``VmmRejected`` (the VMM refused the
+        VM) or ``VmmError``, and then leaves no process behind."""
+        ...
+
+    def adopt(self, paths: VmmPaths, recorded: VmmHandle) -> VmmHandle | None:
+        """``recorded`` if that VMM still runs (same pid and start time),
+        else None."""
+        ...
+
+    def classify_exit(self, paths: VmmPaths, handle: VmmHandle) -> VmExit:
+        """How the VMM of ``handle``, now gone, ended."""
+        ...
+
+    def clear_leftovers(self, paths: VmmPaths, *, unrecorded: bool, grace: float) -> None:
+        """With no VMM of ours alive for this VM (the caller holds its lock):
+        stop any VMM launched for it that no handle records, when
+        ``unrecorded`` says one may exist (SIGTERM, ``grace`` seconds,
+        SIGKILL), and remove its stale API socket. Raises ``VmmError`` if a
+        live VMM nobody recorded still holds the socket."""
         ...
 
     def state(self, handle: VmmHandle, *, timeout: float) -> VmState:
@@ -165,41 +208,12 @@ class VmmDriver(Protocol):
         ...
 
     def state_mark(self, paths: VmmPaths) -> Hashable | None:
-        """A cheap token (no API call) that changes whenever the VMM reports
-        a change of the VM's state, or None when the driver cannot tell. The
-        VmManager reads the state again only when the token changed; None
-        means on every health check."""
+        """With ``capabilities.state_marks``: a cheap token (no API call)
+        that changes whenever the VMM reports a change of the VM's state;
+        None when it cannot tell right now."""
         ...
 
-
-@runtime_checkable
-class VmmLauncher(Protocol):
-    """A driver whose VMM takes the VM's config when it starts (QEMU)."""
-
-    def launch(self, paths: VmmPaths, config: Mapping[str, Any], *, timeout: float) -> VmmHandle:
-        """Start the VMM with the VM from ``config``, boot it, confirm it
-        runs, return the handle. Leaves no process behind when it raises."""
+    def close(self) -> None:
+        """Release what the driver holds for its VMMs (connections); the
+        VMMs keep running."""
         ...
-
-
-def launch_vm(
-    driver: VmmDriver, paths: VmmPaths, config: Mapping[str, Any], *, timeout: float
-) -> VmmHandle:
-    """Start a VMM running the VM from ``config``, for any driver; the one
-    entry point for booting a VM. ``timeout`` bounds the whole start. On
-    failure no VMM process is left (the error is re-raised)."""
-    if isinstance(driver, VmmLauncher):
-        return driver.launch(paths, config, timeout=timeout)
-    deadline = time.monotonic() + timeout
-    handle = driver.spawn(paths, timeout=timeout)
-    try:
-        driver.create_and_boot(handle, config, timeout=max(0.0, deadline - time.monotonic()))
-    except BaseException:
-        # The VMM has no running guest yet: nothing to save, only to stop.
-        # Any refusal (a 4xx too) must not skip the signals below.
-        with contextlib.suppress(VmmError, VmmRejected):
-            driver.shutdown_vmm(handle, timeout=1.0)
-        if not wait_exit(handle.pid, handle.pid_start_ticks, 2.0):
-            terminate(handle.pid, handle.pid_start_ticks, grace=2.0)
-        raise
-    return handle

@@ -5,6 +5,15 @@ with httpx over the VMM's ``--api-socket``. It implements ``VmmDriver``: it
 starts processes and makes API calls, nothing else. Restarts, backoff and the
 order of the stop ladder belong to the VmManager.
 
+What is its own: a VM definition is rendered as the ``VmConfig`` JSON
+(``VmDefinition.to_vm_config``: the definition's schema *is* cloud-
+hypervisor's), so ``check`` refuses nothing; a launch starts an empty VMM,
+waits for ``vmm.ping`` (and that the answering pid is the one launched),
+then ``vm.create`` + ``vm.boot`` and confirms ``Running``; the VMM holds a
+flock on ``<socket>.lock`` while it runs (v53), which tells a stale socket
+from one a live VMM nobody recorded still serves; the event monitor file
+changes on every VM transition (``state_mark``).
+
 Error translation happens here and only here; callers never see httpx:
 
 - cannot connect, connection dropped, socket missing   -> ``VmmGone``
@@ -19,9 +28,9 @@ HTTP: one httpx transport per VMM *process* (keyed by pid and start ticks,
 not by socket path, so a restarted VMM on the same path never gets a pooled
 connection to its dead predecessor), ``_unix_http.UnixSocketTransport`` by
 default. Transports are created lazily, dropped when their VMM is shut down
-or found gone, and those of VMMs that died unnoticed are pruned on a spawn
+or found gone, and those of VMMs that died unnoticed are pruned on a launch
 at most every ``_PRUNE_INTERVAL`` (a prune reads /proc once per transport:
-on every spawn, a fleet start would cost O(VMs²) reads).
+on every launch, a fleet start would cost O(VMs²) reads).
 Requests are ``httpx.Request`` objects handed to the transport directly, not
 sent through an ``httpx.Client``: a client's per-request work (merging the
 URL with a base, cookies, auth and redirect flows, event hooks) is more than
@@ -30,14 +39,13 @@ local API socket, which a worker calls once per VM every health interval.
 Nothing reads proxy settings from the environment: the socket is local and a
 stray ``HTTP_PROXY`` must not reroute VMM control.
 
-Processes: a VMM is started as an orphan (``process.spawn_orphan``), not as
-the worker's child, so a VMM the worker started and one it re-adopted after
-a restart are watched, signalled and reaped the same way: by (pid, start
-ticks) and a pidfd. Nobody has to keep a ``Popen`` alive for it.
+Processes: launched, waited for and, on a failed launch, stopped by the
+shared mechanics of ``procurator.worker.vmm.process``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -50,9 +58,12 @@ from typing import Any
 
 import httpx
 
+from procurator.core.vmdef import VmDefinition
 from procurator.worker.vmm import process
 from procurator.worker.vmm._unix_http import UnixSocketTransport
 from procurator.worker.vmm.base import (
+    Capabilities,
+    VmExit,
     VmmError,
     VmmGone,
     VmmHandle,
@@ -85,13 +96,7 @@ TransportFactory = Callable[[str], httpx.BaseTransport]
 
 _BASE_URL = "http://localhost/api/v1"
 _HEADERS = {"Accept": "application/json", "User-Agent": "procurator"}
-# Waiting for a new VMM's API: a stat of the socket path every
-# _SOCKET_POLL until it exists (cheap), then vmm.ping every _PING_INTERVAL
-# until it answers. Both are short: the wait is on every VM start's path.
-_SOCKET_POLL = 0.002
 _PRUNE_INTERVAL = 10.0
-_PING_INTERVAL = 0.005
-_TAIL_BYTES = 2000
 _MAX_SOCKET_PATH = 107  # sun_path is 108 bytes, NUL included
 
 
@@ -125,6 +130,7 @@ class CloudHypervisorDriver:
     """
 
     name = "cloud-hypervisor"
+    capabilities = Capabilities(state_marks=True, guest_clock=False)
 
     def __init__(
         self,
@@ -164,7 +170,12 @@ class CloudHypervisorDriver:
             *self.extra_args,
         ]
 
-    def spawn(self, paths: VmmPaths, *, timeout: float) -> VmmHandle:
+    def check(self, definition: VmDefinition) -> None:
+        """Nothing to refuse: the definition's schema is cloud-hypervisor's
+        ``VmConfig``, and every field it may hold is rendered."""
+
+    def launch(self, definition: VmDefinition, paths: VmmPaths, *, timeout: float) -> VmmHandle:
+        deadline = time.monotonic() + timeout
         if len(os.fsencode(paths.api_socket)) > _MAX_SOCKET_PATH:
             raise VmmRejected(
                 f"API socket path {paths.api_socket} is too long for a unix socket "
@@ -175,73 +186,61 @@ class CloudHypervisorDriver:
             raise VmmError(f"cannot start {self.binary!r}: not found or not executable")
         paths.vm_dir.mkdir(parents=True, exist_ok=True)
         output = paths.vm_dir / "vmm.stdout"
-        try:
-            pid = process.spawn_orphan(
-                self.argv(paths),
-                log_path=output,
-                env=process.launch_env(paths.vm_dir, self.env),
-            )
-        except OSError as exc:
-            raise VmmError(f"cannot start {self.binary!r} for {paths.vm_dir}: {exc}") from exc
-        ticks = process.pid_start_ticks(pid)
-        if ticks is None:
-            raise VmmGone(
-                f"cloud-hypervisor for {paths.vm_dir} exited at once",
-                details=_tails(output, paths.log_file),
-            )
+        logs = [(output, process.log_size(output)), (paths.log_file, 0)]
+        pid, ticks = process.launch_detached(
+            self.argv(paths), vm_dir=paths.vm_dir, log_path=output, env=self.env
+        )
         handle = VmmHandle(
             driver=self.name, pid=pid, pid_start_ticks=ticks, api_socket=str(paths.api_socket)
         )
-        deadline = time.monotonic() + timeout
         try:
-            self._wait_api(handle, deadline, paths, output)
+            process.wait_for_api(
+                handle,
+                lambda seconds: self._ping_launched(handle, seconds),
+                deadline=deadline,
+                who=f"cloud-hypervisor for {paths.vm_dir}",
+                logs=logs,
+            )
+            self._create_and_boot(handle, definition.to_vm_config(), deadline)
         except BaseException:
             self.forget(handle)
-            process.terminate(handle.pid, handle.pid_start_ticks, grace=0.0)
+            process.abort_launch(handle)
+            self._clear_socket(paths)
             raise
         return handle
 
-    def _wait_api(
-        self,
-        handle: VmmHandle,
-        deadline: float,
-        paths: VmmPaths,
-        output: Path,
-    ) -> None:
-        last: VmmError | None = None
-        while True:
-            if not process.is_alive(handle.pid, handle.pid_start_ticks):
-                raise VmmGone(
-                    f"cloud-hypervisor for {paths.vm_dir} (pid {handle.pid}) exited "
-                    "before its API answered",
-                    details=_tails(output, paths.log_file),
-                )
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise VmmTimeout(
-                    f"cloud-hypervisor for {paths.vm_dir} (pid {handle.pid}) did not answer "
-                    f"vmm.ping on {handle.api_socket}"
-                    + (f": {last.message}" if last is not None else ""),
-                    details=_tails(output, paths.log_file),
-                )
-            if not os.path.exists(handle.api_socket):
-                time.sleep(min(_SOCKET_POLL, remaining))
-                continue
-            try:
-                info = self.ping(handle, timeout=min(remaining, 1.0))
-            except (VmmGone, VmmTimeout) as exc:
-                # Not listening yet: the socket appears once the VMM bound it.
-                last = exc
-                time.sleep(min(_PING_INTERVAL, max(0.0, remaining)))
-                continue
-            pid = info.get("pid")
-            if isinstance(pid, int) and pid != handle.pid:
-                raise VmmError(
-                    f"{handle.api_socket} is served by pid {pid}, not by the VMM just "
-                    f"started (pid {handle.pid}): another VMM owns this socket (or the "
-                    "VMM binary is a wrapper that does not exec the VMM)"
-                )
-            return
+    def _ping_launched(self, handle: VmmHandle, timeout: float) -> None:
+        """``vmm.ping``, and the answer must come from the VMM just launched."""
+        pid = self.ping(handle, timeout=timeout).get("pid")
+        if isinstance(pid, int) and pid != handle.pid:
+            raise VmmError(
+                f"{handle.api_socket} is served by pid {pid}, not by the VMM just "
+                f"started (pid {handle.pid}): another VMM owns this socket (or the "
+                "VMM binary is a wrapper that does not exec the VMM)"
+            )
+
+    def adopt(self, paths: VmmPaths, recorded: VmmHandle) -> VmmHandle | None:
+        return recorded if process.is_alive(recorded.pid, recorded.pid_start_ticks) else None
+
+    def classify_exit(self, paths: VmmPaths, handle: VmmHandle) -> VmExit:
+        """cloud-hypervisor removes its API socket when it exits cleanly (the
+        guest powered off, ``vmm.shutdown``, SIGTERM); a crash leaves it."""
+        self.forget(handle)
+        return VmExit.CRASHED if paths.api_socket.exists() else VmExit.POWERED_OFF
+
+    def clear_leftovers(self, paths: VmmPaths, *, unrecorded: bool, grace: float) -> None:
+        if unrecorded:
+            process.kill_unrecorded(paths.vm_dir, grace=grace)
+        process.remove_stale_socket(paths.api_socket, lock_file=Path(f"{paths.api_socket}.lock"))
+
+    @staticmethod
+    def _clear_socket(paths: VmmPaths) -> None:
+        """After a failed launch: its socket, unless a live VMM holds it
+        (a launch that found the socket taken must not take it away)."""
+        with contextlib.suppress(VmmError, VmmRejected):
+            process.remove_stale_socket(
+                paths.api_socket, lock_file=Path(f"{paths.api_socket}.lock")
+            )
 
     def forget(self, handle: VmmHandle) -> None:
         """Drop the transport of a VMM that is gone (or about to be)."""
@@ -279,11 +278,12 @@ class CloudHypervisorDriver:
         """``vmm.ping``: the VMM's version information."""
         return self._json_object(self._call(handle, "GET", "vmm.ping", timeout=timeout), handle)
 
-    def create_and_boot(
-        self, handle: VmmHandle, config: Mapping[str, Any], *, timeout: float
+    def _create_and_boot(
+        self, handle: VmmHandle, config: Mapping[str, Any], deadline: float
     ) -> None:
-        deadline = time.monotonic() + timeout
-        self._call(handle, "PUT", "vm.create", timeout=timeout, body=dict(config))
+        self._call(
+            handle, "PUT", "vm.create", timeout=_left(deadline, handle, "vm.create"), body=config
+        )
         self._call(handle, "PUT", "vm.boot", timeout=_left(deadline, handle, "vm.boot"))
         state = self.state(handle, timeout=_left(deadline, handle, "vm.info"))
         if state is not VmState.RUNNING:
@@ -464,18 +464,3 @@ def _error_chain(response: httpx.Response) -> tuple[str, ...]:
     if isinstance(data, list):
         return tuple(str(item) for item in data)
     return (json.dumps(data),)
-
-
-def _tails(*paths: Path) -> tuple[str, ...]:
-    """The last lines of the VMM's output files, for error details."""
-    lines: list[str] = []
-    for path in paths:
-        try:
-            with open(path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - _TAIL_BYTES))
-                text = f.read().decode(errors="replace")
-        except OSError:
-            continue
-        lines.extend(f"{path.name}: {line}" for line in text.splitlines()[-5:] if line.strip())
-    return tuple(lines)

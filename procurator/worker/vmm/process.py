@@ -1,40 +1,79 @@
-"""OS process helpers shared by every VMM driver and the VmManager.
+"""Process mechanics shared by every VMM driver and the VmManager, once.
 
 A VMM runs in its own session (``start_new_session``) so that neither a
 worker crash nor a signal to the worker's process group reaches it. Because
 the worker may restart, it cannot rely on being the VMM's parent: a process
 is identified by (pid, start time in clock ticks since boot), read from
-``/proc/<pid>/stat``, which a recycled pid cannot reproduce.
+``/proc/<pid>/stat``, which a recycled pid cannot reproduce, and waited for
+through a pidfd.
+
+What lives here, for both drivers:
+
+- ``launch_detached``: start a VMM as an orphan (not our child, so one the
+  worker started and one it re-adopted are watched, signalled and reaped
+  the same way), in its own session, with the launch marker in its
+  environment (``launch_env``; ``find_launched`` finds what it marks);
+- ``wait_for_api``: wait until a VMM just launched answers on its API
+  socket (or exits, or runs out of time), polling with the worker's one
+  backoff policy (``procurator.core.backoff``);
+- ``abort_launch``: stop a VMM whose launch failed;
+- ``remove_stale_socket``: remove an API socket no live VMM serves;
+- ``log_tail``: the last lines of a VMM's output, for error details;
+- signals, waits and identity checks (``terminate``, ``wait_exit``, ...).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import logging
 import os
 import select
 import signal
+import stat
 import subprocess
 import time
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
+
+from procurator.core.backoff import RestartPolicy
+from procurator.worker.vmm.base import VmmError, VmmGone, VmmHandle, VmmRejected, VmmTimeout
 
 #: The environment variable every VMM is launched with (see ``launch_env``).
 LAUNCH_MARKER = "PROCURATOR_VM_DIR"
 
 __all__ = [
+    "API_POLL",
     "LAUNCH_MARKER",
+    "abort_launch",
     "find_by_argument_under",
     "find_launched",
     "is_alive",
+    "kill_unrecorded",
+    "launch_detached",
     "launch_env",
+    "log_size",
+    "log_tail",
     "pid_start_ticks",
+    "remove_stale_socket",
     "signal_process",
-    "spawn_detached",
-    "spawn_orphan",
     "terminate",
     "wait_exit",
+    "wait_for_api",
 ]
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+#: How often a VMM just launched is asked whether its API answers: 2 ms
+#: doubling to 5 ms (a start's latency is on every VM's path; a failed
+#: connect to a socket not yet bound costs microseconds).
+API_POLL = RestartPolicy(initial_delay=0.002, multiplier=2.0, max_delay=0.005)
+#: How long a VMM whose launch failed gets to exit on SIGTERM.
+_ABORT_GRACE = 2.0
 
 
 def pid_start_ticks(pid: int) -> int | None:
@@ -63,86 +102,194 @@ def is_alive(pid: int, start_ticks: int) -> bool:
     return pid > 0 and pid_start_ticks(pid) == start_ticks
 
 
-def spawn_detached(
-    argv: Sequence[str],
-    *,
-    log_path: Path,
-    env: Mapping[str, str] | None = None,
-    cwd: Path | None = None,
-) -> subprocess.Popen[bytes]:
-    """Start ``argv`` in a new session with stdin closed and stdout/stderr
-    appended to ``log_path``. The caller keeps the ``Popen`` only to reap the
-    child; identity is (pid, start ticks)."""
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            close_fds=True,
-            env=dict(env) if env is not None else None,
-            cwd=cwd,
-        )
-
-
 # Starts "$@" in the background with its output appended to $1, prints its
 # pid and exits: the command becomes a grandchild that init adopts.
 _ORPHAN_SCRIPT = 'log=$1; shift; "$@" </dev/null >>"$log" 2>&1 & echo $!'
 
 
-def spawn_orphan(
+def launch_detached(
     argv: Sequence[str],
     *,
+    vm_dir: Path,
     log_path: Path,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
-) -> int:
-    """Start ``argv`` in a new session as a process that is *not* our child
-    (a shell forks it and exits, so init adopts it); return its pid.
+) -> tuple[int, int]:
+    """Start ``argv`` for the VM of ``vm_dir`` in a new session as a process
+    that is *not* our child (a shell forks it and exits, so init adopts it),
+    with ``launch_env(vm_dir, env)``, stdin closed and its output appended
+    to ``log_path``; return its (pid, start ticks).
 
-    Use this for processes that must outlive the caller (VMMs): a child would
-    need reaping by whoever spawned it and its ``Popen`` object must not be
-    garbage-collected while it runs, neither of which holds once the worker
-    restarts. An orphan is watched and reaped the same way whether this
-    process started it or re-adopted it: by (pid, start ticks) and a pidfd.
-    Raises ``OSError`` when the shell or the command cannot be started.
-    """
-    shell = subprocess.Popen(
-        ["/bin/sh", "-c", _ORPHAN_SCRIPT, "sh", str(log_path), *argv],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-        close_fds=True,
-        env=dict(env) if env is not None else None,
-        cwd=cwd,
-    )
+    Not a child because a VMM must outlive the worker: a child would need
+    reaping by whoever spawned it, which does not hold once the worker
+    restarts. Raises ``VmmError`` when it cannot be started (the program is
+    missing, the shell hung) or exits at once (with the log's tail)."""
+    text = _run_orphan_shell(argv, vm_dir=vm_dir, log_path=log_path, env=env, cwd=cwd)
+    pid = int(text)
+    ticks = pid_start_ticks(pid)
+    if ticks is None:
+        raise VmmGone(f"{argv[0]!r} for {vm_dir} exited at once", details=log_tail(log_path))
+    return pid, ticks
+
+
+def _run_orphan_shell(
+    argv: Sequence[str],
+    *,
+    vm_dir: Path,
+    log_path: Path,
+    env: Mapping[str, str] | None,
+    cwd: Path | None,
+) -> str:
+    """Run the shell that starts ``argv`` in the background; its output
+    (the orphan's pid)."""
+    name = argv[0]
     try:
+        shell = subprocess.Popen(
+            ["/bin/sh", "-c", _ORPHAN_SCRIPT, "sh", str(log_path), *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            close_fds=True,
+            env=launch_env(vm_dir, env),
+            cwd=cwd,
+        )
         out, err = shell.communicate(timeout=30.0)
     except subprocess.TimeoutExpired:
         shell.kill()
         shell.communicate()
-        raise OSError(f"could not start {argv[0]}: the launching shell hung") from None
+        raise VmmError(f"cannot start {name!r} for {vm_dir}: the launching shell hung") from None
+    except OSError as exc:
+        raise VmmError(f"cannot start {name!r} for {vm_dir}: {exc}") from exc
     text = out.decode().strip()
     if shell.returncode != 0 or not text.isdigit():
-        raise OSError(
-            f"could not start {argv[0]}: shell exited with {shell.returncode}: "
+        raise VmmError(
+            f"cannot start {name!r} for {vm_dir}: shell exited with {shell.returncode}: "
             f"{err.decode(errors='replace').strip() or text}"
         )
-    return int(text)
+    return text
+
+
+def wait_for_api(
+    handle: VmmHandle,
+    probe: Callable[[float], _T],
+    *,
+    deadline: float,
+    who: str,
+    logs: Sequence[tuple[Path, int]] = (),
+) -> _T:
+    """``probe(timeout)``'s answer once the VMM of ``handle``, just
+    launched, answers on its API socket. The socket appears once the VMM
+    bound it; until then, and while ``probe`` raises ``VmmGone`` or
+    ``VmmTimeout`` (not listening yet), ask again at ``API_POLL``'s pace.
+    Raises ``VmmGone`` if the VMM exits first and ``VmmTimeout`` at
+    ``deadline`` (``time.monotonic()``), both with the tails of ``logs``
+    ((path, offset) pairs) as details."""
+    last: VmmError | None = None
+    attempt = 0
+    while True:
+        if not is_alive(handle.pid, handle.pid_start_ticks):
+            raise VmmGone(
+                f"{who} (pid {handle.pid}) exited before its API answered",
+                details=_tails(logs),
+            )
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise VmmTimeout(
+                f"{who} (pid {handle.pid}) did not answer on {handle.api_socket}"
+                + (f": {last.message}" if last is not None else ""),
+                details=_tails(logs),
+            )
+        if os.path.exists(handle.api_socket):
+            try:
+                return probe(min(remaining, 1.0))
+            except (VmmGone, VmmTimeout) as exc:
+                last = exc
+        attempt += 1
+        time.sleep(min(API_POLL.delay(attempt), max(0.0, deadline - time.monotonic())))
+
+
+def abort_launch(handle: VmmHandle, *, grace: float = _ABORT_GRACE) -> None:
+    """Stop a VMM whose launch failed: SIGTERM, ``grace`` seconds, SIGKILL.
+    It has no running guest yet: there is nothing to save, only to stop.
+    (Its socket is the driver's to clear: only the driver can tell it from
+    one another live VMM still serves.)"""
+    terminate(handle.pid, handle.pid_start_ticks, grace=grace)
+
+
+def remove_stale_socket(path: Path, *, lock_file: Path | None = None) -> None:
+    """Remove the API socket at ``path``, which no live VMM of ours serves.
+    ``lock_file``: a file the VMM holds a flock on while it runs
+    (cloud-hypervisor >= v53 locks ``<socket>.lock``): if it is held, a live
+    VMM we do not know of owns the socket and it stays (``VmmError``). A
+    path that is not a socket is not ours to remove (``VmmRejected``)."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise VmmError(f"cannot inspect {path}: {exc}") from exc
+    if not stat.S_ISSOCK(mode):
+        raise VmmRejected(f"{path} exists and is not a socket; move it away")
+    fd = -1
+    if lock_file is not None:
+        with contextlib.suppress(FileNotFoundError):
+            fd = os.open(lock_file, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        if fd >= 0:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise VmmError(
+                        f"API socket {path} is held by a live VMM that no handle records "
+                        f"(its {lock_file.name if lock_file else ''} is locked)"
+                    ) from None
+                raise VmmError(f"cannot lock {lock_file}: {exc}") from exc
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            log.info("removed stale API socket %s", path)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def log_tail(path: Path, *, since: int = 0, limit: int = 4096, lines: int = 10) -> tuple[str, ...]:
+    """The last ``lines`` non-empty lines a VMM wrote to ``path`` since
+    offset ``since`` (at most ``limit`` bytes read), each prefixed with the
+    file's name; empty when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            end = f.tell()
+            f.seek(max(since, end - limit))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ()
+    kept = [line for line in text.splitlines() if line.strip()][-lines:]
+    return tuple(f"{path.name}: {line}" for line in kept)
+
+
+def _tails(logs: Sequence[tuple[Path, int]]) -> tuple[str, ...]:
+    return tuple(line for path, since in logs for line in log_tail(path, since=since))
+
+
+def log_size(path: Path) -> int:
+    """The size of ``path`` now (0 if absent): where a new launch's output
+    will start."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def wait_exit(pid: int, start_ticks: int, timeout: float) -> bool:
     """Wait up to ``timeout`` seconds for the process to exit. Works for
     processes that are not our children (re-adopted VMMs) through a pidfd.
     Returns True once it is gone."""
-    try:
-        fd = os.pidfd_open(pid)
-    except OSError as exc:
-        if exc.errno == errno.ESRCH:
-            return True
-        raise
+    fd = _pidfd(pid)
+    if fd is None:
+        return True
     try:
         # The pid could have been recycled between the caller's check and
         # pidfd_open; the pidfd now pins whatever runs, so re-check identity.
@@ -164,6 +311,16 @@ def wait_exit(pid: int, start_ticks: int, timeout: float) -> bool:
         os.close(fd)
 
 
+def _pidfd(pid: int) -> int | None:
+    """A pidfd for ``pid``, or None when no such process exists."""
+    try:
+        return os.pidfd_open(pid)
+    except OSError as exc:
+        if exc.errno == errno.ESRCH:
+            return None
+        raise
+
+
 def _reap(pid: int) -> None:
     # Only our own children can be reaped; others are reaped by init.
     with contextlib.suppress(ChildProcessError, OSError):
@@ -173,12 +330,9 @@ def _reap(pid: int) -> None:
 def signal_process(pid: int, start_ticks: int, sig: signal.Signals) -> bool:
     """Send ``sig`` if the process is still the one we mean. Returns False
     when it was already gone."""
-    try:
-        fd = os.pidfd_open(pid)
-    except OSError as exc:
-        if exc.errno == errno.ESRCH:
-            return False
-        raise
+    fd = _pidfd(pid)
+    if fd is None:
+        return False
     try:
         if not is_alive(pid, start_ticks):
             return False
@@ -250,6 +404,14 @@ def launch_env(vm_dir: Path, env: Mapping[str, str] | None = None) -> dict[str, 
     unlike a program's name it survives a wrapper script that ``exec``s the
     VMM, whatever the command line then says, and no bystander carries it."""
     return {**(os.environ if env is None else env), LAUNCH_MARKER: str(vm_dir)}
+
+
+def kill_unrecorded(vm_dir: Path, *, grace: float) -> None:
+    """Stop every process launched for ``vm_dir`` (``find_launched``):
+    SIGTERM, ``grace`` seconds, SIGKILL."""
+    for pid, ticks in find_launched(vm_dir):
+        log.warning("killing VMM pid %s of %s that no handle recorded", pid, vm_dir)
+        terminate(pid, ticks, grace=grace)
 
 
 def find_launched(vm_dir: Path) -> list[tuple[int, int]]:

@@ -3,11 +3,12 @@
 Why it is shaped this way, and what always holds:
 
 - **QEMU takes the whole VM on its command line.** The machine, kernel and
-  devices cannot be created over QMP after start, so the VMM cannot be
-  spawned empty and handed a config later, as cloud-hypervisor can. The
-  driver's entry point is therefore :meth:`QemuDriver.launch` (spawn, create
-  and boot in one step, see ``launch_vm`` in ``base.py``); ``spawn`` and
-  ``create_and_boot`` refuse with a ``VmmRejected`` that says so.
+  devices cannot be created over QMP after start, so :meth:`QemuDriver.launch`
+  renders the VM definition as a command line (:func:`qemu_argv`) and starts
+  QEMU with it. What QEMU cannot honour is refused before anything is taken
+  on the host (:meth:`QemuDriver.check`, from :func:`unsupported`); what
+  only tunes cloud-hypervisor's performance or placement (queue counts, rate
+  limiters, PCI segments, memory hints, platform strings) is left out.
 - **Paused until QMP answers.** QEMU starts with ``-S``; the guest runs only
   after the driver has talked to the monitor and sent ``cont``. A QEMU whose
   monitor never answers is killed before its guest did anything, and
@@ -22,20 +23,25 @@ Why it is shaped this way, and what always holds:
   its recorded start time (``process.is_alive``), else ``VmmGone`` — a stale
   socket path is never trusted.
 - **Guest power-off ends the process** (no ``-no-shutdown``), as
-  cloud-hypervisor's VMM exits when its guest shuts down. QEMU has no
-  "VM stopped, VMM still up" state, so ``shutdown_vm`` is ``quit`` like
-  ``shutdown_vmm``; both return quietly when the process is already gone
-  or going (their goal holds).
+  cloud-hypervisor's VMM exits when its guest shuts down, and QEMU removes
+  its QMP socket when it exits cleanly (a crash leaves it:
+  ``classify_exit``). QEMU has no "VM stopped, VMM still up" state, so
+  ``shutdown_vm`` is ``quit`` like ``shutdown_vmm``; both return quietly
+  when the process is already gone or going (their goal holds).
 - **Counters need no saved state**: block counters come from
   ``query-blockstats``; network counters from ``/proc/<pid>/net/dev`` (the
   QEMU's own network namespace) for the taps named in the QEMU's own argv
   (``/proc/<pid>/cmdline``), turned to the guest's point of view (the tap's
   transmit is the guest's receive), with cloud-hypervisor's key names.
 
+Processes (launch, waiting for QMP, stopping a failed launch, stale
+sockets, log tails) are the shared mechanics of
+``procurator.worker.vmm.process``.
+
 Errors: socket and JSON failures become ``VmmTimeout`` / ``VmmGone`` /
-``VmmError``; a QMP ``error`` reply and a config QEMU cannot express become
+``VmmError``; a QMP ``error`` reply and a definition QEMU cannot run become
 ``VmmRejected`` (permanent), with QMP's error class and description in the
-details. A QEMU that exits at start is a ``VmmError`` (temporary: no memory
+details. A QEMU that exits at start is a ``VmmGone`` (temporary: no memory
 or a busy device may pass) with the tail of QEMU's log in the details.
 
 Lock order: ``QemuDriver._guard`` (the map of per-VM locks; a leaf, held
@@ -46,6 +52,7 @@ per-VM lock is held for exactly one QMP session.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import itertools
 import json
@@ -53,10 +60,7 @@ import logging
 import math
 import os
 import re
-import signal
 import socket
-import stat
-import subprocess
 import threading
 import time
 from collections.abc import Hashable, Iterator, Mapping, Sequence
@@ -64,7 +68,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from procurator.core.vmdef import Disk, Nic, VmDefinition, write_section
+from procurator.worker.vmm import process
 from procurator.worker.vmm.base import (
+    Capabilities,
+    VmExit,
     VmmError,
     VmmGone,
     VmmHandle,
@@ -73,16 +81,8 @@ from procurator.worker.vmm.base import (
     VmmTimeout,
     VmState,
 )
-from procurator.worker.vmm.process import (
-    is_alive,
-    launch_env,
-    pid_start_ticks,
-    signal_process,
-    spawn_detached,
-    wait_exit,
-)
 
-__all__ = ["Accel", "QemuDriver", "qemu_argv"]
+__all__ = ["Accel", "QemuDriver", "qemu_argv", "unsupported"]
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,6 @@ DRIVER_NAME = "qemu"
 _MIB = 1024 * 1024
 # A QMP reply larger than this is not one we asked for.
 _MAX_LINE = 16 * _MIB
-# How long QEMU gets to exit on SIGTERM before SIGKILL when launch fails.
-_KILL_GRACE = 2.0
 
 # query-status "status" -> VmState. A guest that panicked or hit an internal
 # error is not running and will not resume: it reads as Shutdown so the
@@ -118,111 +116,73 @@ _STATUS: dict[str, VmState] = {
     "internal-error": VmState.SHUTDOWN,
 }
 
-# Device ids of the config become QEMU ids with a prefix, because QEMU ids
-# must start with a letter and cloud-hypervisor's ("_disk0") do not.
+# Device ids of the definition become QEMU ids with a prefix, because QEMU
+# ids must start with a letter and cloud-hypervisor's need not.
 _DEVICE_PREFIX = "id-"
 _DRIVE_PREFIX = "drive-"
 _NETDEV_PREFIX = "netdev-"
 _ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_MAC_RE = re.compile(r"^([0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}$")
 
 _IMAGE_FORMATS = {"Raw": "raw", "Qcow2": "qcow2", "Vhdx": "vhdx", "FixedVhd": "vpc"}
 
 
 # --------------------------------------------------------------------------
-# VmConfig -> argv (pure)
+# VmDefinition -> argv (pure)
 
 
-class _Rejections:
-    """Collects every problem of a config so one error names them all."""
+def _set(value: object) -> bool:
+    """Whether a definition's field asks for something (not its default)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return bool(write_section(value))
+    return value not in (None, False, 0, "", ())
 
-    def __init__(self) -> None:
-        self.problems: list[str] = []
 
-    def add(self, where: str, problem: str) -> None:
-        self.problems.append(f"{where}: {problem}")
+def unsupported(definition: VmDefinition) -> list[str]:
+    """Every part of ``definition`` QEMU cannot honour, one line each: what
+    the guest would miss (or get wrong) if it ran without it. Fields that
+    only tune cloud-hypervisor's performance or placement are not here:
+    :func:`qemu_argv` leaves them out (queue counts and sizes, rate
+    limiters, PCI segments, offloads, memory hints, sparse files, lock
+    granularity, ``host_mac``, platform strings, the RTC)."""
+    problems: list[str] = []
 
-    def section(self, config: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-        value = config.get(key)
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            self.add(key, f"must be an object, not {type(value).__name__}")
-            return {}
-        return value
+    def refuse(where: str, value: object) -> None:
+        if _set(value):
+            problems.append(f"{where}: not supported by the QEMU driver")
 
-    def items(self, config: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
-        value = config.get(key)
-        if value is None:
-            return []
-        if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
-            self.add(key, "must be a list of objects")
-            return []
-        return value
+    d = definition
+    refuse("payload.firmware", d.payload.firmware)
+    refuse("cpus.topology", d.cpus.topology)
+    refuse("cpus.kvm_hyperv", d.cpus.kvm_hyperv)
+    for key in ("balloon", "rate_limit_groups", "iommu", "watchdog", "pvpanic"):
+        refuse(key, getattr(d, key))
+    for i, disk in enumerate(d.disks):
+        refuse(f"disks[{i}].iommu", disk.iommu)
+        refuse(f"disks[{i}].pci_device_id", disk.pci_device_id)
+        if not _ID_RE.match(_disk_id(i, disk)):
+            problems.append(
+                f"disks[{i}].id: {disk.id!r} is not an id QEMU accepts ([A-Za-z0-9_.-]{{1,64}})"
+            )
+    if d.net is not None:
+        refuse("net[0].iommu", d.net.tuning.iommu)
+        refuse("net[0].pci_device_id", d.net.tuning.pci_device_id)
+        if not d.net.tap or "," in d.net.tap or len(d.net.tap) > 15:
+            problems.append(f"net[0].tap: {d.net.tap!r} is not a tap name")
+    if d.rng is not None:
+        for key in ("iommu", "pci_segment", "pci_device_id"):
+            refuse(f"rng.{key}", getattr(d.rng, key))
+    for key in ("iommu", "pci_segment", "pci_device_id"):
+        refuse(f"console.{key}", getattr(d.console, key))
+    return problems
 
-    def unsupported(
-        self,
-        where: str,
-        section: Mapping[str, Any],
-        handled: frozenset[str],
-        ignored: frozenset[str] = frozenset(),
-    ) -> None:
-        """Fields QEMU cannot honour are refused unless unset/false: running
-        a VM without what its config asks for is worse than not running it.
-        ``ignored`` fields only tune performance or host placement."""
-        for key, value in section.items():
-            if key in handled or key in ignored:
-                continue
-            if value not in (None, False, 0, "", [], {}):
-                self.add(f"{where}.{key}", "not supported by the QEMU driver")
+
+def _disk_id(index: int, disk: Disk) -> str:
+    return disk.id if disk.id is not None else f"_disk{index}"
 
 
 def _escape(value: str) -> str:
     """QEMU option values escape a comma by doubling it."""
     return value.replace(",", ",,")
-
-
-def _path(rej: _Rejections, where: str, value: object) -> str:
-    if not isinstance(value, str) or not value:
-        rej.add(where, "must be a non-empty path")
-        return ""
-    if not os.path.isabs(value):
-        rej.add(where, f"{value!r} is not absolute (the worker resolves image paths)")
-    return value
-
-
-def _int(rej: _Rejections, where: str, value: object, *, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        rej.add(where, f"must be an integer >= {minimum}, not {value!r}")
-        return minimum
-    return value
-
-
-def _device_id(rej: _Rejections, where: str, item: Mapping[str, Any], default: str) -> str:
-    raw = item.get("id") or default
-    if not isinstance(raw, str) or not _ID_RE.match(raw):
-        rej.add(f"{where}.id", f"{raw!r} is not an id QEMU accepts ([A-Za-z0-9_.-]{{1,64}})")
-        return default
-    return raw
-
-
-def _chardev(
-    rej: _Rejections, where: str, section: Mapping[str, Any], chardev_id: str
-) -> list[str] | None:
-    """``-chardev`` for a serial/console section, or None when it is off."""
-    mode = section.get("mode", "Off")
-    if mode == "Off":
-        return None
-    if mode == "Null":
-        return ["-chardev", f"null,id={chardev_id}"]
-    if mode == "Tty":
-        # The VMM's stdout is its log file.
-        return ["-chardev", f"stdio,id={chardev_id},signal=off"]
-    if mode == "File":
-        path = _path(rej, f"{where}.file", section.get("file"))
-        return ["-chardev", f"file,id={chardev_id},path={_escape(path)}"]
-    rej.add(f"{where}.mode", f"{mode!r} is not supported by the QEMU driver (Off, Null, Tty, File)")
-    return None
 
 
 def _tcg_cmdline(cmdline: str, extra: str) -> str:
@@ -233,218 +193,105 @@ def _tcg_cmdline(cmdline: str, extra: str) -> str:
 
 
 def qemu_argv(
-    config: Mapping[str, Any],
+    definition: VmDefinition,
     paths: VmmPaths,
     *,
     accel: Literal["tcg", "kvm"],
     binary: str = "qemu-system-x86_64",
+    args: Sequence[str] = (),
     extra_cmdline_tcg: str = "tsc_early_khz=2600000",
 ) -> list[str]:
-    """Translate a (confined, filled-in) cloud-hypervisor ``VmConfig`` into a
-    ``qemu-system-x86_64`` command line that starts the VM paused (``-S``)
-    with its QMP monitor on ``paths.api_socket``.
-
-    Device ids: ``disks[i].id`` / ``net[i].id`` when set, else ``_disk<i>``
-    / ``_net<i>`` (per kind); they key :meth:`QemuDriver.counters`. Serial:
-    ``config.serial``, else a file at ``paths.serial_file``. Raises
-    ``VmmRejected`` naming every field QEMU cannot honour."""
-    rej = _Rejections()
-    rej.unsupported(
-        "config",
-        config,
-        handled=frozenset(
-            {"cpus", "memory", "payload", "disks", "net", "rng", "serial", "console"}
-        ),
-        # CH's rtc is always there on microvm; platform is identification only.
-        ignored=frozenset({"rtc", "platform", "landlock_enable", "landlock_rules"}),
-    )
-
-    cpus = rej.section(config, "cpus")
-    rej.unsupported(
-        "cpus",
-        cpus,
-        handled=frozenset({"boot_vcpus", "max_vcpus"}),
-        # microvm has no CPU hotplug: the VM runs with boot_vcpus.
-        ignored=frozenset({"max_phys_bits", "affinity", "nested", "core_scheduling"}),
-    )
-    vcpus = _int(rej, "cpus.boot_vcpus", cpus.get("boot_vcpus", 1))
-
-    memory = rej.section(config, "memory")
-    rej.unsupported(
-        "memory",
-        memory,
-        handled=frozenset({"size"}),
-        ignored=frozenset({"mergeable", "thp", "prefault", "shared", "hotplug_method", "reserve"}),
-    )
-    size = _int(rej, "memory.size", memory.get("size", 512 * _MIB), minimum=_MIB)
-    memory_mib = math.ceil(size / _MIB)
-
-    payload = rej.section(config, "payload")
-    rej.unsupported("payload", payload, handled=frozenset({"kernel", "initramfs", "cmdline"}))
-    kernel = _path(rej, "payload.kernel", payload.get("kernel"))
-    initramfs = payload.get("initramfs")
-    cmdline = payload.get("cmdline") or ""
-    if not isinstance(cmdline, str):
-        rej.add("payload.cmdline", "must be a string")
-        cmdline = ""
+    """The ``qemu-system-x86_64`` command line (``binary``, then ``args``)
+    that starts the VM of ``definition`` paused (``-S``) with its QMP
+    monitor on ``paths.api_socket``. Device ids: a disk's ``id`` (else
+    ``_disk<i>``), the NIC's ``net0``; they key :meth:`QemuDriver.counters`.
+    Raises ``VmmRejected`` naming every part QEMU cannot honour
+    (:func:`unsupported`)."""
+    problems = unsupported(definition)
+    if problems:
+        raise VmmRejected(
+            f"VM {paths.vm_dir.name}: its definition cannot run under QEMU", details=tuple(problems)
+        )
+    cmdline = definition.payload.cmdline or ""
     if accel == "tcg" and extra_cmdline_tcg:
         cmdline = _tcg_cmdline(cmdline, extra_cmdline_tcg)
-
-    argv = [
-        binary,
-        "-name",
-        _escape(paths.vm_dir.name),
-        "-no-user-config",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-S",
-        "-accel",
-        accel,
-    ]
+    argv = [binary, *args, "-name", _escape(paths.vm_dir.name), "-no-user-config", "-nodefaults"]
+    argv += ["-display", "none", "-S", "-accel", accel]
     if accel == "kvm":
         argv += ["-cpu", "host"]
-    devices: list[str] = []
-
-    serial = rej.section(config, "serial") or {"mode": "File", "file": str(paths.serial_file)}
-    rej.unsupported("serial", serial, handled=frozenset({"mode", "file"}))
-    serial_chardev = _chardev(rej, "serial", serial, "serial0")
-    if serial_chardev is not None:
-        devices += [*serial_chardev, "-serial", "chardev:serial0"]
-    # Without ACPI the guest finds neither the virtio-mmio devices nor the
-    # power button (the kernel has no virtio_mmio.device= support).
-    machine = "microvm,x-option-roms=off,rtc=on,acpi=on,isa-serial=" + (
-        "on" if serial_chardev is not None else "off"
-    )
-    argv += ["-M", machine, "-smp", str(vcpus), "-m", f"{memory_mib}M", "-kernel", kernel]
-    if initramfs is not None:
-        argv += ["-initrd", _path(rej, "payload.initramfs", initramfs)]
-    argv += ["-append", cmdline]
-
-    console = rej.section(config, "console") or {"mode": "Off"}
-    rej.unsupported("console", console, handled=frozenset({"mode", "file"}))
-    console_chardev = _chardev(rej, "console", console, "console0")
-    if console_chardev is not None:
-        devices += [
-            *console_chardev,
-            "-device",
-            "virtio-serial-device,id=virtio-serial0",
-            "-device",
-            "virtconsole,chardev=console0,id=console0",
-        ]
-
-    seen: set[str] = set()
-    for index, disk in enumerate(rej.items(config, "disks")):
-        where = f"disks[{index}]"
-        rej.unsupported(
-            where,
-            disk,
-            handled=frozenset({"path", "readonly", "direct", "id", "serial", "image_type"}),
-            ignored=frozenset(
-                {
-                    "num_queues",
-                    "queue_size",
-                    "rate_limiter_config",
-                    "rate_limit_group",
-                    "pci_segment",
-                    "queue_affinity",
-                    "sparse",
-                    "lock_granularity",
-                }
-            ),
-        )
-        dev_id = _device_id(rej, where, disk, f"_disk{index}")
-        if dev_id in seen:
-            rej.add(f"{where}.id", f"{dev_id!r} is used twice")
-        seen.add(dev_id)
-        image_type = disk.get("image_type") or "Raw"
-        if image_type not in _IMAGE_FORMATS:
-            rej.add(f"{where}.image_type", f"{image_type!r} is not one of {sorted(_IMAGE_FORMATS)}")
-        drive = [
-            "if=none",
-            f"id={_DRIVE_PREFIX}{dev_id}",
-            f"file={_escape(_path(rej, f'{where}.path', disk.get('path')))}",
-            f"format={_IMAGE_FORMATS.get(image_type, 'raw')}",
-            f"readonly={'on' if disk.get('readonly') else 'off'}",
-        ]
-        if disk.get("direct"):
-            drive.append("cache.direct=on")
-        device = f"virtio-blk-device,drive={_DRIVE_PREFIX}{dev_id},id={_DEVICE_PREFIX}{dev_id}"
-        if disk.get("serial"):
-            device += f",serial={_escape(str(disk['serial']))}"
-        devices += ["-drive", ",".join(drive), "-device", device]
-
-    for index, net in enumerate(rej.items(config, "net")):
-        where = f"net[{index}]"
-        rej.unsupported(
-            where,
-            net,
-            handled=frozenset({"tap", "mac", "id", "mtu"}),
-            # The worker owns the tap and its addressing (ip, mask, host_mac).
-            ignored=frozenset(
-                {
-                    "ip",
-                    "mask",
-                    "host_mac",
-                    "num_queues",
-                    "queue_size",
-                    "rate_limiter_config",
-                    "pci_segment",
-                    "offload_tso",
-                    "offload_ufo",
-                    "offload_csum",
-                    "vhost_mode",
-                }
-            ),
-        )
-        dev_id = _device_id(rej, where, net, f"_net{index}")
-        if dev_id in seen:
-            rej.add(f"{where}.id", f"{dev_id!r} is used twice")
-        seen.add(dev_id)
-        tap = net.get("tap")
-        if not isinstance(tap, str) or not tap or "," in tap or len(tap) > 15:
-            rej.add(f"{where}.tap", f"{tap!r} is not a tap name (the worker names the tap)")
-            tap = ""
-        device = f"virtio-net-device,netdev={_NETDEV_PREFIX}{dev_id},id={_DEVICE_PREFIX}{dev_id}"
-        mac = net.get("mac")
-        if mac is not None:
-            if not isinstance(mac, str) or not _MAC_RE.match(mac):
-                rej.add(f"{where}.mac", f"{mac!r} is not a MAC address")
-            else:
-                device += f",mac={mac}"
-        if net.get("mtu") is not None:
-            device += f",host_mtu={_int(rej, f'{where}.mtu', net['mtu'], minimum=68)}"
-        devices += [
-            "-netdev",
-            f"tap,id={_NETDEV_PREFIX}{dev_id},ifname={tap},script=no,downscript=no",
-            "-device",
-            device,
-        ]
-
-    rng = rej.section(config, "rng")
-    if rng:
-        rej.unsupported("rng", rng, handled=frozenset({"src", "id"}))
-        src = _path(rej, "rng.src", rng.get("src"))
-        devices += [
-            "-object",
-            f"rng-random,id=rng0,filename={_escape(src)}",
-            "-device",
-            "virtio-rng-device,rng=rng0",
-        ]
-
-    socket_path = _escape(str(paths.api_socket))
-    argv += [
-        *devices,
+    return [
+        *argv,
+        *_machine_args(definition, cmdline),
+        *_device_args(definition),
         "-chardev",
-        f"socket,id=qmp,path={socket_path},server=on,wait=off",
+        f"socket,id=qmp,path={_escape(str(paths.api_socket))},server=on,wait=off",
         "-mon",
         "chardev=qmp,mode=control",
     ]
-    if rej.problems:
-        raise VmmRejected(
-            f"VM {paths.vm_dir.name}: config cannot run under QEMU", details=tuple(rej.problems)
-        )
-    return argv
+
+
+def _machine_args(d: VmDefinition, cmdline: str) -> list[str]:
+    """The machine (microvm), its serial port, vCPUs, memory and payload."""
+    serial = d.serial_file is not None
+    # Without ACPI the guest finds neither the virtio-mmio devices nor the
+    # power button (the kernel has no virtio_mmio.device= support).
+    machine = "microvm,x-option-roms=off,rtc=on,acpi=on,isa-serial=" + ("on" if serial else "off")
+    argv = []
+    if d.serial_file is not None:
+        argv += ["-chardev", f"file,id=serial0,path={_escape(d.serial_file)}"]
+        argv += ["-serial", "chardev:serial0"]
+    assert d.payload.kernel is not None  # no firmware (refused): a kernel
+    argv += ["-M", machine, "-smp", str(d.cpus.boot_vcpus)]
+    argv += ["-m", f"{math.ceil(d.memory.size / _MIB)}M", "-kernel", d.payload.kernel]
+    if d.payload.initramfs is not None:
+        argv += ["-initrd", d.payload.initramfs]
+    return [*argv, "-append", cmdline]
+
+
+def _device_args(d: VmDefinition) -> list[str]:
+    """The virtio devices: console, disks, NIC, entropy source."""
+    devices: list[str] = []
+    if d.console.mode == "Null":
+        devices += ["-chardev", "null,id=console0"]
+        devices += ["-device", "virtio-serial-device,id=virtio-serial0"]
+        devices += ["-device", "virtconsole,chardev=console0,id=console0"]
+    for index, disk in enumerate(d.disks):
+        devices += _disk_args(_disk_id(index, disk), disk)
+    if d.net is not None:
+        devices += _nic_args(d.net)
+    if d.rng is not None:
+        devices += ["-object", f"rng-random,id=rng0,filename={_escape(d.rng.src)}"]
+        devices += ["-device", "virtio-rng-device,rng=rng0"]
+    return devices
+
+
+def _disk_args(dev_id: str, disk: Disk) -> list[str]:
+    drive = [
+        "if=none",
+        f"id={_DRIVE_PREFIX}{dev_id}",
+        f"file={_escape(disk.path)}",
+        f"format={_IMAGE_FORMATS[disk.image_type or 'Raw']}",
+        f"readonly={'on' if disk.readonly else 'off'}",
+    ]
+    if disk.direct:
+        drive.append("cache.direct=on")
+    device = f"virtio-blk-device,drive={_DRIVE_PREFIX}{dev_id},id={_DEVICE_PREFIX}{dev_id}"
+    if disk.serial:
+        device += f",serial={_escape(disk.serial)}"
+    return ["-drive", ",".join(drive), "-device", device]
+
+
+def _nic_args(nic: Nic) -> list[str]:
+    netdev = f"{_NETDEV_PREFIX}{Nic.ID}"
+    device = f"virtio-net-device,netdev={netdev},id={_DEVICE_PREFIX}{Nic.ID},mac={nic.mac}"
+    if nic.tuning.mtu is not None:
+        device += f",host_mtu={nic.tuning.mtu}"
+    return [
+        "-netdev",
+        f"tap,id={netdev},ifname={nic.tap},script=no,downscript=no",
+        "-device",
+        device,
+    ]
 
 
 # --------------------------------------------------------------------------
@@ -559,6 +406,18 @@ class _QmpSession:
 # The driver
 
 
+def _boot(target: _Target, session: _QmpSession) -> None:
+    """Let the guest of a QEMU just started (``-S``) run, and confirm it does."""
+    try:
+        session.execute("cont")
+        status = session.execute("query-status")
+    finally:
+        session.close()
+    state = _STATUS.get(str(status.get("status"))) if isinstance(status, dict) else None
+    if state is not VmState.RUNNING:
+        raise VmmError(f"{target}: QEMU reports {status!r} after cont")
+
+
 def _kvm_usable(device: Path) -> bool:
     try:
         fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
@@ -566,19 +425,6 @@ def _kvm_usable(device: Path) -> bool:
         return False
     os.close(fd)
     return True
-
-
-def _read_tail(path: Path, offset: int, limit: int = 4096) -> tuple[str, ...]:
-    """The lines QEMU wrote to its log since ``offset`` (at most ``limit`` bytes)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            end = f.tell()
-            f.seek(max(offset, end - limit))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return ()
-    return tuple(line for line in text.splitlines() if line.strip())
 
 
 def _split_option(value: str) -> dict[str, str]:
@@ -604,6 +450,7 @@ class QemuDriver:
     cmdline already sets are kept as they are)."""
 
     name = DRIVER_NAME
+    capabilities = Capabilities(state_marks=False, guest_clock=False)
 
     def __init__(
         self,
@@ -633,86 +480,76 @@ class QemuDriver:
 
     # -- lifecycle --------------------------------------------------------
 
-    def launch(self, paths: VmmPaths, config: Mapping[str, Any], *, timeout: float) -> VmmHandle:
-        """Start QEMU with the VM from ``config`` in its own session, wait
+    def check(self, definition: VmDefinition) -> None:
+        problems = unsupported(definition)
+        if problems:
+            raise VmmRejected("the VM's definition cannot run under QEMU", details=tuple(problems))
+
+    def launch(self, definition: VmDefinition, paths: VmmPaths, *, timeout: float) -> VmmHandle:
+        """Start QEMU with the VM of ``definition`` in its own session, wait
         for QMP, boot the guest (``cont``) and confirm it runs. Raises
-        ``VmmRejected`` (config QEMU cannot run, or QEMU exited at start),
-        ``VmmTimeout`` / ``VmmError``; never leaves a process behind then."""
+        ``VmmRejected`` (a definition QEMU cannot run), ``VmmTimeout`` /
+        ``VmmError``; never leaves a process behind then."""
         deadline = time.monotonic() + timeout
-        label = paths.vm_dir.name
         accel = self.accel
         argv = qemu_argv(
-            config,
+            definition,
             paths,
             accel=accel,
             binary=self._binary,
+            args=self._args,
             extra_cmdline_tcg=self._extra_cmdline_tcg,
         )
-        self._remove_stale_socket(paths.api_socket, label)
-        try:
-            log_offset = paths.log_file.stat().st_size
-        except FileNotFoundError:
-            log_offset = 0
-        try:
-            child = spawn_detached(
-                [argv[0], *self._args, *argv[1:]],
-                log_path=paths.log_file,
-                env=launch_env(paths.vm_dir),
-                cwd=paths.vm_dir,
-            )
-        except OSError as exc:
-            raise VmmError(f"VM {label}: cannot start {self._binary}: {exc}") from exc
-        ticks = pid_start_ticks(child.pid)
-        # A QEMU this process started is its child until it exits: a daemon
-        # thread waits for it, so it never lingers as a zombie and its Popen
-        # lives exactly as long as it runs (whatever becomes of this driver).
-        threading.Thread(target=child.wait, name=f"qemu-reaper-{child.pid}", daemon=True).start()
-        handle = VmmHandle(
-            driver=DRIVER_NAME,
-            pid=child.pid,
-            pid_start_ticks=ticks if ticks is not None else -1,
-            api_socket=str(paths.api_socket),
+        paths.vm_dir.mkdir(parents=True, exist_ok=True)
+        logs = [(paths.log_file, process.log_size(paths.log_file))]
+        pid, ticks = process.launch_detached(
+            argv, vm_dir=paths.vm_dir, log_path=paths.log_file, cwd=paths.vm_dir
         )
-        log.info("VM %s: started qemu pid %d (%s)", label, child.pid, accel)
+        handle = VmmHandle(DRIVER_NAME, pid, ticks, str(paths.api_socket))
+        log.info("VM %s: started qemu pid %d (%s)", paths.vm_dir.name, pid, accel)
+        target = self._target(handle)
         try:
-            self._boot(child, handle, paths, log_offset, deadline)
+            session = process.wait_for_api(
+                handle,
+                lambda _seconds: _QmpSession(target, deadline),
+                deadline=deadline,
+                who=f"qemu for {paths.vm_dir}",
+                logs=logs,
+            )
+            _boot(target, session)
         except BaseException:
-            self._kill(child, handle)
+            self._forget(handle)
+            process.abort_launch(handle)
+            self._clear_socket(paths)
             raise
         return handle
 
-    def _boot(
-        self,
-        child: subprocess.Popen[bytes],
-        handle: VmmHandle,
-        paths: VmmPaths,
-        log_offset: int,
-        deadline: float,
-    ) -> None:
-        session = self._connect_new(child, handle, paths, log_offset, deadline)
-        try:
-            session.execute("cont")
-            status = session.execute("query-status")
-        finally:
-            session.close()
-        state = _STATUS.get(str(status.get("status"))) if isinstance(status, dict) else None
-        if state is not VmState.RUNNING:
-            raise VmmError(f"{self._target(handle)}: QEMU reports {status!r} after cont")
+    def adopt(self, paths: VmmPaths, recorded: VmmHandle) -> VmmHandle | None:
+        return recorded if process.is_alive(recorded.pid, recorded.pid_start_ticks) else None
 
-    def spawn(self, paths: VmmPaths, *, timeout: float) -> VmmHandle:
-        """QEMU cannot start without its VM: use :meth:`launch`."""
-        raise VmmRejected(
-            f"VM {paths.vm_dir.name}: QEMU takes the VM config at start; "
-            "use launch() (base.launch_vm) instead of spawn() + create_and_boot()"
-        )
+    def classify_exit(self, paths: VmmPaths, handle: VmmHandle) -> VmExit:
+        """QEMU removes its QMP socket when it exits cleanly (the guest
+        powered off, ``quit``, SIGTERM); a crash or SIGKILL leaves it."""
+        self._forget(handle)
+        return VmExit.CRASHED if paths.api_socket.exists() else VmExit.POWERED_OFF
 
-    def create_and_boot(
-        self, handle: VmmHandle, config: Mapping[str, Any], *, timeout: float
-    ) -> None:
-        """QEMU cannot create a VM in a running VMM: use :meth:`launch`."""
-        raise VmmRejected(
-            f"{self._target(handle)}: QEMU cannot create a VM after start; use launch()"
-        )
+    def clear_leftovers(self, paths: VmmPaths, *, unrecorded: bool, grace: float) -> None:
+        if unrecorded:
+            process.kill_unrecorded(paths.vm_dir, grace=grace)
+        process.remove_stale_socket(paths.api_socket)
+
+    @staticmethod
+    def _clear_socket(paths: VmmPaths) -> None:
+        """After a failed launch: the QMP socket it may have left (launches
+        happen under the VM's lock after ``clear_leftovers``: no other live
+        VMM serves this path)."""
+        with contextlib.suppress(VmmError, VmmRejected):
+            process.remove_stale_socket(paths.api_socket)
+
+    def close(self) -> None:
+        """Nothing is held between QMP sessions; the VMMs keep running."""
+        with self._guard:
+            self._locks.clear()
 
     def state(self, handle: VmmHandle, *, timeout: float) -> VmState:
         status = self._execute(handle, "query-status", timeout=timeout)
@@ -742,8 +579,8 @@ class QemuDriver:
         self._quit(handle, timeout=timeout)
 
     def state_mark(self, paths: VmmPaths) -> Hashable | None:
-        """None: QMP reports state changes only as events on a connection of
-        its own; every health check asks ``query-status``."""
+        """None (no ``state_marks``): QMP reports state changes only as events
+        on a connection of its own; every health check asks ``query-status``."""
         return None
 
     def counters(self, handle: VmmHandle, *, timeout: float) -> Mapping[str, Mapping[str, int]]:
@@ -784,7 +621,7 @@ class QemuDriver:
     def _check_alive(self, handle: VmmHandle) -> None:
         if handle.driver != DRIVER_NAME:
             raise VmmRejected(f"{self._target(handle)}: handle of driver {handle.driver!r}")
-        if not is_alive(handle.pid, handle.pid_start_ticks):
+        if not process.is_alive(handle.pid, handle.pid_start_ticks):
             self._forget(handle)
             raise VmmGone(f"{self._target(handle)}: qemu pid {handle.pid} is not running")
 
@@ -818,71 +655,10 @@ class QemuDriver:
                 session.execute("quit")
         except VmmGone:
             log.debug("%s: already gone", self._target(handle))
-        if wait_exit(handle.pid, handle.pid_start_ticks, max(0.0, deadline - time.monotonic())):
-            self._forget(handle)
-
-    def _connect_new(
-        self,
-        child: subprocess.Popen[bytes],
-        handle: VmmHandle,
-        paths: VmmPaths,
-        log_offset: int,
-        deadline: float,
-    ) -> _QmpSession:
-        """Wait for a QEMU just started to answer on its monitor."""
-        target = self._target(handle)
-        delay = 0.01
-        while True:
-            code = child.poll()
-            if code is not None:
-                # Temporary: the argv was already accepted by qemu_argv, so
-                # what ends QEMU here (no memory, a busy tap or /dev/kvm) may
-                # pass; the VmManager's backoff and crash-loop detection
-                # show a cause that does not.
-                raise VmmError(
-                    f"{target}: QEMU exited at start (status {code})",
-                    details=_read_tail(paths.log_file, log_offset),
-                )
-            try:
-                return _QmpSession(target, deadline)
-            except VmmGone:
-                # The socket is not bound yet.
-                if time.monotonic() + delay >= deadline:
-                    raise VmmTimeout(
-                        f"{target}: QMP did not come up",
-                        details=_read_tail(paths.log_file, log_offset),
-                    ) from None
-                time.sleep(delay)
-                delay = min(delay * 2, 0.2)
-
-    def _kill(self, child: subprocess.Popen[bytes], handle: VmmHandle) -> None:
-        """Stop a QEMU ``launch`` started but could not finish; wait for
-        its end (the reaper thread collects its status)."""
-        if signal_process(child.pid, handle.pid_start_ticks, signal.SIGTERM) and not wait_exit(
-            child.pid, handle.pid_start_ticks, _KILL_GRACE
+        if process.wait_exit(
+            handle.pid, handle.pid_start_ticks, max(0.0, deadline - time.monotonic())
         ):
-            signal_process(child.pid, handle.pid_start_ticks, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.wait(timeout=10.0)
-        if child.returncode is None:
-            log.error("%s: qemu pid %d survived SIGKILL", self._target(handle), child.pid)
-            return
-        with contextlib.suppress(FileNotFoundError):
-            Path(handle.api_socket).unlink()
-
-    @staticmethod
-    def _remove_stale_socket(path: Path, label: str) -> None:
-        """A QEMU that died leaves its socket file; QEMU would refuse to bind
-        over it. The caller (the VM's flock holder) knows no live VMM uses it."""
-        try:
-            mode = path.lstat().st_mode
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            raise VmmError(f"VM {label}: cannot inspect {path}: {exc}") from exc
-        if not stat.S_ISSOCK(mode):
-            raise VmmRejected(f"VM {label}: {path} exists and is not a socket")
-        path.unlink()
+            self._forget(handle)
 
     @staticmethod
     def _block_device_id(entry: object) -> str | None:

@@ -1,0 +1,924 @@
+"""A VM's supervisor: the thread that owns its VMM, a loop over ``decide``.
+
+One ``VmSupervisor`` thread per VM (started by ``procurator.worker.manager.
+VmManager``). Each turn of its loop reads the VM's record (the desired spec
+as the newest *request*, a removal, closing), refreshes what it knows of
+the VMM (has its pidfd fired?), asks the pure planner
+``procurator.core.supervision.decide`` for the next step, and performs it:
+the only place this VM's VMM is touched. Each step records what it measured
+as new facts (``Facts``, ``VmmFacts``, the ``RestartState``) and publishes
+what an operator or a waiting caller must know (an observation, maybe an
+event, maybe the *outcome* of the request). ``Wait`` steps block on the
+VM's wake eventfd and the VMM's pidfd, so a new request or the VMM's exit
+ends the wait at once.
+
+Errors a step raises are handled by kind, the same for every step:
+``PermanentError`` fails the target for good (``failed``: reported, not
+retried until the target changes); ``TemporaryError`` is an attempt that
+failed: any VMM left is stopped, the failure counts towards the restart
+backoff (``procurator.core.backoff``; many in a row show as
+``Phase.CRASH_LOOP``) and nothing happens before it is over; any other
+exception (a bug, EMFILE) is reported and retried after the health
+interval, because ending the thread would leave the VMM running unwatched.
+
+Stop ladder (here, the same for every driver), each step only if the VMM
+still runs: ``power_button`` and wait ``power_button_wait``; ``shutdown_vm``;
+``shutdown_vmm`` and wait ``shutdown_vmm_wait``; SIGTERM and wait
+``sigterm_wait``; SIGKILL. Once one API step times out the API is treated as
+hung and the remaining API steps are skipped (each would only burn another
+timeout) — the ladder goes on with signals. A paused guest is resumed first,
+so it can shut down cleanly.
+
+Health checks: a check is one API call with a timeout: the state
+(``state``), or — when counters are due and the driver's ``state_mark``
+shows the VMM reported no transition since the last state read
+(``Capabilities.state_marks``) — the counters alone. ``hung_after``
+unanswered checks in a row escalate through the stop ladder and count as a
+failure.
+
+Threads and locks: everything here runs on this VM's thread except the
+record's fields under ``VmRecord.cond``, taken briefly (never around I/O).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import select
+import signal
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from procurator.core.backoff import RestartState
+from procurator.core.errors import PermanentError, ProcuratorError, TemporaryError
+from procurator.core.models import EventKind, Phase, PowerState, VmEvent
+from procurator.core.supervision import (
+    Adopt,
+    Backoff,
+    Facts,
+    Probe,
+    Reap,
+    Remove,
+    SetPower,
+    Settle,
+    Start,
+    Step,
+    StopVmm,
+    StopWhy,
+    Target,
+    Timing,
+    VmmFacts,
+    VmState,
+    Wait,
+    decide,
+)
+from procurator.logs import bind
+from procurator.worker.state import HandlesRecord
+from procurator.worker.vmm import process
+from procurator.worker.vmm.base import (
+    VmExit,
+    VmmError,
+    VmmGone,
+    VmmHandle,
+    VmmRejected,
+    VmmTimeout,
+)
+from procurator.worker.vmrecord import Outcome, VmRecord, VmSpec
+
+if TYPE_CHECKING:
+    from procurator.worker.manager import VmManager
+
+__all__ = ["VmSupervisor"]
+
+log = logging.getLogger(__name__)
+
+
+class _StopFailed(VmmError):
+    """The VMM survived the whole stop ladder (e.g. stuck in the kernel)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """An event to report once the VM is seen settled (booted, replaced...)."""
+
+    kind: EventKind
+    message: str
+
+
+_OK = object()  # an outcome without error
+
+
+class VmSupervisor:
+    """See the module docstring. Attributes are this thread's own, except
+    the record's fields under ``vm.cond``."""
+
+    def __init__(self, manager: VmManager, vm: VmRecord) -> None:
+        self.m = manager
+        self.vm = vm
+        self.driver = manager.driver
+        self.t = manager.timeouts
+        self.paths = manager.state.paths(vm.vm_id)
+        self.facts = Facts()
+        self.restart = RestartState()
+        self.request = -1  # the request being acted upon
+        self.spec: VmSpec | None = None
+        self.handle: VmmHandle | None = None
+        self.watch = _ExitWatch()
+        self.pending: _Pending | None = None
+        self.ever_started = False
+        self.replacing = False
+        self.last_failure = ""  # why the VM last went down, shown while waiting
+        self.trouble = ""  # what the last unanswered or senseless check said
+        # (request, "pause"|"resume", cause) of the last refused power change:
+        # its ``failed`` event is sent once, not on every retry.
+        self.power_failure: tuple[int, str, str] | None = None
+        # (state_mark, state) of the last state read; None when the driver
+        # gives no mark or the state must be read again.
+        self.known_state: tuple[Hashable, VmState] | None = None
+        self.last_counters = -math.inf
+
+    # -- the loop ----------------------------------------------------------------
+
+    def run(self) -> None:
+        with self.vm.cond:
+            spec = self.vm.desired
+        # This thread's own context: its log records name the VM, and the
+        # operation whose spec (or removal) it is working on.
+        bind(vm_id=self.vm.vm_id, op_id=spec.op_id if spec is not None else "")
+        try:
+            while self._turn():
+                pass
+        except BaseException as exc:
+            log.exception("VM %s: supervisor failed", self.vm.vm_id)
+            self._publish(
+                Phase.FAILED,
+                f"supervisor failed: {exc!r}",
+                EventKind.FAILED,
+                outcome=ProcuratorError(f"VM {self.vm.vm_id}: supervisor failed: {exc!r}"),
+            )
+        finally:
+            self.watch.close()
+            with self.vm.cond:
+                self.vm.finished = True
+                self.vm.handle = None
+                self.vm.cond.notify_all()
+            if self.vm.flock is not None:
+                self.vm.flock.release()
+
+    def _turn(self) -> bool:
+        """Read the record, decide, perform one step; False when done."""
+        if not self._read_request():
+            return False
+        if self.facts.vmm is not None and self.facts.vmm.alive and not self._alive():
+            self._note_vmm(alive=False)
+        step = decide(self.facts, self.restart, self.m.clock(), self._timing())
+        if isinstance(step, Wait):
+            self._wait(step.until)
+            return True
+        try:
+            return self._perform(step)
+        except PermanentError as exc:
+            self._failed(exc)
+        except TemporaryError as exc:
+            self._failure(exc)
+        except Exception as exc:  # noqa: BLE001 - logged and retried (_internal_error)
+            self._internal_error(exc)
+        return True
+
+    def _perform(self, step: Step) -> bool:
+        """Carry out one step; False when the supervisor is done."""
+        match step:
+            case Adopt():
+                self._adopt()
+            case Reap(counted=counted):
+                self._reap(counted=counted)
+            case Remove():
+                return not self._remove()
+            case StopVmm(why=why):
+                self._stop_vmm(why)
+            case Start():
+                self._start()
+            case Probe():
+                self._probe()
+            case SetPower(power=power):
+                self._set_power(power)
+            case Settle(phase=phase):
+                self._settle(phase)
+            case Backoff(until=until):
+                self._report_waiting(until - self.m.clock())
+        return True
+
+    def _read_request(self) -> bool:
+        """Take in the record's newest request; False when closing."""
+        vm = self.vm
+        with vm.cond:
+            if vm.closing:
+                return False
+            spec, removing, request, remove_op_id = (
+                vm.desired,
+                vm.removing,
+                vm.request,
+                vm.remove_op_id,
+            )
+        if request == self.request:
+            return True
+        bind(op_id=remove_op_id if removing else spec.op_id if spec is not None else "")
+        # Outcomes are reported for the request acted upon: a caller that
+        # asked for something newer meanwhile keeps waiting.
+        self.request, self.spec = request, spec
+        target = spec.target if spec is not None else None
+        previous = self.facts.target
+        if previous is not None and target is not None and previous.hash != target.hash:
+            # A new spec starts with a clean slate: no backoff inherited.
+            self.restart = self.restart.reset()
+            self.last_failure = ""
+        self.facts = replace(
+            self.facts,
+            removing=removing,
+            target=target,
+            failed=False,
+            reported=False,
+            power_refused_at=None,
+            hold_until=-math.inf,
+        )
+        return True
+
+    def _timing(self) -> Timing:
+        return Timing(
+            health_interval=self.m.health_interval(),
+            retry_unanswered=min(self.t.api, self.t.health_interval),
+            hung_after=self.t.hung_after,
+        )
+
+    def _wait(self, until: float | None) -> None:
+        timeout = None if until is None else max(0.0, until - self.m.clock())
+        self.watch.wait(self.vm.wake_fd, timeout)
+
+    # -- facts -------------------------------------------------------------------
+
+    def _note(self, **changes: object) -> None:
+        self.facts = replace(self.facts, **changes)  # type: ignore[arg-type]
+
+    def _note_vmm(self, **changes: object) -> None:
+        assert self.facts.vmm is not None
+        self._note(vmm=replace(self.facts.vmm, **changes))  # type: ignore[arg-type]
+
+    def _target(self) -> Target:
+        assert self.facts.target is not None
+        return self.facts.target
+
+    def _alive(self) -> bool:
+        assert self.handle is not None
+        alive = self.watch.alive()
+        if alive is None:
+            return process.is_alive(self.handle.pid, self.handle.pid_start_ticks)
+        return alive
+
+    # -- adoption and leftovers --------------------------------------------------
+
+    def _adopt(self) -> None:
+        """Take over whatever a previous owner left: re-adopt a live VMM,
+        clean up after a dead one."""
+        self._note(adopted=True)
+        try:
+            exists = self.m.state.exists(self.vm.vm_id)
+            record = self.m.state.read_handles(self.vm.vm_id) if exists else None
+        except ProcuratorError as exc:
+            log.warning("VM %s: handles unreadable: %s", self.vm.vm_id, exc)
+            record = None
+        recorded = record.handle if record is not None else None
+        live = self.driver.adopt(self.paths, recorded) if recorded is not None else None
+        if record is None or recorded is None or live is None:
+            if recorded is not None:
+                log.info("VM %s: recorded VMM pid %s is gone", self.vm.vm_id, recorded.pid)
+                # It died while nobody watched: starting it again is a restart.
+                self.restart = RestartState(failures=1)
+                self.last_failure = f"VMM (pid {recorded.pid}) died while the worker was away"
+            self._clear_leftovers_quietly()
+            return
+        foreign = live.driver != self.driver.name
+        self._take(live, record.hash, foreign=foreign)
+        if foreign:
+            log.warning(
+                "VM %s: VMM pid %s was started by driver %s, not %s: stopping it",
+                self.vm.vm_id,
+                live.pid,
+                live.driver,
+                self.driver.name,
+            )
+            return
+        self.ever_started = True
+        self.pending = _Pending(
+            EventKind.READOPTED, f"re-adopted VMM pid {live.pid} running {record.hash or '?'}"
+        )
+        log.info("VM %s: re-adopted VMM pid %s", self.vm.vm_id, live.pid)
+
+    def _take(self, handle: VmmHandle, booted_hash: str, *, foreign: bool = False) -> None:
+        """From now on ``handle`` is this VM's VMM."""
+        alive = self.watch.open(handle)
+        self.handle = handle
+        self.known_state = None
+        self._note(vmm=VmmFacts(booted_hash=booted_hash, alive=alive, foreign=foreign))
+        with self.vm.cond:
+            self.vm.handle = handle
+
+    def _forget_vmm(self) -> None:
+        """The VMM is known dead: make sure it is all gone, drop its handle
+        and clear what it left."""
+        handle = self.handle
+        if handle is not None and not process.wait_exit(
+            handle.pid, handle.pid_start_ticks, self.t.sigkill_wait
+        ):
+            # Its main thread is gone but the rest still exits (and holds the
+            # socket's lock): the cleanup below would fail, so wait for it.
+            raise VmmError(
+                f"VM {self.vm.vm_id}: VMM pid {handle.pid} is still exiting after "
+                f"{self.t.sigkill_wait:g} s"
+            )
+        self.watch.close()
+        self.handle = None
+        self._note(vmm=None)
+        with self.vm.cond:
+            self.vm.handle = None
+            self.vm.counters = {}
+        self._clear_leftovers()
+
+    def _clear_leftovers(self) -> None:
+        """With no VMM of ours alive: stop unrecorded VMMs of this VM, remove
+        a stale API socket and the handles file (under the VM's flock)."""
+        assert self.vm.flock is not None
+        if not self.paths.vm_dir.exists():
+            return
+        self.driver.clear_leftovers(
+            self.paths, unrecorded=self._may_have_unrecorded_vmm(), grace=self.t.sigterm_wait
+        )
+        self.m.state.clear_handles(self.vm.flock)
+
+    def _clear_leftovers_quietly(self) -> None:
+        try:
+            self._clear_leftovers()
+        except ProcuratorError as exc:
+            # The next start tries again (and reports it if it persists).
+            log.warning("VM %s: cleaning up after the last owner: %s", self.vm.vm_id, exc)
+
+    def _may_have_unrecorded_vmm(self) -> bool:
+        """Whether a VMM that no handle records may run for this VM: the
+        handles file says a launch began but no pid was recorded (the worker
+        died in between), is unreadable, or is gone while the socket stays.
+        A recorded handle rules it out — every launch is preceded by a
+        ``spawning`` record and followed by the handle, under the VM's flock
+        — and spares a scan of every process's environment (/proc), which
+        on a host of a thousand VMMs costs more than the rest of a restart."""
+        try:
+            record = self.m.state.read_handles(self.vm.vm_id)
+        except ProcuratorError:
+            return True
+        if record is None:
+            return self.paths.api_socket.exists()
+        return record.handle is None
+
+    # -- steps -------------------------------------------------------------------
+
+    def _reap(self, *, counted: bool) -> None:
+        """The VMM is gone without being asked to: a failure if ``counted``."""
+        assert self.handle is not None and self.facts.vmm is not None
+        pid = self.handle.pid
+        ended = self.driver.classify_exit(self.paths, self.handle)
+        booted = self.facts.vmm.booted_hash
+        target = self.facts.target
+        self.replacing = self.replacing or (target is not None and booted not in ("", target.hash))
+        self._forget_vmm()
+        if not counted:
+            log.info("VM %s: VMM pid %s exited (not the desired VM)", self.vm.vm_id, pid)
+            return
+        now = self.m.clock()
+        self.restart = self.restart.failed(self.m.policy, now)
+        if ended is VmExit.POWERED_OFF:
+            self.last_failure = f"VMM (pid {pid}) exited: the guest powered off"
+        else:
+            self.last_failure = f"VMM (pid {pid}) crashed (left its API socket behind)"
+        kind = EventKind.STOPPED if ended is VmExit.POWERED_OFF else EventKind.CRASHED
+        self._report_waiting(self.restart.wait(now), event=kind, force=True)
+
+    def _stop_vmm(self, why: StopWhy) -> None:
+        assert self.handle is not None and self.facts.vmm is not None
+        vmm, pid = self.facts.vmm, self.handle.pid
+        if why is StopWhy.HUNG:
+            raise VmmTimeout(
+                f"VMM (pid {pid}) did not answer its health check "
+                f"{self.t.hung_after} times in a row (hung): {self.trouble}"
+            )
+        if why is StopWhy.BROKEN:
+            raise VmmError(self.trouble if vmm.broken else self._state_trouble(vmm.state))
+        if why is StopWhy.POWER_OFF:
+            self._publish(Phase.STOPPING, "stopping (desired power: stopped)")
+            how = self._ladder("desired power is stopped")
+            self.pending = _Pending(EventKind.STOPPED, f"stopped ({how})")
+        elif why is StopWhy.REPLACE:
+            target = self._target()
+            self._ladder(f"replacing {vmm.booted_hash or 'unknown'} with {target.hash}")
+            self.replacing = True
+        elif why is StopWhy.UNFINISHED:
+            state = vmm.state.value if vmm.state is not None else "?"
+            self._ladder(f"VM is {state} inside the VMM (unfinished start)")
+        elif why is StopWhy.FOREIGN:
+            self._ladder("started by another driver", api=False)
+        else:
+            self._discard("its spec failed")
+
+    def _state_trouble(self, state: VmState | None) -> str:
+        assert self.handle is not None
+        if state is VmState.SHUTDOWN:
+            return f"VM is {state.value} inside a live VMM (pid {self.handle.pid})"
+        want = "Paused" if self._target().power is PowerState.PAUSED else "Running"
+        return f"VM is {state.value if state else '?'}, expected {want}"
+
+    def _start(self) -> None:
+        spec = self.spec
+        assert spec is not None
+        restart = self.restart.failures > 0
+        replacing, self.replacing = self.replacing, False
+        if restart:
+            self.restart = self.restart.restarting()
+        self._publish(Phase.STARTING, "restarting VMM" if restart else "starting VMM")
+        handle = self._launch(spec)
+        self._take(handle, spec.hash)
+        if not self.ever_started and not restart:
+            self._publish(Phase.STARTING, f"VM created (VMM pid {handle.pid})", EventKind.CREATED)
+        if restart:
+            waited = self.m.policy.delay(self.restart.failures)
+            self.pending = _Pending(
+                EventKind.RESTARTED,
+                f"restarted after {waited:.3g} s of backoff (failure {self.restart.failures} "
+                f"in a row, restart {self.restart.restarts}; VMM pid {handle.pid})",
+            )
+        elif replacing:
+            self.pending = _Pending(
+                EventKind.REPLACED, f"now runs {spec.hash} (VMM pid {handle.pid})"
+            )
+        else:
+            self.pending = _Pending(EventKind.BOOTED, f"booted {spec.hash} (VMM pid {handle.pid})")
+        self.restart = self.restart.started(self.m.clock())
+        self.ever_started = True
+        self._note(reported=False)
+
+    def _launch(self, spec: VmSpec) -> VmmHandle:
+        """Where this VM's VMMs are born: what a dead one left is cleared,
+        the launch is recorded before (``spawning``: the next owner looks
+        for an unrecorded VMM if this worker dies now) and after (the
+        handle); a VMM whose handle cannot be recorded is stopped again."""
+        assert self.vm.flock is not None
+        self._clear_leftovers()
+        self.m.state.write_handles(self.vm.flock, HandlesRecord(self.driver.name, spawning=True))
+        handle = self.driver.launch(spec.definition, self.paths, timeout=self.t.spawn + self.t.boot)
+        try:
+            self.m.state.write_handles(
+                self.vm.flock, HandlesRecord(self.driver.name, handle=handle, hash=spec.hash)
+            )
+        except BaseException:
+            process.abort_launch(handle, grace=self.t.sigterm_wait)
+            raise
+        return handle
+
+    def _probe(self) -> None:
+        """One health check; its answer (or silence) becomes facts."""
+        assert self.facts.vmm is not None
+        now = self.m.clock()
+        try:
+            state = self._read_state()
+        except (VmmTimeout, VmmGone) as exc:
+            if not self._alive():
+                self._note_vmm(alive=False)  # exited meanwhile: reaped next
+            else:
+                self.trouble = exc.message
+                self._note_vmm(unanswered=self.facts.vmm.unanswered + 1, unanswered_at=now)
+            return
+        except VmmError as exc:  # an answer that makes no sense
+            self.trouble = _describe(exc)
+            self._note_vmm(broken=True)
+            return
+        if state is not self.facts.vmm.state:
+            self._note(reported=False)
+        self._note_vmm(state=state, checked_at=now, unanswered=0)
+
+    def _set_power(self, power: PowerState) -> None:
+        assert self.handle is not None
+        pausing = power is PowerState.PAUSED
+        what = "pause" if pausing else "resume"
+        log.info("VM %s: %s (VMM pid %s)", self.vm.vm_id, what, self.handle.pid)
+        try:
+            (self.driver.pause if pausing else self.driver.resume)(self.handle, timeout=self.t.api)
+        except (VmmRejected, VmmTimeout) as exc:
+            self._power_refused(what, exc)
+            return
+        self.power_failure = None
+        self.known_state = None
+        self._note(power_refused_at=None, reported=False)
+        self._note_vmm(state=None)  # read it again before reporting
+        if self.pending is None and pausing:
+            self.pending = _Pending(EventKind.PAUSED, f"paused (VMM pid {self.handle.pid})")
+        elif self.pending is None:
+            clock = (
+                "the guest clock is resynced"
+                if self.driver.capabilities.guest_clock
+                else "the guest clock is not resynced: "
+                f"the {self.driver.name} driver has no guest-clock API"
+            )
+            self.pending = _Pending(
+                EventKind.RESUMED, f"resumed (VMM pid {self.handle.pid}); {clock}"
+            )
+
+    def _power_refused(self, what: str, exc: VmmRejected | VmmTimeout) -> None:
+        """The VMM refused (or did not answer) a pause or resume. The VM
+        itself is fine as it is: keep it and its VMM, say why the desired
+        power is not reached, and try again after the health interval.
+        (Treating this like a failed start would kill a healthy guest
+        because of a power-state request.) Waiting callers get a temporary
+        error each time; the ``failed`` event is sent once per cause, not
+        once per retry."""
+        assert self.handle is not None and self.facts.vmm is not None
+        if isinstance(exc, VmmTimeout) and not self._alive():
+            self._note_vmm(alive=False)  # exited meanwhile: reaped next
+            return
+        wait = self.t.health_interval
+        state = self.facts.vmm.state or VmState.RUNNING
+        cause = _describe(exc)
+        message = f"cannot {what}: {cause}; VM left {state.value}, retry in {wait:.3g} s"
+        first = self.power_failure != (self.request, what, cause)
+        self.power_failure = (self.request, what, cause)
+        if first:
+            log.warning("VM %s: %s", self.vm.vm_id, message)
+        verb = "refused" if isinstance(exc, VmmRejected) else "not answered"
+        paused = state is VmState.PAUSED
+        self._publish(
+            Phase.PAUSED if paused else Phase.RUNNING,
+            message,
+            EventKind.FAILED if first else None,
+            power=PowerState.PAUSED if paused else PowerState.RUNNING,
+            outcome=VmmError(
+                f"VM {self.vm.vm_id}: {what} {verb}: {exc.message}",
+                details=exc.details,
+                delay=wait,
+            ),
+        )
+        self._note(power_refused_at=self.m.clock(), reported=True)
+
+    def _settle(self, phase: Phase) -> None:
+        """The VM reached its target: report it (and its pending event)."""
+        pending, self.pending = self.pending, None
+        if phase is Phase.STOPPED:
+            self.restart = self.restart.reset().stopped()
+            self.last_failure = ""
+            message = pending.message if pending is not None else "stopped"
+            event = pending.kind if pending is not None else None
+            self._publish(Phase.STOPPED, message, event, outcome=_OK)
+        else:
+            assert self.handle is not None and self.facts.vmm is not None
+            state = self.facts.vmm.state
+            power = PowerState.PAUSED if phase is Phase.PAUSED else PowerState.RUNNING
+            if pending is not None:
+                # The event's own words first; the phase message follows at once.
+                self._publish(phase, pending.message, pending.kind, power=power)
+            message = f"{state.value if state else '?'} (pid {self.handle.pid})"
+            self._publish(phase, message, power=power, outcome=_OK)
+        self._note(reported=True)
+
+    def _remove(self) -> bool:
+        """Stop the VMM and delete the VM's state; True when done."""
+        self._publish(Phase.REMOVING, "removing")
+        try:
+            how = self._ladder("VM removed") if self.handle is not None else "no VMM running"
+            self._clear_leftovers()
+            assert self.vm.flock is not None
+            self.m.state.remove_vm(self.vm.flock)
+        except ProcuratorError as exc:
+            self._publish(Phase.REMOVING, f"removal failed: {_describe(exc)}", outcome=exc)
+            self._note(hold_until=self.m.clock() + self.t.health_interval)
+            return False
+        self._publish(Phase.REMOVING, f"removed ({how})", EventKind.REMOVED, outcome=_OK)
+        return True
+
+    # -- failures ----------------------------------------------------------------
+
+    def _failed(self, exc: PermanentError) -> None:
+        """The target failed for good: reported, not retried until it changes
+        (a VMM that runs is discarded next)."""
+        self._publish(Phase.FAILED, _describe(exc), EventKind.FAILED, outcome=exc)
+        self._note(failed=True, reported=True)
+
+    def _failure(self, exc: TemporaryError) -> None:
+        """An attempt failed and may work later: make sure no half-started
+        VMM stays, then back off."""
+        how = self._discard(f"an attempt failed: {exc.message}")
+        now = self.m.clock()
+        self.restart = self.restart.failed(self.m.policy, now)
+        wait = self.restart.wait(now)
+        self.last_failure = _describe(exc) + (f"; VMM stopped by {how}" if how else "")
+        # Same class (every TemporaryError shares the base signature), with the
+        # VM named and the delay the backoff chose.
+        error = type(exc)(
+            f"VM {self.vm.vm_id}: {exc.message}", details=exc.details, delay=max(wait, 0.1)
+        )
+        self._publish(
+            self._waiting_phase(),
+            f"{self.last_failure}; retry in {wait:.3g} s",
+            EventKind.CRASHED,
+            outcome=error,
+        )
+        self._note(reported=True, hold_until=self.restart.not_before)
+
+    def _internal_error(self, exc: Exception) -> None:
+        """An error nothing translated (a bug, an OS error such as EMFILE):
+        ending this thread would leave the VMM running unwatched. Report it
+        to the waiting caller and try again after the health interval."""
+        log.exception("VM %s: unexpected error; retrying", self.vm.vm_id)
+        with self.vm.cond:
+            phase = self.vm.obs.phase
+        self._publish(
+            phase,
+            f"internal error, retrying: {exc!r}",
+            outcome=TemporaryError(f"VM {self.vm.vm_id}: internal error: {exc!r}"),
+        )
+        self._note(hold_until=self.m.clock() + self.t.health_interval)
+
+    def _report_waiting(
+        self, wait: float, *, event: EventKind | None = None, force: bool = False
+    ) -> None:
+        """Publish that the VM waits out its restart backoff. Callers waiting
+        on this request get a TemporaryError naming the delay."""
+        what = self.last_failure
+        message = (
+            f"{what + '; ' if what else ''}restart in {wait:.3g} s "
+            f"(failure {self.restart.failures} in a row)"
+        )
+        with self.vm.cond:
+            need_outcome = force or self.vm.answered() is None
+        error = TemporaryError(f"VM {self.vm.vm_id}: {message}", delay=max(wait, 0.1))
+        self._publish(
+            self._waiting_phase(), message, event, outcome=error if need_outcome else None
+        )
+        self._note(reported=True)
+
+    def _waiting_phase(self) -> Phase:
+        return Phase.CRASH_LOOP if self.restart.crash_loop(self.m.policy) else Phase.PENDING
+
+    def _discard(self, why: str) -> str | None:
+        """Stop a VMM that cannot serve the target; returns the ladder step
+        that ended it (None when there was none, or it could not)."""
+        if self.handle is None:
+            return None
+        try:
+            return self._ladder(why)
+        except ProcuratorError as exc:
+            log.error(  # noqa: TRY400 - an expected failure, the message says it all
+                "VM %s: could not stop its VMM after %s: %s", self.vm.vm_id, why, exc
+            )
+            return None
+
+    # -- health checks -----------------------------------------------------------
+
+    def _read_state(self) -> VmState:
+        """One health check: the VM's state, and its counters when they are
+        due, in as few API calls as the driver allows.
+
+        Every call costs the worker ~0.2 ms of CPU in situ, so at a thousand
+        VMs a state read *and* a counters read per check were most of an
+        idle worker's CPU. When counters are due and the driver's
+        ``state_mark`` shows the VMM reported no state change since the last
+        ``state`` read, the counters call alone is the check: a VMM that
+        answers it is not hung and still has its VM, in the state last read.
+        Anything else — no mark, a changed mark, a power change to make, a
+        counters call that fails — reads the state. Timeouts and a VMM gone
+        propagate (the caller counts them towards ``hung_after``)."""
+        assert self.handle is not None
+        marks = self.driver.capabilities.state_marks
+        mark = self.driver.state_mark(self.paths) if marks else None
+        due = self._counters_due()
+        known = self.known_state
+        if due and mark is not None and known is not None and known[0] == mark:
+            target = self.facts.target
+            paused = target is not None and target.power is PowerState.PAUSED
+            if known[1] is (VmState.PAUSED if paused else VmState.RUNNING) and self._read_counters(
+                fallback_ok=True
+            ):
+                return known[1]
+            due = False  # read (or tried) above
+        state = self.driver.state(self.handle, timeout=self.t.api)
+        self.known_state = (mark, state) if mark is not None else None
+        if due:
+            self._read_counters(fallback_ok=False)
+        return state
+
+    def _counters_due(self) -> bool:
+        """Whether this check should refresh the counters. Half a health
+        interval of slack: with both intervals equal (the default) every
+        check reads them, not every other one because of timer jitter."""
+        if self.t.counters_interval <= 0:
+            return False
+        elapsed = self.m.clock() - self.last_counters
+        return elapsed >= self.t.counters_interval - self.t.health_interval / 2
+
+    def _read_counters(self, *, fallback_ok: bool) -> bool:
+        """Refresh the counters; True when the VMM answered them. With
+        ``fallback_ok`` (the counters call is the health check) a timeout or
+        a VMM gone propagates; otherwise every failure only leaves the old
+        counters (the state read already proved the VMM answers)."""
+        assert self.handle is not None
+        self.last_counters = self.m.clock()
+        try:
+            counters = self.driver.counters(self.handle, timeout=self.t.api)
+        except (VmmTimeout, VmmGone):
+            if fallback_ok:
+                raise
+            log.debug("VM %s: counters unavailable: no answer", self.vm.vm_id)
+            return False
+        except (VmmError, VmmRejected) as exc:
+            log.debug("VM %s: counters unavailable: %s", self.vm.vm_id, exc)
+            return False
+        with self.vm.cond:
+            self.vm.counters = counters
+        return True
+
+    # -- stop ladder -------------------------------------------------------------
+
+    def _ladder(self, reason: str, *, api: bool = True) -> str:
+        """Run the stop ladder; returns the step that ended the VMM. Raises
+        ``_StopFailed`` if it survives SIGKILL."""
+        assert self.handle is not None
+        handle = self.handle
+        log.info("VM %s: stopping VMM pid %s: %s", self.vm.vm_id, handle.pid, reason)
+        if process.wait_exit(handle.pid, handle.pid_start_ticks, 0.0):
+            how = "already exited"
+        else:
+            how = (self._ladder_api(handle) if api else "") or self._ladder_signals(handle)
+        if not how:
+            raise _StopFailed(
+                f"VM {self.vm.vm_id}: VMM pid {handle.pid} survived SIGKILL for "
+                f"{self.t.sigkill_wait:g} s"
+            )
+        log.info("VM %s: VMM pid %s stopped by %s", self.vm.vm_id, handle.pid, how)
+        self._forget_vmm()
+        return how
+
+    def _ladder_api(self, handle: VmmHandle) -> str:
+        """The ladder's API steps; the one that ended the VMM, or "" (once
+        one times out, the API is hung: the signals come next)."""
+        self._resume_for_shutdown(handle)
+        t, d = self.t, self.driver
+        steps: list[tuple[str, Callable[..., None], float]] = [
+            ("power button", d.power_button, t.power_button_wait),
+            ("vm.shutdown", d.shutdown_vm, 0.0),
+            ("vmm.shutdown", d.shutdown_vmm, t.shutdown_vmm_wait),
+        ]
+        for name, call, wait in steps:
+            taken = True
+            try:
+                call(handle, timeout=t.api)
+            except VmmTimeout as exc:
+                log.warning("VM %s: %s: %s; API hung, signals next", self.vm.vm_id, name, exc)
+                return ""
+            except (VmmError, VmmRejected) as exc:
+                log.info("VM %s: %s not taken: %s", self.vm.vm_id, name, exc)
+                taken = False
+            if process.wait_exit(handle.pid, handle.pid_start_ticks, wait if taken else 0.0):
+                return name
+        return ""
+
+    def _ladder_signals(self, handle: VmmHandle) -> str:
+        """SIGTERM, then SIGKILL; the one that ended the VMM, or ""."""
+        for sig, wait in (
+            (signal.SIGTERM, self.t.sigterm_wait),
+            (signal.SIGKILL, self.t.sigkill_wait),
+        ):
+            process.signal_process(handle.pid, handle.pid_start_ticks, sig)
+            if process.wait_exit(handle.pid, handle.pid_start_ticks, wait):
+                return sig.name
+        return ""
+
+    def _resume_for_shutdown(self, handle: VmmHandle) -> None:
+        """A paused guest cannot answer the power button: resume it first so
+        it shuts down cleanly (flushes its disks) rather than waiting out
+        the button and being cut off further down the ladder."""
+        try:
+            if self.driver.state(handle, timeout=self.t.api) is VmState.PAUSED:
+                log.info("VM %s: resuming the paused guest so it can shut down", self.vm.vm_id)
+                self.driver.resume(handle, timeout=self.t.api)
+        except (VmmError, VmmRejected) as exc:
+            log.info("VM %s: not resumed before stopping: %s", self.vm.vm_id, exc)
+
+    # -- publishing --------------------------------------------------------------
+
+    def _publish(
+        self,
+        phase: Phase,
+        message: str,
+        event: EventKind | None = None,
+        *,
+        power: PowerState | None = None,
+        outcome: object = None,
+    ) -> None:
+        """Replace the VM's observation; answer the current request when
+        ``outcome`` is given (``_OK`` or the error); tell ``on_change``."""
+        vm, vmm = self.vm, self.facts.vmm
+        running = self.handle is not None and vmm is not None
+        with vm.cond:
+            base = vm.obs if vm.desired is None else vm.obs.for_spec(vm.desired)
+            obs = dataclasses.replace(
+                base,
+                phase=phase,
+                message=message,
+                power=power
+                if power is not None
+                else (vm.obs.power if running else PowerState.STOPPED),
+                restarts=self.restart.restarts,
+                pid=self.handle.pid if running and self.handle is not None else None,
+                observed_hash=vmm.booted_hash if running and vmm is not None else "",
+            )
+            changed = obs != vm.obs
+            vm.obs = obs
+            if outcome is not None:
+                error = outcome if isinstance(outcome, ProcuratorError) else None
+                vm.outcome = Outcome(self.request, error)
+                vm.cond.notify_all()
+            op_id = vm.remove_op_id if vm.removing and vm.remove_op_id else obs.op_id
+        if event is not None:
+            log.info("VM %s: %s: %s", vm.vm_id, event.value, message)
+        if changed or event is not None:
+            self.m._emit(obs, _event(vm.vm_id, event, message, op_id))
+
+
+def _event(vm_id: str, kind: EventKind | None, message: str, op_id: str) -> VmEvent | None:
+    if kind is None:
+        return None
+    return VmEvent(
+        vm_id=vm_id, kind=kind, message=message, op_id=op_id, unix_time_ms=int(time.time() * 1000)
+    )
+
+
+def _describe(exc: ProcuratorError) -> str:
+    """One line for an operator: the message and the VMM's error chain."""
+    text = exc.message
+    if exc.details:
+        text += ": " + "; ".join(exc.details)
+    return text
+
+
+class _ExitWatch:
+    """The VMM's pidfd, polled together with the VM's wake eventfd.
+
+    poll(), not select(): a worker with a few hundred VMs has fds above
+    FD_SETSIZE (1024), which select() cannot watch. The poll objects are
+    kept until the pidfd changes (a settled VM waits once per check)."""
+
+    def __init__(self) -> None:
+        self.pidfd = -1
+        self._both: select.poll | None = None  # wake eventfd and pidfd
+        self._exit: select.poll | None = None  # pidfd alone
+
+    def open(self, handle: VmmHandle) -> bool:
+        """Watch ``handle``'s process; False when it is already gone."""
+        self.close()
+        try:
+            self.pidfd = os.pidfd_open(handle.pid)
+        except ProcessLookupError:
+            return False
+        if not process.is_alive(handle.pid, handle.pid_start_ticks):
+            # The VMM exited and its pid was taken before the pidfd was
+            # opened: the pidfd names another process. /proc tells the truth.
+            self.close()
+            return False
+        self._exit = select.poll()
+        self._exit.register(self.pidfd, select.POLLIN)
+        return True
+
+    def alive(self) -> bool | None:
+        """Whether the watched process runs (the pidfd turns readable when
+        it exits: one poll(2) instead of reading /proc); None without one."""
+        return None if self._exit is None else not self._exit.poll(0)
+
+    def wait(self, wake_fd: int, timeout: float | None) -> None:
+        """Until woken, the process exits, or ``timeout`` seconds pass."""
+        poller = self._both
+        if poller is None:
+            poller = self._both = select.poll()
+            poller.register(wake_fd, select.POLLIN)
+            if self.pidfd >= 0:
+                poller.register(self.pidfd, select.POLLIN)
+        try:
+            events = poller.poll(None if timeout is None else timeout * 1000)
+        except InterruptedError:
+            return
+        if any(fd == wake_fd for fd, _ in events):
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(wake_fd)
+
+    def close(self) -> None:
+        self._both = self._exit = None
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1

@@ -1,0 +1,205 @@
+"""The records a VM's supervisor and the VmManager's callers share.
+
+``VmSpec`` (what a VM should be, as ``vm.json`` keeps it), ``VmObservation``
+(what is true of it, immutable, replaced on every change), ``Timeouts``, and
+``VmRecord``: one per managed VM, the only mutable state shared between the
+callers of ``procurator.worker.manager.VmManager`` and the VM's supervisor
+thread (``procurator.worker.supervisor``). Its fields after ``cond`` are
+guarded by ``cond`` (a leaf lock: see the lock order in ``manager``).
+
+Requests and outcomes: a caller that changes the target (hash, power, or
+removal) bumps ``request``; the supervisor answers with an ``Outcome`` of
+the request it acted on. A VM is converged when ``answered()`` is an outcome
+without an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from procurator.core.errors import ProcuratorError
+from procurator.core.models import Phase, PowerState, VmEvent
+from procurator.core.supervision import Target
+from procurator.core.vmdef import VmDefinition
+from procurator.worker.state import VmLock
+from procurator.worker.vmm.base import VmmHandle
+
+__all__ = [
+    "ChangeCallback",
+    "Outcome",
+    "Timeouts",
+    "VmObservation",
+    "VmRecord",
+    "VmSpec",
+]
+
+# vm.json formats: 1 (until the typed definition) kept its side data in
+# string "labels" ({"store_path": ..., "address": ...}); 2 has typed fields.
+_SPEC_FORMAT = 2
+
+
+@dataclass(frozen=True, slots=True)
+class VmSpec:
+    """What one VM should be. ``hash`` is its identity (a new hash replaces
+    the VM); ``definition`` is the final, confined VM; ``image`` the store
+    path it came from and ``address`` the guest's IPv4 address (shown in
+    status; "" without network)."""
+
+    vm_id: str
+    hash: str
+    definition: VmDefinition
+    power: PowerState = PowerState.RUNNING
+    op_id: str = ""
+    image: str = ""
+    address: str = ""
+
+    @property
+    def target(self) -> Target:
+        return Target(self.hash, self.power)
+
+    def same_target(self, other: VmSpec | None) -> bool:
+        """True when ``other`` asks for the same VM in the same power state
+        (op id, image path and address need no action on the VMM)."""
+        return other is not None and (self.hash, self.power) == (other.hash, other.power)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": _SPEC_FORMAT,
+            "vm_id": self.vm_id,
+            "hash": self.hash,
+            "config": self.definition.to_vm_config(),
+            "power": self.power.value,
+            "op_id": self.op_id,
+            "image": self.image,
+            "address": self.address,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> VmSpec:
+        """Read ``vm.json``, as this release writes it or as the previous
+        one did (format 1: ``labels``)."""
+        labels = data.get("labels", {}) if data.get("format", 1) == 1 else {}
+        return cls(
+            vm_id=str(data["vm_id"]),
+            hash=str(data["hash"]),
+            definition=VmDefinition.from_vm_config(data["config"]),
+            power=PowerState(data.get("power", PowerState.RUNNING.value)),
+            op_id=str(data.get("op_id", "")),
+            image=str(data.get("image", labels.get("store_path", ""))),
+            address=str(data.get("address", labels.get("address", ""))),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class VmObservation:
+    """What is true about one VM, as last observed by its supervisor.
+    ``desired_*``, ``image``, ``address`` and ``op_id`` come from the spec
+    it converges to; ``observed_hash`` is the hash the running VMM was booted
+    with ("" when none runs)."""
+
+    vm_id: str
+    desired_hash: str  # "" while the spec is unknown
+    phase: Phase
+    power: PowerState  # observed
+    desired_power: PowerState
+    message: str = ""
+    restarts: int = 0
+    pid: int | None = None
+    observed_hash: str = ""
+    op_id: str = ""
+    driver: str = ""
+    image: str = ""
+    address: str = ""
+
+    def for_spec(self, spec: VmSpec) -> VmObservation:
+        """This observation of a VM that now converges to ``spec``."""
+        return replace(
+            self,
+            desired_hash=spec.hash,
+            desired_power=spec.power,
+            op_id=spec.op_id,
+            image=spec.image,
+            address=spec.address,
+        )
+
+
+ChangeCallback = Callable[[VmObservation, VmEvent | None], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds. ``hung_after`` is a count of health checks in a row."""
+
+    spawn: float = 10.0  # VMM process start until its API answers
+    api: float = 5.0  # one API call (health checks, pause, ladder steps)
+    boot: float = 30.0  # vm.create + vm.boot + confirmation
+    health_interval: float = 5.0
+    # A cap on the health checks a second across all VMs (0: none): with
+    # more VMs than health_interval allows, each VM's interval stretches to
+    # VMs / health_checks_per_second (VmManager.health_interval).
+    health_checks_per_second: float = 0.0
+    hung_after: int = 2
+    counters_interval: float = 15.0  # 0: the supervisor never polls counters
+    power_button_wait: float = 30.0
+    shutdown_vmm_wait: float = 5.0
+    sigterm_wait: float = 5.0
+    sigkill_wait: float = 10.0
+    ensure: float = 120.0  # longest ensure()/remove() blocks
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How the supervisor answered request ``request``: reached it
+    (``error`` None), or an attempt failed."""
+
+    request: int
+    error: ProcuratorError | None
+
+
+class VmRecord:
+    """A VM's record, shared between API callers and its supervisor.
+
+    Fields after ``cond`` are guarded by ``cond`` (lock level 3).
+    """
+
+    def __init__(self, vm_id: str, driver: str) -> None:
+        self.vm_id = vm_id
+        self.op_lock = threading.Lock()  # level 1
+        self.started = False  # guarded by op_lock
+        self.gone = False  # guarded by op_lock: record retired, look up again
+        self.flock: VmLock | None = None
+        self.thread: threading.Thread | None = None
+        self.wake_fd = -1
+
+        self.cond = threading.Condition(threading.Lock())  # level 3
+        self.desired: VmSpec | None = None
+        self.removing = False
+        self.remove_op_id = ""  # op id of the removal asked for, if any
+        self.closing = False
+        self.request = 0  # bumped whenever the target (hash, power, removal) changes
+        self.outcome: Outcome | None = None
+        self.finished = False
+        self.handle: VmmHandle | None = None  # published for poll_counters
+        self.counters: Mapping[str, Mapping[str, int]] = {}
+        self.obs = VmObservation(
+            vm_id=vm_id,
+            desired_hash="",
+            phase=Phase.PENDING,
+            power=PowerState.STOPPED,
+            desired_power=PowerState.STOPPED,
+            driver=driver,
+        )
+
+    def wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.eventfd_write(self.wake_fd, 1)
+
+    def answered(self) -> Outcome | None:
+        """The outcome of the current request, if there is one (under cond)."""
+        outcome = self.outcome
+        return outcome if outcome is not None and outcome.request == self.request else None
