@@ -8,9 +8,12 @@ Exit codes: 0 success; 1 refused, invalid or unreachable (the message says
 which); 2 bad usage; 3 ``apply --wait`` timed out; 4 ``apply --wait`` saw a
 failed VM; 5 ``apply --wait``: converged, except disconnected workers that the
 apply left with nothing to run and that have not confirmed stopping their VMs
-(they may still run them); 130 interrupted (Ctrl-C); 141 the reader of the
-output went away (``procurator status | head``: quietly, as a tool killed by
-SIGPIPE; see ``procurator.ops`` and ``main``).
+(they may still run them); 6 ``apply``: the outcome is unknown (the master
+went away after the request was sent and answered no retry within
+``--retry-for``; the message names the request id and how to check); 130
+interrupted (Ctrl-C); 141 the reader of the output went away (``procurator
+status | head``: quietly, as a tool killed by SIGPIPE; see ``procurator.ops``
+and ``main``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import logging
 import math
 import os
 import resource
+import secrets
+import shlex
 import signal
 import socket
 import sys
@@ -37,7 +42,7 @@ import trio
 
 from procurator import __version__, logs, ops, top
 from procurator.certs import add_certs_parser
-from procurator.core.errors import LimitExceededError, ProcuratorError
+from procurator.core.errors import LimitExceededError, ProcuratorError, UnavailableError
 from procurator.core.fleet import parse_fleet
 from procurator.core.models import Fleet, Phase, WorkerDiff, WorkerInfo
 from procurator.core.validation import LIMITS
@@ -54,6 +59,7 @@ from procurator.rpc.messages import (
     ApplyResult,
     FleetStatus,
     WorkerConnection,
+    check_request_id,
     default_master_address,
     parse_address,
 )
@@ -71,6 +77,7 @@ EXIT_USAGE = 2
 EXIT_TIMEOUT = 3
 EXIT_FAILED = 4
 EXIT_UNCONFIRMED = 5
+EXIT_UNKNOWN = 6
 EXIT_INTERRUPTED = 130
 EXIT_OUTPUT_CLOSED = ops.EXIT_OUTPUT_CLOSED
 
@@ -498,16 +505,109 @@ def _tls_files(args: argparse.Namespace) -> TlsFiles | None:
 _control = ops.control_from_args
 
 
+# Pauses between retries of an apply whose answer was lost: doubling.
+_RETRY_FIRST_DELAY = 0.25
+_RETRY_MAX_DELAY = 4.0
+
+
+def _new_request_id() -> str:
+    return "req-" + secrets.token_hex(10)
+
+
 async def _apply(args: argparse.Namespace) -> int:
+    """Send the fleet with a request id (``--request-id``, else a new random
+    one). Failing to connect is a plain failure: nothing was sent. Once the
+    request may have reached the master, a lost connection makes the outcome
+    unknown: the apply is sent again with the same request id, which the
+    master never applies twice (a committed one is answered with its result,
+    ``replayed``), until an answer comes or ``--retry-for`` seconds pass;
+    then the outcome is reported unknown (``EXIT_UNKNOWN``) with the request
+    id and how to check it. A dry run is not retried: it changes nothing."""
     fleet = _load_fleet(args.file)
-    async with open_bridge() as bridge, _control(bridge, args) as client:
-        result = await client.apply(
-            fleet, expected_generation=args.expect_generation, dry_run=args.dry_run
+    request_id = args.request_id or _new_request_id()
+    async with open_bridge() as bridge:
+        lost_since: float | None = None
+        delay = _RETRY_FIRST_DELAY
+        while True:
+            async with contextlib.AsyncExitStack() as stack:
+                try:
+                    client = await stack.enter_async_context(_control(bridge, args))
+                except UnavailableError as exc:
+                    if lost_since is None:
+                        raise  # nothing was sent
+                    problem = exc
+                else:
+                    try:
+                        result = await client.apply(
+                            fleet,
+                            expected_generation=args.expect_generation,
+                            dry_run=args.dry_run,
+                            request_id=request_id,
+                        )
+                    except UnavailableError as exc:
+                        if args.dry_run:
+                            raise
+                        problem = exc
+                    else:
+                        _print_apply(result, args.file, sys.stdout)
+                        if note := _request_note(result, request_id, args, lost_since is not None):
+                            print(note, file=sys.stdout)
+                        if args.wait and not result.dry_run and result.changed:
+                            return await _wait_converged(
+                                client, result, args.timeout, args.interval, sys.stdout
+                            )
+                        return EXIT_OK
+            now = trio.current_time()
+            if lost_since is None:
+                lost_since = now
+                print(
+                    f"procurator apply: lost the master after sending request {request_id} "
+                    f"({problem}); retrying with the same request id for up to "
+                    f"{args.retry_for:g} s (the master never applies a request twice)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            remaining = lost_since + args.retry_for - now
+            if remaining <= 0:
+                print(_unknown_outcome(args, request_id, problem), file=sys.stderr)
+                return EXIT_UNKNOWN
+            await trio.sleep(min(delay, remaining))
+            delay = min(2 * delay, _RETRY_MAX_DELAY)
+
+
+def _request_note(
+    result: ApplyResult, request_id: str, args: argparse.Namespace, retried: bool
+) -> str:
+    """What the request id tells about ``result`` (one line, or "")."""
+    if result.replayed:
+        return (
+            f"request {request_id} had been applied already, as generation {result.generation} "
+            f"(op {result.op_id}): the result above is that apply's; nothing was applied again"
         )
-        _print_apply(result, args.file, sys.stdout)
-        if args.wait and not result.dry_run and result.changed:
-            return await _wait_converged(client, result, args.timeout, args.interval, sys.stdout)
-    return EXIT_OK
+    if result.dry_run:
+        # Asked with --request-id: "was it applied?" -- no.
+        return f"request {request_id} has not been applied" if args.request_id else ""
+    if not result.changed:
+        return ""
+    if retried:
+        return f"request {request_id}: the first attempt had not been applied; this retry was"
+    return f"request {request_id}"
+
+
+def _unknown_outcome(args: argparse.Namespace, request_id: str, problem: Exception) -> str:
+    again = f"procurator apply {shlex.quote(args.file)} --request-id {request_id}"
+    if args.master != default_master_address():
+        again += f" --master {shlex.quote(args.master)}"
+    return (
+        f"procurator apply: the outcome is unknown: the master did not answer request "
+        f"{request_id}, nor a retry within {args.retry_for:g} s (last: {problem}). "
+        "The fleet may or may not have changed.\n"
+        f"  To find out, changing nothing:  {again} --dry-run\n"
+        "    (it says whether the request was applied, and as which generation; "
+        "`procurator status` shows the fleet's generation)\n"
+        f"  To finish it safely:            {again}\n"
+        "    (if it was applied, that only prints its result)"
+    )
 
 
 async def _status(args: argparse.Namespace) -> int:
@@ -602,6 +702,12 @@ def _positive(text: str) -> float:
     if not value > 0 or not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
     return value
+
+
+def _request_id(text: str) -> str:
+    if (problem := check_request_id(text)) is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def _non_negative(text: str) -> float:
@@ -832,6 +938,16 @@ def _build_parser() -> argparse.ArgumentParser:
             "Validate a fleet file locally, send it to the master and print the\n"
             "per-worker diff (added / replaced / removed / power / updated).\n"
             "The format follows the extension: .toml or .json (nix eval --json).\n\n"
+            "Every apply carries a request id (--request-id, or a random one): the\n"
+            "master never applies a request twice, and answers one it committed with\n"
+            "that apply's result. When the connection is lost after the request was\n"
+            "sent, apply retries with the same id for --retry-for seconds, then says\n"
+            "the outcome is unknown and how to check it.\n\n"
+            "exit codes: 0 applied (with --wait: converged); 1 refused, invalid or\n"
+            "unreachable: nothing applied; 3 --wait timed out; 4 --wait saw a failed\n"
+            "VM; 5 --wait: converged, except disconnected workers left with nothing\n"
+            "to run that have not confirmed stopping their VMs; 6 the outcome is\n"
+            "unknown.\n\n"
             "example:\n  procurator apply fleet.toml --wait --timeout 300\n\n"
             "fleet.toml:\n  [workers.host-a]\n"
             '  vms = [ { id = "web-1", image = "/nix/store/<32 chars>-web-vm" } ]'
@@ -857,6 +973,21 @@ def _build_parser() -> argparse.ArgumentParser:
         "--timeout", type=_positive, default=300.0, help="seconds --wait waits (default: 300)"
     )
     p.add_argument("--interval", type=_positive, default=0.5, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--request-id",
+        type=_request_id,
+        metavar="ID",
+        help="this apply's request id (1-64 of A-Z a-z 0-9 . _ -; default: a random one): "
+        "give the id of an earlier apply to learn its outcome or finish it safely",
+    )
+    p.add_argument(
+        "--retry-for",
+        type=_non_negative,
+        default=30.0,
+        metavar="SECONDS",
+        help="when the master is lost after the request was sent, retry with the same "
+        "request id this long before saying the outcome is unknown (default: 30)",
+    )
     p.add_argument(
         "--master",
         default=master_default,

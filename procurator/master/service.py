@@ -96,7 +96,6 @@ import hashlib
 import itertools
 import json
 import logging
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -136,27 +135,12 @@ from procurator.rpc.messages import (
     VmDescription,
     WorkerConnection,
     WorkerEvent,
+    check_request_id,
 )
 
-__all__ = [
-    "DesiredStateStore",
-    "MasterService",
-    "WorkerNode",
-    "check_request_id",
-    "fleet_digest",
-    "new_op_id",
-]
+__all__ = ["DesiredStateStore", "MasterService", "WorkerNode", "fleet_digest", "new_op_id"]
 
 logger = logging.getLogger(__name__)
-
-_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-
-
-def check_request_id(request_id: str) -> str | None:
-    """Why ``request_id`` is not a valid request id (None: it is)."""
-    if _REQUEST_ID_RE.fullmatch(request_id):
-        return None
-    return f"{request_id[:80]!r} is not 1 to 64 characters of A-Z, a-z, 0-9, '.', '_', '-'"
 
 
 def fleet_digest(fleet: Fleet) -> str:

@@ -1,17 +1,23 @@
 """What the master's service tests share: a fake worker ``Node``, a wall
 clock the test moves, and a ``MasterService`` on a real SQLite store that a
-test can stop and start again on the same database (a master restart)."""
+test can stop and start again on the same database (a master restart),
+optionally serving Cap'n Proto on a real socket, and a store that makes the
+master die right after a commit."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from procurator.core.models import Assignment
 from procurator.master.service import DesiredStateStore, MasterService
-from procurator.master.store import FleetStore
+from procurator.master.store import AppliedRequest, FleetStore, StoredFleet
+from procurator.rpc.bridge import Bridge
+from procurator.rpc.master_server import serve_master
+from procurator.rpc.messages import Address, parse_address
 
 
 class FakeNode:
@@ -46,15 +52,27 @@ class WallClock:
 
 class RestartableService:
     """A ``MasterService`` on ``db`` that can be stopped and started again:
-    what it keeps across a restart is what the store holds."""
+    what it keeps across a restart is what the store holds. With a
+    ``bridge`` it also serves Cap'n Proto on ``listen`` (``address`` is
+    where; a restart listens there again)."""
 
     def __init__(
-        self, nursery: trio.Nursery, db: Path, clock: WallClock, *, report_grace: float = 300.0
+        self,
+        nursery: trio.Nursery,
+        db: Path,
+        clock: WallClock,
+        *,
+        report_grace: float = 300.0,
+        bridge: Bridge | None = None,
+        listen: str = "127.0.0.1:0",
     ) -> None:
         self._nursery = nursery
         self.db = db
         self.clock = clock
         self.report_grace = report_grace
+        self.bridge = bridge
+        self.listen = listen
+        self.address: Address | None = None
         self.service: MasterService | None = None
         self._scope: trio.CancelScope | None = None
         self._stopped = trio.Event()
@@ -78,6 +96,11 @@ class RestartableService:
                         )
                         async with trio.open_nursery() as nursery:
                             await nursery.start(service.run)
+                            if self.bridge is not None:
+                                self.address = await nursery.start(
+                                    serve_master, self.bridge, service, parse_address(self.listen)
+                                )
+                                self.listen = str(self.address)
                             task_status.started(service)
             finally:
                 stopped.set()
@@ -95,3 +118,32 @@ class RestartableService:
     async def restart(self) -> MasterService:
         await self.stop()
         return await self.start()
+
+
+class DiesAfterCommit:
+    """The master's store, for a master that dies right after its commit:
+    the apply is stored, the answer is never sent (the commit never
+    returns; the test then stops the master)."""
+
+    def __init__(self, store: FleetStore) -> None:
+        self._store = store
+        self.committed = trio.Event()
+
+    async def load(self) -> StoredFleet:
+        return await self._store.load()
+
+    async def commit(self, **kwargs: Any) -> int:
+        await self._store.commit(**kwargs)
+        self.committed.set()
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def find_request(self, request_id: str) -> AppliedRequest | None:
+        return await self._store.find_request(request_id)
+
+    async def acknowledge_removals(
+        self, worker_id: str, observed_generation: int, unix_ms: int, forget_before_unix_ms: int
+    ) -> None:
+        await self._store.acknowledge_removals(
+            worker_id, observed_generation, unix_ms, forget_before_unix_ms
+        )

@@ -4,18 +4,20 @@ after the master died between the commit and the answer."""
 
 from __future__ import annotations
 
+import re
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
-from masterhelpers import RestartableService, WallClock
+from masterhelpers import DiesAfterCommit, RestartableService, WallClock
 
 from procurator.core.errors import StaleGenerationError, ValidationError
 from procurator.core.models import Fleet, WorkerDiff
 from procurator.master.service import MasterService
-from procurator.master.store import AppliedRequest, FleetStore, StoredFleet
+from procurator.master.store import FleetStore
+from procurator.rpc.bridge import Bridge
 
 FleetOf = Callable[[dict[str, list[tuple[str, str]]]], Fleet]
 
@@ -74,34 +76,6 @@ async def test_a_retried_request_gets_its_first_result_and_applies_nothing(
     assert service.generation == theirs.generation + 1
 
 
-class DiesAfterCommit:
-    """The master's store, for a master that dies right after its commit
-    (the apply is stored; the answer is never sent)."""
-
-    def __init__(self, store: FleetStore) -> None:
-        self._store = store
-        self.committed = trio.Event()
-
-    async def load(self) -> StoredFleet:
-        return await self._store.load()
-
-    async def commit(self, **kwargs: Any) -> int:
-        await self._store.commit(**kwargs)
-        self.committed.set()
-        await trio.sleep_forever()
-        raise AssertionError("unreachable")
-
-    async def find_request(self, request_id: str) -> AppliedRequest | None:
-        return await self._store.find_request(request_id)
-
-    async def acknowledge_removals(
-        self, worker_id: str, observed_generation: int, unix_ms: int, forget_before_unix_ms: int
-    ) -> None:
-        await self._store.acknowledge_removals(
-            worker_id, observed_generation, unix_ms, forget_before_unix_ms
-        )
-
-
 async def test_a_request_committed_before_the_master_died_is_replayed_after_a_restart(
     master: RestartableService, fleet_of: FleetOf
 ) -> None:
@@ -126,3 +100,118 @@ async def test_a_request_committed_before_the_master_died_is_replayed_after_a_re
     assert sorted(d.worker_id for d in retried.diffs) == ["host-a", "host-b"]
     assert retried.diffs[0] == WorkerDiff("host-a", added=("web-1",))
     assert service.generation == 1  # applied once
+
+
+# ------------------------------------------------------------ the CLI
+
+
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    done = await trio.run_process(
+        [sys.executable, "-m", "procurator", *args],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+
+async def until_committed(store: DiesAfterCommit, answers: list[tuple[int, str, str]]) -> None:
+    with trio.fail_after(60):
+        while not store.committed.is_set():
+            assert not answers, f"the CLI ended before the master committed: {answers}"
+            await trio.sleep(0.02)
+
+
+FLEET = f'[workers.host-a]\nvms = [ {{ id = "web-1", image = "/nix/store/{"a" * 32}-vm" }} ]\n'
+
+
+async def test_the_cli_retries_a_lost_apply_and_gets_its_first_result(
+    bridge: Bridge, tmp_path: Path
+) -> None:
+    path = tmp_path / "fleet.toml"
+    path.write_text(FLEET)
+    dying: list[DiesAfterCommit] = []
+
+    def wrap(store: FleetStore) -> DiesAfterCommit:
+        dying.append(DiesAfterCommit(store))
+        return dying[-1]
+
+    async with trio.open_nursery() as nursery:
+        master = RestartableService(nursery, tmp_path / "m.db", WallClock(), bridge=bridge)
+        await master.start(wrap)
+        answers: list[tuple[int, str, str]] = []
+
+        async def apply() -> None:
+            answers.append(await run_cli("apply", str(path), "--master", master.listen))
+
+        nursery.start_soon(apply)
+        await until_committed(dying[0], answers)
+        # The master dies after its commit: the CLI's connection closes unanswered.
+        await master.stop()
+        service = await master.start()  # back, on the same port and database
+        with trio.fail_after(60):
+            while not answers:
+                await trio.sleep(0.05)
+        code, out, err = answers[0]
+        assert code == 0, out + err
+        assert "lost the master after sending request req-" in err
+        assert "applied as generation 1 (op op-" in out
+        assert "had been applied already, as generation 1" in out
+        assert "nothing was applied again" in out
+        assert service.generation == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_cli_says_when_the_outcome_is_unknown_and_how_to_find_it_out(
+    bridge: Bridge, tmp_path: Path
+) -> None:
+    path = tmp_path / "fleet.toml"
+    path.write_text(FLEET)
+    dying: list[DiesAfterCommit] = []
+
+    def wrap(store: FleetStore) -> DiesAfterCommit:
+        dying.append(DiesAfterCommit(store))
+        return dying[-1]
+
+    async with trio.open_nursery() as nursery:
+        master = RestartableService(nursery, tmp_path / "m.db", WallClock(), bridge=bridge)
+        await master.start(wrap)
+        address = master.listen
+        answers: list[tuple[int, str, str]] = []
+
+        async def apply() -> None:
+            answers.append(
+                await run_cli("apply", str(path), "--master", address, "--retry-for", "1")
+            )
+
+        nursery.start_soon(apply)
+        await until_committed(dying[0], answers)
+        await master.stop()  # and it stays away longer than --retry-for
+        with trio.fail_after(60):
+            while not answers:
+                await trio.sleep(0.05)
+        code, out, err = answers[0]
+        assert code == 6, out + err
+        assert "the outcome is unknown" in err
+        match = re.search(r"request (req-[0-9a-f]+)", err)
+        assert match is not None, err
+        request_id = match.group(1)
+        check = f"procurator apply {path} --request-id {request_id} --master {address} --dry-run"
+        assert check in err
+
+        # The commands it suggests, once the master is back.
+        service = await master.start()
+        code, out, err = await run_cli(*check.split()[1:])
+        assert code == 0, out + err
+        assert f"request {request_id} had been applied already, as generation 1" in out
+        code, out, err = await run_cli(
+            "apply", str(path), "--request-id", request_id, "--master", address
+        )
+        assert code == 0 and "nothing was applied again" in out, out + err
+        assert service.generation == 1
+        # A request that never was: the dry run says so.
+        code, out, err = await run_cli(
+            "apply", str(path), "--request-id", "req-never", "--dry-run", "--master", address
+        )
+        assert code == 0 and "request req-never has not been applied" in out, out + err
+        nursery.cancel_scope.cancel()
