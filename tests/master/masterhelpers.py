@@ -66,7 +66,7 @@ class RestartableService:
         bridge: Bridge | None = None,
         listen: str = "127.0.0.1:0",
     ) -> None:
-        self._nursery = nursery
+        self.nursery = nursery
         self.db = db
         self.clock = clock
         self.report_grace = report_grace
@@ -74,6 +74,7 @@ class RestartableService:
         self.listen = listen
         self.address: Address | None = None
         self.service: MasterService | None = None
+        self.store: DesiredStateStore | None = None  # what the service was given
         self._scope: trio.CancelScope | None = None
         self._stopped = trio.Event()
 
@@ -89,8 +90,9 @@ class RestartableService:
                 with trio.CancelScope() as scope:
                     self._scope = scope
                     async with await FleetStore.open(self.db) as store:
+                        self.store = wrap(store) if wrap is not None else store
                         service = MasterService(
-                            wrap(store) if wrap is not None else store,
+                            self.store,
                             wall_clock=self.clock,
                             report_grace=self.report_grace,
                         )
@@ -105,7 +107,7 @@ class RestartableService:
             finally:
                 stopped.set()
 
-        self.service = await self._nursery.start(run)
+        self.service = await self.nursery.start(run)
         return self.service
 
     async def stop(self) -> None:

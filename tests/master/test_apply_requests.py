@@ -16,7 +16,6 @@ from masterhelpers import DiesAfterCommit, RestartableService, WallClock
 from procurator.core.errors import StaleGenerationError, ValidationError
 from procurator.core.models import Fleet, WorkerDiff
 from procurator.master.service import MasterService
-from procurator.master.store import FleetStore
 from procurator.rpc.bridge import Bridge
 
 FleetOf = Callable[[dict[str, list[tuple[str, str]]]], Fleet]
@@ -80,18 +79,12 @@ async def test_a_request_committed_before_the_master_died_is_replayed_after_a_re
     master: RestartableService, fleet_of: FleetOf
 ) -> None:
     await master.stop()
-    dying: list[DiesAfterCommit] = []
-
-    def wrap(store: FleetStore) -> DiesAfterCommit:
-        dying.append(DiesAfterCommit(store))
-        return dying[-1]
-
-    service = await master.start(wrap)
+    service = await master.start(DiesAfterCommit)
     fleet = fleet_of({"host-a": [("web-1", "a")], "host-b": [("db-1", "b")]})
     async with trio.open_nursery() as nursery:
         # The client's call: it never gets an answer.
         nursery.start_soon(lambda: service.apply(fleet, op_id="op-first", request_id="req-lost"))
-        await dying[0].committed.wait()
+        await dying(master).committed.wait()
         nursery.cancel_scope.cancel()
     service = await master.restart()
     retried = await service.apply(fleet, expected_generation=0, request_id="req-lost")
@@ -102,10 +95,17 @@ async def test_a_request_committed_before_the_master_died_is_replayed_after_a_re
     assert service.generation == 1  # applied once
 
 
+def dying(master: RestartableService) -> DiesAfterCommit:
+    assert isinstance(master.store, DiesAfterCommit)
+    return master.store
+
+
 # ------------------------------------------------------------ the CLI
 
+Answer = tuple[int, str, str]  # exit status, stdout, stderr
 
-async def run_cli(*args: str) -> tuple[int, str, str]:
+
+async def run_cli(*args: str) -> Answer:
     done = await trio.run_process(
         [sys.executable, "-m", "procurator", *args],
         capture_stdout=True,
@@ -115,103 +115,91 @@ async def run_cli(*args: str) -> tuple[int, str, str]:
     return done.returncode, done.stdout.decode(), done.stderr.decode()
 
 
-async def until_committed(store: DiesAfterCommit, answers: list[tuple[int, str, str]]) -> None:
+@pytest.fixture
+async def served(bridge: Bridge, tmp_path: Path) -> AsyncIterator[RestartableService]:
+    """A master on a real socket, not started yet."""
+    async with trio.open_nursery() as nursery:
+        yield RestartableService(nursery, tmp_path / "m.db", WallClock(), bridge=bridge)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+def fleet_file(tmp_path: Path) -> Path:
+    path = tmp_path / "fleet.toml"
+    path.write_text(
+        f'[workers.host-a]\nvms = [ {{ id = "web-1", image = "/nix/store/{"a" * 32}-vm" }} ]\n'
+    )
+    return path
+
+
+async def apply_losing_the_answer(master: RestartableService, *args: str) -> list[Answer]:
+    """Run ``procurator apply *args`` against ``master``, which dies right
+    after it committed that apply; return once it is stopped. The list gets
+    the CLI's answer when it ends."""
+    await master.start(DiesAfterCommit)
+    answers: list[Answer] = []
+
+    async def apply() -> None:
+        answers.append(await run_cli("apply", *args, "--master", master.listen))
+
+    master.nursery.start_soon(apply)
     with trio.fail_after(60):
-        while not store.committed.is_set():
+        while not dying(master).committed.is_set():
             assert not answers, f"the CLI ended before the master committed: {answers}"
             await trio.sleep(0.02)
+    await master.stop()  # its connections close: the CLI's request is unanswered
+    return answers
 
 
-FLEET = f'[workers.host-a]\nvms = [ {{ id = "web-1", image = "/nix/store/{"a" * 32}-vm" }} ]\n'
+async def answer(answers: list[Answer]) -> Answer:
+    with trio.fail_after(60):
+        while not answers:
+            await trio.sleep(0.05)
+    return answers[0]
 
 
 async def test_the_cli_retries_a_lost_apply_and_gets_its_first_result(
-    bridge: Bridge, tmp_path: Path
+    served: RestartableService, fleet_file: Path
 ) -> None:
-    path = tmp_path / "fleet.toml"
-    path.write_text(FLEET)
-    dying: list[DiesAfterCommit] = []
-
-    def wrap(store: FleetStore) -> DiesAfterCommit:
-        dying.append(DiesAfterCommit(store))
-        return dying[-1]
-
-    async with trio.open_nursery() as nursery:
-        master = RestartableService(nursery, tmp_path / "m.db", WallClock(), bridge=bridge)
-        await master.start(wrap)
-        answers: list[tuple[int, str, str]] = []
-
-        async def apply() -> None:
-            answers.append(await run_cli("apply", str(path), "--master", master.listen))
-
-        nursery.start_soon(apply)
-        await until_committed(dying[0], answers)
-        # The master dies after its commit: the CLI's connection closes unanswered.
-        await master.stop()
-        service = await master.start()  # back, on the same port and database
-        with trio.fail_after(60):
-            while not answers:
-                await trio.sleep(0.05)
-        code, out, err = answers[0]
-        assert code == 0, out + err
-        assert "lost the master after sending request req-" in err
-        assert "applied as generation 1 (op op-" in out
-        assert "had been applied already, as generation 1" in out
-        assert "nothing was applied again" in out
-        assert service.generation == 1
-        nursery.cancel_scope.cancel()
+    answers = await apply_losing_the_answer(served, str(fleet_file))
+    service = await served.start()  # back, on the same port and database
+    code, out, err = await answer(answers)
+    assert code == 0, out + err
+    assert "lost the master after sending request req-" in err
+    assert "applied as generation 1 (op op-" in out
+    assert "had been applied already, as generation 1" in out
+    assert "nothing was applied again" in out
+    assert service.generation == 1
 
 
 async def test_the_cli_says_when_the_outcome_is_unknown_and_how_to_find_it_out(
-    bridge: Bridge, tmp_path: Path
+    served: RestartableService, fleet_file: Path
 ) -> None:
-    path = tmp_path / "fleet.toml"
-    path.write_text(FLEET)
-    dying: list[DiesAfterCommit] = []
+    path, master = fleet_file, served
+    # The master stays away longer than --retry-for.
+    answers = await apply_losing_the_answer(master, str(path), "--retry-for", "1")
+    code, out, err = await answer(answers)
+    assert code == 6, out + err
+    assert "the outcome is unknown" in err
+    match = re.search(r"request (req-[0-9a-f]+)", err)
+    assert match is not None, err
+    request_id = match.group(1)
+    address = master.listen
+    check = f"procurator apply {path} --request-id {request_id} --master {address} --dry-run"
+    assert check in err
 
-    def wrap(store: FleetStore) -> DiesAfterCommit:
-        dying.append(DiesAfterCommit(store))
-        return dying[-1]
-
-    async with trio.open_nursery() as nursery:
-        master = RestartableService(nursery, tmp_path / "m.db", WallClock(), bridge=bridge)
-        await master.start(wrap)
-        address = master.listen
-        answers: list[tuple[int, str, str]] = []
-
-        async def apply() -> None:
-            answers.append(
-                await run_cli("apply", str(path), "--master", address, "--retry-for", "1")
-            )
-
-        nursery.start_soon(apply)
-        await until_committed(dying[0], answers)
-        await master.stop()  # and it stays away longer than --retry-for
-        with trio.fail_after(60):
-            while not answers:
-                await trio.sleep(0.05)
-        code, out, err = answers[0]
-        assert code == 6, out + err
-        assert "the outcome is unknown" in err
-        match = re.search(r"request (req-[0-9a-f]+)", err)
-        assert match is not None, err
-        request_id = match.group(1)
-        check = f"procurator apply {path} --request-id {request_id} --master {address} --dry-run"
-        assert check in err
-
-        # The commands it suggests, once the master is back.
-        service = await master.start()
-        code, out, err = await run_cli(*check.split()[1:])
-        assert code == 0, out + err
-        assert f"request {request_id} had been applied already, as generation 1" in out
-        code, out, err = await run_cli(
-            "apply", str(path), "--request-id", request_id, "--master", address
-        )
-        assert code == 0 and "nothing was applied again" in out, out + err
-        assert service.generation == 1
-        # A request that never was: the dry run says so.
-        code, out, err = await run_cli(
-            "apply", str(path), "--request-id", "req-never", "--dry-run", "--master", address
-        )
-        assert code == 0 and "request req-never has not been applied" in out, out + err
-        nursery.cancel_scope.cancel()
+    # The commands it suggests, once the master is back.
+    service = await master.start()
+    code, out, err = await run_cli(*check.split()[1:])
+    assert code == 0, out + err
+    assert f"request {request_id} had been applied already, as generation 1" in out
+    code, out, err = await run_cli(
+        "apply", str(path), "--request-id", request_id, "--master", address
+    )
+    assert code == 0 and "nothing was applied again" in out, out + err
+    assert service.generation == 1
+    # A request that never was: the dry run says so.
+    code, out, err = await run_cli(
+        "apply", str(path), "--request-id", "req-never", "--dry-run", "--master", address
+    )
+    assert code == 0 and "request req-never has not been applied" in out, out + err
