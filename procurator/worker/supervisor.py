@@ -225,12 +225,15 @@ class VmSupervisor:
                 vm.request,
                 vm.remove_op_id,
             )
+        # The spec may change without a new request (a new op id, same
+        # target): log and launch with the newest.
+        self.spec = spec
+        bind(op_id=remove_op_id if removing else spec.op_id if spec is not None else "")
         if request == self.request:
             return True
-        bind(op_id=remove_op_id if removing else spec.op_id if spec is not None else "")
         # Outcomes are reported for the request acted upon: a caller that
         # asked for something newer meanwhile keeps waiting.
-        self.request, self.spec = request, spec
+        self.request = request
         target = spec.target if spec is not None else None
         previous = self.facts.target
         if previous is not None and target is not None and previous.hash != target.hash:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -30,6 +31,7 @@ from vmmhelpers import (
 
 from procurator.core.errors import PermanentError, TemporaryError
 from procurator.core.models import EventKind, Phase, PowerState
+from procurator.logs import ContextFilter
 from procurator.worker.manager import ManagerClosedError, Timeouts, VmSpec
 from procurator.worker.state import StateDir, VmLockedError
 from procurator.worker.vmm import process
@@ -544,6 +546,26 @@ def test_an_upgraded_worker_readopts_what_the_previous_release_started(
     assert paused.phase is Phase.PAUSED and paused.pid == pid
     durable = json.loads((paths.vm_dir / "vm.json").read_text())
     assert durable["format"] == 2 and durable["address"] == "10.120.0.7"
+
+
+def test_the_supervisor_works_under_the_op_id_of_the_newest_spec(
+    make_manager: ManagerFactory, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An apply that leaves a VM's target as it is still becomes the VM's
+    operation: what its supervisor does next (here: restart it after a
+    crash) is logged, and told, under the new op id."""
+    caplog.set_level(logging.INFO, logger="procurator.worker.supervisor")
+    caplog.handler.addFilter(ContextFilter())
+    manager = make_manager()
+    first = manager.ensure(spec(op_id="op-1"))
+    manager.ensure(spec(op_id="op-2"))  # the same target: nothing to do on the VMM
+    assert first.pid is not None
+    kill9_and_wait(first.pid)
+    recorder.wait_for(lambda: EventKind.RESTARTED in recorder.kinds("vm1"))
+    restarted = next(e for e in recorder.events("vm1") if e.kind is EventKind.RESTARTED)
+    assert restarted.op_id == "op-2"
+    logged = [r for r in caplog.records if "restarted after" in r.getMessage()]
+    assert logged and all(getattr(r, "op_id", "") == "op-2" for r in logged)
 
 
 def test_counters_are_polled_and_served_without_io(
