@@ -18,10 +18,10 @@ not adopted yet                  ``Adopt``: take over what the last owner left
 VMM exited on its own            ``Reap`` (``counted``: a failure of the VM we
                                  want, so a restart waits out the backoff)
 ``hold_until`` in the future     ``Wait`` (a step failed; only time helps)
+VMM of another driver            ``StopVmm(FOREIGN)`` (signals only)
 removal asked                    ``Remove``: stop ladder, delete the state
 no target (no spec known)        ``Wait`` until woken
 the target failed for good       ``StopVmm(DISCARD)`` if a VMM runs, else wait
-VMM of another driver            ``StopVmm(FOREIGN)`` (signals only)
 target stopped                   ``StopVmm(POWER_OFF)``, then ``Settle(STOPPED)``
 VMM boots another hash           ``StopVmm(REPLACE)``
 no VMM                           ``Backoff`` / ``Wait`` until ``not_before``,
@@ -241,14 +241,14 @@ def decide(facts: Facts, restart: RestartState, now: float, timing: Timing) -> S
         return Reap(counted=wanted and not facts.removing and not facts.failed)
     if facts.hold_until > now:
         return Wait(facts.hold_until)
+    if vmm is not None and vmm.foreign:
+        return StopVmm(StopWhy.FOREIGN)  # whatever is wanted: this driver cannot drive it
     if facts.removing:
         return Remove()
     if target is None:
         return Wait(None)
     if facts.failed:
         return StopVmm(StopWhy.DISCARD) if vmm is not None else Wait(None)
-    if vmm is not None and vmm.foreign:
-        return StopVmm(StopWhy.FOREIGN)
     if target.power is PowerState.STOPPED:
         if vmm is not None:
             return StopVmm(StopWhy.POWER_OFF)

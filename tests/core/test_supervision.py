@@ -114,6 +114,12 @@ ROWS: list[tuple[str, Facts, RestartState, Step]] = [
     ("failed, nothing runs: wait for a new target", facts(failed=True), CALM, Wait(None)),
     # -- another driver's VMM
     ("adopted from another driver", facts(vmm=vmm(foreign=True)), CALM, StopVmm(StopWhy.FOREIGN)),
+    (
+        "another driver's VMM goes first, even when removing",
+        facts(removing=True, vmm=vmm(foreign=True)),
+        CALM,
+        StopVmm(StopWhy.FOREIGN),
+    ),
     # -- stopped
     ("stop what runs", facts(target=STOPPED, vmm=vmm()), CALM, StopVmm(StopWhy.POWER_OFF)),
     ("stopped: report it", facts(target=STOPPED), CALM, Settle(Phase.STOPPED)),
@@ -297,5 +303,7 @@ def test_the_plan_never_acts_on_a_vmm_it_does_not_have(
         )
     if isinstance(step, Wait | Backoff) and getattr(step, "until", None) is not None:
         assert step.until > NOW or (isinstance(step, Wait) and step.until is None)
-    if facts_.removing and facts_.hold_until <= NOW:
+    if facts_.removing and facts_.hold_until <= NOW and not (vmm_ is not None and vmm_.foreign):
         assert step == Remove()
+    if vmm_ is not None and vmm_.foreign and facts_.hold_until <= NOW:
+        assert step == StopVmm(StopWhy.FOREIGN)

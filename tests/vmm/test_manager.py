@@ -568,6 +568,28 @@ def test_the_supervisor_works_under_the_op_id_of_the_newest_spec(
     assert logged and all(getattr(r, "op_id", "") == "op-2" for r in logged)
 
 
+def test_a_vmm_another_driver_started_is_stopped_by_signals_and_replaced(
+    make_manager: ManagerFactory, state_dir: Path, api_calls: ApiCalls
+) -> None:
+    # The worker was run with another --driver before: its API is not this
+    # driver's to speak, so it is stopped with signals and the VM started again.
+    first = make_manager()
+    old = first.ensure(spec()).pid
+    first.close()
+    handles = state_dir / "vms" / "vm1" / "handles.json"
+    record = json.loads(handles.read_text())
+    record["driver"] = record["handle"]["driver"] = "qemu"
+    handles.write_text(json.dumps(record))
+    before = api_calls.count()
+    second = make_manager()
+    [obs] = second.recover()
+    assert old is not None and not alive(old)
+    assert obs.phase is Phase.RUNNING and obs.pid not in (None, old)
+    assert not {"vm.power-button", "vm.shutdown", "vmm.shutdown"} & set(
+        api_calls.endpoints()[before:]
+    )
+
+
 def test_counters_are_polled_and_served_without_io(
     make_manager: ManagerFactory, api_calls: ApiCalls, recorder: Recorder
 ) -> None:
