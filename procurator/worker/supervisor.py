@@ -21,13 +21,8 @@ backoff (``procurator.core.backoff``; many in a row show as
 exception (a bug, EMFILE) is reported and retried after the health
 interval, because ending the thread would leave the VMM running unwatched.
 
-Stop ladder (here, the same for every driver), each step only if the VMM
-still runs: ``power_button`` and wait ``power_button_wait``; ``shutdown_vm``;
-``shutdown_vmm`` and wait ``shutdown_vmm_wait``; SIGTERM and wait
-``sigterm_wait``; SIGKILL. Once one API step times out the API is treated as
-hung and the remaining API steps are skipped (each would only burn another
-timeout) — the ladder goes on with signals. A paused guest is resumed first,
-so it can shut down cleanly.
+Stopping a VMM is the stop ladder of ``procurator.worker.stopladder``, the
+same for every driver.
 
 Health checks: a check is one API call with a timeout: the state
 (``state``), or — when counters are due and the driver's ``state_mark``
@@ -42,15 +37,11 @@ record's fields under ``VmRecord.cond``, taken briefly (never around I/O).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
-import os
-import select
-import signal
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -79,6 +70,7 @@ from procurator.core.supervision import (
 )
 from procurator.logs import bind
 from procurator.worker.state import HandlesRecord
+from procurator.worker.stopladder import StopLadder
 from procurator.worker.vmm import process
 from procurator.worker.vmm.base import (
     VmExit,
@@ -96,10 +88,6 @@ if TYPE_CHECKING:
 __all__ = ["VmSupervisor"]
 
 log = logging.getLogger(__name__)
-
-
-class _StopFailed(VmmError):
-    """The VMM survived the whole stop ladder (e.g. stuck in the kernel)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +116,7 @@ class VmSupervisor:
         self.request = -1  # the request being acted upon
         self.spec: VmSpec | None = None
         self.handle: VmmHandle | None = None
-        self.watch = _ExitWatch()
+        self.watch = process.ExitWatch()
         self.pending: _Pending | None = None
         self.ever_started = False
         self.replacing = False
@@ -750,69 +738,12 @@ class VmSupervisor:
     # -- stop ladder -------------------------------------------------------------
 
     def _ladder(self, reason: str, *, api: bool = True) -> str:
-        """Run the stop ladder; returns the step that ended the VMM. Raises
-        ``_StopFailed`` if it survives SIGKILL."""
+        """Run the stop ladder (``StopLadder``) and forget the VMM; returns
+        the step that ended it. Raises ``StopFailed`` if it survives SIGKILL."""
         assert self.handle is not None
-        handle = self.handle
-        log.info("VM %s: stopping VMM pid %s: %s", self.vm.vm_id, handle.pid, reason)
-        if process.wait_exit(handle.pid, handle.pid_start_ticks, 0.0):
-            how = "already exited"
-        else:
-            how = (self._ladder_api(handle) if api else "") or self._ladder_signals(handle)
-        if not how:
-            raise _StopFailed(
-                f"VM {self.vm.vm_id}: VMM pid {handle.pid} survived SIGKILL for "
-                f"{self.t.sigkill_wait:g} s"
-            )
-        log.info("VM %s: VMM pid %s stopped by %s", self.vm.vm_id, handle.pid, how)
+        how = StopLadder(self.driver, self.t, self.vm.vm_id).run(self.handle, reason, api=api)
         self._forget_vmm()
         return how
-
-    def _ladder_api(self, handle: VmmHandle) -> str:
-        """The ladder's API steps; the one that ended the VMM, or "" (once
-        one times out, the API is hung: the signals come next)."""
-        self._resume_for_shutdown(handle)
-        t, d = self.t, self.driver
-        steps: list[tuple[str, Callable[..., None], float]] = [
-            ("power button", d.power_button, t.power_button_wait),
-            ("vm.shutdown", d.shutdown_vm, 0.0),
-            ("vmm.shutdown", d.shutdown_vmm, t.shutdown_vmm_wait),
-        ]
-        for name, call, wait in steps:
-            taken = True
-            try:
-                call(handle, timeout=t.api)
-            except VmmTimeout as exc:
-                log.warning("VM %s: %s: %s; API hung, signals next", self.vm.vm_id, name, exc)
-                return ""
-            except (VmmError, VmmRejected) as exc:
-                log.info("VM %s: %s not taken: %s", self.vm.vm_id, name, exc)
-                taken = False
-            if process.wait_exit(handle.pid, handle.pid_start_ticks, wait if taken else 0.0):
-                return name
-        return ""
-
-    def _ladder_signals(self, handle: VmmHandle) -> str:
-        """SIGTERM, then SIGKILL; the one that ended the VMM, or ""."""
-        for sig, wait in (
-            (signal.SIGTERM, self.t.sigterm_wait),
-            (signal.SIGKILL, self.t.sigkill_wait),
-        ):
-            process.signal_process(handle.pid, handle.pid_start_ticks, sig)
-            if process.wait_exit(handle.pid, handle.pid_start_ticks, wait):
-                return sig.name
-        return ""
-
-    def _resume_for_shutdown(self, handle: VmmHandle) -> None:
-        """A paused guest cannot answer the power button: resume it first so
-        it shuts down cleanly (flushes its disks) rather than waiting out
-        the button and being cut off further down the ladder."""
-        try:
-            if self.driver.state(handle, timeout=self.t.api) is VmState.PAUSED:
-                log.info("VM %s: resuming the paused guest so it can shut down", self.vm.vm_id)
-                self.driver.resume(handle, timeout=self.t.api)
-        except (VmmError, VmmRejected) as exc:
-            log.info("VM %s: not resumed before stopping: %s", self.vm.vm_id, exc)
 
     # -- publishing --------------------------------------------------------------
 
@@ -869,59 +800,3 @@ def _describe(exc: ProcuratorError) -> str:
     if exc.details:
         text += ": " + "; ".join(exc.details)
     return text
-
-
-class _ExitWatch:
-    """The VMM's pidfd, polled together with the VM's wake eventfd.
-
-    poll(), not select(): a worker with a few hundred VMs has fds above
-    FD_SETSIZE (1024), which select() cannot watch. The poll objects are
-    kept until the pidfd changes (a settled VM waits once per check)."""
-
-    def __init__(self) -> None:
-        self.pidfd = -1
-        self._both: select.poll | None = None  # wake eventfd and pidfd
-        self._exit: select.poll | None = None  # pidfd alone
-
-    def open(self, handle: VmmHandle) -> bool:
-        """Watch ``handle``'s process; False when it is already gone."""
-        self.close()
-        try:
-            self.pidfd = os.pidfd_open(handle.pid)
-        except ProcessLookupError:
-            return False
-        if not process.is_alive(handle.pid, handle.pid_start_ticks):
-            # The VMM exited and its pid was taken before the pidfd was
-            # opened: the pidfd names another process. /proc tells the truth.
-            self.close()
-            return False
-        self._exit = select.poll()
-        self._exit.register(self.pidfd, select.POLLIN)
-        return True
-
-    def alive(self) -> bool | None:
-        """Whether the watched process runs (the pidfd turns readable when
-        it exits: one poll(2) instead of reading /proc); None without one."""
-        return None if self._exit is None else not self._exit.poll(0)
-
-    def wait(self, wake_fd: int, timeout: float | None) -> None:
-        """Until woken, the process exits, or ``timeout`` seconds pass."""
-        poller = self._both
-        if poller is None:
-            poller = self._both = select.poll()
-            poller.register(wake_fd, select.POLLIN)
-            if self.pidfd >= 0:
-                poller.register(self.pidfd, select.POLLIN)
-        try:
-            events = poller.poll(None if timeout is None else timeout * 1000)
-        except InterruptedError:
-            return
-        if any(fd == wake_fd for fd, _ in events):
-            with contextlib.suppress(BlockingIOError):
-                os.eventfd_read(wake_fd)
-
-    def close(self) -> None:
-        self._both = self._exit = None
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1

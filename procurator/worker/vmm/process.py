@@ -19,7 +19,9 @@ What lives here, for both drivers:
 - ``abort_launch``: stop a VMM whose launch failed;
 - ``remove_stale_socket``: remove an API socket no live VMM serves;
 - ``log_tail``: the last lines of a VMM's output, for error details;
-- signals, waits and identity checks (``terminate``, ``wait_exit``, ...).
+- signals, waits and identity checks (``terminate``, ``wait_exit``, ...),
+  and ``ExitWatch``: a VMM's pidfd polled with its supervisor's wake
+  eventfd.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ LAUNCH_MARKER = "PROCURATOR_VM_DIR"
 __all__ = [
     "API_POLL",
     "LAUNCH_MARKER",
+    "ExitWatch",
     "abort_launch",
     "find_by_argument_under",
     "find_launched",
@@ -434,3 +437,59 @@ def find_launched(vm_dir: Path) -> list[tuple[int, int]]:
         if entry in environ.split(b"\x00"):
             pids.append(int(name))
     return _with_ticks(pids)
+
+
+class ExitWatch:
+    """A VMM's pidfd, polled together with its supervisor's wake eventfd.
+
+    poll(), not select(): a worker with a few hundred VMs has fds above
+    FD_SETSIZE (1024), which select() cannot watch. The poll objects are
+    kept until the pidfd changes (a settled VM waits once per check)."""
+
+    def __init__(self) -> None:
+        self.pidfd = -1
+        self._both: select.poll | None = None  # wake eventfd and pidfd
+        self._exit: select.poll | None = None  # pidfd alone
+
+    def open(self, handle: VmmHandle) -> bool:
+        """Watch ``handle``'s process; False when it is already gone."""
+        self.close()
+        try:
+            self.pidfd = os.pidfd_open(handle.pid)
+        except ProcessLookupError:
+            return False
+        if not is_alive(handle.pid, handle.pid_start_ticks):
+            # The VMM exited and its pid was taken before the pidfd was
+            # opened: the pidfd names another process. /proc tells the truth.
+            self.close()
+            return False
+        self._exit = select.poll()
+        self._exit.register(self.pidfd, select.POLLIN)
+        return True
+
+    def alive(self) -> bool | None:
+        """Whether the watched process runs (the pidfd turns readable when
+        it exits: one poll(2) instead of reading /proc); None without one."""
+        return None if self._exit is None else not self._exit.poll(0)
+
+    def wait(self, wake_fd: int, timeout: float | None) -> None:
+        """Until woken, the process exits, or ``timeout`` seconds pass."""
+        poller = self._both
+        if poller is None:
+            poller = self._both = select.poll()
+            poller.register(wake_fd, select.POLLIN)
+            if self.pidfd >= 0:
+                poller.register(self.pidfd, select.POLLIN)
+        try:
+            events = poller.poll(None if timeout is None else timeout * 1000)
+        except InterruptedError:
+            return
+        if any(fd == wake_fd for fd, _ in events):
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(wake_fd)
+
+    def close(self) -> None:
+        self._both = self._exit = None
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
