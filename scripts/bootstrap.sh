@@ -13,9 +13,9 @@ dev=0
 
 # Debian packages: what the worker drives (QEMU, Nix, netlink tools for the
 # NAT script) and what the tests check against (promtool, busybox for the test
-# image's initramfs).
+# image's initramfs, PostgreSQL for the highly available master's store).
 apt_packages=(python3-venv nix-bin qemu-system-x86 busybox-static prometheus
-              nftables iproute2 cpio xz-utils procps curl btrfs-progs)
+              nftables iproute2 cpio xz-utils procps curl btrfs-progs postgresql)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -33,6 +33,11 @@ fi
 # their own on a free port.
 if systemctl is-active --quiet prometheus 2>/dev/null; then
   systemctl stop prometheus || true
+fi
+# Likewise the postgresql package's own cluster on :5432: tests run
+# throwaway clusters of their own (tests/pgcluster.py).
+if systemctl is-active --quiet postgresql 2>/dev/null; then
+  systemctl stop postgresql || true
 fi
 
 py=${PYTHON:-python3}

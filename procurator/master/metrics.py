@@ -60,7 +60,7 @@ from procurator.core.metrics import (
 )
 from procurator.core.models import Phase
 from procurator.master.service import MasterService
-from procurator.master.store import FleetStore
+from procurator.master.store import Store
 from procurator.rpc.messages import ApplyResult
 
 __all__ = [
@@ -296,7 +296,7 @@ class MasterInstruments:
         """``service`` as the RPC server should call it: every call counted."""
         return InstrumentedBackend(service, self)
 
-    def store(self, store: FleetStore) -> InstrumentedStore:
+    def store(self, store: Store) -> InstrumentedStore:
         """``store`` as the service should use it: every operation timed."""
         return InstrumentedStore(store, self)
 
@@ -466,12 +466,12 @@ _AFTER: dict[str, Callable[[MasterInstruments, tuple[Any, ...], dict[str, Any], 
 
 class InstrumentedStore:
     """The master's database as the service uses it (it fits
-    ``procurator.master.service.DesiredStateStore``): every coroutine method
-    is timed under its own name as the ``operation`` label, failures counted
-    by code. Attributes pass through (``__getattr__``), as for
-    ``InstrumentedBackend``."""
+    ``procurator.master.store.Store``): every coroutine method is timed
+    under its own name as the ``operation`` label, failures counted by code
+    (``watch``, which runs as long as the master, is not). Attributes pass
+    through (``__getattr__``), as for ``InstrumentedBackend``."""
 
-    def __init__(self, store: FleetStore, instruments: MasterInstruments) -> None:
+    def __init__(self, store: Store, instruments: MasterInstruments) -> None:
         self._store = store
         self._instruments = instruments
 
@@ -496,4 +496,4 @@ class InstrumentedStore:
         return timed
 
 
-_UNTIMED = frozenset({"aclose", "open"})
+_UNTIMED = frozenset({"aclose", "open", "watch"})

@@ -5,25 +5,64 @@ these methods through the bridge; a worker's ``Node`` capability stays on
 the capnp thread and reaches this module as a :class:`WorkerNode` (an opaque
 handle whose methods cross the bridge).
 
+**Stateless over its store.** Everything a master knows is in the store
+(``procurator.master.store``): the fleet and its generations, the apply
+log, request ids, removals, every worker's session and lease, its latest
+status, recent events, the leader lease. Several masters may share one
+(PostgreSQL) store and all serve workers and clients (docs/HA.md). What a
+master keeps in memory are caches of the store, rebuilt from it at start
+and kept current by what it writes itself and by the store's change
+notifications (``Store.watch``), with a periodic comparison of versions
+(``sync_interval``) as the backstop, so a lost notification delays a
+change and never loses it. Only two things are a master's own: the
+sessions of the workers connected to *it* (their ``Node`` and pusher, the
+metric samples they relay), and its change index.
+
 Invariants:
 
-- The in-memory fleet (``_assignments``, ``_generation``) always equals what
-  the store holds: it is loaded once at start and changed only after a
-  successful commit, under ``_apply_lock``.
+- **Caches only move forward.** The fleet cache (``_assignments``,
+  ``_generation``) changes under ``_apply_lock``, only to a newer
+  generation: after this master's commit, or from the store's changes
+  since the cached generation. A worker's cached state (session, status,
+  removals) is replaced only by a newer version of it. Events enter the
+  rings in seq order, from the store only (``_pull_events``): the store
+  mints seqs under a lock, so a cursor skips nothing.
+- **An apply is one transaction** that mints the generation and checks the
+  expected one inside it. The fleet cache is brought up to date from the
+  store before the diff (one cheap query: the workers changed since); if
+  another master still commits in between, the commit is refused as stale,
+  the cache catches up and the apply is diffed again (``_APPLY_ATTEMPTS``),
+  so a stale cache never makes a confusing error. With
+  ``expected_generation``, a fleet that moved is the caller's
+  ``StaleGenerationError``. Two masters can never both win.
 - An apply is validated and diffed before anything is stored; a rejected
   apply changes nothing. A no-op apply stores nothing and returns the current
   generation with ``changed=False``.
-- After a commit, each *affected* connected worker gets the new assignment
-  pushed at once; unaffected workers are not contacted. Every session has
-  one pusher task and a latest-wins slot: at most one push per worker is in
-  flight, a newer assignment overwrites one not yet sent, and a push that
-  times out ends the session (the worker reconnects and pulls). So a slow or
-  dead worker never delays an apply or another worker.
-- A worker id has at most one live session; registering again replaces the
-  old one, whose connection is closed. Calls on a replaced session fail with
+- After a commit (this master's, or one heard of), each *affected* worker
+  connected here gets the new assignment pushed at once; unaffected workers
+  are not contacted. Every session has one pusher task and a latest-wins
+  slot: at most one push per worker is in flight, a newer assignment
+  overwrites one not yet sent, and a push that times out ends the session
+  (the worker reconnects and pulls). So a slow or dead worker never delays
+  an apply or another worker.
+- **One session per worker, fleet-wide.** Registering stores a new session
+  (numbered) held by this master, which ends the worker's older session
+  wherever it was: a master that hears of it closes its connection, and
+  the store refuses that session's writes (``SessionEndedError``, which
+  ends it here too). Before registering, a master brings its fleet cache up
+  to date, so a worker that failed over never reports a generation its new
+  master has not heard of. Calls on an ended session fail with
   ``UnavailableError``; reports on a session are accepted only for its own
   worker id (else ``UnauthorizedError``), and only about what that worker
   may speak for (below).
+- **Leases.** Each master renews the leases of the sessions it holds every
+  ``worker_lease / 3`` seconds (the database's clock decides expiry); a
+  session it holds that the store no longer shows as its own was taken
+  over and ends here. Marking workers whose lease expired as lost (a master
+  died with its sessions) is a singleton duty of the leader
+  (``procurator.master.leader``), as is forgetting removals confirmed more
+  than ``report_grace`` ago. A store with a single master (SQLite) ends at
+  start the sessions an earlier run left.
 - **Who may report what.** A worker's reports may name only VMs it may
   speak for, and only generations the master issued to it:
 
@@ -51,42 +90,54 @@ Invariants:
   worker id at WARNING, and nothing of it is stored.
 
   Removals are store rows written in the apply's transaction; a report that
-  confirms some is stored only after the store marked them confirmed, so a
-  restarted master rebuilds exactly this state (confirmations older than
-  ``report_grace`` are forgotten). A VM put back on the worker is its
-  assignment again; taken off again, its removal is pending with the new
-  generation.
+  confirms some confirms them in the transaction that stores the status.
+  A VM put back on the worker is its assignment again; taken off again, its
+  removal is pending with the new generation.
+- **Status reports write only what changed**: a change report writes the
+  VMs it names; a whole report (the first of every session) writes the
+  VMs whose stored status differs. The store holds exactly what the
+  session last wrote (only the current session may write), so a change
+  report always applies to the status it was computed against.
 - **Listed workers.** ``fleet_status`` and ``fleet_view`` list a worker while
-  it has VMs assigned, is connected, or has pending removals (it may still
-  run VMs the fleet no longer wants; the master cannot know until it says
-  so). A worker removed from the fleet is listed until it confirmed the
-  removal and is disconnected.
+  it has VMs assigned, is connected (to any master), or has pending removals
+  (it may still run VMs the fleet no longer wants; the master cannot know
+  until it says so). A worker removed from the fleet is listed until it
+  confirmed the removal and is disconnected.
 - **Request ids.** An apply may carry a client-chosen request id (1 to 64
   of ``[A-Za-z0-9._-]``; "" for none). A committed apply records it in the
   store, in the transaction of its generation, with a digest of the fleet
   and its diffs. An apply (or dry run) whose request id is recorded applies
   nothing: it answers that apply's result with ``replayed=True`` (same
   generation, op id and diffs), whatever the fleet is at now, also after a
-  restart; with a different fleet it is refused (``ValidationError``). Dry
-  runs and no-op applies record nothing. The store keeps the newest 1,000
-  request ids (``procurator.master.store.REQUESTS_KEPT``): a retry within
-  that many applies is recognised.
-- Events are kept in bounded rings: at most ``events_total`` overall (the
-  per-VM rings included: an event leaving the fleet's ring leaves its VM's
-  too), at most ``events_per_vm`` per VM, and rings of at most
-  ``events_total`` VMs, so a worker flooding events, or a fleet churning
-  through VM ids, cannot grow the master.
+  restart and on another master; with a different fleet it is refused
+  (``ValidationError``). Dry runs and no-op applies record nothing. The
+  store keeps the newest 1,000 request ids (``REQUESTS_KEPT``): a retry
+  within that many applies is recognised.
+- Events are stored bounded (at most ``events_per_vm`` per VM and
+  ``events_total`` in all) and cached in rings with the same bounds, so a
+  worker flooding events, or a fleet churning through VM ids, cannot grow
+  the master or its store.
+- **The database away.** While the store cannot be reached (its
+  notifications stopped, or a call failed) and until a full comparison
+  succeeded again, applies, status reads and reports fail at once with
+  ``UnavailableError`` naming the database; workers keep running their
+  VMs on their last assignment and reconnect; the master needs no restart.
+  A failed apply changed nothing unless its commit was under way: then the
+  outcome is unknown to the master too, and the request id settles it.
 - Every log record of an apply and of the pushes, status transitions and
   events it causes carries its ``op_id`` (``procurator.logs``).
 - The change index (``change_index``) moves on every change a control
   client can see in a status or description: an apply that changes the
-  fleet, a status or event report, a session starting or ending. It starts
-  from the wall clock in microseconds, so an index from before a restart
-  does not come back; blocking reads (``wait_change``) wait while the index
-  still equals the caller's, at most ``max_waiters`` of them at once.
+  fleet, a status or event report, a session starting or ending, on any
+  master. It starts from the wall clock in microseconds, so an index from
+  before a restart (or from another master) does not come back; blocking
+  reads (``wait_change``) wait while the index still equals the caller's,
+  at most ``max_waiters`` of them at once.
 
-Lock order: ``_apply_lock`` is the only lock; nothing else is awaited under
-it but the store (request lookup, commit) and the (pure) diff in a thread.
+Lock order: ``_apply_lock`` (the fleet cache) → ``_sessions_lock`` (this
+master's sessions against the store's) → ``_events_lock`` (the event
+cursor). Only the store is awaited under them, and the (pure) diff in a
+thread under the first.
 """
 
 from __future__ import annotations
@@ -96,9 +147,11 @@ import hashlib
 import itertools
 import json
 import logging
+import secrets
+import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import NoReturn, Protocol
 
 import trio
@@ -128,6 +181,23 @@ from procurator.core.models import (
 from procurator.core.status import StatusChanges, apply_status_changes
 from procurator.core.validation import LIMITS
 from procurator.logs import log_context, new_op_id, some
+from procurator.master.leader import Leadership
+from procurator.master.store import (
+    Change,
+    ChangeKind,
+    Fence,
+    FleetDelta,
+    Registration,
+    Removal,
+    RemovalAck,
+    RequestRecordedError,
+    SessionEndedError,
+    StatusWrite,
+    Store,
+    StoredFleet,
+    StoredWorker,
+    StoreUnavailableError,
+)
 from procurator.rpc.messages import (
     ApplyResult,
     FleetStatus,
@@ -138,9 +208,27 @@ from procurator.rpc.messages import (
     check_request_id,
 )
 
-__all__ = ["DesiredStateStore", "MasterService", "WorkerNode", "fleet_digest", "new_op_id"]
+__all__ = [
+    "DesiredStateStore",
+    "MasterService",
+    "WorkerNode",
+    "default_master_id",
+    "fleet_digest",
+    "new_op_id",
+]
 
 logger = logging.getLogger(__name__)
+
+DesiredStateStore = Store
+"""The store port as the service names it (``procurator.master.store.Store``)."""
+
+_APPLY_ATTEMPTS = 8
+_EVENTS_PAGE = 1000
+
+
+def default_master_id() -> str:
+    """``<host name>-<6 hex digits>``: unique per master process."""
+    return f"{socket.gethostname().split('.')[0] or 'master'}-{secrets.token_hex(3)}"
 
 
 def fleet_digest(fleet: Fleet) -> str:
@@ -176,68 +264,13 @@ class WorkerNode(Protocol):
         ...
 
 
-class DesiredStateStore(Protocol):
-    """The durable store (``procurator.master.store.FleetStore``)."""
-
-    async def load(self) -> _Stored: ...
-
-    async def commit(
-        self,
-        *,
-        expected_generation: int,
-        changes: Mapping[str, Sequence[VmAssignment]],
-        before: Mapping[str, Sequence[VmAssignment]],
-        op_id: str,
-        unix_ms: int,
-        request_id: str = "",
-        fleet_digest: str = "",
-        diffs: Sequence[WorkerDiff] = (),
-    ) -> int: ...
-
-    async def find_request(self, request_id: str) -> _AppliedRequest | None: ...
-
-    async def acknowledge_removals(
-        self, worker_id: str, observed_generation: int, unix_ms: int, forget_before_unix_ms: int
-    ) -> None: ...
-
-
-class _Removal(Protocol):
-    @property
-    def generation(self) -> int: ...
-
-    @property
-    def acked_unix_ms(self) -> int | None: ...
-
-
-class _Stored(Protocol):
-    @property
-    def generation(self) -> int: ...
-
-    @property
-    def assignments(self) -> Mapping[str, Assignment]: ...
-
-    @property
-    def removals(self) -> Mapping[str, Mapping[str, _Removal]]: ...
-
-
-class _AppliedRequest(Protocol):
-    @property
-    def generation(self) -> int: ...
-
-    @property
-    def op_id(self) -> str: ...
-
-    @property
-    def fleet_digest(self) -> str: ...
-
-    @property
-    def diffs(self) -> tuple[WorkerDiff, ...]: ...
-
-
 @dataclass(eq=False)
 class _Session:
+    """A session of a worker connected to this master."""
+
     token: int
     worker_id: str
+    epoch: int  # the store's number of this session
     info: WorkerInfo
     node: WorkerNode
     pending: Assignment | None = None
@@ -250,14 +283,26 @@ class _Session:
 
 @dataclass(eq=False)
 class _Worker:
+    """A worker as cached from the store (``version`` and what it covers),
+    plus its session here, if it is connected to this master."""
+
     worker_id: str
-    info: WorkerInfo | None = None
-    session: _Session | None = None
-    since_unix_ms: int = 0
+    version: int = 0
+    registration: Registration | None = None
     status: WorkerStatus | None = None
     last_report_unix_ms: int = 0
+    removals: dict[str, Removal] = field(default_factory=dict)
+    session: _Session | None = None  # on this master
     metrics: tuple[MetricSample, ...] = ()
     last_metrics_unix_ms: int = 0
+
+    @property
+    def connected(self) -> bool:
+        return self.registration is not None and self.registration.connected
+
+    @property
+    def info(self) -> WorkerInfo | None:
+        return self.registration.info if self.registration is not None else None
 
 
 @dataclass(eq=False)
@@ -280,11 +325,18 @@ class _Voice:
 
 class MasterService:
     """Start with ``await nursery.start(service.run)``; every other method
-    raises ``UnavailableError`` before that."""
+    raises ``UnavailableError`` before that.
+
+    ``master_id`` names this master in the store (sessions, the leader
+    lease) and must be unique among the masters of one store (default: the
+    host name and a random suffix). ``worker_lease``: how long a worker's
+    session outlives its master's last renewal. ``sync_interval``: the
+    periodic comparison with the store. ``leader_lease``: see
+    ``procurator.master.leader``."""
 
     def __init__(
         self,
-        store: DesiredStateStore,
+        store: Store,
         *,
         push_timeout: float = 10.0,
         events_per_vm: int = 100,
@@ -292,14 +344,33 @@ class MasterService:
         wall_clock: Callable[[], float] = time.time,
         max_waiters: int = 1024,
         report_grace: float = 300.0,
+        master_id: str = "",
+        worker_lease: float = 30.0,
+        sync_interval: float = 5.0,
+        leader_lease: float = 15.0,
     ) -> None:
+        for name, value in (
+            ("worker_lease", worker_lease),
+            ("sync_interval", sync_interval),
+            ("leader_lease", leader_lease),
+        ):
+            if not value > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, not {value}")
         self._store = store
+        self.master_id = master_id or default_master_id()
         self._push_timeout = push_timeout
         self._report_grace_ms = int(report_grace * 1000)
+        self._worker_lease = worker_lease
+        self._lease_ms = max(1, round(worker_lease * 1000))
+        self._sync_interval = sync_interval
+        self.leadership = Leadership(store, self.master_id, lease=leader_lease)
         self._voices: dict[str, _Voice] = {}
         self._events_per_vm = events_per_vm
+        self._events_total = events_total
         self._wall_clock = wall_clock
         self._apply_lock = trio.Lock()
+        self._sessions_lock = trio.Lock()
+        self._events_lock = trio.Lock()
         self._generation = 0
         self._assignments: dict[str, Assignment] = {}
         self._workers: dict[str, _Worker] = {}
@@ -308,9 +379,19 @@ class MasterService:
         self._events: collections.deque[WorkerEvent] = collections.deque(maxlen=events_total)
         self._vm_events: dict[str, collections.deque[WorkerEvent]] = {}
         self._max_vm_event_keys = events_total
-        # Event seqs follow the wall clock (microseconds) so they keep
-        # increasing across master restarts; +1 when events come faster.
-        self._last_event_seq = 0
+        self._event_cursor = 0
+        # Catching up: what notifications (or the backstop) said is newer.
+        self._dirty_generation = 0
+        self._dirty_workers: set[str] = set()
+        self._dirty_events = False
+        self._dirty_all = False
+        self._sync_wake = trio.Event()
+        self._catch_ups_asked = 0
+        self._catch_ups_done = 0
+        # The database: reachable (the notifications flow) and caught up.
+        self._watch_ok = False
+        self._available = False
+        self._unavailable = f"database {store.name} has not been read yet"
         self._change_index = int(wall_clock() * 1e6)
         self._changed = trio.Event()
         self._waiters = 0
@@ -320,32 +401,39 @@ class MasterService:
     # ------------------------------------------------------------ lifecycle
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        stored = await self._store.load()
-        self._generation = stored.generation
-        self._assignments = dict(stored.assignments)
-        self._voices = {}
-        for worker_id, assignment in self._assignments.items():
-            self._voice(worker_id).assigned = frozenset(vm.id for vm in assignment.vms)
-        forget_before = self._now_ms() - self._report_grace_ms
-        for worker_id, removals in stored.removals.items():
-            voice = self._voice(worker_id)
-            for vm_id, removal in removals.items():
-                if removal.acked_unix_ms is None:
-                    voice.pending[vm_id] = removal.generation
-                elif removal.acked_unix_ms >= forget_before:
-                    voice.confirmed[vm_id] = removal.acked_unix_ms
-        logger.info(
-            "master state loaded: generation %d, %d workers, %d VMs, %d removals unconfirmed",
-            self._generation,
-            len(self._assignments),
-            sum(len(a.vms) for a in self._assignments.values()),
-            sum(len(v.pending) for v in self._voices.values()),
-        )
         try:
             async with trio.open_nursery() as nursery:
+                # Listening first: a change committed while loading is heard.
+                await nursery.start(self._store.watch, self._on_change, self._on_health)
+                stored = await self._store.load(events=self._events_total)
+                self._absorb_all(stored)
+                if self._store.single_master:
+                    ended = await self._store.end_sessions(self.master_id, unix_ms=self._now_ms())
+                    for worker_id in ended:
+                        self._absorb_worker(await self._store.worker(worker_id))
+                self._available = True
+                logger.info(
+                    "master %s: state loaded from %s: generation %d, %d workers, %d VMs, "
+                    "%d removals unconfirmed",
+                    self.master_id,
+                    self._store.name,
+                    self._generation,
+                    len(self._assignments),
+                    sum(len(a.vms) for a in self._assignments.values()),
+                    sum(len(v.pending) for v in self._voices.values()),
+                )
                 self._nursery = nursery
+                nursery.start_soon(self._sync_forever, name="catch up with the store")
+                nursery.start_soon(self._renew_forever, name="renew the workers' leases")
+                await nursery.start(self.leadership.run)
+                interval = min(self._worker_lease, self._report_grace_ms / 1000) / 3
+                nursery.start_soon(
+                    self.leadership.run_duty, "expire leases", interval, self._expire_leases
+                )
+                nursery.start_soon(
+                    self.leadership.run_duty, "forget removals", interval, self._forget_removals
+                )
                 task_status.started()
-                await trio.sleep_forever()
         finally:
             self._nursery = None
             for session in list(self._sessions.values()):
@@ -356,28 +444,23 @@ class MasterService:
             raise UnavailableError("the master is not running")
         return self._nursery
 
+    def _require_store(self) -> trio.Nursery:
+        """Running, with the database there and caught up."""
+        nursery = self._require_running()
+        if not self._available:
+            raise UnavailableError(
+                f"{self._unavailable}; until it is back, nothing can be applied or read "
+                "(workers keep running their VMs)"
+            )
+        return nursery
+
     def _now_ms(self) -> int:
         return int(self._wall_clock() * 1000)
 
-    def _voice(self, worker_id: str) -> _Voice:
-        voice = self._voices.get(worker_id)
-        if voice is None:
-            voice = self._voices[worker_id] = _Voice()
-        return voice
-
-    def _listed(self, worker_id: str) -> bool:
-        """Shown in status and metrics (see "Listed workers")."""
-        assignment = self._assignments.get(worker_id)
-        worker = self._workers.get(worker_id)
-        voice = self._voices.get(worker_id)
-        return bool(
-            (assignment is not None and assignment.vms)
-            or (worker is not None and worker.session is not None)
-            or (voice is not None and voice.pending)
-        )
-
-    def _listed_ids(self) -> list[str]:
-        return sorted(w for w in set(self._assignments) | set(self._workers) if self._listed(w))
+    @property
+    def available(self) -> bool:
+        """Whether the database is reachable and the caches caught up."""
+        return self._available
 
     @property
     def generation(self) -> int:
@@ -397,12 +480,198 @@ class MasterService:
         self._changed.set()
         self._changed = trio.Event()
 
+    # ------------------------------------------------------------ caches
+
+    def _absorb_all(self, stored: StoredFleet) -> None:
+        """Everything from ``stored``: at start (under no lock: nothing runs)."""
+        self._generation = stored.generation
+        self._assignments = dict(stored.assignments)
+        for worker in stored.workers.values():
+            self._absorb_worker(worker)
+        for worker_id in stored.assignments:
+            self._rebuild_voice(worker_id)
+        for item in stored.events:
+            self._remember_event(item)
+        self._event_cursor = max(stored.event_seq, self._event_cursor)
+        self._mark_changed()
+
+    def _worker(self, worker_id: str) -> _Worker:
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            worker = self._workers[worker_id] = _Worker(worker_id)
+        return worker
+
+    def _absorb_worker(self, stored: StoredWorker) -> None:
+        """A worker's state from the store, if newer than the cached one;
+        a session here that the store no longer shows as its own ends."""
+        worker = self._worker(stored.worker_id)
+        if stored.version <= worker.version:
+            return
+        worker.version = stored.version
+        worker.registration = stored.registration
+        worker.status = stored.status
+        worker.last_report_unix_ms = stored.reported_unix_ms
+        worker.removals = dict(stored.removals)
+        self._rebuild_voice(stored.worker_id)
+        session = worker.session
+        registration = stored.registration
+        if session is not None and (
+            registration is None
+            or (registration.master_id, registration.session) != (self.master_id, session.epoch)
+        ):
+            holder = registration.master_id if registration else "nobody"
+            self._end_session(session, f"the worker registered again (with master {holder})")
+            self._close_soon(session)
+        self._mark_changed()
+
+    def _rebuild_voice(self, worker_id: str) -> None:
+        assignment = self._assignments.get(worker_id)
+        worker = self._workers.get(worker_id)
+        removals = worker.removals if worker is not None else {}
+        self._voices[worker_id] = _Voice(
+            assigned=frozenset(vm.id for vm in assignment.vms) if assignment else frozenset(),
+            pending={vm: r.generation for vm, r in removals.items() if r.acked_unix_ms is None},
+            confirmed={
+                vm: r.acked_unix_ms for vm, r in removals.items() if r.acked_unix_ms is not None
+            },
+        )
+
+    def _absorb_fleet(self, delta: FleetDelta) -> None:
+        """Assignments other masters committed (under ``_apply_lock``):
+        pushed to the affected workers connected here."""
+        if delta.generation <= self._generation:
+            return
+        for worker_id, assignment in delta.assignments.items():
+            known = self._assignments.get(worker_id)
+            if known is not None and known.generation >= assignment.generation:
+                continue
+            self._assignments[worker_id] = assignment
+            self._rebuild_voice(worker_id)
+            # Its removals changed with it: the worker's state is newer too.
+            self._dirty_workers.add(worker_id)
+            worker = self._workers.get(worker_id)
+            if worker is not None and worker.session is not None:
+                with log_context(op_id=assignment.op_id, worker_id=worker_id):
+                    self._queue_push(worker.session, assignment)
+        logger.info(
+            "caught up with generation %d (from %d): %d worker(s) changed",
+            delta.generation,
+            self._generation,
+            len(delta.assignments),
+            extra={"generation": delta.generation},
+        )
+        self._generation = delta.generation
+        self._sync_wake.set()
+        self._mark_changed()
+
+    async def _refresh_fleet(self) -> None:
+        """Under ``_apply_lock``: the fleet cache as new as the store's."""
+        if self._store.single_master:
+            return  # nobody else commits
+        self._absorb_fleet(await self._store.fleet_since(self._generation))
+
+    async def _catch_up(self) -> None:
+        """Return once the fleet cache is as new as the store was when this
+        was called; callers at once share one read."""
+        if self._store.single_master:
+            return
+        self._catch_ups_asked += 1
+        ticket = self._catch_ups_asked
+        async with self._apply_lock:
+            if self._catch_ups_done >= ticket:
+                return
+            covered = self._catch_ups_asked
+            await self._refresh_fleet()
+            self._catch_ups_done = covered
+
+    def _on_change(self, change: Change) -> None:
+        """A notification (any master's): note what is newer, wake the syncer."""
+        if change.kind is ChangeKind.GENERATION:
+            if change.value > self._generation:
+                self._dirty_generation = max(self._dirty_generation, change.value)
+        elif change.kind is ChangeKind.WORKER:
+            worker = self._workers.get(change.worker_id)
+            if worker is None or change.value > worker.version:
+                self._dirty_workers.add(change.worker_id)
+        elif change.kind is ChangeKind.EVENTS:
+            if change.value > self._event_cursor:
+                self._dirty_events = True
+        else:  # RESYNC: notifications were lost
+            self._dirty_all = True
+        self._sync_wake.set()
+
+    def _on_health(self, ok: bool, reason: str) -> None:
+        self._watch_ok = ok
+        if not ok:
+            self._set_unavailable(reason)
+
+    def _set_unavailable(self, reason: str) -> None:
+        if self._available:
+            logger.warning("%s; applies and reads fail until it is back", reason)
+            self._mark_changed()
+        self._available = False
+        self._unavailable = reason
+        self._dirty_all = True
+        self._sync_wake.set()
+
+    async def _sync_forever(self) -> None:
+        while True:
+            with trio.move_on_after(self._sync_interval) as timer:
+                await self._sync_wake.wait()
+            self._sync_wake = trio.Event()
+            if timer.cancelled_caught:
+                self._dirty_all = True  # the backstop
+            try:
+                await self._sync()
+            except UnavailableError as exc:
+                self._set_unavailable(str(exc))
+                await trio.sleep(min(1.0, self._sync_interval))
+                self._sync_wake.set()
+
+    async def _sync(self) -> None:
+        """Bring every cache up to what the notifications (or, with
+        ``_dirty_all``, a comparison of versions) say is newer."""
+        full = self._dirty_all
+        if full:
+            self._dirty_all = False
+            try:
+                versions = await self._store.versions()
+            except BaseException:
+                self._dirty_all = True
+                raise
+            if versions.generation > self._generation:
+                self._dirty_generation = max(self._dirty_generation, versions.generation)
+            for worker_id, version in versions.workers.items():
+                worker = self._workers.get(worker_id)
+                if worker is None or version > worker.version:
+                    self._dirty_workers.add(worker_id)
+            if versions.event_seq > self._event_cursor:
+                self._dirty_events = True
+        if self._dirty_generation > self._generation:
+            async with self._apply_lock:
+                await self._refresh_fleet()
+        while self._dirty_workers:
+            worker_id = min(self._dirty_workers)
+            self._absorb_worker(await self._store.worker(worker_id))
+            self._dirty_workers.discard(worker_id)
+        if self._dirty_events:
+            self._dirty_events = False
+            try:
+                await self._pull_events()
+            except BaseException:
+                self._dirty_events = True
+                raise
+        if full and self._watch_ok and not self._available:
+            self._available = True
+            logger.info("database %s is back; caught up", self._store.name)
+            self._mark_changed()
+
     async def wait_change(self, index: int, timeout: float) -> int:
         """Wait (at most ``timeout`` seconds) while the change index still
         equals ``index``; return the index then. Any other ``index`` returns
         at once. ``LimitExceededError`` when ``max_waiters`` calls wait
         already: the caller should poll instead."""
-        self._require_running()
+        self._require_store()
         if index != self._change_index or timeout <= 0:
             return self._change_index
         if self._waiters >= self._max_waiters:
@@ -438,14 +707,22 @@ class MasterService:
         stored) or ``StaleGenerationError`` when ``expected_generation`` is
         given and the fleet has moved on.
         """
-        self._require_running()
+        self._require_store()
         op_id = op_id or new_op_id()
         with log_context(op_id=op_id):
             try:
                 return await self._apply(fleet, expected_generation, dry_run, op_id, request_id)
+            except UnavailableError as exc:
+                self._set_unavailable_if_store(exc)
+                exc.op_id = exc.op_id or op_id
+                raise
             except ProcuratorError as exc:
                 exc.op_id = exc.op_id or op_id
                 raise
+
+    def _set_unavailable_if_store(self, exc: UnavailableError) -> None:
+        if isinstance(exc, StoreUnavailableError):
+            self._set_unavailable(str(exc))
 
     async def _apply(
         self,
@@ -465,53 +742,21 @@ class MasterService:
         # Pure CPU work that grows with the fleet: off the event loop.
         digest = await trio.to_thread.run_sync(prepare)
         async with self._apply_lock:
-            # Before the generation check: a retry of a committed request
-            # finds the fleet moved on by its own first attempt.
-            if request_id and (replay := await self._replay(request_id, digest, op_id)):
-                return replay
-            current = self._generation
-            if expected_generation is not None and expected_generation != current:
-                raise StaleGenerationError(
-                    f"expected generation {expected_generation}, but the fleet is at "
-                    f"generation {current}; nothing was applied",
-                    op_id=op_id,
+            for _ in range(_APPLY_ATTEMPTS):
+                await self._refresh_fleet()
+                committed = await self._try_apply(
+                    fleet, expected_generation, dry_run, op_id, request_id, digest
                 )
-            assignments = self._assignments
-            diffs: list[WorkerDiff] = await trio.to_thread.run_sync(diff_fleets, assignments, fleet)
-            if dry_run or not diffs:
-                logger.info(
-                    "apply %s: %s (generation %d)",
-                    op_id,
-                    "dry run" if dry_run else "no changes",
-                    current,
-                    extra={"generation": current},
+                if committed is not None:
+                    break
+            else:
+                raise UnavailableError(
+                    f"the fleet changed {_APPLY_ATTEMPTS} times while this apply was being "
+                    "prepared (other masters applying); nothing was applied: try again"
                 )
-                return ApplyResult(current, bool(diffs), tuple(diffs), op_id, dry_run)
-            desired = fleet.as_dict()
-            changes = {d.worker_id: desired.get(d.worker_id, ()) for d in diffs}
-            before = {w: assignments[w].vms for w in changes if w in assignments}
-            generation = await self._store.commit(
-                expected_generation=current,
-                changes=changes,
-                before=before,
-                op_id=op_id,
-                unix_ms=self._now_ms(),
-                request_id=request_id,
-                fleet_digest=digest,
-                diffs=diffs,
-            )
-            # No checkpoint from here to the end: the memory follows the
-            # commit even if this task is cancelled (the client went away).
-            for worker_id, vms in changes.items():
-                self._assignments[worker_id] = Assignment(worker_id, generation, tuple(vms), op_id)
-            for diff in diffs:
-                voice = self._voice(diff.worker_id)
-                voice.assigned = frozenset(vm.id for vm in changes[diff.worker_id])
-                for vm_id in diff.removed:
-                    voice.pending[vm_id] = generation
-                    voice.confirmed.pop(vm_id, None)
-            self._generation = generation
-            self._mark_changed()
+        if isinstance(committed, ApplyResult):
+            return committed
+        generation, diffs = committed
         with log_context(generation=generation):
             logger.info(
                 "applied %s: generation %d, %d worker(s) changed", op_id, generation, len(diffs)
@@ -524,11 +769,80 @@ class MasterService:
                         self._queue_push(worker.session, self._assignments[diff.worker_id])
                     else:
                         logger.info(
-                            "worker %s is not connected: it gets generation %d when it does",
+                            "worker %s is not connected here: it gets generation %d when it is",
                             diff.worker_id,
                             generation,
                         )
         return ApplyResult(generation, True, tuple(diffs), op_id, False)
+
+    async def _try_apply(
+        self,
+        fleet: Fleet,
+        expected_generation: int | None,
+        dry_run: bool,
+        op_id: str,
+        request_id: str,
+        digest: str,
+    ) -> ApplyResult | tuple[int, list[WorkerDiff]] | None:
+        """One attempt, under ``_apply_lock`` with a fresh cache: a result
+        to answer, (generation, diffs) committed, or None when another
+        master committed first (try again)."""
+        # Before the generation check: a retry of a committed request
+        # finds the fleet moved on by its own first attempt.
+        if request_id and (replay := await self._replay(request_id, digest, op_id)):
+            return replay
+        current = self._generation
+        if expected_generation is not None and expected_generation != current:
+            raise StaleGenerationError(
+                f"expected generation {expected_generation}, but the fleet is at "
+                f"generation {current}; nothing was applied",
+                op_id=op_id,
+            )
+        assignments = self._assignments
+        diffs: list[WorkerDiff] = await trio.to_thread.run_sync(diff_fleets, assignments, fleet)
+        if dry_run or not diffs:
+            logger.info(
+                "apply %s: %s (generation %d)",
+                op_id,
+                "dry run" if dry_run else "no changes",
+                current,
+                extra={"generation": current},
+            )
+            return ApplyResult(current, bool(diffs), tuple(diffs), op_id, dry_run)
+        desired = fleet.as_dict()
+        changes = {d.worker_id: desired.get(d.worker_id, ()) for d in diffs}
+        before = {w: assignments[w].vms for w in changes if w in assignments}
+        try:
+            generation = await self._store.commit(
+                expected_generation=current,
+                changes=changes,
+                before=before,
+                op_id=op_id,
+                unix_ms=self._now_ms(),
+                request_id=request_id,
+                fleet_digest=digest,
+                diffs=diffs,
+            )
+        except (StaleGenerationError, RequestRecordedError) as exc:
+            if self._store.single_master:
+                raise
+            logger.info("apply %s: %s; catching up and trying again", op_id, exc)
+            return None
+        # No checkpoint from here to the end: the memory follows the
+        # commit even if this task is cancelled (the client went away).
+        for worker_id, vms in changes.items():
+            self._assignments[worker_id] = Assignment(worker_id, generation, tuple(vms), op_id)
+        for diff in diffs:
+            worker = self._worker(diff.worker_id)
+            for vm_id in diff.removed:
+                worker.removals[vm_id] = Removal(generation)
+            self._rebuild_voice(diff.worker_id)
+            if diff.removed:
+                self._dirty_workers.add(diff.worker_id)  # its version moved
+        self._generation = generation
+        self._sync_wake.set()
+        self._mark_changed()
+        return generation, diffs
 
     async def _replay(self, request_id: str, digest: str, op_id: str) -> ApplyResult | None:
         """The result of the committed apply that carried ``request_id``, or
@@ -555,17 +869,32 @@ class MasterService:
             applied.generation, True, applied.diffs, applied.op_id, dry_run=False, replayed=True
         )
 
+    def _listed(self, worker_id: str) -> bool:
+        """Shown in status and metrics (see "Listed workers")."""
+        assignment = self._assignments.get(worker_id)
+        worker = self._workers.get(worker_id)
+        voice = self._voices.get(worker_id)
+        return bool(
+            (assignment is not None and assignment.vms)
+            or (worker is not None and worker.connected)
+            or (voice is not None and voice.pending)
+        )
+
+    def _listed_ids(self) -> list[str]:
+        return sorted(w for w in set(self._assignments) | set(self._workers) if self._listed(w))
+
     async def fleet_status(self) -> FleetStatus:
-        self._require_running()
+        self._require_store()
         workers = []
         for worker_id in self._listed_ids():
             assignment = self._assignments.get(worker_id)
             worker = self._workers.get(worker_id)
+            registration = worker.registration if worker else None
             workers.append(
                 WorkerConnection(
                     worker_id=worker_id,
-                    connected=worker is not None and worker.session is not None,
-                    since_unix_ms=worker.since_unix_ms if worker else 0,
+                    connected=worker is not None and worker.connected,
+                    since_unix_ms=registration.since_unix_ms if registration else 0,
                     desired_generation=assignment.generation if assignment else 0,
                     status=worker.status if worker else None,
                     last_report_unix_ms=worker.last_report_unix_ms if worker else 0,
@@ -580,7 +909,7 @@ class MasterService:
         """Desired and observed state of one VM with its newest events.
         Raises ``NotFoundError`` when no assignment, status or event names
         it. O(VMs of the fleet): an operator's command, not a hot path."""
-        self._require_running()
+        self._require_store()
         assigned: Assignment | None = None
         desired: VmAssignment | None = None
         for assignment in self._assignments.values():
@@ -619,7 +948,7 @@ class MasterService:
             desired_op_id=assigned.op_id if assigned else "",
             desired=desired,
             observed_by=observed_by,
-            worker_connected=shown is not None and shown.session is not None,
+            worker_connected=shown is not None and shown.connected,
             observed_generation=(
                 observer.status.observed_generation if observer and observer.status else 0
             ),
@@ -634,7 +963,7 @@ class MasterService:
         """Events of ``vm_id`` (or of all VMs), oldest first: the newest
         ``limit``, or with ``after_seq`` the oldest ``limit`` whose ``seq``
         is greater (for a client following the stream)."""
-        self._require_running()
+        self._require_store()
         ring = self._events if not vm_id else self._vm_events.get(vm_id, ())
         if limit <= 0:
             return ()
@@ -651,8 +980,9 @@ class MasterService:
 
     def fleet_view(self) -> FleetView:
         """What the exporter and service discovery show, as plain values.
-        Relayed samples keep their tuple identity until a worker reports
-        again (the exporter caches its checks by identity)."""
+        Relayed samples (of the workers connected to this master) keep
+        their tuple identity until a worker reports again (the exporter
+        caches its checks by identity)."""
         views = []
         for worker_id in self._listed_ids():
             assignment = self._assignments.get(worker_id)
@@ -662,16 +992,17 @@ class MasterService:
             for vm in status.vms if status else ():
                 phases[vm.phase] += 1
             last = max(worker.last_report_unix_ms, worker.last_metrics_unix_ms) if worker else 0
+            info = worker.info if worker else None
             views.append(
                 WorkerView(
                     worker_id=worker_id,
-                    connected=worker is not None and worker.session is not None,
+                    connected=worker is not None and worker.connected,
                     desired_generation=assignment.generation if assignment else 0,
                     observed_generation=status.observed_generation if status else 0,
                     last_report_unix=last / 1000 if last else None,
                     vms_by_phase=phases,
                     samples=worker.metrics if worker else (),
-                    metrics_url=worker.info.metrics_url if worker and worker.info else "",
+                    metrics_url=info.metrics_url if info else "",
                 )
             )
         return FleetView(tuple(views))
@@ -681,7 +1012,8 @@ class MasterService:
         return {w.worker_id: w.info for w in self._workers.values() if w.info is not None}
 
     def worker_metrics(self) -> dict[str, tuple[int, tuple[MetricSample, ...]]]:
-        """Each worker's latest metric samples with their time (unix ms)."""
+        """The latest metric samples (with their time, unix ms) of each
+        worker connected to this master."""
         return {
             w.worker_id: (w.last_metrics_unix_ms, w.metrics)
             for w in self._workers.values()
@@ -692,17 +1024,28 @@ class MasterService:
 
     async def register(self, info: WorkerInfo, node: WorkerNode) -> int:
         """Start a session for ``info.worker_id``; returns its token. An
-        older session of the same worker is ended and its connection closed."""
-        nursery = self._require_running()
-        worker = self._workers.get(info.worker_id)
-        if worker is None:
-            worker = self._workers[info.worker_id] = _Worker(info.worker_id)
-        old = worker.session
-        session = _Session(next(self._tokens), info.worker_id, info, node)
-        self._sessions[session.token] = session
-        worker.session = session
-        worker.info = info
-        worker.since_unix_ms = self._now_ms()
+        older session of the same worker, here or on another master, is
+        ended and its connection closed."""
+        self._require_store()
+        await self._catch_up()
+        async with self._sessions_lock:
+            stored = await self._store.register(
+                info.worker_id,
+                self.master_id,
+                info,
+                unix_ms=self._now_ms(),
+                lease_ms=self._lease_ms,
+            )
+            nursery = self._require_running()
+            assert stored.registration is not None
+            worker = self._worker(info.worker_id)
+            old = worker.session
+            session = _Session(
+                next(self._tokens), info.worker_id, stored.registration.session, info, node
+            )
+            self._sessions[session.token] = session
+            worker.session = session
+            self._absorb_worker(stored)
         self._mark_changed()
         if old is not None:
             logger.info("worker %s registered again; replacing its old session", info.worker_id)
@@ -728,9 +1071,29 @@ class MasterService:
         if session is None:
             return
         self._end_session(session, "disconnected")
+        await self._record_disconnect(session)
+
+    async def _record_disconnect(self, session: _Session) -> None:
+        """Tell the store that ``session`` (ended here) is over, unless the
+        worker has a newer one here."""
         worker = self._workers.get(session.worker_id)
-        if worker is not None and worker.session is None:
-            logger.info("worker %s disconnected", session.worker_id)
+        if worker is None or worker.session is not None:
+            return  # replaced here already
+        logger.info("worker %s disconnected", session.worker_id)
+        now = self._now_ms()
+        try:
+            version = await self._store.unregister(
+                session.worker_id, self.master_id, session.epoch, unix_ms=now
+            )
+        except UnavailableError as exc:
+            # Its lease runs out instead; the leader marks it lost then.
+            logger.info("worker %s: could not record its disconnection: %s", worker.worker_id, exc)
+            return
+        registration = worker.registration
+        if version is not None and version > worker.version and registration is not None:
+            worker.version = version
+            worker.registration = replace(registration, connected=False, since_unix_ms=now)
+            self._mark_changed()
 
     def _session(self, token: int) -> _Session:
         session = self._sessions.get(token)
@@ -749,18 +1112,18 @@ class MasterService:
         return assignment, True
 
     async def report_status(self, token: int, status: WorkerStatus) -> None:
-        self._require_running()
+        self._require_store()
         session = self._session(token)
         self._check_own(session, status.worker_id, "status")
         self._check_status(session.worker_id, status.observed_generation, status.vms)
-        await self._store_status(session, status)
+        await self._store_status(session, status, None)
 
     async def report_status_changes(self, token: int, changes: StatusChanges) -> None:
         """Merge what changed into the status this session delivered last.
         Refused (``ValidationError``, or ``LimitExceededError`` when the
         merge would pass the per-worker VM limit) without touching the
         stored status; the worker then sends a full one."""
-        self._require_running()
+        self._require_store()
         session = self._session(token)
         self._check_own(session, changes.worker_id, "status")
         if session.status is None:
@@ -774,7 +1137,7 @@ class MasterService:
                 f"{LIMITS.max_vms_per_worker} per worker"
             )
         self._check_status(session.worker_id, merged.observed_generation, merged.vms)
-        await self._store_status(session, merged)
+        await self._store_status(session, merged, changes)
 
     def _check_status(self, worker_id: str, observed: int, vms: Sequence[VmStatus]) -> None:
         """Raise unless ``worker_id`` may report this status (see "Who may
@@ -818,50 +1181,69 @@ class MasterService:
         )
         raise problem
 
-    async def _confirm_removals(self, session: _Session, observed: int) -> None:
-        """Record in the store that the worker confirmed the removals at or
-        below ``observed``, then here (in this order: a restarted master
-        must not forget a removal the worker has not confirmed)."""
-        voice = self._voices.get(session.worker_id)
-        if voice is None or not any(g <= observed for g in voice.pending.values()):
-            return
+    async def _store_status(
+        self, session: _Session, status: WorkerStatus, changes: StatusChanges | None
+    ) -> None:
+        """Store the status (only what changed; the removals it confirms in
+        the same transaction), then cache it."""
+        worker = self._worker(session.worker_id)
+        observed = status.observed_generation
         now = self._now_ms()
-        await self._store.acknowledge_removals(
-            session.worker_id, observed, now, now - self._report_grace_ms
+        voice = self._voices.get(session.worker_id)
+        confirms = voice is not None and any(g <= observed for g in voice.pending.values())
+        write = StatusWrite(
+            worker_id=session.worker_id,
+            master_id=self.master_id,
+            session=session.epoch,
+            observed_generation=observed,
+            reported_unix_ms=now,
+            upserts=status.vms if changes is None else changes.changed,
+            deletes=() if changes is None else changes.removed,
+            whole=changes is None,
+            ack=RemovalAck(observed, now) if confirms else None,
         )
-        # Recomputed after the await: an apply may have taken a VM off again.
-        confirmed = [vm_id for vm_id, g in voice.pending.items() if g <= observed]
-        for vm_id in confirmed:
-            del voice.pending[vm_id]
-            voice.confirmed[vm_id] = now
-        for other in self._voices.values():
-            for vm_id, at in list(other.confirmed.items()):
-                if now - at >= self._report_grace_ms:
-                    del other.confirmed[vm_id]
-        with log_context(worker_id=session.worker_id, generation=observed):
-            logger.info(
-                "worker %s confirmed the removal of %d VM(s): %s",
-                session.worker_id,
-                len(confirmed),
-                some(sorted(confirmed)),
-            )
+        try:
+            version = await self._store.write_status(write)
+        except SessionEndedError:
+            if self._sessions.get(session.token) is session:
+                self._end_session(session, "the worker registered again elsewhere")
+                self._close_soon(session)
+            raise
+        except UnavailableError as exc:
+            self._set_unavailable_if_store(exc)
+            raise
         if self._sessions.get(session.token) is not session:
             raise UnavailableError("this worker session has ended; register again")
-
-    async def _store_status(self, session: _Session, status: WorkerStatus) -> None:
-        await self._confirm_removals(session, status.observed_generation)
         session.status = status
-        worker = self._workers[session.worker_id]
         before = worker.status.observed_generation if worker.status else 0
-        worker.status = status
-        worker.last_report_unix_ms = self._now_ms()
-        self._mark_changed()
-        reached = status.observed_generation
-        if reached != before:
+        if version > worker.version:
+            worker.version = version
+            worker.status = status
+            worker.last_report_unix_ms = now
+            if confirms:
+                # Recomputed after the await: an apply may have taken a VM
+                # off again (its removal is pending at the new generation).
+                confirmed = sorted(
+                    vm_id
+                    for vm_id, r in worker.removals.items()
+                    if r.acked_unix_ms is None and r.generation <= observed
+                )
+                for vm_id in confirmed:
+                    worker.removals[vm_id] = Removal(worker.removals[vm_id].generation, now)
+                self._rebuild_voice(worker.worker_id)
+                with log_context(worker_id=worker.worker_id, generation=observed):
+                    logger.info(
+                        "worker %s confirmed the removal of %d VM(s): %s",
+                        worker.worker_id,
+                        len(confirmed),
+                        some(confirmed),
+                    )
+            self._mark_changed()
+        if observed != before:
             assignment = self._assignments.get(worker.worker_id)
-            op_id = assignment.op_id if assignment and assignment.generation == reached else ""
-            with log_context(op_id=op_id, worker_id=worker.worker_id, generation=reached):
-                logger.info("worker %s converged to generation %d", worker.worker_id, reached)
+            op_id = assignment.op_id if assignment and assignment.generation == observed else ""
+            with log_context(op_id=op_id, worker_id=worker.worker_id, generation=observed):
+                logger.info("worker %s converged to generation %d", worker.worker_id, observed)
 
     async def report_metrics(
         self, token: int, worker_id: str, samples: tuple[MetricSample, ...]
@@ -885,12 +1267,12 @@ class MasterService:
                     ),
                 )
             checked = sample.vm_id
-        worker = self._workers[session.worker_id]
+        worker = self._worker(session.worker_id)
         worker.metrics = samples
         worker.last_metrics_unix_ms = self._now_ms()
 
     async def report_events(self, token: int, events: Sequence[VmEvent]) -> None:
-        self._require_running()
+        self._require_store()
         worker_id = self._session(token).worker_id
         voice = self._voices.get(worker_id) or _Voice()
         now, grace = self._now_ms(), self._report_grace_ms
@@ -905,32 +1287,50 @@ class MasterService:
                         f"{len(events)} event(s) was stored"
                     ),
                 )
+        if not events:
+            return
+        await self._store.add_events(
+            worker_id, events, per_vm=self._events_per_vm, total=self._events_total
+        )
         for event in events:
             with log_context(op_id=event.op_id, worker_id=worker_id, vm_id=event.vm_id):
                 logger.info("VM %s %s: %s", event.vm_id, event.kind.value, event.message)
-            self._last_event_seq = max(self._last_event_seq + 1, self._now_ms() * 1000)
-            item = WorkerEvent(worker_id, event, self._last_event_seq)
-            if len(self._events) == self._events.maxlen:
-                # The fleet-wide bound holds for the per-VM rings too: the
-                # oldest event leaves its VM's ring with the fleet's (it is
-                # that ring's oldest: both are in arrival order).
-                oldest = self._events[0]
-                old_ring = self._vm_events.get(oldest.event.vm_id)
-                if old_ring and old_ring[0] is oldest:
-                    old_ring.popleft()
-                    if not old_ring:
-                        del self._vm_events[oldest.event.vm_id]
-            self._events.append(item)
-            ring = self._vm_events.pop(event.vm_id, None)
-            if ring is None:
-                ring = collections.deque(maxlen=self._events_per_vm)
-                if len(self._vm_events) >= self._max_vm_event_keys:
-                    # Forget the VM whose events are the stalest.
-                    del self._vm_events[next(iter(self._vm_events))]
-            ring.append(item)
-            self._vm_events[event.vm_id] = ring  # re-inserted: newest last
-        if events:
-            self._mark_changed()
+        await self._pull_events()
+
+    async def _pull_events(self) -> None:
+        """Every event stored after the cursor, in seq order, into the rings."""
+        async with self._events_lock:
+            while True:
+                page = await self._store.events_since(self._event_cursor, _EVENTS_PAGE)
+                for item in page:
+                    self._remember_event(item)
+                    self._event_cursor = item.seq
+                if page:
+                    self._mark_changed()
+                if len(page) < _EVENTS_PAGE:
+                    return
+
+    def _remember_event(self, item: WorkerEvent) -> None:
+        if len(self._events) == self._events.maxlen:
+            # The fleet-wide bound holds for the per-VM rings too: the
+            # oldest event leaves its VM's ring with the fleet's (it is
+            # that ring's oldest: both are in seq order).
+            oldest = self._events[0]
+            old_ring = self._vm_events.get(oldest.event.vm_id)
+            if old_ring and old_ring[0] is oldest:
+                old_ring.popleft()
+                if not old_ring:
+                    del self._vm_events[oldest.event.vm_id]
+        self._events.append(item)
+        vm_id = item.event.vm_id
+        ring = self._vm_events.pop(vm_id, None)
+        if ring is None:
+            ring = collections.deque(maxlen=self._events_per_vm)
+            if len(self._vm_events) >= self._max_vm_event_keys:
+                # Forget the VM whose events are the stalest.
+                del self._vm_events[next(iter(self._vm_events))]
+        ring.append(item)
+        self._vm_events[vm_id] = ring  # re-inserted: newest last
 
     @staticmethod
     def _check_own(session: _Session, worker_id: str, what: str) -> None:
@@ -940,6 +1340,64 @@ class MasterService:
                 f"worker {worker_id!r}"
             )
 
+    # ------------------------------------------------------------ leases
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await trio.sleep(self._worker_lease / 3)
+            try:
+                await self._renew()
+            except UnavailableError as exc:
+                logger.info("could not renew the workers' leases: %s", exc)
+
+    async def _renew(self) -> None:
+        """Renew the leases of the sessions held here; end here the ones
+        another master took over; end in the store the ones that ended here
+        without the store hearing of it."""
+        async with self._sessions_lock:
+            held = await self._store.renew_sessions(self.master_id, lease_ms=self._lease_ms)
+            local = {s.worker_id: s for s in self._sessions.values()}
+            for worker_id, session in local.items():
+                if held.get(worker_id) == session.epoch:
+                    continue
+                version = await self._store.reclaim_session(
+                    worker_id,
+                    self.master_id,
+                    session.epoch,
+                    unix_ms=self._now_ms(),
+                    lease_ms=self._lease_ms,
+                )
+                if version is not None:
+                    logger.info("worker %s: its session here is live again", worker_id)
+                self._dirty_workers.add(worker_id)
+            for worker_id, epoch in held.items():
+                mine = local.get(worker_id)
+                if mine is None or mine.epoch != epoch:
+                    await self._store.unregister(
+                        worker_id, self.master_id, epoch, unix_ms=self._now_ms()
+                    )
+                    self._dirty_workers.add(worker_id)
+        self._sync_wake.set()
+
+    async def _expire_leases(self, fence: Fence) -> None:
+        """Singleton duty: workers whose lease expired are lost."""
+        for worker_id, renewed in await self._store.expire_sessions(fence):
+            logger.warning(
+                "worker %s is lost: its lease expired (last renewed %.1f s ago)",
+                worker_id,
+                max(0, self._now_ms() - renewed) / 1000,
+                extra={"worker_id": worker_id},
+            )
+            self._dirty_workers.add(worker_id)
+            self._sync_wake.set()
+
+    async def _forget_removals(self, fence: Fence) -> None:
+        """Singleton duty: removals confirmed longer than the grace ago."""
+        horizon = self._now_ms() - self._report_grace_ms
+        for worker_id in await self._store.forget_removals(fence, confirmed_before_unix_ms=horizon):
+            self._dirty_workers.add(worker_id)
+            self._sync_wake.set()
+
     # ------------------------------------------------------------ pushing
 
     def _queue_push(self, session: _Session, assignment: Assignment) -> None:
@@ -947,15 +1405,21 @@ class MasterService:
         session.wake.set()
 
     def _end_session(self, session: _Session, reason: str) -> None:
+        """End ``session`` here (the store hears of it from ``unregister``,
+        or from the worker's next registration)."""
         if self._sessions.pop(session.token, None) is None:
             return
         session.scope.cancel()
         worker = self._workers.get(session.worker_id)
         if worker is not None and worker.session is session:
             worker.session = None
-            worker.since_unix_ms = self._now_ms()
             self._mark_changed()
         logger.debug("session %d of worker %s ended: %s", session.token, session.worker_id, reason)
+
+    def _close_soon(self, session: _Session) -> None:
+        """Close the connection of an ended session, in the background."""
+        if self._nursery is not None:
+            self._nursery.start_soon(self._close_node, session.node, session.worker_id)
 
     async def _pusher(self, session: _Session) -> None:
         problem: str | None = None
@@ -966,6 +1430,7 @@ class MasterService:
         # The worker pulls when it reconnects, so nothing is lost.
         logger.warning("worker %s: %s; closing its session", session.worker_id, problem)
         self._end_session(session, problem)
+        await self._record_disconnect(session)
         await self._close_node(session.node, session.worker_id)
 
     async def _push_until_failure(self, session: _Session) -> str:

@@ -13,8 +13,8 @@ from typing import Any
 import trio
 
 from procurator.core.models import Assignment
-from procurator.master.service import DesiredStateStore, MasterService
-from procurator.master.store import AppliedRequest, FleetStore, StoredFleet
+from procurator.master.service import MasterService
+from procurator.master.store import FleetStore, Store
 from procurator.rpc.bridge import Bridge
 from procurator.rpc.master_server import serve_master
 from procurator.rpc.messages import Address, parse_address
@@ -74,13 +74,11 @@ class RestartableService:
         self.listen = listen
         self.address: Address | None = None
         self.service: MasterService | None = None
-        self.store: DesiredStateStore | None = None  # what the service was given
+        self.store: Store | None = None  # what the service was given
         self._scope: trio.CancelScope | None = None
         self._stopped = trio.Event()
 
-    async def start(
-        self, wrap: Callable[[FleetStore], DesiredStateStore] | None = None
-    ) -> MasterService:
+    async def start(self, wrap: Callable[[Store], Any] | None = None) -> MasterService:
         """Start a master; ``wrap`` puts a store of its own between the
         service and the real one."""
         stopped = self._stopped = trio.Event()
@@ -125,27 +123,18 @@ class RestartableService:
 class DiesAfterCommit:
     """The master's store, for a master that dies right after its commit:
     the apply is stored, the answer is never sent (the commit never
-    returns; the test then stops the master)."""
+    returns; the test then stops the master). Everything else passes
+    through to the real store."""
 
-    def __init__(self, store: FleetStore) -> None:
+    def __init__(self, store: Store) -> None:
         self._store = store
         self.committed = trio.Event()
 
-    async def load(self) -> StoredFleet:
-        return await self._store.load()
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
 
     async def commit(self, **kwargs: Any) -> int:
         await self._store.commit(**kwargs)
         self.committed.set()
         await trio.sleep_forever()
         raise AssertionError("unreachable")
-
-    async def find_request(self, request_id: str) -> AppliedRequest | None:
-        return await self._store.find_request(request_id)
-
-    async def acknowledge_removals(
-        self, worker_id: str, observed_generation: int, unix_ms: int, forget_before_unix_ms: int
-    ) -> None:
-        await self._store.acknowledge_removals(
-            worker_id, observed_generation, unix_ms, forget_before_unix_ms
-        )

@@ -1,0 +1,184 @@
+"""The methods both SQL adapters share: each runs one ``_sql`` function in
+one transaction of the adapter (``_read`` or ``_write``)."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
+
+from procurator.core.models import VmAssignment, VmEvent, WorkerDiff, WorkerInfo
+from procurator.master.store import _sql
+from procurator.master.store.model import (
+    REQUESTS_KEPT,
+    AppliedRequest,
+    Fence,
+    FleetDelta,
+    FleetDump,
+    LeaseState,
+    StatusWrite,
+    StoredFleet,
+    StoredWorker,
+    Versions,
+)
+from procurator.rpc.messages import WorkerEvent
+
+T = TypeVar("T")
+
+
+class SqlStore(abc.ABC):
+    """Implements ``procurator.master.store.port.Store`` but for ``watch``,
+    ``aclose``, ``name`` and ``single_master``, given ``_read`` and
+    ``_write``."""
+
+    requests_kept: int = REQUESTS_KEPT
+
+    @abc.abstractmethod
+    async def _read(self, fn: Callable[[_sql.Tx], T], what: str) -> T:
+        """``fn`` in a read-only transaction over one snapshot."""
+
+    @abc.abstractmethod
+    async def _write(self, fn: Callable[[_sql.Tx], T], what: str, *, durable: bool = True) -> T:
+        """``fn`` in a write transaction. ``durable=False``: the commit may
+        be lost in a crash of the database host (status, sessions, events:
+        what workers send again), but never half of it."""
+
+    async def load(self, *, events: int = 10_000) -> StoredFleet:
+        return await self._read(lambda tx: _sql.load(tx, events), "load")
+
+    async def commit(
+        self,
+        *,
+        expected_generation: int,
+        changes: Mapping[str, Sequence[VmAssignment]],
+        before: Mapping[str, Sequence[VmAssignment]],
+        op_id: str,
+        unix_ms: int,
+        request_id: str = "",
+        fleet_digest: str = "",
+        diffs: Sequence[WorkerDiff] = (),
+    ) -> int:
+        request = (request_id, fleet_digest, diffs, self.requests_kept) if request_id else None
+        return await self._write(
+            lambda tx: _sql.commit(
+                tx, expected_generation, changes, before, op_id, unix_ms, request
+            ),
+            f"apply {op_id}",
+        )
+
+    async def find_request(self, request_id: str) -> AppliedRequest | None:
+        return await self._read(
+            lambda tx: _sql.find_request(tx, request_id), f"find request {request_id}"
+        )
+
+    async def fleet_since(self, generation: int) -> FleetDelta:
+        return await self._read(
+            lambda tx: _sql.fleet_since(tx, generation), f"read the fleet since {generation}"
+        )
+
+    async def versions(self) -> Versions:
+        return await self._read(_sql.versions, "read versions")
+
+    async def worker(self, worker_id: str) -> StoredWorker:
+        return await self._read(
+            lambda tx: _sql.load_worker(tx, worker_id), f"read worker {worker_id}"
+        )
+
+    async def register(
+        self, worker_id: str, master_id: str, info: WorkerInfo, *, unix_ms: int, lease_ms: int
+    ) -> StoredWorker:
+        return await self._write(
+            lambda tx: _sql.register(tx, worker_id, master_id, info, unix_ms, lease_ms),
+            f"register worker {worker_id}",
+            durable=False,
+        )
+
+    async def unregister(
+        self, worker_id: str, master_id: str, session: int, *, unix_ms: int
+    ) -> int | None:
+        return await self._write(
+            lambda tx: _sql.unregister(tx, worker_id, master_id, session, unix_ms),
+            f"end a session of worker {worker_id}",
+            durable=False,
+        )
+
+    async def renew_sessions(self, master_id: str, *, lease_ms: int) -> dict[str, int]:
+        return await self._write(
+            lambda tx: _sql.renew_sessions(tx, master_id, lease_ms),
+            "renew the workers' leases",
+            durable=False,
+        )
+
+    async def reclaim_session(
+        self, worker_id: str, master_id: str, session: int, *, unix_ms: int, lease_ms: int
+    ) -> int | None:
+        return await self._write(
+            lambda tx: _sql.reclaim_session(tx, worker_id, master_id, session, unix_ms, lease_ms),
+            f"reclaim the session of worker {worker_id}",
+            durable=False,
+        )
+
+    async def end_sessions(self, except_master: str, *, unix_ms: int) -> list[str]:
+        return await self._write(
+            lambda tx: _sql.end_sessions(tx, except_master, unix_ms),
+            "end earlier sessions",
+            durable=False,
+        )
+
+    async def write_status(self, write: StatusWrite) -> int:
+        return await self._write(
+            lambda tx: _sql.write_status(tx, write),
+            f"store the status of worker {write.worker_id}",
+            # A confirmed removal must not come back after a crash: the
+            # worker will not confirm it again.
+            durable=write.ack is not None,
+        )
+
+    async def add_events(
+        self, worker_id: str, events: Sequence[VmEvent], *, per_vm: int, total: int
+    ) -> int:
+        return await self._write(
+            lambda tx: _sql.add_events(tx, worker_id, events, per_vm, total),
+            f"store events of worker {worker_id}",
+            durable=False,
+        )
+
+    async def events_since(self, seq: int, limit: int) -> tuple[WorkerEvent, ...]:
+        return await self._read(lambda tx: _sql.events_since(tx, seq, limit), "read events")
+
+    async def acquire_lease(self, name: str, holder: str, *, lease_ms: int) -> int | None:
+        return await self._write(
+            lambda tx: _sql.acquire_lease(tx, name, holder, lease_ms), f"take lease {name}"
+        )
+
+    async def renew_lease(self, fence: Fence, *, lease_ms: int) -> bool:
+        return await self._write(
+            lambda tx: _sql.renew_lease(tx, fence, lease_ms), f"renew lease {fence.name}"
+        )
+
+    async def release_lease(self, fence: Fence) -> None:
+        await self._write(lambda tx: _sql.release_lease(tx, fence), f"release lease {fence.name}")
+
+    async def read_lease(self, name: str) -> LeaseState:
+        return await self._read(lambda tx: _sql.read_lease(tx, name), f"read lease {name}")
+
+    async def expire_sessions(self, fence: Fence) -> list[tuple[str, int]]:
+        return await self._write(
+            lambda tx: _sql.expire_sessions(tx, fence), "expire the workers' leases"
+        )
+
+    async def forget_removals(self, fence: Fence, *, confirmed_before_unix_ms: int) -> list[str]:
+        return await self._write(
+            lambda tx: _sql.forget_removals(tx, fence, confirmed_before_unix_ms),
+            "forget confirmed removals",
+        )
+
+    async def export(self) -> FleetDump:
+        return await self._read(_sql.export, "export")
+
+    async def import_dump(self, dump: FleetDump) -> None:
+        await self._write(lambda tx: _sql.import_(tx, dump, self.describe()), "import")
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """The database, for messages (``name``)."""

@@ -1,0 +1,743 @@
+"""The store's semantics, written once in the SQL both databases speak.
+
+Each adapter (``sqlite.py``, ``postgres.py``) opens transactions and hands
+these functions a :class:`Tx`: run a statement (``?`` placeholders), run one
+for many rows, say what changed (``notify``: PostgreSQL's ``NOTIFY``,
+delivered on commit; nothing for SQLite, which has one master). The
+dialect's few differences are attributes of the ``Tx``: the database's clock
+(``{now}`` in ms, ``{now_us}`` in µs), row locks (``{lock}``: ``FOR UPDATE``,
+``{share}``: ``FOR SHARE``; empty on SQLite, whose write transactions are
+exclusive anyway) and ``greatest``.
+
+Lock order (PostgreSQL), the same in every transaction that takes more than
+one: the ``generation`` row of ``meta`` → ``worker_state`` rows (by worker
+id) → ``removals`` / ``vm_status`` rows → the ``event_seq`` row → the lease
+row (``FOR SHARE``, a fenced write's last statement). So two masters never
+deadlock on each other; should PostgreSQL still report one, the adapter
+runs the transaction again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+from procurator.core.errors import ProcuratorError, StaleGenerationError
+from procurator.core.models import (
+    Assignment,
+    EventKind,
+    PowerState,
+    VmAssignment,
+    VmEvent,
+    WorkerInfo,
+    WorkerStatus,
+)
+from procurator.master.store.codec import (
+    decode_diffs,
+    decode_info,
+    decode_vm_status,
+    encode_diffs,
+    encode_info,
+    encode_vm_status,
+)
+from procurator.master.store.model import (
+    AppliedRequest,
+    Change,
+    ChangeKind,
+    Fence,
+    FencedError,
+    FleetDelta,
+    FleetDump,
+    LeaseState,
+    Registration,
+    Removal,
+    RequestRecordedError,
+    SessionEndedError,
+    StatusWrite,
+    StoredFleet,
+    StoredWorker,
+    Versions,
+    WorkerDump,
+)
+from procurator.rpc.messages import WorkerEvent
+
+Row = tuple[Any, ...]
+
+_POWER = {p.value: p for p in PowerState}
+_KIND = {k.value: k for k in EventKind}
+
+
+class Tx(Protocol):
+    """One open transaction of an adapter (see the module docstring)."""
+
+    def run(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        """Execute; the rows it returns ([] for none)."""
+        ...
+
+    def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        """Execute for each of ``rows``; the rows affected, in all."""
+        ...
+
+    def count(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Execute; the rows affected."""
+        ...
+
+    def notify(self, change: Change) -> None: ...
+
+
+def _one(tx: Tx, sql: str, params: Sequence[Any] = ()) -> Row | None:
+    rows = tx.run(sql, params)
+    return rows[0] if rows else None
+
+
+def _meta(tx: Tx, key: str, lock: bool = False) -> int:
+    row = _one(tx, "SELECT value FROM meta WHERE key = ?" + (" {lock}" if lock else ""), (key,))
+    if row is None:
+        raise ProcuratorError(f"the store has no {key!r} row: not a procurator database")
+    return int(row[0])
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _vm(row: Row) -> VmAssignment:
+    vm_id, vm_hash, path, power, vcpus, memory = row
+    return VmAssignment(vm_id, vm_hash, path, _POWER[power], vcpus, memory)
+
+
+_VM_COLUMNS = "vm_id, hash, nix_store_path, power, vcpus, memory_mib"
+
+
+def _assignments(tx: Tx, where: str = "", params: Sequence[Any] = ()) -> dict[str, Assignment]:
+    vms: dict[str, list[VmAssignment]] = {}
+    for row in tx.run(
+        f"SELECT worker_id, {_VM_COLUMNS} FROM vms "
+        + (f"WHERE worker_id IN (SELECT worker_id FROM workers {where}) " if where else "")
+        + "ORDER BY worker_id, vm_id",
+        params,
+    ):
+        vms.setdefault(row[0], []).append(_vm(row[1:]))
+    return {
+        worker_id: Assignment(worker_id, generation, tuple(vms.get(worker_id, ())), op_id)
+        for worker_id, generation, op_id in tx.run(
+            f"SELECT worker_id, generation, op_id FROM workers {where}", params
+        )
+    }
+
+
+def _removals(tx: Tx, worker_id: str | None = None) -> dict[str, dict[str, Removal]]:
+    found: dict[str, dict[str, Removal]] = {}
+    sql = "SELECT worker_id, vm_id, generation, acked_unix_ms FROM removals"
+    rows = tx.run(sql + " WHERE worker_id = ?", (worker_id,)) if worker_id else tx.run(sql)
+    for worker, vm_id, removed_by, acked in rows:
+        found.setdefault(worker, {})[vm_id] = Removal(removed_by, acked)
+    return found
+
+
+_STATE_COLUMNS = (
+    "worker_id, version, master_id, session, info, connected, since_unix_ms, "
+    "renewed_unix_ms, expires_unix_ms, observed_generation, reported_unix_ms"
+)
+
+
+def _workers(tx: Tx, worker_id: str | None = None) -> dict[str, StoredWorker]:
+    where, params = (" WHERE worker_id = ?", (worker_id,)) if worker_id else ("", ())
+    statuses: dict[str, list[Any]] = {}
+    for worker, vm_id, text in tx.run(
+        "SELECT worker_id, vm_id, status FROM vm_status" + where + " ORDER BY worker_id, vm_id",
+        params,
+    ):
+        statuses.setdefault(worker, []).append(decode_vm_status(vm_id, text))
+    removals = _removals(tx, worker_id)
+    found: dict[str, StoredWorker] = {}
+    for row in tx.run(f"SELECT {_STATE_COLUMNS} FROM worker_state" + where, params):
+        (worker, version, master_id, session, info, connected, since, renewed, expires) = row[:9]
+        observed, reported = row[9:]
+        registration = (
+            Registration(
+                master_id,
+                session,
+                decode_info(worker, info),
+                bool(connected),
+                since,
+                renewed,
+                expires,
+            )
+            if session
+            else None
+        )
+        status = (
+            WorkerStatus(worker, observed, tuple(statuses.get(worker, ())))
+            if observed is not None
+            else None
+        )
+        found[worker] = StoredWorker(
+            worker, version, registration, status, reported, removals.get(worker, {})
+        )
+    return found
+
+
+def _event(row: Row) -> WorkerEvent:
+    seq, worker_id, vm_id, kind, message, op_id, unix_ms = row
+    return WorkerEvent(
+        worker_id, VmEvent(vm_id, _KIND.get(kind, EventKind.UNKNOWN), message, op_id, unix_ms), seq
+    )
+
+
+_EVENT_COLUMNS = "seq, worker_id, vm_id, kind, message, op_id, unix_ms"
+
+
+def load(tx: Tx, events: int) -> StoredFleet:
+    """Everything, in one snapshot (the adapter's transaction); the newest
+    ``events`` events."""
+    newest = tx.run(f"SELECT {_EVENT_COLUMNS} FROM events ORDER BY seq DESC LIMIT ?", (events,))
+    return StoredFleet(
+        generation=_meta(tx, "generation"),
+        assignments=_assignments(tx),
+        removals=_removals(tx),
+        workers=_workers(tx),
+        events=tuple(_event(row) for row in reversed(newest)),
+        event_seq=_meta(tx, "event_seq"),
+    )
+
+
+def fleet_since(tx: Tx, generation: int) -> FleetDelta:
+    return FleetDelta(
+        _meta(tx, "generation"), _assignments(tx, "WHERE generation > ?", (generation,))
+    )
+
+
+def load_worker(tx: Tx, worker_id: str) -> StoredWorker:
+    return _workers(tx, worker_id).get(worker_id) or StoredWorker(worker_id)
+
+
+def versions(tx: Tx) -> Versions:
+    return Versions(
+        _meta(tx, "generation"),
+        {
+            worker_id: int(version)
+            for worker_id, version in tx.run("SELECT worker_id, version FROM worker_state")
+        },
+        _meta(tx, "event_seq"),
+    )
+
+
+def events_since(tx: Tx, seq: int, limit: int) -> tuple[WorkerEvent, ...]:
+    rows = tx.run(
+        f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
+    )
+    return tuple(_event(row) for row in rows)
+
+
+def find_request(tx: Tx, request_id: str) -> AppliedRequest | None:
+    row = _one(
+        tx,
+        "SELECT r.generation, a.op_id, r.fleet_digest, r.diffs FROM requests r "
+        "JOIN applies a ON a.generation = r.generation WHERE r.request_id = ?",
+        (request_id,),
+    )
+    if row is None:
+        return None
+    generation, op_id, digest, blob = row
+    return AppliedRequest(request_id, generation, op_id, digest, decode_diffs(bytes(blob)))
+
+
+# ---------------------------------------------------------------- applies
+
+
+def _bump(tx: Tx, worker_id: str) -> int:
+    """A change to ``worker_id``'s state: its new version (noted)."""
+    (version,) = tx.run(
+        "INSERT INTO worker_state (worker_id, version) VALUES (?, 1) "
+        "ON CONFLICT (worker_id) DO UPDATE SET version = worker_state.version + 1 "
+        "RETURNING version",
+        (worker_id,),
+    )[0]
+    tx.notify(Change(ChangeKind.WORKER, version, worker_id))
+    return int(version)
+
+
+def _row_changes(
+    changes: Mapping[str, Sequence[VmAssignment]],
+    before: Mapping[str, Sequence[VmAssignment]],
+) -> tuple[list[tuple[str, str]], list[Row], list[tuple[str, str]]]:
+    """(vm_id, worker_id) rows to delete, rows to insert, and (worker_id,
+    vm_id) of the VMs taken off their worker: a VM removed, replaced or
+    otherwise changed is deleted, one added or changed inserted. A one-VM
+    change in a 1,000-VM worker writes two rows, not 2,000."""
+    deletes: list[tuple[str, str]] = []
+    inserts: list[Row] = []
+    removed: list[tuple[str, str]] = []
+    for worker_id, vms in changes.items():
+        old = {vm.id: vm for vm in before.get(worker_id, ())}
+        new_ids = set()
+        for vm in vms:
+            new_ids.add(vm.id)
+            previous = old.get(vm.id)
+            if previous == vm:
+                continue
+            if previous is not None:
+                deletes.append((vm.id, worker_id))
+            inserts.append(
+                (
+                    vm.id,
+                    worker_id,
+                    vm.hash,
+                    vm.nix_store_path,
+                    vm.power.value,
+                    vm.vcpus,
+                    vm.memory_mib,
+                )
+            )
+        gone = sorted(old.keys() - new_ids)
+        deletes.extend((vm_id, worker_id) for vm_id in gone)
+        removed.extend((worker_id, vm_id) for vm_id in gone)
+    return deletes, inserts, removed
+
+
+def _delete_rows(
+    tx: Tx,
+    changes: Mapping[str, Sequence[VmAssignment]],
+    before: Mapping[str, Sequence[VmAssignment]],
+    deletes: Sequence[tuple[str, str]],
+    op_id: str,
+) -> None:
+    """Delete ``deletes``, after checking that the store holds what the
+    caller's ``before`` says: the row delta is only right against that."""
+    for worker_id in changes:
+        (count,) = tx.run("SELECT count(*) FROM vms WHERE worker_id = ?", (worker_id,))[0]
+        if count != len(before.get(worker_id, ())):
+            raise ProcuratorError(
+                f"apply {op_id}: the store holds {count} VM(s) for worker {worker_id}, "
+                f"the master {len(before.get(worker_id, ()))}; nothing was applied"
+            )
+    # All deletes before any insert, so a VM that moves between two workers
+    # in one apply never collides with itself.
+    deleted = tx.many("DELETE FROM vms WHERE vm_id = ? AND worker_id = ?", deletes)
+    if deletes and deleted != len(deletes):
+        raise ProcuratorError(
+            f"apply {op_id}: the store does not hold the VMs the master holds "
+            f"({deleted} of {len(deletes)} to delete found); nothing was applied"
+        )
+
+
+def commit(
+    tx: Tx,
+    expected_generation: int,
+    changes: Mapping[str, Sequence[VmAssignment]],
+    before: Mapping[str, Sequence[VmAssignment]],
+    op_id: str,
+    unix_ms: int,
+    request: tuple[str, str, Sequence[Any], int] | None,
+) -> int:
+    """See ``Store.commit``. ``request``: (id, fleet digest, diffs, kept)."""
+    deletes, inserts, removed = _row_changes(changes, before)
+    # The generation row is locked until the commit: applies of every
+    # master take their turns here.
+    current = _meta(tx, "generation", lock=True)
+    if current != expected_generation:
+        raise StaleGenerationError(
+            f"the fleet is at generation {current}, not {expected_generation}; nothing was applied",
+            op_id=op_id,
+        )
+    if request is not None and _one(
+        tx, "SELECT generation FROM requests WHERE request_id = ?", (request[0],)
+    ):
+        raise RequestRecordedError(
+            f"request id {request[0]} is recorded already; nothing was applied", op_id=op_id
+        )
+    generation = current + 1
+    tx.run("UPDATE meta SET value = ? WHERE key = 'generation'", (generation,))
+    _delete_rows(tx, changes, before, deletes, op_id)
+    tx.many(
+        "INSERT INTO workers (worker_id, generation, op_id) VALUES (?, ?, ?) "
+        "ON CONFLICT (worker_id) DO UPDATE SET generation = excluded.generation, "
+        "op_id = excluded.op_id",
+        [(w, generation, op_id) for w in changes],
+    )
+    tx.many("INSERT INTO vms VALUES (?, ?, ?, ?, ?, ?, ?)", inserts)
+    # Removals are part of the workers' state: their versions move first
+    # (the lock order), then the rows.
+    for worker_id in sorted({worker_id for worker_id, _ in removed}):
+        _bump(tx, worker_id)
+    tx.many(
+        "INSERT INTO removals (worker_id, vm_id, generation, acked_unix_ms) "
+        "VALUES (?, ?, ?, NULL) ON CONFLICT (worker_id, vm_id) DO UPDATE SET "
+        "generation = excluded.generation, acked_unix_ms = NULL",
+        [(worker_id, vm_id, generation) for worker_id, vm_id in removed],
+    )
+    request_id = request[0] if request else ""
+    tx.run(
+        "INSERT INTO applies (generation, op_id, unix_ms, workers_changed, request_id) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (generation, op_id, unix_ms, len(changes), request_id),
+    )
+    if request is not None:
+        _, digest, diffs, kept = request
+        tx.run(
+            "INSERT INTO requests VALUES (?, ?, ?, ?)",
+            (request_id, generation, digest, encode_diffs(diffs)),
+        )
+        # The bound: the newest ``kept`` request ids (generations only grow).
+        tx.run(
+            "DELETE FROM requests WHERE generation <= ("
+            "SELECT generation FROM requests ORDER BY generation DESC LIMIT 1 OFFSET ?)",
+            (kept,),
+        )
+    tx.notify(Change(ChangeKind.GENERATION, generation))
+    return generation
+
+
+# ---------------------------------------------------------------- sessions
+
+
+def register(
+    tx: Tx, worker_id: str, master_id: str, info: WorkerInfo, unix_ms: int, lease_ms: int
+) -> StoredWorker:
+    """A new session of ``worker_id``, held by ``master_id``: numbered one
+    more than the last, whoever held that."""
+    (version,) = tx.run(
+        "INSERT INTO worker_state (worker_id, version, master_id, session, info, connected, "
+        "since_unix_ms, renewed_unix_ms, expires_unix_ms) "
+        "VALUES (?, 1, ?, 1, ?, TRUE, ?, {now}, {now} + ?) "
+        "ON CONFLICT (worker_id) DO UPDATE SET version = worker_state.version + 1, "
+        "master_id = excluded.master_id, session = worker_state.session + 1, "
+        "info = excluded.info, connected = TRUE, since_unix_ms = excluded.since_unix_ms, "
+        "renewed_unix_ms = excluded.renewed_unix_ms, expires_unix_ms = excluded.expires_unix_ms "
+        "RETURNING version",
+        (worker_id, master_id, encode_info(info), unix_ms, lease_ms),
+    )[0]
+    tx.notify(Change(ChangeKind.WORKER, version, worker_id))
+    return load_worker(tx, worker_id)
+
+
+def unregister(tx: Tx, worker_id: str, master_id: str, session: int, unix_ms: int) -> int | None:
+    """The session ended; the worker's new version, or None when that
+    session was not the worker's current one (nothing changed)."""
+    row = _one(
+        tx,
+        "UPDATE worker_state SET connected = FALSE, since_unix_ms = ?, version = version + 1 "
+        "WHERE worker_id = ? AND master_id = ? AND session = ? AND connected RETURNING version",
+        (unix_ms, worker_id, master_id, session),
+    )
+    if row is None:
+        return None
+    tx.notify(Change(ChangeKind.WORKER, row[0], worker_id))
+    return int(row[0])
+
+
+def renew_sessions(tx: Tx, master_id: str, lease_ms: int) -> dict[str, int]:
+    """Extend the lease of every connected session ``master_id`` holds;
+    worker id -> the session renewed."""
+    rows = tx.run(
+        "UPDATE worker_state SET renewed_unix_ms = {now}, expires_unix_ms = {now} + ? "
+        "WHERE master_id = ? AND connected RETURNING worker_id, session",
+        (lease_ms, master_id),
+    )
+    return {worker_id: session for worker_id, session in rows}
+
+
+def reclaim_session(
+    tx: Tx, worker_id: str, master_id: str, session: int, unix_ms: int, lease_ms: int
+) -> int | None:
+    """A session still alive here that the store shows disconnected (its
+    lease expired while the database could not be reached): connected
+    again, unless the worker registered since. The new version, or None."""
+    row = _one(
+        tx,
+        "UPDATE worker_state SET connected = TRUE, since_unix_ms = ?, version = version + 1, "
+        "renewed_unix_ms = {now}, expires_unix_ms = {now} + ? "
+        "WHERE worker_id = ? AND master_id = ? AND session = ? AND NOT connected "
+        "RETURNING version",
+        (unix_ms, lease_ms, worker_id, master_id, session),
+    )
+    if row is None:
+        return None
+    tx.notify(Change(ChangeKind.WORKER, row[0], worker_id))
+    return int(row[0])
+
+
+def end_sessions(tx: Tx, except_master: str, unix_ms: int) -> list[str]:
+    """Every connected session not held by ``except_master`` ends (a store
+    with one master: they are an earlier run's)."""
+    rows = tx.run(
+        "UPDATE worker_state SET connected = FALSE, since_unix_ms = ?, version = version + 1 "
+        "WHERE connected AND master_id <> ? RETURNING worker_id, version",
+        (unix_ms, except_master),
+    )
+    for worker_id, version in rows:
+        tx.notify(Change(ChangeKind.WORKER, version, worker_id))
+    return sorted(worker_id for worker_id, _ in rows)
+
+
+# ---------------------------------------------------------------- status
+
+
+def write_status(tx: Tx, write: StatusWrite) -> int:
+    """See ``StatusWrite``; the worker's new version."""
+    holder = _one(
+        tx,
+        "SELECT master_id, session FROM worker_state WHERE worker_id = ? {lock}",
+        (write.worker_id,),
+    )
+    if holder is None or tuple(holder) != (write.master_id, write.session):
+        raise SessionEndedError(
+            f"worker {write.worker_id}: this session has ended (the worker registered again, "
+            "here or with another master); register again"
+        )
+    encoded = [(vm.id, encode_vm_status(vm)) for vm in write.upserts]
+    deletes: Iterable[str] = write.deletes
+    if write.whole:
+        stored: dict[str, str] = dict(
+            tx.run("SELECT vm_id, status FROM vm_status WHERE worker_id = ?", (write.worker_id,))
+        )
+        deletes = sorted(stored.keys() - {vm_id for vm_id, _ in encoded})
+        encoded = [(vm_id, text) for vm_id, text in encoded if stored.get(vm_id) != text]
+    tx.many(
+        "DELETE FROM vm_status WHERE worker_id = ? AND vm_id = ?",
+        [(write.worker_id, vm_id) for vm_id in deletes],
+    )
+    tx.many(
+        "INSERT INTO vm_status (worker_id, vm_id, status) VALUES (?, ?, ?) "
+        "ON CONFLICT (worker_id, vm_id) DO UPDATE SET status = excluded.status",
+        [(write.worker_id, vm_id, text) for vm_id, text in encoded],
+    )
+    if write.ack is not None:
+        tx.run(
+            "UPDATE removals SET acked_unix_ms = ? WHERE worker_id = ? "
+            "AND generation <= ? AND acked_unix_ms IS NULL",
+            (write.ack.unix_ms, write.worker_id, write.ack.observed_generation),
+        )
+    (version,) = tx.run(
+        "UPDATE worker_state SET observed_generation = ?, reported_unix_ms = ?, "
+        "version = version + 1 WHERE worker_id = ? RETURNING version",
+        (write.observed_generation, write.reported_unix_ms, write.worker_id),
+    )[0]
+    tx.notify(Change(ChangeKind.WORKER, version, write.worker_id))
+    return int(version)
+
+
+# ---------------------------------------------------------------- events
+
+
+def add_events(tx: Tx, worker_id: str, events: Sequence[VmEvent], per_vm: int, total: int) -> int:
+    """Store ``events`` with the next seqs; keep at most ``per_vm`` per VM
+    and ``total`` in all. Seqs follow the database's clock in µs (+1 when
+    events come faster), so they keep growing across restarts and
+    upgrades, and they are minted under the ``event_seq`` row's lock: no
+    transaction commits a lower seq after a higher one became visible (a
+    reader's cursor skips nothing). The newest seq."""
+    if not events:
+        return _meta(tx, "event_seq")
+    (last,) = tx.run(
+        "UPDATE meta SET value = {greatest}(value + 1, {now_us}) + ? "
+        "WHERE key = 'event_seq' RETURNING value",
+        (len(events) - 1,),
+    )[0]
+    first = int(last) - len(events) + 1
+    tx.many(
+        f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [
+            (first + i, worker_id, e.vm_id, e.kind.value, e.message, e.op_id, e.unix_time_ms)
+            for i, e in enumerate(events)
+        ],
+    )
+    tx.many(
+        "DELETE FROM events WHERE vm_id = ? AND seq <= ("
+        "SELECT seq FROM events WHERE vm_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+        [(vm_id, vm_id, per_vm) for vm_id in sorted({e.vm_id for e in events})],
+    )
+    tx.run(
+        "DELETE FROM events WHERE seq <= (SELECT seq FROM events ORDER BY seq DESC "
+        "LIMIT 1 OFFSET ?)",
+        (total,),
+    )
+    tx.notify(Change(ChangeKind.EVENTS, last))
+    return int(last)
+
+
+# ---------------------------------------------------------------- leases
+
+
+def _ensure_lease(tx: Tx, name: str) -> None:
+    tx.run(
+        "INSERT INTO leases (name, holder, epoch, expires_unix_ms) VALUES (?, '', 0, 0) "
+        "ON CONFLICT (name) DO NOTHING",
+        (name,),
+    )
+
+
+def acquire_lease(tx: Tx, name: str, holder: str, lease_ms: int) -> int | None:
+    """Take lease ``name`` if nobody holds it live: the new epoch, or None."""
+    _ensure_lease(tx, name)
+    row = _one(
+        tx,
+        "UPDATE leases SET holder = ?, epoch = epoch + 1, expires_unix_ms = {now} + ? "
+        "WHERE name = ? AND expires_unix_ms <= {now} RETURNING epoch",
+        (holder, lease_ms, name),
+    )
+    return int(row[0]) if row else None
+
+
+def renew_lease(tx: Tx, fence: Fence, lease_ms: int) -> bool:
+    """Extend a live lease held in ``fence.epoch``; False once it expired
+    or another holds it (then only ``acquire_lease`` can take it again, in
+    a new epoch)."""
+    return (
+        tx.count(
+            "UPDATE leases SET expires_unix_ms = {now} + ? WHERE name = ? AND holder = ? "
+            "AND epoch = ? AND expires_unix_ms > {now}",
+            (lease_ms, fence.name, fence.holder, fence.epoch),
+        )
+        == 1
+    )
+
+
+def release_lease(tx: Tx, fence: Fence) -> None:
+    tx.run(
+        "UPDATE leases SET expires_unix_ms = 0 WHERE name = ? AND holder = ? AND epoch = ?",
+        (fence.name, fence.holder, fence.epoch),
+    )
+
+
+def read_lease(tx: Tx, name: str) -> LeaseState:
+    row = _one(
+        tx,
+        "SELECT holder, epoch, expires_unix_ms, {now} FROM leases WHERE name = ?",
+        (name,),
+    )
+    if row is None:
+        (now,) = tx.run("SELECT {now}")[0]
+        return LeaseState(name, "", 0, 0, int(now))
+    holder, epoch, expires, now = row
+    return LeaseState(name, holder, int(epoch), int(expires), int(now))
+
+
+def check_fence(tx: Tx, fence: Fence) -> None:
+    """Raise ``FencedError`` unless ``fence`` is the live lease; if it is,
+    it stays so until this transaction ends (the row is share-locked: a new
+    leader's ``acquire_lease`` waits for it). The last statement of a
+    fenced transaction, so a duty blocked on its data does not hold up a
+    new leader."""
+    if _one(
+        tx,
+        "SELECT epoch FROM leases WHERE name = ? AND holder = ? AND epoch = ? "
+        "AND expires_unix_ms > {now} {share}",
+        (fence.name, fence.holder, fence.epoch),
+    ):
+        return
+    now = read_lease(tx, fence.name)
+    raise FencedError(
+        f"lease {fence.name}: epoch {fence.epoch} of {fence.holder} is over (the lease is at "
+        f"epoch {now.epoch}, held by {now.holder or 'nobody'}); nothing was written"
+    )
+
+
+def expire_sessions(tx: Tx, fence: Fence) -> list[tuple[str, int]]:
+    """Fenced: every connected session whose lease expired is lost, since
+    its last renewal. (worker id, last renewal in unix ms) of each."""
+    rows = tx.run(
+        "UPDATE worker_state SET connected = FALSE, since_unix_ms = renewed_unix_ms, "
+        "version = version + 1 WHERE connected AND expires_unix_ms < {now} "
+        "RETURNING worker_id, version, renewed_unix_ms"
+    )
+    check_fence(tx, fence)
+    for worker_id, version, _ in rows:
+        tx.notify(Change(ChangeKind.WORKER, version, worker_id))
+    return sorted((worker_id, int(renewed)) for worker_id, _, renewed in rows)
+
+
+def forget_removals(tx: Tx, fence: Fence, confirmed_before_unix_ms: int) -> list[str]:
+    """Fenced: removals confirmed before the horizon are forgotten (the
+    grace in which a worker may still mention them is over). The workers
+    whose removals changed."""
+    workers = sorted(
+        worker_id
+        for (worker_id,) in tx.run(
+            "SELECT DISTINCT worker_id FROM removals WHERE acked_unix_ms < ?",
+            (confirmed_before_unix_ms,),
+        )
+    )
+    for worker_id in workers:
+        _bump(tx, worker_id)
+    tx.run("DELETE FROM removals WHERE acked_unix_ms < ?", (confirmed_before_unix_ms,))
+    check_fence(tx, fence)
+    return workers
+
+
+# ---------------------------------------------------------------- export, import
+
+
+def export(tx: Tx) -> FleetDump:
+    assignments = _assignments(tx)
+    return FleetDump(
+        generation=_meta(tx, "generation"),
+        workers=tuple(
+            WorkerDump(a.worker_id, a.generation, a.op_id, a.vms)
+            for a in sorted(assignments.values(), key=lambda a: a.worker_id)
+        ),
+        applies=tuple(
+            (int(g), op, int(ms), int(n), req)
+            for g, op, ms, n, req in tx.run(
+                "SELECT generation, op_id, unix_ms, workers_changed, request_id FROM applies "
+                "ORDER BY generation"
+            )
+        ),
+        requests=tuple(
+            (req, int(g), digest, bytes(blob))
+            for req, g, digest, blob in tx.run(
+                "SELECT request_id, generation, fleet_digest, diffs FROM requests "
+                "ORDER BY generation"
+            )
+        ),
+        removals=tuple(
+            (w, vm, int(g), None if acked is None else int(acked))
+            for w, vm, g, acked in tx.run(
+                "SELECT worker_id, vm_id, generation, acked_unix_ms FROM removals "
+                "ORDER BY worker_id, vm_id"
+            )
+        ),
+        event_seq=_meta(tx, "event_seq"),
+    )
+
+
+def import_(tx: Tx, dump: FleetDump, target: str) -> None:
+    """Load ``dump`` into an empty store (generation 0, no workers, no
+    applies); ``ProcuratorError`` naming ``target`` otherwise."""
+    current = _meta(tx, "generation", lock=True)
+    (applies,) = tx.run("SELECT count(*) FROM applies")[0]
+    (workers,) = tx.run("SELECT count(*) FROM workers")[0]
+    if current or applies or workers:
+        raise ProcuratorError(
+            f"{target} is not empty (generation {current}, {workers} worker(s), {applies} "
+            "apply(s)): import only into a new database; nothing was imported"
+        )
+    tx.many(
+        "INSERT INTO workers (worker_id, generation, op_id) VALUES (?, ?, ?)",
+        [(w.worker_id, w.generation, w.op_id) for w in dump.workers],
+    )
+    tx.many(
+        "INSERT INTO vms VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [
+            (v.id, w.worker_id, v.hash, v.nix_store_path, v.power.value, v.vcpus, v.memory_mib)
+            for w in dump.workers
+            for v in w.vms
+        ],
+    )
+    tx.many(
+        "INSERT INTO applies (generation, op_id, unix_ms, workers_changed, request_id) "
+        "VALUES (?, ?, ?, ?, ?)",
+        dump.applies,
+    )
+    tx.many("INSERT INTO requests VALUES (?, ?, ?, ?)", dump.requests)
+    tx.many(
+        "INSERT INTO removals (worker_id, vm_id, generation, acked_unix_ms) VALUES (?, ?, ?, ?)",
+        dump.removals,
+    )
+    for worker_id in sorted({w for w, *_ in dump.removals}):
+        _bump(tx, worker_id)
+    tx.run("UPDATE meta SET value = ? WHERE key = 'generation'", (dump.generation,))
+    tx.run(
+        "UPDATE meta SET value = {greatest}(value, ?) WHERE key = 'event_seq'", (dump.event_seq,)
+    )
+    tx.notify(Change(ChangeKind.GENERATION, dump.generation))

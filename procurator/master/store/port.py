@@ -1,0 +1,187 @@
+"""The store port: what the master service needs of its database.
+
+Two adapters implement it: ``SqliteStore`` (embedded, one master per file)
+and ``PostgresStore`` (several masters on one database). One contract test
+suite (``tests/master/test_store_contract.py``) runs against both.
+
+Every method is a coroutine that fails with the taxonomy's errors only:
+``UnavailableError`` naming the database when it cannot be reached (the
+outcome of a write that fails so is unknown: the caller retries or looks
+again), ``StaleGenerationError``, ``SessionEndedError``, ``FencedError``,
+``RequestRecordedError`` as documented, ``ProcuratorError`` otherwise.
+Every write is one transaction: it happens whole or not at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
+
+import trio
+
+from procurator.core.models import VmAssignment, VmEvent, WorkerDiff, WorkerInfo
+from procurator.master.store.model import (
+    AppliedRequest,
+    Change,
+    Fence,
+    FleetDelta,
+    FleetDump,
+    LeaseState,
+    StatusWrite,
+    StoredFleet,
+    StoredWorker,
+    Versions,
+)
+from procurator.rpc.messages import WorkerEvent
+
+__all__ = ["OnChange", "OnHealth", "Store"]
+
+OnChange = Callable[[Change], None]
+OnHealth = Callable[[bool, str], None]
+
+
+class Store(Protocol):
+    @property
+    def name(self) -> str:
+        """The database, for messages: a path or a URL without secrets."""
+        ...
+
+    @property
+    def single_master(self) -> bool:
+        """True when no other master can use this database (SQLite's file
+        lock): every session it records is this master's or a dead one's."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+    # -- the fleet ------------------------------------------------------------
+
+    async def load(self, *, events: int = 10_000) -> StoredFleet:
+        """Everything, in one consistent snapshot, with the newest
+        ``events`` events."""
+        ...
+
+    async def commit(
+        self,
+        *,
+        expected_generation: int,
+        changes: Mapping[str, Sequence[VmAssignment]],
+        before: Mapping[str, Sequence[VmAssignment]],
+        op_id: str,
+        unix_ms: int,
+        request_id: str = "",
+        fleet_digest: str = "",
+        diffs: Sequence[WorkerDiff] = (),
+    ) -> int:
+        """Store the new VM lists of the workers in ``changes`` (all others
+        keep theirs) under a new generation, which is returned. The
+        generation is minted inside the transaction, which holds the
+        generation row until it ends: applies of every master take turns.
+        ``before`` holds those workers' lists as stored now: only the rows
+        that differ are written, and a store that does not hold ``before``
+        fails the commit. Every VM in ``before`` but not in ``changes`` is
+        recorded as removed from its worker by the new generation. With a
+        ``request_id``, it is recorded with ``fleet_digest`` and ``diffs``
+        for :meth:`find_request` (the newest ``REQUESTS_KEPT`` are kept).
+        Raises ``StaleGenerationError`` if the stored generation is not
+        ``expected_generation``, ``RequestRecordedError`` if the request id
+        is recorded already; nothing is changed then, nor on any error."""
+        ...
+
+    async def find_request(self, request_id: str) -> AppliedRequest | None: ...
+
+    async def fleet_since(self, generation: int) -> FleetDelta:
+        """The assignments that applies after ``generation`` changed."""
+        ...
+
+    async def versions(self) -> Versions: ...
+
+    # -- workers ----------------------------------------------------------------
+
+    async def worker(self, worker_id: str) -> StoredWorker: ...
+
+    async def register(
+        self, worker_id: str, master_id: str, info: WorkerInfo, *, unix_ms: int, lease_ms: int
+    ) -> StoredWorker:
+        """A new session of the worker, held by ``master_id``, leased for
+        ``lease_ms`` (the database's clock); an older session, whoever holds
+        it, has ended."""
+        ...
+
+    async def unregister(
+        self, worker_id: str, master_id: str, session: int, *, unix_ms: int
+    ) -> int | None:
+        """That session ended: the worker is disconnected since ``unix_ms``
+        (new version), unless another session replaced it (None)."""
+        ...
+
+    async def renew_sessions(self, master_id: str, *, lease_ms: int) -> dict[str, int]:
+        """Extend the leases of the connected sessions ``master_id`` holds:
+        worker id -> session, for each."""
+        ...
+
+    async def reclaim_session(
+        self, worker_id: str, master_id: str, session: int, *, unix_ms: int, lease_ms: int
+    ) -> int | None: ...
+
+    async def end_sessions(self, except_master: str, *, unix_ms: int) -> list[str]: ...
+
+    async def write_status(self, write: StatusWrite) -> int:
+        """Store one status report (see ``StatusWrite``); the new version."""
+        ...
+
+    # -- events -------------------------------------------------------------------
+
+    async def add_events(
+        self, worker_id: str, events: Sequence[VmEvent], *, per_vm: int, total: int
+    ) -> int:
+        """Store events under new seqs (the newest is returned), keeping at
+        most ``per_vm`` per VM and ``total`` in all."""
+        ...
+
+    async def events_since(self, seq: int, limit: int) -> tuple[WorkerEvent, ...]: ...
+
+    # -- leader leases --------------------------------------------------------------
+
+    async def acquire_lease(self, name: str, holder: str, *, lease_ms: int) -> int | None: ...
+
+    async def renew_lease(self, fence: Fence, *, lease_ms: int) -> bool: ...
+
+    async def release_lease(self, fence: Fence) -> None: ...
+
+    async def read_lease(self, name: str) -> LeaseState: ...
+
+    async def expire_sessions(self, fence: Fence) -> list[tuple[str, int]]:
+        """A singleton duty (fenced): sessions whose lease expired are
+        lost. (worker id, last renewal) of each."""
+        ...
+
+    async def forget_removals(self, fence: Fence, *, confirmed_before_unix_ms: int) -> list[str]:
+        """A singleton duty (fenced): forget removals confirmed before the
+        horizon; the workers concerned."""
+        ...
+
+    # -- moving a fleet ---------------------------------------------------------------
+
+    async def export(self) -> FleetDump: ...
+
+    async def import_dump(self, dump: FleetDump) -> None:
+        """Into an empty store only; ``ProcuratorError`` otherwise."""
+        ...
+
+    # -- notifications ------------------------------------------------------------------
+
+    async def watch(
+        self,
+        on_change: OnChange,
+        on_health: OnHealth,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Until cancelled: call ``on_change`` for each change another
+        master committed (this master's own come too), and
+        ``on_health(ok, reason)`` when the database becomes reachable or not.
+        After notifications may have been lost (a reconnect), a ``RESYNC``
+        change. Started once listening (or at once, for a store with one
+        master, which has nobody to hear)."""
+        ...
