@@ -1,0 +1,352 @@
+"""Several masters on one PostgreSQL database, in one process: what one
+master commits, the others serve; sessions move between masters; the
+leader's duties; a notification lost is a change delayed, not lost.
+
+Real PostgreSQL (a new database per test), real ``MasterService``s, the
+workers' ``Node``s faked (``masterhelpers.FakeNode``). Intervals and leases
+are short so that waiting for a condition takes a moment; no test asserts
+how long anything took."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import trio
+from masterhelpers import FakeNode
+
+from procurator.core.errors import StaleGenerationError, UnavailableError
+from procurator.core.models import (
+    EventKind,
+    Fleet,
+    Phase,
+    PowerState,
+    VmEvent,
+    VmStatus,
+    WorkerInfo,
+    WorkerStatus,
+)
+from procurator.master.service import MasterService
+from procurator.master.store import Change, OnChange, OnHealth, Store, open_store
+
+FleetOf = Callable[[dict[str, list[tuple[str, str]]]], Fleet]
+FAST = {"sync_interval": 0.2, "worker_lease": 1.0, "leader_lease": 1.0, "push_timeout": 2.0}
+
+
+@dataclass
+class Masters:
+    """Masters on one database, each stoppable on its own."""
+
+    nursery: trio.Nursery
+    stack: AsyncExitStack
+    url: str
+    services: list[MasterService] = field(default_factory=list)
+    scopes: list[trio.CancelScope] = field(default_factory=list)
+
+    async def start(
+        self, *, wrap: Callable[[Store], Store] | None = None, **kw: Any
+    ) -> MasterService:
+        index = len(self.services)
+        store = await open_store(self.url, application_name=f"procurator-master/m{index}")
+        self.stack.push_async_callback(store.aclose)
+        service = MasterService(
+            wrap(store) if wrap else store, master_id=f"m{index}", **{**FAST, **kw}
+        )
+        scope = trio.CancelScope()
+
+        async def run(task_status: trio.TaskStatus[None]) -> None:
+            with scope:
+                await service.run(task_status=task_status)
+
+        await self.nursery.start(run)
+        self.services.append(service)
+        self.scopes.append(scope)
+        return service
+
+    def kill(self, index: int) -> None:
+        """Stop a master without a word to the store (as if it died)."""
+        self.scopes[index].cancel()
+
+
+@asynccontextmanager
+async def masters(url: str, count: int, **kw: Any) -> AsyncIterator[Masters]:
+    async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
+        group = Masters(nursery, stack, url)
+        for _ in range(count):
+            await group.start(**kw)
+        yield group
+        nursery.cancel_scope.cancel()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 15) -> None:
+    """Wait until ``check()`` holds (the masters catch up on their own)."""
+    with trio.fail_after(timeout):
+        while not await check():
+            await trio.sleep(0.02)
+
+
+def running(vm_id: str) -> VmStatus:
+    return VmStatus(vm_id, Phase.RUNNING, "h", "", 0, "", PowerState.RUNNING, "")
+
+
+async def test_an_apply_on_one_master_reaches_workers_on_the_others(
+    pg_url: str, fleet_of: FleetOf
+) -> None:
+    async with masters(pg_url, 3) as group:
+        a, b, c = group.services
+        nodes = {w: FakeNode() for w in ("host-a", "host-b", "host-c")}
+        tokens = {
+            "host-a": await a.register(WorkerInfo("host-a"), nodes["host-a"]),
+            "host-b": await b.register(WorkerInfo("host-b"), nodes["host-b"]),
+            "host-c": await c.register(WorkerInfo("host-c"), nodes["host-c"]),
+        }
+        result = await a.apply(
+            fleet_of({w: [(f"vm-{w[-1]}", "a")] for w in ("host-a", "host-b", "host-c")})
+        )
+
+        async def pushed() -> bool:
+            return all(
+                [p.generation for p in node.pushed] == [result.generation]
+                for node in nodes.values()
+            )
+
+        await eventually(pushed, "every worker got generation 1 from its own master")
+        # Each worker reports to its own master; every master shows the same fleet.
+        await b.report_status(
+            tokens["host-b"], WorkerStatus("host-b", result.generation, (running("vm-b"),))
+        )
+        await c.report_events(tokens["host-c"], [VmEvent("vm-c", EventKind.BOOTED, "up")])
+
+        async def same_everywhere() -> bool:
+            views = [await s.fleet_status() for s in group.services]
+            shown = {tuple((w.worker_id, w.connected, w.status) for w in v.workers) for v in views}
+            events = {tuple(e.seq for e in await s.recent_events("vm-c")) for s in group.services}
+            return len(shown) == 1 and len(events) == 1 and len(next(iter(events))) == 1
+
+        await eventually(same_everywhere, "the same fleet on every master")
+        host_b = next(w for w in (await a.fleet_status()).workers if w.worker_id == "host-b")
+        assert host_b.status == WorkerStatus("host-b", 1, (running("vm-b"),))
+        described = await a.describe_vm("vm-c")
+        assert [e.event.message for e in described.events] == ["up"]
+        assert described.worker_connected
+
+
+async def test_a_master_behind_catches_up_before_it_applies(pg_url: str, fleet_of: FleetOf) -> None:
+    """B has not heard of A's apply yet (its notifications are held back):
+    B's apply is diffed against the store's fleet, not its stale cache, and
+    --expect-generation is checked against the store's generation."""
+    held: list[Change] = []
+
+    def deaf(store: Store) -> Store:
+        return _Deaf(store, held)  # type: ignore[return-value]
+
+    async with masters(pg_url, 1, sync_interval=3600) as group:
+        a = group.services[0]
+        b = await group.start(wrap=deaf, sync_interval=3600)
+        first = await a.apply(fleet_of({"host-a": [("web-1", "a")]}))
+        assert b.generation == 0  # deaf, and no backstop for an hour
+        second = await b.apply(fleet_of({"host-a": [("web-1", "a"), ("web-2", "a")]}))
+        assert second.generation == first.generation + 1
+        assert [d.added for d in second.diffs] == [("web-2",)]  # not web-1 again
+        with pytest.raises(
+            StaleGenerationError, match="expected generation 1, but the fleet is at generation 2"
+        ):
+            await a.apply(fleet_of({"host-a": []}), expected_generation=first.generation)
+
+
+class _Deaf:
+    """A store whose notifications never arrive (held back)."""
+
+    def __init__(self, store: Store, held: list[Change]) -> None:
+        self._store = store
+        self._held = held
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def watch(
+        self,
+        on_change: OnChange,
+        on_health: OnHealth,
+        *,
+        task_status: Any = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        await self._store.watch(self._held.append, on_health, task_status=task_status)
+
+
+async def test_a_lost_notification_only_delays_a_change(pg_url: str, fleet_of: FleetOf) -> None:
+    async with masters(pg_url, 1) as group:
+        a = group.services[0]
+        b = await group.start(wrap=lambda store: _Deaf(store, []))  # type: ignore[arg-type, return-value]
+        node = FakeNode()
+        token = await b.register(WorkerInfo("host-a"), node)
+        result = await a.apply(fleet_of({"host-a": [("web-1", "a")]}))
+
+        async def delivered() -> bool:
+            return [p.generation for p in node.pushed] == [result.generation]
+
+        await eventually(delivered, "the periodic comparison found the apply")
+        await b.report_status(token, WorkerStatus("host-a", 1, (running("web-1"),)))
+
+        async def seen_on_a() -> bool:
+            (worker,) = (await a.fleet_status()).workers
+            return worker.status is not None and worker.status.observed_generation == 1
+
+        await eventually(seen_on_a, "a status written by b")
+
+
+async def test_two_clients_expecting_the_same_generation_on_two_masters_one_wins(
+    pg_url: str, fleet_of: FleetOf
+) -> None:
+    async with masters(pg_url, 2) as group:
+        a, b = group.services
+        base = await a.apply(fleet_of({"host-a": [("web-1", "a")]}))
+        await eventually(lambda: _at(b, base.generation), "b heard of the base")
+        outcomes: dict[str, object] = {}
+
+        async def attempt(name: str, service: MasterService, tag: str) -> None:
+            try:
+                outcomes[name] = await service.apply(
+                    fleet_of({"host-a": [("web-1", tag)]}), expected_generation=base.generation
+                )
+            except StaleGenerationError as exc:
+                outcomes[name] = exc
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(attempt, "a", a, "b")
+            nursery.start_soon(attempt, "b", b, "c")
+        stale = [o for o in outcomes.values() if isinstance(o, StaleGenerationError)]
+        won = [o for o in outcomes.values() if not isinstance(o, StaleGenerationError)]
+        assert len(stale) == 1 and len(won) == 1, outcomes
+        assert f"expected generation {base.generation}, but the fleet is at generation" in str(
+            stale[0]
+        )
+
+
+async def _at(service: MasterService, generation: int) -> bool:
+    return service.generation >= generation
+
+
+async def test_a_request_retried_on_another_master_is_applied_once(
+    pg_url: str, fleet_of: FleetOf
+) -> None:
+    async with masters(pg_url, 2) as group:
+        a, b = group.services
+        fleet = fleet_of({"host-a": [("web-1", "a")]})
+        first = await a.apply(fleet, request_id="req-1")
+        again = await b.apply(fleet, request_id="req-1")
+        assert again.replayed and (again.generation, again.op_id) == (first.generation, first.op_id)
+        assert b.generation == first.generation
+
+
+async def test_a_worker_that_fails_over_is_served_by_its_new_master_only(
+    pg_url: str, fleet_of: FleetOf
+) -> None:
+    async with masters(pg_url, 2) as group:
+        a, b = group.services
+        result = await a.apply(fleet_of({"host-a": [("web-1", "a")]}))
+        old_node, new_node = FakeNode(), FakeNode()
+        old = await a.register(WorkerInfo("host-a"), old_node)
+        await a.report_status(old, WorkerStatus("host-a", result.generation, (running("web-1"),)))
+        new = await b.register(WorkerInfo("host-a", version="2"), new_node)
+
+        async def a_let_go() -> bool:
+            return old_node.closed
+
+        await eventually(a_let_go, "a closed the old session's connection")
+        with pytest.raises(UnavailableError, match="session has ended"):
+            await a.report_status(old, WorkerStatus("host-a", result.generation))
+        # The new master starts from what the old one stored.
+        await b.report_status(new, WorkerStatus("host-a", result.generation, (running("web-1"),)))
+        for service in (a, b):
+            await eventually(
+                lambda s=service: _info_version(s, "2"), "both show the new registration"
+            )
+        # Only the new master renews the worker's lease: it stays connected.
+        await trio.sleep(2 * FAST["worker_lease"])
+        (worker,) = (await a.fleet_status()).workers
+        assert worker.connected
+
+
+async def _info_version(service: MasterService, version: str) -> bool:
+    workers = (await service.fleet_status()).workers
+    return bool(workers) and workers[0].info is not None and workers[0].info.version == version
+
+
+async def test_the_leader_marks_the_workers_of_a_dead_master_lost(
+    pg_url: str, fleet_of: FleetOf
+) -> None:
+    async with masters(pg_url, 2) as group:
+        a, b = group.services
+        await eventually(lambda: _one_leader(group), "one leader")
+        await a.apply(fleet_of({"host-a": [("web-1", "a")]}))
+        await a.register(WorkerInfo("host-a"), FakeNode())
+        group.kill(0)  # a dies: nobody tells the store the session ended
+
+        async def lost() -> bool:
+            workers = (await b.fleet_status()).workers
+            # Registered (b heard of it), then lost.
+            return [(w.worker_id, w.info is not None, w.connected) for w in workers] == [
+                ("host-a", True, False)
+            ]
+
+        await eventually(lost, "the surviving leader marked host-a lost")
+        assert b.leadership.leading
+
+
+async def _one_leader(group: Masters) -> bool:
+    return sum(s.leadership.leading for s in group.services) == 1
+
+
+async def test_the_lead_moves_when_its_holder_stops(pg_url: str) -> None:
+    async with masters(pg_url, 2) as group:
+        await eventually(lambda: _one_leader(group), "one leader")
+        leader = next(i for i, s in enumerate(group.services) if s.leadership.leading)
+        other = group.services[1 - leader]
+        group.kill(leader)
+
+        async def took_over() -> bool:
+            return other.leadership.leading
+
+        await eventually(took_over, "the other master leads")
+        fence = other.leadership.fence
+        assert fence is not None and fence.epoch >= 2
+
+
+async def test_status_and_applies_fail_fast_while_the_database_is_away(
+    fleet_of: FleetOf,
+) -> None:
+    from pgcluster import PgCluster  # noqa: PLC0415
+
+    with PgCluster() as pg:
+        url = pg.new_database()
+        async with masters(url, 2) as group:
+            a, b = group.services
+            await a.apply(fleet_of({"host-a": [("web-1", "a")]}))
+            pg.stop("immediate")
+
+            async def refused() -> bool:
+                try:
+                    await a.fleet_status()
+                except UnavailableError as exc:
+                    return f"database postgresql://procurator@127.0.0.1:{pg.port}/" in str(exc)
+                return False
+
+            await eventually(refused, "status is refused, naming the database")
+            with pytest.raises(UnavailableError, match="database postgresql://procurator@127"):
+                await b.apply(fleet_of({"host-a": []}))
+            pg.start()
+
+            async def back() -> bool:
+                try:
+                    return (await b.fleet_status()).generation == 1
+                except UnavailableError:
+                    return False
+
+            await eventually(back, "the masters recover on their own", timeout=30)
+            result = await b.apply(fleet_of({"host-a": [("web-1", "b")]}))
+            assert result.generation == 2
+            await eventually(lambda: _at(a, 2), "a hears of it")
