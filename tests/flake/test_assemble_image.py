@@ -144,7 +144,7 @@ def test_a_worker_accepts_the_image(nix: Nix, inputs: Inputs, tmp_path: Path) ->
     )
     try:
         prepared = images.prepare("flake-test", out, host=HostSide())
-        config = prepared.config
+        config = prepared.definition.to_vm_config()
         # The worker hands the VMM resolved store paths and a private disk copy.
         assert config["payload"]["kernel"] == input_path(nix, inputs, "kernel")
         assert config["payload"]["initramfs"] == input_path(nix, inputs, "initrd")
