@@ -45,8 +45,9 @@ from faultlab import record
 
 SEED = int(os.environ.get("PROCURATOR_FAULT_SEED", "9"))
 ROUNDS = int(os.environ.get("PROCURATOR_FAULT_WIRE_ROUNDS", "1000"))
-# Garbage goes on until the normal client completed this many calls too
-# (at most 10 x ROUNDS connections), so the two really overlap.
+# Garbage goes on until the normal client completed this many calls too, so
+# the two really overlap (each call is bounded by the CLI's timeout, so the
+# garbage is too, however slow a loaded machine makes the CLI).
 NORMAL_CALLS = 3
 RPC_SCHEMA = Path(capnp.__file__).parent / "rpc.capnp"
 
@@ -221,7 +222,12 @@ def test_garbage_on_the_wire_does_not_stop_the_master(rpc: object, master: Maste
 
     def normal_client() -> None:
         while not done.is_set():
-            result = _status(env)
+            try:
+                result = _status(env)
+            except subprocess.TimeoutExpired as exc:
+                results["failed"] += 1
+                failures.append(f"no answer: {exc}")
+                continue
             results["ok" if result.returncode == 0 else "failed"] += 1
             if result.returncode != 0:
                 failures.append(result.stderr[-500:])
@@ -232,9 +238,7 @@ def test_garbage_on_the_wire_does_not_stop_the_master(rpc: object, master: Maste
     started = time.monotonic()
     connections = 0
     try:
-        while connections < ROUNDS or (
-            sum(results.values()) < NORMAL_CALLS and connections < 10 * ROUNDS
-        ):
+        while connections < ROUNDS or sum(results.values()) < NORMAL_CALLS:
             connections += 1
             kind, chunks = _payloads(rpc, rng)
             kinds[kind] += 1
