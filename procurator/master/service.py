@@ -513,14 +513,20 @@ class MasterService:
         worker.last_report_unix_ms = stored.reported_unix_ms
         worker.removals = dict(stored.removals)
         self._rebuild_voice(stored.worker_id)
+        # Another master holds the worker's session now: this one's is over.
+        # (A newer session of this master's own is ``register``'s to swap
+        # in; one the store ended while still alive here, the lease renewal
+        # reclaims or ends.)
         session = worker.session
         registration = stored.registration
-        if session is not None and (
-            registration is None
-            or (registration.master_id, registration.session) != (self.master_id, session.epoch)
+        if (
+            session is not None
+            and registration is not None
+            and (registration.master_id != self.master_id)
         ):
-            holder = registration.master_id if registration else "nobody"
-            self._end_session(session, f"the worker registered again (with master {holder})")
+            self._end_session(
+                session, f"the worker registered again (with master {registration.master_id})"
+            )
             self._close_soon(session)
         self._mark_changed()
 
@@ -547,8 +553,6 @@ class MasterService:
                 continue
             self._assignments[worker_id] = assignment
             self._rebuild_voice(worker_id)
-            # Its removals changed with it: the worker's state is newer too.
-            self._dirty_workers.add(worker_id)
             worker = self._workers.get(worker_id)
             if worker is not None and worker.session is not None:
                 with log_context(op_id=assignment.op_id, worker_id=worker_id):
@@ -837,8 +841,6 @@ class MasterService:
             for vm_id in diff.removed:
                 worker.removals[vm_id] = Removal(generation)
             self._rebuild_voice(diff.worker_id)
-            if diff.removed:
-                self._dirty_workers.add(diff.worker_id)  # its version moved
         self._generation = generation
         self._sync_wake.set()
         self._mark_changed()
@@ -1027,25 +1029,33 @@ class MasterService:
         older session of the same worker, here or on another master, is
         ended and its connection closed."""
         self._require_store()
-        await self._catch_up()
-        async with self._sessions_lock:
-            stored = await self._store.register(
-                info.worker_id,
-                self.master_id,
-                info,
-                unix_ms=self._now_ms(),
-                lease_ms=self._lease_ms,
-            )
-            nursery = self._require_running()
-            assert stored.registration is not None
-            worker = self._worker(info.worker_id)
-            old = worker.session
-            session = _Session(
-                next(self._tokens), info.worker_id, stored.registration.session, info, node
-            )
-            self._sessions[session.token] = session
-            worker.session = session
-            self._absorb_worker(stored)
+        try:
+            await self._catch_up()
+            async with self._sessions_lock:
+                stored = await self._store.register(
+                    info.worker_id,
+                    self.master_id,
+                    info,
+                    unix_ms=self._now_ms(),
+                    lease_ms=self._lease_ms,
+                )
+                return self._start_session(info, node, stored)
+        except UnavailableError as exc:
+            self._set_unavailable_if_store(exc)
+            raise
+
+    def _start_session(self, info: WorkerInfo, node: WorkerNode, stored: StoredWorker) -> int:
+        """The session ``register`` stored, started here; no checkpoint."""
+        nursery = self._require_running()
+        assert stored.registration is not None
+        worker = self._worker(info.worker_id)
+        old = worker.session
+        session = _Session(
+            next(self._tokens), info.worker_id, stored.registration.session, info, node
+        )
+        self._sessions[session.token] = session
+        worker.session = session
+        self._absorb_worker(stored)
         self._mark_changed()
         if old is not None:
             logger.info("worker %s registered again; replacing its old session", info.worker_id)
@@ -1289,9 +1299,13 @@ class MasterService:
                 )
         if not events:
             return
-        await self._store.add_events(
-            worker_id, events, per_vm=self._events_per_vm, total=self._events_total
-        )
+        try:
+            await self._store.add_events(
+                worker_id, events, per_vm=self._events_per_vm, total=self._events_total
+            )
+        except UnavailableError as exc:
+            self._set_unavailable_if_store(exc)
+            raise
         for event in events:
             with log_context(op_id=event.op_id, worker_id=worker_id, vm_id=event.vm_id):
                 logger.info("VM %s %s: %s", event.vm_id, event.kind.value, event.message)
@@ -1369,6 +1383,10 @@ class MasterService:
                 )
                 if version is not None:
                     logger.info("worker %s: its session here is live again", worker_id)
+                elif self._sessions.get(session.token) is session:
+                    # Taken over (or ended) while this master was not told.
+                    self._end_session(session, "the store no longer holds this session")
+                    self._close_soon(session)
                 self._dirty_workers.add(worker_id)
             for worker_id, epoch in held.items():
                 mine = local.get(worker_id)

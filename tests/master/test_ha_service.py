@@ -350,3 +350,52 @@ async def test_status_and_applies_fail_fast_while_the_database_is_away(
             result = await b.apply(fleet_of({"host-a": [("web-1", "b")]}))
             assert result.generation == 2
             await eventually(lambda: _at(a, 2), "a hears of it")
+
+
+class _SlowRegister:
+    """A store whose ``register`` answers only once the service has heard,
+    through its notification, of the session it stored."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.service: MasterService | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def register(self, worker_id: str, *args: Any, **kwargs: Any) -> Any:
+        stored = await self._store.register(worker_id, *args, **kwargs)
+        assert self.service is not None
+        with trio.fail_after(10):
+            while self.service._worker(worker_id).version < stored.version:
+                await trio.sleep(0.01)
+        return stored
+
+
+async def test_registering_again_over_the_same_connection_keeps_it_open(
+    pg_url: str, fleet_of: FleetOf
+) -> None:
+    """A worker registers twice over one connection; the notification of
+    the second session reaches the master before ``register`` returns. The
+    master swaps the sessions and keeps the connection (which both share)."""
+    slow: list[_SlowRegister] = []
+
+    def wrap(store: Store) -> Store:
+        slow.append(_SlowRegister(store))
+        return slow[-1]  # type: ignore[return-value]
+
+    async with masters(pg_url, 0) as group:
+        service = await group.start(wrap=wrap)
+        slow[0].service = service
+        node = FakeNode()
+        first = await service.register(WorkerInfo("host-a"), node)
+        second = await service.register(WorkerInfo("host-a"), node)
+        assert first != second
+        await trio.sleep(0.1)
+        assert not node.closed
+        result = await service.apply(fleet_of({"host-a": [("web-1", "a")]}))
+        await eventually(lambda: _pushed(node, result.generation), "the new session gets the push")
+
+
+async def _pushed(node: FakeNode, generation: int) -> bool:
+    return [p.generation for p in node.pushed] == [generation]
