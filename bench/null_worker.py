@@ -32,18 +32,16 @@ from pathlib import Path
 
 import trio
 
+from procurator import __version__
 from procurator.core.confinement import Confined, HostSide
+from procurator.core.models import WorkerInfo
 from procurator.core.vmdef import Payload, VmDefinition
 from procurator.nix.image import ImageManager, PreparedImage
 from procurator.nix.store import NixStore
 from procurator.rpc.bridge import open_bridge
 from procurator.rpc.clients import CapnpMasterDialer
-from procurator.worker.daemon import (
-    AssignmentHandler,
-    StatusPublisher,
-    WorkerConfig,
-    run_worker,
-)
+from procurator.worker.daemon import AssignmentHandler, StatusPublisher, run_worker
+from procurator.worker.link import LinkSettings
 from procurator.worker.runtime import ReconcilingHandler, RuntimeOptions
 from procurator.worker.vmm.base import (
     Capabilities,
@@ -152,25 +150,18 @@ async def _run(args: argparse.Namespace) -> None:
         metrics_listen="",
         metrics_interval=args.metrics_interval,
     )
-    config = WorkerConfig(
-        worker_id=args.id,
-        master=args.master,
-        state_dir=Path(args.state_dir),
-        resync_interval=args.resync_interval,
-        driver=NullDriver.name,
-    )
+    state_dir = Path(args.state_dir)
+    info = WorkerInfo(worker_id=args.id, version=__version__, driver=NullDriver.name)
 
-    def factory(cfg: WorkerConfig, publisher: StatusPublisher) -> AssignmentHandler:
+    def factory(publisher: StatusPublisher) -> AssignmentHandler:
         handler = ReconcilingHandler(
-            worker_id=cfg.worker_id,
-            state_dir=cfg.state_dir,
+            worker_id=args.id,
+            state_dir=state_dir,
             options=options,
             publisher=publisher,
             driver=NullDriver(),
         )
-        handler.actuator._images = NullImages(
-            NixStore(), cfg.state_dir, limits=handler.images._limits
-        )
+        handler.actuator._images = NullImages(NixStore(), state_dir, limits=handler.images._limits)
         return handler
 
     async with open_bridge() as bridge, trio.open_nursery() as nursery:
@@ -178,8 +169,10 @@ async def _run(args: argparse.Namespace) -> None:
             nursery.start_soon(
                 functools.partial(
                     run_worker,
-                    config,
-                    CapnpMasterDialer(bridge, config.master),
+                    CapnpMasterDialer(bridge, args.master),
+                    info,
+                    state_dir=state_dir,
+                    settings=LinkSettings(resync_interval=args.resync_interval),
                     handler_factory=factory,
                 )
             )

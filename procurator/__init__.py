@@ -1,10 +1,13 @@
 """procurator: a declarative control plane for microVMs whose images are Nix
 store paths.
 
-Entry points: ``procurator.cli.main`` (the ``procurator`` command) with its
-``master``, ``worker``, ``apply`` and ``status`` subcommands. The package is
-split into a pure core (``procurator.core``: models, fleet rules, reconcile
-planning) and adapters (``rpc``, ``master``, ``worker``, ``nix``).
+Entry points: ``procurator.cli.main`` (the ``procurator`` command: ``master``,
+``worker``, ``apply``, ``status``, ...) and the composition roots it calls,
+``procurator.app.master`` and ``procurator.app.worker``. The package is
+layered (``pyproject.toml``'s import contracts): the command and the roots
+on top; the adapters (``rpc``, ``master``, ``worker``, then ``nix``) below
+them; the pure core (``procurator.core``: models, fleet rules, planners) at
+the bottom.
 """
 
 __all__ = ["__version__"]

@@ -5,7 +5,8 @@ issues the same certificates with it (docs/SECURITY.md has the openssl
 steps). What a certificate must carry is defined by ``procurator.rpc.tls``:
 one URI SAN ``procurator://worker/<id>``, ``procurator://control/<name>`` or
 ``procurator://master`` (the master's also the DNS name
-``master.procurator``).
+``master.procurator``). The ``procurator certs`` command is
+``procurator.cli.certs``.
 
 Layout of a certificate directory::
 
@@ -19,19 +20,17 @@ Invariants: private keys are written 0600 and never overwritten unless
 written together or not at all (both staged as temporary files, then
 renamed), so a failure never leaves a key without its certificate. Output
 is printed only after both are in place: a closed pipe on stdout (exit
-status 141, see ``procurator.ops``) cannot cut the files short. Keys are
+status 141, see ``procurator.cli.pipes``) cannot cut the files short. Keys are
 ECDSA P-256, signatures SHA-256; the CA may sign leaves only (path length
 0).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import ipaddress
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +44,7 @@ from procurator.core.errors import PermanentError, ValidationError
 from procurator.core.validation import check_worker_id
 from procurator.rpc.tls import MASTER_SERVER_NAME, Role, identity_uri
 
-__all__ = ["IssuedCert", "add_certs_parser", "init_ca", "issue", "run_certs"]
+__all__ = ["CA_DAYS", "LEAF_DAYS", "IssuedCert", "init_ca", "issue"]
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
@@ -265,80 +264,3 @@ def issue(
     paths = IssuedCert(directory / f"{stem}.crt", directory / f"{stem}.key")
     _write_pair(paths, _key_pem(key), cert.public_bytes(serialization.Encoding.PEM), force=force)
     return paths
-
-
-# ---------------------------------------------------------------- command
-
-
-def add_certs_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``certs init`` and ``certs issue`` to the ``procurator`` parser."""
-    raw = argparse.RawDescriptionHelpFormatter
-    p = sub.add_parser(
-        "certs",
-        help="make a private CA and TLS certificates for a fleet",
-        description=(
-            "Make a small private CA and the certificates of a fleet's master,\n"
-            "workers and operators (mutual TLS; see docs/SECURITY.md).\n\n"
-            "example:\n"
-            "  procurator certs init ./pki\n"
-            "  procurator certs issue ./pki --master --san master.example.org\n"
-            "  procurator certs issue ./pki --worker host-a\n"
-            "  procurator certs issue ./pki --control ci"
-        ),
-        formatter_class=raw,
-    )
-    certs = p.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
-    init = certs.add_parser(
-        "init",
-        help="make a new CA (ca.crt, ca.key) in DIR",
-        description="Make a new fleet CA in DIR.\n\nexample:\n  procurator certs init ./pki",
-        formatter_class=raw,
-    )
-    init.add_argument("dir", help="directory for the CA and the certificates")
-    init.add_argument("--days", type=int, default=CA_DAYS, help=f"validity (default {CA_DAYS})")
-    init.add_argument("--force", action="store_true", help="replace an existing CA")
-    init.set_defaults(handler=run_certs)
-
-    iss = certs.add_parser(
-        "issue",
-        help="issue a master, worker or control certificate signed by DIR's CA",
-        description=(
-            "Issue a certificate signed by the CA in DIR; writes <role>-<name>.crt/.key\n"
-            "(master.crt/.key for the master).\n\n"
-            "example:\n  procurator certs issue ./pki --worker host-a"
-        ),
-        formatter_class=raw,
-    )
-    iss.add_argument("dir", help="directory holding ca.crt and ca.key")
-    who = iss.add_mutually_exclusive_group(required=True)
-    who.add_argument("--worker", metavar="ID", help="a worker's certificate (its worker id)")
-    who.add_argument("--control", metavar="NAME", help="an operator's or CI's certificate")
-    who.add_argument("--master", action="store_true", help="the master's server certificate")
-    iss.add_argument(
-        "--san",
-        action="append",
-        default=[],
-        metavar="NAME_OR_IP",
-        help="extra DNS name or IP in the master's certificate (repeatable; master only)",
-    )
-    iss.add_argument("--days", type=int, default=LEAF_DAYS, help=f"validity (default {LEAF_DAYS})")
-    iss.add_argument("--force", action="store_true", help="replace an existing certificate")
-    iss.set_defaults(handler=run_certs)
-
-
-def run_certs(args: argparse.Namespace) -> int:
-    """Handler of ``procurator certs ...``; prints what it wrote."""
-    directory = Path(args.dir)
-    if args.certs_command == "init":
-        paths = init_ca(directory, days=args.days, force=args.force)
-        print(f"CA written: {paths.cert} (private key {paths.key}: keep it offline)")
-        return 0
-    if args.master:
-        role, name = Role.MASTER, ""
-    elif args.worker is not None:
-        role, name = Role.WORKER, args.worker
-    else:
-        role, name = Role.CONTROL, args.control
-    paths = issue(directory, role, name, extra_sans=args.san, days=args.days, force=args.force)
-    print(f"{identity_uri(role, name)}: {paths.cert} (key {paths.key})", file=sys.stdout)
-    return 0

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from procurator.cli import MasterConfig, run_master
+from procurator.app.master import MasterConfig, run_master
 from procurator.core.fleet import parse_fleet
 from procurator.core.models import Fleet
 from procurator.rpc.bridge import Bridge, open_bridge

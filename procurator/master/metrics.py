@@ -23,7 +23,7 @@ its last figures stay (marked stale by ``..._last_report_age_seconds``) or
 go is the view's choice.
 
 The master's own work is measured by ``MasterInstruments``, fed by two
-decorators the composition root (``procurator.cli``) puts around the ports
+decorators the composition root (``procurator.app.master``) puts around the ports
 it wires: ``InstrumentedBackend`` around the service the RPC server calls
 (calls and errors by method and code; the time from an apply to each
 affected worker's observing it) and ``InstrumentedStore`` around the

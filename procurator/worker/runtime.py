@@ -2,8 +2,8 @@
 wired to the master link.
 
 ``ReconcilingHandler`` is the ``AssignmentHandler`` the ``procurator worker``
-command runs. Start-up order matters and is the crash-safety story of the
-worker:
+command runs (``procurator.app.worker`` makes it from ``RuntimeOptions``).
+Start-up order matters and is the crash-safety story of the worker:
 
 1. ``VmManager.recover()``: re-adopt every VMM still running from the state
    dir (never spawn twice), restart dead ones that were desired running.
@@ -48,13 +48,7 @@ from procurator.logs import some
 from procurator.nix.image import ImageManager
 from procurator.nix.store import NixStore
 from procurator.worker.actuator import WorkerActuator
-from procurator.worker.daemon import (
-    AssignmentHandler,
-    HandlerFactory,
-    RecordingHandler,
-    StatusPublisher,
-    WorkerConfig,
-)
+from procurator.worker.daemon import StatusPublisher
 from procurator.worker.manager import Timeouts, VmManager, VmObservation
 from procurator.worker.metrics import WorkerMetrics
 from procurator.worker.network import NetworkConfig, NetworkManager
@@ -63,7 +57,7 @@ from procurator.worker.vmm.base import VmmDriver
 from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver
 from procurator.worker.vmm.qemu import QemuDriver
 
-__all__ = ["ReconcilingHandler", "RuntimeOptions", "handler_factory", "make_driver"]
+__all__ = ["DRIVERS", "ReconcilingHandler", "RuntimeOptions", "make_driver", "resolve_driver"]
 
 log = logging.getLogger(__name__)
 
@@ -140,25 +134,6 @@ def make_driver(
     return QemuDriver(
         binary=options.vmm_binary or "qemu-system-x86_64", args=options.vmm_args, accel=accel
     )
-
-
-def handler_factory(options: RuntimeOptions | None) -> HandlerFactory:
-    """How a worker process turns assignments into VMs: a
-    ``ReconcilingHandler`` running VMs as ``options`` say, or, without
-    options, a ``RecordingHandler`` (no VMs; for tests of the link)."""
-    if options is None:
-        return RecordingHandler
-    runtime = options
-
-    def reconciling(config: WorkerConfig, publisher: StatusPublisher) -> AssignmentHandler:
-        return ReconcilingHandler(
-            worker_id=config.worker_id,
-            state_dir=config.state_dir,
-            options=runtime,
-            publisher=publisher,
-        )
-
-    return reconciling
 
 
 def _host_memory_mib() -> int:

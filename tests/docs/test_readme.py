@@ -56,7 +56,7 @@ import pytest
 from fleethelpers import FAKE
 from testnames import netns_name
 
-from procurator.cli import _build_parser
+from procurator.cli import build_parser
 from procurator.core.fleet import parse_fleet
 from procurator.core.validation import STORE_PATH_RE
 from procurator.rpc.messages import DEFAULT_MASTER_ADDRESS
@@ -193,8 +193,8 @@ def test_the_readme_fleet_is_valid_and_documents_its_keys() -> None:
 def test_the_readme_states_the_defaults_the_commands_have() -> None:
     """The defaults a reader relies on are said as the parser has them."""
     text = README.read_text()
-    master = _build_parser().parse_args(["master"])
-    worker = _build_parser().parse_args(["worker", "--id", "host-a"])
+    master = build_parser().parse_args(["master"])
+    worker = build_parser().parse_args(["worker", "--id", "host-a"])
     for value in (
         DEFAULT_MASTER_ADDRESS,
         master.listen,
@@ -220,7 +220,7 @@ def test_every_subcommand_has_help_with_an_example() -> None:
                         missing.append(" ".join([*path, name]))
                     walk(sub, [*path, name])
 
-    walk(_build_parser(), [])
+    walk(build_parser(), [])
     assert missing == []
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from flakehelpers import NIX_MODULES, STUB_LIB, Nix, nix_path
 
-from procurator.cli import _build_parser
+from procurator.cli import build_parser
 from procurator.core.validation import WORKER_ID_RE
 
 pytestmark = pytest.mark.nix
@@ -43,7 +43,7 @@ PKGS = f"""{{
   stdenv.hostPlatform = {{ isAarch64 = false; }};
 }}"""
 
-# Flags the modules pass that procurator/cli.py does not accept yet. The
+# Flags the modules pass that procurator/cli does not accept yet. The
 # worker needs them to run the driver, bridge, subnet and exporter the
 # module configures; each must be added to the CLI (and removed from here).
 # Flags a unit passes that the CLI does not know yet (none: keep it so).
@@ -89,7 +89,7 @@ def parse(command: str, argv: list[str]) -> tuple[argparse.Namespace, set[str]]:
     """Parse with the real CLI; return the namespace and the flags it rejected."""
     assert argv[0] == f"{PACKAGE}/bin/procurator"
     assert argv[1] == command
-    namespace, unknown = _build_parser().parse_known_args(argv[1:])
+    namespace, unknown = build_parser().parse_known_args(argv[1:])
     return namespace, {arg for arg in unknown if arg.startswith("--")}
 
 

@@ -1,7 +1,7 @@
 """The master's own figures (``MasterInstruments``): calls and errors by
 method and code, database operations and their failures, and the time from
 an apply to each affected worker observing it. A real ``MasterService`` on
-a real SQLite store, decorated as ``procurator.cli`` wires them, with a
+a real SQLite store, decorated as ``procurator.app.master`` wires them, with a
 hand-written worker node and a hand-driven clock."""
 
 from __future__ import annotations

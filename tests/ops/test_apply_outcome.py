@@ -5,7 +5,7 @@ confirmed stopping its VMs), and it is listed until it confirms.
 A real master and a real worker with the fake VMM (``fake_fleet``: host-a),
 and host-b: a second worker, in this process, whose link is real (Cap'n
 Proto on a real socket) and whose handler only records its assignments
-(``run_worker_process`` without runtime options), so stopping it leaves no
+(``run_worker`` with no runtime), so stopping it leaves no
 VMM behind."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import trio
 from fleethelpers import AddImage, FakeFleet
 from opshelpers import vm_config
 
-from procurator.cli import run_worker_process
-from procurator.worker.daemon import WorkerConfig
+from procurator.app.worker import WorkerConfig, run_worker
+from procurator.worker.link import LinkSettings
 
 
 class HostB:
@@ -28,7 +28,11 @@ class HostB:
     def __init__(self, nursery: trio.Nursery, fleet: FakeFleet, state_dir: Path) -> None:
         self._nursery = nursery
         self._config = WorkerConfig(
-            "host-b", master=fleet.env["PROCURATOR_MASTER"], state_dir=state_dir, backoff_max=0.5
+            worker_id="host-b",
+            runtime=None,
+            master=fleet.env["PROCURATOR_MASTER"],
+            state_dir=state_dir,
+            link=LinkSettings(backoff_max=0.5),
         )
         self._scope: trio.CancelScope | None = None
 
@@ -37,7 +41,7 @@ class HostB:
             with trio.CancelScope() as scope:
                 self._scope = scope
                 task_status.started()
-                await run_worker_process(self._config)
+                await run_worker(self._config)
 
         await self._nursery.start(run)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from procurator import ops
+from procurator.cli import ops
 from procurator.core.fleet import parse_fleet
 from procurator.core.models import EventKind, VmEvent, WorkerInfo
 from procurator.master.service import MasterService

@@ -1,7 +1,7 @@
 """Every command in a pipe: real ``procurator`` processes writing into real
 pipes whose reader went away (``procurator status | head``).
 
-The rule (procurator/ops.py, README "Exit status"): a command whose reader
+The rule (procurator/cli/pipes.py, README "Exit status"): a command whose reader
 went away ends quietly with exit status 141 (128 + SIGPIPE), no traceback
 and nothing on stderr; what it did before printing stays whole (an apply is
 stored, certificates are complete); a daemon whose log reader went away

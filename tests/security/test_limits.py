@@ -12,7 +12,8 @@ import pytest
 import trio
 from sechelpers import MasterProcess, Pki, master_process, tls_master_args
 
-from procurator import cli
+from procurator.app import master as master_app
+from procurator.cli import apply as apply_command
 from procurator.core.errors import LimitExceededError, ProcuratorError
 from procurator.core.models import (
     Assignment,
@@ -201,11 +202,11 @@ def test_master_raises_its_open_file_limit_and_warns_when_short(
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
-        cli._open_files_for(100)
+        master_app._open_files_for(100)
         raised, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         assert raised == hard or hard == resource.RLIM_INFINITY
         assert "more than the open-file limit" not in caplog.text
-        cli._open_files_for(raised + 1)
+        master_app._open_files_for(raised + 1)
         assert "--max-connections" in caplog.text and "LimitNOFILE" in caplog.text
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
@@ -218,11 +219,11 @@ def test_a_huge_fleet_file_is_refused_without_being_read_whole(tmp_path: Path) -
     with open(huge, "wb") as f:
         f.truncate(1 << 40)
     with pytest.raises(LimitExceededError, match=re.escape(f"{huge}: fleet file is larger than")):
-        cli._load_fleet(str(huge))
+        apply_command._load_fleet(str(huge))
     # A file of exactly the limit is read and parsed (and refused as TOML,
     # not for its size).
     edge = tmp_path / "edge.toml"
     edge.write_bytes(b"x" * LIMITS.max_fleet_file_bytes)
     with pytest.raises(ProcuratorError) as caught:
-        cli._load_fleet(str(edge))
+        apply_command._load_fleet(str(edge))
     assert not isinstance(caught.value, LimitExceededError), caught.value

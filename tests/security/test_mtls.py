@@ -4,7 +4,6 @@ sockets: who may connect, who may register as which worker, who may apply."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import re
 import shutil
@@ -20,13 +19,12 @@ import pytest
 import trio
 from sechelpers import MasterProcess, Pki, cli, master_process, plain_env
 
-from procurator.cli import run_worker_process
+from procurator.app.worker import WorkerConfig, run_worker
 from procurator.core.errors import UnauthorizedError, UnavailableError
 from procurator.core.models import Assignment, WorkerInfo, WorkerStatus
 from procurator.rpc.bridge import Bridge
 from procurator.rpc.clients import CapnpMasterDialer, open_control
 from procurator.rpc.tls import MASTER_SERVER_NAME, TlsFiles
-from procurator.worker.daemon import WorkerConfig
 
 IMAGE = "/nix/store/" + "a" * 32 + "-web-vm"
 
@@ -74,7 +72,11 @@ async def test_worker_and_cli_over_mutual_tls(
     tmp_path: Path, pki: Pki, tls_master: MasterProcess, bridge: Bridge
 ) -> None:
     config = WorkerConfig(
-        worker_id="host-a", master=tls_master.address, state_dir=tmp_path / "worker"
+        worker_id="host-a",
+        runtime=None,
+        master=tls_master.address,
+        state_dir=tmp_path / "worker",
+        tls=pki.files("worker-host-a"),
     )
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(
@@ -84,8 +86,7 @@ async def test_worker_and_cli_over_mutual_tls(
         """)
     )
     async with trio.open_nursery() as nursery:
-        worker = functools.partial(run_worker_process, tls=pki.files("worker-host-a"))
-        link = await nursery.start(worker, config)
+        link = await nursery.start(run_worker, config)
         with trio.fail_after(30):
             await link.wait_connected()
         # The CLI applies with a control certificate given as flags; the

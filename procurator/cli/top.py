@@ -17,7 +17,7 @@ Plain mode (stdout not a terminal, or ``--plain``): each line starts with
 the time; the fleet line and a worker's line are printed when they change
 (ages excluded), every new event once. When the reader goes away
 (``procurator top | head``) it ends at once, quietly, with status 141, as
-every read-only command does (``procurator.ops.run_reader``).
+every read-only command does (``procurator.cli.pipes.run_reader``).
 
 When the master goes away after the first answer, the view says so and
 reconnects every ``--interval``; the first connection failing is an error,
@@ -42,9 +42,18 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from procurator.cli.args import (
+    add_common,
+    add_master_address,
+    control_from_args,
+    int_between,
+    positive,
+)
+from procurator.cli.exits import EXIT_OK
+from procurator.cli.ops import event_line
+from procurator.cli.pipes import run_reader
 from procurator.core.errors import UnavailableError
 from procurator.core.models import Phase
-from procurator.ops import control_from_args, event_line, run_reader
 from procurator.rpc.bridge import open_bridge
 from procurator.rpc.messages import FleetStatus, WorkerConnection, WorkerEvent
 
@@ -52,12 +61,11 @@ __all__ = [
     "FleetFrame",
     "PlainPrinter",
     "WorkerRow",
-    "add_command",
+    "add_parser",
     "fleet_frame",
     "render",
 ]
 
-EXIT_OK = 0
 EVENTS_PAGE = 1000
 
 # Phases as the worker table shows them: one column each for what an
@@ -401,33 +409,14 @@ def _top(args: argparse.Namespace) -> int:
     output = _plain_output(out) if plain else _live_output(console)
     with output as show:
         # A read-only command: it ends as soon as the reader of a pipe goes
-        # away (EXIT_OUTPUT_CLOSED, see procurator.ops), not at the next change.
+        # away (EXIT_OUTPUT_CLOSED, see procurator.cli.pipes), not at the next change.
         return trio.run(run_reader, functools.partial(_run, show=show, keep_events=keep), args)
 
 
 # ---------------------------------------------------------------- parser
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
-    return value
-
-
-def _events(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 1000:
-        raise argparse.ArgumentTypeError(f"must be 0..1000, not {text}")
-    return value
-
-
-def add_command(
-    sub: Any,
-    *,
-    master_default: str,
-    add_common: Callable[[argparse.ArgumentParser], None],
-) -> None:
+def add_parser(sub: Any) -> None:
     """Register ``top`` on the ``procurator`` parser."""
     p = sub.add_parser(
         "top",
@@ -445,29 +434,25 @@ def add_command(
     )
     p.add_argument(
         "--interval",
-        type=_positive,
+        type=positive,
         default=1.0,
         help="at most one read of the master per this many seconds (default: 1)",
     )
     p.add_argument(
         "--wait",
-        type=_positive,
+        type=positive,
         default=5.0,
         help="refresh at least this often (seconds) when nothing changes, so ages move "
         "(default: 5)",
     )
     p.add_argument(
         "--events",
-        type=_events,
+        type=int_between(0, 1000),
         default=10,
         help="recent events to show (default: 10)",
     )
     p.add_argument("--plain", action="store_true", help="plain lines even on a terminal")
     p.add_argument("--once", action="store_true", help="show the fleet once and exit")
-    p.add_argument(
-        "--master",
-        default=master_default,
-        help=f"master address (default: $PROCURATOR_MASTER or {master_default})",
-    )
-    add_common(p)
+    add_master_address(p)
+    add_common(p, daemon=False)
     p.set_defaults(handler=_top)

@@ -1,0 +1,44 @@
+"""What both daemons' processes do alike: run until SIGTERM or SIGINT, and
+split a ``HOST:PORT`` listen address."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import trio
+
+from procurator.core.errors import ValidationError
+
+__all__ = ["host_port", "run_until_signalled"]
+
+logger = logging.getLogger(__name__)
+
+C = TypeVar("C")
+
+
+def run_until_signalled(run: Callable[[C], Awaitable[None]], config: C) -> None:
+    """``trio.run(run, config)`` until SIGTERM or SIGINT cancels it: a
+    daemon shuts down in order (its ``finally`` blocks run) either way."""
+
+    async def until_signalled() -> None:
+        async with trio.open_nursery() as nursery:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                nursery.start_soon(run, config)
+                async for signum in signals:
+                    logger.info("received %s; shutting down", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
+
+    trio.run(until_signalled)
+
+
+def host_port(text: str) -> tuple[str, int]:
+    """``("10.0.0.5", 9301)`` from ``10.0.0.5:9301`` (``[::1]:9301`` for
+    IPv6; an empty host means every address, ``0.0.0.0``)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValidationError(f"expected HOST:PORT, not {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)

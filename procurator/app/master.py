@@ -1,0 +1,140 @@
+"""The master's composition root: a ``MasterConfig`` in, a master out.
+
+The one place that wires the RPC adapter (``procurator.rpc``: the bridge
+and the Cap'n Proto server) to the master's service, store and metrics
+(``procurator.master``), which know nothing of Cap'n Proto.
+
+- ``run_master(config)`` runs a master in this process until cancelled
+  (the tests run it so); ``task_status.started`` gets the bound address.
+- ``master_main(config)`` is the ``procurator master`` process: logging,
+  the open-file limit, run until SIGTERM or SIGINT.
+
+Before it creates or opens anything, a master refuses what it would
+refuse anyway (plaintext off loopback without ``insecure``, TLS files that
+do not load, a metrics address that is not ``HOST:PORT``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from procurator import logs
+from procurator.app._process import host_port, run_until_signalled
+from procurator.master.http import run_master_http
+from procurator.master.metrics import MasterInstruments, MasterMetrics
+from procurator.master.service import MasterService
+from procurator.master.store import FleetStore
+from procurator.rpc.bridge import open_bridge
+from procurator.rpc.master_server import DEFAULT_MAX_CONNECTIONS, serve_master
+from procurator.rpc.messages import DEFAULT_PORT, Address, parse_address
+from procurator.rpc.tls import TlsFiles, require_secure, server_context
+
+__all__ = ["DEFAULT_DB", "MASTER_METRICS_PORT", "MasterConfig", "master_main", "run_master"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DB = "/var/lib/procurator/master.db"
+MASTER_METRICS_PORT = 9300
+
+
+@dataclass(frozen=True)
+class MasterConfig:
+    """Everything a master is configured with (``procurator master``'s flags)."""
+
+    listen: str = f"127.0.0.1:{DEFAULT_PORT}"  # "host:port" or "unix:/path"
+    db: Path = Path(DEFAULT_DB)
+    push_timeout: float = 10.0
+    metrics_listen: str = ""  # "host:port" of /metrics and /sd; "" for none
+    tls: TlsFiles | None = None  # mutual TLS; required off loopback unless insecure
+    insecure: bool = False
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    log_level: str = "info"  # debug, info, warning, error
+    log_format: str = "text"  # text or json
+
+
+def master_main(config: MasterConfig) -> int:
+    """The ``procurator master`` process: logs to stderr, raises the
+    open-file limit for ``max_connections``, runs until SIGTERM or SIGINT.
+    Returns the exit status (0); errors propagate."""
+    logs.configure(config.log_level, config.log_format)
+    _open_files_for(config.max_connections)
+    run_until_signalled(run_master, config)
+    return 0
+
+
+async def run_master(
+    config: MasterConfig, *, task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run a master until cancelled; ``task_status.started`` gets the bound
+    address. A master that would refuse its address (plaintext off loopback
+    without ``insecure``) or its TLS files does so before it creates or
+    opens anything."""
+    address = parse_address(config.listen)
+    if config.tls is not None:
+        server_context(config.tls)  # PermanentError naming the file that is wrong
+    elif not config.insecure:
+        require_secure(address, None, insecure=False, what="the master listening on")
+    metrics_at = host_port(config.metrics_listen) if config.metrics_listen else None
+    async with open_bridge() as bridge, await FleetStore.open(config.db) as store:
+        instruments = MasterInstruments()
+        service = MasterService(instruments.store(store), push_timeout=config.push_timeout)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.run)
+            if metrics_at is not None:
+                await nursery.start(_serve_metrics, service, metrics_at, instruments)
+            serve = functools.partial(
+                serve_master,
+                tls=config.tls,
+                insecure=config.insecure,
+                max_connections=config.max_connections,
+            )
+            bound = await nursery.start(serve, bridge, instruments.backend(service), address)
+            task_status.started(bound)
+
+
+async def _serve_metrics(
+    service: MasterService,
+    at: tuple[str, int],
+    instruments: MasterInstruments,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """/metrics and /sd. The HTTP server's threads read a FleetView that a
+    trio task refreshes every second: they never touch trio-owned state."""
+    latest = [service.fleet_view()]
+    metrics = MasterMetrics(lambda: latest[0], instruments=instruments)
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(run_master_http, metrics, *at)
+        logger.info("master metrics at %s", server.url("/metrics"))
+        task_status.started()
+        while True:
+            await trio.sleep(1.0)
+            latest[0] = service.fleet_view()
+
+
+def _open_files_for(connections: int) -> None:
+    """Every connection is a descriptor: raise the soft limit to the hard
+    one (often 1024 -> 524288) and say so when the cap cannot be reached
+    anyway (the master would fail on EMFILE before refusing politely)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    spare = 64  # the database, the HTTP server, logs, the bridge
+    if connections + spare > soft:
+        logger.warning(
+            "--max-connections %d is more than the open-file limit allows (%d, %d of them "
+            "kept for the rest); raise LimitNOFILE / ulimit -n",
+            connections,
+            soft,
+            spare,
+        )

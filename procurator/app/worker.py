@@ -1,0 +1,146 @@
+"""The worker's composition root: a ``WorkerConfig`` in, a worker out.
+
+The one place that puts a worker together: the RPC adapter
+(``procurator.rpc``: the bridge and the Cap'n Proto dialer) and the
+worker's own package (``procurator.worker``: the link to the master and
+the handler that turns assignments into VMs), which knows nothing of Cap'n
+Proto.
+
+- ``run_worker(config)`` runs a worker in this process until cancelled;
+  ``task_status.started`` gets its ``MasterLink`` (ready at once, it
+  connects in the background).
+- ``worker_main(config)`` is the ``procurator worker`` process: logging
+  (every record stamped with the worker id), run until SIGTERM or SIGINT.
+  The VMs keep running when it ends: the next worker re-adopts them.
+
+``WorkerConfig.runtime`` says how VMs run (``RuntimeOptions``: the VMM, the
+network, images, health checks, metrics); ``None`` runs no VM at all and
+records assignments (``RecordingHandler``), for tests of the link and the
+master that need a real worker but no VMs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from procurator import __version__, logs
+from procurator.app._process import host_port, run_until_signalled
+from procurator.core.errors import PermanentError
+from procurator.core.models import Capacity, WorkerInfo
+from procurator.core.validation import check_worker_id
+from procurator.rpc.bridge import open_bridge
+from procurator.rpc.clients import CapnpMasterDialer
+from procurator.rpc.messages import DEFAULT_MASTER_ADDRESS
+from procurator.rpc.tls import TlsFiles
+from procurator.worker import daemon
+from procurator.worker.daemon import HandlerFactory, RecordingHandler, StatusPublisher
+from procurator.worker.link import LinkSettings, MasterLink
+from procurator.worker.runtime import ReconcilingHandler, RuntimeOptions, resolve_driver
+
+__all__ = ["DEFAULT_STATE_DIR", "WORKER_METRICS_PORT", "WorkerConfig", "run_worker", "worker_main"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STATE_DIR = "/var/lib/procurator/worker"
+WORKER_METRICS_PORT = 9301
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerConfig:
+    """Everything a worker is configured with (``procurator worker``'s
+    flags). ``runtime`` has no default: a worker that runs VMs says how."""
+
+    worker_id: str
+    runtime: RuntimeOptions | None  # None: runs no VM, records assignments (tests)
+    master: str = DEFAULT_MASTER_ADDRESS  # "host:port" or "unix:/path"
+    state_dir: Path = Path(DEFAULT_STATE_DIR)
+    link: LinkSettings = field(default_factory=LinkSettings)  # resync, timeouts, backoff
+    # The exporter URL the master lists for Prometheus' service discovery;
+    # "": from ``runtime.metrics_listen`` (this host's name for a wildcard).
+    metrics_advertise: str = ""
+    tls: TlsFiles | None = None  # its certificate must name ``worker_id``
+    insecure: bool = False  # plaintext to a master off loopback
+    log_level: str = "info"  # debug, info, warning, error
+    log_format: str = "text"  # text or json
+
+    def __post_init__(self) -> None:
+        if (problem := check_worker_id(self.worker_id)) is not None:
+            raise PermanentError(f"worker id: {problem}")
+
+
+def worker_main(config: WorkerConfig) -> int:
+    """The ``procurator worker`` process: logs to stderr with the worker id
+    on every record, runs until SIGTERM or SIGINT. Returns the exit status
+    (0); errors propagate."""
+    logs.configure(config.log_level, config.log_format, static={"worker_id": config.worker_id})
+    run_until_signalled(run_worker, config)
+    return 0
+
+
+async def run_worker(
+    config: WorkerConfig, *, task_status: trio.TaskStatus[MasterLink] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run a worker until cancelled (see the module docstring). A worker
+    that would refuse its master's address (plaintext off loopback without
+    ``insecure``) or its TLS files does so before it starts anything."""
+    runtime = config.runtime
+    if runtime is not None:
+        # Resolved once: the handler runs the driver the master is told of.
+        runtime = dataclasses.replace(runtime, driver=resolve_driver(runtime.driver))
+    info = WorkerInfo(
+        worker_id=config.worker_id,
+        version=__version__,
+        capacity=runtime.capacity() if runtime is not None else Capacity(),
+        metrics_url=_metrics_url(runtime, config.metrics_advertise),
+        driver=runtime.driver if runtime is not None else "",
+    )
+    async with open_bridge() as bridge:
+        dialer = CapnpMasterDialer(bridge, config.master, tls=config.tls, insecure=config.insecure)
+        logger.info("worker %s starting; master at %s", config.worker_id, dialer.address)
+        await daemon.run_worker(
+            dialer,
+            info,
+            state_dir=config.state_dir,
+            settings=config.link,
+            handler_factory=_handler_factory(config, runtime),
+            task_status=task_status,
+        )
+
+
+def _handler_factory(config: WorkerConfig, runtime: RuntimeOptions | None) -> HandlerFactory:
+    """What turns this worker's assignments into VMs."""
+    if runtime is None:
+        return functools.partial(RecordingHandler, config.worker_id)
+
+    def reconciling(publisher: StatusPublisher) -> ReconcilingHandler:
+        return ReconcilingHandler(
+            worker_id=config.worker_id,
+            state_dir=config.state_dir,
+            options=runtime,
+            publisher=publisher,
+        )
+
+    return reconciling
+
+
+def _metrics_url(runtime: RuntimeOptions | None, advertise: str) -> str:
+    """Where Prometheus finds this worker's exporter, as the master's /sd
+    lists it: ``advertise``, else the listen address, or this host's name
+    when it listens on all of them; "" without an exporter."""
+    if runtime is None or not runtime.metrics_listen:
+        return advertise
+    host, port = host_port(runtime.metrics_listen)  # checked even when advertised
+    if advertise:
+        return advertise
+    if host in ("0.0.0.0", "::"):
+        host = socket.getfqdn()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}/metrics"

@@ -1,0 +1,412 @@
+"""``procurator apply``: send a fleet file to the master, print what
+changes, and with ``--wait`` follow the workers until they converge.
+
+Every apply carries a request id: the master never applies a request
+twice, and answers a committed one with that apply's result. So once the
+request may have reached the master, a lost connection is retried with the
+same id for ``--retry-for`` seconds, and only then reported unknown (exit
+6) with the commands that find out or finish it. The apply itself is never
+cut short by its output: it is sent and answered whatever becomes of
+stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import secrets
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import trio
+
+from procurator import logs
+from procurator.cli.args import (
+    add_common,
+    add_master_address,
+    control_from_args,
+    non_negative,
+    positive,
+)
+from procurator.cli.exits import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_TIMEOUT,
+    EXIT_UNCONFIRMED,
+    EXIT_UNKNOWN,
+)
+from procurator.cli.status import phase_counts
+from procurator.core.errors import LimitExceededError, ProcuratorError, UnavailableError
+from procurator.core.fleet import parse_fleet
+from procurator.core.models import Fleet, Phase, WorkerDiff
+from procurator.core.validation import LIMITS
+from procurator.rpc.bridge import open_bridge
+from procurator.rpc.clients import ControlClient
+from procurator.rpc.messages import (
+    ApplyResult,
+    FleetStatus,
+    check_request_id,
+    default_master_address,
+)
+
+__all__ = ["add_parser"]
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``apply`` on the ``procurator`` parser."""
+    raw = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser(
+        "apply",
+        help="apply a fleet file (TOML or JSON) and print what changes",
+        description=(
+            "Validate a fleet file locally, send it to the master and print the\n"
+            "per-worker diff (added / replaced / removed / power / updated).\n"
+            "The format follows the extension: .toml or .json (nix eval --json).\n\n"
+            "Every apply carries a request id (--request-id, or a random one): the\n"
+            "master never applies a request twice, and answers one it committed with\n"
+            "that apply's result. When the connection is lost after the request was\n"
+            "sent, apply retries with the same id for --retry-for seconds, then says\n"
+            "the outcome is unknown and how to check it.\n\n"
+            "exit codes: 0 applied (with --wait: converged); 1 refused, invalid or\n"
+            "unreachable (the message says which); 3 --wait timed out; 4 --wait saw\n"
+            "a failed VM; 5 --wait: converged, except disconnected workers left with\n"
+            "nothing to run that have not confirmed stopping their VMs; 6 the outcome\n"
+            "is unknown.\n\n"
+            "example:\n  procurator apply fleet.toml --wait --timeout 300\n\n"
+            "fleet.toml:\n  [workers.host-a]\n"
+            '  vms = [ { id = "web-1", image = "/nix/store/<32 chars>-web-vm" } ]'
+        ),
+        formatter_class=raw,
+    )
+    p.add_argument("file", help="fleet file, .toml or .json")
+    p.add_argument("--dry-run", action="store_true", help="show the diff, store nothing")
+    p.add_argument(
+        "--expect-generation",
+        type=int,
+        metavar="N",
+        help="refuse unless the fleet is still at generation N (optimistic concurrency)",
+    )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait until every affected worker reports the new generation; a disconnected "
+        "worker left with nothing to run is not waited for: exit 5 says it has not "
+        "confirmed stopping its VMs",
+    )
+    p.add_argument(
+        "--timeout", type=positive, default=300.0, help="seconds --wait waits (default: 300)"
+    )
+    p.add_argument("--interval", type=positive, default=0.5, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--request-id",
+        type=_request_id,
+        metavar="ID",
+        help="this apply's request id (1-64 of A-Z a-z 0-9 . _ -; default: a random one): "
+        "give the id of an earlier apply to learn its outcome or finish it safely",
+    )
+    p.add_argument(
+        "--retry-for",
+        type=non_negative,
+        default=30.0,
+        metavar="SECONDS",
+        help="when the master is lost after the request was sent, retry with the same "
+        "request id this long before saying the outcome is unknown (default: 30)",
+    )
+    add_master_address(p)
+    add_common(p, daemon=False)
+    p.set_defaults(handler=lambda args: trio.run(_apply, args))
+
+
+def _request_id(text: str) -> str:
+    if (problem := check_request_id(text)) is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+# ---------------------------------------------------------------- printing
+
+
+def _diff_lines(diff: WorkerDiff) -> list[str]:
+    lines = [f"  worker {diff.worker_id}:"]
+    for label, ids in (
+        ("added", diff.added),
+        ("replaced", diff.replaced),
+        ("removed", diff.removed),
+        ("updated", diff.updated),
+    ):
+        if ids:
+            lines.append(f"    {label + ':':<10}{', '.join(ids)}")
+    for change in diff.power_changed:
+        lines.append(
+            f"    {'power:':<10}{change.vm_id} {change.before.value} -> {change.after.value}"
+        )
+    return lines
+
+
+def _print_apply(result: ApplyResult, source: str, out: TextIO) -> None:
+    if result.dry_run:
+        if not result.changed:
+            print(
+                f"{source}: dry run: no changes (fleet at generation {result.generation})", file=out
+            )
+            return
+        print(
+            f"{source}: dry run: would change {len(result.diffs)} worker(s) "
+            f"(fleet at generation {result.generation}):",
+            file=out,
+        )
+    elif not result.changed:
+        print(f"{source}: no changes; the fleet stays at generation {result.generation}", file=out)
+        return
+    else:
+        print(
+            f"{source}: applied as generation {result.generation} (op {result.op_id}), "
+            f"{len(result.diffs)} worker(s) changed:",
+            file=out,
+        )
+    for diff in result.diffs:
+        print("\n".join(_diff_lines(diff)), file=out)
+
+
+# ---------------------------------------------------------------- --wait
+
+
+@dataclass(frozen=True)
+class _WaitOutcome:
+    code: int
+    message: str
+
+
+@dataclass(frozen=True)
+class _Progress:
+    outcome: _WaitOutcome | None  # None: wait on
+    lines: list[str]  # one per worker of the apply
+    waiting_for: list[str]  # the workers waited for, e.g. "host-a (disconnected)"
+
+
+def _check_progress(status: FleetStatus, result: ApplyResult) -> _Progress:
+    """Where the workers of an apply stand. A worker has converged when it
+    reports the apply's generation or a later one. A worker that the apply
+    left with nothing to run and that is disconnected is not waited for (it
+    may have been taken out of service for good): it has not confirmed that
+    it stopped its VMs and may still run them, which the outcome says
+    (``EXIT_UNCONFIRMED``) once every other worker converged. A worker of the
+    apply that the master no longer lists had nothing to run and confirmed
+    it (the master lists such a worker until it confirms)."""
+    by_id = {w.worker_id: w for w in status.workers}
+    lines: list[str] = []
+    waiting: list[str] = []
+    unconfirmed: list[str] = []
+    failed: list[str] = []
+    for diff in result.diffs:
+        worker = by_id.get(diff.worker_id)
+        if worker is None:
+            lines.append(f"  {diff.worker_id}: nothing left to run, removals confirmed")
+            continue
+        observed = worker.status.observed_generation if worker.status else 0
+        phases = " ".join(f"{k}={v}" for k, v in phase_counts(worker).items())
+        state = "" if worker.connected else " (disconnected)"
+        lines.append(
+            f"  {diff.worker_id}: observed {observed}/{result.generation}{state}"
+            + (f" [{phases}]" if phases else "")
+        )
+        if worker.status is not None:
+            for vm in worker.status.vms:
+                if vm.phase is Phase.FAILED and (
+                    observed >= result.generation or vm.op_id == result.op_id
+                ):
+                    failed.append(f"{diff.worker_id}/{vm.id}: {vm.message or 'failed'}")
+        if observed >= result.generation:
+            continue
+        if not worker.connected and worker.vm_count == 0:
+            removed = logs.some(diff.removed) if diff.removed else "its VMs"
+            unconfirmed.append(
+                f"{diff.worker_id}: {removed} (removed by generation {result.generation}); "
+                "it may still run them, and stops them when it reconnects"
+            )
+        else:
+            waiting.append(diff.worker_id + state)
+    if failed:
+        return _Progress(
+            _WaitOutcome(EXIT_FAILED, "failed VMs:\n  " + "\n  ".join(failed)), lines, waiting
+        )
+    if waiting:
+        return _Progress(None, lines, waiting)
+    if unconfirmed:
+        message = (
+            f"converged, except {len(unconfirmed)} disconnected worker(s) that generation "
+            f"{result.generation} left with nothing to run and that have not confirmed "
+            "stopping their VMs:\n  "
+            + "\n  ".join(unconfirmed)
+            + "\n`procurator status` lists such a worker until it has confirmed."
+        )
+        return _Progress(_WaitOutcome(EXIT_UNCONFIRMED, message), lines, [])
+    return _Progress(
+        _WaitOutcome(EXIT_OK, f"all {len(result.diffs)} worker(s) converged"), lines, []
+    )
+
+
+async def _wait_converged(
+    client: ControlClient, result: ApplyResult, timeout: float, interval: float, out: TextIO
+) -> int:
+    """Blocking reads: each status is asked for with the change index of
+    the one before, so the master answers when a report (or anything else)
+    changed it, not on a timer. ``interval`` paces the reads only with a
+    master that does not block (it answers change index 0). Returns the exit
+    code: ``EXIT_OK``, ``EXIT_FAILED``, ``EXIT_UNCONFIRMED`` (see
+    ``_check_progress``) or ``EXIT_TIMEOUT`` naming the workers waited for."""
+    last: list[str] = []
+    waiting_for: list[str] = []
+    index = 0
+    deadline = trio.current_time() + timeout
+    with trio.move_on_after(timeout):
+        while True:
+            wait = deadline - trio.current_time()
+            status = await client.status(wait_index=index, wait=wait)
+            progress = _check_progress(status, result)
+            if progress.lines != last:
+                print("\n".join(progress.lines), file=out, flush=True)
+                last = progress.lines
+            waiting_for = progress.waiting_for
+            if (outcome := progress.outcome) is not None:
+                print(outcome.message, file=out if outcome.code == EXIT_OK else sys.stderr)
+                return outcome.code
+            index = status.change_index
+            if not index:
+                await trio.sleep(interval)
+    print(
+        f"timed out after {timeout:g}s waiting for generation {result.generation} from "
+        + ", ".join(waiting_for),
+        file=sys.stderr,
+    )
+    return EXIT_TIMEOUT
+
+
+# ---------------------------------------------------------------- the apply
+
+
+def _load_fleet(path: str) -> Fleet:
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".toml", ".json"):
+        raise ProcuratorError(f"{path}: fleet files must end in .toml or .json")
+    limit = LIMITS.max_fleet_file_bytes
+    try:
+        # At most one byte over the limit is read: a huge (or endless, e.g.
+        # a FIFO fed by a runaway generator) file is refused without being
+        # held in memory first.
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise LimitExceededError(f"{path}: fleet file is larger than {limit} bytes")
+        text = data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProcuratorError(f"{path}: cannot read: {exc}") from exc
+    return parse_fleet(text, fmt=suffix[1:], source=path)
+
+
+# Pauses between retries of an apply whose answer was lost: doubling.
+_RETRY_FIRST_DELAY = 0.25
+_RETRY_MAX_DELAY = 4.0
+
+
+def _new_request_id() -> str:
+    return "req-" + secrets.token_hex(10)
+
+
+async def _apply(args: argparse.Namespace) -> int:
+    """Send the fleet with a request id (``--request-id``, else a new random
+    one). Failing to connect is a plain failure: nothing was sent. Once the
+    request may have reached the master, a lost connection makes the outcome
+    unknown: the apply is sent again with the same request id, which the
+    master never applies twice (a committed one is answered with its result,
+    ``replayed``), until an answer comes or ``--retry-for`` seconds pass;
+    then the outcome is reported unknown (``EXIT_UNKNOWN``) with the request
+    id and how to check it. A dry run is not retried: it changes nothing."""
+    fleet = _load_fleet(args.file)
+    request_id = args.request_id or _new_request_id()
+    async with open_bridge() as bridge:
+        lost_since: float | None = None
+        delay = _RETRY_FIRST_DELAY
+        while True:
+            async with contextlib.AsyncExitStack() as stack:
+                try:
+                    client = await stack.enter_async_context(control_from_args(bridge, args))
+                except UnavailableError as exc:
+                    if lost_since is None:
+                        raise  # nothing was sent
+                    problem = exc
+                else:
+                    try:
+                        result = await client.apply(
+                            fleet,
+                            expected_generation=args.expect_generation,
+                            dry_run=args.dry_run,
+                            request_id=request_id,
+                        )
+                    except UnavailableError as exc:
+                        if args.dry_run:
+                            raise
+                        problem = exc
+                    else:
+                        _print_apply(result, args.file, sys.stdout)
+                        if note := _request_note(result, request_id, args, lost_since is not None):
+                            print(note, file=sys.stdout)
+                        if args.wait and not result.dry_run and result.changed:
+                            return await _wait_converged(
+                                client, result, args.timeout, args.interval, sys.stdout
+                            )
+                        return EXIT_OK
+            now = trio.current_time()
+            if lost_since is None:
+                lost_since = now
+                print(
+                    f"procurator apply: lost the master after sending request {request_id} "
+                    f"({problem}); retrying with the same request id for up to "
+                    f"{args.retry_for:g} s (the master never applies a request twice)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            remaining = lost_since + args.retry_for - now
+            if remaining <= 0:
+                print(_unknown_outcome(args, request_id, problem), file=sys.stderr)
+                return EXIT_UNKNOWN
+            await trio.sleep(min(delay, remaining))
+            delay = min(2 * delay, _RETRY_MAX_DELAY)
+
+
+def _request_note(
+    result: ApplyResult, request_id: str, args: argparse.Namespace, retried: bool
+) -> str:
+    """What the request id tells about ``result`` (one line, or "")."""
+    if result.replayed:
+        return (
+            f"request {request_id} had been applied already, as generation {result.generation} "
+            f"(op {result.op_id}): the result above is that apply's; nothing was applied again"
+        )
+    if result.dry_run:
+        # Asked with --request-id: "was it applied?" -- no.
+        return f"request {request_id} has not been applied" if args.request_id else ""
+    if not result.changed:
+        return ""
+    if retried:
+        return f"request {request_id}: the first attempt had not been applied; this retry was"
+    return f"request {request_id}"
+
+
+def _unknown_outcome(args: argparse.Namespace, request_id: str, problem: Exception) -> str:
+    again = f"procurator apply {shlex.quote(args.file)} --request-id {request_id}"
+    if args.master != default_master_address():
+        again += f" --master {shlex.quote(args.master)}"
+    return (
+        f"procurator apply: the outcome is unknown: the master did not answer request "
+        f"{request_id}, nor a retry within {args.retry_for:g} s (last: {problem}). "
+        "The fleet may or may not have changed.\n"
+        f"  To find out, changing nothing:  {again} --dry-run\n"
+        "    (it says whether the request was applied, and as which generation; "
+        "`procurator status` shows the fleet's generation)\n"
+        f"  To finish it safely:            {again}\n"
+        "    (if it was applied, that only prints its result)"
+    )

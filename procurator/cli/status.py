@@ -1,0 +1,203 @@
+"""``procurator status``: the fleet generation, each worker's connection
+and generations, and every VM's phase, power, address and restarts; as a
+table or as JSON (``--json``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any, TextIO
+
+import trio
+
+from procurator.cli.args import add_common, add_master_address, control_from_args
+from procurator.cli.exits import EXIT_OK
+from procurator.cli.pipes import run_reader
+from procurator.core.models import VmAssignment, VmStatus, WorkerInfo
+from procurator.rpc.bridge import open_bridge
+from procurator.rpc.messages import FleetStatus, WorkerConnection
+
+__all__ = ["add_parser", "phase_counts", "print_vm_table", "status_vm_json"]
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``status`` on the ``procurator`` parser."""
+    p = sub.add_parser(
+        "status",
+        help="show each worker's connection, generations and VMs by phase",
+        description=(
+            "Show the fleet generation and, per worker: connected or since when\n"
+            "not, desired vs observed generation, VMs by phase; then, per VM: its\n"
+            "phase, desired vs observed power, address and restarts.\n\n"
+            "example:\n  procurator status --json"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_master_address(p)
+    add_common(p, daemon=False)
+    p.set_defaults(handler=lambda args: trio.run(run_reader, _status, args))
+
+
+async def _status(args: argparse.Namespace) -> int:
+    async with open_bridge() as bridge, control_from_args(bridge, args) as client:
+        status = await client.status()
+    if args.json:
+        json.dump(_status_json(status), sys.stdout, indent=2)
+        print()
+    else:
+        _print_status(status, sys.stdout)
+    return EXIT_OK
+
+
+def _format_time(unix_ms: int) -> str:
+    if unix_ms <= 0:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unix_ms / 1000))
+
+
+def phase_counts(worker: WorkerConnection) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    if worker.status is not None:
+        for vm in worker.status.vms:
+            counts[vm.phase.value] = counts.get(vm.phase.value, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _status_json(status: FleetStatus) -> dict[str, Any]:
+    return {
+        "generation": status.generation,
+        "workers": [_worker_json(w) for w in status.workers],
+    }
+
+
+def _worker_json(w: WorkerConnection) -> dict[str, Any]:
+    desired = {d.id: d for d in w.desired_vms}
+    return {
+        "worker_id": w.worker_id,
+        "connected": w.connected,
+        "since_unix_ms": w.since_unix_ms,
+        "desired_generation": w.desired_generation,
+        "observed_generation": w.status.observed_generation if w.status else None,
+        "last_report_unix_ms": w.last_report_unix_ms,
+        "vm_count": w.vm_count,
+        "info": _info_json(w.info),
+        "phases": phase_counts(w),
+        "vms": [
+            status_vm_json(vm, desired.get(vm.id)) for vm in (w.status.vms if w.status else ())
+        ],
+    }
+
+
+def _info_json(info: WorkerInfo | None) -> dict[str, Any] | None:
+    if info is None:
+        return None
+    return {
+        "version": info.version,
+        "driver": info.driver,
+        "metrics_url": info.metrics_url,
+        "capacity": {
+            "vcpus": info.capacity.vcpus,
+            "memory_mib": info.capacity.memory_mib,
+            "max_vms": info.capacity.max_vms,
+        },
+    }
+
+
+def _host(info: WorkerInfo | None) -> str:
+    """``qemu 2cpu 23.4GiB`` for the status table."""
+    if info is None:
+        return "-"
+    cap = info.capacity
+    return f"{info.driver or '?'} {cap.vcpus}cpu {cap.memory_mib / 1024:.1f}GiB"
+
+
+def _print_status(status: FleetStatus, out: TextIO) -> None:
+    print(f"fleet generation {status.generation}", file=out)
+    if not status.workers:
+        print("no workers", file=out)
+        return
+    rows = [("WORKER", "CONNECTION", "HOST", "DESIRED", "OBSERVED", "VMS", "PHASES")]
+    for w in status.workers:
+        if w.connected:
+            connection = f"up since {_format_time(w.since_unix_ms)}"
+        elif w.since_unix_ms:
+            connection = f"down since {_format_time(w.since_unix_ms)}"
+        else:
+            connection = "never connected"
+        observed = str(w.status.observed_generation) if w.status else "-"
+        phases = " ".join(f"{k}={v}" for k, v in phase_counts(w).items()) or "-"
+        rows.append(
+            (
+                w.worker_id,
+                connection,
+                _host(w.info),
+                str(w.desired_generation),
+                observed,
+                str(w.vm_count),
+                phases,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        print("  ".join([*cells, row[-1]]).rstrip(), file=out)
+    for w in status.workers:
+        # Listed with nothing to run and disconnected: the master keeps it
+        # until it confirms the removal of its VMs.
+        if not w.connected and w.vm_count == 0:
+            print(
+                f"{w.worker_id}: nothing left to run, but it has not confirmed stopping its "
+                "VMs: it may still run them until it reconnects",
+                file=out,
+            )
+    print_vm_table(status, out)
+
+
+def status_vm_json(vm: VmStatus, desired: VmAssignment | None) -> dict[str, Any]:
+    """One VM of ``status --json``: what the worker reports, next to what
+    is desired of it."""
+    return {
+        "id": vm.id,
+        "phase": vm.phase.value,
+        "observed_hash": vm.observed_hash,
+        "desired_hash": desired.hash if desired else None,
+        "desired_power": desired.power.value if desired else None,
+        "observed_power": vm.observed_power.value,
+        "message": vm.message,
+        "restarts": vm.restarts,
+        "address": vm.address,
+        "op_id": vm.op_id,
+    }
+
+
+def print_vm_table(status: FleetStatus, out: TextIO) -> None:
+    """Per VM: worker, phase, desired vs observed power, address."""
+    rows = [("VM", "WORKER", "PHASE", "POWER (DESIRED/OBSERVED)", "ADDRESS", "RESTARTS")]
+    for w in status.workers:
+        desired = {vm.id: vm for vm in w.desired_vms}
+        reported = {vm.id: vm for vm in (w.status.vms if w.status else ())}
+        for vm_id in sorted(set(desired) | set(reported)):
+            want, have = desired.get(vm_id), reported.get(vm_id)
+            power = (
+                f"{want.power.value if want else '-'}/{have.observed_power.value if have else '-'}"
+            )
+            rows.append(
+                (
+                    vm_id,
+                    w.worker_id,
+                    have.phase.value if have else "not reported",
+                    power,
+                    have.address if have and have.address else "-",
+                    str(have.restarts) if have else "-",
+                )
+            )
+    if len(rows) == 1:
+        return
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    print(file=out)
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        print("  ".join([*cells, row[-1]]).rstrip(), file=out)

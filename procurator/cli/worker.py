@@ -1,0 +1,193 @@
+"""``procurator worker``: its flags, and the ``WorkerConfig`` they make.
+
+The worker's flags are here and nowhere else: a new one is added in
+``add_parser`` and read in ``worker_config``, which builds the one config
+object the composition root (``procurator.app.worker``) reads — how VMs
+run goes into its ``RuntimeOptions``, the rest into the config itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from procurator.app.worker import (
+    DEFAULT_STATE_DIR,
+    WORKER_METRICS_PORT,
+    WorkerConfig,
+    worker_main,
+)
+from procurator.cli.args import add_common, add_master_address, non_negative, positive, tls_files
+from procurator.worker.link import LinkSettings
+from procurator.worker.runtime import DRIVERS, RuntimeOptions
+
+__all__ = ["add_parser", "worker_config"]
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``worker`` on the ``procurator`` parser."""
+    p = sub.add_parser(
+        "worker",
+        help="run a worker (connects to the master, runs its assigned VMs)",
+        description=(
+            "Run a worker: it dials the master, registers, receives its\n"
+            "assignment and reports what it observes. It keeps running its VMs\n"
+            "while the master is away and reconnects on its own.\n\n"
+            "power: a VM's desired power (running, paused, stopped) is converged\n"
+            "without replacing it: pause/resume through the VMM's API, stop through\n"
+            "the stop ladder keeping its disk copies and address. After a resume\n"
+            "the guest's clock is NOT resynced: cloud-hypervisor (v53) has no\n"
+            "guest-clock API and QEMU runs without a guest agent; the guest lags\n"
+            "by the paused time until it corrects itself (NTP/chrony).\n\n"
+            "example:\n  procurator worker --id host-a --master 10.0.0.1:7300 "
+            f"--state-dir {DEFAULT_STATE_DIR}"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--id", required=True, help="this worker's id, e.g. host-a")
+    add_master_address(p, what="master address, host:port or unix:/path")
+    p.add_argument(
+        "--state-dir",
+        default=DEFAULT_STATE_DIR,
+        help=f"where the worker keeps its state (default: {DEFAULT_STATE_DIR})",
+    )
+    p.add_argument(
+        "--resync-interval",
+        type=positive,
+        default=30.0,
+        help="seconds between full pulls of the assignment (default: 30)",
+    )
+    p.add_argument(
+        "--driver",
+        default="auto",
+        choices=["auto", *DRIVERS],
+        help="VMM to run VMs with; auto: cloud-hypervisor if on PATH, else qemu (default: auto)",
+    )
+    p.add_argument(
+        "--vmm-binary",
+        default="",
+        metavar="PATH",
+        help="the VMM executable, a path taken as is (never split: arguments go in "
+        "--vmm-arg); may be a wrapper script that execs the VMM. The worker recognises "
+        "its VMMs by a marker in their environment, not by this name "
+        "(default: cloud-hypervisor / qemu-system-x86_64 on PATH)",
+    )
+    p.add_argument(
+        "--vmm-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="an argument for --vmm-binary, before the driver's own flags (repeatable; "
+        "write --vmm-arg=-x for one that starts with '-')",
+    )
+    p.add_argument(
+        "--qemu-accel",
+        default="auto",
+        choices=["auto", "kvm", "tcg"],
+        help="QEMU acceleration (default: auto: kvm when /dev/kvm works, else tcg)",
+    )
+    p.add_argument("--bridge", default="br-procurator", help="bridge for the VMs' taps")
+    p.add_argument(
+        "--subnet",
+        default="10.120.0.0/24",
+        help="IPv4 subnet of the bridge; the bridge is .1, VMs get stable addresses from it",
+    )
+    p.add_argument("--no-network", action="store_true", help="give VMs no network interface")
+    p.add_argument(
+        "--substituter",
+        action="append",
+        default=[],
+        help="binary cache to fetch missing images from (repeatable; default: nix.conf's)",
+    )
+    p.add_argument(
+        "--max-vcpus", type=int, default=os.cpu_count() or 1, help="most vCPUs one VM may have"
+    )
+    p.add_argument(
+        "--max-memory-mib",
+        type=int,
+        default=0,
+        help="most memory one VM may have, MiB (default: the host's memory)",
+    )
+    p.add_argument(
+        "--concurrency", type=int, default=8, help="VMs prepared/started at once (default: 8)"
+    )
+    p.add_argument(
+        "--stop-grace",
+        type=positive,
+        default=30.0,
+        help="seconds a guest gets to power off before it is stopped hard (default: 30)",
+    )
+    p.add_argument(
+        "--metrics-listen",
+        default=f"0.0.0.0:{WORKER_METRICS_PORT}",
+        help=f"host:port of the Prometheus exporter; '' for none (default: "
+        f"0.0.0.0:{WORKER_METRICS_PORT})",
+    )
+    p.add_argument(
+        "--metrics-advertise",
+        default="",
+        help="exporter URL the master lists for Prometheus service discovery "
+        "(default: http://<listen host or this host's name>:<port>/metrics)",
+    )
+    p.add_argument(
+        "--metrics-interval",
+        type=positive,
+        default=15.0,
+        help="seconds between metric polls and reports to the master (default: 15)",
+    )
+    p.add_argument(
+        "--health-interval",
+        type=positive,
+        default=15.0,
+        metavar="SECONDS",
+        help="seconds between a VM's health checks (vm.info / QMP query-status); a VMM "
+        "that exits is seen at once, this bounds how long a hung one goes unnoticed "
+        "(two missed checks). Each check is an API call per VM (default: 15)",
+    )
+    p.add_argument(
+        "--health-budget",
+        type=non_negative,
+        default=25.0,
+        metavar="CHECKS_PER_S",
+        help="at most this many health checks a second across all VMs: with more VMs than "
+        "--health-interval allows, each VM's interval stretches to VMs / CHECKS_PER_S "
+        "(40 s at 1,000 VMs by default), keeping the idle cost flat; 0: no cap (default: 25)",
+    )
+    add_common(p, daemon=True)
+    p.set_defaults(handler=lambda args: worker_main(worker_config(args)))
+
+
+def worker_config(args: argparse.Namespace) -> WorkerConfig:
+    """The worker's config from its parsed flags."""
+    runtime = RuntimeOptions(
+        driver=args.driver,
+        vmm_binary=args.vmm_binary,
+        vmm_args=tuple(args.vmm_arg),
+        qemu_accel=args.qemu_accel,
+        network=not args.no_network,
+        bridge=args.bridge,
+        subnet=args.subnet,
+        substituters=tuple(args.substituter),
+        max_vcpus=args.max_vcpus,
+        max_memory_mib=args.max_memory_mib,
+        concurrency=args.concurrency,
+        stop_grace=args.stop_grace,
+        metrics_listen=args.metrics_listen,
+        metrics_interval=args.metrics_interval,
+        health_interval=args.health_interval,
+        health_checks_per_second=args.health_budget,
+    )
+    return WorkerConfig(
+        worker_id=args.id,
+        runtime=runtime,
+        master=args.master,
+        state_dir=Path(args.state_dir),
+        link=LinkSettings(resync_interval=args.resync_interval),
+        metrics_advertise=args.metrics_advertise,
+        tls=tls_files(args),
+        insecure=args.insecure,
+        log_level=args.log_level,
+        log_format=args.log_format,
+    )
