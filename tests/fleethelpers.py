@@ -1,6 +1,7 @@
 """What the end-to-end tests with real ``procurator`` processes share
 (tests/e2e, tests/ops): a private Nix configuration, images added to the
-real store and deleted afterwards, the CLI, daemons stopped with SIGTERM
+real store and deleted afterwards (each one private to the session that
+added it: see ``add_image``), the CLI, daemons stopped with SIGTERM
 (SIGKILL after 30 s), and ``fake_fleet``: a real ``procurator master`` and
 ``worker`` (cloud-hypervisor driver, the fake VMM of tests/fakes,
 ``--no-network``), the master logging text lines and the worker JSON lines
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,7 +47,14 @@ def add_image(
     nix_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[AddImage]:
     """``add_image(name, config, files={})``: a store path holding
-    vm-config.json, a dummy kernel and ``files``; deleted afterwards."""
+    vm-config.json, a dummy kernel and ``files``; deleted afterwards.
+
+    Every call makes its own store path (a ``nonce`` file of random
+    content), even for the same name and files: store paths are
+    content-addressed, so two test sessions on one host adding the same
+    image would share it, and the first one's teardown would delete it under
+    the other, whose worker could then not realise it (tests/faults does the
+    same, tests/e2e/test_private_images.py says why)."""
     added: list[str] = []
 
     def add(name: str, config: dict[str, Any], files: dict[str, bytes] | None = None) -> str:
@@ -53,6 +62,7 @@ def add_image(
         src.mkdir()
         (src / "vmlinux").write_bytes(b"\0" * 4096)
         (src / "vm-config.json").write_text(json.dumps(config))
+        (src / "nonce").write_text(uuid.uuid4().hex)
         for file_name, data in (files or {}).items():
             (src / file_name).write_bytes(data)
         out = subprocess.run(
