@@ -268,9 +268,10 @@ class VmManager:
 
     def recover(self) -> builtins.list[VmObservation]:
         """Take over every VM found in the state dir: re-adopt live VMMs,
-        clean up and restart dead ones that are still desired. Blocks until
-        each VM's supervisor reported its first outcome (or ``ensure``
-        timeout). VMs another process owns are skipped (logged)."""
+        clean up and restart dead ones that are still desired, and delete
+        lock files no VM directory goes with (``StateDir.sweep_locks``).
+        Blocks until each VM's supervisor reported its first outcome (or
+        ``ensure`` timeout). VMs another process owns are skipped (logged)."""
         attached: list[VmRecord] = []
         for vm_id in self.state.vm_ids():
             try:
@@ -279,6 +280,14 @@ class VmManager:
                         attached.append(vm)
             except ProcuratorError as exc:
                 log.error("VM %s: not recovered: %s", vm_id, exc)  # noqa: TRY400 - expected, no trace
+        # Lock files of VMs that have no directory: a worker killed just
+        # before making a VM's directory or just after deleting it. Only now,
+        # with every VM found above locked, is "no VM" known.
+        with self._map_lock:
+            managed = set(self._vms)
+        swept = self.state.sweep_locks(managed)
+        if swept:
+            log.info("removed the lock files of VMs that are gone: %s", ", ".join(swept))
         result = []
         for vm in attached:
             try:

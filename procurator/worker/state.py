@@ -31,6 +31,14 @@ The lock files live outside the VM directories so that deleting a VM's
 directory cannot race a waiter on its lock; removing a VM unlinks its lock
 file while holding it, and ``acquire`` re-checks that the file it locked is
 still the one at the path (the classic unlink-while-locked race).
+
+A lock file can outlive its VM: it is made before the VM's directory (a new
+VM's ``vm.json`` is written under the lock) and unlinked after the directory
+is deleted (``remove_vm``), so a worker killed in either gap leaves a lock
+file with no directory. Nothing else would ever look at it — start-up
+recovery finds VMs by their directories — so ``sweep_locks`` (called by
+``VmManager.recover`` once it has taken its VMs) deletes those, each under
+its own flock.
 """
 
 from __future__ import annotations
@@ -39,15 +47,16 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import threading
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from procurator.core.errors import PermanentError, TemporaryError
+from procurator.core.errors import PermanentError, ProcuratorError, TemporaryError
 from procurator.core.validation import check_vm_id
 from procurator.worker.vmm.base import VmmHandle, VmmPaths
 
@@ -60,6 +69,8 @@ __all__ = [
     "VmLockedError",
     "write_json_atomic",
 ]
+
+log = logging.getLogger(__name__)
 
 SPEC_FILE = "vm.json"
 HANDLES_FILE = "handles.json"
@@ -240,6 +251,17 @@ class StateDir:
     def exists(self, vm_id: str) -> bool:
         return self.vm_dir(vm_id).is_dir()
 
+    def lock_ids(self) -> list[str]:
+        """Ids of the VMs that have a lock file (sorted); names that are not
+        lock files of valid VM ids are ignored."""
+        try:
+            entries = list(self.locks_dir.iterdir())
+        except FileNotFoundError:
+            return []
+        return sorted(
+            p.stem for p in entries if p.suffix == ".lock" and check_vm_id(p.stem) is None
+        )
+
     # -- ownership ---------------------------------------------------------------
 
     def lock(self, vm_id: str) -> VmLock:
@@ -280,6 +302,37 @@ class StateDir:
                     ) from exc
                 return VmLock(vm_id, path, fd)
             os.close(fd)
+
+    def sweep_locks(self, keep: Collection[str]) -> list[str]:
+        """Delete the lock files of VMs that have no directory and are not in
+        ``keep`` (see the module docstring: a worker killed just before
+        making a VM's directory or just after deleting it); returns their
+        ids. Each is taken first, without waiting, and deleted under its
+        flock: a lock another process holds, or one whose VM got a directory
+        meanwhile, is left alone. Call it once the VMs to ``keep`` are
+        locked, before anything may create new VMs."""
+        swept: list[str] = []
+        for vm_id in self.lock_ids():
+            if vm_id in keep or self.exists(vm_id):
+                continue
+            try:
+                lock = self.lock(vm_id)
+            except VmLockedError:
+                continue  # another process manages it
+            except ProcuratorError as exc:  # unreadable, or no space to take it
+                log.warning("lock file of VM %s not swept (next start): %s", vm_id, exc)
+                continue
+            try:
+                if self.exists(vm_id):
+                    continue
+                lock.release_and_unlink()
+            except OSError as exc:
+                log.warning("lock file of VM %s not swept (next start): %s", vm_id, exc)
+                continue
+            finally:
+                lock.release()
+            swept.append(vm_id)
+        return swept
 
     @staticmethod
     def _holder(path: Path) -> str:

@@ -590,6 +590,39 @@ def test_a_vmm_another_driver_started_is_stopped_by_signals_and_replaced(
     )
 
 
+@pytest.mark.parametrize(
+    "point",
+    [
+        "unlink-lock",  # removing: the directory is deleted, the lock file not yet
+        "write-spec",  # creating: the lock file is made, the directory not yet
+    ],
+)
+def test_recover_deletes_the_lock_file_a_worker_killed_between_it_and_the_directory_left(
+    make_manager: ManagerFactory, state_dir: Path, point: str
+) -> None:
+    # Recovery finds VMs by their directories: without a sweep, such a lock
+    # file stayed for good (issue 24 item 11: "VM lock files: left behind").
+    worker = subprocess.run(
+        [sys.executable, str(HERE / "dying_worker_proc.py"), str(state_dir), "vm1", point],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert worker.returncode == -signal.SIGKILL, worker.stdout + worker.stderr
+    lock_file = state_dir / "locks" / "vm1.lock"
+    assert lock_file.exists() and not (state_dir / "vms" / "vm1").exists()  # what it left
+    assert not vmm_pids_under(state_dir)
+
+    manager = make_manager()
+    assert manager.recover() == []
+    assert not lock_file.exists()
+    assert manager.list() == []
+    # ... and the VM can be made again.
+    assert manager.ensure(spec()).phase is Phase.RUNNING
+    assert lock_file.exists()
+
+
 def test_counters_are_polled_and_served_without_io(
     make_manager: ManagerFactory, api_calls: ApiCalls, recorder: Recorder
 ) -> None:

@@ -128,3 +128,39 @@ def test_changes_need_the_lock(state: StateDir) -> None:
     lock.release()
     with pytest.raises(RuntimeError, match="without holding its lock"):
         state.write_spec(lock, {})
+
+
+def test_sweep_deletes_only_lock_files_no_vm_accounts_for(state: StateDir) -> None:
+    # What a worker killed between deleting a VM's directory and unlinking
+    # its lock file (or between making the lock and the directory) leaves.
+    for vm_id in ("gone", "kept", "has-dir", "elsewhere"):
+        state.lock(vm_id).release()
+    with state.lock("has-dir") as lock:
+        state.write_spec(lock, {"hash": "h1"})
+    (state.locks_dir / "notes.txt").write_text("not a lock file")
+    # A process holding a VM's lock manages it, directory or not.
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from procurator.worker.state import StateDir\n"
+            "lock = StateDir(Path(sys.argv[1])).lock('elsewhere'); print('locked', flush=True)\n"
+            "sys.stdin.read()",
+            str(state.root),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        assert state.sweep_locks(keep={"kept"}) == ["gone"]
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+    assert state.lock_ids() == ["elsewhere", "has-dir", "kept"]
+    assert (state.locks_dir / "notes.txt").exists()
+    state.lock("gone").release()  # a swept VM can be made again
