@@ -31,7 +31,10 @@ outlive the VMM that reads it) and last the tap and the address.
 While a VM's step runs, ``observe`` shows it in a transitional phase
 (``realising`` while its image is fetched, else ``starting``/``stopping``)
 under its *target* hash, so the plan leaves it alone and status tells what
-is happening.
+is happening. Each change of that phase calls ``on_change`` (from the
+step's thread), for the owner to ask the reconciler for a pass: nothing else
+would report it before the step ends, which for a slow image fetch can be
+minutes of a status saying "waiting to be created".
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ class WorkerActuator:
         limiter: trio.CapacityLimiter,
         serial_file: Callable[[str], str],
         on_realise_seconds: Callable[[float], None] | None = None,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self._manager = manager
         self._images = images
@@ -84,6 +88,7 @@ class WorkerActuator:
         self._limiter = limiter
         self._serial_file = serial_file
         self._on_realise_seconds = on_realise_seconds
+        self._on_change = on_change
         # Written from worker threads, read from trio: guarded by a lock
         # (leaf lock: nothing is called while holding it).
         self._lock = threading.Lock()
@@ -138,6 +143,8 @@ class WorkerActuator:
                 self._in_flight.pop(vm_id, None)
             else:
                 self._in_flight[vm_id] = flight
+        if self._on_change is not None:
+            self._on_change()  # no lock held: it hands over to trio
 
     def _ensure_blocking(self, vm: VmAssignment, op_id: str) -> None:
         # Log records here carry the vm_id and op_id of the reconciler's

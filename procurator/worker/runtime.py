@@ -22,7 +22,9 @@ assignment that caused the work.
 Threads: the manager calls ``on_change`` from supervisor threads; it is
 handed to trio with the trio token (``run_sync_soon``), which pokes the
 reconciler (a crash or an exit is a reason for a pass) and forwards the
-event to the master. Nothing else crosses threads here.
+event to the master. The actuator's ``on_change`` (a step in flight changed
+phase) pokes the reconciler the same way. Nothing else crosses threads
+here.
 """
 
 from __future__ import annotations
@@ -211,6 +213,7 @@ class ReconcilingHandler:
             limiter=trio.CapacityLimiter(options.concurrency),
             serial_file=lambda vm_id: str(self.manager.state.vm_dir(vm_id) / "serial.log"),
             on_realise_seconds=self.metrics.observe_realise,
+            on_change=self._in_flight_changed,
         )
         self.reconciler = Reconciler(
             actuator=self.actuator,
@@ -363,6 +366,15 @@ class ReconcilingHandler:
             return
         with contextlib.suppress(trio.RunFinishedError):
             token.run_sync_soon(self._changed_in_trio, event)
+
+    def _in_flight_changed(self) -> None:
+        """A VM's step in flight changed phase (``WorkerActuator``): a
+        pass reports it."""
+        token = self._token
+        if token is None:
+            return
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(self.reconciler.poke)
 
     def _changed_in_trio(self, event: VmEvent | None) -> None:
         self.reconciler.poke()

@@ -7,6 +7,7 @@ in the root namespace, so this runs in seconds.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from typing import Any
@@ -17,6 +18,8 @@ from fleethelpers import AddImage, FakeFleet
 from procurator.core.validation import store_path_hash
 
 pytestmark = [pytest.mark.root, pytest.mark.nix]
+
+GC_LOCK = "/nix/var/nix/gc.lock"
 
 
 def _config(cmdline: str = "console=ttyS0") -> dict[str, Any]:
@@ -100,3 +103,31 @@ def test_wait_gives_up_on_a_worker_that_never_comes(
     assert result.returncode == 3, result.stdout + result.stderr
     assert "host-z: observed 0/" in result.stdout
     assert "(disconnected)" in result.stdout
+
+
+def test_status_shows_a_vm_whose_image_is_being_prepared(
+    fake_fleet: FakeFleet, add_image: AddImage
+) -> None:
+    # Rooting the image waits for Nix's GC lock, held here: the worker is
+    # busy preparing the VM, and status must say so rather than "waiting to
+    # be created" (nothing asked the reconciler for a pass when the step's
+    # phase changed; only the step's end did).
+    image = add_image("prep-vm", _config())
+    fd = os.open(GC_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        result = fake_fleet.apply(
+            f'[workers.host-a]\nvms = [ {{ id = "prep-1", image = "{image}" }} ]\n'
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+
+        def shown_as_preparing() -> bool:
+            vm = fake_fleet.status_vms().get("prep-1", {})
+            return bool(vm.get("phase") == "starting" and "preparing" in vm.get("message", ""))
+
+        fake_fleet.wait_for("status to show the VM being prepared", shown_as_preparing, timeout=30)
+    finally:
+        os.close(fd)  # Nix may go on
+    fake_fleet.wait_for(
+        "the VM to run", lambda: fake_fleet.status_vms()["prep-1"]["phase"] == "running"
+    )
