@@ -167,3 +167,55 @@ def test_wait_for_api_reports_an_exit_and_a_silence_with_the_logs(tmp_path: Path
             process.wait_for_api(handle, lambda _: None, deadline=time.monotonic() + 0.2, who="it")
     finally:
         process.terminate(pid, ticks, grace=0.0)
+
+
+# The main thread exits alone (pthread_exit: the thread-group leader turns
+# zombie) while another thread keeps the process, and its flock, alive for
+# a while: what a VMM crashing from a thread, or a pid-namespace init
+# reaping its namespace, looks like from the outside for a moment.
+_LINGERING_LEADER = """
+import ctypes, fcntl, os, sys, threading, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+def linger():
+    time.sleep(float(sys.argv[2]))
+    os._exit(0)
+threading.Thread(target=linger).start()
+print("locked", flush=True)
+ctypes.CDLL(None).pthread_exit(None)
+"""
+
+
+def test_terminate_returns_once_the_whole_process_is_gone(tmp_path: Path) -> None:
+    """A process whose leader is already a zombie reads as exited in
+    ``/proc``, but its other threads still hold its files (an API socket's
+    flock, for a VMM). ``terminate`` (and so a failed launch's abort) must
+    not return before they are gone, or the next launch finds the socket
+    held by "a live VMM that no handle records"."""
+    lock = tmp_path / "api.sock.lock"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LINGERING_LEADER, str(lock), "1.0"],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"locked\n"
+        ticks = process.pid_start_ticks(proc.pid) or int(
+            Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        )
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the leader never became a zombie"
+            time.sleep(0.01)
+        assert not process.is_alive(proc.pid, ticks)  # what /proc says
+        process.terminate(proc.pid, ticks, grace=5.0)
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: the process is gone
+        finally:
+            os.close(fd)
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()

@@ -349,13 +349,35 @@ def signal_process(pid: int, start_ticks: int, sig: signal.Signals) -> bool:
 
 
 def terminate(pid: int, start_ticks: int, *, grace: float) -> None:
-    """SIGTERM, wait ``grace`` seconds, then SIGKILL and wait for the end."""
-    if signal_process(pid, start_ticks, signal.SIGTERM) and wait_exit(pid, start_ticks, grace):
+    """SIGTERM, wait ``grace`` seconds, then SIGKILL and wait for the end:
+    the whole process, not only what ``/proc`` says. A process whose
+    leader already exited (a zombie, so no signal is sent) may still run
+    other threads that hold its files (a VMM's socket lock) until the pidfd
+    says it is gone; returning before that would leave the next launch to
+    find the socket held."""
+    signalled = signal_process(pid, start_ticks, signal.SIGTERM)
+    if wait_exit(pid, start_ticks, grace if signalled else max(grace, 1.0)):
         return
-    if signal_process(pid, start_ticks, signal.SIGKILL):
-        deadline = time.monotonic() + 10.0
-        while not wait_exit(pid, start_ticks, 0.5) and time.monotonic() < deadline:
-            pass
+    # SIGKILL reaches the whole thread group, a zombie leader's too.
+    _kill_group(pid, start_ticks)
+    deadline = time.monotonic() + 10.0
+    while not wait_exit(pid, start_ticks, 0.5) and time.monotonic() < deadline:
+        pass
+
+
+def _kill_group(pid: int, start_ticks: int) -> None:
+    """SIGKILL the process ``pid`` started at ``start_ticks``, even when its
+    leader is a zombie whose other threads still run."""
+    fd = _pidfd(pid)
+    if fd is None:
+        return
+    try:
+        found = _state_and_ticks(pid)
+        if found is not None and found[1] == start_ticks:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+    finally:
+        os.close(fd)
 
 
 def _processes_mentioning(text: str) -> Iterator[tuple[int, list[str]]]:
