@@ -31,12 +31,12 @@ from typing import Any
 
 import trio
 
+from procurator.core.control import FleetStatus
 from procurator.core.errors import ProcuratorError
 from procurator.core.models import Fleet, VmAssignment
 from procurator.core.validation import store_path_hash
 from procurator.rpc.bridge import open_bridge
 from procurator.rpc.clients import ControlClient, open_control
-from procurator.rpc.messages import FleetStatus
 
 __all__ = [
     "LEAN_VMM",

@@ -37,11 +37,12 @@ import trio
 
 from bench._harness import Row, Run, control, fmt_s, median, percentile
 from bench.start import WORKER_ID, bare_start, fake_config, one_worker_fleet
+from procurator.core.control import VmDescription
 from procurator.core.models import Phase
 from procurator.core.validation import store_path_hash
+from procurator.rpc.address import Address
 from procurator.rpc.bridge import Bridge, connect, open_bridge
 from procurator.rpc.clients import ControlClient
-from procurator.rpc.messages import Address, VmDescription
 from procurator.rpc.schema import load_schema
 
 NAME = "change"

@@ -12,8 +12,8 @@ import trio
 from procurator.app.master import MasterConfig, run_master
 from procurator.core.fleet import parse_fleet
 from procurator.core.models import Fleet
+from procurator.rpc.address import Address
 from procurator.rpc.bridge import Bridge, open_bridge
-from procurator.rpc.messages import Address
 
 
 @pytest.fixture

@@ -31,9 +31,9 @@ from procurator.master.http import run_master_http
 from procurator.master.metrics import MasterInstruments, MasterMetrics
 from procurator.master.service import MasterService
 from procurator.master.store import FleetStore
+from procurator.rpc.address import DEFAULT_PORT, Address, parse_address
 from procurator.rpc.bridge import open_bridge
 from procurator.rpc.master_server import DEFAULT_MAX_CONNECTIONS, serve_master
-from procurator.rpc.messages import DEFAULT_PORT, Address, parse_address
 from procurator.rpc.tls import TlsFiles, require_secure, server_context
 
 __all__ = ["DEFAULT_DB", "MASTER_METRICS_PORT", "MasterConfig", "master_main", "run_master"]

@@ -35,9 +35,9 @@ from procurator.app._process import host_port, run_until_signalled
 from procurator.core.errors import PermanentError
 from procurator.core.models import Capacity, WorkerInfo
 from procurator.core.validation import check_worker_id
+from procurator.rpc.address import DEFAULT_MASTER_ADDRESS
 from procurator.rpc.bridge import open_bridge
 from procurator.rpc.clients import CapnpMasterDialer
-from procurator.rpc.messages import DEFAULT_MASTER_ADDRESS
 from procurator.rpc.tls import TlsFiles
 from procurator.worker import daemon
 from procurator.worker.daemon import HandlerFactory, RecordingHandler, StatusPublisher

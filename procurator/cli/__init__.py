@@ -32,7 +32,7 @@ from procurator.cli.exits import (
 )
 from procurator.cli.pipes import discard_output, output_closed
 from procurator.core.errors import ProcuratorError
-from procurator.rpc.messages import DEFAULT_PORT
+from procurator.rpc.address import DEFAULT_PORT
 
 __all__ = ["build_parser", "main"]
 

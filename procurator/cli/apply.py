@@ -39,18 +39,14 @@ from procurator.cli.exits import (
     EXIT_UNKNOWN,
 )
 from procurator.cli.status import phase_counts
+from procurator.core.control import ApplyResult, FleetStatus
 from procurator.core.errors import LimitExceededError, ProcuratorError, UnavailableError
 from procurator.core.fleet import parse_fleet
 from procurator.core.models import Fleet, Phase, WorkerDiff
-from procurator.core.validation import LIMITS
+from procurator.core.validation import LIMITS, check_request_id
+from procurator.rpc.address import default_master_address
 from procurator.rpc.bridge import open_bridge
 from procurator.rpc.clients import ControlClient
-from procurator.rpc.messages import (
-    ApplyResult,
-    FleetStatus,
-    check_request_id,
-    default_master_address,
-)
 
 __all__ = ["add_parser"]
 

@@ -15,9 +15,9 @@ import contextlib
 import math
 from collections.abc import Callable
 
+from procurator.rpc.address import default_master_address
 from procurator.rpc.bridge import Bridge
 from procurator.rpc.clients import ControlClient, open_control
-from procurator.rpc.messages import default_master_address
 from procurator.rpc.tls import ENV_CA, ENV_CERT, ENV_KEY, TlsFiles
 
 __all__ = [

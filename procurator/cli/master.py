@@ -18,8 +18,8 @@ from procurator.app.master import (
     master_main,
 )
 from procurator.cli.args import add_common, positive, tls_files
+from procurator.rpc.address import DEFAULT_PORT
 from procurator.rpc.master_server import DEFAULT_MAX_CONNECTIONS
-from procurator.rpc.messages import DEFAULT_PORT
 
 __all__ = ["add_parser", "master_config"]
 

@@ -36,10 +36,10 @@ from procurator.cli.args import (
 )
 from procurator.cli.exits import EXIT_OK
 from procurator.cli.pipes import run_reader
+from procurator.core.control import VmDescription, WorkerEvent
 from procurator.core.errors import UnavailableError
 from procurator.core.models import VmAssignment, VmStatus
 from procurator.rpc.bridge import open_bridge
-from procurator.rpc.messages import VmDescription, WorkerEvent
 
 __all__ = [
     "add_parsers",

@@ -15,9 +15,9 @@ import trio
 from procurator.cli.args import add_common, add_master_address, control_from_args
 from procurator.cli.exits import EXIT_OK
 from procurator.cli.pipes import run_reader
+from procurator.core.control import FleetStatus, WorkerConnection
 from procurator.core.models import VmAssignment, VmStatus, WorkerInfo
 from procurator.rpc.bridge import open_bridge
-from procurator.rpc.messages import FleetStatus, WorkerConnection
 
 __all__ = ["add_parser", "phase_counts", "print_vm_table", "status_vm_json"]
 

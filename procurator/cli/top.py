@@ -52,10 +52,10 @@ from procurator.cli.args import (
 from procurator.cli.exits import EXIT_OK
 from procurator.cli.ops import event_line
 from procurator.cli.pipes import run_reader
+from procurator.core.control import FleetStatus, WorkerConnection, WorkerEvent
 from procurator.core.errors import UnavailableError
 from procurator.core.models import Phase
 from procurator.rpc.bridge import open_bridge
-from procurator.rpc.messages import FleetStatus, WorkerConnection, WorkerEvent
 
 __all__ = [
     "FleetFrame",

@@ -33,7 +33,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlsplit
 
 from procurator.core.errors import ValidationError
@@ -49,7 +49,6 @@ __all__ = [
     "MetricSample",
     "MetricSpec",
     "ProcessUsage",
-    "SampleLike",
     "Scope",
     "VmSnapshot",
     "WorkerSnapshot",
@@ -375,26 +374,12 @@ class WorkerSnapshot:
 class MetricSample:
     """One numeric sample in the compact report form (``MetricSample`` in
     ``schema/procurator.capnp``). ``vm_id`` is "" for worker-wide samples;
-    ``labels`` are the metric's own labels (never ``vm`` or ``worker``).
-    Same fields, order and defaults as ``procurator.rpc.messages.MetricSample``."""
+    ``labels`` are the metric's own labels (never ``vm`` or ``worker``)."""
 
     name: str
     value: float
     vm_id: str = ""
     labels: tuple[tuple[str, str], ...] = ()
-
-
-class SampleLike(Protocol):
-    """Anything shaped like ``MetricSample`` (the rpc layer has its own)."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def value(self) -> float: ...
-    @property
-    def vm_id(self) -> str: ...
-    @property
-    def labels(self) -> tuple[tuple[str, str], ...]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,7 +395,7 @@ class WorkerView:
     observed_generation: int = 0
     last_report_unix: float | None = None
     vms_by_phase: Mapping[Phase, int] = field(default_factory=dict)
-    samples: tuple[SampleLike, ...] = ()
+    samples: tuple[MetricSample, ...] = ()
     metrics_url: str = ""
 
 
@@ -497,7 +482,7 @@ def _label_values(
 
 
 def group_samples(
-    samples: Iterable[SampleLike],
+    samples: Iterable[MetricSample],
     *,
     prefix: Sequence[tuple[str, str]] = (),
 ) -> tuple[list[Family], int]:

@@ -13,12 +13,14 @@ import re
 
 __all__ = [
     "LIMITS",
+    "MAX_REQUEST_ID_LENGTH",
     "Limits",
     "check_group_name",
     "check_hash",
     "check_label_key",
     "check_label_value",
     "check_overcommit",
+    "check_request_id",
     "check_store_path",
     "check_vm_id",
     "check_worker_id",
@@ -34,6 +36,9 @@ HASH_RE = re.compile(r"[A-Za-z0-9._+-]{1,128}")
 LABEL_KEY_RE = re.compile(r"[a-z][a-z0-9._-]{0,62}")
 LABEL_VALUE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 GROUP_RE = VM_ID_RE
+# Control.apply's request ids (schema/procurator.capnp).
+MAX_REQUEST_ID_LENGTH = 64
+REQUEST_ID_RE = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_REQUEST_ID_LENGTH}}}")
 # Nix's base-32 alphabet has no e, o, u, t. Names: nix's own rule
 # (store-api.cc checkName), at most 211 characters, not starting with '.'.
 NIX_BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"
@@ -88,6 +93,19 @@ def check_worker_id(value: object) -> str | None:
             "and '-', starting with a letter or digit"
         )
     return None
+
+
+def check_request_id(request_id: str) -> str | None:
+    """Why ``request_id`` is not a valid request id of ``Control.apply``
+    (None: it is). The wire's rule (``schema/procurator.capnp``): 1 to 64
+    characters of ``A-Z a-z 0-9 . _ -``; "" means none and is not checked
+    here. The client, the master's RPC layer and its service check it."""
+    if REQUEST_ID_RE.fullmatch(request_id):
+        return None
+    return (
+        f"{request_id[:80]!r} is not 1 to {MAX_REQUEST_ID_LENGTH} characters of "
+        "A-Z, a-z, 0-9, '.', '_', '-'"
+    )
 
 
 def check_store_path(value: object) -> str | None:

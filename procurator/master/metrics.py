@@ -47,12 +47,13 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 
+from procurator.core.control import ApplyResult
 from procurator.core.errors import ProcuratorError, StaleGenerationError
 from procurator.core.metrics import (
     CATALOGUE,
     Family,
     FleetView,
-    SampleLike,
+    MetricSample,
     Scope,
     WorkerView,
     group_samples,
@@ -61,7 +62,6 @@ from procurator.core.metrics import (
 from procurator.core.models import Phase
 from procurator.master.service import MasterService
 from procurator.master.store import Store
-from procurator.rpc.messages import ApplyResult
 
 __all__ = [
     "MAX_PENDING_APPLIES",
@@ -137,7 +137,7 @@ class MasterMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         # worker id -> (the samples tuple validated, its metrics, dropped).
         # Guarded by _lock, a leaf lock held only for dict access.
-        self._relay_cache: dict[str, tuple[tuple[SampleLike, ...], list[Metric], int]] = {}
+        self._relay_cache: dict[str, tuple[tuple[MetricSample, ...], list[Metric], int]] = {}
         self._lock = threading.Lock()
         self.registry.register(self)
 

@@ -156,6 +156,13 @@ from typing import NoReturn, Protocol
 
 import trio
 
+from procurator.core.control import (
+    ApplyResult,
+    FleetStatus,
+    VmDescription,
+    WorkerConnection,
+    WorkerEvent,
+)
 from procurator.core.errors import (
     LimitExceededError,
     NotFoundError,
@@ -166,7 +173,7 @@ from procurator.core.errors import (
     ValidationError,
 )
 from procurator.core.fleet import diff_fleets, validate_fleet
-from procurator.core.metrics import FleetView, WorkerView
+from procurator.core.metrics import FleetView, MetricSample, WorkerView
 from procurator.core.models import (
     Assignment,
     Fleet,
@@ -179,7 +186,7 @@ from procurator.core.models import (
     WorkerStatus,
 )
 from procurator.core.status import StatusChanges, apply_status_changes
-from procurator.core.validation import LIMITS
+from procurator.core.validation import LIMITS, check_request_id
 from procurator.logs import log_context, new_op_id, some
 from procurator.master.leader import Leadership
 from procurator.master.store import (
@@ -197,15 +204,6 @@ from procurator.master.store import (
     StoredFleet,
     StoredWorker,
     StoreUnavailableError,
-)
-from procurator.rpc.messages import (
-    ApplyResult,
-    FleetStatus,
-    MetricSample,
-    VmDescription,
-    WorkerConnection,
-    WorkerEvent,
-    check_request_id,
 )
 
 __all__ = [

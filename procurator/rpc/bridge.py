@@ -58,7 +58,7 @@ from procurator.core.errors import (
     UnsupportedError,
 )
 from procurator.core.validation import LIMITS
-from procurator.rpc.messages import Address
+from procurator.rpc.address import Address
 from procurator.rpc.schema import load_schema
 from procurator.rpc.tls import HANDSHAKE_TIMEOUT, MASTER_SERVER_NAME, require_master
 

@@ -31,10 +31,19 @@ from typing import Any, TypeVar
 import capnp
 import trio
 
+from procurator.core.control import (
+    ApplyRequest,
+    ApplyResult,
+    FleetStatus,
+    VmDescription,
+    WorkerEvent,
+)
 from procurator.core.errors import ProcuratorError, UnavailableError, ValidationError
+from procurator.core.metrics import MetricSample
 from procurator.core.models import Assignment, Fleet, VmEvent, WorkerInfo, WorkerStatus
 from procurator.core.status import StatusChanges
-from procurator.core.validation import check_vm_id
+from procurator.core.validation import check_request_id, check_vm_id
+from procurator.rpc.address import Address, parse_address
 from procurator.rpc.answer import answer, error_result
 from procurator.rpc.bridge import Bridge, CapnpHandle, ClientConnection, connect
 from procurator.rpc.convert import (
@@ -50,17 +59,6 @@ from procurator.rpc.convert import (
     fill_worker_status,
     fleet_status_from_reader,
     worker_events_from_reader,
-)
-from procurator.rpc.messages import (
-    Address,
-    ApplyRequest,
-    ApplyResult,
-    FleetStatus,
-    MetricSample,
-    VmDescription,
-    WorkerEvent,
-    check_request_id,
-    parse_address,
 )
 from procurator.rpc.schema import load_schema
 from procurator.rpc.tls import TlsFiles, client_context, require_secure

@@ -31,12 +31,21 @@ from typing import Any, TypeVar
 
 import capnp
 
+from procurator.core.control import (
+    ApplyRequest,
+    ApplyResult,
+    FleetStatus,
+    VmDescription,
+    WorkerConnection,
+    WorkerEvent,
+)
 from procurator.core.errors import (
     LimitExceededError,
     ProcuratorError,
     ValidationError,
     error_from_code,
 )
+from procurator.core.metrics import MetricSample
 from procurator.core.models import (
     Assignment,
     Capacity,
@@ -56,19 +65,10 @@ from procurator.core.status import StatusChanges
 from procurator.core.validation import (
     LIMITS,
     check_hash,
+    check_request_id,
     check_store_path,
     check_vm_id,
     check_worker_id,
-)
-from procurator.rpc.messages import (
-    ApplyRequest,
-    ApplyResult,
-    FleetStatus,
-    MetricSample,
-    VmDescription,
-    WorkerConnection,
-    WorkerEvent,
-    check_request_id,
 )
 
 __all__ = [

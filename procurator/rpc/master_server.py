@@ -83,16 +83,25 @@ from typing import Any, Protocol, TypeVar
 import capnp
 import trio
 
+from procurator.core.control import (
+    ApplyRequest,
+    ApplyResult,
+    FleetStatus,
+    VmDescription,
+    WorkerEvent,
+)
 from procurator.core.errors import (
     LimitExceededError,
     ProcuratorError,
     UnauthorizedError,
     ValidationError,
 )
+from procurator.core.metrics import MetricSample
 from procurator.core.models import Assignment, Fleet, VmEvent, WorkerInfo, WorkerStatus
 from procurator.core.status import StatusChanges
 from procurator.core.validation import check_vm_id
 from procurator.logs import log_context, new_op_id
+from procurator.rpc.address import Address
 from procurator.rpc.answer import ErrorBuilder, answer, error_arm, error_result
 from procurator.rpc.bridge import (
     TRAVERSAL_LIMIT_WORDS,
@@ -115,15 +124,6 @@ from procurator.rpc.convert import (
     status_changes_from_reader,
     worker_info_from_reader,
     worker_status_from_reader,
-)
-from procurator.rpc.messages import (
-    Address,
-    ApplyRequest,
-    ApplyResult,
-    FleetStatus,
-    MetricSample,
-    VmDescription,
-    WorkerEvent,
 )
 from procurator.rpc.schema import load_schema
 from procurator.rpc.tls import (

@@ -47,7 +47,7 @@ from typing import Any
 
 from procurator.core.errors import PermanentError, UnauthorizedError, ValidationError
 from procurator.core.validation import check_worker_id
-from procurator.rpc.messages import Address
+from procurator.rpc.address import Address
 
 __all__ = [
     "ENV_CA",

@@ -59,10 +59,10 @@ from procurator.core.errors import (
     UnavailableError,
     UnsupportedError,
 )
+from procurator.core.metrics import MetricSample
 from procurator.core.models import Assignment, VmEvent, WorkerInfo, WorkerStatus
 from procurator.core.status import StatusChanges, status_changes
 from procurator.logs import log_context
-from procurator.rpc.messages import MetricSample
 
 __all__ = [
     "LinkSettings",

@@ -59,7 +59,7 @@ from testnames import netns_name
 from procurator.cli import build_parser
 from procurator.core.fleet import parse_fleet
 from procurator.core.validation import STORE_PATH_RE
-from procurator.rpc.messages import DEFAULT_MASTER_ADDRESS
+from procurator.rpc.address import DEFAULT_MASTER_ADDRESS
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"

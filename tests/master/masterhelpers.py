@@ -15,9 +15,9 @@ import trio
 from procurator.core.models import Assignment
 from procurator.master.service import MasterService
 from procurator.master.store import FleetStore, Store
+from procurator.rpc.address import Address, parse_address
 from procurator.rpc.bridge import Bridge
 from procurator.rpc.master_server import serve_master
-from procurator.rpc.messages import Address, parse_address
 
 
 class FakeNode:

@@ -23,8 +23,8 @@ from fleethelpers import AddImage, FakeFleet, free_port
 from rich.console import Console
 
 from procurator.cli.top import PlainPrinter, fleet_frame, render
+from procurator.core.control import FleetStatus, WorkerConnection, WorkerEvent
 from procurator.core.models import EventKind, Phase, VmEvent, VmStatus, WorkerStatus
-from procurator.rpc.messages import FleetStatus, WorkerConnection, WorkerEvent
 
 NOW = 1_765_000_000.0
 READ_LIMIT = 60  # seconds: an upper bound for the command to show a change, not a threshold

@@ -19,9 +19,9 @@ from procurator.core.fleet import parse_fleet
 from procurator.core.models import EventKind, VmEvent, WorkerInfo
 from procurator.master.service import MasterService
 from procurator.master.store import FleetStore
+from procurator.rpc.address import parse_address
 from procurator.rpc.bridge import open_bridge
 from procurator.rpc.master_server import serve_master
-from procurator.rpc.messages import parse_address
 
 IMAGE = "/nix/store/" + "a" * 32 + "-vm"
 

@@ -25,10 +25,10 @@ from procurator.core.models import (
 )
 from procurator.master.service import MasterService
 from procurator.master.store import FleetStore
+from procurator.rpc.address import parse_address
 from procurator.rpc.bridge import open_bridge
 from procurator.rpc.clients import ControlClient, open_control
 from procurator.rpc.master_server import serve_master
-from procurator.rpc.messages import parse_address
 
 IMAGE = "/nix/store/" + "a" * 32 + "-vm"
 HASH = "a" * 32

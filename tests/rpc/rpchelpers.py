@@ -14,9 +14,9 @@ import trio
 
 from procurator.master.service import MasterService
 from procurator.master.store import FleetStore
+from procurator.rpc.address import Address, parse_address
 from procurator.rpc.bridge import Bridge
 from procurator.rpc.master_server import MasterBackend, serve_master
-from procurator.rpc.messages import Address, parse_address
 
 
 @contextlib.asynccontextmanager

@@ -7,11 +7,20 @@ from typing import Any
 import capnp
 import pytest
 
+from procurator.core.control import (
+    ApplyRequest,
+    ApplyResult,
+    FleetStatus,
+    VmDescription,
+    WorkerConnection,
+    WorkerEvent,
+)
 from procurator.core.errors import (
     LimitExceededError,
     StaleGenerationError,
     ValidationError,
 )
+from procurator.core.metrics import MetricSample
 from procurator.core.models import (
     Assignment,
     Capacity,
@@ -27,18 +36,8 @@ from procurator.core.models import (
     WorkerInfo,
     WorkerStatus,
 )
-from procurator.core.validation import LIMITS
+from procurator.core.validation import LIMITS, check_request_id
 from procurator.rpc import convert
-from procurator.rpc.messages import (
-    ApplyRequest,
-    ApplyResult,
-    FleetStatus,
-    MetricSample,
-    VmDescription,
-    WorkerConnection,
-    WorkerEvent,
-    check_request_id,
-)
 from procurator.rpc.schema import load_schema
 
 S = load_schema()

@@ -15,6 +15,7 @@ from procurator.core.errors import (
     UnsupportedError,
     ValidationError,
 )
+from procurator.core.metrics import MetricSample
 from procurator.core.models import (
     Assignment,
     EventKind,
@@ -25,7 +26,6 @@ from procurator.core.models import (
     WorkerStatus,
 )
 from procurator.core.status import StatusChanges, apply_status_changes
-from procurator.rpc.messages import MetricSample
 from procurator.worker.link import LinkSettings, MasterLink, OnAssignment
 
 

@@ -11,6 +11,7 @@ import pytest
 import trio
 from rpchelpers import served_service
 
+from procurator.core.control import FleetStatus
 from procurator.core.errors import (
     ProcuratorError,
     StaleGenerationError,
@@ -29,10 +30,10 @@ from procurator.core.models import (
     WorkerStatus,
 )
 from procurator.core.status import StatusChanges
+from procurator.rpc.address import Address, parse_address
 from procurator.rpc.bridge import Bridge, connect
 from procurator.rpc.clients import CapnpMasterDialer, open_control
 from procurator.rpc.master_server import serve_master
-from procurator.rpc.messages import Address, FleetStatus, parse_address
 from procurator.rpc.schema import load_schema
 from procurator.worker.link import LinkSettings, MasterLink
 

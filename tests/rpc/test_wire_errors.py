@@ -31,6 +31,7 @@ from procurator.core.errors import (
     UnavailableError,
     ValidationError,
 )
+from procurator.core.metrics import MetricSample
 from procurator.core.models import (
     Assignment,
     EventKind,
@@ -42,10 +43,10 @@ from procurator.core.models import (
 )
 from procurator.core.status import StatusChanges
 from procurator.logs import ContextFilter, TextFormatter
+from procurator.rpc.address import Address
 from procurator.rpc.bridge import Bridge
 from procurator.rpc.clients import CapnpMasterDialer, open_control
 from procurator.rpc.master_server import RemoteNode
-from procurator.rpc.messages import Address, MetricSample
 
 EVIL_PEER = Path(__file__).with_name("evilpeer.py")
 PATH = "/nix/store/" + "a" * 32 + "-web"

@@ -13,7 +13,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from sechelpers import Pki, cli
 
 from procurator.core.errors import PermanentError, UnauthorizedError, ValidationError
-from procurator.rpc.messages import parse_address
+from procurator.rpc.address import parse_address
 from procurator.rpc.tls import (
     MASTER_SERVER_NAME,
     PeerIdentity,

@@ -15,6 +15,7 @@ from sechelpers import MasterProcess, Pki, master_process, tls_master_args
 from procurator.app import master as master_app
 from procurator.cli import apply as apply_command
 from procurator.core.errors import LimitExceededError, ProcuratorError
+from procurator.core.metrics import MetricSample
 from procurator.core.models import (
     Assignment,
     EventKind,
@@ -27,11 +28,11 @@ from procurator.core.models import (
     WorkerStatus,
 )
 from procurator.core.validation import LIMITS
+from procurator.rpc.address import Address, parse_address
 from procurator.rpc.bridge import Bridge, connect
 from procurator.rpc.clients import CapnpMasterDialer, ControlClient, open_control
 from procurator.rpc.convert import MAX_EVENTS_PER_REPORT, MAX_LABELS_PER_SAMPLE
 from procurator.rpc.master_server import MAX_CONNECTIONS_PER_PEER, MAX_SESSIONS_PER_CONNECTION
-from procurator.rpc.messages import Address, MetricSample, parse_address
 from procurator.rpc.schema import load_schema
 
 IMAGE = "/nix/store/" + "a" * 32 + "-web-vm"

@@ -7,6 +7,7 @@ import abc
 from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
+from procurator.core.control import WorkerEvent
 from procurator.core.models import VmAssignment, VmEvent, WorkerDiff, WorkerInfo
 from procurator.master.store import _sql
 from procurator.master.store.model import (
@@ -21,7 +22,6 @@ from procurator.master.store.model import (
     StoredWorker,
     Versions,
 )
-from procurator.rpc.messages import WorkerEvent
 
 T = TypeVar("T")
 

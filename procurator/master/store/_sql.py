@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
+from procurator.core.control import WorkerEvent
 from procurator.core.errors import ProcuratorError, StaleGenerationError
 from procurator.core.models import (
     Assignment,
@@ -59,7 +60,6 @@ from procurator.master.store.model import (
     Versions,
     WorkerDump,
 )
-from procurator.rpc.messages import WorkerEvent
 
 Row = tuple[Any, ...]
 

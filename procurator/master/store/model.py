@@ -7,6 +7,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from procurator.core.control import WorkerEvent
 from procurator.core.errors import ProcuratorError, UnavailableError
 from procurator.core.models import (
     Assignment,
@@ -16,7 +17,6 @@ from procurator.core.models import (
     WorkerInfo,
     WorkerStatus,
 )
-from procurator.rpc.messages import WorkerEvent
 
 __all__ = [
     "REQUESTS_KEPT",

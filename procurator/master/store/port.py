@@ -19,6 +19,7 @@ from typing import Protocol
 
 import trio
 
+from procurator.core.control import WorkerEvent
 from procurator.core.models import VmAssignment, VmEvent, WorkerDiff, WorkerInfo
 from procurator.master.store.model import (
     AppliedRequest,
@@ -32,7 +33,6 @@ from procurator.master.store.model import (
     StoredWorker,
     Versions,
 )
-from procurator.rpc.messages import WorkerEvent
 
 __all__ = ["OnChange", "OnHealth", "Store"]
 
