@@ -14,7 +14,9 @@ master keeps in memory are caches of the store, rebuilt from it at start
 and kept current by what it writes itself and by the store's change
 notifications (``Store.watch``), with a periodic comparison of versions
 (``sync_interval``) as the backstop, so a lost notification delays a
-change and never loses it. Only two things are a master's own: the
+change and never loses it (it runs every ``sync_interval`` however often
+other work wakes the syncer, and a change heard while a worker is being
+read makes it read again). Only two things are a master's own: the
 sessions of the workers connected to *it* (their ``Node`` and pusher, the
 metric samples they relay), and its change index.
 
@@ -87,7 +89,10 @@ Invariants:
   and per-VM metric samples may name a VM of the assignment, a pending
   removal, or a removal confirmed within ``report_grace``; anything else is
   ``UnauthorizedError``. A refused report is refused whole, logged with the
-  worker id at WARNING, and nothing of it is stored.
+  worker id at WARNING, and nothing of it is stored. Before refusing, a
+  master whose caches may be behind the store (another master's apply
+  heard of in part) catches up on the fleet and that worker: a report is
+  refused only against what the store holds.
 
   Removals are store rows written in the apply's transaction; a report that
   confirms some confirms them in the transaction that stores the status.
@@ -617,12 +622,17 @@ class MasterService:
         self._sync_wake.set()
 
     async def _sync_forever(self) -> None:
+        # The backstop runs every sync interval, however often something
+        # else wakes the syncer in between (lease renewals do, every
+        # worker_lease / 3).
+        next_full = trio.current_time() + self._sync_interval
         while True:
-            with trio.move_on_after(self._sync_interval) as timer:
+            with trio.move_on_at(next_full):
                 await self._sync_wake.wait()
             self._sync_wake = trio.Event()
-            if timer.cancelled_caught:
-                self._dirty_all = True  # the backstop
+            if trio.current_time() >= next_full:
+                self._dirty_all = True
+                next_full = trio.current_time() + self._sync_interval
             try:
                 await self._sync()
             except UnavailableError as exc:
@@ -653,9 +663,16 @@ class MasterService:
             async with self._apply_lock:
                 await self._refresh_fleet()
         while self._dirty_workers:
+            # Out of the set before the read: a change heard while it is on
+            # its way puts the worker back, to be read again.
             worker_id = min(self._dirty_workers)
-            self._absorb_worker(await self._store.worker(worker_id))
             self._dirty_workers.discard(worker_id)
+            try:
+                stored = await self._store.worker(worker_id)
+            except BaseException:
+                self._dirty_workers.add(worker_id)
+                raise
+            self._absorb_worker(stored)
         if self._dirty_events:
             self._dirty_events = False
             try:
@@ -1123,7 +1140,11 @@ class MasterService:
         self._require_store()
         session = self._session(token)
         self._check_own(session, status.worker_id, "status")
-        self._check_status(session.worker_id, status.observed_generation, status.vms)
+        await self._vet(
+            session.worker_id,
+            "status",
+            lambda: self._status_problem(session.worker_id, status.observed_generation, status.vms),
+        )
         await self._store_status(session, status, None)
 
     async def report_status_changes(self, token: int, changes: StatusChanges) -> None:
@@ -1144,40 +1165,72 @@ class MasterService:
                 f"status changes would make {len(merged.vms)} VMs, over the limit of "
                 f"{LIMITS.max_vms_per_worker} per worker"
             )
-        self._check_status(session.worker_id, merged.observed_generation, merged.vms)
+        await self._vet(
+            session.worker_id,
+            "status",
+            lambda: self._status_problem(session.worker_id, merged.observed_generation, merged.vms),
+        )
         await self._store_status(session, merged, changes)
 
-    def _check_status(self, worker_id: str, observed: int, vms: Sequence[VmStatus]) -> None:
-        """Raise unless ``worker_id`` may report this status (see "Who may
-        report what"); log the refusal."""
+    async def _vet(
+        self, worker_id: str, what: str, problem_of: Callable[[], ProcuratorError | None]
+    ) -> None:
+        """Refuse a report whose ``problem_of()`` is not None (see "Who may
+        report what"): logged and raised. A cache that is behind the store
+        (an apply or a confirmation heard of only in part) is caught up
+        first, so a report is refused only against what the store holds."""
+        problem = problem_of()
+        if problem is None:
+            return
+        if not self._store.single_master:
+            await self._catch_up()
+            self._absorb_worker(await self._store.worker(worker_id))
+            problem = problem_of()
+            if problem is None:
+                return
+        self._refused(worker_id, what, problem)
+
+    def _status_problem(
+        self, worker_id: str, observed: int, vms: Sequence[VmStatus]
+    ) -> ProcuratorError | None:
+        """Why ``worker_id`` may not report this status, or None."""
         assignment = self._assignments.get(worker_id)
         issued = assignment.generation if assignment is not None else 0
         voice = self._voices.get(worker_id) or _Voice()
-        problem: ProcuratorError | None = None
         if observed > issued:
-            problem = ValidationError(
+            return ValidationError(
                 f"worker {worker_id} reports observed generation {observed}, which was never "
                 f"issued to it (its assignment is at generation {issued})"
             )
-        else:
-            for vm in vms:
-                if vm.id in voice.assigned:
-                    continue
-                removed_by = voice.pending.get(vm.id)
-                if removed_by is None:
-                    problem = UnauthorizedError(
-                        f"worker {worker_id} reports VM {vm.id!r}, which is neither assigned to "
-                        "it nor being removed from it"
-                    )
-                elif removed_by <= observed:
-                    problem = ValidationError(
-                        f"worker {worker_id} reports VM {vm.id!r} with observed generation "
-                        f"{observed}, but generation {removed_by} removed that VM from it"
-                    )
-                if problem is not None:
-                    break
-        if problem is not None:
-            self._refused(worker_id, "status", problem)
+        for vm in vms:
+            if vm.id in voice.assigned:
+                continue
+            removed_by = voice.pending.get(vm.id)
+            if removed_by is None:
+                return UnauthorizedError(
+                    f"worker {worker_id} reports VM {vm.id!r}, which is neither assigned to "
+                    "it nor being removed from it"
+                )
+            if removed_by <= observed:
+                return ValidationError(
+                    f"worker {worker_id} reports VM {vm.id!r} with observed generation "
+                    f"{observed}, but generation {removed_by} removed that VM from it"
+                )
+        return None
+
+    def _unmentionable(self, worker_id: str, vm_ids: Sequence[str]) -> str | None:
+        """The first of ``vm_ids`` that ``worker_id``'s events and metrics
+        may not name, or None."""
+        voice = self._voices.get(worker_id) or _Voice()
+        now, grace, checked = self._now_ms(), self._report_grace_ms, ""
+        for vm_id in vm_ids:
+            # Samples come grouped by VM: each VM is checked once.
+            if not vm_id or vm_id == checked:
+                continue
+            if not voice.may_mention(vm_id, now, grace):
+                return vm_id
+            checked = vm_id
+        return None
 
     def _refused(self, worker_id: str, what: str, problem: ProcuratorError) -> NoReturn:
         logger.warning(
@@ -1259,22 +1312,17 @@ class MasterService:
         self._require_running()
         session = self._session(token)
         self._check_own(session, worker_id, "metrics")
-        voice = self._voices.get(session.worker_id) or _Voice()
-        now, grace, checked = self._now_ms(), self._report_grace_ms, ""
-        for sample in samples:
-            # Samples come grouped by VM: check each VM once.
-            if not sample.vm_id or sample.vm_id == checked:
-                continue
-            if not voice.may_mention(sample.vm_id, now, grace):
-                self._refused(
-                    session.worker_id,
-                    "metrics",
-                    UnauthorizedError(
-                        f"worker {session.worker_id} reports metrics of VM {sample.vm_id!r}, "
-                        "which is neither assigned to it nor was lately removed from it"
-                    ),
-                )
-            checked = sample.vm_id
+
+        def problem() -> ProcuratorError | None:
+            vm_id = self._unmentionable(worker_id, [sample.vm_id for sample in samples])
+            if vm_id is None:
+                return None
+            return UnauthorizedError(
+                f"worker {worker_id} reports metrics of VM {vm_id!r}, which is neither "
+                "assigned to it nor was lately removed from it"
+            )
+
+        await self._vet(worker_id, "metrics", problem)
         worker = self._worker(session.worker_id)
         worker.metrics = samples
         worker.last_metrics_unix_ms = self._now_ms()
@@ -1282,19 +1330,18 @@ class MasterService:
     async def report_events(self, token: int, events: Sequence[VmEvent]) -> None:
         self._require_store()
         worker_id = self._session(token).worker_id
-        voice = self._voices.get(worker_id) or _Voice()
-        now, grace = self._now_ms(), self._report_grace_ms
-        for event in events:
-            if not voice.may_mention(event.vm_id, now, grace):
-                self._refused(
-                    worker_id,
-                    "events",
-                    UnauthorizedError(
-                        f"worker {worker_id} reports an event of VM {event.vm_id!r}, which is "
-                        "neither assigned to it nor was lately removed from it; none of the "
-                        f"{len(events)} event(s) was stored"
-                    ),
-                )
+
+        def problem() -> ProcuratorError | None:
+            vm_id = self._unmentionable(worker_id, [event.vm_id for event in events])
+            if vm_id is None:
+                return None
+            return UnauthorizedError(
+                f"worker {worker_id} reports an event of VM {vm_id!r}, which is neither "
+                f"assigned to it nor was lately removed from it; none of the {len(events)} "
+                "event(s) was stored"
+            )
+
+        await self._vet(worker_id, "events", problem)
         if not events:
             return
         try:

@@ -30,7 +30,7 @@ from procurator.core.models import (
     WorkerStatus,
 )
 from procurator.master.service import MasterService
-from procurator.master.store import Change, OnChange, OnHealth, Store, open_store
+from procurator.master.store import Change, ChangeKind, OnChange, OnHealth, Store, open_store
 
 FleetOf = Callable[[dict[str, list[tuple[str, str]]]], Fleet]
 FAST = {"sync_interval": 0.2, "worker_lease": 1.0, "leader_lease": 1.0, "push_timeout": 2.0}
@@ -178,9 +178,17 @@ class _Deaf:
 
 
 async def test_a_lost_notification_only_delays_a_change(pg_url: str, fleet_of: FleetOf) -> None:
+    """b hears no notification at all: the periodic comparison finds what
+    changed. It runs every sync interval even though other work (the lease
+    renewals, every worker_lease / 3, here more often than the interval)
+    wakes b's syncer in between."""
     async with masters(pg_url, 1) as group:
         a = group.services[0]
-        b = await group.start(wrap=lambda store: _Deaf(store, []))  # type: ignore[arg-type, return-value]
+        b = await group.start(
+            wrap=lambda store: _Deaf(store, []),  # type: ignore[arg-type, return-value]
+            sync_interval=1.0,
+            worker_lease=1.0,
+        )
         node = FakeNode()
         token = await b.register(WorkerInfo("host-a"), node)
         result = await a.apply(fleet_of({"host-a": [("web-1", "a")]}))
@@ -399,3 +407,98 @@ async def test_registering_again_over_the_same_connection_keeps_it_open(
 
 async def _pushed(node: FakeNode, generation: int) -> bool:
     return [p.generation for p in node.pushed] == [generation]
+
+
+class _ReadRacesAWrite:
+    """A store whose first read of a worker returns what it read only
+    after ``during`` made a newer change the service heard of."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.during: Callable[[], Awaitable[None]] | None = None
+        self.heard: list[Change] = []  # what the service was told, in order
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def watch(
+        self,
+        on_change: OnChange,
+        on_health: OnHealth,
+        *,
+        task_status: Any = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        def told(change: Change) -> None:
+            on_change(change)
+            self.heard.append(change)
+
+        await self._store.watch(told, on_health, task_status=task_status)
+
+    async def worker(self, worker_id: str) -> Any:
+        stored = await self._store.worker(worker_id)
+        during, self.during = self.during, None
+        if during is not None:
+            await during()
+        return stored
+
+
+async def test_a_change_heard_while_the_worker_is_read_is_not_lost(
+    pg_url: str, fleet_of: FleetOf
+) -> None:
+    """a reloads host-a (notified); while that read is on its way, b stores
+    a newer status and a hears of it. a must read host-a again: no periodic
+    comparison here (an hour) would repair it."""
+    racy: list[_ReadRacesAWrite] = []
+
+    def wrap(store: Store) -> Store:
+        racy.append(_ReadRacesAWrite(store))
+        return racy[-1]  # type: ignore[return-value]
+
+    async with masters(pg_url, 0) as group:
+        a = await group.start(wrap=wrap, sync_interval=3600)
+        b = await group.start(sync_interval=3600)
+        result = await b.apply(fleet_of({"host-a": [("web-1", "a")]}))
+        token = await b.register(WorkerInfo("host-a"), FakeNode())
+        await eventually(lambda: _at(a, result.generation), "a heard of the apply")
+        await eventually(lambda: _version_seen(a, b, "host-a"), "a read host-a")
+
+        async def newer_status() -> None:
+            await b.report_status(token, WorkerStatus("host-a", 1, (running("web-1"),)))
+            newest = b._worker("host-a").version
+            with trio.fail_after(10):
+                while Change(ChangeKind.WORKER, newest, "host-a") not in racy[0].heard:
+                    await trio.sleep(0.01)
+
+        racy[0].during = newer_status
+        await b.report_status(token, WorkerStatus("host-a", 0))  # a reads, the race runs
+
+        async def caught_up() -> bool:
+            (worker,) = (await a.fleet_status()).workers
+            return worker.status == WorkerStatus("host-a", 1, (running("web-1"),))
+
+        await eventually(caught_up, "a has b's newest status")
+
+
+async def _version_seen(a: MasterService, b: MasterService, worker_id: str) -> bool:
+    return a._worker(worker_id).version >= b._worker(worker_id).version > 0
+
+
+async def test_a_report_is_judged_by_the_store_not_a_cache_behind_it(
+    pg_url: str, fleet_of: FleetOf
+) -> None:
+    """b knows the apply that took web-1 off host-a (its fleet caught up)
+    but not yet the removal that came with it (that worker state it has
+    not reread): host-a's report that it is stopping web-1 is checked
+    against the store before it is refused, and accepted."""
+    async with masters(pg_url, 1) as group:
+        a = group.services[0]
+        b = await group.start(wrap=lambda store: _Deaf(store, []), sync_interval=3600)  # type: ignore[arg-type, return-value]
+        first = await a.apply(fleet_of({"host-a": [("web-1", "a")]}))
+        token = await b.register(WorkerInfo("host-a"), FakeNode())
+        await b.report_status(token, WorkerStatus("host-a", first.generation, (running("web-1"),)))
+        second = await a.apply(fleet_of({"host-a": []}))
+        await b.apply(fleet_of({"host-a": []}), dry_run=True)  # b's fleet catches up
+        assert b.generation == second.generation
+        stopping = VmStatus("web-1", Phase.STOPPING, "h", "", 0, "", PowerState.RUNNING, "")
+        await b.report_status(token, WorkerStatus("host-a", first.generation, (stopping,)))
+        await b.report_events(token, [VmEvent("web-1", EventKind.STOPPED, "stopping")])
