@@ -7,13 +7,15 @@ request may have reached the master, a lost connection is retried with the
 same id for ``--retry-for`` seconds, and only then reported unknown (exit
 6) with the commands that find out or finish it. The apply itself is never
 cut short by its output: it is sent and answered whatever becomes of
-stdout.
+stdout; the ``--wait`` that follows is a read, and ends as soon as the
+reader of a pipe goes away (exit 141), as every read does.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import secrets
 import shlex
 import sys
@@ -38,6 +40,7 @@ from procurator.cli.exits import (
     EXIT_UNCONFIRMED,
     EXIT_UNKNOWN,
 )
+from procurator.cli.pipes import read_until_output_closed
 from procurator.cli.status import phase_counts
 from procurator.core.control import ApplyResult, FleetStatus
 from procurator.core.errors import LimitExceededError, ProcuratorError, UnavailableError
@@ -351,8 +354,16 @@ async def _apply(args: argparse.Namespace) -> int:
                         if note := _request_note(result, request_id, args, lost_since is not None):
                             print(note, file=sys.stdout)
                         if args.wait and not result.dry_run and result.changed:
-                            return await _wait_converged(
-                                client, result, args.timeout, args.interval, sys.stdout
+                            # A read: it ends when no one reads its output.
+                            return await read_until_output_closed(
+                                functools.partial(
+                                    _wait_converged,
+                                    client,
+                                    result,
+                                    args.timeout,
+                                    args.interval,
+                                    sys.stdout,
+                                )
                             )
                         return EXIT_OK
             now = trio.current_time()

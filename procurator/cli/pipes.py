@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import os
 import select
 import stat
 import sys
 from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
 
 import trio
 
-__all__ = ["discard_output", "output_closed", "run_reader"]
+__all__ = ["discard_output", "output_closed", "read_until_output_closed", "run_reader"]
+
+T = TypeVar("T")
 
 
 def _reader_gone(fd: int) -> bool:
@@ -87,11 +91,17 @@ async def run_reader(
     command: Callable[[argparse.Namespace], Awaitable[int]], args: argparse.Namespace
 ) -> int:
     """Run a read-only command, and stop it as soon as the reader of its
-    output goes away: ``events --follow | head -3`` ends when ``head`` does,
-    even if no event follows; ``main`` reports it as ``EXIT_OUTPUT_CLOSED``.
-    Only for commands that change nothing: a cancelled read leaves nothing
-    half done (``apply`` is not run this way, so an apply is always sent
-    and answered, whatever becomes of its output)."""
+    output goes away (``read_until_output_closed``)."""
+    return await read_until_output_closed(functools.partial(command, args))
+
+
+async def read_until_output_closed(read: Callable[[], Awaitable[T]]) -> T:
+    """Run ``read``, and stop it as soon as the reader of stdout goes away:
+    ``events --follow | head -3`` ends when ``head`` does, even if no event
+    follows; ``main`` reports it as ``EXIT_OUTPUT_CLOSED``. Only for reads,
+    which a cancellation leaves nothing half done of: ``apply`` sends its
+    request unwatched (it is always sent and answered, whatever becomes of
+    its output) and watches only its ``--wait``."""
 
     async def watch() -> None:
         await _until_output_closed()
@@ -99,6 +109,6 @@ async def run_reader(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch)
-        code = await command(args)
+        result = await read()
         nursery.cancel_scope.cancel()
-    return code
+    return result

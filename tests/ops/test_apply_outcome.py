@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 from fleethelpers import AddImage, FakeFleet
-from opshelpers import vm_config
+from opshelpers import until_reader_gone, vm_config
 
 from procurator.app.worker import WorkerConfig, run_worker
 from procurator.worker.link import LinkSettings
@@ -113,6 +113,39 @@ async def test_wait_does_not_hang_on_a_gone_worker_and_status_shows_it_until_it_
         await until("host-b unlisted", lambda: _unlisted(fake_fleet, "host-b"))
         text = await cli(fake_fleet, "status")
         assert "host-b" not in text.stdout
+        nursery.cancel_scope.cancel()
+
+
+async def test_wait_ends_when_its_reader_does(
+    fake_fleet: FakeFleet, add_image: AddImage, tmp_path: Path
+) -> None:
+    """``apply --wait | sed /observed/q`` ends once sed does, while the
+    worker it waits for is away: the reader takes every line up to the wait's
+    first and leaves; the wait is a read and stops then (exit 141), though
+    it has nothing more to print. The apply itself is stored whole."""
+    image = add_image("web-vm", vm_config())
+    one = f'[workers.host-b]\nvms = [ {{ id = "db-1", image = "{image}" }} ]\n'
+    two = one.replace(" ]\n", f', {{ id = "db-2", image = "{image}" }} ]\n')
+    (tmp_path / "two.toml").write_text(two)
+    async with trio.open_nursery() as nursery:
+        host_b = HostB(nursery, fake_fleet, tmp_path / "host-b")
+        await host_b.start()
+        result = await apply(fake_fleet, one, "--wait", "--timeout", "60")
+        assert result.returncode == 0, result.stdout + result.stderr
+        host_b.stop()
+        await until("host-b down", lambda: _down(fake_fleet, "host-b"))
+        lines = await trio.to_thread.run_sync(
+            lambda: until_reader_gone(
+                fake_fleet.env,
+                "apply two.toml --wait --timeout 600",
+                reader="sed /observed/q",
+                cwd=tmp_path,
+            )
+        )
+        assert "applied as generation 2" in lines[0], lines
+        assert lines[-2] == "  host-b: observed 1/2 (disconnected) [pending=1]", lines
+        assert lines[-1] == "procurator exited 141", lines
+        assert (await workers(fake_fleet))["host-b"]["desired_generation"] == 2
         nursery.cancel_scope.cancel()
 
 

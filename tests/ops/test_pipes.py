@@ -28,7 +28,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from fleethelpers import AddImage, FakeFleet
-from opshelpers import vm_config
+from opshelpers import until_reader_gone, vm_config
 
 EXIT_OUTPUT_CLOSED = 141
 MODES = ["buffered", "unbuffered"]
@@ -138,31 +138,9 @@ def test_follow_ends_when_its_reader_does(fake_fleet: FakeFleet, add_image: AddI
     event ever comes: the follower notices the reader leave while it waits."""
     image = add_image("follow-vm", vm_config())
     fake_fleet.apply_ok(f'[workers.host-a]\nvms = [ {{ id = "web-1", image = "{image}" }} ]\n')
-    shell = subprocess.Popen(
-        [
-            "bash",
-            "-c",
-            f'"{sys.executable}" -m procurator events --follow | head -n 1; '
-            'echo "follow exited ${PIPESTATUS[0]}"',
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=fake_fleet.env,
-        start_new_session=True,
-    )
-    try:
-        # A guard against hanging forever (the bug), not a measurement.
-        stdout, stderr = shell.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(shell.pid, signal.SIGKILL)
-        shell.communicate()
-        pytest.fail("events --follow went on after its reader was gone")
-    result = subprocess.CompletedProcess(shell.args, shell.returncode, stdout, stderr)
-    lines = result.stdout.splitlines()
-    assert len(lines) == 2 and "web-1" in lines[0], result.stdout + result.stderr
-    assert lines[1] == f"follow exited {EXIT_OUTPUT_CLOSED}", result.stdout + result.stderr
-    assert result.stderr == ""
+    lines = until_reader_gone(fake_fleet.env, "events --follow")
+    assert len(lines) == 2 and "web-1" in lines[0], lines
+    assert lines[1] == f"procurator exited {EXIT_OUTPUT_CLOSED}", lines
 
 
 @pytest.mark.root
