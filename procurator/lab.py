@@ -281,7 +281,7 @@ class Lab:
         return self.state_dir / "vms" / vm_id
 
     def serial(self, vm_id: str) -> str:
-        path = self.vm_dir(vm_id) / "serial.log"
+        path = self.vm_dir(vm_id) / "run" / "serial.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
     def wait_ready(self, vm_id: str, timeout: float = 60) -> str:

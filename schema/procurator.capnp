@@ -190,6 +190,9 @@ enum EventKind {
   removed @9;
   paused @10;
   resumed @11;
+  warning @12;
+  # Something holds only in part: a limit the worker could not enforce, a
+  # VMM not jailed. The VM runs; the message says what is missing.
 }
 
 struct VmEvent {

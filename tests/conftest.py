@@ -1,6 +1,6 @@
-"""Suite-wide rules: a test that leaves a VMM or procurator process, a tap
-device, a network namespace, a mount or a Nix GC root behind fails, whatever
-it asserted.
+"""Suite-wide rules: a test that leaves a VMM, jailer or procurator process,
+a tap device, a network namespace, a mount, a cgroup or a Nix GC root behind
+fails, whatever it asserted.
 
 Processes count only when they carry this session's marker in their
 environment (children inherit it), so two test runs on one machine never
@@ -12,6 +12,12 @@ them; tests make their taps inside their own namespaces).
 Mounts: every mount in ``/proc/self/mountinfo`` that was not there before,
 except a network namespace's ``/run/netns/<name>`` (judged as a namespace)
 and automounts (``autofs``, ``binfmt_misc``) the kernel makes on access.
+
+Cgroups: every VM cgroup a worker of this session makes lives under a
+parent named ``procurator-test-<token>`` (``PROCURATOR_CGROUP_PARENT``, set
+here, is the default of the worker's ``--cgroup-parent`` and of the tests'
+jails); any directory under such a parent, in any cgroup hierarchy, that was
+not there before the test, or such a parent left behind, is a leak.
 
 GC roots: an entry of Nix's ``gcroots/auto`` that is new and either dangles
 (the root link it records is gone: someone deleted a root's directory
@@ -34,14 +40,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from testnames import is_ours
+from testnames import TOKEN, is_ours
 
 _MARKER = f"PROCURATOR_TEST_SESSION={uuid.uuid4().hex}"
 os.environ["PROCURATOR_TEST_SESSION"] = _MARKER.split("=", 1)[1]
 _MARKER_BYTES = _MARKER.encode()
+_CGROUP_PARENT = f"procurator-test-{TOKEN}"
+os.environ["PROCURATOR_CGROUP_PARENT"] = _CGROUP_PARENT
 
 _OURS = re.compile(
-    rb"qemu-system|cloud-hypervisor"
+    rb"qemu-system|cloud-hypervisor|procurator/worker/_jailer\.py"
     rb"|procurator(\x00| )(master|worker)|-m\x00procurator\x00(master|worker)"
 )
 
@@ -110,6 +118,34 @@ def _mounts() -> set[str]:
     return found
 
 
+def _cgroup_mounts() -> list[Path]:
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    points = []
+    for line in lines:
+        fields = line.split()
+        if "-" in fields and fields[fields.index("-") + 1] in ("cgroup", "cgroup2"):
+            points.append(Path(fields[4]))
+    return points
+
+
+def _cgroups() -> set[str]:
+    """This session's cgroup parents and every directory under them."""
+    found: set[str] = set()
+    for mount in _cgroup_mounts():
+        for root, dirs, _ in os.walk(mount):
+            depth = len(Path(root).relative_to(mount).parts)
+            if Path(root).name == _CGROUP_PARENT:
+                found.add(root)
+                found.update(os.path.join(r, d) for r, ds, _ in os.walk(root) for d in ds)
+                dirs.clear()
+            elif depth >= 4:
+                dirs.clear()
+    return found
+
+
 def _gc_roots() -> dict[str, str]:
     """Entry name -> the root link it records, for Nix's ``gcroots/auto``."""
     found: dict[str, str] = {}
@@ -132,26 +168,27 @@ def _leaked_roots(before: dict[str, str], basetemp: str) -> set[str]:
     }
 
 
-def _snapshot() -> tuple[dict[int, str], set[str], set[str], set[str]]:
-    return _our_processes(), _taps(), _namespaces(), _mounts()
+def _snapshot() -> tuple[dict[int, str], set[str], set[str], set[str], set[str]]:
+    return _our_processes(), _taps(), _namespaces(), _mounts(), _cgroups()
 
 
 @pytest.fixture(autouse=True)
 def no_leaks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     basetemp = f"{tmp_path_factory.getbasetemp()}/"
-    procs_before, taps_before, ns_before, mounts_before = _snapshot()
+    procs_before, taps_before, ns_before, mounts_before, cgroups_before = _snapshot()
     roots_before = _gc_roots()
     yield
     # Processes may take a moment to be reaped after a test's teardown.
     deadline = time.monotonic() + 5.0
     while True:
-        procs, taps, namespaces, mounts = _snapshot()
+        procs, taps, namespaces, mounts, cgroups = _snapshot()
         leaked_procs = {p: c for p, c in procs.items() if p not in procs_before}
         leaked = {
             "processes": leaked_procs,
             "taps": taps - taps_before,
             "namespaces": namespaces - ns_before,
             "mounts": mounts - mounts_before,
+            "cgroups": cgroups - cgroups_before,
             "gc roots": _leaked_roots(roots_before, basetemp),
         }
         if not any(leaked.values()) or time.monotonic() > deadline:

@@ -19,7 +19,15 @@ from procurator.app.worker import (
     WorkerConfig,
     worker_main,
 )
-from procurator.cli.args import add_common, add_master_address, non_negative, positive, tls_files
+from procurator.cli.args import (
+    add_common,
+    add_master_address,
+    int_between,
+    non_negative,
+    positive,
+    tls_files,
+)
+from procurator.core.jail import JailPolicy
 from procurator.worker.link import LinkSettings
 from procurator.worker.runtime import DRIVERS, RuntimeOptions
 
@@ -155,8 +163,97 @@ def add_parser(sub: Any) -> None:
         "--health-interval allows, each VM's interval stretches to VMs / CHECKS_PER_S "
         "(40 s at 1,000 VMs by default), keeping the idle cost flat; 0: no cap (default: 25)",
     )
+    _add_jail_arguments(p)
     add_common(p, daemon=True)
     p.set_defaults(handler=lambda args: worker_main(worker_config(args)))
+
+
+def _uid_range(text: str) -> tuple[int, int]:
+    """``FIRST-LAST``: an inclusive range of uids."""
+    first, sep, last = text.partition("-")
+    try:
+        low, high = int(first), int(last)
+    except ValueError:
+        low = high = -1
+    if not sep or low < 1 or high < low:
+        raise argparse.ArgumentTypeError(f"must be FIRST-LAST (1 <= FIRST <= LAST), not {text}")
+    return low, high
+
+
+def _add_jail_arguments(p: argparse.ArgumentParser) -> None:
+    """How the worker jails its VMMs (procurator.worker.jail; docs/SECURITY.md)."""
+    policy = JailPolicy()
+    p.add_argument(
+        "--unconfined",
+        action="store_true",
+        help="run every VMM with this worker's privileges (root), its view of the host and "
+        "no resource limits, for debugging only: a guest that escapes its VMM then owns "
+        "the host. Logged as a warning, and each VM's events say it",
+    )
+    p.add_argument(
+        "--vmm-uids",
+        type=_uid_range,
+        default=(policy.uid_first, policy.uid_last),
+        metavar="FIRST-LAST",
+        help="the uids (each also a gid) VMMs run as, one per VM, kept for the VM's life; "
+        "give each worker on a host its own range (default: "
+        f"{policy.uid_first}-{policy.uid_last}, the start of systemd's unused range)",
+    )
+    p.add_argument(
+        "--vmm-memory-overhead",
+        type=int_between(16, 1 << 20),
+        default=policy.memory_overhead_mib,
+        metavar="MIB",
+        help="memory a VMM may use beyond its guest's: the VM's cgroup gets memory.max = "
+        f"guest memory + this, and a VMM past it is OOM-killed (default: "
+        f"{policy.memory_overhead_mib})",
+    )
+    p.add_argument(
+        "--cpu-overcommit",
+        type=positive,
+        default=policy.cpu_overcommit,
+        metavar="RATIO",
+        help="vCPUs sold per host CPU: a VM's cgroup gets cpu.max of its vCPUs / RATIO CPUs "
+        "(default: 1, a VM never uses more than its vCPUs' worth)",
+    )
+    p.add_argument(
+        "--vmm-pids-max",
+        type=int_between(8, 1 << 22),
+        default=policy.pids_max,
+        metavar="N",
+        help=f"tasks (threads included) a VMM's cgroup may hold (default: {policy.pids_max})",
+    )
+    p.add_argument(
+        "--cgroup-parent",
+        default=os.environ.get("PROCURATOR_CGROUP_PARENT", policy.cgroup_parent),
+        metavar="PATH",
+        help="where VM cgroups go: relative to the worker's own cgroup (cgroup v1) or to its "
+        "parent (v2), absolute with a leading /; each worker adds a directory of its own "
+        f"(default: $PROCURATOR_CGROUP_PARENT or {policy.cgroup_parent})",
+    )
+    p.add_argument(
+        "--vmm-runtime-path",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a file or directory a jailed VMM needs beyond what the worker finds (its "
+        "binary, libraries, data files): what a --vmm-binary wrapper script runs "
+        "(repeatable; a program named here brings its libraries)",
+    )
+
+
+def _jail_policy(args: argparse.Namespace) -> JailPolicy | None:
+    if args.unconfined:
+        return None
+    first, last = args.vmm_uids
+    return JailPolicy(
+        uid_first=first,
+        uid_count=last - first + 1,
+        memory_overhead_mib=args.vmm_memory_overhead,
+        cpu_overcommit=args.cpu_overcommit,
+        pids_max=args.vmm_pids_max,
+        cgroup_parent=args.cgroup_parent,
+    )
 
 
 def worker_config(args: argparse.Namespace) -> WorkerConfig:
@@ -178,6 +275,8 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         metrics_interval=args.metrics_interval,
         health_interval=args.health_interval,
         health_checks_per_second=args.health_budget,
+        jail=_jail_policy(args),
+        vmm_runtime_paths=tuple(args.vmm_runtime_path),
     )
     return WorkerConfig(
         worker_id=args.id,

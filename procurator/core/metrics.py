@@ -37,6 +37,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from procurator.core.errors import ValidationError
+from procurator.core.jail import Confinement
 from procurator.core.models import Phase
 
 __all__ = [
@@ -152,6 +153,29 @@ _SPECS: tuple[MetricSpec, ...] = (
     _spec(
         "procurator_vm_resident_memory_bytes", _G, _VM,
         "Resident memory of the VM's VMM process, guest memory it has touched included.",
+        reported=True,
+    ),
+    _spec(
+        "procurator_vm_confinement", _G, _VM,
+        "Whether a layer of the VMM's jail holds, read from the OS (1) or not (0): its own "
+        "uid, mount and pid namespaces, a seccomp filter, memory.max, cpu.max, pids.max.",
+        ("layer",), reported=True,
+    ),
+    _spec(
+        "procurator_vm_memory_limit_bytes", _G, _VM,
+        "memory.max of the VMM's cgroup (the guest's memory plus the VMM's overhead); absent "
+        "when no memory limit holds.",
+        reported=True,
+    ),
+    _spec(
+        "procurator_vm_cpu_limit_cpus", _G, _VM,
+        "cpu.max of the VMM's cgroup, in CPUs; absent when no CPU limit holds.",
+        reported=True,
+    ),
+    _spec(
+        "procurator_vm_pids_limit", _G, _VM,
+        "pids.max of the VMM's cgroup (tasks, threads included); absent when no task limit "
+        "holds.",
         reported=True,
     ),
     _spec(
@@ -360,6 +384,7 @@ class VmSnapshot:
     boot_seconds: float | None = None
     counters: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     usage: ProcessUsage | None = None
+    confinement: Confinement | None = None  # what the running VMM is confined by
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,6 +462,8 @@ def vm_samples(vm: VmSnapshot) -> list[MetricSample]:
         out.append(
             MetricSample("procurator_vm_resident_memory_bytes", float(vm.usage.rss_bytes), vm_id)
         )
+    if vm.confinement is not None:
+        out += _confinement_samples(vm_id, vm.confinement)
     for device in sorted(vm.counters):
         counters = vm.counters[device]
         if not isinstance(counters, Mapping):
@@ -445,6 +472,25 @@ def vm_samples(vm: VmSnapshot) -> list[MetricSample]:
             name = _DEVICE_COUNTERS.get(key)
             if name is not None and _is_counter_value(value):
                 out.append(MetricSample(name, float(value), vm_id, (("device", device),)))
+    return out
+
+
+def _confinement_samples(vm_id: str, seen: Confinement) -> list[MetricSample]:
+    out = [
+        MetricSample(
+            "procurator_vm_confinement", 1.0 if held else 0.0, vm_id, (("layer", layer.value),)
+        )
+        for layer, held in seen.enforced().items()
+    ]
+    limits = seen.limits
+    if limits.memory_bytes is not None:
+        out.append(
+            MetricSample("procurator_vm_memory_limit_bytes", float(limits.memory_bytes), vm_id)
+        )
+    if limits.cpus is not None:
+        out.append(MetricSample("procurator_vm_cpu_limit_cpus", limits.cpus, vm_id))
+    if limits.pids is not None:
+        out.append(MetricSample("procurator_vm_pids_limit", float(limits.pids), vm_id))
     return out
 
 

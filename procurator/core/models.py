@@ -79,6 +79,9 @@ class EventKind(enum.Enum):
     REMOVED = "removed"
     PAUSED = "paused"
     RESUMED = "resumed"
+    # Something holds only in part (a limit the worker could not enforce,
+    # a VMM not jailed); the VM runs.
+    WARNING = "warning"
 
 
 @dataclass(frozen=True, slots=True)

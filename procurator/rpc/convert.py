@@ -151,6 +151,7 @@ EVENT_KIND_NAMES = (
     "removed",
     "paused",
     "resumed",
+    "warning",
 )
 ERROR_CODE_NAMES = (
     "internal",

@@ -86,6 +86,7 @@ from pathlib import Path
 from procurator.core.backoff import RestartPolicy
 from procurator.core.errors import PermanentError, ProcuratorError, TemporaryError
 from procurator.core.models import VmEvent
+from procurator.worker.jail import Jail
 from procurator.worker.state import StateDir
 from procurator.worker.supervisor import VmSupervisor
 from procurator.worker.vmm.base import VmmDriver, VmmError, VmmRejected
@@ -114,7 +115,9 @@ class ManagerClosedError(TemporaryError):
 
 
 class VmManager:
-    """Runs one VMM per VM through ``driver``; state under ``state_dir``.
+    """Runs one VMM per VM through ``driver``; state under ``state_dir``;
+    each VMM in ``jail`` (``procurator.worker.jail``; None: unjailed, as
+    the worker's ``--unconfined``).
 
     ``on_change(observation, event)`` is called from supervisor threads, with
     no lock held, on every observable change; it must be quick and must not
@@ -130,10 +133,13 @@ class VmManager:
         timeouts: Timeouts | None = None,
         on_change: ChangeCallback | None = None,
         clock: Callable[[], float] = time.monotonic,
+        jail: Jail | None = None,
     ) -> None:
         self.state = StateDir(state_dir)
         self.state.prepare()
         self.driver = driver
+        # Every VMM is launched in it (None: --unconfined, as root).
+        self.jail = jail
         self.policy = policy or RestartPolicy()
         self.timeouts = timeouts or Timeouts()
         self.on_change = on_change

@@ -4,8 +4,16 @@ Layout under ``<state_dir>``::
 
     vms/<vm_id>/vm.json        durable: the spec last applied (what the VM *is*)
     vms/<vm_id>/handles.json   transient: pid, start ticks, API socket, driver
-    vms/<vm_id>/api.sock ...   the VMM's socket, event, log and serial files
+    vms/<vm_id>/jail.json      the VM's uid (procurator.worker.jail)
+    vms/<vm_id>/run/api.sock   the VMM's socket, event, log and serial files:
+        .../run/vmm.log ...    the only part of the VM's directory (with
+                               its disk copies) a jailed VMM may write
     locks/<vm_id>.lock         the VM's ownership lock (flock)
+
+The records (``vm.json``, ``handles.json``, ``jail.json``) are the
+worker's alone: a VMM that could rewrite them could make the next worker
+launch anything, so they live beside ``run/``, never in it. (A VMM started
+by a release before ``run/`` keeps its socket where its handle says.)
 
 Why the split: ``vm.json`` says what should exist and survives anything;
 ``handles.json`` says what *was* true when it was written and is never trusted
@@ -74,6 +82,9 @@ log = logging.getLogger(__name__)
 
 SPEC_FILE = "vm.json"
 HANDLES_FILE = "handles.json"
+#: What the VMM writes (its socket, event, log and serial files), apart from
+#: the worker's records: a jailed VMM may write here, never beside them.
+RUN_DIR = "run"
 
 
 class StateError(PermanentError):
@@ -231,12 +242,14 @@ class StateDir:
 
     def paths(self, vm_id: str) -> VmmPaths:
         vm_dir = self.vm_dir(vm_id)
+        run = vm_dir / RUN_DIR
         return VmmPaths(
             vm_dir=vm_dir,
-            api_socket=vm_dir / "api.sock",
-            event_file=vm_dir / "events.json",
-            log_file=vm_dir / "vmm.log",
-            serial_file=vm_dir / "serial.log",
+            api_socket=run / "api.sock",
+            event_file=run / "events.json",
+            log_file=run / "vmm.log",
+            serial_file=run / "serial.log",
+            run_dir=run,
         )
 
     def vm_ids(self) -> list[str]:

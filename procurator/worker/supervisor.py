@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING
 
 from procurator.core.backoff import RestartState
 from procurator.core.errors import PermanentError, ProcuratorError, TemporaryError
+from procurator.core.jail import Confinement
 from procurator.core.models import EventKind, Phase, PowerState, VmEvent
 from procurator.core.supervision import (
     Adopt,
@@ -69,6 +70,7 @@ from procurator.core.supervision import (
     decide,
 )
 from procurator.logs import bind
+from procurator.worker.jail import inspect as inspect_confinement
 from procurator.worker.state import HandlesRecord
 from procurator.worker.stopladder import StopLadder
 from procurator.worker.vmm import process
@@ -129,6 +131,9 @@ class VmSupervisor:
         # gives no mark or the state must be read again.
         self.known_state: tuple[Hashable, VmState] | None = None
         self.last_counters = -math.inf
+        # What the running VMM is confined by, read from the OS at its
+        # launch or re-adoption (None without a VMM).
+        self.confinement: Confinement | None = None
 
     # -- the loop ----------------------------------------------------------------
 
@@ -304,8 +309,11 @@ class VmSupervisor:
             )
             return
         self.ever_started = True
+        self._observe_confinement(live)
+        summary = self.confinement.summary() if self.confinement is not None else "?"
         self.pending = _Pending(
-            EventKind.READOPTED, f"re-adopted VMM pid {live.pid} running {record.hash or '?'}"
+            EventKind.READOPTED,
+            f"re-adopted VMM pid {live.pid} running {record.hash or '?'} ({summary})",
         )
         log.info("VM %s: re-adopted VMM pid %s", self.vm.vm_id, live.pid)
 
@@ -333,6 +341,7 @@ class VmSupervisor:
             )
         self.watch.close()
         self.handle = None
+        self.confinement = None
         self._note(vmm=None)
         with self.vm.cond:
             self.vm.handle = None
@@ -379,6 +388,13 @@ class VmSupervisor:
         """The VMM is gone without being asked to: a failure if ``counted``."""
         assert self.handle is not None and self.facts.vmm is not None
         pid = self.handle.pid
+        limit = self.confinement.limits.memory_bytes if self.confinement is not None else None
+        oom_why = (
+            f"it reached its memory.max ({limit // (1 << 20)} MiB: the guest's memory and "
+            "the VMM's overhead)"
+            if limit is not None
+            else "memory ran out in its cgroup"
+        )
         ended = self.driver.classify_exit(self.paths, self.handle)
         booted = self.facts.vmm.booted_hash
         target = self.facts.target
@@ -389,7 +405,11 @@ class VmSupervisor:
             return
         now = self.m.clock()
         self.restart = self.restart.failed(self.m.policy, now)
-        if ended is VmExit.POWERED_OFF:
+        oom = self.m.jail.oom_kills(self.vm.vm_id) if self.m.jail is not None else 0
+        if oom:
+            self.last_failure = f"VMM (pid {pid}) was killed by the kernel's OOM killer: {oom_why}"
+            ended = VmExit.CRASHED
+        elif ended is VmExit.POWERED_OFF:
             self.last_failure = f"VMM (pid {pid}) exited: the guest powered off"
         else:
             self.last_failure = f"VMM (pid {pid}) crashed (left its API socket behind)"
@@ -462,11 +482,21 @@ class VmSupervisor:
         """Where this VM's VMMs are born: what a dead one left is cleared,
         the launch is recorded before (``spawning``: the next owner looks
         for an unrecorded VMM if this worker dies now) and after (the
-        handle); a VMM whose handle cannot be recorded is stopped again."""
+        handle); a VMM whose handle cannot be recorded is stopped again.
+        The VMM is jailed (``procurator.worker.jail``: its uid, cgroup and
+        writable directories prepared here, under the VM's flock) unless
+        the worker runs ``--unconfined``; what it is really confined by is
+        read back once it runs (``_observe_confinement``)."""
         assert self.vm.flock is not None
         self._clear_leftovers()
         self.m.state.write_handles(self.vm.flock, HandlesRecord(self.driver.name, spawning=True))
-        handle = self.driver.launch(spec.definition, self.paths, timeout=self.t.spawn + self.t.boot)
+        jail = self.m.jail
+        vm_jail = (
+            jail.prepare(self.vm.vm_id, spec.definition, self.paths) if jail is not None else None
+        )
+        handle = self.driver.launch(
+            spec.definition, self.paths, timeout=self.t.spawn + self.t.boot, jail=vm_jail
+        )
         try:
             self.m.state.write_handles(
                 self.vm.flock, HandlesRecord(self.driver.name, handle=handle, hash=spec.hash)
@@ -474,7 +504,30 @@ class VmSupervisor:
         except BaseException:
             process.abort_launch(handle, grace=self.t.sigterm_wait)
             raise
+        self._observe_confinement(handle, notes=vm_jail.notes if vm_jail is not None else ())
         return handle
+
+    def _observe_confinement(self, handle: VmmHandle, *, notes: tuple[str, ...] = ()) -> None:
+        """Read what the VMM of ``handle`` is confined by, keep it for the
+        VM's observation, and say every layer that does not hold: a warning
+        event (once per VMM), never silence."""
+        jail = self.m.jail
+        try:
+            if jail is not None:
+                seen = jail.inspect(handle.pid)
+            else:
+                seen = inspect_confinement(handle.pid, jailed=False)
+        except VmmGone:
+            return  # exited meanwhile: reaped next
+        if notes:
+            seen = dataclasses.replace(seen, notes=notes)
+        self.confinement = seen
+        missing = seen.missing()
+        if missing:
+            what = "not confined (--unconfined)" if jail is None else "jail incomplete"
+            message = f"{what}: VMM pid {handle.pid}: " + "; ".join(missing)
+            log.warning("VM %s: %s", self.vm.vm_id, message)
+            self._publish_event(EventKind.WARNING, message)
 
     def _probe(self) -> None:
         """One health check; its answer (or silence) becomes facts."""
@@ -585,6 +638,9 @@ class VmSupervisor:
         try:
             how = self._ladder("VM removed") if self.handle is not None else "no VMM running"
             self._clear_leftovers()
+            if self.m.jail is not None:
+                # Its cgroup goes with it (and its uid is free again).
+                self.m.jail.release(self.vm.vm_id)
             assert self.vm.flock is not None
             self.m.state.remove_vm(self.vm.flock)
         except ProcuratorError as exc:
@@ -747,6 +803,13 @@ class VmSupervisor:
 
     # -- publishing --------------------------------------------------------------
 
+    def _publish_event(self, kind: EventKind, message: str) -> None:
+        """An event alone: the observation stays as it is."""
+        with self.vm.cond:
+            obs = self.vm.obs
+            op_id = self.vm.remove_op_id if self.vm.removing and self.vm.remove_op_id else obs.op_id
+        self.m._emit(obs, _event(self.vm.vm_id, kind, message, op_id))
+
     def _publish(
         self,
         phase: Phase,
@@ -772,6 +835,7 @@ class VmSupervisor:
                 restarts=self.restart.restarts,
                 pid=self.handle.pid if running and self.handle is not None else None,
                 observed_hash=vmm.booted_hash if running and vmm is not None else "",
+                confinement=self.confinement if running else None,
             )
             changed = obs != vm.obs
             vm.obs = obs

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from procurator.core.errors import ProcuratorError
+from procurator.core.jail import Confinement
 from procurator.core.models import Phase, PowerState, VmEvent
 from procurator.core.supervision import Target
 from procurator.core.vmdef import VmDefinition
@@ -115,6 +116,8 @@ class VmObservation:
     driver: str = ""
     image: str = ""
     address: str = ""
+    # What the running VMM is confined by, read from the OS (None: no VMM).
+    confinement: Confinement | None = None
 
     def for_spec(self, spec: VmSpec) -> VmObservation:
         """This observation of a VM that now converges to ``spec``."""

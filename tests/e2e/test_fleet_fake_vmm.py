@@ -58,7 +58,7 @@ def test_apply_wait_converges_replaces_and_reports_failures(
     config = json.loads((fake_fleet.state / "vms" / "web-1" / "vm.json").read_text())["config"]
     assert config["serial"] == {
         "mode": "File",
-        "file": str(fake_fleet.state / "vms" / "web-1" / "serial.log"),
+        "file": str(fake_fleet.state / "vms" / "web-1" / "run" / "serial.log"),
     }
 
     result = fake_fleet.apply(

@@ -40,12 +40,18 @@ file the test writes; re-read on every request, so it can change at run time):
   ignore_sigterm: true       SIGTERM does nothing (only SIGKILL ends it); read
                              when the signal arrives
   power_button_delay: s      how long the guest takes to power off (0.05)
+  allocate_after_boot: mib   right after vm.boot, allocate and touch this
+                             many MiB (an OOM test)
+  probe: {...}               at start, try what a jailed VMM must not be able
+                             to do and write what happened, as JSON, to
+                             ``probe.json`` beside the socket (see ``_probe``)
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import errno
 import fcntl
 import json
@@ -53,6 +59,7 @@ import os
 import signal
 import socket
 import socketserver
+import struct
 import sys
 import threading
 import time
@@ -331,6 +338,8 @@ class Handler(BaseHTTPRequestHandler):
             vmm.later(float(faults["crash_after_boot"]), vmm.crash)
         if "poweroff_after_boot" in faults:
             vmm.later(float(faults["poweroff_after_boot"]), vmm.guest_poweroff)
+        if "allocate_after_boot" in faults:
+            vmm.later(0.05, lambda: _allocate(int(faults["allocate_after_boot"])))
 
     def ep_vm_info(self, body: bytes, faults: dict[str, Any]) -> None:
         vmm = self.server.vmm
@@ -402,16 +411,174 @@ def _path_option(value: str) -> Path:
     raise argparse.ArgumentTypeError(f"expected path=<file>, got {value!r}")
 
 
+# x86_64 system calls a VMM has no business making: changing mounts and
+# namespaces, tracing, loading kernel code, keyrings, BPF, userfaultfd.
+_DENIED_SYSCALLS = (
+    101,  # ptrace
+    155,  # pivot_root
+    161,  # chroot
+    165,  # mount
+    166,  # umount2
+    167,  # swapon
+    168,  # swapoff
+    169,  # reboot
+    175,  # init_module
+    176,  # delete_module
+    246,  # kexec_load
+    248,  # add_key
+    249,  # request_key
+    250,  # keyctl
+    272,  # unshare
+    298,  # perf_event_open
+    304,  # open_by_handle_at
+    308,  # setns
+    313,  # finit_module
+    320,  # kexec_file_load
+    321,  # bpf
+    323,  # userfaultfd
+)
+
+
+def _install_seccomp() -> None:
+    """A classic-BPF seccomp filter: other architectures are killed, x32
+    calls and ``_DENIED_SYSCALLS`` fail with EPERM, the rest is allowed."""
+    ld_abs, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
+    allow, kill, deny = 0x7FFF0000, 0x80000000, 0x00050000 | errno.EPERM
+    count = len(_DENIED_SYSCALLS)
+    program = [
+        (ld_abs, 0, 0, 4),  # arch
+        (jeq, 1, 0, 0xC000003E),  # AUDIT_ARCH_X86_64
+        (ret, 0, 0, kill),
+        (ld_abs, 0, 0, 0),  # nr
+        (jge, count + 1, 0, 0x40000000),  # x32 ABI
+    ]
+    for index, number in enumerate(_DENIED_SYSCALLS):
+        program.append((jeq, count - index, 0, number))
+    program += [(ret, 0, 0, allow), (ret, 0, 0, deny)]
+    code = b"".join(struct.pack("HBBI", *instruction) for instruction in program)
+    buffer = ctypes.create_string_buffer(code)
+
+    class _Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    prog = _Prog(len(program), ctypes.addressof(buffer))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
+    if libc.prctl(22, 2, ctypes.byref(prog), 0, 0) != 0:  # PR_SET_SECCOMP, FILTER
+        raise OSError(ctypes.get_errno(), "PR_SET_SECCOMP")
+
+
+def _allocate(mib: int) -> None:
+    """Allocate ``mib`` MiB and write every page (a cgroup charges only the
+    pages a process touches), 16 MiB at a time."""
+    held = []
+    for _ in range(0, mib, 16):
+        held.append(bytearray(b"\x01") * (16 << 20))
+    time.sleep(3600)  # hold it: only the OOM killer should end this
+
+
+def _outcome(action: Any) -> str:
+    """``ok``, or the name of the errno ``action`` failed with."""
+    try:
+        action()
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno or 0, str(exc))
+    return "ok"
+
+
+def _read(path: str) -> None:
+    with open(path, "rb") as f:
+        f.read(1)
+
+
+def _write(path: str) -> None:
+    with open(path, "wb") as f:
+        f.write(b"escaped")
+
+
+def _connect(path: str) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(path)
+
+
+def _fork_until_refused(limit: int) -> dict[str, Any]:
+    children = []
+    error = "none"
+    try:
+        while len(children) < limit:
+            pid = os.fork()
+            if pid == 0:
+                time.sleep(60)
+                os._exit(0)
+            children.append(pid)
+    except OSError as exc:
+        error = errno.errorcode.get(exc.errno or 0, str(exc))
+    finally:
+        for pid in children:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                os.waitpid(pid, 0)
+    return {"forked": len(children), "error": error}
+
+
+def _probe(spec: dict[str, Any], out: Path) -> None:
+    """Try what a jailed VMM must fail to do; write every outcome to ``out``.
+
+    ``spec``: ``read`` / ``write`` / ``connect``: paths to open for reading,
+    create for writing, connect to as unix sockets; ``signal``: pids to
+    probe with signal 0; ``fork``: fork (sleeping children) until refused,
+    at most this many; ``setuid``: try to become root again."""
+    result: dict[str, Any] = {
+        "pid": os.getpid(),
+        "uid": os.getuid(),
+        "read": {p: _outcome(lambda p=p: _read(p)) for p in spec.get("read", ())},
+        "write": {p: _outcome(lambda p=p: _write(p)) for p in spec.get("write", ())},
+        "connect": {p: _outcome(lambda p=p: _connect(p)) for p in spec.get("connect", ())},
+        "signal": {str(p): _outcome(lambda p=p: os.kill(p, 0)) for p in spec.get("signal", ())},
+        "processes": sorted(int(e) for e in os.listdir("/proc") if e.isdigit()),
+    }
+    if spec.get("setuid"):
+        result["setuid"] = _outcome(lambda: os.setuid(0))
+        result["setgid"] = _outcome(lambda: os.setgid(0))
+        result["setgroups"] = _outcome(lambda: os.setgroups([0]))
+    if spec.get("fork"):
+        result["fork"] = _fork_until_refused(int(spec["fork"]))
+    with open("/proc/self/status") as f:
+        status = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+    result["capabilities"] = int(status["CapEff"].strip(), 16)
+    out.write_text(json.dumps(result))
+
+
+def _landlock_rule(value: str) -> str:
+    fields = dict(part.split("=", 1) for part in value.split(",") if "=" in part)
+    if set(fields) != {"path", "access"} or fields["access"] not in ("r", "w", "rw"):
+        raise argparse.ArgumentTypeError(f"expected path=<path>,access=r|w|rw, got {value!r}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="cloud-hypervisor")
     parser.add_argument("--api-socket", type=_path_option, required=True)
     parser.add_argument("--event-monitor", type=_path_option)
     parser.add_argument("--log-file", type=Path)
+    # cloud-hypervisor's own confinement, as a jailed launch asks for it:
+    # --seccomp installs the fake's own filter (a small deny list standing in
+    # for cloud-hypervisor's allow list, enough for /proc to show a filter and
+    # for the escape probes to meet it); Landlock rules are checked for shape.
+    parser.add_argument("--seccomp", choices=["true", "false", "log"], default="true")
+    parser.add_argument("--landlock", action="store_true")
+    parser.add_argument("--landlock-rules", type=_landlock_rule, action="append", default=[])
     parser.add_argument("-v", action="count", default=0)
     args = parser.parse_args()
 
+    if args.seccomp != "false":
+        _install_seccomp()
     vmm = Vmm(args.api_socket, args.event_monitor, args.log_file)
     faults = vmm.faults()
+    if faults.get("probe"):
+        _probe(faults["probe"], args.api_socket.parent / "probe.json")
     if faults.get("fail_start"):
         sys.stderr.write(f"Error: {faults['fail_start']}\n")
         sys.exit(1)

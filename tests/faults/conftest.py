@@ -101,7 +101,7 @@ def make_lab(images: Callable[..., str]) -> Iterator[Callable[..., FaultLab]]:
         finally:
             keep = os.environ.get("PROCURATOR_FAULT_KEEP_LOGS")
             if keep:
-                for log in [*lab.dir.glob("*.log"), *lab.state_dir.glob("vms/*/vmm.log")]:
+                for log in [*lab.dir.glob("*.log"), *lab.state_dir.glob("vms/*/run/vmm.log")]:
                     name = "-".join(log.relative_to(lab.dir).parts)
                     shutil.copy(log, Path(keep) / f"{lab.netns}-{name}")
             lab.close()

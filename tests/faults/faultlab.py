@@ -308,7 +308,7 @@ def leaks(lab: FaultLab, desired: Mapping[str, str], *, network: bool = True) ->
     problems += _differ(
         "sockets",
         (str(p.relative_to(state)) for p in state.rglob("*.sock")),
-        (f"vms/{v}/api.sock" for v in want),
+        (f"vms/{v}/run/api.sock" for v in want),
     )
     problems += _differ("VM lock files", (p.stem for p in state.glob("locks/*.lock")), want)
     problems += _differ(

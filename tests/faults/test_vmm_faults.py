@@ -33,7 +33,7 @@ MISSING = "/nix/store/0000000000000000000000000000000a-never-built-vm"
 
 
 def _write_faults(lab: FaultLab, vm_id: str, faults: dict[str, object]) -> Path:
-    path = lab.vm_dir(vm_id) / "api.sock.fault"
+    path = lab.vm_dir(vm_id) / "run" / "api.sock.fault"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(faults))
     tmp.replace(path)

@@ -19,8 +19,10 @@ from vmmhelpers import (
     Recorder,
     fake_driver,
     kill_all_under,
+    make_jail,
 )
 
+from procurator.worker.jail import Jail
 from procurator.worker.manager import VmManager
 from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver, default_transport
 
@@ -89,17 +91,29 @@ def recorder() -> Recorder:
 
 
 @pytest.fixture
+def jail(state_dir: Path) -> Iterator[Jail]:
+    """The test's worker's jail (and jailer, started on first use): every
+    manager of the test jails its VMMs, as a worker does unless
+    --unconfined."""
+    made = make_jail(state_dir)
+    yield made
+    made.close()
+
+
+@pytest.fixture
 def make_manager(
-    state_dir: Path, driver: CloudHypervisorDriver, recorder: Recorder
+    state_dir: Path, driver: CloudHypervisorDriver, recorder: Recorder, jail: Jail
 ) -> Iterator[ManagerFactory]:
     """Builds VmManagers on the test's state dir (fast timeouts, recording
-    changes). At teardown every VM they manage is removed and they are closed."""
+    changes, VMMs jailed unless ``jail=None``). At teardown every VM they
+    manage is removed and they are closed."""
     managers: list[VmManager] = []
 
     def make(**kwargs: Any) -> VmManager:
         kwargs.setdefault("timeouts", FAST)
         kwargs.setdefault("policy", FAST_POLICY)
         kwargs.setdefault("on_change", recorder)
+        kwargs.setdefault("jail", jail)
         manager = VmManager(
             kwargs.pop("state_dir", state_dir), kwargs.pop("driver", driver), **kwargs
         )

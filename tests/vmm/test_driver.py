@@ -15,6 +15,8 @@ import httpx
 import pytest
 from vmmhelpers import (
     FAKE,
+    GUEST,
+    NET,
     U64_MAX,
     ApiCalls,
     ApiValidator,
@@ -45,7 +47,7 @@ from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver
 def paths(state_dir: Path) -> VmmPaths:
     """The paths the worker gives VM ``vm`` (its directory made)."""
     paths = StateDir(state_dir).paths("vm")
-    paths.vm_dir.mkdir(parents=True)
+    paths.vmm_dir.mkdir(parents=True)
     return paths
 
 
@@ -55,8 +57,8 @@ def faults(paths: VmmPaths, **values: object) -> None:
 
 @pytest.fixture
 def vmm(driver: CloudHypervisorDriver, paths: VmmPaths) -> Iterator[VmmHandle]:
-    """A VMM running the VM of ``definition()``."""
-    handle = driver.launch(definition(), paths, timeout=20.0)
+    """A VMM running the VM of ``definition()`` with a NIC."""
+    handle = driver.launch(definition(net=[NET]), paths, timeout=20.0)
     yield handle
     process.terminate(handle.pid, handle.pid_start_ticks, grace=2.0)
 
@@ -92,7 +94,7 @@ def test_launch_boot_and_inspect(
         assert driver.state(handle, timeout=5.0) is VmState.RUNNING
         info = driver.info(handle, timeout=5.0)
         assert info is not None
-        assert info["config"]["payload"]["kernel"] == "/nix/store/aaaa-vm/vmlinux"
+        assert info["config"]["payload"]["kernel"] == str(GUEST / "vmlinux")
         assert info["config"] == config()  # the definition, rendered as the VmConfig
 
         driver.pause(handle, timeout=5.0)

@@ -63,7 +63,7 @@ def test_a_state_change_the_vmm_reports_is_seen_and_undone(
     manager = make_manager()
     obs = manager.ensure(VmSpec("vm1", "h1", definition()))
     _settle(api_calls, recorder, "vm.counters", 2)  # checks are counters-only now
-    with api_client(str(state_dir / "vms" / "vm1" / "api.sock")) as client:
+    with api_client(str(state_dir / "vms" / "vm1" / "run" / "api.sock")) as client:
         assert client.put(f"{API}/vm.pause").status_code == 204  # behind the worker's back
         window = _settle(api_calls, recorder, "vm.resume", 1)
         assert window.index("vm.info") < window.index("vm.resume"), window

@@ -35,6 +35,7 @@ from procurator.logs import ContextFilter
 from procurator.worker.manager import ManagerClosedError, Timeouts, VmSpec
 from procurator.worker.state import StateDir, VmLockedError
 from procurator.worker.vmm import process
+from procurator.worker.vmm.base import VmmPaths
 from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver
 
 HERE = Path(__file__).resolve().parent
@@ -47,7 +48,7 @@ def spec(vm_id: str = "vm1", hash: str = "h1", **kwargs: object) -> VmSpec:
 def vmms_of(state_dir: Path, vm_id: str) -> list[tuple[int, int]]:
     """(pid, start ticks) of every fake VMM serving the VM's API socket,
     found by its command line (not by the product's own mechanism)."""
-    return sorted(vmm_pids_under(state_dir / "vms" / vm_id / "api.sock").items())
+    return sorted(vmm_pids_under(state_dir / "vms" / vm_id / "run" / "api.sock").items())
 
 
 def alive(pid: int) -> bool:
@@ -160,7 +161,7 @@ def test_crash_is_restarted_with_backoff(
 
 
 def vmm_crashing(state_dir: Path) -> bool:
-    return (state_dir / "vms" / "vm1" / "api.sock.fault").exists()
+    return (state_dir / "vms" / "vm1" / "run" / "api.sock.fault").exists()
 
 
 def test_fast_crashes_show_as_crash_loop(
@@ -293,7 +294,7 @@ def test_stale_socket_of_a_vmm_that_crashed_while_the_worker_was_away_is_removed
     # The crash happens while no manager watches, so nothing can tidy the
     # socket away before the next owner meets it.
     first = make_manager()
-    sock = state_dir / "vms" / "vm1" / "api.sock"
+    sock = state_dir / "vms" / "vm1" / "run" / "api.sock"
     write_faults(state_dir, "vm1", {"legacy_bind": True})
     pid = first.ensure(spec()).pid
     first.close()
@@ -334,7 +335,7 @@ def test_a_rejected_config_fails_permanently_and_leaves_no_vmm(
     assert vmms_of(state_dir, "vm1") == []
     with pytest.raises(PermanentError):  # the same spec is not retried
         manager.ensure(spec())
-    (state_dir / "vms" / "vm1" / "api.sock.fault").unlink()
+    (state_dir / "vms" / "vm1" / "run" / "api.sock.fault").unlink()
     assert manager.ensure(spec(hash="h2")).phase is Phase.RUNNING  # a new spec is
 
 
@@ -449,7 +450,9 @@ def test_recover_kills_an_unrecorded_vmm_started_through_a_wrapper(
     wrapper = bin_dir / "chv wrapper"
     wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {FAKE} "$@"\n')
     wrapper.chmod(0o755)
-    driver = CloudHypervisorDriver(str(wrapper))
+    # What the wrapper runs is the operator's to name (--vmm-runtime-path):
+    # a jail shows the VMM nothing else.
+    driver = CloudHypervisorDriver(str(wrapper), runtime_paths=(sys.executable, str(FAKE)))
     try:
         first = make_manager(driver=driver)
         assert first.ensure(spec()).phase is Phase.RUNNING  # the wrapper works
@@ -473,10 +476,16 @@ def test_an_upgraded_worker_readopts_what_the_previous_release_started(
 ) -> None:
     """A worker upgraded in place meets a state dir the previous release
     wrote — vm.json format 1 (the config plus string labels), handles.json —
-    and a VMM that release launched (without today's launch marker). It
-    re-adopts that VMM, keeps its address and image, and manages it."""
-    paths = StateDir(state_dir).paths("vm1")
-    paths.vm_dir.mkdir(parents=True)
+    and a VMM that release launched (without today's launch marker, not
+    jailed, its files in the VM's directory rather than in run/). It
+    re-adopts that VMM, keeps its address and image, manages it, and says
+    that it runs unjailed until its next start."""
+    vm_dir = StateDir(state_dir).vm_dir("vm1")
+    vm_dir.mkdir(parents=True)
+    # That release's layout: no run/ directory.
+    paths = VmmPaths(
+        vm_dir, vm_dir / "api.sock", vm_dir / "events.json", vm_dir / "vmm.log", vm_dir / "s"
+    )
     argv = [sys.executable, str(FAKE), "--api-socket", f"path={paths.api_socket}"]
     argv += ["--event-monitor", f"path={paths.event_file}", "--log-file", str(paths.log_file)]
     shell = subprocess.run(
@@ -542,6 +551,9 @@ def test_an_upgraded_worker_readopts_what_the_previous_release_started(
     assert obs.pid == pid and obs.phase is Phase.RUNNING  # re-adopted, not restarted
     assert (obs.image, obs.address, obs.op_id) == ("/nix/store/x-web", "10.120.0.7", "op-old")
     assert EventKind.READOPTED in recorder.kinds("vm1")
+    assert obs.confinement is not None and not obs.confinement.jailed
+    [warning] = [e for e in recorder.events("vm1") if e.kind is EventKind.WARNING]
+    assert "jail incomplete" in warning.message and "runs as uid 0" in warning.message
     paused = manager.ensure(spec(power=PowerState.PAUSED, image=obs.image, address=obs.address))
     assert paused.phase is Phase.PAUSED and paused.pid == pid
     durable = json.loads((paths.vm_dir / "vm.json").read_text())
@@ -634,7 +646,7 @@ def test_counters_are_polled_and_served_without_io(
     before = api_calls.count()
     counters = manager.counters()
     assert api_calls.count() == before
-    assert set(counters["vm1"]) == {"disk0", "net0"}
+    assert set(counters["vm1"]) == {"disk0"}
     assert counters["vm1"]["disk0"]["read_latency_max"] > 0
     assert all(v != 2**64 - 1 for dev in counters["vm1"].values() for v in dev.values())
 

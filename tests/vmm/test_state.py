@@ -42,7 +42,7 @@ def test_spec_and_handles_round_trip(state: StateDir) -> None:
         state.clear_handles(lock)
         assert state.read_handles("vm1") is None
     assert state.vm_ids() == ["vm1"]
-    assert state.paths("vm1").api_socket == state.root / "vms" / "vm1" / "api.sock"
+    assert state.paths("vm1").api_socket == state.root / "vms" / "vm1" / "run" / "api.sock"
 
 
 def test_atomic_write_leaves_no_temporary_files(tmp_path: Path) -> None:

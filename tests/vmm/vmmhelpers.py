@@ -31,15 +31,42 @@ from openapi_core.templating.responses.exceptions import ResponseNotFound
 from openapi_core.testing import MockRequest, MockResponse
 
 from procurator.core.backoff import RestartPolicy
+from procurator.core.jail import JailPolicy
 from procurator.core.models import EventKind, VmEvent
 from procurator.core.vmdef import VmDefinition
+from procurator.worker import cgroups
+from procurator.worker.jail import Jail, Jailer, instance_name
 from procurator.worker.manager import Timeouts, VmManager, VmObservation
+from procurator.worker.state import StateDir
 from procurator.worker.vmm import process
 from procurator.worker.vmm._unix_http import UnixSocketTransport
+from procurator.worker.vmm.base import VmmPaths
 from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver, default_transport
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE = REPO / "tests" / "fakes" / "cloud-hypervisor-fake.py"
+#: Files a VM definition can name for the fake (which never reads them): a
+#: jail exposes only paths that exist.
+GUEST = REPO / "tests" / "fakes" / "guest"
+#: Where this session's VM cgroups go (tests/conftest.py sets it).
+CGROUP_PARENT = os.environ.get("PROCURATOR_CGROUP_PARENT", "procurator-test")
+
+
+def make_jail(state_dir: Path, jailer: Jailer | None = None, **policy: Any) -> Jail:
+    """A worker's jail on ``state_dir``, VM cgroups under this session's
+    parent (``jailer``: a shared jailer, else the jail starts its own)."""
+    policy.setdefault("cgroup_parent", CGROUP_PARENT)
+    return Jail(
+        JailPolicy(**policy),
+        state_dir,
+        cgroups=cgroups.detect(policy["cgroup_parent"], instance_name(state_dir)),
+        jailer=jailer,
+    )
+
+
+def vm_paths(state_dir: Path, vm_id: str) -> VmmPaths:
+    """The paths the worker gives VM ``vm_id``."""
+    return StateDir(state_dir).paths(vm_id)
 
 
 def fake_driver(**kwargs: Any) -> CloudHypervisorDriver:
@@ -76,19 +103,25 @@ FAST_POLICY = RestartPolicy(
 )
 
 
+#: A NIC for a VmConfig's ``net``. Its tap does not exist: only for VMMs
+#: launched without a jail (a jail gives the VM's tap to its uid, and
+#: refuses a tap that is not there).
+NET = {"tap": "vm-tap0", "mac": "52:54:00:12:34:56", "id": "net0"}
+
+
 def definition(**extra: Any) -> VmDefinition:
     """A plausible, already-confined VM (``config`` as a definition)."""
     return VmDefinition.from_vm_config(config(**extra))
 
 
 def config(**extra: Any) -> dict[str, Any]:
-    """A plausible, already-confined VmConfig (the JSON a VMM is given)."""
+    """A plausible, already-confined VmConfig (the JSON a VMM is given),
+    without a NIC (``NET``)."""
     base: dict[str, Any] = {
         "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
         "memory": {"size": 256 << 20},
-        "payload": {"kernel": "/nix/store/aaaa-vm/vmlinux", "cmdline": "console=ttyS0"},
-        "disks": [{"path": "/var/lib/procurator/disk.img", "id": "disk0"}],
-        "net": [{"tap": "vm-tap0", "mac": "52:54:00:12:34:56", "id": "net0"}],
+        "payload": {"kernel": str(GUEST / "vmlinux"), "cmdline": "console=ttyS0"},
+        "disks": [{"path": str(GUEST / "disk.img"), "id": "disk0", "readonly": True}],
         "serial": {"mode": "Off"},
         "console": {"mode": "Off"},
     }
@@ -291,9 +324,9 @@ ManagerFactory = Callable[..., VmManager]
 
 def write_faults(state_dir: Path, vm_id: str, faults: dict[str, Any]) -> Path:
     """Fault controls for the fake VMM of one VM (read on every request)."""
-    vm_dir = state_dir / "vms" / vm_id
-    vm_dir.mkdir(parents=True, exist_ok=True)
-    path = vm_dir / "api.sock.fault"
+    sock = StateDir(state_dir).paths(vm_id).api_socket
+    sock.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(f"{sock}.fault")
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(faults))
     tmp.replace(path)

@@ -12,14 +12,17 @@ import sys
 import threading
 from pathlib import Path
 
-from vmmhelpers import FAST, FAST_POLICY, definition, fake_driver
+from vmmhelpers import FAST, FAST_POLICY, definition, fake_driver, make_jail
 
 from procurator.worker.manager import VmManager, VmSpec
 
 
 def main() -> None:
     state_dir = Path(sys.argv[1])
-    manager = VmManager(state_dir, fake_driver(), timeouts=FAST, policy=FAST_POLICY)
+    # Its own jail and jailer, as a worker has: killing this process ends
+    # its jailer too (the jailer sees its socket close).
+    jail = make_jail(state_dir)
+    manager = VmManager(state_dir, fake_driver(), timeouts=FAST, policy=FAST_POLICY, jail=jail)
     pids = {}
     for vm_id in sys.argv[2:]:
         obs = manager.ensure(VmSpec(vm_id, "h1", definition()))

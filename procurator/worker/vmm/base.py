@@ -10,8 +10,11 @@ The port is launch-shaped, and every driver implements all of it:
 - ``check(definition)``: refuse, before anything is taken on the host, a
   definition this VMM cannot run as written (``VmmRejected`` naming every
   field). Pure.
-- ``launch(definition, paths)``: start a VMM running the VM and confirm it
-  runs; no process is left behind when it raises. How (a VMM that takes its
+- ``launch(definition, paths, jail=)``: start a VMM running the VM and
+  confirm it runs; no process is left behind when it raises. With a
+  ``VmmJail`` (``procurator.worker.jail``) the driver starts its VMM
+  through it, naming what only the driver knows (its runtime files, its
+  devices) and turning on the VMM's own syscall filter. How (a VMM that takes its
   config over its API after start, or one that takes it on its command
   line) is the driver's own business.
 - ``adopt(paths, recorded)``: the live VMM a previous owner recorded, or
@@ -39,12 +42,13 @@ never leak.
 from __future__ import annotations
 
 import enum
-from collections.abc import Hashable, Mapping
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from procurator.core.errors import PermanentError, TemporaryError
+from procurator.core.jail import VmPathsPlan
 from procurator.core.supervision import VmState
 from procurator.core.vmdef import VmDefinition
 
@@ -56,6 +60,7 @@ __all__ = [
     "VmmError",
     "VmmGone",
     "VmmHandle",
+    "VmmJail",
     "VmmPaths",
     "VmmRejected",
     "VmmTimeout",
@@ -106,13 +111,62 @@ class Capabilities:
 
 @dataclass(frozen=True, slots=True)
 class VmmPaths:
-    """Host paths the worker owns for one VM's VMM (all inside its VM dir)."""
+    """Host paths the worker owns for one VM's VMM. ``vm_dir`` is the VM's
+    directory (the worker's records; what the launch marker names);
+    ``run_dir``, inside it, holds what the VMM itself writes (its API
+    socket, event, log and serial files) and is all of the VM directory a
+    jailed VMM may write, with the VM's disk copies."""
 
     vm_dir: Path
     api_socket: Path
     event_file: Path
     log_file: Path
     serial_file: Path
+    run_dir: Path | None = None
+
+    @property
+    def vmm_dir(self) -> Path:
+        """Where the VMM's own files go (``run_dir``, else ``vm_dir``)."""
+        return self.run_dir if self.run_dir is not None else self.vm_dir
+
+
+class VmmJail(Protocol):
+    """The jail a VMM is launched in (``procurator.worker.jail.VmJail``,
+    made by the worker for one launch). A driver hands it what only the
+    driver knows; the jail adds the VM's own paths, its uid, its cgroup."""
+
+    @property
+    def uid(self) -> int: ...
+
+    @property
+    def gid(self) -> int: ...
+
+    @property
+    def vm(self) -> VmPathsPlan:
+        """The VM's own paths: writable directories, read-only paths, devices."""
+        ...
+
+    @property
+    def taps(self) -> tuple[str, ...]:
+        """The VM's taps (given to its uid)."""
+        ...
+
+    def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        log_path: Path,
+        env: Mapping[str, str] | None,
+        cwd: Path,
+        runtime: Sequence[str],
+        devices: Collection[str] = (),
+        timeout: float = 30.0,
+    ) -> tuple[int, int]:
+        """Start ``argv`` jailed, detached like ``process.launch_detached``;
+        its (pid, start ticks). ``runtime``: the program's runtime files
+        (``vmm.closure``); ``devices``: device nodes it needs beyond the
+        standard ones (e.g. ``/dev/kvm``)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,12 +211,22 @@ class VmmDriver(Protocol):
         VMM cannot run as written. No I/O."""
         ...
 
-    def launch(self, definition: VmDefinition, paths: VmmPaths, *, timeout: float) -> VmmHandle:
+    def launch(
+        self,
+        definition: VmDefinition,
+        paths: VmmPaths,
+        *,
+        timeout: float,
+        jail: VmmJail | None = None,
+    ) -> VmmHandle:
         """Start a VMM in its own session (so it outlives the worker), with
         the launch marker (``process.launch_env``), running the VM of
         ``definition``; confirm the VM runs; return the handle. ``timeout``
-        bounds the whole start. Raises ``VmmRejected`` (the VMM refused the
-        VM) or ``VmmError``, and then leaves no process behind."""
+        bounds the whole start. With ``jail``, the VMM is started through it
+        (``VmmJail.spawn``) and asked for its own syscall filter; without,
+        it runs with the worker's privileges (``--unconfined``). Raises
+        ``VmmRejected`` (the VMM refused the VM) or ``VmmError``, and then
+        leaves no process behind."""
         ...
 
     def adopt(self, paths: VmmPaths, recorded: VmmHandle) -> VmmHandle | None:

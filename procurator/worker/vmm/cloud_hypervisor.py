@@ -40,7 +40,9 @@ Nothing reads proxy settings from the environment: the socket is local and a
 stray ``HTTP_PROXY`` must not reroute VMM control.
 
 Processes: launched, waited for and, on a failed launch, stopped by the
-shared mechanics of ``procurator.worker.vmm.process``.
+shared mechanics of ``procurator.worker.vmm.process``; jailed
+(``procurator.worker.jail``) unless the worker runs ``--unconfined``, with
+cloud-hypervisor's own seccomp filter and Landlock rules on top (``argv``).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ from typing import Any
 import httpx
 
 from procurator.core.vmdef import VmDefinition
-from procurator.worker.vmm import process
+from procurator.worker.vmm import closure, process
 from procurator.worker.vmm._unix_http import UnixSocketTransport
 from procurator.worker.vmm.base import (
     Capabilities,
@@ -67,6 +69,7 @@ from procurator.worker.vmm.base import (
     VmmError,
     VmmGone,
     VmmHandle,
+    VmmJail,
     VmmPaths,
     VmmRejected,
     VmmTimeout,
@@ -94,6 +97,8 @@ ApiCallObserver = Callable[[str, float, bool], None]
 #: every request and answer against the API description).
 TransportFactory = Callable[[str], httpx.BaseTransport]
 
+#: Devices cloud-hypervisor opens (KVM), besides the VM's own (tap, rng).
+_DEVICES = ("/dev/kvm",)
 _BASE_URL = "http://localhost/api/v1"
 _HEADERS = {"Accept": "application/json", "User-Agent": "procurator"}
 _PRUNE_INTERVAL = 10.0
@@ -126,7 +131,8 @@ class CloudHypervisorDriver:
     interpreter runs, in tests), ``extra_args`` after the flags the driver
     owns; ``env`` replaces the VMM's environment when given. Every VMM gets
     ``process.launch_env``'s marker, by which it is recognised if its handle
-    was never recorded.
+    was never recorded. ``runtime_paths``: what a jailed VMM needs to see
+    beyond what ``vmm.closure`` finds (what a wrapper script runs).
     """
 
     name = "cloud-hypervisor"
@@ -141,6 +147,7 @@ class CloudHypervisorDriver:
         env: Mapping[str, str] | None = None,
         on_api_call: ApiCallObserver | None = None,
         transport_factory: TransportFactory = default_transport,
+        runtime_paths: Sequence[str] = (),
     ) -> None:
         if not binary:
             raise ValueError("cloud-hypervisor binary must not be empty")
@@ -148,18 +155,42 @@ class CloudHypervisorDriver:
         self.args = tuple(args)
         self.extra_args = tuple(extra_args)
         self.env = dict(env) if env is not None else None
+        self.runtime_paths = tuple(runtime_paths)
         self.on_api_call = on_api_call
         self._transport_factory = transport_factory
         # Leaf lock: guards _transports and _pruned_at only; never held across I/O.
         self._lock = threading.Lock()
         self._transports: dict[tuple[int, int], httpx.BaseTransport] = {}
         self._pruned_at = -_PRUNE_INTERVAL
+        # runtime_files(), found once; the lock is held while it is found
+        # (subprocesses: ldd, nix-store) and taken under no other.
+        self._runtime_lock = threading.Lock()
+        self._runtime: tuple[str, ...] | None = None
 
     # -- process -----------------------------------------------------------------
 
-    def argv(self, paths: VmmPaths) -> list[str]:
+    def argv(self, paths: VmmPaths, *, jail: VmmJail | None = None) -> list[str]:
+        """The command line of a VMM for ``paths``. Jailed: the binary by
+        absolute path, and cloud-hypervisor's own confinement on top of the
+        jail: its seccomp filter (``--seccomp true``, its default, said
+        explicitly) and Landlock limited to what the jail shows it
+        (``--landlock``, one ``--landlock-rules`` per path: the VM's
+        writable directories read-write, its read-only paths and devices
+        as they are needed)."""
+        binary = self.binary
+        confinement: list[str] = []
+        if jail is not None:
+            binary = self._executable()
+            confinement = ["--seccomp", "true", "--landlock"]
+            for path in jail.vm.writable:
+                confinement += ["--landlock-rules", f"path={path},access=rw"]
+            for path in jail.vm.readonly:
+                confinement += ["--landlock-rules", f"path={path},access=r"]
+            tun = ("/dev/net/tun",) if jail.taps else ()
+            for path in (*_DEVICES, *tun, *jail.vm.devices):
+                confinement += ["--landlock-rules", f"path={path},access=rw"]
         return [
-            self.binary,
+            binary,
             *self.args,
             "--api-socket",
             f"path={paths.api_socket}",
@@ -167,14 +198,39 @@ class CloudHypervisorDriver:
             f"path={paths.event_file}",
             "--log-file",
             str(paths.log_file),
+            *confinement,
             *self.extra_args,
         ]
+
+    def _executable(self) -> str:
+        """The binary as an absolute path (a name is looked up on PATH)."""
+        found = self.binary if os.sep in self.binary else shutil.which(self.binary)
+        if found is None or not os.access(found, os.X_OK):
+            raise VmmError(f"cannot start {self.binary!r}: not found or not executable")
+        return os.path.abspath(found)
+
+    def runtime_files(self) -> tuple[str, ...]:
+        """What the binary needs to run in a jail (``vmm.closure``), found
+        once per driver (by the first launch; the others wait for it)."""
+        with self._runtime_lock:
+            if self._runtime is None:
+                self._runtime = closure.runtime_files(
+                    self._executable(), self.args, extra=self.runtime_paths
+                )
+            return self._runtime
 
     def check(self, definition: VmDefinition) -> None:
         """Nothing to refuse: the definition's schema is cloud-hypervisor's
         ``VmConfig``, and every field it may hold is rendered."""
 
-    def launch(self, definition: VmDefinition, paths: VmmPaths, *, timeout: float) -> VmmHandle:
+    def launch(
+        self,
+        definition: VmDefinition,
+        paths: VmmPaths,
+        *,
+        timeout: float,
+        jail: VmmJail | None = None,
+    ) -> VmmHandle:
         deadline = time.monotonic() + timeout
         if len(os.fsencode(paths.api_socket)) > _MAX_SOCKET_PATH:
             raise VmmRejected(
@@ -184,19 +240,31 @@ class CloudHypervisorDriver:
         self._prune()
         if shutil.which(self.binary) is None:
             raise VmmError(f"cannot start {self.binary!r}: not found or not executable")
-        paths.vm_dir.mkdir(parents=True, exist_ok=True)
-        output = paths.vm_dir / "vmm.stdout"
+        paths.vmm_dir.mkdir(parents=True, exist_ok=True)
+        output = paths.vmm_dir / "vmm.stdout"
         logs = [(output, process.log_size(output)), (paths.log_file, 0)]
-        pid, ticks = process.launch_detached(
-            self.argv(paths), vm_dir=paths.vm_dir, log_path=output, env=self.env
-        )
+        argv = self.argv(paths, jail=jail)
+        if jail is None:
+            pid, ticks = process.launch_detached(
+                argv, vm_dir=paths.vm_dir, log_path=output, env=self.env
+            )
+        else:
+            pid, ticks = jail.spawn(
+                argv,
+                log_path=output,
+                env=self.env,
+                cwd=paths.vmm_dir,
+                runtime=self.runtime_files(),
+                devices=_DEVICES,
+                timeout=max(1.0, deadline - time.monotonic()),
+            )
         handle = VmmHandle(
             driver=self.name, pid=pid, pid_start_ticks=ticks, api_socket=str(paths.api_socket)
         )
         try:
             process.wait_for_api(
                 handle,
-                lambda seconds: self._ping_launched(handle, seconds),
+                lambda seconds: self._ping_launched(handle, seconds, jailed=jail is not None),
                 deadline=deadline,
                 who=f"cloud-hypervisor for {paths.vm_dir}",
                 logs=logs,
@@ -209,14 +277,19 @@ class CloudHypervisorDriver:
             raise
         return handle
 
-    def _ping_launched(self, handle: VmmHandle, timeout: float) -> None:
-        """``vmm.ping``, and the answer must come from the VMM just launched."""
+    def _ping_launched(self, handle: VmmHandle, timeout: float, *, jailed: bool) -> None:
+        """``vmm.ping``, and the answer must come from the VMM just launched:
+        its pid, or 1 when jailed (the VMM reports its pid as it sees it,
+        and a jailed VMM is pid 1 of its own pid namespace; a wrapper that
+        did not exec it would make it 2)."""
         pid = self.ping(handle, timeout=timeout).get("pid")
-        if isinstance(pid, int) and pid != handle.pid:
+        expected = 1 if jailed else handle.pid
+        if isinstance(pid, int) and pid != expected:
             raise VmmError(
                 f"{handle.api_socket} is served by pid {pid}, not by the VMM just "
-                f"started (pid {handle.pid}): another VMM owns this socket (or the "
-                "VMM binary is a wrapper that does not exec the VMM)"
+                f"started (pid {handle.pid}{', 1 in its jail' if jailed else ''}): another "
+                "VMM owns this socket (or the VMM binary is a wrapper that does not exec "
+                "the VMM)"
             )
 
     def adopt(self, paths: VmmPaths, recorded: VmmHandle) -> VmmHandle | None:
@@ -226,7 +299,7 @@ class CloudHypervisorDriver:
         """cloud-hypervisor removes its API socket when it exits cleanly (the
         guest powered off, ``vmm.shutdown``, SIGTERM); a crash leaves it."""
         self.forget(handle)
-        return VmExit.CRASHED if paths.api_socket.exists() else VmExit.POWERED_OFF
+        return VmExit.CRASHED if os.path.lexists(handle.api_socket) else VmExit.POWERED_OFF
 
     def clear_leftovers(self, paths: VmmPaths, *, unrecorded: bool, grace: float) -> None:
         if unrecorded:

@@ -36,7 +36,10 @@ Why it is shaped this way, and what always holds:
 
 Processes (launch, waiting for QMP, stopping a failed launch, stale
 sockets, log tails) are the shared mechanics of
-``procurator.worker.vmm.process``.
+``procurator.worker.vmm.process``. Jailed (``procurator.worker.jail``,
+unless the worker runs ``--unconfined``), QEMU starts as the VM's uid in
+its own namespaces with only its runtime files (``runtime_files``) and
+the VM's paths visible, under its own seccomp filter (``-sandbox``).
 
 Errors: socket and JSON failures become ``VmmTimeout`` / ``VmmGone`` /
 ``VmmError``; a QMP ``error`` reply and a definition QEMU cannot run become
@@ -60,7 +63,9 @@ import logging
 import math
 import os
 import re
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Hashable, Iterator, Mapping, Sequence
@@ -69,20 +74,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 from procurator.core.vmdef import Disk, Nic, VmDefinition, write_section
-from procurator.worker.vmm import process
+from procurator.worker.vmm import closure, process
 from procurator.worker.vmm.base import (
     Capabilities,
     VmExit,
     VmmError,
     VmmGone,
     VmmHandle,
+    VmmJail,
     VmmPaths,
     VmmRejected,
     VmmTimeout,
     VmState,
 )
 
-__all__ = ["Accel", "QemuDriver", "qemu_argv", "unsupported"]
+__all__ = ["SANDBOX", "Accel", "QemuDriver", "qemu_argv", "unsupported"]
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +130,11 @@ _NETDEV_PREFIX = "netdev-"
 _ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 _IMAGE_FORMATS = {"Raw": "raw", "Qcow2": "qcow2", "Vhdx": "vhdx", "FixedVhd": "vpc"}
+
+#: QEMU's own seccomp filter for a jailed QEMU: obsolete system calls,
+#: privilege changes (setuid...), process creation (fork, exec) and
+#: resource control (affinity, scheduler) refused on top of its base list.
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
 # --------------------------------------------------------------------------
@@ -200,11 +211,13 @@ def qemu_argv(
     binary: str = "qemu-system-x86_64",
     args: Sequence[str] = (),
     extra_cmdline_tcg: str = "tsc_early_khz=2600000",
+    sandbox: bool = False,
 ) -> list[str]:
     """The ``qemu-system-x86_64`` command line (``binary``, then ``args``)
     that starts the VM of ``definition`` paused (``-S``) with its QMP
     monitor on ``paths.api_socket``. Device ids: a disk's ``id`` (else
     ``_disk<i>``), the NIC's ``net0``; they key :meth:`QemuDriver.counters`.
+    ``sandbox``: QEMU's own seccomp filter (``SANDBOX``), for a jailed QEMU.
     Raises ``VmmRejected`` naming every part QEMU cannot honour
     (:func:`unsupported`)."""
     problems = unsupported(definition)
@@ -219,6 +232,8 @@ def qemu_argv(
     argv += ["-display", "none", "-S", "-accel", accel]
     if accel == "kvm":
         argv += ["-cpu", "host"]
+    if sandbox:
+        argv += ["-sandbox", SANDBOX]
     return [
         *argv,
         *_machine_args(definition, cmdline),
@@ -418,6 +433,32 @@ def _boot(target: _Target, session: _QmpSession) -> None:
         raise VmmError(f"{target}: QEMU reports {status!r} after cont")
 
 
+def _firmware_dirs(exe: str) -> list[str]:
+    """QEMU's firmware search path (``-L help``), the directories that exist."""
+    try:
+        result = subprocess.run(
+            [exe, "-L", "help"], capture_output=True, text=True, timeout=30.0, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise VmmError(f"cannot ask {exe} for its firmware directories: {exc}") from exc
+    dirs = [os.path.realpath(line.strip()) for line in result.stdout.splitlines() if line.strip()]
+    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+
+
+def _accel_modules(exe: str) -> list[str]:
+    """QEMU's accelerator modules (``accel-*.so``) where distributions put
+    its module directory next to the program (``<prefix>/lib/<triplet>/qemu``,
+    ``<prefix>/lib/qemu``, ``<prefix>/lib64/qemu``). Other modules (display,
+    audio, block protocols) are not needed by the VMs the driver starts."""
+    prefix = Path(os.path.realpath(exe)).parent.parent
+    found: list[str] = []
+    candidates = (*prefix.glob("lib/*-linux-*/qemu"), prefix / "lib/qemu", prefix / "lib64/qemu")
+    for directory in candidates:
+        if directory.is_dir():
+            found += sorted(str(p) for p in directory.glob("accel-*.so"))
+    return found
+
+
 def _kvm_usable(device: Path) -> bool:
     try:
         fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
@@ -447,7 +488,9 @@ class QemuDriver:
     hosts with a paravirtual KVM), ``"kvm"``, or ``"auto"`` (KVM when
     ``kvm_device`` opens read-write, else TCG). Under TCG,
     ``extra_cmdline_tcg`` is appended to the guest's cmdline (parameters the
-    cmdline already sets are kept as they are)."""
+    cmdline already sets are kept as they are). ``runtime_paths``: what a
+    jailed QEMU needs to see beyond what ``runtime_files`` finds (what a
+    wrapper script runs)."""
 
     name = DRIVER_NAME
     capabilities = Capabilities(state_marks=False, guest_clock=False)
@@ -460,6 +503,7 @@ class QemuDriver:
         args: Sequence[str] = (),
         extra_cmdline_tcg: str = "tsc_early_khz=2600000",
         kvm_device: Path = Path("/dev/kvm"),
+        runtime_paths: Sequence[str] = (),
     ) -> None:
         if accel not in ("tcg", "kvm", "auto"):
             raise ValueError(f"accel must be tcg, kvm or auto, not {accel!r}")
@@ -468,8 +512,37 @@ class QemuDriver:
         self._args = tuple(args)
         self._extra_cmdline_tcg = extra_cmdline_tcg
         self._kvm_device = kvm_device
+        self._runtime_paths = tuple(runtime_paths)
         self._guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
+        # runtime_files(), found once; the lock is held while it is found
+        # (subprocesses: ldd, qemu -L help) and taken under no other.
+        self._runtime_lock = threading.Lock()
+        self._runtime: tuple[str, ...] | None = None
+
+    def _executable(self) -> str:
+        """The binary as an absolute path (a name is looked up on PATH)."""
+        found = self._binary if os.sep in self._binary else shutil.which(self._binary)
+        if found is None or not os.access(found, os.X_OK):
+            raise VmmError(f"cannot start {self._binary!r}: not found or not executable")
+        return os.path.abspath(found)
+
+    def runtime_files(self) -> tuple[str, ...]:
+        """What QEMU needs to run in a jail: its program and libraries
+        (``vmm.closure``), its firmware directories (``-L help``: microvm
+        boots through ``qboot.rom``) and its accelerator modules (Debian
+        builds TCG as a module, ``accel-tcg-x86_64.so``) with their
+        libraries. Found once per driver (by the first launch; the others
+        wait for it)."""
+        with self._runtime_lock:
+            if self._runtime is None:
+                exe = self._executable()
+                extra = set(_firmware_dirs(exe)) | set(self._runtime_paths)
+                modules = _accel_modules(exe)
+                extra.update(modules)
+                extra.update(closure.elf_libraries(modules))
+                self._runtime = closure.runtime_files(exe, self._args, extra=extra)
+            return self._runtime
 
     @property
     def accel(self) -> Literal["tcg", "kvm"]:
@@ -485,9 +558,18 @@ class QemuDriver:
         if problems:
             raise VmmRejected("the VM's definition cannot run under QEMU", details=tuple(problems))
 
-    def launch(self, definition: VmDefinition, paths: VmmPaths, *, timeout: float) -> VmmHandle:
+    def launch(
+        self,
+        definition: VmDefinition,
+        paths: VmmPaths,
+        *,
+        timeout: float,
+        jail: VmmJail | None = None,
+    ) -> VmmHandle:
         """Start QEMU with the VM of ``definition`` in its own session, wait
-        for QMP, boot the guest (``cont``) and confirm it runs. Raises
+        for QMP, boot the guest (``cont``) and confirm it runs. Jailed (with
+        ``jail``), QEMU starts unprivileged (no ``-runas``: it never holds
+        root to drop) with its own seccomp filter (``SANDBOX``). Raises
         ``VmmRejected`` (a definition QEMU cannot run), ``VmmTimeout`` /
         ``VmmError``; never leaves a process behind then."""
         deadline = time.monotonic() + timeout
@@ -496,15 +578,27 @@ class QemuDriver:
             definition,
             paths,
             accel=accel,
-            binary=self._binary,
+            binary=self._binary if jail is None else self._executable(),
             args=self._args,
             extra_cmdline_tcg=self._extra_cmdline_tcg,
+            sandbox=jail is not None,
         )
-        paths.vm_dir.mkdir(parents=True, exist_ok=True)
+        paths.vmm_dir.mkdir(parents=True, exist_ok=True)
         logs = [(paths.log_file, process.log_size(paths.log_file))]
-        pid, ticks = process.launch_detached(
-            argv, vm_dir=paths.vm_dir, log_path=paths.log_file, cwd=paths.vm_dir
-        )
+        if jail is None:
+            pid, ticks = process.launch_detached(
+                argv, vm_dir=paths.vm_dir, log_path=paths.log_file, cwd=paths.vmm_dir
+            )
+        else:
+            pid, ticks = jail.spawn(
+                argv,
+                log_path=paths.log_file,
+                env=None,
+                cwd=paths.vmm_dir,
+                runtime=self.runtime_files(),
+                devices=("/dev/kvm",) if accel == "kvm" else (),
+                timeout=max(1.0, deadline - time.monotonic()),
+            )
         handle = VmmHandle(DRIVER_NAME, pid, ticks, str(paths.api_socket))
         log.info("VM %s: started qemu pid %d (%s)", paths.vm_dir.name, pid, accel)
         target = self._target(handle)
@@ -531,7 +625,7 @@ class QemuDriver:
         """QEMU removes its QMP socket when it exits cleanly (the guest
         powered off, ``quit``, SIGTERM); a crash or SIGKILL leaves it."""
         self._forget(handle)
-        return VmExit.CRASHED if paths.api_socket.exists() else VmExit.POWERED_OFF
+        return VmExit.CRASHED if os.path.lexists(handle.api_socket) else VmExit.POWERED_OFF
 
     def clear_leftovers(self, paths: VmmPaths, *, unrecorded: bool, grace: float) -> None:
         if unrecorded:
@@ -607,7 +701,11 @@ class QemuDriver:
 
     @staticmethod
     def _target(handle: VmmHandle) -> _Target:
-        return _Target(Path(handle.api_socket).parent.name, handle.api_socket)
+        # The socket is in the VM's run/ directory (in the VM's directory
+        # itself for a QEMU started before run/ existed).
+        where = Path(handle.api_socket).parent
+        label = where.parent.name if where.name == "run" else where.name
+        return _Target(label, handle.api_socket)
 
     def _lock_for(self, handle: VmmHandle) -> threading.Lock:
         with self._guard:

@@ -1,0 +1,684 @@
+"""VM cgroups: one per VMM, with memory, CPU and task limits, on cgroup v1
+or v2 behind one small interface.
+
+Layout. Each worker keeps its VMs' cgroups in a directory of its own,
+``<base>/<parent>/<instance>/<vm id>``: ``parent`` is ``JailPolicy.
+cgroup_parent`` (default ``procurator``), ``instance`` is the worker's
+own name for itself (a digest of its state directory, so two workers on a
+host never share one and one worker's sweep never touches another's VMs),
+and ``base`` is where the kernel lets a worker put them:
+
+- **v1** (one hierarchy per controller, ``/sys/fs/cgroup/<controller>``):
+  the worker's own cgroup in each hierarchy. v1 allows processes in inner
+  cgroups, so VM cgroups nest under the worker's: under systemd they stay
+  in the unit's cgroup (with ``KillMode=process``, as the NixOS module
+  sets, a restart of the worker leaves them alone), and they stay inside
+  whatever limits the worker itself runs under.
+- **v2** (one unified hierarchy): the *parent* of the worker's cgroup. v2
+  forbids processes in a cgroup whose controllers are enabled for its
+  children ("no internal processes"), so VMs go *beside* the worker: run
+  the worker in a delegated sub-cgroup (systemd: ``Delegate=cpu memory
+  pids`` and ``DelegateSubgroup=worker``) and its VMs live next to it in
+  the unit's cgroup. Controllers are enabled (``cgroup.subtree_control``)
+  from the hierarchy's root down to the VMs' parent; a level that refuses
+  (it holds processes, or the worker may not write it) leaves that
+  controller unenforced, and says so.
+- A ``parent`` starting with ``/`` is absolute in the hierarchy instead.
+
+Limits (``procurator.core.jail.ResourceLimits``), written when a VM's
+cgroup is made for a launch:
+
+- memory: v1 ``memory.limit_in_bytes`` (and ``memory.memsw.limit_in_bytes``
+  when swap is accounted: no swap beyond it); v2 ``memory.max``,
+  ``memory.swap.max`` 0 and ``memory.oom.group`` 1 (an OOM kills the
+  whole VMM, never half of it);
+- CPU: v1 ``cpu.cfs_quota_us`` per ``cpu.cfs_period_us``; v2 ``cpu.max``;
+- tasks: ``pids.max`` in both.
+
+A controller that is not there (not mounted, bound to the other version,
+not delegated) or a limit the kernel refuses is a note in the placement
+(the supervisor turns it into a warning event): never silence. What holds
+is read back from the VMM's own cgroup (``read_limits``) once it runs.
+
+A VM's cgroup is made fresh for each launch (an empty one left by the last
+VMM is removed first: its OOM count and charges start from zero) and
+removed with the VM (``remove``: processes still inside are killed first;
+they can only be that VM's). The VMM joins it itself, before it execs (the
+jail writes ``0`` to each ``cgroup.procs``), so everything it ever runs is
+inside from the first instruction.
+
+OOM: ``oom_kills`` reads the kernel's count of OOM kills in the cgroup
+(v1 ``memory.oom_control``, v2 ``memory.events``): a VMM that died with a
+count above zero was killed for reaching ``memory.max``.
+
+Threads: every method is thread-safe; ``_lock`` (a leaf) serialises the
+making and removing of directories, so a removal emptying the worker's
+directory never races a launch making its first VM cgroup in it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from procurator.core.errors import TemporaryError
+from procurator.core.jail import LimitsRead, ResourceLimits
+
+__all__ = [
+    "CONTROLLERS",
+    "CgroupBusyError",
+    "CgroupError",
+    "Cgroups",
+    "CgroupsV1",
+    "CgroupsV2",
+    "NoCgroups",
+    "Placement",
+    "detect",
+]
+
+log = logging.getLogger(__name__)
+
+CONTROLLERS = ("memory", "cpu", "pids")
+_UNLIMITED_V1 = 1 << 62  # memory.limit_in_bytes reads 9223372036854771712 when unset
+_MAX = "max"
+
+
+class CgroupError(TemporaryError):
+    """A VM's cgroup could not be made, read or removed."""
+
+
+class CgroupBusyError(CgroupError):
+    """A VM's cgroup still holds processes."""
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """A VM's cgroup made for a launch: ``join`` are the ``cgroup.procs``
+    files the VMM writes itself into; ``notes`` what could not be set."""
+
+    path: str
+    join: tuple[str, ...]
+    notes: tuple[str, ...] = ()
+
+
+class Cgroups(Protocol):
+    """One worker's VM cgroups (see the module docstring)."""
+
+    version: int  # 1, 2; 0 without cgroups
+
+    @property
+    def enforceable(self) -> frozenset[str]:
+        """The controllers of ``CONTROLLERS`` this worker can limit."""
+        ...
+
+    def describe(self) -> str: ...
+
+    def create(self, name: str, limits: ResourceLimits) -> Placement: ...
+
+    def remove(self, name: str, *, timeout: float = 5.0) -> None: ...
+
+    def names(self) -> list[str]: ...
+
+    def processes(self, name: str) -> set[int]: ...
+
+    def oom_kills(self, name: str) -> int: ...
+
+    def read_limits(self, pid: int) -> LimitsRead: ...
+
+    def close(self) -> None: ...
+
+
+# -- discovery ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Mount:
+    point: Path
+    root: str  # the cgroup this mount shows at its mount point
+    fstype: str
+    options: frozenset[str]
+
+
+def _mounts(mountinfo: str) -> list[_Mount]:
+    found = []
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if "-" not in fields:
+            continue
+        sep = fields.index("-")
+        fstype = fields[sep + 1]
+        if fstype not in ("cgroup", "cgroup2"):
+            continue
+        options = frozenset(fields[sep + 3].split(",")) if len(fields) > sep + 3 else frozenset()
+        point = fields[4].replace("\\040", " ")
+        found.append(_Mount(Path(point), fields[3], fstype, options))
+    return found
+
+
+def _own_cgroups(text: str) -> dict[str, str]:
+    """``/proc/<pid>/cgroup`` -> {controller (or "" for v2): path}."""
+    own: dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if not controllers:
+            own[""] = path
+        for controller in controllers.split(","):
+            if controller:
+                own[controller] = path
+    return own
+
+
+def _on_disk(mount: _Mount, path: str) -> Path | None:
+    """Where cgroup ``path`` (as /proc/<pid>/cgroup names it) is under
+    ``mount``; None when the mount does not show it."""
+    root = mount.root.rstrip("/")
+    if path != root and not path.startswith(root + "/") and root:
+        return None
+    rest = path[len(root) :].lstrip("/")
+    return mount.point / rest if rest else mount.point
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise CgroupError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def _write(path: Path, value: str) -> None:
+    # One write(2) of the whole value: cgroup files take one value per write.
+    # (O_CREAT: cgroupfs refuses to make a file that is not an interface
+    # file, which is reported like any refusal; a plain directory shaped like
+    # cgroupfs, in the tests, gets the file.)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise CgroupError(f"cannot open {path}: {exc.strerror or exc}") from exc
+    try:
+        os.write(fd, value.encode())
+    except OSError as exc:
+        raise CgroupError(f"cannot write {value!r} to {path}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+
+
+def _procs(directory: Path) -> set[int]:
+    try:
+        text = (directory / "cgroup.procs").read_text()
+    except FileNotFoundError:
+        return set()
+    except OSError as exc:
+        raise CgroupError(f"cannot read {directory / 'cgroup.procs'}: {exc.strerror}") from exc
+    return {int(line) for line in text.split()}
+
+
+def _kill_all(directory: Path) -> None:
+    for pid in _procs(directory):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _rmdir_when_empty(directory: Path, *, timeout: float) -> None:
+    """Remove cgroup ``directory``, killing what is still inside and waiting
+    (up to ``timeout``) for the kernel to let it go."""
+    deadline = time.monotonic() + timeout
+    delay = 0.002
+    while True:
+        try:
+            directory.rmdir()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise CgroupError(f"cannot remove cgroup {directory}: {exc.strerror}") from exc
+            if time.monotonic() >= deadline:
+                raise CgroupBusyError(
+                    f"cgroup {directory} still holds processes {sorted(_procs(directory))} "
+                    f"after {timeout:g} s"
+                ) from exc
+            _kill_all(directory)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+        else:
+            return
+
+
+def _rmdir_if_empty(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        directory.rmdir()
+
+
+def _check_name(name: str) -> None:
+    if not name or "/" in name or name in (".", "..") or name.startswith("cgroup."):
+        raise ValueError(f"not a VM cgroup name: {name!r}")
+
+
+def _relative(parent: str) -> tuple[bool, str]:
+    """(absolute?, the parent without surrounding slashes)."""
+    return parent.startswith("/"), parent.strip("/")
+
+
+class _Base:
+    """What both versions share: the worker's directory and its VMs."""
+
+    version = 0
+
+    def __init__(self, directories: Mapping[str, Path], notes: Iterable[str]) -> None:
+        # controller -> the worker's directory in the hierarchy that has it
+        # (v2: the one directory, under every controller it enforces).
+        self._dirs = dict(directories)
+        self._notes = tuple(notes)
+        self._lock = threading.Lock()
+
+    @property
+    def enforceable(self) -> frozenset[str]:
+        return frozenset(self._dirs)
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What this worker's cgroups cannot limit, and why."""
+        return self._notes
+
+    def _roots(self) -> list[Path]:
+        """The worker's directory in each hierarchy used, once each."""
+        return sorted(set(self._dirs.values()))
+
+    def names(self) -> list[str]:
+        found: set[str] = set()
+        for root in self._roots():
+            with contextlib.suppress(FileNotFoundError):
+                found.update(e.name for e in root.iterdir() if e.is_dir())
+        return sorted(found)
+
+    def processes(self, name: str) -> set[int]:
+        _check_name(name)
+        pids: set[int] = set()
+        for root in self._roots():
+            pids |= _procs(root / name)
+        return pids
+
+    def remove(self, name: str, *, timeout: float = 5.0) -> None:
+        _check_name(name)
+        with self._lock:
+            for root in self._roots():
+                _rmdir_when_empty(root / name, timeout=timeout)
+
+    def close(self) -> None:
+        """Remove the worker's directories if no VM cgroup is left in them
+        (and the parent's, if that was the last worker in it)."""
+        with self._lock:
+            for root in self._roots():
+                _rmdir_if_empty(root)
+                _rmdir_if_empty(root.parent)
+
+    def _fresh(self, directory: Path) -> None:
+        """``directory`` made anew (with its parents): an empty one left by
+        the last VMM is removed first; one that still holds processes is
+        refused."""
+        if directory.is_dir():
+            pids = _procs(directory)
+            if pids:
+                raise CgroupBusyError(
+                    f"cgroup {directory} still holds processes {sorted(pids)}: "
+                    "the VM's last VMM has not ended"
+                )
+            _rmdir_when_empty(directory, timeout=1.0)
+        for attempt in range(3):
+            try:
+                directory.parent.mkdir(parents=True, exist_ok=True)
+                directory.mkdir()
+            except FileExistsError:
+                return
+            except FileNotFoundError as exc:
+                # Another worker emptied and removed the shared parent
+                # between our two mkdirs: make it again.
+                if attempt == 2:
+                    raise CgroupError(
+                        f"cannot make cgroup {directory}: its parent vanishes"
+                    ) from exc
+            except OSError as exc:
+                raise CgroupError(f"cannot make cgroup {directory}: {exc.strerror}") from exc
+            else:
+                return
+
+
+class CgroupsV1(_Base):
+    """cgroup v1: one hierarchy per controller."""
+
+    version = 1
+
+    def describe(self) -> str:
+        held = ", ".join(f"{c} at {d}" for c, d in sorted(self._dirs.items())) or "no controller"
+        return f"cgroup v1 ({held})"
+
+    def create(self, name: str, limits: ResourceLimits) -> Placement:
+        _check_name(name)
+        notes = list(self._notes)
+        with self._lock:
+            for root in self._roots():
+                self._fresh(root / name)
+        by = {controller: root / name for controller, root in self._dirs.items()}
+        if "memory" in by:
+            d = by["memory"]
+            _try(notes, lambda: _write(d / "memory.limit_in_bytes", str(limits.memory_bytes)))
+            if (d / "memory.memsw.limit_in_bytes").exists():
+                _try(
+                    notes,
+                    lambda: _write(d / "memory.memsw.limit_in_bytes", str(limits.memory_bytes)),
+                )
+        if "cpu" in by:
+            d = by["cpu"]
+            _try(notes, lambda: _write(d / "cpu.cfs_period_us", str(limits.cpu_period_us)))
+            _try(notes, lambda: _write(d / "cpu.cfs_quota_us", str(limits.cpu_quota_us)))
+        if "pids" in by:
+            _try(notes, lambda: _write(by["pids"] / "pids.max", str(limits.pids)))
+        return Placement(
+            path=str(by.get("memory", next(iter(by.values()), Path()))),
+            join=tuple(str(d / "cgroup.procs") for d in sorted(set(by.values()))),
+            notes=tuple(notes),
+        )
+
+    def oom_kills(self, name: str) -> int:
+        _check_name(name)
+        if "memory" not in self._dirs:
+            return 0
+        return _field(self._dirs["memory"] / name / "memory.oom_control", "oom_kill")
+
+    def read_limits(self, pid: int) -> LimitsRead:
+        own = _own_cgroups(_read(Path(f"/proc/{pid}/cgroup")))
+        mounts = [m for m in _mounts(_read(Path("/proc/self/mountinfo"))) if m.fstype == "cgroup"]
+
+        def where(controller: str) -> Path | None:
+            for mount in mounts:
+                if controller in mount.options and controller in own:
+                    return _on_disk(mount, own[controller])
+            return None
+
+        memory = where("memory")
+        cpu = where("cpu")
+        pids = where("pids")
+        mem_value = _int_or_none(memory / "memory.limit_in_bytes") if memory else None
+        quota = _int_or_none(cpu / "cpu.cfs_quota_us") if cpu else None
+        period = _int_or_none(cpu / "cpu.cfs_period_us") if cpu else None
+        return LimitsRead(
+            version=1,
+            path=own.get("memory", ""),
+            memory_bytes=mem_value if mem_value is not None and mem_value < _UNLIMITED_V1 else None,
+            cpus=quota / period if quota is not None and quota > 0 and period else None,
+            pids=_int_or_none(pids / "pids.max") if pids else None,
+        )
+
+
+class CgroupsV2(_Base):
+    """cgroup v2: one unified hierarchy."""
+
+    version = 2
+
+    def __init__(
+        self, directory: Path, mount: Path, controllers: Iterable[str], notes: Iterable[str]
+    ) -> None:
+        self._directory = directory
+        self._mount = mount
+        super().__init__({c: directory for c in controllers}, notes)
+        if not self._dirs:
+            # No controller to limit with, but a cgroup of its own still
+            # tells the VMM's processes apart (the sweep finds them).
+            self._placement_only = True
+        else:
+            self._placement_only = False
+
+    def _roots(self) -> list[Path]:
+        return [self._directory]
+
+    def describe(self) -> str:
+        held = ", ".join(sorted(self._dirs)) or "no controller"
+        return f"cgroup v2 at {self._directory} ({held})"
+
+    def _enable(self, notes: list[str]) -> None:
+        """Enable the controllers for the children of every level from the
+        mount down to the worker's directory."""
+        wanted = set(self._dirs)
+        level = self._mount
+        chain = [level]
+        for part in self._directory.relative_to(self._mount).parts:
+            level = level / part
+            chain.append(level)
+        for index, directory in enumerate(chain):
+            if not wanted:
+                return
+            if index > 0:
+                with contextlib.suppress(FileExistsError):
+                    directory.mkdir()
+            enabled = set((_text_or_none(directory / "cgroup.subtree_control") or "").split())
+            for controller in sorted(wanted - enabled):
+                try:
+                    _write(directory / "cgroup.subtree_control", f"+{controller}")
+                except CgroupError as exc:
+                    notes.append(f"{controller}: not enforced: {exc.message}")
+                    wanted.discard(controller)
+
+    def create(self, name: str, limits: ResourceLimits) -> Placement:
+        _check_name(name)
+        notes = list(self._notes)
+        directory = self._directory / name
+        with self._lock:
+            self._directory.mkdir(parents=True, exist_ok=True)
+            self._enable(notes)
+            self._fresh(directory)
+        held = set(self._dirs) - {n.split(":", 1)[0] for n in notes}
+        if "memory" in held:
+            _try(notes, lambda: _write(directory / "memory.max", str(limits.memory_bytes)))
+            if (directory / "memory.swap.max").exists():
+                _try(notes, lambda: _write(directory / "memory.swap.max", "0"))
+            if (directory / "memory.oom.group").exists():
+                _try(notes, lambda: _write(directory / "memory.oom.group", "1"))
+        if "cpu" in held:
+            _try(
+                notes,
+                lambda: _write(
+                    directory / "cpu.max", f"{limits.cpu_quota_us} {limits.cpu_period_us}"
+                ),
+            )
+        if "pids" in held:
+            _try(notes, lambda: _write(directory / "pids.max", str(limits.pids)))
+        return Placement(
+            path=str(directory), join=(str(directory / "cgroup.procs"),), notes=tuple(notes)
+        )
+
+    def remove(self, name: str, *, timeout: float = 5.0) -> None:
+        _check_name(name)
+        directory = self._directory / name
+        kill = directory / "cgroup.kill"
+        with contextlib.suppress(CgroupError):
+            if kill.exists() and _procs(directory):
+                _write(kill, "1")
+        super().remove(name, timeout=timeout)
+
+    def oom_kills(self, name: str) -> int:
+        _check_name(name)
+        return _field(self._directory / name / "memory.events", "oom_kill")
+
+    def read_limits(self, pid: int) -> LimitsRead:
+        own = _own_cgroups(_read(Path(f"/proc/{pid}/cgroup"))).get("")
+        if own is None:
+            return LimitsRead()
+        mount = _Mount(self._mount, "/", "cgroup2", frozenset())
+        directory = _on_disk(mount, own)
+        if directory is None:
+            return LimitsRead()
+        memory = _int_or_none(directory / "memory.max")
+        cpu_max = _text_or_none(directory / "cpu.max")
+        cpus = None
+        if cpu_max is not None and not cpu_max.startswith(_MAX):
+            quota, _, period = cpu_max.partition(" ")
+            cpus = int(quota) / int(period or 100_000)
+        return LimitsRead(
+            version=2,
+            path=own,
+            memory_bytes=memory,
+            cpus=cpus,
+            pids=_int_or_none(directory / "pids.max"),
+        )
+
+
+class NoCgroups:
+    """No cgroup hierarchy this worker can use: nothing is limited, and
+    every placement says so."""
+
+    version = 0
+
+    def __init__(self, why: str) -> None:
+        self._why = why
+
+    @property
+    def enforceable(self) -> frozenset[str]:
+        return frozenset()
+
+    def describe(self) -> str:
+        return f"no cgroups ({self._why})"
+
+    def create(self, name: str, limits: ResourceLimits) -> Placement:
+        return Placement(path="", join=(), notes=(f"no cgroup limits: {self._why}",))
+
+    def remove(self, name: str, *, timeout: float = 5.0) -> None:
+        return None
+
+    def names(self) -> list[str]:
+        return []
+
+    def processes(self, name: str) -> set[int]:
+        return set()
+
+    def oom_kills(self, name: str) -> int:
+        return 0
+
+    def read_limits(self, pid: int) -> LimitsRead:
+        return LimitsRead()
+
+    def close(self) -> None:
+        return None
+
+
+def _try(notes: list[str], action: object) -> None:
+    assert callable(action)
+    try:
+        action()
+    except CgroupError as exc:
+        notes.append(exc.message)
+
+
+def _text_or_none(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _int_or_none(path: Path) -> int | None:
+    text = _text_or_none(path)
+    if text is None or text == _MAX:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _field(path: Path, key: str) -> int:
+    """``key``'s value in a flat-keyed cgroup file (``key value`` lines); 0
+    when the file or the key is not there."""
+    text = _text_or_none(path) or ""
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == key and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
+def detect(
+    parent: str,
+    instance: str,
+    *,
+    mountinfo: str | None = None,
+    own: str | None = None,
+) -> Cgroups:
+    """This host's cgroups for a worker whose VM cgroups go under
+    ``parent``/``instance`` (see the module docstring). v2 when the unified
+    hierarchy holds every controller of ``CONTROLLERS``; else v1 with those
+    that are mounted (the others noted); else v2 without controllers when
+    only that is mounted; else none. ``mountinfo`` and ``own`` (the text of
+    ``/proc/self/cgroup``) are for tests."""
+    _check_name(instance)
+    try:
+        mountinfo = mountinfo if mountinfo is not None else _read(Path("/proc/self/mountinfo"))
+        own = own if own is not None else _read(Path("/proc/self/cgroup"))
+    except CgroupError as exc:
+        return NoCgroups(exc.message)
+    mounts = _mounts(mountinfo)
+    own_paths = _own_cgroups(own)
+    absolute, rel = _relative(parent)
+    unified = next((m for m in mounts if m.fstype == "cgroup2"), None)
+    v2_controllers: set[str] = set()
+    if unified is not None:
+        with contextlib.suppress(OSError):
+            v2_controllers = set((unified.point / "cgroup.controllers").read_text().split())
+    if unified is not None and set(CONTROLLERS) <= v2_controllers:
+        return _v2(unified, own_paths.get("", "/"), absolute, rel, instance, CONTROLLERS, [])
+    directories: dict[str, Path] = {}
+    notes: list[str] = []
+    for controller in CONTROLLERS:
+        mount = next((m for m in mounts if m.fstype == "cgroup" and controller in m.options), None)
+        if mount is None:
+            notes.append(
+                f"{controller}: not enforced: no cgroup v1 hierarchy has the {controller} "
+                "controller" + (" (nor does the unified one)" if unified is not None else "")
+            )
+            continue
+        base = (
+            mount.point
+            if absolute
+            else _on_disk(mount, own_paths.get(controller, mount.root)) or mount.point
+        )
+        directories[controller] = base / rel / instance
+    if directories:
+        return CgroupsV1(directories, notes)
+    if unified is not None:
+        held = [c for c in CONTROLLERS if c in v2_controllers]
+        missing = [
+            f"{c}: not enforced: the unified hierarchy does not offer it"
+            for c in CONTROLLERS
+            if c not in v2_controllers
+        ]
+        return _v2(unified, own_paths.get("", "/"), absolute, rel, instance, held, missing)
+    return NoCgroups("no cgroup hierarchy is mounted")
+
+
+def _v2(
+    unified: _Mount,
+    own: str,
+    absolute: bool,
+    rel: str,
+    instance: str,
+    controllers: Iterable[str],
+    notes: list[str],
+) -> CgroupsV2:
+    if absolute:
+        base = unified.point
+    else:
+        here = _on_disk(unified, own) or unified.point
+        # Beside the worker, not under it: v2 allows no processes in a cgroup
+        # that hands controllers to its children.
+        base = here.parent if here != unified.point else here
+    return CgroupsV2(base / rel / instance, unified.point, controllers, notes)

@@ -1,0 +1,201 @@
+"""VM cgroups on v1 and v2.
+
+What runs for real where: this machine mounts cgroup v1 for ``memory``,
+``cpu`` and ``pids`` (and a unified v2 hierarchy that holds none of them),
+so the v1 driver is exercised on the real kernel (limits written and read
+back, a process placed, OOM count, removal with a process inside), and the
+v2 driver on the real unified hierarchy as far as it goes here (a cgroup
+made, a process placed and found, removed; no controller to limit with:
+each limit reported as not enforced). What v2 writes for its limits and
+controllers is checked against a directory shaped like cgroupfs, and the
+choice of hierarchy and directories (``detect``) against mount tables of
+each kind. Where a host mounts v2 with the controllers, the real v2 test
+limits for real (it detects what it has)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from testnames import TOKEN
+
+from procurator.core.jail import ResourceLimits
+from procurator.worker import cgroups
+from procurator.worker.cgroups import CgroupsV1, CgroupsV2, NoCgroups
+
+MIB = 1 << 20
+LIMITS = ResourceLimits(memory_bytes=320 * MIB, cpu_quota_us=150_000, pids=64)
+PARENT = os.environ.get("PROCURATOR_CGROUP_PARENT", f"procurator-test-{TOKEN}")
+
+HYBRID = """\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+33 31 0:30 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+"""
+HYBRID_OWN = "8:pids:/\n4:memory:/process_api/abc\n1:cpu:/\n0::/\n"
+
+
+def _unified(tmp_path: Path, controllers: str) -> str:
+    root = tmp_path / "unified"
+    root.mkdir()
+    (root / "cgroup.controllers").write_text(controllers + "\n")
+    return f"41 31 0:38 / {root} rw,relatime - cgroup2 cgroup2 rw\n"
+
+
+def test_a_hybrid_host_uses_v1_nested_in_the_workers_own_cgroups(tmp_path: Path) -> None:
+    found = cgroups.detect("procurator", "w-1", mountinfo=HYBRID, own=HYBRID_OWN)
+    assert isinstance(found, CgroupsV1) and found.enforceable == {"memory", "cpu", "pids"}
+    assert found.describe() == (
+        "cgroup v1 (cpu at /sys/fs/cgroup/cpu/procurator/w-1, "
+        "memory at /sys/fs/cgroup/memory/process_api/abc/procurator/w-1, "
+        "pids at /sys/fs/cgroup/pids/procurator/w-1)"
+    )
+    absolute = cgroups.detect("/vms", "w-1", mountinfo=HYBRID, own=HYBRID_OWN)
+    assert "memory at /sys/fs/cgroup/memory/vms/w-1" in absolute.describe()
+
+
+def test_a_missing_v1_controller_is_a_note(tmp_path: Path) -> None:
+    mountinfo = "\n".join(line for line in HYBRID.splitlines() if "pids" not in line)
+    found = cgroups.detect("procurator", "w-1", mountinfo=mountinfo, own=HYBRID_OWN)
+    assert isinstance(found, CgroupsV1) and found.enforceable == {"memory", "cpu"}
+    assert found.notes == (
+        "pids: not enforced: no cgroup v1 hierarchy has the pids controller "
+        "(nor does the unified one)",
+    )
+
+
+def test_v2_with_every_controller_goes_beside_the_worker(tmp_path: Path) -> None:
+    mountinfo = _unified(tmp_path, "cpuset cpu io memory hugetlb pids rdma misc")
+    own = "0::/system.slice/procurator-worker.service/worker\n"
+    found = cgroups.detect("procurator", "w-1", mountinfo=mountinfo, own=own)
+    assert isinstance(found, CgroupsV2)
+    assert found.describe() == (
+        f"cgroup v2 at {tmp_path}/unified/system.slice/procurator-worker.service/"
+        "procurator/w-1 (cpu, memory, pids)"
+    )
+    at_root = cgroups.detect("procurator", "w-1", mountinfo=mountinfo, own="0::/\n")
+    assert f"at {tmp_path}/unified/procurator/w-1 " in at_root.describe()
+
+
+def test_v2_without_controllers_still_places_and_says_what_is_not_enforced(
+    tmp_path: Path,
+) -> None:
+    mountinfo = _unified(tmp_path, "hugetlb")
+    found = cgroups.detect("procurator", "w-1", mountinfo=mountinfo, own="0::/\n")
+    assert isinstance(found, CgroupsV2) and found.enforceable == frozenset()
+    assert found.notes == tuple(
+        f"{c}: not enforced: the unified hierarchy does not offer it"
+        for c in ("memory", "cpu", "pids")
+    )
+
+
+def test_no_hierarchy_no_cgroups() -> None:
+    found = cgroups.detect("procurator", "w-1", mountinfo="", own="")
+    assert isinstance(found, NoCgroups)
+    placement = found.create("vm1", LIMITS)
+    assert placement.join == () and "no cgroup limits" in placement.notes[0]
+
+
+def _cgroupfs_tree(root: Path, levels: list[str], enabled: str) -> None:
+    """A directory shaped like cgroupfs from ``root`` down through ``levels``
+    (what a v2 worker reads and writes there)."""
+    directory = root
+    for level in ["", *levels]:
+        directory = directory / level if level else directory
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "cgroup.controllers").write_text("cpu memory pids\n")
+        (directory / "cgroup.subtree_control").write_text(enabled)
+
+
+def test_the_v2_writer_enables_controllers_and_writes_every_limit(tmp_path: Path) -> None:
+    root = tmp_path / "cgroup2"
+    _cgroupfs_tree(root, ["system.slice", "unit.service"], "cpu memory pids\n")
+    # One level lacks pids: the writer enables it there (one value per write).
+    (root / "system.slice" / "cgroup.subtree_control").write_text("cpu memory\n")
+    base = root / "system.slice" / "unit.service" / "procurator" / "w-1"
+    v2 = CgroupsV2(base, root, ["memory", "cpu", "pids"], [])
+    placement = v2.create("vm1", LIMITS)
+    assert (root / "system.slice" / "cgroup.subtree_control").read_text().startswith("+pids")
+    vm = base / "vm1"
+    assert placement.join == (str(vm / "cgroup.procs"),) and placement.path == str(vm)
+    assert (vm / "memory.max").read_text() == str(320 * MIB)
+    assert (vm / "cpu.max").read_text() == "150000 100000"
+    assert (vm / "pids.max").read_text() == "64"
+    assert placement.notes == ()
+
+
+def test_the_v1_driver_limits_places_and_removes_for_real(tmp_path: Path) -> None:
+    instance = f"w-{uuid.uuid4().hex[:8]}"
+    found = cgroups.detect(PARENT, instance)
+    if not isinstance(found, CgroupsV1):
+        pytest.skip(f"this host does not use cgroup v1 for the controllers: {found.describe()}")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        placement = found.create("vm1", LIMITS)
+        assert placement.notes == ()
+        for procs in placement.join:
+            Path(procs).write_text(str(sleeper.pid))
+        assert found.processes("vm1") == {sleeper.pid}
+        assert found.names() == ["vm1"]
+        limits = found.read_limits(sleeper.pid)
+        assert (limits.version, limits.memory_bytes, limits.cpus, limits.pids) == (
+            1,
+            320 * MIB,
+            1.5,
+            64,
+        )
+        assert found.oom_kills("vm1") == 0
+        # A cgroup that still holds a process is not made anew for a launch.
+        with pytest.raises(cgroups.CgroupBusyError):
+            found.create("vm1", LIMITS)
+        found.remove("vm1")  # kills what is inside: it can only be that VM's
+        assert sleeper.wait(timeout=10) == -9
+        assert found.names() == []
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        found.remove("vm1")
+        found.close()
+
+
+@pytest.fixture
+def unified() -> Iterator[Path]:
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields and fields[fields.index("-") + 1] == "cgroup2":
+            yield Path(fields[4])
+            return
+    pytest.skip("no cgroup2 hierarchy mounted")
+
+
+def test_the_v2_driver_places_and_removes_on_the_real_unified_hierarchy(unified: Path) -> None:
+    controllers = set((unified / "cgroup.controllers").read_text().split())
+    held = [c for c in cgroups.CONTROLLERS if c in controllers]
+    v2 = CgroupsV2(unified / PARENT / f"w-{uuid.uuid4().hex[:8]}", unified, held, [])
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        placement = v2.create("vm1", LIMITS)
+        Path(placement.join[0]).write_text(str(sleeper.pid))
+        assert v2.processes("vm1") == {sleeper.pid}
+        own = Path(f"/proc/{sleeper.pid}/cgroup").read_text()
+        assert f"0::/{PARENT}/" in own and own.rstrip().endswith("/vm1")
+        limits = v2.read_limits(sleeper.pid)
+        assert limits.version == 2
+        # What this hierarchy cannot limit is None, never a made-up figure.
+        assert (limits.memory_bytes is not None) == ("memory" in held)
+        assert (limits.pids is not None) == ("pids" in held)
+        v2.remove("vm1")
+        assert sleeper.wait(timeout=10) == -9
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        v2.remove("vm1")
+        v2.close()
