@@ -51,7 +51,6 @@ from procurator.core.control import ApplyResult
 from procurator.core.errors import ProcuratorError, StaleGenerationError
 from procurator.core.metrics import (
     CATALOGUE,
-    Family,
     FleetView,
     MetricSample,
     Scope,
@@ -62,6 +61,7 @@ from procurator.core.metrics import (
 from procurator.core.models import Phase
 from procurator.master.service import MasterService
 from procurator.master.store import Store
+from procurator.prometheus import to_metric
 
 __all__ = [
     "MAX_PENDING_APPLIES",
@@ -228,20 +228,10 @@ class MasterMetrics:
         if cached is not None and cached[0] is worker.samples:
             return cached[1], cached[2]
         families, dropped = group_samples(worker.samples, prefix=(("worker", worker.worker_id),))
-        metrics = [_to_metric(family) for family in families]
+        metrics = [to_metric(family) for family in families]
         with self._lock:
             self._relay_cache[worker.worker_id] = (worker.samples, metrics, dropped)
         return metrics, dropped
-
-
-def _to_metric(family: Family) -> Metric:
-    """A prometheus_client family from grouped rows; never mutated after."""
-    spec = family.spec
-    metric = Metric(spec.family, spec.help, spec.kind.value)
-    names = family.label_names
-    for values, value in family.rows:
-        metric.add_sample(spec.name, dict(zip(names, values, strict=True)), value)
-    return metric
 
 
 # -- the master's own work --------------------------------------------------------

@@ -40,16 +40,14 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Self
 
 import trio
-from prometheus_client import CollectorRegistry, Histogram, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, Histogram, generate_latest, make_wsgi_app
 from prometheus_client.metrics_core import Metric
 
-from procurator.core.errors import PermanentError, ProcuratorError, UnavailableError
+from procurator.core.errors import ProcuratorError, UnavailableError
 from procurator.core.metrics import (
     CATALOGUE,
-    Family,
     MetricKind,
     MetricSample,
     ProcessUsage,
@@ -61,10 +59,10 @@ from procurator.core.metrics import (
     vms_by_phase,
 )
 from procurator.core.models import Phase
+from procurator.prometheus import HttpServer, run_http_server, to_metric
 
 __all__ = [
     "MAX_LABEL_VALUES",
-    "MetricsServer",
     "UsageReader",
     "VmSource",
     "WorkerMetrics",
@@ -72,6 +70,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_WHAT = "worker metrics"  # how its HTTP server is named in errors and logs
 
 MAX_LABEL_VALUES = 32
 """Distinct endpoints / error kinds tracked before folding into ``other``."""
@@ -140,48 +139,6 @@ def read_process_usage(pid: int, start_ticks: int = 0) -> ProcessUsage | None:
     )
 
 
-# -- the HTTP endpoint ------------------------------------------------------------
-
-
-class MetricsServer:
-    """A running ``/metrics`` HTTP server (prometheus_client's WSGI app in
-    daemon threads). ``close`` stops it and frees the port; it is
-    idempotent and blocks for up to half a second (the serve loop's poll)."""
-
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
-        try:
-            self._httpd, self._thread = start_http_server(port, addr=host, registry=registry)
-        except OSError as exc:
-            raise PermanentError(
-                f"cannot serve worker metrics on {host}:{port}: {exc.strerror or exc}"
-            ) from exc
-        self._closed = False
-        self.host = host
-        self.port: int = self._httpd.server_port
-
-    @property
-    def url(self) -> str:
-        """``http://host:port/metrics`` as bound. A wildcard host (0.0.0.0,
-        ::) is not reachable from elsewhere: advertise a routable address
-        in ``WorkerInfo.metrics_url`` instead."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
 # -- the exporter ------------------------------------------------------------------
 
 
@@ -193,16 +150,6 @@ class _Published:
     snapshot: WorkerSnapshot
     samples: tuple[MetricSample, ...]  # per-VM, compact form
     phases: dict[Phase, int]
-
-
-def _to_metric(family: Family) -> Metric:
-    """A prometheus_client family from grouped rows (never mutated after)."""
-    spec = family.spec
-    metric = Metric(spec.family, spec.help, spec.kind.value)
-    names = family.label_names
-    for values, value in family.rows:
-        metric.add_sample(spec.name, dict(zip(names, values, strict=True)), value)
-    return metric
 
 
 def _bounded(value: str, seen: set[str]) -> str:
@@ -324,7 +271,7 @@ class WorkerMetrics:
             families, dropped = group_samples(published.samples)
             if dropped:  # vm_samples only makes catalogue samples: a bug if not
                 log.error("%d per-VM samples did not fit the metric catalogue", dropped)
-            metrics = tuple(_to_metric(f) for f in families)
+            metrics = tuple(to_metric(f) for f in families)
             self._families = (published, metrics)
             return metrics
 
@@ -416,28 +363,25 @@ class WorkerMetrics:
         """The text exposition format (what ``/metrics`` serves by default)."""
         return generate_latest(self.registry)
 
-    def serve(self, host: str = "0.0.0.0", port: int = 9301) -> MetricsServer:
-        """Serve ``/metrics`` on ``host:port`` (port 0: any free port; see
-        ``MetricsServer.port``) until ``close``. Raises ``PermanentError``
-        when the address cannot be bound."""
-        return MetricsServer(self.registry, host, port)
+    def serve(self, host: str = "0.0.0.0", port: int = 9301) -> HttpServer:
+        """Serve the exposition on ``host:port`` (port 0: any free port; see
+        ``HttpServer.port``) until ``close``; it answers on every path,
+        ``/metrics`` by convention. Raises ``PermanentError`` when the
+        address cannot be bound."""
+        return HttpServer(make_wsgi_app(self.registry), host, port, what=_WHAT)
 
     async def run_http(
         self,
         host: str = "0.0.0.0",
         port: int = 9301,
         *,
-        task_status: trio.TaskStatus[MetricsServer] = trio.TASK_STATUS_IGNORED,
+        task_status: trio.TaskStatus[HttpServer] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """``serve`` as a trio service: ``server = await nursery.start(
         metrics.run_http, host, port)``; stops when cancelled."""
-        server = self.serve(host, port)
-        try:
-            task_status.started(server)
-            await trio.sleep_forever()
-        finally:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(server.close)
+        await run_http_server(
+            make_wsgi_app(self.registry), host, port, what=_WHAT, task_status=task_status
+        )
 
     # -- the registry's collector interface ----------------------------------------
 

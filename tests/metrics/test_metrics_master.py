@@ -25,7 +25,7 @@ from procurator.core.metrics import (
     WorkerView,
 )
 from procurator.core.models import Phase
-from procurator.master.http import MasterHttpServer, run_master_http
+from procurator.master.http import run_master_http, serve_master_http
 from procurator.master.metrics import MasterMetrics
 from procurator.worker.metrics import WorkerMetrics
 
@@ -136,7 +136,7 @@ async def test_master_output_passes_promtool_and_relays(promtool: str) -> None:
 
 
 async def test_openmetrics_output_parses_strictly() -> None:
-    with MasterHttpServer(MasterMetrics(FakeFleet(_fleet())), "127.0.0.1", 0) as server:
+    with serve_master_http(MasterMetrics(FakeFleet(_fleet())), "127.0.0.1", 0) as server:
         async with httpx.AsyncClient() as client:
             response = await client.get(
                 server.url("/metrics"),
@@ -239,7 +239,7 @@ async def test_sd_healthz_and_errors(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_server_closes_cleanly() -> None:
     before = {t.name for t in threading.enumerate()}
-    server = MasterHttpServer(MasterMetrics(FakeFleet(_fleet())), "127.0.0.1", 0)
+    server = serve_master_http(MasterMetrics(FakeFleet(_fleet())), "127.0.0.1", 0)
     with httpx.Client() as client:
         assert client.get(server.url("/healthz")).status_code == 200
     server.close()

@@ -24,7 +24,8 @@ from procurator.core.metrics import FleetView, WorkerSnapshot, WorkerView
 from procurator.core.models import Phase
 from procurator.master.http import run_master_http
 from procurator.master.metrics import MasterMetrics
-from procurator.worker.metrics import MetricsServer, WorkerMetrics
+from procurator.prometheus import HttpServer
+from procurator.worker.metrics import WorkerMetrics
 
 WAIT = 90  # seconds: an upper bound for Prometheus to start and scrape, not a threshold
 
@@ -106,7 +107,7 @@ async def test_prometheus_discovers_and_scrapes_workers_and_master(
 
     log_path = tmp_path / "prometheus.log"
     async with trio.open_nursery() as nursery:
-        servers: dict[str, MetricsServer] = {}
+        servers: dict[str, HttpServer] = {}
         for worker_id, metrics in workers.items():
             servers[worker_id] = await nursery.start(metrics.run_http, "127.0.0.1", 0)
 
@@ -121,7 +122,7 @@ async def test_prometheus_discovers_and_scrapes_workers_and_master(
                         last_report_unix=1.0,
                         vms_by_phase={Phase.RUNNING: 1},
                         samples=tuple(workers[worker_id].to_report()),
-                        metrics_url=servers[worker_id].url,
+                        metrics_url=servers[worker_id].url("/metrics"),
                     )
                     for worker_id in sorted(workers)
                 )
@@ -153,7 +154,11 @@ async def test_prometheus_discovers_and_scrapes_workers_and_master(
                         await _wait_for_targets(
                             client,
                             base,
-                            {servers["w1"].url, servers["w2"].url, master.url("/metrics")},
+                            {
+                                servers["w1"].url("/metrics"),
+                                servers["w2"].url("/metrics"),
+                                master.url("/metrics"),
+                            },
                         )
                         # A worker metric, scraped from the worker directly,
                         # labelled by service discovery.

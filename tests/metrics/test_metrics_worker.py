@@ -75,7 +75,7 @@ async def test_http_output_passes_promtool_and_carries_the_snapshot(promtool: st
     async with trio.open_nursery() as nursery:
         server = await nursery.start(metrics.run_http, "127.0.0.1", 0)
         assert server.port > 0
-        response = await _get(server.url)
+        response = await _get(server.url("/metrics"))
         nursery.cancel_scope.cancel()
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
@@ -128,7 +128,8 @@ async def test_openmetrics_output_parses_strictly() -> None:
     metrics = _fed_metrics()
     with metrics.serve("127.0.0.1", 0) as server:
         response = await _get(
-            server.url, headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+            server.url("/metrics"),
+            headers={"Accept": "application/openmetrics-text; version=1.0.0"},
         )
     assert response.headers["content-type"].startswith("application/openmetrics-text")
     families = {f.name for f in openmetrics_families(response.text)}
@@ -194,7 +195,7 @@ async def test_proc_is_read_by_the_poller_only() -> None:
     async with trio.open_nursery() as nursery:
         server = await nursery.start(metrics.run_http, "127.0.0.1", 0)
         for _ in range(3):
-            assert (await _get(server.url)).status_code == 200
+            assert (await _get(server.url("/metrics"))).status_code == 200
         nursery.cancel_scope.cancel()
     assert len(reader.calls) == polled
     metrics.refresh(lambda: _source(vms), read_usage=reader)
@@ -338,13 +339,13 @@ def test_server_binds_any_port_and_frees_it_on_close() -> None:
     server = metrics.serve("127.0.0.1", 0)
     port = server.port
     with httpx.Client() as client:
-        assert client.get(server.url).status_code == 200
+        assert client.get(server.url("/metrics")).status_code == 200
     server.close()
     server.close()  # idempotent
     with socket.create_server(("127.0.0.1", port)):  # the port is free again
         pass
     with pytest.raises(httpx.ConnectError), httpx.Client() as client:
-        client.get(server.url)
+        client.get(server.url("/metrics"))
 
 
 def test_server_reports_an_address_in_use() -> None:
@@ -362,6 +363,6 @@ def test_ipv6_loopback_url() -> None:
     except PermanentError as exc:
         pytest.skip(f"no IPv6 loopback here: {exc}")
     with server:
-        assert server.url == f"http://[::1]:{server.port}/metrics"
+        assert server.url("/metrics") == f"http://[::1]:{server.port}/metrics"
         with httpx.Client() as client:
-            assert client.get(server.url).status_code == 200
+            assert client.get(server.url("/metrics")).status_code == 200
