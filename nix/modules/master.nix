@@ -1,15 +1,21 @@
-# NixOS module: the procurator master, one per fleet.
+# NixOS module: the procurator master.
 #
-# The master keeps the desired fleet under monotonic generations in SQLite
-# and pushes each worker its assignment over Cap'n Proto RPC; workers dial in
-# (so only the master needs an open port), `procurator apply` talks to the
-# same port. It also serves Prometheus metrics and HTTP service discovery for
-# the workers' exporters on a second port.
+# The master keeps the desired fleet under monotonic generations in its
+# database and pushes each worker its assignment over Cap'n Proto RPC;
+# workers dial in (so only the master needs an open port), `procurator
+# apply` talks to the same port. It also serves Prometheus metrics and HTTP
+# service discovery for the workers' exporters on a second port.
+#
+# The database is SQLite in the state directory (one master per fleet), or
+# PostgreSQL (`database = "postgresql://..."`): then several hosts run this
+# module against the same database and all serve (docs/HA.md); workers and
+# the CLI are given every master.
 #
 # The service runs as a systemd DynamicUser: it needs no privilege beyond its
 # own state directory (/var/lib/procurator-master, holding master.db), so the
 # unit is locked down hard. It restarts always: desired state and generations
-# live in SQLite and survive any restart; workers reconnect by themselves.
+# live in the database and survive any restart; workers reconnect by
+# themselves.
 {
   config,
   lib,
@@ -20,7 +26,10 @@ let
   cfg = config.services.procurator.master;
   net = import ../lib/net.nix;
   stateDirectory = "procurator-master";
-  database = "/var/lib/${stateDirectory}/master.db";
+  sqliteDatabase = "/var/lib/${stateDirectory}/master.db";
+  postgres =
+    builtins.substring 0 13 cfg.database == "postgresql://"
+    || builtins.substring 0 11 cfg.database == "postgres://";
   privilegedPorts = lib.any (port: port < 1024) [
     cfg.port
     cfg.metrics.port
@@ -67,6 +76,46 @@ in
       description = ''
         Cap'n Proto RPC port. Workers are started with
         `--master <this host>:<port>` (services.procurator.worker.master).
+      '';
+    };
+
+    database = lib.mkOption {
+      type = lib.types.str;
+      default = sqliteDatabase;
+      example = "postgresql://procurator@db.example:5432/procurator?sslmode=verify-full";
+      description = ''
+        The master's database: a SQLite file (the default, in the state
+        directory: one master per fleet), or a PostgreSQL URL, for several
+        masters on one database (docs/HA.md); the schema is created and
+        migrated when the master starts. Never put a password in the URL:
+        it would be world-readable in the Nix store; use `passwordFile`, a
+        client certificate (`sslcert`, `sslkey` parameters), or peer
+        authentication over the local socket
+        (`postgresql:///procurator?host=/run/postgresql`, as the dynamic user
+        `procurator-master`).
+      '';
+    };
+
+    passwordFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      example = "/run/secrets/procurator/pgpass";
+      description = ''
+        With a PostgreSQL `database`: a libpq password file
+        (`host:port:database:user:password` lines), handed to the master as a
+        systemd credential and named by `PGPASSFILE`. A host path, not a Nix
+        path.
+      '';
+    };
+
+    masterId = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      example = "master-a";
+      description = ''
+        This master's name in the database (sessions, the leader lease) and in
+        its logs; unique among the masters of one database. Null: the host
+        name and a random suffix, new at every start.
       '';
     };
 
@@ -208,6 +257,10 @@ in
         assertion = (cfg.tls.cert == null) == (cfg.tls.key == null) && (cfg.tls.key == null) == (cfg.tls.ca == null);
         message = "services.procurator.master.tls: set cert, key and ca together.";
       }
+      {
+        assertion = cfg.passwordFile == null || postgres;
+        message = "services.procurator.master.passwordFile needs a postgresql:// database.";
+      }
     ];
 
     # `procurator apply` and `procurator status` for people logged in here.
@@ -243,10 +296,20 @@ in
       description = "procurator master: desired fleet state for procurator workers";
       wantedBy = [ "multi-user.target" ];
       wants = [ "network-online.target" ];
-      after = [ "network-online.target" ];
+      # A PostgreSQL on this host starts first (one elsewhere is waited for
+      # by restarting: a master fails when its database cannot be reached).
+      after = [
+        "network-online.target"
+      ]
+      ++ lib.optionals (postgres && (config.services.postgresql.enable or false)) [
+        "postgresql.service"
+      ];
       # Restart=always means forever: never give up after a burst of failures.
       startLimitIntervalSec = 0;
-      environment.PYTHONUNBUFFERED = "1";
+      environment = {
+        PYTHONUNBUFFERED = "1";
+      }
+      // (if cfg.passwordFile != null then { PGPASSFILE = "%d/pgpass"; } else { });
       serviceConfig = {
         ExecStart = lib.escapeShellArgs (
           [
@@ -254,10 +317,14 @@ in
             "master"
             "--listen"
             (net.hostPort cfg.listenAddress cfg.port)
-            "--db"
-            database
+            "--database"
+            cfg.database
             "--metrics-listen"
             (net.hostPort cfg.metrics.listenAddress cfg.metrics.port)
+          ]
+          ++ lib.optionals (cfg.masterId != null) [
+            "--master-id"
+            cfg.masterId
           ]
           # The files come in as systemd credentials (%d: the unit's
           # credentials directory): root-only key files stay root-only,
@@ -272,11 +339,13 @@ in
           ]
           ++ cfg.extraArgs
         );
-        LoadCredential = lib.optionals (cfg.tls.cert != null) [
-          "tls-cert:${cfg.tls.cert}"
-          "tls-key:${cfg.tls.key}"
-          "tls-ca:${cfg.tls.ca}"
-        ];
+        LoadCredential =
+          lib.optionals (cfg.tls.cert != null) [
+            "tls-cert:${cfg.tls.cert}"
+            "tls-key:${cfg.tls.key}"
+            "tls-ca:${cfg.tls.ca}"
+          ]
+          ++ lib.optionals (cfg.passwordFile != null) [ "pgpass:${cfg.passwordFile}" ];
         Restart = "always";
         RestartSec = "2s";
         # Every connection is a descriptor: well above --max-connections.

@@ -8,6 +8,13 @@ and the Cap'n Proto server) to the master's service, store and metrics
   (the tests run it so); ``task_status.started`` gets the bound address.
 - ``master_main(config)`` is the ``procurator master`` process: logging,
   the open-file limit, run until SIGTERM or SIGINT.
+- ``migrate_database``, ``export_fleet``, ``import_fleet``: ``procurator
+  master migrate / export / import`` (moving a fleet from SQLite to
+  PostgreSQL: docs/HA.md).
+
+The database (``MasterConfig.db``) is a SQLite file, or a PostgreSQL URL
+for several masters on one database (``procurator.master.store``); its
+schema is migrated when the master starts.
 
 Before it creates or opens anything, a master refuses what it would
 refuse anyway (plaintext off loopback without ``insecure``, TLS files that
@@ -20,6 +27,7 @@ import contextlib
 import functools
 import logging
 import resource
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,14 +37,23 @@ from procurator import logs
 from procurator.app._process import host_port, run_until_signalled
 from procurator.master.http import run_master_http
 from procurator.master.metrics import MasterInstruments, MasterMetrics
-from procurator.master.service import MasterService
-from procurator.master.store import FleetStore
+from procurator.master.service import MasterService, default_master_id
+from procurator.master.store import FleetDump, Store, open_store
 from procurator.rpc.address import DEFAULT_PORT, Address, parse_address
 from procurator.rpc.bridge import open_bridge
 from procurator.rpc.master_server import DEFAULT_MAX_CONNECTIONS, serve_master
 from procurator.rpc.tls import TlsFiles, require_secure, server_context
 
-__all__ = ["DEFAULT_DB", "MASTER_METRICS_PORT", "MasterConfig", "master_main", "run_master"]
+__all__ = [
+    "DEFAULT_DB",
+    "MASTER_METRICS_PORT",
+    "MasterConfig",
+    "export_fleet",
+    "import_fleet",
+    "master_main",
+    "migrate_database",
+    "run_master",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +66,8 @@ class MasterConfig:
     """Everything a master is configured with (``procurator master``'s flags)."""
 
     listen: str = f"127.0.0.1:{DEFAULT_PORT}"  # "host:port" or "unix:/path"
-    db: Path = Path(DEFAULT_DB)
+    # A SQLite file (one master), or postgresql://... (several: docs/HA.md).
+    db: Path | str = Path(DEFAULT_DB)
     push_timeout: float = 10.0
     metrics_listen: str = ""  # "host:port" of /metrics and /sd; "" for none
     tls: TlsFiles | None = None  # mutual TLS; required off loopback unless insecure
@@ -57,6 +75,12 @@ class MasterConfig:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     log_level: str = "info"  # debug, info, warning, error
     log_format: str = "text"  # text or json
+    # Unique among the masters of one database; "": the host name and a
+    # random suffix (procurator.master.service.default_master_id).
+    master_id: str = ""
+    worker_lease: float = 30.0  # a session outlives its master's last renewal so long
+    leader_lease: float = 15.0  # procurator.master.leader
+    sync_interval: float = 5.0  # the periodic comparison with the database
 
 
 def master_main(config: MasterConfig) -> int:
@@ -82,9 +106,17 @@ async def run_master(
     elif not config.insecure:
         require_secure(address, None, insecure=False, what="the master listening on")
     metrics_at = host_port(config.metrics_listen) if config.metrics_listen else None
-    async with open_bridge() as bridge, await FleetStore.open(config.db) as store:
+    master_id = config.master_id or default_master_id()
+    async with open_bridge() as bridge, _opened(config.db, master_id) as store:
         instruments = MasterInstruments()
-        service = MasterService(instruments.store(store), push_timeout=config.push_timeout)
+        service = MasterService(
+            instruments.store(store),
+            push_timeout=config.push_timeout,
+            master_id=master_id,
+            worker_lease=config.worker_lease,
+            leader_lease=config.leader_lease,
+            sync_interval=config.sync_interval,
+        )
         async with trio.open_nursery() as nursery:
             await nursery.start(service.run)
             if metrics_at is not None:
@@ -97,6 +129,40 @@ async def run_master(
             )
             bound = await nursery.start(serve, bridge, instruments.backend(service), address)
             task_status.started(bound)
+
+
+@contextlib.asynccontextmanager
+async def _opened(database: Path | str, master_id: str = "") -> AsyncIterator[Store]:
+    """The store ``database`` names, open (its schema migrated)."""
+    store = await open_store(
+        str(database), application_name=f"procurator-master/{master_id or 'tool'}"
+    )
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+async def migrate_database(database: Path | str) -> str:
+    """Create or migrate the schema of ``database`` (what a master does when
+    it starts); returns the database's name for messages."""
+    async with _opened(database) as store:
+        return store.name
+
+
+async def export_fleet(database: Path | str) -> FleetDump:
+    """The durable part of ``database`` (``FleetDump``). A SQLite database
+    cannot be read while its master runs (it holds the file's lock)."""
+    async with _opened(database) as store:
+        return await store.export()
+
+
+async def import_fleet(database: Path | str, dump: FleetDump) -> str:
+    """Load ``dump`` into ``database``, which must be empty; returns its
+    name for messages."""
+    async with _opened(database) as store:
+        await store.import_dump(dump)
+        return store.name
 
 
 async def _serve_metrics(

@@ -32,6 +32,7 @@ import trio
 
 from procurator import __version__, logs
 from procurator.app._process import host_port, run_until_signalled
+from procurator.app.masters import master_addresses
 from procurator.core.errors import PermanentError
 from procurator.core.models import Capacity, WorkerInfo
 from procurator.core.validation import check_worker_id
@@ -41,7 +42,7 @@ from procurator.rpc.clients import CapnpMasterDialer
 from procurator.rpc.tls import TlsFiles
 from procurator.worker import daemon
 from procurator.worker.daemon import HandlerFactory, RecordingHandler, StatusPublisher
-from procurator.worker.link import LinkSettings, MasterLink
+from procurator.worker.link import FailoverDialer, LinkSettings, MasterDialer, MasterLink
 from procurator.worker.runtime import ReconcilingHandler, RuntimeOptions, resolve_driver
 
 __all__ = ["DEFAULT_STATE_DIR", "WORKER_METRICS_PORT", "WorkerConfig", "run_worker", "worker_main"]
@@ -59,7 +60,9 @@ class WorkerConfig:
 
     worker_id: str
     runtime: RuntimeOptions | None  # None: runs no VM, records assignments (tests)
-    master: str = DEFAULT_MASTER_ADDRESS  # "host:port" or "unix:/path"
+    # "host:port" or "unix:/path"; several masters of one database
+    # separated by commas, tried in turn (procurator.worker.link).
+    master: str = DEFAULT_MASTER_ADDRESS
     state_dir: Path = Path(DEFAULT_STATE_DIR)
     link: LinkSettings = field(default_factory=LinkSettings)  # resync, timeouts, backoff
     # The exporter URL the master lists for Prometheus' service discovery;
@@ -101,9 +104,19 @@ async def run_worker(
         metrics_url=_metrics_url(runtime, config.metrics_advertise),
         driver=runtime.driver if runtime is not None else "",
     )
+    addresses = master_addresses(config.master)
     async with open_bridge() as bridge:
-        dialer = CapnpMasterDialer(bridge, config.master, tls=config.tls, insecure=config.insecure)
-        logger.info("worker %s starting; master at %s", config.worker_id, dialer.address)
+        dialers = [
+            CapnpMasterDialer(bridge, address, tls=config.tls, insecure=config.insecure)
+            for address in addresses
+        ]
+        dialer: MasterDialer = dialers[0] if len(dialers) == 1 else FailoverDialer(dialers)
+        logger.info(
+            "worker %s starting; master%s at %s",
+            config.worker_id,
+            "s" if len(dialers) > 1 else "",
+            ", ".join(str(a) for a in addresses),
+        )
         await daemon.run_worker(
             dialer,
             info,

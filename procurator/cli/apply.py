@@ -5,10 +5,15 @@ Every apply carries a request id: the master never applies a request
 twice, and answers a committed one with that apply's result. So once the
 request may have reached the master, a lost connection is retried with the
 same id for ``--retry-for`` seconds, and only then reported unknown (exit
-6) with the commands that find out or finish it. The apply itself is never
-cut short by its output: it is sent and answered whatever becomes of
-stdout; the ``--wait`` that follows is a read, and ends as soon as the
-reader of a pipe goes away (exit 141), as every read does.
+6) with the commands that find out or finish it. Given several masters
+(``--master a,b,c``: masters of one database, docs/HA.md), a retry goes to
+the first that answers, which may be another: the request id is the
+database's, so it is still applied once; and ``--wait`` follows the workers
+through another master when the one it reads from goes away. Both say so on
+stderr. The apply itself is never cut short by its output: it is sent and
+answered whatever becomes of stdout; the ``--wait`` that follows is a read,
+and ends as soon as the reader of a pipe goes away (exit 141), as every
+read does.
 """
 
 from __future__ import annotations
@@ -26,10 +31,12 @@ from typing import Any, TextIO
 import trio
 
 from procurator import logs
+from procurator.app.masters import master_addresses
 from procurator.cli.args import (
+    MasterConnection,
     add_common,
     add_master_address,
-    control_from_args,
+    connect_master,
     non_negative,
     positive,
 )
@@ -47,9 +54,8 @@ from procurator.core.errors import LimitExceededError, ProcuratorError, Unavaila
 from procurator.core.fleet import parse_fleet
 from procurator.core.models import Fleet, Phase, WorkerDiff
 from procurator.core.validation import LIMITS, check_request_id
-from procurator.rpc.address import default_master_address
-from procurator.rpc.bridge import open_bridge
-from procurator.rpc.clients import ControlClient
+from procurator.rpc.address import Address, default_master_address
+from procurator.rpc.bridge import Bridge, open_bridge
 
 __all__ = ["add_parser"]
 
@@ -249,39 +255,73 @@ def _check_progress(status: FleetStatus, result: ApplyResult) -> _Progress:
 
 
 async def _wait_converged(
-    client: ControlClient, result: ApplyResult, timeout: float, interval: float, out: TextIO
+    bridge: Bridge,
+    args: argparse.Namespace,
+    connection: MasterConnection,
+    result: ApplyResult,
+    out: TextIO,
 ) -> int:
     """Blocking reads: each status is asked for with the change index of
     the one before, so the master answers when a report (or anything else)
-    changed it, not on a timer. ``interval`` paces the reads only with a
-    master that does not block (it answers change index 0). Returns the exit
+    changed it, not on a timer. ``args.interval`` paces the reads only with
+    a master that does not block (it answers change index 0). When the
+    master goes away, the wait goes on through the first of --master that
+    answers (each master's status is the database's). Returns the exit
     code: ``EXIT_OK``, ``EXIT_FAILED``, ``EXIT_UNCONFIRMED`` (see
     ``_check_progress``) or ``EXIT_TIMEOUT`` naming the workers waited for."""
+    timeout = args.timeout
     last: list[str] = []
     waiting_for: list[str] = []
     index = 0
+    client = connection.client
     deadline = trio.current_time() + timeout
-    with trio.move_on_after(timeout):
-        while True:
-            wait = deadline - trio.current_time()
-            status = await client.status(wait_index=index, wait=wait)
-            progress = _check_progress(status, result)
-            if progress.lines != last:
-                print("\n".join(progress.lines), file=out, flush=True)
-                last = progress.lines
-            waiting_for = progress.waiting_for
-            if (outcome := progress.outcome) is not None:
-                print(outcome.message, file=out if outcome.code == EXIT_OK else sys.stderr)
-                return outcome.code
-            index = status.change_index
-            if not index:
-                await trio.sleep(interval)
+    async with contextlib.AsyncExitStack() as stack:
+        with trio.move_on_after(timeout):
+            while True:
+                wait = deadline - trio.current_time()
+                try:
+                    status = await client.status(wait_index=index, wait=wait)
+                except UnavailableError as exc:
+                    print(
+                        f"procurator apply: lost the master at {connection.address} while "
+                        f"waiting ({exc}); waiting through another master",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    connection = await _reconnect(bridge, args, stack)
+                    client, index = connection.client, 0
+                    continue
+                progress = _check_progress(status, result)
+                if progress.lines != last:
+                    print("\n".join(progress.lines), file=out, flush=True)
+                    last = progress.lines
+                waiting_for = progress.waiting_for
+                if (outcome := progress.outcome) is not None:
+                    print(outcome.message, file=out if outcome.code == EXIT_OK else sys.stderr)
+                    return outcome.code
+                index = status.change_index
+                if not index:
+                    await trio.sleep(args.interval)
     print(
         f"timed out after {timeout:g}s waiting for generation {result.generation} from "
         + ", ".join(waiting_for),
         file=sys.stderr,
     )
     return EXIT_TIMEOUT
+
+
+async def _reconnect(
+    bridge: Bridge, args: argparse.Namespace, stack: contextlib.AsyncExitStack
+) -> MasterConnection:
+    """A connection to the first master that answers, trying again (with
+    doubling pauses) until one does; the caller's timeout bounds it."""
+    delay = _RETRY_FIRST_DELAY
+    while True:
+        try:
+            return await stack.enter_async_context(connect_master(bridge, args))
+        except UnavailableError:
+            await trio.sleep(delay)
+            delay = min(2 * delay, _RETRY_MAX_DELAY)
 
 
 # ---------------------------------------------------------------- the apply
@@ -329,17 +369,18 @@ async def _apply(args: argparse.Namespace) -> int:
     async with open_bridge() as bridge:
         lost_since: float | None = None
         delay = _RETRY_FIRST_DELAY
+        lost_at: Address | None = None
         while True:
             async with contextlib.AsyncExitStack() as stack:
                 try:
-                    client = await stack.enter_async_context(control_from_args(bridge, args))
+                    connection = await stack.enter_async_context(connect_master(bridge, args))
                 except UnavailableError as exc:
                     if lost_since is None:
                         raise  # nothing was sent
                     problem = exc
                 else:
                     try:
-                        result = await client.apply(
+                        result = await connection.client.apply(
                             fleet,
                             expected_generation=args.expect_generation,
                             dry_run=args.dry_run,
@@ -348,31 +389,38 @@ async def _apply(args: argparse.Namespace) -> int:
                     except UnavailableError as exc:
                         if args.dry_run:
                             raise
-                        problem = exc
+                        problem, lost_at = exc, connection.address
                     else:
                         _print_apply(result, args.file, sys.stdout)
                         if note := _request_note(result, request_id, args, lost_since is not None):
                             print(note, file=sys.stdout)
+                        if lost_at is not None and lost_at != connection.address:
+                            print(
+                                f"request {request_id} answered by the master at "
+                                f"{connection.address} (the one at {lost_at} was lost)",
+                                file=sys.stderr,
+                            )
                         if args.wait and not result.dry_run and result.changed:
                             # A read: it ends when no one reads its output.
                             return await read_until_output_closed(
                                 functools.partial(
-                                    _wait_converged,
-                                    client,
-                                    result,
-                                    args.timeout,
-                                    args.interval,
-                                    sys.stdout,
+                                    _wait_converged, bridge, args, connection, result, sys.stdout
                                 )
                             )
                         return EXIT_OK
             now = trio.current_time()
             if lost_since is None:
                 lost_since = now
+                where = f" at {lost_at}" if lost_at is not None else ""
+                others = (
+                    " (on the first of --master that answers)"
+                    if len(master_addresses(args.master)) > 1
+                    else ""
+                )
                 print(
-                    f"procurator apply: lost the master after sending request {request_id} "
-                    f"({problem}); retrying with the same request id for up to "
-                    f"{args.retry_for:g} s (the master never applies a request twice)",
+                    f"procurator apply: lost the master{where} after sending request "
+                    f"{request_id} ({problem}); retrying with the same request id for up to "
+                    f"{args.retry_for:g} s{others}: it is never applied twice",
                     file=sys.stderr,
                     flush=True,
                 )

@@ -33,6 +33,12 @@ Invariants:
   once the master acknowledged them.
 - A call that hangs longer than ``call_timeout`` ends the session: the
   connection is closed and the link reconnects.
+- **Several masters** (masters sharing one database, docs/HA.md): a
+  :class:`FailoverDialer` dials them in turn, one per attempt, in the order
+  given, starting after the master last tried, so a worker whose master
+  died is on the next one after one reconnect pause (jittered, growing only
+  while every master fails). The newest generation seen survives the
+  switch: the new master is asked for what changed since it.
 
 Everything here runs on trio; the ``publish_*`` methods are synchronous and
 must be called from the trio thread. The connection itself is a
@@ -65,6 +71,7 @@ from procurator.core.status import StatusChanges, status_changes
 from procurator.logs import log_context
 
 __all__ = [
+    "FailoverDialer",
     "LinkSettings",
     "MasterDialer",
     "MasterLink",
@@ -430,3 +437,33 @@ class MasterLink:
             last = batch[-1][0]
             while self._events and self._events[0][0] <= last:
                 self._events.popleft()
+
+
+class FailoverDialer:
+    """A ``MasterDialer`` over several masters' dialers (see the module
+    docstring): each ``connect`` dials the master after the one dialed
+    last, starting with the first; the link's backoff paces the attempts."""
+
+    def __init__(self, dialers: Sequence[MasterDialer]) -> None:
+        if not dialers:
+            raise ValueError("FailoverDialer needs at least one dialer")
+        self._dialers = tuple(dialers)
+        self._next = 0
+        self._connected: int | None = None
+
+    def _name(self, index: int) -> str:
+        return str(getattr(self._dialers[index], "address", f"master {index + 1}"))
+
+    async def connect(self, info: WorkerInfo, on_push: OnAssignment) -> MasterSession:
+        index = self._next
+        self._next = (index + 1) % len(self._dialers)
+        # Its errors name the master (CapnpMasterDialer's do).
+        session = await self._dialers[index].connect(info, on_push)
+        if self._connected is not None and self._connected != index:
+            logger.info(
+                "failed over from the master at %s to the one at %s",
+                self._name(self._connected),
+                self._name(index),
+            )
+        self._connected = index
+        return session

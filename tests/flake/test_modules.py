@@ -116,6 +116,9 @@ def test_master_defaults_and_argv(nix: Nix) -> None:
         "metrics": {"listenAddress": "0.0.0.0", "port": 9300},
         "openFirewall": False,
         "tls": {"cert": None, "key": None, "ca": None},
+        "database": "/var/lib/procurator-master/master.db",
+        "passwordFile": None,
+        "masterId": None,
         "monitoring": {
             "prometheus": {"enable": False, "rules": True, "scrape": True},
             "grafana": {"enable": False},
@@ -134,6 +137,33 @@ def test_master_defaults_and_argv(nix: Nix) -> None:
     assert unit["StateDirectory"] == "procurator-master"
     assert unit["CapabilityBoundingSet"] == [""]
     assert result["config"]["networking"]["firewall"]["allowedTCPPorts"] == {}  # mkIf false
+
+
+def test_masters_on_postgresql(nix: Nix) -> None:
+    """Several hosts, one database: the URL, a password file as a
+    credential named by PGPASSFILE, a chosen master id (docs/HA.md)."""
+    url = "postgresql://procurator@db.example:5432/procurator"
+    result = evaluate(
+        nix,
+        "master",
+        {
+            "enable": True,
+            "listenAddress": "127.0.0.1",
+            "database": url,
+            "passwordFile": "/run/secrets/pgpass",
+            "masterId": "master-a",
+        },
+    )
+    service = result["config"]["systemd"]["services"]["procurator-master"]
+    args, rejected = parse("master", service["serviceConfig"]["ExecStart"])
+    assert rejected == PENDING_CLI_FLAGS["master"]
+    assert (args.db, args.master_id) == (url, "master-a")
+    assert service["environment"]["PGPASSFILE"] == "%d/pgpass"
+    assert "pgpass:/run/secrets/pgpass" in service["serviceConfig"]["LoadCredential"]
+    assert all(ok for ok, _ in _assertions(result))
+    sqlite = evaluate(nix, "master", {"enable": True, "passwordFile": "/run/secrets/pgpass"})
+    refused = [message for ok, message in _assertions(sqlite) if not ok]
+    assert any("passwordFile needs a postgresql:// database" in m for m in refused)
 
 
 def test_master_on_a_privileged_port_with_an_open_firewall(nix: Nix) -> None:

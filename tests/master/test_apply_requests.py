@@ -165,7 +165,7 @@ async def test_the_cli_retries_a_lost_apply_and_gets_its_first_result(
     service = await served.start()  # back, on the same port and database
     code, out, err = await answer(answers)
     assert code == 0, out + err
-    assert "lost the master after sending request req-" in err
+    assert f"lost the master at {served.address} after sending request req-" in err
     assert "applied as generation 1 (op op-" in out
     assert "had been applied already, as generation 1" in out
     assert "nothing was applied again" in out

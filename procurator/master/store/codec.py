@@ -1,29 +1,44 @@
 """Values the store keeps as text or bytes: diffs (replayed to a retried
 apply), worker info and VM statuses (JSON, so a newer release's extra field
-is kept by no column change and ignored by an older one)."""
+is kept by no column change and ignored by an older one); and the JSON of
+a fleet dump (``procurator master export / import``), read back checked."""
 
 from __future__ import annotations
 
+import base64
 import json
 import zlib
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
+from procurator.core.errors import ValidationError
 from procurator.core.models import (
     Capacity,
     Phase,
     PowerChange,
     PowerState,
+    VmAssignment,
     VmStatus,
     WorkerDiff,
     WorkerInfo,
 )
+from procurator.core.validation import (
+    check_hash,
+    check_request_id,
+    check_store_path,
+    check_vm_id,
+    check_worker_id,
+)
+from procurator.master.store.model import FleetDump, WorkerDump
 
 __all__ = [
+    "DUMP_FORMAT",
     "decode_diffs",
+    "decode_dump",
     "decode_info",
     "decode_vm_status",
     "encode_diffs",
+    "encode_dump",
     "encode_info",
     "encode_vm_status",
 ]
@@ -120,4 +135,177 @@ def decode_vm_status(vm_id: str, text: str) -> VmStatus:
         address=data.get("address", ""),
         observed_power=_POWER.get(data.get("power", ""), PowerState.STOPPED),
         op_id=data.get("op", ""),
+    )
+
+
+# ---------------------------------------------------------------- dumps
+
+DUMP_FORMAT = "procurator-fleet-dump"
+DUMP_VERSION = 1
+
+
+def encode_dump(dump: FleetDump) -> dict[str, Any]:
+    """``dump`` as JSON data (``procurator master export``)."""
+    return {
+        "format": DUMP_FORMAT,
+        "version": DUMP_VERSION,
+        "generation": dump.generation,
+        "event_seq": dump.event_seq,
+        "workers": [
+            {
+                "worker_id": w.worker_id,
+                "generation": w.generation,
+                "op_id": w.op_id,
+                "vms": [
+                    {
+                        "id": vm.id,
+                        "hash": vm.hash,
+                        "nix_store_path": vm.nix_store_path,
+                        "power": vm.power.value,
+                        "vcpus": vm.vcpus,
+                        "memory_mib": vm.memory_mib,
+                    }
+                    for vm in w.vms
+                ],
+            }
+            for w in dump.workers
+        ],
+        "applies": [list(row) for row in dump.applies],
+        "requests": [
+            {
+                "request_id": request_id,
+                "generation": generation,
+                "fleet_digest": digest,
+                "diffs": base64.b64encode(diffs).decode(),
+            }
+            for request_id, generation, digest, diffs in dump.requests
+        ],
+        "removals": [list(row) for row in dump.removals],
+    }
+
+
+class _Reader:
+    """Reads a dump's JSON data, each problem a ``ValidationError`` naming
+    the field (``source: workers[2].vms[0].power: ...``)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, where: str, problem: str) -> NoReturn:
+        raise ValidationError(f"{self.source}: {where}: {problem}; nothing was imported")
+
+    def integer(self, value: Any, where: str, *, nullable: bool = False) -> Any:
+        if value is None and nullable:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            self.fail(where, f"must be a whole number >= 0, not {value!r}")
+        return value
+
+    def text(self, value: Any, where: str, check: Callable[[str], str | None] | None = None) -> Any:
+        if not isinstance(value, str):
+            self.fail(where, f"must be a string, not {value!r}")
+        if check is not None and (problem := check(value)) is not None:
+            self.fail(where, problem)
+        return value
+
+    def items(self, value: Any, where: str) -> list[Any]:
+        if not isinstance(value, list):
+            self.fail(where, f"must be a list, not {type(value).__name__}")
+        return value
+
+    def row(self, value: Any, where: str, size: int) -> list[Any]:
+        row = self.items(value, where)
+        if len(row) != size:
+            self.fail(where, f"must have {size} entries, not {len(row)}")
+        return row
+
+
+def decode_dump(data: Any, source: str) -> FleetDump:
+    """A dump from JSON data (``procurator master import``), checked."""
+    r = _Reader(source)
+    if not isinstance(data, dict) or data.get("format") != DUMP_FORMAT:
+        r.fail("format", f'not a procurator fleet dump (no "format": "{DUMP_FORMAT}")')
+    if data.get("version") != DUMP_VERSION:
+        r.fail(
+            "version", f"this procurator reads version {DUMP_VERSION}, not {data.get('version')!r}"
+        )
+    workers = []
+    for i, w in enumerate(r.items(data.get("workers"), "workers")):
+        at = f"workers[{i}]"
+        if not isinstance(w, dict):
+            r.fail(at, "must be an object")
+        vms = []
+        for j, vm in enumerate(r.items(w.get("vms"), f"{at}.vms")):
+            vat = f"{at}.vms[{j}]"
+            if not isinstance(vm, dict):
+                r.fail(vat, "must be an object")
+            power = vm.get("power")
+            if power not in _POWER:
+                r.fail(f"{vat}.power", f"must be one of {sorted(_POWER)}, not {power!r}")
+            vms.append(
+                VmAssignment(
+                    r.text(vm.get("id"), f"{vat}.id", check_vm_id),
+                    r.text(vm.get("hash"), f"{vat}.hash", check_hash),
+                    r.text(vm.get("nix_store_path"), f"{vat}.nix_store_path", check_store_path),
+                    _POWER[power],
+                    r.integer(vm.get("vcpus"), f"{vat}.vcpus"),
+                    r.integer(vm.get("memory_mib"), f"{vat}.memory_mib"),
+                )
+            )
+        workers.append(
+            WorkerDump(
+                r.text(w.get("worker_id"), f"{at}.worker_id", check_worker_id),
+                r.integer(w.get("generation"), f"{at}.generation"),
+                r.text(w.get("op_id"), f"{at}.op_id"),
+                tuple(vms),
+            )
+        )
+    applies = []
+    for i, row in enumerate(r.items(data.get("applies"), "applies")):
+        g, op, ms, changed, req = r.row(row, f"applies[{i}]", 5)
+        applies.append(
+            (
+                r.integer(g, f"applies[{i}][0]"),
+                r.text(op, f"applies[{i}][1]"),
+                r.integer(ms, f"applies[{i}][2]"),
+                r.integer(changed, f"applies[{i}][3]"),
+                r.text(req, f"applies[{i}][4]"),
+            )
+        )
+    requests = []
+    for i, entry in enumerate(r.items(data.get("requests"), "requests")):
+        at = f"requests[{i}]"
+        if not isinstance(entry, dict):
+            r.fail(at, "must be an object")
+        try:
+            diffs = base64.b64decode(r.text(entry.get("diffs"), f"{at}.diffs"), validate=True)
+            decode_diffs(diffs)
+        except (ValueError, KeyError, TypeError, zlib.error) as exc:
+            r.fail(f"{at}.diffs", f"not the diffs of an apply ({exc})")
+        requests.append(
+            (
+                r.text(entry.get("request_id"), f"{at}.request_id", check_request_id),
+                r.integer(entry.get("generation"), f"{at}.generation"),
+                r.text(entry.get("fleet_digest"), f"{at}.fleet_digest"),
+                diffs,
+            )
+        )
+    removals = []
+    for i, row in enumerate(r.items(data.get("removals"), "removals")):
+        w, vm, g, acked = r.row(row, f"removals[{i}]", 4)
+        removals.append(
+            (
+                r.text(w, f"removals[{i}][0]", check_worker_id),
+                r.text(vm, f"removals[{i}][1]", check_vm_id),
+                r.integer(g, f"removals[{i}][2]"),
+                r.integer(acked, f"removals[{i}][3]", nullable=True),
+            )
+        )
+    return FleetDump(
+        generation=r.integer(data.get("generation"), "generation"),
+        workers=tuple(workers),
+        applies=tuple(applies),
+        requests=tuple(requests),
+        removals=tuple(removals),
+        event_seq=r.integer(data.get("event_seq", 0), "event_seq"),
     )
