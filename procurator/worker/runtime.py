@@ -8,8 +8,10 @@ Start-up order matters and is the crash-safety story of the worker:
 1. ``VmManager.recover()``: re-adopt every VMM still running from the state
    dir (never spawn twice), restart dead ones that were desired running.
 2. Network: make sure the bridge exists, then sweep taps carrying our prefix
-   that no VM owns — only now, after re-adoption, is "owned" known. Then
-   release the GC roots of VMs nothing owns (``ImageManager.sweep``).
+   that no VM owns — only now, after re-adoption, is "owned" known. The
+   same for the cgroups of VMs nothing owns (``Jail.sweep``: what still runs
+   in one is killed). Then release the GC roots of VMs nothing owns
+   (``ImageManager.sweep``).
 3. Start the reconciler. It acts only once the first assignment arrived (a
    push or the link's pull), so a worker restarted while the master is away
    keeps its VMs as they are.
@@ -42,15 +44,18 @@ from typing import Literal
 import trio
 
 from procurator.core.confinement import ImageLimits
-from procurator.core.errors import ProcuratorError
+from procurator.core.errors import PermanentError, ProcuratorError
+from procurator.core.jail import JailPolicy
 from procurator.core.metrics import VmSnapshot
 from procurator.core.models import Assignment, Capacity, VmEvent, WorkerStatus
 from procurator.core.reconcile import Reconciler
 from procurator.logs import some
 from procurator.nix.image import ImageManager
 from procurator.nix.store import NixStore
+from procurator.worker import cgroups
 from procurator.worker.actuator import WorkerActuator
 from procurator.worker.daemon import StatusPublisher
+from procurator.worker.jail import Jail, instance_name, missing_privileges
 from procurator.worker.manager import Timeouts, VmManager, VmObservation
 from procurator.worker.metrics import WorkerMetrics
 from procurator.worker.network import NetworkConfig, NetworkManager
@@ -99,6 +104,13 @@ class RuntimeOptions:
     # stretches to VMs / this (40 s at 1,000 VMs), so the idle cost of the
     # checks stays flat. 0: no cap.
     health_checks_per_second: float = 25.0
+    # How VMMs are jailed (procurator.worker.jail): their uid range, limits
+    # and cgroup parent. None: --unconfined, every VMM runs as the worker
+    # (root) with its view of the host and no limits; for debugging only.
+    jail: JailPolicy | None = field(default_factory=JailPolicy)
+    # What a jailed VMM needs to see beyond what its driver finds (what a
+    # --vmm-binary wrapper script runs).
+    vmm_runtime_paths: tuple[str, ...] = ()
 
     def capacity(self) -> Capacity:
         """What this host offers, as the worker tells the master: its CPUs
@@ -129,13 +141,46 @@ def make_driver(
             options.vmm_binary or "cloud-hypervisor",
             args=options.vmm_args,
             on_api_call=on_api_call,
+            runtime_paths=options.vmm_runtime_paths,
         )
     accel = _ACCELS.get(options.qemu_accel)
     if accel is None:
         raise ValueError(f"unknown QEMU acceleration {options.qemu_accel!r} (kvm, tcg or auto)")
     return QemuDriver(
-        binary=options.vmm_binary or "qemu-system-x86_64", args=options.vmm_args, accel=accel
+        binary=options.vmm_binary or "qemu-system-x86_64",
+        args=options.vmm_args,
+        accel=accel,
+        runtime_paths=options.vmm_runtime_paths,
     )
+
+
+def _make_jail(policy: JailPolicy | None, state_dir: Path, netns: str | None) -> Jail | None:
+    """The worker's jail, or None (``--unconfined``: said loudly). A worker
+    without the privileges to jail is refused at start, naming them."""
+    if policy is None:
+        log.warning(
+            "--unconfined: every VMM runs with this worker's privileges (root), sees the "
+            "whole host and has no resource limits; a guest that escapes its VMM owns "
+            "this host. For debugging only."
+        )
+        return None
+    missing = missing_privileges()
+    if missing:
+        raise PermanentError(
+            "this worker cannot jail its VMMs: it lacks " + ", ".join(missing),
+            details=(
+                "run the worker as root (or with those capabilities), or pass --unconfined "
+                "to run VMMs with the worker's privileges (for debugging only)",
+            ),
+        )
+    jail = Jail(
+        policy,
+        state_dir,
+        cgroups=cgroups.detect(policy.cgroup_parent, instance_name(state_dir)),
+        netns=netns,
+    )
+    log.info("jailing every VMM: %s", jail.describe())
+    return jail
 
 
 def _host_memory_mib() -> int:
@@ -179,8 +224,13 @@ class ReconcilingHandler:
             # Counters are only read by the metrics poller: fresher is waste.
             counters_interval=options.metrics_interval,
         )
+        self.jail = _make_jail(options.jail, self.state_dir, netns)
         self.manager = VmManager(
-            self.state_dir, self.driver, timeouts=timeouts, on_change=self._on_change
+            self.state_dir,
+            self.driver,
+            timeouts=timeouts,
+            on_change=self._on_change,
+            jail=self.jail,
         )
         self.network = (
             NetworkManager(
@@ -211,7 +261,7 @@ class ReconcilingHandler:
             self.images,
             self.network,
             limiter=trio.CapacityLimiter(options.concurrency),
-            serial_file=lambda vm_id: str(self.manager.state.vm_dir(vm_id) / "serial.log"),
+            serial_file=lambda vm_id: str(self.manager.state.paths(vm_id).serial_file),
             on_realise_seconds=self.metrics.observe_realise,
             on_change=self._in_flight_changed,
         )
@@ -253,6 +303,13 @@ class ReconcilingHandler:
                 swept = await trio.to_thread.run_sync(self.network.sweep, owned)
                 if swept:
                     log.info("removed taps nothing owns: %s", some(swept))
+            if self.jail is not None:
+                # After re-adoption, like the taps: the cgroups of VMs this
+                # worker no longer has (and whatever still runs in them).
+                owned = {o.vm_id for o in self.manager.list()}
+                emptied = await trio.to_thread.run_sync(self.jail.sweep, owned)
+                if emptied:
+                    log.info("removed the cgroups of VMs nothing owns: %s", some(emptied))
             # Roots of VMs a crash left half-made or half-removed (see
             # ImageManager.sweep); before the reconciler prepares anything.
             # A nix-store the last worker left rooting an image would make
@@ -349,12 +406,15 @@ class ReconcilingHandler:
                 restarts=o.restarts,
                 pid=o.pid or 0,
                 counters=counters.get(o.vm_id, {}),
+                confinement=o.confinement,
             )
             for o in self.manager.list()
         ]
 
     def close(self) -> None:
         self.manager.close()
+        if self.jail is not None:
+            self.jail.close()
         if self.network is not None:
             self.network.close()
 
