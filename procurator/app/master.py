@@ -14,7 +14,10 @@ and the Cap'n Proto server) to the master's service, store and metrics
 
 The database (``MasterConfig.db``) is a SQLite file, or a PostgreSQL URL
 for several masters on one database (``procurator.master.store``); its
-schema is migrated when the master starts.
+schema is migrated when the master starts. A SQLite file's directory is
+made when it is missing (mode 0700: the database holds the fleet), so the
+default ``/var/lib/procurator/master.db`` works on a fresh host; ``export``
+reads only what exists.
 
 Before it creates or opens anything, a master refuses what it would
 refuse anyway (plaintext off loopback without ``insecure``, TLS files that
@@ -35,10 +38,11 @@ import trio
 
 from procurator import logs
 from procurator.app._process import host_port, run_until_signalled
+from procurator.core.errors import PermanentError
 from procurator.master.http import run_master_http
 from procurator.master.metrics import MasterInstruments, MasterMetrics
 from procurator.master.service import MasterService, default_master_id
-from procurator.master.store import FleetDump, Store, open_store
+from procurator.master.store import FleetDump, Store, open_store, sqlite_path
 from procurator.rpc.address import DEFAULT_PORT, Address, parse_address
 from procurator.rpc.bridge import open_bridge
 from procurator.rpc.master_server import DEFAULT_MAX_CONNECTIONS, serve_master
@@ -107,6 +111,7 @@ async def run_master(
         require_secure(address, None, insecure=False, what="the master listening on")
     metrics_at = host_port(config.metrics_listen) if config.metrics_listen else None
     master_id = config.master_id or default_master_id()
+    _make_directory(config.db)
     async with open_bridge() as bridge, _opened(config.db, master_id) as store:
         instruments = MasterInstruments()
         service = MasterService(
@@ -143,9 +148,24 @@ async def _opened(database: Path | str, master_id: str = "") -> AsyncIterator[St
         await store.aclose()
 
 
+def _make_directory(database: Path | str) -> None:
+    """A SQLite database's directory, made (with its parents) when missing;
+    0700, as the database holds the fleet. An existing one is left as it
+    is; a PostgreSQL database is the server's business."""
+    path = sqlite_path(str(database))
+    if path is None or path.parent.is_dir():
+        return
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PermanentError(f"database directory {path.parent}: {exc.strerror or exc}") from exc
+    logger.info("made the database directory %s (mode 0700)", path.parent)
+
+
 async def migrate_database(database: Path | str) -> str:
     """Create or migrate the schema of ``database`` (what a master does when
     it starts); returns the database's name for messages."""
+    _make_directory(database)
     async with _opened(database) as store:
         return store.name
 
@@ -160,6 +180,7 @@ async def export_fleet(database: Path | str) -> FleetDump:
 async def import_fleet(database: Path | str, dump: FleetDump) -> str:
     """Load ``dump`` into ``database``, which must be empty; returns its
     name for messages."""
+    _make_directory(database)
     async with _opened(database) as store:
         await store.import_dump(dump)
         return store.name

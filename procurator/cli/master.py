@@ -74,9 +74,9 @@ def add_parser(sub: Any) -> None:
         dest="db",
         default=DEFAULT_DB,
         metavar="PATH|URL",
-        help="a SQLite file, or postgresql://USER@HOST:PORT/DB for several masters on one "
-        "database; a password goes in ~/.pgpass or $PGPASSFILE, never in the URL "
-        f"(default: {DEFAULT_DB})",
+        help="a SQLite file (its directory is made, 0700, when missing), or "
+        "postgresql://USER@HOST:PORT/DB for several masters on one database; a password "
+        f"goes in ~/.pgpass or $PGPASSFILE, never in the URL (default: {DEFAULT_DB})",
     )
     p.add_argument(
         "--master-id",

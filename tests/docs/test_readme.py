@@ -91,7 +91,6 @@ COMMANDS: dict[str, str | NotRunnable] = {
     "procurator certs issue pki --master": RUN,
     "procurator certs issue pki --worker host-a": RUN,
     "procurator certs issue pki --control admin": RUN,
-    "mkdir -p /var/lib/procurator": RUN,
     "procurator master --listen 0.0.0.0:7300 --tls-cert pki/master.crt "
     "--tls-key pki/master.key --tls-ca pki/ca.crt": MASTER,
     "procurator worker --id host-a --master 127.0.0.1:7300 --tls-cert "

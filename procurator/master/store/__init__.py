@@ -76,6 +76,7 @@ __all__ = [
     "WorkerDump",
     "is_database_url",
     "open_store",
+    "sqlite_path",
 ]
 
 FleetStore = SqliteStore
@@ -85,6 +86,14 @@ FleetStore = SqliteStore
 def is_database_url(text: str) -> bool:
     """A PostgreSQL URL (else: a SQLite path, or ``sqlite:///path``)."""
     return text.startswith(("postgresql://", "postgres://"))
+
+
+def sqlite_path(database: str) -> Path | None:
+    """The SQLite file ``database`` names (a path, or ``sqlite:///path``);
+    None for a PostgreSQL URL."""
+    if is_database_url(database):
+        return None
+    return Path(database.removeprefix("sqlite://"))
 
 
 async def open_store(
@@ -109,5 +118,6 @@ async def open_store(
             requests_kept=requests_kept,
             migrate=migrate,
         )
-    path = database.removeprefix("sqlite://")
-    return await SqliteStore.open(Path(path), requests_kept=requests_kept, migrate=migrate)
+    path = sqlite_path(database)
+    assert path is not None
+    return await SqliteStore.open(path, requests_kept=requests_kept, migrate=migrate)
