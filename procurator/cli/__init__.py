@@ -48,9 +48,10 @@ $PROCURATOR_MASTER, else 127.0.0.1:{DEFAULT_PORT}; with mutual TLS from --tls-ce
 exit status: 0 done; 1 refused, invalid or unreachable; 2 bad usage;
 3 apply --wait timed out; 4 apply --wait saw a VM fail; 5 apply --wait
 converged except on disconnected workers the apply left with no VMs, which
-have not confirmed stopping theirs; 130 interrupted; 141 the reader of the
-output went away (procurator events -f | head -n 3): the command ends
-quietly, and what it did before printing is whole."""
+have not confirmed stopping theirs; 6 apply: the outcome is unknown (the
+master was lost after the request was sent); 130 interrupted; 141 the
+reader of the output went away (procurator events -f | head -n 3): the
+command ends quietly, and what it did before printing is whole."""
 
 
 def build_parser() -> argparse.ArgumentParser:

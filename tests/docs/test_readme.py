@@ -106,6 +106,7 @@ COMMANDS: dict[str, str | NotRunnable] = {
     "procurator describe vm web-1": RUN,
     "procurator events --vm web-1": RUN,
     "procurator events --follow": FOLLOW,
+    "procurator top": FOLLOW,
     # Using with Nix: the reader's own flake.
     "nix build .#web-vm -o result-web": NotRunnable(
         "builds an image of the reader's own flake with nixpkgs, which cannot be "
