@@ -41,7 +41,6 @@ __all__ = [
     "TextFormatter",
     "bind",
     "configure",
-    "current_fields",
     "log_context",
     "new_op_id",
     "some",
@@ -99,10 +98,6 @@ def bind(**fields: object) -> None:
     current = {k: v for k, v in _fields.get().items() if k not in fields}
     current.update(_clean(fields))
     _fields.set(current)
-
-
-def current_fields() -> Mapping[str, object]:
-    return _fields.get()
 
 
 class ContextFilter(logging.Filter):
