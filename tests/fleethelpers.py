@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from testnames import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE = REPO / "tests" / "fakes" / "cloud-hypervisor-fake.py"
@@ -80,12 +81,6 @@ def add_image(
         subprocess.run(
             ["nix-store", "--delete", path], env=nix_env, check=False, capture_output=True
         )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def run_cli(
@@ -271,3 +266,22 @@ def running_fake_fleet(
             )
 
         fleet.wait_for("every VM to be removed", all_removed)
+
+
+def read_lines(proc: subprocess.Popen[bytes], want: int, timeout: float) -> bytes:
+    """What ``proc`` wrote to its stdout pipe once it has written ``want``
+    lines, it closed it, or ``timeout`` seconds passed (a guard, not a
+    measurement); read from the pipe itself, as a buffered reader would hide
+    from ``select`` what it already took."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    data = b""
+    deadline = time.monotonic() + timeout
+    while data.count(b"\n") < want and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            data += chunk
+    return data

@@ -17,11 +17,12 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
 from pathlib import Path
+
+from testnames import free_port
 
 __all__ = ["PgCluster", "postgres_bindir"]
 
@@ -51,12 +52,6 @@ def postgres_bindir() -> Path:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 class PgCluster:
     """See the module docstring. ``start()`` after construction."""
 
@@ -65,7 +60,7 @@ class PgCluster:
         self.dir = Path(tempfile.mkdtemp(prefix="procurator-pg-"))
         self.data = self.dir / "data"
         self.log = self.dir / "server.log"
-        self.port = _free_port()
+        self.port = free_port()
         self._as_postgres = os.geteuid() == 0
         if self._as_postgres:
             shutil.chown(self.dir, "postgres")

@@ -39,7 +39,6 @@ import fcntl
 import json
 import os
 import re
-import select
 import shlex
 import signal
 import struct
@@ -53,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fleethelpers import FAKE
+from fleethelpers import FAKE, read_lines
 from testnames import netns_name
 
 from procurator.cli import build_parser
@@ -469,18 +468,8 @@ def _interrupt_once_printed(here: Scratch, line: str) -> tuple[int, str]:
         env=here.env,
         start_new_session=True,
     )
-    assert follower.stdout is not None
-    fd = follower.stdout.fileno()
-    data = b""
-    deadline = time.monotonic() + 60
     try:
-        while b"\n" not in data and time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], 0.5)
-            if ready:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    break
-                data += chunk
+        data = read_lines(follower, 1, timeout=60)
         os.killpg(follower.pid, signal.SIGINT)
         rest, _ = follower.communicate(timeout=60)
     finally:

@@ -42,6 +42,7 @@ from pathlib import Path
 import capnp
 import pytest
 from faultlab import record
+from testnames import free_port
 
 SEED = int(os.environ.get("PROCURATOR_FAULT_SEED", "9"))
 ROUNDS = int(os.environ.get("PROCURATOR_FAULT_WIRE_ROUNDS", "1000"))
@@ -59,12 +60,6 @@ def rpc() -> object:
     return capnp.load(str(RPC_SCHEMA), imports=[str(RPC_SCHEMA.parent.parent)])
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 Master = tuple[subprocess.Popen[bytes], int, dict[str, str]]
 
 
@@ -78,7 +73,7 @@ def master(tmp_path: Path) -> Iterator[Master]:
 def _running_master(tmp_path: Path, *args: str) -> Iterator[Master]:
     """A ``procurator master ARGS`` on a free loopback port, and the
     environment that points the CLI at it."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROCURATOR_TLS_")}
     env["PROCURATOR_MASTER"] = f"127.0.0.1:{port}"
     log = open(tmp_path / "master.log", "ab")  # noqa: SIM115 - closed below

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fleethelpers import run_cli
 from rpcfixtures import RunningMaster
+from testnames import free_port
 
 from procurator.app.masters import master_addresses
 from procurator.core.errors import UnavailableError, ValidationError
@@ -84,21 +85,8 @@ async def test_the_failover_dialer_tries_the_masters_in_turn() -> None:
         FailoverDialer([])
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "procurator", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-        check=False,
-    )
+    return run_cli({**os.environ, **(env or {})}, *args, timeout=120)
 
 
 async def test_the_cli_uses_the_first_master_that_answers(
@@ -106,7 +94,7 @@ async def test_the_cli_uses_the_first_master_that_answers(
 ) -> None:
     import trio  # noqa: PLC0415
 
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(f'[workers.host-a]\nvms = [ {{ id = "web-1", image = "{IMAGE}" }} ]\n')
     listed = f"{dead},{master.address}"
@@ -117,7 +105,7 @@ async def test_the_cli_uses_the_first_master_that_answers(
     assert f"using the master at {master.address} (1 did not answer: {dead}" in applied.stderr
     status = await trio.to_thread.run_sync(lambda: _cli("status", "--master", listed))
     assert status.returncode == 0 and "fleet generation 1" in status.stdout
-    other = f"127.0.0.1:{_free_port()}"
+    other = f"127.0.0.1:{free_port()}"
     down = await trio.to_thread.run_sync(lambda: _cli("status", "--master", f"{dead},{other}"))
     assert down.returncode == 1
     assert "none of the 2 masters answered" in down.stderr
@@ -131,7 +119,7 @@ def test_a_fleet_moves_from_sqlite_to_postgresql(tmp_path: Path, pg_url: str) ->
     empty PostgreSQL database, migrate again (a no-op): the same fleet at
     the same generation, and the apply log and request ids with it."""
     db = tmp_path / "m.db"
-    port = _free_port()
+    port = free_port()
     env = {"PROCURATOR_MASTER": f"127.0.0.1:{port}"}
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(f'[workers.host-a]\nvms = [ {{ id = "web-1", image = "{IMAGE}" }} ]\n')

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import trio
+from fleethelpers import run_cli
+from testnames import free_port
 
 from procurator.core.models import Assignment, WorkerInfo
 from procurator.rpc.bridge import open_bridge
@@ -28,21 +30,8 @@ IMAGE = "/nix/store/" + "a" * 32 + "-web-vm"
 IMAGE2 = "/nix/store/" + "b" * 32 + "-web-vm"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "procurator", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, **(env or {})},
-        check=False,
-    )
+    return run_cli({**os.environ, **(env or {})}, *args, timeout=60)
 
 
 async def acli(*args: str) -> subprocess.CompletedProcess[str]:

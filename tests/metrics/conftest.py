@@ -15,21 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from metricshelpers import PROMETHEUS, PROMTOOL
+from promhelpers import prometheus_binary, promtool
 
-
-@pytest.fixture
-def promtool() -> str:
-    if not Path(PROMTOOL).exists():
-        pytest.skip(f"{PROMTOOL} missing (Debian package prometheus)")
-    return PROMTOOL
-
-
-@pytest.fixture
-def prometheus_binary() -> str:
-    if not Path(PROMETHEUS).exists():
-        pytest.skip(f"{PROMETHEUS} missing (Debian package prometheus)")
-    return PROMETHEUS
+__all__ = ["io_recorder", "prometheus_binary", "promtool", "sleeper"]
 
 
 _SLEEP_SYSCALLS = {"35", "230"}  # nanosleep, clock_nanosleep (x86_64)

@@ -8,9 +8,6 @@ import subprocess
 from procurator.core.metrics import ProcessUsage, VmSnapshot
 from procurator.core.models import Phase
 
-PROMTOOL = "/usr/bin/promtool"
-PROMETHEUS = "/usr/bin/prometheus"
-
 
 def realistic_vms(count: int = 22) -> tuple[VmSnapshot, ...]:
     """VMs in every phase (twice over by default), with the counters a

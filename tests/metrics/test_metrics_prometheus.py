@@ -11,7 +11,6 @@ Debian package may have started on :9090): it uses its own free port.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import httpx
 import trio
 from metricshelpers import realistic_vms
+from testnames import free_port
 
 from procurator.core.metrics import FleetView, WorkerSnapshot, WorkerView
 from procurator.core.models import Phase
@@ -28,12 +28,6 @@ from procurator.prometheus import HttpServer
 from procurator.worker.metrics import WorkerMetrics
 
 WAIT = 90  # seconds: an upper bound for Prometheus to start and scrape, not a threshold
-
-
-def _free_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as sock:
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _config(master: str) -> str:
@@ -132,7 +126,7 @@ async def test_prometheus_discovers_and_scrapes_workers_and_master(
         master_address = f"127.0.0.1:{master.port}"
         config = tmp_path / "prometheus.yml"
         config.write_text(_config(master_address))
-        port = _free_port()
+        port = free_port()
         base = f"http://127.0.0.1:{port}"
         argv = [
             prometheus_binary,

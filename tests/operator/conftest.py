@@ -9,16 +9,9 @@ from pathlib import Path
 
 import pytest
 from fleethelpers import FakeFleet, add_image, fake_fleet, nix_env, running_fake_fleet
-from operatorhelpers import PROMTOOL
+from promhelpers import promtool
 
 __all__ = ["add_image", "fake_fleet", "metrics_fleet", "nix_env", "promtool"]
-
-
-@pytest.fixture
-def promtool() -> str:
-    if not Path(PROMTOOL).exists():
-        pytest.skip(f"{PROMTOOL} missing (Debian package prometheus)")
-    return PROMTOOL
 
 
 @pytest.fixture

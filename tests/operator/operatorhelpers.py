@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from promhelpers import PROMTOOL
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "contrib" / "prometheus" / "procurator.rules.yml"
 RULE_TESTS = REPO / "contrib" / "prometheus" / "procurator.rules.test.yml"
 DASHBOARD = REPO / "contrib" / "grafana" / "procurator-fleet.json"
-PROMTOOL = "/usr/bin/promtool"
 
 
 def run_promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -19,8 +19,9 @@ import time
 from collections.abc import Callable
 
 import pytest
-from fleethelpers import AddImage, FakeFleet, free_port
+from fleethelpers import AddImage, FakeFleet
 from rich.console import Console
+from testnames import free_port
 
 from procurator.cli.top import PlainPrinter, fleet_frame, render
 from procurator.core.control import FleetStatus, WorkerConnection, WorkerEvent

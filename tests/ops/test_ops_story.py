@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
-import time
 from typing import Any
 
 import pytest
-from fleethelpers import AddImage, FakeFleet
+from fleethelpers import AddImage, FakeFleet, read_lines
 from opshelpers import vm_config
 
 pytestmark = [pytest.mark.root, pytest.mark.nix]
@@ -108,23 +106,6 @@ def test_describe_of_an_unknown_vm_is_not_found(fake_fleet: FakeFleet) -> None:
     assert "'nobody' is neither desired nor reported" in result.stderr
 
 
-def _read_lines(proc: subprocess.Popen[bytes], want: int, timeout: float) -> list[str]:
-    """Up to ``want`` lines of ``proc``'s stdout, read from the pipe itself
-    (a buffered reader would hide lines it already took from ``select``)."""
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    data = b""
-    deadline = time.monotonic() + timeout
-    while data.count(b"\n") < want and time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.5)
-        if ready:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            data += chunk
-    return data.decode().splitlines()[:want]
-
-
 def test_events_follow_streams_new_events_and_failures_name_the_reason(
     fake_fleet: FakeFleet, add_image: AddImage
 ) -> None:
@@ -145,7 +126,7 @@ def test_events_follow_streams_new_events_and_failures_name_the_reason(
         result = fake_fleet.apply(fleet, "--wait", "--timeout", "60")
         assert result.returncode == 4, result.stdout + result.stderr
         op = result.stdout.split("(op ", 1)[1].split(")", 1)[0]
-        lines = _read_lines(follower, 3, timeout=30)
+        lines = read_lines(follower, 3, timeout=30).decode().splitlines()[:3]
     finally:
         follower.terminate()
         follower.wait(timeout=30)

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import trio
 from rpchelpers import served_service
+from testnames import free_port
 
 from procurator.core.control import FleetStatus
 from procurator.core.errors import (
@@ -269,11 +270,8 @@ async def test_garbage_on_the_master_port_does_not_hurt_others(
 
 
 async def test_unreachable_master_is_unavailable(bridge: Bridge) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     with pytest.raises(UnavailableError, match="Connection refused"):
-        async with open_control(bridge, f"127.0.0.1:{port}"):
+        async with open_control(bridge, f"127.0.0.1:{free_port()}"):
             pass
 
 

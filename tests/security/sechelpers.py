@@ -15,6 +15,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fleethelpers import run_cli
+
 from procurator.rpc.tls import TlsFiles
 
 _TLS_ENV = ("PROCURATOR_TLS_CERT", "PROCURATOR_TLS_KEY", "PROCURATOR_TLS_CA")
@@ -32,14 +34,7 @@ def cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     """Run ``procurator ARGS`` to completion."""
-    return subprocess.run(
-        [sys.executable, "-m", "procurator", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=plain_env(env),
-        check=False,
-    )
+    return run_cli(plain_env(env), *args, timeout=timeout)
 
 
 @dataclass(frozen=True)
