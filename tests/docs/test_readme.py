@@ -348,7 +348,9 @@ class Scratch:
         for d in (self.cwd, self.var_lib, self.logs, bin_dir):
             d.mkdir()
         fake = bin_dir / "cloud-hypervisor"
-        fake.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE}" "$@"\n')
+        # The fake VMM itself, run by this interpreter: a jailed VMM sees its
+        # binary's interpreter (a #! line), not what a wrapper would exec.
+        fake.write_text(f"#!{sys.executable}\n{FAKE.read_text()}")
         fake.chmod(0o755)
         drop = (
             "PROCURATOR_MASTER",
