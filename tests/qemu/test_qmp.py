@@ -220,6 +220,8 @@ def test_adoption_and_exits_go_by_the_process_and_its_socket(
     stale = VmmHandle("qemu", os.getpid(), -1, str(fake.path))  # start time differs
     assert driver.adopt(paths, stale) is None
     # QEMU removes its QMP socket when it exits cleanly; a crash leaves it.
+    # The socket is the one the QEMU's handle names (a QEMU started before
+    # the VM's files moved to run/ has its socket where its handle says).
     assert driver.classify_exit(paths, stale) is VmExit.CRASHED
-    gone = dataclasses.replace(paths, api_socket=sock_dir / "gone.sock")
-    assert driver.classify_exit(gone, stale) is VmExit.POWERED_OFF
+    gone = dataclasses.replace(stale, api_socket=str(sock_dir / "gone.sock"))
+    assert driver.classify_exit(paths, gone) is VmExit.POWERED_OFF
