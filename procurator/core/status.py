@@ -20,6 +20,15 @@ Invariants (the link in ``procurator.worker.link`` and the master in
   both, or twice in either; a removed id must be in the base.
 - The order of ``WorkerStatus.vms`` carries no meaning: merging keeps the
   base's order, replaces changed entries in place, appends new ones.
+
+``StatusOutbox`` is the worker's side of it, and keeps a report's cost
+proportional to what changed, whatever the fleet: the reconciler publishes
+the entries it recomputed (``publish_changes``), the outbox keeps the whole
+status by VM id, the ids changed since the last report was taken, and what
+the master acknowledged on this session; a report carries only the entries
+of changed ids that differ from the acknowledged ones. Only a session's
+first report, a report after a refusal and a report to a master that takes
+no change reports are whole.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ from dataclasses import dataclass
 from procurator.core.errors import ValidationError
 from procurator.core.models import VmStatus, WorkerStatus
 
-__all__ = ["StatusChanges", "apply_status_changes", "status_changes"]
+__all__ = ["StatusChanges", "StatusOutbox", "apply_status_changes", "status_changes"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,3 +104,176 @@ def apply_status_changes(base: WorkerStatus, changes: StatusChanges) -> WorkerSt
         )
     vms.extend(replacing.values())  # new VMs, in the order sent
     return WorkerStatus(base.worker_id, changes.observed_generation, tuple(vms))
+
+
+class StatusOutbox:
+    """A worker's status as it reports it to the master, one session at a
+    time (see the module docstring). Not thread-safe: one owner (the
+    worker's link, on the trio thread).
+
+    A report is *taken* (``take``), then exactly one of: ``delivered`` (the
+    master acknowledged it), ``undelivered`` (it may not have arrived: what
+    it carried is news again) or ``refused`` (the master holds no status of
+    ours now: the next report is whole). ``new_session`` forgets what the
+    master holds: the next report is whole."""
+
+    def __init__(self, worker_id: str) -> None:
+        self.worker_id = worker_id
+        self._vms: dict[str, VmStatus] = {}
+        self._generation = 0
+        self._published = False  # anything to report at all
+        # Ids whose entry may differ from what the master holds (an ordered set).
+        self._dirty: dict[str, None] = {}
+        # What the master holds from this session; None: nothing.
+        self._acked: dict[str, VmStatus] | None = None
+        self._acked_generation = -1
+        # A whole report was refused: send the next one only when there is news.
+        self._held = False
+        # The report taken and not settled yet: whole (a snapshot) or changes.
+        self._in_flight: WorkerStatus | StatusChanges | None = None
+        self._snapshot: dict[str, VmStatus] | None = None
+
+    # -- what the worker publishes ------------------------------------------
+
+    def publish(self, status: WorkerStatus) -> None:
+        """Replace the whole status (O(VMs): for callers that only have a
+        whole one). Entries are compared by identity first, then value."""
+        self._check_worker(status.worker_id)
+        old = self._vms
+        new: dict[str, VmStatus] = {}
+        for vm in status.vms:
+            new[vm.id] = vm
+            before = old.pop(vm.id, None)
+            if before is not vm and before != vm:
+                self._dirty[vm.id] = None
+        for vm_id in old:  # no longer reported
+            self._dirty[vm_id] = None
+        self._vms = new
+        self._generation = status.observed_generation
+        self._published = True
+
+    def publish_changes(self, changes: StatusChanges) -> None:
+        """Merge what changed (O(changes)); a removed id that is not
+        reported is ignored."""
+        self._check_worker(changes.worker_id)
+        vms = self._vms
+        for vm in changes.changed:
+            vms[vm.id] = vm
+            self._dirty[vm.id] = None
+        for vm_id in changes.removed:
+            if vms.pop(vm_id, None) is not None:
+                self._dirty[vm_id] = None
+        self._generation = changes.observed_generation
+        self._published = True
+
+    def whole(self) -> WorkerStatus:
+        """The whole status as published (O(VMs))."""
+        return WorkerStatus(self.worker_id, self._generation, tuple(self._vms.values()))
+
+    @property
+    def observed_generation(self) -> int:
+        return self._generation
+
+    # -- what the link sends ------------------------------------------------
+
+    @property
+    def has_news(self) -> bool:
+        """Whether a report should be sent now (none is in flight)."""
+        if not self._published or self._in_flight is not None:
+            return False
+        if self._acked is None:
+            return not self._held or bool(self._dirty)
+        return bool(self._dirty) or self._generation != self._acked_generation
+
+    def take(self, *, changes: bool = True) -> WorkerStatus | StatusChanges | None:
+        """The next report: what changed since the acknowledged status, or
+        the whole status when the master holds none of this session's (or
+        ``changes`` is False: a master that takes whole reports only).
+        None when there is nothing to send."""
+        if not self.has_news:
+            return None
+        acked = self._acked
+        if acked is None or not changes:
+            self._dirty.clear()
+            self._held = False
+            self._snapshot = dict(self._vms)
+            report: WorkerStatus | StatusChanges = self.whole()
+        else:
+            changed: list[VmStatus] = []
+            removed: list[str] = []
+            vms = self._vms
+            for vm_id in self._dirty:
+                current = vms.get(vm_id)
+                before = acked.get(vm_id)
+                if current is None:
+                    if before is not None:
+                        removed.append(vm_id)
+                elif current is not before and current != before:
+                    changed.append(current)
+            self._dirty.clear()
+            if not changed and not removed and self._generation == self._acked_generation:
+                return None
+            report = StatusChanges(self.worker_id, self._generation, tuple(changed), tuple(removed))
+        self._in_flight = report
+        return report
+
+    def delivered(self) -> None:
+        """The report taken was acknowledged: the master holds it now."""
+        report, self._in_flight = self._take_in_flight()
+        if isinstance(report, WorkerStatus):
+            assert self._snapshot is not None
+            self._acked, self._snapshot = self._snapshot, None
+        else:
+            acked = self._acked
+            assert acked is not None  # changes are only taken against a base
+            for vm in report.changed:
+                acked[vm.id] = vm
+            for vm_id in report.removed:
+                acked.pop(vm_id, None)
+        self._acked_generation = report.observed_generation
+
+    def undelivered(self) -> None:
+        """The report taken may not have arrived (the call failed or was
+        cancelled): what it carried is news again. Whether the master took
+        it is unknown, so a whole report follows on the next session (the
+        link starts every session with ``new_session``)."""
+        report, self._in_flight = self._take_in_flight()
+        self._snapshot = None
+        if isinstance(report, WorkerStatus):
+            self._acked = None
+        else:
+            for vm in report.changed:
+                self._dirty[vm.id] = None
+            for vm_id in report.removed:
+                self._dirty[vm_id] = None
+            self._acked_generation = -1  # send the generation again too
+
+    def refused(self) -> None:
+        """The master refused the report taken and holds no status of this
+        session now. After refused changes the whole status follows at
+        once; after a refused whole status, only once there is news (the
+        same status would be refused again)."""
+        report, self._in_flight = self._take_in_flight()
+        self._snapshot = None
+        self._acked = None
+        self._held = isinstance(report, WorkerStatus)
+
+    def new_session(self) -> None:
+        """A new session: the master holds nothing of it (and nothing is in
+        flight); the next report is whole."""
+        self._in_flight = None
+        self._snapshot = None
+        self._acked = None
+        self._held = False
+
+    def _take_in_flight(self) -> tuple[WorkerStatus | StatusChanges, None]:
+        report = self._in_flight
+        if report is None:
+            raise RuntimeError("no status report is in flight")
+        return report, None
+
+    def _check_worker(self, worker_id: str) -> None:
+        if worker_id != self.worker_id:
+            raise ValueError(
+                f"status of worker {worker_id!r} published for worker {self.worker_id!r}"
+            )

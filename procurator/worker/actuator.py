@@ -31,10 +31,12 @@ outlive the VMM that reads it) and last the tap and the address.
 While a VM's step runs, ``observe`` shows it in a transitional phase
 (``realising`` while its image is fetched, else ``starting``/``stopping``)
 under its *target* hash, so the plan leaves it alone and status tells what
-is happening. Each change of that phase calls ``on_change`` (from the
-step's thread), for the owner to ask the reconciler for a pass: nothing else
-would report it before the step ends, which for a slow image fetch can be
-minutes of a status saying "waiting to be created".
+is happening. Each change of that phase calls ``on_change(vm_id)`` (from the
+step's thread), for the owner to mark the VM dirty in the reconciler: nothing
+else would report it before the step ends, which for a slow image fetch can
+be minutes of a status saying "waiting to be created". ``observe_some``
+observes only the VMs a pass names, so a pass over the VMs one change
+touched costs the same on a host of ten VMs and of ten thousand.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import trio
@@ -80,7 +82,7 @@ class WorkerActuator:
         limiter: trio.CapacityLimiter,
         serial_file: Callable[[str], str],
         on_realise_seconds: Callable[[float], None] | None = None,
-        on_change: Callable[[], None] | None = None,
+        on_change: Callable[[str], None] | None = None,
     ) -> None:
         self._manager = manager
         self._images = images
@@ -116,6 +118,33 @@ class WorkerActuator:
         self._observed = seen
         with self._lock:
             in_flight = dict(self._in_flight)
+        self._overlay(observed, in_flight)
+        return observed
+
+    async def observe_some(self, vm_ids: Collection[str]) -> Mapping[str, ObservedVm]:
+        # One VmManager.get per VM: the cost of a pass over the VMs a change
+        # touched, whatever the fleet.
+        last = self._observed
+        get = self._manager.get
+        observed: dict[str, ObservedVm] = {}
+        for vm_id in vm_ids:
+            o = get(vm_id)
+            if o is None:
+                last.pop(vm_id, None)
+                continue
+            hit = last.get(vm_id)
+            value = hit[1] if hit is not None and hit[0] is o else _observed(o)
+            last[vm_id] = (o, value)
+            observed[vm_id] = value
+        with self._lock:
+            flights = self._in_flight
+            in_flight = {i: flights[i] for i in vm_ids if i in flights}
+        self._overlay(observed, in_flight)
+        return observed
+
+    @staticmethod
+    def _overlay(observed: dict[str, ObservedVm], in_flight: Mapping[str, _InFlight]) -> None:
+        """Show each VM with a step in flight in that step's phase."""
         for vm_id, flight in in_flight.items():
             current = observed.get(vm_id)
             observed[vm_id] = ObservedVm(
@@ -127,7 +156,6 @@ class WorkerActuator:
                 restarts=current.restarts if current else 0,
                 address=current.address if current else "",
             )
-        return observed
 
     async def ensure(self, vm: VmAssignment, op_id: str) -> None:
         await trio.to_thread.run_sync(self._ensure_blocking, vm, op_id, limiter=self._limiter)
@@ -144,7 +172,7 @@ class WorkerActuator:
             else:
                 self._in_flight[vm_id] = flight
         if self._on_change is not None:
-            self._on_change()  # no lock held: it hands over to trio
+            self._on_change(vm_id)  # no lock held: it hands over to trio
 
     def _ensure_blocking(self, vm: VmAssignment, op_id: str) -> None:
         # Log records here carry the vm_id and op_id of the reconciler's

@@ -22,6 +22,7 @@ from typing import Protocol
 
 import trio
 
+from procurator.core.assignments import AssignmentUpdate, apply_assignment_changes
 from procurator.core.errors import PermanentError
 from procurator.core.metrics import MetricSample
 from procurator.core.models import (
@@ -32,6 +33,7 @@ from procurator.core.models import (
     WorkerInfo,
     WorkerStatus,
 )
+from procurator.core.status import StatusChanges
 from procurator.worker.link import LinkSettings, MasterDialer, MasterLink
 
 __all__ = [
@@ -44,9 +46,12 @@ __all__ = [
 
 
 class StatusPublisher(Protocol):
-    """Where a handler reports what it observes (``MasterLink`` is one)."""
+    """Where a handler reports what it observes (``MasterLink`` is one):
+    its whole status, or what changed in it since the last publication."""
 
     def publish_status(self, status: WorkerStatus) -> None: ...
+
+    def publish_status_changes(self, changes: StatusChanges) -> None: ...
 
     def publish_events(self, events: Sequence[VmEvent]) -> None: ...
 
@@ -54,11 +59,14 @@ class StatusPublisher(Protocol):
 
 
 class AssignmentHandler(Protocol):
-    """The reconciler seam. ``on_assignment`` is called serially, newest
-    assignment only, and should return quickly (take note, reconcile in its
-    own task); ``run`` is started once before the first assignment."""
+    """The reconciler seam. ``on_assignment`` is called serially with each
+    update (a whole assignment, or the changes to the one before) and
+    should return quickly (take note, reconcile in its own task); it
+    answers False for changes that do not apply to the assignment it holds
+    (the link then fetches the whole one). ``run`` is started once before
+    the first assignment."""
 
-    async def on_assignment(self, assignment: Assignment) -> None: ...
+    async def on_assignment(self, update: AssignmentUpdate) -> bool: ...
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -82,7 +90,13 @@ class RecordingHandler:
         task_status.started()
         await trio.sleep_forever()
 
-    async def on_assignment(self, assignment: Assignment) -> None:
+    async def on_assignment(self, update: AssignmentUpdate) -> bool:
+        if isinstance(update, Assignment):
+            assignment = update
+        elif self.assignments and self.assignments[-1].generation == update.base_generation:
+            assignment = apply_assignment_changes(self.assignments[-1], update)
+        else:
+            return False
         self.assignments.append(assignment)
         self._publisher.publish_status(
             WorkerStatus(
@@ -94,6 +108,7 @@ class RecordingHandler:
                 ),
             )
         )
+        return True
 
 
 async def run_worker(
@@ -115,9 +130,9 @@ async def run_worker(
         raise PermanentError(f"worker state dir {state_dir}: {exc}") from exc
     handler: AssignmentHandler | None = None
 
-    async def deliver(assignment: Assignment) -> None:
+    async def deliver(update: AssignmentUpdate) -> bool:
         assert handler is not None  # set before the link starts
-        await handler.on_assignment(assignment)
+        return await handler.on_assignment(update)
 
     link = MasterLink(dialer, info, deliver, settings=settings)
     handler = handler_factory(link)

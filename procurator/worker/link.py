@@ -14,18 +14,28 @@ Invariants:
   jitter: the worker's one retry policy (``procurator.core.backoff``), built
   from ``LinkSettings``. ``wait_connected`` is there for whoever needs the master.
 - **Assignments are delivered newest-first, serially, latest-wins.** Pushes
-  and pulls both feed one slot; an assignment whose generation is not newer
+  and pulls both feed one slot; an update whose generation is not newer
   than the newest seen is ignored (pushes may arrive late or twice); the
-  handler gets one assignment at a time and, if several arrive meanwhile,
-  only the newest. A push is acknowledged as soon as it is in the slot, so a
-  slow reconciler never makes the master's push time out.
-- **Status is latest-wins and coalesced**: a burst of ``publish_status``
-  calls while a report is in flight yields one more report, with the latest
-  status; after a reconnect the latest status is sent again.
-- **A session's first status report is whole; later ones carry what
-  changed** since the status the master acknowledged last on that session
-  (``procurator.core.status``), unless that would be no smaller. A refused
-  change report is followed by a whole status at once.
+  handler gets one update at a time and, if several arrive meanwhile, one
+  that has the effect of all of them. A push is acknowledged as soon as it
+  is in the slot, so a slow reconciler never makes the master's push time
+  out.
+- **After a whole assignment, updates carry what changed**
+  (``procurator.core.assignments.AssignmentChanges``): changes whose base is
+  the newest generation seen are taken (and composed with an update still
+  in the slot); changes to any other generation are not guessed at: the
+  link pulls the whole assignment at once instead (so does every
+  (re)connect and every resync), and a handler that finds changes do not
+  fit what it holds (``on_assignment`` answers False) gets the whole
+  assignment the same way.
+- **Status is latest-wins and coalesced**: a burst of publications while a
+  report is in flight yields one more report, with the latest status;
+  after a reconnect the latest status is sent again.
+- **A session's first status report is whole; every later one carries
+  only what changed** since the status the master acknowledged last on
+  that session (``procurator.core.status.StatusOutbox``). A refused change
+  report is followed by a whole status at once; a master that does not
+  take change reports gets whole ones for the rest of the session.
 - **Metrics are dropped, never queued**, when the master is slow or away
   (only the newest unsent set is kept; ``metrics_dropped`` counts the rest).
 - **Events are buffered up to a bound**; when it overflows the oldest are
@@ -58,6 +68,7 @@ from typing import Protocol, TypeVar
 
 import trio
 
+from procurator.core.assignments import AssignmentChanges, AssignmentUpdate, compose
 from procurator.core.backoff import RestartPolicy, RestartState
 from procurator.core.errors import (
     PermanentError,
@@ -67,7 +78,7 @@ from procurator.core.errors import (
 )
 from procurator.core.metrics import MetricSample
 from procurator.core.models import Assignment, VmEvent, WorkerInfo, WorkerStatus
-from procurator.core.status import StatusChanges, status_changes
+from procurator.core.status import StatusChanges, StatusOutbox
 from procurator.logs import log_context
 
 __all__ = [
@@ -77,11 +88,16 @@ __all__ = [
     "MasterLink",
     "MasterSession",
     "OnAssignment",
+    "OnUpdate",
 ]
 
 logger = logging.getLogger(__name__)
 
-OnAssignment = Callable[[Assignment], Awaitable[None]]
+# What a dialer hands every pushed update to (whole, or changes).
+OnAssignment = Callable[[AssignmentUpdate], Awaitable[None]]
+# What the link delivers updates to, one at a time; it answers False when
+# changes do not fit what it holds (the link then fetches the whole).
+OnUpdate = Callable[[AssignmentUpdate], Awaitable[bool]]
 _T = TypeVar("_T")
 
 
@@ -144,7 +160,7 @@ class MasterLink:
         self,
         dialer: MasterDialer,
         info: WorkerInfo,
-        on_assignment: OnAssignment,
+        on_assignment: OnUpdate,
         *,
         settings: LinkSettings | None = None,
         initial_generation: int = 0,
@@ -164,14 +180,16 @@ class MasterLink:
         self._rng = rng or random.Random()
         # Assignments: newest generation seen, slot for the deliverer.
         self._newest_generation = initial_generation
-        self._pending: Assignment | None = None
+        self._pending: AssignmentUpdate | None = None
         self._pending_wake = trio.Event()
+        # Set when only a whole assignment will do; wakes the resync loop.
+        self._need_whole = False
+        self._pull_now = trio.Event()
         # Connection state.
         self._connected = trio.Event()
         self._session: MasterSession | None = None
-        # Status: latest wins.
-        self._status: WorkerStatus | None = None
-        self._status_dirty = False
+        # Status: the whole, and what the master has not acknowledged yet.
+        self._outbox = StatusOutbox(info.worker_id)
         self._status_wake = trio.Event()
         # Metrics: latest unsent set only.
         self._metrics: tuple[MetricSample, ...] | None = None
@@ -185,6 +203,7 @@ class MasterLink:
         self.metrics_dropped = 0
         self.connects = 0
         self.assignments_ignored = 0
+        self.whole_pulls = 0  # pulls because changes did not fit
 
     # ------------------------------------------------------------ public
 
@@ -202,14 +221,16 @@ class MasterLink:
         await self._connected.wait()
 
     def publish_status(self, status: WorkerStatus) -> None:
-        """Report ``status`` (latest wins; coalesced; resent on reconnect)."""
-        if status.worker_id != self.info.worker_id:
-            raise ValueError(
-                f"status of worker {status.worker_id!r} published on the link of "
-                f"{self.info.worker_id!r}"
-            )
-        self._status = status
-        self._status_dirty = True
+        """Report ``status``, whole (latest wins; coalesced; resent on
+        reconnect). O(VMs): a handler that knows what changed calls
+        ``publish_status_changes``."""
+        self._outbox.publish(status)
+        self._status_wake.set()
+
+    def publish_status_changes(self, changes: StatusChanges) -> None:
+        """Report what changed in the status since the last publication
+        (O(changes); coalesced like ``publish_status``)."""
+        self._outbox.publish_changes(changes)
         self._status_wake.set()
 
     def publish_metrics(self, samples: Sequence[MetricSample]) -> None:
@@ -240,50 +261,99 @@ class MasterLink:
 
     # ------------------------------------------------------------ assignments
 
-    async def _on_push(self, assignment: Assignment) -> None:
-        self._offer(assignment, "push")
+    async def _on_push(self, update: AssignmentUpdate) -> None:
+        self._offer(update, "push")
 
-    def _offer(self, assignment: Assignment, source: str) -> None:
-        if assignment.worker_id != self.info.worker_id:
+    def _offer(self, update: AssignmentUpdate, source: str) -> None:
+        if update.worker_id != self.info.worker_id:
             logger.error(
                 "ignoring a %s for worker %r (this is %r)",
                 source,
-                assignment.worker_id,
+                update.worker_id,
                 self.info.worker_id,
             )
             return
-        if assignment.generation <= self._newest_generation:
+        newest = self._newest_generation
+        whole = isinstance(update, Assignment)
+        # A whole assignment asked for may be of the generation seen already.
+        if update.generation < newest or (
+            update.generation == newest and not (whole and self._need_whole)
+        ):
             self.assignments_ignored += 1
             logger.debug(
-                "ignoring %s of generation %d (have %d)",
-                source,
-                assignment.generation,
-                self._newest_generation,
+                "ignoring %s of generation %d (have %d)", source, update.generation, newest
             )
             return
-        with log_context(op_id=assignment.op_id, generation=assignment.generation):
+        if isinstance(update, AssignmentChanges) and (
+            update.base_generation != newest or self._need_whole
+        ):
+            # Changes to an assignment this worker does not hold (a lost
+            # update, or one that raced a pull): do not guess, fetch it whole.
             logger.info(
-                "received assignment generation %d (%s, op %s): %d VM(s)",
-                assignment.generation,
+                "%s of generation %d changes generation %d, this worker has %d: "
+                "fetching the whole assignment",
                 source,
-                assignment.op_id or "-",
-                len(assignment.vms),
+                update.generation,
+                update.base_generation,
+                newest,
             )
-        self._newest_generation = assignment.generation
-        self._pending = assignment
+            self._ask_whole()
+            return
+        with log_context(op_id=update.op_id, generation=update.generation):
+            if isinstance(update, Assignment):
+                logger.info(
+                    "received assignment generation %d (%s, op %s): %d VM(s)",
+                    update.generation,
+                    source,
+                    update.op_id or "-",
+                    len(update.vms),
+                )
+            else:
+                logger.info(
+                    "received assignment generation %d (%s, op %s): %d VM(s) changed, %d removed",
+                    update.generation,
+                    source,
+                    update.op_id or "-",
+                    len(update.upserted),
+                    len(update.removed),
+                )
+        if whole:
+            self._need_whole = False
+        self._newest_generation = update.generation
+        pending = self._pending
+        if pending is not None and isinstance(update, AssignmentChanges):
+            update = compose(pending, update)
+        self._pending = update
         self._pending_wake.set()
+
+    def _ask_whole(self) -> None:
+        if not self._need_whole:
+            self.whole_pulls += 1
+        self._need_whole = True
+        self._pull_now.set()
 
     async def _deliver_assignments(self) -> None:
         while True:
             await self._pending_wake.wait()
             self._pending_wake = trio.Event()
-            assignment, self._pending = self._pending, None
-            if assignment is not None:
-                await self._on_assignment(assignment)
+            update, self._pending = self._pending, None
+            if update is None or await self._on_assignment(update):
+                continue
+            if isinstance(update, AssignmentChanges):
+                logger.warning(
+                    "assignment changes to generation %d do not fit what this worker "
+                    "holds: fetching the whole assignment",
+                    update.generation,
+                )
+                self._ask_whole()
+            else:  # a handler's bug: asking again would bring the same
+                logger.error("the worker did not take assignment %d", update.generation)
 
     async def _pull(self, session: MasterSession) -> None:
+        # Known generation 0 asks for the whole assignment, whatever it is.
+        known = 0 if self._need_whole else self._newest_generation
         with trio.fail_after(self.settings.call_timeout):
-            assignment = await session.get_assignment(self._newest_generation)
+            assignment = await session.get_assignment(known)
         if assignment is not None:
             self._offer(assignment, "pull")
 
@@ -345,8 +415,9 @@ class MasterLink:
         logger.info("registered with the master as %s", self.info.worker_id)
         self._session = session
         self._connected.set()
-        # Resend the latest status: the master may have restarted.
-        self._status_dirty = self._status is not None
+        # A new session: the master holds no status of it (it may even have
+        # restarted), so the latest status goes whole.
+        self._outbox.new_session()
         async with trio.open_nursery() as nursery:
             await self._pull(session)
             nursery.start_soon(self._resync, session)
@@ -357,8 +428,12 @@ class MasterLink:
             raise UnavailableError("the connection to the master broke")
 
     async def _resync(self, session: MasterSession) -> None:
+        """Pull every ``resync_interval``, and at once when the whole
+        assignment is needed."""
         while True:
-            await trio.sleep(self.settings.resync_interval)
+            with trio.move_on_after(self.settings.resync_interval):
+                await self._pull_now.wait()
+            self._pull_now = trio.Event()
             await self._pull(session)
 
     async def _call(self, what: str, method: Callable[[_T], Awaitable[None]], argument: _T) -> bool:
@@ -383,19 +458,17 @@ class MasterLink:
         return None
 
     async def _send_status(self, session: MasterSession) -> None:
-        acknowledged: WorkerStatus | None = None  # on this session
+        outbox = self._outbox
         send_changes = True  # False once the master said it does not take them
         while True:
-            status = self._status
-            if not self._status_dirty or status is None:
+            report = outbox.take(changes=send_changes)
+            if report is None:
                 await self._status_wake.wait()
                 self._status_wake = trio.Event()
                 continue
-            self._status_dirty = False
-            changes = status_changes(acknowledged, status) if acknowledged is not None else None
             try:
-                if send_changes and changes is not None and changes.size < len(status.vms):
-                    refused = await self._refusal(session.report_status_changes, changes)
+                if isinstance(report, StatusChanges):
+                    refused = await self._refusal(session.report_status_changes, report)
                     if refused is not None:
                         # The master kept the status it had: make it whole.
                         if isinstance(refused, UnsupportedError):
@@ -403,17 +476,15 @@ class MasterLink:
                             logger.info("the master takes whole status reports only")
                         else:
                             logger.warning("the master refused a status change report: %s", refused)
-                        acknowledged = None
-                        self._status_dirty = True
+                        outbox.refused()
                         continue
-                elif not await self._call("a status report", session.report_status, status):
-                    acknowledged = None  # refused: it holds no status of ours
+                elif not await self._call("a status report", session.report_status, report):
+                    outbox.refused()  # it holds no status of ours
                     continue
             except BaseException:
-                if self._status is status:
-                    self._status_dirty = True  # not delivered: send again later
+                outbox.undelivered()  # may not have arrived: send again later
                 raise
-            acknowledged = status
+            outbox.delivered()
 
     async def _send_metrics(self, session: MasterSession) -> None:
         while True:

@@ -22,11 +22,12 @@ good before any VMM ran, e.g. a bad image). Both carry the op id of the
 assignment that caused the work.
 
 Threads: the manager calls ``on_change`` from supervisor threads; it is
-handed to trio with the trio token (``run_sync_soon``), which pokes the
-reconciler (a crash or an exit is a reason for a pass) and forwards the
-event to the master. The actuator's ``on_change`` (a step in flight changed
-phase) pokes the reconciler the same way. Nothing else crosses threads
-here.
+handed to trio with the trio token (``run_sync_soon``), which marks the VM
+dirty in the reconciler (a crash or an exit is a reason to look at it again:
+the reconciler's passes handle the VMs marked, see ``procurator.core.
+reconcile``) and forwards the event to the master. The actuator's
+``on_change`` (a step in flight changed phase) marks its VM the same way.
+Nothing else crosses threads here.
 """
 
 from __future__ import annotations
@@ -43,12 +44,14 @@ from typing import Literal
 
 import trio
 
+from procurator.core.assignments import AssignmentChanges, AssignmentUpdate
 from procurator.core.confinement import ImageLimits
 from procurator.core.errors import PermanentError, ProcuratorError
 from procurator.core.jail import JailPolicy
 from procurator.core.metrics import VmSnapshot
-from procurator.core.models import Assignment, Capacity, VmEvent, WorkerStatus
+from procurator.core.models import Capacity, VmEvent
 from procurator.core.reconcile import Reconciler
+from procurator.core.status import StatusChanges
 from procurator.logs import some
 from procurator.nix.image import ImageManager
 from procurator.nix.store import NixStore
@@ -278,14 +281,17 @@ class ReconcilingHandler:
 
     # -- AssignmentHandler --------------------------------------------------
 
-    async def on_assignment(self, assignment: Assignment) -> None:
-        if self.reconciler.set_assignment(assignment):
+    async def on_assignment(self, update: AssignmentUpdate) -> bool:
+        if isinstance(update, AssignmentChanges):
+            return self.reconciler.apply_changes(update)
+        if self.reconciler.set_assignment(update):
             log.info(
                 "assignment generation %d: %d VMs",
-                assignment.generation,
-                len(assignment.vms),
-                extra={"op_id": assignment.op_id, "generation": assignment.generation},
+                update.generation,
+                len(update.vms),
+                extra={"op_id": update.op_id, "generation": update.generation},
             )
+        return True
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._token = trio.lowlevel.current_trio_token()
@@ -368,9 +374,9 @@ class ReconcilingHandler:
             log.warning("killing pid %s, left by the last worker: it still roots an image", pid)
             process.terminate(pid, ticks, grace=0.0)
 
-    def _publish_status(self, status: WorkerStatus) -> None:
-        self.metrics.set_observed_generation(status.observed_generation)
-        self._publisher.publish_status(status)
+    def _publish_status(self, changes: StatusChanges) -> None:
+        self.metrics.set_observed_generation(changes.observed_generation)
+        self._publisher.publish_status_changes(changes)
 
     async def _run_metrics(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -425,18 +431,18 @@ class ReconcilingHandler:
         if token is None:
             return
         with contextlib.suppress(trio.RunFinishedError):
-            token.run_sync_soon(self._changed_in_trio, event)
+            token.run_sync_soon(self._changed_in_trio, observation.vm_id, event)
 
-    def _in_flight_changed(self) -> None:
+    def _in_flight_changed(self, vm_id: str) -> None:
         """A VM's step in flight changed phase (``WorkerActuator``): a
         pass reports it."""
         token = self._token
         if token is None:
             return
         with contextlib.suppress(trio.RunFinishedError):
-            token.run_sync_soon(self.reconciler.poke)
+            token.run_sync_soon(self.reconciler.mark_dirty, vm_id)
 
-    def _changed_in_trio(self, event: VmEvent | None) -> None:
-        self.reconciler.poke()
+    def _changed_in_trio(self, vm_id: str, event: VmEvent | None) -> None:
+        self.reconciler.mark_dirty(vm_id)
         if event is not None:
             self._publisher.publish_events([event])

@@ -1,22 +1,27 @@
 """The reconcile plan and loop, against a hand-written in-memory actuator.
 
-Pure logic, so trio's MockClock (autojump) drives retries and backoff.
+Pure logic, so trio's MockClock (autojump) drives retries and backoff. The
+loop is incremental (a pass handles the VMs marked dirty); the property test
+at the end checks that a full pass after incremental ones, on random
+sequences of inputs, finds nothing to do and nothing to report.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import replace
 
 import trio
 import trio.testing
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from procurator.core.assignments import AssignmentChanges
 from procurator.core.backoff import RestartPolicy
 from procurator.core.errors import PermanentError, TemporaryError
 from procurator.core.models import Assignment, Phase, PowerState, VmAssignment, WorkerStatus
 from procurator.core.reconcile import Action, ActionKind, ObservedVm, Reconciler, plan, settled
+from procurator.core.status import StatusChanges, apply_status_changes
 
 _PHASE_OF = {
     PowerState.RUNNING: Phase.RUNNING,
@@ -43,11 +48,16 @@ class FakeActuator:
         self.calls: list[tuple[str, str]] = []
         self.fail: dict[str, Exception] = {}
         self.gates: dict[str, trio.Event] = {}
-        self.observations = 0
+        self.observations = 0  # full ones
+        self.observed_some: list[list[str]] = []  # the ids of each partial one
 
     async def observe(self) -> Mapping[str, ObservedVm]:
         self.observations += 1
         return dict(self.vms)
+
+    async def observe_some(self, vm_ids: Collection[str]) -> Mapping[str, ObservedVm]:
+        self.observed_some.append(sorted(vm_ids))
+        return {i: self.vms[i] for i in vm_ids if i in self.vms}
 
     async def ensure(self, vm: VmAssignment, op_id: str) -> None:
         self.calls.append(("ensure", vm.id))
@@ -168,11 +178,21 @@ def test_plan_converges_to_a_fixed_point_without_touching_unchanged_vms(
 # ---------------------------------------------------------------- loop
 
 
+class Reports(list[WorkerStatus]):
+    """The whole status after each report (the reconciler reports what
+    changed; merged here as the master merges them, which also checks that
+    every change fits the status before it)."""
+
+    def add(self, changes: StatusChanges) -> None:
+        base = self[-1] if self else WorkerStatus(changes.worker_id, 0, ())
+        self.append(apply_status_changes(base, changes))
+
+
 async def _start(
     actuator: FakeActuator, nursery: trio.Nursery, **kwargs: object
-) -> tuple[Reconciler, list[WorkerStatus]]:
-    reports: list[WorkerStatus] = []
-    reconciler = Reconciler(actuator=actuator, on_status=reports.append, worker_id="w", **kwargs)  # type: ignore[arg-type]
+) -> tuple[Reconciler, Reports]:
+    reports = Reports()
+    reconciler = Reconciler(actuator=actuator, on_status=reports.add, worker_id="w", **kwargs)  # type: ignore[arg-type]
     await nursery.start(reconciler.run)
     return reconciler, reports
 
@@ -348,3 +368,297 @@ async def test_status_is_only_reported_when_it_changes() -> None:
         assert len(reports) == count
         assert actuator.calls == [("ensure", "a")]
         nursery.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------- incremental
+
+
+def _changes(
+    base: int,
+    generation: int,
+    upserted: tuple[VmAssignment, ...] = (),
+    removed: tuple[str, ...] = (),
+) -> AssignmentChanges:
+    return AssignmentChanges("w", base, generation, f"op-{generation}", upserted, removed)
+
+
+async def test_changes_are_handled_by_observing_only_the_vms_they_name() -> None:
+    actuator = FakeActuator()
+    async with trio.open_nursery() as nursery:
+        reconciler, reports = await _start(actuator, nursery)
+        reconciler.set_assignment(Assignment("w", 1, tuple(vm(f"v{i}") for i in range(50)), "op-1"))
+        await _settle()
+        assert reports[-1].observed_generation == 1
+        full, actuator.observed_some, actuator.calls = actuator.observations, [], []
+        assert reconciler.apply_changes(_changes(1, 2, (vm("v7", "h2"),), ("v9",)))
+        await _settle()
+        assert sorted(actuator.calls) == [("ensure", "v7"), ("remove", "v9")]
+        assert actuator.observations == full  # no full observation
+        assert {i for ids in actuator.observed_some for i in ids} == {"v7", "v9"}
+        status = {s.id: s for s in reports[-1].vms}
+        assert reports[-1].observed_generation == 2
+        assert "v9" not in status and status["v7"].observed_hash == "h2"
+        assert status["v7"].op_id == "op-2" and status["v8"].op_id == "op-1"
+        assert reconciler.assignment == Assignment(
+            "w",
+            2,
+            tuple(vm(f"v{i}", "h2" if i == 7 else "h1") for i in range(50) if i != 9),
+            "op-2",
+        )
+        nursery.cancel_scope.cancel()
+
+
+async def test_changes_to_another_generation_are_not_taken() -> None:
+    actuator = FakeActuator()
+    async with trio.open_nursery() as nursery:
+        reconciler, reports = await _start(actuator, nursery)
+        # Nothing to apply them to before a whole assignment.
+        assert not reconciler.apply_changes(_changes(0, 1, (vm("a"),)))
+        reconciler.set_assignment(Assignment("w", 3, (vm("a"),)))
+        await _settle()
+        # A lost update (3 -> 4) makes the next one (4 -> 5) unusable.
+        assert not reconciler.apply_changes(_changes(4, 5, (vm("b"),)))
+        await _settle()
+        assert reconciler.generation == 3
+        assert set(actuator.vms) == {"a"}
+        assert reports[-1].observed_generation == 3
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_vm_marked_dirty_is_observed_again_without_a_full_pass() -> None:
+    actuator = FakeActuator()
+    async with trio.open_nursery() as nursery:
+        reconciler, reports = await _start(actuator, nursery)
+        reconciler.set_assignment(Assignment("w", 1, (vm("a"), vm("b"))))
+        await _settle()
+        full = actuator.observations
+        # The VMM of "b" crash-loops: the VmManager says so for "b" alone.
+        actuator.vms["b"] = replace(actuator.vms["b"], phase=Phase.CRASH_LOOP, restarts=5)
+        reconciler.mark_dirty("b")
+        await _settle()
+        assert actuator.observations == full
+        assert {s.id: s.phase for s in reports[-1].vms} == {
+            "a": Phase.RUNNING,
+            "b": Phase.CRASH_LOOP,
+        }
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_periodic_full_pass_heals_a_change_nobody_marked(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    actuator = FakeActuator()
+    async with trio.open_nursery() as nursery:
+        reconciler, reports = await _start(actuator, nursery, full_pass_interval=30.0)
+        reconciler.set_assignment(Assignment("w", 1, (vm("a"),)))
+        await trio.sleep(1)
+        del actuator.vms["a"]  # gone, and nothing said so
+        reconciler.poke()
+        await trio.sleep(1)
+        assert actuator.calls == [("ensure", "a")]  # a poke alone observes nothing
+        await trio.sleep(30)
+        assert actuator.calls == [("ensure", "a"), ("ensure", "a")]
+        assert {s.id: s.phase for s in reports[-1].vms} == {"a": Phase.RUNNING}
+        nursery.cancel_scope.cancel()
+
+
+# A property test: whatever happens, in whatever order, a full pass right
+# after the incremental ones finds nothing to start and nothing to report.
+
+_IDS = [f"vm-{i}" for i in range(6)]
+_observations = st.builds(
+    lambda h, phase, power: ObservedVm(id="", hash=h, phase=phase, power=power),
+    _hashes,
+    st.sampled_from([Phase.RUNNING, Phase.PAUSED, Phase.STOPPED, Phase.CRASH_LOOP, Phase.STARTING]),
+    _powers,
+)
+_ops = st.one_of(
+    st.tuples(
+        st.just("changes"),
+        st.dictionaries(
+            st.sampled_from(_IDS),
+            st.one_of(st.none(), st.tuples(_hashes, _powers)),
+            max_size=4,
+        ),
+        st.booleans(),  # a new op id
+    ),
+    st.tuples(
+        st.just("whole"), st.dictionaries(st.sampled_from(_IDS), st.tuples(_hashes, _powers))
+    ),
+    st.tuples(st.just("external"), st.sampled_from(_IDS), st.one_of(st.none(), _observations)),
+    st.tuples(st.just("finish"), st.integers(0, 5)),
+    # A step's VM reaches its target before the step returns (the VmManager
+    # reports "running" from the VM's thread while ensure is still waiting).
+    st.tuples(st.just("settle"), st.integers(0, 5)),
+    st.tuples(
+        st.just("fail"), st.sampled_from(_IDS), st.sampled_from(["temporary", "permanent", "bug"])
+    ),
+    st.tuples(st.just("time"), st.sampled_from([0.5, 2.0, 40.0])),
+)
+
+
+class GatedActuator(FakeActuator):
+    """Every step waits until the test finishes it: steps stay in flight
+    across passes, as real ones do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_flight: dict[str, trio.Event] = {}
+        self.targets: dict[str, ObservedVm | None] = {}  # what each step in flight makes
+        self.failing: dict[str, Exception] = {}
+
+    async def _gate(self, vm_id: str) -> None:
+        gate = self.in_flight[vm_id] = trio.Event()
+        try:
+            await gate.wait()
+        finally:
+            del self.in_flight[vm_id]
+        if vm_id in self.failing:
+            raise self.failing.pop(vm_id)
+
+    async def ensure(self, vm: VmAssignment, op_id: str) -> None:
+        self.calls.append(("ensure", vm.id))
+        target = self.targets[vm.id] = replace(running(vm), op_id=op_id)
+        await self._gate(vm.id)
+        self.vms[vm.id] = target
+
+    async def remove(self, vm_id: str, op_id: str) -> None:
+        self.calls.append(("remove", vm_id))
+        self.targets[vm_id] = None
+        await self._gate(vm_id)
+        self.vms.pop(vm_id, None)
+
+    def settle(self, vm_id: str) -> None:
+        """The step's VM reaches its target, the step still in flight."""
+        target = self.targets[vm_id]
+        if target is None:
+            self.vms.pop(vm_id, None)
+        else:
+            self.vms[vm_id] = target
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_ops, max_size=25))
+@example(  # a retry falls due: no input marks the VM, the pass must find it
+    [
+        ("changes", {"vm-0": ("h1", PowerState.RUNNING)}, True),
+        ("fail", "vm-0", "temporary"),
+        ("finish", 0),
+        ("time", 2.0),
+    ]
+)
+@example(  # reported settled while its step runs: settled only once the step ends
+    [("changes", {"vm-0": ("h1", PowerState.RUNNING)}, True), ("settle", 0), ("finish", 0)]
+)
+def test_incremental_passes_leave_nothing_for_a_full_pass(ops: list[tuple[object, ...]]) -> None:
+    def entries(spec: Mapping[str, tuple[str, PowerState]]) -> tuple[VmAssignment, ...]:
+        return tuple(vm(i, h, power) for i, (h, power) in sorted(spec.items()))
+
+    async def scenario() -> None:
+        actuator = GatedActuator()
+        reports = Reports()
+        reconciler = Reconciler(
+            actuator=actuator,
+            on_status=reports.add,
+            worker_id="w",
+            retry=RestartPolicy(initial_delay=1.0, max_delay=4.0),
+        )
+        limiter = trio.CapacityLimiter(100)
+        op_number = 0
+
+        async def incremental() -> None:
+            for _ in range(3):  # a step that ends marks its VM for the next pass
+                await reconciler.run_pass(nursery, limiter)
+                await trio.testing.wait_all_tasks_blocked()
+
+        async with trio.open_nursery() as nursery:
+            await reconciler.run_pass(nursery, limiter)
+            for op in ops:
+                kind = op[0]
+                if kind == "changes":
+                    spec, new_op = op[1], op[2]
+                    assert isinstance(spec, dict)
+                    current = reconciler.assignment or Assignment("w", 0)
+                    if reconciler.assignment is None:
+                        reconciler.set_assignment(Assignment("w", 1, (), "op-1"))
+                        current = Assignment("w", 1, (), "op-1")
+                    op_number += int(bool(new_op))
+                    have = {v.id for v in current.vms}
+                    reconciler.apply_changes(
+                        AssignmentChanges(
+                            "w",
+                            current.generation,
+                            current.generation + 1,
+                            f"op-x{op_number}" if new_op else current.op_id,
+                            entries({i: e for i, e in spec.items() if e is not None}),
+                            tuple(i for i, e in sorted(spec.items()) if e is None and i in have),
+                        )
+                    )
+                elif kind == "whole":
+                    spec = op[1]
+                    assert isinstance(spec, dict)
+                    reconciler.set_assignment(
+                        Assignment("w", reconciler.generation + 1, entries(spec), "op-whole")
+                    )
+                elif kind == "external":
+                    vm_id, seen = op[1], op[2]
+                    assert isinstance(vm_id, str)
+                    if seen is None:
+                        actuator.vms.pop(vm_id, None)
+                    else:
+                        assert isinstance(seen, ObservedVm)
+                        actuator.vms[vm_id] = replace(seen, id=vm_id)
+                    reconciler.mark_dirty(vm_id)  # as the VmManager's on_change does
+                elif kind == "finish":
+                    index = op[1]
+                    assert isinstance(index, int)
+                    flights = sorted(actuator.in_flight)
+                    if flights:
+                        actuator.in_flight[flights[index % len(flights)]].set()
+                elif kind == "settle":
+                    index = op[1]
+                    assert isinstance(index, int)
+                    flights = sorted(actuator.in_flight)
+                    if flights:
+                        vm_id = flights[index % len(flights)]
+                        actuator.settle(vm_id)
+                        reconciler.mark_dirty(vm_id)  # as the VmManager's on_change does
+                elif kind == "fail":
+                    vm_id, how = op[1], op[2]
+                    assert isinstance(vm_id, str)
+                    actuator.failing[vm_id] = {
+                        "temporary": TemporaryError("try later"),
+                        "permanent": PermanentError("never"),
+                        "bug": RuntimeError("boom"),
+                    }[str(how)]
+                else:
+                    seconds = op[1]
+                    assert isinstance(seconds, float)
+                    clock.jump(seconds)
+                await trio.testing.wait_all_tasks_blocked()
+                await incremental()
+                before = len(reports)
+                started = await reconciler.run_pass(nursery, limiter, full=True)
+                assert started == 0, (op, actuator.calls)
+                assert len(reports) == before, (op, reports[-1])
+                assert reports[-1] == reconciler.status
+                # And an oracle of its own: every desired VM settled (or
+                # failed for good), none with a step in flight, none surplus
+                # means the generation is observed.
+                assignment = reconciler.assignment
+                if assignment is not None:
+                    failed = {v.id for v in reports[-1].vms if v.phase is Phase.FAILED}
+                    wanted = {v.id: v for v in assignment.vms}
+                    if (
+                        not actuator.in_flight
+                        and set(actuator.vms) <= set(wanted)
+                        and all(
+                            settled(v, actuator.vms.get(i)) or i in failed
+                            for i, v in wanted.items()
+                        )
+                    ):
+                        assert reconciler.observed_generation == assignment.generation, op
+            nursery.cancel_scope.cancel()
+
+    clock = trio.testing.MockClock()
+    trio.run(scenario, clock=clock)

@@ -9,6 +9,7 @@ import pytest
 import trio
 import trio.testing
 
+from procurator.core.assignments import AssignmentChanges, AssignmentUpdate
 from procurator.core.errors import (
     ProcuratorError,
     UnavailableError,
@@ -20,6 +21,7 @@ from procurator.core.models import (
     Assignment,
     EventKind,
     Phase,
+    VmAssignment,
     VmEvent,
     VmStatus,
     WorkerInfo,
@@ -119,11 +121,25 @@ class FakeMaster:
 
 
 class Recorder:
-    def __init__(self) -> None:
-        self.seen: list[int] = []
+    """The handler: records each update's generation (a whole assignment's
+    plain, changes as ``(base, generation)``); takes changes only to the
+    generation it holds, as the reconciler does."""
 
-    async def __call__(self, assignment: Assignment) -> None:
-        self.seen.append(assignment.generation)
+    def __init__(self) -> None:
+        self.seen: list[int | tuple[int, int]] = []
+        self.updates: list[AssignmentUpdate] = []
+        self.generation = 0
+
+    async def __call__(self, update: AssignmentUpdate) -> bool:
+        self.updates.append(update)
+        if isinstance(update, AssignmentChanges):
+            self.seen.append((update.base_generation, update.generation))
+            if update.base_generation != self.generation:
+                return False
+        else:
+            self.seen.append(update.generation)
+        self.generation = update.generation
+        return True
 
 
 SETTINGS = LinkSettings(
@@ -257,11 +273,24 @@ async def test_after_a_whole_status_only_what_changed_is_reported(
         master.sessions[0].drop()
         await trio.sleep(5)
         assert len(master.sessions) == 2 and master.whole == [fleet_status(1), fleet_status(2)]
-        # A change of every VM goes whole: changes would be no smaller.
+        # After the first whole report of a session, changes are the only
+        # path, even when every VM changed.
         failed = {f"vm_{i}": Phase.FAILED for i in range(4)}
         link.publish_status(fleet_status(3, **failed))
         await trio.sleep(1)
-        assert master.whole[-1] == fleet_status(3, **failed) and len(master.changes) == 2
+        assert len(master.whole) == 2 and len(master.changes[-1].changed) == 4
+        assert master.statuses[-1] == fleet_status(3, **failed)
+        # What the handler publishes as changes travels as they are.
+        link.publish_status_changes(
+            StatusChanges(
+                "host-a", 4, changed=(VmStatus("vm-9", Phase.STARTING),), removed=("vm-0",)
+            )
+        )
+        await trio.sleep(1)
+        assert master.changes[-1] == StatusChanges(
+            "host-a", 4, changed=(VmStatus("vm-9", Phase.STARTING),), removed=("vm-0",)
+        )
+        assert {v.id for v in master.statuses[-1].vms} == {"vm-1", "vm-2", "vm-3", "vm-9"}
         nursery.cancel_scope.cancel()
 
 
@@ -335,4 +364,125 @@ async def test_a_hanging_call_ends_the_session(autojump_clock: trio.testing.Mock
         await trio.sleep(SETTINGS.call_timeout + 3)
         assert len(master.sessions) == 2
         assert not master.sessions[0].connected
+        nursery.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------- assignment changes
+
+
+def changes(
+    base: int, generation: int, *ids: str, removed: tuple[str, ...] = ()
+) -> AssignmentChanges:
+    upserted = tuple(VmAssignment(i, "a" * 32, f"/nix/store/{'a' * 32}-{i}") for i in ids)
+    return AssignmentChanges("host-a", base, generation, f"op-{generation}", upserted, removed)
+
+
+async def test_changes_to_the_newest_generation_are_delivered_and_composed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    master = FakeMaster()
+    master.up = True
+    master.assignment = Assignment("host-a", 3)
+    link, recorder = make_link(master)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        await trio.sleep(1)
+        push = master.sessions[0].on_push
+        await push(changes(3, 4, "a"))
+        await trio.sleep(1)
+        # Two updates while the handler is busy arrive as one.
+        await push(changes(4, 5, "b"))
+        await push(changes(5, 6, "c", removed=("a",)))
+        await push(changes(5, 6, "c"))  # a duplicate: ignored
+        await trio.sleep(1)
+        assert recorder.seen == [3, (3, 4), (4, 6)]
+        last = recorder.updates[-1]
+        assert isinstance(last, AssignmentChanges)
+        assert [v.id for v in last.upserted] == ["b", "c"] and last.removed == ("a",)
+        assert link.newest_generation == 6 and master.pulls == [0]
+        nursery.cancel_scope.cancel()
+
+
+async def test_changes_to_another_generation_fetch_the_whole_assignment(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A lost update: the next one does not apply to what the worker has;
+    it pulls the whole assignment at once, not at the next resync."""
+    master = FakeMaster()
+    master.up = True
+    master.assignment = Assignment("host-a", 3)
+    link, recorder = make_link(master)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        await trio.sleep(1)
+        master.assignment = Assignment("host-a", 5)  # 3 -> 4 was lost on the way
+        await master.sessions[0].on_push(changes(4, 5, "b"))
+        await trio.sleep(0.5)  # well before the resync
+        assert recorder.seen == [3, 5]
+        assert master.pulls == [0, 0]  # known generation 0: the whole one
+        assert link.whole_pulls == 1
+        # Changes from there on apply again.
+        await master.sessions[0].on_push(changes(5, 6, "c"))
+        await trio.sleep(0.5)
+        assert recorder.seen == [3, 5, (5, 6)]
+        nursery.cancel_scope.cancel()
+
+
+async def test_changes_the_handler_cannot_apply_fetch_the_whole_assignment(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    master = FakeMaster()
+    master.up = True
+    master.assignment = Assignment("host-a", 3)
+    link, recorder = make_link(master)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        await trio.sleep(1)
+        recorder.generation = 2  # the handler holds something else than the link thinks
+        master.assignment = Assignment("host-a", 4)
+        await master.sessions[0].on_push(changes(3, 4, "a"))
+        await trio.sleep(0.5)
+        # The whole assignment of the same generation is taken this once.
+        assert recorder.seen == [3, (3, 4), 4]
+        assert recorder.generation == 4 and link.whole_pulls == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_lost_update_is_healed_by_the_resync(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    master = FakeMaster()
+    master.up = True
+    master.assignment = Assignment("host-a", 3)
+    link, recorder = make_link(master)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        await trio.sleep(1)
+        master.assignment = Assignment("host-a", 4)  # its update never arrives
+        await trio.sleep(SETTINGS.resync_interval)
+        assert recorder.seen == [3, 4]
+        assert master.pulls == [0, 3]
+        nursery.cancel_scope.cancel()
+
+
+async def test_changes_go_on_across_a_reconnect(autojump_clock: trio.testing.MockClock) -> None:
+    """A reconnect pulls with the newest generation seen: the master that
+    has nothing newer answers "unchanged", and its later updates apply to
+    what the worker holds."""
+    master = FakeMaster()
+    master.up = True
+    master.assignment = Assignment("host-a", 3)
+    link, recorder = make_link(master)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        await trio.sleep(1)
+        await master.sessions[0].on_push(changes(3, 4, "a"))
+        master.assignment = Assignment("host-a", 4)
+        await trio.sleep(1)
+        master.sessions[0].drop()
+        await trio.sleep(5)
+        assert len(master.sessions) == 2 and master.pulls == [0, 4]
+        await master.sessions[1].on_push(changes(4, 5, "b"))
+        await trio.sleep(1)
+        assert recorder.seen == [3, (3, 4), (4, 5)]
         nursery.cancel_scope.cancel()
