@@ -15,8 +15,9 @@
 #
 # Errors are data. Every method answers a failure in its results: an
 # `error :Error` arm of a result union, or (Control.status, Control.events,
-# WorkerSession.getAssignment, Node.push) an `error` result that is set only
-# when the call failed, the other results then meaning nothing. `Error.code`
+# WorkerSession.getAssignment, Node.push, Node.pushChanges) an `error` result
+# that is set only when the call failed, the other results then meaning
+# nothing. `Error.code`
 # says what the caller can do about it (see `ErrorCode`); `message` is one
 # line for a person; the server never puts stack traces or its own file paths
 # in an error. A message that does not decode (a field of the wrong type, a text
@@ -71,6 +72,28 @@ struct Assignment {
   vms @2 :List(VmAssignment);
   opId @3 :Text;
   # Operation id of the apply that produced this generation ("" if none).
+}
+
+struct AssignmentChanges {
+  # What changed in a worker's assignment from generation `baseGeneration`
+  # to `generation`: the entries added or changed (whole) and the ids
+  # removed, so that a one-VM change costs a one-VM message whatever the
+  # worker runs. Applies only to the assignment of exactly `baseGeneration`:
+  # a worker holding another one does not guess, it asks for the whole
+  # assignment (`WorkerSession.getAssignment`, as on every (re)connect and
+  # resync). The order of `Assignment.vms` carries no meaning.
+  workerId @0 :Text;
+  baseGeneration @1 :UInt64;
+  generation @2 :UInt64;
+  # Greater than baseGeneration.
+  opId @3 :Text;
+  # Operation id of the apply that produced `generation` ("" if none).
+  upserted @4 :List(VmAssignment);
+  # Whole entries: each replaces the entry of that VM id, or adds one. No id
+  # twice, none also in `removed`.
+  removed @5 :List(Text);
+  # Ids of VMs no longer assigned; an id the base does not assign is
+  # ignored (updates composed by the sender may name one).
 }
 
 struct WorkerFleet {
@@ -322,6 +345,14 @@ interface Node {
   # `error` is set when the worker refuses the assignment (not for it, or
   # malformed). Added after version 1's first release: an older worker
   # raises an RPC exception instead, an older master ignores it.
+  pushChanges @1 (changes :AssignmentChanges) -> (error :Error);
+  # What a master pushes once the worker has a whole assignment on this
+  # session (pushed, or pulled): only what changed since the generation the
+  # worker was last given. Answered like `push`; changes to a generation the
+  # worker does not hold are no error: it takes note and pulls the whole
+  # assignment. Added after version 1's first release: an older worker
+  # answers it with an RPC exception (unimplemented), and the master then
+  # pushes whole assignments to it for the rest of the session.
 }
 
 interface WorkerSession {

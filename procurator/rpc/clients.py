@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import capnp
 import trio
 
+from procurator.core.assignments import AssignmentChanges, AssignmentUpdate
 from procurator.core.control import (
     ApplyRequest,
     ApplyResult,
@@ -48,6 +49,7 @@ from procurator.rpc.answer import answer, error_result
 from procurator.rpc.bridge import Bridge, CapnpHandle, ClientConnection, connect
 from procurator.rpc.convert import (
     apply_result_from_reader,
+    assignment_changes_from_reader,
     assignment_from_reader,
     describe_result_from_reader,
     error_from_reader,
@@ -74,7 +76,8 @@ logger = logging.getLogger(__name__)
 
 _schema = load_schema()
 
-OnPush = Callable[[Assignment], Awaitable[None]]
+# Gets every pushed update: a whole assignment, or changes to the last one.
+OnPush = Callable[[AssignmentUpdate], Awaitable[None]]
 T = TypeVar("T")
 
 
@@ -289,16 +292,36 @@ class _NodeImpl(_schema.Node.Server):  # type: ignore[misc, name-defined]
             log_name="the worker's log",
         )
 
+    async def pushChanges_context(self, context: Any) -> None:
+        await answer(
+            "Node.pushChanges",
+            context,
+            error_result,
+            self._decode_push_changes,
+            self._push,
+            logger=logger,
+            who=f"worker {self._worker_id}",
+            log_name="the worker's log",
+        )
+
     def _decode_push(self, params: Any) -> Assignment:
         value = assignment_from_reader(params.assignment)
-        if value.worker_id != self._worker_id:
-            raise ValidationError(
-                f"pushed assignment is for worker {value.worker_id!r}, this is {self._worker_id!r}"
-            )
+        self._check_ours(value)
         return value
 
-    async def _push(self, assignment: Assignment, results: Any) -> None:
-        await self._bridge.call_trio(self._on_push, assignment)
+    def _decode_push_changes(self, params: Any) -> AssignmentChanges:
+        value = assignment_changes_from_reader(params.changes)
+        self._check_ours(value)
+        return value
+
+    def _check_ours(self, update: AssignmentUpdate) -> None:
+        if update.worker_id != self._worker_id:
+            raise ValidationError(
+                f"pushed assignment is for worker {update.worker_id!r}, this is {self._worker_id!r}"
+            )
+
+    async def _push(self, update: AssignmentUpdate, results: Any) -> None:
+        await self._bridge.call_trio(self._on_push, update)
 
 
 class CapnpMasterDialer:

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 import capnp
 
+from procurator.core.assignments import AssignmentChanges
 from procurator.core.control import (
     ApplyRequest,
     ApplyResult,
@@ -77,6 +78,7 @@ __all__ = [
     "READ_ERRORS",
     "apply_request_from_reader",
     "apply_result_from_reader",
+    "assignment_changes_from_reader",
     "assignment_from_reader",
     "describe_result_from_reader",
     "error_from_reader",
@@ -84,6 +86,7 @@ __all__ = [
     "fill_apply_request",
     "fill_apply_result",
     "fill_assignment",
+    "fill_assignment_changes",
     "fill_describe_result",
     "fill_error",
     "fill_events",
@@ -290,6 +293,47 @@ def fill_assignment(builder: Any, assignment: Assignment) -> None:
     builder.generation = assignment.generation
     builder.opId = assignment.op_id
     _fill_vms(builder.init("vms", len(assignment.vms)), assignment.vms)
+
+
+def assignment_changes_from_reader(reader: Any, where: str = "changes") -> AssignmentChanges:
+    """Changes to a worker's assignment, validated: every field as in an
+    assignment, and the update well formed on its own (a generation that
+    moves forward, no id twice; ``AssignmentChanges.check``)."""
+    problems = _Problems(where)
+    worker_id: str = reader.workerId
+    if (problem := check_worker_id(worker_id)) is not None:
+        problems.add(f"{where}.workerId", problem)
+    op_id = problems.text(f"{where}.opId", reader.opId, limit=64)
+    upserted = _vms_from_reader(reader.upserted, f"{where}.upserted", problems)
+    ids = reader.removed
+    _check_length(len(ids), LIMITS.max_vms_per_worker, f"{where}.removed")
+    removed: list[str] = []
+    for index, vm_id in enumerate(ids):
+        if (problem := check_vm_id(vm_id)) is not None:
+            problems.add(f"{where}.removed[{index}]", problem)
+        removed.append(vm_id)
+    problems.raise_if_any()
+    changes = AssignmentChanges(
+        worker_id, reader.baseGeneration, reader.generation, op_id, upserted, tuple(removed)
+    )
+    try:
+        changes.check()
+    except ValidationError as exc:
+        raise ValidationError(
+            f"invalid {where} received: 1 problem(s)", details=(f"{where}: {exc.message}",)
+        ) from None
+    return changes
+
+
+def fill_assignment_changes(builder: Any, changes: AssignmentChanges) -> None:
+    builder.workerId = changes.worker_id
+    builder.baseGeneration = changes.base_generation
+    builder.generation = changes.generation
+    builder.opId = changes.op_id
+    _fill_vms(builder.init("upserted", len(changes.upserted)), changes.upserted)
+    removed = builder.init("removed", len(changes.removed))
+    for index, vm_id in enumerate(changes.removed):
+        removed[index] = vm_id
 
 
 def fleet_from_reader(reader: Any, where: str = "fleet") -> Fleet:

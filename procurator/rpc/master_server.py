@@ -83,6 +83,7 @@ from typing import Any, Protocol, TypeVar
 import capnp
 import trio
 
+from procurator.core.assignments import AssignmentChanges
 from procurator.core.control import (
     ApplyRequest,
     ApplyResult,
@@ -116,6 +117,7 @@ from procurator.rpc.convert import (
     events_from_reader,
     fill_apply_result,
     fill_assignment,
+    fill_assignment_changes,
     fill_describe_result,
     fill_error,
     fill_fleet_status,
@@ -274,6 +276,14 @@ class RemoteNode:
             _push, self._node, assignment, what=f"push to worker {self.worker_id}"
         )
 
+    async def push_changes(self, changes: AssignmentChanges) -> None:
+        """Deliver what changed since the generation the worker was last
+        given; as ``push``, and ``UnsupportedError`` if the worker does not
+        take changes (an older worker)."""
+        await self._bridge.run(
+            _push_changes, self._node, changes, what=f"push to worker {self.worker_id}"
+        )
+
     async def aclose(self) -> None:
         await self._bridge.run(_close_connection, self._connection)
 
@@ -284,6 +294,14 @@ class RemoteNode:
 async def _push(node: CapnpHandle[Any], assignment: Assignment) -> None:
     request = node.get().push_request()
     fill_assignment(request.init("assignment"), assignment)
+    response = await request.send()
+    if response._has("error"):
+        raise error_from_reader(response.error)
+
+
+async def _push_changes(node: CapnpHandle[Any], changes: AssignmentChanges) -> None:
+    request = node.get().pushChanges_request()
+    fill_assignment_changes(request.init("changes"), changes)
     response = await request.send()
     if response._has("error"):
         raise error_from_reader(response.error)
