@@ -413,6 +413,7 @@ class ReconcilingHandler:
                 pid=o.pid or 0,
                 counters=counters.get(o.vm_id, {}),
                 confinement=o.confinement,
+                boot_seconds=o.boot_seconds,
             )
             for o in self.manager.list()
         ]

@@ -98,6 +98,7 @@ class _Pending:
 
     kind: EventKind
     message: str
+    launched_at: float | None = None  # manager clock at the launch that leads to it
 
 
 _OK = object()  # an outcome without error
@@ -134,6 +135,8 @@ class VmSupervisor:
         # What the running VMM is confined by, read from the OS at its
         # launch or re-adoption (None without a VMM).
         self.confinement: Confinement | None = None
+        # Launch-to-settled seconds of the running VMM (None until it settled).
+        self.boot_seconds: float | None = None
 
     # -- the loop ----------------------------------------------------------------
 
@@ -457,6 +460,8 @@ class VmSupervisor:
         if restart:
             self.restart = self.restart.restarting()
         self._publish(Phase.STARTING, "restarting VMM" if restart else "starting VMM")
+        launched_at = self.m.clock()
+        self.boot_seconds = None
         handle = self._launch(spec)
         self._take(handle, spec.hash)
         if not self.ever_started and not restart:
@@ -467,13 +472,16 @@ class VmSupervisor:
                 EventKind.RESTARTED,
                 f"restarted after {waited:.3g} s of backoff (failure {self.restart.failures} "
                 f"in a row, restart {self.restart.restarts}; VMM pid {handle.pid})",
+                launched_at,
             )
         elif replacing:
             self.pending = _Pending(
-                EventKind.REPLACED, f"now runs {spec.hash} (VMM pid {handle.pid})"
+                EventKind.REPLACED, f"now runs {spec.hash} (VMM pid {handle.pid})", launched_at
             )
         else:
-            self.pending = _Pending(EventKind.BOOTED, f"booted {spec.hash} (VMM pid {handle.pid})")
+            self.pending = _Pending(
+                EventKind.BOOTED, f"booted {spec.hash} (VMM pid {handle.pid})", launched_at
+            )
         self.restart = self.restart.started(self.m.clock())
         self.ever_started = True
         self._note(reported=False)
@@ -625,6 +633,8 @@ class VmSupervisor:
             assert self.handle is not None and self.facts.vmm is not None
             state = self.facts.vmm.state
             power = PowerState.PAUSED if phase is Phase.PAUSED else PowerState.RUNNING
+            if pending is not None and pending.launched_at is not None:
+                self.boot_seconds = max(0.0, self.m.clock() - pending.launched_at)
             if pending is not None:
                 # The event's own words first; the phase message follows at once.
                 self._publish(phase, pending.message, pending.kind, power=power)
@@ -836,6 +846,7 @@ class VmSupervisor:
                 pid=self.handle.pid if running and self.handle is not None else None,
                 observed_hash=vmm.booted_hash if running and vmm is not None else "",
                 confinement=self.confinement if running else None,
+                boot_seconds=self.boot_seconds if running else None,
             )
             changed = obs != vm.obs
             vm.obs = obs

@@ -118,6 +118,9 @@ class VmObservation:
     address: str = ""
     # What the running VMM is confined by, read from the OS (None: no VMM).
     confinement: Confinement | None = None
+    # Seconds from launching the running VMM to its VM first seen at its
+    # target (running or paused); None without a VMM or before it settled.
+    boot_seconds: float | None = None
 
     def for_spec(self, spec: VmSpec) -> VmObservation:
         """This observation of a VM that now converges to ``spec``."""

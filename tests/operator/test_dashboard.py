@@ -161,6 +161,10 @@ def test_dashboard_and_rules_read_what_a_live_master_and_worker_publish(
     match = re.fullmatch(r"label_values\((\w+), worker\)", variable)
     assert match is not None and match.group(1) in published
 
+    # The worker timed the VM's boot (launch to running), and relayed it.
+    for role in ("worker", "master"):
+        assert _sample(scrapes[role], "procurator_vm_boot_duration_seconds", vm="web-1") > 0
+
     # The master counted its own work: the apply, the worker's reports,
     # the commit, and the time from the apply to the worker observing it.
     master = scrapes["master"]

@@ -73,6 +73,7 @@ def test_lifecycle(make_manager: ManagerFactory, state_dir: Path, recorder: Reco
     assert obs.observed_hash == obs.desired_hash == "h1"
     assert obs.pid is not None and alive(obs.pid)
     assert obs.restarts == 0
+    assert obs.boot_seconds is not None and obs.boot_seconds > 0  # launch to running
     assert (obs.address, obs.image) == ("10.0.0.2", "/nix/store/x")
     assert [pid for pid, _ in vmms_of(state_dir, "vm1")] == [obs.pid]
 
@@ -204,6 +205,7 @@ def test_new_hash_replaces_the_vm(
     second = manager.ensure(spec(hash="h2"))
     assert second.pid != first.pid
     assert second.observed_hash == "h2"
+    assert second.boot_seconds is not None and second.boot_seconds > 0  # the new VMM's
     assert first.pid is not None and not alive(first.pid)
     assert EventKind.REPLACED in recorder.kinds("vm1")
     assert second.restarts == 0
@@ -220,10 +222,12 @@ def test_power_transitions(make_manager: ManagerFactory, recorder: Recorder) -> 
     assert resumed.phase is Phase.RUNNING and resumed.pid == running.pid
     stopped = manager.ensure(spec(power=PowerState.STOPPED))
     assert stopped.phase is Phase.STOPPED and stopped.pid is None
+    assert stopped.boot_seconds is None  # no VMM, no boot to tell of
     assert running.pid is not None and not alive(running.pid)
     assert "power button" in stopped.message  # the guest honoured it
     again = manager.ensure(spec(power=PowerState.PAUSED))
     assert again.phase is Phase.PAUSED and again.pid not in (None, running.pid)
+    assert again.boot_seconds is not None  # booted, then paused: a boot all the same
     # A paused guest is resumed first, so it too shuts down cleanly.
     stopped = manager.ensure(spec(power=PowerState.STOPPED))
     assert "power button" in stopped.message, stopped.message
