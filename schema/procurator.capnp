@@ -173,6 +173,15 @@ struct WorkerInfo {
   # master lists it in its HTTP service discovery.
   driver @4 :Text;
   # VMM driver in use ("cloud-hypervisor", "qemu", ...).
+  labels @5 :List(Label);
+  # The worker's labels (`--label zone=b`), which unpinned VMs' constraints
+  # match: keys [a-z][a-z0-9._-]{0,62}, values [A-Za-z0-9][A-Za-z0-9._-]{0,62},
+  # each key once, at most 64.
+  cpuOvercommit @6 :Float64 = 1.0;
+  memoryOvercommit @7 :Float64 = 1.0;
+  # The scheduler offers floor(capacity.vcpus x cpuOvercommit) vCPUs and
+  # floor(capacity.memoryMib x memoryOvercommit) MiB of this worker to
+  # unpinned VMs (docs/SCHEDULING.md). Above 0, at most 64.
 }
 
 struct Capacity {

@@ -35,7 +35,13 @@ from procurator.app._process import host_port, run_until_signalled
 from procurator.app.masters import master_addresses
 from procurator.core.errors import PermanentError
 from procurator.core.models import Capacity, WorkerInfo
-from procurator.core.validation import check_worker_id
+from procurator.core.validation import (
+    LIMITS,
+    check_label_key,
+    check_label_value,
+    check_overcommit,
+    check_worker_id,
+)
 from procurator.rpc.address import DEFAULT_MASTER_ADDRESS
 from procurator.rpc.bridge import open_bridge
 from procurator.rpc.clients import CapnpMasterDialer
@@ -72,10 +78,29 @@ class WorkerConfig:
     insecure: bool = False  # plaintext to a master off loopback
     log_level: str = "info"  # debug, info, warning, error
     log_format: str = "text"  # text or json
+    # What the master's scheduler knows of this worker (docs/SCHEDULING.md):
+    # its labels (sorted by key) and the overcommit ratios it reports.
+    labels: tuple[tuple[str, str], ...] = ()
+    cpu_overcommit: float = 1.0
+    memory_overcommit: float = 1.0
 
     def __post_init__(self) -> None:
         if (problem := check_worker_id(self.worker_id)) is not None:
             raise PermanentError(f"worker id: {problem}")
+        problems = [
+            f"label {key}={value}: {problem}"
+            for key, value in self.labels
+            if (problem := check_label_key(key) or check_label_value(value)) is not None
+        ]
+        if len({key for key, _ in self.labels}) != len(self.labels):
+            problems.append("a label key is given twice")
+        if len(self.labels) > LIMITS.max_labels:
+            problems.append(f"more than {LIMITS.max_labels} labels")
+        for name in ("cpu_overcommit", "memory_overcommit"):
+            if (problem := check_overcommit(getattr(self, name))) is not None:
+                problems.append(f"{name}: {problem}")
+        if problems:
+            raise PermanentError("worker configuration: " + "; ".join(problems))
 
 
 def worker_main(config: WorkerConfig) -> int:
@@ -103,6 +128,9 @@ async def run_worker(
         capacity=runtime.capacity() if runtime is not None else Capacity(),
         metrics_url=_metrics_url(runtime, config.metrics_advertise),
         driver=runtime.driver if runtime is not None else "",
+        labels=config.labels,
+        cpu_overcommit=config.cpu_overcommit,
+        memory_overcommit=config.memory_overcommit,
     )
     addresses = master_addresses(config.master)
     async with open_bridge() as bridge:

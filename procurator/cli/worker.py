@@ -9,6 +9,7 @@ run goes into its ``RuntimeOptions``, the rest into the config itself.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,12 @@ from procurator.cli.args import (
     tls_files,
 )
 from procurator.core.jail import JailPolicy
+from procurator.core.validation import (
+    LIMITS,
+    check_label_key,
+    check_label_value,
+    check_overcommit,
+)
 from procurator.worker.link import LinkSettings
 from procurator.worker.runtime import DRIVERS, RuntimeOptions
 
@@ -163,9 +170,55 @@ def add_parser(sub: Any) -> None:
         "--health-interval allows, each VM's interval stretches to VMs / CHECKS_PER_S "
         "(40 s at 1,000 VMs by default), keeping the idle cost flat; 0: no cap (default: 25)",
     )
+    _add_placement_arguments(p)
     _add_jail_arguments(p)
     add_common(p, daemon=True)
     p.set_defaults(handler=lambda args: worker_main(worker_config(args)))
+
+
+def _label(text: str) -> tuple[str, str]:
+    """``KEY=VALUE``: one worker label, checked as the fleet's constraints are."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"must be KEY=VALUE, not {text}")
+    if (problem := check_label_key(key) or check_label_value(value)) is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return key, value
+
+
+def _overcommit(text: str) -> float:
+    """A ratio the scheduler accepts (``check_overcommit``): above 0, at most 64."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if check_overcommit(value) is not None:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive number, at most {LIMITS.max_overcommit:g}, not {text}"
+        )
+    return value
+
+
+def _add_placement_arguments(p: argparse.ArgumentParser) -> None:
+    """What the master's scheduler knows of this worker (docs/SCHEDULING.md)."""
+    p.add_argument(
+        "--label",
+        type=_label,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label unpinned VMs' constraints match, e.g. zone=b or kvm=true "
+        "(repeatable, each key once, at most 64)",
+    )
+    p.add_argument(
+        "--memory-overcommit",
+        type=_overcommit,
+        default=1.0,
+        metavar="RATIO",
+        help="memory sold per MiB of the host (with --max-memory-mib: of that cap): the "
+        "master places unpinned VMs here up to the memory times RATIO, above 0, at "
+        "most 64 (default: 1, no overcommit; --cpu-overcommit is the same for vCPUs)",
+    )
 
 
 def _uid_range(text: str) -> tuple[int, int]:
@@ -210,11 +263,12 @@ def _add_jail_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--cpu-overcommit",
-        type=positive,
+        type=_overcommit,
         default=policy.cpu_overcommit,
         metavar="RATIO",
-        help="vCPUs sold per host CPU: a VM's cgroup gets cpu.max of its vCPUs / RATIO CPUs "
-        "(default: 1, a VM never uses more than its vCPUs' worth)",
+        help="vCPUs sold per host CPU: a VM's cgroup gets cpu.max of its vCPUs / RATIO CPUs, "
+        "and the master places unpinned VMs here up to the host's CPUs times RATIO vCPUs; "
+        "above 0, at most 64 (default: 1, a VM never uses more than its vCPUs' worth)",
     )
     p.add_argument(
         "--vmm-pids-max",
@@ -289,4 +343,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         insecure=args.insecure,
         log_level=args.log_level,
         log_format=args.log_format,
+        labels=tuple(sorted(set(args.label))),
+        cpu_overcommit=args.cpu_overcommit,
+        memory_overcommit=args.memory_overcommit,
     )

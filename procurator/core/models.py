@@ -192,11 +192,19 @@ class Capacity:
 
 @dataclass(frozen=True, slots=True)
 class WorkerInfo:
+    """What a worker says of itself when it registers. ``labels`` (sorted
+    by key) and the overcommit ratios are the scheduler's: it offers
+    ``floor(capacity.vcpus * cpu_overcommit)`` vCPUs and
+    ``floor(capacity.memory_mib * memory_overcommit)`` MiB to unpinned VMs."""
+
     worker_id: str
     version: str = ""
     capacity: Capacity = field(default_factory=Capacity)
     metrics_url: str = ""
     driver: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+    cpu_overcommit: float = 1.0
+    memory_overcommit: float = 1.0
 
 
 class WorkerState(enum.Enum):

@@ -66,6 +66,9 @@ from procurator.core.status import StatusChanges
 from procurator.core.validation import (
     LIMITS,
     check_hash,
+    check_label_key,
+    check_label_value,
+    check_overcommit,
     check_request_id,
     check_store_path,
     check_vm_id,
@@ -482,12 +485,32 @@ def _worker_info(reader: Any, where: str, problems: _Problems) -> WorkerInfo:
     if (problem := check_worker_id(worker_id)) is not None:
         problems.add(f"{where}.workerId", problem)
     capacity = reader.capacity
+    labels_reader = reader.labels
+    _check_length(len(labels_reader), LIMITS.max_labels, f"{where}.labels")
+    labels: dict[str, str] = {}
+    for index, label in enumerate(labels_reader):
+        key: str = label.name
+        value: str = label.value
+        if (problem := check_label_key(key) or check_label_value(value)) is not None:
+            problems.add(f"{where}.labels[{index}]", problem)
+        elif key in labels:
+            problems.add(f"{where}.labels[{index}]", f"label {key!r} is given twice")
+        labels[key] = value
+    overcommit = {}
+    for name, attribute in (("cpuOvercommit", "cpu"), ("memoryOvercommit", "memory")):
+        ratio: float = getattr(reader, name)
+        if (problem := check_overcommit(ratio)) is not None:
+            problems.add(f"{where}.{name}", problem)
+        overcommit[attribute] = ratio
     return WorkerInfo(
         worker_id=worker_id,
         version=problems.text(f"{where}.version", reader.version, limit=128),
         capacity=Capacity(capacity.vcpus, capacity.memoryMib, capacity.maxVms),
         metrics_url=problems.text(f"{where}.metricsUrl", reader.metricsUrl),
         driver=problems.text(f"{where}.driver", reader.driver, limit=128),
+        labels=tuple(sorted(labels.items())),
+        cpu_overcommit=overcommit["cpu"],
+        memory_overcommit=overcommit["memory"],
     )
 
 
@@ -500,6 +523,12 @@ def fill_worker_info(builder: Any, info: WorkerInfo) -> None:
     capacity.maxVms = info.capacity.max_vms
     builder.metricsUrl = info.metrics_url
     builder.driver = info.driver
+    labels = builder.init("labels", len(info.labels))
+    for entry, (key, value) in zip(labels, info.labels, strict=True):
+        entry.name = key
+        entry.value = value
+    builder.cpuOvercommit = info.cpu_overcommit
+    builder.memoryOvercommit = info.memory_overcommit
 
 
 # ---------------------------------------------------------------- events, metrics

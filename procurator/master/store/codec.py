@@ -94,6 +94,9 @@ def encode_info(info: WorkerInfo) -> str:
             "capacity": {"vcpus": cap.vcpus, "memory_mib": cap.memory_mib, "max_vms": cap.max_vms},
             "metrics_url": info.metrics_url,
             "driver": info.driver,
+            "labels": dict(info.labels),
+            "cpu_overcommit": info.cpu_overcommit,
+            "memory_overcommit": info.memory_overcommit,
         }
     )
 
@@ -107,6 +110,9 @@ def decode_info(worker_id: str, text: str) -> WorkerInfo:
         capacity=Capacity(cap.get("vcpus", 0), cap.get("memory_mib", 0), cap.get("max_vms", 0)),
         metrics_url=data.get("metrics_url", ""),
         driver=data.get("driver", ""),
+        labels=tuple(sorted(data.get("labels", {}).items())),
+        cpu_overcommit=data.get("cpu_overcommit", 1.0),
+        memory_overcommit=data.get("memory_overcommit", 1.0),
     )
 
 
