@@ -29,8 +29,9 @@ A launch, in the launcher (a child of this server):
    worker) until it has answered;
 2. ``unshare`` a mount, pid and IPC namespace, and fork the *VMM process*,
    pid 1 of the new pid namespace. It, also with ``PR_SET_PDEATHSIG``:
-   - writes ``0`` to each ``cgroup.procs`` it is given (it joins the VM's
-     cgroup before anything else, so everything it runs is limited);
+   - writes ``0`` to each cgroup file it is given (it joins the VM's
+     cgroup before anything else, so everything it runs is limited; it has
+     one thread, so v1's ``tasks`` file moves all of it);
    - enters the worker's network namespace if one is given (``setns``) and
      hands the VM's tap to the VM's uid (``TUNSETOWNER``/``TUNSETGROUP``:
      the only way an unprivileged VMM may attach to it);
@@ -47,6 +48,8 @@ A launch, in the launcher (a child of this server):
    - drops every capability (ambient, bounding set), its groups, its uids
      and gids (to the VM's), sets ``no_new_privs`` (setting the uid also
      clears the parent-death signal: the VMM must outlive everyone);
+   - installs the jail's seccomp filter (``procurator.core.seccomp``, built
+     by the worker), the last thing before exec;
    - closes every other fd and ``execve``s the VMM, the same pid.
 3. The launcher learns the outcome from a close-on-exec pipe (EOF: the exec
    happened; text: the stage that failed and why), answers, and exits. The
@@ -90,6 +93,8 @@ MNT_DETACH = 2
 PR_SET_PDEATHSIG = 1
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 SYS_PIVOT_ROOT = 155  # x86_64
@@ -223,6 +228,19 @@ def _drop_privileges(uid: int, gid: int, last_cap: int) -> None:
         raise _Failed(f"still uid {os.getuid()} after dropping to {uid}")
 
 
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def _install_filter(code: bytes) -> None:
+    """Install the classic-BPF seccomp program ``code`` (needs
+    ``no_new_privs``, set when privileges were dropped)."""
+    buffer = ctypes.create_string_buffer(code, len(code))
+    prog = _SockFprog(len(code) // 8, ctypes.addressof(buffer))
+    result = _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0)
+    _check(result, "install the seccomp filter")
+
+
 def _vmm(plan: dict[str, object], report: int) -> None:
     """The VMM process (pid 1 of its pid namespace): set the jail up, exec."""
     stage = "start"
@@ -295,6 +313,11 @@ def _vmm(plan: dict[str, object], report: int) -> None:
         os.chdir(cwd)
         stage = "privileges"
         _drop_privileges(uid, gid, last_cap)
+        stage = "seccomp"
+        code = plan.get("seccomp")
+        if code:
+            assert isinstance(code, bytes)
+            _install_filter(code)
         stage = "exec"
         os.closerange(3, report)
         os.closerange(report + 1, 1 << 16)

@@ -36,6 +36,10 @@ here): a read-only tmpfs root holding
   owned by the VM's uid, mode 0600;
 - a ``/proc`` of its own pid namespace.
 
+And under the VMM's own syscall filter, the jail's
+(``procurator.core.seccomp``): no namespaces, mounts, tracing, eBPF,
+keyrings or kernel code for any VMM, whatever filter it brings.
+
 Paths keep their host names inside (a socket at ``/var/lib/.../api.sock``
 is there for both sides), and symlinks on the way to an exposed path are
 replicated as symlinks, so a program named through links
@@ -95,6 +99,7 @@ from procurator.core.jail import (
     limits_for,
     plan_vm_paths,
 )
+from procurator.core.seccomp import baseline_filter
 from procurator.core.vmdef import VmDefinition
 from procurator.worker.cgroups import Cgroups, Placement
 from procurator.worker.state import write_json_atomic
@@ -116,6 +121,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 JAIL_FILE = "jail.json"
+#: The jail's own syscall filter, under every VMM's (procurator.core.seccomp).
+_FILTER = baseline_filter()
 _JAILER = Path(__file__).with_name("_jailer.py")
 #: Devices every jailed VMM gets (read-write for everyone, as on any host).
 _STANDARD_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
@@ -305,9 +312,7 @@ class Exposure:
         return _exposure(self.symlinks + other.symlinks, self.binds + other.binds)
 
 
-def _exposure(
-    symlinks: Iterable[tuple[str, str]], binds: Iterable[tuple[str, bool]]
-) -> Exposure:
+def _exposure(symlinks: Iterable[tuple[str, str]], binds: Iterable[tuple[str, bool]]) -> Exposure:
     """The binds pruned (``_prune``), and the symlinks that a bind does not
     already show (one inside a bound directory is there as it is)."""
     kept = _prune(binds)
@@ -468,6 +473,7 @@ class VmJail:
             "exe": exe,
             "argv": list(argv),
             "env": process.launch_env(self.paths.vm_dir, env),
+            "seccomp": _FILTER,
         }
         try:
             pid = self.jail.jailer.spawn(plan, timeout=timeout)
@@ -643,7 +649,12 @@ class Jail:
         with self._runtime_lock:
             cached = self._runtime.get(runtime)
             if cached is None:
-                cached = self._runtime[runtime] = expose(runtime)
+                try:
+                    cached = self._runtime[runtime] = expose(runtime)
+                except VmmRejected as exc:
+                    # The VMM's own files, not the VM's: an upgrade of its
+                    # package may be under way. Worth trying again later.
+                    raise VmmError(exc.message, details=exc.details) from exc
             return cached
 
     def forget_runtime(self) -> None:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from vmmhelpers import (
     Recorder,
     config,
     definition,
+    fake_driver,
     make_jail,
     write_faults,
 )
@@ -36,6 +38,8 @@ from procurator.worker.jail import JAIL_FILE, instance_name
 from procurator.worker.manager import VmSpec
 from procurator.worker.state import StateDir
 from procurator.worker.vmm import process
+from procurator.worker.vmm.base import VmmError
+from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver
 
 HERE = Path(__file__).resolve().parent
 WORKER_PROC = HERE.parent / "vmm" / "worker_proc.py"
@@ -107,6 +111,7 @@ def test_a_jailed_vmm_fails_every_escape_it_tries(
                 "signal": [os.getpid(), 1],
                 "fork": 200,
                 "setuid": True,
+                "namespaces": True,
             }
         },
     )
@@ -140,13 +145,19 @@ def test_a_jailed_vmm_fails_every_escape_it_tries(
     assert probe["signal"] == {str(os.getpid()): "ESRCH", "1": "ok"}  # "1" is itself
     assert probe["fork"]["error"] == "EAGAIN" and probe["fork"]["forked"] < 32
     assert probe["setuid"] == probe["setgid"] == probe["setgroups"] == "EPERM"
+    # The jail's own seccomp filter (probed before the fake installs its
+    # own): no user namespace, whose capabilities would open much more of
+    # the kernel, nor any other.
+    assert probe["unshare_user"] == probe["unshare_mount"] == "EPERM"
     assert not Path(escape).exists() and not Path(beside).exists()
 
     # From the outside: the same VMM as the worker recorded it.
     status = _status(a.pid)
     assert status["Uid"].split() == [str(uid)] * 4
     assert status["NoNewPrivs"] == "1" and int(status["CapEff"], 16) == 0
-    assert status["Seccomp"] == "2"  # its own filter (cloud-hypervisor --seccomp true)
+    assert status["Seccomp"] == "2"
+    # The jail's filter, and its own (cloud-hypervisor --seccomp true).
+    assert status["Seccomp_filters"] == "2"
     limits = limits_for(a_def, JailPolicy(pids_max=32))
     seen = a.confinement
     assert seen is not None and seen.jailed and all(seen.enforced().values())
@@ -324,3 +335,30 @@ def test_limits_follow_the_definition(make_manager: ManagerFactory) -> None:
     assert obs.confinement.limits.cpus == 1.5
     summary = obs.confinement.summary()
     assert "memory.max 160 MiB" in summary and "cpu.max 1.5 CPU" in summary
+
+
+@pytest.fixture
+def late_runtime(tmp_path: Path) -> Iterator[tuple[Path, CloudHypervisorDriver]]:
+    """A driver whose VMM needs a runtime file that is not there yet."""
+    late = tmp_path / "late-runtime-file"
+    drv = fake_driver(runtime_paths=[str(late)])
+    yield late, drv
+    drv.close()
+
+
+def test_a_runtime_file_of_the_vmm_missing_is_retried_not_fatal(
+    late_runtime: tuple[Path, CloudHypervisorDriver], make_manager: ManagerFactory
+) -> None:
+    # The VMM's own files, not the VM's (its package mid-upgrade): a
+    # temporary failure, tried again, not the VM refused for good.
+    late, driver = late_runtime
+    manager = make_manager(driver=driver)
+    with pytest.raises(VmmError, match="not there") as raised:
+        manager.ensure(VmSpec("vm1", "h1", definition()))
+    assert str(late) in str(raised.value.details)
+    assert manager.get_or_raise("vm1").phase is not Phase.FAILED
+    late.write_text("here now\n")
+    _wait_for(
+        lambda: manager.get_or_raise("vm1").phase is Phase.RUNNING,
+        "the VM started once its VMM's runtime file is there",
+    )

@@ -529,7 +529,8 @@ def _probe(spec: dict[str, Any], out: Path) -> None:
     ``spec``: ``read`` / ``write`` / ``connect``: paths to open for reading,
     create for writing, connect to as unix sockets; ``signal``: pids to
     probe with signal 0; ``fork``: fork (sleeping children) until refused,
-    at most this many; ``setuid``: try to become root again."""
+    at most this many; ``setuid``: try to become root again;
+    ``namespaces``: try to make a user namespace and a mount namespace."""
     result: dict[str, Any] = {
         "pid": os.getpid(),
         "uid": os.getuid(),
@@ -543,6 +544,15 @@ def _probe(spec: dict[str, Any], out: Path) -> None:
         result["setuid"] = _outcome(lambda: os.setuid(0))
         result["setgid"] = _outcome(lambda: os.setgid(0))
         result["setgroups"] = _outcome(lambda: os.setgroups([0]))
+    if spec.get("namespaces"):
+        libc = ctypes.CDLL(None, use_errno=True)
+
+        def unshare(flags: int) -> None:
+            if libc.unshare(flags) != 0:
+                raise OSError(ctypes.get_errno(), "unshare")
+
+        result["unshare_user"] = _outcome(lambda: unshare(0x10000000))  # CLONE_NEWUSER
+        result["unshare_mount"] = _outcome(lambda: unshare(0x00020000))  # CLONE_NEWNS
     if spec.get("fork"):
         result["fork"] = _fork_until_refused(int(spec["fork"]))
     with open("/proc/self/status") as f:
@@ -573,12 +583,13 @@ def main() -> None:
     parser.add_argument("-v", action="count", default=0)
     args = parser.parse_args()
 
-    if args.seccomp != "false":
-        _install_seccomp()
     vmm = Vmm(args.api_socket, args.event_monitor, args.log_file)
     faults = vmm.faults()
     if faults.get("probe"):
+        # Before its own filter: what the jail alone allows is probed.
         _probe(faults["probe"], args.api_socket.parent / "probe.json")
+    if args.seccomp != "false":
+        _install_seccomp()
     if faults.get("fail_start"):
         sys.stderr.write(f"Error: {faults['fail_start']}\n")
         sys.exit(1)
