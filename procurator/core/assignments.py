@@ -4,11 +4,14 @@ A worker's assignment names every VM it runs, so on a host of ten thousand
 VMs a one-VM change used to cost a ten-thousand-entry message (~2 MB), its
 encoding on the master and its decoding and validation on the worker
 (10-30 ms), and a diff of the whole thing against what runs. So after a
-worker has a whole assignment, the master sends it ``AssignmentChanges``:
-the generation the changes apply to (``base_generation``), the new one, and
-only the entries added or changed (whole) and the ids removed.
+worker has a whole assignment, it can be sent ``AssignmentChanges``
+(``Node.pushChanges``): the generation the changes apply to
+(``base_generation``), the new one, and only the entries added or changed
+(whole) and the ids removed. The worker's link and reconciler take them;
+the master's push path does not send them yet (it pushes whole
+assignments; ``RemoteNode.push_changes`` is its side of the call).
 
-Invariants (the master's push path and the worker's link keep them):
+Invariants (the worker's link and reconciler keep them):
 
 - Changes apply only to the assignment of exactly ``base_generation``. A
   worker holding another generation (it lost a push, or the changes raced a

@@ -26,7 +26,10 @@ image) and is reported once as a ``failed`` event naming the reason.
 ``observed_generation`` is the newest generation every VM of which is
 *settled*: running the desired hash in the desired power state, or
 failed for good (permanent error, or the VMM keeps crashing: the
-VmManager's own restart backoff owns that VM now).
+VmManager's own restart backoff owns that VM now) as a pass has seen it: an
+update taken while a pass observes (the port may await) holds the new
+generation back until a pass has looked at the VMs it names (a whole one:
+until its full pass).
 
 Every action runs in a logging context (``procurator.logs``) carrying the
 VM's id and the op id of the assignment it serves, so the actuator's and the
@@ -265,7 +268,8 @@ class Reconciler:
     _observed: dict[str, ObservedVm] = field(default_factory=dict, init=False)
     # Every reported VM's status (desired, or observed and not desired), and
     # the ids of those that hold observed_generation back (not settled, not
-    # failed for good, busy, or surplus).
+    # failed for good, busy, surplus, or named by changes no pass has
+    # looked at yet).
     _statuses: dict[str, _StatusMemo] = field(default_factory=dict, init=False)
     _unsettled: set[str] = field(default_factory=set, init=False)
     # Ids whose status names the assignment's op id (not the VM's own).
@@ -299,12 +303,17 @@ class Reconciler:
         if desired is None or changes.base_generation != self._generation:
             return False
         changes.check()
+        # A VM whose desired entry changed holds the new generation back
+        # until a pass has looked at it (one may be observing right now).
+        dirty, unsettled = self._dirty, self._unsettled
         for vm in changes.upserted:
             desired[vm.id] = vm
-            self._dirty.add(vm.id)
+            dirty.add(vm.id)
+            unsettled.add(vm.id)
         for vm_id in changes.removed:
             desired.pop(vm_id, None)
-            self._dirty.add(vm_id)
+            dirty.add(vm_id)
+            unsettled.add(vm_id)
         if changes.op_id != self._op_id:
             # A VM that is not settled names the assignment it waits for.
             self._dirty |= self._op_bound
@@ -501,7 +510,9 @@ class Reconciler:
         for action in removals:
             if self._start(action, now, nursery, limiter):
                 started += 1
-        if desired is not None and not unsettled:
+        # Not while a whole assignment waits for its full pass: this pass
+        # (if it took it while observing) has not looked at all its VMs.
+        if desired is not None and not unsettled and not self._full:
             self._observed_generation = max(self._observed_generation, self._generation)
         generation = self._observed_generation
         if changed or removed or generation != self._reported_generation:

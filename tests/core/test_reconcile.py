@@ -662,3 +662,79 @@ def test_incremental_passes_leave_nothing_for_a_full_pass(ops: list[tuple[object
 
     clock = trio.testing.MockClock()
     trio.run(scenario, clock=clock)
+
+
+class SlowObservation(FakeActuator):
+    """An actuator whose observations take time (the port allows it: a real
+    one may ask a thread or a process), so inputs can arrive mid-pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.observing = trio.Event()  # set while an observation waits
+        self.release = trio.Event()
+
+    async def _wait(self) -> None:
+        self.observing.set()
+        await self.release.wait()
+        self.observing, self.release = trio.Event(), trio.Event()
+
+    async def observe(self) -> Mapping[str, ObservedVm]:
+        seen = dict(self.vms)
+        await self._wait()
+        self.observations += 1
+        return seen
+
+    async def observe_some(self, vm_ids: Collection[str]) -> Mapping[str, ObservedVm]:
+        seen = {i: self.vms[i] for i in vm_ids if i in self.vms}
+        await self._wait()
+        self.observed_some.append(sorted(vm_ids))
+        return seen
+
+
+async def _observing(actuator: SlowObservation) -> None:
+    await actuator.observing.wait()
+
+
+async def test_an_update_taken_mid_pass_is_not_reported_observed_before_it_is_handled() -> None:
+    """Changes (or a whole assignment) taken while a pass observes: that
+    pass must not count the new generation observed, whose VMs it has not
+    looked at."""
+    for whole in (False, True):
+        actuator = SlowObservation()
+        actuator.vms["a"] = running(vm("a"))
+        gate = actuator.gates["b"] = trio.Event()  # b's creation waits
+        async with trio.open_nursery() as nursery:
+            reconciler = Reconciler(actuator=actuator, on_status=lambda _: None, worker_id="w")
+            limiter = trio.CapacityLimiter(8)
+            reconciler.set_assignment(Assignment("w", 1, (vm("a"),), "op-1"))
+            nursery.start_soon(reconciler.run_pass, nursery, limiter)
+            await _observing(actuator)
+            actuator.release.set()
+            await _settle()
+            assert reconciler.observed_generation == 1
+            # Something about "a" changed: an incremental pass observes it.
+            reconciler.mark_dirty("a")
+            nursery.start_soon(reconciler.run_pass, nursery, limiter)
+            await _observing(actuator)
+            if whole:
+                reconciler.set_assignment(Assignment("w", 2, (vm("a"), vm("b")), "op-2"))
+            else:
+                assert reconciler.apply_changes(_changes(1, 2, (vm("b"),)))
+            actuator.release.set()
+            await _settle()
+            assert "b" not in actuator.vms
+            assert reconciler.observed_generation == 1, whole
+            # The next pass handles "b"; once it runs, 2 is observed.
+            nursery.start_soon(reconciler.run_pass, nursery, limiter)
+            await _observing(actuator)
+            actuator.release.set()
+            await _settle()
+            assert actuator.calls == [("ensure", "b")]
+            gate.set()
+            await _settle()
+            nursery.start_soon(reconciler.run_pass, nursery, limiter)
+            await _observing(actuator)
+            actuator.release.set()
+            await _settle()
+            assert reconciler.observed_generation == 2, whole
+            nursery.cancel_scope.cancel()
