@@ -7,6 +7,10 @@ serialised (``to_bytes``, the RPC framing's unpacked segments); decode =
 data: ``json.dumps`` / ``json.loads`` of the VMs as a list of objects plus
 building the same ``VmAssignment`` tuples without validation — what a
 JSON wire would have cost.
+
+And what a one-VM change costs on the wire (issue 31): the whole 1,000-VM
+assignment a push carries, against the ``AssignmentChanges`` of that one VM
+(``Node.pushChanges``): bytes, encode and decode, validated alike.
 """
 
 from __future__ import annotations
@@ -17,13 +21,20 @@ from collections.abc import Callable
 from typing import Any
 
 from bench._harness import Row, Run, fmt_ratio, fmt_s, median
+from procurator.core.assignments import assignment_changes
 from procurator.core.models import Assignment, PowerState, VmAssignment
 from procurator.rpc.bridge import TRAVERSAL_LIMIT_WORDS
-from procurator.rpc.convert import assignment_from_reader, fill_assignment
+from procurator.rpc.convert import (
+    assignment_changes_from_reader,
+    assignment_from_reader,
+    fill_assignment,
+    fill_assignment_changes,
+)
 from procurator.rpc.schema import load_schema
 
 NAME = "wire"
 N = 10_000
+CHANGE_FLEET = 1_000  # the worker's fleet in the one-VM change
 
 
 def _assignment(n: int) -> Assignment:
@@ -115,5 +126,69 @@ def measure(run: Run) -> list[Row]:
             fmt_s(dec),
             f"{fmt_s(jdec)} json.loads + models",
             fmt_ratio(dec, jdec),
+        ),
+        *_change_rows(repeats),
+    ]
+
+
+def _change_rows(repeats: int) -> list[Row]:
+    """One VM's new image in a 1,000-VM assignment: whole against changes."""
+    schema = load_schema()
+    base = _assignment(CHANGE_FLEET)
+    changed = base.vms[CHANGE_FLEET // 2]
+    vms = list(base.vms)
+    vms[CHANGE_FLEET // 2] = VmAssignment(
+        changed.id, "c" * 32, changed.nix_store_path[:-1] + "x", changed.power
+    )
+    new = Assignment(base.worker_id, base.generation + 1, tuple(vms), "op-change")
+    changes = assignment_changes(base, new)
+    if changes.size != 1:
+        raise RuntimeError(f"a one-VM change carries {changes.size} entries")
+
+    def whole() -> bytes:
+        message = schema.Assignment.new_message()
+        fill_assignment(message, new)
+        data: bytes = message.to_bytes()
+        return data
+
+    def delta() -> bytes:
+        message = schema.AssignmentChanges.new_message()
+        fill_assignment_changes(message, changes)
+        data: bytes = message.to_bytes()
+        return data
+
+    def read_whole(data: bytes) -> Assignment:
+        with schema.Assignment.from_bytes(
+            data, traversal_limit_in_words=TRAVERSAL_LIMIT_WORDS
+        ) as reader:
+            return assignment_from_reader(reader)
+
+    def read_delta(data: bytes) -> object:
+        with schema.AssignmentChanges.from_bytes(
+            data, traversal_limit_in_words=TRAVERSAL_LIMIT_WORDS
+        ) as reader:
+            return assignment_changes_from_reader(reader)
+
+    wenc, wdata = _best(whole, repeats)
+    denc, ddata = _best(delta, repeats)
+    wdec, wback = _best(lambda: read_whole(wdata), repeats)
+    ddec, dback = _best(lambda: read_delta(ddata), repeats)
+    if wback != new or dback != changes:
+        raise RuntimeError("the one-VM change did not survive the round trip")
+    return [
+        Row(
+            NAME,
+            f"one VM changed in a {CHANGE_FLEET:,}-VM assignment: bytes, changes",
+            f"{len(ddata):,} B",
+            f"{len(wdata):,} B the whole assignment",
+            f"{len(ddata) / len(wdata):.4f}x",
+            "proportional to the change",
+        ),
+        Row(
+            NAME,
+            "... encode + decode (validated), changes",
+            fmt_s(denc + ddec),
+            f"{fmt_s(wenc + wdec)} the whole assignment",
+            f"{(denc + ddec) / (wenc + wdec):.4f}x",
         ),
     ]
