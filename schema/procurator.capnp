@@ -105,6 +105,33 @@ struct Fleet {
   # A whole desired fleet, as applied by `procurator apply`. Workers not named
   # here are assigned nothing (their VMs are removed).
   workers @0 :List(WorkerFleet);
+  # The pinned VMs, per worker (`[workers.W] vms = [...]`).
+  unpinned @1 :List(UnpinnedVm);
+  # The VMs the master places (`[[vms]]`, docs/SCHEDULING.md), sorted by id.
+  # A master older than this field ignores it: apply unpinned VMs through
+  # masters that know it.
+  strategy @2 :PlacementStrategy;
+  # `[placement] strategy`.
+}
+
+enum OnWorkerLost {
+  reschedule @0;  # placed on another worker when its worker is lost
+  wait @1;        # stays, unavailable, until its worker is back
+}
+
+enum PlacementStrategy {
+  binpack @0;  # the fullest worker that fits
+  spread @1;   # the emptiest worker that fits
+}
+
+struct UnpinnedVm {
+  vm @0 :VmAssignment;
+  # resources are required (vcpus and memoryMib both set).
+  constraints @1 :List(Label);
+  # Worker labels that must all match, as `[[vms]] constraints`.
+  spread @2 :Text;
+  # A group name ("" for none): its VMs go to different workers where they can.
+  onWorkerLost @3 :OnWorkerLost;
 }
 
 # ---------------------------------------------------------------- observed state

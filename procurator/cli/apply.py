@@ -80,9 +80,20 @@ def add_parser(sub: Any) -> None:
             "a failed VM; 5 --wait: converged, except disconnected workers left with\n"
             "nothing to run that have not confirmed stopping their VMs; 6 the outcome\n"
             "is unknown.\n\n"
+            "VMs under [workers.W] are pinned there; VMs in the top-level [[vms]]\n"
+            "list are placed by the master on workers with room and matching labels,\n"
+            "and keep their worker on later applies (docs/SCHEDULING.md). The diff\n"
+            "(and --dry-run) shows where they go; a fleet some VM fits nowhere in is\n"
+            "refused whole, naming each such VM and what it lacks.\n\n"
             "example:\n  procurator apply fleet.toml --wait --timeout 300\n\n"
             "fleet.toml:\n  [workers.host-a]\n"
-            '  vms = [ { id = "web-1", image = "/nix/store/<32 chars>-web-vm" } ]'
+            '  vms = [ { id = "web-1", image = "/nix/store/<32 chars>-web-vm" } ]\n\n'
+            "  [[vms]]\n"
+            '  id = "web-2"\n'
+            '  image = "/nix/store/<32 chars>-web-vm"\n'
+            "  vcpus = 2\n"
+            "  memory_mib = 2048\n"
+            '  constraints = { zone = "b" }'
         ),
         formatter_class=raw,
     )

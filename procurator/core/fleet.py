@@ -25,9 +25,8 @@ only the first) and reported with where it is (``workers.host-a.vms[2].id``,
 ``validate_fleet`` runs again on the master for fleets that arrive over the
 wire, so no client can bypass it.
 
-Unpinned VMs (``[[vms]]``, ``[placement]``) are parsed only when the caller
-says it can carry them (``allow_unpinned``): the wire and the master do not
-yet, and a fleet that lost its unpinned VMs on the way would stop them.
+Unpinned VMs (``[[vms]]``, ``[placement]``) travel whole to the master,
+which places them (``procurator.master.scheduling``, docs/SCHEDULING.md).
 
 Invariants: VM ids are unique across pinned and unpinned VMs; a ``Fleet``
 has its workers sorted by id, each worker's VMs and the unpinned VMs sorted
@@ -83,10 +82,6 @@ _UNPINNED_KEYS = _VM_KEYS | {"constraints", "spread", "on_worker_lost"}
 _POWER = {p.value: p for p in PowerState}
 _ON_WORKER_LOST = {o.value: o for o in OnWorkerLost}
 _STRATEGY = {s.value: s for s in PlacementStrategy}
-_NOT_YET = (
-    "unpinned VMs ([[vms]], [placement]) cannot be applied yet: this release's master "
-    "does not place VMs; pin each VM under [workers.<id>]"
-)
 
 
 class _Problems:
@@ -116,15 +111,9 @@ class _Problems:
         self.items.append(f"{prefix}{where}: {problem}")
 
 
-def parse_fleet(
-    text: str, *, fmt: str = "toml", source: str = "", allow_unpinned: bool = False
-) -> Fleet:
+def parse_fleet(text: str, *, fmt: str = "toml", source: str = "") -> Fleet:
     """Parse and validate a fleet file. Raises ``ValidationError`` listing
-    every problem; returns a ``Fleet`` sorted by worker id otherwise.
-
-    ``allow_unpinned``: accept ``[[vms]]`` and ``[placement]`` (for a caller
-    that can place them or send them on whole); otherwise they are checked
-    like the rest and then refused, so no caller drops them unawares."""
+    every problem; returns a ``Fleet`` sorted by worker id otherwise."""
     if len(text.encode()) > LIMITS.max_fleet_file_bytes:
         raise LimitExceededError(f"fleet file is larger than {LIMITS.max_fleet_file_bytes} bytes")
     duplicates: list[str] = []
@@ -156,10 +145,6 @@ def parse_fleet(
     for key in duplicates:
         problems.add(str(key), "key given more than once", near=key)
     fleet = _from_data(data, problems)
-    if not allow_unpinned and isinstance(data, dict):
-        for key in ("vms", "placement"):
-            if key in data:
-                problems.add(key, _NOT_YET, near=key)
     if problems.items:
         raise ValidationError(
             f"{source or 'fleet'}: {len(problems.items)} problem(s), nothing was applied",

@@ -40,6 +40,14 @@ Invariants:
 - An apply is validated and diffed before anything is stored; a rejected
   apply changes nothing. A no-op apply stores nothing and returns the current
   generation with ``changed=False``.
+- **Placement.** A fleet's unpinned VMs are placed in each apply attempt,
+  after the cache is brought up to date and before the diff, from the
+  cached workers and assignments (``procurator.master.scheduling``): the
+  assignments are the previous placement, so a VM keeps its worker and
+  every master computes the same answer from the same store. What is
+  stored and pushed is the resolved fleet: workers get plain assignments.
+  A fleet with a VM that fits nowhere is refused whole (``ValidationError``
+  naming each VM and its shortfall).
 - After a commit (this master's, or one heard of), each *affected* worker
   connected here gets the new assignment pushed at once; unaffected workers
   are not contacted. Every session has one pusher task and a latest-wins
@@ -183,6 +191,9 @@ from procurator.core.models import (
     Assignment,
     Fleet,
     Phase,
+    Placement,
+    PlacementPolicy,
+    PlacementReason,
     VmAssignment,
     VmEvent,
     VmStatus,
@@ -194,6 +205,7 @@ from procurator.core.status import StatusChanges, apply_status_changes
 from procurator.core.validation import LIMITS, check_request_id
 from procurator.logs import log_context, new_op_id, some
 from procurator.master.leader import Leadership
+from procurator.master.scheduling import KnownWorker, resolve, worker_facts
 from procurator.master.store import (
     Change,
     ChangeKind,
@@ -247,7 +259,25 @@ def fleet_digest(fleet: Fleet) -> str:
         )
         for worker_id, vms in fleet.workers
     )
-    return hashlib.sha256(json.dumps(canonical, separators=(",", ":")).encode()).hexdigest()
+    if not fleet.unpinned and fleet.placement == PlacementPolicy():
+        # A pinned fleet's digest is what it was before unpinned VMs existed.
+        return hashlib.sha256(json.dumps(canonical, separators=(",", ":")).encode()).hexdigest()
+    unpinned = sorted(
+        (
+            u.id,
+            u.vm.hash,
+            u.vm.nix_store_path,
+            u.vm.power.value,
+            u.vm.vcpus,
+            u.vm.memory_mib,
+            u.constraints,
+            u.spread,
+            u.on_worker_lost.value,
+        )
+        for u in fleet.unpinned
+    )
+    whole = [canonical, unpinned, fleet.placement.strategy.value]
+    return hashlib.sha256(json.dumps(whole, separators=(",", ":")).encode()).hexdigest()
 
 
 class WorkerNode(Protocol):
@@ -818,7 +848,18 @@ class MasterService:
                 op_id=op_id,
             )
         assignments = self._assignments
-        diffs: list[WorkerDiff] = await trio.to_thread.run_sync(diff_fleets, assignments, fleet)
+        known = [KnownWorker(w.worker_id, w.info, w.connected) for w in self._workers.values()]
+
+        def place_and_diff() -> tuple[Fleet, Placement | None, list[WorkerDiff]]:
+            # Unpinned VMs placed from the store's workers and assignments
+            # (procurator.master.scheduling); a pinned fleet is unchanged.
+            resolved, placement = resolve(fleet, worker_facts(known, assignments), assignments)
+            return resolved, placement, diff_fleets(assignments, resolved)
+
+        resolved, placement, diffs = await trio.to_thread.run_sync(place_and_diff)
+        if placement is not None:
+            _log_placement(op_id, placement)
+        fleet = resolved
         if dry_run or not diffs:
             logger.info(
                 "apply %s: %s (generation %d)",
@@ -1526,6 +1567,27 @@ class MasterService:
                 await node.aclose()
         except ProcuratorError as exc:
             logger.debug("closing the connection of worker %s: %s", worker_id, exc)
+
+
+def _log_placement(op_id: str, placement: Placement) -> None:
+    """Where the apply puts each unpinned VM it places or moves."""
+    for vm in placement.vms:
+        if vm.reason is PlacementReason.KEPT:
+            continue
+        if vm.moved:
+            logger.info(
+                "apply %s: VM %s moves %s -> %s (%s%s)",
+                op_id,
+                vm.vm_id,
+                vm.previous_worker,
+                vm.worker_id,
+                vm.reason.value,
+                f": {vm.detail}" if vm.detail else "",
+            )
+        else:
+            logger.info("apply %s: VM %s placed on %s", op_id, vm.vm_id, vm.worker_id)
+    for warning in placement.warnings:
+        logger.warning("apply %s: %s", op_id, warning)
 
 
 def _diff_summary(diff: WorkerDiff) -> str:

@@ -52,9 +52,13 @@ from procurator.core.models import (
     Capacity,
     EventKind,
     Fleet,
+    OnWorkerLost,
     Phase,
+    PlacementPolicy,
+    PlacementStrategy,
     PowerChange,
     PowerState,
+    UnpinnedVm,
     VmAssignment,
     VmEvent,
     VmStatus,
@@ -65,6 +69,7 @@ from procurator.core.models import (
 from procurator.core.status import StatusChanges
 from procurator.core.validation import (
     LIMITS,
+    check_group_name,
     check_hash,
     check_label_key,
     check_label_value,
@@ -168,7 +173,12 @@ ERROR_CODE_NAMES = (
     "limitExceeded",
     "unavailable",
 )
+ON_WORKER_LOST_NAMES = ("reschedule", "wait")
+STRATEGY_NAMES = ("binpack", "spread")
 _POWER = _enum_table(PowerState, POWER_NAMES)
+# Read strictly: an unknown one (a newer client's) is refused, not guessed.
+_ON_WORKER_LOST = [OnWorkerLost(name) for name in ON_WORKER_LOST_NAMES]
+_STRATEGY = [PlacementStrategy(name) for name in STRATEGY_NAMES]
 _PHASE = _enum_table(Phase, PHASE_NAMES)
 _EVENT_KIND = _enum_table(EventKind, EVENT_KIND_NAMES)
 
@@ -221,13 +231,15 @@ def _check_length(count: int, limit: int, where: str) -> None:
 # ---------------------------------------------------------------- assignments
 
 
-def _vms_from_reader(items: Any, where: str, problems: _Problems) -> tuple[VmAssignment, ...]:
+def _vms_from_reader(
+    items: Any, where: str, problems: _Problems, *, limit: int = LIMITS.max_vms_per_worker
+) -> tuple[VmAssignment, ...]:
     # The hot path of every apply and every push (1,000 entries: ~7 -> ~2.5
     # ms): ``_get`` skips the attribute protocol, ``resources`` is read only
     # when set (``_fill_vms`` leaves it unset for 0/0), and a store path or
     # hash already valid in this list is not matched again (a fleet shares
     # few images). The checks are the same as a fleet file's.
-    _check_length(len(items), LIMITS.max_vms_per_worker, where)
+    _check_length(len(items), limit, where)
     vms: list[VmAssignment] = []
     append = vms.append
     power_table = _POWER
@@ -357,8 +369,49 @@ def fleet_from_reader(reader: Any, where: str = "fleet") -> Fleet:
         _check_length(total, LIMITS.max_vms_total, f"{where} (all workers' VMs)")
         vms = _vms_from_reader(vms_reader, f"{where}.workers[{index}].vms", problems)
         workers.append((worker_id, tuple(sorted(vms, key=lambda vm: vm.id))))
+    unpinned_reader = reader.unpinned
+    total += len(unpinned_reader)
+    _check_length(total, LIMITS.max_vms_total, f"{where} (all workers' VMs)")
+    unpinned = _unpinned_from_reader(unpinned_reader, f"{where}.unpinned", problems)
+    raw_strategy: int = reader.strategy.raw
+    if not 0 <= raw_strategy < len(_STRATEGY):
+        problems.add(f"{where}.strategy", f"unknown placement strategy {raw_strategy}")
+        raw_strategy = 0
     problems.raise_if_any()
-    return Fleet(tuple(sorted(workers, key=lambda pair: pair[0])))
+    return Fleet(
+        tuple(sorted(workers, key=lambda pair: pair[0])),
+        tuple(sorted(unpinned, key=lambda u: u.id)),
+        PlacementPolicy(_STRATEGY[raw_strategy]),
+    )
+
+
+def _unpinned_from_reader(items: Any, where: str, problems: _Problems) -> list[UnpinnedVm]:
+    vms = _vms_from_reader([item.vm for item in items], where, problems, limit=LIMITS.max_vms_total)
+    unpinned: list[UnpinnedVm] = []
+    for index, (item, vm) in enumerate(zip(items, vms, strict=True)):
+        at = f"{where}[{index}]"
+        constraints_reader = item.constraints
+        _check_length(len(constraints_reader), LIMITS.max_labels, f"{at}.constraints")
+        constraints: dict[str, str] = {}
+        for number, label in enumerate(constraints_reader):
+            key: str = label.name
+            value: str = label.value
+            if (problem := check_label_key(key) or check_label_value(value)) is not None:
+                problems.add(f"{at}.constraints[{number}]", problem)
+            elif key in constraints:
+                problems.add(f"{at}.constraints[{number}]", f"label {key!r} is given twice")
+            constraints[key] = value
+        spread: str = item.spread
+        if spread and (problem := check_group_name(spread)) is not None:
+            problems.add(f"{at}.spread", problem)
+        raw: int = item.onWorkerLost.raw
+        if not 0 <= raw < len(_ON_WORKER_LOST):
+            problems.add(f"{at}.onWorkerLost", f"unknown value {raw}")
+            raw = 0
+        unpinned.append(
+            UnpinnedVm(vm, tuple(sorted(constraints.items())), spread, _ON_WORKER_LOST[raw])
+        )
+    return unpinned
 
 
 def fill_fleet(builder: Any, fleet: Fleet) -> None:
@@ -366,6 +419,16 @@ def fill_fleet(builder: Any, fleet: Fleet) -> None:
     for entry, (worker_id, vms) in zip(items, fleet.workers, strict=True):
         entry.workerId = worker_id
         _fill_vms(entry.init("vms", len(vms)), vms)
+    unpinned = builder.init("unpinned", len(fleet.unpinned))
+    for entry, u in zip(unpinned, fleet.unpinned, strict=True):
+        _fill_vms([entry.vm], [u.vm])
+        constraints = entry.init("constraints", len(u.constraints))
+        for label, (key, value) in zip(constraints, u.constraints, strict=True):
+            label.name = key
+            label.value = value
+        entry.spread = u.spread
+        entry.onWorkerLost = u.on_worker_lost.value
+    builder.strategy = fleet.placement.strategy.value
 
 
 # ---------------------------------------------------------------- status

@@ -253,7 +253,7 @@ hash = "v1"
 
 
 def parse_unpinned(text: str, fmt: str = "toml") -> Fleet:
-    return parse_fleet(text, fmt=fmt, source="fleet." + fmt, allow_unpinned=True)
+    return parse_fleet(text, fmt=fmt, source="fleet." + fmt)
 
 
 def unpinned_problems(text: str, fmt: str = "toml") -> list[str]:
@@ -309,19 +309,6 @@ def test_a_fleet_without_unpinned_vms_has_the_default_policy() -> None:
     assert fleet.unpinned == ()
     assert fleet.placement == PlacementPolicy(PlacementStrategy.BINPACK)
     assert fleet == Fleet(fleet.workers)
-
-
-def test_unpinned_vms_are_refused_unless_the_caller_can_carry_them() -> None:
-    """The wire and master of this release carry pinned VMs only: a fleet
-    that lost its [[vms]] on the way would stop every VM it names."""
-    details = problems_of(UNPINNED_TOML)
-    text = "\n".join(details)
-    assert "fleet.toml:8: vms: unpinned VMs ([[vms]], [placement]) cannot be applied yet" in text
-    assert "fleet.toml:5: placement: unpinned VMs" in text
-    assert len(details) == 2
-    # Checked like the rest all the same: every problem in one answer.
-    details = problems_of(UNPINNED_TOML.replace('"spread"', '"even"'))
-    assert any("placement.strategy: 'even' is not one of" in d for d in details)
 
 
 def test_unpinned_vms_must_say_what_they_need() -> None:
