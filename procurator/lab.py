@@ -3,8 +3,13 @@
 
 Used by ``make demo`` (``procurator.demo``) and by the end-to-end tests, so
 what the tests prove is what the demo shows. Everything it makes — the
-namespace (and with it the bridge and every tap), the processes, the state
-dir with the GC roots — is removed by ``close()``, also after a failure.
+namespace (and with it the bridge and every tap), the processes, the VMs'
+cgroups, the state dir with the GC roots — is removed by ``close()``, also
+after a failure.
+
+The worker is started with ``nsenter --net``, not ``ip netns exec``: that
+one also mounts a fresh ``/sys`` for the namespace, without
+``/sys/fs/cgroup``, and the worker would jail its VMMs without cgroups.
 
 Needs root (network namespaces, taps, the Nix store).
 """
@@ -24,6 +29,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from procurator.core.jail import JailPolicy
+from procurator.worker import cgroups
+from procurator.worker.jail import instance_name
 
 __all__ = ["Lab", "build_test_image", "repo_root"]
 
@@ -123,11 +132,26 @@ class Lab:
         # VMMs run in their own sessions and outlive the worker on purpose;
         # a lab that is torn down must not leave them behind.
         self.kill_vmms()
-        if self._netns_made:
-            subprocess.run(["ip", "netns", "del", self.netns], check=False)
-            self._netns_made = False
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self._drop_nix_root_records()
+        try:
+            self._remove_cgroups()
+        finally:
+            if self._netns_made:
+                subprocess.run(["ip", "netns", "del", self.netns], check=False)
+                self._netns_made = False
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self._drop_nix_root_records()
+
+    def _remove_cgroups(self) -> None:
+        """The VM cgroups the worker made (their VMMs are gone now) and its
+        own directories under the cgroup parent: a worker leaves them to its
+        VMs, which outlive it on purpose."""
+        if not self.state_dir.exists():
+            return  # no worker ever ran: nothing was made
+        parent = os.environ.get("PROCURATOR_CGROUP_PARENT", JailPolicy().cgroup_parent)
+        found = cgroups.detect(parent, instance_name(self.state_dir))
+        for name in found.names():
+            found.remove(name)
+        found.close()
 
     def _drop_nix_root_records(self) -> None:
         """The worker's GC roots went with the lab's directory; Nix's records
@@ -154,9 +178,19 @@ class Lab:
         log = self.dir / f"{name}.log"
         env = _plain_env()
         env.setdefault("NIX_CONF_DIR", "/var/cache/procurator/test-image/nix-conf")
+        # nsenter, not `ip netns exec`: that one also remounts /sys for the
+        # namespace, which hides /sys/fs/cgroup, and the worker jails its VMMs
+        # in cgroups there. Only the network namespace is entered.
         with open(log, "ab") as out:
             popen = subprocess.Popen(
-                ["ip", "netns", "exec", self.netns, sys.executable, "-m", "procurator", *args],
+                [
+                    "nsenter",
+                    f"--net=/run/netns/{self.netns}",
+                    sys.executable,
+                    "-m",
+                    "procurator",
+                    *args,
+                ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -221,7 +255,7 @@ class Lab:
     @staticmethod
     def _stop(proc: _Proc, *, sig: signal.Signals = signal.SIGTERM) -> None:
         if proc.popen.poll() is None:
-            # `ip netns exec` execs the command, so the pid is procurator's.
+            # nsenter execs the command, so the pid is procurator's.
             proc.popen.send_signal(sig)
             try:
                 proc.popen.wait(timeout=30)

@@ -44,8 +44,10 @@ A VM's cgroup is made fresh for each launch (an empty one left by the last
 VMM is removed first: its OOM count and charges start from zero) and
 removed with the VM (``remove``: processes still inside are killed first;
 they can only be that VM's). The VMM joins it itself, before it execs (the
-jail writes ``0`` to each ``cgroup.procs``), so everything it ever runs is
-inside from the first instruction.
+jail writes ``0`` to each file of ``Placement.join``: v1's ``tasks``, which
+moves its one thread without the threadgroup lock a process move takes;
+v2's ``cgroup.procs``), so everything it ever runs is inside from the
+first instruction.
 
 OOM: ``oom_kills`` reads the kernel's count of OOM kills in the cgroup
 (v1 ``memory.oom_control``, v2 ``memory.events``): a VMM that died with a
@@ -359,6 +361,10 @@ class CgroupsV1(_Base):
 
     version = 1
 
+    def __init__(self, directories: Mapping[str, Path], notes: Iterable[str]) -> None:
+        super().__init__(directories, notes)
+        self._mounts: list[_Mount] | None = None
+
     def describe(self) -> str:
         held = ", ".join(f"{c} at {d}" for c, d in sorted(self._dirs.items())) or "no controller"
         return f"cgroup v1 ({held})"
@@ -386,7 +392,14 @@ class CgroupsV1(_Base):
             _try(notes, lambda: _write(by["pids"] / "pids.max", str(limits.pids)))
         return Placement(
             path=str(by.get("memory", next(iter(by.values()), Path()))),
-            join=tuple(str(d / "cgroup.procs") for d in sorted(set(by.values()))),
+            # ``tasks``, not ``cgroup.procs``: the joining process has one
+            # thread yet (the jail's, before exec), and moving one thread
+            # takes no threadgroup lock. Moving a process takes it for
+            # writing, which waits for an RCU grace period (7-17 ms on a
+            # busy host) and holds back every fork on the host meanwhile
+            # (jailed starts ran at 14-18 VMs/s against 49/s unjailed; a
+            # ``tasks`` join takes 0.3 ms: docs/BENCHMARKS.md).
+            join=tuple(str(d / "tasks") for d in sorted(set(by.values()))),
             notes=tuple(notes),
         )
 
@@ -396,9 +409,16 @@ class CgroupsV1(_Base):
             return 0
         return _field(self._dirs["memory"] / name / "memory.oom_control", "oom_kill")
 
+    def _v1_mounts(self) -> list[_Mount]:
+        """The v1 hierarchies, read once (they do not move under a worker)."""
+        if self._mounts is None:
+            mountinfo = _read(Path("/proc/self/mountinfo"))
+            self._mounts = [m for m in _mounts(mountinfo) if m.fstype == "cgroup"]
+        return self._mounts
+
     def read_limits(self, pid: int) -> LimitsRead:
         own = _own_cgroups(_read(Path(f"/proc/{pid}/cgroup")))
-        mounts = [m for m in _mounts(_read(Path("/proc/self/mountinfo"))) if m.fstype == "cgroup"]
+        mounts = self._v1_mounts()
 
         def where(controller: str) -> Path | None:
             for mount in mounts:
@@ -662,7 +682,11 @@ def detect(
             if c not in v2_controllers
         ]
         return _v2(unified, own_paths.get("", "/"), absolute, rel, instance, held, missing)
-    return NoCgroups("no cgroup hierarchy is mounted")
+    return NoCgroups(
+        "no cgroup hierarchy is mounted in this worker's mount namespace (a worker "
+        "started with `ip netns exec` sees a fresh /sys without /sys/fs/cgroup: enter "
+        "the network namespace with `nsenter --net=/run/netns/NAME` instead)"
+    )
 
 
 def _v2(
