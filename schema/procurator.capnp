@@ -252,6 +252,10 @@ enum EventKind {
   warning @12;
   # Something holds only in part: a limit the worker could not enforce, a
   # VMM not jailed. The VM runs; the message says what is missing.
+  snapshotted @13;
+  restored @14;
+  # A snapshot of the VM was taken; the VM was restored from one (its
+  # guest clock is then behind: docs/SNAPSHOTS.md).
 }
 
 struct VmEvent {

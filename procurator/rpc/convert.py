@@ -163,6 +163,8 @@ EVENT_KIND_NAMES = (
     "paused",
     "resumed",
     "warning",
+    "snapshotted",
+    "restored",
 )
 ERROR_CODE_NAMES = (
     "internal",

@@ -466,21 +466,25 @@ class VmSupervisor:
         self._take(handle, spec.hash)
         if not self.ever_started and not restart:
             self._publish(Phase.STARTING, f"VM created (VMM pid {handle.pid})", EventKind.CREATED)
+        # What the new VMM is confined by, in the event that tells of it.
+        jailed = f"; {self.confinement.summary()}" if self.confinement is not None else ""
         if restart:
             waited = self.m.policy.delay(self.restart.failures)
             self.pending = _Pending(
                 EventKind.RESTARTED,
                 f"restarted after {waited:.3g} s of backoff (failure {self.restart.failures} "
-                f"in a row, restart {self.restart.restarts}; VMM pid {handle.pid})",
+                f"in a row, restart {self.restart.restarts}; VMM pid {handle.pid}{jailed})",
                 launched_at,
             )
         elif replacing:
             self.pending = _Pending(
-                EventKind.REPLACED, f"now runs {spec.hash} (VMM pid {handle.pid})", launched_at
+                EventKind.REPLACED,
+                f"now runs {spec.hash} (VMM pid {handle.pid}{jailed})",
+                launched_at,
             )
         else:
             self.pending = _Pending(
-                EventKind.BOOTED, f"booted {spec.hash} (VMM pid {handle.pid})", launched_at
+                EventKind.BOOTED, f"booted {spec.hash} (VMM pid {handle.pid}{jailed})", launched_at
             )
         self.restart = self.restart.started(self.m.clock())
         self.ever_started = True

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from fleethelpers import AddImage
 from vmmhelpers import (
+    CGROUP_PARENT,
     ManagerFactory,
     Recorder,
     config,
@@ -34,7 +35,7 @@ from procurator.core.jail import JailPolicy, Layer, limits_for
 from procurator.core.models import EventKind, Phase
 from procurator.core.vmdef import VmDefinition
 from procurator.worker import cgroups
-from procurator.worker.jail import JAIL_FILE, instance_name
+from procurator.worker.jail import JAIL_FILE, Jail, instance_name
 from procurator.worker.manager import VmSpec
 from procurator.worker.state import StateDir
 from procurator.worker.vmm import process
@@ -158,6 +159,13 @@ def test_a_jailed_vmm_fails_every_escape_it_tries(
     assert status["Seccomp"] == "2"
     # The jail's filter, and its own (cloud-hypervisor --seccomp true).
     assert status["Seccomp_filters"] == "2"
+    # cloud-hypervisor's own layers asked for: its filter, and Landlock with
+    # the paths the jail shows it (its run directory rw, its kernel r).
+    argv = Path(f"/proc/{a.pid}/cmdline").read_bytes().decode().split("\0")
+    assert argv[argv.index("--seccomp") + 1] == "true" and "--landlock" in argv
+    rules = {argv[i + 1] for i, arg in enumerate(argv) if arg == "--landlock-rules"}
+    assert f"path={a_paths.run_dir},access=rw" in rules
+    assert any(r.startswith(f"path={image}") and r.endswith(",access=r") for r in rules), rules
     limits = limits_for(a_def, JailPolicy(pids_max=32))
     seen = a.confinement
     assert seen is not None and seen.jailed and all(seen.enforced().values())
@@ -169,6 +177,31 @@ def test_a_jailed_vmm_fails_every_escape_it_tries(
     assert (a_paths.run_dir / "mine").stat().st_uid == uid
     assert state.vm_dir("a").stat().st_uid == 0
     assert json.loads((state.vm_dir("a") / JAIL_FILE).read_text())["uid"] == uid
+
+
+def test_a_limit_the_host_cannot_enforce_is_a_warning_event(
+    make_manager: ManagerFactory, state_dir: Path, recorder: Recorder
+) -> None:
+    """A host whose cgroups lack a controller (here: this host's mount table
+    without its pids hierarchy): the VM still runs, jailed, and a warning
+    event says which limit does not hold and why."""
+    without_pids = "\n".join(
+        line
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if not (" - cgroup " in line and "pids" in line.rsplit(" ", 1)[-1].split(","))
+    )
+    found = cgroups.detect(CGROUP_PARENT, instance_name(state_dir), mountinfo=without_pids)
+    if not isinstance(found, cgroups.CgroupsV1):
+        pytest.skip(f"this host does not use cgroup v1 for the controllers: {found.describe()}")
+    manager = make_manager(
+        jail=Jail(JailPolicy(cgroup_parent=CGROUP_PARENT), state_dir, cgroups=found)
+    )
+    obs = manager.ensure(VmSpec("vm1", "h1", definition()))
+    assert obs.phase is Phase.RUNNING and obs.confinement is not None
+    enforced = obs.confinement.enforced()
+    assert not enforced[Layer.PIDS] and enforced[Layer.MEMORY] and enforced[Layer.CPU]
+    [warning] = [e for e in recorder.events("vm1") if e.kind is EventKind.WARNING]
+    assert "pids: not enforced: no cgroup v1 hierarchy has the pids controller" in warning.message
 
 
 def test_unconfined_is_reported_not_silent(
