@@ -73,7 +73,7 @@ def measure(run: Run) -> list[Row]:
             f"{share * 100:.1f} % of a core",
             f"{vmm_share * 100:.1f} % its {len(vmms)} VMMs",
             "",
-            "<= 2 %",
+            "<= 1 %",
             note=f"the worker runs {threads} threads",
         ),
         Row(
@@ -82,6 +82,6 @@ def measure(run: Run) -> list[Row]:
             f"{rss / 2**20:.0f} MiB",
             "",
             "",
-            "<= 200 MB",
+            "<= 150 MiB",
         ),
     ]

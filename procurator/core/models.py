@@ -82,6 +82,9 @@ class EventKind(enum.Enum):
     # Something holds only in part (a limit the worker could not enforce,
     # a VMM not jailed); the VM runs.
     WARNING = "warning"
+    # A snapshot of the VM was taken, or the VM was restored from one.
+    SNAPSHOTTED = "snapshotted"
+    RESTORED = "restored"
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ __all__ = [
     "check_label_value",
     "check_overcommit",
     "check_request_id",
+    "check_snapshot_name",
     "check_store_path",
     "check_vm_id",
     "check_worker_id",
@@ -36,6 +37,9 @@ HASH_RE = re.compile(r"[A-Za-z0-9._+-]{1,128}")
 LABEL_KEY_RE = re.compile(r"[a-z][a-z0-9._-]{0,62}")
 LABEL_VALUE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 GROUP_RE = VM_ID_RE
+# Snapshot names become directory names under a VM's state directory and
+# CLI arguments: the VM id's rule (no '/', no '.', no leading '-').
+SNAPSHOT_NAME_RE = VM_ID_RE
 # Control.apply's request ids (schema/procurator.capnp).
 MAX_REQUEST_ID_LENGTH = 64
 REQUEST_ID_RE = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_REQUEST_ID_LENGTH}}}")
@@ -90,6 +94,19 @@ def check_worker_id(value: object) -> str | None:
     if not WORKER_ID_RE.fullmatch(value):
         return (
             f"{_shown(value)} is not a valid worker id: 1-63 characters of a-z, 0-9, '.' "
+            "and '-', starting with a letter or digit"
+        )
+    return None
+
+
+def check_snapshot_name(value: object) -> str | None:
+    """Why ``value`` is not a valid snapshot name (None: it is): the VM
+    id's rule, so a name can never leave the directory it names."""
+    if not isinstance(value, str):
+        return f"must be a string, not {type(value).__name__}"
+    if not SNAPSHOT_NAME_RE.fullmatch(value):
+        return (
+            f"{_shown(value)} is not a valid snapshot name: 1-63 characters of a-z, 0-9 "
             "and '-', starting with a letter or digit"
         )
     return None

@@ -5,6 +5,7 @@ The reconciler (trio) calls this blocking, thread-safe API through
 
     ensure(spec)   make the VM run (or pause, or stop) ``spec``; block until done
     remove(id)     stop the VM and delete its state
+    run_job(id, what, fn)  run fn on the VM's supervisor thread (snapshots)
     get(id), list()            observations (no I/O)
     counters()                 the last polled device counters (no I/O)
     poll_counters()            refresh them now (I/O, blocking)
@@ -82,16 +83,23 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 from procurator.core.backoff import RestartPolicy
-from procurator.core.errors import PermanentError, ProcuratorError, TemporaryError
+from procurator.core.errors import (
+    NotFoundError,
+    PermanentError,
+    ProcuratorError,
+    TemporaryError,
+)
 from procurator.core.models import VmEvent
 from procurator.worker.jail import Jail
 from procurator.worker.state import StateDir
-from procurator.worker.supervisor import VmSupervisor
+from procurator.worker.supervisor import JobContext, VmSupervisor
 from procurator.worker.vmm.base import VmmDriver, VmmError, VmmRejected
 from procurator.worker.vmrecord import (
     ChangeCallback,
+    Job,
     Timeouts,
     VmObservation,
     VmRecord,
@@ -108,6 +116,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class ManagerClosedError(TemporaryError):
@@ -219,6 +229,45 @@ class VmManager:
             vm.wake()
             self._wait_outcome(vm, "remove")
             self._retire(vm)
+
+    def run_job(self, vm_id: str, what: str, run: Callable[[JobContext], T]) -> T:
+        """Run ``run`` on the VM's supervisor thread, between two of its
+        steps (``procurator.worker.supervisor.JobContext``), and return
+        what it returned or raise what it raised. Holds the VM's op_lock
+        throughout, so no ensure or remove of the VM runs meanwhile (they
+        wait for it). ``NotFoundError`` when the VM is not managed here;
+        ``TemporaryError`` when the job did not start within
+        ``Timeouts.ensure`` (it is then dropped, never run later)."""
+        StateDir.check_id(vm_id)
+        with self._attached(vm_id, create=False) as vm:
+            if vm is None:
+                raise NotFoundError(f"VM {vm_id} is not on this worker")
+            job = Job(what, run)
+            with vm.cond:
+                vm.jobs.append(job)
+            vm.wake()
+            deadline = self.clock() + self.timeouts.ensure
+            with vm.cond:
+                while not job.done:
+                    if (vm.finished or vm.closing) and not job.started:
+                        job.cancelled = True
+                        raise ManagerClosedError(
+                            f"VM {vm_id}: supervisor stopped before {what} started"
+                        )
+                    left = deadline - self.clock()
+                    if left <= 0 and not job.started:
+                        job.cancelled = True
+                        raise TemporaryError(
+                            f"VM {vm_id}: {what} did not start within "
+                            f"{self.timeouts.ensure:g} s ({vm.obs.phase.value}: {vm.obs.message})"
+                        )
+                    # Once started, a job is waited for to its end: it
+                    # bounds its own steps, and its caller must learn how
+                    # it ended.
+                    vm.cond.wait(left if left > 0 else self.timeouts.health_interval)
+            if job.error is not None:
+                raise job.error
+            return job.result  # type: ignore[return-value]  # what run returned
 
     def get(self, vm_id: str) -> VmObservation | None:
         with self._map_lock:

@@ -31,6 +31,10 @@ shows the VMM reported no transition since the last state read
 unanswered checks in a row escalate through the stop ladder and count as a
 failure.
 
+Jobs: work a caller hands this thread (``VmManager.run_job``: a snapshot,
+a restore) runs at the start of a turn, before the next decision, through
+a ``JobContext``; what it did to the VMM is what the next turn observes.
+
 Threads and locks: everything here runs on this VM's thread except the
 record's fields under ``VmRecord.cond``, taken briefly (never around I/O).
 """
@@ -43,6 +47,7 @@ import math
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from procurator.core.backoff import RestartState
@@ -76,18 +81,20 @@ from procurator.worker.stopladder import StopLadder
 from procurator.worker.vmm import process
 from procurator.worker.vmm.base import (
     VmExit,
+    VmmDriver,
     VmmError,
     VmmGone,
     VmmHandle,
+    VmmPaths,
     VmmRejected,
     VmmTimeout,
 )
-from procurator.worker.vmrecord import Outcome, VmRecord, VmSpec
+from procurator.worker.vmrecord import Outcome, Timeouts, VmRecord, VmSpec
 
 if TYPE_CHECKING:
     from procurator.worker.manager import VmManager
 
-__all__ = ["VmSupervisor"]
+__all__ = ["JobContext", "VmSupervisor"]
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +177,8 @@ class VmSupervisor:
         """Read the record, decide, perform one step; False when done."""
         if not self._read_request():
             return False
+        if self._run_job():
+            return True
         if self.facts.vmm is not None and self.facts.vmm.alive and not self._alive():
             self._note_vmm(alive=False)
         step = decide(self.facts, self.restart, self.m.clock(), self._timing())
@@ -207,6 +216,31 @@ class VmSupervisor:
                 self._settle(phase)
             case Backoff(until=until):
                 self._report_waiting(until - self.m.clock())
+        return True
+
+    def _run_job(self) -> bool:
+        """Run the oldest job callers handed this VM (``VmManager.run_job``),
+        if any; True when one ran. Whatever it raises goes back to its
+        caller: the VM's own loop carries on from what it observes next."""
+        vm = self.vm
+        with vm.cond:
+            while vm.jobs and vm.jobs[0].cancelled:
+                vm.jobs.pop(0)
+            if not vm.jobs:
+                return False
+            job = vm.jobs.pop(0)
+            job.started = True
+        result: object = None
+        error: BaseException | None = None
+        try:
+            result = job.run(JobContext(self))
+        except Exception as exc:  # handed to the job's caller
+            if not isinstance(exc, ProcuratorError):
+                log.exception("VM %s: %s failed", vm.vm_id, job.what)
+            error = exc
+        with vm.cond:
+            job.result, job.error, job.done = result, error, True
+            vm.cond.notify_all()
         return True
 
     def _read_request(self) -> bool:
@@ -490,7 +524,7 @@ class VmSupervisor:
         self.ever_started = True
         self._note(reported=False)
 
-    def _launch(self, spec: VmSpec) -> VmmHandle:
+    def _launch(self, spec: VmSpec, *, restore_from: Path | None = None) -> VmmHandle:
         """Where this VM's VMMs are born: what a dead one left is cleared,
         the launch is recorded before (``spawning``: the next owner looks
         for an unrecorded VMM if this worker dies now) and after (the
@@ -506,9 +540,13 @@ class VmSupervisor:
         vm_jail = (
             jail.prepare(self.vm.vm_id, spec.definition, self.paths) if jail is not None else None
         )
-        handle = self.driver.launch(
-            spec.definition, self.paths, timeout=self.t.spawn + self.t.boot, jail=vm_jail
-        )
+        timeout = self.t.spawn + self.t.boot
+        if restore_from is None:
+            handle = self.driver.launch(spec.definition, self.paths, timeout=timeout, jail=vm_jail)
+        else:
+            handle = self.driver.restore(
+                spec.definition, self.paths, restore_from, timeout=timeout, jail=vm_jail
+            )
         try:
             self.m.state.write_handles(
                 self.vm.flock, HandlesRecord(self.driver.name, handle=handle, hash=spec.hash)
@@ -863,6 +901,82 @@ class VmSupervisor:
             log.info("VM %s: %s: %s", vm.vm_id, event.value, message)
         if changed or event is not None:
             self.m._emit(obs, _event(vm.vm_id, event, message, op_id))
+
+
+class JobContext:
+    """What a job (``VmManager.run_job``) may see and do, on the VM's
+    supervisor thread: the spec and the VMM as the supervisor knows them,
+    stop the VMM, launch one from a saved state, tell of an event."""
+
+    def __init__(self, supervisor: VmSupervisor) -> None:
+        self._s = supervisor
+
+    @property
+    def vm_id(self) -> str:
+        return self._s.vm.vm_id
+
+    @property
+    def spec(self) -> VmSpec | None:
+        """The spec being converged to; None while the VM is being removed."""
+        return None if self._s.facts.removing else self._s.spec
+
+    @property
+    def handle(self) -> VmmHandle | None:
+        """The live VMM (None: none runs, or it runs another hash)."""
+        s = self._s
+        if s.handle is None or s.facts.vmm is None or not s._alive():
+            return None
+        target = s.facts.target
+        if target is None or s.facts.vmm.booted_hash != target.hash:
+            return None
+        return s.handle
+
+    @property
+    def paths(self) -> VmmPaths:
+        return self._s.paths
+
+    @property
+    def driver(self) -> VmmDriver:
+        return self._s.driver
+
+    @property
+    def timeouts(self) -> Timeouts:
+        return self._s.t
+
+    def forget_state(self) -> None:
+        """The VM's state may have changed (paused and resumed): read it
+        again before trusting what was last read."""
+        self._s.known_state = None
+        if self._s.facts.vmm is not None:
+            self._s._note_vmm(state=None)
+
+    def stop_vmm(self, reason: str) -> str:
+        """Stop the VMM through the stop ladder (no-op without one)."""
+        if self._s.handle is None:
+            return "no VMM running"
+        return self._s._ladder(reason)
+
+    def launch_restored(self, source: Path, message: str) -> VmmHandle:
+        """With no VMM running: launch one whose VM is loaded from the saved
+        state in ``source`` (``VmmDriver.restore``), as the supervisor
+        launches any VMM (recorded, jailed); ``message`` is told once it
+        is seen running (a ``restored`` event)."""
+        s = self._s
+        spec = s.spec
+        assert spec is not None and s.handle is None
+        handle = s._launch(spec, restore_from=source)
+        s._take(handle, spec.hash)
+        s.ever_started = True
+        s.pending = _Pending(EventKind.RESTORED, message)
+        s.restart = s.restart.started(s.m.clock())
+        s._note(reported=False)
+        # The new VMM is seen at once; the next turn confirms it and tells.
+        s._publish(Phase.STARTING, f"restored (VMM pid {handle.pid}), confirming")
+        return handle
+
+    def event(self, kind: EventKind, message: str) -> None:
+        log.info("VM %s: %s: %s", self._s.vm.vm_id, kind.value, message)
+        self._s._publish_event(kind, message)
 
 
 def _event(vm_id: str, kind: EventKind | None, message: str, op_id: str) -> VmEvent | None:

@@ -32,6 +32,7 @@ from procurator.worker.vmm.base import VmmHandle
 
 __all__ = [
     "ChangeCallback",
+    "Job",
     "Outcome",
     "Timeouts",
     "VmObservation",
@@ -137,6 +138,24 @@ class VmObservation:
 ChangeCallback = Callable[[VmObservation, VmEvent | None], None]
 
 
+class Job:
+    """Work a caller hands a VM's supervisor thread (a snapshot, a
+    restore: ``VmManager.run_job``), run there between two steps so it
+    never races a health check, a restart or a replacement. ``run`` gets
+    the supervisor's ``JobContext``; its result or the error it raised
+    comes back in ``result`` / ``error``. Fields after ``run`` are guarded
+    by the VM record's ``cond``."""
+
+    def __init__(self, what: str, run: Callable[[Any], object]) -> None:
+        self.what = what
+        self.run = run
+        self.started = False
+        self.done = False
+        self.cancelled = False  # the caller stopped waiting before it started
+        self.result: object = None
+        self.error: BaseException | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     """Seconds. ``hung_after`` is a count of health checks in a row."""
@@ -191,6 +210,7 @@ class VmRecord:
         self.outcome: Outcome | None = None
         self.finished = False
         self.handle: VmmHandle | None = None  # published for poll_counters
+        self.jobs: list[Job] = []  # run by the supervisor, in order
         self.counters: Mapping[str, Mapping[str, int]] = {}
         self.obs = VmObservation(
             vm_id=vm_id,

@@ -10,7 +10,11 @@ What it imitates (cloud-hypervisor v53, see the OpenAPI description):
 - HTTP/1.1 REST under ``/api/v1`` on the unix socket: ``vmm.ping``,
   ``vmm.shutdown``, ``vm.create``, ``vm.boot``, ``vm.info``, ``vm.counters``,
   ``vm.pause``, ``vm.resume``, ``vm.shutdown``, ``vm.reboot``,
-  ``vm.power-button``, ``vm.delete``; errors are a JSON list of messages.
+  ``vm.power-button``, ``vm.delete``, ``vm.snapshot`` and ``vm.restore``
+  (``file://`` URLs; a snapshot is the fake's config and state as JSON
+  files, written and read by the fake itself, so a directory its jail does
+  not show or let it write fails as it would for cloud-hypervisor); errors
+  are a JSON list of messages.
 - VM states Created / Running / Shutdown / Paused; 404 before ``vm.create``,
   405 for a request the state does not allow.
 - Counters that grow while the VM runs; latency counters read u64::MAX
@@ -40,6 +44,8 @@ file the test writes; re-read on every request, so it can change at run time):
   ignore_sigterm: true       SIGTERM does nothing (only SIGKILL ends it); read
                              when the signal arrives
   power_button_delay: s      how long the guest takes to power off (0.05)
+  snapshot_fails_halfway: true  vm.snapshot writes part of the snapshot,
+                             then answers 500
   allocate_after_boot: mib   right after vm.boot, allocate and touch this
                              many MiB (an OOM test)
   probe: {...}               at start, try what a jailed VMM must not be able
@@ -82,6 +88,8 @@ PUT_ENDPOINTS = {
     "vm.reboot",
     "vm.power-button",
     "vm.delete",
+    "vm.snapshot",
+    "vm.restore",
 }
 
 
@@ -394,6 +402,65 @@ class Handler(BaseHTTPRequestHandler):
         self._reply(204)
         if not faults.get("ignore_power_button"):
             vmm.later(float(faults.get("power_button_delay", 0.05)), vmm.guest_poweroff)
+
+
+    def _file_url(self, body: bytes, key: str) -> Path | None:
+        """The directory of the ``file://`` URL ``key`` of a JSON body; else
+        answers 400 (cloud-hypervisor accepts only ``file://`` here)."""
+        try:
+            data = json.loads(body)
+        except ValueError as exc:
+            self._error(400, "Error from API", f"Error parsing request body: {exc}")
+            return None
+        url = data.get(key) if isinstance(data, dict) else None
+        if not isinstance(url, str) or not url.startswith("file://"):
+            self._error(400, "Error from API", f"{key} must be a file:// URL, got {url!r}")
+            return None
+        return Path(url[len("file://") :])
+
+    def ep_vm_snapshot(self, body: bytes, faults: dict[str, Any]) -> None:
+        vmm = self.server.vmm
+        target = self._file_url(body, "destination_url")
+        if target is None:
+            return
+        with vmm.lock:
+            # cloud-hypervisor snapshots only a paused VM.
+            if self._needs("Paused") is None:
+                return
+            assert vmm.config is not None
+            try:
+                (target / "config.json").write_text(json.dumps(vmm.config))
+                if faults.get("snapshot_fails_halfway"):
+                    self._error(500, "Error from API", "Error snapshotting VM: fault injection")
+                    return
+                (target / "state.json").write_text(json.dumps({"ops": vmm.ops}))
+            except OSError as exc:
+                self._error(500, "Error from API", f"Error snapshotting VM: {exc}")
+                return
+            vmm.event("vm", "snapshotted")
+        self._reply(204)
+
+    def ep_vm_restore(self, body: bytes, faults: dict[str, Any]) -> None:
+        vmm = self.server.vmm
+        source = self._file_url(body, "source_url")
+        if source is None:
+            return
+        with vmm.lock:
+            if vmm.state is not None:
+                self._error(404, "Error from API", "The VM is already created")
+                return
+            try:
+                config = json.loads((source / "config.json").read_text())
+                state = json.loads((source / "state.json").read_text())
+            except (OSError, ValueError) as exc:
+                self._error(400, "Error from API", f"Error restoring VM: {exc}")
+                return
+            vmm.config = config
+            vmm.ops = int(state.get("ops", 0))
+            vmm.state = "Paused"
+            vmm.booted_at = time.monotonic()
+            vmm.event("vm", "restored")
+        self._reply(204)
 
 
 class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

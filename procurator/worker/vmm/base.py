@@ -25,6 +25,9 @@ The port is launch-shaped, and every driver implements all of it:
   ``shutdown_vm``, ``shutdown_vmm``; observation: ``state``, ``counters``,
   ``state_mark``.
 - ``capabilities``: what the manager may count on, declared by the driver.
+- Snapshots: ``save_state`` (the paused VM's memory and device state into
+  a directory) and ``restore`` (a launch that loads such a state instead
+  of booting).
 
 The VM is a typed ``procurator.core.vmdef.VmDefinition`` (made safe by
 confinement, completed by the worker: disk copies, tap, MAC, serial file);
@@ -103,10 +106,14 @@ class Capabilities:
     a health check may read the counters alone. ``guest_clock``: a resume
     can set the guest's clock (else a resumed guest lags by the paused time
     until it corrects itself, and the ``resumed`` event says so).
+    ``vmm_writes_state``: the VMM writes (``save_state``) and reads
+    (``restore``) its saved state itself, so the directory must be inside
+    its jail; else the worker opens the files and hands them over.
     """
 
     state_marks: bool = False
     guest_clock: bool = False
+    vmm_writes_state: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +282,31 @@ class VmmDriver(Protocol):
         """With ``capabilities.state_marks``: a cheap token (no API call)
         that changes whenever the VMM reports a change of the VM's state;
         None when it cannot tell right now."""
+        ...
+
+    def save_state(self, handle: VmmHandle, target: Path, *, timeout: float) -> None:
+        """With the VM paused (the caller paused it): write its memory and
+        device state into ``target``, an empty directory inside the VMM's
+        own directory (``VmmPaths.vmm_dir``) owned by the VMM's uid, so a
+        jailed VMM that writes its state itself needs no path beyond its
+        jail. The VM stays paused. Snapshots: ``procurator.worker.
+        snapshots``."""
+        ...
+
+    def restore(
+        self,
+        definition: VmDefinition,
+        paths: VmmPaths,
+        source: Path,
+        *,
+        timeout: float,
+        jail: VmmJail | None = None,
+    ) -> VmmHandle:
+        """Like ``launch``, but the VM is not booted: its memory and device
+        state are loaded from ``source`` (what ``save_state`` wrote, staged
+        inside ``paths.vmm_dir``), then it runs. The definition must be
+        the one the state was saved from (the disks already hold the
+        snapshot's copies). Leaves no process behind when it raises."""
         ...
 
     def close(self) -> None:

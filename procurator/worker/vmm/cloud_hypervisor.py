@@ -136,7 +136,7 @@ class CloudHypervisorDriver:
     """
 
     name = "cloud-hypervisor"
-    capabilities = Capabilities(state_marks=True, guest_clock=False)
+    capabilities = Capabilities(state_marks=True, guest_clock=False, vmm_writes_state=True)
 
     def __init__(
         self,
@@ -231,6 +231,46 @@ class CloudHypervisorDriver:
         timeout: float,
         jail: VmmJail | None = None,
     ) -> VmmHandle:
+        return self._start(definition, paths, timeout=timeout, jail=jail, state=None)
+
+    def restore(
+        self,
+        definition: VmDefinition,
+        paths: VmmPaths,
+        source: Path,
+        *,
+        timeout: float,
+        jail: VmmJail | None = None,
+    ) -> VmmHandle:
+        """An empty VMM as for ``launch``, then ``vm.restore`` from
+        ``source`` (the directory ``vm.snapshot`` wrote, staged where the
+        VMM can read it) instead of ``vm.create`` + ``vm.boot``, then
+        ``vm.resume``; confirms ``Running``. The definition is not sent:
+        the snapshot holds the VM's config."""
+        return self._start(definition, paths, timeout=timeout, jail=jail, state=source)
+
+    def save_state(self, handle: VmmHandle, target: Path, *, timeout: float) -> None:
+        """``vm.snapshot`` into ``target`` (the VMM writes its config,
+        state and memory files there itself: ``target`` is inside its
+        jail and owned by its uid)."""
+        self._call(
+            handle,
+            "PUT",
+            "vm.snapshot",
+            timeout=timeout,
+            body={"destination_url": f"file://{target}"},
+        )
+
+    def _start(
+        self,
+        definition: VmDefinition,
+        paths: VmmPaths,
+        *,
+        timeout: float,
+        jail: VmmJail | None,
+        state: Path | None,
+    ) -> VmmHandle:
+        """``launch`` (``state`` None) or ``restore`` (the snapshot's directory)."""
         deadline = time.monotonic() + timeout
         if len(os.fsencode(paths.api_socket)) > _MAX_SOCKET_PATH:
             raise VmmRejected(
@@ -269,7 +309,10 @@ class CloudHypervisorDriver:
                 who=f"cloud-hypervisor for {paths.vm_dir}",
                 logs=logs,
             )
-            self._create_and_boot(handle, definition.to_vm_config(), deadline)
+            if state is None:
+                self._create_and_boot(handle, definition.to_vm_config(), deadline)
+            else:
+                self._restore_and_resume(handle, state, deadline)
         except BaseException:
             self.forget(handle)
             process.abort_launch(handle)
@@ -363,6 +406,22 @@ class CloudHypervisorDriver:
             raise VmmError(
                 f"cloud-hypervisor at {handle.api_socket} reports the VM {state.value} "
                 "right after vm.boot, not Running"
+            )
+
+    def _restore_and_resume(self, handle: VmmHandle, source: Path, deadline: float) -> None:
+        self._call(
+            handle,
+            "PUT",
+            "vm.restore",
+            timeout=_left(deadline, handle, "vm.restore"),
+            body={"source_url": f"file://{source}"},
+        )
+        self._call(handle, "PUT", "vm.resume", timeout=_left(deadline, handle, "vm.resume"))
+        state = self.state(handle, timeout=_left(deadline, handle, "vm.info"))
+        if state is not VmState.RUNNING:
+            raise VmmError(
+                f"cloud-hypervisor at {handle.api_socket} reports the VM {state.value} "
+                "right after vm.restore and vm.resume, not Running"
             )
 
     def info(self, handle: VmmHandle, *, timeout: float) -> dict[str, Any] | None:

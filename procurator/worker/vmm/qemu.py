@@ -54,6 +54,7 @@ per-VM lock is held for exactly one QMP session.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import dataclasses
 import errno
@@ -386,19 +387,32 @@ class _QmpSession:
             raise VmmError(f"{self._target}: QMP message is not an object during {what}")
         return message
 
-    def send(self, command: str, arguments: Mapping[str, Any] | None = None) -> int:
+    def send(
+        self, command: str, arguments: Mapping[str, Any] | None = None, *, fd: int | None = None
+    ) -> int:
         self._next_id += 1
         request: dict[str, Any] = {"execute": command, "id": self._next_id}
         if arguments:
             request["arguments"] = dict(arguments)
         data = json.dumps(request).encode() + b"\n"
-        self._io(command, lambda: self._sock.sendall(data))
+        if fd is None:
+            self._io(command, lambda: self._sock.sendall(data))
+        else:
+            # The descriptor rides on the command's bytes (SCM_RIGHTS), as
+            # QMP's getfd expects; a QMP command line is short enough for
+            # one sendmsg.
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+            sent = self._io(command, lambda: self._sock.sendmsg([data], rights))
+            if sent != len(data):
+                self._io(command, lambda: self._sock.sendall(data[sent:]))
         return self._next_id
 
-    def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
-        """Run one command; return its ``return`` value. Events seen while
-        waiting are logged and skipped."""
-        request_id = self.send(command, arguments)
+    def execute(
+        self, command: str, arguments: Mapping[str, Any] | None = None, *, fd: int | None = None
+    ) -> Any:
+        """Run one command (with ``fd`` passed along it); return its
+        ``return`` value. Events seen while waiting are logged and skipped."""
+        request_id = self.send(command, arguments, fd=fd)
         while True:
             message = self._read_message(command)
             if "event" in message:
@@ -431,6 +445,72 @@ def _boot(target: _Target, session: _QmpSession) -> None:
     state = _STATUS.get(str(status.get("status"))) if isinstance(status, dict) else None
     if state is not VmState.RUNNING:
         raise VmmError(f"{target}: QEMU reports {status!r} after cont")
+
+
+# The name a snapshot's file descriptor is known by in QEMU (getfd), and
+# the one file of a QEMU snapshot's state directory.
+_STATE_FD = "procurator-state"
+STATE_FILE = "memory"
+# How often a migration to or from a file is polled.
+_MIGRATION_POLL = 0.02
+
+
+def _wait_migration(target: _Target, session: _QmpSession, what: str) -> None:
+    """Poll ``query-migrate`` until the migration of this session's QEMU
+    completed; ``VmmError`` with QEMU's reason when it failed."""
+    while True:
+        info = session.execute("query-migrate")
+        status = info.get("status") if isinstance(info, dict) else None
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            reason = info.get("error-desc", "no reason given") if isinstance(info, dict) else "?"
+            raise VmmError(f"{target}: {what} {status}: {reason}")
+        session._remaining(what)  # raises VmmTimeout at the deadline
+        time.sleep(_MIGRATION_POLL)
+
+
+def _save(target: _Target, session: _QmpSession, state_file: Path) -> None:
+    """Migrate the (paused) VM's state into ``state_file``, through a
+    descriptor this process opens and hands QEMU: a jailed QEMU writes a
+    file it could never open itself, and no shell (``exec:``) is needed."""
+    fd = os.open(state_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        session.execute("getfd", {"fdname": _STATE_FD}, fd=fd)
+    finally:
+        os.close(fd)  # QEMU holds its own copy now
+    try:
+        # A paused guest's pages do not change: no reason to throttle.
+        session.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
+        session.execute("migrate", {"uri": f"fd:{_STATE_FD}"})
+    except VmmRejected:
+        with contextlib.suppress(VmmError, VmmRejected):
+            session.execute("closefd", {"fdname": _STATE_FD})
+        raise
+    _wait_migration(target, session, "saving the VM's state")
+
+
+def _load_and_boot(target: _Target, session: _QmpSession, state_file: Path) -> None:
+    """Load the state of a QEMU started with ``-incoming defer`` from
+    ``state_file`` (a descriptor handed over, as in ``_save``), then let
+    the guest run and confirm it does. QEMU exits when the state cannot
+    be loaded (the caller sees it gone, with its log)."""
+    try:
+        fd = os.open(state_file, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        session.close()
+        raise VmmRejected(f"{target}: cannot read the saved state {state_file}: {exc}") from exc
+    try:
+        try:
+            session.execute("getfd", {"fdname": _STATE_FD}, fd=fd)
+        finally:
+            os.close(fd)
+        session.execute("migrate-incoming", {"uri": f"fd:{_STATE_FD}"})
+        _wait_migration(target, session, "loading the VM's state")
+    except BaseException:
+        session.close()
+        raise
+    _boot(target, session)
 
 
 def _firmware_dirs(exe: str) -> list[str]:
@@ -572,6 +652,45 @@ class QemuDriver:
         root to drop) with its own seccomp filter (``SANDBOX``). Raises
         ``VmmRejected`` (a definition QEMU cannot run), ``VmmTimeout`` /
         ``VmmError``; never leaves a process behind then."""
+        return self._start(definition, paths, timeout=timeout, jail=jail, state=None)
+
+    def restore(
+        self,
+        definition: VmDefinition,
+        paths: VmmPaths,
+        source: Path,
+        *,
+        timeout: float,
+        jail: VmmJail | None = None,
+    ) -> VmmHandle:
+        """Start QEMU as ``launch`` does but waiting for its state
+        (``-incoming defer``), load it from ``source`` (``save_state``'s
+        file, read by this process and handed over as a descriptor), then
+        let the guest run (``cont``). Raises as ``launch``; a state QEMU
+        cannot load makes it exit (``VmmGone`` with its log)."""
+        return self._start(
+            definition, paths, timeout=timeout, jail=jail, state=source / STATE_FILE
+        )
+
+    def save_state(self, handle: VmmHandle, target: Path, *, timeout: float) -> None:
+        """Migrate the paused VM into ``target/memory`` (``migrate`` to a
+        descriptor this process opened: the jail is not widened, no shell
+        runs); returns when QEMU says the migration completed. QEMU's VM is
+        then ``postmigrate`` (paused, disks flushed and released until the
+        next ``cont``)."""
+        with self._session(handle, time.monotonic() + timeout) as session:
+            _save(self._target(handle), session, target / STATE_FILE)
+
+    def _start(
+        self,
+        definition: VmDefinition,
+        paths: VmmPaths,
+        *,
+        timeout: float,
+        jail: VmmJail | None,
+        state: Path | None,
+    ) -> VmmHandle:
+        """``launch`` (``state`` None) or ``restore`` (the state file)."""
         deadline = time.monotonic() + timeout
         accel = self.accel
         argv = qemu_argv(
@@ -583,6 +702,8 @@ class QemuDriver:
             extra_cmdline_tcg=self._extra_cmdline_tcg,
             sandbox=jail is not None,
         )
+        if state is not None:
+            argv += ["-incoming", "defer"]
         paths.vmm_dir.mkdir(parents=True, exist_ok=True)
         logs = [(paths.log_file, process.log_size(paths.log_file))]
         if jail is None:
@@ -610,7 +731,10 @@ class QemuDriver:
                 who=f"qemu for {paths.vm_dir}",
                 logs=logs,
             )
-            _boot(target, session)
+            if state is None:
+                _boot(target, session)
+            else:
+                _load_and_boot(target, session, state)
         except BaseException:
             self._forget(handle)
             process.abort_launch(handle)
