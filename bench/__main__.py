@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Callable
 from types import FrameType
 
-from bench import change, fanout, idle, placement, resync, start, wire
+from bench import change, fanout, idle, placement, resync, snapshot, start, wire
 from bench._harness import Row, Run
 
 # In this order: start leaves the 1,000-VM fleet that change and idle use.
@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, Callable[[Run], list[Row]]] = {
     resync.NAME: resync.measure,
     wire.NAME: wire.measure,
     placement.NAME: placement.measure,
+    snapshot.NAME: snapshot.measure,
     fanout.NAME: fanout.measure,  # last: the heaviest, its load outlasts it
 }
 

@@ -21,8 +21,9 @@ Invariants:
   ``run/``, which the worker moves out after a snapshot and fills before a
   restore.
 - **A snapshot is whole or absent.** It is assembled under a ``.partial``
-  name and renamed into place with its ``meta.json`` written last; a
-  partial one found later is deleted, and ``list`` shows only whole ones.
+  name, its files made durable, and renamed into place with its
+  ``meta.json`` written last; a partial one found later is deleted, and
+  ``list`` shows only whole ones.
 - **The VM runs on.** Creating one pauses the guest (when it ran) and
   resumes it whatever happened, so a snapshot that fails halfway leaves the
   VM as it was, and the error says why.
@@ -197,7 +198,7 @@ class SnapshotService:
             created_ms = int(self.wall_clock() * 1000)
             self._save(ctx, partial, disks)
             seconds = time.monotonic() - started
-            size = _tree_size(partial)
+            size = _flush_tree(partial)
             # Its real size against the quotas: the estimate may be short
             # (a VMM's state beyond the guest's memory).
             existing = self.list()
@@ -394,12 +395,19 @@ def _size_of(path: Path) -> int:
         return 0
 
 
-def _tree_size(root: Path) -> int:
-    """Apparent bytes of every file under ``root``."""
+def _flush_tree(root: Path) -> int:
+    """Make every file under ``root`` durable (``fsync``: the VMM's state
+    is written without it, and the metadata written next must never name
+    state a power loss could cut short); return their apparent bytes."""
     total = 0
     for folder, _, files in os.walk(root):
         for name in files:
-            total += _size_of(Path(folder, name))
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+                total += os.fstat(fd).st_size
+            finally:
+                os.close(fd)
     return total
 
 
