@@ -31,8 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from procurator.core.jail import JailPolicy
-from procurator.worker import cgroups
-from procurator.worker.jail import instance_name
+from procurator.worker.jail import remove_worker_cgroups
 
 __all__ = ["Lab", "build_test_image", "repo_root"]
 
@@ -148,10 +147,7 @@ class Lab:
         if not self.state_dir.exists():
             return  # no worker ever ran: nothing was made
         parent = os.environ.get("PROCURATOR_CGROUP_PARENT", JailPolicy().cgroup_parent)
-        found = cgroups.detect(parent, instance_name(self.state_dir))
-        for name in found.names():
-            found.remove(name)
-        found.close()
+        remove_worker_cgroups(self.state_dir, parent)
 
     def _drop_nix_root_records(self) -> None:
         """The worker's GC roots went with the lab's directory; Nix's records

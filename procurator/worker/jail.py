@@ -101,6 +101,7 @@ from procurator.core.jail import (
 )
 from procurator.core.seccomp import baseline_filter
 from procurator.core.vmdef import VmDefinition
+from procurator.worker import cgroups
 from procurator.worker.cgroups import Cgroups, Placement
 from procurator.worker.state import write_json_atomic
 from procurator.worker.vmm import process
@@ -116,6 +117,7 @@ __all__ = [
     "inspect",
     "instance_name",
     "missing_privileges",
+    "remove_worker_cgroups",
 ]
 
 log = logging.getLogger(__name__)
@@ -170,6 +172,20 @@ def instance_name(state_dir: Path) -> str:
     its state directory (stable across restarts, distinct per worker)."""
     digest = hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()
     return f"w-{digest[:12]}"
+
+
+def remove_worker_cgroups(state_dir: Path, parent: str) -> None:
+    """Remove what a worker on ``state_dir`` (VM cgroups under ``parent``)
+    left in the cgroup hierarchies: its VMs' cgroups, killing what still
+    runs in them, and its own directories. A worker leaves them to its VMs,
+    which outlive it on purpose; this is for whoever tears a worker and its
+    VMs down for good (the lab, the benchmarks)."""
+    found = cgroups.detect(parent, instance_name(state_dir))
+    try:
+        for name in found.names():
+            found.remove(name)
+    finally:
+        found.close()
 
 
 # -- the fork server's client ------------------------------------------------------
