@@ -9,6 +9,7 @@ Benchmarks (one module each, ``NAME`` and ``measure(run) -> rows``):
 - ``start``  N VMs through apply vs a bare spawn-and-boot loop
 - ``change`` one VM's hash changes in the N-VM fleet: apply -> observed
 - ``idle``   the worker's CPU share and memory holding N VMs
+- ``confine`` N VMs started jailed (the default) vs ``--unconfined``
 - ``resync`` one no-op reconcile pass at 1,000 and 10,000 VMs
 - ``wire``   a 10,000-VM assignment on the wire
 - ``placement`` the scheduler: 10,000 VMs onto 100 workers, 100,000 onto 1,000

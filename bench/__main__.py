@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Callable
 from types import FrameType
 
-from bench import change, fanout, idle, placement, resync, snapshot, start, wire
+from bench import change, confine, fanout, idle, placement, resync, snapshot, start, wire
 from bench._harness import Row, Run
 
 # In this order: start leaves the 1,000-VM fleet that change and idle use.
@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, Callable[[Run], list[Row]]] = {
     start.NAME: start.measure,
     change.NAME: change.measure,
     idle.NAME: idle.measure,
+    confine.NAME: confine.measure,
     resync.NAME: resync.measure,
     wire.NAME: wire.measure,
     placement.NAME: placement.measure,

@@ -30,6 +30,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,7 +193,11 @@ class OneWorkerFleet:
         )
 
 
-def _worker_args(run: Run, port: int) -> list[str]:
+def worker_args(
+    run: Run, port: int, *, state: str = "worker-a", extra: Sequence[str] = ()
+) -> list[str]:
+    """The worker's flags (jailed, as deployed, unless ``extra`` says
+    ``--unconfined``)."""
     return [
         "worker",
         "--id",
@@ -200,7 +205,7 @@ def _worker_args(run: Run, port: int) -> list[str]:
         "--master",
         f"127.0.0.1:{port}",
         "--state-dir",
-        str(run.dir / "worker-a"),
+        str(run.dir / state),
         "--driver",
         "cloud-hypervisor",
         "--vmm-binary",
@@ -216,12 +221,13 @@ def _worker_args(run: Run, port: int) -> list[str]:
         "5",
         "--concurrency",
         str(CONCURRENCY),
+        *extra,
     ]
 
 
 def start_cluster(run: Run) -> tuple[Proc, int, Proc]:
     master, port = run.start_master()
-    worker = run.procurator("worker-a", *_worker_args(run, port))
+    worker = run.procurator("worker-a", *worker_args(run, port))
 
     async def ready() -> None:
         async with control(port) as client:
