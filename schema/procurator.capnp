@@ -374,6 +374,59 @@ struct ApplyResult {
   }
 }
 
+# ---------------------------------------------------------------- snapshots
+
+struct Snapshot {
+  # A VM's memory, device state and writable disks at one instant, kept by
+  # the worker that runs the VM (docs/SNAPSHOTS.md).
+  vmId @0 :Text;
+  name @1 :Text;
+  # 1-63 characters of a-z, 0-9 and '-' (the VM id rule).
+  hash @2 :Text;
+  # The VM's identity when it was taken: restored only onto the same hash
+  # unless forced.
+  image @3 :Text;
+  sizeBytes @4 :UInt64;
+  createdUnixMs @5 :Int64;
+  opId @6 :Text;
+  driver @7 :Text;
+  workerId @8 :Text;
+  # Where it lives ("" in a worker's own answers: the master fills it).
+}
+
+enum SnapshotAction {
+  create @0;
+  delete @1;
+  restore @2;
+}
+
+struct SnapshotRequest {
+  action @0 :SnapshotAction;
+  vmId @1 :Text;
+  name @2 :Text;
+  # "" with create: named after its time.
+  force @3 :Bool;
+  # restore: load a snapshot of another image hash of the VM anyway.
+  opId @4 :Text;
+  # Set by the master (its answer to a Control call carries it); ignored
+  # in a Control request.
+}
+
+struct SnapshotResult {
+  union {
+    snapshot @0 :Snapshot;
+    # The snapshot created, deleted or restored.
+    error @1 :Error;
+  }
+}
+
+struct SnapshotListResult {
+  union {
+    snapshots @0 :List(Snapshot);
+    error @1 :Error;
+  }
+}
+
 # ---------------------------------------------------------------- interfaces
 
 interface Node {
@@ -393,6 +446,12 @@ interface Node {
   # assignment. Added after version 1's first release: an older worker
   # answers it with an RPC exception (unimplemented), and the master then
   # pushes whole assignments to it for the rest of the session.
+  snapshot @2 (request :SnapshotRequest) -> (result :SnapshotResult);
+  # Create, delete or restore a snapshot of one of the worker's VMs
+  # (docs/SNAPSHOTS.md); answers once done. Added with snapshots: an older
+  # worker answers with an RPC exception (unimplemented).
+  listSnapshots @3 (vmId :Text) -> (result :SnapshotListResult);
+  # The worker's snapshots (vmId "" for all of its VMs), oldest first.
 }
 
 interface WorkerSession {
@@ -467,6 +526,14 @@ interface Control {
   # its newest `eventLimit` events (0: a default). notFound when the master
   # has never heard of the VM. waitIndex and waitMs block as in status (the
   # index is the master's, not the VM's: any change of the fleet answers).
+  snapshot @4 (request :SnapshotRequest) -> (result :SnapshotResult);
+  # Forwarded to the worker the VM is assigned to (it must be connected to
+  # this master); answers once the worker is done, with the op id in the
+  # error when it failed. Added with snapshots.
+  listSnapshots @5 (vmId :Text) -> (result :SnapshotListResult);
+  # The snapshots of one VM (vmId set: asks its worker) or of the fleet
+  # ("": asks every worker connected to this master), oldest first, each
+  # with its workerId. A worker that does not answer is left out.
 }
 
 struct VmDescription {

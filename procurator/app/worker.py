@@ -50,6 +50,7 @@ from procurator.worker import daemon
 from procurator.worker.daemon import HandlerFactory, RecordingHandler, StatusPublisher
 from procurator.worker.link import FailoverDialer, LinkSettings, MasterDialer, MasterLink
 from procurator.worker.runtime import ReconcilingHandler, RuntimeOptions, resolve_driver
+from procurator.worker.snapshots import SnapshotNode, SnapshotService
 
 __all__ = ["DEFAULT_STATE_DIR", "WORKER_METRICS_PORT", "WorkerConfig", "run_worker", "worker_main"]
 
@@ -133,9 +134,14 @@ async def run_worker(
         memory_overcommit=config.memory_overcommit,
     )
     addresses = master_addresses(config.master)
+    # The master's snapshot calls, served by the runtime's VMs once it has
+    # made them (a worker without a runtime refuses them).
+    snapshots = SnapshotNode() if runtime is not None else None
     async with open_bridge() as bridge:
         dialers = [
-            CapnpMasterDialer(bridge, address, tls=config.tls, insecure=config.insecure)
+            CapnpMasterDialer(
+                bridge, address, tls=config.tls, insecure=config.insecure, snapshots=snapshots
+            )
             for address in addresses
         ]
         dialer: MasterDialer = dialers[0] if len(dialers) == 1 else FailoverDialer(dialers)
@@ -150,23 +156,29 @@ async def run_worker(
             info,
             state_dir=config.state_dir,
             settings=config.link,
-            handler_factory=_handler_factory(config, runtime),
+            handler_factory=_handler_factory(config, runtime, snapshots),
             task_status=task_status,
         )
 
 
-def _handler_factory(config: WorkerConfig, runtime: RuntimeOptions | None) -> HandlerFactory:
-    """What turns this worker's assignments into VMs."""
+def _handler_factory(
+    config: WorkerConfig, runtime: RuntimeOptions | None, snapshots: SnapshotNode | None
+) -> HandlerFactory:
+    """What turns this worker's assignments into VMs (and serves the
+    snapshots of those VMs through ``snapshots``)."""
     if runtime is None:
         return functools.partial(RecordingHandler, config.worker_id)
 
     def reconciling(publisher: StatusPublisher) -> ReconcilingHandler:
-        return ReconcilingHandler(
+        handler = ReconcilingHandler(
             worker_id=config.worker_id,
             state_dir=config.state_dir,
             options=runtime,
             publisher=publisher,
         )
+        if snapshots is not None:
+            snapshots.attach(SnapshotService(handler.manager))
+        return handler
 
     return reconciling
 

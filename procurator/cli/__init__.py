@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 
 from procurator import __version__
-from procurator.cli import apply, certs, master, ops, status, top, worker
+from procurator.cli import apply, certs, master, ops, snapshot, status, top, worker
 from procurator.cli.exits import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (master, worker, apply, status):
         command.add_parser(sub)
     ops.add_parsers(sub)
+    snapshot.add_parser(sub)
     top.add_parser(sub)
     certs.add_parser(sub)
     return parser

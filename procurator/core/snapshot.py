@@ -24,9 +24,10 @@ they become directory names, so no name can leave its VM's directory.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from procurator.core.errors import LimitExceededError, ValidationError
 from procurator.core.validation import (
@@ -36,8 +37,11 @@ from procurator.core.validation import (
 )
 
 __all__ = [
+    "SnapshotAction",
+    "SnapshotCalls",
     "SnapshotInfo",
     "SnapshotQuota",
+    "SnapshotRequest",
     "check_name",
     "check_quota",
     "quota_problem",
@@ -115,6 +119,35 @@ class SnapshotInfo:
         return info
 
 
+class SnapshotAction(enum.Enum):
+    CREATE = "create"
+    DELETE = "delete"
+    RESTORE = "restore"
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRequest:
+    """One snapshot operation (``Control.snapshot``, forwarded by the master
+    to the VM's worker as ``Node.snapshot``). ``name`` "" with create: named
+    after its time; ``force``: restore another hash's snapshot; ``op_id``:
+    the master's operation, set when it forwards."""
+
+    action: SnapshotAction
+    vm_id: str
+    name: str = ""
+    force: bool = False
+    op_id: str = ""
+
+    def check(self) -> None:
+        """``ValidationError`` naming what is wrong with the request."""
+        if self.action is SnapshotAction.CREATE and not self.name:
+            problem = check_vm_id(self.vm_id)
+            if problem is not None:
+                raise ValidationError("invalid snapshot reference", details=[f"vm: {problem}"])
+            return
+        check_name(self.vm_id, self.name)
+
+
 @dataclass(frozen=True, slots=True)
 class SnapshotQuota:
     """Bounds on a worker's snapshots (0: no bound). Defaults: a few
@@ -182,3 +215,16 @@ def restore_problem(
             "restore it with --force to load it anyway"
         )
     return None
+
+
+class SnapshotCalls(Protocol):
+    """Snapshot operations as a worker's ``Node`` serves them and as the
+    master's ``Control`` forwards them (async; errors are ours)."""
+
+    async def snapshot(self, request: SnapshotRequest) -> SnapshotInfo:
+        """Carry out ``request``; the snapshot created, deleted or restored."""
+        ...
+
+    async def list_snapshots(self, vm_id: str = "") -> tuple[SnapshotInfo, ...]:
+        """The snapshots of one VM ("" for all), oldest first."""
+        ...

@@ -201,6 +201,7 @@ from procurator.core.models import (
     WorkerInfo,
     WorkerStatus,
 )
+from procurator.core.snapshot import SnapshotInfo, SnapshotRequest
 from procurator.core.status import StatusChanges, apply_status_changes
 from procurator.core.validation import LIMITS, check_request_id
 from procurator.logs import log_context, new_op_id, some
@@ -292,6 +293,14 @@ class WorkerNode(Protocol):
         """Deliver ``assignment``; returns once the worker took note of it."""
         ...
 
+    async def snapshot(self, request: SnapshotRequest) -> SnapshotInfo:
+        """The worker's answer to a snapshot operation (its typed error)."""
+        ...
+
+    async def list_snapshots(self, vm_id: str = "") -> tuple[SnapshotInfo, ...]:
+        """The worker's snapshots (of one VM, or all)."""
+        ...
+
     async def aclose(self) -> None:
         """Close the worker's connection (idempotent)."""
         ...
@@ -312,6 +321,20 @@ class _Session:
     # The last status this session delivered: what its status changes apply
     # to (never another session's, see procurator.core.status).
     status: WorkerStatus | None = None
+
+
+@dataclass(frozen=True)
+class _SnapshotWorker:
+    """A worker connected here, as a snapshot call reaches it."""
+
+    worker_id: str
+    node: WorkerNode
+
+    async def snapshot(self, request: SnapshotRequest) -> SnapshotInfo:
+        return await self.node.snapshot(request)
+
+    async def list_snapshots(self, vm_id: str) -> tuple[SnapshotInfo, ...]:
+        return await self.node.list_snapshots(vm_id)
 
 
 @dataclass(eq=False)
@@ -1035,6 +1058,70 @@ class MasterService:
             newer.append(item)
         newer.reverse()
         return tuple(newer[:limit])
+
+    async def snapshot(self, request: SnapshotRequest) -> SnapshotInfo:
+        """Forward a snapshot operation to the worker the VM is assigned to
+        (else the one reporting it) and answer with the worker's result,
+        ``worker_id`` set. Snapshots live on their worker: this master keeps
+        no record of them (docs/SNAPSHOTS.md). ``UnavailableError`` when
+        that worker is not connected to this master."""
+        self._require_store()
+        worker = self._snapshot_worker(request.vm_id)
+        info = await worker.snapshot(request)
+        return replace(info, worker_id=worker.worker_id)
+
+    async def list_snapshots(self, vm_id: str = "") -> tuple[SnapshotInfo, ...]:
+        """The snapshots of VM ``vm_id`` (its worker's) or, with "", of
+        every worker connected to this master, asked at once; a worker that
+        does not answer is left out (logged). Oldest first."""
+        self._require_store()
+        if vm_id:
+            worker = self._snapshot_worker(vm_id)
+            infos = await worker.list_snapshots(vm_id)
+            return tuple(replace(i, worker_id=worker.worker_id) for i in infos)
+        found: list[SnapshotInfo] = []
+
+        async def ask(session: _Session) -> None:
+            try:
+                infos = await session.node.list_snapshots("")
+            except ProcuratorError as exc:
+                logger.warning("worker %s: snapshots not listed: %s", session.worker_id, exc)
+                return
+            found.extend(replace(i, worker_id=session.worker_id) for i in infos)
+
+        async with trio.open_nursery() as nursery:
+            for session in list(self._sessions.values()):
+                nursery.start_soon(ask, session)
+        return tuple(sorted(found, key=lambda i: (i.created_unix_ms, i.vm_id, i.name)))
+
+    def _snapshot_worker(self, vm_id: str) -> _SnapshotWorker:
+        """The session of the worker that holds VM ``vm_id``'s snapshots:
+        the one it is assigned to, else the one reporting it."""
+        owner = next(
+            (a.worker_id for a in self._assignments.values() if any(v.id == vm_id for v in a.vms)),
+            None,
+        )
+        if owner is None:
+            owner = next(
+                (
+                    w.worker_id
+                    for w in self._workers.values()
+                    if w.status is not None and any(v.id == vm_id for v in w.status.vms)
+                ),
+                None,
+            )
+        if owner is None:
+            raise NotFoundError(f"VM {vm_id!r} is neither desired nor reported by any worker")
+        worker = self._workers.get(owner)
+        session = worker.session if worker is not None else None
+        if session is None:
+            elsewhere = worker is not None and worker.connected
+            raise UnavailableError(
+                f"VM {vm_id}'s worker {owner} is not connected to this master"
+                + (" (it is connected to another one: ask that one)" if elsewhere else ""),
+                delay=5.0,
+            )
+        return _SnapshotWorker(owner, session.node)
 
     def fleet_view(self) -> FleetView:
         """What the exporter and service discovery show, as plain values.

@@ -42,10 +42,11 @@ from procurator.core.control import (
 from procurator.core.errors import ProcuratorError, UnavailableError, ValidationError
 from procurator.core.metrics import MetricSample
 from procurator.core.models import Assignment, Fleet, VmEvent, WorkerInfo, WorkerStatus
+from procurator.core.snapshot import SnapshotCalls, SnapshotInfo, SnapshotRequest
 from procurator.core.status import StatusChanges
 from procurator.core.validation import check_request_id, check_vm_id
 from procurator.rpc.address import Address, parse_address
-from procurator.rpc.answer import answer, error_result
+from procurator.rpc.answer import answer, error_arm, error_result
 from procurator.rpc.bridge import Bridge, CapnpHandle, ClientConnection, connect
 from procurator.rpc.convert import (
     apply_result_from_reader,
@@ -56,10 +57,16 @@ from procurator.rpc.convert import (
     fill_apply_request,
     fill_events,
     fill_metrics,
+    fill_snapshot_list,
+    fill_snapshot_request,
+    fill_snapshot_result,
     fill_status_changes,
     fill_worker_info,
     fill_worker_status,
     fleet_status_from_reader,
+    snapshot_list_from_reader,
+    snapshot_request_from_reader,
+    snapshot_result_from_reader,
     worker_events_from_reader,
 )
 from procurator.rpc.schema import load_schema
@@ -176,6 +183,21 @@ class ControlClient:
             what=f"describe VM {vm_id}",
         )
 
+    async def snapshot(self, request: SnapshotRequest) -> SnapshotInfo:
+        """Create, delete or restore a snapshot (the master forwards it to
+        the VM's worker and answers once it is done). Raises the typed error
+        the master or the worker answered (its op id set)."""
+        request.check()
+        return await self._bridge.run(
+            _snapshot, self._handle, request, what=f"snapshot {request.action.value}"
+        )
+
+    async def list_snapshots(self, vm_id: str = "") -> tuple[SnapshotInfo, ...]:
+        """The snapshots of VM ``vm_id``, or of the fleet ("")."""
+        if vm_id and (problem := check_vm_id(vm_id)) is not None:
+            raise ValidationError(f"vm id: {problem}")
+        return await self._bridge.run(_list_snapshots, self._handle, vm_id, what="list snapshots")
+
 
 @contextlib.asynccontextmanager
 async def open_control(
@@ -268,17 +290,82 @@ async def _describe_vm(
     return describe_result_from_reader(response.result)
 
 
+async def _snapshot(
+    handle: CapnpHandle[tuple[ClientConnection, Any]], snapshot: SnapshotRequest
+) -> SnapshotInfo:
+    request = handle.get()[1].snapshot_request()
+    fill_snapshot_request(request.init("request"), snapshot)
+    response = await request.send()
+    return snapshot_result_from_reader(response.result)
+
+
+async def _list_snapshots(
+    handle: CapnpHandle[tuple[ClientConnection, Any]], vm_id: str
+) -> tuple[SnapshotInfo, ...]:
+    response = await handle.get()[1].listSnapshots(vmId=vm_id)
+    return snapshot_list_from_reader(response.result)
+
+
 # ---------------------------------------------------------------- worker
 
 
 class _NodeImpl(_schema.Node.Server):  # type: ignore[misc, name-defined]
-    """The worker's callback capability: the master pushes through it. A
-    refused push is answered as data, like the master's own answers."""
+    """The worker's callback capability: the master pushes through it, and
+    forwards snapshot operations (``snapshots``: None on a worker that runs
+    no VMs). A refused call is answered as data, like the master's own
+    answers."""
 
-    def __init__(self, bridge: Bridge, on_push: OnPush, worker_id: str) -> None:
+    def __init__(
+        self, bridge: Bridge, on_push: OnPush, worker_id: str, snapshots: SnapshotCalls | None
+    ) -> None:
         self._bridge = bridge
         self._on_push = on_push
         self._worker_id = worker_id
+        self._snapshots = snapshots
+
+    async def snapshot_context(self, context: Any) -> None:
+        await answer(
+            "Node.snapshot",
+            context,
+            error_arm,
+            lambda params: snapshot_request_from_reader(params.request),
+            self._snapshot,
+            logger=logger,
+            who=f"worker {self._worker_id}",
+            log_name="the worker's log",
+        )
+
+    async def listSnapshots_context(self, context: Any) -> None:
+        await answer(
+            "Node.listSnapshots",
+            context,
+            error_arm,
+            self._decode_vm_id,
+            self._list_snapshots,
+            logger=logger,
+            who=f"worker {self._worker_id}",
+            log_name="the worker's log",
+        )
+
+    @staticmethod
+    def _decode_vm_id(params: Any) -> str:
+        vm_id: str = params.vmId
+        if vm_id and (problem := check_vm_id(vm_id)) is not None:
+            raise ValidationError(f"vmId: {problem}")
+        return vm_id
+
+    def _calls(self) -> SnapshotCalls:
+        if self._snapshots is None:
+            raise ValidationError(f"worker {self._worker_id} runs no VMs: it has no snapshots")
+        return self._snapshots
+
+    async def _snapshot(self, request: SnapshotRequest, results: Any) -> None:
+        info = await self._bridge.call_trio(self._calls().snapshot, request)
+        fill_snapshot_result(results.result, info)
+
+    async def _list_snapshots(self, vm_id: str, results: Any) -> None:
+        infos = await self._bridge.call_trio(self._calls().list_snapshots, vm_id)
+        fill_snapshot_list(results.result, infos)
 
     async def push_context(self, context: Any) -> None:
         await answer(
@@ -335,14 +422,18 @@ class CapnpMasterDialer:
         *,
         tls: TlsFiles | None = None,
         insecure: bool = False,
+        snapshots: SnapshotCalls | None = None,
     ) -> None:
         """``tls``: this worker's certificate, which must name the worker id
-        it registers as. Raises ``PermanentError`` at once when the master is
-        not local and there is no ``tls`` (nor ``insecure``), or when the TLS
-        files cannot be loaded."""
+        it registers as; ``snapshots``: what serves the master's snapshot
+        calls (None: a worker without VMs refuses them). Raises
+        ``PermanentError`` at once when the master is not local and there is
+        no ``tls`` (nor ``insecure``), or when the TLS files cannot be
+        loaded."""
         self._bridge = bridge
         self.address = _address(address)
         self._tls = _tls_for(self.address, tls, insecure, "connecting to the master at")
+        self._snapshots = snapshots
 
     async def connect(self, info: WorkerInfo, on_push: OnPush) -> CapnpMasterSession:
         """Connect and register. Raises ``UnavailableError`` when the master
@@ -356,6 +447,7 @@ class CapnpMasterDialer:
             info,
             on_push,
             disconnected,
+            self._snapshots,
             what=f"registering with the master at {self.address}",
         )
         return CapnpMasterSession(self._bridge, handle, info.worker_id, disconnected)
@@ -420,13 +512,14 @@ async def _register(
     info: WorkerInfo,
     on_push: OnPush,
     disconnected: trio.Event,
+    snapshots: SnapshotCalls | None,
 ) -> CapnpHandle[Any]:
     conn = await connect(address, lambda reason: bridge.trio_soon(disconnected.set), tls=tls)
     try:
         master = conn.bootstrap(_schema.Master)
         request = master.register_request()
         fill_worker_info(request.init("info"), info)
-        request.node = _NodeImpl(bridge, on_push, info.worker_id)
+        request.node = _NodeImpl(bridge, on_push, info.worker_id, snapshots)
         response = await _first_answer(request.send(), tls)
         session = _ok(response.result).session
     except BaseException:

@@ -66,6 +66,7 @@ from procurator.core.models import (
     WorkerInfo,
     WorkerStatus,
 )
+from procurator.core.snapshot import SnapshotAction, SnapshotInfo, SnapshotRequest
 from procurator.core.status import StatusChanges
 from procurator.core.validation import (
     LIMITS,
@@ -75,6 +76,7 @@ from procurator.core.validation import (
     check_label_value,
     check_overcommit,
     check_request_id,
+    check_snapshot_name,
     check_store_path,
     check_vm_id,
     check_worker_id,
@@ -101,6 +103,9 @@ __all__ = [
     "fill_fleet",
     "fill_fleet_status",
     "fill_metrics",
+    "fill_snapshot_list",
+    "fill_snapshot_request",
+    "fill_snapshot_result",
     "fill_status_changes",
     "fill_worker_events",
     "fill_worker_info",
@@ -109,6 +114,9 @@ __all__ = [
     "fleet_status_from_reader",
     "malformed_error",
     "metrics_from_reader",
+    "snapshot_list_from_reader",
+    "snapshot_request_from_reader",
+    "snapshot_result_from_reader",
     "status_changes_from_reader",
     "worker_events_from_reader",
     "worker_info_from_reader",
@@ -936,6 +944,109 @@ def fill_describe_result(builder: Any, description: VmDescription) -> None:
     if description.status is not None:
         _fill_vm_status(vm.init("status"), description.status)
     fill_worker_events(vm.init("events", len(description.events)), description.events)
+
+
+# ---------------------------------------------------------------- snapshots
+
+SNAPSHOT_ACTION_NAMES = ("create", "delete", "restore")
+_SNAPSHOT_ACTION = [SnapshotAction(name) for name in SNAPSHOT_ACTION_NAMES]
+
+
+def snapshot_request_from_reader(reader: Any) -> SnapshotRequest:
+    """A ``SnapshotRequest``, checked (``SnapshotRequest.check``)."""
+    raw: int = reader.action.raw
+    if not 0 <= raw < len(_SNAPSHOT_ACTION):
+        raise ValidationError(f"snapshot request: unknown action {raw}")
+    problems = _Problems("snapshot request")
+    request = SnapshotRequest(
+        action=_SNAPSHOT_ACTION[raw],
+        vm_id=problems.text("vmId", reader.vmId, limit=64),
+        name=problems.text("name", reader.name, limit=64),
+        force=reader.force,
+        op_id=problems.text("opId", reader.opId, limit=64),
+    )
+    problems.raise_if_any()
+    request.check()
+    return request
+
+
+def fill_snapshot_request(builder: Any, request: SnapshotRequest) -> None:
+    builder.action = SNAPSHOT_ACTION_NAMES.index(request.action.value)
+    builder.vmId = request.vm_id
+    builder.name = request.name
+    builder.force = request.force
+    builder.opId = request.op_id
+
+
+def _snapshot_from_reader(reader: Any, problems: _Problems, where: str) -> SnapshotInfo:
+    info = SnapshotInfo(
+        vm_id=problems.text(f"{where}.vmId", reader.vmId, limit=64),
+        name=problems.text(f"{where}.name", reader.name, limit=64),
+        hash=problems.text(f"{where}.hash", reader.hash, limit=128),
+        image=problems.text(f"{where}.image", reader.image),
+        size_bytes=reader.sizeBytes,
+        created_unix_ms=reader.createdUnixMs,
+        op_id=problems.text(f"{where}.opId", reader.opId, limit=64),
+        driver=problems.text(f"{where}.driver", reader.driver, limit=64),
+        worker_id=problems.text(f"{where}.workerId", reader.workerId, limit=64),
+    )
+    for field, problem in (
+        ("vmId", check_vm_id(info.vm_id)),
+        ("name", check_snapshot_name(info.name)),
+        ("hash", check_hash(info.hash)),
+        ("workerId", check_worker_id(info.worker_id) if info.worker_id else None),
+    ):
+        if problem is not None:
+            problems.add(f"{where}.{field}", problem)
+    return info
+
+
+def _fill_snapshot(builder: Any, info: SnapshotInfo) -> None:
+    builder.vmId = info.vm_id
+    builder.name = info.name
+    builder.hash = info.hash
+    builder.image = info.image
+    builder.sizeBytes = info.size_bytes
+    builder.createdUnixMs = info.created_unix_ms
+    builder.opId = info.op_id
+    builder.driver = info.driver
+    builder.workerId = info.worker_id
+
+
+def snapshot_result_from_reader(reader: Any) -> SnapshotInfo:
+    """The ``snapshot`` arm of a ``SnapshotResult``; raises the typed error
+    of the ``error`` arm."""
+    if reader.which() == "error":
+        raise error_from_reader(reader.error)
+    problems = _Problems("snapshot")
+    info = _snapshot_from_reader(reader.snapshot, problems, "snapshot")
+    problems.raise_if_any()
+    return info
+
+
+def fill_snapshot_result(builder: Any, info: SnapshotInfo) -> None:
+    _fill_snapshot(builder.init("snapshot"), info)
+
+
+def snapshot_list_from_reader(reader: Any) -> tuple[SnapshotInfo, ...]:
+    """The ``snapshots`` arm of a ``SnapshotListResult``; raises the typed
+    error of the ``error`` arm."""
+    if reader.which() == "error":
+        raise error_from_reader(reader.error)
+    items = reader.snapshots
+    _check_length(len(items), LIMITS.max_vms_per_worker, "snapshots")
+    problems = _Problems("snapshot list")
+    found = tuple(
+        _snapshot_from_reader(item, problems, f"snapshots[{i}]") for i, item in enumerate(items)
+    )
+    problems.raise_if_any()
+    return found
+
+
+def fill_snapshot_list(builder: Any, infos: Sequence[SnapshotInfo]) -> None:
+    entries = builder.init("snapshots", len(infos))
+    for entry, info in zip(entries, infos, strict=True):
+        _fill_snapshot(entry, info)
 
 
 # ---------------------------------------------------------------- malformed messages

@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import itertools
 import logging
@@ -99,6 +100,7 @@ from procurator.core.errors import (
 )
 from procurator.core.metrics import MetricSample
 from procurator.core.models import Assignment, Fleet, VmEvent, WorkerInfo, WorkerStatus
+from procurator.core.snapshot import SnapshotInfo, SnapshotRequest
 from procurator.core.status import StatusChanges
 from procurator.core.validation import check_vm_id
 from procurator.logs import log_context, new_op_id
@@ -121,8 +123,14 @@ from procurator.rpc.convert import (
     fill_describe_result,
     fill_error,
     fill_fleet_status,
+    fill_snapshot_list,
+    fill_snapshot_request,
+    fill_snapshot_result,
     fill_worker_events,
     metrics_from_reader,
+    snapshot_list_from_reader,
+    snapshot_request_from_reader,
+    snapshot_result_from_reader,
     status_changes_from_reader,
     worker_info_from_reader,
     worker_status_from_reader,
@@ -226,6 +234,10 @@ class MasterBackend(Protocol):
         self, vm_id: str = "", limit: int = 100, after_seq: int = 0
     ) -> tuple[WorkerEvent, ...]: ...
 
+    async def snapshot(self, request: SnapshotRequest) -> SnapshotInfo: ...
+
+    async def list_snapshots(self, vm_id: str = "") -> tuple[SnapshotInfo, ...]: ...
+
     async def register(self, info: WorkerInfo, node: RemoteNode) -> int: ...
 
     async def unregister(self, token: int) -> None: ...
@@ -284,6 +296,21 @@ class RemoteNode:
             _push_changes, self._node, changes, what=f"push to worker {self.worker_id}"
         )
 
+    async def snapshot(self, request: SnapshotRequest) -> SnapshotInfo:
+        """The worker's answer to ``request``: raises its typed error,
+        ``UnavailableError`` if it cannot be reached."""
+        return await self._bridge.run(
+            _node_snapshot, self._node, request, what=f"snapshot on worker {self.worker_id}"
+        )
+
+    async def list_snapshots(self, vm_id: str = "") -> tuple[SnapshotInfo, ...]:
+        return await self._bridge.run(
+            _node_list_snapshots,
+            self._node,
+            vm_id,
+            what=f"list snapshots of worker {self.worker_id}",
+        )
+
     async def aclose(self) -> None:
         await self._bridge.run(_close_connection, self._connection)
 
@@ -305,6 +332,18 @@ async def _push_changes(node: CapnpHandle[Any], changes: AssignmentChanges) -> N
     response = await request.send()
     if response._has("error"):
         raise error_from_reader(response.error)
+
+
+async def _node_snapshot(node: CapnpHandle[Any], snapshot: SnapshotRequest) -> SnapshotInfo:
+    request = node.get().snapshot_request()
+    fill_snapshot_request(request.init("request"), snapshot)
+    response = await request.send()
+    return snapshot_result_from_reader(response.result)
+
+
+async def _node_list_snapshots(node: CapnpHandle[Any], vm_id: str) -> tuple[SnapshotInfo, ...]:
+    response = await node.get().listSnapshots(vmId=vm_id)
+    return snapshot_list_from_reader(response.result)
 
 
 async def _close_connection(connection: CapnpHandle[_Connection]) -> None:
@@ -1004,6 +1043,49 @@ class _ControlImpl(_schema.Control.Server):  # type: ignore[misc, name-defined]
             request.event_limit,
         )
         fill_describe_result(results.result, value)
+
+    async def snapshot_context(self, context: Any) -> None:
+        # An operation of its own, as an apply is: the worker's logs, its
+        # events and the answer carry this op id.
+        op_id = new_op_id()
+        with log_context(op_id=op_id):
+            await _answer(
+                self._conn,
+                "Control.snapshot",
+                context,
+                error_arm,
+                lambda params: dataclasses.replace(
+                    snapshot_request_from_reader(params.request), op_id=op_id
+                ),
+                self._snapshot,
+                op_id=op_id,
+            )
+
+    async def _snapshot(self, request: SnapshotRequest, results: Any) -> None:
+        listener = self._listener
+        info = await listener.call(listener.backend.snapshot, request)
+        fill_snapshot_result(results.result, info)
+
+    async def listSnapshots_context(self, context: Any) -> None:
+        await _answer(
+            self._conn,
+            "Control.listSnapshots",
+            context,
+            error_arm,
+            _decode_vm_id,
+            self._list_snapshots,
+        )
+
+    async def _list_snapshots(self, vm_id: str, results: Any) -> None:
+        listener = self._listener
+        infos = await listener.call(listener.backend.list_snapshots, vm_id)
+        fill_snapshot_list(results.result, infos)
+
+
+def _decode_vm_id(params: Any) -> str:
+    vm_id: str = params.vmId
+    _check_vm_id_param(vm_id)
+    return vm_id
 
 
 def _check_vm_id_param(vm_id: str, *, required: bool = False) -> None:

@@ -59,16 +59,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import trio
+
 from procurator.core.errors import (
     NotFoundError,
     PermanentError,
     ProcuratorError,
+    TemporaryError,
     ValidationError,
 )
 from procurator.core.models import EventKind, PowerState
 from procurator.core.snapshot import (
+    SnapshotAction,
     SnapshotInfo,
     SnapshotQuota,
+    SnapshotRequest,
     check_name,
     check_quota,
     restore_problem,
@@ -80,7 +85,7 @@ from procurator.worker.state import write_json_atomic
 from procurator.worker.supervisor import JobContext
 from procurator.worker.vmm.base import VmmError, VmState
 
-__all__ = ["SnapshotService", "default_name"]
+__all__ = ["SnapshotNode", "SnapshotService", "default_name"]
 
 log = logging.getLogger(__name__)
 
@@ -430,3 +435,58 @@ def _put_back(copy: Path, disk: Path) -> None:
     os.chown(fresh, st.st_uid, st.st_gid)
     os.chmod(fresh, st.st_mode & 0o7777)
     os.replace(fresh, disk)
+
+
+class SnapshotNode:
+    """The worker's side of the master's snapshot calls (``Node.snapshot``,
+    ``Node.listSnapshots``; ``core.snapshot.SnapshotCalls``): the
+    ``SnapshotService`` of the worker's VmManager, each call in a thread
+    (at most ``concurrency`` at once). Bound late (``attach``): the service
+    exists once the runtime has made its VmManager; until then calls are
+    refused as temporary. Snapshots a crash left half-written are swept
+    before the first call is served."""
+
+    def __init__(self, *, concurrency: int = 2) -> None:
+        self._service: SnapshotService | None = None
+        self._limiter = trio.CapacityLimiter(concurrency)
+        self._swept = False
+
+    def attach(self, service: SnapshotService) -> None:
+        self._service = service
+
+    async def _ready(self) -> SnapshotService:
+        service = self._service
+        if service is None:
+            raise TemporaryError("this worker's VMs are not recovered yet", delay=1.0)
+        if not self._swept:
+            self._swept = True
+            swept = await trio.to_thread.run_sync(service.sweep, limiter=self._limiter)
+            if swept:
+                log.info("deleted half-written snapshots: %s", ", ".join(swept))
+        return service
+
+    async def snapshot(self, request: SnapshotRequest) -> SnapshotInfo:
+        service = await self._ready()
+        request.check()
+        if request.action is SnapshotAction.CREATE:
+            return await trio.to_thread.run_sync(
+                lambda: service.create(request.vm_id, request.name, op_id=request.op_id),
+                limiter=self._limiter,
+            )
+        if request.action is SnapshotAction.RESTORE:
+            return await trio.to_thread.run_sync(
+                lambda: service.restore(
+                    request.vm_id, request.name, force=request.force, op_id=request.op_id
+                ),
+                limiter=self._limiter,
+            )
+        return await trio.to_thread.run_sync(
+            lambda: service.delete(request.vm_id, request.name), limiter=self._limiter
+        )
+
+    async def list_snapshots(self, vm_id: str = "") -> tuple[SnapshotInfo, ...]:
+        service = await self._ready()
+        found = await trio.to_thread.run_sync(
+            lambda: service.list(vm_id or None), limiter=self._limiter
+        )
+        return tuple(found)

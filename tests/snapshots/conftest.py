@@ -23,6 +23,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "vmm"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "qemu"))
 
+from fleethelpers import add_image, fake_fleet, nix_env
 from vmmhelpers import (
     FAST,
     FAST_POLICY,
@@ -49,6 +50,8 @@ _spec.loader.exec_module(_qemu)
 test_image = _qemu.test_image
 vms = _qemu.vms
 netns = _qemu.netns
+
+__all__ = ["add_image", "fake_fleet", "netns", "nix_env", "test_image", "vms"]
 
 
 @pytest.fixture(scope="session")
