@@ -6,6 +6,7 @@ command to the VM's worker through its Node capability, with an op id."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +66,14 @@ def test_snapshot_commands_through_the_master(fake_fleet: FakeFleet, add_image: 
     assert restored.returncode == 0, restored.stdout + restored.stderr
     assert "restored on worker host-a" in restored.stdout and "clock" in restored.stdout
     assert _disk(fake_fleet).read_bytes() == b"A" * DISK
-    kinds = [e["kind"] for e in _lines(fake_fleet.cli("events", "--vm", "web-1", "--json"))]
-    assert "snapshotted" in kinds
+    # Both events reach the master with the worker's next event report.
+    deadline = time.monotonic() + 60
+    while True:
+        kinds = [e["kind"] for e in _lines(fake_fleet.cli("events", "--vm", "web-1", "--json"))]
+        if {"snapshotted", "restored"} <= set(kinds) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert kinds.index("snapshotted") < kinds.index("restored"), kinds
 
     assert fake_fleet.cli("snapshot", "delete", "web-1", "before").returncode == 0
     assert _lines(fake_fleet.cli("snapshot", "list", "--json")) == []
