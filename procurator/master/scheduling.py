@@ -20,6 +20,15 @@ answer turned into assignments (docs/SCHEDULING.md, issue 27).
 - **Refusal.** A fleet with a VM that fits nowhere is refused whole with
   ``ValidationError`` (``unplaceable_error``): one line per VM and its
   shortfall; nothing is stored.
+- **Lost workers and healing.** A worker is ``lost`` once its session is
+  not connected and its lease has expired, and only once the master
+  deciding has itself been up for a whole lease (workers had the time to
+  find it after it started). An apply then moves the lost worker's
+  ``reschedule`` VMs, and so does the leader's healing duty without an
+  apply: it places the *stored* fleet again (``stored_fleet``: the
+  assignments, and the ``PlacementRecord`` the last apply stored) with
+  ``partial=True`` — a VM that fits nowhere stays where it is, unavailable,
+  and the others are re-homed.
 """
 
 from __future__ import annotations
@@ -33,14 +42,18 @@ from procurator.core.models import (
     Capacity,
     Fleet,
     Placement,
+    PlacementPolicy,
+    UnpinnedVm,
     Unplaceable,
+    VmAssignment,
     WorkerFacts,
     WorkerInfo,
     WorkerState,
 )
 from procurator.core.placement import place, unplaceable_error
+from procurator.master.store.model import PlacementRecord, UnpinnedRules
 
-__all__ = ["KnownWorker", "resolve", "worker_facts"]
+__all__ = ["KnownWorker", "placement_record", "resolve", "stored_fleet", "worker_facts"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,14 +105,79 @@ def worker_facts(
 
 
 def resolve(
-    fleet: Fleet, facts: Iterable[WorkerFacts], assignments: Mapping[str, Assignment]
+    fleet: Fleet,
+    facts: Iterable[WorkerFacts],
+    assignments: Mapping[str, Assignment],
+    *,
+    partial: bool = False,
 ) -> tuple[Fleet, Placement | None]:
     """``fleet`` with its unpinned VMs placed (a fleet without any is
     returned as it is, with no placement: pinned fleets apply exactly as
-    before). Raises ``ValidationError`` when some VM fits nowhere."""
+    before). Raises ``ValidationError`` when some VM fits nowhere, unless
+    ``partial`` (healing): then such a VM stays on the worker it is
+    assigned to, listed in the placement's ``unavailable``, and the others
+    are placed."""
     if not fleet.unpinned:
         return fleet, None
-    answer = place(fleet, facts, {w: a.vms for w, a in assignments.items()})
+    facts = tuple(facts)
+    previous = {w: a.vms for w, a in assignments.items()}
+    answer = place(fleet, facts, previous)
+    stuck: list[str] = []
+    while isinstance(answer, Unplaceable) and partial:
+        # Pin what fits nowhere where it is (it takes nothing from the
+        # workers the others may go to) and place the rest again: the VMs
+        # that fitted before fit again, with no less room.
+        failed = {s.vm_id for s in answer.vms}
+        where = {vm.id: w for w, vms in previous.items() for vm in vms if vm.id in failed}
+        if failed - where.keys():
+            break  # a VM that has no worker yet cannot wait on one
+        stuck.extend(sorted(failed))
+        pinned = {w: list(vms) for w, vms in fleet.workers}
+        for u in fleet.unpinned:
+            if u.id in failed:
+                pinned.setdefault(where[u.id], []).append(u.vm)
+        fleet = Fleet(
+            tuple((w, tuple(sorted(vms, key=lambda v: v.id))) for w, vms in sorted(pinned.items())),
+            tuple(u for u in fleet.unpinned if u.id not in failed),
+            fleet.placement,
+        )
+        answer = place(fleet, facts, previous)
     if isinstance(answer, Unplaceable):
         raise unplaceable_error(answer)
+    if stuck:
+        answer = Placement(
+            answer.vms,
+            tuple(sorted({*answer.unavailable, *stuck})),
+            (*answer.warnings, f"{len(stuck)} VM(s) fit on no worker and stay unavailable"),
+            answer.ranked_by,
+        )
     return resolve_fleet(fleet, answer), answer
+
+
+def placement_record(fleet: Fleet) -> PlacementRecord:
+    """What an apply of ``fleet`` stores for healing besides assignments."""
+    return PlacementRecord(
+        {u.id: UnpinnedRules(u.constraints, u.spread, u.on_worker_lost) for u in fleet.unpinned},
+        fleet.placement.strategy,
+    )
+
+
+def stored_fleet(assignments: Mapping[str, Assignment], record: PlacementRecord) -> Fleet:
+    """The fleet the store holds: the assigned VMs, unpinned where
+    ``record`` has rules for them, pinned to their worker otherwise."""
+    pinned: dict[str, list[VmAssignment]] = {}
+    unpinned: list[UnpinnedVm] = []
+    for worker_id, assignment in assignments.items():
+        for vm in assignment.vms:
+            rules = record.unpinned.get(vm.id)
+            if rules is None:
+                pinned.setdefault(worker_id, []).append(vm)
+            else:
+                unpinned.append(
+                    UnpinnedVm(vm, rules.constraints, rules.spread, rules.on_worker_lost)
+                )
+    return Fleet(
+        tuple((w, tuple(sorted(vms, key=lambda v: v.id))) for w, vms in sorted(pinned.items())),
+        tuple(sorted(unpinned, key=lambda u: u.id)),
+        PlacementPolicy(record.strategy),
+    )

@@ -47,7 +47,13 @@ Invariants:
   every master computes the same answer from the same store. What is
   stored and pushed is the resolved fleet: workers get plain assignments.
   A fleet with a VM that fits nowhere is refused whole (``ValidationError``
-  naming each VM and its shortfall).
+  naming each VM and its shortfall). The rules of the unpinned VMs are
+  stored with the apply (``PlacementRecord``), also by an apply that moves
+  no VM. **Healing** is a singleton duty of the leader (``_heal``): a
+  worker not connected whose lease expired, once this master has been up
+  for a whole lease, is lost; its ``reschedule`` VMs are placed again (the
+  stored fleet, partially: what fits nowhere stays, unavailable) and
+  committed as a new generation fenced by the leader's epoch.
 - After a commit (this master's, or one heard of), each *affected* worker
   connected here gets the new assignment pushed at once; unaffected workers
   are not contacted. Every session has one pusher task and a latest-wins
@@ -190,6 +196,7 @@ from procurator.core.metrics import FleetView, MetricSample, WorkerView
 from procurator.core.models import (
     Assignment,
     Fleet,
+    OnWorkerLost,
     Phase,
     Placement,
     PlacementPolicy,
@@ -206,7 +213,13 @@ from procurator.core.status import StatusChanges, apply_status_changes
 from procurator.core.validation import LIMITS, check_request_id
 from procurator.logs import log_context, new_op_id, some
 from procurator.master.leader import Leadership
-from procurator.master.scheduling import KnownWorker, resolve, worker_facts
+from procurator.master.scheduling import (
+    KnownWorker,
+    placement_record,
+    resolve,
+    stored_fleet,
+    worker_facts,
+)
 from procurator.master.store import (
     Change,
     ChangeKind,
@@ -239,6 +252,7 @@ DesiredStateStore = Store
 """The store port as the service names it (``procurator.master.store.Store``)."""
 
 _APPLY_ATTEMPTS = 8
+_NO_ASSIGNMENT = Assignment("", 0)
 _EVENTS_PAGE = 1000
 
 
@@ -453,6 +467,10 @@ class MasterService:
         self._waiters = 0
         self._max_waiters = max_waiters
         self._nursery: trio.Nursery | None = None
+        # Healing (``_heal``): since when this master is up (wall ms), and
+        # what the last heal could not move, with the state it saw.
+        self._up_since_ms = 0
+        self._unmovable: tuple[object, ...] = ()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -468,6 +486,7 @@ class MasterService:
                     for worker_id in ended:
                         self._absorb_worker(await self._store.worker(worker_id))
                 self._available = True
+                self._up_since_ms = self._now_ms()
                 logger.info(
                     "master %s: state loaded from %s: generation %d, %d workers, %d VMs, "
                     "%d removals unconfirmed",
@@ -489,6 +508,7 @@ class MasterService:
                 nursery.start_soon(
                     self.leadership.run_duty, "forget removals", interval, self._forget_removals
                 )
+                nursery.start_soon(self.leadership.run_duty, "heal", interval, self._heal)
                 task_status.started()
         finally:
             self._nursery = None
@@ -803,12 +823,16 @@ class MasterService:
         dry_run: bool,
         op_id: str,
         request_id: str,
+        heal: Fence | None = None,
     ) -> ApplyResult:
+        """``heal``: the leader's healing (``_heal``) under that fence, which
+        places the stored fleet again (``fleet`` is not used)."""
         if request_id and (problem := check_request_id(request_id)) is not None:
             raise ValidationError(f"request id: {problem}")
 
         def prepare() -> str:
-            validate_fleet(fleet)
+            if heal is None:
+                validate_fleet(fleet)
             return fleet_digest(fleet) if request_id else ""
 
         # Pure CPU work that grows with the fleet: off the event loop.
@@ -817,7 +841,7 @@ class MasterService:
             for _ in range(_APPLY_ATTEMPTS):
                 await self._refresh_fleet()
                 committed = await self._try_apply(
-                    fleet, expected_generation, dry_run, op_id, request_id, digest
+                    fleet, expected_generation, dry_run, op_id, request_id, digest, heal
                 )
                 if committed is not None:
                     break
@@ -855,6 +879,7 @@ class MasterService:
         op_id: str,
         request_id: str,
         digest: str,
+        heal: Fence | None = None,
     ) -> ApplyResult | tuple[int, list[WorkerDiff]] | None:
         """One attempt, under ``_apply_lock`` with a fresh cache: a result
         to answer, (generation, diffs) committed, or None when another
@@ -871,19 +896,34 @@ class MasterService:
                 op_id=op_id,
             )
         assignments = self._assignments
-        known = [KnownWorker(w.worker_id, w.info, w.connected) for w in self._workers.values()]
+        now_ms = self._now_ms()
+        known = [
+            KnownWorker(w.worker_id, w.info, w.connected, self._lost(w, now_ms))
+            for w in self._workers.values()
+        ]
+        if heal is not None:
+            # The fleet as stored, read after the cache caught up: the
+            # commit's generation check covers both.
+            fleet = stored_fleet(assignments, await self._store.placement())
+        record = placement_record(fleet)
 
         def place_and_diff() -> tuple[Fleet, Placement | None, list[WorkerDiff]]:
             # Unpinned VMs placed from the store's workers and assignments
             # (procurator.master.scheduling); a pinned fleet is unchanged.
-            resolved, placement = resolve(fleet, worker_facts(known, assignments), assignments)
+            facts = worker_facts(known, assignments)
+            resolved, placement = resolve(fleet, facts, assignments, partial=heal is not None)
             return resolved, placement, diff_fleets(assignments, resolved)
 
         resolved, placement, diffs = await trio.to_thread.run_sync(place_and_diff)
         if placement is not None:
             _log_placement(op_id, placement)
         fleet = resolved
-        if dry_run or not diffs:
+        # Rules that move no VM (a constraint still met, on_worker_lost)
+        # are stored all the same: healing reads them.
+        rules_changed = (
+            heal is None and not dry_run and not diffs and await self._store.placement() != record
+        )
+        if dry_run or not (diffs or rules_changed):
             logger.info(
                 "apply %s: %s (generation %d)",
                 op_id,
@@ -905,6 +945,8 @@ class MasterService:
                 request_id=request_id,
                 fleet_digest=digest,
                 diffs=diffs,
+                placement=None if heal is not None else record,
+                fence=heal,
             )
         except (StaleGenerationError, RequestRecordedError) as exc:
             if self._store.single_master:
@@ -1569,6 +1611,59 @@ class MasterService:
                     )
                     self._dirty_workers.add(worker_id)
         self._sync_wake.set()
+
+    def _lost(self, worker: _Worker, now_ms: int) -> bool:
+        """Is ``worker`` lost (see procurator.master.scheduling)? Its
+        session is not connected and its lease expired, and this master has
+        been up for a whole lease: a worker had the time to come back to it."""
+        registration = worker.registration
+        return (
+            registration is not None
+            and not registration.connected
+            and registration.expires_unix_ms <= now_ms
+            and now_ms - self._up_since_ms >= self._lease_ms
+        )
+
+    async def _heal(self, fence: Fence) -> None:
+        """Singleton duty: a lost worker's ``reschedule`` VMs are placed on
+        other workers, as a new generation committed under ``fence``."""
+        now_ms = self._now_ms()
+        lost = [
+            w.worker_id
+            for w in self._workers.values()
+            if self._lost(w, now_ms) and self._assignments.get(w.worker_id, _NO_ASSIGNMENT).vms
+        ]
+        if not lost:
+            return
+        # What the last heal that moved nothing saw: look again only when
+        # something changed (the fleet, or the workers lost or connected).
+        seen = (
+            tuple(sorted(lost)),
+            self._generation,
+            tuple(sorted(w.worker_id for w in self._workers.values() if w.connected)),
+        )
+        if seen == self._unmovable:
+            return
+        rules = (await self._store.placement()).unpinned
+        movable = [
+            vm.id
+            for worker_id in lost
+            for vm in self._assignments[worker_id].vms
+            if vm.id in rules and rules[vm.id].on_worker_lost is OnWorkerLost.RESCHEDULE
+        ]
+        if not movable:
+            self._unmovable = seen
+            return
+        op_id = new_op_id()
+        with log_context(op_id=op_id):
+            logger.warning(
+                "healing: %d VM(s) of lost worker(s) %s to place elsewhere: %s",
+                len(movable),
+                ", ".join(sorted(lost)),
+                some(movable),
+            )
+            result = await self._apply(Fleet(), None, False, op_id, "", heal=fence)
+        self._unmovable = () if result.changed else seen
 
     async def _expire_leases(self, fence: Fence) -> None:
         """Singleton duty: workers whose lease expired are lost."""

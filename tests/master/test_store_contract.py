@@ -30,6 +30,7 @@ from procurator.core.models import (
     WorkerInfo,
 )
 from procurator.master.store import (
+    SCHEMA_VERSION,
     AppliedRequest,
     Change,
     ChangeKind,
@@ -666,7 +667,7 @@ async def test_sqlite_an_old_database_is_migrated_only_when_allowed(tmp_path: Pa
         conn.executescript(_V1)
     with pytest.raises(
         PermanentError,
-        match=r"schema version 1, this procurator needs 3: run .procurator master migrate",
+        match=rf"schema version 1, this procurator needs {SCHEMA_VERSION}: run .procurator master",
     ):
         await open_store(str(db), migrate=False)
     async with await open_store(str(db)) as store:  # type: ignore[attr-defined]
@@ -685,14 +686,16 @@ async def test_sqlite_an_old_database_is_migrated_only_when_allowed(tmp_path: Pa
         await registered(store, "w")
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
-            3,
+            SCHEMA_VERSION,
         )
         assert conn.execute("SELECT generation, request_id FROM applies").fetchall() == [
             (7, ""),
             (8, "req-new"),
         ]
         conn.execute("UPDATE meta SET value = 99 WHERE key = 'schema_version'")
-    with pytest.raises(PermanentError, match="schema version 99; this procurator knows up to 3"):
+    with pytest.raises(
+        PermanentError, match=f"schema version 99; this procurator knows up to {SCHEMA_VERSION}"
+    ):
         await open_store(str(db))
 
 
@@ -778,14 +781,13 @@ async def test_postgresql_schema_is_migrated_once_and_refused_when_newer(
             nursery.start_soon(open_one)
     for store in stores:
         await store.aclose()
-    assert (
-        pg.psql(
-            "SELECT value FROM meta WHERE key = 'schema_version'", pg_url.rsplit("/", 1)[1]
-        ).strip()
-        == "3"
-    )
-    Db("postgresql", pg_url).sql("UPDATE meta SET value = 4 WHERE key = 'schema_version'")
-    with pytest.raises(PermanentError, match="schema version 4; this procurator knows up to 3"):
+    assert pg.psql(
+        "SELECT value FROM meta WHERE key = 'schema_version'", pg_url.rsplit("/", 1)[1]
+    ).strip() == str(SCHEMA_VERSION)
+    newer = SCHEMA_VERSION + 1
+    Db("postgresql", pg_url).sql(f"UPDATE meta SET value = {newer} WHERE key = 'schema_version'")
+    known = f"knows up to {SCHEMA_VERSION}"
+    with pytest.raises(PermanentError, match=f"schema version {newer}; this procurator {known}"):
         await open_store(pg_url)
 
 

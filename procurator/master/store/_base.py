@@ -17,6 +17,7 @@ from procurator.master.store.model import (
     FleetDelta,
     FleetDump,
     LeaseState,
+    PlacementRecord,
     StatusWrite,
     StoredFleet,
     StoredWorker,
@@ -57,14 +58,27 @@ class SqlStore(abc.ABC):
         request_id: str = "",
         fleet_digest: str = "",
         diffs: Sequence[WorkerDiff] = (),
+        placement: PlacementRecord | None = None,
+        fence: Fence | None = None,
     ) -> int:
         request = (request_id, fleet_digest, diffs, self.requests_kept) if request_id else None
         return await self._write(
             lambda tx: _sql.commit(
-                tx, expected_generation, changes, before, op_id, unix_ms, request
+                tx,
+                expected_generation,
+                changes,
+                before,
+                op_id,
+                unix_ms,
+                request,
+                placement=placement,
+                fence=fence,
             ),
             f"apply {op_id}",
         )
+
+    async def placement(self) -> PlacementRecord:
+        return await self._read(_sql.placement, "read the placement rules")
 
     async def find_request(self, request_id: str) -> AppliedRequest | None:
         return await self._read(

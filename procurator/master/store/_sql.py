@@ -27,6 +27,7 @@ from procurator.core.errors import ProcuratorError, StaleGenerationError
 from procurator.core.models import (
     Assignment,
     EventKind,
+    PlacementStrategy,
     PowerState,
     VmAssignment,
     VmEvent,
@@ -36,9 +37,11 @@ from procurator.core.models import (
 from procurator.master.store.codec import (
     decode_diffs,
     decode_info,
+    decode_rules,
     decode_vm_status,
     encode_diffs,
     encode_info,
+    encode_rules,
     encode_vm_status,
 )
 from procurator.master.store.model import (
@@ -50,6 +53,7 @@ from procurator.master.store.model import (
     FleetDelta,
     FleetDump,
     LeaseState,
+    PlacementRecord,
     Registration,
     Removal,
     RequestRecordedError,
@@ -329,6 +333,9 @@ def commit(
     op_id: str,
     unix_ms: int,
     request: tuple[str, str, Sequence[Any], int] | None,
+    *,
+    placement: PlacementRecord | None = None,
+    fence: Fence | None = None,
 ) -> int:
     """See ``Store.commit``. ``request``: (id, fleet digest, diffs, kept)."""
     deletes, inserts, removed = _row_changes(changes, before)
@@ -384,8 +391,40 @@ def commit(
             "SELECT generation FROM requests ORDER BY generation DESC LIMIT 1 OFFSET ?)",
             (kept,),
         )
+    if placement is not None:
+        _write_placement(tx, placement)
+    if fence is not None:
+        check_fence(tx, fence)
     tx.notify(Change(ChangeKind.GENERATION, generation))
     return generation
+
+
+_STRATEGIES = tuple(PlacementStrategy)  # the stored number is the index
+
+
+def _write_placement(tx: Tx, record: PlacementRecord) -> None:
+    """Make the stored placement rules ``record``'s, writing the rows that
+    differ."""
+    stored = {vm_id: text for vm_id, text in tx.run("SELECT vm_id, rules FROM unpinned")}
+    wanted = {vm_id: encode_rules(rules) for vm_id, rules in record.unpinned.items()}
+    stale = [(vm_id,) for vm_id, text in stored.items() if wanted.get(vm_id) != text]
+    tx.many("DELETE FROM unpinned WHERE vm_id = ?", stale)
+    tx.many(
+        "INSERT INTO unpinned (vm_id, rules) VALUES (?, ?)",
+        [(vm_id, text) for vm_id, text in wanted.items() if stored.get(vm_id) != text],
+    )
+    tx.run(
+        "UPDATE meta SET value = ? WHERE key = 'strategy'",
+        (_STRATEGIES.index(record.strategy),),
+    )
+
+
+def placement(tx: Tx) -> PlacementRecord:
+    index = _meta(tx, "strategy")
+    return PlacementRecord(
+        {vm_id: decode_rules(text) for vm_id, text in tx.run("SELECT vm_id, rules FROM unpinned")},
+        _STRATEGIES[index] if 0 <= index < len(_STRATEGIES) else PlacementStrategy.BINPACK,
+    )
 
 
 # ---------------------------------------------------------------- sessions

@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 from procurator.core.errors import ValidationError
 from procurator.core.models import (
     Capacity,
+    OnWorkerLost,
     Phase,
     PowerChange,
     PowerState,
@@ -29,22 +30,25 @@ from procurator.core.validation import (
     check_vm_id,
     check_worker_id,
 )
-from procurator.master.store.model import FleetDump, WorkerDump
+from procurator.master.store.model import FleetDump, UnpinnedRules, WorkerDump
 
 __all__ = [
     "DUMP_FORMAT",
     "decode_diffs",
     "decode_dump",
     "decode_info",
+    "decode_rules",
     "decode_vm_status",
     "encode_diffs",
     "encode_dump",
     "encode_info",
+    "encode_rules",
     "encode_vm_status",
 ]
 
 _POWER = {p.value: p for p in PowerState}
 _PHASE = {p.value: p for p in Phase}
+_ON_WORKER_LOST = {o.value: o for o in OnWorkerLost}
 
 
 def encode_diffs(diffs: Sequence[WorkerDiff]) -> bytes:
@@ -113,6 +117,27 @@ def decode_info(worker_id: str, text: str) -> WorkerInfo:
         labels=tuple(sorted(data.get("labels", {}).items())),
         cpu_overcommit=data.get("cpu_overcommit", 1.0),
         memory_overcommit=data.get("memory_overcommit", 1.0),
+    )
+
+
+def encode_rules(rules: UnpinnedRules) -> str:
+    """An unpinned VM's placement rules (``PlacementRecord``)."""
+    return _dump(
+        {
+            "constraints": dict(rules.constraints),
+            "spread": rules.spread,
+            "on_worker_lost": rules.on_worker_lost.value,
+        }
+    )
+
+
+def decode_rules(text: str) -> UnpinnedRules:
+    data = json.loads(text)
+    return UnpinnedRules(
+        tuple(sorted(data.get("constraints", {}).items())),
+        data.get("spread", ""),
+        # An unknown value (a newer release's) waits: never moved by mistake.
+        _ON_WORKER_LOST.get(data.get("on_worker_lost", ""), OnWorkerLost.WAIT),
     )
 
 

@@ -11,6 +11,8 @@ from procurator.core.control import WorkerEvent
 from procurator.core.errors import ProcuratorError, UnavailableError
 from procurator.core.models import (
     Assignment,
+    OnWorkerLost,
+    PlacementStrategy,
     VmAssignment,
     VmStatus,
     WorkerDiff,
@@ -29,6 +31,7 @@ __all__ = [
     "FleetDelta",
     "FleetDump",
     "LeaseState",
+    "PlacementRecord",
     "Registration",
     "Removal",
     "RemovalAck",
@@ -38,13 +41,15 @@ __all__ = [
     "StoreUnavailableError",
     "StoredFleet",
     "StoredWorker",
+    "UnpinnedRules",
     "Versions",
     "WorkerDump",
 ]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """1: fleet and generations; 2: request ids, removals; 3: worker state
-(sessions, leases, statuses), events, leader leases (the HA store)."""
+(sessions, leases, statuses), events, leader leases (the HA store); 4: the
+unpinned VMs' placement rules and the strategy (``PlacementRecord``)."""
 
 REQUESTS_KEPT = 1000
 """Request ids kept for replays (the newest this many applies that had one)."""
@@ -57,6 +62,27 @@ class Removal:
 
     generation: int
     acked_unix_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UnpinnedRules:
+    """How the scheduler treats one unpinned VM (``core.models.UnpinnedVm``
+    without the VM, which is its assignment)."""
+
+    constraints: tuple[tuple[str, str], ...] = ()  # sorted by key
+    spread: str = ""
+    on_worker_lost: OnWorkerLost = OnWorkerLost.RESCHEDULE
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementRecord:
+    """What an apply stores of its fleet besides the assignments, so that
+    healing can place the fleet again without a new apply: the rules of
+    each unpinned VM, by VM id, and the strategy. A VM not in ``unpinned``
+    is pinned: healing never moves it."""
+
+    unpinned: Mapping[str, UnpinnedRules] = field(default_factory=dict)
+    strategy: PlacementStrategy = PlacementStrategy.BINPACK
 
 
 @dataclass(frozen=True, slots=True)

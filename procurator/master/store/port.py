@@ -28,6 +28,7 @@ from procurator.master.store.model import (
     FleetDelta,
     FleetDump,
     LeaseState,
+    PlacementRecord,
     StatusWrite,
     StoredFleet,
     StoredWorker,
@@ -72,6 +73,8 @@ class Store(Protocol):
         request_id: str = "",
         fleet_digest: str = "",
         diffs: Sequence[WorkerDiff] = (),
+        placement: PlacementRecord | None = None,
+        fence: Fence | None = None,
     ) -> int:
         """Store the new VM lists of the workers in ``changes`` (all others
         keep theirs) under a new generation, which is returned. The
@@ -85,7 +88,15 @@ class Store(Protocol):
         for :meth:`find_request` (the newest ``REQUESTS_KEPT`` are kept).
         Raises ``StaleGenerationError`` if the stored generation is not
         ``expected_generation``, ``RequestRecordedError`` if the request id
-        is recorded already; nothing is changed then, nor on any error."""
+        is recorded already; nothing is changed then, nor on any error.
+        With ``placement``, it becomes the stored ``PlacementRecord`` in the
+        same transaction (None: the stored one stays). With ``fence`` (a
+        leader's duty: healing), the commit is fenced: ``FencedError`` and
+        nothing changed unless the fence's lease is live."""
+        ...
+
+    async def placement(self) -> PlacementRecord:
+        """The ``PlacementRecord`` the newest apply that carried one stored."""
         ...
 
     async def find_request(self, request_id: str) -> AppliedRequest | None: ...

@@ -153,9 +153,18 @@ INSERT INTO meta VALUES ('generation', 0) ON CONFLICT (key) DO NOTHING;
 INSERT INTO meta VALUES ('event_seq', 0) ON CONFLICT (key) DO NOTHING;
 """
 
+# 4: the unpinned VMs' placement rules and the strategy (PlacementRecord).
+_SCHEMA_V4 = """
+CREATE TABLE IF NOT EXISTS unpinned (
+    vm_id TEXT PRIMARY KEY,
+    rules TEXT NOT NULL
+);
+INSERT INTO meta VALUES ('strategy', 0) ON CONFLICT (key) DO NOTHING;
+"""
+
 # (version, what brings the schema from the one before to it). PostgreSQL
 # stores start at 3, the version of SQLite's schema with the same tables.
-_MIGRATIONS: tuple[tuple[int, str], ...] = ((3, _SCHEMA_V3),)
+_MIGRATIONS: tuple[tuple[int, str], ...] = ((3, _SCHEMA_V3), (4, _SCHEMA_V4))
 
 _DIALECT = {
     "now": "(extract(epoch from clock_timestamp()) * 1000)::bigint",

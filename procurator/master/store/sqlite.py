@@ -127,8 +127,13 @@ CREATE TABLE IF NOT EXISTS leases (
     epoch INTEGER NOT NULL,
     expires_unix_ms INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS unpinned (
+    vm_id TEXT PRIMARY KEY,
+    rules TEXT NOT NULL
+);
 INSERT OR IGNORE INTO meta VALUES ('generation', 0);
 INSERT OR IGNORE INTO meta VALUES ('event_seq', 0);
+INSERT OR IGNORE INTO meta VALUES ('strategy', 0);
 """
 
 # Version 1 had no request ids (nor removals: their table is new).
