@@ -1,4 +1,9 @@
-"""5. Fleet fan-out: W workers x V VMs (100 x 100; 10 x 10 with --quick).
+"""5. Fleet fan-out: W workers x V VMs (100 x 100; 10 x 100 with --quick).
+
+Issue 31 asks for 100 x 1,000: not on this 2-core machine, where a null
+worker still runs a supervisor thread per VM (100,000 threads) and one
+idle worker of 1,000 VMs costs ~2 % of a core (bench ``idle``): the 100
+would keep both cores busy and the master's figures would measure that.
 
 A real ``procurator master`` (metrics exporter on) and W real worker
 processes (``bench/null_worker.py``: the product's worker with a null VMM
@@ -14,6 +19,13 @@ master's status shows every affected worker at the new generation:
 
 And the master's CPU (seconds of CPU / seconds of wall, over each apply)
 and resident memory with the whole fleet reported to it.
+
+Issue 31's master target: the CPU seconds the master spends on a one-VM
+change (VM 0 of the first worker paused, then running again; the mean of
+``CHANGE_REPEATS`` applies, each until that worker reports) with the whole
+W x V fleet, against the same change while the fleet is that one worker's V
+VMs. Each figure less the master's idle CPU over as long (measured just
+before, over ``IDLE_WINDOW`` s: reports, metrics, the backstop sync).
 """
 
 from __future__ import annotations
@@ -37,6 +49,8 @@ from procurator.core.models import Fleet, PowerState, VmAssignment
 from procurator.core.validation import store_path_hash
 
 NAME = "fanout"
+CHANGE_REPEATS = 6
+IDLE_WINDOW = 5.0
 
 
 def _fleet(
@@ -64,7 +78,7 @@ def _fleet(
 
 
 def measure(run: Run) -> list[Row]:
-    n_workers, n_vms = (10, 10) if run.quick else (100, 100)
+    n_workers, n_vms = (10, 100) if run.quick else (100, 100)
     image = run.image("bench-vm-a")
     master, port = run.start_master(metrics=True)
     workers = [f"fan-{i:03d}" for i in range(n_workers)]
@@ -111,6 +125,26 @@ def measure(run: Run) -> list[Row]:
             elapsed = seen - started
             return elapsed, (cpu_seconds(master.pid) - cpu0) / elapsed
 
+    async def idle_share() -> float:
+        """The master's CPU share with nothing applied."""
+        cpu0, t0 = cpu_seconds(master.pid), trio.current_time()
+        await trio.sleep(IDLE_WINDOW)
+        return (cpu_seconds(master.pid) - cpu0) / (trio.current_time() - t0)
+
+    async def one_vm_changes(in_fleet: list[str]) -> tuple[float, float]:
+        """(master CPU seconds per one-VM change less idle, seconds per
+        change): VM 0 of the first worker paused and running again."""
+        idle = await idle_share()
+        cpu = wall = 0.0
+        for repeat in range(CHANGE_REPEATS):
+            paused = {in_fleet[0]: {0}} if repeat % 2 == 0 else {}
+            elapsed, share = await timed_apply(
+                _fleet(image, in_fleet, n_vms, paused), in_fleet[:1], 0.02
+            )
+            cpu += (share - idle) * elapsed
+            wall += elapsed
+        return cpu / CHANGE_REPEATS, wall / CHANGE_REPEATS
+
     async def main() -> list[Row]:
         async with control(port) as client:
             await wait_connected(client, workers, timeout=600)
@@ -118,9 +152,13 @@ def measure(run: Run) -> list[Row]:
         first = workers[:1]
         one, _ = await timed_apply(_fleet(image, first, n_vms), first, 0.05)
         run.log(f"fanout: create on 1 worker: {one:.2f}s")
+        cpu_small, wall_small = await one_vm_changes(first)
+        run.log(f"fanout: one-VM change, 1 worker: {cpu_small * 1e3:.0f} ms master CPU")
         everyone, create_cpu = await timed_apply(_fleet(image, workers, n_vms), workers, 0.2)
         run.log(f"fanout: create on {n_workers} workers: {everyone:.2f}s")
         await trio.sleep(2.0)
+        cpu_big, wall_big = await one_vm_changes(workers)
+        run.log(f"fanout: one-VM change, {n_workers} workers: {cpu_big * 1e3:.0f} ms master CPU")
         change_one, _ = await timed_apply(
             _fleet(image, workers, n_vms, {workers[0]: {0}}), first, 0.02
         )
@@ -152,6 +190,19 @@ def measure(run: Run) -> list[Row]:
                 fmt_s(change_all),
                 f"{fmt_s(change_one)} same change, 1 worker",
                 fmt_ratio(change_all, change_one),
+            ),
+            Row(
+                NAME,
+                f"one-VM change, {n_workers} x {n_vms:,} VMs: master CPU (less idle)",
+                f"{cpu_big * 1e3:.0f} ms",
+                f"{cpu_small * 1e3:.0f} ms same change, 1 worker x {n_vms:,} VMs",
+                fmt_ratio(cpu_big, cpu_small),
+                "<= 2x",
+                note=(
+                    f"one-VM change apply -> reported: {fmt_s(wall_big)} with {n_workers} "
+                    f"workers, {fmt_s(wall_small)} with 1 (means of {CHANGE_REPEATS}); the "
+                    f"master pushes the whole {n_vms:,}-VM assignment (bench wire: bytes)"
+                ),
             ),
             Row(
                 NAME,
