@@ -361,7 +361,8 @@ class SnapshotService:
         try:
             ctx.launch_restored(
                 state,
-                f"restored snapshot {name} (op {info.op_id or '-'}; old VMM stopped by {how}); "
+                f"restored snapshot {name} (op {op_id or '-'}; taken by op {info.op_id or '-'}; "
+                f"old VMM stopped by {how}); "
                 f"the guest's clock is {age:.0f} s behind until the guest corrects it "
                 "(no guest agent)",
             )
