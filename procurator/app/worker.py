@@ -84,6 +84,8 @@ class WorkerConfig:
     labels: tuple[tuple[str, str], ...] = ()
     cpu_overcommit: float = 1.0
     memory_overcommit: float = 1.0
+    # The capacity reported; None: the host's (``RuntimeOptions.capacity``).
+    capacity: Capacity | None = None
 
     def __post_init__(self) -> None:
         if (problem := check_worker_id(self.worker_id)) is not None:
@@ -126,7 +128,13 @@ async def run_worker(
     info = WorkerInfo(
         worker_id=config.worker_id,
         version=__version__,
-        capacity=runtime.capacity() if runtime is not None else Capacity(),
+        capacity=(
+            config.capacity
+            if config.capacity is not None
+            else runtime.capacity()
+            if runtime is not None
+            else Capacity()
+        ),
         metrics_url=_metrics_url(runtime, config.metrics_advertise),
         driver=runtime.driver if runtime is not None else "",
         labels=config.labels,

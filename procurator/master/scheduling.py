@@ -20,10 +20,14 @@ answer turned into assignments (docs/SCHEDULING.md, issue 27).
 - **Refusal.** A fleet with a VM that fits nowhere is refused whole with
   ``ValidationError`` (``unplaceable_error``): one line per VM and its
   shortfall; nothing is stored.
-- **Lost workers and healing.** A worker is ``lost`` once its session is
-  not connected and its lease has expired, and only once the master
+- **Lost workers and healing.** A worker is ``lost`` (``is_lost``) once
+  its session is not connected and a whole lease has passed since it was
+  last heard of (its disconnection, or for a session that expired its last
+  renewal: the store's ``since_unix_ms``), and only once the master
   deciding has itself been up for a whole lease (workers had the time to
-  find it after it started). An apply then moves the lost worker's
+  find it after it started). Not the cached ``expires_unix_ms``: renewals
+  do not reach a master's cache, which keeps the expiry of the
+  registration. An apply then moves the lost worker's
   ``reschedule`` VMs, and so does the leader's healing duty without an
   apply: it places the *stored* fleet again (``stored_fleet``: the
   assignments, and the ``PlacementRecord`` the last apply stored) with
@@ -51,9 +55,29 @@ from procurator.core.models import (
     WorkerState,
 )
 from procurator.core.placement import place, unplaceable_error
-from procurator.master.store.model import PlacementRecord, UnpinnedRules
+from procurator.master.store.model import PlacementRecord, Registration, UnpinnedRules
 
-__all__ = ["KnownWorker", "placement_record", "resolve", "stored_fleet", "worker_facts"]
+__all__ = [
+    "KnownWorker",
+    "is_lost",
+    "placement_record",
+    "resolve",
+    "stored_fleet",
+    "worker_facts",
+]
+
+
+def is_lost(
+    registration: Registration | None, now_ms: int, *, lease_ms: int, up_since_ms: int
+) -> bool:
+    """Is a worker with ``registration`` lost (see the module docstring)?
+    ``up_since_ms``: when the master deciding started serving."""
+    return (
+        registration is not None
+        and not registration.connected
+        and now_ms - registration.since_unix_ms >= lease_ms
+        and now_ms - up_since_ms >= lease_ms
+    )
 
 
 @dataclass(frozen=True, slots=True)

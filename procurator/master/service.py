@@ -50,10 +50,11 @@ Invariants:
   naming each VM and its shortfall). The rules of the unpinned VMs are
   stored with the apply (``PlacementRecord``), also by an apply that moves
   no VM. **Healing** is a singleton duty of the leader (``_heal``): a
-  worker not connected whose lease expired, once this master has been up
-  for a whole lease, is lost; its ``reschedule`` VMs are placed again (the
-  stored fleet, partially: what fits nowhere stays, unavailable) and
-  committed as a new generation fenced by the leader's epoch.
+  worker not connected for a whole lease, once this master has been up for
+  a whole lease, is lost (``scheduling.is_lost``); its ``reschedule`` VMs
+  are placed again (the stored fleet, partially: what fits nowhere stays,
+  unavailable) and committed as a new generation fenced by the leader's
+  epoch.
 - After a commit (this master's, or one heard of), each *affected* worker
   connected here gets the new assignment pushed at once; unaffected workers
   are not contacted. Every session has one pusher task and a latest-wins
@@ -215,6 +216,7 @@ from procurator.logs import log_context, new_op_id, some
 from procurator.master.leader import Leadership
 from procurator.master.scheduling import (
     KnownWorker,
+    is_lost,
     placement_record,
     resolve,
     stored_fleet,
@@ -1613,15 +1615,9 @@ class MasterService:
         self._sync_wake.set()
 
     def _lost(self, worker: _Worker, now_ms: int) -> bool:
-        """Is ``worker`` lost (see procurator.master.scheduling)? Its
-        session is not connected and its lease expired, and this master has
-        been up for a whole lease: a worker had the time to come back to it."""
-        registration = worker.registration
-        return (
-            registration is not None
-            and not registration.connected
-            and registration.expires_unix_ms <= now_ms
-            and now_ms - self._up_since_ms >= self._lease_ms
+        """Is ``worker`` lost (``procurator.master.scheduling.is_lost``)?"""
+        return is_lost(
+            worker.registration, now_ms, lease_ms=self._lease_ms, up_since_ms=self._up_since_ms
         )
 
     async def _heal(self, fence: Fence) -> None:

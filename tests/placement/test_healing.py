@@ -6,6 +6,7 @@ workers as fake ``Node``s."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,9 @@ from procurator.core.models import (
     VmAssignment,
     WorkerInfo,
 )
+from procurator.master.scheduling import is_lost
 from procurator.master.service import MasterService
-from procurator.master.store import FleetStore
+from procurator.master.store import FleetStore, Registration
 
 IMAGE = "/nix/store/" + "d" * 32 + "-vm"
 LEASE = 1.0  # seconds: a worker's lease, and how long the master is up before it heals
@@ -90,9 +92,13 @@ async def test_a_lost_workers_reschedule_vms_move_and_wait_vms_stay(
     # Room for one of the two reschedule VMs elsewhere.
     b = FakeNode()
     await service.register(info("host-b", 1, 1024), b)
+    gone_at = trio.current_time()
     await service.unregister(token)  # host-a is gone: its lease runs out
 
     await wait_until_moved(service, "web-1", "host-b")
+    # Never before a whole lease since it was last heard of (load can only
+    # make this later).
+    assert trio.current_time() - gone_at >= LEASE
     placed = await where(service)
     # web-2 fits nowhere and stays, unavailable; the wait VM and the
     # pinned VM stay on their worker.
@@ -121,3 +127,18 @@ async def test_the_rules_of_an_apply_that_moves_nothing_are_stored(
     await service.unregister(token)
     await wait_until_moved(service, "web-2", "host-b")  # healed
     assert (await where(service))["web-1"] == "host-a"  # waits
+
+
+def test_a_worker_is_lost_a_whole_lease_after_it_was_last_heard_of() -> None:
+    # As a master caches it: renewals do not reach the cache, so the expiry
+    # is the registration's, long past; since_unix_ms is when it went away.
+    gone = Registration("m1", 1, WorkerInfo("w"), False, 10_000, 1_000, 2_000)
+    assert not is_lost(gone, 10_999, lease_ms=1_000, up_since_ms=0)
+    assert is_lost(gone, 11_000, lease_ms=1_000, up_since_ms=0)
+    # Connected (to any master), or never registered: not lost.
+    assert not is_lost(replace(gone, connected=True), 99_000, lease_ms=1_000, up_since_ms=0)
+    assert not is_lost(None, 99_000, lease_ms=1_000, up_since_ms=0)
+    # A master up for less than a lease has not given workers the time to
+    # come back to it.
+    assert not is_lost(gone, 11_000, lease_ms=1_000, up_since_ms=10_500)
+    assert is_lost(gone, 11_500, lease_ms=1_000, up_since_ms=10_500)
