@@ -96,6 +96,22 @@ class PgCluster:
             self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
             self.running = False
 
+    def snapshot(self) -> Path:
+        """A copy of the stopped cluster's data directory (owner kept)."""
+        assert not self.running, "snapshot a stopped cluster"
+        copy = self.dir / f"snapshot-{uuid.uuid4().hex[:8]}"
+        subprocess.run(["cp", "-a", str(self.data), str(copy)], check=True, timeout=120)
+        return copy
+
+    def restore(self, snapshot: Path) -> None:
+        """The stopped cluster's data as it was at ``snapshot``: what was
+        committed since is gone, as after a crash that lost commits not yet
+        flushed (``synchronous_commit = off``) or a failover to a replica
+        that was behind."""
+        assert not self.running, "restore a stopped cluster"
+        shutil.rmtree(self.data)
+        subprocess.run(["cp", "-a", str(snapshot), str(self.data)], check=True, timeout=120)
+
     def url(self, dbname: str = "postgres") -> str:
         return f"postgresql://{USER}@127.0.0.1:{self.port}/{dbname}"
 

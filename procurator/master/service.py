@@ -142,6 +142,11 @@ Invariants:
   succeeded again, applies, status reads and reports fail at once with
   ``UnavailableError`` naming the database; workers keep running their
   VMs on their last assignment and reconnect; the master needs no restart.
+  The database may come back without its last commits (status reports and
+  sessions commit with ``synchronous_commit = off``; a failover may promote
+  a replica that was behind), and a worker whose report was acknowledged
+  does not send it again: so before serving again, a master writes anew
+  the last status of every session it still holds (``_restore_statuses``).
   A failed apply changed nothing unless its commit was under way: then the
   outcome is unknown to the master too, and the request id settles it.
 - Every log record of an apply and of the pushes, status transitions and
@@ -756,6 +761,8 @@ class MasterService:
                 self._dirty_events = True
                 raise
         if full and self._watch_ok and not self._available:
+            # Still refusing reports: nothing else writes a status here now.
+            await self._restore_statuses()
             self._available = True
             logger.info("database %s is back; caught up", self._store.name)
             self._mark_changed()
@@ -1414,22 +1421,54 @@ class MasterService:
         )
         raise problem
 
+    async def _restore_statuses(self) -> None:
+        """The database is back: write again, whole, the status each session
+        here delivered last (see "The database away"). The database may
+        have come back without its last commits (status reports commit with
+        ``synchronous_commit = off``; a failover may promote a replica that
+        was behind), and a worker that sees its report acknowledged never
+        sends it again. A write the store still holds changes nothing but
+        the version; a session whose registration was lost ends (the worker
+        registers again)."""
+        for session in list(self._sessions.values()):
+            if session.status is None or self._sessions.get(session.token) is not session:
+                continue
+            try:
+                await self._store_status(session, session.status, None, restore=True)
+            except UnavailableError as exc:
+                if isinstance(exc, StoreUnavailableError):
+                    raise
+                # SessionEndedError (ended here by _store_status), or the
+                # session ended meanwhile: the worker registers again.
+        if self._sessions:
+            logger.info("wrote again the status of %d worker(s) held here", len(self._sessions))
+
     async def _store_status(
-        self, session: _Session, status: WorkerStatus, changes: StatusChanges | None
+        self,
+        session: _Session,
+        status: WorkerStatus,
+        changes: StatusChanges | None,
+        *,
+        restore: bool = False,
     ) -> None:
         """Store the status (only what changed; the removals it confirms in
-        the same transaction), then cache it."""
+        the same transaction), then cache it. ``restore``: a status the
+        store may have lost, written again; the removals it confirms are
+        confirmed again (the confirmation may be what was lost)."""
         worker = self._worker(session.worker_id)
         observed = status.observed_generation
         now = self._now_ms()
+        reported = worker.last_report_unix_ms if restore and worker.last_report_unix_ms else now
         voice = self._voices.get(session.worker_id)
-        confirms = voice is not None and any(g <= observed for g in voice.pending.values())
+        confirms = restore or (
+            voice is not None and any(g <= observed for g in voice.pending.values())
+        )
         write = StatusWrite(
             worker_id=session.worker_id,
             master_id=self.master_id,
             session=session.epoch,
             observed_generation=observed,
-            reported_unix_ms=now,
+            reported_unix_ms=reported,
             upserts=status.vms if changes is None else changes.changed,
             deletes=() if changes is None else changes.removed,
             whole=changes is None,
@@ -1452,7 +1491,7 @@ class MasterService:
         if version > worker.version:
             worker.version = version
             worker.status = status
-            worker.last_report_unix_ms = now
+            worker.last_report_unix_ms = reported
             if confirms:
                 # Recomputed after the await: an apply may have taken a VM
                 # off again (its removal is pending at the new generation).
@@ -1464,13 +1503,14 @@ class MasterService:
                 for vm_id in confirmed:
                     worker.removals[vm_id] = Removal(worker.removals[vm_id].generation, now)
                 self._rebuild_voice(worker.worker_id)
-                with log_context(worker_id=worker.worker_id, generation=observed):
-                    logger.info(
-                        "worker %s confirmed the removal of %d VM(s): %s",
-                        worker.worker_id,
-                        len(confirmed),
-                        some(confirmed),
-                    )
+                if confirmed:
+                    with log_context(worker_id=worker.worker_id, generation=observed):
+                        logger.info(
+                            "worker %s confirmed the removal of %d VM(s): %s",
+                            worker.worker_id,
+                            len(confirmed),
+                            some(confirmed),
+                        )
             self._mark_changed()
         if observed != before:
             assignment = self._assignments.get(worker.worker_id)

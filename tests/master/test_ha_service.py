@@ -30,7 +30,15 @@ from procurator.core.models import (
     WorkerStatus,
 )
 from procurator.master.service import MasterService
-from procurator.master.store import Change, ChangeKind, OnChange, OnHealth, Store, open_store
+from procurator.master.store import (
+    Change,
+    ChangeKind,
+    OnChange,
+    OnHealth,
+    StatusWrite,
+    Store,
+    open_store,
+)
 
 FleetOf = Callable[[dict[str, list[tuple[str, str]]]], Fleet]
 FAST = {"sync_interval": 0.2, "worker_lease": 1.0, "leader_lease": 1.0, "push_timeout": 2.0}
@@ -83,9 +91,11 @@ async def masters(url: str, count: int, **kw: Any) -> AsyncIterator[Masters]:
 
 async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 15) -> None:
     """Wait until ``check()`` holds (the masters catch up on their own)."""
-    with trio.fail_after(timeout):
+    with trio.move_on_after(timeout):
         while not await check():
             await trio.sleep(0.02)
+        return
+    raise AssertionError(f"timed out after {timeout:g} s waiting until {what}")
 
 
 def running(vm_id: str) -> VmStatus:
@@ -358,6 +368,99 @@ async def test_status_and_applies_fail_fast_while_the_database_is_away(
             result = await b.apply(fleet_of({"host-a": [("web-1", "b")]}))
             assert result.generation == 2
             await eventually(lambda: _at(a, 2), "a hears of it")
+
+
+async def _serves(service: MasterService) -> bool:
+    try:
+        await service.fleet_status()
+    except UnavailableError:
+        return False
+    return True
+
+
+async def test_a_status_the_database_lost_is_written_again_by_its_master(
+    fleet_of: FleetOf,
+) -> None:
+    """The database comes back without its last commits (a crash that lost
+    commits not yet flushed, as status reports are written with
+    ``synchronous_commit = off``; or a failover to a replica that was
+    behind): the master holding the worker's session writes again what
+    that session delivered last. Every master, one started afterwards
+    too, shows the status the worker reported, without the worker
+    reporting again (a converged worker has nothing new to say)."""
+    from pgcluster import PgCluster  # noqa: PLC0415
+
+    with PgCluster() as pg:
+        url = pg.new_database()
+        async with masters(url, 2) as group:
+            a, b = group.services
+            await a.apply(fleet_of({"host-a": [("web-1", "a")]}))
+            token = await a.register(WorkerInfo("host-a"), FakeNode())
+            await a.report_status(token, WorkerStatus("host-a", 0, ()))
+            pg.stop("fast")
+            before = pg.snapshot()
+            pg.start()
+            await eventually(lambda: _serves(a), "a serves again after a clean restart", timeout=30)
+            reported = WorkerStatus("host-a", 1, (running("web-1"),))
+            await a.report_status(token, reported)
+
+            async def shown(service: MasterService) -> bool:
+                try:
+                    workers = (await service.fleet_status()).workers
+                except UnavailableError:
+                    return False
+                return [(w.worker_id, w.connected, w.status) for w in workers] == [
+                    ("host-a", True, reported)
+                ]
+
+            await eventually(lambda: shown(b), "b shows the report")
+            pg.stop("immediate")
+            pg.restore(before)  # the report's commit is lost
+            pg.start()
+            c = await group.start()
+            for name, service in (("a", a), ("b", b), ("c", c)):
+                await eventually(
+                    lambda s=service: shown(s),  # type: ignore[misc]
+                    f"{name} shows the report the database lost",
+                    timeout=30,
+                )
+
+
+async def test_a_version_the_database_lost_is_not_handed_out_again() -> None:
+    """A write the database lost had a version a master may have cached;
+    the next write's version is above it, so a cache that takes only newer
+    versions takes that one (and does not keep the lost write's content)."""
+    from pgcluster import PgCluster  # noqa: PLC0415
+
+    with PgCluster() as pg:
+        url = pg.new_database()
+        store = await open_store(url)
+        try:
+            session = (
+                await store.register("w", "m1", WorkerInfo("w"), unix_ms=1, lease_ms=60_000)
+            ).registration
+            assert session is not None
+            pg.stop("fast")
+            before = pg.snapshot()
+            pg.start()
+
+            async def write(observed: int) -> int:
+                for _ in range(100):  # the pool replaces connections the restart broke
+                    try:
+                        return await store.write_status(
+                            StatusWrite("w", "m1", session.session, observed, 100, whole=True)
+                        )
+                    except UnavailableError:
+                        await trio.sleep(0.1)
+                raise AssertionError("the database did not come back")
+
+            lost = await write(1)
+            pg.stop("immediate")
+            pg.restore(before)
+            pg.start()
+            assert (await write(2)) > lost
+        finally:
+            await store.aclose()
 
 
 class _SlowRegister:

@@ -4,12 +4,14 @@ healing commit is fenced by the leader's epoch. Both adapters."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from procurator.core.errors import ValidationError
 from procurator.core.models import (
     OnWorkerLost,
     PlacementStrategy,
@@ -19,8 +21,10 @@ from procurator.core.models import (
 from procurator.master.store import (
     Fence,
     FencedError,
+    FleetDump,
     open_store,
 )
+from procurator.master.store.codec import decode_dump, encode_dump
 from procurator.master.store.model import PlacementRecord, UnpinnedRules
 from procurator.master.store.port import Store
 
@@ -125,3 +129,35 @@ async def test_a_database_of_an_older_schema_gets_the_table(tmp_path: Path) -> N
         )
     async with await open_store(str(db)) as store:  # type: ignore[attr-defined]
         assert await store.placement() == PlacementRecord()
+
+
+async def test_export_and_import_carry_the_rules(store: Store, tmp_path: Path) -> None:
+    record = PlacementRecord({"web-1": WEB, "db-1": DB}, PlacementStrategy.SPREAD)
+    await store.commit(
+        expected_generation=0,
+        changes={"w": [vm("web-1"), vm("db-1")]},
+        before={},
+        op_id="op-1",
+        unix_ms=1,
+        placement=record,
+    )
+    dump = await store.export()
+    assert dump.placement == record
+    # Through the JSON of `procurator master export` into another store.
+    again = decode_dump(json.loads(json.dumps(encode_dump(dump))), "dump.json")
+    assert again == dump
+    async with await open_store(str(tmp_path / "other.db")) as other:  # type: ignore[attr-defined]
+        await other.import_dump(again)
+        assert await other.placement() == record
+
+
+def test_a_dump_without_rules_reads_as_none_and_bad_rules_are_refused() -> None:
+    data = encode_dump(FleetDump(0, (), (), (), ()))
+    del data["placement"]  # a dump of a release that placed nothing
+    assert decode_dump(data, "d.json").placement == PlacementRecord()
+    data["placement"] = {"strategy": "binpack", "unpinned": {"web-1": {"on_worker_lost": "x"}}}
+    with pytest.raises(ValidationError, match=r"placement\.unpinned\.web-1\.on_worker_lost"):
+        decode_dump(data, "d.json")
+    data["placement"] = {"unpinned": {"web-1": {"on_worker_lost": "wait", "spread": "A B"}}}
+    with pytest.raises(ValidationError, match="not a valid group name"):
+        decode_dump(data, "d.json")

@@ -7,7 +7,16 @@ delivered on commit; nothing for SQLite, which has one master). The
 dialect's few differences are attributes of the ``Tx``: the database's clock
 (``{now}`` in ms, ``{now_us}`` in µs), row locks (``{lock}``: ``FOR UPDATE``,
 ``{share}``: ``FOR SHARE``; empty on SQLite, whose write transactions are
-exclusive anyway) and ``greatest``.
+exclusive anyway), ``greatest`` and ``{next_version}`` (below).
+
+**Worker versions follow the database's clock** (``{next_version}``: one
+more than the last, or the clock in µs if that is greater), like event
+seqs. A database may come back without its last commits (a crash that lost
+commits made with ``synchronous_commit = off``, a failover to a replica
+that was behind) after masters heard of them; the next write then gets a
+version above every one handed out before, never one of the lost ones
+again with other content, so a master's cache, which takes only newer
+versions, cannot keep a lost write over the store's.
 
 Lock order (PostgreSQL), the same in every transaction that takes more than
 one: the ``generation`` row of ``meta`` → ``worker_state`` rows (by worker
@@ -252,8 +261,8 @@ def find_request(tx: Tx, request_id: str) -> AppliedRequest | None:
 def _bump(tx: Tx, worker_id: str) -> int:
     """A change to ``worker_id``'s state: its new version (noted)."""
     (version,) = tx.run(
-        "INSERT INTO worker_state (worker_id, version) VALUES (?, 1) "
-        "ON CONFLICT (worker_id) DO UPDATE SET version = worker_state.version + 1 "
+        "INSERT INTO worker_state (worker_id, version) VALUES (?, {now_us}) "
+        "ON CONFLICT (worker_id) DO UPDATE SET version = {next_version} "
         "RETURNING version",
         (worker_id,),
     )[0]
@@ -438,8 +447,8 @@ def register(
     (version,) = tx.run(
         "INSERT INTO worker_state (worker_id, version, master_id, session, info, connected, "
         "since_unix_ms, renewed_unix_ms, expires_unix_ms) "
-        "VALUES (?, 1, ?, 1, ?, TRUE, ?, {now}, {now} + ?) "
-        "ON CONFLICT (worker_id) DO UPDATE SET version = worker_state.version + 1, "
+        "VALUES (?, {now_us}, ?, 1, ?, TRUE, ?, {now}, {now} + ?) "
+        "ON CONFLICT (worker_id) DO UPDATE SET version = {next_version}, "
         "master_id = excluded.master_id, session = worker_state.session + 1, "
         "info = excluded.info, connected = TRUE, since_unix_ms = excluded.since_unix_ms, "
         "renewed_unix_ms = excluded.renewed_unix_ms, expires_unix_ms = excluded.expires_unix_ms "
@@ -455,7 +464,7 @@ def unregister(tx: Tx, worker_id: str, master_id: str, session: int, unix_ms: in
     session was not the worker's current one (nothing changed)."""
     row = _one(
         tx,
-        "UPDATE worker_state SET connected = FALSE, since_unix_ms = ?, version = version + 1 "
+        "UPDATE worker_state SET connected = FALSE, since_unix_ms = ?, version = {next_version} "
         "WHERE worker_id = ? AND master_id = ? AND session = ? AND connected RETURNING version",
         (unix_ms, worker_id, master_id, session),
     )
@@ -484,7 +493,7 @@ def reclaim_session(
     again, unless the worker registered since. The new version, or None."""
     row = _one(
         tx,
-        "UPDATE worker_state SET connected = TRUE, since_unix_ms = ?, version = version + 1, "
+        "UPDATE worker_state SET connected = TRUE, since_unix_ms = ?, version = {next_version}, "
         "renewed_unix_ms = {now}, expires_unix_ms = {now} + ? "
         "WHERE worker_id = ? AND master_id = ? AND session = ? AND NOT connected "
         "RETURNING version",
@@ -500,7 +509,7 @@ def end_sessions(tx: Tx, except_master: str, unix_ms: int) -> list[str]:
     """Every connected session not held by ``except_master`` ends (a store
     with one master: they are an earlier run's)."""
     rows = tx.run(
-        "UPDATE worker_state SET connected = FALSE, since_unix_ms = ?, version = version + 1 "
+        "UPDATE worker_state SET connected = FALSE, since_unix_ms = ?, version = {next_version} "
         "WHERE connected AND master_id <> ? RETURNING worker_id, version",
         (unix_ms, except_master),
     )
@@ -549,7 +558,7 @@ def write_status(tx: Tx, write: StatusWrite) -> int:
         )
     (version,) = tx.run(
         "UPDATE worker_state SET observed_generation = ?, reported_unix_ms = ?, "
-        "version = version + 1 WHERE worker_id = ? RETURNING version",
+        "version = {next_version} WHERE worker_id = ? RETURNING version",
         (write.observed_generation, write.reported_unix_ms, write.worker_id),
     )[0]
     tx.notify(Change(ChangeKind.WORKER, version, write.worker_id))
@@ -677,7 +686,7 @@ def expire_sessions(tx: Tx, fence: Fence) -> list[tuple[str, int]]:
     its last renewal. (worker id, last renewal in unix ms) of each."""
     rows = tx.run(
         "UPDATE worker_state SET connected = FALSE, since_unix_ms = renewed_unix_ms, "
-        "version = version + 1 WHERE connected AND expires_unix_ms < {now} "
+        "version = {next_version} WHERE connected AND expires_unix_ms < {now} "
         "RETURNING worker_id, version, renewed_unix_ms"
     )
     check_fence(tx, fence)
@@ -737,6 +746,7 @@ def export(tx: Tx) -> FleetDump:
             )
         ),
         event_seq=_meta(tx, "event_seq"),
+        placement=placement(tx),
     )
 
 
@@ -773,6 +783,7 @@ def import_(tx: Tx, dump: FleetDump, target: str) -> None:
         "INSERT INTO removals (worker_id, vm_id, generation, acked_unix_ms) VALUES (?, ?, ?, ?)",
         dump.removals,
     )
+    _write_placement(tx, dump.placement)
     for worker_id in sorted({w for w, *_ in dump.removals}):
         _bump(tx, worker_id)
     tx.run("UPDATE meta SET value = ? WHERE key = 'generation'", (dump.generation,))

@@ -16,6 +16,7 @@ from procurator.core.models import (
     Capacity,
     OnWorkerLost,
     Phase,
+    PlacementStrategy,
     PowerChange,
     PowerState,
     VmAssignment,
@@ -24,13 +25,16 @@ from procurator.core.models import (
     WorkerInfo,
 )
 from procurator.core.validation import (
+    check_group_name,
     check_hash,
+    check_label_key,
+    check_label_value,
     check_request_id,
     check_store_path,
     check_vm_id,
     check_worker_id,
 )
-from procurator.master.store.model import FleetDump, UnpinnedRules, WorkerDump
+from procurator.master.store.model import FleetDump, PlacementRecord, UnpinnedRules, WorkerDump
 
 __all__ = [
     "DUMP_FORMAT",
@@ -212,6 +216,13 @@ def encode_dump(dump: FleetDump) -> dict[str, Any]:
             for request_id, generation, digest, diffs in dump.requests
         ],
         "removals": [list(row) for row in dump.removals],
+        "placement": {
+            "strategy": dump.placement.strategy.value,
+            "unpinned": {
+                vm_id: json.loads(encode_rules(rules))
+                for vm_id, rules in sorted(dump.placement.unpinned.items())
+            },
+        },
     }
 
 
@@ -339,4 +350,41 @@ def decode_dump(data: Any, source: str) -> FleetDump:
         requests=tuple(requests),
         removals=tuple(removals),
         event_seq=r.integer(data.get("event_seq", 0), "event_seq"),
+        placement=_placement_from_dump(r, data.get("placement", {})),
     )
+
+
+def _placement_from_dump(r: _Reader, data: Any) -> PlacementRecord:
+    """The ``placement`` of a dump (absent from a dump of a release that
+    placed no VM: an empty record)."""
+    if not isinstance(data, dict):
+        r.fail("placement", "must be an object")
+    strategies = {s.value: s for s in PlacementStrategy}
+    strategy = data.get("strategy", PlacementStrategy.BINPACK.value)
+    if strategy not in strategies:
+        r.fail("placement.strategy", f"must be one of {sorted(strategies)}, not {strategy!r}")
+    unpinned = data.get("unpinned", {})
+    if not isinstance(unpinned, dict):
+        r.fail("placement.unpinned", "must be an object")
+    rules = {}
+    for vm_id, entry in unpinned.items():
+        at = f"placement.unpinned.{vm_id}"
+        r.text(vm_id, at, check_vm_id)
+        if not isinstance(entry, dict):
+            r.fail(at, "must be an object")
+        constraints = entry.get("constraints", {})
+        if not isinstance(constraints, dict):
+            r.fail(f"{at}.constraints", "must be an object")
+        for key, value in constraints.items():
+            r.text(key, f"{at}.constraints", check_label_key)
+            r.text(value, f"{at}.constraints.{key}", check_label_value)
+        spread = entry.get("spread", "")
+        if spread:
+            r.text(spread, f"{at}.spread", check_group_name)
+        lost = entry.get("on_worker_lost")
+        if lost not in _ON_WORKER_LOST:
+            r.fail(
+                f"{at}.on_worker_lost", f"must be one of {sorted(_ON_WORKER_LOST)}, not {lost!r}"
+            )
+        rules[vm_id] = decode_rules(json.dumps(entry))
+    return PlacementRecord(rules, strategies[strategy])

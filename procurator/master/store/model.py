@@ -276,6 +276,7 @@ class FleetDump:
     requests: tuple[tuple[str, int, str, bytes], ...]  # request id, generation, digest, diffs
     removals: tuple[tuple[str, str, int, int | None], ...]  # worker, vm, generation, acked ms
     event_seq: int = 0
+    placement: PlacementRecord = field(default_factory=PlacementRecord)
 
 
 class StoreUnavailableError(UnavailableError):

@@ -172,6 +172,9 @@ _DIALECT = {
     "lock": "FOR UPDATE",
     "share": "FOR SHARE",
     "greatest": "greatest",
+    # A worker_state row's next version (procurator.master.store._sql).
+    "next_version": "greatest(worker_state.version + 1, "
+    "(extract(epoch from clock_timestamp()) * 1000000)::bigint)",
 }
 
 _UNAVAILABLE: tuple[type[Exception], ...] = (

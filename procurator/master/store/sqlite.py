@@ -145,6 +145,9 @@ _DIALECT = {
     "lock": "",
     "share": "",
     "greatest": "max",
+    # A worker_state row's next version (procurator.master.store._sql).
+    "next_version": "max(worker_state.version + 1, "
+    "CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER))",
 }
 
 
