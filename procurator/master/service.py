@@ -175,7 +175,7 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NoReturn, Protocol
 
@@ -214,7 +214,7 @@ from procurator.core.models import (
     WorkerInfo,
     WorkerStatus,
 )
-from procurator.core.snapshot import SnapshotInfo, SnapshotRequest
+from procurator.core.snapshot import SnapshotAction, SnapshotInfo, SnapshotRequest
 from procurator.core.status import StatusChanges, apply_status_changes
 from procurator.core.validation import LIMITS, check_request_id
 from procurator.logs import log_context, new_op_id, some
@@ -1113,24 +1113,40 @@ class MasterService:
     async def snapshot(self, request: SnapshotRequest) -> SnapshotInfo:
         """Forward a snapshot operation to the worker the VM is assigned to
         (else the one reporting it) and answer with the worker's result,
-        ``worker_id`` set. Snapshots live on their worker: this master keeps
-        no record of them (docs/SNAPSHOTS.md). ``UnavailableError`` when
-        that worker is not connected to this master."""
+        ``worker_id`` set. ``UnavailableError`` when that worker is not
+        connected to this master. Snapshots live on their worker; the store
+        records what the workers answered (created, deleted, listed), so a
+        list shows the snapshots of workers that are away too: a record,
+        which a worker's own answer corrects (docs/SNAPSHOTS.md)."""
         self._require_store()
         worker = self._snapshot_worker(request.vm_id)
-        info = await worker.snapshot(request)
-        return replace(info, worker_id=worker.worker_id)
+        info = replace(await worker.snapshot(request), worker_id=worker.worker_id)
+        if request.action is SnapshotAction.CREATE:
+            await self._record_snapshots(self._store.put_snapshot(info))
+        elif request.action is SnapshotAction.DELETE:
+            await self._record_snapshots(
+                self._store.drop_snapshot(info.worker_id, info.vm_id, info.name)
+            )
+        return info
 
     async def list_snapshots(self, vm_id: str = "") -> tuple[SnapshotInfo, ...]:
-        """The snapshots of VM ``vm_id`` (its worker's) or, with "", of
-        every worker connected to this master, asked at once; a worker that
-        does not answer is left out (logged). Oldest first."""
+        """The snapshots of VM ``vm_id`` or, with "", of the fleet, oldest
+        first: what the workers connected to this master answer now (asked
+        at once; their records updated) and, for the others, what the store
+        recorded of them last."""
         self._require_store()
         if vm_id:
-            worker = self._snapshot_worker(vm_id)
+            try:
+                worker = self._snapshot_worker(vm_id)
+            except UnavailableError:
+                return await self._store.snapshots(vm_id)  # its worker is away
             infos = await worker.list_snapshots(vm_id)
-            return tuple(replace(i, worker_id=worker.worker_id) for i in infos)
-        found: list[SnapshotInfo] = []
+            found = tuple(replace(i, worker_id=worker.worker_id) for i in infos)
+            await self._record_snapshots(
+                self._store.replace_snapshots(worker.worker_id, vm_id, found)
+            )
+            return found
+        answers: dict[str, tuple[SnapshotInfo, ...]] = {}
 
         async def ask(session: _Session) -> None:
             try:
@@ -1138,12 +1154,32 @@ class MasterService:
             except ProcuratorError as exc:
                 logger.warning("worker %s: snapshots not listed: %s", session.worker_id, exc)
                 return
-            found.extend(replace(i, worker_id=session.worker_id) for i in infos)
+            answers[session.worker_id] = tuple(
+                replace(i, worker_id=session.worker_id) for i in infos
+            )
 
         async with trio.open_nursery() as nursery:
             for session in list(self._sessions.values()):
                 nursery.start_soon(ask, session)
-        return tuple(sorted(found, key=lambda i: (i.created_unix_ms, i.vm_id, i.name)))
+        for worker_id, infos in answers.items():
+            await self._record_snapshots(self._store.replace_snapshots(worker_id, None, infos))
+        try:
+            recorded = await self._store.snapshots(None)
+        except UnavailableError as exc:
+            logger.warning("snapshots: the store's record is not readable: %s", exc)
+            recorded = ()
+        listed = [i for infos in answers.values() for i in infos]
+        listed += [i for i in recorded if i.worker_id not in answers]
+        return tuple(sorted(listed, key=lambda i: (i.created_unix_ms, i.vm_id, i.name)))
+
+    async def _record_snapshots(self, write: Awaitable[None]) -> None:
+        """Record what a worker answered; the operation happened whatever
+        becomes of the record (a store away: logged, corrected by the next
+        list)."""
+        try:
+            await write
+        except UnavailableError as exc:
+            logger.warning("snapshots: not recorded in the store: %s", exc)
 
     def _snapshot_worker(self, vm_id: str) -> _SnapshotWorker:
         """The session of the worker that holds VM ``vm_id``'s snapshots:

@@ -29,6 +29,7 @@ from procurator.core.models import (
     WorkerDiff,
     WorkerInfo,
 )
+from procurator.core.snapshot import SnapshotInfo
 from procurator.master.store import (
     SCHEMA_VERSION,
     AppliedRequest,
@@ -564,6 +565,41 @@ async def test_a_lease_has_one_holder_per_epoch_and_fences_writes(store: Store) 
     # Released: anyone may take it at once, in a new epoch.
     await store.release_lease(Fence("leader", "m2", second))
     assert await store.acquire_lease("leader", "m1", lease_ms=60_000) == 3
+
+
+# ---------------------------------------------------------------- snapshots
+
+
+def snap(worker_id: str, vm_id: str, name: str, created: int) -> SnapshotInfo:
+    return SnapshotInfo(vm_id, name, "h1", PATH_A, 1 << 20, created, "op", "qemu", worker_id)
+
+
+async def test_snapshots_are_recorded_per_worker_and_replaced_by_its_answers(
+    db: Db, store: Store
+) -> None:
+    await store.put_snapshot(snap("w1", "a", "s1", 2))
+    await store.put_snapshot(snap("w1", "a", "s0", 1))
+    await store.put_snapshot(snap("w2", "b", "s1", 3))
+    await store.put_snapshot(snap("w1", "a", "s1", 4))  # the same one, again: replaced
+    assert [(s.worker_id, s.vm_id, s.name) for s in await store.snapshots()] == [
+        ("w1", "a", "s0"),
+        ("w2", "b", "s1"),
+        ("w1", "a", "s1"),
+    ]
+    assert [s.name for s in await store.snapshots("a")] == ["s0", "s1"]
+    await store.drop_snapshot("w1", "a", "s0")
+    # A worker's answer replaces its record, of one VM or of all of them.
+    await store.replace_snapshots("w1", "a", [snap("w1", "a", "s2", 5)])
+    store = await reopened(db, store)
+    try:
+        assert [(s.worker_id, s.name) for s in await store.snapshots()] == [
+            ("w2", "s1"),
+            ("w1", "s2"),
+        ]
+        await store.replace_snapshots("w2", None, [])
+        assert await store.snapshots() == (snap("w1", "a", "s2", 5),)
+    finally:
+        await store.aclose()
 
 
 # ---------------------------------------------------------------- moving a fleet

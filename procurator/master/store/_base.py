@@ -9,6 +9,7 @@ from typing import TypeVar
 
 from procurator.core.control import WorkerEvent
 from procurator.core.models import VmAssignment, VmEvent, WorkerDiff, WorkerInfo
+from procurator.core.snapshot import SnapshotInfo
 from procurator.master.store import _sql
 from procurator.master.store.model import (
     REQUESTS_KEPT,
@@ -79,6 +80,32 @@ class SqlStore(abc.ABC):
 
     async def placement(self) -> PlacementRecord:
         return await self._read(_sql.placement, "read the placement rules")
+
+    async def put_snapshot(self, info: SnapshotInfo) -> None:
+        await self._write(
+            lambda tx: _sql.put_snapshot(tx, info),
+            f"record snapshot {info.vm_id}/{info.name}",
+            durable=False,
+        )
+
+    async def drop_snapshot(self, worker_id: str, vm_id: str, name: str) -> None:
+        await self._write(
+            lambda tx: _sql.drop_snapshot(tx, worker_id, vm_id, name),
+            f"forget snapshot {vm_id}/{name}",
+            durable=False,
+        )
+
+    async def replace_snapshots(
+        self, worker_id: str, vm_id: str | None, infos: Sequence[SnapshotInfo]
+    ) -> None:
+        await self._write(
+            lambda tx: _sql.replace_snapshots(tx, worker_id, vm_id, infos),
+            f"record the snapshots of worker {worker_id}",
+            durable=False,
+        )
+
+    async def snapshots(self, vm_id: str | None = None) -> tuple[SnapshotInfo, ...]:
+        return await self._read(lambda tx: _sql.snapshots(tx, vm_id), "read snapshots")
 
     async def find_request(self, request_id: str) -> AppliedRequest | None:
         return await self._read(

@@ -28,6 +28,7 @@ runs the transaction again.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -43,6 +44,7 @@ from procurator.core.models import (
     WorkerInfo,
     WorkerStatus,
 )
+from procurator.core.snapshot import SnapshotInfo
 from procurator.master.store.codec import (
     decode_diffs,
     decode_info,
@@ -434,6 +436,64 @@ def placement(tx: Tx) -> PlacementRecord:
         {vm_id: decode_rules(text) for vm_id, text in tx.run("SELECT vm_id, rules FROM unpinned")},
         _STRATEGIES[index] if 0 <= index < len(_STRATEGIES) else PlacementStrategy.BINPACK,
     )
+
+
+# ---------------------------------------------------------------- snapshots
+
+
+def _snapshot_row(info: SnapshotInfo) -> tuple[str, str, str, str]:
+    return (info.worker_id, info.vm_id, info.name, json.dumps(info.to_json()))
+
+
+def put_snapshot(tx: Tx, info: SnapshotInfo) -> None:
+    """Record (or update) one snapshot of ``info.worker_id``."""
+    tx.run(
+        "DELETE FROM snapshots WHERE worker_id = ? AND vm_id = ? AND name = ?",
+        (info.worker_id, info.vm_id, info.name),
+    )
+    tx.run(
+        "INSERT INTO snapshots (worker_id, vm_id, name, info) VALUES (?, ?, ?, ?)",
+        _snapshot_row(info),
+    )
+
+
+def drop_snapshot(tx: Tx, worker_id: str, vm_id: str, name: str) -> None:
+    tx.run(
+        "DELETE FROM snapshots WHERE worker_id = ? AND vm_id = ? AND name = ?",
+        (worker_id, vm_id, name),
+    )
+
+
+def replace_snapshots(
+    tx: Tx, worker_id: str, vm_id: str | None, infos: Sequence[SnapshotInfo]
+) -> None:
+    """What ``worker_id`` answered a list with: its snapshots of ``vm_id``
+    (None: of all its VMs) are now exactly ``infos``."""
+    if vm_id is None:
+        tx.run("DELETE FROM snapshots WHERE worker_id = ?", (worker_id,))
+    else:
+        tx.run("DELETE FROM snapshots WHERE worker_id = ? AND vm_id = ?", (worker_id, vm_id))
+    tx.many(
+        "INSERT INTO snapshots (worker_id, vm_id, name, info) VALUES (?, ?, ?, ?)",
+        [_snapshot_row(info) for info in infos],
+    )
+
+
+def snapshots(tx: Tx, vm_id: str | None) -> tuple[SnapshotInfo, ...]:
+    """The recorded snapshots (of ``vm_id``, or all), oldest first; a row
+    that no longer reads is left out."""
+    rows = (
+        tx.run("SELECT worker_id, info FROM snapshots")
+        if vm_id is None
+        else tx.run("SELECT worker_id, info FROM snapshots WHERE vm_id = ?", (vm_id,))
+    )
+    found: list[SnapshotInfo] = []
+    for worker_id, text in rows:
+        try:
+            found.append(SnapshotInfo.from_json(json.loads(text), worker_id=worker_id))
+        except (ValueError, ProcuratorError):
+            continue
+    return tuple(sorted(found, key=lambda i: (i.created_unix_ms, i.vm_id, i.name)))
 
 
 # ---------------------------------------------------------------- sessions

@@ -46,10 +46,12 @@ __all__ = [
     "WorkerDump",
 ]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """1: fleet and generations; 2: request ids, removals; 3: worker state
 (sessions, leases, statuses), events, leader leases (the HA store); 4: the
-unpinned VMs' placement rules and the strategy (``PlacementRecord``)."""
+unpinned VMs' placement rules and the strategy (``PlacementRecord``); 5:
+the snapshots workers last reported (a record of what lives on them, for a
+fleet-wide ``snapshot list``; not part of an export)."""
 
 REQUESTS_KEPT = 1000
 """Request ids kept for replays (the newest this many applies that had one)."""

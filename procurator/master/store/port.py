@@ -21,6 +21,7 @@ import trio
 
 from procurator.core.control import WorkerEvent
 from procurator.core.models import VmAssignment, VmEvent, WorkerDiff, WorkerInfo
+from procurator.core.snapshot import SnapshotInfo
 from procurator.master.store.model import (
     AppliedRequest,
     Change,
@@ -97,6 +98,25 @@ class Store(Protocol):
 
     async def placement(self) -> PlacementRecord:
         """The ``PlacementRecord`` the newest apply that carried one stored."""
+        ...
+
+    # -- snapshots: what workers last said they keep (a record, not the truth:
+    # a snapshot lives on its worker; docs/SNAPSHOTS.md) ------------------------
+
+    async def put_snapshot(self, info: SnapshotInfo) -> None:
+        """Record one snapshot of ``info.worker_id`` (replacing its row)."""
+        ...
+
+    async def drop_snapshot(self, worker_id: str, vm_id: str, name: str) -> None: ...
+
+    async def replace_snapshots(
+        self, worker_id: str, vm_id: str | None, infos: Sequence[SnapshotInfo]
+    ) -> None:
+        """``worker_id``'s snapshots of ``vm_id`` (None: all) are ``infos``."""
+        ...
+
+    async def snapshots(self, vm_id: str | None = None) -> tuple[SnapshotInfo, ...]:
+        """The recorded snapshots (of ``vm_id``, or all), oldest first."""
         ...
 
     async def find_request(self, request_id: str) -> AppliedRequest | None: ...

@@ -162,9 +162,24 @@ CREATE TABLE IF NOT EXISTS unpinned (
 INSERT INTO meta VALUES ('strategy', 0) ON CONFLICT (key) DO NOTHING;
 """
 
+# 5: the snapshots workers last reported (docs/SNAPSHOTS.md).
+_SCHEMA_V5 = """
+CREATE TABLE IF NOT EXISTS snapshots (
+    worker_id TEXT NOT NULL,
+    vm_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    info TEXT NOT NULL,
+    PRIMARY KEY (worker_id, vm_id, name)
+);
+"""
+
 # (version, what brings the schema from the one before to it). PostgreSQL
 # stores start at 3, the version of SQLite's schema with the same tables.
-_MIGRATIONS: tuple[tuple[int, str], ...] = ((3, _SCHEMA_V3), (4, _SCHEMA_V4))
+_MIGRATIONS: tuple[tuple[int, str], ...] = (
+    (3, _SCHEMA_V3),
+    (4, _SCHEMA_V4),
+    (5, _SCHEMA_V5),
+)
 
 _DIALECT = {
     "now": "(extract(epoch from clock_timestamp()) * 1000)::bigint",

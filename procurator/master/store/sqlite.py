@@ -131,6 +131,13 @@ CREATE TABLE IF NOT EXISTS unpinned (
     vm_id TEXT PRIMARY KEY,
     rules TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS snapshots (
+    worker_id TEXT NOT NULL,
+    vm_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    info TEXT NOT NULL,
+    PRIMARY KEY (worker_id, vm_id, name)
+);
 INSERT OR IGNORE INTO meta VALUES ('generation', 0);
 INSERT OR IGNORE INTO meta VALUES ('event_seq', 0);
 INSERT OR IGNORE INTO meta VALUES ('strategy', 0);
