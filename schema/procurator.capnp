@@ -369,9 +369,33 @@ struct ApplyResult {
       # already committed: this is that apply's result (its generation, diffs
       # and op id) and nothing was applied again. Added after version 1's
       # first release; older masters never set it.
+      placed @7 :List(PlacedVm);
+      # The unpinned VMs the apply places or moves (not those that keep
+      # their worker), sorted by VM id; empty for a replay.
     }
     error @5 :Error;
   }
+}
+
+enum PlacementReason {
+  # Why an unpinned VM goes where an apply puts it (docs/SCHEDULING.md).
+  new @0;
+  kept @1;
+  workerGone @2;
+  workerLost @3;
+  workerDraining @4;
+  constraints @5;     # its constraints no longer match its worker
+  noLongerFits @6;
+}
+
+struct PlacedVm {
+  vmId @0 :Text;
+  workerId @1 :Text;
+  previousWorker @2 :Text;
+  # "" for a VM that had no worker.
+  reason @3 :PlacementReason;
+  detail @4 :Text;
+  # For a move: what the previous worker lacks, in words.
 }
 
 # ---------------------------------------------------------------- snapshots
@@ -532,8 +556,9 @@ interface Control {
   # error when it failed. Added with snapshots.
   listSnapshots @5 (vmId :Text) -> (result :SnapshotListResult);
   # The snapshots of one VM (vmId set: asks its worker) or of the fleet
-  # ("": asks every worker connected to this master), oldest first, each
-  # with its workerId. A worker that does not answer is left out.
+  # (""), oldest first, each with its workerId: what the workers connected
+  # to this master answer, and the store's record of the others (their
+  # last answers).
 }
 
 struct VmDescription {

@@ -3,7 +3,8 @@
 A snapshot is a VM's memory, device state and writable disks at one
 instant, kept by the worker that runs the VM (docs/SNAPSHOTS.md). The
 master forwards each command to that worker and answers once it is done;
-``list`` without a VM asks every worker connected to the master.
+``list`` shows what the workers answer, or what the master recorded of
+those that are away.
 """
 
 from __future__ import annotations
@@ -141,8 +142,9 @@ def add_parser(sub: Any) -> None:
         "list",
         help="list snapshots, of one VM or of the fleet",
         description=(
-            "List snapshots, oldest first: one VM's (asks its worker), or every\n"
-            "worker's connected to this master.\n\n"
+            "List snapshots, oldest first: one VM's, or the fleet's. Workers\n"
+            "connected to the master are asked; of the others the master shows\n"
+            "what it recorded of them last.\n\n"
             "example:\n  procurator snapshot list\n  procurator snapshot list web-1 --json"
         ),
         formatter_class=raw,
