@@ -493,7 +493,12 @@ class Reconciler:
                 if hit is not None:
                     del statuses[vm_id]
                     removed.append(vm_id)
-                unsettled.discard(vm_id)
+                # Nothing to report, but a step still in flight (one that
+                # creates it, say) holds the generation back until it ends.
+                if vm_id in busy:
+                    unsettled.add(vm_id)
+                else:
+                    unsettled.discard(vm_id)
                 op_bound.discard(vm_id)
                 continue
             statuses[vm_id] = memo

@@ -8,7 +8,8 @@ sequences of inputs, finds nothing to do and nothing to report.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+import functools
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import replace
 
 import trio
@@ -472,7 +473,7 @@ _observations = st.builds(
     st.sampled_from([Phase.RUNNING, Phase.PAUSED, Phase.STOPPED, Phase.CRASH_LOOP, Phase.STARTING]),
     _powers,
 )
-_ops = st.one_of(
+_updates = st.one_of(
     st.tuples(
         st.just("changes"),
         st.dictionaries(
@@ -485,6 +486,11 @@ _ops = st.one_of(
     st.tuples(
         st.just("whole"), st.dictionaries(st.sampled_from(_IDS), st.tuples(_hashes, _powers))
     ),
+)
+_ops = st.one_of(
+    _updates,
+    # An update that arrives while a pass observes (the port may await).
+    st.tuples(st.just("mid-pass"), _updates),
     st.tuples(st.just("external"), st.sampled_from(_IDS), st.one_of(st.none(), _observations)),
     st.tuples(st.just("finish"), st.integers(0, 5)),
     # A step's VM reaches its target before the step returns (the VmManager
@@ -506,6 +512,22 @@ class GatedActuator(FakeActuator):
         self.in_flight: dict[str, trio.Event] = {}
         self.targets: dict[str, ObservedVm | None] = {}  # what each step in flight makes
         self.failing: dict[str, Exception] = {}
+        self.while_observing: Callable[[], None] | None = None  # once, mid-observation
+
+    def _observing(self) -> None:
+        if self.while_observing is not None:
+            run, self.while_observing = self.while_observing, None
+            run()
+
+    async def observe(self) -> Mapping[str, ObservedVm]:
+        seen = await super().observe()
+        self._observing()
+        return seen
+
+    async def observe_some(self, vm_ids: Collection[str]) -> Mapping[str, ObservedVm]:
+        seen = await super().observe_some(vm_ids)
+        self._observing()
+        return seen
 
     async def _gate(self, vm_id: str) -> None:
         gate = self.in_flight[vm_id] = trio.Event()
@@ -550,6 +572,16 @@ class GatedActuator(FakeActuator):
 @example(  # reported settled while its step runs: settled only once the step ends
     [("changes", {"vm-0": ("h1", PowerState.RUNNING)}, True), ("settle", 0), ("finish", 0)]
 )
+@example(  # unassigned while its creation runs: observed only once the step ends
+    [("whole", {"vm-0": ("h1", PowerState.RUNNING)}), ("whole", {})]
+)
+@example(  # a new VM arrives while a pass observes: not observed before it runs
+    [
+        ("changes", {"vm-0": ("h1", PowerState.RUNNING)}, True),
+        ("finish", 0),
+        ("mid-pass", ("changes", {"vm-1": ("h1", PowerState.RUNNING)}, True)),
+    ]
+)
 def test_incremental_passes_leave_nothing_for_a_full_pass(ops: list[tuple[object, ...]]) -> None:
     def entries(spec: Mapping[str, tuple[str, PowerState]]) -> tuple[VmAssignment, ...]:
         return tuple(vm(i, h, power) for i, (h, power) in sorted(spec.items()))
@@ -557,9 +589,28 @@ def test_incremental_passes_leave_nothing_for_a_full_pass(ops: list[tuple[object
     async def scenario() -> None:
         actuator = GatedActuator()
         reports = Reports()
+        claimed = [0]  # the observed generation reported last
+
+        def on_status(changes: StatusChanges) -> None:
+            """Reports, and an oracle: a generation reported observed the
+            moment it is has every VM settled (or failed for good), none
+            surplus and no step in flight."""
+            reports.add(changes)
+            if changes.observed_generation <= claimed[0]:
+                return
+            claimed[0] = changes.observed_generation
+            assignment = reconciler.assignment
+            assert assignment is not None
+            assert changes.observed_generation == assignment.generation
+            failed = {v.id for v in reports[-1].vms if v.phase is Phase.FAILED}
+            assert not actuator.in_flight, changes
+            assert set(actuator.vms) <= {v.id for v in assignment.vms}, changes
+            for want in assignment.vms:
+                assert settled(want, actuator.vms.get(want.id)) or want.id in failed, want
+
         reconciler = Reconciler(
             actuator=actuator,
-            on_status=reports.add,
+            on_status=on_status,
             worker_id="w",
             retry=RestartPolicy(initial_delay=1.0, max_delay=4.0),
         )
@@ -573,7 +624,9 @@ def test_incremental_passes_leave_nothing_for_a_full_pass(ops: list[tuple[object
 
         async with trio.open_nursery() as nursery:
             await reconciler.run_pass(nursery, limiter)
-            for op in ops:
+
+            def update(op: tuple[object, ...]) -> None:
+                nonlocal op_number
                 kind = op[0]
                 if kind == "changes":
                     spec, new_op = op[1], op[2]
@@ -600,6 +653,16 @@ def test_incremental_passes_leave_nothing_for_a_full_pass(ops: list[tuple[object
                     reconciler.set_assignment(
                         Assignment("w", reconciler.generation + 1, entries(spec), "op-whole")
                     )
+
+            for op in ops:
+                kind = op[0]
+                if kind in ("changes", "whole"):
+                    update(op)
+                elif kind == "mid-pass":
+                    inner = op[1]
+                    assert isinstance(inner, tuple)
+                    actuator.while_observing = functools.partial(update, inner)
+                    reconciler.mark_dirty(_IDS[0])  # so that a pass observes
                 elif kind == "external":
                     vm_id, seen = op[1], op[2]
                     assert isinstance(vm_id, str)
