@@ -185,6 +185,22 @@ def _print_apply(result: ApplyResult, source: str, out: TextIO) -> None:
         )
     for diff in result.diffs:
         print("\n".join(_diff_lines(diff)), file=out)
+    for line in _placement_lines(result):
+        print(line, file=out)
+
+
+def _placement_lines(result: ApplyResult) -> list[str]:
+    """Where the apply puts the unpinned VMs it places or moves, and why:
+    ``place: web-7 -> host-c (new)``, ``move: web-3 host-a -> host-b
+    (worker lost)``."""
+    lines = []
+    for vm in result.placed:
+        if vm.moved:
+            why = f"{vm.reason.value}: {vm.detail}" if vm.detail else vm.reason.value
+            lines.append(f"  move: {vm.vm_id} {vm.previous_worker} -> {vm.worker_id} ({why})")
+        else:
+            lines.append(f"  place: {vm.vm_id} -> {vm.worker_id} ({vm.reason.value})")
+    return lines
 
 
 # ---------------------------------------------------------------- --wait

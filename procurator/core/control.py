@@ -17,6 +17,7 @@ from procurator.core.models import (
     Fleet,
     VmAssignment,
     VmEvent,
+    VmPlacement,
     VmStatus,
     WorkerDiff,
     WorkerInfo,
@@ -62,6 +63,9 @@ class ApplyResult:
     # True when the apply's request id matched one the master had already
     # committed: this is that apply's result, nothing was applied again.
     replayed: bool = False
+    # The unpinned VMs this apply places or moves (not those that keep
+    # their worker), each with its reason; () for a replay.
+    placed: tuple[VmPlacement, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

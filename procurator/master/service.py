@@ -209,6 +209,7 @@ from procurator.core.models import (
     PlacementReason,
     VmAssignment,
     VmEvent,
+    VmPlacement,
     VmStatus,
     WorkerDiff,
     WorkerInfo,
@@ -861,7 +862,7 @@ class MasterService:
                 )
         if isinstance(committed, ApplyResult):
             return committed
-        generation, diffs = committed
+        generation, diffs, placed = committed
         with log_context(generation=generation):
             logger.info(
                 "applied %s: generation %d, %d worker(s) changed", op_id, generation, len(diffs)
@@ -878,7 +879,7 @@ class MasterService:
                             diff.worker_id,
                             generation,
                         )
-        return ApplyResult(generation, True, tuple(diffs), op_id, False)
+        return ApplyResult(generation, True, tuple(diffs), op_id, False, placed=placed)
 
     async def _try_apply(
         self,
@@ -889,7 +890,7 @@ class MasterService:
         request_id: str,
         digest: str,
         heal: Fence | None = None,
-    ) -> ApplyResult | tuple[int, list[WorkerDiff]] | None:
+    ) -> ApplyResult | tuple[int, list[WorkerDiff], tuple[VmPlacement, ...]] | None:
         """One attempt, under ``_apply_lock`` with a fresh cache: a result
         to answer, (generation, diffs) committed, or None when another
         master committed first (try again)."""
@@ -924,8 +925,10 @@ class MasterService:
             return resolved, placement, diff_fleets(assignments, resolved)
 
         resolved, placement, diffs = await trio.to_thread.run_sync(place_and_diff)
+        placed: tuple[VmPlacement, ...] = ()
         if placement is not None:
             _log_placement(op_id, placement)
+            placed = tuple(p for p in placement.vms if p.reason is not PlacementReason.KEPT)
         fleet = resolved
         # Rules that move no VM (a constraint still met, on_worker_lost)
         # are stored all the same: healing reads them.
@@ -940,7 +943,7 @@ class MasterService:
                 current,
                 extra={"generation": current},
             )
-            return ApplyResult(current, bool(diffs), tuple(diffs), op_id, dry_run)
+            return ApplyResult(current, bool(diffs), tuple(diffs), op_id, dry_run, placed=placed)
         desired = fleet.as_dict()
         changes = {d.worker_id: desired.get(d.worker_id, ()) for d in diffs}
         before = {w: assignments[w].vms for w in changes if w in assignments}
@@ -974,7 +977,7 @@ class MasterService:
         self._generation = generation
         self._sync_wake.set()
         self._mark_changed()
-        return generation, diffs
+        return generation, diffs, placed
 
     async def _replay(self, request_id: str, digest: str, op_id: str) -> ApplyResult | None:
         """The result of the committed apply that carried ``request_id``, or

@@ -55,12 +55,14 @@ from procurator.core.models import (
     OnWorkerLost,
     Phase,
     PlacementPolicy,
+    PlacementReason,
     PlacementStrategy,
     PowerChange,
     PowerState,
     UnpinnedVm,
     VmAssignment,
     VmEvent,
+    VmPlacement,
     VmStatus,
     WorkerDiff,
     WorkerInfo,
@@ -185,10 +187,28 @@ ERROR_CODE_NAMES = (
 )
 ON_WORKER_LOST_NAMES = ("reschedule", "wait")
 STRATEGY_NAMES = ("binpack", "spread")
+REASON_NAMES = (
+    "new",
+    "kept",
+    "workerGone",
+    "workerLost",
+    "workerDraining",
+    "constraints",
+    "noLongerFits",
+)
 _POWER = _enum_table(PowerState, POWER_NAMES)
 # Read strictly: an unknown one (a newer client's) is refused, not guessed.
 _ON_WORKER_LOST = [OnWorkerLost(name) for name in ON_WORKER_LOST_NAMES]
 _STRATEGY = [PlacementStrategy(name) for name in STRATEGY_NAMES]
+_REASON = [
+    PlacementReason.NEW,
+    PlacementReason.KEPT,
+    PlacementReason.WORKER_GONE,
+    PlacementReason.WORKER_LOST,
+    PlacementReason.WORKER_DRAINING,
+    PlacementReason.CONSTRAINTS,
+    PlacementReason.NO_LONGER_FITS,
+]  # in REASON_NAMES' order
 _PHASE = _enum_table(Phase, PHASE_NAMES)
 _EVENT_KIND = _enum_table(EventKind, EVENT_KIND_NAMES)
 
@@ -820,8 +840,30 @@ def apply_result_from_reader(reader: Any) -> ApplyResult:
     _check_length(len(diffs_reader), LIMITS.max_workers, "diffs")
     diffs = tuple(_diff_from_reader(d, f"diffs[{i}]", problems) for i, d in enumerate(diffs_reader))
     op_id = problems.text("opId", ok.opId, limit=64)
+    placed_reader = ok.placed
+    _check_length(len(placed_reader), LIMITS.max_vms_total, "placed")
+    placed = []
+    for index, item in enumerate(placed_reader):
+        at = f"placed[{index}]"
+        vm_id: str = item.vmId
+        worker_id: str = item.workerId
+        previous: str = item.previousWorker
+        if (problem := check_vm_id(vm_id)) is not None:
+            problems.add(f"{at}.vmId", problem)
+        if (problem := check_worker_id(worker_id)) is not None:
+            problems.add(f"{at}.workerId", problem)
+        if previous and (problem := check_worker_id(previous)) is not None:
+            problems.add(f"{at}.previousWorker", problem)
+        raw: int = item.reason.raw
+        if not 0 <= raw < len(_REASON):
+            problems.add(f"{at}.reason", f"unknown reason {raw}")
+            raw = 0
+        detail = problems.text(f"{at}.detail", item.detail)
+        placed.append(VmPlacement(vm_id, worker_id, _REASON[raw], previous, detail))
     problems.raise_if_any()
-    return ApplyResult(ok.generation, ok.changed, diffs, op_id, ok.dryRun, ok.replayed)
+    return ApplyResult(
+        ok.generation, ok.changed, diffs, op_id, ok.dryRun, ok.replayed, tuple(placed)
+    )
 
 
 def fill_apply_result(builder: Any, result: ApplyResult) -> None:
@@ -834,6 +876,13 @@ def fill_apply_result(builder: Any, result: ApplyResult) -> None:
     items = ok.init("diffs", len(result.diffs))
     for entry, diff in zip(items, result.diffs, strict=True):
         _fill_diff(entry, diff)
+    placed = ok.init("placed", len(result.placed))
+    for entry, vm in zip(placed, result.placed, strict=True):
+        entry.vmId = vm.vm_id
+        entry.workerId = vm.worker_id
+        entry.previousWorker = vm.previous_worker
+        entry.reason = REASON_NAMES[_REASON.index(vm.reason)]
+        entry.detail = clip_text(vm.detail)
 
 
 def fleet_status_from_reader(reader: Any) -> FleetStatus:

@@ -17,9 +17,11 @@ from procurator.core.models import (
     Fleet,
     OnWorkerLost,
     PlacementPolicy,
+    PlacementReason,
     PlacementStrategy,
     UnpinnedVm,
     VmAssignment,
+    VmPlacement,
     WorkerInfo,
 )
 from procurator.master.service import MasterService, fleet_digest
@@ -170,7 +172,23 @@ async def test_pinned_and_unpinned_vms_share_a_workers_capacity(service: MasterS
         "host-a": ("db-1",),
         "host-b": ("web-1",),
     }
+    assert dry.placed == (VmPlacement("web-1", "host-b", PlacementReason.NEW),)
     assert service.generation == 0  # a dry run shows where, and stores nothing
+
+
+async def test_the_result_says_which_vms_move_and_why(service: MasterService) -> None:
+    await service.register(info("host-a", zone="a"), FakeNode())
+    await service.register(info("host-b", zone="b"), FakeNode())
+    first = await service.apply(fleet(vm("web-1", zone="a"), vm("web-2")))
+    assert {p.vm_id: p.reason for p in first.placed} == {
+        "web-1": PlacementReason.NEW,
+        "web-2": PlacementReason.NEW,
+    }
+    second = await service.apply(fleet(vm("web-1", zone="b"), vm("web-2")))
+    # web-2 keeps its worker: only what moves or is new is listed.
+    assert second.placed == (
+        VmPlacement("web-1", "host-b", PlacementReason.CONSTRAINTS, "host-a", "lacks zone=b"),
+    )
 
 
 async def test_no_worker_at_all_refuses_unpinned_vms(service: MasterService) -> None:

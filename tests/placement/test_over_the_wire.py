@@ -4,14 +4,23 @@ fleet crosses the wire whole, the master places them, the workers (real
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import pytest
 import trio
 
+from procurator.cli.apply import _print_apply
+from procurator.core.control import ApplyResult
 from procurator.core.errors import ValidationError
 from procurator.core.fleet import parse_fleet
-from procurator.core.models import Assignment, Capacity, WorkerInfo
+from procurator.core.models import (
+    Assignment,
+    Capacity,
+    PlacementReason,
+    VmPlacement,
+    WorkerInfo,
+)
 from procurator.rpc import convert
 from procurator.rpc.bridge import Bridge
 from procurator.rpc.clients import CapnpMasterDialer, open_control
@@ -59,6 +68,35 @@ def test_a_fleet_with_unpinned_vms_crosses_the_wire_whole() -> None:
     convert.fill_fleet(builder, fleet)
     with S.Fleet.from_bytes(builder.to_bytes()) as reader:
         assert convert.fleet_from_reader(reader) == fleet
+
+
+def test_where_an_apply_placed_vms_crosses_the_wire_and_is_printed() -> None:
+    result = ApplyResult(
+        3,
+        True,
+        (),
+        "op-1",
+        placed=(
+            VmPlacement("web-7", "host-c", PlacementReason.NEW),
+            VmPlacement("web-3", "host-b", PlacementReason.NO_LONGER_FITS, "host-a", "needs more"),
+        ),
+    )
+    builder = S.ApplyResult.new_message()
+    convert.fill_apply_result(builder, result)
+    with S.ApplyResult.from_bytes(builder.to_bytes()) as reader:
+        assert convert.apply_result_from_reader(reader) == result
+    out = io.StringIO()
+    _print_apply(result, "fleet.toml", out)
+    assert out.getvalue().splitlines()[1:] == [
+        "  place: web-7 -> host-c (new)",
+        "  move: web-3 host-a -> host-b (no longer fits: needs more)",
+    ]
+
+
+def test_the_reason_table_matches_the_schema() -> None:
+    ordinals = S.PlacementReason.schema.enumerants
+    assert list(convert.REASON_NAMES) == sorted(ordinals, key=ordinals.__getitem__)
+    assert len(convert.REASON_NAMES) == len(PlacementReason)
 
 
 def test_hostile_unpinned_vms_are_refused_naming_the_field() -> None:
