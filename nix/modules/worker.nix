@@ -19,15 +19,23 @@
 #   Stopping the unit therefore does not stop VMs either: apply a fleet
 #   without them for that. At system shutdown systemd's final kill ends them.
 #
-# - A static system user, not DynamicUser: VMM processes keep running while
-#   the unit is stopped, and a dynamic user's UID is released on stop and may
-#   be reused, which would hand the VMMs and the state directory to someone
-#   else.
+# - Root, with a bounding set of exactly what jailing a VMM takes: the worker
+#   runs every VMM jailed (docs/SECURITY.md: a uid of its own from
+#   --vmm-uids, mount/pid/IPC namespaces, pivot_root into a root of its own,
+#   a cgroup with limits, seccomp), which needs CAP_SYS_ADMIN (namespaces,
+#   mounts), CAP_SETUID/SETGID/SETPCAP (dropping to the VM's uid and every
+#   capability), CAP_CHOWN and CAP_DAC_OVERRIDE (the VM's own directories,
+#   cgroupfs), CAP_MKNOD (the VM's /dev/kvm and /dev/net/tun), CAP_SYS_CHROOT,
+#   CAP_SYS_PTRACE (reading a VMM's /proc to see what confines it), CAP_KILL
+#   and CAP_NET_ADMIN (the bridge and taps). The worker refuses to start
+#   without one of them. The VMMs hold none: each runs as its VM's uid.
+#   Device access stays limited to /dev/kvm, /dev/net/tun and /dev/vhost-net.
 #
-# - Privileges: CAP_NET_ADMIN (ambient, so the VMMs it spawns inherit it) for
-#   the bridge, taps and attaching a tap to a VMM; membership of the kvm group
-#   and device access to /dev/kvm, /dev/net/tun and /dev/vhost-net. Nothing
-#   else: the capability bounding set holds CAP_NET_ADMIN only.
+# - Cgroups: the VMs' cgroups are made by the worker, so the unit delegates
+#   the memory, cpu and pids controllers and runs the worker in a
+#   sub-cgroup of its own (DelegateSubgroup): on cgroup v2 a VM's cgroup
+#   goes beside it, in the unit's (procurator-worker.service/procurator/...),
+#   and cgroupfs must be writable (no ProtectControlGroups).
 #
 # - Nix: the worker checks, realises (from the configured substituters, as an
 #   untrusted client of the Nix daemon) and GC-roots image store paths with
@@ -49,7 +57,6 @@ let
   cfg = config.services.procurator.worker;
   net = import ../lib/net.nix;
   stateDirectory = "procurator-worker";
-  user = "procurator-worker";
   subnet = net.parseCidr cfg.network.subnet;
   vmmPackage = if cfg.driver == "cloud-hypervisor" then cfg.cloudHypervisorPackage else cfg.qemuPackage;
   useNetworkd = config.networking.useNetworkd;
@@ -270,14 +277,6 @@ in
 
         environment.systemPackages = [ cfg.package ];
 
-        users.users.${user} = {
-          isSystemUser = true;
-          group = user;
-          extraGroups = [ "kvm" ];
-          description = "procurator worker";
-        };
-        users.groups.${user} = { };
-
         # Loaded up front: the unit may not load modules itself
         # (ProtectKernelModules), and taps, vhost-net and the bridge need them.
         boot.kernelModules = [
@@ -346,17 +345,32 @@ in
             TasksMax = "infinity";
             LimitNOFILE = 1048576;
 
-            User = user;
-            Group = user;
+            # Root (see the top of this file): each VMM runs as a uid of its
+            # own; VM directories in the state directory are owned by them.
             StateDirectory = stateDirectory;
             StateDirectoryMode = "0750";
             UMask = "0027";
 
-            AmbientCapabilities = [ "CAP_NET_ADMIN" ];
-            CapabilityBoundingSet = [ "CAP_NET_ADMIN" ];
-            # Ambient capabilities survive execve under NoNewPrivileges; what
-            # it forbids (setuid, file capabilities) the worker never needs.
+            CapabilityBoundingSet = [
+              "CAP_CHOWN"
+              "CAP_DAC_OVERRIDE"
+              "CAP_KILL"
+              "CAP_SETGID"
+              "CAP_SETUID"
+              "CAP_SETPCAP"
+              "CAP_NET_ADMIN"
+              "CAP_SYS_CHROOT"
+              "CAP_SYS_PTRACE"
+              "CAP_SYS_ADMIN"
+              "CAP_MKNOD"
+            ];
+            # What it forbids (setuid binaries, file capabilities) neither the
+            # worker nor a jailed VMM needs; the jail sets it for each VMM too.
             NoNewPrivileges = true;
+            # One value: systemd's own list syntax (DelegateSubgroup needs
+            # systemd 254, NixOS 23.11).
+            Delegate = "cpu memory pids";
+            DelegateSubgroup = "worker";
             DevicePolicy = "closed";
             DeviceAllow = [
               "/dev/kvm rw"
@@ -368,7 +382,6 @@ in
             PrivateTmp = true;
             ProtectKernelModules = true;
             ProtectKernelLogs = true;
-            ProtectControlGroups = true;
             ProtectClock = true;
             RestrictSUIDSGID = true;
             LockPersonality = true;

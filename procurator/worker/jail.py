@@ -110,6 +110,7 @@ from procurator.worker.vmm.closure import store_path_of
 
 __all__ = [
     "JAIL_FILE",
+    "NEEDED_CAPABILITIES",
     "Jail",
     "JailError",
     "Jailer",
@@ -148,6 +149,8 @@ _NEEDED_CAPS = {
     21: "CAP_SYS_ADMIN",
     27: "CAP_MKNOD",
 }
+#: The capabilities a jailing worker needs (it refuses to start without one).
+NEEDED_CAPABILITIES = tuple(_NEEDED_CAPS.values())
 
 
 class JailError(TemporaryError):

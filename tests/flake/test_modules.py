@@ -25,6 +25,7 @@ from flakehelpers import NIX_MODULES, STUB_LIB, Nix, nix_path
 
 from procurator.cli import build_parser
 from procurator.core.validation import WORKER_ID_RE
+from procurator.worker import cgroups, jail
 
 pytestmark = pytest.mark.nix
 
@@ -222,14 +223,18 @@ def test_worker_unit(nix: Nix) -> None:
     ]:
         assert argv[argv.index(flag) + 1] == value
 
-    # VMMs outlive the worker; it holds CAP_NET_ADMIN and nothing more.
+    # VMMs outlive the worker. It jails each VMM (docs/SECURITY.md): root,
+    # with exactly the capabilities the jail needs (those the worker checks
+    # at start), and the cgroup controllers delegated to it.
     assert unit["KillMode"] == "process"
     assert unit["Restart"] == "always"
-    assert unit["AmbientCapabilities"] == ["CAP_NET_ADMIN"]
-    assert unit["CapabilityBoundingSet"] == ["CAP_NET_ADMIN"]
+    assert "User" not in unit and "AmbientCapabilities" not in unit
+    assert sorted(unit["CapabilityBoundingSet"]) == sorted(jail.NEEDED_CAPABILITIES)
+    assert sorted(unit["Delegate"].split()) == sorted(cgroups.CONTROLLERS)
+    assert unit["DelegateSubgroup"] == "worker"
+    assert not unit.get("ProtectControlGroups", False)
     assert {"/dev/kvm rw", "/dev/net/tun rw"} <= set(unit["DeviceAllow"])
-    assert unit["User"] == "procurator-worker"
-    assert config["users"]["users"]["procurator-worker"]["extraGroups"] == ["kvm"]
+    assert "--unconfined" not in argv
     assert unit["StateDirectory"] == "procurator-worker"
     assert service["path"] == [NIX_PACKAGE, CLOUD_HYPERVISOR]
 
