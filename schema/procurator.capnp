@@ -256,6 +256,9 @@ enum EventKind {
   restored @14;
   # A snapshot of the VM was taken; the VM was restored from one (its
   # guest clock is then behind: docs/SNAPSHOTS.md).
+  rescheduled @15;
+  # The master moved the VM to this worker (an apply, or healing after its
+  # worker was lost); the message says from where and why.
 }
 
 struct VmEvent {

@@ -85,6 +85,9 @@ class EventKind(enum.Enum):
     # A snapshot of the VM was taken, or the VM was restored from one.
     SNAPSHOTTED = "snapshotted"
     RESTORED = "restored"
+    # The master moved the VM to another worker (an apply or healing): the
+    # message says from where and why. Stored under the new worker.
+    RESCHEDULED = "rescheduled"
 
 
 @dataclass(frozen=True, slots=True)

@@ -201,6 +201,7 @@ from procurator.core.fleet import diff_fleets, validate_fleet
 from procurator.core.metrics import FleetView, MetricSample, WorkerView
 from procurator.core.models import (
     Assignment,
+    EventKind,
     Fleet,
     OnWorkerLost,
     Phase,
@@ -863,6 +864,7 @@ class MasterService:
         if isinstance(committed, ApplyResult):
             return committed
         generation, diffs, placed = committed
+        await self._record_moves(op_id, placed)
         with log_context(generation=generation):
             logger.info(
                 "applied %s: generation %d, %d worker(s) changed", op_id, generation, len(diffs)
@@ -1606,6 +1608,34 @@ class MasterService:
             with log_context(op_id=event.op_id, worker_id=worker_id, vm_id=event.vm_id):
                 logger.info("VM %s %s: %s", event.vm_id, event.kind.value, event.message)
         await self._pull_events()
+
+    async def _record_moves(self, op_id: str, placed: Sequence[VmPlacement]) -> None:
+        """A ``rescheduled`` event per VM an apply (or a heal) moved, under
+        its new worker. The move is committed whatever becomes of these: a
+        store away loses them (logged), as it would a worker's report."""
+        by_worker: dict[str, list[VmEvent]] = {}
+        now = self._now_ms()
+        for vm in placed:
+            if vm.moved:
+                why = f"{vm.reason.value}: {vm.detail}" if vm.detail else vm.reason.value
+                by_worker.setdefault(vm.worker_id, []).append(
+                    VmEvent(
+                        vm.vm_id,
+                        EventKind.RESCHEDULED,
+                        f"moved from {vm.previous_worker} to {vm.worker_id} ({why})",
+                        op_id,
+                        now,
+                    )
+                )
+        try:
+            for worker_id, events in sorted(by_worker.items()):
+                await self._store.add_events(
+                    worker_id, events, per_vm=self._events_per_vm, total=self._events_total
+                )
+            if by_worker:
+                await self._pull_events()
+        except UnavailableError as exc:
+            logger.warning("apply %s: the moves' events were not stored: %s", op_id, exc)
 
     async def _pull_events(self) -> None:
         """Every event stored after the cursor, in seq order, into the rings."""

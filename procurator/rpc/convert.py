@@ -175,6 +175,7 @@ EVENT_KIND_NAMES = (
     "warning",
     "snapshotted",
     "restored",
+    "rescheduled",
 )
 ERROR_CODE_NAMES = (
     "internal",

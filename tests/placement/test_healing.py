@@ -15,6 +15,7 @@ import trio
 from procurator.core.models import (
     Assignment,
     Capacity,
+    EventKind,
     Fleet,
     OnWorkerLost,
     PlacementPolicy,
@@ -104,6 +105,14 @@ async def test_a_lost_workers_reschedule_vms_move_and_wait_vms_stay(
     # pinned VM stay on their worker.
     assert placed == {"pin-1": "host-a", "db-1": "host-a", "web-1": "host-b", "web-2": "host-a"}
     assert service.generation == applied.generation + 1
+    with trio.fail_after(10):  # stored right after the commit
+        while not (
+            moved := [e for e in await service.recent_events("web-1") if e.worker_id == "host-b"]
+        ):
+            await service.wait_change(service.change_index, 1.0)
+    (event,) = moved
+    assert event.event.kind is EventKind.RESCHEDULED
+    assert event.event.message == "moved from host-a to host-b (worker lost)"
     with trio.fail_after(10):
         while not b.pushed or [v.id for v in b.pushed[-1].vms] != ["web-1"]:
             await trio.sleep(0.01)

@@ -14,6 +14,7 @@ from procurator.core.errors import ValidationError
 from procurator.core.models import (
     Assignment,
     Capacity,
+    EventKind,
     Fleet,
     OnWorkerLost,
     PlacementPolicy,
@@ -188,6 +189,12 @@ async def test_the_result_says_which_vms_move_and_why(service: MasterService) ->
     # web-2 keeps its worker: only what moves or is new is listed.
     assert second.placed == (
         VmPlacement("web-1", "host-b", PlacementReason.CONSTRAINTS, "host-a", "lacks zone=b"),
+    )
+    # And an event of the VM says so, under its new worker.
+    (moved,) = [e for e in await service.recent_events("web-1") if e.worker_id == "host-b"]
+    assert (moved.event.kind, moved.event.op_id) == (EventKind.RESCHEDULED, second.op_id)
+    assert moved.event.message == (
+        "moved from host-a to host-b (constraints no longer match: lacks zone=b)"
     )
 
 
