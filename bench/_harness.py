@@ -180,6 +180,10 @@ class Run:
 
     def __post_init__(self) -> None:
         os.environ[MARK_ENV] = self.mark  # inherited by everything started from here on
+        # Every worker of the run puts its VMs' cgroups under this parent
+        # (the default of --cgroup-parent), so the run can remove them all.
+        self.cgroup_parent = f"procurator-bench-{self.mark[:12]}"
+        os.environ["PROCURATOR_CGROUP_PARENT"] = self.cgroup_parent
         conf = self.dir / "nix-conf"
         conf.mkdir()
         (conf / "nix.conf").write_text(_NIX_CONF)
@@ -268,8 +272,28 @@ class Run:
             time.sleep(0.05)
         return total
 
+    def remove_cgroups(self) -> None:
+        """Remove the cgroups the run's workers left (their VMMs are gone:
+        call after ``kill_marked``), deepest first, in every hierarchy."""
+        points = [
+            Path(fields[4])
+            for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if "-" in (fields := line.split())
+            and fields[fields.index("-") + 1] in ("cgroup", "cgroup2")
+        ]
+        for point in points:
+            for root, dirs, _ in os.walk(point):
+                if Path(root).name == self.cgroup_parent:
+                    for inner, _, _ in sorted(os.walk(root), key=lambda w: -len(w[0])):
+                        with contextlib.suppress(OSError):
+                            os.rmdir(inner)
+                    dirs.clear()
+                elif len(Path(root).relative_to(point).parts) >= 4:
+                    dirs.clear()
+
     def close(self) -> None:
-        """Kill everything of this run, delete its store paths and files."""
+        """Kill everything of this run, delete its cgroups, store paths and
+        files."""
         for proc in list(self.procs):
             if proc.popen.poll() is None:
                 proc.popen.kill()
@@ -277,6 +301,7 @@ class Run:
         for proc in self.procs:
             proc.popen.wait()
         self.procs.clear()
+        self.remove_cgroups()
         # The worker's GC roots live under self.dir, each with an entry in
         # Nix's gcroots/auto that keeps the image alive (and would dangle
         # after the rmtree): drop those first, so the store paths can go.

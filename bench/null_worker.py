@@ -33,15 +33,16 @@ from pathlib import Path
 import trio
 
 from procurator import __version__
+from procurator.app.masters import master_addresses
 from procurator.core.confinement import Confined, HostSide
 from procurator.core.models import WorkerInfo
 from procurator.core.vmdef import Payload, VmDefinition
 from procurator.nix.image import ImageManager, PreparedImage
 from procurator.nix.store import NixStore
-from procurator.rpc.bridge import open_bridge
+from procurator.rpc.bridge import Bridge, open_bridge
 from procurator.rpc.clients import CapnpMasterDialer
 from procurator.worker.daemon import AssignmentHandler, StatusPublisher, run_worker
-from procurator.worker.link import LinkSettings
+from procurator.worker.link import FailoverDialer, LinkSettings, MasterDialer
 from procurator.worker.runtime import ReconcilingHandler, RuntimeOptions
 from procurator.worker.vmm.base import (
     Capabilities,
@@ -71,7 +72,14 @@ class NullDriver:
     def check(self, definition: VmDefinition) -> None:
         """Runs anything (it runs nothing)."""
 
-    def launch(self, definition: VmDefinition, paths: VmmPaths, *, timeout: float) -> VmmHandle:
+    def launch(
+        self,
+        definition: VmDefinition,
+        paths: VmmPaths,
+        *,
+        timeout: float,
+        jail: object = None,  # nothing runs, so nothing is jailed
+    ) -> VmmHandle:
         handle = VmmHandle(self.name, self._pid, self._ticks, str(paths.api_socket))
         self._set(handle, VmState.RUNNING)
         return handle
@@ -169,7 +177,7 @@ async def _run(args: argparse.Namespace) -> None:
             nursery.start_soon(
                 functools.partial(
                     run_worker,
-                    CapnpMasterDialer(bridge, args.master),
+                    _dialer(bridge, args.master),
                     info,
                     state_dir=state_dir,
                     settings=LinkSettings(resync_interval=args.resync_interval),
@@ -179,6 +187,13 @@ async def _run(args: argparse.Namespace) -> None:
             async for _ in signals:
                 nursery.cancel_scope.cancel()
                 break
+
+
+def _dialer(bridge: Bridge, masters: str) -> MasterDialer:
+    """One master, or several (comma-separated) tried in turn, as the
+    worker's composition root does (procurator.app.worker)."""
+    dialers = [CapnpMasterDialer(bridge, address) for address in master_addresses(masters)]
+    return dialers[0] if len(dialers) == 1 else FailoverDialer(dialers)
 
 
 def main(argv: list[str] | None = None) -> None:
