@@ -85,6 +85,17 @@ COMMANDS: dict[str, str | NotRunnable] = {
         "for two minutes (procurator.demo on procurator.lab, which tests/e2e runs)"
     ),
     "make test": NotRunnable("runs this very test suite"),
+    # Several masters on PostgreSQL.
+    "procurator master --listen 0.0.0.0:7300 --database "
+    "postgresql://procurator@db.example/procurator": NotRunnable(
+        "needs the reader's PostgreSQL server (tests/ha runs masters on a throwaway one)"
+    ),
+    "procurator worker --id host-a --master m1.example:7300,m2.example:7300,m3.example:7300": (
+        NotRunnable("needs the reader's three master hosts (tests/ha runs such workers)")
+    ),
+    "export PROCURATOR_MASTER=m1.example:7300,m2.example:7300,m3.example:7300": NotRunnable(
+        "names the reader's master hosts; the walk-through below sets its own"
+    ),
     # The walk-through.
     "procurator certs init pki": RUN,
     "procurator certs issue pki --master": RUN,
