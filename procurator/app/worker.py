@@ -35,6 +35,7 @@ from procurator.app._process import host_port, run_until_signalled
 from procurator.app.masters import master_addresses
 from procurator.core.errors import PermanentError
 from procurator.core.models import Capacity, WorkerInfo
+from procurator.core.snapshot import SnapshotQuota
 from procurator.core.validation import (
     LIMITS,
     check_label_key,
@@ -84,6 +85,8 @@ class WorkerConfig:
     labels: tuple[tuple[str, str], ...] = ()
     cpu_overcommit: float = 1.0
     memory_overcommit: float = 1.0
+    # Bounds on the snapshots of this worker's VMs (docs/SNAPSHOTS.md).
+    snapshot_quota: SnapshotQuota = field(default_factory=SnapshotQuota)
     # The capacity reported; None: the host's (``RuntimeOptions.capacity``).
     capacity: Capacity | None = None
 
@@ -185,7 +188,7 @@ def _handler_factory(
             publisher=publisher,
         )
         if snapshots is not None:
-            snapshots.attach(SnapshotService(handler.manager))
+            snapshots.attach(SnapshotService(handler.manager, quota=config.snapshot_quota))
         return handler
 
     return reconciling

@@ -29,6 +29,7 @@ from procurator.cli.args import (
     tls_files,
 )
 from procurator.core.jail import JailPolicy
+from procurator.core.snapshot import SnapshotQuota
 from procurator.core.validation import (
     LIMITS,
     check_label_key,
@@ -172,6 +173,7 @@ def add_parser(sub: Any) -> None:
     )
     _add_placement_arguments(p)
     _add_jail_arguments(p)
+    _add_snapshot_arguments(p)
     add_common(p, daemon=True)
     p.set_defaults(handler=lambda args: worker_main(worker_config(args)))
 
@@ -296,6 +298,52 @@ def _add_jail_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_snapshot_arguments(p: argparse.ArgumentParser) -> None:
+    """The quotas on this worker's VM snapshots (docs/SNAPSHOTS.md); 0: none."""
+    quota = SnapshotQuota()
+    count = int_between(0, 1 << 20)
+    mib = int_between(0, 1 << 40)
+    p.add_argument(
+        "--snapshots-per-vm",
+        type=count,
+        default=quota.max_per_vm,
+        metavar="N",
+        help=f"snapshots a VM may have here; 0: no limit (default: {quota.max_per_vm})",
+    )
+    p.add_argument(
+        "--snapshot-mib-per-vm",
+        type=mib,
+        default=quota.max_bytes_per_vm >> 20,
+        metavar="MIB",
+        help="what a VM's snapshots may take on disk (its memory and writable disks, per "
+        f"snapshot); 0: no limit (default: {quota.max_bytes_per_vm >> 20})",
+    )
+    p.add_argument(
+        "--snapshots-per-worker",
+        type=count,
+        default=quota.max_per_worker,
+        metavar="N",
+        help=f"snapshots of all VMs here; 0: no limit (default: {quota.max_per_worker})",
+    )
+    p.add_argument(
+        "--snapshot-mib-per-worker",
+        type=mib,
+        default=quota.max_bytes_per_worker >> 20,
+        metavar="MIB",
+        help="what all snapshots here may take on disk; 0: no limit "
+        f"(default: {quota.max_bytes_per_worker >> 20})",
+    )
+
+
+def _snapshot_quota(args: argparse.Namespace) -> SnapshotQuota:
+    return SnapshotQuota(
+        max_per_vm=args.snapshots_per_vm,
+        max_bytes_per_vm=args.snapshot_mib_per_vm << 20,
+        max_per_worker=args.snapshots_per_worker,
+        max_bytes_per_worker=args.snapshot_mib_per_worker << 20,
+    )
+
+
 def _jail_policy(args: argparse.Namespace) -> JailPolicy | None:
     if args.unconfined:
         return None
@@ -346,4 +394,5 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         labels=tuple(sorted(set(args.label))),
         cpu_overcommit=args.cpu_overcommit,
         memory_overcommit=args.memory_overcommit,
+        snapshot_quota=_snapshot_quota(args),
     )
