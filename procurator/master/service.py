@@ -26,7 +26,11 @@ Invariants:
   ``_generation``) changes under ``_apply_lock``, only to a newer
   generation: after this master's commit, or from the store's changes
   since the cached generation. A worker's cached state (session, status,
-  removals) is replaced only by a newer version of it. Events enter the
+  removals) is replaced only by a newer version of it, and a cache takes
+  the version of its own status write only when that write found the
+  cached version (``StatusWritten.previous``): else other writes came in
+  between (a lease expired, a session reclaimed, an apply's removals) and
+  the worker is read whole, lest the new version hide them. Events enter the
   rings in seq order, from the store only (``_pull_events``): the store
   mints seqs under a lock, so a cursor skips nothing.
 - **An apply is one transaction** that mints the generation and checks the
@@ -1516,7 +1520,7 @@ class MasterService:
             ack=RemovalAck(observed, now) if confirms else None,
         )
         try:
-            version = await self._store.write_status(write)
+            written = await self._store.write_status(write)
         except SessionEndedError:
             if self._sessions.get(session.token) is session:
                 self._end_session(session, "the worker registered again elsewhere")
@@ -1529,8 +1533,16 @@ class MasterService:
             raise UnavailableError("this worker session has ended; register again")
         session.status = status
         before = worker.status.observed_generation if worker.status else 0
-        if version > worker.version:
-            worker.version = version
+        if written.version > worker.version:
+            if written.previous == worker.version:
+                worker.version = written.version
+            else:
+                # Other writes came between the cached version and this
+                # one (a lease expired, this session reclaimed, an apply's
+                # removals): taking this version would hide them for good.
+                # Read the worker whole instead.
+                self._dirty_workers.add(worker.worker_id)
+                self._sync_wake.set()
             worker.status = status
             worker.last_report_unix_ms = reported
             if confirms:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from fleethelpers import FAKE, free_port
 
 FAST_MASTER = (
@@ -318,6 +319,32 @@ class HaLab:
                         found.setdefault(worker_id, {})[vm_id] = int(entry)
         return found
 
+    def views(self) -> str:
+        """What ``status --json`` shows on each master now (for a failure
+        message: which master's view was behind)."""
+        parts = []
+        for index, proc in enumerate(self.masters):
+            if proc is None or not proc.alive:
+                continue
+            try:
+                result = self.cli("status", "--json", masters=[index], timeout=30)
+            except subprocess.TimeoutExpired:
+                parts.append(f"--- status on master {index}: timed out")
+                continue
+            parts.append(f"--- status on master {index}:\n{result.stdout}{result.stderr}")
+        try:
+            with psycopg.connect(self.database, connect_timeout=5) as conn:
+                for sql in (
+                    "SELECT worker_id, version, master_id, session, connected, "
+                    "observed_generation FROM worker_state ORDER BY worker_id",
+                    "SELECT worker_id, vm_id, status FROM vm_status ORDER BY worker_id, vm_id",
+                ):
+                    rows = conn.execute(sql).fetchall()
+                    parts.append(f"--- {sql}:\n" + "\n".join(map(str, rows)))
+        except psycopg.Error as exc:
+            parts.append(f"--- the database: {exc}")
+        return "\n".join(parts)
+
     def logs(self) -> str:
         parts = []
         for path in sorted(self.dir.glob("*.log")):
@@ -337,7 +364,8 @@ class HaLab:
                 raise AssertionError(f"{proc.name} exited:\n{proc.log.read_text()[-3000:]}")
             if time.monotonic() > deadline:
                 raise AssertionError(
-                    f"timed out after {timeout:g} s waiting for {what}\n{self.logs()}"
+                    f"timed out after {timeout:g} s waiting for {what}\n{self.views()}\n"
+                    f"{self.logs()}"
                 )
             time.sleep(0.1)
 

@@ -14,6 +14,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
 import pytest
 import trio
 from masterhelpers import FakeNode
@@ -447,9 +448,10 @@ async def test_a_version_the_database_lost_is_not_handed_out_again() -> None:
             async def write(observed: int) -> int:
                 for _ in range(100):  # the pool replaces connections the restart broke
                     try:
-                        return await store.write_status(
+                        written = await store.write_status(
                             StatusWrite("w", "m1", session.session, observed, 100, whole=True)
                         )
+                        return written.version
                     except UnavailableError:
                         await trio.sleep(0.1)
                 raise AssertionError("the database did not come back")
@@ -461,6 +463,34 @@ async def test_a_version_the_database_lost_is_not_handed_out_again() -> None:
             assert (await write(2)) > lost
         finally:
             await store.aclose()
+
+
+async def test_a_status_report_does_not_hide_a_change_made_before_it(
+    pg_url: str, fleet_of: FleetOf
+) -> None:
+    """Another write changed the worker's row after the master last read it
+    and before the master stored a status report of that worker (here one
+    that notifies nobody, with the periodic comparison far away): the
+    report's version must not stand for that change, which the master
+    reads."""
+    from procurator.master.store.codec import encode_info  # noqa: PLC0415
+
+    async with masters(pg_url, 1, sync_interval=3600.0) as group:
+        (a,) = group.services
+        await a.apply(fleet_of({"host-a": [("web-1", "a")]}))
+        token = await a.register(WorkerInfo("host-a", version="1.0"), FakeNode())
+        await a.report_status(token, WorkerStatus("host-a", 0, ()))
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE worker_state SET info = %s, version = version + 1 WHERE worker_id = %s",
+                (encode_info(WorkerInfo("host-a", version="2.0")), "host-a"),
+            )
+        await a.report_status(token, WorkerStatus("host-a", 1, (running("web-1"),)))
+
+        async def seen() -> bool:
+            return a.worker_info()["host-a"].version == "2.0"
+
+        await eventually(seen, "the master shows the change made before the report")
 
 
 class _SlowRegister:

@@ -469,9 +469,11 @@ async def test_status_writes_change_only_the_rows_that_differ(db: Db, store: Sto
         ("d",),
     ]
     # A change report: what changed and what went.
-    version = await store.write_status(status_write("w", session, 2, running("e"), deletes=("a",)))
+    before = (await store.worker("w")).version
+    written = await store.write_status(status_write("w", session, 2, running("e"), deletes=("a",)))
     worker = await store.worker("w")
-    assert worker.version == version and worker.reported_unix_ms == 100
+    assert written.previous == before and written.version == worker.version > before
+    assert worker.reported_unix_ms == 100
     assert worker.status is not None and worker.status.observed_generation == 2
     assert sorted(v.id for v in worker.status.vms) == ["b", "d", "e"]
     assert next(v for v in worker.status.vms if v.id == "b") == running("b", "new")

@@ -20,6 +20,7 @@ from procurator.master.store.model import (
     LeaseState,
     PlacementRecord,
     StatusWrite,
+    StatusWritten,
     StoredFleet,
     StoredWorker,
     Versions,
@@ -166,7 +167,7 @@ class SqlStore(abc.ABC):
             durable=False,
         )
 
-    async def write_status(self, write: StatusWrite) -> int:
+    async def write_status(self, write: StatusWrite) -> StatusWritten:
         return await self._write(
             lambda tx: _sql.write_status(tx, write),
             f"store the status of worker {write.worker_id}",

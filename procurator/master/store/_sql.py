@@ -70,6 +70,7 @@ from procurator.master.store.model import (
     RequestRecordedError,
     SessionEndedError,
     StatusWrite,
+    StatusWritten,
     StoredFleet,
     StoredWorker,
     Versions,
@@ -581,14 +582,14 @@ def end_sessions(tx: Tx, except_master: str, unix_ms: int) -> list[str]:
 # ---------------------------------------------------------------- status
 
 
-def write_status(tx: Tx, write: StatusWrite) -> int:
-    """See ``StatusWrite``; the worker's new version."""
+def write_status(tx: Tx, write: StatusWrite) -> StatusWritten:
+    """See ``StatusWrite``; the worker's version before and after."""
     holder = _one(
         tx,
-        "SELECT master_id, session FROM worker_state WHERE worker_id = ? {lock}",
+        "SELECT master_id, session, version FROM worker_state WHERE worker_id = ? {lock}",
         (write.worker_id,),
     )
-    if holder is None or tuple(holder) != (write.master_id, write.session):
+    if holder is None or tuple(holder[:2]) != (write.master_id, write.session):
         raise SessionEndedError(
             f"worker {write.worker_id}: this session has ended (the worker registered again, "
             "here or with another master); register again"
@@ -622,7 +623,7 @@ def write_status(tx: Tx, write: StatusWrite) -> int:
         (write.observed_generation, write.reported_unix_ms, write.worker_id),
     )[0]
     tx.notify(Change(ChangeKind.WORKER, version, write.worker_id))
-    return int(version)
+    return StatusWritten(int(holder[2]), int(version))
 
 
 # ---------------------------------------------------------------- events

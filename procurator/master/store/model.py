@@ -195,6 +195,18 @@ class StatusWrite:
 
 
 @dataclass(frozen=True, slots=True)
+class StatusWritten:
+    """What ``write_status`` did to the worker's version: ``previous`` (the
+    version the write found) and ``version`` (the one it made). A cache at
+    ``previous`` may take ``version``; a cache at another version misses
+    writes made in between (a lease expired, a session reclaimed, an
+    apply's removals) and must read the worker."""
+
+    previous: int
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
 class Fence:
     """A singleton duty's right to write: the lease ``name`` held by
     ``holder`` in ``epoch``. The store checks it inside the transaction of

@@ -31,6 +31,7 @@ from procurator.master.store.model import (
     LeaseState,
     PlacementRecord,
     StatusWrite,
+    StatusWritten,
     StoredFleet,
     StoredWorker,
     Versions,
@@ -157,8 +158,9 @@ class Store(Protocol):
 
     async def end_sessions(self, except_master: str, *, unix_ms: int) -> list[str]: ...
 
-    async def write_status(self, write: StatusWrite) -> int:
-        """Store one status report (see ``StatusWrite``); the new version."""
+    async def write_status(self, write: StatusWrite) -> StatusWritten:
+        """Store one status report (see ``StatusWrite``); the worker's
+        version before and after (``StatusWritten``)."""
         ...
 
     # -- events -------------------------------------------------------------------
