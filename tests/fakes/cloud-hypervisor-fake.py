@@ -403,7 +403,6 @@ class Handler(BaseHTTPRequestHandler):
         if not faults.get("ignore_power_button"):
             vmm.later(float(faults.get("power_button_delay", 0.05)), vmm.guest_poweroff)
 
-
     def _file_url(self, body: bytes, key: str) -> Path | None:
         """The directory of the ``file://`` URL ``key`` of a JSON body; else
         answers 400 (cloud-hypervisor accepts only ``file://`` here)."""

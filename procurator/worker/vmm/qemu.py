@@ -668,9 +668,7 @@ class QemuDriver:
         file, read by this process and handed over as a descriptor), then
         let the guest run (``cont``). Raises as ``launch``; a state QEMU
         cannot load makes it exit (``VmmGone`` with its log)."""
-        return self._start(
-            definition, paths, timeout=timeout, jail=jail, state=source / STATE_FILE
-        )
+        return self._start(definition, paths, timeout=timeout, jail=jail, state=source / STATE_FILE)
 
     def save_state(self, handle: VmmHandle, target: Path, *, timeout: float) -> None:
         """Migrate the paused VM into ``target/memory`` (``migrate`` to a
