@@ -66,6 +66,18 @@ Invariants:
   overwrites one not yet sent, and a push that times out ends the session
   (the worker reconnects and pulls). So a slow or dead worker never delays
   an apply or another worker.
+- **Pushing changes.** Once a session's worker is known to hold a whole
+  assignment of generation G (it acknowledged a push of it or pulled it on
+  this session: ``_Session.held``, only ever moving forward), it is pushed
+  only the changes from G to the new assignment (``Node.pushChanges``,
+  ``procurator.core.assignments``), computed from the two assignments this
+  master has cached (O(that worker's VMs), never the fleet); the whole
+  assignment goes instead when the changes would be no smaller. A worker
+  that answers the call unsupported (an older release) gets whole
+  assignments for the rest of its session. A worker that holds another
+  generation than G does not guess: it pulls the whole assignment (which
+  is then what it holds), and the periodic resync heals a lost push either
+  way. A push of a generation the worker pulled already is not sent.
 - **One session per worker, fleet-wide.** Registering stores a new session
   (numbered) held by this master, which ends the worker's older session
   wherever it was: a master that hears of it closes its connection, and
@@ -185,6 +197,7 @@ from typing import NoReturn, Protocol
 
 import trio
 
+from procurator.core.assignments import AssignmentChanges, assignment_changes
 from procurator.core.control import (
     ApplyResult,
     FleetStatus,
@@ -199,6 +212,7 @@ from procurator.core.errors import (
     StaleGenerationError,
     UnauthorizedError,
     UnavailableError,
+    UnsupportedError,
     ValidationError,
 )
 from procurator.core.fleet import diff_fleets, validate_fleet
@@ -320,6 +334,12 @@ class WorkerNode(Protocol):
         """Deliver ``assignment``; returns once the worker took note of it."""
         ...
 
+    async def push_changes(self, changes: AssignmentChanges) -> None:
+        """Deliver what changed since ``changes.base_generation``; as
+        ``push``, and ``UnsupportedError`` from a worker that does not take
+        changes (an older release)."""
+        ...
+
     async def snapshot(self, request: SnapshotRequest) -> SnapshotInfo:
         """The worker's answer to a snapshot operation (its typed error)."""
         ...
@@ -344,6 +364,12 @@ class _Session:
     node: WorkerNode
     pending: Assignment | None = None
     wake: trio.Event = field(default_factory=trio.Event)
+    # The newest assignment (as sent) the worker is known to hold on this
+    # session: it acknowledged its push or pulled it. What changes are
+    # computed from; None until then (see "Pushing changes").
+    held: Assignment | None = None
+    # False once the worker answered ``push_changes`` unsupported.
+    takes_changes: bool = True
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     # The last status this session delivered: what its status changes apply
     # to (never another session's, see procurator.core.status).
@@ -1354,10 +1380,16 @@ class MasterService:
         """The worker's assignment and whether it differs from
         ``known_generation`` (when it does not, ``vms`` is empty)."""
         self._require_running()
-        worker_id = self._session(token).worker_id
+        session = self._session(token)
+        worker_id = session.worker_id
         assignment = self._assignments.get(worker_id) or Assignment(worker_id, 0)
         if assignment.generation == known_generation:
+            if session.held is None or session.held.generation < known_generation:
+                # The worker holds this generation (from an earlier session,
+                # or another master): later pushes may be its changes.
+                _hold(session, assignment)
             return Assignment(worker_id, assignment.generation, (), assignment.op_id), False
+        _hold(session, assignment)
         return assignment, True
 
     async def report_status(self, token: int, status: WorkerStatus) -> None:
@@ -1851,14 +1883,50 @@ class MasterService:
             ):
                 try:
                     with trio.fail_after(self._push_timeout):
-                        await session.node.push(assignment)
+                        sent = await self._push_one(session, assignment)
                 except trio.TooSlowError:
                     return f"push of generation {assignment.generation} (op {op}) timed out"
                 except ProcuratorError as exc:
                     return f"push of generation {assignment.generation} (op {op}) failed: {exc}"
+                if sent:
+                    logger.info(
+                        "pushed generation %d to worker %s (%s)",
+                        assignment.generation,
+                        session.worker_id,
+                        sent,
+                    )
+
+    async def _push_one(self, session: _Session, assignment: Assignment) -> str:
+        """Deliver ``assignment`` (as sent) to the session's worker: only its
+        changes since what the worker holds when that is known and smaller,
+        else whole; nothing when the worker holds it already. Says what was
+        sent ("" for nothing)."""
+        held = session.held
+        if held is not None and held.generation >= assignment.generation:
+            return ""  # a pull brought it (or a newer one) first
+        changes = _changes_to_send(session, assignment)
+        if changes is not None:
+            try:
+                await session.node.push_changes(changes)
+            except UnsupportedError as exc:
+                session.takes_changes = False
                 logger.info(
-                    "pushed generation %d to worker %s", assignment.generation, session.worker_id
+                    "worker %s does not take assignment changes (%s): whole assignments "
+                    "for the rest of its session",
+                    session.worker_id,
+                    exc,
                 )
+            else:
+                # A worker that did not hold the base pulls the whole
+                # assignment (that pull is what it holds then).
+                _hold(session, assignment)
+                return (
+                    f"changes from generation {changes.base_generation}: "
+                    f"{len(changes.upserted)} VM(s) changed, {len(changes.removed)} removed"
+                )
+        await session.node.push(assignment)
+        _hold(session, assignment)
+        return f"whole: {len(assignment.vms)} VM(s)"
 
     async def _close_node(self, node: WorkerNode, worker_id: str) -> None:
         try:
@@ -1866,6 +1934,28 @@ class MasterService:
                 await node.aclose()
         except ProcuratorError as exc:
             logger.debug("closing the connection of worker %s: %s", worker_id, exc)
+
+
+def _hold(session: _Session, assignment: Assignment) -> None:
+    """The session's worker holds ``assignment`` (as sent): it acknowledged
+    its push or pulled it. Only forward: a worker ignores older ones."""
+    held = session.held
+    if held is None or assignment.generation > held.generation:
+        session.held = assignment
+
+
+def _changes_to_send(session: _Session, assignment: Assignment) -> AssignmentChanges | None:
+    """The changes that turn what the session's worker holds into
+    ``assignment`` (O(its VMs), from the two cached assignments), or None
+    when the whole assignment is to go: nothing known held, a worker that
+    does not take changes, or changes no smaller than the whole."""
+    held = session.held
+    if held is None or not session.takes_changes:
+        return None
+    changes = assignment_changes(held, assignment)
+    if changes.size >= max(1, len(assignment.vms)):
+        return None
+    return changes
 
 
 def _log_placement(op_id: str, placement: Placement) -> None:

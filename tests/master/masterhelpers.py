@@ -12,6 +12,7 @@ from typing import Any
 
 import trio
 
+from procurator.core.errors import UnsupportedError
 from procurator.core.models import Assignment
 from procurator.master.service import MasterService
 from procurator.master.store import FleetStore, Store
@@ -35,6 +36,10 @@ class FakeNode:
         if self.hang:
             await trio.sleep_forever()
         self.pushed.append(assignment)
+
+    async def push_changes(self, changes: object) -> None:
+        # An older worker: the master pushes it whole assignments.
+        raise UnsupportedError("Node.pushChanges: not implemented by this fake")
 
     async def aclose(self) -> None:
         self.closed = True

@@ -16,7 +16,12 @@ from operatorhelpers import run_promtool
 from prometheus_client.parser import text_string_to_metric_families
 from rpcfixtures import make_fleet
 
-from procurator.core.errors import NotFoundError, StaleGenerationError, UnavailableError
+from procurator.core.errors import (
+    NotFoundError,
+    StaleGenerationError,
+    UnavailableError,
+    UnsupportedError,
+)
 from procurator.core.metrics import CATALOGUE, FleetView
 from procurator.core.models import Assignment, WorkerInfo, WorkerStatus
 from procurator.core.status import StatusChanges
@@ -38,6 +43,10 @@ class Node:
 
     async def push(self, assignment: Assignment) -> None:
         pass
+
+    async def push_changes(self, changes: object) -> None:
+        # An older worker: the master pushes it whole assignments.
+        raise UnsupportedError("Node.pushChanges: not implemented by this fake")
 
     async def aclose(self) -> None:
         pass

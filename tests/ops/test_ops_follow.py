@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from procurator.cli import ops
+from procurator.core.errors import UnsupportedError
 from procurator.core.fleet import parse_fleet
 from procurator.core.models import EventKind, VmEvent, WorkerInfo
 from procurator.master.service import MasterService
@@ -31,6 +32,10 @@ class _Node:
 
     async def push(self, assignment: object) -> None:
         return None
+
+    async def push_changes(self, changes: object) -> None:
+        # An older worker: the master pushes it whole assignments.
+        raise UnsupportedError("Node.pushChanges: not implemented by this fake")
 
     async def aclose(self) -> None:
         return None

@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from procurator.core.errors import NotFoundError, StaleGenerationError, ValidationError
+from procurator.core.errors import (
+    NotFoundError,
+    StaleGenerationError,
+    UnsupportedError,
+    ValidationError,
+)
 from procurator.core.fleet import parse_fleet
 from procurator.core.models import (
     Assignment,
@@ -42,6 +47,10 @@ class FakeNode:
 
     async def push(self, assignment: Assignment) -> None:
         self.pushed.append(assignment)
+
+    async def push_changes(self, changes: object) -> None:
+        # An older worker: the master pushes it whole assignments.
+        raise UnsupportedError("Node.pushChanges: not implemented by this fake")
 
     async def aclose(self) -> None:
         return None

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from procurator.core.errors import UnsupportedError
 from procurator.core.models import (
     Assignment,
     Capacity,
@@ -40,6 +41,10 @@ class FakeNode:
 
     async def push(self, assignment: Assignment) -> None:
         self.pushed.append(assignment)
+
+    async def push_changes(self, changes: object) -> None:
+        # An older worker: the master pushes it whole assignments.
+        raise UnsupportedError("Node.pushChanges: not implemented by this fake")
 
     async def aclose(self) -> None:
         pass

@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from procurator.core.errors import ValidationError
+from procurator.core.errors import UnsupportedError, ValidationError
 from procurator.core.models import (
     Assignment,
     Capacity,
@@ -42,6 +42,10 @@ class FakeNode:
 
     async def push(self, assignment: Assignment) -> None:
         self.pushed.append(assignment)
+
+    async def push_changes(self, changes: object) -> None:
+        # An older worker: the master pushes it whole assignments.
+        raise UnsupportedError("Node.pushChanges: not implemented by this fake")
 
     async def aclose(self) -> None:
         pass

@@ -11,6 +11,11 @@ import pytest
 import trio
 
 from procurator.cli.apply import _print_apply
+from procurator.core.assignments import (
+    AssignmentChanges,
+    AssignmentUpdate,
+    apply_assignment_changes,
+)
 from procurator.core.control import ApplyResult
 from procurator.core.errors import ValidationError
 from procurator.core.fleet import parse_fleet
@@ -123,11 +128,14 @@ class Received:
         self.assignments: list[Assignment] = []
         self._changed = trio.Event()
 
-    async def __call__(self, assignment: Assignment) -> bool:
-        self.assignments.append(assignment)
+    async def __call__(self, update: AssignmentUpdate) -> bool:
+        if isinstance(update, AssignmentChanges):
+            # As a worker does: changes apply to the assignment it holds.
+            update = apply_assignment_changes(self.assignments[-1], update)
+        self.assignments.append(update)
         self._changed.set()
         self._changed = trio.Event()
-        return True  # taken (whole assignments only: it asks for no changes)
+        return True
 
     async def wait_generation(self, generation: int) -> Assignment:
         with trio.fail_after(20):

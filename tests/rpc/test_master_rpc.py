@@ -12,6 +12,11 @@ import trio
 from rpchelpers import served_service
 from testnames import free_port
 
+from procurator.core.assignments import (
+    AssignmentChanges,
+    AssignmentUpdate,
+    apply_assignment_changes,
+)
 from procurator.core.control import FleetStatus
 from procurator.core.errors import (
     ProcuratorError,
@@ -49,10 +54,14 @@ class Received:
         self.assignments: list[Assignment] = []
         self._changed = trio.Event()
 
-    async def __call__(self, assignment: Assignment) -> None:
-        self.assignments.append(assignment)
+    async def __call__(self, update: AssignmentUpdate) -> bool:
+        if isinstance(update, AssignmentChanges):
+            # As a worker does: changes apply to the assignment it holds.
+            update = apply_assignment_changes(self.assignments[-1], update)
+        self.assignments.append(update)
         self._changed.set()
         self._changed = trio.Event()
+        return True
 
     async def wait_generation(self, generation: int) -> Assignment:
         with trio.fail_after(20):
