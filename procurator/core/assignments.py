@@ -8,8 +8,8 @@ worker has a whole assignment, it can be sent ``AssignmentChanges``
 (``Node.pushChanges``): the generation the changes apply to
 (``base_generation``), the new one, and only the entries added or changed
 (whole) and the ids removed. The worker's link and reconciler take them;
-the master's push path does not send them yet (it pushes whole
-assignments; ``RemoteNode.push_changes`` is its side of the call).
+the master sends them once the worker is known to hold a whole assignment
+(``procurator.master.service``, "Pushing changes").
 
 Invariants (the worker's link and reconciler keep them):
 
