@@ -61,6 +61,11 @@ struct VmAssignment {
   # /nix/store/<32 base-32 chars>-<name>, holding vm-config.json.
   power @3 :PowerState;
   resources @4 :Resources;
+  reschedule @5 :Bool;
+  # In a worker's assignment only (ignored elsewhere): the VM is
+  # on_worker_lost = "reschedule", so a worker cut off from every master
+  # for --fence-after fences it (pauses it) before the master may place it
+  # elsewhere. Default false ("wait", and what older masters send).
 }
 
 struct Assignment {

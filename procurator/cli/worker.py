@@ -28,6 +28,7 @@ from procurator.cli.args import (
     positive,
     tls_files,
 )
+from procurator.core.fence import DEFAULT_FENCE_AFTER
 from procurator.core.jail import JailPolicy
 from procurator.core.snapshot import SnapshotQuota
 from procurator.core.validation import (
@@ -74,6 +75,17 @@ def add_parser(sub: Any) -> None:
         type=positive,
         default=30.0,
         help="seconds between full pulls of the assignment (default: 30)",
+    )
+    p.add_argument(
+        "--fence-after",
+        type=positive,
+        default=DEFAULT_FENCE_AFTER,
+        metavar="SECONDS",
+        help="after this long without an answer from any master, pause the VMs the master "
+        'may move elsewhere (on_worker_lost = "reschedule") until a master sends the '
+        "assignment again; must stay below 2/3 of the masters' --worker-lease, since "
+        f"healing may start that soon (default: {DEFAULT_FENCE_AFTER:g}, for the default "
+        "lease of 30)",
     )
     p.add_argument(
         "--driver",
@@ -385,7 +397,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         runtime=runtime,
         master=args.master,
         state_dir=Path(args.state_dir),
-        link=LinkSettings(resync_interval=args.resync_interval),
+        link=LinkSettings(resync_interval=args.resync_interval, fence_after=args.fence_after),
         metrics_advertise=args.metrics_advertise,
         tls=tls_files(args),
         insecure=args.insecure,

@@ -100,6 +100,10 @@ class VmAssignment:
     power: PowerState = PowerState.RUNNING
     vcpus: int = 0  # 0: as the image says
     memory_mib: int = 0  # 0: as the image says
+    # Sent to workers only (never in a fleet, never stored): the VM is
+    # ``on_worker_lost = "reschedule"``, so a worker cut off from every
+    # master fences it (procurator.core.fence).
+    reschedule: bool = False
 
 
 @dataclass(frozen=True, slots=True)

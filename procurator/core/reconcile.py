@@ -52,6 +52,7 @@ import trio
 from procurator.core.assignments import AssignmentChanges
 from procurator.core.backoff import RestartPolicy, RestartState
 from procurator.core.errors import PermanentError, TemporaryError
+from procurator.core.fence import fenced_entry
 from procurator.core.models import (
     Assignment,
     EventKind,
@@ -280,6 +281,9 @@ class Reconciler:
     _reported_generation: int | None = field(default=None, init=False)
     _observed_generation: int = field(default=0, init=False)
     _passes: int = field(default=0, init=False)
+    # While fenced (procurator.core.fence): the entries the fence replaced,
+    # by id (their fenced copies are in ``_desired``); None: not fenced.
+    _unfenced: dict[str, VmAssignment] | None = field(default=None, init=False)
 
     # -- inputs ----------------------------------------------------------
 
@@ -290,6 +294,11 @@ class Reconciler:
         if self._desired is not None and assignment.generation <= self._generation:
             return False
         self._desired = {vm.id: vm for vm in assignment.vms}
+        if self._unfenced is not None:
+            # Fenced still: a newer whole assignment is fenced the same way
+            # until ``unfence`` (the master has not answered yet).
+            self._unfenced = {}
+            self._fence_entries()
         self._generation = assignment.generation
         self._op_id = assignment.op_id
         self.request_full_pass()
@@ -306,12 +315,21 @@ class Reconciler:
         # A VM whose desired entry changed holds the new generation back
         # until a pass has looked at it (one may be observing right now).
         dirty, unsettled = self._dirty, self._unsettled
+        unfenced = self._unfenced
         for vm in changes.upserted:
-            desired[vm.id] = vm
+            entry = vm
+            if unfenced is not None:
+                unfenced.pop(vm.id, None)
+                if (fenced := fenced_entry(vm)) is not None:
+                    unfenced[vm.id] = vm
+                    entry = fenced
+            desired[vm.id] = entry
             dirty.add(vm.id)
             unsettled.add(vm.id)
         for vm_id in changes.removed:
             desired.pop(vm_id, None)
+            if unfenced is not None:
+                unfenced.pop(vm_id, None)
             dirty.add(vm_id)
             unsettled.add(vm_id)
         if changes.op_id != self._op_id:
@@ -321,6 +339,58 @@ class Reconciler:
         self._op_id = changes.op_id
         self._wake.set()
         return True
+
+    def fence(self, message: str) -> list[str]:
+        """Fence the VMs of the assignment held (see
+        ``procurator.core.fence``): each ``reschedule`` VM desired running
+        is desired paused until ``unfence``, and gets a ``paused`` event
+        saying ``message``. Returns their ids (none when already fenced)."""
+        if self._unfenced is not None:
+            return []
+        self._unfenced = {}
+        fenced = self._fence_entries()
+        if self.on_event is not None:
+            now_ms = int(self.wall_clock() * 1000)
+            for vm_id in fenced:
+                self.on_event(
+                    VmEvent(vm_id, EventKind.PAUSED, message, self._op_id, unix_time_ms=now_ms)
+                )
+        return fenced
+
+    def _fence_entries(self) -> list[str]:
+        desired, unfenced = self._desired, self._unfenced
+        if desired is None or unfenced is None:
+            return []
+        fenced: list[str] = []
+        for vm_id, vm in desired.items():
+            if (entry := fenced_entry(vm)) is not None:
+                unfenced[vm_id] = vm
+                desired[vm_id] = entry
+                fenced.append(vm_id)
+        self._dirty.update(fenced)
+        self._unsettled.update(fenced)
+        self._wake.set()
+        return fenced
+
+    def unfence(self) -> list[str]:
+        """End the fence: the fenced VMs are desired as their assignment
+        says again. Call only once the assignment held is the master's
+        current one. Returns the ids whose entry came back."""
+        unfenced, self._unfenced = self._unfenced, None
+        desired = self._desired
+        if not unfenced or desired is None:
+            return []
+        restored = [vm_id for vm_id in unfenced if vm_id in desired]
+        for vm_id in restored:
+            desired[vm_id] = unfenced[vm_id]
+        self._dirty.update(restored)
+        self._unsettled.update(restored)
+        self._wake.set()
+        return restored
+
+    @property
+    def fenced(self) -> bool:
+        return self._unfenced is not None
 
     def mark_dirty(self, vm_id: str) -> None:
         """Something about VM ``vm_id`` changed: handle it in the next pass."""
@@ -341,8 +411,12 @@ class Reconciler:
         """The assignment held, whole (O(VMs): not for hot paths)."""
         if self._desired is None:
             return None
+        unfenced = self._unfenced or {}
         return Assignment(
-            self.worker_id, self._generation, tuple(self._desired.values()), self._op_id
+            self.worker_id,
+            self._generation,
+            tuple(unfenced.get(vm.id, vm) for vm in self._desired.values()),
+            self._op_id,
         )
 
     @property

@@ -33,10 +33,18 @@ answer turned into assignments (docs/SCHEDULING.md, issue 27).
   assignments, and the ``PlacementRecord`` the last apply stored) with
   ``partial=True`` — a VM that fits nowhere stays where it is, unavailable,
   and the others are re-homed.
+- **The fence marks.** What a worker receives marks each VM whose stored
+  rule is ``on_worker_lost = "reschedule"`` (``with_fence_marks``:
+  ``VmAssignment.reschedule``), so a worker cut off from every master
+  pauses exactly the VMs healing may place elsewhere
+  (``procurator.core.fence``). The marks are added when an assignment is
+  sent (pushed or pulled), from the rules the store holds; stored and
+  cached assignments carry none, so diffs and generations never see them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -45,6 +53,7 @@ from procurator.core.models import (
     Assignment,
     Capacity,
     Fleet,
+    OnWorkerLost,
     Placement,
     PlacementPolicy,
     UnpinnedVm,
@@ -63,6 +72,7 @@ __all__ = [
     "placement_record",
     "resolve",
     "stored_fleet",
+    "with_fence_marks",
     "worker_facts",
 ]
 
@@ -205,3 +215,22 @@ def stored_fleet(assignments: Mapping[str, Assignment], record: PlacementRecord)
         tuple(sorted(unpinned, key=lambda u: u.id)),
         PlacementPolicy(record.strategy),
     )
+
+
+def with_fence_marks(assignment: Assignment, rules: Mapping[str, UnpinnedRules]) -> Assignment:
+    """``assignment`` as sent to its worker: each VM whose rule in
+    ``rules`` is ``reschedule`` marked (see the module docstring), the
+    others unmarked. The same object when no mark changes (O(VMs))."""
+    vms = []
+    changed = False
+    for vm in assignment.vms:
+        rule = rules.get(vm.id)
+        mark = rule is not None and rule.on_worker_lost is OnWorkerLost.RESCHEDULE
+        if mark != vm.reschedule:
+            vms.append(dataclasses.replace(vm, reschedule=mark))
+            changed = True
+        else:
+            vms.append(vm)
+    if not changed:
+        return assignment
+    return dataclasses.replace(assignment, vms=tuple(vms))

@@ -191,7 +191,7 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NoReturn, Protocol
 
@@ -245,6 +245,7 @@ from procurator.master.scheduling import (
     placement_record,
     resolve,
     stored_fleet,
+    with_fence_marks,
     worker_facts,
 )
 from procurator.master.store import (
@@ -263,6 +264,7 @@ from procurator.master.store import (
     StoredWorker,
     StoreUnavailableError,
 )
+from procurator.master.store.model import UnpinnedRules
 
 __all__ = [
     "DesiredStateStore",
@@ -482,6 +484,9 @@ class MasterService:
         self._events_lock = trio.Lock()
         self._generation = 0
         self._assignments: dict[str, Assignment] = {}
+        # The stored rules of unpinned VMs, as of a generation, for the
+        # fence marks of what workers receive (with_fence_marks).
+        self._fence_rules: tuple[int, Mapping[str, UnpinnedRules]] = (-1, {})
         self._workers: dict[str, _Worker] = {}
         self._sessions: dict[int, _Session] = {}
         self._tokens = itertools.count(1)
@@ -1007,6 +1012,9 @@ class MasterService:
                 worker.removals[vm_id] = Removal(generation)
             self._rebuild_voice(diff.worker_id)
         self._generation = generation
+        # The rules this commit stored (a heal's are the stored ones): the
+        # pushes that follow mark the VMs without reading them back.
+        self._fence_rules = (generation, record.unpinned)
         self._sync_wake.set()
         self._mark_changed()
         return generation, diffs, placed
@@ -1387,10 +1395,28 @@ class MasterService:
             if session.held is None or session.held.generation < known_generation:
                 # The worker holds this generation (from an earlier session,
                 # or another master): later pushes may be its changes.
-                _hold(session, assignment)
+                _hold(session, await self._as_sent(assignment))
             return Assignment(worker_id, assignment.generation, (), assignment.op_id), False
-        _hold(session, assignment)
-        return assignment, True
+        sent = await self._as_sent(assignment)
+        _hold(session, sent)
+        return sent, True
+
+    async def _as_sent(self, assignment: Assignment) -> Assignment:
+        """``assignment`` with its fence marks (``with_fence_marks``), from
+        the rules stored as of this master's generation: those of its own
+        last commit, or read once per generation caught up with (rules at
+        least that new: they commit with it). When the store cannot be
+        read, the rules read last."""
+        generation = self._generation
+        cached_at, rules = self._fence_rules
+        if cached_at != generation:
+            try:
+                rules = (await self._store.placement()).unpinned
+            except UnavailableError as exc:
+                logger.warning("fence marks from the rules of generation %d: %s", cached_at, exc)
+            else:
+                self._fence_rules = (generation, rules)
+        return with_fence_marks(assignment, rules)
 
     async def report_status(self, token: int, status: WorkerStatus) -> None:
         self._require_store()
@@ -1881,6 +1907,7 @@ class MasterService:
                 worker_id=session.worker_id,
                 generation=assignment.generation,
             ):
+                assignment = await self._as_sent(assignment)
                 try:
                     with trio.fail_after(self._push_timeout):
                         sent = await self._push_one(session, assignment)

@@ -263,8 +263,15 @@ def _check_length(count: int, limit: int, where: str) -> None:
 
 
 def _vms_from_reader(
-    items: Any, where: str, problems: _Problems, *, limit: int = LIMITS.max_vms_per_worker
+    items: Any,
+    where: str,
+    problems: _Problems,
+    *,
+    limit: int = LIMITS.max_vms_per_worker,
+    reschedule: bool = False,
 ) -> tuple[VmAssignment, ...]:
+    # ``reschedule``: read the entries' fence mark (a worker's assignment
+    # only; a fleet's or a description's entries never carry one).
     # The hot path of every apply and every push (1,000 entries: ~7 -> ~2.5
     # ms): ``_get`` skips the attribute protocol, ``resources`` is read only
     # when set (``_fill_vms`` leaves it unset for 0/0), and a store path or
@@ -305,7 +312,11 @@ def _vms_from_reader(
                 valid_paths.add(path)
             else:
                 problems.add(f"{where}[{index}].nixStorePath", problem)
-        append(VmAssignment(vm_id, vm_hash, path, power, vcpus, memory))
+        append(
+            VmAssignment(
+                vm_id, vm_hash, path, power, vcpus, memory, reschedule and bool(get("reschedule"))
+            )
+        )
     return tuple(vms)
 
 
@@ -320,6 +331,8 @@ def _fill_vms(items: Any, vms: Sequence[VmAssignment]) -> None:
             resources = entry.resources
             resources.vcpus = vm.vcpus
             resources.memoryMib = vm.memory_mib
+        if vm.reschedule:
+            entry.reschedule = True
 
 
 def assignment_from_reader(reader: Any, where: str = "assignment") -> Assignment:
@@ -329,7 +342,7 @@ def assignment_from_reader(reader: Any, where: str = "assignment") -> Assignment
         problems.add(f"{where}.workerId", problem)
     generation: int = reader.generation
     op_id = problems.text(f"{where}.opId", reader.opId, limit=64)
-    vms = _vms_from_reader(reader.vms, f"{where}.vms", problems)
+    vms = _vms_from_reader(reader.vms, f"{where}.vms", problems, reschedule=True)
     problems.raise_if_any()
     return Assignment(worker_id, generation, vms, op_id)
 
@@ -350,7 +363,7 @@ def assignment_changes_from_reader(reader: Any, where: str = "changes") -> Assig
     if (problem := check_worker_id(worker_id)) is not None:
         problems.add(f"{where}.workerId", problem)
     op_id = problems.text(f"{where}.opId", reader.opId, limit=64)
-    upserted = _vms_from_reader(reader.upserted, f"{where}.upserted", problems)
+    upserted = _vms_from_reader(reader.upserted, f"{where}.upserted", problems, reschedule=True)
     ids = reader.removed
     _check_length(len(ids), LIMITS.max_vms_per_worker, f"{where}.removed")
     removed: list[str] = []

@@ -64,9 +64,14 @@ class AssignmentHandler(Protocol):
     should return quickly (take note, reconcile in its own task); it
     answers False for changes that do not apply to the assignment it holds
     (the link then fetches the whole one). ``run`` is started once before
-    the first assignment."""
+    the first assignment. ``on_fence(True, seconds)``: no master answered
+    for that long, fence (``procurator.core.fence``); ``on_fence(False,
+    ...)``: the fence ends, right after the master's whole assignment was
+    handed over (serially with ``on_assignment``)."""
 
     async def on_assignment(self, update: AssignmentUpdate) -> bool: ...
+
+    async def on_fence(self, fenced: bool, silent_for: float) -> None: ...
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -85,10 +90,14 @@ class RecordingHandler:
         self._worker_id = worker_id
         self._publisher = publisher
         self.assignments: list[Assignment] = []
+        self.fences: list[bool] = []  # each on_fence, in order
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         await trio.sleep_forever()
+
+    async def on_fence(self, fenced: bool, silent_for: float) -> None:
+        self.fences.append(fenced)
 
     async def on_assignment(self, update: AssignmentUpdate) -> bool:
         if isinstance(update, Assignment):
@@ -134,7 +143,11 @@ async def run_worker(
         assert handler is not None  # set before the link starts
         return await handler.on_assignment(update)
 
-    link = MasterLink(dialer, info, deliver, settings=settings)
+    async def fence(fenced: bool, silent_for: float) -> None:
+        assert handler is not None
+        await handler.on_fence(fenced, silent_for)
+
+    link = MasterLink(dialer, info, deliver, settings=settings, on_fence=fence)
     handler = handler_factory(link)
     async with trio.open_nursery() as nursery:
         await nursery.start(handler.run)

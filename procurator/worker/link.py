@@ -49,6 +49,19 @@ Invariants:
   died is on the next one after one reconnect pause (jittered, growing only
   while every master fails). The newest generation seen survives the
   switch: the new master is asked for what changed since it.
+- **The fence** (``procurator.core.fence``; only with an ``on_fence``
+  handler): every answer of a master (a registration, a pull, an
+  acknowledged report) is *contact*; while connected the link pulls at
+  least every ``heartbeat_interval(fence_after)`` seconds, so a healthy
+  link hears from its master four times per fence delay. After
+  ``fence_after`` seconds without contact, the link drops the update it
+  has not delivered, hands ``on_fence(True, seconds)`` to the handler
+  (which pauses its ``reschedule`` VMs) and asks for the whole assignment.
+  Until a whole assignment from a master arrives, changes are not taken;
+  that assignment is delivered first, then ``on_fence(False, seconds)``:
+  the handler never resumes a fenced VM on an assignment older than the
+  fence. The fence's timing against the masters' lease is in
+  ``procurator.core.fence``: ``fence_after`` + the pause < 2/3 of a lease.
 
 Everything here runs on trio; the ``publish_*`` methods are synchronous and
 must be called from the trio thread. The connection itself is a
@@ -76,6 +89,12 @@ from procurator.core.errors import (
     UnavailableError,
     UnsupportedError,
 )
+from procurator.core.fence import (
+    DEFAULT_FENCE_AFTER,
+    check_fence_after,
+    fence_due,
+    heartbeat_interval,
+)
 from procurator.core.metrics import MetricSample
 from procurator.core.models import Assignment, VmEvent, WorkerInfo, WorkerStatus
 from procurator.core.status import StatusChanges, StatusOutbox
@@ -88,6 +107,7 @@ __all__ = [
     "MasterLink",
     "MasterSession",
     "OnAssignment",
+    "OnFence",
     "OnUpdate",
 ]
 
@@ -98,6 +118,8 @@ OnAssignment = Callable[[AssignmentUpdate], Awaitable[None]]
 # What the link delivers updates to, one at a time; it answers False when
 # changes do not fit what it holds (the link then fetches the whole).
 OnUpdate = Callable[[AssignmentUpdate], Awaitable[bool]]
+# What the link tells of the fence: (fenced, seconds without a master).
+OnFence = Callable[[bool, float], Awaitable[None]]
 _T = TypeVar("_T")
 
 
@@ -151,6 +173,11 @@ class LinkSettings:
     jitter: float = 0.2  # +-20 % of each delay
     max_buffered_events: int = 10_000
     event_batch: int = 1_000
+    # Seconds without any master before the fence (procurator.core.fence).
+    fence_after: float = DEFAULT_FENCE_AFTER
+
+    def __post_init__(self) -> None:
+        check_fence_after(self.fence_after)
 
 
 class MasterLink:
@@ -165,6 +192,7 @@ class MasterLink:
         settings: LinkSettings | None = None,
         initial_generation: int = 0,
         rng: random.Random | None = None,
+        on_fence: OnFence | None = None,
     ) -> None:
         self._dialer = dialer
         self.info = info
@@ -198,6 +226,15 @@ class MasterLink:
         self._events: collections.deque[tuple[int, VmEvent]] = collections.deque()
         self._event_seq = itertools.count(1)
         self._events_wake = trio.Event()
+        # The fence: last contact (trio clock; set in ``run``), whether
+        # fenced, and what the deliverer still has to tell the handler.
+        self._on_fence = on_fence
+        self._last_contact = 0.0
+        self._fenced = False
+        self._lifted = trio.Event()
+        self._fence_to_deliver: float | None = None
+        self._lift_to_deliver: float | None = None
+        self.fences = 0
         # Counters for the worker's own metrics.
         self.events_dropped = 0
         self.metrics_dropped = 0
@@ -215,6 +252,12 @@ class MasterLink:
     def newest_generation(self) -> int:
         """The newest generation received from the master (or the initial)."""
         return self._newest_generation
+
+    @property
+    def fenced(self) -> bool:
+        """Fenced: no master answered for ``fence_after`` seconds, and no
+        whole assignment has arrived since."""
+        return self._fenced
 
     async def wait_connected(self) -> None:
         """Return once the link is registered with the master."""
@@ -254,8 +297,11 @@ class MasterLink:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled; ready at once (see the module docstring)."""
+        self._last_contact = trio.current_time()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._deliver_assignments)
+            if self._on_fence is not None:
+                nursery.start_soon(self._watch_contact)
             task_status.started()
             await self._connect_forever()
 
@@ -319,6 +365,8 @@ class MasterLink:
                 )
         if whole:
             self._need_whole = False
+            if self._fenced:
+                self._lift_fence()
         self._newest_generation = update.generation
         pending = self._pending
         if pending is not None and isinstance(update, AssignmentChanges):
@@ -336,9 +384,19 @@ class MasterLink:
         while True:
             await self._pending_wake.wait()
             self._pending_wake = trio.Event()
+            # In order: the fence, the whole assignment that ends it, the
+            # end of the fence (_fence and _lift_fence keep it so).
+            silent, self._fence_to_deliver = self._fence_to_deliver, None
+            if silent is not None and self._on_fence is not None:
+                await self._on_fence(True, silent)
             update, self._pending = self._pending, None
-            if update is None or await self._on_assignment(update):
+            taken = update is None or await self._on_assignment(update)
+            silent, self._lift_to_deliver = self._lift_to_deliver, None
+            if silent is not None and self._on_fence is not None:
+                await self._on_fence(False, silent)
+            if taken:
                 continue
+            assert update is not None
             if isinstance(update, AssignmentChanges):
                 logger.warning(
                     "assignment changes to generation %d do not fit what this worker "
@@ -354,8 +412,56 @@ class MasterLink:
         known = 0 if self._need_whole else self._newest_generation
         with trio.fail_after(self.settings.call_timeout):
             assignment = await session.get_assignment(known)
+        self._contact()
         if assignment is not None:
             self._offer(assignment, "pull")
+
+    # ------------------------------------------------------------ the fence
+
+    def _contact(self) -> None:
+        """A master answered."""
+        self._last_contact = trio.current_time()
+
+    async def _watch_contact(self) -> None:
+        fence_after = self.settings.fence_after
+        while True:
+            if self._fenced:
+                await self._lifted.wait()
+                continue
+            now = trio.current_time()
+            if fence_due(self._last_contact, now, fence_after):
+                self._fence(now - self._last_contact)
+                continue
+            # Contact only moves the deadline later: wake and look again.
+            await trio.sleep_until(self._last_contact + fence_after)
+
+    def _fence(self, silent: float) -> None:
+        logger.warning(
+            "no master answered for %.1f s: fencing this worker's reschedule VMs "
+            "until a master sends the whole assignment",
+            silent,
+        )
+        self.fences += 1
+        self._fenced = True
+        self._lifted = trio.Event()
+        # What is not delivered yet is older than the fence: the whole
+        # assignment a master sends next replaces it.
+        self._pending = None
+        self._fence_to_deliver = silent
+        self._lift_to_deliver = None
+        self._ask_whole()
+        self._pending_wake.set()
+
+    def _lift_fence(self) -> None:
+        silent = trio.current_time() - self._last_contact
+        self._fenced = False
+        self._lifted.set()
+        if self._fence_to_deliver is not None:
+            self._fence_to_deliver = None  # never told: nothing to lift
+        else:
+            self._lift_to_deliver = silent
+            self._pending_wake.set()
+        logger.info("a master sent the whole assignment: the fence ends after it is taken")
 
     # ------------------------------------------------------------ connection
 
@@ -376,6 +482,7 @@ class MasterLink:
                 await self._after_connect_failure(exc, retries)
                 continue
             retries = RestartState()
+            self._contact()
             self.connects += 1
             try:
                 await self._serve(session)
@@ -428,10 +535,14 @@ class MasterLink:
             raise UnavailableError("the connection to the master broke")
 
     async def _resync(self, session: MasterSession) -> None:
-        """Pull every ``resync_interval``, and at once when the whole
-        assignment is needed."""
+        """Pull every ``resync_interval`` (with a fence, at least every
+        ``heartbeat_interval``), and at once when the whole assignment is
+        needed."""
+        interval = self.settings.resync_interval
+        if self._on_fence is not None:
+            interval = min(interval, heartbeat_interval(self.settings.fence_after))
         while True:
-            with trio.move_on_after(self.settings.resync_interval):
+            with trio.move_on_after(interval):
                 await self._pull_now.wait()
             self._pull_now = trio.Event()
             await self._pull(session)
@@ -454,7 +565,9 @@ class MasterLink:
             with trio.fail_after(self.settings.call_timeout):
                 await method(argument)
         except PermanentError as exc:
+            self._contact()  # a refusal is an answer
             return exc
+        self._contact()
         return None
 
     async def _send_status(self, session: MasterSession) -> None:

@@ -47,6 +47,7 @@ import trio
 from procurator.core.assignments import AssignmentChanges, AssignmentUpdate
 from procurator.core.confinement import ImageLimits
 from procurator.core.errors import PermanentError, ProcuratorError
+from procurator.core.fence import fence_message
 from procurator.core.jail import JailPolicy
 from procurator.core.metrics import VmSnapshot
 from procurator.core.models import Capacity, VmEvent
@@ -292,6 +293,19 @@ class ReconcilingHandler:
                 extra={"op_id": update.op_id, "generation": update.generation},
             )
         return True
+
+    async def on_fence(self, fenced: bool, silent_for: float) -> None:
+        if fenced:
+            ids = self.reconciler.fence(fence_message(silent_for))
+            log.warning(
+                "fenced after %.1f s without a master: %d reschedule VM(s) paused: %s",
+                silent_for,
+                len(ids),
+                some(ids),
+            )
+        else:
+            ids = self.reconciler.unfence()
+            log.info("the fence ends: %d VM(s) as the master assigns them: %s", len(ids), some(ids))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._token = trio.lowlevel.current_trio_token()
