@@ -130,6 +130,7 @@ class FakeFleet:
         self.master_log = tmp_path / "master.log"
         self.worker_log = tmp_path / "worker.log"
         self.metrics_urls: dict[str, str] = {}  # "master"/"worker" -> /metrics URL
+        self.master: subprocess.Popen[bytes] | None = None  # the master process
         self._fleets = 0
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -201,11 +202,15 @@ def fake_fleet(tmp_path: Path, nix_env: dict[str, str]) -> Iterator[FakeFleet]:
 
 @contextmanager
 def running_fake_fleet(
-    tmp_path: Path, nix_env: dict[str, str], *, metrics: bool = False
+    tmp_path: Path,
+    nix_env: dict[str, str],
+    *,
+    metrics: bool = False,
+    worker_args: tuple[str, ...] = (),
 ) -> Iterator[FakeFleet]:
     """The fleet of ``fake_fleet``; with ``metrics``, the master and the
     worker also serve /metrics on free loopback ports
-    (``FakeFleet.metrics_urls``)."""
+    (``FakeFleet.metrics_urls``); ``worker_args``: more worker flags."""
     port = free_port()
     env = {**nix_env, "PROCURATOR_MASTER": f"127.0.0.1:{port}"}
     fleet = FakeFleet(tmp_path, env)
@@ -225,7 +230,7 @@ def running_fake_fleet(
         "--metrics-listen",
         master_metrics,
     ]
-    worker_args = [
+    worker_command = [
         "worker",
         "--id",
         "host-a",
@@ -246,11 +251,13 @@ def running_fake_fleet(
         "2",
         "--log-format",
         "json",
+        *worker_args,
     ]
     with (
-        procurator_process(master_args, env, fleet.master_log),
-        procurator_process(worker_args, env, fleet.worker_log) as worker,
+        procurator_process(master_args, env, fleet.master_log) as master,
+        procurator_process(worker_command, env, fleet.worker_log) as worker,
     ):
+        fleet.master = master
         fleet.wait_for("the master to answer", lambda: fleet.cli("status").returncode == 0)
         yield fleet
         assert worker.poll() is None, fleet.worker_log.read_text()
