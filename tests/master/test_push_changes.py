@@ -62,6 +62,7 @@ class Wrapped:
         self.lose = 0
         self.sent: list[AssignmentUpdate] = []
         self.lost: list[AssignmentChanges] = []
+        self.lost_one = trio.Event()
 
     @property
     def connection_id(self) -> int:
@@ -77,6 +78,7 @@ class Wrapped:
         if self.lose:
             self.lose -= 1
             self.lost.append(changes)
+            self.lost_one.set()
             return
         self.sent.append(changes)
         await self.node.push_changes(changes)
@@ -250,6 +252,8 @@ async def test_a_lost_change_is_healed_by_the_next_one(
     node.lose = 1
     vms["web-1"] = vm("web-1", "b")
     await backend.service.apply(fleet({"taker": vms}))
+    with trio.fail_after(20):  # lost, not coalesced with the next one
+        await node.lost_one.wait()
     vms["web-2"] = vm("web-2", "c")
     third = await backend.service.apply(fleet({"taker": vms}))
     await worker.wait_generation(third.generation)
