@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Collection, Mapping
 from dataclasses import replace
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
+from fencehelpers import Actuator
 
 from procurator.cli import worker as worker_cli
 from procurator.core.assignments import AssignmentChanges
@@ -30,12 +30,11 @@ from procurator.core.models import (
     EventKind,
     Fleet,
     OnWorkerLost,
-    Phase,
     PowerState,
     VmAssignment,
     VmEvent,
 )
-from procurator.core.reconcile import ObservedVm, Reconciler
+from procurator.core.reconcile import Reconciler
 from procurator.core.status import StatusChanges
 from procurator.master.scheduling import with_fence_marks
 from procurator.master.store.model import UnpinnedRules
@@ -44,11 +43,6 @@ from procurator.rpc.schema import load_schema
 from procurator.worker.link import LinkSettings
 
 PATH = "/nix/store/" + "a" * 32 + "-web"
-_PHASE = {
-    PowerState.RUNNING: Phase.RUNNING,
-    PowerState.PAUSED: Phase.PAUSED,
-    PowerState.STOPPED: Phase.STOPPED,
-}
 
 
 def vm(vm_id: str, *, reschedule: bool = False, power: PowerState = PowerState.RUNNING) -> Any:
@@ -160,30 +154,6 @@ def test_a_fleet_never_carries_the_mark() -> None:
 
 
 # ---------------------------------------------------------------- reconciler
-
-
-class Actuator:
-    """In-memory VMs that take the desired entry at once."""
-
-    def __init__(self) -> None:
-        self.vms: dict[str, ObservedVm] = {}
-
-    async def observe(self) -> Mapping[str, ObservedVm]:
-        return dict(self.vms)
-
-    async def observe_some(self, vm_ids: Collection[str]) -> Mapping[str, ObservedVm]:
-        return {i: self.vms[i] for i in vm_ids if i in self.vms}
-
-    async def ensure(self, want: VmAssignment, op_id: str) -> None:
-        self.vms[want.id] = ObservedVm(
-            id=want.id, hash=want.hash, phase=_PHASE[want.power], power=want.power, op_id=op_id
-        )
-
-    async def remove(self, vm_id: str, op_id: str) -> None:
-        self.vms.pop(vm_id, None)
-
-    def powers(self) -> dict[str, PowerState]:
-        return {i: v.power for i, v in sorted(self.vms.items())}
 
 
 async def _run(reconciler: Reconciler, nursery: trio.Nursery) -> None:

@@ -6,10 +6,11 @@ actuator's."""
 from __future__ import annotations
 
 import random
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Sequence
 
 import trio
 import trio.testing
+from fencehelpers import Actuator
 
 from procurator.core.assignments import AssignmentUpdate
 from procurator.core.errors import UnavailableError
@@ -18,14 +19,13 @@ from procurator.core.metrics import MetricSample
 from procurator.core.models import (
     Assignment,
     EventKind,
-    Phase,
     PowerState,
     VmAssignment,
     VmEvent,
     WorkerInfo,
     WorkerStatus,
 )
-from procurator.core.reconcile import ObservedVm, Reconciler
+from procurator.core.reconcile import Reconciler
 from procurator.core.status import StatusChanges
 from procurator.worker.link import LinkSettings, MasterLink, OnAssignment
 
@@ -41,11 +41,6 @@ SETTINGS = LinkSettings(
 )
 R = VmAssignment("r", "h1", PATH, reschedule=True)  # on_worker_lost = "reschedule"
 W = VmAssignment("w", "h1", PATH)  # "wait"
-_PHASE = {
-    PowerState.RUNNING: Phase.RUNNING,
-    PowerState.PAUSED: Phase.PAUSED,
-    PowerState.STOPPED: Phase.STOPPED,
-}
 
 
 class Session:
@@ -119,28 +114,6 @@ class Master:
 
     def freeze(self) -> None:
         self.answering = trio.Event()
-
-
-class Actuator:
-    def __init__(self) -> None:
-        self.vms: dict[str, ObservedVm] = {}
-
-    async def observe(self) -> Mapping[str, ObservedVm]:
-        return dict(self.vms)
-
-    async def observe_some(self, vm_ids: Collection[str]) -> Mapping[str, ObservedVm]:
-        return {i: self.vms[i] for i in vm_ids if i in self.vms}
-
-    async def ensure(self, want: VmAssignment, op_id: str) -> None:
-        self.vms[want.id] = ObservedVm(
-            id=want.id, hash=want.hash, phase=_PHASE[want.power], power=want.power, op_id=op_id
-        )
-
-    async def remove(self, vm_id: str, op_id: str) -> None:
-        self.vms.pop(vm_id, None)
-
-    def powers(self) -> dict[str, PowerState]:
-        return {i: v.power for i, v in sorted(self.vms.items())}
 
 
 class Worker:
