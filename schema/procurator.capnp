@@ -66,6 +66,46 @@ struct VmAssignment {
   # on_worker_lost = "reschedule", so a worker cut off from every master
   # for --fence-after fences it (pauses it) before the master may place it
   # elsewhere. Default false ("wait", and what older masters send).
+  health @6 :HealthCheck;
+  # In a worker's assignment only: what the worker checks of the guest
+  # (docs/ROLLOUTS.md). Unset: no check, the VM reports health unchecked.
+  # Never part of the VM's identity: a changed check replaces nothing.
+}
+
+enum HealthKind {
+  none @0;  # the VM running is the check
+  tcp @1;   # a TCP connect to the guest's address and `port`
+  http @2;  # GET `path` on the guest's `port` answers `expect`
+}
+
+struct HealthCheck {
+  kind @0 :HealthKind;
+  port @1 :UInt16;
+  path @2 :Text;
+  expect @3 :UInt16;
+  minHealthyMs @4 :UInt32;
+  # Healthy once the check has passed continuously this long.
+  intervalMs @5 :UInt32;
+  # 0: the worker's default.
+}
+
+enum Health {
+  unchecked @0;  # no check assigned, or no guest running
+  pending @1;    # checking; not passed for minHealthyMs yet
+  healthy @2;    # passed continuously for minHealthyMs
+  unhealthy @3;  # failing; VmStatus.message says how
+}
+
+enum PrepareState {
+  pending @0;
+  ready @1;      # realised and rooted on the worker
+  failed @2;     # cannot be realised; `message` says why
+}
+
+struct PreparedImage {
+  path @0 :Text;
+  state @1 :PrepareState;
+  message @2 :Text;
 }
 
 struct Assignment {
@@ -77,6 +117,9 @@ struct Assignment {
   vms @2 :List(VmAssignment);
   opId @3 :Text;
   # Operation id of the apply that produced this generation ("" if none).
+  prepare @4 :List(Text);
+  # Store paths to realise and root without running them (a rollout's
+  # prepare phase); reported back in WorkerStatus.prepared.
 }
 
 struct AssignmentChanges {
@@ -99,6 +142,8 @@ struct AssignmentChanges {
   removed @5 :List(Text);
   # Ids of VMs no longer assigned; an id the base does not assign is
   # ignored (updates composed by the sender may name one).
+  prepare @6 :List(Text);
+  # Whole: replaces the base's `Assignment.prepare`.
 }
 
 struct WorkerFleet {
@@ -170,6 +215,8 @@ struct VmStatus {
   # The operation this status is about: for a VM that has reached its
   # desired state, the apply that last acted on it (an apply that left it
   # alone does not change it); otherwise the apply whose work it waits for.
+  health @8 :Health;
+  # Of the guest that runs (observedHash), per VmAssignment.health.
 }
 
 struct WorkerStatus {
@@ -178,6 +225,8 @@ struct WorkerStatus {
   # The newest generation every VM of which has reached its desired state or
   # a permanent failure.
   vms @2 :List(VmStatus);
+  prepared @3 :List(PreparedImage);
+  # One entry per path of the assignment's `prepare`.
 }
 
 struct WorkerStatusChanges {
@@ -194,6 +243,8 @@ struct WorkerStatusChanges {
   removed @3 :List(Text);
   # Ids of VMs the worker no longer reports; each must be in the status
   # the changes apply to.
+  prepared @4 :List(PreparedImage);
+  # Whole: replaces the status's `WorkerStatus.prepared`.
 }
 
 struct WorkerInfo {

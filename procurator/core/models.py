@@ -21,6 +21,9 @@ __all__ = [
     "Capacity",
     "EventKind",
     "Fleet",
+    "Health",
+    "HealthCheck",
+    "HealthKind",
     "OnWorkerLost",
     "Phase",
     "Placement",
@@ -29,6 +32,8 @@ __all__ = [
     "PlacementStrategy",
     "PowerChange",
     "PowerState",
+    "PrepareState",
+    "PreparedImage",
     "Shortfall",
     "UnpinnedVm",
     "Unplaceable",
@@ -90,6 +95,53 @@ class EventKind(enum.Enum):
     RESCHEDULED = "rescheduled"
 
 
+class HealthKind(enum.Enum):
+    """How a worker checks a VM's guest (docs/ROLLOUTS.md)."""
+
+    NONE = "none"  # the VM running is the check
+    TCP = "tcp"  # a TCP connect to the guest's address and ``port``
+    HTTP = "http"  # GET ``path`` on the guest's ``port`` answers ``expect``
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """What the worker checks of a VM (sent with the VM, never its identity:
+    changing the check never replaces the VM). The VM is ``healthy`` once
+    the check has passed continuously for ``min_healthy_ms``."""
+
+    kind: HealthKind = HealthKind.NONE
+    port: int = 0  # tcp, http
+    path: str = ""  # http: starts with "/"
+    expect: int = 200  # http status
+    min_healthy_ms: int = 10_000
+    interval_ms: int = 0  # 0: the worker's default
+
+
+class Health(enum.Enum):
+    """A VM's health as its worker reports it (``VmStatus.health``)."""
+
+    UNCHECKED = "unchecked"  # no check assigned, or no guest running
+    PENDING = "pending"  # checking; not passed for min_healthy_ms yet
+    HEALTHY = "healthy"  # passed continuously for min_healthy_ms
+    UNHEALTHY = "unhealthy"  # failing (the message says how)
+
+
+class PrepareState(enum.Enum):
+    PENDING = "pending"
+    READY = "ready"  # realised and rooted on the worker
+    FAILED = "failed"  # could not be realised: the message says why
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedImage:
+    """A worker's progress on one image its assignment asks it to prepare
+    (realise and root without running: a rollout's first phase)."""
+
+    path: str
+    state: PrepareState = PrepareState.PENDING
+    message: str = ""
+
+
 @dataclass(frozen=True, slots=True)
 class VmAssignment:
     """One desired VM. ``hash`` is its identity: a new hash means a new VM."""
@@ -104,6 +156,9 @@ class VmAssignment:
     # ``on_worker_lost = "reschedule"``, so a worker cut off from every
     # master fences it (procurator.core.fence).
     reschedule: bool = False
+    # Sent to workers only: the check the worker runs (None: none, and the
+    # VM reports Health.UNCHECKED). Not part of the VM's identity.
+    health: HealthCheck | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +169,9 @@ class Assignment:
     generation: int
     vms: tuple[VmAssignment, ...] = ()
     op_id: str = ""
+    # Store paths to realise and root without running them (a rollout's
+    # prepare phase); the worker reports each in WorkerStatus.prepared.
+    prepare: tuple[str, ...] = ()
 
 
 class OnWorkerLost(enum.Enum):
@@ -184,6 +242,7 @@ class VmStatus:
     observed_power: PowerState = PowerState.STOPPED
     # Settled: the op that last acted on the VM; otherwise the assignment's.
     op_id: str = ""
+    health: Health = Health.UNCHECKED
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +250,8 @@ class WorkerStatus:
     worker_id: str
     observed_generation: int
     vms: tuple[VmStatus, ...] = ()
+    # One entry per path of the assignment's ``prepare``.
+    prepared: tuple[PreparedImage, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
