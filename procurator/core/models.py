@@ -34,6 +34,7 @@ __all__ = [
     "PowerState",
     "PrepareState",
     "PreparedImage",
+    "RolloutPolicy",
     "Shortfall",
     "UnpinnedVm",
     "Unplaceable",
@@ -194,6 +195,21 @@ class PlacementPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class RolloutPolicy:
+    """How VMs are replaced (the fleet file's ``[rollout]``, overridable
+    per spread group and per VM; docs/ROLLOUTS.md). ``health`` holds the
+    check and ``min_healthy_ms`` (the fleet file's ``min_healthy_time``);
+    kind ``none``: the VM running is the check."""
+
+    max_parallel: int = 1
+    health: HealthCheck = field(default_factory=HealthCheck)
+    healthy_deadline_ms: int = 300_000
+    canary: int = 0
+    auto_revert: bool = True
+    auto_promote: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class UnpinnedVm:
     """A VM of the fleet file's ``[[vms]]`` list: the scheduler picks its
     worker. ``vm.vcpus`` and ``vm.memory_mib`` are always set (required)."""
@@ -221,6 +237,22 @@ class Fleet:
     workers: tuple[tuple[str, tuple[VmAssignment, ...]], ...] = ()
     unpinned: tuple[UnpinnedVm, ...] = ()
     placement: PlacementPolicy = field(default_factory=PlacementPolicy)
+    # ``[rollout]``; overrides per spread group and per VM (each a whole
+    # policy: the fleet-wide one with the override's keys), sorted by name.
+    rollout: RolloutPolicy = field(default_factory=RolloutPolicy)
+    group_rollouts: tuple[tuple[str, RolloutPolicy], ...] = ()
+    vm_rollouts: tuple[tuple[str, RolloutPolicy], ...] = ()
+
+    def rollout_for(self, vm_id: str, group: str = "") -> RolloutPolicy:
+        """The policy of one VM: its own, else its spread group's, else the
+        fleet's."""
+        for name, policy in self.vm_rollouts:
+            if name == vm_id:
+                return policy
+        for name, policy in self.group_rollouts:
+            if group and name == group:
+                return policy
+        return self.rollout
 
     def as_dict(self) -> dict[str, tuple[VmAssignment, ...]]:
         """The pinned VMs per worker (unpinned ones are nobody's yet)."""
