@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 from procurator.core.control import WorkerEvent
+from procurator.core.drain import Handoff, ModeAction, ModeChange
 from procurator.core.models import VmAssignment, VmEvent, WorkerDiff, WorkerInfo
 from procurator.core.snapshot import SnapshotInfo
 from procurator.master.store import _sql
@@ -213,6 +214,60 @@ class SqlStore(abc.ABC):
         return await self._write(
             lambda tx: _sql.forget_removals(tx, fence, confirmed_before_unix_ms),
             "forget confirmed removals",
+        )
+
+    async def change_mode(
+        self,
+        worker_id: str,
+        action: ModeAction,
+        *,
+        op_id: str,
+        unix_ms: int,
+        max_unavailable: int = 1,
+    ) -> ModeChange:
+        return await self._write(
+            lambda tx: _sql.change_mode(tx, worker_id, action, op_id, unix_ms, max_unavailable),
+            f"{action.value} worker {worker_id}",
+        )
+
+    async def update_drain(
+        self, fence: Fence, worker_id: str, op_id: str, *, blocked: str = "", finished: bool = False
+    ) -> bool:
+        return await self._write(
+            lambda tx: _sql.update_drain(tx, fence, worker_id, op_id, blocked, finished),
+            f"record drain {op_id} of worker {worker_id}",
+        )
+
+    async def handoffs(self) -> dict[str, Handoff]:
+        return await self._read(_sql.handoffs, "read handoffs")
+
+    async def commit_handoffs(
+        self,
+        *,
+        fence: Fence,
+        expected_generation: int,
+        changes: Mapping[str, Sequence[VmAssignment]],
+        before: Mapping[str, Sequence[VmAssignment]],
+        op_id: str,
+        unix_ms: int,
+        start: Sequence[Handoff] = (),
+        end: Sequence[Handoff] = (),
+        cancel: Sequence[Handoff] = (),
+    ) -> int:
+        return await self._write(
+            lambda tx: _sql.commit_handoffs(
+                tx,
+                fence,
+                expected_generation,
+                changes,
+                before,
+                op_id,
+                unix_ms,
+                start,
+                end,
+                cancel,
+            ),
+            f"handoffs of {op_id}",
         )
 
     async def export(self) -> FleetDump:

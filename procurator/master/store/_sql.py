@@ -28,12 +28,15 @@ runs the transaction again.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from procurator.core.control import WorkerEvent
-from procurator.core.errors import ProcuratorError, StaleGenerationError
+from procurator.core.drain import Handoff, ModeAction, ModeChange, WorkerMode
+from procurator.core.drain import change_mode as core_change_mode
+from procurator.core.errors import NotFoundError, ProcuratorError, StaleGenerationError
 from procurator.core.models import (
     Assignment,
     EventKind,
@@ -42,6 +45,7 @@ from procurator.core.models import (
     VmAssignment,
     VmEvent,
     WorkerInfo,
+    WorkerState,
     WorkerStatus,
 )
 from procurator.core.snapshot import SnapshotInfo
@@ -165,6 +169,7 @@ def _workers(tx: Tx, worker_id: str | None = None) -> dict[str, StoredWorker]:
     ):
         statuses.setdefault(worker, []).append(decode_vm_status(vm_id, text))
     removals = _removals(tx, worker_id)
+    modes = _modes(tx, worker_id)
     found: dict[str, StoredWorker] = {}
     for row in tx.run(f"SELECT {_STATE_COLUMNS} FROM worker_state" + where, params):
         (worker, version, master_id, session, info, connected, since, renewed, expires) = row[:9]
@@ -188,7 +193,13 @@ def _workers(tx: Tx, worker_id: str | None = None) -> dict[str, StoredWorker]:
             else None
         )
         found[worker] = StoredWorker(
-            worker, version, registration, status, reported, removals.get(worker, {})
+            worker,
+            version,
+            registration,
+            status,
+            reported,
+            removals.get(worker, {}),
+            modes.get(worker),
         )
     return found
 
@@ -852,3 +863,166 @@ def import_(tx: Tx, dump: FleetDump, target: str) -> None:
         "UPDATE meta SET value = {greatest}(value, ?) WHERE key = 'event_seq'", (dump.event_seq,)
     )
     tx.notify(Change(ChangeKind.GENERATION, dump.generation))
+
+
+# ---------------------------------------------------------------- cordon, drain, handoffs
+# (procurator.core.drain; schema version 6). Lock order: after the
+# worker_state rows, the worker_modes rows, then the handoffs rows.
+
+_STATES = {s.value: s for s in WorkerState}
+_MODE_COLUMNS = "worker_id, state, op_id, since_unix_ms, max_unavailable, moved, total, blocked"
+
+
+def _modes(tx: Tx, worker_id: str | None = None) -> dict[str, WorkerMode]:
+    where, params = (" WHERE worker_id = ?", (worker_id,)) if worker_id else ("", ())
+    return {
+        worker: WorkerMode(
+            _STATES[state], op_id, int(since), int(bound), int(moved), int(total), why
+        )
+        for worker, state, op_id, since, bound, moved, total, why in tx.run(
+            f"SELECT {_MODE_COLUMNS} FROM worker_modes" + where, params
+        )
+    }
+
+
+def _put_mode(tx: Tx, worker_id: str, mode: WorkerMode | None) -> None:
+    tx.run("DELETE FROM worker_modes WHERE worker_id = ?", (worker_id,))
+    if mode is not None:
+        tx.run(
+            f"INSERT INTO worker_modes ({_MODE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                worker_id,
+                mode.state.value,
+                mode.op_id,
+                mode.since_unix_ms,
+                mode.max_unavailable,
+                mode.moved,
+                mode.total,
+                mode.blocked,
+            ),
+        )
+
+
+def change_mode(
+    tx: Tx, worker_id: str, action: ModeAction, op_id: str, unix_ms: int, max_unavailable: int
+) -> ModeChange:
+    """``action`` on ``worker_id``'s mode, decided (``core.drain.change_mode``)
+    against the mode as stored, in this transaction: two masters changing
+    one worker's mode at once take turns. ``NotFoundError`` for a worker
+    the store has never heard of (no registration, no assignment)."""
+    state = _one(tx, "SELECT version FROM worker_state WHERE worker_id = ? {lock}", (worker_id,))
+    assigned = _one(tx, "SELECT generation FROM workers WHERE worker_id = ?", (worker_id,))
+    if state is None and assigned is None:
+        raise NotFoundError(
+            f"worker {worker_id!r} is unknown: it never registered and has no VMs assigned; "
+            "nothing was changed"
+        )
+    (total,) = tx.run(
+        "SELECT count(*) FROM vms WHERE worker_id = ? AND vm_id IN (SELECT vm_id FROM unpinned)",
+        (worker_id,),
+    )[0]
+    (all_vms,) = tx.run("SELECT count(*) FROM vms WHERE worker_id = ?", (worker_id,))[0]
+    answer = core_change_mode(
+        worker_id,
+        _modes(tx, worker_id).get(worker_id),
+        action,
+        op_id=op_id,
+        now_ms=unix_ms,
+        max_unavailable=max_unavailable,
+        total=int(total),
+        pinned=int(all_vms) - int(total),
+    )
+    if answer.changed:
+        _bump(tx, worker_id)
+        _put_mode(tx, worker_id, answer.mode)
+    return answer
+
+
+def update_drain(
+    tx: Tx, fence: Fence, worker_id: str, op_id: str, blocked: str, finished: bool
+) -> bool:
+    """Fenced: drain ``op_id`` of ``worker_id`` is blocked (why; "" no
+    longer), or finished (the worker stays cordoned, with its progress).
+    False when that drain is no longer the worker's (nothing written)."""
+    mode = _modes(tx, worker_id).get(worker_id)
+    if mode is None or mode.op_id != op_id or mode.state is not WorkerState.DRAINING:
+        check_fence(tx, fence)
+        return False
+    _bump(tx, worker_id)
+    _put_mode(
+        tx,
+        worker_id,
+        dataclasses.replace(
+            mode, blocked=blocked, state=WorkerState.CORDONED if finished else mode.state
+        ),
+    )
+    check_fence(tx, fence)
+    return True
+
+
+def handoffs(tx: Tx) -> dict[str, Handoff]:
+    return {
+        vm_id: Handoff(vm_id, source, target, op_id, int(generation), int(started))
+        for vm_id, source, target, op_id, generation, started in tx.run(
+            "SELECT vm_id, source_worker, target_worker, op_id, generation, started_unix_ms "
+            "FROM handoffs"
+        )
+    }
+
+
+def commit_handoffs(
+    tx: Tx,
+    fence: Fence,
+    expected_generation: int,
+    changes: Mapping[str, Sequence[VmAssignment]],
+    before: Mapping[str, Sequence[VmAssignment]],
+    op_id: str,
+    unix_ms: int,
+    start: Sequence[Handoff],
+    end: Sequence[Handoff],
+    cancel: Sequence[Handoff],
+) -> int:
+    """Fenced, one generation: the assignments ``changes`` (as ``commit``:
+    completed handoffs move their VM from source to target; a started or
+    cancelled one changes its target's generation only), the handoffs
+    ``start`` begun (their ``generation`` is set to the new one), ``end``
+    completed (each counted as moved by its source's drain, if the drain
+    that started it is still on) and ``cancel`` called off (the target's
+    copy becomes its pending removal: it stops it and may report it until
+    then). The new generation."""
+    generation = commit(tx, expected_generation, changes, before, op_id, unix_ms, None)
+    for worker_id in sorted({h.target for h in cancel}):
+        _bump(tx, worker_id)
+    tx.many(
+        "INSERT INTO removals (worker_id, vm_id, generation, acked_unix_ms) "
+        "VALUES (?, ?, ?, NULL) ON CONFLICT (worker_id, vm_id) DO UPDATE SET "
+        "generation = excluded.generation, acked_unix_ms = NULL",
+        [(h.target, h.vm_id, generation) for h in cancel],
+    )
+    moved: dict[str, list[Handoff]] = {}
+    for h in end:
+        moved.setdefault(h.source, []).append(h)
+    modes = {w: m for w, m in _modes(tx).items() if w in moved}
+    for worker_id, ended in sorted(moved.items()):
+        mode = modes.get(worker_id)
+        counted = sum(1 for h in ended if mode is not None and h.op_id == mode.op_id)
+        if mode is not None and counted:
+            _bump(tx, worker_id)
+            _put_mode(tx, worker_id, dataclasses.replace(mode, moved=mode.moved + counted))
+    gone = [(h.vm_id,) for h in (*end, *cancel)]
+    if gone and tx.many("DELETE FROM handoffs WHERE vm_id = ?", gone) != len(gone):
+        raise ProcuratorError(
+            f"drain {op_id}: a handoff to end is not in the store; nothing was written"
+        )
+    for h in start:
+        if _one(tx, "SELECT source_worker FROM handoffs WHERE vm_id = ?", (h.vm_id,)):
+            raise ProcuratorError(
+                f"drain {op_id}: VM {h.vm_id} is in a handoff already; nothing was written"
+            )
+    tx.many(
+        "INSERT INTO handoffs (vm_id, source_worker, target_worker, op_id, generation, "
+        "started_unix_ms) VALUES (?, ?, ?, ?, ?, ?)",
+        [(h.vm_id, h.source, h.target, h.op_id, generation, h.started_unix_ms) for h in start],
+    )
+    check_fence(tx, fence)
+    return generation

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from procurator.core.control import WorkerEvent
+from procurator.core.drain import WorkerMode
 from procurator.core.errors import ProcuratorError, UnavailableError
 from procurator.core.models import (
     Assignment,
@@ -46,12 +47,14 @@ __all__ = [
     "WorkerDump",
 ]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """1: fleet and generations; 2: request ids, removals; 3: worker state
 (sessions, leases, statuses), events, leader leases (the HA store); 4: the
 unpinned VMs' placement rules and the strategy (``PlacementRecord``); 5:
 the snapshots workers last reported (a record of what lives on them, for a
-fleet-wide ``snapshot list``; not part of an export)."""
+fleet-wide ``snapshot list``; not part of an export); 6: workers' modes
+(cordoned, draining and a drain's progress) and handoffs
+(``procurator.core.drain``)."""
 
 REQUESTS_KEPT = 1000
 """Request ids kept for replays (the newest this many applies that had one)."""
@@ -117,6 +120,7 @@ class StoredWorker:
     status: WorkerStatus | None = None
     reported_unix_ms: int = 0
     removals: Mapping[str, Removal] = field(default_factory=dict)
+    mode: WorkerMode | None = None  # cordoned or draining (None: ready)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from typing import Protocol
 import trio
 
 from procurator.core.control import WorkerEvent
+from procurator.core.drain import Handoff, ModeAction, ModeChange
 from procurator.core.models import VmAssignment, VmEvent, WorkerDiff, WorkerInfo
 from procurator.core.snapshot import SnapshotInfo
 from procurator.master.store.model import (
@@ -192,6 +193,55 @@ class Store(Protocol):
     async def forget_removals(self, fence: Fence, *, confirmed_before_unix_ms: int) -> list[str]:
         """A singleton duty (fenced): forget removals confirmed before the
         horizon; the workers concerned."""
+        ...
+
+    # -- cordon, drain, handoffs (procurator.core.drain) -------------------------------
+
+    async def change_mode(
+        self,
+        worker_id: str,
+        action: ModeAction,
+        *,
+        op_id: str,
+        unix_ms: int,
+        max_unavailable: int = 1,
+    ) -> ModeChange:
+        """Cordon, uncordon or drain ``worker_id``, decided against its
+        stored mode in the same transaction (idempotent; the worker's
+        version moves when it changes). ``NotFoundError`` for a worker the
+        store never heard of."""
+        ...
+
+    async def update_drain(
+        self, fence: Fence, worker_id: str, op_id: str, *, blocked: str = "", finished: bool = False
+    ) -> bool:
+        """A leader's duty (fenced): drain ``op_id`` is blocked (why), or
+        not, or finished (the worker stays cordoned). False when that drain
+        is over already."""
+        ...
+
+    async def handoffs(self) -> dict[str, Handoff]:
+        """The handoffs under way, by VM id."""
+        ...
+
+    async def commit_handoffs(
+        self,
+        *,
+        fence: Fence,
+        expected_generation: int,
+        changes: Mapping[str, Sequence[VmAssignment]],
+        before: Mapping[str, Sequence[VmAssignment]],
+        op_id: str,
+        unix_ms: int,
+        start: Sequence[Handoff] = (),
+        end: Sequence[Handoff] = (),
+        cancel: Sequence[Handoff] = (),
+    ) -> int:
+        """A leader's duty (fenced), one new generation, as ``commit``
+        (``StaleGenerationError`` the same way): handoffs started,
+        completed (their VMs moved in ``changes``; each counted by its
+        source's drain) and called off (the target's copy becomes its
+        pending removal). The new generation."""
         ...
 
     # -- moving a fleet ---------------------------------------------------------------

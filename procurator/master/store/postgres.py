@@ -173,12 +173,36 @@ CREATE TABLE IF NOT EXISTS snapshots (
 );
 """
 
+# 6: workers' modes (cordon, drain and its progress) and handoffs
+# (procurator.core.drain).
+_SCHEMA_V6 = """
+CREATE TABLE IF NOT EXISTS worker_modes (
+    worker_id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    op_id TEXT NOT NULL,
+    since_unix_ms BIGINT NOT NULL,
+    max_unavailable INTEGER NOT NULL,
+    moved INTEGER NOT NULL,
+    total INTEGER NOT NULL,
+    blocked TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS handoffs (
+    vm_id TEXT PRIMARY KEY,
+    source_worker TEXT NOT NULL,
+    target_worker TEXT NOT NULL,
+    op_id TEXT NOT NULL,
+    generation BIGINT NOT NULL,
+    started_unix_ms BIGINT NOT NULL
+);
+"""
+
 # (version, what brings the schema from the one before to it). PostgreSQL
 # stores start at 3, the version of SQLite's schema with the same tables.
 _MIGRATIONS: tuple[tuple[int, str], ...] = (
     (3, _SCHEMA_V3),
     (4, _SCHEMA_V4),
     (5, _SCHEMA_V5),
+    (6, _SCHEMA_V6),
 )
 
 _DIALECT = {

@@ -138,6 +138,24 @@ CREATE TABLE IF NOT EXISTS snapshots (
     info TEXT NOT NULL,
     PRIMARY KEY (worker_id, vm_id, name)
 );
+CREATE TABLE IF NOT EXISTS worker_modes (
+    worker_id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    op_id TEXT NOT NULL,
+    since_unix_ms INTEGER NOT NULL,
+    max_unavailable INTEGER NOT NULL,
+    moved INTEGER NOT NULL,
+    total INTEGER NOT NULL,
+    blocked TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS handoffs (
+    vm_id TEXT PRIMARY KEY,
+    source_worker TEXT NOT NULL,
+    target_worker TEXT NOT NULL,
+    op_id TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    started_unix_ms INTEGER NOT NULL
+);
 INSERT OR IGNORE INTO meta VALUES ('generation', 0);
 INSERT OR IGNORE INTO meta VALUES ('event_seq', 0);
 INSERT OR IGNORE INTO meta VALUES ('strategy', 0);
