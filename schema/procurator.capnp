@@ -342,6 +342,49 @@ struct WorkerConnection {
   info @8 :WorkerInfo;
   # What the worker said of itself when it last registered (version,
   # driver, capacity, exporter); unset if it never connected.
+  state @9 :Text;
+  # "ready", "lost" (its lease expired), "cordoned" or "draining"; "" from
+  # a master older than cordon and drain.
+  renewedUnixMs @10 :Int64;
+  # When its lease was last renewed (0: never), on the database's clock.
+  renewedAgoMs @11 :Int64;
+  # How long ago that was, on the database's clock (-1: never or unknown).
+  mode @12 :WorkerMode;
+  # What an operator set on it (cordon, drain and the drain's progress);
+  # unset while it is ready.
+  handoffs @13 :UInt32;
+  # Its VMs being handed off to other workers now (a drain's moves in
+  # flight).
+}
+
+struct WorkerMode {
+  # A worker cordoned or draining (docs/SCHEDULING.md).
+  state @0 :Text;
+  # "cordoned" or "draining" (a finished drain leaves it "cordoned").
+  opId @1 :Text;
+  # The cordon's or drain's operation id (a drain's moves carry it).
+  sinceUnixMs @2 :Int64;
+  maxUnavailable @3 :UInt32;
+  # A drain's bound on its VMs in handoff at once.
+  moved @4 :UInt32;
+  total @5 :UInt32;
+  # A drain's progress: moved of total unpinned VMs.
+  blocked @6 :Text;
+  # Why the drain cannot go on ("" while it can), e.g. a VM that fits on
+  # no other worker.
+}
+
+struct WorkerModeResult {
+  union {
+    ok :group {
+      mode @0 :WorkerMode;
+      # The worker's mode after the call; unset: ready.
+      changed @1 :Bool;
+      message @2 :Text;
+      # One line for the operator.
+    }
+    error @3 :Error;
+  }
 }
 
 struct FleetStatus {
@@ -618,6 +661,15 @@ interface Control {
   # (""), oldest first, each with its workerId: what the workers connected
   # to this master answer, and the store's record of the others (their
   # last answers).
+  changeWorkerMode @6 (workerId :Text, action :Text, maxUnavailable :UInt32)
+      -> (result :WorkerModeResult);
+  # action "cordon" (the worker takes no new VMs, keeps its own),
+  # "uncordon" (ready again; ends a drain: moves in flight are called off,
+  # VMs moved so far stay where they are) or "drain" (its unpinned VMs move
+  # to other workers through handoffs, at most maxUnavailable at once, 0
+  # meaning 1; pinned VMs stay). Idempotent; notFound for a worker the
+  # master never heard of. Added with cordon and drain: an older master
+  # raises an RPC exception.
 }
 
 struct VmDescription {
