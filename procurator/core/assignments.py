@@ -28,6 +28,10 @@ Invariants (the worker's link and reconciler keep them):
   updates latest-wins never drops one.
 - The order of ``Assignment.vms`` carries no meaning: applying keeps the
   base's order, replaces changed entries in place, appends new ones.
+- ``prepare`` (the store paths to realise and root without running them:
+  a rollout's first phase) is short and travels whole: every update
+  carries the new assignment's list, which replaces the base's (an empty
+  one clears it).
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ class AssignmentChanges:
     op_id: str = ""
     upserted: tuple[VmAssignment, ...] = ()
     removed: tuple[str, ...] = ()
+    # Whole: the new assignment's ``prepare`` (replaces the base's).
+    prepare: tuple[str, ...] = ()
 
     @property
     def size(self) -> int:
@@ -89,6 +95,8 @@ class AssignmentChanges:
             raise ValidationError("assignment changes remove a VM twice")
         if both := removing & seen:
             raise ValidationError(f"assignment changes both change and remove VM {min(both)!r}")
+        if len(set(self.prepare)) != len(self.prepare):
+            raise ValidationError("assignment changes name a path to prepare twice")
 
 
 # What a worker's link delivers to its handler: a whole assignment, or the
@@ -114,6 +122,7 @@ def assignment_changes(base: Assignment, new: Assignment) -> AssignmentChanges:
         op_id=new.op_id,
         upserted=tuple(upserted),
         removed=tuple(before),
+        prepare=new.prepare,
     )
 
 
@@ -135,7 +144,9 @@ def apply_assignment_changes(base: Assignment, changes: AssignmentChanges) -> As
     removing = frozenset(changes.removed)
     vms = [replacing.pop(vm.id, vm) for vm in base.vms if vm.id not in removing]
     vms.extend(replacing.values())  # new VMs, in the order sent
-    return Assignment(base.worker_id, changes.generation, tuple(vms), changes.op_id)
+    return Assignment(
+        base.worker_id, changes.generation, tuple(vms), changes.op_id, changes.prepare
+    )
 
 
 def compose(first: AssignmentUpdate, then: AssignmentChanges) -> AssignmentUpdate:
@@ -163,4 +174,5 @@ def compose(first: AssignmentUpdate, then: AssignmentChanges) -> AssignmentUpdat
         op_id=then.op_id,
         upserted=tuple(vm for vm in entries.values() if vm is not None),
         removed=tuple(vm_id for vm_id, vm in entries.items() if vm is None),
+        prepare=then.prepare,
     )

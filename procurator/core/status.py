@@ -20,6 +20,11 @@ Invariants (the link in ``procurator.worker.link`` and the master in
   both, or twice in either; a removed id must be in the base.
 - The order of ``WorkerStatus.vms`` carries no meaning: merging keeps the
   base's order, replaces changed entries in place, appends new ones.
+- ``prepared`` (the worker's progress on its assignment's ``prepare``
+  paths) is short and travels whole: every report carries it, and a
+  report's list replaces the base's. The worker's preparer publishes it on
+  its own (``StatusOutbox.publish_prepared``); the VMs' publications leave
+  it as it is.
 
 ``StatusOutbox`` is the worker's side of it, and keeps a report's cost
 proportional to what changed, whatever the fleet: the reconciler publishes
@@ -36,7 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from procurator.core.errors import ValidationError
-from procurator.core.models import VmStatus, WorkerStatus
+from procurator.core.models import PreparedImage, VmStatus, WorkerStatus
 
 __all__ = ["StatusChanges", "StatusOutbox", "apply_status_changes", "status_changes"]
 
@@ -49,6 +54,8 @@ class StatusChanges:
     observed_generation: int
     changed: tuple[VmStatus, ...] = ()
     removed: tuple[str, ...] = ()
+    # Whole: replaces the base's ``WorkerStatus.prepared``.
+    prepared: tuple[PreparedImage, ...] = ()
 
     @property
     def size(self) -> int:
@@ -71,6 +78,7 @@ def status_changes(base: WorkerStatus, status: WorkerStatus) -> StatusChanges:
         observed_generation=status.observed_generation,
         changed=tuple(changed),
         removed=tuple(before),
+        prepared=status.prepared,
     )
 
 
@@ -103,7 +111,7 @@ def apply_status_changes(base: WorkerStatus, changes: StatusChanges) -> WorkerSt
             f"status changes remove VM {min(removing)!r}, which the last status did not report"
         )
     vms.extend(replacing.values())  # new VMs, in the order sent
-    return WorkerStatus(base.worker_id, changes.observed_generation, tuple(vms))
+    return WorkerStatus(base.worker_id, changes.observed_generation, tuple(vms), changes.prepared)
 
 
 class StatusOutbox:
@@ -127,6 +135,9 @@ class StatusOutbox:
         # What the master holds from this session; None: nothing.
         self._acked: dict[str, VmStatus] | None = None
         self._acked_generation = -1
+        # The preparer's progress (whole), and what the master holds of it.
+        self._prepared: tuple[PreparedImage, ...] = ()
+        self._acked_prepared: tuple[PreparedImage, ...] | None = None
         # A whole report was refused: send the next one only when there is news.
         self._held = False
         # The report taken and not settled yet: whole (a snapshot) or changes.
@@ -166,9 +177,18 @@ class StatusOutbox:
         self._generation = changes.observed_generation
         self._published = True
 
+    def publish_prepared(self, prepared: tuple[PreparedImage, ...]) -> None:
+        """Replace the preparer's progress (whole; it is short). It goes
+        with the next report, but does not make one on its own before the
+        VMs' status is first published (an empty status would tell the
+        master the worker runs nothing)."""
+        self._prepared = prepared
+
     def whole(self) -> WorkerStatus:
         """The whole status as published (O(VMs))."""
-        return WorkerStatus(self.worker_id, self._generation, tuple(self._vms.values()))
+        return WorkerStatus(
+            self.worker_id, self._generation, tuple(self._vms.values()), self._prepared
+        )
 
     @property
     def observed_generation(self) -> int:
@@ -183,7 +203,11 @@ class StatusOutbox:
             return False
         if self._acked is None:
             return not self._held or bool(self._dirty)
-        return bool(self._dirty) or self._generation != self._acked_generation
+        return (
+            bool(self._dirty)
+            or self._generation != self._acked_generation
+            or self._prepared != self._acked_prepared
+        )
 
     def take(self, *, changes: bool = True) -> WorkerStatus | StatusChanges | None:
         """The next report: what changed since the acknowledged status, or
@@ -211,9 +235,16 @@ class StatusOutbox:
                 elif current is not before and current != before:
                     changed.append(current)
             self._dirty.clear()
-            if not changed and not removed and self._generation == self._acked_generation:
+            if (
+                not changed
+                and not removed
+                and self._generation == self._acked_generation
+                and self._prepared == self._acked_prepared
+            ):
                 return None
-            report = StatusChanges(self.worker_id, self._generation, tuple(changed), tuple(removed))
+            report = StatusChanges(
+                self.worker_id, self._generation, tuple(changed), tuple(removed), self._prepared
+            )
         self._in_flight = report
         return report
 
@@ -231,6 +262,7 @@ class StatusOutbox:
             for vm_id in report.removed:
                 acked.pop(vm_id, None)
         self._acked_generation = report.observed_generation
+        self._acked_prepared = report.prepared
 
     def undelivered(self) -> None:
         """The report taken may not have arrived (the call failed or was
@@ -247,6 +279,7 @@ class StatusOutbox:
             for vm_id in report.removed:
                 self._dirty[vm_id] = None
             self._acked_generation = -1  # send the generation again too
+            self._acked_prepared = None  # and what was prepared
 
     def refused(self) -> None:
         """The master refused the report taken and holds no status of this

@@ -52,6 +52,9 @@ from procurator.core.models import (
     Capacity,
     EventKind,
     Fleet,
+    Health,
+    HealthCheck,
+    HealthKind,
     OnWorkerLost,
     Phase,
     PlacementPolicy,
@@ -59,6 +62,8 @@ from procurator.core.models import (
     PlacementStrategy,
     PowerChange,
     PowerState,
+    PreparedImage,
+    PrepareState,
     UnpinnedVm,
     VmAssignment,
     VmEvent,
@@ -134,7 +139,7 @@ _MAX_PROBLEMS = 50  # stop collecting after this many; one is enough to refuse
 _METRIC_NAME_RE = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]{0,199}")
 _LABEL_NAME_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]{0,99}")
 
-E = TypeVar("E", PowerState, Phase, EventKind)
+E = TypeVar("E", PowerState, Phase, EventKind, Health, HealthKind, PrepareState)
 
 
 def _enum_table(enum: type[E], names: Sequence[str]) -> list[E]:
@@ -187,6 +192,9 @@ ERROR_CODE_NAMES = (
     "unavailable",
 )
 ON_WORKER_LOST_NAMES = ("reschedule", "wait")
+HEALTH_KIND_NAMES = ("none", "tcp", "http")
+HEALTH_NAMES = ("unchecked", "pending", "healthy", "unhealthy")
+PREPARE_STATE_NAMES = ("pending", "ready", "failed")
 STRATEGY_NAMES = ("binpack", "spread")
 REASON_NAMES = (
     "new",
@@ -211,6 +219,12 @@ _REASON = [
     PlacementReason.NO_LONGER_FITS,
 ]  # in REASON_NAMES' order
 _PHASE = _enum_table(Phase, PHASE_NAMES)
+# An unknown check (a newer master's) reads as ``none``: the VM running is
+# its check, as the schema's evolution rules read an unknown enumerant.
+_HEALTH_KIND = _enum_table(HealthKind, HEALTH_KIND_NAMES)
+_HEALTH = _enum_table(Health, HEALTH_NAMES)
+_PREPARE_STATE = _enum_table(PrepareState, PREPARE_STATE_NAMES)
+_MAX_HEALTH_PATH = 1024
 _EVENT_KIND = _enum_table(EventKind, EVENT_KIND_NAMES)
 
 
@@ -270,8 +284,9 @@ def _vms_from_reader(
     limit: int = LIMITS.max_vms_per_worker,
     reschedule: bool = False,
 ) -> tuple[VmAssignment, ...]:
-    # ``reschedule``: read the entries' fence mark (a worker's assignment
-    # only; a fleet's or a description's entries never carry one).
+    # ``reschedule``: read the entries' fence mark and health check (a
+    # worker's assignment only; a fleet's or a description's entries never
+    # carry them).
     # The hot path of every apply and every push (1,000 entries: ~7 -> ~2.5
     # ms): ``_get`` skips the attribute protocol, ``resources`` is read only
     # when set (``_fill_vms`` leaves it unset for 0/0), and a store path or
@@ -312,12 +327,87 @@ def _vms_from_reader(
                 valid_paths.add(path)
             else:
                 problems.add(f"{where}[{index}].nixStorePath", problem)
+        health = (
+            _health_check(get("health"), f"{where}[{index}].health", problems)
+            if reschedule and item._has("health")
+            else None
+        )
         append(
             VmAssignment(
-                vm_id, vm_hash, path, power, vcpus, memory, reschedule and bool(get("reschedule"))
+                vm_id,
+                vm_hash,
+                path,
+                power,
+                vcpus,
+                memory,
+                reschedule and bool(get("reschedule")),
+                health,
             )
         )
     return tuple(vms)
+
+
+def _health_check(reader: Any, where: str, problems: _Problems) -> HealthCheck:
+    """A VM's health check, checked: tcp and http need a port; http a path
+    that starts with "/" (no spaces or control characters: it goes into a
+    request line) and an HTTP status (0 reads as 200, the default)."""
+    kind = _enum(_HEALTH_KIND, reader.kind)
+    port: int = reader.port
+    path: str = reader.path
+    expect: int = reader.expect or 200
+    if kind is not HealthKind.NONE and port == 0:
+        problems.add(f"{where}.port", f"a {kind.value} check needs a port (1-65535)")
+    if kind is HealthKind.HTTP:
+        if len(path) > _MAX_HEALTH_PATH:
+            problems.exceeded(f"{where}.path", f"longer than {_MAX_HEALTH_PATH} characters")
+        elif not path.startswith("/") or any(c.isspace() or not c.isprintable() for c in path):
+            problems.add(
+                f"{where}.path",
+                f"{path[:64]!r} is not an HTTP path: it starts with '/' and has no spaces "
+                "or control characters",
+            )
+        if not 100 <= expect <= 599:
+            problems.add(f"{where}.expect", f"{expect} is not an HTTP status (100-599)")
+    elif path:
+        problems.text(f"{where}.path", path, limit=_MAX_HEALTH_PATH)
+    return HealthCheck(
+        kind=kind,
+        port=port,
+        path=path[:_MAX_HEALTH_PATH],
+        expect=expect,
+        min_healthy_ms=reader.minHealthyMs,
+        interval_ms=reader.intervalMs,
+    )
+
+
+def _fill_health_check(builder: Any, check: HealthCheck) -> None:
+    builder.kind = check.kind.value
+    builder.port = check.port
+    builder.path = check.path
+    builder.expect = check.expect
+    builder.minHealthyMs = check.min_healthy_ms
+    builder.intervalMs = check.interval_ms
+
+
+def _paths_from_reader(items: Any, where: str, problems: _Problems) -> tuple[str, ...]:
+    """A list of store paths (``Assignment.prepare``): each valid, none twice."""
+    _check_length(len(items), LIMITS.max_vms_per_worker, where)
+    paths: list[str] = []
+    seen: set[str] = set()
+    for index, path in enumerate(items):
+        if (problem := check_store_path(path)) is not None:
+            problems.add(f"{where}[{index}]", problem)
+        elif path in seen:
+            problems.add(f"{where}[{index}]", f"{path} is named twice")
+        seen.add(path)
+        paths.append(path)
+    return tuple(paths)
+
+
+def _fill_paths(builder: Any, name: str, paths: Sequence[str]) -> None:
+    items = builder.init(name, len(paths))
+    for index, path in enumerate(paths):
+        items[index] = path
 
 
 def _fill_vms(items: Any, vms: Sequence[VmAssignment]) -> None:
@@ -333,6 +423,8 @@ def _fill_vms(items: Any, vms: Sequence[VmAssignment]) -> None:
             resources.memoryMib = vm.memory_mib
         if vm.reschedule:
             entry.reschedule = True
+        if vm.health is not None:
+            _fill_health_check(entry.health, vm.health)
 
 
 def assignment_from_reader(reader: Any, where: str = "assignment") -> Assignment:
@@ -343,8 +435,9 @@ def assignment_from_reader(reader: Any, where: str = "assignment") -> Assignment
     generation: int = reader.generation
     op_id = problems.text(f"{where}.opId", reader.opId, limit=64)
     vms = _vms_from_reader(reader.vms, f"{where}.vms", problems, reschedule=True)
+    prepare = _paths_from_reader(reader.prepare, f"{where}.prepare", problems)
     problems.raise_if_any()
-    return Assignment(worker_id, generation, vms, op_id)
+    return Assignment(worker_id, generation, vms, op_id, prepare)
 
 
 def fill_assignment(builder: Any, assignment: Assignment) -> None:
@@ -352,6 +445,8 @@ def fill_assignment(builder: Any, assignment: Assignment) -> None:
     builder.generation = assignment.generation
     builder.opId = assignment.op_id
     _fill_vms(builder.init("vms", len(assignment.vms)), assignment.vms)
+    if assignment.prepare:
+        _fill_paths(builder, "prepare", assignment.prepare)
 
 
 def assignment_changes_from_reader(reader: Any, where: str = "changes") -> AssignmentChanges:
@@ -371,9 +466,16 @@ def assignment_changes_from_reader(reader: Any, where: str = "changes") -> Assig
         if (problem := check_vm_id(vm_id)) is not None:
             problems.add(f"{where}.removed[{index}]", problem)
         removed.append(vm_id)
+    prepare = _paths_from_reader(reader.prepare, f"{where}.prepare", problems)
     problems.raise_if_any()
     changes = AssignmentChanges(
-        worker_id, reader.baseGeneration, reader.generation, op_id, upserted, tuple(removed)
+        worker_id,
+        reader.baseGeneration,
+        reader.generation,
+        op_id,
+        upserted,
+        tuple(removed),
+        prepare,
     )
     try:
         changes.check()
@@ -393,6 +495,8 @@ def fill_assignment_changes(builder: Any, changes: AssignmentChanges) -> None:
     removed = builder.init("removed", len(changes.removed))
     for index, vm_id in enumerate(changes.removed):
         removed[index] = vm_id
+    if changes.prepare:
+        _fill_paths(builder, "prepare", changes.prepare)
 
 
 def fleet_from_reader(reader: Any, where: str = "fleet") -> Fleet:
@@ -488,7 +592,34 @@ def _worker_status(reader: Any, where: str, problems: _Problems) -> WorkerStatus
     vms: list[VmStatus] = []
     for index, item in enumerate(items):
         vms.append(_vm_status(item, f"{where}.vms[{index}]", problems))
-    return WorkerStatus(worker_id, generation, tuple(vms))
+    prepared = _prepared_from_reader(reader.prepared, f"{where}.prepared", problems)
+    return WorkerStatus(worker_id, generation, tuple(vms), prepared)
+
+
+def _prepared_from_reader(items: Any, where: str, problems: _Problems) -> tuple[PreparedImage, ...]:
+    _check_length(len(items), LIMITS.max_vms_per_worker, where)
+    prepared: list[PreparedImage] = []
+    for index, item in enumerate(items):
+        at = f"{where}[{index}]"
+        path: str = item.path
+        if (problem := check_store_path(path)) is not None:
+            problems.add(f"{at}.path", problem)
+        prepared.append(
+            PreparedImage(
+                path,
+                _enum(_PREPARE_STATE, item.state),
+                problems.text(f"{at}.message", item.message),
+            )
+        )
+    return tuple(prepared)
+
+
+def _fill_prepared(builder: Any, prepared: Sequence[PreparedImage]) -> None:
+    items = builder.init("prepared", len(prepared))
+    for entry, image in zip(items, prepared, strict=True):
+        entry.path = image.path
+        entry.state = image.state.value
+        entry.message = clip_text(image.message)
 
 
 def _vm_status(item: Any, at: str, problems: _Problems) -> VmStatus:
@@ -507,6 +638,7 @@ def _vm_status(item: Any, at: str, problems: _Problems) -> VmStatus:
         address=problems.text(f"{at}.address", item.address, limit=64),
         observed_power=_enum(_POWER, item.observedPower),
         op_id=problems.text(f"{at}.opId", item.opId, limit=64),
+        health=_enum(_HEALTH, item.health),
     )
 
 
@@ -534,8 +666,9 @@ def status_changes_from_reader(reader: Any, where: str = "changes") -> StatusCha
         if (problem := check_vm_id(vm_id)) is not None:
             problems.add(f"{where}.removed[{index}]", problem)
         removed.append(vm_id)
+    prepared = _prepared_from_reader(reader.prepared, f"{where}.prepared", problems)
     problems.raise_if_any()
-    return StatusChanges(worker_id, reader.observedGeneration, changed, tuple(removed))
+    return StatusChanges(worker_id, reader.observedGeneration, changed, tuple(removed), prepared)
 
 
 def fill_status_changes(builder: Any, changes: StatusChanges) -> None:
@@ -547,6 +680,8 @@ def fill_status_changes(builder: Any, changes: StatusChanges) -> None:
     removed = builder.init("removed", len(changes.removed))
     for index, vm_id in enumerate(changes.removed):
         removed[index] = vm_id
+    if changes.prepared:
+        _fill_prepared(builder, changes.prepared)
 
 
 _CLIPPED = " …[cut]"
@@ -567,6 +702,8 @@ def fill_worker_status(builder: Any, status: WorkerStatus) -> None:
     items = builder.init("vms", len(status.vms))
     for entry, vm in zip(items, status.vms, strict=True):
         _fill_vm_status(entry, vm)
+    if status.prepared:
+        _fill_prepared(builder, status.prepared)
 
 
 def _fill_vm_status(entry: Any, vm: VmStatus) -> None:
@@ -578,6 +715,8 @@ def _fill_vm_status(entry: Any, vm: VmStatus) -> None:
     entry.address = vm.address
     entry.observedPower = vm.observed_power.value
     entry.opId = vm.op_id
+    if vm.health is not Health.UNCHECKED:
+        entry.health = vm.health.value
 
 
 def worker_info_from_reader(reader: Any, where: str = "info") -> WorkerInfo:

@@ -1,7 +1,13 @@
 """Values the store keeps as text or bytes: diffs (replayed to a retried
 apply), worker info and VM statuses (JSON, so a newer release's extra field
-is kept by no column change and ignored by an older one); and the JSON of
-a fleet dump (``procurator master export / import``), read back checked."""
+is kept by no column change and ignored by an older one), a worker's
+progress on the images it prepares and the health checks sent with VMs
+(JSON, for the rollout's columns); and the JSON of a fleet dump
+(``procurator master export / import``), read back checked.
+
+A VM status's ``health`` is written only when it is not ``unchecked``, so
+the text of a status without one is what older releases wrote (a whole
+report rewrites no row that did not change)."""
 
 from __future__ import annotations
 
@@ -14,11 +20,16 @@ from typing import Any, NoReturn
 from procurator.core.errors import ValidationError
 from procurator.core.models import (
     Capacity,
+    Health,
+    HealthCheck,
+    HealthKind,
     OnWorkerLost,
     Phase,
     PlacementStrategy,
     PowerChange,
     PowerState,
+    PreparedImage,
+    PrepareState,
     VmAssignment,
     VmStatus,
     WorkerDiff,
@@ -40,12 +51,16 @@ __all__ = [
     "DUMP_FORMAT",
     "decode_diffs",
     "decode_dump",
+    "decode_health_check",
     "decode_info",
+    "decode_prepared",
     "decode_rules",
     "decode_vm_status",
     "encode_diffs",
     "encode_dump",
+    "encode_health_check",
     "encode_info",
+    "encode_prepared",
     "encode_rules",
     "encode_vm_status",
 ]
@@ -53,6 +68,9 @@ __all__ = [
 _POWER = {p.value: p for p in PowerState}
 _PHASE = {p.value: p for p in Phase}
 _ON_WORKER_LOST = {o.value: o for o in OnWorkerLost}
+_HEALTH = {h.value: h for h in Health}
+_HEALTH_KIND = {k.value: k for k in HealthKind}
+_PREPARE_STATE = {p.value: p for p in PrepareState}
 
 
 def encode_diffs(diffs: Sequence[WorkerDiff]) -> bytes:
@@ -146,17 +164,18 @@ def decode_rules(text: str) -> UnpinnedRules:
 
 
 def encode_vm_status(vm: VmStatus) -> str:
-    return _dump(
-        {
-            "phase": vm.phase.value,
-            "hash": vm.observed_hash,
-            "message": vm.message,
-            "restarts": vm.restarts,
-            "address": vm.address,
-            "power": vm.observed_power.value,
-            "op": vm.op_id,
-        }
-    )
+    data = {
+        "phase": vm.phase.value,
+        "hash": vm.observed_hash,
+        "message": vm.message,
+        "restarts": vm.restarts,
+        "address": vm.address,
+        "power": vm.observed_power.value,
+        "op": vm.op_id,
+    }
+    if vm.health is not Health.UNCHECKED:
+        data["health"] = vm.health.value
+    return _dump(data)
 
 
 def decode_vm_status(vm_id: str, text: str) -> VmStatus:
@@ -170,6 +189,59 @@ def decode_vm_status(vm_id: str, text: str) -> VmStatus:
         address=data.get("address", ""),
         observed_power=_POWER.get(data.get("power", ""), PowerState.STOPPED),
         op_id=data.get("op", ""),
+        # An unknown value (a newer release's) reads as not checked.
+        health=_HEALTH.get(data.get("health", ""), Health.UNCHECKED),
+    )
+
+
+def encode_health_check(check: HealthCheck | None) -> str:
+    """A VM's health check ("" for none)."""
+    if check is None:
+        return ""
+    return _dump(
+        {
+            "kind": check.kind.value,
+            "port": check.port,
+            "path": check.path,
+            "expect": check.expect,
+            "min_healthy_ms": check.min_healthy_ms,
+            "interval_ms": check.interval_ms,
+        }
+    )
+
+
+def decode_health_check(text: str) -> HealthCheck | None:
+    if not text:
+        return None
+    data = json.loads(text)
+    default = HealthCheck()
+    return HealthCheck(
+        # An unknown kind (a newer release's) reads as none, as on the wire.
+        kind=_HEALTH_KIND.get(data.get("kind", ""), HealthKind.NONE),
+        port=data.get("port", default.port),
+        path=data.get("path", default.path),
+        expect=data.get("expect", default.expect),
+        min_healthy_ms=data.get("min_healthy_ms", default.min_healthy_ms),
+        interval_ms=data.get("interval_ms", default.interval_ms),
+    )
+
+
+def encode_prepared(prepared: Sequence[PreparedImage]) -> str:
+    """A worker's ``WorkerStatus.prepared`` ("" for none)."""
+    if not prepared:
+        return ""
+    return _dump(
+        {"prepared": [[image.path, image.state.value, image.message] for image in prepared]}
+    )
+
+
+def decode_prepared(text: str) -> tuple[PreparedImage, ...]:
+    if not text:
+        return ()
+    return tuple(
+        # An unknown state (a newer release's) reads as pending: never ready by mistake.
+        PreparedImage(path, _PREPARE_STATE.get(state, PrepareState.PENDING), message)
+        for path, state, message in json.loads(text)["prepared"]
     )
 
 
