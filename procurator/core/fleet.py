@@ -17,6 +17,23 @@ scheduler places (``core.placement``; docs/SCHEDULING.md)::
     constraints = { zone = "b" }  # worker labels that must match
     spread = "web"                # VMs of a group go to different workers
     on_worker_lost = "reschedule" # or "wait"
+    rollout = { max_parallel = 2 } # this VM's own rollout settings
+
+    [rollout]                     # how replaced VMs roll (docs/ROLLOUTS.md)
+    max_parallel = 5              # per spread group, VMs being replaced at once
+    health = { http = "/healthz", port = 8080, expect = 200 }  # or { tcp = 22 }, "none"
+    min_healthy_time = "10s"      # passed continuously this long: healthy
+    healthy_deadline = "5m"       # not healthy by then: the rollout fails
+    canary = 1                    # the first N of each group, then a pause
+    auto_revert = true
+    auto_promote = false
+
+    [rollout.groups.web]          # a spread group's own settings
+    max_parallel = 2
+
+Durations are seconds (a number) or a string with a unit: "500ms", "10s",
+"5m", "1h". An override (a group's, a VM's) takes the fleet-wide settings
+and changes the keys it names; a VM's wins over its group's.
 
 TOML and JSON (what ``nix eval --json`` emits) share one structure. The whole
 file is checked before anything is stored: every problem is collected (not
@@ -40,18 +57,22 @@ import json
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from procurator.core.errors import LimitExceededError, ValidationError
 from procurator.core.models import (
     Assignment,
     Fleet,
+    HealthCheck,
+    HealthKind,
     OnWorkerLost,
     Placement,
     PlacementPolicy,
     PlacementStrategy,
     PowerChange,
     PowerState,
+    RolloutPolicy,
     UnpinnedVm,
     VmAssignment,
     WorkerDiff,
@@ -76,8 +97,8 @@ __all__ = [
     "validate_fleet",
 ]
 
-_TOP_KEYS = ("workers", "vms", "placement")
-_VM_KEYS = frozenset({"id", "image", "hash", "power", "vcpus", "memory_mib"})
+_TOP_KEYS = ("workers", "vms", "placement", "rollout")
+_VM_KEYS = frozenset({"id", "image", "hash", "power", "vcpus", "memory_mib", "rollout"})
 _UNPINNED_KEYS = _VM_KEYS | {"constraints", "spread", "on_worker_lost"}
 _POWER = {p.value: p for p in PowerState}
 _ON_WORKER_LOST = {o.value: o for o in OnWorkerLost}
@@ -167,7 +188,8 @@ def _from_data(data: Any, problems: _Problems) -> Fleet:
     pinned = _pinned_from_data(data.get("workers", {}), problems)
     unpinned = _unpinned_from_data(data.get("vms", []), problems)
     policy = _policy_from_data(data.get("placement", {}), problems)
-    fleet = Fleet(pinned, unpinned, policy)
+    rollout, groups, per_vm = _rollouts_from_data(data, problems)
+    fleet = Fleet(pinned, unpinned, policy, rollout, groups, per_vm)
     _check_fleet_wide(fleet, problems)
     return fleet
 
@@ -239,6 +261,238 @@ def _policy_from_data(section: Any, problems: _Problems) -> PlacementPolicy:
         )
         return PlacementPolicy()
     return PlacementPolicy(strategy)
+
+
+_ROLLOUT_KEYS = (
+    "max_parallel",
+    "health",
+    "min_healthy_time",
+    "healthy_deadline",
+    "canary",
+    "auto_revert",
+    "auto_promote",
+)
+_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)\s*$")
+# Bounds of the rollout settings (ms for durations).
+_MAX_PARALLEL = 10_000
+_MAX_MIN_HEALTHY_MS = 3_600_000
+_MAX_DEADLINE_MS = 86_400_000
+_MAX_HEALTH_PATH = 1024
+
+
+def _duration_ms(value: Any) -> int | None:
+    """Seconds (a number) or "<number><ms|s|m|h>" in ms; None if neither."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return round(value * 1000) if value >= 0 else None
+    if isinstance(value, str) and (match := _DURATION.match(value)):
+        return round(float(match[1]) * _UNITS_MS[match[2]])
+    return None
+
+
+def _rollouts_from_data(
+    data: Mapping[str, Any], problems: _Problems
+) -> tuple[
+    RolloutPolicy, tuple[tuple[str, RolloutPolicy], ...], tuple[tuple[str, RolloutPolicy], ...]
+]:
+    """``[rollout]``, its ``groups`` and each VM entry's ``rollout``."""
+    section = data.get("rollout", {})
+    if not isinstance(section, dict):
+        problems.add(
+            "rollout", "must be a table/object like { max_parallel = ... }", near="rollout"
+        )
+        section = {}
+    fleet_wide = _rollout_from_data(
+        {k: v for k, v in section.items() if k != "groups"}, "rollout", RolloutPolicy(), problems
+    )
+    groups: list[tuple[str, RolloutPolicy]] = []
+    raw_groups = section.get("groups", {})
+    if not isinstance(raw_groups, dict):
+        problems.add(
+            "rollout.groups", "must be a table/object keyed by spread group", near="groups"
+        )
+        raw_groups = {}
+    raw_vms = data.get("vms")
+    used = {
+        entry.get("spread")
+        for entry in (raw_vms if isinstance(raw_vms, list) else [])
+        if isinstance(entry, dict)
+    }
+    for name, body in raw_groups.items():
+        where = f"rollout.groups.{name}"
+        if (problem := check_group_name(name)) is not None:
+            problems.add(where, problem, near=str(name))
+            continue
+        if name not in used:
+            problems.add(where, "no VM is in this spread group (a typo?)", near=str(name))
+        groups.append((name, _rollout_from_data(body, where, fleet_wide, problems, near=name)))
+    per_vm: list[tuple[str, RolloutPolicy]] = []
+    workers = data.get("workers")
+    entries: list[tuple[str, Any]] = []
+    if isinstance(workers, dict):
+        for worker_id, body in workers.items():
+            if isinstance(body, dict) and isinstance(body.get("vms"), list):
+                entries.extend(
+                    (f"workers.{worker_id}.vms[{i}]", e) for i, e in enumerate(body["vms"])
+                )
+    if isinstance(data.get("vms"), list):
+        entries.extend((f"vms[{i}]", e) for i, e in enumerate(data["vms"]))
+    by_group = dict(groups)
+    for where, entry in entries:
+        if not isinstance(entry, dict) or "rollout" not in entry:
+            continue
+        vm_id = entry.get("id")
+        if not isinstance(vm_id, str):
+            continue  # reported with the entry
+        group = entry.get("spread")
+        base = by_group.get(group, fleet_wide) if isinstance(group, str) else fleet_wide
+        per_vm.append(
+            (vm_id, _rollout_from_data(entry["rollout"], f"{where}.rollout", base, problems, vm_id))
+        )
+    return fleet_wide, tuple(sorted(groups)), tuple(sorted(per_vm))
+
+
+def _rollout_from_data(
+    section: Any, where: str, base: RolloutPolicy, problems: _Problems, near: str = "rollout"
+) -> RolloutPolicy:
+    """``base`` with the keys ``section`` names."""
+    if not isinstance(section, dict):
+        problems.add(where, "must be a table/object like { max_parallel = ... }", near=near)
+        return base
+    for key in section:
+        if key not in _ROLLOUT_KEYS:
+            problems.add(
+                f"{where}.{key}", f"unknown key (allowed: {', '.join(_ROLLOUT_KEYS)})", near=near
+            )
+
+    def count(key: str, lo: int, fallback: int) -> int:
+        value = section.get(key, fallback)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or not lo <= value <= _MAX_PARALLEL
+        ):
+            problems.add(
+                f"{where}.{key}",
+                f"must be an integer in {lo}..{_MAX_PARALLEL}, not {value!r}",
+                near=near,
+            )
+            return fallback
+        return value
+
+    def flag(key: str, fallback: bool) -> bool:
+        value = section.get(key, fallback)
+        if not isinstance(value, bool):
+            problems.add(f"{where}.{key}", f"must be true or false, not {value!r}", near=near)
+            return fallback
+        return value
+
+    policy = replace(
+        base,
+        max_parallel=count("max_parallel", 1, base.max_parallel),
+        canary=count("canary", 0, base.canary),
+        auto_revert=flag("auto_revert", base.auto_revert),
+        auto_promote=flag("auto_promote", base.auto_promote),
+    )
+    health = policy.health
+    if "health" in section:
+        # A new check keeps the inherited min_healthy_time unless it is given.
+        check = _health_from_data(section["health"], f"{where}.health", problems, near)
+        health = replace(check, min_healthy_ms=health.min_healthy_ms)
+    if "min_healthy_time" in section:
+        ms = _duration_ms(section["min_healthy_time"])
+        if ms is None or ms > _MAX_MIN_HEALTHY_MS:
+            problems.add(
+                f"{where}.min_healthy_time",
+                f'must be a duration of at most 1h (seconds, or like "10s"), '
+                f"not {section['min_healthy_time']!r}",
+                near=near,
+            )
+        else:
+            health = replace(health, min_healthy_ms=ms)
+    policy = replace(policy, health=health)
+    if "healthy_deadline" in section:
+        ms = _duration_ms(section["healthy_deadline"])
+        if ms is None or not 1000 <= ms <= _MAX_DEADLINE_MS:
+            problems.add(
+                f"{where}.healthy_deadline",
+                f'must be a duration from 1s to 24h (seconds, or like "5m"), '
+                f"not {section['healthy_deadline']!r}",
+                near=near,
+            )
+        else:
+            policy = replace(policy, healthy_deadline_ms=ms)
+    if policy.health.min_healthy_ms >= policy.healthy_deadline_ms:
+        problems.add(
+            where,
+            f"min_healthy_time ({policy.health.min_healthy_ms / 1000:g} s) must be shorter than "
+            f"healthy_deadline ({policy.healthy_deadline_ms / 1000:g} s): no VM could be healthy "
+            "in time",
+            near=near,
+        )
+    return policy
+
+
+def _health_from_data(value: Any, where: str, problems: _Problems, near: str) -> HealthCheck:
+    """ "none", { tcp = PORT }, or { http = PATH, port = PORT, expect = STATUS };
+    an ``interval`` duration in either table."""
+    keep = HealthCheck()
+    if value == "none":
+        return keep
+    shape = '"none", { tcp = 22 } or { http = "/healthz", port = 8080, expect = 200 }'
+    if not isinstance(value, dict) or ("tcp" in value) == ("http" in value):
+        problems.add(where, f"must be {shape}, not {value!r}", near=near)
+        return keep
+    allowed = {"tcp", "interval"} if "tcp" in value else {"http", "port", "expect", "interval"}
+    for key in value:
+        if key not in allowed:
+            problems.add(
+                f"{where}.{key}", f"unknown key (allowed: {', '.join(sorted(allowed))})", near=near
+            )
+    interval = 0
+    if "interval" in value:
+        ms = _duration_ms(value["interval"])
+        if ms is None or not 100 <= ms <= _MAX_MIN_HEALTHY_MS:
+            problems.add(
+                f"{where}.interval",
+                f"must be a duration from 100ms to 1h, not {value['interval']!r}",
+                near=near,
+            )
+        else:
+            interval = ms
+    port_key = "tcp" if "tcp" in value else "port"
+    port = value.get(port_key)
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        problems.add(
+            f"{where}.{port_key}", f"must be a port number 1..65535, not {port!r}", near=near
+        )
+        port = 0
+    if "tcp" in value:
+        return HealthCheck(HealthKind.TCP, port, interval_ms=interval)
+    path = value["http"]
+    if (
+        not isinstance(path, str)
+        or not path.startswith("/")
+        or len(path) > _MAX_HEALTH_PATH
+        or not path.isprintable()
+        or " " in path
+    ):
+        problems.add(
+            f"{where}.http",
+            f"must be a URL path starting with '/' (at most {_MAX_HEALTH_PATH} characters, "
+            f"no spaces), not {path!r}",
+            near=near,
+        )
+        path = "/"
+    expect = value.get("expect", 200)
+    if isinstance(expect, bool) or not isinstance(expect, int) or not 100 <= expect <= 599:
+        problems.add(
+            f"{where}.expect", f"must be an HTTP status 100..599, not {expect!r}", near=near
+        )
+        expect = 200
+    return HealthCheck(HealthKind.HTTP, port, path, expect, interval_ms=interval)
 
 
 def _int_field(
@@ -470,6 +724,29 @@ def _check_unpinned(unpinned: UnpinnedVm, where: str, problems: _Problems) -> No
         problems.add(f"{where}.spread", problem)
 
 
+def _check_rollouts(fleet: Fleet, problems: _Problems) -> None:
+    """A fleet's rollout settings within the bounds a fleet file has."""
+    policies = [("rollout", fleet.rollout)]
+    policies += [(f"rollout.groups.{name}", p) for name, p in fleet.group_rollouts]
+    policies += [(f"rollout of VM {vm_id}", p) for vm_id, p in fleet.vm_rollouts]
+    for where, policy in policies:
+        health = policy.health
+        if not 1 <= policy.max_parallel <= _MAX_PARALLEL:
+            problems.add(where, f"max_parallel {policy.max_parallel} is out of range")
+        if not 0 <= policy.canary <= _MAX_PARALLEL:
+            problems.add(where, f"canary {policy.canary} is out of range")
+        if not 1000 <= policy.healthy_deadline_ms <= _MAX_DEADLINE_MS:
+            problems.add(where, f"healthy_deadline {policy.healthy_deadline_ms} ms is out of range")
+        if not 0 <= health.min_healthy_ms < policy.healthy_deadline_ms:
+            problems.add(where, "min_healthy_time must be shorter than healthy_deadline")
+        if health.kind is not HealthKind.NONE and not 1 <= health.port <= 65535:
+            problems.add(where, f"health check port {health.port} is out of range")
+        if health.kind is HealthKind.HTTP and not (
+            health.path.startswith("/") and len(health.path) <= _MAX_HEALTH_PATH
+        ):
+            problems.add(where, f"health check path {health.path!r} is not a URL path")
+
+
 def validate_fleet(fleet: Fleet) -> None:
     """Check a fleet built by other means (e.g. received over RPC) with the
     same rules as a parsed file. Raises ``ValidationError``."""
@@ -486,6 +763,7 @@ def validate_fleet(fleet: Fleet) -> None:
             _check_vm(vm, f"{where}.vms[{index}]", problems)
     for index, unpinned in enumerate(fleet.unpinned):
         _check_unpinned(unpinned, f"vms[{index}]", problems)
+    _check_rollouts(fleet, problems)
     _check_fleet_wide(fleet, problems)
     if problems.items:
         raise ValidationError(
@@ -570,4 +848,4 @@ def resolve_fleet(fleet: Fleet, placement: Placement) -> Fleet:
         (worker_id, tuple(sorted(vms, key=lambda v: v.id)))
         for worker_id, vms in sorted(merged.items())
     )
-    return Fleet(workers, (), fleet.placement)
+    return replace(fleet, workers=workers, unpinned=())
