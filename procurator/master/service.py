@@ -1365,18 +1365,25 @@ class MasterService:
         logger.info("worker %s disconnected", session.worker_id)
         now = self._now_ms()
         try:
-            version = await self._store.unregister(
+            written = await self._store.unregister(
                 session.worker_id, self.master_id, session.epoch, unix_ms=now
             )
         except UnavailableError as exc:
             # Its lease runs out instead; the leader marks it lost then.
             logger.info("worker %s: could not record its disconnection: %s", worker.worker_id, exc)
             return
+        if written is None or written.version <= worker.version:
+            return
         registration = worker.registration
-        if version is not None and version > worker.version and registration is not None:
-            worker.version = version
-            worker.registration = replace(registration, connected=False, since_unix_ms=now)
-            self._mark_changed()
+        if written.previous != worker.version or registration is None:
+            # Other writes came between the cached version and this one
+            # (see report_status): read the worker whole.
+            self._dirty_workers.add(worker.worker_id)
+            self._sync_wake.set()
+            return
+        worker.version = written.version
+        worker.registration = replace(registration, connected=False, since_unix_ms=now)
+        self._mark_changed()
 
     def _session(self, token: int) -> _Session:
         session = self._sessions.get(token)

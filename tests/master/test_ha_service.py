@@ -493,6 +493,32 @@ async def test_a_status_report_does_not_hide_a_change_made_before_it(
         await eventually(seen, "the master shows the change made before the report")
 
 
+async def test_a_disconnection_does_not_hide_a_change_made_before_it(
+    pg_url: str, fleet_of: FleetOf
+) -> None:
+    """As above, with the session's end instead of a status report: the
+    version ``unregister`` made must not stand for the change made to the
+    worker's row before it, which the master reads."""
+    from procurator.master.store.codec import encode_info  # noqa: PLC0415
+
+    async with masters(pg_url, 1, sync_interval=3600.0) as group:
+        (a,) = group.services
+        await a.apply(fleet_of({"host-a": [("web-1", "a")]}))
+        token = await a.register(WorkerInfo("host-a", version="1.0"), FakeNode())
+        await a.report_status(token, WorkerStatus("host-a", 0, ()))
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE worker_state SET info = %s, version = version + 1 WHERE worker_id = %s",
+                (encode_info(WorkerInfo("host-a", version="2.0")), "host-a"),
+            )
+        await a.unregister(token)
+
+        async def seen() -> bool:
+            return a.worker_info()["host-a"].version == "2.0"
+
+        await eventually(seen, "the master shows the change made before the disconnection")
+
+
 class _SlowRegister:
     """A store whose ``register`` answers only once the service has heard,
     through its notification, of the session it stored."""

@@ -416,9 +416,11 @@ async def test_sessions_are_numbered_and_only_the_newest_may_write(store: Store)
     # m2 renews what it holds, m1 nothing.
     assert await store.renew_sessions("m2", lease_ms=60_000) == {"w": second}
     assert await store.renew_sessions("m1", lease_ms=60_000) == {}
-    version = await store.unregister("w", "m2", second, unix_ms=10)
+    before = (await store.worker("w")).version
+    written = await store.unregister("w", "m2", second, unix_ms=10)
+    assert written is not None and written.previous == before
     worker = await store.worker("w")
-    assert worker.registration is not None and worker.version == version
+    assert worker.registration is not None and worker.version == written.version
     assert (worker.registration.connected, worker.registration.since_unix_ms) == (False, 10)
     assert await store.renew_sessions("m2", lease_ms=60_000) == {}
     # The session is still alive on m2 (the store could not be told while

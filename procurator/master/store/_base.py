@@ -138,7 +138,7 @@ class SqlStore(abc.ABC):
 
     async def unregister(
         self, worker_id: str, master_id: str, session: int, *, unix_ms: int
-    ) -> int | None:
+    ) -> StatusWritten | None:
         return await self._write(
             lambda tx: _sql.unregister(tx, worker_id, master_id, session, unix_ms),
             f"end a session of worker {worker_id}",

@@ -531,19 +531,26 @@ def register(
     return load_worker(tx, worker_id)
 
 
-def unregister(tx: Tx, worker_id: str, master_id: str, session: int, unix_ms: int) -> int | None:
-    """The session ended; the worker's new version, or None when that
-    session was not the worker's current one (nothing changed)."""
-    row = _one(
+def unregister(
+    tx: Tx, worker_id: str, master_id: str, session: int, unix_ms: int
+) -> StatusWritten | None:
+    """The session ended; the worker's version before and after, or None
+    when that session was not the worker's current one (nothing changed)."""
+    found = _one(
         tx,
-        "UPDATE worker_state SET connected = FALSE, since_unix_ms = ?, version = {next_version} "
-        "WHERE worker_id = ? AND master_id = ? AND session = ? AND connected RETURNING version",
-        (unix_ms, worker_id, master_id, session),
+        "SELECT version FROM worker_state "
+        "WHERE worker_id = ? AND master_id = ? AND session = ? AND connected {lock}",
+        (worker_id, master_id, session),
     )
-    if row is None:
+    if found is None:
         return None
-    tx.notify(Change(ChangeKind.WORKER, row[0], worker_id))
-    return int(row[0])
+    (version,) = tx.run(
+        "UPDATE worker_state SET connected = FALSE, since_unix_ms = ?, version = {next_version} "
+        "WHERE worker_id = ? RETURNING version",
+        (unix_ms, worker_id),
+    )[0]
+    tx.notify(Change(ChangeKind.WORKER, version, worker_id))
+    return StatusWritten(int(found[0]), int(version))
 
 
 def renew_sessions(tx: Tx, master_id: str, lease_ms: int) -> dict[str, int]:

@@ -200,8 +200,9 @@ class StatusWrite:
 
 @dataclass(frozen=True, slots=True)
 class StatusWritten:
-    """What ``write_status`` did to the worker's version: ``previous`` (the
-    version the write found) and ``version`` (the one it made). A cache at
+    """What ``write_status`` (or ``unregister``) did to the worker's
+    version: ``previous`` (the version the write found) and ``version``
+    (the one it made). A cache at
     ``previous`` may take ``version``; a cache at another version misses
     writes made in between (a lease expired, a session reclaimed, an
     apply's removals) and must read the worker."""

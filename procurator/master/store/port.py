@@ -143,9 +143,10 @@ class Store(Protocol):
 
     async def unregister(
         self, worker_id: str, master_id: str, session: int, *, unix_ms: int
-    ) -> int | None:
+    ) -> StatusWritten | None:
         """That session ended: the worker is disconnected since ``unix_ms``
-        (new version), unless another session replaced it (None)."""
+        (its version before and after: ``StatusWritten``), unless another
+        session replaced it (None)."""
         ...
 
     async def renew_sessions(self, master_id: str, *, lease_ms: int) -> dict[str, int]:
