@@ -71,12 +71,17 @@ of every touched VM and nothing else; a terminal phase never changes.
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from procurator.core.models import (
     Health,
+    HealthCheck,
+    HealthKind,
     Phase,
+    PowerState,
     PrepareState,
     RolloutPolicy,
     VmAssignment,
@@ -92,6 +97,8 @@ __all__ = [
     "Step",
     "VmState",
     "counts",
+    "decode",
+    "encode",
     "group_limits",
     "plan",
     "prepared_count",
@@ -166,14 +173,19 @@ class Rollout:
 class Step:
     """The answer of ``step``: the new durable state, the entries the
     rollout's VMs must be assigned (vm id -> entry: commit those that
-    differ from what is assigned), the paths each worker must prepare
-    (empty once the prepare phase is over) and what happened, for events
-    and logs (one line each)."""
+    differ from what is assigned) and what happened, for events and logs
+    (one line each)."""
 
     rollout: Rollout
     want: Mapping[str, VmAssignment]
-    prepare: Mapping[str, tuple[str, ...]]
     notes: tuple[str, ...] = ()
+
+    @property
+    def prepare(self) -> dict[str, tuple[str, ...]]:
+        """The paths each worker must keep prepared: the new images, until
+        the rollout is over (a VM not switched yet needs its image kept
+        from the garbage collector until it is)."""
+        return {} if self.rollout.over else dict(self.rollout.prepare)
 
 
 def group_limits(vms: tuple[RolloutVm, ...]) -> dict[str, int]:
@@ -298,14 +310,14 @@ def step(
     notes: list[str] = []
     phase = rollout.phase
     if rollout.over:
-        return Step(rollout, _want(rollout), {})
+        return Step(rollout, _want(rollout))
     if phase is RolloutPhase.PREPARING:
         ready, failure = _prepared(rollout, workers, now_ms)
         if failure:
             done = replace(rollout, phase=RolloutPhase.FAILED, reason=failure, ended_ms=now_ms)
-            return Step(done, {}, {}, (f"rollout {rollout.id} failed in prepare: {failure}",))
+            return Step(done, {}, (f"rollout {rollout.id} failed in prepare: {failure}",))
         if not ready:
-            return Step(rollout, {}, dict(rollout.prepare))
+            return Step(rollout, {})
         rollout = replace(rollout, phase=RolloutPhase.SWITCHING, reason="")
         phase = rollout.phase
         notes.append(f"rollout {rollout.id}: every worker prepared the new images")
@@ -337,11 +349,11 @@ def step(
             return _reverting(rollout, assigned, now_ms, notes)
         rollout = replace(rollout, phase=RolloutPhase.FAILED, reason=why, ended_ms=now_ms)
         notes.append(f"rollout {rollout.id} failed: {why}")
-        return Step(rollout, _want(rollout), {}, tuple(notes))
+        return Step(rollout, _want(rollout), tuple(notes))
     if all(vm.state is VmState.HEALTHY for vm in rollout.vms):
         rollout = replace(rollout, phase=RolloutPhase.DONE, reason="", ended_ms=now_ms)
         notes.append(f"rollout {rollout.id} done: {len(rollout.vms)} VM(s) replaced")
-        return Step(rollout, _want(rollout), {}, tuple(notes))
+        return Step(rollout, _want(rollout), tuple(notes))
     return _switch(rollout, now_ms, notes)
 
 
@@ -376,12 +388,12 @@ def _switch(rollout: Rollout, now_ms: int, notes: list[str]) -> Step:
         if rollout.phase is not RolloutPhase.AWAITING_PROMOTION:
             notes.append(f"rollout {rollout.id}: {reason}")
         rollout = replace(rollout, phase=RolloutPhase.AWAITING_PROMOTION, reason=reason)
-        return Step(rollout, _want(rollout), {}, tuple(notes))
+        return Step(rollout, _want(rollout), tuple(notes))
     if rollout.phase is RolloutPhase.AWAITING_PROMOTION:
         notes.append(f"rollout {rollout.id}: canaries promoted")
         rollout = replace(rollout, phase=RolloutPhase.SWITCHING, reason="")
     if rollout.paused:
-        return Step(rollout, _want(rollout), {}, tuple(notes))
+        return Step(rollout, _want(rollout), tuple(notes))
     limits = group_limits(rollout.vms)
     busy: dict[str, int] = {}
     for vm in rollout.vms:
@@ -406,7 +418,7 @@ def _switch(rollout: Rollout, now_ms: int, notes: list[str]) -> Step:
             + ", ".join(started[:10])
             + (" ..." if len(started) > 10 else "")
         )
-    return Step(rollout, _want(rollout), {}, tuple(notes))
+    return Step(rollout, _want(rollout), tuple(notes))
 
 
 def _reverting(
@@ -420,7 +432,7 @@ def _reverting(
         notes.append(
             f"rollout {rollout.id} reverted: {len(want)} VM(s) back on their previous images"
         )
-    return Step(rollout, want, {}, tuple(notes))
+    return Step(rollout, want, tuple(notes))
 
 
 def plan(
@@ -480,3 +492,140 @@ def plan(
         generation_before=generation_before,
     )
     return rollout, first
+
+
+# ---------------------------------------------------------------- stored form
+#
+# A rollout is stored as one JSON document (``encode`` / ``decode``): plain
+# values only, so every store adapter keeps it as text. ``decode`` raises
+# ``ValueError`` on anything it did not write.
+
+
+def _entry_data(vm: VmAssignment) -> list[Any]:
+    return [vm.id, vm.hash, vm.nix_store_path, vm.power.value, vm.vcpus, vm.memory_mib]
+
+
+def _entry(data: Sequence[Any]) -> VmAssignment:
+    vm_id, vm_hash, path, power, vcpus, memory = data
+    return VmAssignment(
+        str(vm_id), str(vm_hash), str(path), PowerState(power), int(vcpus), int(memory)
+    )
+
+
+def _policy_data(policy: RolloutPolicy) -> dict[str, Any]:
+    health = policy.health
+    return {
+        "max_parallel": policy.max_parallel,
+        "health": [
+            health.kind.value,
+            health.port,
+            health.path,
+            health.expect,
+            health.min_healthy_ms,
+            health.interval_ms,
+        ],
+        "healthy_deadline_ms": policy.healthy_deadline_ms,
+        "canary": policy.canary,
+        "auto_revert": policy.auto_revert,
+        "auto_promote": policy.auto_promote,
+    }
+
+
+def _policy(data: Mapping[str, Any]) -> RolloutPolicy:
+    kind, port, path, expect, min_healthy, interval = data["health"]
+    return RolloutPolicy(
+        int(data["max_parallel"]),
+        HealthCheck(
+            HealthKind(kind), int(port), str(path), int(expect), int(min_healthy), int(interval)
+        ),
+        int(data["healthy_deadline_ms"]),
+        int(data["canary"]),
+        bool(data["auto_revert"]),
+        bool(data["auto_promote"]),
+    )
+
+
+def encode(rollout: Rollout) -> str:
+    """The stored form of ``rollout`` (policies written once, shared by
+    index: a 1,000-VM rollout has a handful of distinct ones)."""
+    policies: list[RolloutPolicy] = []
+    index: dict[RolloutPolicy, int] = {}
+    vms = []
+    for vm in rollout.vms:
+        if vm.policy not in index:
+            index[vm.policy] = len(policies)
+            policies.append(vm.policy)
+        vms.append(
+            [
+                vm.vm_id,
+                vm.worker_id,
+                _entry_data(vm.old),
+                _entry_data(vm.new),
+                index[vm.policy],
+                vm.group,
+                vm.state.value,
+                vm.switched_ms,
+                vm.canary,
+                vm.message,
+            ]
+        )
+    return json.dumps(
+        {
+            "v": 1,
+            "id": rollout.id,
+            "op_id": rollout.op_id,
+            "policies": [_policy_data(p) for p in policies],
+            "vms": vms,
+            "prepare": [[w, list(paths)] for w, paths in rollout.prepare],
+            "phase": rollout.phase.value,
+            "started_ms": rollout.started_ms,
+            "generation_before": rollout.generation_before,
+            "paused": rollout.paused,
+            "promoted": rollout.promoted,
+            "batches": rollout.batches,
+            "reason": rollout.reason,
+            "ended_ms": rollout.ended_ms,
+        },
+        separators=(",", ":"),
+    )
+
+
+def decode(text: str) -> Rollout:
+    try:
+        data = json.loads(text)
+        if data.get("v") != 1:
+            raise ValueError(f"unknown rollout format {data.get('v')!r}")
+        policies = [_policy(p) for p in data["policies"]]
+        vms = tuple(
+            RolloutVm(
+                str(vm_id),
+                str(worker_id),
+                _entry(old),
+                _entry(new),
+                policies[int(policy)],
+                str(group),
+                VmState(state),
+                int(switched),
+                bool(canary),
+                str(message),
+            )
+            for vm_id, worker_id, old, new, policy, group, state, switched, canary, message in data[
+                "vms"
+            ]
+        )
+        return Rollout(
+            str(data["id"]),
+            str(data["op_id"]),
+            vms,
+            tuple((str(w), tuple(str(p) for p in paths)) for w, paths in data["prepare"]),
+            RolloutPhase(data["phase"]),
+            int(data["started_ms"]),
+            int(data["generation_before"]),
+            bool(data["paused"]),
+            bool(data["promoted"]),
+            int(data["batches"]),
+            str(data["reason"]),
+            int(data["ended_ms"]),
+        )
+    except (KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise ValueError(f"not a stored rollout: {exc!r}") from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -28,6 +29,8 @@ from procurator.core.rollout import (
     RolloutPhase,
     VmState,
     counts,
+    decode,
+    encode,
     plan,
     prepared_count,
     promote,
@@ -164,7 +167,8 @@ def test_prepare_waits_then_switches_the_first_batch() -> None:
     assert waiting.prepare == dict(rollout.prepare)
     ready = step(rollout, assigned, prepared(rollout), 2000)
     assert ready.rollout.phase is RolloutPhase.SWITCHING
-    assert ready.prepare == {}
+    # Kept prepared until the rollout is over (the later batches need them).
+    assert ready.prepare == dict(rollout.prepare)
     switching = [vm.vm_id for vm in ready.rollout.vms if vm.state is VmState.SWITCHING]
     assert switching == ["vm-00", "vm-01"]  # max_parallel 2
     assert ready.want == {"vm-00": entry("vm-00", NEW), "vm-01": entry("vm-01", NEW)}
@@ -426,6 +430,8 @@ def test_properties_hold_over_random_reports(
             statuses[w] = replace(statuses[w], prepared=status.prepared)
         answer = step(rollout, assigned, statuses, now)
         rollout = answer.rollout
+        # What the store keeps is what was decided.
+        assert decode(encode(rollout)) == rollout
         # Half the time the leader "dies" before it commits: the next step
         # must ask again, never something else.
         if data.draw(st.booleans()):
@@ -456,3 +462,11 @@ def test_properties_hold_over_random_reports(
             assert all(e.nix_store_path == NEW for e in assigned.values())
     # No VM was switched to its new entry twice.
     assert all(n == 1 for n in replaced.values()), replaced
+
+
+def test_a_stored_rollout_that_is_not_one_is_refused() -> None:
+    rollout, _ = start(2)
+    assert decode(encode(rollout)) == rollout
+    for text in ('{"v": 2}', '{"v": 1}', '{"v": 1, "policies": [{}]}'):
+        with pytest.raises(ValueError, match="rollout"):
+            decode(text)
