@@ -1,14 +1,18 @@
 """The stop ladder: how a VM's supervisor ends a VMM, the same for every driver.
 
 Each rung only if the VMM still runs: a paused guest is resumed first (it
-cannot answer the power button, and should flush its disks); the power
-button, then wait ``power_button_wait``; ``shutdown_vm``; ``shutdown_vmm``,
-then wait ``shutdown_vmm_wait``; SIGTERM, then wait ``sigterm_wait``;
-SIGKILL, then wait ``sigkill_wait``. Once one API rung times out the API is
-treated as hung and the remaining API rungs are skipped (each would only
-burn another timeout): the signals come next. A VMM that another driver
-started gets the signals only (``api=False``): its API is not this
-driver's to speak.
+cannot answer the power button, and should flush its disks) — unless the
+VM is being removed (``resume_paused=False``): its disks go with it, and
+a paused VM may be paused because it runs elsewhere now (the fence paused
+it, healing moved it), so it must never run here again; then the power
+button is skipped too (a paused guest cannot answer it). The power
+button, then wait ``power_button_wait``; ``shutdown_vm``;
+``shutdown_vmm``, then wait ``shutdown_vmm_wait``; SIGTERM, then wait
+``sigterm_wait``; SIGKILL, then wait ``sigkill_wait``. Once one API rung
+times out the API is treated as hung and the remaining API rungs are
+skipped (each would only burn another timeout): the signals come next. A
+VMM that another driver started gets the signals only (``api=False``):
+its API is not this driver's to speak.
 
 Only the supervisor thread that owns the VM runs its ladder; nothing here
 is shared between VMs.
@@ -48,14 +52,17 @@ class StopLadder:
         self.t = timeouts
         self.vm_id = vm_id
 
-    def run(self, handle: VmmHandle, reason: str, *, api: bool = True) -> str:
+    def run(
+        self, handle: VmmHandle, reason: str, *, api: bool = True, resume_paused: bool = True
+    ) -> str:
         """Stop the VMM of ``handle``; returns the rung that ended it.
-        Raises ``StopFailed`` if it survives SIGKILL."""
+        Raises ``StopFailed`` if it survives SIGKILL. ``resume_paused``:
+        see the module docstring."""
         log.info("VM %s: stopping VMM pid %s: %s", self.vm_id, handle.pid, reason)
         if process.wait_exit(handle.pid, handle.pid_start_ticks, 0.0):
             how = "already exited"
         else:
-            how = (self._api(handle) if api else "") or self._signals(handle)
+            how = (self._api(handle, resume_paused) if api else "") or self._signals(handle)
         if not how:
             raise StopFailed(
                 f"VM {self.vm_id}: VMM pid {handle.pid} survived SIGKILL for "
@@ -64,16 +71,24 @@ class StopLadder:
         log.info("VM %s: VMM pid %s stopped by %s", self.vm_id, handle.pid, how)
         return how
 
-    def _api(self, handle: VmmHandle) -> str:
+    def _api(self, handle: VmmHandle, resume_paused: bool) -> str:
         """The API rungs; the one that ended the VMM, or "" (once one times
         out, the API is hung: the signals come next)."""
-        self._resume_paused(handle)
+        paused = self._paused(handle)
+        if paused and resume_paused:
+            log.info("VM %s: resuming the paused guest so it can shut down", self.vm_id)
+            try:
+                self.driver.resume(handle, timeout=self.t.api)
+                paused = False
+            except (VmmError, VmmRejected) as exc:
+                log.info("VM %s: not resumed before stopping: %s", self.vm_id, exc)
         t, d = self.t, self.driver
         rungs: list[tuple[str, Callable[..., None], float]] = [
-            ("power button", d.power_button, t.power_button_wait),
             ("vm.shutdown", d.shutdown_vm, 0.0),
             ("vmm.shutdown", d.shutdown_vmm, t.shutdown_vmm_wait),
         ]
+        if not paused:
+            rungs.insert(0, ("power button", d.power_button, t.power_button_wait))
         for name, call, wait in rungs:
             taken = True
             try:
@@ -99,13 +114,14 @@ class StopLadder:
                 return sig.name
         return ""
 
-    def _resume_paused(self, handle: VmmHandle) -> None:
-        """A paused guest cannot answer the power button: resume it first so
-        it shuts down cleanly (flushes its disks) rather than waiting out
-        the button and being cut off further down the ladder."""
+    def _paused(self, handle: VmmHandle) -> bool:
+        """Is the guest paused? A paused guest cannot answer the power
+        button: it is resumed first so it shuts down cleanly (flushes its
+        disks) rather than waiting out the button and being cut off further
+        down the ladder, or, when it must not run again, skips the button.
+        A VMM that does not say is taken as running (the ladder as before)."""
         try:
-            if self.driver.state(handle, timeout=self.t.api) is VmState.PAUSED:
-                log.info("VM %s: resuming the paused guest so it can shut down", self.vm_id)
-                self.driver.resume(handle, timeout=self.t.api)
+            return self.driver.state(handle, timeout=self.t.api) is VmState.PAUSED
         except (VmmError, VmmRejected) as exc:
-            log.info("VM %s: not resumed before stopping: %s", self.vm_id, exc)
+            log.info("VM %s: state unknown before stopping: %s", self.vm_id, exc)
+            return False

@@ -688,7 +688,13 @@ class VmSupervisor:
         """Stop the VMM and delete the VM's state; True when done."""
         self._publish(Phase.REMOVING, "removing")
         try:
-            how = self._ladder("VM removed") if self.handle is not None else "no VMM running"
+            # Never resumed to shut down (procurator.worker.stopladder): a
+            # paused VM may have been fenced and moved to another worker.
+            how = (
+                self._ladder("VM removed", resume_paused=False)
+                if self.handle is not None
+                else "no VMM running"
+            )
             self._clear_leftovers()
             if self.m.jail is not None:
                 # Its cgroup goes with it (and its uid is free again).
@@ -845,11 +851,12 @@ class VmSupervisor:
 
     # -- stop ladder -------------------------------------------------------------
 
-    def _ladder(self, reason: str, *, api: bool = True) -> str:
+    def _ladder(self, reason: str, *, api: bool = True, resume_paused: bool = True) -> str:
         """Run the stop ladder (``StopLadder``) and forget the VMM; returns
         the step that ended it. Raises ``StopFailed`` if it survives SIGKILL."""
         assert self.handle is not None
-        how = StopLadder(self.driver, self.t, self.vm.vm_id).run(self.handle, reason, api=api)
+        ladder = StopLadder(self.driver, self.t, self.vm.vm_id)
+        how = ladder.run(self.handle, reason, api=api, resume_paused=resume_paused)
         self._forget_vmm()
         return how
 
