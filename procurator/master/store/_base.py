@@ -10,6 +10,7 @@ from typing import TypeVar
 from procurator.core.control import WorkerEvent
 from procurator.core.drain import Handoff, ModeAction, ModeChange
 from procurator.core.models import VmAssignment, VmEvent, WorkerDiff, WorkerInfo
+from procurator.core.rollout import Rollout
 from procurator.core.snapshot import SnapshotInfo
 from procurator.master.store import _sql
 from procurator.master.store.model import (
@@ -63,6 +64,9 @@ class SqlStore(abc.ABC):
         diffs: Sequence[WorkerDiff] = (),
         placement: PlacementRecord | None = None,
         fence: Fence | None = None,
+        rollout: Rollout | None = None,
+        guard_rollouts: bool = False,
+        supersede: bool = False,
     ) -> int:
         request = (request_id, fleet_digest, diffs, self.requests_kept) if request_id else None
         return await self._write(
@@ -76,9 +80,23 @@ class SqlStore(abc.ABC):
                 request,
                 placement=placement,
                 fence=fence,
+                rollout=rollout,
+                guard_rollouts=guard_rollouts,
+                supersede=supersede,
             ),
             f"apply {op_id}",
         )
+
+    async def put_rollout(self, rollout: Rollout, *, fence: Fence | None = None) -> None:
+        await self._write(
+            lambda tx: _sql.put_rollout(tx, rollout, fence), f"store rollout {rollout.id}"
+        )
+
+    async def rollouts(self, limit: int = 20) -> tuple[Rollout, ...]:
+        return await self._read(lambda tx: _sql.rollouts(tx, limit), "read rollouts")
+
+    async def rollout(self, rollout_id: str = "") -> Rollout | None:
+        return await self._read(lambda tx: _sql.rollout(tx, rollout_id), "read a rollout")
 
     async def placement(self) -> PlacementRecord:
         return await self._read(_sql.placement, "read the placement rules")

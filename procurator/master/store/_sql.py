@@ -48,6 +48,9 @@ from procurator.core.models import (
     WorkerState,
     WorkerStatus,
 )
+from procurator.core.rollout import Rollout, RolloutPhase
+from procurator.core.rollout import decode as decode_rollout
+from procurator.core.rollout import encode as encode_rollout
 from procurator.core.snapshot import SnapshotInfo
 from procurator.master.store.codec import (
     decode_diffs,
@@ -60,6 +63,7 @@ from procurator.master.store.codec import (
     encode_vm_status,
 )
 from procurator.master.store.model import (
+    ROLLOUTS_KEPT,
     AppliedRequest,
     Change,
     ChangeKind,
@@ -72,6 +76,7 @@ from procurator.master.store.model import (
     Registration,
     Removal,
     RequestRecordedError,
+    RolloutActiveError,
     SessionEndedError,
     StatusWrite,
     StatusWritten,
@@ -359,6 +364,9 @@ def commit(
     *,
     placement: PlacementRecord | None = None,
     fence: Fence | None = None,
+    rollout: Rollout | None = None,
+    guard_rollouts: bool = False,
+    supersede: bool = False,
 ) -> int:
     """See ``Store.commit``. ``request``: (id, fleet digest, diffs, kept)."""
     deletes, inserts, removed = _row_changes(changes, before)
@@ -416,10 +424,82 @@ def commit(
         )
     if placement is not None:
         _write_placement(tx, placement)
+    if guard_rollouts:
+        _guard_rollouts(tx, op_id, unix_ms, supersede)
+    if rollout is not None:
+        _put_rollout(tx, rollout)
     if fence is not None:
         check_fence(tx, fence)
     tx.notify(Change(ChangeKind.GENERATION, generation))
     return generation
+
+
+# ---------------------------------------------------------------- rollouts
+
+
+def _put_rollout(tx: Tx, rollout: Rollout) -> None:
+    """Insert or update ``rollout``; keep the newest ``ROLLOUTS_KEPT``
+    that are over (one under way is never dropped)."""
+    tx.run(
+        "INSERT INTO rollouts (id, seq, active, state) VALUES "
+        "(?, (SELECT coalesce(max(seq), 0) + 1 FROM rollouts), ?, ?) "
+        "ON CONFLICT (id) DO UPDATE SET active = excluded.active, state = excluded.state",
+        (rollout.id, not rollout.over, encode_rollout(rollout)),
+    )
+    tx.run(
+        "DELETE FROM rollouts WHERE NOT active AND seq <= ("
+        "SELECT seq FROM rollouts WHERE NOT active ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+        (ROLLOUTS_KEPT,),
+    )
+
+
+def _guard_rollouts(tx: Tx, op_id: str, unix_ms: int, supersede: bool) -> None:
+    for (text,) in tx.run("SELECT state FROM rollouts WHERE active ORDER BY seq {lock}"):
+        under_way = _decode_rollout(text)
+        if not supersede:
+            raise RolloutActiveError(
+                f"rollout {under_way.id} (apply {under_way.op_id}) is under way "
+                f"({under_way.phase.value}); nothing was applied: wait for it to end, "
+                "stop it with `procurator rollout undo`, or apply with --supersede",
+                op_id=op_id,
+            )
+        _put_rollout(
+            tx,
+            dataclasses.replace(
+                under_way,
+                phase=RolloutPhase.FAILED,
+                reason=f"superseded by apply {op_id}",
+                ended_ms=unix_ms,
+            ),
+        )
+
+
+def _decode_rollout(text: str) -> Rollout:
+    try:
+        return decode_rollout(text)
+    except ValueError as exc:
+        raise ProcuratorError(f"the store holds a rollout it cannot read: {exc}") from None
+
+
+def put_rollout(tx: Tx, rollout: Rollout, fence: Fence | None) -> None:
+    _put_rollout(tx, rollout)
+    if fence is not None:
+        check_fence(tx, fence)
+
+
+def rollouts(tx: Tx, limit: int) -> tuple[Rollout, ...]:
+    return tuple(
+        _decode_rollout(text)
+        for (text,) in tx.run("SELECT state FROM rollouts ORDER BY seq DESC LIMIT ?", (limit,))
+    )
+
+
+def rollout(tx: Tx, rollout_id: str) -> Rollout | None:
+    if rollout_id:
+        row = _one(tx, "SELECT state FROM rollouts WHERE id = ?", (rollout_id,))
+    else:
+        row = _one(tx, "SELECT state FROM rollouts WHERE active ORDER BY seq DESC LIMIT 1")
+    return _decode_rollout(row[0]) if row else None
 
 
 _STRATEGIES = tuple(PlacementStrategy)  # the stored number is the index

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from procurator.core.control import WorkerEvent
 from procurator.core.drain import WorkerMode
-from procurator.core.errors import ProcuratorError, UnavailableError
+from procurator.core.errors import ProcuratorError, UnavailableError, ValidationError
 from procurator.core.models import (
     Assignment,
     OnWorkerLost,
@@ -23,6 +23,7 @@ from procurator.core.models import (
 
 __all__ = [
     "REQUESTS_KEPT",
+    "ROLLOUTS_KEPT",
     "SCHEMA_VERSION",
     "AppliedRequest",
     "Change",
@@ -37,6 +38,7 @@ __all__ = [
     "Removal",
     "RemovalAck",
     "RequestRecordedError",
+    "RolloutActiveError",
     "SessionEndedError",
     "StatusWrite",
     "StoreUnavailableError",
@@ -47,16 +49,20 @@ __all__ = [
     "WorkerDump",
 ]
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 """1: fleet and generations; 2: request ids, removals; 3: worker state
 (sessions, leases, statuses), events, leader leases (the HA store); 4: the
 unpinned VMs' placement rules and the strategy (``PlacementRecord``); 5:
 the snapshots workers last reported (a record of what lives on them, for a
 fleet-wide ``snapshot list``; not part of an export); 6: workers' modes
 (cordoned, draining and a drain's progress) and handoffs
-(``procurator.core.drain``)."""
+(``procurator.core.drain``); 7: rollouts (``procurator.core.rollout``: one
+document per rollout, the newest ``ROLLOUTS_KEPT``; not part of an
+export)."""
 
 REQUESTS_KEPT = 1000
+ROLLOUTS_KEPT = 100
+"""Rollouts kept once over (the newest); one under way is always kept."""
 """Request ids kept for replays (the newest this many applies that had one)."""
 
 
@@ -313,6 +319,11 @@ class SessionEndedError(UnavailableError):
 class FencedError(UnavailableError):
     """A singleton duty's write under a lease epoch that is no longer the
     live one: another master leads now, nothing was written."""
+
+
+class RolloutActiveError(ValidationError):
+    """A person's apply while a rollout is under way (and not
+    ``--supersede``): nothing was applied."""
 
 
 class RequestRecordedError(ProcuratorError):

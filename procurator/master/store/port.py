@@ -22,6 +22,7 @@ import trio
 from procurator.core.control import WorkerEvent
 from procurator.core.drain import Handoff, ModeAction, ModeChange
 from procurator.core.models import VmAssignment, VmEvent, WorkerDiff, WorkerInfo
+from procurator.core.rollout import Rollout
 from procurator.core.snapshot import SnapshotInfo
 from procurator.master.store.model import (
     AppliedRequest,
@@ -78,6 +79,9 @@ class Store(Protocol):
         diffs: Sequence[WorkerDiff] = (),
         placement: PlacementRecord | None = None,
         fence: Fence | None = None,
+        rollout: Rollout | None = None,
+        guard_rollouts: bool = False,
+        supersede: bool = False,
     ) -> int:
         """Store the new VM lists of the workers in ``changes`` (all others
         keep theirs) under a new generation, which is returned. The
@@ -95,7 +99,27 @@ class Store(Protocol):
         With ``placement``, it becomes the stored ``PlacementRecord`` in the
         same transaction (None: the stored one stays). With ``fence`` (a
         leader's duty: healing), the commit is fenced: ``FencedError`` and
-        nothing changed unless the fence's lease is live."""
+        nothing changed unless the fence's lease is live. With ``rollout``,
+        it is stored in the same transaction (``put_rollout``). With
+        ``guard_rollouts`` (a person's apply), a rollout under way refuses
+        the commit (``RolloutActiveError``, nothing changed) unless
+        ``supersede``: then it ends ``failed``, superseded by ``op_id``."""
+        ...
+
+    # -- rollouts (procurator.core.rollout; docs/ROLLOUTS.md) ---------------------
+
+    async def put_rollout(self, rollout: Rollout, *, fence: Fence | None = None) -> None:
+        """Store ``rollout`` (a new one, or its next state); fenced with
+        ``fence`` (the leader driving it). The newest ``ROLLOUTS_KEPT``
+        rollouts that are over are kept."""
+        ...
+
+    async def rollouts(self, limit: int = 20) -> tuple[Rollout, ...]:
+        """The newest ``limit`` rollouts, newest first."""
+        ...
+
+    async def rollout(self, rollout_id: str = "") -> Rollout | None:
+        """One rollout; "": the one under way (None if none is)."""
         ...
 
     async def placement(self) -> PlacementRecord:

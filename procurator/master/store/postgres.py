@@ -196,6 +196,16 @@ CREATE TABLE IF NOT EXISTS handoffs (
 );
 """
 
+# 7: rollouts (procurator.core.rollout), one JSON document each.
+_SCHEMA_V7 = """
+CREATE TABLE IF NOT EXISTS rollouts (
+    id TEXT PRIMARY KEY,
+    seq BIGINT NOT NULL UNIQUE,
+    active BOOLEAN NOT NULL,
+    state TEXT NOT NULL
+);
+"""
+
 # (version, what brings the schema from the one before to it). PostgreSQL
 # stores start at 3, the version of SQLite's schema with the same tables.
 _MIGRATIONS: tuple[tuple[int, str], ...] = (
@@ -203,6 +213,7 @@ _MIGRATIONS: tuple[tuple[int, str], ...] = (
     (4, _SCHEMA_V4),
     (5, _SCHEMA_V5),
     (6, _SCHEMA_V6),
+    (7, _SCHEMA_V7),
 )
 
 _DIALECT = {

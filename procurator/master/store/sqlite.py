@@ -156,6 +156,12 @@ CREATE TABLE IF NOT EXISTS handoffs (
     generation INTEGER NOT NULL,
     started_unix_ms INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS rollouts (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL UNIQUE,
+    active BOOLEAN NOT NULL,
+    state TEXT NOT NULL
+);
 INSERT OR IGNORE INTO meta VALUES ('generation', 0);
 INSERT OR IGNORE INTO meta VALUES ('event_seq', 0);
 INSERT OR IGNORE INTO meta VALUES ('strategy', 0);
