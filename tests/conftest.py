@@ -32,11 +32,13 @@ Area fixtures live in each test directory's own conftest.py.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -118,32 +120,122 @@ def _mounts() -> set[str]:
     return found
 
 
-def _cgroup_mounts() -> list[Path]:
+@dataclass(frozen=True)
+class _CgroupMount:
+    point: Path
+    root: str  # the hierarchy's path this mount shows (mountinfo's 4th field)
+    names: frozenset[str]  # v1: its controllers and name=...; v2: empty
+
+
+def _cgroup_mounts() -> list[_CgroupMount]:
     try:
         lines = Path("/proc/self/mountinfo").read_text().splitlines()
     except OSError:
         return []
-    points = []
+    mounts = []
     for line in lines:
         fields = line.split()
-        if "-" in fields and fields[fields.index("-") + 1] in ("cgroup", "cgroup2"):
-            points.append(Path(fields[4]))
-    return points
+        if "-" not in fields:
+            continue
+        sep = fields.index("-")
+        fstype = fields[sep + 1]
+        if fstype not in ("cgroup", "cgroup2"):
+            continue
+        options = fields[sep + 3].split(",") if fstype == "cgroup" and len(fields) > sep + 3 else []
+        mounts.append(_CgroupMount(Path(fields[4]), fields[3], frozenset(options)))
+    return mounts
+
+
+def _own_cgroup(mount: _CgroupMount, own: list[tuple[frozenset[str], str]]) -> Path | None:
+    """This process's cgroup on disk under ``mount``; None when unknown."""
+    for names, path in own:
+        # v2's line names no controller; a v1 line names its hierarchy's.
+        if (names <= mount.names) if names else not mount.names:
+            root = mount.root.rstrip("/")
+            if root and path != root and not path.startswith(root + "/"):
+                return None
+            rest = path[len(root) :].strip("/")
+            return mount.point / rest if rest else mount.point
+    return None
+
+
+@functools.cache
+def _cgroup_parents() -> tuple[tuple[Path, ...], tuple[Path, ...]]:
+    """(where this session's cgroup parent can be, hierarchies to search
+    whole). A worker puts its parent under its own cgroup (v1), beside it
+    (v2: under the cgroup's parent) or, for a parent starting with ``/``,
+    at the hierarchy's root; the workers and jails of the tests run in this
+    process's cgroup. So the candidates are, in each hierarchy, this
+    process's cgroup and each of its ancestors. A hierarchy where this
+    process's cgroup is unknown is searched as a whole (to depth 4).
+
+    Searching every hierarchy whole, as this fixture once did, took 1-4 s
+    per test on the CI host: its cpu and pids hierarchies hold some 15,000
+    cgroups of other sandboxes."""
+    try:
+        text = Path("/proc/self/cgroup").read_text()
+    except OSError:
+        text = ""
+    own = []
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            own.append((frozenset(n for n in parts[1].split(",") if n), parts[2]))
+    candidates: list[Path] = []
+    whole: list[Path] = []
+    for mount in _cgroup_mounts():
+        mine = _own_cgroup(mount, own)
+        if mine is None:
+            whole.append(mount.point)
+            continue
+        for directory in (mine, *mine.parents):
+            candidates.append(directory / _CGROUP_PARENT)
+            if directory == mount.point:
+                break
+    return tuple(candidates), tuple(whole)
+
+
+def _search(mount: Path) -> set[str]:
+    """Every directory named ``_CGROUP_PARENT`` under ``mount`` (to depth 4)."""
+    found = set()
+    for root, dirs, _ in os.walk(mount):
+        if Path(root).name == _CGROUP_PARENT:
+            found.add(root)
+            dirs.clear()
+        elif len(Path(root).relative_to(mount).parts) >= 4:
+            dirs.clear()
+    return found
 
 
 def _cgroups() -> set[str]:
     """This session's cgroup parents and every directory under them."""
+    candidates, whole = _cgroup_parents()
+    parents = {str(c) for c in candidates if c.is_dir()}
+    for mount in whole:
+        parents |= _search(mount)
+    found = set(parents)
+    for parent in parents:
+        found.update(os.path.join(r, d) for r, ds, _ in os.walk(parent) for d in ds)
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """The per-test check looks for this session's cgroup parent only where
+    the tests' workers can put it (``_cgroup_parents``); once per session,
+    every hierarchy is searched whole, so a parent made anywhere else (a
+    change in where workers put it) fails the run instead of going unseen."""
+    candidates, _ = _cgroup_parents()
     found: set[str] = set()
     for mount in _cgroup_mounts():
-        for root, dirs, _ in os.walk(mount):
-            depth = len(Path(root).relative_to(mount).parts)
-            if Path(root).name == _CGROUP_PARENT:
-                found.add(root)
-                found.update(os.path.join(r, d) for r, ds, _ in os.walk(root) for d in ds)
-                dirs.clear()
-            elif depth >= 4:
-                dirs.clear()
-    return found
+        found |= _search(mount.point)
+    elsewhere = sorted(found - {str(c) for c in candidates})
+    if elsewhere:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(
+                f"cgroup parents of this session where no test looked: {elsewhere}", red=True
+            )
 
 
 def _gc_roots() -> dict[str, str]:
