@@ -31,8 +31,11 @@
 # connecting (of finishing its TLS handshake), or within 60 s of its last
 # call's end: a half-sent message counts as no call. A connection a worker
 # registered over is long-lived and may stay quiet between resyncs; it is
-# closed when its peer goes away (TCP keepalive probes a silent peer after
-# 60 s, every 10 s, 6 times).
+# closed when its peer goes away: TCP keepalive probes a silent peer after a
+# third of the master's worker lease, then every ninth of it, 3 times (10 s,
+# 3 s with the default 30 s lease; at most 60 s and 10 s), and data left
+# unacknowledged is given up on as soon, so a partitioned worker is lost
+# about a lease after that, not minutes later.
 
 # ---------------------------------------------------------------- desired state
 

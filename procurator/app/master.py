@@ -45,7 +45,11 @@ from procurator.master.service import MasterService, default_master_id
 from procurator.master.store import FleetDump, Store, open_store, sqlite_path
 from procurator.rpc.address import DEFAULT_PORT, Address, parse_address
 from procurator.rpc.bridge import open_bridge
-from procurator.rpc.master_server import DEFAULT_MAX_CONNECTIONS, serve_master
+from procurator.rpc.master_server import (
+    DEFAULT_MAX_CONNECTIONS,
+    ConnectionDeadlines,
+    serve_master,
+)
 from procurator.rpc.tls import TlsFiles, require_secure, server_context
 
 __all__ = [
@@ -131,6 +135,7 @@ async def run_master(
                 tls=config.tls,
                 insecure=config.insecure,
                 max_connections=config.max_connections,
+                deadlines=ConnectionDeadlines.for_worker_lease(config.worker_lease),
             )
             bound = await nursery.start(serve, bridge, instruments.backend(service), address)
             task_status.started(bound)

@@ -30,8 +30,12 @@ Invariants:
     ended. A half-sent message is no call, so it is held that long at most.
     A connection a worker registered over is long-lived (quiet between
     resyncs, whose interval the worker chooses): no deadline, but TCP
-    keepalive (``keepalive_*``) makes a vanished peer's socket fail, which
-    the sweep sees;
+    keepalive (``keepalive_*``, and a user timeout as long for data left
+    unacknowledged) makes a vanished peer's socket fail, which the sweep
+    sees. ``procurator master`` times them by its worker lease
+    (``ConnectionDeadlines.for_worker_lease``: a partitioned worker's
+    connection ends within about 2/3 of a lease, so healing is not held
+    up by it);
   * the master stopping, or the service closing a worker's connection.
 
   The sweep exists because neither of the first two signals is reliable
@@ -201,6 +205,29 @@ class ConnectionDeadlines:
     keepalive_count: int = 6
     """... and unanswered probes before the socket fails: a vanished peer's
     connection ends within ``idle + interval * count`` seconds (2 minutes)."""
+
+    @classmethod
+    def for_worker_lease(cls, worker_lease: float) -> ConnectionDeadlines:
+        """The defaults, with keepalive probing a silent worker soon enough
+        that a partitioned worker's connection ends within about 2/3 of
+        ``worker_lease`` (first probe after a third of it, three probes a
+        ninth apart; whole seconds, at least 1; never later than the
+        defaults). Its session ends with the connection, and the leader
+        declares the worker lost one lease after that: with the defaults'
+        2 minutes instead, a partition would delay healing by them, as no
+        call reaches the master over a dead link and nothing else ends the
+        session. A worker whose process hangs while its host answers
+        keepalives keeps its session: it cannot fence, so its VMs must not
+        be healed elsewhere either."""
+        default = cls()
+        idle = min(default.keepalive_idle, max(1, int(worker_lease / 3)))
+        interval = min(default.keepalive_interval, max(1, int(worker_lease / 9)))
+        return cls(keepalive_idle=idle, keepalive_interval=interval, keepalive_count=3)
+
+    @property
+    def keepalive_timeout(self) -> int:
+        """Seconds of silence after which a peer is given up on."""
+        return self.keepalive_idle + self.keepalive_interval * self.keepalive_count
 
     def __post_init__(self) -> None:
         for name in ("first_call", "idle", "sweep_interval"):
@@ -523,6 +550,10 @@ def _keep_alive(transport: asyncio.Transport, deadlines: ConnectionDeadlines) ->
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, deadlines.keepalive_idle)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, deadlines.keepalive_interval)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, deadlines.keepalive_count)
+    # Keepalive probes only a connection with nothing unacknowledged: data
+    # sent into a partition (an answer, a push) would be retransmitted for
+    # about 15 minutes instead. The user timeout gives up on it as soon.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, deadlines.keepalive_timeout * 1000)
 
 
 class _Listener:
