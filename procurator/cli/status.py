@@ -16,7 +16,8 @@ from procurator.cli.args import add_common, add_master_address, control_from_arg
 from procurator.cli.exits import EXIT_OK
 from procurator.cli.pipes import run_reader
 from procurator.core.control import FleetStatus, WorkerConnection
-from procurator.core.models import VmAssignment, VmStatus, WorkerInfo
+from procurator.core.drain import mode_json
+from procurator.core.models import VmAssignment, VmStatus, WorkerInfo, WorkerState
 from procurator.rpc.bridge import open_bridge
 
 __all__ = ["add_parser", "phase_counts", "print_vm_table", "status_vm_json"]
@@ -28,9 +29,12 @@ def add_parser(sub: Any) -> None:
         "status",
         help="show each worker's connection, generations and VMs by phase",
         description=(
-            "Show the fleet generation and, per worker: connected or since when\n"
-            "not, desired vs observed generation, VMs by phase; then, per VM: its\n"
-            "phase, desired vs observed power, address and restarts.\n\n"
+            "Show the fleet generation and, per worker: its state (ready; lost:\n"
+            "its lease expired; cordoned: takes no new VMs; draining N/M: its\n"
+            "unpinned VMs moving elsewhere), when its lease was last renewed,\n"
+            "connected or since when away, desired vs observed generation, VMs\n"
+            "by phase, a drain's progress; then, per VM: its phase, desired vs\n"
+            "observed power, address and restarts.\n\n"
             "example:\n  procurator status --json"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -77,8 +81,13 @@ def _worker_json(w: WorkerConnection) -> dict[str, Any]:
     desired = {d.id: d for d in w.desired_vms}
     return {
         "worker_id": w.worker_id,
+        "state": w.state.value if w.state is not None else None,
         "connected": w.connected,
         "since_unix_ms": w.since_unix_ms,
+        "lease_renewed_unix_ms": w.renewed_unix_ms or None,
+        "lease_renewed_ago_ms": w.renewed_ago_ms if w.renewed_ago_ms >= 0 else None,
+        "mode": mode_json(w.mode),
+        "handoffs": w.handoffs,
         "desired_generation": w.desired_generation,
         "observed_generation": w.status.observed_generation if w.status else None,
         "last_report_unix_ms": w.last_report_unix_ms,
@@ -119,12 +128,16 @@ def _print_status(status: FleetStatus, out: TextIO) -> None:
     if not status.workers:
         print("no workers", file=out)
         return
-    rows = [("WORKER", "CONNECTION", "HOST", "DESIRED", "OBSERVED", "VMS", "PHASES")]
+    rows = [
+        ("WORKER", "STATE", "RENEWED", "CONNECTION", "HOST", "DESIRED", "OBSERVED", "VMS", "PHASES")
+    ]
     for w in status.workers:
         if w.connected:
             connection = f"up since {_format_time(w.since_unix_ms)}"
         elif w.since_unix_ms:
-            connection = f"down since {_format_time(w.since_unix_ms)}"
+            # Away: lost once its lease expired (the STATE column), else
+            # within its lease (it may be back any moment).
+            connection = f"away since {_format_time(w.since_unix_ms)}"
         else:
             connection = "never connected"
         observed = str(w.status.observed_generation) if w.status else "-"
@@ -132,6 +145,8 @@ def _print_status(status: FleetStatus, out: TextIO) -> None:
         rows.append(
             (
                 w.worker_id,
+                _state(w),
+                _ago(w.renewed_ago_ms),
                 connection,
                 _host(w.info),
                 str(w.desired_generation),
@@ -153,7 +168,50 @@ def _print_status(status: FleetStatus, out: TextIO) -> None:
                 "VMs: it may still run them until it reconnects",
                 file=out,
             )
+        if (line := _drain_line(w)) is not None:
+            print(line, file=out)
     print_vm_table(status, out)
+
+
+def _state(w: WorkerConnection) -> str:
+    """``draining 2/5`` for the status table (``?`` from an older master)."""
+    if w.state is None:
+        return "?"
+    if w.state is WorkerState.DRAINING and w.mode is not None:
+        return f"draining {w.mode.moved}/{w.mode.total}"
+    return w.state.value
+
+
+def _ago(ms: int) -> str:
+    """How long ago, for the RENEWED column (``-``: never or unknown)."""
+    if ms < 0:
+        return "-"
+    seconds = ms // 1000
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    return f"{seconds // 3600}h ago"
+
+
+def _drain_line(w: WorkerConnection) -> str | None:
+    """A draining (or drained) worker's progress, one line."""
+    mode = w.mode
+    if mode is None or not (mode.state is WorkerState.DRAINING or mode.total):
+        return None
+    if mode.state is WorkerState.DRAINING:
+        line = (
+            f"{w.worker_id}: drain {mode.op_id}: {mode.moved}/{mode.total} moved, "
+            f"{w.handoffs} in handoff (at most {mode.max_unavailable} at once)"
+        )
+    else:
+        line = f"{w.worker_id}: drained by {mode.op_id}: {mode.moved}/{mode.total} moved"
+    pinned = w.vm_count - (mode.total - mode.moved) if mode.state is WorkerState.DRAINING else 0
+    if pinned > 0:
+        line += f"; {pinned} pinned VM(s) stay"
+    if mode.blocked:
+        line += f"; cannot go on: {mode.blocked}"
+    return line
 
 
 def status_vm_json(vm: VmStatus, desired: VmAssignment | None) -> dict[str, Any]:

@@ -1,18 +1,27 @@
-"""``procurator worker``: its flags, and the ``WorkerConfig`` they make.
+"""``procurator worker``: its flags, and the ``WorkerConfig`` they make;
+``procurator worker cordon|uncordon|drain W``: a worker's mode, set
+through a master (docs/SCHEDULING.md).
 
 The worker's flags are here and nowhere else: a new one is added in
 ``add_parser`` and read in ``worker_config``, which builds the one config
 object the composition root (``procurator.app.worker``) reads — how VMs
 run goes into its ``RuntimeOptions``, the rest into the config itself.
+The mode commands are subcommands of ``worker`` (so ``--id`` is checked
+by hand: a daemon needs it, they do not).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
+
+import trio
 
 from procurator.app.worker import (
     DEFAULT_STATE_DIR,
@@ -23,13 +32,18 @@ from procurator.app.worker import (
 from procurator.cli.args import (
     add_common,
     add_master_address,
+    control_from_args,
     int_between,
     non_negative,
     positive,
     tls_files,
 )
+from procurator.cli.exits import EXIT_ERROR, EXIT_OK, EXIT_TIMEOUT
+from procurator.cli.pipes import run_reader
+from procurator.core.drain import MAX_UNAVAILABLE_LIMIT, ModeAction, mode_json
 from procurator.core.fence import DEFAULT_FENCE_AFTER
 from procurator.core.jail import JailPolicy
+from procurator.core.models import WorkerState
 from procurator.core.snapshot import SnapshotQuota
 from procurator.core.validation import (
     LIMITS,
@@ -37,6 +51,8 @@ from procurator.core.validation import (
     check_label_value,
     check_overcommit,
 )
+from procurator.rpc.bridge import open_bridge
+from procurator.rpc.clients import ControlClient
 from procurator.worker.link import LinkSettings
 from procurator.worker.runtime import DRIVERS, RuntimeOptions
 
@@ -63,7 +79,7 @@ def add_parser(sub: Any) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--id", required=True, help="this worker's id, e.g. host-a")
+    p.add_argument("--id", help="this worker's id, e.g. host-a (required to run a worker)")
     add_master_address(p, what="master address, host:port or unix:/path")
     p.add_argument(
         "--state-dir",
@@ -187,7 +203,147 @@ def add_parser(sub: Any) -> None:
     _add_jail_arguments(p)
     _add_snapshot_arguments(p)
     add_common(p, daemon=True)
-    p.set_defaults(handler=lambda args: worker_main(worker_config(args)))
+    p.set_defaults(handler=functools.partial(_run_worker, p))
+    _add_mode_commands(p)
+
+
+def _run_worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if not args.id:
+        parser.error("the following arguments are required: --id")
+    return worker_main(worker_config(args))
+
+
+_MODE_HELP = {
+    ModeAction.CORDON: (
+        "stop placing new VMs on a worker (it keeps its own)",
+        "Cordon a worker: the master places no new VM on it; its VMs stay\n"
+        "where they are. Durable (in the master's store), idempotent.\n\n"
+        "example:\n  procurator worker cordon host-a",
+    ),
+    ModeAction.UNCORDON: (
+        "make a cordoned or draining worker ready again",
+        "Uncordon a worker: it takes new VMs again. Ends a drain: VMs moved\n"
+        "so far stay where they are, handoffs in flight are called off (the\n"
+        "replacement stops, the original keeps running). Idempotent.\n\n"
+        "example:\n  procurator worker uncordon host-a",
+    ),
+    ModeAction.DRAIN: (
+        "move a worker's unpinned VMs to other workers",
+        "Drain a worker: it is cordoned, and the leading master moves its\n"
+        "unpinned VMs ([[vms]]) to other workers, at most --max-unavailable\n"
+        "at once. Each move is a handoff: the replacement starts on its new\n"
+        "worker, and only once that worker reports it running does the\n"
+        "original stop (the VM briefly runs twice). Pinned VMs\n"
+        "([workers.W]) stay. A VM that fits on no other worker stops the\n"
+        "drain, with the reason in `procurator status`; nothing is lost.\n"
+        "The drain is stored: a master restart or failover continues it.\n"
+        "When it is done the worker stays cordoned.\n\n"
+        "example:\n  procurator worker drain host-a --max-unavailable 2 --wait",
+    ),
+}
+
+
+def _add_mode_commands(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(
+        dest="mode_action",
+        metavar="{cordon,uncordon,drain}",
+        title="a worker's mode (through a master; no --id needed)",
+    )
+    for action, (short, description) in _MODE_HELP.items():
+        q = sub.add_parser(
+            action.value,
+            help=short,
+            description=description,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        q.add_argument("worker", help="the worker's id")
+        if action is ModeAction.DRAIN:
+            q.add_argument(
+                "--max-unavailable",
+                type=int_between(1, MAX_UNAVAILABLE_LIMIT),
+                default=1,
+                metavar="N",
+                help="at most N of its VMs in handoff at once (default: 1)",
+            )
+            q.add_argument(
+                "--wait",
+                action="store_true",
+                help="wait until the drain is done (exit 0), stopped by a VM that fits "
+                "nowhere or ended by uncordon (exit 1), or --timeout passed (exit 3)",
+            )
+            q.add_argument(
+                "--timeout",
+                type=positive,
+                default=600.0,
+                help="seconds --wait waits (default: 600)",
+            )
+        q.add_argument("--json", action="store_true", help="machine-readable output")
+        add_master_address(q)
+        add_common(q, daemon=False)
+        q.set_defaults(
+            handler=lambda args, action=action: trio.run(
+                run_reader, functools.partial(_change_mode, action), args
+            )
+        )
+
+
+async def _change_mode(action: ModeAction, args: argparse.Namespace) -> int:
+    try:
+        return await _change_mode_printing(action, args)
+    finally:
+        # ``worker`` is a daemon's command: what is buffered at its end is
+        # discarded (procurator.cli), so deliver it now.
+        sys.stdout.flush()
+
+
+async def _change_mode_printing(action: ModeAction, args: argparse.Namespace) -> int:
+    bound = getattr(args, "max_unavailable", 1)
+    async with open_bridge() as bridge, control_from_args(bridge, args) as client:
+        change = await client.change_worker_mode(args.worker, action, bound)
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "changed": change.changed,
+                        "message": change.message,
+                        "mode": mode_json(change.mode),
+                    }
+                )
+            )
+        else:
+            print(change.message)
+        sys.stdout.flush()
+        if action is not ModeAction.DRAIN or not args.wait or change.mode is None:
+            return EXIT_OK
+        return await _wait_drained(client, args.worker, change.mode.op_id, args.timeout)
+
+
+async def _wait_drained(client: ControlClient, worker_id: str, op_id: str, timeout: float) -> int:
+    """Follow drain ``op_id`` of ``worker_id`` (blocking status reads)
+    until it is done, stopped, ended, or ``timeout`` passed."""
+    index, shown = 0, ""
+    with trio.move_on_after(timeout):
+        while True:
+            status = await client.status(wait_index=index, wait=min(timeout, 30.0))
+            index = status.change_index
+            worker = next((w for w in status.workers if w.worker_id == worker_id), None)
+            mode = worker.mode if worker is not None else None
+            if mode is None or mode.op_id != op_id:
+                print(f"drain {op_id} of worker {worker_id} ended (uncordoned)")
+                return EXIT_ERROR
+            line = f"{mode.moved}/{mode.total} moved"
+            if line != shown:
+                print(line)
+                sys.stdout.flush()
+                shown = line
+            if mode.blocked:
+                print(f"drain {op_id} of worker {worker_id} cannot go on: {mode.blocked}")
+                return EXIT_ERROR
+            if mode.state is WorkerState.CORDONED:
+                print(f"worker {worker_id} drained ({mode.moved} VM(s) moved); it stays cordoned")
+                return EXIT_OK
+    print(f"drain {op_id} of worker {worker_id}: not done after {timeout:g} s; it goes on")
+    return EXIT_TIMEOUT
 
 
 def _label(text: str) -> tuple[str, str]:

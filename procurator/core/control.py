@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from procurator.core.drain import WorkerMode
 from procurator.core.models import (
     Fleet,
     VmAssignment,
@@ -21,6 +22,7 @@ from procurator.core.models import (
     VmStatus,
     WorkerDiff,
     WorkerInfo,
+    WorkerState,
     WorkerStatus,
 )
 
@@ -81,6 +83,13 @@ class WorkerConnection:
     vm_count: int
     desired_vms: tuple[VmAssignment, ...] = ()
     info: WorkerInfo | None = None  # as it last registered; None: never connected
+    # ready, lost (lease expired), cordoned or draining (procurator.core.drain);
+    # None from a master older than cordon and drain.
+    state: WorkerState | None = None
+    renewed_unix_ms: int = 0  # its lease's last renewal (database clock); 0: never
+    renewed_ago_ms: int = -1  # how long ago, on the database's clock; -1: unknown
+    mode: WorkerMode | None = None  # cordoned or draining, with a drain's progress
+    handoffs: int = 0  # its VMs being handed off to other workers now
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,6 +44,7 @@ __all__ = [
     "WorkerMode",
     "change_mode",
     "check_max_unavailable",
+    "mode_json",
     "next_batch",
     "worker_state",
 ]
@@ -85,6 +86,21 @@ class Handoff:
     op_id: str
     generation: int
     started_unix_ms: int
+
+
+def mode_json(mode: WorkerMode | None) -> dict[str, object] | None:
+    """A worker's mode as ``status --json`` and the mode commands print it."""
+    if mode is None:
+        return None
+    return {
+        "state": mode.state.value,
+        "op_id": mode.op_id,
+        "since_unix_ms": mode.since_unix_ms,
+        "max_unavailable": mode.max_unavailable,
+        "moved": mode.moved,
+        "total": mode.total,
+        "blocked": mode.blocked,
+    }
 
 
 def check_max_unavailable(value: int) -> str | None:

@@ -271,6 +271,12 @@ _SPECS: tuple[MetricSpec, ...] = (
         ("worker",),
     ),
     _spec(
+        "procurator_master_worker_state", _G, _MASTER,
+        "1 for the worker's state (ready, lost: its lease expired, cordoned, draining), "
+        "0 for the others.",
+        ("worker", "state"),
+    ),
+    _spec(
         "procurator_master_worker_desired_generation", _G, _MASTER,
         "Generation of the assignment the master wants the worker to run.",
         ("worker",),
@@ -422,6 +428,7 @@ class WorkerView:
     vms_by_phase: Mapping[Phase, int] = field(default_factory=dict)
     samples: tuple[MetricSample, ...] = ()
     metrics_url: str = ""
+    state: str = "ready"  # procurator.core.drain.worker_state
 
 
 @dataclass(frozen=True, slots=True)

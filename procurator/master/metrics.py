@@ -58,7 +58,7 @@ from procurator.core.metrics import (
     group_samples,
     http_sd_groups,
 )
-from procurator.core.models import Phase
+from procurator.core.models import Phase, WorkerState
 from procurator.master.service import MasterService
 from procurator.master.store import Store
 from procurator.prometheus import to_metric
@@ -112,6 +112,8 @@ _APPLY_TO_OBSERVED_BUCKETS = (
 )  # fmt: skip
 
 FleetViewSource = Callable[[], FleetView]
+
+_WORKER_STATES = tuple(s.value for s in WorkerState)
 
 
 def _metric(name: str) -> Metric:
@@ -177,6 +179,7 @@ class MasterMetrics:
         )
         yield connected_count
         connected = _metric("procurator_master_worker_connected")
+        state = _metric("procurator_master_worker_state")
         desired = _metric("procurator_master_worker_desired_generation")
         observed = _metric("procurator_master_worker_observed_generation")
         vms = _metric("procurator_master_worker_vms")
@@ -185,6 +188,12 @@ class MasterMetrics:
         for worker in workers:
             labels = {"worker": worker.worker_id}
             connected.add_sample(connected.name, labels, 1.0 if worker.connected else 0.0)
+            for value in _WORKER_STATES:
+                state.add_sample(
+                    state.name,
+                    {"worker": worker.worker_id, "state": value},
+                    1.0 if worker.state == value else 0.0,
+                )
             desired.add_sample(desired.name, labels, float(worker.desired_generation))
             observed.add_sample(observed.name, labels, float(worker.observed_generation))
             for phase in Phase:
@@ -196,7 +205,7 @@ class MasterMetrics:
             if worker.last_report_unix is not None:
                 reported_at.add_sample(reported_at.name, labels, worker.last_report_unix)
                 age.add_sample(age.name, labels, max(0.0, now - worker.last_report_unix))
-        yield from (connected, desired, observed, vms, reported_at, age)
+        yield from (connected, state, desired, observed, vms, reported_at, age)
 
     def _relayed_metrics(self, workers: list[WorkerView]) -> Iterator[Metric]:
         merged: dict[str, Metric] = {}

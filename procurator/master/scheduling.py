@@ -48,6 +48,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from procurator.core.drain import WorkerMode
 from procurator.core.fleet import resolve_fleet
 from procurator.core.models import (
     Assignment,
@@ -100,12 +101,18 @@ class KnownWorker:
     info: WorkerInfo | None
     connected: bool
     lost: bool = False  # the leader declared its lease expired (healing)
+    mode: WorkerMode | None = None  # cordoned or draining (procurator.core.drain)
 
 
 def worker_facts(
-    known: Iterable[KnownWorker], assignments: Mapping[str, Assignment]
+    known: Iterable[KnownWorker], assignments: Mapping[str, Assignment], *, drain: bool = False
 ) -> list[WorkerFacts]:
-    """The scheduler's view of every worker in ``known`` or ``assignments``."""
+    """The scheduler's view of every worker in ``known`` or ``assignments``.
+    A cordoned or draining worker (its mode) is ``cordoned``: it keeps its
+    VMs and takes no new ones. Only the leader's drain duty (``drain``)
+    sees a draining worker ``draining``, so that only it moves VMs off one,
+    through handoffs and ``max_unavailable`` at a time: an apply or a heal
+    during a drain moves nothing off the draining worker."""
     by_id = {k.worker_id: k for k in known}
     facts = []
     for worker_id in sorted(set(by_id) | set(assignments)):
@@ -117,6 +124,9 @@ def worker_facts(
         info = worker.info if worker is not None else None
         if worker is not None and worker.lost:
             state = WorkerState.LOST
+        elif worker is not None and worker.mode is not None:
+            draining = drain and worker.mode.state is WorkerState.DRAINING
+            state = WorkerState.DRAINING if draining else WorkerState.CORDONED
         elif worker is not None and worker.connected and info is not None:
             state = WorkerState.READY
         else:

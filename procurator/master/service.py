@@ -205,6 +205,7 @@ from procurator.core.control import (
     WorkerConnection,
     WorkerEvent,
 )
+from procurator.core.drain import Handoff, ModeAction, ModeChange, WorkerMode, worker_state
 from procurator.core.errors import (
     LimitExceededError,
     NotFoundError,
@@ -406,6 +407,7 @@ class _Worker:
     session: _Session | None = None  # on this master
     metrics: tuple[MetricSample, ...] = ()
     last_metrics_unix_ms: int = 0
+    mode: WorkerMode | None = None  # cordoned or draining (procurator.core.drain)
 
     @property
     def connected(self) -> bool:
@@ -515,6 +517,12 @@ class MasterService:
         # what the last heal could not move, with the state it saw.
         self._up_since_ms = 0
         self._unmovable: tuple[object, ...] = ()
+        # Handoffs under way (procurator.core.drain), as of a generation:
+        # read again when the fleet's generation moves (they start and end
+        # with one).
+        self._handoffs: dict[str, Handoff] = {}
+        self._handoffs_at = -1
+        self._drain_wake = trio.Event()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -632,6 +640,7 @@ class MasterService:
         worker.status = stored.status
         worker.last_report_unix_ms = stored.reported_unix_ms
         worker.removals = dict(stored.removals)
+        worker.mode = stored.mode
         self._rebuild_voice(stored.worker_id)
         # Another master holds the worker's session now: this one's is over.
         # (A newer session of this master's own is ``register``'s to swap
@@ -945,7 +954,7 @@ class MasterService:
         assignments = self._assignments
         now_ms = self._now_ms()
         known = [
-            KnownWorker(w.worker_id, w.info, w.connected, self._lost(w, now_ms))
+            KnownWorker(w.worker_id, w.info, w.connected, self._lost(w, now_ms), w.mode)
             for w in self._workers.values()
         ]
         if heal is not None:
@@ -1051,7 +1060,7 @@ class MasterService:
         voice = self._voices.get(worker_id)
         return bool(
             (assignment is not None and assignment.vms)
-            or (worker is not None and worker.connected)
+            or (worker is not None and (worker.connected or worker.mode is not None))
             or (voice is not None and voice.pending)
         )
 
@@ -1060,11 +1069,21 @@ class MasterService:
 
     async def fleet_status(self) -> FleetStatus:
         self._require_store()
+        now_ms = self._now_ms()
+        try:
+            # Renewals do not reach the caches: read them (and the
+            # database's clock, so "how long ago" knows no clock skew).
+            db_now_ms, renewals = await self._store.lease_renewals()
+        except UnavailableError as exc:
+            logger.info("status: the leases' renewals are not readable: %s", exc)
+            db_now_ms, renewals = 0, {}
+        handoffs_from = collections.Counter(h.source for h in self._handoffs.values())
         workers = []
         for worker_id in self._listed_ids():
             assignment = self._assignments.get(worker_id)
             worker = self._workers.get(worker_id)
             registration = worker.registration if worker else None
+            renewed = renewals.get(worker_id, 0)
             workers.append(
                 WorkerConnection(
                     worker_id=worker_id,
@@ -1076,6 +1095,14 @@ class MasterService:
                     vm_count=len(assignment.vms) if assignment else 0,
                     desired_vms=assignment.vms if assignment else (),
                     info=worker.info if worker else None,
+                    state=worker_state(
+                        worker.mode if worker else None,
+                        lost=worker is not None and self._lost(worker, now_ms),
+                    ),
+                    renewed_unix_ms=renewed,
+                    renewed_ago_ms=max(0, db_now_ms - renewed) if renewed and db_now_ms else -1,
+                    mode=worker.mode if worker else None,
+                    handoffs=handoffs_from.get(worker_id, 0),
                 )
             )
         return FleetStatus(self._generation, tuple(workers), self._change_index)
@@ -1259,6 +1286,7 @@ class MasterService:
         their tuple identity until a worker reports again (the exporter
         caches its checks by identity)."""
         views = []
+        now_ms = self._now_ms()
         for worker_id in self._listed_ids():
             assignment = self._assignments.get(worker_id)
             worker = self._workers.get(worker_id)
@@ -1278,6 +1306,10 @@ class MasterService:
                     vms_by_phase=phases,
                     samples=worker.metrics if worker else (),
                     metrics_url=info.metrics_url if info else "",
+                    state=worker_state(
+                        worker.mode if worker else None,
+                        lost=worker is not None and self._lost(worker, now_ms),
+                    ).value,
                 )
             )
         return FleetView(tuple(views))
@@ -1294,6 +1326,35 @@ class MasterService:
             for w in self._workers.values()
             if w.metrics
         }
+
+    # ------------------------------------------------------------ cordon, drain
+
+    async def change_worker_mode(
+        self, worker_id: str, action: ModeAction, max_unavailable: int = 1
+    ) -> ModeChange:
+        """Cordon, uncordon or drain ``worker_id`` (``procurator.core.drain``):
+        stored (the store decides against the stored mode, idempotently),
+        then cached; the leader's drain duty does the moving. A new drain's
+        op id names its moves; ``NotFoundError`` for a worker the store
+        never heard of."""
+        self._require_store()
+        op_id = new_op_id()
+        with log_context(op_id=op_id, worker_id=worker_id):
+            try:
+                change = await self._store.change_mode(
+                    worker_id,
+                    action,
+                    op_id=op_id,
+                    unix_ms=self._now_ms(),
+                    max_unavailable=max_unavailable,
+                )
+                self._absorb_worker(await self._store.worker(worker_id))
+            except UnavailableError as exc:
+                self._set_unavailable_if_store(exc)
+                raise
+            logger.info("%s", change.message)
+        self._drain_wake.set()
+        return change
 
     # ------------------------------------------------------------ workers
 

@@ -39,12 +39,13 @@ from procurator.core.control import (
     VmDescription,
     WorkerEvent,
 )
+from procurator.core.drain import ModeAction, ModeChange, check_max_unavailable
 from procurator.core.errors import ProcuratorError, UnavailableError, ValidationError
 from procurator.core.metrics import MetricSample
 from procurator.core.models import Assignment, Fleet, VmEvent, WorkerInfo, WorkerStatus
 from procurator.core.snapshot import SnapshotCalls, SnapshotInfo, SnapshotRequest
 from procurator.core.status import StatusChanges
-from procurator.core.validation import check_request_id, check_vm_id
+from procurator.core.validation import check_request_id, check_vm_id, check_worker_id
 from procurator.rpc.address import Address, parse_address
 from procurator.rpc.answer import answer, error_arm, error_result
 from procurator.rpc.bridge import Bridge, CapnpHandle, ClientConnection, connect
@@ -64,6 +65,7 @@ from procurator.rpc.convert import (
     fill_worker_info,
     fill_worker_status,
     fleet_status_from_reader,
+    mode_change_from_reader,
     snapshot_list_from_reader,
     snapshot_request_from_reader,
     snapshot_result_from_reader,
@@ -198,6 +200,23 @@ class ControlClient:
             raise ValidationError(f"vm id: {problem}")
         return await self._bridge.run(_list_snapshots, self._handle, vm_id, what="list snapshots")
 
+    async def change_worker_mode(
+        self, worker_id: str, action: ModeAction, max_unavailable: int = 1
+    ) -> ModeChange:
+        """Cordon, uncordon or drain ``worker_id`` (docs/SCHEDULING.md)."""
+        if (problem := check_worker_id(worker_id)) is not None:
+            raise ValidationError(f"worker id: {problem}")
+        if action is ModeAction.DRAIN and (problem := check_max_unavailable(max_unavailable)):
+            raise ValidationError(problem)
+        return await self._bridge.run(
+            _change_worker_mode,
+            self._handle,
+            worker_id,
+            action,
+            max_unavailable,
+            what=f"{action.value} worker {worker_id}",
+        )
+
 
 @contextlib.asynccontextmanager
 async def open_control(
@@ -304,6 +323,18 @@ async def _list_snapshots(
 ) -> tuple[SnapshotInfo, ...]:
     response = await handle.get()[1].listSnapshots(vmId=vm_id)
     return snapshot_list_from_reader(response.result)
+
+
+async def _change_worker_mode(
+    handle: CapnpHandle[tuple[ClientConnection, Any]],
+    worker_id: str,
+    action: ModeAction,
+    max_unavailable: int,
+) -> ModeChange:
+    response = await handle.get()[1].changeWorkerMode(
+        workerId=worker_id, action=action.value, maxUnavailable=max_unavailable
+    )
+    return mode_change_from_reader(response.result, worker_id)
 
 
 # ---------------------------------------------------------------- worker

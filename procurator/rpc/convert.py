@@ -40,6 +40,7 @@ from procurator.core.control import (
     WorkerConnection,
     WorkerEvent,
 )
+from procurator.core.drain import ModeChange, WorkerMode
 from procurator.core.errors import (
     LimitExceededError,
     ProcuratorError,
@@ -71,6 +72,7 @@ from procurator.core.models import (
     VmStatus,
     WorkerDiff,
     WorkerInfo,
+    WorkerState,
     WorkerStatus,
 )
 from procurator.core.snapshot import SnapshotAction, SnapshotInfo, SnapshotRequest
@@ -1066,6 +1068,15 @@ def fleet_status_from_reader(reader: Any) -> FleetStatus:
                 vm_count=item.vmCount,
                 desired_vms=desired_vms,
                 info=info,
+                state=_worker_state(item.state, f"{where}.state", problems),
+                renewed_unix_ms=item.renewedUnixMs,
+                renewed_ago_ms=item.renewedAgoMs,
+                mode=(
+                    worker_mode_from_reader(item.mode, f"{where}.mode", problems)
+                    if item._has("mode")
+                    else None
+                ),
+                handoffs=item.handoffs,
             )
         )
     problems.raise_if_any()
@@ -1089,6 +1100,12 @@ def fill_fleet_status(builder: Any, status: FleetStatus) -> None:
             _fill_vms(entry.init("desiredVms", len(worker.desired_vms)), worker.desired_vms)
         if worker.info is not None:
             fill_worker_info(entry.info, worker.info)
+        entry.state = worker.state.value if worker.state is not None else ""
+        entry.renewedUnixMs = worker.renewed_unix_ms
+        entry.renewedAgoMs = worker.renewed_ago_ms
+        if worker.mode is not None:
+            fill_worker_mode(entry.mode, worker.mode)
+        entry.handoffs = worker.handoffs
 
 
 # ---------------------------------------------------------------- describe
@@ -1249,6 +1266,68 @@ def fill_snapshot_list(builder: Any, infos: Sequence[SnapshotInfo]) -> None:
     entries = builder.init("snapshots", len(infos))
     for entry, info in zip(entries, infos, strict=True):
         _fill_snapshot(entry, info)
+
+
+# ---------------------------------------------------------------- cordon and drain
+
+_WORKER_STATES = {s.value: s for s in WorkerState}
+
+
+def _worker_state(text: str, where: str, problems: _Problems) -> WorkerState | None:
+    """A worker's state ("" from an older master: None)."""
+    if not text:
+        return None
+    state = _WORKER_STATES.get(text)
+    if state is None:
+        problems.add(where, f"unknown worker state {text[:32]!r}")
+    return state
+
+
+def worker_mode_from_reader(reader: Any, where: str, problems: _Problems) -> WorkerMode | None:
+    state = _worker_state(reader.state, f"{where}.state", problems)
+    if state not in (WorkerState.CORDONED, WorkerState.DRAINING):
+        problems.add(f"{where}.state", "a worker mode is cordoned or draining")
+        return None
+    return WorkerMode(
+        state,
+        problems.text(f"{where}.opId", reader.opId, limit=64),
+        reader.sinceUnixMs,
+        reader.maxUnavailable,
+        reader.moved,
+        reader.total,
+        problems.text(f"{where}.blocked", reader.blocked),
+    )
+
+
+def fill_worker_mode(builder: Any, mode: WorkerMode) -> None:
+    builder.state = mode.state.value
+    builder.opId = mode.op_id
+    builder.sinceUnixMs = mode.since_unix_ms
+    builder.maxUnavailable = mode.max_unavailable
+    builder.moved = mode.moved
+    builder.total = mode.total
+    builder.blocked = clip_text(mode.blocked)
+
+
+def mode_change_from_reader(reader: Any, worker_id: str) -> ModeChange:
+    """The ``ok`` arm of a ``WorkerModeResult``; raises the typed error of
+    the ``error`` arm."""
+    if reader.which() == "error":
+        raise error_from_reader(reader.error)
+    ok = reader.ok
+    problems = _Problems("worker mode")
+    mode = worker_mode_from_reader(ok.mode, "mode", problems) if ok._has("mode") else None
+    message = problems.text("message", ok.message)
+    problems.raise_if_any()
+    return ModeChange(worker_id, mode, ok.changed, message)
+
+
+def fill_mode_change(builder: Any, change: ModeChange) -> None:
+    ok = builder.init("ok")
+    if change.mode is not None:
+        fill_worker_mode(ok.mode, change.mode)
+    ok.changed = change.changed
+    ok.message = clip_text(change.message)
 
 
 # ---------------------------------------------------------------- malformed messages

@@ -96,6 +96,7 @@ from procurator.core.control import (
     VmDescription,
     WorkerEvent,
 )
+from procurator.core.drain import ModeAction, ModeChange, check_max_unavailable
 from procurator.core.errors import (
     LimitExceededError,
     ProcuratorError,
@@ -106,7 +107,7 @@ from procurator.core.metrics import MetricSample
 from procurator.core.models import Assignment, Fleet, VmEvent, WorkerInfo, WorkerStatus
 from procurator.core.snapshot import SnapshotInfo, SnapshotRequest
 from procurator.core.status import StatusChanges
-from procurator.core.validation import check_vm_id
+from procurator.core.validation import check_vm_id, check_worker_id
 from procurator.logs import log_context, new_op_id
 from procurator.rpc.address import Address
 from procurator.rpc.answer import ErrorBuilder, answer, error_arm, error_result
@@ -127,6 +128,7 @@ from procurator.rpc.convert import (
     fill_describe_result,
     fill_error,
     fill_fleet_status,
+    fill_mode_change,
     fill_snapshot_list,
     fill_snapshot_request,
     fill_snapshot_result,
@@ -264,6 +266,10 @@ class MasterBackend(Protocol):
     async def snapshot(self, request: SnapshotRequest) -> SnapshotInfo: ...
 
     async def list_snapshots(self, vm_id: str = "") -> tuple[SnapshotInfo, ...]: ...
+
+    async def change_worker_mode(
+        self, worker_id: str, action: ModeAction, max_unavailable: int = 1
+    ) -> ModeChange: ...
 
     async def register(self, info: WorkerInfo, node: RemoteNode) -> int: ...
 
@@ -1111,6 +1117,37 @@ class _ControlImpl(_schema.Control.Server):  # type: ignore[misc, name-defined]
         listener = self._listener
         infos = await listener.call(listener.backend.list_snapshots, vm_id)
         fill_snapshot_list(results.result, infos)
+
+    async def changeWorkerMode_context(self, context: Any) -> None:
+        await _answer(
+            self._conn,
+            "Control.changeWorkerMode",
+            context,
+            error_arm,
+            _decode_mode_request,
+            self._change_worker_mode,
+        )
+
+    async def _change_worker_mode(self, request: tuple[str, ModeAction, int], results: Any) -> None:
+        listener = self._listener
+        change = await listener.call(listener.backend.change_worker_mode, *request)
+        fill_mode_change(results.result, change)
+
+
+def _decode_mode_request(params: Any) -> tuple[str, ModeAction, int]:
+    worker_id: str = params.workerId
+    if (problem := check_worker_id(worker_id)) is not None:
+        raise ValidationError(f"workerId: {problem}")
+    try:
+        action = ModeAction(params.action)
+    except ValueError:
+        raise ValidationError(
+            f"action: must be cordon, uncordon or drain, not {params.action[:32]!r}"
+        ) from None
+    bound = params.maxUnavailable or 1
+    if action is ModeAction.DRAIN and (problem := check_max_unavailable(bound)) is not None:
+        raise ValidationError(f"maxUnavailable: {problem}")
+    return worker_id, action, bound
 
 
 def _decode_vm_id(params: Any) -> str:

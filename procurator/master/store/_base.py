@@ -256,6 +256,9 @@ class SqlStore(abc.ABC):
             f"record drain {op_id} of worker {worker_id}",
         )
 
+    async def lease_renewals(self) -> tuple[int, dict[str, int]]:
+        return await self._read(_sql.lease_renewals, "read the leases' renewals")
+
     async def handoffs(self) -> dict[str, Handoff]:
         return await self._read(_sql.handoffs, "read handoffs")
 

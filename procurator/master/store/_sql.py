@@ -1047,6 +1047,16 @@ def update_drain(
     return True
 
 
+def lease_renewals(tx: Tx) -> tuple[int, dict[str, int]]:
+    (now,) = tx.run("SELECT {now}")[0]
+    return int(now), {
+        worker_id: int(renewed)
+        for worker_id, renewed in tx.run(
+            "SELECT worker_id, renewed_unix_ms FROM worker_state WHERE session > 0"
+        )
+    }
+
+
 def handoffs(tx: Tx) -> dict[str, Handoff]:
     return {
         vm_id: Handoff(vm_id, source, target, op_id, int(generation), int(started))

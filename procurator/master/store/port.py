@@ -245,6 +245,12 @@ class Store(Protocol):
         is over already."""
         ...
 
+    async def lease_renewals(self) -> tuple[int, dict[str, int]]:
+        """The database's clock (unix ms) and, by worker id, when each
+        registered worker's lease was last renewed (``status`` shows how
+        long ago; renewals do not move a worker's version)."""
+        ...
+
     async def handoffs(self) -> dict[str, Handoff]:
         """The handoffs under way, by VM id."""
         ...

@@ -1,0 +1,55 @@
+"""``procurator worker cordon|uncordon|drain`` and ``status`` over the wire:
+the command as a process, against an in-process master on a real socket."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import trio
+from rpcfixtures import RunningMaster, make_fleet
+
+from procurator.rpc.bridge import Bridge
+from procurator.rpc.clients import open_control
+
+
+async def procurator(master: RunningMaster, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return await trio.run_process(
+        [sys.executable, "-m", "procurator", *args, "--master", str(master.address)],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+
+
+async def test_cordon_and_uncordon_from_the_command_line(
+    master: RunningMaster, bridge: Bridge
+) -> None:
+    assert master.address is not None
+    async with open_control(bridge, master.address) as client:
+        await client.apply(make_fleet({"host-a": [("vm-1", "a")]}))
+
+    unknown = await procurator(master, "worker", "cordon", "host-z")
+    assert unknown.returncode == 1
+    assert b"'host-z' is unknown: it never registered and has no VMs assigned" in unknown.stderr
+
+    done = await procurator(master, "worker", "cordon", "host-a")
+    assert (done.returncode, done.stdout) == (0, b"worker host-a cordoned: it takes no new VMs\n")
+    again = await procurator(master, "worker", "cordon", "host-a", "--json")
+    answer = json.loads(again.stdout)
+    assert answer["changed"] is False and answer["mode"]["state"] == "cordoned"
+
+    status = await procurator(master, "status", "--json")
+    (worker,) = json.loads(status.stdout)["workers"]
+    assert worker["state"] == "cordoned" and worker["mode"]["op_id"] == answer["mode"]["op_id"]
+    # Never registered: no lease renewed.
+    assert worker["lease_renewed_ago_ms"] is None
+    table = (await procurator(master, "status")).stdout.decode()
+    assert "STATE" in table.splitlines()[1] and "RENEWED" in table.splitlines()[1]
+    assert table.splitlines()[2].split()[:3] == ["host-a", "cordoned", "-"]
+
+    back = await procurator(master, "worker", "uncordon", "host-a")
+    assert back.stdout == b"worker host-a uncordoned: it takes new VMs\n"
+    bad = await procurator(master, "worker", "drain", "host-a", "--max-unavailable", "0")
+    assert bad.returncode == 2 and b"--max-unavailable" in bad.stderr
