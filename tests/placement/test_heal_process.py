@@ -2,7 +2,12 @@
 leases, two worker processes (the product's worker with no VMM: its
 handler records assignments and reports them), kill -9 one worker — its
 ``reschedule`` VMs are assigned to, and reported by, the other; its
-``wait`` VM stays."""
+``wait`` VM stays.
+
+The master serves no /metrics (``--metrics-listen ""``): its default port
+is fixed (9300), and while any other master on the host held it, this
+one exited at start and the test waited out its guard for workers that
+could not connect (the flake "timed out while its workers connect")."""
 
 from __future__ import annotations
 
@@ -114,8 +119,10 @@ async def test_a_killed_workers_reschedule_vms_come_up_on_the_other(tmp_path: Pa
     lease = str(LEASE)
     args = ["master", "--listen", master, "--db", str(tmp_path / "m.db")]
     args += ["--worker-lease", lease, "--leader-lease", lease, "--log-level", "debug"]
+    args += ["--metrics-listen", ""]
+    log = tmp_path / "master.log"
     with ExitStack() as stack:
-        stack.enter_context(procurator_process(args, dict(os.environ), tmp_path / "master.log"))
+        master_process = stack.enter_context(procurator_process(args, dict(os.environ), log))
         host_a = stack.enter_context(worker_process("host-a", master, tmp_path))
         stack.enter_context(worker_process("host-b", master, tmp_path))
         async with open_bridge() as bridge:
@@ -127,7 +134,8 @@ async def test_a_killed_workers_reschedule_vms_come_up_on_the_other(tmp_path: Pa
                             if sum(w.connected for w in status.workers) == 2:
                                 break
                     except UnavailableError:
-                        pass  # not listening yet
+                        # Not listening yet, unless it is gone: then say why.
+                        assert master_process.poll() is None, log.read_text()[-4000:]
                     await trio.sleep(0.1)
             async with open_control(bridge, parse_address(master)) as control:
                 applied = await control.apply(parse_fleet(FLEET))
