@@ -19,7 +19,7 @@ scheduler places (``core.placement``; docs/SCHEDULING.md)::
     on_worker_lost = "reschedule" # or "wait"
     rollout = { max_parallel = 2 } # this VM's own rollout settings
 
-    [rollout]                     # how replaced VMs roll (docs/ROLLOUTS.md)
+    [rollout]                     # replaced VMs roll (docs/ROLLOUTS.md)
     max_parallel = 5              # per spread group, VMs being replaced at once
     health = { http = "/healthz", port = 8080, expect = 200 }  # or { tcp = 22 }, "none"
     min_healthy_time = "10s"      # passed continuously this long: healthy
@@ -33,7 +33,10 @@ scheduler places (``core.placement``; docs/SCHEDULING.md)::
 
 Durations are seconds (a number) or a string with a unit: "500ms", "10s",
 "5m", "1h". An override (a group's, a VM's) takes the fleet-wide settings
-and changes the keys it names; a VM's wins over its group's.
+and changes the keys it names; a VM's wins over its group's. Rollouts are
+opted into: a VM is replaced by a rollout when the file has a
+``[rollout]`` section (even an empty one: the defaults), or the VM or its
+group has its own settings; other VMs are replaced at once, as before.
 
 TOML and JSON (what ``nix eval --json`` emits) share one structure. The whole
 file is checked before anything is stored: every problem is collected (not
@@ -295,9 +298,12 @@ def _duration_ms(value: Any) -> int | None:
 def _rollouts_from_data(
     data: Mapping[str, Any], problems: _Problems
 ) -> tuple[
-    RolloutPolicy, tuple[tuple[str, RolloutPolicy], ...], tuple[tuple[str, RolloutPolicy], ...]
+    RolloutPolicy | None,
+    tuple[tuple[str, RolloutPolicy], ...],
+    tuple[tuple[str, RolloutPolicy], ...],
 ]:
-    """``[rollout]``, its ``groups`` and each VM entry's ``rollout``."""
+    """``[rollout]`` (None: the file has none), its ``groups`` and each VM
+    entry's ``rollout``."""
     section = data.get("rollout", {})
     if not isinstance(section, dict):
         problems.add(
@@ -307,6 +313,7 @@ def _rollouts_from_data(
     fleet_wide = _rollout_from_data(
         {k: v for k, v in section.items() if k != "groups"}, "rollout", RolloutPolicy(), problems
     )
+    given = fleet_wide if "rollout" in data else None
     groups: list[tuple[str, RolloutPolicy]] = []
     raw_groups = section.get("groups", {})
     if not isinstance(raw_groups, dict):
@@ -351,7 +358,7 @@ def _rollouts_from_data(
         per_vm.append(
             (vm_id, _rollout_from_data(entry["rollout"], f"{where}.rollout", base, problems, vm_id))
         )
-    return fleet_wide, tuple(sorted(groups)), tuple(sorted(per_vm))
+    return given, tuple(sorted(groups)), tuple(sorted(per_vm))
 
 
 def _rollout_from_data(
@@ -726,7 +733,7 @@ def _check_unpinned(unpinned: UnpinnedVm, where: str, problems: _Problems) -> No
 
 def _check_rollouts(fleet: Fleet, problems: _Problems) -> None:
     """A fleet's rollout settings within the bounds a fleet file has."""
-    policies = [("rollout", fleet.rollout)]
+    policies = [("rollout", fleet.rollout)] if fleet.rollout is not None else []
     policies += [(f"rollout.groups.{name}", p) for name, p in fleet.group_rollouts]
     policies += [(f"rollout of VM {vm_id}", p) for vm_id, p in fleet.vm_rollouts]
     for where, policy in policies:

@@ -237,15 +237,16 @@ class Fleet:
     workers: tuple[tuple[str, tuple[VmAssignment, ...]], ...] = ()
     unpinned: tuple[UnpinnedVm, ...] = ()
     placement: PlacementPolicy = field(default_factory=PlacementPolicy)
-    # ``[rollout]``; overrides per spread group and per VM (each a whole
-    # policy: the fleet-wide one with the override's keys), sorted by name.
-    rollout: RolloutPolicy = field(default_factory=RolloutPolicy)
+    # ``[rollout]`` (None: none, VMs are replaced at once); overrides per
+    # spread group and per VM (each a whole policy: the fleet-wide one, or
+    # the defaults, with the override's keys), sorted by name.
+    rollout: RolloutPolicy | None = None
     group_rollouts: tuple[tuple[str, RolloutPolicy], ...] = ()
     vm_rollouts: tuple[tuple[str, RolloutPolicy], ...] = ()
 
-    def rollout_for(self, vm_id: str, group: str = "") -> RolloutPolicy:
+    def rollout_for(self, vm_id: str, group: str = "") -> RolloutPolicy | None:
         """The policy of one VM: its own, else its spread group's, else the
-        fleet's."""
+        fleet's; None: it is not replaced by a rollout."""
         for name, policy in self.vm_rollouts:
             if name == vm_id:
                 return policy

@@ -440,7 +440,7 @@ def plan(
     op_id: str,
     before: Mapping[str, Sequence[VmAssignment]],
     after: Mapping[str, Sequence[VmAssignment]],
-    policy_of: Callable[[str], tuple[RolloutPolicy, str]],
+    policy_of: Callable[[str], tuple[RolloutPolicy | None, str]],
     *,
     now_ms: int,
     generation_before: int = 0,
@@ -450,9 +450,9 @@ def plan(
     first generation commits: ``after`` with every VM replaced in place
     (same worker, new hash) kept on its old entry. None when no VM is
     replaced in place: the apply switches at once. ``policy_of(vm_id)``:
-    the VM's policy and spread group. A VM that moves to another worker
-    and changes its hash is not gated (its old self is removed with the
-    first generation, like any move)."""
+    the VM's policy (None: it is replaced at once) and spread group. A VM
+    that moves to another worker and changes its hash is not gated (its
+    old self is removed with the first generation, like any move)."""
     gated: list[RolloutVm] = []
     first: dict[str, tuple[VmAssignment, ...]] = {}
     for worker_id, vms in sorted(after.items()):
@@ -460,8 +460,12 @@ def plan(
         kept: list[VmAssignment] = []
         for entry in vms:
             previous = old.get(entry.id)
-            if previous is not None and previous.hash != entry.hash:
-                policy, group = policy_of(entry.id)
+            policy, group = (
+                policy_of(entry.id)
+                if previous is not None and previous.hash != entry.hash
+                else (None, "")
+            )
+            if previous is not None and policy is not None:
                 gated.append(RolloutVm(entry.id, worker_id, previous, entry, policy, group))
                 kept.append(previous)
             else:

@@ -216,7 +216,7 @@ from procurator.core.errors import (
     UnsupportedError,
     ValidationError,
 )
-from procurator.core.fleet import diff_fleets, validate_fleet
+from procurator.core.fleet import diff_assignments, diff_fleets, validate_fleet
 from procurator.core.metrics import FleetView, MetricSample, WorkerView
 from procurator.core.models import (
     Assignment,
@@ -235,11 +235,15 @@ from procurator.core.models import (
     WorkerInfo,
     WorkerStatus,
 )
+from procurator.core.rollout import Rollout, RolloutPhase
+from procurator.core.rollout import step as rollout_step
 from procurator.core.snapshot import SnapshotAction, SnapshotInfo, SnapshotRequest
 from procurator.core.status import StatusChanges, apply_status_changes
 from procurator.core.validation import LIMITS, check_request_id
 from procurator.logs import log_context, new_op_id, some
 from procurator.master.leader import Leadership
+from procurator.master.rollout import begin as begin_rollout
+from procurator.master.rollout import with_rollout
 from procurator.master.scheduling import (
     KnownWorker,
     is_lost,
@@ -461,11 +465,13 @@ class MasterService:
         worker_lease: float = 30.0,
         sync_interval: float = 5.0,
         leader_lease: float = 15.0,
+        rollout_interval: float = 1.0,
     ) -> None:
         for name, value in (
             ("worker_lease", worker_lease),
             ("sync_interval", sync_interval),
             ("leader_lease", leader_lease),
+            ("rollout_interval", rollout_interval),
         ):
             if not value > 0:
                 raise ValueError(f"{name} must be a positive number of seconds, not {value}")
@@ -517,6 +523,10 @@ class MasterService:
         # what the last heal could not move, with the state it saw.
         self._up_since_ms = 0
         self._unmovable: tuple[object, ...] = ()
+        # Rollouts (procurator.master.rollout): the one under way as of a
+        # generation (for what workers are sent), and the leader's pace.
+        self._rollout_cache: tuple[int, Rollout | None] = (-1, None)
+        self._rollout_interval = rollout_interval
         # Handoffs under way (procurator.core.drain), as of a generation:
         # read again when the fleet's generation moves (they start and end
         # with one).
@@ -561,6 +571,12 @@ class MasterService:
                     self.leadership.run_duty, "forget removals", interval, self._forget_removals
                 )
                 nursery.start_soon(self.leadership.run_duty, "heal", interval, self._heal)
+                nursery.start_soon(
+                    self.leadership.run_duty,
+                    "rollouts",
+                    self._rollout_interval,
+                    self._drive_rollout,
+                )
                 task_status.started()
         finally:
             self._nursery = None
@@ -845,6 +861,7 @@ class MasterService:
         dry_run: bool = False,
         op_id: str = "",
         request_id: str = "",
+        supersede: bool = False,
     ) -> ApplyResult:
         """Validate, diff, store (one transaction), push to affected workers.
 
@@ -852,13 +869,18 @@ class MasterService:
         every log record of the apply and of its pushes, in the assignments
         and in every error raised. Raises ``ValidationError`` (nothing
         stored) or ``StaleGenerationError`` when ``expected_generation`` is
-        given and the fleet has moved on.
+        given and the fleet has moved on. VMs replaced in place are replaced
+        by a rollout the apply starts (``procurator.master.rollout``); while
+        one is under way an apply is refused (``RolloutActiveError``)
+        unless it ``supersede``s it.
         """
         self._require_store()
         op_id = op_id or new_op_id()
         with log_context(op_id=op_id):
             try:
-                return await self._apply(fleet, expected_generation, dry_run, op_id, request_id)
+                return await self._apply(
+                    fleet, expected_generation, dry_run, op_id, request_id, supersede=supersede
+                )
             except UnavailableError as exc:
                 self._set_unavailable_if_store(exc)
                 exc.op_id = exc.op_id or op_id
@@ -879,6 +901,8 @@ class MasterService:
         op_id: str,
         request_id: str,
         heal: Fence | None = None,
+        *,
+        supersede: bool = False,
     ) -> ApplyResult:
         """``heal``: the leader's healing (``_heal``) under that fence, which
         places the stored fleet again (``fleet`` is not used)."""
@@ -896,7 +920,7 @@ class MasterService:
             for _ in range(_APPLY_ATTEMPTS):
                 await self._refresh_fleet()
                 committed = await self._try_apply(
-                    fleet, expected_generation, dry_run, op_id, request_id, digest, heal
+                    fleet, expected_generation, dry_run, op_id, request_id, digest, heal, supersede
                 )
                 if committed is not None:
                     break
@@ -913,18 +937,7 @@ class MasterService:
             logger.info(
                 "applied %s: generation %d, %d worker(s) changed", op_id, generation, len(diffs)
             )
-            for diff in diffs:
-                with log_context(worker_id=diff.worker_id):
-                    logger.info("worker %s: %s", diff.worker_id, _diff_summary(diff))
-                    worker = self._workers.get(diff.worker_id)
-                    if worker is not None and worker.session is not None:
-                        self._queue_push(worker.session, self._assignments[diff.worker_id])
-                    else:
-                        logger.info(
-                            "worker %s is not connected here: it gets generation %d when it is",
-                            diff.worker_id,
-                            generation,
-                        )
+            self._push_diffs(diffs, generation)
         return ApplyResult(generation, True, tuple(diffs), op_id, False, placed=placed)
 
     async def _try_apply(
@@ -936,6 +949,7 @@ class MasterService:
         request_id: str,
         digest: str,
         heal: Fence | None = None,
+        supersede: bool = False,
     ) -> ApplyResult | tuple[int, list[WorkerDiff], tuple[VmPlacement, ...]] | None:
         """One attempt, under ``_apply_lock`` with a fresh cache: a result
         to answer, (generation, diffs) committed, or None when another
@@ -957,6 +971,7 @@ class MasterService:
             KnownWorker(w.worker_id, w.info, w.connected, self._lost(w, now_ms), w.mode)
             for w in self._workers.values()
         ]
+        request = fleet  # its rollout settings and spread groups
         if heal is not None:
             # The fleet as stored, read after the cache caught up: the
             # commit's generation check covers both.
@@ -993,6 +1008,13 @@ class MasterService:
         desired = fleet.as_dict()
         changes = {d.worker_id: desired.get(d.worker_id, ()) for d in diffs}
         before = {w: assignments[w].vms for w in changes if w in assignments}
+        rollout: Rollout | None = None
+        if heal is None:
+            # VMs replaced in place wait on their old entries for the
+            # rollout this apply starts (procurator.master.rollout).
+            rollout, changes = begin_rollout(
+                request, before, changes, op_id=op_id, now_ms=self._now_ms(), generation=current
+            )
         try:
             generation = await self._store.commit(
                 expected_generation=current,
@@ -1005,6 +1027,9 @@ class MasterService:
                 diffs=diffs,
                 placement=None if heal is not None else record,
                 fence=heal,
+                rollout=rollout,
+                guard_rollouts=heal is None,
+                supersede=supersede,
             )
         except (StaleGenerationError, RequestRecordedError) as exc:
             if self._store.single_master:
@@ -1013,6 +1038,33 @@ class MasterService:
             return None
         # No checkpoint from here to the end: the memory follows the
         # commit even if this task is cancelled (the client went away).
+        self._absorb_commit(generation, changes, diffs, op_id)
+        # The rules this commit stored (a heal's are the stored ones): the
+        # pushes that follow mark the VMs without reading them back.
+        self._fence_rules = (generation, record.unpinned)
+        if heal is None:
+            # A person's commit was guarded: the rollout under way is the
+            # one it started, or none (pushes need not read it back).
+            self._rollout_cache = (generation, rollout)
+        if rollout is not None:
+            logger.info(
+                "apply %s starts rollout %s: %d VM(s) to replace, %d worker(s) prepare first",
+                op_id,
+                rollout.id,
+                len(rollout.vms),
+                len(rollout.prepare),
+            )
+        return generation, diffs, placed
+
+    def _absorb_commit(
+        self,
+        generation: int,
+        changes: Mapping[str, Sequence[VmAssignment]],
+        diffs: Sequence[WorkerDiff],
+        op_id: str,
+    ) -> None:
+        """The caches follow this master's commit of ``changes`` (no
+        checkpoint: call it right after the commit returned)."""
         for worker_id, vms in changes.items():
             self._assignments[worker_id] = Assignment(worker_id, generation, tuple(vms), op_id)
         for diff in diffs:
@@ -1021,12 +1073,23 @@ class MasterService:
                 worker.removals[vm_id] = Removal(generation)
             self._rebuild_voice(diff.worker_id)
         self._generation = generation
-        # The rules this commit stored (a heal's are the stored ones): the
-        # pushes that follow mark the VMs without reading them back.
-        self._fence_rules = (generation, record.unpinned)
         self._sync_wake.set()
         self._mark_changed()
-        return generation, diffs, placed
+
+    def _push_diffs(self, diffs: Sequence[WorkerDiff], generation: int) -> None:
+        """Push each worker of ``diffs`` connected here its assignment."""
+        for diff in diffs:
+            with log_context(worker_id=diff.worker_id):
+                logger.info("worker %s: %s", diff.worker_id, _diff_summary(diff))
+                worker = self._workers.get(diff.worker_id)
+                if worker is not None and worker.session is not None:
+                    self._queue_push(worker.session, self._assignments[diff.worker_id])
+                else:
+                    logger.info(
+                        "worker %s is not connected here: it gets generation %d when it is",
+                        diff.worker_id,
+                        generation,
+                    )
 
     async def _replay(self, request_id: str, digest: str, op_id: str) -> ApplyResult | None:
         """The result of the committed apply that carried ``request_id``, or
@@ -1484,7 +1547,23 @@ class MasterService:
                 logger.warning("fence marks from the rules of generation %d: %s", cached_at, exc)
             else:
                 self._fence_rules = (generation, rules)
-        return with_fence_marks(assignment, rules)
+        return with_rollout(with_fence_marks(assignment, rules), await self._current_rollout())
+
+    async def _current_rollout(self) -> Rollout | None:
+        """The rollout under way as of this master's generation (every
+        change of a rollout that workers see comes with a generation), read
+        once per generation; when the store cannot be read, the one read
+        last."""
+        generation = self._generation
+        cached_at, rollout = self._rollout_cache
+        if cached_at != generation:
+            try:
+                rollout = await self._store.rollout()
+            except UnavailableError as exc:
+                logger.warning("the rollout as of generation %d: %s", cached_at, exc)
+            else:
+                self._rollout_cache = (generation, rollout)
+        return rollout
 
     async def report_status(self, token: int, status: WorkerStatus) -> None:
         self._require_store()
@@ -1907,6 +1986,107 @@ class MasterService:
             )
             result = await self._apply(Fleet(), None, False, op_id, "", heal=fence)
         self._unmovable = () if result.changed else seen
+
+    async def _drive_rollout(self, fence: Fence) -> None:
+        """Singleton duty: the next step of the rollout under way
+        (``procurator.master.rollout``), committed under ``fence``."""
+        rollout = await self._store.rollout()
+        if rollout is None:
+            return
+        workers = {vm.worker_id for vm in rollout.vms} | {w for w, _ in rollout.prepare}
+        assigned: dict[str, VmAssignment] = {}
+        statuses: dict[str, WorkerStatus] = {}
+        for worker_id in workers:
+            assignment = self._assignments.get(worker_id)
+            if assignment is not None:
+                assigned.update((vm.id, vm) for vm in assignment.vms)
+            worker = self._workers.get(worker_id)
+            if worker is not None and worker.status is not None:
+                statuses[worker_id] = worker.status
+        answer = rollout_step(rollout, assigned, statuses, self._now_ms())
+        after = answer.rollout
+        wanted = {vm_id: e for vm_id, e in answer.want.items() if assigned.get(vm_id) != e}
+        with log_context(op_id=rollout.op_id):
+            for note in answer.notes:
+                logger.info("%s", note)
+        if wanted or (after.over and not rollout.over and rollout.prepare):
+            # The last generation of a rollout drops its images to prepare.
+            touch = workers if after.over else set()
+            await self._commit_rollout(fence, rollout, after, wanted, touch)
+        elif after != rollout:
+            await self._store.put_rollout(after, fence=fence)
+            self._rollout_cache = (self._generation, after)
+
+    async def _commit_rollout(
+        self,
+        fence: Fence,
+        before_step: Rollout,
+        rollout: Rollout,
+        wanted: Mapping[str, VmAssignment],
+        touch: set[str],
+    ) -> None:
+        """Commit ``wanted`` (VM id -> entry) with ``rollout``'s new state,
+        one generation fenced by ``fence``, and push the workers concerned
+        (those of ``touch`` too). A revert's op id is in an event of each VM
+        it restores, with its cause."""
+        op_id = new_op_id()
+        reverting = rollout.phase in (RolloutPhase.REVERTING, RolloutPhase.REVERTED)
+        on = {vm.vm_id: vm.worker_id for vm in rollout.vms}
+        with log_context(op_id=op_id):
+            async with self._apply_lock:
+                await self._refresh_fleet()
+                names = sorted({on[vm_id] for vm_id in wanted} | touch)
+                before = {w: self._assignments[w].vms for w in names if w in self._assignments}
+                changes = {
+                    w: tuple(wanted.get(vm.id, vm) for vm in before.get(w, ())) for w in names
+                }
+                diffs = [diff_assignments(w, before.get(w, ()), changes[w]) for w in names]
+                try:
+                    generation = await self._store.commit(
+                        expected_generation=self._generation,
+                        changes=changes,
+                        before=before,
+                        op_id=op_id,
+                        unix_ms=self._now_ms(),
+                        fence=fence,
+                        rollout=rollout,
+                    )
+                except StaleGenerationError as exc:
+                    logger.info("rollout %s: %s; the next step tries again", rollout.id, exc)
+                    return
+                self._absorb_commit(generation, changes, diffs, op_id)
+                self._rollout_cache = (generation, rollout)
+            what = (
+                f"reverts {len(wanted)} VM(s) of rollout {rollout.id} (apply {rollout.op_id}) "
+                f"to their previous images: {rollout.reason}"
+                if reverting
+                else f"rollout {rollout.id} (apply {rollout.op_id}): batch {rollout.batches}, "
+                f"{len(wanted)} VM(s) switch"
+            )
+            logger.log(logging.WARNING if reverting else logging.INFO, "%s", what)
+            with log_context(generation=generation):
+                self._push_diffs(diffs, generation)
+            if reverting and before_step.phase is not rollout.phase:
+                await self._record_rollout_events(op_id, what, on, sorted(wanted))
+
+    async def _record_rollout_events(
+        self, op_id: str, message: str, on: Mapping[str, str], vm_ids: Sequence[str]
+    ) -> None:
+        """A warning event per VM, under its worker, with ``op_id``."""
+        now = self._now_ms()
+        by_worker: dict[str, list[VmEvent]] = {}
+        for vm_id in sorted(vm_ids):
+            by_worker.setdefault(on[vm_id], []).append(
+                VmEvent(vm_id, EventKind.WARNING, message, op_id, now)
+            )
+        try:
+            for worker_id, events in sorted(by_worker.items()):
+                await self._store.add_events(
+                    worker_id, events, per_vm=self._events_per_vm, total=self._events_total
+                )
+            await self._pull_events()
+        except UnavailableError as exc:
+            logger.warning("%s: the events were not stored: %s", op_id, exc)
 
     async def _expire_leases(self, fence: Fence) -> None:
         """Singleton duty: workers whose lease expired are lost."""

@@ -134,6 +134,17 @@ def test_plan_without_replacements_is_no_rollout() -> None:
     assert first == {"w0": (entry("a", OLD), entry("b", NEW))}
 
 
+def test_a_vm_without_rollout_settings_is_replaced_at_once() -> None:
+    rollout, first = plan(
+        "r1", "op1", {"w0": [entry("a", OLD), entry("b", OLD)]},
+        {"w0": [entry("a", NEW), entry("b", NEW)]},
+        lambda vm_id: (RolloutPolicy() if vm_id == "a" else None, ""), now_ms=0,
+    )  # fmt: skip
+    assert rollout is not None
+    assert [vm.vm_id for vm in rollout.vms] == ["a"]
+    assert first == {"w0": (entry("a", OLD), entry("b", NEW))}
+
+
 def test_a_vm_that_moves_and_changes_is_not_gated() -> None:
     rollout, first = plan(
         "r1", "op1", {"w0": [entry("a", OLD)]}, {"w1": [entry("a", NEW)]},

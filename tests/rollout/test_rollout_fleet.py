@@ -56,8 +56,14 @@ rollout = {{ healthy_deadline = 120 }}
 """
 
 
-def test_defaults_are_the_issues() -> None:
+def test_without_rollout_settings_vms_are_replaced_at_once() -> None:
     fleet = parse_fleet(f'[workers.a]\nvms = [{{ id = "x", image = "{IMAGE}" }}]\n')
+    assert fleet.rollout is None
+    assert fleet.rollout_for("x") is None
+
+
+def test_defaults_are_the_issues() -> None:
+    fleet = parse_fleet(f'[workers.a]\nvms = [{{ id = "x", image = "{IMAGE}" }}]\n[rollout]\n')
     assert fleet.rollout == RolloutPolicy(
         max_parallel=1,
         health=HealthCheck(HealthKind.NONE, min_healthy_ms=10_000),
@@ -161,6 +167,7 @@ def test_a_vm_override_is_located_at_its_entry() -> None:
 
 def test_a_fleet_from_the_wire_is_checked_too() -> None:
     fleet = parse_fleet(f'[workers.a]\nvms = [{{ id = "x", image = "{IMAGE}" }}]\n')
+    assert fleet.rollout is None
     bad = replace(fleet, rollout=RolloutPolicy(max_parallel=0, healthy_deadline_ms=10))
     with pytest.raises(ValidationError) as caught:
         validate_fleet(bad)
