@@ -165,6 +165,69 @@ struct Fleet {
   # masters that know it.
   strategy @2 :PlacementStrategy;
   # `[placement] strategy`.
+  rollout @3 :RolloutSettings;
+  # `[rollout]` (docs/ROLLOUTS.md). Unset: the fleet has none, and VMs
+  # without their own settings are replaced at once. An older master
+  # ignores it (and the two lists below): it replaces every VM at once.
+  groupRollouts @4 :List(NamedRollout);
+  # `[rollout.groups.NAME]`: a spread group's settings, sorted by name.
+  vmRollouts @5 :List(NamedRollout);
+  # A VM entry's `rollout = {...}`, sorted by VM id.
+}
+
+struct RolloutSettings {
+  # Whole settings: an override carries the fleet-wide ones with its keys.
+  maxParallel @0 :UInt32;
+  health @1 :HealthCheck;
+  # Its minHealthyMs is `min_healthy_time`. Unset: kind none, 10 s.
+  healthyDeadlineMs @2 :UInt32;
+  canary @3 :UInt32;
+  autoRevert @4 :Bool;
+  autoPromote @5 :Bool;
+}
+
+struct NamedRollout {
+  name @0 :Text;
+  settings @1 :RolloutSettings;
+}
+
+struct RolloutVmInfo {
+  vmId @0 :Text;
+  workerId @1 :Text;
+  state @2 :Text;
+  # waiting, switching, healthy or failed.
+  canary @3 :Bool;
+  message @4 :Text;
+  # Why it failed.
+  oldPath @5 :Text;
+  newPath @6 :Text;
+}
+
+struct RolloutInfo {
+  id @0 :Text;
+  # "" when there is no rollout to show.
+  opId @1 :Text;
+  # The apply that started it.
+  phase @2 :Text;
+  # preparing, switching, awaiting promotion, reverting, done, failed, reverted.
+  reason @3 :Text;
+  paused @4 :Bool;
+  batches @5 :UInt32;
+  startedUnixMs @6 :UInt64;
+  endedUnixMs @7 :UInt64;
+  preparedWorkers @8 :UInt32;
+  # Workers that report every image ready, of `prepareWorkers`.
+  prepareWorkers @9 :UInt32;
+  vms @10 :List(RolloutVmInfo);
+  message @11 :Text;
+  # What the call did, in one line.
+}
+
+struct RolloutResult {
+  union {
+    ok @0 :RolloutInfo;
+    error @1 :Error;
+  }
 }
 
 enum OnWorkerLost {
@@ -477,6 +540,8 @@ struct ApplyResult {
       placed @7 :List(PlacedVm);
       # The unpinned VMs the apply places or moves (not those that keep
       # their worker), sorted by VM id; empty for a replay.
+      rolloutId @8 :Text;
+      # The rollout the apply started ("" for none: docs/ROLLOUTS.md).
     }
     error @5 :Error;
   }
@@ -620,15 +685,17 @@ struct RegisterResult {
 
 interface Control {
   # For people and CI pipelines.
-  apply @0 (fleet :Fleet, expected :ExpectedGeneration, dryRun :Bool, requestId :Text)
-      -> (result :ApplyResult);
+  apply @0 (fleet :Fleet, expected :ExpectedGeneration, dryRun :Bool, requestId :Text,
+            supersede :Bool) -> (result :ApplyResult);
   # requestId makes a retry safe: "" (the default) or 1 to 64 characters of
   # [A-Za-z0-9._-], chosen by the client (one per fleet it means to apply,
   # reused only to retry that very apply). An apply whose requestId matches a
   # committed apply of the same fleet is answered with that apply's result
   # (`ok.replayed`), applying nothing; with another fleet it is refused
   # `invalid`. Anything else is refused `invalid`. Added after version 1's
-  # first release: an older master ignores it.
+  # first release: an older master ignores it. While a rollout is under way
+  # an apply that changes the fleet is refused `invalid` unless `supersede`
+  # (the rollout then ends failed, superseded; docs/ROLLOUTS.md).
   status @1 (waitIndex :UInt64, waitMs :UInt32) -> (status :FleetStatus, error :Error);
   # The fleet's desired and observed state. A blocking read when waitIndex
   # and waitMs are both non-zero: the answer waits (at most waitMs, capped
@@ -673,6 +740,12 @@ interface Control {
   # meaning 1; pinned VMs stay). Idempotent; notFound for a worker the
   # master never heard of. Added with cordon and drain: an older master
   # raises an RPC exception.
+  rollout @7 (rolloutId :Text, action :Text) -> (result :RolloutResult);
+  # action "status", "pause", "resume", "promote" or "undo" on the rollout
+  # rolloutId ("": the one under way, else the newest). notFound when there
+  # is none; an action on a rollout that is over changes nothing (the
+  # message says so). Added with rollouts: an older master raises an RPC
+  # exception.
 }
 
 struct VmDescription {
