@@ -20,9 +20,14 @@ import contextlib
 import fcntl
 import os
 import random
+import shutil
+import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import pytest
 from faultlab import FaultLab, config, leaks, random_fleet, record
 
 from procurator.worker.vmm import process
@@ -83,45 +88,96 @@ def test_kill9_worker_at_random_points_of_rollouts(
     assert lab.worker_alive()
 
 
+# A nix-store in front of the real one (first on the worker's PATH): once
+# armed, the first `--add-root` run that finds the arming file claims it,
+# runs the real nix-store (the root is made), says so on a unix socket and
+# then holds its answer until its parent, the worker, dies (PR_SET_PDEATHSIG).
+# So the test kills the worker at exactly that point: the image is rooted,
+# the VM's directory does not exist yet.
+_NIX_STORE_SHIM = """\
+import ctypes, os, signal, socket, subprocess, sys
+
+REAL, ARMED, SOCKET = {real!r}, {armed!r}, {socket!r}
+args = sys.argv[1:]
+if "--add-root" not in args:
+    os.execv(REAL, [REAL, *args])
+parent = os.getppid()
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+if os.getppid() != parent:
+    sys.exit(1)  # the worker is gone already
+code = subprocess.run([REAL, *args], check=False).returncode
+try:
+    os.rename(ARMED, ARMED + ".claimed")
+except FileNotFoundError:
+    sys.exit(code)  # not armed, or another run claimed it
+with socket.socket(socket.AF_UNIX) as reached:
+    reached.connect(SOCKET)
+    reached.sendall(str(os.getpid()).encode())
+while True:
+    signal.pause()
+"""
+
+
 def test_kill9_worker_while_it_roots_an_image_then_fleet_changes(
-    images: Callable[..., str], make_lab: Callable[..., FaultLab]
+    images: Callable[..., str],
+    make_lab: Callable[..., FaultLab],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A targeted kill point: the moment the worker runs ``nix-store`` for a
-    new VM (rooting its image, querying its closure) — the GC root exists,
-    the VM's directory does not yet. While the worker is down the fleet drops
-    that VM; the restarted worker must not keep its root (nor anything else)."""
+    """A targeted kill point: the moment the worker's ``nix-store`` rooted
+    the image of a new VM — the GC root exists, the VM's directory does not
+    yet. While the worker is down the fleet drops that VM; the restarted
+    worker must not keep its root (nor anything else)."""
     v1 = images("root-v1", config("console=ttyS0 r1"))
-    lab = make_lab()
-    lab.start_worker()
-    lab.wait_converged({})
-    hits = 0
-    leaked: list[str] = []
-    rounds = 4
-    for iteration in range(rounds):
-        new = {f"vm-{iteration}-{k}": v1 for k in range(3)}
-        apply = lab.apply_async(sorted(new.items()))
-        deadline = time.monotonic() + 60
-        while not any(
-            "--requisites" in argv or "--add-root" in argv
-            for _, argv in lab.worker_children("nix-store")
-        ):
-            assert time.monotonic() < deadline, "the worker never rooted the image"
-            time.sleep(0.001)
-        lab.kill_worker()
-        hits += 1
-        output, _ = apply.communicate(timeout=120)
-        assert apply.returncode == 0, output
-        # The fleet changes while the worker is down: the new VMs are gone.
-        lab.apply_nowait([])
+    real = shutil.which("nix-store")
+    assert real is not None
+    shim_dir = tmp_path / "shim"
+    shim_dir.mkdir()
+    armed = shim_dir / "armed"
+    with socket.socket(socket.AF_UNIX) as reached:
+        reached.bind(str(shim_dir / "s"))
+        reached.listen()
+        reached.settimeout(60)
+        shim = shim_dir / "nix-store"
+        code = _NIX_STORE_SHIM.format(real=real, armed=str(armed), socket=str(shim_dir / "s"))
+        shim.write_text(f"#!{sys.executable}\n{code}")
+        shim.chmod(0o755)
+        # The lab's processes take this environment (procurator.lab._plain_env).
+        monkeypatch.setenv("PATH", f"{shim_dir}:{os.environ['PATH']}")
+        lab = make_lab()
         lab.start_worker()
         lab.wait_converged({})
-        leaked += [f"round {iteration}: {p}" for p in leaks(lab, {})]
-    record(
-        "test_kill9_worker_while_it_roots_an_image_then_fleet_changes",
-        kills=hits,
-        leaked=len(leaked),
-    )
-    assert not leaked, "\n".join(leaked)
+        rounds = 4
+        for iteration in range(rounds):
+            new = {f"vm-{iteration}-{k}": v1 for k in range(3)}
+            armed.touch()
+            apply = lab.apply_async(sorted(new.items()))
+            try:
+                held, _ = reached.accept()
+            except TimeoutError:
+                raise AssertionError(
+                    f"the worker never rooted the image\n{lab.worker_log()[-3000:]}"
+                ) from None
+            with held:
+                held.recv(32)
+            lab.kill_worker()
+            output, _ = apply.communicate(timeout=120)
+            assert apply.returncode == 0, output
+            # The fleet changes while the worker is down: the new VMs are gone.
+            lab.apply_nowait([])
+            lab.start_worker()
+            lab.wait_converged({})
+            # Checked at once: a root left behind would also spare the next
+            # round's worker its nix-store run (it roots beside it).
+            leaked = leaks(lab, {})
+            if leaked:
+                record(
+                    "test_kill9_worker_while_it_roots_an_image_then_fleet_changes",
+                    kills=iteration + 1,
+                    leaked=len(leaked),
+                )
+            assert not leaked, f"round {iteration}: " + "\n".join(leaked)
+    record("test_kill9_worker_while_it_roots_an_image_then_fleet_changes", kills=rounds, leaked=0)
 
 
 @contextlib.contextmanager
