@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 
 from procurator import __version__
-from procurator.cli import apply, certs, master, ops, snapshot, status, top, worker
+from procurator.cli import apply, certs, master, ops, rollout, snapshot, status, top, worker
 from procurator.cli.exits import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_parser(sub)
     ops.add_parsers(sub)
     snapshot.add_parser(sub)
+    rollout.add_parser(sub)
     top.add_parser(sub)
     certs.add_parser(sub)
     return parser

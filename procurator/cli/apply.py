@@ -100,6 +100,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("file", help="fleet file, .toml or .json")
     p.add_argument("--dry-run", action="store_true", help="show the diff, store nothing")
     p.add_argument(
+        "--supersede",
+        action="store_true",
+        help="apply even while a rollout is under way: it ends failed, superseded "
+        "(without this an apply during a rollout is refused; docs/ROLLOUTS.md)",
+    )
+    p.add_argument(
         "--expect-generation",
         type=int,
         metavar="N",
@@ -187,6 +193,12 @@ def _print_apply(result: ApplyResult, source: str, out: TextIO) -> None:
         print("\n".join(_diff_lines(diff)), file=out)
     for line in _placement_lines(result):
         print(line, file=out)
+    if result.rollout_id:
+        print(
+            f"rollout {result.rollout_id}: the replaced VMs switch in health-gated batches "
+            f"once prepared (procurator rollout status {result.rollout_id})",
+            file=out,
+        )
 
 
 def _placement_lines(result: ApplyResult) -> list[str]:
@@ -412,6 +424,7 @@ async def _apply(args: argparse.Namespace) -> int:
                             expected_generation=args.expect_generation,
                             dry_run=args.dry_run,
                             request_id=request_id,
+                            supersede=args.supersede,
                         )
                     except UnavailableError as exc:
                         if args.dry_run:

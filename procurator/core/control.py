@@ -51,6 +51,8 @@ class ApplyRequest:
     expected_generation: int | None = None  # None: any
     dry_run: bool = False
     request_id: str = ""  # "" for none; else as ``validation.check_request_id`` allows
+    # While a rollout is under way: end it and apply (docs/ROLLOUTS.md).
+    supersede: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +70,8 @@ class ApplyResult:
     # The unpinned VMs this apply places or moves (not those that keep
     # their worker), each with its reason; () for a replay.
     placed: tuple[VmPlacement, ...] = ()
+    # The rollout the apply started ("" for none: docs/ROLLOUTS.md).
+    rollout_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

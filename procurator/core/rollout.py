@@ -92,10 +92,14 @@ from procurator.core.models import (
 __all__ = [
     "TERMINAL",
     "Rollout",
+    "RolloutAction",
     "RolloutPhase",
+    "RolloutView",
     "RolloutVm",
+    "RolloutVmView",
     "Step",
     "VmState",
+    "act",
     "counts",
     "decode",
     "encode",
@@ -106,6 +110,7 @@ __all__ = [
     "set_paused",
     "step",
     "undo",
+    "view",
 ]
 
 
@@ -633,3 +638,103 @@ def decode(text: str) -> Rollout:
         )
     except (KeyError, TypeError, IndexError, AttributeError) as exc:
         raise ValueError(f"not a stored rollout: {exc!r}") from None
+
+
+# ---------------------------------------------------------------- what people see
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutVmView:
+    vm_id: str
+    worker_id: str
+    state: str  # a VmState's value
+    canary: bool = False
+    message: str = ""
+    old_path: str = ""
+    new_path: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutView:
+    """A rollout as ``procurator rollout status`` shows it (and the wire's
+    ``RolloutInfo`` carries it): ``id`` "" when there is none to show."""
+
+    id: str = ""
+    op_id: str = ""
+    phase: str = ""  # a RolloutPhase's value
+    reason: str = ""
+    paused: bool = False
+    batches: int = 0
+    started_ms: int = 0
+    ended_ms: int = 0
+    prepared_workers: int = 0
+    prepare_workers: int = 0
+    vms: tuple[RolloutVmView, ...] = ()
+    message: str = ""  # what the call did
+
+    def count(self, state: VmState) -> int:
+        return sum(vm.state == state.value for vm in self.vms)
+
+
+def view(rollout: Rollout, workers: Mapping[str, WorkerStatus], message: str = "") -> RolloutView:
+    return RolloutView(
+        rollout.id,
+        rollout.op_id,
+        rollout.phase.value,
+        rollout.reason,
+        rollout.paused,
+        rollout.batches,
+        rollout.started_ms,
+        rollout.ended_ms,
+        prepared_count(rollout, workers),
+        len(rollout.prepare),
+        tuple(
+            RolloutVmView(
+                vm.vm_id,
+                vm.worker_id,
+                vm.state.value,
+                vm.canary,
+                vm.message,
+                vm.old.nix_store_path,
+                vm.new.nix_store_path,
+            )
+            for vm in rollout.vms
+        ),
+        message,
+    )
+
+
+class RolloutAction(enum.Enum):
+    """What ``procurator rollout`` asks of a rollout."""
+
+    STATUS = "status"
+    PAUSE = "pause"
+    RESUME = "resume"
+    PROMOTE = "promote"
+    UNDO = "undo"
+
+
+def act(rollout: Rollout, action: RolloutAction) -> tuple[Rollout, str]:
+    """``rollout`` after ``action``, and what it did, in one line."""
+    if action is RolloutAction.STATUS:
+        return rollout, ""
+    if rollout.over:
+        return (
+            rollout,
+            f"rollout {rollout.id} is over ({rollout.phase.value}): nothing to {action.value}",
+        )
+    if action is RolloutAction.PAUSE:
+        after = set_paused(rollout, True)
+        did = "paused: no new batch starts (VMs in flight are still judged)"
+    elif action is RolloutAction.RESUME:
+        after = set_paused(rollout, False)
+        did = "resumed"
+    elif action is RolloutAction.PROMOTE:
+        after = promote(rollout)
+        did = "promoted: the VMs after the canaries follow"
+    else:
+        after = undo(rollout)
+        did = "reverting: its touched VMs go back to their previous images"
+    if after == rollout:
+        return rollout, f"rollout {rollout.id}: nothing changed ({rollout.phase.value})"
+    return after, f"rollout {rollout.id} {did}"

@@ -235,7 +235,7 @@ from procurator.core.models import (
     WorkerInfo,
     WorkerStatus,
 )
-from procurator.core.rollout import Rollout, RolloutPhase
+from procurator.core.rollout import Rollout, RolloutAction, RolloutPhase, RolloutView, act, view
 from procurator.core.rollout import step as rollout_step
 from procurator.core.snapshot import SnapshotAction, SnapshotInfo, SnapshotRequest
 from procurator.core.status import StatusChanges, apply_status_changes
@@ -269,7 +269,7 @@ from procurator.master.store import (
     StoredWorker,
     StoreUnavailableError,
 )
-from procurator.master.store.model import UnpinnedRules
+from procurator.master.store.model import RolloutChangedError, UnpinnedRules
 
 __all__ = [
     "DesiredStateStore",
@@ -931,14 +931,16 @@ class MasterService:
                 )
         if isinstance(committed, ApplyResult):
             return committed
-        generation, diffs, placed = committed
+        generation, diffs, placed, rollout_id = committed
         await self._record_moves(op_id, placed)
         with log_context(generation=generation):
             logger.info(
                 "applied %s: generation %d, %d worker(s) changed", op_id, generation, len(diffs)
             )
             self._push_diffs(diffs, generation)
-        return ApplyResult(generation, True, tuple(diffs), op_id, False, placed=placed)
+        return ApplyResult(
+            generation, True, tuple(diffs), op_id, False, placed=placed, rollout_id=rollout_id
+        )
 
     async def _try_apply(
         self,
@@ -950,10 +952,10 @@ class MasterService:
         digest: str,
         heal: Fence | None = None,
         supersede: bool = False,
-    ) -> ApplyResult | tuple[int, list[WorkerDiff], tuple[VmPlacement, ...]] | None:
+    ) -> ApplyResult | tuple[int, list[WorkerDiff], tuple[VmPlacement, ...], str] | None:
         """One attempt, under ``_apply_lock`` with a fresh cache: a result
-        to answer, (generation, diffs) committed, or None when another
-        master committed first (try again)."""
+        to answer, (generation, diffs, placed, rollout id) committed, or None
+        when another master committed first (try again)."""
         # Before the generation check: a retry of a committed request
         # finds the fleet moved on by its own first attempt.
         if request_id and (replay := await self._replay(request_id, digest, op_id)):
@@ -1054,7 +1056,7 @@ class MasterService:
                 len(rollout.vms),
                 len(rollout.prepare),
             )
-        return generation, diffs, placed
+        return generation, diffs, placed, rollout.id if rollout is not None else ""
 
     def _absorb_commit(
         self,
@@ -2009,13 +2011,16 @@ class MasterService:
         with log_context(op_id=rollout.op_id):
             for note in answer.notes:
                 logger.info("%s", note)
-        if wanted or (after.over and not rollout.over and rollout.prepare):
-            # The last generation of a rollout drops its images to prepare.
-            touch = workers if after.over else set()
-            await self._commit_rollout(fence, rollout, after, wanted, touch)
-        elif after != rollout:
-            await self._store.put_rollout(after, fence=fence)
-            self._rollout_cache = (self._generation, after)
+        try:
+            if wanted or (after.over and not rollout.over and rollout.prepare):
+                # The last generation of a rollout drops its images to prepare.
+                touch = workers if after.over else set()
+                await self._commit_rollout(fence, rollout, after, wanted, touch)
+            elif after != rollout:
+                await self._store.put_rollout(after, fence=fence, before=rollout)
+                self._rollout_cache = (self._generation, after)
+        except RolloutChangedError as exc:
+            logger.info("rollout %s: %s; the next step reads it again", rollout.id, exc)
 
     async def _commit_rollout(
         self,
@@ -2050,6 +2055,7 @@ class MasterService:
                         unix_ms=self._now_ms(),
                         fence=fence,
                         rollout=rollout,
+                        rollout_before=before_step,
                     )
                 except StaleGenerationError as exc:
                     logger.info("rollout %s: %s; the next step tries again", rollout.id, exc)
@@ -2087,6 +2093,44 @@ class MasterService:
             await self._pull_events()
         except UnavailableError as exc:
             logger.warning("%s: the events were not stored: %s", op_id, exc)
+
+    async def rollout(self, rollout_id: str, action: RolloutAction) -> RolloutView:
+        """``procurator rollout``: show or act on ``rollout_id`` ("": the
+        one under way, else the newest). The action is written over the
+        state it was decided on (``put_rollout(before=...)``), so it never
+        undoes the leader's step, nor the leader it; the leader's next step
+        carries it out. ``NotFoundError`` when there is no such rollout."""
+        self._require_store()
+        for _ in range(_APPLY_ATTEMPTS):
+            try:
+                current = await self._store.rollout(rollout_id)
+                if current is None and not rollout_id:
+                    newest = await self._store.rollouts(1)
+                    current = newest[0] if newest else None
+                if current is None:
+                    raise NotFoundError(
+                        f"no rollout {rollout_id}" if rollout_id else "no rollout yet"
+                    )
+                after, message = act(current, action)
+                if after != current:
+                    await self._store.put_rollout(after, before=current)
+            except RolloutChangedError:
+                continue
+            except UnavailableError as exc:
+                self._set_unavailable_if_store(exc)
+                raise
+            if message:
+                logger.info("%s", message, extra={"op_id": current.op_id})
+            statuses = {
+                worker_id: worker.status
+                for worker_id, worker in self._workers.items()
+                if worker.status is not None
+            }
+            return view(after, statuses, message)
+        raise UnavailableError(
+            f"rollout {rollout_id or '(current)'} kept changing while this {action.value} was "
+            "written; try again"
+        )
 
     async def _expire_leases(self, fence: Fence) -> None:
         """Singleton duty: workers whose lease expired are lost."""

@@ -43,6 +43,7 @@ from procurator.core.drain import ModeAction, ModeChange, check_max_unavailable
 from procurator.core.errors import ProcuratorError, UnavailableError, ValidationError
 from procurator.core.metrics import MetricSample
 from procurator.core.models import Assignment, Fleet, VmEvent, WorkerInfo, WorkerStatus
+from procurator.core.rollout import RolloutAction, RolloutView
 from procurator.core.snapshot import SnapshotCalls, SnapshotInfo, SnapshotRequest
 from procurator.core.status import StatusChanges
 from procurator.core.validation import check_request_id, check_vm_id, check_worker_id
@@ -66,6 +67,7 @@ from procurator.rpc.convert import (
     fill_worker_status,
     fleet_status_from_reader,
     mode_change_from_reader,
+    rollout_result_from_reader,
     snapshot_list_from_reader,
     snapshot_request_from_reader,
     snapshot_result_from_reader,
@@ -136,6 +138,7 @@ class ControlClient:
         expected_generation: int | None = None,
         dry_run: bool = False,
         request_id: str = "",
+        supersede: bool = False,
     ) -> ApplyResult:
         """Raises ``ValidationError`` / ``StaleGenerationError`` / ... as the
         master answered, ``UnavailableError`` if it cannot be reached.
@@ -146,9 +149,8 @@ class ControlClient:
         applied again."""
         if request_id and (problem := check_request_id(request_id)) is not None:
             raise ValidationError(f"request id: {problem}")
-        return await self._bridge.run(
-            _apply, self._handle, fleet, expected_generation, dry_run, request_id, what="apply"
-        )
+        request = ApplyRequest(fleet, expected_generation, dry_run, request_id, supersede)
+        return await self._bridge.run(_apply, self._handle, request, what="apply")
 
     async def status(self, *, wait_index: int = 0, wait: float = 0.0) -> FleetStatus:
         """The fleet's status. With ``wait_index`` (the ``change_index`` of
@@ -217,6 +219,17 @@ class ControlClient:
             what=f"{action.value} worker {worker_id}",
         )
 
+    async def rollout(
+        self, rollout_id: str = "", action: RolloutAction = RolloutAction.STATUS
+    ) -> RolloutView:
+        """Show or act on a rollout ("": the one under way, else the
+        newest; docs/ROLLOUTS.md)."""
+        if len(rollout_id) > 64 or not rollout_id.isprintable():
+            raise ValidationError("rollout id: at most 64 printable characters")
+        return await self._bridge.run(
+            _rollout, self._handle, rollout_id, action, what=f"rollout {action.value}"
+        )
+
 
 @contextlib.asynccontextmanager
 async def open_control(
@@ -263,14 +276,10 @@ async def _close(handle: CapnpHandle[tuple[ClientConnection, Any]]) -> None:
 
 
 async def _apply(
-    handle: CapnpHandle[tuple[ClientConnection, Any]],
-    fleet: Fleet,
-    expected_generation: int | None,
-    dry_run: bool,
-    request_id: str,
+    handle: CapnpHandle[tuple[ClientConnection, Any]], apply: ApplyRequest
 ) -> ApplyResult:
     request = handle.get()[1].apply_request()
-    fill_apply_request(request, ApplyRequest(fleet, expected_generation, dry_run, request_id))
+    fill_apply_request(request, apply)
     response = await request.send()
     return apply_result_from_reader(response.result)
 
@@ -335,6 +344,13 @@ async def _change_worker_mode(
         workerId=worker_id, action=action.value, maxUnavailable=max_unavailable
     )
     return mode_change_from_reader(response.result, worker_id)
+
+
+async def _rollout(
+    handle: CapnpHandle[tuple[ClientConnection, Any]], rollout_id: str, action: RolloutAction
+) -> RolloutView:
+    response = await handle.get()[1].rollout(rolloutId=rollout_id, action=action.value)
+    return rollout_result_from_reader(response.result)
 
 
 # ---------------------------------------------------------------- worker

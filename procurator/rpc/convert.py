@@ -65,6 +65,7 @@ from procurator.core.models import (
     PowerState,
     PreparedImage,
     PrepareState,
+    RolloutPolicy,
     UnpinnedVm,
     VmAssignment,
     VmEvent,
@@ -75,6 +76,7 @@ from procurator.core.models import (
     WorkerState,
     WorkerStatus,
 )
+from procurator.core.rollout import RolloutView, RolloutVmView
 from procurator.core.snapshot import SnapshotAction, SnapshotInfo, SnapshotRequest
 from procurator.core.status import StatusChanges
 from procurator.core.validation import (
@@ -527,12 +529,61 @@ def fleet_from_reader(reader: Any, where: str = "fleet") -> Fleet:
     if not 0 <= raw_strategy < len(_STRATEGY):
         problems.add(f"{where}.strategy", f"unknown placement strategy {raw_strategy}")
         raw_strategy = 0
+    rollout = (
+        _rollout_settings(reader.rollout, f"{where}.rollout", problems)
+        if reader._has("rollout")
+        else None
+    )
+    named = []
+    for field in ("groupRollouts", "vmRollouts"):
+        items = getattr(reader, field)
+        _check_length(len(items), LIMITS.max_vms_total, f"{where}.{field}")
+        named.append(
+            tuple(
+                sorted(
+                    (
+                        problems.text(f"{where}.{field}[{i}].name", item.name, limit=64),
+                        _rollout_settings(item.settings, f"{where}.{field}[{i}]", problems),
+                    )
+                    for i, item in enumerate(items)
+                )
+            )
+        )
     problems.raise_if_any()
     return Fleet(
         tuple(sorted(workers, key=lambda pair: pair[0])),
         tuple(sorted(unpinned, key=lambda u: u.id)),
         PlacementPolicy(_STRATEGY[raw_strategy]),
+        rollout,
+        named[0],
+        named[1],
     )
+
+
+def _rollout_settings(reader: Any, where: str, problems: _Problems) -> RolloutPolicy:
+    """Rollout settings as sent; their bounds are ``validate_fleet``'s."""
+    health = (
+        _health_check(reader.health, f"{where}.health", problems)
+        if reader._has("health")
+        else HealthCheck()
+    )
+    return RolloutPolicy(
+        max_parallel=reader.maxParallel,
+        health=health,
+        healthy_deadline_ms=reader.healthyDeadlineMs,
+        canary=reader.canary,
+        auto_revert=reader.autoRevert,
+        auto_promote=reader.autoPromote,
+    )
+
+
+def _fill_rollout_settings(builder: Any, policy: RolloutPolicy) -> None:
+    builder.maxParallel = policy.max_parallel
+    _fill_health_check(builder.init("health"), policy.health)
+    builder.healthyDeadlineMs = policy.healthy_deadline_ms
+    builder.canary = policy.canary
+    builder.autoRevert = policy.auto_revert
+    builder.autoPromote = policy.auto_promote
 
 
 def _unpinned_from_reader(items: Any, where: str, problems: _Problems) -> list[UnpinnedVm]:
@@ -579,6 +630,16 @@ def fill_fleet(builder: Any, fleet: Fleet) -> None:
         entry.spread = u.spread
         entry.onWorkerLost = u.on_worker_lost.value
     builder.strategy = fleet.placement.strategy.value
+    if fleet.rollout is not None:
+        _fill_rollout_settings(builder.init("rollout"), fleet.rollout)
+    for field, named in (
+        ("groupRollouts", fleet.group_rollouts),
+        ("vmRollouts", fleet.vm_rollouts),
+    ):
+        items = builder.init(field, len(named))
+        for entry, (name, policy) in zip(items, named, strict=True):
+            entry.name = name
+            _fill_rollout_settings(entry.init("settings"), policy)
 
 
 # ---------------------------------------------------------------- status
@@ -943,6 +1004,7 @@ def fill_apply_request(builder: Any, request: ApplyRequest) -> None:
         builder.expected.generation = request.expected_generation
     builder.dryRun = request.dry_run
     builder.requestId = request.request_id
+    builder.supersede = request.supersede
 
 
 def apply_request_from_reader(reader: Any) -> ApplyRequest:
@@ -958,6 +1020,7 @@ def apply_request_from_reader(reader: Any) -> ApplyRequest:
         expected_generation=int(expected.generation) if expected.which() == "generation" else None,
         dry_run=bool(reader.dryRun),
         request_id=request_id,
+        supersede=bool(reader.supersede),
     )
 
 
@@ -1015,9 +1078,10 @@ def apply_result_from_reader(reader: Any) -> ApplyResult:
             raw = 0
         detail = problems.text(f"{at}.detail", item.detail)
         placed.append(VmPlacement(vm_id, worker_id, _REASON[raw], previous, detail))
+    rollout_id = problems.text("rolloutId", ok.rolloutId, limit=64)
     problems.raise_if_any()
     return ApplyResult(
-        ok.generation, ok.changed, diffs, op_id, ok.dryRun, ok.replayed, tuple(placed)
+        ok.generation, ok.changed, diffs, op_id, ok.dryRun, ok.replayed, tuple(placed), rollout_id
     )
 
 
@@ -1038,6 +1102,78 @@ def fill_apply_result(builder: Any, result: ApplyResult) -> None:
         entry.previousWorker = vm.previous_worker
         entry.reason = REASON_NAMES[_REASON.index(vm.reason)]
         entry.detail = clip_text(vm.detail)
+    ok.rolloutId = result.rollout_id
+
+
+# ---------------------------------------------------------------- rollouts
+
+
+def rollout_result_from_reader(reader: Any) -> RolloutView:
+    """The ``ok`` arm of a ``RolloutResult``; raises the typed error of the
+    ``error`` arm."""
+    if reader.which() == "error":
+        raise error_from_reader(reader.error)
+    ok = reader.ok
+    problems = _Problems("rollout")
+    items = ok.vms
+    _check_length(len(items), LIMITS.max_vms_total, "vms")
+    vms = []
+    for index, item in enumerate(items):
+        at = f"vms[{index}]"
+        vm_id: str = item.vmId
+        if (problem := check_vm_id(vm_id)) is not None:
+            problems.add(f"{at}.vmId", problem)
+        vms.append(
+            RolloutVmView(
+                vm_id,
+                problems.text(f"{at}.workerId", item.workerId, limit=64),
+                problems.text(f"{at}.state", item.state, limit=32),
+                bool(item.canary),
+                problems.text(f"{at}.message", item.message),
+                problems.text(f"{at}.oldPath", item.oldPath),
+                problems.text(f"{at}.newPath", item.newPath),
+            )
+        )
+    view = RolloutView(
+        problems.text("id", ok.id, limit=64),
+        problems.text("opId", ok.opId, limit=64),
+        problems.text("phase", ok.phase, limit=32),
+        problems.text("reason", ok.reason),
+        bool(ok.paused),
+        int(ok.batches),
+        int(ok.startedUnixMs),
+        int(ok.endedUnixMs),
+        int(ok.preparedWorkers),
+        int(ok.prepareWorkers),
+        tuple(vms),
+        problems.text("message", ok.message),
+    )
+    problems.raise_if_any()
+    return view
+
+
+def fill_rollout_result(builder: Any, view: RolloutView) -> None:
+    ok = builder.init("ok")
+    ok.id = view.id
+    ok.opId = view.op_id
+    ok.phase = view.phase
+    ok.reason = clip_text(view.reason)
+    ok.paused = view.paused
+    ok.batches = view.batches
+    ok.startedUnixMs = view.started_ms
+    ok.endedUnixMs = view.ended_ms
+    ok.preparedWorkers = view.prepared_workers
+    ok.prepareWorkers = view.prepare_workers
+    ok.message = clip_text(view.message)
+    items = ok.init("vms", len(view.vms))
+    for entry, vm in zip(items, view.vms, strict=True):
+        entry.vmId = vm.vm_id
+        entry.workerId = vm.worker_id
+        entry.state = vm.state
+        entry.canary = vm.canary
+        entry.message = clip_text(vm.message)
+        entry.oldPath = vm.old_path
+        entry.newPath = vm.new_path
 
 
 def fleet_status_from_reader(reader: Any) -> FleetStatus:

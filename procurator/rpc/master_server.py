@@ -105,6 +105,7 @@ from procurator.core.errors import (
 )
 from procurator.core.metrics import MetricSample
 from procurator.core.models import Assignment, Fleet, VmEvent, WorkerInfo, WorkerStatus
+from procurator.core.rollout import RolloutAction, RolloutView
 from procurator.core.snapshot import SnapshotInfo, SnapshotRequest
 from procurator.core.status import StatusChanges
 from procurator.core.validation import check_vm_id, check_worker_id
@@ -129,6 +130,7 @@ from procurator.rpc.convert import (
     fill_error,
     fill_fleet_status,
     fill_mode_change,
+    fill_rollout_result,
     fill_snapshot_list,
     fill_snapshot_request,
     fill_snapshot_result,
@@ -251,6 +253,7 @@ class MasterBackend(Protocol):
         dry_run: bool = False,
         op_id: str = "",
         request_id: str = "",
+        supersede: bool = False,
     ) -> ApplyResult: ...
 
     async def fleet_status(self) -> FleetStatus: ...
@@ -270,6 +273,8 @@ class MasterBackend(Protocol):
     async def change_worker_mode(
         self, worker_id: str, action: ModeAction, max_unavailable: int = 1
     ) -> ModeChange: ...
+
+    async def rollout(self, rollout_id: str, action: RolloutAction) -> RolloutView: ...
 
     async def register(self, info: WorkerInfo, node: RemoteNode) -> int: ...
 
@@ -1133,6 +1138,35 @@ class _ControlImpl(_schema.Control.Server):  # type: ignore[misc, name-defined]
         change = await listener.call(listener.backend.change_worker_mode, *request)
         fill_mode_change(results.result, change)
 
+    async def rollout_context(self, context: Any) -> None:
+        await _answer(
+            self._conn,
+            "Control.rollout",
+            context,
+            error_arm,
+            _decode_rollout_request,
+            self._rollout,
+        )
+
+    async def _rollout(self, request: tuple[str, RolloutAction], results: Any) -> None:
+        listener = self._listener
+        value = await listener.call(listener.backend.rollout, *request)
+        fill_rollout_result(results.result, value)
+
+
+def _decode_rollout_request(params: Any) -> tuple[str, RolloutAction]:
+    rollout_id: str = params.rolloutId
+    if len(rollout_id) > 64 or not rollout_id.isprintable():
+        raise ValidationError("rolloutId: not a rollout id")
+    try:
+        action = RolloutAction(params.action)
+    except ValueError:
+        choices = ", ".join(a.value for a in RolloutAction)
+        raise ValidationError(
+            f"action: must be one of {choices}, not {params.action[:32]!r}"
+        ) from None
+    return rollout_id, action
+
 
 def _decode_mode_request(params: Any) -> tuple[str, ModeAction, int]:
     worker_id: str = params.workerId
@@ -1186,4 +1220,5 @@ async def _apply(backend: MasterBackend, request: ApplyRequest, op_id: str) -> A
             dry_run=request.dry_run,
             op_id=op_id,
             request_id=request.request_id,
+            supersede=request.supersede,
         )

@@ -14,7 +14,12 @@ import pytest
 from procurator.core.models import PowerState, RolloutPolicy, VmAssignment
 from procurator.core.rollout import Rollout, RolloutPhase, RolloutVm, VmState
 from procurator.master.store import Fence, FencedError, open_store
-from procurator.master.store.model import ROLLOUTS_KEPT, SCHEMA_VERSION, RolloutActiveError
+from procurator.master.store.model import (
+    ROLLOUTS_KEPT,
+    SCHEMA_VERSION,
+    RolloutActiveError,
+    RolloutChangedError,
+)
 from procurator.master.store.port import Store
 
 OLD = "/nix/store/" + "a" * 32 + "-web"
@@ -172,3 +177,26 @@ async def test_a_version_6_sqlite_database_gains_the_table(tmp_path: Path) -> No
     with sqlite3.connect(path) as db:
         (version,) = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     assert version == SCHEMA_VERSION == 7
+
+
+async def test_a_write_over_a_state_that_changed_meanwhile_is_refused(store: Store) -> None:
+    seen = rollout()
+    await store.put_rollout(seen)
+    paused = replace(seen, paused=True)
+    await store.put_rollout(paused, before=seen)  # an operator's pause
+    # The leader's step, decided on what it read before the pause, loses.
+    with pytest.raises(RolloutChangedError, match="changed meanwhile"):
+        await store.put_rollout(replace(seen, batches=1), before=seen)
+    g1 = await first_generation(store)
+    with pytest.raises(RolloutChangedError):
+        await store.commit(
+            expected_generation=g1,
+            changes={"w": [vm("web-1", NEW)]},
+            before={"w": [vm("web-1")]},
+            op_id="op-9",
+            unix_ms=9,
+            rollout=replace(seen, batches=1),
+            rollout_before=seen,
+        )
+    assert (await store.versions()).generation == g1
+    assert await store.rollout() == paused

@@ -67,6 +67,7 @@ class SqlStore(abc.ABC):
         rollout: Rollout | None = None,
         guard_rollouts: bool = False,
         supersede: bool = False,
+        rollout_before: Rollout | None = None,
     ) -> int:
         request = (request_id, fleet_digest, diffs, self.requests_kept) if request_id else None
         return await self._write(
@@ -83,13 +84,16 @@ class SqlStore(abc.ABC):
                 rollout=rollout,
                 guard_rollouts=guard_rollouts,
                 supersede=supersede,
+                rollout_before=rollout_before,
             ),
             f"apply {op_id}",
         )
 
-    async def put_rollout(self, rollout: Rollout, *, fence: Fence | None = None) -> None:
+    async def put_rollout(
+        self, rollout: Rollout, *, fence: Fence | None = None, before: Rollout | None = None
+    ) -> None:
         await self._write(
-            lambda tx: _sql.put_rollout(tx, rollout, fence), f"store rollout {rollout.id}"
+            lambda tx: _sql.put_rollout(tx, rollout, fence, before), f"store rollout {rollout.id}"
         )
 
     async def rollouts(self, limit: int = 20) -> tuple[Rollout, ...]:

@@ -77,6 +77,7 @@ from procurator.master.store.model import (
     Removal,
     RequestRecordedError,
     RolloutActiveError,
+    RolloutChangedError,
     SessionEndedError,
     StatusWrite,
     StatusWritten,
@@ -367,6 +368,7 @@ def commit(
     rollout: Rollout | None = None,
     guard_rollouts: bool = False,
     supersede: bool = False,
+    rollout_before: Rollout | None = None,
 ) -> int:
     """See ``Store.commit``. ``request``: (id, fleet digest, diffs, kept)."""
     deletes, inserts, removed = _row_changes(changes, before)
@@ -427,7 +429,7 @@ def commit(
     if guard_rollouts:
         _guard_rollouts(tx, op_id, unix_ms, supersede)
     if rollout is not None:
-        _put_rollout(tx, rollout)
+        _put_rollout(tx, rollout, rollout_before)
     if fence is not None:
         check_fence(tx, fence)
     tx.notify(Change(ChangeKind.GENERATION, generation))
@@ -437,9 +439,17 @@ def commit(
 # ---------------------------------------------------------------- rollouts
 
 
-def _put_rollout(tx: Tx, rollout: Rollout) -> None:
-    """Insert or update ``rollout``; keep the newest ``ROLLOUTS_KEPT``
-    that are over (one under way is never dropped)."""
+def _put_rollout(tx: Tx, rollout: Rollout, before: Rollout | None = None) -> None:
+    """Insert or update ``rollout`` (only over ``before``, when given: else
+    ``RolloutChangedError``); keep the newest ``ROLLOUTS_KEPT`` that are
+    over (one under way is never dropped)."""
+    if before is not None:
+        row = _one(tx, "SELECT state FROM rollouts WHERE id = ? {lock}", (before.id,))
+        if row is None or row[0] != encode_rollout(before):
+            raise RolloutChangedError(
+                f"rollout {before.id} changed meanwhile (an operator's pause, promote or undo, "
+                "or another master); nothing was written"
+            )
     tx.run(
         "INSERT INTO rollouts (id, seq, active, state) VALUES "
         "(?, (SELECT coalesce(max(seq), 0) + 1 FROM rollouts), ?, ?) "
@@ -481,8 +491,8 @@ def _decode_rollout(text: str) -> Rollout:
         raise ProcuratorError(f"the store holds a rollout it cannot read: {exc}") from None
 
 
-def put_rollout(tx: Tx, rollout: Rollout, fence: Fence | None) -> None:
-    _put_rollout(tx, rollout)
+def put_rollout(tx: Tx, rollout: Rollout, fence: Fence | None, before: Rollout | None) -> None:
+    _put_rollout(tx, rollout, before)
     if fence is not None:
         check_fence(tx, fence)
 

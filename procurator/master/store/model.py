@@ -39,6 +39,7 @@ __all__ = [
     "RemovalAck",
     "RequestRecordedError",
     "RolloutActiveError",
+    "RolloutChangedError",
     "SessionEndedError",
     "StatusWrite",
     "StoreUnavailableError",
@@ -324,6 +325,11 @@ class FencedError(UnavailableError):
 class RolloutActiveError(ValidationError):
     """A person's apply while a rollout is under way (and not
     ``--supersede``): nothing was applied."""
+
+
+class RolloutChangedError(ProcuratorError):
+    """A rollout's state was written over one that changed meanwhile:
+    nothing was written; read it again."""
 
 
 class RequestRecordedError(ProcuratorError):

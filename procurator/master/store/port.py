@@ -82,6 +82,7 @@ class Store(Protocol):
         rollout: Rollout | None = None,
         guard_rollouts: bool = False,
         supersede: bool = False,
+        rollout_before: Rollout | None = None,
     ) -> int:
         """Store the new VM lists of the workers in ``changes`` (all others
         keep theirs) under a new generation, which is returned. The
@@ -103,15 +104,20 @@ class Store(Protocol):
         it is stored in the same transaction (``put_rollout``). With
         ``guard_rollouts`` (a person's apply), a rollout under way refuses
         the commit (``RolloutActiveError``, nothing changed) unless
-        ``supersede``: then it ends ``failed``, superseded by ``op_id``."""
+        ``supersede``: then it ends ``failed``, superseded by ``op_id``.
+        ``rollout_before``: as in ``put_rollout``'s ``before``."""
         ...
 
     # -- rollouts (procurator.core.rollout; docs/ROLLOUTS.md) ---------------------
 
-    async def put_rollout(self, rollout: Rollout, *, fence: Fence | None = None) -> None:
+    async def put_rollout(
+        self, rollout: Rollout, *, fence: Fence | None = None, before: Rollout | None = None
+    ) -> None:
         """Store ``rollout`` (a new one, or its next state); fenced with
-        ``fence`` (the leader driving it). The newest ``ROLLOUTS_KEPT``
-        rollouts that are over are kept."""
+        ``fence`` (the leader driving it). With ``before``, only over that
+        very state (``RolloutChangedError`` and nothing written otherwise):
+        the leader's step and an operator's action never undo each other.
+        The newest ``ROLLOUTS_KEPT`` rollouts that are over are kept."""
         ...
 
     async def rollouts(self, limit: int = 20) -> tuple[Rollout, ...]:
