@@ -233,6 +233,7 @@ from procurator.core.models import (
     VmStatus,
     WorkerDiff,
     WorkerInfo,
+    WorkerState,
     WorkerStatus,
 )
 from procurator.core.rollout import Rollout, RolloutAction, RolloutPhase, RolloutView, act, view
@@ -241,6 +242,7 @@ from procurator.core.snapshot import SnapshotAction, SnapshotInfo, SnapshotReque
 from procurator.core.status import StatusChanges, apply_status_changes
 from procurator.core.validation import LIMITS, check_request_id
 from procurator.logs import log_context, new_op_id, some
+from procurator.master.drain import plan_drains
 from procurator.master.leader import Leadership
 from procurator.master.rollout import begin as begin_rollout
 from procurator.master.rollout import with_rollout
@@ -543,6 +545,7 @@ class MasterService:
                 await nursery.start(self._store.watch, self._on_change, self._on_health)
                 stored = await self._store.load(events=self._events_total)
                 self._absorb_all(stored)
+                await self._load_handoffs()
                 if self._store.single_master:
                     ended = await self._store.end_sessions(self.master_id, unix_ms=self._now_ms())
                     for worker_id in ended:
@@ -571,6 +574,9 @@ class MasterService:
                     self.leadership.run_duty, "forget removals", interval, self._forget_removals
                 )
                 nursery.start_soon(self.leadership.run_duty, "heal", interval, self._heal)
+                nursery.start_soon(
+                    self.leadership.run_duty, "drain", min(0.5, interval), self._drain
+                )
                 nursery.start_soon(
                     self.leadership.run_duty,
                     "rollouts",
@@ -679,8 +685,12 @@ class MasterService:
         assignment = self._assignments.get(worker_id)
         worker = self._workers.get(worker_id)
         removals = worker.removals if worker is not None else {}
+        # A VM handed off to this worker is its own while the handoff lasts.
+        incoming = {h.vm_id for h in self._handoffs.values() if h.target == worker_id}
         self._voices[worker_id] = _Voice(
-            assigned=frozenset(vm.id for vm in assignment.vms) if assignment else frozenset(),
+            assigned=frozenset(vm.id for vm in assignment.vms).union(incoming)
+            if assignment
+            else frozenset(incoming),
             pending={vm: r.generation for vm, r in removals.items() if r.acked_unix_ms is None},
             confirmed={
                 vm: r.acked_unix_ms for vm, r in removals.items() if r.acked_unix_ms is not None
@@ -718,6 +728,7 @@ class MasterService:
         if self._store.single_master:
             return  # nobody else commits
         self._absorb_fleet(await self._store.fleet_since(self._generation))
+        await self._load_handoffs()
 
     async def _catch_up(self) -> None:
         """Return once the fleet cache is as new as the store was when this
@@ -1140,8 +1151,10 @@ class MasterService:
             # database's clock, so "how long ago" knows no clock skew).
             db_now_ms, renewals = await self._store.lease_renewals()
         except UnavailableError as exc:
-            logger.info("status: the leases' renewals are not readable: %s", exc)
-            db_now_ms, renewals = 0, {}
+            # A status read fails while the database is away, as the
+            # module docstring says ("The database away").
+            self._set_unavailable_if_store(exc)
+            raise
         handoffs_from = collections.Counter(h.source for h in self._handoffs.values())
         workers = []
         for worker_id in self._listed_ids():
@@ -1540,6 +1553,7 @@ class MasterService:
         last commit, or read once per generation caught up with (rules at
         least that new: they commit with it). When the store cannot be
         read, the rules read last."""
+        assignment = await self._with_handoffs(assignment)
         generation = self._generation
         cached_at, rules = self._fence_rules
         if cached_at != generation:
@@ -2131,6 +2145,198 @@ class MasterService:
             f"rollout {rollout_id or '(current)'} kept changing while this {action.value} was "
             "written; try again"
         )
+
+    # ------------------------------------------------------------ drains, handoffs
+
+    async def _load_handoffs(self) -> None:
+        """The handoffs as of this master's generation (they start and end
+        with a generation: read once per generation). With a store of one
+        master, only this master writes them: read once, at start."""
+        at = self._generation
+        if self._handoffs_at == at or (self._store.single_master and self._handoffs_at >= 0):
+            return
+        found = await self._store.handoffs()
+        touched = {h.target for h in (*self._handoffs.values(), *found.values())}
+        self._handoffs, self._handoffs_at = found, at
+        for worker_id in touched:
+            self._rebuild_voice(worker_id)
+
+    async def _with_handoffs(self, assignment: Assignment) -> Assignment:
+        """``assignment`` as its worker is sent it: with the VMs handed off
+        to it (as their source's assignment has them), so it runs them
+        beside their source until the handoff completes."""
+        try:
+            await self._load_handoffs()
+        except UnavailableError as exc:
+            logger.warning("handoffs as of generation %d: %s", self._handoffs_at, exc)
+        worker_id = assignment.worker_id
+        own = {vm.id for vm in assignment.vms}
+        extra = []
+        for h in self._handoffs.values():
+            if h.target != worker_id or h.vm_id in own:
+                continue
+            source = self._assignments.get(h.source, _NO_ASSIGNMENT)
+            vm = next((v for v in source.vms if v.id == h.vm_id), None)
+            if vm is not None:
+                extra.append(vm)
+        if not extra:
+            return assignment
+        vms = tuple(sorted((*assignment.vms, *extra), key=lambda v: v.id))
+        return replace(assignment, vms=vms)
+
+    async def _drain(self, fence: Fence) -> None:
+        """Singleton duty: drive every drain (``procurator.master.drain``):
+        complete, call off and start handoffs, one generation per drain op
+        id, fenced by ``fence``; record blocked and finished drains."""
+        if not self._handoffs and not any(
+            w.mode is not None and w.mode.state is WorkerState.DRAINING
+            for w in self._workers.values()
+        ):
+            return
+        moved: list[tuple[str, list[VmPlacement]]] = []
+        async with self._apply_lock:
+            await self._refresh_fleet()
+            await self._load_handoffs()
+            now_ms = self._now_ms()
+            known = [
+                KnownWorker(w.worker_id, w.info, w.connected, self._lost(w, now_ms), w.mode)
+                for w in self._workers.values()
+            ]
+            record = await self._store.placement()
+            plan = plan_drains(
+                assignments=self._assignments,
+                modes={w.worker_id: w.mode for w in self._workers.values() if w.mode},
+                statuses={w.worker_id: w.status for w in self._workers.values()},
+                handoffs=self._handoffs.values(),
+                facts=worker_facts(known, self._assignments, drain=True),
+                record=record,
+                now_ms=now_ms,
+                stopping={w: len(v.pending) for w, v in self._voices.items() if v.pending},
+            )
+            by_op: dict[str, tuple[list[Handoff], list[Handoff], list[Handoff]]] = {}
+            for bucket, handoffs in enumerate((plan.complete, plan.cancel, plan.start)):
+                for h in handoffs:
+                    by_op.setdefault(h.op_id, ([], [], []))[bucket].append(h)
+            for op_id, (complete, cancel, start) in sorted(by_op.items()):
+                with log_context(op_id=op_id):
+                    await self._commit_handoffs(fence, op_id, complete, cancel, start)
+                moved.append(
+                    (
+                        op_id,
+                        [
+                            VmPlacement(
+                                h.vm_id, h.target, PlacementReason.WORKER_DRAINING, h.source
+                            )
+                            for h in complete
+                        ],
+                    )
+                )
+        for op_id, placed in moved:
+            await self._record_moves(op_id, placed)
+        for worker_id, why in sorted(plan.blocked.items()):
+            await self._update_drain(fence, worker_id, blocked=why)
+        for worker_id in plan.finished:
+            await self._update_drain(fence, worker_id, finished=True)
+
+    async def _update_drain(
+        self, fence: Fence, worker_id: str, *, blocked: str = "", finished: bool = False
+    ) -> None:
+        worker = self._workers.get(worker_id)
+        if worker is None or worker.mode is None:
+            return
+        op_id = worker.mode.op_id
+        if await self._store.update_drain(
+            fence, worker_id, op_id, blocked=blocked, finished=finished
+        ):
+            with log_context(op_id=op_id, worker_id=worker_id):
+                if finished:
+                    logger.warning(
+                        "drain %s of worker %s is done: %d VM(s) moved; it stays cordoned",
+                        op_id,
+                        worker_id,
+                        worker.mode.moved,
+                    )
+                elif blocked:
+                    logger.warning(
+                        "drain %s of worker %s cannot go on: %s", op_id, worker_id, blocked
+                    )
+                else:
+                    logger.info("drain %s of worker %s goes on", op_id, worker_id)
+        self._dirty_workers.add(worker_id)
+        self._sync_wake.set()
+
+    async def _commit_handoffs(
+        self,
+        fence: Fence,
+        op_id: str,
+        complete: Sequence[Handoff],
+        cancel: Sequence[Handoff],
+        start: Sequence[Handoff],
+    ) -> None:
+        """One generation (under ``_apply_lock``, fenced): the handoffs of
+        drain ``op_id`` that complete (their VM moves to its target),
+        are called off and start; then the caches and pushes follow."""
+        current = {w: list(a.vms) for w, a in self._assignments.items()}
+        changes: dict[str, list[VmAssignment]] = {}
+        for h in complete:
+            source = changes.setdefault(h.source, list(current.get(h.source, ())))
+            vm = next(v for v in source if v.id == h.vm_id)
+            source.remove(vm)
+            target = changes.setdefault(h.target, list(current.get(h.target, ())))
+            target.append(vm)
+        for h in (*cancel, *start):
+            # The target hears of it with a new generation of its own.
+            changes.setdefault(h.target, list(current.get(h.target, ())))
+        for vms in changes.values():
+            vms.sort(key=lambda v: v.id)
+        before = {w: current[w] for w in changes if w in current}
+        generation = await self._store.commit_handoffs(
+            fence=fence,
+            expected_generation=self._generation,
+            changes=changes,
+            before=before,
+            op_id=op_id,
+            unix_ms=self._now_ms(),
+            start=start,
+            end=complete,
+            cancel=cancel,
+        )
+        # No checkpoint from here on: the memory follows the commit.
+        for worker_id, vms in changes.items():
+            self._assignments[worker_id] = Assignment(worker_id, generation, tuple(vms), op_id)
+        for h in complete:
+            self._worker(h.source).removals[h.vm_id] = Removal(generation)
+            self._handoffs.pop(h.vm_id, None)
+        for h in cancel:
+            self._worker(h.target).removals[h.vm_id] = Removal(generation)
+            self._handoffs.pop(h.vm_id, None)
+        for h in start:
+            self._handoffs[h.vm_id] = replace(h, generation=generation)
+        self._generation = generation
+        self._handoffs_at = generation
+        for h in complete:
+            # The drain's progress, as the commit counted it; the store's
+            # version of the worker is read again (the syncer).
+            drained = self._worker(h.source)
+            if drained.mode is not None and drained.mode.op_id == h.op_id:
+                drained.mode = replace(drained.mode, moved=drained.mode.moved + 1)
+            self._dirty_workers.add(h.source)
+        for h in cancel:
+            self._dirty_workers.add(h.target)
+        for worker_id in {*changes, *(h.source for h in (*complete, *cancel, *start))}:
+            self._rebuild_voice(worker_id)
+        for h in complete:
+            logger.info("drain %s: VM %s moved %s -> %s", op_id, h.vm_id, h.source, h.target)
+        for h in cancel:
+            logger.info("drain %s: handoff of VM %s to %s called off", op_id, h.vm_id, h.target)
+        for h in start:
+            logger.info("drain %s: VM %s handed off %s -> %s", op_id, h.vm_id, h.source, h.target)
+        for worker_id in sorted(changes):
+            worker = self._workers.get(worker_id)
+            if worker is not None and worker.session is not None:
+                self._queue_push(worker.session, self._assignments[worker_id])
+        self._sync_wake.set()
+        self._mark_changed()
 
     async def _expire_leases(self, fence: Fence) -> None:
         """Singleton duty: workers whose lease expired are lost."""
