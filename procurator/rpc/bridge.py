@@ -545,7 +545,9 @@ class ClientConnection:
         self._tls_transport = tls_transport
         self._client = capnp.TwoPartyClient(stream, traversal_limit_in_words=TRAVERSAL_LIMIT_WORDS)
         self._on_lost: Callable[[str], None] | None = on_lost
-        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        self._watcher: asyncio.Task[None] | None = asyncio.get_running_loop().create_task(
+            self._watch()
+        )
 
     def bootstrap(self, interface: Any) -> Any:
         return self._client.bootstrap().cast_as(interface)
@@ -566,7 +568,14 @@ class ClientConnection:
             callback(reason)
 
     def close(self) -> None:
-        self._watcher.cancel()
+        # The cancelled watcher keeps its CancelledError, whose traceback
+        # holds the watcher's frame and so this connection: a cycle that
+        # only the cyclic garbage collector would free, on whatever thread
+        # it runs, after this thread's loop may be gone (invariant 1). Let
+        # go of the watcher, so that the connection is freed here.
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.cancel()
         self._lost("closed")
         with contextlib.suppress(RuntimeError):
             self._client.close()
