@@ -39,6 +39,10 @@ Invariants:
   on an assignment older than the fence.
 - Only ``RUNNING`` entries are fenced: a VM desired paused or stopped is
   already not running.
+- **A restart while cut off.** The mark is recorded in each VM's durable
+  ``vm.json`` (``VmSpec.reschedule``), so a worker restarted while no
+  master answers, which holds no assignment, fences the VMs it re-adopted
+  that the mark names (``WorkerRuntime._fence_recovered``).
 """
 
 from __future__ import annotations

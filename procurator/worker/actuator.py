@@ -213,6 +213,7 @@ class WorkerActuator:
             op_id=op_id,
             image=vm.nix_store_path,
             address=address,
+            reschedule=vm.reschedule,
         )
 
     def _prepare_image(self, vm: VmAssignment) -> PreparedImage:

@@ -283,6 +283,18 @@ class VmManager:
             raise TemporaryError(f"VM {vm_id} is no longer managed (removed meanwhile)")
         return obs
 
+    def specs(self) -> builtins.list[VmSpec]:
+        """The spec each managed VM converges to (what its ``vm.json``
+        says), by VM id; VMs being removed are left out."""
+        with self._map_lock:
+            vms = list(self._vms.values())
+        found = []
+        for vm in vms:
+            with vm.cond:
+                if vm.desired is not None and not vm.removing:
+                    found.append(vm.desired)
+        return sorted(found, key=lambda s: s.vm_id)
+
     def list(self) -> list[VmObservation]:
         with self._map_lock:
             vms = list(self._vms.values())

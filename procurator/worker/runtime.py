@@ -33,10 +33,12 @@ Nothing else crosses threads here.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,10 +49,10 @@ import trio
 from procurator.core.assignments import AssignmentChanges, AssignmentUpdate
 from procurator.core.confinement import ImageLimits
 from procurator.core.errors import PermanentError, ProcuratorError
-from procurator.core.fence import fence_message
+from procurator.core.fence import fence_message, fenced_entry
 from procurator.core.jail import JailPolicy
 from procurator.core.metrics import VmSnapshot
-from procurator.core.models import Capacity, VmEvent
+from procurator.core.models import Capacity, EventKind, VmAssignment, VmEvent
 from procurator.core.reconcile import Reconciler
 from procurator.core.status import StatusChanges
 from procurator.logs import some
@@ -67,6 +69,7 @@ from procurator.worker.vmm import process
 from procurator.worker.vmm.base import VmmDriver
 from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver
 from procurator.worker.vmm.qemu import QemuDriver
+from procurator.worker.vmrecord import VmSpec
 
 __all__ = ["DRIVERS", "ReconcilingHandler", "RuntimeOptions", "make_driver", "resolve_driver"]
 
@@ -269,6 +272,9 @@ class ReconcilingHandler:
             on_realise_seconds=self.metrics.observe_realise,
             on_change=self._in_flight_changed,
         )
+        # The pauses of a worker fenced before it holds an assignment
+        # (_fence_recovered), as many at once as the reconciler's actions.
+        self._fence_limiter = trio.CapacityLimiter(options.concurrency)
         self.reconciler = Reconciler(
             actuator=self.actuator,
             on_status=self._publish_status,
@@ -295,7 +301,18 @@ class ReconcilingHandler:
         return True
 
     async def on_fence(self, fenced: bool, silent_for: float) -> None:
-        if fenced:
+        if fenced and self.reconciler.assignment is None:
+            # Started while no master answers: no assignment says which
+            # VMs are reschedule ones, their vm.json does.
+            ids = await self._fence_recovered(fence_message(silent_for))
+            log.warning(
+                "fenced after %.1f s without a master, holding no assignment: %d re-adopted "
+                "reschedule VM(s) paused: %s",
+                silent_for,
+                len(ids),
+                some(ids),
+            )
+        elif fenced:
             ids = self.reconciler.fence(fence_message(silent_for))
             log.warning(
                 "fenced after %.1f s without a master: %d reschedule VM(s) paused: %s",
@@ -355,6 +372,50 @@ class ReconcilingHandler:
             # The VMs keep running: the next worker re-adopts them.
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self.close)
+
+    async def _fence_recovered(self, message: str) -> list[str]:
+        """The fence of a worker that holds no assignment (restarted while
+        cut off): each re-adopted VM whose ``vm.json`` says ``reschedule``
+        and desired running is paused (``fenced_entry``), with a ``paused``
+        event saying ``message``. Returns once they are paused: the link
+        delivers nothing before this returns, so the whole assignment that
+        ends the fence comes after, and the reconciler then converges each
+        VM to it (a VM still assigned resumes, one moved away is removed)."""
+        specs = await trio.to_thread.run_sync(self.manager.specs)
+        fenced = []
+        for spec in specs:
+            entry = fenced_entry(
+                VmAssignment(
+                    spec.vm_id, spec.hash, spec.image, spec.power, reschedule=spec.reschedule
+                )
+            )
+            if entry is not None:
+                fenced.append(dataclasses.replace(spec, power=entry.power))
+        paused: list[str] = []
+
+        async def pause(spec: VmSpec) -> None:
+            try:
+                await trio.to_thread.run_sync(
+                    self.manager.ensure, spec, limiter=self._fence_limiter
+                )
+            except ProcuratorError as exc:
+                log.warning("VM %s: not paused by the fence: %s", spec.vm_id, exc)
+                return
+            paused.append(spec.vm_id)
+            self._publish_event(
+                VmEvent(
+                    spec.vm_id,
+                    EventKind.PAUSED,
+                    message,
+                    spec.op_id,
+                    unix_time_ms=int(time.time() * 1000),
+                )
+            )
+
+        async with trio.open_nursery() as nursery:
+            for spec in fenced:
+                nursery.start_soon(pause, spec)
+        return sorted(paused)
 
     def _publish_event(self, event: VmEvent) -> None:
         self._publisher.publish_events([event])

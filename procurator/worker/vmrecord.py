@@ -50,7 +50,10 @@ class VmSpec:
     """What one VM should be. ``hash`` is its identity (a new hash replaces
     the VM); ``definition`` is the final, confined VM; ``image`` the store
     path it came from and ``address`` the guest's IPv4 address (shown in
-    status; "" without network)."""
+    status; "" without network). ``reschedule``: the master marked it
+    ``on_worker_lost = "reschedule"`` (``VmAssignment.reschedule``), so a
+    worker restarted while no master answers knows which re-adopted VMs
+    its fence pauses (``procurator.core.fence``)."""
 
     vm_id: str
     hash: str
@@ -59,6 +62,7 @@ class VmSpec:
     op_id: str = ""
     image: str = ""
     address: str = ""
+    reschedule: bool = False
 
     @property
     def target(self) -> Target:
@@ -79,6 +83,7 @@ class VmSpec:
             "op_id": self.op_id,
             "image": self.image,
             "address": self.address,
+            "reschedule": self.reschedule,
         }
 
     @classmethod
@@ -94,6 +99,8 @@ class VmSpec:
             op_id=str(data.get("op_id", "")),
             image=str(data.get("image", labels.get("store_path", ""))),
             address=str(data.get("address", labels.get("address", ""))),
+            # Absent in a vm.json written before the fence: not marked.
+            reschedule=bool(data.get("reschedule", False)),
         )
 
 
