@@ -23,7 +23,7 @@ from procurator.core.models import (
     WorkerStatus,
 )
 from procurator.master.service import MasterService
-from procurator.master.store import FleetStore
+from procurator.master.store import FleetStore, Store, open_store
 
 __all__ = ["service"]
 
@@ -39,6 +39,9 @@ class SimWorker:
         self.node = FakeNode()
         self.token = 0
         self.running: set[str] = set()
+        # Set: takes what it is sent; cleared: holds it (a slow boot).
+        self.going = trio.Event()
+        self.going.set()
 
     async def start(self, nursery: trio.Nursery) -> None:
         self.token = await self.service.register(
@@ -53,6 +56,7 @@ class SimWorker:
         while True:
             while len(self.node.pushed) == seen:
                 await trio.sleep(0.01)
+            await self.going.wait()
             seen = len(self.node.pushed)
             await self._take(self.node.pushed[-1])
 
@@ -192,3 +196,66 @@ async def test_a_drain_goes_on_after_a_master_restart(tmp_path: Path) -> None:
                 await wait_drain(master, "host-a")
                 assert set((await where(master)).values()) == {"host-b"}
             nursery.cancel_scope.cancel()
+
+
+async def test_a_drain_goes_on_after_its_leader_dies_and_through_another_masters_sessions(
+    pg_url: str,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        scopes, services = [], []
+        for index in range(2):
+            store = await open_store(pg_url)
+            service = MasterService(
+                store,
+                master_id=f"m{index}",
+                sync_interval=0.2,
+                worker_lease=30.0,
+                leader_lease=1.0,
+                push_timeout=2.0,
+            )
+            scope = trio.CancelScope()
+
+            async def run(
+                task_status: trio.TaskStatus[None], s: MasterService = service, c: object = scope
+            ) -> None:
+                with c:  # type: ignore[attr-defined]
+                    await s.run(task_status=task_status)
+
+            await nursery.start(run)
+            nursery.start_soon(_close_later, store)
+            scopes.append(scope)
+            services.append(service)
+        with trio.fail_after(30):  # a hang guard
+            while not any(s.leadership.leading for s in services):
+                await trio.sleep(0.05)
+        leader = next(i for i, s in enumerate(services) if s.leadership.leading)
+        other = services[1 - leader]
+        # Both workers on the master that does not lead: the leader's
+        # commits reach them through the other master's caches.
+        a, b = SimWorker(other, "host-a", 8), SimWorker(other, "host-b", 8)
+        await a.start(nursery)
+        await other.apply(Fleet((), tuple(unpinned(f"web-{i}") for i in range(3))))
+        b.going = trio.Event()  # host-b holds what it is sent: a handoff waits
+        await b.start(nursery)
+        await other.change_worker_mode("host-a", ModeAction.DRAIN)
+        with trio.fail_after(30):
+            while not b.node.pushed or not b.node.pushed[-1].vms:
+                await trio.sleep(0.02)
+        # The target was sent the VM beside its own (empty) assignment.
+        assert [v.id for v in b.node.pushed[-1].vms] == ["web-0"]
+        scopes[leader].cancel()  # dies: its lease runs out
+        b.going.set()
+        await wait_drain(other, "host-a")
+        assert set((await where(other)).values()) == {"host-b"}
+        with trio.fail_after(30):  # host-a stops its copies
+            while a.running:
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+
+
+async def _close_later(store: Store) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):
+            await store.aclose()
