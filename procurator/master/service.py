@@ -2308,7 +2308,9 @@ class MasterService:
             self._worker(h.source).removals[h.vm_id] = Removal(generation)
             self._handoffs.pop(h.vm_id, None)
         for h in cancel:
-            self._worker(h.target).removals[h.vm_id] = Removal(generation)
+            holder = self._assignments.get(h.target, _NO_ASSIGNMENT)
+            if not any(v.id == h.vm_id for v in holder.vms):  # else its own now
+                self._worker(h.target).removals[h.vm_id] = Removal(generation)
             self._handoffs.pop(h.vm_id, None)
         for h in start:
             self._handoffs[h.vm_id] = replace(h, generation=generation)

@@ -216,3 +216,41 @@ async def test_a_drain_is_blocked_and_finished_by_the_leader_only(store: Store) 
     assert await store.update_drain(fence, "w1", "op-d", finished=True)
     mode = (await store.worker("w1")).mode
     assert mode is not None and mode.state is WorkerState.CORDONED
+
+
+async def test_a_handoff_called_off_leaves_a_vm_its_target_holds_now(store: Store) -> None:
+    # The source was lost and a heal placed the VM on the handoff's target:
+    # calling the handoff off must not make the target stop its own VM.
+    g1 = await two_workers(store)
+    epoch = await store.acquire_lease("leader", "m1", lease_ms=60_000)
+    assert epoch is not None
+    fence = Fence("leader", "m1", epoch)
+    g2 = await store.commit_handoffs(
+        fence=fence,
+        expected_generation=g1,
+        changes={"w2": []},
+        before={},
+        op_id="op-d",
+        unix_ms=3,
+        start=[Handoff("u1", "w1", "w2", "op-d", 0, 3)],
+    )
+    g3 = await store.commit(
+        expected_generation=g2,
+        changes={"w1": [vm("p1"), vm("u2")], "w2": [vm("u1")]},
+        before={"w1": [vm("p1"), vm("u1"), vm("u2")], "w2": []},
+        op_id="op-heal",
+        unix_ms=4,
+        fence=fence,
+    )
+    await store.commit_handoffs(
+        fence=fence,
+        expected_generation=g3,
+        changes={"w2": [vm("u1")]},
+        before={"w2": [vm("u1")]},
+        op_id="op-d",
+        unix_ms=5,
+        cancel=[(await store.handoffs())["u1"]],
+    )
+    stored = await store.load()
+    assert "u1" not in stored.workers["w2"].removals
+    assert [v.id for v in stored.assignments["w2"].vms] == ["u1"]

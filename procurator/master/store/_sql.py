@@ -1098,13 +1098,20 @@ def commit_handoffs(
     copy becomes its pending removal: it stops it and may report it until
     then). The new generation."""
     generation = commit(tx, expected_generation, changes, before, op_id, unix_ms, None)
-    for worker_id in sorted({h.target for h in cancel}):
+    # A copy the target is not assigned (a heal may have placed the VM
+    # there meanwhile: then it is the target's own and stays).
+    stopping = [
+        h
+        for h in cancel
+        if not _one(tx, "SELECT 1 FROM vms WHERE vm_id = ? AND worker_id = ?", (h.vm_id, h.target))
+    ]
+    for worker_id in sorted({h.target for h in stopping}):
         _bump(tx, worker_id)
     tx.many(
         "INSERT INTO removals (worker_id, vm_id, generation, acked_unix_ms) "
         "VALUES (?, ?, ?, NULL) ON CONFLICT (worker_id, vm_id) DO UPDATE SET "
         "generation = excluded.generation, acked_unix_ms = NULL",
-        [(h.target, h.vm_id, generation) for h in cancel],
+        [(h.target, h.vm_id, generation) for h in stopping],
     )
     moved: dict[str, list[Handoff]] = {}
     for h in end:
