@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Callable
 from types import FrameType
 
-from bench import change, confine, fanout, ha, idle, placement, resync, snapshot, start, wire
+from bench import change, confine, fanout, ha, heal, idle, placement, resync, snapshot, start, wire
 from bench._harness import Row, Run
 
 # In this order: start leaves the 1,000-VM fleet that change and idle use.
@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, Callable[[Run], list[Row]]] = {
     placement.NAME: placement.measure,
     snapshot.NAME: snapshot.measure,
     ha.NAME: ha.measure,
+    heal.NAME: heal.measure,
     fanout.NAME: fanout.measure,  # last: the heaviest, its load outlasts it
 }
 

@@ -35,7 +35,7 @@ import trio
 from procurator import __version__
 from procurator.app.masters import master_addresses
 from procurator.core.confinement import Confined, HostSide
-from procurator.core.models import WorkerInfo
+from procurator.core.models import Capacity, WorkerInfo
 from procurator.core.vmdef import Payload, VmDefinition
 from procurator.nix.image import ImageManager, PreparedImage
 from procurator.nix.store import NixStore
@@ -148,6 +148,9 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--metrics-interval", type=float, default=15.0)
     parser.add_argument("--resync-interval", type=float, default=30.0)
+    # What it reports for placement (bench/heal.py places unpinned VMs).
+    parser.add_argument("--vcpus", type=int, default=0)
+    parser.add_argument("--memory-mib", type=int, default=0)
     return parser.parse_args(argv)
 
 
@@ -159,7 +162,12 @@ async def _run(args: argparse.Namespace) -> None:
         metrics_interval=args.metrics_interval,
     )
     state_dir = Path(args.state_dir)
-    info = WorkerInfo(worker_id=args.id, version=__version__, driver=NullDriver.name)
+    info = WorkerInfo(
+        worker_id=args.id,
+        version=__version__,
+        capacity=Capacity(args.vcpus, args.memory_mib, 0),
+        driver=NullDriver.name,
+    )
 
     def factory(publisher: StatusPublisher) -> AssignmentHandler:
         handler = ReconcilingHandler(
