@@ -63,7 +63,8 @@ def add_parser(sub: Any) -> None:
     """Register ``worker`` on the ``procurator`` parser."""
     p = sub.add_parser(
         "worker",
-        help="run a worker (connects to the master, runs its assigned VMs)",
+        help="run a worker (connects to the master, runs its assigned VMs); "
+        "cordon, uncordon or drain one",
         description=(
             "Run a worker: it dials the master, registers, receives its\n"
             "assignment and reports what it observes. It keeps running its VMs\n"
@@ -74,6 +75,8 @@ def add_parser(sub: Any) -> None:
             "the guest's clock is NOT resynced: cloud-hypervisor (v53) has no\n"
             "guest-clock API and QEMU runs without a guest agent; the guest lags\n"
             "by the paused time until it corrects itself (NTP/chrony).\n\n"
+            "A worker's mode is set through a master: `procurator worker cordon W`,\n"
+            "`uncordon W`, `drain W` (see `procurator worker drain --help`).\n\n"
             "example:\n  procurator worker --id host-a --master 10.0.0.1:7300 "
             f"--state-dir {DEFAULT_STATE_DIR}"
         ),
