@@ -260,6 +260,23 @@ _SPECS: tuple[MetricSpec, ...] = (
         "procurator_image_realise_duration_seconds", _H, _WORKER,
         "Time to validate and realise a VM image's Nix store path before boot.",
     ),
+    _spec(
+        "procurator_worker_vms_health", _G, _WORKER,
+        "VMs on this worker by guest health (unchecked, pending, healthy, unhealthy).",
+        ("health",),
+    ),
+    _spec(
+        "procurator_health_checks_total", _C, _WORKER,
+        "Guest health checks the worker made, by kind (none, tcp, http) and result "
+        "(pass, fail).",
+        ("kind", "result"),
+    ),
+    _spec(
+        "procurator_worker_prepared_images", _G, _WORKER,
+        "Images the worker's assignment asks it to prepare (realise and root without "
+        "running), by state (pending, ready, failed).",
+        ("state",),
+    ),
     # -- master (fleet view) -------------------------------------------------
     _spec(
         "procurator_master_workers_connected", _G, _MASTER,

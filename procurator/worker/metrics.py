@@ -37,7 +37,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -58,7 +58,7 @@ from procurator.core.metrics import (
     vm_samples,
     vms_by_phase,
 )
-from procurator.core.models import Phase
+from procurator.core.models import Health, Phase, PrepareState
 from procurator.prometheus import HttpServer, run_http_server, to_metric
 
 __all__ = [
@@ -191,6 +191,11 @@ class WorkerMetrics:
         self._endpoints: set[str] = set()
         self._actions_started = 0
         self._observed_generation = 0
+        # Guest health (procurator.worker.health) and images to prepare
+        # (procurator.worker.prepare): counts by label, replaced whole.
+        self._health_checks: dict[tuple[str, str], int] = {}
+        self._vms_by_health: dict[str, int] = {}
+        self._prepared: dict[str, int] = {}
         self._published = _Published(WorkerSnapshot(), (), vms_by_phase(()))
         # The per-VM families of one _Published, built by the first scrape
         # that needs them (most polls are never scraped: a poll every 15 s,
@@ -250,6 +255,24 @@ class WorkerMetrics:
     def set_observed_generation(self, generation: int) -> None:
         with self._lock:
             self._observed_generation = generation
+
+    def count_health_check(self, kind: str, passed: bool) -> None:
+        """One guest health check of ``kind`` (none, tcp, http) was made."""
+        key = (kind, "pass" if passed else "fail")
+        with self._lock:
+            self._health_checks[key] = self._health_checks.get(key, 0) + 1
+
+    def set_vms_by_health(self, counts: Mapping[Health, int]) -> None:
+        """The worker's VMs by guest health now."""
+        by_value = {health.value: count for health, count in counts.items()}
+        with self._lock:
+            self._vms_by_health = by_value
+
+    def set_prepared(self, counts: Mapping[PrepareState, int]) -> None:
+        """The images to prepare by state now."""
+        by_value = {state.value: count for state, count in counts.items()}
+        with self._lock:
+            self._prepared = by_value
 
     # -- the snapshot ------------------------------------------------------------
 
@@ -408,6 +431,9 @@ class WorkerMetrics:
             errors = sorted(self._errors.items())
             failures = sorted(self._api_failures.items())
             actions = self._actions_started
+            health_checks = sorted(self._health_checks.items())
+            by_health = sorted(self._vms_by_health.items())
+            prepared = sorted(self._prepared.items())
 
         def metric(name: str) -> Metric:
             spec = CATALOGUE[name]
@@ -437,3 +463,19 @@ class WorkerMetrics:
                 "procurator_vmm_api_call_failures_total", {"endpoint": endpoint}, count
             )
         yield failed
+        if by_health:
+            health = metric("procurator_worker_vms_health")
+            for value, count in by_health:
+                health.add_sample(health.name, {"health": value}, float(count))
+            yield health
+        checks = metric("procurator_health_checks_total")
+        for (kind, result), count in health_checks:
+            checks.add_sample(
+                "procurator_health_checks_total", {"kind": kind, "result": result}, float(count)
+            )
+        yield checks
+        if prepared:
+            images = metric("procurator_worker_prepared_images")
+            for value, count in prepared:
+                images.add_sample(images.name, {"state": value}, float(count))
+            yield images

@@ -63,6 +63,7 @@ import json
 import logging
 import os
 import re
+import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -391,6 +392,18 @@ class NetworkManager:
         """
         owned_set = set(owned)
         return self._run(lambda: self._sweep(owned_set))
+
+    def guest_socket(self) -> socket.socket:
+        """A TCP socket in the guests' network: this manager's namespace, for
+        the worker's guest health checks (``procurator.worker.health``). Made
+        on the netlink thread, which has entered the namespace; a socket
+        stays in the namespace it was made in."""
+
+        def make() -> socket.socket:
+            self._socket()  # enters the namespace (once)
+            return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+
+        return self._run(make)
 
     def close(self) -> None:
         """Close the netlink socket and release the state-dir lock."""

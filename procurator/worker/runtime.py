@@ -21,6 +21,14 @@ VMM: created, booted, crashed...) and the reconciler (a step that failed for
 good before any VMM ran, e.g. a bad image). Both carry the op id of the
 assignment that caused the work.
 
+Guest health checks (``procurator.worker.health.HealthMonitor``): every
+assignment update the reconciler takes goes to the monitor too (each VM's
+check), and every status change the reconciler publishes passes through
+it on the way to the link (each entry gets its health); the monitor's own
+task checks the guests and publishes health transitions through the same
+link. A changed check never reaches the actuator: the reconciler plans by
+hash.
+
 Threads: the manager calls ``on_change`` from supervisor threads; it is
 handed to trio with the trio token (``run_sync_soon``), which marks the VM
 dirty in the reconciler (a crash or an exit is a reason to look at it again:
@@ -61,6 +69,7 @@ from procurator.nix.store import NixStore
 from procurator.worker import cgroups
 from procurator.worker.actuator import WorkerActuator
 from procurator.worker.daemon import StatusPublisher
+from procurator.worker.health import GuestProber, HealthMonitor
 from procurator.worker.jail import Jail, instance_name, missing_privileges
 from procurator.worker.manager import Timeouts, VmManager, VmObservation
 from procurator.worker.metrics import WorkerMetrics
@@ -111,6 +120,11 @@ class RuntimeOptions:
     # stretches to VMs / this (40 s at 1,000 VMs), so the idle cost of the
     # checks stays flat. 0: no cap.
     health_checks_per_second: float = 25.0
+    # Guest health checks (VmAssignment.health, procurator.worker.health):
+    # seconds between two checks of a VM when its check names no interval,
+    # and the most one check may take.
+    guest_check_interval: float = 2.0
+    guest_check_timeout: float = 2.0
     # How VMMs are jailed (procurator.worker.jail): their uid range, limits
     # and cgroup parent. None: --unconfined, every VMM runs as the worker
     # (root) with its view of the host and no limits; for debugging only.
@@ -272,6 +286,20 @@ class ReconcilingHandler:
             on_realise_seconds=self.metrics.observe_realise,
             on_change=self._in_flight_changed,
         )
+        if self.network is not None and netns is not None:
+            # The guests are reached from the network's namespace.
+            prober = GuestProber(self.network.guest_socket, in_thread=True)
+        else:
+            prober = GuestProber()
+        self.health = HealthMonitor(
+            worker_id,
+            publisher.publish_status_changes,
+            prober,
+            interval=options.guest_check_interval,
+            timeout=options.guest_check_timeout,
+            on_check=self.metrics.count_health_check,
+            on_counts=self.metrics.set_vms_by_health,
+        )
         # The pauses of a worker fenced before it holds an assignment
         # (_fence_recovered), as many at once as the reconciler's actions.
         self._fence_limiter = trio.CapacityLimiter(options.concurrency)
@@ -290,8 +318,12 @@ class ReconcilingHandler:
 
     async def on_assignment(self, update: AssignmentUpdate) -> bool:
         if isinstance(update, AssignmentChanges):
-            return self.reconciler.apply_changes(update)
+            if not self.reconciler.apply_changes(update):
+                return False
+            self.health.take_assignment(update)
+            return True
         if self.reconciler.set_assignment(update):
+            self.health.take_assignment(update)
             log.info(
                 "assignment generation %d: %d VMs",
                 update.generation,
@@ -358,6 +390,7 @@ class ReconcilingHandler:
             if released:
                 log.info("released the images of VMs nothing owns: %s", some(released))
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.health.run)
                 await nursery.start(self.reconciler.run)
                 await nursery.start(self._run_metrics)
                 task_status.started()
@@ -451,7 +484,7 @@ class ReconcilingHandler:
 
     def _publish_status(self, changes: StatusChanges) -> None:
         self.metrics.set_observed_generation(changes.observed_generation)
-        self._publisher.publish_status_changes(changes)
+        self._publisher.publish_status_changes(self.health.overlay(changes))
 
     async def _run_metrics(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -1,0 +1,390 @@
+"""Guest health checks on a worker: run each VM's ``HealthCheck`` against
+its guest and report ``VmStatus.health`` transitions (docs/ROLLOUTS.md).
+
+``HealthMonitor`` sits between the reconciler and the link: every status
+change the reconciler publishes passes through ``overlay``, which takes
+note of the guest that runs (``procurator.core.health.incarnation``) and
+sets the entry's ``health``; every assignment update passes through
+``take_assignment``, which takes note of each VM's check. Its ``run`` task
+checks the guests and publishes a VM's entry again (change-only, through
+the same publisher) when its health or the message of a failure changes.
+The judging and the timing are pure (``procurator.core.health``).
+
+Invariants:
+
+- **A changed check never touches the VM**: the reconciler plans by hash
+  (``procurator.core.reconcile.plan``), and a check is no part of the hash;
+  here a new check is judged afresh (its VM goes back to ``pending``).
+- **One task, no thread per VM**: the checks' timers are one heap in one
+  trio task (``run``), which starts each due check in its nursery under a
+  ``CapacityLimiter`` (``concurrency`` checks at once); a VM has at most
+  one check in flight (the next is due an interval after it ends), and
+  every check runs under its own timeout (``timeout``). So a thousand VMs cost a heap
+  and the checks that are due, never a thread or a sleeping task each.
+- **Results are about one guest**: a check started against an incarnation
+  (or a check) that has changed by the time it ends is dropped; a new
+  incarnation is judged from ``pending`` (a restart or a replacement
+  resets health).
+- Everything here runs on the trio thread (the reconciler's publications,
+  the link's updates, the checks); nothing is shared with other threads.
+
+``GuestProber`` is the I/O: a TCP connect, or an HTTP/1.0 GET whose status
+line must carry the expected code, to the guest's address on the worker's
+bridge. When the worker keeps its network in a namespace, the socket is
+made there (``socket_factory``: ``NetworkManager.guest_socket``), so the
+checks reach the guests the way their taps do.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import trio
+
+from procurator.core.assignments import AssignmentUpdate
+from procurator.core.health import (
+    HealthState,
+    Incarnation,
+    incarnation,
+    judge,
+    next_check,
+)
+from procurator.core.models import Assignment, Health, HealthCheck, HealthKind, VmStatus
+from procurator.core.status import StatusChanges
+
+__all__ = ["GuestProber", "HealthMonitor", "Prober", "SocketFactory"]
+
+log = logging.getLogger(__name__)
+
+_MAX_STATUS_LINE = 4096
+
+
+class Prober(Protocol):
+    """Runs one check against a guest: None when it passed, else what failed.
+    It may take as long as it likes: the monitor times it out."""
+
+    async def probe(self, check: HealthCheck, address: str) -> str | None: ...
+
+
+# Makes a TCP socket (blocking call: it may hop to the netlink thread).
+SocketFactory = Callable[[], socket.socket]
+
+
+def _plain_socket() -> socket.socket:
+    return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+
+
+class GuestProber:
+    """TCP and HTTP checks over real sockets (see the module docstring).
+    ``socket_factory`` runs in a worker thread when ``in_thread`` (it
+    enters a namespace), else inline."""
+
+    def __init__(
+        self, socket_factory: SocketFactory = _plain_socket, *, in_thread: bool = False
+    ) -> None:
+        self._socket_factory = socket_factory
+        self._in_thread = in_thread
+
+    async def probe(self, check: HealthCheck, address: str) -> str | None:
+        if check.kind is HealthKind.NONE:
+            return None
+        where = f"{check.kind.value} {address}:{check.port}"
+        if not address:
+            return f"{check.kind.value} check: the VM has no network address"
+        try:
+            stream = await self._connect(address, check.port)
+        except OSError as exc:
+            return f"{where}: {exc.strerror or exc}"
+        async with stream:
+            if check.kind is HealthKind.TCP:
+                return None
+            return await self._http(stream, check, address)
+
+    async def _connect(self, address: str, port: int) -> trio.SocketStream:
+        if self._in_thread:
+            raw = await trio.to_thread.run_sync(self._socket_factory)
+        else:
+            raw = self._socket_factory()
+        sock = trio.socket.from_stdlib_socket(raw)
+        try:
+            await sock.connect((address, port))
+        except BaseException:
+            sock.close()
+            raise
+        return trio.SocketStream(sock)
+
+    @staticmethod
+    async def _http(stream: trio.SocketStream, check: HealthCheck, address: str) -> str | None:
+        host = f"{address}:{check.port}"
+        where = f"http {host}{check.path}"
+        request = (
+            f"GET {check.path} HTTP/1.0\r\nHost: {host}\r\n"
+            "User-Agent: procurator-health\r\nConnection: close\r\n\r\n"
+        )
+        received = b""
+        try:
+            await stream.send_all(request.encode("ascii"))
+            while b"\n" not in received and len(received) < _MAX_STATUS_LINE:
+                chunk = await stream.receive_some(_MAX_STATUS_LINE)
+                if not chunk:
+                    break
+                received += chunk
+        except (OSError, trio.BrokenResourceError) as exc:
+            cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+            text = getattr(cause, "strerror", None) or str(cause or exc)
+            return f"{where}: {text}"
+        line = received.split(b"\n", 1)[0].decode("latin-1").strip()
+        parts = line.split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+            shown = line[:80] if line else "nothing"
+            return f"{where}: not an HTTP answer (got {shown!r})"
+        status = int(parts[1])
+        if status != check.expect:
+            return f"{where}: status {status}, expected {check.expect}"
+        return None
+
+
+@dataclass(slots=True)
+class _Vm:
+    """One VM as the monitor knows it (trio thread only)."""
+
+    check: HealthCheck | None = None
+    base: VmStatus | None = None  # the reconciler's last status of it
+    published: VmStatus | None = None  # what went out last (overlaid)
+    guest: Incarnation | None = None
+    state: HealthState | None = None  # None: not judged (no check, or no guest)
+    ticket: int = 0  # bumped on every (re)schedule and reset: stale timers and results
+    probing: bool = False
+
+    @property
+    def health(self) -> Health:
+        return self.state.health if self.state is not None else Health.UNCHECKED
+
+
+class HealthMonitor:
+    """See the module docstring. ``publish``: where health transitions go
+    (the link's ``publish_status_changes``); ``on_check(kind, passed)`` and
+    ``on_counts(counts)``: metrics hooks (checks made; VMs by health)."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        publish: Callable[[StatusChanges], None],
+        prober: Prober,
+        *,
+        interval: float = 2.0,
+        timeout: float = 2.0,
+        concurrency: int = 32,
+        on_check: Callable[[str, bool], None] | None = None,
+        on_counts: Callable[[dict[Health, int]], None] | None = None,
+    ) -> None:
+        if interval <= 0 or timeout <= 0 or concurrency < 1:
+            raise ValueError("health checks need a positive interval, timeout and concurrency")
+        self.worker_id = worker_id
+        self._publish = publish
+        self._prober = prober
+        self.interval = interval
+        self.timeout = timeout
+        self.concurrency = concurrency
+        self._on_check = on_check
+        self._on_counts = on_counts
+        self._vms: dict[str, _Vm] = {}
+        self._generation = 0  # the observed generation the reconciler published last
+        self._heap: list[tuple[float, int, str]] = []  # (due, ticket, vm id)
+        self._tickets = itertools.count(1)
+        self._wake = trio.Event()
+        self._counts: dict[Health, int] = dict.fromkeys(Health, 0)
+        self.checks = 0  # checks made (for tests and tools)
+
+    # -- inputs (trio thread) ------------------------------------------------
+
+    def take_assignment(self, update: AssignmentUpdate) -> None:
+        """Take note of the checks of an assignment update the reconciler
+        took (a whole assignment, or its changes)."""
+        if isinstance(update, Assignment):
+            checks = {vm.id: vm.health for vm in update.vms}
+            for vm_id in [
+                i for i, vm in self._vms.items() if i not in checks and vm.check is not None
+            ]:
+                self._set_check(vm_id, None)
+            for vm_id, check in checks.items():
+                self._set_check(vm_id, check)
+        else:
+            for entry in update.upserted:
+                self._set_check(entry.id, entry.health)
+            for vm_id in update.removed:
+                self._set_check(vm_id, None)
+
+    def overlay(self, changes: StatusChanges) -> StatusChanges:
+        """``changes`` as the reconciler published them, each entry with
+        its health (and, unhealthy, the failure as its message)."""
+        self._generation = changes.observed_generation
+        entries = []
+        for status in changes.changed:
+            vm = self._vms.get(status.id)
+            if vm is None:
+                vm = self._vms[status.id] = _Vm()
+                self._counts[Health.UNCHECKED] += 1
+            vm.base = status
+            self._observe_guest(status.id, vm)
+            vm.published = self._shown(vm)
+            entries.append(vm.published)
+        for vm_id in changes.removed:
+            vm = self._vms.get(vm_id)
+            if vm is None:
+                continue
+            vm.base = vm.published = None
+            self._observe_guest(vm_id, vm)
+            if vm.check is None:
+                self._forget(vm_id)
+        self._counted()
+        return replace(changes, changed=tuple(entries))
+
+    def health(self, vm_id: str) -> Health:
+        vm = self._vms.get(vm_id)
+        return Health.UNCHECKED if vm is None else vm.health
+
+    def counts(self) -> dict[Health, int]:
+        """VMs by health now (every VM the monitor knows)."""
+        return dict(self._counts)
+
+    # -- the checks ----------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Check the guests until cancelled (see the module docstring)."""
+        limiter = trio.CapacityLimiter(self.concurrency)
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                now = trio.current_time()
+                heap = self._heap
+                while heap and heap[0][0] <= now:
+                    _, ticket, vm_id = heapq.heappop(heap)
+                    vm = self._vms.get(vm_id)
+                    if vm is None or vm.ticket != ticket or vm.probing:
+                        continue  # a stale timer
+                    if vm.check is None or vm.guest is None:
+                        continue
+                    vm.probing = True
+                    nursery.start_soon(self._probe, vm_id, vm, ticket, limiter)
+                deadline = heap[0][0] if heap else math.inf
+                with trio.move_on_at(deadline):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+
+    async def _probe(self, vm_id: str, vm: _Vm, ticket: int, limiter: trio.CapacityLimiter) -> None:
+        check, guest = vm.check, vm.guest
+        assert check is not None and guest is not None
+        timeout = self.timeout
+        problem: str | None = None
+        try:
+            async with limiter:
+                with trio.move_on_after(timeout) as scope:
+                    problem = await self._prober.probe(check, guest.address)
+                if scope.cancelled_caught:
+                    problem = (
+                        f"{check.kind.value} {guest.address}:{check.port}: "
+                        f"no answer within {timeout:g} s"
+                    )
+        finally:
+            vm.probing = False
+        self.checks += 1
+        if self._on_check is not None:
+            self._on_check(check.kind.value, problem is None)
+        if self._vms.get(vm_id) is not vm or vm.state is None:
+            return
+        now = trio.current_time()
+        if vm.ticket != ticket:
+            # The check or the guest changed meanwhile: this result is about
+            # neither. The reset's timer may have come due (and been
+            # skipped) while this check ran: check the new one now.
+            self._schedule(vm_id, vm, now)
+            return
+        before = vm.health
+        vm.state = judge(vm.state, check, problem, now)
+        self._recount(before, vm.health)
+        if vm.state.health is Health.UNHEALTHY:
+            log.info("VM %s: unhealthy: %s", vm_id, problem)
+        self._schedule(vm_id, vm, next_check(vm.state, check, now, self.interval))
+        self._changed(vm_id, vm)
+
+    # -- bookkeeping ----------------------------------------------------------
+
+    def _set_check(self, vm_id: str, check: HealthCheck | None) -> None:
+        vm = self._vms.get(vm_id)
+        if vm is None:
+            if check is None:
+                return
+            vm = self._vms[vm_id] = _Vm()
+            self._counts[Health.UNCHECKED] += 1
+        if vm.check == check:
+            return
+        vm.check = check
+        self._reset(vm_id, vm)
+        if vm.base is None and check is None:
+            self._forget(vm_id)
+        else:
+            self._changed(vm_id, vm)
+        self._counted()
+
+    def _observe_guest(self, vm_id: str, vm: _Vm) -> None:
+        guest = incarnation(vm.base) if vm.base is not None else None
+        if guest != vm.guest:
+            vm.guest = guest
+            self._reset(vm_id, vm)
+
+    def _reset(self, vm_id: str, vm: _Vm) -> None:
+        """Judge the VM afresh: its check or its guest changed."""
+        before = vm.health
+        vm.ticket = next(self._tickets)
+        vm.state = HealthState() if vm.check is not None and vm.guest is not None else None
+        self._recount(before, vm.health)
+        if vm.state is not None:
+            self._schedule(vm_id, vm, trio.current_time())
+
+    def _schedule(self, vm_id: str, vm: _Vm, due: float) -> None:
+        vm.ticket = next(self._tickets)
+        heapq.heappush(self._heap, (due, vm.ticket, vm_id))
+        self._wake.set()
+
+    def _shown(self, vm: _Vm) -> VmStatus:
+        base = vm.base
+        assert base is not None
+        state = vm.state
+        if state is None:
+            return base  # the reconciler's entries are unchecked
+        message = state.message if state.health is Health.UNHEALTHY else base.message
+        return replace(base, health=state.health, message=message)
+
+    def _changed(self, vm_id: str, vm: _Vm) -> None:
+        """Publish the VM's entry if what it shows changed."""
+        if vm.base is None:
+            return
+        shown = self._shown(vm)
+        if shown != vm.published:
+            before = vm.published.health if vm.published is not None else Health.UNCHECKED
+            vm.published = shown
+            if shown.health is not before:
+                log.info("VM %s: health %s", vm_id, shown.health.value)
+            self._publish(StatusChanges(self.worker_id, self._generation, (shown,), ()))
+            self._counted()
+
+    def _forget(self, vm_id: str) -> None:
+        vm = self._vms.pop(vm_id)
+        self._counts[vm.health] -= 1
+        vm.ticket = next(self._tickets)  # its timers and results are stale
+
+    def _recount(self, before: Health, after: Health) -> None:
+        self._counts[before] -= 1
+        self._counts[after] += 1
+
+    def _counted(self) -> None:
+        if self._on_counts is not None:
+            self._on_counts(dict(self._counts))

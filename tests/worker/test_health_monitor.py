@@ -1,0 +1,226 @@
+"""Guest health checks on a worker (procurator.worker.health): the monitor
+with the real prober against real TCP and HTTP servers on loopback (where
+the guest's address points), and with a hand-written prober where the
+order of events is the point."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from procurator.core.assignments import AssignmentChanges
+from procurator.core.models import (
+    Assignment,
+    Health,
+    HealthCheck,
+    HealthKind,
+    Phase,
+    VmAssignment,
+    VmStatus,
+)
+from procurator.core.status import StatusChanges
+from procurator.worker.health import GuestProber, HealthMonitor
+
+PATH = "/nix/store/" + "a" * 32 + "-web"
+LOOPBACK = "127.0.0.1"
+
+
+class Published:
+    """What the monitor published, by VM: every entry, in order."""
+
+    def __init__(self) -> None:
+        self.entries: list[VmStatus] = []
+
+    def __call__(self, changes: StatusChanges) -> None:
+        assert not changes.removed
+        self.entries.extend(changes.changed)
+
+    def healths(self, vm_id: str) -> list[Health]:
+        return [e.health for e in self.entries if e.id == vm_id]
+
+    def last(self, vm_id: str) -> VmStatus:
+        return [e for e in self.entries if e.id == vm_id][-1]
+
+    async def wait(self, vm_id: str, health: Health) -> VmStatus:
+        with trio.fail_after(20):
+            while not any(e.id == vm_id for e in self.entries) or (
+                self.last(vm_id).health is not health
+            ):
+                await trio.sleep(0.01)
+        return self.last(vm_id)
+
+
+async def serve(
+    nursery: trio.Nursery, handler: Callable[[trio.SocketStream], Awaitable[object]]
+) -> tuple[int, Callable[[], None]]:
+    """A TCP server on loopback, run in ``nursery`` (closed with it): its
+    port, and what stops it (closes its socket: connections are refused)."""
+    listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
+    scope = trio.CancelScope()
+
+    def stop() -> None:
+        scope.cancel()
+        for listener in listeners:
+            listener.socket.close()
+
+    async def run() -> None:
+        try:
+            with scope:
+                await trio.serve_listeners(handler, listeners)
+        finally:
+            stop()
+
+    nursery.start_soon(run)
+    return listeners[0].socket.getsockname()[1], stop
+
+
+async def close_at_once(stream: trio.SocketStream) -> None:
+    await stream.aclose()
+
+
+def running(vm_id: str = "web", restarts: int = 0, address: str = LOOPBACK) -> StatusChanges:
+    status = VmStatus(vm_id, Phase.RUNNING, "h1", "running", restarts, address)
+    return StatusChanges("host-a", 1, (status,))
+
+
+def assigned(*vms: VmAssignment) -> Assignment:
+    return Assignment("host-a", 1, vms, "op-1")
+
+
+async def test_a_tcp_check_turns_healthy_then_unhealthy_and_a_restart_starts_again() -> None:
+    published = Published()
+    monitor = HealthMonitor("host-a", published, GuestProber(), interval=0.05)
+    async with trio.open_nursery() as nursery:
+        port, stop = await serve(nursery, close_at_once)
+        await nursery.start(monitor.run)
+        check = HealthCheck(HealthKind.TCP, port, min_healthy_ms=300, interval_ms=50)
+        monitor.take_assignment(assigned(VmAssignment("web", "h1", PATH, health=check)))
+        (shown,) = monitor.overlay(running()).changed
+        assert shown.health is Health.PENDING and shown.message == "running"
+        healthy = await published.wait("web", Health.HEALTHY)
+        assert healthy.message == "running"
+        assert Health.UNHEALTHY not in published.healths("web")
+        assert monitor.counts()[Health.HEALTHY] == 1
+        stop()
+        unhealthy = await published.wait("web", Health.UNHEALTHY)
+        assert unhealthy.message.startswith(f"tcp {LOOPBACK}:{port}: ")
+        assert "refused" in unhealthy.message.lower()
+        # Another boot of the guest is judged from the start.
+        (shown,) = monitor.overlay(running(restarts=1)).changed
+        assert shown.health is Health.PENDING and shown.message == "running"
+        nursery.cancel_scope.cancel()
+    assert monitor.checks > 2
+
+
+async def test_an_http_check_wants_the_expected_status_and_an_answer_in_time() -> None:
+    published = Published()
+    monitor = HealthMonitor("host-a", published, GuestProber(), interval=0.05)
+    # A guest that never answers, with a monitor of its own: a short timeout.
+    impatient = HealthMonitor("host-a", published, GuestProber(), interval=0.05, timeout=0.2)
+    answer = {"status": b"503 Service Unavailable"}
+    requests: list[bytes] = []
+
+    async def http(stream: trio.SocketStream) -> None:
+        request = await stream.receive_some(4096)
+        requests.append(request)
+        await stream.send_all(b"HTTP/1.0 " + answer["status"] + b"\r\n\r\nbody")
+        await stream.aclose()
+
+    async def silent(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        port, _ = await serve(nursery, http)
+        mute, _ = await serve(nursery, silent)
+        await nursery.start(monitor.run)
+        await nursery.start(impatient.run)
+        check = HealthCheck(HealthKind.HTTP, port, "/healthz", 200, min_healthy_ms=0)
+        hung = HealthCheck(HealthKind.HTTP, mute, "/", 200, min_healthy_ms=0)
+        monitor.take_assignment(assigned(VmAssignment("web", "h1", PATH, health=check)))
+        impatient.take_assignment(assigned(VmAssignment("hung", "h1", PATH, health=hung)))
+        monitor.overlay(running())
+        impatient.overlay(running("hung"))
+        failing = await published.wait("web", Health.UNHEALTHY)
+        assert failing.message == (f"http {LOOPBACK}:{port}/healthz: status 503, expected 200")
+        assert requests[0].startswith(b"GET /healthz HTTP/1.0\r\n")
+        answer["status"] = b"200 OK"
+        await published.wait("web", Health.HEALTHY)
+        timed_out = await published.wait("hung", Health.UNHEALTHY)
+        assert timed_out.message == f"http {LOOPBACK}:{mute}: no answer within 0.2 s"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_changed_check_is_judged_afresh_and_no_check_is_unchecked() -> None:
+    published = Published()
+    monitor = HealthMonitor("host-a", published, GuestProber(), interval=0.05)
+    async with trio.open_nursery() as nursery:
+        port, _ = await serve(nursery, close_at_once)
+        await nursery.start(monitor.run)
+        running_only = HealthCheck(HealthKind.NONE, min_healthy_ms=0)
+        monitor.take_assignment(assigned(VmAssignment("web", "h1", PATH, health=running_only)))
+        monitor.overlay(running())
+        await published.wait("web", Health.HEALTHY)
+        tcp = HealthCheck(HealthKind.TCP, port, min_healthy_ms=60_000)
+        changes = AssignmentChanges(
+            "host-a", 1, 2, "op-2", (VmAssignment("web", "h1", PATH, health=tcp),)
+        )
+        monitor.take_assignment(changes)
+        assert published.last("web").health is Health.PENDING
+        monitor.take_assignment(
+            AssignmentChanges("host-a", 2, 3, "op-3", (VmAssignment("web", "h1", PATH),))
+        )
+        assert published.last("web").health is Health.UNCHECKED
+        assert monitor.counts() == {
+            Health.UNCHECKED: 1,
+            Health.PENDING: 0,
+            Health.HEALTHY: 0,
+            Health.UNHEALTHY: 0,
+        }
+        # A guest that stops running is not checked either.
+        monitor.take_assignment(changes)
+        stopped = VmStatus("web", Phase.STOPPED, "h1", address=LOOPBACK)
+        (shown,) = monitor.overlay(StatusChanges("host-a", 2, (stopped,))).changed
+        assert shown.health is Health.UNCHECKED
+        nursery.cancel_scope.cancel()
+
+
+class HeldProber:
+    """A prober whose checks end when the test says, with what it says."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, trio.Event]] = []
+        self.answers: list[str | None] = []
+
+    async def probe(self, check: HealthCheck, address: str) -> str | None:
+        done = trio.Event()
+        self.calls.append((address, done))
+        await done.wait()
+        return self.answers.pop(0)
+
+
+async def test_a_result_about_an_earlier_guest_is_dropped() -> None:
+    published = Published()
+    prober = HeldProber()
+    monitor = HealthMonitor("host-a", published, prober, interval=30)
+    check = HealthCheck(HealthKind.TCP, 80, min_healthy_ms=0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(monitor.run)
+        monitor.take_assignment(assigned(VmAssignment("web", "h1", PATH, health=check)))
+        monitor.overlay(running(address="10.0.0.2"))
+        with trio.fail_after(10):
+            while not prober.calls:
+                await trio.sleep(0.01)
+        # The guest restarts while its check is in flight; the check fails.
+        monitor.overlay(running(restarts=1, address="10.0.0.2"))
+        prober.answers.append("tcp 10.0.0.2:80: refused")
+        prober.calls[0][1].set()
+        # The failure was the earlier guest's: the new one is checked at once.
+        with trio.fail_after(10):
+            while len(prober.calls) < 2:
+                await trio.sleep(0.01)
+        assert Health.UNHEALTHY not in published.healths("web")
+        prober.answers.append(None)
+        prober.calls[1][1].set()
+        await published.wait("web", Health.HEALTHY)
+        nursery.cancel_scope.cancel()
