@@ -28,6 +28,7 @@ from procurator.core.metrics import MetricSample
 from procurator.core.models import (
     Assignment,
     Phase,
+    PreparedImage,
     VmEvent,
     VmStatus,
     WorkerInfo,
@@ -47,11 +48,14 @@ __all__ = [
 
 class StatusPublisher(Protocol):
     """Where a handler reports what it observes (``MasterLink`` is one):
-    its whole status, or what changed in it since the last publication."""
+    its whole status, or what changed in it since the last publication, and
+    its progress on the images its assignment asks it to prepare."""
 
     def publish_status(self, status: WorkerStatus) -> None: ...
 
     def publish_status_changes(self, changes: StatusChanges) -> None: ...
+
+    def publish_prepared(self, prepared: tuple[PreparedImage, ...]) -> None: ...
 
     def publish_events(self, events: Sequence[VmEvent]) -> None: ...
 

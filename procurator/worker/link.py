@@ -96,7 +96,7 @@ from procurator.core.fence import (
     heartbeat_interval,
 )
 from procurator.core.metrics import MetricSample
-from procurator.core.models import Assignment, VmEvent, WorkerInfo, WorkerStatus
+from procurator.core.models import Assignment, PreparedImage, VmEvent, WorkerInfo, WorkerStatus
 from procurator.core.status import StatusChanges, StatusOutbox
 from procurator.logs import log_context
 
@@ -274,6 +274,12 @@ class MasterLink:
         """Report what changed in the status since the last publication
         (O(changes); coalesced like ``publish_status``)."""
         self._outbox.publish_changes(changes)
+        self._status_wake.set()
+
+    def publish_prepared(self, prepared: tuple[PreparedImage, ...]) -> None:
+        """Report the progress on the images the assignment asks to prepare
+        (whole; it goes with the status, see ``StatusOutbox.publish_prepared``)."""
+        self._outbox.publish_prepared(prepared)
         self._status_wake.set()
 
     def publish_metrics(self, samples: Sequence[MetricSample]) -> None:

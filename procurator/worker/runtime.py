@@ -14,7 +14,10 @@ Start-up order matters and is the crash-safety story of the worker:
    (``ImageManager.sweep``).
 3. Start the reconciler. It acts only once the first assignment arrived (a
    push or the link's pull), so a worker restarted while the master is away
-   keeps its VMs as they are.
+   keeps its VMs as they are. Beside it, the preparer
+   (``procurator.worker.prepare``: the images a rollout's prepare phase
+   names, rooted under ``prepared/``; it too drops nothing before the first
+   assignment) and the guest health checks.
 
 Events reach the master from two sources: the VmManager (what happened to a
 VMM: created, booted, crashed...) and the reconciler (a step that failed for
@@ -74,6 +77,7 @@ from procurator.worker.jail import Jail, instance_name, missing_privileges
 from procurator.worker.manager import Timeouts, VmManager, VmObservation
 from procurator.worker.metrics import WorkerMetrics
 from procurator.worker.network import NetworkConfig, NetworkManager
+from procurator.worker.prepare import PREPARED_DIR, ImagePreparer
 from procurator.worker.vmm import process
 from procurator.worker.vmm.base import VmmDriver
 from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver
@@ -269,8 +273,9 @@ class ReconcilingHandler:
         nix_env = (
             {"NIX_CONF_DIR": os.environ["NIX_CONF_DIR"]} if "NIX_CONF_DIR" in os.environ else None
         )
+        store = NixStore(substituters=options.substituters, extra_env=nix_env)
         self.images = ImageManager(
-            NixStore(substituters=options.substituters, extra_env=nix_env),
+            store,
             self.state_dir,
             limits=ImageLimits(
                 max_vcpus=options.max_vcpus,
@@ -291,6 +296,13 @@ class ReconcilingHandler:
             prober = GuestProber(self.network.guest_socket, in_thread=True)
         else:
             prober = GuestProber()
+        # The images a rollout's prepare phase names, through the same store.
+        self.preparer = ImagePreparer(
+            store,
+            self.state_dir,
+            on_progress=publisher.publish_prepared,
+            on_counts=self.metrics.set_prepared,
+        )
         self.health = HealthMonitor(
             worker_id,
             publisher.publish_status_changes,
@@ -321,9 +333,11 @@ class ReconcilingHandler:
             if not self.reconciler.apply_changes(update):
                 return False
             self.health.take_assignment(update)
+            self.preparer.take_assignment(update)
             return True
         if self.reconciler.set_assignment(update):
             self.health.take_assignment(update)
+            self.preparer.take_assignment(update)
             log.info(
                 "assignment generation %d: %d VMs",
                 update.generation,
@@ -390,6 +404,7 @@ class ReconcilingHandler:
             if released:
                 log.info("released the images of VMs nothing owns: %s", some(released))
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.preparer.run)
                 await nursery.start(self.health.run)
                 await nursery.start(self.reconciler.run)
                 await nursery.start(self._run_metrics)
@@ -477,10 +492,10 @@ class ReconcilingHandler:
                 log.warning("VM %s: cannot prepare its tap before recovery: %s", vm_id, exc)
 
     def _end_orphaned_helpers(self) -> None:
-        gcroots = self.state_dir / "gcroots"
-        for pid, ticks in process.find_by_argument_under(gcroots, programs=("nix-store",)):
-            log.warning("killing pid %s, left by the last worker: it still roots an image", pid)
-            process.terminate(pid, ticks, grace=0.0)
+        for roots in (self.state_dir / "gcroots", self.state_dir / PREPARED_DIR):
+            for pid, ticks in process.find_by_argument_under(roots, programs=("nix-store",)):
+                log.warning("killing pid %s, left by the last worker: it still roots an image", pid)
+                process.terminate(pid, ticks, grace=0.0)
 
     def _publish_status(self, changes: StatusChanges) -> None:
         self.metrics.set_observed_generation(changes.observed_generation)
