@@ -7,7 +7,9 @@
 #
 # Extra arguments go to nix-build, to make variants with other hashes, e.g.
 #   scripts/build-test-image.sh --argstr name web-v2 --arg memoryMib 192
-# (arguments of nix/test-image/default.nix: name, vcpus, memoryMib, cmdline).
+#   scripts/build-test-image.sh --argstr name web-bad --arg service false
+# (arguments of nix/test-image/default.nix: name, vcpus, memoryMib, cmdline,
+# service: false for the variant whose guest never opens its port 80).
 #
 # Steps, each cached and skipped when already done:
 #   1. resolve the versioned kernel package behind linux-image-amd64, fetch

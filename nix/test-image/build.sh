@@ -1,6 +1,6 @@
 # Builder of the test image (run by `busybox sh -eu`). Environment from
 # default.nix: busybox kernel modules init powerButton statusCgi vmConfig
-# moduleOrder out. PATH is unset: busybox's shell runs its applets directly.
+# moduleOrder noService out. PATH is unset: busybox's shell runs its applets directly.
 # shellcheck disable=SC2154  # those variables come from the derivation
 
 root="$PWD/root"
@@ -12,6 +12,9 @@ cp "$init" "$root/init"
 cp "$powerButton" "$root/etc/acpi/PWRF/00000080"
 cp "$statusCgi" "$root/www/cgi-bin/status"
 echo "procurator test vm" > "$root/www/index.html"
+if [ -n "$noService" ]; then
+  echo "the bad test image: no service" > "$root/etc/no-service"
+fi
 for m in $moduleOrder; do
   if [ ! -f "$modules/$m.ko" ]; then
     echo "build: module $m.ko missing from $modules" >&2

@@ -1,6 +1,9 @@
 # The tiny test image: an uncompressed stock Debian kernel plus a busybox
 # initramfs that brings eth0 up from the kernel command line, prints a
-# readiness marker on the serial console and answers ping and HTTP.
+# readiness marker on the serial console and answers ping and HTTP (port
+# 80: its service, what guest health checks find). `--arg service false`
+# makes the "bad" variant: it boots and answers ping, but never opens port 80
+# (docs/ROLLOUTS.md, the rollout tests).
 #
 # Built offline and without nixpkgs: the builder is a static busybox added to
 # the store as a plain file, and every input is a path given by the caller
@@ -27,6 +30,8 @@
   memoryMib ? 256,
   # The worker appends its own parameters (e.g. ip=...) to this.
   cmdline ? "console=ttyS0 quiet panic=-1",
+  # The guest's service: busybox httpd on port 80. false: none (the bad variant).
+  service ? true,
 }:
 let
   # busybox picks the applet from argv[0] unless its basename starts with
@@ -77,6 +82,8 @@ derivation {
   powerButton = ./power-button;
   statusCgi = ./status.cgi;
   vmConfig = builtins.toJSON vmConfig;
+  # Non-empty: the guest starts no service (/etc/no-service, read by /init).
+  noService = if service then "" else "1";
   # Loaded by /init in this order (each needs the ones before it).
   moduleOrder = "virtio_ring virtio virtio_mmio failover net_failover virtio_net virtio_blk virtio-rng evdev button";
 }
