@@ -49,7 +49,8 @@ exit status: 0 done; 1 refused, invalid or unreachable; 2 bad usage;
 3 apply --wait timed out; 4 apply --wait saw a VM fail; 5 apply --wait
 converged except on disconnected workers the apply left with no VMs, which
 have not confirmed stopping theirs; 6 apply: the outcome is unknown (the
-master was lost after the request was sent); 130 interrupted; 141 the
+master was lost after the request was sent); 7 apply --wait: the rollout
+it started failed or was reverted; 130 interrupted; 141 the
 reader of the output went away (procurator events -f | head -n 3): the
 command ends quietly, and what it did before printing is whole."""
 

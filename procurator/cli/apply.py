@@ -43,6 +43,7 @@ from procurator.cli.args import (
 from procurator.cli.exits import (
     EXIT_FAILED,
     EXIT_OK,
+    EXIT_ROLLOUT_FAILED,
     EXIT_TIMEOUT,
     EXIT_UNCONFIRMED,
     EXIT_UNKNOWN,
@@ -53,9 +54,11 @@ from procurator.core.control import ApplyResult, FleetStatus
 from procurator.core.errors import LimitExceededError, ProcuratorError, UnavailableError
 from procurator.core.fleet import parse_fleet
 from procurator.core.models import Fleet, Phase, WorkerDiff
+from procurator.core.rollout import RolloutView, VmState
 from procurator.core.validation import LIMITS, check_request_id
 from procurator.rpc.address import Address, default_master_address
 from procurator.rpc.bridge import Bridge, open_bridge
+from procurator.rpc.clients import ControlClient
 
 __all__ = ["add_parser"]
 
@@ -79,7 +82,13 @@ def add_parser(sub: Any) -> None:
             "unreachable (the message says which); 3 --wait timed out; 4 --wait saw\n"
             "a failed VM; 5 --wait: converged, except disconnected workers left with\n"
             "nothing to run that have not confirmed stopping their VMs; 6 the outcome\n"
-            "is unknown.\n\n"
+            "is unknown; 7 --wait: the rollout the apply started failed or was\n"
+            "reverted.\n\n"
+            "A fleet with [rollout] replaces changed VMs by a rollout: the workers\n"
+            "prepare the new images first, then the VMs switch in health-gated\n"
+            "batches (docs/ROLLOUTS.md); apply prints its id, and --wait follows it\n"
+            "(prepared N/M workers, each batch) to its end. While one is under way\n"
+            "an apply is refused unless --supersede.\n\n"
             "VMs under [workers.W] are pinned there; VMs in the top-level [[vms]]\n"
             "list are placed by the master on workers with room and matching labels,\n"
             "and keep their worker on later applies (docs/SCHEDULING.md). The diff\n"
@@ -337,7 +346,9 @@ async def _wait_converged(
                 waiting_for = progress.waiting_for
                 if (outcome := progress.outcome) is not None:
                     print(outcome.message, file=out if outcome.code == EXIT_OK else sys.stderr)
-                    return outcome.code
+                    if outcome.code != EXIT_OK or not result.rollout_id:
+                        return outcome.code
+                    return await _follow_rollout(client, result.rollout_id, deadline, out, args)
                 index = status.change_index
                 if not index:
                     await trio.sleep(args.interval)
@@ -347,6 +358,52 @@ async def _wait_converged(
         file=sys.stderr,
     )
     return EXIT_TIMEOUT
+
+
+async def _follow_rollout(
+    client: ControlClient,
+    rollout_id: str,
+    deadline: float,
+    out: TextIO,
+    args: argparse.Namespace,
+) -> int:
+    """Follow the rollout an apply started until it is over or the
+    deadline passed: a line per change of its progress (``prepared N/M
+    workers``, each batch). ``EXIT_OK`` when done, ``EXIT_ROLLOUT_FAILED``
+    when failed or reverted, ``EXIT_TIMEOUT``. Paced by blocking status
+    reads (worker reports move a rollout)."""
+    index, last = 0, ""
+    with trio.move_on_at(deadline):
+        while True:
+            shown = await client.rollout(rollout_id)
+            line = _rollout_line(shown)
+            if line != last:
+                print(line, file=out, flush=True)
+                last = line
+            if shown.phase == "done":
+                return EXIT_OK
+            if shown.phase in ("failed", "reverted"):
+                print(f"rollout {rollout_id} {shown.phase}: {shown.reason}", file=sys.stderr)
+                return EXIT_ROLLOUT_FAILED
+            status = await client.status(
+                wait_index=index, wait=min(5.0, max(0.1, deadline - trio.current_time()))
+            )
+            index = status.change_index
+            if not index:
+                await trio.sleep(args.interval)
+    print(f"timed out waiting for rollout {rollout_id} ({last})", file=sys.stderr)
+    return EXIT_TIMEOUT
+
+
+def _rollout_line(shown: RolloutView) -> str:
+    if shown.phase == "preparing":
+        return (
+            f"rollout {shown.id}: preparing: prepared "
+            f"{shown.prepared_workers}/{shown.prepare_workers} workers"
+        )
+    counts = ", ".join(f"{shown.count(state)} {state.value}" for state in VmState)
+    paused = " (paused)" if shown.paused else ""
+    return f"rollout {shown.id}: {shown.phase}{paused}: batch {shown.batches}: {counts}"
 
 
 async def _reconnect(

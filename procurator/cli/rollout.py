@@ -49,7 +49,12 @@ def add_parser(sub: Any) -> None:
     )
     commands = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action in RolloutAction:
-        p = commands.add_parser(action.value, help=_HELP[action], description=_HELP[action])
+        p = commands.add_parser(
+            action.value,
+            help=_HELP[action],
+            description=f"{_HELP[action]}.\n\nexample:\n  procurator rollout {action.value}",
+            formatter_class=raw,
+        )
         p.add_argument("id", nargs="?", default="", help="the rollout's id (default: current)")
         p.add_argument("--json", action="store_true", help="machine-readable output")
         add_master_address(p)
