@@ -147,8 +147,8 @@ def on_new(workers: list[FakeWorker]) -> dict[str, bool]:
     return {vm.id: vm.nix_store_path == NEW for w in workers for vm in w.assignment.vms}  # type: ignore[union-attr]
 
 
-async def start(service: MasterService) -> str:
-    result = await service.apply(fleet(NEW))
+async def start(service: MasterService, policy: RolloutPolicy | None = None) -> str:
+    result = await service.apply(fleet(NEW, policy=policy))
     started = await service._store.rollout()
     assert started is not None and started.op_id == result.op_id
     return started.id
@@ -260,3 +260,62 @@ async def test_an_apply_during_a_rollout_is_refused_unless_it_supersedes(
     ended = await service._store.rollout(first)
     assert ended is not None and ended.phase is RolloutPhase.FAILED
     assert ended.reason.startswith("superseded by apply op-")
+
+
+async def test_a_new_leader_continues_the_rollout_and_replaces_no_vm_twice(
+    tmp_path: Path,
+) -> None:
+    """The master driving a rollout stops mid-way (its tasks cancelled where
+    they stood, as a kill would leave them); another, on the same store,
+    takes the lead and finishes it from what the store holds."""
+    switched: dict[str, int] = {}
+
+    def count_switches(workers: list[FakeWorker]) -> None:
+        for worker in workers:
+            seen: dict[str, str] = {}
+            for pushed in worker.node.pushed:
+                for vm in pushed.vms:
+                    if seen.get(vm.id) == OLD and vm.nix_store_path == NEW:
+                        switched[vm.id] = switched.get(vm.id, 0) + 1
+                    seen[vm.id] = vm.nix_store_path
+
+    async with await FleetStore.open(tmp_path / "m.db") as store:
+        first = [FakeWorker("w0"), FakeWorker("w1")]
+        async with trio.open_nursery() as nursery:
+            svc = MasterService(
+                store, push_timeout=1.0, worker_lease=5.0, leader_lease=1.0, rollout_interval=0.02
+            )
+            await nursery.start(svc.run)
+            for worker in first:
+                await worker.register(svc)
+            await svc.apply(fleet(OLD))
+            for worker in first:
+                worker.health = lambda vm: (
+                    Health.PENDING if vm.nix_store_path == NEW else Health.HEALTHY
+                )
+            # A deadline no restart comes near, however loaded the machine.
+            rollout = await start(
+                svc, RolloutPolicy(max_parallel=2, health=CHECK, healthy_deadline_ms=600_000)
+            )
+            # Until the first batch is switched (and stays unhealthy).
+            await run_until(svc, first, rollout, lambda r: r.batches == 1)
+            nursery.cancel_scope.cancel()
+        count_switches(first)
+        second = [FakeWorker("w0"), FakeWorker("w1")]
+        async with trio.open_nursery() as nursery:
+            svc = MasterService(
+                store, push_timeout=1.0, worker_lease=5.0, leader_lease=1.0, rollout_interval=0.02
+            )
+            await nursery.start(svc.run)
+            for worker in second:
+                await worker.register(svc)
+                assignment, _ = await svc.get_assignment(worker.token, 0)
+                worker.node.pushed.append(assignment)
+            done = await run_until(svc, second, rollout, lambda r: r.over)
+            nursery.cancel_scope.cancel()
+        count_switches(second)
+    assert done.phase is RolloutPhase.DONE
+    assert done.batches == 3
+    # Each VM switched once: vm-0 and vm-1 by the first master, the others
+    # by the second (which found vm-0 and vm-1 switched already).
+    assert switched == {f"vm-{i}": 1 for i in range(6)}
