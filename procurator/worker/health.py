@@ -25,8 +25,18 @@ Invariants:
   (or a check) that has changed by the time it ends is dropped; a new
   incarnation is judged from ``pending`` (a restart or a replacement
   resets health).
+- **A healthy guest stays healthy across a worker restart** (with a
+  ``state_file``): while a VM is healthy, its guest (incarnation), its
+  check and when its passing streak began (wall clock) are kept in
+  ``<state dir>/health.json``. A restarted worker that finds the very same
+  guest (a re-adopted VMM: same hash, restart count, address) under the
+  very same check judges it ``healthy`` from the start, and checks it at
+  once: one failure makes it unhealthy as always. Anything else is judged
+  from ``pending``. A record is used once, at the first observation after
+  the start; a VM that stops being healthy loses it.
 - Everything here runs on the trio thread (the reconciler's publications,
-  the link's updates, the checks); nothing is shared with other threads.
+  the link's updates, the checks); the state file is written from a worker
+  thread, one write at a time, the latest content winning.
 
 ``GuestProber`` is the I/O: a TCP connect, or an HTTP/1.0 GET whose status
 line must carry the expected code, to the guest's address on the worker's
@@ -39,16 +49,20 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import json
 import logging
 import math
 import socket
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import Protocol
+from dataclasses import astuple, dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
 
 import trio
 
 from procurator.core.assignments import AssignmentUpdate
+from procurator.core.errors import ProcuratorError
 from procurator.core.health import (
     HealthState,
     Incarnation,
@@ -58,6 +72,7 @@ from procurator.core.health import (
 )
 from procurator.core.models import Assignment, Health, HealthCheck, HealthKind, VmStatus
 from procurator.core.status import StatusChanges
+from procurator.worker.state import write_json_atomic
 
 __all__ = ["GuestProber", "HealthMonitor", "Prober", "SocketFactory"]
 
@@ -184,6 +199,8 @@ class HealthMonitor:
         concurrency: int = 32,
         on_check: Callable[[str, bool], None] | None = None,
         on_counts: Callable[[dict[Health, int]], None] | None = None,
+        state_file: Path | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         if interval <= 0 or timeout <= 0 or concurrency < 1:
             raise ValueError("health checks need a positive interval, timeout and concurrency")
@@ -202,6 +219,13 @@ class HealthMonitor:
         self._wake = trio.Event()
         self._counts: dict[Health, int] = dict.fromkeys(Health, 0)
         self.checks = 0  # checks made (for tests and tools)
+        # Healthy VMs as kept in the state file (see the module docstring):
+        # what this run keeps, and what the last run kept (used once each).
+        self.state_file = state_file
+        self._wall_clock = wall_clock
+        self._kept: dict[str, dict[str, Any]] = {}
+        self._restored: dict[str, dict[str, Any]] = {}
+        self._save = trio.Event()
 
     # -- inputs (trio thread) ------------------------------------------------
 
@@ -259,8 +283,12 @@ class HealthMonitor:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Check the guests until cancelled (see the module docstring)."""
+        if self.state_file is not None:
+            self._restored = await trio.to_thread.run_sync(_read_kept, self.state_file)
         limiter = trio.CapacityLimiter(self.concurrency)
         async with trio.open_nursery() as nursery:
+            if self.state_file is not None:
+                nursery.start_soon(self._keep, self.state_file)
             task_status.started()
             while True:
                 now = trio.current_time()
@@ -309,7 +337,7 @@ class HealthMonitor:
             return
         before = vm.health
         vm.state = judge(vm.state, check, problem, now)
-        self._recount(before, vm.health)
+        self._recount(vm_id, vm, before)
         if vm.state.health is Health.UNHEALTHY:
             log.info("VM %s: unhealthy: %s", vm_id, problem)
         self._schedule(vm_id, vm, next_check(vm.state, check, now, self.interval))
@@ -341,13 +369,30 @@ class HealthMonitor:
             self._reset(vm_id, vm)
 
     def _reset(self, vm_id: str, vm: _Vm) -> None:
-        """Judge the VM afresh: its check or its guest changed."""
+        """Judge the VM afresh: its check or its guest changed (or, the
+        first time after a start, restore it as it was kept)."""
         before = vm.health
         vm.ticket = next(self._tickets)
-        vm.state = HealthState() if vm.check is not None and vm.guest is not None else None
-        self._recount(before, vm.health)
+        vm.state = None
+        if vm.check is not None and vm.guest is not None:
+            vm.state = self._restore(vm_id, vm.check, vm.guest) or HealthState()
+            self._restored.pop(vm_id, None)  # used once: the first judgement
+        self._recount(vm_id, vm, before)
         if vm.state is not None:
             self._schedule(vm_id, vm, trio.current_time())
+
+    def _restore(self, vm_id: str, check: HealthCheck, guest: Incarnation) -> HealthState | None:
+        kept = self._restored.get(vm_id)
+        if kept is None or kept.get("guest") != list(astuple(guest)):
+            return None
+        if kept.get("check") != _check_row(check):
+            return None
+        since = kept.get("since")
+        if not isinstance(since, int | float):
+            return None
+        streak = max(0.0, self._wall_clock() - since)
+        log.info("VM %s: healthy before this worker started, for %.0f s", vm_id, streak)
+        return HealthState(Health.HEALTHY, "", trio.current_time() - streak)
 
     def _schedule(self, vm_id: str, vm: _Vm, due: float) -> None:
         vm.ticket = next(self._tickets)
@@ -380,11 +425,63 @@ class HealthMonitor:
         vm = self._vms.pop(vm_id)
         self._counts[vm.health] -= 1
         vm.ticket = next(self._tickets)  # its timers and results are stale
+        if self._kept.pop(vm_id, None) is not None:
+            self._save.set()
 
-    def _recount(self, before: Health, after: Health) -> None:
+    def _recount(self, vm_id: str, vm: _Vm, before: Health) -> None:
+        """The VM's health was ``before``: count it anew, and keep (or drop)
+        it in the state file when it turned (or stopped being) healthy."""
+        after = vm.health
         self._counts[before] -= 1
         self._counts[after] += 1
+        if after is Health.HEALTHY and before is not Health.HEALTHY:
+            assert vm.state is not None and vm.check is not None and vm.guest is not None
+            assert vm.state.passing_since is not None
+            streak = trio.current_time() - vm.state.passing_since
+            self._kept[vm_id] = {
+                "guest": list(astuple(vm.guest)),
+                "check": _check_row(vm.check),
+                "since": self._wall_clock() - streak,
+            }
+            self._save.set()
+        elif before is Health.HEALTHY and after is not Health.HEALTHY:
+            self._kept.pop(vm_id, None)
+            self._save.set()
+
+    async def _keep(self, path: Path) -> None:
+        """Write what is kept whenever it changes (one write at a time)."""
+        while True:
+            await self._save.wait()
+            self._save = trio.Event()
+            data = {"version": 1, "healthy": dict(self._kept)}
+            try:
+                await trio.to_thread.run_sync(write_json_atomic, path, data)
+            except ProcuratorError as exc:
+                # Only a restart's memory is lost: the VMs are checked again.
+                log.warning("health of the VMs not kept: %s", exc)
 
     def _counted(self) -> None:
         if self._on_counts is not None:
             self._on_counts(dict(self._counts))
+
+
+def _check_row(check: HealthCheck) -> list[Any]:
+    return [check.kind.value, *astuple(check)[1:]]
+
+
+def _read_kept(path: Path) -> dict[str, dict[str, Any]]:
+    """What a previous run kept (nothing when the file is missing or not
+    what this release writes: the VMs are judged afresh)."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("%s: not read (%s); every VM is judged afresh", path, exc)
+        return {}
+    if not isinstance(data, dict) or data.get("version") != 1:
+        return {}
+    healthy = data.get("healthy")
+    if not isinstance(healthy, dict):
+        return {}
+    return {vm_id: entry for vm_id, entry in healthy.items() if isinstance(entry, dict)}

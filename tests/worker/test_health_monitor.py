@@ -5,7 +5,9 @@ order of events is the point."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import trio
 
@@ -223,4 +225,54 @@ async def test_a_result_about_an_earlier_guest_is_dropped() -> None:
         prober.answers.append(None)
         prober.calls[1][1].set()
         await published.wait("web", Health.HEALTHY)
+        nursery.cancel_scope.cancel()
+
+
+def kept_ids(path: Path) -> set[str]:
+    """The VMs the state file keeps as healthy."""
+    return set(json.loads(path.read_text())["healthy"]) if path.exists() else set()
+
+
+async def test_a_healthy_guest_stays_healthy_across_a_worker_restart(tmp_path: Path) -> None:
+    kept = tmp_path / "health.json"
+    async with trio.open_nursery() as nursery:
+        port, stop = await serve(nursery, close_at_once)
+        check = HealthCheck(HealthKind.TCP, port, min_healthy_ms=100, interval_ms=50)
+        vms = assigned(
+            VmAssignment("web", "h1", PATH, health=check),
+            VmAssignment("db", "h1", PATH, health=check),
+        )
+        published = Published()
+        first = HealthMonitor("host-a", published, GuestProber(), state_file=kept)
+        async with trio.open_nursery() as worker:
+            await worker.start(first.run)
+            first.take_assignment(vms)
+            first.overlay(running("web"))
+            first.overlay(running("db"))
+            await published.wait("web", Health.HEALTHY)
+            await published.wait("db", Health.HEALTHY)
+            with trio.fail_after(20):
+                while kept_ids(kept) != {"web", "db"}:
+                    await trio.sleep(0.01)
+            worker.cancel_scope.cancel()
+
+        # The next worker: its reconciler reports the re-adopted VMs first,
+        # then the assignment comes. The same guest is healthy at once; a
+        # guest that restarted meanwhile is judged from the start.
+        published = Published()
+        second = HealthMonitor("host-a", published, GuestProber(), state_file=kept)
+        async with trio.open_nursery() as worker:
+            await worker.start(second.run)
+            second.overlay(running("web"))
+            second.overlay(running("db", restarts=1))
+            second.take_assignment(vms)
+            assert published.last("web").health is Health.HEALTHY
+            assert published.last("db").health is Health.PENDING
+            # Healthy as ever: one failure and it is not.
+            stop()
+            await published.wait("web", Health.UNHEALTHY)
+            with trio.fail_after(20):
+                while "web" in kept_ids(kept):
+                    await trio.sleep(0.01)
+            worker.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
