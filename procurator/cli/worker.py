@@ -202,6 +202,21 @@ def add_parser(sub: Any) -> None:
         "--health-interval allows, each VM's interval stretches to VMs / CHECKS_PER_S "
         "(40 s at 1,000 VMs by default), keeping the idle cost flat; 0: no cap (default: 25)",
     )
+    p.add_argument(
+        "--guest-check-interval",
+        type=positive,
+        default=2.0,
+        metavar="SECONDS",
+        help="seconds between two guest health checks of a VM whose check (sent by the master "
+        "with a rollout: tcp, http) names no interval (docs/ROLLOUTS.md; default: 2)",
+    )
+    p.add_argument(
+        "--guest-check-timeout",
+        type=positive,
+        default=2.0,
+        metavar="SECONDS",
+        help="the most one guest health check may take before it counts as failed (default: 2)",
+    )
     _add_placement_arguments(p)
     _add_jail_arguments(p)
     _add_snapshot_arguments(p)
@@ -548,6 +563,8 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         metrics_interval=args.metrics_interval,
         health_interval=args.health_interval,
         health_checks_per_second=args.health_budget,
+        guest_check_interval=args.guest_check_interval,
+        guest_check_timeout=args.guest_check_timeout,
         jail=_jail_policy(args),
         vmm_runtime_paths=tuple(args.vmm_runtime_path),
     )
