@@ -2301,20 +2301,23 @@ class MasterService:
             end=complete,
             cancel=cancel,
         )
-        # No checkpoint from here on: the memory follows the commit.
-        for worker_id, vms in changes.items():
-            self._assignments[worker_id] = Assignment(worker_id, generation, tuple(vms), op_id)
-        for h in complete:
-            self._worker(h.source).removals[h.vm_id] = Removal(generation)
-            self._handoffs.pop(h.vm_id, None)
+        # No checkpoint from here on: the memory follows the commit. A
+        # completed handoff's VM is its source's pending removal (its diff).
+        self._absorb_commit(
+            generation,
+            changes,
+            [diff_assignments(w, before.get(w, ()), vms) for w, vms in changes.items()],
+            op_id,
+        )
         for h in cancel:
             holder = self._assignments.get(h.target, _NO_ASSIGNMENT)
             if not any(v.id == h.vm_id for v in holder.vms):  # else its own now
                 self._worker(h.target).removals[h.vm_id] = Removal(generation)
+            self._dirty_workers.add(h.target)
+        for h in (*complete, *cancel):
             self._handoffs.pop(h.vm_id, None)
         for h in start:
             self._handoffs[h.vm_id] = replace(h, generation=generation)
-        self._generation = generation
         self._handoffs_at = generation
         for h in complete:
             # The drain's progress, as the commit counted it; the store's
@@ -2323,8 +2326,6 @@ class MasterService:
             if drained.mode is not None and drained.mode.op_id == h.op_id:
                 drained.mode = replace(drained.mode, moved=drained.mode.moved + 1)
             self._dirty_workers.add(h.source)
-        for h in cancel:
-            self._dirty_workers.add(h.target)
         for worker_id in {*changes, *(h.source for h in (*complete, *cancel, *start))}:
             self._rebuild_voice(worker_id)
         for h in complete:
@@ -2333,12 +2334,12 @@ class MasterService:
             logger.info("drain %s: handoff of VM %s to %s called off", op_id, h.vm_id, h.target)
         for h in start:
             logger.info("drain %s: VM %s handed off %s -> %s", op_id, h.vm_id, h.source, h.target)
+        # Every worker whose assignment (as sent) changed: the targets of
+        # handoffs started or called off have the same VMs stored.
         for worker_id in sorted(changes):
             worker = self._workers.get(worker_id)
             if worker is not None and worker.session is not None:
                 self._queue_push(worker.session, self._assignments[worker_id])
-        self._sync_wake.set()
-        self._mark_changed()
 
     async def _expire_leases(self, fence: Fence) -> None:
         """Singleton duty: workers whose lease expired are lost."""

@@ -5,12 +5,14 @@ runs at once whatever it is sent and reports it running)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import trio
 from test_healing import IMAGE, LEASE, FakeNode, info, service, unpinned, where
 
 from procurator.core.drain import ModeAction
+from procurator.core.errors import UnavailableError
 from procurator.core.models import (
     Assignment,
     EventKind,
@@ -62,6 +64,12 @@ class SimWorker:
 
     async def _take(self, assignment: Assignment) -> None:
         self.running = {vm.id for vm in assignment.vms}
+        with contextlib.suppress(UnavailableError):
+            # The session ended (the test stops its master): a real worker
+            # would register again.
+            await self._report(assignment)
+
+    async def _report(self, assignment: Assignment) -> None:
         await self.service.report_status(
             self.token,
             WorkerStatus(
