@@ -201,7 +201,8 @@ async def test_an_apply_prepares_first_then_replaces_in_health_gated_batches(
         worker.health = health
     done = await run_until(service, workers, rollout, lambda r: r.over, sample)
     assert done.phase is RolloutPhase.DONE
-    assert done.batches == 3
+    # A sliding window: a batch per slot freed, at least 6 / max_parallel.
+    assert 3 <= done.batches <= 6
     assert worst == 2
     with trio.fail_after(10):
         while not all(on_new(workers).values()) or any(w.assignment.prepare for w in workers):  # type: ignore[union-attr]
@@ -299,6 +300,9 @@ async def test_a_new_leader_continues_the_rollout_and_replaces_no_vm_twice(
             )
             # Until the first batch is switched (and stays unhealthy).
             await run_until(svc, first, rollout, lambda r: r.batches == 1)
+            with trio.fail_after(10):  # and its workers were pushed it
+                while sum(on_new(first).values()) < 2:
+                    await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
         count_switches(first)
         second = [FakeWorker("w0"), FakeWorker("w1")]
@@ -315,7 +319,8 @@ async def test_a_new_leader_continues_the_rollout_and_replaces_no_vm_twice(
             nursery.cancel_scope.cancel()
         count_switches(second)
     assert done.phase is RolloutPhase.DONE
-    assert done.batches == 3
+    # A sliding window: a batch per slot freed, at least 6 / max_parallel.
+    assert 3 <= done.batches <= 6
     # Each VM switched once: vm-0 and vm-1 by the first master, the others
     # by the second (which found vm-0 and vm-1 switched already).
     assert switched == {f"vm-{i}": 1 for i in range(6)}
