@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 from procurator.core.errors import ValidationError
 from procurator.core.jail import Confinement
 from procurator.core.models import Phase
+from procurator.core.rollout import RolloutView
 
 __all__ = [
     "CATALOGUE",
@@ -294,6 +295,33 @@ _SPECS: tuple[MetricSpec, ...] = (
         ("worker", "state"),
     ),
     _spec(
+        "procurator_master_rollout_phase", _G, _MASTER,
+        "1 for the phase of the rollout under way (preparing, switching, awaiting promotion, "
+        "reverting, done, failed, reverted), 0 for the others (docs/ROLLOUTS.md).",
+        ("rollout", "phase"),
+    ),
+    _spec(
+        "procurator_master_rollout_batches", _G, _MASTER,
+        "Batches the rollout has started.",
+        ("rollout",),
+    ),
+    _spec(
+        "procurator_master_rollout_vms", _G, _MASTER,
+        "The rollout's VMs by state (waiting, switching: switched and not yet healthy, "
+        "healthy, failed).",
+        ("rollout", "state"),
+    ),
+    _spec(
+        "procurator_master_rollout_prepared_workers", _G, _MASTER,
+        "Workers that report every new image of the rollout prepared.",
+        ("rollout",),
+    ),
+    _spec(
+        "procurator_master_rollout_prepare_workers", _G, _MASTER,
+        "Workers the rollout asks to prepare its new images.",
+        ("rollout",),
+    ),
+    _spec(
         "procurator_master_worker_desired_generation", _G, _MASTER,
         "Generation of the assignment the master wants the worker to run.",
         ("worker",),
@@ -451,6 +479,9 @@ class WorkerView:
 @dataclass(frozen=True, slots=True)
 class FleetView:
     workers: tuple[WorkerView, ...] = ()
+    # The rollout under way as this master last read it (the leader's is
+    # current; docs/ROLLOUTS.md), None when there is none.
+    rollout: RolloutView | None = None
 
 
 # -- the compact form -----------------------------------------------------------

@@ -59,6 +59,7 @@ from procurator.core.metrics import (
     http_sd_groups,
 )
 from procurator.core.models import Phase, WorkerState
+from procurator.core.rollout import RolloutPhase, RolloutView, VmState
 from procurator.master.service import MasterService
 from procurator.master.store import Store
 from procurator.prometheus import to_metric
@@ -168,6 +169,8 @@ class MasterMetrics:
         now = self._clock()
         workers = sorted(view.workers, key=lambda w: w.worker_id)
         yield from self._fleet_metrics(workers, now)
+        if view.rollout is not None:
+            yield from _rollout_metrics(view.rollout)
         if self._instruments is not None:
             yield from self._instruments.collect()
         yield from self._relayed_metrics(workers)
@@ -244,6 +247,27 @@ class MasterMetrics:
 
 
 # -- the master's own work --------------------------------------------------------
+
+
+def _rollout_metrics(rollout: RolloutView) -> Iterator[Metric]:
+    labels = {"rollout": rollout.id}
+    phase = _metric("procurator_master_rollout_phase")
+    for value in RolloutPhase:
+        phase.add_sample(
+            phase.name,
+            {**labels, "phase": value.value},
+            1.0 if rollout.phase == value.value else 0.0,
+        )
+    batches = _metric("procurator_master_rollout_batches")
+    batches.add_sample(batches.name, labels, float(rollout.batches))
+    vms = _metric("procurator_master_rollout_vms")
+    for state in VmState:
+        vms.add_sample(vms.name, {**labels, "state": state.value}, float(rollout.count(state)))
+    prepared = _metric("procurator_master_rollout_prepared_workers")
+    prepared.add_sample(prepared.name, labels, float(rollout.prepared_workers))
+    prepare = _metric("procurator_master_rollout_prepare_workers")
+    prepare.add_sample(prepare.name, labels, float(rollout.prepare_workers))
+    yield from (phase, batches, vms, prepared, prepare)
 
 
 def _error_code(exc: BaseException) -> str:

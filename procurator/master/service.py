@@ -1390,7 +1390,14 @@ class MasterService:
                     ).value,
                 )
             )
-        return FleetView(tuple(views))
+        rollout = self._rollout_cache[1]
+        if rollout is None:
+            return FleetView(tuple(views))
+        statuses = {w: rollout_worker.status for w, rollout_worker in self._workers.items()}
+        return FleetView(
+            tuple(views),
+            view(rollout, {w: s for w, s in statuses.items() if s is not None}),
+        )
 
     def worker_info(self) -> dict[str, WorkerInfo]:
         """What each worker said about itself when it last registered."""

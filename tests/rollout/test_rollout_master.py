@@ -29,6 +29,7 @@ from procurator.core.models import (
     WorkerStatus,
 )
 from procurator.core.rollout import Rollout, RolloutPhase, VmState
+from procurator.master.metrics import MasterMetrics
 from procurator.master.service import MasterService
 from procurator.master.store import FleetStore
 from procurator.master.store.model import RolloutActiveError
@@ -199,8 +200,17 @@ async def test_an_apply_prepares_first_then_replaces_in_health_gated_batches(
     for worker in workers:
         worker.prepare = lambda path: PrepareState.READY
         worker.health = health
+    scraped = MasterMetrics(service.fleet_view).exposition().decode()
+    assert f'procurator_master_rollout_phase{{phase="preparing",rollout="{rollout}"}} 1.0' in (
+        scraped
+    )
+    assert f'procurator_master_rollout_prepare_workers{{rollout="{rollout}"}} 2.0' in scraped
+    assert f'procurator_master_rollout_vms{{rollout="{rollout}",state="waiting"}} 6.0' in scraped
     done = await run_until(service, workers, rollout, lambda r: r.over, sample)
     assert done.phase is RolloutPhase.DONE
+    scraped = MasterMetrics(service.fleet_view).exposition().decode()
+    assert f'procurator_master_rollout_phase{{phase="done",rollout="{rollout}"}} 1.0' in scraped
+    assert f'procurator_master_rollout_vms{{rollout="{rollout}",state="healthy"}} 6.0' in scraped
     # A sliding window: a batch per slot freed, at least 6 / max_parallel.
     assert 3 <= done.batches <= 6
     assert worst == 2
