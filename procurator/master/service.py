@@ -534,6 +534,9 @@ class MasterService:
         # with one).
         self._handoffs: dict[str, Handoff] = {}
         self._handoffs_at = -1
+        # (trio time of the read, the database's clock then, worker id ->
+        # last lease renewal): ``_read_renewals``.
+        self._renewals: tuple[float, int, Mapping[str, int]] = (0.0, 0, {})
         self._drain_wake = trio.Event()
 
     # ------------------------------------------------------------ lifecycle
@@ -1146,22 +1149,21 @@ class MasterService:
     async def fleet_status(self) -> FleetStatus:
         self._require_store()
         now_ms = self._now_ms()
-        try:
-            # Renewals do not reach the caches: read them (and the
-            # database's clock, so "how long ago" knows no clock skew).
-            db_now_ms, renewals = await self._store.lease_renewals()
-        except UnavailableError as exc:
-            # A status read fails while the database is away, as the
-            # module docstring says ("The database away").
-            self._set_unavailable_if_store(exc)
-            raise
+        # When each lease was last renewed, as read with the renewals
+        # (``_read_renewals``), aged by this master's clock since.
+        read_at, db_then_ms, renewals = self._renewals
+        elapsed_ms = int((trio.current_time() - read_at) * 1000)
+        db_now_ms = db_then_ms + elapsed_ms if db_then_ms else 0
         handoffs_from = collections.Counter(h.source for h in self._handoffs.values())
         workers = []
         for worker_id in self._listed_ids():
             assignment = self._assignments.get(worker_id)
             worker = self._workers.get(worker_id)
             registration = worker.registration if worker else None
-            renewed = renewals.get(worker_id, 0)
+            # A registration (on the database's clock too) is a renewal.
+            renewed = max(
+                renewals.get(worker_id, 0), registration.renewed_unix_ms if registration else 0
+            )
             workers.append(
                 WorkerConnection(
                     worker_id=worker_id,
@@ -1924,11 +1926,25 @@ class MasterService:
 
     async def _renew_forever(self) -> None:
         while True:
+            await self._read_renewals()
             await trio.sleep(self._worker_lease / 3)
             try:
                 await self._renew()
             except UnavailableError as exc:
                 logger.info("could not renew the workers' leases: %s", exc)
+
+    async def _read_renewals(self) -> None:
+        """When every worker's lease was last renewed (any master's
+        renewals: they do not move a worker's version, so no cache has
+        them), for ``status``; read with the database's clock, so "how
+        long ago" knows no skew between clocks. Once per renewal period:
+        a status read stays free of I/O."""
+        try:
+            db_now_ms, renewals = await self._store.lease_renewals()
+        except UnavailableError as exc:
+            logger.debug("the leases' renewals were not read: %s", exc)
+            return
+        self._renewals = (trio.current_time(), db_now_ms, renewals)
 
     async def _renew(self) -> None:
         """Renew the leases of the sessions held here; end here the ones
