@@ -79,6 +79,7 @@ __all__ = ["GuestProber", "HealthMonitor", "Prober", "SocketFactory"]
 log = logging.getLogger(__name__)
 
 _MAX_STATUS_LINE = 4096
+_NOTABLE = frozenset({"healthy", "unhealthy"})  # transitions logged at INFO
 
 
 class Prober(Protocol):
@@ -226,25 +227,34 @@ class HealthMonitor:
         self._kept: dict[str, dict[str, Any]] = {}
         self._restored: dict[str, dict[str, Any]] = {}
         self._save = trio.Event()
+        self._batch: list[VmStatus] | None = None  # entries held for one report
 
     # -- inputs (trio thread) ------------------------------------------------
 
     def take_assignment(self, update: AssignmentUpdate) -> None:
         """Take note of the checks of an assignment update the reconciler
         took (a whole assignment, or its changes)."""
-        if isinstance(update, Assignment):
-            checks = {vm.id: vm.health for vm in update.vms}
-            for vm_id in [
-                i for i, vm in self._vms.items() if i not in checks and vm.check is not None
-            ]:
-                self._set_check(vm_id, None)
-            for vm_id, check in checks.items():
-                self._set_check(vm_id, check)
-        else:
-            for entry in update.upserted:
-                self._set_check(entry.id, entry.health)
-            for vm_id in update.removed:
-                self._set_check(vm_id, None)
+        # The entries this changes go out as one report, not one per VM.
+        batch: list[VmStatus] = []
+        self._batch = batch
+        try:
+            if isinstance(update, Assignment):
+                checks = {vm.id: vm.health for vm in update.vms}
+                for vm_id in [
+                    i for i, vm in self._vms.items() if i not in checks and vm.check is not None
+                ]:
+                    self._set_check(vm_id, None)
+                for vm_id, check in checks.items():
+                    self._set_check(vm_id, check)
+            else:
+                for entry in update.upserted:
+                    self._set_check(entry.id, entry.health)
+                for vm_id in update.removed:
+                    self._set_check(vm_id, None)
+        finally:
+            self._batch = None
+        if batch:
+            self._publish(StatusChanges(self.worker_id, self._generation, tuple(batch), ()))
 
     def overlay(self, changes: StatusChanges) -> StatusChanges:
         """``changes`` as the reconciler published them, each entry with
@@ -417,8 +427,12 @@ class HealthMonitor:
             before = vm.published.health if vm.published is not None else Health.UNCHECKED
             vm.published = shown
             if shown.health is not before:
-                log.info("VM %s: health %s", vm_id, shown.health.value)
-            self._publish(StatusChanges(self.worker_id, self._generation, (shown,), ()))
+                level = logging.INFO if shown.health.value in _NOTABLE else logging.DEBUG
+                log.log(level, "VM %s: health %s", vm_id, shown.health.value)
+            if self._batch is not None:
+                self._batch.append(shown)
+            else:
+                self._publish(StatusChanges(self.worker_id, self._generation, (shown,), ()))
             self._counted()
 
     def _forget(self, vm_id: str) -> None:

@@ -276,3 +276,16 @@ async def test_a_healthy_guest_stays_healthy_across_a_worker_restart(tmp_path: P
                     await trio.sleep(0.01)
             worker.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
+
+
+async def test_checks_of_a_whole_assignment_go_out_as_one_report() -> None:
+    reports: list[StatusChanges] = []
+    monitor = HealthMonitor("host-a", reports.append, HeldProber())
+    ids = [f"vm-{i}" for i in range(50)]
+    for vm_id in ids:
+        monitor.overlay(running(vm_id))
+    check = HealthCheck(HealthKind.TCP, 80)
+    monitor.take_assignment(assigned(*(VmAssignment(i, "h1", PATH, health=check) for i in ids)))
+    (report,) = reports
+    assert [entry.id for entry in report.changed] == ids
+    assert {entry.health for entry in report.changed} == {Health.PENDING}
