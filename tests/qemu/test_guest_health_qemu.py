@@ -1,4 +1,4 @@
-"""Guest health checks with real guests: a worker (``ReconcilingHandler``,
+"""Guest health checks (and prepare) with real guests: a worker (``ReconcilingHandler``,
 QEMU under TCG, its network in a namespace) boots the test image, whose
 guest serves HTTP on port 80, and its "bad" variant, which never opens the
 port (``nix/test-image``, ``--arg service false``). The good guest turns
@@ -23,6 +23,7 @@ from procurator.core.models import (
     HealthKind,
     Phase,
     PreparedImage,
+    PrepareState,
     VmAssignment,
     VmEvent,
     VmStatus,
@@ -45,6 +46,7 @@ class Recorder:
     def __init__(self) -> None:
         self.vms: dict[str, VmStatus] = {}
         self.healths: dict[str, list[Health]] = {}
+        self.prepared: tuple[PreparedImage, ...] = ()
 
     def publish_status(self, status: WorkerStatus) -> None:
         raise AssertionError("the reconciling worker publishes changes")
@@ -63,7 +65,7 @@ class Recorder:
         pass
 
     def publish_prepared(self, prepared: tuple[PreparedImage, ...]) -> None:
-        pass
+        self.prepared = prepared
 
     async def wait(self, vm_id: str, health: Health) -> VmStatus:
         with trio.fail_after(BOOT_LIMIT):
@@ -110,10 +112,18 @@ async def test_the_good_guest_turns_healthy_and_the_bad_one_never(
     async with trio.open_nursery() as nursery:
         await nursery.start(handler.run)
         try:
+            # The good image is also prepared (rooted apart) through the same worker.
             await handler.on_assignment(
-                Assignment("host-a", 1, (_vm("good", good, http), _vm("bad", bad, tcp)), "op-1")
+                Assignment(
+                    "host-a", 1, (_vm("good", good, http), _vm("bad", bad, tcp)), "op-1", (good,)
+                )
             )
             booted = await recorder.wait("good", Health.HEALTHY)
+            with trio.fail_after(60):
+                while [(i.path, i.state) for i in recorder.prepared] != [
+                    (good, PrepareState.READY)
+                ]:
+                    await trio.sleep(0.1)
             assert booted.phase is Phase.RUNNING and booted.address.startswith("10.123.0.")
             observed = handler.manager.get("good")
             assert observed is not None and observed.pid
@@ -131,9 +141,11 @@ async def test_the_good_guest_turns_healthy_and_the_bad_one_never(
             assert failing.message.startswith(f"tcp {failing.address}:80: ")
             assert Health.HEALTHY not in recorder.healths["bad"]
             assert handler.health.checks > 4
+            assert recorder.prepared == ()  # generation 2 names nothing to prepare
+            assert handler.preparer.roots() == {good}  # the VM "good" runs it still
         finally:
             with trio.CancelScope(shield=True), trio.fail_after(120):
                 await handler.on_assignment(Assignment("host-a", 3, (), "op-3"))
-                while recorder.vms:
+                while recorder.vms or handler.preparer.roots():
                     await trio.sleep(0.1)
             nursery.cancel_scope.cancel()
