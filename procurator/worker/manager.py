@@ -4,6 +4,7 @@ The reconciler (trio) calls this blocking, thread-safe API through
 ``trio.to_thread.run_sync`` with a ``CapacityLimiter``:
 
     ensure(spec)   make the VM run (or pause, or stop) ``spec``; block until done
+                   (``assigned=False``: the worker's own change, e.g. the fence)
     remove(id)     stop the VM and delete its state
     run_job(id, what, fn)  run fn on the VM's supervisor thread (snapshots)
     get(id), list()            observations (no I/O)
@@ -39,7 +40,22 @@ and start ticks, an unrecorded one by the marker it was launched with
 (``process.launch_env``: its environment names the VM's directory). A VMM
 found alive is re-adopted, never restarted or duplicated; one found dead is
 cleaned up (its stale socket removed under the VM's flock) and started again
-if still desired.
+if still desired — unless it is a ``reschedule`` VM (below).
+
+Recovery never starts a ``reschedule`` VM. A worker starts before its first
+assignment arrives (after a reboot, or a worker that was lost and comes
+back), and the master may have moved such a VM to another worker meanwhile:
+started here, it would run twice until that assignment removed it. So
+``recover`` *holds* each VM whose ``vm.json`` says ``reschedule`` and
+desired running or paused (``VmRecord.held``): a live VMM is re-adopted as
+any other (keeping a running VM running is the fence's business, not
+recovery's: ``procurator.core.fence``), but no VMM is launched for it —
+not for a dead one, not after a crash — until an ``ensure`` that comes from
+an assignment names it (``assigned=True``, the default; the fence's own
+pause passes False and lifts nothing). Meanwhile it shows as ``pending``,
+not running, saying why. ``wait`` VMs (and pinned ones) are restarted at
+once as before: the master never moves them, so they cannot run twice, and
+restarting them early shortens their outage.
 
 Lock order (acquire in this order only; never call the driver or do file I/O
 while holding the map lock or a VM's condition lock):
@@ -92,7 +108,7 @@ from procurator.core.errors import (
     ProcuratorError,
     TemporaryError,
 )
-from procurator.core.models import VmEvent
+from procurator.core.models import PowerState, VmEvent
 from procurator.worker.jail import Jail
 from procurator.worker.state import StateDir
 from procurator.worker.supervisor import JobContext, VmSupervisor
@@ -179,9 +195,12 @@ class VmManager:
             return t.health_interval
         return max(t.health_interval, len(self._vms) / t.health_checks_per_second)
 
-    def ensure(self, spec: VmSpec) -> VmObservation:
+    def ensure(self, spec: VmSpec, *, assigned: bool = True) -> VmObservation:
         """Make the VM be ``spec``: idempotent; blocks until the VMM reports
-        the desired state (``Timeouts.ensure`` at most).
+        the desired state (``Timeouts.ensure`` at most). ``assigned``: the
+        spec is what the master assigns, so it lifts the hold ``recover``
+        put on a ``reschedule`` VM (False: the worker's own change, such as
+        the fence's pause, which starts no held VM).
 
         Raises ``PermanentError`` when the VMM refused the spec (retrying the
         same spec will not help) and ``TemporaryError`` when an attempt
@@ -193,7 +212,8 @@ class VmManager:
             assert vm is not None
             with vm.cond:
                 current, answered, removing = vm.desired, vm.answered(), vm.removing
-            if not removing and spec.same_target(current):
+                lift = assigned and vm.held
+            if not removing and not lift and spec.same_target(current):
                 if current != spec:
                     self._write_spec(vm, spec)
                     with vm.cond:
@@ -211,6 +231,8 @@ class VmManager:
                     vm.remove_op_id = ""
                     vm.request += 1
                     vm.obs = vm.obs.for_spec(spec)
+                    if assigned:
+                        vm.held = False
                 vm.wake()
             self._wait_outcome(vm, f"ensure {spec.hash}")
             return self.get_or_raise(spec.vm_id)
@@ -335,14 +357,15 @@ class VmManager:
 
     def recover(self) -> builtins.list[VmObservation]:
         """Take over every VM found in the state dir: re-adopt live VMMs,
-        clean up and restart dead ones that are still desired, and delete
-        lock files no VM directory goes with (``StateDir.sweep_locks``).
+        clean up and restart dead ones that are still desired (a
+        ``reschedule`` one is held instead: see the module docstring), and
+        delete lock files no VM directory goes with (``StateDir.sweep_locks``).
         Blocks until each VM's supervisor reported its first outcome (or
         ``ensure`` timeout). VMs another process owns are skipped (logged)."""
         attached: list[VmRecord] = []
         for vm_id in self.state.vm_ids():
             try:
-                with self._attached(vm_id, create=False) as vm:
+                with self._attached(vm_id, create=False, recovering=True) as vm:
                     if vm is not None:
                         attached.append(vm)
             except ProcuratorError as exc:
@@ -399,10 +422,13 @@ class VmManager:
     # -- records -----------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _attached(self, vm_id: str, *, create: bool) -> Iterator[VmRecord | None]:
+    def _attached(
+        self, vm_id: str, *, create: bool, recovering: bool = False
+    ) -> Iterator[VmRecord | None]:
         """The VM's record with its op_lock held, its supervisor running.
         With ``create=False`` a VM that is neither managed nor on disk
-        yields None."""
+        yields None. ``recovering``: a supervisor started now holds a
+        ``reschedule`` VM (``recover``)."""
         while True:
             vm = self._record(vm_id, create=create)
             if vm is None:
@@ -417,7 +443,7 @@ class VmManager:
                 if vm.gone:
                     continue
                 if not vm.started:
-                    self._start_supervisor(vm, create=create)
+                    self._start_supervisor(vm, create=create, recovering=recovering)
                 yield vm
                 return
 
@@ -436,7 +462,7 @@ class VmManager:
                 vm = self._vms[vm_id] = VmRecord(vm_id, self.driver.name)
             return vm
 
-    def _start_supervisor(self, vm: VmRecord, *, create: bool) -> None:
+    def _start_supervisor(self, vm: VmRecord, *, create: bool, recovering: bool = False) -> None:
         """Take the VM's flock, read its ``vm.json`` and start its supervisor
         thread (caller holds its op_lock). On failure the record is retired."""
         try:
@@ -461,6 +487,14 @@ class VmManager:
             vm.removing = spec is None and not create
             if spec is not None:
                 vm.obs = vm.obs.for_spec(spec)
+            # Recovered before any assignment: a reschedule VM may have been
+            # moved meanwhile, so nothing launches it until one names it.
+            vm.held = (
+                recovering
+                and spec is not None
+                and spec.reschedule
+                and spec.power is not PowerState.STOPPED
+            )
         supervisor = VmSupervisor(self, vm)
         vm.thread = threading.Thread(target=supervisor.run, name=f"vm-{vm.vm_id}", daemon=True)
         vm.started = True

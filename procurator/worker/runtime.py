@@ -6,7 +6,11 @@ command runs (``procurator.app.worker`` makes it from ``RuntimeOptions``).
 Start-up order matters and is the crash-safety story of the worker:
 
 1. ``VmManager.recover()``: re-adopt every VMM still running from the state
-   dir (never spawn twice), restart dead ones that were desired running.
+   dir (never spawn twice), restart dead ones that were desired running —
+   but not a dead ``reschedule`` one: the master may have moved it while
+   this worker was away, so it stays ``pending`` until an assignment names
+   it (a ``wait`` VM is never moved: restarting it at once is safe, and
+   shortens its outage).
 2. Network: make sure the bridge exists, then sweep taps carrying our prefix
    that no VM owns — only now, after re-adoption, is "owned" known. The
    same for the cgroups of VMs nothing owns (``Jail.sweep``: what still runs
@@ -429,10 +433,16 @@ class ReconcilingHandler:
         event saying ``message``. Returns once they are paused: the link
         delivers nothing before this returns, so the whole assignment that
         ends the fence comes after, and the reconciler then converges each
-        VM to it (a VM still assigned resumes, one moved away is removed)."""
+        VM to it (a VM still assigned resumes, one moved away is removed).
+        A VM with no VMM is left alone: recovery holds a dead ``reschedule``
+        VM, nothing runs to pause, and the pause (``assigned=False``) starts
+        nothing."""
         specs = await trio.to_thread.run_sync(self.manager.specs)
+        running = {o.vm_id for o in self.manager.list() if o.pid is not None}
         fenced = []
         for spec in specs:
+            if spec.vm_id not in running:
+                continue
             entry = fenced_entry(
                 VmAssignment(
                     spec.vm_id, spec.hash, spec.image, spec.power, reschedule=spec.reschedule
@@ -445,7 +455,8 @@ class ReconcilingHandler:
         async def pause(spec: VmSpec) -> None:
             try:
                 await trio.to_thread.run_sync(
-                    self.manager.ensure, spec, limiter=self._fence_limiter
+                    functools.partial(self.manager.ensure, spec, assigned=False),
+                    limiter=self._fence_limiter,
                 )
             except ProcuratorError as exc:
                 log.warning("VM %s: not paused by the fence: %s", spec.vm_id, exc)

@@ -31,6 +31,14 @@ shows the VMM reported no transition since the last state read
 unanswered checks in a row escalate through the stop ladder and count as a
 failure.
 
+Held VMs: a ``reschedule`` VM that ``VmManager.recover`` found holds
+``VmRecord.held`` until an assignment names it (see ``procurator.worker.
+manager``). While it holds, a step that would launch a VMM (``Start``, or
+the ``Backoff`` before one) is not performed: the VM is published
+``pending`` with why, its request answered, and the thread waits for a new
+request. Everything else (re-adopting, health checks, reaping, removal)
+goes on as for any VM.
+
 Jobs: work a caller hands this thread (``VmManager.run_job``: a snapshot,
 a restore) runs at the start of a turn, before the next decision, through
 a ``JobContext``; what it did to the VMM is what the next turn observes.
@@ -124,6 +132,7 @@ class VmSupervisor:
         self.facts = Facts()
         self.restart = RestartState()
         self.request = -1  # the request being acted upon
+        self.held_reported = -1  # the request whose hold was published
         self.spec: VmSpec | None = None
         self.handle: VmmHandle | None = None
         self.watch = process.ExitWatch()
@@ -182,6 +191,10 @@ class VmSupervisor:
         if self.facts.vmm is not None and self.facts.vmm.alive and not self._alive():
             self._note_vmm(alive=False)
         step = decide(self.facts, self.restart, self.m.clock(), self._timing())
+        if isinstance(step, (Start, Backoff)) and self._held():
+            self._report_held()
+            self._wait(None)  # until a new request (an assignment), a removal, closing
+            return True
         if isinstance(step, Wait):
             self._wait(step.until)
             return True
@@ -280,6 +293,26 @@ class VmSupervisor:
             hold_until=-math.inf,
         )
         return True
+
+    def _held(self) -> bool:
+        with self.vm.cond:
+            return self.vm.held
+
+    def _report_held(self) -> None:
+        """Publish, once per request, that the VM waits for an assignment
+        before any VMM is launched for it, and answer the request: being
+        held is what ``recover`` asked of it."""
+        if self.held_reported == self.request:
+            return
+        self.held_reported = self.request
+        why = f"{self.last_failure}; " if self.last_failure else ""
+        message = (
+            f"{why}not started: on_worker_lost = reschedule and no assignment has named it "
+            "since the worker started (the master may have moved it); starts once one does"
+        )
+        log.info("VM %s: %s", self.vm.vm_id, message)
+        self._publish(Phase.PENDING, message, outcome=_OK)
+        self._note(reported=True)
 
     def _timing(self) -> Timing:
         return Timing(

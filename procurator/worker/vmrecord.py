@@ -213,6 +213,10 @@ class VmRecord:
         self.removing = False
         self.remove_op_id = ""  # op id of the removal asked for, if any
         self.closing = False
+        # Found by ``VmManager.recover`` as a ``reschedule`` VM desired up:
+        # no VMM is launched for it (a live one is kept) until an assigned
+        # ``ensure`` names it: the master may have moved it meanwhile.
+        self.held = False
         self.request = 0  # bumped whenever the target (hash, power, removal) changes
         self.outcome: Outcome | None = None
         self.finished = False
