@@ -118,6 +118,8 @@ class GuestProber:
             stream = await self._connect(address, check.port)
         except OSError as exc:
             return f"{where}: {exc.strerror or exc}"
+        except ProcuratorError as exc:  # no socket in the guests' namespace
+            return f"{where}: {exc.message}"
         async with stream:
             if check.kind is HealthKind.TCP:
                 return None

@@ -6,12 +6,14 @@ order of events is the point."""
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
 
 from procurator.core.assignments import AssignmentChanges
+from procurator.core.errors import ProcuratorError
 from procurator.core.models import (
     Assignment,
     Health,
@@ -289,3 +291,12 @@ async def test_checks_of_a_whole_assignment_go_out_as_one_report() -> None:
     (report,) = reports
     assert [entry.id for entry in report.changed] == ids
     assert {entry.health for entry in report.changed} == {Health.PENDING}
+
+
+async def test_a_check_that_cannot_make_its_socket_fails_and_nothing_else() -> None:
+    def closed() -> socket.socket:
+        raise ProcuratorError("the network manager is closed")
+
+    prober = GuestProber(closed, in_thread=True)
+    problem = await prober.probe(HealthCheck(HealthKind.TCP, 80), "10.0.0.2")
+    assert problem == "tcp 10.0.0.2:80: the network manager is closed"
