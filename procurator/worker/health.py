@@ -54,6 +54,7 @@ import logging
 import math
 import socket
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import astuple, dataclass, replace
 from pathlib import Path
@@ -142,8 +143,11 @@ class GuestProber:
     async def _http(stream: trio.SocketStream, check: HealthCheck, address: str) -> str | None:
         host = f"{address}:{check.port}"
         where = f"http {host}{check.path}"
+        # The wire refuses other paths; quoted anyway, so that no path can
+        # break the request line.
+        path = urllib.parse.quote(check.path, safe="/?&=:;%+,@!$'()*~-._[]")
         request = (
-            f"GET {check.path} HTTP/1.0\r\nHost: {host}\r\n"
+            f"GET {path} HTTP/1.0\r\nHost: {host}\r\n"
             "User-Agent: procurator-health\r\nConnection: close\r\n\r\n"
         )
         received = b""

@@ -131,6 +131,7 @@ def test_an_http_check_without_a_status_expects_200_and_an_unknown_kind_reads_as
         ("http", 80, "healthz", 200, "vms[0].health.path: 'healthz' is not an HTTP path"),
         ("http", 80, "/a b", 200, "vms[0].health.path: '/a b' is not an HTTP path"),
         ("http", 80, "/a\r\nHost: x", 200, "is not an HTTP path"),
+        ("http", 80, "/caf\u00e9", 200, "is not an HTTP path"),
         ("http", 80, "/", 999, "vms[0].health.expect: 999 is not an HTTP status"),
     ],
 )

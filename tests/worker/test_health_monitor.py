@@ -300,3 +300,19 @@ async def test_a_check_that_cannot_make_its_socket_fails_and_nothing_else() -> N
     prober = GuestProber(closed, in_thread=True)
     problem = await prober.probe(HealthCheck(HealthKind.TCP, 80), "10.0.0.2")
     assert problem == "tcp 10.0.0.2:80: the network manager is closed"
+
+
+async def test_an_http_path_goes_into_the_request_line_quoted() -> None:
+    requests: list[bytes] = []
+
+    async def http(stream: trio.SocketStream) -> None:
+        requests.append(await stream.receive_some(4096))
+        await stream.send_all(b"HTTP/1.1 200 OK\r\n\r\n")
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        port, _ = await serve(nursery, http)
+        check = HealthCheck(HealthKind.HTTP, port, "/caf\u00e9 x?a=1", 200)
+        assert await GuestProber().probe(check, LOOPBACK) is None
+        assert requests[0].startswith(b"GET /caf%C3%A9%20x?a=1 HTTP/1.0\r\n")
+        nursery.cancel_scope.cancel()
