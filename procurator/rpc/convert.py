@@ -353,8 +353,8 @@ def _vms_from_reader(
 
 def _health_check(reader: Any, where: str, problems: _Problems) -> HealthCheck:
     """A VM's health check, checked: tcp and http need a port; http a path
-    that starts with "/" (ASCII, no spaces or control characters: it goes
-    into a request line) and an HTTP status (0 reads as 200, the default)."""
+    that starts with "/" (no spaces or control characters: it goes into a
+    request line, quoted) and an HTTP status (0 reads as 200, the default)."""
     kind = _enum(_HEALTH_KIND, reader.kind)
     port: int = reader.port
     path: str = reader.path
@@ -364,15 +364,13 @@ def _health_check(reader: Any, where: str, problems: _Problems) -> HealthCheck:
     if kind is HealthKind.HTTP:
         if len(path) > _MAX_HEALTH_PATH:
             problems.exceeded(f"{where}.path", f"longer than {_MAX_HEALTH_PATH} characters")
-        elif (
-            not path.startswith("/")
-            or not path.isascii()
-            or any(c.isspace() or not c.isprintable() for c in path)
-        ):
+        elif not path.startswith("/") or any(c.isspace() or not c.isprintable() for c in path):
+            # The fleet file's rule (procurator.core.fleet): what a master
+            # accepts, a worker takes. Non-ASCII is quoted by the prober.
             problems.add(
                 f"{where}.path",
-                f"{path[:64]!r} is not an HTTP path: it starts with '/' and has no spaces, "
-                "control or non-ASCII characters (percent-encode them)",
+                f"{path[:64]!r} is not an HTTP path: it starts with '/' and has no spaces "
+                "or control characters",
             )
         if not 100 <= expect <= 599:
             problems.add(f"{where}.expect", f"{expect} is not an HTTP status (100-599)")

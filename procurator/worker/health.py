@@ -143,8 +143,8 @@ class GuestProber:
     async def _http(stream: trio.SocketStream, check: HealthCheck, address: str) -> str | None:
         host = f"{address}:{check.port}"
         where = f"http {host}{check.path}"
-        # The wire refuses other paths; quoted anyway, so that no path can
-        # break the request line.
+        # Quoted: a non-ASCII path (the fleet file allows one) goes out
+        # percent-encoded, and no path can break the request line.
         path = urllib.parse.quote(check.path, safe="/?&=:;%+,@!$'()*~-._[]")
         request = (
             f"GET {path} HTTP/1.0\r\nHost: {host}\r\n"
