@@ -228,6 +228,7 @@ def status_vm_json(vm: VmStatus, desired: VmAssignment | None) -> dict[str, Any]
         "restarts": vm.restarts,
         "address": vm.address,
         "op_id": vm.op_id,
+        "health": vm.health.value,
     }
 
 
