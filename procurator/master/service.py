@@ -1525,9 +1525,13 @@ class MasterService:
         registration = worker.registration
         if written.previous != worker.version or registration is None:
             # Other writes came between the cached version and this one
-            # (see report_status): read the worker whole.
-            self._dirty_workers.add(worker.worker_id)
-            self._sync_wake.set()
+            # (see report_status): read the worker whole, now, so that the
+            # disconnection shows at once (else: the syncer, later).
+            try:
+                self._absorb_worker(await self._store.worker(worker.worker_id))
+            except UnavailableError:
+                self._dirty_workers.add(worker.worker_id)
+                self._sync_wake.set()
             return
         worker.version = written.version
         worker.registration = replace(registration, connected=False, since_unix_ms=now)
