@@ -3,7 +3,9 @@ the fake VMM, 20 VMs rolled with max_parallel 5 (health "none": running
 for min_healthy_time is healthy, judged by the worker). At every sampled
 moment at most 5 VMs are unavailable (not running, or running the new
 image and not yet reported healthy); the rollout ends done with every VM
-on the new image, each replaced once."""
+on the new image, each replaced once. Then, lean (6 VMs): a canary pauses
+the rollout until ``rollout promote``, and an image that cannot be
+prepared stops the next one in prepare with nothing changed."""
 
 from __future__ import annotations
 
@@ -31,8 +33,8 @@ def _config(cmdline: str) -> dict[str, Any]:
     }
 
 
-def fleet(image: str) -> str:
-    entries = ", ".join(f'{{ id = "vm-{i:02d}", image = "{image}" }}' for i in range(VMS))
+def fleet(image: str, n: int = VMS) -> str:
+    entries = ", ".join(f'{{ id = "vm-{i:02d}", image = "{image}" }}' for i in range(n))
     return (
         f"[workers.host-a]\nvms = [ {entries} ]\n"
         '[rollout]\nmax_parallel = 5\nhealth = "none"\nmin_healthy_time = "1s"\n'
@@ -99,3 +101,48 @@ def test_twenty_vms_roll_never_more_than_five_unavailable(
     events = [json.loads(line) for line in listed.stdout.splitlines()]
     replaced = Counter(e["vm_id"] for e in events if e["kind"] == "replaced")
     assert replaced == dict.fromkeys(vms, 1), replaced
+
+
+def wait_phase(fleet_: FakeFleet, phases: set[str], timeout: float = 60) -> dict[str, Any]:
+    shown: dict[str, Any] = {}
+
+    def reached() -> bool:
+        nonlocal shown
+        shown = fleet_.json("rollout", "status")
+        return shown["phase"] in phases
+
+    fleet_.wait_for(f"the rollout to be {sorted(phases)}", reached, timeout=timeout)
+    return shown
+
+
+def test_a_canary_waits_for_promotion_and_an_image_that_cannot_be_prepared_changes_nothing(
+    fake_fleet: FakeFleet, add_image: AddImage
+) -> None:
+    v1 = add_image("canary-vm", _config("console=ttyS0"))
+    v2 = add_image("canary-vm-v2", _config("console=ttyS0 v2"))
+    canary = "canary = 1\n"
+    fake_fleet.apply_ok(fleet(v1, 6) + canary)
+    applied = fake_fleet.apply(fleet(v2, 6) + canary)
+    assert applied.returncode == 0, applied.stderr
+    waiting = wait_phase(fake_fleet, {"awaiting promotion", "failed", "reverted"})
+    assert waiting["phase"] == "awaiting promotion", waiting
+    assert [vm["state"] for vm in waiting["vms"]] == ["healthy"] + ["waiting"] * 5
+    assert [vm["canary"] for vm in waiting["vms"]] == [True] + [False] * 5
+    promoted = fake_fleet.cli("rollout", "promote")
+    assert promoted.returncode == 0, promoted.stderr
+    assert wait_phase(fake_fleet, {"done", "failed", "reverted"})["phase"] == "done"
+    on_v2 = {f"vm-{i:02d}": store_path_hash(v2) for i in range(6)}
+    fake_fleet.wait_for(
+        "every VM on v2",
+        lambda: {k: v["observed_hash"] for k, v in fake_fleet.status_vms().items()} == on_v2,
+    )
+    # A closure no substituter has: the rollout stops in prepare, naming
+    # the worker and the path, and no VM changes.
+    missing = "/nix/store/" + "0" * 32 + "-never-built"
+    applied = fake_fleet.apply(fleet(missing, 6))
+    assert applied.returncode == 0, applied.stderr
+    failed = wait_phase(fake_fleet, {"done", "failed", "reverted"})
+    assert failed["phase"] == "failed"
+    assert failed["reason"].startswith(f"worker host-a cannot prepare {missing}")
+    assert {vm["state"] for vm in failed["vms"]} == {"waiting"}
+    assert {k: v["observed_hash"] for k, v in fake_fleet.status_vms().items()} == on_v2
