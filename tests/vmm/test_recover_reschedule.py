@@ -96,3 +96,19 @@ def test_a_live_reschedule_vm_is_readopted_but_not_restarted_until_assigned(
 
 def _held(obs: VmObservation | None) -> bool:
     return obs is not None and obs.phase is Phase.PENDING and "reschedule" in obs.message
+
+
+def test_a_held_vm_the_assignment_no_longer_names_is_removed_without_running(
+    make_manager: ManagerFactory, state_dir: Path
+) -> None:
+    first = make_manager()
+    pid = first.ensure(RESCHEDULE).pid
+    first.close()
+    _kill(pid)
+
+    second = make_manager()
+    [held] = second.recover()
+    assert (held.phase, held.pid) == (Phase.PENDING, None)
+    second.remove("r", op_id="op-moved")  # the master moved it: not in the assignment
+    assert second.get("r") is None and not (state_dir / "vms" / "r").exists()
+    assert _vmms(state_dir, "r") == []
