@@ -61,12 +61,14 @@ def test_twenty_vms_roll_never_more_than_five_unavailable(
     worst, samples = 0, 0
     try:
         while applying.poll() is None:
+            # The VMs first, then the rollout: a rollout still under way
+            # after the VMs were read was under way when they were.
+            vms = fake_fleet.status_vms()
             shown = fake_fleet.cli("rollout", "status", "--json")
             if shown.returncode != 0:  # not applied yet: "no rollout yet"
                 assert "no rollout yet" in shown.stderr, shown.stderr
                 continue
             rollout = json.loads(shown.stdout)
-            vms = fake_fleet.status_vms()
             # Once the rollout is over its checks are no longer sent (the
             # worker reports them unchecked): only a VM not running counts.
             gating = rollout["phase"] not in ("done", "failed", "reverted")
