@@ -1752,6 +1752,9 @@ class MasterService:
             deletes=() if changes is None else changes.removed,
             whole=changes is None,
             ack=RemovalAck(observed, now) if confirms else None,
+            # Stored so that a leader on another master sees the prepare
+            # phase's progress (its cache is built from the store).
+            prepared=status.prepared,
         )
         try:
             written = await self._store.write_status(write)

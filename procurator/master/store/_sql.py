@@ -55,10 +55,12 @@ from procurator.core.snapshot import SnapshotInfo
 from procurator.master.store.codec import (
     decode_diffs,
     decode_info,
+    decode_prepared,
     decode_rules,
     decode_vm_status,
     encode_diffs,
     encode_info,
+    encode_prepared,
     encode_rules,
     encode_vm_status,
 )
@@ -162,7 +164,7 @@ def _removals(tx: Tx, worker_id: str | None = None) -> dict[str, dict[str, Remov
 
 _STATE_COLUMNS = (
     "worker_id, version, master_id, session, info, connected, since_unix_ms, "
-    "renewed_unix_ms, expires_unix_ms, observed_generation, reported_unix_ms"
+    "renewed_unix_ms, expires_unix_ms, observed_generation, reported_unix_ms, prepared"
 )
 
 
@@ -179,7 +181,7 @@ def _workers(tx: Tx, worker_id: str | None = None) -> dict[str, StoredWorker]:
     found: dict[str, StoredWorker] = {}
     for row in tx.run(f"SELECT {_STATE_COLUMNS} FROM worker_state" + where, params):
         (worker, version, master_id, session, info, connected, since, renewed, expires) = row[:9]
-        observed, reported = row[9:]
+        observed, reported, prepared = row[9:]
         registration = (
             Registration(
                 master_id,
@@ -194,7 +196,9 @@ def _workers(tx: Tx, worker_id: str | None = None) -> dict[str, StoredWorker]:
             else None
         )
         status = (
-            WorkerStatus(worker, observed, tuple(statuses.get(worker, ())))
+            WorkerStatus(
+                worker, observed, tuple(statuses.get(worker, ())), decode_prepared(prepared)
+            )
             if observed is not None
             else None
         )
@@ -726,9 +730,14 @@ def write_status(tx: Tx, write: StatusWrite) -> StatusWritten:
             (write.ack.unix_ms, write.worker_id, write.ack.observed_generation),
         )
     (version,) = tx.run(
-        "UPDATE worker_state SET observed_generation = ?, reported_unix_ms = ?, "
+        "UPDATE worker_state SET observed_generation = ?, reported_unix_ms = ?, prepared = ?, "
         "version = {next_version} WHERE worker_id = ? RETURNING version",
-        (write.observed_generation, write.reported_unix_ms, write.worker_id),
+        (
+            write.observed_generation,
+            write.reported_unix_ms,
+            encode_prepared(write.prepared),
+            write.worker_id,
+        ),
     )[0]
     tx.notify(Change(ChangeKind.WORKER, version, write.worker_id))
     return StatusWritten(int(holder[2]), int(version))

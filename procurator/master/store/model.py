@@ -14,6 +14,7 @@ from procurator.core.models import (
     Assignment,
     OnWorkerLost,
     PlacementStrategy,
+    PreparedImage,
     VmAssignment,
     VmStatus,
     WorkerDiff,
@@ -50,7 +51,7 @@ __all__ = [
     "WorkerDump",
 ]
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 """1: fleet and generations; 2: request ids, removals; 3: worker state
 (sessions, leases, statuses), events, leader leases (the HA store); 4: the
 unpinned VMs' placement rules and the strategy (``PlacementRecord``); 5:
@@ -59,7 +60,8 @@ fleet-wide ``snapshot list``; not part of an export); 6: workers' modes
 (cordoned, draining and a drain's progress) and handoffs
 (``procurator.core.drain``); 7: rollouts (``procurator.core.rollout``: one
 document per rollout, the newest ``ROLLOUTS_KEPT``; not part of an
-export)."""
+export); 8: each worker's prepared images (``WorkerStatus.prepared``, with
+its status: any master's leader sees a rollout's prepare progress)."""
 
 REQUESTS_KEPT = 1000
 ROLLOUTS_KEPT = 100
@@ -203,6 +205,8 @@ class StatusWrite:
     deletes: tuple[str, ...] = ()
     whole: bool = False
     ack: RemovalAck | None = None
+    # Whole in every report (full or changes): replaces the stored one.
+    prepared: tuple[PreparedImage, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

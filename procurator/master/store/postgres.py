@@ -206,6 +206,12 @@ CREATE TABLE IF NOT EXISTS rollouts (
 );
 """
 
+# 8: each worker's prepared images (WorkerStatus.prepared), written with its
+# status ("": none, as an older row reads).
+_SCHEMA_V8 = """
+ALTER TABLE worker_state ADD COLUMN IF NOT EXISTS prepared TEXT NOT NULL DEFAULT '';
+"""
+
 # (version, what brings the schema from the one before to it). PostgreSQL
 # stores start at 3, the version of SQLite's schema with the same tables.
 _MIGRATIONS: tuple[tuple[int, str], ...] = (
@@ -214,6 +220,7 @@ _MIGRATIONS: tuple[tuple[int, str], ...] = (
     (5, _SCHEMA_V5),
     (6, _SCHEMA_V6),
     (7, _SCHEMA_V7),
+    (8, _SCHEMA_V8),
 )
 
 _DIALECT = {

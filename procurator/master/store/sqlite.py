@@ -15,8 +15,10 @@ are ``_sql``'s, shared with PostgreSQL; what is SQLite's own:
   and workers send them again).
 - Schema versions: 1 (fleet), 2 (request ids, removals: removals in flight
   when a version 1 master stopped are not known), 3 (worker state, events,
-  leases). An older database is migrated in place when opened (``migrate``,
-  the default) and refused otherwise; a newer one is refused.
+  leases), 4-7 (new tables only), 8 (``worker_state.prepared``: a column
+  added to a table that exists). An older database is migrated in place
+  when opened (``migrate``, the default) and refused otherwise; a newer one
+  is refused.
 
 Threading: ``sqlite3`` blocks, so every call runs in a worker thread through
 ``trio.to_thread.run_sync`` with a ``CapacityLimiter(1)``; that limiter also
@@ -103,7 +105,8 @@ CREATE TABLE IF NOT EXISTS worker_state (
     renewed_unix_ms INTEGER NOT NULL DEFAULT 0,
     expires_unix_ms INTEGER NOT NULL DEFAULT 0,
     observed_generation INTEGER,
-    reported_unix_ms INTEGER NOT NULL DEFAULT 0
+    reported_unix_ms INTEGER NOT NULL DEFAULT 0,
+    prepared TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS vm_status (
     worker_id TEXT NOT NULL,
@@ -169,6 +172,10 @@ INSERT OR IGNORE INTO meta VALUES ('strategy', 0);
 
 # Version 1 had no request ids (nor removals: their table is new).
 _MIGRATE_FROM_1 = "ALTER TABLE applies ADD COLUMN request_id TEXT NOT NULL DEFAULT ''"
+
+# Version 8 stores each worker's prepared images with its status; a
+# worker_state table made before has no column for them.
+_MIGRATE_TO_8 = "ALTER TABLE worker_state ADD COLUMN prepared TEXT NOT NULL DEFAULT ''"
 
 _DIALECT = {
     "now": "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)",
@@ -377,6 +384,9 @@ def _prepare_schema(db: sqlite3.Connection, path: Path, migrate: bool) -> None:
     try:
         if version == 1:
             db.execute(_MIGRATE_FROM_1)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(worker_state)")}
+        if "prepared" not in columns:
+            db.execute(_MIGRATE_TO_8)
         db.execute(
             "INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE "
             "SET value = excluded.value",
