@@ -13,7 +13,20 @@ import traceback
 from collections.abc import Callable
 from types import FrameType
 
-from bench import change, confine, fanout, ha, heal, idle, placement, resync, snapshot, start, wire
+from bench import (
+    change,
+    confine,
+    fanout,
+    ha,
+    heal,
+    idle,
+    placement,
+    resync,
+    rollout,
+    snapshot,
+    start,
+    wire,
+)
 from bench._harness import Row, Run
 
 # In this order: start leaves the 1,000-VM fleet that change and idle use.
@@ -28,6 +41,7 @@ BENCHMARKS: dict[str, Callable[[Run], list[Row]]] = {
     snapshot.NAME: snapshot.measure,
     ha.NAME: ha.measure,
     heal.NAME: heal.measure,
+    rollout.NAME: rollout.measure,
     fanout.NAME: fanout.measure,  # last: the heaviest, its load outlasts it
 }
 
