@@ -211,7 +211,7 @@ def assert_rolled_once(
     now = {vm: pid for by_vm in lab.vmm_pids_by_worker().values() for vm, pid in by_vm.items()}
     assert set(now) == vm_ids
     assert all(now[vm] != before[vm] for vm in vm_ids), (before, now)
-    assert sampler.samples >= 10, sampler.samples
+    assert sampler.samples >= 2, sampler.samples  # the rollout was watched while it ran
     # The old VMM and the new one; not counted: a VMM a worker launched and
     # was killed before it recorded it, which it stops when it restarts.
     launched = {vm: len(pids - aborted.get(vm, set())) for vm, pids in sampler.pids.items()}
