@@ -157,13 +157,17 @@ class HandlesRecord:
     before it records the handle, the next owner knows to look for a VMM that
     nobody recorded (by its launch marker, ``process.launch_env``). ``hash`` is
     the spec hash the VMM was booted with, so a re-adopted VMM can be compared
-    with the desired spec.
+    with the desired spec. ``previous`` (in a ``spawning`` record) is the hash
+    the VM's last VMM ran ("" when none ever did): the old guest is gone by
+    then, so a worker killed mid-launch leaves only this to tell its next
+    owner that the launch replaces the VM rather than creates it.
     """
 
     driver: str
     spawning: bool = False
     handle: VmmHandle | None = None
     hash: str = ""
+    previous: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -171,6 +175,7 @@ class HandlesRecord:
             "spawning": self.spawning,
             "handle": self.handle.to_json() if self.handle is not None else None,
             "hash": self.hash,
+            "previous": self.previous,
         }
 
     @classmethod
@@ -181,6 +186,8 @@ class HandlesRecord:
             spawning=bool(data.get("spawning", False)),
             handle=VmmHandle.from_json(raw) if isinstance(raw, Mapping) else None,
             hash=str(data.get("hash", "")),
+            # Absent in a record written before it: nothing known ran.
+            previous=str(data.get("previous", "")),
         )
 
 

@@ -139,6 +139,9 @@ class VmSupervisor:
         self.pending: _Pending | None = None
         self.ever_started = False
         self.replacing = False
+        # The hash the VM's last VMM ran, kept once it is gone: a launch's
+        # ``spawning`` record carries it to the next owner (``_adopt``).
+        self.last_hash = ""
         self.last_failure = ""  # why the VM last went down, shown while waiting
         self.trouble = ""  # what the last unanswered or senseless check said
         # (request, "pause"|"resume", cause) of the last refused power change:
@@ -360,7 +363,10 @@ class VmSupervisor:
         recorded = record.handle if record is not None else None
         live = self.driver.adopt(self.paths, recorded) if recorded is not None else None
         if record is None or recorded is None or live is None:
-            if recorded is not None:
+            if record is not None and recorded is None and record.previous:
+                self._resume_launch(record.previous)
+            if record is not None and recorded is not None:
+                self.last_hash = record.hash
                 log.info("VM %s: recorded VMM pid %s is gone", self.vm.vm_id, recorded.pid)
                 # It died while nobody watched: starting it again is a restart.
                 self.restart = RestartState(failures=1)
@@ -387,10 +393,29 @@ class VmSupervisor:
         )
         log.info("VM %s: re-adopted VMM pid %s", self.vm.vm_id, live.pid)
 
+    def _resume_launch(self, previous: str) -> None:
+        """The last owner died launching a VMM it had not recorded, after
+        the VM had run ``previous`` (its ``spawning`` record): the VM
+        exists, and a launch of another hash is the replacement it was
+        making, told as ``replaced``, not as a new VM ``created``."""
+        self.last_hash = previous
+        self.ever_started = True
+        target = self.facts.target
+        if target is not None and target.hash != previous:
+            self.replacing = True
+            log.info(
+                "VM %s: the last owner died replacing %s with %s; resuming",
+                self.vm.vm_id,
+                previous,
+                target.hash,
+            )
+
     def _take(self, handle: VmmHandle, booted_hash: str, *, foreign: bool = False) -> None:
         """From now on ``handle`` is this VM's VMM."""
         alive = self.watch.open(handle)
         self.handle = handle
+        if booted_hash:
+            self.last_hash = booted_hash
         self.known_state = None
         self._note(vmm=VmmFacts(booted_hash=booted_hash, alive=alive, foreign=foreign))
         with self.vm.cond:
@@ -560,7 +585,8 @@ class VmSupervisor:
     def _launch(self, spec: VmSpec, *, restore_from: Path | None = None) -> VmmHandle:
         """Where this VM's VMMs are born: what a dead one left is cleared,
         the launch is recorded before (``spawning``: the next owner looks
-        for an unrecorded VMM if this worker dies now) and after (the
+        for an unrecorded VMM if this worker dies now, and learns what the
+        VM last ran) and after (the
         handle); a VMM whose handle cannot be recorded is stopped again.
         The VMM is jailed (``procurator.worker.jail``: its uid, cgroup and
         writable directories prepared here, under the VM's flock) unless
@@ -568,7 +594,10 @@ class VmSupervisor:
         read back once it runs (``_observe_confinement``)."""
         assert self.vm.flock is not None
         self._clear_leftovers()
-        self.m.state.write_handles(self.vm.flock, HandlesRecord(self.driver.name, spawning=True))
+        self.m.state.write_handles(
+            self.vm.flock,
+            HandlesRecord(self.driver.name, spawning=True, previous=self.last_hash),
+        )
         jail = self.m.jail
         vm_jail = (
             jail.prepare(self.vm.vm_id, spec.definition, self.paths) if jail is not None else None

@@ -492,6 +492,50 @@ def test_recover_kills_an_unrecorded_vmm_started_through_a_wrapper(
         driver.close()
 
 
+def test_a_replacement_interrupted_by_a_worker_kill_is_reported_as_a_replacement(
+    make_manager: ManagerFactory, state_dir: Path, recorder: Recorder
+) -> None:
+    # A worker replacing h1 by h2 is killed once it launched the new VMM
+    # (its vm.boot held by a fault) and before it recorded it: the old
+    # guest is gone and only the spawning record says what ran. The next
+    # owner stops the unrecorded VMM and launches h2: that is the VM's
+    # replacement, not the creation of a new VM.
+    worker = subprocess.Popen(
+        [sys.executable, str(HERE / "worker_proc.py"), str(state_dir), "k1", "--then", "h2"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert worker.stdin is not None and worker.stdout is not None
+        old = json.loads(worker.stdout.readline())["k1"]
+        write_faults(state_dir, "k1", {"hang": ["vm.boot"]})
+        worker.stdin.write("go\n")
+        worker.stdin.flush()
+        deadline = time.monotonic() + 30.0
+        while [pid for pid, _ in vmms_of(state_dir, "k1")] in ([], [old]):
+            assert worker.poll() is None and time.monotonic() < deadline, "no new VMM launched"
+            time.sleep(0.02)
+    finally:
+        worker.kill()
+        worker.wait()
+        for pipe in (worker.stdin, worker.stdout):
+            if pipe is not None:
+                pipe.close()
+    [(orphan, _)] = vmms_of(state_dir, "k1")
+    assert orphan != old and not alive(old)
+    assert json.loads((state_dir / "vms" / "k1" / "handles.json").read_text())["spawning"]
+    (state_dir / "vms" / "k1" / "run" / "api.sock.fault").unlink()
+
+    [obs] = make_manager().recover()
+    assert obs.phase is Phase.RUNNING and obs.observed_hash == "h2"
+    assert not alive(orphan) and [pid for pid, _ in vmms_of(state_dir, "k1")] == [obs.pid]
+    kinds = recorder.kinds("k1")
+    assert EventKind.REPLACED in kinds, kinds
+    assert EventKind.CREATED not in kinds and EventKind.BOOTED not in kinds, kinds
+    assert obs.restarts == 0
+
+
 def test_an_upgraded_worker_readopts_what_the_previous_release_started(
     make_manager: ManagerFactory, state_dir: Path, recorder: Recorder
 ) -> None:

@@ -1,12 +1,15 @@
 """A worker-like process for the crash tests: it builds a VmManager on a
 state dir, ensures VMs, prints one JSON line {vm_id: pid} and then waits to
-be killed (the test sends it SIGKILL).
+be killed (the test sends it SIGKILL). With ``--then HASH``, once it reads a
+line on stdin, it replaces each VM by one of spec hash HASH (in turn) before
+it waits: a test kills it mid-replacement.
 
-    python worker_proc.py <state_dir> <vm_id>...
+    python worker_proc.py <state_dir> <vm_id>... [--then HASH]
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import threading
@@ -14,20 +17,32 @@ from pathlib import Path
 
 from vmmhelpers import FAST, FAST_POLICY, definition, fake_driver, make_jail
 
+from procurator.core.errors import ProcuratorError
 from procurator.worker.manager import VmManager, VmSpec
 
 
 def main() -> None:
     state_dir = Path(sys.argv[1])
+    vm_ids = sys.argv[2:]
+    then = ""
+    if "--then" in vm_ids:
+        at = vm_ids.index("--then")
+        vm_ids, then = vm_ids[:at], vm_ids[at + 1]
     # Its own jail and jailer, as a worker has: killing this process ends
     # its jailer too (the jailer sees its socket close).
     jail = make_jail(state_dir)
     manager = VmManager(state_dir, fake_driver(), timeouts=FAST, policy=FAST_POLICY, jail=jail)
     pids = {}
-    for vm_id in sys.argv[2:]:
+    for vm_id in vm_ids:
         obs = manager.ensure(VmSpec(vm_id, "h1", definition()))
         pids[vm_id] = obs.pid
     print(json.dumps(pids), flush=True)
+    if then:
+        sys.stdin.readline()  # the test has set its faults
+        for vm_id in vm_ids:
+            # The test may hold the new VMM's boot (a fault) and kill us then.
+            with contextlib.suppress(ProcuratorError):
+                manager.ensure(VmSpec(vm_id, then, definition()))
     threading.Event().wait()
 
 
