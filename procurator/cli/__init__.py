@@ -8,6 +8,14 @@ master through ``procurator.rpc``; ``certs`` makes a fleet's certificates.
 Flags several commands share (the master's address, TLS, logging, checked
 numbers) are in ``args``.
 
+The commands are a table (``COMMANDS``: name, one-line help, the
+``"module:function"`` that registers its parser) and a command's module is
+imported only when that command is parsed (run, or its ``--help`` shown):
+``procurator status`` does not import the master's and the worker's
+composition roots (pyroute2, psycopg, httpx, the VMMs), and ``procurator
+--help`` imports no command at all. The one-line help lives in the table
+only; a module's ``add_parser`` gives its parser's description and flags.
+
 Exit statuses are named in ``exits`` (0 done, 1 refused/invalid/
 unreachable, 2 bad usage, 3-6 ``apply``'s outcomes, 130 interrupted, 141
 the reader of the output went away) and listed in ``procurator --help``.
@@ -17,13 +25,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import io
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, MutableMapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from procurator import __version__
-from procurator.cli import apply, certs, master, ops, rollout, snapshot, status, top, worker
 from procurator.cli.exits import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -34,7 +44,7 @@ from procurator.cli.pipes import discard_output, output_closed
 from procurator.core.errors import ProcuratorError
 from procurator.rpc.address import DEFAULT_PORT
 
-__all__ = ["build_parser", "main"]
+__all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
 # Commands that run until stopped, logging; the rest print and end.
 _DAEMONS = ("master", "worker")
@@ -55,6 +65,149 @@ reader of the output went away (procurator events -f | head -n 3): the
 command ends quietly, and what it did before printing is whole."""
 
 
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its name, its line in ``procurator --help`` and the
+    ``"module:function"`` that adds its parser (and those of the commands
+    sharing its module) to the subcommands action it is given."""
+
+    name: str
+    help: str
+    parser: str
+
+
+COMMANDS = (
+    Command(
+        "master",
+        "run the master (desired state, generations, pushes to workers)",
+        "procurator.cli.master:add_parser",
+    ),
+    Command(
+        "worker",
+        "run a worker (connects to the master, runs its assigned VMs); "
+        "cordon, uncordon or drain one",
+        "procurator.cli.worker:add_parser",
+    ),
+    Command(
+        "apply",
+        "apply a fleet file (TOML or JSON) and print what changes",
+        "procurator.cli.apply:add_parser",
+    ),
+    Command(
+        "status",
+        "show each worker's connection, generations and VMs by phase",
+        "procurator.cli.status:add_parser",
+    ),
+    Command(
+        "describe",
+        "show one VM: desired vs observed state, its worker and recent events",
+        "procurator.cli.ops:add_parsers",
+    ),
+    Command(
+        "events",
+        "print the fleet's recent VM events; --follow streams new ones",
+        "procurator.cli.ops:add_parsers",
+    ),
+    Command(
+        "snapshot",
+        "create, list, delete or restore VM snapshots",
+        "procurator.cli.snapshot:add_parser",
+    ),
+    Command(
+        "rollout",
+        "show, pause, resume, promote or undo a rollout",
+        "procurator.cli.rollout:add_parser",
+    ),
+    Command(
+        "top",
+        "live view of the fleet: workers, convergence, VMs by phase, recent events",
+        "procurator.cli.top:add_parser",
+    ),
+    Command(
+        "certs",
+        "make a private CA and TLS certificates for a fleet",
+        "procurator.cli.certs:add_parser",
+    ),
+)
+
+
+class _Parsers(MutableMapping[str, argparse.ArgumentParser]):
+    """The subcommands' parsers by name, in ``COMMANDS`` order. Every name
+    is in it from the start, so argparse's choice check and its "invalid
+    choice" message need no module; a command's parser is built (its
+    module imported, its ``add_parser`` called on ``action``) when it is
+    first looked up."""
+
+    def __init__(self, commands: Sequence[Command], action: argparse.Action) -> None:
+        self._action = action
+        self._pending = {c.name: c.parser for c in commands}
+        self._built: dict[str, argparse.ArgumentParser] = {}
+        self._names = [c.name for c in commands]
+
+    def __getitem__(self, name: str) -> argparse.ArgumentParser:
+        target = self._pending.get(name)
+        if target is not None:
+            # The function adds every command of its module (``ops``: two).
+            for other in [n for n, t in self._pending.items() if t == target]:
+                del self._pending[other]
+            module, _, function = target.partition(":")
+            getattr(importlib.import_module(module), function)(self._action)
+        return self._built[name]
+
+    def __setitem__(self, name: str, parser: argparse.ArgumentParser) -> None:
+        if name not in self._names:
+            self._names.append(name)
+        self._built[name] = parser
+
+    def __delitem__(self, name: str) -> None:
+        self._names.remove(name)
+        self._pending.pop(name, None)
+        self._built.pop(name, None)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._names))
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def pending(self, name: str) -> bool:
+        """Whether ``name`` is a command of the table not built yet."""
+        return name in self._pending or (name in self._names and name not in self._built)
+
+
+class _Commands(argparse._SubParsersAction):  # type: ignore[type-arg]
+    """The subcommands action over ``_Parsers``: each command of
+    ``COMMANDS`` is listed in ``--help`` with the table's line from the
+    start; its module's ``add_parser`` adds its parser on first use, with
+    no ``help`` of its own (the table's is the one).
+
+    It uses what ``argparse._SubParsersAction`` keeps (``_name_parser_map``,
+    the ``choices`` it shares, ``_choices_actions`` listed by ``--help``),
+    unchanged since Python 3.2; tests/ops/test_cli_imports.py and the
+    tests that walk every subcommand (tests/docs) would see it change."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._parsers = _Parsers(COMMANDS, self)
+        self._name_parser_map = self._parsers  # type: ignore[assignment]
+        self.choices = self._parsers  # type: ignore[assignment]
+        for command in COMMANDS:
+            self._choices_actions.append(self._ChoicesPseudoAction(command.name, (), command.help))
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        if not self._parsers.pending(name):
+            return super().add_parser(name, **kwargs)  # type: ignore[no-any-return]
+        if "help" in kwargs or "aliases" in kwargs:
+            raise TypeError(f"the command {name}'s help line is in procurator.cli.COMMANDS")
+        kwargs.setdefault("prog", f"{self._prog_prefix} {name}")
+        parser: argparse.ArgumentParser = self._parser_class(**kwargs)
+        self._parsers[name] = parser
+        return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``procurator`` parser: every subcommand, its flags and help."""
     parser = argparse.ArgumentParser(
@@ -64,14 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"procurator {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (master, worker, apply, status):
-        command.add_parser(sub)
-    ops.add_parsers(sub)
-    snapshot.add_parser(sub)
-    rollout.add_parser(sub)
-    top.add_parser(sub)
-    certs.add_parser(sub)
+    parser.add_subparsers(dest="command", required=True, metavar="COMMAND", action=_Commands)
     return parser
 
 

@@ -68,7 +68,6 @@ def add_parser(sub: Any) -> None:
     raw = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser(
         "apply",
-        help="apply a fleet file (TOML or JSON) and print what changes",
         description=(
             "Validate a fleet file locally, send it to the master and print the\n"
             "per-worker diff (added / replaced / removed / power / updated).\n"

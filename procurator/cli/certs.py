@@ -21,7 +21,6 @@ def add_parser(sub: Any) -> None:
     raw = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser(
         "certs",
-        help="make a private CA and TLS certificates for a fleet",
         description=(
             "Make a small private CA and the certificates of a fleet's master,\n"
             "workers and operators (mutual TLS; see docs/SECURITY.md).\n\n"

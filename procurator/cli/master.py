@@ -40,7 +40,6 @@ def add_parser(sub: Any) -> None:
     """Register ``master`` on the ``procurator`` parser."""
     p = sub.add_parser(
         "master",
-        help="run the master (desired state, generations, pushes to workers)",
         description=(
             "Run the master: it stores the desired fleet in its database, hands out\n"
             "generations, and pushes each worker its assignment.\n\n"

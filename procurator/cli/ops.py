@@ -249,7 +249,6 @@ def add_parsers(sub: Any) -> None:
 
     p = sub.add_parser(
         "describe",
-        help="show one VM: desired vs observed state, its worker and recent events",
         description=(
             "Show everything the master knows about one VM: desired vs observed\n"
             "hash, generation, power and phase; its worker and address; restarts;\n"
@@ -273,7 +272,6 @@ def add_parsers(sub: Any) -> None:
 
     p = sub.add_parser(
         "events",
-        help="print the fleet's recent VM events; --follow streams new ones",
         description=(
             "Print recent VM events the workers reported (created, booted,\n"
             "crashed, restarted, replaced, stopped, paused, resumed, failed,\n"

@@ -37,7 +37,6 @@ def add_parser(sub: Any) -> None:
     raw = argparse.RawDescriptionHelpFormatter
     parser = sub.add_parser(
         "rollout",
-        help="show, pause, resume, promote or undo a rollout",
         description=(
             "A rollout replaces the VMs an apply changes in health-gated batches\n"
             "(a fleet with [rollout]; docs/ROLLOUTS.md). ID: the rollout's id, as\n"

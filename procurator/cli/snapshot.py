@@ -104,7 +104,6 @@ def add_parser(sub: Any) -> None:
     raw = argparse.RawDescriptionHelpFormatter
     parser = sub.add_parser(
         "snapshot",
-        help="create, list, delete or restore VM snapshots",
         description=(
             "Snapshots of a VM's memory, devices and writable disks, kept by the\n"
             "worker that runs it (docs/SNAPSHOTS.md). Names: 1-63 characters of\n"

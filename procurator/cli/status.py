@@ -27,7 +27,6 @@ def add_parser(sub: Any) -> None:
     """Register ``status`` on the ``procurator`` parser."""
     p = sub.add_parser(
         "status",
-        help="show each worker's connection, generations and VMs by phase",
         description=(
             "Show the fleet generation and, per worker: its state (ready; lost:\n"
             "its lease expired; cordoned: takes no new VMs; draining N/M: its\n"

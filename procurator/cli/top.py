@@ -420,7 +420,6 @@ def add_parser(sub: Any) -> None:
     """Register ``top`` on the ``procurator`` parser."""
     p = sub.add_parser(
         "top",
-        help="live view of the fleet: workers, convergence, VMs by phase, recent events",
         description=(
             "A live view of the fleet: each worker's connection, desired vs\n"
             "observed generation and VMs by phase, the fleet's convergence and\n"

@@ -63,8 +63,6 @@ def add_parser(sub: Any) -> None:
     """Register ``worker`` on the ``procurator`` parser."""
     p = sub.add_parser(
         "worker",
-        help="run a worker (connects to the master, runs its assigned VMs); "
-        "cordon, uncordon or drain one",
         description=(
             "Run a worker: it dials the master, registers, receives its\n"
             "assignment and reports what it observes. It keeps running its VMs\n"
