@@ -161,6 +161,16 @@ def guest_starts(database: str, after: int) -> Counter[str]:
     return Counter(vm_id for (vm_id,) in rows)
 
 
+def event_kinds(database: str, vm_id: str, after: int) -> list[str]:
+    """The kinds of VM ``vm_id``'s events after event ``after``, in order."""
+    with psycopg.connect(database) as conn:
+        rows = conn.execute(
+            "SELECT kind FROM events WHERE seq > %s AND vm_id = %s ORDER BY seq",
+            (after, vm_id),
+        ).fetchall()
+    return [str(kind) for (kind,) in rows]
+
+
 UNRECORDED_RE = re.compile(r"killing VMM pid (\d+) of \S+/vms/(\S+) that no handle recorded")
 
 
@@ -327,3 +337,8 @@ def test_kill9_of_a_worker_mid_rollout(one_master: HaLab, images: tuple[str, str
     assert set(aborted) <= {vm0, "host-0-vm1"}, aborted
     assert all(len(pids) == 1 for pids in aborted.values()), aborted
     assert_rolled_once(lab, sampler, before, events_before, store_path_hash(v2), aborted)
+    # ... and each interrupted launch is told as the replacement it was,
+    # never as a new VM: its spawning record says what the VM ran before.
+    for vm_id in aborted:
+        kinds = event_kinds(lab.database, vm_id, events_before)
+        assert "replaced" in kinds and "created" not in kinds, (vm_id, kinds)
