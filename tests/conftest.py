@@ -35,6 +35,7 @@ import contextlib
 import functools
 import os
 import re
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -43,6 +44,16 @@ from pathlib import Path
 
 import pytest
 from testnames import TOKEN, is_ours
+
+# Tests press Ctrl-C on the commands they run (`events --follow`, `top`):
+# SIGINT must reach them as the default KeyboardInterrupt. A run started in
+# the background of a non-interactive shell (`make test &` in a script)
+# inherits SIGINT and SIGQUIT *ignored*, which exec keeps and Python honours
+# (it installs no handler for a signal ignored at start-up), so those
+# commands would never stop. Restore the defaults for this process (pytest is
+# then interruptible too) and, through exec, for every child.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 _MARKER = f"PROCURATOR_TEST_SESSION={uuid.uuid4().hex}"
 os.environ["PROCURATOR_TEST_SESSION"] = _MARKER.split("=", 1)[1]

@@ -489,6 +489,8 @@ def _interrupt_once_printed(here: Scratch, line: str) -> tuple[int, str]:
         if follower.poll() is None:
             os.killpg(follower.pid, signal.SIGKILL)
             follower.wait()
+        assert follower.stdout is not None
+        follower.stdout.close()  # on every path: a leaked pipe fails a later test
     return follower.returncode, (data + rest).decode(errors="replace")
 
 
