@@ -253,11 +253,15 @@ def _remove_every_vm(
     env: dict[str, str], states: dict[str, Path], logs: list[Path], namespace: str, link: str
 ) -> None:
     """Leave no VMM behind: the link up, an empty fleet applied, and both
-    workers seen to hold no VM (their VMMs stopped by the product)."""
+    workers seen to hold no VM (their VMMs stopped by the product, and
+    ``--wait`` until they converged: a worker releases a removed VM's GC
+    root after its VMM stops)."""
     set_link(namespace, link, "up")
     empty = states["host-a"].parent / "empty.toml"
     empty.write_text("[workers.host-a]\nvms = []\n\n[workers.host-b]\nvms = []\n")
-    result = run_cli(env, "apply", str(empty), "--insecure")
+    result = run_cli(
+        env, "apply", str(empty), "--insecure", "--wait", "--timeout", "120", timeout=150
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     sampler = Sampler(states)
     wait_for("every VMM to stop", lambda: not sampler.running() and not _vmms(states), logs)
