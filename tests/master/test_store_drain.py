@@ -60,6 +60,13 @@ async def two_workers(store: Store) -> int:
     return generation
 
 
+async def leader(store: Store) -> Fence:
+    """m1 leads: the fence of a leader's writes (handoffs, drains)."""
+    epoch = await store.acquire_lease("leader", "m1", lease_ms=60_000)
+    assert epoch is not None
+    return Fence("leader", "m1", epoch)
+
+
 async def test_cordon_uncordon_and_drain_are_durable_idempotent_and_move_the_version(
     store: Store,
 ) -> None:
@@ -102,9 +109,7 @@ async def test_an_unknown_worker_or_a_bad_bound_is_refused_and_changes_nothing(
 async def test_a_handoff_starts_completes_and_counts_for_its_drain(store: Store) -> None:
     g1 = await two_workers(store)
     await store.change_mode("w1", ModeAction.DRAIN, op_id="op-d", unix_ms=2)
-    epoch = await store.acquire_lease("leader", "m1", lease_ms=60_000)
-    assert epoch is not None
-    fence = Fence("leader", "m1", epoch)
+    fence = await leader(store)
     w2: list[VmAssignment] = []
     handoff = Handoff("u1", "w1", "w2", "op-d", 0, 3)
     g2 = await store.commit_handoffs(
@@ -160,7 +165,7 @@ async def test_a_handoff_starts_completes_and_counts_for_its_drain(store: Store)
         )
     with pytest.raises(FencedError):
         await store.commit_handoffs(
-            fence=Fence("leader", "m1", epoch + 1),
+            fence=Fence("leader", "m1", fence.epoch + 1),
             expected_generation=g3,
             changes={},
             before={},
@@ -173,9 +178,7 @@ async def test_a_handoff_starts_completes_and_counts_for_its_drain(store: Store)
 
 async def test_a_cancelled_handoff_is_its_targets_pending_removal(store: Store) -> None:
     g1 = await two_workers(store)
-    epoch = await store.acquire_lease("leader", "m1", lease_ms=60_000)
-    assert epoch is not None
-    fence = Fence("leader", "m1", epoch)
+    fence = await leader(store)
     g2 = await store.commit_handoffs(
         fence=fence,
         expected_generation=g1,
@@ -204,15 +207,13 @@ async def test_a_cancelled_handoff_is_its_targets_pending_removal(store: Store) 
 async def test_a_drain_is_blocked_and_finished_by_the_leader_only(store: Store) -> None:
     await two_workers(store)
     await store.change_mode("w1", ModeAction.DRAIN, op_id="op-d", unix_ms=2)
-    epoch = await store.acquire_lease("leader", "m1", lease_ms=60_000)
-    assert epoch is not None
-    fence = Fence("leader", "m1", epoch)
+    fence = await leader(store)
     assert await store.update_drain(fence, "w1", "op-d", blocked="u2: fits nowhere")
     mode = (await store.worker("w1")).mode
     assert mode is not None and mode.blocked == "u2: fits nowhere"
     assert not await store.update_drain(fence, "w1", "op-other", finished=True)
     with pytest.raises(FencedError):
-        await store.update_drain(Fence("leader", "m2", epoch), "w1", "op-d", finished=True)
+        await store.update_drain(Fence("leader", "m2", fence.epoch), "w1", "op-d", finished=True)
     assert await store.update_drain(fence, "w1", "op-d", finished=True)
     mode = (await store.worker("w1")).mode
     assert mode is not None and mode.state is WorkerState.CORDONED
@@ -222,9 +223,7 @@ async def test_a_handoff_called_off_leaves_a_vm_its_target_holds_now(store: Stor
     # The source was lost and a heal placed the VM on the handoff's target:
     # calling the handoff off must not make the target stop its own VM.
     g1 = await two_workers(store)
-    epoch = await store.acquire_lease("leader", "m1", lease_ms=60_000)
-    assert epoch is not None
-    fence = Fence("leader", "m1", epoch)
+    fence = await leader(store)
     g2 = await store.commit_handoffs(
         fence=fence,
         expected_generation=g1,
