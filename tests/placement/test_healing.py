@@ -5,6 +5,7 @@ workers as fake ``Node``s."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -12,9 +13,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from procurator.core.errors import UnsupportedError
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "master"))
+
+from masterhelpers import FakeNode
+
 from procurator.core.models import (
-    Assignment,
     Capacity,
     EventKind,
     Fleet,
@@ -30,24 +33,6 @@ from procurator.master.store import FleetStore, Registration
 
 IMAGE = "/nix/store/" + "d" * 32 + "-vm"
 LEASE = 1.0  # seconds: a worker's lease, and how long the master is up before it heals
-
-
-class FakeNode:
-    _ids = iter(range(1, 1_000_000))
-
-    def __init__(self) -> None:
-        self.connection_id = next(self._ids)
-        self.pushed: list[Assignment] = []
-
-    async def push(self, assignment: Assignment) -> None:
-        self.pushed.append(assignment)
-
-    async def push_changes(self, changes: object) -> None:
-        # An older worker: the master pushes it whole assignments.
-        raise UnsupportedError("Node.pushChanges: not implemented by this fake")
-
-    async def aclose(self) -> None:
-        pass
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ MasterService on a real SQLite store, workers as fake ``Node``s."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -10,9 +11,12 @@ import pytest
 import trio
 import trio.testing
 
-from procurator.core.errors import UnsupportedError, ValidationError
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "master"))
+
+from masterhelpers import FakeNode
+
+from procurator.core.errors import ValidationError
 from procurator.core.models import (
-    Assignment,
     Capacity,
     EventKind,
     Fleet,
@@ -29,26 +33,6 @@ from procurator.master.service import MasterService, fleet_digest
 from procurator.master.store import FleetStore
 
 IMAGE = "/nix/store/" + "a" * 32 + "-vm"
-
-
-class FakeNode:
-    """A worker's ``Node`` that records what it is pushed."""
-
-    _ids = iter(range(1, 1_000_000))
-
-    def __init__(self) -> None:
-        self.connection_id = next(self._ids)
-        self.pushed: list[Assignment] = []
-
-    async def push(self, assignment: Assignment) -> None:
-        self.pushed.append(assignment)
-
-    async def push_changes(self, changes: object) -> None:
-        # An older worker: the master pushes it whole assignments.
-        raise UnsupportedError("Node.pushChanges: not implemented by this fake")
-
-    async def aclose(self) -> None:
-        pass
 
 
 @pytest.fixture

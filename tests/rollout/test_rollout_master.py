@@ -5,13 +5,17 @@ from what they were pushed."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 import trio
 
-from procurator.core.errors import UnsupportedError
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "master"))
+
+from masterhelpers import FakeNode
+
 from procurator.core.models import (
     Assignment,
     EventKind,
@@ -37,23 +41,6 @@ from procurator.master.store.model import RolloutActiveError
 OLD = "/nix/store/" + "a" * 32 + "-web"
 NEW = "/nix/store/" + "b" * 32 + "-web"
 CHECK = HealthCheck(HealthKind.TCP, 22, min_healthy_ms=1000)
-
-
-class FakeNode:
-    _ids = iter(range(1, 1_000_000))
-
-    def __init__(self) -> None:
-        self.connection_id = next(self._ids)
-        self.pushed: list[Assignment] = []
-
-    async def push(self, assignment: Assignment) -> None:
-        self.pushed.append(assignment)
-
-    async def push_changes(self, changes: object) -> None:
-        raise UnsupportedError("Node.pushChanges: not implemented by this fake")
-
-    async def aclose(self) -> None:
-        pass
 
 
 class FakeWorker:
