@@ -59,6 +59,7 @@ __all__ = [
     "fence_due",
     "fence_message",
     "fenced_entry",
+    "fences",
     "heartbeat_interval",
 ]
 
@@ -95,11 +96,17 @@ def fence_due(last_contact: float, now: float, fence_after: float) -> bool:
     return now - last_contact >= fence_after
 
 
+def fences(reschedule: bool, power: PowerState) -> bool:
+    """Does the fence pause a VM so marked and desired ``power``? Only a
+    ``reschedule`` one desired running (a ``wait`` VM keeps running; one
+    desired paused or stopped already runs nothing)."""
+    return reschedule and power is PowerState.RUNNING
+
+
 def fenced_entry(vm: VmAssignment) -> VmAssignment | None:
     """What ``vm``'s desired entry becomes while the worker is fenced, or
-    None when the fence leaves it as it is (a ``wait`` VM, or one not
-    desired running)."""
-    if not vm.reschedule or vm.power is not PowerState.RUNNING:
+    None when the fence leaves it as it is (``fences``)."""
+    if not fences(vm.reschedule, vm.power):
         return None
     return dataclasses.replace(vm, power=FENCE_POWER)
 

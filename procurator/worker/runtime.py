@@ -64,10 +64,10 @@ import trio
 from procurator.core.assignments import AssignmentChanges, AssignmentUpdate
 from procurator.core.confinement import ImageLimits
 from procurator.core.errors import PermanentError, ProcuratorError
-from procurator.core.fence import fence_message, fenced_entry
+from procurator.core.fence import FENCE_POWER, fence_message, fences
 from procurator.core.jail import JailPolicy
 from procurator.core.metrics import VmSnapshot
-from procurator.core.models import Capacity, EventKind, VmAssignment, VmEvent
+from procurator.core.models import Capacity, EventKind, VmEvent
 from procurator.core.reconcile import Reconciler
 from procurator.core.status import StatusChanges
 from procurator.logs import some
@@ -429,7 +429,7 @@ class ReconcilingHandler:
     async def _fence_recovered(self, message: str) -> list[str]:
         """The fence of a worker that holds no assignment (restarted while
         cut off): each re-adopted VM whose ``vm.json`` says ``reschedule``
-        and desired running is paused (``fenced_entry``), with a ``paused``
+        and desired running is paused (``fences``), with a ``paused``
         event saying ``message``. Returns once they are paused: the link
         delivers nothing before this returns, so the whole assignment that
         ends the fence comes after, and the reconciler then converges each
@@ -439,17 +439,11 @@ class ReconcilingHandler:
         nothing."""
         specs = await trio.to_thread.run_sync(self.manager.specs)
         running = {o.vm_id for o in self.manager.list() if o.pid is not None}
-        fenced = []
-        for spec in specs:
-            if spec.vm_id not in running:
-                continue
-            entry = fenced_entry(
-                VmAssignment(
-                    spec.vm_id, spec.hash, spec.image, spec.power, reschedule=spec.reschedule
-                )
-            )
-            if entry is not None:
-                fenced.append(dataclasses.replace(spec, power=entry.power))
+        fenced = [
+            dataclasses.replace(spec, power=FENCE_POWER)
+            for spec in specs
+            if spec.vm_id in running and fences(spec.reschedule, spec.power)
+        ]
         paused: list[str] = []
 
         async def pause(spec: VmSpec) -> None:
