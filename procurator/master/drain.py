@@ -65,9 +65,6 @@ class DrainPlan:
     blocked: dict[str, str] = field(default_factory=dict)
     finished: list[str] = field(default_factory=list)
 
-    def __bool__(self) -> bool:
-        return bool(self.complete or self.cancel or self.start or self.blocked or self.finished)
-
 
 def _running_there(status: WorkerStatus | None, vm: VmAssignment, since: int) -> bool:
     if status is None or status.observed_generation < since:
