@@ -1395,11 +1395,13 @@ class MasterService:
         rollout = self._rollout_cache[1]
         if rollout is None:
             return FleetView(tuple(views))
-        statuses = {w: rollout_worker.status for w, rollout_worker in self._workers.items()}
-        return FleetView(
-            tuple(views),
-            view(rollout, {w: s for w, s in statuses.items() if s is not None}),
-        )
+        return FleetView(tuple(views), view(rollout, self._reported_statuses()))
+
+    def _reported_statuses(self) -> dict[str, WorkerStatus]:
+        """The last status of each worker that reported one."""
+        return {
+            w: worker.status for w, worker in self._workers.items() if worker.status is not None
+        }
 
     def worker_info(self) -> dict[str, WorkerInfo]:
         """What each worker said about itself when it last registered."""
@@ -2165,12 +2167,7 @@ class MasterService:
                 raise
             if message:
                 logger.info("%s", message, extra={"op_id": current.op_id})
-            statuses = {
-                worker_id: worker.status
-                for worker_id, worker in self._workers.items()
-                if worker.status is not None
-            }
-            return view(after, statuses, message)
+            return view(after, self._reported_statuses(), message)
         raise UnavailableError(
             f"rollout {rollout_id or '(current)'} kept changing while this {action.value} was "
             "written; try again"
