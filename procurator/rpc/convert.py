@@ -536,21 +536,10 @@ def fleet_from_reader(reader: Any, where: str = "fleet") -> Fleet:
         if reader._has("rollout")
         else None
     )
-    named = []
-    for field in ("groupRollouts", "vmRollouts"):
-        items = getattr(reader, field)
-        _check_length(len(items), LIMITS.max_vms_total, f"{where}.{field}")
-        named.append(
-            tuple(
-                sorted(
-                    (
-                        problems.text(f"{where}.{field}[{i}].name", item.name, limit=64),
-                        _rollout_settings(item.settings, f"{where}.{field}[{i}]", problems),
-                    )
-                    for i, item in enumerate(items)
-                )
-            )
-        )
+    named = [
+        _named_rollouts(getattr(reader, field), f"{where}.{field}", problems)
+        for field in ("groupRollouts", "vmRollouts")
+    ]
     problems.raise_if_any()
     return Fleet(
         tuple(sorted(workers, key=lambda pair: pair[0])),
@@ -560,6 +549,22 @@ def fleet_from_reader(reader: Any, where: str = "fleet") -> Fleet:
         named[0],
         named[1],
     )
+
+
+def _named_rollouts(
+    items: Any, where: str, problems: _Problems
+) -> tuple[tuple[str, RolloutPolicy], ...]:
+    """Rollout settings by group or VM name, sorted by name; a name given
+    twice is refused (``Fleet.rollout_for`` could not tell them apart)."""
+    _check_length(len(items), LIMITS.max_vms_total, where)
+    named: dict[str, RolloutPolicy] = {}
+    for index, item in enumerate(items):
+        name = problems.text(f"{where}[{index}].name", item.name, limit=64)
+        policy = _rollout_settings(item.settings, f"{where}[{index}]", problems)
+        if name in named:
+            problems.add(f"{where}[{index}].name", f"{name!r} is named twice")
+        named[name] = policy
+    return tuple(sorted(named.items(), key=lambda pair: pair[0]))
 
 
 def _rollout_settings(reader: Any, where: str, problems: _Problems) -> RolloutPolicy:

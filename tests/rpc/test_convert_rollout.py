@@ -171,3 +171,20 @@ def test_bad_paths_to_prepare_and_prepared_are_refused_naming_their_field() -> N
     ):
         convert.worker_status_from_reader(reader)
     assert "status.prepared[0].path" in info.value.details[0]
+
+
+def test_rollout_settings_named_twice_are_refused_naming_their_field() -> None:
+    # Two settings for one name cannot be told apart (``Fleet.rollout_for``
+    # takes one); the reader refused them with a TypeError, from sorting
+    # them by their (unorderable) settings when the names tie.
+    builder = S.Fleet.new_message()
+    for field in ("groupRollouts", "vmRollouts"):
+        items = builder.init(field, 3)
+        for index, item in enumerate(items):
+            item.name = "web" if index < 2 else "db"
+            item.settings.maxParallel = index + 1
+    with pytest.raises(ValidationError) as info, S.Fleet.from_bytes(builder.to_bytes()) as reader:
+        convert.fleet_from_reader(reader)
+    details = "\n".join(info.value.details)
+    assert "fleet.groupRollouts[1].name: 'web' is named twice" in details
+    assert "fleet.vmRollouts[1].name: 'web' is named twice" in details
