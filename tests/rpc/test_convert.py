@@ -76,6 +76,9 @@ def test_enum_tables_match_the_schema() -> None:
         (convert.PHASE_NAMES, S.Phase),
         (convert.EVENT_KIND_NAMES, S.EventKind),
         (convert.ERROR_CODE_NAMES, S.ErrorCode),
+        (convert.HEALTH_KIND_NAMES, S.HealthKind),
+        (convert.HEALTH_NAMES, S.Health),
+        (convert.PREPARE_STATE_NAMES, S.PrepareState),
     ):
         ordinals = enum.schema.enumerants
         assert list(names) == sorted(ordinals, key=ordinals.__getitem__)

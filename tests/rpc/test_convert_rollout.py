@@ -4,9 +4,8 @@ messages and change-only ones; what is refused, naming the field."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
+from test_convert import roundtrip
 
 from procurator.core.assignments import AssignmentChanges
 from procurator.core.errors import ValidationError
@@ -31,23 +30,6 @@ OLD = "/nix/store/" + "a" * 32 + "-web"
 NEW = "/nix/store/" + "b" * 32 + "-web"
 HTTP = HealthCheck(HealthKind.HTTP, 8080, "/sant\u00e9?full=1", 204, 30_000, 500)
 TCP = HealthCheck(HealthKind.TCP, 22, min_healthy_ms=0)
-
-
-def roundtrip(struct: Any, fill: Any, read: Any, value: Any) -> Any:
-    builder = struct.new_message()
-    fill(builder, value)
-    with struct.from_bytes(builder.to_bytes()) as reader:
-        return read(reader)
-
-
-def test_enum_tables_match_the_schema() -> None:
-    for names, enum in (
-        (convert.HEALTH_KIND_NAMES, S.HealthKind),
-        (convert.HEALTH_NAMES, S.Health),
-        (convert.PREPARE_STATE_NAMES, S.PrepareState),
-    ):
-        ordinals = enum.schema.enumerants
-        assert list(names) == sorted(ordinals, key=ordinals.__getitem__)
 
 
 def test_assignment_with_checks_and_images_to_prepare_round_trips() -> None:
