@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from fleethelpers import live_processes
 from testnames import TOKEN, is_ours
 
 # Tests press Ctrl-C on the commands they run (`events --follow`, `top`):
@@ -70,25 +71,15 @@ _OURS = re.compile(
 def _our_processes() -> dict[int, str]:
     found: dict[int, str] = {}
     me = os.getpid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
+    for pid, cmdline in live_processes():
+        if pid == me or not _OURS.search(cmdline):
             continue
         try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        # A zombie is already dead; its parent reaps it.
-        if stat.rsplit(")", 1)[-1].split()[0] == "Z":
-            continue
-        if not _OURS.search(cmdline):
-            continue
-        try:
-            environ = Path(f"/proc/{entry}/environ").read_bytes()
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
         except OSError:
             continue
         if _MARKER_BYTES in environ.split(b"\x00"):
-            found[int(entry)] = cmdline.replace(b"\x00", b" ").decode(errors="replace")[:200]
+            found[pid] = cmdline.replace(b"\x00", b" ").decode(errors="replace")[:200]
     return found
 
 

@@ -33,6 +33,21 @@ NIX_CONF = "build-users-group =\nsubstituters =\nflake-registry =\n"
 OP_RE = re.compile(r"\(op (op-[0-9a-f]{12})\)")
 
 
+def live_processes() -> Iterator[tuple[int, bytes]]:
+    """``(pid, cmdline)`` of each live process (a zombie is already dead:
+    its parent reaps it); one that exits while it is read is skipped."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if stat.rsplit(")", 1)[-1].split()[0] != "Z":
+            yield int(entry), cmdline
+
+
 @pytest.fixture(scope="module")
 def nix_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     conf = tmp_path_factory.mktemp("nix-conf")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fleethelpers import procurator_process, run_cli
+from fleethelpers import live_processes, procurator_process, run_cli
 from testnames import free_port
 
 from procurator.core.jail import JailPolicy
@@ -69,17 +69,9 @@ def _qemu_pids(state: Path) -> list[int]:
     """Live QEMU processes of the worker on ``state``."""
     found = []
     needle = f"{state}/vms/".encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        alive = stat.rsplit(")", 1)[-1].split()[0] != "Z"
-        if alive and b"qemu-system" in cmdline and needle in cmdline:
-            found.append(int(entry))
+    for pid, cmdline in live_processes():
+        if b"qemu-system" in cmdline and needle in cmdline:
+            found.append(pid)
     return found
 
 

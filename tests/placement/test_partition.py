@@ -21,7 +21,6 @@ workers' reports, which could lag behind or run ahead of the truth.
 from __future__ import annotations
 
 import json
-import os
 import random
 import socket
 import subprocess
@@ -35,7 +34,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fleethelpers import FAKE, AddImage, add_image, nix_env, procurator_process, run_cli
+from fleethelpers import (
+    FAKE,
+    AddImage,
+    add_image,
+    live_processes,
+    nix_env,
+    procurator_process,
+    run_cli,
+)
 from testnames import free_port, netns_name
 
 from procurator.worker.state import StateDir
@@ -271,20 +278,11 @@ def _vmms(states: dict[str, Path]) -> list[int]:
     """Pids of live fake VMMs under ``states``."""
     found = []
     needles = [str(s).encode() for s in states.values()]
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
+    for pid, cmdline in live_processes():
         argv = cmdline.split(b"\0")
-        if stat.rsplit(")", 1)[-1].split()[0] == "Z" or len(argv) < 2:
-            continue
         # The fake VMM (python FAKE ...), not a worker naming it in its flags.
-        if argv[1] == bytes(FAKE) and any(n in cmdline for n in needles):
-            found.append(int(entry))
+        if len(argv) >= 2 and argv[1] == bytes(FAKE) and any(n in cmdline for n in needles):
+            found.append(pid)
     return found
 
 
