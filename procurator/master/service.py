@@ -2330,12 +2330,8 @@ class MasterService:
         )
         # No checkpoint from here on: the memory follows the commit. A
         # completed handoff's VM is its source's pending removal (its diff).
-        self._absorb_commit(
-            generation,
-            changes,
-            [diff_assignments(w, before.get(w, ()), vms) for w, vms in changes.items()],
-            op_id,
-        )
+        diffs = [diff_assignments(w, before.get(w, ()), changes[w]) for w in sorted(changes)]
+        self._absorb_commit(generation, changes, diffs, op_id)
         for h in cancel:
             holder = self._assignments.get(h.target, _NO_ASSIGNMENT)
             if not any(v.id == h.vm_id for v in holder.vms):  # else its own now
@@ -2363,10 +2359,8 @@ class MasterService:
             logger.info("drain %s: VM %s handed off %s -> %s", op_id, h.vm_id, h.source, h.target)
         # Every worker whose assignment (as sent) changed: the targets of
         # handoffs started or called off have the same VMs stored.
-        for worker_id in sorted(changes):
-            worker = self._workers.get(worker_id)
-            if worker is not None and worker.session is not None:
-                self._queue_push(worker.session, self._assignments[worker_id])
+        with log_context(generation=generation):
+            self._push_diffs(diffs, generation)
 
     async def _expire_leases(self, fence: Fence) -> None:
         """Singleton duty: workers whose lease expired are lost."""
@@ -2546,4 +2540,4 @@ def _diff_summary(diff: WorkerDiff) -> str:
         if ids
     ]
     parts += [f"power {c.vm_id} {c.before.value} -> {c.after.value}" for c in diff.power_changed]
-    return "; ".join(parts)
+    return "; ".join(parts) or "its VMs as stored are unchanged"
