@@ -98,8 +98,13 @@ def plan_drains(
     for h in sorted(handoffs, key=lambda h: h.vm_id):
         mode = modes.get(h.source)
         vm = vms_of.get(h.source, {}).get(h.vm_id)
-        on = mode is not None and mode.state is WorkerState.DRAINING
-        if vm is None or not on or mode is None or mode.op_id != h.op_id or h.target in lost:
+        if (
+            vm is None
+            or mode is None
+            or mode.state is not WorkerState.DRAINING
+            or mode.op_id != h.op_id
+            or h.target in lost
+        ):
             plan.cancel.append(h)
         elif _running_there(statuses.get(h.target), vm, h.generation):
             plan.complete.append(h)
