@@ -66,7 +66,7 @@ def begin(
         group = groups.get(vm_id, "")
         return request.rollout_for(vm_id, group), group
 
-    rollout, first = plan(
+    return plan(
         rollout_id_of(op_id),
         op_id,
         before,
@@ -75,7 +75,6 @@ def begin(
         now_ms=now_ms,
         generation_before=generation,
     )
-    return rollout, first
 
 
 def with_rollout(assignment: Assignment, rollout: Rollout | None) -> Assignment:
