@@ -137,7 +137,7 @@ async def test_a_drain_keeps_every_vm_running_and_at_most_the_bound_twice(
                 (done,) = result
                 assert done.returncode == 0, done.stdout + done.stderr
                 assert b"worker host-a drained (4 VM(s) moved)" in done.stdout
-                final = await _until(
+                await _until(
                     control,
                     "host-a to stop its copies",
                     lambda s: all(on == {"host-b"} for on in _running(s).values()),
@@ -150,7 +150,6 @@ async def test_a_drain_keeps_every_vm_running_and_at_most_the_bound_twice(
                 await control.apply(
                     parse_fleet("[workers.host-a]\nvms = []\n[workers.host-b]\nvms = []\n")
                 )
-                del final
                 await _until(
                     control,
                     "every VM to be removed",
