@@ -46,10 +46,6 @@ from procurator.rpc.address import DEFAULT_PORT
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
-# Commands that run until stopped, logging; the rest print and end.
-_DAEMONS = ("master", "worker")
-
-
 _EPILOG = f"""\
 the master: every client command dials --master HOST:PORT, else
 $PROCURATOR_MASTER, else 127.0.0.1:{DEFAULT_PORT}; with mutual TLS from --tls-cert,
@@ -217,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"procurator {__version__}")
+    # A daemon runs until stopped, logging; the rest (``master export``,
+    # ``worker drain`` too) print and end. ``add_common`` says which.
+    parser.set_defaults(daemon=False)
     parser.add_subparsers(dest="command", required=True, metavar="COMMAND", action=_Commands)
     return parser
 
@@ -281,7 +280,7 @@ def _run(argv: Sequence[str] | None) -> int:
         if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
             return EXIT_INTERRUPTED
         raise
-    if args.command in _DAEMONS:
+    if args.daemon:
         # A daemon's logs are best effort: one whose log reader went away
         # (``procurator master 2>&1 | head``) kept serving, and its exit
         # status is the service's. What its failed log writes left

@@ -85,7 +85,10 @@ def add_master_address(p: argparse.ArgumentParser, *, what: str = "master addres
 
 def add_common(p: argparse.ArgumentParser, *, daemon: bool) -> None:
     """``--log-level`` (and, for a daemon, ``--log-format``) and the TLS
-    options: what every command that talks to a master takes."""
+    options: what every command that talks to a master takes. ``daemon``
+    is also the parsed ``args.daemon`` (procurator.cli: what a daemon
+    failed to log is dropped; a command's output is not)."""
+    p.set_defaults(daemon=daemon)
     p.add_argument(
         "--log-level",
         default="info",

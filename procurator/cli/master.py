@@ -146,6 +146,8 @@ def _add_database_commands(p: argparse.ArgumentParser) -> None:
             metavar="PATH|URL",
             help=f"the database (default: the master's --database, else {DEFAULT_DB})",
         )
+        # It prints and ends: not a daemon (procurator.cli), unlike ``master``.
+        q.set_defaults(daemon=False)
 
     q = commands.add_parser(
         "migrate",

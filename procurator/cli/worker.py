@@ -304,15 +304,6 @@ def _add_mode_commands(p: argparse.ArgumentParser) -> None:
 
 
 async def _change_mode(action: ModeAction, args: argparse.Namespace) -> int:
-    try:
-        return await _change_mode_printing(action, args)
-    finally:
-        # ``worker`` is a daemon's command: what is buffered at its end is
-        # discarded (procurator.cli), so deliver it now.
-        sys.stdout.flush()
-
-
-async def _change_mode_printing(action: ModeAction, args: argparse.Namespace) -> int:
     bound = getattr(args, "max_unavailable", 1)
     async with open_bridge() as bridge, control_from_args(bridge, args) as client:
         change = await client.change_worker_mode(args.worker, action, bound)

@@ -215,6 +215,21 @@ def test_daemons_outlive_their_log_reader(fake_fleet: FakeFleet, mode: str) -> N
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_master_database_commands_into_a_closed_pipe(tmp_path: Path, mode: str) -> None:
+    """``procurator master migrate|export`` print and end: they are client
+    commands under a daemon's name, so a reader gone away ends them with
+    141 too (not 0 with their output silently dropped)."""
+    env = _env(dict(os.environ), mode)
+    db = str(tmp_path / "m.db")
+    assert _misbehaved(env, [["master", "migrate", "--database", db]]) == {}
+    # Once it has written, export says so on stderr (still read); nothing else.
+    export = _into_closed_pipe(env, "master", "export", "--database", db)
+    assert export.returncode == EXIT_OUTPUT_CLOSED, export.stderr
+    said = export.stderr.splitlines()
+    assert all(line.startswith("exported generation 0:") for line in said), export.stderr
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_certs_into_a_closed_pipe_leave_whole_files(tmp_path: Path, mode: str) -> None:
     env = _env(dict(os.environ), mode)
     pki = tmp_path / "pki"
