@@ -49,6 +49,15 @@ def _wait(what: str, condition: Any, timeout: float = 60) -> None:
         time.sleep(0.1)
 
 
+def _connected(env: dict[str, str]) -> bool:
+    import json  # noqa: PLC0415
+
+    result = run_cli(env, "status", "--json")
+    return result.returncode == 0 and any(
+        w["connected"] for w in json.loads(result.stdout)["workers"]
+    )
+
+
 def test_a_worker_restarted_without_a_master_fences_the_reschedule_vm_it_readopted(
     tmp_path: Path, nix_env: dict[str, str], add_image: AddImage
 ) -> None:
@@ -76,7 +85,10 @@ def test_a_worker_restarted_without_a_master_fences_the_reschedule_vm_it_readopt
     with ExitStack() as stack:
         master_process = stack.enter_context(procurator_process(args, env, tmp_path / "master.log"))
         with _worker(tmp_path, env, first) as worker:
-            _wait("the master", lambda: run_cli(env, "status").returncode == 0)
+            # The worker registered, not only the master answering: the
+            # fleet's VMs are unpinned, and the master places them only on
+            # workers it knows ("no worker is known" otherwise).
+            _wait("the worker to register", lambda: _connected(env))
             assert run_cli(env, "apply", str(fleet)).returncode == 0
             _wait("both VMs", lambda: phases() == {"moves": "running", "stays": "running"})
             worker.send_signal(signal.SIGKILL)  # its VMMs live on
