@@ -273,7 +273,23 @@ def running_fake_fleet(
         procurator_process(worker_command, env, fleet.worker_log) as worker,
     ):
         fleet.master = master
-        fleet.wait_for("the master to answer", lambda: fleet.cli("status").returncode == 0)
+        # Yield once host-a is registered and connected, not merely once the
+        # master answers: a test that reads the fleet right away (top --once)
+        # otherwise races the worker's registration (CI saw "0/0 workers").
+
+        def host_a_connected() -> bool:
+            result = fleet.cli("status", "--json")
+            if result.returncode != 0:
+                return False
+            workers = json.loads(result.stdout)["workers"]
+            return any(
+                w["worker_id"] == "host-a"
+                and w["connected"]
+                and w["observed_generation"] == w["desired_generation"]
+                for w in workers
+            )
+
+        fleet.wait_for("host-a to register and report", host_a_connected)
         yield fleet
         assert worker.poll() is None, fleet.worker_log.read_text()
         # Leave no VMM behind: remove every VM through the product.
