@@ -161,6 +161,11 @@ class HandlesRecord:
     the VM's last VMM ran ("" when none ever did): the old guest is gone by
     then, so a worker killed mid-launch leaves only this to tell its next
     owner that the launch replaces the VM rather than creates it.
+    ``owes`` (in a record with a handle) is the event its launch still owes
+    (``booted``, ``replaced``, ``restarted``, ``restored``): told once the VM is
+    seen settled, then cleared. A worker killed in between leaves it here,
+    so the next owner re-adopting the VMM tells that event rather than a
+    bare ``readopted`` (a replacement is never lost nor told twice).
     """
 
     driver: str
@@ -168,6 +173,7 @@ class HandlesRecord:
     handle: VmmHandle | None = None
     hash: str = ""
     previous: str = ""
+    owes: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -176,6 +182,7 @@ class HandlesRecord:
             "handle": self.handle.to_json() if self.handle is not None else None,
             "hash": self.hash,
             "previous": self.previous,
+            "owes": self.owes,
         }
 
     @classmethod
@@ -188,6 +195,7 @@ class HandlesRecord:
             hash=str(data.get("hash", "")),
             # Absent in a record written before it: nothing known ran.
             previous=str(data.get("previous", "")),
+            owes=str(data.get("owes", "")),
         )
 
 

@@ -156,6 +156,9 @@ class VmSupervisor:
         self.confinement: Confinement | None = None
         # Launch-to-settled seconds of the running VMM (None until it settled).
         self.boot_seconds: float | None = None
+        # The handles record names the event the running VMM's launch still
+        # owes (``HandlesRecord.owes``): cleared once that event is told.
+        self.owed = False
 
     # -- the loop ----------------------------------------------------------------
 
@@ -387,10 +390,21 @@ class VmSupervisor:
         self.ever_started = True
         self._observe_confinement(live)
         summary = self.confinement.summary() if self.confinement is not None else "?"
-        self.pending = _Pending(
-            EventKind.READOPTED,
-            f"re-adopted VMM pid {live.pid} running {record.hash or '?'} ({summary})",
-        )
+        owed = _owed_kind(record.owes)
+        if owed is None:
+            self.pending = _Pending(
+                EventKind.READOPTED,
+                f"re-adopted VMM pid {live.pid} running {record.hash or '?'} ({summary})",
+            )
+        else:
+            # The last owner launched it and died before telling it: the
+            # launch's own event, told once the VM is seen settled.
+            self.owed = True
+            self.pending = _Pending(
+                owed,
+                f"{_OWED_WORDS[owed]} {record.hash or '?'} (VMM pid {live.pid}, launched before "
+                f"the worker restarted and re-adopted; {summary})",
+            )
         log.info("VM %s: re-adopted VMM pid %s", self.vm.vm_id, live.pid)
 
     def _resume_launch(self, previous: str) -> None:
@@ -436,6 +450,7 @@ class VmSupervisor:
             )
         self.watch.close()
         self.handle = None
+        self.owed = False
         self.confinement = None
         self._note(vmm=None)
         with self.vm.cond:
@@ -554,7 +569,14 @@ class VmSupervisor:
         self._publish(Phase.STARTING, "restarting VMM" if restart else "starting VMM")
         launched_at = self.m.clock()
         self.boot_seconds = None
-        handle = self._launch(spec)
+        owes = (
+            EventKind.RESTARTED
+            if restart
+            else EventKind.REPLACED
+            if replacing
+            else EventKind.BOOTED
+        )
+        handle = self._launch(spec, owes=owes)
         self._take(handle, spec.hash)
         if not self.ever_started and not restart:
             self._publish(Phase.STARTING, f"VM created (VMM pid {handle.pid})", EventKind.CREATED)
@@ -582,12 +604,15 @@ class VmSupervisor:
         self.ever_started = True
         self._note(reported=False)
 
-    def _launch(self, spec: VmSpec, *, restore_from: Path | None = None) -> VmmHandle:
+    def _launch(
+        self, spec: VmSpec, *, owes: EventKind, restore_from: Path | None = None
+    ) -> VmmHandle:
         """Where this VM's VMMs are born: what a dead one left is cleared,
         the launch is recorded before (``spawning``: the next owner looks
         for an unrecorded VMM if this worker dies now, and learns what the
-        VM last ran) and after (the
-        handle); a VMM whose handle cannot be recorded is stopped again.
+        VM last ran) and after (the handle, and the event ``owes`` it will
+        tell once settled: ``_settle`` clears it); a VMM whose handle cannot
+        be recorded is stopped again.
         The VMM is jailed (``procurator.worker.jail``: its uid, cgroup and
         writable directories prepared here, under the VM's flock) unless
         the worker runs ``--unconfined``; what it is really confined by is
@@ -611,11 +636,13 @@ class VmSupervisor:
             )
         try:
             self.m.state.write_handles(
-                self.vm.flock, HandlesRecord(self.driver.name, handle=handle, hash=spec.hash)
+                self.vm.flock,
+                HandlesRecord(self.driver.name, handle=handle, hash=spec.hash, owes=owes.value),
             )
         except BaseException:
             process.abort_launch(handle, grace=self.t.sigterm_wait)
             raise
+        self.owed = True
         self._observe_confinement(handle, notes=vm_jail.notes if vm_jail is not None else ())
         return handle
 
@@ -742,9 +769,28 @@ class VmSupervisor:
             if pending is not None:
                 # The event's own words first; the phase message follows at once.
                 self._publish(phase, pending.message, pending.kind, power=power)
+            if self.owed:
+                self._clear_owed()
             message = f"{state.value if state else '?'} (pid {self.handle.pid})"
             self._publish(phase, message, power=power, outcome=_OK)
         self._note(reported=True)
+
+    def _clear_owed(self) -> None:
+        """The launch's event is told: the handles record stops owing it."""
+        assert self.handle is not None and self.facts.vmm is not None
+        assert self.vm.flock is not None
+        try:
+            self.m.state.write_handles(
+                self.vm.flock,
+                HandlesRecord(
+                    self.driver.name, handle=self.handle, hash=self.facts.vmm.booted_hash
+                ),
+            )
+        except ProcuratorError as exc:
+            # A restart now would tell the event again; nothing else is lost.
+            log.warning("VM %s: recording the told event: %s", self.vm.vm_id, exc)
+            return
+        self.owed = False
 
     def _remove(self) -> bool:
         """Stop the VMM and delete the VM's state; True when done."""
@@ -1033,7 +1079,7 @@ class JobContext:
         s = self._s
         spec = s.spec
         assert spec is not None and s.handle is None
-        handle = s._launch(spec, restore_from=source)
+        handle = s._launch(spec, owes=EventKind.RESTORED, restore_from=source)
         s._take(handle, spec.hash)
         s.ever_started = True
         s.pending = _Pending(EventKind.RESTORED, message)
@@ -1046,6 +1092,22 @@ class JobContext:
     def event(self, kind: EventKind, message: str) -> None:
         log.info("VM %s: %s: %s", self._s.vm.vm_id, kind.value, message)
         self._s._publish_event(kind, message)
+
+
+# What a launch may owe (``HandlesRecord.owes``), and how its event begins
+# when a re-adopting worker tells it.
+_OWED_WORDS = {
+    EventKind.BOOTED: "booted",
+    EventKind.REPLACED: "now runs",
+    EventKind.RESTARTED: "restarted, runs",
+    EventKind.RESTORED: "restored, runs",
+}
+
+
+def _owed_kind(value: str) -> EventKind | None:
+    """The event a handles record says its launch owes (None: nothing, or
+    a value this release does not know)."""
+    return next((kind for kind in _OWED_WORDS if kind.value == value), None)
 
 
 def _event(vm_id: str, kind: EventKind | None, message: str, op_id: str) -> VmEvent | None:

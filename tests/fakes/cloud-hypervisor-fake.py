@@ -38,6 +38,10 @@ file the test writes; re-read on every request, so it can change at run time):
   poweroff_after_boot: s     the guest powers off s seconds after vm.boot
   crash_on: [endpoint]       die as soon as one of these is requested
   hang: [endpoint | "*"]     never answer these requests
+  hang_after_boot: {endpoint: n}  a VMM that boots its VM while this is set
+                             answers n more of these requests, then never
+                             answers them while it stays set (a VMM booted
+                             before is unaffected)
   delay: {endpoint: s}       answer these after s seconds
   reject: {endpoint: code}   answer these with HTTP code and an error list
   ignore_power_button: true  the guest ignores the power button
@@ -105,9 +109,25 @@ class Vmm:
         self.state: str | None = None  # None: no VM created
         self.booted_at = 0.0
         self.ops = 0  # I/O operations done; latency counters are u64::MAX at 0
+        # The fault hang_after_boot as it was when this VMM booted: how many
+        # more requests of each endpoint it answers.
+        self.hang_after_boot: dict[str, int] = {}
         self.env_faults = _parse_faults(os.environ.get("FAKE_CHV_FAULTS", ""), "FAKE_CHV_FAULTS")
 
     # -- faults ------------------------------------------------------------------
+
+    def held_after_boot(self, endpoint: str, faults: dict[str, Any]) -> bool:
+        """Whether hang_after_boot holds this request (see the docstring)."""
+        if endpoint not in faults.get("hang_after_boot", {}):
+            return False
+        with self.lock:
+            left = self.hang_after_boot.get(endpoint)
+            if left is None:
+                return False
+            if left > 0:
+                self.hang_after_boot[endpoint] = left - 1
+                return False
+            return True
 
     def faults(self) -> dict[str, Any]:
         merged = dict(self.env_faults)
@@ -269,7 +289,7 @@ class Handler(BaseHTTPRequestHandler):
         if endpoint in faults.get("crash_on", ()):
             vmm.crash()
         hang = faults.get("hang", ())
-        if endpoint in hang or "*" in hang:
+        if endpoint in hang or "*" in hang or vmm.held_after_boot(endpoint, faults):
             vmm.log(f"hanging on {endpoint} (fault injection)")
             threading.Event().wait()
         delay = faults.get("delay", {}).get(endpoint)
@@ -342,6 +362,8 @@ class Handler(BaseHTTPRequestHandler):
             vmm.booted_at = time.monotonic()
             vmm.event("vm", "booted")
         self._reply(204)
+        with vmm.lock:
+            vmm.hang_after_boot = dict(faults.get("hang_after_boot", {}))
         if "crash_after_boot" in faults:
             vmm.later(float(faults["crash_after_boot"]), vmm.crash)
         if "poweroff_after_boot" in faults:

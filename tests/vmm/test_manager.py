@@ -536,6 +536,57 @@ def test_a_replacement_interrupted_by_a_worker_kill_is_reported_as_a_replacement
     assert obs.restarts == 0
 
 
+def test_a_replacement_launched_but_not_yet_told_when_the_worker_dies_is_told_once(
+    make_manager: ManagerFactory, state_dir: Path, recorder: Recorder
+) -> None:
+    # The worker replacing h1 by h2 recorded the new VMM's handle and dies
+    # before it saw the VM settle (the new VMM answers the launch's own
+    # vm.info, then a fault holds the rest):
+    # nobody has told the replacement yet. The next owner re-adopts the VMM
+    # (no second replacement) and tells it as ``replaced``: a rollout that
+    # counts replacements must see exactly one (CI saw it missing).
+    worker = subprocess.Popen(
+        [sys.executable, str(HERE / "worker_proc.py"), str(state_dir), "k1", "--then", "h2"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    handles = state_dir / "vms" / "k1" / "handles.json"
+    try:
+        assert worker.stdin is not None and worker.stdout is not None
+        old = json.loads(worker.stdout.readline())["k1"]
+        write_faults(state_dir, "k1", {"hang_after_boot": {"vm.info": 1}})
+        worker.stdin.write("go\n")
+        worker.stdin.flush()
+        deadline = time.monotonic() + 30.0
+        while True:
+            assert worker.poll() is None and time.monotonic() < deadline, "h2 never recorded"
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                record = json.loads(handles.read_text())
+                if record.get("hash") == "h2" and record.get("handle"):
+                    break
+            time.sleep(0.01)
+    finally:
+        worker.kill()
+        worker.wait()
+        for pipe in (worker.stdin, worker.stdout):
+            if pipe is not None:
+                pipe.close()
+    assert record["owes"] == "replaced", record
+    [(new, _)] = vmms_of(state_dir, "k1")
+    assert new != old and not alive(old)
+    (state_dir / "vms" / "k1" / "run" / "api.sock.fault").unlink()
+
+    [obs] = make_manager().recover()
+    assert obs.phase is Phase.RUNNING and obs.observed_hash == "h2"
+    assert obs.pid == new  # re-adopted, not launched again
+    kinds = recorder.kinds("k1")
+    assert kinds.count(EventKind.REPLACED) == 1, kinds
+    assert EventKind.READOPTED not in kinds and EventKind.BOOTED not in kinds, kinds
+    # Told once: the record no longer owes it, so another restart is quiet.
+    assert json.loads(handles.read_text())["owes"] == ""
+
+
 def test_an_upgraded_worker_readopts_what_the_previous_release_started(
     make_manager: ManagerFactory, state_dir: Path, recorder: Recorder
 ) -> None:
