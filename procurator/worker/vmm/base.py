@@ -28,6 +28,14 @@ The port is launch-shaped, and every driver implements all of it:
 - Snapshots: ``save_state`` (the paused VM's memory and device state into
   a directory) and ``restore`` (a launch that loads such a state instead
   of booting).
+- Live moves (with ``capabilities.live_move``; docs/SNAPSHOTS.md, "Moves"):
+  on the target ``launch_incoming`` (a VMM waiting for the VM's state, its
+  disk copies exported for mirroring) then ``finish_incoming`` (the guest
+  runs there); on the source ``send_migration`` (disks mirrored, memory
+  migrated, the source guest stopped for good). The two ends meet on
+  TCP addresses the caller chose; who opens the sockets (the VMM, or the
+  driver handing it descriptors) is the driver's business, so a jailed VMM
+  needs no network rights of its own where the driver can avoid it.
 
 The VM is a typed ``procurator.core.vmdef.VmDefinition`` (made safe by
 confinement, completed by the worker: disk copies, tap, MAC, serial file);
@@ -45,7 +53,7 @@ never leak.
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -56,7 +64,9 @@ from procurator.core.supervision import VmState
 from procurator.core.vmdef import VmDefinition
 
 __all__ = [
+    "Address",
     "Capabilities",
+    "MigrationProgress",
     "VmExit",
     "VmState",
     "VmmDriver",
@@ -109,11 +119,25 @@ class Capabilities:
     ``vmm_writes_state``: the VMM writes (``save_state``) and reads
     (``restore``) its saved state itself, so the directory must be inside
     its jail; else the worker opens the files and hands them over.
+    ``live_move``: ``launch_incoming``, ``send_migration`` and
+    ``finish_incoming`` move a running VM to another host with its disks
+    (else they raise ``VmmRejected`` and a move is cold).
     """
 
     state_marks: bool = False
     guest_clock: bool = False
     vmm_writes_state: bool = False
+    live_move: bool = False
+
+
+#: A TCP address of a live move's channel: (host, port). The target listens
+#: on it, the source connects to it.
+Address = tuple[str, int]
+
+#: ``send_migration``'s progress callback: (bytes done, bytes in all) of the
+#: whole transfer (disks and memory) as the VMM reports it; called from the
+#: migrating thread, several times, the total may grow (dirtied pages).
+MigrationProgress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,6 +331,65 @@ class VmmDriver(Protocol):
         inside ``paths.vmm_dir``), then it runs. The definition must be
         the one the state was saved from (the disks already hold the
         snapshot's copies). Leaves no process behind when it raises."""
+        ...
+
+    def launch_incoming(
+        self,
+        definition: VmDefinition,
+        paths: VmmPaths,
+        *,
+        memory: Address,
+        disks: Address | None,
+        timeout: float,
+        jail: VmmJail | None = None,
+    ) -> VmmHandle:
+        """The target of a live move: start a VMM (as ``launch`` does:
+        own session, launch marker, ``jail``) for the VM of ``definition``
+        that does not boot it but waits for its memory and device state on
+        ``memory`` (a TCP address to listen on). With ``disks``, it also
+        exports the VM's writable disks (the copies named by
+        ``definition``, already in the VM's directory with the source's
+        sizes) for the source to mirror into over ``disks`` (QEMU: an NBD
+        server); read-only disks are the image's and are not sent. Returns
+        once both listen. The guest runs only after ``finish_incoming``;
+        the caller stops the VMM (``shutdown_vmm``) to abandon the move.
+        Raises as ``launch``, and then leaves no process behind."""
+        ...
+
+    def send_migration(
+        self,
+        handle: VmmHandle,
+        *,
+        memory: Address,
+        disks: Address | None,
+        timeout: float,
+        progress: MigrationProgress | None = None,
+    ) -> None:
+        """The source of a live move, its guest running (or paused):
+        with ``disks``, mirror every writable disk to the target's export
+        there while the guest runs, until the copies are in sync; then
+        migrate the memory and device state to ``memory``, the guest
+        paused only for the last dirty pages. Returns once the target
+        holds the whole state: the source guest is then stopped for good
+        (its VMM still up, for the caller to stop with ``shutdown_vmm``;
+        it must never be resumed: the target's disks have moved on).
+
+        Any failure before that point (the target refuses or goes away,
+        ``timeout`` runs out, a mirror job fails) undoes the move on the
+        source: mirror jobs cancelled, the guest running again (resumed
+        if it was paused, by the migration or before it), and
+        ``VmmError`` (or ``VmmRejected`` for a request the VMM refused)
+        is raised; the target is then the caller's to stop. ``progress``
+        is called with (done, total) bytes as the VMM reports them."""
+        ...
+
+    def finish_incoming(self, handle: VmmHandle, *, timeout: float) -> None:
+        """The target after the source's ``send_migration`` returned:
+        wait (within ``timeout``) until the VMM holds the whole state, stop
+        the disk export, and let the guest run; confirm it runs. Raises
+        ``VmmError`` if the state never arrived complete (the VMM may have
+        exited; the caller stops it and the source's guest stays the
+        VM)."""
         ...
 
     def close(self) -> None:

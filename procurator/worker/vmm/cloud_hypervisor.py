@@ -64,7 +64,9 @@ from procurator.core.vmdef import VmDefinition
 from procurator.worker.vmm import closure, process
 from procurator.worker.vmm._unix_http import UnixSocketTransport
 from procurator.worker.vmm.base import (
+    Address,
     Capabilities,
+    MigrationProgress,
     VmExit,
     VmmError,
     VmmGone,
@@ -260,6 +262,34 @@ class CloudHypervisorDriver:
             timeout=timeout,
             body={"destination_url": f"file://{target}"},
         )
+
+    # -- live moves: not yet (capabilities.live_move is False) -------------
+
+    def launch_incoming(
+        self,
+        definition: VmDefinition,
+        paths: VmmPaths,
+        *,
+        memory: Address,
+        disks: Address | None,
+        timeout: float,
+        jail: VmmJail | None = None,
+    ) -> VmmHandle:
+        raise VmmRejected("live moves are not supported by the cloud-hypervisor driver")
+
+    def send_migration(
+        self,
+        handle: VmmHandle,
+        *,
+        memory: Address,
+        disks: Address | None,
+        timeout: float,
+        progress: MigrationProgress | None = None,
+    ) -> None:
+        raise VmmRejected("live moves are not supported by the cloud-hypervisor driver")
+
+    def finish_incoming(self, handle: VmmHandle, *, timeout: float) -> None:
+        raise VmmRejected("live moves are not supported by the cloud-hypervisor driver")
 
     def _start(
         self,

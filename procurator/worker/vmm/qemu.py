@@ -77,7 +77,9 @@ from typing import Any, Literal
 from procurator.core.vmdef import Disk, Nic, VmDefinition, write_section
 from procurator.worker.vmm import closure, process
 from procurator.worker.vmm.base import (
+    Address,
     Capabilities,
+    MigrationProgress,
     VmExit,
     VmmError,
     VmmGone,
@@ -678,6 +680,34 @@ class QemuDriver:
         next ``cont``)."""
         with self._session(handle, time.monotonic() + timeout) as session:
             _save(self._target(handle), session, target / STATE_FILE)
+
+    # -- live moves (being built: capabilities.live_move is False) ---------
+
+    def launch_incoming(
+        self,
+        definition: VmDefinition,
+        paths: VmmPaths,
+        *,
+        memory: Address,
+        disks: Address | None,
+        timeout: float,
+        jail: VmmJail | None = None,
+    ) -> VmmHandle:
+        raise VmmRejected("live moves are not supported by the QEMU driver yet")
+
+    def send_migration(
+        self,
+        handle: VmmHandle,
+        *,
+        memory: Address,
+        disks: Address | None,
+        timeout: float,
+        progress: MigrationProgress | None = None,
+    ) -> None:
+        raise VmmRejected("live moves are not supported by the QEMU driver yet")
+
+    def finish_incoming(self, handle: VmmHandle, *, timeout: float) -> None:
+        raise VmmRejected("live moves are not supported by the QEMU driver yet")
 
     def _start(
         self,
