@@ -10,6 +10,7 @@ from typing import TypeVar
 from procurator.core.control import WorkerEvent
 from procurator.core.drain import Handoff, ModeAction, ModeChange
 from procurator.core.models import VmAssignment, VmEvent, WorkerDiff, WorkerInfo
+from procurator.core.move import Move
 from procurator.core.rollout import Rollout
 from procurator.core.snapshot import SnapshotInfo
 from procurator.master.store import _sql
@@ -293,6 +294,35 @@ class SqlStore(abc.ABC):
                 cancel,
             ),
             f"handoffs of {op_id}",
+        )
+
+    async def start_move(self, move: Move) -> None:
+        await self._write(lambda tx: _sql.start_move(tx, move), f"record move {move.op_id}")
+
+    async def moves(self, vm_id: str | None = None, limit: int = 20) -> tuple[Move, ...]:
+        return await self._read(lambda tx: _sql.moves(tx, vm_id, limit), "read moves")
+
+    async def put_move(self, fence: Fence, move: Move, before: Move) -> None:
+        await self._write(
+            lambda tx: _sql.put_move(tx, fence, move, before), f"record move {move.op_id}"
+        )
+
+    async def commit_move(
+        self,
+        *,
+        fence: Fence,
+        expected_generation: int,
+        changes: Mapping[str, Sequence[VmAssignment]],
+        before: Mapping[str, Sequence[VmAssignment]],
+        unix_ms: int,
+        move: Move,
+        move_before: Move,
+    ) -> int:
+        return await self._write(
+            lambda tx: _sql.commit_move(
+                tx, fence, expected_generation, changes, before, unix_ms, move, move_before
+            ),
+            f"move {move.op_id} ({move.phase.value})",
         )
 
     async def export(self) -> FleetDump:

@@ -36,7 +36,12 @@ from typing import Any, Protocol
 from procurator.core.control import WorkerEvent
 from procurator.core.drain import Handoff, ModeAction, ModeChange, WorkerMode
 from procurator.core.drain import change_mode as core_change_mode
-from procurator.core.errors import NotFoundError, ProcuratorError, StaleGenerationError
+from procurator.core.errors import (
+    NotFoundError,
+    ProcuratorError,
+    StaleGenerationError,
+    ValidationError,
+)
 from procurator.core.models import (
     Assignment,
     EventKind,
@@ -48,6 +53,7 @@ from procurator.core.models import (
     WorkerState,
     WorkerStatus,
 )
+from procurator.core.move import MOVES_KEPT, Move, MoveKind, MovePhase
 from procurator.core.rollout import Rollout, RolloutPhase
 from procurator.core.rollout import decode as decode_rollout
 from procurator.core.rollout import encode as encode_rollout
@@ -1149,3 +1155,141 @@ def commit_handoffs(
     )
     check_fence(tx, fence)
     return generation
+
+
+# ---------------------------------------------------------------- moves
+# (procurator.core.move; schema version 9). A move's row changes with the
+# generation of its phase, in the same transaction (``commit_move``), or
+# alone (``put_move``); both compare-and-set on the phase it was decided
+# over, so two leaders (one of them fenced out) or a leader and an
+# operator never both win. Lock order: after the generation row, the
+# moves rows.
+
+_MOVE_COLUMNS = (
+    "op_id, vm_id, source_worker, target_worker, kind, phase, power, generation, "
+    "started_unix_ms, updated_unix_ms, deadline_unix_ms, reason, active"
+)
+
+
+def _move(row: Row) -> Move:
+    (op_id, vm_id, source, target, kind, phase, power, generation, started, updated, deadline) = (
+        row[:11]
+    )
+    try:
+        return Move(
+            vm_id,
+            source,
+            target,
+            MoveKind(kind),
+            MovePhase(phase),
+            op_id,
+            int(started),
+            int(deadline),
+            _POWER[power],
+            int(generation),
+            int(updated),
+            row[11],
+        )
+    except (ValueError, KeyError) as exc:
+        raise ProcuratorError(f"the store holds a move it cannot read ({op_id}): {exc}") from None
+
+
+def _move_row(move: Move) -> tuple[Any, ...]:
+    return (
+        move.op_id,
+        move.vm_id,
+        move.source,
+        move.target,
+        move.kind.value,
+        move.phase.value,
+        move.power.value,
+        move.generation,
+        move.started_unix_ms,
+        move.updated_unix_ms,
+        move.deadline_unix_ms,
+        move.reason,
+        not move.over,
+    )
+
+
+def start_move(tx: Tx, move: Move) -> None:
+    """Record a new move (``pending``); ``ValidationError`` when the VM is
+    moving already (the check and the insert are one transaction, and the
+    unique index on active moves backs it)."""
+    found = _one(tx, "SELECT op_id FROM moves WHERE vm_id = ? AND active {lock}", (move.vm_id,))
+    if found:
+        raise ValidationError(
+            f"VM {move.vm_id} is moving already (move {found[0]}); nothing was changed",
+            op_id=move.op_id,
+        )
+    tx.run(
+        f"INSERT INTO moves ({_MOVE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        _move_row(move),
+    )
+
+
+def _put_move(tx: Tx, move: Move, before: Move) -> None:
+    changed = tx.count(
+        "UPDATE moves SET phase = ?, generation = ?, updated_unix_ms = ?, reason = ?, "
+        "active = ? WHERE op_id = ? AND phase = ? AND generation = ?",
+        (
+            move.phase.value,
+            move.generation,
+            move.updated_unix_ms,
+            move.reason,
+            not move.over,
+            before.op_id,
+            before.phase.value,
+            before.generation,
+        ),
+    )
+    if changed != 1:
+        raise ProcuratorError(
+            f"move {before.op_id} of VM {before.vm_id} changed meanwhile (another master); "
+            "nothing was written"
+        )
+    if move.over:
+        tx.run(
+            "DELETE FROM moves WHERE NOT active AND started_unix_ms <= ("
+            "SELECT started_unix_ms FROM moves WHERE NOT active "
+            "ORDER BY started_unix_ms DESC LIMIT 1 OFFSET ?)",
+            (MOVES_KEPT,),
+        )
+
+
+def put_move(tx: Tx, fence: Fence, move: Move, before: Move) -> None:
+    _put_move(tx, move, before)
+    check_fence(tx, fence)
+
+
+def commit_move(
+    tx: Tx,
+    fence: Fence,
+    expected_generation: int,
+    changes: Mapping[str, Sequence[VmAssignment]],
+    before: Mapping[str, Sequence[VmAssignment]],
+    unix_ms: int,
+    move: Move,
+    move_before: Move,
+) -> int:
+    """Fenced, one generation (as ``commit``, under the move's op id): the
+    assignments ``changes`` and the move's new phase, whose generation is
+    set to the new one. The new generation."""
+    generation = commit(tx, expected_generation, changes, before, move.op_id, unix_ms, None)
+    _put_move(tx, dataclasses.replace(move, generation=generation), move_before)
+    check_fence(tx, fence)
+    return generation
+
+
+def moves(tx: Tx, vm_id: str | None, limit: int) -> tuple[Move, ...]:
+    """The moves under way, then the newest ``limit`` over, newest first;
+    of one VM when ``vm_id`` is given."""
+    where, params = ("WHERE vm_id = ?", (vm_id,)) if vm_id else ("", ())
+    rows = tx.run(
+        f"SELECT {_MOVE_COLUMNS} FROM moves {where} "
+        "ORDER BY active DESC, started_unix_ms DESC, op_id DESC",
+        params,
+    )
+    active = [r for r in rows if r[12]]
+    over = [r for r in rows if not r[12]][:limit]
+    return tuple(_move(r) for r in (*active, *over))

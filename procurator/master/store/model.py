@@ -51,7 +51,7 @@ __all__ = [
     "WorkerDump",
 ]
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 """1: fleet and generations; 2: request ids, removals; 3: worker state
 (sessions, leases, statuses), events, leader leases (the HA store); 4: the
 unpinned VMs' placement rules and the strategy (``PlacementRecord``); 5:
@@ -61,7 +61,9 @@ fleet-wide ``snapshot list``; not part of an export); 6: workers' modes
 (``procurator.core.drain``); 7: rollouts (``procurator.core.rollout``: one
 document per rollout, the newest ``ROLLOUTS_KEPT``; not part of an
 export); 8: each worker's prepared images (``WorkerStatus.prepared``, with
-its status: any master's leader sees a rollout's prepare progress)."""
+its status: any master's leader sees a rollout's prepare progress); 9:
+moves (``procurator.core.move``: one row per move, the newest
+``MOVES_KEPT`` that are over; not part of an export)."""
 
 REQUESTS_KEPT = 1000
 ROLLOUTS_KEPT = 100

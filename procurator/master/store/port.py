@@ -22,6 +22,7 @@ import trio
 from procurator.core.control import WorkerEvent
 from procurator.core.drain import Handoff, ModeAction, ModeChange
 from procurator.core.models import VmAssignment, VmEvent, WorkerDiff, WorkerInfo
+from procurator.core.move import Move
 from procurator.core.rollout import Rollout
 from procurator.core.snapshot import SnapshotInfo
 from procurator.master.store.model import (
@@ -279,6 +280,41 @@ class Store(Protocol):
         completed (their VMs moved in ``changes``; each counted by its
         source's drain) and called off (the target's copy becomes its
         pending removal). The new generation."""
+        ...
+
+    # -- moves (procurator.core.move) ------------------------------------------------
+
+    async def start_move(self, move: Move) -> None:
+        """Record a new (``pending``) move; ``ValidationError`` when its VM
+        is moving already."""
+        ...
+
+    async def moves(self, vm_id: str | None = None, limit: int = 20) -> tuple[Move, ...]:
+        """The moves under way, then the newest ``limit`` that are over,
+        newest first (of one VM when ``vm_id`` is given)."""
+        ...
+
+    async def put_move(self, fence: Fence, move: Move, before: Move) -> None:
+        """A leader's duty (fenced): ``move`` replaces ``before`` (its
+        phase, generation, reason), compare-and-set: ``ProcuratorError``
+        when the stored move is not ``before`` any more."""
+        ...
+
+    async def commit_move(
+        self,
+        *,
+        fence: Fence,
+        expected_generation: int,
+        changes: Mapping[str, Sequence[VmAssignment]],
+        before: Mapping[str, Sequence[VmAssignment]],
+        unix_ms: int,
+        move: Move,
+        move_before: Move,
+    ) -> int:
+        """A leader's duty (fenced), one new generation under the move's op
+        id, as ``commit`` (``StaleGenerationError`` the same way), with the
+        move's new phase (as ``put_move``; its generation is the new one).
+        The new generation."""
         ...
 
     # -- moving a fleet ---------------------------------------------------------------

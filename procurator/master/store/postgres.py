@@ -212,6 +212,27 @@ _SCHEMA_V8 = """
 ALTER TABLE worker_state ADD COLUMN IF NOT EXISTS prepared TEXT NOT NULL DEFAULT '';
 """
 
+# 9: moves (procurator.core.move), one row each; at most one under way
+# per VM.
+_SCHEMA_V9 = """
+CREATE TABLE IF NOT EXISTS moves (
+    op_id TEXT PRIMARY KEY,
+    vm_id TEXT NOT NULL,
+    source_worker TEXT NOT NULL,
+    target_worker TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    power TEXT NOT NULL,
+    generation BIGINT NOT NULL,
+    started_unix_ms BIGINT NOT NULL,
+    updated_unix_ms BIGINT NOT NULL,
+    deadline_unix_ms BIGINT NOT NULL,
+    reason TEXT NOT NULL,
+    active BOOLEAN NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS moves_under_way ON moves(vm_id) WHERE active;
+"""
+
 # (version, what brings the schema from the one before to it). PostgreSQL
 # stores start at 3, the version of SQLite's schema with the same tables.
 _MIGRATIONS: tuple[tuple[int, str], ...] = (
@@ -221,6 +242,7 @@ _MIGRATIONS: tuple[tuple[int, str], ...] = (
     (6, _SCHEMA_V6),
     (7, _SCHEMA_V7),
     (8, _SCHEMA_V8),
+    (9, _SCHEMA_V9),
 )
 
 _DIALECT = {

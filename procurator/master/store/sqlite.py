@@ -16,7 +16,7 @@ are ``_sql``'s, shared with PostgreSQL; what is SQLite's own:
 - Schema versions: 1 (fleet), 2 (request ids, removals: removals in flight
   when a version 1 master stopped are not known), 3 (worker state, events,
   leases), 4-7 (new tables only), 8 (``worker_state.prepared``: a column
-  added to a table that exists). An older database is migrated in place
+  added to a table that exists), 9 (moves: a new table). An older database is migrated in place
   when opened (``migrate``, the default) and refused otherwise; a newer one
   is refused.
 
@@ -165,6 +165,22 @@ CREATE TABLE IF NOT EXISTS rollouts (
     active BOOLEAN NOT NULL,
     state TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS moves (
+    op_id TEXT PRIMARY KEY,
+    vm_id TEXT NOT NULL,
+    source_worker TEXT NOT NULL,
+    target_worker TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    power TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    started_unix_ms INTEGER NOT NULL,
+    updated_unix_ms INTEGER NOT NULL,
+    deadline_unix_ms INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    active BOOLEAN NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS moves_under_way ON moves(vm_id) WHERE active;
 INSERT OR IGNORE INTO meta VALUES ('generation', 0);
 INSERT OR IGNORE INTO meta VALUES ('event_seq', 0);
 INSERT OR IGNORE INTO meta VALUES ('strategy', 0);

@@ -1,0 +1,312 @@
+"""Moves: one VM from its worker (the *source*) to another (the *target*),
+the pure parts (docs/SNAPSHOTS.md, "Moves"; issue 30).
+
+A move is state in the store (``Move``: one row per move, schema version
+9), asked for by an operator on any master and driven by the leader
+through its phases, each a generation fenced by the leader's epoch:
+
+- ``pending``: recorded by ``procurator move``; nothing has changed yet.
+- ``preparing``: a generation gives the target, in what it is sent, the
+  VM's image to realise and root (``Assignment.prepare``); the VM keeps
+  running on the source. Done once the target reports the image ``ready``.
+- ``stopping`` (a cold move's transfer): a generation sets the VM's
+  desired power to ``stopped`` in the source's assignment; the source
+  stops it (stop ladder) and keeps its directory. Done once the source
+  reports the VM ``stopped`` in a status of that generation or newer.
+- ``switching``: a generation moves the VM, with the power it had before
+  the move, from the source's assignment to the target's; the source's
+  copy becomes its pending removal and the target boots the VM. Done once
+  the target reports it ``running`` with the VM's hash.
+- ``done`` / ``failed`` (with a reason): over. The newest ``MOVES_KEPT``
+  that are over are kept.
+
+Invariants (what ``step`` keeps):
+
+- **Never on two workers.** The VM is in exactly one stored assignment at
+  every moment: the source's until the switch, the target's from it. The
+  switch is committed only once the source has reported the VM stopped,
+  so the target's boot never overlaps the source's guest. A target that
+  restarts before the switch has nothing to start: the VM is not in its
+  assignment.
+- **A failure before the switch leaves the VM on the source**: a lost
+  target or source, the deadline passed, the image failing to prepare.
+  If the move had stopped it, a generation puts back the power it had
+  (``revert``): the source restarts it.
+- **An apply wins.** The stored assignment is the truth: if the VM left
+  the source, changed hash, or had its power changed by someone else
+  while the move was under way, the move fails and changes nothing more.
+- After the switch the move is past the point of no return: a target that
+  does not report the VM running by the deadline fails the move, and the
+  VM stays the target's (its supervisor and healing go on as for any VM).
+
+What is not carried yet: the VM's writable disk copies (the target boots
+from a fresh copy of the image's disk) and its snapshots; live moves.
+
+Pure: no clock, no I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from procurator.core.models import (
+    Assignment,
+    Phase,
+    PowerState,
+    PrepareState,
+    VmAssignment,
+    WorkerState,
+    WorkerStatus,
+)
+
+__all__ = [
+    "DEFAULT_MOVE_TIMEOUT_S",
+    "MAX_MOVE_TIMEOUT_S",
+    "MOVES_KEPT",
+    "Move",
+    "MoveAction",
+    "MoveKind",
+    "MovePhase",
+    "MoveStep",
+    "advance",
+    "check_move",
+    "move_json",
+    "step",
+]
+
+MOVES_KEPT = 100
+"""Moves kept once over (the newest); one under way is always kept."""
+
+DEFAULT_MOVE_TIMEOUT_S = 600
+"""How long a move may take before the leader fails it (``--timeout``)."""
+
+MAX_MOVE_TIMEOUT_S = 86_400
+
+
+class MoveKind(enum.Enum):
+    COLD = "cold"  # stop on the source, start on the target
+    LIVE = "live"  # migrate the running guest (not built yet)
+
+
+class MovePhase(enum.Enum):
+    PENDING = "pending"
+    PREPARING = "preparing"
+    STOPPING = "stopping"
+    SWITCHING = "switching"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """One move (see the module docstring). ``generation``: the one that
+    began the current phase (0 while ``pending``): a worker's status of an
+    older observed generation says nothing about the phase. ``power``: the
+    VM's desired power when the move was asked for, put back on the source
+    by a revert and kept on the target by the switch."""
+
+    vm_id: str
+    source: str
+    target: str
+    kind: MoveKind
+    phase: MovePhase
+    op_id: str
+    started_unix_ms: int
+    deadline_unix_ms: int
+    power: PowerState = PowerState.RUNNING
+    generation: int = 0
+    updated_unix_ms: int = 0
+    reason: str = ""
+
+    @property
+    def over(self) -> bool:
+        return self.phase in (MovePhase.DONE, MovePhase.FAILED)
+
+    @property
+    def switched(self) -> bool:
+        """Past the switch: the VM is the target's."""
+        return self.phase in (MovePhase.SWITCHING, MovePhase.DONE)
+
+
+class MoveAction(enum.Enum):
+    """What the leader does next with a move (``step``)."""
+
+    WAIT = "wait"  # nothing yet
+    PREPARE = "prepare"  # a generation: the target prepares the image
+    STOP = "stop"  # a generation: the source's copy desired stopped
+    SWITCH = "switch"  # a generation: the VM moves to the target
+    DONE = "done"  # the row only
+    FAIL = "fail"  # the row, and with ``revert`` a generation
+
+
+@dataclass(frozen=True, slots=True)
+class MoveStep:
+    action: MoveAction
+    reason: str = ""
+    # FAIL: put the VM's power back on the source (the move had stopped it).
+    revert: bool = False
+
+
+def move_json(move: Move) -> dict[str, object]:
+    """A move as ``move status --json`` prints it."""
+    return {
+        "vm_id": move.vm_id,
+        "source": move.source,
+        "target": move.target,
+        "kind": move.kind.value,
+        "phase": move.phase.value,
+        "op_id": move.op_id,
+        "started_unix_ms": move.started_unix_ms,
+        "updated_unix_ms": move.updated_unix_ms,
+        "deadline_unix_ms": move.deadline_unix_ms,
+        "generation": move.generation,
+        "reason": move.reason,
+    }
+
+
+def check_move(
+    vm_id: str,
+    target: str,
+    *,
+    kind: MoveKind,
+    assignments: Mapping[str, Assignment],
+    target_state: WorkerState | None,
+    moving: Iterable[str],
+    handed_off: Iterable[str],
+    in_rollout: Iterable[str],
+    target_shortfall: str | None,
+) -> tuple[str, VmAssignment] | str:
+    """The move's source and the VM as its source's assignment has it, or
+    why ``vm_id`` cannot move to ``target`` (one line for the operator).
+    ``target_state``: None for a worker the master never heard of;
+    ``target_shortfall``: why the VM does not fit on the target (None: it
+    fits)."""
+    if kind is MoveKind.LIVE:
+        return (
+            "live moves need a VMM driver with live_move (QEMU or cloud-hypervisor) "
+            "and the worker-to-worker migration path; not built yet: move it cold "
+            "(without --live)"
+        )
+    found = [(w, vm) for w, a in sorted(assignments.items()) for vm in a.vms if vm.id == vm_id]
+    if not found:
+        return f"VM {vm_id} is not in the fleet"
+    source, vm = found[0]
+    if vm_id in set(moving):
+        return f"VM {vm_id} is moving already (see `procurator move status {vm_id}`)"
+    if vm_id in set(handed_off):
+        return f"VM {vm_id} is in a drain's handoff; wait for it to finish"
+    if vm_id in set(in_rollout):
+        return f"VM {vm_id} is in the rollout under way; wait for it to finish"
+    if target == source:
+        return f"VM {vm_id} is on worker {target} already"
+    if target_state is None:
+        return f"worker {target} is unknown: it never registered and has no VMs assigned"
+    if target_state is not WorkerState.READY:
+        return f"worker {target} is {target_state.value}: it takes no VMs"
+    if target_shortfall is not None:
+        return f"VM {vm_id} does not fit on worker {target}: {target_shortfall}"
+    return source, vm
+
+
+def _reported(status: WorkerStatus | None, vm_id: str, since: int) -> tuple[bool, Phase | None]:
+    """Whether ``status`` speaks of generation ``since`` or newer, and the
+    phase it shows ``vm_id`` in (None: not shown)."""
+    if status is None or status.observed_generation < since:
+        return False, None
+    return True, next((s.phase for s in status.vms if s.id == vm_id), None)
+
+
+def step(
+    move: Move,
+    *,
+    assignments: Mapping[str, Assignment],
+    statuses: Mapping[str, WorkerStatus | None],
+    lost: Iterable[str],
+    now_ms: int,
+) -> MoveStep:
+    """What the leader does next with ``move``, from the stored
+    assignments, the workers' latest statuses, the lost workers and the
+    time (see the module docstring). Idempotent: asked again over the same
+    facts it answers the same, so a leader killed between deciding and
+    committing decides the same again."""
+    if move.over:
+        return MoveStep(MoveAction.WAIT)
+    lost = set(lost)
+    source_vm = next((v for v in _vms(assignments, move.source) if v.id == move.vm_id), None)
+    if move.switched:
+        ok, phase = _reported(statuses.get(move.target), move.vm_id, move.generation)
+        target_vm = next((v for v in _vms(assignments, move.target) if v.id == move.vm_id), None)
+        if target_vm is None:
+            return MoveStep(MoveAction.FAIL, "the VM left the target's assignment (an apply)")
+        if (ok and phase is Phase.RUNNING) or target_vm.power is not PowerState.RUNNING:
+            # A VM moved while stopped or paused on purpose is done once
+            # it is the target's.
+            return MoveStep(MoveAction.DONE)
+        if now_ms >= move.deadline_unix_ms:
+            return MoveStep(
+                MoveAction.FAIL,
+                f"worker {move.target} did not report the VM running before the deadline; "
+                f"it stays assigned there",
+            )
+        return MoveStep(MoveAction.WAIT)
+    stopped_by_us = move.phase is MovePhase.STOPPING
+    if source_vm is None:
+        return MoveStep(
+            MoveAction.FAIL, f"the VM left worker {move.source}'s assignment (an apply)"
+        )
+    expected_power = PowerState.STOPPED if stopped_by_us else move.power
+    if source_vm.power is not expected_power:
+        return MoveStep(MoveAction.FAIL, "the VM's power was changed during the move (an apply)")
+    for worker, role in ((move.target, "target"), (move.source, "source")):
+        if worker in lost:
+            return MoveStep(
+                MoveAction.FAIL, f"the {role} worker {worker} is lost", revert=stopped_by_us
+            )
+    if now_ms >= move.deadline_unix_ms:
+        return MoveStep(
+            MoveAction.FAIL,
+            f"not done before the deadline (in phase {move.phase.value})",
+            revert=stopped_by_us,
+        )
+    if move.phase is MovePhase.PENDING:
+        return MoveStep(MoveAction.PREPARE)
+    if move.phase is MovePhase.PREPARING:
+        target = statuses.get(move.target)
+        if target is None or target.observed_generation < move.generation:
+            return MoveStep(MoveAction.WAIT)
+        image = next((p for p in target.prepared if p.path == source_vm.nix_store_path), None)
+        if image is None or image.state is PrepareState.PENDING:
+            return MoveStep(MoveAction.WAIT)
+        if image.state is PrepareState.FAILED:
+            return MoveStep(
+                MoveAction.FAIL, f"worker {move.target} cannot prepare the image: {image.message}"
+            )
+        return MoveStep(MoveAction.STOP)
+    # STOPPING: the source's status of the stop's generation (or newer)
+    # shows the VM stopped (or no longer shows it: nothing runs).
+    ok, phase = _reported(statuses.get(move.source), move.vm_id, move.generation)
+    if ok and phase in (Phase.STOPPED, None):
+        return MoveStep(MoveAction.SWITCH)
+    return MoveStep(MoveAction.WAIT)
+
+
+def _vms(assignments: Mapping[str, Assignment], worker_id: str) -> tuple[VmAssignment, ...]:
+    assignment = assignments.get(worker_id)
+    return assignment.vms if assignment is not None else ()
+
+
+def advance(
+    move: Move, phase: MovePhase, *, now_ms: int, generation: int = 0, reason: str = ""
+) -> Move:
+    """``move`` in ``phase`` (a new ``generation`` when the phase began
+    with one, else the old one is kept)."""
+    return dataclasses.replace(
+        move,
+        phase=phase,
+        updated_unix_ms=now_ms,
+        generation=generation or move.generation,
+        reason=reason or move.reason,
+    )
