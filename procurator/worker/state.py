@@ -157,10 +157,12 @@ class HandlesRecord:
     before it records the handle, the next owner knows to look for a VMM that
     nobody recorded (by its launch marker, ``process.launch_env``). ``hash`` is
     the spec hash the VMM was booted with, so a re-adopted VMM can be compared
-    with the desired spec. ``previous`` (in a ``spawning`` record) is the hash
-    the VM's last VMM ran ("" when none ever did): the old guest is gone by
-    then, so a worker killed mid-launch leaves only this to tell its next
-    owner that the launch replaces the VM rather than creates it.
+    with the desired spec. ``previous`` (in a ``spawning`` record, or in a
+    record of no VMM at all, written once the VM's last VMM was gone) is the
+    hash the VM's last VMM ran ("" when none ever did): the old guest is gone
+    by then, so a worker killed between stopping it and recording the next
+    launch leaves only this to tell its next owner that the VM exists and
+    its next start replaces it rather than creates it.
     ``owes`` (in a record with a handle) is the event its launch still owes
     (``booted``, ``replaced``, ``restarted``, ``restored``): told once the VM is
     seen settled, then cleared. A worker killed in between leaves it here,

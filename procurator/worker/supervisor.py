@@ -458,16 +458,26 @@ class VmSupervisor:
             self.vm.counters = {}
         self._clear_leftovers()
 
-    def _clear_leftovers(self) -> None:
+    def _clear_leftovers(self, then: HandlesRecord | None = None) -> None:
         """With no VMM of ours alive: stop unrecorded VMMs of this VM, remove
-        a stale API socket and the handles file (under the VM's flock)."""
+        a stale API socket, and replace the handles record (under the VM's
+        flock) by ``then``, or by one that records no VMM but the hash the
+        VM last ran (``previous``): a worker killed after this, before its
+        next launch is recorded, leaves its next owner knowing that the VM
+        exists and what it ran (its start is a replacement or a boot, not the
+        creation of a new VM); no record when it never ran."""
         assert self.vm.flock is not None
         if not self.paths.vm_dir.exists():
             return
         self.driver.clear_leftovers(
             self.paths, unrecorded=self._may_have_unrecorded_vmm(), grace=self.t.sigterm_wait
         )
-        self.m.state.clear_handles(self.vm.flock)
+        if then is None and self.last_hash:
+            then = HandlesRecord(self.driver.name, previous=self.last_hash)
+        if then is None:
+            self.m.state.clear_handles(self.vm.flock)
+        else:
+            self.m.state.write_handles(self.vm.flock, then)
 
     def _clear_leftovers_quietly(self) -> None:
         try:
@@ -480,9 +490,10 @@ class VmSupervisor:
         """Whether a VMM that no handle records may run for this VM: the
         handles file says a launch began but no pid was recorded (the worker
         died in between), is unreadable, or is gone while the socket stays.
-        A recorded handle rules it out — every launch is preceded by a
-        ``spawning`` record and followed by the handle, under the VM's flock
-        — and spares a scan of every process's environment (/proc), which
+        A recorded handle, or a record of no VMM (written once the last one
+        was gone), rules it out — every launch is preceded by a ``spawning``
+        record and followed by the handle, under the VM's flock — and spares
+        a scan of every process's environment (/proc), which
         on a host of a thousand VMMs costs more than the rest of a restart."""
         try:
             record = self.m.state.read_handles(self.vm.vm_id)
@@ -490,7 +501,7 @@ class VmSupervisor:
             return True
         if record is None:
             return self.paths.api_socket.exists()
-        return record.handle is None
+        return record.handle is None and record.spawning
 
     # -- steps -------------------------------------------------------------------
 
@@ -618,10 +629,8 @@ class VmSupervisor:
         the worker runs ``--unconfined``; what it is really confined by is
         read back once it runs (``_observe_confinement``)."""
         assert self.vm.flock is not None
-        self._clear_leftovers()
-        self.m.state.write_handles(
-            self.vm.flock,
-            HandlesRecord(self.driver.name, spawning=True, previous=self.last_hash),
+        self._clear_leftovers(
+            then=HandlesRecord(self.driver.name, spawning=True, previous=self.last_hash)
         )
         jail = self.m.jail
         vm_jail = (

@@ -259,7 +259,9 @@ def test_stopped_keeps_the_durable_state(make_manager: ManagerFactory, state_dir
     manager.ensure(spec(power=PowerState.STOPPED))
     vm_dir = state_dir / "vms" / "vm1"
     assert json.loads((vm_dir / "vm.json").read_text())["power"] == "stopped"
-    assert not (vm_dir / "handles.json").exists()
+    # No VMM recorded; only what the VM last ran (HandlesRecord.previous).
+    handles = json.loads((vm_dir / "handles.json").read_text())
+    assert (handles["handle"], handles["spawning"], handles["previous"]) == (None, False, "h1")
     assert vmms_of(state_dir, "vm1") == []
 
 
@@ -585,6 +587,26 @@ def test_a_replacement_launched_but_not_yet_told_when_the_worker_dies_is_told_on
     assert EventKind.READOPTED not in kinds and EventKind.BOOTED not in kinds, kinds
     # Told once: the record no longer owes it, so another restart is quiet.
     assert json.loads(handles.read_text())["owes"] == ""
+
+
+def test_a_vm_stopped_before_a_worker_restart_is_not_created_again(
+    make_manager: ManagerFactory, state_dir: Path, recorder: Recorder
+) -> None:
+    # Once a VM's VMM is gone (stopped here; or stopped for a replacement
+    # and the worker killed before it recorded the next launch), the next
+    # worker process must still know the VM ran h1 (HandlesRecord.previous):
+    # starting it is a boot of an existing VM, not the creation of a new one.
+    first = make_manager()
+    first.ensure(spec("s1"))
+    first.ensure(spec("s1", power=PowerState.STOPPED))
+    first.close()
+    second = make_manager()
+    [obs] = second.recover()
+    assert obs.phase is Phase.STOPPED
+    before = len(recorder.kinds("s1"))
+    assert second.ensure(spec("s1", hash="h2")).observed_hash == "h2"
+    kinds = recorder.kinds("s1")[before:]
+    assert EventKind.BOOTED in kinds and EventKind.CREATED not in kinds, kinds
 
 
 def test_an_upgraded_worker_readopts_what_the_previous_release_started(
