@@ -381,6 +381,10 @@ enum EventKind {
   rescheduled @15;
   # The master moved the VM to this worker (an apply, or healing after its
   # worker was lost); the message says from where and why.
+  moving @16;
+  # A phase of a move (`procurator move`): preparing, stopping, switching,
+  # moved, or failed with the reason; the op id is the move's. Added with
+  # moves: an older reader sees `unknown`.
 }
 
 struct VmEvent {
@@ -621,6 +625,44 @@ struct SnapshotListResult {
   }
 }
 
+# ---------------------------------------------------------------- moves
+
+struct Move {
+  # One move of a VM to another worker (docs/SNAPSHOTS.md, "Moves").
+  vmId @0 :Text;
+  source @1 :Text;
+  target @2 :Text;
+  kind @3 :Text;
+  # "cold" or "live".
+  phase @4 :Text;
+  # "pending", "preparing", "stopping", "switching", "done" or "failed";
+  # a reader that does not know a phase shows it as it is.
+  opId @5 :Text;
+  startedUnixMs @6 :Int64;
+  updatedUnixMs @7 :Int64;
+  deadlineUnixMs @8 :Int64;
+  # A move not done by then fails (before its switch: the VM stays on
+  # the source).
+  generation @9 :UInt64;
+  # The generation that began the current phase (0 while pending).
+  reason @10 :Text;
+  # Why it failed ("" otherwise).
+}
+
+struct MoveResult {
+  union {
+    move @0 :Move;
+    error @1 :Error;
+  }
+}
+
+struct MoveListResult {
+  union {
+    moves @0 :List(Move);
+    error @1 :Error;
+  }
+}
+
 # ---------------------------------------------------------------- interfaces
 
 interface Node {
@@ -746,6 +788,17 @@ interface Control {
   # is none; an action on a rollout that is over changes nothing (the
   # message says so). Added with rollouts: an older master raises an RPC
   # exception.
+  move @8 (vmId :Text, target :Text, live :Bool, timeoutS :UInt32) -> (result :MoveResult);
+  # Record a move of vmId to worker target (timeoutS 0: the default, 600);
+  # the leader drives it through its phases (read them with `moves`). The
+  # answer is the move as recorded (phase "pending", its op id), or why it
+  # is refused: notFound (a VM not in the fleet), invalid (the target
+  # unknown, lost, cordoned, away or full; the VM on it already, moving,
+  # in a handoff or a rollout; a live move, not built yet). Added with
+  # moves: an older master raises an RPC exception.
+  moves @9 (vmId :Text) -> (result :MoveListResult);
+  # The moves under way and the newest that are over, newest first; of
+  # one VM when vmId is set. Added with moves.
 }
 
 struct VmDescription {

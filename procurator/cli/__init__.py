@@ -115,6 +115,16 @@ COMMANDS = (
         "procurator.cli.rollout:add_parser",
     ),
     Command(
+        "move",
+        "move a VM to another worker (cold; --wait follows it)",
+        "procurator.cli.move:add_parsers",
+    ),
+    Command(
+        "moves",
+        "show the moves under way and the newest that are over",
+        "procurator.cli.move:add_parsers",
+    ),
+    Command(
         "top",
         "live view of the fleet: workers, convergence, VMs by phase, recent events",
         "procurator.cli.top:add_parser",

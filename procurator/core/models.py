@@ -94,6 +94,10 @@ class EventKind(enum.Enum):
     # The master moved the VM to another worker (an apply or healing): the
     # message says from where and why. Stored under the new worker.
     RESCHEDULED = "rescheduled"
+    # A move's phase (procurator.core.move): the message says which, from
+    # where to where, and why a move failed. Stored under the worker that
+    # holds the VM (the source until the switch).
+    MOVING = "moving"
 
 
 class HealthKind(enum.Enum):

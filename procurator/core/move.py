@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from procurator.core.models import (
@@ -58,9 +58,11 @@ from procurator.core.models import (
     PowerState,
     PrepareState,
     VmAssignment,
+    WorkerFacts,
     WorkerState,
     WorkerStatus,
 )
+from procurator.core.validation import LIMITS
 
 __all__ = [
     "DEFAULT_MOVE_TIMEOUT_S",
@@ -74,6 +76,7 @@ __all__ = [
     "advance",
     "check_move",
     "move_json",
+    "shortfall",
     "step",
 ]
 
@@ -174,13 +177,15 @@ def check_move(
     kind: MoveKind,
     assignments: Mapping[str, Assignment],
     target_state: WorkerState | None,
-    moving: Iterable[str],
+    target_connected: bool = True,
+    moving: Mapping[str, str],
     handed_off: Iterable[str],
     in_rollout: Iterable[str],
     target_shortfall: str | None,
 ) -> tuple[str, VmAssignment] | str:
     """The move's source and the VM as its source's assignment has it, or
     why ``vm_id`` cannot move to ``target`` (one line for the operator).
+    ``moving``: the VMs moving, with their moves' op ids;
     ``target_state``: None for a worker the master never heard of;
     ``target_shortfall``: why the VM does not fit on the target (None: it
     fits)."""
@@ -194,8 +199,8 @@ def check_move(
     if not found:
         return f"VM {vm_id} is not in the fleet"
     source, vm = found[0]
-    if vm_id in set(moving):
-        return f"VM {vm_id} is moving already (see `procurator move status {vm_id}`)"
+    if vm_id in moving:
+        return f"VM {vm_id} is moving already (move {moving[vm_id]}: `procurator moves {vm_id}`)"
     if vm_id in set(handed_off):
         return f"VM {vm_id} is in a drain's handoff; wait for it to finish"
     if vm_id in set(in_rollout):
@@ -206,9 +211,29 @@ def check_move(
         return f"worker {target} is unknown: it never registered and has no VMs assigned"
     if target_state is not WorkerState.READY:
         return f"worker {target} is {target_state.value}: it takes no VMs"
+    if not target_connected:
+        return f"worker {target} is not connected to any master: it cannot prepare the VM"
     if target_shortfall is not None:
         return f"VM {vm_id} does not fit on worker {target}: {target_shortfall}"
     return source, vm
+
+
+def shortfall(vm: VmAssignment, facts: WorkerFacts, assigned: Sequence[VmAssignment]) -> str | None:
+    """Why ``vm`` does not fit on the worker of ``facts`` beside the VMs
+    ``assigned`` to it (None: it fits), counted as the scheduler counts
+    (``procurator.core.placement``: host capacity times the overcommit
+    ratios, resources as the assignments state them)."""
+    cpu = int(facts.capacity.vcpus * facts.cpu_overcommit) - sum(v.vcpus for v in assigned)
+    mem = int(facts.capacity.memory_mib * facts.memory_overcommit) - sum(
+        v.memory_mib for v in assigned
+    )
+    slots = (facts.capacity.max_vms or LIMITS.max_vms_per_worker) - len(assigned)
+    if vm.vcpus <= cpu and vm.memory_mib <= mem and slots > 0:
+        return None
+    return (
+        f"needs {vm.vcpus} vCPU/{vm.memory_mib} MiB; it has {max(cpu, 0)} vCPU/"
+        f"{max(mem, 0)} MiB and {max(slots, 0)} VM slot(s) free"
+    )
 
 
 def _reported(status: WorkerStatus | None, vm_id: str, since: int) -> tuple[bool, Phase | None]:
@@ -281,9 +306,8 @@ def step(
         if image is None or image.state is PrepareState.PENDING:
             return MoveStep(MoveAction.WAIT)
         if image.state is PrepareState.FAILED:
-            return MoveStep(
-                MoveAction.FAIL, f"worker {move.target} cannot prepare the image: {image.message}"
-            )
+            why = f": {image.message}" if image.message else ""
+            return MoveStep(MoveAction.FAIL, f"worker {move.target} cannot prepare the image{why}")
         return MoveStep(MoveAction.STOP)
     # STOPPING: the source's status of the stop's generation (or newer)
     # shows the VM stopped (or no longer shows it: nothing runs).

@@ -149,6 +149,17 @@ Invariants:
   (``ValidationError``). Dry runs and no-op applies record nothing. The
   store keeps the newest 1,000 request ids (``REQUESTS_KEPT``): a retry
   within that many applies is recognised.
+- **Fleet patches** (``apply_patch``, ``procurator.core.fleetpatch``): a
+  client may send only the parts of its fleet file (per worker, and the
+  settings) that this master does not hold, by digest, from the fleet of
+  the newest apply this master committed or found a no-op (``_applied``).
+  The patch is assembled into the client's whole fleet, validated
+  incrementally (the rules of one part on the parts sent; VM ids unique and
+  the totals against an index of the held fleet), then applied exactly as
+  a whole apply of that fleet (placement, diff, rollouts, request ids).
+  Parts are content-addressed, so another apply in between (here or on
+  another master, or a restart) only makes the patch name more parts
+  ``missing``: nothing is merged and nothing is lost.
 - Events are stored bounded (at most ``events_per_vm`` per VM and
   ``events_total`` in all) and cached in rings with the same bounds, so a
   worker flooding events, or a fleet churning through VM ids, cannot grow
@@ -217,6 +228,7 @@ from procurator.core.errors import (
     ValidationError,
 )
 from procurator.core.fleet import diff_assignments, diff_fleets, validate_fleet
+from procurator.core.fleetpatch import FleetParts, FleetPatch, PatchAnswer, assemble
 from procurator.core.metrics import FleetView, MetricSample, WorkerView
 from procurator.core.models import (
     Assignment,
@@ -236,6 +248,16 @@ from procurator.core.models import (
     WorkerState,
     WorkerStatus,
 )
+from procurator.core.move import (
+    DEFAULT_MOVE_TIMEOUT_S,
+    Move,
+    MoveAction,
+    MoveKind,
+    MovePhase,
+    check_move,
+    shortfall,
+)
+from procurator.core.move import step as move_step
 from procurator.core.rollout import Rollout, RolloutAction, RolloutPhase, RolloutView, act, view
 from procurator.core.rollout import step as rollout_step
 from procurator.core.snapshot import SnapshotAction, SnapshotInfo, SnapshotRequest
@@ -244,6 +266,7 @@ from procurator.core.validation import LIMITS, check_request_id
 from procurator.logs import log_context, new_op_id, some
 from procurator.master.drain import plan_drains
 from procurator.master.leader import Leadership
+from procurator.master.move import plan_move, with_moves
 from procurator.master.rollout import begin as begin_rollout
 from procurator.master.rollout import with_rollout
 from procurator.master.scheduling import (
@@ -494,6 +517,10 @@ class MasterService:
         self._events_lock = trio.Lock()
         self._generation = 0
         self._assignments: dict[str, Assignment] = {}
+        # The fleet of the newest person's apply this master committed (or
+        # found already applied): what a fleet patch takes its unchanged
+        # parts from (a Fleet until a patch first needs it cut in parts).
+        self._applied: Fleet | FleetParts | None = None
         # The stored rules of unpinned VMs, as of a generation, for the
         # fence marks of what workers receive (with_fence_marks).
         self._fence_rules: tuple[int, Mapping[str, UnpinnedRules]] = (-1, {})
@@ -538,6 +565,9 @@ class MasterService:
         # last lease renewal): ``_read_renewals``.
         self._renewals: tuple[float, int, Mapping[str, int]] = (0.0, 0, {})
         self._drain_wake = trio.Event()
+        # Moves under way (procurator.core.move), as of a generation (every
+        # phase a worker sees begins with one): for what workers are sent.
+        self._moves_cache: tuple[int, tuple[Move, ...]] = (-1, ())
 
     # ------------------------------------------------------------ lifecycle
 
@@ -579,6 +609,9 @@ class MasterService:
                 nursery.start_soon(self.leadership.run_duty, "heal", interval, self._heal)
                 nursery.start_soon(
                     self.leadership.run_duty, "drain", min(0.5, interval), self._drain
+                )
+                nursery.start_soon(
+                    self.leadership.run_duty, "moves", min(0.5, interval), self._drive_moves
                 )
                 nursery.start_soon(
                     self.leadership.run_duty,
@@ -903,6 +936,55 @@ class MasterService:
                 exc.op_id = exc.op_id or op_id
                 raise
 
+    async def apply_patch(
+        self,
+        patch: FleetPatch,
+        *,
+        expected_generation: int | None = None,
+        dry_run: bool = False,
+        op_id: str = "",
+        request_id: str = "",
+        supersede: bool = False,
+    ) -> PatchAnswer:
+        """``apply`` of the fleet ``patch`` stands for (see "Fleet
+        patches"), or the parts this master does not hold (``missing``;
+        nothing applied, nothing checked but the parts sent). Raises what
+        ``apply`` raises, and ``ValidationError`` for a malformed patch."""
+        self._require_store()
+        op_id = op_id or new_op_id()
+        with log_context(op_id=op_id):
+            try:
+                applied = self._applied
+                assembled = await trio.to_thread.run_sync(_assemble, applied, patch)
+                if assembled.parts is None:
+                    logger.info(
+                        "apply %s: a patch names %d part(s) this master does not hold; "
+                        "asking for them",
+                        op_id,
+                        len(assembled.missing),
+                    )
+                    return PatchAnswer(None, assembled.missing)
+                if self._applied is applied and isinstance(applied, Fleet):
+                    self._applied = assembled.held  # cut once, kept for the next patch
+                parts = assembled.parts
+                result = await self._apply(
+                    parts.fleet(),
+                    expected_generation,
+                    dry_run,
+                    op_id,
+                    request_id,
+                    supersede=supersede,
+                    parts=parts,
+                )
+                return PatchAnswer(result)
+            except UnavailableError as exc:
+                self._set_unavailable_if_store(exc)
+                exc.op_id = exc.op_id or op_id
+                raise
+            except ProcuratorError as exc:
+                exc.op_id = exc.op_id or op_id
+                raise
+
     def _set_unavailable_if_store(self, exc: UnavailableError) -> None:
         if isinstance(exc, StoreUnavailableError):
             self._set_unavailable(str(exc))
@@ -917,13 +999,17 @@ class MasterService:
         heal: Fence | None = None,
         *,
         supersede: bool = False,
+        parts: FleetParts | None = None,
     ) -> ApplyResult:
         """``heal``: the leader's healing (``_heal``) under that fence, which
-        places the stored fleet again (``fleet`` is not used)."""
+        places the stored fleet again (``fleet`` is not used). ``parts``:
+        ``fleet`` assembled from a patch, validated already."""
         if request_id and (problem := check_request_id(request_id)) is not None:
             raise ValidationError(f"request id: {problem}")
 
         def prepare() -> str:
+            if parts is not None:
+                return parts.request_digest() if request_id else ""
             if heal is None:
                 validate_fleet(fleet)
             return fleet_digest(fleet) if request_id else ""
@@ -943,6 +1029,11 @@ class MasterService:
                     f"the fleet changed {_APPLY_ATTEMPTS} times while this apply was being "
                     "prepared (other masters applying); nothing was applied: try again"
                 )
+            if heal is None and not (
+                isinstance(committed, ApplyResult) and (committed.dry_run or committed.replayed)
+            ):
+                # Committed, or a no-op: the fleet a patch builds on next.
+                self._applied = parts or fleet
         if isinstance(committed, ApplyResult):
             return committed
         generation, diffs, placed, rollout_id = committed
@@ -1578,7 +1669,25 @@ class MasterService:
                 logger.warning("fence marks from the rules of generation %d: %s", cached_at, exc)
             else:
                 self._fence_rules = (generation, rules)
-        return with_rollout(with_fence_marks(assignment, rules), await self._current_rollout())
+        assignment = with_rollout(
+            with_fence_marks(assignment, rules), await self._current_rollout()
+        )
+        return with_moves(assignment, await self._active_moves(), self._assignments)
+
+    async def _active_moves(self) -> tuple[Move, ...]:
+        """The moves under way as of this master's generation (a move's
+        phases that workers see begin with generations), read once per
+        generation; when the store cannot be read, those read last."""
+        generation = self._generation
+        cached_at, moves = self._moves_cache
+        if cached_at != generation:
+            try:
+                moves = tuple(m for m in await self._store.moves(limit=0) if not m.over)
+            except UnavailableError as exc:
+                logger.warning("the moves as of generation %d: %s", cached_at, exc)
+            else:
+                self._moves_cache = (generation, moves)
+        return moves
 
     async def _current_rollout(self) -> Rollout | None:
         """The rollout under way as of this master's generation (every
@@ -2173,6 +2282,170 @@ class MasterService:
             "written; try again"
         )
 
+    # ------------------------------------------------------------ moves
+
+    async def move(
+        self,
+        vm_id: str,
+        target: str,
+        *,
+        kind: MoveKind = MoveKind.COLD,
+        timeout_s: int = DEFAULT_MOVE_TIMEOUT_S,
+    ) -> Move:
+        """``procurator move``: record a move of ``vm_id`` to worker
+        ``target`` (``pending``); the leader's move duty drives it
+        (``procurator.core.move``). Refused with ``ValidationError`` naming
+        why (``check_move``), ``NotFoundError`` for a VM not in the fleet."""
+        self._require_store()
+        op_id = new_op_id()
+        with log_context(op_id=op_id, vm_id=vm_id):
+            try:
+                async with self._apply_lock:
+                    await self._refresh_fleet()
+                    await self._load_handoffs()
+                    now_ms = self._now_ms()
+                    worker = self._workers.get(target)
+                    known = [
+                        KnownWorker(w.worker_id, w.info, w.connected, self._lost(w, now_ms), w.mode)
+                        for w in self._workers.values()
+                    ]
+                    facts = {f.worker_id: f for f in worker_facts(known, self._assignments)}
+                    if worker is not None and self._lost(worker, now_ms):
+                        state: WorkerState | None = WorkerState.LOST
+                    elif worker is not None and worker.mode is not None:
+                        state = worker.mode.state
+                    elif worker is not None or target in self._assignments:
+                        state = WorkerState.READY
+                    else:
+                        state = None
+                    rollout = await self._current_rollout()
+                    moving = {
+                        m.vm_id: m.op_id for m in await self._store.moves(limit=0) if not m.over
+                    }
+                    on_target = self._assignments.get(target, _NO_ASSIGNMENT).vms
+                    source_vm = next(
+                        (v for a in self._assignments.values() for v in a.vms if v.id == vm_id),
+                        None,
+                    )
+                    answer = check_move(
+                        vm_id,
+                        target,
+                        kind=kind,
+                        assignments=self._assignments,
+                        target_state=state,
+                        target_connected=worker is not None and worker.connected,
+                        moving=moving,
+                        handed_off=self._handoffs,
+                        in_rollout=(
+                            [v.vm_id for v in rollout.vms]
+                            if rollout is not None and not rollout.over
+                            else []
+                        ),
+                        target_shortfall=(
+                            shortfall(source_vm, facts[target], on_target)
+                            if source_vm is not None and target in facts
+                            else None
+                        ),
+                    )
+                    if isinstance(answer, str):
+                        if source_vm is None:
+                            raise NotFoundError(f"{answer}; nothing was changed", op_id=op_id)
+                        raise ValidationError(f"{answer}; nothing was changed", op_id=op_id)
+                    source, vm = answer
+                    move = Move(
+                        vm_id,
+                        source,
+                        target,
+                        kind,
+                        MovePhase.PENDING,
+                        op_id,
+                        now_ms,
+                        now_ms + timeout_s * 1000,
+                        vm.power,
+                        updated_unix_ms=now_ms,
+                    )
+                    await self._store.start_move(move)
+            except UnavailableError as exc:
+                self._set_unavailable_if_store(exc)
+                raise
+            logger.info(
+                "move %s of VM %s from %s to %s (%s) recorded",
+                op_id,
+                vm_id,
+                source,
+                target,
+                kind.value,
+            )
+        return move
+
+    async def moves(self, vm_id: str = "") -> tuple[Move, ...]:
+        """``procurator moves``: the moves under way and the newest over
+        (of one VM when ``vm_id`` is given), newest first."""
+        self._require_store()
+        try:
+            return await self._store.moves(vm_id or None)
+        except UnavailableError as exc:
+            self._set_unavailable_if_store(exc)
+            raise
+
+    async def _drive_moves(self, fence: Fence) -> None:
+        """Singleton duty: the next step of every move under way
+        (``procurator.core.move.step``, ``procurator.master.move``), each
+        a generation (or a row) fenced by ``fence``."""
+        under_way = [m for m in await self._store.moves(limit=0) if not m.over]
+        for move in under_way:
+            with log_context(op_id=move.op_id, vm_id=move.vm_id):
+                try:
+                    await self._step_move(fence, move)
+                except StaleGenerationError as exc:
+                    logger.info("move %s: %s; the next pass tries again", move.op_id, exc)
+
+    async def _step_move(self, fence: Fence, move: Move) -> None:
+        async with self._apply_lock:
+            await self._refresh_fleet()
+            now_ms = self._now_ms()
+            lost = [w.worker_id for w in self._workers.values() if self._lost(w, now_ms)]
+            statuses = {w.worker_id: w.status for w in self._workers.values()}
+            step = move_step(
+                move, assignments=self._assignments, statuses=statuses, lost=lost, now_ms=now_ms
+            )
+            plan = plan_move(move, step, self._assignments, now_ms=now_ms)
+            if plan is None:
+                return
+            if not plan.changes:
+                await self._store.put_move(fence, plan.move, move)
+                generation = self._generation
+                diffs: list[WorkerDiff] = []
+            else:
+                names = sorted(plan.changes)
+                before = {w: self._assignments[w].vms for w in names if w in self._assignments}
+                generation = await self._store.commit_move(
+                    fence=fence,
+                    expected_generation=self._generation,
+                    changes=plan.changes,
+                    before=before,
+                    unix_ms=now_ms,
+                    move=plan.move,
+                    move_before=move,
+                )
+                diffs = [diff_assignments(w, before.get(w, ()), plan.changes[w]) for w in names]
+                self._absorb_commit(generation, plan.changes, diffs, move.op_id)
+        failed = step.action is MoveAction.FAIL
+        logger.log(logging.WARNING if failed else logging.INFO, "%s", plan.message)
+        if diffs:
+            with log_context(generation=generation):
+                self._push_diffs(diffs, generation)
+        # One event per phase, under the worker that holds the VM now.
+        holder = move.target if plan.move.switched else move.source
+        event = VmEvent(move.vm_id, EventKind.MOVING, plan.message, move.op_id, now_ms)
+        try:
+            await self._store.add_events(
+                holder, [event], per_vm=self._events_per_vm, total=self._events_total
+            )
+            await self._pull_events()
+        except UnavailableError as exc:
+            logger.warning("move %s: the event was not stored: %s", move.op_id, exc)
+
     # ------------------------------------------------------------ drains, handoffs
 
     async def _load_handoffs(self) -> None:
@@ -2505,6 +2778,21 @@ def _changes_to_send(session: _Session, assignment: Assignment) -> AssignmentCha
     if changes.size >= max(1, len(assignment.vms)):
         return None
     return changes
+
+
+@dataclass(frozen=True, slots=True)
+class _Assembled:
+    parts: FleetParts | None
+    missing: tuple[str, ...]
+    held: FleetParts | None  # the held fleet, cut in parts here (None: it was)
+
+
+def _assemble(applied: Fleet | FleetParts | None, patch: FleetPatch) -> _Assembled:
+    """``assemble`` against the held fleet (cut in parts first if it came
+    from a whole apply: O(that fleet), once). Runs in a thread."""
+    held = FleetParts.of(applied) if isinstance(applied, Fleet) else None
+    answer = assemble(held or (applied if isinstance(applied, FleetParts) else None), patch)
+    return _Assembled(answer.parts, answer.missing, held)
 
 
 def _log_placement(op_id: str, placement: Placement) -> None:

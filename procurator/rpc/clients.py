@@ -43,6 +43,7 @@ from procurator.core.drain import ModeAction, ModeChange, check_max_unavailable
 from procurator.core.errors import ProcuratorError, UnavailableError, ValidationError
 from procurator.core.metrics import MetricSample
 from procurator.core.models import Assignment, Fleet, VmEvent, WorkerInfo, WorkerStatus
+from procurator.core.move import DEFAULT_MOVE_TIMEOUT_S, MAX_MOVE_TIMEOUT_S, Move, MoveKind
 from procurator.core.rollout import RolloutAction, RolloutView
 from procurator.core.snapshot import SnapshotCalls, SnapshotInfo, SnapshotRequest
 from procurator.core.status import StatusChanges
@@ -67,6 +68,8 @@ from procurator.rpc.convert import (
     fill_worker_status,
     fleet_status_from_reader,
     mode_change_from_reader,
+    move_from_reader,
+    move_list_from_reader,
     rollout_result_from_reader,
     snapshot_list_from_reader,
     snapshot_request_from_reader,
@@ -230,6 +233,32 @@ class ControlClient:
             _rollout, self._handle, rollout_id, action, what=f"rollout {action.value}"
         )
 
+    async def move(
+        self,
+        vm_id: str,
+        target: str,
+        *,
+        kind: MoveKind = MoveKind.COLD,
+        timeout_s: int = DEFAULT_MOVE_TIMEOUT_S,
+    ) -> Move:
+        """Record a move of ``vm_id`` to worker ``target`` (docs/SNAPSHOTS.md);
+        the move as recorded, or the typed error it is refused with."""
+        if (problem := check_vm_id(vm_id)) is not None:
+            raise ValidationError(f"vm id: {problem}")
+        if (problem := check_worker_id(target)) is not None:
+            raise ValidationError(f"worker id: {problem}")
+        if not 1 <= timeout_s <= MAX_MOVE_TIMEOUT_S:
+            raise ValidationError(f"timeout: 1-{MAX_MOVE_TIMEOUT_S} s, not {timeout_s}")
+        return await self._bridge.run(
+            _move, self._handle, vm_id, target, kind, timeout_s, what=f"move {vm_id}"
+        )
+
+    async def moves(self, vm_id: str = "") -> tuple[Move, ...]:
+        """The moves under way and the newest over (of one VM, or all)."""
+        if vm_id and (problem := check_vm_id(vm_id)) is not None:
+            raise ValidationError(f"vm id: {problem}")
+        return await self._bridge.run(_moves, self._handle, vm_id, what="list moves")
+
 
 @contextlib.asynccontextmanager
 async def open_control(
@@ -344,6 +373,24 @@ async def _change_worker_mode(
         workerId=worker_id, action=action.value, maxUnavailable=max_unavailable
     )
     return mode_change_from_reader(response.result, worker_id)
+
+
+async def _move(
+    handle: CapnpHandle[tuple[ClientConnection, Any]],
+    vm_id: str,
+    target: str,
+    kind: MoveKind,
+    timeout_s: int,
+) -> Move:
+    response = await handle.get()[1].move(
+        vmId=vm_id, target=target, live=kind is MoveKind.LIVE, timeoutS=timeout_s
+    )
+    return move_from_reader(response.result)
+
+
+async def _moves(handle: CapnpHandle[tuple[ClientConnection, Any]], vm_id: str) -> tuple[Move, ...]:
+    response = await handle.get()[1].moves(vmId=vm_id)
+    return move_list_from_reader(response.result)
 
 
 async def _rollout(

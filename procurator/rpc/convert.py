@@ -76,6 +76,7 @@ from procurator.core.models import (
     WorkerState,
     WorkerStatus,
 )
+from procurator.core.move import Move, MoveKind, MovePhase
 from procurator.core.rollout import RolloutView, RolloutVmView
 from procurator.core.snapshot import SnapshotAction, SnapshotInfo, SnapshotRequest
 from procurator.core.status import StatusChanges
@@ -185,6 +186,7 @@ EVENT_KIND_NAMES = (
     "snapshotted",
     "restored",
     "rescheduled",
+    "moving",
 )
 ERROR_CODE_NAMES = (
     "internal",
@@ -1409,6 +1411,85 @@ def fill_snapshot_list(builder: Any, infos: Sequence[SnapshotInfo]) -> None:
     entries = builder.init("snapshots", len(infos))
     for entry, info in zip(entries, infos, strict=True):
         _fill_snapshot(entry, info)
+
+
+# ---------------------------------------------------------------- moves
+
+_MOVE_KINDS = {k.value: k for k in MoveKind}
+_MOVE_PHASES = {p.value: p for p in MovePhase}
+
+
+def _fill_move(builder: Any, move: Move) -> None:
+    builder.vmId = move.vm_id
+    builder.source = move.source
+    builder.target = move.target
+    builder.kind = move.kind.value
+    builder.phase = move.phase.value
+    builder.opId = move.op_id
+    builder.startedUnixMs = move.started_unix_ms
+    builder.updatedUnixMs = move.updated_unix_ms
+    builder.deadlineUnixMs = move.deadline_unix_ms
+    builder.generation = move.generation
+    builder.reason = clip_text(move.reason)
+
+
+def _move_from_reader(reader: Any, problems: _Problems, where: str) -> Move | None:
+    kind = _MOVE_KINDS.get(reader.kind)
+    phase = _MOVE_PHASES.get(reader.phase)
+    if kind is None:
+        problems.add(f"{where}.kind", f"unknown move kind {reader.kind[:32]!r}")
+    if phase is None:
+        problems.add(f"{where}.phase", f"unknown move phase {reader.phase[:32]!r}")
+    if kind is None or phase is None:
+        return None
+    return Move(
+        problems.text(f"{where}.vmId", reader.vmId, limit=64),
+        problems.text(f"{where}.source", reader.source, limit=64),
+        problems.text(f"{where}.target", reader.target, limit=64),
+        kind,
+        phase,
+        problems.text(f"{where}.opId", reader.opId, limit=64),
+        reader.startedUnixMs,
+        reader.deadlineUnixMs,
+        generation=reader.generation,
+        updated_unix_ms=reader.updatedUnixMs,
+        reason=problems.text(f"{where}.reason", reader.reason),
+    )
+
+
+def fill_move_result(builder: Any, move: Move) -> None:
+    _fill_move(builder.init("move"), move)
+
+
+def move_from_reader(reader: Any) -> Move:
+    """The ``move`` arm of a ``MoveResult``; raises the typed error of the
+    ``error`` arm."""
+    if reader.which() == "error":
+        raise error_from_reader(reader.error)
+    problems = _Problems("move")
+    move = _move_from_reader(reader.move, problems, "move")
+    problems.raise_if_any()
+    assert move is not None
+    return move
+
+
+def fill_move_list(builder: Any, moves: Sequence[Move]) -> None:
+    entries = builder.init("moves", len(moves))
+    for entry, move in zip(entries, moves, strict=True):
+        _fill_move(entry, move)
+
+
+def move_list_from_reader(reader: Any) -> tuple[Move, ...]:
+    """The ``moves`` arm of a ``MoveListResult``; raises the typed error of
+    the ``error`` arm."""
+    if reader.which() == "error":
+        raise error_from_reader(reader.error)
+    items = reader.moves
+    _check_length(len(items), LIMITS.max_vms_per_worker, "moves")
+    problems = _Problems("move list")
+    found = [_move_from_reader(item, problems, f"moves[{i}]") for i, item in enumerate(items)]
+    problems.raise_if_any()
+    return tuple(m for m in found if m is not None)
 
 
 # ---------------------------------------------------------------- cordon and drain

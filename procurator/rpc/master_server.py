@@ -105,6 +105,7 @@ from procurator.core.errors import (
 )
 from procurator.core.metrics import MetricSample
 from procurator.core.models import Assignment, Fleet, VmEvent, WorkerInfo, WorkerStatus
+from procurator.core.move import DEFAULT_MOVE_TIMEOUT_S, MAX_MOVE_TIMEOUT_S, Move, MoveKind
 from procurator.core.rollout import RolloutAction, RolloutView
 from procurator.core.snapshot import SnapshotInfo, SnapshotRequest
 from procurator.core.status import StatusChanges
@@ -130,6 +131,8 @@ from procurator.rpc.convert import (
     fill_error,
     fill_fleet_status,
     fill_mode_change,
+    fill_move_list,
+    fill_move_result,
     fill_rollout_result,
     fill_snapshot_list,
     fill_snapshot_request,
@@ -275,6 +278,12 @@ class MasterBackend(Protocol):
     ) -> ModeChange: ...
 
     async def rollout(self, rollout_id: str, action: RolloutAction) -> RolloutView: ...
+
+    async def move(
+        self, vm_id: str, target: str, *, kind: MoveKind = ..., timeout_s: int = ...
+    ) -> Move: ...
+
+    async def moves(self, vm_id: str = "") -> tuple[Move, ...]: ...
 
     async def register(self, info: WorkerInfo, node: RemoteNode) -> int: ...
 
@@ -1152,6 +1161,41 @@ class _ControlImpl(_schema.Control.Server):  # type: ignore[misc, name-defined]
         listener = self._listener
         value = await listener.call(listener.backend.rollout, *request)
         fill_rollout_result(results.result, value)
+
+    async def move_context(self, context: Any) -> None:
+        await _answer(
+            self._conn, "Control.move", context, error_arm, _decode_move_request, self._move
+        )
+
+    async def _move(self, request: tuple[str, str, MoveKind, int], results: Any) -> None:
+        listener = self._listener
+        vm_id, target, kind, timeout_s = request
+        move = await listener.call(
+            functools.partial(listener.backend.move, kind=kind, timeout_s=timeout_s),
+            vm_id,
+            target,
+        )
+        fill_move_result(results.result, move)
+
+    async def moves_context(self, context: Any) -> None:
+        await _answer(self._conn, "Control.moves", context, error_arm, _decode_vm_id, self._moves)
+
+    async def _moves(self, vm_id: str, results: Any) -> None:
+        listener = self._listener
+        moves = await listener.call(listener.backend.moves, vm_id)
+        fill_move_list(results.result, moves)
+
+
+def _decode_move_request(params: Any) -> tuple[str, str, MoveKind, int]:
+    vm_id: str = params.vmId
+    _check_vm_id_param(vm_id, required=True)
+    target: str = params.target
+    if (problem := check_worker_id(target)) is not None:
+        raise ValidationError(f"target: {problem}")
+    timeout_s = params.timeoutS or DEFAULT_MOVE_TIMEOUT_S
+    if timeout_s > MAX_MOVE_TIMEOUT_S:
+        raise ValidationError(f"timeoutS: at most {MAX_MOVE_TIMEOUT_S} s, not {timeout_s}")
+    return vm_id, target, MoveKind.LIVE if params.live else MoveKind.COLD, timeout_s
 
 
 def _decode_rollout_request(params: Any) -> tuple[str, RolloutAction]:

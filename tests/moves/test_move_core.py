@@ -198,7 +198,7 @@ def refusal(vm_id: str = "a", target: str = "w2", **kw: object) -> tuple[str, Vm
         "kind": MoveKind.COLD,
         "assignments": on("w1", VM),
         "target_state": WorkerState.READY,
-        "moving": (),
+        "moving": {},
         "handed_off": (),
         "in_rollout": (),
         "target_shortfall": None,
@@ -216,7 +216,9 @@ def test_refusals_name_the_reason() -> None:
     )
     assert refusal(target_state=WorkerState.LOST) == "worker w2 is lost: it takes no VMs"
     assert refusal(target_state=WorkerState.CORDONED) == "worker w2 is cordoned: it takes no VMs"
-    assert "moving already" in str(refusal(moving=("a",)))
+    assert refusal(moving={"a": "op-1"}) == (
+        "VM a is moving already (move op-1: `procurator moves a`)"
+    )
     assert "handoff" in str(refusal(handed_off=("a",)))
     assert "rollout" in str(refusal(in_rollout=("a",)))
     assert (

@@ -1,0 +1,121 @@
+"""The leader's move duty, decided: what each step of a move writes
+(docs/SNAPSHOTS.md, "Moves"; ``procurator.core.move`` decides the step).
+
+``plan_move`` turns a step into the move's next state and the
+assignments its generation changes; ``MasterService._drive_moves`` commits
+that (``Store.commit_move``: one generation under the move's op id, fenced
+by the leader's epoch, with the move's new phase in the same transaction)
+and pushes the workers concerned. Like a rollout's, the plan is a pure
+function of what is stored: a leader killed between deciding and
+committing, or a failover, decides the same again from the store.
+
+What each step's generation changes:
+
+- ``prepare``: nothing in the stored assignments; the target's
+  generation moves, so it is sent its assignment again, now with the VM's
+  image among the paths to prepare (``with_moves``);
+- ``stop``: the VM's desired power in the source's assignment becomes
+  ``stopped``;
+- ``switch``: the VM leaves the source's assignment (its pending removal
+  there) and joins the target's, with the power it had before the move;
+- ``fail``: the target's generation moves (it stops preparing the image),
+  and with ``revert`` the source's VM gets its power back (it restarts);
+- ``done``: the row only.
+
+Pure: no clock, no I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from procurator.core.models import Assignment, PowerState, VmAssignment
+from procurator.core.move import Move, MoveAction, MovePhase, MoveStep, advance
+
+__all__ = ["MovePlan", "plan_move", "with_moves"]
+
+_NEXT = {
+    MoveAction.PREPARE: MovePhase.PREPARING,
+    MoveAction.STOP: MovePhase.STOPPING,
+    MoveAction.SWITCH: MovePhase.SWITCHING,
+    MoveAction.DONE: MovePhase.DONE,
+    MoveAction.FAIL: MovePhase.FAILED,
+}
+
+_PREPARED_IN = (MovePhase.PREPARING, MovePhase.STOPPING)
+"""The phases in which the target keeps the VM's image prepared (rooted):
+until the switch gives it the VM itself."""
+
+
+@dataclass(frozen=True, slots=True)
+class MovePlan:
+    """The move after a step, and the assignments (worker -> its VMs, in
+    id order) its generation writes; no ``changes`` means the row only."""
+
+    move: Move
+    changes: dict[str, tuple[VmAssignment, ...]]
+    message: str
+
+
+def plan_move(
+    move: Move, step: MoveStep, assignments: Mapping[str, Assignment], *, now_ms: int
+) -> MovePlan | None:
+    """What ``step`` of ``move`` writes (see the module docstring); None
+    for ``wait``."""
+    if step.action is MoveAction.WAIT:
+        return None
+    after = advance(move, _NEXT[step.action], now_ms=now_ms, reason=step.reason)
+    current = {w: a.vms for w, a in assignments.items()}
+    source = current.get(move.source, ())
+    target = current.get(move.target, ())
+
+    def with_power(vms: tuple[VmAssignment, ...], power: PowerState) -> tuple[VmAssignment, ...]:
+        return tuple(dataclasses.replace(v, power=power) if v.id == move.vm_id else v for v in vms)
+
+    changes: dict[str, tuple[VmAssignment, ...]] = {}
+    where = f"{move.source} -> {move.target}"
+    if step.action is MoveAction.PREPARE:
+        changes[move.target] = target
+        message = f"move {move.op_id}: preparing VM {move.vm_id}'s image on {move.target}"
+    elif step.action is MoveAction.STOP:
+        changes[move.source] = with_power(source, PowerState.STOPPED)
+        message = f"move {move.op_id}: stopping VM {move.vm_id} on {move.source} ({where})"
+    elif step.action is MoveAction.SWITCH:
+        vm = next(v for v in source if v.id == move.vm_id)
+        changes[move.source] = tuple(v for v in source if v.id != move.vm_id)
+        moved = dataclasses.replace(vm, power=move.power)
+        changes[move.target] = tuple(sorted((*target, moved), key=lambda v: v.id))
+        message = f"move {move.op_id}: switching VM {move.vm_id} to {move.target} ({where})"
+    elif step.action is MoveAction.DONE:
+        message = f"move {move.op_id}: VM {move.vm_id} moved {where}"
+    else:
+        if not move.switched:
+            changes[move.target] = target
+        if step.revert:
+            changes[move.source] = with_power(source, move.power)
+        back = f"; it is {move.power.value} on {move.source} again" if step.revert else ""
+        message = f"move {move.op_id} of VM {move.vm_id} ({where}) failed: {step.reason}{back}"
+    return MovePlan(after, changes, message)
+
+
+def with_moves(
+    assignment: Assignment, moves: Iterable[Move], assignments: Mapping[str, Assignment]
+) -> Assignment:
+    """``assignment`` as sent while ``moves`` are under way: the images of
+    the VMs moving to its worker, before their switch, among the paths it
+    prepares (beside a rollout's). The same object when nothing is added."""
+    worker_id = assignment.worker_id
+    paths = []
+    for move in moves:
+        if move.target != worker_id or move.phase not in _PREPARED_IN:
+            continue
+        source = assignments.get(move.source)
+        vm = next((v for v in source.vms if v.id == move.vm_id), None) if source else None
+        if vm is not None and vm.nix_store_path not in assignment.prepare:
+            paths.append(vm.nix_store_path)
+    if not paths:
+        return assignment
+    prepare = tuple(dict.fromkeys((*assignment.prepare, *sorted(paths))))
+    return dataclasses.replace(assignment, prepare=prepare)

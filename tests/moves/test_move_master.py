@@ -1,0 +1,265 @@
+"""Moves in the master (issue 30): the leader drives a move through its
+phases, each a generation; refusals name their reason; a failure before
+the switch leaves the VM on its source. MasterService on a real SQLite
+store, workers simulated in process (each does at once what it is sent:
+prepares the images, runs the VMs desired running, stops the others, and
+reports it)."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "master"))
+
+from masterhelpers import FakeNode
+
+from procurator.core.drain import ModeAction
+from procurator.core.errors import NotFoundError, UnavailableError, ValidationError
+from procurator.core.models import (
+    Assignment,
+    Capacity,
+    EventKind,
+    Fleet,
+    Phase,
+    PowerState,
+    PreparedImage,
+    PrepareState,
+    UnpinnedVm,
+    VmAssignment,
+    VmStatus,
+    WorkerInfo,
+    WorkerStatus,
+)
+from procurator.core.move import Move, MoveKind, MovePhase
+from procurator.master.service import MasterService
+from procurator.master.store import FleetStore
+
+IMAGE = "/nix/store/" + "d" * 32 + "-vm"
+LEASE = 1.0
+
+
+@pytest.fixture
+async def service(tmp_path: Path) -> AsyncIterator[MasterService]:
+    async with await FleetStore.open(tmp_path / "m.db") as store, trio.open_nursery() as nursery:
+        svc = MasterService(store, push_timeout=1.0, worker_lease=LEASE, leader_lease=LEASE)
+        await nursery.start(svc.run)
+        yield svc
+        nursery.cancel_scope.cancel()
+
+
+class Runs:
+    """Every VM running on each simulated worker, checked at each change:
+    no VM ever runs on two workers."""
+
+    def __init__(self) -> None:
+        self.on: dict[str, set[str]] = {}
+        self.twice: list[str] = []
+
+    def set(self, worker_id: str, running: set[str]) -> None:
+        self.on[worker_id] = running
+        for vm_id in running:
+            holders = [w for w, vms in self.on.items() if vm_id in vms]
+            if len(holders) > 1:
+                self.twice.append(f"{vm_id} on {holders}")
+
+
+class SimWorker:
+    """A worker that takes each assignment it is sent at once: prepares
+    its images (ready, or failed for ``bad_images``), runs the VMs desired
+    running, stops the others, and reports that at the generation.
+    ``going`` cleared: it holds what it has (a VMM slow to stop)."""
+
+    def __init__(self, service: MasterService, worker_id: str, runs: Runs) -> None:
+        self.service = service
+        self.worker_id = worker_id
+        self.runs = runs
+        self.node = FakeNode()
+        self.token = 0
+        self.bad_images: set[str] = set()
+        self.going = trio.Event()
+        self.going.set()
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        self.token = await self.service.register(
+            WorkerInfo(self.worker_id, "1.0", Capacity(4, 4096, 0)), self.node
+        )
+        assignment, _ = await self.service.get_assignment(self.token, 0)
+        await self._take(assignment)
+        nursery.start_soon(self._follow)
+
+    async def _follow(self) -> None:
+        seen = len(self.node.pushed)
+        while True:
+            while len(self.node.pushed) == seen:
+                await trio.sleep(0.01)
+            await self.going.wait()
+            seen = len(self.node.pushed)
+            await self._take(self.node.pushed[-1])
+
+    async def _take(self, assignment: Assignment) -> None:
+        running = {vm.id for vm in assignment.vms if vm.power is PowerState.RUNNING}
+        self.runs.set(self.worker_id, running)
+        status = WorkerStatus(
+            self.worker_id,
+            assignment.generation,
+            tuple(
+                VmStatus(
+                    vm.id,
+                    Phase.RUNNING if vm.id in running else Phase.STOPPED,
+                    vm.hash,
+                    observed_power=vm.power,
+                )
+                for vm in assignment.vms
+            ),
+            tuple(
+                PreparedImage(
+                    path, PrepareState.FAILED if path in self.bad_images else PrepareState.READY
+                )
+                for path in assignment.prepare
+            ),
+        )
+        with contextlib.suppress(UnavailableError):
+            await self.service.report_status(self.token, status)
+
+
+def web(vm_id: str) -> UnpinnedVm:
+    return UnpinnedVm(VmAssignment(vm_id, "h-" + vm_id, IMAGE, vcpus=1, memory_mib=1024))
+
+
+async def where(service: MasterService) -> dict[str, list[str]]:
+    status = await service.fleet_status()
+    found: dict[str, list[str]] = {}
+    for w in status.workers:
+        for v in w.desired_vms:
+            found.setdefault(v.id, []).append(w.worker_id)
+    return found
+
+
+async def wait_over(service: MasterService, vm_id: str) -> Move:
+    with trio.fail_after(30):  # a hang guard
+        while True:
+            (move, *_) = await service.moves(vm_id)
+            if move.over:
+                return move
+            await trio.sleep(0.05)
+
+
+async def lab(service: MasterService, nursery: trio.Nursery) -> tuple[Runs, SimWorker, SimWorker]:
+    """host-a runs web-1 (unpinned) and pin-1 (pinned); host-b is empty."""
+    runs = Runs()
+    a, b = SimWorker(service, "host-a", runs), SimWorker(service, "host-b", runs)
+    await a.start(nursery)
+    pinned = VmAssignment("pin-1", "h-pin", IMAGE, vcpus=1, memory_mib=1024)
+    await service.apply(Fleet((("host-a", (pinned,)),), (web("web-1"),)))
+    await b.start(nursery)
+    return runs, a, b
+
+
+async def test_a_cold_move_goes_through_its_phases_and_the_vm_never_runs_twice(
+    service: MasterService,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        runs, _, _ = await lab(service, nursery)
+        move = await service.move("web-1", "host-b")
+        assert move.phase is MovePhase.PENDING and move.source == "host-a"
+        done = await wait_over(service, "web-1")
+        assert done.phase is MovePhase.DONE, done.reason
+        assert (await where(service))["web-1"] == ["host-b"]
+        with trio.fail_after(10):
+            while "web-1" not in runs.on["host-b"]:
+                await trio.sleep(0.01)
+        assert "web-1" not in runs.on["host-a"] and runs.twice == []
+        # Each phase is an event with the move's op id.
+        events = [
+            e for e in await service.recent_events("web-1") if e.event.kind is EventKind.MOVING
+        ]
+        assert all(e.event.op_id == move.op_id for e in events)
+        assert [e.event.message.split(": ")[1].split(" ")[0] for e in events] == [
+            "preparing",
+            "stopping",
+            "switching",
+            "VM",
+        ]
+        # A pinned VM moves too: pinned to the target from now on.
+        await service.move("pin-1", "host-b")
+        assert (await wait_over(service, "pin-1")).phase is MovePhase.DONE
+        assert (await where(service))["pin-1"] == ["host-b"] and runs.twice == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_refusals_say_why_and_change_nothing(service: MasterService) -> None:
+    async with trio.open_nursery() as nursery:
+        _, _, b = await lab(service, nursery)
+        generation = service.generation
+        with pytest.raises(NotFoundError, match="VM nope is not in the fleet"):
+            await service.move("nope", "host-b")
+        cases = {
+            "host-a": "VM web-1 is on worker host-a already",
+            "host-z": "worker host-z is unknown",
+        }
+        for target, why in cases.items():
+            with pytest.raises(ValidationError, match=why):
+                await service.move("web-1", target)
+        with pytest.raises(ValidationError, match=r"live moves .* not built yet"):
+            await service.move("web-1", "host-b", kind=MoveKind.LIVE)
+        await service.change_worker_mode("host-b", ModeAction.CORDON)
+        with pytest.raises(ValidationError, match="worker host-b is cordoned"):
+            await service.move("web-1", "host-b")
+        await service.change_worker_mode("host-b", ModeAction.UNCORDON)
+        assert service.generation == generation and await service.moves() == ()
+        # One move at a time per VM.
+        b.going = trio.Event()  # host-b prepares nothing: the move stays
+        first = await service.move("web-1", "host-b")
+        with pytest.raises(ValidationError, match=f"VM web-1 is moving already .*{first.op_id}"):
+            await service.move("web-1", "host-b")
+        # A full target: host-b offers 4 vCPUs, and four 1-vCPU VMs are
+        # pinned there now.
+        pinned_a = VmAssignment("pin-1", "h-pin", IMAGE, vcpus=1, memory_mib=1024)
+        fill = tuple(
+            VmAssignment(f"fill-{i}", f"h-fill-{i}", IMAGE, vcpus=1, memory_mib=512)
+            for i in range(4)
+        )
+        await service.apply(Fleet((("host-a", (pinned_a,)), ("host-b", fill)), (web("web-1"),)))
+        with pytest.raises(ValidationError, match="pin-1 does not fit on worker host-b: needs 1"):
+            await service.move("pin-1", "host-b")
+        assert [m.op_id for m in await service.moves()] == [first.op_id]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_failure_before_the_switch_leaves_the_vm_running_on_its_source(
+    service: MasterService,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        runs, a, b = await lab(service, nursery)
+        # The image fails to prepare on the target.
+        b.bad_images.add(IMAGE)
+        await service.move("web-1", "host-b")
+        failed = await wait_over(service, "web-1")
+        assert failed.phase is MovePhase.FAILED
+        assert failed.reason == "worker host-b cannot prepare the image"
+        assert (await where(service))["web-1"] == ["host-a"] and "web-1" in runs.on["host-a"]
+        # The deadline passes while the source is stopping the VM: it is
+        # started again there.
+        b.bad_images.clear()
+        a.going = trio.Event()
+        await service.move("web-1", "host-b", timeout_s=2)
+        with trio.fail_after(10):
+            while (await service.moves("web-1"))[0].phase is not MovePhase.STOPPING:
+                await trio.sleep(0.02)
+        # The source holds; the deadline passes: the stop is reverted.
+        failed = await wait_over(service, "web-1")
+        a.going.set()
+        assert failed.phase is MovePhase.FAILED, failed
+        assert failed.reason == "not done before the deadline (in phase stopping)"
+        with trio.fail_after(10):
+            while "web-1" not in runs.on["host-a"]:
+                await trio.sleep(0.01)
+        assert (await where(service))["web-1"] == ["host-a"]
+        assert "web-1" not in runs.on["host-b"] and runs.twice == []
+        nursery.cancel_scope.cancel()
