@@ -13,8 +13,31 @@ What it imitates (cloud-hypervisor v53, see the OpenAPI description):
   ``vm.power-button``, ``vm.delete``, ``vm.snapshot`` and ``vm.restore``
   (``file://`` URLs; a snapshot is the fake's config and state as JSON
   files, written and read by the fake itself, so a directory its jail does
-  not show or let it write fails as it would for cloud-hypervisor); errors
+  not show or let it write fails as it would for cloud-hypervisor),
+  ``vm.receive-migration`` and ``vm.send-migration`` (below); errors
   are a JSON list of messages.
+- Migration (``unix:<path>`` or ``tcp:<host>:<port>`` URLs, no TLS, no
+  ``local``, Precopy only). ``vm.receive-migration`` needs a VMM without a
+  VM: it listens on the URL, takes one connection (a unix socket file is
+  removed once accepted) and answers when the migration has ended.
+  ``vm.send-migration`` needs a VM (Running or Paused): it connects, sends,
+  pauses a running VM before the last part, and answers when it has ended.
+  Like cloud-hypervisor's VMM thread, a VMM busy migrating answers no other
+  request but ``vmm.shutdown`` until the migration ends (``timeout_s``
+  bounds the sender's; ``timeout_strategy`` Ignore lets it run on). On
+  success the target's VM runs (it resumes itself) and the source VMM
+  exits cleanly after its 204; on failure the target keeps no VM and the
+  source's VM runs again (resumed if it was paused, before or by the
+  migration), both answering 500. The stream is the fake's own (the real
+  one is cloud-hypervisor's binary protocol, which only VMMs read): frames
+  of a JSON header line ``{"command", "length"}`` and ``length`` bytes, each
+  answered by a JSON line ``{"status": "ok"|"error", "message"?}``; the
+  commands ``start``, ``config`` (the VmConfig), ``memory`` (chunks of the
+  guest memory), ``state`` (its counters' state and the memory's sha256,
+  which the receiver checks) and ``complete``. The fake's guest memory is
+  one random byte per 4 KiB page of ``memory.size`` (64 KiB for 256 MiB),
+  made at ``vm.boot``; each end logs its sha256 (``guest memory sha256 =``)
+  after a migration.
 - VM states Created / Running / Shutdown / Paused; 404 before ``vm.create``,
   405 for a request the state does not allow.
 - Counters that grow while the VM runs; latency counters read u64::MAX
@@ -50,6 +73,9 @@ file the test writes; re-read on every request, so it can change at run time):
   power_button_delay: s      how long the guest takes to power off (0.05)
   snapshot_fails_halfway: true  vm.snapshot writes part of the snapshot,
                              then answers 500
+  migration_fails_halfway: true  the end of a migration that has this set
+                             (sender or receiver) breaks the stream after
+                             half the guest memory and answers 500
   allocate_after_boot: mib   right after vm.boot, allocate and touch this
                              many MiB (an OOM test)
   probe: {...}               at start, try what a jailed VMM must not be able
@@ -64,6 +90,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import signal
@@ -94,7 +121,13 @@ PUT_ENDPOINTS = {
     "vm.delete",
     "vm.snapshot",
     "vm.restore",
+    "vm.receive-migration",
+    "vm.send-migration",
 }
+#: The fake's guest memory: one byte per page of this size.
+PAGE = 4096
+#: Guest memory bytes per ``memory`` frame of a migration.
+CHUNK = 16 * 1024
 
 
 class Vmm:
@@ -109,6 +142,7 @@ class Vmm:
         self.state: str | None = None  # None: no VM created
         self.booted_at = 0.0
         self.ops = 0  # I/O operations done; latency counters are u64::MAX at 0
+        self.memory = b""  # the guest's memory: one byte per PAGE, made at vm.boot
         # The fault hang_after_boot as it was when this VMM booted: how many
         # more requests of each endpoint it answers.
         self.hang_after_boot: dict[str, int] = {}
@@ -304,6 +338,8 @@ class Handler(BaseHTTPRequestHandler):
     # -- endpoints ---------------------------------------------------------------
 
     def ep_vmm_ping(self, body: bytes, faults: dict[str, Any]) -> None:
+        with self.server.vmm.lock:  # busy while migrating, as every vm.* request
+            pass
         self._reply(
             200,
             {"build_version": VERSION, "version": VERSION, "pid": os.getpid(), "features": ["kvm"]},
@@ -360,6 +396,9 @@ class Handler(BaseHTTPRequestHandler):
             vmm.event("vm", "booting")
             vmm.state = "Running"
             vmm.booted_at = time.monotonic()
+            assert vmm.config is not None
+            pages = int(vmm.config.get("memory", {}).get("size", 0)) // PAGE
+            vmm.memory = os.urandom(max(pages, 1))
             vmm.event("vm", "booted")
         self._reply(204)
         with vmm.lock:
@@ -482,6 +521,206 @@ class Handler(BaseHTTPRequestHandler):
             vmm.booted_at = time.monotonic()
             vmm.event("vm", "restored")
         self._reply(204)
+
+    # -- migration ---------------------------------------------------------------
+
+    def _migration_request(self, body: bytes, key: str) -> tuple[dict[str, Any], str] | None:
+        """The JSON body and its URL ``key``; else answers 400 (unparsable)
+        or 500 (cloud-hypervisor fails a migration it cannot do with 500)."""
+        try:
+            data = json.loads(body)
+        except ValueError as exc:
+            self._error(400, "Error from API", f"Error parsing request body: {exc}")
+            return None
+        url = data.get(key) if isinstance(data, dict) else None
+        if not isinstance(url, str):
+            self._error(400, "Error from API", f"missing field `{key}`")
+            return None
+        refusal = None
+        if not (url.startswith("unix:") or url.startswith("tcp:")):
+            refusal = f"Invalid migration URL {url!r}: expected unix:<path> or tcp:<host>:<port>"
+        elif data.get("tls_dir") is not None:
+            refusal = "TLS is not supported by the fake"
+        elif data.get("local"):
+            refusal = "local migration needs shared guest memory, which the fake has not"
+        elif data.get("memory_mode", "Precopy") != "Precopy":
+            refusal = f"memory mode {data.get('memory_mode')} is not supported by the fake"
+        if refusal is not None:
+            self._error(500, "Error from API", "Error migrating VM", refusal)
+            return None
+        return data, url
+
+    def ep_vm_receive_migration(self, body: bytes, faults: dict[str, Any]) -> None:
+        vmm = self.server.vmm
+        request = self._migration_request(body, "receiver_url")
+        if request is None:
+            return
+        _, url = request
+        with vmm.lock:  # held for the whole migration: the VMM is busy
+            if vmm.state is not None:
+                self._error(500, "Error from API", "Error receiving migration", "VM exists")
+                return
+            try:
+                received = _receive(vmm, url, faults)
+            except (OSError, ValueError, _MigrationError) as exc:
+                vmm.log(f"migration not received: {exc}")
+                self._error(500, "Error from API", "Error receiving migration", str(exc))
+                return
+            vmm.config, vmm.ops, vmm.memory = received
+            vmm.state = "Running"  # cloud-hypervisor resumes the VM on `complete`
+            vmm.booted_at = time.monotonic()
+            vmm.log(f"migration received; guest memory sha256 = {_sha256(vmm.memory)}")
+            vmm.event("vm", "resumed")
+        self._reply(204)
+
+    def ep_vm_send_migration(self, body: bytes, faults: dict[str, Any]) -> None:
+        vmm = self.server.vmm
+        request = self._migration_request(body, "destination_url")
+        if request is None:
+            return
+        data, url = request
+        with vmm.lock:  # held for the whole migration: the VMM is busy
+            if self._needs("Running", "Paused") is None:
+                return
+            try:
+                _send(vmm, url, data, faults)
+            except (OSError, ValueError, _MigrationError) as exc:
+                vmm.log(f"migration failed: {exc}")
+                if vmm.state == "Paused":  # cloud-hypervisor resumes a paused VM
+                    vmm.state = "Running"
+                    vmm.event("vm", "resuming")
+                    vmm.event("vm", "resumed")
+                self._error(500, "Error from API", "Error sending migration", str(exc))
+                return
+            vmm.log(f"migration sent; guest memory sha256 = {_sha256(vmm.memory)}")
+        self._reply(204)
+        vmm.exit_clean(0)  # cloud-hypervisor exits once its VM has moved
+
+
+class _MigrationError(Exception):
+    """The other end of a migration refused it, or broke the stream."""
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _migration_socket(url: str, *, listen: bool, timeout: float | None) -> socket.socket:
+    """A connected socket to ``url`` (``listen``: the one accepted there)."""
+    if url.startswith("unix:"):
+        path = url[len("unix:") :]
+        if listen:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+                server.bind(path)
+                server.listen(1)
+                conn, _ = server.accept()
+            os.unlink(path)
+        else:
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.settimeout(timeout)
+            try:
+                conn.connect(path)
+            except OSError:
+                conn.close()
+                raise
+    else:
+        host, _, port = url[len("tcp:") :].rpartition(":")
+        if listen:
+            with socket.create_server((host, int(port))) as server:
+                conn, _ = server.accept()
+        else:
+            conn = socket.create_connection((host, int(port)), timeout=timeout)
+    conn.settimeout(timeout)
+    return conn
+
+
+def _send(vmm: Vmm, url: str, data: dict[str, Any], faults: dict[str, Any]) -> None:
+    """The sender's side of a migration (the caller holds ``vmm.lock``)."""
+    assert vmm.config is not None
+    limit = data.get("timeout_s", 3600)
+    cancel = data.get("timeout_strategy", "Cancel") == "Cancel"
+    deadline = time.monotonic() + int(limit)
+    with _migration_socket(url, listen=False, timeout=float(limit)) as conn:
+        stream = conn.makefile("rwb")
+
+        def frame(command: str, payload: bytes = b"") -> None:
+            if cancel and time.monotonic() > deadline:
+                raise _MigrationError(f"timed out after {limit} s (timeout_strategy Cancel)")
+            header = {"command": command, "length": len(payload)}
+            stream.write(json.dumps(header).encode() + b"\n" + payload)
+            stream.flush()
+            answer = json.loads(stream.readline() or b"null")
+            if not isinstance(answer, dict) or answer.get("status") != "ok":
+                raise _MigrationError(f"the destination refused {command}: {answer!r}")
+
+        frame("start")
+        frame("config", json.dumps(vmm.config).encode())
+        chunks = [vmm.memory[i : i + CHUNK] for i in range(0, len(vmm.memory), CHUNK)]
+        for index, chunk in enumerate(chunks):
+            if faults.get("migration_fails_halfway") and index >= len(chunks) // 2:
+                raise _MigrationError("fault injection: stream broken halfway")
+            frame("memory", chunk)
+        if vmm.state == "Running":  # the last pass runs with the VM paused
+            vmm.state = "Paused"
+            vmm.event("vm", "pausing")
+            vmm.event("vm", "paused")
+        state = {"ops": vmm.ops, "memory_sha256": _sha256(vmm.memory)}
+        frame("state", json.dumps(state).encode())
+        frame("complete")
+
+
+def _receive(vmm: Vmm, url: str, faults: dict[str, Any]) -> tuple[dict[str, Any], int, bytes]:
+    """The receiver's side: (config, ops, memory) of the VM received."""
+    with _migration_socket(url, listen=True, timeout=60.0) as conn:
+        stream = conn.makefile("rwb")
+        config: dict[str, Any] | None = None
+        memory = bytearray()
+        state: dict[str, Any] | None = None
+        expected = None
+
+        def answer(status: str, message: str = "") -> None:
+            stream.write(json.dumps({"status": status, "message": message}).encode() + b"\n")
+            stream.flush()
+
+        while True:
+            line = stream.readline()
+            if not line:
+                raise _MigrationError("the source closed the stream before `complete`")
+            header = json.loads(line)
+            if not isinstance(header, dict):
+                raise _MigrationError(f"bad frame header {line[:80]!r}")
+            command, length = header.get("command"), int(header.get("length", 0))
+            payload = stream.read(length)
+            if len(payload) != length:
+                raise _MigrationError(f"the stream ended inside a {command} frame")
+            if command == "config":
+                config = json.loads(payload)
+                pages = int(config.get("memory", {}).get("size", 0)) // PAGE
+                expected = max(pages, 1)
+            elif command == "memory":
+                memory += payload
+                if (
+                    faults.get("migration_fails_halfway")
+                    and expected
+                    and (len(memory) >= expected // 2)
+                ):
+                    answer("error", "fault injection: stream broken halfway")
+                    raise _MigrationError("fault injection: stream broken halfway")
+            elif command == "state":
+                state = json.loads(payload)
+            elif command == "complete":
+                if config is None or state is None:
+                    answer("error", "complete before config and state")
+                    raise _MigrationError("`complete` before config and state")
+                if state.get("memory_sha256") != _sha256(bytes(memory)):
+                    answer("error", "guest memory does not match its checksum")
+                    raise _MigrationError("guest memory does not match its checksum")
+                answer("ok")
+                return config, int(state.get("ops", 0)), bytes(memory)
+            elif command != "start":
+                answer("error", f"unknown command {command!r}")
+                raise _MigrationError(f"unknown command {command!r}")
+            answer("ok")
 
 
 class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

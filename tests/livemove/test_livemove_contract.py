@@ -11,11 +11,14 @@ from procurator.worker.vmm.base import VmmHandle, VmmRejected
 from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver
 
 
-def test_cloud_hypervisor_refuses_live_moves_without_starting_anything(tmp_path: Path) -> None:
+def test_cloud_hypervisor_moves_memory_only_and_refuses_disks_without_starting_anything(
+    tmp_path: Path,
+) -> None:
+    # cloud-hypervisor migrates memory and device state, never disks
+    # (tests/chmigration has its migrations): asked to mirror them, it
+    # refuses before anything is started or asked of a VMM.
     driver = CloudHypervisorDriver(binary="/nonexistent/cloud-hypervisor")
-    assert not driver.capabilities.live_move
+    assert driver.capabilities.live_move
     handle = VmmHandle("cloud-hypervisor", 1, 1, str(tmp_path / "api.sock"))
-    with pytest.raises(VmmRejected, match="not supported"):
-        driver.send_migration(handle, memory=("127.0.0.1", 1), disks=None, timeout=1.0)
-    with pytest.raises(VmmRejected, match="not supported"):
-        driver.finish_incoming(handle, timeout=1.0)
+    with pytest.raises(VmmRejected, match="cannot mirror disks"):
+        driver.send_migration(handle, memory=("127.0.0.1", 1), disks=("127.0.0.1", 2), timeout=1.0)

@@ -121,7 +121,10 @@ class Capabilities:
     its jail; else the worker opens the files and hands them over.
     ``live_move``: ``launch_incoming``, ``send_migration`` and
     ``finish_incoming`` move a running VM to another host with its disks
-    (else they raise ``VmmRejected`` and a move is cold).
+    (else they raise ``VmmRejected`` and a move is cold). cloud-hypervisor
+    moves memory and device state only: its ``disks`` must be None, the
+    caller copying the writable disks while the VM is paused, before
+    ``send_migration`` (a "live" move that is a short cold one).
     """
 
     state_marks: bool = False

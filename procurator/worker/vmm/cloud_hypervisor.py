@@ -39,6 +39,21 @@ local API socket, which a worker calls once per VM every health interval.
 Nothing reads proxy settings from the environment: the socket is local and a
 stray ``HTTP_PROXY`` must not reroute VMM control.
 
+Migration (``live_move``; docs/SNAPSHOTS.md, "cloud-hypervisor moves"):
+``vm.receive-migration`` / ``vm.send-migration`` as v53 offers them:
+memory and device state only, no disks (the caller copies them while the
+VM is paused: ``disks`` is always None here), over ``unix:`` or ``tcp:``
+URLs. The VMMs use only ``unix:`` sockets in their run directories, and
+the workers carry the stream over TCP (``_migration_relay`` says why:
+the jail stays as it is, and the relay counts the bytes v53 does not
+report). Both calls are answered only when the migration has ended: the
+target's waits on a thread of its own from ``launch_incoming`` to
+``finish_incoming``, the source's on one while the calling thread reports
+progress. cloud-hypervisor switches by itself: the source pauses for its
+last pass and exits once the target acknowledged the end, the target
+resumes the VM at that moment; a VM migrated runs on its source's config
+(disk paths, taps), so both ends must name the same.
+
 Processes: launched, waited for and, on a failed launch, stopped by the
 shared mechanics of ``procurator.worker.vmm.process``; jailed
 (``procurator.worker.jail``) unless the worker runs ``--unconfined``, with
@@ -52,9 +67,11 @@ import json
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +79,7 @@ import httpx
 
 from procurator.core.vmdef import VmDefinition
 from procurator.worker.vmm import closure, process
+from procurator.worker.vmm._migration_relay import Relay
 from procurator.worker.vmm._unix_http import UnixSocketTransport
 from procurator.worker.vmm.base import (
     Address,
@@ -105,6 +123,20 @@ _BASE_URL = "http://localhost/api/v1"
 _HEADERS = {"Accept": "application/json", "User-Agent": "procurator"}
 _PRUNE_INTERVAL = 10.0
 _MAX_SOCKET_PATH = 107  # sun_path is 108 bytes, NUL included
+#: The unix socket of a migration, in the VMM's run directory: the target's
+#: VMM listens there, the source's connects there (the worker's relay on the
+#: other side of each).
+_MIGRATION_SOCKET = "migrate.sock"
+#: How long a target's vm.receive-migration may wait for its answer (the
+#: source may come much later; cloud-hypervisor's own default bound on a
+#: migration is an hour). finish_incoming bounds what the caller waits.
+_RECEIVE_WAIT = 3600.0
+#: What a send's answer may take beyond its timeout_s (cloud-hypervisor
+#: cancels by itself at timeout_s and then answers).
+_GRACE = 5.0
+_POLL = 0.01
+_PROGRESS_INTERVAL = 0.25
+_RECOVER = 5.0
 
 
 def default_transport(api_socket: str) -> httpx.BaseTransport:
@@ -138,7 +170,9 @@ class CloudHypervisorDriver:
     """
 
     name = "cloud-hypervisor"
-    capabilities = Capabilities(state_marks=True, guest_clock=False, vmm_writes_state=True)
+    capabilities = Capabilities(
+        state_marks=True, guest_clock=False, vmm_writes_state=True, live_move=True
+    )
 
     def __init__(
         self,
@@ -160,9 +194,12 @@ class CloudHypervisorDriver:
         self.runtime_paths = tuple(runtime_paths)
         self.on_api_call = on_api_call
         self._transport_factory = transport_factory
-        # Leaf lock: guards _transports and _pruned_at only; never held across I/O.
+        # Leaf lock: guards _transports, _incoming and _pruned_at only; never
+        # held across I/O.
         self._lock = threading.Lock()
         self._transports: dict[tuple[int, int], httpx.BaseTransport] = {}
+        # Migrations being received, by VMM (launch_incoming to finish_incoming).
+        self._incoming: dict[tuple[int, int], _Incoming] = {}
         self._pruned_at = -_PRUNE_INTERVAL
         # runtime_files(), found once; the lock is held while it is found
         # (subprocesses: ldd, nix-store) and taken under no other.
@@ -233,7 +270,14 @@ class CloudHypervisorDriver:
         timeout: float,
         jail: VmmJail | None = None,
     ) -> VmmHandle:
-        return self._start(definition, paths, timeout=timeout, jail=jail, state=None)
+        config = definition.to_vm_config()
+        return self._start(
+            definition,
+            paths,
+            timeout=timeout,
+            jail=jail,
+            then=lambda handle, deadline: self._create_and_boot(handle, config, deadline),
+        )
 
     def restore(
         self,
@@ -249,7 +293,13 @@ class CloudHypervisorDriver:
         VMM can read it) instead of ``vm.create`` + ``vm.boot``, then
         ``vm.resume``; confirms ``Running``. The definition is not sent:
         the snapshot holds the VM's config."""
-        return self._start(definition, paths, timeout=timeout, jail=jail, state=source)
+        return self._start(
+            definition,
+            paths,
+            timeout=timeout,
+            jail=jail,
+            then=lambda handle, deadline: self._restore_and_resume(handle, source, deadline),
+        )
 
     def save_state(self, handle: VmmHandle, target: Path, *, timeout: float) -> None:
         """``vm.snapshot`` into ``target`` (the VMM writes its config,
@@ -263,7 +313,7 @@ class CloudHypervisorDriver:
             body={"destination_url": f"file://{target}"},
         )
 
-    # -- live moves: not yet (capabilities.live_move is False) -------------
+    # -- live moves ----------------------------------------------------------------
 
     def launch_incoming(
         self,
@@ -275,7 +325,100 @@ class CloudHypervisorDriver:
         timeout: float,
         jail: VmmJail | None = None,
     ) -> VmmHandle:
-        raise VmmRejected("live moves are not supported by the cloud-hypervisor driver")
+        """An empty VMM as for ``launch``, then ``vm.receive-migration``
+        from ``unix:<run dir>/migrate.sock`` (the VMM listens there itself;
+        the call is answered only when the migration has ended, so it waits
+        on a thread of its own), and the worker's relay listening on
+        ``memory`` to carry the source's stream to that socket
+        (``_migration_relay``). Returns once both listen. ``disks`` must be
+        None: cloud-hypervisor cannot mirror disks, so the caller copies the
+        writable disks while the source's VM is paused, before
+        ``send_migration``. The VMM is busy until the migration ends:
+        nothing but ``finish_incoming`` or ``shutdown_vmm`` should be asked
+        of it meanwhile (its API answers nothing else)."""
+        if disks is not None:
+            raise VmmRejected(
+                "cloud-hypervisor cannot mirror disks (v53 migrates memory and device "
+                "state only): copy the disks while the VM is paused and pass disks=None"
+            )
+        receiving = paths.vmm_dir / _MIGRATION_SOCKET
+        _check_socket_path(receiving)
+        expected = definition.to_vm_config()
+        relay = Relay.incoming(memory)
+
+        def receive(handle: VmmHandle, deadline: float) -> None:
+            with contextlib.suppress(FileNotFoundError):
+                receiving.unlink()  # a failed attempt's: this VMM has not listened yet
+            call = _Pending(
+                f"vm.receive-migration for {handle.api_socket}",
+                lambda: self._call(
+                    handle,
+                    "PUT",
+                    "vm.receive-migration",
+                    timeout=_RECEIVE_WAIT,
+                    body={"receiver_url": f"unix:{receiving}"},
+                ),
+            )
+            # Only this driver's relay may connect: wait for the socket to
+            # appear rather than probing it with a connection.
+            while not _is_socket(receiving):
+                if call.done.wait(_POLL):
+                    call.result(0.0)  # raises the VMM's refusal
+                    raise VmmError(
+                        f"cloud-hypervisor at {handle.api_socket} answered "
+                        "vm.receive-migration before it listened"
+                    )
+                _left(deadline, handle, "vm.receive-migration to listen")
+            relay.start(receiving)
+            with self._lock:
+                self._incoming[(handle.pid, handle.pid_start_ticks)] = _Incoming(
+                    call, relay, _host_resources(expected)
+                )
+
+        try:
+            return self._start(definition, paths, timeout=timeout, jail=jail, then=receive)
+        except BaseException:
+            relay.close()
+            raise
+
+    def finish_incoming(self, handle: VmmHandle, *, timeout: float) -> None:
+        """Wait (within ``timeout``) for ``vm.receive-migration``'s answer
+        and confirm the VM runs. cloud-hypervisor resumes the received VM
+        itself when the stream completes, at the moment the source
+        (paused for its last pass) stops for good: this only confirms it.
+        A VMM this driver did not launch (a restarted worker) is asked for
+        its state alone. Raises ``VmmError`` with the VMM's reasons when
+        the migration failed; the VMM then has no VM (the caller stops it)."""
+        key = (handle.pid, handle.pid_start_ticks)
+        with self._lock:
+            incoming = self._incoming.pop(key, None)
+        deadline = time.monotonic() + timeout
+        if incoming is not None:
+            try:
+                incoming.call.result(timeout)
+            except VmmError as exc:
+                if incoming.relay.error is not None and not isinstance(exc, VmmTimeout):
+                    exc.details = (*exc.details, f"relay: {incoming.relay.error}")
+                raise
+            finally:
+                incoming.relay.close()
+        info = self.info(handle, timeout=_left(deadline, handle, "vm.info"))
+        state = info.get("state") if info is not None else VmState.NOT_CREATED.value
+        if state != VmState.RUNNING.value:
+            raise VmmError(
+                f"cloud-hypervisor at {handle.api_socket} reports the VM {state} "
+                "after receiving its migration, not Running"
+            )
+        assert info is not None
+        config = info.get("config")
+        got = _host_resources(config if isinstance(config, Mapping) else {})
+        if incoming is not None and got != incoming.resources:
+            raise VmmError(
+                f"cloud-hypervisor at {handle.api_socket} runs the migrated VM on other "
+                f"host resources than this worker gave it: {got} instead of "
+                f"{incoming.resources} (the source's definition must name the same disk "
+                "paths and taps)"
+            )
 
     def send_migration(
         self,
@@ -286,10 +429,88 @@ class CloudHypervisorDriver:
         timeout: float,
         progress: MigrationProgress | None = None,
     ) -> None:
-        raise VmmRejected("live moves are not supported by the cloud-hypervisor driver")
+        """``vm.send-migration`` to ``unix:<run dir>/migrate.sock``, where
+        the worker's relay listens and carries the stream to ``memory``
+        (connected first: an unreachable target fails before the VMM is
+        asked). ``timeout_s`` is the call's timeout and
+        ``timeout_strategy`` Cancel, so cloud-hypervisor itself gives up
+        in time and keeps the VM. ``disks`` must be None (see
+        ``launch_incoming``): the caller pauses the VM and copies its disks
+        first; cloud-hypervisor migrates a running VM too (it pauses it
+        for the last pass), but then the copies would be stale.
 
-    def finish_incoming(self, handle: VmmHandle, *, timeout: float) -> None:
-        raise VmmRejected("live moves are not supported by the cloud-hypervisor driver")
+        ``progress`` gets (bytes sent, total) every ``_PROGRESS_INTERVAL``
+        from this thread, the total being the guest's memory size as
+        ``vm.info`` tells it (grown to what was sent if more was): v53
+        reports no progress of its own, the relay counts the bytes.
+
+        On success cloud-hypervisor stops the source for good by exiting
+        (its socket removed: ``classify_exit`` says powered off), so the
+        caller's ``shutdown_vmm`` finds it gone, which is fine. On failure
+        cloud-hypervisor resumes a VM that is paused (by the migration or
+        before it); this checks it runs and resumes it if not, then
+        raises. ``VmmGone`` (the VMM vanished mid-call) is the one
+        ambiguous answer: if the stream had completed, the target runs the
+        VM, so the caller asks the target (``finish_incoming``) before
+        starting the VM here again."""
+        if disks is not None:
+            raise VmmRejected(
+                "cloud-hypervisor cannot mirror disks (v53 migrates memory and device "
+                "state only): copy the disks while the VM is paused and pass disks=None"
+            )
+        deadline = time.monotonic() + timeout
+        sending = Path(handle.api_socket).parent / _MIGRATION_SOCKET
+        _check_socket_path(sending)
+        info = self.info(handle, timeout=_left(deadline, handle, "vm.info"))
+        if info is None:
+            raise VmmRejected(
+                f"cloud-hypervisor at {handle.api_socket} has no VM to migrate", status=404
+            )
+        total = _memory_size(info)
+        relay = Relay.outgoing(sending, memory, timeout=_left(deadline, handle, "the relay"))
+        try:
+            seconds = _left(deadline, handle, "vm.send-migration")
+            body = {
+                "destination_url": f"unix:{sending}",
+                "timeout_s": max(1, int(seconds)),
+                "timeout_strategy": "Cancel",
+            }
+            call = _Pending(
+                f"vm.send-migration for {handle.api_socket}",
+                lambda: self._call(
+                    handle, "PUT", "vm.send-migration", timeout=seconds + _GRACE, body=body
+                ),
+            )
+            while not call.done.wait(_PROGRESS_INTERVAL):
+                if progress is not None:
+                    progress(relay.sent, max(total, relay.sent))
+            call.result(0.0)
+        except VmmError as exc:
+            relay.close()
+            if relay.error is not None:
+                exc.details = (*exc.details, f"relay: {relay.error}")
+            if not isinstance(exc, VmmGone):
+                self._keep_running(handle, exc)
+            raise
+        except BaseException:
+            relay.close()
+            raise
+        # The VMM has sent everything: the stream runs out as both ends close.
+        relay.wait(_GRACE)
+        relay.close()
+        self.forget(handle)
+        if progress is not None:
+            progress(relay.sent, relay.sent)
+
+    def _keep_running(self, handle: VmmHandle, failure: VmmError) -> None:
+        """After a failed send: the VM runs again (cloud-hypervisor resumes
+        it itself; this makes sure). What goes wrong here is added to
+        ``failure``'s details, never raised over it."""
+        try:
+            if self.state(handle, timeout=_RECOVER) is VmState.PAUSED:
+                self.resume(handle, timeout=_RECOVER)
+        except (VmmError, VmmRejected) as exc:
+            failure.details = (*failure.details, f"and the VM could not be resumed: {exc}")
 
     def _start(
         self,
@@ -298,9 +519,11 @@ class CloudHypervisorDriver:
         *,
         timeout: float,
         jail: VmmJail | None,
-        state: Path | None,
+        then: Callable[[VmmHandle, float], None],
     ) -> VmmHandle:
-        """``launch`` (``state`` None) or ``restore`` (the snapshot's directory)."""
+        """Start an empty VMM, wait for its API, then ``then(handle,
+        deadline)``: boot (``launch``), restore (``restore``) or receive
+        (``launch_incoming``)."""
         deadline = time.monotonic() + timeout
         if len(os.fsencode(paths.api_socket)) > _MAX_SOCKET_PATH:
             raise VmmRejected(
@@ -339,10 +562,7 @@ class CloudHypervisorDriver:
                 who=f"cloud-hypervisor for {paths.vm_dir}",
                 logs=logs,
             )
-            if state is None:
-                self._create_and_boot(handle, definition.to_vm_config(), deadline)
-            else:
-                self._restore_and_resume(handle, state, deadline)
+            then(handle, deadline)
         except BaseException:
             self.forget(handle)
             process.abort_launch(handle)
@@ -389,11 +609,22 @@ class CloudHypervisorDriver:
             )
 
     def forget(self, handle: VmmHandle) -> None:
-        """Drop the transport of a VMM that is gone (or about to be)."""
+        """Drop the transport of a VMM that is gone (or about to be), and
+        end the migration it was receiving, if any."""
+        self._abandon_incoming(handle)
         with self._lock:
             transport = self._transports.pop((handle.pid, handle.pid_start_ticks), None)
         if transport is not None:
             transport.close()
+
+    def _abandon_incoming(self, handle: VmmHandle) -> None:
+        """Close the relay of a migration ``handle`` still waits for: the
+        VMM's receive then fails and it answers again (a real VMM answers
+        nothing else while it receives)."""
+        with self._lock:
+            incoming = self._incoming.pop((handle.pid, handle.pid_start_ticks), None)
+        if incoming is not None:
+            incoming.relay.close()
 
     def _prune(self) -> None:
         """Close the transports of VMMs that are gone (at most every
@@ -489,6 +720,7 @@ class CloudHypervisorDriver:
         self._call(handle, "PUT", "vm.shutdown", timeout=timeout)
 
     def shutdown_vmm(self, handle: VmmHandle, *, timeout: float) -> None:
+        self._abandon_incoming(handle)
         try:
             self._call(handle, "PUT", "vmm.shutdown", timeout=timeout)
         except VmmGone:
@@ -606,6 +838,84 @@ class CloudHypervisorDriver:
                 f"{response.request.url.path}, expected an object"
             )
         return data
+
+
+class _Pending:
+    """One API call made on a thread of its own (a migration call is
+    answered only when the migration ends); ``result`` waits for it."""
+
+    def __init__(self, name: str, call: Callable[[], object]) -> None:
+        self.done = threading.Event()
+        # Until the call returns: what a thread that never got to say why ended with.
+        self._error: BaseException | None = VmmError(f"{name} ended without an answer")
+        self._name = name
+        self._call = call
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self._call()
+            self._error = None
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting thread
+            self._error = exc
+        finally:
+            self.done.set()
+
+    def result(self, timeout: float) -> None:
+        if not self.done.wait(max(timeout, 0.0)):
+            raise VmmTimeout(f"{self._name} did not end within {timeout:.3g} s")
+        if self._error is not None:
+            raise self._error
+
+
+@dataclass(frozen=True, slots=True)
+class _Incoming:
+    call: _Pending
+    relay: Relay
+    #: The target definition's host resources (``_host_resources``).
+    resources: tuple[tuple[str, ...], tuple[str, ...]]
+
+
+def _host_resources(config: Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The disk paths and taps a VmConfig names. cloud-hypervisor runs a
+    migrated VM on its source's config as it is (v53's receive cannot
+    rename a device), so the target's must name the same ones."""
+    disks = config.get("disks")
+    nets = config.get("net")
+    return (
+        tuple(str(d.get("path")) for d in disks if isinstance(d, Mapping))
+        if isinstance(disks, list)
+        else (),
+        tuple(str(n.get("tap")) for n in nets if isinstance(n, Mapping))
+        if isinstance(nets, list)
+        else (),
+    )
+
+
+def _check_socket_path(path: Path) -> None:
+    if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
+        raise VmmRejected(
+            f"migration socket path {path} is too long for a unix socket "
+            f"({len(os.fsencode(path))} bytes, at most {_MAX_SOCKET_PATH})"
+        )
+
+
+def _is_socket(path: Path) -> bool:
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _memory_size(info: Mapping[str, Any]) -> int:
+    """The guest memory ``vm.info`` tells of (bytes; 0 if it tells none)."""
+    actual = info.get("memory_actual_size")
+    if isinstance(actual, int) and not isinstance(actual, bool) and actual > 0:
+        return actual
+    config = info.get("config")
+    memory = config.get("memory") if isinstance(config, Mapping) else None
+    size = memory.get("size") if isinstance(memory, Mapping) else None
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else 0
 
 
 def _left(deadline: float, handle: VmmHandle, step: str) -> float:
