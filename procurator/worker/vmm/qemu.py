@@ -34,6 +34,18 @@ Why it is shaped this way, and what always holds:
   (``/proc/<pid>/cmdline``), turned to the guest's point of view (the tap's
   transmit is the guest's receive), with cloud-hypervisor's key names.
 
+- **Live moves hand QEMU descriptors, never ports** (``launch_incoming``,
+  ``send_migration``, ``finish_incoming``): this process listens (target)
+  or connects (source) and passes the sockets over QMP (``getfd``), as
+  snapshots pass their files, so a jailed QEMU needs no network rights and
+  a port that cannot be had fails before QEMU starts. The target waits
+  with ``-incoming defer`` and serves its writable disks over NBD; the
+  source mirrors each writable drive there (``blockdev-mirror``), then
+  migrates with ``pause-before-switchover``, so the mirrors are completed
+  in sync while the guest is stopped and before the device state goes: the
+  target never holds memory newer than its disks. A failure undoes the
+  source's side in a session of its own, and the guest runs on there.
+
 Processes (launch, waiting for QMP, stopping a failed launch, stale
 sockets, log tails) are the shared mechanics of
 ``procurator.worker.vmm.process``. Jailed (``procurator.worker.jail``,
@@ -353,6 +365,16 @@ class _QmpSession:
     def close(self) -> None:
         self._sock.close()
 
+    @property
+    def deadline(self) -> float:
+        return self._deadline
+
+    def wait(self, what: str) -> None:
+        """Sleep one poll interval before asking again; ``VmmTimeout`` at
+        the deadline."""
+        self._remaining(what)
+        time.sleep(_MIGRATION_POLL)
+
     def _remaining(self, what: str) -> float:
         left = self._deadline - time.monotonic()
         if left <= 0:
@@ -468,8 +490,7 @@ def _wait_migration(target: _Target, session: _QmpSession, what: str) -> None:
         if status in ("failed", "cancelled"):
             reason = info.get("error-desc", "no reason given") if isinstance(info, dict) else "?"
             raise VmmError(f"{target}: {what} {status}: {reason}")
-        session._remaining(what)  # raises VmmTimeout at the deadline
-        time.sleep(_MIGRATION_POLL)
+        session.wait(what)
 
 
 def _save(target: _Target, session: _QmpSession, state_file: Path) -> None:
@@ -513,6 +534,270 @@ def _load_and_boot(target: _Target, session: _QmpSession, state_file: Path) -> N
         session.close()
         raise
     _boot(target, session)
+
+
+# -- live moves
+#
+# The descriptors' names in QEMU (getfd): the target's two listening
+# sockets; the source's memory connection; each mirrored disk's NBD client
+# node, its connection and its mirror job share one name.
+_MIGRATION_FD = "procurator-migration"
+_NBD_FD = "procurator-nbd"
+_MIRROR_PREFIX = "procurator-mirror-"
+# Undoing a failed move gets its own time: the move's may be spent.
+_UNDO_TIMEOUT = 30.0
+# query-migrate states of an outgoing migration under way.
+_MIGRATING = ("setup", "active", "pre-switchover", "device", "cancelling", "postcopy-active")
+
+
+@dataclass(frozen=True, slots=True)
+class _Incoming:
+    """A target's listening sockets (this process's; QEMU gets copies) and
+    the device ids of the disks it exports."""
+
+    memory: socket.socket
+    nbd: socket.socket | None
+    exports: tuple[str, ...]
+
+
+def _listen(label: str, address: Address, what: str) -> socket.socket:
+    host, port = address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise VmmError(
+            f"VM {label}: cannot listen on {host}:{port} for the move's {what}: "
+            f"{exc.strerror or exc}"
+        ) from exc
+
+
+def _connect(target: _Target, address: Address, what: str, deadline: float) -> socket.socket:
+    host, port = address
+    try:
+        connection = socket.create_connection(
+            (host, port), timeout=max(0.001, deadline - time.monotonic())
+        )
+    except OSError as exc:
+        raise VmmError(
+            f"{target}: cannot reach the move's target at {host}:{port} for the {what}: "
+            f"{exc.strerror or exc}"
+        ) from exc
+    connection.settimeout(None)  # QEMU's to drive from here: blocking, as made
+    return connection
+
+
+def _await_incoming(session: _QmpSession, incoming: _Incoming) -> None:
+    """Hand a target QEMU (``-incoming defer``) its listening sockets: the
+    NBD server of its writable disks, then the migration's."""
+    try:
+        if incoming.nbd is not None:
+            session.execute("getfd", {"fdname": _NBD_FD}, fd=incoming.nbd.fileno())
+            server = {"type": "fd", "data": {"str": _NBD_FD}}
+            clients = max(1, len(incoming.exports))
+            session.execute("nbd-server-start", {"addr": server, "max-connections": clients})
+            for dev_id in incoming.exports:
+                export = {"device": _DRIVE_PREFIX + dev_id, "name": dev_id, "writable": True}
+                session.execute("nbd-server-add", export)
+        session.execute("getfd", {"fdname": _MIGRATION_FD}, fd=incoming.memory.fileno())
+        # QEMU 7.2's migration URIs have no "listen on this descriptor", but
+        # tcp: takes any of its socket addresses, fd:NAME (a listening
+        # socket) included; QEMU 8.2's "channels" argument says it plainly.
+        session.execute("migrate-incoming", {"uri": f"tcp:fd:{_MIGRATION_FD}"})
+    finally:
+        session.close()
+
+
+class _Outgoing:
+    """The source's side of one live move over one QMP session, and what it
+    has set up so far (so that ``undo`` removes exactly that)."""
+
+    def __init__(
+        self, target: _Target, session: _QmpSession, progress: MigrationProgress | None
+    ) -> None:
+        self._target = target
+        self._session = session
+        self._progress = progress
+        self._fds: list[str] = []  # descriptor names given (getfd)
+        self._mirrors: list[str] = []  # disk ids with a node (and perhaps a job)
+        self._jobs: list[str] = []  # mirror job ids started
+        self._disk_bytes = 0  # the mirrored disks' bytes, once in sync
+        self._total = 0  # the whole transfer's bytes as last reported
+
+    def run(self, memory: Address, disks: Address | None) -> None:
+        session = self._session
+        if disks is not None:
+            for dev_id in self._writable_disks():
+                self._mirror(dev_id, disks)
+            self._wait_mirrors_ready()
+        if self._mirrors:
+            switchover = {"capability": "pause-before-switchover", "state": True}
+            session.execute("migrate-set-capabilities", {"capabilities": [switchover]})
+        # The default bandwidth (32 MiB/s) is for sharing a link with the
+        # guests; a move wants its pause short.
+        session.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
+        self._hand_over(_MIGRATION_FD, memory, "memory")
+        session.execute("migrate", {"uri": f"fd:{_MIGRATION_FD}"})
+        if not self._mirrors:
+            self._follow_migration("completed")
+            self._report(self._total, self._total)
+            return
+        # The guest is stopped and its memory sent; the device state waits
+        # until the disks' last writes are on the target.
+        self._follow_migration("pre-switchover")
+        jobs = self._our_jobs()
+        for job_id in self._jobs:
+            if jobs.get(job_id, {}).get("status") != "ready":
+                raise self._job_failed(job_id, jobs.get(job_id))
+        for job in self._jobs:
+            session.execute("block-job-cancel", {"device": job})  # ready: completes in sync
+        self._wait_jobs_concluded(failed_is_error=True)
+        self._remove_mirrors()
+        session.execute("migrate-continue", {"state": "pre-switchover"})
+        _wait_migration(self._target, session, "migrating the VM")
+        self._report(self._total, self._total)
+
+    def _writable_disks(self) -> list[str]:
+        """The device ids of the source QEMU's writable drives."""
+        found = []
+        for entry in self._session.execute("query-block") or []:
+            device = str(entry.get("device", ""))
+            inserted = entry.get("inserted")
+            writable = isinstance(inserted, dict) and not inserted.get("ro", False)
+            if device.startswith(_DRIVE_PREFIX) and writable:
+                found.append(device.removeprefix(_DRIVE_PREFIX))
+        return found
+
+    def _mirror(self, dev_id: str, disks: Address) -> None:
+        """An NBD client node for the target's export of ``dev_id`` (on a
+        connection of its own) and a mirror job of the drive into it."""
+        session = self._session
+        name = _MIRROR_PREFIX + dev_id
+        self._hand_over(name, disks, f"disk {dev_id}")
+        server = {"type": "fd", "str": name}
+        node = {"driver": "nbd", "node-name": name, "server": server, "export": dev_id}
+        session.execute("blockdev-add", node)
+        self._mirrors.append(dev_id)
+        mirror = {
+            "job-id": name,
+            "device": _DRIVE_PREFIX + dev_id,
+            "target": name,
+            "sync": "full",
+            "auto-dismiss": False,  # a failed job stays to be asked why
+        }
+        session.execute("blockdev-mirror", mirror)
+        self._jobs.append(name)
+
+    def _hand_over(self, name: str, address: Address, what: str) -> None:
+        """Connect to ``address`` and give QEMU the connection as ``name``."""
+        connection = _connect(self._target, address, what, self._session.deadline)
+        try:
+            self._session.execute("getfd", {"fdname": name}, fd=connection.fileno())
+            self._fds.append(name)
+        finally:
+            connection.close()  # QEMU holds its own copy now
+
+    def _our_jobs(self) -> dict[str, dict[str, Any]]:
+        jobs = self._session.execute("query-jobs") or []
+        return {j["id"]: j for j in jobs if isinstance(j, dict) and j.get("id") in self._jobs}
+
+    def _job_failed(self, job_id: str, job: Mapping[str, Any] | None) -> VmmError:
+        why = job.get("error", f"it ended ({job.get('status')})") if job else "it vanished"
+        return VmmError(f"{self._target}: mirroring disk {job_id[len(_MIRROR_PREFIX) :]}: {why}")
+
+    def _wait_mirrors_ready(self) -> None:
+        while True:
+            jobs = self._our_jobs()
+            done = total = 0
+            for job_id in self._jobs:
+                job = jobs.get(job_id)
+                if job is None or job.get("status") not in ("created", "running", "ready"):
+                    raise self._job_failed(job_id, job)
+                done += int(job.get("current-progress", 0))
+                total += int(job.get("total-progress", 0))
+            self._report(done, total)
+            if all(jobs[j].get("status") == "ready" for j in self._jobs):
+                self._disk_bytes = total
+                return
+            self._session.wait("mirroring the disks")
+
+    def _wait_jobs_concluded(self, *, failed_is_error: bool) -> None:
+        """Wait until every job of ours has concluded, then dismiss them."""
+        while True:
+            jobs = self._our_jobs()
+            if all(job.get("status") in ("concluded", "null") for job in jobs.values()):
+                break
+            self._session.wait("completing the disk mirrors")
+        for job_id, job in jobs.items():
+            if failed_is_error and "error" in job:
+                raise self._job_failed(job_id, job)
+            with contextlib.suppress(VmmRejected):
+                self._session.execute("job-dismiss", {"id": job_id})
+        self._jobs.clear()
+
+    def _remove_mirrors(self) -> None:
+        for dev_id in list(self._mirrors):
+            with contextlib.suppress(VmmRejected):
+                self._session.execute("blockdev-del", {"node-name": _MIRROR_PREFIX + dev_id})
+            self._mirrors.remove(dev_id)
+
+    def _follow_migration(self, until: str) -> None:
+        """Poll ``query-migrate`` until its status is ``until``, reporting
+        progress; ``VmmError`` with QEMU's reason if it fails."""
+        while True:
+            info = self._session.execute("query-migrate")
+            info = info if isinstance(info, dict) else {}
+            status = info.get("status")
+            ram = info.get("ram")
+            ram = ram if isinstance(ram, dict) else {}
+            memory = int(ram.get("total", 0))
+            self._total = self._disk_bytes + memory
+            self._report(self._total - int(ram.get("remaining", memory)), self._total)
+            if status == until:
+                return
+            if status not in _MIGRATING:
+                reason = info.get("error-desc", "no reason given")
+                raise VmmError(f"{self._target}: migrating the VM {status}: {reason}")
+            self._session.wait("migrating the VM")
+
+    def _report(self, done: int, total: int) -> None:
+        if self._progress is not None:
+            self._progress(done, total)
+
+    def undo(self) -> None:
+        """After a failure: the source as it was before the move, its guest
+        running (a QEMU that is gone has nothing to undo). Problems are
+        logged: the move's own error is what the caller hears."""
+        try:
+            self._session = _QmpSession(self._target, time.monotonic() + _UNDO_TIMEOUT)
+        except (VmmError, VmmRejected) as exc:
+            log.warning("%s: cannot undo the failed move: %s", self._target, exc)
+            return
+        session = self._session
+        try:
+            info = session.execute("query-migrate")
+            if isinstance(info, dict) and info.get("status") in _MIGRATING:
+                session.execute("migrate_cancel")
+                while (session.execute("query-migrate") or {}).get("status") in _MIGRATING:
+                    session.wait("cancelling the migration")
+            for job in self._jobs:
+                with contextlib.suppress(VmmRejected):  # concluded already
+                    session.execute("block-job-cancel", {"device": job, "force": True})
+            self._wait_jobs_concluded(failed_is_error=False)
+            self._remove_mirrors()
+            for name in self._fds:
+                with contextlib.suppress(VmmRejected):  # taken by its user, or never given
+                    session.execute("closefd", {"fdname": name})
+            switchover = {"capability": "pause-before-switchover", "state": False}
+            session.execute("migrate-set-capabilities", {"capabilities": [switchover]})
+            status = session.execute("query-status")
+            if not (isinstance(status, dict) and status.get("running")):
+                session.execute("cont")
+            log.info("%s: the failed move is undone; the guest runs here", self._target)
+        except (VmmError, VmmRejected) as exc:
+            log.warning("%s: cannot undo the failed move: %s", self._target, exc)
+        finally:
+            session.close()
 
 
 def _firmware_dirs(exe: str) -> list[str]:
@@ -575,7 +860,7 @@ class QemuDriver:
     wrapper script runs)."""
 
     name = DRIVER_NAME
-    capabilities = Capabilities(state_marks=False, guest_clock=False)
+    capabilities = Capabilities(state_marks=False, guest_clock=False, live_move=True)
 
     def __init__(
         self,
@@ -681,7 +966,7 @@ class QemuDriver:
         with self._session(handle, time.monotonic() + timeout) as session:
             _save(self._target(handle), session, target / STATE_FILE)
 
-    # -- live moves (being built: capabilities.live_move is False) ---------
+    # -- live moves (docs/SNAPSHOTS.md, "Moves") ----------------------------
 
     def launch_incoming(
         self,
@@ -693,7 +978,33 @@ class QemuDriver:
         timeout: float,
         jail: VmmJail | None = None,
     ) -> VmmHandle:
-        raise VmmRejected("live moves are not supported by the QEMU driver yet")
+        """Start QEMU as ``launch`` does but waiting for its state
+        (``-incoming defer``). This process listens on ``memory`` (and
+        ``disks``) and hands QEMU the listening sockets (``getfd``): QEMU
+        accepts the source's migration there (``migrate-incoming``) and,
+        with ``disks``, serves the VM's writable disks over NBD
+        (``nbd-server-start`` on that socket, one writable export per disk,
+        named by its device id, at most that many clients). QEMU never
+        binds a port itself. Raises as ``launch`` (a port that cannot be
+        listened on: ``VmmError`` before QEMU starts)."""
+        exports: tuple[str, ...] = ()
+        if disks is not None:
+            exports = tuple(
+                _disk_id(index, disk)
+                for index, disk in enumerate(definition.disks)
+                if not disk.readonly
+            )
+        label = paths.vm_dir.name
+        with contextlib.ExitStack() as sockets:
+            memory_socket = sockets.enter_context(_listen(label, memory, "memory"))
+            nbd_socket = None
+            if disks is not None:
+                nbd_socket = sockets.enter_context(_listen(label, disks, "disks"))
+            incoming = _Incoming(memory_socket, nbd_socket, exports)
+            # QEMU holds its own copies of the sockets once started.
+            return self._start(
+                definition, paths, timeout=timeout, jail=jail, state=None, incoming=incoming
+            )
 
     def send_migration(
         self,
@@ -704,10 +1015,40 @@ class QemuDriver:
         timeout: float,
         progress: MigrationProgress | None = None,
     ) -> None:
-        raise VmmRejected("live moves are not supported by the QEMU driver yet")
+        """Mirror, then migrate, over connections this process opens and
+        hands QEMU (``getfd``): with ``disks``, each writable drive gets an
+        NBD client node on its own connection and a ``blockdev-mirror`` job
+        into it (``sync: full``); once every job is ``ready`` (in sync,
+        following the guest's writes), ``migrate`` to ``fd:`` with
+        ``pause-before-switchover``: when QEMU has stopped the guest and
+        sent its memory it waits, the mirror jobs are completed in sync
+        (``block-job-cancel`` of a ready job) and removed, and only then
+        does the device state go (``migrate-continue``). One QMP session
+        for the whole move. On any failure the move is undone in a new
+        session (``_undo_move``): migration cancelled, mirror jobs and
+        nodes removed, the capability reset, ``cont``."""
+        deadline = time.monotonic() + timeout
+        target = self._target(handle)
+        with self._session(handle, deadline) as session:
+            move = _Outgoing(target, session, progress)
+            try:
+                move.run(memory, disks)
+            except BaseException:
+                session.close()  # QMP serves one client: the undo's is next
+                move.undo()
+                raise
 
     def finish_incoming(self, handle: VmmHandle, *, timeout: float) -> None:
-        raise VmmRejected("live moves are not supported by the QEMU driver yet")
+        """Wait for ``migrate-incoming`` to complete, stop the NBD server
+        (none for a move without disks), then ``cont`` and confirm the
+        guest runs. An incoming migration that fails makes QEMU exit: then
+        ``VmmGone``."""
+        target = self._target(handle)
+        with self._session(handle, time.monotonic() + timeout) as session:
+            _wait_migration(target, session, "receiving the VM")
+            with contextlib.suppress(VmmRejected):  # no NBD server: no disks came
+                session.execute("nbd-server-stop")
+            _boot(target, session)
 
     def _start(
         self,
@@ -717,8 +1058,10 @@ class QemuDriver:
         timeout: float,
         jail: VmmJail | None,
         state: Path | None,
+        incoming: _Incoming | None = None,
     ) -> VmmHandle:
-        """``launch`` (``state`` None) or ``restore`` (the state file)."""
+        """``launch`` (``state`` and ``incoming`` None), ``restore`` (the
+        state file) or ``launch_incoming`` (its listening sockets)."""
         deadline = time.monotonic() + timeout
         accel = self.accel
         argv = qemu_argv(
@@ -730,7 +1073,7 @@ class QemuDriver:
             extra_cmdline_tcg=self._extra_cmdline_tcg,
             sandbox=jail is not None,
         )
-        if state is not None:
+        if state is not None or incoming is not None:
             argv += ["-incoming", "defer"]
         paths.vmm_dir.mkdir(parents=True, exist_ok=True)
         logs = [(paths.log_file, process.log_size(paths.log_file))]
@@ -759,7 +1102,9 @@ class QemuDriver:
                 who=f"qemu for {paths.vm_dir}",
                 logs=logs,
             )
-            if state is None:
+            if incoming is not None:
+                _await_incoming(session, incoming)
+            elif state is None:
                 _boot(target, session)
             else:
                 _load_and_boot(target, session, state)
