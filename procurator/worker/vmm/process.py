@@ -14,19 +14,42 @@ What lives here, for both drivers:
   the same way), in its own session, with the launch marker in its
   environment (``launch_env``; ``find_launched`` finds what it marks);
 - ``wait_for_api``: wait until a VMM just launched answers on its API
-  socket (or exits, or runs out of time), polling with the worker's one
-  backoff policy (``procurator.core.backoff``);
+  socket (or exits, or runs out of time) without polling: one poll(2) on
+  the VMM's pidfd (its exit) and an inotify watch on the socket's
+  directory (the socket's creation), so a start costs a few wake-ups
+  whatever the VMM takes to bind (see "Waiting for the API" below);
 - ``abort_launch``: stop a VMM whose launch failed;
 - ``remove_stale_socket``: remove an API socket no live VMM serves;
 - ``log_tail``: the last lines of a VMM's output, for error details;
 - signals, waits and identity checks (``terminate``, ``wait_exit``, ...),
   and ``ExitWatch``: a VMM's pidfd polled with its supervisor's wake
   eventfd.
+
+Waiting for the API (issue 31: the worker's CPU per start): a VMM binds its
+socket some time after it starts (tens of ms; a second and more for a
+jailed VMM under load), and the old wait asked every 2-5 ms whether it had,
+reading ``/proc`` each round: most of what a start cost the worker. Now
+the wait sleeps in poll(2) until the kernel says something happened: the
+pidfd turns readable when the VMM exits, the inotify watch on the socket's
+directory when a file is created or moved in there (a watch is on the
+directory's inode, so a jailed VMM binding through its bind mount is seen
+too). The watch is set before the first look for the socket, so a socket
+bound in between is found by that look, never missed. What no event tells:
+when a socket that exists starts *listening* (bind and listen are two
+calls) or answers, so after a refused or unanswered probe the wait retries
+at ``API_POLL``'s pace, still woken at once by an exit. Where no watch can
+be had (``inotify_init1`` out of instances, the directory not made yet)
+the wait polls at that pace too: slower, never wrong.
+
+``/proc/<pid>/stat`` is read with one ``os.read`` on a descriptor opened
+for it (no ``pathlib``, no text decoding): identity checks run on every
+health check of every VM.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import logging
@@ -35,6 +58,7 @@ import select
 import signal
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -71,9 +95,10 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-#: How often a VMM just launched is asked whether its API answers: 2 ms
-#: doubling to 5 ms (a start's latency is on every VM's path; a failed
-#: connect to a socket not yet bound costs microseconds).
+#: How soon a VMM just launched is asked again when its socket exists but
+#: did not answer (or when no inotify watch could be had): 2 ms doubling to
+#: 5 ms (a start's latency is on every VM's path; a failed connect to a
+#: socket not yet listening costs microseconds).
 API_POLL = RestartPolicy(initial_delay=0.002, multiplier=2.0, max_delay=0.005)
 #: How long a VMM whose launch failed gets to exit on SIGTERM.
 _ABORT_GRACE = 2.0
@@ -89,14 +114,23 @@ def pid_start_ticks(pid: int) -> int | None:
 
 
 def _state_and_ticks(pid: int) -> tuple[str, int] | None:
-    """(state letter, start ticks) of ``pid`` from ``/proc/<pid>/stat``."""
+    """(state letter, start ticks) of ``pid`` from ``/proc/<pid>/stat``:
+    one open and one read (the file is a few hundred bytes, generated whole
+    on the first read), half the cost of ``Path.read_text``."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
-    # The command name (field 2) is in parentheses and may hold spaces.
-    fields = stat.rsplit(")", 1)[1].split()
-    return fields[0], int(fields[19])
+    try:
+        data = os.read(fd, 4096)
+    except OSError:  # ESRCH: it was reaped between the open and the read
+        return None
+    finally:
+        os.close(fd)
+    # The command name (field 2) is in parentheses and may hold spaces
+    # (and parentheses): the fields after it start after the last ")".
+    fields = data[data.rindex(b")") + 1 :].split()
+    return fields[0].decode(), int(fields[19])
 
 
 def is_alive(pid: int, start_ticks: int) -> bool:
@@ -182,34 +216,167 @@ def wait_for_api(
     logs: Sequence[tuple[Path, int]] = (),
 ) -> _T:
     """``probe(timeout)``'s answer once the VMM of ``handle``, just
-    launched, answers on its API socket. The socket appears once the VMM
-    bound it; until then, and while ``probe`` raises ``VmmGone`` or
-    ``VmmTimeout`` (not listening yet), ask again at ``API_POLL``'s pace.
+    launched, answers on its API socket. Asks only once the socket exists,
+    sleeping until the kernel tells of the VMM's exit or of a new file in
+    the socket's directory (see "Waiting for the API" above); while
+    ``probe`` raises ``VmmGone`` or ``VmmTimeout`` (bound, not listening
+    or not answering yet), asks again at ``API_POLL``'s pace.
     Raises ``VmmGone`` if the VMM exits first and ``VmmTimeout`` at
     ``deadline`` (``time.monotonic()``), both with the tails of ``logs``
     ((path, offset) pairs) as details."""
     last: VmmError | None = None
-    attempt = 0
-    while True:
-        if not is_alive(handle.pid, handle.pid_start_ticks):
-            raise VmmGone(
-                f"{who} (pid {handle.pid}) exited before its API answered",
-                details=_tails(logs),
-            )
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise VmmTimeout(
-                f"{who} (pid {handle.pid}) did not answer on {handle.api_socket}"
-                + (f": {last.message}" if last is not None else ""),
-                details=_tails(logs),
-            )
-        if os.path.exists(handle.api_socket):
+    unanswered = 0  # probes refused or unanswered so far
+    with _LaunchWatch(handle) as watch:
+        while True:
+            if not watch.alive():
+                raise VmmGone(
+                    f"{who} (pid {handle.pid}) exited before its API answered",
+                    details=_tails(logs),
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise VmmTimeout(
+                    f"{who} (pid {handle.pid}) did not answer on {handle.api_socket}"
+                    + (f": {last.message}" if last is not None else ""),
+                    details=_tails(logs),
+                )
+            if os.path.exists(handle.api_socket):
+                try:
+                    return probe(min(remaining, 1.0))
+                except (VmmGone, VmmTimeout) as exc:
+                    last = exc
+                unanswered += 1
+                # No event says when a bound socket starts listening.
+                pause = API_POLL.delay(unanswered)
+            elif watch.sees_directory:
+                pause = remaining  # until it exits or the socket appears
+            else:
+                unanswered += 1
+                pause = API_POLL.delay(unanswered)
+            watch.wait(min(pause, max(0.0, deadline - time.monotonic())))
+
+
+#: inotify(7) constants (<sys/inotify.h>): a file created in, or moved
+#: into, the watched directory, which must be one.
+_IN_CREATE = 0x00000100
+_IN_MOVED_TO = 0x00000080
+_IN_ONLYDIR = 0x01000000
+
+
+class _Inotify:
+    """``inotify_init1`` and ``inotify_add_watch`` from the C library
+    (Python has no binding of its own), loaded on first use."""
+
+    _lock = threading.Lock()
+    _libc: ctypes.CDLL | None = None
+
+    @classmethod
+    def watch_creations(cls, directory: str) -> int:
+        """A non-blocking inotify descriptor that turns readable when a file
+        is created in or moved into ``directory``. Raises ``OSError``."""
+        libc = cls._load()
+        fd = int(libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
+        if fd < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"inotify_init1: {os.strerror(code)}")
+        mask = _IN_CREATE | _IN_MOVED_TO | _IN_ONLYDIR
+        if libc.inotify_add_watch(fd, os.fsencode(directory), mask) < 0:
+            code = ctypes.get_errno()
+            os.close(fd)
+            raise OSError(code, f"inotify_add_watch: {os.strerror(code)}", directory)
+        return fd
+
+    @classmethod
+    def _load(cls) -> ctypes.CDLL:
+        with cls._lock:
+            if cls._libc is None:
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.inotify_init1.argtypes = [ctypes.c_int]
+                libc.inotify_init1.restype = ctypes.c_int
+                libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+                libc.inotify_add_watch.restype = ctypes.c_int
+                cls._libc = libc
+            return cls._libc
+
+
+class _LaunchWatch:
+    """What ``wait_for_api`` sleeps on for one VMM: its pidfd (readable once
+    the whole process has exited) and an inotify watch on its socket's
+    directory, in one poll(2) object. Either may be missing (a process that
+    is already gone has no pidfd; a directory that cannot be watched has no
+    watch): then ``/proc`` and ``API_POLL``'s pace stand in for them.
+    A context manager: both descriptors are closed on the way out."""
+
+    def __init__(self, handle: VmmHandle) -> None:
+        self._handle = handle
+        self._pidfd = -1
+        self._inotify = -1
+        self._poller = select.poll()
+
+    @property
+    def sees_directory(self) -> bool:
+        """Whether a socket created in the directory wakes ``wait``."""
+        return self._inotify >= 0
+
+    def __enter__(self) -> _LaunchWatch:
+        handle = self._handle
+        try:
             try:
-                return probe(min(remaining, 1.0))
-            except (VmmGone, VmmTimeout) as exc:
-                last = exc
-        attempt += 1
-        time.sleep(min(API_POLL.delay(attempt), max(0.0, deadline - time.monotonic())))
+                self._pidfd = os.pidfd_open(handle.pid)
+            except ProcessLookupError:
+                pass  # gone already: alive() says so from /proc
+            else:
+                self._poller.register(self._pidfd, select.POLLIN)
+            directory = os.path.dirname(handle.api_socket) or "."
+            try:
+                self._inotify = _Inotify.watch_creations(directory)
+            except OSError as exc:
+                log.debug("no inotify watch on %s (%s): polling for its socket", directory, exc)
+            else:
+                self._poller.register(self._inotify, select.POLLIN)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def alive(self) -> bool:
+        """Whether the VMM runs: ``/proc`` says it is the process launched
+        (not a zombie, not a recycled pid: the pidfd, opened after the
+        launch, could name a successor) and its pidfd has not turned
+        readable (a leader whose other threads still run is a zombie in
+        ``/proc`` already; either way it will not answer)."""
+        if not is_alive(self._handle.pid, self._handle.pid_start_ticks):
+            return False
+        return self._pidfd < 0 or not _readable(self._pidfd)
+
+    def wait(self, timeout: float) -> None:
+        """Until the VMM exits, a file appears in the watched directory, or
+        ``timeout`` seconds pass; drains the watch's events (what they name
+        does not matter: the caller looks for the socket again)."""
+        try:
+            events = self._poller.poll(max(0.0, timeout) * 1000)
+        except InterruptedError:
+            return
+        if self._inotify >= 0 and any(fd == self._inotify for fd, _ in events):
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._inotify, 4096):
+                    pass
+
+    def close(self) -> None:
+        for fd in (self._pidfd, self._inotify):
+            if fd >= 0:
+                os.close(fd)
+        self._pidfd = self._inotify = -1
+
+
+def _readable(fd: int) -> bool:
+    """Whether ``fd`` polls readable now (a pidfd: its process exited)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def abort_launch(handle: VmmHandle, *, grace: float = _ABORT_GRACE) -> None:
