@@ -2,9 +2,10 @@
 ("a" and "b"), each with a bridge and a tap for the guest, the bridges
 joined by a veth pair (one layer-2 segment, as two workers' bridges joined
 by a link), and one ``QemuDriver`` per namespace whose QEMUs run there
-(unjailed: a wrapper enters the namespace) or, jailed, enter it through the
-jail. The drivers themselves (this process) open the move's sockets on
-loopback: the VMMs get descriptors and need no network of their own.
+(unjailed: a wrapper enters the namespace) or, jailed, enter it through
+the worker's jail (``procurator.worker.jail``, one per side). The
+drivers themselves (this process) open the move's sockets on loopback:
+the VMMs get descriptors and need no network of their own.
 
 The source QEMU also gets a second QMP monitor (``Side.monitor``): a test
 writes to the guest's disk through QEMU's block layer (``qemu-io``) while
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import os
 import re
 import shutil
 import signal
@@ -29,7 +31,10 @@ from typing import Any
 from qemuhelpers import image_definition, make_paths
 from testnames import netns_name
 
+from procurator.core.jail import JailPolicy
 from procurator.core.vmdef import VmDefinition
+from procurator.worker import cgroups
+from procurator.worker.jail import Jail, instance_name
 from procurator.worker.vmm.base import VmmError, VmmHandle, VmmPaths
 from procurator.worker.vmm.process import terminate, wait_exit
 from procurator.worker.vmm.qemu import QemuDriver, _QmpSession, _Target
@@ -54,6 +59,7 @@ class Side:
     root: Path
     driver: QemuDriver
     monitor: Path | None = None  # the second QMP socket (source only)
+    jail: Jail | None = None  # jailed: the worker's jail, entering ``netns``
     handles: list[VmmHandle] = field(default_factory=list)
 
     def paths(self, vm: str = "guest") -> VmmPaths:
@@ -80,6 +86,21 @@ class Side:
         )
         return dataclasses.replace(definition, serial_file=str(self.paths(vm).serial_file))
 
+    def launch(self, image: Path, **incoming: Any) -> VmmHandle:
+        """Launch the guest here (jailed if this side is), booted, or with
+        ``incoming`` (``memory=``, ``disks=``) waiting for a move."""
+        paths = self.paths()
+        definition = self.definition(image)
+        jail = self.jail.prepare("guest", definition, paths) if self.jail is not None else None
+        if incoming:
+            handle = self.driver.launch_incoming(
+                definition, paths, timeout=30.0, jail=jail, **incoming
+            )
+        else:
+            handle = self.driver.launch(definition, paths, timeout=30.0, jail=jail)
+        self.handles.append(handle)
+        return handle
+
     def run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return sh("ip", "netns", "exec", self.netns, *argv, check=check)
 
@@ -102,6 +123,9 @@ class Side:
                 with contextlib.suppress(VmmError):
                     self.driver.shutdown_vmm(handle, timeout=5.0)
                 terminate(handle.pid, handle.pid_start_ticks, grace=2.0)
+        if self.jail is not None:
+            self.jail.release("guest")
+            self.jail.close()
 
 
 @contextlib.contextmanager
@@ -143,7 +167,8 @@ def two_hosts(root: Path, *, jailed: bool = False) -> Iterator[tuple[Side, Side]
         for name, netns in zip(("a", "b"), made, strict=True):
             side_root = root / name
             side_root.mkdir(parents=True)
-            monitor = side_root / "monitor.sock" if name == "a" else None
+            # In the VM's run/ directory: a jailed QEMU may make it there.
+            monitor = side_root / "vms" / "guest" / "run" / "test.sock" if name == "a" else None
             args: list[str] = []
             if monitor is not None:
                 args = ["-chardev", f"socket,id=test,path={monitor},server=on,wait=off"]
@@ -155,7 +180,12 @@ def two_hosts(root: Path, *, jailed: bool = False) -> Iterator[tuple[Side, Side]
                 wrapper.chmod(0o755)
                 binary = str(wrapper)
             driver = QemuDriver(accel="tcg", binary=binary, args=args)
-            sides.append(Side(name, netns, side_root, driver, monitor))
+            jail = None
+            if jailed:
+                parent = os.environ.get("PROCURATOR_CGROUP_PARENT", "procurator-test")
+                found = cgroups.detect(parent, instance_name(side_root))
+                jail = Jail(JailPolicy(cgroup_parent=parent), side_root, cgroups=found, netns=netns)
+            sides.append(Side(name, netns, side_root, driver, monitor, jail))
         yield sides[0], sides[1]
     finally:
         for side in sides:

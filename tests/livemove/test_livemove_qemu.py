@@ -17,14 +17,16 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from movelab import ADDRESS, Pinger, Side, two_hosts
+from movelab import ADDRESS, DISK_BYTES, Pinger, Side, two_hosts
 from qemuhelpers import wait_for_ready
 
+from procurator.core.jail import JailPolicy
 from procurator.worker.vmm.base import VmmError, VmmHandle, VmState
+from procurator.worker.vmm.process import wait_exit
 from procurator.worker.vmm.qemu import _QmpSession, _Target
 
 pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.nix]
@@ -70,6 +72,11 @@ def _leftovers(side: Side) -> dict[str, object]:
             "mirror nodes": [n for n in nodes if n.startswith("procurator-")],
             "migration": session.execute("query-migrate").get("status"),
             "status": session.execute("query-status")["status"],
+            "paused before switchover": [
+                c["state"]
+                for c in session.execute("query-migrate-capabilities")
+                if c["capability"] == "pause-before-switchover"
+            ],
         }
     finally:
         session.close()
@@ -77,29 +84,24 @@ def _leftovers(side: Side) -> dict[str, object]:
 
 def _target(image: Path, side: Side, ports: tuple[int, int]) -> VmmHandle:
     """A fresh target: an empty disk of the source's size, an incoming QEMU."""
-    paths = side.paths()
-    side.driver.clear_leftovers(paths, unrecorded=False, grace=1.0)
+    side.driver.clear_leftovers(side.paths(), unrecorded=False, grace=1.0)
     side.fresh_disk()
-    handle = side.driver.launch_incoming(
-        side.definition(image),
-        paths,
-        memory=(LOCALHOST, ports[0]),
-        disks=(LOCALHOST, ports[1]),
-        timeout=30.0,
-    )
-    side.handles.append(handle)
-    return handle
+    return side.launch(image, memory=(LOCALHOST, ports[0]), disks=(LOCALHOST, ports[1]))
 
 
 def test_live_move_between_namespaces(test_image: Path, hosts: tuple[Side, Side]) -> None:
     a, b = hosts
     a.fresh_disk(BEFORE)
-    source = a.driver.launch(a.definition(test_image), a.paths(), timeout=30.0)
-    a.handles.append(source)
+    source = a.launch(test_image)
     wait_for_ready(a.paths(), source)
     _ping(a)
     boot_id = _boot_id(a)
-    clean = {"jobs": [], "mirror nodes": [], "status": "running"}
+    clean = {
+        "jobs": [],
+        "mirror nodes": [],
+        "status": "running",
+        "paused before switchover": [False],
+    }
 
     # 1. Nobody listens on the target's ports: refused at once.
     ports = (_free_port(), _free_port())
@@ -110,31 +112,48 @@ def test_live_move_between_namespaces(test_image: Path, hosts: tuple[Side, Side]
     assert {k: v for k, v in _leftovers(a).items() if k != "migration"} == clean
     _ping(a)
 
-    # 2. The target dies while the disk is mirrored.
+    # 2. The target dies at the first progress report (the disk being
+    # mirrored), then at the first one with the memory in the total (the
+    # mirror in sync, the memory going).
+    for phase, beyond in (("mirroring", -1), ("memory", DISK_BYTES)):
+        ports = (_free_port(), _free_port())
+        kill_target = _killer(_target(test_image, b, ports), beyond)
+        with pytest.raises(VmmError) as failed:
+            a.driver.send_migration(
+                source,
+                memory=(LOCALHOST, ports[0]),
+                disks=(LOCALHOST, ports[1]),
+                timeout=30.0,
+                progress=kill_target,
+            )
+        print(f"target killed while {phase}: {failed.value}")
+        assert {k: v for k, v in _leftovers(a).items() if k != "migration"} == clean
+        assert a.driver.state(source, timeout=5.0) is VmState.RUNNING
+        _ping(a)
+
+    # 3. The move.
+    _move(test_image, a, b, source, boot_id)
+
+
+def _killer(doomed: VmmHandle, beyond: int) -> Callable[[int, int], None]:
+    """A progress callback that kills ``doomed`` at the first report whose
+    total is over ``beyond`` bytes."""
+
+    def kill(done: int, total: int) -> None:
+        if total > beyond and not wait_exit(doomed.pid, doomed.pid_start_ticks, 0.0):
+            os.kill(doomed.pid, signal.SIGKILL)
+
+    return kill
+
+
+def _move(image: Path, a: Side, b: Side, source: VmmHandle, boot_id: str) -> None:
+    """Move the guest from a to b and check it arrived whole: the disk is
+    written through QEMU's block layer at each progress report (while
+    mirroring, then while memory goes), as the guest would write it; not at
+    the last (done == total), when the source has given its disks up (QEMU
+    asserts on a write then)."""
     ports = (_free_port(), _free_port())
-    doomed = _target(test_image, b, ports)
-
-    def kill_target(done: int, total: int) -> None:
-        os.kill(doomed.pid, signal.SIGKILL)
-
-    with pytest.raises(VmmError):
-        a.driver.send_migration(
-            source,
-            memory=(LOCALHOST, ports[0]),
-            disks=(LOCALHOST, ports[1]),
-            timeout=30.0,
-            progress=kill_target,
-        )
-    assert {k: v for k, v in _leftovers(a).items() if k != "migration"} == clean
-    assert a.driver.state(source, timeout=5.0) is VmState.RUNNING
-    _ping(a)
-
-    # 3. The move: the disk is written through QEMU's block layer at each
-    # progress report (while mirroring, then while memory goes), as the
-    # guest would write it; not at the last (done == total), when the
-    # source has given its disks up (QEMU asserts on a write then).
-    ports = (_free_port(), _free_port())
-    target = _target(test_image, b, ports)
+    target = _target(image, b, ports)
     written: list[tuple[int, int]] = []
     reports: list[tuple[int, int]] = []
 
@@ -170,3 +189,25 @@ def test_live_move_between_namespaces(test_image: Path, hosts: tuple[Side, Side]
     assert data.startswith(BEFORE)
     for offset, byte in written:
         assert data[offset : offset + BLOCK] == bytes([byte]) * BLOCK, hex(offset)
+
+
+def _jailed(pid: int) -> None:
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    assert JailPolicy().slot_of(int(fields["Uid"].split()[0])) is not None, fields["Uid"]
+    assert fields["Seccomp"].strip() == "2"
+
+
+def test_jailed_live_move(test_image: Path) -> None:
+    """Both QEMUs jailed as a worker runs them (own uid, mount namespace,
+    seccomp, QEMU's -sandbox): the move needs no path, device or network
+    right beyond the jail's, the sockets being handed over."""
+    with two_hosts(Path("/tmp") / f"pqm-{os.urandom(4).hex()}", jailed=True) as (a, b):
+        a.fresh_disk(BEFORE)
+        source = a.launch(test_image)
+        _jailed(source.pid)
+        wait_for_ready(a.paths(), source)
+        _ping(a)
+        _move(test_image, a, b, source, _boot_id(a))
+        _jailed(b.handles[-1].pid)
