@@ -2513,6 +2513,11 @@ class MasterService:
                 now_ms=now_ms,
                 stopping={w: len(v.pending) for w, v in self._voices.items() if v.pending},
             )
+            # A moving VM is the move's: no handoff starts for it (it would
+            # run on the handoff's target beside the move's); the drain
+            # goes on once the move has taken it off the drained worker.
+            moving = {m.vm_id for m in await self._store.moves(limit=0) if not m.over}
+            plan.start = [h for h in plan.start if h.vm_id not in moving]
             by_op: dict[str, tuple[list[Handoff], list[Handoff], list[Handoff]]] = {}
             for bucket, handoffs in enumerate((plan.complete, plan.cancel, plan.start)):
                 for h in handoffs:

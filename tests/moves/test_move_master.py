@@ -263,3 +263,23 @@ async def test_a_failure_before_the_switch_leaves_the_vm_running_on_its_source(
         assert (await where(service))["web-1"] == ["host-a"]
         assert "web-1" not in runs.on["host-b"] and runs.twice == []
         nursery.cancel_scope.cancel()
+
+
+async def test_a_drain_starts_no_handoff_of_a_moving_vm(service: MasterService) -> None:
+    async with trio.open_nursery() as nursery:
+        runs, _, b = await lab(service, nursery)
+        b.going = trio.Event()  # host-b holds: the move stays before its stop
+        move = await service.move("web-1", "host-b")
+        await service.change_worker_mode("host-a", ModeAction.DRAIN)
+        with trio.fail_after(10):
+            while (await service.moves("web-1"))[0].phase is not MovePhase.PREPARING:
+                await trio.sleep(0.02)
+        await trio.sleep(1.5)  # three passes of the drain duty (each 0.5 s): none hands it off
+        status = await service.fleet_status()
+        (a,) = [w for w in status.workers if w.worker_id == "host-a"]
+        assert a.handoffs == 0 and a.mode is not None and a.mode.moved == 0
+        b.going.set()
+        done = await wait_over(service, "web-1")
+        assert done.phase is MovePhase.DONE and done.op_id == move.op_id, done
+        assert (await where(service))["web-1"] == ["host-b"] and runs.twice == []
+        nursery.cancel_scope.cancel()
