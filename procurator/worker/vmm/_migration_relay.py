@@ -27,8 +27,9 @@ worker never follows a link into the VMM's directory).
 
 Each direction is pumped by its own thread (``recv_into``/``sendall``,
 1 MiB at a time); an end of stream is passed on as a half-close. ``close``
-ends everything at once (shutting the sockets down wakes the threads
-blocked in ``accept`` or ``recv``) and joins the threads; an incoming
+ends everything at once (a byte on a pipe wakes a thread waiting for a
+connection, shutting the sockets down one blocked in ``recv``) and joins
+the threads; an incoming
 relay that never reached the VMM connects to its socket and hangs up, so
 a VMM blocked in its receive fails it (and answers) instead of waiting
 forever. Counters are read without a lock (ints, written by one thread).
@@ -39,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import socket
 import stat
 import threading
@@ -77,6 +79,9 @@ class Relay:
         self._unlink: Path | None = None
         self._vmm_socket: Path | None = None
         self._reached_vmm = False
+        # Written by close: wakes a thread waiting in _accept (shutting a
+        # listening unix socket down does not wake its accept).
+        self._wake_r, self._wake_w = os.pipe()
 
     # -- construction --------------------------------------------------------------
 
@@ -88,6 +93,7 @@ class Relay:
         try:
             remote = socket.create_connection(peer, timeout=timeout)
         except OSError as exc:
+            relay.close()
             raise VmmError(
                 f"cannot reach the migration target at {_describe(peer)}: {exc}"
             ) from exc
@@ -117,6 +123,7 @@ class Relay:
         try:
             listener = socket.create_server(address, family=family)
         except OSError as exc:
+            relay.close()
             raise VmmError(f"cannot listen for a migration on {_describe(address)}: {exc}") from exc
         relay._keep(listener)
         return relay
@@ -162,23 +169,46 @@ class Relay:
             log.info("%s: %s", self.name, why)
         self._shutdown_all()
 
+    def _accept(self, listener: socket.socket, deadline: float | None) -> socket.socket | None:
+        """The next connection to ``listener``; None once the relay is
+        closed or ``deadline`` (monotonic) passed."""
+        poller = select.poll()
+        poller.register(listener, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        listener.setblocking(False)
+        while not self._closed:
+            if deadline is None:
+                wait = None
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                wait = max(int(left * 1000), 1)
+            if any(fd == self._wake_r for fd, _ in poller.poll(wait)):
+                return None
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                continue
+            conn.setblocking(True)
+            self._keep(conn)
+            return conn
+        return None
+
     def _serve_outgoing(
         self, listener: socket.socket, remote: socket.socket, deadline: float
     ) -> None:
-        listener.settimeout(max(deadline - time.monotonic(), 0.001))
-        try:
-            local, _ = listener.accept()
-        except TimeoutError:
+        local = self._accept(listener, deadline)
+        if local is None:
             self._fail("the VMM did not connect")
             return
-        local.settimeout(None)
         remote.settimeout(None)
-        self._keep(local)
         self._pump_both(local, remote)
 
     def _serve_incoming(self, listener: socket.socket, vmm_socket: Path) -> None:
-        remote, _ = listener.accept()
-        self._keep(remote)
+        remote = self._accept(listener, None)
+        if remote is None:
+            return
         st = os.lstat(vmm_socket)
         if not stat.S_ISSOCK(st.st_mode):
             self._fail(f"{vmm_socket} is not a socket")
@@ -233,6 +263,7 @@ class Relay:
             self._closed = True
             threads = list(self._threads)
             sockets = list(self._sockets)
+        os.write(self._wake_w, b"x")
         for sock in sockets:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -241,6 +272,8 @@ class Relay:
                 thread.join(_JOIN)
         for sock in sockets:
             sock.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
         if self._unlink is not None:
             with contextlib.suppress(OSError):
                 self._unlink.unlink()

@@ -411,7 +411,12 @@ class CloudHypervisorDriver:
             )
         assert info is not None
         config = info.get("config")
-        got = _host_resources(config if isinstance(config, Mapping) else {})
+        if not isinstance(config, Mapping):
+            raise VmmError(
+                f"cloud-hypervisor at {handle.api_socket} sent vm.info without a config "
+                f"object (config: {type(config).__name__})"
+            )
+        got = _host_resources(config)
         if incoming is not None and got != incoming.resources:
             raise VmmError(
                 f"cloud-hypervisor at {handle.api_socket} runs the migrated VM on other "
