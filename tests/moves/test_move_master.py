@@ -283,3 +283,35 @@ async def test_a_drain_starts_no_handoff_of_a_moving_vm(service: MasterService) 
         assert done.phase is MovePhase.DONE and done.op_id == move.op_id, done
         assert (await where(service))["web-1"] == ["host-b"] and runs.twice == []
         nursery.cancel_scope.cancel()
+
+
+async def test_a_move_goes_on_after_a_master_restart_in_its_stop(tmp_path: Path) -> None:
+    runs = Runs()
+    for run in range(2):
+        async with (
+            await FleetStore.open(tmp_path / "m.db") as store,
+            trio.open_nursery() as nursery,
+        ):
+            master = MasterService(store, worker_lease=30.0, leader_lease=LEASE)
+            await nursery.start(master.run)
+            a, b = SimWorker(master, "host-a", runs), SimWorker(master, "host-b", runs)
+            await a.start(nursery)
+            await b.start(nursery)
+            if run == 0:
+                await master.apply(Fleet((), (web("web-1"),)))
+                with trio.fail_after(10):
+                    while "web-1" not in runs.on["host-a"]:
+                        await trio.sleep(0.01)
+                # host-a holds the stop: the master stops with the move in it.
+                a.going = trio.Event()
+                await master.move("web-1", "host-b")
+                with trio.fail_after(10):
+                    while (await master.moves("web-1"))[0].phase is not MovePhase.STOPPING:
+                        await trio.sleep(0.02)
+                assert "web-1" in runs.on["host-a"]
+            else:
+                done = await wait_over(master, "web-1")
+                assert done.phase is MovePhase.DONE, done
+                assert (await where(master))["web-1"] == ["host-b"]
+                assert runs.on["host-b"] == {"web-1"} and runs.twice == []
+            nursery.cancel_scope.cancel()
