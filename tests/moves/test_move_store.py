@@ -7,6 +7,7 @@ import dataclasses
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -143,3 +144,23 @@ async def test_sqlite_a_version_8_database_is_migrated_to_hold_moves(tmp_path: P
         assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
             9,
         )
+
+
+async def test_postgresql_a_version_8_database_is_migrated_to_hold_moves(
+    pg_url: str, pg: Any
+) -> None:
+    dbname = pg_url.rsplit("/", 1)[1]
+    fresh = await open_store(pg_url)
+    await fresh.aclose()
+    pg.psql("DROP TABLE moves; UPDATE meta SET value = 8 WHERE key = 'schema_version'", dbname)
+    with pytest.raises(
+        PermanentError, match=f"schema version 8, this procurator needs {SCHEMA_VERSION}"
+    ):
+        await open_store(pg_url, migrate=False)
+    store = await open_store(pg_url)
+    try:
+        await store.start_move(pending())
+        assert [m.op_id for m in await store.moves()] == ["op-m1"]
+    finally:
+        await store.aclose()
+    assert pg.psql("SELECT value FROM meta WHERE key = 'schema_version'", dbname).strip() == "9"
