@@ -14,6 +14,8 @@ Benchmarks (one module each, ``NAME`` and ``measure(run) -> rows``):
 - ``wire``   a 10,000-VM assignment on the wire
 - ``placement`` the scheduler: 10,000 VMs onto 100 workers, 100,000 onto 1,000
 - ``fanout`` 100 workers x 100 VMs: one apply until all report
+- ``move``   a live move of a 256 MiB guest between two hosts (QEMU, TCG) vs a
+  bare QEMU migration by hand: downtime (ping gap) and total
 - ``ha``     masters on PostgreSQL: a change vs SQLite, failover after a
   kill -9, memory and database size at 100,000 VMs (docs/HA.md)
 

@@ -369,11 +369,11 @@ class _QmpSession:
     def deadline(self) -> float:
         return self._deadline
 
-    def wait(self, what: str) -> None:
-        """Sleep one poll interval before asking again; ``VmmTimeout`` at
-        the deadline."""
+    def wait(self, what: str, interval: float) -> None:
+        """Sleep ``interval`` before asking again; ``VmmTimeout`` at the
+        deadline."""
         self._remaining(what)
-        time.sleep(_MIGRATION_POLL)
+        time.sleep(interval)
 
     def _remaining(self, what: str) -> float:
         left = self._deadline - time.monotonic()
@@ -477,9 +477,14 @@ _STATE_FD = "procurator-state"
 STATE_FILE = "memory"
 # How often a migration to or from a file is polled.
 _MIGRATION_POLL = 0.02
+# How often a live move is polled once the guest may be paused (its memory
+# going, the switchover, the target's side): each poll's delay is downtime.
+_SWITCHOVER_POLL = 0.005
 
 
-def _wait_migration(target: _Target, session: _QmpSession, what: str) -> None:
+def _wait_migration(
+    target: _Target, session: _QmpSession, what: str, interval: float = _MIGRATION_POLL
+) -> None:
     """Poll ``query-migrate`` until the migration of this session's QEMU
     completed; ``VmmError`` with QEMU's reason when it failed."""
     while True:
@@ -490,7 +495,7 @@ def _wait_migration(target: _Target, session: _QmpSession, what: str) -> None:
         if status in ("failed", "cancelled"):
             reason = info.get("error-desc", "no reason given") if isinstance(info, dict) else "?"
             raise VmmError(f"{target}: {what} {status}: {reason}")
-        session.wait(what)
+        session.wait(what, interval)
 
 
 def _save(target: _Target, session: _QmpSession, state_file: Path) -> None:
@@ -654,7 +659,7 @@ class _Outgoing:
         self._wait_jobs_concluded(failed_is_error=True)
         self._remove_mirrors()
         session.execute("migrate-continue", {"state": "pre-switchover"})
-        _wait_migration(self._target, session, "migrating the VM")
+        _wait_migration(self._target, session, "migrating the VM", _SWITCHOVER_POLL)
         self._report(self._total, self._total)
 
     def _writable_disks(self) -> list[str]:
@@ -719,7 +724,7 @@ class _Outgoing:
             if all(jobs[j].get("status") == "ready" for j in self._jobs):
                 self._disk_bytes = total
                 return
-            self._session.wait("mirroring the disks")
+            self._session.wait("mirroring the disks", _MIGRATION_POLL)
 
     def _wait_jobs_concluded(self, *, failed_is_error: bool) -> None:
         """Wait until every job of ours has concluded, then dismiss them."""
@@ -727,7 +732,7 @@ class _Outgoing:
             jobs = self._our_jobs()
             if all(job.get("status") in ("concluded", "null") for job in jobs.values()):
                 break
-            self._session.wait("completing the disk mirrors")
+            self._session.wait("completing the disk mirrors", _SWITCHOVER_POLL)
         for job_id, job in jobs.items():
             if failed_is_error and "error" in job:
                 raise self._job_failed(job_id, job)
@@ -758,7 +763,7 @@ class _Outgoing:
             if status not in _MIGRATING:
                 reason = info.get("error-desc", "no reason given")
                 raise VmmError(f"{self._target}: migrating the VM {status}: {reason}")
-            self._session.wait("migrating the VM")
+            self._session.wait("migrating the VM", _SWITCHOVER_POLL)
 
     def _report(self, done: int, total: int) -> None:
         if self._progress is not None:
@@ -779,7 +784,7 @@ class _Outgoing:
             if isinstance(info, dict) and info.get("status") in _MIGRATING:
                 session.execute("migrate_cancel")
                 while (session.execute("query-migrate") or {}).get("status") in _MIGRATING:
-                    session.wait("cancelling the migration")
+                    session.wait("cancelling the migration", _MIGRATION_POLL)
             for job in self._jobs:
                 with contextlib.suppress(VmmRejected):  # concluded already
                     session.execute("block-job-cancel", {"device": job, "force": True})
@@ -1045,7 +1050,7 @@ class QemuDriver:
         ``VmmGone``."""
         target = self._target(handle)
         with self._session(handle, time.monotonic() + timeout) as session:
-            _wait_migration(target, session, "receiving the VM")
+            _wait_migration(target, session, "receiving the VM", _SWITCHOVER_POLL)
             with contextlib.suppress(VmmRejected):  # no NBD server: no disks came
                 session.execute("nbd-server-stop")
             _boot(target, session)

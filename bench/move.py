@@ -1,0 +1,335 @@
+"""Live moves: how long a 256 MiB guest is unreachable while the QEMU
+driver moves it to another host with its disk, and how long the whole move
+takes, next to a bare QEMU-to-QEMU migration run by hand in the same run.
+
+Two network namespaces ("hosts") a and b, each with a bridge and a tap,
+the bridges joined by a veth; the guest (the test image,
+``scripts/build-test-image.sh``: 256 MiB, TCG) has a writable data disk of
+random bytes (64 MiB; 16 MiB with ``--quick``). The driver's calls run in
+a thread that entered the namespace of their side, as a worker running
+there would make them, so the move's TCP connections cross the veth.
+Each round boots the guest on a, then:
+
+- ``move``: the QEMU driver's live move a -> b (``launch_incoming`` on b,
+  ``send_migration`` on a: the disk mirrored over NBD, then memory, the
+  mirror completed at the switchover; ``finish_incoming`` on b);
+- the floor: the guest moved back b -> a by hand, the way QEMU's manual
+  shows it: a plain ``qemu-system-x86_64 ... -incoming tcp:`` on a, QMP
+  ``migrate tcp:`` on b, ``cont`` on a; memory only (the disk shared, as
+  on shared storage), the same bandwidth setting (unlimited).
+
+Measured for both: the longest gap between two replies of ``ping -i
+0.01`` from a's bridge (the guest unreachable; 10 ms resolution), the
+downtime QEMU itself reports (``query-migrate``), and the total, from the
+first call until the guest runs on the other side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from bench._harness import REPO, Row, Run, fmt_ratio, fmt_s, free_port, median
+from procurator.core.vmdef import VmDefinition
+from procurator.worker.state import StateDir
+from procurator.worker.vmm import process
+from procurator.worker.vmm.base import VmmError, VmmHandle, VmmRejected
+from procurator.worker.vmm.qemu import QemuDriver, _QmpSession, _Target, qemu_argv
+
+NAME = "move"
+_READY = b"PROCURATOR-READY"
+_GUEST = "10.79.0.2"
+_HOST_A = "10.79.0.1"
+_HOST_B = "10.79.0.3"
+_PING_INTERVAL = 0.01
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+_T = TypeVar("_T")
+
+
+def _sh(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def _hosts(mark: str) -> Iterator[tuple[str, str]]:
+    """Namespaces a and b: a bridge with tap0 each, joined by a veth."""
+    made: list[str] = []
+    try:
+        for name, address in (("a", _HOST_A), ("b", _HOST_B)):
+            netns = f"pbm{name}-{mark[:8]}"
+            _sh("ip", "netns", "add", netns)
+            made.append(netns)
+            run = ("ip", "-n", netns)
+            _sh(*run, "link", "add", "br0", "type", "bridge")
+            _sh(*run, "tuntap", "add", "dev", "tap0", "mode", "tap")
+            _sh(*run, "link", "set", "tap0", "master", "br0", "up")
+            _sh(*run, "addr", "add", f"{address}/24", "dev", "br0")
+            _sh(*run, "link", "set", "br0", "up")
+        a, b = made
+        _sh(
+            "ip",
+            "-n",
+            a,
+            "link",
+            "add",
+            "link0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "link0",
+            "netns",
+            b,
+        )
+        for netns in made:
+            _sh("ip", "-n", netns, "link", "set", "link0", "master", "br0", "up")
+        yield a, b
+    finally:
+        for netns in made:
+            subprocess.run(["ip", "netns", "delete", netns], check=False, capture_output=True)
+
+
+def _in_netns(netns: str, call: Callable[[], _T]) -> _T:
+    """``call()`` in a thread that entered ``netns`` (sockets it opens, and
+    processes it starts, are there)."""
+    outcome: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(fd, _CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns {netns}")
+            finally:
+                os.close(fd)
+            outcome["value"] = call()
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=body, name=f"in-{netns}")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]  # type: ignore[no-any-return]
+
+
+class _Pinger:
+    def __init__(self, netns: str) -> None:
+        self._process = subprocess.Popen(
+            ["ip", "netns", "exec", netns, "busybox", "ping", "-i", str(_PING_INTERVAL), _GUEST],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+
+    def stop(self) -> float:
+        """The longest time between two replies."""
+        self._process.send_signal(signal.SIGINT)
+        out, _ = self._process.communicate(timeout=10)
+        seqs = [int(m) for m in re.findall(r"seq=(\d+)", out)]
+        if len(seqs) < 2:
+            raise RuntimeError(f"the guest answered {len(seqs)} ping(s)")
+        return max(later - earlier for earlier, later in itertools.pairwise(seqs)) * _PING_INTERVAL
+
+    def kill(self) -> None:
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.communicate()
+
+
+def _definition(image: Path, disk: Path, serial: Path) -> VmDefinition:
+    config = json.loads((image / "vm-config.json").read_text())
+    for key in ("kernel", "initramfs"):
+        if key in config["payload"] and not os.path.isabs(config["payload"][key]):
+            config["payload"][key] = str(image / config["payload"][key])
+    config["payload"]["cmdline"] += f" ip={_GUEST}::{_HOST_A}:255.255.255.0:guest:eth0:off"
+    config["disks"] = [{"path": str(disk), "id": "data", "readonly": False}]
+    config["net"] = [{"tap": "tap0", "mac": "52:54:00:79:00:02"}]
+    return dataclasses.replace(VmDefinition.from_vm_config(config), serial_file=str(serial))
+
+
+def _qmp(handle: VmmHandle, command: str, arguments: dict[str, Any] | None = None) -> Any:
+    session = _QmpSession(_Target("bench", handle.api_socket), time.monotonic() + 30)
+    try:
+        return session.execute(command, arguments)
+    finally:
+        session.close()
+
+
+def _wait(what: str, done: Callable[[], bool], limit: float = 120.0) -> None:
+    deadline = time.monotonic() + limit
+    while not done():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not within {limit:.0f} s")
+        time.sleep(0.02)
+
+
+def _pings(netns: str) -> bool:
+    ping = ["ip", "netns", "exec", netns, "busybox", "ping", "-c", "1", "-W", "1", _GUEST]
+    return subprocess.run(ping, capture_output=True, check=False).returncode == 0
+
+
+@dataclasses.dataclass
+class _Round:
+    gap: float
+    downtime: float  # as QEMU reports it
+    total: float
+
+
+def _one_round(
+    run: Run, image: Path, a: str, b: str, index: int, disk_mib: int, stop: list[VmmHandle]
+) -> tuple[_Round, _Round]:
+    driver = QemuDriver(accel="tcg")
+    sides = [StateDir(run.dir / f"move-{index}-{side}") for side in "ab"]
+    paths = [side.paths("guest") for side in sides]
+    disks = []
+    for vm_paths in paths:
+        vm_paths.vm_dir.mkdir(parents=True)
+        disks.append(vm_paths.vm_dir / "data.img")
+    disks[0].write_bytes(os.urandom(disk_mib << 20))
+    with open(disks[1], "wb") as f:
+        f.truncate(disk_mib << 20)
+    definitions = [_definition(image, d, p.serial_file) for d, p in zip(disks, paths, strict=True)]
+
+    source = _in_netns(a, lambda: driver.launch(definitions[0], paths[0], timeout=60.0))
+    stop.append(source)
+    _wait("boot", lambda: _READY in _read(paths[0].serial_file))
+    _wait("ping", lambda: _pings(a))
+
+    # The QEMU driver's live move, a -> b.
+    memory, nbd = (_HOST_B, free_port()), (_HOST_B, free_port())
+    target = _in_netns(
+        b,
+        lambda: driver.launch_incoming(
+            definitions[1], paths[1], memory=memory, disks=nbd, timeout=60.0
+        ),
+    )
+    stop.append(target)
+    pinger = _Pinger(a)
+    try:
+        time.sleep(0.5)
+        started = time.perf_counter()
+        _in_netns(a, lambda: driver.send_migration(source, memory=memory, disks=nbd, timeout=300.0))
+        _in_netns(b, lambda: driver.finish_incoming(target, timeout=60.0))
+        total = time.perf_counter() - started
+        _wait("ping on b", lambda: _pings(a))
+        time.sleep(0.5)
+        gap = pinger.stop()
+    finally:
+        pinger.kill()
+    ours = _Round(gap, _qmp(source, "query-migrate")["downtime"] / 1000, total)
+    driver.shutdown_vmm(source, timeout=30.0)
+
+    # The floor: b -> a by hand, memory only, the disk shared (b's copy).
+    port = free_port()
+    floor_paths = StateDir(run.dir / f"move-{index}-floor").paths("guest")
+    argv = qemu_argv(
+        dataclasses.replace(definitions[1], serial_file=str(floor_paths.serial_file)),
+        floor_paths,
+        accel="tcg",
+    )
+    floor_paths.vmm_dir.mkdir(parents=True)
+    argv += ["-incoming", f"tcp:{_HOST_A}:{port}"]
+    pid, ticks = _in_netns(
+        a,
+        lambda: process.launch_detached(
+            argv, vm_dir=floor_paths.vm_dir, log_path=floor_paths.log_file, cwd=floor_paths.vmm_dir
+        ),
+    )
+    back = VmmHandle("qemu", pid, ticks, str(floor_paths.api_socket))
+    stop.append(back)
+    _wait("the floor's QEMU", lambda: _answers(back))
+    pinger = _Pinger(a)
+    try:
+        time.sleep(0.5)
+        started = time.perf_counter()
+        _qmp(target, "migrate-set-parameters", {"max-bandwidth": 1 << 40})
+        _qmp(target, "migrate", {"uri": f"tcp:{_HOST_A}:{port}"})
+        _wait(
+            "the floor's migration", lambda: _qmp(target, "query-migrate")["status"] == "completed"
+        )
+        _wait("incoming", lambda: _qmp(back, "query-migrate").get("status") == "completed")
+        _qmp(back, "cont")
+        total = time.perf_counter() - started
+        _wait("ping on a", lambda: _pings(a))
+        time.sleep(0.5)
+        gap = pinger.stop()
+    finally:
+        pinger.kill()
+    floor = _Round(gap, _qmp(target, "query-migrate")["downtime"] / 1000, total)
+    for handle in (target, back):
+        driver.shutdown_vmm(handle, timeout=30.0)
+    return ours, floor
+
+
+def _read(path: Path) -> bytes:
+    return path.read_bytes() if path.exists() else b""
+
+
+def _answers(handle: VmmHandle) -> bool:
+    try:
+        _qmp(handle, "query-status")
+    except (VmmError, VmmRejected):  # not up yet
+        return False
+    return True
+
+
+def _image(run: Run) -> Path:
+    result = subprocess.run(
+        [str(REPO / "scripts" / "build-test-image.sh")],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=run.nix_env,
+    )
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+def measure(run: Run) -> list[Row]:
+    if shutil.which("qemu-system-x86_64") is None or shutil.which("nix-build") is None:
+        return [Row(NAME, "skipped", "n/a", note="needs qemu-system-x86_64 and nix-build")]
+    rounds = 1 if run.quick else 3
+    disk_mib = 16 if run.quick else 64
+    image = _image(run)
+    results: list[tuple[_Round, _Round]] = []
+    stop: list[VmmHandle] = []
+    with _hosts(run.mark) as (a, b):
+        try:
+            for index in range(rounds):
+                results.append(_one_round(run, image, a, b, index, disk_mib, stop))
+        finally:
+            for handle in stop:
+                process.terminate(handle.pid, handle.pid_start_ticks, grace=5.0)
+    ours = [r for r, _ in results]
+    floor = [f for _, f in results]
+    note = (
+        f"one 256 MiB guest under TCG with a {disk_mib} MiB random data disk, between two "
+        f"network namespaces joined by a veth; {rounds} round(s), medians; baseline: a bare "
+        "QEMU migrate tcp: by hand, memory only (disk shared), in the same run; gap: the "
+        f"longest time between two replies of ping -i {_PING_INTERVAL}"
+    )
+
+    def row(metric: str, pick: Callable[[_Round], float], **extra: str) -> Row:
+        value, base = median([pick(r) for r in ours]), median([pick(r) for r in floor])
+        return Row(NAME, metric, fmt_s(value), fmt_s(base), fmt_ratio(value, base), **extra)
+
+    return [
+        row("live move: guest unreachable (ping gap)", lambda r: r.gap, note=note),
+        row("live move: downtime as QEMU reports it", lambda r: r.downtime),
+        row("live move: total (disk + memory)", lambda r: r.total),
+    ]
