@@ -1,7 +1,7 @@
 """Fixtures for the cloud-hypervisor migration tests: two "workers" (state
 directories), each with its own driver running the fake VMM, every request
 and answer validated against the v53 OpenAPI description when it is there
-(``api``; ``openapi`` skips, saying why, without it).
+(``api``, None without it; ``openapi`` skips, saying why, without it).
 
 The VMM helpers (tests/vmm/vmmhelpers.py) are reused: their directory is
 put on ``sys.path`` here, as pytest puts each test directory there for its
@@ -10,6 +10,7 @@ own modules.
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import socket
 import sys
@@ -22,39 +23,33 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "vmm"))
 
 from chmhelpers import Host
-from vmmhelpers import OPENAPI, ApiCalls, ApiValidator, fake_driver, kill_all_under
+from vmmhelpers import ApiCalls, ApiValidator, fake_driver, kill_all_under
 
 from procurator.worker.vmm.base import Address
 from procurator.worker.vmm.cloud_hypervisor import default_transport
 
+# The validator's fixtures are the VMM tests' own (tests/vmm/conftest.py:
+# ``_openapi_spec``, ``api_validator`` — None without the OpenAPI file, and
+# failing the test at teardown on any invalid message — and ``openapi``,
+# which skips without the file), loaded under another name.
+_spec = importlib.util.spec_from_file_location(
+    "vmm_conftest", Path(__file__).resolve().parents[1] / "vmm" / "conftest.py"
+)
+assert _spec is not None and _spec.loader is not None
+_vmm = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_vmm)
+_openapi_spec = _vmm._openapi_spec
+api_validator = _vmm.api_validator
+openapi = _vmm.openapi
 
-@pytest.fixture(scope="session")
-def _openapi_spec() -> ApiValidator | None:
-    return ApiValidator(OPENAPI) if OPENAPI.is_file() else None
-
-
-@pytest.fixture
-def api(_openapi_spec: ApiValidator | None) -> Iterator[ApiValidator | None]:
-    """The session's validator with a fresh record (None without the
-    OpenAPI file); any invalid request or answer fails the test at
-    teardown."""
-    if _openapi_spec is None:
-        yield None
-        return
-    _openapi_spec.errors.clear()
-    _openapi_spec.seen.clear()
-    yield _openapi_spec
-    errors = list(_openapi_spec.errors)
-    _openapi_spec.errors.clear()
-    assert not errors, "messages that break the cloud-hypervisor API:\n" + "\n".join(errors)
+__all__ = ["api_validator", "openapi"]
 
 
 @pytest.fixture
-def openapi(api: ApiValidator | None) -> ApiValidator:
-    """For tests that are about conformance: skip without the OpenAPI file."""
-    if api is None:
-        pytest.skip(f"cloud-hypervisor OpenAPI description not found at {OPENAPI}")
-    return api
+def api(api_validator: ApiValidator | None) -> ApiValidator | None:
+    """Validates every request and answer of both drivers (None without
+    the OpenAPI file)."""
+    return api_validator
 
 
 def _host(prefix: str, api: ApiValidator | None) -> Host:

@@ -336,11 +336,7 @@ class CloudHypervisorDriver:
         ``send_migration``. The VMM is busy until the migration ends:
         nothing but ``finish_incoming`` or ``shutdown_vmm`` should be asked
         of it meanwhile (its API answers nothing else)."""
-        if disks is not None:
-            raise VmmRejected(
-                "cloud-hypervisor cannot mirror disks (v53 migrates memory and device "
-                "state only): copy the disks while the VM is paused and pass disks=None"
-            )
+        _refuse_disks(disks)
         receiving = paths.vmm_dir / _MIGRATION_SOCKET
         _check_socket_path(receiving)
         expected = definition.to_vm_config()
@@ -458,11 +454,7 @@ class CloudHypervisorDriver:
         ambiguous answer: if the stream had completed, the target runs the
         VM, so the caller asks the target (``finish_incoming``) before
         starting the VM here again."""
-        if disks is not None:
-            raise VmmRejected(
-                "cloud-hypervisor cannot mirror disks (v53 migrates memory and device "
-                "state only): copy the disks while the VM is paused and pass disks=None"
-            )
+        _refuse_disks(disks)
         deadline = time.monotonic() + timeout
         sending = Path(handle.api_socket).parent / _MIGRATION_SOCKET
         _check_socket_path(sending)
@@ -895,6 +887,14 @@ def _host_resources(config: Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[s
         if isinstance(nets, list)
         else (),
     )
+
+
+def _refuse_disks(disks: Address | None) -> None:
+    if disks is not None:
+        raise VmmRejected(
+            "cloud-hypervisor cannot mirror disks (v53 migrates memory and device "
+            "state only): copy the disks while the VM is paused and pass disks=None"
+        )
 
 
 def _check_socket_path(path: Path) -> None:
