@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from chmhelpers import Host
-from vmmhelpers import ApiValidator, config, definition, make_jail
+from vmmhelpers import GUEST, ApiValidator, config, definition, make_jail
 
 from procurator.worker.vmm import process
 from procurator.worker.vmm.base import Address, VmExit, VmmError, VmmPaths, VmState
@@ -162,3 +162,29 @@ def test_a_target_whose_source_never_comes_is_stopped_cleanly(
     )
     target.driver.shutdown_vmm(again, timeout=5.0)
     assert process.wait_exit(again.pid, again.pid_start_ticks, 10.0)
+
+
+def test_a_vm_received_on_other_host_resources_is_refused(
+    source: Host, target: Host, address: Address
+) -> None:
+    """cloud-hypervisor runs a migrated VM on its source's config as it is:
+    a target whose definition names other disks (or taps) must not take it
+    for its own."""
+    src_paths, tgt_paths = source.paths(), target.paths()
+    elsewhere = [{"path": str(tgt_paths.vm_dir / "disk.img"), "id": "disk0", "readonly": True}]
+    handle = source.driver.launch(definition(), src_paths, timeout=20.0)
+    incoming = None
+    try:
+        source.driver.pause(handle, timeout=5.0)
+        incoming = target.driver.launch_incoming(
+            definition(disks=elsewhere), tgt_paths, memory=address, disks=None, timeout=20.0
+        )
+        source.driver.send_migration(handle, memory=address, disks=None, timeout=20.0)
+        with pytest.raises(VmmError, match="other host resources") as raised:
+            target.driver.finish_incoming(incoming, timeout=20.0)
+        assert str(GUEST / "disk.img") in str(raised.value)
+    finally:
+        process.terminate(handle.pid, handle.pid_start_ticks, grace=2.0)
+        if incoming is not None:
+            target.driver.shutdown_vmm(incoming, timeout=5.0)
+            process.terminate(incoming.pid, incoming.pid_start_ticks, grace=2.0)
