@@ -1,6 +1,7 @@
 """Live moves: how long a 256 MiB guest is unreachable while the QEMU
 driver moves it to another host with its disk, and how long the whole move
-takes, next to a bare QEMU-to-QEMU migration run by hand in the same run.
+takes, next to a bare QEMU-to-QEMU migration run by hand in the same run
+(issue 30). Snapshot create/restore against ``cp``: ``bench/snapshot.py``.
 
 Two network namespaces ("hosts") a and b, each with a bridge and a tap,
 the bridges joined by a veth; the guest (the test image,
@@ -16,7 +17,10 @@ Each round boots the guest on a, then:
 - the floor: the guest moved back b -> a by hand, the way QEMU's manual
   shows it: a plain ``qemu-system-x86_64 ... -incoming tcp:`` on a, QMP
   ``migrate tcp:`` on b, ``cont`` on a; memory only (the disk shared, as
-  on shared storage), the same bandwidth setting (unlimited).
+  on shared storage), the same bandwidth setting (unlimited);
+- ``move`` of memory only: the driver's live move a -> b again, with
+  ``disks=None`` (the disk shared, as the floor's): what the driver adds
+  to a bare migration.
 
 Measured for both: the longest gap between two replies of ``ping -i
 0.01`` from a's bridge (the guest unreachable; 10 ms resolution), the
@@ -191,27 +195,46 @@ class _Round:
     total: float
 
 
+def _watched(a: str, source: VmmHandle, move: Callable[[], None]) -> _Round:
+    """Run ``move`` with ``ping`` running from a; the gap, the downtime the
+    source QEMU reports, the time ``move`` took."""
+    pinger = _Pinger(a)
+    try:
+        time.sleep(0.5)
+        started = time.perf_counter()
+        move()
+        total = time.perf_counter() - started
+        _wait("ping after the move", lambda: _pings(a))
+        time.sleep(0.5)
+        gap = pinger.stop()
+    finally:
+        pinger.kill()
+    return _Round(gap, _qmp(source, "query-migrate")["downtime"] / 1000, total)
+
+
 def _one_round(
     run: Run, image: Path, a: str, b: str, index: int, disk_mib: int, stop: list[VmmHandle]
-) -> tuple[_Round, _Round]:
+) -> dict[str, _Round]:
+    """Boot on a; the driver's move a -> b with the disk; the floor b -> a
+    by hand; the driver's move a -> b of memory only (the disk shared)."""
     driver = QemuDriver(accel="tcg")
-    sides = [StateDir(run.dir / f"move-{index}-{side}") for side in "ab"]
-    paths = [side.paths("guest") for side in sides]
-    disks = []
+    paths = [StateDir(run.dir / f"move-{index}-{step}").paths("guest") for step in "abcd"]
     for vm_paths in paths:
-        vm_paths.vm_dir.mkdir(parents=True)
-        disks.append(vm_paths.vm_dir / "data.img")
+        vm_paths.vmm_dir.mkdir(parents=True)
+    disks = [paths[0].vm_dir / "data.img", paths[1].vm_dir / "data.img"]
     disks[0].write_bytes(os.urandom(disk_mib << 20))
     with open(disks[1], "wb") as f:
         f.truncate(disk_mib << 20)
-    definitions = [_definition(image, d, p.serial_file) for d, p in zip(disks, paths, strict=True)]
+    # The first runs on a's disk; the others on b's (mirrored, then shared).
+    definitions = [_definition(image, disks[min(i, 1)], p.serial_file) for i, p in enumerate(paths)]
+    rounds: dict[str, _Round] = {}
 
     source = _in_netns(a, lambda: driver.launch(definitions[0], paths[0], timeout=60.0))
     stop.append(source)
     _wait("boot", lambda: _READY in _read(paths[0].serial_file))
     _wait("ping", lambda: _pings(a))
 
-    # The QEMU driver's live move, a -> b.
+    # The QEMU driver's live move, a -> b, the disk mirrored.
     memory, nbd = (_HOST_B, free_port()), (_HOST_B, free_port())
     target = _in_netns(
         b,
@@ -220,61 +243,56 @@ def _one_round(
         ),
     )
     stop.append(target)
-    pinger = _Pinger(a)
-    try:
-        time.sleep(0.5)
-        started = time.perf_counter()
-        _in_netns(a, lambda: driver.send_migration(source, memory=memory, disks=nbd, timeout=300.0))
+
+    def move() -> None:
+        _in_netns(a, lambda: driver.send_migration(source, memory=memory, disks=nbd, timeout=300))
         _in_netns(b, lambda: driver.finish_incoming(target, timeout=60.0))
-        total = time.perf_counter() - started
-        _wait("ping on b", lambda: _pings(a))
-        time.sleep(0.5)
-        gap = pinger.stop()
-    finally:
-        pinger.kill()
-    ours = _Round(gap, _qmp(source, "query-migrate")["downtime"] / 1000, total)
+
+    rounds["disk"] = _watched(a, source, move)
     driver.shutdown_vmm(source, timeout=30.0)
 
     # The floor: b -> a by hand, memory only, the disk shared (b's copy).
     port = free_port()
-    floor_paths = StateDir(run.dir / f"move-{index}-floor").paths("guest")
-    argv = qemu_argv(
-        dataclasses.replace(definitions[1], serial_file=str(floor_paths.serial_file)),
-        floor_paths,
-        accel="tcg",
-    )
-    floor_paths.vmm_dir.mkdir(parents=True)
+    argv = qemu_argv(definitions[2], paths[2], accel="tcg")
     argv += ["-incoming", f"tcp:{_HOST_A}:{port}"]
     pid, ticks = _in_netns(
         a,
         lambda: process.launch_detached(
-            argv, vm_dir=floor_paths.vm_dir, log_path=floor_paths.log_file, cwd=floor_paths.vmm_dir
+            argv, vm_dir=paths[2].vm_dir, log_path=paths[2].log_file, cwd=paths[2].vmm_dir
         ),
     )
-    back = VmmHandle("qemu", pid, ticks, str(floor_paths.api_socket))
+    back = VmmHandle("qemu", pid, ticks, str(paths[2].api_socket))
     stop.append(back)
     _wait("the floor's QEMU", lambda: _answers(back))
-    pinger = _Pinger(a)
-    try:
-        time.sleep(0.5)
-        started = time.perf_counter()
+
+    def by_hand() -> None:
         _qmp(target, "migrate-set-parameters", {"max-bandwidth": 1 << 40})
         _qmp(target, "migrate", {"uri": f"tcp:{_HOST_A}:{port}"})
-        _wait(
-            "the floor's migration", lambda: _qmp(target, "query-migrate")["status"] == "completed"
-        )
+        _wait("migrate", lambda: _qmp(target, "query-migrate")["status"] == "completed")
         _wait("incoming", lambda: _qmp(back, "query-migrate").get("status") == "completed")
         _qmp(back, "cont")
-        total = time.perf_counter() - started
-        _wait("ping on a", lambda: _pings(a))
-        time.sleep(0.5)
-        gap = pinger.stop()
-    finally:
-        pinger.kill()
-    floor = _Round(gap, _qmp(target, "query-migrate")["downtime"] / 1000, total)
-    for handle in (target, back):
+
+    rounds["floor"] = _watched(a, target, by_hand)
+    driver.shutdown_vmm(target, timeout=30.0)
+
+    # The driver's live move of memory only, a -> b, the disk shared.
+    memory = (_HOST_B, free_port())
+    again = _in_netns(
+        b,
+        lambda: driver.launch_incoming(
+            definitions[3], paths[3], memory=memory, disks=None, timeout=60.0
+        ),
+    )
+    stop.append(again)
+
+    def memory_only() -> None:
+        _in_netns(a, lambda: driver.send_migration(back, memory=memory, disks=None, timeout=300))
+        _in_netns(b, lambda: driver.finish_incoming(again, timeout=60.0))
+
+    rounds["memory"] = _watched(a, back, memory_only)
+    for handle in (back, again):
         driver.shutdown_vmm(handle, timeout=30.0)
-    return ours, floor
+    return rounds
 
 
 def _read(path: Path) -> bytes:
@@ -306,7 +324,7 @@ def measure(run: Run) -> list[Row]:
     rounds = 1 if run.quick else 3
     disk_mib = 16 if run.quick else 64
     image = _image(run)
-    results: list[tuple[_Round, _Round]] = []
+    results: list[dict[str, _Round]] = []
     stop: list[VmmHandle] = []
     with _hosts(run.mark) as (a, b):
         try:
@@ -315,8 +333,6 @@ def measure(run: Run) -> list[Row]:
         finally:
             for handle in stop:
                 process.terminate(handle.pid, handle.pid_start_ticks, grace=5.0)
-    ours = [r for r, _ in results]
-    floor = [f for _, f in results]
     note = (
         f"one 256 MiB guest under TCG with a {disk_mib} MiB random data disk, between two "
         f"network namespaces joined by a veth; {rounds} round(s), medians; baseline: a bare "
@@ -324,12 +340,16 @@ def measure(run: Run) -> list[Row]:
         f"longest time between two replies of ping -i {_PING_INTERVAL}"
     )
 
-    def row(metric: str, pick: Callable[[_Round], float], **extra: str) -> Row:
-        value, base = median([pick(r) for r in ours]), median([pick(r) for r in floor])
+    def row(kind: str, metric: str, pick: Callable[[_Round], float], **extra: str) -> Row:
+        value = median([pick(r[kind]) for r in results])
+        base = median([pick(r["floor"]) for r in results])
         return Row(NAME, metric, fmt_s(value), fmt_s(base), fmt_ratio(value, base), **extra)
 
     return [
-        row("live move: guest unreachable (ping gap)", lambda r: r.gap, note=note),
-        row("live move: downtime as QEMU reports it", lambda r: r.downtime),
-        row("live move: total (disk + memory)", lambda r: r.total),
+        row("disk", "live move: guest unreachable (ping gap)", lambda r: r.gap, note=note),
+        row("disk", "live move: downtime as QEMU reports it", lambda r: r.downtime),
+        row("disk", "live move: total (disk mirrored + memory)", lambda r: r.total),
+        row("memory", "live move of memory only (disk shared): ping gap", lambda r: r.gap),
+        row("memory", "... downtime as QEMU reports it", lambda r: r.downtime),
+        row("memory", "... total", lambda r: r.total),
     ]
