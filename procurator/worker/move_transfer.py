@@ -1,0 +1,399 @@
+"""A cold move's disk transfer between two workers (docs/SNAPSHOTS.md,
+"Moves"): the source streams the stopped VM's writable disk copies to the
+target over TCP; the target checks each file's size and sha256 and keeps
+the set for the VM's next start there.
+
+Protocol (one TCP connection per transfer; lines end with ``\\n``):
+
+1. source -> target: ``PROCURATOR-MOVE 1``, then one JSON line
+   ``{"vm_id", "op_id", "token", "files": [{"name", "size"}]}``; each name
+   is ``<image store basename>/disk<i>.img`` (where the VM's disk copies
+   live under ``vms/<id>/disks/``);
+2. target -> source: ``go`` (send the files), ``ok`` (this set is stored
+   already: done) or ``error: <why>`` (refused);
+3. for each file: its ``size`` bytes, then a line with their sha256 (hex);
+4. target -> source: ``ok`` once the set is durably stored, or
+   ``error: <why>`` (the target then closes).
+
+The target accepts a transfer only for a VM and op id its assignment
+expects, with the one-time token the master gave both sides
+(``Receiver.expect``); a second transfer of a set already received for
+that op is answered ``ok`` at once (a source that lost the first answer
+sends again: idempotent). Nothing half-written is ever used: files go to
+``incoming/.<vm>.<op>.partial/``, each is fsynced and checked, and the
+whole set is renamed to ``incoming/<vm>/`` (replacing an older set) only
+when complete; ``op`` in it names the op. ``procurator.nix.image`` moves
+the set into the VM's disk directory at its next prepare
+(``take_incoming``).
+
+Plain TCP: the token authenticates the source for one transfer and
+sha256 checks integrity; the bytes are not encrypted (TLS with the fleet's
+CA is not built yet: run moves on a trusted network).
+
+Blocking code, for worker threads (``trio.to_thread.run_sync``); a socket
+timeout bounds every read and write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from procurator.core.errors import PermanentError, TemporaryError
+
+__all__ = [
+    "MAGIC",
+    "Expected",
+    "Receiver",
+    "TransferError",
+    "disk_files",
+    "new_token",
+    "send_disks",
+    "take_incoming",
+]
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"PROCURATOR-MOVE 1\n"
+_CHUNK = 1 << 20
+_MAX_HEADER = 64 << 10
+_NAME_RE = re.compile(r"[0-9a-z]{32}-[A-Za-z0-9+._?=-]{1,180}/disk[0-9]{1,3}\.img")
+_OP_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_VM_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+#: Progress of a send or a receipt: (bytes done, bytes in all).
+Progress = Callable[[int, int], None]
+
+
+class TransferError(TemporaryError):
+    """A transfer failed (the peer refused it or went away, a check failed);
+    the message says why. Sending again may succeed."""
+
+
+def new_token() -> str:
+    """A one-time token for one transfer (128 random bits, hex)."""
+    return secrets.token_hex(16)
+
+
+def disk_files(vm_dir: Path) -> list[tuple[str, Path]]:
+    """The VM's writable disk copies under ``vm_dir/disks``, as (name on
+    the wire, path), in name order."""
+    disks = vm_dir / "disks"
+    found = []
+    if disks.is_dir():
+        for image in sorted(disks.iterdir()):
+            if image.is_dir():
+                for disk in sorted(image.glob("disk*.img")):
+                    name = f"{image.name}/{disk.name}"
+                    if _NAME_RE.fullmatch(name):
+                        found.append((name, disk))
+    return found
+
+
+def send_disks(
+    address: tuple[str, int],
+    *,
+    vm_id: str,
+    op_id: str,
+    token: str,
+    files: list[tuple[str, Path]],
+    timeout: float = 30.0,
+    progress: Progress | None = None,
+) -> None:
+    """Send ``files`` (``disk_files``) to the target at ``address``;
+    returns once the target answered ``ok``. Raises ``TransferError``."""
+    sizes = [(name, path.stat().st_size) for name, path in files]
+    total = sum(size for _, size in sizes)
+    header = {
+        "vm_id": vm_id,
+        "op_id": op_id,
+        "token": token,
+        "files": [{"name": name, "size": size} for name, size in sizes],
+    }
+    done = 0
+    try:
+        with socket.create_connection(address, timeout=timeout) as conn:
+            conn.sendall(MAGIC + json.dumps(header).encode() + b"\n")
+            answers = conn.makefile("rb")
+            answer = _read_line(answers, 1024)
+            # "ok": stored already; anything else but "go": refused.
+            sending = files if answer == "go" else []
+            for (_, path), (_, size) in zip(sending, sizes[: len(sending)], strict=True):
+                digest = hashlib.sha256()
+                left = size
+                with open(path, "rb") as source:
+                    while left:
+                        chunk = source.read(min(_CHUNK, left))
+                        if not chunk:
+                            raise TransferError(f"{path} shrank while it was sent")
+                        conn.sendall(chunk)
+                        digest.update(chunk)
+                        left -= len(chunk)
+                        done += len(chunk)
+                        if progress is not None:
+                            progress(done, total)
+                conn.sendall(digest.hexdigest().encode() + b"\n")
+            if sending:
+                answer = _read_line(answers, 1024)
+    except OSError as exc:
+        raise TransferError(
+            f"move {op_id}: sending VM {vm_id}'s disks to {address}: {exc}"
+        ) from exc
+    if answer != "ok":
+        raise TransferError(
+            f"move {op_id}: worker at {address} refused VM {vm_id}'s disks: {answer}"
+        )
+
+
+def _read_line(stream: object, limit: int) -> str:
+    line = stream.readline(limit + 1)  # type: ignore[attr-defined]
+    if not line.endswith(b"\n"):
+        raise TransferError("the peer closed the connection or sent a line too long")
+    return bytes(line[:-1]).decode("utf-8", "replace")
+
+
+@dataclass(frozen=True, slots=True)
+class Expected:
+    """A transfer the target's assignment expects."""
+
+    vm_id: str
+    op_id: str
+    token: str
+
+
+class Receiver:
+    """The target's side: accepts expected transfers on ``listener`` (a
+    bound, listening TCP socket), one thread per connection, into
+    ``incoming`` (``<state>/incoming``). ``expect`` replaces what is
+    expected (from each new assignment); ``received`` says which op ids
+    have their set stored. Thread-safe. Lock order: ``_lock`` is a leaf."""
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        incoming: Path,
+        *,
+        timeout: float = 30.0,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._listener = listener
+        self._incoming = incoming
+        self._timeout = timeout
+        self._on_change = on_change
+        self._lock = threading.Lock()
+        self._expected: dict[str, Expected] = {}
+        self._failed: dict[str, str] = {}
+        self._closed = False
+        self._threads: list[threading.Thread] = []
+        incoming.mkdir(parents=True, exist_ok=True)
+        for stale in incoming.glob(".*.partial"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._listener.getsockname()[:2]
+        return str(host), int(port)
+
+    def expect(self, expected: list[Expected]) -> None:
+        """What the assignment expects now; a set received for a VM that
+        is neither expected nor kept by ``keep`` is dropped by ``prune``."""
+        with self._lock:
+            self._expected = {e.vm_id: e for e in expected}
+            self._failed = {k: v for k, v in self._failed.items() if k in self._expected}
+
+    def received(self, vm_id: str) -> str | None:
+        """The op id whose set is stored for ``vm_id``, or None."""
+        try:
+            return (self._incoming / vm_id / "op").read_text().strip() or None
+        except OSError:
+            return None
+
+    def failure(self, vm_id: str) -> str:
+        """Why the last transfer of ``vm_id`` that presented the expected
+        token failed ("": none did); an unauthenticated peer's refusal is
+        only logged, lest anyone on the network could fail a move."""
+        with self._lock:
+            return self._failed.get(vm_id, "")
+
+    def prune(self, keep: set[str]) -> None:
+        """Drop each stored set whose VM is not in ``keep`` (neither
+        expected nor assigned to this worker)."""
+        with self._lock:
+            keep = keep | set(self._expected)
+        with contextlib.suppress(OSError):
+            for entry in self._incoming.iterdir():
+                if not entry.name.startswith(".") and entry.name not in keep:
+                    shutil.rmtree(entry, ignore_errors=True)
+
+    def serve(self) -> None:
+        """Accept connections until ``close`` (run it in a thread)."""
+        while True:
+            try:
+                conn, peer = self._listener.accept()
+            except OSError:
+                return  # closed
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    return
+                thread = threading.Thread(
+                    target=self._handle, args=(conn, peer), name="move receiver", daemon=True
+                )
+                self._threads = [t for t in self._threads if t.is_alive()]
+                self._threads.append(thread)
+            thread.start()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            threads = list(self._threads)
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        for thread in threads:
+            thread.join(self._timeout)
+
+    def _handle(self, conn: socket.socket, peer: object) -> None:
+        conn.settimeout(self._timeout)
+        vm_id = ""
+        with conn:
+            try:
+                stream = conn.makefile("rb")
+                vm_id, op_id, files = self._check(_read_header(stream))
+                if self.received(vm_id) == op_id:
+                    conn.sendall(b"ok\n")
+                    return
+                conn.sendall(b"go\n")
+                self._receive(stream, vm_id, op_id, files)
+                conn.sendall(b"ok\n")
+                log.info("move %s: VM %s's disks received from %s", op_id, vm_id, peer)
+            except (PermanentError, TransferError, OSError, ValueError, TypeError) as exc:
+                why = str(exc) or type(exc).__name__
+                log.warning("a move transfer from %s refused: %s", peer, why)
+                if vm_id:
+                    with self._lock:
+                        self._failed[vm_id] = why
+                with contextlib.suppress(OSError):
+                    conn.sendall(f"error: {why}\n".encode())
+            finally:
+                self._on_change()
+
+    def _check(self, header: object) -> tuple[str, str, list[tuple[str, int]]]:
+        if not isinstance(header, dict):
+            raise PermanentError("the header is not an object")
+        vm_id, op_id, token = header.get("vm_id"), header.get("op_id"), header.get("token")
+        if not isinstance(vm_id, str) or not _VM_RE.fullmatch(vm_id):
+            raise PermanentError("vm_id: not a VM id")
+        if not isinstance(op_id, str) or not _OP_RE.fullmatch(op_id):
+            raise PermanentError("op_id: not an op id")
+        with self._lock:
+            wanted = self._expected.get(vm_id)
+        if (
+            wanted is None
+            or wanted.op_id != op_id
+            or not isinstance(token, str)
+            or not secrets.compare_digest(wanted.token, token)
+        ):
+            raise PermanentError(f"no transfer of VM {vm_id} for move {op_id} is expected here")
+        entries = header.get("files")
+        if not isinstance(entries, list) or len(entries) > 64:
+            raise PermanentError("files: not a list of at most 64")
+        files = []
+        for entry in entries:
+            name, size = (
+                (entry.get("name"), entry.get("size")) if isinstance(entry, dict) else (0, 0)
+            )
+            if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+                raise PermanentError(f"files: {str(name)[:80]!r} is not a disk copy's name")
+            if not isinstance(size, int) or size < 0:
+                raise PermanentError(f"files: {name}: size must be a whole number of bytes")
+            files.append((name, size))
+        if len({name for name, _ in files}) != len(files):
+            raise PermanentError("files: a name twice")
+        free = shutil.disk_usage(self._incoming).free
+        if sum(size for _, size in files) > free:
+            raise PermanentError(
+                f"the disks need {sum(s for _, s in files)} bytes, {free} are free"
+            )
+        return vm_id, op_id, files
+
+    def _receive(
+        self, stream: object, vm_id: str, op_id: str, files: list[tuple[str, int]]
+    ) -> None:
+        partial = self._incoming / f".{vm_id}.{op_id}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            for name, size in files:
+                path = partial / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _receive_file(stream, path, name, size)
+            (partial / "op").write_text(op_id + "\n")
+            final = self._incoming / vm_id
+            shutil.rmtree(final, ignore_errors=True)
+            partial.rename(final)
+            _fsync_dir(self._incoming)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        with self._lock:
+            self._failed.pop(vm_id, None)
+
+
+def _read_header(stream: object) -> object:
+    if stream.readline(len(MAGIC) + 1) != MAGIC:  # type: ignore[attr-defined]
+        raise PermanentError("not a procurator move transfer")
+    return json.loads(_read_line(stream, _MAX_HEADER))
+
+
+def _receive_file(stream: object, path: Path, name: str, size: int) -> None:
+    """``size`` bytes from ``stream`` into ``path`` (new), fsynced, then
+    checked against the sha256 line that follows them."""
+    digest = hashlib.sha256()
+    with open(path, "xb") as out:
+        left = size
+        while left:
+            chunk = stream.read(min(_CHUNK, left))  # type: ignore[attr-defined]
+            if not chunk:
+                raise TransferError(
+                    f"{name}: the source went away after {size - left} of {size} bytes"
+                )
+            out.write(chunk)
+            digest.update(chunk)
+            left -= len(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    sent = _read_line(stream, 64)
+    if not secrets.compare_digest(sent, digest.hexdigest()):
+        raise TransferError(f"{name}: sha256 {digest.hexdigest()} is not the source's {sent[:64]}")
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def take_incoming(incoming: Path, vm_id: str, name: str, target: Path) -> bool:
+    """Move the received copy ``name`` (``<store basename>/disk<i>.img``)
+    of VM ``vm_id`` to ``target`` (where its disk copy is made); whether
+    there was one."""
+    source = incoming / vm_id / name
+    try:
+        os.rename(source, target)
+    except FileNotFoundError:
+        return False
+    _fsync_dir(target.parent)
+    return True

@@ -1,0 +1,145 @@
+"""A cold move's disk transfer (procurator.worker.move_transfer) over real
+TCP sockets on loopback: what arrives is checked (size, sha256), only an
+expected transfer with its token is taken, nothing half-written is kept,
+a resend is idempotent, and hostile headers are refused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from procurator.worker.move_transfer import (
+    MAGIC,
+    Expected,
+    Receiver,
+    TransferError,
+    disk_files,
+    send_disks,
+    take_incoming,
+)
+
+BASE = "b" * 32 + "-web"
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[Receiver]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    got = Receiver(listener, tmp_path / "target" / "incoming", timeout=5.0)
+    thread = threading.Thread(target=got.serve)
+    thread.start()
+    try:
+        yield got
+    finally:
+        got.close()
+        thread.join()
+
+
+def source_vm(tmp_path: Path) -> Path:
+    vm_dir = tmp_path / "source" / "vms" / "web-1"
+    disks = vm_dir / "disks" / BASE
+    disks.mkdir(parents=True)
+    (disks / "disk0.img").write_bytes(os.urandom(3 << 20) + b"the guest wrote this")
+    with open(disks / "disk1.img", "wb") as sparse:
+        sparse.truncate(8 << 20)
+    return vm_dir
+
+
+def test_the_disks_arrive_whole_and_a_resend_is_answered_at_once(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    vm_dir = source_vm(tmp_path)
+    files = disk_files(vm_dir)
+    assert [name for name, _ in files] == [f"{BASE}/disk0.img", f"{BASE}/disk1.img"]
+    receiver.expect([Expected("web-1", "op-m1", "t0ken")])
+    seen: list[tuple[int, int]] = []
+    send_disks(
+        receiver.address,
+        vm_id="web-1",
+        op_id="op-m1",
+        token="t0ken",
+        files=files,
+        progress=lambda done, total: seen.append((done, total)),
+    )
+    assert receiver.received("web-1") == "op-m1"
+    for name, path in files:
+        got = tmp_path / "target" / "incoming" / "web-1" / name
+        assert got.read_bytes() == path.read_bytes()
+    assert seen[-1] == ((11 << 20) + 20,) * 2
+    # Idempotent: the source lost the answer and sends again.
+    send_disks(receiver.address, vm_id="web-1", op_id="op-m1", token="t0ken", files=files)
+    # The VM's next prepare takes them where its disk copies live.
+    target = tmp_path / "target" / "vms" / "web-1" / "disks" / BASE / "disk0.img"
+    target.parent.mkdir(parents=True)
+    incoming = tmp_path / "target" / "incoming"
+    assert take_incoming(incoming, "web-1", f"{BASE}/disk0.img", target)
+    assert target.read_bytes() == files[0][1].read_bytes()
+    assert not take_incoming(incoming, "web-1", f"{BASE}/disk0.img", target)
+    # A set nobody expects or runs any more goes.
+    receiver.expect([])
+    receiver.prune(keep=set())
+    assert receiver.received("web-1") is None and list(incoming.iterdir()) == []
+
+
+def test_only_the_expected_transfer_with_its_token_is_taken(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    files = disk_files(source_vm(tmp_path))
+    receiver.expect([Expected("web-1", "op-m1", "right")])
+    for vm_id, op_id, token in (
+        ("web-1", "op-m1", "wrong"),
+        ("web-1", "op-m2", "right"),
+        ("web-2", "op-m1", "right"),
+    ):
+        with pytest.raises(TransferError, match=r"no transfer of VM .* is expected here"):
+            send_disks(receiver.address, vm_id=vm_id, op_id=op_id, token=token, files=files)
+    assert receiver.received("web-1") is None
+    # Refusing an unknown peer records no failure of the transfer expected:
+    # anyone on the network could fail a move otherwise.
+    assert receiver.failure("web-1") == ""
+    assert list((tmp_path / "target" / "incoming").iterdir()) == []
+
+
+def raw_send(address: tuple[str, int], header: object, body: bytes) -> str:
+    with socket.create_connection(address, timeout=5) as conn:
+        conn.sendall(MAGIC + json.dumps(header).encode() + b"\n" + body)
+        conn.shutdown(socket.SHUT_WR)
+        answers = conn.makefile("rb")
+        answer = answers.readline().decode().strip()
+        return answers.readline().decode().strip() if answer == "go" else answer
+
+
+def test_a_bad_checksum_a_short_file_or_a_hostile_name_keeps_nothing(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    receiver.expect([Expected("web-1", "op-m1", "t")])
+    name = f"{BASE}/disk0.img"
+
+    def header(files: object) -> dict[str, object]:
+        return {"vm_id": "web-1", "op_id": "op-m1", "token": "t", "files": files}
+
+    data = b"x" * 1000
+    wrong = hashlib.sha256(b"y").hexdigest().encode()
+    answer = raw_send(
+        receiver.address, header([{"name": name, "size": 1000}]), data + wrong + b"\n"
+    )
+    assert answer.startswith("error: ") and "sha256" in answer
+    assert "sha256" in receiver.failure("web-1")
+    answer = raw_send(receiver.address, header([{"name": name, "size": 1000}]), data[:10])
+    assert answer.startswith("error: ") and "went away after 10 of 1000 bytes" in answer
+    for hostile in ("../../etc/passwd", f"{BASE}/../../x.img", "/abs/disk0.img", f"{BASE}/x"):
+        answer = raw_send(receiver.address, header([{"name": hostile, "size": 1}]), b"z")
+        assert answer.startswith("error: files: ") and "is not a disk copy's name" in answer
+    answer = raw_send(receiver.address, header([{"name": name, "size": 1 << 62}]), b"")
+    assert answer.startswith("error: the disks need")
+    assert receiver.received("web-1") is None
+    assert list((tmp_path / "target" / "incoming").iterdir()) == []
+    with socket.create_connection(receiver.address, timeout=5) as conn:
+        conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert conn.makefile("rb").readline().startswith(b"error: not a procurator move")
