@@ -767,15 +767,29 @@ def _give(directory: Path, uid: int, gid: int) -> None:
 # -- observation ---------------------------------------------------------------------
 
 
+#: The lines of ``/proc/<pid>/status`` a ``Confinement`` is made of.
+_STATUS_KEYS = frozenset((b"Uid", b"Gid", b"CapEff", b"NoNewPrivs", b"Seccomp", b"Seccomp_filters"))
+
+
 def _status(pid: int) -> dict[str, str]:
+    """The lines of ``_STATUS_KEYS`` from ``/proc/<pid>/status``, read with
+    ``os.read`` on one descriptor (no text layer; a launch reads it once
+    per VMM, and so does a re-adoption)."""
+    chunks = []
     try:
-        text = Path(f"/proc/{pid}/status").read_text()
+        fd = os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            while chunk := os.read(fd, 8192):
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise VmmGone(f"VMM pid {pid} is gone: {exc.strerror}") from exc
     fields = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        fields[key] = value.strip()
+    for line in b"".join(chunks).split(b"\n"):
+        key, _, value = line.partition(b":")
+        if key in _STATUS_KEYS:
+            fields[key.decode()] = value.strip().decode()
     return fields
 
 
@@ -784,6 +798,14 @@ def _namespace(pid: int | str, kind: str) -> str:
         return os.readlink(f"/proc/{pid}/ns/{kind}")
     except OSError:
         return ""
+
+
+@functools.cache
+def _own_namespace(kind: str) -> str:
+    """This process's namespace of ``kind`` (``mnt``, ``pid``), read once:
+    a process with threads cannot change its mount namespace, and entering
+    a pid namespace changes only its children's."""
+    return _namespace("self", kind)
 
 
 def inspect(pid: int, cgroups: Cgroups | None = None, *, jailed: bool = True) -> Confinement:
@@ -803,8 +825,8 @@ def inspect(pid: int, cgroups: Cgroups | None = None, *, jailed: bool = True) ->
         gid=gid,
         capabilities=int(fields.get("CapEff", "0"), 16),
         no_new_privs=fields.get("NoNewPrivs", "0") == "1",
-        own_mount_ns=bool(mnt) and mnt != _namespace("self", "mnt"),
-        own_pid_ns=bool(pidns) and pidns != _namespace("self", "pid"),
+        own_mount_ns=bool(mnt) and mnt != _own_namespace("mnt"),
+        own_pid_ns=bool(pidns) and pidns != _own_namespace("pid"),
         seccomp_filters=int(fields.get("Seccomp_filters", "0") or 0)
         if fields.get("Seccomp", "0") == "2"
         else 0,
