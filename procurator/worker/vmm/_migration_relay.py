@@ -14,7 +14,7 @@ stream also gives the worker the byte counts cloud-hypervisor's API does
 not report (there is no migration progress endpoint in v53).
 
 ``Relay.outgoing`` (the source worker): connects to the target first (so
-an unreachable target fails before the VMM is asked anything), then
+an unreachable target fails before the VMM is asked to send), then
 listens on a unix socket in the VMM's run directory, given to the
 directory's owner (the VM's uid when jailed) with ``lchown`` (never
 following a link the VMM could plant); the VMM connects to it.

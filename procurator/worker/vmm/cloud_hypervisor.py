@@ -433,7 +433,7 @@ class CloudHypervisorDriver:
         """``vm.send-migration`` to ``unix:<run dir>/migrate.sock``, where
         the worker's relay listens and carries the stream to ``memory``
         (connected first: an unreachable target fails before the VMM is
-        asked). ``timeout_s`` is the call's timeout and
+        asked to send). ``timeout_s`` is the call's timeout and
         ``timeout_strategy`` Cancel, so cloud-hypervisor itself gives up
         in time and keeps the VM. ``disks`` must be None (see
         ``launch_incoming``): the caller pauses the VM and copies its disks
