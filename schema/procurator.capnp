@@ -111,6 +111,35 @@ struct PreparedImage {
   message @2 :Text;
 }
 
+struct DiskTransfer {
+  # A move's disk transfer the worker takes part in (docs/SNAPSHOTS.md,
+  # "Moves"): in a worker's assignment only, while the move is transferring.
+  vmId @0 :Text;
+  opId @1 :Text;
+  # The move's op id.
+  receive @2 :Bool;
+  # true: this worker is the target (accept the VM's disks presenting
+  # `token`); false: the source (send them to `peer` with `token` once the
+  # VM is stopped).
+  token @3 :Text;
+  # One-time, 32 hex digits.
+  peer @4 :Text;
+  # The source's only: the target's transfer address, HOST:PORT.
+}
+
+struct TransferProgress {
+  # A worker's part in a `DiskTransfer` of its assignment.
+  vmId @0 :Text;
+  opId @1 :Text;
+  state @2 :Text;
+  # "pending", "sending", "sent", "received" or "failed".
+  done @3 :UInt64;
+  total @4 :UInt64;
+  # Bytes (the source's, while sending).
+  message @5 :Text;
+  # Why it failed ("" otherwise).
+}
+
 struct Assignment {
   # Everything one worker should run. Generations are fleet-wide, monotonic,
   # never reused (also across master restarts). A worker's assignment carries
@@ -123,6 +152,10 @@ struct Assignment {
   prepare @4 :List(Text);
   # Store paths to realise and root without running them (a rollout's
   # prepare phase); reported back in WorkerStatus.prepared.
+  transfers @5 :List(DiskTransfer);
+  # The moves' disk transfers this worker takes part in; reported back in
+  # WorkerStatus.transfers. Added with moves: an older worker ignores it
+  # (a move to or from it then fails by its deadline).
 }
 
 struct AssignmentChanges {
@@ -147,6 +180,8 @@ struct AssignmentChanges {
   # ignored (updates composed by the sender may name one).
   prepare @6 :List(Text);
   # Whole: replaces the base's `Assignment.prepare`.
+  transfers @7 :List(DiskTransfer);
+  # Whole: replaces the base's `Assignment.transfers`.
 }
 
 struct WorkerFleet {
@@ -293,6 +328,9 @@ struct WorkerStatus {
   vms @2 :List(VmStatus);
   prepared @3 :List(PreparedImage);
   # One entry per path of the assignment's `prepare`.
+  transfers @4 :List(TransferProgress);
+  # One entry per transfer of the assignment's `transfers` (a received set
+  # is reported until the transfer leaves the assignment).
 }
 
 struct WorkerStatusChanges {
@@ -311,6 +349,8 @@ struct WorkerStatusChanges {
   # the changes apply to.
   prepared @4 :List(PreparedImage);
   # Whole: replaces the status's `WorkerStatus.prepared`.
+  transfers @5 :List(TransferProgress);
+  # Whole: replaces the status's `WorkerStatus.transfers`.
 }
 
 struct WorkerInfo {
@@ -331,6 +371,9 @@ struct WorkerInfo {
   # The scheduler offers floor(capacity.vcpus x cpuOvercommit) vCPUs and
   # floor(capacity.memoryMib x memoryOvercommit) MiB of this worker to
   # unpinned VMs (docs/SCHEDULING.md). Above 0, at most 64.
+  transferAddress @8 :Text;
+  # HOST:PORT where this worker takes a move's disks ("": it takes no
+  # moves). Added with moves.
 }
 
 struct Capacity {
@@ -524,6 +567,28 @@ struct WorkerDiff {
   updated @5 :List(Text);
   # VMs whose entry changed in another way (resources with an explicit,
   # unchanged hash): the worker gets the new assignment, the VM is kept.
+}
+
+struct FleetPart {
+  name @0 :Text;
+  # A worker id (its pinned VMs), or "" for the settings part (the unpinned
+  # VMs, the placement strategy, the rollout settings).
+  digest @1 :Data;
+  # SHA-256 (32 bytes) of the part's canonical JSON, as
+  # procurator/core/fleetpatch.py writes down.
+}
+
+struct FleetPatch {
+  # A fleet file by parts (docs/ARCHITECTURE.md, "Fleet patches"): the
+  # fleet is exactly the parts listed, each either carried here or held by
+  # the master under that digest (from the fleet it last applied).
+  parts @0 :List(FleetPart);
+  # Every part of the fleet, sorted by name (so the settings part first);
+  # a worker not listed is assigned nothing, as in a whole apply.
+  fleet @1 :Fleet;
+  # The parts carried: its workers are the worker parts carried; its other
+  # fields are the settings part when `settingsSent` (else left unset).
+  settingsSent @2 :Bool;
 }
 
 struct ApplyResult {
@@ -799,6 +864,17 @@ interface Control {
   moves @9 (vmId :Text) -> (result :MoveListResult);
   # The moves under way and the newest that are over, newest first; of
   # one VM when vmId is set. Added with moves.
+  applyPatch @10 (patch :FleetPatch, expected :ExpectedGeneration, dryRun :Bool,
+                  requestId :Text, supersede :Bool)
+      -> (result :ApplyResult, missing :List(Text));
+  # `apply` of the fleet the patch stands for (FleetPatch), with the same
+  # parameters and the same result, when the master holds every part the
+  # patch lists and does not carry. Otherwise `missing` names the parts it
+  # does not hold (the settings part as "") and nothing is applied (not
+  # even a request id recorded; `result` is then an `invalid` error saying
+  # so): send the patch again carrying them. A
+  # client sends digests only first. Added with fleet patches: an older
+  # master raises an RPC exception (unimplemented); apply the whole fleet.
 }
 
 struct VmDescription {

@@ -66,6 +66,7 @@ __all__ = [
     "FleetParts",
     "FleetPatch",
     "PatchAnswer",
+    "PatchRequest",
     "assemble",
     "make_patch",
     "patch_rounds",
@@ -360,6 +361,18 @@ def assemble(cached: FleetParts | None, patch: FleetPatch) -> Assembled:
                 del owners[vm.id]
     owners.update(sent.owners)
     return Assembled(FleetParts(workers, settings, canonical, digests, owners))
+
+
+@dataclass(frozen=True, slots=True)
+class PatchRequest:
+    """The parameters of ``Control.applyPatch``: ``Control.apply``'s, with
+    a patch for the fleet."""
+
+    patch: FleetPatch
+    expected_generation: int | None = None  # None: any
+    dry_run: bool = False
+    request_id: str = ""
+    supersede: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,7 +40,19 @@ from procurator.core.control import (
     WorkerEvent,
 )
 from procurator.core.drain import ModeAction, ModeChange, check_max_unavailable
-from procurator.core.errors import ProcuratorError, UnavailableError, ValidationError
+from procurator.core.errors import (
+    ProcuratorError,
+    UnavailableError,
+    UnsupportedError,
+    ValidationError,
+)
+from procurator.core.fleetpatch import (
+    FleetParts,
+    FleetPatch,
+    PatchAnswer,
+    PatchRequest,
+    patch_rounds,
+)
 from procurator.core.metrics import MetricSample
 from procurator.core.models import Assignment, Fleet, VmEvent, WorkerInfo, WorkerStatus
 from procurator.core.move import DEFAULT_MOVE_TIMEOUT_S, MAX_MOVE_TIMEOUT_S, Move, MoveKind
@@ -60,6 +72,7 @@ from procurator.rpc.convert import (
     fill_apply_request,
     fill_events,
     fill_metrics,
+    fill_patch_request,
     fill_snapshot_list,
     fill_snapshot_request,
     fill_snapshot_result,
@@ -70,6 +83,7 @@ from procurator.rpc.convert import (
     mode_change_from_reader,
     move_from_reader,
     move_list_from_reader,
+    patch_answer_from_reader,
     rollout_result_from_reader,
     snapshot_list_from_reader,
     snapshot_request_from_reader,
@@ -133,6 +147,8 @@ class ControlClient:
     def __init__(self, bridge: Bridge, handle: CapnpHandle[tuple[ClientConnection, Any]]) -> None:
         self._bridge = bridge
         self._handle = handle
+        # False once the master answered applyPatch unimplemented (older).
+        self._patches = True
 
     async def apply(
         self,
@@ -142,6 +158,7 @@ class ControlClient:
         dry_run: bool = False,
         request_id: str = "",
         supersede: bool = False,
+        whole: bool = False,
     ) -> ApplyResult:
         """Raises ``ValidationError`` / ``StaleGenerationError`` / ... as the
         master answered, ``UnavailableError`` if it cannot be reached.
@@ -149,9 +166,34 @@ class ControlClient:
         ``request_id`` (1 to 64 of ``A-Za-z0-9._-``; "" for none) makes a
         retry safe: an apply the master already committed with that id and
         the same fleet is answered with its result (``replayed``), not
-        applied again."""
+        applied again.
+
+        Sent as a fleet patch (``Control.applyPatch``,
+        ``procurator.core.fleetpatch``): the parts' digests first, then the
+        parts the master does not hold, so a one-VM change carries one
+        worker's VMs. The whole fleet goes instead (``Control.apply``) with
+        ``whole``, to a master that does not know patches (it is not asked
+        again on this client), and when the master kept asking for parts
+        (applies in between kept replacing what it holds). Same result
+        either way."""
         if request_id and (problem := check_request_id(request_id)) is not None:
             raise ValidationError(f"request id: {problem}")
+        if self._patches and not whole:
+
+            async def send(patch: FleetPatch) -> PatchAnswer:
+                request = PatchRequest(patch, expected_generation, dry_run, request_id, supersede)
+                return await self._bridge.run(
+                    _apply_patch, self._handle, request, what="applyPatch"
+                )
+
+            try:
+                result = await patch_rounds(FleetParts.of(fleet), send)
+            except UnsupportedError:
+                logger.info("the master does not take fleet patches: applying whole fleets")
+                self._patches = False
+            else:
+                if result is not None:
+                    return result
         request = ApplyRequest(fleet, expected_generation, dry_run, request_id, supersede)
         return await self._bridge.run(_apply, self._handle, request, what="apply")
 
@@ -316,6 +358,15 @@ async def _apply(
 def _wait_ms(wait: float) -> int:
     """Seconds to the wire's waitMs (UInt32; the master caps it lower)."""
     return 0 if wait <= 0 else min(max(1, round(wait * 1000)), 0xFFFF_FFFF)
+
+
+async def _apply_patch(
+    handle: CapnpHandle[tuple[ClientConnection, Any]], patch: PatchRequest
+) -> PatchAnswer:
+    request = handle.get()[1].applyPatch_request()
+    fill_patch_request(request, patch)
+    response = await request.send()
+    return patch_answer_from_reader(response)
 
 
 async def _status(

@@ -47,6 +47,7 @@ from procurator.core.errors import (
     ValidationError,
     error_from_code,
 )
+from procurator.core.fleetpatch import FleetPatch, PatchAnswer, PatchRequest
 from procurator.core.metrics import MetricSample
 from procurator.core.models import (
     Assignment,
@@ -115,6 +116,8 @@ __all__ = [
     "fill_fleet",
     "fill_fleet_status",
     "fill_metrics",
+    "fill_patch_answer",
+    "fill_patch_request",
     "fill_snapshot_list",
     "fill_snapshot_request",
     "fill_snapshot_result",
@@ -126,6 +129,8 @@ __all__ = [
     "fleet_status_from_reader",
     "malformed_error",
     "metrics_from_reader",
+    "patch_answer_from_reader",
+    "patch_request_from_reader",
     "snapshot_list_from_reader",
     "snapshot_request_from_reader",
     "snapshot_result_from_reader",
@@ -1031,6 +1036,80 @@ def apply_request_from_reader(reader: Any) -> ApplyRequest:
         request_id=request_id,
         supersede=bool(reader.supersede),
     )
+
+
+def fill_patch_request(builder: Any, request: PatchRequest) -> None:
+    """``Control.applyPatch``'s parameters."""
+    patch = request.patch
+    parts = builder.patch.init("parts", len(patch.parts))
+    for entry, (name, digest) in zip(parts, patch.parts, strict=True):
+        entry.name = name
+        entry.digest = digest
+    fill_fleet(builder.patch.init("fleet"), patch.sent)
+    builder.patch.settingsSent = patch.settings_sent
+    if request.expected_generation is not None:
+        builder.expected.generation = request.expected_generation
+    builder.dryRun = request.dry_run
+    builder.requestId = request.request_id
+    builder.supersede = request.supersede
+
+
+def patch_request_from_reader(reader: Any) -> PatchRequest:
+    """``Control.applyPatch``'s parameters, each field by its rule (the
+    patch's own rules are ``core.fleetpatch.assemble``'s)."""
+    problems = _Problems("fleet patch")
+    patch = reader.patch
+    parts_reader = patch.parts
+    _check_length(len(parts_reader), LIMITS.max_workers + 1, "patch.parts")
+    parts = tuple(
+        (
+            problems.text(f"patch.parts[{index}].name", part.name, limit=LIMITS.max_text),
+            bytes(part.digest),
+        )
+        for index, part in enumerate(parts_reader)
+    )
+    problems.raise_if_any()
+    sent = fleet_from_reader(patch.fleet, "patch.fleet")
+    request_id: str = reader.requestId
+    if request_id and (problem := check_request_id(request_id)) is not None:
+        raise ValidationError(f"requestId: {problem}", details=[f"requestId: {problem}"])
+    expected = reader.expected
+    return PatchRequest(
+        FleetPatch(parts, sent, bool(patch.settingsSent)),
+        expected_generation=int(expected.generation) if expected.which() == "generation" else None,
+        dry_run=bool(reader.dryRun),
+        request_id=request_id,
+        supersede=bool(reader.supersede),
+    )
+
+
+def fill_patch_answer(results: Any, answer: PatchAnswer) -> None:
+    """``Control.applyPatch``'s results: the result, or what is missing."""
+    if answer.result is None:
+        missing = results.init("missing", len(answer.missing))
+        for index, name in enumerate(answer.missing):
+            missing[index] = name
+        # An answer with no result must not read as an empty fleet applied.
+        fill_error(
+            results.result.init("error"),
+            ValidationError(f"the master does not hold {len(answer.missing)} part(s): send them"),
+        )
+    else:
+        fill_apply_result(results.result, answer.result)
+
+
+def patch_answer_from_reader(response: Any) -> PatchAnswer:
+    """``Control.applyPatch``'s results (raises the master's error)."""
+    missing_reader = response.missing
+    _check_length(len(missing_reader), LIMITS.max_workers + 1, "missing")
+    if len(missing_reader):
+        problems = _Problems("answer")
+        missing = tuple(
+            problems.text(f"missing[{index}]", name) for index, name in enumerate(missing_reader)
+        )
+        problems.raise_if_any()
+        return PatchAnswer(None, missing)
+    return PatchAnswer(apply_result_from_reader(response.result))
 
 
 def error_from_reader(reader: Any) -> ProcuratorError:

@@ -103,6 +103,7 @@ from procurator.core.errors import (
     UnauthorizedError,
     ValidationError,
 )
+from procurator.core.fleetpatch import FleetPatch, PatchAnswer, PatchRequest
 from procurator.core.metrics import MetricSample
 from procurator.core.models import Assignment, Fleet, VmEvent, WorkerInfo, WorkerStatus
 from procurator.core.move import DEFAULT_MOVE_TIMEOUT_S, MAX_MOVE_TIMEOUT_S, Move, MoveKind
@@ -133,12 +134,14 @@ from procurator.rpc.convert import (
     fill_mode_change,
     fill_move_list,
     fill_move_result,
+    fill_patch_answer,
     fill_rollout_result,
     fill_snapshot_list,
     fill_snapshot_request,
     fill_snapshot_result,
     fill_worker_events,
     metrics_from_reader,
+    patch_request_from_reader,
     snapshot_list_from_reader,
     snapshot_request_from_reader,
     snapshot_result_from_reader,
@@ -258,6 +261,17 @@ class MasterBackend(Protocol):
         request_id: str = "",
         supersede: bool = False,
     ) -> ApplyResult: ...
+
+    async def apply_patch(
+        self,
+        patch: FleetPatch,
+        *,
+        expected_generation: int | None = None,
+        dry_run: bool = False,
+        op_id: str = "",
+        request_id: str = "",
+        supersede: bool = False,
+    ) -> PatchAnswer: ...
 
     async def fleet_status(self) -> FleetStatus: ...
 
@@ -1044,6 +1058,24 @@ class _ControlImpl(_schema.Control.Server):  # type: ignore[misc, name-defined]
         outcome = await listener.call(_apply, listener.backend, request, op_id)
         fill_apply_result(results.result, outcome)
 
+    async def applyPatch_context(self, context: Any) -> None:
+        op_id = new_op_id()
+        with log_context(op_id=op_id):
+            await _answer(
+                self._conn,
+                "Control.applyPatch",
+                context,
+                error_arm,
+                patch_request_from_reader,
+                functools.partial(self._apply_patch, op_id),
+                op_id=op_id,
+            )
+
+    async def _apply_patch(self, op_id: str, request: PatchRequest, results: Any) -> None:
+        listener = self._listener
+        answer = await listener.call(_apply_patch, listener.backend, request, op_id)
+        fill_patch_answer(results, answer)
+
     async def status_context(self, context: Any) -> None:
         await _answer(
             self._conn, "Control.status", context, error_result, _decode_wait, self._status
@@ -1253,6 +1285,18 @@ async def _after_change(
     if wait.index and wait.ms:
         await backend.wait_change(wait.index, min(wait.ms, MAX_WAIT_MS) / 1000)
     return await fn(*args)
+
+
+async def _apply_patch(backend: MasterBackend, request: PatchRequest, op_id: str) -> PatchAnswer:
+    with log_context(op_id=op_id):
+        return await backend.apply_patch(
+            request.patch,
+            expected_generation=request.expected_generation,
+            dry_run=request.dry_run,
+            op_id=op_id,
+            request_id=request.request_id,
+            supersede=request.supersede,
+        )
 
 
 async def _apply(backend: MasterBackend, request: ApplyRequest, op_id: str) -> ApplyResult:

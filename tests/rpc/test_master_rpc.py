@@ -310,6 +310,11 @@ class BrokenBackend:
         self.calls += 1
         raise RuntimeError("bug in apply")
 
+    async def apply_patch(self, patch: Any, **_: Any) -> Any:
+        # The control client applies through patches (core.fleetpatch).
+        self.calls += 1
+        raise RuntimeError("bug in apply")
+
     async def fleet_status(self) -> Any:
         self.calls += 1
         raise RuntimeError("bug in status")

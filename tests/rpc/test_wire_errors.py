@@ -158,6 +158,9 @@ class ScriptedBackend:
     async def apply(self, fleet: Fleet, **_: Any) -> Any:
         self._maybe_fail("apply")
 
+    async def apply_patch(self, patch: Any, **_: Any) -> Any:
+        self._maybe_fail("apply_patch")
+
     async def fleet_status(self) -> Any:
         self._maybe_fail("fleet_status")
 
@@ -196,6 +199,7 @@ class ScriptedBackend:
 
 BACKEND_METHODS = (
     "apply",
+    "apply_patch",
     "fleet_status",
     "describe_vm",
     "recent_events",
@@ -226,7 +230,8 @@ async def _every_call(bridge: Bridge, address: Address) -> dict[str, BaseExcepti
 
     async with open_control(bridge, address) as control:
         fleet = Fleet((("host-a", (VmAssignment("web-1", "a" * 32, PATH),)),))
-        await expect_failure("apply", control.apply(fleet))
+        await expect_failure("apply", control.apply(fleet, whole=True))
+        await expect_failure("apply_patch", control.apply(fleet))
         await expect_failure("fleet_status", control.status())
         await expect_failure("describe_vm", control.describe_vm("web-1"))
         await expect_failure("recent_events", control.events())

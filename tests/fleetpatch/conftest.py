@@ -1,0 +1,5 @@
+"""The fleet-patch tests' fixtures live in tests/rpcfixtures.py."""
+
+from rpcfixtures import bridge
+
+__all__ = ["bridge"]

@@ -1,0 +1,158 @@
+"""Fleet patches over the wire (real sockets, a real master service on
+SQLite): the control client sends a one-VM change as one worker's part and
+gets the whole apply's answer; an older client's whole apply still works;
+against an older master (a peer process without ``applyPatch``) the client
+applies the whole fleet."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from procurator.core.fleet import parse_fleet
+from procurator.core.fleetpatch import FleetPatch, PatchAnswer
+from procurator.core.models import Fleet
+from procurator.master.service import MasterService
+from procurator.master.store import FleetStore
+from procurator.rpc.address import Address, parse_address
+from procurator.rpc.bridge import Bridge
+from procurator.rpc.clients import open_control
+from procurator.rpc.master_server import MasterBackend, serve_master
+
+OLD_MASTER = Path(__file__).with_name("oldmaster.py")
+_A = "/nix/store/" + "a" * 32 + "-web"
+_B = "/nix/store/" + "b" * 32 + "-web"
+
+
+def _fleet(paused: str = "", workers: int = 4) -> Fleet:
+    lines = []
+    for w in range(workers):
+        entries = ", ".join(
+            f'{{ id = "w{w}-vm{i}", image = "{_A}", '
+            f'power = "{"paused" if f"w{w}-vm{i}" == paused else "running"}" }}'
+            for i in range(3)
+        )
+        lines.append(f"[workers.host-{w}]\nvms = [ {entries} ]\n")
+    return parse_fleet("\n".join(lines))
+
+
+@contextlib.asynccontextmanager
+async def _served(bridge: Bridge, backend: MasterBackend) -> AsyncIterator[Address]:
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(
+            functools.partial(serve_master, bridge, backend, parse_address("127.0.0.1:0"))
+        )
+        yield address
+        nursery.cancel_scope.cancel()
+
+
+class _Recording:
+    """The master service, with a record of the patches it was sent (a
+    wrapper of our own port, ``MasterBackend``)."""
+
+    def __init__(self, service: MasterService) -> None:
+        self.service = service
+        self.patches: list[FleetPatch] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.service, name)
+
+    async def apply_patch(self, patch: FleetPatch, **kwargs: Any) -> PatchAnswer:
+        self.patches.append(patch)
+        return await self.service.apply_patch(patch, **kwargs)
+
+
+async def test_a_one_vm_change_carries_one_workers_part(tmp_path: Path, bridge: Bridge) -> None:
+    async with await FleetStore.open(tmp_path / "m.db") as store, trio.open_nursery() as nursery:
+        service = MasterService(store)
+        await nursery.start(service.run)
+        recording = _Recording(service)
+        served = _served(bridge, recording)  # type: ignore[arg-type]
+        async with served as address, open_control(bridge, address) as client:
+            first = await client.apply(_fleet(), request_id="req-1")
+            # Nothing held yet: digests, then every part.
+            assert [len(p.sent.workers) for p in recording.patches] == [0, 4]
+            recording.patches.clear()
+            dry = await client.apply(_fleet("w2-vm1"), dry_run=True)
+            change = await client.apply(_fleet("w2-vm1"), request_id="req-2")
+            assert [[w for w, _ in p.sent.workers] for p in recording.patches] == [
+                [],
+                ["host-2"],
+                [],
+                ["host-2"],
+            ]
+            assert not any(p.settings_sent for p in recording.patches)
+            assert change.generation == first.generation + 1 and change.changed
+            assert dry.diffs == change.diffs and dry.dry_run
+            assert [(d.worker_id, d.power_changed[0].vm_id) for d in change.diffs] == [
+                ("host-2", "w2-vm1")
+            ]
+            # The same file again: held whole, applied in one call, a no-op.
+            recording.patches.clear()
+            same = await client.apply(_fleet("w2-vm1"))
+            assert len(recording.patches) == 1 and not same.changed
+            # A retry of req-2 (the client lost the answer) is a replay.
+            again = await client.apply(_fleet("w2-vm1"), request_id="req-2")
+            assert again.replayed and again.generation == change.generation
+            # An older client's whole apply works, and a patch builds on it.
+            recording.patches.clear()
+            whole = await client.apply(_fleet(workers=3), whole=True)
+            assert not recording.patches and whole.changed
+            assert [d.worker_id for d in whole.diffs] == ["host-2", "host-3"]
+            back = await client.apply(_fleet(workers=4))
+            assert [[w for w, _ in p.sent.workers] for p in recording.patches] == [[], ["host-3"]]
+            assert [d.worker_id for d in back.diffs] == ["host-3"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_against_an_older_master_the_whole_fleet_is_applied(bridge: Bridge) -> None:
+    async with trio.open_nursery() as nursery:
+        process = await nursery.start(
+            lambda task_status: trio.run_process(
+                [sys.executable, str(OLD_MASTER)],
+                stdout=subprocess.PIPE,
+                check=False,
+                task_status=task_status,
+            )
+        )
+        try:
+            assert process.stdout is not None
+            lines = _Lines(process.stdout)
+            port = json.loads(await lines.next())["port"]
+            async with open_control(bridge, f"127.0.0.1:{port}") as client:
+                for _ in range(2):  # asked once, then whole at once
+                    result = await client.apply(_fleet("w0-vm0", workers=2))
+                    assert result.generation == 1 and result.op_id == "op-0123456789ab"
+                    applied = json.loads(await lines.next())
+                    assert applied == {
+                        "workers": {
+                            "host-0": ["w0-vm0", "w0-vm1", "w0-vm2"],
+                            "host-1": ["w1-vm0", "w1-vm1", "w1-vm2"],
+                        }
+                    }
+        finally:
+            process.kill()
+
+
+class _Lines:
+    """Lines of a process's output, one at a time."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self._stream = stream
+        self._buffer = b""
+
+    async def next(self) -> str:
+        while b"\n" not in self._buffer:
+            chunk = await self._stream.receive_some()
+            assert chunk, "the peer ended"
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode()
