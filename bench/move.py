@@ -31,7 +31,6 @@ first call until the guest runs on the other side.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import itertools
 import json
@@ -46,6 +45,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pyroute2.netns import setns
+
 from bench._harness import REPO, Row, Run, fmt_ratio, fmt_s, free_port, median
 from procurator.core.vmdef import VmDefinition
 from procurator.worker.state import StateDir
@@ -59,8 +60,6 @@ _GUEST = "10.79.0.2"
 _HOST_A = "10.79.0.1"
 _HOST_B = "10.79.0.3"
 _PING_INTERVAL = 0.01
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 _T = TypeVar("_T")
 
 
@@ -114,12 +113,7 @@ def _in_netns(netns: str, call: Callable[[], _T]) -> _T:
 
     def body() -> None:
         try:
-            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if _libc.setns(fd, _CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), f"setns {netns}")
-            finally:
-                os.close(fd)
+            setns(netns, flags=0)  # this thread's only
             outcome["value"] = call()
         except BaseException as exc:  # handed to the caller's thread
             outcome["error"] = exc

@@ -1,11 +1,12 @@
 """A two-host lab for live moves at the VMM layer: two network namespaces
 ("a" and "b"), each with a bridge and a tap for the guest, the bridges
 joined by a veth pair (one layer-2 segment, as two workers' bridges joined
-by a link), and one ``QemuDriver`` per namespace whose QEMUs run there
-(unjailed: a wrapper enters the namespace) or, jailed, enter it through
-the worker's jail (``procurator.worker.jail``, one per side). The
-drivers themselves (this process) open the move's sockets on loopback:
-the VMMs get descriptors and need no network of their own.
+by a link), and one ``QemuDriver`` per namespace. Each side's driver
+calls run on a thread that entered its namespace (``Side.call``), as a
+worker running there makes them: the QEMUs it starts run there (jailed,
+the worker's jail enters it too: ``procurator.worker.jail``, one per
+side), and the move's sockets, which the driver opens and hands to QEMU,
+are there, so the streams cross the veth from a to b's address.
 
 The source QEMU also gets a second QMP monitor (``Side.monitor``): a test
 writes to the guest's disk through QEMU's block layer (``qemu-io``) while
@@ -22,12 +23,14 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from pyroute2.netns import setns
 from qemuhelpers import image_definition, make_paths
 from testnames import netns_name
 
@@ -41,9 +44,11 @@ from procurator.worker.vmm.qemu import QemuDriver, _QmpSession, _Target
 
 GATEWAY = "10.79.0.1"  # namespace a's bridge: where pings come from
 ADDRESS = "10.79.0.2"  # the guest, wherever it runs
+TARGET = "10.79.0.3"  # namespace b's bridge: where the target listens
 MAC = "52:54:00:79:00:02"
 TAP = "tap0"
 DISK_BYTES = 16 * 1024 * 1024
+_T = TypeVar("_T")
 
 
 def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -86,6 +91,24 @@ class Side:
         )
         return dataclasses.replace(definition, serial_file=str(self.paths(vm).serial_file))
 
+    def call(self, function: Callable[[], _T]) -> _T:
+        """``function()`` on a thread that entered this side's namespace."""
+        outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                setns(self.netns, flags=0)  # this thread's only
+                outcome["value"] = function()
+            except BaseException as exc:  # handed to the caller
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=run, name=f"in-{self.name}")
+        thread.start()
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]  # type: ignore[no-any-return]
+
     def launch(self, image: Path, **incoming: Any) -> VmmHandle:
         """Launch the guest here (jailed if this side is), booted, or with
         ``incoming`` (``memory=``, ``disks=``) waiting for a move."""
@@ -93,11 +116,15 @@ class Side:
         definition = self.definition(image)
         jail = self.jail.prepare("guest", definition, paths) if self.jail is not None else None
         if incoming:
-            handle = self.driver.launch_incoming(
-                definition, paths, timeout=30.0, jail=jail, **incoming
+            handle = self.call(
+                lambda: self.driver.launch_incoming(
+                    definition, paths, timeout=30.0, jail=jail, **incoming
+                )
             )
         else:
-            handle = self.driver.launch(definition, paths, timeout=30.0, jail=jail)
+            handle = self.call(
+                lambda: self.driver.launch(definition, paths, timeout=30.0, jail=jail)
+            )
         self.handles.append(handle)
         return handle
 
@@ -164,6 +191,7 @@ def two_hosts(root: Path, *, jailed: bool = False) -> Iterator[tuple[Side, Side]
         for netns in made:
             sh("ip", "-n", netns, "link", "set", "link0", "master", "br0", "up")
         sh("ip", "-n", a, "addr", "add", f"{GATEWAY}/24", "dev", "br0")
+        sh("ip", "-n", b, "addr", "add", f"{TARGET}/24", "dev", "br0")
         for name, netns in zip(("a", "b"), made, strict=True):
             side_root = root / name
             side_root.mkdir(parents=True)
@@ -173,13 +201,7 @@ def two_hosts(root: Path, *, jailed: bool = False) -> Iterator[tuple[Side, Side]
             if monitor is not None:
                 args = ["-chardev", f"socket,id=test,path={monitor},server=on,wait=off"]
                 args += ["-mon", "chardev=test,mode=control"]
-            binary = "qemu-system-x86_64"
-            if not jailed:
-                wrapper = side_root / "qemu"
-                wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {netns} {binary} "$@"\n')
-                wrapper.chmod(0o755)
-                binary = str(wrapper)
-            driver = QemuDriver(accel="tcg", binary=binary, args=args)
+            driver = QemuDriver(accel="tcg", args=args)
             jail = None
             if jailed:
                 parent = os.environ.get("PROCURATOR_CGROUP_PARENT", "procurator-test")

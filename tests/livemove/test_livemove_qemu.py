@@ -13,15 +13,15 @@ target, the gap printed (bench/move.py measures it)."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from movelab import ADDRESS, DISK_BYTES, Pinger, Side, two_hosts
+from movelab import ADDRESS, DISK_BYTES, TARGET, Pinger, Side, two_hosts
 from qemuhelpers import wait_for_ready
 
 from procurator.core.jail import JailPolicy
@@ -32,7 +32,7 @@ from procurator.worker.vmm.qemu import _QmpSession, _Target
 pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.nix]
 
 BEFORE = b"written before the move"
-LOCALHOST = "127.0.0.1"
+_PORTS = itertools.count(7100, 2)
 BLOCK = 64 * 1024
 FIRST_BLOCK = 1024 * 1024  # the writes during the move: 64 KiB blocks from 1 MiB on
 
@@ -43,10 +43,11 @@ def hosts() -> Iterator[tuple[Side, Side]]:
         yield sides
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((LOCALHOST, 0))
-        return int(probe.getsockname()[1])
+def _ports() -> tuple[int, int]:
+    """Two ports for a move's target (nothing else listens in its
+    namespace; each attempt gets its own)."""
+    first = next(_PORTS)
+    return first, first + 1
 
 
 def _ping(side: Side, attempts: int = 30) -> None:
@@ -82,11 +83,28 @@ def _leftovers(side: Side) -> dict[str, object]:
         session.close()
 
 
+def _send(
+    a: Side,
+    source: VmmHandle,
+    ports: tuple[int, int],
+    *,
+    timeout: float,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """The source's side of a move to b's ``ports``, made in a's namespace."""
+    memory, disks = (TARGET, ports[0]), (TARGET, ports[1])
+    a.call(
+        lambda: a.driver.send_migration(
+            source, memory=memory, disks=disks, timeout=timeout, progress=progress
+        )
+    )
+
+
 def _target(image: Path, side: Side, ports: tuple[int, int]) -> VmmHandle:
     """A fresh target: an empty disk of the source's size, an incoming QEMU."""
     side.driver.clear_leftovers(side.paths(), unrecorded=False, grace=1.0)
     side.fresh_disk()
-    return side.launch(image, memory=(LOCALHOST, ports[0]), disks=(LOCALHOST, ports[1]))
+    return side.launch(image, memory=(TARGET, ports[0]), disks=(TARGET, ports[1]))
 
 
 def test_live_move_between_namespaces(test_image: Path, hosts: tuple[Side, Side]) -> None:
@@ -104,11 +122,9 @@ def test_live_move_between_namespaces(test_image: Path, hosts: tuple[Side, Side]
     }
 
     # 1. Nobody listens on the target's ports: refused at once.
-    ports = (_free_port(), _free_port())
+    ports = _ports()
     with pytest.raises(VmmError, match="cannot reach the move's target"):
-        a.driver.send_migration(
-            source, memory=(LOCALHOST, ports[0]), disks=(LOCALHOST, ports[1]), timeout=30.0
-        )
+        _send(a, source, ports, timeout=30.0)
     assert {k: v for k, v in _leftovers(a).items() if k != "migration"} == clean
     _ping(a)
 
@@ -116,16 +132,10 @@ def test_live_move_between_namespaces(test_image: Path, hosts: tuple[Side, Side]
     # mirrored), then at the first one with the memory in the total (the
     # mirror in sync, the memory going).
     for phase, beyond in (("mirroring", -1), ("memory", DISK_BYTES)):
-        ports = (_free_port(), _free_port())
+        ports = _ports()
         kill_target = _killer(_target(test_image, b, ports), beyond)
         with pytest.raises(VmmError) as failed:
-            a.driver.send_migration(
-                source,
-                memory=(LOCALHOST, ports[0]),
-                disks=(LOCALHOST, ports[1]),
-                timeout=30.0,
-                progress=kill_target,
-            )
+            _send(a, source, ports, timeout=30.0, progress=kill_target)
         print(f"target killed while {phase}: {failed.value}")
         assert {k: v for k, v in _leftovers(a).items() if k != "migration"} == clean
         assert a.driver.state(source, timeout=5.0) is VmState.RUNNING
@@ -152,7 +162,7 @@ def _move(image: Path, a: Side, b: Side, source: VmmHandle, boot_id: str) -> Non
     mirroring, then while memory goes), as the guest would write it; not at
     the last (done == total), when the source has given its disks up (QEMU
     asserts on a write then)."""
-    ports = (_free_port(), _free_port())
+    ports = _ports()
     target = _target(image, b, ports)
     written: list[tuple[int, int]] = []
     reports: list[tuple[int, int]] = []
@@ -166,14 +176,8 @@ def _move(image: Path, a: Side, b: Side, source: VmmHandle, boot_id: str) -> Non
 
     with Pinger(a) as pinger:
         started = time.monotonic()
-        a.driver.send_migration(
-            source,
-            memory=(LOCALHOST, ports[0]),
-            disks=(LOCALHOST, ports[1]),
-            timeout=120.0,
-            progress=write_on,
-        )
-        b.driver.finish_incoming(target, timeout=60.0)
+        _send(a, source, ports, timeout=120.0, progress=write_on)
+        b.call(lambda: b.driver.finish_incoming(target, timeout=60.0))
         total = time.monotonic() - started
         assert a.driver.state(source, timeout=5.0) is VmState.PAUSED  # postmigrate, for good
         assert b.driver.state(target, timeout=5.0) is VmState.RUNNING
