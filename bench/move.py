@@ -47,11 +47,12 @@ from typing import Any, TypeVar
 
 from pyroute2.netns import setns
 
-from bench._harness import REPO, Row, Run, fmt_ratio, fmt_s, free_port, median
+from bench._harness import Row, Run, fmt_ratio, fmt_s, free_port, median
+from bench.snapshot import _image as test_image
 from procurator.core.vmdef import VmDefinition
 from procurator.worker.state import StateDir
 from procurator.worker.vmm import process
-from procurator.worker.vmm.base import VmmError, VmmHandle, VmmRejected
+from procurator.worker.vmm.base import VmmError, VmmHandle, VmmPaths, VmmRejected
 from procurator.worker.vmm.qemu import QemuDriver, _QmpSession, _Target, qemu_argv
 
 NAME = "move"
@@ -206,6 +207,35 @@ def _watched(a: str, source: VmmHandle, move: Callable[[], None]) -> _Round:
     return _Round(gap, _qmp(source, "query-migrate")["downtime"] / 1000, total)
 
 
+def _driver_move(
+    driver: QemuDriver,
+    hosts: tuple[str, str],
+    source: VmmHandle,
+    definition: VmDefinition,
+    paths: VmmPaths,
+    *,
+    disks: bool,
+    stop: list[VmmHandle],
+) -> tuple[_Round, VmmHandle]:
+    """The QEMU driver's live move of ``source`` from a to b (the disk
+    mirrored, or shared), each call in its side's namespace; its figures
+    and the target."""
+    a, b = hosts
+    memory = (_HOST_B, free_port())
+    nbd = (_HOST_B, free_port()) if disks else None
+    target = _in_netns(
+        b,
+        lambda: driver.launch_incoming(definition, paths, memory=memory, disks=nbd, timeout=60.0),
+    )
+    stop.append(target)
+
+    def move() -> None:
+        _in_netns(a, lambda: driver.send_migration(source, memory=memory, disks=nbd, timeout=300))
+        _in_netns(b, lambda: driver.finish_incoming(target, timeout=60.0))
+
+    return _watched(a, source, move), target
+
+
 def _one_round(
     run: Run, image: Path, a: str, b: str, index: int, disk_mib: int, stop: list[VmmHandle]
 ) -> dict[str, _Round]:
@@ -229,20 +259,9 @@ def _one_round(
     _wait("ping", lambda: _pings(a))
 
     # The QEMU driver's live move, a -> b, the disk mirrored.
-    memory, nbd = (_HOST_B, free_port()), (_HOST_B, free_port())
-    target = _in_netns(
-        b,
-        lambda: driver.launch_incoming(
-            definitions[1], paths[1], memory=memory, disks=nbd, timeout=60.0
-        ),
+    rounds["disk"], target = _driver_move(
+        driver, (a, b), source, definitions[1], paths[1], disks=True, stop=stop
     )
-    stop.append(target)
-
-    def move() -> None:
-        _in_netns(a, lambda: driver.send_migration(source, memory=memory, disks=nbd, timeout=300))
-        _in_netns(b, lambda: driver.finish_incoming(target, timeout=60.0))
-
-    rounds["disk"] = _watched(a, source, move)
     driver.shutdown_vmm(source, timeout=30.0)
 
     # The floor: b -> a by hand, memory only, the disk shared (b's copy).
@@ -270,20 +289,9 @@ def _one_round(
     driver.shutdown_vmm(target, timeout=30.0)
 
     # The driver's live move of memory only, a -> b, the disk shared.
-    memory = (_HOST_B, free_port())
-    again = _in_netns(
-        b,
-        lambda: driver.launch_incoming(
-            definitions[3], paths[3], memory=memory, disks=None, timeout=60.0
-        ),
+    rounds["memory"], again = _driver_move(
+        driver, (a, b), back, definitions[3], paths[3], disks=False, stop=stop
     )
-    stop.append(again)
-
-    def memory_only() -> None:
-        _in_netns(a, lambda: driver.send_migration(back, memory=memory, disks=None, timeout=300))
-        _in_netns(b, lambda: driver.finish_incoming(again, timeout=60.0))
-
-    rounds["memory"] = _watched(a, back, memory_only)
     for handle in (back, again):
         driver.shutdown_vmm(handle, timeout=30.0)
     return rounds
@@ -301,23 +309,12 @@ def _answers(handle: VmmHandle) -> bool:
     return True
 
 
-def _image(run: Run) -> Path:
-    result = subprocess.run(
-        [str(REPO / "scripts" / "build-test-image.sh")],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=run.nix_env,
-    )
-    return Path(result.stdout.strip().splitlines()[-1])
-
-
 def measure(run: Run) -> list[Row]:
     if shutil.which("qemu-system-x86_64") is None or shutil.which("nix-build") is None:
         return [Row(NAME, "skipped", "n/a", note="needs qemu-system-x86_64 and nix-build")]
     rounds = 1 if run.quick else 3
     disk_mib = 16 if run.quick else 64
-    image = _image(run)
+    image = test_image(run)  # the snapshot bench's: the same guest
     results: list[dict[str, _Round]] = []
     stop: list[VmmHandle] = []
     with _hosts(run.mark) as (a, b):
