@@ -58,6 +58,8 @@ from bench._harness import (
     wait_connected,
     wait_observed,
 )
+from procurator.worker.vmm import process
+from procurator.worker.vmm.base import VmmError, VmmGone, VmmHandle
 
 NAME = "start"
 WORKER_ID = "bench-a"
@@ -110,17 +112,28 @@ class _RawHttp:
 
 
 def _connect(path: Path, proc: subprocess.Popen[bytes], deadline: float) -> socket.socket:
-    while True:
+    """A connection to the fake VMM's socket once it listens, waited for as
+    the worker waits (``process.wait_for_api``: woken by the socket's
+    creation or the VMM's exit, no polling loop), so the bare loop's CPU is
+    a floor and not the cost of asking every millisecond."""
+    ticks = process.pid_start_ticks(proc.pid)
+    if ticks is None:
+        raise RuntimeError(f"fake VMM for {path} exited at once")
+
+    def probe(timeout: float) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError):
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"fake VMM for {path} did not start") from None
-            time.sleep(0.001)
-            continue
+            raise VmmGone(f"{path}: nobody listens") from exc
         return sock
+
+    handle = VmmHandle("bare", proc.pid, ticks, str(path))
+    try:
+        return process.wait_for_api(handle, probe, deadline=deadline, who="fake VMM")
+    except VmmError as exc:
+        raise RuntimeError(f"fake VMM for {path} did not start: {exc.message}") from None
 
 
 def bare_start(run: Run, n: int, config: dict[str, Any], *, tag: str = "bare") -> float:
