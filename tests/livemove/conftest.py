@@ -1,6 +1,7 @@
 """Fixtures for the live-move tests: the QEMU tests' helpers
 (tests/qemu/qemuhelpers.py) on ``sys.path``, as pytest puts each test
-directory there for its own modules, and their test image fixture."""
+directory there for its own modules, and their fixtures (the test image,
+throwaway VM directories)."""
 
 from __future__ import annotations
 
@@ -19,3 +20,4 @@ assert _spec is not None and _spec.loader is not None
 _qemu = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_qemu)
 test_image = _qemu.test_image
+vms = _qemu.vms
