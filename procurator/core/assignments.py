@@ -31,7 +31,8 @@ Invariants (the worker's link and reconciler keep them):
 - ``prepare`` (the store paths to realise and root without running them:
   a rollout's first phase) is short and travels whole: every update
   carries the new assignment's list, which replaces the base's (an empty
-  one clears it).
+  one clears it). ``transfers`` (a move's disk transfers) travel the same
+  way.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from procurator.core.errors import ValidationError
-from procurator.core.models import Assignment, VmAssignment
+from procurator.core.models import Assignment, DiskTransfer, VmAssignment
 
 __all__ = [
     "AssignmentChanges",
@@ -64,6 +65,8 @@ class AssignmentChanges:
     removed: tuple[str, ...] = ()
     # Whole: the new assignment's ``prepare`` (replaces the base's).
     prepare: tuple[str, ...] = ()
+    # Whole: the new assignment's ``transfers`` (replaces the base's).
+    transfers: tuple[DiskTransfer, ...] = ()
 
     @property
     def size(self) -> int:
@@ -123,6 +126,7 @@ def assignment_changes(base: Assignment, new: Assignment) -> AssignmentChanges:
         upserted=tuple(upserted),
         removed=tuple(before),
         prepare=new.prepare,
+        transfers=new.transfers,
     )
 
 
@@ -145,7 +149,12 @@ def apply_assignment_changes(base: Assignment, changes: AssignmentChanges) -> As
     vms = [replacing.pop(vm.id, vm) for vm in base.vms if vm.id not in removing]
     vms.extend(replacing.values())  # new VMs, in the order sent
     return Assignment(
-        base.worker_id, changes.generation, tuple(vms), changes.op_id, changes.prepare
+        base.worker_id,
+        changes.generation,
+        tuple(vms),
+        changes.op_id,
+        changes.prepare,
+        changes.transfers,
     )
 
 
@@ -175,4 +184,5 @@ def compose(first: AssignmentUpdate, then: AssignmentChanges) -> AssignmentUpdat
         upserted=tuple(vm for vm in entries.values() if vm is not None),
         removed=tuple(vm_id for vm_id, vm in entries.items() if vm is None),
         prepare=then.prepare,
+        transfers=then.transfers,
     )

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 __all__ = [
     "Assignment",
     "Capacity",
+    "DiskTransfer",
     "EventKind",
     "Fleet",
     "Health",
@@ -36,6 +37,8 @@ __all__ = [
     "PreparedImage",
     "RolloutPolicy",
     "Shortfall",
+    "TransferProgress",
+    "TransferState",
     "UnpinnedVm",
     "Unplaceable",
     "VmAssignment",
@@ -147,6 +150,43 @@ class PreparedImage:
     message: str = ""
 
 
+class TransferState(enum.Enum):
+    """A worker's part in a move's disk transfer (``TransferProgress``)."""
+
+    PENDING = "pending"  # the source: its VM not stopped yet
+    SENDING = "sending"
+    SENT = "sent"  # the target acknowledged the whole set
+    RECEIVED = "received"  # the target: the whole set is stored
+    FAILED = "failed"  # the message says why (the source retries)
+
+
+@dataclass(frozen=True, slots=True)
+class DiskTransfer:
+    """A move's disk transfer a worker takes part in (sent in its
+    assignment while the move is transferring; docs/SNAPSHOTS.md, "Moves"):
+    the target (``receive``) accepts the VM's disks presenting ``token``;
+    the source sends them to ``peer`` (the target's transfer address,
+    ``HOST:PORT``) once the VM is stopped."""
+
+    vm_id: str
+    op_id: str
+    receive: bool
+    token: str
+    peer: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TransferProgress:
+    """A worker's progress on one ``DiskTransfer`` of its assignment."""
+
+    vm_id: str
+    op_id: str
+    state: TransferState
+    done: int = 0
+    total: int = 0
+    message: str = ""
+
+
 @dataclass(frozen=True, slots=True)
 class VmAssignment:
     """One desired VM. ``hash`` is its identity: a new hash means a new VM."""
@@ -177,6 +217,8 @@ class Assignment:
     # Store paths to realise and root without running them (a rollout's
     # prepare phase); the worker reports each in WorkerStatus.prepared.
     prepare: tuple[str, ...] = ()
+    # The moves' disk transfers it takes part in (WorkerStatus.transfers).
+    transfers: tuple[DiskTransfer, ...] = ()
 
 
 class OnWorkerLost(enum.Enum):
@@ -289,6 +331,8 @@ class WorkerStatus:
     vms: tuple[VmStatus, ...] = ()
     # One entry per path of the assignment's ``prepare``.
     prepared: tuple[PreparedImage, ...] = ()
+    # One entry per transfer of the assignment's ``transfers``.
+    transfers: tuple[TransferProgress, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +357,8 @@ class WorkerInfo:
     labels: tuple[tuple[str, str], ...] = ()
     cpu_overcommit: float = 1.0
     memory_overcommit: float = 1.0
+    # HOST:PORT where it takes a move's disks ("": it takes no moves).
+    transfer_address: str = ""
 
 
 class WorkerState(enum.Enum):

@@ -24,7 +24,8 @@ Invariants (the link in ``procurator.worker.link`` and the master in
   paths) is short and travels whole: every report carries it, and a
   report's list replaces the base's. The worker's preparer publishes it on
   its own (``StatusOutbox.publish_prepared``); the VMs' publications leave
-  it as it is.
+  it as it is. ``transfers`` (a move's disk transfers) travel the same way
+  (``publish_transfers``).
 
 ``StatusOutbox`` is the worker's side of it, and keeps a report's cost
 proportional to what changed, whatever the fleet: the reconciler publishes
@@ -41,7 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from procurator.core.errors import ValidationError
-from procurator.core.models import PreparedImage, VmStatus, WorkerStatus
+from procurator.core.models import PreparedImage, TransferProgress, VmStatus, WorkerStatus
 
 __all__ = ["StatusChanges", "StatusOutbox", "apply_status_changes", "status_changes"]
 
@@ -56,6 +57,8 @@ class StatusChanges:
     removed: tuple[str, ...] = ()
     # Whole: replaces the base's ``WorkerStatus.prepared``.
     prepared: tuple[PreparedImage, ...] = ()
+    # Whole: replaces the base's ``WorkerStatus.transfers``.
+    transfers: tuple[TransferProgress, ...] = ()
 
     @property
     def size(self) -> int:
@@ -79,6 +82,7 @@ def status_changes(base: WorkerStatus, status: WorkerStatus) -> StatusChanges:
         changed=tuple(changed),
         removed=tuple(before),
         prepared=status.prepared,
+        transfers=status.transfers,
     )
 
 
@@ -111,7 +115,13 @@ def apply_status_changes(base: WorkerStatus, changes: StatusChanges) -> WorkerSt
             f"status changes remove VM {min(removing)!r}, which the last status did not report"
         )
     vms.extend(replacing.values())  # new VMs, in the order sent
-    return WorkerStatus(base.worker_id, changes.observed_generation, tuple(vms), changes.prepared)
+    return WorkerStatus(
+        base.worker_id,
+        changes.observed_generation,
+        tuple(vms),
+        changes.prepared,
+        changes.transfers,
+    )
 
 
 class StatusOutbox:
@@ -138,6 +148,9 @@ class StatusOutbox:
         # The preparer's progress (whole), and what the master holds of it.
         self._prepared: tuple[PreparedImage, ...] = ()
         self._acked_prepared: tuple[PreparedImage, ...] | None = None
+        # The moves' transfers (whole), and what the master holds of them.
+        self._transfers: tuple[TransferProgress, ...] = ()
+        self._acked_transfers: tuple[TransferProgress, ...] | None = None
         # A whole report was refused: send the next one only when there is news.
         self._held = False
         # The report taken and not settled yet: whole (a snapshot) or changes.
@@ -184,10 +197,19 @@ class StatusOutbox:
         master the worker runs nothing)."""
         self._prepared = prepared
 
+    def publish_transfers(self, transfers: tuple[TransferProgress, ...]) -> None:
+        """Replace the moves' transfers' progress (whole; it is short), as
+        ``publish_prepared``."""
+        self._transfers = transfers
+
     def whole(self) -> WorkerStatus:
         """The whole status as published (O(VMs))."""
         return WorkerStatus(
-            self.worker_id, self._generation, tuple(self._vms.values()), self._prepared
+            self.worker_id,
+            self._generation,
+            tuple(self._vms.values()),
+            self._prepared,
+            self._transfers,
         )
 
     @property
@@ -207,6 +229,7 @@ class StatusOutbox:
             bool(self._dirty)
             or self._generation != self._acked_generation
             or self._prepared != self._acked_prepared
+            or self._transfers != self._acked_transfers
         )
 
     def take(self, *, changes: bool = True) -> WorkerStatus | StatusChanges | None:
@@ -240,10 +263,16 @@ class StatusOutbox:
                 and not removed
                 and self._generation == self._acked_generation
                 and self._prepared == self._acked_prepared
+                and self._transfers == self._acked_transfers
             ):
                 return None
             report = StatusChanges(
-                self.worker_id, self._generation, tuple(changed), tuple(removed), self._prepared
+                self.worker_id,
+                self._generation,
+                tuple(changed),
+                tuple(removed),
+                self._prepared,
+                self._transfers,
             )
         self._in_flight = report
         return report
@@ -263,6 +292,7 @@ class StatusOutbox:
                 acked.pop(vm_id, None)
         self._acked_generation = report.observed_generation
         self._acked_prepared = report.prepared
+        self._acked_transfers = report.transfers
 
     def undelivered(self) -> None:
         """The report taken may not have arrived (the call failed or was
@@ -280,6 +310,7 @@ class StatusOutbox:
                 self._dirty[vm_id] = None
             self._acked_generation = -1  # send the generation again too
             self._acked_prepared = None  # and what was prepared
+            self._acked_transfers = None  # and the transfers
 
     def refused(self) -> None:
         """The master refused the report taken and holds no status of this

@@ -1864,8 +1864,10 @@ class MasterService:
             whole=changes is None,
             ack=RemovalAck(observed, now) if confirms else None,
             # Stored so that a leader on another master sees the prepare
-            # phase's progress (its cache is built from the store).
+            # phase's progress (its cache is built from the store), and a
+            # move's transfers.
             prepared=status.prepared,
+            transfers=status.transfers,
         )
         try:
             written = await self._store.write_status(write)

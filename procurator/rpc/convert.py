@@ -52,6 +52,7 @@ from procurator.core.metrics import MetricSample
 from procurator.core.models import (
     Assignment,
     Capacity,
+    DiskTransfer,
     EventKind,
     Fleet,
     Health,
@@ -67,6 +68,8 @@ from procurator.core.models import (
     PreparedImage,
     PrepareState,
     RolloutPolicy,
+    TransferProgress,
+    TransferState,
     UnpinnedVm,
     VmAssignment,
     VmEvent,
@@ -449,8 +452,9 @@ def assignment_from_reader(reader: Any, where: str = "assignment") -> Assignment
     op_id = problems.text(f"{where}.opId", reader.opId, limit=64)
     vms = _vms_from_reader(reader.vms, f"{where}.vms", problems, reschedule=True)
     prepare = _paths_from_reader(reader.prepare, f"{where}.prepare", problems)
+    transfers = _transfers_from_reader(reader.transfers, f"{where}.transfers", problems)
     problems.raise_if_any()
-    return Assignment(worker_id, generation, vms, op_id, prepare)
+    return Assignment(worker_id, generation, vms, op_id, prepare, transfers)
 
 
 def fill_assignment(builder: Any, assignment: Assignment) -> None:
@@ -460,6 +464,86 @@ def fill_assignment(builder: Any, assignment: Assignment) -> None:
     _fill_vms(builder.init("vms", len(assignment.vms)), assignment.vms)
     if assignment.prepare:
         _fill_paths(builder, "prepare", assignment.prepare)
+    if assignment.transfers:
+        _fill_transfers(builder, assignment.transfers)
+
+
+def _transfers_from_reader(items: Any, where: str, problems: _Problems) -> tuple[DiskTransfer, ...]:
+    """``Assignment.transfers``: each VM once, tokens of 32 hex digits, a
+    source's peer a HOST:PORT."""
+    _check_length(len(items), LIMITS.max_vms_per_worker, where)
+    found: list[DiskTransfer] = []
+    seen: set[str] = set()
+    for index, item in enumerate(items):
+        at = f"{where}[{index}]"
+        vm_id: str = item.vmId
+        if (problem := check_vm_id(vm_id)) is not None:
+            problems.add(f"{at}.vmId", problem)
+        elif vm_id in seen:
+            problems.add(f"{at}.vmId", f"VM {vm_id} is named twice")
+        seen.add(vm_id)
+        token: str = item.token
+        if not _TOKEN_RE.fullmatch(token):
+            problems.add(f"{at}.token", "must be 32 hex digits")
+        peer = problems.text(f"{at}.peer", item.peer, limit=300)
+        if not item.receive and not _PEER_RE.fullmatch(peer):
+            problems.add(f"{at}.peer", f"must be HOST:PORT, not {peer[:64]!r}")
+        op_id = problems.text(f"{at}.opId", item.opId, limit=64)
+        found.append(DiskTransfer(vm_id, op_id, bool(item.receive), token, peer))
+    return tuple(found)
+
+
+def _fill_transfers(builder: Any, transfers: Sequence[DiskTransfer]) -> None:
+    items = builder.init("transfers", len(transfers))
+    for entry, transfer in zip(items, transfers, strict=True):
+        entry.vmId = transfer.vm_id
+        entry.opId = transfer.op_id
+        entry.receive = transfer.receive
+        entry.token = transfer.token
+        entry.peer = transfer.peer
+
+
+_TOKEN_RE = re.compile(r"[0-9a-f]{32}")
+_PEER_RE = re.compile(r"[A-Za-z0-9.:\[\]-]{1,255}:[0-9]{1,5}")
+_TRANSFER_STATES = {s.value: s for s in TransferState}
+
+
+def _progress_from_reader(
+    items: Any, where: str, problems: _Problems
+) -> tuple[TransferProgress, ...]:
+    _check_length(len(items), LIMITS.max_vms_per_worker, where)
+    found: list[TransferProgress] = []
+    for index, item in enumerate(items):
+        at = f"{where}[{index}]"
+        vm_id: str = item.vmId
+        if (problem := check_vm_id(vm_id)) is not None:
+            problems.add(f"{at}.vmId", problem)
+        state = _TRANSFER_STATES.get(item.state)
+        if state is None:
+            problems.add(f"{at}.state", f"unknown transfer state {item.state[:32]!r}")
+            state = TransferState.FAILED
+        found.append(
+            TransferProgress(
+                vm_id,
+                problems.text(f"{at}.opId", item.opId, limit=64),
+                state,
+                item.done,
+                item.total,
+                problems.text(f"{at}.message", item.message),
+            )
+        )
+    return tuple(found)
+
+
+def _fill_progress(builder: Any, transfers: Sequence[TransferProgress]) -> None:
+    items = builder.init("transfers", len(transfers))
+    for entry, progress in zip(items, transfers, strict=True):
+        entry.vmId = progress.vm_id
+        entry.opId = progress.op_id
+        entry.state = progress.state.value
+        entry.done = progress.done
+        entry.total = progress.total
+        entry.message = clip_text(progress.message)
 
 
 def assignment_changes_from_reader(reader: Any, where: str = "changes") -> AssignmentChanges:
@@ -480,6 +564,7 @@ def assignment_changes_from_reader(reader: Any, where: str = "changes") -> Assig
             problems.add(f"{where}.removed[{index}]", problem)
         removed.append(vm_id)
     prepare = _paths_from_reader(reader.prepare, f"{where}.prepare", problems)
+    transfers = _transfers_from_reader(reader.transfers, f"{where}.transfers", problems)
     problems.raise_if_any()
     changes = AssignmentChanges(
         worker_id,
@@ -489,6 +574,7 @@ def assignment_changes_from_reader(reader: Any, where: str = "changes") -> Assig
         upserted,
         tuple(removed),
         prepare,
+        transfers,
     )
     try:
         changes.check()
@@ -510,6 +596,8 @@ def fill_assignment_changes(builder: Any, changes: AssignmentChanges) -> None:
         removed[index] = vm_id
     if changes.prepare:
         _fill_paths(builder, "prepare", changes.prepare)
+    if changes.transfers:
+        _fill_transfers(builder, changes.transfers)
 
 
 def fleet_from_reader(reader: Any, where: str = "fleet") -> Fleet:
@@ -670,7 +758,8 @@ def _worker_status(reader: Any, where: str, problems: _Problems) -> WorkerStatus
     for index, item in enumerate(items):
         vms.append(_vm_status(item, f"{where}.vms[{index}]", problems))
     prepared = _prepared_from_reader(reader.prepared, f"{where}.prepared", problems)
-    return WorkerStatus(worker_id, generation, tuple(vms), prepared)
+    transfers = _progress_from_reader(reader.transfers, f"{where}.transfers", problems)
+    return WorkerStatus(worker_id, generation, tuple(vms), prepared, transfers)
 
 
 def _prepared_from_reader(items: Any, where: str, problems: _Problems) -> tuple[PreparedImage, ...]:
@@ -744,8 +833,11 @@ def status_changes_from_reader(reader: Any, where: str = "changes") -> StatusCha
             problems.add(f"{where}.removed[{index}]", problem)
         removed.append(vm_id)
     prepared = _prepared_from_reader(reader.prepared, f"{where}.prepared", problems)
+    transfers = _progress_from_reader(reader.transfers, f"{where}.transfers", problems)
     problems.raise_if_any()
-    return StatusChanges(worker_id, reader.observedGeneration, changed, tuple(removed), prepared)
+    return StatusChanges(
+        worker_id, reader.observedGeneration, changed, tuple(removed), prepared, transfers
+    )
 
 
 def fill_status_changes(builder: Any, changes: StatusChanges) -> None:
@@ -759,6 +851,8 @@ def fill_status_changes(builder: Any, changes: StatusChanges) -> None:
         removed[index] = vm_id
     if changes.prepared:
         _fill_prepared(builder, changes.prepared)
+    if changes.transfers:
+        _fill_progress(builder, changes.transfers)
 
 
 _CLIPPED = " …[cut]"
@@ -781,6 +875,8 @@ def fill_worker_status(builder: Any, status: WorkerStatus) -> None:
         _fill_vm_status(entry, vm)
     if status.prepared:
         _fill_prepared(builder, status.prepared)
+    if status.transfers:
+        _fill_progress(builder, status.transfers)
 
 
 def _fill_vm_status(entry: Any, vm: VmStatus) -> None:
@@ -834,7 +930,14 @@ def _worker_info(reader: Any, where: str, problems: _Problems) -> WorkerInfo:
         labels=tuple(sorted(labels.items())),
         cpu_overcommit=overcommit["cpu"],
         memory_overcommit=overcommit["memory"],
+        transfer_address=_transfer_address(reader.transferAddress, where, problems),
     )
+
+
+def _transfer_address(address: str, where: str, problems: _Problems) -> str:
+    if address and not _PEER_RE.fullmatch(address):
+        problems.add(f"{where}.transferAddress", f"must be HOST:PORT, not {address[:64]!r}")
+    return address
 
 
 def fill_worker_info(builder: Any, info: WorkerInfo) -> None:
@@ -852,6 +955,7 @@ def fill_worker_info(builder: Any, info: WorkerInfo) -> None:
         entry.value = value
     builder.cpuOvercommit = info.cpu_overcommit
     builder.memoryOvercommit = info.memory_overcommit
+    builder.transferAddress = info.transfer_address
 
 
 # ---------------------------------------------------------------- events, metrics

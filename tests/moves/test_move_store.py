@@ -131,6 +131,7 @@ async def test_sqlite_a_version_8_database_is_migrated_to_hold_moves(tmp_path: P
         )
     with sqlite3.connect(db) as conn:
         conn.execute("DROP TABLE moves")
+        conn.execute("ALTER TABLE worker_state DROP COLUMN transfers")
         conn.execute("UPDATE meta SET value = 8 WHERE key = 'schema_version'")
     with pytest.raises(
         PermanentError, match=f"schema version 8, this procurator needs {SCHEMA_VERSION}"
@@ -140,6 +141,7 @@ async def test_sqlite_a_version_8_database_is_migrated_to_hold_moves(tmp_path: P
         assert (await store.load()).generation == 1
         await store.start_move(pending())
         assert [m.op_id for m in await store.moves()] == ["op-m1"]
+        assert (await store.load()).workers == {}  # worker_state reads, transfers included
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
             9,
@@ -152,7 +154,11 @@ async def test_postgresql_a_version_8_database_is_migrated_to_hold_moves(
     dbname = pg_url.rsplit("/", 1)[1]
     fresh = await open_store(pg_url)
     await fresh.aclose()
-    pg.psql("DROP TABLE moves; UPDATE meta SET value = 8 WHERE key = 'schema_version'", dbname)
+    pg.psql(
+        "DROP TABLE moves; ALTER TABLE worker_state DROP COLUMN transfers; "
+        "UPDATE meta SET value = 8 WHERE key = 'schema_version'",
+        dbname,
+    )
     with pytest.raises(
         PermanentError, match=f"schema version 8, this procurator needs {SCHEMA_VERSION}"
     ):

@@ -63,11 +63,13 @@ from procurator.master.store.codec import (
     decode_info,
     decode_prepared,
     decode_rules,
+    decode_transfers,
     decode_vm_status,
     encode_diffs,
     encode_info,
     encode_prepared,
     encode_rules,
+    encode_transfers,
     encode_vm_status,
 )
 from procurator.master.store.model import (
@@ -170,7 +172,8 @@ def _removals(tx: Tx, worker_id: str | None = None) -> dict[str, dict[str, Remov
 
 _STATE_COLUMNS = (
     "worker_id, version, master_id, session, info, connected, since_unix_ms, "
-    "renewed_unix_ms, expires_unix_ms, observed_generation, reported_unix_ms, prepared"
+    "renewed_unix_ms, expires_unix_ms, observed_generation, reported_unix_ms, prepared, "
+    "transfers"
 )
 
 
@@ -187,7 +190,7 @@ def _workers(tx: Tx, worker_id: str | None = None) -> dict[str, StoredWorker]:
     found: dict[str, StoredWorker] = {}
     for row in tx.run(f"SELECT {_STATE_COLUMNS} FROM worker_state" + where, params):
         (worker, version, master_id, session, info, connected, since, renewed, expires) = row[:9]
-        observed, reported, prepared = row[9:]
+        observed, reported, prepared, transfers = row[9:]
         registration = (
             Registration(
                 master_id,
@@ -203,7 +206,11 @@ def _workers(tx: Tx, worker_id: str | None = None) -> dict[str, StoredWorker]:
         )
         status = (
             WorkerStatus(
-                worker, observed, tuple(statuses.get(worker, ())), decode_prepared(prepared)
+                worker,
+                observed,
+                tuple(statuses.get(worker, ())),
+                decode_prepared(prepared),
+                decode_transfers(transfers),
             )
             if observed is not None
             else None
@@ -737,11 +744,12 @@ def write_status(tx: Tx, write: StatusWrite) -> StatusWritten:
         )
     (version,) = tx.run(
         "UPDATE worker_state SET observed_generation = ?, reported_unix_ms = ?, prepared = ?, "
-        "version = {next_version} WHERE worker_id = ? RETURNING version",
+        "transfers = ?, version = {next_version} WHERE worker_id = ? RETURNING version",
         (
             write.observed_generation,
             write.reported_unix_ms,
             encode_prepared(write.prepared),
+            encode_transfers(write.transfers),
             write.worker_id,
         ),
     )[0]

@@ -30,6 +30,8 @@ from procurator.core.models import (
     PowerState,
     PreparedImage,
     PrepareState,
+    TransferProgress,
+    TransferState,
     VmAssignment,
     VmStatus,
     WorkerDiff,
@@ -55,6 +57,7 @@ __all__ = [
     "decode_info",
     "decode_prepared",
     "decode_rules",
+    "decode_transfers",
     "decode_vm_status",
     "encode_diffs",
     "encode_dump",
@@ -62,6 +65,7 @@ __all__ = [
     "encode_info",
     "encode_prepared",
     "encode_rules",
+    "encode_transfers",
     "encode_vm_status",
 ]
 
@@ -71,6 +75,7 @@ _ON_WORKER_LOST = {o.value: o for o in OnWorkerLost}
 _HEALTH = {h.value: h for h in Health}
 _HEALTH_KIND = {k.value: k for k in HealthKind}
 _PREPARE_STATE = {p.value: p for p in PrepareState}
+_TRANSFER_STATE = {t.value: t for t in TransferState}
 
 
 def encode_diffs(diffs: Sequence[WorkerDiff]) -> bytes:
@@ -123,6 +128,7 @@ def encode_info(info: WorkerInfo) -> str:
             "labels": dict(info.labels),
             "cpu_overcommit": info.cpu_overcommit,
             "memory_overcommit": info.memory_overcommit,
+            "transfer_address": info.transfer_address,
         }
     )
 
@@ -139,6 +145,7 @@ def decode_info(worker_id: str, text: str) -> WorkerInfo:
         labels=tuple(sorted(data.get("labels", {}).items())),
         cpu_overcommit=data.get("cpu_overcommit", 1.0),
         memory_overcommit=data.get("memory_overcommit", 1.0),
+        transfer_address=data.get("transfer_address", ""),
     )
 
 
@@ -232,6 +239,31 @@ def encode_prepared(prepared: Sequence[PreparedImage]) -> str:
         return ""
     return _dump(
         {"prepared": [[image.path, image.state.value, image.message] for image in prepared]}
+    )
+
+
+def encode_transfers(transfers: Sequence[TransferProgress]) -> str:
+    """A worker's ``WorkerStatus.transfers`` ("" for none)."""
+    if not transfers:
+        return ""
+    return _dump(
+        {
+            "transfers": [
+                [t.vm_id, t.op_id, t.state.value, t.done, t.total, t.message] for t in transfers
+            ]
+        }
+    )
+
+
+def decode_transfers(text: str) -> tuple[TransferProgress, ...]:
+    if not text:
+        return ()
+    return tuple(
+        # An unknown state (a newer release's) reads as pending: never received by mistake.
+        TransferProgress(
+            vm_id, op_id, _TRANSFER_STATE.get(state, TransferState.PENDING), done, total, message
+        )
+        for vm_id, op_id, state, done, total, message in json.loads(text)["transfers"]
     )
 
 

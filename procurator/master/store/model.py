@@ -15,6 +15,7 @@ from procurator.core.models import (
     OnWorkerLost,
     PlacementStrategy,
     PreparedImage,
+    TransferProgress,
     VmAssignment,
     VmStatus,
     WorkerDiff,
@@ -209,6 +210,8 @@ class StatusWrite:
     ack: RemovalAck | None = None
     # Whole in every report (full or changes): replaces the stored one.
     prepared: tuple[PreparedImage, ...] = ()
+    # The same (a move's disk transfers; schema version 9).
+    transfers: tuple[TransferProgress, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -213,7 +213,7 @@ ALTER TABLE worker_state ADD COLUMN IF NOT EXISTS prepared TEXT NOT NULL DEFAULT
 """
 
 # 9: moves (procurator.core.move), one row each; at most one under way
-# per VM.
+# per VM; each worker's transfers (a move's disks), written with its status.
 _SCHEMA_V9 = """
 CREATE TABLE IF NOT EXISTS moves (
     op_id TEXT PRIMARY KEY,
@@ -231,6 +231,7 @@ CREATE TABLE IF NOT EXISTS moves (
     active BOOLEAN NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS moves_under_way ON moves(vm_id) WHERE active;
+ALTER TABLE worker_state ADD COLUMN IF NOT EXISTS transfers TEXT NOT NULL DEFAULT '';
 """
 
 # (version, what brings the schema from the one before to it). PostgreSQL

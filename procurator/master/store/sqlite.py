@@ -16,7 +16,8 @@ are ``_sql``'s, shared with PostgreSQL; what is SQLite's own:
 - Schema versions: 1 (fleet), 2 (request ids, removals: removals in flight
   when a version 1 master stopped are not known), 3 (worker state, events,
   leases), 4-7 (new tables only), 8 (``worker_state.prepared``: a column
-  added to a table that exists), 9 (moves: a new table). An older database is migrated in place
+  added to a table that exists), 9 (moves: a new table, and
+  ``worker_state.transfers``). An older database is migrated in place
   when opened (``migrate``, the default) and refused otherwise; a newer one
   is refused.
 
@@ -106,7 +107,8 @@ CREATE TABLE IF NOT EXISTS worker_state (
     expires_unix_ms INTEGER NOT NULL DEFAULT 0,
     observed_generation INTEGER,
     reported_unix_ms INTEGER NOT NULL DEFAULT 0,
-    prepared TEXT NOT NULL DEFAULT ''
+    prepared TEXT NOT NULL DEFAULT '',
+    transfers TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS vm_status (
     worker_id TEXT NOT NULL,
@@ -192,6 +194,9 @@ _MIGRATE_FROM_1 = "ALTER TABLE applies ADD COLUMN request_id TEXT NOT NULL DEFAU
 # Version 8 stores each worker's prepared images with its status; a
 # worker_state table made before has no column for them.
 _MIGRATE_TO_8 = "ALTER TABLE worker_state ADD COLUMN prepared TEXT NOT NULL DEFAULT ''"
+# Version 9 adds the moves table (in _SCHEMA) and each worker's transfers
+# (a move's disks), written with its status like the prepared images.
+_MIGRATE_TO_9 = "ALTER TABLE worker_state ADD COLUMN transfers TEXT NOT NULL DEFAULT ''"
 
 _DIALECT = {
     "now": "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)",
@@ -403,6 +408,8 @@ def _prepare_schema(db: sqlite3.Connection, path: Path, migrate: bool) -> None:
         columns = {row[1] for row in db.execute("PRAGMA table_info(worker_state)")}
         if "prepared" not in columns:
             db.execute(_MIGRATE_TO_8)
+        if "transfers" not in columns:
+            db.execute(_MIGRATE_TO_9)
         db.execute(
             "INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE "
             "SET value = excluded.value",
