@@ -192,3 +192,28 @@ def test_a_vm_received_on_other_host_resources_is_refused(
         if incoming is not None:
             target.driver.shutdown_vmm(incoming, timeout=5.0)
             process.terminate(incoming.pid, incoming.pid_start_ticks, grace=2.0)
+
+
+def test_the_relay_waits_out_the_window_between_bind_and_listen(
+    source: Host, target: Host, address: Address
+) -> None:
+    """The target's VMM makes its socket file (bind) before it listens:
+    the relay, which sees the file appear, must not take a refused
+    connection in between for a failed migration."""
+    src_paths, tgt_paths = source.paths(), target.paths()
+    Path(f"{tgt_paths.api_socket}.fault").write_text(json.dumps({"listen_delay": 0.3}))
+    handle = source.driver.launch(definition(), src_paths, timeout=20.0)
+    incoming = None
+    try:
+        source.driver.pause(handle, timeout=5.0)
+        incoming = target.driver.launch_incoming(
+            definition(), tgt_paths, memory=address, disks=None, timeout=20.0
+        )
+        source.driver.send_migration(handle, memory=address, disks=None, timeout=20.0)
+        target.driver.finish_incoming(incoming, timeout=20.0)
+        assert target.driver.state(incoming, timeout=5.0) is VmState.RUNNING
+    finally:
+        process.terminate(handle.pid, handle.pid_start_ticks, grace=2.0)
+        if incoming is not None:
+            target.driver.shutdown_vmm(incoming, timeout=5.0)
+            process.terminate(incoming.pid, incoming.pid_start_ticks, grace=2.0)

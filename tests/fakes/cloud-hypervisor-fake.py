@@ -76,6 +76,9 @@ file the test writes; re-read on every request, so it can change at run time):
   migration_fails_halfway: true  the end of a migration that has this set
                              (sender or receiver) breaks the stream after
                              half the guest memory and answers 500
+  listen_delay: s            vm.receive-migration on a unix: URL binds its
+                             socket s seconds before it listens (a real VMM's
+                             window between bind and listen, widened)
   allocate_after_boot: mib   right after vm.boot, allocate and touch this
                              many MiB (an OOM test)
   probe: {...}               at start, try what a jailed VMM must not be able
@@ -605,13 +608,17 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _migration_socket(url: str, *, listen: bool, timeout: float | None) -> socket.socket:
-    """A connected socket to ``url`` (``listen``: the one accepted there)."""
+def _migration_socket(
+    url: str, *, listen: bool, timeout: float | None, listen_delay: float = 0.0
+) -> socket.socket:
+    """A connected socket to ``url`` (``listen``: the one accepted there,
+    ``listen_delay`` seconds between binding and listening)."""
     if url.startswith("unix:"):
         path = url[len("unix:") :]
         if listen:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
                 server.bind(path)
+                time.sleep(listen_delay)  # the file is there, nobody listens yet
                 server.listen(1)
                 conn, _ = server.accept()
             os.unlink(path)
@@ -671,7 +678,8 @@ def _send(vmm: Vmm, url: str, data: dict[str, Any], faults: dict[str, Any]) -> N
 
 def _receive(vmm: Vmm, url: str, faults: dict[str, Any]) -> tuple[dict[str, Any], int, bytes]:
     """The receiver's side: (config, ops, memory) of the VM received."""
-    with _migration_socket(url, listen=True, timeout=60.0) as conn:
+    delay = float(faults.get("listen_delay", 0.0))
+    with _migration_socket(url, listen=True, timeout=60.0, listen_delay=delay) as conn:
         stream = conn.makefile("rwb")
         config: dict[str, Any] | None = None
         memory = bytearray()

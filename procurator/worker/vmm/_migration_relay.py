@@ -23,7 +23,8 @@ following a link the VMM could plant); the VMM connects to it.
 (an address in use fails the launch at once); ``start`` then accepts the
 one source connection and connects it to the VMM's receiving socket,
 which must be a socket, not a link (the VMM has run no guest yet, but the
-worker never follows a link into the VMM's directory).
+worker never follows a link into the VMM's directory). The VMM binds that
+socket before it listens: a connection refused in that window is retried.
 
 Each direction is pumped by its own thread (``recv_into``/``sendall``,
 1 MiB at a time); an end of stream is passed on as a half-close. ``close``
@@ -55,6 +56,8 @@ log = logging.getLogger(__name__)
 
 _BUFFER = 1 << 20
 _JOIN = 5.0
+_RETRY = 0.01
+_LISTEN_WAIT = 10.0
 
 
 def _describe(address: Address) -> str:
@@ -213,11 +216,37 @@ class Relay:
         if not stat.S_ISSOCK(st.st_mode):
             self._fail(f"{vmm_socket} is not a socket")
             return
-        local = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._keep(local)
-        local.connect(str(vmm_socket))
+        local = self._connect_vmm(vmm_socket)
+        if local is None:
+            return
         self._reached_vmm = True
         self._pump_both(local, remote)
+
+    def _connect_vmm(self, vmm_socket: Path) -> socket.socket | None:
+        """A connection to the VMM's receiving socket. The VMM binds it (the
+        file appears, which is what the driver waited for) before it
+        listens: a refusal in between is retried, every ``_RETRY`` seconds
+        for ``_LISTEN_WAIT`` at most; None once the relay is closed."""
+        deadline = time.monotonic() + _LISTEN_WAIT
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        while not self._closed:
+            local = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                local.connect(str(vmm_socket))
+            except ConnectionRefusedError:
+                local.close()
+                if time.monotonic() >= deadline:
+                    raise
+                if poller.poll(int(_RETRY * 1000)):
+                    return None  # woken: closed
+                continue
+            except OSError:
+                local.close()
+                raise
+            self._keep(local)
+            return local
+        return None
 
     def _pump_both(self, local: socket.socket, remote: socket.socket) -> None:
         self._spawn(self._pump, remote, local, "received")
