@@ -829,7 +829,13 @@ def diff_fleets(old: Mapping[str, Assignment], new: Fleet) -> list[WorkerDiff]:
     diffs = []
     for worker_id in sorted(set(old) | set(new_map)):
         current = old[worker_id].vms if worker_id in old else ()
-        diff = diff_assignments(worker_id, current, new_map.get(worker_id, ()))
+        wanted = new_map.get(worker_id, ())
+        if current is wanted:
+            # The very list the assignment was made from (a fleet patch
+            # shares the unchanged parts' lists): no change, and a diff of
+            # it would cost O(its VMs) for nothing.
+            continue
+        diff = diff_assignments(worker_id, current, wanted)
         if not diff.empty:
             diffs.append(diff)
     return diffs

@@ -38,6 +38,14 @@ itself; the fleet-wide ones run incrementally: VM ids unique across parts
 (the sent parts' VMs against an index of the cached fleet's, ``owners``),
 the number of workers and of VMs (counts per part). Placement, rollouts and
 quotas are the apply's and see the whole assembled fleet.
+
+What keeps the rest of the apply per changed worker: an unchanged part is
+the very list the worker's assignment was made from (the master's commit
+keeps the lists it was given when no VM waits on a rollout), so the diff
+passes it by identity; a fleet with no unpinned VMs skips the scheduler's
+facts. What stays O(the fleet) is C-speed copying and hashing: the VM-id
+index's copy, and with a request id the request digest (SHA-256 over the
+parts' canonical JSON).
 """
 
 from __future__ import annotations

@@ -463,6 +463,7 @@ def plan(
     for worker_id, vms in sorted(after.items()):
         old = {vm.id: vm for vm in before.get(worker_id, ())}
         kept: list[VmAssignment] = []
+        held_back = False
         for entry in vms:
             previous = old.get(entry.id)
             policy, group = (
@@ -473,9 +474,12 @@ def plan(
             if previous is not None and policy is not None:
                 gated.append(RolloutVm(entry.id, worker_id, previous, entry, policy, group))
                 kept.append(previous)
+                held_back = True
             else:
                 kept.append(entry)
-        first[worker_id] = tuple(kept)
+        # The very list when no VM waits on its old entry: a later apply
+        # that shares it (a fleet patch) then diffs this worker in O(1).
+        first[worker_id] = tuple(kept) if held_back else tuple(vms)
     if not gated:
         return None, first
     by_group: dict[str, list[RolloutVm]] = {}

@@ -1088,7 +1088,8 @@ class MasterService:
         def place_and_diff() -> tuple[Fleet, Placement | None, list[WorkerDiff]]:
             # Unpinned VMs placed from the store's workers and assignments
             # (procurator.master.scheduling); a pinned fleet is unchanged.
-            facts = worker_facts(known, assignments)
+            # The facts are O(the fleet's VMs): only a fleet with VMs to place needs them.
+            facts = worker_facts(known, assignments) if fleet.unpinned else ()
             resolved, placement = resolve(fleet, facts, assignments, partial=heal is not None)
             return resolved, placement, diff_fleets(assignments, resolved)
 

@@ -190,3 +190,20 @@ async def test_a_hostile_patch_changes_nothing(tmp_path: Path) -> None:
         )
         assert refused.value.op_id
         assert service.generation == generation
+
+
+async def test_unchanged_workers_share_their_lists_with_the_assignments(tmp_path: Path) -> None:
+    """What keeps a patched apply's diff per changed worker: an unchanged
+    part is the very list its worker's assignment was made from, so the
+    diff passes it in O(1) (``diff_fleets``), also after a rollout-less
+    commit rebuilt the changed workers' lists (``core.rollout.plan``)."""
+    async with _master(tmp_path / "m.db") as service:
+        files = [
+            _file({"w-0": [("a1", _IMAGE)], "w-1": [("b1", _IMAGE)], "w-2": [("c1", _IMAGE)]}, []),
+            _file({"w-0": [("a1p", _IMAGE)], "w-1": [("b1", _IMAGE)], "w-2": [("c1", _IMAGE)]}, []),
+        ]
+        for fleet in [*files, *files]:
+            await _patched(service, fleet)
+            held = service._applied
+            assert isinstance(held, FleetParts)
+            assert all(service._assignments[w].vms is held.workers[w] for w in held.workers)
