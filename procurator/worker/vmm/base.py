@@ -383,7 +383,11 @@ class VmmDriver(Protocol):
         if it was paused, by the migration or before it), and
         ``VmmError`` (or ``VmmRejected`` for a request the VMM refused)
         is raised; the target is then the caller's to stop. ``progress``
-        is called with (done, total) bytes as the VMM reports them."""
+        is called with (done, total) bytes as the VMM reports them, on the
+        calling thread. The call lasts as long as the copy; a driver may
+        hold the VM's API for all of it (QEMU does: other calls for the VM
+        wait, up to their own timeouts), so make it where the VM's other
+        calls are made, as its supervisor takes a snapshot."""
         ...
 
     def finish_incoming(self, handle: VmmHandle, *, timeout: float) -> None:
