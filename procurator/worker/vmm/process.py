@@ -248,7 +248,7 @@ def wait_for_api(
                 unanswered += 1
                 # No event says when a bound socket starts listening.
                 pause = API_POLL.delay(unanswered)
-            elif watch.sees_directory:
+            elif watch.wakes_for_both:
                 pause = remaining  # until it exits or the socket appears
             else:
                 unanswered += 1
@@ -314,9 +314,10 @@ class _LaunchWatch:
         self._poller = select.poll()
 
     @property
-    def sees_directory(self) -> bool:
-        """Whether a socket created in the directory wakes ``wait``."""
-        return self._inotify >= 0
+    def wakes_for_both(self) -> bool:
+        """Whether ``wait`` wakes both for the VMM's exit and for a socket
+        created in the directory (so it may sleep until either happens)."""
+        return self._pidfd >= 0 and self._inotify >= 0
 
     def __enter__(self) -> _LaunchWatch:
         handle = self._handle
@@ -325,6 +326,8 @@ class _LaunchWatch:
                 self._pidfd = os.pidfd_open(handle.pid)
             except ProcessLookupError:
                 pass  # gone already: alive() says so from /proc
+            except OSError as exc:  # out of descriptors: /proc at API_POLL's pace
+                log.debug("no pidfd for pid %s (%s): polling for its exit", handle.pid, exc)
             else:
                 self._poller.register(self._pidfd, select.POLLIN)
             directory = os.path.dirname(handle.api_socket) or "."
