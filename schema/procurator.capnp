@@ -712,6 +712,9 @@ struct Move {
   # The generation that began the current phase (0 while pending).
   reason @10 :Text;
   # Why it failed ("" otherwise).
+  progress @11 :Text;
+  # While transferring: "N%" of the disks' bytes sent, as the source
+  # reports it ("" otherwise).
 }
 
 struct MoveResult {

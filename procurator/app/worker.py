@@ -89,6 +89,9 @@ class WorkerConfig:
     snapshot_quota: SnapshotQuota = field(default_factory=SnapshotQuota)
     # The capacity reported; None: the host's (``RuntimeOptions.capacity``).
     capacity: Capacity | None = None
+    # HOST:PORT where it takes a move's disks (docs/SNAPSHOTS.md); "": it
+    # takes no moves. Port 0: any free one (the master is told the one bound).
+    transfer_listen: str = ""
 
     def __post_init__(self) -> None:
         if (problem := check_worker_id(self.worker_id)) is not None:
@@ -128,6 +131,8 @@ async def run_worker(
     if runtime is not None:
         # Resolved once: the handler runs the driver the master is told of.
         runtime = dataclasses.replace(runtime, driver=resolve_driver(runtime.driver))
+    # Bound before registering: the master is told the port bound.
+    listener = _transfer_listener(config.transfer_listen) if runtime is not None else None
     info = WorkerInfo(
         worker_id=config.worker_id,
         version=__version__,
@@ -143,37 +148,67 @@ async def run_worker(
         labels=config.labels,
         cpu_overcommit=config.cpu_overcommit,
         memory_overcommit=config.memory_overcommit,
+        transfer_address=_advertised(listener) if listener is not None else "",
     )
     addresses = master_addresses(config.master)
     # The master's snapshot calls, served by the runtime's VMs once it has
     # made them (a worker without a runtime refuses them).
     snapshots = SnapshotNode() if runtime is not None else None
-    async with open_bridge() as bridge:
-        dialers = [
-            CapnpMasterDialer(
-                bridge, address, tls=config.tls, insecure=config.insecure, snapshots=snapshots
+    try:
+        async with open_bridge() as bridge:
+            dialers = [
+                CapnpMasterDialer(
+                    bridge, address, tls=config.tls, insecure=config.insecure, snapshots=snapshots
+                )
+                for address in addresses
+            ]
+            dialer: MasterDialer = dialers[0] if len(dialers) == 1 else FailoverDialer(dialers)
+            logger.info(
+                "worker %s starting; master%s at %s",
+                config.worker_id,
+                "s" if len(dialers) > 1 else "",
+                ", ".join(str(a) for a in addresses),
             )
-            for address in addresses
-        ]
-        dialer: MasterDialer = dialers[0] if len(dialers) == 1 else FailoverDialer(dialers)
-        logger.info(
-            "worker %s starting; master%s at %s",
-            config.worker_id,
-            "s" if len(dialers) > 1 else "",
-            ", ".join(str(a) for a in addresses),
+            await daemon.run_worker(
+                dialer,
+                info,
+                state_dir=config.state_dir,
+                settings=config.link,
+                handler_factory=_handler_factory(config, runtime, snapshots, listener),
+                task_status=task_status,
+            )
+    finally:
+        if listener is not None:
+            listener.close()  # the receiver closed it already, unless it never ran
+
+
+def _transfer_listener(listen: str) -> socket.socket | None:
+    """The socket a move's disks arrive on (``--transfer-listen``), or None."""
+    if not listen:
+        return None
+    host, port = host_port(listen)
+    try:
+        return socket.create_server(
+            (host.strip("[]"), port), family=socket.AF_INET6 if ":" in host else socket.AF_INET
         )
-        await daemon.run_worker(
-            dialer,
-            info,
-            state_dir=config.state_dir,
-            settings=config.link,
-            handler_factory=_handler_factory(config, runtime, snapshots),
-            task_status=task_status,
-        )
+    except OSError as exc:
+        raise PermanentError(f"--transfer-listen {listen}: cannot listen: {exc}") from exc
+
+
+def _advertised(listener: socket.socket) -> str:
+    """``HOST:PORT`` of ``listener`` as other workers reach it (this host's
+    name for a wildcard)."""
+    host, port = listener.getsockname()[:2]
+    if host in ("0.0.0.0", "::"):
+        host = socket.getfqdn()
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _handler_factory(
-    config: WorkerConfig, runtime: RuntimeOptions | None, snapshots: SnapshotNode | None
+    config: WorkerConfig,
+    runtime: RuntimeOptions | None,
+    snapshots: SnapshotNode | None,
+    listener: socket.socket | None = None,
 ) -> HandlerFactory:
     """What turns this worker's assignments into VMs (and serves the
     snapshots of those VMs through ``snapshots``)."""
@@ -186,6 +221,7 @@ def _handler_factory(
             state_dir=config.state_dir,
             options=runtime,
             publisher=publisher,
+            transfer_listener=listener,
         )
         if snapshots is not None:
             snapshots.attach(SnapshotService(handler.manager, quota=config.snapshot_quota))

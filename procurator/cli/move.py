@@ -155,6 +155,8 @@ def format_move(move: Move) -> str:
     """One line: the VM, where from and to, the phase (and why it failed)."""
     when = datetime.datetime.fromtimestamp(move.started_unix_ms / 1000, datetime.UTC)
     why = f": {move.reason}" if move.reason else ""
+    if move.progress:
+        why = f" {move.progress}{why}"
     return (
         f"move {move.op_id}: VM {move.vm_id} {move.source} -> {move.target} ({move.kind.value}, "
         f"asked {when:%Y-%m-%d %H:%M:%S}Z): {move.phase.value}{why}"

@@ -171,6 +171,14 @@ def add_parser(sub: Any) -> None:
         f"0.0.0.0:{WORKER_METRICS_PORT})",
     )
     p.add_argument(
+        "--transfer-listen",
+        default="",
+        metavar="HOST:PORT",
+        help="where this worker takes a moved VM's disks from another worker "
+        "(plain TCP, a one-time token per move: a trusted network; port 0: any "
+        "free one); '' (the default): VMs cannot be moved to this worker",
+    )
+    p.add_argument(
         "--metrics-advertise",
         default="",
         help="exporter URL the master lists for Prometheus service discovery "
@@ -572,4 +580,5 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         cpu_overcommit=args.cpu_overcommit,
         memory_overcommit=args.memory_overcommit,
         snapshot_quota=_snapshot_quota(args),
+        transfer_listen=args.transfer_listen,
     )

@@ -9,13 +9,19 @@ through its phases, each a generation fenced by the leader's epoch:
 - ``preparing``: a generation gives the target, in what it is sent, the
   VM's image to realise and root (``Assignment.prepare``); the VM keeps
   running on the source. Done once the target reports the image ``ready``.
-- ``stopping`` (a cold move's transfer): a generation sets the VM's
+- ``stopping``: a generation sets the VM's
   desired power to ``stopped`` in the source's assignment; the source
   stops it (stop ladder) and keeps its directory. Done once the source
   reports the VM ``stopped`` in a status of that generation or newer.
+- ``transferring``: a generation names the transfer to both (the
+  source's and the target's ``Assignment.transfers``, with a one-time
+  token and the target's transfer address); the source sends the VM's
+  writable disk copies, the target checks and keeps them. Done once the
+  target reports the whole set ``received``.
 - ``switching``: a generation moves the VM, with the power it had before
   the move, from the source's assignment to the target's; the source's
-  copy becomes its pending removal and the target boots the VM. Done once
+  copy becomes its pending removal and the target boots the VM from the
+  disks it received. Done once
   the target reports it ``running`` with the VM's hash.
 - ``done`` / ``failed`` (with a reason): over. The newest ``MOVES_KEPT``
   that are over are kept.
@@ -39,8 +45,7 @@ Invariants (what ``step`` keeps):
   does not report the VM running by the deadline fails the move, and the
   VM stays the target's (its supervisor and healing go on as for any VM).
 
-What is not carried yet: the VM's writable disk copies (the target boots
-from a fresh copy of the image's disk) and its snapshots; live moves.
+What is not carried yet: the VM's snapshots; live moves.
 
 Pure: no clock, no I/O.
 """
@@ -57,6 +62,7 @@ from procurator.core.models import (
     Phase,
     PowerState,
     PrepareState,
+    TransferState,
     VmAssignment,
     WorkerFacts,
     WorkerState,
@@ -78,6 +84,7 @@ __all__ = [
     "move_json",
     "shortfall",
     "step",
+    "transfer_progress",
 ]
 
 MOVES_KEPT = 100
@@ -98,6 +105,7 @@ class MovePhase(enum.Enum):
     PENDING = "pending"
     PREPARING = "preparing"
     STOPPING = "stopping"
+    TRANSFERRING = "transferring"
     SWITCHING = "switching"
     DONE = "done"
     FAILED = "failed"
@@ -123,6 +131,10 @@ class Move:
     generation: int = 0
     updated_unix_ms: int = 0
     reason: str = ""
+    # The transfer's one-time token (set when it begins; never shown).
+    token: str = ""
+    # Shown only (never stored): how far a transfer is, "N%" of the bytes.
+    progress: str = ""
 
     @property
     def over(self) -> bool:
@@ -140,6 +152,7 @@ class MoveAction(enum.Enum):
     WAIT = "wait"  # nothing yet
     PREPARE = "prepare"  # a generation: the target prepares the image
     STOP = "stop"  # a generation: the source's copy desired stopped
+    TRANSFER = "transfer"  # a generation: the source sends the disks to the target
     SWITCH = "switch"  # a generation: the VM moves to the target
     DONE = "done"  # the row only
     FAIL = "fail"  # the row, and with ``revert`` a generation
@@ -167,6 +180,7 @@ def move_json(move: Move) -> dict[str, object]:
         "deadline_unix_ms": move.deadline_unix_ms,
         "generation": move.generation,
         "reason": move.reason,
+        "progress": move.progress,
     }
 
 
@@ -178,6 +192,7 @@ def check_move(
     assignments: Mapping[str, Assignment],
     target_state: WorkerState | None,
     target_connected: bool = True,
+    target_transfers: bool = True,
     moving: Mapping[str, str],
     handed_off: Iterable[str],
     in_rollout: Iterable[str],
@@ -187,8 +202,9 @@ def check_move(
     why ``vm_id`` cannot move to ``target`` (one line for the operator).
     ``moving``: the VMs moving, with their moves' op ids;
     ``target_state``: None for a worker the master never heard of;
-    ``target_shortfall``: why the VM does not fit on the target (None: it
-    fits)."""
+    ``target_transfers``: whether the target takes disks (it has a
+    transfer address); ``target_shortfall``: why the VM does not fit on
+    the target (None: it fits)."""
     if kind is MoveKind.LIVE:
         return (
             "live moves need a VMM driver with live_move (QEMU or cloud-hypervisor) "
@@ -213,6 +229,11 @@ def check_move(
         return f"worker {target} is {target_state.value}: it takes no VMs"
     if not target_connected:
         return f"worker {target} is not connected to any master: it cannot prepare the VM"
+    if not target_transfers:
+        return (
+            f"worker {target} takes no moves: it runs without --transfer-listen "
+            "(where it would receive the VM's disks)"
+        )
     if target_shortfall is not None:
         return f"VM {vm_id} does not fit on worker {target}: {target_shortfall}"
     return source, vm
@@ -277,7 +298,7 @@ def step(
                 f"it stays assigned there",
             )
         return MoveStep(MoveAction.WAIT)
-    stopped_by_us = move.phase is MovePhase.STOPPING
+    stopped_by_us = move.phase in (MovePhase.STOPPING, MovePhase.TRANSFERRING)
     if source_vm is None:
         return MoveStep(
             MoveAction.FAIL, f"the VM left worker {move.source}'s assignment (an apply)"
@@ -291,9 +312,10 @@ def step(
                 MoveAction.FAIL, f"the {role} worker {worker} is lost", revert=stopped_by_us
             )
     if now_ms >= move.deadline_unix_ms:
+        last = _transfer_trouble(move, statuses)
         return MoveStep(
             MoveAction.FAIL,
-            f"not done before the deadline (in phase {move.phase.value})",
+            f"not done before the deadline (in phase {move.phase.value}{last})",
             revert=stopped_by_us,
         )
     if move.phase is MovePhase.PENDING:
@@ -309,12 +331,41 @@ def step(
             why = f": {image.message}" if image.message else ""
             return MoveStep(MoveAction.FAIL, f"worker {move.target} cannot prepare the image{why}")
         return MoveStep(MoveAction.STOP)
-    # STOPPING: the source's status of the stop's generation (or newer)
-    # shows the VM stopped (or no longer shows it: nothing runs).
-    ok, phase = _reported(statuses.get(move.source), move.vm_id, move.generation)
-    if ok and phase in (Phase.STOPPED, None):
-        return MoveStep(MoveAction.SWITCH)
+    if move.phase is MovePhase.STOPPING:
+        # The source's status of the stop's generation (or newer) shows
+        # the VM stopped (or no longer shows it: nothing runs).
+        ok, phase = _reported(statuses.get(move.source), move.vm_id, move.generation)
+        if ok and phase in (Phase.STOPPED, None):
+            return MoveStep(MoveAction.TRANSFER)
+        return MoveStep(MoveAction.WAIT)
+    # TRANSFERRING: the target has the whole set of disks (sizes and
+    # sha256 checked, stored) for this move.
+    target = statuses.get(move.target)
+    if target is not None and target.observed_generation >= move.generation:
+        for t in target.transfers:
+            if (t.vm_id, t.op_id, t.state) == (move.vm_id, move.op_id, TransferState.RECEIVED):
+                return MoveStep(MoveAction.SWITCH)
     return MoveStep(MoveAction.WAIT)
+
+
+def transfer_progress(move: Move, statuses: Mapping[str, WorkerStatus | None]) -> str:
+    """``N%`` of a transferring move's disks sent, as its source reports
+    it ("" when it does not)."""
+    source = statuses.get(move.source)
+    for t in source.transfers if source is not None else ():
+        if t.vm_id == move.vm_id and t.op_id == move.op_id and t.total:
+            return f"{100 * t.done // t.total}%"
+    return ""
+
+
+def _transfer_trouble(move: Move, statuses: Mapping[str, WorkerStatus | None]) -> str:
+    """``: <why>`` of the last failed attempt either side reports."""
+    for worker in (move.source, move.target):
+        status = statuses.get(worker)
+        for t in status.transfers if status is not None else ():
+            if t.vm_id == move.vm_id and t.op_id == move.op_id and t.message:
+                return f": {worker}: {t.message}"
+    return ""
 
 
 def _vms(assignments: Mapping[str, Assignment], worker_id: str) -> tuple[VmAssignment, ...]:

@@ -16,6 +16,9 @@ What each step's generation changes:
   image among the paths to prepare (``with_moves``);
 - ``stop``: the VM's desired power in the source's assignment becomes
   ``stopped``;
+- ``transfer``: both workers' generations move; they are sent the
+  transfer (``with_moves``: the source sends the disks to the target's
+  transfer address with the move's token, the target takes them);
 - ``switch``: the VM leaves the source's assignment (its pending removal
   there) and joins the target's, with the power it had before the move;
 - ``fail``: the target's generation moves (it stops preparing the image),
@@ -31,7 +34,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from procurator.core.models import Assignment, PowerState, VmAssignment
+from procurator.core.models import Assignment, DiskTransfer, PowerState, VmAssignment
 from procurator.core.move import Move, MoveAction, MovePhase, MoveStep, advance
 
 __all__ = ["MovePlan", "plan_move", "with_moves"]
@@ -39,12 +42,13 @@ __all__ = ["MovePlan", "plan_move", "with_moves"]
 _NEXT = {
     MoveAction.PREPARE: MovePhase.PREPARING,
     MoveAction.STOP: MovePhase.STOPPING,
+    MoveAction.TRANSFER: MovePhase.TRANSFERRING,
     MoveAction.SWITCH: MovePhase.SWITCHING,
     MoveAction.DONE: MovePhase.DONE,
     MoveAction.FAIL: MovePhase.FAILED,
 }
 
-_PREPARED_IN = (MovePhase.PREPARING, MovePhase.STOPPING)
+_PREPARED_IN = (MovePhase.PREPARING, MovePhase.STOPPING, MovePhase.TRANSFERRING)
 """The phases in which the target keeps the VM's image prepared (rooted):
 until the switch gives it the VM itself."""
 
@@ -60,13 +64,21 @@ class MovePlan:
 
 
 def plan_move(
-    move: Move, step: MoveStep, assignments: Mapping[str, Assignment], *, now_ms: int
+    move: Move,
+    step: MoveStep,
+    assignments: Mapping[str, Assignment],
+    *,
+    now_ms: int,
+    token: str = "",
 ) -> MovePlan | None:
     """What ``step`` of ``move`` writes (see the module docstring); None
-    for ``wait``."""
+    for ``wait``. ``token``: the one-time token a transfer begins with
+    (the caller's randomness: this module is pure)."""
     if step.action is MoveAction.WAIT:
         return None
     after = advance(move, _NEXT[step.action], now_ms=now_ms, reason=step.reason)
+    if step.action is MoveAction.TRANSFER:
+        after = dataclasses.replace(after, token=token)
     current = {w: a.vms for w, a in assignments.items()}
     source = current.get(move.source, ())
     target = current.get(move.target, ())
@@ -82,6 +94,11 @@ def plan_move(
     elif step.action is MoveAction.STOP:
         changes[move.source] = with_power(source, PowerState.STOPPED)
         message = f"move {move.op_id}: stopping VM {move.vm_id} on {move.source} ({where})"
+    elif step.action is MoveAction.TRANSFER:
+        # Both sides hear of the transfer with a generation of their own.
+        changes[move.source] = source
+        changes[move.target] = target
+        message = f"move {move.op_id}: transferring VM {move.vm_id}'s disks ({where})"
     elif step.action is MoveAction.SWITCH:
         vm = next(v for v in source if v.id == move.vm_id)
         changes[move.source] = tuple(v for v in source if v.id != move.vm_id)
@@ -101,21 +118,35 @@ def plan_move(
 
 
 def with_moves(
-    assignment: Assignment, moves: Iterable[Move], assignments: Mapping[str, Assignment]
+    assignment: Assignment,
+    moves: Iterable[Move],
+    assignments: Mapping[str, Assignment],
+    addresses: Mapping[str, str],
 ) -> Assignment:
     """``assignment`` as sent while ``moves`` are under way: the images of
     the VMs moving to its worker, before their switch, among the paths it
-    prepares (beside a rollout's). The same object when nothing is added."""
+    prepares (beside a rollout's), and the transfers it takes part in
+    (``addresses``: each worker's transfer address). The same object when
+    nothing is added."""
     worker_id = assignment.worker_id
     paths = []
+    transfers = []
     for move in moves:
+        if move.phase is MovePhase.TRANSFERRING and worker_id in (move.source, move.target):
+            receive = move.target == worker_id
+            peer = "" if receive else addresses.get(move.target, "")
+            transfers.append(DiskTransfer(move.vm_id, move.op_id, receive, move.token, peer))
         if move.target != worker_id or move.phase not in _PREPARED_IN:
             continue
         source = assignments.get(move.source)
         vm = next((v for v in source.vms if v.id == move.vm_id), None) if source else None
         if vm is not None and vm.nix_store_path not in assignment.prepare:
             paths.append(vm.nix_store_path)
-    if not paths:
+    if not paths and not transfers:
         return assignment
     prepare = tuple(dict.fromkeys((*assignment.prepare, *sorted(paths))))
-    return dataclasses.replace(assignment, prepare=prepare)
+    return dataclasses.replace(
+        assignment,
+        prepare=prepare,
+        transfers=(*assignment.transfers, *sorted(transfers, key=lambda t: t.vm_id)),
+    )

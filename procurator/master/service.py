@@ -256,6 +256,7 @@ from procurator.core.move import (
     MovePhase,
     check_move,
     shortfall,
+    transfer_progress,
 )
 from procurator.core.move import step as move_step
 from procurator.core.rollout import Rollout, RolloutAction, RolloutPhase, RolloutView, act, view
@@ -1673,7 +1674,17 @@ class MasterService:
         assignment = with_rollout(
             with_fence_marks(assignment, rules), await self._current_rollout()
         )
-        return with_moves(assignment, await self._active_moves(), self._assignments)
+        return with_moves(
+            assignment, await self._active_moves(), self._assignments, self._transfer_addresses()
+        )
+
+    def _transfer_addresses(self) -> dict[str, str]:
+        """Each worker's transfer address, as it registered last."""
+        return {
+            w.worker_id: w.info.transfer_address
+            for w in self._workers.values()
+            if w.info is not None and w.info.transfer_address
+        }
 
     async def _active_moves(self) -> tuple[Move, ...]:
         """The moves under way as of this master's generation (a move's
@@ -2337,6 +2348,11 @@ class MasterService:
                         assignments=self._assignments,
                         target_state=state,
                         target_connected=worker is not None and worker.connected,
+                        target_transfers=bool(
+                            worker is not None
+                            and worker.info is not None
+                            and worker.info.transfer_address
+                        ),
                         moving=moving,
                         handed_off=self._handoffs,
                         in_rollout=(
@@ -2386,10 +2402,17 @@ class MasterService:
         (of one VM when ``vm_id`` is given), newest first."""
         self._require_store()
         try:
-            return await self._store.moves(vm_id or None)
+            moves = await self._store.moves(vm_id or None)
         except UnavailableError as exc:
             self._set_unavailable_if_store(exc)
             raise
+        statuses = {w.worker_id: w.status for w in self._workers.values()}
+        return tuple(
+            replace(m, progress=transfer_progress(m, statuses))
+            if m.phase is MovePhase.TRANSFERRING
+            else m
+            for m in moves
+        )
 
     async def _drive_moves(self, fence: Fence) -> None:
         """Singleton duty: the next step of every move under way
@@ -2412,7 +2435,8 @@ class MasterService:
             step = move_step(
                 move, assignments=self._assignments, statuses=statuses, lost=lost, now_ms=now_ms
             )
-            plan = plan_move(move, step, self._assignments, now_ms=now_ms)
+            token = secrets.token_hex(16) if step.action is MoveAction.TRANSFER else ""
+            plan = plan_move(move, step, self._assignments, now_ms=now_ms, token=token)
             if plan is None:
                 return
             if not plan.changes:

@@ -19,7 +19,10 @@ State, all under ``state_dir`` (the worker's):
   that image: a restart reuses them (the guest's writes survive), a new
   image gets fresh copies and the old ones are deleted once the new image is
   prepared. ``vms/<vm id>/`` itself belongs to the VmManager; only
-  ``disks/`` is this module's.
+  ``disks/`` is this module's. A copy a move brought to this worker
+  (``incoming/<vm id>/<store basename>/disk<i>.img``, written and checked
+  by ``procurator.worker.move_transfer``) is renamed into place instead of
+  a fresh copy: the guest keeps its writes across workers.
 
 Invariants: nothing is ever written into the store (sources are opened
 read-only, ``state_dir`` may not lie in the store); a failed prepare leaves
@@ -113,6 +116,8 @@ class ImageManager:
         self._allow_reflink = allow_reflink
         self._roots_dir = state_dir / "gcroots"
         self._vms_dir = state_dir / "vms"
+        # Disk copies a move brought (procurator.worker.move_service).
+        self._incoming = state_dir / "incoming"
         # store path -> the roots this manager holds for it, so a VM whose
         # image another VM already roots is rooted beside that one without
         # a nix-store run (Store.add_root_beside). Guarded by _roots_lock,
@@ -305,6 +310,8 @@ class ImageManager:
                 disks.append(target)
                 if target.is_file():
                     continue  # made by an earlier prepare: keeps the guest's writes
+                if self._take_incoming(vm_id, target):
+                    continue  # a move's: the guest's writes from its old worker
                 started = time.monotonic()
                 try:
                     method = clone_or_copy(
@@ -326,6 +333,18 @@ class ImageManager:
                 f"VM {vm_id}: could not make its writable disk copies in {disk_dir}: {err}"
             ) from err
         return tuple(disks)
+
+    def _take_incoming(self, vm_id: str, target: Path) -> bool:
+        """Put the copy of ``target`` a move sent here in its place
+        (``<state>/incoming/<vm>/<store basename>/disk<i>.img``, checked by
+        ``procurator.worker.move_transfer``); whether there was one."""
+        source = self._incoming / vm_id / target.parent.name / target.name
+        try:
+            os.rename(source, target)
+        except FileNotFoundError:
+            return False
+        log.info("VM %s: %s is the disk copy its move brought", vm_id, target.name)
+        return True
 
     def _drop_other_images(self, vm_id: str, *, keep: str | None) -> None:
         """Remove the VM's roots and disks of every image but ``keep``."""

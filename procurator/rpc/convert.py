@@ -1614,6 +1614,7 @@ def _fill_move(builder: Any, move: Move) -> None:
     builder.deadlineUnixMs = move.deadline_unix_ms
     builder.generation = move.generation
     builder.reason = clip_text(move.reason)
+    builder.progress = move.progress
 
 
 def _move_from_reader(reader: Any, problems: _Problems, where: str) -> Move | None:
@@ -1637,6 +1638,7 @@ def _move_from_reader(reader: Any, problems: _Problems, where: str) -> Move | No
         generation=reader.generation,
         updated_unix_ms=reader.updatedUnixMs,
         reason=problems.text(f"{where}.reason", reader.reason),
+        progress=problems.text(f"{where}.progress", reader.progress, limit=16),
     )
 
 

@@ -29,6 +29,7 @@ from procurator.core.models import (
     Assignment,
     Phase,
     PreparedImage,
+    TransferProgress,
     VmEvent,
     VmStatus,
     WorkerInfo,
@@ -56,6 +57,8 @@ class StatusPublisher(Protocol):
     def publish_status_changes(self, changes: StatusChanges) -> None: ...
 
     def publish_prepared(self, prepared: tuple[PreparedImage, ...]) -> None: ...
+
+    def publish_transfers(self, transfers: tuple[TransferProgress, ...]) -> None: ...
 
     def publish_events(self, events: Sequence[VmEvent]) -> None: ...
 

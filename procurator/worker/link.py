@@ -96,7 +96,14 @@ from procurator.core.fence import (
     heartbeat_interval,
 )
 from procurator.core.metrics import MetricSample
-from procurator.core.models import Assignment, PreparedImage, VmEvent, WorkerInfo, WorkerStatus
+from procurator.core.models import (
+    Assignment,
+    PreparedImage,
+    TransferProgress,
+    VmEvent,
+    WorkerInfo,
+    WorkerStatus,
+)
 from procurator.core.status import StatusChanges, StatusOutbox
 from procurator.logs import log_context
 
@@ -280,6 +287,12 @@ class MasterLink:
         """Report the progress on the images the assignment asks to prepare
         (whole; it goes with the status, see ``StatusOutbox.publish_prepared``)."""
         self._outbox.publish_prepared(prepared)
+        self._status_wake.set()
+
+    def publish_transfers(self, transfers: tuple[TransferProgress, ...]) -> None:
+        """Report a move's disk transfers (whole; it goes with the status,
+        see ``StatusOutbox.publish_transfers``)."""
+        self._outbox.publish_transfers(transfers)
         self._status_wake.set()
 
     def publish_metrics(self, samples: Sequence[MetricSample]) -> None:

@@ -21,7 +21,8 @@ Start-up order matters and is the crash-safety story of the worker:
    keeps its VMs as they are. Beside it, the preparer
    (``procurator.worker.prepare``: the images a rollout's prepare phase
    names, rooted under ``prepared/``; it too drops nothing before the first
-   assignment) and the guest health checks.
+   assignment), a move's disk transfers (``procurator.worker.move_service``,
+   with ``--transfer-listen``) and the guest health checks.
 
 Events reach the master from two sources: the VmManager (what happened to a
 VMM: created, booted, crashed...) and the reconciler (a step that failed for
@@ -53,6 +54,7 @@ import functools
 import logging
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,6 +82,7 @@ from procurator.worker.health import GuestProber, HealthMonitor
 from procurator.worker.jail import Jail, instance_name, missing_privileges
 from procurator.worker.manager import Timeouts, VmManager, VmObservation
 from procurator.worker.metrics import WorkerMetrics
+from procurator.worker.move_service import MoveTransfers
 from procurator.worker.network import NetworkConfig, NetworkManager
 from procurator.worker.prepare import PREPARED_DIR, ImagePreparer
 from procurator.worker.vmm import process
@@ -234,6 +237,7 @@ class ReconcilingHandler:
         publisher: StatusPublisher,
         driver: VmmDriver | None = None,
         netns: str | None = None,
+        transfer_listener: socket.socket | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.state_dir = Path(state_dir)
@@ -307,6 +311,18 @@ class ReconcilingHandler:
             on_progress=publisher.publish_prepared,
             on_counts=self.metrics.set_prepared,
         )
+        # A move's disk transfers (procurator.worker.move_service): only a
+        # worker with a transfer address (--transfer-listen) takes part.
+        self.transfers = (
+            MoveTransfers(
+                self.manager,
+                transfer_listener,
+                self.state_dir,
+                on_progress=publisher.publish_transfers,
+            )
+            if transfer_listener is not None
+            else None
+        )
         self.health = HealthMonitor(
             worker_id,
             publisher.publish_status_changes,
@@ -339,10 +355,14 @@ class ReconcilingHandler:
                 return False
             self.health.take_assignment(update)
             self.preparer.take_assignment(update)
+            if self.transfers is not None:
+                self.transfers.take_assignment(update)
             return True
         if self.reconciler.set_assignment(update):
             self.health.take_assignment(update)
             self.preparer.take_assignment(update)
+            if self.transfers is not None:
+                self.transfers.take_assignment(update)
             log.info(
                 "assignment generation %d: %d VMs",
                 update.generation,
@@ -410,6 +430,8 @@ class ReconcilingHandler:
                 log.info("released the images of VMs nothing owns: %s", some(released))
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.preparer.run)
+                if self.transfers is not None:
+                    await nursery.start(self.transfers.run)
                 await nursery.start(self.health.run)
                 await nursery.start(self.reconciler.run)
                 await nursery.start(self._run_metrics)
@@ -574,5 +596,7 @@ class ReconcilingHandler:
 
     def _changed_in_trio(self, vm_id: str, event: VmEvent | None) -> None:
         self.reconciler.mark_dirty(vm_id)
+        if self.transfers is not None:
+            self.transfers.vm_changed()  # a VMM gone may let a move's disks go
         if event is not None:
             self._publisher.publish_events([event])

@@ -13,6 +13,8 @@ from procurator.core.models import (
     PowerState,
     PreparedImage,
     PrepareState,
+    TransferProgress,
+    TransferState,
     VmAssignment,
     VmStatus,
     WorkerState,
@@ -59,8 +61,14 @@ def decide(
     return step(move, assignments=assignments, statuses=statuses, lost=lost, now_ms=now)
 
 
+def received(worker: str, generation: int, op_id: str) -> WorkerStatus:
+    done = TransferProgress("a", op_id, TransferState.RECEIVED)
+    return WorkerStatus(worker, generation, (), (), (done,))
+
+
 PREPARING = advance(MOVE, MovePhase.PREPARING, now_ms=1, generation=6)
 STOPPING = advance(MOVE, MovePhase.STOPPING, now_ms=2, generation=7)
+TRANSFERRING = advance(MOVE, MovePhase.TRANSFERRING, now_ms=2, generation=7)
 SWITCHING = advance(MOVE, MovePhase.SWITCHING, now_ms=3, generation=8)
 
 
@@ -115,6 +123,25 @@ SWITCHING = advance(MOVE, MovePhase.SWITCHING, now_ms=3, generation=8)
             STOPPING,
             on("w1", STOPPED),
             {"w1": status("w1", 7, Phase.STOPPED)},
+            MoveStep(MoveAction.TRANSFER),
+        ),
+        # transferring: switch once the target has the whole set for this op.
+        (
+            TRANSFERRING,
+            on("w1", STOPPED),
+            {"w2": received("w2", 7, "op-other")},
+            MoveStep(MoveAction.WAIT),
+        ),
+        (
+            TRANSFERRING,
+            on("w1", STOPPED),
+            {"w2": received("w2", 6, "op-m")},
+            MoveStep(MoveAction.WAIT),
+        ),
+        (
+            TRANSFERRING,
+            on("w1", STOPPED),
+            {"w2": received("w2", 7, "op-m")},
             MoveStep(MoveAction.SWITCH),
         ),
         # switching: done once the target runs it.
@@ -225,3 +252,6 @@ def test_refusals_name_the_reason() -> None:
         refusal(target_shortfall="needs 1 vCPU") == "VM a does not fit on worker w2: needs 1 vCPU"
     )
     assert "not built yet" in str(refusal(kind=MoveKind.LIVE))
+    assert "worker w2 takes no moves: it runs without --transfer-listen" in str(
+        refusal(target_transfers=False)
+    )

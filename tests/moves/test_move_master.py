@@ -24,12 +24,15 @@ from procurator.core.errors import NotFoundError, UnavailableError, ValidationEr
 from procurator.core.models import (
     Assignment,
     Capacity,
+    DiskTransfer,
     EventKind,
     Fleet,
     Phase,
     PowerState,
     PreparedImage,
     PrepareState,
+    TransferProgress,
+    TransferState,
     UnpinnedVm,
     VmAssignment,
     VmStatus,
@@ -82,12 +85,20 @@ class SimWorker:
         self.node = FakeNode()
         self.token = 0
         self.bad_images: set[str] = set()
+        self.no_transfers = False  # registers without a transfer address
+        self.transfers: list[DiskTransfer] = []  # every one it was sent
         self.going = trio.Event()
         self.going.set()
 
     async def start(self, nursery: trio.Nursery) -> None:
         self.token = await self.service.register(
-            WorkerInfo(self.worker_id, "1.0", Capacity(4, 4096, 0)), self.node
+            WorkerInfo(
+                self.worker_id,
+                "1.0",
+                Capacity(4, 4096, 0),
+                transfer_address="" if self.no_transfers else "127.0.0.1:7400",
+            ),
+            self.node,
         )
         assignment, _ = await self.service.get_assignment(self.token, 0)
         await self._take(assignment)
@@ -123,7 +134,18 @@ class SimWorker:
                 )
                 for path in assignment.prepare
             ),
+            # The disks arrive at once (procurator.worker.move_transfer's
+            # own tests send real ones).
+            tuple(
+                TransferProgress(
+                    t.vm_id,
+                    t.op_id,
+                    TransferState.RECEIVED if t.receive else TransferState.SENT,
+                )
+                for t in assignment.transfers
+            ),
         )
+        self.transfers.extend(t for t in assignment.transfers if t not in self.transfers)
         with contextlib.suppress(UnavailableError):
             await self.service.report_status(self.token, status)
 
@@ -165,7 +187,7 @@ async def test_a_cold_move_goes_through_its_phases_and_the_vm_never_runs_twice(
     service: MasterService,
 ) -> None:
     async with trio.open_nursery() as nursery:
-        runs, _, _ = await lab(service, nursery)
+        runs, a, b = await lab(service, nursery)
         move = await service.move("web-1", "host-b")
         assert move.phase is MovePhase.PENDING and move.source == "host-a"
         done = await wait_over(service, "web-1")
@@ -183,9 +205,17 @@ async def test_a_cold_move_goes_through_its_phases_and_the_vm_never_runs_twice(
         assert [e.event.message.split(": ")[1].split(" ")[0] for e in events] == [
             "preparing",
             "stopping",
+            "transferring",
             "switching",
             "VM",
         ]
+        # Both sides were named the transfer, with one token, the source
+        # the target's address.
+        (sent,) = a.transfers
+        (received,) = b.transfers
+        assert (sent.receive, received.receive) == (False, True)
+        assert sent.token == received.token and len(sent.token) == 32
+        assert (sent.peer, sent.op_id) == ("127.0.0.1:7400", move.op_id)
         # A pinned VM moves too: pinned to the target from now on.
         await service.move("pin-1", "host-b")
         assert (await wait_over(service, "pin-1")).phase is MovePhase.DONE
@@ -212,6 +242,12 @@ async def test_refusals_say_why_and_change_nothing(service: MasterService) -> No
         with pytest.raises(ValidationError, match="worker host-b is cordoned"):
             await service.move("web-1", "host-b")
         await service.change_worker_mode("host-b", ModeAction.UNCORDON)
+        # A worker that takes no disks (run without --transfer-listen).
+        c = SimWorker(service, "host-c", Runs())
+        c.no_transfers = True
+        await c.start(nursery)
+        with pytest.raises(ValidationError, match="worker host-c takes no moves: it runs without"):
+            await service.move("web-1", "host-c")
         assert service.generation == generation and await service.moves() == ()
         # One move at a time per VM.
         b.going = trio.Event()  # host-b prepares nothing: the move stays

@@ -5,7 +5,9 @@ host-b with the source worker killed (``kill -9``) and restarted mid-move,
 then back with the target worker killed and restarted mid-move. At every
 sampled moment (each live VMM process found in /proc, by the worker state
 directory in its command line) the VM's VMM runs on at most one worker,
-and each move ends done (the killed worker was back within its lease)."""
+each move ends done (the killed worker was back within its lease), and
+what the guest wrote to its disk on host-a is on the disk it runs with
+after each move (the disk copies travel, checked by size and sha256)."""
 
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ def _config() -> dict[str, Any]:
         "payload": {"kernel": "vmlinux", "cmdline": "console=ttyS0"},
         "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
         "memory": {"size": 64 << 20},
+        "disks": [{"path": "disk.img"}],
     }
 
 
@@ -54,6 +57,7 @@ def _worker(
     args += ["--state-dir", str(tmp_path / worker_id), "--resync-interval", "1"]
     args += ["--driver", "cloud-hypervisor", "--vmm-binary", sys.executable, "--vmm-arg", str(FAKE)]
     args += ["--no-network", "--metrics-listen", "", "--stop-grace", "2"]
+    args += ["--transfer-listen", "127.0.0.1:0"]
     with procurator_process(args, env, tmp_path / f"{worker_id}.log") as proc:
         yield proc
 
@@ -91,7 +95,7 @@ def _runs_on(status: FleetStatus, vm_id: str) -> set[str]:
 async def test_kill_9_of_the_source_or_the_target_mid_move_never_runs_the_vm_twice(
     tmp_path: Path, nix_env: dict[str, str], add_image: AddImage
 ) -> None:
-    image = add_image("move-vm", _config())
+    image = add_image("move-vm", _config(), {"disk.img": b"\0" * (4 << 20)})
     master = f"127.0.0.1:{free_port()}"
     args = ["master", "--listen", master, "--db", str(tmp_path / "m.db"), "--metrics-listen", ""]
     args += ["--worker-lease", "20"]
@@ -119,6 +123,12 @@ async def test_kill_9_of_the_source_or_the_target_mid_move_never_runs_the_vm_twi
                 )
                 # Equal workers, binpack: the lower id takes it.
                 await _until(control, lambda s: _runs_on(s, "web-1") == {"host-a"})
+                # What the guest wrote to its disk (the fake VMM writes
+                # nothing: the test writes for it) travels with each move.
+                disk = Path("vms", "web-1", "disks", Path(image).name, "disk0.img")
+                with open(tmp_path / "host-a" / disk, "r+b") as copy:
+                    copy.seek(1 << 20)
+                    copy.write(b"written on host-a")
                 refused = subprocess.run(
                     [sys.executable, "-m", "procurator", "move", "web-1", "--to", "host-z"],
                     capture_output=True,
@@ -173,6 +183,10 @@ async def test_kill_9_of_the_source_or_the_target_mid_move_never_runs_the_vm_twi
                     with trio.fail_after(30):
                         while _vmm_holders(tmp_path, "web-1") != {target}:
                             await trio.sleep(0.05)
+                    data = (tmp_path / target / disk).read_bytes()
+                    assert data[1 << 20 : (1 << 20) + 17] == b"written on host-a"
+                    assert len(data) == 4 << 20
+                    assert "transferring" in phases, phases
                 twice = [s for s in samples if len(s) > 1]
                 assert twice == [] and len(samples) > 10, twice
                 # Leave no VMM behind: remove every VM through the product.

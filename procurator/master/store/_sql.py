@@ -1175,7 +1175,7 @@ def commit_handoffs(
 
 _MOVE_COLUMNS = (
     "op_id, vm_id, source_worker, target_worker, kind, phase, power, generation, "
-    "started_unix_ms, updated_unix_ms, deadline_unix_ms, reason, active"
+    "started_unix_ms, updated_unix_ms, deadline_unix_ms, reason, active, token"
 )
 
 
@@ -1197,6 +1197,7 @@ def _move(row: Row) -> Move:
             int(generation),
             int(updated),
             row[11],
+            row[13],
         )
     except (ValueError, KeyError) as exc:
         raise ProcuratorError(f"the store holds a move it cannot read ({op_id}): {exc}") from None
@@ -1217,6 +1218,7 @@ def _move_row(move: Move) -> tuple[Any, ...]:
         move.deadline_unix_ms,
         move.reason,
         not move.over,
+        move.token,
     )
 
 
@@ -1231,7 +1233,7 @@ def start_move(tx: Tx, move: Move) -> None:
             op_id=move.op_id,
         )
     tx.run(
-        f"INSERT INTO moves ({_MOVE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT INTO moves ({_MOVE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         _move_row(move),
     )
 
@@ -1239,13 +1241,14 @@ def start_move(tx: Tx, move: Move) -> None:
 def _put_move(tx: Tx, move: Move, before: Move) -> None:
     changed = tx.count(
         "UPDATE moves SET phase = ?, generation = ?, updated_unix_ms = ?, reason = ?, "
-        "active = ? WHERE op_id = ? AND phase = ? AND generation = ?",
+        "active = ?, token = ? WHERE op_id = ? AND phase = ? AND generation = ?",
         (
             move.phase.value,
             move.generation,
             move.updated_unix_ms,
             move.reason,
             not move.over,
+            move.token,
             before.op_id,
             before.phase.value,
             before.generation,

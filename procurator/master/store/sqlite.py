@@ -180,7 +180,8 @@ CREATE TABLE IF NOT EXISTS moves (
     updated_unix_ms INTEGER NOT NULL,
     deadline_unix_ms INTEGER NOT NULL,
     reason TEXT NOT NULL,
-    active BOOLEAN NOT NULL
+    active BOOLEAN NOT NULL,
+    token TEXT NOT NULL DEFAULT ''
 );
 CREATE UNIQUE INDEX IF NOT EXISTS moves_under_way ON moves(vm_id) WHERE active;
 INSERT OR IGNORE INTO meta VALUES ('generation', 0);

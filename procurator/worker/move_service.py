@@ -1,0 +1,249 @@
+"""A worker's part in moves: the disk transfers its assignment names
+(``Assignment.transfers``; docs/SNAPSHOTS.md, "Moves").
+
+- **Target** (``receive``): the ``Receiver`` (``procurator.worker.
+  move_transfer``) accepts the VM's disks from whoever presents the move's
+  token; the set waits in ``<state>/incoming/<vm>/`` until the VM arrives
+  in the assignment (the master's switch), when its first prepare takes
+  the copies in place of fresh ones (``procurator.nix.image``). A set no
+  transfer or VM of the assignment names is dropped.
+- **Source** (not ``receive``): once the VM's VMM is gone (the move
+  stopped it: desired power ``stopped``, phase ``stopped``), its writable
+  disk copies are sent to the target; a failed send is tried again every
+  ``retry`` seconds while the transfer is assigned (the target answers a
+  set it holds already at once).
+
+Each side reports its progress (``WorkerStatus.transfers``: pending,
+sending with bytes, sent, received, failed with why); the master's leader
+switches the VM once the target reports it ``received``.
+
+Invariants: nothing is sent while a VMM of the VM runs; the target never
+starts the VM on its own (it is not in its assignment before the switch);
+nothing received is kept once no transfer or VM names it. The sends run in
+worker threads (``trio.to_thread.run_sync``), one per VM at a time; the
+receiver runs in its own threads. Everything else is on the trio thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from procurator.core.assignments import AssignmentUpdate
+from procurator.core.models import (
+    Assignment,
+    DiskTransfer,
+    Phase,
+    PowerState,
+    TransferProgress,
+    TransferState,
+)
+from procurator.worker.manager import VmManager
+from procurator.worker.move_transfer import (
+    Expected,
+    Receiver,
+    TransferError,
+    disk_files,
+    send_disks,
+)
+
+__all__ = ["INCOMING_DIR", "MoveTransfers"]
+
+log = logging.getLogger(__name__)
+
+INCOMING_DIR = "incoming"
+
+
+class MoveTransfers:
+    """See the module docstring. ``on_progress``: the transfers' progress,
+    whole, whenever it changes (the link's ``publish_transfers``)."""
+
+    def __init__(
+        self,
+        manager: VmManager,
+        listener: socket.socket,
+        state_dir: Path,
+        *,
+        on_progress: Callable[[tuple[TransferProgress, ...]], None],
+        retry: float = 2.0,
+        timeout: float = 60.0,
+    ) -> None:
+        self._manager = manager
+        self._receiver = Receiver(
+            listener, incoming_dir(state_dir), timeout=timeout, on_change=self.receiver_changed
+        )
+        self._on_progress = on_progress
+        self._retry = retry
+        self._timeout = timeout
+        self._assigned = False
+        self._vms: set[str] = set()
+        self._transfers: dict[str, DiskTransfer] = {}
+        self._sending: dict[str, TransferProgress] = {}  # vm id -> the source's progress
+        self._busy: set[str] = set()
+        self._not_before: dict[str, float] = {}
+        self._reported: tuple[TransferProgress, ...] | None = None
+        self._wake = trio.Event()
+        self._token: trio.lowlevel.TrioToken | None = None
+
+    # -- inputs (trio thread) ------------------------------------------------
+
+    def take_assignment(self, update: AssignmentUpdate) -> None:
+        if isinstance(update, Assignment):
+            self._vms = {vm.id for vm in update.vms}
+        else:
+            self._vms |= {vm.id for vm in update.upserted}
+            self._vms -= set(update.removed)
+        self._assigned = True
+        self._transfers = {t.vm_id: t for t in update.transfers}
+        for vm_id in list(self._sending):
+            sent = self._transfers.get(vm_id)
+            if sent is None or sent.receive or sent.op_id != self._sending[vm_id].op_id:
+                del self._sending[vm_id]
+        self._receiver.expect(
+            [Expected(t.vm_id, t.op_id, t.token) for t in self._transfers.values() if t.receive]
+        )
+        self._wake.set()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where the receiver listens."""
+        return self._receiver.address
+
+    def vm_changed(self) -> None:
+        """A VM changed (a VMM stopped, say): look again (trio thread)."""
+        self._wake.set()
+
+    # -- the loop --------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        serving = threading.Thread(target=self._receiver.serve, name="move receiver", daemon=True)
+        serving.start()
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    self._wake = trio.Event()
+                    self._step(nursery)
+                    self._publish()
+                    with trio.move_on_after(self._retry / 2):
+                        await self._wake.wait()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._receiver.close)
+                await trio.to_thread.run_sync(serving.join)
+
+    def _step(self, nursery: trio.Nursery) -> None:
+        if self._assigned:
+            self._receiver.prune(self._vms | set(self._transfers))
+        now = trio.current_time()
+        for vm_id, transfer in sorted(self._transfers.items()):
+            if transfer.receive or vm_id in self._busy:
+                continue
+            done = self._sending.get(vm_id)
+            if done is not None and done.state is TransferState.SENT:
+                continue
+            if self._not_before.get(vm_id, 0.0) > now or not self._stopped(vm_id):
+                continue
+            self._busy.add(vm_id)
+            nursery.start_soon(self._send, transfer)
+
+    def _stopped(self, vm_id: str) -> bool:
+        """Whether the VM is stopped for the move: desired stopped, no VMM."""
+        obs = self._manager.get(vm_id)
+        return (
+            obs is not None
+            and obs.desired_power is PowerState.STOPPED
+            and obs.pid is None
+            and obs.phase is Phase.STOPPED
+        )
+
+    async def _send(self, transfer: DiskTransfer) -> None:
+        vm_id = transfer.vm_id
+        try:
+            files = disk_files(self._manager.state.paths(vm_id).vm_dir)
+            total = sum(path.stat().st_size for _, path in files)
+            self._sending[vm_id] = TransferProgress(
+                vm_id, transfer.op_id, TransferState.SENDING, 0, total
+            )
+            self._publish()
+            host, _, port = transfer.peer.rpartition(":")
+            address = (host.strip("[]"), int(port))
+            await trio.to_thread.run_sync(
+                lambda: send_disks(
+                    address,
+                    vm_id=vm_id,
+                    op_id=transfer.op_id,
+                    token=transfer.token,
+                    files=files,
+                    timeout=self._timeout,
+                    progress=lambda done, all_: self._progress_soon(transfer, done, all_),
+                )
+            )
+        except (TransferError, OSError, ValueError) as exc:
+            log.warning("move %s: VM %s's disks not sent: %s", transfer.op_id, vm_id, exc)
+            self._not_before[vm_id] = trio.current_time() + self._retry
+            if self._transfers.get(vm_id) == transfer:
+                self._sending[vm_id] = TransferProgress(
+                    vm_id, transfer.op_id, TransferState.FAILED, message=str(exc)
+                )
+        else:
+            log.info("move %s: VM %s's disks sent to %s", transfer.op_id, vm_id, transfer.peer)
+            if self._transfers.get(vm_id) == transfer:
+                self._sending[vm_id] = TransferProgress(
+                    vm_id, transfer.op_id, TransferState.SENT, total, total
+                )
+        finally:
+            self._busy.discard(vm_id)
+            self._wake.set()
+
+    def _progress_soon(self, transfer: DiskTransfer, done: int, total: int) -> None:
+        """From the sending thread: note the bytes sent (every 64 MiB and at the end)."""
+        if done % (64 << 20) > (1 << 20) and done != total:
+            return
+        assert self._token is not None
+        self._token.run_sync_soon(self._set_progress, transfer, done, total)
+
+    def _set_progress(self, transfer: DiskTransfer, done: int, total: int) -> None:
+        current = self._sending.get(transfer.vm_id)
+        if current is not None and current.state is TransferState.SENDING:
+            self._sending[transfer.vm_id] = TransferProgress(
+                transfer.vm_id, transfer.op_id, TransferState.SENDING, done, total
+            )
+            self._wake.set()
+
+    def receiver_changed(self) -> None:
+        """From a receiving thread: a transfer ended (either way)."""
+        if self._token is not None:
+            self._token.run_sync_soon(self._wake.set)
+
+    def _publish(self) -> None:
+        progress = []
+        for vm_id, transfer in sorted(self._transfers.items()):
+            if transfer.receive:
+                if self._receiver.received(vm_id) == transfer.op_id:
+                    state, why = TransferState.RECEIVED, ""
+                elif why := self._receiver.failure(vm_id):
+                    state = TransferState.FAILED
+                else:
+                    state = TransferState.PENDING
+                progress.append(TransferProgress(vm_id, transfer.op_id, state, message=why))
+            else:
+                progress.append(
+                    self._sending.get(vm_id)
+                    or TransferProgress(vm_id, transfer.op_id, TransferState.PENDING)
+                )
+        reported = tuple(progress)
+        if reported != self._reported:
+            self._reported = reported
+            self._on_progress(reported)
+
+
+def incoming_dir(state_dir: Path) -> Path:
+    """Where a target keeps the disks it received (``<state>/incoming``)."""
+    return Path(state_dir) / INCOMING_DIR
