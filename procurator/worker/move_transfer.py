@@ -22,9 +22,9 @@ that op is answered ``ok`` at once (a source that lost the first answer
 sends again: idempotent). Nothing half-written is ever used: files go to
 ``incoming/.<vm>.<op>.partial/``, each is fsynced and checked, and the
 whole set is renamed to ``incoming/<vm>/`` (replacing an older set) only
-when complete; ``op`` in it names the op. ``procurator.nix.image`` moves
-the set into the VM's disk directory at its next prepare
-(``take_incoming``).
+when complete; ``op`` in it names the op. ``procurator.nix.image`` renames
+the copies into the VM's disk directory at its first prepare after the
+switch (``procurator.worker.move_service`` drops a set nothing names).
 
 Plain TCP: the token authenticates the source for one transfer and
 sha256 checks integrity; the bytes are not encrypted (TLS with the fleet's
@@ -60,7 +60,6 @@ __all__ = [
     "disk_files",
     "new_token",
     "send_disks",
-    "take_incoming",
 ]
 
 log = logging.getLogger(__name__)
@@ -384,16 +383,3 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def take_incoming(incoming: Path, vm_id: str, name: str, target: Path) -> bool:
-    """Move the received copy ``name`` (``<store basename>/disk<i>.img``)
-    of VM ``vm_id`` to ``target`` (where its disk copy is made); whether
-    there was one."""
-    source = incoming / vm_id / name
-    try:
-        os.rename(source, target)
-    except FileNotFoundError:
-        return False
-    _fsync_dir(target.parent)
-    return True
