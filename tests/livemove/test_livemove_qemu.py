@@ -25,7 +25,7 @@ from movelab import ADDRESS, DISK_BYTES, TARGET, Pinger, Side, two_hosts
 from qemuhelpers import wait_for_ready
 
 from procurator.core.jail import JailPolicy
-from procurator.worker.vmm.base import VmmError, VmmHandle, VmState
+from procurator.worker.vmm.base import VmmError, VmmHandle, VmmTimeout, VmState
 from procurator.worker.vmm.process import wait_exit
 from procurator.worker.vmm.qemu import _QmpSession, _Target
 
@@ -143,8 +143,34 @@ def test_live_move_between_namespaces(test_image: Path, hosts: tuple[Side, Side]
         assert a.driver.state(source, timeout=5.0) is VmState.RUNNING
         _ping(a)
 
-    # 3. The move.
+    # 3. The link between the hosts fails (packets dropped, nobody resets a
+    # connection) at the first report, and the guest writes on: the mirror's
+    # write to the target hangs in flight, the move times out and must still
+    # be undone, the hung NBD connection included.
+    ports = _ports()
+    stranded = _target(test_image, b, ports)
+    with pytest.raises(VmmTimeout, match=r"did not end within 5 s \(.*\); undone$") as failed:
+        _send(a, source, ports, timeout=5.0, progress=_cutter(a))
+    print(f"link cut while mirroring: {failed.value}")
+    a.run("ip", "link", "set", "link0", "up")
+    assert {k: v for k, v in _leftovers(a).items() if k != "migration"} == clean
+    _ping(a)
+    b.driver.shutdown_vmm(stranded, timeout=10.0)
+
+    # 4. The move.
     _move(test_image, a, b, source, boot_id)
+
+
+def _cutter(a: Side) -> Callable[[int, int], None]:
+    """A progress callback that, at its first call, takes a's end of the
+    link between the hosts down and writes to the guest's disk."""
+
+    def cut(done: int, total: int) -> None:
+        if a.run("ip", "link", "show", "link0").stdout.count("state DOWN") == 0:
+            a.run("ip", "link", "set", "link0", "down")
+            a.qemu_io(f"write -P 0x55 {FIRST_BLOCK} {BLOCK}")
+
+    return cut
 
 
 def _killer(doomed: VmmHandle, beyond: int) -> Callable[[int, int], None]:

@@ -624,6 +624,7 @@ class _Outgoing:
         self._session = session
         self._progress = progress
         self._fds: list[str] = []  # descriptor names given (getfd)
+        self._connections: list[socket.socket] = []  # our copies of what QEMU was given
         self._mirrors: list[str] = []  # disk ids with a node (and perhaps a job)
         self._jobs: list[str] = []  # mirror job ids started
         self._disk_bytes = 0  # the mirrored disks' bytes, once in sync
@@ -694,13 +695,18 @@ class _Outgoing:
         self._jobs.append(name)
 
     def _hand_over(self, name: str, address: Address, what: str) -> None:
-        """Connect to ``address`` and give QEMU the connection as ``name``."""
+        """Connect to ``address`` and give QEMU the connection as ``name``;
+        this process keeps its own copy until the move ends (``close``)."""
         connection = _connect(self._target, address, what, self._session.deadline)
-        try:
-            self._session.execute("getfd", {"fdname": name}, fd=connection.fileno())
-            self._fds.append(name)
-        finally:
-            connection.close()  # QEMU holds its own copy now
+        self._connections.append(connection)
+        self._session.execute("getfd", {"fdname": name}, fd=connection.fileno())
+        self._fds.append(name)
+
+    def close(self) -> None:
+        """Drop this process's copies of the connections (QEMU's stay)."""
+        for connection in self._connections:
+            connection.close()
+        self._connections.clear()
 
     def _our_jobs(self) -> dict[str, dict[str, Any]]:
         jobs = self._session.execute("query-jobs") or []
@@ -769,16 +775,22 @@ class _Outgoing:
         if self._progress is not None:
             self._progress(done, total)
 
-    def undo(self) -> None:
+    def undo(self) -> str | None:
         """After a failure: the source as it was before the move, its guest
-        running (a QEMU that is gone has nothing to undo). Problems are
-        logged: the move's own error is what the caller hears."""
+        running. None when done, else what went wrong (also logged; a
+        QEMU that is gone cannot be undone: its guest does not run)."""
         try:
             self._session = _QmpSession(self._target, time.monotonic() + _UNDO_TIMEOUT)
         except (VmmError, VmmRejected) as exc:
             log.warning("%s: cannot undo the failed move: %s", self._target, exc)
-            return
+            return exc.message
         session = self._session
+        # First cut the streams: QEMU's requests stuck on a link that drops
+        # packets (no reset comes) fail at once instead of holding the
+        # cancellation of their jobs for as long as TCP retries.
+        for connection in self._connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
         try:
             info = session.execute("query-migrate")
             if isinstance(info, dict) and info.get("status") in _MIGRATING:
@@ -798,11 +810,13 @@ class _Outgoing:
             status = session.execute("query-status")
             if not (isinstance(status, dict) and status.get("running")):
                 session.execute("cont")
-            log.info("%s: the failed move is undone; the guest runs here", self._target)
         except (VmmError, VmmRejected) as exc:
             log.warning("%s: cannot undo the failed move: %s", self._target, exc)
+            return exc.message
         finally:
             session.close()
+        log.info("%s: the failed move is undone; the guest runs here", self._target)
+        return None
 
 
 def _firmware_dirs(exe: str) -> list[str]:
@@ -1038,10 +1052,25 @@ class QemuDriver:
             move = _Outgoing(target, session, progress)
             try:
                 move.run(memory, disks)
-            except BaseException:
+            except (VmmError, VmmRejected) as exc:
                 session.close()  # QMP serves one client: the undo's is next
+                problem = move.undo()
+                said = "undone" if problem is None else f"not undone: {problem}"
+                if isinstance(exc, VmmTimeout):
+                    raise VmmTimeout(
+                        f"{target}: the move did not end within {timeout:g} s "
+                        f"({exc.message}); {said}",
+                        details=exc.details,
+                    ) from exc
+                if problem is not None:
+                    raise VmmError(f"{exc.message}; {said}", details=exc.details) from exc
+                raise
+            except BaseException:
+                session.close()
                 move.undo()
                 raise
+            finally:
+                move.close()
 
     def finish_incoming(self, handle: VmmHandle, *, timeout: float) -> None:
         """Wait for ``migrate-incoming`` to complete, stop the NBD server
