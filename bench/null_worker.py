@@ -35,6 +35,7 @@ import trio
 from procurator import __version__
 from procurator.app.masters import master_addresses
 from procurator.core.confinement import Confined, HostSide
+from procurator.core.jail import JailPolicy
 from procurator.core.models import Capacity, WorkerInfo
 from procurator.core.vmdef import Payload, VmDefinition
 from procurator.nix.image import ImageManager, PreparedImage
@@ -160,6 +161,14 @@ async def _run(args: argparse.Namespace) -> None:
         network=False,
         metrics_listen="",
         metrics_interval=args.metrics_interval,
+        # The worker's jail prepares a cgroup per VM even though nothing is
+        # launched in it: under the run's parent (as `procurator worker`
+        # reads it), so the run's clean-up removes them (bench/_harness.py).
+        # The default parent left 1,000 per fan-out run for good, and every
+        # later cpu quota write on the host walked them.
+        jail=JailPolicy(
+            cgroup_parent=os.environ.get("PROCURATOR_CGROUP_PARENT", JailPolicy().cgroup_parent)
+        ),
     )
     state_dir = Path(args.state_dir)
     info = WorkerInfo(
