@@ -199,6 +199,17 @@ def _read(path: Path) -> str:
         raise CgroupError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
 
+def _write_unless(path: Path, value: str) -> None:
+    """``_write``, unless the file already reads ``value``."""
+    try:
+        with open(path, "rb") as f:
+            if f.read().strip() == value.encode():
+                return
+    except OSError:
+        pass  # the write says what is wrong
+    _write(path, value)
+
+
 def _write(path: Path, value: str) -> None:
     # One write(2) of the whole value: cgroup files take one value per write.
     # (O_CREAT: cgroupfs refuses to make a file that is not an interface
@@ -386,7 +397,10 @@ class CgroupsV1(_Base):
                 )
         if "cpu" in by:
             d = by["cpu"]
-            _try(notes, lambda: _write(d / "cpu.cfs_period_us", str(limits.cpu_period_us)))
+            # Each write of either file walks every cpu cgroup of the host
+            # (the kernel's tg_set_bandwidth): the period, the kernel's
+            # default in a fresh cgroup, is written only when it differs.
+            _try(notes, lambda: _write_unless(d / "cpu.cfs_period_us", str(limits.cpu_period_us)))
             _try(notes, lambda: _write(d / "cpu.cfs_quota_us", str(limits.cpu_quota_us)))
         if "pids" in by:
             _try(notes, lambda: _write(by["pids"] / "pids.max", str(limits.pids)))

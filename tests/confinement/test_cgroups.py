@@ -14,6 +14,7 @@ limits for real (it detects what it has)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -132,21 +133,25 @@ def test_the_v2_writer_enables_controllers_and_writes_every_limit(tmp_path: Path
     assert placement.notes == ()
 
 
-def test_the_v1_driver_limits_places_and_removes_for_real(tmp_path: Path) -> None:
+# The kernel's default period (left as a fresh cgroup has it: each write
+# walks every cpu cgroup of the host), and another one (written).
+@pytest.mark.parametrize("period", [LIMITS.cpu_period_us, 50_000])
+def test_the_v1_driver_limits_places_and_removes_for_real(tmp_path: Path, period: int) -> None:
     instance = f"w-{uuid.uuid4().hex[:8]}"
     found = cgroups.detect(PARENT, instance)
     if not isinstance(found, CgroupsV1):
         pytest.skip(f"this host does not use cgroup v1 for the controllers: {found.describe()}")
+    limits = dataclasses.replace(LIMITS, cpu_period_us=period, cpu_quota_us=period * 3 // 2)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        placement = found.create("vm1", LIMITS)
+        placement = found.create("vm1", limits)
         assert placement.notes == ()
         for procs in placement.join:
             Path(procs).write_text(str(sleeper.pid))
         assert found.processes("vm1") == {sleeper.pid}
         assert found.names() == ["vm1"]
-        limits = found.read_limits(sleeper.pid)
-        assert (limits.version, limits.memory_bytes, limits.cpus, limits.pids) == (
+        seen = found.read_limits(sleeper.pid)
+        assert (seen.version, seen.memory_bytes, seen.cpus, seen.pids) == (
             1,
             320 * MIB,
             1.5,
@@ -155,7 +160,7 @@ def test_the_v1_driver_limits_places_and_removes_for_real(tmp_path: Path) -> Non
         assert found.oom_kills("vm1") == 0
         # A cgroup that still holds a process is not made anew for a launch.
         with pytest.raises(cgroups.CgroupBusyError):
-            found.create("vm1", LIMITS)
+            found.create("vm1", limits)
         found.remove("vm1")  # kills what is inside: it can only be that VM's
         assert sleeper.wait(timeout=10) == -9
         assert found.names() == []
