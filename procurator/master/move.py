@@ -21,8 +21,10 @@ What each step's generation changes:
   transfer address with the move's token, the target takes them);
 - ``switch``: the VM leaves the source's assignment (its pending removal
   there) and joins the target's, with the power it had before the move;
-- ``fail``: the target's generation moves (it stops preparing the image),
-  and with ``revert`` the source's VM gets its power back (it restarts);
+- ``fail`` before the switch: both workers' generations move (the target
+  stops preparing the image and drops the disks it received, the source
+  stops sending them), and with ``revert`` the source's VM gets its power
+  back (it restarts);
 - ``done``: the row only.
 
 Pure: no clock, no I/O.
@@ -109,7 +111,11 @@ def plan_move(
         message = f"move {move.op_id}: VM {move.vm_id} moved {where}"
     else:
         if not move.switched:
+            # Both hear of the end with a generation: the target stops
+            # preparing (and drops what it received), the source stops
+            # sending.
             changes[move.target] = target
+            changes[move.source] = source
         if step.revert:
             changes[move.source] = with_power(source, move.power)
         back = f"; it is {move.power.value} on {move.source} again" if step.revert else ""

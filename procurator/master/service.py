@@ -580,6 +580,7 @@ class MasterService:
                 stored = await self._store.load(events=self._events_total)
                 self._absorb_all(stored)
                 await self._load_handoffs()
+                await self._active_moves()
                 if self._store.single_master:
                     ended = await self._store.end_sessions(self.master_id, unix_ms=self._now_ms())
                     for worker_id in ended:
@@ -1181,6 +1182,11 @@ class MasterService:
             for vm_id in diff.removed:
                 worker.removals[vm_id] = Removal(generation)
             self._rebuild_voice(diff.worker_id)
+        cached_at, moves = self._moves_cache
+        if cached_at == self._generation:
+            # What workers are sent of the moves changes only with a move's
+            # own commits (_step_move sets it then): this one left them.
+            self._moves_cache = (generation, moves)
         self._generation = generation
         self._sync_wake.set()
         self._mark_changed()
@@ -2457,6 +2463,12 @@ class MasterService:
                 )
                 diffs = [diff_assignments(w, before.get(w, ()), plan.changes[w]) for w in names]
                 self._absorb_commit(generation, plan.changes, diffs, move.op_id)
+                cached_at, moves = self._moves_cache
+                if cached_at == generation:
+                    # Carried over by _absorb_commit: this move's new phase.
+                    after = replace(plan.move, generation=generation)
+                    others = tuple(m for m in moves if m.op_id != move.op_id)
+                    self._moves_cache = (generation, others if after.over else (*others, after))
         failed = step.action is MoveAction.FAIL
         logger.log(logging.WARNING if failed else logging.INFO, "%s", plan.message)
         if diffs:
