@@ -22,10 +22,22 @@ and resident memory with the whole fleet reported to it.
 
 Issue 31's master target: the CPU seconds the master spends on a one-VM
 change (VM 0 of the first worker paused, then running again; the mean of
-``CHANGE_REPEATS`` applies, each until that worker reports) with the whole
-W x V fleet, against the same change while the fleet is that one worker's V
-VMs. Each figure less the master's idle CPU over as long (measured just
-before, over ``IDLE_WINDOW`` s: reports, metrics, the backstop sync).
+``CHANGE_REPEATS`` applies, each until the master shows that worker has
+observed it) with the whole W x V fleet, against the same change while the
+fleet is that one worker's V VMs. Each figure less the master's idle CPU
+over as long (measured just before, over ``IDLE_WINDOW`` s: reports,
+metrics, the backstop sync). Measured twice in the same run: applied as
+the control client applies (a fleet patch: ``procurator.core.fleetpatch``)
+and as an older client does (the whole fleet, ``Control.apply``).
+
+The change is observed by describing its VM, a blocking read on the
+master's change index (``describe_vm`` with ``wait_index``), not by
+polling the fleet's status: a status read encodes every worker's VMs, so
+an observer polling it every 20 ms (as this benchmark did until the fleet
+patch) charges the change with reads that grow with the fleet (the py-spy
+profile of 2026-12-07: those reads were most of the master's CPU during
+the 10-worker change). What one such read costs the master, W workers
+against one, is a row of its own.
 """
 
 from __future__ import annotations
@@ -47,9 +59,11 @@ from bench._harness import (
 )
 from procurator.core.models import Fleet, PowerState, VmAssignment
 from procurator.core.validation import store_path_hash
+from procurator.rpc.clients import ControlClient
 
 NAME = "fanout"
-CHANGE_REPEATS = 6
+CHANGE_REPEATS = 20
+STATUS_READS = 20
 IDLE_WINDOW = 5.0
 
 
@@ -125,25 +139,60 @@ def measure(run: Run) -> list[Row]:
             elapsed = seen - started
             return elapsed, (cpu_seconds(master.pid) - cpu0) / elapsed
 
+    async def timed_change(
+        client: ControlClient, fleet: Fleet, vm_id: str, whole: bool
+    ) -> tuple[float, float]:
+        """(seconds until the master shows the worker of ``vm_id`` has
+        observed the apply, master CPU seconds meanwhile)."""
+        cpu0 = cpu_seconds(master.pid)
+        started = trio.current_time()
+        result = await client.apply(fleet, whole=whole)
+        index = 0
+        with trio.fail_after(300):
+            while True:
+                seen = await client.describe_vm(vm_id, 1, wait_index=index, wait=5.0)
+                if (
+                    seen.fleet_generation >= result.generation
+                    and seen.observed_generation >= seen.desired_generation
+                ):
+                    break
+                alive()
+                index = seen.change_index
+        return trio.current_time() - started, cpu_seconds(master.pid) - cpu0
+
     async def idle_share() -> float:
         """The master's CPU share with nothing applied."""
         cpu0, t0 = cpu_seconds(master.pid), trio.current_time()
         await trio.sleep(IDLE_WINDOW)
         return (cpu_seconds(master.pid) - cpu0) / (trio.current_time() - t0)
 
-    async def one_vm_changes(in_fleet: list[str]) -> tuple[float, float]:
+    async def one_vm_changes(in_fleet: list[str], *, whole: bool) -> tuple[float, float]:
         """(master CPU seconds per one-VM change less idle, seconds per
-        change): VM 0 of the first worker paused and running again."""
+        change): VM 0 of the first worker paused and running again, as a
+        fleet patch or (``whole``) as the whole fleet."""
         idle = await idle_share()
         cpu = wall = 0.0
-        for repeat in range(CHANGE_REPEATS):
-            paused = {in_fleet[0]: {0}} if repeat % 2 == 0 else {}
-            elapsed, share = await timed_apply(
-                _fleet(image, in_fleet, n_vms, paused), in_fleet[:1], 0.02
-            )
-            cpu += (share - idle) * elapsed
-            wall += elapsed
+        vm_id = f"{in_fleet[0]}-vm-000"
+        fleets = [
+            _fleet(image, in_fleet, n_vms, {in_fleet[0]: {0}}),
+            _fleet(image, in_fleet, n_vms),
+        ]
+        async with control(port) as client:
+            for repeat in range(CHANGE_REPEATS):
+                elapsed, used = await timed_change(client, fleets[repeat % 2], vm_id, whole)
+                cpu += used - idle * elapsed
+                wall += elapsed
         return cpu / CHANGE_REPEATS, wall / CHANGE_REPEATS
+
+    async def status_read() -> float:
+        """Master CPU seconds per whole-fleet status read (less idle)."""
+        idle = await idle_share()
+        async with control(port) as client:
+            cpu0, t0 = cpu_seconds(master.pid), trio.current_time()
+            for _ in range(STATUS_READS):
+                await client.status()
+            elapsed = trio.current_time() - t0
+            return (cpu_seconds(master.pid) - cpu0 - idle * elapsed) / STATUS_READS
 
     async def main() -> list[Row]:
         async with control(port) as client:
@@ -152,13 +201,23 @@ def measure(run: Run) -> list[Row]:
         first = workers[:1]
         one, _ = await timed_apply(_fleet(image, first, n_vms), first, 0.05)
         run.log(f"fanout: create on 1 worker: {one:.2f}s")
-        cpu_small, wall_small = await one_vm_changes(first)
-        run.log(f"fanout: one-VM change, 1 worker: {cpu_small * 1e3:.0f} ms master CPU")
+        cpu_small, wall_small = await one_vm_changes(first, whole=False)
+        whole_small, _ = await one_vm_changes(first, whole=True)
+        read_small = await status_read()
+        run.log(
+            f"fanout: one-VM change, 1 worker: {cpu_small * 1e3:.1f} ms master CPU "
+            f"({whole_small * 1e3:.1f} ms whole); a status read {read_small * 1e3:.1f} ms"
+        )
         everyone, create_cpu = await timed_apply(_fleet(image, workers, n_vms), workers, 0.2)
         run.log(f"fanout: create on {n_workers} workers: {everyone:.2f}s")
         await trio.sleep(2.0)
-        cpu_big, wall_big = await one_vm_changes(workers)
-        run.log(f"fanout: one-VM change, {n_workers} workers: {cpu_big * 1e3:.0f} ms master CPU")
+        cpu_big, wall_big = await one_vm_changes(workers, whole=False)
+        whole_big, _ = await one_vm_changes(workers, whole=True)
+        read_big = await status_read()
+        run.log(
+            f"fanout: one-VM change, {n_workers} workers: {cpu_big * 1e3:.1f} ms master CPU "
+            f"({whole_big * 1e3:.1f} ms whole); a status read {read_big * 1e3:.1f} ms"
+        )
         change_one, _ = await timed_apply(
             _fleet(image, workers, n_vms, {workers[0]: {0}}), first, 0.02
         )
@@ -194,14 +253,33 @@ def measure(run: Run) -> list[Row]:
             Row(
                 NAME,
                 f"one-VM change, {n_workers} x {n_vms:,} VMs: master CPU (less idle)",
-                f"{cpu_big * 1e3:.0f} ms",
-                f"{cpu_small * 1e3:.0f} ms same change, 1 worker x {n_vms:,} VMs",
+                f"{cpu_big * 1e3:.1f} ms",
+                f"{cpu_small * 1e3:.1f} ms same change, 1 worker x {n_vms:,} VMs",
                 fmt_ratio(cpu_big, cpu_small),
                 "<= 2x",
                 note=(
-                    f"one-VM change apply -> reported: {fmt_s(wall_big)} with {n_workers} "
-                    f"workers, {fmt_s(wall_small)} with 1 (means of {CHANGE_REPEATS}); the "
-                    f"master pushes the whole {n_vms:,}-VM assignment (bench wire: bytes)"
+                    f"applied as a fleet patch; one-VM change apply -> observed: "
+                    f"{fmt_s(wall_big)} with {n_workers} workers, {fmt_s(wall_small)} with 1 "
+                    f"(means of {CHANGE_REPEATS}, observed by describing the VM); the master "
+                    "pushes the worker the change only (AssignmentChanges)"
+                ),
+            ),
+            Row(
+                NAME,
+                f"... applied whole (an older client), {n_workers} x {n_vms:,} VMs",
+                f"{whole_big * 1e3:.1f} ms",
+                f"{whole_small * 1e3:.1f} ms same change, 1 worker",
+                fmt_ratio(whole_big, whole_small),
+            ),
+            Row(
+                NAME,
+                f"a whole-fleet status read, {n_workers} x {n_vms:,} VMs: master CPU",
+                f"{read_big * 1e3:.1f} ms",
+                f"{read_small * 1e3:.1f} ms, 1 worker",
+                fmt_ratio(read_big, read_small),
+                note=(
+                    "what an observer polling the fleet's status charged each change with "
+                    f"(means of {STATUS_READS} reads)"
                 ),
             ),
             Row(
