@@ -82,14 +82,16 @@ class Side:
             f.truncate(DISK_BYTES)
         return disk
 
-    def definition(self, image: Path, vm: str = "guest") -> VmDefinition:
+    def definition(self, image: Path, *, nic: bool = True) -> VmDefinition:
+        """The guest of the image on this side's disk and (with ``nic``)
+        tap."""
         definition = image_definition(
             image,
             cmdline=f"ip={ADDRESS}::{GATEWAY}:255.255.255.0:guest:eth0:off",
-            net=[{"tap": TAP, "mac": MAC}],
-            disks=[{"path": str(self.disk(vm)), "id": "data", "readonly": False}],
+            net=[{"tap": TAP, "mac": MAC}] if nic else [],
+            disks=[{"path": str(self.disk()), "id": "data", "readonly": False}],
         )
-        return dataclasses.replace(definition, serial_file=str(self.paths(vm).serial_file))
+        return dataclasses.replace(definition, serial_file=str(self.paths().serial_file))
 
     def call(self, function: Callable[[], _T]) -> _T:
         """``function()`` on a thread that entered this side's namespace."""
@@ -109,11 +111,11 @@ class Side:
             raise outcome["error"]
         return outcome["value"]  # type: ignore[no-any-return]
 
-    def launch(self, image: Path, **incoming: Any) -> VmmHandle:
+    def launch(self, image: Path, *, nic: bool = True, **incoming: Any) -> VmmHandle:
         """Launch the guest here (jailed if this side is), booted, or with
         ``incoming`` (``memory=``, ``disks=``) waiting for a move."""
         paths = self.paths()
-        definition = self.definition(image)
+        definition = self.definition(image, nic=nic)
         jail = self.jail.prepare("guest", definition, paths) if self.jail is not None else None
         if incoming:
             handle = self.call(

@@ -100,11 +100,11 @@ def _send(
     )
 
 
-def _target(image: Path, side: Side, ports: tuple[int, int]) -> VmmHandle:
+def _target(image: Path, side: Side, ports: tuple[int, int], *, nic: bool = True) -> VmmHandle:
     """A fresh target: an empty disk of the source's size, an incoming QEMU."""
     side.driver.clear_leftovers(side.paths(), unrecorded=False, grace=1.0)
     side.fresh_disk()
-    return side.launch(image, memory=(TARGET, ports[0]), disks=(TARGET, ports[1]))
+    return side.launch(image, nic=nic, memory=(TARGET, ports[0]), disks=(TARGET, ports[1]))
 
 
 def test_live_move_between_namespaces(test_image: Path, hosts: tuple[Side, Side]) -> None:
@@ -157,7 +157,20 @@ def test_live_move_between_namespaces(test_image: Path, hosts: tuple[Side, Side]
     _ping(a)
     b.driver.shutdown_vmm(stranded, timeout=10.0)
 
-    # 4. The move.
+    # 4. The target cannot load the device state, the last thing sent (it
+    # has no NIC): it must say so to the source, whose move then fails with
+    # its guest running on, instead of a source stopped for good after
+    # sending a state nobody loaded.
+    ports = _ports()
+    misfit = _target(test_image, b, ports, nic=False)
+    with pytest.raises(VmmError, match="migrating the VM failed") as failed:
+        _send(a, source, ports, timeout=60.0)
+    print(f"a target that cannot load the state: {failed.value}")
+    assert {k: v for k, v in _leftovers(a).items() if k != "migration"} == clean
+    _ping(a)
+    b.driver.shutdown_vmm(misfit, timeout=10.0)
+
+    # 5. The move.
     _move(test_image, a, b, source, boot_id)
 
 

@@ -373,9 +373,12 @@ class VmmDriver(Protocol):
         there while the guest runs, until the copies are in sync; then
         migrate the memory and device state to ``memory``, the guest
         paused only for the last dirty pages. Returns once the target
-        holds the whole state: the source guest is then stopped for good
-        (its VMM still up, for the caller to stop with ``shutdown_vmm``;
-        it must never be resumed: the target's disks have moved on).
+        holds the whole state (it said it loaded it): the source guest is
+        then stopped (its VMM still up, for the caller to stop with
+        ``shutdown_vmm``) and must not run again once the target may: only
+        if ``finish_incoming`` fails (the target's guest never ran, so the
+        source's disks are still the VM's) may the caller stop the target
+        and ``resume`` the source.
 
         Any failure before that point (the target refuses or goes away,
         ``timeout`` runs out, a mirror job fails) undoes the move on the

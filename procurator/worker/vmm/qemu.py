@@ -551,6 +551,9 @@ _NBD_FD = "procurator-nbd"
 _MIRROR_PREFIX = "procurator-mirror-"
 # Undoing a failed move gets its own time: the move's may be spent.
 _UNDO_TIMEOUT = 30.0
+# The migration capabilities a move sets on the source (and return-path on
+# the target), reset on the source by a failed move's undo.
+_MOVE_CAPABILITIES = ("return-path", "pause-before-switchover")
 # query-migrate states of an outgoing migration under way.
 _MIGRATING = ("setup", "active", "pre-switchover", "device", "cancelling", "postcopy-active")
 
@@ -583,6 +586,10 @@ def _connect(target: _Target, address: Address, what: str, deadline: float) -> s
         connection = socket.create_connection(
             (host, port), timeout=max(0.001, deadline - time.monotonic())
         )
+    except TimeoutError as exc:  # no answer (dropped, not refused) until the deadline
+        raise VmmTimeout(
+            f"{target}: the move's target at {host}:{port} did not answer for the {what}"
+        ) from exc
     except OSError as exc:
         raise VmmError(
             f"{target}: cannot reach the move's target at {host}:{port} for the {what}: "
@@ -590,6 +597,11 @@ def _connect(target: _Target, address: Address, what: str, deadline: float) -> s
         ) from exc
     connection.settimeout(None)  # QEMU's to drive from here: blocking, as made
     return connection
+
+
+def _set_capabilities(session: _QmpSession, states: Mapping[str, bool]) -> None:
+    capabilities = [{"capability": name, "state": state} for name, state in states.items()]
+    session.execute("migrate-set-capabilities", {"capabilities": capabilities})
 
 
 def _await_incoming(session: _QmpSession, incoming: _Incoming) -> None:
@@ -604,6 +616,7 @@ def _await_incoming(session: _QmpSession, incoming: _Incoming) -> None:
             for dev_id in incoming.exports:
                 export = {"device": _DRIVE_PREFIX + dev_id, "name": dev_id, "writable": True}
                 session.execute("nbd-server-add", export)
+        _set_capabilities(session, {"return-path": True})  # as the source does
         session.execute("getfd", {"fdname": _MIGRATION_FD}, fd=incoming.memory.fileno())
         # QEMU 7.2's migration URIs have no "listen on this descriptor", but
         # tcp: takes any of its socket addresses, fd:NAME (a listening
@@ -636,9 +649,13 @@ class _Outgoing:
             for dev_id in self._writable_disks():
                 self._mirror(dev_id, disks)
             self._wait_mirrors_ready()
-        if self._mirrors:
-            switchover = {"capability": "pause-before-switchover", "state": True}
-            session.execute("migrate-set-capabilities", {"capabilities": [switchover]})
+        # The target says whether it loaded the state (the return path):
+        # without it, "completed" means sent, and a source would stop for
+        # good after sending a state the target then failed to load. With
+        # mirrors, QEMU also waits with the guest stopped before the device
+        # state, until the disks are in sync (pause-before-switchover).
+        capabilities = {"return-path": True, "pause-before-switchover": bool(self._mirrors)}
+        _set_capabilities(session, capabilities)
         # The default bandwidth (32 MiB/s) is for sharing a link with the
         # guests; a move wants its pause short.
         session.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
@@ -805,8 +822,9 @@ class _Outgoing:
             for name in self._fds:
                 with contextlib.suppress(VmmRejected):  # taken by its user, or never given
                     session.execute("closefd", {"fdname": name})
-            switchover = {"capability": "pause-before-switchover", "state": False}
-            session.execute("migrate-set-capabilities", {"capabilities": [switchover]})
+            # Reset: a later snapshot migrates to a file (no return path,
+            # nobody to continue after the pause).
+            _set_capabilities(session, dict.fromkeys(_MOVE_CAPABILITIES, False))
             status = session.execute("query-status")
             if not (isinstance(status, dict) and status.get("running")):
                 session.execute("cont")
