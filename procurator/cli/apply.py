@@ -71,7 +71,10 @@ def add_parser(sub: Any) -> None:
         description=(
             "Validate a fleet file locally, send it to the master and print the\n"
             "per-worker diff (added / replaced / removed / power / updated).\n"
-            "The format follows the extension: .toml or .json (nix eval --json).\n\n"
+            "The format follows the extension: .toml or .json (nix eval --json).\n"
+            "Only the parts of the file the master does not hold already (a worker's\n"
+            "VMs, the rest of the file) travel, named by digest; the master applies\n"
+            "the whole file all the same (a master too old for that gets it whole).\n\n"
             "Every apply carries a request id (--request-id, or a random one): the\n"
             "master never applies a request twice, and answers one it committed with\n"
             "that apply's result. When the connection is lost after the request was\n"
