@@ -181,9 +181,8 @@ class ControlClient:
         if self._patches and not whole:
 
             async def send(patch: FleetPatch) -> PatchAnswer:
-                request = PatchRequest(patch, expected_generation, dry_run, request_id, supersede)
-                return await self._bridge.run(
-                    _apply_patch, self._handle, request, what="applyPatch"
+                return await self.apply_patch(
+                    PatchRequest(patch, expected_generation, dry_run, request_id, supersede)
                 )
 
             try:
@@ -196,6 +195,12 @@ class ControlClient:
                     return result
         request = ApplyRequest(fleet, expected_generation, dry_run, request_id, supersede)
         return await self._bridge.run(_apply, self._handle, request, what="apply")
+
+    async def apply_patch(self, request: PatchRequest) -> PatchAnswer:
+        """One ``Control.applyPatch`` call, as :meth:`apply` makes them:
+        the result, or the parts the master asks for (nothing applied).
+        ``UnsupportedError`` from a master older than fleet patches."""
+        return await self._bridge.run(_apply_patch, self._handle, request, what="applyPatch")
 
     async def status(self, *, wait_index: int = 0, wait: float = 0.0) -> FleetStatus:
         """The fleet's status. With ``wait_index`` (the ``change_index`` of

@@ -15,10 +15,18 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
+from procurator.core.errors import LimitExceededError, ValidationError
 from procurator.core.fleet import parse_fleet
-from procurator.core.fleetpatch import FleetPatch, PatchAnswer
+from procurator.core.fleetpatch import (
+    FleetParts,
+    FleetPatch,
+    PatchAnswer,
+    PatchRequest,
+    make_patch,
+)
 from procurator.core.models import Fleet
 from procurator.master.service import MasterService
 from procurator.master.store import FleetStore
@@ -110,6 +118,54 @@ async def test_a_one_vm_change_carries_one_workers_part(tmp_path: Path, bridge: 
             back = await client.apply(_fleet(workers=4))
             assert [[w for w, _ in p.sent.workers] for p in recording.patches] == [[], ["host-3"]]
             assert [d.worker_id for d in back.diffs] == ["host-3"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_hostile_patches_are_refused_typed_over_the_wire(
+    tmp_path: Path, bridge: Bridge
+) -> None:
+    async with await FleetStore.open(tmp_path / "m.db") as store, trio.open_nursery() as nursery:
+        service = MasterService(store)
+        await nursery.start(service.run)
+        served = _served(bridge, service)  # type: ignore[arg-type]
+        async with served as address, open_control(bridge, address) as client:
+            await client.apply(_fleet(workers=2))
+            generation = service.generation
+            held = service._assignments
+            # A VM of the unpatched host-1 duplicated onto the patched host-0.
+            dup = FleetParts.of(
+                Fleet(
+                    (
+                        ("host-0", (*held["host-0"].vms, held["host-1"].vms[0])),
+                        ("host-1", held["host-1"].vms),
+                    )
+                )
+            )
+            with pytest.raises(ValidationError) as refused:
+                await client.apply_patch(PatchRequest(make_patch(dup, ["host-0"])))
+            assert refused.value.details == (
+                "workers.host-0.vms: VM id 'w1-vm0' is used more than once "
+                "(also in worker 'host-1')",
+            )
+            assert refused.value.op_id.startswith("op-")
+            # Contents under another part's digest; a digest of 3 bytes; a
+            # worker the fleet never had, named by a digest nobody holds.
+            good = make_patch(FleetParts.of(_fleet("w0-vm0", workers=2)), ["host-0"])
+            lying = FleetPatch(good.parts, Fleet((("host-0", held["host-1"].vms),)))
+            with pytest.raises(ValidationError, match="fleet patch: 1 problem"):
+                await client.apply_patch(PatchRequest(lying))
+            short = FleetPatch(tuple((n, d[:3]) for n, d in good.parts), good.sent)
+            with pytest.raises(ValidationError) as refused:
+                await client.apply_patch(PatchRequest(short))
+            assert "patch.parts['host-0']: a digest is 32 bytes" in refused.value.details
+            ghost = FleetPatch(tuple(sorted((*good.parts, ("host-9", bytes(32))))), good.sent)
+            answer = await client.apply_patch(PatchRequest(ghost))
+            assert answer.result is None and answer.missing == ("host-9",)
+            # A part name beyond any text bound is refused as such.
+            long_name = FleetPatch(((("x" * 5000), bytes(32)), *good.parts))
+            with pytest.raises(LimitExceededError):
+                await client.apply_patch(PatchRequest(long_name))
+            assert service.generation == generation
         nursery.cancel_scope.cancel()
 
 
