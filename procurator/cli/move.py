@@ -39,15 +39,19 @@ Move VM to worker WORKER, keeping its id and MAC (docs/SNAPSHOTS.md).
 
 A cold move (the default): the target prepares the VM's image (realised
 and rooted) while the VM runs on; then the VM is stopped on its worker
-(stop ladder), and once that worker reports it stopped, the target boots
-it. The VM never runs on two workers; any failure before the switch (a
-worker lost, the image failing to prepare, --timeout passed) leaves it
-running on its worker, and the move failed with the reason. The move is
-stored: a master restart or failover continues it.
+(stop ladder); once that worker reports it stopped, it sends the VM's
+writable disk copies to the target (plain TCP to the target's
+--transfer-listen address, a one-time token, sizes and sha256 checked),
+and once the target has them all, the target boots the VM with them. The
+VM never runs on two workers; any failure before the switch (a worker
+lost, the image failing to prepare, --timeout passed) leaves it running
+on its worker, and the move failed with the reason. The move is stored:
+a master restart or failover continues it. The target must run with
+--transfer-listen.
 
-Not carried yet: the VM's writable disk copies (the target boots from a
-fresh copy of the image's disk) and its snapshots. --live is refused
-(live moves are not built yet).
+Not carried: the VM's snapshots (they stay, and go with the VM's
+directory on its old worker). --live is refused (live moves are not built
+in the mover yet).
 
 A pinned VM ([workers.W] in the fleet file) is pinned to WORKER by the
 move; the next apply of a fleet file that still pins it elsewhere moves

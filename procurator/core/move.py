@@ -207,9 +207,8 @@ def check_move(
     the target (None: it fits)."""
     if kind is MoveKind.LIVE:
         return (
-            "live moves need a VMM driver with live_move (QEMU or cloud-hypervisor) "
-            "and the worker-to-worker migration path; not built yet: move it cold "
-            "(without --live)"
+            "live moves are not built in the mover yet (the VMM drivers can migrate a "
+            "running VM, but the workers do not drive it): move it cold, without --live"
         )
     found = [(w, vm) for w, a in sorted(assignments.items()) for vm in a.vms if vm.id == vm_id]
     if not found:

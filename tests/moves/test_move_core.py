@@ -251,7 +251,7 @@ def test_refusals_name_the_reason() -> None:
     assert (
         refusal(target_shortfall="needs 1 vCPU") == "VM a does not fit on worker w2: needs 1 vCPU"
     )
-    assert "not built yet" in str(refusal(kind=MoveKind.LIVE))
+    assert "live moves are not built in the mover yet" in str(refusal(kind=MoveKind.LIVE))
     assert "worker w2 takes no moves: it runs without --transfer-listen" in str(
         refusal(target_transfers=False)
     )
