@@ -127,7 +127,8 @@ def send_disks(
             answers = conn.makefile("rb")
             answer = _read_line(answers, 1024)
             # "ok": stored already; anything else but "go": refused.
-            sending = files if answer == "go" else []
+            go = answer == "go"
+            sending = files if go else []
             for (_, path), (_, size) in zip(sending, sizes[: len(sending)], strict=True):
                 digest = hashlib.sha256()
                 left = size
@@ -143,7 +144,7 @@ def send_disks(
                         if progress is not None:
                             progress(done, total)
                 conn.sendall(digest.hexdigest().encode() + b"\n")
-            if sending:
+            if go:
                 answer = _read_line(answers, 1024)
     except OSError as exc:
         raise TransferError(
@@ -195,6 +196,7 @@ class Receiver:
         self._failed: dict[str, str] = {}
         self._closed = False
         self._threads: list[threading.Thread] = []
+        self._conns: set[socket.socket] = set()  # open transfers: cut at close
         incoming.mkdir(parents=True, exist_ok=True)
         for stale in incoming.glob(".*.partial"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -251,15 +253,23 @@ class Receiver:
                 )
                 self._threads = [t for t in self._threads if t.is_alive()]
                 self._threads.append(thread)
+                self._conns.add(conn)
             thread.start()
 
     def close(self) -> None:
+        """Stop accepting and cut the transfers under way (each source sends
+        again later; nothing half-received is kept), then wait for their
+        threads."""
         with self._lock:
             self._closed = True
             threads = list(self._threads)
+            conns = list(self._conns)
         with contextlib.suppress(OSError):
             self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
         for thread in threads:
             thread.join(self._timeout)
 
@@ -286,6 +296,8 @@ class Receiver:
                 with contextlib.suppress(OSError):
                     conn.sendall(f"error: {why}\n".encode())
             finally:
+                with self._lock:
+                    self._conns.discard(conn)
                 self._on_change()
 
     def _check(self, header: object) -> tuple[str, str, list[tuple[str, int]]]:
@@ -333,6 +345,7 @@ class Receiver:
         partial = self._incoming / f".{vm_id}.{op_id}.partial"
         shutil.rmtree(partial, ignore_errors=True)
         try:
+            partial.mkdir()  # also for a VM without writable disks: an empty set
             for name, size in files:
                 path = partial / name
                 path.parent.mkdir(parents=True, exist_ok=True)

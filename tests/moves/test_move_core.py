@@ -29,6 +29,7 @@ from procurator.core.move import (
     advance,
     check_move,
     step,
+    transfer_progress,
 )
 
 PATH = "/nix/store/" + "c" * 32 + "-c"
@@ -255,3 +256,10 @@ def test_refusals_name_the_reason() -> None:
     assert "worker w2 takes no moves: it runs without --transfer-listen" in str(
         refusal(target_transfers=False)
     )
+
+
+def test_a_transfers_progress_is_the_sources_bytes() -> None:
+    sending = TransferProgress("a", "op-m", TransferState.SENDING, 25, 100)
+    statuses = {"w1": WorkerStatus("w1", 7, (), (), (sending,))}
+    assert transfer_progress(TRANSFERRING, statuses) == "25%"
+    assert transfer_progress(TRANSFERRING, {}) == ""

@@ -136,3 +136,33 @@ def test_a_bad_checksum_a_short_file_or_a_hostile_name_keeps_nothing(
     with socket.create_connection(receiver.address, timeout=5) as conn:
         conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
         assert conn.makefile("rb").readline().startswith(b"error: not a procurator move")
+
+
+def test_a_vm_without_writable_disks_sends_an_empty_set(tmp_path: Path, receiver: Receiver) -> None:
+    receiver.expect([Expected("web-9", "op-m9", "t")])
+    assert disk_files(tmp_path / "nothing") == []
+    send_disks(receiver.address, vm_id="web-9", op_id="op-m9", token="t", files=[])
+    assert receiver.received("web-9") == "op-m9"
+
+
+def test_closing_the_receiver_cuts_a_transfer_under_way_and_keeps_nothing(
+    tmp_path: Path,
+) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    got = Receiver(listener, tmp_path / "incoming", timeout=60.0)
+    thread = threading.Thread(target=got.serve)
+    thread.start()
+    got.expect([Expected("web-1", "op-m1", "t")])
+    header = {
+        "vm_id": "web-1",
+        "op_id": "op-m1",
+        "token": "t",
+        "files": [{"name": f"{BASE}/disk0.img", "size": 1 << 20}],
+    }
+    with socket.create_connection(got.address, timeout=5) as conn:
+        conn.sendall(MAGIC + json.dumps(header).encode() + b"\n" + b"x" * 1000)
+        assert conn.makefile("rb").readline() == b"go\n"
+        got.close()  # does not wait out the 60 s socket timeout
+        thread.join()
+    assert got.received("web-1") is None
+    assert list((tmp_path / "incoming").iterdir()) == []
