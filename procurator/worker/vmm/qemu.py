@@ -796,18 +796,18 @@ class _Outgoing:
         """After a failure: the source as it was before the move, its guest
         running. None when done, else what went wrong (also logged; a
         QEMU that is gone cannot be undone: its guest does not run)."""
-        try:
-            self._session = _QmpSession(self._target, time.monotonic() + _UNDO_TIMEOUT)
-        except (VmmError, VmmRejected) as exc:
-            log.warning("%s: cannot undo the failed move: %s", self._target, exc)
-            return exc.message
-        session = self._session
         # First cut the streams: QEMU's requests stuck on a link that drops
         # packets (no reset comes) fail at once instead of holding the
         # cancellation of their jobs for as long as TCP retries.
         for connection in self._connections:
             with contextlib.suppress(OSError):
                 connection.shutdown(socket.SHUT_RDWR)
+        try:
+            self._session = _QmpSession(self._target, time.monotonic() + _UNDO_TIMEOUT)
+        except (VmmError, VmmRejected) as exc:
+            log.warning("%s: cannot undo the failed move: %s", self._target, exc)
+            return exc.message
+        session = self._session
         try:
             info = session.execute("query-migrate")
             if isinstance(info, dict) and info.get("status") in _MIGRATING:
