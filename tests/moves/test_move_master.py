@@ -41,7 +41,7 @@ from procurator.core.models import (
 )
 from procurator.core.move import Move, MoveKind, MovePhase
 from procurator.master.service import MasterService
-from procurator.master.store import FleetStore
+from procurator.master.store import FleetStore, Store, open_store
 
 IMAGE = "/nix/store/" + "d" * 32 + "-vm"
 LEASE = 1.0
@@ -86,6 +86,7 @@ class SimWorker:
         self.token = 0
         self.bad_images: set[str] = set()
         self.no_transfers = False  # registers without a transfer address
+        self.receiving = True  # cleared: the disks it is sent never arrive
         self.transfers: list[DiskTransfer] = []  # every one it was sent
         self.going = trio.Event()
         self.going.set()
@@ -112,6 +113,10 @@ class SimWorker:
             await self.going.wait()
             seen = len(self.node.pushed)
             await self._take(self.node.pushed[-1])
+
+    async def take_again(self) -> None:
+        """Report again what it was last sent (its state changed)."""
+        await self._take(self.node.pushed[-1])
 
     async def _take(self, assignment: Assignment) -> None:
         running = {vm.id for vm in assignment.vms if vm.power is PowerState.RUNNING}
@@ -140,7 +145,9 @@ class SimWorker:
                 TransferProgress(
                     t.vm_id,
                     t.op_id,
-                    TransferState.RECEIVED if t.receive else TransferState.SENT,
+                    (TransferState.RECEIVED if self.receiving else TransferState.PENDING)
+                    if t.receive
+                    else TransferState.SENT,
                 )
                 for t in assignment.transfers
             ),
@@ -351,3 +358,69 @@ async def test_a_move_goes_on_after_a_master_restart_in_its_stop(tmp_path: Path)
                 assert (await where(master))["web-1"] == ["host-b"]
                 assert runs.on["host-b"] == {"web-1"} and runs.twice == []
             nursery.cancel_scope.cancel()
+
+
+async def test_a_move_goes_on_after_its_leader_dies_and_through_another_masters_sessions(
+    pg_url: str,
+) -> None:
+    """Two masters on one PostgreSQL store: both workers' sessions on the
+    one that does not lead; the leader dies (its lease runs out) while the
+    move transfers; the other master's leader takes it to done."""
+    runs = Runs()
+    async with trio.open_nursery() as nursery:
+        scopes, services = [], []
+        for index in range(2):
+            store = await open_store(pg_url)
+            service = MasterService(
+                store,
+                master_id=f"m{index}",
+                sync_interval=0.2,
+                worker_lease=30.0,
+                leader_lease=1.0,
+                push_timeout=2.0,
+            )
+            scope = trio.CancelScope()
+
+            async def run(
+                task_status: trio.TaskStatus[None], s: MasterService = service, c: object = scope
+            ) -> None:
+                with c:  # type: ignore[attr-defined]
+                    await s.run(task_status=task_status)
+
+            await nursery.start(run)
+            nursery.start_soon(_close_later, store)
+            scopes.append(scope)
+            services.append(service)
+        with trio.fail_after(30):  # a hang guard
+            while not any(s.leadership.leading for s in services):
+                await trio.sleep(0.05)
+        leader = next(i for i, s in enumerate(services) if s.leadership.leading)
+        other = services[1 - leader]
+        a, b = SimWorker(other, "host-a", runs), SimWorker(other, "host-b", runs)
+        await a.start(nursery)
+        await b.start(nursery)
+        await other.apply(Fleet((), (web("web-1"),)))
+        with trio.fail_after(30):
+            while "web-1" not in runs.on["host-a"]:
+                await trio.sleep(0.02)
+        b.receiving = False  # the transfer waits
+        move = await other.move("web-1", "host-b")
+        with trio.fail_after(30):
+            while (await other.moves("web-1"))[0].phase is not MovePhase.TRANSFERRING:
+                await trio.sleep(0.02)
+        scopes[leader].cancel()  # dies: its lease runs out
+        b.receiving = True
+        await b.take_again()
+        done = await wait_over(other, "web-1")
+        assert done.phase is MovePhase.DONE and done.op_id == move.op_id, done
+        assert other.leadership.leading
+        assert (await where(other))["web-1"] == ["host-b"] and runs.twice == []
+        nursery.cancel_scope.cancel()
+
+
+async def _close_later(store: Store) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):
+            await store.aclose()
