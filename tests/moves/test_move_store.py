@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +24,6 @@ def vm(vm_id: str, power: PowerState = PowerState.RUNNING) -> VmAssignment:
 
 def pending(vm_id: str = "a", op_id: str = "op-m1", started: int = 10) -> Move:
     return Move(vm_id, "w1", "w2", MoveKind.COLD, MovePhase.PENDING, op_id, started, 10_000)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    target = (
-        str(tmp_path / "m.db") if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    )
-    opened = await open_store(target)
-    try:
-        yield opened
-    finally:
-        await opened.aclose()
 
 
 async def leader(store: Store) -> Fence:

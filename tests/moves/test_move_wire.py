@@ -6,8 +6,6 @@ a worker's transfers with its status (so any master's leader sees them)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +21,7 @@ from procurator.core.models import (
     WorkerStatus,
 )
 from procurator.core.status import StatusOutbox, apply_status_changes, status_changes
-from procurator.master.store import Store, open_store
+from procurator.master.store import Store
 from procurator.master.store.model import StatusWrite
 from procurator.rpc import convert
 from procurator.rpc.schema import load_schema
@@ -122,18 +120,6 @@ def test_malformed_transfers_are_refused_naming_the_field() -> None:
             convert.worker_info_from_reader,
             WorkerInfo("host-a", transfer_address="nowhere"),
         )
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    target = (
-        str(tmp_path / "m.db") if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    )
-    opened = await open_store(target)
-    try:
-        yield opened
-    finally:
-        await opened.aclose()
 
 
 async def test_the_store_keeps_transfers_with_the_status_and_the_address(store: Store) -> None:
