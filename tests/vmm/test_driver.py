@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from vmmhelpers import (
     config,
     definition,
     fake_driver,
+    walk_documented_api,
 )
 
 from procurator.core.errors import PermanentError, TemporaryError
@@ -352,56 +352,13 @@ def test_the_api_observer_sees_every_call(
 
 def test_the_fake_speaks_the_documented_api(openapi: ApiValidator, paths: VmmPaths) -> None:
     """Every endpoint the fake serves, in every state, through a validating
-    client: request and response checked against the OpenAPI description."""
+    client: request and response checked against the OpenAPI description
+    (the walk is shared with bench/tiny_vmm.c's test, test_tiny_vmm.py)."""
     driver = fake_driver(transport_factory=openapi.transport)
-    # A VMM without a VM: the fake launched as the driver would, not booted.
-    pid, ticks = process.launch_detached(
-        driver.argv(paths), vm_dir=paths.vm_dir, log_path=paths.vm_dir / "vmm.stdout"
-    )
-    handle = VmmHandle(driver.name, pid, ticks, str(paths.api_socket))
     try:
-        process.wait_for_api(
-            handle,
-            lambda seconds: driver.ping(handle, timeout=seconds),
-            deadline=time.monotonic() + 20.0,
-            who="the fake",
-        )
-        client = httpx.Client(transport=openapi.transport(handle.api_socket), trust_env=False)
-        with client:
-            base = "http://localhost/api/v1/"
-            # Before vm.create: 404s with error lists.
-            for method, endpoint in [
-                ("GET", "vm.info"),
-                ("GET", "vm.counters"),
-                ("PUT", "vm.boot"),
-                ("PUT", "vm.pause"),
-                ("PUT", "vm.power-button"),
-            ]:
-                assert client.request(method, base + endpoint).status_code == 404
-            assert client.get(base + "vmm.ping").status_code == 200
-            assert client.put(base + "vm.create", json=config()).status_code == 204
-            assert client.put(base + "vm.create", json=config()).status_code == 400
-            assert client.put(base + "vm.boot").status_code == 204
-            for endpoint in ["vm.counters", "vm.counters", "vm.info"]:
-                assert client.get(base + endpoint).status_code == 200
-            for endpoint, status in [
-                ("vm.resume", 405),
-                ("vm.pause", 204),
-                ("vm.pause", 405),
-                ("vm.resume", 204),
-                ("vm.reboot", 204),
-                ("vm.shutdown", 204),
-                ("vm.delete", 204),
-            ]:
-                assert client.put(base + endpoint).status_code == status, endpoint
-            assert client.get(base + "vm.info").status_code == 404
-            assert client.put(base + "vmm.shutdown").status_code == 204
-        assert process.wait_exit(handle.pid, handle.pid_start_ticks, 10.0)
+        walk_documented_api(driver, paths, openapi)
     finally:
-        process.terminate(handle.pid, handle.pid_start_ticks, grace=1.0)
         driver.close()
-    assert sum(openapi.seen.values()) >= 20
-    assert not openapi.errors
 
 
 def test_the_validator_catches_drift(openapi: ApiValidator) -> None:

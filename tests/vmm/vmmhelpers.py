@@ -40,7 +40,7 @@ from procurator.worker.manager import Timeouts, VmManager, VmObservation
 from procurator.worker.state import StateDir
 from procurator.worker.vmm import process
 from procurator.worker.vmm._unix_http import UnixSocketTransport
-from procurator.worker.vmm.base import VmmPaths
+from procurator.worker.vmm.base import VmmHandle, VmmPaths
 from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver, default_transport
 
 REPO = Path(__file__).resolve().parents[2]
@@ -194,6 +194,64 @@ class ApiValidator:
                 self.errors.append(f"{where}: {_explain(exc)}")
             if status >= 400 and not _is_error_list(body):
                 self.errors.append(f"{where}: error body is not a list of messages: {body!r}")
+
+
+def walk_documented_api(
+    driver: CloudHypervisorDriver, paths: VmmPaths, openapi: ApiValidator
+) -> None:
+    """Every endpoint a fake VMM serves, in every state, through a
+    validating client (request and answer checked against the OpenAPI
+    description): a VMM launched as ``driver`` launches one, without a VM,
+    walked from 404s before ``vm.create`` to ``vmm.shutdown``, after which
+    it must exit. The conformance check of every fake VMM we run (the test
+    fake, bench/tiny_vmm.c)."""
+    # A VMM without a VM: the fake launched as the driver would, not booted.
+    pid, ticks = process.launch_detached(
+        driver.argv(paths), vm_dir=paths.vm_dir, log_path=paths.vm_dir / "vmm.stdout"
+    )
+    handle = VmmHandle(driver.name, pid, ticks, str(paths.api_socket))
+    try:
+        process.wait_for_api(
+            handle,
+            lambda seconds: driver.ping(handle, timeout=seconds),
+            deadline=time.monotonic() + 20.0,
+            who="the fake",
+        )
+        client = httpx.Client(transport=openapi.transport(handle.api_socket), trust_env=False)
+        with client:
+            base = "http://localhost/api/v1/"
+            # Before vm.create: 404s with error lists.
+            for method, endpoint in [
+                ("GET", "vm.info"),
+                ("GET", "vm.counters"),
+                ("PUT", "vm.boot"),
+                ("PUT", "vm.pause"),
+                ("PUT", "vm.power-button"),
+            ]:
+                assert client.request(method, base + endpoint).status_code == 404
+            assert client.get(base + "vmm.ping").status_code == 200
+            assert client.put(base + "vm.create", json=config()).status_code == 204
+            assert client.put(base + "vm.create", json=config()).status_code == 400
+            assert client.put(base + "vm.boot").status_code == 204
+            for endpoint in ["vm.counters", "vm.counters", "vm.info"]:
+                assert client.get(base + endpoint).status_code == 200
+            for endpoint, status in [
+                ("vm.resume", 405),
+                ("vm.pause", 204),
+                ("vm.pause", 405),
+                ("vm.resume", 204),
+                ("vm.reboot", 204),
+                ("vm.shutdown", 204),
+                ("vm.delete", 204),
+            ]:
+                assert client.put(base + endpoint).status_code == status, endpoint
+            assert client.get(base + "vm.info").status_code == 404
+            assert client.put(base + "vmm.shutdown").status_code == 204
+        assert process.wait_exit(handle.pid, handle.pid_start_ticks, 10.0)
+    finally:
+        process.terminate(handle.pid, handle.pid_start_ticks, grace=1.0)
+    assert sum(openapi.seen.values()) >= 20
+    assert not openapi.errors
 
 
 class _ValidatingTransport(httpx.BaseTransport):
