@@ -197,6 +197,8 @@ def check_move(
     handed_off: Iterable[str],
     in_rollout: Iterable[str],
     target_shortfall: str | None,
+    constraints: Sequence[tuple[str, str]] = (),
+    target_labels: Sequence[tuple[str, str]] = (),
 ) -> tuple[str, VmAssignment] | str:
     """The move's source and the VM as its source's assignment has it, or
     why ``vm_id`` cannot move to ``target`` (one line for the operator).
@@ -204,7 +206,9 @@ def check_move(
     ``target_state``: None for a worker the master never heard of;
     ``target_transfers``: whether the target takes disks (it has a
     transfer address); ``target_shortfall``: why the VM does not fit on
-    the target (None: it fits)."""
+    the target (None: it fits); ``constraints``: an unpinned VM's, which
+    the target's ``target_labels`` must match (else the next apply would
+    move it back)."""
     if kind is MoveKind.LIVE:
         return (
             "live moves are not built in the mover yet (the VMM drivers can migrate a "
@@ -235,6 +239,12 @@ def check_move(
         )
     if target_shortfall is not None:
         return f"VM {vm_id} does not fit on worker {target}: {target_shortfall}"
+    labels = dict(target_labels)
+    if unmet := [f"{k}={v}" for k, v in constraints if labels.get(k) != v]:
+        return (
+            f"worker {target} does not match VM {vm_id}'s constraints ({', '.join(unmet)}): "
+            "the next apply would move it back"
+        )
     return source, vm
 
 

@@ -2371,6 +2371,12 @@ class MasterService:
                             if source_vm is not None and target in facts
                             else None
                         ),
+                        constraints=(
+                            rules.constraints
+                            if (rules := (await self._store.placement()).unpinned.get(vm_id))
+                            else ()
+                        ),
+                        target_labels=facts[target].labels if target in facts else (),
                     )
                     if isinstance(answer, str):
                         if source_vm is None:

@@ -253,6 +253,10 @@ def test_refusals_name_the_reason() -> None:
         refusal(target_shortfall="needs 1 vCPU") == "VM a does not fit on worker w2: needs 1 vCPU"
     )
     assert "live moves are not built in the mover yet" in str(refusal(kind=MoveKind.LIVE))
+    assert refusal(constraints=(("zone", "b"),), target_labels=(("zone", "a"),)) == (
+        "worker w2 does not match VM a's constraints (zone=b): the next apply would move it back"
+    )
+    assert refusal(constraints=(("zone", "b"),), target_labels=(("zone", "b"),)) == ("w1", VM)
     assert "worker w2 takes no moves: it runs without --transfer-listen" in str(
         refusal(target_transfers=False)
     )

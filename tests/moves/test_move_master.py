@@ -86,6 +86,7 @@ class SimWorker:
         self.token = 0
         self.bad_images: set[str] = set()
         self.no_transfers = False  # registers without a transfer address
+        self.labels: tuple[tuple[str, str], ...] = ()
         self.receiving = True  # cleared: the disks it is sent never arrive
         self.transfers: list[DiskTransfer] = []  # every one it was sent
         self.going = trio.Event()
@@ -97,6 +98,7 @@ class SimWorker:
                 self.worker_id,
                 "1.0",
                 Capacity(4, 4096, 0),
+                labels=self.labels,
                 transfer_address="" if self.no_transfers else "127.0.0.1:7400",
             ),
             self.node,
@@ -424,3 +426,26 @@ async def _close_later(store: Store) -> None:
     finally:
         with trio.CancelScope(shield=True):
             await store.aclose()
+
+
+async def test_an_unpinned_vm_moves_only_where_its_constraints_hold(
+    service: MasterService,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        runs = Runs()
+        a, b = SimWorker(service, "host-a", runs), SimWorker(service, "host-b", runs)
+        a.labels = (("zone", "a"),)
+        await a.start(nursery)
+        await b.start(nursery)
+        zoned = UnpinnedVm(
+            VmAssignment("db-1", "h-db", IMAGE, vcpus=1, memory_mib=1024),
+            constraints=(("zone", "a"),),
+        )
+        await service.apply(Fleet((), (zoned,)))
+        with pytest.raises(
+            ValidationError,
+            match=r"worker host-b does not match VM db-1's constraints \(zone=a\)",
+        ):
+            await service.move("db-1", "host-b")
+        assert await service.moves() == ()
+        nursery.cancel_scope.cancel()
