@@ -229,6 +229,11 @@ async def test_a_cold_move_goes_through_its_phases_and_the_vm_never_runs_twice(
         await service.move("pin-1", "host-b")
         assert (await wait_over(service, "pin-1")).phase is MovePhase.DONE
         assert (await where(service))["pin-1"] == ["host-b"] and runs.twice == []
+        # The fleet file wins: applied again as it was, it pins pin-1 to
+        # host-a (an ordinary relocation); web-1, unpinned, stays.
+        pinned = VmAssignment("pin-1", "h-pin", IMAGE, vcpus=1, memory_mib=1024)
+        await service.apply(Fleet((("host-a", (pinned,)),), (web("web-1"),)))
+        assert await where(service) == {"pin-1": ["host-a"], "web-1": ["host-b"]}
         nursery.cancel_scope.cancel()
 
 
