@@ -9,10 +9,10 @@ through its phases, each a generation fenced by the leader's epoch:
 - ``preparing``: a generation gives the target, in what it is sent, the
   VM's image to realise and root (``Assignment.prepare``); the VM keeps
   running on the source. Done once the target reports the image ``ready``.
-- ``stopping``: a generation sets the VM's
-  desired power to ``stopped`` in the source's assignment; the source
-  stops it (stop ladder) and keeps its directory. Done once the source
-  reports the VM ``stopped`` in a status of that generation or newer.
+- ``stopping``: a generation sets the VM's desired power to ``stopped``
+  in the source's assignment; the source stops it (stop ladder) and keeps
+  its directory. Done once the source reports the VM ``stopped`` in a
+  status of that generation or newer.
 - ``transferring``: a generation names the transfer to both (the
   source's and the target's ``Assignment.transfers``, with a one-time
   token and the target's transfer address); the source sends the VM's
@@ -21,8 +21,7 @@ through its phases, each a generation fenced by the leader's epoch:
 - ``switching``: a generation moves the VM, with the power it had before
   the move, from the source's assignment to the target's; the source's
   copy becomes its pending removal and the target boots the VM from the
-  disks it received. Done once
-  the target reports it ``running`` with the VM's hash.
+  disks it received. Done once the target reports it ``running``.
 - ``done`` / ``failed`` (with a reason): over. The newest ``MOVES_KEPT``
   that are over are kept.
 
@@ -39,8 +38,10 @@ Invariants (what ``step`` keeps):
   If the move had stopped it, a generation puts back the power it had
   (``revert``): the source restarts it.
 - **An apply wins.** The stored assignment is the truth: if the VM left
-  the source, changed hash, or had its power changed by someone else
-  while the move was under way, the move fails and changes nothing more.
+  the source, was replaced (another image than ``image``, the one the
+  move prepares), or its power is not what the move set (an apply during
+  the stop or the transfer puts the fleet file's back), the move fails and
+  changes nothing more.
 - After the switch the move is past the point of no return: a target that
   does not report the VM running by the deadline fails the move, and the
   VM stays the target's (its supervisor and healing go on as for any VM).
@@ -135,6 +136,8 @@ class Move:
     token: str = ""
     # Shown only (never stored): how far a transfer is, "N%" of the bytes.
     progress: str = ""
+    # The VM's image when the move was asked for: what the target prepares.
+    image: str = ""
 
     @property
     def over(self) -> bool:
@@ -311,6 +314,10 @@ def step(
     if source_vm is None:
         return MoveStep(
             MoveAction.FAIL, f"the VM left worker {move.source}'s assignment (an apply)"
+        )
+    if move.image and source_vm.nix_store_path != move.image:
+        return MoveStep(
+            MoveAction.FAIL, "the VM was replaced during the move (an apply)", revert=stopped_by_us
         )
     expected_power = PowerState.STOPPED if stopped_by_us else move.power
     if source_vm.power is not expected_power:

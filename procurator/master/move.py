@@ -144,10 +144,8 @@ def with_moves(
             transfers.append(DiskTransfer(move.vm_id, move.op_id, receive, move.token, peer))
         if move.target != worker_id or move.phase not in _PREPARED_IN:
             continue
-        source = assignments.get(move.source)
-        vm = next((v for v in source.vms if v.id == move.vm_id), None) if source else None
-        if vm is not None and vm.nix_store_path not in assignment.prepare:
-            paths.append(vm.nix_store_path)
+        if move.image and move.image not in assignment.prepare:
+            paths.append(move.image)
     if not paths and not transfers:
         return assignment
     prepare = tuple(dict.fromkeys((*assignment.prepare, *sorted(paths))))

@@ -2394,6 +2394,7 @@ class MasterService:
                         now_ms + timeout_s * 1000,
                         vm.power,
                         updated_unix_ms=now_ms,
+                        image=vm.nix_store_path,
                     )
                     await self._store.start_move(move)
             except UnavailableError as exc:

@@ -35,7 +35,8 @@ from procurator.core.move import (
 PATH = "/nix/store/" + "c" * 32 + "-c"
 VM = VmAssignment("a", "h1", PATH, PowerState.RUNNING, 1, 128)
 STOPPED = dataclasses.replace(VM, power=PowerState.STOPPED)
-MOVE = Move("a", "w1", "w2", MoveKind.COLD, MovePhase.PENDING, "op-m", 0, 1_000)
+MOVE = Move("a", "w1", "w2", MoveKind.COLD, MovePhase.PENDING, "op-m", 0, 1_000, image=PATH)
+REPLACED = dataclasses.replace(VM, hash="h2", nix_store_path="/nix/store/" + "d" * 32 + "-d")
 
 
 def on(worker: str, *vms: VmAssignment) -> dict[str, Assignment]:
@@ -183,6 +184,12 @@ SWITCHING = advance(MOVE, MovePhase.SWITCHING, now_ms=3, generation=8)
             on("w1", VM),
             {},
             MoveStep(MoveAction.FAIL, "the VM left the target's assignment (an apply)"),
+        ),
+        (
+            PREPARING,
+            on("w1", REPLACED),
+            {},
+            MoveStep(MoveAction.FAIL, "the VM was replaced during the move (an apply)"),
         ),
         # Over: nothing.
         (advance(MOVE, MovePhase.DONE, now_ms=4), on("w2", VM), {}, MoveStep(MoveAction.WAIT)),

@@ -12,7 +12,7 @@ from procurator.master.move import plan_move, with_moves
 PATH = "/nix/store/" + "p" * 32 + "-p"
 VM = VmAssignment("a", "h1", PATH, PowerState.RUNNING, 1, 128)
 OTHER = VmAssignment("b", "h2", PATH, PowerState.RUNNING, 1, 128)
-MOVE = Move("a", "w1", "w2", MoveKind.COLD, MovePhase.PENDING, "op-m", 0, 1_000)
+MOVE = Move("a", "w1", "w2", MoveKind.COLD, MovePhase.PENDING, "op-m", 0, 1_000, image=PATH)
 FLEET = {"w1": Assignment("w1", 5, (OTHER, VM)), "w2": Assignment("w2", 5, ())}
 TOKEN = "f" * 32
 

@@ -1175,7 +1175,7 @@ def commit_handoffs(
 
 _MOVE_COLUMNS = (
     "op_id, vm_id, source_worker, target_worker, kind, phase, power, generation, "
-    "started_unix_ms, updated_unix_ms, deadline_unix_ms, reason, active, token"
+    "started_unix_ms, updated_unix_ms, deadline_unix_ms, reason, active, token, image"
 )
 
 
@@ -1198,6 +1198,7 @@ def _move(row: Row) -> Move:
             int(updated),
             row[11],
             row[13],
+            image=row[14],
         )
     except (ValueError, KeyError) as exc:
         raise ProcuratorError(f"the store holds a move it cannot read ({op_id}): {exc}") from None
@@ -1219,6 +1220,7 @@ def _move_row(move: Move) -> tuple[Any, ...]:
         move.reason,
         not move.over,
         move.token,
+        move.image,
     )
 
 
@@ -1233,7 +1235,7 @@ def start_move(tx: Tx, move: Move) -> None:
             op_id=move.op_id,
         )
     tx.run(
-        f"INSERT INTO moves ({_MOVE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT INTO moves ({_MOVE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         _move_row(move),
     )
 

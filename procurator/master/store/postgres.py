@@ -229,7 +229,8 @@ CREATE TABLE IF NOT EXISTS moves (
     deadline_unix_ms BIGINT NOT NULL,
     reason TEXT NOT NULL,
     active BOOLEAN NOT NULL,
-    token TEXT NOT NULL DEFAULT ''
+    token TEXT NOT NULL DEFAULT '',
+    image TEXT NOT NULL DEFAULT ''
 );
 CREATE UNIQUE INDEX IF NOT EXISTS moves_under_way ON moves(vm_id) WHERE active;
 ALTER TABLE worker_state ADD COLUMN IF NOT EXISTS transfers TEXT NOT NULL DEFAULT '';

@@ -181,7 +181,8 @@ CREATE TABLE IF NOT EXISTS moves (
     deadline_unix_ms INTEGER NOT NULL,
     reason TEXT NOT NULL,
     active BOOLEAN NOT NULL,
-    token TEXT NOT NULL DEFAULT ''
+    token TEXT NOT NULL DEFAULT '',
+    image TEXT NOT NULL DEFAULT ''
 );
 CREATE UNIQUE INDEX IF NOT EXISTS moves_under_way ON moves(vm_id) WHERE active;
 INSERT OR IGNORE INTO meta VALUES ('generation', 0);
