@@ -64,7 +64,9 @@ document per rollout, the newest ``ROLLOUTS_KEPT``; not part of an
 export); 8: each worker's prepared images (``WorkerStatus.prepared``, with
 its status: any master's leader sees a rollout's prepare progress); 9:
 moves (``procurator.core.move``: one row per move, the newest
-``MOVES_KEPT`` that are over; not part of an export)."""
+``MOVES_KEPT`` that are over; not part of an export) and each worker's
+transfers (``WorkerStatus.transfers``, with its status, like the prepared
+images)."""
 
 REQUESTS_KEPT = 1000
 ROLLOUTS_KEPT = 100
