@@ -7,7 +7,8 @@ machines. Results and the machine they came from: docs/BENCHMARKS.md.
 Benchmarks (one module each, ``NAME`` and ``measure(run) -> rows``):
 
 - ``start``  N VMs through apply vs a bare spawn-and-boot loop
-- ``change`` one VM's hash changes in the N-VM fleet: apply -> observed
+- ``change`` one VM's hash changes in the N-VM fleet: apply -> observed, at
+  1,000 and 10,000 VMs
 - ``idle``   the worker's CPU share and memory holding N VMs
 - ``confine`` N VMs started jailed (the default) vs ``--unconfined``
 - ``resync`` one no-op reconcile pass at 1,000 and 10,000 VMs
@@ -19,7 +20,10 @@ Benchmarks (one module each, ``NAME`` and ``measure(run) -> rows``):
 - ``ha``     masters on PostgreSQL: a change vs SQLite, failover after a
   kill -9, memory and database size at 100,000 VMs (docs/HA.md)
 
-The fake VMM is ``bench/lean_vmm.py`` (instant boot and poweroff), so the
-control plane is what is measured; ``bench/null_worker.py`` runs a real
-worker with an in-process null VMM driver for the fan-out benchmark.
+The fake VMM (instant boot and poweroff, so the control plane is what is
+measured) is ``bench/tiny_vmm.c``, compiled at run time (``--vmm tiny``,
+the default where ``cc`` exists: ~180 KB each, so ``change`` also runs at
+10,000 VMs), or ``bench/lean_vmm.py`` (``--vmm python``);
+``bench/null_worker.py`` runs a real worker with an in-process null VMM
+driver for the fan-out benchmark.
 """

@@ -1,5 +1,6 @@
-"""``python -m bench [--quick] [--only NAME ...]``: run the benchmarks, print
-one table. See ``bench/__init__.py`` and docs/BENCHMARKS.md."""
+"""``python -m bench [--quick] [--vmm tiny|python] [--only NAME ...]``: run
+the benchmarks, print one table. See ``bench/__init__.py`` and
+docs/BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from bench import (
     start,
     wire,
 )
-from bench._harness import Row, Run
+from bench._harness import VMM_KINDS, Row, Run, c_compiler
 
 # In this order: start leaves the 1,000-VM fleet that change and idle use.
 BENCHMARKS: dict[str, Callable[[Run], list[Row]]] = {
@@ -97,7 +98,24 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME",
         help=f"run only this benchmark (repeatable): {', '.join(BENCHMARKS)}",
     )
+    parser.add_argument(
+        "--vmm",
+        choices=VMM_KINDS,
+        help=(
+            "the fake VMM: tiny (bench/tiny_vmm.c, built at run time with cc; 10,000 VMs fit) "
+            "or python (bench/lean_vmm.py, ~5 MB each; change then stays at 1,000 VMs); "
+            "default: tiny when a C compiler is there"
+        ),
+    )
     args = parser.parse_args(argv)
+    if args.vmm is None:
+        args.vmm = "tiny" if c_compiler() is not None else "python"
+        if args.vmm == "python":
+            print(
+                "no C compiler (cc, gcc) for bench/tiny_vmm.c: the fake VMMs are "
+                "bench/lean_vmm.py (--vmm python), and change is not measured at 10,000 VMs",
+                file=sys.stderr,
+            )
     if os.geteuid() != 0:
         print("the benchmarks need root (Nix store, process control)", file=sys.stderr)
         return 2
@@ -106,11 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     failed = []
     started = time.monotonic()
-    with Run(quick=args.quick) as run:
+    with Run(quick=args.quick, vmm=args.vmm) as run:
         for name in chosen:
             if name not in FLEET_USERS and "fleet1k" in run.shared:
                 # The N-VM fleet's idle load must not weigh on what follows.
-                run.log("stopping the 1,000-VM fleet")
+                run.log(f"stopping the {run.shared['fleet1k'].n}-VM fleet")
                 del run.shared["fleet1k"]
                 run.kill_marked()
             try:
@@ -124,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"machine: {machine()}")
     print(
-        f"run: {'quick' if args.quick else 'full'}, {time.monotonic() - started:.0f} s, "
+        f"run: {'quick' if args.quick else 'full'}, --vmm {args.vmm}, "
+        f"{time.monotonic() - started:.0f} s, "
         f"{time.strftime('%Y-%m-%d %H:%M')}"
     )
     return 1 if failed else 0

@@ -8,6 +8,14 @@ inherits ``PROCURATOR_BENCH_RUN=<this run's id>`` in its environment, and
 carrying that mark, waits until none is left, deletes the Nix store paths
 the run added and removes its temporary directory. Nothing relies on a
 process having been recorded by whoever started it.
+
+The fake VMM (``--vmm``): ``tiny`` is ``bench/tiny_vmm.c``, compiled into
+the run's directory on first use (~180 KB private and under 1 ms of CPU per
+process: 10,000 fit on this machine); ``python`` is ``bench/lean_vmm.py``
+(~5 MB private each: 10,000 would need ~50 GB). Both serve the same API
+(``tests/vmm/test_tiny_vmm.py`` holds the C one to the OpenAPI walk the
+test fake passes). The default is ``tiny`` when a C compiler is there;
+without one the run says so and uses ``python``.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -24,7 +33,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,21 +51,33 @@ __all__ = [
     "LEAN_VMM",
     "MARK_ENV",
     "REPO",
+    "TINY_VMM_SOURCE",
+    "VMM_KINDS",
     "Row",
     "Run",
+    "c_compiler",
     "control",
     "cpu_seconds",
+    "fake_vmm_pids",
     "fleet_of",
     "free_port",
     "marked_processes",
     "percentile",
     "rss_bytes",
+    "run_seconds",
     "wait_observed",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
 LEAN_VMM = REPO / "bench" / "lean_vmm.py"
+TINY_VMM_SOURCE = REPO / "bench" / "tiny_vmm.c"
+VMM_KINDS = ("tiny", "python")
 MARK_ENV = "PROCURATOR_BENCH_RUN"
+#: The open-file limit a deployed worker runs with (nix/modules/worker.nix,
+#: ``LimitNOFILE``): a worker holds ~4 descriptors per VM (its VMM's API
+#: connection, pidfd, flock, event file), so this shell's 20,000 would stop
+#: it short of 10,000 VMs.
+DEPLOYED_OPEN_FILES = 1048576
 _NIX_CONF = "build-users-group =\nsubstituters =\nflake-registry =\n"
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -111,6 +132,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
+def run_seconds(pid: int) -> float:
+    """CPU seconds ``pid``'s main thread ran, to the nanosecond
+    (``/proc/<pid>/schedstat``): for single-threaded processes whose whole
+    life is below the 10 ms tick ``cpu_seconds`` counts in (a tiny VMM's
+    start is well under 1 ms)."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+
+
 def rss_bytes(pid: int) -> int:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE
 
@@ -138,6 +167,12 @@ def marked_processes(mark: str) -> list[int]:
         if state != "Z" and needle in environ.split(b"\0"):
             found.append(int(entry))
     return found
+
+
+def c_compiler() -> str | None:
+    """The C compiler that builds ``bench/tiny_vmm.c`` (``cc``, else
+    ``gcc``), or None."""
+    return shutil.which("cc") or shutil.which("gcc")
 
 
 def free_port() -> int:
@@ -171,6 +206,7 @@ class Run:
 
     quick: bool = False
     verbose: bool = False
+    vmm: str = "tiny"  # the fake VMM: one of VMM_KINDS (module docstring)
     mark: str = field(default_factory=lambda: uuid.uuid4().hex)
     dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="procurator-bench-")))
     procs: list[Proc] = field(default_factory=list)
@@ -179,6 +215,8 @@ class Run:
     _images: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.vmm not in VMM_KINDS:
+            raise ValueError(f"--vmm {self.vmm!r}: one of {', '.join(VMM_KINDS)}")
         os.environ[MARK_ENV] = self.mark  # inherited by everything started from here on
         # Every worker of the run puts its VMs' cgroups under this parent
         # (the default of --cgroup-parent), so the run can remove them all.
@@ -200,9 +238,18 @@ class Run:
 
     # -- processes ------------------------------------------------------------
 
-    def spawn(self, name: str, argv: Sequence[str], *, env: dict[str, str] | None = None) -> Proc:
+    def spawn(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        open_files: int | None = None,
+    ) -> Proc:
         """Start a process in its own session (a Ctrl-C in the terminal
-        reaches only the benchmark, which then stops everything in order)."""
+        reaches only the benchmark, which then stops everything in order),
+        with ``open_files`` as its open-file limit (soft and hard) if given."""
+
         log = self.dir / f"{name}.log"
         with open(log, "ab") as out:
             popen = subprocess.Popen(
@@ -215,10 +262,16 @@ class Run:
             )
         proc = Proc(name, popen, log)
         self.procs.append(proc)
+        if open_files is not None:  # set from here: no preexec_fn in a threaded parent
+            try:
+                resource.prlimit(popen.pid, resource.RLIMIT_NOFILE, (open_files, open_files))
+            except PermissionError:  # no CAP_SYS_RESOURCE (a container): keep ours
+                limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+                self.log(f"{name}: cannot raise its open-file limit to {open_files}: {limit}")
         return proc
 
-    def procurator(self, name: str, *args: str) -> Proc:
-        return self.spawn(name, [sys.executable, "-m", "procurator", *args])
+    def procurator(self, name: str, *args: str, open_files: int | None = None) -> Proc:
+        return self.spawn(name, [sys.executable, "-m", "procurator", *args], open_files=open_files)
 
     def start_master(self, *, metrics: bool = False) -> tuple[Proc, int]:
         port = free_port()
@@ -321,6 +374,37 @@ class Run:
         self.store_paths.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    # -- the fake VMM ---------------------------------------------------------------
+
+    def vmm_argv(self) -> list[str]:
+        """The fake VMM's command line before its flags (``--api-socket``
+        ...): the tiny VMM's binary (built on first use), or the lean
+        Python one as ``python -S -I bench/lean_vmm.py``."""
+        if self.vmm == "python":
+            return [sys.executable, "-S", "-I", str(LEAN_VMM)]
+        return [str(self.tiny_vmm())]
+
+    def tiny_vmm(self) -> Path:
+        """``bench/tiny_vmm.c`` compiled into the run's directory (once)."""
+        binary = self.dir / "tiny_vmm"
+        if binary.exists():
+            return binary
+        compiler = c_compiler()
+        if compiler is None:
+            raise RuntimeError(
+                "--vmm tiny needs a C compiler for bench/tiny_vmm.c (apt-get install gcc); "
+                "--vmm python runs bench/lean_vmm.py instead (~5 MB each: not 10,000 VMs)"
+            )
+        built = subprocess.run(
+            [compiler, "-O2", "-o", str(binary), str(TINY_VMM_SOURCE)],
+            check=False,
+            capture_output=True,
+            text=True,
+        )
+        if built.returncode != 0:
+            raise RuntimeError(f"{compiler} could not build {TINY_VMM_SOURCE}:\n{built.stderr}")
+        return binary
+
     # -- images -----------------------------------------------------------------
 
     def image(self, name: str) -> str:
@@ -347,6 +431,24 @@ class Run:
         self.store_paths.append(out)
         self._images[name] = out
         return out
+
+
+def fake_vmm_pids(run: Run, *, exclude: Collection[int] = ()) -> list[int]:
+    """Pids of the run's live fake VMMs (either kind; jailed or not), but
+    those in ``exclude``."""
+    names = (str(LEAN_VMM).encode(), str(run.dir / "tiny_vmm").encode())
+    found = []
+    for pid in marked_processes(run.mark):
+        if pid in exclude:
+            continue
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile
+        # The VMM itself, not a shell that launches it (``--unconfined``).
+        if argv[0] != b"/bin/sh" and b"--api-socket" in argv and any(n in argv[:4] for n in names):
+            found.append(pid)
+    return found
 
 
 def fleet_of(workers: dict[str, Sequence[tuple[str, str]]]) -> Fleet:

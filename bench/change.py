@@ -2,6 +2,15 @@
 changes; time from sending ``apply`` to the master showing the worker's
 report of the new observed hash, running, at the new generation.
 
+At two fleet sizes in one run (issue 31, target 1: flat in the fleet):
+1,000 VMs (``start``'s fleet), then the same worker grown to 10,000 by one
+more apply (100 and 1,000 with ``--quick``). 10,000 VMMs fit only with
+the tiny C fake (``--vmm tiny``, the default where ``cc`` exists); with
+``--vmm python`` the change is measured at the first size only. The
+ratio of the two p50s is the figure, next to the ratio of the floors
+measured after each (what the host's load from N idle VMMs does to a
+bare replacement).
+
 The apply carries the whole fleet, as ``procurator apply`` does. The master
 is asked about the one VM (``describe vm``: the worker's observed generation
 and that VM's reported status) with blocking reads: each passes the change
@@ -24,19 +33,32 @@ Baselines, same run:
   fake VMM spawned and booted over a raw socket as in ``start``'s bare loop
   (the old VMM's stop is left out: it is a few ms in the worker). Half of
   the changes need that root (the VM goes to an image no other VM of the
-  worker runs), the other half find the image rooted already.
+  worker runs), the other half find the image rooted already. The VMM
+  start is measured twice: jailed with the worker's jail primitives (the
+  target's floor: the product jails every VMM) and bare (the floor of the
+  rows before 2026-12-07), each at every fleet size, right after its
+  changes.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import trio
 
-from bench._harness import Row, Run, control, fmt_s, median, percentile
-from bench.start import WORKER_ID, bare_start, fake_config, one_worker_fleet
+from bench._harness import Row, Run, control, fmt_s, median, percentile, wait_observed
+from bench.start import (
+    WORKER_ID,
+    OneWorkerFleet,
+    bare_jail,
+    bare_start,
+    fake_config,
+    one_worker_fleet,
+)
 from procurator.core.control import VmDescription
 from procurator.core.models import Phase
 from procurator.core.validation import store_path_hash
@@ -125,28 +147,136 @@ async def _wait_settled(
             on_poll()
 
 
-def _floor(run: Run, image: str, repeats: int) -> tuple[float, float]:
-    """Medians of (rooting ``image`` with nix-store, one bare VMM start)."""
-    roots, starts = [], []
+def sizes(run: Run) -> tuple[int, ...]:
+    """The fleet sizes the change is measured at, in order."""
+    small, large = (100, 1000) if run.quick else (1000, 10000)
+    return (small, large) if run.vmm == "tiny" else (small,)
+
+
+def _grow(run: Run, fleet: OneWorkerFleet, n: int) -> float:
+    """Apply the fleet with VMs added (image ``a``) until it has ``n``;
+    returns the seconds until the worker observed it."""
+    for index in range(fleet.n, n):
+        fleet.current[f"vm-{index:05d}"] = "a"
+
+    async def apply() -> float:
+        async with control(fleet.port) as client:
+            started = trio.current_time()
+            result = await client.apply(fleet.fleet())
+            seen = await wait_observed(
+                client,
+                result.generation,
+                [WORKER_ID],
+                timeout=3600,
+                interval=1.0,
+                on_poll=fleet.worker.check_alive,
+            )
+            return seen - started
+
+    elapsed = trio.run(apply)
+    fleet.n = n
+    return elapsed
+
+
+def _floor(run: Run, image: str, repeats: int, tag: str) -> tuple[float, float, float]:
+    """Medians of (rooting ``image`` with nix-store, one bare VMM start,
+    one jailed bare VMM start)."""
+    roots, starts, jailed = [], [], []
     config = fake_config(run)
-    for index in range(repeats):
-        link = run.dir / "floor-roots" / f"root-{index}"
-        link.parent.mkdir(exist_ok=True)
-        began = time.perf_counter()
-        subprocess.run(
-            ["nix-store", "--realise", image, "--add-root", str(link)],
-            env=run.nix_env,
-            check=True,
-            capture_output=True,
-        )
-        roots.append(time.perf_counter() - began)
-        link.unlink()  # its gcroots/auto entry goes with the run (Run.close)
-        starts.append(bare_start(run, 1, config, tag=f"floor-{index}"))
-    return median(roots), median(starts)
+    jail = bare_jail(run, run.dir / f"{tag}-jail")
+    try:
+        for index in range(repeats):
+            link = run.dir / f"{tag}-roots" / f"root-{index}"
+            link.parent.mkdir(exist_ok=True)
+            began = time.perf_counter()
+            subprocess.run(
+                ["nix-store", "--realise", image, "--add-root", str(link)],
+                env=run.nix_env,
+                check=True,
+                capture_output=True,
+            )
+            roots.append(time.perf_counter() - began)
+            link.unlink()  # its gcroots/auto entry goes with the run (Run.close)
+            starts.append(bare_start(run, 1, config, tag=f"{tag}-{index}"))
+            jailed.append(bare_start(run, 1, config, tag=f"{tag}-j{index}", jail=jail))
+    finally:
+        jail.close()
+    return median(roots), median(starts), median(jailed)
+
+
+def open_files(pid: int) -> tuple[int, int]:
+    """(descriptors ``pid`` has open, its soft open-file limit)."""
+    count = len(os.listdir(f"/proc/{pid}/fd"))
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return count, int(line.split()[3])
+    raise RuntimeError(f"no open-file limit in /proc/{pid}/limits")
+
+
+def _fitting(fleet: OneWorkerFleet, wanted: int, step: int) -> tuple[int, str]:
+    """``wanted``, or the largest multiple of ``step`` below it whose
+    descriptors fit the worker's open-file limit (90 % of it, at the
+    descriptors per VM it holds now), with a note saying why."""
+    count, limit = open_files(fleet.worker.pid)
+    per_vm = count / fleet.n
+    need = count + (wanted - fleet.n) * per_vm
+    if need <= 0.9 * limit:
+        return wanted, ""
+    fits = int((0.9 * limit - count) / per_vm + fleet.n) // step * step
+    return fits, (
+        f"not {wanted}: the worker holds {per_vm:.1f} descriptors per VM ({count} at "
+        f"{fleet.n} VMs), {wanted} VMs need ~{need:,.0f}, its open-file limit is {limit:,} "
+        "(and this host cannot raise it: no CAP_SYS_RESOURCE; a deployed worker has "
+        "LimitNOFILE=1048576, nix/modules/worker.nix)"
+    )
 
 
 def measure(run: Run) -> list[Row]:
     fleet = one_worker_fleet(run)
+    rows: list[Row] = []
+    p50s: dict[int, tuple[float, float]] = {}  # size -> (p50, jailed floor)
+    for wanted in sizes(run):
+        size, why = _fitting(fleet, wanted, 100 if run.quick else 1000)
+        if why:
+            run.log(f"change: {why}")
+        if fleet.n < size:
+            run.log(f"change: growing the fleet from {fleet.n} to {size} VMs")
+            grown = _grow(run, fleet, size)
+            run.log(f"change: {size} VMs observed after {grown:.1f} s")
+            rows.append(
+                Row(
+                    NAME,
+                    f"grow the worker's fleet to {size} VMs (one apply -> observed)",
+                    fmt_s(grown),
+                    note=f"the fake VMM: {run.vmm}; the fleet stays for idle. {why}".strip(),
+                )
+            )
+        size_rows, p50, floor = _measure_size(run, fleet)
+        rows.extend(size_rows)
+        p50s[size] = (p50, floor)
+    if len(p50s) == 2:
+        (small, (p50_s, floor_s)), (large, (p50_l, floor_l)) = sorted(p50s.items())
+        rows.append(
+            Row(
+                NAME,
+                f"one-VM change p50, {large} VMs against {small}",
+                fmt_s(p50_l),
+                f"{fmt_s(p50_s)} at {small} VMs",
+                f"{p50_l / p50_s:.2f}x",
+                "<= 1.2x",
+                note=(
+                    f"the jailed floor moved {floor_l / floor_s:.2f}x between the two sizes "
+                    f"({fmt_s(floor_s)} -> {fmt_s(floor_l)}); ratio of the ratios to the floor "
+                    f"{(p50_l / floor_l) / (p50_s / floor_s):.2f}x"
+                ),
+            )
+        )
+    return rows
+
+
+def _measure_size(run: Run, fleet: OneWorkerFleet) -> tuple[list[Row], float, float]:
+    """The change's rows at the fleet's present size, its p50 and the
+    jailed per-replacement floor."""
     repeats = 5 if run.quick else 20
     vm_id = fleet.vm_ids[0]
     latencies: list[float] = []
@@ -183,11 +313,12 @@ def measure(run: Run) -> list[Row]:
         return bare, bridged
 
     bare, bridged = trio.run(main)
-    root_s, start_s = _floor(run, fleet.images["b"], repeats)
-    floor = root_s + start_s
+    root_s, start_s, jailed_s = _floor(run, fleet.images["b"], repeats, f"floor-{fleet.n}")
+    floor = root_s + jailed_s
+    bare_floor = root_s + start_s
     p50, p95 = median(latencies), percentile(latencies, 95)
     rtt, bridged_rtt = median(bare), median(bridged)
-    return [
+    rows = [
         Row(
             NAME,
             f"one VM replaced in a {fleet.n}-VM fleet: apply -> observed, p50",
@@ -205,15 +336,19 @@ def measure(run: Run) -> list[Row]:
         Row(NAME, "... p95", fmt_s(p95), f"{fmt_s(rtt)} capnp RTT", f"{p95 / rtt:.0f}x RTT"),
         Row(
             NAME,
-            "... p50 against the bare per-replacement floor",
+            f"... p50 against the per-replacement floor ({fleet.n} VMs)",
             fmt_s(p50),
-            f"{fmt_s(floor)} nix-store root + VMM start",
+            f"{fmt_s(floor)} nix-store root + jailed VMM start",
             f"{p50 / floor:.2f}x",
             "<= 1.5x",
             note=(
-                f"floor, medians of {repeats}: nix-store --realise --add-root {fmt_s(root_s)}, "
-                f"one bare fake-VMM spawn + ping/create/boot/info {fmt_s(start_s)}; half of the "
-                "changes need the root, half find the image rooted"
+                f"floor, medians of {repeats} after the changes: nix-store --realise --add-root "
+                f"{fmt_s(root_s)}, one fake-VMM ({run.vmm}) spawn + ping/create/boot/info jailed "
+                f"{fmt_s(jailed_s)} (Jail.prepare + VmJail.spawn, the jailer warm), bare "
+                f"{fmt_s(start_s)}; against root + bare start ({fmt_s(bare_floor)}) the p50 is "
+                f"{p50 / bare_floor:.2f}x; half of the changes need the root, half find the "
+                "image rooted"
             ),
         ),
     ]
+    return rows, p50, floor

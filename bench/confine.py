@@ -4,11 +4,12 @@ N VMs (1,000; 100 with ``--quick``) on one worker through ``apply``, the
 same as ``start``, twice in the same run: once with ``--unconfined`` (every
 VMM started by a ``/bin/sh`` hop, as root) and once jailed, the default
 (the jailer's fork, namespaces, ``pivot_root``, the VM's uid, a cgroup per
-VM with its limits; ``procurator.worker.jail``). The VMM is the lean fake
-(``bench/lean_vmm.py``) under ``python -S -I``, whose runtime files the
-jail exposes like any VMM's. Fresh master, worker and state directory for
-each; the clock stops when the master's status shows the worker at the
-applied generation (every VM running).
+VM with its limits; ``procurator.worker.jail``). The VMM is the run's fake
+(``--vmm``: ``bench/tiny_vmm.c`` compiled, or ``bench/lean_vmm.py`` under
+``python -S -I``), whose runtime files the jail exposes like any VMM's.
+Fresh master, worker and state directory for each; the clock stops when
+the master's status shows the worker at the applied generation (every VM
+running).
 
 Two figures: the start time jailed against unconfined (ratio), and the CPU
 each jailed start adds, from ``/proc``: the worker (its threads and the
@@ -25,11 +26,11 @@ from pathlib import Path
 import trio
 
 from bench._harness import (
-    LEAN_VMM,
     Proc,
     Row,
     Run,
     control,
+    fake_vmm_pids,
     fleet_of,
     fmt_ratio,
     fmt_s,
@@ -93,13 +94,7 @@ def _start(run: Run, n: int, *, jailed: bool) -> tuple[float, float, float]:
     marked = marked_processes(run.mark)
     # The VMMs: not the worker (its flags name the lean VMM too), not a
     # launching shell that has not exited yet.
-    vmms = [
-        pid
-        for pid in marked
-        if str(LEAN_VMM) in (line := _cmdline(pid))
-        and "--api-socket" in line
-        and not line.startswith("/bin/sh")
-    ]
+    vmms = fake_vmm_pids(run)  # either --vmm; not a launching shell
     jailers = [pid for pid in marked if "_jailer.py" in _cmdline(pid)]
     if len(vmms) != n:
         raise RuntimeError(f"{tag}: {len(vmms)} VMMs run, not {n}")

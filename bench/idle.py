@@ -18,7 +18,7 @@ from bench._harness import (
     Row,
     Run,
     cpu_seconds,
-    marked_processes,
+    fake_vmm_pids,
     rss_bytes,
     thread_count,
 )
@@ -28,17 +28,7 @@ NAME = "idle"
 
 
 def _vmm_pids(run: Run, exclude: set[int]) -> list[int]:
-    pids = []
-    for pid in marked_processes(run.mark):
-        if pid in exclude:
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"lean_vmm.py" in f.read():
-                    pids.append(pid)
-        except OSError:
-            continue
-    return pids
+    return fake_vmm_pids(run, exclude=exclude)  # either --vmm
 
 
 def _total_cpu(pids: list[int]) -> float:

@@ -1,5 +1,8 @@
 """1. Start throughput: N VMs on one worker through ``apply``, against a bare
-loop doing the same VMM spawns and API calls directly, in the same run.
+loop doing the same VMM spawns and API calls directly, in the same run,
+twice: bare, and jailed with the worker's own jail primitives (the product
+jails every VMM since issue 29, so the ratio of target 5 is taken against
+the jailed loop: like with like).
 
 The procurator side is the product as deployed: real ``procurator master``
 and ``procurator worker`` processes (``--no-network``, cloud-hypervisor
@@ -8,8 +11,10 @@ one ``Control.apply`` of N VMs; the clock stops when the master's status
 shows the worker's ``observedGeneration`` at the applied generation (every
 VM running). The bare loop, at the worker's concurrency (8 threads): spawn
 the same fake VMM, wait for its socket, ``vmm.ping``, ``vm.create``,
-``vm.boot``, ``vm.info`` over one raw HTTP/1.1 connection. Ratio =
-procurator / bare.
+``vm.boot``, ``vm.info`` over one raw HTTP/1.1 connection; jailed, each
+VMM first goes through ``Jail.prepare`` and ``VmJail.spawn``
+(``bare_start``). Ratio = procurator / jailed bare loop (and, for the
+record, / the bare loop). The fake VMM is the run's (``--vmm``).
 
 And what a start costs the worker itself (issue 31): the worker process's
 CPU (its threads, not its children) from sending the apply until observed,
@@ -33,7 +38,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -44,21 +48,27 @@ from typing import Any
 import trio
 
 from bench._harness import (
-    LEAN_VMM,
+    DEPLOYED_OPEN_FILES,
     Proc,
     Row,
     Run,
     control,
     cpu_seconds,
+    fake_vmm_pids,
     fleet_of,
     fmt_ratio,
     fmt_s,
     free_port,
-    marked_processes,
+    run_seconds,
     wait_connected,
     wait_observed,
 )
-from procurator.worker.vmm import process
+from procurator.core.jail import JailPolicy
+from procurator.core.vmdef import VmDefinition
+from procurator.worker import cgroups
+from procurator.worker.jail import Jail, instance_name
+from procurator.worker.state import StateDir
+from procurator.worker.vmm import closure, process
 from procurator.worker.vmm.base import VmmError, VmmGone, VmmHandle
 
 NAME = "start"
@@ -111,12 +121,11 @@ class _RawHttp:
         return data
 
 
-def _connect(path: Path, proc: subprocess.Popen[bytes], deadline: float) -> socket.socket:
+def _connect(path: Path, pid: int, ticks: int | None, deadline: float) -> socket.socket:
     """A connection to the fake VMM's socket once it listens, waited for as
     the worker waits (``process.wait_for_api``: woken by the socket's
     creation or the VMM's exit, no polling loop), so the bare loop's CPU is
     a floor and not the cost of asking every millisecond."""
-    ticks = process.pid_start_ticks(proc.pid)
     if ticks is None:
         raise RuntimeError(f"fake VMM for {path} exited at once")
 
@@ -129,49 +138,110 @@ def _connect(path: Path, proc: subprocess.Popen[bytes], deadline: float) -> sock
             raise VmmGone(f"{path}: nobody listens") from exc
         return sock
 
-    handle = VmmHandle("bare", proc.pid, ticks, str(path))
+    handle = VmmHandle("bare", pid, ticks, str(path))
     try:
         return process.wait_for_api(handle, probe, deadline=deadline, who="fake VMM")
     except VmmError as exc:
         raise RuntimeError(f"fake VMM for {path} did not start: {exc.message}") from None
 
 
-def bare_start(run: Run, n: int, config: dict[str, Any], *, tag: str = "bare") -> float:
+def _boot(sock: socket.socket, body: bytes, where: Path) -> None:
+    """ping, create, boot, info over one raw HTTP/1.1 connection."""
+    http = _RawHttp(sock)
+    for method, endpoint, payload, want in (
+        ("GET", "vmm.ping", b"", 200),
+        ("PUT", "vm.create", body, 204),
+        ("PUT", "vm.boot", b"", 204),
+        ("GET", "vm.info", b"", 200),
+    ):
+        status, answer = http.request(method, endpoint, payload)
+        if status != want:
+            raise RuntimeError(f"{endpoint} of {where}: HTTP {status} {answer!r}")
+    if json.loads(answer)["state"] != "Running":
+        raise RuntimeError(f"{where}: VM not running after vm.boot")
+
+
+def bare_jail(run: Run, state_dir: Path) -> Jail:
+    """A worker's jail without the worker, on ``state_dir``: VM cgroups
+    under the run's parent (removed with the run), the default policy."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    return Jail(
+        JailPolicy(cgroup_parent=run.cgroup_parent),
+        state_dir,
+        cgroups=cgroups.detect(run.cgroup_parent, instance_name(state_dir)),
+    )
+
+
+def bare_start(
+    run: Run,
+    n: int,
+    config: dict[str, Any],
+    *,
+    tag: str = "bare",
+    jailed: bool = False,
+    jail: Jail | None = None,
+) -> float:
     """Start ``n`` fake VMMs with a VM each, ``CONCURRENCY`` at a time, in
     ``run.dir / tag`` (unused before); returns the seconds it took. Every
     VMM is killed before returning. The CPU this process spent on it is
-    left in ``run.shared["bare_cpu"]`` (seconds)."""
+    left in ``run.shared["bare_cpu"]`` (seconds).
+
+    ``jailed``: each VMM confined as the worker confines it, with the same
+    primitives (``procurator.worker.jail``) and nothing else of the worker:
+    ``Jail.prepare`` (the VM's uid slot, a fresh cgroup with its limits, its
+    run directory given to that uid) and ``VmJail.spawn`` (the jailer's
+    fork, namespaces, ``pivot_root`` into a root showing the VMM's runtime
+    files, the VM's store paths and its run directory, the uid, the seccomp
+    filter, ``/dev/kvm`` as the cloud-hypervisor driver asks). The VM's
+    serial file is then in its run directory (a jail shows no other
+    writable path). The CPU of the jailer is left in
+    ``run.shared["bare_jailer_cpu"]``. ``jail``: one made by ``bare_jail``
+    and kept by the caller (its jailer already started, so that a start
+    of one VM is not charged the jailer's own start); else the loop makes
+    its own and closes it."""
     root = run.dir / tag
-    body = json.dumps(config).encode()
-    argv = [sys.executable, "-S", "-I", str(LEAN_VMM)]
+    argv = run.vmm_argv()
     procs: list[subprocess.Popen[bytes]] = []
+    jailed_vmms: list[tuple[str, int, int]] = []  # (vm id, pid, start ticks)
+    own_jail = jail is None and jailed
+    if own_jail:
+        jail = bare_jail(run, root)
+    runtime = closure.runtime_files(argv[0], argv[1:]) if jail is not None else ()
 
     def one(index: int) -> None:
-        vm_dir = root / f"vm-{index:05d}"
-        vm_dir.mkdir(parents=True)
-        sock_path = vm_dir / "api.sock"
-        proc = subprocess.Popen(
-            [*argv, "--api-socket", f"path={sock_path}"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        procs.append(proc)
-        sock = _connect(sock_path, proc, time.monotonic() + 30)
+        vm_id = f"vm-{index:05d}"
+        if jail is None:
+            vm_dir = root / vm_id
+            vm_dir.mkdir(parents=True)
+            sock_path = vm_dir / "api.sock"
+            proc = subprocess.Popen(
+                [*argv, "--api-socket", f"path={sock_path}"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            procs.append(proc)
+            pid, ticks, body = proc.pid, process.pid_start_ticks(proc.pid), json.dumps(config)
+        else:
+            paths = StateDir(root).paths(vm_id)
+            paths.vmm_dir.mkdir(parents=True)
+            vm_config = {**config, "serial": {"mode": "File", "file": str(paths.serial_file)}}
+            vm_jail = jail.prepare(vm_id, VmDefinition.from_vm_config(vm_config), paths)
+            sock_path = paths.api_socket
+            pid, ticks = vm_jail.spawn(
+                [*argv, "--api-socket", f"path={sock_path}"],
+                log_path=paths.vmm_dir / "vmm.stdout",
+                env=None,
+                cwd=paths.vmm_dir,
+                runtime=runtime,
+                devices=("/dev/kvm",),
+            )
+            jailed_vmms.append((vm_id, pid, ticks))
+            body = json.dumps(vm_config)
+        sock = _connect(sock_path, pid, ticks, time.monotonic() + 30)
         try:
-            http = _RawHttp(sock)
-            for method, endpoint, payload, want in (
-                ("GET", "vmm.ping", b"", 200),
-                ("PUT", "vm.create", body, 204),
-                ("PUT", "vm.boot", b"", 204),
-                ("GET", "vm.info", b"", 200),
-            ):
-                status, answer = http.request(method, endpoint, payload)
-                if status != want:
-                    raise RuntimeError(f"{endpoint} of {sock_path}: HTTP {status} {answer!r}")
-            if json.loads(answer)["state"] != "Running":
-                raise RuntimeError(f"{sock_path}: VM not running after vm.boot")
+            _boot(sock, body.encode(), sock_path)
         finally:
             sock.close()
 
@@ -181,6 +251,8 @@ def bare_start(run: Run, n: int, config: dict[str, Any], *, tag: str = "bare") -
         with ThreadPoolExecutor(CONCURRENCY) as pool:
             list(pool.map(one, range(n)))
         run.shared["bare_cpu"] = time.process_time() - cpu
+        if jail is not None and jail.jailer.pid is not None:
+            run.shared["bare_jailer_cpu"] = cpu_seconds(jail.jailer.pid)
         return time.perf_counter() - started
     finally:
         for proc in procs:
@@ -188,6 +260,17 @@ def bare_start(run: Run, n: int, config: dict[str, Any], *, tag: str = "bare") -
                 proc.send_signal(signal.SIGKILL)
         for proc in procs:
             proc.wait()
+        for _, pid, ticks in jailed_vmms:
+            if process.pid_start_ticks(pid) == ticks:  # not a reused pid
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        if jail is not None:
+            for vm_id, pid, ticks in jailed_vmms:
+                # The jailer reaps them; a cgroup goes once its VMM is gone.
+                if process.wait_exit(pid, ticks, 30.0):
+                    jail.release(vm_id)
+            if own_jail:
+                jail.close()
 
 
 # ---------------------------------------------------------------- procurator
@@ -220,7 +303,8 @@ def worker_args(
     run: Run, port: int, *, state: str = "worker-a", extra: Sequence[str] = ()
 ) -> list[str]:
     """The worker's flags (jailed, as deployed, unless ``extra`` says
-    ``--unconfined``)."""
+    ``--unconfined``), running the run's fake VMM (``--vmm``)."""
+    vmm = run.vmm_argv()
     return [
         "worker",
         "--id",
@@ -232,11 +316,8 @@ def worker_args(
         "--driver",
         "cloud-hypervisor",
         "--vmm-binary",
-        sys.executable,
-        "--vmm-arg=-S",
-        "--vmm-arg=-I",
-        "--vmm-arg",
-        str(LEAN_VMM),
+        vmm[0],
+        *(f"--vmm-arg={arg}" for arg in vmm[1:]),
         "--no-network",
         "--metrics-listen",
         f"127.0.0.1:{free_port()}",
@@ -250,7 +331,7 @@ def worker_args(
 
 def start_cluster(run: Run) -> tuple[Proc, int, Proc]:
     master, port = run.start_master()
-    worker = run.procurator("worker-a", *worker_args(run, port))
+    worker = run.procurator("worker-a", *worker_args(run, port), open_files=DEPLOYED_OPEN_FILES)
 
     async def ready() -> None:
         async with control(port) as client:
@@ -308,14 +389,13 @@ def _helper_cpu(worker: int) -> float:
 
 
 def _vmm_cpu(run: Run) -> tuple[float, int]:
-    """(CPU seconds the run's fake VMMs spent so far, how many run)."""
+    """(CPU seconds the run's fake VMMs spent so far, how many run). Both
+    fakes are single-threaded: their main thread's run time, in ns."""
     total, count = 0.0, 0
-    for pid in marked_processes(run.mark):
+    for pid in fake_vmm_pids(run):
         try:
-            line = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if str(LEAN_VMM) in line and "--api-socket" in line and "/bin/sh" not in line:
-                total += cpu_seconds(pid)
-                count += 1
+            total += run_seconds(pid)
+            count += 1
         except OSError:
             continue  # gone meanwhile
     return total, count
@@ -345,23 +425,41 @@ def fake_config(run: Run) -> dict[str, Any]:
 
 def measure(run: Run) -> list[Row]:
     n = vm_count(run)
-    run.log(f"start: bare loop, {n} fake VMMs")
+    run.log(f"start: bare loop, {n} fake VMMs ({run.vmm})")
     bare = bare_start(run, n, fake_config(run))
-    run.log(f"start: bare loop took {bare:.2f}s; now through procurator")
+    bare_cpu = run.shared["bare_cpu"]
+    run.log(f"start: bare loop took {bare:.2f}s; now jailed")
+    jailed = bare_start(run, n, fake_config(run), tag="bare-jailed", jailed=True)
+    jailed_cpu = run.shared["bare_cpu"] + run.shared.get("bare_jailer_cpu", 0.0)
+    run.log(f"start: jailed bare loop took {jailed:.2f}s; now through procurator")
     fleet, elapsed = procurator_start(run, n)
     run.shared["fleet1k"] = fleet
     run.log(f"start: procurator took {elapsed:.2f}s")
     vmm_cpu, vmms = _vmm_cpu(run)
     worker_ms = fleet.start_worker_cpu / n * 1000
-    bare_ms = run.shared["bare_cpu"] / n * 1000
+    bare_ms = bare_cpu / n * 1000
     return [
         Row(
             NAME,
             f"start {n} VMs on 1 worker (apply -> observed)",
             f"{fmt_s(elapsed)} ({n / elapsed:.0f} VM/s)",
+            f"{fmt_s(jailed)} ({n / jailed:.0f} VM/s) jailed bare loop",
+            fmt_ratio(elapsed, jailed),
+            "<= 1.5x",
+            note=(
+                f"fake VMM: {run.vmm}; the jailed bare loop confines each VMM with the worker's "
+                "jail primitives (Jail.prepare + VmJail.spawn) and nothing else of the worker; "
+                f"its CPU per start {jailed_cpu / n * 1000:.2f} ms (this process and the jailer)"
+            ),
+        ),
+        Row(
+            NAME,
+            "... against the bare loop without a jail",
+            f"{fmt_s(elapsed)}",
             f"{fmt_s(bare)} ({n / bare:.0f} VM/s) bare loop",
             fmt_ratio(elapsed, bare),
-            "<= 1.5x",
+            "",
+            note=f"the jail alone: jailed bare loop / bare loop = {fmt_ratio(jailed, bare)}",
         ),
         Row(
             NAME,
@@ -383,6 +481,6 @@ def measure(run: Run) -> list[Row]:
             "... floor: the bare loop's own CPU per start (spawn + 4 API calls)",
             f"{bare_ms:.2f} ms",
             f"{worker_ms:.2f} ms the worker's own",
-            fmt_ratio(fleet.start_worker_cpu / n, run.shared["bare_cpu"] / n),
+            fmt_ratio(fleet.start_worker_cpu / n, bare_cpu / n),
         ),
     ]
