@@ -10,6 +10,7 @@ The reconciler (trio) calls this blocking, thread-safe API through
     get(id), list()            observations (no I/O)
     counters()                 the last polled device counters (no I/O)
     poll_counters()            refresh them now (I/O, blocking)
+    sweep()                    one pass of the sweep (below), on the caller's thread
     recover()      at worker start: rebuild from the state dir and the OS
     close()        stop supervising; the VMMs keep running
 
@@ -57,6 +58,29 @@ not running, saying why. ``wait`` VMs (and pinned ones) are restarted at
 once as before: the master never moves them, so they cannot run twice, and
 restarting them early shortens their outage.
 
+The sweep: idle VMs cost one API call per counters interval, on one thread.
+With a driver whose ``state_mark`` tells every state change of the VM
+(``Capabilities.state_marks``: cloud-hypervisor's event monitor file) and
+``Timeouts.counters_interval`` > 0, the manager runs one sweep thread. A
+settled supervisor then has nothing timed to do: it publishes its VMM and
+the mark of its last state read (``VmRecord.swept``) and waits on its wake
+eventfd and its VMM's pidfd with no timeout. Every counters interval the
+sweep, for each such VM, compares the mark (a ``stat``, no API call) and
+reads the counters (one call, at most ``SWEEP_CALL_TIMEOUT``): they are what
+the metrics poller reports, and an answer proves the API answers and the VM
+still exists. A changed or missing mark, or a call that fails or does not
+answer, asks the supervisor to read the state (``VmRecord.check_asked``, and
+its eventfd): its own check, with the full API timeout, counts unanswered
+checks towards ``hung_after`` as before. So a hung VMM is escalated within
+one counters interval plus ``hung_after`` API timeouts and one
+``retry_unanswered`` (15 + 5 + 5 + 5 s = 30 s by default, at any fleet
+size), a VMM that exits is still seen at once (pidfd), a transition the VMM
+reports within one interval, and a hung VMM delays the others' counters by
+``SWEEP_CALL_TIMEOUT`` once (the sweep skips a VM until its supervisor waits
+idle again). Drivers without marks (QEMU) and ``counters_interval`` 0 keep
+the supervisors' own timed checks (``Timeouts.health_interval``, stretched
+by ``health_checks_per_second``), with the counters riding on them.
+
 Lock order (acquire in this order only; never call the driver or do file I/O
 while holding the map lock or a VM's condition lock):
 
@@ -68,6 +92,8 @@ while holding the map lock or a VM's condition lock):
 
 The supervisor thread takes only 3 (briefly, to read the desired spec and to
 publish); ``on_change`` is called by supervisor threads with no lock held.
+The sweep thread takes 2 to copy the map and 3 to read and write a VM's
+``swept``, ``check_asked`` and ``counters``, never around a driver call.
 
 Operation ids. Every log record a supervisor writes carries the VM's
 ``vm_id`` and the ``op_id`` of the spec it is converging (or of the removal
@@ -116,6 +142,7 @@ from procurator.worker.vmm.base import VmmDriver, VmmError, VmmRejected
 from procurator.worker.vmrecord import (
     ChangeCallback,
     Job,
+    SweepWatch,
     Timeouts,
     VmObservation,
     VmRecord,
@@ -134,6 +161,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+SWEEP_CALL_TIMEOUT = 1.0
+"""Seconds the sweep waits for one VMM's counters (at most ``Timeouts.api``).
+A VMM slower than that is only asked for a check by its supervisor, which
+waits the full API timeout: short, so one hung VMM holds up the sweep of
+the others this long, once."""
 
 
 class ManagerClosedError(TemporaryError):
@@ -173,6 +206,12 @@ class VmManager:
         self._map_lock = threading.Lock()  # level 2
         self._vms: dict[str, VmRecord] = {}
         self._closed = False
+        # The sweep (module docstring): on when the driver's marks tell the
+        # VM's transitions and there are counters to read. Its thread starts
+        # with the first supervisor (guarded by the map lock).
+        self.sweeping = driver.capabilities.state_marks and self.timeouts.counters_interval > 0
+        self._sweep_stop = threading.Event()
+        self._sweeper: threading.Thread | None = None
 
     # -- public API --------------------------------------------------------------
 
@@ -355,6 +394,69 @@ class VmManager:
                 if vm.handle == handle:
                     vm.counters = counters
 
+    def sweep(self) -> None:
+        """One pass of the sweep (module docstring) over the VMs whose
+        supervisors wait idle on it: compare each one's state mark, read its
+        counters, and ask its supervisor for a check when the mark moved or
+        the VMM did not answer. Blocking; the sweep thread calls it every
+        ``counters_interval``."""
+        with self._map_lock:
+            vms = list(self._vms.values())
+        timeout = min(self.timeouts.api, SWEEP_CALL_TIMEOUT)
+        for vm in vms:
+            with vm.cond:
+                watch = vm.swept
+            if watch is None:
+                continue
+            mark = self.driver.state_mark(watch.paths)
+            if mark is None or mark != watch.mark:
+                self._ask_check(vm, watch)
+                continue
+            try:
+                counters = self.driver.counters(watch.handle, timeout=timeout)
+            except (VmmError, VmmRejected) as exc:
+                log.debug("VM %s: sweep: %s; asking for a check", vm.vm_id, exc)
+                self._ask_check(vm, watch)
+                continue
+            with vm.cond:
+                if vm.handle == watch.handle:
+                    vm.counters = counters
+
+    @staticmethod
+    def _ask_check(vm: VmRecord, watch: SweepWatch) -> None:
+        """Have the VM's supervisor read its VMM's state now; the sweep
+        leaves the VM alone until the supervisor waits idle again."""
+        with vm.cond:
+            if vm.swept is not watch:
+                return  # the supervisor woke meanwhile: it looks for itself
+            vm.swept = None
+            vm.check_asked = True
+        vm.wake()
+
+    def _run_sweeps(self) -> None:
+        """The sweep thread: a sweep every ``counters_interval`` until closed."""
+        interval = self.timeouts.counters_interval
+        next_at = self.clock() + interval
+        while not self._sweep_stop.wait(max(0.0, next_at - self.clock())):
+            next_at += interval
+            try:
+                self.sweep()
+            except Exception:  # a bug must not end the checks of every VM
+                log.exception("the VMs' sweep failed; the next one in %g s", interval)
+            # Behind (a sweep longer than the interval): the next one starts
+            # an interval after this one ended, not at once.
+            next_at = max(next_at, self.clock())
+
+    def _start_sweeper(self) -> None:
+        """Start the sweep thread once (with the first supervisor)."""
+        if not self.sweeping:
+            return
+        with self._map_lock:
+            if self._sweeper is not None or self._closed:
+                return
+            self._sweeper = threading.Thread(target=self._run_sweeps, name="vm-sweep", daemon=True)
+        self._sweeper.start()
+
     def recover(self) -> builtins.list[VmObservation]:
         """Take over every VM found in the state dir: re-adopt live VMMs,
         clean up and restart dead ones that are still desired (a
@@ -401,6 +503,7 @@ class VmManager:
         with self._map_lock:
             self._closed = True
             vms = list(self._vms.values())
+        self._sweep_stop.set()
         for vm in vms:
             with vm.cond:
                 vm.closing = True
@@ -412,6 +515,8 @@ class VmManager:
         """Stop every supervisor thread and release the VMs' locks. The VMMs
         keep running, to be re-adopted by the next manager (``recover``)."""
         vms = self._begin_close()
+        if self._sweeper is not None:
+            self._sweeper.join()
         for vm in vms:
             if vm.thread is not None:
                 vm.thread.join()
@@ -499,6 +604,7 @@ class VmManager:
         vm.thread = threading.Thread(target=supervisor.run, name=f"vm-{vm.vm_id}", daemon=True)
         vm.started = True
         vm.thread.start()
+        self._start_sweeper()
 
     def _read_spec(self, vm_id: str) -> VmSpec | None:
         try:

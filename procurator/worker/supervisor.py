@@ -29,7 +29,13 @@ Health checks: a check is one API call with a timeout: the state
 shows the VMM reported no transition since the last state read
 (``Capabilities.state_marks``) — the counters alone. ``hung_after``
 unanswered checks in a row escalate through the stop ladder and count as a
-failure.
+failure. When the manager sweeps (``VmManager.sweeping``: a driver with
+marks, counters to read), a settled VM has no timed check at all: its
+supervisor publishes ``VmRecord.swept`` and waits with no timeout, the
+sweep reads its counters and compares its mark, and asks for a check
+(``VmRecord.check_asked``) when the mark moved or the VMM did not answer;
+the check is then a state read, as above (``procurator.worker.manager``
+has the timing this gives).
 
 Held VMs: a ``reschedule`` VM that ``VmManager.recover`` found holds
 ``VmRecord.held`` until an assignment names it (see ``procurator.worker.
@@ -97,7 +103,7 @@ from procurator.worker.vmm.base import (
     VmmRejected,
     VmmTimeout,
 )
-from procurator.worker.vmrecord import Outcome, Timeouts, VmRecord, VmSpec
+from procurator.worker.vmrecord import Outcome, SweepWatch, Timeouts, VmRecord, VmSpec
 
 if TYPE_CHECKING:
     from procurator.worker.manager import VmManager
@@ -150,6 +156,8 @@ class VmSupervisor:
         # (state_mark, state) of the last state read; None when the driver
         # gives no mark or the state must be read again.
         self.known_state: tuple[Hashable, VmState] | None = None
+        # The manager's sweep asked for a check (``VmRecord.check_asked``).
+        self.check_now = False
         self.last_counters = -math.inf
         # What the running VMM is confined by, read from the OS at its
         # launch or re-adoption (None without a VMM).
@@ -274,6 +282,11 @@ class VmSupervisor:
                 vm.request,
                 vm.remove_op_id,
             )
+            # Awake: no longer the sweep's to check until the next idle wait.
+            vm.swept = None
+            if vm.check_asked:
+                vm.check_asked = False
+                self.check_now = True
         # The spec may change without a new request (a new op id, same
         # target): log and launch with the newest.
         self.spec = spec
@@ -321,15 +334,35 @@ class VmSupervisor:
         self._note(reported=True)
 
     def _timing(self) -> Timing:
+        interval = self.m.health_interval()
+        if self.m.sweeping and self.facts.power_refused_at is None:
+            # The sweep checks this VM: no timed check (an infinite
+            # interval), one at once when the sweep asks for it. A refused
+            # power change keeps its retry after the health interval.
+            interval = 0.0 if self.check_now else math.inf
         return Timing(
-            health_interval=self.m.health_interval(),
+            health_interval=interval,
             retry_unanswered=min(self.t.api, self.t.health_interval),
             hung_after=self.t.hung_after,
         )
 
     def _wait(self, until: float | None) -> None:
+        if until is not None and math.isinf(until):
+            # Settled, checked by the sweep: wait for a request, the VMM's
+            # exit or the sweep's call, with no timeout.
+            self._publish_swept()
+            until = None
         timeout = None if until is None else max(0.0, until - self.m.clock())
         self.watch.wait(self.vm.wake_fd, timeout)
+
+    def _publish_swept(self) -> None:
+        """Hand the sweep what it checks of this VM while this thread waits."""
+        if self.handle is None:
+            return
+        mark = self.known_state[0] if self.known_state is not None else None
+        watch = SweepWatch(self.handle, self.paths, mark)
+        with self.vm.cond:
+            self.vm.swept = watch
 
     # -- facts -------------------------------------------------------------------
 
@@ -681,6 +714,7 @@ class VmSupervisor:
         """One health check; its answer (or silence) becomes facts."""
         assert self.facts.vmm is not None
         now = self.m.clock()
+        self.check_now = False
         try:
             state = self._read_state()
         except (VmmTimeout, VmmGone) as exc:
@@ -939,8 +973,9 @@ class VmSupervisor:
     def _counters_due(self) -> bool:
         """Whether this check should refresh the counters. Half a health
         interval of slack: with both intervals equal (the default) every
-        check reads them, not every other one because of timer jitter."""
-        if self.t.counters_interval <= 0:
+        check reads them, not every other one because of timer jitter.
+        Never when the manager's sweep reads them."""
+        if self.t.counters_interval <= 0 or self.m.sweeping:
             return False
         elapsed = self.m.clock() - self.last_counters
         return elapsed >= self.t.counters_interval - self.t.health_interval / 2

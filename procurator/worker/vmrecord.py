@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -28,12 +28,13 @@ from procurator.core.models import Phase, PowerState, VmEvent
 from procurator.core.supervision import Target
 from procurator.core.vmdef import VmDefinition
 from procurator.worker.state import VmLock
-from procurator.worker.vmm.base import VmmHandle
+from procurator.worker.vmm.base import VmmHandle, VmmPaths
 
 __all__ = [
     "ChangeCallback",
     "Job",
     "Outcome",
+    "SweepWatch",
     "Timeouts",
     "VmObservation",
     "VmRecord",
@@ -176,12 +177,28 @@ class Timeouts:
     # VMs / health_checks_per_second (VmManager.health_interval).
     health_checks_per_second: float = 0.0
     hung_after: int = 2
-    counters_interval: float = 15.0  # 0: the supervisor never polls counters
+    # Seconds between two reads of every VM's counters. With a driver that
+    # has state marks, one sweep of the manager reads them for all VMs and
+    # is also their health check (VmManager.sweep); 0: no counters, and
+    # each supervisor checks its VMM every health_interval itself.
+    counters_interval: float = 15.0
     power_button_wait: float = 30.0
     shutdown_vmm_wait: float = 5.0
     sigterm_wait: float = 5.0
     sigkill_wait: float = 10.0
     ensure: float = 120.0  # longest ensure()/remove() blocks
+
+
+@dataclass(frozen=True, slots=True)
+class SweepWatch:
+    """What the manager's sweep checks for an idle supervisor: its VMM
+    (``handle``, ``paths``) and the driver's state mark at the
+    supervisor's last state read (``mark``; None: unknown, so every sweep
+    asks for a state read)."""
+
+    handle: VmmHandle
+    paths: VmmPaths
+    mark: Hashable | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +240,11 @@ class VmRecord:
         self.handle: VmmHandle | None = None  # published for poll_counters
         self.jobs: list[Job] = []  # run by the supervisor, in order
         self.counters: Mapping[str, Mapping[str, int]] = {}
+        # Set by the supervisor while it waits idle on the manager's sweep
+        # (``VmManager.sweep``), cleared when it wakes; the sweep clears it
+        # and sets ``check_asked`` when the supervisor must read the state.
+        self.swept: SweepWatch | None = None
+        self.check_asked = False
         self.obs = VmObservation(
             vm_id=vm_id,
             desired_hash="",

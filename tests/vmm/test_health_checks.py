@@ -1,10 +1,14 @@
 """Health checks cost one VMM API call each in the steady state, and still
 see what the VMM reports: a state change, a hang.
 
-A converged VM's health check is ``vm.counters`` alone while the VMM's event
-monitor file shows no transition since the last ``vm.info``; any transition
-(here: a third party pausing the VM through its API socket) makes the next
-check read the state again, and the supervisor converges back."""
+With cloud-hypervisor (state marks) and counters to read, the manager's
+sweep checks every settled VM: one ``vm.counters`` call per counters
+interval, on one thread, while the VM's supervisor waits with no timeout.
+The VMM's event monitor file unchanged since the supervisor's last
+``vm.info`` means an unchanged state; any transition (here: a third party
+pausing the VM through its API socket) or a VMM that does not answer makes
+the supervisor read the state itself, and it converges back or escalates.
+Without counters, each supervisor checks its VMM on its own timer."""
 
 from __future__ import annotations
 
@@ -74,14 +78,18 @@ def test_a_state_change_the_vmm_reports_is_seen_and_undone(
     assert after is not None and after.pid == obs.pid and after.phase is Phase.RUNNING
 
 
-def test_a_vmm_that_hangs_on_the_counters_check_is_escalated(
+def test_a_vmm_that_stops_answering_the_sweep_is_escalated(
     make_manager: ManagerFactory, state_dir: Path, api_calls: ApiCalls, recorder: Recorder
 ) -> None:
+    """The sweep's counters call goes unanswered: the supervisor checks
+    the state itself, gets no answer ``hung_after`` times and restarts the
+    VM. (A VMM that answers ``vm.info`` but not ``vm.counters`` is not
+    hung: its counters go stale, the VM is left alone.)"""
     timeouts = replace(FAST, api=0.3, power_button_wait=0.5, shutdown_vmm_wait=0.5)
     manager = make_manager(timeouts=timeouts)
     first = manager.ensure(VmSpec("vm1", "h1", definition()))
     _settle(api_calls, recorder, "vm.counters", 2)
-    faults = write_faults(state_dir, "vm1", {"hang": ["vm.counters"]})
+    faults = write_faults(state_dir, "vm1", {"hang": ["*"]})
     recorder.wait_for(lambda: EventKind.CRASHED in recorder.kinds("vm1"))
     faults.unlink()
     crashed = next(e for e in recorder.events("vm1") if e.kind is EventKind.CRASHED)
@@ -101,13 +109,15 @@ def test_the_check_budget_stretches_every_vms_interval(
     """With more VMs than the budget allows checking at health_interval,
     each VM waits VMs / budget between checks: here 2 VMs at 0.02 checks a
     second, 100 s, where health_interval alone would check every 0.1 s."""
-    manager = make_manager(timeouts=replace(FAST, health_checks_per_second=0.02))
+    timeouts = replace(FAST, health_checks_per_second=0.02, counters_interval=0)
+    manager = make_manager(timeouts=timeouts)
+    assert not manager.sweeping  # no counters: the supervisors check on their own
     assert manager.health_interval() == FAST.health_interval  # no VM yet
     for vm_id in ("vm1", "vm2"):
         manager.ensure(VmSpec(vm_id, "h1", definition()))
     assert manager.health_interval() == 100.0
     # Each VM's first check after its start may still be under way.
-    recorder.wait_for(lambda: api_calls.endpoints().count("vm.counters") >= 2)
+    recorder.wait_for(lambda: api_calls.endpoints().count("vm.info") >= 2)
     start = len(api_calls.endpoints())
     time.sleep(10 * FAST.health_interval)
     assert api_calls.endpoints()[start:] == []
@@ -119,3 +129,53 @@ def test_a_budget_the_fleet_fits_in_leaves_the_interval_alone(
     manager = make_manager(timeouts=replace(FAST, health_checks_per_second=1000.0))
     manager.ensure(VmSpec("vm1", "h1", definition()))
     assert manager.health_interval() == FAST.health_interval
+
+
+def _switches(thread_id: int | None) -> int:
+    """Voluntary context switches of one thread of this process so far."""
+    status = Path(f"/proc/self/task/{thread_id}/status").read_text()
+    return int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+
+
+def test_an_idle_supervisor_sleeps_and_the_sweep_checks_it(
+    make_manager: ManagerFactory, api_calls: ApiCalls, recorder: Recorder
+) -> None:
+    """A settled VM's supervisor makes no call and does not even wake for
+    20 health intervals; each sweep is one ``vm.counters`` call. (Before
+    the sweep, each supervisor made a check every health interval.)"""
+    manager = make_manager(timeouts=replace(FAST, counters_interval=3600.0))
+    assert manager.sweeping
+    manager.ensure(VmSpec("vm1", "h1", definition()))
+    vm = manager._vms["vm1"]
+    recorder.wait_for(lambda: vm.swept is not None)  # its idle wait began
+    assert vm.thread is not None
+    switches, start = _switches(vm.thread.native_id), len(api_calls.endpoints())
+    time.sleep(20 * FAST.health_interval)
+    assert api_calls.endpoints()[start:] == []
+    assert _switches(vm.thread.native_id) == switches, "the idle supervisor woke"
+    for _ in range(3):
+        manager.sweep()
+    assert api_calls.endpoints()[start:] == ["vm.counters"] * 3
+    assert manager.counters()["vm1"], "the sweep keeps what it read"
+    assert vm.swept is not None, "an answering VMM stays the sweep's"
+
+
+def test_a_transition_is_seen_through_the_event_file_by_one_sweep(
+    make_manager: ManagerFactory, state_dir: Path, api_calls: ApiCalls, recorder: Recorder
+) -> None:
+    """A pause behind the worker's back moves the VMM's event file: the
+    next sweep makes no counters call for it but has the supervisor read
+    the state, which then resumes the VM."""
+    manager = make_manager(timeouts=replace(FAST, counters_interval=3600.0))
+    manager.ensure(VmSpec("vm1", "h1", definition()))
+    vm = manager._vms["vm1"]
+    recorder.wait_for(lambda: vm.swept is not None)
+    with api_client(str(state_dir / "vms" / "vm1" / "run" / "api.sock")) as client:
+        assert client.put(f"{API}/vm.pause").status_code == 204
+        start = len(api_calls.endpoints())
+        manager.sweep()
+        window = _settle(api_calls, recorder, "vm.resume", 1)
+        assert window[:2] == ["vm.info", "vm.resume"], window
+        recorder.wait_for(lambda: client.get(f"{API}/vm.info").json()["state"] == "Running")
+    recorder.wait_for(lambda: EventKind.RESUMED in recorder.kinds("vm1"))
+    assert "vm.counters" not in api_calls.endpoints()[start:]
