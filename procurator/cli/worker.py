@@ -188,16 +188,20 @@ def add_parser(sub: Any) -> None:
         "--metrics-interval",
         type=positive,
         default=15.0,
-        help="seconds between metric polls and reports to the master (default: 15)",
+        help="seconds between metric polls and reports to the master, and between two reads "
+        "of every VM's counters (with cloud-hypervisor one sweep for all VMs, which is "
+        "also their health check) (default: 15)",
     )
     p.add_argument(
         "--health-interval",
         type=positive,
         default=15.0,
         metavar="SECONDS",
-        help="seconds between a VM's health checks (vm.info / QMP query-status); a VMM "
-        "that exits is seen at once, this bounds how long a hung one goes unnoticed "
-        "(two missed checks). Each check is an API call per VM (default: 15)",
+        help="seconds between a VM's health checks (vm.info / QMP query-status) where the "
+        "driver cannot tell a VM's transitions itself (QEMU); a VMM that exits is seen at "
+        "once, this bounds how long a hung one goes unnoticed (two missed checks). Each "
+        "check is an API call per VM. cloud-hypervisor VMs are checked by the counters "
+        "sweep every --metrics-interval instead (default: 15)",
     )
     p.add_argument(
         "--health-budget",

@@ -223,7 +223,8 @@ class VmManager:
     def health_interval(self) -> float:
         """Seconds between one settled VM's health checks: the configured
         ``health_interval``, or longer when the manager holds more VMs than
-        ``health_checks_per_second`` allows to check that often. The worker's
+        ``health_checks_per_second`` allows to check that often (for VMs
+        the sweep does not check: ``sweeping`` False). The worker's
         background load of API calls then stays bounded whatever its fleet
         size; the price is that a hung VMM goes unnoticed for up to
         ``hung_after`` such intervals (a VMM that exits is still seen at

@@ -121,10 +121,12 @@ class RuntimeOptions:
     stop_grace: float = 30.0  # seconds the guest gets to power off
     metrics_listen: str = ""  # host:port of the Prometheus exporter; "" for none
     metrics_interval: float = 15.0  # seconds between metric polls and reports
-    # Seconds between a VM's vm.info health checks. A VMM that exits is seen
-    # at once (pidfd); this only bounds how long a hung API goes unnoticed
-    # (two missed checks). Every check is an API call: at a thousand VMs a
-    # 5 s interval is 200 calls a second, most of an idle worker's CPU.
+    # Seconds between a VM's vm.info health checks where the driver has no
+    # state marks (QEMU; cloud-hypervisor's VMs are checked by the manager's
+    # counters sweep every metrics_interval: VmManager.sweep). A VMM that
+    # exits is seen at once (pidfd); this only bounds how long a hung API
+    # goes unnoticed (two missed checks). Every check is an API call: at a
+    # thousand VMs a 5 s interval is 200 calls a second.
     health_interval: float = 15.0
     # At most this many health checks a second across all VMs: past
     # health_interval * this many VMs (375 by default), each VM's interval
