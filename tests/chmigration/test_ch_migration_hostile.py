@@ -125,12 +125,24 @@ def _info(state: str) -> Answer:
             r"refused vm\.send-migration with HTTP 405",
         ),
         (
+            {"vm.info": _info("Paused"), "vm.send-migration": (405, _ERROR)},
+            VmmRejected,
+            r"refused vm\.send-migration with HTTP 405",
+        ),
+        (
             {"vm.info": _info("Paused"), "vm.send-migration": (500, b"<html>oops</html>")},
             VmmError,
             r"refused vm\.send-migration with HTTP 500",
         ),
     ],
-    ids=["garbage-info", "info-not-an-object", "no-vm", "wrong-state", "garbage-error"],
+    ids=[
+        "garbage-info",
+        "info-not-an-object",
+        "no-vm",
+        "wrong-state",
+        "refused-paused",
+        "garbage-error",
+    ],
 )
 def test_a_send_refused_or_garbled_is_a_clear_error(
     source: Host,
@@ -149,10 +161,14 @@ def test_a_send_refused_or_garbled_is_a_clear_error(
     if "vm.send-migration" in answers:
         assert asked[0] == "PUT vm.send-migration"
         if answers["vm.info"] == _info("Paused"):
-            # Left paused after a failed send: the driver resumes it, and
-            # the VMM's own words are in the error.
+            # Left paused after a failed or refused send: the driver
+            # resumes it, and the VMM's own words are in the error.
             assert asked[1:] == ["PUT vm.resume"]
-            assert "<html>oops</html>" in raised.value.details  # type: ignore[attr-defined]
+            body = answers["vm.send-migration"][1].decode()
+            assert any(
+                body in d or d in body
+                for d in raised.value.details  # type: ignore[attr-defined]
+            )
         else:
             assert asked[1:] == []
     else:
@@ -164,9 +180,13 @@ def test_an_unreachable_target_fails_before_the_vmm_is_asked(
     source: Host, hostile: HostileVmm, address: Address
 ) -> None:
     hostile.answers["vm.info"] = _info("Paused")
+    hostile.answers["vm.resume"] = (204, b"")
     with pytest.raises(VmmError, match=r"cannot reach the migration target at 127\.0\.0\.1:"):
         source.driver.send_migration(hostile.handle(), memory=address, disks=None, timeout=5.0)
     assert "PUT vm.send-migration" not in hostile.asked
+    # The caller paused the VM to copy its disks: a failed move resumes it
+    # (the port's promise), whatever step failed.
+    assert hostile.asked[-1] == "PUT vm.resume"
     assert not (source.paths().vmm_dir / "migrate.sock").exists()
 
 

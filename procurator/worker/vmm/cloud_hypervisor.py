@@ -458,14 +458,17 @@ class CloudHypervisorDriver:
         deadline = time.monotonic() + timeout
         sending = Path(handle.api_socket).parent / _MIGRATION_SOCKET
         _check_socket_path(sending)
+        # A VMM that cannot tell its VM (garbage, no answer) cannot be
+        # asked to resume it either: that failure is raised as it is.
         info = self.info(handle, timeout=_left(deadline, handle, "vm.info"))
         if info is None:
             raise VmmRejected(
                 f"cloud-hypervisor at {handle.api_socket} has no VM to migrate", status=404
             )
         total = _memory_size(info)
-        relay = Relay.outgoing(sending, memory, timeout=_left(deadline, handle, "the relay"))
+        relay: Relay | None = None
         try:
+            relay = Relay.outgoing(sending, memory, timeout=_left(deadline, handle, "the relay"))
             seconds = _left(deadline, handle, "vm.send-migration")
             body = {
                 "destination_url": f"unix:{sending}",
@@ -482,15 +485,19 @@ class CloudHypervisorDriver:
                 if progress is not None:
                     progress(relay.sent, max(total, relay.sent))
             call.result(0.0)
-        except VmmError as exc:
-            relay.close()
-            if relay.error is not None:
-                exc.details = (*exc.details, f"relay: {relay.error}")
+        except (VmmError, VmmRejected) as exc:
+            # Whichever step failed (the target unreachable, the send
+            # refused or broken): the VM the caller paused runs again.
+            if relay is not None:
+                relay.close()
+                if relay.error is not None:
+                    exc.details = (*exc.details, f"relay: {relay.error}")
             if not isinstance(exc, VmmGone):
                 self._keep_running(handle, exc)
             raise
         except BaseException:
-            relay.close()
+            if relay is not None:
+                relay.close()
             raise
         # The VMM has sent everything: the stream runs out as both ends close.
         relay.wait(_GRACE)
@@ -499,7 +506,7 @@ class CloudHypervisorDriver:
         if progress is not None:
             progress(relay.sent, relay.sent)
 
-    def _keep_running(self, handle: VmmHandle, failure: VmmError) -> None:
+    def _keep_running(self, handle: VmmHandle, failure: VmmError | VmmRejected) -> None:
         """After a failed send: the VM runs again (cloud-hypervisor resumes
         it itself; this makes sure). What goes wrong here is added to
         ``failure``'s details, never raised over it."""
