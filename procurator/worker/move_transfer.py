@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from procurator.core.errors import PermanentError, TemporaryError
+from procurator.core.validation import REQUEST_ID_RE, STORE_DIR, STORE_PATH_RE, VM_ID_RE
 
 __all__ = [
     "MAGIC",
@@ -67,9 +68,13 @@ log = logging.getLogger(__name__)
 MAGIC = b"PROCURATOR-MOVE 1\n"
 _CHUNK = 1 << 20
 _MAX_HEADER = 64 << 10
-_NAME_RE = re.compile(r"[0-9a-z]{32}-[A-Za-z0-9+._?=-]{1,180}/disk[0-9]{1,3}\.img")
-_OP_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_VM_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+# A disk copy's name: nix's own rule for the image's store basename (a
+# name nix allows but this refused would leave the copy behind).
+_NAME_RE = re.compile(
+    STORE_PATH_RE.pattern.removeprefix(re.escape(STORE_DIR) + "/") + r"/disk[0-9]{1,3}\.img"
+)
+_OP_RE = REQUEST_ID_RE
+_VM_RE = VM_ID_RE
 
 #: Progress of a send or a receipt: (bytes done, bytes in all).
 Progress = Callable[[int, int], None]
@@ -87,7 +92,8 @@ def new_token() -> str:
 
 def disk_files(vm_dir: Path) -> list[tuple[str, Path]]:
     """The VM's writable disk copies under ``vm_dir/disks``, as (name on
-    the wire, path), in name order."""
+    the wire, path), in name order. Raises ``TransferError`` for a copy
+    the transfer cannot name (rather than leave the guest's writes behind)."""
     disks = vm_dir / "disks"
     found = []
     if disks.is_dir():
@@ -95,8 +101,9 @@ def disk_files(vm_dir: Path) -> list[tuple[str, Path]]:
             if image.is_dir():
                 for disk in sorted(image.glob("disk*.img")):
                     name = f"{image.name}/{disk.name}"
-                    if _NAME_RE.fullmatch(name):
-                        found.append((name, disk))
+                    if not _NAME_RE.fullmatch(name):
+                        raise TransferError(f"{disk}: {name} is not a disk copy's name")
+                    found.append((name, disk))
     return found
 
 

@@ -166,3 +166,33 @@ def test_closing_the_receiver_cuts_a_transfer_under_way_and_keeps_nothing(
         thread.join()
     assert got.received("web-1") is None
     assert list((tmp_path / "incoming").iterdir()) == []
+
+
+def test_an_image_with_a_name_as_long_as_nix_allows_carries_its_disk(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    # Nix store names run to 211 characters (validation.STORE_PATH_RE);
+    # a copy the transfer could not name was left out of the set, and the
+    # target booted the VM on a fresh copy: the guest's writes lost.
+    longest = "b" * 32 + "-" + "n" * 211
+    disks = tmp_path / "source" / "vms" / "web-1" / "disks" / longest
+    disks.mkdir(parents=True)
+    (disks / "disk0.img").write_bytes(b"the guest wrote this")
+    files = disk_files(tmp_path / "source" / "vms" / "web-1")
+    assert [name for name, _ in files] == [f"{longest}/disk0.img"]
+    receiver.expect([Expected("web-1", "op-m1", "t")])
+    send_disks(receiver.address, vm_id="web-1", op_id="op-m1", token="t", files=files)
+    got = tmp_path / "target" / "incoming" / "web-1" / longest / "disk0.img"
+    assert got.read_bytes() == b"the guest wrote this"
+
+
+def test_a_disk_copy_the_transfer_cannot_name_fails_the_send_instead_of_staying_behind(
+    tmp_path: Path,
+) -> None:
+    disks = tmp_path / "vms" / "web-1" / "disks" / "not-a-store-basename"
+    disks.mkdir(parents=True)
+    (disks / "disk0.img").write_bytes(b"the guest wrote this")
+    with pytest.raises(
+        TransferError, match=r"not-a-store-basename/disk0\.img is not a disk copy's name"
+    ):
+        disk_files(tmp_path / "vms" / "web-1")
