@@ -407,11 +407,20 @@ async def patch_rounds(
     digests first, then the parts the master asks for (the union of what
     it asked, so a part is never asked twice), at most ``PATCH_ROUNDS``
     sends. None: the master kept asking (applies in between kept replacing
-    what it holds); the caller applies the whole fleet instead."""
+    what it holds); the caller applies the whole fleet instead.
+    ``ValidationError`` when the master asks for a part the patch did not
+    name (a malformed answer: nothing more is sent)."""
     asked: set[str] = set()
     for _ in range(PATCH_ROUNDS):
         answer = await send(make_patch(parts, asked))
         if answer.result is not None:
             return answer.result
+        unknown = set(answer.missing) - parts.digests.keys()
+        if unknown:
+            raise ValidationError(
+                "invalid applyPatch answer received: the master asked for parts that are "
+                "not parts of the fleet sent: "
+                f"{sorted(unknown)[:5]}"
+            )
         asked.update(answer.missing)
     return None

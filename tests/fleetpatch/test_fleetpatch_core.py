@@ -13,8 +13,10 @@ from procurator.core.fleetpatch import (
     SETTINGS_PART,
     FleetParts,
     FleetPatch,
+    PatchAnswer,
     assemble,
     make_patch,
+    patch_rounds,
 )
 from procurator.core.models import (
     Fleet,
@@ -171,6 +173,24 @@ def test_unknown_digests_are_missing_never_guessed() -> None:
     # A worker the held fleet never had.
     extra = tuple(sorted((*parts, ("w-new", bytes(32)))))
     assert assemble(FleetParts.of(held), FleetPatch(extra)).missing == ("w-new",)
+
+
+async def test_a_master_asking_for_parts_the_fleet_does_not_have_is_refused_typed() -> None:
+    """The master's ``missing`` is a peer's word: a name that is not a part
+    of the client's fleet is a malformed answer (typed, as the RPC layer
+    refuses other malformed answers), not a ``ValueError`` from deep in
+    the client."""
+    parts = FleetParts.of(Fleet((("w-a", (_vm("a1", 0),)),)))
+    sent: list[FleetPatch] = []
+
+    async def send(patch: FleetPatch) -> PatchAnswer:
+        sent.append(patch)
+        return PatchAnswer(None, ("w-a", "w-ghost"))
+
+    with pytest.raises(ValidationError, match="w-ghost") as refused:
+        await patch_rounds(parts, send)
+    assert "not parts of the fleet sent" in refused.value.message
+    assert len(sent) == 1  # nothing more is sent after such an answer
 
 
 def test_on_worker_lost_and_rollouts_are_in_the_settings_part() -> None:
