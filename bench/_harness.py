@@ -409,14 +409,20 @@ class Run:
 
     def image(self, name: str) -> str:
         """A store path (``nix-store --add``) holding a VM image for the fake
-        VMM: vm-config.json and a dummy kernel. One per name per run."""
+        VMM: vm-config.json and a dummy kernel. One per name per run, and
+        the run's own: the kernel command line names the run, so two runs
+        at once (engineers share this machine) never add the same path,
+        which the first to end would delete under the other."""
         if name in self._images:
             return self._images[name]
         src = self.dir / "images" / name
         src.mkdir(parents=True)
         (src / "vmlinux").write_bytes(b"\0" * 4096)
         config = {
-            "payload": {"kernel": "vmlinux", "cmdline": f"console=ttyS0 image={name}"},
+            "payload": {
+                "kernel": "vmlinux",
+                "cmdline": f"console=ttyS0 image={name} bench-run={self.mark}",
+            },
             "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
             "memory": {"size": 64 << 20},
         }
