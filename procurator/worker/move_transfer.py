@@ -20,11 +20,12 @@ expects, with the one-time token the master gave both sides
 (``Receiver.expect``); a second transfer of a set already received for
 that op is answered ``ok`` at once (a source that lost the first answer
 sends again: idempotent). Nothing half-written is ever used: files go to
-``incoming/.<vm>.<op>.partial/``, each is fsynced and checked, and the
-whole set is renamed to ``incoming/<vm>/`` (replacing an older set) only
-when complete; ``op`` in it names the op. ``procurator.nix.image`` renames
-the copies into the VM's disk directory at its first prepare after the
-switch (``procurator.worker.move_service`` drops a set nothing names).
+``incoming/.<vm>.<op>.<random>.partial/`` (one per connection), each is
+fsynced and checked, and the whole set is renamed to ``incoming/<vm>/``
+(replacing an older op's set) only when complete; ``op`` in it names the
+op. ``procurator.nix.image`` renames the copies into the VM's disk
+directory at its first prepare after the switch
+(``procurator.worker.move_service`` drops a set nothing names).
 
 Plain TCP: the token authenticates the source for one transfer and
 sha256 checks integrity; the bytes are not encrypted (TLS with the fleet's
@@ -45,6 +46,7 @@ import re
 import secrets
 import shutil
 import socket
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -184,7 +186,8 @@ class Receiver:
     bound, listening TCP socket), one thread per connection, into
     ``incoming`` (``<state>/incoming``). ``expect`` replaces what is
     expected (from each new assignment); ``received`` says which op ids
-    have their set stored. Thread-safe. Lock order: ``_lock`` is a leaf."""
+    have their set stored. Thread-safe. Lock order: ``_lock`` and
+    ``_storing`` (held while a set replaces the stored one) are leaves."""
 
     def __init__(
         self,
@@ -199,6 +202,7 @@ class Receiver:
         self._timeout = timeout
         self._on_change = on_change
         self._lock = threading.Lock()
+        self._storing = threading.Lock()  # a whole set renamed into place
         self._expected: dict[str, Expected] = {}
         self._failed: dict[str, str] = {}
         self._closed = False
@@ -349,22 +353,27 @@ class Receiver:
     def _receive(
         self, stream: object, vm_id: str, op_id: str, files: list[tuple[str, int]]
     ) -> None:
-        partial = self._incoming / f".{vm_id}.{op_id}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
+        # This connection's own directory (also for a VM without writable
+        # disks: an empty set): a source that sends again while its earlier
+        # connection is still received (it gave up waiting for the answer)
+        # must neither write into nor rename the other's set.
+        partial = Path(
+            tempfile.mkdtemp(prefix=f".{vm_id}.{op_id}.", suffix=".partial", dir=self._incoming)
+        )
         try:
-            partial.mkdir()  # also for a VM without writable disks: an empty set
             for name, size in files:
                 path = partial / name
                 path.parent.mkdir(parents=True, exist_ok=True)
                 _receive_file(stream, path, name, size)
             (partial / "op").write_text(op_id + "\n")
             final = self._incoming / vm_id
-            shutil.rmtree(final, ignore_errors=True)
-            partial.rename(final)
-            _fsync_dir(self._incoming)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
+            with self._storing:
+                if self.received(vm_id) != op_id:  # else the other connection's is stored
+                    shutil.rmtree(final, ignore_errors=True)
+                    partial.rename(final)
+                    _fsync_dir(self._incoming)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)  # gone once renamed
         with self._lock:
             self._failed.pop(vm_id, None)
 

@@ -10,7 +10,8 @@ import json
 import os
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,61 @@ def test_a_disk_copy_the_transfer_cannot_name_fails_the_send_instead_of_staying_
         TransferError, match=r"not-a-store-basename/disk0\.img is not a disk copy's name"
     ):
         disk_files(tmp_path / "vms" / "web-1")
+
+
+def test_a_resend_while_the_first_is_still_received_never_stores_half_a_set(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    # A source that timed out waiting for the answer (the target's fsync of
+    # a big disk, say) sends again while the target still receives the
+    # first connection: the first's set was renamed into place from the
+    # directory the second had begun to write, half a disk reported received.
+    receiver.expect([Expected("web-1", "op-m1", "t")])
+    name = f"{BASE}/disk0.img"
+    data = os.urandom(1 << 20)
+    digest = hashlib.sha256(data).hexdigest().encode() + b"\n"
+    header = (
+        MAGIC
+        + json.dumps(
+            {
+                "vm_id": "web-1",
+                "op_id": "op-m1",
+                "token": "t",
+                "files": [{"name": name, "size": len(data)}],
+            }
+        ).encode()
+        + b"\n"
+    )
+    incoming = tmp_path / "target" / "incoming"
+    with (
+        socket.create_connection(receiver.address, timeout=5) as first,
+        socket.create_connection(receiver.address, timeout=5) as second,
+    ):
+        first_answers, second_answers = first.makefile("rb"), second.makefile("rb")
+        first.sendall(header)
+        assert first_answers.readline() == b"go\n"
+        first.sendall(data)  # all but its checksum: the target holds it whole
+        wait_for(lambda: sizes(incoming) == [len(data)])
+        second.sendall(header)
+        assert second_answers.readline() == b"go\n"
+        second.sendall(data[:1000])
+        wait_for(lambda: 0 in sizes(incoming))  # the second's copy begun
+        first.sendall(digest)
+        assert first_answers.readline() == b"ok\n"
+        assert receiver.received("web-1") == "op-m1"
+        assert (incoming / "web-1" / name).read_bytes() == data
+        second.sendall(data[1000:] + digest)
+        assert second_answers.readline() == b"ok\n"
+    assert (incoming / "web-1" / name).read_bytes() == data
+    assert [p.name for p in incoming.iterdir()] == ["web-1"]
+
+
+def sizes(incoming: Path) -> list[int]:
+    """The sizes of the disk copies being received (under a partial directory)."""
+    return [p.stat().st_size for p in incoming.glob(".*.partial/*/disk0.img")]
+
+
+def wait_for(condition: Callable[[], bool]) -> None:
+    """Until ``condition`` holds (a receiving thread has got so far)."""
+    while not condition():
+        time.sleep(0.005)
