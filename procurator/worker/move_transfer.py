@@ -57,6 +57,7 @@ from procurator.core.validation import REQUEST_ID_RE, STORE_DIR, STORE_PATH_RE, 
 
 __all__ = [
     "MAGIC",
+    "MAX_CONNECTIONS",
     "Expected",
     "Receiver",
     "TransferError",
@@ -70,6 +71,8 @@ log = logging.getLogger(__name__)
 MAGIC = b"PROCURATOR-MOVE 1\n"
 _CHUNK = 1 << 20
 _MAX_HEADER = 64 << 10
+#: Connections a receiver serves at once (each a thread); more are refused.
+MAX_CONNECTIONS = 16
 # A disk copy's name: nix's own rule for the image's store basename (a
 # name nix allows but this refused would leave the copy behind).
 _NAME_RE = re.compile(
@@ -183,7 +186,8 @@ class Expected:
 
 class Receiver:
     """The target's side: accepts expected transfers on ``listener`` (a
-    bound, listening TCP socket), one thread per connection, into
+    bound, listening TCP socket), one thread per connection (at most
+    ``MAX_CONNECTIONS`` at once, more are refused), into
     ``incoming`` (``<state>/incoming``). ``expect`` replaces what is
     expected (from each new assignment); ``received`` says which op ids
     have their set stored. Thread-safe. Lock order: ``_lock`` and
@@ -259,12 +263,22 @@ class Receiver:
                 if self._closed:
                     conn.close()
                     return
-                thread = threading.Thread(
-                    target=self._handle, args=(conn, peer), name="move receiver", daemon=True
-                )
                 self._threads = [t for t in self._threads if t.is_alive()]
-                self._threads.append(thread)
-                self._conns.add(conn)
+                busy = len(self._threads) >= MAX_CONNECTIONS
+                if not busy:
+                    thread = threading.Thread(
+                        target=self._handle, args=(conn, peer), name="move receiver", daemon=True
+                    )
+                    self._threads.append(thread)
+                    self._conns.add(conn)
+            if busy:
+                # Before any token is seen: a peer's connections must not
+                # take the worker's threads and descriptors without bound.
+                log.warning("a move transfer from %s refused: %d at once", peer, MAX_CONNECTIONS)
+                with conn, contextlib.suppress(OSError):
+                    conn.setblocking(False)  # a short line into an empty buffer
+                    conn.sendall(f"error: {MAX_CONNECTIONS} transfers at once already\n".encode())
+                continue
             thread.start()
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ import pytest
 
 from procurator.worker.move_transfer import (
     MAGIC,
+    MAX_CONNECTIONS,
     Expected,
     Receiver,
     TransferError,
@@ -255,3 +256,32 @@ def wait_for(condition: Callable[[], bool]) -> None:
     """Until ``condition`` holds (a receiving thread has got so far)."""
     while not condition():
         time.sleep(0.005)
+
+
+def test_connections_past_the_limit_are_refused_at_once_and_the_transfer_goes_after(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    # Anyone on the network can connect: each connection took a thread and
+    # a descriptor of the worker (for a socket timeout each, sending
+    # nothing), without bound.
+    files = disk_files(source_vm(tmp_path))
+    receiver.expect([Expected("web-1", "op-m1", "t")])
+    idle = [socket.create_connection(receiver.address, timeout=5) for _ in range(MAX_CONNECTIONS)]
+    try:
+        with socket.create_connection(receiver.address, timeout=5) as one_more:
+            refused = one_more.makefile("rb").readline()
+        assert refused == f"error: {MAX_CONNECTIONS} transfers at once already\n".encode()
+    finally:
+        for conn in idle:
+            conn.close()
+
+    def sent() -> bool:  # as a source does: again until the idle ones are gone
+        try:
+            send_disks(receiver.address, vm_id="web-1", op_id="op-m1", token="t", files=files)
+        except TransferError as exc:
+            assert "transfers at once already" in str(exc)
+            return False
+        return True
+
+    wait_for(sent)
+    assert receiver.received("web-1") == "op-m1"
