@@ -62,7 +62,6 @@ __all__ = [
     "Receiver",
     "TransferError",
     "disk_files",
-    "new_token",
     "send_disks",
 ]
 
@@ -88,11 +87,6 @@ Progress = Callable[[int, int], None]
 class TransferError(TemporaryError):
     """A transfer failed (the peer refused it or went away, a check failed);
     the message says why. Sending again may succeed."""
-
-
-def new_token() -> str:
-    """A one-time token for one transfer (128 random bits, hex)."""
-    return secrets.token_hex(16)
 
 
 def disk_files(vm_dir: Path) -> list[tuple[str, Path]]:
