@@ -4,8 +4,10 @@ the metrics poller and its HTTP exporter, status and metric reports,
 periodic resync), at the default intervals.
 
 Measured from /proc over a window (60 s; 10 s with ``--quick``): the
-worker's CPU seconds / wall seconds (share of one core) and its resident
-memory at the end. Shown next to them, same window: the CPU the N fake
+worker's CPU seconds / wall seconds (share of one core; the process's
+``utime + stime``, which keeps the time of threads that ended in the
+window: trio's worker threads, which run the metrics poll, end after 10 s
+idle) and its resident memory at the end. Shown next to them, same window: the CPU the N fake
 VMMs spent answering the worker (the load it puts on its VMMs) and the
 worker's threads: the busiest ones by name where the OS knows it (the
 sweep, ``vm-sweep``, is named by Python only, so threads are told apart by
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from bench._harness import (
     Row,
     Run,
+    cpu_seconds,
     fake_vmm_pids,
     rss_bytes,
     run_seconds,
@@ -72,7 +75,8 @@ def _threads(pid: int) -> dict[int, tuple[int, int]]:
 @dataclass(frozen=True)
 class _Window:
     seconds: float
-    worker_ns: int  # all the worker's threads
+    worker_seconds: float  # the process: every thread, ended ones too
+    live_ns: int  # the threads alive at both ends
     vmm_seconds: float
     vmms: int
     busiest: list[tuple[int, int, int]]  # (ns, switches, tid), busiest first
@@ -85,21 +89,23 @@ def _watch(run: Run, fleet: OneWorkerFleet, window: float) -> _Window:
     pid = fleet.worker.pid
     vmms = fake_vmm_pids(run, exclude={pid, fleet.master.pid})
     run.log(f"idle: watching the worker ({len(vmms)} VMMs) for {window:.0f} s")
-    threads0, vmm0, t0 = _threads(pid), _total_cpu(vmms), time.monotonic()
+    cpu0, threads0, vmm0, t0 = cpu_seconds(pid), _threads(pid), _total_cpu(vmms), time.monotonic()
     time.sleep(window)
-    threads1, vmm1, t1 = _threads(pid), _total_cpu(vmms), time.monotonic()
+    cpu1, threads1, vmm1, t1 = cpu_seconds(pid), _threads(pid), _total_cpu(vmms), time.monotonic()
     fleet.worker.check_alive()
     deltas = sorted(
         (
             (ns - threads0.get(tid, (0, 0))[0], switches - threads0.get(tid, (0, 0))[1], tid)
             for tid, (ns, switches) in threads1.items()
+            if tid in threads0
         ),
         reverse=True,
     )
     rest = deltas[BUSIEST:]
     return _Window(
         seconds=t1 - t0,
-        worker_ns=sum(d[0] for d in deltas),
+        worker_seconds=cpu1 - cpu0,
+        live_ns=sum(d[0] for d in deltas),
         vmm_seconds=vmm1 - vmm0,
         vmms=len(vmms),
         busiest=deltas[:BUSIEST],
@@ -111,14 +117,16 @@ def _watch(run: Run, fleet: OneWorkerFleet, window: float) -> _Window:
 
 def _rows(fleet: OneWorkerFleet, w: _Window, window: float, note: str = "") -> list[Row]:
     pid = fleet.worker.pid
-    share = w.worker_ns / 1e9 / w.seconds
+    share = w.worker_seconds / w.seconds
+    ended = max(0.0, w.worker_seconds - w.live_ns / 1e9) / w.seconds
     busiest = ", ".join(
         f"{'main ' if tid == pid else ''}{ns / 1e6 / w.seconds:.2f} ms/s"
         for ns, _, tid in w.busiest
     )
     others = (
         f"the other {w.others} threads {w.others_ns / 1e6 / w.seconds:.2f} ms/s together, "
-        f"{w.others_switches / w.seconds:.1f} wake-ups/s"
+        f"{w.others_switches / w.seconds:.1f} wake-ups/s; threads started or ended "
+        f"in the window (trio's, the metrics poll) ~{ended * 1000:.2f} ms/s"
     )
     return [
         Row(
