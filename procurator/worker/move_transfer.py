@@ -389,7 +389,10 @@ class Receiver:
 def _read_header(stream: object) -> object:
     if stream.readline(len(MAGIC) + 1) != MAGIC:  # type: ignore[attr-defined]
         raise PermanentError("not a procurator move transfer")
-    return json.loads(_read_line(stream, _MAX_HEADER))
+    try:
+        return json.loads(_read_line(stream, _MAX_HEADER))
+    except RecursionError:  # 64 KiB of "[" is within the line's limit
+        raise PermanentError("the header nests too deep") from None
 
 
 def _receive_file(stream: object, path: Path, name: str, size: int) -> None:

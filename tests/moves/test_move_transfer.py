@@ -138,6 +138,11 @@ def test_a_bad_checksum_a_short_file_or_a_hostile_name_keeps_nothing(
     with socket.create_connection(receiver.address, timeout=5) as conn:
         conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
         assert conn.makefile("rb").readline().startswith(b"error: not a procurator move")
+    # A header nested past the parser's recursion: refused with an answer
+    # (its RecursionError ended the thread unanswered, a traceback logged).
+    with socket.create_connection(receiver.address, timeout=5) as conn:
+        conn.sendall(MAGIC + b"[" * 60_000 + b"\n")
+        assert conn.makefile("rb").readline() == b"error: the header nests too deep\n"
 
 
 def test_a_vm_without_writable_disks_sends_an_empty_set(tmp_path: Path, receiver: Receiver) -> None:
