@@ -94,6 +94,16 @@ _API_BUCKETS = (
 # -- /proc ----------------------------------------------------------------------
 
 
+def _read_small(path: str) -> bytes:
+    """A /proc file of one short line, whole: the kernel hands these
+    out in one read (``stat`` is ~300 bytes, ``statm`` ~30)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 4096)
+    finally:
+        os.close(fd)
+
+
 def read_process_usage(pid: int, start_ticks: int = 0) -> ProcessUsage | None:
     """CPU time (user + system, all threads) and resident memory of ``pid``
     from ``/proc/<pid>/stat`` and ``/proc/<pid>/statm``. (``stat`` has an
@@ -107,11 +117,10 @@ def read_process_usage(pid: int, start_ticks: int = 0) -> ProcessUsage | None:
     stat_path = f"/proc/{pid}/stat"
     statm_path = f"/proc/{pid}/statm"
     try:
-        # Plain binary reads: the poller reads two files per VMM per poll.
-        with open(stat_path, "rb") as f:
-            stat = f.read()
-        with open(statm_path, "rb") as f:
-            statm = f.read()
+        # One os.read each, no file object: the poller reads two files per
+        # VMM per poll (8 of 24 µs a VMM went to the buffered file objects).
+        stat = _read_small(stat_path)
+        statm = _read_small(statm_path)
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ESRCH):
             return None
