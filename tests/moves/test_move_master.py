@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -283,9 +284,24 @@ async def test_refusals_say_why_and_change_nothing(service: MasterService) -> No
 
 
 async def test_a_failure_before_the_switch_leaves_the_vm_running_on_its_source(
-    service: MasterService,
+    tmp_path: Path,
 ) -> None:
-    async with trio.open_nursery() as nursery:
+    # The master's wall clock, moved on by the test once the move is where
+    # it wants the deadline to pass (a short real deadline raced the
+    # prepare phase under load).
+    ahead = [0.0]
+    async with (
+        await FleetStore.open(tmp_path / "m.db") as store,
+        trio.open_nursery() as nursery,
+    ):
+        service = MasterService(
+            store,
+            push_timeout=1.0,
+            worker_lease=LEASE,
+            leader_lease=LEASE,
+            wall_clock=lambda: time.time() + ahead[0],
+        )
+        await nursery.start(service.run)
         runs, a, b = await lab(service, nursery)
         # The image fails to prepare on the target.
         b.bad_images.add(IMAGE)
@@ -298,11 +314,12 @@ async def test_a_failure_before_the_switch_leaves_the_vm_running_on_its_source(
         # started again there.
         b.bad_images.clear()
         a.going = trio.Event()
-        await service.move("web-1", "host-b", timeout_s=2)
+        await service.move("web-1", "host-b", timeout_s=600)
         with trio.fail_after(10):
             while (await service.moves("web-1"))[0].phase is not MovePhase.STOPPING:
                 await trio.sleep(0.02)
         # The source holds; the deadline passes: the stop is reverted.
+        ahead[0] = 601.0
         failed = await wait_over(service, "web-1")
         a.going.set()
         assert failed.phase is MovePhase.FAILED, failed
