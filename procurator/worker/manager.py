@@ -405,6 +405,8 @@ class VmManager:
             vms = list(self._vms.values())
         timeout = min(self.timeouts.api, SWEEP_CALL_TIMEOUT)
         for vm in vms:
+            if self._sweep_stop.is_set():
+                return  # closing: a sweep of 10,000 VMs takes a second or more
             with vm.cond:
                 watch = vm.swept
             if watch is None:
