@@ -179,3 +179,33 @@ def test_a_transition_is_seen_through_the_event_file_by_one_sweep(
         recorder.wait_for(lambda: client.get(f"{API}/vm.info").json()["state"] == "Running")
     recorder.wait_for(lambda: EventKind.RESUMED in recorder.kinds("vm1"))
     assert "vm.counters" not in api_calls.endpoints()[start:]
+
+
+def test_a_hung_vmm_does_not_keep_the_sweep_from_the_others(
+    make_manager: ManagerFactory, state_dir: Path, api_calls: ApiCalls, recorder: Recorder
+) -> None:
+    """One sweep over a VMM that answers nothing and one that answers:
+    the first is handed to its supervisor (which escalates it), the
+    second's counters are read all the same."""
+    timeouts = replace(
+        FAST, api=0.3, counters_interval=3600.0, power_button_wait=0.5, shutdown_vmm_wait=0.5
+    )
+    manager = make_manager(timeouts=timeouts)
+    for vm_id in ("vm1", "vm2"):
+        manager.ensure(VmSpec(vm_id, "h1", definition()))
+    hung, fine = manager._vms["vm1"], manager._vms["vm2"]
+    recorder.wait_for(lambda: hung.swept is not None and fine.swept is not None)
+    with fine.cond:
+        fine.counters = {}
+    faults = write_faults(state_dir, "vm1", {"hang": ["*"]})
+    try:
+        start = api_calls.count()
+        manager.sweep()
+        with api_calls.lock:
+            swept = [ok for endpoint, _, ok in api_calls.calls[start:] if endpoint == "vm.counters"]
+        assert sorted(swept) == [False, True], swept  # vm1 did not answer, vm2 did
+        assert manager.counters().get("vm2"), "the answering VMM's counters were kept"
+        recorder.wait_for(lambda: EventKind.CRASHED in recorder.kinds("vm1"))
+    finally:
+        faults.unlink()
+    assert EventKind.CRASHED not in recorder.kinds("vm2")
