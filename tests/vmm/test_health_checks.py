@@ -141,7 +141,7 @@ def test_an_idle_supervisor_sleeps_and_the_sweep_checks_it(
     make_manager: ManagerFactory, api_calls: ApiCalls, recorder: Recorder
 ) -> None:
     """A settled VM's supervisor makes no call and does not even wake for
-    20 health intervals; each sweep is one ``vm.counters`` call. (Before
+    10 health intervals; each sweep is one ``vm.counters`` call. (Before
     the sweep, each supervisor made a check every health interval.)"""
     manager = make_manager(timeouts=replace(FAST, counters_interval=3600.0))
     assert manager.sweeping
@@ -150,7 +150,7 @@ def test_an_idle_supervisor_sleeps_and_the_sweep_checks_it(
     recorder.wait_for(lambda: vm.swept is not None)  # its idle wait began
     assert vm.thread is not None
     switches, start = _switches(vm.thread.native_id), len(api_calls.endpoints())
-    time.sleep(20 * FAST.health_interval)
+    time.sleep(10 * FAST.health_interval)
     assert api_calls.endpoints()[start:] == []
     assert _switches(vm.thread.native_id) == switches, "the idle supervisor woke"
     for _ in range(3):
