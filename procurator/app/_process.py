@@ -1,9 +1,12 @@
-"""What both daemons' processes do alike: run until SIGTERM or SIGINT, and
-split a ``HOST:PORT`` listen address."""
+"""What both daemons' processes do alike: run until SIGTERM or SIGINT, take
+the open-file limit they are allowed, and split a ``HOST:PORT`` listen
+address."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import resource
 import signal
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -12,7 +15,7 @@ import trio
 
 from procurator.core.errors import ValidationError
 
-__all__ = ["host_port", "run_until_signalled"]
+__all__ = ["host_port", "raise_open_file_limit", "run_until_signalled"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +36,19 @@ def run_until_signalled(run: Callable[[C], Awaitable[None]], config: C) -> None:
                     break
 
     trio.run(until_signalled)
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft open-file limit to the hard one (often 1024 -> 524288:
+    a daemon's descriptors grow with its connections or VMs, and EMFILE
+    fails whatever needs one next) and return the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return soft
 
 
 def host_port(text: str) -> tuple[str, int]:

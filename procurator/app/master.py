@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import resource
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from pathlib import Path
 import trio
 
 from procurator import logs
-from procurator.app._process import host_port, run_until_signalled
+from procurator.app._process import host_port, raise_open_file_limit, run_until_signalled
 from procurator.core.errors import PermanentError
 from procurator.master.http import run_master_http
 from procurator.master.metrics import MasterInstruments, MasterMetrics
@@ -212,15 +211,10 @@ async def _serve_metrics(
 
 
 def _open_files_for(connections: int) -> None:
-    """Every connection is a descriptor: raise the soft limit to the hard
-    one (often 1024 -> 524288) and say so when the cap cannot be reached
-    anyway (the master would fail on EMFILE before refusing politely)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft < target:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
+    """Every connection is a descriptor: take the hard open-file limit, and
+    say so when the cap cannot be reached anyway (the master would fail on
+    EMFILE before refusing politely)."""
+    soft = raise_open_file_limit()
     spare = 64  # the database, the HTTP server, logs, the bridge
     if connections + spare > soft:
         logger.warning(

@@ -31,7 +31,7 @@ from pathlib import Path
 import trio
 
 from procurator import __version__, logs
-from procurator.app._process import host_port, run_until_signalled
+from procurator.app._process import host_port, raise_open_file_limit, run_until_signalled
 from procurator.app.masters import master_addresses
 from procurator.core.errors import PermanentError
 from procurator.core.models import Capacity, WorkerInfo
@@ -117,8 +117,33 @@ def worker_main(config: WorkerConfig) -> int:
     on every record, runs until SIGTERM or SIGINT. Returns the exit status
     (0); errors propagate."""
     logs.configure(config.log_level, config.log_format, static={"worker_id": config.worker_id})
+    _open_files()
     run_until_signalled(run_worker, config)
     return 0
+
+
+# Descriptors a running VM holds in its worker (measured: its VMM's API
+# connection, a pidfd, its lock file, an eventfd), and what the rest of the
+# worker holds (the master link, the metrics server, the jailer, logs).
+_FILES_PER_VM = 4
+_FILES_SPARE = 256
+
+
+def _open_files() -> None:
+    """Take the hard open-file limit (a worker holds a few descriptors per
+    VM: at Debian's default soft limit of 1024 it would fail on EMFILE near
+    190 VMs), and say how many VMs the limit leaves room for when that is
+    fewer than a worker may be assigned."""
+    soft = raise_open_file_limit()
+    room = max(0, soft - _FILES_SPARE) // _FILES_PER_VM
+    if room < LIMITS.max_vms_per_worker:
+        logger.warning(
+            "the open-file limit (%d) leaves room for about %d VMs on this worker (%d "
+            "descriptors each); raise LimitNOFILE / ulimit -n for more",
+            soft,
+            room,
+            _FILES_PER_VM,
+        )
 
 
 async def run_worker(
