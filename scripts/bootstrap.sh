@@ -13,9 +13,11 @@ dev=0
 
 # Debian packages: what the worker drives (QEMU, Nix, netlink tools for the
 # NAT script) and what the tests check against (promtool, busybox for the test
-# image's initramfs, PostgreSQL for the highly available master's store).
+# image's initramfs, PostgreSQL for the highly available master's store, a C
+# compiler for bench/tiny_vmm.c, which the benches run and a test checks).
 apt_packages=(python3-venv nix-bin qemu-system-x86 busybox-static prometheus
-              nftables iproute2 cpio xz-utils procps curl btrfs-progs postgresql)
+              nftables iproute2 cpio xz-utils procps curl btrfs-progs postgresql
+              gcc libc6-dev)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
