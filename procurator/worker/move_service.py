@@ -22,6 +22,12 @@ starts the VM on its own (it is not in its assignment before the switch);
 nothing received is kept once no transfer or VM names it. The sends run in
 worker threads (``trio.to_thread.run_sync``), one per VM at a time; the
 receiver runs in its own threads. Everything else is on the trio thread.
+
+A cancelled send (the worker stops: SIGTERM) ends at once, not when the
+disk is through: ``send_disks_in_thread`` cuts its connection
+(``SendCut``) and waits only for its thread to return, which it then does
+at once; the target sees a broken transfer and keeps nothing of it, and
+the source sends again after its restart (the transfer is still assigned).
 """
 
 from __future__ import annotations
@@ -46,13 +52,15 @@ from procurator.core.models import (
 from procurator.worker.manager import VmManager
 from procurator.worker.move_transfer import (
     Expected,
+    Progress,
     Receiver,
+    SendCut,
     TransferError,
     disk_files,
     send_disks,
 )
 
-__all__ = ["INCOMING_DIR", "MoveTransfers"]
+__all__ = ["INCOMING_DIR", "MoveTransfers", "send_disks_in_thread"]
 
 log = logging.getLogger(__name__)
 
@@ -174,16 +182,14 @@ class MoveTransfers:
             self._publish()
             host, _, port = transfer.peer.rpartition(":")
             address = (host.strip("[]"), int(port))
-            await trio.to_thread.run_sync(
-                lambda: send_disks(
-                    address,
-                    vm_id=vm_id,
-                    op_id=transfer.op_id,
-                    token=transfer.token,
-                    files=files,
-                    timeout=self._timeout,
-                    progress=lambda done, all_: self._progress_soon(transfer, done, all_),
-                )
+            await send_disks_in_thread(
+                address,
+                vm_id=vm_id,
+                op_id=transfer.op_id,
+                token=transfer.token,
+                files=files,
+                timeout=self._timeout,
+                progress=lambda done, all_: self._progress_soon(transfer, done, all_),
             )
         except (TransferError, OSError, ValueError) as exc:
             log.warning("move %s: VM %s's disks not sent: %s", transfer.op_id, vm_id, exc)
@@ -242,6 +248,54 @@ class MoveTransfers:
         if reported != self._reported:
             self._reported = reported
             self._on_progress(reported)
+
+
+async def send_disks_in_thread(
+    address: tuple[str, int],
+    *,
+    vm_id: str,
+    op_id: str,
+    token: str,
+    files: list[tuple[str, Path]],
+    timeout: float,
+    progress: Progress | None = None,
+) -> None:
+    """``send_disks`` in a worker thread; cancelled, it cuts
+    the connection and returns once the thread has (at once: its blocked
+    write fails), instead of waiting for the disks to go through or the
+    socket to time out."""
+    cut = SendCut()
+    entered = threading.Event()
+    ended = trio.Event()
+    trio_token = trio.lowlevel.current_trio_token()  # `token`: the move's
+
+    def sending() -> None:
+        entered.set()
+        try:
+            send_disks(
+                address,
+                vm_id=vm_id,
+                op_id=op_id,
+                token=token,
+                files=files,
+                timeout=timeout,
+                progress=progress,
+                cut=cut,
+            )
+        finally:
+            trio_token.run_sync_soon(ended.set)
+
+    try:
+        await trio.to_thread.run_sync(sending, abandon_on_cancel=True)
+    except trio.Cancelled:
+        cut.cut()
+        # Cancelled before the thread began (waiting for the thread limiter,
+        # say), it never runs, or runs later into the cut and returns before
+        # connecting: only a thread in the send is waited for.
+        if entered.is_set():
+            with trio.CancelScope(shield=True):
+                await ended.wait()  # no thread left behind
+        raise
 
 
 def incoming_dir(state_dir: Path) -> Path:

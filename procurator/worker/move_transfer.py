@@ -32,7 +32,15 @@ sha256 checks integrity; the bytes are not encrypted (TLS with the fleet's
 CA is not built yet: run moves on a trusted network).
 
 Blocking code, for worker threads (``trio.to_thread.run_sync``); a socket
-timeout bounds every read and write.
+timeout bounds every read and write, and a ``SendCut`` ends a send under
+way at once from another thread (the worker stops: its trio side must not
+wait out a whole disk).
+
+A target that refuses partway (its disk full, a checksum that does not
+match) writes its ``error: <why>`` line and closes while the source still
+sends: the source's write then fails (the peer reset the connection), and
+it reads that line, still queued on its socket, to say the target's reason
+rather than "Broken pipe".
 """
 
 from __future__ import annotations
@@ -60,6 +68,7 @@ __all__ = [
     "MAX_CONNECTIONS",
     "Expected",
     "Receiver",
+    "SendCut",
     "TransferError",
     "disk_files",
     "send_disks",
@@ -106,6 +115,46 @@ def disk_files(vm_dir: Path) -> list[tuple[str, Path]]:
     return found
 
 
+class SendCut:
+    """Ends a ``send_disks`` under way from another thread: ``cut`` shuts
+    its connection down, so the sending thread's blocked write or read
+    fails at once and ``send_disks`` raises ``TransferError`` (a send cut
+    before it began raises at once; one cut while it connects, when it
+    has connected: the connect itself is bounded by the socket timeout).
+    The target sees the transfer broken and keeps nothing of it.
+    Thread-safe; ``_lock`` is a leaf (held only around the shutdown, which
+    does not block)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cut = False
+        self._conn: socket.socket | None = None
+
+    @property
+    def is_cut(self) -> bool:
+        with self._lock:
+            return self._cut
+
+    def cut(self) -> None:
+        with self._lock:
+            self._cut = True
+            if self._conn is not None:
+                with contextlib.suppress(OSError):
+                    self._conn.shutdown(socket.SHUT_RDWR)
+
+    def _hold(self, conn: socket.socket) -> None:
+        with self._lock:
+            if self._cut:
+                raise TransferError("the send was cut before it began")
+            self._conn = conn
+
+    def _release(self) -> None:
+        # Before the socket closes: ``cut`` never shuts a descriptor that
+        # was closed (and perhaps reused).
+        with self._lock:
+            self._conn = None
+
+
 def send_disks(
     address: tuple[str, int],
     *,
@@ -115,9 +164,13 @@ def send_disks(
     files: list[tuple[str, Path]],
     timeout: float = 30.0,
     progress: Progress | None = None,
+    cut: SendCut | None = None,
 ) -> None:
     """Send ``files`` (``disk_files``) to the target at ``address``;
-    returns once the target answered ``ok``. Raises ``TransferError``."""
+    returns once the target answered ``ok``. Raises ``TransferError`` (with
+    the target's reason when it refused the set, also partway; "cut" when
+    ``cut`` ended it)."""
+    cut = cut or SendCut()
     sizes = [(name, path.stat().st_size) for name, path in files]
     total = sum(size for _, size in sizes)
     header = {
@@ -127,39 +180,72 @@ def send_disks(
         "files": [{"name": name, "size": size} for name, size in sizes],
     }
     done = 0
+    if cut.is_cut:
+        raise TransferError(f"move {op_id}: VM {vm_id}'s send was cut before it began")
     try:
-        with socket.create_connection(address, timeout=timeout) as conn:
-            conn.sendall(MAGIC + json.dumps(header).encode() + b"\n")
-            answers = conn.makefile("rb")
-            answer = _read_line(answers, 1024)
-            # "ok": stored already; anything else but "go": refused.
-            go = answer == "go"
-            sending = files if go else []
-            for (_, path), (_, size) in zip(sending, sizes[: len(sending)], strict=True):
-                digest = hashlib.sha256()
-                left = size
-                with open(path, "rb") as source:
-                    while left:
-                        chunk = source.read(min(_CHUNK, left))
-                        if not chunk:
-                            raise TransferError(f"{path} shrank while it was sent")
-                        conn.sendall(chunk)
-                        digest.update(chunk)
-                        left -= len(chunk)
-                        done += len(chunk)
-                        if progress is not None:
-                            progress(done, total)
-                conn.sendall(digest.hexdigest().encode() + b"\n")
-            if go:
+        # The reader closed too: while it is open, closing the socket does
+        # not close its descriptor (an exception's traceback kept it open).
+        with (
+            socket.create_connection(address, timeout=timeout) as conn,
+            conn.makefile("rb") as answers,
+        ):
+            cut._hold(conn)
+            try:
+                conn.sendall(MAGIC + json.dumps(header).encode() + b"\n")
                 answer = _read_line(answers, 1024)
-    except OSError as exc:
+                # "ok": stored already; anything else but "go": refused.
+                go = answer == "go"
+                sending = files if go else []
+                try:
+                    for (_, path), (_, size) in zip(sending, sizes[: len(sending)], strict=True):
+                        digest = hashlib.sha256()
+                        left = size
+                        with open(path, "rb") as source:
+                            while left:
+                                chunk = source.read(min(_CHUNK, left))
+                                if not chunk:
+                                    raise TransferError(f"{path} shrank while it was sent")
+                                conn.sendall(chunk)
+                                digest.update(chunk)
+                                left -= len(chunk)
+                                done += len(chunk)
+                                if progress is not None:
+                                    progress(done, total)
+                        conn.sendall(digest.hexdigest().encode() + b"\n")
+                except (BrokenPipeError, ConnectionResetError):
+                    # The target closed while this side still sent: it
+                    # refused partway and wrote why before closing (the line
+                    # stays readable after the reset). Not when cut: then
+                    # the connection was shut here.
+                    verdict = None if cut.is_cut else _verdict(answers)
+                    if verdict is None:
+                        raise
+                    answer = verdict
+                else:
+                    if go:
+                        answer = _read_line(answers, 1024)
+            finally:
+                cut._release()
+    except (OSError, TransferError) as exc:
+        if isinstance(exc, TransferError) and not cut.is_cut:
+            raise
+        why = "cut (the worker stops)" if cut.is_cut else str(exc)
         raise TransferError(
-            f"move {op_id}: sending VM {vm_id}'s disks to {address}: {exc}"
+            f"move {op_id}: sending VM {vm_id}'s disks to {address}: {why}"
         ) from exc
     if answer != "ok":
         raise TransferError(
             f"move {op_id}: worker at {address} refused VM {vm_id}'s disks: {answer}"
         )
+
+
+def _verdict(answers: object) -> str | None:
+    """The target's answer line after it closed the connection mid-send,
+    or None when it left none (it went away)."""
+    try:
+        return _read_line(answers, 1024)
+    except (OSError, TransferError):
+        return None
 
 
 def _read_line(stream: object, limit: int) -> str:

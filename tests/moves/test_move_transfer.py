@@ -5,17 +5,24 @@ a resend is idempotent, and hostile headers are refused."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
+from procurator.worker.move_service import send_disks_in_thread
 from procurator.worker.move_transfer import (
     MAGIC,
     MAX_CONNECTIONS,
@@ -290,3 +297,125 @@ def test_connections_past_the_limit_are_refused_at_once_and_the_transfer_goes_af
 
     wait_for(sent)
     assert receiver.received("web-1") == "op-m1"
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str) -> Iterator[None]:
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.mark.root
+def test_a_target_that_refuses_partway_gives_the_source_its_reason(tmp_path: Path) -> None:
+    # The target's disk fills while the set arrives (past its free-space
+    # check, which counts bytes: here the file system has room for 4 inodes,
+    # the second disk's is one too many). It answered "error: No space left
+    # on device" and closed while the source still sent the second disk;
+    # the source reported "Broken pipe" / "Connection reset by peer".
+    vm_dir = tmp_path / "source" / "vms" / "web-1"
+    disks = vm_dir / "disks" / BASE
+    disks.mkdir(parents=True)
+    (disks / "disk0.img").write_bytes(os.urandom(1 << 20))
+    with open(disks / "disk1.img", "wb") as sparse:
+        sparse.truncate(256 << 20)  # more than the sockets' buffers hold
+    incoming = tmp_path / "target" / "incoming"
+    # Inodes: the root, the connection's directory, the image's, disk0.img.
+    with tmpfs(incoming, "size=512m,nr_inodes=4"):
+        listener = socket.create_server(("127.0.0.1", 0))
+        got = Receiver(listener, incoming, timeout=30.0)
+        thread = threading.Thread(target=got.serve)
+        thread.start()
+        try:
+            got.expect([Expected("web-1", "op-m1", "t")])
+            with pytest.raises(TransferError) as refused:
+                send_disks(
+                    got.address, vm_id="web-1", op_id="op-m1", token="t", files=disk_files(vm_dir)
+                )
+        finally:
+            got.close()
+            thread.join()
+        assert "refused VM web-1's disks: error: " in str(refused.value)
+        assert "No space left on device" in str(refused.value)
+        assert "No space left on device" in got.failure("web-1")
+        assert got.received("web-1") is None and list(incoming.iterdir()) == []
+
+
+async def test_a_cancelled_send_ends_at_once_and_leaves_no_thread_or_socket(
+    tmp_path: Path,
+) -> None:
+    # Stopping the worker cancels its sends: the send ran in a thread the
+    # cancel could not end, so the worker's stop waited until the whole disk
+    # was through (or the socket timed out): minutes for a big disk, past
+    # systemd's stop timeout. The target here takes the header and then
+    # reads nothing until the cancel has returned (or, before the fix, until
+    # its patience ran out, when it read the whole disk so the send ended).
+    vm_dir = tmp_path / "vms" / "web-1"
+    disks = vm_dir / "disks" / BASE
+    disks.mkdir(parents=True)
+    size = 256 << 20  # more than the sockets' buffers hold
+    with open(disks / "disk0.img", "wb") as sparse:
+        sparse.truncate(size)
+    listener = socket.create_server(("127.0.0.1", 0))
+    cancel_returned = threading.Event()
+    target_got: list[int] = []
+
+    def slow_target() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(30)
+            stream = conn.makefile("rb")
+            assert stream.readline() == MAGIC
+            stream.readline()
+            conn.sendall(b"go\n")
+            cancel_returned.wait(30)  # patience: only before the fix
+            got = 0
+            with contextlib.suppress(OSError):
+                while chunk := stream.read1(1 << 20):  # what is there: no waiting for more
+                    got += len(chunk)
+                    if got >= size + 65:  # the disk and its checksum line
+                        conn.sendall(b"ok\n")
+            target_got.append(got)
+
+    target = threading.Thread(target=slow_target)
+    target.start()
+    fds = len(os.listdir("/proc/self/fd"))
+    try:
+        sending = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    functools.partial(
+                        send_disks_in_thread,
+                        listener.getsockname(),
+                        vm_id="web-1",
+                        op_id="op-m1",
+                        token="t",
+                        files=disk_files(vm_dir),
+                        timeout=60.0,
+                        progress=lambda done, total: token.run_sync_soon(sending.set),
+                    )
+                )
+                await sending.wait()
+                scope.cancel()
+        # The send had not gone through when the cancel returned ...
+        assert target_got == [], "the cancel waited for the whole disk"
+        assert scope.cancelled_caught
+        # ... and no thread is still in it.
+        assert not any(
+            frame.f_code.co_name == "send_disks"
+            for top in sys._current_frames().values()
+            for frame, _ in traceback.walk_stack(top)
+        )
+    finally:
+        cancel_returned.set()
+        target.join()
+    # The target saw the transfer broken (less than the disk arrived), and
+    # the send's socket is closed.
+    assert target_got and target_got[0] < size
+    assert len(os.listdir("/proc/self/fd")) == fds
+    listener.close()
