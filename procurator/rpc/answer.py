@@ -60,6 +60,11 @@ def error_result(results: Any) -> Any:
     return results.init("error")
 
 
+# Methods whose log lines read as another's: a fleet patch is how `apply`
+# travels, and operators grep the log for "apply op-...".
+_LOG_NAMES = {"Control.applyPatch": "apply"}
+
+
 async def answer(
     method: str,
     context: Any,
@@ -81,7 +86,7 @@ async def answer(
     internal error's message sends the reader ("the master's log")."""
     # Log lines name the method by its short name, and an apply by its op id
     # too ("apply op-3f9a0c12b7de refused ..."), as operators grep for them.
-    label = method.rsplit(".", 1)[-1] + (f" {op_id}" if op_id else "")
+    label = _LOG_NAMES.get(method, method.rsplit(".", 1)[-1]) + (f" {op_id}" if op_id else "")
     error: ProcuratorError
     try:
         try:
