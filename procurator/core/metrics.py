@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 from procurator.core.errors import ValidationError
 from procurator.core.jail import Confinement
 from procurator.core.models import Phase
+from procurator.core.move import Move
 from procurator.core.rollout import RolloutView
 
 __all__ = [
@@ -322,6 +323,17 @@ _SPECS: tuple[MetricSpec, ...] = (
         ("rollout",),
     ),
     _spec(
+        "procurator_master_moves", _G, _MASTER,
+        "Moves under way by phase (pending, preparing, stopping, transferring, switching), "
+        "as the leader last drove them; 0 on a master that does not lead (docs/SNAPSHOTS.md).",
+        ("phase",),
+    ),
+    _spec(
+        "procurator_master_move_phase_age_seconds", _G, _MASTER,
+        "Seconds the move of the VM under way has been in its current phase (on the leader).",
+        ("vm", "phase", "source", "target"),
+    ),
+    _spec(
         "procurator_master_worker_desired_generation", _G, _MASTER,
         "Generation of the assignment the master wants the worker to run.",
         ("worker",),
@@ -374,6 +386,12 @@ _SPECS: tuple[MetricSpec, ...] = (
         "Database operations that failed (not a stale-generation refusal), by operation "
         "and error code.",
         ("operation", "code"),
+    ),
+    _spec(
+        "procurator_master_moves_ended_total", _C, _MASTER,
+        "Moves this master process ended while leading, by outcome (done, failed); it "
+        "starts at 0 on every start of the master.",
+        ("outcome",),
     ),
     _spec(
         "procurator_master_apply_to_observed_seconds", _H, _MASTER,
@@ -482,6 +500,9 @@ class FleetView:
     # The rollout under way as this master last read it (the leader's is
     # current; docs/ROLLOUTS.md), None when there is none.
     rollout: RolloutView | None = None
+    # The moves under way as the leader last drove them (docs/SNAPSHOTS.md,
+    # "Moves"); empty on a master that does not lead.
+    moves: tuple[Move, ...] = ()
 
 
 # -- the compact form -----------------------------------------------------------

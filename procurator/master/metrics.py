@@ -27,11 +27,19 @@ decorators the composition root (``procurator.app.master``) puts around the port
 it wires: ``InstrumentedBackend`` around the service the RPC server calls
 (calls and errors by method and code; the time from an apply to each
 affected worker's observing it) and ``InstrumentedStore`` around the
-database (operation durations, failures). Decorating the ports, rather than
+database (operation durations, failures; and the moves ended, by outcome,
+as the store takes a move's last phase). Decorating the ports, rather than
 counting inside the RPC server or the service, keeps the counting in one
 place and leaves both untouched; what it cannot see: a request refused by
 the RPC layer itself before it reaches the service (undecodable, or an
 unauthorized certificate), and applies made before a master restart.
+
+Moves (docs/SNAPSHOTS.md, "Moves"): the view carries the moves under way as
+the leader's move duty last stepped them (none on a master that does not
+lead), exported by phase and with each one's time in its phase; the moves
+ended are counted per process, from 0 at every start (a reset Prometheus'
+``increase()`` takes in its stride): after a failover the new leader counts
+those it ends, so alerts sum over masters.
 """
 
 from __future__ import annotations
@@ -59,6 +67,7 @@ from procurator.core.metrics import (
     http_sd_groups,
 )
 from procurator.core.models import Phase, WorkerState
+from procurator.core.move import Move, MovePhase
 from procurator.core.rollout import RolloutPhase, RolloutView, VmState
 from procurator.master.service import MasterService
 from procurator.master.store import Store
@@ -171,6 +180,7 @@ class MasterMetrics:
         yield from self._fleet_metrics(workers, now)
         if view.rollout is not None:
             yield from _rollout_metrics(view.rollout)
+        yield from _move_metrics(view.moves, now)
         if self._instruments is not None:
             yield from self._instruments.collect()
         yield from self._relayed_metrics(workers)
@@ -270,6 +280,34 @@ def _rollout_metrics(rollout: RolloutView) -> Iterator[Metric]:
     yield from (phase, batches, vms, prepared, prepare)
 
 
+_MOVE_PHASES_UNDER_WAY = tuple(p for p in MovePhase if p not in (MovePhase.DONE, MovePhase.FAILED))
+_MOVE_OUTCOMES = (MovePhase.DONE.value, MovePhase.FAILED.value)
+
+
+def _move_metrics(moves: tuple[Move, ...], now: float) -> Iterator[Metric]:
+    """The moves under way: how many by phase (every phase from the start,
+    at 0), and each one's time in its phase (``now``: Unix time), labelled
+    by VM (one move at a time per VM) and never by op id."""
+    by_phase = collections.Counter(m.phase for m in moves)
+    count = _metric("procurator_master_moves")
+    for phase in _MOVE_PHASES_UNDER_WAY:
+        count.add_sample(count.name, {"phase": phase.value}, float(by_phase[phase]))
+    age = _metric("procurator_master_move_phase_age_seconds")
+    for move in sorted(moves, key=lambda m: m.vm_id):
+        since_ms = move.updated_unix_ms or move.started_unix_ms
+        age.add_sample(
+            age.name,
+            {
+                "vm": move.vm_id,
+                "phase": move.phase.value,
+                "source": move.source,
+                "target": move.target,
+            },
+            max(0.0, now - since_ms / 1000),
+        )
+    yield from (count, age)
+
+
 def _error_code(exc: BaseException) -> str:
     return exc.code if isinstance(exc, ProcuratorError) else "internal"
 
@@ -303,6 +341,7 @@ class MasterInstruments:
         self._store_duration = self._histogram(
             "procurator_master_store_operation_duration_seconds", _STORE_BUCKETS
         )
+        self._moves_ended: dict[str, int] = dict.fromkeys(_MOVE_OUTCOMES, 0)
         self._apply_to_observed = self._histogram(
             "procurator_master_apply_to_observed_seconds", _APPLY_TO_OBSERVED_BUCKETS
         )
@@ -347,6 +386,13 @@ class MasterInstruments:
             with self._lock:
                 self._store_errors[key] = self._store_errors.get(key, 0) + 1
 
+    def move_written(self, move: Move, before: Move) -> None:
+        """The store took ``move`` in place of ``before``: count it once
+        when that ended it."""
+        if move.over and not before.over:
+            with self._lock:
+                self._moves_ended[move.phase.value] += 1
+
     def applied(self, result: ApplyResult) -> None:
         """An apply committed: each worker it changed now has a generation
         to observe."""
@@ -381,6 +427,7 @@ class MasterInstruments:
             calls = sorted(self._calls.items())
             errors = sorted(self._errors.items())
             store_errors = sorted(self._store_errors.items())
+            moves_ended = sorted(self._moves_ended.items())
         calls_total = _metric("procurator_master_rpc_calls_total")
         for method, count in calls:
             calls_total.add_sample(
@@ -403,6 +450,12 @@ class MasterInstruments:
             )
         yield store_errors_total
         yield from self._apply_to_observed.collect()
+        ended = _metric("procurator_master_moves_ended_total")
+        for outcome, count in moves_ended:
+            ended.add_sample(
+                "procurator_master_moves_ended_total", {"outcome": outcome}, float(count)
+            )
+        yield ended
 
 
 class InstrumentedBackend:
@@ -491,7 +544,9 @@ class InstrumentedStore:
     """The master's database as the service uses it (it fits
     ``procurator.master.store.Store``): every coroutine method is timed
     under its own name as the ``operation`` label, failures counted by code
-    (``watch``, which runs as long as the master, is not). Attributes pass
+    (``watch``, which runs as long as the master, is not); a move's write
+    that ended it (``put_move``, ``commit_move``) is counted by outcome once
+    it returned. Attributes pass
     through (``__getattr__``), as for ``InstrumentedBackend``."""
 
     def __init__(self, store: Store, instruments: MasterInstruments) -> None:
@@ -504,6 +559,8 @@ class InstrumentedStore:
             return attr
         instruments = self._instruments
 
+        written = _MOVE_WRITES.get(name)
+
         @functools.wraps(attr)
         async def timed(*args: Any, **kwargs: Any) -> Any:
             began = instruments.now()
@@ -513,6 +570,8 @@ class InstrumentedStore:
                 instruments.observe_store(name, instruments.now() - began, exc)
                 raise
             instruments.observe_store(name, instruments.now() - began)
+            if written is not None:
+                instruments.move_written(*written(*args, **kwargs))
             return result
 
         setattr(self, name, timed)
@@ -520,3 +579,21 @@ class InstrumentedStore:
 
 
 _UNTIMED = frozenset({"aclose", "open", "watch"})
+
+
+def _put_move(fence: object, move: Move, before: Move) -> tuple[Move, Move]:
+    return move, before
+
+
+def _commit_move(*, move: Move, move_before: Move, **_: Any) -> tuple[Move, Move]:
+    return move, move_before
+
+
+# The store's writes of a move's new phase (``Store.put_move``,
+# ``Store.commit_move``): the (new, old) move of a call's arguments, for the
+# moves ended. Counted once the write returned: a write refused (stale,
+# fenced) ended nothing.
+_MOVE_WRITES: dict[str, Callable[..., tuple[Move, Move]]] = {
+    "put_move": _put_move,
+    "commit_move": _commit_move,
+}

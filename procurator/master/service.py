@@ -569,6 +569,9 @@ class MasterService:
         # Moves under way (procurator.core.move), as of a generation (every
         # phase a worker sees begins with one): for what workers are sent.
         self._moves_cache: tuple[int, tuple[Move, ...]] = (-1, ())
+        # The moves under way after the move duty's last pass, and the
+        # leadership it ran under (fleet_view shows them while it holds).
+        self._moves_driven: tuple[Fence | None, tuple[Move, ...]] = (None, ())
 
     # ------------------------------------------------------------ lifecycle
 
@@ -1492,9 +1495,14 @@ class MasterService:
                 )
             )
         rollout = self._rollout_cache[1]
+        # Only the leader drives moves: another master (or one that lost
+        # the lead) shows none rather than the last it saw.
+        fence, moves = self._moves_driven
+        if fence is None or fence != self.leadership.fence:
+            moves = ()
         if rollout is None:
-            return FleetView(tuple(views))
-        return FleetView(tuple(views), view(rollout, self._reported_statuses()))
+            return FleetView(tuple(views), moves=moves)
+        return FleetView(tuple(views), view(rollout, self._reported_statuses()), moves)
 
     def _reported_statuses(self) -> dict[str, WorkerStatus]:
         """The last status of each worker that reported one."""
@@ -2432,14 +2440,21 @@ class MasterService:
         (``procurator.core.move.step``, ``procurator.master.move``), each
         a generation (or a row) fenced by ``fence``."""
         under_way = [m for m in await self._store.moves(limit=0) if not m.over]
+        driven = []
         for move in under_way:
+            after = move
             with log_context(op_id=move.op_id, vm_id=move.vm_id):
                 try:
-                    await self._step_move(fence, move)
+                    after = await self._step_move(fence, move)
                 except StaleGenerationError as exc:
                     logger.info("move %s: %s; the next pass tries again", move.op_id, exc)
+            if not after.over:
+                driven.append(after)
+        # What the exporter shows (fleet_view), while this master leads.
+        self._moves_driven = (fence, tuple(driven))
 
-    async def _step_move(self, fence: Fence, move: Move) -> None:
+    async def _step_move(self, fence: Fence, move: Move) -> Move:
+        """One step of ``move``; the move as it is after it."""
         async with self._apply_lock:
             await self._refresh_fleet()
             now_ms = self._now_ms()
@@ -2451,7 +2466,7 @@ class MasterService:
             token = secrets.token_hex(16) if step.action is MoveAction.TRANSFER else ""
             plan = plan_move(move, step, self._assignments, now_ms=now_ms, token=token)
             if plan is None:
-                return
+                return move
             if not plan.changes:
                 await self._store.put_move(fence, plan.move, move)
                 generation = self._generation
@@ -2491,6 +2506,7 @@ class MasterService:
             await self._pull_events()
         except UnavailableError as exc:
             logger.warning("move %s: the event was not stored: %s", move.op_id, exc)
+        return replace(plan.move, generation=generation) if diffs else plan.move
 
     # ------------------------------------------------------------ drains, handoffs
 
