@@ -90,6 +90,7 @@ apply-to-observed histogram; older ones are forgotten (never observed)."""
 
 RPC_METHODS = (
     "apply",
+    "applyPatch",
     "status",
     "waitChange",
     "describeVm",
@@ -508,6 +509,14 @@ def _after_apply(
     instruments.applied(result)
 
 
+def _after_patch(
+    instruments: MasterInstruments, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any
+) -> None:
+    # A patch answered with the parts the master lacks applied nothing.
+    if result.result is not None:
+        instruments.applied(result.result)
+
+
 def _after_report(
     instruments: MasterInstruments, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any
 ) -> None:
@@ -521,6 +530,7 @@ def _after_report(
 
 _WIRE_NAMES = {
     "apply": "apply",
+    "apply_patch": "applyPatch",
     "fleet_status": "status",
     "wait_change": "waitChange",
     "describe_vm": "describeVm",
@@ -535,6 +545,7 @@ _WIRE_NAMES = {
 _UNCOUNTED = frozenset({"run", "unregister"})  # the service's life; a connection that ended
 _AFTER: dict[str, Callable[[MasterInstruments, tuple[Any, ...], dict[str, Any], Any], None]] = {
     "apply": _after_apply,
+    "apply_patch": _after_patch,
     "report_status": _after_report,
     "report_status_changes": _after_report,
 }

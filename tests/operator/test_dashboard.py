@@ -168,7 +168,10 @@ def test_dashboard_and_rules_read_what_a_live_master_and_worker_publish(
     # The master counted its own work: the apply, the worker's reports,
     # the commit, and the time from the apply to the worker observing it.
     master = scrapes["master"]
-    assert _sample(master, "procurator_master_rpc_calls_total", method="apply") == 1
+    # An apply travels as a fleet patch: its parts' digests, then the parts a
+    # fresh master does not hold.
+    assert _sample(master, "procurator_master_rpc_calls_total", method="applyPatch") == 2
+    assert _sample(master, "procurator_master_rpc_calls_total", method="apply") == 0
     assert _sample(master, "procurator_master_rpc_calls_total", method="register") >= 1
     assert _sample(master, "procurator_master_rpc_calls_total", method="reportStatus") >= 1
     assert (
