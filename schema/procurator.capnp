@@ -904,6 +904,10 @@ struct VmDescription {
   # Newest last.
   changeIndex @11 :UInt64;
   # As in FleetStatus.
+  move @12 :Move;
+  # The VM's move under way, else its newest one over (among those the
+  # master keeps); unset when it has none. Added with the moves' metrics:
+  # an older master leaves it unset, an older reader ignores it.
 }
 
 struct DescribeResult {

@@ -39,6 +39,7 @@ from procurator.cli.pipes import run_reader
 from procurator.core.control import VmDescription, WorkerEvent
 from procurator.core.errors import UnavailableError
 from procurator.core.models import VmAssignment, VmStatus
+from procurator.core.move import Move, move_json
 from procurator.rpc.bridge import open_bridge
 
 __all__ = [
@@ -168,8 +169,21 @@ def describe_json(d: VmDescription) -> dict[str, Any]:
         "desired": _desired_json(d.desired),
         "observed": _status_json(d.status),
         "last_error": _last_error(d),
+        "move": move_json(d.move) if d.move is not None else None,
         "events": [event_json(e) for e in d.events],
     }
+
+
+def _move_row(move: Move | None) -> str:
+    """The VM's move under way or its last: phase, where, op id, why."""
+    if move is None:
+        return "-"
+    progress = f" {move.progress}" if move.progress else ""
+    why = f": {move.reason}" if move.reason else ""
+    return (
+        f"{move.phase.value}{progress} {move.source} -> {move.target} "
+        f"({move.kind.value}, op {move.op_id}){why}"
+    )
 
 
 def _last_error(d: VmDescription) -> str:
@@ -214,6 +228,7 @@ def print_description(d: VmDescription, out: TextIO) -> None:
         ("restarts", str(have.restarts) if have else "-"),
         ("last op", have.op_id if have and have.op_id else "-"),
         ("last error", _last_error(d) or "-"),
+        ("move", _move_row(d.move)),
     ]
     print(f"VM {d.vm_id}", file=out)
     for name, value in rows:
@@ -252,7 +267,8 @@ def add_parsers(sub: Any) -> None:
         description=(
             "Show everything the master knows about one VM: desired vs observed\n"
             "hash, generation, power and phase; its worker and address; restarts;\n"
-            "the last error; its recent events with their operation ids.\n\n"
+            "the last error; its move under way or its last one (phase, source ->\n"
+            "target, op id, why it failed); its recent events with their operation ids.\n\n"
             "example:\n  procurator describe vm web-1\n  procurator describe vm web-1 --json"
         ),
         formatter_class=raw,

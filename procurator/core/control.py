@@ -25,6 +25,7 @@ from procurator.core.models import (
     WorkerState,
     WorkerStatus,
 )
+from procurator.core.move import Move
 
 __all__ = [
     "ApplyRequest",
@@ -121,3 +122,5 @@ class VmDescription:
     status: VmStatus | None
     events: tuple[WorkerEvent, ...] = ()
     change_index: int = 0  # as in FleetStatus
+    # Its move under way, else its newest over (None: it has none kept).
+    move: Move | None = None

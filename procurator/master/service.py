@@ -1320,6 +1320,9 @@ class MasterService:
         events = await self.recent_events(vm_id, event_limit)
         if assigned is None and observed is None and not events:
             raise NotFoundError(f"VM {vm_id!r} is neither desired nor reported by any worker")
+        # Its move under way, else its newest over (the store lists a VM's
+        # moves under way first, then newest first).
+        move = next(iter(await self.moves(vm_id)), None)
         shown = self._workers.get(observed_by or (assigned.worker_id if assigned else ""))
         # The generation that compares with desired_generation is the
         # assigned worker's, even while the VM still shows on its old one.
@@ -1339,6 +1342,7 @@ class MasterService:
             status=observed,
             events=events,
             change_index=self._change_index,
+            move=move,
         )
 
     async def recent_events(

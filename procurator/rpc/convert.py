@@ -1457,6 +1457,7 @@ def describe_result_from_reader(reader: Any) -> VmDescription:
     desired = _vms_from_reader([vm.desired], "desired", problems)[0] if vm._has("desired") else None
     status = _vm_status(vm.status, "status", problems) if vm._has("status") else None
     events = worker_events_from_reader(vm.events)
+    move = _move_from_reader(vm.move, problems, "move") if vm._has("move") else None
     description = VmDescription(
         vm_id=vm_id,
         fleet_generation=vm.fleetGeneration,
@@ -1470,6 +1471,7 @@ def describe_result_from_reader(reader: Any) -> VmDescription:
         status=status,
         events=events,
         change_index=vm.changeIndex,
+        move=move,
     )
     problems.raise_if_any()
     return description
@@ -1491,6 +1493,8 @@ def fill_describe_result(builder: Any, description: VmDescription) -> None:
     if description.status is not None:
         _fill_vm_status(vm.init("status"), description.status)
     fill_worker_events(vm.init("events", len(description.events)), description.events)
+    if description.move is not None:
+        _fill_move(vm.init("move"), description.move)
 
 
 # ---------------------------------------------------------------- snapshots
