@@ -1,5 +1,6 @@
 """Moves in the master's exporter (issue 30): the moves under way by phase,
-each one's time in its phase, and the moves ended by outcome, scraped from
+each one's time in its phase (on the leader only), and the moves ended by
+outcome, scraped from
 an in-process master (real SQLite store, its ports decorated as the
 composition root does) driving the simulated workers of
 test_move_master.py."""
@@ -17,6 +18,7 @@ from procurator.core.move import Move, MovePhase
 from procurator.master.metrics import MasterInstruments, MasterMetrics
 from procurator.master.service import MasterService
 from procurator.master.store import FleetStore
+from procurator.master.store.model import FencedError
 
 NOW = 2_000_000_000.0  # the exporter's clock, Unix time
 
@@ -96,6 +98,20 @@ async def test_moves_are_exported_while_under_way_and_counted_once_over(tmp_path
             age: NOW - transferring.updated_unix_ms / 1000,
             **ended(0, 0),
         }
+
+        # A master that loses the lead shows no move from then on (the
+        # leader that follows shows them); leading again, it shows it again.
+        fence = service.leadership.fence
+        assert fence is not None
+        service.leadership.fenced(fence, FencedError("another master leads (the test)"))
+        assert service.fleet_view().moves == ()
+        assert scrape(metrics) == {**under_way(), **ended(0, 0)}
+        with trio.fail_after(10):
+            while (
+                scrape(metrics).get(("procurator_master_moves", (("phase", "transferring"),))) != 1
+            ):
+                await trio.sleep(0.02)
+        assert service.leadership.fence not in (None, fence)
 
         # The disks arrive: the move ends done, counted once.
         b.receiving = True
