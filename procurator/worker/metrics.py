@@ -6,8 +6,24 @@ Shape:
 - A *poller* (``WorkerMetrics.run_poller``, a trio service) calls a blocking
   ``source`` (the VmManager's snapshot of its VMs, counters included) in a
   worker thread, reads each VMM process' CPU time and resident memory from
-  ``/proc``, and publishes the result with ``update``. ``update`` builds
-  the per-VM metric families right away, in the poller's thread.
+  ``/proc``, builds the per-VM samples a report sends, and publishes the
+  whole snapshot at once when every VM is done.
+- A poll works in *slices* (``POLL_SLICE`` VMs, one short worker-thread
+  call each) spread over ``POLL_SPREAD`` of its interval, sleeping in trio
+  between them: no poll holds the GIL for an O(fleet) burst, so a change
+  that arrives during a poll waits for one slice at most (at 4,000 VMs a
+  poll in one piece held it ~0.7 s: docs/BENCHMARKS.md, issue 31). The
+  first poll is not spread (the worker's start waits for it). Each VM's
+  figures are still read once an interval; a poll publishes them all at
+  once, at most ``POLL_SPREAD`` of an interval after it began, stamped
+  with its start (``taken_at``): a published figure is at most 1.5
+  intervals old (the ``ProcuratorWorkerMetricsPollStale`` alert allows 2
+  minutes; 22.5 s at the default 15 s).
+- A VM whose snapshot (figures included) equals the one of the last poll
+  keeps its samples: only VMs that changed are built again. The samples
+  are the same values either way, so the report and a scrape carry what
+  they would without the reuse. ``/proc`` is read only for VMs with a
+  VMM process (``pid`` set).
 - ``collect()`` (run by the HTTP server's threads on every scrape) does no
   I/O and no per-VM work: it yields the families the last ``update``
   published plus a handful of worker-wide figures. A scrape therefore never
@@ -63,6 +79,8 @@ from procurator.prometheus import HttpServer, run_http_server, to_metric
 
 __all__ = [
     "MAX_LABEL_VALUES",
+    "POLL_SLICE",
+    "POLL_SPREAD",
     "UsageReader",
     "VmSource",
     "WorkerMetrics",
@@ -74,6 +92,14 @@ _WHAT = "worker metrics"  # how its HTTP server is named in errors and logs
 
 MAX_LABEL_VALUES = 32
 """Distinct endpoints / error kinds tracked before folding into ``other``."""
+
+POLL_SLICE = 200
+"""VMs a poll handles in one worker-thread call (~10-20 ms of CPU at 200:
+one ``/proc`` read pair and, for a VM that changed, its samples)."""
+
+POLL_SPREAD = 0.5
+"""The share of the interval a poll's slices are spread over: a poll
+publishes at most this much of an interval after it began."""
 
 VmSource = Callable[[], Iterable[VmSnapshot]]
 """Blocking, thread-safe: every VM of the worker right now (``usage`` unset)."""
@@ -179,6 +205,42 @@ def _seconds(value: float) -> float | None:
     return max(0.0, value)
 
 
+_Built = dict[str, tuple[VmSnapshot, tuple[MetricSample, ...]]]
+"""VM id -> the snapshot its samples were built from, and those samples."""
+
+
+def _samples_of(vm: VmSnapshot, previous: _Built, built: _Built) -> tuple[MetricSample, ...]:
+    """``vm``'s samples: the previous poll's when the VM's snapshot is the
+    same (figures included), else built anew; recorded in ``built``."""
+    kept = previous.get(vm.id)
+    samples = kept[1] if kept is not None and kept[0] == vm else tuple(vm_samples(vm))
+    built[vm.id] = (vm, samples)
+    return samples
+
+
+class _Poll:
+    """One poll under way: the VMs the source listed, handled a slice at a
+    time by ``step`` (blocking: a worker thread), then published whole.
+    One thread at a time steps a poll; the published state is untouched
+    until ``WorkerMetrics._publish``."""
+
+    def __init__(self, vms: list[VmSnapshot], previous: _Built, began: float) -> None:
+        self.began = began  # Unix time, before the first figure was read
+        self.pending = vms
+        self.done = 0
+        self.previous = previous
+        self.built: _Built = {}
+        self.vms: list[VmSnapshot] = []
+        self.samples: list[MetricSample] = []
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= len(self.pending)
+
+    def slices(self, size: int) -> int:
+        return max(1, math.ceil(len(self.pending) / size))
+
+
 class WorkerMetrics:
     """The worker's metrics: feed it (hooks, ``update`` / ``run_poller``),
     expose it (``serve`` / ``run_http``), report it (``to_report``).
@@ -206,6 +268,10 @@ class WorkerMetrics:
         self._vms_by_health: dict[str, int] = {}
         self._prepared: dict[str, int] = {}
         self._published = _Published(WorkerSnapshot(), (), vms_by_phase(()))
+        # The samples of each VM as the last publish built them, from the
+        # snapshot they were built of: reused while a VM does not change.
+        # Replaced whole by each publish (one assignment: no lock).
+        self._built: _Built = {}
         # The per-VM families of one _Published, built by the first scrape
         # that needs them (most polls are never scraped: a poll every 15 s,
         # a scrape every 15-60 s). Leaf lock, held while building (CPU only).
@@ -287,9 +353,18 @@ class WorkerMetrics:
 
     def update(self, snapshot: WorkerSnapshot) -> None:
         """Publish a new snapshot of the worker's VMs (from any thread).
-        Builds the per-VM samples (what a report sends); the families a
+        Builds the per-VM samples (what a report sends; a VM that did not
+        change since the last publish keeps its samples); the families a
         scrape exposes are built from them once, by the first scrape."""
-        samples = tuple(s for vm in snapshot.vms for s in vm_samples(vm))
+        previous = self._built
+        built: _Built = {}
+        samples = tuple(s for vm in snapshot.vms for s in _samples_of(vm, previous, built))
+        self._publish(snapshot, samples, built)
+
+    def _publish(
+        self, snapshot: WorkerSnapshot, samples: tuple[MetricSample, ...], built: _Built
+    ) -> None:
+        self._built = built
         self._published = _Published(
             snapshot=snapshot, samples=samples, phases=vms_by_phase(snapshot.vms)
         )
@@ -315,25 +390,75 @@ class WorkerMetrics:
     def refresh(
         self, source: VmSource, *, read_usage: UsageReader = read_process_usage
     ) -> WorkerSnapshot:
-        """One poll, blocking (run it in a thread): ask ``source`` for the
-        VMs, read each VMM's ``/proc`` figures, publish. Errors of
-        ``source`` propagate; a ``/proc`` failure only loses that VM's
-        usage figures (and counts a ``proc_read`` error)."""
-        vms = []
-        for vm in source():
-            if vm.pid <= 0:
-                vms.append(vm)  # no VMM process: nothing to read
-                continue
-            usage = None
-            try:
-                usage = read_usage(vm.pid, vm.pid_start_ticks)
-            except ProcuratorError as exc:
-                log.warning("no CPU/memory figures for VM %s (pid %d): %s", vm.id, vm.pid, exc)
-                self.count_error("proc_read")
-            vms.append(replace(vm, usage=usage))
-        snapshot = WorkerSnapshot(vms=tuple(vms), taken_at=self._clock())
-        self.update(snapshot)
+        """One poll in one piece, blocking (run it in a thread): ask
+        ``source`` for the VMs, read each VMM's ``/proc`` figures, publish.
+        Errors of ``source`` propagate; a ``/proc`` failure only loses that
+        VM's usage figures (and counts a ``proc_read`` error)."""
+        poll = self._begin_poll(source)
+        while not poll.finished:
+            self._step_poll(poll, POLL_SLICE, read_usage)
+        return self._end_poll(poll)
+
+    def _begin_poll(self, source: VmSource) -> _Poll:
+        """List the VMs (blocking: the source locks the VmManager's map)."""
+        began = self._clock()
+        return _Poll(list(source()), self._built, began)
+
+    def _step_poll(self, poll: _Poll, size: int, read_usage: UsageReader) -> None:
+        """Handle the next ``size`` VMs of ``poll`` (blocking: ``/proc``)."""
+        end = min(poll.done + size, len(poll.pending))
+        for listed in poll.pending[poll.done : end]:
+            # /proc only for a VM whose VMM process runs
+            vm = (
+                listed
+                if listed.pid <= 0
+                else replace(listed, usage=self._usage(listed, read_usage))
+            )
+            poll.vms.append(vm)
+            poll.samples.extend(_samples_of(vm, poll.previous, poll.built))
+        poll.done = end
+
+    def _usage(self, vm: VmSnapshot, read_usage: UsageReader) -> ProcessUsage | None:
+        try:
+            return read_usage(vm.pid, vm.pid_start_ticks)
+        except ProcuratorError as exc:
+            log.warning("no CPU/memory figures for VM %s (pid %d): %s", vm.id, vm.pid, exc)
+            self.count_error("proc_read")
+            return None
+
+    def _end_poll(self, poll: _Poll) -> WorkerSnapshot:
+        # Stamped with the poll's start: its oldest figure's age, the one an
+        # alert on procurator_worker_metrics_poll_timestamp_seconds means.
+        snapshot = WorkerSnapshot(vms=tuple(poll.vms), taken_at=poll.began)
+        self._publish(snapshot, tuple(poll.samples), poll.built)
         return snapshot
+
+    async def _poll_in_slices(
+        self,
+        source: VmSource,
+        read_usage: UsageReader,
+        limiter: trio.CapacityLimiter | None,
+        *,
+        size: int,
+        spread: float,
+    ) -> None:
+        """One poll, a slice per worker-thread call, slice k starting no
+        earlier than k * ``spread`` / slices after the poll began (0: one
+        after the other). Between two slices no thread of the poll runs:
+        the GIL is free for a change."""
+        run = partial(trio.to_thread.run_sync, limiter=limiter)
+        began = trio.current_time()
+        poll = await run(self._begin_poll, source)
+        pause = spread / poll.slices(size)
+        step = partial(self._step_poll, poll, size, read_usage)
+        done = 0
+        while True:
+            await run(step)
+            done += 1
+            if poll.finished:
+                break
+            await trio.sleep_until(began + done * pause)  # a checkpoint when past
+        await run(self._end_poll, poll)
 
     async def run_poller(
         self,
@@ -342,20 +467,30 @@ class WorkerMetrics:
         interval: float = 15.0,
         read_usage: UsageReader = read_process_usage,
         limiter: trio.CapacityLimiter | None = None,
+        slice_size: int = POLL_SLICE,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Refresh every ``interval`` seconds until cancelled; reports
-        started after the first poll (so figures exist). A failed poll keeps
-        the last figures (``procurator_worker_metrics_poll_timestamp_seconds``
+        """Poll every ``interval`` seconds until cancelled, each poll in
+        slices of ``slice_size`` VMs spread over ``POLL_SPREAD`` of the
+        interval (module docstring); reports started after the first poll
+        (so figures exist), which is not spread. A failed poll keeps the
+        last figures (``procurator_worker_metrics_poll_timestamp_seconds``
         shows their age) and counts a ``metrics_poll`` error."""
         if not interval > 0:
             raise ValueError(f"metrics poll interval must be positive, not {interval}")
-        poll = partial(self.refresh, source, read_usage=read_usage)
+        if slice_size < 1:
+            raise ValueError(f"metrics poll slice must be at least 1 VM, not {slice_size}")
         started = False
         while True:
             began = trio.current_time()
             try:
-                await trio.to_thread.run_sync(poll, limiter=limiter)
+                await self._poll_in_slices(
+                    source,
+                    read_usage,
+                    limiter,
+                    size=slice_size,
+                    spread=interval * POLL_SPREAD if started else 0.0,
+                )
             except ProcuratorError as exc:
                 log.warning("metrics poll failed, keeping the last figures: %s", exc)
                 self.count_error("metrics_poll")

@@ -29,7 +29,7 @@ from procurator.core.metrics import (
     group_samples,
 )
 from procurator.core.models import Phase
-from procurator.worker.metrics import MAX_LABEL_VALUES, WorkerMetrics
+from procurator.worker.metrics import MAX_LABEL_VALUES, POLL_SPREAD, WorkerMetrics
 from procurator.worker.vmm.process import pid_start_ticks
 
 NOW = 1_763_000_000.0
@@ -288,6 +288,119 @@ async def test_poller_refreshes_and_survives_failing_sources(
     assert errors == {(("kind", "metrics_poll"),): 2.0}
     assert "VmManager is shutting down" in caplog.text
     assert "bug in the source" in caplog.text
+
+
+async def test_a_poll_in_slices_lets_a_change_through_and_exports_every_vm(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A poll (after the first) works a slice of VMs per thread call and
+    sleeps in between: a worker-thread operation that starts while a poll is
+    mid-way completes with the poll parked after its slice, not behind the
+    rest of it (the clock does not move: only ordering is asserted). The
+    poll publishes whole: mid-way a scrape shows the last poll's figures of
+    every VM, after one interval the new ones of every VM."""
+    interval, size = 60.0, 2
+    vms = [VmSnapshot(f"vm-{i}", Phase.RUNNING, pid=100 + i) for i in range(5)]
+    cpu = 1.0
+    reads: list[int] = []
+    mid_poll = trio.Event()
+
+    def read_usage(pid: int, start_ticks: int) -> ProcessUsage:
+        reads.append(pid)
+        if len(reads) == len(vms) + size:  # the second poll's first slice is done
+            trio.from_thread.run_sync(mid_poll.set)
+        return ProcessUsage(cpu, 4096)
+
+    def cpu_of_every_vm() -> dict[str, float]:
+        text = _samples(metrics.exposition().decode())
+        return {
+            dict(labels)["vm"]: value
+            for (name, labels), value in text.items()
+            if name == "procurator_vm_cpu_seconds_total"
+        }
+
+    metrics = WorkerMetrics()
+    changed_after: list[int] = []
+    polls: list[int] = []  # reads done when each poll began
+    third_poll = trio.Event()
+
+    def source() -> list[VmSnapshot]:
+        polls.append(len(reads))
+        if len(polls) == 3:  # the second poll has published
+            trio.from_thread.run_sync(third_poll.set)
+        return vms
+
+    def change() -> None:  # stands for a manager operation on its thread
+        changed_after.append(len(reads))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            lambda task_status: metrics.run_poller(
+                source,
+                interval=interval,
+                read_usage=read_usage,
+                slice_size=size,
+                task_status=task_status,
+            )
+        )
+        assert len(reads) == len(vms)  # the first poll, in one go
+        assert cpu_of_every_vm() == {vm.id: 1.0 for vm in vms}
+        cpu = 2.0
+        mock_clock.jump(interval)  # the second poll begins
+        await mid_poll.wait()
+        await trio.to_thread.run_sync(change)
+        assert changed_after == [len(vms) + size]
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(reads) == len(vms) + size  # parked between slices
+        assert cpu_of_every_vm() == {vm.id: 1.0 for vm in vms}  # nothing half-published
+        # One interval after it began: the second poll's slices are all
+        # due (they are spread over POLL_SPREAD of it) and the third begins.
+        assert POLL_SPREAD < 1
+        mock_clock.jump(interval)
+        await third_poll.wait()
+        assert polls == [0, len(vms), 2 * len(vms)]
+        assert cpu_of_every_vm() == {vm.id: 2.0 for vm in vms}
+        nursery.cancel_scope.cancel()
+
+
+def test_reused_samples_are_rebuilt_when_a_vms_figures_change() -> None:
+    """A VM whose snapshot did not change keeps its samples (the same
+    objects); one whose figures changed (restarts, counters, CPU time) is
+    built anew, and a VM that is gone is dropped."""
+    base = [
+        VmSnapshot("same", Phase.RUNNING, pid=1, counters={"net0": {"rx_bytes": 5}}),
+        VmSnapshot("restarted", Phase.RUNNING, pid=2),
+        VmSnapshot("counted", Phase.RUNNING, pid=3, counters={"net0": {"rx_bytes": 5}}),
+        VmSnapshot("busy", Phase.RUNNING, pid=4),
+        VmSnapshot("gone", Phase.STOPPED),
+    ]
+    usage = {pid: ProcessUsage(1.0, 4096) for pid in (1, 2, 3, 4)}
+    reader = CountingUsageReader(usage)
+    metrics = WorkerMetrics(clock=lambda: NOW)
+    metrics.refresh(lambda: base, read_usage=reader)
+    before = {(s.vm_id, s.name, s.labels): s for s in metrics.to_report() if s.vm_id}
+
+    usage[4] = ProcessUsage(1.5, 4096)
+    after_vms = [
+        base[0],
+        replace(base[1], restarts=1),
+        replace(base[2], counters={"net0": {"rx_bytes": 9}}),
+        base[3],
+    ]
+    metrics.refresh(lambda: after_vms, read_usage=reader)
+    after = {(s.vm_id, s.name, s.labels): s for s in metrics.to_report() if s.vm_id}
+
+    assert {vm for vm, _, _ in after} == {"same", "restarted", "counted", "busy"}
+    assert all(s is before[key] for key, s in after.items() if key[0] == "same")
+    assert not any(s is before.get(key) for key, s in after.items() if key[0] != "same")
+    assert after["restarted", "procurator_vm_restarts_total", ()].value == 1.0
+    counter = ("counted", "procurator_vm_network_receive_bytes_total", (("device", "net0"),))
+    assert after[counter].value == 9.0
+    assert after["busy", "procurator_vm_cpu_seconds_total", ()].value == 1.5
+    # What the scrape shows is what the report carries.
+    text = _samples(metrics.exposition().decode())
+    assert text["procurator_vm_restarts_total", frozenset({("vm", "restarted")})] == 1.0
+    assert text["procurator_vm_cpu_seconds_total", frozenset({("vm", "busy")})] == 1.5
 
 
 async def test_poller_refuses_a_nonsense_interval() -> None:
