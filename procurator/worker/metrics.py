@@ -220,9 +220,10 @@ def _samples_of(vm: VmSnapshot, previous: _Built, built: _Built) -> tuple[Metric
 
 class _Poll:
     """One poll under way: the VMs the source listed, handled a slice at a
-    time by ``step`` (blocking: a worker thread), then published whole.
-    One thread at a time steps a poll; the published state is untouched
-    until ``WorkerMetrics._publish``."""
+    time by ``WorkerMetrics._step_poll`` (blocking: a worker thread), then
+    published whole by ``WorkerMetrics._end_poll``. Slices run one after
+    the other (never two threads on one poll); the published state is
+    untouched until the end."""
 
     def __init__(self, vms: list[VmSnapshot], previous: _Built, began: float) -> None:
         self.began = began  # Unix time, before the first figure was read
