@@ -135,6 +135,7 @@ class NullImages(ImageManager):
         *,
         host: HostSide,
         on_realise: Callable[[], None] | None = None,
+        incoming_op: str | None = None,
     ) -> PreparedImage:
         definition = VmDefinition(payload=Payload(kernel=f"{store_path}/vmlinux"))
         return PreparedImage(

@@ -21,7 +21,10 @@ through its phases, each a generation fenced by the leader's epoch:
 - ``switching``: a generation moves the VM, with the power it had before
   the move, from the source's assignment to the target's; the source's
   copy becomes its pending removal and the target boots the VM from the
-  disks it received. Done once the target reports it ``running``.
+  disks it received (the target is still sent its transfer: the VM's
+  first prepare there takes the received set only for this op). Done once
+  the target reports it ``running`` (``stopped``, ``paused``: as its
+  power asks).
 - ``done`` / ``failed`` (with a reason): over. The newest ``MOVES_KEPT``
   that are over are kept.
 
@@ -269,6 +272,14 @@ def shortfall(vm: VmAssignment, facts: WorkerFacts, assigned: Sequence[VmAssignm
     )
 
 
+_SETTLED = {
+    PowerState.RUNNING: Phase.RUNNING,
+    PowerState.PAUSED: Phase.PAUSED,
+    PowerState.STOPPED: Phase.STOPPED,
+}
+"""The phase a worker reports a VM in once it has what its power asks."""
+
+
 def _reported(status: WorkerStatus | None, vm_id: str, since: int) -> tuple[bool, Phase | None]:
     """Whether ``status`` speaks of generation ``since`` or newer, and the
     phase it shows ``vm_id`` in (None: not shown)."""
@@ -299,15 +310,18 @@ def step(
         target_vm = next((v for v in _vms(assignments, move.target) if v.id == move.vm_id), None)
         if target_vm is None:
             return MoveStep(MoveAction.FAIL, "the VM left the target's assignment (an apply)")
-        if (ok and phase is Phase.RUNNING) or target_vm.power is not PowerState.RUNNING:
-            # A VM moved while stopped or paused on purpose is done once
-            # it is the target's.
+        # Done once the target reports the VM as assigned (also one moved
+        # while stopped or paused: its prepare there took the received
+        # disks, which the target keeps only while it is sent the transfer,
+        # that is until the move is done).
+        wanted = _SETTLED[target_vm.power]
+        if ok and phase is wanted:
             return MoveStep(MoveAction.DONE)
         if now_ms >= move.deadline_unix_ms:
             return MoveStep(
                 MoveAction.FAIL,
-                f"worker {move.target} did not report the VM running before the deadline; "
-                f"it stays assigned there",
+                f"worker {move.target} did not report the VM {wanted.value} before the "
+                f"deadline; it stays assigned there",
             )
         return MoveStep(MoveAction.WAIT)
     stopped_by_us = move.phase in (MovePhase.STOPPING, MovePhase.TRANSFERRING)

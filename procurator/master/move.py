@@ -21,6 +21,8 @@ What each step's generation changes:
   transfer address with the move's token, the target takes them);
 - ``switch``: the VM leaves the source's assignment (its pending removal
   there) and joins the target's, with the power it had before the move;
+  the target is still sent its transfer until the move is done: the VM's
+  first prepare there takes the received disks only for that op;
 - ``fail`` before the switch: both workers' generations move (the target
   stops preparing the image and drops the disks it received, the source
   stops sending them), and with ``revert`` the source's VM gets its power
@@ -53,6 +55,12 @@ _NEXT = {
 _PREPARED_IN = (MovePhase.PREPARING, MovePhase.STOPPING, MovePhase.TRANSFERRING)
 """The phases in which the target keeps the VM's image prepared (rooted):
 until the switch gives it the VM itself."""
+
+_RECEIVED_IN = (MovePhase.TRANSFERRING, MovePhase.SWITCHING)
+"""The phases in which the target is sent its transfer: it takes the disks
+while transferring, and the VM's first prepare after the switch takes them
+only for the op of that transfer (a set an earlier, failed move left is
+never used), also after a restart of the target, until the move is done."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,10 +146,11 @@ def with_moves(
     paths = []
     transfers = []
     for move in moves:
-        if move.phase is MovePhase.TRANSFERRING and worker_id in (move.source, move.target):
-            receive = move.target == worker_id
-            peer = "" if receive else addresses.get(move.target, "")
-            transfers.append(DiskTransfer(move.vm_id, move.op_id, receive, move.token, peer))
+        if move.phase is MovePhase.TRANSFERRING and worker_id == move.source:
+            peer = addresses.get(move.target, "")
+            transfers.append(DiskTransfer(move.vm_id, move.op_id, False, move.token, peer))
+        elif move.phase in _RECEIVED_IN and worker_id == move.target:
+            transfers.append(DiskTransfer(move.vm_id, move.op_id, True, move.token))
         if move.target != worker_id or move.phase not in _PREPARED_IN:
             continue
         if move.image and move.image not in assignment.prepare:

@@ -1188,7 +1188,8 @@ class MasterService:
         cached_at, moves = self._moves_cache
         if cached_at == self._generation:
             # What workers are sent of the moves changes only with a move's
-            # own commits (_step_move sets it then): this one left them.
+            # own commits and rows (_step_move sets it then): this one left
+            # them.
             self._moves_cache = (generation, moves)
         self._generation = generation
         self._sync_wake.set()
@@ -2475,6 +2476,7 @@ class MasterService:
                 await self._store.put_move(fence, plan.move, move)
                 generation = self._generation
                 diffs: list[WorkerDiff] = []
+                after = plan.move
             else:
                 names = sorted(plan.changes)
                 before = {w: self._assignments[w].vms for w in names if w in self._assignments}
@@ -2489,12 +2491,14 @@ class MasterService:
                 )
                 diffs = [diff_assignments(w, before.get(w, ()), plan.changes[w]) for w in names]
                 self._absorb_commit(generation, plan.changes, diffs, move.op_id)
-                cached_at, moves = self._moves_cache
-                if cached_at == generation:
-                    # Carried over by _absorb_commit: this move's new phase.
-                    after = replace(plan.move, generation=generation)
-                    others = tuple(m for m in moves if m.op_id != move.op_id)
-                    self._moves_cache = (generation, others if after.over else (*others, after))
+                after = replace(plan.move, generation=generation)
+            cached_at, moves = self._moves_cache
+            if cached_at == generation:
+                # Carried over by _absorb_commit: this move's new phase, also
+                # one that writes the row only (a move over after its switch
+                # no longer sends the target its transfer).
+                others = tuple(m for m in moves if m.op_id != move.op_id)
+                self._moves_cache = (generation, others if after.over else (*others, after))
         failed = step.action is MoveAction.FAIL
         logger.log(logging.WARNING if failed else logging.INFO, "%s", plan.message)
         if diffs:

@@ -22,7 +22,10 @@ State, all under ``state_dir`` (the worker's):
   ``disks/`` is this module's. A copy a move brought to this worker
   (``incoming/<vm id>/<store basename>/disk<i>.img``, written and checked
   by ``procurator.worker.move_transfer``) is renamed into place instead of
-  a fresh copy: the guest keeps its writes across workers.
+  a fresh copy: the guest keeps its writes across workers. Only when the
+  set's ``op`` is the ``incoming_op`` the caller passes (the move whose
+  transfer the VM's assignment carries): a set an earlier, failed move
+  left is never booted from.
 
 Invariants: nothing is ever written into the store (sources are opened
 read-only, ``state_dir`` may not lie in the store); a failed prepare leaves
@@ -135,8 +138,14 @@ class ImageManager:
         *,
         host: HostSide,
         on_realise: Callable[[], None] | None = None,
+        incoming_op: str | None = None,
     ) -> PreparedImage:
         """Make ``store_path`` ready to boot as VM ``vm_id``.
+
+        ``incoming_op``: the op id of the move whose received disks the VM
+        may take in place of fresh copies (the transfer to this worker its
+        assignment carries for the VM; None: none may be taken). A set a
+        move of another op left is never used.
 
         ``on_realise`` is called (in this thread) just before a missing path
         is fetched from the substituters, so the caller can show that phase.
@@ -177,7 +186,7 @@ class ImageManager:
                 )
             except ValidationError as err:
                 raise ValidationError(f"VM {vm_id}: {err.message}", details=err.details) from err
-            disks = self._ensure_copies(vm_id, disk_dir, confined.copies)
+            disks = self._ensure_copies(vm_id, disk_dir, confined.copies, incoming_op)
         except BaseException:
             if fresh:  # leave the previous state exactly as it was
                 self._forget_after_failure(vm_id, link, disk_dir)
@@ -298,7 +307,11 @@ class ImageManager:
     # ------------------------------------------------------------- helpers
 
     def _ensure_copies(
-        self, vm_id: str, disk_dir: Path, copies: tuple[DiskCopy, ...]
+        self,
+        vm_id: str,
+        disk_dir: Path,
+        copies: tuple[DiskCopy, ...],
+        incoming_op: str | None,
     ) -> tuple[Path, ...]:
         disks: list[Path] = []
         try:
@@ -310,7 +323,7 @@ class ImageManager:
                 disks.append(target)
                 if target.is_file():
                     continue  # made by an earlier prepare: keeps the guest's writes
-                if self._take_incoming(vm_id, target):
+                if incoming_op is not None and self._take_incoming(vm_id, target, incoming_op):
                     continue  # a move's: the guest's writes from its old worker
                 started = time.monotonic()
                 try:
@@ -334,11 +347,18 @@ class ImageManager:
             ) from err
         return tuple(disks)
 
-    def _take_incoming(self, vm_id: str, target: Path) -> bool:
-        """Put the copy of ``target`` a move sent here in its place
+    def _take_incoming(self, vm_id: str, target: Path, op_id: str) -> bool:
+        """Put the copy of ``target`` move ``op_id`` sent here in its place
         (``<state>/incoming/<vm>/<store basename>/disk<i>.img``, checked by
-        ``procurator.worker.move_transfer``); whether there was one."""
-        source = self._incoming / vm_id / target.parent.name / target.name
+        ``procurator.worker.move_transfer``; ``op`` in the set names its
+        move); whether there was one."""
+        incoming = self._incoming / vm_id
+        try:
+            if (incoming / "op").read_text().strip() != op_id:
+                return False  # another move's set (one that failed): never used
+        except FileNotFoundError:
+            return False
+        source = incoming / target.parent.name / target.name
         try:
             os.rename(source, target)
         except FileNotFoundError:

@@ -71,7 +71,11 @@ class _InFlight:
 
 
 class WorkerActuator:
-    """See the module docstring. ``network`` None: VMs get no NIC."""
+    """See the module docstring. ``network`` None: VMs get no NIC.
+    ``incoming_op(vm_id)``: the op id of the move whose received disks
+    the VM may take (the transfer to this worker the current assignment
+    carries for it: ``MoveTransfers.receiving``; read on the trio thread
+    when the step begins), None for none (the default: no moves here)."""
 
     def __init__(
         self,
@@ -83,8 +87,10 @@ class WorkerActuator:
         serial_file: Callable[[str], str],
         on_realise_seconds: Callable[[float], None] | None = None,
         on_change: Callable[[str], None] | None = None,
+        incoming_op: Callable[[str], str | None] = lambda vm_id: None,
     ) -> None:
         self._manager = manager
+        self._incoming_op = incoming_op
         self._images = images
         self._network = network
         self._limiter = limiter
@@ -158,7 +164,10 @@ class WorkerActuator:
             )
 
     async def ensure(self, vm: VmAssignment, op_id: str) -> None:
-        await trio.to_thread.run_sync(self._ensure_blocking, vm, op_id, limiter=self._limiter)
+        incoming = self._incoming_op(vm.id)  # the assignment this step is for
+        await trio.to_thread.run_sync(
+            self._ensure_blocking, vm, op_id, incoming, limiter=self._limiter
+        )
 
     async def remove(self, vm_id: str, op_id: str) -> None:
         await trio.to_thread.run_sync(self._remove_blocking, vm_id, op_id, limiter=self._limiter)
@@ -174,7 +183,7 @@ class WorkerActuator:
         if self._on_change is not None:
             self._on_change(vm_id)  # no lock held: it hands over to trio
 
-    def _ensure_blocking(self, vm: VmAssignment, op_id: str) -> None:
+    def _ensure_blocking(self, vm: VmAssignment, op_id: str, incoming: str | None) -> None:
         # Log records here carry the vm_id and op_id of the reconciler's
         # action: trio.to_thread.run_sync runs this in a copy of its context.
         self._mark(vm.id, _InFlight(vm.hash, Phase.STARTING, "preparing the image"))
@@ -182,7 +191,7 @@ class WorkerActuator:
             "VM %s: ensuring %s, power %s (%s)", vm.id, vm.hash, vm.power.value, vm.nix_store_path
         )
         try:
-            spec = self._launch_spec(vm, op_id)
+            spec = self._launch_spec(vm, op_id, incoming)
             self._mark(vm.id, _InFlight(vm.hash, Phase.STARTING, "starting the VMM"))
             # The hand-over: from here the VmManager owns the VM (and with it
             # what was taken for it), and a removal releases all of it.
@@ -193,11 +202,11 @@ class WorkerActuator:
         finally:
             self._mark(vm.id, None)
 
-    def _launch_spec(self, vm: VmAssignment, op_id: str) -> VmSpec:
+    def _launch_spec(self, vm: VmAssignment, op_id: str, incoming: str | None) -> VmSpec:
         """What the VmManager is handed: the image checked (confinement,
         then what this worker's VMM can run) before the tap and address are
         taken; every failure frees what this step took."""
-        prepared = self._prepare_image(vm)
+        prepared = self._prepare_image(vm, incoming)
         try:
             # What the driver cannot run is refused before the network is touched.
             self._manager.driver.check(prepared.definition)
@@ -216,9 +225,10 @@ class WorkerActuator:
             reschedule=vm.reschedule,
         )
 
-    def _prepare_image(self, vm: VmAssignment) -> PreparedImage:
+    def _prepare_image(self, vm: VmAssignment, incoming: str | None) -> PreparedImage:
         """Root, confine and copy the VM's image (undone by the image
-        manager itself when it fails)."""
+        manager itself when it fails); ``incoming``: the move whose
+        received disks it may take."""
         host = HostSide(
             serial_file=self._serial_file(vm.id), vcpus=vm.vcpus, memory_mib=vm.memory_mib
         )
@@ -228,7 +238,9 @@ class WorkerActuator:
             realise_started.append(time.monotonic())
             self._mark(vm.id, _InFlight(vm.hash, Phase.REALISING, "fetching the image"))
 
-        prepared = self._images.prepare(vm.id, vm.nix_store_path, host=host, on_realise=on_realise)
+        prepared = self._images.prepare(
+            vm.id, vm.nix_store_path, host=host, on_realise=on_realise, incoming_op=incoming
+        )
         if realise_started and self._on_realise_seconds is not None:
             self._on_realise_seconds(time.monotonic() - realise_started[0])
         log.info("VM %s: image ready (%d disk copies)", vm.id, len(prepared.disks))

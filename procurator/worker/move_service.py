@@ -5,8 +5,13 @@
   move_transfer``) accepts the VM's disks from whoever presents the move's
   token; the set waits in ``<state>/incoming/<vm>/`` until the VM arrives
   in the assignment (the master's switch), when its first prepare takes
-  the copies in place of fresh ones (``procurator.nix.image``). A set no
-  transfer or VM of the assignment names is dropped.
+  the copies in place of fresh ones (``procurator.nix.image``) — only
+  when the set's op id is the one of the transfer the assignment carries
+  for the VM (``receiving``; the master keeps the target's transfer in it
+  through the switch, until the move is done). A set no transfer of the
+  assignment names with its op id is dropped (``Receiver.prune``): a
+  move that failed after its set arrived leaves nothing a later placement
+  of the VM here could boot from.
 - **Source** (not ``receive``): once the VM's VMM is gone (the move
   stopped it: desired power ``stopped``, phase ``stopped``), its writable
   disk copies are sent to the target; a failed send is tried again every
@@ -19,7 +24,8 @@ switches the VM once the target reports it ``received``.
 
 Invariants: nothing is sent while a VMM of the VM runs; the target never
 starts the VM on its own (it is not in its assignment before the switch);
-nothing received is kept once no transfer or VM names it. The sends run in
+nothing received is kept once no transfer names its op, nor used by
+another op's VM. The sends run in
 worker threads (``trio.to_thread.run_sync``), one per VM at a time; the
 receiver runs in its own threads. Everything else is on the trio thread.
 
@@ -42,7 +48,6 @@ import trio
 
 from procurator.core.assignments import AssignmentUpdate
 from procurator.core.models import (
-    Assignment,
     DiskTransfer,
     Phase,
     PowerState,
@@ -89,7 +94,6 @@ class MoveTransfers:
         self._retry = retry
         self._timeout = timeout
         self._assigned = False
-        self._vms: set[str] = set()
         self._transfers: dict[str, DiskTransfer] = {}
         self._sending: dict[str, TransferProgress] = {}  # vm id -> the source's progress
         self._busy: set[str] = set()
@@ -101,11 +105,6 @@ class MoveTransfers:
     # -- inputs (trio thread) ------------------------------------------------
 
     def take_assignment(self, update: AssignmentUpdate) -> None:
-        if isinstance(update, Assignment):
-            self._vms = {vm.id for vm in update.vms}
-        else:
-            self._vms |= {vm.id for vm in update.upserted}
-            self._vms -= set(update.removed)
         self._assigned = True
         self._transfers = {t.vm_id: t for t in update.transfers}
         for vm_id in list(self._sending):
@@ -116,6 +115,13 @@ class MoveTransfers:
             [Expected(t.vm_id, t.op_id, t.token) for t in self._transfers.values() if t.receive]
         )
         self._wake.set()
+
+    def receiving(self, vm_id: str) -> str | None:
+        """The op id of the transfer to this worker the current assignment
+        carries for ``vm_id`` (None: none): the only move whose received
+        disks the VM's prepare may take (trio thread)."""
+        transfer = self._transfers.get(vm_id)
+        return transfer.op_id if transfer is not None and transfer.receive else None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -148,7 +154,7 @@ class MoveTransfers:
 
     def _step(self, nursery: trio.Nursery) -> None:
         if self._assigned:
-            self._receiver.prune(self._vms | set(self._transfers))
+            self._receiver.prune()
         now = trio.current_time()
         for vm_id, transfer in sorted(self._transfers.items()):
             if transfer.receive or vm_id in self._busy:

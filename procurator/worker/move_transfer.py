@@ -24,8 +24,10 @@ sends again: idempotent). Nothing half-written is ever used: files go to
 fsynced and checked, and the whole set is renamed to ``incoming/<vm>/``
 (replacing an older op's set) only when complete; ``op`` in it names the
 op. ``procurator.nix.image`` renames the copies into the VM's disk
-directory at its first prepare after the switch
-(``procurator.worker.move_service`` drops a set nothing names).
+directory at its first prepare after the switch, only when that op is the
+one of the transfer the worker's assignment carries for the VM
+(``procurator.worker.move_service`` drops a set whose op no expected
+transfer names: ``Receiver.prune``).
 
 Plain TCP: the token authenticates the source for one transfer and
 sha256 checks integrity; the bytes are not encrypted (TLS with the fleet's
@@ -270,8 +272,9 @@ class Receiver:
     ``MAX_CONNECTIONS`` at once, more are refused), into
     ``incoming`` (``<state>/incoming``). ``expect`` replaces what is
     expected (from each new assignment); ``received`` says which op ids
-    have their set stored. Thread-safe. Lock order: ``_lock`` and
-    ``_storing`` (held while a set replaces the stored one) are leaves."""
+    have their set stored. Thread-safe. Lock order: ``_storing`` (held
+    while a set replaces the stored one, and by ``prune``) -> ``_lock`` (a
+    leaf)."""
 
     def __init__(
         self,
@@ -302,8 +305,8 @@ class Receiver:
         return str(host), int(port)
 
     def expect(self, expected: list[Expected]) -> None:
-        """What the assignment expects now; a set received for a VM that
-        is neither expected nor kept by ``keep`` is dropped by ``prune``."""
+        """What the assignment expects now; a set no expected transfer
+        names with its op id is dropped by ``prune``."""
         with self._lock:
             self._expected = {e.vm_id: e for e in expected}
             self._failed = {k: v for k, v in self._failed.items() if k in self._expected}
@@ -322,14 +325,23 @@ class Receiver:
         with self._lock:
             return self._failed.get(vm_id, "")
 
-    def prune(self, keep: set[str]) -> None:
-        """Drop each stored set whose VM is not in ``keep`` (neither
-        expected nor assigned to this worker)."""
-        with self._lock:
-            keep = keep | set(self._expected)
-        with contextlib.suppress(OSError):
+    def prune(self) -> None:
+        """Drop each stored set that no expected transfer names with its
+        op id: a set is kept only while the move that sent it is under
+        way (the master sends the target its transfer through the
+        switch, until the move is done), never for a later placement of
+        its VM there. Holds
+        ``_storing`` throughout: a set renamed into place meanwhile (for
+        a transfer expected after the look at ``_expected``) is not
+        dropped."""
+        with self._storing, contextlib.suppress(OSError):
+            with self._lock:
+                keep = {e.vm_id: e.op_id for e in self._expected.values()}
             for entry in self._incoming.iterdir():
-                if not entry.name.startswith(".") and entry.name not in keep:
+                op_id = keep.get(entry.name)
+                if entry.name.startswith("."):
+                    continue  # a set being received
+                if op_id is None or self.received(entry.name) != op_id:
                     shutil.rmtree(entry, ignore_errors=True)
 
     def serve(self) -> None:

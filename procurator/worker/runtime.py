@@ -300,6 +300,7 @@ class ReconcilingHandler:
             serial_file=lambda vm_id: str(self.manager.state.paths(vm_id).serial_file),
             on_realise_seconds=self.metrics.observe_realise,
             on_change=self._in_flight_changed,
+            incoming_op=self._incoming_op,
         )
         if self.network is not None and netns is not None:
             # The guests are reached from the network's namespace.
@@ -348,6 +349,10 @@ class ReconcilingHandler:
             on_event=self._publish_event,
         )
         log.info("worker %s uses the %s VMM driver", worker_id, self.driver.name)
+
+    def _incoming_op(self, vm_id: str) -> str | None:
+        """The move whose received disks VM ``vm_id`` may take here."""
+        return self.transfers.receiving(vm_id) if self.transfers is not None else None
 
     # -- AssignmentHandler --------------------------------------------------
 

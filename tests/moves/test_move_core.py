@@ -165,7 +165,21 @@ SWITCHING = advance(MOVE, MovePhase.SWITCHING, now_ms=3, generation=8)
             {"w2": status("w2", 8, Phase.RUNNING)},
             MoveStep(MoveAction.DONE),
         ),
-        (SWITCHING, on("w2", STOPPED), {}, MoveStep(MoveAction.DONE)),
+        # One moved while stopped: done once the target has it stopped
+        # (prepared, with the disks it received), not before.
+        (SWITCHING, on("w2", STOPPED), {}, MoveStep(MoveAction.WAIT)),
+        (
+            SWITCHING,
+            on("w2", STOPPED),
+            {"w2": status("w2", 8, Phase.PENDING)},
+            MoveStep(MoveAction.WAIT),
+        ),
+        (
+            SWITCHING,
+            on("w2", STOPPED),
+            {"w2": status("w2", 8, Phase.STOPPED)},
+            MoveStep(MoveAction.DONE),
+        ),
         # An apply wins: the VM left the source, or its power changed.
         (
             PREPARING,

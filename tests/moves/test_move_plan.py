@@ -70,5 +70,14 @@ def test_the_workers_are_sent_the_image_to_prepare_and_the_transfer() -> None:
     target = with_moves(FLEET["w2"], [transferring], FLEET, addresses)
     assert target.transfers == (DiskTransfer("a", "op-m", True, TOKEN),)
     assert target.prepare == (PATH,)  # rooted until the VM's own root takes over
-    switching = advance(MOVE, MovePhase.SWITCHING, now_ms=3, generation=9)
-    assert with_moves(FLEET["w2"], [switching], FLEET, addresses) is FLEET["w2"]
+    # Switching: the source sends nothing more; the target keeps hearing
+    # of its transfer until the move is done, the only op whose received
+    # disks the VM's first prepare there may take (also after a restart).
+    switching = dataclasses.replace(transferring, phase=MovePhase.SWITCHING, generation=9)
+    assert with_moves(FLEET["w1"], [switching], FLEET, addresses) is FLEET["w1"]
+    target = with_moves(FLEET["w2"], [switching], FLEET, addresses)
+    assert target.transfers == (DiskTransfer("a", "op-m", True, TOKEN),)
+    assert target.prepare == ()  # the VM's own root now
+    for over in (MovePhase.DONE, MovePhase.FAILED):
+        ended = dataclasses.replace(switching, phase=over)
+        assert with_moves(FLEET["w2"], [ended], FLEET, addresses) is FLEET["w2"]

@@ -177,8 +177,9 @@ async def test_kill_9_of_the_source_or_the_target_mid_move_never_runs_the_vm_twi
                                 samples.append(_vmm_holders(tmp_path, "web-1"))
                                 await trio.sleep(0.01)
                     (done,) = result
+                    assert done.returncode == 0, done.stdout + done.stderr
                     phases = [json.loads(line)["phase"] for line in done.stdout.splitlines()]
-                    assert done.returncode == 0 and phases[-1] == "done", done.stdout + done.stderr
+                    assert phases[-1] == "done", done.stdout + done.stderr
                     await _until(control, lambda s, t=target: _runs_on(s, "web-1") == {t})
                     with trio.fail_after(30):
                         while _vmm_holders(tmp_path, "web-1") != {target}:

@@ -82,9 +82,12 @@ def test_the_disks_arrive_whole_and_a_resend_is_answered_at_once(
     assert seen[-1] == ((11 << 20) + 20,) * 2
     # Idempotent: the source lost the answer and sends again.
     send_disks(receiver.address, vm_id="web-1", op_id="op-m1", token="t0ken", files=files)
-    # A set nobody expects or runs any more goes.
+    # A set kept while its transfer is expected; once none names its op,
+    # it goes.
+    receiver.prune()
+    assert receiver.received("web-1") == "op-m1"
     receiver.expect([])
-    receiver.prune(keep=set())
+    receiver.prune()
     incoming = tmp_path / "target" / "incoming"
     assert receiver.received("web-1") is None and list(incoming.iterdir()) == []
 
