@@ -210,10 +210,18 @@ async def test_a_cold_move_goes_through_its_phases_and_the_vm_never_runs_twice(
             while "web-1" not in runs.on["host-b"]:
                 await trio.sleep(0.01)
         assert "web-1" not in runs.on["host-a"] and runs.twice == []
-        # Each phase is an event with the move's op id.
-        events = [
-            e for e in await service.recent_events("web-1") if e.event.kind is EventKind.MOVING
-        ]
+        # Each phase is an event with the move's op id (stored after the
+        # phase commits: the move can be seen over before its last event).
+        with trio.fail_after(10):  # a hang guard
+            while True:
+                events = [
+                    e
+                    for e in await service.recent_events("web-1")
+                    if e.event.kind is EventKind.MOVING
+                ]
+                if events and " moved " in events[-1].event.message:
+                    break
+                await trio.sleep(0.01)
         assert all(e.event.op_id == move.op_id for e in events)
         assert [e.event.message.split(": ")[1].split(" ")[0] for e in events] == [
             "preparing",
