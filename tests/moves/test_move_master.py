@@ -482,3 +482,35 @@ async def test_an_unpinned_vm_moves_only_where_its_constraints_hold(
             await service.move("db-1", "host-b")
         assert await service.moves() == ()
         nursery.cancel_scope.cancel()
+
+
+async def test_the_target_is_sent_its_transfer_until_the_move_is_done_not_after(
+    service: MasterService,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        _, _, b = await lab(service, nursery)
+        b.going = trio.Event()  # host-b takes each push only when told
+        move = await service.move("web-1", "host-b")
+        with trio.fail_after(30):  # a hang guard
+            # It takes every push but the switch's: the VM does not run yet.
+            while not (pushed := b.node.pushed) or all(v.id != "web-1" for v in pushed[-1].vms):
+                if pushed:
+                    await b.take_again()
+                await trio.sleep(0.01)
+        assert (await service.moves("web-1"))[0].phase is MovePhase.SWITCHING
+        # Switching: the target (also one restarted now, pulling) is still
+        # sent the transfer, the only op whose disks the VM may take.
+        pulled, _ = await service.get_assignment(b.token, 0)
+        assert [(t.op_id, t.receive) for t in pulled.transfers] == [(move.op_id, True)]
+        b.going.set()
+        assert (await wait_over(service, "web-1")).phase is MovePhase.DONE
+        # Done writes the row only, yet the target is no longer sent it.
+        pulled, _ = await service.get_assignment(b.token, 0)
+        assert pulled.transfers == ()
+        # Nor when the VM moves back (host-b the source now: one transfer).
+        back = await service.move("web-1", "host-a")
+        assert (await wait_over(service, "web-1")).phase is MovePhase.DONE
+        assert {t for t in b.transfers if t.op_id == back.op_id} == {
+            t for t in b.transfers if t.op_id == back.op_id and not t.receive
+        }
+        nursery.cancel_scope.cancel()
