@@ -317,15 +317,25 @@ class HealthMonitor:
                     if vm.check is None or vm.guest is None:
                         continue
                     vm.probing = True
-                    nursery.start_soon(self._probe, vm_id, vm, ticket, limiter)
+                    # The check and the guest as they are now: the task
+                    # starts later, and an assignment or a status may take
+                    # either away before it does (its ticket then moves,
+                    # and its result is dropped).
+                    nursery.start_soon(self._probe, vm_id, vm, ticket, vm.check, vm.guest, limiter)
                 deadline = heap[0][0] if heap else math.inf
                 with trio.move_on_at(deadline):
                     await self._wake.wait()
                 self._wake = trio.Event()
 
-    async def _probe(self, vm_id: str, vm: _Vm, ticket: int, limiter: trio.CapacityLimiter) -> None:
-        check, guest = vm.check, vm.guest
-        assert check is not None and guest is not None
+    async def _probe(
+        self,
+        vm_id: str,
+        vm: _Vm,
+        ticket: int,
+        check: HealthCheck,
+        guest: Incarnation,
+        limiter: trio.CapacityLimiter,
+    ) -> None:
         timeout = self.timeout
         problem: str | None = None
         try:

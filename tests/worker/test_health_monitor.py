@@ -230,6 +230,48 @@ async def test_a_result_about_an_earlier_guest_is_dropped() -> None:
         nursery.cancel_scope.cancel()
 
 
+class AtOnceProber:
+    """Every check passes at once."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def probe(self, check: HealthCheck, address: str) -> str | None:
+        self.calls += 1
+        await trio.lowlevel.checkpoint()
+        return None
+
+
+def stopping(restarts: int) -> StatusChanges:
+    status = VmStatus("web", Phase.STOPPING, "h1", "replacing", restarts, LOOPBACK)
+    return StatusChanges("host-a", 1, (status,))
+
+
+async def test_a_guest_gone_before_its_due_check_starts_takes_nothing_down() -> None:
+    # A check comes due and its task is started; before the task first runs,
+    # the guest goes (the VM stops for a replacement). The task checks the
+    # guest it was started for and its result is dropped: it once asserted
+    # that the VM still had a guest, and that took the whole worker down
+    # mid-rollout (CI). Whether the stop lands between the start and the
+    # task's first step depends on trio's order within a batch (random), so
+    # the sequence runs many times.
+    published = Published()
+    prober = AtOnceProber()
+    monitor = HealthMonitor("host-a", published, prober, interval=30)
+    check = HealthCheck(HealthKind.TCP, 80, min_healthy_ms=0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(monitor.run)
+        monitor.take_assignment(assigned(VmAssignment("web", "h1", PATH, health=check)))
+        for restarts in range(40):
+            monitor.overlay(running(restarts=restarts))  # due now: the loop wakes
+            await trio.lowlevel.checkpoint()
+            monitor.overlay(stopping(restarts))
+            await trio.sleep(0.001)
+        monitor.overlay(running(restarts=99))
+        await published.wait("web", Health.HEALTHY)
+        nursery.cancel_scope.cancel()
+
+
 def kept_ids(path: Path) -> set[str]:
     """The VMs the state file keeps as healthy."""
     return set(json.loads(path.read_text())["healthy"]) if path.exists() else set()
