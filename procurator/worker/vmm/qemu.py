@@ -358,6 +358,12 @@ class _QmpSession:
     def _handshake(self) -> None:
         self._io("connect", lambda: self._sock.connect(self._target.socket))
         greeting = self._read_message("greeting")
+        while "event" in greeting and "QMP" not in greeting:
+            # QEMU flushes events it queued for the previous client to the
+            # next one before its greeting (seen after a session that timed
+            # out mid-move): they are about the past, and the deadline bounds
+            # how many are read.
+            greeting = self._read_message("greeting")
         if "QMP" not in greeting:
             raise VmmError(f"{self._target}: no QMP greeting (got {str(greeting)[:200]})")
         self.execute("qmp_capabilities")
