@@ -274,6 +274,11 @@ _SPECS: tuple[MetricSpec, ...] = (
         ("kind", "result"),
     ),
     _spec(
+        "procurator_worker_health_monitor_errors_total", _C, _WORKER,
+        "Guest health checks that broke with an unexpected error (a bug in the worker); "
+        "each VM's health reads pending until a check of it works again.",
+    ),
+    _spec(
         "procurator_worker_prepared_images", _G, _WORKER,
         "Images the worker's assignment asks it to prepare (realise and root without "
         "running), by state (pending, ready, failed).",

@@ -34,6 +34,14 @@ Invariants:
   once: one failure makes it unhealthy as always. Anything else is judged
   from ``pending``. A record is used once, at the first observation after
   the start; a VM that stops being healthy loses it.
+- **A broken check takes down nothing but its own result**: a check task
+  runs in the monitor's nursery, which runs in the worker's, so an
+  exception escaping it (a bug: a prober's, a hook's, the judging's; once,
+  3bc14d4, an assertion) would stop every check and the worker. Each task
+  catches what it raises (``_check_broke``): the error is logged with the
+  VM id and counted (``procurator_worker_health_monitor_errors_total``),
+  the VM reads ``pending`` (not known; never ``healthy``) with the failure
+  as its message, and it is checked again an interval later.
 - Everything here runs on the trio thread (the reconciler's publications,
   the link's updates, the checks); the state file is written from a worker
   thread, one write at a time, the latest content winning.
@@ -67,6 +75,7 @@ from procurator.core.errors import ProcuratorError
 from procurator.core.health import (
     HealthState,
     Incarnation,
+    check_interval,
     incarnation,
     judge,
     next_check,
@@ -193,7 +202,8 @@ class _Vm:
 class HealthMonitor:
     """See the module docstring. ``publish``: where health transitions go
     (the link's ``publish_status_changes``); ``on_check(kind, passed)`` and
-    ``on_counts(counts)``: metrics hooks (checks made; VMs by health)."""
+    ``on_counts(counts)``, ``on_error()``: metrics hooks (checks made; VMs by
+    health; checks that broke)."""
 
     def __init__(
         self,
@@ -206,6 +216,7 @@ class HealthMonitor:
         concurrency: int = 32,
         on_check: Callable[[str, bool], None] | None = None,
         on_counts: Callable[[dict[Health, int]], None] | None = None,
+        on_error: Callable[[], None] | None = None,
         state_file: Path | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -219,6 +230,7 @@ class HealthMonitor:
         self.concurrency = concurrency
         self._on_check = on_check
         self._on_counts = on_counts
+        self._on_error = on_error
         self._vms: dict[str, _Vm] = {}
         self._generation = 0  # the observed generation the reconciler published last
         self._heap: list[tuple[float, int, str]] = []  # (due, ticket, vm id)
@@ -226,6 +238,7 @@ class HealthMonitor:
         self._wake = trio.Event()
         self._counts: dict[Health, int] = dict.fromkeys(Health, 0)
         self.checks = 0  # checks made (for tests and tools)
+        self.errors = 0  # checks that broke (see _check_broke)
         # Healthy VMs as kept in the state file (see the module docstring):
         # what this run keeps, and what the last run kept (used once each).
         self.state_file = state_file
@@ -336,6 +349,23 @@ class HealthMonitor:
         guest: Incarnation,
         limiter: trio.CapacityLimiter,
     ) -> None:
+        """One check of one guest, isolated (see the module docstring): an
+        exception escaping it would take down the monitor's nursery, and the
+        worker with it."""
+        try:
+            await self._check(vm_id, vm, ticket, check, guest, limiter)
+        except Exception as exc:  # noqa: BLE001 - a bug, this VM only: see _check_broke
+            self._check_broke(vm_id, vm, ticket, check, exc)
+
+    async def _check(
+        self,
+        vm_id: str,
+        vm: _Vm,
+        ticket: int,
+        check: HealthCheck,
+        guest: Incarnation,
+        limiter: trio.CapacityLimiter,
+    ) -> None:
         timeout = self.timeout
         problem: str | None = None
         try:
@@ -367,6 +397,36 @@ class HealthMonitor:
         if vm.state.health is Health.UNHEALTHY:
             log.info("VM %s: unhealthy: %s", vm_id, problem)
         self._schedule(vm_id, vm, next_check(vm.state, check, now, self.interval))
+        self._changed(vm_id, vm)
+
+    def _check_broke(
+        self, vm_id: str, vm: _Vm, ticket: int, check: HealthCheck, exc: Exception
+    ) -> None:
+        """A check raised what no check should (a bug in a prober, a hook
+        or the judging): log it with the VM, count it, and judge the VM
+        afresh (``pending``, the failure as its message: its health is not
+        known, and a rollout waits for it as for a booting guest), then
+        check it again an interval later. The other VMs' checks go on."""
+        self.errors += 1
+        log.error(
+            "VM %s: its %s health check broke (a bug in the worker): %r",
+            vm_id,
+            check.kind.value,
+            exc,
+            exc_info=exc,
+        )
+        if self._on_error is not None:
+            self._on_error()
+        if self._vms.get(vm_id) is not vm or vm.state is None:
+            return
+        now = trio.current_time()
+        if vm.ticket != ticket:
+            self._schedule(vm_id, vm, now)  # about another check or guest: as in _check
+            return
+        before = vm.health
+        vm.state = HealthState(Health.PENDING, f"health not known: the check broke ({exc!r})")
+        self._recount(vm_id, vm, before)
+        self._schedule(vm_id, vm, now + check_interval(check, self.interval))
         self._changed(vm_id, vm)
 
     # -- bookkeeping ----------------------------------------------------------
@@ -431,7 +491,7 @@ class HealthMonitor:
         state = vm.state
         if state is None:
             return base  # the reconciler's entries are unchecked
-        message = state.message if state.health is Health.UNHEALTHY else base.message
+        message = state.message or base.message  # a failure, or why health is not known
         return replace(base, health=state.health, message=message)
 
     def _changed(self, vm_id: str, vm: _Vm) -> None:

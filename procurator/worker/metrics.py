@@ -267,6 +267,7 @@ class WorkerMetrics:
         # (procurator.worker.prepare): counts by label, replaced whole.
         self._health_checks: dict[tuple[str, str], int] = {}
         self._vms_by_health: dict[str, int] = {}
+        self._health_monitor_errors = 0
         self._prepared: dict[str, int] = {}
         self._published = _Published(WorkerSnapshot(), (), vms_by_phase(()))
         # The samples of each VM as the last publish built them, from the
@@ -337,6 +338,11 @@ class WorkerMetrics:
         key = (kind, "pass" if passed else "fail")
         with self._lock:
             self._health_checks[key] = self._health_checks.get(key, 0) + 1
+
+    def count_health_monitor_error(self) -> None:
+        """One guest health check broke (procurator.worker.health)."""
+        with self._lock:
+            self._health_monitor_errors += 1
 
     def set_vms_by_health(self, counts: Mapping[Health, int]) -> None:
         """The worker's VMs by guest health now."""
@@ -578,6 +584,7 @@ class WorkerMetrics:
             actions = self._actions_started
             health_checks = sorted(self._health_checks.items())
             by_health = sorted(self._vms_by_health.items())
+            monitor_errors = self._health_monitor_errors
             prepared = sorted(self._prepared.items())
 
         def metric(name: str) -> Metric:
@@ -619,6 +626,9 @@ class WorkerMetrics:
                 "procurator_health_checks_total", {"kind": kind, "result": result}, float(count)
             )
         yield checks
+        broke = metric("procurator_worker_health_monitor_errors_total")
+        broke.add_sample("procurator_worker_health_monitor_errors_total", {}, float(monitor_errors))
+        yield broke
         if prepared:
             images = metric("procurator_worker_prepared_images")
             for value, count in prepared:

@@ -334,6 +334,7 @@ class ReconcilingHandler:
             timeout=options.guest_check_timeout,
             on_check=self.metrics.count_health_check,
             on_counts=self.metrics.set_vms_by_health,
+            on_error=self.metrics.count_health_monitor_error,
             state_file=self.state_dir / "health.json",
         )
         # The pauses of a worker fenced before it holds an assignment

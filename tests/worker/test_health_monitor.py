@@ -10,6 +10,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
 import trio
 
 from procurator.core.assignments import AssignmentChanges
@@ -358,3 +359,69 @@ async def test_an_http_path_goes_into_the_request_line_quoted() -> None:
         assert await GuestProber().probe(check, LOOPBACK) is None
         assert requests[0].startswith(b"GET /caf%C3%A9%20x?a=1 HTTP/1.0\r\n")
         nursery.cancel_scope.cancel()
+
+
+class BreakingProber:
+    """Passes every check, except that a check of an address in ``broken``
+    raises what no prober should (a bug)."""
+
+    def __init__(self) -> None:
+        self.broken: set[str] = set()
+        self.calls: dict[str, int] = {}
+
+    async def probe(self, check: HealthCheck, address: str) -> str | None:
+        self.calls[address] = self.calls.get(address, 0) + 1
+        await trio.lowlevel.checkpoint()
+        if address in self.broken:
+            raise RuntimeError("a bug in a prober")
+        return None
+
+
+async def test_a_check_that_breaks_costs_its_vm_its_judgement_and_nothing_else(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # An exception escaping a check task once took the monitor's nursery,
+    # and the whole worker with it, down mid-rollout (3bc14d4). Whatever a
+    # check raises is now its VM's problem alone: logged with its id,
+    # counted, the VM not known to be healthy until a check works again.
+    published = Published()
+    prober = BreakingProber()
+    errors: list[None] = []
+    monitor = HealthMonitor(
+        "host-a", published, prober, interval=0.02, on_error=lambda: errors.append(None)
+    )
+    check = HealthCheck(HealthKind.TCP, 80, min_healthy_ms=0)
+    web, other = "10.0.0.2", "10.0.0.3"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(monitor.run)
+        monitor.take_assignment(
+            assigned(
+                VmAssignment("web", "h1", PATH, health=check),
+                VmAssignment("other", "h1", PATH, health=check),
+            )
+        )
+        monitor.overlay(running("web", address=web))
+        monitor.overlay(running("other", address=other))
+        await published.wait("web", Health.HEALTHY)
+        await published.wait("other", Health.HEALTHY)
+        prober.broken.add(web)
+        shown = await published.wait("web", Health.PENDING)
+        assert "the check broke" in shown.message and "a bug in a prober" in shown.message
+        assert monitor.counts()[Health.HEALTHY] == 1
+        # The monitor goes on: the other VM is still checked, the broken
+        # one again and again (each time counted), and stays not healthy.
+        checked = prober.calls[other]
+        with trio.fail_after(20):
+            while prober.calls[other] < checked + 3 or len(errors) < 3:
+                await trio.sleep(0.01)
+        assert monitor.errors == len(errors)
+        assert published.last("web").health is Health.PENDING
+        assert published.last("other").health is Health.HEALTHY
+        # Once its checks work again, the VM is judged as always.
+        prober.broken.clear()
+        healthy = await published.wait("web", Health.HEALTHY)
+        assert healthy.message == "running"
+        nursery.cancel_scope.cancel()
+    broke = [r for r in caplog.records if "health check broke" in r.getMessage()]
+    assert broke and all("VM web:" in r.getMessage() for r in broke)
+    assert broke[0].levelname == "ERROR" and broke[0].exc_info is not None
