@@ -36,6 +36,7 @@ import itertools
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -54,6 +55,9 @@ from procurator.worker.state import StateDir
 from procurator.worker.vmm import process
 from procurator.worker.vmm.base import VmmError, VmmHandle, VmmPaths, VmmRejected
 from procurator.worker.vmm.qemu import QemuDriver, _QmpSession, _Target, qemu_argv
+
+#: The move's secret both ends get (the mover's transfer token).
+TOKEN = secrets.token_bytes(16)
 
 NAME = "move"
 _READY = b"PROCURATOR-READY"
@@ -225,12 +229,19 @@ def _driver_move(
     nbd = (_HOST_B, free_port()) if disks else None
     target = _in_netns(
         b,
-        lambda: driver.launch_incoming(definition, paths, memory=memory, disks=nbd, timeout=60.0),
+        lambda: driver.launch_incoming(
+            definition, paths, memory=memory, disks=nbd, token=TOKEN, timeout=60.0
+        ),
     )
     stop.append(target)
 
     def move() -> None:
-        _in_netns(a, lambda: driver.send_migration(source, memory=memory, disks=nbd, timeout=300))
+        _in_netns(
+            a,
+            lambda: driver.send_migration(
+                source, memory=memory, disks=nbd, token=TOKEN, timeout=300
+            ),
+        )
         _in_netns(b, lambda: driver.finish_incoming(target, timeout=60.0))
 
     return _watched(a, source, move), target

@@ -11,6 +11,9 @@ from procurator.worker.state import StateDir
 from procurator.worker.vmm.base import VmmHandle, VmmPaths
 from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver
 
+#: A move's secret both ends get (the mover hands them its transfer token).
+TOKEN = bytes(range(0x40, 0x50))
+
 
 @dataclass
 class Host:

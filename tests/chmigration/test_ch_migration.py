@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from chmhelpers import Host
+from chmhelpers import TOKEN, Host
 from vmmhelpers import GUEST, ApiValidator, config, definition, make_jail
 
 from procurator.worker.vmm import process
@@ -52,6 +52,7 @@ def test_a_migration_moves_the_vm_to_the_target_jailed(
             tgt_paths,
             memory=address,
             disks=None,
+            token=TOKEN,
             timeout=20.0,
             jail=tgt_jail.prepare("vm1", vm, tgt_paths),
         )
@@ -60,6 +61,7 @@ def test_a_migration_moves_the_vm_to_the_target_jailed(
             handle,
             memory=address,
             disks=None,
+            token=TOKEN,
             timeout=20.0,
             progress=lambda done, total: progress.append((done, total)),
         )
@@ -122,10 +124,12 @@ def test_a_migration_failing_halfway_leaves_the_source_running(
     try:
         source.driver.pause(handle, timeout=5.0)
         incoming = target.driver.launch_incoming(
-            vm, tgt_paths, memory=address, disks=None, timeout=20.0
+            vm, tgt_paths, memory=address, disks=None, token=TOKEN, timeout=20.0
         )
         with pytest.raises(VmmError, match=r"vm\.send-migration with HTTP 500") as sent:
-            source.driver.send_migration(handle, memory=address, disks=None, timeout=20.0)
+            source.driver.send_migration(
+                handle, memory=address, disks=None, token=TOKEN, timeout=20.0
+            )
         assert any("halfway" in d or "refused" in d for d in sent.value.details), sent.value
         assert process.is_alive(handle.pid, handle.pid_start_ticks)
         assert source.driver.state(handle, timeout=5.0) is VmState.RUNNING
@@ -150,7 +154,7 @@ def test_a_target_whose_source_never_comes_is_stopped_cleanly(
     listener and threads go with it."""
     paths = target.paths()
     incoming = target.driver.launch_incoming(
-        definition(), paths, memory=address, disks=None, timeout=20.0
+        definition(), paths, memory=address, disks=None, token=TOKEN, timeout=20.0
     )
     target.driver.shutdown_vmm(incoming, timeout=5.0)
     assert process.wait_exit(incoming.pid, incoming.pid_start_ticks, 10.0)
@@ -162,7 +166,7 @@ def test_a_target_whose_source_never_comes_is_stopped_cleanly(
         assert not waiting.is_alive()
     # The port is free again.
     again = target.driver.launch_incoming(
-        definition(), paths, memory=address, disks=None, timeout=20.0
+        definition(), paths, memory=address, disks=None, token=TOKEN, timeout=20.0
     )
     target.driver.shutdown_vmm(again, timeout=5.0)
     assert process.wait_exit(again.pid, again.pid_start_ticks, 10.0)
@@ -181,9 +185,14 @@ def test_a_vm_received_on_other_host_resources_is_refused(
     try:
         source.driver.pause(handle, timeout=5.0)
         incoming = target.driver.launch_incoming(
-            definition(disks=elsewhere), tgt_paths, memory=address, disks=None, timeout=20.0
+            definition(disks=elsewhere),
+            tgt_paths,
+            memory=address,
+            disks=None,
+            token=TOKEN,
+            timeout=20.0,
         )
-        source.driver.send_migration(handle, memory=address, disks=None, timeout=20.0)
+        source.driver.send_migration(handle, memory=address, disks=None, token=TOKEN, timeout=20.0)
         with pytest.raises(VmmError, match="other host resources") as raised:
             target.driver.finish_incoming(incoming, timeout=20.0)
         assert str(GUEST / "disk.img") in str(raised.value)
@@ -207,9 +216,9 @@ def test_the_relay_waits_out_the_window_between_bind_and_listen(
     try:
         source.driver.pause(handle, timeout=5.0)
         incoming = target.driver.launch_incoming(
-            definition(), tgt_paths, memory=address, disks=None, timeout=20.0
+            definition(), tgt_paths, memory=address, disks=None, token=TOKEN, timeout=20.0
         )
-        source.driver.send_migration(handle, memory=address, disks=None, timeout=20.0)
+        source.driver.send_migration(handle, memory=address, disks=None, token=TOKEN, timeout=20.0)
         target.driver.finish_incoming(incoming, timeout=20.0)
         assert target.driver.state(incoming, timeout=5.0) is VmState.RUNNING
     finally:

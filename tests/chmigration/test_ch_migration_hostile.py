@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from chmhelpers import Host
+from chmhelpers import TOKEN, Host
 from vmmhelpers import OPENAPI, ApiValidator, config, definition
 
 from procurator.worker.vmm import process
@@ -154,7 +154,9 @@ def test_a_send_refused_or_garbled_is_a_clear_error(
 ) -> None:
     hostile.answers.update(answers)
     with pytest.raises(error, match=match) as raised:
-        source.driver.send_migration(hostile.handle(), memory=listening, disks=None, timeout=30.0)
+        source.driver.send_migration(
+            hostile.handle(), memory=listening, disks=None, token=TOKEN, timeout=30.0
+        )
     # The relay is gone with the call, though its VMM never connected.
     assert not [t for t in threading.enumerate() if t.name.startswith("migration to")]
     asked = [a for a in hostile.asked if a != "GET vm.info"]
@@ -182,7 +184,9 @@ def test_an_unreachable_target_fails_before_the_vmm_is_asked(
     hostile.answers["vm.info"] = _info("Paused")
     hostile.answers["vm.resume"] = (204, b"")
     with pytest.raises(VmmError, match=r"cannot reach the migration target at 127\.0\.0\.1:"):
-        source.driver.send_migration(hostile.handle(), memory=address, disks=None, timeout=5.0)
+        source.driver.send_migration(
+            hostile.handle(), memory=address, disks=None, token=TOKEN, timeout=5.0
+        )
     assert "PUT vm.send-migration" not in hostile.asked
     # The caller paused the VM to copy its disks: a failed move resumes it
     # (the port's promise), whatever step failed.
@@ -221,7 +225,9 @@ def test_a_refused_receive_leaves_no_vmm_and_frees_the_address(
         json.dumps({"reject": {"vm.receive-migration": 500}})
     )
     with pytest.raises(VmmError, match=r"vm\.receive-migration with HTTP 500"):
-        target.driver.launch_incoming(definition(), paths, memory=address, disks=None, timeout=20.0)
+        target.driver.launch_incoming(
+            definition(), paths, memory=address, disks=None, token=TOKEN, timeout=20.0
+        )
     assert process.find_launched(paths.vm_dir) == []
     with socket.create_server(address):
         pass  # the relay let go of it
@@ -231,7 +237,7 @@ def test_disk_mirroring_is_refused_before_anything_starts(target: Host, address:
     paths = target.paths()
     with pytest.raises(VmmRejected, match="cannot mirror disks"):
         target.driver.launch_incoming(
-            definition(), paths, memory=address, disks=address, timeout=20.0
+            definition(), paths, memory=address, disks=address, token=TOKEN, timeout=20.0
         )
     assert process.find_launched(paths.vm_dir) == []
     assert target.calls.endpoints() == []
@@ -242,7 +248,7 @@ def test_a_garbage_stream_fails_the_receive_and_keeps_no_vm(target: Host, addres
     migration failed, not a VM: the VMM refuses the stream."""
     paths = target.paths()
     incoming = target.driver.launch_incoming(
-        definition(), paths, memory=address, disks=None, timeout=20.0
+        definition(), paths, memory=address, disks=None, token=TOKEN, timeout=20.0
     )
     try:
         with socket.create_connection(address) as intruder:

@@ -47,6 +47,8 @@ ADDRESS = "10.79.0.2"  # the guest, wherever it runs
 TARGET = "10.79.0.3"  # namespace b's bridge: where the target listens
 MAC = "52:54:00:79:00:02"
 TAP = "tap0"
+#: The move's secret both ends get (the mover hands them its transfer token).
+TOKEN = bytes.fromhex("6d6f76652d746f6b656e2d666f722d74")
 DISK_BYTES = 16 * 1024 * 1024
 _T = TypeVar("_T")
 

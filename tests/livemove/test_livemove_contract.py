@@ -10,6 +10,8 @@ import pytest
 from procurator.worker.vmm.base import VmmHandle, VmmRejected
 from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver
 
+TOKEN = bytes(range(16))
+
 
 def test_cloud_hypervisor_moves_memory_only_and_refuses_disks_without_starting_anything(
     tmp_path: Path,
@@ -21,4 +23,6 @@ def test_cloud_hypervisor_moves_memory_only_and_refuses_disks_without_starting_a
     assert driver.capabilities.live_move
     handle = VmmHandle("cloud-hypervisor", 1, 1, str(tmp_path / "api.sock"))
     with pytest.raises(VmmRejected, match="cannot mirror disks"):
-        driver.send_migration(handle, memory=("127.0.0.1", 1), disks=("127.0.0.1", 2), timeout=1.0)
+        driver.send_migration(
+            handle, memory=("127.0.0.1", 1), disks=("127.0.0.1", 2), token=TOKEN, timeout=1.0
+        )

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from movelab import ADDRESS, DISK_BYTES, TARGET, Pinger, Side, two_hosts
+from movelab import ADDRESS, DISK_BYTES, TARGET, TOKEN, Pinger, Side, two_hosts
 from qemuhelpers import wait_for_ready
 
 from procurator.core.jail import JailPolicy
@@ -95,7 +95,7 @@ def _send(
     memory, disks = (TARGET, ports[0]), (TARGET, ports[1])
     a.call(
         lambda: a.driver.send_migration(
-            source, memory=memory, disks=disks, timeout=timeout, progress=progress
+            source, memory=memory, disks=disks, token=TOKEN, timeout=timeout, progress=progress
         )
     )
 
@@ -104,7 +104,9 @@ def _target(image: Path, side: Side, ports: tuple[int, int], *, nic: bool = True
     """A fresh target: an empty disk of the source's size, an incoming QEMU."""
     side.driver.clear_leftovers(side.paths(), unrecorded=False, grace=1.0)
     side.fresh_disk()
-    return side.launch(image, nic=nic, memory=(TARGET, ports[0]), disks=(TARGET, ports[1]))
+    return side.launch(
+        image, nic=nic, memory=(TARGET, ports[0]), disks=(TARGET, ports[1]), token=TOKEN
+    )
 
 
 def test_live_move_between_namespaces(test_image: Path, hosts: tuple[Side, Side]) -> None:

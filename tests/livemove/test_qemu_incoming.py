@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from movelab import TOKEN
 from qemuhelpers import Vms, image_definition, make_paths
 
 from procurator.worker.vmm.base import VmmError
@@ -33,6 +34,7 @@ def test_a_port_taken_is_refused_before_qemu_starts(test_image: Path, vms: Vms) 
                 paths,
                 memory=(LOCALHOST, port),
                 disks=None,
+                token=TOKEN,
                 timeout=30.0,
             )
     assert not paths.log_file.exists()  # QEMU never ran (the leak check: no process either)
@@ -50,6 +52,7 @@ def test_the_target_exports_its_writable_disks_only(test_image: Path, vms: Vms) 
         paths,
         memory=(LOCALHOST, 0),
         disks=(LOCALHOST, 0),
+        token=TOKEN,
         timeout=30.0,
     )
     try:

@@ -36,6 +36,11 @@ The port is launch-shaped, and every driver implements all of it:
   TCP addresses the caller chose; who opens the sockets (the VMM, or the
   driver handing it descriptors) is the driver's business, so a jailed VMM
   needs no network rights of its own where the driver can avoid it.
+  Every connection of a move's streams is authenticated by the worker
+  before the VMM sees a byte of it: the source presents the move's
+  ``token`` (a secret both ends got from the master) in a preamble
+  (``procurator.worker.stream_auth``), the target checks it and drops a
+  peer that does not (see ``launch_incoming``).
 
 The VM is a typed ``procurator.core.vmdef.VmDefinition`` (made safe by
 confinement, completed by the worker: disk copies, tap, MAC, serial file);
@@ -64,6 +69,8 @@ from procurator.core.supervision import VmState
 from procurator.core.vmdef import VmDefinition
 
 __all__ = [
+    "MAX_TOKEN_BYTES",
+    "MIN_TOKEN_BYTES",
     "Address",
     "Capabilities",
     "MigrationProgress",
@@ -77,6 +84,7 @@ __all__ = [
     "VmmPaths",
     "VmmRejected",
     "VmmTimeout",
+    "check_token",
 ]
 
 
@@ -136,6 +144,23 @@ class Capabilities:
 #: A TCP address of a live move's channel: (host, port). The target listens
 #: on it, the source connects to it.
 Address = tuple[str, int]
+
+#: A live move's token: at least this many bytes (random: the move's
+#: transfer token), at most ``MAX_TOKEN_BYTES`` (one length byte on the wire).
+MIN_TOKEN_BYTES = 16
+MAX_TOKEN_BYTES = 255
+
+
+def check_token(token: bytes) -> None:
+    """``VmmRejected`` unless ``token`` can authenticate a move's streams
+    (bytes, ``MIN_TOKEN_BYTES`` to ``MAX_TOKEN_BYTES`` long)."""
+    if not isinstance(token, bytes) or not MIN_TOKEN_BYTES <= len(token) <= MAX_TOKEN_BYTES:
+        length = len(token) if isinstance(token, bytes) else type(token).__name__
+        raise VmmRejected(
+            f"a live move's token must be {MIN_TOKEN_BYTES} to {MAX_TOKEN_BYTES} bytes "
+            f"(got {length})"
+        )
+
 
 #: ``send_migration``'s progress callback: (bytes done, bytes in all) of the
 #: whole transfer (disks and memory) as the VMM reports it; called from the
@@ -343,6 +368,7 @@ class VmmDriver(Protocol):
         *,
         memory: Address,
         disks: Address | None,
+        token: bytes,
         timeout: float,
         jail: VmmJail | None = None,
     ) -> VmmHandle:
@@ -356,7 +382,19 @@ class VmmDriver(Protocol):
         server); read-only disks are the image's and are not sent. Returns
         once both listen. The guest runs only after ``finish_incoming``;
         the caller stops the VMM (``shutdown_vmm``) to abandon the move.
-        Raises as ``launch``, and then leaves no process behind."""
+        Raises as ``launch``, and then leaves no process behind.
+
+        ``token``: the move's secret (``check_token``: 16 to 255 bytes,
+        random; the mover gives the source's ``send_migration`` the same).
+        Every connection on ``memory`` and ``disks`` must present it
+        (``stream_auth``'s preamble, read by the worker within
+        ``stream_auth.PREAMBLE_TIMEOUT`` of its accept) before any byte
+        reaches the VMM or comes from it. A peer that presents another
+        token, garbage or nothing in time is answered a refusal (when it
+        sent something), dropped and logged; it consumes nothing: the
+        listeners accept on until the source's connections came (one for
+        the memory, one per exported disk), then stop accepting. A bad
+        ``token`` is ``VmmRejected`` before anything starts."""
         ...
 
     def send_migration(
@@ -365,6 +403,7 @@ class VmmDriver(Protocol):
         *,
         memory: Address,
         disks: Address | None,
+        token: bytes,
         timeout: float,
         progress: MigrationProgress | None = None,
     ) -> None:
@@ -390,7 +429,15 @@ class VmmDriver(Protocol):
         calling thread. The call lasts as long as the copy; a driver may
         hold the VM's API for all of it (QEMU does: other calls for the VM
         wait, up to their own timeouts), so make it where the VM's other
-        calls are made, as its supervisor takes a snapshot."""
+        calls are made, as its supervisor takes a snapshot.
+
+        ``token``: the move's secret, the one the target's
+        ``launch_incoming`` got. Each connection to ``memory`` or
+        ``disks`` presents it first (``stream_auth``) and waits for the
+        target's acceptance before the VMM is given the connection; a
+        refusal is a ``VmmError`` naming the target's reason (the move is
+        undone as for any failure). A bad ``token`` is ``VmmRejected``
+        before anything is asked of the VMM."""
         ...
 
     def finish_incoming(self, handle: VmmHandle, *, timeout: float) -> None:

@@ -94,6 +94,7 @@ from procurator.worker.vmm.base import (
     VmmRejected,
     VmmTimeout,
     VmState,
+    check_token,
 )
 
 __all__ = [
@@ -322,6 +323,7 @@ class CloudHypervisorDriver:
         *,
         memory: Address,
         disks: Address | None,
+        token: bytes,
         timeout: float,
         jail: VmmJail | None = None,
     ) -> VmmHandle:
@@ -337,6 +339,7 @@ class CloudHypervisorDriver:
         nothing but ``finish_incoming`` or ``shutdown_vmm`` should be asked
         of it meanwhile (its API answers nothing else)."""
         _refuse_disks(disks)
+        check_token(token)
         receiving = paths.vmm_dir / _MIGRATION_SOCKET
         _check_socket_path(receiving)
         expected = definition.to_vm_config()
@@ -427,6 +430,7 @@ class CloudHypervisorDriver:
         *,
         memory: Address,
         disks: Address | None,
+        token: bytes,
         timeout: float,
         progress: MigrationProgress | None = None,
     ) -> None:
@@ -455,6 +459,7 @@ class CloudHypervisorDriver:
         VM, so the caller asks the target (``finish_incoming``) before
         starting the VM here again."""
         _refuse_disks(disks)
+        check_token(token)
         deadline = time.monotonic() + timeout
         sending = Path(handle.api_socket).parent / _MIGRATION_SOCKET
         _check_socket_path(sending)

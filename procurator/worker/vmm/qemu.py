@@ -101,6 +101,7 @@ from procurator.worker.vmm.base import (
     VmmRejected,
     VmmTimeout,
     VmState,
+    check_token,
 )
 
 __all__ = ["SANDBOX", "Accel", "QemuDriver", "qemu_argv", "unsupported"]
@@ -1018,6 +1019,7 @@ class QemuDriver:
         *,
         memory: Address,
         disks: Address | None,
+        token: bytes,
         timeout: float,
         jail: VmmJail | None = None,
     ) -> VmmHandle:
@@ -1030,6 +1032,7 @@ class QemuDriver:
         named by its device id, at most that many clients). QEMU never
         binds a port itself. Raises as ``launch`` (a port that cannot be
         listened on: ``VmmError`` before QEMU starts)."""
+        check_token(token)
         exports: tuple[str, ...] = ()
         if disks is not None:
             exports = tuple(
@@ -1055,6 +1058,7 @@ class QemuDriver:
         *,
         memory: Address,
         disks: Address | None,
+        token: bytes,
         timeout: float,
         progress: MigrationProgress | None = None,
     ) -> None:
@@ -1070,6 +1074,7 @@ class QemuDriver:
         for the whole move. On any failure the move is undone in a new
         session (``_undo_move``): migration cancelled, mirror jobs and
         nodes removed, the capability reset, ``cont``."""
+        check_token(token)
         deadline = time.monotonic() + timeout
         target = self._target(handle)
         with self._session(handle, deadline) as session:
