@@ -374,6 +374,10 @@ struct WorkerInfo {
   transferAddress @8 :Text;
   # HOST:PORT where this worker takes a move's disks ("": it takes no
   # moves). Added with moves.
+  liveMoves @9 :Bool;
+  # Its VMM driver can move a running VM (`procurator move --live`; both
+  # ends must say so and run the same `driver`). Added with live moves: an
+  # older worker leaves it false, and a live move to or from it is refused.
 }
 
 struct Capacity {

@@ -52,6 +52,8 @@ from procurator.worker.daemon import HandlerFactory, RecordingHandler, StatusPub
 from procurator.worker.link import FailoverDialer, LinkSettings, MasterDialer, MasterLink
 from procurator.worker.runtime import ReconcilingHandler, RuntimeOptions, resolve_driver
 from procurator.worker.snapshots import SnapshotNode, SnapshotService
+from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver
+from procurator.worker.vmm.qemu import QemuDriver
 
 __all__ = ["DEFAULT_STATE_DIR", "WORKER_METRICS_PORT", "WorkerConfig", "run_worker", "worker_main"]
 
@@ -174,6 +176,7 @@ async def run_worker(
         cpu_overcommit=config.cpu_overcommit,
         memory_overcommit=config.memory_overcommit,
         transfer_address=_advertised(listener) if listener is not None else "",
+        live_moves=runtime is not None and _LIVE_MOVES.get(runtime.driver, False),
     )
     addresses = master_addresses(config.master)
     # The master's snapshot calls, served by the runtime's VMs once it has
@@ -218,6 +221,15 @@ def _transfer_listener(listen: str) -> socket.socket | None:
         )
     except OSError as exc:
         raise PermanentError(f"--transfer-listen {listen}: cannot listen: {exc}") from exc
+
+
+_LIVE_MOVES = {
+    "cloud-hypervisor": CloudHypervisorDriver.capabilities.live_move,
+    "qemu": QemuDriver.capabilities.live_move,
+}
+"""Whether each driver moves a running VM (``Capabilities.live_move``): the
+master is told at registration (``WorkerInfo.live_moves``), before the
+driver is made."""
 
 
 def _advertised(listener: socket.socket) -> str:

@@ -50,8 +50,9 @@ a master restart or failover continues it. The target must run with
 --transfer-listen.
 
 Not carried: the VM's snapshots (they stay, and go with the VM's
-directory on its old worker). --live is refused (live moves are not built
-in the mover yet).
+directory on its old worker). --live is refused: the workers do not drive
+live moves yet; the refusal says first whether each end's worker could
+(its VMM driver moves running VMs, the same driver on both ends).
 
 A pinned VM ([workers.W] in the fleet file) is pinned to WORKER by the
 move; the next apply of a fleet file that still pins it elsewhere moves

@@ -359,6 +359,9 @@ class WorkerInfo:
     memory_overcommit: float = 1.0
     # HOST:PORT where it takes a move's disks ("": it takes no moves).
     transfer_address: str = ""
+    # Its VMM driver can move a running VM (``Capabilities.live_move``);
+    # False from a worker older than live moves.
+    live_moves: bool = False
 
 
 class WorkerState(enum.Enum):

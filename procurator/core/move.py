@@ -205,6 +205,7 @@ def check_move(
     target_shortfall: str | None,
     constraints: Sequence[tuple[str, str]] = (),
     target_labels: Sequence[tuple[str, str]] = (),
+    vmms: Mapping[str, tuple[str, bool]] | None = None,
 ) -> tuple[str, VmAssignment] | str:
     """The move's source and the VM as its source's assignment has it, or
     why ``vm_id`` cannot move to ``target`` (one line for the operator).
@@ -214,12 +215,9 @@ def check_move(
     transfer address); ``target_shortfall``: why the VM does not fit on
     the target (None: it fits); ``constraints``: an unpinned VM's, which
     the target's ``target_labels`` must match (else the next apply would
-    move it back)."""
-    if kind is MoveKind.LIVE:
-        return (
-            "live moves are not built in the mover yet (the VMM drivers can migrate a "
-            "running VM, but the workers do not drive it): move it cold, without --live"
-        )
+    move it back); ``vmms``: each registered worker's VMM driver and whether
+    it moves running VMs (``WorkerInfo.driver``, ``live_moves``), which a
+    live move needs on both ends, the same driver on both."""
     found = [(w, vm) for w, a in sorted(assignments.items()) for vm in a.vms if vm.id == vm_id]
     if not found:
         return f"VM {vm_id} is not in the fleet"
@@ -251,7 +249,34 @@ def check_move(
             f"worker {target} does not match VM {vm_id}'s constraints ({', '.join(unmet)}): "
             "the next apply would move it back"
         )
+    if kind is MoveKind.LIVE:
+        return _live_refusal(vm_id, source, target, vmms or {})
     return source, vm
+
+
+def _live_refusal(
+    vm_id: str, source: str, target: str, vmms: Mapping[str, tuple[str, bool]]
+) -> str:
+    """Why ``vm_id`` cannot move live from ``source`` to ``target``."""
+    cold = "move it cold, without --live"
+    for worker, role in ((source, "source"), (target, "target")):
+        driver, live = vmms.get(worker, ("", False))
+        if not live:
+            what = f"its VMM driver {driver}" if driver else "it"
+            return (
+                f"the {role} worker {worker} cannot move a running VM: {what} does not "
+                f"say it can (a worker older than live moves, or not connected): {cold}"
+            )
+    drivers = vmms[source][0], vmms[target][0]
+    if drivers[0] != drivers[1]:
+        return (
+            f"VM {vm_id} cannot move live from {source} ({drivers[0]}) to {target} "
+            f"({drivers[1]}): both ends must run the same VMM driver; {cold}"
+        )
+    return (
+        "live moves are not driven by the workers yet (both VMM drivers can migrate a "
+        f"running VM; the workers' part, an incoming VM on the target, is not built): {cold}"
+    )
 
 
 def shortfall(vm: VmAssignment, facts: WorkerFacts, assigned: Sequence[VmAssignment]) -> str | None:

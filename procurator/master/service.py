@@ -2390,6 +2390,11 @@ class MasterService:
                             else ()
                         ),
                         target_labels=facts[target].labels if target in facts else (),
+                        vmms={
+                            w.worker_id: (w.info.driver, w.info.live_moves)
+                            for w in self._workers.values()
+                            if w.info is not None
+                        },
                     )
                     if isinstance(answer, str):
                         if source_vm is None:

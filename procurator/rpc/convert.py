@@ -931,6 +931,7 @@ def _worker_info(reader: Any, where: str, problems: _Problems) -> WorkerInfo:
         cpu_overcommit=overcommit["cpu"],
         memory_overcommit=overcommit["memory"],
         transfer_address=_transfer_address(reader.transferAddress, where, problems),
+        live_moves=bool(reader.liveMoves),
     )
 
 
@@ -956,6 +957,7 @@ def fill_worker_info(builder: Any, info: WorkerInfo) -> None:
     builder.cpuOvercommit = info.cpu_overcommit
     builder.memoryOvercommit = info.memory_overcommit
     builder.transferAddress = info.transfer_address
+    builder.liveMoves = info.live_moves
 
 
 # ---------------------------------------------------------------- events, metrics

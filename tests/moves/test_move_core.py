@@ -273,7 +273,10 @@ def test_refusals_name_the_reason() -> None:
     assert (
         refusal(target_shortfall="needs 1 vCPU") == "VM a does not fit on worker w2: needs 1 vCPU"
     )
-    assert "live moves are not built in the mover yet" in str(refusal(kind=MoveKind.LIVE))
+    # A live move is refused for what a cold one is first.
+    assert refusal(kind=MoveKind.LIVE, target_state=None) == (
+        "worker w2 is unknown: it never registered and has no VMs assigned"
+    )
     assert refusal(constraints=(("zone", "b"),), target_labels=(("zone", "a"),)) == (
         "worker w2 does not match VM a's constraints (zone=b): the next apply would move it back"
     )
@@ -281,6 +284,26 @@ def test_refusals_name_the_reason() -> None:
     assert "worker w2 takes no moves: it runs without --transfer-listen" in str(
         refusal(target_transfers=False)
     )
+
+
+def test_a_live_move_needs_the_same_live_capable_driver_on_both_ends() -> None:
+    def live(vmms: dict[str, tuple[str, bool]]) -> str:
+        answer = refusal(kind=MoveKind.LIVE, vmms=vmms)
+        assert isinstance(answer, str) and answer.endswith("move it cold, without --live")
+        return answer
+
+    qemu = ("qemu", True)
+    assert live({"w2": qemu}).startswith(
+        "the source worker w1 cannot move a running VM: it does not say it can"
+    )
+    assert live({"w1": qemu, "w2": ("qemu", False)}).startswith(
+        "the target worker w2 cannot move a running VM: its VMM driver qemu does not say it can"
+    )
+    assert live({"w1": qemu, "w2": ("cloud-hypervisor", True)}).startswith(
+        "VM a cannot move live from w1 (qemu) to w2 (cloud-hypervisor): both ends must run "
+        "the same VMM driver"
+    )
+    assert "live moves are not driven by the workers yet" in live({"w1": qemu, "w2": qemu})
 
 
 def test_a_transfers_progress_is_the_sources_bytes() -> None:

@@ -80,7 +80,7 @@ def test_transfers_and_the_address_travel_in_statuses_and_registrations() -> Non
         changes,
     )
     assert apply_status_changes(WorkerStatus("host-a", 4), back) == status
-    info = WorkerInfo("host-a", transfer_address="[fd00::2]:7400")
+    info = WorkerInfo("host-a", driver="qemu", transfer_address="[fd00::2]:7400", live_moves=True)
     assert (
         roundtrip(S.WorkerInfo, convert.fill_worker_info, convert.worker_info_from_reader, info)
         == info
@@ -123,7 +123,7 @@ def test_malformed_transfers_are_refused_naming_the_field() -> None:
 
 
 async def test_the_store_keeps_transfers_with_the_status_and_the_address(store: Store) -> None:
-    info = WorkerInfo("host-a", transfer_address="127.0.0.1:7400")
+    info = WorkerInfo("host-a", driver="qemu", transfer_address="127.0.0.1:7400", live_moves=True)
     registered = await store.register("host-a", "m1", info, unix_ms=1, lease_ms=60_000)
     assert registered.registration is not None
     session = registered.registration.session
@@ -133,7 +133,7 @@ async def test_the_store_keeps_transfers_with_the_status_and_the_address(store: 
     worker = await store.worker("host-a")
     assert worker.status is not None and worker.status.transfers == (SENDING, FAILED)
     assert worker.registration is not None
-    assert worker.registration.info.transfer_address == "127.0.0.1:7400"
+    assert worker.registration.info == info
     await store.write_status(StatusWrite("host-a", "m1", session, 4, 3))
     worker = await store.worker("host-a")
     assert worker.status is not None and worker.status.transfers == ()

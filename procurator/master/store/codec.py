@@ -129,6 +129,7 @@ def encode_info(info: WorkerInfo) -> str:
             "cpu_overcommit": info.cpu_overcommit,
             "memory_overcommit": info.memory_overcommit,
             "transfer_address": info.transfer_address,
+            "live_moves": info.live_moves,
         }
     )
 
@@ -146,6 +147,7 @@ def decode_info(worker_id: str, text: str) -> WorkerInfo:
         cpu_overcommit=data.get("cpu_overcommit", 1.0),
         memory_overcommit=data.get("memory_overcommit", 1.0),
         transfer_address=data.get("transfer_address", ""),
+        live_moves=bool(data.get("live_moves", False)),
     )
 
 
