@@ -450,7 +450,14 @@ def _health_from_data(value: Any, where: str, problems: _Problems, near: str) ->
         return keep
     shape = '"none", { tcp = 22 } or { http = "/healthz", port = 8080, expect = 200 }'
     if not isinstance(value, dict) or ("tcp" in value) == ("http" in value):
-        problems.add(where, f"must be {shape}, not {value!r}", near=near)
+        # A kind this release does not know is refused, never read as
+        # "none": that would take the rollout's health gate away unseen.
+        named = [value] if isinstance(value, str) else []
+        if isinstance(value, dict) and "tcp" not in value and "http" not in value:
+            named = [k for k in value if k not in ("port", "expect", "interval")]
+        unknown = [k for k in named if k not in {kind.value for kind in HealthKind}]
+        why = f" (unknown health check kind {unknown[0]!r})" if len(unknown) == 1 else ""
+        problems.add(where, f"must be {shape}, not {value!r}{why}", near=near)
         return keep
     allowed = {"tcp", "interval"} if "tcp" in value else {"http", "port", "expect", "interval"}
     for key in value:

@@ -233,8 +233,10 @@ _REASON = [
     PlacementReason.NO_LONGER_FITS,
 ]  # in REASON_NAMES' order
 _PHASE = _enum_table(Phase, PHASE_NAMES)
-# An unknown check (a newer master's) reads as ``none``: the VM running is
-# its check, as the schema's evolution rules read an unknown enumerant.
+# An unknown check in a worker's assignment (a newer master's) reads as
+# ``none``: the VM running is its check, as the schema's evolution rules
+# read an unknown enumerant. In a fleet sent to the master it is refused
+# (``_health_check(strict=True)``): there it would drop a rollout's gate.
 _HEALTH_KIND = _enum_table(HealthKind, HEALTH_KIND_NAMES)
 _HEALTH = _enum_table(Health, HEALTH_NAMES)
 _PREPARE_STATE = _enum_table(PrepareState, PREPARE_STATE_NAMES)
@@ -361,10 +363,22 @@ def _vms_from_reader(
     return tuple(vms)
 
 
-def _health_check(reader: Any, where: str, problems: _Problems) -> HealthCheck:
+def _health_check(
+    reader: Any, where: str, problems: _Problems, *, strict: bool = False
+) -> HealthCheck:
     """A VM's health check, checked: tcp and http need a port; http a path
     that starts with "/" (no spaces or control characters: it goes into a
-    request line, quoted) and an HTTP status (0 reads as 200, the default)."""
+    request line, quoted) and an HTTP status (0 reads as 200, the default).
+    ``strict``: a kind this release does not know is refused (a fleet's
+    rollout settings), else it reads as ``none`` (a worker's assignment)."""
+    raw_kind: int = reader.kind.raw
+    if strict and not 0 <= raw_kind < len(_HEALTH_KIND):
+        problems.add(
+            f"{where}.kind",
+            f"unknown health check kind (enumerant {raw_kind}; this master knows "
+            f"{', '.join(HEALTH_KIND_NAMES)}): refused rather than read as none, "
+            "which would take the rollout's health gate away",
+        )
     kind = _enum(_HEALTH_KIND, reader.kind)
     port: int = reader.port
     path: str = reader.path
@@ -655,7 +669,7 @@ def _named_rollouts(
     named: dict[str, RolloutPolicy] = {}
     for index, item in enumerate(items):
         name = problems.text(f"{where}[{index}].name", item.name, limit=64)
-        policy = _rollout_settings(item.settings, f"{where}[{index}]", problems)
+        policy = _rollout_settings(item.settings, f"{where}[{index}] ({name})", problems)
         if name in named:
             problems.add(f"{where}[{index}].name", f"{name!r} is named twice")
         named[name] = policy
@@ -665,7 +679,7 @@ def _named_rollouts(
 def _rollout_settings(reader: Any, where: str, problems: _Problems) -> RolloutPolicy:
     """Rollout settings as sent; their bounds are ``validate_fleet``'s."""
     health = (
-        _health_check(reader.health, f"{where}.health", problems)
+        _health_check(reader.health, f"{where}.health", problems, strict=True)
         if reader._has("health")
         else HealthCheck()
     )
