@@ -82,8 +82,10 @@ from procurator.core.models import (
 )
 from procurator.core.validation import (
     LIMITS,
+    MAX_HTTP_PATH_LENGTH,
     check_group_name,
     check_hash,
+    check_http_path,
     check_label_key,
     check_label_value,
     check_store_path,
@@ -281,7 +283,6 @@ _DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)\s*$")
 _MAX_PARALLEL = 10_000
 _MAX_MIN_HEALTHY_MS = 3_600_000
 _MAX_DEADLINE_MS = 86_400_000
-_MAX_HEALTH_PATH = 1024
 
 
 def _duration_ms(value: Any) -> int | None:
@@ -486,17 +487,11 @@ def _health_from_data(value: Any, where: str, problems: _Problems, near: str) ->
     if "tcp" in value:
         return HealthCheck(HealthKind.TCP, port, interval_ms=interval)
     path = value["http"]
-    if (
-        not isinstance(path, str)
-        or not path.startswith("/")
-        or len(path) > _MAX_HEALTH_PATH
-        or not path.isprintable()
-        or " " in path
-    ):
+    if not isinstance(path, str) or check_http_path(path) is not None:
         problems.add(
             f"{where}.http",
-            f"must be a URL path starting with '/' (at most {_MAX_HEALTH_PATH} characters, "
-            f"no spaces), not {path!r}",
+            f"must be a URL path starting with '/' (at most {MAX_HTTP_PATH_LENGTH} characters, "
+            f"no spaces or control characters), not {path!r}",
             near=near,
         )
         path = "/"
@@ -755,10 +750,8 @@ def _check_rollouts(fleet: Fleet, problems: _Problems) -> None:
             problems.add(where, "min_healthy_time must be shorter than healthy_deadline")
         if health.kind is not HealthKind.NONE and not 1 <= health.port <= 65535:
             problems.add(where, f"health check port {health.port} is out of range")
-        if health.kind is HealthKind.HTTP and not (
-            health.path.startswith("/") and len(health.path) <= _MAX_HEALTH_PATH
-        ):
-            problems.add(where, f"health check path {health.path!r} is not a URL path")
+        if health.kind is HealthKind.HTTP and (problem := check_http_path(health.path)):
+            problems.add(where, f"health check path: {problem}")
 
 
 def validate_fleet(fleet: Fleet) -> None:

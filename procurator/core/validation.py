@@ -13,10 +13,12 @@ import re
 
 __all__ = [
     "LIMITS",
+    "MAX_HTTP_PATH_LENGTH",
     "MAX_REQUEST_ID_LENGTH",
     "Limits",
     "check_group_name",
     "check_hash",
+    "check_http_path",
     "check_label_key",
     "check_label_value",
     "check_overcommit",
@@ -43,6 +45,8 @@ SNAPSHOT_NAME_RE = VM_ID_RE
 # Control.apply's request ids (schema/procurator.capnp).
 MAX_REQUEST_ID_LENGTH = 64
 REQUEST_ID_RE = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_REQUEST_ID_LENGTH}}}")
+# A health check's HTTP path (HealthCheck.path): it goes into a request line.
+MAX_HTTP_PATH_LENGTH = 1024
 # Nix's base-32 alphabet has no e, o, u, t. Names: nix's own rule
 # (store-api.cc checkName), at most 211 characters, not starting with '.'.
 NIX_BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"
@@ -123,6 +127,23 @@ def check_request_id(request_id: str) -> str | None:
         f"{request_id[:80]!r} is not 1 to {MAX_REQUEST_ID_LENGTH} characters of "
         "A-Z, a-z, 0-9, '.', '_', '-'"
     )
+
+
+def check_http_path(path: str) -> str | None:
+    """Why ``path`` is not a health check's HTTP path (None: it is): it
+    starts with '/', is at most ``MAX_HTTP_PATH_LENGTH`` characters and has
+    no whitespace or control characters (it goes into the request line;
+    the prober percent-encodes non-ASCII). The fleet file, the wire and
+    ``validate_fleet`` check it with this one rule, so what a master
+    accepts its workers take."""
+    if len(path) > MAX_HTTP_PATH_LENGTH:
+        return f"is longer than {MAX_HTTP_PATH_LENGTH} characters"
+    if not path.startswith("/") or any(c.isspace() or not c.isprintable() for c in path):
+        return (
+            f"{path[:64]!r} is not an HTTP path: it starts with '/' and has no spaces "
+            "or control characters"
+        )
+    return None
 
 
 def check_store_path(value: object) -> str | None:

@@ -86,8 +86,10 @@ from procurator.core.snapshot import SnapshotAction, SnapshotInfo, SnapshotReque
 from procurator.core.status import StatusChanges
 from procurator.core.validation import (
     LIMITS,
+    MAX_HTTP_PATH_LENGTH,
     check_group_name,
     check_hash,
+    check_http_path,
     check_label_key,
     check_label_value,
     check_overcommit,
@@ -240,7 +242,6 @@ _PHASE = _enum_table(Phase, PHASE_NAMES)
 _HEALTH_KIND = _enum_table(HealthKind, HEALTH_KIND_NAMES)
 _HEALTH = _enum_table(Health, HEALTH_NAMES)
 _PREPARE_STATE = _enum_table(PrepareState, PREPARE_STATE_NAMES)
-_MAX_HEALTH_PATH = 1024
 _EVENT_KIND = _enum_table(EventKind, EVENT_KIND_NAMES)
 
 
@@ -386,24 +387,18 @@ def _health_check(
     if kind is not HealthKind.NONE and port == 0:
         problems.add(f"{where}.port", f"a {kind.value} check needs a port (1-65535)")
     if kind is HealthKind.HTTP:
-        if len(path) > _MAX_HEALTH_PATH:
-            problems.exceeded(f"{where}.path", f"longer than {_MAX_HEALTH_PATH} characters")
-        elif not path.startswith("/") or any(c.isspace() or not c.isprintable() for c in path):
-            # The fleet file's rule (procurator.core.fleet): what a master
-            # accepts, a worker takes. Non-ASCII is quoted by the prober.
-            problems.add(
-                f"{where}.path",
-                f"{path[:64]!r} is not an HTTP path: it starts with '/' and has no spaces "
-                "or control characters",
-            )
+        if len(path) > MAX_HTTP_PATH_LENGTH:
+            problems.exceeded(f"{where}.path", f"longer than {MAX_HTTP_PATH_LENGTH} characters")
+        elif (problem := check_http_path(path)) is not None:
+            problems.add(f"{where}.path", problem)
         if not 100 <= expect <= 599:
             problems.add(f"{where}.expect", f"{expect} is not an HTTP status (100-599)")
     elif path:
-        problems.text(f"{where}.path", path, limit=_MAX_HEALTH_PATH)
+        problems.text(f"{where}.path", path, limit=MAX_HTTP_PATH_LENGTH)
     return HealthCheck(
         kind=kind,
         port=port,
-        path=path[:_MAX_HEALTH_PATH],
+        path=path[:MAX_HTTP_PATH_LENGTH],
         expect=expect,
         min_healthy_ms=reader.minHealthyMs,
         interval_ms=reader.intervalMs,
