@@ -15,6 +15,7 @@ __all__ = [
     "LIMITS",
     "MAX_HTTP_PATH_LENGTH",
     "MAX_REQUEST_ID_LENGTH",
+    "MAX_ROLLOUT_ID_LENGTH",
     "Limits",
     "check_group_name",
     "check_hash",
@@ -23,6 +24,7 @@ __all__ = [
     "check_label_value",
     "check_overcommit",
     "check_request_id",
+    "check_rollout_id",
     "check_snapshot_name",
     "check_store_path",
     "check_vm_id",
@@ -45,6 +47,8 @@ SNAPSHOT_NAME_RE = VM_ID_RE
 # Control.apply's request ids (schema/procurator.capnp).
 MAX_REQUEST_ID_LENGTH = 64
 REQUEST_ID_RE = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_REQUEST_ID_LENGTH}}}")
+# Rollout ids as a client names them (Control.rollout's rolloutId).
+MAX_ROLLOUT_ID_LENGTH = 64
 # A health check's HTTP path (HealthCheck.path): it goes into a request line.
 MAX_HTTP_PATH_LENGTH = 1024
 # Nix's base-32 alphabet has no e, o, u, t. Names: nix's own rule
@@ -126,6 +130,22 @@ def check_request_id(request_id: str) -> str | None:
     return (
         f"{request_id[:80]!r} is not 1 to {MAX_REQUEST_ID_LENGTH} characters of "
         "A-Z, a-z, 0-9, '.', '_', '-'"
+    )
+
+
+def check_rollout_id(rollout_id: str) -> str | None:
+    """Why ``rollout_id`` is not a rollout id a client may ask for (None:
+    it is; "" names the rollout under way, else the newest). A master names
+    its rollouts "ro-" and the apply's op id
+    (``procurator.master.rollout.rollout_id_of``); the rule is looser, at
+    most 64 printable characters, so that an id any master gave is asked
+    for and answered "not found" if unknown, never refused by its shape.
+    The client and the master's RPC layer check it."""
+    if len(rollout_id) <= MAX_ROLLOUT_ID_LENGTH and rollout_id.isprintable():
+        return None
+    return (
+        f"{rollout_id[:80]!r} is not a rollout id: at most {MAX_ROLLOUT_ID_LENGTH} "
+        "printable characters"
     )
 
 

@@ -59,7 +59,12 @@ from procurator.core.move import DEFAULT_MOVE_TIMEOUT_S, MAX_MOVE_TIMEOUT_S, Mov
 from procurator.core.rollout import RolloutAction, RolloutView
 from procurator.core.snapshot import SnapshotCalls, SnapshotInfo, SnapshotRequest
 from procurator.core.status import StatusChanges
-from procurator.core.validation import check_request_id, check_vm_id, check_worker_id
+from procurator.core.validation import (
+    check_request_id,
+    check_rollout_id,
+    check_vm_id,
+    check_worker_id,
+)
 from procurator.rpc.address import Address, parse_address
 from procurator.rpc.answer import answer, error_arm, error_result
 from procurator.rpc.bridge import Bridge, CapnpHandle, ClientConnection, connect
@@ -274,8 +279,8 @@ class ControlClient:
     ) -> RolloutView:
         """Show or act on a rollout ("": the one under way, else the
         newest; docs/ROLLOUTS.md)."""
-        if len(rollout_id) > 64 or not rollout_id.isprintable():
-            raise ValidationError("rollout id: at most 64 printable characters")
+        if (problem := check_rollout_id(rollout_id)) is not None:
+            raise ValidationError(f"rollout id: {problem}")
         return await self._bridge.run(
             _rollout, self._handle, rollout_id, action, what=f"rollout {action.value}"
         )

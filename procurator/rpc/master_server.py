@@ -110,7 +110,7 @@ from procurator.core.move import DEFAULT_MOVE_TIMEOUT_S, MAX_MOVE_TIMEOUT_S, Mov
 from procurator.core.rollout import RolloutAction, RolloutView
 from procurator.core.snapshot import SnapshotInfo, SnapshotRequest
 from procurator.core.status import StatusChanges
-from procurator.core.validation import check_vm_id, check_worker_id
+from procurator.core.validation import check_rollout_id, check_vm_id, check_worker_id
 from procurator.logs import log_context, new_op_id
 from procurator.rpc.address import Address
 from procurator.rpc.answer import ErrorBuilder, answer, error_arm, error_result
@@ -1232,8 +1232,8 @@ def _decode_move_request(params: Any) -> tuple[str, str, MoveKind, int]:
 
 def _decode_rollout_request(params: Any) -> tuple[str, RolloutAction]:
     rollout_id: str = params.rolloutId
-    if len(rollout_id) > 64 or not rollout_id.isprintable():
-        raise ValidationError("rolloutId: not a rollout id")
+    if (problem := check_rollout_id(rollout_id)) is not None:
+        raise ValidationError(f"rolloutId: {problem}")
     try:
         action = RolloutAction(params.action)
     except ValueError:

@@ -1,6 +1,7 @@
 """Rules written once in procurator.core.validation and used by every
 boundary that checks the same thing: a health check's HTTP path (the fleet
-file, the wire, ``validate_fleet``). Each place had its own copy; ``validate_fleet``'s
+file, the wire, ``validate_fleet``) and a rollout id (the client and the
+master's RPC layer). Each place had its own copy; ``validate_fleet``'s
 path rule was looser than the others and let a path with spaces or a CRLF
 through (a fleet built in process, or assembled from a patch) that every
 worker would then refuse in its assignment."""
@@ -14,7 +15,7 @@ import pytest
 from procurator.core.errors import ProcuratorError, ValidationError
 from procurator.core.fleet import parse_fleet, validate_fleet
 from procurator.core.models import Fleet, HealthCheck, HealthKind, RolloutPolicy, VmAssignment
-from procurator.core.validation import check_http_path
+from procurator.core.validation import check_http_path, check_rollout_id
 from procurator.rpc import convert
 from procurator.rpc.schema import load_schema
 
@@ -94,3 +95,14 @@ def test_validate_fleet_refuses_a_path_with_a_space_naming_the_vm() -> None:
         validate_fleet(fleet)
     (problem,) = info.value.details
     assert problem.startswith("rollout of VM web: health check path: '/a b' is not an HTTP path")
+
+
+@pytest.mark.parametrize(
+    ("rollout_id", "ok"),
+    [("", True), ("ro-3f9a0c12b7de", True), ("x" * 64, True), ("x" * 65, False), ("ro-\n", False)],
+)
+def test_a_rollout_id_is_checked_by_one_rule(rollout_id: str, ok: bool) -> None:
+    problem = check_rollout_id(rollout_id)
+    assert (problem is None) is ok
+    if problem is not None:
+        assert "is not a rollout id: at most 64 printable characters" in problem
