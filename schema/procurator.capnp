@@ -704,8 +704,9 @@ struct Move {
   kind @3 :Text;
   # "cold" or "live".
   phase @4 :Text;
-  # "pending", "preparing", "stopping", "switching", "done" or "failed";
-  # a reader that does not know a phase shows it as it is.
+  # "pending", "preparing", "stopping", "transferring", "migrating" (a
+  # live move's), "switching", "done" or "failed"; a reader that does not
+  # know a phase shows it as it is.
   opId @5 :Text;
   startedUnixMs @6 :Int64;
   updatedUnixMs @7 :Int64;

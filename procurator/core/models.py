@@ -156,8 +156,9 @@ class TransferState(enum.Enum):
     PENDING = "pending"  # the source: its VM not stopped yet
     SENDING = "sending"
     SENT = "sent"  # the target acknowledged the whole set
-    RECEIVED = "received"  # the target: the whole set is stored
+    RECEIVED = "received"  # the target: the whole set is stored (live: its VMM holds the state)
     FAILED = "failed"  # the message says why (the source retries)
+    READY = "ready"  # a live move's target: its incoming VMM listens (``memory``, ``disks``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,11 +174,24 @@ class DiskTransfer:
     receive: bool
     token: str
     peer: str = ""
+    # A live move's (docs/SNAPSHOTS.md, "Live moves"): the target launches
+    # ``incoming`` (the VM as its source's assignment has it, until the
+    # switch) as an incoming VMM and reports where it listens; the source
+    # migrates the running VM to ``peer`` (memory and state) and ``disks``
+    # ("": none to mirror) with ``token``.
+    live: bool = False
+    disks: str = ""
+    incoming: VmAssignment | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class TransferProgress:
-    """A worker's progress on one ``DiskTransfer`` of its assignment."""
+    """A worker's progress on one ``DiskTransfer`` of its assignment. A
+    live move's target, ``ready``, says where its incoming VMM listens:
+    ``memory`` and ``disks`` (HOST:PORT; "": no disks to mirror); a live
+    move's source is ``sending`` (bytes of the migration), ``sent`` once
+    ``send_migration`` returned (its guest stopped for good, the target
+    holding the whole state) or ``failed`` (its guest runs on)."""
 
     vm_id: str
     op_id: str
@@ -185,6 +199,8 @@ class TransferProgress:
     done: int = 0
     total: int = 0
     message: str = ""
+    memory: str = ""
+    disks: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,11 +45,46 @@ Invariants (what ``step`` keeps):
   move prepares), or its power is not what the move set (an apply during
   the stop or the transfer puts the fleet file's back), the move fails and
   changes nothing more.
-- After the switch the move is past the point of no return: a target that
+- After the switch (a live move: after the source's ``sent``) the move
+  is past the point of no return: a target that
   does not report the VM running by the deadline fails the move, and the
   VM stays the target's (its supervisor and healing go on as for any VM).
 
-What is not carried yet: the VM's snapshots; live moves.
+Live moves (``MoveKind.LIVE``; the workers' part is not built yet, so
+``check_move`` refuses them after checking both ends' VMM drivers):
+
+- ``preparing``: a generation gives the target the VM's image to prepare
+  and a live transfer naming the VM as the source's assignment has it,
+  with the move's token (made here: the incoming VMM checks it on every
+  stream); the target starts an *incoming* VMM for it (never booted on its
+  own, not counted as running, killed by a restart of the target, which
+  then reports its side failed). Done once the target reports the
+  transfer ``ready`` with where it listens (``TransferProgress.memory``,
+  ``disks``).
+- ``migrating``: a generation gives the source the transfer with those
+  addresses; it runs ``send_migration`` on the running guest, reporting
+  its bytes (``N%``), then ``sent`` once the call returned (its guest is
+  stopped for good, the target holds the whole state), or ``failed`` (its
+  guest runs on: the driver undid the migration).
+- ``switching``, ``done``: as a cold move's; the VM keeps the power it
+  has in the stored assignment (a live move never changes it). The target
+  lets its incoming VMM run (``finish_incoming``) for the op of the
+  transfer it is still sent; a target that has none any more (it
+  restarted after the switch) boots the VM cold from its disk copies.
+
+The point of no return is the source's ``sent`` (or the target's
+``received``: cloud-hypervisor's target resumes the VM itself when the
+stream completes, before the source's call returns). From it the only step
+is the switch, whatever else is true by then (the deadline, a worker lost)
+and whichever leader reads the reports: a master killed between the
+source's report and the switch leaves both in the store (statuses are
+stored), and the next leader switches. Resuming the source instead is not
+safe: cloud-hypervisor's target already runs the guest, and a QEMU target
+holds disks the source gave up. Before it, any failure fails the move
+with no revert (the guest never stopped on the source), and the fail's
+generation stops the target's incoming VMM.
+
+What is not carried yet: the VM's snapshots.
 
 Pure: no clock, no I/O.
 """
@@ -66,6 +101,7 @@ from procurator.core.models import (
     Phase,
     PowerState,
     PrepareState,
+    TransferProgress,
     TransferState,
     VmAssignment,
     WorkerFacts,
@@ -102,7 +138,7 @@ MAX_MOVE_TIMEOUT_S = 86_400
 
 class MoveKind(enum.Enum):
     COLD = "cold"  # stop on the source, start on the target
-    LIVE = "live"  # migrate the running guest (not built yet)
+    LIVE = "live"  # migrate the running guest (the workers' part is not built yet)
 
 
 class MovePhase(enum.Enum):
@@ -110,6 +146,7 @@ class MovePhase(enum.Enum):
     PREPARING = "preparing"
     STOPPING = "stopping"
     TRANSFERRING = "transferring"
+    MIGRATING = "migrating"  # live moves only
     SWITCHING = "switching"
     DONE = "done"
     FAILED = "failed"
@@ -159,6 +196,7 @@ class MoveAction(enum.Enum):
     PREPARE = "prepare"  # a generation: the target prepares the image
     STOP = "stop"  # a generation: the source's copy desired stopped
     TRANSFER = "transfer"  # a generation: the source sends the disks to the target
+    MIGRATE = "migrate"  # a generation (live): the source migrates the VM to the target
     SWITCH = "switch"  # a generation: the VM moves to the target
     DONE = "done"  # the row only
     FAIL = "fail"  # the row, and with ``revert`` a generation
@@ -330,6 +368,8 @@ def step(
         return MoveStep(MoveAction.WAIT)
     lost = set(lost)
     source_vm = next((v for v in _vms(assignments, move.source) if v.id == move.vm_id), None)
+    if move.kind is MoveKind.LIVE and not move.switched:
+        return _live_step(move, source_vm, statuses, lost, now_ms)
     if move.switched:
         ok, phase = _reported(statuses.get(move.target), move.vm_id, move.generation)
         target_vm = next((v for v in _vms(assignments, move.target) if v.id == move.vm_id), None)
@@ -403,9 +443,102 @@ def step(
     return MoveStep(MoveAction.WAIT)
 
 
+def _live_step(
+    move: Move,
+    source_vm: VmAssignment | None,
+    statuses: Mapping[str, WorkerStatus | None],
+    lost: set[str],
+    now_ms: int,
+) -> MoveStep:
+    """``step`` of a live move before its switch (see the module docstring,
+    "Live moves")."""
+    if move.phase is MovePhase.MIGRATING:
+        # Past the point of no return, whatever else is true now: the
+        # source's send_migration returned (its guest stopped for good) or
+        # the target holds the whole state (cloud-hypervisor's own switch
+        # resumed it there). Only the switch is safe from here, also for a
+        # new leader reading these reports from the store.
+        sent = _progress(statuses.get(move.source), move)
+        held = _progress(statuses.get(move.target), move)
+        if (sent is not None and sent.state is TransferState.SENT) or (
+            held is not None and held.state is TransferState.RECEIVED
+        ):
+            if source_vm is None:
+                return MoveStep(
+                    MoveAction.FAIL,
+                    f"the VM left worker {move.source}'s assignment (an apply); the state it "
+                    f"migrated to {move.target} is dropped",
+                )
+            return MoveStep(MoveAction.SWITCH)
+    if source_vm is None:
+        return MoveStep(
+            MoveAction.FAIL, f"the VM left worker {move.source}'s assignment (an apply)"
+        )
+    if move.image and source_vm.nix_store_path != move.image:
+        return MoveStep(MoveAction.FAIL, "the VM was replaced during the move (an apply)")
+    if source_vm.power is not move.power:
+        return MoveStep(MoveAction.FAIL, "the VM's power was changed during the move (an apply)")
+    for worker, role in ((move.target, "target"), (move.source, "source")):
+        if worker in lost:
+            return MoveStep(MoveAction.FAIL, f"the {role} worker {worker} is lost")
+    if now_ms >= move.deadline_unix_ms:
+        last = _transfer_trouble(move, statuses)
+        return MoveStep(
+            MoveAction.FAIL, f"not done before the deadline (in phase {move.phase.value}{last})"
+        )
+    if move.phase is MovePhase.PENDING:
+        return MoveStep(MoveAction.PREPARE)
+    target = _progress(statuses.get(move.target), move)
+    if move.phase is MovePhase.PREPARING:
+        status = statuses.get(move.target)
+        image = (
+            next(
+                (p for p in status.prepared if p.path == source_vm.nix_store_path),
+                None,
+            )
+            if status is not None and status.observed_generation >= move.generation
+            else None
+        )
+        if image is not None and image.state is PrepareState.FAILED:
+            why = f": {image.message}" if image.message else ""
+            return MoveStep(MoveAction.FAIL, f"worker {move.target} cannot prepare the image{why}")
+        if target is not None and target.state is TransferState.FAILED:
+            return MoveStep(
+                MoveAction.FAIL,
+                f"worker {move.target} cannot take the VM incoming: {target.message}",
+            )
+        if target is not None and target.state is TransferState.READY and target.memory:
+            return MoveStep(MoveAction.MIGRATE)
+        return MoveStep(MoveAction.WAIT)
+    # MIGRATING, not sent yet: a failed migration leaves the guest running
+    # on the source (send_migration undoes it there); a target that lost
+    # its incoming VMM (it restarted) has nothing left to migrate to.
+    source = _progress(statuses.get(move.source), move)
+    if source is not None and source.state is TransferState.FAILED:
+        return MoveStep(
+            MoveAction.FAIL,
+            f"the migration failed on {move.source}: {source.message}; the VM runs on there",
+        )
+    if target is not None and target.state is TransferState.FAILED:
+        return MoveStep(
+            MoveAction.FAIL, f"worker {move.target} lost the incoming VM: {target.message}"
+        )
+    return MoveStep(MoveAction.WAIT)
+
+
+def _progress(status: WorkerStatus | None, move: Move) -> TransferProgress | None:
+    """What ``status`` says of ``move``'s transfer, if it is of the move's
+    current phase's generation or newer (an older one says nothing of it)."""
+    if status is None or status.observed_generation < move.generation:
+        return None
+    return next(
+        (t for t in status.transfers if (t.vm_id, t.op_id) == (move.vm_id, move.op_id)), None
+    )
+
+
 def transfer_progress(move: Move, statuses: Mapping[str, WorkerStatus | None]) -> str:
-    """``N%`` of a transferring move's disks sent, as its source reports
-    it ("" when it does not)."""
+    """``N%`` of a transferring (or migrating) move's bytes sent, as its
+    source reports it ("" when it does not)."""
     source = statuses.get(move.source)
     for t in source.transfers if source is not None else ():
         if t.vm_id == move.vm_id and t.op_id == move.op_id and t.total:

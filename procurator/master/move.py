@@ -29,6 +29,15 @@ What each step's generation changes:
   back (it restarts);
 - ``done``: the row only.
 
+A live move (``procurator.core.move``, "Live moves"): ``prepare`` moves
+the target's generation and begins the move's token; the target is sent,
+from it through the switch, a live transfer (``DiskTransfer.live``) that
+names the VM (``incoming``) until the switch; ``migrate`` moves the
+source's generation, and the source is sent a live transfer to where the
+target reported its incoming VMM listens (``with_moves`` reads it from
+the target's latest status); ``switch`` moves the VM with its stored
+power; ``fail`` moves both generations and reverts nothing.
+
 Pure: no clock, no I/O.
 """
 
@@ -38,8 +47,15 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from procurator.core.models import Assignment, DiskTransfer, PowerState, VmAssignment
-from procurator.core.move import Move, MoveAction, MovePhase, MoveStep, advance
+from procurator.core.models import (
+    Assignment,
+    DiskTransfer,
+    PowerState,
+    TransferState,
+    VmAssignment,
+    WorkerStatus,
+)
+from procurator.core.move import Move, MoveAction, MoveKind, MovePhase, MoveStep, advance
 
 __all__ = ["MovePlan", "plan_move", "with_moves"]
 
@@ -47,12 +63,18 @@ _NEXT = {
     MoveAction.PREPARE: MovePhase.PREPARING,
     MoveAction.STOP: MovePhase.STOPPING,
     MoveAction.TRANSFER: MovePhase.TRANSFERRING,
+    MoveAction.MIGRATE: MovePhase.MIGRATING,
     MoveAction.SWITCH: MovePhase.SWITCHING,
     MoveAction.DONE: MovePhase.DONE,
     MoveAction.FAIL: MovePhase.FAILED,
 }
 
-_PREPARED_IN = (MovePhase.PREPARING, MovePhase.STOPPING, MovePhase.TRANSFERRING)
+_PREPARED_IN = (
+    MovePhase.PREPARING,
+    MovePhase.STOPPING,
+    MovePhase.TRANSFERRING,
+    MovePhase.MIGRATING,
+)
 """The phases in which the target keeps the VM's image prepared (rooted):
 until the switch gives it the VM itself."""
 
@@ -61,6 +83,11 @@ _RECEIVED_IN = (MovePhase.TRANSFERRING, MovePhase.SWITCHING)
 while transferring, and the VM's first prepare after the switch takes them
 only for the op of that transfer (a set an earlier, failed move left is
 never used), also after a restart of the target, until the move is done."""
+
+_INCOMING_IN = (MovePhase.PREPARING, MovePhase.MIGRATING, MovePhase.SWITCHING)
+"""A live move's phases in which the target is sent its transfer: it holds
+an incoming VMM from the prepare until the switch, and the switch lets it
+run (``finish_incoming``) only for the op of that transfer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +114,8 @@ def plan_move(
     if step.action is MoveAction.WAIT:
         return None
     after = advance(move, _NEXT[step.action], now_ms=now_ms, reason=step.reason)
-    if step.action is MoveAction.TRANSFER:
+    live = move.kind is MoveKind.LIVE
+    if step.action is (MoveAction.PREPARE if live else MoveAction.TRANSFER):
         after = dataclasses.replace(after, token=token)
     current = {w: a.vms for w, a in assignments.items()}
     source = current.get(move.source, ())
@@ -101,6 +129,9 @@ def plan_move(
     if step.action is MoveAction.PREPARE:
         changes[move.target] = target
         message = f"move {move.op_id}: preparing VM {move.vm_id}'s image on {move.target}"
+    elif step.action is MoveAction.MIGRATE:
+        changes[move.source] = source
+        message = f"move {move.op_id}: migrating VM {move.vm_id}, running ({where})"
     elif step.action is MoveAction.STOP:
         changes[move.source] = with_power(source, PowerState.STOPPED)
         message = f"move {move.op_id}: stopping VM {move.vm_id} on {move.source} ({where})"
@@ -112,7 +143,8 @@ def plan_move(
     elif step.action is MoveAction.SWITCH:
         vm = next(v for v in source if v.id == move.vm_id)
         changes[move.source] = tuple(v for v in source if v.id != move.vm_id)
-        moved = dataclasses.replace(vm, power=move.power)
+        # A live move never changed the VM's power: it keeps the stored one.
+        moved = vm if live else dataclasses.replace(vm, power=move.power)
         changes[move.target] = tuple(sorted((*target, moved), key=lambda v: v.id))
         message = f"move {move.op_id}: switching VM {move.vm_id} to {move.target} ({where})"
     elif step.action is MoveAction.DONE:
@@ -136,17 +168,22 @@ def with_moves(
     moves: Iterable[Move],
     assignments: Mapping[str, Assignment],
     addresses: Mapping[str, str],
+    statuses: Mapping[str, WorkerStatus | None] | None = None,
 ) -> Assignment:
     """``assignment`` as sent while ``moves`` are under way: the images of
     the VMs moving to its worker, before their switch, among the paths it
     prepares (beside a rollout's), and the transfers it takes part in
-    (``addresses``: each worker's transfer address). The same object when
-    nothing is added."""
+    (``addresses``: each worker's transfer address; ``statuses``: the
+    workers' latest, where a live move's target says where its incoming
+    VMM listens). The same object when nothing is added."""
     worker_id = assignment.worker_id
     paths = []
     transfers = []
     for move in moves:
-        if move.phase is MovePhase.TRANSFERRING and worker_id == move.source:
+        if move.kind is MoveKind.LIVE:
+            if live := _live_transfer(move, worker_id, assignments, statuses or {}):
+                transfers.append(live)
+        elif move.phase is MovePhase.TRANSFERRING and worker_id == move.source:
             peer = addresses.get(move.target, "")
             transfers.append(DiskTransfer(move.vm_id, move.op_id, False, move.token, peer))
         elif move.phase in _RECEIVED_IN and worker_id == move.target:
@@ -163,3 +200,35 @@ def with_moves(
         prepare=prepare,
         transfers=(*assignment.transfers, *sorted(transfers, key=lambda t: t.vm_id)),
     )
+
+
+def _live_transfer(
+    move: Move,
+    worker_id: str,
+    assignments: Mapping[str, Assignment],
+    statuses: Mapping[str, WorkerStatus | None],
+) -> DiskTransfer | None:
+    """What ``worker_id`` is sent of live ``move``: the target, from the
+    prepare through the switch, the VM to hold incoming (until the switch,
+    which gives it the VM itself); the source, while migrating, where the
+    target's incoming VMM listens, as the target reported it."""
+    if worker_id == move.target and move.phase in _INCOMING_IN:
+        vms = assignments[move.source].vms if move.source in assignments else ()
+        vm = None if move.switched else next((v for v in vms if v.id == move.vm_id), None)
+        return DiskTransfer(move.vm_id, move.op_id, True, move.token, live=True, incoming=vm)
+    if worker_id == move.source and move.phase is MovePhase.MIGRATING:
+        target = statuses.get(move.target)
+        ready = next(
+            (
+                t
+                for t in (target.transfers if target is not None else ())
+                if (t.vm_id, t.op_id, t.state) == (move.vm_id, move.op_id, TransferState.READY)
+            ),
+            None,
+        )
+        if ready is None:
+            return None  # not reported yet (never so once migrating began): nothing to send to
+        return DiskTransfer(
+            move.vm_id, move.op_id, False, move.token, ready.memory, live=True, disks=ready.disks
+        )
+    return None

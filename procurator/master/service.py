@@ -1694,7 +1694,11 @@ class MasterService:
             with_fence_marks(assignment, rules), await self._current_rollout()
         )
         return with_moves(
-            assignment, await self._active_moves(), self._assignments, self._transfer_addresses()
+            assignment,
+            await self._active_moves(),
+            self._assignments,
+            self._transfer_addresses(),
+            {w.worker_id: w.status for w in self._workers.values()},
         )
 
     def _transfer_addresses(self) -> dict[str, str]:
@@ -2440,7 +2444,7 @@ class MasterService:
         statuses = {w.worker_id: w.status for w in self._workers.values()}
         return tuple(
             replace(m, progress=transfer_progress(m, statuses))
-            if m.phase is MovePhase.TRANSFERRING
+            if m.phase in (MovePhase.TRANSFERRING, MovePhase.MIGRATING)
             else m
             for m in moves
         )
@@ -2473,7 +2477,10 @@ class MasterService:
             step = move_step(
                 move, assignments=self._assignments, statuses=statuses, lost=lost, now_ms=now_ms
             )
-            token = secrets.token_hex(16) if step.action is MoveAction.TRANSFER else ""
+            # A cold move's token begins with its transfer, a live one's
+            # with its prepare (the target's incoming VMM checks it).
+            begins = (MoveAction.TRANSFER, MoveAction.PREPARE)
+            token = secrets.token_hex(16) if step.action in begins else ""
             plan = plan_move(move, step, self._assignments, now_ms=now_ms, token=token)
             if plan is None:
                 return move

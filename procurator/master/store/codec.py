@@ -245,27 +245,38 @@ def encode_prepared(prepared: Sequence[PreparedImage]) -> str:
 
 
 def encode_transfers(transfers: Sequence[TransferProgress]) -> str:
-    """A worker's ``WorkerStatus.transfers`` ("" for none)."""
+    """A worker's ``WorkerStatus.transfers`` ("" for none). A live move's
+    target's addresses go under a key of their own ("listening", by
+    position), which a release older than live moves ignores."""
     if not transfers:
         return ""
-    return _dump(
-        {
-            "transfers": [
-                [t.vm_id, t.op_id, t.state.value, t.done, t.total, t.message] for t in transfers
-            ]
-        }
-    )
+    data: dict[str, object] = {
+        "transfers": [
+            [t.vm_id, t.op_id, t.state.value, t.done, t.total, t.message] for t in transfers
+        ]
+    }
+    if listening := {str(i): [t.memory, t.disks] for i, t in enumerate(transfers) if t.memory}:
+        data["listening"] = listening
+    return _dump(data)
 
 
 def decode_transfers(text: str) -> tuple[TransferProgress, ...]:
     if not text:
         return ()
+    data = json.loads(text)
+    listening = data.get("listening", {})
     return tuple(
         # An unknown state (a newer release's) reads as pending: never received by mistake.
         TransferProgress(
-            vm_id, op_id, _TRANSFER_STATE.get(state, TransferState.PENDING), done, total, message
+            vm_id,
+            op_id,
+            _TRANSFER_STATE.get(state, TransferState.PENDING),
+            done,
+            total,
+            message,
+            *listening.get(str(i), ("", "")),
         )
-        for vm_id, op_id, state, done, total, message in json.loads(text)["transfers"]
+        for i, (vm_id, op_id, state, done, total, message) in enumerate(data["transfers"])
     )
 
 

@@ -1,0 +1,178 @@
+"""Live moves' steps and what each writes and sends (procurator.core.move,
+procurator.master.move): pure, over stored assignments and statuses."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from procurator.core.models import (
+    Assignment,
+    DiskTransfer,
+    PowerState,
+    PreparedImage,
+    PrepareState,
+    TransferProgress,
+    TransferState,
+    VmAssignment,
+    WorkerStatus,
+)
+from procurator.core.move import (
+    Move,
+    MoveAction,
+    MoveKind,
+    MovePhase,
+    MoveStep,
+    advance,
+    step,
+    transfer_progress,
+)
+from procurator.master.move import plan_move, with_moves
+from procurator.master.store.codec import decode_transfers, encode_transfers
+
+PATH = "/nix/store/" + "c" * 32 + "-c"
+VM = VmAssignment("a", "h1", PATH, PowerState.RUNNING, 1, 128)
+TOKEN = "ab" * 16
+MOVE = dataclasses.replace(
+    Move("a", "w1", "w2", MoveKind.LIVE, MovePhase.PENDING, "op-m", 0, 1_000, image=PATH),
+    token=TOKEN,
+)
+PREPARING = advance(MOVE, MovePhase.PREPARING, now_ms=1, generation=6)
+MIGRATING = advance(MOVE, MovePhase.MIGRATING, now_ms=2, generation=7)
+SWITCHING = advance(MOVE, MovePhase.SWITCHING, now_ms=3, generation=8)
+ON_SOURCE = {"w1": Assignment("w1", 5, (VM,)), "w2": Assignment("w2", 5)}
+
+
+def reports(worker: str, generation: int, state: TransferState, **kw: object) -> WorkerStatus:
+    progress = TransferProgress("a", "op-m", state, **kw)  # type: ignore[arg-type]
+    image = (PreparedImage(PATH, PrepareState.READY),) if worker == "w2" else ()
+    return WorkerStatus(worker, generation, (), image, (progress,))
+
+
+READY = reports("w2", 6, TransferState.READY, memory="10.0.0.2:7401", disks="10.0.0.2:7402")
+
+
+def decide(
+    move: Move,
+    *statuses: WorkerStatus,
+    assignments: dict[str, Assignment] = ON_SOURCE,
+    now: int = 10,
+    lost: tuple[str, ...] = (),
+) -> MoveStep:
+    return step(
+        move,
+        assignments=assignments,
+        statuses={s.worker_id: s for s in statuses},
+        lost=lost,
+        now_ms=now,
+    )
+
+
+def test_a_live_move_prepares_an_incoming_vmm_migrates_then_switches() -> None:
+    assert decide(MOVE) == MoveStep(MoveAction.PREPARE)
+    # The target's incoming VMM listens, as of the prepare's generation.
+    assert decide(PREPARING) == MoveStep(MoveAction.WAIT)
+    assert decide(PREPARING, dataclasses.replace(READY, observed_generation=5)).action is (
+        MoveAction.WAIT
+    )
+    assert decide(PREPARING, reports("w2", 6, TransferState.PENDING)).action is MoveAction.WAIT
+    assert decide(PREPARING, READY) == MoveStep(MoveAction.MIGRATE)
+    # Migrating: the source reports its bytes, then that send_migration returned.
+    sending = reports("w1", 7, TransferState.SENDING, done=30, total=120)
+    assert decide(MIGRATING, READY, sending) == MoveStep(MoveAction.WAIT)
+    assert transfer_progress(MIGRATING, {"w1": sending}) == "25%"
+    sent = reports("w1", 7, TransferState.SENT, done=120, total=120)
+    assert decide(MIGRATING, READY, sent) == MoveStep(MoveAction.SWITCH)
+    # cloud-hypervisor's own switch: the target runs the VM before the
+    # source's call returned (or the source's worker died in the call).
+    held = reports("w2", 7, TransferState.RECEIVED)
+    assert decide(MIGRATING, held) == MoveStep(MoveAction.SWITCH)
+    # After the switch, as a cold move: done once the target runs it.
+    on_target = {"w1": Assignment("w1", 8), "w2": Assignment("w2", 8, (VM,))}
+    assert decide(SWITCHING, assignments=on_target).action is MoveAction.WAIT
+
+
+def test_a_failure_before_the_switch_leaves_the_vm_running_on_its_source() -> None:
+    def fails(move: Move, *statuses: WorkerStatus, **kw: object) -> str:
+        answer = decide(move, *statuses, **kw)  # type: ignore[arg-type]
+        assert answer.action is MoveAction.FAIL and not answer.revert
+        return answer.reason
+
+    refused = reports("w2", 6, TransferState.FAILED, message="no such tap")
+    assert fails(PREPARING, refused) == "worker w2 cannot take the VM incoming: no such tap"
+    broken = reports("w1", 7, TransferState.FAILED, message="Connection reset by peer")
+    assert fails(MIGRATING, READY, broken) == (
+        "the migration failed on w1: Connection reset by peer; the VM runs on there"
+    )
+    # A target restarted mid-move stopped its incoming VMM and says so.
+    gone = reports("w2", 7, TransferState.FAILED, message="the worker restarted")
+    assert fails(MIGRATING, gone) == "worker w2 lost the incoming VM: the worker restarted"
+    assert fails(MIGRATING, READY, lost=("w1",)) == "the source worker w1 is lost"
+    assert fails(PREPARING, lost=("w2",)) == "the target worker w2 is lost"
+    assert fails(MIGRATING, READY, now=1_000) == "not done before the deadline (in phase migrating)"
+    paused = {"w1": Assignment("w1", 6, (dataclasses.replace(VM, power=PowerState.PAUSED),))}
+    assert "power was changed" in fails(MIGRATING, assignments=paused)
+    # The fail writes a generation for both (the target stops its incoming
+    # VMM, the source drops the transfer) and never touches the VM's power.
+    plan = plan_move(MIGRATING, decide(MIGRATING, broken), ON_SOURCE, now_ms=20)
+    assert plan is not None and plan.move.phase is MovePhase.FAILED
+    assert plan.changes == {"w1": (VM,), "w2": ()}
+
+
+def test_once_the_source_sent_the_state_only_the_switch_is_left() -> None:
+    """The master killed between the source's report and the switch: the
+    new leader reads the same stored reports and switches, whatever else
+    is true by then (the deadline passed, a worker lost): the source's
+    guest is stopped for good and only the target holds its state, so
+    resuming the source could run it twice (cloud-hypervisor's target
+    resumed by itself) or on disks that are no longer the VM's."""
+    sent = reports("w1", 7, TransferState.SENT, done=1, total=1)
+    for kw in ({}, {"now": 5_000}, {"lost": ("w1",)}, {"lost": ("w2",)}):
+        assert decide(MIGRATING, READY, sent, **kw) == MoveStep(MoveAction.SWITCH)  # type: ignore[arg-type]
+    # An apply that removed the VM meanwhile: its state is dropped with the
+    # target's incoming VMM (the apply asked for no VM).
+    gone = decide(MIGRATING, sent, assignments={"w1": Assignment("w1", 9)})
+    assert gone.action is MoveAction.FAIL and "is dropped" in gone.reason
+    # A report of an older generation says nothing of this phase.
+    stale = reports("w1", 6, TransferState.SENT)
+    assert decide(MIGRATING, READY, stale) == MoveStep(MoveAction.WAIT)
+
+
+def test_the_target_holds_the_vm_incoming_and_the_source_is_sent_its_addresses() -> None:
+    plan = plan_move(MOVE, MoveStep(MoveAction.PREPARE), ON_SOURCE, now_ms=1, token=TOKEN)
+    assert plan is not None and plan.changes == {"w2": ()} and plan.move.token == TOKEN
+    preparing = dataclasses.replace(plan.move, generation=6)
+    target = with_moves(Assignment("w2", 6), [preparing], ON_SOURCE, {})
+    assert target.prepare == (PATH,)
+    assert target.transfers == (DiskTransfer("a", "op-m", True, TOKEN, live=True, incoming=VM),)
+    # The source hears nothing until it migrates.
+    assert with_moves(ON_SOURCE["w1"], [preparing], ON_SOURCE, {}) is ON_SOURCE["w1"]
+    plan = plan_move(preparing, MoveStep(MoveAction.MIGRATE), ON_SOURCE, now_ms=2)
+    assert plan is not None and plan.changes == {"w1": (VM,)}
+    assert plan.move.token == TOKEN  # the prepare's, which the target checks
+    migrating = dataclasses.replace(plan.move, generation=7)
+    source = with_moves(ON_SOURCE["w1"], [migrating], ON_SOURCE, {}, {"w2": READY})
+    assert source.transfers == (
+        DiskTransfer("a", "op-m", False, TOKEN, "10.0.0.2:7401", live=True, disks="10.0.0.2:7402"),
+    )
+    # The switch moves the VM, its power as stored; the target keeps its
+    # transfer (it lets the incoming VMM run for this op only), without
+    # the VM, now in its assignment.
+    plan = plan_move(migrating, MoveStep(MoveAction.SWITCH), ON_SOURCE, now_ms=3)
+    assert plan is not None and plan.changes == {"w1": (), "w2": (VM,)}
+    switching = dataclasses.replace(plan.move, generation=8)
+    moved = {"w1": Assignment("w1", 8), "w2": Assignment("w2", 8, (VM,))}
+    target = with_moves(moved["w2"], [switching], moved, {})
+    assert target.prepare == ()
+    assert target.transfers == (DiskTransfer("a", "op-m", True, TOKEN, live=True),)
+    assert with_moves(moved["w1"], [switching], moved, {}) is moved["w1"]
+
+
+def test_the_store_keeps_where_a_targets_incoming_vmm_listens() -> None:
+    # The leader after a failover reads the target's status from the store,
+    # and sends the source these addresses.
+    listening = (*READY.transfers, TransferProgress("b", "op-n", TransferState.SENDING, 1, 2))
+    assert decode_transfers(encode_transfers(listening)) == listening
+    # A release older than live moves reads the same text, addresses aside.
+    data = json.loads(encode_transfers(listening))
+    assert [row[0] for row in data["transfers"]] == ["a", "b"]
