@@ -124,27 +124,30 @@ def worker_main(config: WorkerConfig) -> int:
     return 0
 
 
-# Descriptors a running VM holds in its worker (measured: its VMM's API
-# connection, a pidfd, its lock file, an eventfd), and what the rest of the
-# worker holds (the master link, the metrics server, the jailer, logs).
-_FILES_PER_VM = 4
+# Descriptors a running VM holds in its worker: its VMM's pidfd (its API
+# connection is kept only while in use, it is owned under the state dir's
+# one owner lock and woken without a descriptor: tests/vmm/test_fds_per_vm.py),
+# and what the rest of the worker holds (the master link, the metrics
+# server, the jailer, the kept API connections, logs).
+_FILES_PER_VM = 1
 _FILES_SPARE = 256
 
 
 def _open_files() -> None:
-    """Take the hard open-file limit (a worker holds a few descriptors per
-    VM: at Debian's default soft limit of 1024 it would fail on EMFILE near
-    190 VMs), and say how many VMs the limit leaves room for when that is
-    fewer than a worker may be assigned."""
+    """Take the hard open-file limit (a worker holds a descriptor per VM:
+    at Debian's default soft limit of 1024 it would fail on EMFILE near 770
+    VMs), and say how many VMs the limit leaves room for when that is fewer
+    than a worker may be assigned."""
     soft = raise_open_file_limit()
     room = max(0, soft - _FILES_SPARE) // _FILES_PER_VM
     if room < LIMITS.max_vms_per_worker:
         logger.warning(
             "the open-file limit (%d) leaves room for about %d VMs on this worker (%d "
-            "descriptors each); raise LimitNOFILE / ulimit -n for more",
+            "descriptor per VM, %d for the rest); raise LimitNOFILE / ulimit -n for more",
             soft,
             room,
             _FILES_PER_VM,
+            _FILES_SPARE,
         )
 
 

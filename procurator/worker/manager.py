@@ -31,17 +31,19 @@ on returns at once, of one whose last outcome is an error raises that error
 at once, and otherwise waits (``Timeouts.ensure`` at most) for an outcome
 of its request.
 
-Crash safety (see ``procurator.worker.state``): the manager holds each VM's
-flock for as long as it manages the VM, so no other process can launch a
-VMM for it; VMMs run in their own session and outlive the worker; the
-durable ``vm.json`` is written before acting on a spec, and ``handles.json``
-before launching (``spawning``) and right after (pid, start ticks), so a
-restarted worker finds every VMM it may have started: a recorded one by pid
-and start ticks, an unrecorded one by the marker it was launched with
-(``process.launch_env``: its environment names the VM's directory). A VMM
-found alive is re-adopted, never restarted or duplicated; one found dead is
-cleaned up (its stale socket removed under the VM's flock) and started again
-if still desired — unless it is a ``reschedule`` VM (below).
+Crash safety (see ``procurator.worker.state``): the manager holds the state
+dir's owner lock from its first VM until it closes, and claims each VM it
+manages under it (``StateDir.claim``: one descriptor for the whole fleet),
+so no other process can launch a VMM for any of them; VMMs run in their own
+session and outlive the worker; the durable ``vm.json`` is written before
+acting on a spec, and ``handles.json`` before launching (``spawning``) and
+right after (pid, start ticks), so a restarted worker finds every VMM it may
+have started: a recorded one by pid and start ticks, an unrecorded one by
+the marker it was launched with (``process.launch_env``: its environment
+names the VM's directory). A VMM found alive is re-adopted, never restarted
+or duplicated; one found dead is cleaned up (its stale socket removed while
+the VM is owned) and started again if still desired — unless it is a
+``reschedule`` VM (below).
 
 Recovery never starts a ``reschedule`` VM. A worker starts before its first
 assignment arrives (after a reboot, or a worker that was lost and comes
@@ -63,14 +65,15 @@ With a driver whose ``state_mark`` tells every state change of the VM
 (``Capabilities.state_marks``: cloud-hypervisor's event monitor file) and
 ``Timeouts.counters_interval`` > 0, the manager runs one sweep thread. A
 settled supervisor then has nothing timed to do: it publishes its VMM and
-the mark of its last state read (``VmRecord.swept``) and waits on its wake
-eventfd and its VMM's pidfd with no timeout. Every counters interval the
+the mark of its last state read (``VmRecord.swept``) and waits for its wake
+event with no timeout (set by a request, the sweep, or the manager's
+``process.ExitWatcher`` when its VMM exits). Every counters interval the
 sweep, for each such VM, compares the mark (a ``stat``, no API call) and
 reads the counters (one call, at most ``SWEEP_CALL_TIMEOUT``): they are what
 the metrics poller reports, and an answer proves the API answers and the VM
 still exists. A changed or missing mark, or a call that fails or does not
 answer, asks the supervisor to read the state (``VmRecord.check_asked``, and
-its eventfd): its own check, with the full API timeout, counts unanswered
+its wake event): its own check, with the full API timeout, counts unanswered
 checks towards ``hung_after`` as before. So a hung VMM is escalated within
 one counters interval plus ``hung_after`` API timeouts and one
 ``retry_unanswered`` (15 + 5 + 5 + 5 s = 30 s by default, at any fleet
@@ -120,7 +123,6 @@ import builtins
 import contextlib
 import copy
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -136,8 +138,9 @@ from procurator.core.errors import (
 )
 from procurator.core.models import PowerState, VmEvent
 from procurator.worker.jail import Jail
-from procurator.worker.state import StateDir
+from procurator.worker.state import OwnerLock, StateDir
 from procurator.worker.supervisor import JobContext, VmSupervisor
+from procurator.worker.vmm import process
 from procurator.worker.vmm.base import VmmDriver, VmmError, VmmRejected
 from procurator.worker.vmrecord import (
     ChangeCallback,
@@ -212,6 +215,14 @@ class VmManager:
         self.sweeping = driver.capabilities.state_marks and self.timeouts.counters_interval > 0
         self._sweep_stop = threading.Event()
         self._sweeper: threading.Thread | None = None
+        # One thread waits for every VMM's exit (process.ExitWatcher), made
+        # with the first VMM watched; a leaf lock guards making it.
+        self._watcher_lock = threading.Lock()
+        self._watcher: process.ExitWatcher | None = None
+        # The state dir's owner lock (StateDir.lock_owner), taken with the
+        # first VM and released by close; a leaf lock guards taking it.
+        self._owner_lock = threading.Lock()
+        self._owner: OwnerLock | None = None
 
     # -- public API --------------------------------------------------------------
 
@@ -450,6 +461,14 @@ class VmManager:
             # an interval after this one ended, not at once.
             next_at = max(next_at, self.clock())
 
+    def exit_watcher(self) -> process.ExitWatcher:
+        """The manager's one watcher of its VMMs' exits (made on first use;
+        closed by ``close`` after the supervisors ended)."""
+        with self._watcher_lock:
+            if self._watcher is None:
+                self._watcher = process.ExitWatcher()
+            return self._watcher
+
     def _start_sweeper(self) -> None:
         """Start the sweep thread once (with the first supervisor)."""
         if not self.sweeping:
@@ -523,9 +542,16 @@ class VmManager:
         for vm in vms:
             if vm.thread is not None:
                 vm.thread.join()
-            self._close_fd(vm)
         with self._map_lock:
             self._vms.clear()
+        with self._watcher_lock:
+            watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.close()
+        with self._owner_lock:
+            if self._owner is not None:
+                self._owner.release()
+                self._owner = None
 
     # -- records -----------------------------------------------------------------
 
@@ -574,7 +600,7 @@ class VmManager:
         """Take the VM's flock, read its ``vm.json`` and start its supervisor
         thread (caller holds its op_lock). On failure the record is retired."""
         try:
-            flock = self.state.lock(vm.vm_id)
+            flock = self.state.claim(vm.vm_id, self._own_state())
             try:
                 spec = self._read_spec(vm.vm_id)
             except BaseException:
@@ -587,7 +613,6 @@ class VmManager:
                     del self._vms[vm.vm_id]
             raise
         vm.flock = flock
-        vm.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         with vm.cond:
             vm.desired = spec
             # Found on disk without vm.json (not being created now): a VM whose
@@ -608,6 +633,14 @@ class VmManager:
         vm.started = True
         vm.thread.start()
         self._start_sweeper()
+
+    def _own_state(self) -> OwnerLock:
+        """The state dir's owner lock, taken now if not yet (raises
+        ``StateLockedError`` when another process holds it)."""
+        with self._owner_lock:
+            if self._owner is None:
+                self._owner = self.state.lock_owner()
+            return self._owner
 
     def _read_spec(self, vm_id: str) -> VmSpec | None:
         try:
@@ -649,15 +682,6 @@ class VmManager:
         with self._map_lock:
             if self._vms.get(vm.vm_id) is vm:
                 del self._vms[vm.vm_id]
-        self._close_fd(vm)
-
-    @staticmethod
-    def _close_fd(vm: VmRecord) -> None:
-        # Never close the eventfd under a live supervisor: the number could be
-        # reused by another file while it still selects on it.
-        if vm.wake_fd >= 0 and (vm.thread is None or not vm.thread.is_alive()):
-            os.close(vm.wake_fd)
-            vm.wake_fd = -1
 
     def _emit(self, obs: VmObservation, event: VmEvent | None) -> None:
         if self.on_change is None:

@@ -8,7 +8,9 @@ Layout under ``<state_dir>``::
     vms/<vm_id>/run/api.sock   the VMM's socket, event, log and serial files:
         .../run/vmm.log ...    the only part of the VM's directory (with
                                its disk copies) a jailed VMM may write
-    locks/<vm_id>.lock         the VM's ownership lock (flock)
+    locks/<vm_id>.lock         the VM's ownership lock file (flock)
+    owner.lock                 the state dir's owner lock (flock): the one
+                               process managing its VMs holds it
 
 The records (``vm.json``, ``handles.json``, ``jail.json``) are the
 worker's alone: a VMM that could rewrite them could make the next worker
@@ -27,13 +29,26 @@ with it. A worker that merely dies (even by SIGKILL) sees every renamed file,
 so skipping its fsyncs loses nothing and spares two of the three per VM start.
 
 Ownership: a process may touch a VM's directory, and may spawn or signal its
-VMM, only while it holds ``locks/<vm_id>.lock`` (``flock(LOCK_EX)``). The
-VmManager takes it without blocking when it starts managing a VM and keeps it
-for as long as it manages it (the worker's lifetime), so a second worker
-process on the same state dir is refused instead of spawning a second VMM.
-The kernel drops the lock when its holder dies (even by SIGKILL), which is
-what lets a restarted worker re-adopt the VM. Lock file descriptors are
-close-on-exec, so a spawned VMM never inherits (and never extends) the lock.
+VMM, only while it owns the VM: it holds ``locks/<vm_id>.lock``
+(``flock(LOCK_EX)``, ``lock``), or it *claimed* the VM (``claim``) while it
+holds the state dir's ``owner.lock`` (``lock_owner``). The VmManager takes
+the owner lock without blocking when it starts managing its first VM and
+keeps it until it closes (the worker's lifetime), and claims each VM it
+manages: so a second worker process on the same state dir is refused
+instead of spawning a second VMM, with one descriptor for the whole fleet,
+not one per VM (issue 31: a settled VM costs the worker only its VMM's
+pidfd, so that 10,000 VMs fit an open-file limit of 20,000). A claim takes
+the VM's own flock for a moment (a process that holds it — a worker of a
+release before the owner lock — keeps the VM) and writes its pid into the
+lock file, then lets the descriptor go: while the owner lock is held no
+other worker can take the state dir, so the VM's flock has nothing left to
+exclude. (A worker of the older release started beside a newer one on the
+same state dir is the one case it no longer refuses: it never takes the
+owner lock. Never run two workers on one state dir: they would also share
+its GC roots, taps and lock-file sweep.) The kernel drops a lock when its
+holder dies (even by SIGKILL), which is what lets a restarted worker
+re-adopt the VM. Lock file descriptors are close-on-exec, so a spawned VMM
+never inherits (and never extends) a lock.
 
 The lock files live outside the VM directories so that deleting a VM's
 directory cannot race a waiter on its lock; removing a VM unlinks its lock
@@ -69,9 +84,12 @@ from procurator.core.validation import check_vm_id
 from procurator.worker.vmm.base import VmmHandle, VmmPaths
 
 __all__ = [
+    "OWNER_LOCK",
     "HandlesRecord",
+    "OwnerLock",
     "StateDir",
     "StateError",
+    "StateLockedError",
     "StateWriteError",
     "VmLock",
     "VmLockedError",
@@ -81,6 +99,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SPEC_FILE = "vm.json"
+#: The state dir's owner lock, at its root (not in ``locks/``, whose files
+#: are VMs' and swept as such).
+OWNER_LOCK = "owner.lock"
 HANDLES_FILE = "handles.json"
 #: What the VMM writes (its socket, event, log and serial files), apart from
 #: the worker's records: a jailed VMM may write here, never beside them.
@@ -97,6 +118,11 @@ class StateWriteError(TemporaryError):
 
 class VmLockedError(TemporaryError):
     """Another process owns the VM (holds its flock)."""
+
+
+class StateLockedError(VmLockedError):
+    """Another process owns the state dir (holds its owner lock), and with
+    it every VM in it."""
 
 
 def write_json_atomic(path: Path, data: Mapping[str, Any], *, durable: bool = True) -> None:
@@ -201,11 +227,11 @@ class HandlesRecord:
         )
 
 
-class VmLock:
-    """An exclusive flock on one VM's lock file, held until ``release``."""
+class OwnerLock:
+    """The state dir's owner lock (``StateDir.lock_owner``): an exclusive
+    flock held until ``release``."""
 
-    def __init__(self, vm_id: str, path: Path, fd: int) -> None:
-        self.vm_id = vm_id
+    def __init__(self, path: Path, fd: int) -> None:
         self.path = path
         self._fd: int | None = fd
 
@@ -218,10 +244,37 @@ class VmLock:
             os.close(self._fd)  # closing the last descriptor drops the flock
             self._fd = None
 
+
+class VmLock:
+    """Ownership of one VM until ``release``: an exclusive flock on its lock
+    file (``StateDir.lock``), or a claim under the state dir's owner lock
+    (``StateDir.claim``: no descriptor, held while ``owner`` is)."""
+
+    def __init__(
+        self, vm_id: str, path: Path, fd: int | None, owner: OwnerLock | None = None
+    ) -> None:
+        self.vm_id = vm_id
+        self.path = path
+        self._fd = fd
+        self._owner = owner
+        self._claimed = owner is not None
+
+    @property
+    def held(self) -> bool:
+        if self._fd is not None:
+            return True
+        return self._claimed and self._owner is not None and self._owner.held
+
+    def release(self) -> None:
+        self._claimed = False
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor drops the flock
+            self._fd = None
+
     def release_and_unlink(self) -> None:
         """Delete the lock file, then release it: a waiter that locked the
         unlinked file notices (``StateDir.lock`` re-checks the inode)."""
-        if self._fd is None:
+        if not self.held:
             raise RuntimeError(f"lock of VM {self.vm_id} is not held")
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
@@ -294,12 +347,34 @@ class StateDir:
 
     # -- ownership ---------------------------------------------------------------
 
+    def lock_owner(self) -> OwnerLock:
+        """Take the state dir's owner lock without waiting (see the module
+        docstring); ``StateLockedError`` names the process holding it when
+        another one does."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / OWNER_LOCK
+        return OwnerLock(path, self._flock(path, f"the state dir {self.root}", StateLockedError))
+
+    def claim(self, vm_id: str, owner: OwnerLock) -> VmLock:
+        """Own the VM under ``owner`` (held by the caller), with no
+        descriptor kept: its flock is taken (``VmLockedError`` when another
+        process holds it), stamped with this pid and let go."""
+        if not owner.held:
+            raise RuntimeError(f"claiming VM {vm_id} without the state dir's owner lock")
+        with self.lock(vm_id) as taken:
+            return VmLock(vm_id, taken.path, None, owner)
+
     def lock(self, vm_id: str) -> VmLock:
         """Take the VM's flock without waiting; ``VmLockedError`` names the
         process holding it when another one does."""
         self.check_id(vm_id)
         self.locks_dir.mkdir(parents=True, exist_ok=True)
         path = self.locks_dir / f"{vm_id}.lock"
+        return VmLock(vm_id, path, self._flock(path, f"VM {vm_id}", VmLockedError))
+
+    def _flock(self, path: Path, what: str, locked: type[VmLockedError]) -> int:
+        """A descriptor holding ``path``'s flock, the file stamped with
+        this pid; ``locked`` (naming the holder) when another one holds it."""
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
@@ -308,8 +383,8 @@ class StateDir:
                 os.close(fd)
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                     raise StateError(f"cannot lock {path}: {exc.strerror}") from exc
-                raise VmLockedError(
-                    f"VM {vm_id} is owned by another process ({self._holder(path)}); "
+                raise locked(
+                    f"{what} is owned by another process ({self._holder(path)}); "
                     f"its lock {path} is held",
                     delay=5.0,
                 ) from None
@@ -330,7 +405,7 @@ class StateDir:
                     raise StateWriteError(
                         f"cannot write lock file {path}: {exc.strerror or exc}"
                     ) from exc
-                return VmLock(vm_id, path, fd)
+                return fd
             os.close(fd)
 
     def sweep_locks(self, keep: Collection[str]) -> list[str]:

@@ -9,8 +9,9 @@ the only place this VM's VMM is touched. Each step records what it measured
 as new facts (``Facts``, ``VmmFacts``, the ``RestartState``) and publishes
 what an operator or a waiting caller must know (an observation, maybe an
 event, maybe the *outcome* of the request). ``Wait`` steps block on the
-VM's wake eventfd and the VMM's pidfd, so a new request or the VMM's exit
-ends the wait at once.
+VM's wake event (``VmRecord.wakeup``), set by a new request and, through the
+manager's ``process.ExitWatcher`` and the VMM's pidfd, by the VMM's exit:
+either ends the wait at once.
 
 Errors a step raises are handled by kind, the same for every step:
 ``PermanentError`` fails the target for good (``failed``: reported, not
@@ -141,7 +142,7 @@ class VmSupervisor:
         self.held_reported = -1  # the request whose hold was published
         self.spec: VmSpec | None = None
         self.handle: VmmHandle | None = None
-        self.watch = process.ExitWatch()
+        self.watch = process.ExitWatch(manager.exit_watcher, vm.wakeup)
         self.pending: _Pending | None = None
         self.ever_started = False
         self.replacing = False
@@ -353,7 +354,7 @@ class VmSupervisor:
             self._publish_swept()
             until = None
         timeout = None if until is None else max(0.0, until - self.m.clock())
-        self.watch.wait(self.vm.wake_fd, timeout)
+        self.watch.wait(timeout)
 
     def _publish_swept(self) -> None:
         """Hand the sweep what it checks of this VM while this thread waits."""

@@ -15,8 +15,6 @@ without an error.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import threading
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, replace
@@ -223,7 +221,10 @@ class VmRecord:
         self.gone = False  # guarded by op_lock: record retired, look up again
         self.flock: VmLock | None = None
         self.thread: threading.Thread | None = None
-        self.wake_fd = -1
+        # What the supervisor sleeps on: set by a caller's request, the
+        # sweep, closing, and the manager's ExitWatcher when the VMM exits
+        # (no descriptor: a settled VM costs the worker its pidfd only).
+        self.wakeup = threading.Event()
 
         self.cond = threading.Condition(threading.Lock())  # level 3
         self.desired: VmSpec | None = None
@@ -255,8 +256,7 @@ class VmRecord:
         )
 
     def wake(self) -> None:
-        with contextlib.suppress(OSError):
-            os.eventfd_write(self.wake_fd, 1)
+        self.wakeup.set()
 
     def answered(self) -> Outcome | None:
         """The outcome of the current request, if there is one (under cond)."""

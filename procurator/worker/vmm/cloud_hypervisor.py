@@ -31,6 +31,14 @@ default. Transports are created lazily, dropped when their VMM is shut down
 or found gone, and those of VMMs that died unnoticed are pruned on a launch
 at most every ``_PRUNE_INTERVAL`` (a prune reads /proc once per transport:
 on every launch, a fleet start would cost O(VMs²) reads).
+Only the ``kept_connections`` most recently used transports are kept (and
+with them their idle connections); using one more closes the least recently
+used: an idle VM holds no connection in the worker (issue 31: a settled VM
+costs the worker one descriptor, its VMM's pidfd, so that 10,000 VMs fit an
+open-file limit of 20,000). A VM being started or changed makes its calls
+in a row and keeps its connection for them; the sweep, which calls each
+idle VMM once per counters interval, connects for each call (a unix
+``connect`` and the close: ~25 µs of the worker's CPU, docs/BENCHMARKS.md).
 Requests are ``httpx.Request`` objects handed to the transport directly, not
 sent through an ``httpx.Client``: a client's per-request work (merging the
 URL with a base, cookies, auth and redirect flows, event hooks) is more than
@@ -70,6 +78,7 @@ import shutil
 import stat
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +107,7 @@ from procurator.worker.vmm.base import (
 )
 
 __all__ = [
+    "KEPT_CONNECTIONS",
     "U64_MAX",
     "ApiCallObserver",
     "CloudHypervisorDriver",
@@ -123,6 +133,10 @@ _DEVICES = ("/dev/kvm",)
 _BASE_URL = "http://localhost/api/v1"
 _HEADERS = {"Accept": "application/json", "User-Agent": "procurator"}
 _PRUNE_INTERVAL = 10.0
+#: How many VMMs' transports (and idle connections) a driver keeps: more
+#: than the launches and changes under way at once (the worker's capacity
+#: limiter allows 8), a few dozen descriptors whatever the fleet.
+KEPT_CONNECTIONS = 16
 _MAX_SOCKET_PATH = 107  # sun_path is 108 bytes, NUL included
 #: The unix socket of a migration, in the VMM's run directory: the target's
 #: VMM listens there, the source's connects there (the worker's relay on the
@@ -185,9 +199,13 @@ class CloudHypervisorDriver:
         on_api_call: ApiCallObserver | None = None,
         transport_factory: TransportFactory = default_transport,
         runtime_paths: Sequence[str] = (),
+        kept_connections: int = KEPT_CONNECTIONS,
     ) -> None:
         if not binary:
             raise ValueError("cloud-hypervisor binary must not be empty")
+        if kept_connections < 1:
+            raise ValueError(f"kept_connections must be at least 1, not {kept_connections}")
+        self.kept_connections = kept_connections
         self.binary = binary
         self.args = tuple(args)
         self.extra_args = tuple(extra_args)
@@ -198,7 +216,8 @@ class CloudHypervisorDriver:
         # Leaf lock: guards _transports, _incoming and _pruned_at only; never
         # held across I/O.
         self._lock = threading.Lock()
-        self._transports: dict[tuple[int, int], httpx.BaseTransport] = {}
+        # Least recently used first; at most kept_connections.
+        self._transports: OrderedDict[tuple[int, int], httpx.BaseTransport] = OrderedDict()
         # Migrations being received, by VMM (launch_incoming to finish_incoming).
         self._incoming: dict[tuple[int, int], _Incoming] = {}
         self._pruned_at = -_PRUNE_INTERVAL
@@ -768,12 +787,22 @@ class CloudHypervisorDriver:
     # -- transport ---------------------------------------------------------------
 
     def _transport(self, handle: VmmHandle) -> httpx.BaseTransport:
+        """The VMM's transport, now the most recently used; the least
+        recently used beyond ``kept_connections`` is closed (a request it
+        has under way completes: its connection is closed once answered)."""
         key = (handle.pid, handle.pid_start_ticks)
+        evicted: httpx.BaseTransport | None = None
         with self._lock:
             transport = self._transports.get(key)
             if transport is None:
                 transport = self._transports[key] = self._transport_factory(handle.api_socket)
-            return transport
+                if len(self._transports) > self.kept_connections:
+                    evicted = self._transports.popitem(last=False)[1]
+            else:
+                self._transports.move_to_end(key)
+        if evicted is not None:
+            evicted.close()
+        return transport
 
     def _call(
         self,

@@ -22,8 +22,18 @@ What lives here, for both drivers:
 - ``remove_stale_socket``: remove an API socket no live VMM serves;
 - ``log_tail``: the last lines of a VMM's output, for error details;
 - signals, waits and identity checks (``terminate``, ``wait_exit``, ...),
-  and ``ExitWatch``: a VMM's pidfd polled with its supervisor's wake
-  eventfd.
+  and ``ExitWatch``: a VMM's pidfd, watched by its manager's one
+  ``ExitWatcher`` (below).
+
+Exits without a descriptor per waiter (issue 31): a supervisor holds its
+VMM's pidfd (the one descriptor a settled VM costs the worker: it tells the
+exit without polling, also of a VMM re-adopted after a worker restart,
+which is not the worker's child) and sleeps on a ``threading.Event``, not
+on descriptors. One ``ExitWatcher`` per manager, a thread in
+``epoll_wait`` over every watched pidfd (one-shot: a pidfd stays readable
+once its process exited), sets the VM's event when its VMM exits; callers
+set the same event for a new request. The watcher's only descriptors are
+its epoll and the eventfd that stops it, whatever the fleet.
 
 Waiting for the API (issue 31: the worker's CPU per start): a VMM binds its
 socket some time after it starts (tens of ms; a second and more for a
@@ -76,6 +86,7 @@ __all__ = [
     "API_POLL",
     "LAUNCH_MARKER",
     "ExitWatch",
+    "ExitWatcher",
     "abort_launch",
     "find_by_argument_under",
     "find_launched",
@@ -633,17 +644,86 @@ def find_launched(vm_dir: Path) -> list[tuple[int, int]]:
     return _with_ticks(pids)
 
 
-class ExitWatch:
-    """A VMM's pidfd, polled together with its supervisor's wake eventfd.
+class ExitWatcher:
+    """One thread in ``epoll_wait`` over many VMMs' pidfds: when one turns
+    readable (its process exited), the wake registered with it is called,
+    once (``EPOLLONESHOT``: an exited process's pidfd stays readable).
+    Thread-safe. Lock: ``_lock`` guards ``_wakes`` only, a leaf never held
+    while a wake is called (a wake takes the VM record's condition lock).
 
-    poll(), not select(): a worker with a few hundred VMs has fds above
-    FD_SETSIZE (1024), which select() cannot watch. The poll objects are
-    kept until the pidfd changes (a settled VM waits once per check)."""
+    A wake may come late for a pidfd just removed, or reach the VM that
+    reuses its number (the number is looked up after ``epoll_wait``
+    returned): wakes are only ever spurious, never lost, and a woken
+    supervisor looks for itself."""
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wakes: dict[int, Callable[[], None]] = {}
+        self._epoll = select.epoll()
+        try:
+            self._stop = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        except BaseException:
+            self._epoll.close()
+            raise
+        self._epoll.register(self._stop, select.EPOLLIN)
+        self._thread = threading.Thread(target=self._run, name="vmm-exits", daemon=True)
+        self._thread.start()
+
+    def add(self, pidfd: int, wake: Callable[[], None]) -> None:
+        """Call ``wake`` once when ``pidfd``'s process exits (at once if it
+        has). Raises ``OSError`` (``ENOMEM``, ``ENOSPC``: out of watches)."""
+        with self._lock:
+            self._wakes[pidfd] = wake
+        try:
+            self._epoll.register(pidfd, select.EPOLLIN | select.EPOLLONESHOT)
+        except BaseException:
+            with self._lock:
+                self._wakes.pop(pidfd, None)
+            raise
+
+    def remove(self, pidfd: int) -> None:
+        """Stop watching ``pidfd`` (before the caller closes it)."""
+        with self._lock:
+            self._wakes.pop(pidfd, None)
+        with contextlib.suppress(OSError, ValueError):  # not registered; closed watcher
+            self._epoll.unregister(pidfd)
+
+    def close(self) -> None:
+        """End the thread and close the epoll (the pidfds are their owners')."""
+        with contextlib.suppress(OSError):
+            os.eventfd_write(self._stop, 1)
+        self._thread.join()
+        self._epoll.close()
+        os.close(self._stop)
+
+    def _run(self) -> None:
+        while True:
+            events = self._epoll.poll()  # EINTR is retried by Python (PEP 475)
+            for fd, _ in events:
+                if fd == self._stop:
+                    return
+                with self._lock:
+                    wake = self._wakes.get(fd)
+                if wake is not None:
+                    wake()
+
+
+class ExitWatch:
+    """A supervisor's watch on its VMM: the pidfd (the one descriptor a
+    settled VM costs the worker), registered with the manager's
+    ``ExitWatcher`` to set ``wake`` (the VM's wake event) when the VMM
+    exits, and the event the supervisor sleeps on (``wait``).
+
+    poll(), not select(), for ``alive``: a worker with a few hundred VMs has
+    fds above FD_SETSIZE (1024), which select() cannot watch (a poll object
+    holds no descriptor)."""
+
+    def __init__(self, watcher: Callable[[], ExitWatcher], wake: threading.Event) -> None:
         self.pidfd = -1
-        self._both: select.poll | None = None  # wake eventfd and pidfd
-        self._exit: select.poll | None = None  # pidfd alone
+        self._watcher = watcher
+        self._watching: ExitWatcher | None = None
+        self._wake = wake
+        self._exit: select.poll | None = None  # the pidfd alone
 
     def open(self, handle: VmmHandle) -> bool:
         """Watch ``handle``'s process; False when it is already gone."""
@@ -659,6 +739,15 @@ class ExitWatch:
             return False
         self._exit = select.poll()
         self._exit.register(self.pidfd, select.POLLIN)
+        watcher = self._watcher()
+        try:
+            watcher.add(self.pidfd, self._wake.set)
+        except BaseException:
+            # Out of epoll watches (ENOSPC) fails like a pidfd_open out of
+            # descriptors (EMFILE): raised, with no descriptor kept.
+            self.close()
+            raise
+        self._watching = watcher
         return True
 
     def alive(self) -> bool | None:
@@ -666,24 +755,20 @@ class ExitWatch:
         it exits: one poll(2) instead of reading /proc); None without one."""
         return None if self._exit is None else not self._exit.poll(0)
 
-    def wait(self, wake_fd: int, timeout: float | None) -> None:
-        """Until woken, the process exits, or ``timeout`` seconds pass."""
-        poller = self._both
-        if poller is None:
-            poller = self._both = select.poll()
-            poller.register(wake_fd, select.POLLIN)
-            if self.pidfd >= 0:
-                poller.register(self.pidfd, select.POLLIN)
-        try:
-            events = poller.poll(None if timeout is None else timeout * 1000)
-        except InterruptedError:
-            return
-        if any(fd == wake_fd for fd, _ in events):
-            with contextlib.suppress(BlockingIOError):
-                os.eventfd_read(wake_fd)
+    def wait(self, timeout: float | None) -> None:
+        """Until woken (a request, the sweep, the VMM's exit) or ``timeout``
+        seconds pass. Clears the wake, so the caller must read what it was
+        woken for after this returns (a wake after the clear is kept)."""
+        if self.alive() is False:
+            return  # exited: nothing to wait for (the one-shot wake is spent)
+        if self._wake.wait(timeout):
+            self._wake.clear()
 
     def close(self) -> None:
-        self._both = self._exit = None
+        self._exit = None
+        if self._watching is not None:
+            self._watching.remove(self.pidfd)
+            self._watching = None
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1

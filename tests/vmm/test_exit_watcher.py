@@ -1,0 +1,125 @@
+"""process.ExitWatcher: one thread and one epoll tell many processes' exits
+(a supervisor sleeps on an event, not on descriptors of its own), and
+ExitWatch: a supervisor's pidfd and wait."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from procurator.worker.vmm import process
+from procurator.worker.vmm.base import VmmHandle
+
+
+@pytest.fixture
+def watcher() -> Iterator[process.ExitWatcher]:
+    made = process.ExitWatcher()
+    yield made
+    made.close()
+
+
+def sleeper() -> subprocess.Popen[bytes]:
+    return subprocess.Popen(["sleep", "600"])
+
+
+def handle_of(child: subprocess.Popen[bytes]) -> VmmHandle:
+    ticks = process.pid_start_ticks(child.pid)
+    assert ticks is not None
+    return VmmHandle("test", child.pid, ticks, "/nonexistent/api.sock")
+
+
+def test_each_exit_wakes_its_own_waiter_once(watcher: process.ExitWatcher) -> None:
+    children = [sleeper() for _ in range(3)]
+    events = [threading.Event() for _ in children]
+    pidfds = [os.pidfd_open(child.pid) for child in children]
+    try:
+        for pidfd, event in zip(pidfds, events, strict=True):
+            watcher.add(pidfd, event.set)
+        children[1].kill()
+        children[1].wait()
+        assert events[1].wait(30)
+        assert not events[0].is_set() and not events[2].is_set()
+        events[1].clear()
+        watcher.remove(pidfds[2])
+        children[2].kill()
+        children[2].wait()
+        children[0].kill()
+        children[0].wait()
+        assert events[0].wait(30)
+        assert not events[2].is_set()  # no longer watched
+        # One-shot: the exited child's pidfd stays readable, and is not told
+        # again (level-triggered, each epoll_wait since would have).
+        assert not events[1].is_set()
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+        for pidfd in pidfds:
+            watcher.remove(pidfd)
+            os.close(pidfd)
+
+
+def test_a_process_that_exited_before_it_was_added_wakes_at_once(
+    watcher: process.ExitWatcher,
+) -> None:
+    child = sleeper()
+    pidfd = os.pidfd_open(child.pid)
+    try:
+        child.kill()
+        child.wait()
+        woken = threading.Event()
+        watcher.add(pidfd, woken.set)
+        assert woken.wait(30)
+    finally:
+        watcher.remove(pidfd)
+        os.close(pidfd)
+
+
+def test_an_exit_watch_wakes_its_waiter_and_holds_one_descriptor(
+    watcher: process.ExitWatcher,
+) -> None:
+    wake = threading.Event()
+    watch = process.ExitWatch(lambda: watcher, wake)
+    child = sleeper()
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        assert watch.open(handle_of(child))
+        assert len(os.listdir("/proc/self/fd")) == before + 1  # the pidfd
+        assert watch.alive() is True
+        waiting = threading.Thread(target=watch.wait, args=(None,))
+        waiting.start()
+        child.kill()
+        child.wait()
+        waiting.join(30)
+        assert not waiting.is_alive()
+        assert watch.alive() is False
+        watch.wait(None)  # exited: returns at once, the one-shot wake spent
+        watch.close()
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        watch.close()
+        child.kill()
+        child.wait()
+
+
+def test_a_request_wakes_an_exit_watch_without_its_process_exiting(
+    watcher: process.ExitWatcher,
+) -> None:
+    wake = threading.Event()
+    watch = process.ExitWatch(lambda: watcher, wake)
+    child = sleeper()
+    try:
+        assert watch.open(handle_of(child))
+        wake.set()  # VmRecord.wake
+        watch.wait(None)
+        assert not wake.is_set()  # taken: the next wait sleeps again
+        watch.wait(0.01)
+        assert watch.alive() is True
+    finally:
+        watch.close()
+        child.kill()
+        child.wait()
