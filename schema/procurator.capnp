@@ -124,7 +124,21 @@ struct DiskTransfer {
   token @3 :Text;
   # One-time, 32 hex digits.
   peer @4 :Text;
-  # The source's only: the target's transfer address, HOST:PORT.
+  # The source's only: the target's transfer address, HOST:PORT (a live
+  # move's: where the target's incoming VMM takes the memory and state).
+  live @5 :Bool;
+  # A live move's (docs/SNAPSHOTS.md, "Live moves"): the target holds the
+  # VM in an incoming VMM and reports where it listens (`TransferProgress.
+  # memory`, `disks`); the source migrates the running VM there with
+  # `token`. Added with live moves: an older worker ignores it, and the
+  # master sends it only to workers that say `WorkerInfo.liveMoves`.
+  disks @6 :Text;
+  # A live move's source: where the target exports the VM's disks to
+  # mirror, HOST:PORT ("": none to mirror).
+  incoming @7 :VmAssignment;
+  # A live move's target, until the switch: the VM to hold incoming, as
+  # its source's assignment has it (unset after the switch, which puts the
+  # VM in the target's own assignment).
 }
 
 struct TransferProgress {
@@ -132,12 +146,17 @@ struct TransferProgress {
   vmId @0 :Text;
   opId @1 :Text;
   state @2 :Text;
-  # "pending", "sending", "sent", "received" or "failed".
+  # "pending", "sending", "sent", "received", "failed" or "ready" (a live
+  # move's target: its incoming VMM listens; added with live moves).
   done @3 :UInt64;
   total @4 :UInt64;
   # Bytes (the source's, while sending).
   message @5 :Text;
   # Why it failed ("" otherwise).
+  memory @6 :Text;
+  disks @7 :Text;
+  # A live move's target, ready: where its incoming VMM takes the memory
+  # and state, and the disks (HOST:PORT; "": none). Added with live moves.
 }
 
 struct Assignment {

@@ -498,8 +498,34 @@ def _transfers_from_reader(items: Any, where: str, problems: _Problems) -> tuple
         if not item.receive and not _PEER_RE.fullmatch(peer):
             problems.add(f"{at}.peer", f"must be HOST:PORT, not {peer[:64]!r}")
         op_id = problems.text(f"{at}.opId", item.opId, limit=64)
-        found.append(DiskTransfer(vm_id, op_id, bool(item.receive), token, peer))
+        disks = _address(
+            problems.text(f"{at}.disks", item.disks, limit=300), f"{at}.disks", problems
+        )
+        incoming = (
+            _vms_from_reader([item.incoming], f"{at}.incoming", problems, reschedule=True)[0]
+            if item._has("incoming")
+            else None
+        )
+        found.append(
+            DiskTransfer(
+                vm_id,
+                op_id,
+                bool(item.receive),
+                token,
+                peer,
+                live=bool(item.live),
+                disks=disks,
+                incoming=incoming,
+            )
+        )
     return tuple(found)
+
+
+def _address(address: str, where: str, problems: _Problems) -> str:
+    """``address``, which must be "" or HOST:PORT."""
+    if address and not _PEER_RE.fullmatch(address):
+        problems.add(where, f"must be HOST:PORT, not {address[:64]!r}")
+    return address
 
 
 def _fill_transfers(builder: Any, transfers: Sequence[DiskTransfer]) -> None:
@@ -510,6 +536,11 @@ def _fill_transfers(builder: Any, transfers: Sequence[DiskTransfer]) -> None:
         entry.receive = transfer.receive
         entry.token = transfer.token
         entry.peer = transfer.peer
+        if transfer.live:
+            entry.live = True
+            entry.disks = transfer.disks
+            if transfer.incoming is not None:
+                _fill_vms([entry.init("incoming")], [transfer.incoming])
 
 
 _TOKEN_RE = re.compile(r"[0-9a-f]{32}")
@@ -539,6 +570,8 @@ def _progress_from_reader(
                 item.done,
                 item.total,
                 problems.text(f"{at}.message", item.message),
+                _address(problems.text(f"{at}.memory", item.memory), f"{at}.memory", problems),
+                _address(problems.text(f"{at}.disks", item.disks), f"{at}.disks", problems),
             )
         )
     return tuple(found)
@@ -553,6 +586,9 @@ def _fill_progress(builder: Any, transfers: Sequence[TransferProgress]) -> None:
         entry.done = progress.done
         entry.total = progress.total
         entry.message = clip_text(progress.message)
+        if progress.memory:
+            entry.memory = progress.memory
+            entry.disks = progress.disks
 
 
 def assignment_changes_from_reader(reader: Any, where: str = "changes") -> AssignmentChanges:
@@ -945,9 +981,7 @@ def _worker_info(reader: Any, where: str, problems: _Problems) -> WorkerInfo:
 
 
 def _transfer_address(address: str, where: str, problems: _Problems) -> str:
-    if address and not _PEER_RE.fullmatch(address):
-        problems.add(f"{where}.transferAddress", f"must be HOST:PORT, not {address[:64]!r}")
-    return address
+    return _address(address, f"{where}.transferAddress", problems)
 
 
 def fill_worker_info(builder: Any, info: WorkerInfo) -> None:

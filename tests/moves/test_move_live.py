@@ -3,18 +3,36 @@ procurator.master.move): pure, over stored assignments and statuses."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
 
+import pytest
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "master"))
+
+from masterhelpers import FakeNode
+
+from procurator.core.errors import UnavailableError, ValidationError
 from procurator.core.models import (
     Assignment,
+    Capacity,
     DiskTransfer,
+    Fleet,
+    Phase,
     PowerState,
     PreparedImage,
     PrepareState,
     TransferProgress,
     TransferState,
     VmAssignment,
+    VmStatus,
+    WorkerInfo,
     WorkerStatus,
 )
 from procurator.core.move import (
@@ -28,11 +46,16 @@ from procurator.core.move import (
     transfer_progress,
 )
 from procurator.master.move import plan_move, with_moves
+from procurator.master.service import MasterService
+from procurator.master.store import FleetStore, StatusWrite
 from procurator.master.store.codec import decode_transfers, encode_transfers
+from procurator.rpc import convert
+from procurator.rpc.schema import load_schema
 
 PATH = "/nix/store/" + "c" * 32 + "-c"
 VM = VmAssignment("a", "h1", PATH, PowerState.RUNNING, 1, 128)
 TOKEN = "ab" * 16
+S = load_schema()
 MOVE = dataclasses.replace(
     Move("a", "w1", "w2", MoveKind.LIVE, MovePhase.PENDING, "op-m", 0, 1_000, image=PATH),
     token=TOKEN,
@@ -176,3 +199,175 @@ def test_the_store_keeps_where_a_targets_incoming_vmm_listens() -> None:
     # A release older than live moves reads the same text, addresses aside.
     data = json.loads(encode_transfers(listening))
     assert [row[0] for row in data["transfers"]] == ["a", "b"]
+
+
+class LiveSim:
+    """A worker simulated in process for live moves: it runs the VMs its
+    assignment desires running, a live move's target holds the VM
+    incoming (``ready``, not running) until its switch, a live move's
+    source reports its migration ``sending`` (the test reports the rest)."""
+
+    def __init__(self, service: MasterService, worker_id: str) -> None:
+        self.service = service
+        self.worker_id = worker_id
+        self.node = FakeNode()
+        self.token = 0
+        self.running: set[str] = set()
+        self.sent: list[DiskTransfer] = []  # every live transfer it was sent
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        info = WorkerInfo(
+            self.worker_id,
+            "1.0",
+            Capacity(4, 4096, 0),
+            driver="cloud-hypervisor",
+            transfer_address="127.0.0.1:7400",
+            live_moves=True,
+        )
+        self.token = await self.service.register(info, self.node)
+        assignment, _ = await self.service.get_assignment(self.token, 0)
+        await self._take(assignment)
+        nursery.start_soon(self._follow)
+
+    async def _follow(self) -> None:
+        seen = len(self.node.pushed)
+        while True:
+            while len(self.node.pushed) == seen:
+                await trio.sleep(0.01)
+            seen = len(self.node.pushed)
+            await self._take(self.node.pushed[-1])
+
+    async def _take(self, assignment: Assignment) -> None:
+        self.running = {v.id for v in assignment.vms if v.power is PowerState.RUNNING}
+        self.sent.extend(t for t in assignment.transfers if t not in self.sent)
+        progress = tuple(
+            TransferProgress(t.vm_id, t.op_id, TransferState.READY, memory="127.0.0.1:7401")
+            if t.receive
+            else TransferProgress(t.vm_id, t.op_id, TransferState.SENDING, 1, 4)
+            for t in assignment.transfers
+            if t.live and (t.incoming is not None or not t.receive)
+        )
+        status = WorkerStatus(
+            self.worker_id,
+            assignment.generation,
+            tuple(
+                VmStatus(v.id, Phase.RUNNING, v.hash, observed_power=v.power)
+                for v in assignment.vms
+                if v.id in self.running
+            ),
+            tuple(PreparedImage(p, PrepareState.READY) for p in assignment.prepare),
+            progress,
+        )
+        with contextlib.suppress(UnavailableError):
+            await self.service.report_status(self.token, status)
+
+
+async def test_a_new_leader_switches_a_move_whose_source_sent_the_state(tmp_path: Path) -> None:
+    """The master dies after the source's 'sent' is stored and before the
+    switch: the next leader switches (test_once_the_source_sent_the_state_
+    only_the_switch_is_left says why), and the VM runs on the target only."""
+    vm = VmAssignment("web-1", "h-web-1", PATH, vcpus=1, memory_mib=512)
+    async with await FleetStore.open(tmp_path / "m.db") as store:
+        async with trio.open_nursery() as nursery:
+            first = MasterService(store, push_timeout=1.0, worker_lease=60, leader_lease=1.0)
+            await nursery.start(first.run)
+            a, b = LiveSim(first, "host-a"), LiveSim(first, "host-b")
+            await a.start(nursery)
+            await b.start(nursery)
+            await first.apply(Fleet((("host-a", (vm,)),)))
+            # Recorded as `procurator move --live` will once the workers
+            # take live moves (the master refuses it until then).
+            now_ms = int(time.time() * 1000)
+            move = dataclasses.replace(
+                MOVE,
+                vm_id="web-1",
+                source="host-a",
+                target="host-b",
+                op_id="op-live",
+                started_unix_ms=now_ms,
+                deadline_unix_ms=now_ms + 60_000,
+                image=PATH,
+                token="",
+            )
+            await store.start_move(move)
+            with trio.fail_after(30):  # a hang guard
+                while (await store.moves("web-1"))[0].phase is not MovePhase.MIGRATING:
+                    await trio.sleep(0.02)
+            # The source was sent where the target's incoming VMM listens,
+            # with the token the target got; the target holds it incoming.
+            with trio.fail_after(10):
+                while not a.sent:
+                    await trio.sleep(0.01)
+            (incoming,) = b.sent
+            assert incoming.receive and incoming.live and incoming.incoming == vm
+            assert a.sent == [
+                DiskTransfer("web-1", "op-live", False, incoming.token, "127.0.0.1:7401", live=True)
+            ]
+            assert (await first.moves("web-1"))[0].progress == "25%"
+            nursery.cancel_scope.cancel()  # the leader dies (and every session with it)
+        # ... once the source's report that send_migration returned is
+        # stored: its guest stopped for good, the state on the target.
+        (migrating,) = await store.moves("web-1")
+        source = await store.worker("host-a")
+        assert source.registration is not None
+        await store.write_status(
+            StatusWrite(
+                "host-a",
+                source.registration.master_id,
+                source.registration.session,
+                migrating.generation,
+                int(time.time() * 1000),
+                whole=True,
+                transfers=(TransferProgress("web-1", "op-live", TransferState.SENT, 4, 4),),
+            )
+        )
+        async with trio.open_nursery() as nursery:
+            second = MasterService(store, push_timeout=1.0, worker_lease=60, leader_lease=1.0)
+            await nursery.start(second.run)
+            b = LiveSim(second, "host-b")  # the source stays away
+            await b.start(nursery)
+            with trio.fail_after(30):  # a hang guard
+                while not (done := (await store.moves("web-1"))[0]).over:
+                    await trio.sleep(0.02)
+            assert done.phase is MovePhase.DONE, done.reason
+            assert b.running == {"web-1"}
+            fleet = await second.fleet_status()
+            desired = {w.worker_id: [v.id for v in w.desired_vms] for w in fleet.workers}
+            assert desired == {"host-a": [], "host-b": ["web-1"]}
+            # The target was sent its transfer through the switch, without
+            # the VM (now in its assignment): it lets the incoming VMM run.
+            assert DiskTransfer("web-1", "op-live", True, incoming.token, live=True) in b.sent
+            nursery.cancel_scope.cancel()
+
+
+def test_live_transfers_and_where_the_target_listens_cross_the_wire() -> None:
+    incoming = DiskTransfer("a", "op-m", True, TOKEN, live=True, incoming=VM)
+    send = DiskTransfer(
+        "b", "op-n", False, TOKEN, "10.0.0.2:7401", live=True, disks="[fd00::2]:7402"
+    )
+    assignment = Assignment("w1", 5, (), "op-m", (), (incoming, send))
+    assert roundtrip(
+        S.Assignment, convert.fill_assignment, convert.assignment_from_reader, assignment
+    ) == (assignment)
+    status = WorkerStatus("w2", 6, (), (), READY.transfers)
+    assert (
+        roundtrip(
+            S.WorkerStatus, convert.fill_worker_status, convert.worker_status_from_reader, status
+        )
+        == status
+    )
+    bad = Assignment("w1", 5, (), "", (), (dataclasses.replace(send, disks="nowhere"),))
+    with pytest.raises(ValidationError, match=r"transfers\[0\].disks: must be HOST:PORT"):
+        roundtrip(S.Assignment, convert.fill_assignment, convert.assignment_from_reader, bad)
+    lying = WorkerStatus("w2", 6, (), (), (dataclasses.replace(READY.transfers[0], memory="x"),))
+    with pytest.raises(ValidationError, match=r"transfers\[0\].memory: must be HOST:PORT"):
+        roundtrip(
+            S.WorkerStatus, convert.fill_worker_status, convert.worker_status_from_reader, lying
+        )
+
+
+def roundtrip(struct: Any, fill: Any, read: Any, value: Any) -> Any:
+    builder = struct.new_message()
+    fill(builder, value)
+    with struct.from_bytes(builder.to_bytes()) as reader:
+        return read(reader)
