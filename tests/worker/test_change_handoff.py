@@ -1,0 +1,100 @@
+"""VM changes cross from supervisor threads into trio in batches (issue 31
+target 2): a burst of starts makes four or five changes per VM, and each
+``run_sync_soon`` of its own was a wake-up of trio (a system call, a
+context switch, a loop turn) and a ``publish_events`` of one event.
+
+The worker's own runtime (``ReconcilingHandler``, in process, unconfined,
+no network, an empty state dir: no VMM runs) with a publisher that records
+what it is given."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+import trio.testing
+
+from procurator.core.metrics import MetricSample
+from procurator.core.models import (
+    EventKind,
+    Phase,
+    PowerState,
+    PreparedImage,
+    TransferProgress,
+    VmEvent,
+    WorkerStatus,
+)
+from procurator.core.status import StatusChanges
+from procurator.worker.runtime import ReconcilingHandler, RuntimeOptions
+from procurator.worker.vmrecord import VmObservation
+
+
+class Publisher:
+    def __init__(self) -> None:
+        self.event_calls: list[list[VmEvent]] = []
+
+    def publish_status(self, status: WorkerStatus) -> None:
+        pass
+
+    def publish_status_changes(self, changes: StatusChanges) -> None:
+        pass
+
+    def publish_prepared(self, prepared: tuple[PreparedImage, ...]) -> None:
+        pass
+
+    def publish_transfers(self, transfers: tuple[TransferProgress, ...]) -> None:
+        pass
+
+    def publish_events(self, events: Sequence[VmEvent]) -> None:
+        self.event_calls.append(list(events))
+
+    def publish_metrics(self, samples: Sequence[MetricSample]) -> None:
+        pass
+
+
+def _handler(state_dir: Path, publisher: Publisher) -> ReconcilingHandler:
+    options = RuntimeOptions(
+        driver="cloud-hypervisor",
+        vmm_binary=sys.executable,
+        network=False,
+        jail=None,
+        stop_grace=2.0,
+    )
+    return ReconcilingHandler(
+        worker_id="host-a",
+        state_dir=state_dir,
+        options=options,
+        publisher=publisher,
+    )
+
+
+def _observation(vm_id: str) -> VmObservation:
+    return VmObservation(vm_id, "h1", Phase.RUNNING, PowerState.RUNNING, PowerState.RUNNING)
+
+
+async def test_a_burst_of_changes_reaches_trio_as_one_batch_in_order(tmp_path: Path) -> None:
+    publisher = Publisher()
+    handler = _handler(tmp_path / "state", publisher)
+    events = [VmEvent(f"vm-{i:03d}", EventKind.BOOTED, f"booted {i}") for i in range(50)]
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(handler.run)
+            # Fifty changes while trio is busy (here: this task, which does
+            # not yield until they are all queued), as supervisor threads
+            # queue them during a burst of starts, and actuator changes
+            # (no event) between them.
+            for event in events:
+                handler._on_change(_observation(event.vm_id), event)
+                handler._in_flight_changed(event.vm_id)
+            await trio.testing.wait_all_tasks_blocked()
+            assert publisher.event_calls == [events]
+            # The next change, with trio idle, goes at once, on its own.
+            late = VmEvent("vm-late", EventKind.STOPPED, "stopped")
+            await trio.to_thread.run_sync(handler._on_change, _observation("vm-late"), late)
+            await trio.testing.wait_all_tasks_blocked()
+            assert publisher.event_calls == [events, [late]]
+            nursery.cancel_scope.cancel()
+    finally:
+        handler.close()
