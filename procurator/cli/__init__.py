@@ -9,12 +9,16 @@ Flags several commands share (the master's address, TLS, logging, checked
 numbers) are in ``args``.
 
 The commands are a table (``COMMANDS``: name, one-line help, the
-``"module:function"`` that registers its parser) and a command's module is
-imported only when that command is parsed (run, or its ``--help`` shown):
+``"module:function"`` that registers its parser) and a command's parser
+is built only when that command is parsed (run, or its ``--help`` shown):
 ``procurator status`` does not import the master's and the worker's
 composition roots (pyroute2, psycopg, httpx, the VMMs), and ``procurator
---help`` imports no command at all. The one-line help lives in the table
-only; a module's ``add_parser`` gives its parser's description and flags.
+--help`` imports no command at all. The client commands' parsers are
+``parsers``' (no trio, no capnp): each names the function that runs it,
+and that function's module (``status``, ``ops``, ...) is imported only
+when the command runs, so their ``--help`` and usage errors need neither.
+The one-line help lives in the table only; the function it names gives
+the parser's description and flags.
 
 Exit statuses are named in ``exits`` (0 done, 1 refused/invalid/
 unreachable, 2 bad usage, 3-6 ``apply``'s outcomes, 130 interrupted, 141
@@ -40,7 +44,7 @@ from procurator.cli.exits import (
     EXIT_OK,
     EXIT_OUTPUT_CLOSED,
 )
-from procurator.cli.pipes import discard_output, output_closed
+from procurator.cli.stdout import discard_output, output_closed
 from procurator.core.errors import ProcuratorError
 from procurator.rpc.address import DEFAULT_PORT
 
@@ -87,32 +91,32 @@ COMMANDS = (
     Command(
         "apply",
         "apply a fleet file (TOML or JSON) and print what changes",
-        "procurator.cli.apply:add_parser",
+        "procurator.cli.parsers:apply",
     ),
     Command(
         "status",
         "show each worker's connection, generations and VMs by phase",
-        "procurator.cli.status:add_parser",
+        "procurator.cli.parsers:status",
     ),
     Command(
         "describe",
         "show one VM: desired vs observed state, its worker and recent events",
-        "procurator.cli.ops:add_parsers",
+        "procurator.cli.parsers:describe_and_events",
     ),
     Command(
         "events",
         "print the fleet's recent VM events; --follow streams new ones",
-        "procurator.cli.ops:add_parsers",
+        "procurator.cli.parsers:describe_and_events",
     ),
     Command(
         "snapshot",
         "create, list, delete or restore VM snapshots",
-        "procurator.cli.snapshot:add_parser",
+        "procurator.cli.parsers:snapshot",
     ),
     Command(
         "rollout",
         "show, pause, resume, promote or undo a rollout",
-        "procurator.cli.rollout:add_parser",
+        "procurator.cli.parsers:rollout",
     ),
     Command(
         "move",
@@ -127,7 +131,7 @@ COMMANDS = (
     Command(
         "top",
         "live view of the fleet: workers, convergence, VMs by phase, recent events",
-        "procurator.cli.top:add_parser",
+        "procurator.cli.parsers:top",
     ),
     Command(
         "certs",

@@ -26,20 +26,13 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import trio
 
 from procurator import logs
 from procurator.app.masters import master_addresses
-from procurator.cli.args import (
-    MasterConnection,
-    add_common,
-    add_master_address,
-    connect_master,
-    non_negative,
-    positive,
-)
+from procurator.cli.connect import MasterConnection, connect_master
 from procurator.cli.exits import (
     EXIT_FAILED,
     EXIT_OK,
@@ -55,108 +48,12 @@ from procurator.core.errors import LimitExceededError, ProcuratorError, Unavaila
 from procurator.core.fleet import parse_fleet
 from procurator.core.models import Fleet, Phase, WorkerDiff
 from procurator.core.rollout import RolloutView, VmState
-from procurator.core.validation import LIMITS, check_request_id
+from procurator.core.validation import LIMITS
 from procurator.rpc.address import Address, default_master_address
 from procurator.rpc.bridge import Bridge, open_bridge
 from procurator.rpc.clients import ControlClient
 
-__all__ = ["add_parser"]
-
-
-def add_parser(sub: Any) -> None:
-    """Register ``apply`` on the ``procurator`` parser."""
-    raw = argparse.RawDescriptionHelpFormatter
-    p = sub.add_parser(
-        "apply",
-        description=(
-            "Validate a fleet file locally, send it to the master and print the\n"
-            "per-worker diff (added / replaced / removed / power / updated).\n"
-            "The format follows the extension: .toml or .json (nix eval --json).\n"
-            "Only the parts of the file the master does not hold already (a worker's\n"
-            "VMs, the rest of the file) travel, named by digest; the master applies\n"
-            "the whole file all the same (a master too old for that gets it whole).\n\n"
-            "Every apply carries a request id (--request-id, or a random one): the\n"
-            "master never applies a request twice, and answers one it committed with\n"
-            "that apply's result. When the connection is lost after the request was\n"
-            "sent, apply retries with the same id for --retry-for seconds, then says\n"
-            "the outcome is unknown and how to check it.\n\n"
-            "exit codes: 0 applied (with --wait: converged); 1 refused, invalid or\n"
-            "unreachable (the message says which); 3 --wait timed out; 4 --wait saw\n"
-            "a failed VM; 5 --wait: converged, except disconnected workers left with\n"
-            "nothing to run that have not confirmed stopping their VMs; 6 the outcome\n"
-            "is unknown; 7 --wait: the rollout the apply started failed or was\n"
-            "reverted.\n\n"
-            "A fleet with [rollout] replaces changed VMs by a rollout: the workers\n"
-            "prepare the new images first, then the VMs switch in health-gated\n"
-            "batches (docs/ROLLOUTS.md); apply prints its id, and --wait follows it\n"
-            "(prepared N/M workers, each batch) to its end. While one is under way\n"
-            "an apply is refused unless --supersede.\n\n"
-            "VMs under [workers.W] are pinned there; VMs in the top-level [[vms]]\n"
-            "list are placed by the master on workers with room and matching labels,\n"
-            "and keep their worker on later applies (docs/SCHEDULING.md). The diff\n"
-            "(and --dry-run) shows where they go; a fleet some VM fits nowhere in is\n"
-            "refused whole, naming each such VM and what it lacks.\n\n"
-            "example:\n  procurator apply fleet.toml --wait --timeout 300\n\n"
-            "fleet.toml:\n  [workers.host-a]\n"
-            '  vms = [ { id = "web-1", image = "/nix/store/<32 chars>-web-vm" } ]\n\n'
-            "  [[vms]]\n"
-            '  id = "web-2"\n'
-            '  image = "/nix/store/<32 chars>-web-vm"\n'
-            "  vcpus = 2\n"
-            "  memory_mib = 2048\n"
-            '  constraints = { zone = "b" }'
-        ),
-        formatter_class=raw,
-    )
-    p.add_argument("file", help="fleet file, .toml or .json")
-    p.add_argument("--dry-run", action="store_true", help="show the diff, store nothing")
-    p.add_argument(
-        "--supersede",
-        action="store_true",
-        help="apply even while a rollout is under way: it ends failed, superseded "
-        "(without this an apply during a rollout is refused; docs/ROLLOUTS.md)",
-    )
-    p.add_argument(
-        "--expect-generation",
-        type=int,
-        metavar="N",
-        help="refuse unless the fleet is still at generation N (optimistic concurrency)",
-    )
-    p.add_argument(
-        "--wait",
-        action="store_true",
-        help="wait until every affected worker reports the new generation; a disconnected "
-        "worker left with nothing to run is not waited for: exit 5 says it has not "
-        "confirmed stopping its VMs",
-    )
-    p.add_argument(
-        "--timeout", type=positive, default=300.0, help="seconds --wait waits (default: 300)"
-    )
-    p.add_argument("--interval", type=positive, default=0.5, help=argparse.SUPPRESS)
-    p.add_argument(
-        "--request-id",
-        type=_request_id,
-        metavar="ID",
-        help="this apply's request id (1-64 of A-Z a-z 0-9 . _ -; default: a random one): "
-        "give the id of an earlier apply to learn its outcome or finish it safely",
-    )
-    p.add_argument(
-        "--retry-for",
-        type=non_negative,
-        default=30.0,
-        metavar="SECONDS",
-        help="when the master is lost after the request was sent, retry with the same "
-        "request id this long before saying the outcome is unknown (default: 30)",
-    )
-    add_master_address(p)
-    add_common(p, daemon=False)
-    p.set_defaults(handler=lambda args: trio.run(_apply, args))
-
-
-def _request_id(text: str) -> str:
-    if (problem := check_request_id(text)) is not None:
-        raise argparse.ArgumentTypeError(problem)
-    return text
+__all__ = ["run"]
 
 
 # ---------------------------------------------------------------- printing
@@ -451,6 +348,11 @@ _RETRY_MAX_DELAY = 4.0
 
 def _new_request_id() -> str:
     return "req-" + secrets.token_hex(10)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``procurator apply`` (its flags: ``procurator.cli.parsers.apply``)."""
+    return trio.run(_apply, args)
 
 
 async def _apply(args: argparse.Namespace) -> int:

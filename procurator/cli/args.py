@@ -1,10 +1,10 @@
 """What several commands parse alike: numbers a command can use, the
-masters' addresses, TLS files and logging options.
+masters' addresses, TLS files and logging options. Flags only: no trio,
+no Cap'n Proto (a command's ``--help`` imports this; connecting is
+``procurator.cli.connect``'s).
 
 ``--master`` (else ``$PROCURATOR_MASTER``) names one master or several,
 separated by commas (masters sharing one PostgreSQL database: docs/HA.md).
-A client command connects to the first that answers, in the order given,
-and says on stderr when it had to skip one (``connect_master``).
 
 Every numeric flag is checked here, once: a value it cannot use (nan, inf,
 a negative or zero interval, a count out of range) is a usage error (exit
@@ -16,26 +16,16 @@ make a wait endless, so both are refused explicitly.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
-import sys
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 
-from procurator.app.masters import master_addresses
-from procurator.core.errors import UnavailableError
-from procurator.rpc.address import Address, default_master_address
-from procurator.rpc.bridge import Bridge
-from procurator.rpc.clients import ControlClient, open_control
+from procurator.rpc.address import default_master_address
 from procurator.rpc.tls import ENV_CA, ENV_CERT, ENV_KEY, TlsFiles
 
 __all__ = [
-    "MasterConnection",
     "add_common",
     "add_master_address",
     "add_tls_arguments",
-    "connect_master",
-    "control_from_args",
     "int_between",
     "non_negative",
     "positive",
@@ -127,58 +117,3 @@ def add_tls_arguments(p: argparse.ArgumentParser) -> None:
 def tls_files(args: argparse.Namespace) -> TlsFiles | None:
     """The TLS files named by --tls-* (or $PROCURATOR_TLS_*), if any."""
     return TlsFiles.from_options(args.tls_cert, args.tls_key, args.tls_ca)
-
-
-@dataclass(frozen=True)
-class MasterConnection:
-    """A control client and the master it is connected to."""
-
-    client: ControlClient
-    address: Address
-
-
-@contextlib.asynccontextmanager
-async def connect_master(
-    bridge: Bridge, args: argparse.Namespace
-) -> AsyncIterator[MasterConnection]:
-    """The first master of --master (in order) that answers; each one
-    skipped is said on stderr. ``UnavailableError`` when none does (the
-    master's own error when there is one master)."""
-    addresses = master_addresses(args.master)
-    tls = tls_files(args)
-    skipped: list[tuple[Address, UnavailableError]] = []
-    async with contextlib.AsyncExitStack() as stack:
-        for address in addresses:
-            try:
-                client = await stack.enter_async_context(
-                    open_control(bridge, address, tls=tls, insecure=args.insecure)
-                )
-            except UnavailableError as exc:
-                skipped.append((address, exc))
-                continue
-            if skipped:
-                reasons = "; ".join(f"{a}: {e}" for a, e in skipped)
-                print(
-                    f"procurator {args.command}: using the master at {address} "
-                    f"({len(skipped)} did not answer: {reasons})",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            yield MasterConnection(client, address)
-            return
-    if len(skipped) == 1:
-        raise skipped[0][1]
-    raise UnavailableError(
-        f"none of the {len(skipped)} masters answered: "
-        + "; ".join(f"{a}: {e}" for a, e in skipped)
-    )
-
-
-@contextlib.asynccontextmanager
-async def control_from_args(
-    bridge: Bridge, args: argparse.Namespace
-) -> AsyncIterator[ControlClient]:
-    """The control client of the first master of --master that answers
-    (``connect_master``), with --tls-* and --insecure."""
-    async with connect_master(bridge, args) as connection:
-        yield connection.client

@@ -18,7 +18,8 @@ from typing import Any
 
 import trio
 
-from procurator.cli.args import add_common, add_master_address, control_from_args, int_between
+from procurator.cli.args import add_common, add_master_address, int_between
+from procurator.cli.connect import control_from_args
 from procurator.cli.exits import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT
 from procurator.cli.pipes import run_reader
 from procurator.core.move import (

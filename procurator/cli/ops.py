@@ -27,13 +27,7 @@ from typing import Any, TextIO
 
 import trio
 
-from procurator.cli.args import (
-    add_common,
-    add_master_address,
-    control_from_args,
-    int_between,
-    positive,
-)
+from procurator.cli.connect import control_from_args
 from procurator.cli.exits import EXIT_OK
 from procurator.cli.pipes import run_reader
 from procurator.core.control import VmDescription, WorkerEvent
@@ -43,16 +37,15 @@ from procurator.core.move import Move, move_json
 from procurator.rpc.bridge import open_bridge
 
 __all__ = [
-    "add_parsers",
     "describe_json",
     "event_json",
     "event_line",
     "print_description",
+    "run_describe",
+    "run_events",
 ]
 
-# How many events ``describe`` shows by default, and how many ``events``
-# fetches per call.
-DESCRIBE_EVENTS = 20
+# How many events ``events`` fetches per call.
 EVENTS_PAGE = 1000
 
 
@@ -94,6 +87,16 @@ def _print_events(events: Iterable[WorkerEvent], as_json: bool, out: TextIO) -> 
         else:
             print(event_line(item), file=out)
     out.flush()
+
+
+def run_events(args: argparse.Namespace) -> int:
+    """``procurator events`` (its flags: ``procurator.cli.parsers``)."""
+    return trio.run(run_reader, _events, args)
+
+
+def run_describe(args: argparse.Namespace) -> int:
+    """``procurator describe`` (its flags: ``procurator.cli.parsers``)."""
+    return trio.run(run_reader, _describe, args)
 
 
 async def _events(args: argparse.Namespace) -> int:
@@ -253,67 +256,3 @@ async def _describe(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- parsers
-
-
-_count = int_between(1, 10_000)
-
-
-def add_parsers(sub: Any) -> None:
-    """Register ``describe`` and ``events`` on the ``procurator`` parser."""
-    raw = argparse.RawDescriptionHelpFormatter
-
-    p = sub.add_parser(
-        "describe",
-        description=(
-            "Show everything the master knows about one VM: desired vs observed\n"
-            "hash, generation, power and phase; its worker and address; restarts;\n"
-            "the last error; its move under way or its last one (phase, source ->\n"
-            "target, op id, why it failed); its recent events with their operation ids.\n\n"
-            "example:\n  procurator describe vm web-1\n  procurator describe vm web-1 --json"
-        ),
-        formatter_class=raw,
-    )
-    p.add_argument("kind", choices=["vm"], help="what to describe (vm)")
-    p.add_argument("id", help="the VM's id")
-    p.add_argument(
-        "--events",
-        type=_count,
-        default=DESCRIBE_EVENTS,
-        help=f"how many recent events to show (default: {DESCRIBE_EVENTS})",
-    )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    add_master_address(p)
-    add_common(p, daemon=False)
-    p.set_defaults(handler=lambda args: trio.run(run_reader, _describe, args))
-
-    p = sub.add_parser(
-        "events",
-        description=(
-            "Print recent VM events the workers reported (created, booted,\n"
-            "crashed, restarted, replaced, stopped, paused, resumed, failed,\n"
-            "readopted, removed), oldest first, each with its operation id.\n"
-            "The master keeps a bounded recent history (per VM and overall).\n"
-            "--follow keeps polling the master for new events (every --interval\n"
-            "seconds) until interrupted.\n\n"
-            "example:\n  procurator events --vm web-1 --follow\n  procurator events --json"
-        ),
-        formatter_class=raw,
-    )
-    p.add_argument("--vm", default="", metavar="ID", help="only this VM's events")
-    p.add_argument(
-        "--limit",
-        type=_count,
-        default=100,
-        help="how many recent events to print first (default: 100)",
-    )
-    p.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
-    p.add_argument(
-        "--interval",
-        type=positive,
-        default=1.0,
-        help="seconds between polls with --follow (default: 1)",
-    )
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
-    add_master_address(p)
-    add_common(p, daemon=False)
-    p.set_defaults(handler=lambda args: trio.run(run_reader, _events, args))

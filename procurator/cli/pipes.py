@@ -7,9 +7,11 @@ Python ignores SIGPIPE, so a write to a closed pipe raises
 ``BrokenPipeError`` at the write, never in the middle of other work: a
 command's effects (an apply stored by the master, certificates written) are
 whole before it prints about them. ``main`` turns that error into 141
-(``output_closed``, ``discard_output``). Read-only commands also watch their
-output while they wait (``run_reader``): ``events --follow | head -3`` ends
-as soon as ``head`` does, not at the next event.
+(``output_closed``, ``discard_output``, in ``procurator.cli.stdout``: no
+trio, as ``main`` runs them for every command, ``--help`` too). Read-only
+commands also watch their output while they wait (``run_reader``, here):
+``events --follow | head -3`` ends as soon as ``head`` does, not at the
+next event.
 """
 
 from __future__ import annotations
@@ -18,53 +20,18 @@ import argparse
 import errno
 import functools
 import os
-import select
 import stat
 import sys
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import trio
 
-__all__ = ["discard_output", "output_closed", "read_until_output_closed", "run_reader"]
+from procurator.cli.stdout import reader_gone
+
+__all__ = ["read_until_output_closed", "run_reader"]
 
 T = TypeVar("T")
-
-
-def _reader_gone(fd: int) -> bool:
-    """Whether ``fd`` is a pipe (or socket, or terminal) whose other end
-    is closed. ``poll`` reports that (POLLERR for a pipe without readers,
-    POLLHUP for a socket or a hung-up terminal) whatever events are asked
-    for; a file, ``/dev/null`` or a closed descriptor never shows it."""
-    poller = select.poll()
-    poller.register(fd, 0)
-    return any(mask & (select.POLLERR | select.POLLHUP) for _, mask in poller.poll(0))
-
-
-def output_closed(errors: Iterable[BaseException]) -> bool:
-    """Whether ``errors`` (the leaves of what ended a command) mean that the
-    reader of our output went away: a ``BrokenPipeError`` among them, and
-    stdout or stderr now without a reader. A broken pipe anywhere else (a
-    socket of ours) is a bug to show, not a reader to ignore."""
-    return any(isinstance(e, BrokenPipeError) for e in errors) and (
-        _reader_gone(1) or _reader_gone(2)
-    )
-
-
-def discard_output() -> None:
-    """Point stdout and stderr, where their reader went away, at /dev/null.
-
-    Python flushes them once more at exit; into a closed pipe that flush
-    would fail, print "Exception ignored ... BrokenPipeError" and turn the
-    exit status into 120. Whatever is still buffered goes nowhere instead:
-    no one is left to read it."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        for fd in (1, 2):
-            if _reader_gone(fd):
-                os.dup2(devnull, fd)
-    finally:
-        os.close(devnull)
 
 
 async def _until_output_closed() -> None:
@@ -81,9 +48,9 @@ async def _until_output_closed() -> None:
     # with EPOLLERR, once no reader is left, and trio wakes a reader waiting
     # on it for that. The check after each wake-up keeps a stray one (a FIFO
     # opened read-write) from ending the command.
-    while not _reader_gone(fd):
+    while not reader_gone(fd):
         await trio.lowlevel.wait_readable(fd)
-        if not _reader_gone(fd):
+        if not reader_gone(fd):
             await trio.sleep(0.5)
 
 

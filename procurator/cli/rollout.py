@@ -15,54 +15,18 @@ from typing import Any
 
 import trio
 
-from procurator.cli.args import add_common, add_master_address, control_from_args
+from procurator.cli.connect import control_from_args
 from procurator.cli.exits import EXIT_OK
 from procurator.cli.pipes import run_reader
 from procurator.core.rollout import RolloutAction, RolloutView, VmState
 from procurator.rpc.bridge import open_bridge
 
-__all__ = ["add_parser", "format_view", "view_json"]
-
-_HELP = {
-    RolloutAction.STATUS: "show a rollout: phase, prepare progress, batches, each VM",
-    RolloutAction.PAUSE: "start no new batch (VMs in flight are still judged, and revert)",
-    RolloutAction.RESUME: "start batches again after a pause",
-    RolloutAction.PROMOTE: "let the VMs after healthy canaries follow",
-    RolloutAction.UNDO: "revert: the VMs it touched go back to their previous images",
-}
+__all__ = ["format_view", "run", "view_json"]
 
 
-def add_parser(sub: Any) -> None:
-    """Register ``rollout`` and its five commands."""
-    raw = argparse.RawDescriptionHelpFormatter
-    parser = sub.add_parser(
-        "rollout",
-        description=(
-            "A rollout replaces the VMs an apply changes in health-gated batches\n"
-            "(a fleet with [rollout]; docs/ROLLOUTS.md). ID: the rollout's id, as\n"
-            "apply prints it; omitted: the one under way, else the newest.\n\n"
-            "example:\n  procurator rollout status\n  procurator rollout promote\n"
-            "  procurator rollout undo ro-3f9a0c12b7de"
-        ),
-        formatter_class=raw,
-    )
-    commands = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for action in RolloutAction:
-        p = commands.add_parser(
-            action.value,
-            help=_HELP[action],
-            description=f"{_HELP[action]}.\n\nexample:\n  procurator rollout {action.value}",
-            formatter_class=raw,
-        )
-        p.add_argument("id", nargs="?", default="", help="the rollout's id (default: current)")
-        p.add_argument("--json", action="store_true", help="machine-readable output")
-        add_master_address(p)
-        add_common(p, daemon=False)
-        p.set_defaults(
-            handler=lambda args, action=action: trio.run(
-                run_reader, functools.partial(_act, action), args
-            )
-        )
+def run(args: argparse.Namespace) -> int:
+    """``procurator rollout ACTION`` (its flags: ``procurator.cli.parsers.rollout``)."""
+    return trio.run(run_reader, functools.partial(_act, RolloutAction(args.action)), args)
 
 
 async def _act(action: RolloutAction, args: argparse.Namespace) -> int:

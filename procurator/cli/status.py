@@ -12,7 +12,7 @@ from typing import Any, TextIO
 
 import trio
 
-from procurator.cli.args import add_common, add_master_address, control_from_args
+from procurator.cli.connect import control_from_args
 from procurator.cli.exits import EXIT_OK
 from procurator.cli.pipes import run_reader
 from procurator.core.control import FleetStatus, WorkerConnection
@@ -20,28 +20,12 @@ from procurator.core.drain import mode_json
 from procurator.core.models import VmAssignment, VmStatus, WorkerInfo, WorkerState
 from procurator.rpc.bridge import open_bridge
 
-__all__ = ["add_parser", "phase_counts", "print_vm_table", "status_vm_json"]
+__all__ = ["phase_counts", "print_vm_table", "run", "status_vm_json"]
 
 
-def add_parser(sub: Any) -> None:
-    """Register ``status`` on the ``procurator`` parser."""
-    p = sub.add_parser(
-        "status",
-        description=(
-            "Show the fleet generation and, per worker: its state (ready; lost:\n"
-            "its lease expired; cordoned: takes no new VMs; draining N/M: its\n"
-            "unpinned VMs moving elsewhere), when its lease was last renewed,\n"
-            "connected or since when away, desired vs observed generation, VMs\n"
-            "by phase, a drain's progress; then, per VM: its phase, desired vs\n"
-            "observed power, address and restarts.\n\n"
-            "example:\n  procurator status --json"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    add_master_address(p)
-    add_common(p, daemon=False)
-    p.set_defaults(handler=lambda args: trio.run(run_reader, _status, args))
+def run(args: argparse.Namespace) -> int:
+    """``procurator status`` (its flags: ``procurator.cli.parsers.status``)."""
+    return trio.run(run_reader, _status, args)
 
 
 async def _status(args: argparse.Namespace) -> int:

@@ -34,7 +34,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TextIO
+from typing import Protocol, TextIO
 
 import trio
 from rich.console import Console, Group, RenderableType
@@ -42,13 +42,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from procurator.cli.args import (
-    add_common,
-    add_master_address,
-    control_from_args,
-    int_between,
-    positive,
-)
+from procurator.cli.connect import control_from_args
 from procurator.cli.exits import EXIT_OK
 from procurator.cli.ops import event_line
 from procurator.cli.pipes import run_reader
@@ -61,9 +55,9 @@ __all__ = [
     "FleetFrame",
     "PlainPrinter",
     "WorkerRow",
-    "add_parser",
     "fleet_frame",
     "render",
+    "run",
 ]
 
 EVENTS_PAGE = 1000
@@ -400,7 +394,8 @@ def _live_output(console: Console) -> Iterator[Callable[[FleetFrame], None]]:
         yield show
 
 
-def _top(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """``procurator top`` (its flags: ``procurator.cli.parsers.top``)."""
     out = sys.stdout
     console = Console(file=out)
     plain = args.plain or not console.is_terminal
@@ -414,44 +409,3 @@ def _top(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- parser
-
-
-def add_parser(sub: Any) -> None:
-    """Register ``top`` on the ``procurator`` parser."""
-    p = sub.add_parser(
-        "top",
-        description=(
-            "A live view of the fleet: each worker's connection, desired vs\n"
-            "observed generation and VMs by phase, the fleet's convergence and\n"
-            "its recent events. On a terminal it refreshes in place as the fleet\n"
-            "changes (the master answers a blocking read when it does); piped,\n"
-            "it prints a plain, timestamped line for each change instead.\n"
-            "Quit with Ctrl-C.\n\n"
-            "example:\n  procurator top\n  procurator top --plain | tee fleet.log"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--interval",
-        type=positive,
-        default=1.0,
-        help="at most one read of the master per this many seconds (default: 1)",
-    )
-    p.add_argument(
-        "--wait",
-        type=positive,
-        default=5.0,
-        help="refresh at least this often (seconds) when nothing changes, so ages move "
-        "(default: 5)",
-    )
-    p.add_argument(
-        "--events",
-        type=int_between(0, 1000),
-        default=10,
-        help="recent events to show (default: 10)",
-    )
-    p.add_argument("--plain", action="store_true", help="plain lines even on a terminal")
-    p.add_argument("--once", action="store_true", help="show the fleet once and exit")
-    add_master_address(p)
-    add_common(p, daemon=False)
-    p.set_defaults(handler=_top)

@@ -32,12 +32,12 @@ from procurator.app.worker import (
 from procurator.cli.args import (
     add_common,
     add_master_address,
-    control_from_args,
     int_between,
     non_negative,
     positive,
     tls_files,
 )
+from procurator.cli.connect import control_from_args
 from procurator.cli.exits import EXIT_ERROR, EXIT_OK, EXIT_TIMEOUT
 from procurator.cli.pipes import run_reader
 from procurator.core.drain import MAX_UNAVAILABLE_LIMIT, ModeAction, mode_json

@@ -15,8 +15,6 @@ import subprocess
 import sys
 from collections.abc import Mapping
 
-import pytest
-
 from procurator.cli import COMMANDS, build_parser
 
 _LOADED = """
@@ -46,20 +44,46 @@ def test_the_command_list_imports_no_command() -> None:
     assert modules & (_COMMAND_MODULES | _ROOTS) == set()
 
 
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["status", "--help"],
-        # Nothing listens on port 1: the command fails to connect (status 1).
-        ["status", "--json", "--master", "127.0.0.1:1"],
-    ],
-)
-def test_status_imports_its_own_module_only(argv: list[str]) -> None:
-    code, modules = _loaded(*argv)
-    assert code == (0 if "--help" in argv else 1)
-    assert "procurator.cli.status" in modules
-    assert modules & (_COMMAND_MODULES - {"procurator.cli.status"}) == set()
+def test_status_imports_its_own_module_only() -> None:
+    # Nothing listens on port 1: the command fails to connect (status 1).
+    code, modules = _loaded("status", "--json", "--master", "127.0.0.1:1")
+    assert code == 1
+    assert {"procurator.cli.status", "procurator.cli.parsers"} <= modules
+    assert modules & (_COMMAND_MODULES - {"procurator.cli.parsers"}) == set()
     assert modules & _ROOTS == set()
+
+
+# The client commands whose parsers are procurator.cli.parsers'; the
+# daemons' (master, worker) are built with their composition roots, and
+# move's still sits with what runs it.
+_CLIENTS = [c.name for c in COMMANDS if c.parser.startswith("procurator.cli.parsers:")]
+
+_HELPS = """
+import contextlib, io, json, sys
+from procurator.cli import main
+codes = {}
+for command in sys.argv[1:]:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        codes[command] = main([command, "--help"])
+print(json.dumps({"codes": codes, "modules": sorted(sys.modules)}))
+"""
+
+
+def test_a_client_command_s_help_imports_no_trio_and_no_capnp() -> None:
+    # Each --help built its parser from procurator.cli.parsers and ran
+    # nothing: no trio, no Cap'n Proto (no schema loaded), no module that
+    # runs a command. Once every command's module was imported with its
+    # parser, and with it trio and pycapnp, to print a help text.
+    assert {"status", "describe", "events", "apply", "top", "rollout", "snapshot"} <= set(_CLIENTS)
+    done = subprocess.run(
+        [sys.executable, "-c", _HELPS, *_CLIENTS], capture_output=True, text=True, check=True
+    )
+    result = json.loads(done.stdout)
+    assert set(result["codes"].values()) == {0}
+    modules = set(result["modules"])
+    assert "procurator.cli.parsers" in modules
+    heavy = {"trio", "capnp", "rich", "procurator.rpc.bridge", "procurator.rpc.schema"}
+    assert modules & (heavy | _ROOTS | (_COMMAND_MODULES - {"procurator.cli.parsers"})) == set()
 
 
 def test_commands_sharing_a_module_are_built_together() -> None:

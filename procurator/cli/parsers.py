@@ -1,0 +1,394 @@
+"""The client commands' parsers: their flags, help and examples, and the
+function each one runs, named ``"module:function"`` and imported when the
+command runs. ``procurator status --help`` (any of these commands'
+``--help``, or a usage error) so imports neither trio nor Cap'n Proto nor
+the module that runs the command: a client's help is instant, and needs
+nothing of the wire. ``procurator.cli.COMMANDS`` names the function here
+that adds each command's parser.
+
+The flags' types and the shared flags are ``procurator.cli.args``'s (no
+trio, no capnp either); what a command does is in its own module
+(``status``, ``ops``, ``top``, ``rollout``, ``snapshot``, ``apply``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from procurator.cli.args import add_common, add_master_address, int_between, non_negative, positive
+from procurator.core.rollout import RolloutAction
+from procurator.core.validation import check_request_id
+
+__all__ = [
+    "DESCRIBE_EVENTS",
+    "apply",
+    "describe_and_events",
+    "rollout",
+    "snapshot",
+    "status",
+    "top",
+]
+
+DESCRIBE_EVENTS = 20  # a VM's recent events ``describe`` shows by default
+
+_count = int_between(1, 10_000)
+
+_ROLLOUT_HELP = {
+    RolloutAction.STATUS: "show a rollout: phase, prepare progress, batches, each VM",
+    RolloutAction.PAUSE: "start no new batch (VMs in flight are still judged, and revert)",
+    RolloutAction.RESUME: "start batches again after a pause",
+    RolloutAction.PROMOTE: "let the VMs after healthy canaries follow",
+    RolloutAction.UNDO: "revert: the VMs it touched go back to their previous images",
+}
+
+
+def _runs(target: str) -> Callable[[argparse.Namespace], int]:
+    """The handler of a command that ``target`` (``"module:function"``,
+    given the parsed arguments, returning the exit status) runs: its module
+    is imported when the command runs, not when its parser is built."""
+    module, _, name = target.partition(":")
+
+    def handler(args: argparse.Namespace) -> int:
+        run: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(module), name)
+        return run(args)
+
+    return handler
+
+
+def _request_id(text: str) -> str:
+    if (problem := check_request_id(text)) is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def apply(sub: Any) -> None:
+    """``procurator apply``."""
+    raw = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser(
+        "apply",
+        description=(
+            "Validate a fleet file locally, send it to the master and print the\n"
+            "per-worker diff (added / replaced / removed / power / updated).\n"
+            "The format follows the extension: .toml or .json (nix eval --json).\n"
+            "Only the parts of the file the master does not hold already (a worker's\n"
+            "VMs, the rest of the file) travel, named by digest; the master applies\n"
+            "the whole file all the same (a master too old for that gets it whole).\n\n"
+            "Every apply carries a request id (--request-id, or a random one): the\n"
+            "master never applies a request twice, and answers one it committed with\n"
+            "that apply's result. When the connection is lost after the request was\n"
+            "sent, apply retries with the same id for --retry-for seconds, then says\n"
+            "the outcome is unknown and how to check it.\n\n"
+            "exit codes: 0 applied (with --wait: converged); 1 refused, invalid or\n"
+            "unreachable (the message says which); 3 --wait timed out; 4 --wait saw\n"
+            "a failed VM; 5 --wait: converged, except disconnected workers left with\n"
+            "nothing to run that have not confirmed stopping their VMs; 6 the outcome\n"
+            "is unknown; 7 --wait: the rollout the apply started failed or was\n"
+            "reverted.\n\n"
+            "A fleet with [rollout] replaces changed VMs by a rollout: the workers\n"
+            "prepare the new images first, then the VMs switch in health-gated\n"
+            "batches (docs/ROLLOUTS.md); apply prints its id, and --wait follows it\n"
+            "(prepared N/M workers, each batch) to its end. While one is under way\n"
+            "an apply is refused unless --supersede.\n\n"
+            "VMs under [workers.W] are pinned there; VMs in the top-level [[vms]]\n"
+            "list are placed by the master on workers with room and matching labels,\n"
+            "and keep their worker on later applies (docs/SCHEDULING.md). The diff\n"
+            "(and --dry-run) shows where they go; a fleet some VM fits nowhere in is\n"
+            "refused whole, naming each such VM and what it lacks.\n\n"
+            "example:\n  procurator apply fleet.toml --wait --timeout 300\n\n"
+            "fleet.toml:\n  [workers.host-a]\n"
+            '  vms = [ { id = "web-1", image = "/nix/store/<32 chars>-web-vm" } ]\n\n'
+            "  [[vms]]\n"
+            '  id = "web-2"\n'
+            '  image = "/nix/store/<32 chars>-web-vm"\n'
+            "  vcpus = 2\n"
+            "  memory_mib = 2048\n"
+            '  constraints = { zone = "b" }'
+        ),
+        formatter_class=raw,
+    )
+    p.add_argument("file", help="fleet file, .toml or .json")
+    p.add_argument("--dry-run", action="store_true", help="show the diff, store nothing")
+    p.add_argument(
+        "--supersede",
+        action="store_true",
+        help="apply even while a rollout is under way: it ends failed, superseded "
+        "(without this an apply during a rollout is refused; docs/ROLLOUTS.md)",
+    )
+    p.add_argument(
+        "--expect-generation",
+        type=int,
+        metavar="N",
+        help="refuse unless the fleet is still at generation N (optimistic concurrency)",
+    )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait until every affected worker reports the new generation; a disconnected "
+        "worker left with nothing to run is not waited for: exit 5 says it has not "
+        "confirmed stopping its VMs",
+    )
+    p.add_argument(
+        "--timeout", type=positive, default=300.0, help="seconds --wait waits (default: 300)"
+    )
+    p.add_argument("--interval", type=positive, default=0.5, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--request-id",
+        type=_request_id,
+        metavar="ID",
+        help="this apply's request id (1-64 of A-Z a-z 0-9 . _ -; default: a random one): "
+        "give the id of an earlier apply to learn its outcome or finish it safely",
+    )
+    p.add_argument(
+        "--retry-for",
+        type=non_negative,
+        default=30.0,
+        metavar="SECONDS",
+        help="when the master is lost after the request was sent, retry with the same "
+        "request id this long before saying the outcome is unknown (default: 30)",
+    )
+    add_master_address(p)
+    add_common(p, daemon=False)
+    p.set_defaults(handler=_runs("procurator.cli.apply:run"))
+
+
+def status(sub: Any) -> None:
+    """``procurator status``."""
+    p = sub.add_parser(
+        "status",
+        description=(
+            "Show the fleet generation and, per worker: its state (ready; lost:\n"
+            "its lease expired; cordoned: takes no new VMs; draining N/M: its\n"
+            "unpinned VMs moving elsewhere), when its lease was last renewed,\n"
+            "connected or since when away, desired vs observed generation, VMs\n"
+            "by phase, a drain's progress; then, per VM: its phase, desired vs\n"
+            "observed power, address and restarts.\n\n"
+            "example:\n  procurator status --json"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_master_address(p)
+    add_common(p, daemon=False)
+    p.set_defaults(handler=_runs("procurator.cli.status:run"))
+
+
+def describe_and_events(sub: Any) -> None:
+    """``procurator describe`` and ``procurator events``."""
+    raw = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser(
+        "describe",
+        description=(
+            "Show everything the master knows about one VM: desired vs observed\n"
+            "hash, generation, power and phase; its worker and address; restarts;\n"
+            "the last error; its move under way or its last one (phase, source ->\n"
+            "target, op id, why it failed); its recent events with their operation ids.\n\n"
+            "example:\n  procurator describe vm web-1\n  procurator describe vm web-1 --json"
+        ),
+        formatter_class=raw,
+    )
+    p.add_argument("kind", choices=["vm"], help="what to describe (vm)")
+    p.add_argument("id", help="the VM's id")
+    p.add_argument(
+        "--events",
+        type=_count,
+        default=DESCRIBE_EVENTS,
+        help=f"how many recent events to show (default: {DESCRIBE_EVENTS})",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_master_address(p)
+    add_common(p, daemon=False)
+    p.set_defaults(handler=_runs("procurator.cli.ops:run_describe"))
+
+    p = sub.add_parser(
+        "events",
+        description=(
+            "Print recent VM events the workers reported (created, booted,\n"
+            "crashed, restarted, replaced, stopped, paused, resumed, failed,\n"
+            "readopted, removed), oldest first, each with its operation id.\n"
+            "The master keeps a bounded recent history (per VM and overall).\n"
+            "--follow keeps polling the master for new events (every --interval\n"
+            "seconds) until interrupted.\n\n"
+            "example:\n  procurator events --vm web-1 --follow\n  procurator events --json"
+        ),
+        formatter_class=raw,
+    )
+    p.add_argument("--vm", default="", metavar="ID", help="only this VM's events")
+    p.add_argument(
+        "--limit",
+        type=_count,
+        default=100,
+        help="how many recent events to print first (default: 100)",
+    )
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    p.add_argument(
+        "--interval",
+        type=positive,
+        default=1.0,
+        help="seconds between polls with --follow (default: 1)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    add_master_address(p)
+    add_common(p, daemon=False)
+    p.set_defaults(handler=_runs("procurator.cli.ops:run_events"))
+
+
+def top(sub: Any) -> None:
+    """``procurator top``."""
+    p = sub.add_parser(
+        "top",
+        description=(
+            "A live view of the fleet: each worker's connection, desired vs\n"
+            "observed generation and VMs by phase, the fleet's convergence and\n"
+            "its recent events. On a terminal it refreshes in place as the fleet\n"
+            "changes (the master answers a blocking read when it does); piped,\n"
+            "it prints a plain, timestamped line for each change instead.\n"
+            "Quit with Ctrl-C.\n\n"
+            "example:\n  procurator top\n  procurator top --plain | tee fleet.log"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--interval",
+        type=positive,
+        default=1.0,
+        help="at most one read of the master per this many seconds (default: 1)",
+    )
+    p.add_argument(
+        "--wait",
+        type=positive,
+        default=5.0,
+        help="refresh at least this often (seconds) when nothing changes, so ages move "
+        "(default: 5)",
+    )
+    p.add_argument(
+        "--events",
+        type=int_between(0, 1000),
+        default=10,
+        help="recent events to show (default: 10)",
+    )
+    p.add_argument("--plain", action="store_true", help="plain lines even on a terminal")
+    p.add_argument("--once", action="store_true", help="show the fleet once and exit")
+    add_master_address(p)
+    add_common(p, daemon=False)
+    p.set_defaults(handler=_runs("procurator.cli.top:run"))
+
+
+def rollout(sub: Any) -> None:
+    """``procurator rollout`` and its five commands."""
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = sub.add_parser(
+        "rollout",
+        description=(
+            "A rollout replaces the VMs an apply changes in health-gated batches\n"
+            "(a fleet with [rollout]; docs/ROLLOUTS.md). ID: the rollout's id, as\n"
+            "apply prints it; omitted: the one under way, else the newest.\n\n"
+            "example:\n  procurator rollout status\n  procurator rollout promote\n"
+            "  procurator rollout undo ro-3f9a0c12b7de"
+        ),
+        formatter_class=raw,
+    )
+    commands = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action in RolloutAction:
+        p = commands.add_parser(
+            action.value,
+            help=_ROLLOUT_HELP[action],
+            description=(
+                f"{_ROLLOUT_HELP[action]}.\n\nexample:\n  procurator rollout {action.value}"
+            ),
+            formatter_class=raw,
+        )
+        p.add_argument("id", nargs="?", default="", help="the rollout's id (default: current)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        add_master_address(p)
+        add_common(p, daemon=False)
+        p.set_defaults(handler=_runs("procurator.cli.rollout:run"))
+
+
+def snapshot(sub: Any) -> None:
+    """``procurator snapshot`` and its four commands."""
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = sub.add_parser(
+        "snapshot",
+        description=(
+            "Snapshots of a VM's memory, devices and writable disks, kept by the\n"
+            "worker that runs it (docs/SNAPSHOTS.md). Names: 1-63 characters of\n"
+            "a-z, 0-9 and '-'. A restore loads only a snapshot of the VM's\n"
+            "current image hash unless --force; the guest's clock is then behind.\n\n"
+            "example:\n  procurator snapshot create web-1 before-upgrade\n"
+            "  procurator snapshot list\n  procurator snapshot restore web-1 before-upgrade\n"
+            "  procurator snapshot delete web-1 before-upgrade"
+        ),
+        formatter_class=raw,
+    )
+    commands = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        add_master_address(p)
+        add_common(p, daemon=False)
+
+    p = commands.add_parser(
+        "create",
+        help="snapshot a running VM (paused meanwhile)",
+        description=(
+            "Snapshot a running VM: its memory, devices and writable disks. The\n"
+            "guest is paused while it is taken, then runs on.\n\n"
+            "example:\n  procurator snapshot create web-1 before-upgrade"
+        ),
+        formatter_class=raw,
+    )
+    p.add_argument("vm", help="the VM's id")
+    p.add_argument("name", nargs="?", help="the snapshot's name (default: its UTC time)")
+    common(p)
+    p.set_defaults(handler=_runs("procurator.cli.snapshot:run"))
+
+    p = commands.add_parser(
+        "list",
+        help="list snapshots, of one VM or of the fleet",
+        description=(
+            "List snapshots, oldest first: one VM's, or the fleet's. Workers\n"
+            "connected to the master are asked; of the others the master shows\n"
+            "what it recorded of them last.\n\n"
+            "example:\n  procurator snapshot list\n  procurator snapshot list web-1 --json"
+        ),
+        formatter_class=raw,
+    )
+    p.add_argument("vm", nargs="?", help="only this VM's snapshots")
+    common(p)
+    p.set_defaults(handler=_runs("procurator.cli.snapshot:run"))
+
+    p = commands.add_parser(
+        "delete",
+        help="delete a snapshot",
+        description="Delete a snapshot.\n\nexample:\n  procurator snapshot delete web-1 old",
+        formatter_class=raw,
+    )
+    p.add_argument("vm", help="the VM's id")
+    p.add_argument("name", help="the snapshot's name")
+    common(p)
+    p.set_defaults(handler=_runs("procurator.cli.snapshot:run"))
+
+    p = commands.add_parser(
+        "restore",
+        help="put a VM back as a snapshot found it",
+        description=(
+            "Put a VM back as the snapshot found it: disks, memory, devices. Its\n"
+            "VMM is replaced; the guest's clock is then behind until it corrects\n"
+            "it. Only a snapshot of the VM's current image hash, unless --force.\n\n"
+            "example:\n  procurator snapshot restore web-1 before-upgrade"
+        ),
+        formatter_class=raw,
+    )
+    p.add_argument("vm", help="the VM's id")
+    p.add_argument("name", help="the snapshot's name")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="restore a snapshot of another image hash of the VM",
+    )
+    common(p)
+    p.set_defaults(handler=_runs("procurator.cli.snapshot:run"))
