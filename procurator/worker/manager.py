@@ -110,6 +110,18 @@ hash), ``stopped`` (desired power stopped, or the guest powered off),
 ``paused``, ``resumed``, ``failed`` (with the reason), ``readopted`` (a VMM
 found alive by a new worker) and ``removed``.
 
+Incoming VMs (a live move's target side; docs/SNAPSHOTS.md, "Live
+moves"): ``ensure`` of a spec with ``incoming`` (``vmrecord.Incoming``)
+holds the VM in an incoming VMM (``VmmDriver.launch_incoming``): launched
+once, never booted, probed or restarted, its observation ``incoming``
+naming the move (not a VM of this worker's yet: the caller keeps it out of
+the reconciler and the status); a failed launch is reported and not tried
+again for that request. ``ensure`` of the same hash without ``incoming``
+(the move's switch) lets it run (``finish_incoming``); if that fails, the
+VM boots from its disk copies. Nothing of it survives the worker:
+``recover`` removes a VM it finds held incoming (its VMM stopped, its
+directory deleted) and names it in ``incoming_dropped`` for the move.
+
 Guest clock after resume: neither cloud-hypervisor (v53 API) nor QEMU
 without a guest agent offers a way to set the guest's clock (their
 ``Capabilities.guest_clock`` is false), so a resumed guest's wall clock lags
@@ -223,6 +235,9 @@ class VmManager:
         # first VM and released by close; a leaf lock guards taking it.
         self._owner_lock = threading.Lock()
         self._owner: OwnerLock | None = None
+        # VM id -> the op id of the live move ``recover`` found it held
+        # incoming for (and removed); guarded by the map lock.
+        self.incoming_dropped: dict[str, str] = {}
 
     # -- public API --------------------------------------------------------------
 
@@ -613,11 +628,25 @@ class VmManager:
                     del self._vms[vm.vm_id]
             raise
         vm.flock = flock
+        # Held incoming for a live move when the worker stopped: the move's
+        # state is gone with this worker's memory of it, and booted the VM
+        # would run beside its source. Removed (its VMM stopped), and the
+        # move told (``incoming_dropped``).
+        dropped = recovering and spec is not None and spec.incoming is not None
+        if dropped:
+            assert spec is not None and spec.incoming is not None
+            log.warning(
+                "VM %s: held incoming for move %s when the worker stopped: removed",
+                vm.vm_id,
+                spec.incoming.op_id,
+            )
+            with self._map_lock:
+                self.incoming_dropped[vm.vm_id] = spec.incoming.op_id
         with vm.cond:
             vm.desired = spec
             # Found on disk without vm.json (not being created now): a VM whose
             # creation never completed. Clean it up.
-            vm.removing = spec is None and not create
+            vm.removing = (spec is None and not create) or dropped
             if spec is not None:
                 vm.obs = vm.obs.for_spec(spec)
             # Recovered before any assignment: a reschedule VM may have been

@@ -104,7 +104,14 @@ from procurator.worker.vmm.base import (
     VmmRejected,
     VmmTimeout,
 )
-from procurator.worker.vmrecord import Outcome, SweepWatch, Timeouts, VmRecord, VmSpec
+from procurator.worker.vmrecord import (
+    Incoming,
+    Outcome,
+    SweepWatch,
+    Timeouts,
+    VmRecord,
+    VmSpec,
+)
 
 if TYPE_CHECKING:
     from procurator.worker.manager import VmManager
@@ -168,6 +175,11 @@ class VmSupervisor:
         # The handles record names the event the running VMM's launch still
         # owes (``HandlesRecord.owes``): cleared once that event is told.
         self.owed = False
+        # The live move the running VMM was launched incoming for (None: an
+        # ordinary VMM), and the request whose incoming launch failed (not
+        # tried again for it).
+        self.incoming: Incoming | None = None
+        self.incoming_failed = -1
 
     # -- the loop ----------------------------------------------------------------
 
@@ -202,6 +214,12 @@ class VmSupervisor:
         if not self._read_request():
             return False
         if self._run_job():
+            return True
+        try:
+            if self._hold_incoming():
+                return True
+        except ProcuratorError as exc:
+            self._incoming_failed(exc)
             return True
         if self.facts.vmm is not None and self.facts.vmm.alive and not self._alive():
             self._note_vmm(alive=False)
@@ -270,6 +288,87 @@ class VmSupervisor:
             job.result, job.error, job.done = result, error, True
             vm.cond.notify_all()
         return True
+
+    # -- a live move's incoming VM (vmrecord.Incoming) ---------------------------
+
+    def _hold_incoming(self) -> bool:
+        """A VM held incoming for a live move: its VMM launched once
+        (``launch_incoming``), then left alone (no probe, no restart) until
+        the spec changes; True while so. The switch's spec (the same hash,
+        no longer incoming) lets it run (``finish_incoming``), and the
+        ordinary loop takes it over; any other change discards it."""
+        spec = self.spec
+        wanted = spec.incoming if spec is not None and not self.facts.removing else None
+        if self.incoming is not None and wanted != self.incoming:
+            self._end_incoming(spec)
+        if wanted is None:
+            return False
+        assert spec is not None
+        if self.handle is None and self.incoming_failed != self.request:
+            self._launch_incoming(spec, wanted)
+        elif self.handle is not None and not self._alive():
+            self._forget_vmm()
+            self.incoming = None
+            raise VmmError(f"the incoming VMM for move {wanted.op_id} exited")
+        self._wait(None)  # a new request, a removal, closing, or the VMM's exit
+        return True
+
+    def _launch_incoming(self, spec: VmSpec, incoming: Incoming) -> None:
+        if not self.facts.adopted:
+            self._adopt()
+        if self.handle is not None:
+            # Not ours to hold: the VM still runs here (a removal not done).
+            raise VmmError(f"a VMM of VM {self.vm.vm_id} runs here already (pid {self.handle.pid})")
+        self._publish(Phase.STARTING, f"starting an incoming VMM (move {incoming.op_id})")
+        handle = self._launch(spec, owes=EventKind.BOOTED, incoming=incoming)
+        self._take(handle, spec.hash)
+        self.incoming = incoming
+        self._publish(
+            Phase.STARTING,
+            f"incoming (move {incoming.op_id}): VMM pid {handle.pid} waits for the VM's state",
+            outcome=_OK,
+        )
+
+    def _incoming_failed(self, exc: ProcuratorError) -> None:
+        """The incoming VMM could not be launched, or went: reported to
+        the move (the VM's phase ``failed``), not tried again for this
+        request; no VMM is left."""
+        self._discard(f"the incoming VMM failed: {exc.message}")
+        self.incoming = None
+        self.incoming_failed = self.request
+        self._publish(Phase.FAILED, _describe(exc), outcome=exc)
+        self._note(reported=True)
+
+    def _end_incoming(self, spec: VmSpec | None) -> None:
+        """The VM is held incoming no longer: with the same hash desired
+        (the move's switch), let it run; else discard its VMM. A VMM that
+        cannot finish is stopped: the ordinary loop boots the VM from its
+        disk copies (the state did not all arrive; the disks are the
+        source's as of the stop)."""
+        incoming, self.incoming = self.incoming, None
+        assert incoming is not None
+        if self.handle is None:
+            return
+        if spec is None or self.facts.removing or spec.hash != self.last_hash:
+            self._discard(f"held incoming for move {incoming.op_id} no longer")
+            return
+        try:
+            self.driver.finish_incoming(self.handle, timeout=self.t.boot)
+        except ProcuratorError as exc:
+            how = self._discard(f"the moved VM did not start: {exc.message}")
+            self.last_failure = (
+                f"moved live (move {incoming.op_id}) but did not start there: "
+                f"{_describe(exc)}; booting it from its disks" + (f" ({how})" if how else "")
+            )
+            log.warning("VM %s: %s", self.vm.vm_id, self.last_failure)
+            return
+        self.ever_started = True
+        self.known_state = None
+        self._note_vmm(state=None)
+        self.pending = _Pending(
+            EventKind.BOOTED,
+            f"moved in live (move {incoming.op_id}): runs {spec.hash} (VMM pid {self.handle.pid})",
+        )
 
     def _read_request(self) -> bool:
         """Take in the record's newest request; False when closing."""
@@ -650,7 +749,12 @@ class VmSupervisor:
         self._note(reported=False)
 
     def _launch(
-        self, spec: VmSpec, *, owes: EventKind, restore_from: Path | None = None
+        self,
+        spec: VmSpec,
+        *,
+        owes: EventKind,
+        restore_from: Path | None = None,
+        incoming: Incoming | None = None,
     ) -> VmmHandle:
         """Where this VM's VMMs are born: what a dead one left is cleared,
         the launch is recorded before (``spawning``: the next owner looks
@@ -671,7 +775,17 @@ class VmSupervisor:
             jail.prepare(self.vm.vm_id, spec.definition, self.paths) if jail is not None else None
         )
         timeout = self.t.spawn + self.t.boot
-        if restore_from is None:
+        if incoming is not None:
+            handle = self.driver.launch_incoming(
+                spec.definition,
+                self.paths,
+                memory=incoming.memory,
+                disks=incoming.disks,
+                token=incoming.token,
+                timeout=timeout,
+                jail=vm_jail,
+            )
+        elif restore_from is None:
             handle = self.driver.launch(spec.definition, self.paths, timeout=timeout, jail=vm_jail)
         else:
             handle = self.driver.restore(

@@ -30,6 +30,7 @@ from procurator.worker.vmm.base import VmmHandle, VmmPaths
 
 __all__ = [
     "ChangeCallback",
+    "Incoming",
     "Job",
     "Outcome",
     "SweepWatch",
@@ -45,6 +46,40 @@ _SPEC_FORMAT = 2
 
 
 @dataclass(frozen=True, slots=True)
+class Incoming:
+    """A live move's target side (docs/SNAPSHOTS.md, "Live moves"): the VM
+    is held in an incoming VMM (``VmmDriver.launch_incoming`` on
+    ``memory`` and ``disks`` with ``token``) for move ``op_id``: never
+    booted on its own, never probed or restarted, and dropped by a worker
+    restart (``VmManager.recover``). A spec without it for the same hash
+    (the move's switch) lets the VM run there (``finish_incoming``)."""
+
+    op_id: str
+    memory: tuple[str, int]
+    disks: tuple[str, int] | None
+    token: bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "op_id": self.op_id,
+            "memory": list(self.memory),
+            "disks": list(self.disks) if self.disks is not None else None,
+            "token": self.token.hex(),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Incoming:
+        host, port = data["memory"]
+        disks = data.get("disks")
+        return cls(
+            str(data["op_id"]),
+            (str(host), int(port)),
+            (str(disks[0]), int(disks[1])) if disks else None,
+            bytes.fromhex(str(data["token"])),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class VmSpec:
     """What one VM should be. ``hash`` is its identity (a new hash replaces
     the VM); ``definition`` is the final, confined VM; ``image`` the store
@@ -52,7 +87,8 @@ class VmSpec:
     status; "" without network). ``reschedule``: the master marked it
     ``on_worker_lost = "reschedule"`` (``VmAssignment.reschedule``), so a
     worker restarted while no master answers knows which re-adopted VMs
-    its fence pauses (``procurator.core.fence``)."""
+    its fence pauses (``procurator.core.fence``). ``incoming``: held for a
+    live move (``Incoming``)."""
 
     vm_id: str
     hash: str
@@ -62,18 +98,26 @@ class VmSpec:
     image: str = ""
     address: str = ""
     reschedule: bool = False
+    incoming: Incoming | None = None
 
     @property
     def target(self) -> Target:
         return Target(self.hash, self.power)
 
     def same_target(self, other: VmSpec | None) -> bool:
-        """True when ``other`` asks for the same VM in the same power state
-        (op id, image path and address need no action on the VMM)."""
-        return other is not None and (self.hash, self.power) == (other.hash, other.power)
+        """True when ``other`` asks for the same VM in the same power state,
+        held incoming or not the same way (op id, image path and address
+        need no action on the VMM)."""
+        return other is not None and (self.hash, self.power, self.incoming) == (
+            other.hash,
+            other.power,
+            other.incoming,
+        )
 
     def to_json(self) -> dict[str, Any]:
+        incoming = {"incoming": self.incoming.to_json()} if self.incoming is not None else {}
         return {
+            **incoming,
             "format": _SPEC_FORMAT,
             "vm_id": self.vm_id,
             "hash": self.hash,
@@ -100,6 +144,7 @@ class VmSpec:
             address=str(data.get("address", labels.get("address", ""))),
             # Absent in a vm.json written before the fence: not marked.
             reschedule=bool(data.get("reschedule", False)),
+            incoming=Incoming.from_json(data["incoming"]) if data.get("incoming") else None,
         )
 
 
@@ -128,6 +173,9 @@ class VmObservation:
     # Seconds from launching the running VMM to its VM first seen at its
     # target (running or paused); None without a VMM or before it settled.
     boot_seconds: float | None = None
+    # The op id of the live move the VM is held incoming for ("": none):
+    # such a VM is no VM of this worker's yet (not reconciled, not reported).
+    incoming: str = ""
 
     def for_spec(self, spec: VmSpec) -> VmObservation:
         """This observation of a VM that now converges to ``spec``."""
@@ -138,6 +186,7 @@ class VmObservation:
             op_id=spec.op_id,
             image=spec.image,
             address=spec.address,
+            incoming=spec.incoming.op_id if spec.incoming is not None else "",
         )
 
 
