@@ -1950,7 +1950,11 @@ class MasterService:
                             some(confirmed),
                         )
             self._mark_changed()
-        if observed != before:
+        # Convergence is a worker reaching a newer generation. One that
+        # comes back with nothing settled (restarted, or reconnecting before
+        # it holds an assignment) reports 0, or less than before: that is
+        # no convergence, and said as one it was noise in the log.
+        if observed > before:
             assignment = self._assignments.get(worker.worker_id)
             op_id = assignment.op_id if assignment and assignment.generation == observed else ""
             with log_context(op_id=op_id, worker_id=worker.worker_id, generation=observed):
