@@ -1293,8 +1293,16 @@ class MasterService:
     async def describe_vm(self, vm_id: str, event_limit: int = 20) -> VmDescription:
         """Desired and observed state of one VM with its newest events.
         Raises ``NotFoundError`` when no assignment, status or event names
-        it. O(VMs of the fleet): an operator's command, not a hot path."""
+        it. O(VMs of the fleet): an operator's command, not a hot path.
+
+        Its ``change_index`` is the one before anything is read: the reads
+        of the events and moves below wait for the store, and a report
+        taken meanwhile must move the index past the one given, or a
+        blocking reader (``wait_change``) that was shown the status before
+        that report waits for the next change (the 10 s stragglers of
+        issue 31's change benchmark)."""
         self._require_store()
+        change_index = self._change_index
         assigned: Assignment | None = None
         desired: VmAssignment | None = None
         for assignment in self._assignments.values():
@@ -1342,7 +1350,7 @@ class MasterService:
             ),
             status=observed,
             events=events,
-            change_index=self._change_index,
+            change_index=change_index,
             move=move,
         )
 
