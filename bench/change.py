@@ -241,14 +241,24 @@ def measure(run: Run) -> list[Row]:
             run.log(f"change: {why}")
         if fleet.n < size:
             run.log(f"change: growing the fleet from {fleet.n} to {size} VMs")
+            before, _ = open_files(fleet.worker.pid)
+            vms_before = fleet.n
             grown = _grow(run, fleet, size)
             run.log(f"change: {size} VMs observed after {grown:.1f} s")
+            after, limit = open_files(fleet.worker.pid)
+            files = (
+                f"the worker's descriptors {before:,} -> {after:,} "
+                f"({(after - before) / (size - vms_before):.2f} per VM added; limit {limit:,})"
+            )
+            run.log(f"change: {files}")
             rows.append(
                 Row(
                     NAME,
                     f"grow the worker's fleet to {size} VMs (one apply -> observed)",
                     fmt_s(grown),
-                    note=f"the fake VMM: {run.vmm}; the fleet stays for idle. {why}".strip(),
+                    note=(
+                        f"the fake VMM: {run.vmm}; the fleet stays for idle; {files}. {why}"
+                    ).strip(),
                 )
             )
         size_rows, p50, floor = _measure_size(run, fleet)
