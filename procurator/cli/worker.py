@@ -131,7 +131,9 @@ def add_parser(sub: Any) -> None:
         "--qemu-accel",
         default="auto",
         choices=["auto", "kvm", "tcg"],
-        help="QEMU acceleration (default: auto: kvm when /dev/kvm works, else tcg)",
+        help="QEMU acceleration (default: auto: kvm when /dev/kvm opens, the CPU has "
+        "hardware virtualization (vmx or svm) and the KVM is not PVM (kvm_pvm: a paravirtual "
+        "KVM that runs only guest kernels built for it), else tcg; the worker logs why)",
     )
     p.add_argument("--bridge", default="br-procurator", help="bridge for the VMs' taps")
     p.add_argument(

@@ -103,6 +103,7 @@ from procurator.worker.vmm.base import (
     VmState,
     check_token,
 )
+from procurator.worker.vmm.kvm import kvm_verdict
 
 __all__ = ["SANDBOX", "Accel", "QemuDriver", "qemu_argv", "unsupported"]
 
@@ -870,15 +871,6 @@ def _accel_modules(exe: str) -> list[str]:
     return found
 
 
-def _kvm_usable(device: Path) -> bool:
-    try:
-        fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
-
-
 def _split_option(value: str) -> dict[str, str]:
     """Parse a QEMU ``key=value,...`` option (``,,`` is a literal comma)."""
     parts = re.split(r"(?<!,),(?!,)", value.replace(",,", "\x00"))
@@ -897,7 +889,9 @@ class QemuDriver:
 
     ``accel``: ``"tcg"`` (software; the only one that boots stock guests on
     hosts with a paravirtual KVM), ``"kvm"``, or ``"auto"`` (KVM when
-    ``kvm_device`` opens read-write, else TCG). Under TCG,
+    ``kvm_device`` opens read-write and runs stock guests, else TCG:
+    ``procurator.worker.vmm.kvm``; the choice and why is logged once, and
+    again if it changes). Under TCG,
     ``extra_cmdline_tcg`` is appended to the guest's cmdline (parameters the
     cmdline already sets are kept as they are). ``runtime_paths``: what a
     jailed QEMU needs to see beyond what ``runtime_files`` finds (what a
@@ -923,6 +917,7 @@ class QemuDriver:
         self._args = tuple(args)
         self._extra_cmdline_tcg = extra_cmdline_tcg
         self._kvm_device = kvm_device
+        self._auto_said = ""  # why auto chose what it chose, as last logged
         self._runtime_paths = tuple(runtime_paths)
         self._guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
@@ -959,7 +954,12 @@ class QemuDriver:
     def accel(self) -> Literal["tcg", "kvm"]:
         """The accelerator new VMs get (``auto`` resolved now)."""
         if self._accel == "auto":
-            return "kvm" if _kvm_usable(self._kvm_device) else "tcg"
+            verdict = kvm_verdict(self._kvm_device)
+            # Said when it changes (two launches at once may both say it).
+            if verdict.reason != self._auto_said:
+                self._auto_said = verdict.reason
+                log.info("QEMU acceleration auto: %s", verdict.reason)
+            return "kvm" if verdict.usable else "tcg"
         return self._accel
 
     # -- lifecycle --------------------------------------------------------
