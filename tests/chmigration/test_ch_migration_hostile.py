@@ -12,7 +12,9 @@ import json
 import os
 import socket
 import socketserver
+import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -22,10 +24,12 @@ import pytest
 from chmhelpers import TOKEN, Host
 from vmmhelpers import OPENAPI, ApiValidator, config, definition
 
-from procurator.worker.vmm import process
+from procurator.worker.stream_auth import Gate, preamble
+from procurator.worker.vmm import cloud_hypervisor, process
 from procurator.worker.vmm.base import (
     Address,
     VmmError,
+    VmmGone,
     VmmHandle,
     VmmRejected,
     VmState,
@@ -37,13 +41,14 @@ _ERROR = json.dumps(["Error from API", "Invalid VM state transition"]).encode()
 
 
 class HostileVmm:
-    """Answers each endpoint with a canned (status, body); records what
-    was asked."""
+    """Answers each endpoint with a canned (status, body), or never (None:
+    until ``close``); records what was asked."""
 
-    def __init__(self, path: Path, answers: dict[str, Answer]) -> None:
+    def __init__(self, path: Path, answers: dict[str, Answer | None]) -> None:
         self.path = path
         self.answers = answers
         self.asked: list[str] = []
+        self.released = threading.Event()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -57,7 +62,11 @@ class HostileVmm:
                 self.rfile.read(length)
                 endpoint = self.path.rsplit("/", 1)[-1]
                 outer.asked.append(f"{self.command} {endpoint}")
-                status, body = outer.answers.get(endpoint, (404, b'["unknown"]'))
+                answer = outer.answers.get(endpoint, (404, b'["unknown"]'))
+                if answer is None:
+                    outer.released.wait()
+                    return
+                status, body = answer
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(body)))
                 if body:
@@ -80,6 +89,7 @@ class HostileVmm:
         return VmmHandle("cloud-hypervisor", os.getpid(), ticks, str(self.path))
 
     def close(self) -> None:
+        self.released.set()
         self.server.shutdown()
         self.server.server_close()
         self.thread.join()
@@ -103,10 +113,22 @@ def hostile(source: Host) -> Iterator[HostileVmm]:
 
 @pytest.fixture
 def listening(address: Address) -> Iterator[Address]:
-    """A TCP address something listens on (and never answers)."""
+    """A TCP address a target listens on: it accepts the move's token (a
+    real ``stream_auth.Gate``), then never says anything more."""
     with socket.create_server(address) as server:
-        yield address
-        assert server  # kept open until the test ends
+        gate = Gate(server, TOKEN, what="a silent target")
+        taken: list[socket.socket | None] = []
+        thread = threading.Thread(target=lambda: taken.append(gate.accept()))
+        thread.start()
+        try:
+            yield address
+        finally:
+            gate.interrupt()
+            thread.join()
+            gate.close()
+            for conn in taken:
+                if conn is not None:
+                    conn.close()
 
 
 def _info(state: str) -> Answer:
@@ -243,27 +265,92 @@ def test_disk_mirroring_is_refused_before_anything_starts(target: Host, address:
     assert target.calls.endpoints() == []
 
 
-def test_a_garbage_stream_fails_the_receive_and_keeps_no_vm(target: Host, address: Address) -> None:
-    """Whoever reaches the target's port first and sends garbage gets the
-    migration failed, not a VM: the VMM refuses the stream."""
-    paths = target.paths()
-    incoming = target.driver.launch_incoming(
-        definition(), paths, memory=address, disks=None, token=TOKEN, timeout=20.0
-    )
+def test_intruders_on_the_targets_port_are_dropped_and_the_move_goes_on(
+    source: Host, target: Host, address: Address
+) -> None:
+    """Whoever reaches the target's port before the source (garbage, the
+    wrong token, or nothing at all) is refused by the worker, never
+    reaches the VMM, and does not take the source's place: the real
+    source, coming last, moves the VM."""
+    src_paths, tgt_paths = source.paths(), target.paths()
+    handle = source.driver.launch(definition(), src_paths, timeout=20.0)
+    incoming = None
     try:
-        with socket.create_connection(address) as intruder:
-            intruder.sendall(b"GET / HTTP/1.0\r\n\r\n")
-            intruder.shutdown(socket.SHUT_WR)
-            intruder.recv(1024)  # until the relay hangs up
-        with pytest.raises(VmmError, match=r"vm\.receive-migration with HTTP 500") as raised:
-            target.driver.finish_incoming(incoming, timeout=20.0)
-        assert any("frame" in d or "Expecting value" in d for d in raised.value.details), (
-            raised.value
+        source.driver.pause(handle, timeout=5.0)
+        incoming = target.driver.launch_incoming(
+            definition(), tgt_paths, memory=address, disks=None, token=TOKEN, timeout=20.0
         )
-        assert target.driver.state(incoming, timeout=5.0) is VmState.NOT_CREATED
+        with (
+            socket.create_connection(address) as silent,  # holds on, says nothing
+            socket.create_connection(address) as garbage,
+            socket.create_connection(address) as wrong,
+        ):
+            garbage.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            assert garbage.recv(1024) == b"error: not a procurator stream\n"
+            wrong.sendall(preamble(bytes(16)))
+            assert wrong.recv(1024) == b"error: wrong token\n"
+            source.driver.send_migration(
+                handle, memory=address, disks=None, token=TOKEN, timeout=20.0
+            )
+            target.driver.finish_incoming(incoming, timeout=20.0)
+            # The silent one is dropped too once the source came (the
+            # listener is closed: nobody else is taken).
+            assert silent.recv(1024) == b""
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(address, timeout=5.0).close()
+        assert target.driver.state(incoming, timeout=5.0) is VmState.RUNNING
+        assert process.wait_exit(handle.pid, handle.pid_start_ticks, 10.0)
     finally:
-        target.driver.shutdown_vmm(incoming, timeout=5.0)
-        process.terminate(incoming.pid, incoming.pid_start_ticks, grace=2.0)
+        for host, made in ((source, handle), (target, incoming)):
+            if made is not None:
+                host.driver.shutdown_vmm(made, timeout=5.0)
+                process.terminate(made.pid, made.pid_start_ticks, grace=2.0)
+
+
+def test_a_send_timing_out_as_its_vmm_exits_is_vmm_gone(
+    source: Host, hostile: HostileVmm, listening: Address, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The answer to vm.send-migration times out, and the VMM is gone by
+    then: it may have exited because the migration completed (the target
+    runs the VM), so the send is ``VmmGone`` (the caller asks the target),
+    not a timeout after which the caller would resume the source."""
+    monkeypatch.setattr(cloud_hypervisor, "_GRACE", 0.2)  # the answer's wait beyond timeout_s
+    hostile.answers["vm.info"] = _info("Paused")
+    hostile.answers["vm.send-migration"] = None  # never answered
+    gone = subprocess.Popen(["sleep", "60"])
+    ticks = process.pid_start_ticks(gone.pid)
+    gone.kill()
+    gone.wait()
+    assert ticks is not None
+    handle = VmmHandle("cloud-hypervisor", gone.pid, ticks, str(hostile.path))
+    with pytest.raises(VmmGone, match=r"exited while vm\.send-migration timed out"):
+        source.driver.send_migration(handle, memory=listening, disks=None, token=TOKEN, timeout=1.0)
+    assert "PUT vm.resume" not in hostile.asked  # never resumed: the target may run it
+
+
+def test_a_target_that_refuses_the_token_fails_the_send_and_the_vm_runs_on(
+    source: Host, hostile: HostileVmm, address: Address
+) -> None:
+    """A target that does not know the move's token (another move's, or
+    not ours at all) refuses the stream before the VMM is asked to send."""
+    hostile.answers["vm.info"] = _info("Paused")
+    hostile.answers["vm.resume"] = (204, b"")
+    with socket.create_server(address) as server:
+        gate = Gate(server, bytes(range(16)), what="another move's target")
+        thread = threading.Thread(target=gate.accept, args=(time.monotonic() + 10.0,))
+        thread.start()
+        try:
+            with pytest.raises(VmmError, match="refused the stream: wrong token"):
+                source.driver.send_migration(
+                    hostile.handle(), memory=address, disks=None, token=TOKEN, timeout=5.0
+                )
+        finally:
+            gate.interrupt()
+            thread.join()
+            gate.close()
+    assert "PUT vm.send-migration" not in hostile.asked
+    assert hostile.asked[-1] == "PUT vm.resume"
+    assert not (source.paths().vmm_dir / "migrate.sock").exists()
 
 
 def test_the_validator_catches_bad_migration_bodies(

@@ -13,9 +13,11 @@ target, the gap printed (bench/move.py measures it)."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +27,7 @@ from movelab import ADDRESS, DISK_BYTES, TARGET, TOKEN, Pinger, Side, two_hosts
 from qemuhelpers import wait_for_ready
 
 from procurator.core.jail import JailPolicy
+from procurator.worker.stream_auth import preamble
 from procurator.worker.vmm.base import VmmError, VmmHandle, VmmTimeout, VmState
 from procurator.worker.vmm.process import wait_exit
 from procurator.worker.vmm.qemu import _QmpSession, _Target
@@ -172,7 +175,20 @@ def test_live_move_between_namespaces(test_image: Path, hosts: tuple[Side, Side]
     _ping(a)
     b.driver.shutdown_vmm(misfit, timeout=10.0)
 
-    # 5. The move.
+    # 5. A target that expects another move's token (or whose port
+    # someone else reached): it refuses the source's first connection
+    # (the disk's) before QEMU is given it, and the move is undone.
+    ports = _ports()
+    other = b.launch(
+        test_image, memory=(TARGET, ports[0]), disks=(TARGET, ports[1]), token=bytes(16)
+    )
+    with pytest.raises(VmmError, match="refused the stream: wrong token"):
+        _send(a, source, ports, timeout=30.0)
+    assert {k: v for k, v in _leftovers(a).items() if k != "migration"} == clean
+    _ping(a)
+    b.driver.shutdown_vmm(other, timeout=10.0)
+
+    # 6. The move (with intruders on the target's ports).
     _move(test_image, a, b, source, boot_id)
 
 
@@ -199,13 +215,43 @@ def _killer(doomed: VmmHandle, beyond: int) -> Callable[[int, int], None]:
     return kill
 
 
+@contextlib.contextmanager
+def _intruders(a: Side, ports: tuple[int, int]) -> Iterator[None]:
+    """Peers that reach the target's ports before the source, from the
+    source's namespace: on each port, one sends garbage and one another
+    token (both refused at once), one says nothing and stays (dropped
+    once the source came: the ports stop accepting); none may reach QEMU
+    or take the source's place."""
+    silent: list[socket.socket] = []
+    try:
+        for port in ports:
+            address = (TARGET, port)
+            silent.append(a.call(lambda address=address: socket.create_connection(address)))
+            with a.call(lambda address=address: socket.create_connection(address)) as garbage:
+                garbage.sendall(b"NBDMAGIC\x00\x00\x42\x02\x81\x86\x12\x53")
+                assert garbage.recv(1024) == b"error: not a procurator stream\n"
+            with a.call(lambda address=address: socket.create_connection(address)) as wrong:
+                wrong.sendall(preamble(bytes(16)))
+                assert wrong.recv(1024) == b"error: wrong token\n"
+        yield
+        for conn in silent:
+            assert conn.recv(1024) == b""  # dropped, never answered
+        for port in ports:
+            with pytest.raises(ConnectionRefusedError):
+                a.call(lambda port=port: socket.create_connection((TARGET, port)))
+    finally:
+        for conn in silent:
+            conn.close()
+
+
 def _move(image: Path, a: Side, b: Side, source: VmmHandle, boot_id: str) -> None:
     """Move the guest from a to b and check it arrived whole: the disk is
     written through QEMU's block layer at each progress report, as the guest
     would write it: at every report while the disk is mirrored (its total is
     the disk's: there is always a first one), then at those while the
     memory goes (its total is in); not at the last (done == total), when
-    the source has given its disks up (QEMU asserts on a write then)."""
+    the source has given its disks up (QEMU asserts on a write then).
+    Intruders (``_intruders``) wait on the target's ports all along."""
     ports = _ports()
     target = _target(image, b, ports)
     written: list[tuple[int, int]] = []
@@ -218,7 +264,7 @@ def _move(image: Path, a: Side, b: Side, source: VmmHandle, boot_id: str) -> Non
             a.qemu_io(f"write -P {byte:#x} {offset} {BLOCK}")
             written.append((offset, byte))
 
-    with Pinger(a) as pinger:
+    with _intruders(a, ports), Pinger(a) as pinger:
         started = time.monotonic()
         _send(a, source, ports, timeout=120.0, progress=write_on)
         b.call(lambda: b.driver.finish_incoming(target, timeout=60.0))

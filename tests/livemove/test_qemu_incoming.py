@@ -12,6 +12,7 @@ import pytest
 from movelab import TOKEN
 from qemuhelpers import Vms, image_definition, make_paths
 
+from procurator.worker.stream_auth import preamble
 from procurator.worker.vmm.base import VmmError
 from procurator.worker.vmm.qemu import QemuDriver, _QmpSession, _Target
 
@@ -66,3 +67,39 @@ def test_the_target_exports_its_writable_disks_only(test_image: Path, vms: Vms) 
         vms.driver.shutdown_vmm(handle, timeout=30.0)  # nothing booted: no power button
     assert [e["id"] for e in exports] == ["data"]
     assert status == "inmigrate"  # waiting for the state, the guest not started
+
+
+def _free_port() -> int:
+    with socket.create_server((LOCALHOST, 0)) as probe:
+        return int(probe.getsockname()[1])
+
+
+def test_a_target_whose_source_never_presented_the_token_says_so(
+    test_image: Path, vms: Vms
+) -> None:
+    """Only intruders came to the memory port: none reached QEMU (it still
+    waits, ``inmigrate`` with no migration under way), and finishing says
+    why nothing arrived."""
+    paths = make_paths(vms.root, "guest")
+    port = _free_port()
+    handle = vms.driver.launch_incoming(
+        image_definition(test_image),
+        paths,
+        memory=(LOCALHOST, port),
+        disks=None,
+        token=TOKEN,
+        timeout=30.0,
+    )
+    try:
+        with socket.create_connection((LOCALHOST, port)) as intruder:
+            intruder.sendall(preamble(bytes(16)))
+            assert intruder.recv(64) == b"error: wrong token\n"
+        session = _QmpSession(_Target("test", handle.api_socket), time.monotonic() + 30)
+        try:
+            assert session.execute("query-migrate") == {}  # no migration begun
+        finally:
+            session.close()
+        with pytest.raises(VmmError, match=r"no move's memory stream came \(no peer presented"):
+            vms.driver.finish_incoming(handle, timeout=5.0)
+    finally:
+        vms.driver.shutdown_vmm(handle, timeout=30.0)

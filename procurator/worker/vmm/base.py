@@ -67,6 +67,7 @@ from procurator.core.errors import PermanentError, TemporaryError
 from procurator.core.jail import VmPathsPlan
 from procurator.core.supervision import VmState
 from procurator.core.vmdef import VmDefinition
+from procurator.worker.stream_auth import MAX_TOKEN_BYTES, MIN_TOKEN_BYTES
 
 __all__ = [
     "MAX_TOKEN_BYTES",
@@ -145,15 +146,11 @@ class Capabilities:
 #: on it, the source connects to it.
 Address = tuple[str, int]
 
-#: A live move's token: at least this many bytes (random: the move's
-#: transfer token), at most ``MAX_TOKEN_BYTES`` (one length byte on the wire).
-MIN_TOKEN_BYTES = 16
-MAX_TOKEN_BYTES = 255
-
 
 def check_token(token: bytes) -> None:
     """``VmmRejected`` unless ``token`` can authenticate a move's streams
-    (bytes, ``MIN_TOKEN_BYTES`` to ``MAX_TOKEN_BYTES`` long)."""
+    (bytes, ``MIN_TOKEN_BYTES`` to ``MAX_TOKEN_BYTES`` long: random, the
+    move's transfer token; one length byte on the wire)."""
     if not isinstance(token, bytes) or not MIN_TOKEN_BYTES <= len(token) <= MAX_TOKEN_BYTES:
         length = len(token) if isinstance(token, bytes) else type(token).__name__
         raise VmmRejected(

@@ -54,7 +54,9 @@ VM is paused: ``disks`` is always None here), over ``unix:`` or ``tcp:``
 URLs. The VMMs use only ``unix:`` sockets in their run directories, and
 the workers carry the stream over TCP (``_migration_relay`` says why:
 the jail stays as it is, and the relay counts the bytes v53 does not
-report). Both calls are answered only when the migration has ended: the
+report), the target's relay letting through only the source that
+presented the move's token (``procurator.worker.stream_auth``). Both
+calls are answered only when the migration has ended: the
 target's waits on a thread of its own from ``launch_incoming`` to
 ``finish_incoming``, the source's on one while the calling thread reports
 progress. cloud-hypervisor switches by itself: the source pauses for its
@@ -351,7 +353,10 @@ class CloudHypervisorDriver:
         the call is answered only when the migration has ended, so it waits
         on a thread of its own), and the worker's relay listening on
         ``memory`` to carry the source's stream to that socket
-        (``_migration_relay``). Returns once both listen. ``disks`` must be
+        (``_migration_relay``), only for a peer that presented ``token``
+        (others are dropped and logged; the first that did is the
+        source, and the port then closes). Returns once both listen.
+        ``disks`` must be
         None: cloud-hypervisor cannot mirror disks, so the caller copies the
         writable disks while the source's VM is paused, before
         ``send_migration``. The VMM is busy until the migration ends:
@@ -362,7 +367,7 @@ class CloudHypervisorDriver:
         receiving = paths.vmm_dir / _MIGRATION_SOCKET
         _check_socket_path(receiving)
         expected = definition.to_vm_config()
-        relay = Relay.incoming(memory)
+        relay = Relay.incoming(memory, token)
 
         def receive(handle: VmmHandle, deadline: float) -> None:
             with contextlib.suppress(FileNotFoundError):
@@ -455,8 +460,9 @@ class CloudHypervisorDriver:
     ) -> None:
         """``vm.send-migration`` to ``unix:<run dir>/migrate.sock``, where
         the worker's relay listens and carries the stream to ``memory``
-        (connected first: an unreachable target fails before the VMM is
-        asked to send). ``timeout_s`` is the call's timeout and
+        (connected first, and ``token`` presented: an unreachable or
+        refusing target fails before the VMM is asked to send).
+        ``timeout_s`` is the call's timeout and
         ``timeout_strategy`` Cancel, so cloud-hypervisor itself gives up
         in time and keeps the VM. ``disks`` must be None (see
         ``launch_incoming``): the caller pauses the VM and copies its disks
@@ -473,7 +479,8 @@ class CloudHypervisorDriver:
         caller's ``shutdown_vmm`` finds it gone, which is fine. On failure
         cloud-hypervisor resumes a VM that is paused (by the migration or
         before it); this checks it runs and resumes it if not, then
-        raises. ``VmmGone`` (the VMM vanished mid-call) is the one
+        raises. ``VmmGone`` (the VMM vanished mid-call, also when the
+        call's answer timed out and the VMM was gone by then) is the one
         ambiguous answer: if the stream had completed, the target runs the
         VM, so the caller asks the target (``finish_incoming``) before
         starting the VM here again."""
@@ -492,7 +499,9 @@ class CloudHypervisorDriver:
         total = _memory_size(info)
         relay: Relay | None = None
         try:
-            relay = Relay.outgoing(sending, memory, timeout=_left(deadline, handle, "the relay"))
+            relay = Relay.outgoing(
+                sending, memory, token, timeout=_left(deadline, handle, "the relay")
+            )
             seconds = _left(deadline, handle, "vm.send-migration")
             body = {
                 "destination_url": f"unix:{sending}",
@@ -516,6 +525,17 @@ class CloudHypervisorDriver:
                 relay.close()
                 if relay.error is not None:
                     exc.details = (*exc.details, f"relay: {relay.error}")
+            if isinstance(exc, VmmTimeout) and not process.is_alive(
+                handle.pid, handle.pid_start_ticks
+            ):
+                # The answer came too late, but the VMM is gone: it may
+                # have exited because the migration completed (the
+                # target runs the VM), which only the target can tell.
+                raise VmmGone(
+                    f"cloud-hypervisor at {handle.api_socket} exited while "
+                    f"vm.send-migration timed out ({exc.message}): the target may hold the VM",
+                    details=exc.details,
+                ) from exc
             if not isinstance(exc, VmmGone):
                 self._keep_running(handle, exc)
             raise

@@ -36,10 +36,19 @@ Why it is shaped this way, and what always holds:
 
 - **Live moves hand QEMU descriptors, never ports** (``launch_incoming``,
   ``send_migration``, ``finish_incoming``): this process listens (target)
-  or connects (source) and passes the sockets over QMP (``getfd``), as
-  snapshots pass their files, so a jailed QEMU needs no network rights and
-  a port that cannot be had fails before QEMU starts. The target waits
-  with ``-incoming defer`` and serves its writable disks over NBD; the
+  or connects (source), and QEMU gets only connections that carry the
+  move's token (``procurator.worker.stream_auth``: the source presents it
+  before it passes the connection over QMP, ``getfd``; the target checks
+  it before QEMU sees a byte), so a jailed QEMU needs no network rights, a
+  port that cannot be had fails before QEMU starts, and nobody but the
+  source feeds the target a VM or touches its disks. The target waits
+  with ``-incoming defer``; a thread of this driver (``_IncomingMove``)
+  accepts on the memory port, and hands QEMU the first connection that
+  presented the token (``migrate-incoming fd:``) in a QMP session of its
+  own; QEMU serves its writable disks over NBD on a unix socket in its run
+  directory (``nbd-server-start`` takes a listening socket, not
+  connections), reached only through the worker's relay
+  (``_migration_relay``), which checks each peer's token first. The
   source mirrors each writable drive there (``blockdev-mirror``), then
   migrates with ``pause-before-switchover``, so the mirrors are completed
   in sync while the guest is stopped and before the device state goes: the
@@ -59,9 +68,11 @@ Errors: socket and JSON failures become ``VmmTimeout`` / ``VmmGone`` /
 details. A QEMU that exits at start is a ``VmmGone`` (temporary: no memory
 or a busy device may pass) with the tail of QEMU's log in the details.
 
-Lock order: ``QemuDriver._guard`` (the map of per-VM locks; a leaf, held
-only to look a lock up) is never held while taking a per-VM lock, and a
-per-VM lock is held for exactly one QMP session.
+Lock order: ``QemuDriver._guard`` (the maps of per-VM locks and incoming
+moves; a leaf, held only to look one up) is never held while taking a
+per-VM lock, and a per-VM lock is held for exactly one QMP session (an
+incoming move's thread takes it for the hand-over; its thread is joined
+with no lock held).
 """
 
 from __future__ import annotations
@@ -87,7 +98,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from procurator.core.vmdef import Disk, Nic, VmDefinition, write_section
+from procurator.worker.stream_auth import Gate, StreamRefused, present
 from procurator.worker.vmm import closure, process
+from procurator.worker.vmm._migration_relay import Relay
 from procurator.worker.vmm.base import (
     Address,
     Capabilities,
@@ -551,9 +564,9 @@ def _load_and_boot(target: _Target, session: _QmpSession, state_file: Path) -> N
 
 # -- live moves
 #
-# The descriptors' names in QEMU (getfd): the target's two listening
-# sockets; the source's memory connection; each mirrored disk's NBD client
-# node, its connection and its mirror job share one name.
+# The descriptors' names in QEMU (getfd): the memory connection (the
+# target's, the source's); each mirrored disk's NBD client node, its
+# connection and its mirror job share one name.
 _MIGRATION_FD = "procurator-migration"
 _NBD_FD = "procurator-nbd"
 _MIRROR_PREFIX = "procurator-mirror-"
@@ -568,12 +581,21 @@ _MIGRATING = ("setup", "active", "pre-switchover", "device", "cancelling", "post
 
 @dataclass(frozen=True, slots=True)
 class _Incoming:
-    """A target's listening sockets (this process's; QEMU gets copies) and
-    the device ids of the disks it exports."""
+    """A target's launch: its memory listener (this process's, never
+    QEMU's), with ``disks`` the relay to its NBD socket and the device ids
+    of the disks it exports."""
 
     memory: socket.socket
-    nbd: socket.socket | None
+    nbd: Relay | None
+    nbd_socket: Path
     exports: tuple[str, ...]
+
+
+#: The NBD server's unix socket in the target QEMU's run directory.
+_NBD_SOCKET = "nbd.sock"
+_MAX_SOCKET_PATH = 107  # sun_path is 108 bytes, NUL included
+#: What the hand-over of the memory connection (two QMP commands) may take.
+_HAND_OVER_TIMEOUT = 30.0
 
 
 def _listen(label: str, address: Address, what: str) -> socket.socket:
@@ -613,25 +635,99 @@ def _set_capabilities(session: _QmpSession, states: Mapping[str, bool]) -> None:
 
 
 def _await_incoming(session: _QmpSession, incoming: _Incoming) -> None:
-    """Hand a target QEMU (``-incoming defer``) its listening sockets: the
-    NBD server of its writable disks, then the migration's."""
+    """Make a target QEMU (``-incoming defer``) ready for the move: the
+    NBD server of its writable disks on its unix socket, the relay to it
+    started, the return path on. The memory connection comes later
+    (``_IncomingMove``)."""
     try:
         if incoming.nbd is not None:
-            session.execute("getfd", {"fdname": _NBD_FD}, fd=incoming.nbd.fileno())
-            server = {"type": "fd", "data": {"str": _NBD_FD}}
+            with contextlib.suppress(FileNotFoundError):
+                incoming.nbd_socket.unlink()  # a failed launch's: no QEMU listens there
+            # SocketAddressLegacy (QEMU 7.2's nbd-server-start): in "data".
+            server = {"type": "unix", "data": {"path": str(incoming.nbd_socket)}}
             clients = max(1, len(incoming.exports))
             session.execute("nbd-server-start", {"addr": server, "max-connections": clients})
             for dev_id in incoming.exports:
                 export = {"device": _DRIVE_PREFIX + dev_id, "name": dev_id, "writable": True}
                 session.execute("nbd-server-add", export)
+            incoming.nbd.start(incoming.nbd_socket)
         _set_capabilities(session, {"return-path": True})  # as the source does
-        session.execute("getfd", {"fdname": _MIGRATION_FD}, fd=incoming.memory.fileno())
-        # QEMU 7.2's migration URIs have no "listen on this descriptor", but
-        # tcp: takes any of its socket addresses, fd:NAME (a listening
-        # socket) included; QEMU 8.2's "channels" argument says it plainly.
-        session.execute("migrate-incoming", {"uri": f"tcp:fd:{_MIGRATION_FD}"})
     finally:
         session.close()
+
+
+class _IncomingMove:
+    """A target's move from ``launch_incoming`` to ``finish_incoming``: a
+    thread accepts on the memory listener through a ``stream_auth.Gate``,
+    closes the listener once a peer presented the token (nobody else is
+    taken), and hands that connection to QEMU (``getfd``,
+    ``migrate-incoming fd:``) in a QMP session of its own; and the NBD
+    relay, if any. ``error`` says why the hand-over failed."""
+
+    def __init__(
+        self,
+        driver: QemuDriver,
+        handle: VmmHandle,
+        listener: socket.socket,
+        token: bytes,
+        nbd: Relay | None,
+    ) -> None:
+        self._driver = driver
+        self._handle = handle
+        self._listener = listener
+        self._gate = Gate(listener, token, what=f"{driver._target(handle)}: the move's memory")
+        self.nbd = nbd
+        self.handed_over = False
+        self.error: str | None = None
+        self._thread = threading.Thread(
+            target=self._run, name=f"incoming move {handle.pid}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def dropped(self) -> int:
+        """Peers dropped for want of the token, on both streams."""
+        return self._gate.dropped + (self.nbd.dropped if self.nbd is not None else 0)
+
+    def _run(self) -> None:
+        try:
+            connection = self._gate.accept()
+        finally:
+            self._gate.close()
+            self._listener.close()
+        if connection is None:
+            return  # closed before the source came
+        target = self._driver._target(self._handle)
+        try:
+            deadline = time.monotonic() + _HAND_OVER_TIMEOUT
+            with self._driver._session(self._handle, deadline) as session:
+                session.execute("getfd", {"fdname": _MIGRATION_FD}, fd=connection.fileno())
+                session.execute("migrate-incoming", {"uri": f"fd:{_MIGRATION_FD}"})
+            self.handed_over = True
+        except (VmmError, VmmRejected) as exc:
+            self.error = exc.message
+            log.warning("%s: cannot hand the move's memory stream over: %s", target, exc)
+        finally:
+            connection.close()  # QEMU holds its own copy
+
+    def stop_accepting(self) -> None:
+        """Stop accepting on the memory port and wait for the thread (its
+        hand-over, if under way, is bounded by ``_HAND_OVER_TIMEOUT``).
+        Idempotent."""
+        self._gate.interrupt()
+        if self._thread.ident is None:  # never started
+            self._gate.close()
+            self._listener.close()
+        elif self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def close(self) -> None:
+        """``stop_accepting``, and stop the NBD relay. Idempotent."""
+        self.stop_accepting()
+        if self.nbd is not None:
+            self.nbd.close()
 
 
 class _Outgoing:
@@ -639,10 +735,15 @@ class _Outgoing:
     has set up so far (so that ``undo`` removes exactly that)."""
 
     def __init__(
-        self, target: _Target, session: _QmpSession, progress: MigrationProgress | None
+        self,
+        target: _Target,
+        session: _QmpSession,
+        token: bytes,
+        progress: MigrationProgress | None,
     ) -> None:
         self._target = target
         self._session = session
+        self._token = token
         self._progress = progress
         self._fds: list[str] = []  # descriptor names given (getfd)
         self._connections: list[socket.socket] = []  # our copies of what QEMU was given
@@ -720,10 +821,18 @@ class _Outgoing:
         self._jobs.append(name)
 
     def _hand_over(self, name: str, address: Address, what: str) -> None:
-        """Connect to ``address`` and give QEMU the connection as ``name``;
-        this process keeps its own copy until the move ends (``close``)."""
+        """Connect to ``address``, present the move's token, and give QEMU
+        the connection as ``name`` once the target accepted it; this
+        process keeps its own copy until the move ends (``close``)."""
         connection = _connect(self._target, address, what, self._session.deadline)
         self._connections.append(connection)
+        try:
+            present(connection, self._token, deadline=self._session.deadline)
+        except StreamRefused as exc:
+            host, port = address
+            raise VmmError(
+                f"{self._target}: the move's target at {host}:{port} for the {what}: {exc}"
+            ) from exc
         self._session.execute("getfd", {"fdname": name}, fd=connection.fileno())
         self._fds.append(name)
 
@@ -921,6 +1030,8 @@ class QemuDriver:
         self._runtime_paths = tuple(runtime_paths)
         self._guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
+        # Moves being received, by VMM (launch_incoming to finish_incoming).
+        self._incoming: dict[tuple[int, int], _IncomingMove] = {}
         # runtime_files(), found once; the lock is held while it is found
         # (subprocesses: ldd, qemu -L help) and taken under no other.
         self._runtime_lock = threading.Lock()
@@ -1025,13 +1136,16 @@ class QemuDriver:
     ) -> VmmHandle:
         """Start QEMU as ``launch`` does but waiting for its state
         (``-incoming defer``). This process listens on ``memory`` (and
-        ``disks``) and hands QEMU the listening sockets (``getfd``): QEMU
-        accepts the source's migration there (``migrate-incoming``) and,
-        with ``disks``, serves the VM's writable disks over NBD
-        (``nbd-server-start`` on that socket, one writable export per disk,
-        named by its device id, at most that many clients). QEMU never
-        binds a port itself. Raises as ``launch`` (a port that cannot be
-        listened on: ``VmmError`` before QEMU starts)."""
+        ``disks``); QEMU never binds a port itself. A thread of this
+        driver accepts on ``memory``, and hands QEMU the first connection
+        that presented ``token`` (``migrate-incoming fd:``); with
+        ``disks``, QEMU serves the VM's writable disks over NBD on a unix
+        socket in its run directory (``nbd-server-start``, one writable
+        export per disk, named by its device id, at most that many
+        clients), which this worker's relay connects authenticated peers
+        to, as many as there are exports. A peer without the token is
+        dropped and logged (``stream_auth``). Raises as ``launch`` (a port
+        that cannot be listened on: ``VmmError`` before QEMU starts)."""
         check_token(token)
         exports: tuple[str, ...] = ()
         if disks is not None:
@@ -1041,16 +1155,36 @@ class QemuDriver:
                 if not disk.readonly
             )
         label = paths.vm_dir.name
-        with contextlib.ExitStack() as sockets:
-            memory_socket = sockets.enter_context(_listen(label, memory, "memory"))
-            nbd_socket = None
+        nbd_socket = paths.vmm_dir / _NBD_SOCKET
+        if len(os.fsencode(nbd_socket)) > _MAX_SOCKET_PATH:
+            raise VmmRejected(
+                f"VM {label}: the NBD socket path {nbd_socket} is too long for a unix socket"
+            )
+        memory_socket = _listen(label, memory, "memory")
+        nbd: Relay | None = None
+        try:
             if disks is not None:
-                nbd_socket = sockets.enter_context(_listen(label, disks, "disks"))
-            incoming = _Incoming(memory_socket, nbd_socket, exports)
-            # QEMU holds its own copies of the sockets once started.
-            return self._start(
+                nbd = Relay.serving(
+                    _listen(label, disks, "disks"),
+                    token,
+                    peers=len(exports),
+                    hang_up=False,
+                    what=f"VM {label}: the move's disks",
+                )
+            incoming = _Incoming(memory_socket, nbd, nbd_socket, exports)
+            handle = self._start(
                 definition, paths, timeout=timeout, jail=jail, state=None, incoming=incoming
             )
+            move = _IncomingMove(self, handle, memory_socket, token, nbd)
+        except BaseException:
+            memory_socket.close()
+            if nbd is not None:
+                nbd.close()
+            raise
+        with self._guard:
+            self._incoming[(handle.pid, handle.pid_start_ticks)] = move
+        move.start()
+        return handle
 
     def send_migration(
         self,
@@ -1078,7 +1212,7 @@ class QemuDriver:
         deadline = time.monotonic() + timeout
         target = self._target(handle)
         with self._session(handle, deadline) as session:
-            move = _Outgoing(target, session, progress)
+            move = _Outgoing(target, session, token, progress)
             try:
                 move.run(memory, disks)
             except (VmmError, VmmRejected) as exc:
@@ -1103,15 +1237,34 @@ class QemuDriver:
 
     def finish_incoming(self, handle: VmmHandle, *, timeout: float) -> None:
         """Wait for ``migrate-incoming`` to complete, stop the NBD server
-        (none for a move without disks), then ``cont`` and confirm the
-        guest runs. An incoming migration that fails makes QEMU exit: then
-        ``VmmGone``."""
+        (none for a move without disks) and its relay, then ``cont`` and
+        confirm the guest runs. An incoming migration that fails makes
+        QEMU exit: then ``VmmGone``; one whose source never presented the
+        token on the memory port (or whose hand-over failed) is a
+        ``VmmError`` saying so. A QEMU this driver did not launch (a
+        restarted worker) is only waited for."""
         target = self._target(handle)
-        with self._session(handle, time.monotonic() + timeout) as session:
-            _wait_migration(target, session, "receiving the VM", _SWITCHOVER_POLL)
-            with contextlib.suppress(VmmRejected):  # no NBD server: no disks came
-                session.execute("nbd-server-stop")
-            _boot(target, session)
+        deadline = time.monotonic() + timeout
+        move = self._drop_incoming(handle)
+        if move is not None:
+            move.stop_accepting()
+        try:
+            if move is not None and not move.handed_over:
+                raise VmmError(
+                    f"{target}: no move's memory stream came "
+                    f"({move.error or 'no peer presented the token'}; "
+                    f"{move.dropped} peers without it dropped)"
+                )
+            with self._session(handle, deadline) as session:
+                _wait_migration(target, session, "receiving the VM", _SWITCHOVER_POLL)
+                with contextlib.suppress(VmmRejected):  # no NBD server: no disks came
+                    session.execute("nbd-server-stop")
+                if move is not None:
+                    move.close()  # the NBD relay: its peers are gone
+                _boot(target, session)
+        finally:
+            if move is not None:
+                move.close()
 
     def _start(
         self,
@@ -1185,6 +1338,9 @@ class QemuDriver:
         """QEMU removes its QMP socket when it exits cleanly (the guest
         powered off, ``quit``, SIGTERM); a crash or SIGKILL leaves it."""
         self._forget(handle)
+        move = self._drop_incoming(handle)
+        if move is not None:
+            move.close()
         return VmExit.CRASHED if os.path.lexists(handle.api_socket) else VmExit.POWERED_OFF
 
     def clear_leftovers(self, paths: VmmPaths, *, unrecorded: bool, grace: float) -> None:
@@ -1201,9 +1357,15 @@ class QemuDriver:
             process.remove_stale_socket(paths.api_socket)
 
     def close(self) -> None:
-        """Nothing is held between QMP sessions; the VMMs keep running."""
+        """Nothing is held between QMP sessions but the moves being
+        received (their listeners and threads, closed); the VMMs keep
+        running."""
         with self._guard:
             self._locks.clear()
+            moves = list(self._incoming.values())
+            self._incoming.clear()
+        for move in moves:
+            move.close()
 
     def state(self, handle: VmmHandle, *, timeout: float) -> VmState:
         status = self._execute(handle, "query-status", timeout=timeout)
@@ -1229,7 +1391,8 @@ class QemuDriver:
         self._quit(handle, timeout=timeout)
 
     def shutdown_vmm(self, handle: VmmHandle, *, timeout: float) -> None:
-        """Ask QEMU to exit (``quit``). Quiet when it is already gone."""
+        """Ask QEMU to exit (``quit``). Quiet when it is already gone. A
+        move it was receiving is abandoned (its listeners closed)."""
         self._quit(handle, timeout=timeout)
 
     def state_mark(self, paths: VmmPaths) -> Hashable | None:
@@ -1271,6 +1434,12 @@ class QemuDriver:
         with self._guard:
             return self._locks.setdefault(handle.api_socket, threading.Lock())
 
+    def _drop_incoming(self, handle: VmmHandle) -> _IncomingMove | None:
+        """The move ``handle``'s QEMU was receiving, no longer listed (the
+        caller closes it, with no lock held), or None."""
+        with self._guard:
+            return self._incoming.pop((handle.pid, handle.pid_start_ticks), None)
+
     def _forget(self, handle: VmmHandle) -> None:
         """Drop the lock of a VMM that is gone (no session can succeed)."""
         with self._guard:
@@ -1307,6 +1476,9 @@ class QemuDriver:
         """``quit``, then wait (within ``timeout``) for the process to end;
         a VMM already gone, or going, is what was asked for."""
         deadline = time.monotonic() + timeout
+        move = self._drop_incoming(handle)
+        if move is not None:
+            move.close()
         try:
             # QEMU answers, then closes; a close first is as good.
             with self._session(handle, deadline) as session, contextlib.suppress(VmmGone):

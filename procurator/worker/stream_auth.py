@@ -1,0 +1,293 @@
+"""The preamble that authenticates each connection of a move's streams
+(docs/SNAPSHOTS.md, "Moves"): one wire format, checked by the worker, so
+a VMM never sees a byte from a peer that did not present the move's token.
+
+Why the worker and not the VMM: the target's listeners are the worker's
+(QEMU's migration and NBD streams, cloud-hypervisor's relay), and without
+a check anyone who reaches a port before the source could feed the target
+a VM state or read (and write) its disks. QEMU's own TLS would put keys in
+the jail and take one certificate per VM; a token checked before the
+descriptor (or the relayed stream) is handed on costs one round trip per
+connection and nothing in the jail.
+
+Wire format (source -> target, first on the connection)::
+
+    b"PROCURATOR-STREAM 1\\n"   magic and version (``MAGIC``)
+    one byte n                 the token's length, 16 to 255
+    n bytes                    the token (the move's secret)
+
+then target -> source, one line: ``ok`` (accepted: from here on the
+connection is the VMM's stream, both ways) or ``error: <why>`` (refused;
+the target closes). A source reads exactly the answer line, so no byte of
+the VMM's stream is taken from it; a target reads exactly the preamble.
+
+The target (``Gate``) reads every connection's preamble without blocking
+on any one of them, each bounded by ``PREAMBLE_TIMEOUT`` after its accept
+and by its length: a peer that sends another token, garbage or nothing in
+time is answered (when it sent something), dropped and logged, and the
+gate accepts on, so the right peer still gets through. Tokens are compared
+in constant time (``secrets.compare_digest``). At most ``MAX_PENDING``
+connections wait for their preamble at once; a new one beyond that is
+dropped at once (a flood delays the source by at most its own retry, it
+cannot hold the gate).
+
+Blocking code, for worker threads; a ``Gate`` is used by one thread at a
+time (``interrupt`` from any thread, also after ``close``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import select
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+from procurator.core.errors import TemporaryError
+
+__all__ = [
+    "MAGIC",
+    "MAX_PENDING",
+    "MAX_TOKEN_BYTES",
+    "MIN_TOKEN_BYTES",
+    "PREAMBLE_TIMEOUT",
+    "Gate",
+    "StreamRefused",
+    "preamble",
+    "present",
+]
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"PROCURATOR-STREAM 1\n"
+MIN_TOKEN_BYTES = 16
+MAX_TOKEN_BYTES = 255
+#: Seconds a connection has, from its accept, to present its preamble.
+PREAMBLE_TIMEOUT = 5.0
+#: Connections waiting for their preamble at once; more are dropped.
+MAX_PENDING = 16
+ACCEPTED = b"ok\n"
+_REFUSED = b"error: "
+_MAX_ANSWER = 256
+_HEADER = len(MAGIC) + 1
+
+
+class StreamRefused(TemporaryError):
+    """The target refused the connection's preamble, or the connection
+    failed before it answered; the message says why."""
+
+
+def preamble(token: bytes) -> bytes:
+    """What a source writes first on a move's connection."""
+    if not MIN_TOKEN_BYTES <= len(token) <= MAX_TOKEN_BYTES:
+        raise ValueError(f"a token has {MIN_TOKEN_BYTES} to {MAX_TOKEN_BYTES} bytes")
+    return MAGIC + bytes([len(token)]) + token
+
+
+def present(conn: socket.socket, token: bytes, *, deadline: float) -> None:
+    """The source's side: write the preamble on ``conn`` (connected), read
+    the target's answer by ``deadline`` (``time.monotonic()``); return once
+    accepted, the connection left blocking without a timeout. Raises
+    ``StreamRefused`` with the target's reason (or what failed)."""
+    answer = b""
+    try:
+        conn.settimeout(max(deadline - time.monotonic(), 0.001))
+        conn.sendall(preamble(token))
+        # Byte by byte: nothing after the answer line is the preamble's.
+        while not answer.endswith(b"\n") and len(answer) < _MAX_ANSWER:
+            conn.settimeout(max(deadline - time.monotonic(), 0.001))
+            byte = conn.recv(1)
+            if not byte:
+                break
+            answer += byte
+    except TimeoutError as exc:
+        raise StreamRefused("the target did not answer the stream's preamble in time") from exc
+    except OSError as exc:
+        raise StreamRefused(f"the stream's preamble: {exc.strerror or exc}") from exc
+    if answer == ACCEPTED:
+        conn.settimeout(None)
+        return
+    if answer.startswith(_REFUSED) and answer.endswith(b"\n"):
+        why = answer[len(_REFUSED) : -1].decode("utf-8", "replace")
+        raise StreamRefused(f"the target refused the stream: {why}")
+    if not answer:
+        raise StreamRefused("the target closed the stream without answering its preamble")
+    raise StreamRefused(f"the target answered the stream's preamble with {answer[:64]!r}")
+
+
+@dataclass
+class _Pending:
+    """A connection waiting for its preamble."""
+
+    conn: socket.socket
+    peer: str
+    deadline: float
+    data: bytearray = field(default_factory=bytearray)
+
+    def needed(self) -> int:
+        """Bytes still to read: the header first, then the token it sizes."""
+        if len(self.data) < _HEADER:
+            return _HEADER - len(self.data)
+        return _HEADER + self.data[_HEADER - 1] - len(self.data)
+
+
+class Gate:
+    """The target's side on ``listener`` (a listening TCP socket, which
+    stays the caller's): ``accept`` returns the next connection that
+    presented ``token``, answered ``ok`` (see the module docstring).
+    ``what`` names the stream in logs."""
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        token: bytes,
+        *,
+        what: str,
+        timeout: float = PREAMBLE_TIMEOUT,
+        max_pending: int = MAX_PENDING,
+    ) -> None:
+        preamble(token)  # its shape checked once
+        self._listener = listener
+        self._token = token
+        self._what = what
+        self._timeout = timeout
+        self._max_pending = max_pending
+        self._pending: dict[int, _Pending] = {}
+        #: Peers dropped so far (wrong token, garbage, silence), for tests and logs.
+        self.dropped = 0
+        self._wake_r, self._wake_w = os.pipe()
+        # Leaf: ``interrupt`` never writes to a pipe ``close`` closed (its
+        # descriptor number may be someone else's by then).
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def interrupt(self) -> None:
+        """Wake an ``accept`` under way (it returns None; so does every
+        later one); thread-safe, and a no-op once closed."""
+        with self._lock:
+            if not self._closed:
+                os.write(self._wake_w, b"x")
+
+    def accept(self, deadline: float | None = None) -> socket.socket | None:
+        """The next authenticated connection (blocking, no timeout), or None
+        once ``interrupt`` was called or ``deadline`` (monotonic) passed."""
+        if self._closed:
+            return None
+        self._listener.setblocking(False)
+        while True:
+            now = time.monotonic()
+            for pending in [p for p in self._pending.values() if p.deadline <= now]:
+                self._drop(pending, f"no preamble within {self._timeout:g} s")
+            if deadline is not None and deadline <= now:
+                return None
+            waits = [p.deadline for p in self._pending.values()]
+            if deadline is not None:
+                waits.append(deadline)
+            wait = None if not waits else max(int((min(waits) - now) * 1000) + 1, 1)
+            poller = select.poll()
+            poller.register(self._wake_r, select.POLLIN)
+            poller.register(self._listener, select.POLLIN)
+            for fd in self._pending:
+                poller.register(fd, select.POLLIN)
+            for fd, _ in poller.poll(wait):
+                if fd == self._wake_r:
+                    return None
+                if fd == self._listener.fileno():
+                    self._accept_one()
+                    continue
+                waiting = self._pending.get(fd)
+                if waiting is not None:
+                    accepted = self._read(waiting)
+                    if accepted is not None:
+                        return accepted
+
+    def _accept_one(self) -> None:
+        try:
+            conn, address = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        peer = _describe(address)
+        if len(self._pending) >= self._max_pending:
+            self.dropped += 1
+            log.warning(
+                "%s: a connection from %s dropped: %d wait for their preamble already",
+                self._what,
+                peer,
+                self._max_pending,
+            )
+            conn.close()
+            return
+        conn.setblocking(False)
+        self._pending[conn.fileno()] = _Pending(conn, peer, time.monotonic() + self._timeout)
+
+    def _read(self, pending: _Pending) -> socket.socket | None:
+        try:
+            chunk = pending.conn.recv(pending.needed())
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            self._drop(pending, f"{exc.strerror or exc}", answer=False)
+            return None
+        if not chunk:
+            self._drop(pending, "it hung up before its preamble", answer=False)
+            return None
+        pending.data += chunk
+        data = bytes(pending.data)
+        if not MAGIC.startswith(data[: len(MAGIC)]):
+            self._drop(pending, "not a procurator stream")
+            return None
+        if len(data) >= _HEADER and data[_HEADER - 1] < MIN_TOKEN_BYTES:
+            self._drop(pending, "wrong token")
+            return None
+        if pending.needed():
+            return None
+        if not secrets.compare_digest(data[_HEADER:], self._token):
+            self._drop(pending, "wrong token")
+            return None
+        conn = pending.conn
+        del self._pending[conn.fileno()]
+        try:
+            conn.setblocking(True)
+            conn.sendall(ACCEPTED)
+        except OSError as exc:
+            self._drop(pending, f"{exc.strerror or exc}", answer=False)
+            return None
+        log.info("%s: %s presented the move's token", self._what, pending.peer)
+        return conn
+
+    def _drop(self, pending: _Pending, why: str, *, answer: bool = True) -> None:
+        """Refuse ``pending`` (answering why, without blocking, unless it
+        is gone or sent nothing to answer), close it, log it."""
+        conn = pending.conn
+        self._pending.pop(conn.fileno(), None)
+        self.dropped += 1
+        if answer and pending.data:
+            with contextlib.suppress(OSError):
+                conn.setblocking(False)  # a short line into an empty buffer
+                conn.send(_REFUSED + why.encode() + b"\n")
+        conn.close()
+        log.warning("%s: a connection from %s dropped: %s", self._what, pending.peer, why)
+
+    def close(self) -> None:
+        """Drop the connections still waiting; the listener stays the
+        caller's. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+        for pending in list(self._pending.values()):
+            pending.conn.close()
+        self._pending.clear()
+
+
+def _describe(address: object) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(address)
