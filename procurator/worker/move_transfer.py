@@ -5,19 +5,30 @@ the set for the VM's next start there.
 
 Protocol (one TCP connection per transfer; lines end with ``\\n``):
 
-1. source -> target: ``PROCURATOR-MOVE 1``, then one JSON line
-   ``{"vm_id", "op_id", "token", "files": [{"name", "size"}]}``; each name
-   is ``<image store basename>/disk<i>.img`` (where the VM's disk copies
-   live under ``vms/<id>/disks/``);
-2. target -> source: ``go`` (send the files), ``ok`` (this set is stored
+1. source -> target: the preamble every stream of a move begins with
+   (``procurator.worker.stream_auth``: ``PROCURATOR-STREAM 1``, the
+   transfer's one-time token); target -> source: ``ok``, or ``error:
+   <why>`` and the target closes (no transfer is expected with that
+   token: refused and logged, and recorded as no transfer's failure, lest
+   anyone on the network could fail a move);
+2. source -> target: one JSON line ``{"vm_id", "op_id", "files": [{"name",
+   "size"}]}``, naming the VM and op id of the transfer the token is for;
+   each name is ``<image store basename>/disk<i>.img`` (where the VM's
+   disk copies live under ``vms/<id>/disks/``);
+3. target -> source: ``go`` (send the files), ``ok`` (this set is stored
    already: done) or ``error: <why>`` (refused);
-3. for each file: its ``size`` bytes, then a line with their sha256 (hex);
-4. target -> source: ``ok`` once the set is durably stored, or
+4. for each file: its ``size`` bytes, then a line with their sha256 (hex);
+5. target -> source: ``ok`` once the set is durably stored, or
    ``error: <why>`` (the target then closes).
+
+A source of the first version (``PROCURATOR-MOVE 1`` and the token in
+the header) is refused as "not a procurator stream": both workers of a
+move must run this version.
 
 The target accepts a transfer only for a VM and op id its assignment
 expects, with the one-time token the master gave both sides
-(``Receiver.expect``); a second transfer of a set already received for
+(``Receiver.expect``), the token checked before anything else is read
+(compared in constant time with each expected one); a second transfer of a set already received for
 that op is answered ``ok`` at once (a source that lost the first answer
 sends again: idempotent). Nothing half-written is ever used: files go to
 ``incoming/.<vm>.<op>.<random>.partial/`` (one per connection), each is
@@ -30,8 +41,9 @@ one of the transfer the worker's assignment carries for the VM
 transfer names: ``Receiver.prune``).
 
 Plain TCP: the token authenticates the source for one transfer and
-sha256 checks integrity; the bytes are not encrypted (TLS with the fleet's
-CA is not built yet: run moves on a trusted network).
+sha256 checks integrity against accidents; the bytes are not encrypted
+(TLS with the fleet's CA is not built yet: run moves on a trusted
+network; docs/SNAPSHOTS.md, "Who may feed a move").
 
 Blocking code, for worker threads (``trio.to_thread.run_sync``); a socket
 timeout bounds every read and write, and a ``SendCut`` ends a send under
@@ -58,15 +70,24 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from procurator.core.errors import PermanentError, TemporaryError
 from procurator.core.validation import REQUEST_ID_RE, STORE_DIR, STORE_PATH_RE, VM_ID_RE
+from procurator.worker.stream_auth import (
+    MAX_TOKEN_BYTES,
+    MIN_TOKEN_BYTES,
+    StreamRefused,
+    accept,
+    present,
+    read_token,
+    refusal,
+)
 
 __all__ = [
-    "MAGIC",
     "MAX_CONNECTIONS",
     "Expected",
     "Receiver",
@@ -78,7 +99,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"PROCURATOR-MOVE 1\n"
 _CHUNK = 1 << 20
 _MAX_HEADER = 64 << 10
 #: Connections a receiver serves at once (each a thread); more are refused.
@@ -178,9 +198,13 @@ def send_disks(
     header = {
         "vm_id": vm_id,
         "op_id": op_id,
-        "token": token,
         "files": [{"name": name, "size": size} for name, size in sizes],
     }
+    secret = token.encode()
+    if not MIN_TOKEN_BYTES <= len(secret) <= MAX_TOKEN_BYTES:
+        raise TransferError(
+            f"move {op_id}: a transfer token has {MIN_TOKEN_BYTES} to {MAX_TOKEN_BYTES} bytes"
+        )
     done = 0
     if cut.is_cut:
         raise TransferError(f"move {op_id}: VM {vm_id}'s send was cut before it began")
@@ -193,7 +217,15 @@ def send_disks(
         ):
             cut._hold(conn)
             try:
-                conn.sendall(MAGIC + json.dumps(header).encode() + b"\n")
+                try:
+                    present(conn, secret, deadline=time.monotonic() + timeout)
+                except StreamRefused as exc:
+                    raise TransferError(
+                        f"move {op_id}: worker at {address} refused VM {vm_id}'s disks: "
+                        f"{exc.message}"
+                    ) from exc
+                conn.settimeout(timeout)
+                conn.sendall(json.dumps(header).encode() + b"\n")
                 answer = _read_line(answers, 1024)
                 # "ok": stored already; anything else but "go": refused.
                 go = answer == "go"
@@ -390,13 +422,33 @@ class Receiver:
         for thread in threads:
             thread.join(self._timeout)
 
+    def _authenticate(self, conn: socket.socket) -> Expected:
+        """The expected transfer whose token ``conn`` presents (compared in
+        constant time with every one); ``PermanentError`` for a peer that
+        presents none of them, or no preamble."""
+        try:
+            token = read_token(conn, deadline=time.monotonic() + self._timeout)
+        except StreamRefused as exc:
+            raise PermanentError(exc.message) from exc
+        with self._lock:
+            expected = list(self._expected.values())
+        found = None
+        for candidate in expected:
+            if secrets.compare_digest(candidate.token.encode(), token):
+                found = candidate
+        if found is None:
+            raise PermanentError("no transfer is expected with this token")
+        return found
+
     def _handle(self, conn: socket.socket, peer: object) -> None:
         conn.settimeout(self._timeout)
         vm_id = ""
         with conn:
             try:
+                wanted = self._authenticate(conn)
+                accept(conn)
                 stream = conn.makefile("rb")
-                vm_id, op_id, files = self._check(_read_header(stream))
+                vm_id, op_id, files = self._check(_read_header(stream), wanted)
                 if self.received(vm_id) == op_id:
                     conn.sendall(b"ok\n")
                     return
@@ -411,29 +463,25 @@ class Receiver:
                     with self._lock:
                         self._failed[vm_id] = why
                 with contextlib.suppress(OSError):
-                    conn.sendall(f"error: {why}\n".encode())
+                    conn.sendall(refusal(why))
             finally:
                 with self._lock:
                     self._conns.discard(conn)
                 self._on_change()
 
-    def _check(self, header: object) -> tuple[str, str, list[tuple[str, int]]]:
+    def _check(self, header: object, wanted: Expected) -> tuple[str, str, list[tuple[str, int]]]:
+        """The header of the transfer ``wanted`` (its token presented)."""
         if not isinstance(header, dict):
             raise PermanentError("the header is not an object")
-        vm_id, op_id, token = header.get("vm_id"), header.get("op_id"), header.get("token")
+        vm_id, op_id = header.get("vm_id"), header.get("op_id")
         if not isinstance(vm_id, str) or not _VM_RE.fullmatch(vm_id):
             raise PermanentError("vm_id: not a VM id")
         if not isinstance(op_id, str) or not _OP_RE.fullmatch(op_id):
             raise PermanentError("op_id: not an op id")
-        with self._lock:
-            wanted = self._expected.get(vm_id)
-        if (
-            wanted is None
-            or wanted.op_id != op_id
-            or not isinstance(token, str)
-            or not secrets.compare_digest(wanted.token, token)
-        ):
-            raise PermanentError(f"no transfer of VM {vm_id} for move {op_id} is expected here")
+        if (vm_id, op_id) != (wanted.vm_id, wanted.op_id):
+            raise PermanentError(
+                f"no transfer of VM {vm_id} for move {op_id} is expected here with this token"
+            )
         entries = header.get("files")
         if not isinstance(entries, list) or len(entries) > 64:
             raise PermanentError("files: not a list of at most 64")
@@ -485,8 +533,6 @@ class Receiver:
 
 
 def _read_header(stream: object) -> object:
-    if stream.readline(len(MAGIC) + 1) != MAGIC:  # type: ignore[attr-defined]
-        raise PermanentError("not a procurator move transfer")
     try:
         return json.loads(_read_line(stream, _MAX_HEADER))
     except RecursionError:  # 64 KiB of "[" is within the line's limit

@@ -31,6 +31,11 @@ connections wait for their preamble at once; a new one beyond that is
 dropped at once (a flood delays the source by at most its own retry, it
 cannot hold the gate).
 
+The cold disk transfer (``procurator.worker.move_transfer``) opens with
+the same preamble, read by a thread per connection (``read_token``), its
+token then looked up among the transfers expected, and answered with the
+same ``ok`` / ``error: <why>`` lines (``accept``, ``refusal``).
+
 Blocking code, for worker threads; a ``Gate`` is used by one thread at a
 time (``interrupt`` from any thread, also after ``close``).
 """
@@ -57,8 +62,11 @@ __all__ = [
     "PREAMBLE_TIMEOUT",
     "Gate",
     "StreamRefused",
+    "accept",
     "preamble",
     "present",
+    "read_token",
+    "refusal",
 ]
 
 log = logging.getLogger(__name__)
@@ -120,12 +128,9 @@ def present(conn: socket.socket, token: bytes, *, deadline: float) -> None:
 
 
 @dataclass
-class _Pending:
-    """A connection waiting for its preamble."""
+class _Preamble:
+    """A preamble as it arrives, checked as early as its bytes allow."""
 
-    conn: socket.socket
-    peer: str
-    deadline: float
     data: bytearray = field(default_factory=bytearray)
 
     def needed(self) -> int:
@@ -133,6 +138,64 @@ class _Pending:
         if len(self.data) < _HEADER:
             return _HEADER - len(self.data)
         return _HEADER + self.data[_HEADER - 1] - len(self.data)
+
+    def feed(self, chunk: bytes) -> str | None:
+        """Add ``chunk`` (at most ``needed()`` bytes); why the preamble is
+        refused already, or None."""
+        self.data += chunk
+        if not MAGIC.startswith(bytes(self.data[: len(MAGIC)])):
+            return "not a procurator stream"
+        if len(self.data) >= _HEADER and self.data[_HEADER - 1] < MIN_TOKEN_BYTES:
+            return "wrong token"  # too short to be one: said as for any other
+        return None
+
+    @property
+    def token(self) -> bytes:
+        return bytes(self.data[_HEADER:])
+
+
+def read_token(conn: socket.socket, *, deadline: float) -> bytes:
+    """The target's side on a connection a thread of its own serves: read
+    exactly the preamble by ``deadline`` (monotonic) and return the token
+    it presents, for the caller to judge and answer (``accept`` or
+    ``refuse``). Raises ``StreamRefused`` saying why when it is no
+    preamble (also when the peer hung up or said nothing in time)."""
+    preamble = _Preamble()
+    try:
+        while needed := preamble.needed():
+            conn.settimeout(max(deadline - time.monotonic(), 0.001))
+            chunk = conn.recv(needed)
+            if not chunk:
+                raise StreamRefused("it hung up before its preamble")
+            why = preamble.feed(chunk)
+            if why is not None:
+                raise StreamRefused(why)
+    except TimeoutError as exc:
+        raise StreamRefused("no preamble in time") from exc
+    except OSError as exc:
+        raise StreamRefused(f"{exc.strerror or exc}") from exc
+    return preamble.token
+
+
+def accept(conn: socket.socket) -> None:
+    """Accept a preamble: the connection is the stream's from here on."""
+    conn.sendall(ACCEPTED)
+
+
+def refusal(why: str) -> bytes:
+    """The line that refuses a preamble (or, on the cold transfer, the
+    transfer), before the target closes."""
+    return _REFUSED + why.encode() + b"\n"
+
+
+@dataclass
+class _Pending:
+    """A connection waiting for its preamble."""
+
+    conn: socket.socket
+    peer: str
+    deadline: float
+    preamble: _Preamble = field(default_factory=_Preamble)
 
 
 class Gate:
@@ -226,7 +289,7 @@ class Gate:
 
     def _read(self, pending: _Pending) -> socket.socket | None:
         try:
-            chunk = pending.conn.recv(pending.needed())
+            chunk = pending.conn.recv(pending.preamble.needed())
         except (BlockingIOError, InterruptedError):
             return None
         except OSError as exc:
@@ -235,24 +298,20 @@ class Gate:
         if not chunk:
             self._drop(pending, "it hung up before its preamble", answer=False)
             return None
-        pending.data += chunk
-        data = bytes(pending.data)
-        if not MAGIC.startswith(data[: len(MAGIC)]):
-            self._drop(pending, "not a procurator stream")
+        why = pending.preamble.feed(chunk)
+        if why is not None:
+            self._drop(pending, why)
             return None
-        if len(data) >= _HEADER and data[_HEADER - 1] < MIN_TOKEN_BYTES:
-            self._drop(pending, "wrong token")
+        if pending.preamble.needed():
             return None
-        if pending.needed():
-            return None
-        if not secrets.compare_digest(data[_HEADER:], self._token):
+        if not secrets.compare_digest(pending.preamble.token, self._token):
             self._drop(pending, "wrong token")
             return None
         conn = pending.conn
         del self._pending[conn.fileno()]
         try:
             conn.setblocking(True)
-            conn.sendall(ACCEPTED)
+            accept(conn)
         except OSError as exc:
             self._drop(pending, f"{exc.strerror or exc}", answer=False)
             return None
@@ -265,10 +324,10 @@ class Gate:
         conn = pending.conn
         self._pending.pop(conn.fileno(), None)
         self.dropped += 1
-        if answer and pending.data:
+        if answer and pending.preamble.data:
             with contextlib.suppress(OSError):
                 conn.setblocking(False)  # a short line into an empty buffer
-                conn.send(_REFUSED + why.encode() + b"\n")
+                conn.send(refusal(why))
         conn.close()
         log.warning("%s: a connection from %s dropped: %s", self._what, pending.peer, why)
 

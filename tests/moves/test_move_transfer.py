@@ -24,7 +24,6 @@ import trio
 
 from procurator.worker.move_service import send_disks_in_thread
 from procurator.worker.move_transfer import (
-    MAGIC,
     MAX_CONNECTIONS,
     Expected,
     Receiver,
@@ -32,8 +31,12 @@ from procurator.worker.move_transfer import (
     disk_files,
     send_disks,
 )
+from procurator.worker.stream_auth import accept, preamble, read_token
 
 BASE = "b" * 32 + "-web"
+TOKEN = "7" * 32  # the master's: 32 hex digits
+#: What a source opens a transfer with (its preamble, stream_auth).
+OPENING = preamble(TOKEN.encode())
 
 
 @pytest.fixture
@@ -65,13 +68,13 @@ def test_the_disks_arrive_whole_and_a_resend_is_answered_at_once(
     vm_dir = source_vm(tmp_path)
     files = disk_files(vm_dir)
     assert [name for name, _ in files] == [f"{BASE}/disk0.img", f"{BASE}/disk1.img"]
-    receiver.expect([Expected("web-1", "op-m1", "t0ken")])
+    receiver.expect([Expected("web-1", "op-m1", TOKEN)])
     seen: list[tuple[int, int]] = []
     send_disks(
         receiver.address,
         vm_id="web-1",
         op_id="op-m1",
-        token="t0ken",
+        token=TOKEN,
         files=files,
         progress=lambda done, total: seen.append((done, total)),
     )
@@ -81,7 +84,7 @@ def test_the_disks_arrive_whole_and_a_resend_is_answered_at_once(
         assert got.read_bytes() == path.read_bytes()
     assert seen[-1] == ((11 << 20) + 20,) * 2
     # Idempotent: the source lost the answer and sends again.
-    send_disks(receiver.address, vm_id="web-1", op_id="op-m1", token="t0ken", files=files)
+    send_disks(receiver.address, vm_id="web-1", op_id="op-m1", token=TOKEN, files=files)
     # A set kept while its transfer is expected; once none names its op,
     # it goes.
     receiver.prune()
@@ -96,13 +99,14 @@ def test_only_the_expected_transfer_with_its_token_is_taken(
     tmp_path: Path, receiver: Receiver
 ) -> None:
     files = disk_files(source_vm(tmp_path))
-    receiver.expect([Expected("web-1", "op-m1", "right")])
-    for vm_id, op_id, token in (
-        ("web-1", "op-m1", "wrong"),
-        ("web-1", "op-m2", "right"),
-        ("web-2", "op-m1", "right"),
+    right, wrong = "r" * 32, "w" * 32
+    receiver.expect([Expected("web-1", "op-m1", right)])
+    for vm_id, op_id, token, why in (
+        ("web-1", "op-m1", wrong, "no transfer is expected with this token"),
+        ("web-1", "op-m2", right, "no transfer of VM web-1 for move op-m2 is expected here"),
+        ("web-2", "op-m1", right, "no transfer of VM web-2 for move op-m1 is expected here"),
     ):
-        with pytest.raises(TransferError, match=r"no transfer of VM .* is expected here"):
+        with pytest.raises(TransferError, match=why):
             send_disks(receiver.address, vm_id=vm_id, op_id=op_id, token=token, files=files)
     assert receiver.received("web-1") is None
     # Refusing an unknown peer records no failure of the transfer expected:
@@ -113,9 +117,10 @@ def test_only_the_expected_transfer_with_its_token_is_taken(
 
 def raw_send(address: tuple[str, int], header: object, body: bytes) -> str:
     with socket.create_connection(address, timeout=5) as conn:
-        conn.sendall(MAGIC + json.dumps(header).encode() + b"\n" + body)
+        conn.sendall(OPENING + json.dumps(header).encode() + b"\n" + body)
         conn.shutdown(socket.SHUT_WR)
         answers = conn.makefile("rb")
+        assert answers.readline() == b"ok\n"  # the token
         answer = answers.readline().decode().strip()
         return answers.readline().decode().strip() if answer == "go" else answer
 
@@ -123,11 +128,11 @@ def raw_send(address: tuple[str, int], header: object, body: bytes) -> str:
 def test_a_bad_checksum_a_short_file_or_a_hostile_name_keeps_nothing(
     tmp_path: Path, receiver: Receiver
 ) -> None:
-    receiver.expect([Expected("web-1", "op-m1", "t")])
+    receiver.expect([Expected("web-1", "op-m1", TOKEN)])
     name = f"{BASE}/disk0.img"
 
     def header(files: object) -> dict[str, object]:
-        return {"vm_id": "web-1", "op_id": "op-m1", "token": "t", "files": files}
+        return {"vm_id": "web-1", "op_id": "op-m1", "files": files}
 
     data = b"x" * 1000
     wrong = hashlib.sha256(b"y").hexdigest().encode()
@@ -147,18 +152,24 @@ def test_a_bad_checksum_a_short_file_or_a_hostile_name_keeps_nothing(
     assert list((tmp_path / "target" / "incoming").iterdir()) == []
     with socket.create_connection(receiver.address, timeout=5) as conn:
         conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
-        assert conn.makefile("rb").readline().startswith(b"error: not a procurator move")
+        assert conn.makefile("rb").readline() == b"error: not a procurator stream\n"
+    with socket.create_connection(receiver.address, timeout=5) as conn:
+        conn.sendall(preamble(b"w" * 32))
+        answer = conn.makefile("rb").readline()
+        assert answer == b"error: no transfer is expected with this token\n"
     # A header nested past the parser's recursion: refused with an answer
     # (its RecursionError ended the thread unanswered, a traceback logged).
     with socket.create_connection(receiver.address, timeout=5) as conn:
-        conn.sendall(MAGIC + b"[" * 60_000 + b"\n")
-        assert conn.makefile("rb").readline() == b"error: the header nests too deep\n"
+        conn.sendall(OPENING + b"[" * 60_000 + b"\n")
+        answers = conn.makefile("rb")
+        assert answers.readline() == b"ok\n"
+        assert answers.readline() == b"error: the header nests too deep\n"
 
 
 def test_a_vm_without_writable_disks_sends_an_empty_set(tmp_path: Path, receiver: Receiver) -> None:
-    receiver.expect([Expected("web-9", "op-m9", "t")])
+    receiver.expect([Expected("web-9", "op-m9", TOKEN)])
     assert disk_files(tmp_path / "nothing") == []
-    send_disks(receiver.address, vm_id="web-9", op_id="op-m9", token="t", files=[])
+    send_disks(receiver.address, vm_id="web-9", op_id="op-m9", token=TOKEN, files=[])
     assert receiver.received("web-9") == "op-m9"
 
 
@@ -169,16 +180,17 @@ def test_closing_the_receiver_cuts_a_transfer_under_way_and_keeps_nothing(
     got = Receiver(listener, tmp_path / "incoming", timeout=60.0)
     thread = threading.Thread(target=got.serve)
     thread.start()
-    got.expect([Expected("web-1", "op-m1", "t")])
+    got.expect([Expected("web-1", "op-m1", TOKEN)])
     header = {
         "vm_id": "web-1",
         "op_id": "op-m1",
-        "token": "t",
         "files": [{"name": f"{BASE}/disk0.img", "size": 1 << 20}],
     }
     with socket.create_connection(got.address, timeout=5) as conn:
-        conn.sendall(MAGIC + json.dumps(header).encode() + b"\n" + b"x" * 1000)
-        assert conn.makefile("rb").readline() == b"go\n"
+        conn.sendall(OPENING + json.dumps(header).encode() + b"\n" + b"x" * 1000)
+        answers = conn.makefile("rb")
+        assert answers.readline() == b"ok\n"
+        assert answers.readline() == b"go\n"
         got.close()  # does not wait out the 60 s socket timeout
         thread.join()
     assert got.received("web-1") is None
@@ -197,8 +209,8 @@ def test_an_image_with_a_name_as_long_as_nix_allows_carries_its_disk(
     (disks / "disk0.img").write_bytes(b"the guest wrote this")
     files = disk_files(tmp_path / "source" / "vms" / "web-1")
     assert [name for name, _ in files] == [f"{longest}/disk0.img"]
-    receiver.expect([Expected("web-1", "op-m1", "t")])
-    send_disks(receiver.address, vm_id="web-1", op_id="op-m1", token="t", files=files)
+    receiver.expect([Expected("web-1", "op-m1", TOKEN)])
+    send_disks(receiver.address, vm_id="web-1", op_id="op-m1", token=TOKEN, files=files)
     got = tmp_path / "target" / "incoming" / "web-1" / longest / "disk0.img"
     assert got.read_bytes() == b"the guest wrote this"
 
@@ -222,17 +234,16 @@ def test_a_resend_while_the_first_is_still_received_never_stores_half_a_set(
     # a big disk, say) sends again while the target still receives the
     # first connection: the first's set was renamed into place from the
     # directory the second had begun to write, half a disk reported received.
-    receiver.expect([Expected("web-1", "op-m1", "t")])
+    receiver.expect([Expected("web-1", "op-m1", TOKEN)])
     name = f"{BASE}/disk0.img"
     data = os.urandom(1 << 20)
     digest = hashlib.sha256(data).hexdigest().encode() + b"\n"
     header = (
-        MAGIC
+        OPENING
         + json.dumps(
             {
                 "vm_id": "web-1",
                 "op_id": "op-m1",
-                "token": "t",
                 "files": [{"name": name, "size": len(data)}],
             }
         ).encode()
@@ -245,10 +256,12 @@ def test_a_resend_while_the_first_is_still_received_never_stores_half_a_set(
     ):
         first_answers, second_answers = first.makefile("rb"), second.makefile("rb")
         first.sendall(header)
+        assert first_answers.readline() == b"ok\n"  # the token
         assert first_answers.readline() == b"go\n"
         first.sendall(data)  # all but its checksum: the target holds it whole
         wait_for(lambda: sizes(incoming) == [len(data)])
         second.sendall(header)
+        assert second_answers.readline() == b"ok\n"  # the token
         assert second_answers.readline() == b"go\n"
         second.sendall(data[:1000])
         wait_for(lambda: 0 in sizes(incoming))  # the second's copy begun
@@ -280,7 +293,7 @@ def test_connections_past_the_limit_are_refused_at_once_and_the_transfer_goes_af
     # a descriptor of the worker (for a socket timeout each, sending
     # nothing), without bound.
     files = disk_files(source_vm(tmp_path))
-    receiver.expect([Expected("web-1", "op-m1", "t")])
+    receiver.expect([Expected("web-1", "op-m1", TOKEN)])
     idle = [socket.create_connection(receiver.address, timeout=5) for _ in range(MAX_CONNECTIONS)]
     try:
         with socket.create_connection(receiver.address, timeout=5) as one_more:
@@ -292,7 +305,7 @@ def test_connections_past_the_limit_are_refused_at_once_and_the_transfer_goes_af
 
     def sent() -> bool:  # as a source does: again until the idle ones are gone
         try:
-            send_disks(receiver.address, vm_id="web-1", op_id="op-m1", token="t", files=files)
+            send_disks(receiver.address, vm_id="web-1", op_id="op-m1", token=TOKEN, files=files)
         except TransferError as exc:
             assert "transfers at once already" in str(exc)
             return False
@@ -333,10 +346,10 @@ def test_a_target_that_refuses_partway_gives_the_source_its_reason(tmp_path: Pat
         thread = threading.Thread(target=got.serve)
         thread.start()
         try:
-            got.expect([Expected("web-1", "op-m1", "t")])
+            got.expect([Expected("web-1", "op-m1", TOKEN)])
             with pytest.raises(TransferError) as refused:
                 send_disks(
-                    got.address, vm_id="web-1", op_id="op-m1", token="t", files=disk_files(vm_dir)
+                    got.address, vm_id="web-1", op_id="op-m1", token=TOKEN, files=disk_files(vm_dir)
                 )
         finally:
             got.close()
@@ -370,8 +383,9 @@ async def test_a_cancelled_send_ends_at_once_and_leaves_no_thread_or_socket(
         conn, _ = listener.accept()
         with conn:
             conn.settimeout(30)
+            assert read_token(conn, deadline=time.monotonic() + 30) == TOKEN.encode()
+            accept(conn)
             stream = conn.makefile("rb")
-            assert stream.readline() == MAGIC
             stream.readline()
             conn.sendall(b"go\n")
             cancel_returned.wait(30)  # patience: only before the fix
@@ -397,7 +411,7 @@ async def test_a_cancelled_send_ends_at_once_and_leaves_no_thread_or_socket(
                         listener.getsockname(),
                         vm_id="web-1",
                         op_id="op-m1",
-                        token="t",
+                        token=TOKEN,
                         files=disk_files(vm_dir),
                         timeout=60.0,
                         progress=lambda done, total: token.run_sync_soon(sending.set),
