@@ -519,13 +519,29 @@ class VmManager:
             log.info("removed the lock files of VMs that are gone: %s", ", ".join(swept))
         result = []
         for vm in attached:
+            removed = True
             try:
                 self._wait_outcome(vm, "recover")
             except ProcuratorError as exc:
+                removed = False
                 log.warning("VM %s: recovered with a problem: %s", vm.vm_id, exc)
             with vm.cond:
-                if not vm.finished:
+                removed = removed and vm.removing
+            if removed and vm.thread is not None:
+                # Its removal is done; its thread ends right after.
+                vm.thread.join(self.timeouts.ensure)
+            with vm.cond:
+                finished = vm.finished
+                if not finished:
                     result.append(vm.obs)
+            if finished:
+                # Removed by its supervisor (a VM held incoming, one whose
+                # creation never completed): no longer this worker's, so the
+                # sweeps that follow (taps, cgroups, GC roots) release what
+                # it held.
+                with vm.op_lock:
+                    if not vm.gone:
+                        self._retire(vm)
         return result
 
     def begin_close(self) -> None:

@@ -154,6 +154,9 @@ def test_a_restarted_worker_drops_a_vm_held_incoming(
     second = manager(state, driver, Events())
     try:
         assert second.recover() == []
+        # Not the worker's any more: the sweeps after recover release its
+        # tap, cgroup and GC root.
+        assert second.list() == []
         assert second.incoming_dropped == {"vm1": "op-m"}
         assert vmm_pids_under(state) == {}
         assert not StateDir(state).exists("vm1")
