@@ -50,10 +50,17 @@ on its worker, and the move failed with the reason. The move is stored:
 a master restart or failover continues it. The target must run with
 --transfer-listen.
 
+--live: a live move. The target starts an incoming VMM for the VM, the
+source migrates the running guest into it (QEMU mirrors the disks while
+it runs), and only once the source says it sent the whole state does the
+VM switch to the target, which lets it run. Both workers must run the
+same VMM driver, one that moves running VMs (refused otherwise, saying
+which); cloud-hypervisor cannot move a VM with writable disks live yet
+(the move fails, the VM runs on). Any failure before the switch leaves
+the guest running on its worker.
+
 Not carried: the VM's snapshots (they stay, and go with the VM's
-directory on its old worker). --live is refused: the workers do not drive
-live moves yet; the refusal says first whether each end's worker could
-(its VMM driver moves running VMs, the same driver on both ends).
+directory on its old worker).
 
 A pinned VM ([workers.W] in the fleet file) is pinned to WORKER by the
 move; the next apply of a fleet file that still pins it elsewhere moves
@@ -75,7 +82,11 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("move", description=_MOVE_DESCRIPTION, formatter_class=raw)
     p.add_argument("vm", help="the VM's id")
     p.add_argument("--to", required=True, metavar="WORKER", help="the worker to move it to")
-    p.add_argument("--live", action="store_true", help="move it running (not built yet: refused)")
+    p.add_argument(
+        "--live",
+        action="store_true",
+        help="move it running (a live move: the same VMM driver on both workers)",
+    )
     p.add_argument("--wait", action="store_true", help="follow the move until it is done or failed")
     p.add_argument(
         "--timeout",

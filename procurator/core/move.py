@@ -50,8 +50,9 @@ Invariants (what ``step`` keeps):
   does not report the VM running by the deadline fails the move, and the
   VM stays the target's (its supervisor and healing go on as for any VM).
 
-Live moves (``MoveKind.LIVE``; the workers' part is not built yet, so
-``check_move`` refuses them after checking both ends' VMM drivers):
+Live moves (``MoveKind.LIVE``; ``check_move`` refuses one unless both
+ends' workers say their VMM driver moves running VMs, the same driver;
+the workers' part: ``procurator.worker.move_service``):
 
 - ``preparing``: a generation gives the target the VM's image to prepare
   and a live transfer naming the VM as the source's assignment has it,
@@ -138,7 +139,7 @@ MAX_MOVE_TIMEOUT_S = 86_400
 
 class MoveKind(enum.Enum):
     COLD = "cold"  # stop on the source, start on the target
-    LIVE = "live"  # migrate the running guest (the workers' part is not built yet)
+    LIVE = "live"  # migrate the running guest
 
 
 class MovePhase(enum.Enum):
@@ -287,15 +288,16 @@ def check_move(
             f"worker {target} does not match VM {vm_id}'s constraints ({', '.join(unmet)}): "
             "the next apply would move it back"
         )
-    if kind is MoveKind.LIVE:
-        return _live_refusal(vm_id, source, target, vmms or {})
+    if kind is MoveKind.LIVE and (refused := _live_refusal(vm_id, source, target, vmms or {})):
+        return refused
     return source, vm
 
 
 def _live_refusal(
     vm_id: str, source: str, target: str, vmms: Mapping[str, tuple[str, bool]]
 ) -> str:
-    """Why ``vm_id`` cannot move live from ``source`` to ``target``."""
+    """Why ``vm_id`` cannot move live from ``source`` to ``target`` ("":
+    it can)."""
     cold = "move it cold, without --live"
     for worker, role in ((source, "source"), (target, "target")):
         driver, live = vmms.get(worker, ("", False))
@@ -311,10 +313,7 @@ def _live_refusal(
             f"VM {vm_id} cannot move live from {source} ({drivers[0]}) to {target} "
             f"({drivers[1]}): both ends must run the same VMM driver; {cold}"
         )
-    return (
-        "live moves are not driven by the workers yet (both VMM drivers can migrate a "
-        f"running VM; the workers' part, an incoming VM on the target, is not built): {cold}"
-    )
+    return ""
 
 
 def shortfall(vm: VmAssignment, facts: WorkerFacts, assigned: Sequence[VmAssignment]) -> str | None:

@@ -41,6 +41,7 @@ touched costs the same on a host of ten VMs and of ten thousand.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -57,6 +58,7 @@ from procurator.core.vmdef import VmDefinition
 from procurator.nix.image import ImageManager, PreparedImage
 from procurator.worker.manager import VmManager, VmObservation, VmSpec
 from procurator.worker.network import NetworkManager
+from procurator.worker.vmrecord import Incoming
 
 __all__ = ["WorkerActuator"]
 
@@ -101,6 +103,9 @@ class WorkerActuator:
         # (leaf lock: nothing is called while holding it).
         self._lock = threading.Lock()
         self._in_flight: dict[str, _InFlight] = {}
+        # VMs being held incoming (hold_incoming): no step of the
+        # reconciler's, so never shown in flight (it would remove them).
+        self._hidden: set[str] = set()
         # Trio thread only (observe): each VM's last VmObservation and what
         # it was turned into. Observations are immutable and replaced on
         # every change, so an identical object needs no new ObservedVm —
@@ -117,6 +122,8 @@ class WorkerActuator:
         seen: dict[str, tuple[VmObservation, ObservedVm]] = {}
         observed: dict[str, ObservedVm] = {}
         for o in self._manager.list():
+            if o.incoming:
+                continue  # held for a live move: not this worker's VM (yet)
             hit = last.get(o.vm_id)
             value = hit[1] if hit is not None and hit[0] is o else _observed(o)
             seen[o.vm_id] = (o, value)
@@ -135,7 +142,7 @@ class WorkerActuator:
         observed: dict[str, ObservedVm] = {}
         for vm_id in vm_ids:
             o = get(vm_id)
-            if o is None:
+            if o is None or o.incoming:
                 last.pop(vm_id, None)
                 continue
             hit = last.get(vm_id)
@@ -169,6 +176,32 @@ class WorkerActuator:
             self._ensure_blocking, vm, op_id, incoming, limiter=self._limiter
         )
 
+    async def hold_incoming(self, vm: VmAssignment, op_id: str, incoming: Incoming) -> None:
+        """A live move's target side: ``vm`` (as its source's assignment
+        has it) made ready as for a start (image, disk copies, tap and
+        address) and held in an incoming VMM (``VmSpec.incoming``): not a
+        VM of this worker's (``observe`` leaves it out) until an assignment
+        names it (the switch's ``ensure``, which lets it run). A failure
+        leaves nothing taken (the VM is removed again)."""
+        await trio.to_thread.run_sync(
+            self._hold_incoming_blocking, vm, op_id, incoming, limiter=self._limiter
+        )
+
+    def _hold_incoming_blocking(self, vm: VmAssignment, op_id: str, incoming: Incoming) -> None:
+        log.info("VM %s: held incoming for move %s", vm.id, incoming.op_id)
+        with self._lock:
+            self._hidden.add(vm.id)
+        try:
+            spec = dataclasses.replace(self._launch_spec(vm, op_id, None), incoming=incoming)
+            try:
+                self._manager.ensure(spec)
+            except BaseException:
+                self._remove_blocking(vm.id, op_id)
+                raise
+        finally:
+            with self._lock:
+                self._hidden.discard(vm.id)
+
     async def remove(self, vm_id: str, op_id: str) -> None:
         await trio.to_thread.run_sync(self._remove_blocking, vm_id, op_id, limiter=self._limiter)
 
@@ -176,6 +209,8 @@ class WorkerActuator:
 
     def _mark(self, vm_id: str, flight: _InFlight | None) -> None:
         with self._lock:
+            if vm_id in self._hidden:
+                return
             if flight is None:
                 self._in_flight.pop(vm_id, None)
             else:

@@ -22,6 +22,29 @@ Each side reports its progress (``WorkerStatus.transfers``: pending,
 sending with bytes, sent, received, failed with why); the master's leader
 switches the VM once the target reports it ``received``.
 
+Live moves (``DiskTransfer.live``; docs/SNAPSHOTS.md, "Live moves"):
+
+- **Target**, while the transfer names the VM (``incoming``, until the
+  switch): the VM is made ready as for a start and held in an incoming
+  VMM (``WorkerActuator.hold_incoming``: ``VmSpec.incoming``), listening
+  on ports picked on the transfer listener's host, and reported ``ready``
+  with them; a failure is reported ``failed`` and not tried again for the
+  op; a VM ``VmManager.recover`` dropped (the worker restarted) is
+  reported ``failed`` for its op. Once no transfer of its op is assigned
+  (the move failed), the incoming VM is removed; the switch's assignment
+  lets it run (the reconciler's ``ensure``), not this service.
+- **Source**: the migration runs once per op as a job on the VM's
+  supervisor (``VmManager.run_job``): the VM marked durably as migrating
+  (``MovedOut``), ``send_migration`` with the move's token, then marked
+  migrated (``sent``; its supervisor stops its VMM and holds it until the
+  switch removes it) or unmarked (``failed``: the guest runs on here).
+  Progress is the driver's bytes. A mark of a migration the worker
+  stopped in is reported ``failed``, and cleared once no transfer of its
+  op is assigned (the move failed: the VM starts again here).
+  cloud-hypervisor cannot move writable disks live (v53 moves memory and
+  device state only; the pre-copy while paused is not built): a VM with
+  writable disk copies is refused, ``failed``, and stays.
+
 Invariants: nothing is sent while a VMM of the VM runs; the target never
 starts the VM on its own (it is not in its assignment before the switch);
 nothing received is kept once no transfer names its op, nor used by
@@ -43,16 +66,19 @@ import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
 from procurator.core.assignments import AssignmentUpdate
+from procurator.core.errors import ProcuratorError
 from procurator.core.models import (
     DiskTransfer,
     Phase,
     PowerState,
     TransferProgress,
     TransferState,
+    VmAssignment,
 )
 from procurator.worker.manager import VmManager
 from procurator.worker.move_transfer import (
@@ -64,17 +90,31 @@ from procurator.worker.move_transfer import (
     disk_files,
     send_disks,
 )
+from procurator.worker.supervisor import JobContext
+from procurator.worker.vmm.base import Address, VmmError, VmmRejected
+from procurator.worker.vmrecord import Incoming, MovedOut
 
-__all__ = ["INCOMING_DIR", "MoveTransfers", "send_disks_in_thread"]
+__all__ = ["INCOMING_DIR", "IncomingVms", "MoveTransfers", "send_disks_in_thread"]
 
 log = logging.getLogger(__name__)
 
 INCOMING_DIR = "incoming"
 
 
+class IncomingVms(Protocol):
+    """Where a live move's target holds its incoming VM (``WorkerActuator``)."""
+
+    async def hold_incoming(self, vm: VmAssignment, op_id: str, incoming: Incoming) -> None: ...
+
+    async def remove(self, vm_id: str, op_id: str) -> None: ...
+
+
 class MoveTransfers:
     """See the module docstring. ``on_progress``: the transfers' progress,
-    whole, whenever it changes (the link's ``publish_transfers``)."""
+    whole, whenever it changes (the link's ``publish_transfers``);
+    ``incoming``: where live moves' incoming VMs are held (None: this
+    worker takes no live moves); ``migration_timeout``: seconds a live
+    migration may take (``send_migration``'s timeout)."""
 
     def __init__(
         self,
@@ -85,8 +125,27 @@ class MoveTransfers:
         on_progress: Callable[[tuple[TransferProgress, ...]], None],
         retry: float = 2.0,
         timeout: float = 60.0,
+        incoming: IncomingVms | None = None,
+        migration_timeout: float = 300.0,
     ) -> None:
         self._manager = manager
+        self._incoming = incoming
+        self._migration_timeout = migration_timeout
+        host = listener.getsockname()[0]
+        # Incoming VMMs listen where the receiver does, and are named as
+        # other workers reach this host (its name for a wildcard).
+        self._bind_host = str(host)
+        self._advertised_host = socket.getfqdn() if host in ("0.0.0.0", "::") else str(host)
+        # Live moves (trio thread only): each VM's progress, the ops tried
+        # (once each), the VMs in a step, the incoming VMs held (vm -> op)
+        # and where they listen, the migration marks known (vm -> op).
+        self._live: dict[str, TransferProgress] = {}
+        self._live_tried: set[tuple[str, str]] = set()
+        self._live_busy: set[str] = set()
+        self._holding: dict[str, str] = {}
+        self._listening: dict[str, tuple[str, str]] = {}
+        self._marked: dict[str, str] = {}
+        self._dropped: dict[str, str] = {}
         self._receiver = Receiver(
             listener, incoming_dir(state_dir), timeout=timeout, on_change=self.receiver_changed
         )
@@ -112,8 +171,16 @@ class MoveTransfers:
             if sent is None or sent.receive or sent.op_id != self._sending[vm_id].op_id:
                 del self._sending[vm_id]
         self._receiver.expect(
-            [Expected(t.vm_id, t.op_id, t.token) for t in self._transfers.values() if t.receive]
+            [
+                Expected(t.vm_id, t.op_id, t.token)
+                for t in self._transfers.values()
+                if t.receive and not t.live
+            ]
         )
+        for vm_id in list(self._live):
+            now = self._transfers.get(vm_id)
+            if now is None or not now.live or now.op_id != self._live[vm_id].op_id:
+                del self._live[vm_id]
         self._wake.set()
 
     def receiving(self, vm_id: str) -> str | None:
@@ -136,6 +203,12 @@ class MoveTransfers:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._token = trio.lowlevel.current_trio_token()
+        # What the manager's recover found: incoming VMs it dropped, and
+        # migrations marked (a worker that stopped in one, or after one).
+        self._dropped = dict(self._manager.incoming_dropped)
+        for obs in self._manager.list():
+            if obs.moved_out is not None:
+                self._marked[obs.vm_id] = obs.moved_out.op_id
         serving = threading.Thread(target=self._receiver.serve, name="move receiver", daemon=True)
         serving.start()
         try:
@@ -156,8 +229,9 @@ class MoveTransfers:
         if self._assigned:
             self._receiver.prune()
         now = trio.current_time()
+        self._step_live(nursery)
         for vm_id, transfer in sorted(self._transfers.items()):
-            if transfer.receive or vm_id in self._busy:
+            if transfer.receive or transfer.live or vm_id in self._busy:
                 continue
             done = self._sending.get(vm_id)
             if done is not None and done.state is TransferState.SENT:
@@ -166,6 +240,192 @@ class MoveTransfers:
                 continue
             self._busy.add(vm_id)
             nursery.start_soon(self._send, transfer)
+
+    # -- live moves ----------------------------------------------------------------
+
+    def _step_live(self, nursery: trio.Nursery) -> None:
+        for vm_id, transfer in sorted(self._transfers.items()):
+            if not transfer.live or vm_id in self._live_busy:
+                continue
+            key = (vm_id, transfer.op_id)
+            obs = self._manager.get(vm_id)
+            if transfer.receive:
+                if self._dropped.get(vm_id) == transfer.op_id:
+                    self._set_live(
+                        transfer,
+                        TransferState.FAILED,
+                        message="the worker restarted during the move: its incoming VMM "
+                        "was stopped",
+                    )
+                elif obs is not None and obs.incoming == transfer.op_id:
+                    if obs.phase is Phase.FAILED:
+                        self._set_live(transfer, TransferState.FAILED, message=obs.message)
+                    elif obs.pid is not None and vm_id in self._listening:
+                        memory, disks = self._listening[vm_id]
+                        self._set_live(transfer, TransferState.READY, memory=memory, disks=disks)
+                elif transfer.incoming is not None and key not in self._live_tried:
+                    if self._incoming is None:
+                        self._set_live(
+                            transfer,
+                            TransferState.FAILED,
+                            message="this worker takes no live moves",
+                        )
+                    else:
+                        self._live_tried.add(key)
+                        self._live_busy.add(vm_id)
+                        nursery.start_soon(self._hold, transfer, transfer.incoming)
+                continue
+            moved = obs.moved_out if obs is not None else None
+            if moved == MovedOut(transfer.op_id, True):
+                self._set_live(transfer, TransferState.SENT)
+            elif moved == MovedOut(transfer.op_id, False):
+                self._set_live(
+                    transfer,
+                    TransferState.FAILED,
+                    message="the worker stopped during the migration: the VM is held here "
+                    "until the move ends",
+                )
+            elif key not in self._live_tried and obs is not None:
+                self._live_tried.add(key)
+                self._live_busy.add(vm_id)
+                nursery.start_soon(self._migrate, transfer)
+        # The ends of moves that failed: an incoming VM held for one goes,
+        # a mark of a migration this worker stopped in is cleared (the VM
+        # starts again here). A switched VM is no longer incoming, and a
+        # migrated one leaves with the switch: neither is touched.
+        for vm_id, op_id in list(self._holding.items()):
+            now = self._transfers.get(vm_id)
+            if vm_id in self._live_busy or (now is not None and now.op_id == op_id):
+                continue
+            del self._holding[vm_id]
+            obs = self._manager.get(vm_id)
+            if obs is not None and obs.incoming == op_id:
+                self._live_busy.add(vm_id)
+                nursery.start_soon(self._drop_incoming, vm_id, op_id)
+        for vm_id, op_id in list(self._marked.items()):
+            now = self._transfers.get(vm_id)
+            if vm_id in self._live_busy or (now is not None and now.op_id == op_id):
+                continue
+            del self._marked[vm_id]
+            obs = self._manager.get(vm_id)
+            if obs is not None and obs.moved_out == MovedOut(op_id, False):
+                self._live_busy.add(vm_id)
+                nursery.start_soon(self._unmark, vm_id, op_id)
+
+    def _set_live(
+        self,
+        transfer: DiskTransfer,
+        state: TransferState,
+        *,
+        done: int = 0,
+        total: int = 0,
+        message: str = "",
+        memory: str = "",
+        disks: str = "",
+    ) -> None:
+        self._live[transfer.vm_id] = TransferProgress(
+            transfer.vm_id, transfer.op_id, state, done, total, message, memory, disks
+        )
+
+    async def _hold(self, transfer: DiskTransfer, vm: VmAssignment) -> None:
+        assert self._incoming is not None
+        vm_id = transfer.vm_id
+        try:
+            memory = (self._bind_host, _free_port(self._bind_host))
+            # QEMU mirrors the disks into an export of its own; cloud-
+            # hypervisor takes no disks (its driver refuses an address).
+            disks = (
+                (self._bind_host, _free_port(self._bind_host))
+                if self._manager.driver.name == "qemu"
+                else None
+            )
+            self._listening[vm_id] = (
+                self._named(memory),
+                self._named(disks) if disks is not None else "",
+            )
+            self._holding[vm_id] = transfer.op_id
+            await self._incoming.hold_incoming(
+                vm,
+                transfer.op_id,
+                Incoming(transfer.op_id, memory, disks, bytes.fromhex(transfer.token)),
+            )
+        except (ProcuratorError, OSError, ValueError) as exc:
+            log.warning("move %s: VM %s not held incoming: %s", transfer.op_id, vm_id, exc)
+            self._holding.pop(vm_id, None)
+            if self._transfers.get(vm_id) == transfer:
+                self._set_live(transfer, TransferState.FAILED, message=str(exc))
+        finally:
+            self._live_busy.discard(vm_id)
+            self._wake.set()
+
+    def _named(self, address: Address) -> str:
+        host = self._advertised_host
+        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+
+    async def _drop_incoming(self, vm_id: str, op_id: str) -> None:
+        assert self._incoming is not None
+        try:
+            await self._incoming.remove(vm_id, op_id)
+            log.info("move %s: VM %s no longer held incoming (the move ended)", op_id, vm_id)
+        except ProcuratorError as exc:
+            log.warning("move %s: VM %s held incoming not removed: %s", op_id, vm_id, exc)
+            self._holding[vm_id] = op_id  # tried again
+        finally:
+            self._live_busy.discard(vm_id)
+            self._wake.set()
+
+    async def _unmark(self, vm_id: str, op_id: str) -> None:
+        try:
+            await trio.to_thread.run_sync(
+                self._manager.run_job, vm_id, f"the end of move {op_id}", _unmark_job(op_id)
+            )
+            log.info("move %s failed: VM %s starts again here", op_id, vm_id)
+        except ProcuratorError as exc:
+            log.warning("move %s: VM %s's migration mark not cleared: %s", op_id, vm_id, exc)
+            self._marked[vm_id] = op_id  # tried again
+        finally:
+            self._live_busy.discard(vm_id)
+            self._wake.set()
+
+    async def _migrate(self, transfer: DiskTransfer) -> None:
+        vm_id = transfer.vm_id
+        self._set_live(transfer, TransferState.SENDING)
+        self._marked[vm_id] = transfer.op_id
+        token = self._token
+        assert token is not None
+        last = [-1]
+
+        def progress(done: int, total: int) -> None:
+            # From the supervisor's thread: every percent, and the end.
+            percent = 100 * done // total if total else 0
+            if percent != last[0]:
+                last[0] = percent
+                token.run_sync_soon(self._migrated_bytes, transfer, done, total)
+
+        try:
+            await trio.to_thread.run_sync(
+                self._manager.run_job,
+                vm_id,
+                f"live move {transfer.op_id}",
+                _migrate_job(transfer, progress, self._migration_timeout),
+            )
+        except ProcuratorError as exc:
+            log.warning("move %s: VM %s not migrated: %s", transfer.op_id, vm_id, exc)
+            if self._transfers.get(vm_id) == transfer:
+                self._set_live(transfer, TransferState.FAILED, message=str(exc))
+        else:
+            log.info("move %s: VM %s migrated to %s", transfer.op_id, vm_id, transfer.peer)
+            if self._transfers.get(vm_id) == transfer:
+                self._set_live(transfer, TransferState.SENT, done=1, total=1)
+        finally:
+            self._live_busy.discard(vm_id)
+            self._wake.set()
+
+    def _migrated_bytes(self, transfer: DiskTransfer, done: int, total: int) -> None:
+        current = self._live.get(transfer.vm_id)
+        if current is not None and current.state is TransferState.SENDING:
+            self._set_live(transfer, TransferState.SENDING, done=done, total=total)
+            self._wake.set()
 
     def _stopped(self, vm_id: str) -> bool:
         """Whether the VM is stopped for the move: desired stopped, no VMM."""
@@ -237,7 +497,12 @@ class MoveTransfers:
     def _publish(self) -> None:
         progress = []
         for vm_id, transfer in sorted(self._transfers.items()):
-            if transfer.receive:
+            if transfer.live:
+                progress.append(
+                    self._live.get(vm_id)
+                    or TransferProgress(vm_id, transfer.op_id, TransferState.PENDING)
+                )
+            elif transfer.receive:
                 if self._receiver.received(vm_id) == transfer.op_id:
                     state, why = TransferState.RECEIVED, ""
                 elif why := self._receiver.failure(vm_id):
@@ -307,3 +572,64 @@ async def send_disks_in_thread(
 def incoming_dir(state_dir: Path) -> Path:
     """Where a target keeps the disks it received (``<state>/incoming``)."""
     return Path(state_dir) / INCOMING_DIR
+
+
+def _migrate_job(
+    transfer: DiskTransfer, progress: Callable[[int, int], None], timeout: float
+) -> Callable[[JobContext], None]:
+    """A live move's migration, run on the VM's supervisor thread (see the
+    module docstring)."""
+
+    def run(ctx: JobContext) -> None:
+        handle = ctx.handle
+        if handle is None:
+            raise VmmError(f"VM {transfer.vm_id} does not run here: nothing to migrate")
+        disks = _address(transfer.disks) if transfer.disks else None
+        if disks is None and disk_files(ctx.paths.vm_dir):
+            raise VmmRejected(
+                f"the {ctx.driver.name} driver cannot move writable disks live (the copy "
+                "while paused is not built): move the VM cold"
+            )
+        ctx.moved_out(MovedOut(transfer.op_id, sent=False))
+        try:
+            ctx.driver.send_migration(
+                handle,
+                memory=_address(transfer.peer),
+                disks=disks,
+                token=bytes.fromhex(transfer.token),
+                timeout=timeout,
+                progress=progress,
+            )
+        except BaseException:
+            # The driver undid it: the guest runs on here.
+            ctx.moved_out(None)
+            ctx.forget_state()
+            raise
+        ctx.moved_out(MovedOut(transfer.op_id, sent=True))
+        # Gone before the move hears "sent": the switch never finds it here.
+        ctx.give_up_vmm(f"moved live to its target (move {transfer.op_id})")
+
+    return run
+
+
+def _unmark_job(op_id: str) -> Callable[[JobContext], None]:
+    def run(ctx: JobContext) -> None:
+        ctx.moved_out(None)
+        log.info("VM %s: move %s over: its migration mark cleared", ctx.vm_id, op_id)
+
+    return run
+
+
+def _address(text: str) -> Address:
+    host, _, port = text.rpartition(":")
+    return (host.strip("[]"), int(port))
+
+
+def _free_port(host: str) -> int:
+    """A TCP port free on ``host`` now (the kernel's pick, taken back): the
+    incoming VMM binds it at once, and a port taken meanwhile fails its
+    launch (the move fails, saying so)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])

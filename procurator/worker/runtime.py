@@ -382,6 +382,8 @@ class ReconcilingHandler:
                 transfer_listener,
                 self.state_dir,
                 on_progress=publisher.publish_transfers,
+                # Live moves' incoming VMs are made as the reconciler's are.
+                incoming=self.actuator,
             )
             if transfer_listener is not None
             else None

@@ -56,7 +56,9 @@ record's fields under ``VmRecord.cond``, taken briefly (never around I/O).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -91,7 +93,7 @@ from procurator.core.supervision import (
 )
 from procurator.logs import bind
 from procurator.worker.jail import inspect as inspect_confinement
-from procurator.worker.state import HandlesRecord
+from procurator.worker.state import HandlesRecord, write_json_atomic
 from procurator.worker.stopladder import StopLadder
 from procurator.worker.vmm import process
 from procurator.worker.vmm.base import (
@@ -105,7 +107,9 @@ from procurator.worker.vmm.base import (
     VmmTimeout,
 )
 from procurator.worker.vmrecord import (
+    MOVED_OUT_FILE,
     Incoming,
+    MovedOut,
     Outcome,
     SweepWatch,
     Timeouts,
@@ -180,6 +184,10 @@ class VmSupervisor:
         # tried again for it).
         self.incoming: Incoming | None = None
         self.incoming_failed = -1
+        # A live move that migrates (or migrated) this VM away, as its mark
+        # file says (read once, on the first turn).
+        self.moved_out: MovedOut | None = None
+        self.moved_out_read = False
 
     # -- the loop ----------------------------------------------------------------
 
@@ -220,6 +228,8 @@ class VmSupervisor:
                 return True
         except ProcuratorError as exc:
             self._incoming_failed(exc)
+            return True
+        if self._hold_moved_out():
             return True
         if self.facts.vmm is not None and self.facts.vmm.alive and not self._alive():
             self._note_vmm(alive=False)
@@ -369,6 +379,75 @@ class VmSupervisor:
             EventKind.BOOTED,
             f"moved in live (move {incoming.op_id}): runs {spec.hash} (VMM pid {self.handle.pid})",
         )
+
+    # -- a live move's source side (vmrecord.MovedOut) ---------------------------
+
+    def _hold_moved_out(self) -> bool:
+        """A VM a live move migrated away (or was migrating when the worker
+        stopped): never started or resumed here; True while so.
+
+        Sent: the guest here is stopped for good and the target holds its
+        state, so its VMM (QEMU's stays ``postmigrate``; cloud-hypervisor's
+        exits by itself) is stopped without its API and the VM held until
+        the switch removes it. Not sent (the mark written before the
+        migration began, found by a restarted worker): a VMM that still runs
+        kept the VM (the migration did not complete, or was undone), so it
+        goes on here and the mark goes; with none, the guest may run on the
+        target now, so the VM is held until the move ends (``JobContext.
+        moved_out`` clears the mark of a move that failed)."""
+        if not self.moved_out_read:
+            self.moved_out_read = True
+            self.moved_out = self._read_moved_out()
+        out = self.moved_out
+        if out is None or self.facts.removing:
+            return False
+        if not self.facts.adopted:
+            self._adopt()
+        if self.handle is not None and not out.sent and self._alive():
+            log.info("VM %s: move %s did not take it: it runs on here", self.vm.vm_id, out.op_id)
+            self._mark_moved_out(None)
+            return False
+        if self.handle is not None:
+            if self._alive():
+                self._ladder(f"moved live to its target (move {out.op_id})", api=False)
+            else:
+                self._forget_vmm()
+        why = (
+            f"moved live to its target (move {out.op_id}): held until the switch removes it"
+            if out.sent
+            else f"the worker stopped while moving it live (move {out.op_id}): held until "
+            "the move ends"
+        )
+        with self.vm.cond:
+            told = self.vm.obs.moved_out == out and self.vm.answered() is not None
+        if not told:
+            self._publish(Phase.STOPPED, why, EventKind.STOPPED if out.sent else None, outcome=_OK)
+        self._wait(None)
+        return True
+
+    def _read_moved_out(self) -> MovedOut | None:
+        try:
+            data = json.loads((self.paths.vm_dir / MOVED_OUT_FILE).read_text())
+            return MovedOut(str(data["op_id"]), bool(data["sent"]))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # Unreadable: taken as sent, the safe side (held, never booted twice).
+            log.error("VM %s: %s unreadable (%s): held", self.vm.vm_id, MOVED_OUT_FILE, exc)  # noqa: TRY400
+            return MovedOut("?", True)
+
+    def _mark_moved_out(self, out: MovedOut | None) -> None:
+        """Record ``out`` durably (None: remove the mark), then publish it."""
+        path = self.paths.vm_dir / MOVED_OUT_FILE
+        if out is None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        else:
+            write_json_atomic(path, {"op_id": out.op_id, "sent": out.sent})
+        self.moved_out = out
+        self.moved_out_read = True
+        with self.vm.cond:
+            self.vm.obs = dataclasses.replace(self.vm.obs, moved_out=out)
 
     def _read_request(self) -> bool:
         """Take in the record's newest request; False when closing."""
@@ -1251,6 +1330,25 @@ class JobContext:
     def event(self, kind: EventKind, message: str) -> None:
         log.info("VM %s: %s: %s", self._s.vm.vm_id, kind.value, message)
         self._s._publish_event(kind, message)
+
+    def give_up_vmm(self, reason: str) -> None:
+        """The VM left this VMM (a live move sent it away): stop it without
+        its API (its guest is stopped for good; QEMU's stays ``postmigrate``
+        and answers no power button), or forget it if it exited by itself."""
+        s = self._s
+        if s.handle is None:
+            return
+        if s._alive():
+            s._ladder(reason, api=False)
+        else:
+            s._forget_vmm()
+
+    def moved_out(self, out: MovedOut | None) -> None:
+        """Mark the VM durably as migrating (``sent`` False: before the
+        migration begins) or migrated away by a live move, or clear the
+        mark (None: the migration failed here, or its move did); see
+        ``VmSupervisor._hold_moved_out``."""
+        self._s._mark_moved_out(out)
 
 
 # What a launch may owe (``HandlesRecord.owes``), and how its event begins

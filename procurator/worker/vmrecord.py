@@ -32,6 +32,7 @@ __all__ = [
     "ChangeCallback",
     "Incoming",
     "Job",
+    "MovedOut",
     "Outcome",
     "SweepWatch",
     "Timeouts",
@@ -77,6 +78,24 @@ class Incoming:
             (str(disks[0]), int(disks[1])) if disks else None,
             bytes.fromhex(str(data["token"])),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class MovedOut:
+    """A live move's source side: the VM's supervisor began migrating it
+    to the move's target (``sent`` False: written before the migration
+    began, so a worker that stops in it finds it) or did (``sent``: the
+    target holds the whole state, the guest here is stopped for good).
+    Kept beside ``vm.json`` (``MOVED_OUT_FILE``), never with the spec:
+    an ``ensure`` of the VM does not lift it; the switch's removal takes it
+    with the VM's directory, a failed move clears it (``JobContext.
+    moved_out``)."""
+
+    op_id: str
+    sent: bool
+
+
+MOVED_OUT_FILE = "moved-out.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +195,8 @@ class VmObservation:
     # The op id of the live move the VM is held incoming for ("": none):
     # such a VM is no VM of this worker's yet (not reconciled, not reported).
     incoming: str = ""
+    # A live move that migrates (or migrated) it away (``MovedOut``).
+    moved_out: MovedOut | None = None
 
     def for_spec(self, spec: VmSpec) -> VmObservation:
         """This observation of a VM that now converges to ``spec``."""

@@ -1,0 +1,218 @@
+"""Live moves with real processes (issue 30): a master and two workers (the
+fake cloud-hypervisor of tests/fakes, no network), one unpinned VM (its
+disk read-only: cloud-hypervisor moves no writable disk live).
+``procurator move --live`` as a process: a move done (the target's VMM
+received the source's guest memory, checked by the fake's digest); a
+migration the fake breaks halfway fails the move and leaves the VM running
+on its source; then a move with the source worker killed (``kill -9``)
+and restarted as it begins, and one with the target killed so. At every
+sampled moment at most one worker holds a *booted* VMM of the VM (each
+live fake VMM found in /proc, not counting one its worker holds incoming,
+as its vm.json says), and every move ends done or failed, never stuck."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from fleethelpers import FAKE, AddImage, add_image, live_processes, nix_env, procurator_process
+from testnames import free_port
+
+from procurator.core.control import FleetStatus
+from procurator.core.errors import UnavailableError
+from procurator.core.fleet import parse_fleet
+from procurator.core.models import Phase
+from procurator.rpc.address import parse_address
+from procurator.rpc.bridge import open_bridge
+from procurator.rpc.clients import ControlClient, open_control
+
+__all__ = ["add_image", "nix_env"]  # fixtures
+
+pytestmark = [pytest.mark.root, pytest.mark.nix]
+
+WORKERS = ("host-a", "host-b")
+
+
+def _config() -> dict[str, Any]:
+    return {
+        "payload": {"kernel": "vmlinux", "cmdline": "console=ttyS0"},
+        "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
+        "memory": {"size": 64 << 20},
+        "disks": [{"path": "disk.img", "readonly": True}],
+    }
+
+
+@contextmanager
+def _worker(
+    worker_id: str, master: str, tmp_path: Path, env: dict[str, str]
+) -> Iterator[subprocess.Popen[bytes]]:
+    args = ["worker", "--id", worker_id, "--master", master]
+    args += ["--state-dir", str(tmp_path / worker_id), "--resync-interval", "1"]
+    args += ["--driver", "cloud-hypervisor", "--vmm-binary", sys.executable, "--vmm-arg", str(FAKE)]
+    args += ["--no-network", "--metrics-listen", "", "--stop-grace", "2"]
+    args += ["--transfer-listen", "127.0.0.1:0"]
+    with procurator_process(args, env, tmp_path / f"{worker_id}.log") as proc:
+        yield proc
+
+
+def _booted_holders(tmp_path: Path, vm_id: str) -> set[str]:
+    """The workers whose state directory a live fake VMM of ``vm_id`` is
+    in, but for one its worker holds incoming (not booted: it waits for
+    the state, and runs only once the switch made the VM that worker's)."""
+    holders = set()
+    for _, cmdline in live_processes():
+        if str(FAKE).encode() not in cmdline:
+            continue
+        for w in WORKERS:
+            vm_dir = tmp_path / w / "vms" / vm_id
+            if f"{vm_dir}/".encode() in cmdline:
+                try:
+                    incoming = "incoming" in json.loads((vm_dir / "vm.json").read_text())
+                except (OSError, ValueError):
+                    incoming = False  # being written or gone: counted, the safe side
+                if not incoming:
+                    holders.add(w)
+    return holders
+
+
+async def _until(control: ControlClient, done: Any) -> FleetStatus:
+    with trio.fail_after(60):  # a hang guard only
+        status = await control.status()
+        while not done(status):
+            status = await control.status(wait_index=status.change_index, wait=1.0)
+    return status
+
+
+def _runs_on(status: FleetStatus, vm_id: str) -> set[str]:
+    return {
+        w.worker_id
+        for w in status.workers
+        if w.connected
+        and w.status is not None
+        and any(v.id == vm_id and v.phase is Phase.RUNNING for v in w.status.vms)
+    }
+
+
+def _digests(tmp_path: Path, worker: str) -> list[str]:
+    log = tmp_path / worker / "vms" / "web-1" / "run" / "vmm.log"
+    text = log.read_text() if log.exists() else ""
+    return [line.rsplit(" ", 1)[-1] for line in text.splitlines() if "memory sha256 =" in line]
+
+
+async def test_live_moves_end_done_or_failed_and_never_boot_the_vm_twice(
+    tmp_path: Path, nix_env: dict[str, str], add_image: AddImage
+) -> None:
+    image = add_image("live-vm", _config(), {"disk.img": b"\0" * (1 << 20)})
+    master = f"127.0.0.1:{free_port()}"
+    args = ["master", "--listen", master, "--db", str(tmp_path / "m.db"), "--metrics-listen", ""]
+    args += ["--worker-lease", "20"]
+    env = {**nix_env, "PROCURATOR_MASTER": master}
+    log = tmp_path / "master.log"
+    samples: list[set[str]] = []
+    with ExitStack() as stack:
+        master_process = stack.enter_context(procurator_process(args, env, log))
+        async with open_bridge() as bridge:
+            with trio.fail_after(60):  # a hang guard: the master starts
+                while True:
+                    try:
+                        async with open_control(bridge, parse_address(master)) as control:
+                            await control.status()
+                            break
+                    except UnavailableError:
+                        assert master_process.poll() is None, log.read_text()[-4000:]
+                    await trio.sleep(0.1)
+            workers = {w: stack.enter_context(_worker(w, master, tmp_path, env)) for w in WORKERS}
+            async with open_control(bridge, parse_address(master)) as control:
+                await _until(control, lambda s: sum(w.connected for w in s.workers) == 2)
+                await control.apply(
+                    parse_fleet(
+                        f'[[vms]]\nid = "web-1"\nimage = "{image}"\nvcpus = 1\nmemory_mib = 64\n'
+                    )
+                )
+                await _until(control, lambda s: _runs_on(s, "web-1") == {"host-a"})
+
+                async def move(target: str, killed: str = "") -> list[str]:
+                    """``procurator move --live``, sampled throughout; the
+                    phases it printed."""
+                    result: list[subprocess.CompletedProcess[bytes]] = []
+                    command = [sys.executable, "-m", "procurator", "move", "web-1", "--to"]
+                    command += [target, "--live", "--wait", "--timeout", "60", "--json"]
+
+                    async def run() -> None:
+                        result.append(
+                            await trio.run_process(
+                                command,
+                                capture_stdout=True,
+                                capture_stderr=True,
+                                check=False,
+                                env=env,
+                            )
+                        )
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(run)
+                        if killed:
+                            # Mid-move: the target holds its incoming VMM.
+                            held = tmp_path / target / "vms" / "web-1" / "vm.json"
+                            with trio.fail_after(30):  # a hang guard
+                                while not (held.exists() and "incoming" in held.read_text()):
+                                    await trio.sleep(0.01)
+                            workers[killed].send_signal(signal.SIGKILL)
+                            workers[killed].wait()
+                            workers[killed] = stack.enter_context(
+                                _worker(killed, master, tmp_path, env)
+                            )
+                        with trio.fail_after(90):  # a hang guard only
+                            while not result:
+                                samples.append(_booted_holders(tmp_path, "web-1"))
+                                await trio.sleep(0.01)
+                    (done,) = result
+                    assert done.returncode in (0, 4), done.stdout + done.stderr
+                    return [json.loads(line)["phase"] for line in done.stdout.splitlines()]
+
+                # Done: the target's VMM holds the source's guest memory.
+                source_digest = _digests(tmp_path, "host-a")
+                phases = await move("host-b")
+                assert phases[-1] == "done" and "migrating" in phases, phases
+                await _until(control, lambda s: _runs_on(s, "web-1") == {"host-b"})
+                moved = _digests(tmp_path, "host-b")
+                assert moved and (not source_digest or moved[-1] == source_digest[-1]), moved
+
+                # The fake breaks the stream halfway: failed, still on host-b.
+                sock = tmp_path / "host-b" / "vms" / "web-1" / "run" / "api.sock"
+                Path(f"{sock}.fault").write_text(json.dumps({"migration_fails_halfway": True}))
+                phases = await move("host-a")
+                (failed,) = [m for m in await control.moves("web-1") if m.phase.value == "failed"]
+                assert phases[-1] == "failed" and "migration failed" in failed.reason, failed
+                await _until(control, lambda s: _runs_on(s, "web-1") == {"host-b"})
+                Path(f"{sock}.fault").unlink()
+
+                # kill -9 of the source, then of the target, as a move begins.
+                for target, killed in (("host-a", "host-b"), ("host-b", "host-b")):
+                    phases = await move(target, killed)
+                    assert phases[-1] in ("done", "failed"), phases
+                    where = {target} if phases[-1] == "done" else set(WORKERS) - {target}
+                    await _until(control, lambda s, w=where: _runs_on(s, "web-1") == w)
+                twice = [s for s in samples if len(s) > 1]
+                assert twice == [] and len(samples) > 10, twice
+                # Leave no VMM behind: remove every VM through the product.
+                await control.apply(
+                    parse_fleet("[workers.host-a]\nvms = []\n[workers.host-b]\nvms = []\n")
+                )
+                await _until(
+                    control,
+                    lambda s: all(
+                        w.status is not None
+                        and not w.status.vms
+                        and w.status.observed_generation == w.desired_generation
+                        for w in s.workers
+                    ),
+                )
