@@ -23,6 +23,17 @@ is printed only after both are in place: a closed pipe on stdout (exit
 status 141, see ``procurator.cli.pipes``) cannot cut the files short. Keys are
 ECDSA P-256, signatures SHA-256; the CA may sign leaves only (path length
 0).
+
+Extended key usage: the master's certificate serves (``serverAuth``);
+a control certificate dials (``clientAuth``); a worker's does both, as it
+dials the master and is to serve other workers' move transfers (a worker
+certificate still cannot pose as the master: it lacks the master's name
+and identity, which clients check). Worker certificates issued before
+they carried ``serverAuth`` keep working with the master (it asks only
+for ``clientAuth``); such a worker could not be the TLS server of a
+transfer once transfers use TLS (not built yet: docs/SNAPSHOTS.md, "Who
+may feed a move"): reissue it (``procurator certs issue DIR --worker ID
+--force``).
 """
 
 from __future__ import annotations
@@ -224,9 +235,11 @@ def issue(
     ca_cert, ca_key = _load_ca(directory)
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
-    usage = (
-        ExtendedKeyUsageOID.SERVER_AUTH if role is Role.MASTER else ExtendedKeyUsageOID.CLIENT_AUTH
-    )
+    usage = {
+        Role.MASTER: [ExtendedKeyUsageOID.SERVER_AUTH],
+        Role.WORKER: [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH],
+        Role.CONTROL: [ExtendedKeyUsageOID.CLIENT_AUTH],
+    }[role]
     not_after = min(now + datetime.timedelta(days=days), ca_cert.not_valid_after_utc)
     cert = (
         x509.CertificateBuilder()
@@ -251,7 +264,7 @@ def issue(
             ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
         .add_extension(x509.SubjectAlternativeName(_sans(role, name, extra_sans)), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(

@@ -38,17 +38,19 @@ def test_certs_writes_a_ca_and_role_certificates(pki: Pki) -> None:
     constraints = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
     assert constraints.ca and constraints.path_length == 0
 
+    client, server = ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH
     expected = {
-        "master": ("procurator://master", ExtendedKeyUsageOID.SERVER_AUTH),
-        "worker-host-a": ("procurator://worker/host-a", ExtendedKeyUsageOID.CLIENT_AUTH),
-        "control-ci": ("procurator://control/ci", ExtendedKeyUsageOID.CLIENT_AUTH),
+        "master": ("procurator://master", [server]),
+        # A worker also serves: the other workers' move transfers.
+        "worker-host-a": ("procurator://worker/host-a", [client, server]),
+        "control-ci": ("procurator://control/ci", [client]),
     }
     for stem, (uri, usage) in expected.items():
         cert = _load(pki.fleet / f"{stem}.crt")
         assert cert.issuer == ca.subject
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [uri]
-        assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [usage]
+        assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == usage
         key_mode = stat.S_IMODE((pki.fleet / f"{stem}.key").stat().st_mode)
         assert key_mode == 0o600, f"{stem}.key is {oct(key_mode)}"
     master = _load(pki.fleet / "master.crt")
@@ -78,8 +80,11 @@ def test_openssl_accepts_the_certificates_for_their_purpose(pki: Pki) -> None:
     assert verify("master", "sslserver").returncode == 0
     assert verify("worker-host-a", "sslclient").returncode == 0
     assert verify("control-ci", "sslclient").returncode == 0
-    # A worker's certificate cannot serve as the master's.
-    assert verify("worker-host-a", "sslserver").returncode != 0
+    # A worker's certificate serves (the other workers' transfers), a
+    # control certificate does not; neither can pose as the master
+    # (test_a_worker_certificate_cannot_pose_as_the_master: its name).
+    assert verify("worker-host-a", "sslserver").returncode == 0
+    assert verify("control-ci", "sslserver").returncode != 0
     # Nor is a foreign CA's certificate valid here.
     foreign = subprocess.run(
         ["openssl", "verify", "-CAfile", str(pki.fleet / "ca.crt"), str(pki.foreign / "ca.crt")],
