@@ -23,6 +23,10 @@ two workers in between. Invariants:
 - at most ``max_unavailable`` VMs of one drain are in handoff at once
   (``next_batch``).
 
+Where both workers move running VMs, a drain moves a VM live instead of
+handing it off (``procurator.master.drain.live_or_handoff``): a live move
+never runs it twice; it counts against the same bound.
+
 Pure: no clock, no I/O.
 """
 

@@ -24,6 +24,13 @@ finds nothing to do writes nothing, so the duty can run often.
   it there); the answer's moves off the worker, in its order, are the
   candidates, and ``next_batch`` takes as many as keep the drain's
   handoffs in flight at most ``max_unavailable``. Pinned VMs stay.
+- **Live moves first** (``live_or_handoff``): a VM to start whose both
+  ends' workers move running VMs with the same VMM driver (and the
+  target takes moves: a transfer address) goes by a live move
+  (``procurator move --live``, docs/SNAPSHOTS.md), which never runs it
+  twice; else, or once a live move of it failed during this drain (the
+  source refused it: a cloud-hypervisor VM with writable disks, say), by
+  a handoff. Moves under way off a draining worker count as in flight.
 - **Blocked**: when a VM of the drained worker fits nowhere, the drain
   starts nothing more and says why (the scheduler's shortfall line);
   handoffs in flight go on. Each pass tries again, so it resumes when room
@@ -46,11 +53,12 @@ from procurator.core.models import (
     WorkerState,
     WorkerStatus,
 )
+from procurator.core.move import Move, MoveKind, MovePhase
 from procurator.core.placement import place
 from procurator.master.scheduling import stored_fleet
 from procurator.master.store.model import PlacementRecord
 
-__all__ = ["DrainPlan", "plan_drains"]
+__all__ = ["DrainPlan", "live_or_handoff", "plan_drains"]
 
 
 @dataclass
@@ -184,3 +192,36 @@ def plan_drains(
 
 def _cordoned(facts: WorkerFacts) -> WorkerFacts:
     return replace(facts, state=WorkerState.CORDONED)
+
+
+def live_or_handoff(
+    starts: Iterable[Handoff],
+    *,
+    modes: Mapping[str, WorkerMode],
+    moves: Iterable[Move],
+    vmms: Mapping[str, tuple[str, bool]],
+    transfers: Iterable[str],
+) -> tuple[list[Handoff], list[Handoff]]:
+    """``starts`` split into those that go by a live move and those that go
+    by a handoff (see the module docstring). ``moves``: the moves the
+    store keeps (under way and the newest over); ``vmms``: each worker's
+    VMM driver and whether it moves running VMs; ``transfers``: the
+    workers that take moves (a transfer address)."""
+    takes = set(transfers)
+    live: list[Handoff] = []
+    handoff: list[Handoff] = []
+    moves = tuple(moves)
+    for h in starts:
+        mode = modes.get(h.source)
+        since = mode.since_unix_ms if mode is not None else 0
+        failed = any(
+            (m.vm_id, m.source, m.kind, m.phase)
+            == (h.vm_id, h.source, MoveKind.LIVE, MovePhase.FAILED)
+            and m.started_unix_ms >= since
+            for m in moves
+        )
+        source = vmms.get(h.source, ("", False))
+        target = vmms.get(h.target, ("", False))
+        able = source[1] and target[1] and source[0] == target[0] and h.target in takes
+        (live if able and not failed else handoff).append(h)
+    return live, handoff

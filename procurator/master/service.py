@@ -195,6 +195,7 @@ thread under the first.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import itertools
 import json
@@ -250,6 +251,7 @@ from procurator.core.models import (
 )
 from procurator.core.move import (
     DEFAULT_MOVE_TIMEOUT_S,
+    MOVES_KEPT,
     Move,
     MoveAction,
     MoveKind,
@@ -265,7 +267,7 @@ from procurator.core.snapshot import SnapshotAction, SnapshotInfo, SnapshotReque
 from procurator.core.status import StatusChanges, apply_status_changes
 from procurator.core.validation import LIMITS, check_request_id
 from procurator.logs import log_context, new_op_id, some
-from procurator.master.drain import plan_drains
+from procurator.master.drain import live_or_handoff, plan_drains
 from procurator.master.leader import Leadership
 from procurator.master.move import plan_move, with_moves
 from procurator.master.rollout import begin as begin_rollout
@@ -2525,6 +2527,22 @@ class MasterService:
                 self._moves_cache = (generation, others if after.over else (*others, after))
         failed = step.action is MoveAction.FAIL
         logger.log(logging.WARNING if failed else logging.INFO, "%s", plan.message)
+        drained = self._workers.get(move.source)
+        mode = drained.mode if drained is not None else None
+        if (
+            step.action is MoveAction.DONE
+            and mode is not None
+            and mode.state is WorkerState.DRAINING
+            and move.started_unix_ms >= mode.since_unix_ms
+        ):
+            # A VM off a draining worker: the drain's progress (counted once
+            # the row says done; a leader killed in between undercounts).
+            try:
+                if await self._store.drain_moved(fence, move.source, mode.op_id):
+                    self._dirty_workers.add(move.source)
+                    self._sync_wake.set()
+            except UnavailableError as exc:
+                logger.warning("drain %s: the move's VM not counted: %s", mode.op_id, exc)
         if diffs:
             with log_context(generation=generation):
                 self._push_diffs(diffs, generation)
@@ -2597,21 +2615,42 @@ class MasterService:
                 for w in self._workers.values()
             ]
             record = await self._store.placement()
+            kept_moves = await self._store.moves(limit=MOVES_KEPT)
+            under_way = [m for m in kept_moves if not m.over]
+            # In flight for a drain: beside its handoffs and the VMs not
+            # yet confirmed stopped, the moves under way off its worker.
+            stopping = {w: len(v.pending) for w, v in self._voices.items() if v.pending}
+            for m in under_way:
+                stopping[m.source] = stopping.get(m.source, 0) + 1
+            modes = {w.worker_id: w.mode for w in self._workers.values() if w.mode}
             plan = plan_drains(
                 assignments=self._assignments,
-                modes={w.worker_id: w.mode for w in self._workers.values() if w.mode},
+                modes=modes,
                 statuses={w.worker_id: w.status for w in self._workers.values()},
                 handoffs=self._handoffs.values(),
                 facts=worker_facts(known, self._assignments, drain=True),
                 record=record,
                 now_ms=now_ms,
-                stopping={w: len(v.pending) for w, v in self._voices.items() if v.pending},
+                stopping=stopping,
             )
             # A moving VM is the move's: no handoff starts for it (it would
             # run on the handoff's target beside the move's); the drain
             # goes on once the move has taken it off the drained worker.
-            moving = {m.vm_id for m in await self._store.moves(limit=0) if not m.over}
+            moving = {m.vm_id for m in under_way}
             plan.start = [h for h in plan.start if h.vm_id not in moving]
+            # Live moves where both ends can (they never run the VM twice),
+            # handoffs for the rest.
+            live, plan.start = live_or_handoff(
+                plan.start,
+                modes=modes,
+                moves=kept_moves,
+                vmms={
+                    w.worker_id: (w.info.driver, w.info.live_moves)
+                    for w in self._workers.values()
+                    if w.info is not None
+                },
+                transfers=self._transfer_addresses(),
+            )
             by_op: dict[str, tuple[list[Handoff], list[Handoff], list[Handoff]]] = {}
             for bucket, handoffs in enumerate((plan.complete, plan.cancel, plan.start)):
                 for h in handoffs:
@@ -2632,10 +2671,47 @@ class MasterService:
                 )
         for op_id, placed in moved:
             await self._record_moves(op_id, placed)
+        for h in live:
+            await self._drain_by_move(h)
         for worker_id, why in sorted(plan.blocked.items()):
             await self._update_drain(fence, worker_id, blocked=why)
         for worker_id in plan.finished:
             await self._update_drain(fence, worker_id, finished=True)
+
+    async def _drain_by_move(self, h: Handoff) -> None:
+        """Start a live move of ``h``'s VM for its drain (as ``procurator
+        move --live``; its refusals apply). Refused, the VM goes by a
+        handoff from the next pass on (a failed live move of it in this
+        drain says so)."""
+        with log_context(op_id=h.op_id, vm_id=h.vm_id):
+            try:
+                move = await self.move(h.vm_id, h.target, kind=MoveKind.LIVE)
+            except (ValidationError, NotFoundError) as exc:
+                logger.warning("drain %s: VM %s not moved live: %s", h.op_id, h.vm_id, exc)
+                now_ms = self._now_ms()
+                refused = Move(
+                    h.vm_id,
+                    h.source,
+                    h.target,
+                    MoveKind.LIVE,
+                    MovePhase.FAILED,
+                    new_op_id(),
+                    now_ms,
+                    now_ms,
+                    updated_unix_ms=now_ms,
+                    reason=f"drain {h.op_id}: {exc.message}",
+                )
+                with contextlib.suppress(ProcuratorError):
+                    await self._store.start_move(refused)
+                return
+            logger.info(
+                "drain %s: VM %s moves live %s -> %s (move %s)",
+                h.op_id,
+                h.vm_id,
+                h.source,
+                h.target,
+                move.op_id,
+            )
 
     async def _update_drain(
         self, fence: Fence, worker_id: str, *, blocked: str = "", finished: bool = False

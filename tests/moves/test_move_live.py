@@ -3,36 +3,27 @@ procurator.master.move): pure, over stored assignments and statuses."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from livesim import LiveSim
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "master"))
-
-from masterhelpers import FakeNode
-
-from procurator.core.errors import UnavailableError, ValidationError
+from procurator.core.errors import ValidationError
 from procurator.core.models import (
     Assignment,
-    Capacity,
     DiskTransfer,
     Fleet,
-    Phase,
     PowerState,
     PreparedImage,
     PrepareState,
     TransferProgress,
     TransferState,
     VmAssignment,
-    VmStatus,
-    WorkerInfo,
     WorkerStatus,
 )
 from procurator.core.move import (
@@ -199,67 +190,6 @@ def test_the_store_keeps_where_a_targets_incoming_vmm_listens() -> None:
     # A release older than live moves reads the same text, addresses aside.
     data = json.loads(encode_transfers(listening))
     assert [row[0] for row in data["transfers"]] == ["a", "b"]
-
-
-class LiveSim:
-    """A worker simulated in process for live moves: it runs the VMs its
-    assignment desires running, a live move's target holds the VM
-    incoming (``ready``, not running) until its switch, a live move's
-    source reports its migration ``sending`` (the test reports the rest)."""
-
-    def __init__(self, service: MasterService, worker_id: str) -> None:
-        self.service = service
-        self.worker_id = worker_id
-        self.node = FakeNode()
-        self.token = 0
-        self.running: set[str] = set()
-        self.sent: list[DiskTransfer] = []  # every live transfer it was sent
-
-    async def start(self, nursery: trio.Nursery) -> None:
-        info = WorkerInfo(
-            self.worker_id,
-            "1.0",
-            Capacity(4, 4096, 0),
-            driver="cloud-hypervisor",
-            transfer_address="127.0.0.1:7400",
-            live_moves=True,
-        )
-        self.token = await self.service.register(info, self.node)
-        assignment, _ = await self.service.get_assignment(self.token, 0)
-        await self._take(assignment)
-        nursery.start_soon(self._follow)
-
-    async def _follow(self) -> None:
-        seen = len(self.node.pushed)
-        while True:
-            while len(self.node.pushed) == seen:
-                await trio.sleep(0.01)
-            seen = len(self.node.pushed)
-            await self._take(self.node.pushed[-1])
-
-    async def _take(self, assignment: Assignment) -> None:
-        self.running = {v.id for v in assignment.vms if v.power is PowerState.RUNNING}
-        self.sent.extend(t for t in assignment.transfers if t not in self.sent)
-        progress = tuple(
-            TransferProgress(t.vm_id, t.op_id, TransferState.READY, memory="127.0.0.1:7401")
-            if t.receive
-            else TransferProgress(t.vm_id, t.op_id, TransferState.SENDING, 1, 4)
-            for t in assignment.transfers
-            if t.live and (t.incoming is not None or not t.receive)
-        )
-        status = WorkerStatus(
-            self.worker_id,
-            assignment.generation,
-            tuple(
-                VmStatus(v.id, Phase.RUNNING, v.hash, observed_power=v.power)
-                for v in assignment.vms
-                if v.id in self.running
-            ),
-            tuple(PreparedImage(p, PrepareState.READY) for p in assignment.prepare),
-            progress,
-        )
-        with contextlib.suppress(UnavailableError):
-            await self.service.report_status(self.token, status)
 
 
 async def test_a_new_leader_switches_a_move_whose_source_sent_the_state(tmp_path: Path) -> None:

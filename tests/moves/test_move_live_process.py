@@ -139,12 +139,15 @@ async def test_live_moves_end_done_or_failed_and_never_boot_the_vm_twice(
                 )
                 await _until(control, lambda s: _runs_on(s, "web-1") == {"host-a"})
 
-                async def move(target: str, killed: str = "") -> list[str]:
-                    """``procurator move --live``, sampled throughout; the
-                    phases it printed."""
+                async def move(target: str, killed: str = "", drain: str = "") -> list[str]:
+                    """``procurator move --live`` (or ``worker drain``),
+                    sampled throughout; the phases it printed."""
                     result: list[subprocess.CompletedProcess[bytes]] = []
                     command = [sys.executable, "-m", "procurator", "move", "web-1", "--to"]
                     command += [target, "--live", "--wait", "--timeout", "60", "--json"]
+                    if drain:
+                        command = [sys.executable, "-m", "procurator", "worker", "drain", drain]
+                        command += ["--wait"]
 
                     async def run() -> None:
                         result.append(
@@ -176,6 +179,8 @@ async def test_live_moves_end_done_or_failed_and_never_boot_the_vm_twice(
                                 await trio.sleep(0.01)
                     (done,) = result
                     assert done.returncode in (0, 4), done.stdout + done.stderr
+                    if drain:
+                        return []
                     return [json.loads(line)["phase"] for line in done.stdout.splitlines()]
 
                 # Done: the target's VMM holds the source's guest memory.
@@ -201,6 +206,13 @@ async def test_live_moves_end_done_or_failed_and_never_boot_the_vm_twice(
                     assert phases[-1] in ("done", "failed"), phases
                     where = {target} if phases[-1] == "done" else set(WORKERS) - {target}
                     await _until(control, lambda s, w=where: _runs_on(s, "web-1") == w)
+                # A drain of the worker that runs it moves it live.
+                (holder,) = _runs_on(await control.status(), "web-1")
+                other = (set(WORKERS) - {holder}).pop()
+                await move(other, drain=holder)
+                await _until(control, lambda s: _runs_on(s, "web-1") == {other})
+                drained = [m for m in await control.moves("web-1") if m.source == holder]
+                assert drained[0].phase.value == "done" and drained[0].kind.value == "live"
                 twice = [s for s in samples if len(s) > 1]
                 assert twice == [] and len(samples) > 10, twice
                 # Leave no VMM behind: remove every VM through the product.

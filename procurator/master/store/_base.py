@@ -261,6 +261,12 @@ class SqlStore(abc.ABC):
             f"record drain {op_id} of worker {worker_id}",
         )
 
+    async def drain_moved(self, fence: Fence, worker_id: str, op_id: str) -> bool:
+        return await self._write(
+            lambda tx: _sql.drain_moved(tx, fence, worker_id, op_id),
+            f"count a VM drain {op_id} moved off worker {worker_id}",
+        )
+
     async def lease_renewals(self) -> tuple[int, dict[str, int]]:
         return await self._read(_sql.lease_renewals, "read the leases' renewals")
 

@@ -1080,6 +1080,20 @@ def update_drain(
     return True
 
 
+def drain_moved(tx: Tx, fence: Fence, worker_id: str, op_id: str) -> bool:
+    """Fenced: drain ``op_id`` of ``worker_id`` has one more VM off the
+    worker (a move ended: ``procurator.master.drain``, live moves). False
+    when that drain is no longer the worker's (nothing written)."""
+    mode = _modes(tx, worker_id).get(worker_id)
+    if mode is None or mode.op_id != op_id or mode.state is not WorkerState.DRAINING:
+        check_fence(tx, fence)
+        return False
+    _bump(tx, worker_id)
+    _put_mode(tx, worker_id, dataclasses.replace(mode, moved=mode.moved + 1))
+    check_fence(tx, fence)
+    return True
+
+
 def lease_renewals(tx: Tx) -> tuple[int, dict[str, int]]:
     (now,) = tx.run("SELECT {now}")[0]
     return int(now), {

@@ -252,6 +252,12 @@ class Store(Protocol):
         is over already."""
         ...
 
+    async def drain_moved(self, fence: Fence, worker_id: str, op_id: str) -> bool:
+        """A leader's duty (fenced): drain ``op_id`` of ``worker_id`` has
+        one more VM off the worker (a move of it ended done: live moves are
+        the drain's first way). False when that drain is over already."""
+        ...
+
     async def lease_renewals(self) -> tuple[int, dict[str, int]]:
         """The database's clock (unix ms) and, by worker id, when each
         registered worker's lease was last renewed (``status`` shows how
