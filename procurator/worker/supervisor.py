@@ -188,6 +188,7 @@ class VmSupervisor:
         # file says (read once, on the first turn).
         self.moved_out: MovedOut | None = None
         self.moved_out_read = False
+        self.moved_out_told: tuple[int, MovedOut] | None = None
 
     # -- the loop ----------------------------------------------------------------
 
@@ -333,6 +334,13 @@ class VmSupervisor:
         handle = self._launch(spec, owes=EventKind.BOOTED, incoming=incoming)
         self._take(handle, spec.hash)
         self.incoming = incoming
+        # Moved away live before and back now, ahead of the removal of its
+        # old copy here: that move's mark no longer says where the VM is.
+        if not self.moved_out_read:
+            self.moved_out_read = True
+            self.moved_out = self._read_moved_out()
+        if self.moved_out is not None:
+            self._mark_moved_out(None)
         self._publish(
             Phase.STARTING,
             f"incoming (move {incoming.op_id}): VMM pid {handle.pid} waits for the VM's state",
@@ -418,10 +426,12 @@ class VmSupervisor:
             else f"the worker stopped while moving it live (move {out.op_id}): held until "
             "the move ends"
         )
-        with self.vm.cond:
-            told = self.vm.obs.moved_out == out and self.vm.answered() is not None
-        if not told:
-            self._publish(Phase.STOPPED, why, EventKind.STOPPED if out.sent else None, outcome=_OK)
+        if self.moved_out_told != (self.request, out):
+            # Once per request and mark: each request is answered (the VM
+            # is where its move put it), the event told once.
+            event = EventKind.STOPPED if out.sent and self.moved_out_told is None else None
+            self.moved_out_told = (self.request, out)
+            self._publish(Phase.STOPPED, why, event, outcome=_OK)
         self._wait(None)
         return True
 

@@ -12,6 +12,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from procurator.worker.state import StateDir
 from procurator.worker.vmm import process
 from procurator.worker.vmm.base import Address, VmmHandle
 from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver
-from procurator.worker.vmrecord import Incoming, VmSpec
+from procurator.worker.vmrecord import MOVED_OUT_FILE, Incoming, MovedOut, VmSpec
 
 TOKEN = bytes(range(0x40, 0x50))
 
@@ -182,3 +183,35 @@ def test_an_incoming_vmm_that_cannot_start_fails_once(
             target.remove("vm1")
         finally:
             target.close()
+
+
+def test_a_vm_moved_back_live_is_not_held_by_the_mark_of_its_move_away(
+    root: Path, driver: CloudHypervisorDriver
+) -> None:
+    """Moved away live, then back before this worker removed its old copy
+    (held by the first move's mark): the VM arrives anew, and runs."""
+    events = Events()
+    here = manager(root / "target", driver, events)
+    spec = VmSpec("vm1", "h1", definition())
+    address = free_address()
+    source, _ = source_vmm(root, driver)
+    try:
+        here.ensure(spec)
+        here.run_job("vm1", "mark", lambda ctx: ctx.moved_out(MovedOut("op-away", sent=True)))
+        deadline = time.monotonic() + 10  # a hang guard: its supervisor stops it next
+        while (held := here.get("vm1")) is not None and held.pid is not None:
+            assert time.monotonic() < deadline, held
+            time.sleep(0.01)
+        assert held is not None and held.phase is Phase.STOPPED
+        # The move back: held incoming, the state sent, switched.
+        incoming = Incoming("op-back", address, None, TOKEN)
+        here.ensure(dataclasses.replace(spec, incoming=incoming))
+        driver.pause(source, timeout=5.0)
+        driver.send_migration(source, memory=address, disks=None, token=TOKEN, timeout=20.0)
+        back = here.ensure(spec)
+        assert back.phase is Phase.RUNNING and back.moved_out is None
+        assert not (StateDir(root / "target").vm_dir("vm1") / MOVED_OUT_FILE).exists()
+        here.remove("vm1")
+    finally:
+        stop(driver, source)
+        here.close()
