@@ -27,9 +27,12 @@ and by its length: a peer that sends another token, garbage or nothing in
 time is answered (when it sent something), dropped and logged, and the
 gate accepts on, so the right peer still gets through. Tokens are compared
 in constant time (``secrets.compare_digest``). At most ``MAX_PENDING``
-connections wait for their preamble at once; a new one beyond that is
-dropped at once (a flood delays the source by at most its own retry, it
-cannot hold the gate).
+connections wait for their preamble at once; a new one beyond that takes
+the place of the one waiting longest, which is dropped (were the new one
+dropped instead, ``MAX_PENDING`` silent peers renewed every
+``PREAMBLE_TIMEOUT`` would keep the source out for good; the source
+presents its token as it connects, so a flood must fill every place
+within that one round trip to push it out).
 
 The cold disk transfer (``procurator.worker.move_transfer``) opens with
 the same preamble, read by a thread per connection (``read_token``), its
@@ -275,15 +278,13 @@ class Gate:
             return
         peer = _describe(address)
         if len(self._pending) >= self._max_pending:
-            self.dropped += 1
-            log.warning(
-                "%s: a connection from %s dropped: %d wait for their preamble already",
-                self._what,
-                peer,
-                self._max_pending,
-            )
-            conn.close()
-            return
+            # The oldest makes room, not the newest: dropping the newest
+            # would let as many silent peers as may wait, each replaced
+            # before its deadline, keep the source out for good. The source
+            # presents its token as it connects, so to evict it a flood
+            # must fill every place within that round trip.
+            oldest = min(self._pending.values(), key=lambda p: p.deadline)
+            self._drop(oldest, f"{self._max_pending} newer connections came before its preamble")
         conn.setblocking(False)
         self._pending[conn.fileno()] = _Pending(conn, peer, time.monotonic() + self._timeout)
 

@@ -132,18 +132,24 @@ def test_a_silent_peer_neither_holds_the_gate_nor_stays_past_its_deadline(
         gate.close()
 
 
-def test_connections_beyond_those_waiting_are_dropped_at_once(listener: socket.socket) -> None:
+def test_a_flood_of_silent_peers_cannot_keep_the_source_out(listener: socket.socket) -> None:
+    # As many silent peers as may wait, refreshed before their deadline,
+    # would keep every later connection out for good if the newest were
+    # the one dropped: the oldest waiting one makes room instead, and the
+    # source, which presents its token as it connects, gets through.
     gate = Gate(listener, TOKEN, what="test", max_pending=2)
     try:
-        with _connect(listener) as one, _connect(listener) as two, _connect(listener) as three:
-            assert gate.accept(time.monotonic() + 0.3) is None  # three: two wait already
-            assert gate.dropped == 1
-            assert three.recv(1024) == b""
-            one.sendall(preamble(TOKEN))
-            accepted = gate.accept(_soon())
+        with _connect(listener) as one, _connect(listener) as two, _connect(listener) as source:
+            source.sendall(preamble(TOKEN))
+            accepted = gate.accept(_soon())  # one, two, source: accepted in that order
             assert accepted is not None
             accepted.close()
-            assert two.fileno() >= 0
+            assert source.recv(3) == b"ok\n"
+            assert gate.dropped == 1
+            assert one.recv(1024) == b""  # the oldest, dropped to make room
+            two.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                two.recv(1024)  # still waiting
     finally:
         gate.close()
 
