@@ -301,7 +301,8 @@ class Expected:
 class Receiver:
     """The target's side: accepts expected transfers on ``listener`` (a
     bound, listening TCP socket), one thread per connection (at most
-    ``MAX_CONNECTIONS`` at once, more are refused), into
+    ``MAX_CONNECTIONS`` at once; past them a new one cuts the oldest still
+    waiting for its preamble, or is refused; ``serve``), into
     ``incoming`` (``<state>/incoming``). ``expect`` replaces what is
     expected (from each new assignment); ``received`` says which op ids
     have their set stored. Thread-safe. Lock order: ``_storing`` (held
@@ -327,6 +328,9 @@ class Receiver:
         self._closed = False
         self._threads: list[threading.Thread] = []
         self._conns: set[socket.socket] = set()  # open transfers: cut at close
+        # Those of _conns still waiting for their preamble, oldest first:
+        # one makes room for a new connection past MAX_CONNECTIONS.
+        self._waiting: dict[socket.socket, object] = {}
         incoming.mkdir(parents=True, exist_ok=True)
         for stale in incoming.glob(".*.partial"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -377,7 +381,10 @@ class Receiver:
                     shutil.rmtree(entry, ignore_errors=True)
 
     def serve(self) -> None:
-        """Accept connections until ``close`` (run it in a thread)."""
+        """Accept connections until ``close`` (run it in a thread). Past
+        ``MAX_CONNECTIONS`` at once, a new connection takes the place of
+        the oldest one still waiting for its preamble (cut), and is refused
+        only when every one presented a token already."""
         while True:
             try:
                 conn, peer = self._listener.accept()
@@ -389,12 +396,34 @@ class Receiver:
                     return
                 self._threads = [t for t in self._threads if t.is_alive()]
                 busy = len(self._threads) >= MAX_CONNECTIONS
+                evicted = None
+                if busy and self._waiting and len(self._threads) < 2 * MAX_CONNECTIONS:
+                    # The oldest unauthenticated connection makes room (its
+                    # thread ends at once): refusing the new one instead let
+                    # 16 silent peers, renewed before their deadline, keep
+                    # every source out for good. The bound stays: threads
+                    # cut so but not ended yet count, up to twice the limit.
+                    evicted = next(iter(self._waiting))
+                    evicted_peer = self._waiting.pop(evicted)
+                    with contextlib.suppress(OSError):
+                        # Under the lock: its thread closes it only after
+                        # it left _waiting, so this is still its socket.
+                        evicted.shutdown(socket.SHUT_RDWR)
+                    busy = False
                 if not busy:
                     thread = threading.Thread(
                         target=self._handle, args=(conn, peer), name="move receiver", daemon=True
                     )
                     self._threads.append(thread)
                     self._conns.add(conn)
+                    self._waiting[conn] = peer
+            if evicted is not None:
+                log.warning(
+                    "a move transfer from %s cut before its preamble: %d at once, %s came",
+                    evicted_peer,
+                    MAX_CONNECTIONS,
+                    peer,
+                )
             if busy:
                 # Before any token is seen: a peer's connections must not
                 # take the worker's threads and descriptors without bound.
@@ -430,6 +459,9 @@ class Receiver:
             token = read_token(conn, deadline=time.monotonic() + self._timeout)
         except StreamRefused as exc:
             raise PermanentError(exc.message) from exc
+        finally:
+            with self._lock:
+                self._waiting.pop(conn, None)
         with self._lock:
             expected = list(self._expected.values())
         found = None
@@ -467,6 +499,7 @@ class Receiver:
             finally:
                 with self._lock:
                     self._conns.discard(conn)
+                    self._waiting.pop(conn, None)
                 self._on_change()
 
     def _check(self, header: object, wanted: Expected) -> tuple[str, str, list[tuple[str, int]]]:
