@@ -16,29 +16,23 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from fleethelpers import FAKE, AddImage, add_image, live_processes, nix_env, procurator_process
-from testnames import free_port
+from fleethelpers import FAKE, AddImage, add_image, live_processes, nix_env
+from moveprocs import WORKERS, runs_on, start_master, until, worker
 
-from procurator.core.control import FleetStatus
-from procurator.core.errors import UnavailableError
 from procurator.core.fleet import parse_fleet
-from procurator.core.models import Phase
 from procurator.rpc.address import parse_address
 from procurator.rpc.bridge import open_bridge
-from procurator.rpc.clients import ControlClient, open_control
+from procurator.rpc.clients import open_control
 
 __all__ = ["add_image", "nix_env"]  # fixtures
 
 pytestmark = [pytest.mark.root, pytest.mark.nix]
-
-WORKERS = ("host-a", "host-b")
 
 
 def _config() -> dict[str, Any]:
@@ -48,19 +42,6 @@ def _config() -> dict[str, Any]:
         "memory": {"size": 64 << 20},
         "disks": [{"path": "disk.img", "readonly": True}],
     }
-
-
-@contextmanager
-def _worker(
-    worker_id: str, master: str, tmp_path: Path, env: dict[str, str]
-) -> Iterator[subprocess.Popen[bytes]]:
-    args = ["worker", "--id", worker_id, "--master", master]
-    args += ["--state-dir", str(tmp_path / worker_id), "--resync-interval", "1"]
-    args += ["--driver", "cloud-hypervisor", "--vmm-binary", sys.executable, "--vmm-arg", str(FAKE)]
-    args += ["--no-network", "--metrics-listen", "", "--stop-grace", "2"]
-    args += ["--transfer-listen", "127.0.0.1:0"]
-    with procurator_process(args, env, tmp_path / f"{worker_id}.log") as proc:
-        yield proc
 
 
 def _booted_holders(tmp_path: Path, vm_id: str) -> set[str]:
@@ -83,24 +64,6 @@ def _booted_holders(tmp_path: Path, vm_id: str) -> set[str]:
     return holders
 
 
-async def _until(control: ControlClient, done: Any) -> FleetStatus:
-    with trio.fail_after(60):  # a hang guard only
-        status = await control.status()
-        while not done(status):
-            status = await control.status(wait_index=status.change_index, wait=1.0)
-    return status
-
-
-def _runs_on(status: FleetStatus, vm_id: str) -> set[str]:
-    return {
-        w.worker_id
-        for w in status.workers
-        if w.connected
-        and w.status is not None
-        and any(v.id == vm_id and v.phase is Phase.RUNNING for v in w.status.vms)
-    }
-
-
 def _digests(tmp_path: Path, worker: str) -> list[str]:
     log = tmp_path / worker / "vms" / "web-1" / "run" / "vmm.log"
     text = log.read_text() if log.exists() else ""
@@ -111,33 +74,19 @@ async def test_live_moves_end_done_or_failed_and_never_boot_the_vm_twice(
     tmp_path: Path, nix_env: dict[str, str], add_image: AddImage
 ) -> None:
     image = add_image("live-vm", _config(), {"disk.img": b"\0" * (1 << 20)})
-    master = f"127.0.0.1:{free_port()}"
-    args = ["master", "--listen", master, "--db", str(tmp_path / "m.db"), "--metrics-listen", ""]
-    args += ["--worker-lease", "20"]
-    env = {**nix_env, "PROCURATOR_MASTER": master}
-    log = tmp_path / "master.log"
     samples: list[set[str]] = []
     with ExitStack() as stack:
-        master_process = stack.enter_context(procurator_process(args, env, log))
         async with open_bridge() as bridge:
-            with trio.fail_after(60):  # a hang guard: the master starts
-                while True:
-                    try:
-                        async with open_control(bridge, parse_address(master)) as control:
-                            await control.status()
-                            break
-                    except UnavailableError:
-                        assert master_process.poll() is None, log.read_text()[-4000:]
-                    await trio.sleep(0.1)
-            workers = {w: stack.enter_context(_worker(w, master, tmp_path, env)) for w in WORKERS}
+            master, env = await start_master(stack, bridge, tmp_path, nix_env)
+            workers = {w: stack.enter_context(worker(w, master, tmp_path, env)) for w in WORKERS}
             async with open_control(bridge, parse_address(master)) as control:
-                await _until(control, lambda s: sum(w.connected for w in s.workers) == 2)
+                await until(control, lambda s: sum(w.connected for w in s.workers) == 2)
                 await control.apply(
                     parse_fleet(
                         f'[[vms]]\nid = "web-1"\nimage = "{image}"\nvcpus = 1\nmemory_mib = 64\n'
                     )
                 )
-                await _until(control, lambda s: _runs_on(s, "web-1") == {"host-a"})
+                await until(control, lambda s: runs_on(s, "web-1") == {"host-a"})
 
                 async def move(target: str, killed: str = "", drain: str = "") -> list[str]:
                     """``procurator move --live`` (or ``worker drain``),
@@ -171,7 +120,7 @@ async def test_live_moves_end_done_or_failed_and_never_boot_the_vm_twice(
                             workers[killed].send_signal(signal.SIGKILL)
                             workers[killed].wait()
                             workers[killed] = stack.enter_context(
-                                _worker(killed, master, tmp_path, env)
+                                worker(killed, master, tmp_path, env)
                             )
                         with trio.fail_after(90):  # a hang guard only
                             while not result:
@@ -187,7 +136,7 @@ async def test_live_moves_end_done_or_failed_and_never_boot_the_vm_twice(
                 source_digest = _digests(tmp_path, "host-a")
                 phases = await move("host-b")
                 assert phases[-1] == "done" and "migrating" in phases, phases
-                await _until(control, lambda s: _runs_on(s, "web-1") == {"host-b"})
+                await until(control, lambda s: runs_on(s, "web-1") == {"host-b"})
                 moved = _digests(tmp_path, "host-b")
                 assert moved and (not source_digest or moved[-1] == source_digest[-1]), moved
 
@@ -197,7 +146,7 @@ async def test_live_moves_end_done_or_failed_and_never_boot_the_vm_twice(
                 phases = await move("host-a")
                 (failed,) = [m for m in await control.moves("web-1") if m.phase.value == "failed"]
                 assert phases[-1] == "failed" and "migration failed" in failed.reason, failed
-                await _until(control, lambda s: _runs_on(s, "web-1") == {"host-b"})
+                await until(control, lambda s: runs_on(s, "web-1") == {"host-b"})
                 Path(f"{sock}.fault").unlink()
 
                 # kill -9 of the source, then of the target, as a move begins.
@@ -205,12 +154,12 @@ async def test_live_moves_end_done_or_failed_and_never_boot_the_vm_twice(
                     phases = await move(target, killed)
                     assert phases[-1] in ("done", "failed"), phases
                     where = {target} if phases[-1] == "done" else set(WORKERS) - {target}
-                    await _until(control, lambda s, w=where: _runs_on(s, "web-1") == w)
+                    await until(control, lambda s, w=where: runs_on(s, "web-1") == w)
                 # A drain of the worker that runs it moves it live.
-                (holder,) = _runs_on(await control.status(), "web-1")
+                (holder,) = runs_on(await control.status(), "web-1")
                 other = (set(WORKERS) - {holder}).pop()
                 await move(other, drain=holder)
-                await _until(control, lambda s: _runs_on(s, "web-1") == {other})
+                await until(control, lambda s: runs_on(s, "web-1") == {other})
                 drained = [m for m in await control.moves("web-1") if m.source == holder]
                 assert drained[0].phase.value == "done" and drained[0].kind.value == "live"
                 twice = [s for s in samples if len(s) > 1]
@@ -219,7 +168,7 @@ async def test_live_moves_end_done_or_failed_and_never_boot_the_vm_twice(
                 await control.apply(
                     parse_fleet("[workers.host-a]\nvms = []\n[workers.host-b]\nvms = []\n")
                 )
-                await _until(
+                await until(
                     control,
                     lambda s: all(
                         w.status is not None

@@ -15,29 +15,23 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from fleethelpers import FAKE, AddImage, add_image, live_processes, nix_env, procurator_process
-from testnames import free_port
+from fleethelpers import FAKE, AddImage, add_image, live_processes, nix_env
+from moveprocs import WORKERS, runs_on, start_master, until, worker
 
-from procurator.core.control import FleetStatus
-from procurator.core.errors import UnavailableError
 from procurator.core.fleet import parse_fleet
-from procurator.core.models import Phase
 from procurator.rpc.address import parse_address
 from procurator.rpc.bridge import open_bridge
-from procurator.rpc.clients import ControlClient, open_control
+from procurator.rpc.clients import open_control
 
 __all__ = ["add_image", "nix_env"]  # fixtures
 
 pytestmark = [pytest.mark.root, pytest.mark.nix]
-
-WORKERS = ("host-a", "host-b")
 
 
 def _config() -> dict[str, Any]:
@@ -47,19 +41,6 @@ def _config() -> dict[str, Any]:
         "memory": {"size": 64 << 20},
         "disks": [{"path": "disk.img"}],
     }
-
-
-@contextmanager
-def _worker(
-    worker_id: str, master: str, tmp_path: Path, env: dict[str, str]
-) -> Iterator[subprocess.Popen[bytes]]:
-    args = ["worker", "--id", worker_id, "--master", master]
-    args += ["--state-dir", str(tmp_path / worker_id), "--resync-interval", "1"]
-    args += ["--driver", "cloud-hypervisor", "--vmm-binary", sys.executable, "--vmm-arg", str(FAKE)]
-    args += ["--no-network", "--metrics-listen", "", "--stop-grace", "2"]
-    args += ["--transfer-listen", "127.0.0.1:0"]
-    with procurator_process(args, env, tmp_path / f"{worker_id}.log") as proc:
-        yield proc
 
 
 def _vmm_holders(tmp_path: Path, vm_id: str) -> set[str]:
@@ -74,55 +55,23 @@ def _vmm_holders(tmp_path: Path, vm_id: str) -> set[str]:
     }
 
 
-async def _until(control: ControlClient, done: Any) -> FleetStatus:
-    with trio.fail_after(60):  # a hang guard only
-        status = await control.status()
-        while not done(status):
-            status = await control.status(wait_index=status.change_index, wait=1.0)
-    return status
-
-
-def _runs_on(status: FleetStatus, vm_id: str) -> set[str]:
-    return {
-        w.worker_id
-        for w in status.workers
-        if w.connected
-        and w.status is not None
-        and any(v.id == vm_id and v.phase is Phase.RUNNING for v in w.status.vms)
-    }
-
-
 async def test_kill_9_of_the_source_or_the_target_mid_move_never_runs_the_vm_twice(
     tmp_path: Path, nix_env: dict[str, str], add_image: AddImage
 ) -> None:
     image = add_image("move-vm", _config(), {"disk.img": b"\0" * (4 << 20)})
-    master = f"127.0.0.1:{free_port()}"
-    args = ["master", "--listen", master, "--db", str(tmp_path / "m.db"), "--metrics-listen", ""]
-    args += ["--worker-lease", "20"]
-    env = {**nix_env, "PROCURATOR_MASTER": master}
-    log = tmp_path / "master.log"
     with ExitStack() as stack:
-        master_process = stack.enter_context(procurator_process(args, env, log))
         async with open_bridge() as bridge:
-            with trio.fail_after(60):  # a hang guard: the master starts
-                while True:
-                    try:
-                        async with open_control(bridge, parse_address(master)) as control:
-                            await control.status()
-                            break
-                    except UnavailableError:
-                        assert master_process.poll() is None, log.read_text()[-4000:]
-                    await trio.sleep(0.1)
-            workers = {w: stack.enter_context(_worker(w, master, tmp_path, env)) for w in WORKERS}
+            master, env = await start_master(stack, bridge, tmp_path, nix_env)
+            workers = {w: stack.enter_context(worker(w, master, tmp_path, env)) for w in WORKERS}
             async with open_control(bridge, parse_address(master)) as control:
-                await _until(control, lambda s: sum(w.connected for w in s.workers) == 2)
+                await until(control, lambda s: sum(w.connected for w in s.workers) == 2)
                 await control.apply(
                     parse_fleet(
                         f'[[vms]]\nid = "web-1"\nimage = "{image}"\nvcpus = 1\nmemory_mib = 64\n'
                     )
                 )
                 # Equal workers, binpack: the lower id takes it.
-                await _until(control, lambda s: _runs_on(s, "web-1") == {"host-a"})
+                await until(control, lambda s: runs_on(s, "web-1") == {"host-a"})
                 # What the guest wrote to its disk (the fake VMM writes
                 # nothing: the test writes for it) travels with each move.
                 disk = Path("vms", "web-1", "disks", Path(image).name, "disk0.img")
@@ -169,9 +118,7 @@ async def test_kill_9_of_the_source_or_the_target_mid_move_never_runs_the_vm_twi
                         # and a new one, as a supervisor would start.
                         workers[killed].send_signal(signal.SIGKILL)
                         workers[killed].wait()
-                        workers[killed] = stack.enter_context(
-                            _worker(killed, master, tmp_path, env)
-                        )
+                        workers[killed] = stack.enter_context(worker(killed, master, tmp_path, env))
                         with trio.fail_after(90):  # a hang guard only
                             while not result:
                                 samples.append(_vmm_holders(tmp_path, "web-1"))
@@ -180,7 +127,7 @@ async def test_kill_9_of_the_source_or_the_target_mid_move_never_runs_the_vm_twi
                     assert done.returncode == 0, done.stdout + done.stderr
                     phases = [json.loads(line)["phase"] for line in done.stdout.splitlines()]
                     assert phases[-1] == "done", done.stdout + done.stderr
-                    await _until(control, lambda s, t=target: _runs_on(s, "web-1") == {t})
+                    await until(control, lambda s, t=target: runs_on(s, "web-1") == {t})
                     with trio.fail_after(30):
                         while _vmm_holders(tmp_path, "web-1") != {target}:
                             await trio.sleep(0.05)
@@ -194,7 +141,7 @@ async def test_kill_9_of_the_source_or_the_target_mid_move_never_runs_the_vm_twi
                 await control.apply(
                     parse_fleet("[workers.host-a]\nvms = []\n[workers.host-b]\nvms = []\n")
                 )
-                await _until(
+                await until(
                     control,
                     lambda s: all(
                         w.status is not None

@@ -1,0 +1,83 @@
+"""What the move tests with real processes share (test_move_process.py,
+test_move_live_process.py): a master process, worker processes running
+the fake cloud-hypervisor (no network, a transfer address), and waiting
+on the fleet's status."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+from fleethelpers import FAKE, procurator_process
+from testnames import free_port
+
+from procurator.core.control import FleetStatus
+from procurator.core.errors import UnavailableError
+from procurator.core.models import Phase
+from procurator.rpc.address import parse_address
+from procurator.rpc.bridge import Bridge
+from procurator.rpc.clients import ControlClient, open_control
+
+__all__ = ["WORKERS", "runs_on", "start_master", "until", "worker"]
+
+WORKERS = ("host-a", "host-b")
+
+
+@contextmanager
+def worker(
+    worker_id: str, master: str, tmp_path: Path, env: dict[str, str]
+) -> Iterator[subprocess.Popen[bytes]]:
+    args = ["worker", "--id", worker_id, "--master", master]
+    args += ["--state-dir", str(tmp_path / worker_id), "--resync-interval", "1"]
+    args += ["--driver", "cloud-hypervisor", "--vmm-binary", sys.executable, "--vmm-arg", str(FAKE)]
+    args += ["--no-network", "--metrics-listen", "", "--stop-grace", "2"]
+    args += ["--transfer-listen", "127.0.0.1:0"]
+    with procurator_process(args, env, tmp_path / f"{worker_id}.log") as proc:
+        yield proc
+
+
+async def start_master(
+    stack: ExitStack, bridge: Bridge, tmp_path: Path, nix_env: dict[str, str]
+) -> tuple[str, dict[str, str]]:
+    """A master process (a worker lease of 20 s: a killed worker is back
+    well before it is lost), answering; its address and the environment
+    that names it."""
+    master = f"127.0.0.1:{free_port()}"
+    args = ["master", "--listen", master, "--db", str(tmp_path / "m.db"), "--metrics-listen", ""]
+    args += ["--worker-lease", "20"]
+    env = {**nix_env, "PROCURATOR_MASTER": master}
+    log = tmp_path / "master.log"
+    process = stack.enter_context(procurator_process(args, env, log))
+    with trio.fail_after(60):  # a hang guard: the master starts
+        while True:
+            try:
+                async with open_control(bridge, parse_address(master)) as control:
+                    await control.status()
+                    return master, env
+            except UnavailableError:
+                assert process.poll() is None, log.read_text()[-4000:]
+            await trio.sleep(0.1)
+
+
+async def until(control: ControlClient, done: Any) -> FleetStatus:
+    with trio.fail_after(60):  # a hang guard only
+        status = await control.status()
+        while not done(status):
+            status = await control.status(wait_index=status.change_index, wait=1.0)
+    return status
+
+
+def runs_on(status: FleetStatus, vm_id: str) -> set[str]:
+    """The connected workers that report ``vm_id`` running."""
+    return {
+        w.worker_id
+        for w in status.workers
+        if w.connected
+        and w.status is not None
+        and any(v.id == vm_id and v.phase is Phase.RUNNING for v in w.status.vms)
+    }
