@@ -8,7 +8,8 @@ Layout under ``<state_dir>``::
     vms/<vm_id>/run/api.sock   the VMM's socket, event, log and serial files:
         .../run/vmm.log ...    the only part of the VM's directory (with
                                its disk copies) a jailed VMM may write
-    locks/<vm_id>.lock         the VM's ownership lock file (flock)
+    locks/<vm_id>.lock         a VM's ownership lock file (flock), when one
+                               was taken (``lock``; a claim makes none)
     owner.lock                 the state dir's owner lock (flock): the one
                                process managing its VMs holds it
 
@@ -37,15 +38,20 @@ keeps it until it closes (the worker's lifetime), and claims each VM it
 manages: so a second worker process on the same state dir is refused
 instead of spawning a second VMM, with one descriptor for the whole fleet,
 not one per VM (issue 31: a settled VM costs the worker only its VMM's
-pidfd, so that 10,000 VMs fit an open-file limit of 20,000). A claim takes
-the VM's own flock for a moment (a process that holds it — a worker of a
-release before the owner lock — keeps the VM) and writes its pid into the
-lock file, then lets the descriptor go: while the owner lock is held no
-other worker can take the state dir, so the VM's flock has nothing left to
-exclude. (A worker of the older release started beside a newer one on the
-same state dir is the one case it no longer refuses: it never takes the
-owner lock. Never run two workers on one state dir: they would also share
-its GC roots, taps and lock-file sweep.) The kernel drops a lock when its
+pidfd, so that 10,000 VMs fit an open-file limit of 20,000). A claim makes
+no file (issue 31: a new file is a new inode, tens to hundreds of us of
+CPU per VM start on ext4 without a journal): when the VM has a lock file
+(a worker of a release before the owner lock — which held VMs by their
+own flocks — made it) the claim takes its flock for a moment (a process
+that holds it keeps the VM) and writes its pid into it, then lets the
+descriptor go; when it has none, no process holds one, since a holder
+opens the file before it locks it and unlinks it only while it holds it.
+While the owner lock is held no other worker can take the state dir, so
+the VM's flock has nothing left to exclude. (A worker of the older
+release started beside a newer one on the same state dir is the one case
+it no longer refuses: it never takes the owner lock. Never run two
+workers on one state dir: they would also share its GC roots, taps and
+lock-file sweep.) The kernel drops a lock when its
 holder dies (even by SIGKILL), which is what lets a restarted worker
 re-adopt the VM. Lock file descriptors are close-on-exec, so a spawned VMM
 never inherits (and never extends) a lock.
@@ -57,8 +63,9 @@ still the one at the path (the classic unlink-while-locked race).
 
 A lock file can outlive its VM: it is made before the VM's directory (a new
 VM's ``vm.json`` is written under the lock) and unlinked after the directory
-is deleted (``remove_vm``), so a worker killed in either gap leaves a lock
-file with no directory. Nothing else would ever look at it — start-up
+is deleted (``remove_vm``), so a process killed in either gap while holding
+it by ``lock`` (a worker of the release before claims made no file) leaves
+a lock file with no directory. Nothing else would ever look at it — start-up
 recovery finds VMs by their directories — so ``sweep_locks`` (called by
 ``VmManager.recover`` once it has taken its VMs) deletes those, each under
 its own flock.
@@ -353,16 +360,24 @@ class StateDir:
         another one does."""
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / OWNER_LOCK
-        return OwnerLock(path, self._flock(path, f"the state dir {self.root}", StateLockedError))
+        fd = self._flock(path, f"the state dir {self.root}", StateLockedError)
+        assert fd is not None  # made when absent
+        return OwnerLock(path, fd)
 
     def claim(self, vm_id: str, owner: OwnerLock) -> VmLock:
         """Own the VM under ``owner`` (held by the caller), with no
-        descriptor kept: its flock is taken (``VmLockedError`` when another
-        process holds it), stamped with this pid and let go."""
+        descriptor kept and no file made: when the VM has a lock file, its
+        flock is taken (``VmLockedError`` when another process holds it),
+        stamped with this pid and let go; when it has none, no process holds
+        one (see the module docstring)."""
         if not owner.held:
             raise RuntimeError(f"claiming VM {vm_id} without the state dir's owner lock")
-        with self.lock(vm_id) as taken:
-            return VmLock(vm_id, taken.path, None, owner)
+        self.check_id(vm_id)
+        path = self.locks_dir / f"{vm_id}.lock"
+        fd = self._flock(path, f"VM {vm_id}", VmLockedError, create=False)
+        if fd is not None:
+            os.close(fd)  # closing the last descriptor drops the flock
+        return VmLock(vm_id, path, None, owner)
 
     def lock(self, vm_id: str) -> VmLock:
         """Take the VM's flock without waiting; ``VmLockedError`` names the
@@ -370,13 +385,24 @@ class StateDir:
         self.check_id(vm_id)
         self.locks_dir.mkdir(parents=True, exist_ok=True)
         path = self.locks_dir / f"{vm_id}.lock"
-        return VmLock(vm_id, path, self._flock(path, f"VM {vm_id}", VmLockedError))
+        fd = self._flock(path, f"VM {vm_id}", VmLockedError)
+        assert fd is not None  # made when absent
+        return VmLock(vm_id, path, fd)
 
-    def _flock(self, path: Path, what: str, locked: type[VmLockedError]) -> int:
+    def _flock(
+        self, path: Path, what: str, locked: type[VmLockedError], *, create: bool = True
+    ) -> int | None:
         """A descriptor holding ``path``'s flock, the file stamped with
-        this pid; ``locked`` (naming the holder) when another one holds it."""
+        this pid; ``locked`` (naming the holder) when another one holds it.
+        Without ``create``, None when there is no such file."""
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fd = os.open(path, flags, 0o600)
+            except FileNotFoundError:
+                if create:
+                    raise
+                return None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
