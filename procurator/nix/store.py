@@ -313,7 +313,13 @@ def _check_syntax(path: str) -> None:
 
 def _replace_symlink(target: str, at: str) -> None:
     """``at`` -> ``target``, replacing whatever ``at`` was, atomically (a
-    new link under a temporary name, renamed over it), as Nix does."""
+    new link under a temporary name, renamed over it), as Nix does. A name
+    that is free gets the link at once: ``symlink(2)`` makes it whole, so
+    no reader sees it half made, and a VM's start spares an ``unlink`` and
+    a ``rename`` for each of its two links (issue 31)."""
+    with contextlib.suppress(FileExistsError):
+        os.symlink(target, at)
+        return
     temporary = f"{at}.tmp-{os.getpid()}-{threading.get_ident()}"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(temporary)
