@@ -21,9 +21,12 @@ Protocol (one TCP connection per transfer; lines end with ``\\n``):
 5. target -> source: ``ok`` once the set is durably stored, or
    ``error: <why>`` (the target then closes).
 
-A source of the first version (``PROCURATOR-MOVE 1`` and the token in
-the header) is refused as "not a procurator stream": both workers of a
-move must run this version.
+Both workers of a move must run this version. A source of the first
+version (``PROCURATOR-MOVE 1`` and the token in the header) is refused as
+"a procurator stream of another version" (``stream_auth.
+ANOTHER_VERSION``), which it shows in its error; a target of the first
+version refuses this one's preamble as "not a procurator move transfer",
+which ``send_disks`` names as a target of an earlier release.
 
 The target accepts a transfer only for a VM and op id its assignment
 expects, with the one-time token the master gave both sides
@@ -100,6 +103,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
+# What a target of the first version answers this version's preamble.
+_FIRST_VERSION_REFUSAL = "not a procurator move transfer"
 _MAX_HEADER = 64 << 10
 #: Connections a receiver serves at once (each a thread); more are refused.
 MAX_CONNECTIONS = 16
@@ -220,9 +225,15 @@ def send_disks(
                 try:
                     present(conn, secret, deadline=time.monotonic() + timeout)
                 except StreamRefused as exc:
+                    why = exc.message
+                    if why.endswith(_FIRST_VERSION_REFUSAL):
+                        why = (
+                            "it runs an earlier procurator, whose transfers open with "
+                            "PROCURATOR-MOVE 1 (both workers of a move must run the same "
+                            f"release; it said: {why})"
+                        )
                     raise TransferError(
-                        f"move {op_id}: worker at {address} refused VM {vm_id}'s disks: "
-                        f"{exc.message}"
+                        f"move {op_id}: worker at {address} refused VM {vm_id}'s disks: {why}"
                     ) from exc
                 conn.settimeout(timeout)
                 conn.sendall(json.dumps(header).encode() + b"\n")

@@ -18,7 +18,11 @@ Wire format (source -> target, first on the connection)::
 
 then target -> source, one line: ``ok`` (accepted: from here on the
 connection is the VMM's stream, both ways) or ``error: <why>`` (refused;
-the target closes). A source reads exactly the answer line, so no byte of
+the target closes). A stream that opens with ``PROCURATOR-`` but not this
+magic comes from a worker of another release (the cold transfer's first
+version opened with ``PROCURATOR-MOVE 1``): its refusal says so
+(``ANOTHER_VERSION``), so that a move between workers of two releases
+names the cause on the source's side too. A source reads exactly the answer line, so no byte of
 the VMM's stream is taken from it; a target reads exactly the preamble.
 
 The target (``Gate``) reads every connection's preamble without blocking
@@ -58,6 +62,7 @@ from dataclasses import dataclass, field
 from procurator.core.errors import TemporaryError
 
 __all__ = [
+    "ANOTHER_VERSION",
     "MAGIC",
     "MAX_PENDING",
     "MAX_TOKEN_BYTES",
@@ -82,6 +87,15 @@ PREAMBLE_TIMEOUT = 5.0
 #: Connections waiting for their preamble at once; more are dropped.
 MAX_PENDING = 16
 ACCEPTED = b"ok\n"
+# What every version's streams open with (the cold transfer's first
+# version: ``PROCURATOR-MOVE 1``): a stream that differs after it comes
+# from a worker of another release, and is told so.
+_FAMILY = b"PROCURATOR-"
+#: Why a stream of another version of the wire is refused.
+ANOTHER_VERSION = (
+    "a procurator stream of another version (this worker speaks "
+    f"{MAGIC.decode().strip()}; both workers of a move must run the same release)"
+)
 _REFUSED = b"error: "
 _MAX_ANSWER = 256
 _HEADER = len(MAGIC) + 1
@@ -147,6 +161,8 @@ class _Preamble:
         refused already, or None."""
         self.data += chunk
         if not MAGIC.startswith(bytes(self.data[: len(MAGIC)])):
+            if self.data.startswith(_FAMILY):
+                return ANOTHER_VERSION
             return "not a procurator stream"
         if len(self.data) >= _HEADER and self.data[_HEADER - 1] < MIN_TOKEN_BYTES:
             return "wrong token"  # too short to be one: said as for any other

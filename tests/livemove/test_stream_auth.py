@@ -81,7 +81,11 @@ def test_present_reads_the_answer_and_nothing_beyond(listener: socket.socket) ->
     ("sent", "answer"),
     [
         (b"GET / HTTP/1.0\r\n\r\n", b"error: not a procurator stream\n"),
-        (b"PROCURATOR-STREAM 2\n" + bytes([16]) + TOKEN[:16], b"error: not a procurator stream\n"),
+        (
+            b"PROCURATOR-STREAM 2\n" + bytes([16]) + TOKEN[:16],
+            b"error: a procurator stream of another version (this worker speaks "
+            b"PROCURATOR-STREAM 1; both workers of a move must run the same release)\n",
+        ),
         (preamble(bytes(32)), b"error: wrong token\n"),
         (preamble(TOKEN[:16]), b"error: wrong token\n"),  # a prefix of the token
         (stream_auth.MAGIC + bytes([3]) + b"abc", b"error: wrong token\n"),  # too short to be one

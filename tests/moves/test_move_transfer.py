@@ -306,6 +306,46 @@ def test_silent_connections_past_the_limit_cannot_keep_a_source_out(
             conn.close()
 
 
+def test_workers_of_the_first_version_are_told_why_on_both_ends(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    # The cold transfer's first version opened with PROCURATOR-MOVE 1 and
+    # its token in the JSON header; either end of a move mixing versions
+    # must say so, not "not a procurator stream" (a worker of another
+    # release is one).
+    receiver.expect([Expected("web-1", "op-m1", TOKEN)])
+    first = {"vm_id": "web-1", "op_id": "op-m1", "token": TOKEN, "files": []}
+    with socket.create_connection(receiver.address, timeout=5) as conn:
+        conn.sendall(b"PROCURATOR-MOVE 1\n" + json.dumps(first).encode() + b"\n")
+        refused = conn.makefile("rb").readline().decode()
+    assert refused.startswith("error: a procurator stream of another version")
+    assert "same release" in refused
+    # A target of the first version: what its receiver answered a stream
+    # that did not open with its magic line (646b4a9^).
+    with socket.create_server(("127.0.0.1", 0)) as old_target:
+
+        def answer_as_the_first_version() -> None:
+            conn, _ = old_target.accept()
+            with conn, conn.makefile("rb") as lines:
+                lines.readline(len(b"PROCURATOR-MOVE 1\n") + 1)
+                conn.sendall(b"error: not a procurator move transfer\n")
+
+        thread = threading.Thread(target=answer_as_the_first_version)
+        thread.start()
+        try:
+            with pytest.raises(TransferError, match="runs an earlier procurator") as refusal:
+                send_disks(
+                    old_target.getsockname()[:2],
+                    vm_id="web-1",
+                    op_id="op-m1",
+                    token=TOKEN,
+                    files=disk_files(source_vm(tmp_path)),
+                )
+            assert "same release" in str(refusal.value)
+        finally:
+            thread.join()
+
+
 @contextlib.contextmanager
 def tmpfs(path: Path, options: str) -> Iterator[None]:
     path.mkdir(parents=True, exist_ok=True)
