@@ -7,7 +7,8 @@ Protocol (one TCP connection per transfer; lines end with ``\\n``):
 
 1. source -> target: the preamble every stream of a move begins with
    (``procurator.worker.stream_auth``: ``PROCURATOR-STREAM 1``, the
-   transfer's one-time token); target -> source: ``ok``, or ``error:
+   transfer's one-time token, within ``stream_auth.PREAMBLE_TIMEOUT`` of
+   the accept); target -> source: ``ok``, or ``error:
    <why>`` and the target closes (no transfer is expected with that
    token: refused and logged, and recorded as no transfer's failure, lest
    anyone on the network could fail a move);
@@ -80,6 +81,7 @@ from pathlib import Path
 
 from procurator.core.errors import PermanentError, TemporaryError
 from procurator.core.validation import REQUEST_ID_RE, STORE_DIR, STORE_PATH_RE, VM_ID_RE
+from procurator.worker import stream_auth
 from procurator.worker.stream_auth import (
     MAX_TOKEN_BYTES,
     MIN_TOKEN_BYTES,
@@ -467,7 +469,11 @@ class Receiver:
         constant time with every one); ``PermanentError`` for a peer that
         presents none of them, or no preamble."""
         try:
-            token = read_token(conn, deadline=time.monotonic() + self._timeout)
+            # A preamble's deadline, as on the live streams, not the
+            # transfer's timeout (which bounds a disk's reads and writes):
+            # a peer without a token holds its thread no longer than that.
+            wait = min(self._timeout, stream_auth.PREAMBLE_TIMEOUT)
+            token = read_token(conn, deadline=time.monotonic() + wait)
         except StreamRefused as exc:
             raise PermanentError(exc.message) from exc
         finally:

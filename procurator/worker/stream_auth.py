@@ -39,7 +39,8 @@ presents its token as it connects, so a flood must fill every place
 within that one round trip to push it out).
 
 The cold disk transfer (``procurator.worker.move_transfer``) opens with
-the same preamble, read by a thread per connection (``read_token``), its
+the same preamble, read by a thread per connection (``read_token``, by
+the same ``PREAMBLE_TIMEOUT``), its
 token then looked up among the transfers expected, and answered with the
 same ``ok`` / ``error: <why>`` lines (``accept``, ``refusal``).
 

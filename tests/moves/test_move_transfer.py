@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from procurator.worker import stream_auth
 from procurator.worker.move_service import send_disks_in_thread
 from procurator.worker.move_transfer import (
     MAX_CONNECTIONS,
@@ -304,6 +305,30 @@ def test_silent_connections_past_the_limit_cannot_keep_a_source_out(
     finally:
         for conn in idle:
             conn.close()
+
+
+def test_a_peer_has_the_live_streams_preamble_deadline_not_the_transfers_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The transfer's timeout bounds its disk's reads and writes (30 s by
+    # default); a preamble (at most 276 bytes) has stream_auth's deadline,
+    # as on the live streams: an unauthenticated peer holds a thread and a
+    # descriptor no longer than that.
+    monkeypatch.setattr(stream_auth, "PREAMBLE_TIMEOUT", 0.1)
+    listener = socket.create_server(("127.0.0.1", 0))
+    receiver = Receiver(listener, tmp_path / "incoming", timeout=600.0)
+    thread = threading.Thread(target=receiver.serve)
+    thread.start()
+    try:
+        with (
+            socket.create_connection(receiver.address, timeout=10) as silent,
+            silent.makefile("rb") as answers,
+        ):
+            assert answers.readline() == b"error: no preamble in time\n"
+            assert answers.readline() == b""  # and closed
+    finally:
+        receiver.close()
+        thread.join()
 
 
 def test_workers_of_the_first_version_are_told_why_on_both_ends(
