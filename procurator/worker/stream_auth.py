@@ -27,7 +27,9 @@ the VMM's stream is taken from it; a target reads exactly the preamble.
 
 The target (``Gate``) reads every connection's preamble without blocking
 on any one of them, each bounded by ``PREAMBLE_TIMEOUT`` after its accept
-and by its length: a peer that sends another token, garbage or nothing in
+(what arrived by the time the gate looks counts: its caller may be away
+between two ``accept`` calls past a connection's deadline) and by its
+length: a peer that sends another token, garbage or nothing in
 time is answered (when it sent something), dropped and logged, and the
 gate accepts on, so the right peer still gets through. Tokens are compared
 in constant time (``secrets.compare_digest``). At most ``MAX_PENDING``
@@ -217,6 +219,11 @@ class _Pending:
     deadline: float
     preamble: _Preamble = field(default_factory=_Preamble)
 
+    @property
+    def fd(self) -> int:
+        """Its key among the waiting (-1 once closed)."""
+        return self.conn.fileno()
+
 
 class Gate:
     """The target's side on ``listener`` (a listening TCP socket, which
@@ -264,7 +271,15 @@ class Gate:
         while True:
             now = time.monotonic()
             for pending in [p for p in self._pending.values() if p.deadline <= now]:
-                self._drop(pending, f"no preamble within {self._timeout:g} s")
+                # What it sent while nobody looked counts (the caller may
+                # be away between two accepts: a relay connecting its
+                # last peer to the VMM); only a preamble still short is
+                # late.
+                accepted = self._read_what_came(pending)
+                if accepted is not None:
+                    return accepted
+                if self._pending.get(pending.fd) is pending:
+                    self._drop(pending, f"no preamble within {self._timeout:g} s")
             if deadline is not None and deadline <= now:
                 return None
             waits = [p.deadline for p in self._pending.values()]
@@ -304,6 +319,16 @@ class Gate:
             self._drop(oldest, f"{self._max_pending} newer connections came before its preamble")
         conn.setblocking(False)
         self._pending[conn.fileno()] = _Pending(conn, peer, time.monotonic() + self._timeout)
+
+    def _read_what_came(self, pending: _Pending) -> socket.socket | None:
+        """``_read`` until ``pending`` has no more bytes waiting, is
+        dropped, or presented the token (returned)."""
+        while self._pending.get(pending.fd) is pending:
+            before = len(pending.preamble.data)
+            accepted = self._read(pending)
+            if accepted is not None or len(pending.preamble.data) == before:
+                return accepted
+        return None
 
     def _read(self, pending: _Pending) -> socket.socket | None:
         try:

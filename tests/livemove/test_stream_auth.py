@@ -158,6 +158,31 @@ def test_a_flood_of_silent_peers_cannot_keep_the_source_out(listener: socket.soc
         gate.close()
 
 
+def test_a_preamble_that_came_in_time_counts_when_the_gate_looks_late(
+    listener: socket.socket,
+) -> None:
+    # A relay with several peers (QEMU's disks) calls accept once per peer
+    # and connects each to the VMM in between (retrying for up to 10 s):
+    # a connection's preamble may sit unread past its deadline, through
+    # no fault of its source. It was dropped as silent.
+    gate = Gate(listener, TOKEN, what="test", timeout=0.1)
+    try:
+        with _connect(listener) as first, _connect(listener) as second:
+            first.sendall(preamble(TOKEN))
+            second.sendall(preamble(TOKEN))
+            accepted = gate.accept(_soon())
+            assert accepted is not None
+            accepted.close()
+            time.sleep(0.3)  # the relay away, past the second's deadline
+            accepted = gate.accept(_soon())
+            assert accepted is not None
+            accepted.close()
+            assert gate.dropped == 0
+            assert second.recv(3) == b"ok\n"
+    finally:
+        gate.close()
+
+
 def test_interrupt_ends_an_accept_and_is_harmless_after_close(listener: socket.socket) -> None:
     gate = Gate(listener, TOKEN, what="test")
     got: list[socket.socket | None] = []
