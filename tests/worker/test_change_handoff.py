@@ -98,3 +98,36 @@ async def test_a_burst_of_changes_reaches_trio_as_one_batch_in_order(tmp_path: P
             nursery.cancel_scope.cancel()
     finally:
         handler.close()
+
+
+async def test_changes_from_many_threads_at_once_all_arrive_each_threads_in_order(
+    tmp_path: Path,
+) -> None:
+    # Supervisor threads queue while a take is pending, while one runs and
+    # right after one emptied the queue: none may be lost (a change whose
+    # put saw a take pending must ride with a take that has yet to empty
+    # the queue) and each thread's changes keep their order.
+    publisher = Publisher()
+    handler = _handler(tmp_path / "state", publisher)
+    threads, each = 4, 250
+
+    def burst(thread: int) -> None:
+        for i in range(each):
+            event = VmEvent(f"vm-{thread}", EventKind.BOOTED, str(i))
+            handler._on_change(_observation(event.vm_id), event)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(handler.run)
+            async with trio.open_nursery() as bursts:
+                for thread in range(threads):
+                    bursts.start_soon(trio.to_thread.run_sync, burst, thread)
+            await trio.testing.wait_all_tasks_blocked()
+            got = [event for call in publisher.event_calls for event in call]
+            assert len(got) == threads * each
+            for thread in range(threads):
+                mine = [e.message for e in got if e.vm_id == f"vm-{thread}"]
+                assert mine == [str(i) for i in range(each)]
+            nursery.cancel_scope.cancel()
+    finally:
+        handler.close()
