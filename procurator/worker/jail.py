@@ -11,9 +11,9 @@ Parts:
   its socket closes, even after a SIGKILL of the worker).
 - ``Jail``: the policy made real for one worker. ``prepare`` is the jail's
   share of a launch (called by the VM's supervisor, under the VM's flock,
-  before the driver launches): the VM's uid slot (taken once, recorded in
-  ``vms/<id>/jail.json``), a fresh cgroup with the VM's limits, the VM's
-  writable directories given to its uid. It returns a ``VmJail``, which the
+  before the driver launches): the VM's uid slot (taken once, recorded by
+  the owner of ``vms/<id>/run``), a fresh cgroup with the VM's limits, the
+  VM's writable directories given to its uid. It returns a ``VmJail``, which the
   driver asks to spawn its VMM (``VmJail.spawn``: the driver adds what only
   it knows — its argv, its runtime files, its devices). ``inspect`` reads
   what a running VMM is really confined by (``Confinement``); ``release``
@@ -26,9 +26,9 @@ here): a read-only tmpfs root holding
 
 - the VM's writable directories, read-write: ``vms/<id>/run`` (API socket,
   event and log files, serial file) and ``vms/<id>/disks`` (its disk
-  copies). Not ``vms/<id>`` itself: ``vm.json``, ``handles.json`` and
-  ``jail.json`` there are the worker's, and a VMM that could rewrite them
-  could make the next worker run anything;
+  copies). Not ``vms/<id>`` itself: ``vm.json`` and ``handles.json``
+  there are the worker's, and a VMM that could rewrite them could make the
+  next worker run anything;
 - read-only: the store paths the VM's definition names (kernel, initramfs,
   read-only disks), the VMM's runtime files (``vmm.closure``);
 - ``/dev`` with ``null zero full random urandom`` and the devices the
@@ -52,11 +52,20 @@ else on the host. The worker never follows a symlink the VMM could have
 planted: writable directories are bound as directories (nothing inside them
 is resolved on the host), opened ``O_NOFOLLOW``.
 
-Uid slots: ``jail.json`` is written before the first launch (not fsynced:
-what it guards are processes, which do not outlive what an fsync protects
-against) and read back at start, so a VM keeps its uid across worker
-restarts and re-adoption, and no two VMs of a worker share one. A worker's
-range is its own: two workers on one host need different ``--vmm-uids``.
+Uid slots: the VM's run directory (``vms/<id>/run``) is given to its uid
+before the first launch, and its owner is the record of the VM's uid, read
+back at start (not fsynced: what it guards are processes, which do not
+outlive what an fsync protects against), so a VM keeps its uid across
+worker restarts and re-adoption, and no two VMs of a worker share one. The
+record cannot be forged by the VMM: a process that is not root cannot
+give a directory away, and ``vms/<id>`` (where ``run`` could be replaced)
+is root's. It needs no file of its own (issue 31: a new file is a new
+inode, tens to hundreds of us of a start's CPU on ext4 without a journal):
+releases before this one wrote ``vms/<id>/jail.json``, which is still read
+first where it exists. A slot taken and not yet given (a worker killed
+before the launch's ``_give``) is lost with the worker's memory: no VMM ran
+with it, so the VM's next launch takes a fresh one. A worker's range is its
+own: two workers on one host need different ``--vmm-uids``.
 
 Threads: every method is thread-safe. ``Jail._lock`` (a leaf) guards the
 slot table; ``Jail._runtime_lock`` the exposure of runtime files, held
@@ -103,7 +112,7 @@ from procurator.core.seccomp import baseline_filter
 from procurator.core.vmdef import VmDefinition
 from procurator.worker import cgroups
 from procurator.worker.cgroups import Cgroups, Placement
-from procurator.worker.state import write_json_atomic
+from procurator.worker.state import RUN_DIR
 from procurator.worker.vmm import process
 from procurator.worker.vmm.base import VmmError, VmmGone, VmmPaths, VmmRejected
 from procurator.worker.vmm.closure import store_path_of
@@ -123,6 +132,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: Where releases before the run directory's owner recorded a VM's uid
+#: (still read: see "Uid slots").
 JAIL_FILE = "jail.json"
 #: The jail's own syscall filter, under every VMM's (procurator.core.seccomp).
 _FILTER = baseline_filter()
@@ -566,16 +577,19 @@ class Jail:
     # -- slots ---------------------------------------------------------------------
 
     def _table(self) -> dict[str, int]:
-        """The slot table (caller holds ``_lock``), read from every VM's
-        ``jail.json`` the first time."""
+        """The slot table (caller holds ``_lock``), read the first time from
+        every VM's run directory's owner (or the ``jail.json`` an earlier
+        release wrote: see "Uid slots")."""
         if self._slots is None:
             slots: dict[str, int] = {}
-            for entry in sorted((self.state_dir / "vms").glob(f"*/{JAIL_FILE}")):
-                vm_id = entry.parent.name
-                try:
-                    uid = int(json.loads(entry.read_text())["uid"])
-                except (OSError, ValueError, KeyError, TypeError) as exc:
-                    log.warning("VM %s: %s unreadable (%s): it gets a new uid", vm_id, entry, exc)
+            try:
+                vm_dirs = sorted(os.scandir(self.state_dir / "vms"), key=lambda e: e.name)
+            except FileNotFoundError:
+                vm_dirs = []
+            for vm_dir in vm_dirs:
+                vm_id = vm_dir.name
+                uid = _recorded_uid(Path(vm_dir.path), vm_id)
+                if uid is None:
                     continue
                 slot = self.policy.slot_of(uid)
                 if slot is None:
@@ -613,14 +627,9 @@ class Jail:
                     )
                 table[vm_id] = slot
         if fresh:
-            uid = self.policy.uid(slot)
-            try:
-                write_json_atomic(vm_dir / JAIL_FILE, {"uid": uid, "gid": uid}, durable=False)
-            except ProcuratorError:
-                with self._lock:
-                    self._table().pop(vm_id, None)
-                raise
-            log.info("VM %s: runs as uid %s", vm_id, uid)
+            # Recorded by ``prepare``'s ``_give`` of the run directory, before
+            # any VMM of the VM runs with it.
+            log.info("VM %s: runs as uid %s", vm_id, self.policy.uid(slot))
         return slot
 
     # -- a launch ------------------------------------------------------------------
@@ -740,6 +749,28 @@ class Jail:
         if self._own_jailer:
             self.jailer.close()
         self.cgroups.close()
+
+
+def _recorded_uid(vm_dir: Path, vm_id: str) -> int | None:
+    """The uid recorded for the VM of ``vm_dir`` (see "Uid slots"): an
+    earlier release's ``jail.json``, else the owner of its run directory
+    when one was given (not root's: never given, or an ``--unconfined``
+    run's); None when there is none (a warning when a record is bad)."""
+    legacy = vm_dir / JAIL_FILE
+    try:
+        return int(json.loads(legacy.read_text())["uid"])
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("VM %s: %s unreadable (%s): it gets a new uid", vm_id, legacy, exc)
+        return None
+    try:
+        run = os.lstat(vm_dir / RUN_DIR)
+    except OSError:
+        return None  # no run directory (yet), or not a VM's directory at all
+    if not stat.S_ISDIR(run.st_mode) or run.st_uid == 0:
+        return None
+    return run.st_uid
 
 
 def _give(directory: Path, uid: int, gid: int) -> None:

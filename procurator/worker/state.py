@@ -4,7 +4,8 @@ Layout under ``<state_dir>``::
 
     vms/<vm_id>/vm.json        durable: the spec last applied (what the VM *is*)
     vms/<vm_id>/handles.json   transient: pid, start ticks, API socket, driver
-    vms/<vm_id>/jail.json      the VM's uid (procurator.worker.jail)
+    vms/<vm_id>/jail.json      the VM's uid, from releases before its run
+                               directory's owner recorded it (jail.py)
     vms/<vm_id>/run/api.sock   the VMM's socket, event, log and serial files:
         .../run/vmm.log ...    the only part of the VM's directory (with
                                its disk copies) a jailed VMM may write
@@ -13,7 +14,7 @@ Layout under ``<state_dir>``::
     owner.lock                 the state dir's owner lock (flock): the one
                                process managing its VMs holds it
 
-The records (``vm.json``, ``handles.json``, ``jail.json``) are the
+The records (``vm.json``, ``handles.json``) are the
 worker's alone: a VMM that could rewrite them could make the next worker
 launch anything, so they live beside ``run/``, never in it. (A VMM started
 by a release before ``run/`` keeps its socket where its handle says.)

@@ -176,7 +176,8 @@ def test_a_jailed_vmm_fails_every_escape_it_tries(
     assert a_paths.run_dir.stat().st_uid == uid
     assert (a_paths.run_dir / "mine").stat().st_uid == uid
     assert state.vm_dir("a").stat().st_uid == 0
-    assert json.loads((state.vm_dir("a") / JAIL_FILE).read_text())["uid"] == uid
+    # The run directory's owner is the uid's record: no file of its own.
+    assert not (state.vm_dir("a") / JAIL_FILE).exists()
 
 
 def test_a_limit_the_host_cannot_enforce_is_a_warning_event(
@@ -257,6 +258,29 @@ def test_the_cgroup_and_the_uid_go_with_the_vm(
     # The freed uid is the next VM's: uids stay dense.
     three = manager.ensure(VmSpec("three", "h1", definition()))
     assert jail.uid_of("three") == JailPolicy().uid_first and three.pid != two.pid
+
+
+def test_the_next_worker_reads_each_vms_uid_from_its_run_directory(state_dir: Path) -> None:
+    # Issue 31: a jail.json per VM was a new inode per start; the run
+    # directory, given to the VM's uid at every launch, records it already.
+    policy = JailPolicy()
+    first, second = policy.uid_first, policy.uid_first + 1
+    vms = state_dir / "vms"
+    for vm_id, owner in (("a-given", first), ("never-given", 0), ("b-same-uid", first)):
+        (vms / vm_id / "run").mkdir(parents=True)
+        os.chown(vms / vm_id / "run", owner, owner)
+    (vms / "older").mkdir()  # an earlier release's record: still read
+    (vms / "older" / JAIL_FILE).write_text(json.dumps({"uid": second, "gid": second}))
+    (vms / "broken").mkdir()
+    (vms / "broken" / JAIL_FILE).write_text("{")
+    jail = make_jail(state_dir)
+    try:
+        assert jail.uid_of("a-given") == first
+        assert jail.uid_of("older") == second
+        assert jail.uid_of("never-given") is None and jail.uid_of("broken") is None
+        assert jail.uid_of("b-same-uid") is None  # another VM's uid: it gets a new one
+    finally:
+        jail.close()
 
 
 def test_a_restart_gets_a_fresh_cgroup_and_the_same_uid(
