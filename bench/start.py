@@ -471,7 +471,7 @@ def _system_seconds(pid: int) -> float:
 def _new_file_cost(directory: Path, n: int = 100) -> float:
     """CPU seconds to create one empty file in ``directory`` (a fresh
     subdirectory of it, removed after): what each new inode of a start
-    (a record's temporary file, a directory, a lock file) costs on this
+    (a record's temporary file, a directory, a GC root link) costs on this
     filesystem. ext4 without a journal, as here, skips inodes deleted in
     the last minutes when it allocates one, so the figure grows with how
     many files the host recently deleted near ``directory``."""
@@ -616,7 +616,7 @@ def measure(run: Run) -> list[Row]:
                 f"(stime; ticks summed over {n} starts); the host holds {cgroups_on_host} "
                 "v1 cpu cgroups, each of which a VM's cpu quota write walks; one new file in "
                 f"the run's directory costs {new_file * 1e6:.0f} us of CPU here (its filesystem's "
-                "inode allocation: a start makes about ten)"
+                "inode allocation: a start makes eight)"
             ),
         ),
         Row(
