@@ -588,6 +588,8 @@ class Jail:
                 vm_dirs = []
             for vm_dir in vm_dirs:
                 vm_id = vm_dir.name
+                if not vm_dir.is_dir(follow_symlinks=False):
+                    continue  # not a VM's directory
                 uid = _recorded_uid(Path(vm_dir.path), vm_id)
                 if uid is None:
                     continue

@@ -273,12 +273,14 @@ def test_the_next_worker_reads_each_vms_uid_from_its_run_directory(state_dir: Pa
     (vms / "older" / JAIL_FILE).write_text(json.dumps({"uid": second, "gid": second}))
     (vms / "broken").mkdir()
     (vms / "broken" / JAIL_FILE).write_text("{")
+    (vms / "stray-file").write_text("not a VM's directory")
     jail = make_jail(state_dir)
     try:
         assert jail.uid_of("a-given") == first
         assert jail.uid_of("older") == second
         assert jail.uid_of("never-given") is None and jail.uid_of("broken") is None
         assert jail.uid_of("b-same-uid") is None  # another VM's uid: it gets a new one
+        assert jail.uid_of("stray-file") is None
     finally:
         jail.close()
 
