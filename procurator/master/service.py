@@ -574,6 +574,8 @@ class MasterService:
         # The moves under way after the move duty's last pass, and the
         # leadership it ran under (fleet_view shows them while it holds).
         self._moves_driven: tuple[Fence | None, tuple[Move, ...]] = (None, ())
+        # Set by a status report that speaks of a move (_drive_moves).
+        self._move_news = trio.Event()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -1940,6 +1942,10 @@ class MasterService:
                 self._sync_wake.set()
             worker.status = status
             worker.last_report_unix_ms = reported
+            if status.transfers:
+                # A move's side reported: the move duty may step at once
+                # (a live move's guest is down until its switch).
+                self._move_news.set()
             if confirms:
                 # Recomputed after the await: an apply may have taken a VM
                 # off again (its removal is pending at the new generation).
@@ -2466,7 +2472,21 @@ class MasterService:
     async def _drive_moves(self, fence: Fence) -> None:
         """Singleton duty: the next step of every move under way
         (``procurator.core.move.step``, ``procurator.master.move``), each
-        a generation (or a row) fenced by ``fence``."""
+        a generation (or a row) fenced by ``fence``. While a live move
+        migrates, each report of a move's side (``_move_news``) steps them
+        again at once, for up to the duty's interval: the guest is down
+        from the source's last pause until the switch."""
+        with trio.move_on_after(0.5):
+            while True:
+                self._move_news = trio.Event()
+                driven = await self._drive_moves_once(fence)
+                if not any(
+                    m.kind is MoveKind.LIVE and m.phase is MovePhase.MIGRATING for m in driven
+                ):
+                    return
+                await self._move_news.wait()
+
+    async def _drive_moves_once(self, fence: Fence) -> list[Move]:
         under_way = [m for m in await self._store.moves(limit=0) if not m.over]
         driven = []
         for move in under_way:
@@ -2480,6 +2500,7 @@ class MasterService:
                 driven.append(after)
         # What the exporter shows (fleet_view), while this master leads.
         self._moves_driven = (fence, tuple(driven))
+        return driven
 
     async def _step_move(self, fence: Fence, move: Move) -> Move:
         """One step of ``move``; the move as it is after it."""
@@ -2651,6 +2672,9 @@ class MasterService:
                 },
                 transfers=self._transfer_addresses(),
             )
+            # A target away for now (restarting, say) is waited for: moved
+            # live once it is back, rather than handed off meanwhile.
+            live = [h for h in live if (t := self._workers.get(h.target)) and t.connected]
             by_op: dict[str, tuple[list[Handoff], list[Handoff], list[Handoff]]] = {}
             for bucket, handoffs in enumerate((plan.complete, plan.cancel, plan.start)):
                 for h in handoffs:

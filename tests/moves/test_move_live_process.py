@@ -156,6 +156,7 @@ async def test_live_moves_end_done_or_failed_and_never_boot_the_vm_twice(
                     where = {target} if phases[-1] == "done" else set(WORKERS) - {target}
                     await until(control, lambda s, w=where: runs_on(s, "web-1") == w)
                 # A drain of the worker that runs it moves it live.
+                await until(control, lambda s: sum(w.connected for w in s.workers) == 2)
                 (holder,) = runs_on(await control.status(), "web-1")
                 other = (set(WORKERS) - {holder}).pop()
                 await move(other, drain=holder)
