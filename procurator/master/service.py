@@ -2659,6 +2659,10 @@ class MasterService:
             # goes on once the move has taken it off the drained worker.
             moving = {m.vm_id for m in under_way}
             plan.start = [h for h in plan.start if h.vm_id not in moving]
+            # A drain is not over while a move off its worker is (its VM
+            # left the worker's assignment at the switch; the move counts
+            # in the drain's progress once done).
+            plan.finished = [w for w in plan.finished if w not in {m.source for m in under_way}]
             # Live moves where both ends can (they never run the VM twice),
             # handoffs for the rest.
             live, plan.start = live_or_handoff(

@@ -159,10 +159,12 @@ async def test_live_moves_end_done_or_failed_and_never_boot_the_vm_twice(
                 await until(control, lambda s: sum(w.connected for w in s.workers) == 2)
                 (holder,) = runs_on(await control.status(), "web-1")
                 other = (set(WORKERS) - {holder}).pop()
-                await move(other, drain=holder)
+                await move(other, drain=holder)  # --wait: until the drain is done
                 await until(control, lambda s: runs_on(s, "web-1") == {other})
                 drained = [m for m in await control.moves("web-1") if m.source == holder]
                 assert drained[0].phase.value == "done" and drained[0].kind.value == "live"
+                (emptied,) = [w for w in (await control.status()).workers if w.worker_id == holder]
+                assert emptied.mode is not None and emptied.mode.moved == 1, emptied.mode
                 twice = [s for s in samples if len(s) > 1]
                 assert twice == [] and len(samples) > 10, twice
                 # Leave no VMM behind: remove every VM through the product.
