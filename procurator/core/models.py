@@ -172,7 +172,7 @@ class DiskTransfer:
     vm_id: str
     op_id: str
     receive: bool
-    token: str
+    token: str = field(repr=False)  # a credential: never in a repr, a log or an error
     peer: str = ""
     # A live move's (docs/SNAPSHOTS.md, "Live moves"): the target launches
     # ``incoming`` (the VM as its source's assignment has it, until the

@@ -173,8 +173,9 @@ class Move:
     generation: int = 0
     updated_unix_ms: int = 0
     reason: str = ""
-    # The transfer's one-time token (set when it begins; never shown).
-    token: str = ""
+    # The transfer's one-time token (set when it begins; never shown,
+    # not even in a repr that a log or an error message formats).
+    token: str = dataclasses.field(default="", repr=False)
     # Shown only (never stored): how far a transfer is, "N%" of the bytes.
     progress: str = ""
     # The VM's image when the move was asked for: what the target prepares.

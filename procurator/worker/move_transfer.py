@@ -76,7 +76,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from procurator.core.errors import PermanentError, TemporaryError
@@ -308,7 +308,7 @@ class Expected:
 
     vm_id: str
     op_id: str
-    token: str
+    token: str = field(repr=False)  # a credential: never in a repr, a log or an error
 
 
 class Receiver:

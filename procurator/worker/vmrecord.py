@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from procurator.core.errors import ProcuratorError
@@ -58,7 +58,7 @@ class Incoming:
     op_id: str
     memory: tuple[str, int]
     disks: tuple[str, int] | None
-    token: bytes
+    token: bytes = field(repr=False)  # a credential: never in a repr, a log or an error
 
     def to_json(self) -> dict[str, Any]:
         return {
