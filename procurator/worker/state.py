@@ -24,7 +24,10 @@ Why the split: ``vm.json`` says what should exist and survives anything;
 without re-checking it against the OS (is that pid alive, with that start
 time?). Both are written atomically (temporary file, rename), so a crash
 leaves either the old or the new content. Only ``vm.json`` is also made
-durable (fsync of the file and of the directory, ~7 ms here): ``handles.json``
+durable (fsync of the file and of the directory, ~7 ms here, and of each
+directory made for it into its parent — a new VM's ``vms/<id>`` into
+``vms/`` — so the record cannot be lost with its directory:
+``procurator.durable``): ``handles.json``
 describes processes, and whatever takes a write out of the page cache before
 it reaches the disk — a power loss, a kernel crash — takes those processes
 with it. A worker that merely dies (even by SIGKILL) sees every renamed file,
@@ -89,6 +92,7 @@ from typing import Any
 
 from procurator.core.errors import PermanentError, ProcuratorError, TemporaryError
 from procurator.core.validation import check_vm_id
+from procurator.durable import fsync_dir, make_dirs
 from procurator.worker.vmm.base import VmmHandle, VmmPaths
 
 __all__ = [
@@ -136,11 +140,15 @@ class StateLockedError(VmLockedError):
 def write_json_atomic(path: Path, data: Mapping[str, Any], *, durable: bool = True) -> None:
     """Replace ``path`` with ``data`` as JSON so that a crash at any moment
     leaves either the old or the new file, never a torn one; ``durable``
-    also survives a power loss (fsync of the file and its directory)."""
+    also survives a power loss (fsync of the file, of its directory and of
+    every directory made for it: ``procurator.durable.make_dirs``)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     payload = json.dumps(data, indent=2, sort_keys=True).encode() + b"\n"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if durable:
+            make_dirs(path.parent)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             view = memoryview(payload)
@@ -152,19 +160,11 @@ def write_json_atomic(path: Path, data: Mapping[str, Any], *, durable: bool = Tr
             os.close(fd)
         os.replace(tmp, path)
         if durable:
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise StateWriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -305,7 +305,7 @@ class StateDir:
         self.locks_dir = root / "locks"
 
     def prepare(self) -> None:
-        self.vms_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.vms_dir)  # holds the VMs' durable records
         self.locks_dir.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
@@ -524,7 +524,7 @@ class StateDir:
         except OSError as exc:
             raise StateError(f"cannot remove {vm_dir}: {exc.strerror}") from exc
         with contextlib.suppress(FileNotFoundError):
-            _fsync_dir(self.vms_dir)
+            fsync_dir(self.vms_dir)
         lock.release_and_unlink()
 
     @staticmethod
