@@ -26,6 +26,8 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
+from procurator.durable import fsync_dir
+
 __all__ = ["CopyMethod", "clone_or_copy", "remove_partials"]
 
 CopyMethod = Literal["reflink", "copy"]
@@ -51,7 +53,7 @@ def clone_or_copy(source: Path, target: Path, *, allow_reflink: bool = True) -> 
             method = _fill(src.fileno(), dst.fileno(), allow_reflink=allow_reflink)
             os.fsync(dst.fileno())
         os.link(partial, target)  # never replaces: FileExistsError if present
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)
@@ -122,11 +124,3 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
     while view:
         written = os.pwrite(fd, view, offset)
         view, offset = view[written:], offset + written
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

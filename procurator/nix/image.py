@@ -56,6 +56,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from procurator import durable
 from procurator.core.confinement import (
     Confined,
     DiskCopy,
@@ -316,7 +317,9 @@ class ImageManager:
         disks: list[Path] = []
         try:
             if copies:
-                disk_dir.mkdir(parents=True, exist_ok=True)
+                # disks/ and disks/<image> may be new: names the copies
+                # (the guest's data) depend on after a power loss.
+                durable.make_dirs(disk_dir)
                 remove_partials(disk_dir)
             for copy in copies:
                 target = Path(copy.target)
@@ -363,6 +366,7 @@ class ImageManager:
             os.rename(source, target)
         except FileNotFoundError:
             return False
+        durable.fsync_dir(target.parent)  # its new name: the guest writes into it next
         log.info("VM %s: %s is the disk copy its move brought", vm_id, target.name)
         return True
 

@@ -36,6 +36,7 @@ from procurator.core.models import (
     WorkerStatus,
 )
 from procurator.core.status import StatusChanges
+from procurator.durable import make_dirs
 from procurator.worker.link import LinkSettings, MasterDialer, MasterLink
 
 __all__ = [
@@ -141,7 +142,8 @@ async def run_worker(
     ``task_status.started`` gets the link (ready at once; it connects in
     the background)."""
     try:
-        await trio.Path(state_dir).mkdir(parents=True, exist_ok=True)
+        # Durably: every VM's record lives under it (procurator.durable).
+        await trio.to_thread.run_sync(make_dirs, Path(state_dir))
     except OSError as exc:
         raise PermanentError(f"worker state dir {state_dir}: {exc}") from exc
     handler: AssignmentHandler | None = None

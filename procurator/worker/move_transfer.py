@@ -36,7 +36,9 @@ expects, with the one-time token the master gave both sides
 that op is answered ``ok`` at once (a source that lost the first answer
 sends again: idempotent). Nothing half-written is ever used: files go to
 ``incoming/.<vm>.<op>.<random>.partial/`` (one per connection), each is
-fsynced and checked, and the whole set is renamed to ``incoming/<vm>/``
+fsynced and checked, and the whole set (its ``op`` file and its
+directories fsynced too, and ``incoming/`` made durably:
+``procurator.durable``) is renamed to ``incoming/<vm>/``
 (replacing an older op's set) only when complete; ``op`` in it names the
 op. ``procurator.nix.image`` renames the copies into the VM's disk
 directory at its first prepare after the switch, only when that op is the
@@ -79,6 +81,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from procurator import durable
 from procurator.core.errors import PermanentError, TemporaryError
 from procurator.core.validation import REQUEST_ID_RE, STORE_DIR, STORE_PATH_RE, VM_ID_RE
 from procurator.worker import stream_auth
@@ -344,7 +347,7 @@ class Receiver:
         # Those of _conns still waiting for their preamble, oldest first:
         # one makes room for a new connection past MAX_CONNECTIONS.
         self._waiting: dict[socket.socket, object] = {}
-        incoming.mkdir(parents=True, exist_ok=True)
+        durable.make_dirs(incoming)  # the received sets are durable state
         for stale in incoming.glob(".*.partial"):
             shutil.rmtree(stale, ignore_errors=True)
 
@@ -570,12 +573,15 @@ class Receiver:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 _receive_file(stream, path, name, size)
             (partial / "op").write_text(op_id + "\n")
+            # The set's names (its files in their directories, "op") are
+            # as durable as the files' bytes before the set is renamed in.
+            durable.fsync_tree(partial)
             final = self._incoming / vm_id
             with self._storing:
                 if self.received(vm_id) != op_id:  # else the other connection's is stored
                     shutil.rmtree(final, ignore_errors=True)
                     partial.rename(final)
-                    _fsync_dir(self._incoming)
+                    durable.fsync_dir(self._incoming)
         finally:
             shutil.rmtree(partial, ignore_errors=True)  # gone once renamed
         with self._lock:
@@ -609,11 +615,3 @@ def _receive_file(stream: object, path: Path, name: str, size: int) -> None:
     sent = _read_line(stream, 64)
     if not secrets.compare_digest(sent, digest.hexdigest()):
         raise TransferError(f"{name}: sha256 {digest.hexdigest()} is not the source's {sent[:64]}")
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -61,6 +61,7 @@ from pathlib import Path
 
 import trio
 
+from procurator import durable
 from procurator.core.errors import (
     NotFoundError,
     PermanentError,
@@ -198,12 +199,18 @@ class SnapshotService:
         partial = directory / f".{name}.partial"
         try:
             shutil.rmtree(partial, ignore_errors=True)
+            # snapshots/ (and snapshots/<vm>) may be new: each a name the
+            # renamed snapshot's own depends on.
+            durable.make_dirs(directory)
             (partial / _DISKS).mkdir(parents=True, mode=0o700)
             started = time.monotonic()
             created_ms = int(self.wall_clock() * 1000)
             self._save(ctx, partial, disks)
             seconds = time.monotonic() - started
-            size = _flush_tree(partial)
+            # Every file (the VMM's state is written without fsync) and
+            # every directory of the set: the metadata written next must
+            # never name state a power loss could cut short.
+            size = durable.fsync_tree(partial)
             # Its real size against the quotas: the estimate may be short
             # (a VMM's state beyond the guest's memory).
             existing = self.list()
@@ -222,6 +229,7 @@ class SnapshotService:
             )
             write_json_atomic(partial / _META, info.to_json())
             partial.rename(final)
+            durable.fsync_dir(directory)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
@@ -399,22 +407,6 @@ def _size_of(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
-
-
-def _flush_tree(root: Path) -> int:
-    """Make every file under ``root`` durable (``fsync``: the VMM's state
-    is written without it, and the metadata written next must never name
-    state a power loss could cut short); return their apparent bytes."""
-    total = 0
-    for folder, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-                total += os.fstat(fd).st_size
-            finally:
-                os.close(fd)
-    return total
 
 
 def _make_owned_like(directory: Path, parent: Path) -> None:
