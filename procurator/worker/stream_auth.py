@@ -38,7 +38,15 @@ the place of the one waiting longest, which is dropped (were the new one
 dropped instead, ``MAX_PENDING`` silent peers renewed every
 ``PREAMBLE_TIMEOUT`` would keep the source out for good; the source
 presents its token as it connects, so a flood must fill every place
-within that one round trip to push it out).
+within that one round trip to push it out). An ``accept(2)`` that fails
+for want of a resource or for a connection that went away before it was
+taken (``TRANSIENT_ACCEPT_ERRORS``: EMFILE, ENFILE, ENOBUFS, ENOMEM,
+ECONNABORTED, EPROTO, EINTR) is logged and tried again after a backoff
+(``ACCEPT_BACKOFF`` doubling to ``MAX_ACCEPT_BACKOFF``; the listener is not
+polled meanwhile, lest a connection the kernel holds in the backlog spin
+the gate): the source retries nothing while its connection waits there.
+Any other error ends ``accept`` with ``AcceptFailed``, naming the stream
+and the reason.
 
 The cold disk transfer (``procurator.worker.move_transfer``) opens with
 the same preamble, read by a thread per connection (``read_token``, by
@@ -53,6 +61,7 @@ time (``interrupt`` from any thread, also after ``close``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import secrets
@@ -65,12 +74,16 @@ from dataclasses import dataclass, field
 from procurator.core.errors import TemporaryError
 
 __all__ = [
+    "ACCEPT_BACKOFF",
     "ANOTHER_VERSION",
     "MAGIC",
+    "MAX_ACCEPT_BACKOFF",
     "MAX_PENDING",
     "MAX_TOKEN_BYTES",
     "MIN_TOKEN_BYTES",
     "PREAMBLE_TIMEOUT",
+    "TRANSIENT_ACCEPT_ERRORS",
+    "AcceptFailed",
     "Gate",
     "StreamRefused",
     "accept",
@@ -89,6 +102,22 @@ MAX_TOKEN_BYTES = 255
 PREAMBLE_TIMEOUT = 5.0
 #: Connections waiting for their preamble at once; more are dropped.
 MAX_PENDING = 16
+#: Errors of ``accept(2)`` a gate waits out (see the module docstring).
+TRANSIENT_ACCEPT_ERRORS = frozenset(
+    {
+        errno.EMFILE,
+        errno.ENFILE,
+        errno.ENOBUFS,
+        errno.ENOMEM,
+        errno.ECONNABORTED,
+        errno.EPROTO,
+        errno.EINTR,
+    }
+)
+#: Seconds before a gate accepts again after the first transient error,
+#: doubled by each one in a row up to ``MAX_ACCEPT_BACKOFF``.
+ACCEPT_BACKOFF = 0.05
+MAX_ACCEPT_BACKOFF = 1.0
 ACCEPTED = b"ok\n"
 # What every version's streams open with (the cold transfer's first
 # version: ``PROCURATOR-MOVE 1``): a stream that differs after it comes
@@ -107,6 +136,15 @@ _HEADER = len(MAGIC) + 1
 class StreamRefused(TemporaryError):
     """The target refused the connection's preamble, or the connection
     failed before it answered; the message says why."""
+
+
+class AcceptFailed(OSError):
+    """A gate's listener failed with an error that waiting does not mend
+    (not one of ``TRANSIENT_ACCEPT_ERRORS``); the message names the stream
+    and the reason, ``errno`` is the listener's."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # the message, without "[Errno n]"
 
 
 def preamble(token: bytes) -> bytes:
@@ -249,6 +287,10 @@ class Gate:
         self._pending: dict[int, _Pending] = {}
         #: Peers dropped so far (wrong token, garbage, silence), for tests and logs.
         self.dropped = 0
+        # After a transient accept error: not before this (monotonic)
+        # does the gate accept again, nor poll its listener.
+        self._accept_not_before = 0.0
+        self._backoff = 0.0
         self._wake_r, self._wake_w = os.pipe()
         # Leaf: ``interrupt`` never writes to a pipe ``close`` closed (its
         # descriptor number may be someone else's by then).
@@ -264,7 +306,8 @@ class Gate:
 
     def accept(self, deadline: float | None = None) -> socket.socket | None:
         """The next authenticated connection (blocking, no timeout), or None
-        once ``interrupt`` was called or ``deadline`` (monotonic) passed."""
+        once ``interrupt`` was called or ``deadline`` (monotonic) passed.
+        Raises ``AcceptFailed`` when the listener fails for good."""
         if self._closed:
             return None
         self._listener.setblocking(False)
@@ -285,10 +328,14 @@ class Gate:
             waits = [p.deadline for p in self._pending.values()]
             if deadline is not None:
                 waits.append(deadline)
+            listening = self._accept_not_before <= now
+            if not listening:
+                waits.append(self._accept_not_before)
             wait = None if not waits else max(int((min(waits) - now) * 1000) + 1, 1)
             poller = select.poll()
             poller.register(self._wake_r, select.POLLIN)
-            poller.register(self._listener, select.POLLIN)
+            if listening:
+                poller.register(self._listener, select.POLLIN)
             for fd in self._pending:
                 poller.register(fd, select.POLLIN)
             for fd, _ in poller.poll(wait):
@@ -306,8 +353,24 @@ class Gate:
     def _accept_one(self) -> None:
         try:
             conn, address = self._listener.accept()
-        except (BlockingIOError, InterruptedError):
+        except BlockingIOError:
             return
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            if exc.errno not in TRANSIENT_ACCEPT_ERRORS:
+                raise AcceptFailed(
+                    exc.errno, f"{self._what}: cannot accept connections: {reason}"
+                ) from exc
+            self._backoff = min(max(self._backoff * 2, ACCEPT_BACKOFF), MAX_ACCEPT_BACKOFF)
+            self._accept_not_before = time.monotonic() + self._backoff
+            log.warning(
+                "%s: cannot accept a connection (%s): trying again in %g s",
+                self._what,
+                reason,
+                self._backoff,
+            )
+            return
+        self._backoff = 0.0
         peer = _describe(address)
         if len(self._pending) >= self._max_pending:
             # The oldest makes room, not the newest: dropping the newest

@@ -692,14 +692,20 @@ class _IncomingMove:
         return self._gate.dropped + (self.nbd.dropped if self.nbd is not None else 0)
 
     def _run(self) -> None:
+        target = self._driver._target(self._handle)
         try:
             connection = self._gate.accept()
+        except OSError as exc:  # the listener failed for good (AcceptFailed)
+            # finish_incoming tells this, not "no peer presented the token".
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            self.error = f"cannot accept on the memory port: {reason}"
+            log.warning("%s: %s", target, self.error)
+            return
         finally:
             self._gate.close()
             self._listener.close()
         if connection is None:
             return  # closed before the source came
-        target = self._driver._target(self._handle)
         try:
             deadline = time.monotonic() + _HAND_OVER_TIMEOUT
             with self._driver._session(self._handle, deadline) as session:
@@ -1175,7 +1181,13 @@ class QemuDriver:
             handle = self._start(
                 definition, paths, timeout=timeout, jail=jail, state=None, incoming=incoming
             )
-            move = _IncomingMove(self, handle, memory_socket, token, nbd)
+            try:
+                move = _IncomingMove(self, handle, memory_socket, token, nbd)
+            except BaseException:
+                # Nobody would ever hand the QEMU just started its state,
+                # nor stop it: stopped as a launch that failed is.
+                process.abort_launch(handle)
+                raise
         except BaseException:
             memory_socket.close()
             if nbd is not None:
