@@ -592,7 +592,7 @@ class InstrumentedStore:
 _UNTIMED = frozenset({"aclose", "open", "watch"})
 
 
-def _put_move(fence: object, move: Move, before: Move) -> tuple[Move, Move]:
+def _put_move(fence: object, move: Move, before: Move, **_: Any) -> tuple[Move, Move]:
     return move, before
 
 

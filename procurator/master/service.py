@@ -2520,7 +2520,24 @@ class MasterService:
             if plan is None:
                 return move
             if not plan.changes:
-                await self._store.put_move(fence, plan.move, move)
+                # A move off a draining worker counts in the drain's
+                # progress in the transaction that ends it done: a drain
+                # pass in between would see no move under way, the worker
+                # empty, and end the drain without it.
+                drained = self._workers.get(move.source)
+                mode = drained.mode if drained is not None else None
+                drain = (
+                    mode.op_id
+                    if step.action is MoveAction.DONE
+                    and mode is not None
+                    and mode.state is WorkerState.DRAINING
+                    and move.started_unix_ms >= mode.since_unix_ms
+                    else ""
+                )
+                await self._store.put_move(fence, plan.move, move, drain=drain)
+                if drain:
+                    self._dirty_workers.add(move.source)
+                    self._sync_wake.set()
                 generation = self._generation
                 diffs: list[WorkerDiff] = []
                 after = plan.move
@@ -2548,22 +2565,6 @@ class MasterService:
                 self._moves_cache = (generation, others if after.over else (*others, after))
         failed = step.action is MoveAction.FAIL
         logger.log(logging.WARNING if failed else logging.INFO, "%s", plan.message)
-        drained = self._workers.get(move.source)
-        mode = drained.mode if drained is not None else None
-        if (
-            step.action is MoveAction.DONE
-            and mode is not None
-            and mode.state is WorkerState.DRAINING
-            and move.started_unix_ms >= mode.since_unix_ms
-        ):
-            # A VM off a draining worker: the drain's progress (counted once
-            # the row says done; a leader killed in between undercounts).
-            try:
-                if await self._store.drain_moved(fence, move.source, mode.op_id):
-                    self._dirty_workers.add(move.source)
-                    self._sync_wake.set()
-            except UnavailableError as exc:
-                logger.warning("drain %s: the move's VM not counted: %s", mode.op_id, exc)
         if diffs:
             with log_context(generation=generation):
                 self._push_diffs(diffs, generation)

@@ -7,6 +7,7 @@ instead."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from livesim import LiveSim
 
 from procurator.core.drain import Handoff, ModeAction, WorkerMode
 from procurator.core.models import Fleet, UnpinnedVm, VmAssignment, WorkerInfo, WorkerState
-from procurator.core.move import Move, MoveKind, MovePhase
+from procurator.core.move import Move, MoveKind, MovePhase, advance
 from procurator.master.drain import live_or_handoff
 from procurator.master.service import MasterService
 from procurator.master.store import Fence, FencedError, FleetStore, Store
@@ -106,3 +107,70 @@ async def test_the_store_counts_a_vm_a_drain_moved_off_its_worker(store: Store) 
     assert mode is not None and mode.moved == 1 and mode.state is WorkerState.DRAINING
     with pytest.raises(FencedError):
         await store.drain_moved(Fence("leader", "m0", 0), "host-a", "op-d")
+    # A move ending done counts in the drain in the same transaction.
+    move = Move("v1", "host-a", "host-b", MoveKind.LIVE, MovePhase.PENDING, "op-m", 2, 10_000)
+    await store.start_move(move)
+    switching = dataclasses.replace(move, phase=MovePhase.SWITCHING)
+    await store.put_move(fence, switching, move, drain="op-d")  # not done: not counted
+    await store.put_move(
+        fence, advance(switching, MovePhase.DONE, now_ms=3), switching, drain="op-d"
+    )
+    mode = (await store.worker("host-a")).mode
+    assert mode is not None and mode.moved == 2
+
+
+class _SlowDrainCount:
+    """The master's store (our port), except that a drain's count of a
+    move, written on its own after the move's row said done, waits until
+    the drain duty has had its chance to end the drain (bounded): the
+    window between the two writes, made wide."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.drain_ended = trio.Event()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+    async def update_drain(
+        self, fence: Fence, worker_id: str, op_id: str, *, blocked: str = "", finished: bool = False
+    ) -> bool:
+        ended = await self._store.update_drain(
+            fence, worker_id, op_id, blocked=blocked, finished=finished
+        )
+        if finished:
+            self.drain_ended.set()
+        return ended
+
+    async def drain_moved(self, fence: Fence, worker_id: str, op_id: str) -> bool:
+        with trio.move_on_after(5):
+            await self.drain_ended.wait()
+        return await self._store.drain_moved(fence, worker_id, op_id)
+
+
+async def test_a_drain_that_ends_as_its_last_move_is_done_counts_that_move(
+    tmp_path: Path,
+) -> None:
+    # The move's row said done, then (a write apart) the drain counted it:
+    # a drain pass in between saw no move under way and the worker empty,
+    # and ended the drain '0 VM(s) moved'; the count came too late.
+    async with await FleetStore.open(tmp_path / "m.db") as opened, trio.open_nursery() as nursery:
+        store = _SlowDrainCount(opened)
+        service = MasterService(store, push_timeout=1.0, worker_lease=60, leader_lease=1.0)  # type: ignore[arg-type]
+        await nursery.start(service.run)
+        a = LiveSim(service, "host-a", sends="sent")
+        await a.start(nursery)
+        await service.apply(Fleet((), (web("web-1"),)))
+        b = LiveSim(service, "host-b")
+        await b.start(nursery)
+        await service.change_worker_mode("host-a", ModeAction.DRAIN, 1)
+        with trio.fail_after(60):  # a hang guard
+            while True:
+                status = await service.fleet_status()
+                (drained,) = [w for w in status.workers if w.worker_id == "host-a"]
+                if drained.mode is not None and drained.mode.state is WorkerState.CORDONED:
+                    break
+                await trio.sleep(0.02)
+        assert [m.phase for m in await service.moves()] == [MovePhase.DONE]
+        assert (drained.mode.moved, drained.mode.total) == (1, 1), drained.mode
+        nursery.cancel_scope.cancel()

@@ -308,9 +308,9 @@ class SqlStore(abc.ABC):
     async def moves(self, vm_id: str | None = None, limit: int = 20) -> tuple[Move, ...]:
         return await self._read(lambda tx: _sql.moves(tx, vm_id, limit), "read moves")
 
-    async def put_move(self, fence: Fence, move: Move, before: Move) -> None:
+    async def put_move(self, fence: Fence, move: Move, before: Move, *, drain: str = "") -> None:
         await self._write(
-            lambda tx: _sql.put_move(tx, fence, move, before), f"record move {move.op_id}"
+            lambda tx: _sql.put_move(tx, fence, move, before, drain), f"record move {move.op_id}"
         )
 
     async def commit_move(

@@ -1084,13 +1084,17 @@ def drain_moved(tx: Tx, fence: Fence, worker_id: str, op_id: str) -> bool:
     """Fenced: drain ``op_id`` of ``worker_id`` has one more VM off the
     worker (a move ended: ``procurator.master.drain``, live moves). False
     when that drain is no longer the worker's (nothing written)."""
+    counted = _count_drained(tx, worker_id, op_id)
+    check_fence(tx, fence)
+    return counted
+
+
+def _count_drained(tx: Tx, worker_id: str, op_id: str) -> bool:
     mode = _modes(tx, worker_id).get(worker_id)
     if mode is None or mode.op_id != op_id or mode.state is not WorkerState.DRAINING:
-        check_fence(tx, fence)
         return False
     _bump(tx, worker_id)
     _put_mode(tx, worker_id, dataclasses.replace(mode, moved=mode.moved + 1))
-    check_fence(tx, fence)
     return True
 
 
@@ -1284,8 +1288,10 @@ def _put_move(tx: Tx, move: Move, before: Move) -> None:
         )
 
 
-def put_move(tx: Tx, fence: Fence, move: Move, before: Move) -> None:
+def put_move(tx: Tx, fence: Fence, move: Move, before: Move, drain: str = "") -> None:
     _put_move(tx, move, before)
+    if drain and move.phase is MovePhase.DONE:
+        _count_drained(tx, move.source, drain)
     check_fence(tx, fence)
 
 

@@ -300,10 +300,14 @@ class Store(Protocol):
         newest first (of one VM when ``vm_id`` is given)."""
         ...
 
-    async def put_move(self, fence: Fence, move: Move, before: Move) -> None:
+    async def put_move(self, fence: Fence, move: Move, before: Move, *, drain: str = "") -> None:
         """A leader's duty (fenced): ``move`` replaces ``before`` (its
         phase, generation, reason), compare-and-set: ``ProcuratorError``
-        when the stored move is not ``before`` any more."""
+        when the stored move is not ``before`` any more. ``drain``: the op
+        id of the drain of the move's source that a move ending ``done``
+        counts in (as ``drain_moved``, in the same transaction: a drain
+        never sees the move over and not counted; nothing when that drain
+        is over already)."""
         ...
 
     async def commit_move(
