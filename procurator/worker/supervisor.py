@@ -399,10 +399,17 @@ class VmSupervisor:
         exits by itself) is stopped without its API and the VM held until
         the switch removes it. Not sent (the mark written before the
         migration began, found by a restarted worker): a VMM that still runs
-        kept the VM (the migration did not complete, or was undone), so it
-        goes on here and the mark goes; with none, the guest may run on the
-        target now, so the VM is held until the move ends (``JobContext.
-        moved_out`` clears the mark of a move that failed)."""
+        may still be migrating, paused at the switchover or even after a
+        completed migration (the undo died with the old worker's call), so
+        the migration is abandoned first (``abandon_migration``: cancelled,
+        the guest let run), then the VM goes on here and the mark goes.
+        Safe: the target's guest runs only at the switch, which needs the
+        "sent" this worker now never reports for that migration. If that
+        fails the VM is not claimed running: reported failed, held with its
+        mark, and tried again after the health interval. With no VMM, the
+        guest may run on the target now, so the VM is held until the move
+        ends (``JobContext.moved_out`` clears the mark of a move that
+        failed)."""
         if not self.moved_out_read:
             self.moved_out_read = True
             self.moved_out = self._read_moved_out()
@@ -412,6 +419,18 @@ class VmSupervisor:
         if not self.facts.adopted:
             self._adopt()
         if self.handle is not None and not out.sent and self._alive():
+            try:
+                # A cancel and the mirrors' take more than one API call.
+                self.driver.abandon_migration(self.handle, timeout=self.t.boot)
+            except (VmmError, VmmRejected) as exc:
+                why = (
+                    f"the worker stopped while moving it live (move {out.op_id}) and the "
+                    f"migration cannot be undone: {_describe(exc)}; held, tried again"
+                )
+                log.warning("VM %s: %s", self.vm.vm_id, why)
+                self._publish(Phase.FAILED, why, outcome=exc)
+                self._wait(self.m.clock() + self.t.health_interval)
+                return True
             log.info("VM %s: move %s did not take it: it runs on here", self.vm.vm_id, out.op_id)
             self._mark_moved_out(None)
             return False

@@ -446,6 +446,27 @@ class VmmDriver(Protocol):
         VM)."""
         ...
 
+    def abandon_migration(self, handle: VmmHandle, *, timeout: float) -> None:
+        """A migration this VMM may have been left in by a worker that
+        stopped during ``send_migration`` (its undo lived in the call that
+        died): cancel it, remove what the move set up (mirror jobs, their
+        nodes), and let the guest run here again if the move's migration
+        paused it, even one that completed (the device state sent, the
+        target's VMM loaded it: its guest has not run, see below). A
+        no-op when the VMM holds no such migration (a guest paused for
+        another reason stays paused). Raises ``VmmError`` when it cannot
+        (the guest may then still be paused), ``VmmGone`` if the VMM is.
+
+        Safe to resume because the target's guest never runs before
+        ``finish_incoming``, which only the move's switch calls, and the
+        master switches only once this source reported the move ``sent``:
+        the caller (a restarted worker) never reports it for the migration
+        it abandons (its ``moved-out.json`` is cleared as the guest runs on
+        here; only a new ``send_migration`` that completes, stopping this
+        guest again, could report ``sent``), so that move fails at its
+        deadline and the target's VMM is stopped unrun."""
+        ...
+
     def close(self) -> None:
         """Release what the driver holds for its VMMs (connections); the
         VMMs keep running."""

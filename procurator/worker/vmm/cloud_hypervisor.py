@@ -550,6 +550,15 @@ class CloudHypervisorDriver:
         if progress is not None:
             progress(relay.sent, relay.sent)
 
+    def abandon_migration(self, handle: VmmHandle, *, timeout: float) -> None:
+        """Nothing to do: the stream of ``vm.send-migration`` goes through
+        the worker's relay (``unix:`` to a socket of this process), so a
+        worker that stops in the call breaks it, and cloud-hypervisor
+        fails the send and resumes the VM it paused for the last pass
+        (``send_migration``); one that completed exited (the caller finds
+        no VMM). A VM paused for another reason stays paused."""
+        del handle, timeout
+
     def _keep_running(self, handle: VmmHandle, failure: VmmError | VmmRejected) -> None:
         """After a failed send: the VM runs again (cloud-hypervisor resumes
         it itself; this makes sure). What goes wrong here is added to

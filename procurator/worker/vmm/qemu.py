@@ -53,7 +53,10 @@ Why it is shaped this way, and what always holds:
   migrates with ``pause-before-switchover``, so the mirrors are completed
   in sync while the guest is stopped and before the device state goes: the
   target never holds memory newer than its disks. A failure undoes the
-  source's side in a session of its own, and the guest runs on there.
+  source's side in a session of its own, and the guest runs on there. A
+  worker that stopped in the call leaves QEMU migrating, or paused at the
+  switchover, or ``postmigrate``: the restarted worker's
+  ``abandon_migration`` undoes that from what QEMU reports (``_abandon``).
 
 Processes (launch, waiting for QMP, stopping a failed launch, stale
 sockets, log tails) are the shared mechanics of
@@ -759,6 +762,13 @@ class _Outgoing:
         self._total = 0  # the whole transfer's bytes as last reported
 
     def run(self, memory: Address, disks: Address | None) -> None:
+        if self.to_switchover(memory, disks):
+            self.switch_over()
+
+    def to_switchover(self, memory: Address, disks: Address | None) -> bool:
+        """The move up to the switchover: True when QEMU waits there (the
+        guest stopped, its memory sent, the mirrors in sync), False when
+        the migration completed (no mirrors: nothing to wait for)."""
         session = self._session
         if disks is not None:
             for dev_id in self._writable_disks():
@@ -779,10 +789,16 @@ class _Outgoing:
         if not self._mirrors:
             self._follow_migration("completed")
             self._report(self._total, self._total)
-            return
+            return False
         # The guest is stopped and its memory sent; the device state waits
         # until the disks' last writes are on the target.
         self._follow_migration("pre-switchover")
+        return True
+
+    def switch_over(self) -> None:
+        """From the switchover: the mirrors completed in sync and removed,
+        then the device state sent (``migrate-continue``)."""
+        session = self._session
         jobs = self._our_jobs()
         for job_id in self._jobs:
             if jobs.get(job_id, {}).get("status") != "ready":
@@ -958,6 +974,71 @@ class _Outgoing:
             session.close()
         log.info("%s: the failed move is undone; the guest runs here", self._target)
         return None
+
+
+def _abandon(target: _Target, session: _QmpSession) -> bool:
+    """Undo, from what QEMU reports alone, a live move a worker that
+    stopped left in it (``QemuDriver.abandon_migration``); True when there
+    was one. A move's migration is told from a snapshot's by its
+    ``return-path`` capability (a move sets it, a snapshot never does, the
+    undo resets it)."""
+    info = session.execute("query-migrate")
+    status = info.get("status") if isinstance(info, dict) else None
+    capabilities = session.execute("query-migrate-capabilities") or []
+    moving = any(
+        isinstance(c, dict) and c.get("capability") == "return-path" and c.get("state")
+        for c in capabilities
+    )
+    jobs = [
+        job
+        for job in session.execute("query-jobs") or []
+        if isinstance(job, dict) and str(job.get("id", "")).startswith(_MIRROR_PREFIX)
+    ]
+    nodes = [
+        str(node.get("node-name"))
+        for node in session.execute("query-named-block-nodes") or []
+        if isinstance(node, dict) and str(node.get("node-name", "")).startswith(_MIRROR_PREFIX)
+    ]
+    if not (moving and status not in (None, "none")) and not jobs and not nodes:
+        return False
+    log.warning("%s: undoing the live move a stopped worker left (migration %s)", target, status)
+    if status in _MIGRATING:
+        # From pre-switchover too: QEMU lets its paused migration go on
+        # only to cancel it.
+        session.execute("migrate_cancel")
+        while (session.execute("query-migrate") or {}).get("status") in _MIGRATING:
+            session.wait("cancelling the migration", _MIGRATION_POLL)
+    for job in jobs:
+        if job.get("status") not in ("concluded", "null"):
+            with contextlib.suppress(VmmRejected):  # concluded meanwhile
+                session.execute("block-job-cancel", {"device": job["id"], "force": True})
+    names = {str(job["id"]) for job in jobs}
+    while True:
+        left = [
+            job
+            for job in session.execute("query-jobs") or []
+            if isinstance(job, dict) and job.get("id") in names
+        ]
+        if all(job.get("status") in ("concluded", "null") for job in left):
+            break
+        session.wait("cancelling the disk mirrors", _MIGRATION_POLL)
+    for job in left:
+        with contextlib.suppress(VmmRejected):
+            session.execute("job-dismiss", {"id": job["id"]})
+    for node in nodes:
+        with contextlib.suppress(VmmRejected):
+            session.execute("blockdev-del", {"node-name": node})
+    for name in (_MIGRATION_FD, *names, *nodes):
+        with contextlib.suppress(VmmRejected):  # taken by its user, or never given
+            session.execute("closefd", {"fdname": name})
+    _set_capabilities(session, dict.fromkeys(_MOVE_CAPABILITIES, False))
+    run = session.execute("query-status")
+    if moving and isinstance(run, dict) and not run.get("running"):
+        # Paused by the migration (finish-migrate, postmigrate, or paused
+        # at the switchover, when a cancel leaves it so): ``cont`` takes
+        # the disks back too (QEMU let go of them for the target).
+        session.execute("cont")
+    return True
 
 
 def _firmware_dirs(exe: str) -> list[str]:
@@ -1277,6 +1358,26 @@ class QemuDriver:
         finally:
             if move is not None:
                 move.close()
+
+    def abandon_migration(self, handle: VmmHandle, *, timeout: float) -> None:
+        """What ``send_migration``'s undo does, for a QEMU whose worker
+        stopped in the call: asked of QEMU alone (``query-migrate``; the
+        move's connections died with that worker, QEMU's own copies go
+        with the cancel and the mirror nodes): a migration under way,
+        paused at the switchover (``pre-switchover``, waiting for a
+        ``migrate-continue`` nobody sends) included, is cancelled and
+        waited for; the mirror jobs (``procurator-mirror-*``) are
+        cancelled and dismissed, their NBD nodes removed; the move's
+        capabilities reset; and a guest the migration stopped, even one
+        whose migration completed (``postmigrate``, the worker stopped
+        before it wrote "sent"), gets ``cont``, which also takes its disks
+        back. The target's QEMU started ``-S`` (``qemu_argv``) and runs its
+        guest only at ``finish_incoming``'s ``cont``; why that never comes
+        for this migration: ``VmmDriver.abandon_migration``."""
+        target = self._target(handle)
+        with self._session(handle, time.monotonic() + timeout) as session:
+            if _abandon(target, session):
+                log.info("%s: the move its worker stopped in is undone; the guest runs", target)
 
     def _start(
         self,
