@@ -395,7 +395,10 @@ class WorkerFacts:
     capacity times its overcommit ratios), its labels, its state, and the
     store paths it has realised (a VM whose image is among them is placed
     there rather than on an equally good worker, so a move downloads
-    nothing)."""
+    nothing). ``incoming``: the VMs moving to it (a move under way, not
+    yet switched: ``procurator.core.move``), as their source's assignment
+    has them; they count against its capacity as its own VMs do, while
+    they also count on their source (docs/SCHEDULING.md)."""
 
     worker_id: str
     capacity: Capacity = field(default_factory=Capacity)
@@ -404,6 +407,7 @@ class WorkerFacts:
     labels: tuple[tuple[str, str], ...] = ()  # sorted by key
     state: WorkerState = WorkerState.READY
     images: frozenset[str] = frozenset()
+    incoming: tuple[VmAssignment, ...] = ()  # sorted by VM id
 
 
 class PlacementReason(enum.Enum):

@@ -319,9 +319,12 @@ def _live_refusal(
 
 def shortfall(vm: VmAssignment, facts: WorkerFacts, assigned: Sequence[VmAssignment]) -> str | None:
     """Why ``vm`` does not fit on the worker of ``facts`` beside the VMs
-    ``assigned`` to it (None: it fits), counted as the scheduler counts
-    (``procurator.core.placement``: host capacity times the overcommit
-    ratios, resources as the assignments state them)."""
+    ``assigned`` to it and those moving to it (``facts.incoming``: a move
+    under way holds its room from its start until it ends) (None: it
+    fits), counted as the scheduler counts (``procurator.core.placement``:
+    host capacity times the overcommit ratios, resources as the
+    assignments state them)."""
+    assigned = (*assigned, *facts.incoming)
     cpu = int(facts.capacity.vcpus * facts.cpu_overcommit) - sum(v.vcpus for v in assigned)
     mem = int(facts.capacity.memory_mib * facts.memory_overcommit) - sum(
         v.memory_mib for v in assigned

@@ -15,7 +15,10 @@ What it promises:
   are never refused: a worker they overfill gets a warning and no unpinned
   VM (the pin is the operator's decision; today's pinned fleets apply as
   before). A pinned VM that declares no ``vcpus``/``memory_mib`` counts as
-  0 (the master does not read images), with a warning.
+  0 (the master does not read images), with a warning. A VM moving to a
+  worker (``WorkerFacts.incoming``: a move under way, not yet switched)
+  counts on it right after its pinned VMs, and on its source as any VM
+  there does, so no placement hands out the room a move holds.
 - **Constraints**: an unpinned VM only runs on a worker whose labels include
   every ``key = value`` of its ``constraints``.
 - **States**: new VMs go only to ``ready`` workers. A ``cordoned`` worker
@@ -26,7 +29,9 @@ What it promises:
 - **Stability**: an unpinned VM keeps the worker ``previous`` gives it
   (also a VM that was pinned there before) unless that worker is gone,
   draining or lost (and the VM says ``reschedule``), its labels no longer
-  match, or the VM no longer fits. Kept VMs are counted before anything is
+  match, or the VM no longer fits; one that must leave its worker while
+  it is moving goes to its move's target (ready, its labels matching),
+  where it already counts. Kept VMs are counted before anything is
   placed, those whose resources did not change first, so a change to other
   unpinned VMs — added, removed, resized — never moves a VM (pinned VMs
   count before all of them: a pinned VM that grows can). Placing never
@@ -261,6 +266,8 @@ class _Scheduler:
         self.free_mem = [int(f.capacity.memory_mib * f.memory_overcommit) for f in self.facts]
         self.free_n = [f.capacity.max_vms or LIMITS.max_vms_per_worker for f in self.facts]
         self.allocatable = list(zip(self.free_cpu, self.free_mem, strict=True))
+        # VM id -> the rank of the worker it is moving to.
+        self.moving_to = {vm.id: rank for rank, f in enumerate(self.facts) for vm in f.incoming}
         self.free_p: list[int] = []
         self.free_s: list[int] = []
         self.sign = -1 if fleet.placement.strategy is PlacementStrategy.SPREAD else 1
@@ -285,6 +292,7 @@ class _Scheduler:
 
     def run(self) -> Placement | Unplaceable:
         self._count_pinned()
+        self._count_incoming()
         to_place = self._keep_or_release()
         ranked_by = self._choose_ranking(to_place)
         failed = self._place_all(to_place)
@@ -326,6 +334,15 @@ class _Scheduler:
                     "vcpus/memory_mib and count as 0 against its capacity"
                 )
 
+    def _count_incoming(self) -> None:
+        """Count the VMs moving to each worker against its capacity (they
+        hold that room until their move ends)."""
+        for rank, facts in enumerate(self.facts):
+            for vm in facts.incoming:
+                self.free_cpu[rank] -= vm.vcpus
+                self.free_mem[rank] -= vm.memory_mib
+                self.free_n[rank] -= 1
+
     def _previous_index(self) -> dict[str, tuple[str, int, int]]:
         """VM id -> (worker id, vcpus, memory_mib) it had before. A VM listed
         twice keeps the lower worker id."""
@@ -344,6 +361,19 @@ class _Scheduler:
         staying: dict[int, list[tuple[bool, str, UnpinnedVm]]] = {}
 
         def release(u: UnpinnedVm, reason: PlacementReason, worker: str, detail: str) -> None:
+            target = self.moving_to.get(u.id)
+            if (
+                target is not None
+                and self.state[target] is WorkerState.READY
+                and _labels_match(self.labels[target], u.constraints)
+            ):
+                # Moving already: its move's target holds its room.
+                if u.spread:
+                    counts = self.group_counts.setdefault(u.spread, {})
+                    counts[target] = counts.get(target, 0) + 1
+                target_id = self.facts[target].worker_id
+                self.decided.append(VmPlacement(u.id, target_id, reason, worker, detail))
+                return
             to_place.append(_ToPlace(u, 0, 0, reason, worker, detail))
 
         for u in self.fleet.unpinned:

@@ -21,8 +21,9 @@ finds nothing to do writes nothing, so the duty can run often.
 - **Start** handoffs for each draining worker: the scheduler places the
   stored fleet with that worker ``draining`` and every VM in handoff
   already on its target (so capacity counts it, and the scheduler keeps
-  it there); the answer's moves off the worker, in its order, are the
-  candidates, and ``next_batch`` takes as many as keep the drain's
+  it there), and every VM of a move under way counted on its target too
+  (``worker_facts``: ``WorkerFacts.incoming``); the answer's moves off the
+  worker, in its order, are the candidates, and ``next_batch`` takes as many as keep the drain's
   handoffs in flight at most ``max_unavailable``. Pinned VMs stay.
 - **Live moves first** (``live_or_handoff``): a VM to start whose both
   ends' workers move running VMs with the same VMM driver (and the

@@ -14,6 +14,13 @@ answer turned into assignments (docs/SCHEDULING.md, issue 27).
   (``heal``); one never registered offers nothing (``cordoned``, no
   capacity). So an apply never moves a VM off a worker that may still run
   it: only healing does, after the worker's lease expired.
+- **Moves.** A VM moving to a worker (a move under way, cold or live,
+  from its commit until the switch: ``procurator.core.move``) is in its
+  target's ``incoming``, as its source's assignment has it, so it counts
+  against the target's capacity in every decision fed from here (an
+  apply, healing, the drain duty, ``move``'s own refusal) while it still
+  counts on its source, whose assignment holds it. At the switch it
+  enters the target's assignment; a failed move stops counting there.
 - **Previous placement** is the stored assignments: an unpinned VM keeps
   the worker it is assigned to (stability), and every master computes the
   same answer from the same store.
@@ -64,6 +71,7 @@ from procurator.core.models import (
     WorkerInfo,
     WorkerState,
 )
+from procurator.core.move import Move
 from procurator.core.placement import place, unplaceable_error
 from procurator.master.store.model import PlacementRecord, Registration, UnpinnedRules
 
@@ -105,15 +113,22 @@ class KnownWorker:
 
 
 def worker_facts(
-    known: Iterable[KnownWorker], assignments: Mapping[str, Assignment], *, drain: bool = False
+    known: Iterable[KnownWorker],
+    assignments: Mapping[str, Assignment],
+    *,
+    moves: Iterable[Move],
+    drain: bool = False,
 ) -> list[WorkerFacts]:
     """The scheduler's view of every worker in ``known`` or ``assignments``.
     A cordoned or draining worker (its mode) is ``cordoned``: it keeps its
     VMs and takes no new ones. Only the leader's drain duty (``drain``)
     sees a draining worker ``draining``, so that only it moves VMs off one,
     through handoffs and ``max_unavailable`` at a time: an apply or a heal
-    during a drain moves nothing off the draining worker."""
+    during a drain moves nothing off the draining worker. ``moves``: the
+    moves the store keeps; each under way and not yet switched puts its VM
+    in its target's ``incoming`` (see the module docstring)."""
     by_id = {k.worker_id: k for k in known}
+    incoming = _incoming(moves, assignments)
     facts = []
     for worker_id in sorted(set(by_id) | set(assignments)):
         worker = by_id.get(worker_id)
@@ -131,8 +146,9 @@ def worker_facts(
             state = WorkerState.READY
         else:
             state = WorkerState.CORDONED
+        moving_in = incoming.get(worker_id, ())
         if info is None:
-            facts.append(WorkerFacts(worker_id, Capacity(), 1.0, 1.0, (), state, images))
+            facts.append(WorkerFacts(worker_id, Capacity(), 1.0, 1.0, (), state, images, moving_in))
             continue
         facts.append(
             WorkerFacts(
@@ -143,9 +159,27 @@ def worker_facts(
                 info.labels,
                 state,
                 images,
+                moving_in,
             )
         )
     return facts
+
+
+def _incoming(
+    moves: Iterable[Move], assignments: Mapping[str, Assignment]
+) -> dict[str, tuple[VmAssignment, ...]]:
+    """By target worker, the VMs of the moves under way that have not
+    switched yet, as their source's assignment has them (a VM that left it
+    counts nowhere: its move fails at its next step)."""
+    by_target: dict[str, list[VmAssignment]] = {}
+    for move in moves:
+        if move.over or move.switched:
+            continue
+        source = assignments.get(move.source)
+        vm = next((v for v in source.vms if v.id == move.vm_id), None) if source else None
+        if vm is not None:
+            by_target.setdefault(move.target, []).append(vm)
+    return {w: tuple(sorted(vms, key=lambda v: v.id)) for w, vms in by_target.items()}
 
 
 def resolve(

@@ -1093,12 +1093,14 @@ class MasterService:
             # commit's generation check covers both.
             fleet = stored_fleet(assignments, await self._store.placement())
         record = placement_record(fleet)
+        # The moves under way hold room on their targets.
+        moves = await self._store.moves(limit=0) if fleet.unpinned else ()
 
         def place_and_diff() -> tuple[Fleet, Placement | None, list[WorkerDiff]]:
             # Unpinned VMs placed from the store's workers and assignments
             # (procurator.master.scheduling); a pinned fleet is unchanged.
             # The facts are O(the fleet's VMs): only a fleet with VMs to place needs them.
-            facts = worker_facts(known, assignments) if fleet.unpinned else ()
+            facts = worker_facts(known, assignments, moves=moves) if fleet.unpinned else ()
             resolved, placement = resolve(fleet, facts, assignments, partial=heal is not None)
             return resolved, placement, diff_fleets(assignments, resolved)
 
@@ -2366,7 +2368,11 @@ class MasterService:
                         KnownWorker(w.worker_id, w.info, w.connected, self._lost(w, now_ms), w.mode)
                         for w in self._workers.values()
                     ]
-                    facts = {f.worker_id: f for f in worker_facts(known, self._assignments)}
+                    under_way = await self._store.moves(limit=0)
+                    facts = {
+                        f.worker_id: f
+                        for f in worker_facts(known, self._assignments, moves=under_way)
+                    }
                     if worker is not None and self._lost(worker, now_ms):
                         state: WorkerState | None = WorkerState.LOST
                     elif worker is not None and worker.mode is not None:
@@ -2376,9 +2382,7 @@ class MasterService:
                     else:
                         state = None
                     rollout = await self._current_rollout()
-                    moving = {
-                        m.vm_id: m.op_id for m in await self._store.moves(limit=0) if not m.over
-                    }
+                    moving = {m.vm_id: m.op_id for m in under_way if not m.over}
                     on_target = self._assignments.get(target, _NO_ASSIGNMENT).vms
                     source_vm = next(
                         (v for a in self._assignments.values() for v in a.vms if v.id == vm_id),
@@ -2650,7 +2654,7 @@ class MasterService:
                 modes=modes,
                 statuses={w.worker_id: w.status for w in self._workers.values()},
                 handoffs=self._handoffs.values(),
-                facts=worker_facts(known, self._assignments, drain=True),
+                facts=worker_facts(known, self._assignments, moves=under_way, drain=True),
                 record=record,
                 now_ms=now_ms,
                 stopping=stopping,
