@@ -121,12 +121,12 @@ COMMANDS = (
     Command(
         "move",
         "move a VM to another worker (cold; --wait follows it)",
-        "procurator.cli.move:add_parsers",
+        "procurator.cli.parsers:move_and_moves",
     ),
     Command(
         "moves",
         "show the moves under way and the newest that are over",
-        "procurator.cli.move:add_parsers",
+        "procurator.cli.parsers:move_and_moves",
     ),
     Command(
         "top",

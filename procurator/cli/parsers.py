@@ -8,7 +8,8 @@ that adds each command's parser.
 
 The flags' types and the shared flags are ``procurator.cli.args``'s (no
 trio, no capnp either); what a command does is in its own module
-(``status``, ``ops``, ``top``, ``rollout``, ``snapshot``, ``apply``).
+(``status``, ``ops``, ``top``, ``rollout``, ``snapshot``, ``apply``,
+``move``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from procurator.cli.args import add_common, add_master_address, int_between, non_negative, positive
+from procurator.core.move import DEFAULT_MOVE_TIMEOUT_S, MAX_MOVE_TIMEOUT_S
 from procurator.core.rollout import RolloutAction
 from procurator.core.validation import check_request_id
 
@@ -26,6 +28,7 @@ __all__ = [
     "DESCRIBE_EVENTS",
     "apply",
     "describe_and_events",
+    "move_and_moves",
     "rollout",
     "snapshot",
     "status",
@@ -392,3 +395,85 @@ def snapshot(sub: Any) -> None:
     )
     common(p)
     p.set_defaults(handler=_runs("procurator.cli.snapshot:run"))
+
+
+_MOVE_DESCRIPTION = """\
+Move VM to worker WORKER, keeping its id and MAC (docs/SNAPSHOTS.md).
+
+A cold move (the default): the target prepares the VM's image (realised
+and rooted) while the VM runs on; then the VM is stopped on its worker
+(stop ladder); once that worker reports it stopped, it sends the VM's
+writable disk copies to the target (plain TCP to the target's
+--transfer-listen address, a one-time token, sizes and sha256 checked),
+and once the target has them all, the target boots the VM with them. The
+VM never runs on two workers; any failure before the switch (a worker
+lost, the image failing to prepare, --timeout passed) leaves it running
+on its worker, and the move failed with the reason. The move is stored:
+a master restart or failover continues it. The target must run with
+--transfer-listen.
+
+--live: a live move. The target starts an incoming VMM for the VM, the
+source migrates the running guest into it (QEMU mirrors the disks while
+it runs), and only once the source says it sent the whole state does the
+VM switch to the target, which lets it run. Both workers must run the
+same VMM driver, one that moves running VMs (refused otherwise, saying
+which); cloud-hypervisor cannot move a VM with writable disks live yet
+(the move fails, the VM runs on). Any failure before the switch leaves
+the guest running on its worker.
+
+Not carried: the VM's snapshots (they stay, and go with the VM's
+directory on its old worker).
+
+A pinned VM ([workers.W] in the fleet file) is pinned to WORKER by the
+move; the next apply of a fleet file that still pins it elsewhere moves
+it back (the fleet file wins): update the file. An unpinned VM stays on
+WORKER.
+
+exit status: 0 recorded (with --wait: done); 1 refused; 3 --wait: not
+over after --timeout (the move goes on until its own deadline); 4 --wait:
+the move failed.
+
+example:
+  procurator move web-1 --to host-b --wait
+  procurator moves web-1"""
+
+
+def move_and_moves(sub: Any) -> None:
+    """``procurator move`` and ``procurator moves``."""
+    raw = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser("move", description=_MOVE_DESCRIPTION, formatter_class=raw)
+    p.add_argument("vm", help="the VM's id")
+    p.add_argument("--to", required=True, metavar="WORKER", help="the worker to move it to")
+    p.add_argument(
+        "--live",
+        action="store_true",
+        help="move it running (a live move: the same VMM driver on both workers)",
+    )
+    p.add_argument("--wait", action="store_true", help="follow the move until it is done or failed")
+    p.add_argument(
+        "--timeout",
+        type=int_between(1, MAX_MOVE_TIMEOUT_S),
+        default=DEFAULT_MOVE_TIMEOUT_S,
+        metavar="S",
+        help="the move fails if not done within S seconds (before its switch, the VM "
+        f"stays on its worker); --wait waits as long (default: {DEFAULT_MOVE_TIMEOUT_S})",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_master_address(p)
+    add_common(p, daemon=False)
+    p.set_defaults(handler=_runs("procurator.cli.move:run_move"))
+
+    q = sub.add_parser(
+        "moves",
+        description=(
+            "The moves under way and the newest that are over, newest first: phase,\n"
+            "source -> target, op id, and why a failed one failed.\n\n"
+            "example:\n  procurator moves\n  procurator moves web-1 --json"
+        ),
+        formatter_class=raw,
+    )
+    q.add_argument("vm", nargs="?", default="", help="one VM's moves (default: all)")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    add_master_address(q)
+    add_common(q, daemon=False)
+    q.set_defaults(handler=_runs("procurator.cli.move:run_moves"))

@@ -54,8 +54,7 @@ def test_status_imports_its_own_module_only() -> None:
 
 
 # The client commands whose parsers are procurator.cli.parsers'; the
-# daemons' (master, worker) are built with their composition roots, and
-# move's still sits with what runs it.
+# daemons' (master, worker) are built with their composition roots.
 _CLIENTS = [c.name for c in COMMANDS if c.parser.startswith("procurator.cli.parsers:")]
 
 _HELPS = """
@@ -74,7 +73,17 @@ def test_a_client_command_s_help_imports_no_trio_and_no_capnp() -> None:
     # nothing: no trio, no Cap'n Proto (no schema loaded), no module that
     # runs a command. Once every command's module was imported with its
     # parser, and with it trio and pycapnp, to print a help text.
-    assert {"status", "describe", "events", "apply", "top", "rollout", "snapshot"} <= set(_CLIENTS)
+    assert {
+        "status",
+        "describe",
+        "events",
+        "apply",
+        "top",
+        "rollout",
+        "snapshot",
+        "move",
+        "moves",
+    } <= set(_CLIENTS)
     done = subprocess.run(
         [sys.executable, "-c", _HELPS, *_CLIENTS], capture_output=True, text=True, check=True
     )
