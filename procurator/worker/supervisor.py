@@ -413,6 +413,11 @@ class VmSupervisor:
         if not self.moved_out_read:
             self.moved_out_read = True
             self.moved_out = self._read_moved_out()
+            if self.moved_out is not None:
+                # Found by a restarted worker: its move service tells the
+                # move from the observation, as it would a mark made here.
+                with self.vm.cond:
+                    self.vm.obs = dataclasses.replace(self.vm.obs, moved_out=self.moved_out)
         out = self.moved_out
         if out is None or self.facts.removing:
             return False
