@@ -464,7 +464,11 @@ class VmmDriver(Protocol):
         it abandons (its ``moved-out.json`` is cleared as the guest runs on
         here; only a new ``send_migration`` that completes, stopping this
         guest again, could report ``sent``), so that move fails at its
-        deadline and the target's VMM is stopped unrun."""
+        deadline and the target's VMM is stopped unrun. This rests on the
+        target never reporting a live transfer ``received`` (the master
+        would switch on that too: ``procurator.core.move``); a QEMU
+        target whose incoming migration completed holds the whole state,
+        so it must not."""
         ...
 
     def close(self) -> None:
