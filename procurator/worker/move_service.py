@@ -292,7 +292,13 @@ class MoveTransfers:
         # The ends of moves that failed: an incoming VM held for one goes,
         # a mark of a migration this worker stopped in is cleared (the VM
         # starts again here). A switched VM is no longer incoming, and a
-        # migrated one leaves with the switch: neither is touched.
+        # migrated one leaves with the switch: neither is touched. Only an
+        # assignment says a move is over: before the first one since the
+        # worker started (the master not reached yet), a mark recover
+        # found is kept (cleared, the VM would start here while its move
+        # could still switch it to the target).
+        if not self._assigned:
+            return
         for vm_id, op_id in list(self._holding.items()):
             now = self._transfers.get(vm_id)
             if vm_id in self._live_busy or (now is not None and now.op_id == op_id):
