@@ -342,6 +342,7 @@ class Receiver:
         self._expected: dict[str, Expected] = {}
         self._failed: dict[str, str] = {}
         self._closed = False
+        self._closing = threading.Event()  # set by close: ends a backoff at once
         self._threads: list[threading.Thread] = []
         self._conns: set[socket.socket] = set()  # open transfers: cut at close
         # Those of _conns still waiting for their preamble, oldest first:
@@ -400,12 +401,33 @@ class Receiver:
         """Accept connections until ``close`` (run it in a thread). Past
         ``MAX_CONNECTIONS`` at once, a new connection takes the place of
         the oldest one still waiting for its preamble (cut), and is refused
-        only when every one presented a token already."""
+        only when every one presented a token already. An accept that
+        fails for want of a resource or for a connection gone before it was
+        taken (``stream_auth.TRANSIENT_ACCEPT_ERRORS``) is logged and tried
+        again after a backoff, as a move's gate does; any other error ends
+        serving, logged with its reason."""
+        backoff = 0.0
         while True:
             try:
                 conn, peer = self._listener.accept()
-            except OSError:
-                return  # closed
+            except OSError as exc:
+                if self._closing.is_set():
+                    return
+                reason = exc.strerror or str(exc)
+                if exc.errno not in stream_auth.TRANSIENT_ACCEPT_ERRORS:
+                    log.exception("move transfers: cannot accept connections: %s", reason)
+                    return
+                backoff = min(
+                    max(backoff * 2, stream_auth.ACCEPT_BACKOFF), stream_auth.MAX_ACCEPT_BACKOFF
+                )
+                log.warning(
+                    "move transfers: cannot accept a connection (%s): trying again in %g s",
+                    reason,
+                    backoff,
+                )
+                self._closing.wait(backoff)
+                continue
+            backoff = 0.0
             with self._lock:
                 if self._closed:
                     conn.close()
@@ -458,6 +480,7 @@ class Receiver:
             self._closed = True
             threads = list(self._threads)
             conns = list(self._conns)
+        self._closing.set()
         with contextlib.suppress(OSError):
             self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
