@@ -6,6 +6,11 @@ A move is state in the store (``Move``: one row per move, schema version
 through its phases, each a generation fenced by the leader's epoch:
 
 - ``pending``: recorded by ``procurator move``; nothing has changed yet.
+  Its refusal counted the target's room with the moves under way then;
+  the leader counts it again before the prepare (``ahead_of``: the moves
+  recorded before it, and those past ``pending``), so moves recorded at
+  once on two masters, or an apply that filled the target meanwhile,
+  cannot overfill it: the later one fails, naming the target's room.
 - ``preparing``: a generation gives the target, in what it is sent, the
   VM's image to realise and root (``Assignment.prepare``); the VM keeps
   running on the source. Done once the target reports the image ``ready``.
@@ -121,6 +126,7 @@ __all__ = [
     "MovePhase",
     "MoveStep",
     "advance",
+    "ahead_of",
     "check_move",
     "move_json",
     "shortfall",
@@ -354,6 +360,20 @@ def _reported(status: WorkerStatus | None, vm_id: str, since: int) -> tuple[bool
     return True, next((s.phase for s in status.vms if s.id == vm_id), None)
 
 
+def ahead_of(move: Move, moves: Iterable[Move]) -> list[Move]:
+    """Of ``moves``, those under way whose VMs hold room on their targets
+    ahead of the pending ``move``: every one past ``pending``, and the
+    pending ones recorded before it (by start time, then op id)."""
+    order = (move.started_unix_ms, move.op_id)
+    return [
+        m
+        for m in moves
+        if not m.over
+        and m.op_id != move.op_id
+        and (m.phase is not MovePhase.PENDING or (m.started_unix_ms, m.op_id) < order)
+    ]
+
+
 def step(
     move: Move,
     *,
@@ -361,14 +381,22 @@ def step(
     statuses: Mapping[str, WorkerStatus | None],
     lost: Iterable[str],
     now_ms: int,
+    target_shortfall: str | None = None,
 ) -> MoveStep:
     """What the leader does next with ``move``, from the stored
     assignments, the workers' latest statuses, the lost workers and the
-    time (see the module docstring). Idempotent: asked again over the same
-    facts it answers the same, so a leader killed between deciding and
-    committing decides the same again."""
+    time (see the module docstring). ``target_shortfall``: for a pending
+    move, why its VM does not fit on the target beside what is there and
+    the moves ``ahead_of`` it (None: it fits). Idempotent: asked again over
+    the same facts it answers the same, so a leader killed between
+    deciding and committing decides the same again."""
     if move.over:
         return MoveStep(MoveAction.WAIT)
+    if move.phase is MovePhase.PENDING and target_shortfall is not None:
+        return MoveStep(
+            MoveAction.FAIL,
+            f"VM {move.vm_id} does not fit on worker {move.target} any more: {target_shortfall}",
+        )
     lost = set(lost)
     source_vm = next((v for v in _vms(assignments, move.source) if v.id == move.vm_id), None)
     if move.kind is MoveKind.LIVE and not move.switched:

@@ -256,6 +256,7 @@ from procurator.core.move import (
     MoveAction,
     MoveKind,
     MovePhase,
+    ahead_of,
     check_move,
     shortfall,
     transfer_progress,
@@ -2506,6 +2507,27 @@ class MasterService:
         self._moves_driven = (fence, tuple(driven))
         return driven
 
+    async def _target_shortfall(self, move: Move, now_ms: int) -> str | None:
+        """Why the pending ``move``'s VM does not fit on its target now,
+        beside the target's VMs and the moves ahead of it
+        (``procurator.core.move.ahead_of``): its refusal may have raced
+        another master's move or apply. None: it fits, or the VM left its
+        source (``step`` says so). Under ``_apply_lock``."""
+        source = self._assignments.get(move.source, _NO_ASSIGNMENT)
+        vm = next((v for v in source.vms if v.id == move.vm_id), None)
+        if vm is None:
+            return None
+        known = [
+            KnownWorker(w.worker_id, w.info, w.connected, self._lost(w, now_ms), w.mode)
+            for w in self._workers.values()
+        ]
+        ahead = ahead_of(move, await self._store.moves(limit=0))
+        facts = {f.worker_id: f for f in worker_facts(known, self._assignments, moves=ahead)}
+        if move.target not in facts:
+            return None
+        on_target = self._assignments.get(move.target, _NO_ASSIGNMENT).vms
+        return shortfall(vm, facts[move.target], on_target)
+
     async def _step_move(self, fence: Fence, move: Move) -> Move:
         """One step of ``move``; the move as it is after it."""
         async with self._apply_lock:
@@ -2514,7 +2536,16 @@ class MasterService:
             lost = [w.worker_id for w in self._workers.values() if self._lost(w, now_ms)]
             statuses = {w.worker_id: w.status for w in self._workers.values()}
             step = move_step(
-                move, assignments=self._assignments, statuses=statuses, lost=lost, now_ms=now_ms
+                move,
+                assignments=self._assignments,
+                statuses=statuses,
+                lost=lost,
+                now_ms=now_ms,
+                target_shortfall=(
+                    await self._target_shortfall(move, now_ms)
+                    if move.phase is MovePhase.PENDING
+                    else None
+                ),
             )
             # A cold move's token begins with its transfer, a live one's
             # with its prepare (the target's incoming VMM checks it).

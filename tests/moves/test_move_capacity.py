@@ -2,12 +2,20 @@
 move's commit until the move ends, and on its source until the switch
 (docs/SCHEDULING.md "What counts against capacity", issue 30/27): every
 decision fed from ``procurator.master.scheduling.worker_facts`` sees it
-(``move``'s refusal, the drain duty, an apply). Pure: the master's view
-built from stored assignments and moves, as the master builds it."""
+(``move``'s refusal, the drain duty, an apply), and the leader counts a
+pending move again before its prepare, so two moves recorded at once (two
+masters) cannot overfill a target. Pure: the master's view built from
+stored assignments and moves, as the master builds it; one MasterService
+on a real SQLite store with workers simulated in process (livesim)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+
+import trio
+from livesim import LiveSim
 
 from procurator.core.drain import WorkerMode
 from procurator.core.models import (
@@ -20,9 +28,21 @@ from procurator.core.models import (
     WorkerInfo,
     WorkerState,
 )
-from procurator.core.move import Move, MoveKind, MovePhase, check_move, shortfall
+from procurator.core.move import (
+    Move,
+    MoveAction,
+    MoveKind,
+    MovePhase,
+    MoveStep,
+    ahead_of,
+    check_move,
+    shortfall,
+    step,
+)
 from procurator.master.drain import DrainPlan, plan_drains
 from procurator.master.scheduling import KnownWorker, resolve, worker_facts
+from procurator.master.service import MasterService
+from procurator.master.store import FleetStore
 from procurator.master.store.model import PlacementRecord, UnpinnedRules
 
 IMAGE = "/nix/store/" + "c" * 32 + "-vm"
@@ -182,3 +202,65 @@ def test_the_view_names_each_targets_incoming_vms_as_their_source_has_them() -> 
     facts = facts_of([worker("host-t", 1024)], stored, moves)
     assert facts["host-t"].incoming == (vm("x"), vm("y"))
     assert facts["host-s"].incoming == ()
+
+
+def test_the_leader_fails_a_pending_move_whose_room_went_to_one_ahead_of_it() -> None:
+    fleet = assignments(**{"host-s": ["x", "y"], "host-t": ["t1"]})
+    first = move("x", "host-s", "host-t", MovePhase.PENDING, MoveKind.LIVE)
+    second = replace(first, vm_id="y", op_id="op-y", started_unix_ms=2)
+    # Both recorded at once (two masters' refusals each saw only the
+    # other's absence): the one recorded first is ahead, whatever its phase.
+    assert ahead_of(second, [first, second]) == [first]
+    assert ahead_of(first, [first, second]) == []
+    assert ahead_of(first, [first, replace(second, phase=MovePhase.PREPARING)]) == [
+        replace(second, phase=MovePhase.PREPARING)
+    ]
+    known = [worker("host-s", 4096), worker("host-t", 1024)]
+    for m in (first, second):
+        facts = facts_of(known, fleet, ahead_of(m, [first, second]))
+        room = shortfall(vm(m.vm_id), facts["host-t"], fleet["host-t"].vms)
+        answer = step(m, assignments=fleet, statuses={}, lost=(), now_ms=5, target_shortfall=room)
+        if m is first:
+            assert answer == MoveStep(MoveAction.PREPARE)
+        else:
+            assert answer.action is MoveAction.FAIL and not answer.revert
+            assert answer.reason.startswith("VM y does not fit on worker host-t any more: needs")
+    # Only a pending move is refused so: one under way keeps its room.
+    going = replace(second, phase=MovePhase.PREPARING)
+    answer = step(going, assignments=fleet, statuses={}, lost=(), now_ms=5, target_shortfall="x")
+    assert answer.action is MoveAction.WAIT
+
+
+async def test_a_master_fails_the_later_of_two_moves_recorded_at_once_into_room_for_one(
+    tmp_path: Path,
+) -> None:
+    big = {v: VmAssignment(v, "h-" + v, IMAGE, vcpus=1, memory_mib=2048) for v in ("x", "y", "t1")}
+    async with await FleetStore.open(tmp_path / "m.db") as store, trio.open_nursery() as nursery:
+        service = MasterService(store, push_timeout=1.0, worker_lease=60, leader_lease=1.0)
+        await nursery.start(service.run)
+        for sim in (LiveSim(service, "host-s"), LiveSim(service, "host-t")):
+            await sim.start(nursery)  # 4096 MiB each
+        await service.apply(Fleet((("host-s", (big["x"], big["y"])), ("host-t", (big["t1"],))), ()))
+        # What two masters' `move`s at once leave in the store: each
+        # refusal saw host-t with room for one.
+        for vm_id, started in (("x", 1), ("y", 2)):
+            pending = Move(
+                vm_id,
+                "host-s",
+                "host-t",
+                MoveKind.LIVE,
+                MovePhase.PENDING,
+                "op-" + vm_id,
+                started,
+                10**13,
+                image=IMAGE,
+            )
+            await store.start_move(pending)
+        with trio.fail_after(30):  # a hang guard
+            while any(m.phase is MovePhase.PENDING for m in await service.moves()):
+                await trio.sleep(0.02)
+        phases = {m.vm_id: (m.phase, m.reason) for m in await service.moves()}
+        assert phases["x"][0] is not MovePhase.FAILED, phases
+        assert phases["y"][0] is MovePhase.FAILED, phases
+        assert phases["y"][1].startswith("VM y does not fit on worker host-t any more"), phases
+        nursery.cancel_scope.cancel()
