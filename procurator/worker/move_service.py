@@ -39,8 +39,11 @@ Live moves (``DiskTransfer.live``; docs/SNAPSHOTS.md, "Live moves"):
   migrated (``sent``; its supervisor stops its VMM and holds it until the
   switch removes it) or unmarked (``failed``: the guest runs on here).
   Progress is the driver's bytes. A mark of a migration the worker
-  stopped in is reported ``failed``, and cleared once no transfer of its
-  op is assigned (the move failed: the VM starts again here).
+  stopped in is reported ``failed``, and cleared once an assignment
+  names the VM but no transfer of its op (the move failed: the VM starts
+  again here); not before the worker's first assignment, and never for a
+  VM no longer assigned here (the switch took it: its removal takes the
+  mark, and the VM is not started here in between).
   cloud-hypervisor cannot move writable disks live (v53 moves memory and
   device state only; the pre-copy while paused is not built): a VM with
   writable disk copies is refused, ``failed``, and stays.
@@ -70,7 +73,7 @@ from typing import Protocol
 
 import trio
 
-from procurator.core.assignments import AssignmentUpdate
+from procurator.core.assignments import AssignmentChanges, AssignmentUpdate
 from procurator.core.errors import ProcuratorError
 from procurator.core.models import (
     DiskTransfer,
@@ -154,6 +157,10 @@ class MoveTransfers:
         self._timeout = timeout
         self._assigned = False
         self._transfers: dict[str, DiskTransfer] = {}
+        # The VMs the assignment names (a failed move's mark is cleared
+        # only for a VM still assigned here: one the switch took away goes
+        # with its removal, never started here again in between).
+        self._vms: set[str] = set()
         self._sending: dict[str, TransferProgress] = {}  # vm id -> the source's progress
         self._busy: set[str] = set()
         self._not_before: dict[str, float] = {}
@@ -166,6 +173,10 @@ class MoveTransfers:
     def take_assignment(self, update: AssignmentUpdate) -> None:
         self._assigned = True
         self._transfers = {t.vm_id: t for t in update.transfers}
+        if isinstance(update, AssignmentChanges):
+            self._vms = (self._vms | {v.id for v in update.upserted}) - set(update.removed)
+        else:
+            self._vms = {v.id for v in update.vms}
         for vm_id in list(self._sending):
             sent = self._transfers.get(vm_id)
             if sent is None or sent.receive or sent.op_id != self._sending[vm_id].op_id:
@@ -312,11 +323,19 @@ class MoveTransfers:
             now = self._transfers.get(vm_id)
             if vm_id in self._live_busy or (now is not None and now.op_id == op_id):
                 continue
-            del self._marked[vm_id]
             obs = self._manager.get(vm_id)
-            if obs is not None and obs.moved_out == MovedOut(op_id, False):
-                self._live_busy.add(vm_id)
-                nursery.start_soon(self._unmark, vm_id, op_id)
+            if obs is None or obs.moved_out != MovedOut(op_id, False):
+                del self._marked[vm_id]  # removed with the VM, or cleared
+                continue
+            if vm_id not in self._vms:
+                # Not assigned here: the move switched (cloud-hypervisor's
+                # target resumed the guest) or an apply took the VM. Held
+                # until its removal takes the mark with its directory:
+                # cleared first, it would start here meanwhile.
+                continue
+            del self._marked[vm_id]
+            self._live_busy.add(vm_id)
+            nursery.start_soon(self._unmark, vm_id, op_id)
 
     def _set_live(
         self,

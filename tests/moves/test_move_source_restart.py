@@ -6,12 +6,13 @@ worker runs it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "vmm"))
 
 from vmmhelpers import FAST, FAST_POLICY, definition, fake_driver, kill_all_under
 
-from procurator.core.models import Assignment, Phase, TransferProgress
+from procurator.core.models import Assignment, Phase, VmAssignment
 from procurator.worker.manager import VmManager
 from procurator.worker.move_service import MoveTransfers
 from procurator.worker.state import StateDir
@@ -48,6 +49,9 @@ def driver() -> Iterator[CloudHypervisorDriver]:
     made.close()
 
 
+IMAGE = "/nix/store/" + "s" * 32 + "-vm"
+
+
 def manager(state_dir: Path, driver: CloudHypervisorDriver) -> VmManager:
     return VmManager(
         state_dir,
@@ -59,20 +63,13 @@ def manager(state_dir: Path, driver: CloudHypervisorDriver) -> VmManager:
     )
 
 
-async def test_a_source_restarted_in_a_migration_keeps_the_vm_held_until_an_assignment(
-    root: Path, driver: CloudHypervisorDriver
-) -> None:
-    # The worker stopped in the migration and its VMM went (the guest may
-    # run on the target now): the mark holds the VM. Its move is over only
-    # when an assignment no longer names it; before the first one (the
-    # master not reached yet) the move service knows nothing of it, and
-    # cleared the mark at its first step: the VM started again here
-    # while its move could still switch it to the target.
-    state = root / "source"
-    spec = VmSpec("vm1", "h1", definition())
+def restarted_in_migration(state: Path, driver: CloudHypervisorDriver) -> tuple[VmManager, Path]:
+    """A worker that stopped in a live migration of vm1 and whose VMM
+    went with it (the guest may run on the target now), restarted: its
+    manager, recovered, and the VM's mark."""
     first = manager(state, driver)
     try:
-        first.ensure(spec)
+        first.ensure(VmSpec("vm1", "h1", definition()))
     finally:
         first.close()  # the worker stops in the migration; its VMM lives on
     kill_all_under(state)  # and dies with the migration
@@ -80,32 +77,77 @@ async def test_a_source_restarted_in_a_migration_keeps_the_vm_held_until_an_assi
     mark = StateDir(state).vm_dir("vm1") / MOVED_OUT_FILE
     mark.write_text(json.dumps({"op_id": "op-m", "sent": False}))
     second = manager(state, driver)
-    published: list[tuple[TransferProgress, ...]] = []
+    second.recover()
+    return second, mark
+
+
+@contextlib.asynccontextmanager
+async def move_service(here: VmManager, state: Path) -> AsyncIterator[MoveTransfers]:
+    """The worker's move service over ``here``, its loop running."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        service = MoveTransfers(here, listener, state, on_progress=lambda p: None, retry=0.05)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.run)
+            yield service
+            nursery.cancel_scope.cancel()
+
+
+async def steps(service: MoveTransfers, here: VmManager) -> None:
+    """A few steps of ``service``'s loop, then after any job they began
+    on vm1 (one at a time)."""
+    for _ in range(3):
+        service.vm_changed()
+        await trio.testing.wait_all_tasks_blocked()
+    await trio.to_thread.run_sync(here.run_job, "vm1", "probe", lambda ctx: None)
+
+
+async def test_a_source_restarted_in_a_migration_keeps_the_vm_held_until_an_assignment(
+    root: Path, driver: CloudHypervisorDriver
+) -> None:
+    # Its move is over only when an assignment no longer names it; before
+    # the first one (the master not reached yet) the move service knows
+    # nothing of it, and cleared the mark at its first step: the VM
+    # started again here while its move could still switch it away.
+    state = root / "source"
+    here, mark = restarted_in_migration(state, driver)
     try:
-        second.recover()
-        with socket.socket() as listener:
-            listener.bind(("127.0.0.1", 0))
-            listener.listen()
-            service = MoveTransfers(
-                second, listener, state, on_progress=published.append, retry=0.05
-            )
-            async with trio.open_nursery() as nursery:
-                await nursery.start(service.run)
-                for _ in range(3):  # a few of its steps, no assignment yet
-                    service.vm_changed()
-                    await trio.testing.wait_all_tasks_blocked()
-                # After any job a step began on the VM (one at a time).
-                await trio.to_thread.run_sync(second.run_job, "vm1", "probe", lambda ctx: None)
-                held = second.get("vm1")
-                assert held is not None and held.moved_out == MovedOut("op-m", False), held
-                assert mark.exists() and held.phase is not Phase.RUNNING, held
-                # An assignment without the move: it is over, the VM starts here.
-                service.take_assignment(Assignment("host-a", 1))
-                with trio.fail_after(20):  # a hang guard
-                    while (now := second.get("vm1")) is None or now.phase is not Phase.RUNNING:
-                        await trio.sleep(0.02)
-                assert now.moved_out is None and not mark.exists()
-                nursery.cancel_scope.cancel()
-        second.remove("vm1")
+        async with move_service(here, state) as service:
+            await steps(service, here)  # no assignment yet
+            held = here.get("vm1")
+            assert held is not None and held.moved_out == MovedOut("op-m", False), held
+            assert mark.exists() and held.phase is not Phase.RUNNING, held
+            # An assignment with the VM, without the move: it failed, the
+            # VM starts here again.
+            service.take_assignment(Assignment("host-a", 1, (VmAssignment("vm1", "h1", IMAGE),)))
+            with trio.fail_after(20):  # a hang guard
+                while (now := here.get("vm1")) is None or now.phase is not Phase.RUNNING:
+                    await trio.sleep(0.02)
+            assert now.moved_out is None and not mark.exists()
+        here.remove("vm1")
     finally:
-        second.close()
+        here.close()
+
+
+async def test_a_source_restarted_in_a_migration_never_starts_a_vm_the_switch_took(
+    root: Path, driver: CloudHypervisorDriver
+) -> None:
+    # cloud-hypervisor's target resumes the guest itself once the state
+    # arrived, and its 'received' switches the move: the source's
+    # assignment then names neither the VM nor the move. The mark was
+    # cleared as for a failed move, and the VM started here beside the
+    # target's until the reconciler removed it.
+    state = root / "source"
+    here, mark = restarted_in_migration(state, driver)
+    try:
+        async with move_service(here, state) as service:
+            service.take_assignment(Assignment("host-a", 2))  # the switch's
+            await steps(service, here)
+            held = here.get("vm1")
+            assert held is not None and held.moved_out == MovedOut("op-m", False), held
+            assert mark.exists() and held.pid is None, held
+        here.remove("vm1")  # the reconciler's, for the VM not assigned
+        assert not mark.exists()
+    finally:
+        here.close()
