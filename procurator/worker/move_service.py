@@ -95,7 +95,7 @@ from procurator.worker.move_transfer import (
 )
 from procurator.worker.supervisor import JobContext
 from procurator.worker.vmm.base import Address, VmmError, VmmRejected
-from procurator.worker.vmrecord import Incoming, MovedOut
+from procurator.worker.vmrecord import MOVED_OUT_FILE, UNREADABLE_MARK, Incoming, MovedOut
 
 __all__ = ["INCOMING_DIR", "IncomingVms", "MoveTransfers", "send_disks_in_thread"]
 
@@ -296,6 +296,15 @@ class MoveTransfers:
                     message="the worker stopped during the migration: the VM is held here "
                     "until the move ends",
                 )
+            elif moved == UNREADABLE_MARK:
+                # Sent or not is unknown: never migrated again (its VMM was
+                # stopped), held until the move ends.
+                self._set_live(
+                    transfer,
+                    TransferState.FAILED,
+                    message=f"the VM's migration mark ({MOVED_OUT_FILE}) is unreadable: it is "
+                    "held here, stopped, until the move ends",
+                )
             elif key not in self._live_tried and obs is not None:
                 self._live_tried.add(key)
                 self._live_busy.add(vm_id)
@@ -321,10 +330,15 @@ class MoveTransfers:
                 nursery.start_soon(self._drop_incoming, vm_id, op_id)
         for vm_id, op_id in list(self._marked.items()):
             now = self._transfers.get(vm_id)
-            if vm_id in self._live_busy or (now is not None and now.op_id == op_id):
+            # An unreadable mark holds the VM while any live move of it is.
+            unreadable = op_id == UNREADABLE_MARK.op_id
+            if vm_id in self._live_busy or (
+                now is not None and (now.op_id == op_id or (unreadable and now.live))
+            ):
                 continue
             obs = self._manager.get(vm_id)
-            if obs is None or obs.moved_out != MovedOut(op_id, False):
+            mark = UNREADABLE_MARK if unreadable else MovedOut(op_id, False)
+            if obs is None or obs.moved_out != mark:
                 del self._marked[vm_id]  # removed with the VM, or cleared
                 continue
             if vm_id not in self._vms:

@@ -108,6 +108,7 @@ from procurator.worker.vmm.base import (
 )
 from procurator.worker.vmrecord import (
     MOVED_OUT_FILE,
+    UNREADABLE_MARK,
     Incoming,
     MovedOut,
     Outcome,
@@ -444,12 +445,19 @@ class VmSupervisor:
                 self._ladder(f"moved live to its target (move {out.op_id})", api=False)
             else:
                 self._forget_vmm()
-        why = (
-            f"moved live to its target (move {out.op_id}): held until the switch removes it"
-            if out.sent
-            else f"the worker stopped while moving it live (move {out.op_id}): held until "
-            "the move ends"
-        )
+        if out == UNREADABLE_MARK:
+            why = (
+                f"its live move's mark ({MOVED_OUT_FILE}) is unreadable: whether its state "
+                "was sent is unknown, so it is held, its VMM stopped, until no live move of it "
+                "is under way here"
+            )
+        elif out.sent:
+            why = f"moved live to its target (move {out.op_id}): held until the switch removes it"
+        else:
+            why = (
+                f"the worker stopped while moving it live (move {out.op_id}): held until the "
+                "move ends"
+            )
         if self.moved_out_told != (self.request, out):
             # Once per request and mark: each request is answered (the VM
             # is where its move put it), the event told once.
@@ -468,7 +476,7 @@ class VmSupervisor:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             # Unreadable: taken as sent, the safe side (held, never booted twice).
             log.error("VM %s: %s unreadable (%s): held", self.vm.vm_id, MOVED_OUT_FILE, exc)  # noqa: TRY400
-            return MovedOut("?", True)
+            return UNREADABLE_MARK
 
     def _mark_moved_out(self, out: MovedOut | None) -> None:
         """Record ``out`` durably (None: remove the mark), then publish it."""

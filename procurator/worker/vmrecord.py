@@ -29,6 +29,7 @@ from procurator.worker.state import VmLock
 from procurator.worker.vmm.base import VmmHandle, VmmPaths
 
 __all__ = [
+    "UNREADABLE_MARK",
     "ChangeCallback",
     "Incoming",
     "Job",
@@ -96,6 +97,13 @@ class MovedOut:
 
 
 MOVED_OUT_FILE = "moved-out.json"
+
+UNREADABLE_MARK = MovedOut("?", sent=True)
+"""A mark found but not readable (a failing disk): whether the state was
+sent is unknown, so it is taken as sent (the VMM stopped, the VM never
+started or resumed here), its move whichever it was is reported failed,
+and it is cleared as a failed move's is once the VM is assigned here
+with no live move of it (``procurator.worker.move_service``)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "vmm"))
 
 from vmmhelpers import FAST, FAST_POLICY, definition, fake_driver, kill_all_under
 
-from procurator.core.models import Assignment, Phase, VmAssignment
+from procurator.core.models import (
+    Assignment,
+    DiskTransfer,
+    Phase,
+    TransferProgress,
+    TransferState,
+    VmAssignment,
+)
 from procurator.worker.manager import VmManager
 from procurator.worker.move_service import MoveTransfers
 from procurator.worker.state import StateDir
@@ -63,10 +70,13 @@ def manager(state_dir: Path, driver: CloudHypervisorDriver) -> VmManager:
     )
 
 
-def restarted_in_migration(state: Path, driver: CloudHypervisorDriver) -> tuple[VmManager, Path]:
+def restarted_in_migration(
+    state: Path, driver: CloudHypervisorDriver, mark_text: str = ""
+) -> tuple[VmManager, Path]:
     """A worker that stopped in a live migration of vm1 and whose VMM
     went with it (the guest may run on the target now), restarted: its
-    manager, recovered, and the VM's mark."""
+    manager, recovered, and the VM's mark (``mark_text``: what the mark
+    holds instead of the job's "migrating")."""
     first = manager(state, driver)
     try:
         first.ensure(VmSpec("vm1", "h1", definition()))
@@ -75,19 +85,23 @@ def restarted_in_migration(state: Path, driver: CloudHypervisorDriver) -> tuple[
     kill_all_under(state)  # and dies with the migration
     # What the migration's job had written before it began.
     mark = StateDir(state).vm_dir("vm1") / MOVED_OUT_FILE
-    mark.write_text(json.dumps({"op_id": "op-m", "sent": False}))
+    mark.write_text(mark_text or json.dumps({"op_id": "op-m", "sent": False}))
     second = manager(state, driver)
     second.recover()
     return second, mark
 
 
 @contextlib.asynccontextmanager
-async def move_service(here: VmManager, state: Path) -> AsyncIterator[MoveTransfers]:
-    """The worker's move service over ``here``, its loop running."""
+async def move_service(
+    here: VmManager, state: Path, published: list[tuple[TransferProgress, ...]] | None = None
+) -> AsyncIterator[MoveTransfers]:
+    """The worker's move service over ``here``, its loop running (what it
+    reports, into ``published``)."""
+    published = [] if published is None else published
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
-        service = MoveTransfers(here, listener, state, on_progress=lambda p: None, retry=0.05)
+        service = MoveTransfers(here, listener, state, on_progress=published.append, retry=0.05)
         async with trio.open_nursery() as nursery:
             await nursery.start(service.run)
             yield service
@@ -149,5 +163,42 @@ async def test_a_source_restarted_in_a_migration_never_starts_a_vm_the_switch_to
             assert mark.exists() and held.pid is None, held
         here.remove("vm1")  # the reconciler's, for the VM not assigned
         assert not mark.exists()
+    finally:
+        here.close()
+
+
+async def test_an_unreadable_mark_holds_the_vm_says_so_and_goes_once_the_move_failed(
+    root: Path, driver: CloudHypervisorDriver
+) -> None:
+    # The mark half-written by a failing disk: whether the state was sent
+    # is unknown, so the VM is held (never started here while its move
+    # could still switch it). It was held for good with 'moved live to its
+    # target (move ?)', the move service migrated it again ('does not run
+    # here: nothing to migrate', the move failing as if it ran on), and
+    # nothing ever cleared the mark once the move had failed.
+    state = root / "source"
+    here, mark = restarted_in_migration(state, driver, mark_text='{"op_id": "op-m", "se')
+    published: list[tuple[TransferProgress, ...]] = []
+    vm = VmAssignment("vm1", "h1", IMAGE)
+    migrating = DiskTransfer("vm1", "op-m", False, "ab" * 16, "127.0.0.1:9", live=True)
+    try:
+        async with move_service(here, state, published) as service:
+            service.take_assignment(Assignment("host-a", 1, (vm,), transfers=(migrating,)))
+            with trio.fail_after(20):  # a hang guard
+                while not any(t.state is not TransferState.PENDING for p in published for t in p):
+                    await trio.sleep(0.02)
+            (reported,) = [t for p in published for t in p if t.state is not TransferState.PENDING]
+            assert reported.state is TransferState.FAILED, reported
+            assert MOVED_OUT_FILE in reported.message and "held" in reported.message, reported
+            held = here.get("vm1")
+            assert held is not None and held.pid is None and held.phase is Phase.STOPPED, held
+            assert "unreadable" in held.message and "move ?" not in held.message, held
+            # The move failed: an assignment with the VM and no move.
+            service.take_assignment(Assignment("host-a", 2, (vm,)))
+            with trio.fail_after(20):  # a hang guard
+                while (now := here.get("vm1")) is None or now.phase is not Phase.RUNNING:
+                    await trio.sleep(0.02)
+            assert now.moved_out is None and not mark.exists()
+        here.remove("vm1")
     finally:
         here.close()
