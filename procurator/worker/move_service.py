@@ -298,12 +298,12 @@ class MoveTransfers:
                 )
             elif moved == UNREADABLE_MARK:
                 # Sent or not is unknown: never migrated again (its VMM was
-                # stopped), held until the move ends.
+                # stopped); held here for the operator.
                 self._set_live(
                     transfer,
                     TransferState.FAILED,
                     message=f"the VM's migration mark ({MOVED_OUT_FILE}) is unreadable: it is "
-                    "held here, stopped, until the move ends",
+                    "held here, stopped, until an operator removes the mark",
                 )
             elif key not in self._live_tried and obs is not None:
                 self._live_tried.add(key)
@@ -330,15 +330,14 @@ class MoveTransfers:
                 nursery.start_soon(self._drop_incoming, vm_id, op_id)
         for vm_id, op_id in list(self._marked.items()):
             now = self._transfers.get(vm_id)
-            # An unreadable mark holds the VM while any live move of it is.
-            unreadable = op_id == UNREADABLE_MARK.op_id
-            if vm_id in self._live_busy or (
-                now is not None and (now.op_id == op_id or (unreadable and now.live))
-            ):
+            if vm_id in self._live_busy or (now is not None and now.op_id == op_id):
                 continue
             obs = self._manager.get(vm_id)
-            mark = UNREADABLE_MARK if unreadable else MovedOut(op_id, False)
-            if obs is None or obs.moved_out != mark:
+            # Only a mark that says "not sent" is cleared: a sent one goes
+            # with the switch's removal, an unreadable one (it may say sent,
+            # the move switched by the target's report, and this assignment
+            # come from a master that lags) waits for the operator.
+            if obs is None or obs.moved_out != MovedOut(op_id, False):
                 del self._marked[vm_id]  # removed with the VM, or cleared
                 continue
             if vm_id not in self._vms:

@@ -447,9 +447,10 @@ class VmSupervisor:
                 self._forget_vmm()
         if out == UNREADABLE_MARK:
             why = (
-                f"its live move's mark ({MOVED_OUT_FILE}) is unreadable: whether its state "
-                "was sent is unknown, so it is held, its VMM stopped, until no live move of it "
-                "is under way here"
+                f"its live move's mark {self.paths.vm_dir / MOVED_OUT_FILE} is unreadable: "
+                "whether its state was sent to another worker is unknown, so it is held here, "
+                "its VMM stopped; once it runs on no other worker, remove that file and "
+                "restart this worker"
             )
         elif out.sent:
             why = f"moved live to its target (move {out.op_id}): held until the switch removes it"

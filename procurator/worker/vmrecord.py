@@ -101,9 +101,12 @@ MOVED_OUT_FILE = "moved-out.json"
 UNREADABLE_MARK = MovedOut("?", sent=True)
 """A mark found but not readable (a failing disk): whether the state was
 sent is unknown, so it is taken as sent (the VMM stopped, the VM never
-started or resumed here), its move whichever it was is reported failed,
-and it is cleared as a failed move's is once the VM is assigned here
-with no live move of it (``procurator.worker.move_service``)."""
+started or resumed here) and its move, whichever it was, is reported
+failed, never migrated again (``procurator.worker.move_service``). Never
+cleared by the worker: a sent mark's VM may run on the target (the move
+switched), and an assignment that no longer names the move may come from
+a master that lags; the status tells the operator to remove the file
+once the VM runs nowhere else, and restart the worker."""
 
 
 @dataclass(frozen=True, slots=True)
