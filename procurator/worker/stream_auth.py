@@ -46,7 +46,9 @@ ECONNABORTED, EPROTO, EINTR) is logged and tried again after a backoff
 polled meanwhile, lest a connection the kernel holds in the backlog spin
 the gate): the source retries nothing while its connection waits there.
 Any other error ends ``accept`` with ``AcceptFailed``, naming the stream
-and the reason.
+and the reason. That rule is ``AcceptRetry``, the one every accept loop of
+a move follows (the gate, the source relay's wait for its VMM in
+``procurator.worker.vmm._migration_relay``, the cold transfer's receiver).
 
 The cold disk transfer (``procurator.worker.move_transfer``) opens with
 the same preamble, read by a thread per connection (``read_token``, by
@@ -84,6 +86,7 @@ __all__ = [
     "PREAMBLE_TIMEOUT",
     "TRANSIENT_ACCEPT_ERRORS",
     "AcceptFailed",
+    "AcceptRetry",
     "Gate",
     "StreamRefused",
     "accept",
@@ -145,6 +148,44 @@ class AcceptFailed(OSError):
 
     def __str__(self) -> str:
         return str(self.strerror)  # the message, without "[Errno n]"
+
+
+class AcceptRetry:
+    """The one rule for a listener whose ``accept(2)`` failed, shared by
+    every accept loop of a move (the gate, the relay's, the cold
+    transfer's receiver): ``failed`` says how long to wait before
+    accepting again after one of ``TRANSIENT_ACCEPT_ERRORS`` (logged;
+    ``ACCEPT_BACKOFF`` doubling to ``MAX_ACCEPT_BACKOFF`` while they come
+    in a row), and raises ``AcceptFailed`` for any other; ``succeeded``
+    after an accept starts the backoff over. ``what`` names the stream.
+    The caller waits (interruptibly) and does not poll the listener
+    meanwhile: a connection the kernel holds in the backlog would spin it."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        #: Seconds of the last wait asked for (0 after an accept).
+        self.delay = 0.0
+
+    def failed(self, exc: OSError) -> float:
+        """Seconds to wait after ``exc``; raises ``AcceptFailed`` when
+        waiting does not mend it."""
+        reason = exc.strerror or str(exc)
+        if exc.errno not in TRANSIENT_ACCEPT_ERRORS:
+            raise AcceptFailed(
+                exc.errno, f"{self.what}: cannot accept connections: {reason}"
+            ) from exc
+        self.delay = min(max(self.delay * 2, ACCEPT_BACKOFF), MAX_ACCEPT_BACKOFF)
+        log.warning(
+            "%s: cannot accept a connection (%s): trying again in %g s",
+            self.what,
+            reason,
+            self.delay,
+        )
+        return self.delay
+
+    def succeeded(self) -> None:
+        """An accept went through: the next error waits ``ACCEPT_BACKOFF``."""
+        self.delay = 0.0
 
 
 def preamble(token: bytes) -> bytes:
@@ -290,7 +331,7 @@ class Gate:
         # After a transient accept error: not before this (monotonic)
         # does the gate accept again, nor poll its listener.
         self._accept_not_before = 0.0
-        self._backoff = 0.0
+        self._retry = AcceptRetry(what)
         self._wake_r, self._wake_w = os.pipe()
         # Leaf: ``interrupt`` never writes to a pipe ``close`` closed (its
         # descriptor number may be someone else's by then).
@@ -356,21 +397,9 @@ class Gate:
         except BlockingIOError:
             return
         except OSError as exc:
-            reason = exc.strerror or str(exc)
-            if exc.errno not in TRANSIENT_ACCEPT_ERRORS:
-                raise AcceptFailed(
-                    exc.errno, f"{self._what}: cannot accept connections: {reason}"
-                ) from exc
-            self._backoff = min(max(self._backoff * 2, ACCEPT_BACKOFF), MAX_ACCEPT_BACKOFF)
-            self._accept_not_before = time.monotonic() + self._backoff
-            log.warning(
-                "%s: cannot accept a connection (%s): trying again in %g s",
-                self._what,
-                reason,
-                self._backoff,
-            )
+            self._accept_not_before = time.monotonic() + self._retry.failed(exc)
             return
-        self._backoff = 0.0
+        self._retry.succeeded()
         peer = _describe(address)
         if len(self._pending) >= self._max_pending:
             # The oldest makes room, not the newest: dropping the newest

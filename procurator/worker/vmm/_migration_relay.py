@@ -25,7 +25,10 @@ before the VMM is asked to send), then listens on a unix socket in the
 VMM's run directory, given to the directory's owner (the VM's uid when
 jailed) with ``lchown`` (never following a link the VMM could plant);
 the VMM connects to it, and the socket is closed and removed at once (one
-VMM connection per relay).
+VMM connection per relay). An ``accept(2)`` there that fails for a reason
+waiting mends (EMFILE, ECONNABORTED...) is waited out, any other fails the
+stream naming the reason: ``stream_auth.AcceptRetry``, the rule of the
+target's gate.
 
 ``Relay.incoming`` (the target worker): listens on the TCP address now
 (an address in use fails the launch at once); ``start`` then accepts
@@ -65,7 +68,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from procurator.worker.stream_auth import Gate, StreamRefused, present
+from procurator.worker.stream_auth import AcceptRetry, Gate, StreamRefused, present
 from procurator.worker.vmm.base import Address, VmmError
 
 __all__ = ["Relay"]
@@ -254,25 +257,38 @@ class Relay:
 
     def _accept(self, listener: socket.socket, deadline: float | None) -> socket.socket | None:
         """The next connection to ``listener``; None once the relay is
-        closed or ``deadline`` (monotonic) passed."""
+        closed or ``deadline`` (monotonic) passed. A transient accept error
+        is waited out, any other raises ``AcceptFailed`` (``stream_auth.
+        AcceptRetry``: the rule of the target's gate)."""
+        retry = AcceptRetry(self.name)
+        wake = select.poll()
+        wake.register(self._wake_r, select.POLLIN)
         poller = select.poll()
         poller.register(listener, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         listener.setblocking(False)
+        not_before = 0.0  # after a transient error: the listener rests until then
         while not self._closed:
-            if deadline is None:
-                wait = None
-            else:
-                left = deadline - time.monotonic()
-                if left <= 0:
+            now = time.monotonic()
+            resting = not_before > now
+            waits = [not_before] if resting else []
+            if deadline is not None:
+                if deadline <= now:
                     return None
-                wait = max(int(left * 1000), 1)
-            if any(fd == self._wake_r for fd, _ in poller.poll(wait)):
+                waits.append(deadline)
+            wait = None if not waits else max(int((min(waits) - now) * 1000) + 1, 1)
+            if any(fd == self._wake_r for fd, _ in (wake if resting else poller).poll(wait)):
                 return None
+            if resting:
+                continue
             try:
                 conn, _ = listener.accept()
             except BlockingIOError:
                 continue
+            except OSError as exc:
+                not_before = time.monotonic() + retry.failed(exc)
+                continue
+            retry.succeeded()
             conn.setblocking(True)
             self._keep(conn)
             return conn
