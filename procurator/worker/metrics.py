@@ -35,6 +35,13 @@ Shape:
   supervisor threads call them directly.
 - Every instance owns its ``CollectorRegistry``; nothing touches
   prometheus_client's global registry.
+- The VMs exported are the worker's VMs as its status reports them
+  (``vm_snapshots``): a VM held incoming for a live move (its incoming VMM
+  waiting for the source's state) is no VM of this worker's yet, so it is
+  in no per-VM series and not counted in ``procurator_worker_vms``, whose
+  phases are then the ones the master counts from the status
+  (``procurator_master_worker_vms``); during the move the VM is counted
+  once, on its source. Its VMM's resources show in the host's own figures.
 
 Concurrency: the published state is one immutable ``_Published`` value
 swapped by a single attribute assignment, so readers (scrapes,
@@ -76,6 +83,7 @@ from procurator.core.metrics import (
 )
 from procurator.core.models import Health, Phase, PrepareState
 from procurator.prometheus import HttpServer, run_http_server, to_metric
+from procurator.worker.vmrecord import VmObservation
 
 __all__ = [
     "MAX_LABEL_VALUES",
@@ -85,10 +93,37 @@ __all__ = [
     "VmSource",
     "WorkerMetrics",
     "read_process_usage",
+    "vm_snapshots",
 ]
 
 log = logging.getLogger(__name__)
 _WHAT = "worker metrics"  # how its HTTP server is named in errors and logs
+
+
+def vm_snapshots(
+    observations: Iterable[VmObservation],
+    counters: Mapping[str, Mapping[str, Mapping[str, int]]],
+) -> list[VmSnapshot]:
+    """The metrics' view of the VmManager's ``observations`` (with the
+    ``counters`` its supervisors polled, by VM id): the VMs the status
+    reports, so none held incoming for a live move (the module docstring)."""
+    return [
+        VmSnapshot(
+            id=o.vm_id,
+            phase=o.phase,
+            hash=o.observed_hash or o.desired_hash,
+            store_path=o.image,
+            address=o.address,
+            restarts=o.restarts,
+            pid=o.pid or 0,
+            counters=counters.get(o.vm_id, {}),
+            confinement=o.confinement,
+            boot_seconds=o.boot_seconds,
+        )
+        for o in observations
+        if not o.incoming
+    ]
+
 
 MAX_LABEL_VALUES = 32
 """Distinct endpoints / error kinds tracked before folding into ``other``."""

@@ -87,7 +87,7 @@ from procurator.worker.daemon import StatusPublisher
 from procurator.worker.health import GuestProber, HealthMonitor
 from procurator.worker.jail import Jail, instance_name, missing_privileges
 from procurator.worker.manager import Timeouts, VmManager, VmObservation
-from procurator.worker.metrics import WorkerMetrics
+from procurator.worker.metrics import WorkerMetrics, vm_snapshots
 from procurator.worker.move_service import MoveTransfers
 from procurator.worker.network import NetworkConfig, NetworkManager
 from procurator.worker.prepare import PREPARED_DIR, ImagePreparer
@@ -623,21 +623,7 @@ class ReconcilingHandler:
         """The metrics source: in-memory observations and the counters the
         supervisors polled (thread-safe, no VMM calls)."""
         counters = self.manager.counters()
-        return [
-            VmSnapshot(
-                id=o.vm_id,
-                phase=o.phase,
-                hash=o.observed_hash or o.desired_hash,
-                store_path=o.image,
-                address=o.address,
-                restarts=o.restarts,
-                pid=o.pid or 0,
-                counters=counters.get(o.vm_id, {}),
-                confinement=o.confinement,
-                boot_seconds=o.boot_seconds,
-            )
-            for o in self.manager.list()
-        ]
+        return vm_snapshots(self.manager.list(), counters)
 
     def close(self) -> None:
         self.manager.close()
