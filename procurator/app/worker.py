@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import logging
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,10 +47,17 @@ from procurator.core.validation import (
 from procurator.rpc.address import DEFAULT_MASTER_ADDRESS
 from procurator.rpc.bridge import open_bridge
 from procurator.rpc.clients import CapnpMasterDialer
-from procurator.rpc.tls import TlsFiles
+from procurator.rpc.tls import (
+    Role,
+    TlsFiles,
+    client_context,
+    peer_identity,
+    server_context,
+)
 from procurator.worker import daemon
 from procurator.worker.daemon import HandlerFactory, RecordingHandler, StatusPublisher
 from procurator.worker.link import FailoverDialer, LinkSettings, MasterDialer, MasterLink
+from procurator.worker.move_transfer import TransferTls
 from procurator.worker.runtime import ReconcilingHandler, RuntimeOptions, resolve_driver
 from procurator.worker.snapshots import SnapshotNode, SnapshotService
 from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver
@@ -224,6 +232,27 @@ def _transfer_listener(listen: str) -> socket.socket | None:
         )
     except OSError as exc:
         raise PermanentError(f"--transfer-listen {listen}: cannot listen: {exc}") from exc
+
+
+def transfer_tls(files: TlsFiles) -> TransferTls:
+    """The worker's TLS for move transfers (``procurator.worker.
+    move_transfer``), from its fleet certificate: a target serves its
+    transfer port with it, a source dials a target that serves TLS with
+    it. Raises ``PermanentError`` naming a file that is wrong."""
+    client = client_context(files)
+    # A target is dialed by address; the identity the master named is
+    # checked after the handshake (TransferTls.worker_of), not a DNS name.
+    client.check_hostname = False
+    return TransferTls(server=server_context(files), client=client, worker_of=_worker_of)
+
+
+def _worker_of(peercert: Mapping[str, object] | None) -> str:
+    """The worker id a verified peer certificate names; ``PermanentError``
+    for any other (a control's, the master's, none)."""
+    peer = peer_identity(peercert)  # UnauthorizedError is a PermanentError
+    if peer.role is not Role.WORKER:
+        raise PermanentError(f"its certificate is {peer}'s, not a worker's")
+    return peer.name
 
 
 _LIVE_MOVES = {

@@ -46,10 +46,26 @@ one of the transfer the worker's assignment carries for the VM
 (``procurator.worker.move_service`` drops a set whose op no expected
 transfer names: ``Receiver.prune``).
 
+**TLS** (``TransferTls``, docs/SECURITY.md "Moves between workers"): a
+target that runs with the fleet's certificates serves its transfer port
+over TLS 1.3 only (its worker certificate as the server's, a client
+certificate from the fleet CA required, and the peer must be a worker:
+``procurator://worker/<id>``); the preamble, the token and everything
+after travel inside it. A plain connection to it is refused, in plain,
+with a line saying so (the first byte of a TLS ClientHello is 0x16; a
+preamble's is ``P``). The source learns from the master whether the
+target serves TLS (``send_disks(tls_target=...)``, from the target's
+``WorkerInfo.transferTls``) and then *requires* it: a target that
+answers plain (a downgrade by whoever sits on the path) fails the send,
+saying so, and the target's certificate must name the worker the master
+named (``procurator://worker/<target id>``), not merely any worker of
+the fleet. A target that says plain (an older one, or one without
+certificates) gets the disks in plain TCP, logged as unencrypted.
+
 Plain TCP: the token authenticates the source for one transfer and
 sha256 checks integrity against accidents; the bytes are not encrypted
-(TLS with the fleet's CA is not built yet: run moves on a trusted
-network; docs/SNAPSHOTS.md, "Who may feed a move").
+(run such moves on a trusted network; docs/SNAPSHOTS.md, "Who may feed
+a move").
 
 Blocking code, for worker threads (``trio.to_thread.run_sync``); a socket
 timeout bounds every read and write, and a ``SendCut`` ends a send under
@@ -74,10 +90,11 @@ import re
 import secrets
 import shutil
 import socket
+import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,6 +118,7 @@ __all__ = [
     "Receiver",
     "SendCut",
     "TransferError",
+    "TransferTls",
     "disk_files",
     "send_disks",
 ]
@@ -128,6 +146,32 @@ Progress = Callable[[int, int], None]
 class TransferError(TemporaryError):
     """A transfer failed (the peer refused it or went away, a check failed);
     the message says why. Sending again may succeed."""
+
+
+#: The first byte of a TLS record carrying a handshake (a ClientHello).
+_TLS_HANDSHAKE = 0x16
+_NEEDS_TLS = (
+    "this worker's move transfers need TLS (it runs with the fleet's certificates): "
+    "a plain connection is refused"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TransferTls:
+    """A worker's TLS for move transfers, from its fleet certificate (the
+    composition root builds it: ``procurator.app.worker.transfer_tls``).
+
+    ``server``: the target's context (TLS 1.3, its worker certificate, a
+    client certificate from the fleet CA required); ``client``: the
+    source's (TLS 1.3, its worker certificate, the server's verified
+    against the fleet CA, no host name check: ``worker_of`` checks the
+    identity); ``worker_of``: the worker id a verified peer certificate
+    (``getpeercert()``) names, raising ``PermanentError`` when it names
+    no worker (a control or the master's certificate, or none)."""
+
+    server: ssl.SSLContext
+    client: ssl.SSLContext
+    worker_of: Callable[[Mapping[str, object] | None], str] = field(repr=False)
 
 
 def disk_files(vm_dir: Path) -> list[tuple[str, Path]]:
@@ -172,7 +216,10 @@ class SendCut:
             self._cut = True
             if self._conn is not None:
                 with contextlib.suppress(OSError):
-                    self._conn.shutdown(socket.SHUT_RDWR)
+                    # The socket's own shutdown, also under TLS: an
+                    # SSLSocket's would drop its TLS state under the
+                    # sending thread's feet.
+                    socket.socket.shutdown(self._conn, socket.SHUT_RDWR)
 
     def _hold(self, conn: socket.socket) -> None:
         with self._lock:
@@ -197,12 +244,34 @@ def send_disks(
     timeout: float = 30.0,
     progress: Progress | None = None,
     cut: SendCut | None = None,
+    tls: TransferTls | None = None,
+    tls_target: str = "",
 ) -> None:
     """Send ``files`` (``disk_files``) to the target at ``address``;
     returns once the target answered ``ok``. Raises ``TransferError`` (with
     the target's reason when it refused the set, also partway; "cut" when
-    ``cut`` ended it)."""
+    ``cut`` ended it).
+
+    ``tls_target``: the target's worker id when the master says its
+    transfer port serves TLS: then the transfer runs in TLS with ``tls``
+    (this worker's), its certificate must name that worker, and nothing
+    is sent in plain (a target that answers plain fails the send). ""
+    (the target serves plain TCP): plain, logged as unencrypted when this
+    worker has certificates."""
     cut = cut or SendCut()
+    if tls_target and tls is None:
+        raise TransferError(
+            f"move {op_id}: worker {tls_target} takes VM {vm_id}'s disks only over TLS, and "
+            "this worker has no certificate (run it with --tls-cert, --tls-key and --tls-ca)"
+        )
+    if not tls_target and tls is not None:
+        log.warning(
+            "move %s: sending VM %s's disks to %s UNENCRYPTED: the target serves its "
+            "transfers in plain TCP (an older worker, or one without certificates)",
+            op_id,
+            vm_id,
+            address,
+        )
     sizes = [(name, path.stat().st_size) for name, path in files]
     total = sum(size for _, size in sizes)
     header = {
@@ -222,7 +291,7 @@ def send_disks(
         # The reader closed too: while it is open, closing the socket does
         # not close its descriptor (an exception's traceback kept it open).
         with (
-            socket.create_connection(address, timeout=timeout) as conn,
+            _connect(address, timeout, tls if tls_target else None, tls_target, op_id) as conn,
             conn.makefile("rb") as answers,
         ):
             cut._hold(conn)
@@ -289,6 +358,53 @@ def send_disks(
         )
 
 
+def _connect(
+    address: tuple[str, int],
+    timeout: float,
+    tls: TransferTls | None,
+    target: str,
+    op_id: str,
+) -> socket.socket:
+    """A connection to the target: plain, or (``tls``) in TLS with the
+    certificate of worker ``target``. Raises ``TransferError`` when the
+    handshake fails or the certificate is another's: never plain then."""
+    conn = socket.create_connection(address, timeout=timeout)
+    if tls is None:
+        return conn
+    secure = tls.client.wrap_socket(conn, do_handshake_on_connect=False)
+    try:
+        _check_target(secure, address, tls, target, op_id)
+    except BaseException:
+        secure.close()
+        raise
+    return secure
+
+
+def _check_target(
+    secure: ssl.SSLSocket, address: tuple[str, int], tls: TransferTls, target: str, op_id: str
+) -> None:
+    """The handshake with the target, whose certificate must name ``target``."""
+    try:
+        secure.do_handshake()
+    except ssl.SSLError as exc:
+        raise TransferError(
+            f"move {op_id}: worker {target} at {address} did not complete a TLS handshake "
+            f"({exc.reason or exc}); the master says its transfers serve TLS, so nothing "
+            "is sent in plain (a downgrade by someone on the path, or not that worker)"
+        ) from exc
+    try:
+        peer = tls.worker_of(secure.getpeercert())
+    except PermanentError as exc:
+        raise TransferError(
+            f"move {op_id}: the server at {address} is not worker {target}: {exc}"
+        ) from exc
+    if peer != target:
+        raise TransferError(
+            f"move {op_id}: the server at {address} holds the certificate of worker "
+            f"{peer!r}, not of the target, worker {target!r}: refused"
+        )
+
+
 def _verdict(answers: object) -> str | None:
     """The target's answer line after it closed the connection mid-send,
     or None when it left none (it went away)."""
@@ -332,8 +448,10 @@ class Receiver:
         *,
         timeout: float = 30.0,
         on_change: Callable[[], None] = lambda: None,
+        tls: TransferTls | None = None,
     ) -> None:
         self._listener = listener
+        self._tls = tls
         self._incoming = incoming
         self._timeout = timeout
         self._on_change = on_change
@@ -351,6 +469,11 @@ class Receiver:
         durable.make_dirs(incoming)  # the received sets are durable state
         for stale in incoming.glob(".*.partial"):
             shutil.rmtree(stale, ignore_errors=True)
+
+    @property
+    def serves_tls(self) -> bool:
+        """Whether transfers here run in TLS (told the master at registration)."""
+        return self._tls is not None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -446,7 +569,7 @@ class Receiver:
                     with contextlib.suppress(OSError):
                         # Under the lock: its thread closes it only after
                         # it left _waiting, so this is still its socket.
-                        evicted.shutdown(socket.SHUT_RDWR)
+                        socket.socket.shutdown(evicted, socket.SHUT_RDWR)
                     busy = False
                 if not busy:
                     thread = threading.Thread(
@@ -486,20 +609,59 @@ class Receiver:
         self._listener.close()
         for conn in conns:
             with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
+                # The socket's own (under TLS too: see SendCut.cut).
+                socket.socket.shutdown(conn, socket.SHUT_RDWR)
         for thread in threads:
             thread.join(self._timeout)
 
-    def _authenticate(self, conn: socket.socket) -> Expected:
+    def _secure(self, conn: socket.socket, peer: object, deadline: float) -> ssl.SSLSocket:
+        """``conn`` in TLS by ``deadline``, its peer's certificate from the
+        fleet CA; ``PermanentError`` otherwise (a plain peer is told so in
+        plain)."""
+        assert self._tls is not None
+        try:
+            conn.settimeout(max(deadline - time.monotonic(), 0.001))
+            first = conn.recv(1, socket.MSG_PEEK)
+        except OSError as exc:
+            raise PermanentError(f"no TLS handshake: {exc.strerror or exc}") from exc
+        if not first:
+            raise PermanentError("it hung up before its TLS handshake")
+        if first[0] != _TLS_HANDSHAKE:  # refused in plain, by _handle
+            _swallow_preamble(conn, deadline)
+            raise PermanentError(_NEEDS_TLS)
+        secure = self._tls.server.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        with self._lock:
+            # The TLS socket holds the descriptor now: close and an
+            # eviction cut that one.
+            self._conns.discard(conn)
+            self._conns.add(secure)
+            if self._waiting.pop(conn, None) is not None:
+                self._waiting[secure] = peer
+            closed = self._closed
+        try:
+            self._handshake(secure, deadline, closed=closed)
+        except (OSError, PermanentError) as exc:
+            with self._lock:
+                self._conns.discard(secure)
+                self._waiting.pop(secure, None)
+            secure.close()
+            why = exc.reason if isinstance(exc, ssl.SSLError) else str(exc)
+            raise PermanentError(f"TLS: {why or type(exc).__name__}") from exc
+        return secure
+
+    def _handshake(self, secure: ssl.SSLSocket, deadline: float, *, closed: bool) -> None:
+        assert self._tls is not None
+        if closed:
+            raise PermanentError("the receiver is closing")
+        secure.settimeout(max(deadline - time.monotonic(), 0.001))
+        secure.do_handshake()
+
+    def _authenticate(self, conn: socket.socket, deadline: float) -> Expected:
         """The expected transfer whose token ``conn`` presents (compared in
         constant time with every one); ``PermanentError`` for a peer that
         presents none of them, or no preamble."""
         try:
-            # A preamble's deadline, as on the live streams, not the
-            # transfer's timeout (which bounds a disk's reads and writes):
-            # a peer without a token holds its thread no longer than that.
-            wait = min(self._timeout, stream_auth.PREAMBLE_TIMEOUT)
-            token = read_token(conn, deadline=time.monotonic() + wait)
+            token = read_token(conn, deadline=deadline)
         except StreamRefused as exc:
             raise PermanentError(exc.message) from exc
         finally:
@@ -515,12 +677,26 @@ class Receiver:
             raise PermanentError("no transfer is expected with this token")
         return found
 
-    def _handle(self, conn: socket.socket, peer: object) -> None:
-        conn.settimeout(self._timeout)
+    def _handle(self, raw: socket.socket, peer: object) -> None:
+        raw.settimeout(self._timeout)
+        conn = raw
         vm_id = ""
-        with conn:
+        # A preamble's deadline (the TLS handshake's too), as on the live
+        # streams, not the transfer's timeout (which bounds a disk's reads
+        # and writes): a peer without a token holds its thread no longer.
+        deadline = time.monotonic() + min(self._timeout, stream_auth.PREAMBLE_TIMEOUT)
+        with raw:
             try:
-                wanted = self._authenticate(conn)
+                if self._tls is not None:
+                    secure = conn = self._secure(raw, peer, deadline)
+                    try:
+                        # Any worker of the fleet; another is told so in TLS.
+                        self._tls.worker_of(secure.getpeercert())
+                    except PermanentError:
+                        _swallow_preamble(secure, deadline)
+                        raise
+                wanted = self._authenticate(conn, deadline)
+                conn.settimeout(self._timeout)
                 accept(conn)
                 stream = conn.makefile("rb")
                 vm_id, op_id, files = self._check(_read_header(stream), wanted)
@@ -543,6 +719,10 @@ class Receiver:
                 with self._lock:
                     self._conns.discard(conn)
                     self._waiting.pop(conn, None)
+                    self._conns.discard(raw)
+                    self._waiting.pop(raw, None)
+                if conn is not raw:
+                    conn.close()
                 self._on_change()
 
     def _check(self, header: object, wanted: Expected) -> tuple[str, str, list[tuple[str, int]]]:
@@ -609,6 +789,14 @@ class Receiver:
             shutil.rmtree(partial, ignore_errors=True)  # gone once renamed
         with self._lock:
             self._failed.pop(vm_id, None)
+
+
+def _swallow_preamble(conn: socket.socket, deadline: float) -> None:
+    """Read (and drop) the preamble of a connection refused before it:
+    closed with it unread, the connection would be reset, and the reset
+    could reach the source before the refusal's line does."""
+    with contextlib.suppress(StreamRefused):
+        read_token(conn, deadline=deadline)
 
 
 def _read_header(stream: object) -> object:
