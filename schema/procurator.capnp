@@ -139,6 +139,13 @@ struct DiskTransfer {
   # A live move's target, until the switch: the VM to hold incoming, as
   # its source's assignment has it (unset after the switch, which puts the
   # VM in the target's own assignment).
+  peerTlsWorker @8 :Text;
+  # A cold move's source: the target's worker id when its transfer port
+  # serves TLS (`WorkerInfo.transferTls`); the source then sends only in
+  # TLS, to a server whose certificate names procurator://worker/<this id>
+  # ("": the target serves plain TCP). Added with TLS on the transfers: an
+  # older source ignores it and connects in plain, which a TLS target
+  # refuses (saying so).
 }
 
 struct TransferProgress {
@@ -397,6 +404,11 @@ struct WorkerInfo {
   # Its VMM driver can move a running VM (`procurator move --live`; both
   # ends must say so and run the same `driver`). Added with live moves: an
   # older worker leaves it false, and a live move to or from it is refused.
+  transferTls @10 :Bool;
+  # Its transfer port serves TLS with its fleet certificate (it runs with
+  # --tls-*): the master tells a move's source (`DiskTransfer.
+  # peerTlsWorker`), which then requires TLS. Added with TLS on the
+  # transfers: an older worker leaves it false and reads as plain.
 }
 
 struct Capacity {

@@ -171,6 +171,9 @@ async def run_worker(
         runtime = dataclasses.replace(runtime, driver=resolve_driver(runtime.driver))
     # Bound before registering: the master is told the port bound.
     listener = _transfer_listener(config.transfer_listen) if runtime is not None else None
+    # With certificates, the transfers run in TLS (the master is told, and
+    # tells a move's source to require it).
+    tls = transfer_tls(config.tls) if listener is not None and config.tls is not None else None
     info = WorkerInfo(
         worker_id=config.worker_id,
         version=__version__,
@@ -188,6 +191,7 @@ async def run_worker(
         memory_overcommit=config.memory_overcommit,
         transfer_address=_advertised(listener) if listener is not None else "",
         live_moves=runtime is not None and _LIVE_MOVES.get(runtime.driver, False),
+        transfer_tls=tls is not None,
     )
     addresses = master_addresses(config.master)
     # The master's snapshot calls, served by the runtime's VMs once it has
@@ -278,6 +282,7 @@ def _handler_factory(
     runtime: RuntimeOptions | None,
     snapshots: SnapshotNode | None,
     listener: socket.socket | None = None,
+    tls: TransferTls | None = None,
 ) -> HandlerFactory:
     """What turns this worker's assignments into VMs (and serves the
     snapshots of those VMs through ``snapshots``)."""
@@ -291,6 +296,7 @@ def _handler_factory(
             options=runtime,
             publisher=publisher,
             transfer_listener=listener,
+            transfer_tls=tls,
         )
         if snapshots is not None:
             snapshots.attach(SnapshotService(handler.manager, quota=config.snapshot_quota))

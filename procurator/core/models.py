@@ -182,6 +182,10 @@ class DiskTransfer:
     live: bool = False
     disks: str = ""
     incoming: VmAssignment | None = None
+    # A cold move's source: the target's worker id when its transfer port
+    # serves TLS (``WorkerInfo.transfer_tls``): send only in TLS, to that
+    # worker's certificate ("": plain TCP).
+    peer_tls_worker: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,6 +382,9 @@ class WorkerInfo:
     # Its VMM driver can move a running VM (``Capabilities.live_move``);
     # False from a worker older than live moves.
     live_moves: bool = False
+    # Its transfer port serves TLS (it runs with fleet certificates);
+    # False from a worker older than TLS on the transfers: plain.
+    transfer_tls: bool = False
 
 
 class WorkerState(enum.Enum):

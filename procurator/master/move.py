@@ -44,7 +44,7 @@ Pure: no clock, no I/O.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from procurator.core.models import (
@@ -169,13 +169,17 @@ def with_moves(
     assignments: Mapping[str, Assignment],
     addresses: Mapping[str, str],
     statuses: Mapping[str, WorkerStatus | None] | None = None,
+    *,
+    tls_targets: Collection[str] = frozenset(),
 ) -> Assignment:
     """``assignment`` as sent while ``moves`` are under way: the images of
     the VMs moving to its worker, before their switch, among the paths it
     prepares (beside a rollout's), and the transfers it takes part in
     (``addresses``: each worker's transfer address; ``statuses``: the
     workers' latest, where a live move's target says where its incoming
-    VMM listens). The same object when nothing is added."""
+    VMM listens; ``tls_targets``: the workers whose transfer port serves
+    TLS, which a cold move's source is told to require). The same object
+    when nothing is added."""
     worker_id = assignment.worker_id
     paths = []
     transfers = []
@@ -185,7 +189,12 @@ def with_moves(
                 transfers.append(live)
         elif move.phase is MovePhase.TRANSFERRING and worker_id == move.source:
             peer = addresses.get(move.target, "")
-            transfers.append(DiskTransfer(move.vm_id, move.op_id, False, move.token, peer))
+            # The source requires TLS of a target whose port serves it
+            # (told here, never found out by trying: no downgrade).
+            tls = move.target if move.target in tls_targets else ""
+            transfers.append(
+                DiskTransfer(move.vm_id, move.op_id, False, move.token, peer, peer_tls_worker=tls)
+            )
         elif move.phase in _RECEIVED_IN and worker_id == move.target:
             transfers.append(DiskTransfer(move.vm_id, move.op_id, True, move.token))
         if move.target != worker_id or move.phase not in _PREPARED_IN:

@@ -1714,6 +1714,11 @@ class MasterService:
             self._assignments,
             self._transfer_addresses(),
             {w.worker_id: w.status for w in self._workers.values()},
+            tls_targets={
+                w.worker_id
+                for w in self._workers.values()
+                if w.info is not None and w.info.transfer_tls
+            },
         )
 
     def _transfer_addresses(self) -> dict[str, str]:

@@ -516,9 +516,17 @@ def _transfers_from_reader(items: Any, where: str, problems: _Problems) -> tuple
                 live=bool(item.live),
                 disks=disks,
                 incoming=incoming,
+                peer_tls_worker=_tls_worker(item.peerTlsWorker, f"{at}.peerTlsWorker", problems),
             )
         )
     return tuple(found)
+
+
+def _tls_worker(worker_id: str, where: str, problems: _Problems) -> str:
+    """``DiskTransfer.peerTlsWorker``: "" or a worker id."""
+    if worker_id and (problem := check_worker_id(worker_id)) is not None:
+        problems.add(where, problem)
+    return worker_id
 
 
 def _address(address: str, where: str, problems: _Problems) -> str:
@@ -536,6 +544,8 @@ def _fill_transfers(builder: Any, transfers: Sequence[DiskTransfer]) -> None:
         entry.receive = transfer.receive
         entry.token = transfer.token
         entry.peer = transfer.peer
+        if transfer.peer_tls_worker:
+            entry.peerTlsWorker = transfer.peer_tls_worker
         if transfer.live:
             entry.live = True
             entry.disks = transfer.disks
@@ -977,6 +987,7 @@ def _worker_info(reader: Any, where: str, problems: _Problems) -> WorkerInfo:
         memory_overcommit=overcommit["memory"],
         transfer_address=_transfer_address(reader.transferAddress, where, problems),
         live_moves=bool(reader.liveMoves),
+        transfer_tls=bool(reader.transferTls),
     )
 
 
@@ -1001,6 +1012,7 @@ def fill_worker_info(builder: Any, info: WorkerInfo) -> None:
     builder.memoryOvercommit = info.memory_overcommit
     builder.transferAddress = info.transfer_address
     builder.liveMoves = info.live_moves
+    builder.transferTls = info.transfer_tls
 
 
 # ---------------------------------------------------------------- events, metrics

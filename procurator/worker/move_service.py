@@ -90,6 +90,7 @@ from procurator.worker.move_transfer import (
     Receiver,
     SendCut,
     TransferError,
+    TransferTls,
     disk_files,
     send_disks,
 )
@@ -130,8 +131,10 @@ class MoveTransfers:
         timeout: float = 60.0,
         incoming: IncomingVms | None = None,
         migration_timeout: float = 300.0,
+        tls: TransferTls | None = None,
     ) -> None:
         self._manager = manager
+        self._tls = tls
         self._incoming = incoming
         self._migration_timeout = migration_timeout
         host = listener.getsockname()[0]
@@ -150,7 +153,11 @@ class MoveTransfers:
         self._marked: dict[str, str] = {}
         self._dropped: dict[str, str] = {}
         self._receiver = Receiver(
-            listener, incoming_dir(state_dir), timeout=timeout, on_change=self.receiver_changed
+            listener,
+            incoming_dir(state_dir),
+            timeout=timeout,
+            on_change=self.receiver_changed,
+            tls=tls,
         )
         self._on_progress = on_progress
         self._retry = retry
@@ -494,6 +501,8 @@ class MoveTransfers:
                 files=files,
                 timeout=self._timeout,
                 progress=lambda done, all_: self._progress_soon(transfer, done, all_),
+                tls=self._tls,
+                tls_target=transfer.peer_tls_worker,
             )
         except (TransferError, OSError, ValueError) as exc:
             log.warning("move %s: VM %s's disks not sent: %s", transfer.op_id, vm_id, exc)
@@ -568,8 +577,11 @@ async def send_disks_in_thread(
     files: list[tuple[str, Path]],
     timeout: float,
     progress: Progress | None = None,
+    tls: TransferTls | None = None,
+    tls_target: str = "",
 ) -> None:
-    """``send_disks`` in a worker thread; cancelled, it cuts
+    """``send_disks`` in a worker thread (``tls``, ``tls_target``: as
+    there); cancelled, it cuts
     the connection and returns once the thread has (at once: its blocked
     write fails), instead of waiting for the disks to go through or the
     socket to time out."""
@@ -590,6 +602,8 @@ async def send_disks_in_thread(
                 timeout=timeout,
                 progress=progress,
                 cut=cut,
+                tls=tls,
+                tls_target=tls_target,
             )
         finally:
             trio_token.run_sync_soon(ended.set)

@@ -89,6 +89,7 @@ from procurator.worker.jail import Jail, instance_name, missing_privileges
 from procurator.worker.manager import Timeouts, VmManager, VmObservation
 from procurator.worker.metrics import WorkerMetrics, vm_snapshots
 from procurator.worker.move_service import MoveTransfers
+from procurator.worker.move_transfer import TransferTls
 from procurator.worker.network import NetworkConfig, NetworkManager
 from procurator.worker.prepare import PREPARED_DIR, ImagePreparer
 from procurator.worker.vmm import process
@@ -300,6 +301,7 @@ class ReconcilingHandler:
         driver: VmmDriver | None = None,
         netns: str | None = None,
         transfer_listener: socket.socket | None = None,
+        transfer_tls: TransferTls | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.state_dir = Path(state_dir)
@@ -382,6 +384,7 @@ class ReconcilingHandler:
                 transfer_listener,
                 self.state_dir,
                 on_progress=publisher.publish_transfers,
+                tls=transfer_tls,
                 # Live moves' incoming VMs are made as the reconciler's are.
                 incoming=self.actuator,
             )

@@ -130,6 +130,7 @@ def encode_info(info: WorkerInfo) -> str:
             "memory_overcommit": info.memory_overcommit,
             "transfer_address": info.transfer_address,
             "live_moves": info.live_moves,
+            "transfer_tls": info.transfer_tls,
         }
     )
 
@@ -148,6 +149,7 @@ def decode_info(worker_id: str, text: str) -> WorkerInfo:
         memory_overcommit=data.get("memory_overcommit", 1.0),
         transfer_address=data.get("transfer_address", ""),
         live_moves=bool(data.get("live_moves", False)),
+        transfer_tls=bool(data.get("transfer_tls", False)),
     )
 
 
