@@ -403,8 +403,9 @@ Move VM to worker WORKER, keeping its id and MAC (docs/SNAPSHOTS.md).
 A cold move (the default): the target prepares the VM's image (realised
 and rooted) while the VM runs on; then the VM is stopped on its worker
 (stop ladder); once that worker reports it stopped, it sends the VM's
-writable disk copies to the target (plain TCP to the target's
---transfer-listen address, a one-time token, sizes and sha256 checked),
+writable disk copies to the target (to the target's --transfer-listen
+address, a one-time token, sizes and sha256 checked; in mutual TLS when
+the target runs with the fleet's certificates, plain TCP otherwise),
 and once the target has them all, the target boots the VM with them. The
 VM never runs on two workers; any failure before the switch (a worker
 lost, the image failing to prepare, --timeout passed) leaves it running

@@ -177,7 +177,8 @@ def add_parser(sub: Any) -> None:
         default="",
         metavar="HOST:PORT",
         help="where this worker takes a moved VM's disks from another worker "
-        "(plain TCP, a one-time token per move: a trusted network; port 0: any "
+        "(a one-time token per move; in TLS with --tls-* (the source must be a "
+        "worker of the fleet), else plain TCP: a trusted network; port 0: any "
         "free one); '' (the default): VMs cannot be moved to this worker",
     )
     p.add_argument(
