@@ -118,16 +118,9 @@ naming the move (not a VM of this worker's yet: the caller keeps it out of
 the reconciler and the status); a failed launch is reported and not tried
 again for that request. ``ensure`` of the same hash without ``incoming``
 (the move's switch) lets it run (``finish_incoming``); if that fails, the
-VM boots from its disk copies. Its VMM does not survive the worker, its
-disk copies do: ``recover`` stops the VMM of a VM it finds held incoming
-(booted, it would run beside its source) and names the VM in
-``incoming_dropped`` for the move, but keeps its directory (once the
-source sent, the copies the source mirrored there are the guest's only
-up-to-date disks) and launches nothing for it (``VmSupervisor.
-kept_incoming``) until the spec changes: the switch's spec (the same
-hash, no longer incoming) boots it cold from those copies, a removal
-(the move failed: the move service's) deletes them, and an incoming spec
-of the same move keeps it held.
+VM boots from its disk copies. Nothing of it survives the worker:
+``recover`` removes a VM it finds held incoming (its VMM stopped, its
+directory deleted) and names it in ``incoming_dropped`` for the move.
 
 Guest clock after resume: neither cloud-hypervisor (v53 API) nor QEMU
 without a guest agent offers a way to set the guest's clock (their
@@ -193,6 +186,11 @@ the others this long, once."""
 
 class ManagerClosedError(TemporaryError):
     """The VmManager was closed (the worker is shutting down)."""
+
+
+class _EndedBefore(ManagerClosedError):
+    """The VM's supervisor ended (it finished a removal) before it took in
+    the request waited for: ``ensure`` starts over on a new supervisor."""
 
 
 class VmManager:
@@ -279,8 +277,24 @@ class VmManager:
         same spec will not help) and ``TemporaryError`` when an attempt
         failed, the VM is waiting out a restart backoff, another process owns
         the VM, or it did not converge in time (the supervisor keeps trying).
+
+        A supervisor that ends before taking the request in (it finished a
+        removal whose caller gave up, deleting the VM's directory) does not
+        fail the ensure: it starts over on a new supervisor.
         """
         StateDir.check_id(spec.vm_id)
+        while True:
+            try:
+                return self._ensure_once(spec, assigned=assigned)
+            except _EndedBefore:
+                # Its supervisor finished a removal nobody waited for any
+                # more (a remove() that timed out or failed, retried by the
+                # supervisor alone) before it took this request in, and the
+                # removal deleted the vm.json written for it: start over on
+                # a new record (``_attached`` retires the ended one).
+                log.info("VM %s: ensure starts over on a new supervisor", spec.vm_id)
+
+    def _ensure_once(self, spec: VmSpec, *, assigned: bool) -> VmObservation:
         with self._attached(spec.vm_id, create=True) as vm:
             assert vm is not None
             with vm.cond:
@@ -542,8 +556,8 @@ class VmManager:
                 if not finished:
                     result.append(vm.obs)
             if finished:
-                # Removed by its supervisor (one whose creation never
-                # completed): no longer this worker's, so the
+                # Removed by its supervisor (a VM held incoming, one whose
+                # creation never completed): no longer this worker's, so the
                 # sweeps that follow (taps, cgroups, GC roots) release what
                 # it held.
                 with vm.op_lock:
@@ -653,26 +667,23 @@ class VmManager:
         vm.flock = flock
         # Held incoming for a live move when the worker stopped: the move's
         # state is gone with this worker's memory of it, and booted the VM
-        # would run beside its source. Its VMM is stopped and no VMM
-        # launched for it, but its directory stays: once the source sent,
-        # the disk copies mirrored there are the guest's only up-to-date
-        # disks. Held until the assignment decides (the supervisor's
-        # ``kept_incoming``), and the move told (``incoming_dropped``).
-        kept = spec.incoming.op_id if recovering and spec is not None and spec.incoming else ""
-        if kept:
+        # would run beside its source. Removed (its VMM stopped), and the
+        # move told (``incoming_dropped``).
+        dropped = recovering and spec is not None and spec.incoming is not None
+        if dropped:
+            assert spec is not None and spec.incoming is not None
             log.warning(
-                "VM %s: held incoming for move %s when the worker stopped: its VMM is "
-                "stopped, its disk copies kept until the move ends",
+                "VM %s: held incoming for move %s when the worker stopped: removed",
                 vm.vm_id,
-                kept,
+                spec.incoming.op_id,
             )
             with self._map_lock:
-                self.incoming_dropped[vm.vm_id] = kept
+                self.incoming_dropped[vm.vm_id] = spec.incoming.op_id
         with vm.cond:
             vm.desired = spec
             # Found on disk without vm.json (not being created now): a VM whose
             # creation never completed. Clean it up.
-            vm.removing = spec is None and not create
+            vm.removing = (spec is None and not create) or dropped
             if spec is not None:
                 vm.obs = vm.obs.for_spec(spec)
             # Recovered before any assignment: a reschedule VM may have been
@@ -683,7 +694,7 @@ class VmManager:
                 and spec.reschedule
                 and spec.power is not PowerState.STOPPED
             )
-        supervisor = VmSupervisor(self, vm, kept_incoming=kept)
+        supervisor = VmSupervisor(self, vm)
         vm.thread = threading.Thread(target=supervisor.run, name=f"vm-{vm.vm_id}", daemon=True)
         vm.started = True
         vm.thread.start()
@@ -714,10 +725,15 @@ class VmManager:
         with vm.cond:
             request = vm.request
             while (outcome := vm.outcome) is None or outcome.request < request:
-                if vm.finished or vm.closing:
+                if vm.closing:
                     raise ManagerClosedError(
                         f"VM {vm.vm_id}: supervisor stopped before {what} completed"
                     )
+                if vm.finished:
+                    # Ended without answering this request (a supervisor
+                    # that fails answers the request it took in): it never
+                    # took it in.
+                    raise _EndedBefore(f"VM {vm.vm_id}: supervisor stopped before {what} completed")
                 left = deadline - self.clock()
                 if left <= 0:
                     raise TemporaryError(
