@@ -72,6 +72,19 @@ the workers' part: ``procurator.worker.move_service``):
   its bytes (``N%``), then ``sent`` once the call returned (its guest is
   stopped for good, the target holds the whole state), or ``failed`` (its
   guest runs on: the driver undid the migration).
+- ``cancelling``: the move failed while migrating (its deadline passed,
+  an apply changed the VM, the target was lost or lost its incoming VM)
+  with the source connected: a generation sends the source its transfer
+  without a peer (``DiskTransfer.peer`` ""), which asks it to stop
+  migrating; the target keeps its incoming VMM. The move ends by the
+  source's verdict, whenever it comes: ``sent`` (too late to stop: past
+  QEMU's switchover, or the stream through) switches (the move is done,
+  late); ``failed`` (the driver undid the migration, the guest runs on
+  there) fails it, saying why it was cancelled. A connected source that
+  never answers leaves the move in this phase, visible
+  (``ProcuratorMoveStuck``) and safe: the VM is in no other assignment,
+  and both ends keep what the switch would need. Only a lost source fails
+  it at once (see below).
 - ``switching``, ``done``: as a cold move's; the VM keeps the power it
   has in the stored assignment (a live move never changes it). The target
   lets its incoming VMM run (``finish_incoming``) for the op of the
@@ -86,9 +99,26 @@ and whichever leader reads the reports: a master killed between the
 source's report and the switch leaves both in the store (statuses are
 stored), and the next leader switches. Resuming the source instead is not
 safe: cloud-hypervisor's target already runs the guest, and a QEMU target
-holds disks the source gave up. Before it, any failure fails the move
+holds disks the source gave up. Before it, a failure fails the move
 with no revert (the guest never stopped on the source), and the fail's
-generation stops the target's incoming VMM.
+generation stops the target's incoming VMM, but never behind the back of
+a source that may still complete the migration: that would stop the
+target's incoming VMM while the source goes on, and a source that then
+finishes gives up its VMM with its "sent" mark, leaving the VM stopped
+everywhere (``send_migration``'s own timeout, 300 s by default, is no
+bound on it: the move's ``--timeout`` may be shorter). So once migrating,
+a failure with the source connected asks it to cancel (``cancelling``)
+and the source's verdict decides. A lost source fails the move at once:
+its worker is dead or cut off, and its migration cannot complete without
+it (QEMU waits at its pre-switchover pause for a ``migrate-continue`` only
+the worker sends; cloud-hypervisor's stream runs through the worker's
+relay, which died with it); the restarted worker finds the mark of a
+migration it stopped in and abandons it (``abandon_migration``, the
+guest resumes there once the move has failed). A source only cut off
+(alive, its lease lost) could still finish in the window before its
+driver's next step; its status then says what the operator must do
+(``procurator.worker.move_service``).
+
 
 What is not carried yet: the VM's snapshots.
 
@@ -154,6 +184,7 @@ class MovePhase(enum.Enum):
     STOPPING = "stopping"
     TRANSFERRING = "transferring"
     MIGRATING = "migrating"  # live moves only
+    CANCELLING = "cancelling"  # live moves only: the source is asked to stop migrating
     SWITCHING = "switching"
     DONE = "done"
     FAILED = "failed"
@@ -205,6 +236,7 @@ class MoveAction(enum.Enum):
     STOP = "stop"  # a generation: the source's copy desired stopped
     TRANSFER = "transfer"  # a generation: the source sends the disks to the target
     MIGRATE = "migrate"  # a generation (live): the source migrates the VM to the target
+    CANCEL = "cancel"  # a generation (live): the source stops migrating, then says how it ended
     SWITCH = "switch"  # a generation: the VM moves to the target
     DONE = "done"  # the row only
     FAIL = "fail"  # the row, and with ``revert`` a generation
@@ -483,76 +515,119 @@ def _live_step(
 ) -> MoveStep:
     """``step`` of a live move before its switch (see the module docstring,
     "Live moves")."""
-    if move.phase is MovePhase.MIGRATING:
-        # Past the point of no return, whatever else is true now: the
-        # source's send_migration returned (its guest stopped for good) or
-        # the target holds the whole state (cloud-hypervisor's own switch
-        # resumed it there). Only the switch is safe from here, also for a
-        # new leader reading these reports from the store.
-        sent = _progress(statuses.get(move.source), move)
-        held = _progress(statuses.get(move.target), move)
-        if (sent is not None and sent.state is TransferState.SENT) or (
-            held is not None and held.state is TransferState.RECEIVED
-        ):
-            if source_vm is None:
-                return MoveStep(
-                    MoveAction.FAIL,
-                    f"the VM left worker {move.source}'s assignment (an apply); the state it "
-                    f"migrated to {move.target} is dropped",
-                )
-            return MoveStep(MoveAction.SWITCH)
+    if move.phase in (MovePhase.MIGRATING, MovePhase.CANCELLING):
+        return _migrating_step(move, source_vm, statuses, lost, now_ms)
     if source_vm is None:
         return MoveStep(
             MoveAction.FAIL, f"the VM left worker {move.source}'s assignment (an apply)"
         )
-    if move.image and source_vm.nix_store_path != move.image:
-        return MoveStep(MoveAction.FAIL, "the VM was replaced during the move (an apply)")
-    if source_vm.power is not move.power:
-        return MoveStep(MoveAction.FAIL, "the VM's power was changed during the move (an apply)")
-    for worker, role in ((move.target, "target"), (move.source, "source")):
-        if worker in lost:
-            return MoveStep(MoveAction.FAIL, f"the {role} worker {worker} is lost")
-    if now_ms >= move.deadline_unix_ms:
-        last = _transfer_trouble(move, statuses)
-        return MoveStep(
-            MoveAction.FAIL, f"not done before the deadline (in phase {move.phase.value}{last})"
-        )
+    if why := _live_trouble(move, source_vm, statuses, lost, now_ms):
+        return MoveStep(MoveAction.FAIL, why)
     if move.phase is MovePhase.PENDING:
         return MoveStep(MoveAction.PREPARE)
     target = _progress(statuses.get(move.target), move)
-    if move.phase is MovePhase.PREPARING:
-        status = statuses.get(move.target)
-        image = (
-            next(
-                (p for p in status.prepared if p.path == source_vm.nix_store_path),
-                None,
-            )
-            if status is not None and status.observed_generation >= move.generation
-            else None
+    # PREPARING
+    status = statuses.get(move.target)
+    image = (
+        next(
+            (p for p in status.prepared if p.path == source_vm.nix_store_path),
+            None,
         )
-        if image is not None and image.state is PrepareState.FAILED:
-            why = f": {image.message}" if image.message else ""
-            return MoveStep(MoveAction.FAIL, f"worker {move.target} cannot prepare the image{why}")
-        if target is not None and target.state is TransferState.FAILED:
-            return MoveStep(
-                MoveAction.FAIL,
-                f"worker {move.target} cannot take the VM incoming: {target.message}",
-            )
-        if target is not None and target.state is TransferState.READY and target.memory:
-            return MoveStep(MoveAction.MIGRATE)
-        return MoveStep(MoveAction.WAIT)
-    # MIGRATING, not sent yet: a failed migration leaves the guest running
-    # on the source (send_migration undoes it there); a target that lost
-    # its incoming VMM (it restarted) has nothing left to migrate to.
-    source = _progress(statuses.get(move.source), move)
-    if source is not None and source.state is TransferState.FAILED:
-        return MoveStep(
-            MoveAction.FAIL,
-            f"the migration failed on {move.source}: {source.message}; the VM runs on there",
-        )
+        if status is not None and status.observed_generation >= move.generation
+        else None
+    )
+    if image is not None and image.state is PrepareState.FAILED:
+        why = f": {image.message}" if image.message else ""
+        return MoveStep(MoveAction.FAIL, f"worker {move.target} cannot prepare the image{why}")
     if target is not None and target.state is TransferState.FAILED:
         return MoveStep(
-            MoveAction.FAIL, f"worker {move.target} lost the incoming VM: {target.message}"
+            MoveAction.FAIL,
+            f"worker {move.target} cannot take the VM incoming: {target.message}",
+        )
+    if target is not None and target.state is TransferState.READY and target.memory:
+        return MoveStep(MoveAction.MIGRATE)
+    return MoveStep(MoveAction.WAIT)
+
+
+def _live_trouble(
+    move: Move,
+    source_vm: VmAssignment,
+    statuses: Mapping[str, WorkerStatus | None],
+    lost: set[str],
+    now_ms: int,
+) -> str:
+    """Why a live move before its switch cannot go on ("": it can): an
+    apply changed the VM, a worker is lost, the deadline passed."""
+    if move.image and source_vm.nix_store_path != move.image:
+        return "the VM was replaced during the move (an apply)"
+    if source_vm.power is not move.power:
+        return "the VM's power was changed during the move (an apply)"
+    for worker, role in ((move.target, "target"), (move.source, "source")):
+        if worker in lost:
+            return f"the {role} worker {worker} is lost"
+    if now_ms >= move.deadline_unix_ms:
+        last = _transfer_trouble(move, statuses)
+        return f"not done before the deadline (in phase {move.phase.value}{last})"
+    return ""
+
+
+def _migrating_step(
+    move: Move,
+    source_vm: VmAssignment | None,
+    statuses: Mapping[str, WorkerStatus | None],
+    lost: set[str],
+    now_ms: int,
+) -> MoveStep:
+    """``step`` of a live move ``migrating`` or ``cancelling``: only the
+    source's verdict ends it, but for a lost source (see the module
+    docstring)."""
+    # Past the point of no return, whatever else is true now: the
+    # source's send_migration returned (its guest stopped for good) or
+    # the target holds the whole state (cloud-hypervisor's own switch
+    # resumed it there). Only the switch is safe from here, also for a
+    # new leader reading these reports from the store, and also for a
+    # move being cancelled (too late: it is done, late).
+    sent = _progress(statuses.get(move.source), move)
+    held = _progress(statuses.get(move.target), move)
+    if (sent is not None and sent.state is TransferState.SENT) or (
+        held is not None and held.state is TransferState.RECEIVED
+    ):
+        if source_vm is None:
+            return MoveStep(
+                MoveAction.FAIL,
+                f"the VM left worker {move.source}'s assignment (an apply); the state it "
+                f"migrated to {move.target} is dropped",
+            )
+        return MoveStep(MoveAction.SWITCH)
+    cancelling = move.phase is MovePhase.CANCELLING
+    # Why it was cancelled, before what the source says of it.
+    why = f"{move.reason}; " if cancelling and move.reason else ""
+    if sent is not None and sent.state is TransferState.FAILED:
+        # The source's verdict: its driver undid the migration.
+        done = "cancelled" if cancelling else "failed"
+        return MoveStep(
+            MoveAction.FAIL,
+            f"{why}the migration {done} on {move.source}: {sent.message}; the VM runs on there",
+        )
+    if move.source in lost:
+        # Its migration cannot complete without its worker (the module
+        # docstring): nothing is left to wait for.
+        return MoveStep(MoveAction.FAIL, f"{why}the source worker {move.source} is lost")
+    if source_vm is None:
+        # An apply took the VM off the source: its removal there ends the
+        # guest, migrated or not; the apply asked for no VM there.
+        return MoveStep(
+            MoveAction.FAIL, f"{why}the VM left worker {move.source}'s assignment (an apply)"
+        )
+    if cancelling:
+        return MoveStep(MoveAction.WAIT)  # for the source's verdict
+    if trouble := _live_trouble(move, source_vm, statuses, lost, now_ms):
+        return MoveStep(MoveAction.CANCEL, trouble)
+    if held is not None and held.state is TransferState.FAILED:
+        # A target that lost its incoming VMM (it restarted): the source's
+        # stream breaks, its driver undoes the migration and says so.
+        return MoveStep(
+            MoveAction.CANCEL, f"worker {move.target} lost the incoming VM: {held.message}"
         )
     return MoveStep(MoveAction.WAIT)
 

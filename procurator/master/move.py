@@ -35,8 +35,18 @@ from it through the switch, a live transfer (``DiskTransfer.live``) that
 names the VM (``incoming``) until the switch; ``migrate`` moves the
 source's generation, and the source is sent a live transfer to where the
 target reported its incoming VMM listens (``with_moves`` reads it from
-the target's latest status); ``switch`` moves the VM with its stored
-power; ``fail`` moves both generations and reverts nothing.
+the target's latest status); ``cancel`` moves the source's generation,
+and the source is sent its live transfer without a peer (``peer`` and
+``disks`` ""), which asks it to stop migrating and report how it ended
+(the target keeps its transfer: a source past the point of no return
+still switches); ``switch`` moves the VM with its stored power; ``fail``
+moves both generations and reverts nothing.
+
+The cancel's wire shape needs no new field: a live source transfer
+always had a peer (the migrate waits for the target's address), so none
+means "stop". A source older than it ignores the change (it tried the op
+once): its migration runs to its own timeout, and its verdict ends the
+move all the same.
 
 Pure: no clock, no I/O.
 """
@@ -64,6 +74,7 @@ _NEXT = {
     MoveAction.STOP: MovePhase.STOPPING,
     MoveAction.TRANSFER: MovePhase.TRANSFERRING,
     MoveAction.MIGRATE: MovePhase.MIGRATING,
+    MoveAction.CANCEL: MovePhase.CANCELLING,
     MoveAction.SWITCH: MovePhase.SWITCHING,
     MoveAction.DONE: MovePhase.DONE,
     MoveAction.FAIL: MovePhase.FAILED,
@@ -74,6 +85,7 @@ _PREPARED_IN = (
     MovePhase.STOPPING,
     MovePhase.TRANSFERRING,
     MovePhase.MIGRATING,
+    MovePhase.CANCELLING,
 )
 """The phases in which the target keeps the VM's image prepared (rooted):
 until the switch gives it the VM itself."""
@@ -84,10 +96,17 @@ while transferring, and the VM's first prepare after the switch takes them
 only for the op of that transfer (a set an earlier, failed move left is
 never used), also after a restart of the target, until the move is done."""
 
-_INCOMING_IN = (MovePhase.PREPARING, MovePhase.MIGRATING, MovePhase.SWITCHING)
+_INCOMING_IN = (
+    MovePhase.PREPARING,
+    MovePhase.MIGRATING,
+    MovePhase.CANCELLING,
+    MovePhase.SWITCHING,
+)
 """A live move's phases in which the target is sent its transfer: it holds
-an incoming VMM from the prepare until the switch, and the switch lets it
-run (``finish_incoming``) only for the op of that transfer."""
+an incoming VMM from the prepare until the switch (also while the source
+is asked to cancel: a source past the point of no return still switches
+the VM to it), and the switch lets it run (``finish_incoming``) only for
+the op of that transfer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +151,12 @@ def plan_move(
     elif step.action is MoveAction.MIGRATE:
         changes[move.source] = source
         message = f"move {move.op_id}: migrating VM {move.vm_id}, running ({where})"
+    elif step.action is MoveAction.CANCEL:
+        changes[move.source] = source
+        message = (
+            f"move {move.op_id}: cancelling VM {move.vm_id}'s migration ({where}): "
+            f"{step.reason}; waiting for {move.source} to say how it ended"
+        )
     elif step.action is MoveAction.STOP:
         changes[move.source] = with_power(source, PowerState.STOPPED)
         message = f"move {move.op_id}: stopping VM {move.vm_id} on {move.source} ({where})"
@@ -220,11 +245,14 @@ def _live_transfer(
     """What ``worker_id`` is sent of live ``move``: the target, from the
     prepare through the switch, the VM to hold incoming (until the switch,
     which gives it the VM itself); the source, while migrating, where the
-    target's incoming VMM listens, as the target reported it."""
+    target's incoming VMM listens, as the target reported it, and while
+    cancelling, no peer (stop migrating)."""
     if worker_id == move.target and move.phase in _INCOMING_IN:
         vms = assignments[move.source].vms if move.source in assignments else ()
         vm = None if move.switched else next((v for v in vms if v.id == move.vm_id), None)
         return DiskTransfer(move.vm_id, move.op_id, True, move.token, live=True, incoming=vm)
+    if worker_id == move.source and move.phase is MovePhase.CANCELLING:
+        return DiskTransfer(move.vm_id, move.op_id, False, move.token, live=True)
     if worker_id == move.source and move.phase is MovePhase.MIGRATING:
         target = statuses.get(move.target)
         ready = next(

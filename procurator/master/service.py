@@ -2474,7 +2474,7 @@ class MasterService:
         statuses = {w.worker_id: w.status for w in self._workers.values()}
         return tuple(
             replace(m, progress=transfer_progress(m, statuses))
-            if m.phase in (MovePhase.TRANSFERRING, MovePhase.MIGRATING)
+            if m.phase in (MovePhase.TRANSFERRING, MovePhase.MIGRATING, MovePhase.CANCELLING)
             else m
             for m in moves
         )
@@ -2491,7 +2491,9 @@ class MasterService:
                 self._move_news = trio.Event()
                 driven = await self._drive_moves_once(fence)
                 if not any(
-                    m.kind is MoveKind.LIVE and m.phase is MovePhase.MIGRATING for m in driven
+                    m.kind is MoveKind.LIVE
+                    and m.phase in (MovePhase.MIGRATING, MovePhase.CANCELLING)
+                    for m in driven
                 ):
                     return
                 await self._move_news.wait()

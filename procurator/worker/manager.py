@@ -118,9 +118,16 @@ naming the move (not a VM of this worker's yet: the caller keeps it out of
 the reconciler and the status); a failed launch is reported and not tried
 again for that request. ``ensure`` of the same hash without ``incoming``
 (the move's switch) lets it run (``finish_incoming``); if that fails, the
-VM boots from its disk copies. Nothing of it survives the worker:
-``recover`` removes a VM it finds held incoming (its VMM stopped, its
-directory deleted) and names it in ``incoming_dropped`` for the move.
+VM boots from its disk copies. Its VMM does not survive the worker, its
+disk copies do: ``recover`` stops the VMM of a VM it finds held incoming
+(booted, it would run beside its source) and names the VM in
+``incoming_dropped`` for the move, but keeps its directory (once the
+source sent, the copies the source mirrored there are the guest's only
+up-to-date disks) and launches nothing for it (``VmSupervisor.
+kept_incoming``) until the spec changes: the switch's spec (the same
+hash, no longer incoming) boots it cold from those copies, a removal
+(the move failed: the move service's) deletes them, and an incoming spec
+of the same move keeps it held.
 
 Guest clock after resume: neither cloud-hypervisor (v53 API) nor QEMU
 without a guest agent offers a way to set the guest's clock (their
@@ -556,8 +563,8 @@ class VmManager:
                 if not finished:
                     result.append(vm.obs)
             if finished:
-                # Removed by its supervisor (a VM held incoming, one whose
-                # creation never completed): no longer this worker's, so the
+                # Removed by its supervisor (one whose creation never
+                # completed): no longer this worker's, so the
                 # sweeps that follow (taps, cgroups, GC roots) release what
                 # it held.
                 with vm.op_lock:
@@ -667,23 +674,26 @@ class VmManager:
         vm.flock = flock
         # Held incoming for a live move when the worker stopped: the move's
         # state is gone with this worker's memory of it, and booted the VM
-        # would run beside its source. Removed (its VMM stopped), and the
-        # move told (``incoming_dropped``).
-        dropped = recovering and spec is not None and spec.incoming is not None
-        if dropped:
-            assert spec is not None and spec.incoming is not None
+        # would run beside its source. Its VMM is stopped and no VMM
+        # launched for it, but its directory stays: once the source sent,
+        # the disk copies mirrored there are the guest's only up-to-date
+        # disks. Held until the assignment decides (the supervisor's
+        # ``kept_incoming``), and the move told (``incoming_dropped``).
+        kept = spec.incoming.op_id if recovering and spec is not None and spec.incoming else ""
+        if kept:
             log.warning(
-                "VM %s: held incoming for move %s when the worker stopped: removed",
+                "VM %s: held incoming for move %s when the worker stopped: its VMM is "
+                "stopped, its disk copies kept until the move ends",
                 vm.vm_id,
-                spec.incoming.op_id,
+                kept,
             )
             with self._map_lock:
-                self.incoming_dropped[vm.vm_id] = spec.incoming.op_id
+                self.incoming_dropped[vm.vm_id] = kept
         with vm.cond:
             vm.desired = spec
             # Found on disk without vm.json (not being created now): a VM whose
             # creation never completed. Clean it up.
-            vm.removing = (spec is None and not create) or dropped
+            vm.removing = spec is None and not create
             if spec is not None:
                 vm.obs = vm.obs.for_spec(spec)
             # Recovered before any assignment: a reschedule VM may have been
@@ -694,7 +704,7 @@ class VmManager:
                 and spec.reschedule
                 and spec.power is not PowerState.STOPPED
             )
-        supervisor = VmSupervisor(self, vm)
+        supervisor = VmSupervisor(self, vm, kept_incoming=kept)
         vm.thread = threading.Thread(target=supervisor.run, name=f"vm-{vm.vm_id}", daemon=True)
         vm.started = True
         vm.thread.start()

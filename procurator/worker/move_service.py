@@ -29,9 +29,10 @@ Live moves (``DiskTransfer.live``; docs/SNAPSHOTS.md, "Live moves"):
   VMM (``WorkerActuator.hold_incoming``: ``VmSpec.incoming``), listening
   on ports picked on the transfer listener's host, and reported ``ready``
   with them; a failure is reported ``failed`` and not tried again for the
-  op; a VM ``VmManager.recover`` dropped (the worker restarted) is
-  reported ``failed`` for its op. Once no transfer of its op is assigned
-  (the move failed), the incoming VM is removed; the switch's assignment
+  op; a VM ``VmManager.recover`` dropped (the worker restarted: its VMM
+  stopped, its disk copies kept) is reported ``failed`` for its op. Once
+  no transfer of its op is assigned (the move failed), the incoming VM
+  (a dropped one too) is removed; the switch's assignment
   lets it run (the reconciler's ``ensure``), not this service.
 - **Source**: the migration runs once per op as a job on the VM's
   supervisor (``VmManager.run_job``): the VM marked durably as migrating
@@ -224,6 +225,10 @@ class MoveTransfers:
         # What the manager's recover found: incoming VMs it dropped, and
         # migrations marked (a worker that stopped in one, or after one).
         self._dropped = dict(self._manager.incoming_dropped)
+        # Their disk copies are kept (the source may have sent: the
+        # guest's only up-to-date disks): removed as a failed move's
+        # incoming VM below once no transfer of their op is assigned.
+        self._holding.update(self._dropped)
         for obs in self._manager.list():
             if obs.moved_out is not None:
                 self._marked[obs.vm_id] = obs.moved_out.op_id

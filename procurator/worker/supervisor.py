@@ -142,7 +142,7 @@ class VmSupervisor:
     """See the module docstring. Attributes are this thread's own, except
     the record's fields under ``vm.cond``."""
 
-    def __init__(self, manager: VmManager, vm: VmRecord) -> None:
+    def __init__(self, manager: VmManager, vm: VmRecord, *, kept_incoming: str = "") -> None:
         self.m = manager
         self.vm = vm
         self.driver = manager.driver
@@ -185,6 +185,11 @@ class VmSupervisor:
         # tried again for it).
         self.incoming: Incoming | None = None
         self.incoming_failed = -1
+        # The move a restarted worker found the VM held incoming for
+        # (``VmManager.recover``; "" none): its VMM stopped, its disk
+        # copies kept, nothing launched until the spec says more.
+        self.kept_incoming = kept_incoming
+        self.kept_told = -1
         # A live move that migrates (or migrated) this VM away, as its mark
         # file says (read once, on the first turn).
         self.moved_out: MovedOut | None = None
@@ -311,6 +316,13 @@ class VmSupervisor:
         ordinary loop takes it over; any other change discards it."""
         spec = self.spec
         wanted = spec.incoming if spec is not None and not self.facts.removing else None
+        if self.kept_incoming:
+            if wanted is not None and wanted.op_id == self.kept_incoming:
+                self._hold_kept(wanted)
+                return True
+            # The move ended: the switch's spec boots the VM from the kept
+            # disk copies, a removal removes them, another move holds anew.
+            self.kept_incoming = ""
         if self.incoming is not None and wanted != self.incoming:
             self._end_incoming(spec)
         if wanted is None:
@@ -324,6 +336,32 @@ class VmSupervisor:
             raise VmmError(f"the incoming VMM for move {wanted.op_id} exited")
         self._wait(None)  # a new request, a removal, closing, or the VMM's exit
         return True
+
+    def _hold_kept(self, incoming: Incoming) -> None:
+        """A VM a restarted worker found held incoming, its move not over:
+        its VMM (never booted) stopped, no VMM launched, its directory and
+        disk copies kept (once the source sent, the only up-to-date copy of
+        the guest's disks) until the spec changes; each request answered."""
+        if not self.facts.adopted:
+            self._adopt()
+        if self.handle is not None:
+            why = f"held incoming for move {incoming.op_id} when the worker stopped"
+            try:
+                if self._alive():
+                    self._ladder(why, api=False)  # no VM in it to shut down
+                else:
+                    self._forget_vmm()
+            except ProcuratorError as exc:  # its exit wakes this thread again
+                log.error("VM %s: could not stop its VMM (%s): %s", self.vm.vm_id, why, exc)  # noqa: TRY400
+        if self.kept_told != self.request:
+            self.kept_told = self.request
+            self._publish(
+                Phase.PENDING,
+                f"held incoming for move {incoming.op_id} when the worker stopped: its VMM "
+                "stopped, its disk copies kept; boots from them if the move switches it here",
+                outcome=_OK,
+            )
+        self._wait(None)  # a new request, a removal, closing
 
     def _launch_incoming(self, spec: VmSpec, incoming: Incoming) -> None:
         if not self.facts.adopted:

@@ -52,9 +52,10 @@ class Incoming:
     """A live move's target side (docs/SNAPSHOTS.md, "Live moves"): the VM
     is held in an incoming VMM (``VmmDriver.launch_incoming`` on
     ``memory`` and ``disks`` with ``token``) for move ``op_id``: never
-    booted on its own, never probed or restarted, and dropped by a worker
-    restart (``VmManager.recover``). A spec without it for the same hash
-    (the move's switch) lets the VM run there (``finish_incoming``)."""
+    booted on its own, never probed or restarted; a worker restart stops
+    its VMM and holds the VM with its disk copies (``VmManager.recover``).
+    A spec without it for the same hash (the move's switch) lets the VM
+    run there (``finish_incoming``)."""
 
     op_id: str
     memory: tuple[str, int]

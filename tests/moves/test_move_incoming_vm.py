@@ -1,7 +1,8 @@
 """A live move's target side in the VmManager (vmrecord.Incoming): a VM
 held incoming runs an incoming VMM that is never booted, probed or
 restarted on its own; the switch's spec lets it run with the state it
-received; a worker restart drops it. Real fake cloud-hypervisor
+received; a worker restart stops its VMM but keeps its disk copies until
+the move ends (the switch boots the VM from them). Real fake cloud-hypervisor
 processes, the state over real sockets from a source VMM launched by the
 same driver."""
 
@@ -143,24 +144,76 @@ def test_a_switch_without_the_state_boots_the_vm_from_its_disks(
         target.close()
 
 
-def test_a_restarted_worker_drops_a_vm_held_incoming(
+def restarted_holding_incoming(state: Path, driver: CloudHypervisorDriver) -> tuple[VmSpec, Path]:
+    """A worker that held vm1 incoming for move op-m, with a writable disk
+    copy the source mirrored the guest's writes into (the marker), and
+    stopped (its VMMs live on): the switch's spec, and the disk copy."""
+    disk = StateDir(state).vm_dir("vm1") / "disks" / "image" / "disk0.img"
+    disk.parent.mkdir(parents=True)
+    disk.write_bytes(b"\0" * 4096)  # the fresh copy of the image's disk
+    rw = [{"path": str(disk), "id": "disk0", "readonly": False}]
+    spec = VmSpec("vm1", "h1", definition(disks=rw), op_id="op-m")
+    first = manager(state, driver, Events())
+    try:
+        obs = first.ensure(
+            dataclasses.replace(spec, incoming=Incoming("op-m", free_address(), None, TOKEN))
+        )
+        assert obs.pid is not None
+        disk.write_bytes(b"the guest's writes, mirrored")
+    finally:
+        first.close()
+    assert vmm_pids_under(state)
+    return spec, disk
+
+
+def test_a_restarted_worker_keeps_the_disks_of_a_vm_held_incoming(
+    root: Path, driver: CloudHypervisorDriver
+) -> None:
+    # Restarted after the source sent (its guest stopped for good): the
+    # disk copies here are the guest's only up-to-date disks. They were
+    # deleted with the VM, and the switch booted it from fresh copies.
+    state = root / "target"
+    spec, disk = restarted_holding_incoming(state, driver)
+    events = Events()
+    second = manager(state, driver, events)
+    try:
+        (held,) = second.recover()
+        # Its VMM (never booted) stopped, no VMM launched, the move told;
+        # still no VM of this worker's (the assignment decides).
+        assert second.incoming_dropped == {"vm1": "op-m"}
+        assert (held.incoming, held.phase, held.pid) == ("op-m", Phase.PENDING, None), held
+        assert "disk copies kept" in held.message, held
+        assert vmm_pids_under(state) == {}
+        assert disk.read_bytes() == b"the guest's writes, mirrored"
+        # The move not over: asked again for the incoming VM, it stays held.
+        again = second.ensure(
+            dataclasses.replace(spec, incoming=Incoming("op-m", free_address(), None, TOKEN))
+        )
+        assert (again.phase, again.pid) == (Phase.PENDING, None), again
+        # The switch: the VM boots cold from the kept copy.
+        switched = second.ensure(spec)
+        assert (switched.incoming, switched.phase) == ("", Phase.RUNNING), switched
+        assert switched.pid is not None and switched.power is PowerState.RUNNING
+        assert any(e.kind is EventKind.BOOTED for e in events.seen)
+        assert disk.read_bytes() == b"the guest's writes, mirrored"
+        second.remove("vm1")
+        assert not StateDir(state).exists("vm1")
+    finally:
+        second.close()
+
+
+def test_a_restarted_worker_removes_a_kept_incoming_vm_its_move_no_longer_names(
     root: Path, driver: CloudHypervisorDriver
 ) -> None:
     state = root / "target"
-    first = manager(state, driver, Events())
-    held = VmSpec("vm1", "h1", definition(), incoming=Incoming("op-m", free_address(), None, TOKEN))
-    obs = first.ensure(held)
-    first.close()  # the worker stops; its VMMs live on
-    assert obs.pid is not None and vmm_pids_under(state)
+    restarted_holding_incoming(state, driver)
     second = manager(state, driver, Events())
     try:
-        assert second.recover() == []
-        # Not the worker's any more: the sweeps after recover release its
-        # tap, cgroup and GC root.
+        second.recover()
+        second.remove("vm1", op_id="op-m")  # the move failed (the move service's)
         assert second.list() == []
-        assert second.incoming_dropped == {"vm1": "op-m"}
+        assert not StateDir(state).vm_dir("vm1").exists()
         assert vmm_pids_under(state) == {}
-        assert not StateDir(state).exists("vm1")
     finally:
         second.close()
 
