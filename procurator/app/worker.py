@@ -217,7 +217,7 @@ async def run_worker(
                 info,
                 state_dir=config.state_dir,
                 settings=config.link,
-                handler_factory=_handler_factory(config, runtime, snapshots, listener),
+                handler_factory=_handler_factory(config, runtime, snapshots, listener, tls),
                 task_status=task_status,
             )
     finally:

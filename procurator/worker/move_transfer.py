@@ -680,6 +680,7 @@ class Receiver:
     def _handle(self, raw: socket.socket, peer: object) -> None:
         raw.settimeout(self._timeout)
         conn = raw
+        via = "in plain TCP"
         vm_id = ""
         # A preamble's deadline (the TLS handshake's too), as on the live
         # streams, not the transfer's timeout (which bounds a disk's reads
@@ -691,7 +692,7 @@ class Receiver:
                     secure = conn = self._secure(raw, peer, deadline)
                     try:
                         # Any worker of the fleet; another is told so in TLS.
-                        self._tls.worker_of(secure.getpeercert())
+                        via = f"in TLS from worker {self._tls.worker_of(secure.getpeercert())}"
                     except PermanentError:
                         _swallow_preamble(secure, deadline)
                         raise
@@ -706,7 +707,7 @@ class Receiver:
                 conn.sendall(b"go\n")
                 self._receive(stream, vm_id, op_id, files)
                 conn.sendall(b"ok\n")
-                log.info("move %s: VM %s's disks received from %s", op_id, vm_id, peer)
+                log.info("move %s: VM %s's disks received %s at %s", op_id, vm_id, via, peer)
             except (PermanentError, TransferError, OSError, ValueError, TypeError) as exc:
                 why = str(exc) or type(exc).__name__
                 log.warning("a move transfer from %s refused: %s", peer, why)
