@@ -45,6 +45,12 @@ Live moves (``DiskTransfer.live``; docs/SNAPSHOTS.md, "Live moves"):
   again here); not before the worker's first assignment, and never for a
   VM no longer assigned here (the switch took it: its removal takes the
   mark, and the VM is not started here in between).
+  A live transfer without a peer is the move's ``cancelling``: the
+  migration under way is asked to stop (``send_migration``'s ``cancel``;
+  the driver undoes it, or, past its point of no return, completes it)
+  and reported as it ended, ``sent`` or ``failed``; one not begun yet is
+  never begun (``failed``). The verdict is reported while the transfer is
+  assigned, whatever its peer now is: the leader waits for it.
   cloud-hypervisor cannot move writable disks live (v53 moves memory and
   device state only; the pre-copy while paused is not built): a VM with
   writable disk copies is refused, ``failed``, and stays.
@@ -152,6 +158,8 @@ class MoveTransfers:
         self._holding: dict[str, str] = {}
         self._listening: dict[str, tuple[str, str]] = {}
         self._marked: dict[str, str] = {}
+        # The migrations running (vm -> op, and the event that cancels it).
+        self._cancels: dict[str, tuple[str, threading.Event]] = {}
         self._dropped: dict[str, str] = {}
         self._receiver = Receiver(
             listener,
@@ -200,6 +208,10 @@ class MoveTransfers:
             now = self._transfers.get(vm_id)
             if now is None or not now.live or now.op_id != self._live[vm_id].op_id:
                 del self._live[vm_id]
+        for vm_id, (op_id, cancel) in self._cancels.items():
+            now = self._transfers.get(vm_id)
+            if now is not None and now.op_id == op_id and _cancelled(now):
+                cancel.set()
         self._wake.set()
 
     def receiving(self, vm_id: str) -> str | None:
@@ -316,6 +328,13 @@ class MoveTransfers:
                     TransferState.FAILED,
                     message=f"the VM's migration mark ({MOVED_OUT_FILE}) is unreadable: it is "
                     "held here, stopped, until an operator removes the mark",
+                )
+            elif key not in self._live_tried and _cancelled(transfer):
+                self._live_tried.add(key)
+                self._set_live(
+                    transfer,
+                    TransferState.FAILED,
+                    message="the move was cancelled before the migration began",
                 )
             elif key not in self._live_tried and obs is not None:
                 self._live_tried.add(key)
@@ -444,6 +463,8 @@ class MoveTransfers:
         token = self._token
         assert token is not None
         last = [-1]
+        cancel = threading.Event()
+        self._cancels[vm_id] = (transfer.op_id, cancel)
 
         def progress(done: int, total: int) -> None:
             # From the supervisor's thread: every percent, and the end.
@@ -457,19 +478,31 @@ class MoveTransfers:
                 self._manager.run_job,
                 vm_id,
                 f"live move {transfer.op_id}",
-                _migrate_job(transfer, progress, self._migration_timeout),
+                _migrate_job(transfer, progress, self._migration_timeout, cancel),
             )
         except ProcuratorError as exc:
             log.warning("move %s: VM %s not migrated: %s", transfer.op_id, vm_id, exc)
-            if self._transfers.get(vm_id) == transfer:
+            if self._still_assigned(transfer):
                 self._set_live(transfer, TransferState.FAILED, message=str(exc))
         else:
             log.info("move %s: VM %s migrated to %s", transfer.op_id, vm_id, transfer.peer)
-            if self._transfers.get(vm_id) == transfer:
+            if self._still_assigned(transfer):
                 self._set_live(transfer, TransferState.SENT, done=1, total=1)
         finally:
+            del self._cancels[vm_id]
             self._live_busy.discard(vm_id)
             self._wake.set()
+
+    def _still_assigned(self, transfer: DiskTransfer) -> bool:
+        """Whether the assignment still names ``transfer``'s op for its VM
+        (its peer may have gone meanwhile: the move is cancelling, and
+        waits for this verdict)."""
+        now = self._transfers.get(transfer.vm_id)
+        return now is not None and (now.op_id, now.live, now.receive) == (
+            transfer.op_id,
+            transfer.live,
+            transfer.receive,
+        )
 
     def _migrated_bytes(self, transfer: DiskTransfer, done: int, total: int) -> None:
         current = self._live.get(transfer.vm_id)
@@ -631,8 +664,17 @@ def incoming_dir(state_dir: Path) -> Path:
     return Path(state_dir) / INCOMING_DIR
 
 
+def _cancelled(transfer: DiskTransfer) -> bool:
+    """Whether ``transfer`` asks its source to stop migrating (a live
+    source transfer without a peer: the move is cancelling)."""
+    return transfer.live and not transfer.receive and not transfer.peer
+
+
 def _migrate_job(
-    transfer: DiskTransfer, progress: Callable[[int, int], None], timeout: float
+    transfer: DiskTransfer,
+    progress: Callable[[int, int], None],
+    timeout: float,
+    cancel: threading.Event,
 ) -> Callable[[JobContext], None]:
     """A live move's migration, run on the VM's supervisor thread (see the
     module docstring)."""
@@ -656,6 +698,7 @@ def _migrate_job(
                 token=bytes.fromhex(transfer.token),
                 timeout=timeout,
                 progress=progress,
+                cancel=cancel,
             )
         except BaseException:
             # The driver undid it: the guest runs on here.

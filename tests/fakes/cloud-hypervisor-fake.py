@@ -76,6 +76,8 @@ file the test writes; re-read on every request, so it can change at run time):
   migration_fails_halfway: true  the end of a migration that has this set
                              (sender or receiver) breaks the stream after
                              half the guest memory and answers 500
+  migration_frame_delay: s   the sender waits s seconds before each frame of
+                             its migration stream (a slow migration)
   listen_delay: s            vm.receive-migration on a unix: URL binds its
                              socket s seconds before it listens (a real VMM's
                              window between bind and listen, widened)
@@ -651,6 +653,7 @@ def _send(vmm: Vmm, url: str, data: dict[str, Any], faults: dict[str, Any]) -> N
         stream = conn.makefile("rwb")
 
         def frame(command: str, payload: bytes = b"") -> None:
+            time.sleep(float(faults.get("migration_frame_delay", 0.0)))
             if cancel and time.monotonic() > deadline:
                 raise _MigrationError(f"timed out after {limit} s (timeout_strategy Cancel)")
             header = {"command": command, "length": len(payload)}

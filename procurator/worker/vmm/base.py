@@ -58,6 +58,7 @@ never leak.
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -403,6 +404,7 @@ class VmmDriver(Protocol):
         token: bytes,
         timeout: float,
         progress: MigrationProgress | None = None,
+        cancel: threading.Event | None = None,
     ) -> None:
         """The source of a live move, its guest running (or paused):
         with ``disks``, mirror every writable disk to the target's export
@@ -434,7 +436,17 @@ class VmmDriver(Protocol):
         target's acceptance before the VMM is given the connection; a
         refusal is a ``VmmError`` naming the target's reason (the move is
         undone as for any failure). A bad ``token`` is ``VmmRejected``
-        before anything is asked of the VMM."""
+        before anything is asked of the VMM.
+
+        ``cancel``: set from another thread, it asks the call to stop (the
+        move is cancelled: its deadline passed, say). The driver looks at
+        it while the copy runs (every poll) and, before its point of no
+        return, undoes the move as for a failure and raises ``VmmError``
+        saying it was cancelled; past it (QEMU: the device state going
+        after the switchover; cloud-hypervisor: the stream through), it
+        is too late: the call completes and returns as it would have.
+        Either way the caller's verdict is the call's outcome. Set before
+        the call, nothing is asked of the VMM."""
         ...
 
     def finish_incoming(self, handle: VmmHandle, *, timeout: float) -> None:

@@ -457,6 +457,7 @@ class CloudHypervisorDriver:
         token: bytes,
         timeout: float,
         progress: MigrationProgress | None = None,
+        cancel: threading.Event | None = None,
     ) -> None:
         """``vm.send-migration`` to ``unix:<run dir>/migrate.sock``, where
         the worker's relay listens and carries the stream to ``memory``
@@ -483,9 +484,20 @@ class CloudHypervisorDriver:
         call's answer timed out and the VMM was gone by then) is the one
         ambiguous answer: if the stream had completed, the target runs the
         VM, so the caller asks the target (``finish_incoming``) before
-        starting the VM here again."""
+        starting the VM here again.
+
+        ``cancel``, looked at every ``_PROGRESS_INTERVAL``: set, the relay
+        is closed, which breaks the stream; cloud-hypervisor then fails the
+        send and resumes its VM (raised as any failure, saying it was
+        cancelled). A stream already through completes all the same (the
+        target holds the VM): the call returns as it would have."""
         _refuse_disks(disks)
         check_token(token)
+        if cancel is not None and cancel.is_set():
+            raise VmmError(
+                f"cloud-hypervisor at {handle.api_socket}: the move was cancelled before "
+                "its migration began"
+            )
         deadline = time.monotonic() + timeout
         sending = Path(handle.api_socket).parent / _MIGRATION_SOCKET
         _check_socket_path(sending)
@@ -498,6 +510,7 @@ class CloudHypervisorDriver:
             )
         total = _memory_size(info)
         relay: Relay | None = None
+        cancelled = False
         try:
             relay = Relay.outgoing(
                 sending, memory, token, timeout=_left(deadline, handle, "the relay")
@@ -515,10 +528,17 @@ class CloudHypervisorDriver:
                 ),
             )
             while not call.done.wait(_PROGRESS_INTERVAL):
+                if cancel is not None and cancel.is_set() and not cancelled:
+                    # The stream breaks: cloud-hypervisor fails the send
+                    # (and resumes the VM), or it was through already.
+                    cancelled = True
+                    relay.close()
                 if progress is not None:
                     progress(relay.sent, max(total, relay.sent))
             call.result(0.0)
         except (VmmError, VmmRejected) as exc:
+            if cancelled:
+                exc.details = (*exc.details, "the move was cancelled: its stream was cut")
             # Whichever step failed (the target unreachable, the send
             # refused or broken): the VM the caller paused runs again.
             if relay is not None:

@@ -749,11 +749,13 @@ class _Outgoing:
         session: _QmpSession,
         token: bytes,
         progress: MigrationProgress | None,
+        cancel: threading.Event | None = None,
     ) -> None:
         self._target = target
         self._session = session
         self._token = token
         self._progress = progress
+        self._cancel = cancel
         self._fds: list[str] = []  # descriptor names given (getfd)
         self._connections: list[socket.socket] = []  # our copies of what QEMU was given
         self._mirrors: list[str] = []  # disk ids with a node (and perhaps a job)
@@ -797,7 +799,10 @@ class _Outgoing:
 
     def switch_over(self) -> None:
         """From the switchover: the mirrors completed in sync and removed,
-        then the device state sent (``migrate-continue``)."""
+        then the device state sent (``migrate-continue``). A cancel is
+        heard up to here (the guest is stopped, its device state not sent:
+        the undo resumes it), not after."""
+        self._check_cancel()
         session = self._session
         jobs = self._our_jobs()
         for job_id in self._jobs:
@@ -886,6 +891,7 @@ class _Outgoing:
             if all(jobs[j].get("status") == "ready" for j in self._jobs):
                 self._disk_bytes = total
                 return
+            self._check_cancel()
             self._session.wait("mirroring the disks", _MIGRATION_POLL)
 
     def _wait_jobs_concluded(self, *, failed_is_error: bool) -> None:
@@ -925,11 +931,18 @@ class _Outgoing:
             if status not in _MIGRATING:
                 reason = info.get("error-desc", "no reason given")
                 raise VmmError(f"{self._target}: migrating the VM {status}: {reason}")
+            self._check_cancel()
             self._session.wait("migrating the VM", _SWITCHOVER_POLL)
 
     def _report(self, done: int, total: int) -> None:
         if self._progress is not None:
             self._progress(done, total)
+
+    def _check_cancel(self) -> None:
+        """``VmmError`` once the caller cancelled the move (a failure:
+        the caller undoes it)."""
+        if self._cancel is not None and self._cancel.is_set():
+            raise VmmError(f"{self._target}: the move was cancelled")
 
     def undo(self) -> str | None:
         """After a failure: the source as it was before the move, its guest
@@ -1288,6 +1301,7 @@ class QemuDriver:
         token: bytes,
         timeout: float,
         progress: MigrationProgress | None = None,
+        cancel: threading.Event | None = None,
     ) -> None:
         """Mirror, then migrate, over connections this process opens and
         hands QEMU (``getfd``): with ``disks``, each writable drive gets an
@@ -1300,12 +1314,17 @@ class QemuDriver:
         does the device state go (``migrate-continue``). One QMP session
         for the whole move. On any failure the move is undone in a new
         session (``_undo_move``): migration cancelled, mirror jobs and
-        nodes removed, the capability reset, ``cont``."""
+        nodes removed, the capability reset, ``cont``. ``cancel`` is
+        looked at on every poll until the switchover (mirroring, migrating,
+        waiting there): set, it is a failure, undone; once the device
+        state goes (``migrate-continue``) the move completes."""
         check_token(token)
         deadline = time.monotonic() + timeout
         target = self._target(handle)
+        if cancel is not None and cancel.is_set():
+            raise VmmError(f"{target}: the move was cancelled before its migration began")
         with self._session(handle, deadline) as session:
-            move = _Outgoing(target, session, token, progress)
+            move = _Outgoing(target, session, token, progress, cancel)
             try:
                 move.run(memory, disks)
             except (VmmError, VmmRejected) as exc:
