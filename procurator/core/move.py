@@ -92,8 +92,16 @@ the workers' part: ``procurator.worker.move_service``):
   restarted after the switch) boots the VM cold from its disk copies.
 
 The point of no return is the source's ``sent`` (or the target's
-``received``: cloud-hypervisor's target resumes the VM itself when the
-stream completes, before the source's call returns). From it the only step
+``received``, for a driver in ``TARGET_COMPLETES_LIVE`` only:
+cloud-hypervisor's target resumes the VM itself when the stream completes,
+before the source's call returns). A target's ``received`` is acted on
+only where it is its driver's documented completion signal (``step``'s
+``target_driver``: the target worker's registered VMM driver): a QEMU
+target's guest runs only at ``finish_incoming``, so only the source's
+``send_migration`` returning proves its guest stopped for good, and the
+restarted source's undo of a migration it stopped in (docs/SNAPSHOTS.md)
+is safe only because nothing but that ``sent`` switches a QEMU move. From
+it the only step
 is the switch, whatever else is true by then (the deadline, a worker lost)
 and whichever leader reads the reports: a master killed between the
 source's report and the switch leaves both in the store (statuses are
@@ -150,6 +158,7 @@ __all__ = [
     "DEFAULT_MOVE_TIMEOUT_S",
     "MAX_MOVE_TIMEOUT_S",
     "MOVES_KEPT",
+    "TARGET_COMPLETES_LIVE",
     "Move",
     "MoveAction",
     "MoveKind",
@@ -406,6 +415,13 @@ def ahead_of(move: Move, moves: Iterable[Move]) -> list[Move]:
     ]
 
 
+TARGET_COMPLETES_LIVE = frozenset({"cloud-hypervisor"})
+"""The VMM drivers (``WorkerInfo.driver``) whose live move's target
+reporting ``received`` completes the move (its VMM resumed the guest
+itself); a target of any other is not taken at its word (the module
+docstring)."""
+
+
 def step(
     move: Move,
     *,
@@ -414,12 +430,16 @@ def step(
     lost: Iterable[str],
     now_ms: int,
     target_shortfall: str | None = None,
+    target_driver: str = "",
 ) -> MoveStep:
     """What the leader does next with ``move``, from the stored
     assignments, the workers' latest statuses, the lost workers and the
     time (see the module docstring). ``target_shortfall``: for a pending
     move, why its VM does not fit on the target beside what is there and
-    the moves ``ahead_of`` it (None: it fits). Idempotent: asked again over
+    the moves ``ahead_of`` it (None: it fits). ``target_driver``: the VMM
+    driver of the move's target worker ("": unknown); a live move switches
+    on its target's ``received`` only for one in ``TARGET_COMPLETES_LIVE``.
+    Idempotent: asked again over
     the same facts it answers the same, so a leader killed between
     deciding and committing decides the same again."""
     if move.over:
@@ -432,7 +452,8 @@ def step(
     lost = set(lost)
     source_vm = next((v for v in _vms(assignments, move.source) if v.id == move.vm_id), None)
     if move.kind is MoveKind.LIVE and not move.switched:
-        return _live_step(move, source_vm, statuses, lost, now_ms)
+        completes = target_driver in TARGET_COMPLETES_LIVE
+        return _live_step(move, source_vm, statuses, lost, now_ms, target_completes=completes)
     if move.switched:
         ok, phase = _reported(statuses.get(move.target), move.vm_id, move.generation)
         target_vm = next((v for v in _vms(assignments, move.target) if v.id == move.vm_id), None)
@@ -512,11 +533,16 @@ def _live_step(
     statuses: Mapping[str, WorkerStatus | None],
     lost: set[str],
     now_ms: int,
+    *,
+    target_completes: bool,
 ) -> MoveStep:
     """``step`` of a live move before its switch (see the module docstring,
-    "Live moves")."""
+    "Live moves"); ``target_completes``: its target's ``received`` is its
+    driver's completion signal."""
     if move.phase in (MovePhase.MIGRATING, MovePhase.CANCELLING):
-        return _migrating_step(move, source_vm, statuses, lost, now_ms)
+        return _migrating_step(
+            move, source_vm, statuses, lost, now_ms, target_completes=target_completes
+        )
     if source_vm is None:
         return MoveStep(
             MoveAction.FAIL, f"the VM left worker {move.source}'s assignment (an apply)"
@@ -577,10 +603,12 @@ def _migrating_step(
     statuses: Mapping[str, WorkerStatus | None],
     lost: set[str],
     now_ms: int,
+    *,
+    target_completes: bool,
 ) -> MoveStep:
     """``step`` of a live move ``migrating`` or ``cancelling``: only the
     source's verdict ends it, but for a lost source (see the module
-    docstring)."""
+    docstring); ``target_completes``: as ``_live_step``'s."""
     # Past the point of no return, whatever else is true now: the
     # source's send_migration returned (its guest stopped for good) or
     # the target holds the whole state (cloud-hypervisor's own switch
@@ -590,7 +618,9 @@ def _migrating_step(
     sent = _progress(statuses.get(move.source), move)
     held = _progress(statuses.get(move.target), move)
     if (sent is not None and sent.state is TransferState.SENT) or (
-        held is not None and held.state is TransferState.RECEIVED
+        # Only where the driver says the target's "received" completes
+        # it: QEMU's proves nothing of the source's guest (module docstring).
+        target_completes and held is not None and held.state is TransferState.RECEIVED
     ):
         if source_vm is None:
             return MoveStep(

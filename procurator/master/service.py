@@ -2542,12 +2542,16 @@ class MasterService:
             now_ms = self._now_ms()
             lost = [w.worker_id for w in self._workers.values() if self._lost(w, now_ms)]
             statuses = {w.worker_id: w.status for w in self._workers.values()}
+            target = self._workers.get(move.target)
+            target_info = target.info if target is not None else None
             step = move_step(
                 move,
                 assignments=self._assignments,
                 statuses=statuses,
                 lost=lost,
                 now_ms=now_ms,
+                # Whether its "received" completes a live move is the driver's.
+                target_driver=target_info.driver if target_info is not None else "",
                 target_shortfall=(
                     await self._target_shortfall(move, now_ms)
                     if move.phase is MovePhase.PENDING

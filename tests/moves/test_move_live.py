@@ -27,6 +27,7 @@ from procurator.core.models import (
     WorkerStatus,
 )
 from procurator.core.move import (
+    TARGET_COMPLETES_LIVE,
     Move,
     MoveAction,
     MoveKind,
@@ -72,6 +73,7 @@ def decide(
     assignments: dict[str, Assignment] = ON_SOURCE,
     now: int = 10,
     lost: tuple[str, ...] = (),
+    driver: str = "cloud-hypervisor",
 ) -> MoveStep:
     return step(
         move,
@@ -79,6 +81,7 @@ def decide(
         statuses={s.worker_id: s for s in statuses},
         lost=lost,
         now_ms=now,
+        target_driver=driver,
     )
 
 
@@ -151,6 +154,29 @@ def test_once_the_source_sent_the_state_only_the_switch_is_left() -> None:
     # A report of an older generation says nothing of this phase.
     stale = reports("w1", 6, TransferState.SENT)
     assert decide(MIGRATING, READY, stale) == MoveStep(MoveAction.WAIT)
+
+
+def test_a_qemu_targets_received_never_switches_a_move_the_source_did_not_send() -> None:
+    """The switch on a target's word is cloud-hypervisor's alone (its
+    target resumes the guest itself). A QEMU target's guest runs only at
+    finish_incoming, so its "received" proves nothing of the source's
+    guest: a switch on it while the source has not sent would run the VM
+    on the target beside a source that runs on, or that a restart's undo
+    starts again (docs/SNAPSHOTS.md). Only the source's "sent" counts."""
+    held = reports("w2", 7, TransferState.RECEIVED)
+    for driver in ("qemu", ""):  # "": the target's driver not known
+        assert decide(MIGRATING, held, driver=driver) == MoveStep(MoveAction.WAIT)
+        sending = reports("w1", 7, TransferState.SENDING, done=1, total=2)
+        assert decide(MIGRATING, held, sending, driver=driver) == MoveStep(MoveAction.WAIT)
+        # Nor past the deadline or with the source lost: the move ends
+        # (or asks the source to cancel) with the VM the source's.
+        for kw in ({"now": 5_000}, {"lost": ("w1",)}):
+            answer = decide(MIGRATING, held, driver=driver, **kw)  # type: ignore[arg-type]
+            assert answer.action is not MoveAction.SWITCH
+        sent = reports("w1", 7, TransferState.SENT, done=2, total=2)
+        assert decide(MIGRATING, held, sent, driver=driver) == MoveStep(MoveAction.SWITCH)
+    assert "qemu" not in TARGET_COMPLETES_LIVE
+    assert decide(MIGRATING, held, driver="cloud-hypervisor") == MoveStep(MoveAction.SWITCH)
 
 
 def test_the_target_holds_the_vm_incoming_and_the_source_is_sent_its_addresses() -> None:
