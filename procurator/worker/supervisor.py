@@ -491,7 +491,15 @@ class VmSupervisor:
                 "restart this worker"
             )
         elif out.sent:
-            why = f"moved live to its target (move {out.op_id}): held until the switch removes it"
+            # Its move may yet have failed: a leader that lost this worker
+            # fails a migrating move at once (procurator.core.move), and a
+            # worker only cut off can finish the migration after that.
+            why = (
+                f"moved live to its target (move {out.op_id}): held until the switch removes "
+                f"it; if `procurator moves {self.vm.vm_id}` shows that move failed instead, "
+                f"the VM runs nowhere: remove {self.paths.vm_dir / MOVED_OUT_FILE} and restart "
+                "this worker to start it here again"
+            )
         else:
             why = (
                 f"the worker stopped while moving it live (move {out.op_id}): held until the "

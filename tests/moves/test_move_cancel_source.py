@@ -132,3 +132,36 @@ async def test_a_cancelled_migration_is_undone_and_its_verdict_reported(
         if incoming is not None:
             driver.shutdown_vmm(incoming, timeout=5.0)
             process.terminate(incoming.pid, incoming.pid_start_ticks, grace=2.0)
+
+
+async def test_a_vm_sent_away_by_a_move_that_may_have_failed_says_what_to_do(
+    root: Path, driver: CloudHypervisorDriver
+) -> None:
+    # A leader that lost this worker failed its migrating move at once; a
+    # worker only cut off can still finish the migration after that. Its
+    # VM, held by the "sent" mark, said only 'held until the switch
+    # removes it', a switch that never comes.
+    state = root / "source"
+    first = VmManager(
+        state, driver, timeouts=FAST, policy=FAST_POLICY, on_change=lambda o, e: None, jail=None
+    )
+    try:
+        first.ensure(VmSpec("vm1", "h1", definition()))
+    finally:
+        first.close()  # the worker stops; its VMM lives on
+    kill_all_under(state)  # and went with the migration that completed
+    mark = StateDir(state).vm_dir("vm1") / MOVED_OUT_FILE
+    mark.write_text(json.dumps({"op_id": "op-m", "sent": True}))
+    here = VmManager(
+        state, driver, timeouts=FAST, policy=FAST_POLICY, on_change=lambda o, e: None, jail=None
+    )
+    try:
+        here.recover()
+        await trio.to_thread.run_sync(here.run_job, "vm1", "probe", lambda ctx: None)
+        held = here.get("vm1")
+        assert held is not None and held.phase is Phase.STOPPED and held.pid is None, held
+        assert "procurator moves vm1" in held.message, held.message
+        assert f"remove {mark} and restart this worker" in held.message, held.message
+        here.remove("vm1")
+    finally:
+        here.close()
