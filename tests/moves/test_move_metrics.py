@@ -37,7 +37,15 @@ def scrape(metrics: MasterMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...
 def under_way(**phases: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return {
         ("procurator_master_moves", (("phase", p),)): float(phases.get(p, 0))
-        for p in ("pending", "preparing", "stopping", "transferring", "migrating", "switching")
+        for p in (
+            "pending",
+            "preparing",
+            "stopping",
+            "transferring",
+            "migrating",
+            "cancelling",
+            "switching",
+        )
     }
 
 
