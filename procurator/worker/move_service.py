@@ -420,7 +420,13 @@ class MoveTransfers:
             )
         except (ProcuratorError, OSError, ValueError) as exc:
             log.warning("move %s: VM %s not held incoming: %s", transfer.op_id, vm_id, exc)
-            self._holding.pop(vm_id, None)
+            obs = self._manager.get(vm_id)
+            if obs is None or obs.incoming != transfer.op_id:
+                self._holding.pop(vm_id, None)
+            # Else the failed hold's own removal failed too (its VMM, cgroup
+            # and GC root still taken, the VM hidden from the reconciler):
+            # it stays held here, removed as a failed move's once no
+            # transfer of its op is assigned.
             if self._transfers.get(vm_id) == transfer:
                 self._set_live(transfer, TransferState.FAILED, message=str(exc))
         finally:
