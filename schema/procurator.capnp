@@ -125,7 +125,9 @@ struct DiskTransfer {
   # One-time, 32 hex digits.
   peer @4 :Text;
   # The source's only: the target's transfer address, HOST:PORT (a live
-  # move's: where the target's incoming VMM takes the memory and state).
+  # move's: where the target's incoming VMM takes the memory and state;
+  # "" in a live move's "cancelling": stop migrating and report how it
+  # ended. A worker older than that refuses it as invalid).
   live @5 :Bool;
   # A live move's (docs/SNAPSHOTS.md, "Live moves"): the target holds the
   # VM in an incoming VMM and reports where it listens (`TransferProgress.

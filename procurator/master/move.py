@@ -44,9 +44,11 @@ moves both generations and reverts nothing.
 
 The cancel's wire shape needs no new field: a live source transfer
 always had a peer (the migrate waits for the target's address), so none
-means "stop". A source older than it ignores the change (it tried the op
-once): its migration runs to its own timeout, and its verdict ends the
-move all the same.
+means "stop". A worker older than it refuses such an assignment as
+invalid (its peer must be HOST:PORT) and reconnects until the move ends:
+it can report no verdict, so the move fails once the leader has lost it
+(as it did before the cancel: upgrade the workers before moving VMs live
+off them).
 
 Pure: no clock, no I/O.
 """

@@ -479,7 +479,7 @@ def fill_assignment(builder: Any, assignment: Assignment) -> None:
 
 def _transfers_from_reader(items: Any, where: str, problems: _Problems) -> tuple[DiskTransfer, ...]:
     """``Assignment.transfers``: each VM once, tokens of 32 hex digits, a
-    source's peer a HOST:PORT."""
+    source's peer a HOST:PORT (a live source's may be "": cancelled)."""
     _check_length(len(items), LIMITS.max_vms_per_worker, where)
     found: list[DiskTransfer] = []
     seen: set[str] = set()
@@ -495,7 +495,10 @@ def _transfers_from_reader(items: Any, where: str, problems: _Problems) -> tuple
         if not _TOKEN_RE.fullmatch(token):
             problems.add(f"{at}.token", "must be 32 hex digits")
         peer = problems.text(f"{at}.peer", item.peer, limit=300)
-        if not item.receive and not _PEER_RE.fullmatch(peer):
+        # A live source's transfer without a peer is its move's cancel
+        # (procurator.core.move, "cancelling"): stop migrating.
+        cancel = item.live and not item.receive and not peer
+        if not item.receive and not cancel and not _PEER_RE.fullmatch(peer):
             problems.add(f"{at}.peer", f"must be HOST:PORT, not {peer[:64]!r}")
         op_id = problems.text(f"{at}.opId", item.opId, limit=64)
         disks = _address(

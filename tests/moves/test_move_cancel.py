@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
+from procurator.core.errors import ValidationError
 from procurator.core.models import (
     Assignment,
     DiskTransfer,
@@ -28,6 +31,8 @@ from procurator.core.move import (
     step,
 )
 from procurator.master.move import plan_move, with_moves
+from procurator.rpc import convert
+from procurator.rpc.schema import load_schema
 
 PATH = "/nix/store/" + "c" * 32 + "-c"
 VM = VmAssignment("a", "h1", PATH, PowerState.RUNNING, 1, 128)
@@ -128,3 +133,24 @@ def test_a_cancelling_move_ends_by_the_sources_verdict_only() -> None:
     plan = plan_move(CANCELLING, answer, ON_SOURCE, now_ms=9_001)
     assert plan is not None and plan.move.phase is MovePhase.FAILED
     assert plan.changes == {"w1": (VM,), "w2": ()}
+
+
+def test_the_cancel_crosses_the_wire() -> None:
+    """A live source's transfer without a peer is valid (the worker's
+    link refused it, reconnecting until the move ended: the cancel never
+    arrived); a cold source's still needs its peer."""
+    schema = load_schema()
+
+    def roundtrip(assignment: Assignment) -> Assignment:
+        builder = schema.Assignment.new_message()
+        convert.fill_assignment(builder, assignment)
+        with schema.Assignment.from_bytes(builder.to_bytes()) as reader:
+            return convert.assignment_from_reader(reader)
+
+    cancel = Assignment(
+        "w1", 9, (VM,), "op-m", (), (DiskTransfer("a", "op-m", False, TOKEN, live=True),)
+    )
+    assert roundtrip(cancel) == cancel
+    cold = Assignment("w1", 9, (VM,), "op-m", (), (DiskTransfer("a", "op-m", False, TOKEN),))
+    with pytest.raises(ValidationError, match=r"transfers\[0\].peer: must be HOST:PORT"):
+        roundtrip(cold)
