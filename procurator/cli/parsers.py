@@ -457,7 +457,9 @@ def move_and_moves(sub: Any) -> None:
         default=DEFAULT_MOVE_TIMEOUT_S,
         metavar="S",
         help="the move fails if not done within S seconds (before its switch, the VM "
-        f"stays on its worker); --wait waits as long (default: {DEFAULT_MOVE_TIMEOUT_S})",
+        "stays on its worker; a live move then migrating first asks its source to cancel "
+        "and ends as that does, possibly later, phase cancelling); --wait waits as long "
+        f"(default: {DEFAULT_MOVE_TIMEOUT_S})",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_master_address(p)
