@@ -127,7 +127,6 @@ guest resumes there once the move has failed). A source only cut off
 driver's next step; its status then says what the operator must do
 (``procurator.worker.move_service``).
 
-
 What is not carried yet: the VM's snapshots.
 
 Pure: no clock, no I/O.
