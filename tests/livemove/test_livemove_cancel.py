@@ -58,7 +58,7 @@ def test_a_move_cancelled_while_mirroring_is_undone(
             cancel=cancel,
         )
 
-    with pytest.raises(VmmError, match="the move was cancelled$") as raised:
+    with pytest.raises(VmmError, match=r"the move was cancelled$") as raised:
         a.call(move)
     assert seen, raised.value
     assert {k: v for k, v in _leftovers(a).items() if k != "migration"} == CLEAN
