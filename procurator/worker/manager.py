@@ -393,6 +393,19 @@ class VmManager:
         with vm.cond:
             return vm.obs
 
+    def incoming_received(self, vm_id: str, op_id: str) -> bool:
+        """Whether the VM held incoming for move ``op_id`` has its whole
+        state in its VMM, which runs it (``VmmDriver.incoming_received``:
+        cloud-hypervisor only). Non-blocking; False for a VM not held
+        incoming for that op."""
+        with self._map_lock:
+            vm = self._vms.get(vm_id)
+        if vm is None:
+            return False
+        with vm.cond:
+            handle = vm.handle if vm.obs.incoming == op_id else None
+        return handle is not None and self.driver.incoming_received(handle)
+
     def get_or_raise(self, vm_id: str) -> VmObservation:
         obs = self.get(vm_id)
         if obs is None:

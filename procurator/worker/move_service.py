@@ -28,12 +28,17 @@ Live moves (``DiskTransfer.live``; docs/SNAPSHOTS.md, "Live moves"):
   switch): the VM is made ready as for a start and held in an incoming
   VMM (``WorkerActuator.hold_incoming``: ``VmSpec.incoming``), listening
   on ports picked on the transfer listener's host, and reported ``ready``
-  with them; a failure is reported ``failed`` and not tried again for the
-  op; a VM ``VmManager.recover`` dropped (the worker restarted: its VMM
-  stopped, its disk copies kept) is reported ``failed`` for its op. Once
-  no transfer of its op is assigned (the move failed), the incoming VM
-  (a dropped one too) is removed; the switch's assignment
-  lets it run (the reconciler's ``ensure``), not this service.
+  with them, then ``received`` once its VMM holds the whole state and runs
+  the guest (``VmManager.incoming_received``; only a driver in
+  ``core.move.TARGET_COMPLETES_LIVE``, cloud-hypervisor: the master
+  switches on it, so a source lost after the migration completed does not
+  fail the move; a QEMU target never says it); a failure is reported
+  ``failed`` and not tried again for the op; a VM ``VmManager.recover``
+  dropped (the worker restarted: its VMM stopped, its disk copies kept)
+  is reported ``failed`` for its op. Once no transfer of its op is
+  assigned (the move failed), the incoming VM (a dropped one too) is
+  removed; the switch's assignment lets it run (the reconciler's
+  ``ensure``), not this service.
 - **Source**: the migration runs once per op as a job on the VM's
   supervisor (``VmManager.run_job``): the VM marked durably as migrating
   (``MovedOut``), ``send_migration`` with the move's token, then marked
@@ -90,6 +95,7 @@ from procurator.core.models import (
     TransferState,
     VmAssignment,
 )
+from procurator.core.move import TARGET_COMPLETES_LIVE
 from procurator.worker.manager import VmManager
 from procurator.worker.move_transfer import (
     Expected,
@@ -297,7 +303,16 @@ class MoveTransfers:
                         self._set_live(transfer, TransferState.FAILED, message=obs.message)
                     elif obs.pid is not None and vm_id in self._listening:
                         memory, disks = self._listening[vm_id]
-                        self._set_live(transfer, TransferState.READY, memory=memory, disks=disks)
+                        # A target that completes the move itself (cloud-
+                        # hypervisor resumed the guest) says so: the master
+                        # switches on it, even with the source gone since.
+                        state = (
+                            TransferState.RECEIVED
+                            if self._manager.driver.name in TARGET_COMPLETES_LIVE
+                            and self._manager.incoming_received(vm_id, transfer.op_id)
+                            else TransferState.READY
+                        )
+                        self._set_live(transfer, state, memory=memory, disks=disks)
                 elif transfer.incoming is not None and key not in self._live_tried:
                     if self._incoming is None:
                         self._set_live(

@@ -449,6 +449,20 @@ class VmmDriver(Protocol):
         the call, nothing is asked of the VMM."""
         ...
 
+    def incoming_received(self, handle: VmmHandle) -> bool:
+        """Without blocking (no API call): whether the incoming migration
+        of ``handle`` (``launch_incoming``) has completed with the VM's
+        whole state in the target's VMM, which then runs the guest by
+        itself. Only a driver whose target completes a live move on its
+        own (``procurator.core.move.TARGET_COMPLETES_LIVE``:
+        cloud-hypervisor) ever says True; the move's target reports it
+        ``received``, on which the master switches the move. QEMU's target
+        runs its guest only at ``finish_incoming``: it always says False
+        (the source's undo of an abandoned migration rests on that, see
+        ``abandon_migration``). False too while the migration runs, once
+        it failed, and for a VMM this driver did not launch."""
+        ...
+
     def finish_incoming(self, handle: VmmHandle, *, timeout: float) -> None:
         """The target after the source's ``send_migration`` returned:
         wait (within ``timeout``) until the VMM holds the whole state, stop
@@ -476,11 +490,11 @@ class VmmDriver(Protocol):
         it abandons (its ``moved-out.json`` is cleared as the guest runs on
         here; only a new ``send_migration`` that completes, stopping this
         guest again, could report ``sent``), so that move fails at its
-        deadline and the target's VMM is stopped unrun. This rests on the
-        target never reporting a live transfer ``received`` (the master
-        would switch on that too: ``procurator.core.move``); a QEMU
-        target whose incoming migration completed holds the whole state,
-        so it must not."""
+        deadline and the target's VMM is stopped unrun. This rests on a
+        QEMU target never reporting a live transfer ``received``
+        (``incoming_received`` is False; the master switches a QEMU move
+        on the source's ``sent`` only: ``procurator.core.move``): one
+        whose incoming migration completed holds the whole state, unrun."""
         ...
 
     def close(self) -> None:

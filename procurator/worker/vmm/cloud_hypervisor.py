@@ -404,6 +404,15 @@ class CloudHypervisorDriver:
             relay.close()
             raise
 
+    def incoming_received(self, handle: VmmHandle) -> bool:
+        """Whether ``vm.receive-migration`` was answered with success (the
+        OpenAPI's 204: "The VM migration was successfully received"): the
+        stream completed and cloud-hypervisor resumed the guest itself.
+        No API call (the VMM answers nothing else while it receives)."""
+        with self._lock:
+            incoming = self._incoming.get((handle.pid, handle.pid_start_ticks))
+        return incoming is not None and incoming.call.succeeded
+
     def finish_incoming(self, handle: VmmHandle, *, timeout: float) -> None:
         """Wait (within ``timeout``) for ``vm.receive-migration``'s answer
         and confirm the VM runs. cloud-hypervisor resumes the received VM
@@ -947,6 +956,11 @@ class _Pending:
             self._error = exc
         finally:
             self.done.set()
+
+    @property
+    def succeeded(self) -> bool:
+        """The call returned without an error (without waiting)."""
+        return self.done.is_set() and self._error is None
 
     def result(self, timeout: float) -> None:
         if not self.done.wait(max(timeout, 0.0)):

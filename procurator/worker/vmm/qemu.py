@@ -1347,6 +1347,11 @@ class QemuDriver:
             finally:
                 move.close()
 
+    def incoming_received(self, handle: VmmHandle) -> bool:
+        """Never: QEMU's target runs the guest only at ``finish_incoming``
+        (``VmmDriver.incoming_received``)."""
+        return False
+
     def finish_incoming(self, handle: VmmHandle, *, timeout: float) -> None:
         """Wait for ``migrate-incoming`` to complete, stop the NBD server
         (none for a move without disks) and its relay, then ``cont`` and
