@@ -19,12 +19,16 @@ here, is the default of the worker's ``--cgroup-parent`` and of the tests'
 jails); any directory under such a parent, in any cgroup hierarchy, that was
 not there before the test, or such a parent left behind, is a leak.
 
-GC roots: an entry of Nix's ``gcroots/auto`` that is new and either dangles
-(the root link it records is gone: someone deleted a root's directory
-without removing the root, so Nix's record outlives it) or points into this
-session's pytest temporary directory (a root left in a test's ``tmp_path``
-pins its store path until pytest rotates the directory away). Roots made
-elsewhere on purpose (the cached test image's) stay allowed.
+GC roots: an entry of Nix's ``gcroots/auto`` that is new and either points
+into this session's pytest temporary directory (a root left in a test's
+``tmp_path`` pins its store path until pytest rotates the directory away) or
+dangles (the root link it records is gone: someone deleted a root's
+directory without removing the root, so Nix's record outlives it) inside a
+directory this test process made (``_own_dirs``: the short ``/tmp/p*-``
+directories tests make with ``tempfile.mkdtemp`` for socket paths). A
+dangling root elsewhere is another run's (a benchmark deleting its
+``/tmp/procurator-bench-*`` directory while a test runs) and no leak of the
+test. Roots made elsewhere on purpose (the cached test image's) stay allowed.
 
 Area fixtures live in each test directory's own conftest.py.
 """
@@ -36,6 +40,7 @@ import functools
 import os
 import re
 import signal
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -240,6 +245,37 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
             )
 
 
+# Every directory this process made (``os.mkdir``'s audit event: tempfile,
+# pathlib and shutil all go through it), as an absolute path. Directories the
+# tests' children make lie under one of these or under pytest's basetemp.
+_OWN_DIRS: set[str] = set()
+
+
+def _record_own_dir(event: str, args: tuple[object, ...]) -> None:
+    # An audit hook runs on every audited event of the process: do nothing
+    # else cheaply, and never raise (that would fail the audited call).
+    if event != "os.mkdir":
+        return
+    with contextlib.suppress(TypeError, ValueError):
+        path, _, dir_fd = args
+        if dir_fd is None or dir_fd == -1:
+            _OWN_DIRS.add(os.path.abspath(os.fsdecode(path)))  # type: ignore[arg-type]
+
+
+sys.addaudithook(_record_own_dir)
+
+
+def _in_own_dir(path: str, own_dirs: set[str]) -> bool:
+    """Whether ``path`` lies inside a directory of ``own_dirs``."""
+    parent = os.path.dirname(path)
+    while parent not in own_dirs:
+        above = os.path.dirname(parent)
+        if above == parent:
+            return False
+        parent = above
+    return True
+
+
 def _gc_roots() -> dict[str, str]:
     """Entry name -> the root link it records, for Nix's ``gcroots/auto``."""
     found: dict[str, str] = {}
@@ -253,12 +289,20 @@ def _gc_roots() -> dict[str, str]:
     return found
 
 
-def _leaked_roots(before: dict[str, str], basetemp: str) -> set[str]:
+def _leaked_roots(
+    before: dict[str, str], after: dict[str, str], basetemp: str, own_dirs: set[str]
+) -> set[str]:
+    """The root links of ``after``'s new entries that are a test's leak (see
+    the module docstring): into ``basetemp``, or dangling inside
+    ``own_dirs``."""
     return {
         target
-        for name, target in _gc_roots().items()
+        for name, target in after.items()
         if before.get(name) != target
-        and (not os.path.lexists(target) or target.startswith(basetemp))
+        and (
+            target.startswith(basetemp)
+            or (not os.path.lexists(target) and _in_own_dir(target, own_dirs))
+        )
     }
 
 
@@ -283,7 +327,7 @@ def no_leaks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
             "namespaces": namespaces - ns_before,
             "mounts": mounts - mounts_before,
             "cgroups": cgroups - cgroups_before,
-            "gc roots": _leaked_roots(roots_before, basetemp),
+            "gc roots": _leaked_roots(roots_before, _gc_roots(), basetemp, _OWN_DIRS),
         }
         if not any(leaked.values()) or time.monotonic() > deadline:
             break
