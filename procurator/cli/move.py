@@ -4,7 +4,10 @@
 
 ``move`` asks the master once (``Control.move``): the master records the
 move (refusing it with the reason when it cannot be done) and its leader
-drives it through its phases; ``--wait`` follows it until it is over.
+drives it through its phases; ``--wait`` follows it until it is over,
+or ``--timeout`` passed (then a live move whose migration is being
+cancelled is followed up to ``CANCEL_GRACE_S`` more, for its source's
+verdict).
 ``moves`` lists the moves under way and the newest that are over. Their
 flags and help are ``procurator.cli.parsers``' (``move_and_moves``), which
 runs ``run_move`` and ``run_moves`` here: a ``--help`` imports neither trio
@@ -17,17 +20,18 @@ import argparse
 import datetime
 import json
 import sys
+from typing import Protocol
 
 import trio
 
 from procurator.cli.connect import control_from_args
 from procurator.cli.exits import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT
 from procurator.cli.pipes import run_reader
+from procurator.core.control import FleetStatus
 from procurator.core.move import Move, MoveKind, MovePhase, move_json
 from procurator.rpc.bridge import open_bridge
-from procurator.rpc.clients import ControlClient
 
-__all__ = ["format_move", "run_move", "run_moves"]
+__all__ = ["CANCEL_GRACE_S", "MoveWatch", "format_move", "run_move", "run_moves", "wait_for_move"]
 
 
 def run_move(args: argparse.Namespace) -> int:
@@ -47,22 +51,55 @@ async def _move(args: argparse.Namespace) -> int:
         _show(move, args.json)
         if not args.wait:
             return EXIT_OK
-        return await _wait(client, move, args.timeout, args.json)
+        return await wait_for_move(client, move, args.timeout, args.json)
 
 
-async def _wait(client: ControlClient, move: Move, timeout: float, as_json: bool) -> int:
+#: How long ``--wait`` follows a live move past ``--timeout`` while its
+#: migration is being stopped: the move's deadline (which ``--timeout``
+#: also sets) found it ``migrating``, so the leader asks the source to
+#: cancel (``cancelling``) and the source's verdict ends it, failed (the
+#: migration undone: QEMU at its next poll, cloud-hypervisor as its relay
+#: closes) or done (too late to undo). That takes the source seconds; a
+#: verdict still missing after this grace is said, not waited for.
+CANCEL_GRACE_S = 60.0
+
+
+class MoveWatch(Protocol):
+    """What ``--wait`` reads of the master (``ControlClient``)."""
+
+    async def status(self, *, wait_index: int = 0, wait: float = 0.0) -> FleetStatus: ...
+
+    async def moves(self, vm_id: str = "") -> tuple[Move, ...]: ...
+
+
+async def wait_for_move(
+    client: MoveWatch,
+    move: Move,
+    timeout: float,
+    as_json: bool,
+    *,
+    grace: float = CANCEL_GRACE_S,
+) -> int:
     """Follow ``move`` (blocking status reads, then its row) until it is
-    over or ``timeout`` passed."""
-    index = 0
+    over or ``timeout`` passed; past it, a live move ``migrating`` or
+    ``cancelling`` is followed up to ``grace`` seconds more (its deadline
+    cancels the migration, and only the source's verdict ends it). The
+    exit status: ``EXIT_OK`` done, ``EXIT_FAILED`` failed (or no longer
+    recorded), ``EXIT_TIMEOUT`` not over (said how it stands)."""
+    last = move
     shown = move.phase
-    with trio.move_on_after(timeout):
+    index = 0
+
+    async def follow() -> int:
+        nonlocal last, shown, index
         while True:
-            status = await client.status(wait_index=index, wait=min(timeout, 2.0))
+            status = await client.status(wait_index=index, wait=2.0)
             index = status.change_index
             now = next((m for m in await client.moves(move.vm_id) if m.op_id == move.op_id), None)
             if now is None:
                 print(f"move {move.op_id}: no longer recorded")
                 return EXIT_FAILED
+            last = now
             if now.phase is not shown:
                 _show(now, as_json)
                 shown = now.phase
@@ -70,6 +107,19 @@ async def _wait(client: ControlClient, move: Move, timeout: float, as_json: bool
                 return EXIT_OK
             if now.phase is MovePhase.FAILED:
                 return EXIT_FAILED
+
+    with trio.move_on_after(timeout):
+        return await follow()
+    if last.phase in (MovePhase.MIGRATING, MovePhase.CANCELLING):
+        with trio.move_on_after(grace):
+            return await follow()
+        if last.phase is MovePhase.CANCELLING:
+            print(
+                f"move {move.op_id}: cancelling after {timeout + grace:g} s: the source "
+                f"{move.source} has been asked to stop the migration and has not said how it "
+                f"ended; check `procurator moves {move.vm_id}`"
+            )
+            return EXIT_TIMEOUT
     print(f"move {move.op_id}: not over after {timeout:g} s; it goes on")
     return EXIT_TIMEOUT
 

@@ -430,9 +430,17 @@ move; the next apply of a fleet file that still pins it elsewhere moves
 it back (the fleet file wins): update the file. An unpinned VM stays on
 WORKER.
 
+--wait follows the move until it is done or failed, for --timeout
+seconds: the move's own deadline, which for a live move then migrating
+asks the source to cancel (phase cancelling); --wait then follows that
+up to 60 s more for the source's verdict (undone: failed; too late to
+undo: done), which normally comes within seconds. A verdict still missing
+then is said ("cancelling after N s: the source ... has been asked to
+stop the migration"): check `procurator moves VM`.
+
 exit status: 0 recorded (with --wait: done); 1 refused; 3 --wait: not
-over after --timeout (the move goes on until its own deadline); 4 --wait:
-the move failed.
+over after --timeout (the move goes on until its own deadline), or still
+cancelling 60 s after it; 4 --wait: the move failed.
 
 example:
   procurator move web-1 --to host-b --wait
@@ -458,8 +466,8 @@ def move_and_moves(sub: Any) -> None:
         metavar="S",
         help="the move fails if not done within S seconds (before its switch, the VM "
         "stays on its worker; a live move then migrating first asks its source to cancel "
-        "and ends as that does, possibly later, phase cancelling); --wait waits as long "
-        f"(default: {DEFAULT_MOVE_TIMEOUT_S})",
+        "and ends as that does, possibly later, phase cancelling); --wait waits as long, "
+        f"and for a cancelling move up to 60 s more (default: {DEFAULT_MOVE_TIMEOUT_S})",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_master_address(p)
