@@ -166,8 +166,10 @@ def status(sub: Any) -> None:
             "its lease expired; cordoned: takes no new VMs; draining N/M: its\n"
             "unpinned VMs moving elsewhere), when its lease was last renewed,\n"
             "connected or since when away, desired vs observed generation, VMs\n"
-            "by phase, a drain's progress; then, per VM: its phase, desired vs\n"
-            "observed power, address and restarts.\n\n"
+            "by phase, a drain's progress, the moves under way to and from it\n"
+            "(count and phases: a move counts on both its workers until it\n"
+            "switches); then, per VM: its phase, desired vs observed power,\n"
+            "address and restarts.\n\n"
             "example:\n  procurator status --json"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -1,6 +1,8 @@
 """``procurator status``: the fleet generation, each worker's connection
-and generations, and every VM's phase, power, address and restarts; as a
-table or as JSON (``--json``)."""
+and generations, the moves under way to and from each worker (count and
+phases: a move takes capacity on its target and keeps it on its source
+until it switches), and every VM's phase, power, address and restarts; as
+a table or as JSON (``--json``)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 import trio
@@ -18,9 +21,10 @@ from procurator.cli.pipes import run_reader
 from procurator.core.control import FleetStatus, WorkerConnection
 from procurator.core.drain import mode_json
 from procurator.core.models import VmAssignment, VmStatus, WorkerInfo, WorkerState
+from procurator.core.move import Move
 from procurator.rpc.bridge import open_bridge
 
-__all__ = ["phase_counts", "print_vm_table", "run", "status_vm_json"]
+__all__ = ["phase_counts", "print_vm_table", "run", "status_vm_json", "worker_moves"]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,11 +35,12 @@ def run(args: argparse.Namespace) -> int:
 async def _status(args: argparse.Namespace) -> int:
     async with open_bridge() as bridge, control_from_args(bridge, args) as client:
         status = await client.status()
+        moves = await client.moves()
     if args.json:
-        json.dump(_status_json(status), sys.stdout, indent=2)
+        json.dump(_status_json(status, moves), sys.stdout, indent=2)
         print()
     else:
-        _print_status(status, sys.stdout)
+        _print_status(status, sys.stdout, moves)
     return EXIT_OK
 
 
@@ -53,14 +58,28 @@ def phase_counts(worker: WorkerConnection) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _status_json(status: FleetStatus) -> dict[str, Any]:
+def worker_moves(worker_id: str, moves: Sequence[Move]) -> dict[str, dict[str, int]]:
+    """The moves not over to (``in``) and from (``out``) ``worker_id``:
+    per direction, how many in each phase."""
+    counts: dict[str, dict[str, int]] = {"in": {}, "out": {}}
+    for move in moves:
+        if move.over:
+            continue
+        for direction, end in (("in", move.target), ("out", move.source)):
+            if end == worker_id:
+                phases = counts[direction]
+                phases[move.phase.value] = phases.get(move.phase.value, 0) + 1
+    return {direction: dict(sorted(c.items())) for direction, c in counts.items()}
+
+
+def _status_json(status: FleetStatus, moves: Sequence[Move] = ()) -> dict[str, Any]:
     return {
         "generation": status.generation,
-        "workers": [_worker_json(w) for w in status.workers],
+        "workers": [_worker_json(w, moves) for w in status.workers],
     }
 
 
-def _worker_json(w: WorkerConnection) -> dict[str, Any]:
+def _worker_json(w: WorkerConnection, moves: Sequence[Move] = ()) -> dict[str, Any]:
     desired = {d.id: d for d in w.desired_vms}
     return {
         "worker_id": w.worker_id,
@@ -77,6 +96,7 @@ def _worker_json(w: WorkerConnection) -> dict[str, Any]:
         "vm_count": w.vm_count,
         "info": _info_json(w.info),
         "phases": phase_counts(w),
+        "moves": worker_moves(w.worker_id, moves),
         "vms": [
             status_vm_json(vm, desired.get(vm.id)) for vm in (w.status.vms if w.status else ())
         ],
@@ -106,7 +126,7 @@ def _host(info: WorkerInfo | None) -> str:
     return f"{info.driver or '?'} {cap.vcpus}cpu {cap.memory_mib / 1024:.1f}GiB"
 
 
-def _print_status(status: FleetStatus, out: TextIO) -> None:
+def _print_status(status: FleetStatus, out: TextIO, moves: Sequence[Move] = ()) -> None:
     print(f"fleet generation {status.generation}", file=out)
     if not status.workers:
         print("no workers", file=out)
@@ -153,7 +173,23 @@ def _print_status(status: FleetStatus, out: TextIO) -> None:
             )
         if (line := _drain_line(w)) is not None:
             print(line, file=out)
+        if (line := _moves_line(w.worker_id, moves)) is not None:
+            print(line, file=out)
     print_vm_table(status, out)
+
+
+def _moves_line(worker_id: str, moves: Sequence[Move]) -> str | None:
+    """``host-b: moves in 1 (migrating=1), out 0``: why capacity is taken."""
+    counts = worker_moves(worker_id, moves)
+    if not any(counts.values()):
+        return None
+    parts = []
+    for direction, phases in counts.items():
+        listed = " ".join(f"{k}={v}" for k, v in phases.items())
+        parts.append(f"{direction} {sum(phases.values())}" + (f" ({listed})" if listed else ""))
+    return (
+        f"{worker_id}: moves {', '.join(parts)}; each counts on both its workers until it switches"
+    )
 
 
 def _state(w: WorkerConnection) -> str:
