@@ -44,6 +44,9 @@ sent through an ``httpx.Client``: a client's per-request work (merging the
 URL with a base, cookies, auth and redirect flows, event hooks) is more than
 half the CPU of a call here (~100 of ~180 µs) and none of it applies to a
 local API socket, which a worker calls once per VM every health interval.
+A request without a body (counters, info, ping) is built once per endpoint
+and timeout and sent again (``_request``; -17 µs of a ~80 µs sweep call,
+docs/BENCHMARKS.md, issue 31 target 3).
 Nothing reads proxy settings from the environment: the socket is local and a
 stray ``HTTP_PROXY`` must not reroute VMM control.
 
@@ -171,6 +174,45 @@ def _url(endpoint: str) -> httpx.URL:
     if url is None:
         url = _URLS[endpoint] = httpx.URL(f"{_BASE_URL}/{endpoint}")
     return url
+
+
+#: Bodiless requests already built, by (method, endpoint, timeout): the
+#: sweep's counters call and the supervisors' checks send the same request
+#: every time, and building it (headers, URL, stream, extensions) is a fifth
+#: of a call's CPU. Calls with a timeout left of a deadline (a launch's
+#: pings) vary: when ``_MAX_KEPT_REQUESTS`` kinds are kept, they are all
+#: dropped, so the repeated ones come back at their next call and one-offs
+#: never crowd them out for good.
+_REQUESTS: dict[tuple[str, str, float], httpx.Request] = {}
+_MAX_KEPT_REQUESTS = 64
+
+
+def _request(
+    method: str, endpoint: str, seconds: float, body: Mapping[str, Any] | None
+) -> httpx.Request:
+    """The request of one call: a kept one when it has no body (the
+    transports only read a request, so one object serves every call and
+    thread)."""
+    key = (method, endpoint, seconds)
+    if body is None:
+        kept = _REQUESTS.get(key)
+        if kept is not None:
+            return kept
+    request = httpx.Request(
+        method,
+        _url(endpoint),
+        headers=_HEADERS,
+        json=body,
+        extensions={
+            "timeout": {"connect": seconds, "read": seconds, "write": seconds, "pool": seconds}
+        },
+    )
+    if body is None:
+        if len(_REQUESTS) >= _MAX_KEPT_REQUESTS:
+            _REQUESTS.clear()
+        request.read()  # the empty body, read once, before any thread shares it
+        _REQUESTS[key] = request
+    return request
 
 
 class CloudHypervisorDriver:
@@ -878,20 +920,7 @@ class CloudHypervisorDriver:
         seconds = max(timeout, 0.001)
         try:
             try:
-                request = httpx.Request(
-                    method,
-                    _url(endpoint),
-                    headers=_HEADERS,
-                    json=body,
-                    extensions={
-                        "timeout": {
-                            "connect": seconds,
-                            "read": seconds,
-                            "write": seconds,
-                            "pool": seconds,
-                        }
-                    },
-                )
+                request = _request(method, endpoint, seconds, body)
                 response = transport.handle_request(request)
                 response.request = request
                 try:
