@@ -197,7 +197,8 @@ class ManagerClosedError(TemporaryError):
 
 class _EndedBefore(ManagerClosedError):
     """The VM's supervisor ended (it finished a removal) before it took in
-    the request waited for: ``ensure`` starts over on a new supervisor."""
+    the request waited for: ``ensure`` and ``remove`` start over on a new
+    record (for ``remove``, none once the removal deleted the VM)."""
 
 
 class VmManager:
@@ -333,8 +334,28 @@ class VmManager:
 
     def remove(self, vm_id: str, *, op_id: str = "") -> None:
         """Stop the VM (stop ladder) and delete its state. Idempotent.
-        ``op_id``: the operation asking for it, for logs and the event."""
+        ``op_id``: the operation asking for it, for logs and the event.
+
+        A supervisor that ends before taking the request in (it finished a
+        removal whose caller gave up) does not fail the remove: it starts
+        over, and finds the VM gone (done) or, if the supervisor ended
+        without removing it, removes it on a new supervisor.
+        """
         StateDir.check_id(vm_id)
+        while True:
+            try:
+                self._remove_once(vm_id, op_id=op_id)
+            except _EndedBefore:
+                # Its supervisor finished an earlier removal nobody waited
+                # for any more (a remove() that timed out or failed, retried
+                # by the supervisor alone) and ended, answering that removal's
+                # request, not this one's: ``_attached`` retires the ended
+                # record and yields None once the VM's directory is gone.
+                log.info("VM %s: remove starts over after its supervisor ended", vm_id)
+            else:
+                return
+
+    def _remove_once(self, vm_id: str, *, op_id: str) -> None:
         with self._attached(vm_id, create=False) as vm:
             if vm is None:
                 return
