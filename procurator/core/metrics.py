@@ -59,7 +59,9 @@ __all__ = [
     "group_samples",
     "http_sd_groups",
     "parse_metrics_url",
+    "vm_figure_samples",
     "vm_samples",
+    "vm_settled_samples",
     "vms_by_phase",
 ]
 
@@ -520,10 +522,18 @@ def _is_counter_value(value: object) -> bool:
 
 
 def vm_samples(vm: VmSnapshot) -> list[MetricSample]:
-    """The per-VM samples of one VM, in catalogue order. The phase is one
-    sample (its current phase, value 1); exporters expand it to one-hot.
-    Counters the catalogue does not know, and values that cannot be
-    measurements (negative, u64::MAX sentinels, not numbers), are left out."""
+    """The per-VM samples of one VM: ``vm_settled_samples`` then
+    ``vm_figure_samples``. The phase is one sample (its current phase,
+    value 1); exporters expand it to one-hot. Counters the catalogue does
+    not know, and values that cannot be measurements (negative, u64::MAX
+    sentinels, not numbers), are left out."""
+    return vm_settled_samples(vm) + vm_figure_samples(vm)
+
+
+def vm_settled_samples(vm: VmSnapshot) -> list[MetricSample]:
+    """The samples of everything in ``vm`` but its moving figures (``usage``
+    and ``counters``): what an idle VM keeps from poll to poll, so a poller
+    builds them again only when one of those fields changed."""
     vm_id = vm.id
     out = [
         MetricSample("procurator_vm_phase", 1.0, vm_id, (("phase", vm.phase.value),)),
@@ -538,13 +548,21 @@ def vm_samples(vm: VmSnapshot) -> list[MetricSample]:
     boot = vm.boot_seconds
     if boot is not None and math.isfinite(boot) and boot >= 0:
         out.append(MetricSample("procurator_vm_boot_duration_seconds", boot, vm_id))
+    if vm.confinement is not None:
+        out += _confinement_samples(vm_id, vm.confinement)
+    return out
+
+
+def vm_figure_samples(vm: VmSnapshot) -> list[MetricSample]:
+    """The samples of ``vm``'s moving figures: its VMM's CPU time and
+    resident memory (``usage``) and its device counters."""
+    vm_id = vm.id
+    out = []
     if vm.usage is not None:
         out.append(MetricSample("procurator_vm_cpu_seconds_total", vm.usage.cpu_seconds, vm_id))
         out.append(
             MetricSample("procurator_vm_resident_memory_bytes", float(vm.usage.rss_bytes), vm_id)
         )
-    if vm.confinement is not None:
-        out += _confinement_samples(vm_id, vm.confinement)
     for device in sorted(vm.counters):
         counters = vm.counters[device]
         if not isinstance(counters, Mapping):

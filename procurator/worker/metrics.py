@@ -20,7 +20,12 @@ Shape:
   intervals old (the ``ProcuratorWorkerMetricsPollStale`` alert allows 2
   minutes; 22.5 s at the default 15 s).
 - A VM whose snapshot (figures included) equals the one of the last poll
-  keeps its samples: only VMs that changed are built again. The samples
+  keeps its samples: only VMs that changed are built again, and of a VM
+  whose figures alone moved (its VMM's CPU time, memory, device counters:
+  a running guest's counters tick) only the figures' samples; the settled
+  ones (phase, info, restarts, boot time, confinement: most of a VM's
+  samples) are kept (issue 31 target 3: rebuilding them was most of an idle
+  1,000-VM poll's CPU). The samples
   are the same values either way, so the report and a scrape carry what
   they would without the reuse. ``/proc`` is read only for VMs with a
   VMM process (``pid`` set).
@@ -78,7 +83,8 @@ from procurator.core.metrics import (
     VmSnapshot,
     WorkerSnapshot,
     group_samples,
-    vm_samples,
+    vm_figure_samples,
+    vm_settled_samples,
     vms_by_phase,
 )
 from procurator.core.models import Health, Phase, PrepareState
@@ -240,17 +246,28 @@ def _seconds(value: float) -> float | None:
     return max(0.0, value)
 
 
-_Built = dict[str, tuple[VmSnapshot, tuple[MetricSample, ...]]]
-"""VM id -> the snapshot its samples were built from, and those samples."""
+_Built = dict[str, tuple[VmSnapshot, tuple[MetricSample, ...], tuple[MetricSample, ...]]]
+"""VM id -> the snapshot its samples were built from, its settled samples
+(``vm_settled_samples``) and all its samples."""
 
 
 def _samples_of(vm: VmSnapshot, previous: _Built, built: _Built) -> tuple[MetricSample, ...]:
     """``vm``'s samples: the previous poll's when the VM's snapshot is the
-    same (figures included), else built anew; recorded in ``built``."""
+    same (figures included); when only its figures moved (``usage``,
+    ``counters``: a running VM's counters tick), the previous settled
+    samples and its figures' samples built anew; else all built anew.
+    Recorded in ``built``."""
     kept = previous.get(vm.id)
-    samples = kept[1] if kept is not None and kept[0] == vm else tuple(vm_samples(vm))
-    built[vm.id] = (vm, samples)
-    return samples
+    if kept is not None and kept[0] == vm:
+        entry = kept
+    else:
+        if kept is not None and replace(kept[0], usage=vm.usage, counters=vm.counters) == vm:
+            settled = kept[1]
+        else:
+            settled = tuple(vm_settled_samples(vm))
+        entry = (vm, settled, settled + tuple(vm_figure_samples(vm)))
+    built[vm.id] = entry
+    return entry[2]
 
 
 class _Poll:
@@ -418,7 +435,9 @@ class WorkerMetrics:
             if self._families is not None and self._families[0] is published:
                 return self._families[1]
             families, dropped = group_samples(published.samples)
-            if dropped:  # vm_samples only makes catalogue samples: a bug if not
+            if (
+                dropped
+            ):  # vm_settled_samples and vm_figure_samples only make catalogue samples: a bug if not
                 log.error("%d per-VM samples did not fit the metric catalogue", dropped)
             metrics = tuple(to_metric(f) for f in families)
             self._families = (published, metrics)
