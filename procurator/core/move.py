@@ -615,7 +615,7 @@ def _migrating_step(
     # new leader reading these reports from the store, and also for a
     # move being cancelled (too late: it is done, late).
     sent = _progress(statuses.get(move.source), move)
-    held = _progress(statuses.get(move.target), move)
+    held = _target_progress(statuses.get(move.target), move)
     if (sent is not None and sent.state is TransferState.SENT) or (
         # Only where the driver says the target's "received" completes
         # it: QEMU's proves nothing of the source's guest (module docstring).
@@ -665,6 +665,19 @@ def _progress(status: WorkerStatus | None, move: Move) -> TransferProgress | Non
     """What ``status`` says of ``move``'s transfer, if it is of the move's
     current phase's generation or newer (an older one says nothing of it)."""
     if status is None or status.observed_generation < move.generation:
+        return None
+    return next(
+        (t for t in status.transfers if (t.vm_id, t.op_id) == (move.vm_id, move.op_id)), None
+    )
+
+
+def _target_progress(status: WorkerStatus | None, move: Move) -> TransferProgress | None:
+    """What a live move's target says of it while it migrates: of any
+    generation. The target got its transfer with the preparing generation,
+    and ``migrate`` (and ``cancel``) move only the source's, so its status
+    never reaches the move's generation; its report for the move's op id
+    is of this move (a ``received`` or ``failed`` is of its incoming VM)."""
+    if status is None:
         return None
     return next(
         (t for t in status.transfers if (t.vm_id, t.op_id) == (move.vm_id, move.op_id)), None

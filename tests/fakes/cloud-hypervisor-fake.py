@@ -78,6 +78,10 @@ file the test writes; re-read on every request, so it can change at run time):
                              half the guest memory and answers 500
   migration_frame_delay: s   the sender waits s seconds before each frame of
                              its migration stream (a slow migration)
+  migration_answer_delay: s  the sender answers vm.send-migration s seconds
+                             after its stream completed (the target already
+                             runs the VM): a window to lose the source's
+                             worker before it hears the migration is done
   listen_delay: s            vm.receive-migration on a unix: URL binds its
                              socket s seconds before it listens (a real VMM's
                              window between bind and listen, widened)
@@ -598,8 +602,11 @@ class Handler(BaseHTTPRequestHandler):
                 self._error(500, "Error from API", "Error sending migration", str(exc))
                 return
             vmm.log(f"migration sent; guest memory sha256 = {_sha256(vmm.memory)}")
-        self._reply(204)
-        vmm.exit_clean(0)  # cloud-hypervisor exits once its VM has moved
+            time.sleep(float(faults.get("migration_answer_delay", 0.0)))
+        try:
+            self._reply(204)
+        finally:
+            vmm.exit_clean(0)  # cloud-hypervisor exits once its VM has moved, heard or not
 
 
 class _MigrationError(Exception):

@@ -6,7 +6,11 @@ whose worker died after the migration completed (before it could report
 cloud-hypervisor already resumed. Before, the target said ``ready`` to the
 end. Real fake cloud-hypervisor processes under a real VmManager and the
 worker's move service, the state over a real TCP socket from a source VMM
-that no worker reports for (its worker gone)."""
+that no worker reports for (its worker gone). And the master's side: the
+target's report is of its preparing generation (the migrate step moves
+only the source's), which the leader ignored, so the 'received' never
+switched a move outside a pure test that gave the target the move's
+generation."""
 
 from __future__ import annotations
 
@@ -29,11 +33,14 @@ from procurator.core.models import (
     DiskTransfer,
     EventKind,
     Phase,
+    PowerState,
     TransferProgress,
     TransferState,
     VmAssignment,
     VmEvent,
+    WorkerStatus,
 )
+from procurator.core.move import Move, MoveAction, MoveKind, MovePhase, MoveStep, advance, step
 from procurator.worker.manager import VmManager, VmObservation
 from procurator.worker.move_service import MoveTransfers
 from procurator.worker.state import StateDir
@@ -155,3 +162,29 @@ async def test_a_cloud_hypervisor_target_reports_received_once_the_state_arrived
         if process.is_alive(source.pid, source.pid_start_ticks):
             driver.shutdown_vmm(source, timeout=5.0)
             process.terminate(source.pid, source.pid_start_ticks, grace=2.0)
+
+
+def test_the_leader_takes_the_targets_word_of_the_preparing_generation() -> None:
+    path = "/nix/store/" + "c" * 32 + "-c"
+    vm = VmAssignment("a", "h1", path, PowerState.RUNNING, 1, 128)
+    move = Move("a", "w1", "w2", MoveKind.LIVE, MovePhase.PENDING, "op-m", 0, 1_000, image=path)
+    migrating = advance(move, MovePhase.MIGRATING, now_ms=2, generation=7)
+    assignments = {"w1": Assignment("w1", 7, (vm,)), "w2": Assignment("w2", 6)}
+
+    def decide(state: TransferState, *, lost: tuple[str, ...] = ()) -> MoveStep:
+        # The target's status: of generation 6, its last (the prepare's).
+        target = WorkerStatus("w2", 6, (), (), (TransferProgress("a", "op-m", state),))
+        return step(
+            migrating,
+            assignments=assignments,
+            statuses={"w1": None, "w2": target},
+            lost=lost,
+            now_ms=10,
+            target_driver="cloud-hypervisor",
+        )
+
+    assert decide(TransferState.RECEIVED) == MoveStep(MoveAction.SWITCH)
+    assert decide(TransferState.RECEIVED, lost=("w1",)) == MoveStep(MoveAction.SWITCH)
+    assert decide(TransferState.READY) == MoveStep(MoveAction.WAIT)
+    cancel = decide(TransferState.FAILED)
+    assert cancel.action is MoveAction.CANCEL and "w2 lost the incoming VM" in cancel.reason
