@@ -37,6 +37,7 @@ import trio
 
 from procurator import logs
 from procurator.app._process import host_port, raise_open_file_limit, run_until_signalled
+from procurator.core.defaults import DEFAULT_DB, DEFAULT_MAX_CONNECTIONS, MASTER_METRICS_PORT
 from procurator.core.errors import PermanentError
 from procurator.master.http import run_master_http
 from procurator.master.metrics import MasterInstruments, MasterMetrics
@@ -44,11 +45,7 @@ from procurator.master.service import MasterService, default_master_id
 from procurator.master.store import FleetDump, Store, open_store, sqlite_path
 from procurator.rpc.address import DEFAULT_PORT, Address, parse_address
 from procurator.rpc.bridge import open_bridge
-from procurator.rpc.master_server import (
-    DEFAULT_MAX_CONNECTIONS,
-    ConnectionDeadlines,
-    serve_master,
-)
+from procurator.rpc.master_server import ConnectionDeadlines, serve_master
 from procurator.rpc.tls import TlsFiles, require_secure, server_context
 
 __all__ = [
@@ -63,9 +60,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_DB = "/var/lib/procurator/master.db"
-MASTER_METRICS_PORT = 9300
 
 
 @dataclass(frozen=True)

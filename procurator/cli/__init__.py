@@ -14,7 +14,8 @@ is built only when that command is parsed (run, or its ``--help`` shown):
 ``procurator status`` does not import the master's and the worker's
 composition roots (pyroute2, psycopg, httpx, the VMMs), and ``procurator
 --help`` imports no command at all. The client commands' parsers are
-``parsers``' (no trio, no capnp): each names the function that runs it,
+``parsers``' (no trio, no capnp), and so are the master's (not yet the
+worker's): each names the function that runs it,
 and that function's module (``status``, ``ops``, ...) is imported only
 when the command runs, so their ``--help`` and usage errors need neither.
 The one-line help lives in the table only; the function it names gives
@@ -80,7 +81,7 @@ COMMANDS = (
     Command(
         "master",
         "run the master (desired state, generations, pushes to workers)",
-        "procurator.cli.master:add_parser",
+        "procurator.cli.parsers:master",
     ),
     Command(
         "worker",

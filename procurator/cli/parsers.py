@@ -1,5 +1,5 @@
-"""The client commands' parsers: their flags, help and examples, and the
-function each one runs, named ``"module:function"`` and imported when the
+"""The client commands' and the master's parsers: their flags, help and
+examples, and the function each one runs, named ``"module:function"`` and imported when the
 command runs. ``procurator status --help`` (any of these commands'
 ``--help``, or a usage error) so imports neither trio nor Cap'n Proto nor
 the module that runs the command: a client's help is instant, and needs
@@ -7,9 +7,11 @@ nothing of the wire. ``procurator.cli.COMMANDS`` names the function here
 that adds each command's parser.
 
 The flags' types and the shared flags are ``procurator.cli.args``'s (no
-trio, no capnp either); what a command does is in its own module
+trio, no capnp either); the master's defaults that its code uses too are
+``procurator.core.defaults``'; what a command does is in its own module
 (``status``, ``ops``, ``top``, ``rollout``, ``snapshot``, ``apply``,
-``move``).
+``move``, ``master``). The worker's flags are still ``procurator.cli.
+worker``'s, built with its composition root.
 """
 
 from __future__ import annotations
@@ -20,14 +22,17 @@ from collections.abc import Callable
 from typing import Any
 
 from procurator.cli.args import add_common, add_master_address, int_between, non_negative, positive
+from procurator.core.defaults import DEFAULT_DB, DEFAULT_MAX_CONNECTIONS, MASTER_METRICS_PORT
 from procurator.core.move import DEFAULT_MOVE_TIMEOUT_S, MAX_MOVE_TIMEOUT_S
 from procurator.core.rollout import RolloutAction
 from procurator.core.validation import check_request_id
+from procurator.rpc.address import DEFAULT_PORT
 
 __all__ = [
     "DESCRIBE_EVENTS",
     "apply",
     "describe_and_events",
+    "master",
     "move_and_moves",
     "rollout",
     "snapshot",
@@ -490,3 +495,164 @@ def move_and_moves(sub: Any) -> None:
     add_master_address(q)
     add_common(q, daemon=False)
     q.set_defaults(handler=_runs("procurator.cli.move:run_moves"))
+
+
+def master(sub: Any) -> None:
+    """``procurator master`` and its database commands."""
+    p = sub.add_parser(
+        "master",
+        description=(
+            "Run the master: it stores the desired fleet in its database, hands out\n"
+            "generations, and pushes each worker its assignment.\n\n"
+            "The database is a SQLite file (one master), or PostgreSQL: then several\n"
+            "masters share it and all serve workers and clients, which are given\n"
+            "every master (--master a:7300,b:7300,c:7300; docs/HA.md). Its schema is\n"
+            "created or migrated when the master starts.\n\n"
+            "commands on the database (each takes --database):\n"
+            "  migrate   create or migrate the schema, then exit\n"
+            "  export    print the fleet (desired state, generations, apply log,\n"
+            "            request ids, removals) as JSON\n"
+            "  import    load such a JSON into an empty database\n\n"
+            "example:\n"
+            "  procurator master --listen 0.0.0.0:7300 --db /var/lib/procurator/master.db\n"
+            "  procurator master --listen 0.0.0.0:7300 \\\n"
+            "    --database postgresql://procurator@db.example:5432/procurator\n"
+            "  procurator master --database /var/lib/procurator/master.db export > fleet.json\n"
+            "  procurator master --database postgresql://procurator@db.example/procurator "
+            "import fleet.json"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--listen",
+        default=f"127.0.0.1:{DEFAULT_PORT}",
+        help=f"host:port or unix:/path to listen on (default: 127.0.0.1:{DEFAULT_PORT})",
+    )
+    p.add_argument(
+        "--database",
+        "--db",
+        dest="db",
+        default=DEFAULT_DB,
+        metavar="PATH|URL",
+        help="a SQLite file (its directory is made, 0700, when missing), or "
+        "postgresql://USER@HOST:PORT/DB for several masters on one database; a password "
+        f"goes in ~/.pgpass or $PGPASSFILE, never in the URL (default: {DEFAULT_DB})",
+    )
+    p.add_argument(
+        "--master-id",
+        default="",
+        metavar="ID",
+        help="this master's name in the database and its logs, unique among the masters of "
+        "one database (default: the host name and a random suffix)",
+    )
+    p.add_argument(
+        "--worker-lease",
+        type=positive,
+        default=30.0,
+        metavar="SECONDS",
+        help="a worker's session outlives its master's last renewal this long; then the "
+        "leader marks the worker lost (default: 30)",
+    )
+    p.add_argument(
+        "--leader-lease",
+        type=positive,
+        default=15.0,
+        metavar="SECONDS",
+        help="the lease under which one master does what only one may (expiring workers' "
+        "leases); a dead leader is replaced within about 4/3 of it (default: 15)",
+    )
+    p.add_argument(
+        "--sync-interval",
+        type=positive,
+        default=5.0,
+        metavar="SECONDS",
+        help="how often the master compares its caches with the database, in case a change "
+        "notification was lost (default: 5)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        help="connections served at once; more are refused with limitExceeded "
+        f"(default: {DEFAULT_MAX_CONNECTIONS})",
+    )
+    p.add_argument(
+        "--push-timeout",
+        type=positive,
+        default=10.0,
+        help="seconds before a worker that does not take a push is disconnected (default: 10)",
+    )
+    p.add_argument(
+        "--metrics-listen",
+        default=f"127.0.0.1:{MASTER_METRICS_PORT}",
+        help="host:port for Prometheus /metrics and HTTP service discovery /sd; '' for "
+        f"none (default: 127.0.0.1:{MASTER_METRICS_PORT})",
+    )
+    add_common(p, daemon=True)
+    p.set_defaults(handler=_runs("procurator.cli.master:run"))
+    _master_database_commands(p)
+
+
+def _master_database_commands(p: argparse.ArgumentParser) -> None:
+    commands = p.add_subparsers(dest="database_command", metavar="{migrate,export,import}")
+    raw = argparse.RawDescriptionHelpFormatter
+
+    def database(q: argparse.ArgumentParser) -> None:
+        # SUPPRESS: a --database given before the command is kept.
+        q.add_argument(
+            "--database",
+            "--db",
+            dest="db",
+            default=argparse.SUPPRESS,
+            metavar="PATH|URL",
+            help=f"the database (default: the master's --database, else {DEFAULT_DB})",
+        )
+        # It prints and ends: not a daemon (procurator.cli), unlike ``master``.
+        q.set_defaults(daemon=False)
+
+    q = commands.add_parser(
+        "migrate",
+        help="create or migrate the database's schema, then exit",
+        description=(
+            "Create the database's schema, or migrate it to this release's (versioned,\n"
+            "idempotent: running it twice changes nothing), then exit. A master does the\n"
+            "same when it starts; run this ahead of a rolling upgrade.\n\n"
+            "example:\n  procurator master migrate --database postgresql://procurator@db/procurator"
+        ),
+        formatter_class=raw,
+    )
+    database(q)
+    q.set_defaults(handler=_runs("procurator.cli.master:migrate"))
+    q = commands.add_parser(
+        "export",
+        help="print the fleet in the database as JSON",
+        description=(
+            "Print the durable part of the database as JSON: the desired fleet, the\n"
+            "generations, the apply log, request ids and removals (not sessions,\n"
+            "statuses or events: workers report those again). A SQLite database is\n"
+            "locked by its running master: stop it first.\n\n"
+            "example:\n  procurator master export --database /var/lib/procurator/master.db "
+            "> fleet.json"
+        ),
+        formatter_class=raw,
+    )
+    database(q)
+    q.add_argument("-o", "--output", metavar="FILE", help="write to FILE, not stdout")
+    q.set_defaults(handler=_runs("procurator.cli.master:export"))
+    q = commands.add_parser(
+        "import",
+        help="load an exported fleet into an empty database",
+        description=(
+            "Load what `procurator master export` printed into an empty database\n"
+            "(its schema is created first). Generations go on from the exported\n"
+            "one, so workers keep what they run. To move a fleet from SQLite to\n"
+            "PostgreSQL: stop the master, export, import, start the masters on\n"
+            "PostgreSQL (docs/HA.md).\n\n"
+            "example:\n  procurator master import fleet.json "
+            "--database postgresql://procurator@db/procurator"
+        ),
+        formatter_class=raw,
+    )
+    q.add_argument("file", help="the JSON export ('-' for stdin)")
+    database(q)
+    q.set_defaults(handler=_runs("procurator.cli.master:import_dump"))

@@ -96,6 +96,7 @@ from procurator.core.control import (
     VmDescription,
     WorkerEvent,
 )
+from procurator.core.defaults import DEFAULT_MAX_CONNECTIONS
 from procurator.core.drain import ModeAction, ModeChange, check_max_unavailable
 from procurator.core.errors import (
     LimitExceededError,
@@ -176,7 +177,6 @@ T = TypeVar("T")
 
 _schema = load_schema()
 
-DEFAULT_MAX_CONNECTIONS = 1024
 MAX_SESSIONS_PER_CONNECTION = 8
 # How long a connection over the cap is kept to hear why it is refused, and
 # how many such connections may wait at once (beyond that: closed at once).

@@ -53,8 +53,8 @@ def test_status_imports_its_own_module_only() -> None:
     assert modules & _ROOTS == set()
 
 
-# The client commands whose parsers are procurator.cli.parsers'; the
-# daemons' (master, worker) are built with their composition roots.
+# The commands whose parsers are procurator.cli.parsers' (the worker's is
+# still built with its composition root).
 _CLIENTS = [c.name for c in COMMANDS if c.parser.startswith("procurator.cli.parsers:")]
 
 _HELPS = """
@@ -108,3 +108,35 @@ def test_commands_sharing_a_module_are_built_together() -> None:
     assert (events.prog, describe.prog) == ("procurator events", "procurator describe")
     assert choices["events"] is events
     assert list(choices) == [c.name for c in COMMANDS]
+
+
+_DAEMON_HELPS = """
+import contextlib, io, json, sys
+from procurator.cli import main
+codes = []
+for argv in json.loads(sys.argv[1]):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        codes.append(main(argv))
+print(json.dumps({"codes": codes, "modules": sorted(sys.modules)}))
+"""
+
+
+def test_the_master_s_help_imports_no_trio_and_no_capnp() -> None:
+    # Its flags' defaults come from procurator.core.defaults, not from the
+    # composition root (procurator.app.master) nor from the RPC server,
+    # which loads the schema when imported.
+    helps = [
+        ["master", "--help"],
+        *(["master", c, "--help"] for c in ("migrate", "export", "import")),
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", _DAEMON_HELPS, json.dumps(helps)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result = json.loads(done.stdout)
+    assert result["codes"] == [0] * len(helps)
+    modules = set(result["modules"])
+    heavy = {"trio", "capnp", "procurator.rpc.bridge", "procurator.rpc.schema"}
+    assert modules & (heavy | _ROOTS | {"procurator.cli.master"}) == set()
