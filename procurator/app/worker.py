@@ -34,6 +34,7 @@ import trio
 from procurator import __version__, logs
 from procurator.app._process import host_port, raise_open_file_limit, run_until_signalled
 from procurator.app.masters import master_addresses
+from procurator.core.defaults import DEFAULT_STATE_DIR, WORKER_METRICS_PORT
 from procurator.core.errors import PermanentError
 from procurator.core.models import Capacity, WorkerInfo
 from procurator.core.snapshot import SnapshotQuota
@@ -66,9 +67,6 @@ from procurator.worker.vmm.qemu import QemuDriver
 __all__ = ["DEFAULT_STATE_DIR", "WORKER_METRICS_PORT", "WorkerConfig", "run_worker", "worker_main"]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_STATE_DIR = "/var/lib/procurator/worker"
-WORKER_METRICS_PORT = 9301
 
 
 @dataclass(frozen=True, kw_only=True)

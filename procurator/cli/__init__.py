@@ -14,8 +14,8 @@ is built only when that command is parsed (run, or its ``--help`` shown):
 ``procurator status`` does not import the master's and the worker's
 composition roots (pyroute2, psycopg, httpx, the VMMs), and ``procurator
 --help`` imports no command at all. The client commands' parsers are
-``parsers``' (no trio, no capnp), and so are the master's (not yet the
-worker's): each names the function that runs it,
+``parsers``' (no trio, no capnp), and so are the daemons': each names
+the function that runs it,
 and that function's module (``status``, ``ops``, ...) is imported only
 when the command runs, so their ``--help`` and usage errors need neither.
 The one-line help lives in the table only; the function it names gives
@@ -87,7 +87,7 @@ COMMANDS = (
         "worker",
         "run a worker (connects to the master, runs its assigned VMs); "
         "cordon, uncordon or drain one",
-        "procurator.cli.worker:add_parser",
+        "procurator.cli.parsers:worker",
     ),
     Command(
         "apply",

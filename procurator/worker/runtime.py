@@ -71,6 +71,7 @@ import trio
 
 from procurator.core.assignments import AssignmentChanges, AssignmentUpdate
 from procurator.core.confinement import ImageLimits
+from procurator.core.defaults import VMM_DRIVERS as DRIVERS
 from procurator.core.errors import PermanentError, ProcuratorError
 from procurator.core.fence import FENCE_POWER, fence_message, fences
 from procurator.core.jail import JailPolicy
@@ -102,7 +103,6 @@ __all__ = ["DRIVERS", "ReconcilingHandler", "RuntimeOptions", "make_driver", "re
 
 log = logging.getLogger(__name__)
 
-DRIVERS = ("cloud-hypervisor", "qemu")
 _ACCELS: dict[str, Literal["kvm", "tcg", "auto"]] = {"kvm": "kvm", "tcg": "tcg", "auto": "auto"}
 
 

@@ -53,8 +53,7 @@ def test_status_imports_its_own_module_only() -> None:
     assert modules & _ROOTS == set()
 
 
-# The commands whose parsers are procurator.cli.parsers' (the worker's is
-# still built with its composition root).
+# The commands whose parsers are procurator.cli.parsers': all of them.
 _CLIENTS = [c.name for c in COMMANDS if c.parser.startswith("procurator.cli.parsers:")]
 
 _HELPS = """
@@ -121,13 +120,15 @@ print(json.dumps({"codes": codes, "modules": sorted(sys.modules)}))
 """
 
 
-def test_the_master_s_help_imports_no_trio_and_no_capnp() -> None:
-    # Its flags' defaults come from procurator.core.defaults, not from the
-    # composition root (procurator.app.master) nor from the RPC server,
-    # which loads the schema when imported.
+def test_the_daemons_help_imports_no_trio_and_no_capnp() -> None:
+    # Their flags' defaults come from procurator.core.defaults, not from the
+    # composition roots (procurator.app.master, .worker), the RPC server
+    # (which loads the schema when imported) or the worker's runtime.
     helps = [
         ["master", "--help"],
         *(["master", c, "--help"] for c in ("migrate", "export", "import")),
+        ["worker", "--help"],
+        *(["worker", c, "--help"] for c in ("cordon", "uncordon", "drain")),
     ]
     done = subprocess.run(
         [sys.executable, "-c", _DAEMON_HELPS, json.dumps(helps)],
@@ -139,4 +140,5 @@ def test_the_master_s_help_imports_no_trio_and_no_capnp() -> None:
     assert result["codes"] == [0] * len(helps)
     modules = set(result["modules"])
     heavy = {"trio", "capnp", "procurator.rpc.bridge", "procurator.rpc.schema"}
-    assert modules & (heavy | _ROOTS | {"procurator.cli.master"}) == set()
+    runners = {"procurator.cli.master", "procurator.cli.worker", "procurator.worker.runtime"}
+    assert modules & (heavy | _ROOTS | runners) == set()
