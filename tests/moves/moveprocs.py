@@ -5,8 +5,10 @@ on the fleet's status."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -23,7 +25,7 @@ from procurator.rpc.address import parse_address
 from procurator.rpc.bridge import Bridge
 from procurator.rpc.clients import ControlClient, open_control
 
-__all__ = ["WORKERS", "runs_on", "start_master", "until", "worker"]
+__all__ = ["WORKERS", "keep_logs", "runs_on", "start_master", "until", "worker"]
 
 WORKERS = ("host-a", "host-b")
 
@@ -64,12 +66,35 @@ async def start_master(
             await trio.sleep(0.1)
 
 
-async def until(control: ControlClient, done: Any) -> FleetStatus:
-    with trio.fail_after(60):  # a hang guard only
-        status = await control.status()
-        while not done(status):
-            status = await control.status(wait_index=status.change_index, wait=1.0)
+async def until(control: ControlClient, done: Any, logs: Path | None = None) -> FleetStatus:
+    """The fleet's status once ``done(status)``; a hang guard's failure
+    keeps the logs of ``logs`` (a test's tmp_path) and says where."""
+    try:
+        with trio.fail_after(60):  # a hang guard only
+            status = await control.status()
+            while not done(status):
+                status = await control.status(wait_index=status.change_index, wait=1.0)
+    except trio.TooSlowError:
+        if logs is None:
+            raise
+        moves = await control.moves()
+        raise AssertionError(
+            f"never so: {status}\nmoves: {moves}\nlogs kept in {keep_logs(logs)}"
+        ) from None
     return status
+
+
+def keep_logs(tmp_path: Path) -> Path:
+    """A copy, under /tmp (kept: pytest rotates its tmp dirs), of the
+    master's and the workers' logs (``tmp_path/*.log``, a restarted
+    worker appending to its log) and of each worker's VMs' vm.json and
+    vmm.log, for a hang guard's failure to name; the copy's directory."""
+    kept = Path(tempfile.mkdtemp(prefix="procurator-moves-", dir="/tmp"))
+    for path in [*tmp_path.glob("*.log"), *tmp_path.glob("*/vms/*/vm.json")]:
+        shutil.copy(path, kept / "-".join(path.relative_to(tmp_path).parts))
+    for path in tmp_path.glob("*/vms/*/run/vmm.log"):
+        shutil.copy(path, kept / "-".join(path.relative_to(tmp_path).parts))
+    return kept
 
 
 def runs_on(status: FleetStatus, vm_id: str) -> set[str]:

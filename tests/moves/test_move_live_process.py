@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import trio
 from fleethelpers import FAKE, AddImage, add_image, live_processes, nix_env
-from moveprocs import WORKERS, runs_on, start_master, until, worker
+from moveprocs import WORKERS, keep_logs, runs_on, start_master, until, worker
 
 from procurator.core.fleet import parse_fleet
 from procurator.rpc.address import parse_address
@@ -80,13 +80,17 @@ async def test_live_moves_end_done_or_failed_and_never_boot_the_vm_twice(
             master, env = await start_master(stack, bridge, tmp_path, nix_env)
             workers = {w: stack.enter_context(worker(w, master, tmp_path, env)) for w in WORKERS}
             async with open_control(bridge, parse_address(master)) as control:
-                await until(control, lambda s: sum(w.connected for w in s.workers) == 2)
+
+                async def settle(done: Any) -> None:
+                    await until(control, done, logs=tmp_path)
+
+                await settle(lambda s: sum(w.connected for w in s.workers) == 2)
                 await control.apply(
                     parse_fleet(
                         f'[[vms]]\nid = "web-1"\nimage = "{image}"\nvcpus = 1\nmemory_mib = 64\n'
                     )
                 )
-                await until(control, lambda s: runs_on(s, "web-1") == {"host-a"})
+                await settle(lambda s: runs_on(s, "web-1") == {"host-a"})
 
                 async def move(target: str, killed: str = "", drain: str = "") -> list[str]:
                     """``procurator move --live`` (or ``worker drain``),
@@ -109,23 +113,43 @@ async def test_live_moves_end_done_or_failed_and_never_boot_the_vm_twice(
                             )
                         )
 
+                    async def stuck(why: str) -> AssertionError:
+                        """A hang guard's failure, readable: the command's
+                        output, the moves, the logs (kept under /tmp)."""
+                        out = b"".join(r.stdout + r.stderr for r in result).decode()
+                        moves = await control.moves("web-1")
+                        kept = keep_logs(tmp_path)
+                        return AssertionError(
+                            f"{why} (move to {target}, {killed or 'none'} killed)\n"
+                            f"command {[r.returncode for r in result]}: {out}\n"
+                            f"moves: {moves}\nlogs kept in {kept}"
+                        )
+
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(run)
                         if killed:
                             # Mid-move: the target holds its incoming VMM.
                             held = tmp_path / target / "vms" / "web-1" / "vm.json"
-                            with trio.fail_after(30):  # a hang guard
-                                while not (held.exists() and "incoming" in held.read_text()):
-                                    await trio.sleep(0.01)
+                            try:
+                                with trio.fail_after(30):  # a hang guard
+                                    while not (held.exists() and "incoming" in held.read_text()):
+                                        if result:
+                                            raise await stuck("the move ended before it held")
+                                        await trio.sleep(0.01)
+                            except trio.TooSlowError:
+                                raise await stuck("the target never held the VM incoming") from None
                             workers[killed].send_signal(signal.SIGKILL)
                             workers[killed].wait()
                             workers[killed] = stack.enter_context(
                                 worker(killed, master, tmp_path, env)
                             )
-                        with trio.fail_after(90):  # a hang guard only
-                            while not result:
-                                samples.append(_booted_holders(tmp_path, "web-1"))
-                                await trio.sleep(0.01)
+                        try:
+                            with trio.fail_after(90):  # a hang guard only
+                                while not result:
+                                    samples.append(_booted_holders(tmp_path, "web-1"))
+                                    await trio.sleep(0.01)
+                        except trio.TooSlowError:
+                            raise await stuck("the move command never ended") from None
                     (done,) = result
                     assert done.returncode in (0, 4), done.stdout + done.stderr
                     if drain:
@@ -136,7 +160,7 @@ async def test_live_moves_end_done_or_failed_and_never_boot_the_vm_twice(
                 source_digest = _digests(tmp_path, "host-a")
                 phases = await move("host-b")
                 assert phases[-1] == "done" and "migrating" in phases, phases
-                await until(control, lambda s: runs_on(s, "web-1") == {"host-b"})
+                await settle(lambda s: runs_on(s, "web-1") == {"host-b"})
                 moved = _digests(tmp_path, "host-b")
                 assert moved and (not source_digest or moved[-1] == source_digest[-1]), moved
 
@@ -146,7 +170,7 @@ async def test_live_moves_end_done_or_failed_and_never_boot_the_vm_twice(
                 phases = await move("host-a")
                 (failed,) = [m for m in await control.moves("web-1") if m.phase.value == "failed"]
                 assert phases[-1] == "failed" and "migration failed" in failed.reason, failed
-                await until(control, lambda s: runs_on(s, "web-1") == {"host-b"})
+                await settle(lambda s: runs_on(s, "web-1") == {"host-b"})
                 Path(f"{sock}.fault").unlink()
 
                 # kill -9 of the source, then of the target, as a move begins.
@@ -154,13 +178,13 @@ async def test_live_moves_end_done_or_failed_and_never_boot_the_vm_twice(
                     phases = await move(target, killed)
                     assert phases[-1] in ("done", "failed"), phases
                     where = {target} if phases[-1] == "done" else set(WORKERS) - {target}
-                    await until(control, lambda s, w=where: runs_on(s, "web-1") == w)
+                    await settle(lambda s, w=where: runs_on(s, "web-1") == w)
                 # A drain of the worker that runs it moves it live.
-                await until(control, lambda s: sum(w.connected for w in s.workers) == 2)
+                await settle(lambda s: sum(w.connected for w in s.workers) == 2)
                 (holder,) = runs_on(await control.status(), "web-1")
                 other = (set(WORKERS) - {holder}).pop()
                 await move(other, drain=holder)  # --wait: until the drain is done
-                await until(control, lambda s: runs_on(s, "web-1") == {other})
+                await settle(lambda s: runs_on(s, "web-1") == {other})
                 drained = [m for m in await control.moves("web-1") if m.source == holder]
                 assert drained[0].phase.value == "done" and drained[0].kind.value == "live"
                 (emptied,) = [w for w in (await control.status()).workers if w.worker_id == holder]
@@ -171,8 +195,7 @@ async def test_live_moves_end_done_or_failed_and_never_boot_the_vm_twice(
                 await control.apply(
                     parse_fleet("[workers.host-a]\nvms = []\n[workers.host-b]\nvms = []\n")
                 )
-                await until(
-                    control,
+                await settle(
                     lambda s: all(
                         w.status is not None
                         and not w.status.vms
