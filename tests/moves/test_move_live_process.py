@@ -28,7 +28,7 @@ from moveprocs import WORKERS, keep_logs, runs_on, start_master, until, worker
 from procurator.core.fleet import parse_fleet
 from procurator.rpc.address import parse_address
 from procurator.rpc.bridge import open_bridge
-from procurator.rpc.clients import open_control
+from procurator.rpc.clients import ControlClient, open_control
 
 __all__ = ["add_image", "nix_env"]  # fixtures
 
@@ -62,6 +62,22 @@ def _booted_holders(tmp_path: Path, vm_id: str) -> set[str]:
                 if not incoming:
                     holders.add(w)
     return holders
+
+
+def _held_for(vm_json: Path) -> str:
+    """The op id of the move a VM is held incoming for, as its vm.json
+    says ("": none, or the file is being written or gone)."""
+    try:
+        incoming = json.loads(vm_json.read_text()).get("incoming")
+    except (OSError, ValueError):
+        return ""
+    return str(incoming["op_id"]) if incoming else ""
+
+
+async def _moving(control: ControlClient, vm_id: str) -> str:
+    """The op id of the move of ``vm_id`` under way ("": none yet)."""
+    under_way = [m.op_id for m in await control.moves(vm_id) if not m.over]
+    return under_way[0] if under_way else ""
 
 
 def _digests(tmp_path: Path, worker: str) -> list[str]:
@@ -129,12 +145,17 @@ async def test_live_moves_end_done_or_failed_and_never_boot_the_vm_twice(
                         nursery.start_soon(run)
                         if killed:
                             # Mid-move: the target holds its incoming VMM.
+                            # Held for this move, not a stale file of the
+                            # last one's (its removal may still be under way).
                             held = tmp_path / target / "vms" / "web-1" / "vm.json"
+                            op_id = ""
                             try:
                                 with trio.fail_after(30):  # a hang guard
-                                    while not (held.exists() and "incoming" in held.read_text()):
+                                    while not (op_id and _held_for(held) == op_id):
                                         if result:
                                             raise await stuck("the move ended before it held")
+                                        if not op_id:
+                                            op_id = await _moving(control, "web-1")
                                         await trio.sleep(0.01)
                             except trio.TooSlowError:
                                 raise await stuck("the target never held the VM incoming") from None
