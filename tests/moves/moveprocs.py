@@ -5,6 +5,7 @@ on the fleet's status."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from procurator.rpc.address import parse_address
 from procurator.rpc.bridge import Bridge
 from procurator.rpc.clients import ControlClient, open_control
 
-__all__ = ["WORKERS", "keep_logs", "runs_on", "start_master", "until", "worker"]
+__all__ = ["WORKERS", "keep_logs", "moves_said", "runs_on", "start_master", "until", "worker"]
 
 WORKERS = ("host-a", "host-b")
 
@@ -69,17 +70,18 @@ async def start_master(
 async def until(control: ControlClient, done: Any, logs: Path | None = None) -> FleetStatus:
     """The fleet's status once ``done(status)``; a hang guard's failure
     keeps the logs of ``logs`` (a test's tmp_path) and says where."""
+    last: FleetStatus | None = None  # the last status seen, for the failure
     try:
         with trio.fail_after(60):  # a hang guard only
-            status = await control.status()
+            status = last = await control.status()
             while not done(status):
-                status = await control.status(wait_index=status.change_index, wait=1.0)
+                status = last = await control.status(wait_index=status.change_index, wait=1.0)
     except trio.TooSlowError:
         if logs is None:
             raise
-        moves = await control.moves()
+        moves = await moves_said(control)
         raise AssertionError(
-            f"never so: {status}\nmoves: {moves}\nlogs kept in {keep_logs(logs)}"
+            f"never so: {last}\nmoves: {moves}\nlogs kept in {keep_logs(logs)}"
         ) from None
     return status
 
@@ -90,11 +92,19 @@ def keep_logs(tmp_path: Path) -> Path:
     worker appending to its log) and of each worker's VMs' vm.json and
     vmm.log, for a hang guard's failure to name; the copy's directory."""
     kept = Path(tempfile.mkdtemp(prefix="procurator-moves-", dir="/tmp"))
-    for path in [*tmp_path.glob("*.log"), *tmp_path.glob("*/vms/*/vm.json")]:
-        shutil.copy(path, kept / "-".join(path.relative_to(tmp_path).parts))
-    for path in tmp_path.glob("*/vms/*/run/vmm.log"):
-        shutil.copy(path, kept / "-".join(path.relative_to(tmp_path).parts))
+    files = [*tmp_path.glob("*.log"), *tmp_path.glob("*/vms/*/vm.json")]
+    for path in [*files, *tmp_path.glob("*/vms/*/run/vmm.log")]:
+        with contextlib.suppress(OSError):  # a VM's file removed meanwhile
+            shutil.copy(path, kept / "-".join(path.relative_to(tmp_path).parts))
     return kept
+
+
+async def moves_said(control: ControlClient, vm_id: str = "") -> str:
+    """``control.moves(vm_id)`` for a failure's message, or that the
+    master did not answer (a hang guard's message must not hang)."""
+    with trio.move_on_after(10):
+        return str(await control.moves(vm_id))
+    return "(the master did not answer control.moves in 10 s)"
 
 
 def runs_on(status: FleetStatus, vm_id: str) -> set[str]:

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import trio
 from fleethelpers import FAKE, AddImage, add_image, live_processes, nix_env
-from moveprocs import WORKERS, keep_logs, runs_on, start_master, until, worker
+from moveprocs import WORKERS, keep_logs, moves_said, runs_on, start_master, until, worker
 
 from procurator.core.fleet import parse_fleet
 from procurator.rpc.address import parse_address
@@ -133,7 +133,7 @@ async def test_live_moves_end_done_or_failed_and_never_boot_the_vm_twice(
                         """A hang guard's failure, readable: the command's
                         output, the moves, the logs (kept under /tmp)."""
                         out = b"".join(r.stdout + r.stderr for r in result).decode()
-                        moves = await control.moves("web-1")
+                        moves = await moves_said(control, "web-1")
                         kept = keep_logs(tmp_path)
                         return AssertionError(
                             f"{why} (move to {target}, {killed or 'none'} killed)\n"
