@@ -15,7 +15,7 @@ import trio
 import trio.testing
 from fencehelpers import Actuator
 
-from procurator.cli import worker as worker_cli
+from procurator.cli import parsers
 from procurator.core.assignments import AssignmentChanges
 from procurator.core.fence import (
     DEFAULT_FENCE_AFTER,
@@ -67,7 +67,7 @@ def test_a_fence_delay_must_be_positive_and_finite(bad: float) -> None:
 @pytest.mark.parametrize("bad", ["0", "-1", "inf", "nan", "soon"])
 def test_the_worker_refuses_a_bad_fence_after(bad: str) -> None:
     parser = argparse.ArgumentParser()
-    worker_cli.add_parser(parser.add_subparsers())
+    parsers.worker(parser.add_subparsers())
     with pytest.raises(SystemExit):
         parser.parse_args(["worker", "--id", "host-a", "--fence-after", bad])
     with pytest.raises(ValueError, match="positive number of seconds"):
