@@ -13,19 +13,16 @@ real TCP socket to a target's incoming VMM."""
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "vmm"))
 
-from vmmhelpers import FAST, FAST_POLICY, definition, fake_driver, kill_all_under
+from movevms import driver, root
+from vmmhelpers import FAST, FAST_POLICY, definition, kill_all_under
 
 from procurator.core.models import (
     Assignment,
@@ -45,23 +42,7 @@ from procurator.worker.vmrecord import MOVED_OUT_FILE, VmSpec
 TOKEN = bytes(range(0x40, 0x50))
 IMAGE = "/nix/store/" + "s" * 32 + "-vm"
 
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    # Short, under /tmp: unix socket paths must stay under 108 bytes.
-    made = Path(tempfile.mkdtemp(prefix="pmc-", dir="/tmp"))
-    try:
-        yield made
-    finally:
-        kill_all_under(made)  # safety net for a failed test; a passing one left none
-        shutil.rmtree(made, ignore_errors=True)
-
-
-@pytest.fixture
-def driver() -> Iterator[CloudHypervisorDriver]:
-    made = fake_driver()
-    yield made
-    made.close()
+__all__ = ["driver", "root"]  # fixtures
 
 
 def _last(published: list[tuple[TransferProgress, ...]]) -> TransferProgress | None:

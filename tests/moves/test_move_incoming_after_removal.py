@@ -9,19 +9,17 @@ flake of test_move_live_process.py). Real fake cloud-hypervisor processes."""
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import socket
 import sys
-import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "vmm"))
 
-from vmmhelpers import FAST, FAST_POLICY, definition, fake_driver, kill_all_under, vmm_pids_under
+from movevms import driver, root
+from vmmhelpers import FAST, FAST_POLICY, definition, vmm_pids_under
 
 from procurator.core.errors import ProcuratorError, TemporaryError
 from procurator.core.models import Phase
@@ -32,23 +30,7 @@ from procurator.worker.vmrecord import Incoming, VmSpec
 
 TOKEN = bytes(range(0x40, 0x50))
 
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    # Short, under /tmp: unix socket paths must stay under 108 bytes.
-    made = Path(tempfile.mkdtemp(prefix="pmr-", dir="/tmp"))
-    try:
-        yield made
-    finally:
-        kill_all_under(made)  # safety net for a failed test; a passing one left none
-        shutil.rmtree(made, ignore_errors=True)
-
-
-@pytest.fixture
-def driver() -> Iterator[CloudHypervisorDriver]:
-    made = fake_driver()
-    yield made
-    made.close()
+__all__ = ["driver", "root"]  # fixtures
 
 
 def free_address() -> tuple[str, int]:

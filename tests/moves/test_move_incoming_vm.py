@@ -9,19 +9,17 @@ same driver."""
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import socket
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "vmm"))
 
-from vmmhelpers import FAST, FAST_POLICY, definition, fake_driver, kill_all_under, vmm_pids_under
+from movevms import driver, root
+from vmmhelpers import FAST, FAST_POLICY, definition, vmm_pids_under
 
 from procurator.core.errors import ProcuratorError
 from procurator.core.models import EventKind, Phase, PowerState, VmEvent
@@ -34,23 +32,7 @@ from procurator.worker.vmrecord import MOVED_OUT_FILE, Incoming, MovedOut, VmSpe
 
 TOKEN = bytes(range(0x40, 0x50))
 
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    # Short, under /tmp: unix socket paths must stay under 108 bytes.
-    made = Path(tempfile.mkdtemp(prefix="pmi-", dir="/tmp"))
-    try:
-        yield made
-    finally:
-        kill_all_under(made)  # safety net for a failed test; a passing one left none
-        shutil.rmtree(made, ignore_errors=True)
-
-
-@pytest.fixture
-def driver() -> Iterator[CloudHypervisorDriver]:
-    made = fake_driver()
-    yield made
-    made.close()
+__all__ = ["driver", "root"]  # fixtures
 
 
 def free_address() -> Address:

@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import socket
 import sys
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
 import trio
 import trio.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "vmm"))
 
-from vmmhelpers import FAST, FAST_POLICY, definition, fake_driver, kill_all_under
+from movevms import driver, manager, root
+from vmmhelpers import definition, kill_all_under
 
 from procurator.core.models import (
     Assignment,
@@ -37,37 +35,10 @@ from procurator.worker.state import StateDir
 from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver
 from procurator.worker.vmrecord import MOVED_OUT_FILE, MovedOut, VmSpec
 
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    # Short, under /tmp: unix socket paths must stay under 108 bytes.
-    made = Path(tempfile.mkdtemp(prefix="pms-", dir="/tmp"))
-    try:
-        yield made
-    finally:
-        kill_all_under(made)  # safety net for a failed test; a passing one left none
-        shutil.rmtree(made, ignore_errors=True)
-
-
-@pytest.fixture
-def driver() -> Iterator[CloudHypervisorDriver]:
-    made = fake_driver()
-    yield made
-    made.close()
+__all__ = ["driver", "root"]  # fixtures
 
 
 IMAGE = "/nix/store/" + "s" * 32 + "-vm"
-
-
-def manager(state_dir: Path, driver: CloudHypervisorDriver) -> VmManager:
-    return VmManager(
-        state_dir,
-        driver,
-        timeouts=FAST,
-        policy=FAST_POLICY,
-        on_change=lambda obs, event: None,
-        jail=None,
-    )
 
 
 def restarted_in_migration(

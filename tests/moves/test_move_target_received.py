@@ -14,19 +14,16 @@ generation."""
 
 from __future__ import annotations
 
-import shutil
 import socket
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "vmm"))
 
-from vmmhelpers import FAST, FAST_POLICY, definition, fake_driver, kill_all_under
+from movevms import driver, root
+from vmmhelpers import FAST, FAST_POLICY, definition
 
 from procurator.core.models import (
     Assignment,
@@ -51,23 +48,7 @@ from procurator.worker.vmrecord import Incoming, VmSpec
 TOKEN = bytes(range(0x40, 0x50))
 IMAGE = "/nix/store/" + "r" * 32 + "-vm"
 
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    # Short, under /tmp: unix socket paths must stay under 108 bytes.
-    made = Path(tempfile.mkdtemp(prefix="pmr-", dir="/tmp"))
-    try:
-        yield made
-    finally:
-        kill_all_under(made)  # safety net for a failed test; a passing one left none
-        shutil.rmtree(made, ignore_errors=True)
-
-
-@pytest.fixture
-def driver() -> Iterator[CloudHypervisorDriver]:
-    made = fake_driver()
-    yield made
-    made.close()
+__all__ = ["driver", "root"]  # fixtures
 
 
 class Incomings:

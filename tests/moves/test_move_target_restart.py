@@ -8,19 +8,17 @@ loop runs as the worker runs it, over a hand-written IncomingVms."""
 from __future__ import annotations
 
 import contextlib
-import shutil
 import socket
 import sys
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "vmm"))
 
-from vmmhelpers import FAST, FAST_POLICY, definition, fake_driver, kill_all_under, vmm_pids_under
+from movevms import driver, manager, root
+from vmmhelpers import definition, vmm_pids_under
 
 from procurator.core.models import (
     Assignment,
@@ -38,34 +36,7 @@ from procurator.worker.vmrecord import Incoming, VmSpec
 IMAGE = "/nix/store/" + "t" * 32 + "-vm"
 TOKEN = "cd" * 16
 
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    # Short, under /tmp: unix socket paths must stay under 108 bytes.
-    made = Path(tempfile.mkdtemp(prefix="pmt-", dir="/tmp"))
-    try:
-        yield made
-    finally:
-        kill_all_under(made)  # safety net for a failed test; a passing one left none
-        shutil.rmtree(made, ignore_errors=True)
-
-
-@pytest.fixture
-def driver() -> Iterator[CloudHypervisorDriver]:
-    made = fake_driver()
-    yield made
-    made.close()
-
-
-def manager(state_dir: Path, driver: CloudHypervisorDriver) -> VmManager:
-    return VmManager(
-        state_dir,
-        driver,
-        timeouts=FAST,
-        policy=FAST_POLICY,
-        on_change=lambda obs, event: None,
-        jail=None,
-    )
+__all__ = ["driver", "root"]  # fixtures
 
 
 class Incomings:
