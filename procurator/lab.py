@@ -30,14 +30,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from procurator.core.defaults import MASTER_METRICS_PORT, WORKER_METRICS_PORT
 from procurator.core.jail import JailPolicy
+from procurator.rpc.address import DEFAULT_PORT
 from procurator.worker.jail import remove_worker_cgroups
 
-__all__ = ["Lab", "build_test_image", "repo_root"]
+__all__ = [
+    "MASTER_METRICS_PORT",
+    "PORT",
+    "WORKER_METRICS_PORT",
+    "Lab",
+    "build_test_image",
+    "repo_root",
+]
 
-PORT = 7300
-WORKER_METRICS_PORT = 9301
-MASTER_METRICS_PORT = 9300
+# The daemons' own defaults: the lab runs in its own namespace, where they
+# are free, and the demo shows the ports a real fleet uses.
+PORT = DEFAULT_PORT
 
 
 # The lab's master listens on loopback inside its own namespace, so it runs

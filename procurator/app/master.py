@@ -37,7 +37,15 @@ import trio
 
 from procurator import logs
 from procurator.app._process import host_port, raise_open_file_limit, run_until_signalled
-from procurator.core.defaults import DEFAULT_DB, DEFAULT_MAX_CONNECTIONS, MASTER_METRICS_PORT
+from procurator.core.defaults import (
+    DEFAULT_DB,
+    DEFAULT_LEADER_LEASE,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_PUSH_TIMEOUT,
+    DEFAULT_SYNC_INTERVAL,
+    DEFAULT_WORKER_LEASE,
+    MASTER_METRICS_PORT,
+)
 from procurator.core.errors import PermanentError
 from procurator.master.http import run_master_http
 from procurator.master.metrics import MasterInstruments, MasterMetrics
@@ -69,7 +77,7 @@ class MasterConfig:
     listen: str = f"127.0.0.1:{DEFAULT_PORT}"  # "host:port" or "unix:/path"
     # A SQLite file (one master), or postgresql://... (several: docs/HA.md).
     db: Path | str = Path(DEFAULT_DB)
-    push_timeout: float = 10.0
+    push_timeout: float = DEFAULT_PUSH_TIMEOUT
     metrics_listen: str = ""  # "host:port" of /metrics and /sd; "" for none
     tls: TlsFiles | None = None  # mutual TLS; required off loopback unless insecure
     insecure: bool = False
@@ -79,9 +87,10 @@ class MasterConfig:
     # Unique among the masters of one database; "": the host name and a
     # random suffix (procurator.master.service.default_master_id).
     master_id: str = ""
-    worker_lease: float = 30.0  # a session outlives its master's last renewal so long
-    leader_lease: float = 15.0  # procurator.master.leader
-    sync_interval: float = 5.0  # the periodic comparison with the database
+    # A session outlives its master's last renewal so long.
+    worker_lease: float = DEFAULT_WORKER_LEASE
+    leader_lease: float = DEFAULT_LEADER_LEASE  # procurator.master.leader
+    sync_interval: float = DEFAULT_SYNC_INTERVAL  # the periodic comparison with the database
 
 
 def master_main(config: MasterConfig) -> int:

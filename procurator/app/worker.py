@@ -34,7 +34,7 @@ import trio
 from procurator import __version__, logs
 from procurator.app._process import host_port, raise_open_file_limit, run_until_signalled
 from procurator.app.masters import master_addresses
-from procurator.core.defaults import DEFAULT_STATE_DIR, WORKER_METRICS_PORT
+from procurator.core.defaults import DEFAULT_OVERCOMMIT, DEFAULT_STATE_DIR, WORKER_METRICS_PORT
 from procurator.core.errors import PermanentError
 from procurator.core.models import Capacity, WorkerInfo
 from procurator.core.snapshot import SnapshotQuota
@@ -91,8 +91,8 @@ class WorkerConfig:
     # What the master's scheduler knows of this worker (docs/SCHEDULING.md):
     # its labels (sorted by key) and the overcommit ratios it reports.
     labels: tuple[tuple[str, str], ...] = ()
-    cpu_overcommit: float = 1.0
-    memory_overcommit: float = 1.0
+    cpu_overcommit: float = DEFAULT_OVERCOMMIT
+    memory_overcommit: float = DEFAULT_OVERCOMMIT
     # Bounds on the snapshots of this worker's VMs (docs/SNAPSHOTS.md).
     snapshot_quota: SnapshotQuota = field(default_factory=SnapshotQuota)
     # The capacity reported; None: the host's (``RuntimeOptions.capacity``).

@@ -7,8 +7,9 @@ nothing of the wire. ``procurator.cli.COMMANDS`` names the function here
 that adds each command's parser.
 
 The flags' types and the shared flags are ``procurator.cli.args``'s (no
-trio, no capnp either); the master's defaults that its code uses too are
-``procurator.core.defaults``'; what a command does is in its own module
+trio, no capnp either); the daemons' defaults are read where their code
+reads them too (``procurator.core.defaults``, a few core modules), never
+written here again (tests/ops/test_flag_defaults.py); what a command does is in its own module
 (``status``, ``ops``, ``top``, ``rollout``, ``snapshot``, ``apply``,
 ``move``, ``master``, ``worker``).
 """
@@ -24,9 +25,24 @@ from typing import Any
 
 from procurator.cli.args import add_common, add_master_address, int_between, non_negative, positive
 from procurator.core.defaults import (
+    DEFAULT_BRIDGE,
+    DEFAULT_CONCURRENCY,
     DEFAULT_DB,
+    DEFAULT_GUEST_CHECK_INTERVAL,
+    DEFAULT_GUEST_CHECK_TIMEOUT,
+    DEFAULT_HEALTH_CHECKS_PER_SECOND,
+    DEFAULT_HEALTH_INTERVAL,
+    DEFAULT_LEADER_LEASE,
     DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_METRICS_INTERVAL,
+    DEFAULT_OVERCOMMIT,
+    DEFAULT_PUSH_TIMEOUT,
+    DEFAULT_RESYNC_INTERVAL,
     DEFAULT_STATE_DIR,
+    DEFAULT_STOP_GRACE,
+    DEFAULT_SUBNET,
+    DEFAULT_SYNC_INTERVAL,
+    DEFAULT_WORKER_LEASE,
     MASTER_METRICS_PORT,
     VMM_DRIVERS,
     WORKER_METRICS_PORT,
@@ -567,26 +583,27 @@ def master(sub: Any) -> None:
     p.add_argument(
         "--worker-lease",
         type=positive,
-        default=30.0,
+        default=DEFAULT_WORKER_LEASE,
         metavar="SECONDS",
         help="a worker's session outlives its master's last renewal this long; then the "
-        "leader marks the worker lost (default: 30)",
+        f"leader marks the worker lost (default: {DEFAULT_WORKER_LEASE:g})",
     )
     p.add_argument(
         "--leader-lease",
         type=positive,
-        default=15.0,
+        default=DEFAULT_LEADER_LEASE,
         metavar="SECONDS",
         help="the lease under which one master does what only one may (expiring workers' "
-        "leases); a dead leader is replaced within about 4/3 of it (default: 15)",
+        f"leases); a dead leader is replaced within about 4/3 of it (default: "
+        f"{DEFAULT_LEADER_LEASE:g})",
     )
     p.add_argument(
         "--sync-interval",
         type=positive,
-        default=5.0,
+        default=DEFAULT_SYNC_INTERVAL,
         metavar="SECONDS",
         help="how often the master compares its caches with the database, in case a change "
-        "notification was lost (default: 5)",
+        f"notification was lost (default: {DEFAULT_SYNC_INTERVAL:g})",
     )
     p.add_argument(
         "--max-connections",
@@ -598,8 +615,9 @@ def master(sub: Any) -> None:
     p.add_argument(
         "--push-timeout",
         type=positive,
-        default=10.0,
-        help="seconds before a worker that does not take a push is disconnected (default: 10)",
+        default=DEFAULT_PUSH_TIMEOUT,
+        help="seconds before a worker that does not take a push is disconnected "
+        f"(default: {DEFAULT_PUSH_TIMEOUT:g})",
     )
     p.add_argument(
         "--metrics-listen",
@@ -721,8 +739,8 @@ def worker(sub: Any) -> None:
     p.add_argument(
         "--resync-interval",
         type=positive,
-        default=30.0,
-        help="seconds between full pulls of the assignment (default: 30)",
+        default=DEFAULT_RESYNC_INTERVAL,
+        help=f"seconds between full pulls of the assignment (default: {DEFAULT_RESYNC_INTERVAL:g})",
     )
     p.add_argument(
         "--fence-after",
@@ -733,7 +751,7 @@ def worker(sub: Any) -> None:
         'may move elsewhere (on_worker_lost = "reschedule") until a master sends the '
         "assignment again; must stay below 2/3 of the masters' --worker-lease, since "
         f"healing may start that soon (default: {DEFAULT_FENCE_AFTER:g}, for the default "
-        "lease of 30)",
+        f"lease of {DEFAULT_WORKER_LEASE:g})",
     )
     p.add_argument(
         "--driver",
@@ -766,11 +784,16 @@ def worker(sub: Any) -> None:
         "hardware virtualization (vmx or svm) and the KVM is not PVM (kvm_pvm: a paravirtual "
         "KVM that runs only guest kernels built for it), else tcg; the worker logs why)",
     )
-    p.add_argument("--bridge", default="br-procurator", help="bridge for the VMs' taps")
+    p.add_argument(
+        "--bridge",
+        default=DEFAULT_BRIDGE,
+        help=f"bridge for the VMs' taps (default: {DEFAULT_BRIDGE})",
+    )
     p.add_argument(
         "--subnet",
-        default="10.120.0.0/24",
-        help="IPv4 subnet of the bridge; the bridge is .1, VMs get stable addresses from it",
+        default=DEFAULT_SUBNET,
+        help="IPv4 subnet of the bridge; the bridge is .1, VMs get stable addresses from it "
+        f"(default: {DEFAULT_SUBNET})",
     )
     p.add_argument("--no-network", action="store_true", help="give VMs no network interface")
     p.add_argument(
@@ -789,13 +812,17 @@ def worker(sub: Any) -> None:
         help="most memory one VM may have, MiB (default: the host's memory)",
     )
     p.add_argument(
-        "--concurrency", type=int, default=8, help="VMs prepared/started at once (default: 8)"
+        "--concurrency",
+        type=int,
+        default=DEFAULT_CONCURRENCY,
+        help=f"VMs prepared/started at once (default: {DEFAULT_CONCURRENCY})",
     )
     p.add_argument(
         "--stop-grace",
         type=positive,
-        default=30.0,
-        help="seconds a guest gets to power off before it is stopped hard (default: 30)",
+        default=DEFAULT_STOP_GRACE,
+        help="seconds a guest gets to power off before it is stopped hard "
+        f"(default: {DEFAULT_STOP_GRACE:g})",
     )
     p.add_argument(
         "--metrics-listen",
@@ -821,45 +848,48 @@ def worker(sub: Any) -> None:
     p.add_argument(
         "--metrics-interval",
         type=positive,
-        default=15.0,
+        default=DEFAULT_METRICS_INTERVAL,
         help="seconds between metric polls and reports to the master, and between two reads "
         "of every VM's counters (with cloud-hypervisor one sweep for all VMs, which is "
-        "also their health check) (default: 15)",
+        f"also their health check) (default: {DEFAULT_METRICS_INTERVAL:g})",
     )
     p.add_argument(
         "--health-interval",
         type=positive,
-        default=15.0,
+        default=DEFAULT_HEALTH_INTERVAL,
         metavar="SECONDS",
         help="seconds between a VM's health checks (vm.info / QMP query-status) where the "
         "driver cannot tell a VM's transitions itself (QEMU); a VMM that exits is seen at "
         "once, this bounds how long a hung one goes unnoticed (two missed checks). Each "
         "check is an API call per VM. cloud-hypervisor VMs are checked by the counters "
-        "sweep every --metrics-interval instead (default: 15)",
+        f"sweep every --metrics-interval instead (default: {DEFAULT_HEALTH_INTERVAL:g})",
     )
     p.add_argument(
         "--health-budget",
         type=non_negative,
-        default=25.0,
+        default=DEFAULT_HEALTH_CHECKS_PER_SECOND,
         metavar="CHECKS_PER_S",
         help="at most this many health checks a second across all VMs: with more VMs than "
         "--health-interval allows, each VM's interval stretches to VMs / CHECKS_PER_S "
-        "(40 s at 1,000 VMs by default), keeping the idle cost flat; 0: no cap (default: 25)",
+        f"({1000 / DEFAULT_HEALTH_CHECKS_PER_SECOND:g} s at 1,000 VMs by default), keeping "
+        f"the idle cost flat; 0: no cap (default: {DEFAULT_HEALTH_CHECKS_PER_SECOND:g})",
     )
     p.add_argument(
         "--guest-check-interval",
         type=positive,
-        default=2.0,
+        default=DEFAULT_GUEST_CHECK_INTERVAL,
         metavar="SECONDS",
         help="seconds between two guest health checks of a VM whose check (sent by the master "
-        "with a rollout: tcp, http) names no interval (docs/ROLLOUTS.md; default: 2)",
+        "with a rollout: tcp, http) names no interval (docs/ROLLOUTS.md; default: "
+        f"{DEFAULT_GUEST_CHECK_INTERVAL:g})",
     )
     p.add_argument(
         "--guest-check-timeout",
         type=positive,
-        default=2.0,
+        default=DEFAULT_GUEST_CHECK_TIMEOUT,
         metavar="SECONDS",
-        help="the most one guest health check may take before it counts as failed (default: 2)",
+        help="the most one guest health check may take before it counts as failed "
+        f"(default: {DEFAULT_GUEST_CHECK_TIMEOUT:g})",
     )
     _add_placement_arguments(p)
     _add_jail_arguments(p)
@@ -976,11 +1006,12 @@ def _add_placement_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--memory-overcommit",
         type=_overcommit,
-        default=1.0,
+        default=DEFAULT_OVERCOMMIT,
         metavar="RATIO",
         help="memory sold per MiB of the host (with --max-memory-mib: of that cap): the "
         "master places unpinned VMs here up to the memory times RATIO, above 0, at "
-        "most 64 (default: 1, no overcommit; --cpu-overcommit is the same for vCPUs)",
+        f"most 64 (default: {DEFAULT_OVERCOMMIT:g}, no overcommit; --cpu-overcommit is the "
+        "same for vCPUs)",
     )
 
 
@@ -1031,7 +1062,8 @@ def _add_jail_arguments(p: argparse.ArgumentParser) -> None:
         metavar="RATIO",
         help="vCPUs sold per host CPU: a VM's cgroup gets cpu.max of its vCPUs / RATIO CPUs, "
         "and the master places unpinned VMs here up to the host's CPUs times RATIO vCPUs; "
-        "above 0, at most 64 (default: 1, a VM never uses more than its vCPUs' worth)",
+        f"above 0, at most 64 (default: {policy.cpu_overcommit:g}, a VM never uses more than "
+        "its vCPUs' worth)",
     )
     p.add_argument(
         "--vmm-pids-max",

@@ -48,6 +48,7 @@ import posixpath
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
+from procurator.core.defaults import DEFAULT_OVERCOMMIT
 from procurator.core.errors import ValidationError
 from procurator.core.vmdef import VmDefinition
 
@@ -95,7 +96,7 @@ class JailPolicy:
     uid_first: int = DEFAULT_UID_FIRST
     uid_count: int = DEFAULT_UID_COUNT
     memory_overhead_mib: int = 256
-    cpu_overcommit: float = 1.0
+    cpu_overcommit: float = DEFAULT_OVERCOMMIT
     pids_max: int = 256
     cgroup_parent: str = "procurator"
 

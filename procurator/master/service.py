@@ -217,6 +217,12 @@ from procurator.core.control import (
     WorkerConnection,
     WorkerEvent,
 )
+from procurator.core.defaults import (
+    DEFAULT_LEADER_LEASE,
+    DEFAULT_PUSH_TIMEOUT,
+    DEFAULT_SYNC_INTERVAL,
+    DEFAULT_WORKER_LEASE,
+)
 from procurator.core.drain import Handoff, ModeAction, ModeChange, WorkerMode, worker_state
 from procurator.core.errors import (
     LimitExceededError,
@@ -484,16 +490,16 @@ class MasterService:
         self,
         store: Store,
         *,
-        push_timeout: float = 10.0,
+        push_timeout: float = DEFAULT_PUSH_TIMEOUT,
         events_per_vm: int = 100,
         events_total: int = 10_000,
         wall_clock: Callable[[], float] = time.time,
         max_waiters: int = 1024,
         report_grace: float = 300.0,
         master_id: str = "",
-        worker_lease: float = 30.0,
-        sync_interval: float = 5.0,
-        leader_lease: float = 15.0,
+        worker_lease: float = DEFAULT_WORKER_LEASE,
+        sync_interval: float = DEFAULT_SYNC_INTERVAL,
+        leader_lease: float = DEFAULT_LEADER_LEASE,
         rollout_interval: float = 1.0,
     ) -> None:
         for name, value in (

@@ -83,6 +83,7 @@ import trio
 
 from procurator.core.assignments import AssignmentChanges, AssignmentUpdate, compose
 from procurator.core.backoff import RestartPolicy, RestartState
+from procurator.core.defaults import DEFAULT_RESYNC_INTERVAL
 from procurator.core.errors import (
     PermanentError,
     ProcuratorError,
@@ -172,7 +173,7 @@ class MasterDialer(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class LinkSettings:
-    resync_interval: float = 30.0  # full pull this often while connected
+    resync_interval: float = DEFAULT_RESYNC_INTERVAL  # full pull this often while connected
     call_timeout: float = 10.0  # any single call to the master
     backoff_initial: float = 0.5
     backoff_max: float = 30.0

@@ -74,6 +74,7 @@ from pyroute2 import IPRoute
 from pyroute2 import netns as pyroute2_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
+from procurator.core.defaults import DEFAULT_BRIDGE, DEFAULT_SUBNET
 from procurator.core.errors import (
     PermanentError,
     ProcuratorError,
@@ -136,9 +137,9 @@ class NetworkPermissionError(PermanentError):
 class NetworkConfig:
     """How a worker wires its VMs. Validated on construction."""
 
-    bridge: str = "br-procurator"
+    bridge: str = DEFAULT_BRIDGE
     # The bridge gets the first host address (.1): the guests' gateway.
-    subnet: str = "10.120.0.0/24"
+    subnet: str = DEFAULT_SUBNET
     tap_prefix: str = "pvm"
     # Operate inside this named network namespace (/run/netns/<name>).
     netns: str | None = None

@@ -71,6 +71,17 @@ import trio
 
 from procurator.core.assignments import AssignmentChanges, AssignmentUpdate
 from procurator.core.confinement import ImageLimits
+from procurator.core.defaults import (
+    DEFAULT_BRIDGE,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_GUEST_CHECK_INTERVAL,
+    DEFAULT_GUEST_CHECK_TIMEOUT,
+    DEFAULT_HEALTH_CHECKS_PER_SECOND,
+    DEFAULT_HEALTH_INTERVAL,
+    DEFAULT_METRICS_INTERVAL,
+    DEFAULT_STOP_GRACE,
+    DEFAULT_SUBNET,
+)
 from procurator.core.defaults import VMM_DRIVERS as DRIVERS
 from procurator.core.errors import PermanentError, ProcuratorError
 from procurator.core.fence import FENCE_POWER, fence_message, fences
@@ -118,33 +129,33 @@ class RuntimeOptions:
     vmm_args: tuple[str, ...] = ()
     qemu_accel: str = "auto"  # kvm, tcg, auto
     network: bool = True
-    bridge: str = "br-procurator"
-    subnet: str = "10.120.0.0/24"
+    bridge: str = DEFAULT_BRIDGE
+    subnet: str = DEFAULT_SUBNET
     manage_bridge: bool = True
     substituters: tuple[str, ...] = ()
     max_vcpus: int = field(default_factory=lambda: os.cpu_count() or 1)
     max_memory_mib: int = 0  # 0: the host's memory
-    concurrency: int = 8
-    stop_grace: float = 30.0  # seconds the guest gets to power off
+    concurrency: int = DEFAULT_CONCURRENCY
+    stop_grace: float = DEFAULT_STOP_GRACE  # seconds the guest gets to power off
     metrics_listen: str = ""  # host:port of the Prometheus exporter; "" for none
-    metrics_interval: float = 15.0  # seconds between metric polls and reports
+    metrics_interval: float = DEFAULT_METRICS_INTERVAL  # seconds between metric polls and reports
     # Seconds between a VM's vm.info health checks where the driver has no
     # state marks (QEMU; cloud-hypervisor's VMs are checked by the manager's
     # counters sweep every metrics_interval: VmManager.sweep). A VMM that
     # exits is seen at once (pidfd); this only bounds how long a hung API
     # goes unnoticed (two missed checks). Every check is an API call: at a
     # thousand VMs a 5 s interval is 200 calls a second.
-    health_interval: float = 15.0
+    health_interval: float = DEFAULT_HEALTH_INTERVAL
     # At most this many health checks a second across all VMs: past
     # health_interval * this many VMs (375 by default), each VM's interval
     # stretches to VMs / this (40 s at 1,000 VMs), so the idle cost of the
     # checks stays flat. 0: no cap.
-    health_checks_per_second: float = 25.0
+    health_checks_per_second: float = DEFAULT_HEALTH_CHECKS_PER_SECOND
     # Guest health checks (VmAssignment.health, procurator.worker.health):
     # seconds between two checks of a VM when its check names no interval,
     # and the most one check may take.
-    guest_check_interval: float = 2.0
-    guest_check_timeout: float = 2.0
+    guest_check_interval: float = DEFAULT_GUEST_CHECK_INTERVAL
+    guest_check_timeout: float = DEFAULT_GUEST_CHECK_TIMEOUT
     # How VMMs are jailed (procurator.worker.jail): their uid range, limits
     # and cgroup parent. None: --unconfined, every VMM runs as the worker
     # (root) with its view of the host and no limits; for debugging only.
