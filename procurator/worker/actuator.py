@@ -37,15 +37,22 @@ else would report it before the step ends, which for a slow image fetch can
 be minutes of a status saying "waiting to be created". ``observe_some``
 observes only the VMs a pass names, so a pass over the VMs one change
 touched costs the same on a host of ten VMs and of ten thousand.
+
+A live move's incoming VM (``hold_incoming``, ``drop_incoming``: the move
+service's, ``procurator.worker.move_service``) is no VM of the reconciler's
+until the switch: its hold and its removal never show in flight, and
+``observe`` leaves it out; a removal shown in flight would have the
+reconciler remove it a second time and report it to the master.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 
 import trio
@@ -103,8 +110,9 @@ class WorkerActuator:
         # (leaf lock: nothing is called while holding it).
         self._lock = threading.Lock()
         self._in_flight: dict[str, _InFlight] = {}
-        # VMs being held incoming (hold_incoming): no step of the
-        # reconciler's, so never shown in flight (it would remove them).
+        # VMs being held incoming or dropped (hold_incoming, drop_incoming):
+        # no step of the reconciler's, so never shown in flight (it would
+        # remove them, and report them to a master that never assigned them).
         self._hidden: set[str] = set()
         # Trio thread only (observe): each VM's last VmObservation and what
         # it was turned into. Observations are immutable and replaced on
@@ -189,18 +197,38 @@ class WorkerActuator:
 
     def _hold_incoming_blocking(self, vm: VmAssignment, op_id: str, incoming: Incoming) -> None:
         log.info("VM %s: held incoming for move %s", vm.id, incoming.op_id)
-        with self._lock:
-            self._hidden.add(vm.id)
-        try:
+        with self._hiding(vm.id):
             spec = dataclasses.replace(self._launch_spec(vm, op_id, None), incoming=incoming)
             try:
                 self._manager.ensure(spec)
             except BaseException:
                 self._remove_blocking(vm.id, op_id)
                 raise
+
+    async def drop_incoming(self, vm_id: str, op_id: str) -> None:
+        """The end of a live move that failed: the VM held incoming here
+        for it removed, with all it took, as hidden from the reconciler as
+        its hold was. Not ``remove``: that is a step the reconciler sees
+        in flight ("removing"), and it would remove the VM a second time
+        and report it to a master that never assigned it here."""
+        await trio.to_thread.run_sync(
+            self._drop_incoming_blocking, vm_id, op_id, limiter=self._limiter
+        )
+
+    def _drop_incoming_blocking(self, vm_id: str, op_id: str) -> None:
+        with self._hiding(vm_id):
+            self._remove_blocking(vm_id, op_id)
+
+    @contextlib.contextmanager
+    def _hiding(self, vm_id: str) -> Iterator[None]:
+        """Steps on ``vm_id`` meanwhile are not the reconciler's (``_mark``)."""
+        with self._lock:
+            self._hidden.add(vm_id)
+        try:
+            yield
         finally:
             with self._lock:
-                self._hidden.discard(vm.id)
+                self._hidden.discard(vm_id)
 
     async def remove(self, vm_id: str, op_id: str) -> None:
         await trio.to_thread.run_sync(self._remove_blocking, vm_id, op_id, limiter=self._limiter)

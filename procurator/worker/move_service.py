@@ -37,7 +37,8 @@ Live moves (``DiskTransfer.live``; docs/SNAPSHOTS.md, "Live moves"):
   dropped (the worker restarted: its VMM stopped, its disk copies kept)
   is reported ``failed`` for its op. Once no transfer of its op is
   assigned (the move failed), the incoming VM (a dropped one too) is
-  removed; the switch's assignment lets it run (the reconciler's
+  removed (``IncomingVms.drop_incoming``: once, unseen by the reconciler,
+  never in the worker's status); the switch's assignment lets it run (the reconciler's
   ``ensure``), not this service.
 - **Source**: the migration runs once per op as a job on the VM's
   supervisor (``VmManager.run_job``): the VM marked durably as migrating
@@ -123,7 +124,11 @@ class IncomingVms(Protocol):
 
     async def hold_incoming(self, vm: VmAssignment, op_id: str, incoming: Incoming) -> None: ...
 
-    async def remove(self, vm_id: str, op_id: str) -> None: ...
+    async def drop_incoming(self, vm_id: str, op_id: str) -> None:
+        """Remove ``vm_id``, held incoming for the move ``op_id`` that is
+        over, with all it took, unseen by the reconciler: it is no VM of
+        this worker's, and must be removed once and never reported."""
+        ...
 
 
 class MoveTransfers:
@@ -455,7 +460,7 @@ class MoveTransfers:
     async def _drop_incoming(self, vm_id: str, op_id: str) -> None:
         assert self._incoming is not None
         try:
-            await self._incoming.remove(vm_id, op_id)
+            await self._incoming.drop_incoming(vm_id, op_id)
             log.info("move %s: VM %s no longer held incoming (the move ended)", op_id, vm_id)
         except ProcuratorError as exc:
             log.warning("move %s: VM %s held incoming not removed: %s", op_id, vm_id, exc)

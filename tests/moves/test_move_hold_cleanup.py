@@ -57,7 +57,7 @@ class Incomings:
         await trio.to_thread.run_sync(self.here.ensure, spec)
         raise TemporaryError(f"VM {vm.id}: remove not done (the failed hold's removal)")
 
-    async def remove(self, vm_id: str, op_id: str) -> None:
+    async def drop_incoming(self, vm_id: str, op_id: str) -> None:
         self.removed.append((vm_id, op_id))
         await trio.to_thread.run_sync(lambda: self.here.remove(vm_id, op_id=op_id))
 

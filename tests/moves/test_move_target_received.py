@@ -61,7 +61,7 @@ class Incomings:
         spec = VmSpec(vm.id, vm.hash, definition(), op_id=op_id, incoming=incoming)
         await trio.to_thread.run_sync(self.here.ensure, spec)
 
-    async def remove(self, vm_id: str, op_id: str) -> None:
+    async def drop_incoming(self, vm_id: str, op_id: str) -> None:
         await trio.to_thread.run_sync(lambda: self.here.remove(vm_id, op_id=op_id))
 
 

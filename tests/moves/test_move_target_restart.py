@@ -50,7 +50,7 @@ class Incomings:
     async def hold_incoming(self, vm: VmAssignment, op_id: str, incoming: Incoming) -> None:
         raise AssertionError(f"held anew: {vm.id} for {op_id}")
 
-    async def remove(self, vm_id: str, op_id: str) -> None:
+    async def drop_incoming(self, vm_id: str, op_id: str) -> None:
         self.removed.append((vm_id, op_id))
         await trio.to_thread.run_sync(lambda: self.here.remove(vm_id, op_id=op_id))
 
