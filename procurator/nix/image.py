@@ -33,6 +33,13 @@ the VM's previous image, root and disks exactly as they were, and removes
 whatever it created for the new image; a successful prepare leaves exactly
 one root and one disk directory for the VM.
 
+Per image, not per VM: a VM whose image another VM of this worker already
+roots is rooted beside that root (no ``nix-store`` run), and the image's
+``vm-config.json`` and the host paths it names are read and resolved once
+while this manager roots the path (a rooted store path cannot change); each
+VM's own confinement (``confine``: its host side, its disk copies) is
+checked on every prepare.
+
 Thread safety: calls for *different* VMs may run in parallel threads (they
 share nothing but the Nix store, which locks itself). Calls for one VM must
 not overlap: the reconciler runs each VM's steps strictly one at a time.
@@ -52,7 +59,7 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +108,16 @@ class PreparedImage:
         return self.confined.definition
 
 
+@dataclass(frozen=True, slots=True)
+class _ImageRead:
+    """What ``prepare`` reads of an image for ``confine``: the parsed
+    ``vm-config.json`` (never changed: ``confine`` only reads it) and what
+    is really at each host path it names."""
+
+    config: object
+    resolved: Mapping[str, ResolvedPath]
+
+
 class ImageManager:
     """Prepares and releases the images of one worker's VMs."""
 
@@ -129,6 +146,11 @@ class ImageManager:
         # witness stays until the new root is written. Built on first use.
         self._roots_lock = threading.Lock()
         self._rooted: dict[str, set[Path]] | None = None
+        # store path -> its config and resolved host paths, read once for
+        # all the VMs of an image (``_read_image``): only while the path is
+        # in ``_rooted``, so a path that could change (collected, then
+        # fetched or built again) is read afresh. Guarded by _roots_lock.
+        self._images: dict[str, _ImageRead] = {}
 
     # ------------------------------------------------------------------ API
 
@@ -173,20 +195,20 @@ class ImageManager:
                     self._store.realise(store_path, root=link)
                 self._note_root(store_path, link)
             closure = self._store.closure(store_path)
-            config = _load_config(vm_id, store_path, closure, self._limits.max_config_bytes)
-            wanted = host_paths(config, store_path)
+            read = self._read_image(vm_id, store_path, closure)
             try:
                 confined = confine(
-                    config,
+                    read.config,
                     image_dir=store_path,
                     closure=closure,
-                    resolved={path: _resolve(path) for path in set(wanted.values())},
+                    resolved=read.resolved,
                     limits=self._limits,
                     host=host,
                     disk_dir=str(disk_dir),
                 )
             except ValidationError as err:
                 raise ValidationError(f"VM {vm_id}: {err.message}", details=err.details) from err
+            self._keep_image(store_path, read)
             disks = self._ensure_copies(vm_id, disk_dir, confined.copies, incoming_op)
         except BaseException:
             if fresh:  # leave the previous state exactly as it was
@@ -400,12 +422,39 @@ class ImageManager:
         it, without nix-store; False when there is none (or it cannot: a
         daemon client may not write Nix's records, then nix-store does)."""
         with self._roots_lock:
-            rooted = self._roots_by_path()
-            for witness in [w for w in rooted.get(store_path, ()) if w != link]:
-                if self._store.add_root_beside(store_path, link, witness):
-                    rooted[store_path].add(link)
-                    return True
-        return False
+            witnesses = self._roots_by_path().get(store_path)
+            if not witnesses:
+                return False
+            # The first witness that roots the path will do (usually the
+            # first one): no copy of the set, which holds a root per VM of
+            # this image, so a start costs the same in a fleet of 1,000.
+            for witness in witnesses:
+                if witness != link and self._store.add_root_beside(store_path, link, witness):
+                    break
+            else:
+                return False
+            witnesses.add(link)  # after the loop: the set is not changed under it
+            return True
+
+    def _read_image(self, vm_id: str, store_path: str, closure: frozenset[str]) -> _ImageRead:
+        """The image's config and the host paths it names, resolved: from
+        the last VM's prepare while this manager roots the path (a store
+        path does not change while it is valid, and a rooted one stays
+        valid), else read from the store."""
+        with self._roots_lock:
+            kept = self._images.get(store_path)
+        if kept is not None:
+            return kept
+        config = _load_config(vm_id, store_path, closure, self._limits.max_config_bytes)
+        wanted = host_paths(config, store_path)
+        return _ImageRead(config, {path: _resolve(path) for path in set(wanted.values())})
+
+    def _keep_image(self, store_path: str, read: _ImageRead) -> None:
+        """Keep ``read`` (an image the confinement accepted) for the next
+        VM's prepare, while a root of this manager's holds the path."""
+        with self._roots_lock:
+            if self._rooted is not None and self._rooted.get(store_path):
+                self._images[store_path] = read
 
     def _note_root(self, store_path: str, link: Path) -> None:
         with self._roots_lock:
@@ -421,7 +470,12 @@ class ImageManager:
                 target = ""
             self._store.remove_root(link)
             if self._rooted is not None and target:
-                self._rooted.get(target, set()).discard(link)
+                links = self._rooted.get(target)
+                if links is not None:
+                    links.discard(link)
+                    if not links:  # its last root here: the path may go
+                        del self._rooted[target]
+                        self._images.pop(target, None)
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(disk_dir)
 

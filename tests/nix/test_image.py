@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -552,3 +553,44 @@ def test_sweep_roots_again_a_link_nix_has_no_record_of(
         assert path not in nix.dead()
     finally:
         images.release("vm1")
+
+
+_OPENED: list[str] = []
+
+
+def _audit_opens(event: str, args: tuple[Any, ...]) -> None:
+    if event == "open" and isinstance(args[0], str) and args[0].endswith("/vm-config.json"):
+        _OPENED.append(args[0])
+
+
+sys.addaudithook(_audit_opens)  # audit hooks stay for the process: it only appends
+
+
+def test_an_image_is_read_once_while_rooted_and_each_vm_still_confined(
+    nix: NixTool, images: ImageManager, state_dir: Path
+) -> None:
+    """A thousand VMs of one image read and resolve its vm-config.json
+    once (issue 31: per image, not per VM), while this worker roots the
+    path (it cannot change then); each VM's own side is still checked, and
+    once the last root goes the next prepare reads the store again."""
+    path = nix.add(image_tree())
+    config_file = f"{path}/vm-config.json"
+    _OPENED.clear()
+    try:
+        a = images.prepare("vm1", path, host=HOST)
+        b = images.prepare("vm2", path, host=HOST)
+        assert _OPENED.count(config_file) == 1
+        assert a.definition.payload == b.definition.payload and a.disks != b.disks
+        with pytest.raises(ValidationError, match="vcpus"):
+            images.prepare("vm3", path, host=HostSide(serial_file=HOST.serial_file, vcpus=64))
+        images.release("vm1")
+        images.prepare("vm4", path, host=HOST)  # vm2 still roots it
+        assert _OPENED.count(config_file) == 1
+        images.release("vm2")
+        images.release("vm4")
+        images.prepare("vm5", path, host=HOST)  # no root was left: read again
+        assert _OPENED.count(config_file) == 2
+    finally:
+        for vm in ("vm1", "vm2", "vm3", "vm4", "vm5"):
+            images.release(vm)
+    assert leftovers(state_dir) == []
