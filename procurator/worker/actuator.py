@@ -259,9 +259,12 @@ class WorkerActuator:
             # The hand-over: from here the VmManager owns the VM (and with it
             # what was taken for it), and a removal releases all of it.
             observation = self._manager.ensure(spec)
-            log.info("VM %s: %s (%s)", vm.id, observation.phase.value, observation.message)
+            # At debug: the supervisor's events ("booted", "failed") say it
+            # at INFO and up, once per VM start, not twice.
+            log.debug("VM %s: %s (%s)", vm.id, observation.phase.value, observation.message)
             # Only now that the VM runs this image may older ones go.
             self._images.retire_others(vm.id, vm.nix_store_path)
+            log.debug("VM %s: older images retired", vm.id)
         finally:
             self._mark(vm.id, None)
 
@@ -306,7 +309,8 @@ class WorkerActuator:
         )
         if realise_started and self._on_realise_seconds is not None:
             self._on_realise_seconds(time.monotonic() - realise_started[0])
-        log.info("VM %s: image ready (%d disk copies)", vm.id, len(prepared.disks))
+        # At debug: each disk copy made has its INFO line (ImageManager).
+        log.debug("VM %s: image ready (%d disk copies)", vm.id, len(prepared.disks))
         return prepared
 
     def _attach_network(

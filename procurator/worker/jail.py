@@ -630,8 +630,9 @@ class Jail:
                 table[vm_id] = slot
         if fresh:
             # Recorded by ``prepare``'s ``_give`` of the run directory, before
-            # any VMM of the VM runs with it.
-            log.info("VM %s: runs as uid %s", vm_id, self.policy.uid(slot))
+            # any VMM of the VM runs with it. At debug: the VM's "booted"
+            # line (its event) names the uid the VMM really runs as.
+            log.debug("VM %s: runs as uid %s", vm_id, self.policy.uid(slot))
         return slot
 
     # -- a launch ------------------------------------------------------------------
