@@ -434,8 +434,38 @@ struct Label {
 }
 
 struct MetricsReport {
+  # A worker's figures for the master to relay (docs/METRICS.md, "Reports
+  # to the master"). Each series (name, vmId, labels) is named at most once
+  # in `samples` and `ended` together.
   workerId @0 :Text;
   samples @1 :List(MetricSample);
+  # Whole report (`change` false): every series the worker has; it replaces
+  # what the master holds of this worker. Change: only the series that are
+  # new or whose value moved since the report the master last acknowledged
+  # on this session.
+  change @2 :Bool;
+  # True: a change against the report the master acknowledged last on this
+  # session (whole or change; a worker has at most one report in flight).
+  # A master that holds no report of this session (the session's first
+  # report, or the master restarted) or whose series do not fit `ended`
+  # refuses it with `invalid` and keeps what it had: the worker then sends
+  # a whole report. Added with reports as changes (after version 1's first
+  # release): an older worker leaves it false, so its reports stay whole;
+  # a worker sends a change only to a master that answered a report of this
+  # session with `takesChanges` (an older master never does, and would read
+  # a change as a whole report).
+  ended @3 :List(MetricSeries);
+  # Change only: series the worker no longer has (a VM removed, a device
+  # gone, a phase left); each must be one the master holds. Empty in a
+  # whole report.
+}
+
+struct MetricSeries {
+  # One series of a metric, without its value: what `MetricsReport.ended`
+  # names.
+  name @0 :Text;
+  vmId @1 :Text;     # "" for worker-level series
+  labels @2 :List(Label);
 }
 
 enum EventKind {
@@ -807,7 +837,10 @@ interface WorkerSession {
   # master raises an RPC exception instead, and an older worker, which does
   # not look at it, sees "nothing changed" and pulls again at its next resync.
   reportStatus @1 (status :WorkerStatus) -> (result :ReportResult);
-  reportMetrics @2 (report :MetricsReport) -> (result :ReportResult);
+  reportMetrics @2 (report :MetricsReport) -> (result :ReportResult, takesChanges :Bool);
+  # `takesChanges`: this master takes change reports (`MetricsReport.change`)
+  # on this session from now on. Added with reports as changes: an older
+  # master leaves it false, and the worker's reports to it stay whole.
   reportEvents @3 (events :List(VmEvent)) -> (result :ReportResult);
   reportStatusChanges @4 (changes :WorkerStatusChanges) -> (result :ReportResult);
   # Refused with `invalid` when the session has delivered no full status

@@ -23,6 +23,16 @@ Invariants:
   exposed.
 - Snapshots are immutable values: a producer builds a new one and hands it
   over; consumers may keep references and read them from any thread.
+- **Reports to the master are changes after a session's first whole one**
+  (``MetricsReport``): the worker's ``ReportedSeries`` knows what the master
+  holds of it on one session (the series of the last acknowledged report)
+  and turns each new set of samples into the series that are new or moved
+  plus the series that ended; the master's ``apply_metrics_report`` applies
+  that to what it holds, or refuses it whole (no base on this session, an
+  ended series it does not hold) without touching what it holds, and the
+  worker then sends a whole report. After every acknowledged report the
+  master holds exactly ``series_of`` the samples the worker last reported.
+  A report names each series at most once.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from procurator.core.errors import ValidationError
+from procurator.core.errors import LimitExceededError, ValidationError
 from procurator.core.jail import Confinement
 from procurator.core.models import Phase
 from procurator.core.move import Move
@@ -44,6 +54,7 @@ from procurator.core.rollout import RolloutView
 
 __all__ = [
     "CATALOGUE",
+    "MAX_SERIES_PER_WORKER",
     "PHASES",
     "U64_MAX",
     "Family",
@@ -51,14 +62,20 @@ __all__ = [
     "MetricKind",
     "MetricSample",
     "MetricSpec",
+    "MetricsReport",
     "ProcessUsage",
+    "ReportedSeries",
     "Scope",
+    "SeriesKey",
     "VmSnapshot",
     "WorkerSnapshot",
     "WorkerView",
+    "apply_metrics_report",
     "group_samples",
     "http_sd_groups",
     "parse_metrics_url",
+    "series_key",
+    "series_of",
     "vm_figure_samples",
     "vm_samples",
     "vm_settled_samples",
@@ -481,6 +498,187 @@ class MetricSample:
     value: float
     vm_id: str = ""
     labels: tuple[tuple[str, str], ...] = ()
+
+
+SeriesKey = tuple[str, str, tuple[tuple[str, str], ...]]
+"""One series of a metric: (sample name, VM id or "", its own labels)."""
+
+MAX_SERIES_PER_WORKER = 200_000
+"""The most series a master holds of one worker (and so the most samples
+one report may carry): bounds a worker's share of the master's memory."""
+
+
+def series_key(sample: MetricSample) -> SeriesKey:
+    """The series ``sample`` is a value of."""
+    return (sample.name, sample.vm_id, sample.labels)
+
+
+def series_of(samples: Iterable[MetricSample]) -> dict[SeriesKey, MetricSample]:
+    """``samples`` by series (a repeated series keeps its last sample, as
+    ``group_samples`` does)."""
+    return {(s.name, s.vm_id, s.labels): s for s in samples}
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsReport:
+    """One ``reportMetrics`` (``MetricsReport`` in the schema). Whole: every
+    series the worker has, in ``samples``. A change (``whole`` False): the
+    series that are new or whose value moved since the report the master
+    last acknowledged on this session, and the series that ``ended`` since."""
+
+    worker_id: str
+    samples: tuple[MetricSample, ...]
+    ended: tuple[SeriesKey, ...] = ()
+    whole: bool = True
+
+
+class ReportedSeries:
+    """What the master holds of this worker's series on one session, as the
+    worker knows it: turns each new set of samples into a report, whole or
+    a change (module docstring). One per session; not thread-safe (the
+    sender's thread only); one report at a time: ``report``, then
+    ``delivered`` or ``refused``.
+
+    Cheap where reports are big and moves are few: the samples of a VM that
+    did not change are the very objects reported last time (the worker's
+    poller keeps them, ``procurator.worker.metrics``), so a change is found
+    by object identity first, and only samples that are new objects are
+    looked up by series. The last reported samples are kept referenced,
+    which keeps their ``id`` from being reused while it is compared.
+    """
+
+    def __init__(self, worker_id: str) -> None:
+        self.worker_id = worker_id
+        self._takes_changes = False
+        # The master's series, as of the last acknowledged report (None: no
+        # base, the next report is whole), and the samples that report was
+        # made of (by identity).
+        self._held: dict[SeriesKey, MetricSample] | None = None
+        self._reported: tuple[MetricSample, ...] = ()
+        self._reported_ids: frozenset[int] = frozenset()
+        # The report in flight and the samples it was made of.
+        self._sent: tuple[MetricsReport, tuple[MetricSample, ...], frozenset[int]] | None = None
+
+    @property
+    def has_base(self) -> bool:
+        """Whether the next report can be a change."""
+        return self._held is not None and self._takes_changes
+
+    def report(self, samples: Sequence[MetricSample]) -> MetricsReport:
+        """The report of ``samples`` (every series the worker has now): a
+        change when the master acknowledged a report of this session and
+        said it takes changes, else whole."""
+        current = tuple(samples)
+        ids = frozenset(map(id, current))
+        held = self._held
+        if held is None or not self._takes_changes:
+            report = MetricsReport(self.worker_id, current)
+        else:
+            before = self._reported_ids
+            moved = {series_key(s): s for s in current if id(s) not in before}
+            changed = tuple(
+                s
+                for key, s in moved.items()
+                if (was := held.get(key)) is None or was.value != s.value
+            )
+            ended = tuple(
+                dict.fromkeys(
+                    key
+                    for s in self._reported
+                    if id(s) not in ids and (key := series_key(s)) not in moved
+                )
+            )
+            report = MetricsReport(self.worker_id, changed, ended, whole=False)
+        self._sent = (report, current, ids)
+        return report
+
+    def delivered(self, *, takes_changes: bool) -> None:
+        """The master acknowledged the report in flight; ``takes_changes``:
+        its answer says it takes change reports."""
+        if self._sent is None:
+            raise RuntimeError("no metrics report in flight")
+        report, current, ids = self._sent
+        self._sent = None
+        self._takes_changes = takes_changes
+        if not takes_changes:
+            # An older master: every report is whole, nothing to keep.
+            self._held, self._reported, self._reported_ids = None, (), frozenset()
+            return
+        if report.whole or self._held is None:
+            self._held = series_of(current)
+        else:
+            for key in report.ended:
+                del self._held[key]
+            self._held.update(series_of(report.samples))
+        self._reported, self._reported_ids = current, ids
+
+    def refused(self) -> None:
+        """The report in flight was refused, or may not have arrived: the
+        master's series are not known any more, the next report is whole."""
+        self._sent = None
+        self._held = None
+        self._reported, self._reported_ids = (), frozenset()
+
+
+def apply_metrics_report(
+    held: dict[SeriesKey, MetricSample] | None,
+    report: MetricsReport,
+    *,
+    max_series: int = MAX_SERIES_PER_WORKER,
+) -> dict[SeriesKey, MetricSample]:
+    """What the master holds of a worker after ``report``: a whole report's
+    series; or ``held`` (what the session's reports left, None: nothing)
+    with a change applied in place and returned. A change the master cannot
+    apply raises ``ValidationError`` and leaves ``held`` as it was: there is
+    no ``held`` (the session's first report, a restarted master), an ended
+    series is not held, or a series is named twice. ``LimitExceededError``
+    when the result would hold more than ``max_series``, ``held`` untouched
+    too."""
+    if report.whole:
+        series = series_of(report.samples)
+        if len(series) > max_series:
+            raise LimitExceededError(
+                f"a metrics report of worker {report.worker_id} holds {len(series)} series, "
+                f"more than {max_series}"
+            )
+        return series
+    if held is None:
+        raise ValidationError(
+            f"a metrics change of worker {report.worker_id} has no base: this master holds no "
+            "report of the session yet; send a whole report"
+        )
+    changed = series_of(report.samples)
+    ended = set(report.ended)
+    if len(changed) != len(report.samples) or len(ended) != len(report.ended):
+        raise ValidationError(f"a metrics change of worker {report.worker_id} names a series twice")
+    for key in report.ended:
+        if key not in held:
+            raise ValidationError(
+                f"a metrics change of worker {report.worker_id} ends series {_series_text(key)}, "
+                "which this master does not hold: send a whole report"
+            )
+        if key in changed:
+            raise ValidationError(
+                f"a metrics change of worker {report.worker_id} both ends and reports series "
+                f"{_series_text(key)}"
+            )
+    added = sum(1 for key in changed if key not in held)
+    if len(held) - len(ended) + added > max_series:
+        raise LimitExceededError(
+            f"a metrics change of worker {report.worker_id} would leave "
+            f"{len(held) - len(ended) + added} series, more than {max_series}"
+        )
+    for key in report.ended:
+        del held[key]
+    held.update(changed)
+    return held
+
+
+def _series_text(key: SeriesKey) -> str:
+    name, vm_id, labels = key
+    shown = [f'vm="{vm_id}"'] if vm_id else []
+    shown += [f'{label}="{value}"' for label, value in labels]
+    return f"{name}{{{','.join(shown)}}}"[:200]
 
 
 @dataclass(frozen=True, slots=True)

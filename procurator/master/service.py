@@ -18,7 +18,9 @@ change and never loses it (it runs every ``sync_interval`` however often
 other work wakes the syncer, and a change heard while a worker is being
 read makes it read again). Only two things are a master's own: the
 sessions of the workers connected to *it* (their ``Node`` and pusher, the
-metric samples they relay), and its change index.
+metric samples they relay: a session's first report is whole, later ones
+may be changes against what the session's reports left,
+``procurator.core.metrics.apply_metrics_report``), and its change index.
 
 Invariants:
 
@@ -119,7 +121,9 @@ Invariants:
   assignment (0 before it has one): ``ValidationError`` otherwise. Events
   and per-VM metric samples may name a VM of the assignment, a pending
   removal, or a removal confirmed within ``report_grace``; anything else is
-  ``UnauthorizedError``. A refused report is refused whole, logged with the
+  ``UnauthorizedError`` (of a metrics change, the samples it carries are
+  vetted: series it leaves as they were passed when they were reported, and
+  a series that ended needs no voice). A refused report is refused whole, logged with the
   worker id at WARNING, and nothing of it is stored. Before refusing, a
   master whose caches may be behind the store (another master's apply
   heard of in part) catches up on the fleet and that worker: a report is
@@ -236,7 +240,14 @@ from procurator.core.errors import (
 )
 from procurator.core.fleet import diff_assignments, diff_fleets, validate_fleet
 from procurator.core.fleetpatch import FleetParts, FleetPatch, PatchAnswer, assemble
-from procurator.core.metrics import FleetView, MetricSample, WorkerView
+from procurator.core.metrics import (
+    FleetView,
+    MetricSample,
+    MetricsReport,
+    SeriesKey,
+    WorkerView,
+    apply_metrics_report,
+)
 from procurator.core.models import (
     Assignment,
     EventKind,
@@ -416,6 +427,9 @@ class _Session:
     # The last status this session delivered: what its status changes apply
     # to (never another session's, see procurator.core.status).
     status: WorkerStatus | None = None
+    # The metric series this session's reports left: what its metrics
+    # changes apply to (None: no report yet; procurator.core.metrics).
+    metrics: dict[SeriesKey, MetricSample] | None = None
 
 
 @dataclass(frozen=True)
@@ -1990,15 +2004,23 @@ class MasterService:
             with log_context(op_id=op_id, worker_id=worker.worker_id, generation=observed):
                 logger.info("worker %s converged to generation %d", worker.worker_id, observed)
 
-    async def report_metrics(
-        self, token: int, worker_id: str, samples: tuple[MetricSample, ...]
-    ) -> None:
+    async def report_metrics(self, token: int, report: MetricsReport) -> None:
+        """Take a worker's metrics report, whole or a change against what
+        this session's reports left (``apply_metrics_report``). A change
+        this master cannot apply (no report of the session yet: the
+        session's first, or this master restarted; series that do not fit)
+        is refused with ``ValidationError`` and what it holds is kept: the
+        worker then reports whole."""
         self._require_running()
         session = self._session(token)
+        worker_id = report.worker_id
         self._check_own(session, worker_id, "metrics")
 
         def problem() -> ProcuratorError | None:
-            vm_id = self._unmentionable(worker_id, [sample.vm_id for sample in samples])
+            # A change names only new or moved series: the VMs it adds to
+            # what is held. Ended series add nothing: a VM just removed
+            # from the worker may end its series.
+            vm_id = self._unmentionable(worker_id, [sample.vm_id for sample in report.samples])
             if vm_id is None:
                 return None
             return UnauthorizedError(
@@ -2007,8 +2029,10 @@ class MasterService:
             )
 
         await self._vet(worker_id, "metrics", problem)
+        held = apply_metrics_report(session.metrics, report)
+        session.metrics = held
         worker = self._worker(session.worker_id)
-        worker.metrics = samples
+        worker.metrics = tuple(held.values())
         worker.last_metrics_unix_ms = self._now_ms()
 
     async def report_events(self, token: int, events: Sequence[VmEvent]) -> None:

@@ -18,6 +18,16 @@ without, they refuse a non-loopback master unless ``insecure``. Over TLS 1.3
 a master that refuses our certificate does so only after our side of the
 handshake is done, so the refusal shows as the connection closing on the
 first call; that error says so.
+
+Metrics reports (``CapnpMasterSession.report_metrics``): the session keeps
+what the master holds of this worker's series (``procurator.core.metrics.
+ReportedSeries``), so the link hands it every sample and the wire carries
+a change once the master acknowledged a whole report of this session and
+said it takes changes (``takesChanges``; an older master never says so and
+gets whole reports). A change the master refuses (it lost the base: it
+restarted, or its series do not fit) is followed at once, in the same
+call, by the whole report; a report that may not have arrived (a timeout,
+a broken connection) leaves no base, so the next one is whole.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ from procurator.core.control import (
 )
 from procurator.core.drain import ModeAction, ModeChange, check_max_unavailable
 from procurator.core.errors import (
+    PermanentError,
     ProcuratorError,
     UnavailableError,
     UnsupportedError,
@@ -53,7 +64,7 @@ from procurator.core.fleetpatch import (
     PatchRequest,
     patch_rounds,
 )
-from procurator.core.metrics import MetricSample
+from procurator.core.metrics import MetricSample, MetricsReport, ReportedSeries
 from procurator.core.models import Assignment, Fleet, VmEvent, WorkerInfo, WorkerStatus
 from procurator.core.move import DEFAULT_MOVE_TIMEOUT_S, MAX_MOVE_TIMEOUT_S, Move, MoveKind
 from procurator.core.rollout import RolloutAction, RolloutView
@@ -623,6 +634,8 @@ class CapnpMasterSession:
         self._handle = handle
         self.worker_id = worker_id
         self._disconnected = disconnected
+        # What the master holds of this worker's series on this session.
+        self._series = ReportedSeries(worker_id)
 
     @property
     def connected(self) -> bool:
@@ -647,9 +660,29 @@ class CapnpMasterSession:
         )
 
     async def report_metrics(self, samples: Sequence[MetricSample]) -> None:
-        await self._bridge.run(
-            _report_metrics, self._handle, self.worker_id, samples, what="reportMetrics"
-        )
+        """Report ``samples`` (every series the worker has now), as a change
+        when the master holds this session's last report (module
+        docstring). Not to be called twice at once."""
+        series = self._series
+        report = series.report(samples)
+        try:
+            try:
+                takes_changes = await self._send_metrics(report)
+            except PermanentError as exc:
+                if report.whole:
+                    raise
+                # Refused, the master kept what it had: no base any more.
+                logger.info("the master refused a metrics change (%s): reporting whole", exc)
+                series.refused()
+                report = series.report(samples)
+                takes_changes = await self._send_metrics(report)
+        except BaseException:
+            series.refused()
+            raise
+        series.delivered(takes_changes=takes_changes)
+
+    async def _send_metrics(self, report: MetricsReport) -> bool:
+        return await self._bridge.run(_report_metrics, self._handle, report, what="reportMetrics")
 
     async def report_events(self, events: Sequence[VmEvent]) -> None:
         await self._bridge.run(_report_events, self._handle, events, what="reportEvents")
@@ -733,13 +766,14 @@ async def _report_status_changes(
 
 
 async def _report_metrics(
-    handle: CapnpHandle[tuple[ClientConnection, Any]],
-    worker_id: str,
-    samples: Sequence[MetricSample],
-) -> None:
+    handle: CapnpHandle[tuple[ClientConnection, Any]], report: MetricsReport
+) -> bool:
+    """Whether the master takes change reports from now on."""
     request = _session(handle).reportMetrics_request()
-    fill_metrics(request.init("report"), worker_id, samples)
-    _check_report(await request.send())
+    fill_metrics(request.init("report"), report)
+    response = await request.send()
+    _check_report(response)
+    return bool(response.takesChanges)
 
 
 async def _report_events(

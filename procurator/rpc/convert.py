@@ -48,7 +48,12 @@ from procurator.core.errors import (
     error_from_code,
 )
 from procurator.core.fleetpatch import FleetPatch, PatchAnswer, PatchRequest
-from procurator.core.metrics import MetricSample
+from procurator.core.metrics import (
+    MAX_SERIES_PER_WORKER,
+    MetricSample,
+    MetricsReport,
+    SeriesKey,
+)
 from procurator.core.models import (
     Assignment,
     Capacity,
@@ -146,7 +151,7 @@ __all__ = [
 ]
 
 MAX_EVENTS_PER_REPORT = 10_000
-MAX_SAMPLES_PER_REPORT = 200_000
+MAX_SAMPLES_PER_REPORT = MAX_SERIES_PER_WORKER
 MAX_LABELS_PER_SAMPLE = 32
 MAX_DETAILS = 1_000
 _MAX_PROBLEMS = 50  # stop collecting after this many; one is enough to refuse
@@ -1076,52 +1081,78 @@ def fill_worker_events(items: Any, events: Sequence[WorkerEvent]) -> None:
         _fill_event(entry.event, worker_event.event)
 
 
-def metrics_from_reader(
-    reader: Any, where: str = "metrics"
-) -> tuple[str, tuple[MetricSample, ...]]:
-    """(worker id, samples) of a ``MetricsReport``."""
+def metrics_from_reader(reader: Any, where: str = "metrics") -> MetricsReport:
+    """A ``MetricsReport``: whole, or a change with the series that ended
+    (an older worker's reports read as whole: ``change`` is false)."""
     problems = _Problems(where)
     worker_id: str = reader.workerId
     if (problem := check_worker_id(worker_id)) is not None:
         problems.add(f"{where}.workerId", problem)
     items = reader.samples
     _check_length(len(items), MAX_SAMPLES_PER_REPORT, f"{where}.samples")
+    whole = not reader.change
+    ended_items = reader.ended
+    if whole and len(ended_items):
+        problems.add(f"{where}.ended", "a whole report ends no series")
+    _check_length(len(ended_items), MAX_SAMPLES_PER_REPORT, f"{where}.ended")
     samples: list[MetricSample] = []
     for index, item in enumerate(items):
-        at = f"{where}.samples[{index}]"
-        name: str = item.name
-        if not _METRIC_NAME_RE.fullmatch(name):
-            problems.add(f"{at}.name", f"{name[:80]!r} is not a Prometheus metric name")
-        vm_id: str = item.vmId
-        if vm_id and (problem := check_vm_id(vm_id)) is not None:
-            problems.add(f"{at}.vmId", problem)
-        labels_reader = item.labels
-        if len(labels_reader) > MAX_LABELS_PER_SAMPLE:
-            problems.exceeded(f"{at}.labels", f"more than {MAX_LABELS_PER_SAMPLE} labels")
-            continue
-        labels = []
-        for label in labels_reader:
-            label_name: str = label.name
-            if not _LABEL_NAME_RE.fullmatch(label_name):
-                problems.add(f"{at}.labels", f"{label_name[:80]!r} is not a label name")
-            labels.append((label_name, problems.text(f"{at}.labels", label.value, limit=1024)))
-        samples.append(MetricSample(name, item.value, vm_id, tuple(labels)))
+        name, vm_id, labels = _series_from_reader(item, f"{where}.samples[{index}]", problems)
+        samples.append(MetricSample(name, item.value, vm_id, labels))
+    ended = [
+        _series_from_reader(item, f"{where}.ended[{index}]", problems)
+        for index, item in enumerate(ended_items)
+    ]
     problems.raise_if_any()
-    return worker_id, tuple(samples)
+    return MetricsReport(worker_id, tuple(samples), tuple(ended), whole=whole)
 
 
-def fill_metrics(builder: Any, worker_id: str, samples: Sequence[MetricSample]) -> None:
-    builder.workerId = worker_id
+def _series_from_reader(item: Any, at: str, problems: _Problems) -> SeriesKey:
+    """(name, vm id, labels) of a ``MetricSample`` or ``MetricSeries``."""
+    name: str = item.name
+    if not _METRIC_NAME_RE.fullmatch(name):
+        problems.add(f"{at}.name", f"{name[:80]!r} is not a Prometheus metric name")
+    vm_id: str = item.vmId
+    if vm_id and (problem := check_vm_id(vm_id)) is not None:
+        problems.add(f"{at}.vmId", problem)
+    labels_reader = item.labels
+    if len(labels_reader) > MAX_LABELS_PER_SAMPLE:
+        problems.exceeded(f"{at}.labels", f"more than {MAX_LABELS_PER_SAMPLE} labels")
+        return name, vm_id, ()
+    labels = []
+    for label in labels_reader:
+        label_name: str = label.name
+        if not _LABEL_NAME_RE.fullmatch(label_name):
+            problems.add(f"{at}.labels", f"{label_name[:80]!r} is not a label name")
+        labels.append((label_name, problems.text(f"{at}.labels", label.value, limit=1024)))
+    return name, vm_id, tuple(labels)
+
+
+def fill_metrics(builder: Any, report: MetricsReport) -> None:
+    builder.workerId = report.worker_id
+    builder.change = not report.whole
+    samples = report.samples
     items = builder.init("samples", len(samples))
     for entry, sample in zip(items, samples, strict=True):
         entry.name = sample.name
         entry.vmId = sample.vm_id
         entry.value = sample.value
         if sample.labels:
-            labels = entry.init("labels", len(sample.labels))
-            for label, (name, value) in zip(labels, sample.labels, strict=True):
-                label.name = name
-                label.value = value
+            _fill_labels(entry, sample.labels)
+    if report.ended:
+        ended = builder.init("ended", len(report.ended))
+        for entry, (name, vm_id, labels) in zip(ended, report.ended, strict=True):
+            entry.name = name
+            entry.vmId = vm_id
+            if labels:
+                _fill_labels(entry, labels)
+
+
+def _fill_labels(entry: Any, labels: tuple[tuple[str, str], ...]) -> None:
+    items = entry.init("labels", len(labels))
+    for label, (name, value) in zip(items, labels, strict=True):
+        label.name = name
+        label.value = value
 
 
 # ---------------------------------------------------------------- control

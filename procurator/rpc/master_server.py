@@ -105,7 +105,7 @@ from procurator.core.errors import (
     ValidationError,
 )
 from procurator.core.fleetpatch import FleetPatch, PatchAnswer, PatchRequest
-from procurator.core.metrics import MetricSample
+from procurator.core.metrics import MetricsReport
 from procurator.core.models import Assignment, Fleet, VmEvent, WorkerInfo, WorkerStatus
 from procurator.core.move import DEFAULT_MOVE_TIMEOUT_S, MAX_MOVE_TIMEOUT_S, Move, MoveKind
 from procurator.core.rollout import RolloutAction, RolloutView
@@ -311,9 +311,7 @@ class MasterBackend(Protocol):
 
     async def report_status_changes(self, token: int, changes: StatusChanges) -> None: ...
 
-    async def report_metrics(
-        self, token: int, worker_id: str, samples: tuple[MetricSample, ...]
-    ) -> None: ...
+    async def report_metrics(self, token: int, report: MetricsReport) -> None: ...
 
     async def report_events(self, token: int, events: Sequence[VmEvent]) -> None: ...
 
@@ -958,11 +956,20 @@ class _WorkerSessionImpl(_schema.WorkerSession.Server):  # type: ignore[misc, na
         )
 
     async def reportMetrics_context(self, context: Any) -> None:
-        await self._report(
+        async def serve(report: MetricsReport, results: Any) -> None:
+            await self._listener.call(self._listener.backend.report_metrics, self._token, report)
+            results.result.ok = None
+            # This master applies changes against the session's last report
+            # (an older one leaves it false: its worker keeps reporting whole).
+            results.takesChanges = True
+
+        await _answer(
+            self._conn,
             "WorkerSession.reportMetrics",
             context,
+            error_arm,
             lambda params: metrics_from_reader(params.report),
-            lambda token, report: self._listener.backend.report_metrics(token, *report),
+            serve,
         )
 
     async def reportEvents_context(self, context: Any) -> None:

@@ -570,7 +570,11 @@ class WorkerMetrics:
     def to_report(self) -> list[MetricSample]:
         """The compact sample list for ``Worker.reportMetrics``: every per-VM
         figure of the last snapshot plus the worker's observed generation,
-        VMs by phase and errors by kind. No histograms. No I/O."""
+        VMs by phase and errors by kind. No histograms. No I/O. The samples
+        of a VM kept since the last publish are the very objects of the
+        last call: the link's session finds what moved by identity first
+        and sends the master only that (``procurator.core.metrics.
+        ReportedSeries``)."""
         published = self._published
         with self._lock:
             generation = self._observed_generation

@@ -16,7 +16,7 @@ from masterhelpers import FakeNode, RestartableService, WallClock
 from rpcfixtures import RunningMaster
 
 from procurator.core.errors import NotFoundError, UnauthorizedError, ValidationError
-from procurator.core.metrics import MetricSample
+from procurator.core.metrics import MetricSample, MetricsReport
 from procurator.core.models import (
     EventKind,
     Fleet,
@@ -85,8 +85,10 @@ async def test_a_worker_cannot_speak_for_another_workers_vm(
     with pytest.raises(UnauthorizedError, match="metrics of VM 'db-1'"):
         await service.report_metrics(
             token,
-            "host-a",
-            (MetricSample("procurator_vm_up", 1.0, "web-1"), MetricSample("x", 1.0, "db-1")),
+            MetricsReport(
+                "host-a",
+                (MetricSample("procurator_vm_up", 1.0, "web-1"), MetricSample("x", 1.0, "db-1")),
+            ),
         )
     assert service.worker_metrics() == {}
     described = await service.describe_vm("db-1")
@@ -157,13 +159,15 @@ async def test_a_vm_being_removed_is_reported_until_the_worker_observed_its_remo
         )
     # ...but its last events and metric samples, sent apart, still arrive...
     await service.report_events(token, [event("web-2", "removed")])
-    await service.report_metrics(token, "host-a", (MetricSample("x", 1.0, "web-2"),))
+    await service.report_metrics(token, MetricsReport("host-a", (MetricSample("x", 1.0, "web-2"),)))
     # ...for the grace period, not after.
     master.clock.now += GRACE
     with pytest.raises(UnauthorizedError, match="event of VM 'web-2'"):
         await service.report_events(token, [event("web-2", "late")])
     with pytest.raises(UnauthorizedError, match="metrics of VM 'web-2'"):
-        await service.report_metrics(token, "host-a", (MetricSample("x", 1.0, "web-2"),))
+        await service.report_metrics(
+            token, MetricsReport("host-a", (MetricSample("x", 1.0, "web-2"),))
+        )
     assert [e.event.message for e in await service.recent_events("web-2")] == ["removed"]
 
 

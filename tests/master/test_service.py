@@ -17,6 +17,7 @@ from procurator.core.errors import (
     UnavailableError,
     ValidationError,
 )
+from procurator.core.metrics import MetricsReport
 from procurator.core.models import (
     EventKind,
     Fleet,
@@ -146,7 +147,7 @@ async def test_reports_are_bound_to_the_session_worker(service: MasterService) -
     with pytest.raises(UnauthorizedError):
         await service.report_status(token, WorkerStatus("host-b", 0))
     with pytest.raises(UnauthorizedError):
-        await service.report_metrics(token, "host-b", ())
+        await service.report_metrics(token, MetricsReport("host-b", ()))
     status = await service.fleet_status()
     assert status.workers[0].status == WorkerStatus("host-a", 0)
     assert status.workers[0].last_report_unix_ms > 0
@@ -237,7 +238,7 @@ async def test_the_change_index_moves_with_what_status_shows(
     await service.apply(fleet)  # no-op
     await service.apply(fleet_of({"host-a": [("web-1", "b")]}), dry_run=True)
     assert not moved()
-    await service.report_metrics(token, "host-a", ())
+    await service.report_metrics(token, MetricsReport("host-a", ()))
     assert not moved()  # metrics are not in a status
     await service.report_status(token, WorkerStatus("host-a", result.generation))
     assert moved()

@@ -20,7 +20,7 @@ from procurator.core.errors import (
     StaleGenerationError,
     ValidationError,
 )
-from procurator.core.metrics import MetricSample
+from procurator.core.metrics import MetricSample, MetricsReport
 from procurator.core.models import (
     Assignment,
     Capacity,
@@ -130,9 +130,20 @@ def test_status_info_events_metrics_round_trip() -> None:
         MetricSample("procurator_vm_up", 1.0, "web-1", (("kind", "x"),)),
         MetricSample("w", 2.5),
     )
-    assert roundtrip(
-        S.MetricsReport, convert.fill_metrics, convert.metrics_from_reader, "host-a", samples
-    ) == ("host-a", samples)
+    whole = MetricsReport("host-a", samples)
+    assert roundtrip(S.MetricsReport, convert.fill_metrics, convert.metrics_from_reader, whole) == (
+        whole
+    )
+    change = MetricsReport(
+        "host-a",
+        samples[:1],
+        (("procurator_vm_up", "web-2", (("kind", "y"),)), ("w2", "", ())),
+        whole=False,
+    )
+    assert (
+        roundtrip(S.MetricsReport, convert.fill_metrics, convert.metrics_from_reader, change)
+        == change
+    )
 
     events = (VmEvent("web-1", EventKind.READOPTED, "m", "op-2", 1234),)
     builder = S.WorkerEvent.new_message()
@@ -307,6 +318,39 @@ def test_too_long_lists_are_refused_before_building() -> None:
         S.MetricsReport.from_bytes(builder.to_bytes()) as reader,
     ):
         convert.metrics_from_reader(reader)
+
+
+def test_metrics_reports_read_as_whole_unless_marked_a_change() -> None:
+    def message(*, change: bool, ended: str = "", vm_id: str = "") -> bytes:
+        builder = S.MetricsReport.new_message(workerId="host-a")
+        builder.init("samples", 1)[0].name = "procurator_x"
+        if change:
+            builder.change = True
+        if ended:
+            series = builder.init("ended", 1)[0]
+            series.name = ended
+            series.vmId = vm_id
+        return bytes(builder.to_bytes())
+
+    # An older worker's report: no `change`, no `ended`.
+    with S.MetricsReport.from_bytes(message(change=False)) as reader:
+        report = convert.metrics_from_reader(reader)
+    assert report == MetricsReport("host-a", (MetricSample("procurator_x", 0.0),))
+    # A whole report ends nothing; ended series are checked as samples are.
+    with (
+        pytest.raises(ValidationError) as info,
+        S.MetricsReport.from_bytes(message(change=False, ended="procurator_y")) as reader,
+    ):
+        convert.metrics_from_reader(reader)
+    assert info.value.details == ("metrics.ended: a whole report ends no series",)
+    with (
+        pytest.raises(ValidationError) as info,
+        S.MetricsReport.from_bytes(
+            message(change=True, ended="procurator_y", vm_id="Not An Id")
+        ) as reader,
+    ):
+        convert.metrics_from_reader(reader)
+    assert [d.split(":")[0] for d in info.value.details] == ["metrics.ended[0].vmId"]
 
 
 def test_unknown_enumerants_read_as_the_first_value() -> None:

@@ -190,7 +190,7 @@ class ScriptedBackend:
     async def report_status_changes(self, token: int, changes: StatusChanges) -> None:
         self._maybe_fail("report_status_changes")
 
-    async def report_metrics(self, token: int, worker_id: str, samples: Any) -> None:
+    async def report_metrics(self, token: int, report: Any) -> None:
         self._maybe_fail("report_metrics")
 
     async def report_events(self, token: int, events: Any) -> None:

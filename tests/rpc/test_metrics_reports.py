@@ -1,0 +1,136 @@
+"""Metrics reports as changes over the wire: a real ``MasterService`` on a
+real SQLite store and socket, the worker's real ``CapnpMasterSession``. A
+session's first report is whole, later ones carry what moved or ended; a
+restarted master gets a whole report on the new session; a change the
+master holds no base for is refused and the whole report follows in the
+same call, leaving the master with exactly the worker's series."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+from rpchelpers import served
+
+from procurator.core.metrics import MetricSample, MetricsReport, series_of
+from procurator.core.models import Assignment, Fleet, WorkerInfo
+from procurator.master.service import MasterService
+from procurator.master.store import FleetStore
+from procurator.rpc.address import Address
+from procurator.rpc.bridge import Bridge
+from procurator.rpc.clients import CapnpMasterDialer, open_control
+
+FleetOf = Callable[[dict[str, list[tuple[str, str]]]], Fleet]
+
+
+class Recording:
+    """The master's backend port over a real ``MasterService``, recording
+    the metrics reports it is handed (and what it answered)."""
+
+    def __init__(self, service: MasterService) -> None:
+        self.service = service
+        self.reports: list[tuple[MetricsReport, str]] = []
+
+    async def report_metrics(self, token: int, report: MetricsReport) -> None:
+        try:
+            await self.service.report_metrics(token, report)
+        except Exception as exc:
+            self.reports.append((report, type(exc).__name__))
+            raise
+        self.reports.append((report, "ok"))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.service, name)
+
+    def held(self) -> dict[Any, MetricSample]:
+        return series_of(self.service.worker_metrics()["host-a"][1])
+
+    def kinds(self) -> list[tuple[str, str]]:
+        kinds = [("whole" if r.whole else "change", answer) for r, answer in self.reports]
+        self.reports.clear()
+        return kinds
+
+
+@contextlib.asynccontextmanager
+async def served_master(
+    service: MasterService, bridge: Bridge
+) -> AsyncIterator[tuple[Recording, Address]]:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        master = Recording(service)
+        async with served(bridge, master) as address:  # type: ignore[arg-type]
+            yield master, address
+        nursery.cancel_scope.cancel()
+
+
+async def _ignore(assignment: Assignment) -> None:
+    return None
+
+
+def _vm(name: str, vm_id: str, value: float) -> MetricSample:
+    return MetricSample(name, value, vm_id)
+
+
+async def test_changes_cross_the_wire_and_a_lost_base_gets_the_whole_report(
+    tmp_path: Path, bridge: Bridge, fleet_of: FleetOf
+) -> None:
+    cpu1 = _vm("procurator_vm_cpu_seconds_total", "web-1", 1.0)
+    cpu2 = _vm("procurator_vm_cpu_seconds_total", "web-2", 2.0)
+    gen = MetricSample("procurator_worker_observed_generation", 1.0)
+    async with await FleetStore.open(tmp_path / "m.db") as store:
+        service = MasterService(store)
+        async with served_master(service, bridge) as (master, address):
+            async with open_control(bridge, address) as control:
+                await control.apply(fleet_of({"host-a": [("web-1", "a"), ("web-2", "b")]}))
+            dialer = CapnpMasterDialer(bridge, address)
+            session = await dialer.connect(WorkerInfo("host-a"), _ignore)
+            try:
+                await session.report_metrics([cpu1, cpu2, gen])
+                assert master.kinds() == [("whole", "ok")]
+                moved = _vm("procurator_vm_cpu_seconds_total", "web-1", 1.5)
+                await session.report_metrics([moved, cpu2, gen])
+                assert master.reports[0][0].samples == (moved,)
+                assert master.kinds() == [("change", "ok")]
+                assert master.held() == series_of([moved, cpu2, gen])
+                await session.report_metrics([moved, gen])  # web-2's series ended
+                assert master.reports[0][0].ended == (
+                    ("procurator_vm_cpu_seconds_total", "web-2", ()),
+                )
+                assert master.kinds() == [("change", "ok")]
+                assert master.held() == series_of([moved, gen])
+            finally:
+                await session.aclose()
+    # The master restarts: it holds nothing of the worker, whose new
+    # session reports whole first.
+    async with await FleetStore.open(tmp_path / "m.db") as store:
+        service = MasterService(store)
+        async with served_master(service, bridge) as (master, address):
+            dialer = CapnpMasterDialer(bridge, address)
+            fresh = await dialer.connect(WorkerInfo("host-a"), _ignore)
+            try:
+                await fresh.report_metrics([moved, gen])
+                assert master.kinds() == [("whole", "ok")]
+                assert master.held() == series_of([moved, gen])
+            finally:
+                await fresh.aclose()
+            # A session whose worker believes the master holds its last
+            # report when it does not (the base of an earlier session: what
+            # a master restart under a live session would leave): the
+            # change is refused, the whole report follows in the same call.
+            later = await dialer.connect(WorkerInfo("host-a"), _ignore)
+            try:
+                # The lost base, on purpose: this session given the last one's.
+                later._series = fresh._series
+                back = _vm("procurator_vm_cpu_seconds_total", "web-2", 3.0)
+                await later.report_metrics([moved, back, gen])
+                assert master.kinds() == [("change", "ValidationError"), ("whole", "ok")]
+                assert master.held() == series_of([moved, back, gen])
+                # ...and changes again from there.
+                await later.report_metrics([moved, gen])
+                assert master.kinds() == [("change", "ok")]
+                assert master.held() == series_of([moved, gen])
+            finally:
+                await later.aclose()
