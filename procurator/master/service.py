@@ -997,6 +997,7 @@ class MasterService:
                 if self._applied is applied and isinstance(applied, Fleet):
                     self._applied = assembled.held  # cut once, kept for the next patch
                 parts = assembled.parts
+                logger.debug("apply %s: patch assembled", op_id)
                 result = await self._apply(
                     parts.fleet(),
                     expected_generation,
@@ -1126,6 +1127,7 @@ class MasterService:
             return resolved, placement, diff_fleets(assignments, resolved)
 
         resolved, placement, diffs = await trio.to_thread.run_sync(place_and_diff)
+        logger.debug("apply %s: placed and diffed", op_id)
         placed: tuple[VmPlacement, ...] = ()
         if placement is not None:
             _log_placement(op_id, placement)
@@ -1797,6 +1799,12 @@ class MasterService:
         merge would pass the per-worker VM limit) without touching the
         stored status; the worker then sends a full one."""
         self._require_store()
+        logger.debug(
+            "status changes from worker %s: generation %d, %d VM(s) changed",
+            changes.worker_id,
+            changes.observed_generation,
+            len(changes.changed),
+        )
         session = self._session(token)
         self._check_own(session, changes.worker_id, "status")
         if session.status is None:

@@ -264,6 +264,7 @@ class WorkerActuator:
             log.debug("VM %s: %s (%s)", vm.id, observation.phase.value, observation.message)
             # Only now that the VM runs this image may older ones go.
             self._images.retire_others(vm.id, vm.nix_store_path)
+            log.debug("VM %s: older images retired", vm.id)
         finally:
             self._mark(vm.id, None)
 

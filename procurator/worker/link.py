@@ -601,6 +601,11 @@ class MasterLink:
                 continue
             try:
                 if isinstance(report, StatusChanges):
+                    logger.debug(
+                        "reporting status changes: generation %d, %d VM(s) changed",
+                        report.observed_generation,
+                        len(report.changed),
+                    )
                     refused = await self._refusal(session.report_status_changes, report)
                     if refused is not None:
                         # The master kept the status it had: make it whole.

@@ -610,6 +610,11 @@ class ReconcilingHandler:
                 process.terminate(pid, ticks, grace=0.0)
 
     def _publish_status(self, changes: StatusChanges) -> None:
+        log.debug(
+            "status: generation %d, %d VM(s) changed",
+            changes.observed_generation,
+            len(changes.changed),
+        )
         self.metrics.set_observed_generation(changes.observed_generation)
         self._publisher.publish_status_changes(self.health.overlay(changes))
 
