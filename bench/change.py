@@ -36,8 +36,23 @@ Baselines, same run:
   worker runs), the other half find the image rooted already. The VMM
   start is measured twice: jailed with the worker's jail primitives (the
   target's floor: the product jails every VMM) and bare (the floor of the
-  rows before 2026-12-07), each at every fleet size, right after its
-  changes.
+  rows before 2026-12-07). One floor sample is taken right after each
+  change (the change and its floor alternate, so a load that comes and
+  goes weighs on both alike: with the floor measured after all the
+  changes, the same code gave 1.85x and 0.92x in two runs ten minutes
+  apart, the root alone moving 23.6 -> 46.2 ms).
+
+Where a change's time goes (its phases, p50 of each; "where a one-VM
+change's time goes" in docs/BENCHMARKS.md): *apply*, from sending the
+apply to its answer (the client's fleet, the patch rounds, the master's
+transaction); *to running*, from that answer to the time the worker's
+``replaced`` event carries (the push, the worker's pass, rooting the new
+image, the old VMM's stop and the new one's start: the floor's part);
+*to observed*, from that event to the blocking ``describe`` that shows the
+VM running at the new generation (the step's end on the worker, the
+status report, the master's store write, the describe's answer). The
+event's time is the worker's wall clock in ms, read against this
+process's on the same host.
 """
 
 from __future__ import annotations
@@ -60,7 +75,7 @@ from bench.start import (
     one_worker_fleet,
 )
 from procurator.core.control import VmDescription
-from procurator.core.models import Phase
+from procurator.core.models import EventKind, Phase
 from procurator.core.validation import store_path_hash
 from procurator.rpc.address import Address
 from procurator.rpc.bridge import Bridge, connect, open_bridge
@@ -178,32 +193,6 @@ def _grow(run: Run, fleet: OneWorkerFleet, n: int) -> float:
     return elapsed
 
 
-def _floor(run: Run, image: str, repeats: int, tag: str) -> tuple[float, float, float]:
-    """Medians of (rooting ``image`` with nix-store, one bare VMM start,
-    one jailed bare VMM start)."""
-    roots, starts, jailed = [], [], []
-    config = fake_config(run)
-    jail = bare_jail(run, run.dir / f"{tag}-jail")
-    try:
-        for index in range(repeats):
-            link = run.dir / f"{tag}-roots" / f"root-{index}"
-            link.parent.mkdir(exist_ok=True)
-            began = time.perf_counter()
-            subprocess.run(
-                ["nix-store", "--realise", image, "--add-root", str(link)],
-                env=run.nix_env,
-                check=True,
-                capture_output=True,
-            )
-            roots.append(time.perf_counter() - began)
-            link.unlink()  # its gcroots/auto entry goes with the run (Run.close)
-            starts.append(bare_start(run, 1, config, tag=f"{tag}-{index}"))
-            jailed.append(bare_start(run, 1, config, tag=f"{tag}-j{index}", jail=jail))
-    finally:
-        jail.close()
-    return median(roots), median(starts), median(jailed)
-
-
 def open_files(pid: int) -> tuple[int, int]:
     """(descriptors ``pid`` has open, its soft open-file limit)."""
     count = len(os.listdir(f"/proc/{pid}/fd"))
@@ -284,6 +273,52 @@ def measure(run: Run) -> list[Row]:
     return rows
 
 
+async def _replaced_at(client: ControlClient, vm_id: str, op_id: str) -> float | None:
+    """The wall-clock time (s) of the worker's ``replaced`` event of VM
+    ``vm_id`` for ``op_id``, None when the master holds none."""
+    desc = await client.describe_vm(vm_id, event_limit=10)
+    times = [
+        e.event.unix_time_ms / 1000
+        for e in desc.events
+        if e.event.kind is EventKind.REPLACED and e.event.op_id == op_id
+    ]
+    return max(times, default=None)
+
+
+class _FloorSampler:
+    """One floor sample (root, bare start, jailed start) at a time, taken
+    between changes (module docstring), from a worker thread."""
+
+    def __init__(self, run: Run, image: str, tag: str) -> None:
+        self.run, self.image, self.tag = run, image, tag
+        self.config = fake_config(run)
+        self.jail = bare_jail(run, run.dir / f"{tag}-jail")
+        self.roots: list[float] = []
+        self.starts: list[float] = []
+        self.jailed: list[float] = []
+
+    def sample(self) -> None:
+        run, index = self.run, len(self.roots)
+        link = run.dir / f"{self.tag}-roots" / f"root-{index}"
+        link.parent.mkdir(exist_ok=True)
+        began = time.perf_counter()
+        subprocess.run(
+            ["nix-store", "--realise", self.image, "--add-root", str(link)],
+            env=run.nix_env,
+            check=True,
+            capture_output=True,
+        )
+        self.roots.append(time.perf_counter() - began)
+        link.unlink()  # its gcroots/auto entry goes with the run (Run.close)
+        self.starts.append(bare_start(run, 1, self.config, tag=f"{self.tag}-{index}"))
+        self.jailed.append(
+            bare_start(run, 1, self.config, tag=f"{self.tag}-j{index}", jail=self.jail)
+        )
+
+    def close(self) -> None:
+        self.jail.close()
+
+
 def _measure_size(run: Run, fleet: OneWorkerFleet) -> tuple[list[Row], float, float]:
     """The change's rows at the fleet's present size, its p50 and the
     jailed per-replacement floor."""
@@ -293,7 +328,9 @@ def _measure_size(run: Run, fleet: OneWorkerFleet) -> tuple[list[Row], float, fl
     polls: list[float] = []
     describes: list[float] = []
     reads: list[int] = []
+    phases: dict[str, list[float]] = {"apply": [], "to running": [], "to observed": []}
     address = Address(host="127.0.0.1", port=fleet.port)
+    floors = _FloorSampler(run, fleet.images["b"], f"floor-{fleet.n}")
 
     async def main() -> tuple[list[float], list[float]]:
         async with control(fleet.port) as client:
@@ -302,14 +339,23 @@ def _measure_size(run: Run, fleet: OneWorkerFleet) -> tuple[list[Row], float, fl
                 fleet.current[vm_id] = image
                 want = store_path_hash(fleet.images[image])
                 await trio.sleep(0.5)  # let the previous change's reports settle
+                wall = time.time()
                 started = trio.current_time()
                 result = await client.apply(fleet.fleet())
+                answered = trio.current_time()
                 seen, count = await _wait_settled(
                     client, vm_id, result.generation, want, fleet.worker.check_alive
                 )
                 latencies.append(seen - started)
                 reads.append(count)
+                replaced = await _replaced_at(client, vm_id, result.op_id)
+                if replaced is not None:  # the worker's clock, in ms
+                    running = min(max(replaced - wall, answered - started), seen - started)
+                    phases["apply"].append(answered - started)
+                    phases["to running"].append(running - (answered - started))
+                    phases["to observed"].append(seen - started - running)
                 run.log(f"change {index + 1}/{repeats}: {(seen - started) * 1e3:.1f} ms")
+                await trio.to_thread.run_sync(floors.sample)
             for _ in range(20):
                 began = trio.current_time()
                 await client.describe_vm(vm_id, event_limit=0)
@@ -322,8 +368,11 @@ def _measure_size(run: Run, fleet: OneWorkerFleet) -> tuple[list[Row], float, fl
             bridged = await _bridge_rtt(bridge, address, 200)
         return bare, bridged
 
-    bare, bridged = trio.run(main)
-    root_s, start_s, jailed_s = _floor(run, fleet.images["b"], repeats, f"floor-{fleet.n}")
+    try:
+        bare, bridged = trio.run(main)
+    finally:
+        floors.close()
+    root_s, start_s, jailed_s = median(floors.roots), median(floors.starts), median(floors.jailed)
     floor = root_s + jailed_s
     bare_floor = root_s + start_s
     p50, p95 = median(latencies), percentile(latencies, 95)
@@ -352,8 +401,9 @@ def _measure_size(run: Run, fleet: OneWorkerFleet) -> tuple[list[Row], float, fl
             f"{p50 / floor:.2f}x",
             "<= 1.5x",
             note=(
-                f"floor, medians of {repeats} after the changes: nix-store --realise --add-root "
-                f"{fmt_s(root_s)}, one fake-VMM ({run.vmm}) spawn + ping/create/boot/info jailed "
+                f"floor, medians of {repeats}, one after each change: nix-store --realise "
+                f"--add-root {fmt_s(root_s)}, one fake-VMM ({run.vmm}) spawn + "
+                f"ping/create/boot/info jailed "
                 f"{fmt_s(jailed_s)} (Jail.prepare + VmJail.spawn, the jailer warm), bare "
                 f"{fmt_s(start_s)}; against root + bare start ({fmt_s(bare_floor)}) the p50 is "
                 f"{p50 / bare_floor:.2f}x; half of the changes need the root, half find the "
@@ -361,4 +411,21 @@ def _measure_size(run: Run, fleet: OneWorkerFleet) -> tuple[list[Row], float, fl
             ),
         ),
     ]
+    if phases["apply"]:
+        split = ", ".join(f"{name} {fmt_s(median(values))}" for name, values in phases.items())
+        rows.append(
+            Row(
+                NAME,
+                f"... where it goes ({fleet.n} VMs), p50 of each phase",
+                split,
+                f"{fmt_s(floor)} floor",
+                "",
+                "",
+                note=(
+                    f"{len(phases['apply'])} of {repeats} changes (those whose replaced event "
+                    "the master held); to running holds the floor's work: the root (half of "
+                    "the changes) and the start"
+                ),
+            )
+        )
     return rows, p50, floor
