@@ -101,7 +101,8 @@ COMMANDS = (
     ),
     Command(
         "describe",
-        "show one VM: desired vs observed state, its worker and recent events",
+        "show one VM (desired vs observed state, its worker, recent events) or one worker "
+        "(its capacity: used/total as placement counts it)",
         "procurator.cli.parsers:describe_and_events",
     ),
     Command(

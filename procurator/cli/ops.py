@@ -1,8 +1,18 @@
-"""``procurator describe vm ID`` and ``procurator events``.
+"""``procurator describe vm ID``, ``procurator describe worker ID`` and
+``procurator events``.
 
 Everything here is read-only and goes through the master's ``Control``
 interface: ``describeVm`` for one VM (desired vs observed, its worker, its
-newest events), ``events`` for the fleet's event stream. ``events
+newest events), ``status`` and ``moves`` for one worker, ``events`` for
+the fleet's event stream.
+
+A worker's room is placement's view of it (docs/SCHEDULING.md): what it
+offers (capacity times overcommit, its VM limit) and what its VMs and the
+VMs moving to it take. The master's own functions compute it from what
+``status`` and ``moves`` answer: ``procurator.master.scheduling.
+worker_facts`` (the VMs moving in, from the moves under way and their
+sources' assignments) and ``procurator.core.placement.worker_room``, which
+the scheduler counts with too. ``events
 --follow`` polls ``Control.events`` with the ``seq`` of the last event it
 printed (the master numbers events as it receives them, increasingly, also
 across its restarts), so it prints every event exactly once — unless the
@@ -23,6 +33,7 @@ import json
 import sys
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 import trio
@@ -30,19 +41,25 @@ import trio
 from procurator.cli.connect import control_from_args
 from procurator.cli.exits import EXIT_OK
 from procurator.cli.pipes import run_reader
-from procurator.core.control import VmDescription, WorkerEvent
-from procurator.core.errors import UnavailableError
-from procurator.core.models import VmAssignment, VmStatus
+from procurator.core.control import FleetStatus, VmDescription, WorkerConnection, WorkerEvent
+from procurator.core.errors import NotFoundError, UnavailableError
+from procurator.core.models import Assignment, VmAssignment, VmStatus
 from procurator.core.move import Move, move_json
+from procurator.core.placement import Room, WorkerRoom, worker_room
+from procurator.master.scheduling import KnownWorker, worker_facts
 from procurator.rpc.bridge import open_bridge
 
 __all__ = [
+    "WorkerDescription",
     "describe_json",
+    "describe_worker",
     "event_json",
     "event_line",
     "print_description",
+    "print_worker_description",
     "run_describe",
     "run_events",
+    "worker_description_json",
 ]
 
 # How many events ``events`` fetches per call.
@@ -96,7 +113,7 @@ def run_events(args: argparse.Namespace) -> int:
 
 def run_describe(args: argparse.Namespace) -> int:
     """``procurator describe`` (its flags: ``procurator.cli.parsers``)."""
-    return trio.run(run_reader, _describe, args)
+    return trio.run(run_reader, _describe_worker if args.kind == "worker" else _describe, args)
 
 
 async def _events(args: argparse.Namespace) -> int:
@@ -255,4 +272,136 @@ async def _describe(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# ---------------------------------------------------------------- parsers
+# ---------------------------------------------------------------- describe worker
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerDescription:
+    """One worker as ``procurator describe worker`` shows it: the master's
+    view of it (``connection``), its room as placement counts it, and the
+    moves under way to it that hold some of that room."""
+
+    connection: WorkerConnection
+    room: WorkerRoom
+    moving_in: tuple[Move, ...]
+
+
+def describe_worker(
+    status: FleetStatus, moves: Iterable[Move], worker_id: str
+) -> WorkerDescription:
+    """Worker ``worker_id`` of ``status``, its room counted as the master's
+    placement counts it (the module docstring); ``NotFoundError`` when the
+    master knows no such worker."""
+    connection = next((w for w in status.workers if w.worker_id == worker_id), None)
+    if connection is None:
+        raise NotFoundError(f"worker {worker_id} is unknown to the master")
+    moves = tuple(moves)
+    known = [KnownWorker(w.worker_id, w.info, w.connected) for w in status.workers]
+    assignments = {
+        w.worker_id: Assignment(w.worker_id, w.desired_generation, w.desired_vms)
+        for w in status.workers
+    }
+    (facts,) = [
+        f for f in worker_facts(known, assignments, moves=moves) if f.worker_id == worker_id
+    ]
+    incoming = {vm.id for vm in facts.incoming}
+    moving_in = tuple(
+        m
+        for m in moves
+        if m.target == worker_id and m.vm_id in incoming and not m.over and not m.switched
+    )
+    return WorkerDescription(connection, worker_room(facts, connection.desired_vms), moving_in)
+
+
+def _room_json(room: Room) -> dict[str, int]:
+    return {"used": room.used, "total": room.total, "free": room.free}
+
+
+def worker_description_json(d: WorkerDescription) -> dict[str, Any]:
+    w, info = d.connection, d.connection.info
+    return {
+        "worker_id": w.worker_id,
+        "state": w.state.value if w.state is not None else None,
+        "connected": w.connected,
+        "registered": info is not None,
+        "driver": info.driver if info is not None else "",
+        "labels": dict(info.labels) if info is not None else {},
+        "capacity": {
+            "vcpus": info.capacity.vcpus if info is not None else 0,
+            "memory_mib": info.capacity.memory_mib if info is not None else 0,
+            "max_vms": info.capacity.max_vms if info is not None else 0,
+        },
+        "overcommit": {
+            "cpu": info.cpu_overcommit if info is not None else None,
+            "memory": info.memory_overcommit if info is not None else None,
+        },
+        "resources": {
+            "vcpus": _room_json(d.room.vcpus),
+            "memory_mib": _room_json(d.room.memory_mib),
+            "vms": _room_json(d.room.vms),
+        },
+        "undeclared_vms": d.room.undeclared,
+        "vms": sorted(vm.id for vm in w.desired_vms),
+        "moving_in": [
+            {"vm_id": m.vm_id, "source": m.source, "op_id": m.op_id, "phase": m.phase.value}
+            for m in d.moving_in
+        ],
+    }
+
+
+def _room_row(room: Room, unit: str = "") -> str:
+    free = f"{room.free}{unit} free" if room.free >= 0 else f"over by {-room.free}{unit}"
+    return f"{room.used}/{room.total}{unit} used, {free}"
+
+
+def print_worker_description(d: WorkerDescription, out: TextIO) -> None:
+    w, info = d.connection, d.connection.info
+    state = w.state.value if w.state is not None else "-"
+    connection = "connected" if w.connected else "disconnected"
+    print(f"worker {w.worker_id} ({state}, {connection})", file=out)
+    if info is None:
+        rows = [("capacity", "never registered: it offers nothing")]
+    else:
+        labels = ", ".join(f"{k}={v}" for k, v in info.labels) or "-"
+        limit = str(info.capacity.max_vms) if info.capacity.max_vms else "the master's"
+        rows = [
+            ("driver", info.driver or "-"),
+            ("labels", labels),
+            (
+                "capacity",
+                f"{info.capacity.vcpus} CPUs x {info.cpu_overcommit:g}, "
+                f"{info.capacity.memory_mib} MiB x {info.memory_overcommit:g}, "
+                f"VM limit {limit}",
+            ),
+        ]
+    rows += [
+        ("vcpus", _room_row(d.room.vcpus)),
+        ("memory", _room_row(d.room.memory_mib, " MiB")),
+        ("vms", _room_row(d.room.vms)),
+    ]
+    if d.room.undeclared:
+        rows.append(
+            ("undeclared", f"{d.room.undeclared} VM(s) declare no vcpus/memory_mib: counted as 0")
+        )
+    moving = ", ".join(f"{m.vm_id} (from {m.source}, op {m.op_id})" for m in d.moving_in)
+    rows.append(("moving in", moving or "-"))
+    for name, value in rows:
+        print(f"  {name + ':':<12}{value}", file=out)
+    print(
+        "(used: its VMs and those moving in, as placement counts them; "
+        "total: what it offers placement)",
+        file=out,
+    )
+
+
+async def _describe_worker(args: argparse.Namespace) -> int:
+    async with open_bridge() as bridge, control_from_args(bridge, args) as client:
+        status = await client.status()
+        moves = await client.moves()
+    description = describe_worker(status, moves, args.id)
+    if args.json:
+        json.dump(worker_description_json(description), sys.stdout, indent=2)
+        print()
+    else:
+        print_worker_description(description, sys.stdout)
+    return EXIT_OK

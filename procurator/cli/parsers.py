@@ -227,21 +227,27 @@ def describe_and_events(sub: Any) -> None:
     p = sub.add_parser(
         "describe",
         description=(
-            "Show everything the master knows about one VM: desired vs observed\n"
+            "vm: everything the master knows about one VM: desired vs observed\n"
             "hash, generation, power and phase; its worker and address; restarts;\n"
             "the last error; its move under way or its last one (phase, source ->\n"
             "target, op id, why it failed); its recent events with their operation ids.\n\n"
-            "example:\n  procurator describe vm web-1\n  procurator describe vm web-1 --json"
+            "worker: one worker's state, driver, labels and capacity, and its room\n"
+            "as placement counts it: for vCPUs, memory and VMs, used/total and\n"
+            "free, where used is its VMs and those moving to it (a move under way,\n"
+            "not yet switched) and total what it offers placement (capacity times\n"
+            "overcommit; its VM limit, else the master's); the moves holding room.\n\n"
+            "example:\n  procurator describe vm web-1\n  procurator describe vm web-1 --json\n"
+            "  procurator describe worker host-a"
         ),
         formatter_class=raw,
     )
-    p.add_argument("kind", choices=["vm"], help="what to describe (vm)")
-    p.add_argument("id", help="the VM's id")
+    p.add_argument("kind", choices=["vm", "worker"], help="what to describe (vm, worker)")
+    p.add_argument("id", help="the VM's or the worker's id")
     p.add_argument(
         "--events",
         type=_count,
         default=DESCRIBE_EVENTS,
-        help=f"how many recent events to show (default: {DESCRIBE_EVENTS})",
+        help=f"how many of a VM's recent events to show (default: {DESCRIBE_EVENTS})",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_master_address(p)

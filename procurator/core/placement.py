@@ -19,6 +19,8 @@ What it promises:
   worker (``WorkerFacts.incoming``: a move under way, not yet switched)
   counts on it right after its pinned VMs, and on its source as any VM
   there does, so no placement hands out the room a move holds.
+  ``worker_room`` is that count for one worker (``procurator describe
+  worker``: used and total of each resource).
 - **Constraints**: an unpinned VM only runs on a worker whose labels include
   every ``key = value`` of its ``constraints``.
 - **States**: new VMs go only to ``ready`` workers. A ``cordoned`` worker
@@ -90,7 +92,7 @@ from procurator.core.models import (
 )
 from procurator.core.validation import LIMITS, check_overcommit
 
-__all__ = ["place", "unplaceable_error"]
+__all__ = ["Room", "WorkerRoom", "offered", "place", "unplaceable_error", "worker_room"]
 
 # A spread group with at least this many VMs placed gets per-count lists
 # for its run (see _Scheduler._grouped); below it, skipping its holders
@@ -114,6 +116,57 @@ def place(
     ``fleet`` must be valid (``validate_fleet``). Raises ``ValueError`` for
     workers given twice or an overcommit ratio out of range."""
     return _Scheduler(fleet, tuple(workers), previous or {}).run()
+
+
+def offered(facts: WorkerFacts) -> tuple[int, int, int]:
+    """What a worker offers placement: ``floor(host vCPUs *
+    cpu_overcommit)`` vCPUs, ``floor(host MiB * memory_overcommit)`` MiB
+    and ``capacity.max_vms`` VMs (else ``LIMITS.max_vms_per_worker``)."""
+    return (
+        int(facts.capacity.vcpus * facts.cpu_overcommit),
+        int(facts.capacity.memory_mib * facts.memory_overcommit),
+        facts.capacity.max_vms or LIMITS.max_vms_per_worker,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Room:
+    """One resource of a worker as placement counts it: ``total`` what it
+    offers, ``used`` what its VMs and those moving to it take; ``free``
+    is negative when pinned VMs overfill it."""
+
+    used: int
+    total: int
+
+    @property
+    def free(self) -> int:
+        return self.total - self.used
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRoom:
+    """A worker's room as ``place`` sees it before it places anything
+    (``worker_room``); ``undeclared``: its VMs (moving in included) that
+    declare no vcpus or memory_mib, counted as 0 of them."""
+
+    vcpus: Room
+    memory_mib: Room
+    vms: Room
+    undeclared: int = 0
+
+
+def worker_room(facts: WorkerFacts, vms: Iterable[VmAssignment]) -> WorkerRoom:
+    """The room of the worker ``facts`` describes, holding ``vms`` (its
+    assignment's, pinned and unpinned) and the VMs moving to it
+    (``facts.incoming``), which hold their room until their move ends."""
+    cpu, mem, count = offered(facts)
+    holding = [*vms, *facts.incoming]
+    return WorkerRoom(
+        Room(sum(vm.vcpus for vm in holding), cpu),
+        Room(sum(vm.memory_mib for vm in holding), mem),
+        Room(len(holding), count),
+        sum(1 for vm in holding if not vm.vcpus or not vm.memory_mib),
+    )
 
 
 def unplaceable_error(answer: Unplaceable) -> ValidationError:
@@ -262,9 +315,10 @@ class _Scheduler:
         self.state = [f.state for f in self.facts]
         # Free vCPUs, MiB and VM slots; vcpus/memory become the ranking
         # ("p") and the other ("s") resource once the fleet is known.
-        self.free_cpu = [int(f.capacity.vcpus * f.cpu_overcommit) for f in self.facts]
-        self.free_mem = [int(f.capacity.memory_mib * f.memory_overcommit) for f in self.facts]
-        self.free_n = [f.capacity.max_vms or LIMITS.max_vms_per_worker for f in self.facts]
+        offers = [offered(f) for f in self.facts]
+        self.free_cpu = [cpu for cpu, _, _ in offers]
+        self.free_mem = [mem for _, mem, _ in offers]
+        self.free_n = [count for _, _, count in offers]
         self.allocatable = list(zip(self.free_cpu, self.free_mem, strict=True))
         # VM id -> the rank of the worker it is moving to.
         self.moving_to = {vm.id: rank for rank, f in enumerate(self.facts) for vm in f.incoming}
