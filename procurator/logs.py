@@ -35,7 +35,11 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, TextIO
 
 __all__ = [
+    "DEFAULT_LOG_FORMAT",
+    "DEFAULT_LOG_LEVEL",
     "FIELDS",
+    "LOG_FORMATS",
+    "LOG_LEVELS",
     "ContextFilter",
     "JsonFormatter",
     "TextFormatter",
@@ -45,6 +49,12 @@ __all__ = [
     "new_op_id",
     "some",
 ]
+
+# What ``configure`` takes (the daemons' --log-level and --log-format).
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_LOG_LEVEL = "info"
+LOG_FORMATS = ("text", "json")
+DEFAULT_LOG_FORMAT = "text"
 
 # Libraries whose INFO records are per request (see ``configure``).
 _CHATTY = ("httpx", "httpcore")
@@ -156,15 +166,15 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(
-    level: str = "info",
-    fmt: str = "text",
+    level: str = DEFAULT_LOG_LEVEL,
+    fmt: str = DEFAULT_LOG_FORMAT,
     *,
     static: Mapping[str, object] | None = None,
     stream: TextIO | None = None,
 ) -> logging.Handler:
     """Send every record to ``stream`` (stderr) as text or JSON lines, with
     the correlation fields; replaces the root logger's handlers."""
-    if fmt not in ("text", "json"):
+    if fmt not in LOG_FORMATS:
         raise ValueError(f"log format must be 'text' or 'json', not {fmt!r}")
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())

@@ -51,7 +51,7 @@ from procurator.master.http import run_master_http
 from procurator.master.metrics import MasterInstruments, MasterMetrics
 from procurator.master.service import MasterService, default_master_id
 from procurator.master.store import FleetDump, Store, open_store, sqlite_path
-from procurator.rpc.address import DEFAULT_PORT, Address, parse_address
+from procurator.rpc.address import DEFAULT_MASTER_ADDRESS, Address, parse_address
 from procurator.rpc.bridge import open_bridge
 from procurator.rpc.master_server import ConnectionDeadlines, serve_master
 from procurator.rpc.tls import TlsFiles, require_secure, server_context
@@ -74,7 +74,8 @@ logger = logging.getLogger(__name__)
 class MasterConfig:
     """Everything a master is configured with (``procurator master``'s flags)."""
 
-    listen: str = f"127.0.0.1:{DEFAULT_PORT}"  # "host:port" or "unix:/path"
+    # "host:port" or "unix:/path"; by default where clients look for it.
+    listen: str = DEFAULT_MASTER_ADDRESS
     # A SQLite file (one master), or postgresql://... (several: docs/HA.md).
     db: Path | str = Path(DEFAULT_DB)
     push_timeout: float = DEFAULT_PUSH_TIMEOUT
@@ -82,8 +83,8 @@ class MasterConfig:
     tls: TlsFiles | None = None  # mutual TLS; required off loopback unless insecure
     insecure: bool = False
     max_connections: int = DEFAULT_MAX_CONNECTIONS
-    log_level: str = "info"  # debug, info, warning, error
-    log_format: str = "text"  # text or json
+    log_level: str = logs.DEFAULT_LOG_LEVEL  # debug, info, warning, error
+    log_format: str = logs.DEFAULT_LOG_FORMAT  # text or json
     # Unique among the masters of one database; "": the host name and a
     # random suffix (procurator.master.service.default_master_id).
     master_id: str = ""

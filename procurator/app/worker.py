@@ -86,8 +86,8 @@ class WorkerConfig:
     metrics_advertise: str = ""
     tls: TlsFiles | None = None  # its certificate must name ``worker_id``
     insecure: bool = False  # plaintext to a master off loopback
-    log_level: str = "info"  # debug, info, warning, error
-    log_format: str = "text"  # text or json
+    log_level: str = logs.DEFAULT_LOG_LEVEL  # debug, info, warning, error
+    log_format: str = logs.DEFAULT_LOG_FORMAT  # text or json
     # What the master's scheduler knows of this worker (docs/SCHEDULING.md):
     # its labels (sorted by key) and the overcommit ratios it reports.
     labels: tuple[tuple[str, str], ...] = ()

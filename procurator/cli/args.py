@@ -19,6 +19,7 @@ import argparse
 import math
 from collections.abc import Callable
 
+from procurator.logs import DEFAULT_LOG_FORMAT, DEFAULT_LOG_LEVEL, LOG_FORMATS, LOG_LEVELS
 from procurator.rpc.address import default_master_address
 from procurator.rpc.tls import ENV_CA, ENV_CERT, ENV_KEY, TlsFiles
 
@@ -81,16 +82,16 @@ def add_common(p: argparse.ArgumentParser, *, daemon: bool) -> None:
     p.set_defaults(daemon=daemon)
     p.add_argument(
         "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="log verbosity (default: info)",
+        default=DEFAULT_LOG_LEVEL,
+        choices=LOG_LEVELS,
+        help=f"log verbosity (default: {DEFAULT_LOG_LEVEL})",
     )
     if daemon:
         p.add_argument(
             "--log-format",
-            default="text",
-            choices=["text", "json"],
-            help="log lines as text or as JSON objects (default: text)",
+            default=DEFAULT_LOG_FORMAT,
+            choices=LOG_FORMATS,
+            help=f"log lines as text or as JSON objects (default: {DEFAULT_LOG_FORMAT})",
         )
     add_tls_arguments(p)
 

@@ -60,7 +60,7 @@ from procurator.core.validation import (
     check_overcommit,
     check_request_id,
 )
-from procurator.rpc.address import DEFAULT_PORT
+from procurator.rpc.address import DEFAULT_MASTER_ADDRESS
 
 __all__ = [
     "DESCRIBE_EVENTS",
@@ -566,8 +566,8 @@ def master(sub: Any) -> None:
     )
     p.add_argument(
         "--listen",
-        default=f"127.0.0.1:{DEFAULT_PORT}",
-        help=f"host:port or unix:/path to listen on (default: 127.0.0.1:{DEFAULT_PORT})",
+        default=DEFAULT_MASTER_ADDRESS,
+        help=f"host:port or unix:/path to listen on (default: {DEFAULT_MASTER_ADDRESS})",
     )
     p.add_argument(
         "--database",
