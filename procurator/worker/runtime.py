@@ -27,7 +27,11 @@ Start-up order matters and is the crash-safety story of the worker:
 Events reach the master from two sources: the VmManager (what happened to a
 VMM: created, booted, crashed...) and the reconciler (a step that failed for
 good before any VMM ran, e.g. a bad image). Both carry the op id of the
-assignment that caused the work.
+assignment that caused the work. Not the events of a VM held incoming for
+a live move (``VmObservation.incoming``): it is no VM of this worker's
+until the switch, the master refuses events that name it (and with them
+every other event of their report), and its move's progress tells the
+master how it went; the supervisor has logged them.
 
 Guest health checks (``procurator.worker.health.HealthMonitor``): every
 assignment update the reconciler takes goes to the monitor too (each VM's
@@ -654,6 +658,8 @@ class ReconcilingHandler:
     # -- from supervisor threads -------------------------------------------
 
     def _on_change(self, observation: VmObservation, event: VmEvent | None) -> None:
+        if observation.incoming:
+            event = None  # not this worker's VM yet: see the module docstring
         self._handoff.put(_Change(observation.vm_id, event, in_flight=False))
 
     def _in_flight_changed(self, vm_id: str) -> None:

@@ -6,7 +6,10 @@ nor took away: "master refused a status report: VM neither assigned").
 Before, the move service's removal went through the actuator as a step
 the reconciler could see (``WorkerActuator._remove_blocking`` marked the
 VM in flight, "removing"): the reconciler, woken by the mark, observed an
-unassigned VM stopping, removed it a second time and reported it.
+unassigned VM stopping, removed it a second time and reported it. And the
+VM's events (its removal, its re-adoption) went to the master, which
+refuses events of a VM not assigned to the worker, and with them every
+other event of the same report: now they stay in the worker's log.
 
 The worker's own runtime (``ReconcilingHandler``: reconciler, actuator,
 move service), in process, unconfined, no network, over the fake
@@ -54,6 +57,7 @@ class Publisher:
 
     def __init__(self) -> None:
         self.named: set[str] = set()
+        self.events: list[VmEvent] = []
 
     def publish_status(self, status: WorkerStatus) -> None:
         self.named |= {vm.id for vm in status.vms}
@@ -68,7 +72,7 @@ class Publisher:
         pass
 
     def publish_events(self, events: Sequence[VmEvent]) -> None:
-        pass
+        self.events.extend(events)
 
     def publish_metrics(self, samples: Sequence[MetricSample]) -> None:
         pass
@@ -125,5 +129,6 @@ async def test_a_failed_live_move_s_incoming_vm_is_removed_once_and_never_report
     removals = [r for r in caplog.records if r.getMessage() == "removing VM vm1"]
     assert len(removals) == 1, [r.getMessage() for r in caplog.records]
     assert "vm1" not in publisher.named
+    assert [e for e in publisher.events if e.vm_id == "vm1"] == []
     assert not (state / "vms" / "vm1").exists()
     assert vmm_pids_under(state) == {}
