@@ -171,6 +171,84 @@ def test_the_v1_driver_limits_places_and_removes_for_real(tmp_path: Path, period
         found.close()
 
 
+def _charged_below(directory: Path) -> int:
+    """Bytes of pages charged to v1 memory cgroups below ``directory``
+    (hierarchical minus its own: memory.stat ``total_*`` - ``*``), live or
+    removed: a removed cgroup is only gone from the kernel once nothing is
+    charged to it (its kernel objects move to the parent; pages do not)."""
+    stat = dict(line.split() for line in (directory / "memory.stat").read_text().splitlines())
+    return sum(int(stat[f"total_{key}"]) - int(stat[key]) for key in ("cache", "rss"))
+
+
+# A VM removed, or relaunched (its last VMM's empty cgroup made anew).
+@pytest.mark.parametrize("then", ["remove", "relaunch"])
+def test_a_removed_vm_cgroup_keeps_no_page_charged_for_real(tmp_path: Path, then: str) -> None:
+    """A VMM reads its image (kernel, initrd, disk) from the store: those
+    pages stay in the page cache after it ends, charged to its cgroup, and
+    kept the removed cgroup alive in the kernel (dying, ~0.3 MiB of
+    unreclaimable memory each, for as long as the image stays cached).
+    Removal releases them first. The signal is per worker, not the host's
+    count of memory cgroups: the worker's own directory, which holds no
+    process and no other VM, counts in its hierarchical statistics what is
+    charged to any cgroup below it, removed ones included."""
+    found = cgroups.detect(PARENT, f"w-{uuid.uuid4().hex[:8]}")
+    if not isinstance(found, CgroupsV1) or "memory" not in found.enforceable:
+        pytest.skip(f"this host has no cgroup v1 memory hierarchy: {found.describe()}")
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.write(os.urandom(4 * MIB))
+        os.fsync(f.fileno())
+        # Out of the page cache, so that the VMM's read brings it in and the
+        # pages are charged to the VMM's cgroup.
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    vmm = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import sys; sys.stdin.readline(); open({str(image)!r}, 'rb').read()",
+        ],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        placement = found.create("vm1", LIMITS)
+        worker = Path(placement.path).parent
+        for tasks in placement.join:
+            Path(tasks).write_text(str(vmm.pid))
+        assert vmm.stdin is not None
+        vmm.stdin.write(b"go\n")
+        vmm.stdin.close()
+        assert vmm.wait(timeout=30) == 0
+        assert _charged_below(worker) >= 4 * MIB  # the image, read by the VMM
+        if then == "remove":
+            found.remove("vm1")
+            assert found.names() == []
+        else:
+            found.create("vm1", LIMITS)
+            assert found.names() == ["vm1"]
+        assert _charged_below(worker) == 0
+    finally:
+        vmm.kill()
+        vmm.wait()
+        found.remove("vm1")
+        found.close()
+
+
+def test_v2_removal_asks_the_kernel_to_reclaim_what_is_charged_first(tmp_path: Path) -> None:
+    """No v2 memory controller runs here: what the v2 release writes is
+    checked against a directory shaped like cgroupfs (a plain file takes the
+    write; the kernel's would reclaim and read 0 afterwards)."""
+    root = tmp_path / "cgroup2"
+    _cgroupfs_tree(root, ["unit.service"], "cpu memory pids\n")
+    v2 = CgroupsV2(root / "unit.service" / "procurator" / "w-1", root, ["memory"], [])
+    v2.create("vm1", LIMITS)
+    vm = root / "unit.service" / "procurator" / "w-1" / "vm1"
+    (vm / "memory.current").write_text("1236992\n")
+    (vm / "memory.reclaim").write_text("")
+    with pytest.raises(cgroups.CgroupError):  # a plain directory with files in it
+        v2.remove("vm1", timeout=0)
+    assert (vm / "memory.reclaim").read_text() == "1236992"
+
+
 @pytest.fixture
 def unified() -> Iterator[Path]:
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
