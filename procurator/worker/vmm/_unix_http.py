@@ -233,24 +233,44 @@ class UnixSocketTransport(httpx.BaseTransport):
 
 
 def _encode(request: httpx.Request) -> bytes:
+    """The request's bytes: request line, headers, body as framed.
+
+    The headers are formatted in one pass and checked as one block: each
+    line adds exactly one CR and one LF, so any more of either (or a NUL)
+    means a name or value that would split the request; only then are the
+    lines looked at one by one to name it (a third of the CPU of checking
+    every header for every forbidden byte; the sweep encodes one request
+    per idle VM per counters interval)."""
     body = request.read()
-    parts = [request.method.encode("ascii"), b" ", request.url.raw_path, b" HTTP/1.1\r\n"]
-    chunked = False
-    for name, value in request.headers.raw:
+    raw = request.headers.raw
+    block = b"".join([b"%s: %s\r\n" % pair for pair in raw])
+    if b"\0" in block or block.count(b"\r") != len(raw) or block.count(b"\n") != len(raw):
+        raise _header_error(raw)
+    head = b"%s %s HTTP/1.1\r\n%s\r\n" % (
+        request.method.encode("ascii"),
+        request.url.raw_path,
+        block,
+    )
+    if b"chunked" not in block.lower() or not _is_chunked(raw):
+        return head + body
+    if body:
+        return b"%s%x\r\n%s\r\n0\r\n\r\n" % (head, len(body), body)
+    return head + b"0\r\n\r\n"
+
+
+def _is_chunked(raw: list[tuple[bytes, bytes]]) -> bool:
+    return any(
+        name.lower() == b"transfer-encoding" and value.lower() == b"chunked" for name, value in raw
+    )
+
+
+def _header_error(raw: list[tuple[bytes, bytes]]) -> httpx.LocalProtocolError:
+    """The error for the first header holding a CR, LF or NUL."""
+    for name, value in raw:
         for bad in _FORBIDDEN_IN_HEADERS:
             if bad in name or bad in value:
-                raise httpx.LocalProtocolError(f"header {name!r} cannot be sent: it holds {bad!r}")
-        if name.lower() == b"transfer-encoding" and value.lower() == b"chunked":
-            chunked = True
-        parts += (name, b": ", value, b"\r\n")
-    parts.append(b"\r\n")
-    if chunked:
-        if body:
-            parts += (b"%x\r\n" % len(body), body, b"\r\n")
-        parts.append(b"0\r\n\r\n")
-    else:
-        parts.append(body)
-    return b"".join(parts)
+                return httpx.LocalProtocolError(f"header {name!r} cannot be sent: it holds {bad!r}")
+    return httpx.LocalProtocolError("a header holds a CR, LF or NUL")
 
 
 def _protocol_error(message: str, request: httpx.Request) -> httpx.RemoteProtocolError:

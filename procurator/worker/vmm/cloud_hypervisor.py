@@ -46,7 +46,10 @@ half the CPU of a call here (~100 of ~180 µs) and none of it applies to a
 local API socket, which a worker calls once per VM every health interval.
 A request without a body (counters, info, ping) is built once per endpoint
 and timeout and sent again (``_request``; -17 µs of a ~80 µs sweep call,
-docs/BENCHMARKS.md, issue 31 target 3).
+docs/BENCHMARKS.md, issue 31 target 3). An answer's body is taken from the
+in-memory stream the transport returns it in (``_content``), not through
+``Response.read``, whose decoder machinery serves nothing here (an answer
+with a content coding, or streamed, is still read and closed as httpx does).
 Nothing reads proxy settings from the environment: the socket is local and a
 stray ``HTTP_PROXY`` must not reroute VMM control.
 
@@ -781,7 +784,9 @@ class CloudHypervisorDriver:
 
     def ping(self, handle: VmmHandle, *, timeout: float) -> dict[str, Any]:
         """``vmm.ping``: the VMM's version information."""
-        return self._json_object(self._call(handle, "GET", "vmm.ping", timeout=timeout), handle)
+        return self._json_object(
+            self._call(handle, "GET", "vmm.ping", timeout=timeout), handle, "vmm.ping"
+        )
 
     def _create_and_boot(
         self, handle: VmmHandle, config: Mapping[str, Any], deadline: float
@@ -816,12 +821,12 @@ class CloudHypervisorDriver:
     def info(self, handle: VmmHandle, *, timeout: float) -> dict[str, Any] | None:
         """``vm.info``, or None when no VM is created (404)."""
         try:
-            response = self._call(handle, "GET", "vm.info", timeout=timeout)
+            content = self._call(handle, "GET", "vm.info", timeout=timeout)
         except VmmRejected as exc:
             if exc.status == 404:
                 return None
             raise
-        return self._json_object(response, handle)
+        return self._json_object(content, handle, "vm.info")
 
     def state(self, handle: VmmHandle, *, timeout: float) -> VmState:
         info = self.info(handle, timeout=timeout)
@@ -858,7 +863,9 @@ class CloudHypervisorDriver:
             self.forget(handle)
 
     def counters(self, handle: VmmHandle, *, timeout: float) -> Mapping[str, Mapping[str, int]]:
-        data = self._json_object(self._call(handle, "GET", "vm.counters", timeout=timeout), handle)
+        data = self._json_object(
+            self._call(handle, "GET", "vm.counters", timeout=timeout), handle, "vm.counters"
+        )
         result: dict[str, dict[str, int]] = {}
         for device, values in data.items():
             if not isinstance(values, Mapping):
@@ -912,55 +919,52 @@ class CloudHypervisorDriver:
         *,
         timeout: float,
         body: Mapping[str, Any] | None = None,
-    ) -> httpx.Response:
-        where = f"cloud-hypervisor at {handle.api_socket} (pid {handle.pid})"
+    ) -> bytes:
+        """One API call; the body of its (2xx) answer, or the error it is
+        (module docstring)."""
         transport = self._transport(handle)
         started = time.perf_counter()
         ok = False
-        seconds = max(timeout, 0.001)
         try:
             try:
-                request = _request(method, endpoint, seconds, body)
-                response = transport.handle_request(request)
-                response.request = request
-                try:
-                    response.read()
-                finally:
-                    response.close()
+                response = transport.handle_request(
+                    _request(method, endpoint, max(timeout, 0.001), body)
+                )
+                content = _content(response)
             except httpx.TimeoutException as exc:
                 raise VmmTimeout(
-                    f"{where} did not answer {endpoint} within {timeout:.3g} s"
+                    f"{_where(handle)} did not answer {endpoint} within {timeout:.3g} s"
                 ) from exc
             except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as exc:
                 self.forget(handle)
-                raise VmmGone(f"{where} is not reachable for {endpoint}: {exc}") from exc
+                raise VmmGone(f"{_where(handle)} is not reachable for {endpoint}: {exc}") from exc
             except httpx.HTTPError as exc:
-                raise VmmError(f"{where} failed on {endpoint}: {exc}") from exc
-            if response.status_code >= 400:
-                details = _error_chain(response)
-                summary = f"{where} refused {endpoint} with HTTP {response.status_code}"
-                if response.status_code < 500:
-                    raise VmmRejected(summary, status=response.status_code, details=details)
+                raise VmmError(f"{_where(handle)} failed on {endpoint}: {exc}") from exc
+            status = response.status_code
+            if status >= 400:
+                details = _error_chain(content)
+                summary = f"{_where(handle)} refused {endpoint} with HTTP {status}"
+                if status < 500:
+                    raise VmmRejected(summary, status=status, details=details)
                 raise VmmError(summary, details=details)
             ok = True
-            return response
+            return content
         finally:
             if self.on_api_call is not None:
                 self.on_api_call(endpoint, time.perf_counter() - started, ok)
 
     @staticmethod
-    def _json_object(response: httpx.Response, handle: VmmHandle) -> dict[str, Any]:
+    def _json_object(content: bytes, handle: VmmHandle, endpoint: str) -> dict[str, Any]:
         try:
-            data = response.json()
+            data = json.loads(content)
         except ValueError as exc:
             raise VmmError(
-                f"cloud-hypervisor at {handle.api_socket} sent invalid JSON for "
-                f"{response.request.url.path}: {exc}"
+                f"cloud-hypervisor at {handle.api_socket} sent invalid JSON for {endpoint}: {exc}"
             ) from exc
         if not isinstance(data, dict):
             raise VmmError(
                 f"cloud-hypervisor at {handle.api_socket} sent {type(data).__name__} for "
-                f"{response.request.url.path}, expected an object"
+                f"{endpoint}, expected an object"
             )
         return data
 
@@ -1063,13 +1067,33 @@ def _left(deadline: float, handle: VmmHandle, step: str) -> float:
     return remaining
 
 
-def _error_chain(response: httpx.Response) -> tuple[str, ...]:
+def _where(handle: VmmHandle) -> str:
+    return f"cloud-hypervisor at {handle.api_socket} (pid {handle.pid})"
+
+
+def _content(response: httpx.Response) -> bytes:
+    """The body of an answer. A body already in memory without a content
+    coding (what ``UnixSocketTransport`` returns: it reads an answer whole)
+    is taken from its stream as it is; ``Response.read`` would pass it
+    through httpx's decoders and request contexts, and ``Response.close``
+    through them again: ~6 µs of a sweep call (docs/BENCHMARKS.md, issue 31
+    target 3). Any other answer is read and closed as httpx does it."""
+    stream = response.stream
+    if isinstance(stream, httpx.ByteStream) and "content-encoding" not in response.headers:
+        return b"".join(stream)  # in memory: nothing to release either
+    try:
+        return response.read()
+    finally:
+        response.close()
+
+
+def _error_chain(content: bytes) -> tuple[str, ...]:
     """cloud-hypervisor's error body: a JSON list of messages, outermost first.
     Anything else is shown as text."""
     try:
-        data = json.loads(response.content)
+        data = json.loads(content)
     except ValueError:
-        text = response.content.decode(errors="replace").strip()
+        text = content.decode(errors="replace").strip()
         return (text,) if text else ()
     if isinstance(data, list):
         return tuple(str(item) for item in data)
