@@ -151,7 +151,7 @@ from procurator.core.models import (
     WorkerState,
     WorkerStatus,
 )
-from procurator.core.validation import LIMITS
+from procurator.core.placement import worker_room
 
 __all__ = [
     "DEFAULT_MOVE_TIMEOUT_S",
@@ -369,13 +369,9 @@ def shortfall(vm: VmAssignment, facts: WorkerFacts, assigned: Sequence[VmAssignm
     under way holds its room from its start until it ends) (None: it
     fits), counted as the scheduler counts (``procurator.core.placement``:
     host capacity times the overcommit ratios, resources as the
-    assignments state them)."""
-    assigned = (*assigned, *facts.incoming)
-    cpu = int(facts.capacity.vcpus * facts.cpu_overcommit) - sum(v.vcpus for v in assigned)
-    mem = int(facts.capacity.memory_mib * facts.memory_overcommit) - sum(
-        v.memory_mib for v in assigned
-    )
-    slots = (facts.capacity.max_vms or LIMITS.max_vms_per_worker) - len(assigned)
+    assignments state them: ``worker_room``)."""
+    room = worker_room(facts, assigned)
+    cpu, mem, slots = room.vcpus.free, room.memory_mib.free, room.vms.free
     if vm.vcpus <= cpu and vm.memory_mib <= mem and slots > 0:
         return None
     return (
