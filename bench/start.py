@@ -31,8 +31,9 @@ supervisor beyond it (the VMM's pidfd, the VM's record written with
 fsync), its CPU split by part; what spawning costs the parent with
 ``subprocess.Popen`` and with ``os.posix_spawn``; the kernel's share of
 the worker's CPU, the host's cpu cgroups (each VM's quota write walks them
-all) and one new file's CPU in the run's directory (ext4 without a
-journal, as here, makes that depend on what the host deleted nearby):
+all), one new file's CPU in the run's directory and one new entry's in
+Nix's ``gcroots/auto`` (each VM's GC root makes one; ext4 without a
+journal, as here, makes both depend on what the host deleted nearby):
 the host's part of the figure, said in the same run.
 
 The 1,000-VM fleet this leaves running is reused by ``change`` and
@@ -489,6 +490,26 @@ def _new_file_cost(directory: Path, n: int = 100) -> float:
         where.rmdir()
 
 
+def _new_root_record_cost(n: int = 100) -> float:
+    """CPU seconds to make one entry in Nix's ``gcroots/auto`` (a symlink
+    to nowhere, removed at once; the collector drops such entries anyway):
+    what the record of each VM's GC root costs on this host. That
+    directory lies outside the run's, in ``/nix/var``, where every test and
+    benchmark that roots a path adds and deletes entries, so on this
+    journal-less ext4 it is dearer than a new file of the run's."""
+    auto = Path(os.environ.get("NIX_STATE_DIR", "/nix/var/nix")) / "gcroots" / "auto"
+    names = [auto / f"procurator-bench-probe-{os.getpid()}-{index}" for index in range(n)]
+    try:
+        cpu = time.thread_time()
+        for name in names:
+            os.symlink("/nonexistent", name)
+        return (time.thread_time() - cpu) / n
+    finally:
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
+
+
 def _cpu_cgroups() -> int:
     """How many cgroups the host's v1 cpu hierarchy holds: each write of a
     cpu quota walks them all (``tg_set_bandwidth``), so a VM's start costs
@@ -572,6 +593,7 @@ def measure(run: Run) -> list[Row]:
     spawn = spawn_cost(run, min(n, 100))
     cgroups_on_host = _cpu_cgroups()
     new_file = _new_file_cost(run.dir)
+    root_record = _new_root_record_cost()
     run.log("start: floors measured; now through procurator")
     fleet, elapsed = procurator_start(run, n)
     run.shared["fleet1k"] = fleet
@@ -616,7 +638,9 @@ def measure(run: Run) -> list[Row]:
                 f"(stime; ticks summed over {n} starts); the host holds {cgroups_on_host} "
                 "v1 cpu cgroups, each of which a VM's cpu quota write walks; one new file in "
                 f"the run's directory costs {new_file * 1e6:.0f} us of CPU here (its filesystem's "
-                "inode allocation: a start makes eight)"
+                "inode allocation: a start makes eight), the record of its GC root in Nix's "
+                f"gcroots/auto {root_record * 1e6:.0f} us (one a start; the design floor "
+                "makes neither the root nor five of the eight)"
             ),
         ),
         Row(
