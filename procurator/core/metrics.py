@@ -38,8 +38,10 @@ Invariants:
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 import math
+import operator
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -539,57 +541,58 @@ class ReportedSeries:
     sender's thread only); one report at a time: ``report``, then
     ``delivered`` or ``refused``.
 
-    Cheap where reports are big and moves are few: the samples of a VM that
-    did not change are the very objects reported last time (the worker's
-    poller keeps them, ``procurator.worker.metrics``), so a change is found
-    by object identity first, and only samples that are new objects are
-    looked up by series. The last reported samples are kept referenced,
-    which keeps their ``id`` from being reused while it is compared.
+    Cheap where reports are big and moves are few. The worker's samples
+    come in a stable order (VM by VM, each VM's in the same order) and a
+    sample whose value did not move is the very object reported last time
+    (the worker's poller keeps them, ``procurator.worker.metrics``). So
+    while the samples are as many as last time, they are compared with the
+    last report's position by position by identity (a C loop), and only the
+    samples that are new objects are looked at: when each is of the series
+    its position held, the change is those whose value moved, and nothing
+    ended. Anything else (a VM added or removed, a phase left) is compared
+    by series, O(samples). A report that named a series twice (a bug of its
+    maker) is followed by whole ones: a change could not say which of the
+    two the master keeps.
     """
 
     def __init__(self, worker_id: str) -> None:
         self.worker_id = worker_id
         self._takes_changes = False
-        # The master's series, as of the last acknowledged report (None: no
-        # base, the next report is whole), and the samples that report was
-        # made of (by identity).
-        self._held: dict[SeriesKey, MetricSample] | None = None
-        self._reported: tuple[MetricSample, ...] = ()
-        self._reported_ids: frozenset[int] = frozenset()
-        # The report in flight and the samples it was made of.
-        self._sent: tuple[MetricsReport, tuple[MetricSample, ...], frozenset[int]] | None = None
+        # The samples of the last acknowledged report, each of another
+        # series: what the master holds. None: no base, the next is whole.
+        self._reported: tuple[MetricSample, ...] | None = None
+        # The report in flight, the samples it was made of, and whether
+        # they are each of another series (None: not known yet).
+        self._sent: tuple[MetricsReport, tuple[MetricSample, ...], bool | None] | None = None
 
     @property
     def has_base(self) -> bool:
         """Whether the next report can be a change."""
-        return self._held is not None and self._takes_changes
+        return self._reported is not None and self._takes_changes
 
     def report(self, samples: Sequence[MetricSample]) -> MetricsReport:
         """The report of ``samples`` (every series the worker has now): a
         change when the master acknowledged a report of this session and
         said it takes changes, else whole."""
         current = tuple(samples)
-        ids = frozenset(map(id, current))
-        held = self._held
-        if held is None or not self._takes_changes:
+        reported = self._reported
+        if reported is None or not self._takes_changes:
             report = MetricsReport(self.worker_id, current)
-        else:
-            before = self._reported_ids
-            moved = {series_key(s): s for s in current if id(s) not in before}
-            changed = tuple(
-                s
-                for key, s in moved.items()
-                if (was := held.get(key)) is None or was.value != s.value
-            )
-            ended = tuple(
-                dict.fromkeys(
-                    key
-                    for s in self._reported
-                    if id(s) not in ids and (key := series_key(s)) not in moved
-                )
-            )
-            report = MetricsReport(self.worker_id, changed, ended, whole=False)
-        self._sent = (report, current, ids)
+            self._sent = (report, current, None)
+            return report
+        changed = _moved_in_place(reported, current)
+        if changed is not None:
+            report = MetricsReport(self.worker_id, changed, whole=False)
+            self._sent = (report, current, True)  # the same series as reported
+            return report
+        held = series_of(reported)
+        now = series_of(current)
+        changed = tuple(
+            s for key, s in now.items() if (was := held.get(key)) is None or was.value != s.value
+        )
+        ended = tuple(held.keys() - now.keys())
+        report = MetricsReport(self.worker_id, changed, ended, whole=False)
+        self._sent = (report, current, len(now) == len(current))
         return report
 
     def delivered(self, *, takes_changes: bool) -> None:
@@ -597,27 +600,39 @@ class ReportedSeries:
         its answer says it takes change reports."""
         if self._sent is None:
             raise RuntimeError("no metrics report in flight")
-        report, current, ids = self._sent
+        _, current, distinct = self._sent
         self._sent = None
         self._takes_changes = takes_changes
         if not takes_changes:
-            # An older master: every report is whole, nothing to keep.
-            self._held, self._reported, self._reported_ids = None, (), frozenset()
+            self._reported = None  # an older master: every report is whole
             return
-        if report.whole or self._held is None:
-            self._held = series_of(current)
-        else:
-            for key in report.ended:
-                del self._held[key]
-            self._held.update(series_of(report.samples))
-        self._reported, self._reported_ids = current, ids
+        if distinct is None:
+            distinct = len(series_of(current)) == len(current)
+        self._reported = current if distinct else None
 
     def refused(self) -> None:
         """The report in flight was refused, or may not have arrived: the
         master's series are not known any more, the next report is whole."""
         self._sent = None
-        self._held = None
-        self._reported, self._reported_ids = (), frozenset()
+        self._reported = None
+
+
+def _moved_in_place(
+    reported: tuple[MetricSample, ...], current: tuple[MetricSample, ...]
+) -> tuple[MetricSample, ...] | None:
+    """The samples of ``current`` whose value moved, when each of its
+    samples is of the series of ``reported``'s at the same position; else
+    None."""
+    if len(reported) != len(current):
+        return None
+    moved = []
+    for index in itertools.compress(range(len(current)), map(operator.is_not, reported, current)):
+        was, now = reported[index], current[index]
+        if was.name != now.name or was.vm_id != now.vm_id or was.labels != now.labels:
+            return None
+        if was.value != now.value:
+            moved.append(now)
+    return tuple(moved)
 
 
 def apply_metrics_report(
@@ -751,24 +766,37 @@ def vm_settled_samples(vm: VmSnapshot) -> list[MetricSample]:
     return out
 
 
-def vm_figure_samples(vm: VmSnapshot) -> list[MetricSample]:
+def vm_figure_samples(vm: VmSnapshot, previous: Sequence[MetricSample] = ()) -> list[MetricSample]:
     """The samples of ``vm``'s moving figures: its VMM's CPU time and
-    resident memory (``usage``) and its device counters."""
+    resident memory (``usage``) and its device counters. ``previous``: the
+    VM's figure samples of an earlier poll; a sample of the series and value
+    of the one at its position there is that very object (an idle VM's
+    memory, a counter that did not tick), so a report finds what moved by
+    identity (``ReportedSeries``)."""
     vm_id = vm.id
-    out = []
+    out: list[MetricSample] = []
+    kept = len(previous)
+
+    def add(name: str, value: float, labels: tuple[tuple[str, str], ...] = ()) -> None:
+        if len(out) < kept:
+            was = previous[len(out)]
+            if was.value == value and was.name == name and was.labels == labels:
+                out.append(was)
+                return
+        out.append(MetricSample(name, value, vm_id, labels))
+
     if vm.usage is not None:
-        out.append(MetricSample("procurator_vm_cpu_seconds_total", vm.usage.cpu_seconds, vm_id))
-        out.append(
-            MetricSample("procurator_vm_resident_memory_bytes", float(vm.usage.rss_bytes), vm_id)
-        )
+        add("procurator_vm_cpu_seconds_total", vm.usage.cpu_seconds)
+        add("procurator_vm_resident_memory_bytes", float(vm.usage.rss_bytes))
     for device in sorted(vm.counters):
         counters = vm.counters[device]
         if not isinstance(counters, Mapping):
             continue
+        labels = (("device", device),)
         for key, value in counters.items():
             name = _DEVICE_COUNTERS.get(key)
             if name is not None and _is_counter_value(value):
-                out.append(MetricSample(name, float(value), vm_id, (("device", device),)))
+                add(name, float(value), labels)
     return out
 
 

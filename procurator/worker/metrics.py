@@ -255,17 +255,20 @@ def _samples_of(vm: VmSnapshot, previous: _Built, built: _Built) -> tuple[Metric
     """``vm``'s samples: the previous poll's when the VM's snapshot is the
     same (figures included); when only its figures moved (``usage``,
     ``counters``: a running VM's counters tick), the previous settled
-    samples and its figures' samples built anew; else all built anew.
-    Recorded in ``built``."""
+    samples and its figures' samples, built anew where their value moved;
+    else all built anew. Recorded in ``built``."""
     kept = previous.get(vm.id)
     if kept is not None and kept[0] == vm:
         entry = kept
     else:
         if kept is not None and replace(kept[0], usage=vm.usage, counters=vm.counters) == vm:
             settled = kept[1]
+            # The figures that did not move keep their sample too.
+            figures = vm_figure_samples(vm, kept[2][len(settled) :])
         else:
             settled = tuple(vm_settled_samples(vm))
-        entry = (vm, settled, settled + tuple(vm_figure_samples(vm)))
+            figures = vm_figure_samples(vm)
+        entry = (vm, settled, settled + tuple(figures))
     built[vm.id] = entry
     return entry[2]
 
