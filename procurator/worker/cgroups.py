@@ -63,8 +63,9 @@ process is left inside, and before the rmdir, ``_release`` reclaims what is
 charged: v1 ``memory.force_empty`` (the kernel's documented use: "before
 calling rmdir()"; dirty pages are written back first), v2
 ``memory.reclaim`` of ``memory.current``. A page another VM still uses is
-read again and charged to that VM's cgroup. A release that fails is a
-warning: the removal goes on. Measured here (v1, Linux 6.18): 20 VMs of
+read again and charged to that VM's cgroup. The release is best effort: a
+page still under writeback can stay; a release that fails is a warning;
+the removal goes on either way. Measured here (v1, Linux 6.18): 20 VMs of
 the C fake VMM, removed, left 22 cgroups dying (theirs, the worker's and
 its parent) without the release and none with it (docs/BENCHMARKS.md,
 "Session 7 (2026-12-07): dying memory cgroups").
@@ -112,7 +113,7 @@ log = logging.getLogger(__name__)
 CONTROLLERS = ("memory", "cpu", "pids")
 _UNLIMITED_V1 = 1 << 62  # memory.limit_in_bytes reads 9223372036854771712 when unset
 _MAX = "max"
-_RECLAIM_ROUNDS = 3  # v2 memory.reclaim writes per removal, at most
+_RELEASE_ROUNDS = 3  # force_empty / memory.reclaim writes per release, at most
 
 
 class CgroupError(TemporaryError):
@@ -480,21 +481,23 @@ class CgroupsV1(_Base):
         )
 
     def _release(self, directory: Path) -> None:
-        # force_empty reclaims every page charged to the cgroup, writing
-        # dirty ones back first, and returns once nothing more can be
-        # reclaimed. It costs 6-12 ms even with nothing to reclaim (it
-        # drains every CPU's page lists and retries): skipped when no page
-        # is charged (usage counts pages and kernel memory; kernel memory
-        # moves to the parent by itself). Only the memory hierarchy has
-        # these files.
+        # force_empty reclaims the pages charged to the cgroup, writing
+        # dirty ones back, and returns once a few tries free nothing more:
+        # a page still under writeback then stays, so it is asked again
+        # (at most _RELEASE_ROUNDS times) while pages are left. It costs
+        # 6-12 ms even with nothing to reclaim (it drains every CPU's page
+        # lists and retries): skipped when no page is charged (memory.stat's
+        # own cache and rss; not usage, which also counts kernel memory, that
+        # moves to the parent by itself, and charges cached per CPU). Only
+        # the memory hierarchy has these files.
         force_empty = directory / "memory.force_empty"
-        if not force_empty.exists():
-            return
-        usage = _int_or_none(directory / "memory.usage_in_bytes")
-        kmem = _int_or_none(directory / "memory.kmem.usage_in_bytes")
-        if usage is not None and kmem is not None and usage <= kmem:
-            return
-        _write(force_empty, "0")
+        for _ in range(_RELEASE_ROUNDS):
+            if not force_empty.exists():
+                return
+            stat = _fields(directory / "memory.stat")
+            if stat and stat.get("cache", 0) + stat.get("rss", 0) == 0:
+                return
+            _write(force_empty, "0")
 
     def oom_kills(self, name: str) -> int:
         _check_name(name)
@@ -627,7 +630,7 @@ class CgroupsV2(_Base):
         # moves to the parent when the cgroup goes (it pins nothing).
         reclaim = directory / "memory.reclaim"
         last = None
-        for _ in range(_RECLAIM_ROUNDS):
+        for _ in range(_RELEASE_ROUNDS):
             current = _int_or_none(directory / "memory.current")
             if not current or current == last or not reclaim.exists():
                 return
@@ -731,12 +734,18 @@ def _int_or_none(path: Path) -> int | None:
 def _field(path: Path, key: str) -> int:
     """``key``'s value in a flat-keyed cgroup file (``key value`` lines); 0
     when the file or the key is not there."""
-    text = _text_or_none(path) or ""
-    for line in text.splitlines():
+    return _fields(path).get(key, 0)
+
+
+def _fields(path: Path) -> dict[str, int]:
+    """The numeric ``key value`` lines of a flat-keyed cgroup file; empty
+    when the file is not there."""
+    found = {}
+    for line in (_text_or_none(path) or "").splitlines():
         name, _, value = line.partition(" ")
-        if name == key and value.strip().isdigit():
-            return int(value)
-    return 0
+        if value.strip().isdigit():
+            found[name] = int(value)
+    return found
 
 
 def detect(
