@@ -11,6 +11,8 @@ Benchmarks (one module each, ``NAME`` and ``measure(run) -> rows``):
   1,000 and 10,000 VMs
 - ``idle``   the worker's CPU share and memory holding N VMs
 - ``confine`` N VMs started jailed (the default) vs ``--unconfined``
+- ``memcg`` N VM cgroups removed with their memory released first vs
+  without: pages left charged to removed cgroups, the time of a removal
 - ``resync`` one no-op reconcile pass at 1,000 and 10,000 VMs
 - ``wire``   a 10,000-VM assignment on the wire
 - ``placement`` the scheduler: 10,000 VMs onto 100 workers, 100,000 onto 1,000
