@@ -76,7 +76,11 @@ count above zero was killed for reaching ``memory.max``.
 
 Threads: every method is thread-safe; ``_lock`` (a leaf) serialises the
 making and removing of directories, so a removal emptying the worker's
-directory never races a launch making its first VM cgroup in it.
+directory never races a launch making its first VM cgroup in it. The
+release (milliseconds of reclaim, no directory made or removed) runs
+before ``_lock`` is taken, so one VM's release holds back no other VM's
+launch or removal; the caller's per-VM lock keeps a launch and a removal
+of the same VM apart.
 """
 
 from __future__ import annotations
