@@ -38,7 +38,10 @@ costs the worker one descriptor, its VMM's pidfd, so that 10,000 VMs fit an
 open-file limit of 20,000). A VM being started or changed makes its calls
 in a row and keeps its connection for them; the sweep, which calls each
 idle VMM once per counters interval, connects for each call (a unix
-``connect`` and the close: ~25 µs of the worker's CPU, docs/BENCHMARKS.md).
+``connect`` and the close: ~25 µs of the worker's CPU, docs/BENCHMARKS.md),
+on a transport made for that call and closed after it when the VMM's is not
+kept (``counters``: ``keep=False``), so a sweep neither evicts the kept
+connections of VMs being started nor pays the kept set's upkeep per VM.
 Requests are ``httpx.Request`` objects handed to the transport directly, not
 sent through an ``httpx.Client``: a client's per-request work (merging the
 URL with a base, cookies, auth and redirect flows, event hooks) is more than
@@ -864,7 +867,9 @@ class CloudHypervisorDriver:
 
     def counters(self, handle: VmmHandle, *, timeout: float) -> Mapping[str, Mapping[str, int]]:
         data = self._json_object(
-            self._call(handle, "GET", "vm.counters", timeout=timeout), handle, "vm.counters"
+            self._call(handle, "GET", "vm.counters", timeout=timeout, keep=False),
+            handle,
+            "vm.counters",
         )
         result: dict[str, dict[str, int]] = {}
         for device, values in data.items():
@@ -893,14 +898,21 @@ class CloudHypervisorDriver:
 
     # -- transport ---------------------------------------------------------------
 
-    def _transport(self, handle: VmmHandle) -> httpx.BaseTransport:
-        """The VMM's transport, now the most recently used; the least
-        recently used beyond ``kept_connections`` is closed (a request it
-        has under way completes: its connection is closed once answered)."""
+    def _transport(
+        self, handle: VmmHandle, *, keep: bool = True
+    ) -> tuple[httpx.BaseTransport, bool]:
+        """The VMM's transport, now the most recently used, and whether it
+        is the caller's to close after its call: with ``keep`` False, a VMM
+        whose transport is not kept gets one for this call only, and the
+        kept ones stay as they are. Else the least recently used beyond
+        ``kept_connections`` is closed (a request it has under way
+        completes: its connection is closed once answered)."""
         key = (handle.pid, handle.pid_start_ticks)
         evicted: httpx.BaseTransport | None = None
         with self._lock:
             transport = self._transports.get(key)
+            if transport is None and not keep:
+                return self._transport_factory(handle.api_socket), True
             if transport is None:
                 transport = self._transports[key] = self._transport_factory(handle.api_socket)
                 if len(self._transports) > self.kept_connections:
@@ -909,7 +921,7 @@ class CloudHypervisorDriver:
                 self._transports.move_to_end(key)
         if evicted is not None:
             evicted.close()
-        return transport
+        return transport, False
 
     def _call(
         self,
@@ -919,10 +931,13 @@ class CloudHypervisorDriver:
         *,
         timeout: float,
         body: Mapping[str, Any] | None = None,
+        keep: bool = True,
     ) -> bytes:
         """One API call; the body of its (2xx) answer, or the error it is
-        (module docstring)."""
-        transport = self._transport(handle)
+        (module docstring). ``keep`` False: a call that comes alone (the
+        sweep's counters of an idle VMM), made on a connection of its own
+        when the VMM's transport is not kept (``_transport``)."""
+        transport, once = self._transport(handle, keep=keep)
         started = time.perf_counter()
         ok = False
         try:
@@ -950,6 +965,8 @@ class CloudHypervisorDriver:
             ok = True
             return content
         finally:
+            if once:
+                transport.close()
             if self.on_api_call is not None:
                 self.on_api_call(endpoint, time.perf_counter() - started, ok)
 
