@@ -317,6 +317,10 @@ def _rmdir_when_empty(directory: Path, *, timeout: float) -> None:
             return
 
 
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
+
+
 def _rmdir_if_empty(directory: Path) -> None:
     with contextlib.suppress(OSError):
         directory.rmdir()
@@ -373,13 +377,16 @@ class _Base:
 
     def remove(self, name: str, *, timeout: float = 5.0) -> None:
         _check_name(name)
+        # One deadline for the whole removal: a process that outlives its
+        # SIGKILL makes it wait ``timeout`` once, not once per step.
+        deadline = time.monotonic() + timeout
         # The release reclaims (milliseconds): outside ``_lock``, which every
         # launch and removal of this worker takes.
         for root in self._roots():
-            _release_when_empty(root / name, self._release, timeout=timeout)
+            _release_when_empty(root / name, self._release, timeout=_left(deadline))
         with self._lock:
             for root in self._roots():
-                _rmdir_when_empty(root / name, timeout=timeout)
+                _rmdir_when_empty(root / name, timeout=_left(deadline))
 
     def close(self) -> None:
         """Remove the worker's directories if no VM cgroup is left in them
