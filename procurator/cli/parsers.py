@@ -47,7 +47,7 @@ from procurator.core.defaults import (
     VMM_DRIVERS,
     WORKER_METRICS_PORT,
 )
-from procurator.core.drain import MAX_UNAVAILABLE_LIMIT, ModeAction
+from procurator.core.drain import DEFAULT_MAX_UNAVAILABLE, MAX_UNAVAILABLE_LIMIT, ModeAction
 from procurator.core.fence import DEFAULT_FENCE_AFTER
 from procurator.core.jail import JailPolicy
 from procurator.core.move import DEFAULT_MOVE_TIMEOUT_S, MAX_MOVE_TIMEOUT_S
@@ -953,9 +953,10 @@ def _add_worker_mode_commands(p: argparse.ArgumentParser) -> None:
             q.add_argument(
                 "--max-unavailable",
                 type=int_between(1, MAX_UNAVAILABLE_LIMIT),
-                default=1,
+                default=DEFAULT_MAX_UNAVAILABLE,
                 metavar="N",
-                help="at most N of its VMs in handoff at once (default: 1)",
+                help="at most N of its VMs in handoff at once "
+                f"(default: {DEFAULT_MAX_UNAVAILABLE})",
             )
             q.add_argument(
                 "--wait",

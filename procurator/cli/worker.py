@@ -25,7 +25,7 @@ from procurator.cli.args import tls_files
 from procurator.cli.connect import control_from_args
 from procurator.cli.exits import EXIT_ERROR, EXIT_OK, EXIT_TIMEOUT
 from procurator.cli.pipes import run_reader
-from procurator.core.drain import ModeAction, mode_json
+from procurator.core.drain import DEFAULT_MAX_UNAVAILABLE, ModeAction, mode_json
 from procurator.core.jail import JailPolicy
 from procurator.core.models import WorkerState
 from procurator.core.snapshot import SnapshotQuota
@@ -49,7 +49,7 @@ def change_mode(args: argparse.Namespace) -> int:
 
 
 async def _change_mode(action: ModeAction, args: argparse.Namespace) -> int:
-    bound = getattr(args, "max_unavailable", 1)
+    bound = getattr(args, "max_unavailable", DEFAULT_MAX_UNAVAILABLE)
     async with open_bridge() as bridge, control_from_args(bridge, args) as client:
         change = await client.change_worker_mode(args.worker, action, bound)
         if args.json:

@@ -41,6 +41,7 @@ from procurator.core.errors import ValidationError
 from procurator.core.models import WorkerState
 
 __all__ = [
+    "DEFAULT_MAX_UNAVAILABLE",
     "MAX_UNAVAILABLE_LIMIT",
     "Handoff",
     "ModeAction",
@@ -55,6 +56,10 @@ __all__ = [
 
 MAX_UNAVAILABLE_LIMIT = 1000
 """The largest ``--max-unavailable`` a drain takes."""
+
+DEFAULT_MAX_UNAVAILABLE = 1
+"""A drain's VMs in handoff at once when not told (also a request without
+the bound, from an older client)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -227,7 +227,14 @@ from procurator.core.defaults import (
     DEFAULT_SYNC_INTERVAL,
     DEFAULT_WORKER_LEASE,
 )
-from procurator.core.drain import Handoff, ModeAction, ModeChange, WorkerMode, worker_state
+from procurator.core.drain import (
+    DEFAULT_MAX_UNAVAILABLE,
+    Handoff,
+    ModeAction,
+    ModeChange,
+    WorkerMode,
+    worker_state,
+)
 from procurator.core.errors import (
     LimitExceededError,
     NotFoundError,
@@ -1568,7 +1575,10 @@ class MasterService:
     # ------------------------------------------------------------ cordon, drain
 
     async def change_worker_mode(
-        self, worker_id: str, action: ModeAction, max_unavailable: int = 1
+        self,
+        worker_id: str,
+        action: ModeAction,
+        max_unavailable: int = DEFAULT_MAX_UNAVAILABLE,
     ) -> ModeChange:
         """Cordon, uncordon or drain ``worker_id`` (``procurator.core.drain``):
         stored (the store decides against the stored mode, idempotently),

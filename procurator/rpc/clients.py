@@ -49,7 +49,12 @@ from procurator.core.control import (
     VmDescription,
     WorkerEvent,
 )
-from procurator.core.drain import ModeAction, ModeChange, check_max_unavailable
+from procurator.core.drain import (
+    DEFAULT_MAX_UNAVAILABLE,
+    ModeAction,
+    ModeChange,
+    check_max_unavailable,
+)
 from procurator.core.errors import (
     PermanentError,
     ProcuratorError,
@@ -269,7 +274,10 @@ class ControlClient:
         return await self._bridge.run(_list_snapshots, self._handle, vm_id, what="list snapshots")
 
     async def change_worker_mode(
-        self, worker_id: str, action: ModeAction, max_unavailable: int = 1
+        self,
+        worker_id: str,
+        action: ModeAction,
+        max_unavailable: int = DEFAULT_MAX_UNAVAILABLE,
     ) -> ModeChange:
         """Cordon, uncordon or drain ``worker_id`` (docs/SCHEDULING.md)."""
         if (problem := check_worker_id(worker_id)) is not None:

@@ -97,7 +97,12 @@ from procurator.core.control import (
     WorkerEvent,
 )
 from procurator.core.defaults import DEFAULT_MAX_CONNECTIONS
-from procurator.core.drain import ModeAction, ModeChange, check_max_unavailable
+from procurator.core.drain import (
+    DEFAULT_MAX_UNAVAILABLE,
+    ModeAction,
+    ModeChange,
+    check_max_unavailable,
+)
 from procurator.core.errors import (
     LimitExceededError,
     ProcuratorError,
@@ -288,7 +293,10 @@ class MasterBackend(Protocol):
     async def list_snapshots(self, vm_id: str = "") -> tuple[SnapshotInfo, ...]: ...
 
     async def change_worker_mode(
-        self, worker_id: str, action: ModeAction, max_unavailable: int = 1
+        self,
+        worker_id: str,
+        action: ModeAction,
+        max_unavailable: int = DEFAULT_MAX_UNAVAILABLE,
     ) -> ModeChange: ...
 
     async def rollout(self, rollout_id: str, action: RolloutAction) -> RolloutView: ...
@@ -1261,7 +1269,7 @@ def _decode_mode_request(params: Any) -> tuple[str, ModeAction, int]:
         raise ValidationError(
             f"action: must be cordon, uncordon or drain, not {params.action[:32]!r}"
         ) from None
-    bound = params.maxUnavailable or 1
+    bound = params.maxUnavailable or DEFAULT_MAX_UNAVAILABLE
     if action is ModeAction.DRAIN and (problem := check_max_unavailable(bound)) is not None:
         raise ValidationError(f"maxUnavailable: {problem}")
     return worker_id, action, bound

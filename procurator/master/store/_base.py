@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 from procurator.core.control import WorkerEvent
-from procurator.core.drain import Handoff, ModeAction, ModeChange
+from procurator.core.drain import DEFAULT_MAX_UNAVAILABLE, Handoff, ModeAction, ModeChange
 from procurator.core.models import VmAssignment, VmEvent, WorkerDiff, WorkerInfo
 from procurator.core.move import Move
 from procurator.core.rollout import Rollout
@@ -246,7 +246,7 @@ class SqlStore(abc.ABC):
         *,
         op_id: str,
         unix_ms: int,
-        max_unavailable: int = 1,
+        max_unavailable: int = DEFAULT_MAX_UNAVAILABLE,
     ) -> ModeChange:
         return await self._write(
             lambda tx: _sql.change_mode(tx, worker_id, action, op_id, unix_ms, max_unavailable),

@@ -20,7 +20,7 @@ from typing import Protocol
 import trio
 
 from procurator.core.control import WorkerEvent
-from procurator.core.drain import Handoff, ModeAction, ModeChange
+from procurator.core.drain import DEFAULT_MAX_UNAVAILABLE, Handoff, ModeAction, ModeChange
 from procurator.core.models import VmAssignment, VmEvent, WorkerDiff, WorkerInfo
 from procurator.core.move import Move
 from procurator.core.rollout import Rollout
@@ -236,7 +236,7 @@ class Store(Protocol):
         *,
         op_id: str,
         unix_ms: int,
-        max_unavailable: int = 1,
+        max_unavailable: int = DEFAULT_MAX_UNAVAILABLE,
     ) -> ModeChange:
         """Cordon, uncordon or drain ``worker_id``, decided against its
         stored mode in the same transaction (idempotent; the worker's
