@@ -26,34 +26,71 @@ Canonical JSON (``separators=(",", ":")``, UTF-8):
   auto_promote]`` (``null`` for none) and the named ones ``[[name,
   policy], ...]`` sorted by name.
 
+**Chunks.** A worker part is itself cut into chunks, so that a one-VM
+change in a big worker sends one chunk (tens of VMs), not the worker's
+whole list. Over the part's VMs sorted by id, a chunk ends after a VM whose
+id's CRC-32 has its low 5 bits zero, or after 128 VMs (``CHUNKING``): the
+boundaries depend on the ids around them, so adding or removing a VM
+changes the chunk it falls in (and the next, when it moves a boundary),
+not every chunk after it. A chunk is named ``<worker id>/<first VM id>``
+(``/`` is in neither alphabet, so no worker id takes that form) and
+addressed by the SHA-256 of its canonical JSON, the worker part's form
+over its VMs: ``[worker_id, [rows...]]``. A patch lists a worker of two
+chunks or more by its chunks (in place of its part), any other worker by
+its part; its contents carry a chunk as an entry of ``fleet.workers``
+under the worker's id, one per chunk sent. The master accepts any
+boundaries (a client with another cut only costs itself resends): each
+chunk 1-``CHUNK_MAX_VMS`` VMs, sorted, a worker's chunks in order and not
+overlapping; it keeps the chunks of the fleet it holds only
+(``FleetParts.chunk_index``, by digest: bounded by that fleet, replaced
+with it), looks a listed chunk up by digest (a digest it holds under
+another name is a malformed patch), and splices a worker's canonical JSON
+from its chunks' bytes, so the worker part's digest, the owners index and
+the request digest are exactly a whole cut's.
+
+Compatibility: an older client lists whole parts only, which this module
+takes as before. A master older than chunks checks every listed name as a
+worker id and refuses a chunk's (``ValidationError``): ``patch_rounds``
+recognises that refusal (``refuses_chunks``: the detail that master writes
+for a listed chunk name) and starts again with whole parts, and the
+control client lists no chunks to that master again. No schema change:
+``FleetPatch`` carries chunks as it carried parts.
+
 The whole fleet's request digest (``request_digest``, what a request id is
 recorded with) is composed from the worker parts' canonical JSON, so a
 patched apply and a whole apply of one file record the same digest, and it
 is the digest this master recorded before patches existed.
 
 Validation of a patch (``assemble``) keeps every rule of ``validate_fleet``:
-the rules about one part (ids, images, hashes, resources, a worker's VM
-count, rollout bounds) run on the parts sent only, with ``validate_fleet``
-itself; the fleet-wide ones run incrementally: VM ids unique across parts
-(the sent parts' VMs against an index of the cached fleet's, ``owners``),
-the number of workers and of VMs (counts per part). Placement, rollouts and
+the rules about one part (ids, images, hashes, resources, rollout bounds)
+run on the parts and chunks sent only, with ``validate_fleet`` itself (a
+worker's chunks sent as one list); the fleet-wide ones run incrementally:
+VM ids unique across parts (the sent VMs against an index of the cached
+fleet's, ``owners``, and within a worker by its chunks' order), the number
+of workers, of a worker's VMs and of all VMs (counts per part and chunk). Placement, rollouts and
 quotas are the apply's and see the whole assembled fleet.
 
 What keeps the rest of the apply per changed worker: an unchanged part is
 the very list the worker's assignment was made from (the master's commit
 keeps the lists it was given when no VM waits on a rollout), so the diff
-passes it by identity; a fleet with no unpinned VMs skips the scheduler's
-facts. What stays O(the fleet) is C-speed copying and hashing: the VM-id
+passes it by identity (a worker listed in chunks too, when its chunks are
+the very ones held); a fleet with no unpinned VMs skips the scheduler's
+facts. A worker whose chunks changed costs the master its chunks sent plus
+C-speed work over its VMs (the list's concatenation, the splice and one
+SHA-256 of its JSON). What stays O(the fleet) is C-speed copying and hashing: the VM-id
 index's copy, and with a request id the request digest (SHA-256 over the
 parts' canonical JSON).
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import json
+import zlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from procurator.core.control import ApplyResult
@@ -66,11 +103,15 @@ from procurator.core.models import (
     UnpinnedVm,
     VmAssignment,
 )
-from procurator.core.validation import LIMITS, check_worker_id
+from procurator.core.validation import LIMITS, check_vm_id, check_worker_id
 
 __all__ = [
+    "CHUNKING",
+    "CHUNK_MAX_VMS",
     "SETTINGS_PART",
     "Assembled",
+    "Chunk",
+    "Chunking",
     "FleetParts",
     "FleetPatch",
     "PatchAnswer",
@@ -78,6 +119,7 @@ __all__ = [
     "assemble",
     "make_patch",
     "patch_rounds",
+    "refuses_chunks",
 ]
 
 SETTINGS_PART = ""
@@ -154,10 +196,93 @@ def _digest(data: bytes) -> bytes:
 
 
 @dataclass(frozen=True, slots=True)
+class Chunking:
+    """Where a worker part is cut into chunks (module docstring): after a
+    VM whose id's CRC-32 has its low ``bits`` bits zero (chunks of about
+    ``2**bits`` VMs), or after ``cap`` VMs."""
+
+    bits: int = 5
+    cap: int = 128
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.bits <= 16 or not 1 <= self.cap <= CHUNK_MAX_VMS:
+            raise ValueError(
+                f"chunking: bits must be 0-16 and cap 1-{CHUNK_MAX_VMS}, "
+                f"not {self.bits} and {self.cap}"
+            )
+
+
+CHUNK_MAX_VMS = 1024
+"""The most VMs a master takes in one chunk."""
+
+CHUNKING = Chunking()
+"""The cut a client and a master make (another client's cut costs that
+client resends of its chunks, never a wrong fleet)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A run of one worker's VMs, consecutive by id: named
+    ``<worker id>/<first VM id>``, addressed by ``digest``, SHA-256 of its
+    canonical JSON ``[worker_id, [rows...]]`` (the worker part's form)."""
+
+    worker_id: str
+    vms: tuple[VmAssignment, ...]  # sorted by id, never empty
+    rows: bytes  # the VMs' rows, canonical JSON without the list's brackets
+    digest: bytes
+
+    @property
+    def name(self) -> str:
+        return f"{self.worker_id}{CHUNK_SEP}{self.vms[0].id}"
+
+
+CHUNK_SEP = "/"
+"""Between a chunk's worker id and its first VM id: in neither alphabet."""
+
+
+def _chunk(worker_id: str, pairs: Sequence[tuple[list[Any], VmAssignment]]) -> Chunk:
+    rows = _dumps([row for row, _ in pairs])[1:-1]
+    return Chunk(
+        worker_id,
+        tuple(vm for _, vm in pairs),
+        rows,
+        _digest(b"".join((b"[", _dumps(worker_id), b",[", rows, b"]]"))),
+    )
+
+
+def _cut(worker_id: str, vms: Iterable[VmAssignment], chunking: Chunking) -> tuple[Chunk, ...]:
+    """A worker's VMs cut into chunks: content-defined, so adding or
+    removing a VM changes the chunk it falls in (and the next one, when it
+    moves a boundary or a cap), not all the chunks after it."""
+    pairs = sorted(((_vm_row(vm), vm) for vm in vms), key=lambda pair: pair[0])
+    mask = (1 << chunking.bits) - 1
+    chunks: list[Chunk] = []
+    start = 0
+    for index, (_, vm) in enumerate(pairs):
+        end = index + 1
+        if (
+            zlib.crc32(vm.id.encode()) & mask == 0
+            or end - start >= chunking.cap
+            or end == len(pairs)
+        ):
+            chunks.append(_chunk(worker_id, pairs[start:end]))
+            start = end
+    return tuple(chunks)
+
+
+def _spliced(worker_id: str, chunks: Iterable[Chunk]) -> bytes:
+    """A worker part's canonical JSON from its chunks' (byte for byte what
+    ``worker_json`` makes of their VMs)."""
+    return b"".join((b"[", _dumps(worker_id), b",[", b",".join(c.rows for c in chunks), b"]]"))
+
+
+@dataclass(frozen=True, slots=True)
 class FleetParts:
-    """A fleet cut into parts: what the master keeps of the fleet it last
-    applied, and what a client computes of its file. Immutable; ``patched``
-    makes the next one, sharing what did not change."""
+    """A fleet cut into parts and each worker part into chunks: what the
+    master keeps of the fleet it last applied, and what a client computes
+    of its file. Immutable; ``assemble`` makes the next one, sharing what
+    did not change. Holds the chunks of this fleet only (``chunk_index``),
+    so its memory is the fleet's (about twice its canonical JSON)."""
 
     workers: Mapping[str, tuple[VmAssignment, ...]]
     settings: Fleet  # the fleet's other fields (its ``workers`` empty)
@@ -166,18 +291,40 @@ class FleetParts:
     # VM id -> the name of the part that has it (pinned: the worker's id;
     # unpinned: SETTINGS_PART).
     owners: Mapping[str, str]
+    # worker id -> its chunks in order (an empty worker: none)
+    chunks: Mapping[str, tuple[Chunk, ...]] = field(default_factory=dict)
+    chunk_index: Mapping[bytes, Chunk] = field(default_factory=dict)  # digest -> chunk
 
     @classmethod
-    def of(cls, fleet: Fleet) -> FleetParts:
+    def of(cls, fleet: Fleet, chunking: Chunking = CHUNKING) -> FleetParts:
         """O(the fleet): once per whole apply, or per client."""
-        canonical = {w: worker_json(w, vms) for w, vms in fleet.workers}
+        chunks = {w: _cut(w, vms, chunking) for w, vms in fleet.workers}
+        canonical = {w: _spliced(w, c) for w, c in chunks.items()}
         digests = {w: _digest(c) for w, c in canonical.items()}
         settings = _settings_of(fleet)
         digests[SETTINGS_PART] = _digest(settings_json(settings))
         owners = {u.id: SETTINGS_PART for u in fleet.unpinned}
         for worker_id, vms in fleet.workers:
             owners.update((vm.id, worker_id) for vm in vms)
-        return cls(dict(fleet.workers), settings, canonical, digests, owners)
+        index = {c.digest: c for cs in chunks.values() for c in cs}
+        return cls(dict(fleet.workers), settings, canonical, digests, owners, chunks, index)
+
+    def listing(self) -> tuple[tuple[str, bytes], ...]:
+        """What a patch of this fleet lists, sorted by name: the settings
+        part, each worker of one chunk or none as its whole part, each
+        other worker as its chunks; every worker whole if the chunks would
+        make more entries than a patch may list."""
+        whole = sorted(self.digests.items())
+        entries: list[tuple[str, bytes]] = []
+        for name, digest in whole:
+            chunks = self.chunks.get(name, ())
+            if len(chunks) > 1:
+                entries.extend((c.name, c.digest) for c in chunks)
+            else:
+                entries.append((name, digest))
+        if len(entries) > MAX_ENTRIES:
+            return tuple(whole)
+        return tuple(sorted(entries))
 
     def fleet(self) -> Fleet:
         """The whole fleet (O(workers): the parts' tuples are shared)."""
@@ -213,6 +360,11 @@ class FleetParts:
         return hashlib.sha256(whole).hexdigest()
 
 
+MAX_ENTRIES = LIMITS.max_workers + 1
+"""The most entries a patch lists (what a master before chunks took:
+every worker and the settings)."""
+
+
 def _settings_of(fleet: Fleet) -> Fleet:
     return Fleet(
         (),
@@ -226,9 +378,11 @@ def _settings_of(fleet: Fleet) -> Fleet:
 
 @dataclass(frozen=True, slots=True)
 class FleetPatch:
-    """``Control.applyPatch``'s fleet: every part by name and digest, sorted
-    by name (the settings part first), and the contents of the parts sent:
-    ``sent.workers`` are the worker parts sent, ``sent``'s other fields the
+    """``Control.applyPatch``'s fleet: every entry (part or chunk) by name
+    and digest, sorted by name (the settings part first), and the contents
+    of the entries sent: ``sent.workers`` are the worker parts and chunks
+    sent (a chunk as its worker's id with the chunk's VMs: a worker listed
+    in chunks may appear once per chunk sent), ``sent``'s other fields the
     settings part when ``settings_sent``."""
 
     parts: tuple[tuple[str, bytes], ...]
@@ -236,17 +390,28 @@ class FleetPatch:
     settings_sent: bool = False
 
 
-def make_patch(parts: FleetParts, send: Iterable[str] = ()) -> FleetPatch:
-    """The patch of a client's fleet carrying the contents of the parts
-    named in ``send`` (none: digests only, what a first attempt sends)."""
+def make_patch(parts: FleetParts, send: Iterable[str] = (), *, chunked: bool = True) -> FleetPatch:
+    """The patch of a client's fleet carrying the contents of the entries
+    named in ``send`` (none: digests only, what a first attempt sends).
+    ``chunked=False``: every worker as its whole part (what a master older
+    than chunks takes)."""
+    listing = parts.listing() if chunked else tuple(sorted(parts.digests.items()))
     wanted = set(send)
-    unknown = wanted - parts.digests.keys()
+    unknown = wanted - dict(listing).keys()
     if unknown:
         raise ValueError(f"not parts of this fleet: {sorted(unknown)[:5]}")
     settings = parts.settings
     settings_sent = SETTINGS_PART in wanted
+    entries: list[tuple[str, tuple[VmAssignment, ...]]] = []
+    by_name = {c.name: c for cs in parts.chunks.values() for c in cs} if chunked else {}
+    for name in sorted(wanted - {SETTINGS_PART}):
+        chunk = by_name.get(name)
+        if chunk is not None:
+            entries.append((chunk.worker_id, chunk.vms))
+        else:
+            entries.append((name, parts.workers[name]))
     sent = Fleet(
-        tuple(sorted((w, parts.workers[w]) for w in wanted if w != SETTINGS_PART)),
+        tuple(sorted(entries, key=lambda e: (e[0], e[1][0].id if e[1] else ""))),
         *(
             (
                 settings.unpinned,
@@ -259,25 +424,31 @@ def make_patch(parts: FleetParts, send: Iterable[str] = ()) -> FleetPatch:
             else ()
         ),
     )
-    return FleetPatch(tuple(sorted(parts.digests.items())), sent, settings_sent)
+    return FleetPatch(listing, sent, settings_sent)
 
 
 @dataclass(frozen=True, slots=True)
 class Assembled:
     """``assemble``'s answer: the parts of the client's whole fleet, or the
-    names of the parts the master must be sent (then ``parts`` is None)."""
+    names of the entries the master must be sent (then ``parts`` is None)."""
 
     parts: FleetParts | None
     missing: tuple[str, ...] = ()
 
 
+_EMPTY = FleetParts({}, Fleet(), {}, {}, {})
+
+
 def assemble(cached: FleetParts | None, patch: FleetPatch) -> Assembled:
-    """The client's whole fleet from ``patch`` and the ``cached`` parts, or
-    what is missing. Raises ``ValidationError`` for a patch that breaks a
-    fleet rule (module docstring) or is malformed: a part listed twice or
-    out of order, a bad worker id or digest, contents sent for a part not
-    listed or that do not match its digest. The cost is the parts sent
-    plus O(parts listed)."""
+    """The client's whole fleet from ``patch`` and the ``cached`` parts and
+    chunks, or what is missing. Raises ``ValidationError`` for a patch that
+    breaks a fleet rule (module docstring) or is malformed: an entry listed
+    twice or out of order, a worker listed both whole and in chunks, a bad
+    worker id, chunk name or digest, contents sent for an entry not listed
+    or that do not match its digest, an empty or oversized chunk, a
+    worker's chunks that overlap. The cost is the entries sent plus
+    O(entries listed) plus, per worker whose chunks changed, C-speed
+    copying and hashing of its VMs."""
     problems: list[str] = []
     names = [name for name, _ in patch.parts]
     listed = dict(patch.parts)
@@ -285,90 +456,224 @@ def assemble(cached: FleetParts | None, patch: FleetPatch) -> Assembled:
         problems.append("patch.parts: names must be unique and sorted")
     if SETTINGS_PART not in listed:
         problems.append("patch.parts: the settings part (named '') is not listed")
-    if len(listed) > LIMITS.max_workers + 1:
-        problems.append(
-            f"patch.parts: {len(listed) - 1} workers exceed the limit of {LIMITS.max_workers}"
-        )
+    if len(listed) > MAX_ENTRIES:
+        problems.append(f"patch.parts: {len(listed)} entries exceed the limit of {MAX_ENTRIES}")
+    whole: dict[str, bytes] = {}  # worker listed whole -> its digest
+    chunked: dict[str, list[tuple[str, bytes]]] = {}  # worker -> its chunks (name, digest)
     for name, digest in patch.parts:
-        if name != SETTINGS_PART and (problem := check_worker_id(name)) is not None:
+        if CHUNK_SEP in name:
+            worker_id, first = name.split(CHUNK_SEP, 1)
+            problem = check_worker_id(worker_id) or check_vm_id(first)
+            chunked.setdefault(worker_id, []).append((name, digest))
+        else:
+            problem = None if name == SETTINGS_PART else check_worker_id(name)
+            whole[name] = digest
+        if problem is not None:
             problems.append(f"patch.parts[{name!r}]: {problem}")
         if len(digest) != _DIGEST_BYTES:
             problems.append(f"patch.parts[{name!r}]: a digest is {_DIGEST_BYTES} bytes")
+    for worker_id in sorted(whole.keys() & chunked.keys()):
+        problems.append(f"patch.parts[{worker_id!r}]: listed both whole and in chunks")
+    workers_listed = len((whole.keys() - {SETTINGS_PART}) | chunked.keys())
+    if workers_listed > LIMITS.max_workers:
+        problems.append(
+            f"patch.parts: {workers_listed} workers exceed the limit of {LIMITS.max_workers}"
+        )
     _raise(problems)
 
-    sent_names = [w for w, _ in patch.sent.workers]
-    if patch.settings_sent:
-        sent_names.append(SETTINGS_PART)
-    elif _settings_of(patch.sent) != Fleet():
+    # What was sent: whole parts, chunks (by their names), the settings.
+    sent_whole: list[tuple[str, tuple[VmAssignment, ...]]] = []
+    sent_chunks: dict[str, Chunk] = {}
+    merged: dict[str, list[VmAssignment]] = {}  # per worker, for the file's rules
+    for worker_id, vms in patch.sent.workers:
+        merged.setdefault(worker_id, []).extend(vms)
+        if worker_id not in chunked:
+            if any(w == worker_id for w, _ in sent_whole[-1:]):
+                problems.append(f"patch.fleet: part {worker_id!r} is sent twice")
+            sent_whole.append((worker_id, vms))
+            continue
+        if not vms:
+            problems.append(f"patch.fleet: an empty chunk of worker {worker_id!r}")
+            continue
+        if len(vms) > CHUNK_MAX_VMS:
+            problems.append(
+                f"patch.fleet: a chunk of worker {worker_id!r} has {len(vms)} VMs, "
+                f"more than {CHUNK_MAX_VMS}"
+            )
+            continue
+        chunk = _chunk(
+            worker_id, sorted(((_vm_row(vm), vm) for vm in vms), key=lambda pair: pair[0])
+        )
+        if chunk.name in sent_chunks:
+            problems.append(f"patch.fleet: chunk {chunk.name!r} is sent twice")
+        sent_chunks[chunk.name] = chunk
+    if not patch.settings_sent and _settings_of(patch.sent) != Fleet():
         problems.append("patch.fleet: settings sent without settingsSent")
-    # The sent parts' own rules, as a fleet file's (ids, images, resources,
-    # a worker's VM count, duplicates among them, rollout bounds).
+    # The sent entries' own rules, as a fleet file's (ids, images,
+    # resources, duplicates among them, rollout bounds), a worker's chunks
+    # sent together as one list.
     try:
-        validate_fleet(patch.sent)
+        validate_fleet(replace(patch.sent, workers=tuple((w, tuple(v)) for w, v in merged.items())))
     except ValidationError as exc:
         problems.extend(exc.details)
-    sent = FleetParts.of(patch.sent)
-    sent_digests = {name: sent.digests[name] for name in sent_names}
-    for name, digest in sent_digests.items():
-        if name not in listed:
+    sent = FleetParts.of(replace(patch.sent, workers=tuple(sent_whole)))
+    sent_names = {w for w, _ in sent_whole}
+    if patch.settings_sent:
+        sent_names.add(SETTINGS_PART)
+    for name in sorted(sent_names):
+        if name not in whole:
             problems.append(f"patch.fleet: part {name!r} is sent but not listed")
-        elif digest != listed[name]:
+        elif sent.digests[name] != whole[name]:
             problems.append(f"patch.fleet: part {name!r} does not match its digest")
+    for name, chunk in sent_chunks.items():
+        if name not in listed:
+            problems.append(f"patch.fleet: chunk {name!r} is sent but not listed")
+        elif chunk.digest != listed[name]:
+            problems.append(f"patch.fleet: chunk {name!r} does not match its digest")
     _raise(problems)
 
-    if cached is None:  # nothing held (a master that applied nothing since it started)
-        cached = FleetParts({}, Fleet(), {}, {}, {})
-    missing = tuple(
-        name
-        for name, digest in patch.parts
-        if name not in sent_digests and cached.digests.get(name) != digest
-    )
+    held = cached or _EMPTY
+    missing: list[str] = []
+    for name, digest in patch.parts:
+        if name in sent_names or name in sent_chunks:
+            continue
+        if CHUNK_SEP not in name:
+            if held.digests.get(name) != digest:
+                missing.append(name)
+        elif (known := held.chunk_index.get(digest)) is None:
+            missing.append(name)
+        elif known.name != name:  # the digest names contents, the name their first VM
+            problems.append(f"patch.parts[{name!r}]: the digest is chunk {known.name!r}'s")
+    _raise(problems)
     if missing:
-        return Assembled(None, missing)
+        return Assembled(None, tuple(missing))
 
-    # Fleet-wide rules, incrementally: a sent part's VM id may be owned in
-    # the cached fleet only by a part this patch replaces or drops.
-    kept = [name for name in listed if name not in sent_names]
-    for name in sent_names:
-        vms = [u.vm for u in patch.sent.unpinned] if name == SETTINGS_PART else sent.workers[name]
-        for vm in vms:
-            owner = cached.owners.get(vm.id)
-            if owner is not None and owner != name and owner in listed and owner not in sent_names:
-                where = f"workers.{name}.vms" if name else "vms"
-                other = f"worker {owner!r}" if owner else "vms"
+    # The workers: kept whole, sent whole, or from their chunks.
+    workers: dict[str, tuple[VmAssignment, ...]] = {}
+    canonical: dict[str, bytes] = {}
+    digests: dict[str, bytes] = {SETTINGS_PART: whole[SETTINGS_PART]}
+    chunks: dict[str, tuple[Chunk, ...]] = {}
+    for worker_id in whole.keys() - {SETTINGS_PART}:
+        source = sent if worker_id in sent_names else held
+        workers[worker_id] = source.workers[worker_id]
+        canonical[worker_id] = source.canonical[worker_id]
+        digests[worker_id] = whole[worker_id]
+        chunks[worker_id] = source.chunks[worker_id]
+    for worker_id, entries in chunked.items():
+        these = tuple(sent_chunks.get(name) or held.chunk_index[d] for name, d in entries)
+        before = held.chunks.get(worker_id)
+        if (
+            before is not None
+            and all(a is b for a, b in zip(these, before, strict=False))
+            and (len(these) == len(before))
+        ):
+            # Unchanged: the very list the worker's assignment was made from.
+            workers[worker_id] = held.workers[worker_id]
+            canonical[worker_id] = held.canonical[worker_id]
+            digests[worker_id] = held.digests[worker_id]
+            chunks[worker_id] = before
+            continue
+        for a, b in itertools.pairwise(these):
+            if a.vms[-1].id >= b.vms[0].id:
                 problems.append(
-                    f"{where}: VM id {vm.id!r} is used more than once (also in {other})"
+                    f"workers.{worker_id}.vms: chunks {a.name!r} and {b.name!r} overlap"
                 )
-    total = sum(len(sent.workers[w]) for w in sent.workers) + len(patch.sent.unpinned)
-    total += sum(len(cached.workers[w]) for w in kept if w != SETTINGS_PART)
-    if SETTINGS_PART in kept:
-        total += len(cached.settings.unpinned)
+        count = sum(len(c.vms) for c in these)
+        if count > LIMITS.max_vms_per_worker:
+            problems.append(
+                f"workers.{worker_id}.vms: {count} VMs exceed the limit of "
+                f"{LIMITS.max_vms_per_worker} per worker"
+            )
+        workers[worker_id] = tuple(itertools.chain.from_iterable(c.vms for c in these))
+        canonical[worker_id] = _spliced(worker_id, these)
+        digests[worker_id] = _digest(canonical[worker_id])
+        chunks[worker_id] = these
+    _raise(problems)
+
+    # Fleet-wide rules, incrementally: a sent VM's id may be owned in the
+    # cached fleet only by an entry this patch replaces or drops.
+    settings = sent.settings if patch.settings_sent else held.settings
+    fresh: list[tuple[str, VmAssignment]] = [
+        (chunk.worker_id, vm) for chunk in sent_chunks.values() for vm in chunk.vms
+    ]
+    for name in sent_names:
+        if name == SETTINGS_PART:
+            fresh.extend((name, u.vm) for u in settings.unpinned)
+        else:
+            fresh.extend((name, vm) for vm in sent.workers[name])
+    for name, vm in fresh:
+        owner = held.owners.get(vm.id)
+        if (
+            owner is None
+            or owner == name
+            or not _keeps(owner, vm.id, chunks, sent_names, sent_chunks)
+        ):
+            continue
+        where = f"workers.{name}.vms" if name else "vms"
+        other = f"worker {owner!r}" if owner else "vms"
+        problems.append(f"{where}: VM id {vm.id!r} is used more than once (also in {other})")
+    total = sum(len(vms) for vms in workers.values()) + len(settings.unpinned)
     if total > LIMITS.max_vms_total:
         problems.append(f"workers: {total} VMs exceed the fleet limit of {LIMITS.max_vms_total}")
     _raise(problems)
 
-    workers = {w: cached.workers[w] for w in kept if w != SETTINGS_PART}
-    workers.update(sent.workers)
-    canonical = {w: cached.canonical[w] for w in kept if w != SETTINGS_PART}
-    canonical.update(sent.canonical)
-    digests = {name: listed[name] for name in listed}
-    settings = sent.settings if patch.settings_sent else cached.settings
-    # The index follows the parts that changed: a copy (C speed), less the
-    # VMs of the parts replaced or dropped, plus the sent parts'.
-    owners = dict(cached.owners)
-    for name in cached.digests:
-        if name in listed and name not in sent_names:
+    # The index follows the entries that changed: a copy (C speed), less
+    # the VMs of the parts and chunks replaced or dropped, plus the new.
+    owners = dict(held.owners)
+    added: list[tuple[str, Iterable[VmAssignment]]] = []
+    for name in held.digests.keys() | digests.keys():
+        if name == SETTINGS_PART:
+            if SETTINGS_PART in sent_names:
+                _drop(owners, name, [u.vm for u in held.settings.unpinned])
+                added.append((name, [u.vm for u in settings.unpinned]))
             continue
-        gone = (
-            [u.vm for u in cached.settings.unpinned]
-            if name == SETTINGS_PART
-            else cached.workers[name]
-        )
-        for vm in gone:
-            if owners.get(vm.id) == name:
-                del owners[vm.id]
-    owners.update(sent.owners)
-    return Assembled(FleetParts(workers, settings, canonical, digests, owners))
+        new = workers.get(name)
+        if new is not None and new is held.workers.get(name):
+            continue
+        kept = {c.digest for c in chunks.get(name, ())} & {
+            c.digest for c in held.chunks.get(name, ())
+        }
+        for chunk in held.chunks.get(name, ()):
+            if chunk.digest not in kept:
+                _drop(owners, name, chunk.vms)
+        for chunk in chunks.get(name, ()):
+            if chunk.digest not in kept:
+                added.append((name, chunk.vms))
+    for name, new_vms in added:
+        owners.update((vm.id, name) for vm in new_vms)
+    index = {c.digest: c for cs in chunks.values() for c in cs}
+    return Assembled(FleetParts(workers, settings, canonical, digests, owners, chunks, index))
+
+
+def _keeps(
+    owner: str,
+    vm_id: str,
+    chunks: Mapping[str, tuple[Chunk, ...]],
+    sent_names: set[str],
+    sent_chunks: Mapping[str, Chunk],
+) -> bool:
+    """Whether the assembled fleet keeps ``vm_id`` from the cached entry of
+    part ``owner`` (sent entries' own duplicates are ``validate_fleet``'s)."""
+    if owner in sent_names:
+        return False
+    if owner == SETTINGS_PART:
+        return True  # the settings part listed and not sent: kept
+    these = chunks.get(owner)
+    if not these:
+        return False  # dropped (or now empty)
+    # The chunk whose range holds the id, if it came from the cache.
+    at = bisect.bisect_right(these, vm_id, key=lambda c: c.vms[0].id) - 1
+    if at < 0:
+        return False
+    chunk = these[at]
+    found = bisect.bisect_left(chunk.vms, vm_id, key=lambda vm: vm.id)
+    return found < len(chunk.vms) and chunk.vms[found].id == vm_id and chunk.name not in sent_chunks
+
+
+def _drop(owners: dict[str, str], name: str, vms: Iterable[VmAssignment]) -> None:
+    for vm in vms:
+        if owners.get(vm.id) == name:
+            del owners[vm.id]
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,21 +706,37 @@ def _raise(problems: Sequence[str]) -> None:
 
 
 async def patch_rounds(
-    parts: FleetParts, send: Callable[[FleetPatch], Awaitable[PatchAnswer]]
+    parts: FleetParts,
+    send: Callable[[FleetPatch], Awaitable[PatchAnswer]],
+    *,
+    chunked: bool = True,
+    chunks_refused: Callable[[], None] = lambda: None,
 ) -> ApplyResult | None:
     """A client's side of a patched apply of the fleet ``parts`` cut:
-    digests first, then the parts the master asks for (the union of what
-    it asked, so a part is never asked twice), at most ``PATCH_ROUNDS``
+    digests first, then the entries the master asks for (the union of what
+    it asked, so an entry is never asked twice), at most ``PATCH_ROUNDS``
     sends. None: the master kept asking (applies in between kept replacing
     what it holds); the caller applies the whole fleet instead.
-    ``ValidationError`` when the master asks for a part the patch did not
-    name (a malformed answer: nothing more is sent)."""
+    ``ValidationError`` when the master asks for an entry the patch did not
+    name (a malformed answer: nothing more is sent).
+
+    ``chunked``: list workers in chunks. A master older than chunks refuses
+    a chunk's name as a worker id (``refuses_chunks``): then
+    ``chunks_refused`` is called and the rounds start again with whole
+    parts (the caller need not list chunks to that master again)."""
     asked: set[str] = set()
     for _ in range(PATCH_ROUNDS):
-        answer = await send(make_patch(parts, asked))
+        patch = make_patch(parts, asked, chunked=chunked)
+        try:
+            answer = await send(patch)
+        except ValidationError as exc:
+            if not (chunked and refuses_chunks(patch, exc)):
+                raise
+            chunks_refused()
+            return await patch_rounds(parts, send, chunked=False)
         if answer.result is not None:
             return answer.result
-        unknown = set(answer.missing) - parts.digests.keys()
+        unknown = set(answer.missing) - {name for name, _ in patch.parts}
         if unknown:
             raise ValidationError(
                 "invalid applyPatch answer received: the master asked for parts that are "
@@ -424,3 +745,17 @@ async def patch_rounds(
             )
         asked.update(answer.missing)
     return None
+
+
+def refuses_chunks(patch: FleetPatch, exc: ValidationError) -> bool:
+    """Whether ``exc`` is a master older than chunks refusing ``patch``'s:
+    it checks every listed name as a worker id, so it names a chunk of the
+    patch with exactly what ``check_worker_id`` says of that name (a master
+    that takes chunks never does: it checks the worker id before the
+    separator)."""
+    details = set(exc.details)
+    return any(
+        f"patch.parts[{name!r}]: {check_worker_id(name)}" in details
+        for name, _ in patch.parts
+        if CHUNK_SEP in name
+    )

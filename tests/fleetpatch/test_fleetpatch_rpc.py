@@ -121,6 +121,41 @@ async def test_a_one_vm_change_carries_one_workers_part(tmp_path: Path, bridge: 
         nursery.cancel_scope.cancel()
 
 
+def _big(changed: str = "", size: int = 300) -> Fleet:
+    entries = ",\n".join(
+        f'{{ id = "vm-{i:04d}", image = "{_B if f"vm-{i:04d}" == changed else _A}" }}'
+        for i in range(size)
+    )
+    return parse_fleet(f"[workers.host-0]\nvms = [\n{entries}\n]\n")
+
+
+async def test_a_one_vm_change_carries_one_chunk(tmp_path: Path, bridge: Bridge) -> None:
+    """A worker of 300 VMs: a one-VM change sends one chunk of it (the
+    worker id repeated once per chunk sent in the patch's fleet), and the
+    master's assignment is the client's file."""
+    async with await FleetStore.open(tmp_path / "m.db") as store, trio.open_nursery() as nursery:
+        service = MasterService(store)
+        await nursery.start(service.run)
+        recording = _Recording(service)
+        served = _served(bridge, recording)  # type: ignore[arg-type]
+        async with served as address, open_control(bridge, address) as client:
+            first = await client.apply(_big())
+            chunks = len(recording.patches[0].parts) - 1
+            assert chunks > 2 and [len(p.sent.workers) for p in recording.patches] == [0, chunks]
+            recording.patches.clear()
+            change = await client.apply(_big("vm-0150"), request_id="req-1")
+            assert [len(p.sent.workers) for p in recording.patches] == [0, 1]
+            ((worker, vms),) = recording.patches[1].sent.workers
+            assert worker == "host-0" and "vm-0150" in {vm.id for vm in vms} and len(vms) < 150
+            assert change.generation == first.generation + 1
+            assert [(d.worker_id, d.replaced) for d in change.diffs] == [("host-0", ("vm-0150",))]
+            assert service._assignments["host-0"].vms == _big("vm-0150").workers[0][1]
+            # The request digest is the whole file's: a whole retry replays.
+            again = await client.apply(_big("vm-0150"), request_id="req-1", whole=True)
+            assert again.replayed and again.generation == change.generation
+        nursery.cancel_scope.cancel()
+
+
 async def test_hostile_patches_are_refused_typed_over_the_wire(
     tmp_path: Path, bridge: Bridge
 ) -> None:

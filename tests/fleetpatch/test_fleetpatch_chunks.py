@@ -1,0 +1,326 @@
+"""Chunks within a worker's part (procurator.core.fleetpatch): client and
+master cut the same chunks; a patch of chunks assembles exactly the
+client's file whatever the master held; a one-VM change sends one chunk;
+boundaries move locally under insertions and removals; hostile chunks are
+refused whole; a master older than chunks gets whole parts."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from procurator.core.control import ApplyResult
+from procurator.core.errors import ValidationError
+from procurator.core.fleetpatch import (
+    CHUNK_MAX_VMS,
+    CHUNKING,
+    SETTINGS_PART,
+    Chunking,
+    FleetParts,
+    FleetPatch,
+    PatchAnswer,
+    assemble,
+    make_patch,
+    patch_rounds,
+)
+from procurator.core.models import Fleet, PowerState, UnpinnedVm, VmAssignment
+from procurator.core.validation import check_worker_id
+from procurator.master.service import fleet_digest
+
+_IMAGES = [f"/nix/store/{c * 32}-vm" for c in "abc"]
+_SMALL = Chunking(bits=1, cap=3)  # chunks of 1-3 VMs: small fleets get many
+
+
+def _vm(vm_id: str, image: int = 0, power: PowerState = PowerState.RUNNING) -> VmAssignment:
+    path = _IMAGES[image]
+    return VmAssignment(vm_id, path[11:43], path, power)
+
+
+def _worker(worker_id: str, ids: list[str], changed: str = "") -> Fleet:
+    vms = tuple(_vm(i, 1 if i == changed else 0) for i in sorted(ids))
+    return Fleet(((worker_id, vms),))
+
+
+_IDS = [f"vm-{i:04d}" for i in range(1000)]
+
+
+@st.composite
+def fleets(draw: st.DrawFn) -> Fleet:
+    """Two workers over 30 ids and some unpinned VMs, so that draws share
+    chunks, move VMs between chunks, workers and the settings part."""
+    ids = draw(st.lists(st.sampled_from([f"vm-{i}" for i in range(30)]), unique=True))
+    workers: dict[str, list[VmAssignment]] = {"w-a": [], "w-b": []}
+    unpinned: list[UnpinnedVm] = []
+    for vm_id in ids:
+        where = draw(st.sampled_from(["w-a", "w-a", "w-b", ""]))
+        vm = _vm(vm_id, draw(st.integers(0, 2)), draw(st.sampled_from(list(PowerState))))
+        if where:
+            workers[where].append(vm)
+        else:
+            unpinned.append(
+                UnpinnedVm(VmAssignment(vm.id, vm.hash, vm.nix_store_path, vm.power, 1, 256))
+            )
+    return Fleet(
+        tuple(
+            (w, tuple(sorted(v, key=lambda x: x.id)))
+            for w, v in sorted(workers.items())
+            if v or draw(st.booleans())
+        ),
+        tuple(sorted(unpinned, key=lambda u: u.id)),
+    )
+
+
+def _rounds(held: FleetParts | None, client: FleetParts) -> tuple[FleetParts, list[FleetPatch]]:
+    """What a client does: digests first, then what the master asks for."""
+    patches = [make_patch(client)]
+    first = assemble(held, patches[0])
+    if first.parts is not None:
+        return first.parts, patches
+    patches.append(make_patch(client, first.missing))
+    second = assemble(held, patches[1])
+    assert second.parts is not None and not second.missing
+    return second.parts, patches
+
+
+@settings(max_examples=150, deadline=None)
+@given(fleets(), fleets(), st.sampled_from([_SMALL, CHUNKING, Chunking(bits=2, cap=5)]))
+def test_chunks_assemble_the_clients_fleet_against_any_held_one(
+    held: Fleet, wanted: Fleet, cut: Chunking
+) -> None:
+    whole = FleetParts.of(wanted)
+    client = FleetParts.of(wanted, cut)
+    bases = (None, FleetParts.of(held), FleetParts.of(held, _SMALL))
+    for base in (*bases, _rounds(FleetParts.of(held), FleetParts.of(held, cut))[0]):
+        parts, _ = _rounds(base, client)
+        assert parts.fleet() == wanted
+        # Whatever the chunks, the parts' digests are the whole cut's (the
+        # digests a master before chunks, or a whole apply, computes).
+        assert dict(parts.digests) == dict(whole.digests)
+        assert dict(parts.owners) == dict(whole.owners)
+        assert dict(parts.canonical) == dict(whole.canonical)
+        assert parts.request_digest() == fleet_digest(wanted)
+        # The master holds the client's chunks of each worker listed in
+        # chunks: the next patch of the same file needs nothing sent.
+        for worker_id, chunks in client.chunks.items():
+            if len(chunks) > 1:
+                assert parts.chunks[worker_id] == chunks
+        again = assemble(parts, make_patch(client))
+        assert again.parts is not None and again.parts.fleet() == wanted
+
+
+def test_client_and_master_cut_the_same_chunks() -> None:
+    fleet = _worker("w-a", _IDS)
+    client, master = FleetParts.of(fleet), FleetParts.of(fleet)
+    assert [c.digest for c in client.chunks["w-a"]] == [c.digest for c in master.chunks["w-a"]]
+    chunks = client.chunks["w-a"]
+    assert 10 < len(chunks) < 100  # about 1,000 / 32
+    assert all(len(c.vms) <= CHUNKING.cap for c in chunks)
+    assert tuple(vm for c in chunks for vm in c.vms) == fleet.workers[0][1]
+    # The listing names chunks by worker and first VM, never a worker id.
+    listing = dict(make_patch(client).parts)
+    assert "w-a" not in listing and len(listing) == len(chunks) + 1
+    assert all(check_worker_id(name) is not None for name in listing if name)
+
+
+def _changed(before: FleetParts, after: FleetParts) -> int:
+    old = {c.digest for c in before.chunks["w-a"]}
+    new = {c.digest for c in after.chunks["w-a"]}
+    return max(len(old - new), len(new - old))
+
+
+def test_boundaries_move_locally_under_insertion_and_removal() -> None:
+    base_ids = _IDS[::2]  # room between every two ids
+    base = FleetParts.of(_worker("w-a", base_ids))
+    assert max(len(c.vms) for c in base.chunks["w-a"]) < CHUNKING.cap  # boundaries by content
+    for at in range(0, len(base_ids), 7):
+        inserted = FleetParts.of(_worker("w-a", [*base_ids, _IDS[2 * at + 1]]))
+        assert _changed(base, inserted) <= 2, at
+        removed = FleetParts.of(_worker("w-a", base_ids[:at] + base_ids[at + 1 :]))
+        assert _changed(base, removed) <= 2, at
+        replaced = FleetParts.of(_worker("w-a", base_ids, changed=base_ids[at]))
+        assert _changed(base, replaced) == 1, at
+
+
+def test_the_cap_bounds_chunks_where_no_id_ends_one() -> None:
+    parts = FleetParts.of(_worker("w-a", _IDS), Chunking(bits=16, cap=50))
+    assert [len(c.vms) for c in parts.chunks["w-a"]][:-1] == [50] * 19
+    with pytest.raises(ValueError, match="cap"):
+        Chunking(cap=CHUNK_MAX_VMS + 1)
+
+
+def test_a_one_vm_change_sends_one_chunk_and_keeps_the_rest_by_identity() -> None:
+    held = FleetParts.of(Fleet((*_worker("w-a", _IDS).workers, *_worker("w-b", ["b-1"]).workers)))
+    ids_b = ["b-1"]
+    changed = Fleet(
+        (*_worker("w-a", _IDS, changed="vm-0500").workers, *_worker("w-b", ids_b).workers)
+    )
+    parts, patches = _rounds(held, FleetParts.of(changed))
+    assert len(patches) == 2
+    assert parts.fleet() == changed
+    (name,) = [
+        n
+        for n, _ in patches[1].parts
+        if n not in dict(patches[0].parts) or n in (assemble(held, patches[0]).missing)
+    ]
+    assert name.startswith("w-a/")
+    ((worker, vms),) = patches[1].sent.workers
+    assert worker == "w-a" and len(vms) <= CHUNKING.cap and "vm-0500" in {v.id for v in vms}
+    # The unchanged worker's list and chunks are the held ones themselves.
+    assert parts.workers["w-b"] is held.workers["w-b"]
+    kept = [a is b for a, b in zip(parts.chunks["w-a"], held.chunks["w-a"], strict=True)]
+    assert kept.count(False) == 1
+    # The same file again: one round, the chunked worker passed by identity.
+    again, patches = _rounds(parts, FleetParts.of(changed))
+    assert len(patches) == 1 and again.workers["w-a"] is parts.workers["w-a"]
+
+
+def test_a_stale_or_unknown_chunk_is_missing_never_guessed() -> None:
+    held = FleetParts.of(_worker("w-a", _IDS[:200]))
+    patch = make_patch(FleetParts.of(_worker("w-a", _IDS[:200])))
+    forged_name = patch.parts[3][0]
+    forged = tuple((n, bytes(32) if n == forged_name else d) for n, d in patch.parts)
+    assert assemble(held, FleetPatch(forged)).missing == (forged_name,)
+    # Nothing held (a restarted master): every entry.
+    assert assemble(None, patch).missing == tuple(n for n, _ in patch.parts)
+
+
+def _refused(held: FleetParts | None, patch: FleetPatch) -> list[str]:
+    with pytest.raises(ValidationError) as caught:
+        assemble(held, patch)
+    return list(caught.value.details)
+
+
+def test_hostile_chunks_are_refused_whole() -> None:
+    fleet = _worker("w-a", _IDS[:200])
+    held = FleetParts.of(fleet)
+    client = FleetParts.of(fleet)
+    patch = make_patch(client)
+    entries = list(patch.parts)
+    settings_entry, first, second = entries[0], entries[1], entries[2]
+    # The same chunk digest under two names: the second name is not what
+    # the digest holds.
+    twice = FleetPatch((settings_entry, first, (second[0], first[1]), *entries[3:]))
+    assert _refused(held, twice) == [
+        f"patch.parts[{second[0]!r}]: the digest is chunk {first[0]!r}'s"
+    ]
+    # A name listed twice; a worker listed whole and in chunks; a chunk of
+    # a bad worker id, of a bad VM id.
+    assert "patch.parts: names must be unique and sorted" in _refused(
+        held, FleetPatch((settings_entry, first, first, *entries[2:]))
+    )
+    both = FleetPatch(tuple(sorted((*entries, ("w-a", held.digests["w-a"])))))
+    assert _refused(held, both) == ["patch.parts['w-a']: listed both whole and in chunks"]
+    bad = _refused(
+        None, FleetPatch((settings_entry, ("W_A/vm-1", bytes(32)), ("w-a/V!", bytes(32))))
+    )
+    assert bad[0].startswith("patch.parts['W_A/vm-1']: 'W_A' is not a valid worker id")
+    assert bad[1].startswith("patch.parts['w-a/V!']: 'V!' is not a valid VM id")
+    # A chunk's VMs sent under a worker that is not listed (the chunk
+    # names its worker: its digest covers the worker id).
+    (chunk_vms,) = [c.vms for c in client.chunks["w-a"] if c.name == first[0]]
+    stray = FleetPatch(patch.parts, Fleet((("w-b", chunk_vms),)))
+    assert _refused(held, stray) == ["patch.fleet: part 'w-b' is sent but not listed"]
+    # Contents that do not match the chunk's digest; an empty chunk; an
+    # oversized one; two chunks of a worker that overlap.
+    lying = FleetPatch(patch.parts, Fleet((("w-a", (_vm(chunk_vms[0].id, 2), *chunk_vms[1:])),)))
+    assert _refused(held, lying) == [f"patch.fleet: chunk {first[0]!r} does not match its digest"]
+    empty = FleetPatch(patch.parts, Fleet((("w-a", ()),)))
+    assert _refused(held, empty) == ["patch.fleet: an empty chunk of worker 'w-a'"]
+    big_ids = [f"x-{i:05d}" for i in range(CHUNK_MAX_VMS + 1)]
+    big = Fleet((("w-a", tuple(_vm(i) for i in big_ids)),))
+    oversized = make_patch(FleetParts.of(big, Chunking(bits=0, cap=1)))
+    over = FleetPatch(
+        ((SETTINGS_PART, held.digests[SETTINGS_PART]), ("w-a/x-00000", bytes(32))), big
+    )
+    assert oversized.parts  # (a listing of one-VM chunks is fine)
+    assert _refused(held, over) == [
+        f"patch.fleet: a chunk of worker 'w-a' has {CHUNK_MAX_VMS + 1} VMs, "
+        f"more than {CHUNK_MAX_VMS}"
+    ]
+    ids = _IDS[:10]
+    lower = FleetParts.of(_worker("w-a", ids[:6]), Chunking(bits=16, cap=6))
+    low = lower.chunks["w-a"][0]
+    high = FleetParts.of(_worker("w-a", ids[4:]), Chunking(bits=16, cap=6)).chunks["w-a"][0]
+    listing = (
+        (SETTINGS_PART, lower.digests[SETTINGS_PART]),
+        (low.name, low.digest),
+        (high.name, high.digest),
+    )
+    # Held and sent: the assembly's check; both sent: the file's own.
+    overlap = FleetPatch(listing, Fleet((("w-a", high.vms),)))
+    assert _refused(lower, overlap) == [
+        f"workers.w-a.vms: chunks {low.name!r} and {high.name!r} overlap"
+    ]
+    overlap = FleetPatch(listing, Fleet((("w-a", low.vms), ("w-a", high.vms))))
+    assert _refused(lower, overlap) == [
+        "workers.w-a.vms: VM id 'vm-0004' is used more than once",
+        "workers.w-a.vms: VM id 'vm-0005' is used more than once",
+    ]
+
+
+def test_a_chunk_may_not_take_a_vm_another_worker_keeps() -> None:
+    held = FleetParts.of(
+        Fleet((*_worker("w-a", _IDS[:200]).workers, *_worker("w-b", _IDS[200:400]).workers))
+    )
+    # vm-0300 (w-b's, in a chunk w-b keeps) also on w-a.
+    stolen = Fleet(
+        (
+            *_worker("w-a", [*_IDS[:200], "vm-0300"]).workers,
+            *_worker("w-b", _IDS[200:400]).workers,
+        )
+    )
+    client = FleetParts.of(stolen)
+    first = assemble(held, make_patch(client))
+    assert first.parts is None and all(n.startswith("w-a/") for n in first.missing)
+    assert _refused(held, make_patch(client, first.missing)) == [
+        "workers.w-a.vms: VM id 'vm-0300' is used more than once (also in worker 'w-b')"
+    ]
+    # Moved, not copied: w-b's chunk that had it is sent too.
+    moved = Fleet(
+        (
+            *_worker("w-a", [*_IDS[:200], "vm-0300"]).workers,
+            *_worker("w-b", [i for i in _IDS[200:400] if i != "vm-0300"]).workers,
+        )
+    )
+    parts, _ = _rounds(held, FleetParts.of(moved))
+    assert parts.fleet() == moved and parts.owners["vm-0300"] == "w-a"
+
+
+async def test_a_master_older_than_chunks_gets_whole_parts() -> None:
+    """An older master (fleet patches, no chunks) checks every listed name
+    as a worker id and refuses the patch: the client starts again with
+    whole parts, and says so once."""
+    client = FleetParts.of(_worker("w-a", _IDS[:300], changed="vm-0100"))
+    held = FleetParts.of(_worker("w-a", _IDS[:300]))
+    sent: list[FleetPatch] = []
+    refused: list[bool] = []
+
+    async def older(patch: FleetPatch) -> PatchAnswer:
+        sent.append(patch)
+        # The older master's first check of a patch, as it was released.
+        problems = [
+            f"patch.parts[{name!r}]: {problem}"
+            for name, _ in patch.parts
+            if name and (problem := check_worker_id(name)) is not None
+        ]
+        if problems:
+            raise ValidationError("fleet patch: refused", details=problems)
+        answer = assemble(held, patch)
+        if answer.parts is None:
+            return PatchAnswer(None, answer.missing)
+        return PatchAnswer(ApplyResult(2, True, (), "op-1"))
+
+    result = await patch_rounds(client, older, chunks_refused=lambda: refused.append(True))
+    assert result is not None and result.generation == 2
+    assert refused == [True]
+    assert [[w for w, _ in p.sent.workers] for p in sent] == [[], [], ["w-a"]]
+    assert dict(sent[1].parts)["w-a"] == client.digests["w-a"]
+
+    # A refusal that is not about chunks is the master's answer.
+    async def invalid(patch: FleetPatch) -> PatchAnswer:
+        raise ValidationError("fleet patch: 1 problem", details=["workers: too many"])
+
+    with pytest.raises(ValidationError, match="1 problem"):
+        await patch_rounds(client, invalid, chunks_refused=lambda: refused.append(True))
+    assert refused == [True]
