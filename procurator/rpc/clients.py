@@ -170,6 +170,7 @@ class ControlClient:
         self._handle = handle
         # False once the master answered applyPatch unimplemented (older).
         self._patches = True
+        self._chunks = True  # list big workers in chunks (False: the master is older)
 
     async def apply(
         self,
@@ -190,10 +191,12 @@ class ControlClient:
         applied again.
 
         Sent as a fleet patch (``Control.applyPatch``,
-        ``procurator.core.fleetpatch``): the parts' digests first, then the
-        parts the master does not hold, so a one-VM change carries one
-        worker's VMs. The whole fleet goes instead (``Control.apply``) with
-        ``whole``, to a master that does not know patches (it is not asked
+        ``procurator.core.fleetpatch``): the digests of the parts and of big
+        workers' chunks first, then those the master does not hold, so a
+        one-VM change carries one chunk of one worker's VMs (a whole
+        worker's to a master older than chunks, which is not asked again).
+        The whole fleet goes instead (``Control.apply``) with ``whole``, to
+        a master that does not know patches (it is not asked
         again on this client), and when the master kept asking for parts
         (applies in between kept replacing what it holds). Same result
         either way."""
@@ -207,7 +210,12 @@ class ControlClient:
                 )
 
             try:
-                result = await patch_rounds(FleetParts.of(fleet), send)
+                result = await patch_rounds(
+                    FleetParts.of(fleet),
+                    send,
+                    chunked=self._chunks,
+                    chunks_refused=self._chunks_refused,
+                )
             except UnsupportedError:
                 logger.info("the master does not take fleet patches: applying whole fleets")
                 self._patches = False
@@ -216,6 +224,10 @@ class ControlClient:
                     return result
         request = ApplyRequest(fleet, expected_generation, dry_run, request_id, supersede)
         return await self._bridge.run(_apply, self._handle, request, what="apply")
+
+    def _chunks_refused(self) -> None:
+        logger.info("the master does not take chunks of workers: sending whole workers' parts")
+        self._chunks = False
 
     async def apply_patch(self, request: PatchRequest) -> PatchAnswer:
         """One ``Control.applyPatch`` call, as :meth:`apply` makes them:
