@@ -99,5 +99,5 @@ def test_an_error_answer_keeps_its_chain_either_way() -> None:
 @pytest.mark.parametrize("body", [b"not json", b"[1, 2]"], ids=["invalid", "not-an-object"])
 def test_a_body_that_is_not_a_json_object_names_the_endpoint(body: bytes) -> None:
     driver = driver_answering(httpx.Response(200, stream=httpx.ByteStream(body)))
-    with pytest.raises(VmmError, match=r"vm\.counters"):
+    with pytest.raises(VmmError, match=r"for /api/v1/vm\.counters"):
         driver.counters(HANDLE, timeout=1.0)

@@ -976,12 +976,13 @@ class CloudHypervisorDriver:
             data = json.loads(content)
         except ValueError as exc:
             raise VmmError(
-                f"cloud-hypervisor at {handle.api_socket} sent invalid JSON for {endpoint}: {exc}"
+                f"cloud-hypervisor at {handle.api_socket} sent invalid JSON for "
+                f"{_url(endpoint).path}: {exc}"
             ) from exc
         if not isinstance(data, dict):
             raise VmmError(
                 f"cloud-hypervisor at {handle.api_socket} sent {type(data).__name__} for "
-                f"{endpoint}, expected an object"
+                f"{_url(endpoint).path}, expected an object"
             )
         return data
 
