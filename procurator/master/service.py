@@ -163,7 +163,11 @@ Invariants:
   a whole apply of that fleet (placement, diff, rollouts, request ids).
   Parts are content-addressed, so another apply in between (here or on
   another master, or a restart) only makes the patch name more parts
-  ``missing``: nothing is merged and nothing is lost.
+  ``missing``: nothing is merged and nothing is lost. A big worker's part
+  comes as chunks (a one-VM change sends one): ``_applied`` keeps the
+  chunks of that fleet only, by digest, so the cache is bounded by the
+  held fleet and replaced with it; a worker whose chunks are the very
+  ones held keeps its list (the diff passes it by identity).
 - Events are stored bounded (at most ``events_per_vm`` per VM and
   ``events_total`` in all) and cached in rings with the same bounds, so a
   worker flooding events, or a fleet churning through VM ids, cannot grow

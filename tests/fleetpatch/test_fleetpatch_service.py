@@ -207,3 +207,29 @@ async def test_unchanged_workers_share_their_lists_with_the_assignments(tmp_path
             held = service._applied
             assert isinstance(held, FleetParts)
             assert all(service._assignments[w].vms is held.workers[w] for w in held.workers)
+
+
+async def test_workers_in_chunks_share_their_lists_and_assemble_the_file(tmp_path: Path) -> None:
+    """Workers of 200 VMs, listed in chunks: a one-VM change on one of them
+    sends one chunk, stores exactly the file, and the unchanged worker (its
+    chunks the very ones held) keeps its assignment's list."""
+    big = {f"w-{w}": [(f"v{w}-{i:03d}", _IMAGE) for i in range(200)] for w in range(2)}
+    changed = {**big, "w-0": [(vm, _OTHER if vm == "v0-100" else i) for vm, i in big["w-0"]]}
+    async with _master(tmp_path / "m.db") as service:
+        for pinned in (big, changed, big):
+            sends: list[FleetPatch] = []
+
+            async def send(patch: FleetPatch) -> PatchAnswer:
+                sends.append(patch)
+                return await service.apply_patch(patch)
+
+            fleet = _file(pinned, [])
+            result = await patch_rounds(FleetParts.of(fleet), send)
+            assert result is not None and result.changed
+            assert {w: a.vms for w, a in service._assignments.items()} == dict(fleet.workers)
+            held = service._applied
+            assert isinstance(held, FleetParts) and len(held.chunks["w-1"]) > 1
+            assert all(service._assignments[w].vms is held.workers[w] for w in held.workers)
+        # The last change: one chunk of w-0 sent, w-1 untouched.
+        assert [[w for w, _ in p.sent.workers] for p in sends] == [[], ["w-0"]]
+        assert [d.worker_id for d in result.diffs] == ["w-0"]
