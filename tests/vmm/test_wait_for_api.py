@@ -1,19 +1,23 @@
 """``process.wait_for_api`` against real processes and real unix sockets:
-it sleeps in one poll(2) on the VMM's pidfd and an inotify watch on the
-socket's directory, so it must wake for the socket (created, or moved in
-already listening), for the VMM's exit, and for a socket that starts
-listening late, and must not wake while nothing happens.
+it sleeps on an event that the process's one inotify instance (a watch on
+the socket's directory) and its VMM's pidfd set, so it must wake for the
+socket (created, or moved in already listening), for the VMM's exit, and
+for a socket that starts listening late, must not wake while nothing
+happens, and must share that instance between launches (closing one costs
+an SRCU grace period: ~8 ms a launch) without leaving a watch behind.
 
 The "VMM" is a real child process (``sleep``); the socket is made by the
-test itself, at a moment it chooses: once the waiting thread is blocked in
-poll(2) (read from ``/proc/self/task/<tid>/syscall``), so the socket is
-created after the watch is set and only the watch can report it."""
+test itself, at a moment it chooses: once the waiting thread sleeps in the
+wait (its Python frame in ``Condition.wait``, its thread in futex(2), read
+from ``/proc/self/task/<tid>/syscall``), so the socket is created after
+the watch is set and the first look, and only the watch can report it."""
 
 from __future__ import annotations
 
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,8 +28,8 @@ import pytest
 from procurator.worker.vmm import process
 from procurator.worker.vmm.base import VmmGone, VmmHandle, VmmTimeout
 
-#: poll(2) on x86_64 (select.poll's call); other architectures have ppoll only.
-_SYS_POLL = 7
+#: futex(2) on x86_64 (where a thread sleeps on a ``threading.Event``).
+_SYS_FUTEX = 202
 #: Deadlines long enough that only a missed event, never a slow machine,
 #: can make a wait reach them.
 _LONG = 60.0
@@ -75,12 +79,19 @@ class _Waiter:
     def _task(self, name: str) -> str:
         return Path(f"/proc/self/task/{self.tid}/{name}").read_text()
 
-    def blocked_in_poll(self) -> None:
-        """Until the thread sleeps in poll(2) (a syscall number, then its
-        arguments: the wait set up its descriptors and went to sleep)."""
+    def asleep(self) -> None:
+        """Until the thread sleeps in the wait: its Python frame in
+        ``Condition.wait`` (reached after the watch was set and the socket
+        looked for) and the thread in futex(2), not running."""
         while True:
             assert self.thread.is_alive(), f"the wait ended early: {self.result!r}"
-            if self._task("syscall").split()[0] == str(_SYS_POLL):
+            frame = sys._current_frames().get(self.thread.ident or 0)
+            if (
+                frame is not None
+                and frame.f_code.co_name == "wait"
+                and frame.f_code.co_filename == threading.__file__
+                and self._task("syscall").split()[0] == str(_SYS_FUTEX)
+            ):
                 return
             time.sleep(0.005)
 
@@ -115,6 +126,43 @@ def _connect(sock: Path) -> Callable[[float], str]:
     return probe
 
 
+def _inotify_instances() -> dict[int, list[int]]:
+    """This process's inotify descriptors, each with the inodes it watches
+    (``/proc/self/fdinfo``: the kernel's word, one line per watch)."""
+    found = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") != "anon_inode:inotify":
+                continue
+            info = Path(f"/proc/self/fdinfo/{name}").read_text()
+        except OSError:
+            continue  # the listing's own descriptor, closed by now
+        found[int(name)] = [
+            int(field.split(":")[1], 16)
+            for line in info.splitlines()
+            if line.startswith("inotify wd:")
+            for field in line.split()
+            if field.startswith("ino:")
+        ]
+    return found
+
+
+def _fds() -> dict[int, str]:
+    """This process's descriptors and what each one is."""
+    found = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            found[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue  # the listing's own descriptor, closed by now
+    return found
+
+
+def _watched() -> list[int]:
+    """The inodes watched by any inotify instance of this process."""
+    return sorted(ino for inodes in _inotify_instances().values() for ino in inodes)
+
+
 def _listening(path: Path) -> socket.socket:
     """A socket listening at ``path``, moved in there once it listens (as
     a VMM may do; inotify reports it as moved, not created)."""
@@ -132,7 +180,7 @@ def test_the_wait_sleeps_until_the_socket_appears(
 ) -> None:
     sock = tmp_path / "api.sock"
     waiter = _Waiter(_handle(vmm, sock), _connect(sock), time.monotonic() + _LONG)
-    waiter.blocked_in_poll()
+    waiter.asleep()
     # Asleep is asleep: no wake-up while nothing happens (the old wait woke
     # every 2-5 ms to look for the socket and read /proc).
     before = waiter.wakeups()
@@ -151,7 +199,7 @@ def test_the_wait_sleeps_until_the_socket_appears(
 def test_the_wait_wakes_when_the_vmm_exits(tmp_path: Path, vmm: subprocess.Popen[bytes]) -> None:
     sock = tmp_path / "api.sock"
     waiter = _Waiter(_handle(vmm, sock), _connect(sock), time.monotonic() + _LONG)
-    waiter.blocked_in_poll()
+    waiter.asleep()
     vmm.kill()
     outcome = waiter.outcome()
     assert isinstance(outcome, VmmGone), outcome
@@ -167,7 +215,7 @@ def test_a_socket_bound_before_it_listens_is_asked_again(
     no event tells of it: the refused probe is repeated until it answers."""
     sock = tmp_path / "api.sock"
     waiter = _Waiter(_handle(vmm, sock), _connect(sock), time.monotonic() + _LONG)
-    waiter.blocked_in_poll()
+    waiter.asleep()
     server = socket.socket(socket.AF_UNIX)
     try:
         server.bind(str(sock))
@@ -215,11 +263,22 @@ def test_without_a_watch_the_wait_still_finds_the_socket(
 
 
 def test_the_wait_closes_what_it_opened(tmp_path: Path, vmm: subprocess.Popen[bytes]) -> None:
+    """Nothing per launch is kept: no descriptor, no watch (the process's
+    one inotify instance, its thread's epoll and eventfd are made by the
+    first launch and kept: a first wait comes before the count)."""
     sock = tmp_path / "api.sock"
-    before = sorted(os.listdir("/proc/self/fd"))
     server = _listening(sock)
+    server_fd = server.fileno()
     try:
         handle = _handle(vmm, sock)
+        assert process.wait_for_api(
+            handle, _connect(sock), deadline=time.monotonic() + _LONG, who="the VMM"
+        )
+        before = _fds()
+        with pytest.raises(VmmTimeout):
+            process.wait_for_api(
+                handle, _connect(tmp_path / "none.sock"), deadline=time.monotonic(), who="the VMM"
+            )
         for _ in range(3):
             assert (
                 process.wait_for_api(
@@ -235,4 +294,70 @@ def test_the_wait_closes_what_it_opened(tmp_path: Path, vmm: subprocess.Popen[by
             )
     finally:
         server.close()
-    assert sorted(os.listdir("/proc/self/fd")) == before
+    before.pop(server_fd)
+    assert _fds() == before
+    assert _watched() == []
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="reads the x86_64 syscall number")
+def test_concurrent_launches_share_one_inotify_instance(
+    tmp_path: Path, vmm: subprocess.Popen[bytes]
+) -> None:
+    """Three launches at once, two in one directory: one inotify instance
+    (never one per launch: closing it waits ~8 ms for an SRCU grace
+    period), one watch per directory, each launch woken for its own socket
+    (one in the same directory only wakes it to look again), and the last
+    launch waiting on a directory removes its watch."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    socks = {name: tmp_path / name[0] / f"{name}.sock" for name in ("a1", "a2", "b")}
+    deadline = time.monotonic() + _LONG
+    waiters = {
+        n: _Waiter(_handle(vmm, sock), _connect(sock), deadline) for n, sock in socks.items()
+    }
+    for waiter in waiters.values():
+        waiter.asleep()
+    instances = _inotify_instances()
+    assert len(instances) == 1, instances
+    inode = {d: (tmp_path / d).stat().st_ino for d in ("a", "b")}
+    assert _watched() == sorted(inode.values())
+    servers = []
+    try:
+        servers.append(_listening(socks["b"]))
+        assert waiters["b"].outcome() == "answered"
+        assert _watched() == [inode["a"]]
+        servers.append(_listening(socks["a1"]))
+        assert waiters["a1"].outcome() == "answered"
+        waiters["a2"].asleep()  # woken by a1's socket, looked, asleep again
+        assert waiters["a2"].probes == 0
+        assert _watched() == [inode["a"]]
+        servers.append(_listening(socks["a2"]))
+        assert waiters["a2"].outcome() == "answered"
+    finally:
+        for server in servers:
+            server.close()
+    assert [w.probes for w in waiters.values()] == [1, 1, 1]
+    assert _watched() == []
+    assert len(_inotify_instances()) == 1
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="reads the x86_64 syscall number")
+def test_a_wait_whose_directory_goes_away_polls_for_it(
+    tmp_path: Path, vmm: subprocess.Popen[bytes]
+) -> None:
+    """The kernel drops the watch of a removed directory (IN_IGNORED): the
+    wait is woken, and looks at ``API_POLL``'s pace from then on, so it
+    finds the socket of a directory made again (it never sleeps until its
+    deadline on a watch that is gone)."""
+    sock = tmp_path / "run" / "api.sock"
+    sock.parent.mkdir()
+    waiter = _Waiter(_handle(vmm, sock), _connect(sock), time.monotonic() + _LONG)
+    waiter.asleep()
+    sock.parent.rmdir()
+    sock.parent.mkdir()
+    server = _listening(sock)
+    try:
+        assert waiter.outcome() == "answered"
+    finally:
+        server.close()
+    assert _watched() == []

@@ -14,10 +14,11 @@ What lives here, for both drivers:
   the same way), in its own session, with the launch marker in its
   environment (``launch_env``; ``find_launched`` finds what it marks);
 - ``wait_for_api``: wait until a VMM just launched answers on its API
-  socket (or exits, or runs out of time) without polling: one poll(2) on
-  the VMM's pidfd (its exit) and an inotify watch on the socket's
-  directory (the socket's creation), so a start costs a few wake-ups
-  whatever the VMM takes to bind (see "Waiting for the API" below);
+  socket (or exits, or runs out of time) without polling: asleep until
+  the VMM's pidfd (its exit) or a watch on the socket's directory in the
+  process's one inotify instance (the socket's creation) wakes it, so a
+  start costs a few wake-ups whatever the VMM takes to bind (see "Waiting
+  for the API" below);
 - ``abort_launch``: stop a VMM whose launch failed;
 - ``remove_stale_socket``: remove an API socket no live VMM serves;
 - ``log_tail``: the last lines of a VMM's output, for error details;
@@ -40,18 +41,41 @@ socket some time after it starts (tens of ms; a second and more for a
 jailed VMM under load), and the old wait asked every 2-5 ms whether it had,
 reading ``/proc`` each round: the largest part of a launch's own CPU (3.1
 of 4.1 ms of the launching thread, and more the later a VMM binds). Now
-the wait sleeps in poll(2) until the kernel says something happened: the
+the wait sleeps on an event until the kernel says something happened: the
 pidfd turns readable when the VMM exits, the inotify watch on the socket's
 directory when a file is created or moved in there (a watch is on the
 directory's inode, so a jailed VMM binding through its bind mount is seen
 too). The watch is set before the first look for the socket, so a socket
-bound in between is found by that look, never missed. What no event tells:
+bound in between is found by that look, never missed.
+
+One inotify instance for the process, never one per launch (issue 31,
+target 5): closing an inotify instance waits for an SRCU grace period
+(~8 ms of wall time, up to 25, for 59 us of CPU), which each start paid
+on its supervisor's thread. ``_LaunchWatches`` keeps one instance, made
+by the first launch and never closed, and one ``ExitWatcher`` thread
+(``vmm-launches``) that reads it and the launching VMMs' pidfds and sets
+the waiting launch's event. A launch adds a watch on its socket's
+directory (the kernel keeps one per inode: launches waiting on the same
+directory share it, each woken by any file made there, to look again)
+and the last one waiting on it removes it (``inotify_rm_watch`` does not
+wait: the kernel frees the mark later). A directory removed during the
+wait takes its watch with it (``IN_IGNORED``): its launches are woken and
+look at ``API_POLL``'s pace from then on. Drivers call ``wait_for_api``
+without their manager, so the instance is the process's, not a
+``VmManager``'s (a worker runs one manager); it costs three descriptors
+(the instance, the thread's epoll and eventfd) whatever the fleet, and a
+launch holds one, its VMM's pidfd, while it waits. What no event tells:
 when a socket that exists starts *listening* (bind and listen are two
 calls) or answers, so after a refused or unanswered probe the wait retries
 at ``API_POLL``'s pace, still woken at once by an exit. Where no watch can
-be had (``inotify_init1`` out of instances, the directory not made yet) or
-no pidfd (out of descriptors), the wait polls at that pace too: slower,
-never wrong.
+be had (``inotify_init1`` out of instances, tried again by the next
+launch; the directory not made yet; out of watches) or no pidfd (out of
+descriptors), the wait polls at that pace too: slower, never wrong.
+
+Locks: ``_LaunchWatches._shared_lock`` (making the instance) and
+``_LaunchWatches._lock`` (its watches and their waiters) and
+``ExitWatcher._lock`` are leaves, never held together; under
+``_LaunchWatches._lock`` only waiters' events are set.
 
 ``/proc/<pid>/stat`` is read with one ``os.read`` on a descriptor opened
 for it (no ``pathlib``, no text decoding): identity checks run on every
@@ -69,6 +93,7 @@ import os
 import select
 import signal
 import stat
+import struct
 import subprocess
 import threading
 import time
@@ -270,34 +295,52 @@ def wait_for_api(
 
 
 #: inotify(7) constants (<sys/inotify.h>): a file created in, or moved
-#: into, the watched directory, which must be one.
+#: into, the watched directory, which must be one; the watch is gone (its
+#: directory was removed, or the watch was); the queue overflowed.
 _IN_CREATE = 0x00000100
 _IN_MOVED_TO = 0x00000080
 _IN_ONLYDIR = 0x01000000
+_IN_IGNORED = 0x00008000
+_IN_Q_OVERFLOW = 0x00004000
+#: struct inotify_event's fixed part: wd, mask, cookie, len (then len bytes
+#: of name).
+_EVENT_HEADER = struct.Struct("iIII")
 
 
 class _Inotify:
-    """``inotify_init1`` and ``inotify_add_watch`` from the C library
-    (Python has no binding of its own), loaded on first use."""
+    """``inotify_init1``, ``inotify_add_watch`` and ``inotify_rm_watch``
+    from the C library (Python has no binding of its own), loaded on first
+    use."""
 
     _lock = threading.Lock()
     _libc: ctypes.CDLL | None = None
 
     @classmethod
-    def watch_creations(cls, directory: str) -> int:
-        """A non-blocking inotify descriptor that turns readable when a file
-        is created in or moved into ``directory``. Raises ``OSError``."""
-        libc = cls._load()
-        fd = int(libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
+    def instance(cls) -> int:
+        """A new non-blocking inotify descriptor. Raises ``OSError``."""
+        fd = int(cls._load().inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
         if fd < 0:
             code = ctypes.get_errno()
             raise OSError(code, f"inotify_init1: {os.strerror(code)}")
-        mask = _IN_CREATE | _IN_MOVED_TO | _IN_ONLYDIR
-        if libc.inotify_add_watch(fd, os.fsencode(directory), mask) < 0:
-            code = ctypes.get_errno()
-            os.close(fd)
-            raise OSError(code, f"inotify_add_watch: {os.strerror(code)}", directory)
         return fd
+
+    @classmethod
+    def watch_creations(cls, fd: int, directory: str) -> int:
+        """Add (or find: one watch per inode and instance) the watch of
+        ``fd`` on files created in or moved into ``directory``; its watch
+        descriptor. Raises ``OSError``."""
+        mask = _IN_CREATE | _IN_MOVED_TO | _IN_ONLYDIR
+        wd = int(cls._load().inotify_add_watch(fd, os.fsencode(directory), mask))
+        if wd < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"inotify_add_watch: {os.strerror(code)}", directory)
+        return wd
+
+    @classmethod
+    def remove(cls, fd: int, wd: int) -> None:
+        """Remove watch ``wd`` (quietly when the kernel removed it already:
+        its directory is gone)."""
+        cls._load().inotify_rm_watch(fd, wd)
 
     @classmethod
     def _load(cls) -> ctypes.CDLL:
@@ -308,29 +351,145 @@ class _Inotify:
                 libc.inotify_init1.restype = ctypes.c_int
                 libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
                 libc.inotify_add_watch.restype = ctypes.c_int
+                libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
+                libc.inotify_rm_watch.restype = ctypes.c_int
                 cls._libc = libc
             return cls._libc
 
 
+class _LaunchWatches:
+    """What every launch of this process sleeps on: one inotify instance
+    whose watches (one per socket directory being waited on, shared by the
+    launches waiting on it) set the waiting launches' events, and one
+    ``ExitWatcher`` thread that reads it and sets a launch's event when its
+    VMM exits (see "Waiting for the API" above). Made on first use and kept
+    for the process: closing an inotify instance waits for an SRCU grace
+    period, the very wait this saves each launch.
+
+    Thread-safe. Lock: ``_lock`` guards ``_waiters`` and the instance's
+    watches (added and removed under it, so an event read by the thread is
+    looked up after its watch's waiters were recorded); a leaf, under which
+    only the waiters' events are set (``Event``'s own lock is innermost).
+    The ``ExitWatcher``'s lock is never held with it."""
+
+    _shared_lock = threading.Lock()  # a leaf: guards making _shared
+    _shared: _LaunchWatches | None = None
+
+    @classmethod
+    def shared(cls) -> _LaunchWatches | None:
+        """The process's one ``_LaunchWatches``, made on first use; None
+        when it cannot be had (out of inotify instances or descriptors:
+        tried again by the next launch)."""
+        with cls._shared_lock:
+            if cls._shared is None:
+                try:
+                    cls._shared = _LaunchWatches()
+                except OSError as exc:
+                    log.debug("no inotify instance (%s): launches poll for their sockets", exc)
+            return cls._shared
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        #: watch descriptor -> the events of the launches waiting on it
+        self._waiters: dict[int, set[threading.Event]] = {}
+        self._inotify = _Inotify.instance()
+        try:
+            self.exits = ExitWatcher(name="vmm-launches")
+            self.exits.add(self._inotify, self._dispatch, once=False)
+        except BaseException:
+            os.close(self._inotify)
+            raise
+
+    def watch(self, directory: str, wake: threading.Event) -> int:
+        """Set ``wake`` whenever a file is created in or moved into
+        ``directory``; the watch descriptor to ``unwatch`` with. Raises
+        ``OSError`` (no such directory, out of watches)."""
+        with self._lock:
+            wd = _Inotify.watch_creations(self._inotify, directory)
+            self._waiters.setdefault(wd, set()).add(wake)
+        return wd
+
+    def watching(self, wd: int, wake: threading.Event) -> bool:
+        """Whether ``wake`` is still set by watch ``wd`` (not when the
+        kernel dropped the watch: its directory was removed)."""
+        with self._lock:
+            return wake in self._waiters.get(wd, ())
+
+    def unwatch(self, wd: int, wake: threading.Event) -> None:
+        """Stop setting ``wake`` for ``wd``; the last launch waiting on a
+        directory removes its watch (which, unlike closing the instance,
+        does not wait: the kernel frees the mark later)."""
+        with self._lock:
+            waiters = self._waiters.get(wd)
+            if waiters is None or wake not in waiters:
+                return  # dropped by the kernel (IN_IGNORED) already
+            waiters.discard(wake)
+            if not waiters:
+                del self._waiters[wd]
+                _Inotify.remove(self._inotify, wd)
+
+    def watches(self) -> int:
+        """How many directories are watched now."""
+        with self._lock:
+            return len(self._waiters)
+
+    def _dispatch(self) -> None:
+        """On the ``ExitWatcher``'s thread: read every queued event and set
+        the events of the launches waiting on its directory (all of them
+        when the queue overflowed). What an event names does not matter: a
+        woken launch looks for its socket again."""
+        found: dict[int, int] = {}  # wd -> masks seen
+        with contextlib.suppress(BlockingIOError):
+            while data := os.read(self._inotify, 65536):
+                offset = 0
+                while offset < len(data):
+                    wd, mask, _, size = _EVENT_HEADER.unpack_from(data, offset)
+                    offset += _EVENT_HEADER.size + size
+                    found[wd] = found.get(wd, 0) | mask
+        with self._lock:
+            if any(mask & _IN_Q_OVERFLOW for mask in found.values()):
+                found = dict.fromkeys(self._waiters, 0) | found
+            for wd, mask in found.items():
+                # IN_IGNORED: the kernel removed the watch (the directory
+                # is gone, or unwatch removed it: then none wait on it).
+                waiters = (
+                    self._waiters.pop(wd, set())
+                    if mask & _IN_IGNORED
+                    else self._waiters.get(wd, ())
+                )
+                for wake in waiters:
+                    wake.set()
+
+
 class _LaunchWatch:
-    """What ``wait_for_api`` sleeps on for one VMM: its pidfd (readable once
-    the whole process has exited) and an inotify watch on its socket's
-    directory, in one poll(2) object. Either may be missing (a process that
-    is already gone has no pidfd; a directory that cannot be watched has no
-    watch): then ``/proc`` and ``API_POLL``'s pace stand in for them.
-    A context manager: both descriptors are closed on the way out."""
+    """What ``wait_for_api`` sleeps on for one VMM: an event that the
+    process's ``_LaunchWatches`` sets when the VMM's pidfd turns readable
+    (the whole process exited) and when a file is created in its socket's
+    directory. Either may be missing (a process that is already gone has
+    no pidfd; a directory that cannot be watched has no watch): then
+    ``/proc`` and ``API_POLL``'s pace stand in for them. A context manager:
+    on the way out the watch is removed and the pidfd closed, the one
+    descriptor a launch holds."""
 
     def __init__(self, handle: VmmHandle) -> None:
         self._handle = handle
+        self._wake = threading.Event()
         self._pidfd = -1
-        self._inotify = -1
-        self._poller = select.poll()
+        self._watches: _LaunchWatches | None = None
+        self._exit_watched = False
+        self._wd = -1
 
     @property
     def wakes_for_both(self) -> bool:
         """Whether ``wait`` wakes both for the VMM's exit and for a socket
         created in the directory (so it may sleep until either happens)."""
-        return self._pidfd >= 0 and self._inotify >= 0
+        watches = self._watches
+        return (
+            watches is not None
+            and self._exit_watched
+            and self._wd >= 0
+            and watches.watching(self._wd, self._wake)
+        )
 
     def __enter__(self) -> _LaunchWatch:
         handle = self._handle
@@ -341,15 +500,21 @@ class _LaunchWatch:
                 pass  # gone already: alive() says so from /proc
             except OSError as exc:  # out of descriptors: /proc at API_POLL's pace
                 log.debug("no pidfd for pid %s (%s): polling for its exit", handle.pid, exc)
-            else:
-                self._poller.register(self._pidfd, select.POLLIN)
+            self._watches = watches = _LaunchWatches.shared()
+            if watches is None:
+                return self
+            if self._pidfd >= 0:
+                try:
+                    watches.exits.add(self._pidfd, self._wake.set)
+                except OSError as exc:  # out of epoll watches
+                    log.debug("cannot watch pid %s's exit (%s): polling", handle.pid, exc)
+                else:
+                    self._exit_watched = True
             directory = os.path.dirname(handle.api_socket) or "."
             try:
-                self._inotify = _Inotify.watch_creations(directory)
+                self._wd = watches.watch(directory, self._wake)
             except OSError as exc:
                 log.debug("no inotify watch on %s (%s): polling for its socket", directory, exc)
-            else:
-                self._poller.register(self._inotify, select.POLLIN)
         except BaseException:
             self.close()
             raise
@@ -370,22 +535,23 @@ class _LaunchWatch:
 
     def wait(self, timeout: float) -> None:
         """Until the VMM exits, a file appears in the watched directory, or
-        ``timeout`` seconds pass; drains the watch's events (what they name
-        does not matter: the caller looks for the socket again)."""
-        try:
-            events = self._poller.poll(max(0.0, timeout) * 1000)
-        except InterruptedError:
-            return
-        if self._inotify >= 0 and any(fd == self._inotify for fd, _ in events):
-            with contextlib.suppress(BlockingIOError):
-                while os.read(self._inotify, 4096):
-                    pass
+        ``timeout`` seconds pass (the caller looks for the socket again:
+        what woke it does not matter; a wake after the clear is kept)."""
+        if self._wake.wait(max(0.0, timeout)):
+            self._wake.clear()
 
     def close(self) -> None:
-        for fd in (self._pidfd, self._inotify):
-            if fd >= 0:
-                os.close(fd)
-        self._pidfd = self._inotify = -1
+        watches = self._watches
+        if watches is not None:
+            if self._wd >= 0:
+                watches.unwatch(self._wd, self._wake)
+            if self._exit_watched:
+                watches.exits.remove(self._pidfd)
+        self._wd = -1
+        self._exit_watched = False
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+        self._pidfd = -1
 
 
 def _readable(fd: int) -> bool:
@@ -656,7 +822,7 @@ class ExitWatcher:
     returned): wakes are only ever spurious, never lost, and a woken
     supervisor looks for itself."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, name: str = "vmm-exits") -> None:
         self._lock = threading.Lock()
         self._wakes: dict[int, Callable[[], None]] = {}
         self._epoll = select.epoll()
@@ -666,16 +832,18 @@ class ExitWatcher:
             self._epoll.close()
             raise
         self._epoll.register(self._stop, select.EPOLLIN)
-        self._thread = threading.Thread(target=self._run, name="vmm-exits", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def add(self, pidfd: int, wake: Callable[[], None]) -> None:
+    def add(self, pidfd: int, wake: Callable[[], None], *, once: bool = True) -> None:
         """Call ``wake`` once when ``pidfd``'s process exits (at once if it
-        has). Raises ``OSError`` (``ENOMEM``, ``ENOSPC``: out of watches)."""
+        has). Raises ``OSError`` (``ENOMEM``, ``ENOSPC``: out of watches).
+        ``once=False``: for another kind of descriptor, call ``wake``
+        (on this thread) whenever it is readable; ``wake`` must drain it."""
         with self._lock:
             self._wakes[pidfd] = wake
         try:
-            self._epoll.register(pidfd, select.EPOLLIN | select.EPOLLONESHOT)
+            self._epoll.register(pidfd, select.EPOLLIN | (select.EPOLLONESHOT if once else 0))
         except BaseException:
             with self._lock:
                 self._wakes.pop(pidfd, None)
