@@ -12,7 +12,7 @@ Parts:
 - ``Jail``: the policy made real for one worker. ``prepare`` is the jail's
   share of a launch (called by the VM's supervisor, under the VM's flock,
   before the driver launches): the VM's uid slot (taken once, recorded by
-  the owner of ``vms/<id>/run``), a fresh cgroup with the VM's limits, the
+  the owner of ``vms/<id>/run``), its cgroup with the VM's limits, the
   VM's writable directories given to its uid. It returns a ``VmJail``, which the
   driver asks to spawn its VMM (``VmJail.spawn``: the driver adds what only
   it knows — its argv, its runtime files, its devices). ``inspect`` reads
@@ -639,7 +639,7 @@ class Jail:
 
     def prepare(self, vm_id: str, definition: VmDefinition, paths: VmmPaths) -> VmJail:
         """The jail's share of a launch of VM ``vm_id`` (its supervisor holds
-        its flock and no VMM of it runs): its uid, a fresh cgroup with its
+        its flock and no VMM of it runs): its uid, its cgroup with its
         limits, its writable directories given to its uid. Raises
         ``ValidationError`` (the definition needs what a jail cannot give),
         ``VmmError`` (no free uid, a cgroup still busy)."""

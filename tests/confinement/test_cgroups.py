@@ -180,26 +180,13 @@ def _charged_below(directory: Path) -> int:
     return sum(int(stat[f"total_{key}"]) - int(stat[key]) for key in ("cache", "rss"))
 
 
-# A VM removed, or relaunched (its last VMM's empty cgroup made anew).
-@pytest.mark.parametrize("then", ["remove", "relaunch"])
-def test_a_removed_vm_cgroup_keeps_no_page_charged_for_real(tmp_path: Path, then: str) -> None:
-    """A VMM reads its image (kernel, initrd, disk) from the store: those
-    pages stay in the page cache after it ends, charged to its cgroup, and
-    kept the removed cgroup alive in the kernel (dying, ~0.3 MiB of
-    unreclaimable memory each, for as long as the image stays cached).
-    Removal releases them first. The signal is per worker, not the host's
-    count of memory cgroups: the worker's own directory, which holds no
-    process and no other VM, counts in its hierarchical statistics what is
-    charged to any cgroup below it, removed ones included."""
-    found = cgroups.detect(PARENT, f"w-{uuid.uuid4().hex[:8]}")
-    if not isinstance(found, CgroupsV1) or "memory" not in found.enforceable:
-        pytest.skip(f"this host has no cgroup v1 memory hierarchy: {found.describe()}")
-    image = tmp_path / "disk.img"
+def _read_image(found: CgroupsV1, image: Path) -> None:
+    """A VMM launched in VM ``vm1``'s cgroup reads ``image`` (4 MiB, out of
+    the page cache first, so the read charges its pages to the cgroup) and
+    ends."""
     with open(image, "wb") as f:
         f.write(os.urandom(4 * MIB))
         os.fsync(f.fileno())
-        # Out of the page cache, so that the VMM's read brings it in and the
-        # pages are charged to the VMM's cgroup.
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     vmm = subprocess.Popen(
         [
@@ -210,27 +197,164 @@ def test_a_removed_vm_cgroup_keeps_no_page_charged_for_real(tmp_path: Path, then
         stdin=subprocess.PIPE,
     )
     try:
-        placement = found.create("vm1", LIMITS)
-        worker = Path(placement.path).parent
-        for tasks in placement.join:
+        for tasks in found.create("vm1", LIMITS).join:
             Path(tasks).write_text(str(vmm.pid))
         assert vmm.stdin is not None
         vmm.stdin.write(b"go\n")
         vmm.stdin.close()
         assert vmm.wait(timeout=30) == 0
-        assert _charged_below(worker) >= 4 * MIB  # the image, read by the VMM
-        if then == "remove":
-            found.remove("vm1")
-            assert found.names() == []
-        else:
-            found.create("vm1", LIMITS)
-            assert found.names() == ["vm1"]
-        assert _charged_below(worker) == 0
     finally:
         vmm.kill()
         vmm.wait()
+
+
+def _v1_or_skip() -> CgroupsV1:
+    found = cgroups.detect(PARENT, f"w-{uuid.uuid4().hex[:8]}")
+    if not isinstance(found, CgroupsV1) or "memory" not in found.enforceable:
+        pytest.skip(f"this host has no cgroup v1 memory hierarchy: {found.describe()}")
+    return found
+
+
+def test_a_removed_vm_cgroup_keeps_no_page_charged_for_real(tmp_path: Path) -> None:
+    """A VMM reads its image (kernel, initrd, disk) from the store: those
+    pages stay in the page cache after it ends, charged to its cgroup, and
+    kept the removed cgroup alive in the kernel (dying, ~0.3 MiB of
+    unreclaimable memory each, for as long as the image stays cached).
+    Removal releases them first. The signal is per worker, not the host's
+    count of memory cgroups: the worker's own directory, which holds no
+    process and no other VM, counts in its hierarchical statistics what is
+    charged to any cgroup below it, removed ones included."""
+    found = _v1_or_skip()
+    try:
+        _read_image(found, tmp_path / "disk.img")
+        worker = found._dirs["memory"]
+        assert _charged_below(worker) >= 4 * MIB  # the image, read by the VMM
+        found.remove("vm1")
+        assert found.names() == []
+        assert _charged_below(worker) == 0
+    finally:
         found.remove("vm1")
         found.close()
+
+
+def _v1_limits(found: CgroupsV1, name: str) -> dict[str, str]:
+    files = {
+        "memory": ["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"],
+        "cpu": ["cpu.cfs_period_us", "cpu.cfs_quota_us"],
+        "pids": ["pids.max"],
+    }
+    return {
+        file: (found._dirs[controller] / name / file).read_text().strip()
+        for controller, names in files.items()
+        if controller in found.enforceable
+        for file in names
+        if (found._dirs[controller] / name / file).exists()
+    }
+
+
+# Larger limits (v1 refuses a memory limit above memsw's: memsw goes first)
+# and smaller ones (memory first).
+@pytest.mark.parametrize("factor", [2, 0.5])
+def test_a_relaunch_keeps_the_vms_empty_cgroup_with_its_limits_rewritten_for_real(
+    tmp_path: Path, factor: float
+) -> None:
+    """A relaunch (a replacement, a restart of a crashed VMM) is on the
+    critical path: it keeps the empty cgroup the last VMM left (no release,
+    no rmdir, no mkdir: the same directories), rewrites every limit, and
+    the final removal still leaves no page charged."""
+    found = _v1_or_skip()
+    try:
+        _read_image(found, tmp_path / "disk.img")
+        inodes = {c: (root / "vm1").stat().st_ino for c, root in found._dirs.items()}
+        worker = found._dirs["memory"]
+        memory = worker / "vm1"
+        assert _charged_below(worker) >= 4 * MIB
+        # The last VMM's peak (its interpreter and the read) is above what
+        # stays charged once it ended (the image's pages).
+        peak = int((memory / "memory.max_usage_in_bytes").read_text())
+        usage = int((memory / "memory.usage_in_bytes").read_text())
+        assert usage < peak
+        period = int(100_000 * factor)
+        limits = ResourceLimits(
+            memory_bytes=int(LIMITS.memory_bytes * factor),
+            cpu_quota_us=period * 3 // 2,
+            cpu_period_us=period,
+            pids=int(LIMITS.pids * factor),
+        )
+        placement = found.create("vm1", limits)
+        assert placement.notes == ()
+        assert {c: (root / "vm1").stat().st_ino for c, root in found._dirs.items()} == inodes
+        expected = {
+            "memory.limit_in_bytes": str(limits.memory_bytes),
+            "memory.memsw.limit_in_bytes": str(limits.memory_bytes),
+            "cpu.cfs_period_us": str(period),
+            "cpu.cfs_quota_us": str(period * 3 // 2),
+            "pids.max": str(limits.pids),
+        }
+        seen = _v1_limits(found, "vm1")
+        assert seen == {k: v for k, v in expected.items() if k in seen} and seen
+        # The peak starts again for the new VMM, from what is charged now.
+        assert int((memory / "memory.max_usage_in_bytes").read_text()) <= usage
+        found.remove("vm1")
+        assert found.names() == [] and _charged_below(worker) == 0
+    finally:
+        found.remove("vm1")
+        found.close()
+
+
+def test_a_cgroup_that_saw_an_oom_kill_is_made_anew_for_real(tmp_path: Path) -> None:
+    """The kernel's OOM count cannot be reset, and the worker reads it as
+    "since the VM's last launch": a cgroup that counts a kill is not kept."""
+    found = _v1_or_skip()
+    small = dataclasses.replace(LIMITS, memory_bytes=32 * MIB)
+    hog = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.readline(); b = bytearray(256 << 20)"],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for tasks in found.create("vm1", small).join:
+            Path(tasks).write_text(str(hog.pid))
+        assert hog.stdin is not None
+        hog.stdin.write(b"go\n")
+        hog.stdin.close()
+        assert hog.wait(timeout=30) == -9
+        assert found.oom_kills("vm1") == 1
+        inode = (found._dirs["memory"] / "vm1").stat().st_ino
+        found.create("vm1", small)
+        assert found.oom_kills("vm1") == 0
+        assert (found._dirs["memory"] / "vm1").stat().st_ino != inode
+    finally:
+        hog.kill()
+        hog.wait()
+        found.remove("vm1")
+        found.close()
+
+
+def test_v2_relaunch_keeps_the_cgroup_and_a_limit_it_cannot_rewrite_fails_clearly(
+    tmp_path: Path,
+) -> None:
+    """Against a directory shaped like cgroupfs: a relaunch keeps the VM's
+    cgroup and rewrites its limits; where one cannot be rewritten, the
+    cgroup is made anew (its release and rmdir), and a refusal there is an
+    error, never a launch under the last VMM's limits."""
+    root = tmp_path / "cgroup2"
+    _cgroupfs_tree(root, ["unit.service"], "cpu memory pids\n")
+    v2 = CgroupsV2(
+        root / "unit.service" / "procurator" / "w-1", root, ["memory", "cpu", "pids"], []
+    )
+    v2.create("vm1", LIMITS)
+    vm = root / "unit.service" / "procurator" / "w-1" / "vm1"
+    inode = vm.stat().st_ino
+    bigger = dataclasses.replace(LIMITS, memory_bytes=640 * MIB, pids=128)
+    assert v2.create("vm1", bigger).notes == ()
+    assert vm.stat().st_ino == inode
+    assert (vm / "memory.max").read_text() == str(640 * MIB)
+    assert (vm / "pids.max").read_text() == "128"
+    (vm / "pids.max").unlink()
+    (vm / "pids.max").mkdir()  # cannot be written
+    with pytest.raises(cgroups.CgroupError, match="cannot remove cgroup"):
+        v2.create("vm1", LIMITS)
 
 
 def test_v2_removal_asks_the_kernel_to_reclaim_what_is_charged_first(tmp_path: Path) -> None:
