@@ -216,13 +216,14 @@ async def test_workers_in_chunks_share_their_lists_and_assemble_the_file(tmp_pat
     big = {f"w-{w}": [(f"v{w}-{i:03d}", _IMAGE) for i in range(200)] for w in range(2)}
     changed = {**big, "w-0": [(vm, _OTHER if vm == "v0-100" else i) for vm, i in big["w-0"]]}
     async with _master(tmp_path / "m.db") as service:
+        sends: list[FleetPatch] = []
+
+        async def send(patch: FleetPatch) -> PatchAnswer:
+            sends.append(patch)
+            return await service.apply_patch(patch)
+
         for pinned in (big, changed, big):
-            sends: list[FleetPatch] = []
-
-            async def send(patch: FleetPatch) -> PatchAnswer:
-                sends.append(patch)
-                return await service.apply_patch(patch)
-
+            sends.clear()
             fleet = _file(pinned, [])
             result = await patch_rounds(FleetParts.of(fleet), send)
             assert result is not None and result.changed
