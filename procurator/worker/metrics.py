@@ -22,10 +22,12 @@ Shape:
 - A VM whose snapshot (figures included) equals the one of the last poll
   keeps its samples: only VMs that changed are built again, and of a VM
   whose figures alone moved (its VMM's CPU time, memory, device counters:
-  a running guest's counters tick) only the figures' samples; the settled
-  ones (phase, info, restarts, boot time, confinement: most of a VM's
-  samples) are kept (issue 31 target 3: rebuilding them was most of an idle
-  1,000-VM poll's CPU). The samples
+  a running guest's counters tick) only the samples of the figures that
+  moved; the settled ones (phase, info, restarts, boot time, confinement:
+  most of a VM's samples) are kept (issue 31 target 3: rebuilding them was
+  most of an idle 1,000-VM poll's CPU). A kept sample is the same object
+  from poll to poll, which is how the report to the master finds what
+  moved (``procurator.core.metrics.ReportedSeries``). The samples
   are the same values either way, so the report and a scrape carry what
   they would without the reuse. ``/proc`` is read only for VMs with a
   VMM process (``pid`` set).
