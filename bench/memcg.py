@@ -14,6 +14,14 @@ per round, alternated: the worker's removal (memory released first, v1
 ``memory.force_empty``, v2 ``memory.reclaim``) and the baseline, the same
 removal without the release; two rounds (one with ``--quick``).
 
+Then a relaunch: the same N VMs started and ended, their files kept (a
+relaunch keeps the VM's directory: its disk, its logs), and each VM's
+cgroup prepared for a new VMM, alternated per round: the worker's way (the
+empty cgroup kept, its limits rewritten) against the baseline, the cgroup
+made anew as before the worker kept it (the last VMM's pages released,
+the rmdir, the mkdir, the limits); then the VMs' removal, which still
+releases (the pages left charged after it are a figure).
+
 Figures: the bytes of pages still charged to the removed VM cgroups (the
 worker directory's hierarchical page charges, which count removed children
 that the kernel still keeps: this run's own, whatever other runs on the
@@ -49,6 +57,22 @@ _CONFIG = json.dumps(
         "payload": {"kernel": "/nonexistent/vmlinux"},
     }
 ).encode()
+
+
+class _V1Anew(CgroupsV1):
+    """A relaunch that makes the cgroup anew (the baseline)."""
+
+    def _kept(self, name: str) -> bool:
+        super()._kept(name)  # what it checks still runs (a busy cgroup is refused)
+        return False
+
+
+class _V2Anew(CgroupsV2):
+    """A relaunch that makes the cgroup anew (the baseline)."""
+
+    def _kept(self, name: str) -> bool:
+        super()._kept(name)
+        return False
 
 
 class _V1Baseline(CgroupsV1):
@@ -124,14 +148,11 @@ def _remove_files(procs: list[tuple[str, subprocess.Popen[bytes], Path]]) -> Non
             rundir.rmdir()
 
 
-def _round(
-    run: Run, found: cgroups.Cgroups, n: int, label: str, *, keep: bool
-) -> tuple[int, float, int | None]:
-    """(bytes left charged, seconds per removal, host dying delta).
-    ``keep``: the VMs' files stay until the count is taken; else they go
-    before the cgroups, as the worker removes a VM's directory first."""
-    before = _host_dying()
-    where = run.dir / "memcg" / label
+def _start_and_end(
+    run: Run, found: cgroups.Cgroups, n: int, where: Path
+) -> tuple[list[tuple[str, subprocess.Popen[bytes], Path]], Path | None]:
+    """N fake VMMs, each in a VM cgroup of ``found``, created, booted and
+    ended (SIGTERM): (the VMs, the worker's memory directory)."""
     procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
     worker = None
     try:
@@ -171,6 +192,17 @@ def _round(
                 proc.send_signal(signal.SIGTERM)
         for _, proc, _ in procs:
             proc.wait()
+    return procs, worker
+
+
+def _round(
+    run: Run, found: cgroups.Cgroups, n: int, label: str, *, keep: bool
+) -> tuple[int, float, int | None]:
+    """(bytes left charged, seconds per removal, host dying delta).
+    ``keep``: the VMs' files stay until the count is taken; else they go
+    before the cgroups, as the worker removes a VM's directory first."""
+    before = _host_dying()
+    procs, worker = _start_and_end(run, found, n, run.dir / "memcg" / label)
     if not keep:
         _remove_files(procs)
     started = time.perf_counter()
@@ -184,6 +216,62 @@ def _round(
     _remove_files(procs)
     dying = after - before if after is not None and before is not None else None
     return left, per_removal, dying
+
+
+def _relaunch_round(run: Run, found: cgroups.Cgroups, n: int, label: str) -> tuple[float, int]:
+    """(seconds per relaunch's ``create``, bytes left charged after the
+    VMs' removal)."""
+    procs, worker = _start_and_end(run, found, n, run.dir / "memcg" / label)
+    try:
+        started = time.perf_counter()
+        for name, _, _ in procs:
+            found.create(name, _LIMITS)
+        per_relaunch = (time.perf_counter() - started) / max(len(procs), 1)
+    finally:
+        for name, _, _ in procs:
+            found.remove(name)
+    left = _charged_below(worker) if worker is not None else 0
+    found.close()
+    _remove_files(procs)
+    return per_relaunch, left
+
+
+def _relaunch_rows(run: Run, n: int, rounds: int, instance: str, version: int) -> list[Row]:
+    figures: dict[str, list[tuple[float, int]]] = {"kept": [], "anew": []}
+    for index in range(rounds):
+        for label in ("anew", "kept"):
+            tag = f"relaunch-{label}-{index}"
+            found = cgroups.detect(run.cgroup_parent, f"{instance}-{tag}")
+            if label == "anew":
+                found = copy.copy(found)
+                found.__class__ = _V1Anew if isinstance(found, CgroupsV1) else _V2Anew
+            run.log(f"memcg: {tag}, {n} VMs")
+            figures[label].append(_relaunch_round(run, found, n, tag))
+    per = {k: median([f[0] for f in v]) for k, v in figures.items()}
+    load = os.getloadavg()
+    return [
+        Row(
+            NAME,
+            f"relaunch: one VM's cgroup for its next VMM, files kept (v{version}, median)",
+            f"{per['kept'] * 1000:.3f} ms kept",
+            f"{per['anew'] * 1000:.3f} ms made anew",
+            fmt_ratio(per["kept"], per["anew"]),
+            note=(
+                "per round, kept: "
+                + ", ".join(f"{f[0] * 1000:.3f}" for f in figures["kept"])
+                + " ms; anew: "
+                + ", ".join(f"{f[0] * 1000:.3f}" for f in figures["anew"])
+                + f" ms; load average {load[0]:.2f}"
+            ),
+        ),
+        Row(
+            NAME,
+            f"pages left charged after removing {n} relaunched VMs",
+            " ".join(f"{f[1] // 1024} KiB" for f in figures["kept"]) + " kept",
+            " ".join(f"{f[1] // 1024} KiB" for f in figures["anew"]) + " made anew",
+            "-",
+        ),
+    ]
 
 
 def measure(run: Run) -> list[Row]:
@@ -231,4 +319,4 @@ def measure(run: Run) -> list[Row]:
                 fmt_ratio(removal["release"], removal["baseline"]),
             ),
         ]
-    return rows
+    return rows + _relaunch_rows(run, n, rounds, instance, probe.version)
