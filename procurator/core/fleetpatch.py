@@ -38,7 +38,10 @@ addressed by the SHA-256 of its canonical JSON, the worker part's form
 over its VMs: ``[worker_id, [rows...]]``. A patch lists a worker of two
 chunks or more by its chunks (in place of its part), any other worker by
 its part; its contents carry a chunk as an entry of ``fleet.workers``
-under the worker's id, one per chunk sent. The master accepts any
+under the worker's id, one per chunk sent. A fleet whose listing in chunks
+would pass ``LISTING_FIRST_MAX`` entries lists its workers whole first and
+by their chunks only the workers the master asks for (``patch_rounds``:
+one round more, and every round's listing O(workers), not O(VMs / 32)). The master accepts any
 boundaries (a client with another cut only costs itself resends): each
 chunk 1-``CHUNK_MAX_VMS`` VMs, sorted, a worker's chunks in order and not
 overlapping; it keeps the chunks of the fleet it holds only
@@ -89,7 +92,7 @@ import hashlib
 import itertools
 import json
 import zlib
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -126,9 +129,16 @@ SETTINGS_PART = ""
 """The name of the settings part (worker ids are never empty)."""
 
 _DIGEST_BYTES = 32
-PATCH_ROUNDS = 3
-"""Sends of one patch at most: digests only, then what the master asked
-for, then once more if another apply replaced what it held in between."""
+PATCH_ROUNDS = 4
+"""Sends of one patch at most: digests only, (in a big fleet) the chunks'
+digests of the workers the master asked for, then what it asked for, then
+once more if another apply replaced what it held in between."""
+
+LISTING_FIRST_MAX = 256
+"""The most entries a first send lists with every big worker in chunks
+(~15 KB of digests); a bigger fleet lists its workers whole first and
+only those the master asks for by their chunks, so that a round's listing
+stays O(workers), not O(VMs / 32)."""
 
 
 def _dumps(value: Any) -> bytes:
@@ -309,16 +319,17 @@ class FleetParts:
         index = {c.digest: c for cs in chunks.values() for c in cs}
         return cls(dict(fleet.workers), settings, canonical, digests, owners, chunks, index)
 
-    def listing(self) -> tuple[tuple[str, bytes], ...]:
+    def listing(self, chunked: Collection[str] | None = None) -> tuple[tuple[str, bytes], ...]:
         """What a patch of this fleet lists, sorted by name: the settings
         part, each worker of one chunk or none as its whole part, each
-        other worker as its chunks; every worker whole if the chunks would
-        make more entries than a patch may list."""
+        other worker (of those in ``chunked``; None: all) as its chunks;
+        every worker whole if the chunks would make more entries than a
+        patch may list."""
         whole = sorted(self.digests.items())
         entries: list[tuple[str, bytes]] = []
         for name, digest in whole:
             chunks = self.chunks.get(name, ())
-            if len(chunks) > 1:
+            if len(chunks) > 1 and (chunked is None or name in chunked):
                 entries.extend((c.name, c.digest) for c in chunks)
             else:
                 entries.append((name, digest))
@@ -390,12 +401,14 @@ class FleetPatch:
     settings_sent: bool = False
 
 
-def make_patch(parts: FleetParts, send: Iterable[str] = (), *, chunked: bool = True) -> FleetPatch:
+def make_patch(
+    parts: FleetParts, send: Iterable[str] = (), *, chunked: bool | Collection[str] = True
+) -> FleetPatch:
     """The patch of a client's fleet carrying the contents of the entries
     named in ``send`` (none: digests only, what a first attempt sends).
-    ``chunked=False``: every worker as its whole part (what a master older
-    than chunks takes)."""
-    listing = parts.listing() if chunked else tuple(sorted(parts.digests.items()))
+    ``chunked``: the workers listed in chunks (True: every worker of two
+    chunks or more; False: none, what a master older than chunks takes)."""
+    listing = parts.listing(None if chunked is True else (chunked or ()))
     wanted = set(send)
     unknown = wanted - dict(listing).keys()
     if unknown:
@@ -403,7 +416,7 @@ def make_patch(parts: FleetParts, send: Iterable[str] = (), *, chunked: bool = T
     settings = parts.settings
     settings_sent = SETTINGS_PART in wanted
     entries: list[tuple[str, tuple[VmAssignment, ...]]] = []
-    by_name = {c.name: c for cs in parts.chunks.values() for c in cs} if chunked else {}
+    by_name = {c.name: c for cs in parts.chunks.values() for c in cs}
     for name in sorted(wanted - {SETTINGS_PART}):
         chunk = by_name.get(name)
         if chunk is not None:
@@ -711,6 +724,7 @@ async def patch_rounds(
     *,
     chunked: bool = True,
     chunks_refused: Callable[[], None] = lambda: None,
+    listing_max: int = LISTING_FIRST_MAX,
 ) -> ApplyResult | None:
     """A client's side of a patched apply of the fleet ``parts`` cut:
     digests first, then the entries the master asks for (the union of what
@@ -723,17 +737,26 @@ async def patch_rounds(
     ``chunked``: list workers in chunks. A master older than chunks refuses
     a chunk's name as a worker id (``refuses_chunks``): then
     ``chunks_refused`` is called and the rounds start again with whole
-    parts (the caller need not list chunks to that master again)."""
+    parts (the caller need not list chunks to that master again). A fleet
+    whose listing in chunks is longer than ``listing_max`` entries lists
+    its workers whole first, then by their chunks those the master asked
+    for (one round more, a listing per round of O(workers))."""
     asked: set[str] = set()
+    # The workers listed in chunks (None: every big one).
+    in_chunks: set[str] | None = None
+    if chunked and len(parts.listing()) > listing_max:
+        in_chunks = set()
     for _ in range(PATCH_ROUNDS):
-        patch = make_patch(parts, asked, chunked=chunked)
+        patch = make_patch(
+            parts, asked, chunked=chunked and (True if in_chunks is None else in_chunks)
+        )
         try:
             answer = await send(patch)
         except ValidationError as exc:
             if not (chunked and refuses_chunks(patch, exc)):
                 raise
             chunks_refused()
-            return await patch_rounds(parts, send, chunked=False)
+            return await patch_rounds(parts, send, chunked=False, listing_max=listing_max)
         if answer.result is not None:
             return answer.result
         unknown = set(answer.missing) - {name for name, _ in patch.parts}
@@ -743,7 +766,15 @@ async def patch_rounds(
                 "not parts of the fleet sent: "
                 f"{sorted(unknown)[:5]}"
             )
-        asked.update(answer.missing)
+        for name in answer.missing:
+            if (
+                in_chunks is not None
+                and name not in in_chunks
+                and len(parts.chunks.get(name, ())) > 1
+            ):
+                in_chunks.add(name)  # listed by its chunks next: the master says which
+            else:
+                asked.add(name)
     return None
 
 

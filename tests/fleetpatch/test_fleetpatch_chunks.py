@@ -324,3 +324,39 @@ async def test_a_master_older_than_chunks_gets_whole_parts() -> None:
     with pytest.raises(ValidationError, match="1 problem"):
         await patch_rounds(client, invalid, chunks_refused=lambda: refused.append(True))
     assert refused == [True]
+
+
+async def test_a_big_fleet_lists_workers_whole_first_then_the_asked_ones_in_chunks() -> None:
+    """Past ``listing_max`` entries in chunks, a first send lists workers
+    whole (a round's listing stays O(workers)); the workers the master
+    asks for are listed by their chunks next, and only the changed chunk
+    is sent. From nothing held, every entry is sent in the third round."""
+    ids = {w: [f"{w[-1]}{i:03d}" for i in range(200)] for w in ("w-a", "w-b", "w-c")}
+    before = Fleet(tuple(_worker(w, v).workers[0] for w, v in ids.items()))
+    after = Fleet(
+        tuple(_worker(w, v, "b100" if w == "w-b" else "").workers[0] for w, v in ids.items())
+    )
+    for held, changed in ((FleetParts.of(before), True), (None, False)):
+        sent: list[FleetPatch] = []
+
+        async def master(
+            patch: FleetPatch, held: FleetParts | None = held, sent: list[FleetPatch] = sent
+        ) -> PatchAnswer:
+            sent.append(patch)
+            answer = assemble(held, patch)
+            if answer.parts is None:
+                return PatchAnswer(None, answer.missing)
+            assert answer.parts.fleet() == after
+            return PatchAnswer(ApplyResult(2, True, (), "op-1"))
+
+        result = await patch_rounds(FleetParts.of(after), master, listing_max=10)
+        assert result is not None and len(sent) == 3
+        assert [n for n, _ in sent[0].parts] == [SETTINGS_PART, "w-a", "w-b", "w-c"]
+        if changed:
+            listed = [n for n, _ in sent[1].parts]
+            assert listed[:2] == [SETTINGS_PART, "w-a"] and listed[-1] == "w-c"
+            assert all(n.startswith("w-b/") for n in listed[2:-1])
+            assert [[w for w, _ in p.sent.workers] for p in sent] == [[], [], ["w-b"]]
+            assert "b100" in {vm.id for vm in sent[2].sent.workers[0][1]}
+        else:
+            assert sum(len(vms) for _, vms in sent[2].sent.workers) == 600
