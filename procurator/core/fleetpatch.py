@@ -91,6 +91,7 @@ import bisect
 import hashlib
 import itertools
 import json
+import operator
 import zlib
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -141,8 +142,11 @@ only those the master asks for by their chunks, so that a round's listing
 stays O(workers), not O(VMs / 32)."""
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"))  # json.dumps's, made once
+
+
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
+    return _ENCODER.encode(value).encode()
 
 
 def _vm_row(vm: VmAssignment) -> list[Any]:
@@ -250,6 +254,9 @@ CHUNK_SEP = "/"
 """Between a chunk's worker id and its first VM id: in neither alphabet."""
 
 
+_first = operator.itemgetter(0)
+
+
 def _chunk(worker_id: str, pairs: Sequence[tuple[list[Any], VmAssignment]]) -> Chunk:
     rows = _dumps([row for row, _ in pairs])[1:-1]
     return Chunk(
@@ -264,17 +271,20 @@ def _cut(worker_id: str, vms: Iterable[VmAssignment], chunking: Chunking) -> tup
     """A worker's VMs cut into chunks: content-defined, so adding or
     removing a VM changes the chunk it falls in (and the next one, when it
     moves a boundary or a cap), not all the chunks after it."""
-    pairs = sorted(((_vm_row(vm), vm) for vm in vms), key=lambda pair: pair[0])
+    pairs = sorted(((_vm_row(vm), vm) for vm in vms), key=_first)
     mask = (1 << chunking.bits) - 1
+    crc32 = zlib.crc32
+    # Where the ids end a chunk (one pass at C speed), then the caps.
+    ends = [i + 1 for i, (row, _) in enumerate(pairs) if crc32(row[0].encode()) & mask == 0]
+    if not ends or ends[-1] != len(pairs):
+        ends.append(len(pairs))
     chunks: list[Chunk] = []
     start = 0
-    for index, (_, vm) in enumerate(pairs):
-        end = index + 1
-        if (
-            zlib.crc32(vm.id.encode()) & mask == 0
-            or end - start >= chunking.cap
-            or end == len(pairs)
-        ):
+    for end in ends:
+        while end - start > chunking.cap:
+            chunks.append(_chunk(worker_id, pairs[start : start + chunking.cap]))
+            start += chunking.cap
+        if end > start:
             chunks.append(_chunk(worker_id, pairs[start:end]))
             start = end
     return tuple(chunks)
