@@ -32,7 +32,7 @@ from procurator.master.service import MasterService
 from procurator.master.store import FleetStore
 from procurator.rpc.address import Address, parse_address
 from procurator.rpc.bridge import Bridge
-from procurator.rpc.clients import open_control
+from procurator.rpc.clients import ControlClient, open_control
 from procurator.rpc.master_server import MasterBackend, serve_master
 
 OLD_MASTER = Path(__file__).with_name("oldmaster.py")
@@ -78,47 +78,57 @@ class _Recording:
         return await self.service.apply_patch(patch, **kwargs)
 
 
-async def test_a_one_vm_change_carries_one_workers_part(tmp_path: Path, bridge: Bridge) -> None:
-    async with await FleetStore.open(tmp_path / "m.db") as store, trio.open_nursery() as nursery:
+@contextlib.asynccontextmanager
+async def _recorded(
+    db: Path, bridge: Bridge
+) -> AsyncIterator[tuple[MasterService, _Recording, ControlClient]]:
+    """A master service on SQLite, served with a record of its patches,
+    and a control client of it."""
+    async with await FleetStore.open(db) as store, trio.open_nursery() as nursery:
         service = MasterService(store)
         await nursery.start(service.run)
         recording = _Recording(service)
         served = _served(bridge, recording)  # type: ignore[arg-type]
         async with served as address, open_control(bridge, address) as client:
-            first = await client.apply(_fleet(), request_id="req-1")
-            # Nothing held yet: digests, then every part.
-            assert [len(p.sent.workers) for p in recording.patches] == [0, 4]
-            recording.patches.clear()
-            dry = await client.apply(_fleet("w2-vm1"), dry_run=True)
-            change = await client.apply(_fleet("w2-vm1"), request_id="req-2")
-            assert [[w for w, _ in p.sent.workers] for p in recording.patches] == [
-                [],
-                ["host-2"],
-                [],
-                ["host-2"],
-            ]
-            assert not any(p.settings_sent for p in recording.patches)
-            assert change.generation == first.generation + 1 and change.changed
-            assert dry.diffs == change.diffs and dry.dry_run
-            assert [(d.worker_id, d.power_changed[0].vm_id) for d in change.diffs] == [
-                ("host-2", "w2-vm1")
-            ]
-            # The same file again: held whole, applied in one call, a no-op.
-            recording.patches.clear()
-            same = await client.apply(_fleet("w2-vm1"))
-            assert len(recording.patches) == 1 and not same.changed
-            # A retry of req-2 (the client lost the answer) is a replay.
-            again = await client.apply(_fleet("w2-vm1"), request_id="req-2")
-            assert again.replayed and again.generation == change.generation
-            # An older client's whole apply works, and a patch builds on it.
-            recording.patches.clear()
-            whole = await client.apply(_fleet(workers=3), whole=True)
-            assert not recording.patches and whole.changed
-            assert [d.worker_id for d in whole.diffs] == ["host-2", "host-3"]
-            back = await client.apply(_fleet(workers=4))
-            assert [[w for w, _ in p.sent.workers] for p in recording.patches] == [[], ["host-3"]]
-            assert [d.worker_id for d in back.diffs] == ["host-3"]
+            yield service, recording, client
         nursery.cancel_scope.cancel()
+
+
+async def test_a_one_vm_change_carries_one_workers_part(tmp_path: Path, bridge: Bridge) -> None:
+    async with _recorded(tmp_path / "m.db", bridge) as (_, recording, client):
+        first = await client.apply(_fleet(), request_id="req-1")
+        # Nothing held yet: digests, then every part.
+        assert [len(p.sent.workers) for p in recording.patches] == [0, 4]
+        recording.patches.clear()
+        dry = await client.apply(_fleet("w2-vm1"), dry_run=True)
+        change = await client.apply(_fleet("w2-vm1"), request_id="req-2")
+        assert [[w for w, _ in p.sent.workers] for p in recording.patches] == [
+            [],
+            ["host-2"],
+            [],
+            ["host-2"],
+        ]
+        assert not any(p.settings_sent for p in recording.patches)
+        assert change.generation == first.generation + 1 and change.changed
+        assert dry.diffs == change.diffs and dry.dry_run
+        assert [(d.worker_id, d.power_changed[0].vm_id) for d in change.diffs] == [
+            ("host-2", "w2-vm1")
+        ]
+        # The same file again: held whole, applied in one call, a no-op.
+        recording.patches.clear()
+        same = await client.apply(_fleet("w2-vm1"))
+        assert len(recording.patches) == 1 and not same.changed
+        # A retry of req-2 (the client lost the answer) is a replay.
+        again = await client.apply(_fleet("w2-vm1"), request_id="req-2")
+        assert again.replayed and again.generation == change.generation
+        # An older client's whole apply works, and a patch builds on it.
+        recording.patches.clear()
+        whole = await client.apply(_fleet(workers=3), whole=True)
+        assert not recording.patches and whole.changed
+        assert [d.worker_id for d in whole.diffs] == ["host-2", "host-3"]
+        back = await client.apply(_fleet(workers=4))
+        assert [[w for w, _ in p.sent.workers] for p in recording.patches] == [[], ["host-3"]]
+        assert [d.worker_id for d in back.diffs] == ["host-3"]
 
 
 def _big(changed: str = "", size: int = 300) -> Fleet:
@@ -133,27 +143,21 @@ async def test_a_one_vm_change_carries_one_chunk(tmp_path: Path, bridge: Bridge)
     """A worker of 300 VMs: a one-VM change sends one chunk of it (the
     worker id repeated once per chunk sent in the patch's fleet), and the
     master's assignment is the client's file."""
-    async with await FleetStore.open(tmp_path / "m.db") as store, trio.open_nursery() as nursery:
-        service = MasterService(store)
-        await nursery.start(service.run)
-        recording = _Recording(service)
-        served = _served(bridge, recording)  # type: ignore[arg-type]
-        async with served as address, open_control(bridge, address) as client:
-            first = await client.apply(_big())
-            chunks = len(recording.patches[0].parts) - 1
-            assert chunks > 2 and [len(p.sent.workers) for p in recording.patches] == [0, chunks]
-            recording.patches.clear()
-            change = await client.apply(_big("vm-0150"), request_id="req-1")
-            assert [len(p.sent.workers) for p in recording.patches] == [0, 1]
-            ((worker, vms),) = recording.patches[1].sent.workers
-            assert worker == "host-0" and "vm-0150" in {vm.id for vm in vms} and len(vms) < 150
-            assert change.generation == first.generation + 1
-            assert [(d.worker_id, d.replaced) for d in change.diffs] == [("host-0", ("vm-0150",))]
-            assert service._assignments["host-0"].vms == _big("vm-0150").workers[0][1]
-            # The request digest is the whole file's: a whole retry replays.
-            again = await client.apply(_big("vm-0150"), request_id="req-1", whole=True)
-            assert again.replayed and again.generation == change.generation
-        nursery.cancel_scope.cancel()
+    async with _recorded(tmp_path / "m.db", bridge) as (service, recording, client):
+        first = await client.apply(_big())
+        chunks = len(recording.patches[0].parts) - 1
+        assert chunks > 2 and [len(p.sent.workers) for p in recording.patches] == [0, chunks]
+        recording.patches.clear()
+        change = await client.apply(_big("vm-0150"), request_id="req-1")
+        assert [len(p.sent.workers) for p in recording.patches] == [0, 1]
+        ((worker, vms),) = recording.patches[1].sent.workers
+        assert worker == "host-0" and "vm-0150" in {vm.id for vm in vms} and len(vms) < 150
+        assert change.generation == first.generation + 1
+        assert [(d.worker_id, d.replaced) for d in change.diffs] == [("host-0", ("vm-0150",))]
+        assert service._assignments["host-0"].vms == _big("vm-0150").workers[0][1]
+        # The request digest is the whole file's: a whole retry replays.
+        again = await client.apply(_big("vm-0150"), request_id="req-1", whole=True)
+        assert again.replayed and again.generation == change.generation
 
 
 async def test_hostile_patches_are_refused_typed_over_the_wire(
