@@ -651,10 +651,17 @@ struct FleetPatch {
   # the master under that digest (from the fleet it last applied).
   parts @0 :List(FleetPart);
   # Every part of the fleet, sorted by name (so the settings part first);
-  # a worker not listed is assigned nothing, as in a whole apply.
+  # a worker not listed is assigned nothing, as in a whole apply. A big
+  # worker may be listed by its chunks instead of its part: entries named
+  # "<worker id>/<first VM id>" (no worker id has a "/"), each a run of its
+  # VMs by id (core/fleetpatch.py). Added with chunks, no new field: a
+  # master older than chunks refuses such a name as a worker id, and the
+  # client then lists whole parts; an older client lists no chunks.
   fleet @1 :Fleet;
-  # The parts carried: its workers are the worker parts carried; its other
-  # fields are the settings part when `settingsSent` (else left unset).
+  # The parts carried: its workers are the worker parts carried, and the
+  # chunks carried, each as an entry of its worker (a worker listed by
+  # chunks may appear once per chunk); its other fields are the settings
+  # part when `settingsSent` (else left unset).
   settingsSent @2 :Bool;
 }
 

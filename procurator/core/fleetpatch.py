@@ -31,20 +31,20 @@ change in a big worker sends one chunk (tens of VMs), not the worker's
 whole list. Over the part's VMs sorted by id, a chunk ends after a VM whose
 id's CRC-32 has its low 5 bits zero, or after 128 VMs (``CHUNKING``): the
 boundaries depend on the ids around them, so adding or removing a VM
-changes the chunk it falls in (and the next, when it moves a boundary),
-not every chunk after it. A chunk is named ``<worker id>/<first VM id>``
-(``/`` is in neither alphabet, so no worker id takes that form) and
-addressed by the SHA-256 of its canonical JSON, the worker part's form
-over its VMs: ``[worker_id, [rows...]]``. A patch lists a worker of two
-chunks or more by its chunks (in place of its part), any other worker by
-its part; its contents carry a chunk as an entry of ``fleet.workers``
-under the worker's id, one per chunk sent. A fleet whose listing in chunks
-would pass ``LISTING_FIRST_MAX`` entries lists its workers whole first and
-by their chunks only the workers the master asks for (``patch_rounds``:
-one round more, and every round's listing O(workers), not O(VMs / 32)). The master accepts any
-boundaries (a client with another cut only costs itself resends): each
-chunk 1-``CHUNK_MAX_VMS`` VMs, sorted, a worker's chunks in order and not
-overlapping; it keeps the chunks of the fleet it holds only
+changes the chunk it falls in (and the next, when it moves a boundary), not
+every chunk after it. A chunk is named ``<worker id>/<first VM id>`` (``/``
+is in neither alphabet, so no worker id takes that form) and addressed by
+the SHA-256 of its canonical JSON, the worker part's form over its VMs:
+``[worker_id, [rows...]]``. A patch lists a worker of two chunks or more by
+its chunks (in place of its part), any other worker by its part; its
+contents carry a chunk as an entry of ``fleet.workers`` under the worker's
+id, one per chunk sent. A fleet whose listing in chunks would pass
+``LISTING_FIRST_MAX`` entries lists its workers whole first and by their
+chunks only the workers the master asks for (``patch_rounds``: one round
+more, and every round's listing O(workers), not O(VMs / 32)). The master
+accepts any boundaries (a client with another cut only costs itself
+resends): each chunk 1-``CHUNK_MAX_VMS`` VMs, sorted, a worker's chunks in
+order and not overlapping; it keeps the chunks of the fleet it holds only
 (``FleetParts.chunk_index``, by digest: bounded by that fleet, replaced
 with it), looks a listed chunk up by digest (a digest it holds under
 another name is a malformed patch), and splices a worker's canonical JSON
@@ -64,14 +64,15 @@ recorded with) is composed from the worker parts' canonical JSON, so a
 patched apply and a whole apply of one file record the same digest, and it
 is the digest this master recorded before patches existed.
 
-Validation of a patch (``assemble``) keeps every rule of ``validate_fleet``:
-the rules about one part (ids, images, hashes, resources, rollout bounds)
-run on the parts and chunks sent only, with ``validate_fleet`` itself (a
-worker's chunks sent as one list); the fleet-wide ones run incrementally:
-VM ids unique across parts (the sent VMs against an index of the cached
-fleet's, ``owners``, and within a worker by its chunks' order), the number
-of workers, of a worker's VMs and of all VMs (counts per part and chunk). Placement, rollouts and
-quotas are the apply's and see the whole assembled fleet.
+Validation of a patch (``assemble``) keeps every rule of
+``validate_fleet``: the rules about one part (ids, images, hashes,
+resources, rollout bounds) run on the parts and chunks sent only, with
+``validate_fleet`` itself (a worker's chunks sent as one list); the
+fleet-wide ones run incrementally: VM ids unique across parts (the sent VMs
+against an index of the cached fleet's, ``owners``, and within a worker by
+its chunks' order), the number of workers, of a worker's VMs and of all VMs
+(counts per part and chunk). Placement, rollouts and quotas are the apply's
+and see the whole assembled fleet.
 
 What keeps the rest of the apply per changed worker: an unchanged part is
 the very list the worker's assignment was made from (the master's commit
@@ -80,9 +81,10 @@ passes it by identity (a worker listed in chunks too, when its chunks are
 the very ones held); a fleet with no unpinned VMs skips the scheduler's
 facts. A worker whose chunks changed costs the master its chunks sent plus
 C-speed work over its VMs (the list's concatenation, the splice and one
-SHA-256 of its JSON). What stays O(the fleet) is C-speed copying and hashing: the VM-id
-index's copy, and with a request id the request digest (SHA-256 over the
-parts' canonical JSON).
+SHA-256 of its JSON). What stays O(the fleet) is C-speed copying and
+hashing: the VM-id index's copy, the chunk index's rebuild (O(chunks)),
+and with a request id the request digest (SHA-256 over the parts'
+canonical JSON).
 """
 
 from __future__ import annotations
