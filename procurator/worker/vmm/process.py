@@ -428,11 +428,6 @@ class _LaunchWatches:
                 del self._waiters[wd]
                 _Inotify.remove(self._inotify, wd)
 
-    def watches(self) -> int:
-        """How many directories are watched now."""
-        with self._lock:
-            return len(self._waiters)
-
     def _dispatch(self) -> None:
         """On the ``ExitWatcher``'s thread: read every queued event and set
         the events of the launches waiting on its directory (all of them
