@@ -115,6 +115,17 @@ class _Problems:
         self.source = source
         self._lines = text.splitlines()
         self.items: list[str] = []
+        # Some problem is a limit exceeded: the file is refused with
+        # ``LimitExceededError`` (every problem listed), as the same limit met
+        # on the wire is, so a client tells "too big" from "wrong" by the class.
+        self.over_limit = False
+
+    def error(self, what: str) -> ValidationError:
+        """The refusal listing every problem (see ``over_limit``)."""
+        kind = LimitExceededError if self.over_limit else ValidationError
+        return kind(
+            f"{what}: {len(self.items)} problem(s), nothing was applied", details=self.items
+        )
 
     def line_of(self, needle: str) -> int | None:
         """Best effort: the first line that mentions ``needle`` (an id)."""
@@ -131,7 +142,8 @@ class _Problems:
                 return number
         return None
 
-    def add(self, where: str, problem: str, *, near: str = "") -> None:
+    def add(self, where: str, problem: str, *, near: str = "", limit: bool = False) -> None:
+        self.over_limit |= limit
         line = self.line_of(near)
         prefix = f"{self.source}:{line}: " if line else f"{self.source}: " if self.source else ""
         self.items.append(f"{prefix}{where}: {problem}")
@@ -172,10 +184,7 @@ def parse_fleet(text: str, *, fmt: str = "toml", source: str = "") -> Fleet:
         problems.add(str(key), "key given more than once", near=key)
     fleet = _from_data(data, problems)
     if problems.items:
-        raise ValidationError(
-            f"{source or 'fleet'}: {len(problems.items)} problem(s), nothing was applied",
-            details=problems.items,
-        )
+        raise problems.error(f"{source or 'fleet'}")
     return fleet
 
 
@@ -643,6 +652,7 @@ def _constraints_from_data(
             f"{where}.constraints",
             f"{len(value)} constraints exceed the limit of {LIMITS.max_labels}",
             near=near,
+            limit=True,
         )
         ok = False
     for key, label in value.items():
@@ -658,7 +668,9 @@ def _constraints_from_data(
 def _check_fleet_wide(fleet: Fleet, problems: _Problems) -> None:
     if len(fleet.workers) > LIMITS.max_workers:
         problems.add(
-            "workers", f"{len(fleet.workers)} workers exceed the limit of {LIMITS.max_workers}"
+            "workers",
+            f"{len(fleet.workers)} workers exceed the limit of {LIMITS.max_workers}",
+            limit=True,
         )
     seen: dict[str, str] = {}
     total = len(fleet.unpinned)
@@ -669,6 +681,7 @@ def _check_fleet_wide(fleet: Fleet, problems: _Problems) -> None:
                 f"workers.{worker_id}.vms",
                 f"{len(vms)} VMs exceed the limit of {LIMITS.max_vms_per_worker} per worker",
                 near=worker_id,
+                limit=True,
             )
         for vm in vms:
             if vm.id in seen:
@@ -696,6 +709,7 @@ def _check_fleet_wide(fleet: Fleet, problems: _Problems) -> None:
         problems.add(
             "workers" if not fleet.unpinned else "vms",
             f"{total} VMs exceed the fleet limit of {LIMITS.max_vms_total}",
+            limit=True,
         )
 
 
@@ -722,6 +736,7 @@ def _check_unpinned(unpinned: UnpinnedVm, where: str, problems: _Problems) -> No
         problems.add(
             f"{where}.constraints",
             f"{len(unpinned.constraints)} constraints exceed the limit of {LIMITS.max_labels}",
+            limit=True,
         )
     keys = [key for key, _ in unpinned.constraints]
     if keys != sorted(set(keys)):
@@ -773,10 +788,7 @@ def validate_fleet(fleet: Fleet) -> None:
     _check_rollouts(fleet, problems)
     _check_fleet_wide(fleet, problems)
     if problems.items:
-        raise ValidationError(
-            f"fleet: {len(problems.items)} problem(s), nothing was applied",
-            details=problems.items,
-        )
+        raise problems.error("fleet")
 
 
 def diff_assignments(

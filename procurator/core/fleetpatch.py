@@ -100,7 +100,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from procurator.core.control import ApplyResult
-from procurator.core.errors import ValidationError
+from procurator.core.errors import LimitExceededError, ValidationError
 from procurator.core.fleet import validate_fleet
 from procurator.core.models import (
     Fleet,
@@ -481,8 +481,9 @@ def assemble(cached: FleetParts | None, patch: FleetPatch) -> Assembled:
         problems.append("patch.parts: names must be unique and sorted")
     if SETTINGS_PART not in listed:
         problems.append("patch.parts: the settings part (named '') is not listed")
+    over_limits: list[str] = []
     if len(listed) > MAX_ENTRIES:
-        problems.append(f"patch.parts: {len(listed)} entries exceed the limit of {MAX_ENTRIES}")
+        over_limits.append(f"patch.parts: {len(listed)} entries exceed the limit of {MAX_ENTRIES}")
     whole: dict[str, bytes] = {}  # worker listed whole -> its digest
     chunked: dict[str, list[tuple[str, bytes]]] = {}  # worker -> its chunks (name, digest)
     for name, digest in patch.parts:
@@ -501,10 +502,10 @@ def assemble(cached: FleetParts | None, patch: FleetPatch) -> Assembled:
         problems.append(f"patch.parts[{worker_id!r}]: listed both whole and in chunks")
     workers_listed = len((whole.keys() - {SETTINGS_PART}) | chunked.keys())
     if workers_listed > LIMITS.max_workers:
-        problems.append(
+        over_limits.append(
             f"patch.parts: {workers_listed} workers exceed the limit of {LIMITS.max_workers}"
         )
-    _raise(problems)
+    _raise(problems, over_limits)
 
     # What was sent: whole parts, chunks (by their names), the settings.
     sent_whole: list[tuple[str, tuple[VmAssignment, ...]]] = []
@@ -539,6 +540,8 @@ def assemble(cached: FleetParts | None, patch: FleetPatch) -> Assembled:
     # sent together as one list.
     try:
         validate_fleet(replace(patch.sent, workers=tuple((w, tuple(v)) for w, v in merged.items())))
+    except LimitExceededError as exc:
+        over_limits.extend(exc.details)
     except ValidationError as exc:
         problems.extend(exc.details)
     sent = FleetParts.of(replace(patch.sent, workers=tuple(sent_whole)))
@@ -555,7 +558,7 @@ def assemble(cached: FleetParts | None, patch: FleetPatch) -> Assembled:
             problems.append(f"patch.fleet: chunk {name!r} is sent but not listed")
         elif chunk.digest != listed[name]:
             problems.append(f"patch.fleet: chunk {name!r} does not match its digest")
-    _raise(problems)
+    _raise(problems, over_limits)
 
     held = cached or _EMPTY
     missing: list[str] = []
@@ -605,7 +608,7 @@ def assemble(cached: FleetParts | None, patch: FleetPatch) -> Assembled:
                 )
         count = sum(len(c.vms) for c in these)
         if count > LIMITS.max_vms_per_worker:
-            problems.append(
+            over_limits.append(
                 f"workers.{worker_id}.vms: {count} VMs exceed the limit of "
                 f"{LIMITS.max_vms_per_worker} per worker"
             )
@@ -613,7 +616,7 @@ def assemble(cached: FleetParts | None, patch: FleetPatch) -> Assembled:
         canonical[worker_id] = _spliced(worker_id, these)
         digests[worker_id] = _digest(canonical[worker_id])
         chunks[worker_id] = these
-    _raise(problems)
+    _raise(problems, over_limits)
 
     # Fleet-wide rules, incrementally: a sent VM's id may be owned in the
     # cached fleet only by an entry this patch replaces or drops.
@@ -722,7 +725,16 @@ class PatchAnswer:
     missing: tuple[str, ...] = ()
 
 
-def _raise(problems: Sequence[str]) -> None:
+def _raise(problems: Sequence[str], over_limits: Sequence[str] = ()) -> None:
+    """Refuse the patch with every problem found; ``LimitExceededError`` when
+    some of them are limits exceeded (the class a whole apply over the same
+    limit gets: a client tells "too big" from "wrong" by it), otherwise
+    ``ValidationError``."""
+    if over_limits:
+        raise LimitExceededError(
+            f"fleet patch: {len(over_limits) + len(problems)} problem(s), nothing was applied",
+            details=[*over_limits, *problems],
+        )
     if problems:
         raise ValidationError(
             f"fleet patch: {len(problems)} problem(s), nothing was applied",

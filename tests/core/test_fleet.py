@@ -499,3 +499,21 @@ def test_diff_fleets_refuses_an_unresolved_fleet() -> None:
     stop them."""
     with pytest.raises(ValueError, match="2 unpinned VM"):
         diff_fleets({}, parse_unpinned(UNPINNED_TOML))
+
+
+def test_a_limit_exceeded_is_refused_as_such_and_other_problems_as_invalid(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A client tells "too big" from "wrong" by the class, whichever way the
+    # fleet came: parsed from a file, or validated as a patch's parts are.
+    monkeypatch.setattr(LIMITS, "max_vms_per_worker", 2)
+    vms = tuple(VmAssignment(f"web-{i}", HASH_A, IMAGE_A) for i in range(3))
+    with pytest.raises(LimitExceededError) as raised:
+        validate_fleet(Fleet((("host-a", vms),)))
+    assert "workers.host-a.vms: 3 VMs exceed the limit of 2 per worker" in raised.value.details
+    entries = [{"id": vm.id, "image": IMAGE_A} for vm in vms]
+    with pytest.raises(LimitExceededError):
+        parse_fleet(json.dumps({"workers": {"host-a": {"vms": entries}}}), fmt="json")
+    with pytest.raises(ValidationError) as invalid:
+        validate_fleet(Fleet((("host-a", (*vms[:1], vms[0])),)))
+    assert not isinstance(invalid.value, LimitExceededError)
