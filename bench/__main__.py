@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--vmm tiny|python] [--only NAME ...]``: run
+"""``python -m bench [--quick] [--vmm tiny|python] [--only NAME ...] [--daemon-logs DIR]``: run
 the benchmarks, print one table. See ``bench/__init__.py`` and
 docs/BENCHMARKS.md."""
 
@@ -12,6 +12,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 
 from bench import (
@@ -109,6 +110,17 @@ def main(argv: list[str] | None = None) -> int:
             "default: tiny when a C compiler is there"
         ),
     )
+    parser.add_argument(
+        "--daemon-logs",
+        metavar="DIR",
+        type=Path,
+        help=(
+            "masters and workers log at DEBUG as JSON lines (the trace points along a "
+            "change, to attribute a slow one) and their logs are copied to DIR at the end "
+            "(default: the master logs warnings, the worker at its default level, and their "
+            "logs go with the run's directory)"
+        ),
+    )
     args = parser.parse_args(argv)
     if args.vmm is None:
         args.vmm = "tiny" if c_compiler() is not None else "python"
@@ -126,7 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     failed = []
     started = time.monotonic()
-    with Run(quick=args.quick, vmm=args.vmm) as run:
+    with Run(quick=args.quick, vmm=args.vmm, daemon_logs=args.daemon_logs) as run:
+        if change.NAME in chosen and idle.NAME in chosen:
+            # change grows the fleet it measures at 1,000 VMs: idle takes its
+            # window at that size first (then its own after the growth).
+            run.shared[change.BEFORE_GROWTH] = idle.window_before_growth
         for name in chosen:
             if name not in FLEET_USERS and "fleet1k" in run.shared:
                 # The N-VM fleet's idle load must not weigh on what follows.

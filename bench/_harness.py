@@ -233,6 +233,10 @@ class Run:
     procs: list[Proc] = field(default_factory=list)
     store_paths: list[str] = field(default_factory=list)
     shared: dict[str, Any] = field(default_factory=dict)  # fixtures reused by benchmarks
+    #: ``--daemon-logs DIR``: masters and workers log at DEBUG as JSON (the
+    #: trace points along a change), and their logs are copied to DIR at the
+    #: end; None: they log as ever (the master at WARNING) and go with the run.
+    daemon_logs: Path | None = None
     _images: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -294,6 +298,13 @@ class Run:
     def procurator(self, name: str, *args: str, open_files: int | None = None) -> Proc:
         return self.spawn(name, [sys.executable, "-m", "procurator", *args], open_files=open_files)
 
+    def daemon_log_args(self, level: str | None = None) -> list[str]:
+        """A daemon's logging flags: DEBUG as JSON with ``--daemon-logs``,
+        else ``level`` (None: the daemon's default)."""
+        if self.daemon_logs is not None:
+            return ["--log-level", "debug", "--log-format", "json"]
+        return ["--log-level", level] if level is not None else []
+
     def start_master(self, *, metrics: bool = False) -> tuple[Proc, int]:
         port = free_port()
         proc = self.procurator(
@@ -305,8 +316,7 @@ class Run:
             str(self.dir / f"master-{port}.db"),
             "--metrics-listen",
             f"127.0.0.1:{free_port()}" if metrics else "",
-            "--log-level",
-            "warning",
+            *self.daemon_log_args("warning"),
         )
         return proc, port
 
@@ -392,6 +402,10 @@ class Run:
                 capture_output=True,
             )
         self.store_paths.clear()
+        if self.daemon_logs is not None:
+            self.daemon_logs.mkdir(parents=True, exist_ok=True)
+            for log in self.dir.glob("*.log"):
+                shutil.copy2(log, self.daemon_logs / log.name)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- the fake VMM ---------------------------------------------------------------

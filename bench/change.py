@@ -83,6 +83,11 @@ from procurator.rpc.clients import ControlClient
 from procurator.rpc.schema import load_schema
 
 NAME = "change"
+#: ``run.shared`` key of a callable ``(run, fleet) -> list[Row]`` that
+#: ``measure`` calls before it grows the fleet past its first size, its rows
+#: kept by the callee (``python -m bench`` sets it to idle's window when both
+#: run, so that idle is measured at the first size too).
+BEFORE_GROWTH = "change.before_growth"
 
 
 async def _capnp_rtts(address: Address, count: int) -> list[float]:
@@ -229,6 +234,8 @@ def measure(run: Run) -> list[Row]:
         if why:
             run.log(f"change: {why}")
         if fleet.n < size:
+            if (before_growth := run.shared.pop(BEFORE_GROWTH, None)) is not None:
+                before_growth(run, fleet)
             run.log(f"change: growing the fleet from {fleet.n} to {size} VMs")
             before, _ = open_files(fleet.worker.pid)
             vms_before = fleet.n

@@ -18,7 +18,11 @@ useless for a thread that runs a few µs a second.
 
 With the tiny fake VMM (``--vmm tiny``), a full run then grows the same
 fleet to 10,000 VMs (issue 31 asks for the figures there; or as many as the
-worker's open-file limit holds, saying so) and measures again.
+worker's open-file limit holds, saying so) and measures again. When
+``change`` runs before it (``python -m bench --only change --only idle``),
+``change`` grows the fleet itself; idle's window at the first size is then
+taken just before that growth (``window_before_growth``) and the second
+after ``change`` ends.
 """
 
 from __future__ import annotations
@@ -152,11 +156,30 @@ def _rows(fleet: OneWorkerFleet, w: _Window, window: float, note: str = "") -> l
     ]
 
 
+# run.shared: (fleet size, rows) of a window taken before change grew the fleet
+_EARLIER = "idle.earlier_window"
+
+
+def _window(run: Run, fleet: OneWorkerFleet) -> list[Row]:
+    window = 10.0 if run.quick else 60.0
+    time.sleep(5.0)  # let the last change's reports and events drain
+    return _rows(fleet, _watch(run, fleet, window), window)
+
+
+def window_before_growth(run: Run, fleet: OneWorkerFleet) -> None:
+    """Idle's window at the fleet's present size, taken when ``change`` is
+    about to grow it (``change.BEFORE_GROWTH``); ``measure`` reports it
+    first."""
+    run.shared[_EARLIER] = (fleet.n, _window(run, fleet))
+
+
 def measure(run: Run) -> list[Row]:
     fleet = one_worker_fleet(run)
     window = 10.0 if run.quick else 60.0
-    time.sleep(5.0)  # let the last change's reports and events drain
-    rows = _rows(fleet, _watch(run, fleet, window), window)
+    earlier: tuple[int, list[Row]] = run.shared.pop(_EARLIER, (0, []))
+    earlier_n, rows = earlier
+    if earlier_n != fleet.n:  # not measured at this size yet
+        rows = [*rows, *_window(run, fleet)]
     if run.quick or run.vmm != "tiny" or fleet.n >= LARGE:
         return rows
     size, why = _fitting(fleet, LARGE, 1000)

@@ -418,6 +418,7 @@ def worker_args(
         "5",
         "--concurrency",
         str(CONCURRENCY),
+        *run.daemon_log_args(),
         *extra,
     ]
 
