@@ -1,7 +1,8 @@
 """How the cloud-hypervisor driver takes an answer's body (issue 31 target 3:
 the sweep's counters call). An answer its transport read whole (an in-memory
 ``httpx.ByteStream``, no content coding) is taken from its stream as it is;
-any other answer is read as httpx reads it: decoded, streamed, closed. A
+a streamed one is read as httpx reads it and closed; one with a content
+coding (never asked for) is refused, never decoded. A
 hand-written transport (the driver's ``TransportFactory`` port) answers."""
 
 from __future__ import annotations
@@ -64,15 +65,27 @@ def test_an_answer_read_whole_is_taken_as_it_is() -> None:
     assert driver.counters(HANDLE, timeout=1.0) == COUNTERS
 
 
-def test_an_answer_with_a_content_coding_is_decoded() -> None:
+def test_an_answer_with_a_content_coding_is_refused_not_decoded() -> None:
+    # The driver asks for no coding (no Accept-Encoding) and cloud-hypervisor
+    # sends none: a coded answer is a broken or hostile VMM. Decoded, 17 KiB
+    # of gzip here would become 17 MiB, past the transport's 16 MiB bound on
+    # a body (a 16 MiB body, ~16 GiB), all of it in the worker's memory.
+    bomb = json.dumps({"state": "Running", "pad": "0" * (17 << 20)}).encode()
     driver = driver_answering(
         httpx.Response(
             200,
             headers=[(b"Content-Encoding", b"gzip")],
-            stream=httpx.ByteStream(gzip.compress(json.dumps(COUNTERS).encode())),
-        )
+            stream=httpx.ByteStream(gzip.compress(bomb, compresslevel=1)),
+        ),
+        httpx.Response(
+            200,
+            headers=[(b"Content-Encoding", b"identity")],
+            stream=httpx.ByteStream(json.dumps(COUNTERS).encode()),
+        ),
     )
-    assert driver.counters(HANDLE, timeout=1.0) == COUNTERS
+    with pytest.raises(VmmError, match="content coding 'gzip'"):
+        driver.info(HANDLE, timeout=1.0)
+    assert driver.counters(HANDLE, timeout=1.0) == COUNTERS  # identity is no coding
 
 
 def test_a_streamed_answer_is_read_and_closed() -> None:

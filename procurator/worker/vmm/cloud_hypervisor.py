@@ -51,8 +51,10 @@ A request without a body (counters, info, ping) is built once per endpoint
 and timeout and sent again (``_request``; -17 µs of a ~80 µs sweep call,
 docs/BENCHMARKS.md, issue 31 target 3). An answer's body is taken from the
 in-memory stream the transport returns it in (``_content``), not through
-``Response.read``, whose decoder machinery serves nothing here (an answer
-with a content coding, or streamed, is still read and closed as httpx does).
+``Response.read``, whose decoder machinery serves nothing here (a streamed
+answer is still read and closed as httpx does; one with a content coding,
+which the driver never asks for, is refused: decoded, it would escape the
+transport's bound on a body).
 Nothing reads proxy settings from the environment: the socket is local and a
 stray ``HTTP_PROXY`` must not reroute VMM control.
 
@@ -1095,9 +1097,21 @@ def _content(response: httpx.Response) -> bytes:
     is taken from its stream as it is; ``Response.read`` would pass it
     through httpx's decoders and request contexts, and ``Response.close``
     through them again: ~6 µs of a sweep call (docs/BENCHMARKS.md, issue 31
-    target 3). Any other answer is read and closed as httpx does it."""
+    target 3). Any other answer is read and closed as httpx does it.
+
+    An answer with a content coding is refused (``httpx.DecodingError``),
+    never decoded: the driver asks for none (no ``Accept-Encoding``) and
+    cloud-hypervisor sends none, and decoding is where the transport's bound
+    on a body stops holding (16 MiB of gzip becomes ~16 GiB in the worker).
+    """
+    coding = response.headers.get("content-encoding")
+    if coding is not None and coding.strip().lower() not in ("", "identity"):
+        response.close()
+        raise httpx.DecodingError(
+            f"the answer has a content coding {coding!r}, which the driver never asks for"
+        )
     stream = response.stream
-    if isinstance(stream, httpx.ByteStream) and "content-encoding" not in response.headers:
+    if isinstance(stream, httpx.ByteStream):
         return b"".join(stream)  # in memory: nothing to release either
     try:
         return response.read()
