@@ -285,13 +285,17 @@ def test_the_next_worker_reads_each_vms_uid_from_its_run_directory(state_dir: Pa
         jail.close()
 
 
-def test_a_restart_gets_a_fresh_cgroup_and_the_same_uid(
+def test_a_restart_keeps_the_vms_cgroup_and_its_uid(
     make_manager: ManagerFactory, state_dir: Path, recorder: Recorder
 ) -> None:
+    """A crashed VMM's restart runs in the cgroup its last VMM left (kept,
+    its limits rewritten: the same directory, not one made anew) under the
+    VM's uid."""
     manager = make_manager()
     first = manager.ensure(VmSpec("vm1", "h1", definition()))
     assert first.pid is not None
     uid = manager.jail.uid_of("vm1") if manager.jail else None
+    kept = [d.stat().st_ino for d in _cgroup_dirs(state_dir, "vm1")]
     os.kill(first.pid, signal.SIGKILL)
     recorder.wait_for(lambda: EventKind.RESTARTED in recorder.kinds("vm1"))
     again = manager.get_or_raise("vm1")
@@ -299,8 +303,9 @@ def test_a_restart_gets_a_fresh_cgroup_and_the_same_uid(
     again = manager.get_or_raise("vm1")
     assert again.pid not in (None, first.pid)
     assert again.confinement is not None and again.confinement.uid == uid
-    [d, *_] = _cgroup_dirs(state_dir, "vm1")
-    assert {int(p) for p in (d / "cgroup.procs").read_text().split()} == {again.pid}
+    dirs = _cgroup_dirs(state_dir, "vm1")
+    assert [d.stat().st_ino for d in dirs] == kept  # the same cgroups, not made anew
+    assert {int(p) for p in (dirs[0] / "cgroup.procs").read_text().split()} == {again.pid}
 
 
 def test_a_worker_killed_9_readopts_its_jailed_vmms(
