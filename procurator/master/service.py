@@ -121,13 +121,14 @@ Invariants:
   assignment (0 before it has one): ``ValidationError`` otherwise. Events
   and per-VM metric samples may name a VM of the assignment, a pending
   removal, or a removal confirmed within ``report_grace``; anything else is
-  ``UnauthorizedError`` (of a metrics change, the samples it carries are
-  vetted: series it leaves as they were passed when they were reported, and
-  a series that ended needs no voice). A refused report is refused whole, logged with the
-  worker id at WARNING, and nothing of it is stored. Before refusing, a
-  master whose caches may be behind the store (another master's apply
-  heard of in part) catches up on the fleet and that worker: a report is
-  refused only against what the store holds.
+  ``UnauthorizedError`` (of a metrics change, what it leaves held is
+  vetted, as a whole report is: the samples it carries and the held series
+  it does not end, so a worker cannot keep a VM's series by no longer
+  naming them; a series that ended needs no voice). A refused report is
+  refused whole, logged with the worker id at WARNING, and nothing of it is
+  stored. Before refusing, a master whose caches may be behind the store
+  (another master's apply heard of in part) catches up on the fleet and
+  that worker: a report is refused only against what the store holds.
 
   Removals are store rows written in the apply's transaction; a report that
   confirms some confirms them in the transaction that stores the status.
@@ -2039,10 +2040,21 @@ class MasterService:
         self._check_own(session, worker_id, "metrics")
 
         def problem() -> ProcuratorError | None:
-            # A change names only new or moved series: the VMs it adds to
-            # what is held. Ended series add nothing: a VM just removed
-            # from the worker may end its series.
-            vm_id = self._unmentionable(worker_id, [sample.vm_id for sample in report.samples])
+            # What the report leaves held is vetted, as a whole report is: a
+            # change's new or moved series, and the held series it neither
+            # moves nor ends (the master relays them as the worker's now; a
+            # VM moved away or removed past the grace is not). Ended series
+            # need no voice: a VM just removed may end its series. O(series
+            # held) per change at C speed, as the copy below is.
+            vm_ids = [sample.vm_id for sample in report.samples]
+            if not report.whole and session.metrics is not None:
+                ended = frozenset(report.ended)
+                vm_ids.extend(
+                    {key[1] for key in session.metrics if key not in ended}
+                    if ended
+                    else {key[1] for key in session.metrics}
+                )
+            vm_id = self._unmentionable(worker_id, vm_ids)
             if vm_id is None:
                 return None
             return UnauthorizedError(
