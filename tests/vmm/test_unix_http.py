@@ -274,6 +274,31 @@ def test_a_body_over_the_limit_is_refused_whatever_its_framing(peer: Peer) -> No
         t.close()
 
 
+INTERIM = b"HTTP/1.1 100 Continue\r\n\r\n"
+TRAILER = b"X-Trailer: 1\r\n"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        INTERIM * (MAX_HEAD_BYTES // len(INTERIM) + 1) + ok(),
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n"
+        + TRAILER * (MAX_HEAD_BYTES // len(TRAILER) + 1)
+        + b"\r\n",
+    ],
+    ids=["interim-answers", "trailers"],
+)
+def test_many_small_heads_count_against_the_bound_on_one(
+    peer: Peer, transport: UnixSocketTransport, answer: bytes
+) -> None:
+    # Each 1xx head, each trailer line alone is small: a peer sending them
+    # without end would hold the calling thread (the sweep's, for every VM)
+    # for as long as it likes, each recv well within the read timeout.
+    peer.script = [answer, CLOSE]
+    with pytest.raises(httpx.RemoteProtocolError, match=f"longer than {MAX_HEAD_BYTES}"):
+        call(transport)
+
+
 def test_a_missing_socket_is_a_connect_error_and_leaks_nothing(tmp_path: Path) -> None:
     fds = len(os.listdir("/proc/self/fd"))
     t = UnixSocketTransport(str(tmp_path / "nothing.sock"))

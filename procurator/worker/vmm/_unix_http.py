@@ -27,7 +27,8 @@ once on a new connection (the race between that check and the peer's idle
 close); other methods are never retried.
 
 Limits (a VMM answer is a few KiB; more is a broken or hostile peer): the
-head of an answer at most ``MAX_HEAD_BYTES``, its body at most
+head of an answer at most ``MAX_HEAD_BYTES`` (its interim answers' heads
+included), its chunked body's trailers as much again, its body at most
 ``max_body_bytes``.
 
 Errors are httpx's own, as from any httpx transport: ``ConnectError`` /
@@ -323,9 +324,15 @@ def _read_chunked(conn: _Connection, limit: int, request: httpx.Request) -> byte
             raise _protocol_error(f"malformed chunk size line {line[:80]!r}", request)
         size = int(digits, 16)
         if size == 0:
-            # Trailers, if any, up to the empty line.
-            while _read_until(conn, b"\r\n", MAX_HEAD_BYTES, request, "the trailers"):
-                pass
+            # Trailers, if any, up to the empty line: all of them together
+            # within the bound on a head, not each line alone.
+            trailers = 0
+            while line := _read_until(conn, b"\r\n", MAX_HEAD_BYTES, request, "the trailers"):
+                trailers += len(line) + 2
+                if trailers > MAX_HEAD_BYTES:
+                    raise _protocol_error(
+                        f"the trailers are longer than {MAX_HEAD_BYTES} bytes", request
+                    )
             return b"".join(parts)
         total += size
         if total > limit:
@@ -369,13 +376,22 @@ def _read_response(
     conn: _Connection, request: httpx.Request, max_body: int
 ) -> tuple[httpx.Response, bool]:
     """One answer from ``conn``, and whether the connection may be reused."""
+    heads = 0  # bytes of this answer's heads: its interim answers' and its own
     while True:
-        version, status, reason, headers = _parse_head(
-            _read_until(conn, b"\r\n\r\n", MAX_HEAD_BYTES, request, "the answer's head"), request
-        )
+        head = _read_until(conn, b"\r\n\r\n", MAX_HEAD_BYTES, request, "the answer's head")
+        heads += len(head) + 4
+        if heads > MAX_HEAD_BYTES:
+            raise _protocol_error(
+                f"the answer's head (with its interim answers) is longer than "
+                f"{MAX_HEAD_BYTES} bytes",
+                request,
+            )
+        version, status, reason, headers = _parse_head(head, request)
         if not (100 <= status < 200) or status == 101:
             break
-        # An interim answer (100 Continue, 102, 103): the real one follows.
+        # An interim answer (100 Continue, 102, 103): the real one follows,
+        # within what is left of the bound on a head (else a peer could
+        # send them without end, each recv within the read timeout).
     length: bytes | None = None
     transfer: bytes | None = None
     tokens: set[bytes] = set()
