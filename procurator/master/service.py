@@ -2033,7 +2033,8 @@ class MasterService:
         this master cannot apply (no report of the session yet: the
         session's first, or this master restarted; series that do not fit)
         is refused with ``ValidationError`` and what it holds is kept: the
-        worker then reports whole."""
+        worker then reports whole. A report whose vet waited on the store
+        while its session ended is dropped (``UnavailableError``)."""
         self._require_running()
         session = self._session(token)
         worker_id = report.worker_id
@@ -2063,6 +2064,11 @@ class MasterService:
             )
 
         await self._vet(worker_id, "metrics", problem)
+        if self._sessions.get(token) is not session:
+            # The vet waited on the store and the worker registered again
+            # meanwhile: this report is of an ended session, and what it
+            # would leave must not go over the new session's.
+            raise UnavailableError("this worker session has ended; register again")
         held = apply_metrics_report(session.metrics, report)
         session.metrics = held
         worker = self._worker(session.worker_id)

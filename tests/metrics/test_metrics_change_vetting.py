@@ -2,24 +2,32 @@
 (``MasterService.report_metrics``): after a change the master relays every
 series it holds of the worker, so a series of a VM that is no longer the
 worker's (moved away or removed, past the report grace) must not stay held
-because the worker merely stopped mentioning it. Service tests on a real
-SQLite store; the worker's Node is a hand-written fake."""
+because the worker merely stopped mentioning it; and a report that waited
+(its master caught up on the store first) lands only on a session still
+live, never over what the worker's newer session reported. Service tests on
+a real SQLite store and on real PostgreSQL; the worker's Node and the store
+gate are hand-written fakes."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
+from pgfixtures import pg, pg_url
 from rpcfixtures import make_fleet
 
-from procurator.core.errors import UnauthorizedError, UnsupportedError
+from procurator.core.errors import UnauthorizedError, UnavailableError, UnsupportedError
 from procurator.core.metrics import MetricSample, MetricsReport, series_key
 from procurator.core.models import Assignment, Phase, VmStatus, WorkerInfo, WorkerStatus
 from procurator.core.status import StatusChanges
 from procurator.master.service import MasterService
-from procurator.master.store import FleetStore
+from procurator.master.store import FleetStore, OnChange, OnHealth, Store, StoredWorker, open_store
+
+__all__ = ["pg", "pg_url"]  # fixtures
 
 GRACE = 300.0
 
@@ -94,3 +102,85 @@ async def test_a_change_cannot_keep_the_series_of_a_vm_no_longer_the_workers(
     ended = MetricsReport("host-a", (_cpu("web-1", 3),), (series_key(_cpu("web-2", 0)),), False)
     await service.report_metrics(token, ended)
     assert service.worker_metrics()["host-a"][1] == (_cpu("web-1", 3),)
+
+
+class _DeafAndGated:
+    """A master's store whose notifications never arrive (its caches stay
+    behind until it reads the store) and whose next read of a worker waits
+    at a gate once armed."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.armed = False
+        self.entered = trio.Event()
+        self.release = trio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def watch(
+        self,
+        on_change: OnChange,
+        on_health: OnHealth,
+        *,
+        task_status: Any = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        await self._store.watch(lambda change: None, on_health, task_status=task_status)
+
+    async def worker(self, worker_id: str) -> StoredWorker:
+        if self.armed:
+            self.armed = False
+            self.entered.set()
+            await self.release.wait()
+        return await self._store.worker(worker_id)
+
+
+async def test_a_report_that_waited_does_not_land_on_a_session_since_replaced(
+    pg_url: str,
+) -> None:
+    """Master b learns of web-2 only from the store: a change naming it
+    waits while b catches up, and meanwhile the worker registers again and
+    reports whole. The change must not then land on the ended session and
+    put its series over the new session's."""
+    fast = {"sync_interval": 3600.0, "worker_lease": 5.0, "leader_lease": 5.0}
+    async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
+        services = []
+        gate: _DeafAndGated | None = None
+        for index in range(2):
+            store: Store = await open_store(pg_url, application_name=f"procurator-master/m{index}")
+            stack.push_async_callback(store.aclose)
+            if index == 1:
+                store = gate = _DeafAndGated(store)  # type: ignore[assignment]
+            service = MasterService(store, master_id=f"m{index}", **fast)  # type: ignore[arg-type]
+            await nursery.start(service.run)
+            services.append(service)
+        a, b = services
+        assert gate is not None
+        await a.apply(make_fleet({"host-a": [("web-1", "a")]}))
+        await b.apply(make_fleet({"host-a": [("web-1", "a")]}), dry_run=True)  # b catches up
+        old = await b.register(WorkerInfo("host-a"), _Node())
+        await b.report_metrics(old, MetricsReport("host-a", (_cpu("web-1", 1),)))
+        await a.apply(make_fleet({"host-a": [("web-1", "a"), ("web-2", "a")]}))  # b unaware
+
+        stale = MetricsReport("host-a", (_cpu("web-2", 5),), whole=False)
+        outcome: list[BaseException | None] = []
+
+        async def report_stale() -> None:
+            try:
+                await b.report_metrics(old, stale)
+                outcome.append(None)
+            except UnavailableError as exc:
+                outcome.append(exc)
+
+        gate.armed = True
+        async with trio.open_nursery() as reports:
+            reports.start_soon(report_stale)
+            await gate.entered.wait()
+            # The worker gave up on that call: a new session, a whole report.
+            new = await b.register(WorkerInfo("host-a"), _Node())
+            whole = MetricsReport("host-a", (_cpu("web-1", 7), _cpu("web-2", 7)))
+            await b.report_metrics(new, whole)
+            gate.release.set()
+        assert set(b.worker_metrics()["host-a"][1]) == set(whole.samples)
+        assert isinstance(outcome[0], UnavailableError)
+        nursery.cancel_scope.cancel()
