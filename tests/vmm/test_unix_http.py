@@ -318,6 +318,40 @@ def test_a_silent_peer_is_a_read_timeout(peer: Peer, transport: UnixSocketTransp
         transport.handle_request(request)
 
 
+def test_a_peer_trickling_its_answer_is_a_read_timeout(tmp_path: Path) -> None:
+    # Each byte comes well within the read timeout, the whole answer never
+    # does: the timeout bounds the answer, not each recv (else one hostile
+    # VMM holds the sweep's thread, which calls every VM, as long as it likes).
+    path = str(tmp_path / "api.sock")
+    stop = threading.Event()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(1)
+
+        def trickle() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                for byte in ok():
+                    if stop.wait(0.05):
+                        return
+                    conn.sendall(bytes([byte]))
+
+        thread = threading.Thread(target=trickle, daemon=True)
+        thread.start()
+        t = UnixSocketTransport(path)
+        request = httpx.Request(
+            "GET", URL + "vm.info", extensions={"timeout": {"connect": 1.0, "read": 0.3}}
+        )
+        try:
+            with pytest.raises(httpx.ReadTimeout):
+                t.handle_request(request)
+        finally:
+            stop.set()
+            t.close()
+            thread.join(5)
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [

@@ -26,6 +26,9 @@ finds its reused connection closed before any byte of the answer is retried
 once on a new connection (the race between that check and the peer's idle
 close); other methods are never retried.
 
+The read timeout bounds a whole answer, not each recv as httpx's does: a
+peer trickling its bytes times out like a silent one.
+
 Limits (a VMM answer is a few KiB; more is a broken or hostile peer): the
 head of an answer at most ``MAX_HEAD_BYTES`` (its interim answers' heads
 included), its chunked body's trailers as much again, its body at most
@@ -66,7 +69,7 @@ class _PeerClosed(Exception):
 
 
 class _Connection:
-    __slots__ = ("buffer", "idle_since", "received", "sock", "timeout")
+    __slots__ = ("buffer", "deadline", "idle_since", "received", "sock", "timeout")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -74,6 +77,7 @@ class _Connection:
         self.buffer = bytearray()
         self.idle_since = 0.0
         self.received = 0  # bytes received for the current answer
+        self.deadline: float | None = None  # the current answer's, by the read timeout
 
     def set_timeout(self, timeout: float | None) -> None:
         # A settimeout is two fcntl calls; most requests reuse the last one.
@@ -82,7 +86,16 @@ class _Connection:
             self.timeout = timeout
 
     def fill(self) -> bool:
-        """Read what is there into the buffer; False at the end of the stream."""
+        """Read what is there into the buffer; False at the end of the stream.
+        ``TimeoutError`` once the answer's deadline passed: the read timeout
+        bounds the whole answer, not each recv (a peer trickling bytes would
+        hold the caller as long as it liked). The socket's timeout is only
+        shortened for an answer that takes more than one recv."""
+        if self.received and self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the answer did not come whole within the read timeout")
+            self.set_timeout(left)
         chunk = self.sock.recv(_RECV_BYTES)
         if not chunk:
             return False
@@ -213,7 +226,9 @@ class UnixSocketTransport(httpx.BaseTransport):
                 raise httpx.WriteError(str(exc), request=request) from exc
             try:
                 conn.received = 0
-                conn.set_timeout(timeouts.get("read"))
+                read_timeout = timeouts.get("read")
+                conn.set_timeout(read_timeout)
+                conn.deadline = None if read_timeout is None else time.monotonic() + read_timeout
                 response, keep = _read_response(conn, request, self._max_body)
             except TimeoutError as exc:
                 raise httpx.ReadTimeout(str(exc), request=request) from exc
