@@ -72,10 +72,13 @@ be had (``inotify_init1`` out of instances, tried again by the next
 launch; the directory not made yet; out of watches) or no pidfd (out of
 descriptors), the wait polls at that pace too: slower, never wrong.
 
-Locks: ``_LaunchWatches._shared_lock`` (making the instance) and
+Locks: ``_LaunchWatches._shared_lock`` (making the instance),
 ``_LaunchWatches._lock`` (its watches and their waiters) and
-``ExitWatcher._lock`` are leaves, never held together; under
-``_LaunchWatches._lock`` only waiters' events are set.
+``ExitWatcher._lock`` are never held together; ``_Inotify._lock`` (loading
+the C library's functions) is the innermost, taken under the first two.
+Under ``_LaunchWatches._lock`` only inotify calls are made (none waits)
+and waiters' events set; under ``_shared_lock`` the instance and its
+thread are made.
 
 ``/proc/<pid>/stat`` is read with one ``os.read`` on a descriptor opened
 for it (no ``pathlib``, no text decoding): identity checks run on every
@@ -368,11 +371,12 @@ class _LaunchWatches:
 
     Thread-safe. Lock: ``_lock`` guards ``_waiters`` and the instance's
     watches (added and removed under it, so an event read by the thread is
-    looked up after its watch's waiters were recorded); a leaf, under which
-    only the waiters' events are set (``Event``'s own lock is innermost).
-    The ``ExitWatcher``'s lock is never held with it."""
+    looked up after its watch's waiters were recorded); under it only
+    inotify calls are made (``_Inotify._lock`` nests inside) and the
+    waiters' events set (``Event``'s own lock is innermost). The
+    ``ExitWatcher``'s lock is never held with it."""
 
-    _shared_lock = threading.Lock()  # a leaf: guards making _shared
+    _shared_lock = threading.Lock()  # guards making _shared (module docstring: Locks)
     _shared: _LaunchWatches | None = None
 
     @classmethod
