@@ -442,6 +442,10 @@ class _Session:
     # The metric series this session's reports left: what its metrics
     # changes apply to (None: no report yet; procurator.core.metrics).
     metrics: dict[SeriesKey, MetricSample] | None = None
+    # The VM ids of ``metrics``' series (with "" for worker-wide ones): what
+    # a change that ends nothing leaves held is vetted by (made anew only
+    # when the series held are not the same set any more).
+    metric_vms: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -2045,16 +2049,18 @@ class MasterService:
             # change's new or moved series, and the held series it neither
             # moves nor ends (the master relays them as the worker's now; a
             # VM moved away or removed past the grace is not). Ended series
-            # need no voice: a VM just removed may end its series. O(series
-            # held) per change at C speed, as the copy below is.
+            # need no voice: a VM just removed may end its series. A change
+            # that ends nothing costs a set difference (C speed) with the
+            # VMs assigned; one that ends some, O(series held).
             vm_ids = [sample.vm_id for sample in report.samples]
-            if not report.whole and session.metrics is not None:
-                ended = frozenset(report.ended)
-                vm_ids.extend(
-                    {key[1] for key in session.metrics if key not in ended}
-                    if ended
-                    else {key[1] for key in session.metrics}
-                )
+            held = session.metrics
+            if not report.whole and held is not None:
+                if report.ended:
+                    ended = frozenset(report.ended)
+                    vm_ids.extend({key[1] for key in held if key not in ended})
+                else:
+                    voice = self._voices.get(worker_id) or _Voice()
+                    vm_ids.extend(session.metric_vms - voice.assigned)
             vm_id = self._unmentionable(worker_id, vm_ids)
             if vm_id is None:
                 return None
@@ -2069,8 +2075,13 @@ class MasterService:
             # meanwhile: this report is of an ended session, and what it
             # would leave must not go over the new session's.
             raise UnavailableError("this worker session has ended; register again")
+        count = -1 if session.metrics is None else len(session.metrics)
         held = apply_metrics_report(session.metrics, report)
         session.metrics = held
+        if report.whole or report.ended or len(held) != count:
+            # The set of series changed (a change that ends none and keeps
+            # the count added none): their VMs anew, O(series).
+            session.metric_vms = frozenset(key[1] for key in held)
         worker = self._worker(session.worker_id)
         worker.metrics = tuple(held.values())
         worker.last_metrics_unix_ms = self._now_ms()
