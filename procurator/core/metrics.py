@@ -33,6 +33,15 @@ Invariants:
   worker then sends a whole report. After every acknowledged report the
   master holds exactly ``series_of`` the samples the worker last reported.
   A report names each series at most once.
+- **A big report crosses as bounded slices** (``report_slices``): each
+  carries at most ``MAX_SERIES_PER_SLICE`` series (moved plus ended), the
+  first keeps the report's kind (whole or a change), the rest are changes,
+  and applying them in order leaves the master exactly what the one report
+  would. Both ends' Cap'n Proto threads encode / decode one slice at a time,
+  so the session's other calls (status, events, the master's pushes) pass
+  between slices instead of waiting behind ~180,000 series. The worker
+  marks the base delivered only when the last slice is acknowledged; a
+  slice refused or lost makes the next report whole.
 """
 
 from __future__ import annotations
@@ -56,6 +65,7 @@ from procurator.core.rollout import RolloutView
 
 __all__ = [
     "CATALOGUE",
+    "MAX_SERIES_PER_SLICE",
     "MAX_SERIES_PER_WORKER",
     "PHASES",
     "U64_MAX",
@@ -76,6 +86,7 @@ __all__ = [
     "group_samples",
     "http_sd_groups",
     "parse_metrics_url",
+    "report_slices",
     "series_key",
     "series_of",
     "vm_figure_samples",
@@ -510,6 +521,12 @@ MAX_SERIES_PER_WORKER = 200_000
 one report may carry): bounds a worker's share of the master's memory."""
 
 
+MAX_SERIES_PER_SLICE = 2_000
+"""The most series (moved plus ended) one ``reportMetrics`` call carries:
+a bigger report crosses as several (``report_slices``), so no one call
+holds a Cap'n Proto thread for long (~2 ms to encode or decode 2,000)."""
+
+
 def series_key(sample: MetricSample) -> SeriesKey:
     """The series ``sample`` is a value of."""
     return (sample.name, sample.vm_id, sample.labels)
@@ -615,6 +632,44 @@ class ReportedSeries:
         master's series are not known any more, the next report is whole."""
         self._sent = None
         self._reported = None
+
+
+def report_slices(
+    report: MetricsReport, max_series: int = MAX_SERIES_PER_SLICE
+) -> list[MetricsReport]:
+    """``report`` as calls of at most ``max_series`` series each (samples
+    plus ended), to be applied in order: the first is of ``report``'s kind
+    (a whole one's first slice replaces what the master held), the rest are
+    changes on top. Applied in order by ``apply_metrics_report`` they leave
+    exactly what ``report`` would. A whole report that names a series twice
+    keeps its last sample, as the master's whole apply would. A report
+    within the bound is itself, the one slice."""
+    if max_series < 1:
+        raise ValueError(f"a metrics slice must carry at least one series, not {max_series}")
+    samples = report.samples
+    if report.whole and len(samples) > max_series:
+        samples = tuple(series_of(samples).values())
+    if len(samples) + len(report.ended) <= max_series:
+        return [report]
+    worker_id = report.worker_id
+    slices = [
+        MetricsReport(worker_id, samples[start : start + max_series], whole=False)
+        for start in range(0, len(samples), max_series)
+    ]
+    # The ended series fill the last samples' slice, then slices of their own.
+    room = max_series - len(slices[-1].samples) if slices else 0
+    ended = report.ended
+    if slices and room:
+        last = slices[-1]
+        slices[-1] = MetricsReport(worker_id, last.samples, ended[:room], whole=False)
+        ended = ended[room:]
+    slices += [
+        MetricsReport(worker_id, (), ended[start : start + max_series], whole=False)
+        for start in range(0, len(ended), max_series)
+    ]
+    first = slices[0]
+    slices[0] = MetricsReport(worker_id, first.samples, first.ended, whole=report.whole)
+    return slices
 
 
 def _moved_in_place(

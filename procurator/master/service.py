@@ -2075,6 +2075,7 @@ class MasterService:
             # meanwhile: this report is of an ended session, and what it
             # would leave must not go over the new session's.
             raise UnavailableError("this worker session has ended; register again")
+        started = time.perf_counter()
         count = -1 if session.metrics is None else len(session.metrics)
         held = apply_metrics_report(session.metrics, report)
         session.metrics = held
@@ -2085,6 +2086,16 @@ class MasterService:
         worker = self._worker(session.worker_id)
         worker.metrics = tuple(held.values())
         worker.last_metrics_unix_ms = self._now_ms()
+        logger.debug(
+            "metrics report of worker %s applied (%s): %d series carried, %d ended, "
+            "%d held, %.1f ms",
+            worker_id,
+            "whole" if report.whole else "change",
+            len(report.samples),
+            len(report.ended),
+            len(held),
+            (time.perf_counter() - started) * 1000,
+        )
 
     async def report_events(self, token: int, events: Sequence[VmEvent]) -> None:
         self._require_store()

@@ -27,7 +27,13 @@ said it takes changes (``takesChanges``; an older master never says so and
 gets whole reports). A change the master refuses (it lost the base: it
 restarted, or its series do not fit) is followed at once, in the same
 call, by the whole report; a report that may not have arrived (a timeout,
-a broken connection) leaves no base, so the next one is whole.
+a broken connection) leaves no base, so the next one is whole. A report of
+more than ``MAX_SERIES_PER_SLICE`` series crosses as bounded slices in
+sequence (``report_slices``), so this session's other calls pass between
+them on the capnp thread; a whole report's rest follows as changes only
+once the master's answer to its first slice says it takes changes (an
+older master gets the whole report again, in one call, as before); the
+base is delivered when the last slice is acknowledged.
 """
 
 from __future__ import annotations
@@ -69,7 +75,7 @@ from procurator.core.fleetpatch import (
     PatchRequest,
     patch_rounds,
 )
-from procurator.core.metrics import MetricSample, MetricsReport, ReportedSeries
+from procurator.core.metrics import MetricSample, MetricsReport, ReportedSeries, report_slices
 from procurator.core.models import Assignment, Fleet, VmEvent, WorkerInfo, WorkerStatus
 from procurator.core.move import DEFAULT_MOVE_TIMEOUT_S, MAX_MOVE_TIMEOUT_S, Move, MoveKind
 from procurator.core.rollout import RolloutAction, RolloutView
@@ -687,19 +693,33 @@ class CapnpMasterSession:
         report = series.report(samples)
         try:
             try:
-                takes_changes = await self._send_metrics(report)
+                takes_changes = await self._send_sliced(report)
             except PermanentError as exc:
                 if report.whole:
                     raise
-                # Refused, the master kept what it had: no base any more.
+                # Refused, the master kept what it had (or a change's slices
+                # before this one): no base any more.
                 logger.info("the master refused a metrics change (%s): reporting whole", exc)
                 series.refused()
                 report = series.report(samples)
-                takes_changes = await self._send_metrics(report)
+                takes_changes = await self._send_sliced(report)
         except BaseException:
             series.refused()
             raise
         series.delivered(takes_changes=takes_changes)
+
+    async def _send_sliced(self, report: MetricsReport) -> bool:
+        """Send ``report`` as its bounded slices, one call each, in order;
+        whether the master takes changes (module docstring)."""
+        slices = report_slices(report)
+        takes_changes = await self._send_metrics(slices[0])
+        if len(slices) > 1 and not takes_changes:
+            # An older master: it takes whole reports only (and applies its
+            # own limits to them), so the whole report in one call.
+            return await self._send_metrics(report)
+        for part in slices[1:]:
+            takes_changes = await self._send_metrics(part)
+        return takes_changes
 
     async def _send_metrics(self, report: MetricsReport) -> bool:
         return await self._bridge.run(_report_metrics, self._handle, report, what="reportMetrics")

@@ -3,20 +3,24 @@ real SQLite store and socket, the worker's real ``CapnpMasterSession``. A
 session's first report is whole, later ones carry what moved or ended; a
 restarted master gets a whole report on the new session; a change the
 master holds no base for is refused and the whole report follows in the
-same call, leaving the master with exactly the worker's series."""
+same call, leaving the master with exactly the worker's series. A report
+of more than ``MAX_SERIES_PER_SLICE`` series crosses as several calls, which
+compose to what the one report would leave, let the session's other calls
+pass between them, and when one is refused the next report is whole."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import trio
 from rpchelpers import served
 
-from procurator.core.metrics import MetricSample, MetricsReport, series_of
-from procurator.core.models import Assignment, Fleet, WorkerInfo
+from procurator.core.errors import ValidationError
+from procurator.core.metrics import MAX_SERIES_PER_SLICE, MetricSample, MetricsReport, series_of
+from procurator.core.models import Assignment, Fleet, VmEvent, WorkerInfo
 from procurator.master.service import MasterService
 from procurator.master.store import FleetStore
 from procurator.rpc.address import Address
@@ -33,9 +37,26 @@ class Recording:
     def __init__(self, service: MasterService) -> None:
         self.service = service
         self.reports: list[tuple[MetricsReport, str]] = []
+        # The metrics and events calls in the order they arrived.
+        self.arrivals: list[str] = []
+        # Awaited when a metrics call arrives, before it is applied.
+        self.on_metrics: Callable[[int], Awaitable[None]] | None = None
+        # The metrics call (counted from 0) refused, as a master without the
+        # base would refuse it.
+        self.refuse_call: int | None = None
+
+    async def report_events(self, token: int, events: Sequence[VmEvent]) -> None:
+        self.arrivals.append("events")
+        await self.service.report_events(token, events)
 
     async def report_metrics(self, token: int, report: MetricsReport) -> None:
+        call = self.arrivals.count("metrics")
+        self.arrivals.append("metrics")
+        if self.on_metrics is not None:
+            await self.on_metrics(call)
         try:
+            if call == self.refuse_call:
+                raise ValidationError("refused on purpose: this master lost the base")
             await self.service.report_metrics(token, report)
         except Exception as exc:
             self.reports.append((report, type(exc).__name__))
@@ -134,3 +155,113 @@ async def test_changes_cross_the_wire_and_a_lost_base_gets_the_whole_report(
                 assert master.held() == series_of([moved, gen])
             finally:
                 await later.aclose()
+
+
+def _worker_series(count: int, value: float = 1.0) -> list[MetricSample]:
+    """``count`` worker-wide series (no VM to assign), each of its own label."""
+    return [
+        MetricSample("procurator_worker_reconcile_seconds_total", value, "", (("n", str(n)),))
+        for n in range(count)
+    ]
+
+
+async def test_a_big_report_crosses_as_bounded_slices_that_compose(
+    tmp_path: Path, bridge: Bridge
+) -> None:
+    big = _worker_series(2 * MAX_SERIES_PER_SLICE + 500)
+    async with await FleetStore.open(tmp_path / "m.db") as store:
+        service = MasterService(store)
+        async with served_master(service, bridge) as (master, address):
+            session = await CapnpMasterDialer(bridge, address).connect(
+                WorkerInfo("host-a"), _ignore
+            )
+            try:
+                await session.report_metrics(big)
+                assert master.kinds() == [("whole", "ok"), ("change", "ok"), ("change", "ok")]
+                assert master.held() == series_of(big)
+                # A change as big: half the series moved, the rest ended.
+                half = len(big) // 2
+                moved = _worker_series(half, value=2.0)
+                await session.report_metrics(moved)
+                sizes = [len(r.samples) + len(r.ended) for r, _ in master.reports]
+                assert sizes == [MAX_SERIES_PER_SLICE, MAX_SERIES_PER_SLICE, len(big) - 4_000]
+                assert master.kinds() == [("change", "ok")] * 3
+                assert master.held() == series_of(moved)
+            finally:
+                await session.aclose()
+
+
+async def test_the_sessions_other_calls_pass_between_a_big_reports_slices(
+    tmp_path: Path, bridge: Bridge
+) -> None:
+    big = _worker_series(3 * MAX_SERIES_PER_SLICE)
+    async with await FleetStore.open(tmp_path / "m.db") as store:
+        service = MasterService(store)
+        async with served_master(service, bridge) as (master, address):
+            session = await CapnpMasterDialer(bridge, address).connect(
+                WorkerInfo("host-a"), _ignore
+            )
+
+            async def report_events_meanwhile(call: int) -> None:
+                # An events report sent once the big report is under way, by
+                # the same worker session, is answered before the big
+                # report's last call arrives: it did not wait behind it.
+                if call == 0:
+                    await session.report_events([])
+
+            master.on_metrics = report_events_meanwhile
+            try:
+                await session.report_metrics(big)
+                assert master.arrivals == ["metrics", "events", "metrics", "metrics"]
+                assert master.held() == series_of(big)
+            finally:
+                await session.aclose()
+
+
+async def test_a_refused_slice_leaves_no_base_and_the_whole_report_follows(
+    tmp_path: Path, bridge: Bridge
+) -> None:
+    big = _worker_series(2 * MAX_SERIES_PER_SLICE + 10)
+    async with await FleetStore.open(tmp_path / "m.db") as store:
+        service = MasterService(store)
+        async with served_master(service, bridge) as (master, address):
+            session = await CapnpMasterDialer(bridge, address).connect(
+                WorkerInfo("host-a"), _ignore
+            )
+            try:
+                # A whole report's second slice refused: the call fails, the
+                # master holds part of it, and the next report is whole.
+                master.refuse_call = 1
+                try:
+                    await session.report_metrics(big)
+                except ValidationError:
+                    pass
+                else:
+                    raise AssertionError("the refused slice did not fail the report")
+                assert master.kinds() == [("whole", "ok"), ("change", "ValidationError")]
+                master.refuse_call = None
+                master.arrivals.clear()
+                await session.report_metrics(big)
+                assert master.kinds() == [("whole", "ok"), ("change", "ok"), ("change", "ok")]
+                assert master.held() == series_of(big)
+                # A change's second slice refused: the whole report follows
+                # in the same call.
+                master.arrivals.clear()
+                master.refuse_call = 1
+                moved = _worker_series(len(big), value=3.0)
+                await session.report_metrics(moved)
+                assert master.kinds() == [
+                    ("change", "ok"),
+                    ("change", "ValidationError"),
+                    ("whole", "ok"),
+                    ("change", "ok"),
+                    ("change", "ok"),
+                ]
+                assert master.held() == series_of(moved)
+                master.refuse_call = None
+                master.arrivals.clear()
+                await session.report_metrics(big)
+                assert [kind for kind, _ in master.kinds()] == ["change"] * 3
+                assert master.held() == series_of(big)
+            finally:
+                await session.aclose()
