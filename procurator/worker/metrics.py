@@ -68,8 +68,9 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields
 from functools import partial
+from operator import attrgetter
 
 import trio
 from prometheus_client import CollectorRegistry, Histogram, generate_latest, make_wsgi_app
@@ -253,6 +254,23 @@ _Built = dict[str, tuple[VmSnapshot, tuple[MetricSample, ...], tuple[MetricSampl
 (``vm_settled_samples``) and all its samples."""
 
 
+_FIGURE_FIELDS = ("usage", "counters")
+_FIELD_NAMES = tuple(f.name for f in fields(VmSnapshot))
+_settled_fields = attrgetter(*(n for n in _FIELD_NAMES if n not in _FIGURE_FIELDS))
+"""A snapshot's fields but its figures, as a tuple: compared as a whole, the
+way the dataclass's ``__eq__`` compares, without ``replace``'s per-field
+walk (4-6 µs a VM a poll: a third of the poll's Python at 1,000 VMs)."""
+_all_fields = attrgetter(*_FIELD_NAMES)
+_USAGE_AT = _FIELD_NAMES.index("usage")
+
+
+def _with_usage(vm: VmSnapshot, usage: ProcessUsage | None) -> VmSnapshot:
+    """``replace(vm, usage=usage)``, field by field in the class's order."""
+    values = list(_all_fields(vm))
+    values[_USAGE_AT] = usage
+    return VmSnapshot(*values)
+
+
 def _samples_of(vm: VmSnapshot, previous: _Built, built: _Built) -> tuple[MetricSample, ...]:
     """``vm``'s samples: the previous poll's when the VM's snapshot is the
     same (figures included); when only its figures moved (``usage``,
@@ -263,7 +281,7 @@ def _samples_of(vm: VmSnapshot, previous: _Built, built: _Built) -> tuple[Metric
     if kept is not None and kept[0] == vm:
         entry = kept
     else:
-        if kept is not None and replace(kept[0], usage=vm.usage, counters=vm.counters) == vm:
+        if kept is not None and _settled_fields(kept[0]) == _settled_fields(vm):
             settled = kept[1]
             # The figures that did not move keep their sample too.
             figures = vm_figure_samples(vm, kept[2][len(settled) :])
@@ -475,11 +493,7 @@ class WorkerMetrics:
         end = min(poll.done + size, len(poll.pending))
         for listed in poll.pending[poll.done : end]:
             # /proc only for a VM whose VMM process runs
-            vm = (
-                listed
-                if listed.pid <= 0
-                else replace(listed, usage=self._usage(listed, read_usage))
-            )
+            vm = listed if listed.pid <= 0 else _with_usage(listed, self._usage(listed, read_usage))
             poll.vms.append(vm)
             poll.samples.extend(_samples_of(vm, poll.previous, poll.built))
         poll.done = end
