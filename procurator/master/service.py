@@ -2079,10 +2079,13 @@ class MasterService:
         count = -1 if session.metrics is None else len(session.metrics)
         held = apply_metrics_report(session.metrics, report)
         session.metrics = held
-        if report.whole or report.ended or len(held) != count:
-            # The set of series changed (a change that ends none and keeps
-            # the count added none): their VMs anew, O(series).
+        if report.whole or report.ended:
+            # Series ended or were replaced: their VMs anew, O(series).
             session.metric_vms = frozenset(key[1] for key in held)
+        elif len(held) != count:
+            # A change that ends none and added series (a big report's later
+            # slices): their VMs join, O(VMs + the change), not O(series).
+            session.metric_vms = session.metric_vms.union(s.vm_id for s in report.samples)
         worker = self._worker(session.worker_id)
         worker.metrics = tuple(held.values())
         worker.last_metrics_unix_ms = self._now_ms()
