@@ -32,7 +32,8 @@ more than ``MAX_SERIES_PER_SLICE`` series crosses as bounded slices in
 sequence (``report_slices``), so this session's other calls pass between
 them on the capnp thread; a whole report's rest follows as changes only
 once the master's answer to its first slice says it takes changes (an
-older master gets the whole report again, in one call, as before); the
+older master gets the whole report again, in one call, and every later
+report of the session whole in one call, as before); the
 base is delivered when the last slice is acknowledged.
 """
 
@@ -662,6 +663,9 @@ class CapnpMasterSession:
         self._disconnected = disconnected
         # What the master holds of this worker's series on this session.
         self._series = ReportedSeries(worker_id)
+        # The master answered a report without takesChanges: an older one,
+        # which gets every report whole in one call.
+        self._whole_only = False
 
     @property
     def connected(self) -> bool:
@@ -711,12 +715,17 @@ class CapnpMasterSession:
     async def _send_sliced(self, report: MetricsReport) -> bool:
         """Send ``report`` as its bounded slices, one call each, in order;
         whether the master takes changes (module docstring)."""
+        if self._whole_only:
+            return await self._send_metrics(report)
         slices = report_slices(report)
         takes_changes = await self._send_metrics(slices[0])
-        if len(slices) > 1 and not takes_changes:
+        if not takes_changes:
             # An older master: it takes whole reports only (and applies its
-            # own limits to them), so the whole report in one call.
-            return await self._send_metrics(report)
+            # own limits to them), so the whole report in one call, now and
+            # from now on.
+            self._whole_only = True
+            if len(slices) > 1:
+                return await self._send_metrics(report)
         for part in slices[1:]:
             takes_changes = await self._send_metrics(part)
         return takes_changes

@@ -25,7 +25,7 @@ from procurator.master.service import MasterService
 from procurator.master.store import FleetStore
 from procurator.rpc.address import Address
 from procurator.rpc.bridge import Bridge
-from procurator.rpc.clients import CapnpMasterDialer, open_control
+from procurator.rpc.clients import CapnpMasterDialer, CapnpMasterSession, open_control
 
 FleetOf = Callable[[dict[str, list[tuple[str, str]]]], Fleet]
 
@@ -263,5 +263,43 @@ async def test_a_refused_slice_leaves_no_base_and_the_whole_report_follows(
                 await session.report_metrics(big)
                 assert [kind for kind, _ in master.kinds()] == ["change"] * 3
                 assert master.held() == series_of(big)
+            finally:
+                await session.aclose()
+
+
+class _OlderMasterSession(CapnpMasterSession):
+    """A session with a master that predates changes: the real master's
+    answers, read as an older master's (no ``takesChanges``)."""
+
+    async def _send_metrics(self, report: MetricsReport) -> bool:
+        await super()._send_metrics(report)
+        return False
+
+
+async def test_an_older_master_gets_each_report_whole_in_one_call(
+    tmp_path: Path, bridge: Bridge
+) -> None:
+    big = _worker_series(MAX_SERIES_PER_SLICE + 10)
+    async with await FleetStore.open(tmp_path / "m.db") as store:
+        service = MasterService(store)
+        async with served_master(service, bridge) as (master, address):
+            session = await CapnpMasterDialer(bridge, address).connect(
+                WorkerInfo("host-a"), _ignore
+            )
+            session.__class__ = _OlderMasterSession
+            try:
+                # The first answer tells an older master: the whole report
+                # follows in one call, as an older worker would send it.
+                await session.report_metrics(big)
+                sizes = [len(r.samples) for r, _ in master.reports]
+                assert master.kinds() == [("whole", "ok"), ("whole", "ok")]
+                assert sizes == [MAX_SERIES_PER_SLICE, len(big)]
+                assert master.held() == series_of(big)
+                # From then on each report is whole, in one call.
+                moved = _worker_series(len(big), value=2.0)
+                await session.report_metrics(moved)
+                assert [len(r.samples) for r, _ in master.reports] == [len(big)]
+                assert master.kinds() == [("whole", "ok")]
+                assert master.held() == series_of(moved)
             finally:
                 await session.aclose()
