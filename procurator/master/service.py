@@ -474,9 +474,25 @@ class _Worker:
     last_report_unix_ms: int = 0
     removals: dict[str, Removal] = field(default_factory=dict)
     session: _Session | None = None  # on this master
-    metrics: tuple[MetricSample, ...] = ()
+    # The series its last metrics report left (its session's, changed in
+    # place by later reports); ``metrics`` lists them.
+    metrics_held: Mapping[SeriesKey, MetricSample] = field(default_factory=dict)
     last_metrics_unix_ms: int = 0
     mode: WorkerMode | None = None  # cordoned or draining (procurator.core.drain)
+    _metrics: tuple[MetricSample, ...] | None = None
+
+    @property
+    def metrics(self) -> tuple[MetricSample, ...]:
+        """The held series, listed when first read after a report (on the
+        trio thread: the exporter's view each second), not per report: a
+        big report's slices would each pay O(series held)."""
+        if self._metrics is None:
+            self._metrics = tuple(self.metrics_held.values())
+        return self._metrics
+
+    def metrics_applied(self, held: Mapping[SeriesKey, MetricSample]) -> None:
+        self.metrics_held = held
+        self._metrics = None
 
     @property
     def connected(self) -> bool:
@@ -2087,7 +2103,7 @@ class MasterService:
             # slices): their VMs join, O(VMs + the change), not O(series).
             session.metric_vms = session.metric_vms.union(s.vm_id for s in report.samples)
         worker = self._worker(session.worker_id)
-        worker.metrics = tuple(held.values())
+        worker.metrics_applied(held)
         worker.last_metrics_unix_ms = self._now_ms()
         logger.debug(
             "metrics report of worker %s applied (%s): %d series carried, %d ended, "
