@@ -15,7 +15,11 @@ thread), over a loopback socket.
   no event: the worker's capnp thread, the wire, the master's capnp thread
   and its trio thread, and back), alone, and back to back all the while a
   big report is in flight, sent as one call or as bounded slices
-  (``report_slices``), the two alternated round by round.
+  (``report_slices``), the two alternated round by round;
+- the latency of a push: a control client in a third process (its own
+  capnp thread) applies a one-VM change 10 ms into the big report, the
+  time from its sending to the worker's ``on_push`` (one clock, the host's
+  wall clock), against the same with no report in flight.
 
 The series are worker-wide ones with a label per VM (the master vets a
 VM's series against the VMs assigned; with no fleet here, none is), of the
@@ -25,6 +29,7 @@ size a VM's are on the wire.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import subprocess
@@ -37,10 +42,11 @@ from pathlib import Path
 import trio
 
 from procurator.core.errors import UnavailableError
+from procurator.core.fleet import parse_fleet
 from procurator.core.metrics import MetricSample, MetricsReport, apply_metrics_report, series_of
 from procurator.core.models import WorkerInfo
 from procurator.rpc.bridge import TRAVERSAL_LIMIT_WORDS, open_bridge
-from procurator.rpc.clients import CapnpMasterDialer, CapnpMasterSession
+from procurator.rpc.clients import CapnpMasterDialer, CapnpMasterSession, open_control
 from procurator.rpc.convert import fill_metrics, metrics_from_reader
 from procurator.rpc.schema import load_schema
 
@@ -98,14 +104,66 @@ async def _small_calls(session: CapnpMasterSession, until: trio.Event, most: int
     return trips
 
 
+class _Pushes:
+    """A control client in a process of its own (``--apply-helper``) whose
+    applies make the master push this worker; the pushes' arrival times."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self._process = process
+        self._lines = b""
+        self.arrived: list[float] = []
+        self.wake = trio.Event()
+
+    async def on_push(self, update: object) -> None:
+        self.arrived.append(time.time())
+        self.wake.set()
+
+    async def latency(self) -> float:
+        """Apply a change; the time from its sending to its push here."""
+        assert self._process.stdin is not None and self._process.stdout is not None
+        count = len(self.arrived)
+        await self._process.stdin.send_all(b"go\n")
+        while b"\n" not in self._lines:
+            self._lines += await self._process.stdout.receive_some()
+        line, self._lines = self._lines.split(b"\n", 1)
+        sent = float(line)
+        while len(self.arrived) == count:
+            self.wake = trio.Event()
+            await self.wake.wait()
+        return self.arrived[count] - sent
+
+
+async def _apply_helper(address: str) -> None:
+    stdin = trio.lowlevel.FdStream(os.dup(0))
+    buffered = b""
+    async with open_bridge() as bridge, open_control(bridge, address) as control:
+        for index in itertools.count():
+            while b"\n" not in buffered:
+                data = await stdin.receive_some()
+                if not data:
+                    return
+                buffered += data
+            _, buffered = buffered.split(b"\n", 1)
+            tag = "ab"[index % 2]
+            image = f"/nix/store/{tag * 32}-vm"
+            fleet = parse_fleet(
+                f'[workers.host-a]\nvms = [ {{ id = "web-1", image = "{image}" }} ]\n'
+            )
+            sent = time.time()
+            await control.apply(fleet)
+            print(sent, flush=True)
+
+
 async def _with_report(
     session: CapnpMasterSession,
     send: Callable[[MetricsReport], Awaitable[bool]],
     report: MetricsReport,
-) -> tuple[float, list[float]]:
+    pushes: _Pushes,
+) -> tuple[float, list[float], float]:
     done = trio.Event()
     trips: list[float] = []
     took = 0.0
+    push = 0.0
 
     async def big() -> None:
         nonlocal took
@@ -117,11 +175,17 @@ async def _with_report(
     async def small() -> None:
         trips.extend(await _small_calls(session, done, 10_000))
 
+    async def a_push() -> None:
+        nonlocal push
+        await trio.sleep(0.01)
+        push = await pushes.latency()
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(big)
         await trio.sleep(0)
         nursery.start_soon(small)
-    return took, trips
+        nursery.start_soon(a_push)
+    return took, trips, push
 
 
 async def wire(rounds: int) -> None:
@@ -148,6 +212,7 @@ async def wire(rounds: int) -> None:
                 ],
                 stderr=err,
             )
+        helper: trio.Process | None = None
         try:
             async with open_bridge() as bridge:
                 dialer = CapnpMasterDialer(bridge, f"127.0.0.1:{port}")
@@ -160,26 +225,54 @@ async def wire(rounds: int) -> None:
                 else:
                     raise RuntimeError("the master did not come up")
                 await session.aclose()
+                helper = await trio.lowlevel.open_process(
+                    [
+                        sys.executable,
+                        "-m",
+                        "bench.metrics_slices",
+                        "--apply-helper",
+                        f"127.0.0.1:{port}",
+                    ],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                )
+                pushes = _Pushes(helper)
+                session = await dialer.connect(WorkerInfo("host-a"), pushes.on_push)
                 figures: dict[str, list[float]] = {}
-                for index in range(2 * rounds):
-                    session = await dialer.connect(WorkerInfo("host-a"), _no_push)
-                    try:
-                        alone = await _small_calls(session, trio.Event(), 30)
-                        figures.setdefault("alone", []).extend(alone)
+                try:
+                    await pushes.latency()  # the first apply, and any push of the registration
+                    await trio.sleep(0.5)
+                    for index in range(2 * rounds):
+                        figures.setdefault("alone", []).extend(
+                            await _small_calls(session, trio.Event(), 30)
+                        )
+                        figures.setdefault("push alone", []).append(await pushes.latency())
                         mode = "sliced" if index % 2 else "one call"
                         send = session._send_sliced if index % 2 else session._send_metrics
                         for name, report in (("whole 180,000", whole), ("change 20,000", change)):
-                            took, trips = await _with_report(session, send, report)
+                            took, trips, push = await _with_report(session, send, report, pushes)
                             figures.setdefault(f"{name} {mode}: report", []).append(took)
                             figures.setdefault(f"{name} {mode}: small call", []).extend(trips)
-                    finally:
-                        await session.aclose()
+                            figures.setdefault(f"{name} {mode}: push", []).append(push)
+                finally:
+                    await session.aclose()
         finally:
+            if helper is not None:
+                helper.kill()
+                await helper.wait()
             master.terminate()
             master.wait()
         base = statistics.median(figures.pop("alone"))
-        print(f"small call alone: median {_ms(base)}")
+        push_base = statistics.median(figures.pop("push alone"))
+        print(f"small call alone: median {_ms(base)}; push alone: median {_ms(push_base)}")
         for name, values in sorted(figures.items()):
+            if name.endswith("push"):
+                print(
+                    f"{name:45}: n {len(values):4}, median {_ms(statistics.median(values))} "
+                    f"({statistics.median(values) / push_base:7.1f}x alone), max "
+                    f"{_ms(max(values))}"
+                )
+                continue
             print(
                 f"{name:45}: n {len(values):4}, median {_ms(statistics.median(values))} "
                 f"({statistics.median(values) / base:7.1f}x alone), max {_ms(max(values))} "
@@ -196,7 +289,11 @@ async def _no_push(update: object) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each mode (alternated)")
+    parser.add_argument("--apply-helper", metavar="ADDRESS", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.apply_helper:
+        trio.run(_apply_helper, args.apply_helper)
+        return
     print(f"load average: {os.getloadavg()}")
     pieces()
     trio.run(wire, args.rounds)
