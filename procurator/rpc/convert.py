@@ -1095,36 +1095,56 @@ def metrics_from_reader(reader: Any, where: str = "metrics") -> MetricsReport:
     if whole and len(ended_items):
         problems.add(f"{where}.ended", "a whole report ends no series")
     _check_length(len(ended_items), MAX_SAMPLES_PER_REPORT, f"{where}.ended")
+    # Names and VM ids found valid in this report: each recurs once per VM
+    # or per series of a VM, and is checked once.
+    valid: tuple[set[str], set[str]] = (set(), set())
     samples: list[MetricSample] = []
+    at = f"{where}.samples"
     for index, item in enumerate(items):
-        name, vm_id, labels = _series_from_reader(item, f"{where}.samples[{index}]", problems)
+        name, vm_id, labels = _series_from_reader(item, at, index, problems, valid)
         samples.append(MetricSample(name, item.value, vm_id, labels))
+    at = f"{where}.ended"
     ended = [
-        _series_from_reader(item, f"{where}.ended[{index}]", problems)
+        _series_from_reader(item, at, index, problems, valid)
         for index, item in enumerate(ended_items)
     ]
     problems.raise_if_any()
     return MetricsReport(worker_id, tuple(samples), tuple(ended), whole=whole)
 
 
-def _series_from_reader(item: Any, at: str, problems: _Problems) -> SeriesKey:
-    """(name, vm id, labels) of a ``MetricSample`` or ``MetricSeries``."""
+def _series_from_reader(
+    item: Any, where: str, index: int, problems: _Problems, valid: tuple[set[str], set[str]]
+) -> SeriesKey:
+    """(name, vm id, labels) of a ``MetricSample`` or ``MetricSeries``, the
+    ``index``-th of ``where``; ``valid``: the metric names and VM ids found
+    valid so far in the report, kept up to date (the problems' paths are
+    built only for a problem: this runs ~180,000 times a whole report)."""
+    names, vm_ids = valid
     name: str = item.name
-    if not _METRIC_NAME_RE.fullmatch(name):
-        problems.add(f"{at}.name", f"{name[:80]!r} is not a Prometheus metric name")
+    if name not in names:
+        if _METRIC_NAME_RE.fullmatch(name):
+            names.add(name)
+        else:
+            problems.add(f"{where}[{index}].name", f"{name[:80]!r} is not a Prometheus metric name")
     vm_id: str = item.vmId
-    if vm_id and (problem := check_vm_id(vm_id)) is not None:
-        problems.add(f"{at}.vmId", problem)
+    if vm_id and vm_id not in vm_ids:
+        if (problem := check_vm_id(vm_id)) is None:
+            vm_ids.add(vm_id)
+        else:
+            problems.add(f"{where}[{index}].vmId", problem)
     labels_reader = item.labels
+    if not len(labels_reader):
+        return name, vm_id, ()
+    at = f"{where}[{index}].labels"
     if len(labels_reader) > MAX_LABELS_PER_SAMPLE:
-        problems.exceeded(f"{at}.labels", f"more than {MAX_LABELS_PER_SAMPLE} labels")
+        problems.exceeded(at, f"more than {MAX_LABELS_PER_SAMPLE} labels")
         return name, vm_id, ()
     labels = []
     for label in labels_reader:
         label_name: str = label.name
         if not _LABEL_NAME_RE.fullmatch(label_name):
-            problems.add(f"{at}.labels", f"{label_name[:80]!r} is not a label name")
-        labels.append((label_name, problems.text(f"{at}.labels", label.value, limit=1024)))
+            problems.add(at, f"{label_name[:80]!r} is not a label name")
+        labels.append((label_name, problems.text(at, label.value, limit=1024)))
     return name, vm_id, tuple(labels)
 
 

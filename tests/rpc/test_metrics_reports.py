@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from rpchelpers import served
 
@@ -26,6 +27,8 @@ from procurator.master.store import FleetStore
 from procurator.rpc.address import Address
 from procurator.rpc.bridge import Bridge
 from procurator.rpc.clients import CapnpMasterDialer, CapnpMasterSession, open_control
+from procurator.rpc.convert import fill_metrics, metrics_from_reader
+from procurator.rpc.schema import load_schema
 
 FleetOf = Callable[[dict[str, list[tuple[str, str]]]], Fleet]
 
@@ -303,3 +306,32 @@ async def test_an_older_master_gets_each_report_whole_in_one_call(
                 assert master.held() == series_of(moved)
             finally:
                 await session.aclose()
+
+
+def test_a_reports_names_and_vm_ids_are_each_checked_wherever_they_recur() -> None:
+    """The decoder checks a name or VM id once per report: a valid one is
+    not checked again, an invalid one is refused at every place it is."""
+    schema = load_schema()
+    good = _vm("procurator_vm_cpu_seconds_total", "web-1", 1.0)
+    bad_name = MetricSample("no-such name", 1.0, "web-1")
+    bad_vm = _vm("procurator_vm_cpu_seconds_total", "Bad VM", 1.0)
+    report = MetricsReport(
+        "host-a",
+        (good, bad_name, good, bad_vm, bad_name),
+        (("procurator_vm_cpu_seconds_total", "Bad VM", (("bad label", "x"),)),),
+        whole=False,
+    )
+    message = schema.MetricsReport.new_message()
+    fill_metrics(message, report)
+    with pytest.raises(ValidationError) as refused:
+        metrics_from_reader(message.as_reader())
+    assert [detail.split(":")[0] for detail in refused.value.details] == [
+        "metrics.samples[1].name",
+        "metrics.samples[3].vmId",
+        "metrics.samples[4].name",
+        "metrics.ended[0].vmId",
+        "metrics.ended[0].labels",
+    ]
+    message = schema.MetricsReport.new_message()
+    fill_metrics(message, MetricsReport("host-a", (good, good)))
+    assert metrics_from_reader(message.as_reader()).samples == (good, good)
