@@ -15,7 +15,8 @@ thread), over a loopback socket.
   no event: the worker's capnp thread, the wire, the master's capnp thread
   and its trio thread, and back), alone, and back to back all the while a
   big report is in flight, sent as one call or as bounded slices
-  (``report_slices``), the two alternated round by round;
+  (``report_slices``, 2,000 series a call; and 1,000), the modes
+  alternated round by round;
 - the latency of a push: a control client in a third process (its own
   capnp thread) applies a one-VM change 10 ms into the big report, the
   time from its sending to the worker's ``on_push`` (one clock, the host's
@@ -43,7 +44,13 @@ import trio
 
 from procurator.core.errors import UnavailableError
 from procurator.core.fleet import parse_fleet
-from procurator.core.metrics import MetricSample, MetricsReport, apply_metrics_report, series_of
+from procurator.core.metrics import (
+    MetricSample,
+    MetricsReport,
+    apply_metrics_report,
+    report_slices,
+    series_of,
+)
 from procurator.core.models import WorkerInfo
 from procurator.rpc.bridge import TRAVERSAL_LIMIT_WORDS, open_bridge
 from procurator.rpc.clients import CapnpMasterDialer, CapnpMasterSession, open_control
@@ -242,13 +249,24 @@ async def wire(rounds: int) -> None:
                 try:
                     await pushes.latency()  # the first apply, and any push of the registration
                     await trio.sleep(0.5)
-                    for index in range(2 * rounds):
+
+                    async def by_1000(report: MetricsReport) -> bool:
+                        for part in report_slices(report, 1_000):
+                            takes_changes = await session._send_metrics(part)
+                        return takes_changes
+
+                    modes = {
+                        "one call": session._send_metrics,
+                        "sliced": session._send_sliced,
+                        "sliced by 1,000": by_1000,
+                    }
+                    for index in range(len(modes) * rounds):
                         figures.setdefault("alone", []).extend(
                             await _small_calls(session, trio.Event(), 30)
                         )
                         figures.setdefault("push alone", []).append(await pushes.latency())
-                        mode = "sliced" if index % 2 else "one call"
-                        send = session._send_sliced if index % 2 else session._send_metrics
+                        mode = list(modes)[index % len(modes)]
+                        send = modes[mode]
                         for name, report in (("whole 180,000", whole), ("change 20,000", change)):
                             took, trips, push = await _with_report(session, send, report, pushes)
                             figures.setdefault(f"{name} {mode}: report", []).append(took)
