@@ -19,7 +19,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "vmm"))
 
 from movevms import driver, root
-from vmmhelpers import FAST, FAST_POLICY, definition, vmm_pids_under
+from vmmhelpers import FAST, FAST_POLICY, RemovalGate, definition, vmm_pids_under
 
 from procurator.core.errors import ProcuratorError, TemporaryError
 from procurator.core.models import Phase
@@ -37,20 +37,6 @@ def free_address() -> tuple[str, int]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return ("127.0.0.1", int(probe.getsockname()[1]))
-
-
-class RemovalGate:
-    """``on_change``: holds the supervisor's thread at the start of its
-    removal (its "removing" observation) until ``open``."""
-
-    def __init__(self) -> None:
-        self.reached = threading.Event()
-        self.opened = threading.Event()
-
-    def __call__(self, obs: VmObservation, event: object) -> None:
-        if obs.phase is Phase.REMOVING and obs.message == "removing":
-            self.reached.set()
-            assert self.opened.wait(60), "the test never opened the gate"  # a hang guard
 
 
 def test_an_ensure_during_a_removal_nobody_waits_for_starts_over(

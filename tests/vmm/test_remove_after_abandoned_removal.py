@@ -15,28 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
-from vmmhelpers import FAST, FAST_POLICY, definition, vmm_pids_under
+from vmmhelpers import FAST, FAST_POLICY, RemovalGate, definition, vmm_pids_under
 
 from procurator.core.errors import ProcuratorError, TemporaryError
 from procurator.core.models import Phase
-from procurator.worker.manager import VmManager, VmObservation
+from procurator.worker.manager import VmManager
 from procurator.worker.state import StateDir
 from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver
 from procurator.worker.vmrecord import VmSpec
-
-
-class RemovalGate:
-    """``on_change``: holds the supervisor's thread at the start of its
-    removal (its "removing" observation) until ``open``."""
-
-    def __init__(self) -> None:
-        self.reached = threading.Event()
-        self.opened = threading.Event()
-
-    def __call__(self, obs: VmObservation, event: object) -> None:
-        if obs.phase is Phase.REMOVING and obs.message == "removing":
-            self.reached.set()
-            assert self.opened.wait(60), "the test never opened the gate"  # a hang guard
 
 
 class WaitingClock:

@@ -32,7 +32,7 @@ from openapi_core.testing import MockRequest, MockResponse
 
 from procurator.core.backoff import RestartPolicy
 from procurator.core.jail import JailPolicy
-from procurator.core.models import EventKind, VmEvent
+from procurator.core.models import EventKind, Phase, VmEvent
 from procurator.core.vmdef import VmDefinition
 from procurator.worker import cgroups
 from procurator.worker.jail import Jail, Jailer, instance_name
@@ -378,6 +378,20 @@ class Recorder:
 
 
 ManagerFactory = Callable[..., VmManager]
+
+
+class RemovalGate:
+    """``on_change``: holds the supervisor's thread at the start of its
+    removal (its "removing" observation) until ``open``."""
+
+    def __init__(self) -> None:
+        self.reached = threading.Event()
+        self.opened = threading.Event()
+
+    def __call__(self, obs: VmObservation, event: object) -> None:
+        if obs.phase is Phase.REMOVING and obs.message == "removing":
+            self.reached.set()
+            assert self.opened.wait(60), "the test never opened the gate"  # a hang guard
 
 
 def write_faults(state_dir: Path, vm_id: str, faults: dict[str, Any]) -> Path:
