@@ -49,6 +49,7 @@ from procurator.core.errors import (
 )
 from procurator.core.fleetpatch import FleetPatch, PatchAnswer, PatchRequest
 from procurator.core.metrics import (
+    CATALOGUE,
     MAX_SERIES_PER_WORKER,
     MetricSample,
     MetricsReport,
@@ -1145,7 +1146,24 @@ def _series_from_reader(
         if not _LABEL_NAME_RE.fullmatch(label_name):
             problems.add(at, f"{label_name[:80]!r} is not a label name")
         labels.append((label_name, problems.text(at, label.value, limit=1024)))
-    return name, vm_id, tuple(labels)
+    return name, vm_id, _in_series_order(name, labels)
+
+
+def _in_series_order(name: str, labels: list[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """``labels`` in one order whatever order the sender wrote them in: the
+    catalogue's for a known metric, then any other label by name. A series
+    is keyed by its labels as a tuple (``series_key``: what the master
+    holds, what ``ended`` names), so the same labels in two orders would
+    otherwise be two series. A repeated label name stays repeated (adjacent):
+    ``group_samples`` drops such a sample."""
+    if len(labels) < 2:
+        return tuple(labels)
+    spec = CATALOGUE.get(name)
+    order = spec.labels if spec is not None else ()
+    if tuple(label_name for label_name, _ in labels) != order:
+        rank = {label_name: i for i, label_name in enumerate(order)}
+        labels.sort(key=lambda label: (rank.get(label[0], len(rank)), label[0]))
+    return tuple(labels)
 
 
 def fill_metrics(builder: Any, report: MetricsReport) -> None:

@@ -335,3 +335,34 @@ def test_a_reports_names_and_vm_ids_are_each_checked_wherever_they_recur() -> No
     message = schema.MetricsReport.new_message()
     fill_metrics(message, MetricsReport("host-a", (good, good)))
     assert metrics_from_reader(message.as_reader()).samples == (good, good)
+
+
+def test_the_same_labels_in_another_order_are_one_series() -> None:
+    """A series is keyed by its labels as a tuple: the decoder puts them in
+    one order (the catalogue's, then unknown ones by name), so a sender that
+    writes them in another order from one report to the next moves or ends
+    the series it has, instead of adding a second one."""
+    schema = load_schema()
+    info = "procurator_vm_info"
+    in_order = (("hash", "h1"), ("store_path", "/nix/store/x"), ("address", "10.0.0.2"))
+    shuffled = (in_order[2], ("zz", "1"), in_order[0], ("aa", "2"), in_order[1])
+    report = MetricsReport(
+        "host-a",
+        (
+            MetricSample(info, 1.0, "web-1", in_order),
+            MetricSample(info, 2.0, "web-1", in_order[::-1]),
+            MetricSample(info, 3.0, "web-1", shuffled),
+        ),
+        ((info, "web-1", in_order[1:] + in_order[:1]),),
+        whole=False,
+    )
+    message = schema.MetricsReport.new_message()
+    fill_metrics(message, report)
+    decoded = metrics_from_reader(message.as_reader())
+    assert [s.labels for s in decoded.samples] == [
+        in_order,
+        in_order,
+        (*in_order, ("aa", "2"), ("zz", "1")),
+    ]
+    assert decoded.ended == ((info, "web-1", in_order),)
+    assert len(series_of(decoded.samples)) == 2
