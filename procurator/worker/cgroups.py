@@ -94,11 +94,20 @@ OOM: ``oom_kills`` reads the kernel's count of OOM kills in the cgroup
 (v1 ``memory.oom_control``, v2 ``memory.events``): a VMM that died with a
 count above zero was killed for reaching ``memory.max``.
 
+First launch. A VM's first launch (most launches: every VM a fleet
+grows by) makes its cgroup by one ``mkdir`` per hierarchy and writes its
+limits without reading them first where a fresh cgroup's defaults (no
+limit) cannot be the value (v1: all but the CPU period, which is read:
+each file at most once, issue 31's CPU per start); anything else there
+(a directory left by the VM's last VMM, a missing parent) takes the
+relaunch's way below.
+
 Threads: every method is thread-safe; ``_lock`` (a leaf) serialises the
 making and removing of directories, so a removal emptying the worker's
 directory never races a launch making its first VM cgroup in it. A
-relaunch that keeps its cgroup makes and removes nothing (v1 takes no
-lock; v2 takes ``_lock`` to check the controllers are enabled). The
+relaunch that keeps its cgroup makes and removes nothing (v1 takes
+``_lock`` for the one ``mkdir`` that finds the cgroup there; v2 takes
+it to check the controllers are enabled). The
 release (milliseconds of reclaim, no directory made or removed) runs
 before ``_lock`` is taken, so one VM's release holds back no other VM's
 launch or removal; the caller's per-VM lock keeps a launch and a removal
@@ -248,14 +257,17 @@ def _read(path: Path) -> str:
         raise CgroupError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
 
-def _write_unless(path: Path, value: str) -> None:
-    """``_write``, unless the file already reads ``value``."""
-    try:
-        with open(path, "rb") as f:
-            if f.read().strip() == value.encode():
-                return
-    except OSError:
-        pass  # the write says what is wrong
+_UNREAD = object()
+
+
+def _write_unless(path: Path, value: str, held: str | object | None = _UNREAD) -> None:
+    """``_write``, unless the file already reads ``value``; ``held``: what
+    the caller read from it already (stripped; None: unreadable or known
+    to differ), so that it is not read again."""
+    if held is _UNREAD:
+        held = _text_or_none(path)  # unreadable: the write says what is wrong
+    if held == value:
+        return
     _write(path, value)
 
 
@@ -494,6 +506,7 @@ class CgroupsV1(_Base):
     def __init__(self, directories: Mapping[str, Path], notes: Iterable[str]) -> None:
         super().__init__(directories, notes)
         self._mounts: list[_Mount] | None = None
+        self._memsw: bool | None = None  # swap accounted (``_swap_accounted``)
 
     def describe(self) -> str:
         held = ", ".join(f"{c} at {d}" for c, d in sorted(self._dirs.items())) or "no controller"
@@ -501,6 +514,10 @@ class CgroupsV1(_Base):
 
     def create(self, name: str, limits: ResourceLimits) -> Placement:
         _check_name(name)
+        if self._make_new(name):
+            notes = list(self._notes)
+            self._limit(name, limits, notes, fresh=True)
+            return self._placement(name, notes)
         if self._kept(name):
             try:
                 self._limit(name, limits, None)
@@ -517,21 +534,64 @@ class CgroupsV1(_Base):
         self._limit(name, limits, notes)
         return self._placement(name, notes)
 
-    def _limit(self, name: str, limits: ResourceLimits, notes: list[str] | None) -> None:
+    def _make_new(self, name: str) -> bool:
+        """The VM's cgroup made in every hierarchy by one ``mkdir`` each,
+        True when each was made here: a VM's first launch, the common case
+        (one syscall per hierarchy, not the stats of ``_kept``,
+        ``_release_leftover`` and ``_fresh``; the worker's own directory is
+        made first when missing). False when one is there already or
+        cannot be made so simply (a refusal): nothing else is made then,
+        and ``create`` goes the long way, which keeps, remakes or makes
+        what it finds (one made here is an empty cgroup like any other)
+        and says what fails."""
+        with self._lock:
+            for root in self._roots():
+                try:
+                    os.mkdir(root / name)
+                except FileNotFoundError:
+                    try:
+                        root.mkdir(parents=True, exist_ok=True)
+                        os.mkdir(root / name)
+                    except OSError:
+                        return False
+                except OSError:
+                    return False
+        return True
+
+    def _swap_accounted(self, memory: Path) -> bool:
+        """Whether the kernel accounts swap (``memory.memsw.*`` in the VM's
+        memory cgroup ``memory``): fixed at the host's boot, so looked at
+        once per worker."""
+        if self._memsw is None:
+            self._memsw = (memory / "memory.memsw.limit_in_bytes").exists()
+        return self._memsw
+
+    def _limit(
+        self, name: str, limits: ResourceLimits, notes: list[str] | None, *, fresh: bool = False
+    ) -> None:
         """Write ``limits`` into the VM's cgroup (a file that already holds
-        its value is left alone); what the kernel refuses is a note in
-        ``notes``, or raised when ``notes`` is None (a kept cgroup: it would
-        keep the last VMM's limit)."""
+        its value is left alone; each file is read at most once); what the
+        kernel refuses is a note in ``notes``, or raised when ``notes`` is
+        None (a kept cgroup: it would keep the last VMM's limit). ``fresh``:
+        the cgroup was just made (``_make_new``), so its files hold the
+        kernel's defaults: no memory or task limit, no CPU quota (none of
+        them a value ``limits`` can hold, so they are written unread), and
+        the default period (read: writing it would walk every cpu
+        cgroup)."""
         by = {controller: root / name for controller, root in self._dirs.items()}
         if "memory" in by:
             d = by["memory"]
-            steps = [lambda: _write_unless(d / "memory.limit_in_bytes", str(limits.memory_bytes))]
-            if (d / "memory.memsw.limit_in_bytes").exists():
-                memsw = d / "memory.memsw.limit_in_bytes"
-                steps.append(lambda: _write_unless(memsw, str(limits.memory_bytes)))
+            memory, memsw = d / "memory.limit_in_bytes", d / "memory.memsw.limit_in_bytes"
+            value = str(limits.memory_bytes)
+            held = None if fresh else _text_or_none(memory)
+            steps = [lambda: _write_unless(memory, value, held)]
+            if self._swap_accounted(d):
+                held_memsw = None if fresh else _text_or_none(memsw)
+                steps.append(lambda: _write_unless(memsw, value, held_memsw))
                 # The kernel refuses a memory limit above memsw's: a kept
-                # cgroup's limits grow memsw first, shrink memory first.
-                current = _int_or_none(d / "memory.limit_in_bytes")
+                # cgroup's limits grow memsw first, shrink memory first (a
+                # fresh one's memsw is unlimited: memory first).
+                current = _as_int(held)
                 if current is not None and limits.memory_bytes > current:
                     steps.reverse()
             for step in steps:
@@ -545,18 +605,22 @@ class CgroupsV1(_Base):
             # when the period shrinks, so that the CPUs between the two
             # writes never exceed the old or the new figure (a parent with a
             # quota of its own would refuse them).
-            period = d / "cpu.cfs_period_us"
+            period, quota = d / "cpu.cfs_period_us", d / "cpu.cfs_quota_us"
+            held_period = _text_or_none(period)
+            held_quota = None if fresh else _text_or_none(quota)
             cpu = [
-                lambda: _write_unless(period, str(limits.cpu_period_us)),
-                lambda: _write_unless(d / "cpu.cfs_quota_us", str(limits.cpu_quota_us)),
+                lambda: _write_unless(period, str(limits.cpu_period_us), held_period),
+                lambda: _write_unless(quota, str(limits.cpu_quota_us), held_quota),
             ]
-            old_period = _int_or_none(period)
+            old_period = _as_int(held_period)
             if old_period is not None and limits.cpu_period_us < old_period:
                 cpu.reverse()
             for step in cpu:
                 _attempt(notes, step)
         if "pids" in by:
-            _attempt(notes, lambda: _write_unless(by["pids"] / "pids.max", str(limits.pids)))
+            pids = by["pids"] / "pids.max"
+            held_pids = None if fresh else _text_or_none(pids)
+            _attempt(notes, lambda: _write_unless(pids, str(limits.pids), held_pids))
 
     def _restart_counters(self, name: str) -> None:
         """A kept cgroup's peak usage and limit-hit counts start again for
@@ -853,7 +917,10 @@ def _text_or_none(path: Path) -> str | None:
 
 
 def _int_or_none(path: Path) -> int | None:
-    text = _text_or_none(path)
+    return _as_int(_text_or_none(path))
+
+
+def _as_int(text: str | None) -> int | None:
     if text is None or text == _MAX:
         return None
     try:
