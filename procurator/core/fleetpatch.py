@@ -51,6 +51,17 @@ another name is a malformed patch), and splices a worker's canonical JSON
 from its chunks' bytes, so the worker part's digest, the owners index and
 the request digest are exactly a whole cut's.
 
+**What a client believes the master holds.** A client that applied a fleet
+to this master before passes that fleet's digests (``FleetParts.entry_digests``)
+to ``patch_rounds`` as ``held``: the first send then already carries every
+listed entry whose digest is not among them (a big worker whose part changed
+is listed by its chunks at once), so the usual one-VM change is one round,
+not two (three past ``LISTING_FIRST_MAX``). The belief is a hint and nothing
+more: the master assembles from what it holds and what is sent, checks every
+digest, and asks for what it lacks as ever, so a wrong belief (another apply
+came in between) costs the rounds it would have cost anyway, or a few bytes
+sent for nothing, and never changes the fleet applied.
+
 Compatibility: an older client lists whole parts only, which this module
 takes as before. A master older than chunks checks every listed name as a
 worker id and refuses a chunk's (``ValidationError``): ``patch_rounds``
@@ -348,6 +359,11 @@ class FleetParts:
         if len(entries) > MAX_ENTRIES:
             return tuple(whole)
         return tuple(sorted(entries))
+
+    def entry_digests(self) -> frozenset[bytes]:
+        """The digests of every part and chunk: what a master holds once it
+        applied this fleet (``patch_rounds``'s ``held``)."""
+        return frozenset(itertools.chain(self.digests.values(), self.chunk_index))
 
     def fleet(self) -> Fleet:
         """The whole fleet (O(workers): the parts' tuples are shared)."""
@@ -749,6 +765,7 @@ async def patch_rounds(
     chunked: bool = True,
     chunks_refused: Callable[[], None] = lambda: None,
     listing_max: int = LISTING_FIRST_MAX,
+    held: Collection[bytes] = frozenset(),
 ) -> ApplyResult | None:
     """A client's side of a patched apply of the fleet ``parts`` cut:
     digests first, then the entries the master asks for (the union of what
@@ -764,12 +781,32 @@ async def patch_rounds(
     parts (the caller need not list chunks to that master again). A fleet
     whose listing in chunks is longer than ``listing_max`` entries lists
     its workers whole first, then by their chunks those the master asked
-    for (one round more, a listing per round of O(workers))."""
+    for (one round more, a listing per round of O(workers)).
+
+    ``held``: the digests the caller believes the master holds (those of
+    the fleet it last applied there, ``FleetParts.entry_digests``). The
+    first send then carries the contents of every listed entry whose digest
+    is not among them, and lists by its chunks every big worker whose part
+    is not, so a one-VM change after the caller's own apply is one send of
+    one chunk instead of two (three in a big fleet). A hint, never trusted:
+    the master still checks every digest and assembles the client's fleet
+    whatever it holds; a wrong hint costs a few bytes sent for nothing or
+    the rounds it would have cost without one."""
     asked: set[str] = set()
     # The workers listed in chunks (None: every big one).
     in_chunks: set[str] | None = None
     if chunked and len(parts.listing()) > listing_max:
         in_chunks = set()
+    if held:
+        if in_chunks is not None:
+            in_chunks.update(
+                name
+                for name, digest in parts.digests.items()
+                if digest not in held and len(parts.chunks.get(name, ())) > 1
+            )
+        # What the first send lists (as ``make_patch`` below lists it).
+        listing = parts.listing(in_chunks if chunked else ())
+        asked.update(name for name, digest in listing if digest not in held)
     for _ in range(PATCH_ROUNDS):
         patch = make_patch(
             parts, asked, chunked=chunked and (True if in_chunks is None else in_chunks)
@@ -780,7 +817,9 @@ async def patch_rounds(
             if not (chunked and refuses_chunks(patch, exc)):
                 raise
             chunks_refused()
-            return await patch_rounds(parts, send, chunked=False, listing_max=listing_max)
+            return await patch_rounds(
+                parts, send, chunked=False, listing_max=listing_max, held=held
+            )
         if answer.result is not None:
             return answer.result
         unknown = set(answer.missing) - {name for name, _ in patch.parts}

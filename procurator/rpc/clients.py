@@ -178,6 +178,11 @@ class ControlClient:
         # False once the master answered applyPatch unimplemented (older).
         self._patches = True
         self._chunks = True  # list big workers in chunks (False: the master is older)
+        # The digests of the fleet this client last applied to this master
+        # through a patch (FleetParts.entry_digests): what it most likely
+        # still holds, so the next patch's first send carries what changed
+        # (a hint for patch_rounds, never trusted for what is applied).
+        self._held: frozenset[bytes] = frozenset()
 
     async def apply(
         self,
@@ -202,6 +207,10 @@ class ControlClient:
         workers' chunks first, then those the master does not hold, so a
         one-VM change carries one chunk of one worker's VMs (a whole
         worker's to a master older than chunks, which is not asked again).
+        After an apply through this client, the next one's first send
+        already carries what changed since (the digests it applied are
+        remembered: one round, not two, while no other apply came in
+        between; a hint only, the master checks every digest).
         The whole fleet goes instead (``Control.apply``) with ``whole``, to
         a master that does not know patches (it is not asked
         again on this client), and when the master kept asking for parts
@@ -216,20 +225,25 @@ class ControlClient:
                     PatchRequest(patch, expected_generation, dry_run, request_id, supersede)
                 )
 
+            parts = FleetParts.of(fleet)
             try:
                 result = await patch_rounds(
-                    FleetParts.of(fleet),
+                    parts,
                     send,
                     chunked=self._chunks,
                     chunks_refused=self._chunks_refused,
+                    held=self._held,
                 )
             except UnsupportedError:
                 logger.info("the master does not take fleet patches: applying whole fleets")
                 self._patches = False
             else:
                 if result is not None:
+                    if not (result.dry_run or result.replayed):
+                        self._held = parts.entry_digests()  # what the master applied
                     return result
         request = ApplyRequest(fleet, expected_generation, dry_run, request_id, supersede)
+        self._held = frozenset()  # a whole apply: the next patch starts from digests
         return await self._bridge.run(_apply, self._handle, request, what="apply")
 
     def _chunks_refused(self) -> None:

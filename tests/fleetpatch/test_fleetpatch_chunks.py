@@ -364,3 +364,49 @@ async def test_a_big_fleet_lists_workers_whole_first_then_the_asked_ones_in_chun
             assert "b100" in {vm.id for vm in sent[2].sent.workers[0][1]}
         else:
             assert sum(len(vms) for _, vms in sent[2].sent.workers) == 600
+
+
+async def test_digests_believed_held_make_one_send_of_what_changed() -> None:
+    """With the digests of the fleet the client applied last (``held``), the
+    first send carries what changed since, the changed big worker listed by
+    its chunks even past ``listing_max``: one send instead of two (three).
+    A wrong belief costs rounds, never the fleet: against a master holding
+    another fleet (or nothing) the rounds still assemble the client's."""
+    ids = {w: [f"{w[-1]}{i:03d}" for i in range(200)] for w in ("w-a", "w-b", "w-c")}
+    before = Fleet(tuple(_worker(w, v).workers[0] for w, v in ids.items()))
+    after = Fleet(
+        tuple(_worker(w, v, "b100" if w == "w-b" else "").workers[0] for w, v in ids.items())
+    )
+    other = Fleet(
+        tuple(_worker(w, v, "a007" if w == "w-a" else "").workers[0] for w, v in ids.items())
+    )
+    believed = FleetParts.of(before).entry_digests()
+    for master_holds, listing_max, sends in (
+        (FleetParts.of(before), 10, 1),
+        (FleetParts.of(before), 10_000, 1),
+        # w-a differs: asked for whole, then listed by its chunks, then its chunk.
+        (FleetParts.of(other), 10, 3),
+        (FleetParts.of(other), 10_000, 2),
+        (None, 10, 3),  # holds nothing: as without a belief, but w-b's chunk goes first
+    ):
+        sent: list[FleetPatch] = []
+
+        async def master(
+            patch: FleetPatch, held: FleetParts | None = master_holds, sent: list[FleetPatch] = sent
+        ) -> PatchAnswer:
+            sent.append(patch)
+            answer = assemble(held, patch)
+            if answer.parts is None:
+                return PatchAnswer(None, answer.missing)
+            assert answer.parts.fleet() == after
+            return PatchAnswer(ApplyResult(2, True, (), "op-1"))
+
+        result = await patch_rounds(
+            FleetParts.of(after), master, listing_max=listing_max, held=believed
+        )
+        assert result is not None and len(sent) == sends, (listing_max, len(sent))
+        first = sent[0]
+        in_chunks = {n.split(CHUNK_SEP)[0] for n, _ in first.parts if CHUNK_SEP in n}
+        assert in_chunks == ({"w-b"} if listing_max == 10 else {"w-a", "w-b", "w-c"})
+        ((worker, vms),) = first.sent.workers
+        assert worker == "w-b" and "b100" in {vm.id for vm in vms} and len(vms) < 200

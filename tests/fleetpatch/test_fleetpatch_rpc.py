@@ -69,6 +69,7 @@ class _Recording:
     def __init__(self, service: MasterService) -> None:
         self.service = service
         self.patches: list[FleetPatch] = []
+        self.address = parse_address("127.0.0.1:0")  # where it is served (_recorded)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.service, name)
@@ -90,6 +91,7 @@ async def _recorded(
         recording = _Recording(service)
         served = _served(bridge, recording)  # type: ignore[arg-type]
         async with served as address, open_control(bridge, address) as client:
+            recording.address = address
             yield service, recording, client
         nursery.cancel_scope.cancel()
 
@@ -102,10 +104,9 @@ async def test_a_one_vm_change_carries_one_workers_part(tmp_path: Path, bridge: 
         recording.patches.clear()
         dry = await client.apply(_fleet("w2-vm1"), dry_run=True)
         change = await client.apply(_fleet("w2-vm1"), request_id="req-2")
+        # The client applied the fleet before: the changed part goes at once.
         assert [[w for w, _ in p.sent.workers] for p in recording.patches] == [
-            [],
             ["host-2"],
-            [],
             ["host-2"],
         ]
         assert not any(p.settings_sent for p in recording.patches)
@@ -149,8 +150,8 @@ async def test_a_one_vm_change_carries_one_chunk(tmp_path: Path, bridge: Bridge)
         assert chunks > 2 and [len(p.sent.workers) for p in recording.patches] == [0, chunks]
         recording.patches.clear()
         change = await client.apply(_big("vm-0150"), request_id="req-1")
-        assert [len(p.sent.workers) for p in recording.patches] == [0, 1]
-        ((worker, vms),) = recording.patches[1].sent.workers
+        assert [len(p.sent.workers) for p in recording.patches] == [1]
+        ((worker, vms),) = recording.patches[0].sent.workers
         assert worker == "host-0" and "vm-0150" in {vm.id for vm in vms} and len(vms) < 150
         assert change.generation == first.generation + 1
         assert [(d.worker_id, d.replaced) for d in change.diffs] == [("host-0", ("vm-0150",))]
@@ -158,6 +159,58 @@ async def test_a_one_vm_change_carries_one_chunk(tmp_path: Path, bridge: Bridge)
         # The request digest is the whole file's: a whole retry replays.
         again = await client.apply(_big("vm-0150"), request_id="req-1", whole=True)
         assert again.replayed and again.generation == change.generation
+
+
+async def test_after_its_own_apply_a_client_sends_the_changed_chunk_at_once(
+    tmp_path: Path, bridge: Bridge
+) -> None:
+    """The control client remembers the digests of the fleet it applied:
+    the next one-VM change is one call carrying the one changed chunk (the
+    round of digests alone is skipped). When another client applied in
+    between, the hint is wrong and costs the rounds it would without one,
+    never a wrong fleet; a dry run or a whole apply leaves nothing wrong."""
+    async with _recorded(tmp_path / "m.db", bridge) as (service, recording, client):
+        first = await client.apply(_big())
+        recording.patches.clear()
+        change = await client.apply(_big("vm-0150"))
+        ((patch,),) = [recording.patches]
+        ((worker, vms),) = patch.sent.workers
+        assert worker == "host-0" and "vm-0150" in {vm.id for vm in vms} and len(vms) < 150
+        assert [(d.worker_id, d.replaced) for d in change.diffs] == [("host-0", ("vm-0150",))]
+        assert change.generation == first.generation + 1
+        # A dry run does not move what the master holds: still one call after it.
+        recording.patches.clear()
+        dry = await client.apply(_big("vm-0151"), dry_run=True)
+        assert dry.dry_run and len(recording.patches) == 1
+        recording.patches.clear()
+        await client.apply(_big("vm-0152"))
+        assert [len(p.sent.workers) for p in recording.patches] == [
+            _new_chunks(_big("vm-0150"), _big("vm-0152"))
+        ]
+        # Another client applies: this one's hint is stale.
+        async with open_control(bridge, recording.address) as other:
+            await other.apply(_big("vm-0007"))
+        recording.patches.clear()
+        back = await client.apply(_big("vm-0152"))
+        assert [(d.worker_id, d.replaced) for d in back.diffs] == [
+            ("host-0", ("vm-0007", "vm-0152"))
+        ]
+        # It believed every chunk held; the master asked for the two it lacks.
+        assert [len(p.sent.workers) for p in recording.patches] == [0, 2]
+        assert service._assignments["host-0"].vms == _big("vm-0152").workers[0][1]
+        # After a whole apply the client starts from digests again.
+        await client.apply(_big("vm-0153"), whole=True)
+        recording.patches.clear()
+        await client.apply(_big("vm-0154"))
+        assert [len(p.sent.workers) for p in recording.patches] == [
+            0,
+            _new_chunks(_big("vm-0153"), _big("vm-0154")),
+        ]
+
+
+def _new_chunks(before: Fleet, after: Fleet) -> int:
+    """How many of ``after``'s chunks ``before`` does not have."""
+    return len(FleetParts.of(after).chunk_index.keys() - FleetParts.of(before).chunk_index.keys())
 
 
 async def test_hostile_patches_are_refused_typed_over_the_wire(
