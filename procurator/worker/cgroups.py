@@ -250,9 +250,25 @@ def _on_disk(mount: _Mount, path: str) -> Path | None:
     return mount.point / rest if rest else mount.point
 
 
+def _slurp(path: Path) -> str:
+    """The whole of a small kernel file (cgroupfs, procfs) by descriptor
+    calls alone: open, read to the end, close; four syscalls where
+    ``open()``'s buffer and text layers make nine (two fstats, an ioctl,
+    two lseeks), each a GIL hand-off on a busy worker (issue 31: a VM's
+    start reads six). Raises ``OSError``."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode(errors="surrogateescape")
+
+
 def _read(path: Path) -> str:
     try:
-        return path.read_text()
+        return _slurp(path)
     except OSError as exc:
         raise CgroupError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
@@ -290,7 +306,7 @@ def _write(path: Path, value: str) -> None:
 
 def _procs(directory: Path) -> set[int]:
     try:
-        text = (directory / "cgroup.procs").read_text()
+        text = _slurp(directory / "cgroup.procs")
     except FileNotFoundError:
         return set()
     except OSError as exc:
@@ -911,7 +927,7 @@ def _attempt(notes: list[str] | None, action: Callable[[], None]) -> None:
 
 def _text_or_none(path: Path) -> str | None:
     try:
-        return path.read_text().strip()
+        return _slurp(path).strip()
     except OSError:
         return None
 
@@ -972,7 +988,7 @@ def detect(
     v2_controllers: set[str] = set()
     if unified is not None:
         with contextlib.suppress(OSError):
-            v2_controllers = set((unified.point / "cgroup.controllers").read_text().split())
+            v2_controllers = set(_slurp(unified.point / "cgroup.controllers").split())
     if unified is not None and set(CONTROLLERS) <= v2_controllers:
         return _v2(unified, own_paths.get("", "/"), absolute, rel, instance, CONTROLLERS, [])
     directories: dict[str, Path] = {}

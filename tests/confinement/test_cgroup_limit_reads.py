@@ -13,11 +13,14 @@ the process raises one), not by replacing anything."""
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
 import threading
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -155,3 +158,29 @@ def test_a_relaunch_reads_each_limit_file_at_most_once(
     finally:
         found.remove(name)
         found.close()
+
+
+def test_a_cgroup_file_is_read_by_open_read_and_close_alone(tmp_path: Path) -> None:
+    """``open()``'s buffer and text layers add two fstats, an ioctl and
+    two lseeks to each read of a cgroup or proc file: the reads a launch
+    makes (its limits, the VMM's confinement read back) go without them."""
+    _v1_or_skip().close()
+    trace = tmp_path / "trace"
+    script = (
+        "import os\n"
+        "from procurator.worker import cgroups\n"
+        f"found = cgroups.detect({PARENT!r}, 'w-' + os.urandom(4).hex())\n"
+        "try:\n"
+        "    found.create('vm1', cgroups.ResourceLimits(1 << 28, 150_000, 64))\n"
+        "    seen = found.read_limits(os.getpid())\n"
+        "    assert seen.pids is not None or seen.memory_bytes is None, seen\n"
+        "finally:\n"
+        "    found.remove('vm1')\n"
+        "    found.close()\n"
+    )
+    strace = ["strace", "-f", "-qq", "-y", "-e", "trace=desc", "-o", str(trace)]
+    subprocess.run([*strace, sys.executable, "-c", script], check=True, timeout=60)
+    kernel_files = re.compile(r"^(?:\d+ +)?(?P<call>\w+)\(\d+</(?:sys/fs/cgroup|proc)/", re.M)
+    calls = Counter(m["call"] for m in kernel_files.finditer(trace.read_text()))
+    assert calls["read"] and calls["close"], calls
+    assert set(calls) <= {"read", "write", "close"}, calls
