@@ -147,12 +147,20 @@ def write_json_atomic(path: Path, data: Mapping[str, Any], *, durable: bool = Tr
     # pure-Python encoder, 3-4x the C one's CPU, held under the GIL four
     # times a VM start (vm.json and three handles.json; issue 31).
     payload = json.dumps(data, sort_keys=True).encode() + b"\n"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
     try:
-        if durable:
-            make_dirs(path.parent)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            # The directory is there but for a record's first write: its
+            # making (and a stat or mkdir to find out) only when the open
+            # says it is missing (issue 31: three of a start's four writes
+            # are to a directory made already).
+            fd = os.open(tmp, flags, 0o600)
+        except FileNotFoundError:
+            if durable:
+                make_dirs(path.parent)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, flags, 0o600)
         try:
             view = memoryview(payload)
             while view:
