@@ -54,6 +54,13 @@ per batch, not once per change, and the events go to the master in one
 ``publish_events`` (issue 31: every wake-up is a system call, a context
 switch and a trio loop turn). Order is kept: the changes of a batch are
 handled in the order they were queued.
+
+The collector (``procurator.worker.heap``): each metrics poll shows the
+fleet's ``(vm_id, pid)`` marks to ``LongLivedHeap.settle``, which freezes
+every object alive for CPython's cyclic collector once the fleet holds
+still (after the start-up's re-adoption, after a burst of starts) and
+again after churn, so the collector's full collections stop walking the
+~1 M objects of a 1,000-VM worker every two minutes; ``close`` unfreezes.
 """
 
 from __future__ import annotations
@@ -101,6 +108,7 @@ from procurator.worker import cgroups
 from procurator.worker.actuator import WorkerActuator
 from procurator.worker.daemon import StatusPublisher
 from procurator.worker.health import GuestProber, HealthMonitor
+from procurator.worker.heap import LongLivedHeap
 from procurator.worker.jail import Jail, instance_name, missing_privileges
 from procurator.worker.manager import Timeouts, VmManager, VmObservation
 from procurator.worker.metrics import WorkerMetrics, vm_snapshots
@@ -317,8 +325,12 @@ class ReconcilingHandler:
         netns: str | None = None,
         transfer_listener: socket.socket | None = None,
         transfer_tls: TransferTls | None = None,
+        heap: LongLivedHeap | None = None,
     ) -> None:
         self.worker_id = worker_id
+        # Freezes the long-lived objects for the cyclic collector once the
+        # fleet holds still (procurator.worker.heap); fed by the metrics poll.
+        self.heap = heap if heap is not None else LongLivedHeap()
         self.state_dir = Path(state_dir)
         self.options = options
         self._publisher = publisher
@@ -644,16 +656,24 @@ class ReconcilingHandler:
 
     def _vm_snapshots(self) -> list[VmSnapshot]:
         """The metrics source: in-memory observations and the counters the
-        supervisors polled (thread-safe, no VMM calls)."""
+        supervisors polled (thread-safe, no VMM calls). Runs on the poll's
+        thread, once a poll: it also shows the fleet to the long-lived heap,
+        which freezes it for the collector when due (procurator.worker.heap;
+        a refreeze's full collection, ~0.1 s at 1,000 VMs, delays this poll)."""
         counters = self.manager.counters()
-        return vm_snapshots(self.manager.list(), counters)
+        observations = self.manager.list()
+        self.heap.settle((o.vm_id, o.pid) for o in observations)
+        return vm_snapshots(observations, counters)
 
     def close(self) -> None:
-        self.manager.close()
-        if self.jail is not None:
-            self.jail.close()
-        if self.network is not None:
-            self.network.close()
+        try:
+            self.manager.close()
+            if self.jail is not None:
+                self.jail.close()
+            if self.network is not None:
+                self.network.close()
+        finally:
+            self.heap.release()  # gc.freeze is process-wide: undo it
 
     # -- from supervisor threads -------------------------------------------
 
