@@ -779,15 +779,25 @@ def _recorded_uid(vm_dir: Path, vm_id: str) -> int | None:
 def _give(directory: Path, uid: int, gid: int) -> None:
     """Make ``directory`` (made if missing) and everything in it owned by
     ``uid``:``gid``, never following a symlink (the VMM that ran as this uid
-    could have planted one), the directory itself mode 0700."""
+    could have planted one), the directory itself mode 0700. One made here
+    is empty (the VM's flock keeps everyone else out of its directory, and
+    no VMM of it runs): nothing to walk (issue 31: the walk was a dozen
+    syscalls of every VM's first start)."""
     try:
-        directory.mkdir(mode=0o700, exist_ok=True)
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            made = False
+        else:
+            made = True
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         raise VmmError(f"cannot prepare {directory}: {exc.strerror or exc}") from exc
     try:
         os.fchown(fd, uid, gid)
         os.fchmod(fd, 0o700)
+        if made:
+            return
         for _, dirs, files, dir_fd in os.fwalk(dir_fd=fd, follow_symlinks=False):
             for name in (*dirs, *files):
                 with contextlib.suppress(FileNotFoundError):
