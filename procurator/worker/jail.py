@@ -104,7 +104,6 @@ from procurator.core.jail import (
     LimitsRead,
     ResourceLimits,
     VmPathsPlan,
-    first_free_slot,
     limits_for,
     plan_vm_paths,
 )
@@ -528,6 +527,54 @@ class VmJail:
 # -- the worker's jail -----------------------------------------------------------------
 
 
+class _SlotTable:
+    """Which uid slot each VM holds (``Jail._table``; its caller holds
+    ``Jail._lock``), and the lowest slot that may be free: a VM's first
+    start takes the lowest free slot without looking at every VM's (issue
+    31: a set of the fleet's slots and a scan from slot 0 were a start's
+    cost that grew with the fleet), and a released slot lowers it again,
+    so the slots handed out are the lowest free ones, as before."""
+
+    def __init__(self, count: int) -> None:
+        self._count = count
+        self._by_vm: dict[str, int] = {}
+        self._taken: set[int] = set()
+        self._free_from = 0  # every slot below it is taken
+
+    def get(self, vm_id: str) -> int | None:
+        return self._by_vm.get(vm_id)
+
+    def vm_ids(self) -> list[str]:
+        return list(self._by_vm)
+
+    def take(self, vm_id: str, slot: int) -> bool:
+        """Record that ``vm_id`` holds ``slot``; False (nothing recorded)
+        when another VM holds it."""
+        if slot in self._taken:
+            return False
+        self._by_vm[vm_id] = slot
+        self._taken.add(slot)
+        return True
+
+    def take_free(self, vm_id: str) -> int | None:
+        """The lowest free slot, now ``vm_id``'s; None when all are taken."""
+        slot = self._free_from
+        while slot in self._taken:
+            slot += 1
+        self._free_from = slot
+        if slot >= self._count:
+            return None
+        self.take(vm_id, slot)
+        self._free_from = slot + 1
+        return slot
+
+    def pop(self, vm_id: str) -> None:
+        slot = self._by_vm.pop(vm_id, None)
+        if slot is not None:
+            self._taken.discard(slot)
+            self._free_from = min(self._free_from, slot)
+
+
 class Jail:
     """One worker's jail (see the module docstring).
 
@@ -561,7 +608,7 @@ class Jail:
         except OSError as exc:
             raise PermanentError(f"cannot make {self.root_mount}: {exc.strerror}") from exc
         self._lock = threading.Lock()
-        self._slots: dict[str, int] | None = None  # vm id -> slot; loaded on first use
+        self._slots: _SlotTable | None = None  # loaded on first use
         # Guards _runtime, held while one is computed (file system only).
         self._runtime_lock = threading.Lock()
         self._runtime: dict[tuple[str, ...], Exposure] = {}
@@ -576,12 +623,12 @@ class Jail:
 
     # -- slots ---------------------------------------------------------------------
 
-    def _table(self) -> dict[str, int]:
+    def _table(self) -> _SlotTable:
         """The slot table (caller holds ``_lock``), read the first time from
         every VM's run directory's owner (or the ``jail.json`` an earlier
         release wrote: see "Uid slots")."""
         if self._slots is None:
-            slots: dict[str, int] = {}
+            slots = _SlotTable(self.policy.uid_count)
             try:
                 vm_dirs = sorted(os.scandir(self.state_dir / "vms"), key=lambda e: e.name)
             except FileNotFoundError:
@@ -603,10 +650,9 @@ class Jail:
                         self.policy.uid_last,
                     )
                     continue
-                if slot in slots.values():
+                if not slots.take(vm_id, slot):
                     log.warning("VM %s: uid %s is another VM's: it gets a new one", vm_id, uid)
                     continue
-                slots[vm_id] = slot
             self._slots = slots
         return self._slots
 
@@ -621,13 +667,12 @@ class Jail:
             slot = table.get(vm_id)
             fresh = slot is None
             if slot is None:
-                slot = first_free_slot(set(table.values()), self.policy.uid_count)
+                slot = table.take_free(vm_id)
                 if slot is None:
                     raise VmmError(
                         f"VM {vm_id}: no free uid in {self.policy.uid_first}-"
                         f"{self.policy.uid_last} (every one is another VM's)"
                     )
-                table[vm_id] = slot
         if fresh:
             # Recorded by ``prepare``'s ``_give`` of the run directory, before
             # any VMM of the VM runs with it. At debug: the VM's "booted"
@@ -718,7 +763,7 @@ class Jail:
         except ProcuratorError as exc:
             raise VmmError(f"VM {vm_id}: {exc.message}") from exc
         with self._lock:
-            self._table().pop(vm_id, None)
+            self._table().pop(vm_id)
 
     def sweep(self, owned: Collection[str]) -> list[str]:
         """Remove the cgroups of VMs not in ``owned`` (every VM this worker
@@ -742,8 +787,9 @@ class Jail:
                 continue
             swept.append(name)
         with self._lock:
-            for vm_id in [v for v in self._table() if v not in owned]:
-                del self._table()[vm_id]
+            table = self._table()
+            for vm_id in [v for v in table.vm_ids() if v not in owned]:
+                table.pop(vm_id)
         return swept
 
     def close(self) -> None:
