@@ -1,16 +1,16 @@
 """The worker's long-lived objects and CPython's cyclic garbage collector.
 
 Why (docs/BENCHMARKS.md, "the idle worker's collector", issue 31 target
-3): a worker holding 1,000 VMs holds about a million objects that live as
-long as their VMs (records, supervisors and their threads, the metrics
-poll's kept samples). CPython's collector runs a *full* collection, a walk
-over all of them, whenever ten younger collections passed and the objects
-promoted since the last one exceed a quarter of the long-lived ones; an
-idle 1,000-VM worker met both every ~2.3 minutes, and each cost ~90-100 ms
-of CPU on whichever thread allocated when it tripped (most often the
-metrics poll's): 1.5 ms/s in a 60 s window that held one, nothing in the
-others, the whole difference between the windows that read under and over
-1 % of a core.
+3): a worker holding 1,000 VMs holds ~200,000 objects tracked by the
+collector that live as long as their VMs (records, supervisors and their
+threads, the metrics poll's kept samples) or the process (modules).
+CPython's collector runs a *full* collection, a walk over all of them,
+whenever ten younger collections passed and the objects promoted since the
+last one exceed a quarter of the long-lived ones; an idle 1,000-VM worker
+met both every 1-3.5 minutes, and each cost 83-107 ms of CPU on whichever
+thread allocated when it tripped (the metrics poll's, or trio's): 1.4-1.8
+ms/s in a 60 s window that held one, nothing in the others, the whole
+difference between the windows that read under and over 1 % of a core.
 
 What: once the fleet holds still, the worker collects once and *freezes*
 (``gc.freeze``) every object alive: the collector never scans frozen

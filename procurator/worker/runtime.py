@@ -60,7 +60,8 @@ fleet's ``(vm_id, pid)`` marks to ``LongLivedHeap.settle``, which freezes
 every object alive for CPython's cyclic collector once the fleet holds
 still (after the start-up's re-adoption, after a burst of starts) and
 again after churn, so the collector's full collections stop walking the
-~1 M objects of a 1,000-VM worker every two minutes; ``close`` unfreezes.
+~200,000 objects of a 1,000-VM worker every two minutes; ``close``
+unfreezes.
 """
 
 from __future__ import annotations
