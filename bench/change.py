@@ -11,7 +11,12 @@ ratio of the two p50s is the figure, next to the ratio of the floors
 measured after each (what the host's load from N idle VMMs does to a
 bare replacement).
 
-The apply carries the whole fleet, as ``procurator apply`` does. The master
+The apply carries the whole fleet, as ``procurator apply`` does, through one
+control client per size: from the second change on, that client remembers
+the digests it applied and its first ``applyPatch`` call carries the changed
+chunk (one round; ``procurator apply``, a process per apply, lists the
+digests first and sends the chunk in a second round, ~1-3 ms more at 1,000
+VMs: docs/BENCHMARKS.md, "a one-VM change, second pass"). The master
 is asked about the one VM (``describe vm``: the worker's observed generation
 and that VM's reported status) with blocking reads: each passes the change
 index of the answer before, so the master answers as soon as a report
