@@ -33,7 +33,11 @@ than two tenths of a fleet's worth of gone VMs' cycles. Marks new count too
 because their objects, not frozen yet, are walked by every full collection
 until they are. A refreeze costs one full collection, what the collector
 did by itself every two minutes before, and happens only after that much
-churn (at 1,000 VMs, 100 VMs gone or replaced, or 50 one-VM changes).
+churn (at 1,000 VMs: 100 VMs removed or added, or 50 replaced or
+restarted, once still). Measured at 1,000 VMs (docs/BENCHMARKS.md):
+removing 500 left no cycle at all (the refreeze found 0 unreachable
+objects), replacing 100 left 73 objects; the bound guards against a cycle
+a later change may add more than against today's.
 
 Process-wide: ``gc.freeze`` and ``gc.unfreeze`` act on the whole process,
 and a worker process runs one ``LongLivedHeap`` (``release`` unfreezes at
