@@ -1092,12 +1092,16 @@ class VmSupervisor:
             power = PowerState.PAUSED if phase is Phase.PAUSED else PowerState.RUNNING
             if pending is not None and pending.launched_at is not None:
                 self.boot_seconds = max(0.0, self.m.clock() - pending.launched_at)
+            message = f"{state.value if state else '?'} (pid {self.handle.pid})"
             if pending is not None:
-                # The event's own words first; the phase message follows at once.
-                self._publish(phase, pending.message, pending.kind, power=power)
+                # The event with the settled observation, as one change: told
+                # before the handles record stops owing it (a crash between
+                # the two tells it again, never not at all).
+                self._publish(phase, message, pending.kind, power=power, told=pending.message)
             if self.owed:
                 self._clear_owed()
-            message = f"{state.value if state else '?'} (pid {self.handle.pid})"
+            # The answer to the waiting caller; the observation is the one
+            # just told, so no second change crosses to on_change's thread.
             self._publish(phase, message, power=power, outcome=_OK)
         self._note(reported=True)
 
@@ -1312,9 +1316,12 @@ class VmSupervisor:
         *,
         power: PowerState | None = None,
         outcome: object = None,
+        told: str | None = None,
     ) -> None:
         """Replace the VM's observation; answer the current request when
-        ``outcome`` is given (``_OK`` or the error); tell ``on_change``."""
+        ``outcome`` is given (``_OK`` or the error); tell ``on_change`` when
+        the observation changed or there is an event. ``told``: the event's
+        own message when it is not the observation's ``message``."""
         vm, vmm = self.vm, self.facts.vmm
         running = self.handle is not None and vmm is not None
         with vm.cond:
@@ -1339,10 +1346,11 @@ class VmSupervisor:
                 vm.outcome = Outcome(self.request, error)
                 vm.cond.notify_all()
             op_id = vm.remove_op_id if vm.removing and vm.remove_op_id else obs.op_id
+        said = message if told is None else told
         if event is not None:
-            log.info("VM %s: %s: %s", vm.vm_id, event.value, message)
+            log.info("VM %s: %s: %s", vm.vm_id, event.value, said)
         if changed or event is not None:
-            self.m._emit(obs, _event(vm.vm_id, event, message, op_id))
+            self.m._emit(obs, _event(vm.vm_id, event, said, op_id))
 
 
 class JobContext:
