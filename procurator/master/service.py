@@ -439,6 +439,11 @@ class _Session:
     # The last status this session delivered: what its status changes apply
     # to (never another session's, see procurator.core.status).
     status: WorkerStatus | None = None
+    # Held by a status report from its merge until its store write ended:
+    # two of the session's reports that arrive together are applied one
+    # after the other (a worker's link sends one at a time, but the master
+    # does not rely on it: each merge starts from what the last one left).
+    reporting: trio.Lock = field(default_factory=trio.Lock)
     # The metric series this session's reports left: what its metrics
     # changes apply to (None: no report yet; procurator.core.metrics).
     metrics: dict[SeriesKey, MetricSample] | None = None
@@ -1821,12 +1826,15 @@ class MasterService:
         self._require_store()
         session = self._session(token)
         self._check_own(session, status.worker_id, "status")
-        await self._vet(
-            session.worker_id,
-            "status",
-            lambda: self._status_problem(session.worker_id, status.observed_generation, status.vms),
-        )
-        await self._store_status(session, status, None)
+        async with session.reporting:
+            await self._vet(
+                session.worker_id,
+                "status",
+                lambda: self._status_problem(
+                    session.worker_id, status.observed_generation, status.vms
+                ),
+            )
+            await self._store_status(session, status, None)
 
     async def report_status_changes(self, token: int, changes: StatusChanges) -> None:
         """Merge what changed into the status this session delivered last.
@@ -1842,22 +1850,25 @@ class MasterService:
         )
         session = self._session(token)
         self._check_own(session, changes.worker_id, "status")
-        if session.status is None:
-            raise ValidationError(
-                "status changes before a full status on this session; send the full status"
+        async with session.reporting:
+            if session.status is None:
+                raise ValidationError(
+                    "status changes before a full status on this session; send the full status"
+                )
+            merged = apply_status_changes(session.status, changes)
+            if len(merged.vms) > LIMITS.max_vms_per_worker:
+                raise LimitExceededError(
+                    f"status changes would make {len(merged.vms)} VMs, over the limit of "
+                    f"{LIMITS.max_vms_per_worker} per worker"
+                )
+            await self._vet(
+                session.worker_id,
+                "status",
+                lambda: self._status_problem(
+                    session.worker_id, merged.observed_generation, merged.vms
+                ),
             )
-        merged = apply_status_changes(session.status, changes)
-        if len(merged.vms) > LIMITS.max_vms_per_worker:
-            raise LimitExceededError(
-                f"status changes would make {len(merged.vms)} VMs, over the limit of "
-                f"{LIMITS.max_vms_per_worker} per worker"
-            )
-        await self._vet(
-            session.worker_id,
-            "status",
-            lambda: self._status_problem(session.worker_id, merged.observed_generation, merged.vms),
-        )
-        await self._store_status(session, merged, changes)
+            await self._store_status(session, merged, changes)
 
     async def _vet(
         self, worker_id: str, what: str, problem_of: Callable[[], ProcuratorError | None]
@@ -1939,10 +1950,11 @@ class MasterService:
         the version; a session whose registration was lost ends (the worker
         registers again)."""
         for session in list(self._sessions.values()):
-            if session.status is None or self._sessions.get(session.token) is not session:
-                continue
             try:
-                await self._store_status(session, session.status, None, restore=True)
+                async with session.reporting:  # not over a report's merge
+                    if session.status is None or self._sessions.get(session.token) is not session:
+                        continue
+                    await self._store_status(session, session.status, None, restore=True)
             except UnavailableError as exc:
                 if isinstance(exc, StoreUnavailableError):
                     raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -31,7 +32,7 @@ from procurator.core.models import (
 from procurator.core.status import StatusChanges
 from procurator.core.validation import LIMITS
 from procurator.master.service import MasterService
-from procurator.master.store import FleetStore
+from procurator.master.store import FleetStore, StatusWrite
 
 FleetOf = Callable[[dict[str, list[tuple[str, str]]]], Fleet]
 
@@ -299,4 +300,47 @@ async def test_waiters_are_bounded(tmp_path: Path) -> None:
         with trio.move_on_after(0.01):
             await svc2.wait_change(svc2.change_index, 60)
         assert await svc2.wait_change(svc2.change_index, 0.01) == svc2.change_index
+        nursery.cancel_scope.cancel()
+
+
+async def test_status_changes_in_flight_together_are_merged_one_after_the_other(
+    tmp_path: Path, fleet_of: FleetOf, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's link keeps one status report in flight, but the master
+    does not rely on it: a second change of the session that arrives while
+    the first one's store write runs is merged into what the first left,
+    so neither one's VM is lost (each merge used to start from the status
+    before both)."""
+    async with await FleetStore.open(tmp_path / "m.db") as store, trio.open_nursery() as nursery:
+        service = MasterService(store, push_timeout=1.0)
+        await nursery.start(service.run)
+        await service.apply(fleet_of({"host-a": [("a", "a"), ("b", "a")]}))
+        token = await service.register(WorkerInfo("host-a"), FakeNode())
+        await service.report_status(token, WorkerStatus("host-a", 1))
+        writing, release = trio.Event(), trio.Event()
+        write_status = store.write_status
+
+        async def held_write(write: StatusWrite) -> Any:
+            writing.set()
+            await release.wait()
+            return await write_status(write)
+
+        monkeypatch.setattr(store, "write_status", held_write)
+        done: list[str] = []
+
+        async def report(vm_id: str) -> None:
+            changed = (VmStatus(vm_id, Phase.RUNNING),)
+            await service.report_status_changes(token, StatusChanges("host-a", 1, changed=changed))
+            done.append(vm_id)
+
+        nursery.start_soon(report, "a")
+        await writing.wait()
+        nursery.start_soon(report, "b")
+        await settle()
+        release.set()
+        while len(done) < 2:
+            await settle()
+        status = (await service.fleet_status()).workers[0].status
+        assert status is not None
+        assert sorted(vm.id for vm in status.vms) == ["a", "b"]
         nursery.cancel_scope.cancel()
