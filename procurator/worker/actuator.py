@@ -34,7 +34,12 @@ under its *target* hash, so the plan leaves it alone and status tells what
 is happening. Each change of that phase calls ``on_change(vm_id)`` (from the
 step's thread), for the owner to mark the VM dirty in the reconciler: nothing
 else would report it before the step ends, which for a slow image fetch can
-be minutes of a status saying "waiting to be created". ``observe_some``
+be minutes of a status saying "waiting to be created". The step's end is no
+such change: ``ensure`` and ``remove`` end the flight on the trio thread once
+the step's thread returned, and the reconciler looks at the VM again when
+its step ends, so the end rides on the one wake-up of trio that ``to_thread``
+makes anyway (a call from the step's thread would wake trio a moment before
+it: a hand-off, a system call and a context switch per step). ``observe_some``
 observes only the VMs a pass names, so a pass over the VMs one change
 touched costs the same on a host of ten VMs and of ten thousand.
 
@@ -180,9 +185,12 @@ class WorkerActuator:
 
     async def ensure(self, vm: VmAssignment, op_id: str) -> None:
         incoming = self._incoming_op(vm.id)  # the assignment this step is for
-        await trio.to_thread.run_sync(
-            self._ensure_blocking, vm, op_id, incoming, limiter=self._limiter
-        )
+        try:
+            await trio.to_thread.run_sync(
+                self._ensure_blocking, vm, op_id, incoming, limiter=self._limiter
+            )
+        finally:
+            self._landed(vm.id)
 
     async def hold_incoming(self, vm: VmAssignment, op_id: str, incoming: Incoming) -> None:
         """A live move's target side: ``vm`` (as its source's assignment
@@ -231,7 +239,21 @@ class WorkerActuator:
                 self._hidden.discard(vm_id)
 
     async def remove(self, vm_id: str, op_id: str) -> None:
-        await trio.to_thread.run_sync(self._remove_blocking, vm_id, op_id, limiter=self._limiter)
+        try:
+            await trio.to_thread.run_sync(
+                self._remove_blocking, vm_id, op_id, limiter=self._limiter
+            )
+        finally:
+            self._landed(vm_id)
+
+    def _landed(self, vm_id: str) -> None:
+        """The end of a reconciler's step, on the trio thread: the VM shows
+        as observed again. No ``on_change``: from the step's thread it would
+        wake trio a moment before ``to_thread`` wakes it with the step's end,
+        and the reconciler looks at the VM again when its step ends
+        (``Reconciler._act``), so the flight's end rides on that one wake."""
+        with self._lock:
+            self._in_flight.pop(vm_id, None)
 
     # -- blocking steps (worker threads) ------------------------------------
 
@@ -249,24 +271,22 @@ class WorkerActuator:
     def _ensure_blocking(self, vm: VmAssignment, op_id: str, incoming: str | None) -> None:
         # Log records here carry the vm_id and op_id of the reconciler's
         # action: trio.to_thread.run_sync runs this in a copy of its context.
+        # The flight ends on the trio thread (``ensure``: ``_landed``).
         self._mark(vm.id, _InFlight(vm.hash, Phase.STARTING, "preparing the image"))
         log.info(
             "VM %s: ensuring %s, power %s (%s)", vm.id, vm.hash, vm.power.value, vm.nix_store_path
         )
-        try:
-            spec = self._launch_spec(vm, op_id, incoming)
-            self._mark(vm.id, _InFlight(vm.hash, Phase.STARTING, "starting the VMM"))
-            # The hand-over: from here the VmManager owns the VM (and with it
-            # what was taken for it), and a removal releases all of it.
-            observation = self._manager.ensure(spec)
-            # At debug: the supervisor's events ("booted", "failed") say it
-            # at INFO and up, once per VM start, not twice.
-            log.debug("VM %s: %s (%s)", vm.id, observation.phase.value, observation.message)
-            # Only now that the VM runs this image may older ones go.
-            self._images.retire_others(vm.id, vm.nix_store_path)
-            log.debug("VM %s: older images retired", vm.id)
-        finally:
-            self._mark(vm.id, None)
+        spec = self._launch_spec(vm, op_id, incoming)
+        self._mark(vm.id, _InFlight(vm.hash, Phase.STARTING, "starting the VMM"))
+        # The hand-over: from here the VmManager owns the VM (and with it
+        # what was taken for it), and a removal releases all of it.
+        observation = self._manager.ensure(spec)
+        # At debug: the supervisor's events ("booted", "failed") say it
+        # at INFO and up, once per VM start, not twice.
+        log.debug("VM %s: %s (%s)", vm.id, observation.phase.value, observation.message)
+        # Only now that the VM runs this image may older ones go.
+        self._images.retire_others(vm.id, vm.nix_store_path)
+        log.debug("VM %s: older images retired", vm.id)
 
     def _launch_spec(self, vm: VmAssignment, op_id: str, incoming: str | None) -> VmSpec:
         """What the VmManager is handed: the image checked (confinement,
@@ -345,16 +365,15 @@ class WorkerActuator:
             log.warning("VM %s: tap and address not released: %s", vm_id, exc)
 
     def _remove_blocking(self, vm_id: str, op_id: str) -> None:
+        # Shown in flight for ``remove``, whose own end ends the flight
+        # (``_landed``); a hidden VM's removal (a live move's) shows nothing.
         self._mark(vm_id, _InFlight("", Phase.STOPPING, "removing"))
-        try:
-            log.info("removing VM %s", vm_id, extra={"vm_id": vm_id, "op_id": op_id})
-            self._manager.remove(vm_id, op_id=op_id)
-            self._images.release(vm_id)
-            if self._network is not None:
-                self._network.release_vm(vm_id)
-            log.info("VM %s removed: image, disk copies and address released", vm_id)
-        finally:
-            self._mark(vm_id, None)
+        log.info("removing VM %s", vm_id, extra={"vm_id": vm_id, "op_id": op_id})
+        self._manager.remove(vm_id, op_id=op_id)
+        self._images.release(vm_id)
+        if self._network is not None:
+            self._network.release_vm(vm_id)
+        log.info("VM %s removed: image, disk copies and address released", vm_id)
 
 
 def _observed(o: VmObservation) -> ObservedVm:
