@@ -149,12 +149,14 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, the
-    correlation fields that are known, and the exception if any."""
+    """One JSON object per line: time (Unix seconds to the microsecond: a
+    change's trace points are a few milliseconds apart), level, logger,
+    message, the correlation fields that are known, and the exception if
+    any."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": round(record.created, 3),
+            "time": round(record.created, 6),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
