@@ -34,13 +34,18 @@ them on the capnp thread; a whole report's rest follows as changes only
 once the master's answer to its first slice says it takes changes (an
 older master gets the whole report again, in one call, and every later
 report of the session whole in one call, as before); the
-base is delivered when the last slice is acknowledged.
+base is delivered when the last slice is acknowledged. Each call of a
+report is bounded by the caller's ``call_timeout`` on its own: a whole
+report of 10,000 VMs is ~90 calls, and one bound on all of them together
+would either be long enough to hide a hung master or fail a report that
+the master is answering.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -703,15 +708,19 @@ class CapnpMasterSession:
             _report_status_changes, self._handle, changes, what="reportStatusChanges"
         )
 
-    async def report_metrics(self, samples: Sequence[MetricSample]) -> None:
+    async def report_metrics(
+        self, samples: Sequence[MetricSample], *, call_timeout: float | None = None
+    ) -> None:
         """Report ``samples`` (every series the worker has now), as a change
         when the master holds this session's last report (module
-        docstring). Not to be called twice at once."""
+        docstring). Each call the report makes (one per slice) fails with
+        ``trio.TooSlowError`` past ``call_timeout`` seconds (None: never).
+        Not to be called twice at once."""
         series = self._series
         report = series.report(samples)
         try:
             try:
-                takes_changes = await self._send_sliced(report)
+                takes_changes = await self._send_sliced(report, call_timeout)
             except PermanentError as exc:
                 if report.whole:
                     raise
@@ -720,32 +729,35 @@ class CapnpMasterSession:
                 logger.info("the master refused a metrics change (%s): reporting whole", exc)
                 series.refused()
                 report = series.report(samples)
-                takes_changes = await self._send_sliced(report)
+                takes_changes = await self._send_sliced(report, call_timeout)
         except BaseException:
             series.refused()
             raise
         series.delivered(takes_changes=takes_changes)
 
-    async def _send_sliced(self, report: MetricsReport) -> bool:
+    async def _send_sliced(self, report: MetricsReport, call_timeout: float | None) -> bool:
         """Send ``report`` as its bounded slices, one call each, in order;
         whether the master takes changes (module docstring)."""
         if self._whole_only:
-            return await self._send_metrics(report)
+            return await self._send_metrics(report, call_timeout)
         slices = report_slices(report)
-        takes_changes = await self._send_metrics(slices[0])
+        takes_changes = await self._send_metrics(slices[0], call_timeout)
         if not takes_changes:
             # An older master: it takes whole reports only (and applies its
             # own limits to them), so the whole report in one call, now and
             # from now on.
             self._whole_only = True
             if len(slices) > 1:
-                return await self._send_metrics(report)
+                return await self._send_metrics(report, call_timeout)
         for part in slices[1:]:
-            takes_changes = await self._send_metrics(part)
+            takes_changes = await self._send_metrics(part, call_timeout)
         return takes_changes
 
-    async def _send_metrics(self, report: MetricsReport) -> bool:
-        return await self._bridge.run(_report_metrics, self._handle, report, what="reportMetrics")
+    async def _send_metrics(self, report: MetricsReport, call_timeout: float | None) -> bool:
+        with trio.fail_after(math.inf if call_timeout is None else call_timeout):
+            return await self._bridge.run(
+                _report_metrics, self._handle, report, what="reportMetrics"
+            )
 
     async def report_events(self, events: Sequence[VmEvent]) -> None:
         await self._bridge.run(_report_events, self._handle, events, what="reportEvents")

@@ -42,7 +42,9 @@ Invariants:
   dropped and counted (``events_dropped``). Sent events leave the buffer only
   once the master acknowledged them.
 - A call that hangs longer than ``call_timeout`` ends the session: the
-  connection is closed and the link reconnects.
+  connection is closed and the link reconnects. A metrics report that
+  crosses as several calls (a big one, in slices) is bounded call by call,
+  not as a whole.
 - **Several masters** (masters sharing one database, docs/HA.md): a
   :class:`FailoverDialer` dials them in turn, one per attempt, in the order
   given, starting after the master last tried, so a worker whose master
@@ -72,8 +74,10 @@ production, a fake in tests), so this module knows no RPC library.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
+import math
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -157,7 +161,11 @@ class MasterSession(Protocol):
         """What changed since the status last acknowledged on this session."""
         ...
 
-    async def report_metrics(self, samples: Sequence[MetricSample]) -> None: ...
+    async def report_metrics(self, samples: Sequence[MetricSample], *, call_timeout: float) -> None:
+        """Report every series the worker has now; the report may cross as
+        several calls, each failing with ``trio.TooSlowError`` past
+        ``call_timeout`` seconds."""
+        ...
 
     async def report_events(self, events: Sequence[VmEvent]) -> None: ...
 
@@ -567,22 +575,30 @@ class MasterLink:
             self._pull_now = trio.Event()
             await self._pull(session)
 
-    async def _call(self, what: str, method: Callable[[_T], Awaitable[None]], argument: _T) -> bool:
+    async def _call(
+        self,
+        what: str,
+        method: Callable[[_T], Awaitable[None]],
+        argument: _T,
+        *,
+        bounded: bool = True,
+    ) -> bool:
         """Make one report; False if the master refused it for good (it is
         then dropped: resending cannot help). Temporary failures raise and
-        end the session."""
-        refused = await self._refusal(method, argument)
+        end the session. ``bounded``: within one ``call_timeout`` (False:
+        ``method`` bounds each of its calls itself)."""
+        refused = await self._refusal(method, argument, bounded=bounded)
         if refused is not None:
             logger.error("the master refused %s: %s", what, refused)
             return False
         return True
 
     async def _refusal(
-        self, method: Callable[[_T], Awaitable[None]], argument: _T
+        self, method: Callable[[_T], Awaitable[None]], argument: _T, *, bounded: bool = True
     ) -> PermanentError | None:
         """Make one report; the master's refusal for good, or None."""
         try:
-            with trio.fail_after(self.settings.call_timeout):
+            with trio.fail_after(self.settings.call_timeout if bounded else math.inf):
                 await method(argument)
         except PermanentError as exc:
             self._contact()  # a refusal is an answer
@@ -631,7 +647,10 @@ class MasterLink:
                 await self._metrics_wake.wait()
                 self._metrics_wake = trio.Event()
                 continue
-            await self._call("a metrics report", session.report_metrics, samples)
+            report = functools.partial(
+                session.report_metrics, call_timeout=self.settings.call_timeout
+            )
+            await self._call("a metrics report", report, samples, bounded=False)
 
     async def _send_events(self, session: MasterSession) -> None:
         while True:

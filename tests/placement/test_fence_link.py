@@ -73,7 +73,7 @@ class Session:
     async def report_status_changes(self, changes: StatusChanges) -> None:
         await self._answer()
 
-    async def report_metrics(self, samples: Sequence[MetricSample]) -> None:
+    async def report_metrics(self, samples: Sequence[MetricSample], *, call_timeout: float) -> None:
         await self._answer()
 
     async def report_events(self, events: Sequence[VmEvent]) -> None:

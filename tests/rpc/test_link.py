@@ -78,10 +78,16 @@ class FakeSession:
         self.status = apply_status_changes(self.status, changes)
         self.master.statuses.append(self.status)
 
-    async def report_metrics(self, samples: Sequence[MetricSample]) -> None:
+    async def report_metrics(self, samples: Sequence[MetricSample], *, call_timeout: float) -> None:
+        """As the real session: the report crosses as
+        ``master.metrics_calls`` calls (a big one, in slices), each bounded
+        by ``call_timeout`` and taking ``master.metrics_call_seconds``."""
         self._check()
         if self.master.slow_reports:
             await self.master.release_reports.wait()
+        for _ in range(self.master.metrics_calls):
+            with trio.fail_after(call_timeout):
+                await trio.sleep(self.master.metrics_call_seconds)
         self.master.metrics.append(tuple(samples))
 
     async def report_events(self, events: Sequence[VmEvent]) -> None:
@@ -109,6 +115,8 @@ class FakeMaster:
         self.events: list[VmEvent] = []
         self.slow_reports = False
         self.release_reports = trio.Event()
+        self.metrics_calls = 1
+        self.metrics_call_seconds = 0.0
         self.refuse_events = False
 
     async def connect(self, info: WorkerInfo, on_push: OnAssignment) -> FakeSession:
@@ -362,6 +370,33 @@ async def test_a_hanging_call_ends_the_session(autojump_clock: trio.testing.Mock
         master.slow_reports = True  # never released
         link.publish_status(WorkerStatus("host-a", 1))
         await trio.sleep(SETTINGS.call_timeout + 3)
+        assert len(master.sessions) == 2
+        assert not master.sessions[0].connected
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_metrics_report_in_several_calls_is_bounded_call_by_call(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A big metrics report crosses as several calls: each one within the
+    call timeout is progress, however long all of them take together; one
+    call that hangs ends the session."""
+    master = FakeMaster()
+    master.up = True
+    link, _ = make_link(master)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        await link.wait_connected()
+        master.metrics_calls = 3
+        master.metrics_call_seconds = SETTINGS.call_timeout * 0.6
+        sample = MetricSample("procurator_vms", 1.0)
+        link.publish_metrics([sample])
+        await trio.sleep(SETTINGS.call_timeout * 3)
+        assert master.metrics == [(sample,)]
+        assert len(master.sessions) == 1 and master.sessions[0].connected
+        master.metrics_call_seconds = SETTINGS.call_timeout + 1
+        link.publish_metrics([sample])
+        await trio.sleep(SETTINGS.call_timeout * 2)
         assert len(master.sessions) == 2
         assert not master.sessions[0].connected
         nursery.cancel_scope.cancel()

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from rpchelpers import served
 
 from procurator.core.errors import ValidationError
@@ -270,12 +271,47 @@ async def test_a_refused_slice_leaves_no_base_and_the_whole_report_follows(
                 await session.aclose()
 
 
+async def test_each_call_of_a_big_report_is_bounded_alone(tmp_path: Path, bridge: Bridge) -> None:
+    """``call_timeout`` bounds each slice's call: a master that answers the
+    first slice and hangs on the second fails the report after one call
+    timeout, and the next report is whole."""
+    big = _worker_series(2 * MAX_SERIES_PER_SLICE + 10)
+    async with await FleetStore.open(tmp_path / "m.db") as store:
+        service = MasterService(store)
+        async with served_master(service, bridge) as (master, address):
+            session = await CapnpMasterDialer(bridge, address).connect(
+                WorkerInfo("host-a"), _ignore
+            )
+            unhang = trio.Event()
+
+            async def hang_the_second(call: int) -> None:
+                if call == 1:
+                    await unhang.wait()
+
+            master.on_metrics = hang_the_second
+            try:
+                with pytest.raises(trio.TooSlowError):
+                    await session.report_metrics(big, call_timeout=0.5)
+                assert master.arrivals == ["metrics", "metrics"]
+                # The hung call ends (or was cancelled when the worker gave
+                # up on it): either way the worker holds no base now.
+                unhang.set()
+                await trio.testing.wait_all_tasks_blocked()
+                master.kinds()
+                master.on_metrics = None
+                await session.report_metrics(big, call_timeout=30)
+                assert master.kinds() == [("whole", "ok"), ("change", "ok"), ("change", "ok")]
+                assert master.held() == series_of(big)
+            finally:
+                await session.aclose()
+
+
 class _OlderMasterSession(CapnpMasterSession):
     """A session with a master that predates changes: the real master's
     answers, read as an older master's (no ``takesChanges``)."""
 
-    async def _send_metrics(self, report: MetricsReport) -> bool:
-        await super()._send_metrics(report)
+    async def _send_metrics(self, report: MetricsReport, call_timeout: float | None) -> bool:
+        await super()._send_metrics(report, call_timeout)
         return False
 
 
