@@ -190,12 +190,12 @@ class FakeFleet:
         return sorted((self.state / "vms" / vm_id / "disks").glob("*/disk*.img"))
 
     def worker_records(self) -> list[dict[str, Any]]:
-        """The worker's log: one JSON object per line."""
-        return [
-            json.loads(line)
-            for line in self.worker_log.read_text().splitlines()
-            if line.startswith("{")
-        ]
+        """The worker's log: one JSON object per whole line (the last line
+        is left out until its newline is written: the worker may be
+        writing it as this reads)."""
+        text = self.worker_log.read_text()
+        whole = text[: text.rfind("\n") + 1]
+        return [json.loads(line) for line in whole.splitlines() if line.startswith("{")]
 
     def wait_for(self, what: str, condition: Callable[[], bool], timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
