@@ -361,3 +361,32 @@ def test_a_wait_whose_directory_goes_away_polls_for_it(
     finally:
         server.close()
     assert _watched() == []
+
+
+def test_a_vmm_answering_at_the_first_look_costs_no_watch_and_no_pidfd(
+    tmp_path: Path, vmm: subprocess.Popen[bytes]
+) -> None:
+    """A socket listening before the wait begins is answered at the first
+    look: no pidfd opened and no watch set for it, so nothing to remove
+    either, and the ``vmm-launches`` thread is not woken by the watch's
+    ``IN_IGNORED`` (a hand-off per start, issue 31 target 2)."""
+    sock = tmp_path / "api.sock"
+    server = _listening(sock)
+    seen: list[tuple[list[int], list[str]]] = []
+    connect = _connect(sock)
+
+    def probe(timeout: float) -> str:
+        pidfds = [what for what in _fds().values() if what == "anon_inode:[pidfd]"]
+        seen.append((_watched(), pidfds))
+        return connect(timeout)
+
+    try:
+        assert (
+            process.wait_for_api(
+                _handle(vmm, sock), probe, deadline=time.monotonic() + _LONG, who="the VMM"
+            )
+            == "answered"
+        )
+    finally:
+        server.close()
+    assert seen == [([], [])]

@@ -45,8 +45,13 @@ the wait sleeps on an event until the kernel says something happened: the
 pidfd turns readable when the VMM exits, the inotify watch on the socket's
 directory when a file is created or moved in there (a watch is on the
 directory's inode, so a jailed VMM binding through its bind mount is seen
-too). The watch is set before the first look for the socket, so a socket
-bound in between is found by that look, never missed.
+too). The watch (and the pidfd) is set only when the first look finds
+no socket or the first probe no answer, and a look follows it before any
+sleep, so a socket bound in between is found by that look, never missed;
+a VMM that answers at the first look (the usual jailed launch: the
+jailer's round trip outlasts the VMM's bind) costs neither, nor the
+``vmm-launches`` thread the wake-up that a watch's removal (its
+``IN_IGNORED``) gives it: a hand-off per start (issue 31, target 2).
 
 One inotify instance for the process, never one per launch (issue 31,
 target 5): closing an inotify instance waits for an SRCU grace period
@@ -289,11 +294,17 @@ def wait_for_api(
                 unanswered += 1
                 # No event says when a bound socket starts listening.
                 pause = API_POLL.delay(unanswered)
+            elif not watch.armed:
+                # Something to wait for: the watch set, look again before
+                # sleeping on it (a socket bound from now on wakes the wait).
+                watch.arm()
+                continue
             elif watch.wakes_for_both:
                 pause = remaining  # until it exits or the socket appears
             else:
                 unanswered += 1
                 pause = API_POLL.delay(unanswered)
+            watch.arm()  # the pause ends at once if the VMM exits meanwhile
             watch.wait(min(pause, max(0.0, deadline - time.monotonic())))
 
 
@@ -466,9 +477,13 @@ class _LaunchWatch:
     (the whole process exited) and when a file is created in its socket's
     directory. Either may be missing (a process that is already gone has
     no pidfd; a directory that cannot be watched has no watch): then
-    ``/proc`` and ``API_POLL``'s pace stand in for them. A context manager:
-    on the way out the watch is removed and the pidfd closed, the one
-    descriptor a launch holds."""
+    ``/proc`` and ``API_POLL``'s pace stand in for them. Set up by ``arm``,
+    only once there is something to wait for (the first look found no
+    socket, or the first probe no answer): a VMM that answers at the first
+    look costs no pidfd, no watch and no wake-up of the ``vmm-launches``
+    thread (removing a watch queues ``IN_IGNORED``, which that thread wakes
+    to read). A context manager: on the way out the watch is removed and
+    the pidfd closed, the one descriptor a launch holds."""
 
     def __init__(self, handle: VmmHandle) -> None:
         self._handle = handle
@@ -477,6 +492,7 @@ class _LaunchWatch:
         self._watches: _LaunchWatches | None = None
         self._exit_watched = False
         self._wd = -1
+        self.armed = False
 
     @property
     def wakes_for_both(self) -> bool:
@@ -491,6 +507,13 @@ class _LaunchWatch:
         )
 
     def __enter__(self) -> _LaunchWatch:
+        return self
+
+    def arm(self) -> None:
+        """Open the VMM's pidfd and set the watch (once; idempotent)."""
+        if self.armed:
+            return
+        self.armed = True
         handle = self._handle
         try:
             try:
@@ -501,7 +524,7 @@ class _LaunchWatch:
                 log.debug("no pidfd for pid %s (%s): polling for its exit", handle.pid, exc)
             self._watches = watches = _LaunchWatches.shared()
             if watches is None:
-                return self
+                return
             if self._pidfd >= 0:
                 try:
                     watches.exits.add(self._pidfd, self._wake.set)
@@ -517,7 +540,6 @@ class _LaunchWatch:
         except BaseException:
             self.close()
             raise
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
