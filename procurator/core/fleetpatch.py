@@ -808,9 +808,9 @@ async def patch_rounds(
         listing = parts.listing(in_chunks if chunked else ())
         asked.update(name for name, digest in listing if digest not in held)
     for _ in range(PATCH_ROUNDS):
-        patch = make_patch(
-            parts, asked, chunked=chunked and (True if in_chunks is None else in_chunks)
-        )
+        listed_in_chunks = chunked and (True if in_chunks is None else in_chunks)
+        asked = _as_listed(parts, asked, listed_in_chunks)
+        patch = make_patch(parts, asked, chunked=listed_in_chunks)
         try:
             answer = await send(patch)
         except ValidationError as exc:
@@ -839,6 +839,29 @@ async def patch_rounds(
             else:
                 asked.add(name)
     return None
+
+
+def _as_listed(parts: FleetParts, asked: set[str], chunked: bool | Collection[str]) -> set[str]:
+    """``asked`` in the names of the listing ``make_patch`` makes with
+    ``chunked``: a round may list a worker otherwise than the round that
+    asked for it (by its chunks once the master asked for it whole; whole
+    again when its chunks push the listing past ``MAX_ENTRIES``), so a
+    chunk of a worker listed whole is asked as its worker, and a worker
+    listed by its chunks as all of them."""
+    listing = dict(parts.listing(None if chunked is True else (chunked or ())))
+    if asked <= listing.keys():
+        return asked
+    result: set[str] = set()
+    for name in asked:
+        if name in listing:
+            result.add(name)
+            continue
+        worker_id = name.split(CHUNK_SEP, 1)[0]
+        if worker_id in listing:
+            result.add(worker_id)
+        else:
+            result.update(chunk.name for chunk in parts.chunks.get(worker_id, ()))
+    return result
 
 
 def refuses_chunks(patch: FleetPatch, exc: ValidationError) -> bool:

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from procurator.core import fleetpatch
 from procurator.core.control import ApplyResult
 from procurator.core.errors import ValidationError
 from procurator.core.fleetpatch import (
@@ -410,3 +411,37 @@ async def test_digests_believed_held_make_one_send_of_what_changed() -> None:
         assert in_chunks == ({"w-b"} if listing_max == 10 else {"w-a", "w-b", "w-c"})
         ((worker, vms),) = first.sent.workers
         assert worker == "w-b" and "b100" in {vm.id for vm in vms} and len(vms) < 200
+
+
+async def test_a_stale_belief_whose_chunks_overflow_the_listing_costs_rounds_not_the_apply(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A belief that is stale (another client applied since) lists the
+    client's changed worker by its chunks and asks for its changed chunk;
+    the master then asks for a worker the client believed it held, whose
+    chunks push the listing past ``MAX_ENTRIES``, so the next round lists
+    every worker whole: what was asked by chunk is sent as its worker
+    (the name asked is translated to the listing of the round, never a
+    name the round does not list)."""
+    monkeypatch.setattr(fleetpatch, "MAX_ENTRIES", 12)
+    ids = {w: [f"{w[-1]}{i:03d}" for i in range(200)] for w in ("w-a", "w-b", "w-c")}
+
+    def fleet(changed: str = "") -> Fleet:
+        return Fleet(tuple(_worker(w, v, changed).workers[0] for w, v in ids.items()))
+
+    believed = FleetParts.of(fleet()).entry_digests()  # what this client applied
+    master_holds = FleetParts.of(fleet("b007"))  # another client applied since
+    mine = FleetParts.of(fleet("a100"))
+    sent: list[FleetPatch] = []
+
+    async def master(patch: FleetPatch) -> PatchAnswer:
+        sent.append(patch)
+        answer = assemble(master_holds, patch)
+        if answer.parts is None:
+            return PatchAnswer(None, answer.missing)
+        assert answer.parts.fleet() == mine.fleet()
+        return PatchAnswer(ApplyResult(2, True, (), "op-1"))
+
+    assert sum(len(chunks) for chunks in mine.chunks.values()) > 12  # all in chunks: too many
+    assert await patch_rounds(mine, master, listing_max=3, held=believed) is not None
+    assert all(CHUNK_SEP not in name for name, _ in sent[-1].parts)  # listed whole at the end
