@@ -28,8 +28,15 @@ one). So the marks gone since the last freeze are counted, and the heap is
 frozen again (unfreeze, one full collection, freeze) once the marks gone
 plus the marks new reach a tenth of the marks frozen then (at least one)
 and the fleet holds still, or at once when the marks gone alone reach two
-tenths, however busy the fleet: what is held uncollectable is never more
-than two tenths of a fleet's worth of gone VMs' cycles. Marks new count too
+tenths, however busy the fleet: of the VMs' own objects, what is held
+uncollectable is never more than two tenths of a fleet's worth of gone
+VMs' cycles. (Any other object alive at a freeze that later becomes cyclic
+garbage is held until the next refreeze, and only VM churn brings one:
+that is bounded by what was alive at the freeze, not by the churn. None
+is known: a reconnect's old master session, the likeliest, is freed by
+reference counting.) A refreeze whose collection did not run (another
+thread's was under way) is no freeze: tried again at the next poll, its
+churn still counted. Marks new count too
 because their objects, not frozen yet, are walked by every full collection
 until they are. A refreeze costs one full collection, what the collector
 did by itself every two minutes before, and happens only after that much
@@ -93,6 +100,10 @@ class Collector(Protocol):
 
     def frozen(self) -> int: ...
 
+    def full_collections(self) -> int:
+        """How many full (generation 2) collections ran so far."""
+        ...
+
 
 class CPythonCollector:
     """The ``gc`` module's collector."""
@@ -108,6 +119,9 @@ class CPythonCollector:
 
     def frozen(self) -> int:
         return gc.get_freeze_count()
+
+    def full_collections(self) -> int:
+        return int(gc.get_stats()[2]["collections"])
 
 
 def refreeze_due(
@@ -157,9 +171,18 @@ class LongLivedHeap:
             if not refreeze_due(frozen, last, now):
                 return None
             began = time.thread_time()
+            full = self._collector.full_collections()
             self._collector.unfreeze()
             collected = self._collector.collect()
             self._collector.freeze()
+            if self._collector.full_collections() == full:
+                # ``gc.collect`` returns at once while another thread's
+                # collection is under way (one whose finalizer let go of the
+                # GIL): nothing was collected, so the gone VMs' cycles are
+                # frozen again. Not counted as a freeze: tried again at the
+                # next poll, the churn since the last one still counted.
+                log.debug("no full collection ran (another was under way): refreeze postponed")
+                return None
             self._frozen = now
             done = Freeze(
                 vms=len(now),

@@ -1,7 +1,7 @@
 """The worker freezes its long-lived objects for CPython's cyclic collector
 once its fleet holds still, and again after churn (procurator.worker.heap,
-issue 31 target 3: an idle 1,000-VM worker's full collections walked ~1 M
-objects every ~2 minutes, ~0.1 s of CPU each).
+issue 31 target 3: an idle 1,000-VM worker's full collections walked
+~200,000 objects every ~2 minutes, ~0.1 s of CPU each).
 
 The freeze's hazard is memory: a cycle among frozen objects is never
 freed. The bound is checked with the real collector and VM-like objects
@@ -70,6 +70,35 @@ def test_a_refreeze_takes_a_tenth_of_churn_when_still_two_tenths_gone_at_once() 
     assert refreeze_due(frozen, grown, grown)
     # A fleet frozen empty: the first VM is enough, once still.
     assert refreeze_due(frozenset(), _marks("a"), _marks("a"))
+
+
+class _Busy(CPythonCollector):
+    """The real collector, but while ``busy`` its ``collect`` returns at
+    once as CPython's does when another thread's collection is under way."""
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.collects = 0
+
+    def collect(self) -> int:
+        self.collects += 1
+        return 0 if self.busy else super().collect()
+
+
+def test_a_refreeze_whose_collection_did_not_run_is_tried_again(unfrozen: None) -> None:
+    collector = _Busy()
+    heap = LongLivedHeap(collector)
+    fleet = [f"vm-{i}" for i in range(10)]
+    assert heap.settle(_marks(*fleet)) is None
+    assert heap.settle(_marks(*fleet)) is not None  # still: the first freeze
+    collector.busy = True
+    rest = _marks(*fleet[2:])  # two tenths gone: a refreeze at once
+    assert heap.settle(rest) is None
+    assert collector.collects == 2 and gc.get_freeze_count() > 0  # frozen as it was
+    collector.busy = False
+    done = heap.settle(rest)  # the churn still counts
+    assert done is not None and done.gone == 2
+    heap.release()
 
 
 class _VmState:
