@@ -195,10 +195,13 @@ Invariants:
   reads (``wait_change``) wait while the index still equals the caller's,
   at most ``max_waiters`` of them at once.
 
-Lock order: ``_apply_lock`` (the fleet cache) → ``_sessions_lock`` (this
-master's sessions against the store's) → ``_events_lock`` (the event
-cursor). Only the store is awaited under them, and the (pure) diff in a
-thread under the first.
+Lock order: a session's ``reporting`` (its status reports, one at a time)
+→ ``_apply_lock`` (the fleet cache) → ``_sessions_lock`` (this master's
+sessions against the store's) → ``_events_lock`` (the event cursor). Only
+the store is awaited under them (a report's vet may catch the cache up,
+under ``_apply_lock``), and the (pure) diff in a thread under
+``_apply_lock``; the syncer takes ``reporting`` (the restore after the
+database's return) holding none of the others.
 """
 
 from __future__ import annotations
