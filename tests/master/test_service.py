@@ -344,3 +344,55 @@ async def test_status_changes_in_flight_together_are_merged_one_after_the_other(
         assert status is not None
         assert sorted(vm.id for vm in status.vms) == ["a", "b"]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_report_during_the_restore_after_the_database_returned_is_not_lost(
+    tmp_path: Path, fleet_of: FleetOf, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The restore after the database's return writes again, whole, the
+    status each session delivered last; a status change of the session
+    that arrives while that write runs is merged after it, not before it
+    (the restore's write would then put the older status back, in the store
+    and in the session)."""
+    async with await FleetStore.open(tmp_path / "m.db") as store, trio.open_nursery() as nursery:
+        service = MasterService(store, push_timeout=1.0)
+        await nursery.start(service.run)
+        await service.apply(fleet_of({"host-a": [("a", "a")]}))
+        token = await service.register(WorkerInfo("host-a"), FakeNode())
+        await service.report_status(token, WorkerStatus("host-a", 1))
+        writing, release = trio.Event(), trio.Event()
+        write_status = store.write_status
+
+        async def held_write(write: StatusWrite) -> Any:
+            if not writing.is_set():  # the restore's
+                writing.set()
+                await release.wait()
+            return await write_status(write)
+
+        monkeypatch.setattr(store, "write_status", held_write)
+        done: list[str] = []
+
+        async def restore() -> None:
+            # What the syncer calls once the database is back (a test of the
+            # step itself: taking the store away and back is the HA tests').
+            await service._restore_statuses()
+            done.append("restore")
+
+        async def report() -> None:
+            changed = (VmStatus("a", Phase.RUNNING),)
+            await service.report_status_changes(token, StatusChanges("host-a", 1, changed=changed))
+            done.append("report")
+
+        nursery.start_soon(restore)
+        await writing.wait()
+        nursery.start_soon(report)
+        await settle()
+        release.set()
+        while len(done) < 2:
+            await settle()
+        assert done == ["restore", "report"]
+        status = (await service.fleet_status()).workers[0].status
+        assert status == WorkerStatus("host-a", 1, (VmStatus("a", Phase.RUNNING),))
+        stored = await store.worker("host-a")
+        assert stored is not None and stored.status == status
+        nursery.cancel_scope.cancel()
