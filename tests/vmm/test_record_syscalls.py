@@ -62,5 +62,9 @@ def test_a_records_first_write_makes_its_directory(tmp_path: Path) -> None:
         "state.write_handles(lock, HandlesRecord('fake', hash='a'))\n"
         "lock.release()\n"
     )
-    _calls(tmp_path, script, root)
+    calls = _calls(tmp_path, script, root / "vms" / "vm-1")
+    # The temporary file's open finds no directory, so the directory is
+    # made, then the open and the rename over the record.
+    first = calls.index("mkdir")
+    assert calls[first - 1] == "openat" and calls[-1] == "rename", calls
     assert '"hash": "a"' in (root / "vms" / "vm-1" / "handles.json").read_text()
