@@ -32,7 +32,7 @@ never silence.
 Invariants:
 
 - A slot is an index into ``[uid_first, uid_first + uid_count)``; slot k
-  runs as uid = gid = ``uid_first + k``. ``first_free_slot`` always returns
+  runs as uid = gid = ``uid_first + k``. ``SlotTable`` always hands out
   the lowest free one, so a worker's uids stay dense and predictable.
 - ``limits_for`` depends only on the definition and the policy, so a VM's
   limits change exactly when its hash does (new vCPUs or memory).
@@ -61,8 +61,8 @@ __all__ = [
     "Layer",
     "LimitsRead",
     "ResourceLimits",
+    "SlotTable",
     "VmPathsPlan",
-    "first_free_slot",
     "limits_for",
     "plan_vm_paths",
 ]
@@ -140,12 +140,52 @@ class JailPolicy:
         return slot if 0 <= slot < self.uid_count else None
 
 
-def first_free_slot(taken: Collection[int], count: int) -> int | None:
-    """The lowest slot in ``[0, count)`` not in ``taken``; None when all are."""
-    for slot in range(count):
-        if slot not in taken:
-            return slot
-    return None
+class SlotTable:
+    """Which uid slot each VM holds (the worker's jail keeps one, under its
+    lock; not thread-safe), and the lowest slot that may be free: a VM's first
+    start takes the lowest free slot without looking at every VM's (issue
+    31: a set of the fleet's slots and a scan from slot 0 were a start's
+    cost that grew with the fleet), and a released slot lowers it again,
+    so the slots handed out are the lowest free ones, as before."""
+
+    def __init__(self, count: int) -> None:
+        self._count = count
+        self._by_vm: dict[str, int] = {}
+        self._taken: set[int] = set()
+        self._free_from = 0  # every slot below it is taken
+
+    def get(self, vm_id: str) -> int | None:
+        return self._by_vm.get(vm_id)
+
+    def vm_ids(self) -> list[str]:
+        return list(self._by_vm)
+
+    def take(self, vm_id: str, slot: int) -> bool:
+        """Record that ``vm_id`` holds ``slot``; False (nothing recorded)
+        when another VM holds it."""
+        if slot in self._taken:
+            return False
+        self._by_vm[vm_id] = slot
+        self._taken.add(slot)
+        return True
+
+    def take_free(self, vm_id: str) -> int | None:
+        """The lowest free slot, now ``vm_id``'s; None when all are taken."""
+        slot = self._free_from
+        while slot in self._taken:
+            slot += 1
+        self._free_from = slot
+        if slot >= self._count:
+            return None
+        self.take(vm_id, slot)
+        self._free_from = slot + 1
+        return slot
+
+    def pop(self, vm_id: str) -> None:
+        slot = self._by_vm.pop(vm_id, None)
+        if slot is not None:
+            self._taken.discard(slot)
+            self._free_from = min(self._free_from, slot)
 
 
 @dataclass(frozen=True, slots=True)

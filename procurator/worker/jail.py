@@ -103,6 +103,7 @@ from procurator.core.jail import (
     JailPolicy,
     LimitsRead,
     ResourceLimits,
+    SlotTable,
     VmPathsPlan,
     limits_for,
     plan_vm_paths,
@@ -527,54 +528,6 @@ class VmJail:
 # -- the worker's jail -----------------------------------------------------------------
 
 
-class _SlotTable:
-    """Which uid slot each VM holds (``Jail._table``; its caller holds
-    ``Jail._lock``), and the lowest slot that may be free: a VM's first
-    start takes the lowest free slot without looking at every VM's (issue
-    31: a set of the fleet's slots and a scan from slot 0 were a start's
-    cost that grew with the fleet), and a released slot lowers it again,
-    so the slots handed out are the lowest free ones, as before."""
-
-    def __init__(self, count: int) -> None:
-        self._count = count
-        self._by_vm: dict[str, int] = {}
-        self._taken: set[int] = set()
-        self._free_from = 0  # every slot below it is taken
-
-    def get(self, vm_id: str) -> int | None:
-        return self._by_vm.get(vm_id)
-
-    def vm_ids(self) -> list[str]:
-        return list(self._by_vm)
-
-    def take(self, vm_id: str, slot: int) -> bool:
-        """Record that ``vm_id`` holds ``slot``; False (nothing recorded)
-        when another VM holds it."""
-        if slot in self._taken:
-            return False
-        self._by_vm[vm_id] = slot
-        self._taken.add(slot)
-        return True
-
-    def take_free(self, vm_id: str) -> int | None:
-        """The lowest free slot, now ``vm_id``'s; None when all are taken."""
-        slot = self._free_from
-        while slot in self._taken:
-            slot += 1
-        self._free_from = slot
-        if slot >= self._count:
-            return None
-        self.take(vm_id, slot)
-        self._free_from = slot + 1
-        return slot
-
-    def pop(self, vm_id: str) -> None:
-        slot = self._by_vm.pop(vm_id, None)
-        if slot is not None:
-            self._taken.discard(slot)
-            self._free_from = min(self._free_from, slot)
-
-
 class Jail:
     """One worker's jail (see the module docstring).
 
@@ -608,7 +561,7 @@ class Jail:
         except OSError as exc:
             raise PermanentError(f"cannot make {self.root_mount}: {exc.strerror}") from exc
         self._lock = threading.Lock()
-        self._slots: _SlotTable | None = None  # loaded on first use
+        self._slots: SlotTable | None = None  # loaded on first use
         # Guards _runtime, held while one is computed (file system only).
         self._runtime_lock = threading.Lock()
         self._runtime: dict[tuple[str, ...], Exposure] = {}
@@ -623,12 +576,12 @@ class Jail:
 
     # -- slots ---------------------------------------------------------------------
 
-    def _table(self) -> _SlotTable:
+    def _table(self) -> SlotTable:
         """The slot table (caller holds ``_lock``), read the first time from
         every VM's run directory's owner (or the ``jail.json`` an earlier
         release wrote: see "Uid slots")."""
         if self._slots is None:
-            slots = _SlotTable(self.policy.uid_count)
+            slots = SlotTable(self.policy.uid_count)
             try:
                 vm_dirs = sorted(os.scandir(self.state_dir / "vms"), key=lambda e: e.name)
             except FileNotFoundError:

@@ -13,7 +13,7 @@ from procurator.core.jail import (
     JailPolicy,
     Layer,
     LimitsRead,
-    first_free_slot,
+    SlotTable,
     limits_for,
     plan_vm_paths,
 )
@@ -65,9 +65,11 @@ def test_a_policy_that_could_run_no_vmm_is_refused(kwargs: dict[str, object], pr
 
 
 def test_slots_are_the_lowest_free_ones() -> None:
-    assert first_free_slot(set(), 3) == 0
-    assert first_free_slot({0, 2}, 3) == 1
-    assert first_free_slot({0, 1, 2}, 3) is None
+    table = SlotTable(3)
+    assert [table.take_free(vm) for vm in ("a", "b", "c", "d")] == [0, 1, 2, None]
+    table.pop("b")
+    assert table.take_free("e") == 1
+    assert not table.take("f", 0)  # a's
 
 
 def test_limits_are_the_guests_plus_the_vmms_overhead() -> None:
