@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import socket
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -32,17 +31,12 @@ import trio.testing
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "vmm"))
 
 from movevms import driver, manager, root
+from publisherhelpers import RecordingPublisher
 from vmmhelpers import definition, vmm_pids_under
 
-from procurator.core.metrics import MetricSample
 from procurator.core.models import (
     Assignment,
-    PreparedImage,
-    TransferProgress,
-    VmEvent,
-    WorkerStatus,
 )
-from procurator.core.status import StatusChanges
 from procurator.worker.runtime import ReconcilingHandler, RuntimeOptions
 from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver
 from procurator.worker.vmrecord import Incoming, VmSpec
@@ -50,32 +44,6 @@ from procurator.worker.vmrecord import Incoming, VmSpec
 __all__ = ["driver", "root"]  # fixtures
 
 _DROPPED = "VM vm1 no longer held incoming"
-
-
-class Publisher:
-    """The worker's link, recording the VMs each status names."""
-
-    def __init__(self) -> None:
-        self.named: set[str] = set()
-        self.events: list[VmEvent] = []
-
-    def publish_status(self, status: WorkerStatus) -> None:
-        self.named |= {vm.id for vm in status.vms}
-
-    def publish_status_changes(self, changes: StatusChanges) -> None:
-        self.named |= {vm.id for vm in changes.changed} | set(changes.removed)
-
-    def publish_prepared(self, prepared: tuple[PreparedImage, ...]) -> None:
-        pass
-
-    def publish_transfers(self, transfers: tuple[TransferProgress, ...]) -> None:
-        pass
-
-    def publish_events(self, events: Sequence[VmEvent]) -> None:
-        self.events.extend(events)
-
-    def publish_metrics(self, samples: Sequence[MetricSample]) -> None:
-        pass
 
 
 async def test_a_failed_live_move_s_incoming_vm_is_removed_once_and_never_reported(
@@ -93,7 +61,7 @@ async def test_a_failed_live_move_s_incoming_vm_is_removed_once_and_never_report
         assert first.ensure(held).pid is not None
     finally:
         first.close()  # the worker stops; its incoming VMM lives on
-    publisher = Publisher()
+    publisher = RecordingPublisher()
     options = RuntimeOptions(driver="cloud-hypervisor", network=False, jail=None)
     caplog.set_level(logging.INFO, logger="procurator.worker")
     with socket.socket() as listener:

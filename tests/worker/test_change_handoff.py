@@ -10,51 +10,23 @@ what it is given."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import trio
 import trio.testing
+from publisherhelpers import RecordingPublisher
 
-from procurator.core.metrics import MetricSample
 from procurator.core.models import (
     EventKind,
     Phase,
     PowerState,
-    PreparedImage,
-    TransferProgress,
     VmEvent,
-    WorkerStatus,
 )
-from procurator.core.status import StatusChanges
 from procurator.worker.runtime import ReconcilingHandler, RuntimeOptions
 from procurator.worker.vmrecord import VmObservation
 
 
-class Publisher:
-    def __init__(self) -> None:
-        self.event_calls: list[list[VmEvent]] = []
-
-    def publish_status(self, status: WorkerStatus) -> None:
-        pass
-
-    def publish_status_changes(self, changes: StatusChanges) -> None:
-        pass
-
-    def publish_prepared(self, prepared: tuple[PreparedImage, ...]) -> None:
-        pass
-
-    def publish_transfers(self, transfers: tuple[TransferProgress, ...]) -> None:
-        pass
-
-    def publish_events(self, events: Sequence[VmEvent]) -> None:
-        self.event_calls.append(list(events))
-
-    def publish_metrics(self, samples: Sequence[MetricSample]) -> None:
-        pass
-
-
-def _handler(state_dir: Path, publisher: Publisher) -> ReconcilingHandler:
+def _handler(state_dir: Path, publisher: RecordingPublisher) -> ReconcilingHandler:
     options = RuntimeOptions(
         driver="cloud-hypervisor",
         vmm_binary=sys.executable,
@@ -75,7 +47,7 @@ def _observation(vm_id: str) -> VmObservation:
 
 
 async def test_a_burst_of_changes_reaches_trio_as_one_batch_in_order(tmp_path: Path) -> None:
-    publisher = Publisher()
+    publisher = RecordingPublisher()
     handler = _handler(tmp_path / "state", publisher)
     events = [VmEvent(f"vm-{i:03d}", EventKind.BOOTED, f"booted {i}") for i in range(50)]
     try:
@@ -107,7 +79,7 @@ async def test_changes_from_many_threads_at_once_all_arrive_each_threads_in_orde
     # right after one emptied the queue: none may be lost (a change whose
     # put saw a take pending must ride with a take that has yet to empty
     # the queue) and each thread's changes keep their order.
-    publisher = Publisher()
+    publisher = RecordingPublisher()
     handler = _handler(tmp_path / "state", publisher)
     threads, each = 4, 250
 

@@ -14,17 +14,15 @@ import gc
 import re
 import sys
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 from fleethelpers import AddImage, add_image, nix_env, running_fake_fleet
+from publisherhelpers import RecordingPublisher
 
-from procurator.core.metrics import MetricSample
-from procurator.core.models import PreparedImage, TransferProgress, VmEvent, WorkerStatus
-from procurator.core.status import StatusChanges
 from procurator.worker.heap import CPythonCollector, LongLivedHeap, Mark, refreeze_due
 from procurator.worker.runtime import ReconcilingHandler, RuntimeOptions
 
@@ -174,26 +172,6 @@ def test_without_a_refreeze_the_frozen_cycles_of_removed_vms_stay(unfrozen: None
     assert len(states) == 0
 
 
-class _Publisher:
-    def publish_status(self, status: WorkerStatus) -> None:
-        pass
-
-    def publish_status_changes(self, changes: StatusChanges) -> None:
-        pass
-
-    def publish_prepared(self, prepared: tuple[PreparedImage, ...]) -> None:
-        pass
-
-    def publish_transfers(self, transfers: tuple[TransferProgress, ...]) -> None:
-        pass
-
-    def publish_events(self, events: Sequence[VmEvent]) -> None:
-        pass
-
-    def publish_metrics(self, samples: Sequence[MetricSample]) -> None:
-        pass
-
-
 async def test_the_worker_freezes_while_it_runs_and_unfreezes_at_close(
     tmp_path: Path, unfrozen: None
 ) -> None:
@@ -207,7 +185,10 @@ async def test_the_worker_freezes_while_it_runs_and_unfreezes_at_close(
         metrics_interval=0.05,
     )
     handler = ReconcilingHandler(
-        worker_id="host-a", state_dir=tmp_path / "state", options=options, publisher=_Publisher()
+        worker_id="host-a",
+        state_dir=tmp_path / "state",
+        options=options,
+        publisher=RecordingPublisher(),
     )
     try:
         async with trio.open_nursery() as nursery:
