@@ -62,6 +62,16 @@ digest, and asks for what it lacks as ever, so a wrong belief (another apply
 came in between) costs the rounds it would have cost anyway, or a few bytes
 sent for nothing, and never changes the fleet applied.
 
+**What a client re-encodes.** Cutting a fleet (``FleetParts.of``) is
+O(its VMs) in Python: a row, its JSON and a SHA-256 per chunk. A client
+that keeps its last cut passes it as ``previous``: a chunk whose VMs equal
+one cut before takes that chunk's rows and digest, and a worker whose
+chunks are all taken its canonical JSON and digest, so a one-VM change
+encodes one chunk and what stays O(the fleet) is a sort, a CRC-32 and a
+comparison per VM. The control client keeps its last cut for this; the
+CLI (``procurator apply``) runs one apply per process and cuts from
+nothing, so only a long-lived client gains.
+
 Compatibility: an older client lists whole parts only, which this module
 takes as before. A master older than chunks checks every listed name as a
 worker id and refuses a chunk's (``ValidationError``): ``patch_rounds``
@@ -267,9 +277,6 @@ CHUNK_SEP = "/"
 """Between a chunk's worker id and its first VM id: in neither alphabet."""
 
 
-_first = operator.itemgetter(0)
-
-
 def _chunk(worker_id: str, pairs: Sequence[tuple[list[Any], VmAssignment]]) -> Chunk:
     rows = _dumps([row for row, _ in pairs])[1:-1]
     return Chunk(
@@ -280,25 +287,53 @@ def _chunk(worker_id: str, pairs: Sequence[tuple[list[Any], VmAssignment]]) -> C
     )
 
 
-def _cut(worker_id: str, vms: Iterable[VmAssignment], chunking: Chunking) -> tuple[Chunk, ...]:
+_by_id = operator.attrgetter("id")
+
+
+def _cut(
+    worker_id: str,
+    vms: Iterable[VmAssignment],
+    chunking: Chunking,
+    before: Iterable[Chunk] = (),
+) -> tuple[Chunk, ...]:
     """A worker's VMs cut into chunks: content-defined, so adding or
     removing a VM changes the chunk it falls in (and the next one, when it
-    moves a boundary or a cap), not all the chunks after it."""
-    pairs = sorted(((_vm_row(vm), vm) for vm in vms), key=_first)
+    moves a boundary or a cap), not all the chunks after it.
+
+    ``before``: this worker's chunks in a cut made earlier (with the same
+    ``chunking``). A chunk whose VMs equal one of them (by identity first,
+    at C speed, then by value) takes its rows and digest instead of
+    encoding and hashing them again: the result is the same, byte for
+    byte, and a one-VM change re-encodes one chunk, not the worker."""
+    ordered = sorted(vms, key=_by_id)
     mask = (1 << chunking.bits) - 1
     crc32 = zlib.crc32
-    # Where the ids end a chunk (one pass at C speed), then the caps.
-    ends = [i + 1 for i, (row, _) in enumerate(pairs) if crc32(row[0].encode()) & mask == 0]
-    if not ends or ends[-1] != len(pairs):
-        ends.append(len(pairs))
+    # Where the ids end a chunk (one pass at C speed: no Python frame per
+    # VM), then the caps.
+    crcs = map(crc32, map(str.encode, map(_by_id, ordered)))
+    ends = list(
+        itertools.compress(range(1, len(ordered) + 1), map(operator.not_, map(mask.__and__, crcs)))
+    )
+    if not ends or ends[-1] != len(ordered):
+        ends.append(len(ordered))
+    known = {chunk.vms[0].id: chunk for chunk in before}
     chunks: list[Chunk] = []
+
+    def add(piece: tuple[VmAssignment, ...]) -> None:
+        old = known.get(piece[0].id)
+        if old is not None and old.vms == piece:
+            # The piece's own objects (equal to the old ones, maybe not the same).
+            chunks.append(Chunk(worker_id, piece, old.rows, old.digest))
+        else:
+            chunks.append(_chunk(worker_id, [(_vm_row(vm), vm) for vm in piece]))
+
     start = 0
     for end in ends:
         while end - start > chunking.cap:
-            chunks.append(_chunk(worker_id, pairs[start : start + chunking.cap]))
+            add(tuple(ordered[start : start + chunking.cap]))
             start += chunking.cap
         if end > start:
-            chunks.append(_chunk(worker_id, pairs[start:end]))
+            add(tuple(ordered[start:end]))
             start = end
     return tuple(chunks)
 
@@ -329,16 +364,40 @@ class FleetParts:
     chunk_index: Mapping[bytes, Chunk] = field(default_factory=dict)  # digest -> chunk
 
     @classmethod
-    def of(cls, fleet: Fleet, chunking: Chunking = CHUNKING) -> FleetParts:
-        """O(the fleet): once per whole apply, or per client."""
-        chunks = {w: _cut(w, vms, chunking) for w, vms in fleet.workers}
-        canonical = {w: _spliced(w, c) for w, c in chunks.items()}
-        digests = {w: _digest(c) for w, c in canonical.items()}
+    def of(
+        cls, fleet: Fleet, chunking: Chunking = CHUNKING, *, previous: FleetParts | None = None
+    ) -> FleetParts:
+        """O(the fleet): once per whole apply, or per client.
+
+        ``previous``: a cut of an earlier fleet with the same ``chunking``
+        (a long-lived client's last apply). Its chunks whose VMs are
+        unchanged are taken, not encoded and hashed again, and a worker
+        whose chunks are all taken keeps its canonical JSON and digest:
+        what is left O(the fleet) is a sort, a CRC-32 and a comparison per
+        VM (C speed when the VMs are the very objects cut before). The
+        result equals a cut without ``previous``."""
+        before = previous.chunks if previous is not None else {}
+        chunks = {w: _cut(w, vms, chunking, before.get(w, ())) for w, vms in fleet.workers}
+        canonical: dict[str, bytes] = {}
+        digests: dict[str, bytes] = {}
+        for w, these in chunks.items():
+            old = before.get(w)
+            if (
+                previous is not None
+                and old is not None
+                and len(old) == len(these)
+                and all(a.rows is b.rows for a, b in zip(these, old, strict=True))
+            ):
+                canonical[w] = previous.canonical[w]
+                digests[w] = previous.digests[w]
+            else:
+                canonical[w] = _spliced(w, these)
+                digests[w] = _digest(canonical[w])
         settings = _settings_of(fleet)
         digests[SETTINGS_PART] = _digest(settings_json(settings))
         owners = {u.id: SETTINGS_PART for u in fleet.unpinned}
         for worker_id, vms in fleet.workers:
-            owners.update((vm.id, worker_id) for vm in vms)
+            owners.update(dict.fromkeys(map(_by_id, vms), worker_id))
         index = {c.digest: c for cs in chunks.values() for c in cs}
         return cls(dict(fleet.workers), settings, canonical, digests, owners, chunks, index)
 

@@ -188,6 +188,12 @@ class ControlClient:
         # still holds, so the next patch's first send carries what changed
         # (a hint for patch_rounds, never trusted for what is applied).
         self._held: frozenset[bytes] = frozenset()
+        # The cut of the fleet this client last applied (any master's answer):
+        # the next apply re-encodes only the chunks whose VMs changed
+        # (FleetParts.of's ``previous``; a cache of pure work, nothing the
+        # master is trusted with). Only a long-lived client gains:
+        # ``procurator apply`` runs one apply per process.
+        self._parts: FleetParts | None = None
 
     async def apply(
         self,
@@ -230,7 +236,8 @@ class ControlClient:
                     PatchRequest(patch, expected_generation, dry_run, request_id, supersede)
                 )
 
-            parts = FleetParts.of(fleet)
+            parts = FleetParts.of(fleet, previous=self._parts)
+            self._parts = parts
             try:
                 result = await patch_rounds(
                     parts,

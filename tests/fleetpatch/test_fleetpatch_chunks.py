@@ -445,3 +445,38 @@ async def test_a_stale_belief_whose_chunks_overflow_the_listing_costs_rounds_not
     assert sum(len(chunks) for chunks in mine.chunks.values()) > 12  # all in chunks: too many
     assert await patch_rounds(mine, master, listing_max=3, held=believed) is not None
     assert all(CHUNK_SEP not in name for name, _ in sent[-1].parts)  # listed whole at the end
+
+
+@settings(max_examples=200, deadline=None)
+@given(fleets(), fleets(), st.sampled_from([CHUNKING, _SMALL]), st.sampled_from([CHUNKING, _SMALL]))
+def test_a_cut_that_reuses_a_previous_cut_is_the_cut_itself(
+    before: Fleet, after: Fleet, chunking: Chunking, earlier: Chunking
+) -> None:
+    # Whatever the earlier fleet and its cut: the same parts, chunks,
+    # digests and index as a cut from nothing.
+    previous = FleetParts.of(before, earlier)
+    assert FleetParts.of(after, chunking, previous=previous) == FleetParts.of(after, chunking)
+
+
+def test_a_cut_that_reuses_a_previous_cut_encodes_only_the_changed_chunk() -> None:
+    # A long-lived client's next apply (ControlClient keeps its last cut):
+    # the fleet is built anew (equal VMs, other objects) with one VM changed.
+    previous = FleetParts.of(_worker("w-a", _IDS))
+    changed = _worker("w-a", _IDS, changed="vm-0500")
+    parts = FleetParts.of(changed, previous=previous)
+    old_rows = {id(c.rows) for c in previous.chunks["w-a"]}
+    encoded = [c for c in parts.chunks["w-a"] if id(c.rows) not in old_rows]
+    assert [c.vms[0].id <= "vm-0500" <= c.vms[-1].id for c in encoded] == [True]
+    # Every chunk carries the new fleet's own VM objects.
+    assert [vm for c in parts.chunks["w-a"] for vm in c.vms] == list(changed.workers[0][1])
+    assert all(
+        a is b
+        for a, b in zip(
+            (vm for c in parts.chunks["w-a"] for vm in c.vms), changed.workers[0][1], strict=True
+        )
+    )
+    assert parts == FleetParts.of(changed)
+    # Nothing changed: the worker's canonical JSON is the one cut before.
+    again = FleetParts.of(changed, previous=parts)
+    assert again.canonical["w-a"] is parts.canonical["w-a"]
+    assert again == parts
