@@ -102,10 +102,12 @@ passes it by identity (a worker listed in chunks too, when its chunks are
 the very ones held); a fleet with no unpinned VMs skips the scheduler's
 facts. A worker whose chunks changed costs the master its chunks sent plus
 C-speed work over its VMs (the list's concatenation, the splice and one
-SHA-256 of its JSON). What stays O(the fleet) is C-speed copying and
-hashing: the VM-id index's copy, the chunk index's rebuild (O(chunks)),
-and with a request id the request digest (SHA-256 over the parts'
-canonical JSON).
+SHA-256 of its JSON); its diff (``diff_patched``) compares the VMs of the
+chunks that changed only, when its assignment is the held list (checked
+by identity; the store's commit still compares the worker's VMs). What
+stays O(the fleet) is C-speed copying and hashing: the VM-id index's
+copy, the chunk index's rebuild (O(chunks)), and with a request id the
+request digest (SHA-256 over the parts' canonical JSON).
 """
 
 from __future__ import annotations
@@ -122,13 +124,15 @@ from typing import Any
 
 from procurator.core.control import ApplyResult
 from procurator.core.errors import LimitExceededError, ValidationError
-from procurator.core.fleet import validate_fleet
+from procurator.core.fleet import diff_fleets, validate_fleet
 from procurator.core.models import (
+    Assignment,
     Fleet,
     PlacementPolicy,
     RolloutPolicy,
     UnpinnedVm,
     VmAssignment,
+    WorkerDiff,
 )
 from procurator.core.validation import LIMITS, check_vm_id, check_worker_id
 
@@ -144,6 +148,7 @@ __all__ = [
     "PatchAnswer",
     "PatchRequest",
     "assemble",
+    "diff_patched",
     "make_patch",
     "patch_rounds",
     "refuses_chunks",
@@ -746,6 +751,48 @@ def assemble(cached: FleetParts | None, patch: FleetPatch) -> Assembled:
         owners.update((vm.id, name) for vm in new_vms)
     index = {c.digest: c for cs in chunks.values() for c in cs}
     return Assembled(FleetParts(workers, settings, canonical, digests, owners, chunks, index))
+
+
+def diff_patched(
+    assignments: Mapping[str, Assignment], fleet: Fleet, held: FleetParts, parts: FleetParts
+) -> list[WorkerDiff]:
+    """``diff_fleets(assignments, fleet)`` for a ``fleet`` whose worker
+    lists are those of ``parts``, assembled over ``held``: a worker whose
+    assignment is the very list ``held`` has (its last commit was this
+    fleet's part, no VM waiting on a rollout) and whose new list is the
+    very one ``parts`` has is diffed over the VMs of its chunks that
+    changed only, the chunks both share (the same objects) left out: they
+    hold the same VMs on both sides and no VM id twice in a worker, so the
+    diff is the same, at O(the chunks that changed) instead of O(the
+    worker). Any other worker is diffed whole."""
+    old = dict(assignments)
+    workers: list[tuple[str, tuple[VmAssignment, ...]]] = []
+    for worker_id, vms in fleet.workers:
+        current = assignments.get(worker_id)
+        before = held.chunks.get(worker_id)
+        after = parts.chunks.get(worker_id)
+        if (
+            current is not None
+            and before is not None
+            and after is not None
+            and current.vms is not vms
+            and current.vms is held.workers.get(worker_id)
+            and vms is parts.workers.get(worker_id)
+        ):
+            shared = {id(c) for c in before} & {id(c) for c in after}
+            old[worker_id] = replace(
+                current,
+                vms=tuple(
+                    itertools.chain.from_iterable(c.vms for c in before if id(c) not in shared)
+                ),
+            )
+            changed = tuple(
+                itertools.chain.from_iterable(c.vms for c in after if id(c) not in shared)
+            )
+            workers.append((worker_id, changed))
+        else:
+            workers.append((worker_id, vms))
+    return diff_fleets(old, replace(fleet, workers=tuple(workers)))
 
 
 def _keeps(

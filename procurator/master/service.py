@@ -254,7 +254,13 @@ from procurator.core.errors import (
     ValidationError,
 )
 from procurator.core.fleet import diff_assignments, diff_fleets, validate_fleet
-from procurator.core.fleetpatch import FleetParts, FleetPatch, PatchAnswer, assemble
+from procurator.core.fleetpatch import (
+    FleetParts,
+    FleetPatch,
+    PatchAnswer,
+    assemble,
+    diff_patched,
+)
 from procurator.core.metrics import (
     FleetView,
     MetricSample,
@@ -1046,6 +1052,7 @@ class MasterService:
                     request_id,
                     supersede=supersede,
                     parts=parts,
+                    base=assembled.held or (applied if isinstance(applied, FleetParts) else None),
                 )
                 return PatchAnswer(result)
             except UnavailableError as exc:
@@ -1071,10 +1078,13 @@ class MasterService:
         *,
         supersede: bool = False,
         parts: FleetParts | None = None,
+        base: FleetParts | None = None,
     ) -> ApplyResult:
         """``heal``: the leader's healing (``_heal``) under that fence, which
         places the stored fleet again (``fleet`` is not used). ``parts``:
-        ``fleet`` assembled from a patch, validated already."""
+        ``fleet`` assembled from a patch, validated already; ``base``: the
+        held parts it was assembled over (the diff then skips the chunks
+        both share, ``diff_patched``)."""
         if request_id and (problem := check_request_id(request_id)) is not None:
             raise ValidationError(f"request id: {problem}")
 
@@ -1091,7 +1101,15 @@ class MasterService:
             for _ in range(_APPLY_ATTEMPTS):
                 await self._refresh_fleet()
                 committed = await self._try_apply(
-                    fleet, expected_generation, dry_run, op_id, request_id, digest, heal, supersede
+                    fleet,
+                    expected_generation,
+                    dry_run,
+                    op_id,
+                    request_id,
+                    digest,
+                    heal,
+                    supersede,
+                    patched=(base, parts) if base is not None and parts is not None else None,
                 )
                 if committed is not None:
                     break
@@ -1128,10 +1146,13 @@ class MasterService:
         digest: str,
         heal: Fence | None = None,
         supersede: bool = False,
+        *,
+        patched: tuple[FleetParts, FleetParts] | None = None,
     ) -> ApplyResult | tuple[int, list[WorkerDiff], tuple[VmPlacement, ...], str] | None:
         """One attempt, under ``_apply_lock`` with a fresh cache: a result
         to answer, (generation, diffs, placed, rollout id) committed, or None
-        when another master committed first (try again)."""
+        when another master committed first (try again). ``patched``: the
+        held parts and the parts ``fleet`` was assembled from (a patch's)."""
         # Before the generation check: a retry of a committed request
         # finds the fleet moved on by its own first attempt.
         if request_id and (replay := await self._replay(request_id, digest, op_id)):
@@ -1164,6 +1185,10 @@ class MasterService:
             # The facts are O(the fleet's VMs): only a fleet with VMs to place needs them.
             facts = worker_facts(known, assignments, moves=moves) if fleet.unpinned else ()
             resolved, placement = resolve(fleet, facts, assignments, partial=heal is not None)
+            if patched is not None and heal is None:
+                # Per worker, over the chunks that changed only, when its
+                # assignment is the held list (diff_patched checks, by identity).
+                return resolved, placement, diff_patched(assignments, resolved, *patched)
             return resolved, placement, diff_fleets(assignments, resolved)
 
         resolved, placement, diffs = await trio.to_thread.run_sync(place_and_diff)

@@ -6,6 +6,8 @@ refused whole; a master older than chunks gets whole parts."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,6 +15,7 @@ from hypothesis import strategies as st
 from procurator.core import fleetpatch
 from procurator.core.control import ApplyResult
 from procurator.core.errors import ValidationError
+from procurator.core.fleet import diff_fleets
 from procurator.core.fleetpatch import (
     CHUNK_MAX_VMS,
     CHUNK_SEP,
@@ -23,10 +26,11 @@ from procurator.core.fleetpatch import (
     FleetPatch,
     PatchAnswer,
     assemble,
+    diff_patched,
     make_patch,
     patch_rounds,
 )
-from procurator.core.models import Fleet, PowerState, UnpinnedVm, VmAssignment
+from procurator.core.models import Assignment, Fleet, PowerState, UnpinnedVm, VmAssignment
 from procurator.core.validation import check_worker_id
 from procurator.master.service import fleet_digest
 
@@ -480,3 +484,37 @@ def test_a_cut_that_reuses_a_previous_cut_encodes_only_the_changed_chunk() -> No
     again = FleetParts.of(changed, previous=parts)
     assert again.canonical["w-a"] is parts.canonical["w-a"]
     assert again == parts
+
+
+@settings(max_examples=200, deadline=None)
+@given(fleets(), fleets(), st.sampled_from([_SMALL, CHUNKING]), st.booleans())
+def test_the_diff_over_the_changed_chunks_is_the_whole_diff(
+    before: Fleet, after: Fleet, cut: Chunking, committed: bool
+) -> None:
+    # The master's diff of a patched apply: the held fleet's chunks
+    # against the assembled ones. ``committed``: the assignments are the
+    # held lists themselves (the fast path) or equal copies (the whole diff).
+    before, after = replace(before, unpinned=()), replace(after, unpinned=())
+    held, _ = _rounds(None, FleetParts.of(before, cut))
+    parts, _ = _rounds(held, FleetParts.of(after, cut))
+    assignments = {
+        w: Assignment(w, 1, vms if committed else tuple(list(vms)))
+        for w, vms in held.workers.items()
+    }
+    fleet = parts.fleet()
+    assert diff_patched(assignments, fleet, held, parts) == diff_fleets(assignments, fleet)
+
+
+def test_a_one_vm_change_is_diffed_as_one_replaced_vm() -> None:
+    held, _ = _rounds(None, FleetParts.of(_worker("w-a", _IDS)))
+    parts, patches = _rounds(held, FleetParts.of(_worker("w-a", _IDS, changed="vm-0500")))
+    assert len(patches[-1].sent.workers) == 1  # one chunk sent
+    assignments = {"w-a": Assignment("w-a", 1, held.workers["w-a"])}
+    (diff,) = diff_patched(assignments, parts.fleet(), held, parts)
+    assert (diff.worker_id, diff.replaced, diff.added, diff.removed) == (
+        "w-a",
+        ("vm-0500",),
+        (),
+        (),
+    )
+    assert [diff] == diff_fleets(assignments, parts.fleet())
