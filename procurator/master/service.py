@@ -1855,13 +1855,7 @@ class MasterService:
         session = self._session(token)
         self._check_own(session, status.worker_id, "status")
         async with session.reporting:
-            await self._vet(
-                session.worker_id,
-                "status",
-                lambda: self._status_problem(
-                    session.worker_id, status.observed_generation, status.vms
-                ),
-            )
+            await self._vet_status(session, status)
             await self._store_status(session, status, None)
 
     async def report_status_changes(self, token: int, changes: StatusChanges) -> None:
@@ -1889,14 +1883,18 @@ class MasterService:
                     f"status changes would make {len(merged.vms)} VMs, over the limit of "
                     f"{LIMITS.max_vms_per_worker} per worker"
                 )
-            await self._vet(
-                session.worker_id,
-                "status",
-                lambda: self._status_problem(
-                    session.worker_id, merged.observed_generation, merged.vms
-                ),
-            )
+            await self._vet_status(session, merged)
             await self._store_status(session, merged, changes)
+
+    async def _vet_status(self, session: _Session, status: WorkerStatus) -> None:
+        """Refuse ``status`` (whole, or merged from changes) when the
+        session's worker may not report it (``_status_problem``)."""
+        worker_id = session.worker_id
+        await self._vet(
+            worker_id,
+            "status",
+            lambda: self._status_problem(worker_id, status.observed_generation, status.vms),
+        )
 
     async def _vet(
         self, worker_id: str, what: str, problem_of: Callable[[], ProcuratorError | None]
