@@ -293,6 +293,25 @@ def test_a_chunk_may_not_take_a_vm_another_worker_keeps() -> None:
     assert parts.fleet() == moved and parts.owners["vm-0300"] == "w-a"
 
 
+class _Master:
+    """A master holding ``held`` (None: nothing) that takes patches: it
+    records each one (``sent``), asks for what it lacks, and applies once
+    the assembled fleet is whole, which must be ``expected``."""
+
+    def __init__(self, held: FleetParts | None, expected: Fleet) -> None:
+        self.held = held
+        self.expected = expected
+        self.sent: list[FleetPatch] = []
+
+    async def __call__(self, patch: FleetPatch) -> PatchAnswer:
+        self.sent.append(patch)
+        answer = assemble(self.held, patch)
+        if answer.parts is None:
+            return PatchAnswer(None, answer.missing)
+        assert answer.parts.fleet() == self.expected
+        return PatchAnswer(ApplyResult(2, True, (), "op-1"))
+
+
 async def test_a_master_older_than_chunks_gets_whole_parts() -> None:
     """An older master (fleet patches, no chunks) checks every listed name
     as a worker id and refuses the patch: the client starts again with
@@ -346,18 +365,8 @@ async def test_a_big_fleet_lists_workers_whole_first_then_the_asked_ones_in_chun
         tuple(_worker(w, v, "b100" if w == "w-b" else "").workers[0] for w, v in ids.items())
     )
     for held, changed in ((FleetParts.of(before), True), (None, False)):
-        sent: list[FleetPatch] = []
-
-        async def master(
-            patch: FleetPatch, held: FleetParts | None = held, sent: list[FleetPatch] = sent
-        ) -> PatchAnswer:
-            sent.append(patch)
-            answer = assemble(held, patch)
-            if answer.parts is None:
-                return PatchAnswer(None, answer.missing)
-            assert answer.parts.fleet() == after
-            return PatchAnswer(ApplyResult(2, True, (), "op-1"))
-
+        master = _Master(held, after)
+        sent = master.sent
         result = await patch_rounds(FleetParts.of(after), master, listing_max=10)
         assert result is not None and len(sent) == 3
         assert [n for n, _ in sent[0].parts] == [SETTINGS_PART, "w-a", "w-b", "w-c"]
@@ -394,18 +403,8 @@ async def test_digests_believed_held_make_one_send_of_what_changed() -> None:
         (FleetParts.of(other), 10_000, 2),
         (None, 10, 3),  # holds nothing: as without a belief, but w-b's chunk goes first
     ):
-        sent: list[FleetPatch] = []
-
-        async def master(
-            patch: FleetPatch, held: FleetParts | None = master_holds, sent: list[FleetPatch] = sent
-        ) -> PatchAnswer:
-            sent.append(patch)
-            answer = assemble(held, patch)
-            if answer.parts is None:
-                return PatchAnswer(None, answer.missing)
-            assert answer.parts.fleet() == after
-            return PatchAnswer(ApplyResult(2, True, (), "op-1"))
-
+        master = _Master(master_holds, after)
+        sent = master.sent
         result = await patch_rounds(
             FleetParts.of(after), master, listing_max=listing_max, held=believed
         )
@@ -436,19 +435,10 @@ async def test_a_stale_belief_whose_chunks_overflow_the_listing_costs_rounds_not
     believed = FleetParts.of(fleet()).entry_digests()  # what this client applied
     master_holds = FleetParts.of(fleet("b007"))  # another client applied since
     mine = FleetParts.of(fleet("a100"))
-    sent: list[FleetPatch] = []
-
-    async def master(patch: FleetPatch) -> PatchAnswer:
-        sent.append(patch)
-        answer = assemble(master_holds, patch)
-        if answer.parts is None:
-            return PatchAnswer(None, answer.missing)
-        assert answer.parts.fleet() == mine.fleet()
-        return PatchAnswer(ApplyResult(2, True, (), "op-1"))
-
+    master = _Master(master_holds, mine.fleet())
     assert sum(len(chunks) for chunks in mine.chunks.values()) > 12  # all in chunks: too many
     assert await patch_rounds(mine, master, listing_max=3, held=believed) is not None
-    assert all(CHUNK_SEP not in name for name, _ in sent[-1].parts)  # listed whole at the end
+    assert all(CHUNK_SEP not in name for name, _ in master.sent[-1].parts)  # whole at the end
 
 
 @settings(max_examples=200, deadline=None)

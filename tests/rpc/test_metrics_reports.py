@@ -95,6 +95,23 @@ async def _ignore(assignment: Assignment) -> None:
     return None
 
 
+@contextlib.asynccontextmanager
+async def _reporting(
+    tmp_path: Path, bridge: Bridge
+) -> AsyncIterator[tuple[Recording, CapnpMasterSession]]:
+    """A real master on SQLite, served, and a session of worker host-a's
+    with it (closed after)."""
+    async with (
+        await FleetStore.open(tmp_path / "m.db") as store,
+        served_master(MasterService(store), bridge) as (master, address),
+    ):
+        session = await CapnpMasterDialer(bridge, address).connect(WorkerInfo("host-a"), _ignore)
+        try:
+            yield master, session
+        finally:
+            await session.aclose()
+
+
 def _vm(name: str, vm_id: str, value: float) -> MetricSample:
     return MetricSample(name, value, vm_id)
 
@@ -173,102 +190,78 @@ async def test_a_big_report_crosses_as_bounded_slices_that_compose(
     tmp_path: Path, bridge: Bridge
 ) -> None:
     big = _worker_series(2 * MAX_SERIES_PER_SLICE + 500)
-    async with await FleetStore.open(tmp_path / "m.db") as store:
-        service = MasterService(store)
-        async with served_master(service, bridge) as (master, address):
-            session = await CapnpMasterDialer(bridge, address).connect(
-                WorkerInfo("host-a"), _ignore
-            )
-            try:
-                await session.report_metrics(big)
-                assert master.kinds() == [("whole", "ok"), ("change", "ok"), ("change", "ok")]
-                assert master.held() == series_of(big)
-                # A change as big: half the series moved, the rest ended.
-                half = len(big) // 2
-                moved = _worker_series(half, value=2.0)
-                await session.report_metrics(moved)
-                sizes = [len(r.samples) + len(r.ended) for r, _ in master.reports]
-                assert sizes == [MAX_SERIES_PER_SLICE, MAX_SERIES_PER_SLICE, len(big) - 4_000]
-                assert master.kinds() == [("change", "ok")] * 3
-                assert master.held() == series_of(moved)
-            finally:
-                await session.aclose()
+    async with _reporting(tmp_path, bridge) as (master, session):
+        await session.report_metrics(big)
+        assert master.kinds() == [("whole", "ok"), ("change", "ok"), ("change", "ok")]
+        assert master.held() == series_of(big)
+        # A change as big: half the series moved, the rest ended.
+        half = len(big) // 2
+        moved = _worker_series(half, value=2.0)
+        await session.report_metrics(moved)
+        sizes = [len(r.samples) + len(r.ended) for r, _ in master.reports]
+        assert sizes == [MAX_SERIES_PER_SLICE, MAX_SERIES_PER_SLICE, len(big) - 4_000]
+        assert master.kinds() == [("change", "ok")] * 3
+        assert master.held() == series_of(moved)
 
 
 async def test_the_sessions_other_calls_pass_between_a_big_reports_slices(
     tmp_path: Path, bridge: Bridge
 ) -> None:
     big = _worker_series(3 * MAX_SERIES_PER_SLICE)
-    async with await FleetStore.open(tmp_path / "m.db") as store:
-        service = MasterService(store)
-        async with served_master(service, bridge) as (master, address):
-            session = await CapnpMasterDialer(bridge, address).connect(
-                WorkerInfo("host-a"), _ignore
-            )
+    async with _reporting(tmp_path, bridge) as (master, session):
 
-            async def report_events_meanwhile(call: int) -> None:
-                # An events report sent once the big report is under way, by
-                # the same worker session, is answered before the big
-                # report's last call arrives: it did not wait behind it.
-                if call == 0:
-                    await session.report_events([])
+        async def report_events_meanwhile(call: int) -> None:
+            # An events report sent once the big report is under way, by
+            # the same worker session, is answered before the big
+            # report's last call arrives: it did not wait behind it.
+            if call == 0:
+                await session.report_events([])
 
-            master.on_metrics = report_events_meanwhile
-            try:
-                await session.report_metrics(big)
-                assert master.arrivals == ["metrics", "events", "metrics", "metrics"]
-                assert master.held() == series_of(big)
-            finally:
-                await session.aclose()
+        master.on_metrics = report_events_meanwhile
+        await session.report_metrics(big)
+        assert master.arrivals == ["metrics", "events", "metrics", "metrics"]
+        assert master.held() == series_of(big)
 
 
 async def test_a_refused_slice_leaves_no_base_and_the_whole_report_follows(
     tmp_path: Path, bridge: Bridge
 ) -> None:
     big = _worker_series(2 * MAX_SERIES_PER_SLICE + 10)
-    async with await FleetStore.open(tmp_path / "m.db") as store:
-        service = MasterService(store)
-        async with served_master(service, bridge) as (master, address):
-            session = await CapnpMasterDialer(bridge, address).connect(
-                WorkerInfo("host-a"), _ignore
-            )
-            try:
-                # A whole report's second slice refused: the call fails, the
-                # master holds part of it, and the next report is whole.
-                master.refuse_call = 1
-                try:
-                    await session.report_metrics(big)
-                except ValidationError:
-                    pass
-                else:
-                    raise AssertionError("the refused slice did not fail the report")
-                assert master.kinds() == [("whole", "ok"), ("change", "ValidationError")]
-                master.refuse_call = None
-                master.arrivals.clear()
-                await session.report_metrics(big)
-                assert master.kinds() == [("whole", "ok"), ("change", "ok"), ("change", "ok")]
-                assert master.held() == series_of(big)
-                # A change's second slice refused: the whole report follows
-                # in the same call.
-                master.arrivals.clear()
-                master.refuse_call = 1
-                moved = _worker_series(len(big), value=3.0)
-                await session.report_metrics(moved)
-                assert master.kinds() == [
-                    ("change", "ok"),
-                    ("change", "ValidationError"),
-                    ("whole", "ok"),
-                    ("change", "ok"),
-                    ("change", "ok"),
-                ]
-                assert master.held() == series_of(moved)
-                master.refuse_call = None
-                master.arrivals.clear()
-                await session.report_metrics(big)
-                assert [kind for kind, _ in master.kinds()] == ["change"] * 3
-                assert master.held() == series_of(big)
-            finally:
-                await session.aclose()
+    async with _reporting(tmp_path, bridge) as (master, session):
+        # A whole report's second slice refused: the call fails, the
+        # master holds part of it, and the next report is whole.
+        master.refuse_call = 1
+        try:
+            await session.report_metrics(big)
+        except ValidationError:
+            pass
+        else:
+            raise AssertionError("the refused slice did not fail the report")
+        assert master.kinds() == [("whole", "ok"), ("change", "ValidationError")]
+        master.refuse_call = None
+        master.arrivals.clear()
+        await session.report_metrics(big)
+        assert master.kinds() == [("whole", "ok"), ("change", "ok"), ("change", "ok")]
+        assert master.held() == series_of(big)
+        # A change's second slice refused: the whole report follows
+        # in the same call.
+        master.arrivals.clear()
+        master.refuse_call = 1
+        moved = _worker_series(len(big), value=3.0)
+        await session.report_metrics(moved)
+        assert master.kinds() == [
+            ("change", "ok"),
+            ("change", "ValidationError"),
+            ("whole", "ok"),
+            ("change", "ok"),
+            ("change", "ok"),
+        ]
+        assert master.held() == series_of(moved)
+        master.refuse_call = None
+        master.arrivals.clear()
+        await session.report_metrics(big)
+        assert [kind for kind, _ in master.kinds()] == ["change"] * 3
+        assert master.held() == series_of(big)
 
 
 async def test_a_hung_call_of_a_report_fails_it_and_the_next_is_whole(
@@ -280,33 +273,25 @@ async def test_a_hung_call_of_a_report_fails_it_and_the_next_is_whole(
     is tests/rpc/test_link.py's, on trio's mock clock: real time here only
     waits out a call that never ends."""
     big = _worker_series(2 * MAX_SERIES_PER_SLICE + 10)
-    async with await FleetStore.open(tmp_path / "m.db") as store:
-        service = MasterService(store)
-        async with served_master(service, bridge) as (master, address):
-            session = await CapnpMasterDialer(bridge, address).connect(
-                WorkerInfo("host-a"), _ignore
-            )
-            unhang = trio.Event()
+    async with _reporting(tmp_path, bridge) as (master, session):
+        unhang = trio.Event()
 
-            async def hang(call: int) -> None:
-                await unhang.wait()
+        async def hang(call: int) -> None:
+            await unhang.wait()
 
-            master.on_metrics = hang
-            try:
-                with pytest.raises(trio.TooSlowError):
-                    await session.report_metrics(big, call_timeout=0.5)
-                assert master.arrivals == ["metrics"]
-                # The hung call ends (or was cancelled when the worker gave
-                # up on it): either way the worker holds no base now.
-                unhang.set()
-                await trio.testing.wait_all_tasks_blocked()
-                master.kinds()
-                master.on_metrics = None
-                await session.report_metrics(big, call_timeout=3600)
-                assert master.kinds() == [("whole", "ok"), ("change", "ok"), ("change", "ok")]
-                assert master.held() == series_of(big)
-            finally:
-                await session.aclose()
+        master.on_metrics = hang
+        with pytest.raises(trio.TooSlowError):
+            await session.report_metrics(big, call_timeout=0.5)
+        assert master.arrivals == ["metrics"]
+        # The hung call ends (or was cancelled when the worker gave
+        # up on it): either way the worker holds no base now.
+        unhang.set()
+        await trio.testing.wait_all_tasks_blocked()
+        master.kinds()
+        master.on_metrics = None
+        await session.report_metrics(big, call_timeout=3600)
+        assert master.kinds() == [("whole", "ok"), ("change", "ok"), ("change", "ok")]
+        assert master.held() == series_of(big)
 
 
 class _OlderMasterSession(CapnpMasterSession):
@@ -322,29 +307,21 @@ async def test_an_older_master_gets_each_report_whole_in_one_call(
     tmp_path: Path, bridge: Bridge
 ) -> None:
     big = _worker_series(MAX_SERIES_PER_SLICE + 10)
-    async with await FleetStore.open(tmp_path / "m.db") as store:
-        service = MasterService(store)
-        async with served_master(service, bridge) as (master, address):
-            session = await CapnpMasterDialer(bridge, address).connect(
-                WorkerInfo("host-a"), _ignore
-            )
-            session.__class__ = _OlderMasterSession
-            try:
-                # The first answer tells an older master: the whole report
-                # follows in one call, as an older worker would send it.
-                await session.report_metrics(big)
-                sizes = [len(r.samples) for r, _ in master.reports]
-                assert master.kinds() == [("whole", "ok"), ("whole", "ok")]
-                assert sizes == [MAX_SERIES_PER_SLICE, len(big)]
-                assert master.held() == series_of(big)
-                # From then on each report is whole, in one call.
-                moved = _worker_series(len(big), value=2.0)
-                await session.report_metrics(moved)
-                assert [len(r.samples) for r, _ in master.reports] == [len(big)]
-                assert master.kinds() == [("whole", "ok")]
-                assert master.held() == series_of(moved)
-            finally:
-                await session.aclose()
+    async with _reporting(tmp_path, bridge) as (master, session):
+        session.__class__ = _OlderMasterSession
+        # The first answer tells an older master: the whole report
+        # follows in one call, as an older worker would send it.
+        await session.report_metrics(big)
+        sizes = [len(r.samples) for r, _ in master.reports]
+        assert master.kinds() == [("whole", "ok"), ("whole", "ok")]
+        assert sizes == [MAX_SERIES_PER_SLICE, len(big)]
+        assert master.held() == series_of(big)
+        # From then on each report is whole, in one call.
+        moved = _worker_series(len(big), value=2.0)
+        await session.report_metrics(moved)
+        assert [len(r.samples) for r, _ in master.reports] == [len(big)]
+        assert master.kinds() == [("whole", "ok")]
+        assert master.held() == series_of(moved)
 
 
 def test_a_reports_names_and_vm_ids_are_each_checked_wherever_they_recur() -> None:
