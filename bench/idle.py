@@ -11,7 +11,7 @@ idle) and its resident memory at the end. Shown next to them, same window: the C
 VMMs spent answering the worker (the load it puts on its VMMs) and the
 worker's threads: the busiest ones by name where the OS knows it (the
 sweep, ``vm-sweep``, is named by Python only, so threads are told apart by
-their share) and all the others together (the VMs' supervisor threads),
+their share) and all the others together (the turn pool's threads),
 with their wake-ups a second, from each thread's ``schedstat`` (ns) and
 voluntary context switches: per-thread ``utime`` counts whole 10 ms ticks,
 useless for a thread that runs a few µs a second.

@@ -4,7 +4,8 @@
 
 Everything is the product's: the Cap'n Proto link, ``run_worker``,
 ``ReconcilingHandler`` with its reconciler, ``WorkerActuator`` and
-``VmManager`` (a supervisor thread per VM, state files, flocks). Two ports
+``VmManager`` (a supervisor per VM, its turns on the manager's pool,
+state files, flocks). Two ports
 get bench stand-ins, injected here and nowhere in the product's paths:
 
 - ``NullDriver`` (``VmmDriver``): a VM "boots" instantly and runs, pauses

@@ -9,8 +9,9 @@ The fields travel in a context variable, not through every call signature:
   context, so a reconciler action's fields reach the actuator's blocking
   steps, the image manager and the VMM driver without being passed along.
 - Threads started with ``threading.Thread`` begin with an *empty* context
-  (Python's rule): the VmManager's supervisor threads set their own fields
-  (``bind``) from the spec they are converging, whose op id they know.
+  (Python's rule). A VmManager's supervisor keeps a context of its own,
+  entered by whichever thread drives its turns, and sets its fields there
+  (``bind``) from the spec it is converging, whose op id it knows.
 - Process-wide fields (a worker's ``worker_id``) are given to
   ``configure(static=...)`` and stamped on every record.
 
@@ -103,7 +104,7 @@ def log_context(**fields: object) -> Iterator[None]:
 
 def bind(**fields: object) -> None:
     """Set fields for the rest of the current context: for a thread that
-    owns its context (a supervisor thread). A field given as "" or None is
+    owns its context (a supervisor's turns). A field given as "" or None is
     dropped."""
     current = {k: v for k, v in _fields.get().items() if k not in fields}
     current.update(_clean(fields))

@@ -1,11 +1,12 @@
 """What a VM's supervisor does next, decided from facts alone: pure.
 
-The worker runs one supervisor thread per VM (``procurator.worker.
-supervisor``). It is split in two, as flintlock splits its planner from its
-actuator: :func:`decide` here looks at what is known about the VM — what it
-should be (``Target``), what its VMM was last seen doing (``VmmFacts``),
-its restart history (``procurator.core.backoff.RestartState``) — and names
-one :data:`Step`; the thread performs that step (the only I/O), records
+The worker runs one supervisor per VM (``procurator.worker.supervisor``,
+its turns on a few threads: ``procurator.worker.turns``). It is split in
+two, as flintlock splits its planner from its actuator: :func:`decide`
+here looks at what is known about the VM — what it should be
+(``Target``), what its VMM was last seen doing (``VmmFacts``), its restart
+history (``procurator.core.backoff.RestartState``) — and names one
+:data:`Step`; the supervisor performs that step (the only I/O), records
 what it measured as new facts, and asks again. So every transition of a VM
 is a line of a table test: no thread, no process, no clock.
 

@@ -6,7 +6,7 @@ The reconciler (trio) calls this blocking, thread-safe API through
     ensure(spec)   make the VM run (or pause, or stop) ``spec``; block until done
                    (``assigned=False``: the worker's own change, e.g. the fence)
     remove(id)     stop the VM and delete its state
-    run_job(id, what, fn)  run fn on the VM's supervisor thread (snapshots)
+    run_job(id, what, fn)  run fn in a turn of the VM's supervisor (snapshots)
     get(id), list()            observations (no I/O)
     counters()                 the last polled device counters (no I/O)
     poll_counters()            refresh them now (I/O, blocking)
@@ -14,16 +14,30 @@ The reconciler (trio) calls this blocking, thread-safe API through
     recover()      at worker start: rebuild from the state dir and the OS
     close()        stop supervising; the VMMs keep running
 
-Ownership. Each VM has one supervisor thread (``procurator.worker.
-supervisor``), and only that thread talks to the VM's VMM for lifecycle
-(``poll_counters`` only reads counters from the caller's thread). API
-callers never touch the VMM: they write the desired spec into the VM's
-record as a new *request* (a number bumped whenever the target — hash, power
-or removal — changes), wake the supervisor and wait for an *outcome* of
-that request: the VM reached it, or an attempt failed. So every lifecycle
-decision for a VM is made on one thread (``procurator.core.supervision.
-decide``), a health check can never race a replacement, and a crash seen by
-the supervisor is handled the same way whether or not someone is waiting.
+Ownership. Each VM has one supervisor (``procurator.worker.supervisor``),
+and only its turns talk to the VM's VMM for lifecycle (``poll_counters``
+only reads counters from the caller's thread). API callers never touch the
+VMM: they write the desired spec into the VM's record as a new *request* (a
+number bumped whenever the target — hash, power or removal — changes), wake
+the supervisor and wait for an *outcome* of that request: the VM reached
+it, or an attempt failed. So every lifecycle decision for a VM is made in
+one sequence of turns (``procurator.core.supervision.decide``), a health
+check can never race a replacement, and a crash seen by the supervisor is
+handled the same way whether or not someone is waiting.
+
+Threads (issue 31; ``procurator.worker.turns``): a supervisor's turns run
+on whichever thread the record hands them to, one at a time. ``ensure``
+drives them on the caller's own thread (it waits for the answer anyway: a
+start or a replacement crosses no thread between caller and supervisor)
+until the VM parks, or the pool takes over after the turn in which
+``Timeouts.ensure`` passed: so an ``ensure`` returns at most one step
+(a launch: ``spawn`` + ``boot``; a stop ladder) after its deadline, where
+a waiting caller returned at it. Every other wake (a removal, the VMM's
+exit, the sweep, a job, a backoff's or a timed check's deadline) resumes
+a parked VM on the manager's ``TurnPool``, a few threads that grow past
+their cap only while turns are blocked. A settled VM parks on no thread:
+10,000 idle VMs cost the threads of the pool, the sweep and the exit
+watcher, not 10,000.
 
 The outcome rules: a VM is converged when the last outcome answers the
 current request without an error; ``ensure`` of the target it is converged
@@ -89,18 +103,22 @@ while holding the map lock or a VM's condition lock):
 
     1. VmRecord.op_lock      per VM; serialises ensure/remove/attach for that VM
     2. VmManager._map_lock   the id -> VmRecord map only
-    3. VmRecord.cond         leaf; the VM record's shared fields (desired spec,
-                        request, outcome, observation, counters); waited on
-                        by callers
+    3. VmRecord.cond         the VM record's shared fields (desired spec,
+                        request, outcome, observation, counters, who drives
+                        its turns); waited on by callers
+    4. TurnPool._lock        leaf; the pool's queue, deadlines and threads
 
-The supervisor thread takes only 3 (briefly, to read the desired spec and to
-publish); ``on_change`` is called by supervisor threads with no lock held.
+A thread driving a supervisor's turns holds no lock but, for ``ensure``,
+the caller's op_lock (1); the turns take only 3 (briefly,
+to read the desired spec and to publish) and 4 (to park on a deadline or
+hand over), never 1; ``on_change`` is called from the turns with no lock
+of the manager's held (the caller's op_lock may be).
 The sweep thread takes 2 to copy the map and 3 to read and write a VM's
 ``swept``, ``check_asked`` and ``counters``, never around a driver call.
 
 Operation ids. Every log record a supervisor writes carries the VM's
 ``vm_id`` and the ``op_id`` of the spec it is converging (or of the removal
-it is carrying out), bound on its own thread (``procurator.logs.bind``);
+it is carrying out), bound in its own context (``procurator.logs.bind``);
 every ``VmEvent`` carries the same op id. Callers' threads log with the
 fields of their own context.
 
@@ -159,6 +177,7 @@ from procurator.core.models import PowerState, VmEvent
 from procurator.worker.jail import Jail
 from procurator.worker.state import OwnerLock, StateDir
 from procurator.worker.supervisor import JobContext, VmSupervisor
+from procurator.worker.turns import TurnPool
 from procurator.worker.vmm import process
 from procurator.worker.vmm.base import VmmDriver, VmmError, VmmRejected
 from procurator.worker.vmrecord import (
@@ -206,9 +225,10 @@ class VmManager:
     each VMM in ``jail`` (``procurator.worker.jail``; None: unjailed, as
     the worker's ``--unconfined``).
 
-    ``on_change(observation, event)`` is called from supervisor threads, with
-    no lock held, on every observable change; it must be quick and must not
-    call back into the manager's blocking methods for the same VM.
+    ``on_change(observation, event)`` is called from the threads driving
+    supervisors' turns, with no lock of the manager's held (an ``ensure``
+    caller's op_lock may be), on every observable change; it must be quick
+    and must not call back into the manager's blocking methods.
     """
 
     def __init__(
@@ -240,6 +260,9 @@ class VmManager:
         self.sweeping = driver.capabilities.state_marks and self.timeouts.counters_interval > 0
         self._sweep_stop = threading.Event()
         self._sweeper: threading.Thread | None = None
+        # The threads that run parked supervisors' turns when woken
+        # (procurator.worker.turns): a few, not one per VM.
+        self.turns = TurnPool(clock=clock)
         # One thread waits for every VMM's exit (process.ExitWatcher), made
         # with the first VMM watched; a leaf lock guards making it.
         self._watcher_lock = threading.Lock()
@@ -328,8 +351,8 @@ class VmManager:
                     vm.obs = vm.obs.for_spec(spec)
                     if assigned:
                         vm.held = False
-                vm.wake()
-            self._wait_outcome(vm, f"ensure {spec.hash}")
+                vm.poke()
+            self._wait_outcome(vm, f"ensure {spec.hash}", drive=True)
             return self.get_or_raise(spec.vm_id)
 
     def remove(self, vm_id: str, *, op_id: str = "") -> None:
@@ -363,12 +386,14 @@ class VmManager:
                 vm.removing = True
                 vm.remove_op_id = op_id
                 vm.request += 1
+            # On the pool, not on this thread: a removal nobody waits for any
+            # more (this call timed out) goes on alone.
             vm.wake()
             self._wait_outcome(vm, "remove")
             self._retire(vm)
 
     def run_job(self, vm_id: str, what: str, run: Callable[[JobContext], T]) -> T:
-        """Run ``run`` on the VM's supervisor thread, between two of its
+        """Run ``run`` in a turn of the VM's supervisor, between two of its
         steps (``procurator.worker.supervisor.JobContext``), and return
         what it returned or raise what it raised. Holds the VM's op_lock
         throughout, so no ensure or remove of the VM runs meanwhile (they
@@ -569,6 +594,7 @@ class VmManager:
                 with self._attached(vm_id, create=False, recovering=True) as vm:
                     if vm is not None:
                         attached.append(vm)
+                        vm.wake()  # on the pool: recovered side by side
             except ProcuratorError as exc:
                 log.error("VM %s: not recovered: %s", vm_id, exc)  # noqa: TRY400 - expected, no trace
         # Lock files of VMs that have no directory: a worker killed just
@@ -589,9 +615,9 @@ class VmManager:
                 log.warning("VM %s: recovered with a problem: %s", vm.vm_id, exc)
             with vm.cond:
                 removed = removed and vm.removing
-            if removed and vm.thread is not None:
-                # Its removal is done; its thread ends right after.
-                vm.thread.join(self.timeouts.ensure)
+            if removed:
+                # Its removal is done; its supervisor ends right after.
+                self._wait_finished(vm, self.timeouts.ensure)
             with vm.cond:
                 finished = vm.finished
                 if not finished:
@@ -608,7 +634,8 @@ class VmManager:
 
     def begin_close(self) -> None:
         """Refuse new calls, make every blocked ``ensure``/``remove`` return
-        (``ManagerClosedError``) and ask every supervisor to end after its
+        (``ManagerClosedError``: one that drives its VM's turns, once its
+        current step is over) and ask every supervisor to end after its
         current step. Does not wait: a caller shutting down calls this
         before it waits for the threads blocked in those calls, then
         ``close``."""
@@ -627,14 +654,15 @@ class VmManager:
         return vms
 
     def close(self) -> None:
-        """Stop every supervisor thread and release the VMs' locks. The VMMs
+        """End every supervisor (after its current step) and the pool, and
+        release the VMs' locks. The VMMs
         keep running, to be re-adopted by the next manager (``recover``)."""
         vms = self._begin_close()
         if self._sweeper is not None:
             self._sweeper.join()
         for vm in vms:
-            if vm.thread is not None:
-                vm.thread.join()
+            self._wait_finished(vm, None)
+        self.turns.close()
         with self._map_lock:
             self._vms.clear()
         with self._watcher_lock:
@@ -691,7 +719,8 @@ class VmManager:
 
     def _start_supervisor(self, vm: VmRecord, *, create: bool, recovering: bool = False) -> None:
         """Take the VM's flock, read its ``vm.json`` and start its supervisor
-        thread (caller holds its op_lock). On failure the record is retired."""
+        (parked until its first wake; caller holds its op_lock). On failure
+        the record is retired."""
         try:
             flock = self.state.claim(vm.vm_id, self._own_state())
             try:
@@ -739,9 +768,12 @@ class VmManager:
                 and spec.power is not PowerState.STOPPED
             )
         supervisor = VmSupervisor(self, vm, kept_incoming=kept)
-        vm.thread = threading.Thread(target=supervisor.run, name=f"vm-{vm.vm_id}", daemon=True)
+        turns = self.turns
+        with vm.cond:
+            # Parked until its first wake (the caller's, next).
+            vm.drive = supervisor.drive
+            vm.resume = lambda: turns.submit(supervisor.drive)
         vm.started = True
-        vm.thread.start()
         self._start_sweeper()
 
     def _own_state(self) -> OwnerLock:
@@ -763,9 +795,20 @@ class VmManager:
         assert vm.flock is not None
         self.state.write_spec(vm.flock, spec.to_json())
 
-    def _wait_outcome(self, vm: VmRecord, what: str) -> None:
-        """Wait for an outcome of the VM's current request; raise its error."""
+    def _wait_outcome(self, vm: VmRecord, what: str, *, drive: bool = False) -> None:
+        """Wait for an outcome of the VM's current request; raise its error.
+        ``drive`` (after ``VmRecord.poke``): run the VM's turns on this
+        thread while no other thread does, until it parks (the pool takes
+        them over at the deadline): a caller that waits anyway hands
+        nothing to another thread and is woken by no one."""
         deadline = self.clock() + self.timeouts.ensure
+        if drive:
+            try:
+                if vm.claim():
+                    assert vm.drive is not None
+                    vm.drive(lambda: self.clock() >= deadline)
+            finally:
+                vm.release()
         with vm.cond:
             request = vm.request
             while (outcome := vm.outcome) is None or outcome.request < request:
@@ -791,12 +834,18 @@ class VmManager:
 
     def _retire(self, vm: VmRecord) -> None:
         """Drop a record whose supervisor ended (caller holds its op_lock)."""
-        if vm.thread is not None:
-            vm.thread.join(self.timeouts.ensure)
+        self._wait_finished(vm, self.timeouts.ensure)
         vm.gone = True
         with self._map_lock:
             if self._vms.get(vm.vm_id) is vm:
                 del self._vms[vm.vm_id]
+
+    @staticmethod
+    def _wait_finished(vm: VmRecord, timeout: float | None) -> None:
+        """Until the VM's supervisor ended (at most ``timeout`` seconds)."""
+        with vm.cond:
+            if vm.drive is not None:
+                vm.cond.wait_for(lambda: vm.finished, timeout)
 
     def _emit(self, obs: VmObservation, event: VmEvent | None) -> None:
         if self.on_change is None:

@@ -38,8 +38,8 @@ Shape:
   same whether a VMM hangs or not.
 - Event hooks (``observe_reconcile_pass``, ``observe_api_call``,
   ``count_error``, ``observe_realise``, ``set_observed_generation``) are
-  cheap and thread-safe: the reconciler (trio thread) and the VmManager's
-  supervisor threads call them directly.
+  cheap and thread-safe: the reconciler (trio thread) and the threads
+  driving the VmManager's supervisors' turns call them directly.
 - Every instance owns its ``CollectorRegistry``; nothing touches
   prometheus_client's global registry.
 - The VMs exported are the worker's VMs as its status reports them

@@ -702,8 +702,8 @@ def _migrate_job(
     timeout: float,
     cancel: threading.Event,
 ) -> Callable[[JobContext], None]:
-    """A live move's migration, run on the VM's supervisor thread (see the
-    module docstring)."""
+    """A live move's migration, run as a job in the VM's supervisor's
+    turns (see the module docstring)."""
 
     def run(ctx: JobContext) -> None:
         handle = ctx.handle

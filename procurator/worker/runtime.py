@@ -41,7 +41,8 @@ task checks the guests and publishes health transitions through the same
 link. A changed check never reaches the actuator: the reconciler plans by
 hash.
 
-Threads: the manager calls ``on_change`` from supervisor threads; it is
+Threads: the manager calls ``on_change`` from the threads that drive its
+supervisors' turns (an ensure's own step thread, or the manager's pool); it is
 handed to trio with the trio token (``run_sync_soon``), which marks the VM
 dirty in the reconciler (a crash or an exit is a reason to look at it again:
 the reconciler's passes handle the VMs marked, see ``procurator.core.
@@ -542,7 +543,8 @@ class ReconcilingHandler:
                 finally:
                     # Shutting down: threads blocked in ensure()/remove()
                     # (up to Timeouts.ensure) must return before the nursery
-                    # can end; closing the manager first makes them.
+                    # can end; closing the manager first makes them (one
+                    # that drives its VM's turns after its current step).
                     self.manager.begin_close()
         finally:
             # The VMs keep running: the next worker re-adopts them.
@@ -676,7 +678,7 @@ class ReconcilingHandler:
         finally:
             self.heap.release()  # gc.freeze is process-wide: undo it
 
-    # -- from supervisor threads -------------------------------------------
+    # -- from supervisors' turns (step threads, the manager's pool) ----------
 
     def _on_change(self, observation: VmObservation, event: VmEvent | None) -> None:
         if observation.incoming:

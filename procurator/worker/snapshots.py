@@ -27,8 +27,8 @@ Invariants:
 - **The VM runs on.** Creating one pauses the guest (when it ran) and
   resumes it whatever happened, so a snapshot that fails halfway leaves the
   VM as it was, and the error says why.
-- **One VM thread touches the VMM.** Create, restore and delete run as
-  jobs on the VM's supervisor thread (``VmManager.run_job``), between two of
+- **One actor touches the VMM.** Create, restore and delete run as
+  jobs in the VM's supervisor's turns (``VmManager.run_job``), between two of
   its steps, holding the VM's op_lock: no health check sees the VM paused
   by a snapshot, no replacement starts during one.
 - **Restore only onto the same image** (``core.snapshot.restore_problem``)

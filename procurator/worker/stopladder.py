@@ -14,8 +14,8 @@ skipped (each would only burn another timeout): the signals come next. A
 VMM that another driver started gets the signals only (``api=False``):
 its API is not this driver's to speak.
 
-Only the supervisor thread that owns the VM runs its ladder; nothing here
-is shared between VMs.
+Only the supervisor that owns the VM runs its ladder, in one of its turns;
+nothing here is shared between VMs.
 """
 
 from __future__ import annotations

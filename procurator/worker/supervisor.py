@@ -1,17 +1,24 @@
-"""A VM's supervisor: the thread that owns its VMM, a loop over ``decide``.
+"""A VM's supervisor: the one owner of its VMM, a loop of turns over ``decide``.
 
-One ``VmSupervisor`` thread per VM (started by ``procurator.worker.manager.
-VmManager``). Each turn of its loop reads the VM's record (the desired spec
-as the newest *request*, a removal, closing), refreshes what it knows of
-the VMM (has its pidfd fired?), asks the pure planner
-``procurator.core.supervision.decide`` for the next step, and performs it:
-the only place this VM's VMM is touched. Each step records what it measured
-as new facts (``Facts``, ``VmmFacts``, the ``RestartState``) and publishes
-what an operator or a waiting caller must know (an observation, maybe an
-event, maybe the *outcome* of the request). ``Wait`` steps block on the
-VM's wake event (``VmRecord.wakeup``), set by a new request and, through the
-manager's ``process.ExitWatcher`` and the VMM's pidfd, by the VMM's exit:
-either ends the wait at once.
+One ``VmSupervisor`` per VM (made by ``procurator.worker.manager.
+VmManager``). Each *turn* reads the VM's record (the desired spec as the
+newest *request*, a removal, closing), refreshes what it knows of the VMM
+(has its pidfd fired?), asks the pure planner ``procurator.core.supervision.
+decide`` for the next step, and performs it: the only place this VM's VMM
+is touched. Each step records what it measured as new facts (``Facts``,
+``VmmFacts``, the ``RestartState``) and publishes what an operator or a
+waiting caller must know (an observation, maybe an event, maybe the
+*outcome* of the request).
+
+The supervisor has no thread of its own (``procurator.worker.turns``): a
+thread *drives* its turns (``drive``) while it has work, one thread at a
+time: the caller of ``ensure`` or ``remove``, which waits for the answer
+anyway, or one of the manager's few pool threads. A ``Wait`` step ends the
+drive: the VM *parks* (``VmRecord.park``), holding no thread, until a wake
+(``VmRecord.wake``: a new request, the sweep, closing, or through the
+manager's ``process.ExitWatcher`` and the VMM's pidfd, the VMM's exit) or
+the wait's deadline (``TurnPool.at``) has a pool thread drive it again. A
+wake that comes while a thread drives is read after its turn.
 
 Errors a step raises are handled by kind, the same for every step:
 ``PermanentError`` fails the target for good (``failed``: reported, not
@@ -20,7 +27,7 @@ failed: any VMM left is stopped, the failure counts towards the restart
 backoff (``procurator.core.backoff``; many in a row show as
 ``Phase.CRASH_LOOP``) and nothing happens before it is over; any other
 exception (a bug, EMFILE) is reported and retried after the health
-interval, because ending the thread would leave the VMM running unwatched.
+interval, because ending the supervisor would leave the VMM running unwatched.
 
 Stopping a VMM is the stop ladder of ``procurator.worker.stopladder``, the
 same for every driver.
@@ -42,27 +49,34 @@ Held VMs: a ``reschedule`` VM that ``VmManager.recover`` found holds
 ``VmRecord.held`` until an assignment names it (see ``procurator.worker.
 manager``). While it holds, a step that would launch a VMM (``Start``, or
 the ``Backoff`` before one) is not performed: the VM is published
-``pending`` with why, its request answered, and the thread waits for a new
+``pending`` with why, its request answered, and the VM parks until a new
 request. Everything else (re-adopting, health checks, reaping, removal)
 goes on as for any VM.
 
-Jobs: work a caller hands this thread (``VmManager.run_job``: a snapshot,
-a restore) runs at the start of a turn, before the next decision, through
-a ``JobContext``; what it did to the VMM is what the next turn observes.
+Jobs: work a caller hands this supervisor (``VmManager.run_job``: a
+snapshot, a restore) runs at the start of a turn, before the next decision,
+through a ``JobContext``; what it did to the VMM is what the next turn
+observes.
 
-Threads and locks: everything here runs on this VM's thread except the
-record's fields under ``VmRecord.cond``, taken briefly (never around I/O).
+Threads and locks: this object's attributes are touched only by the thread
+that drives its turns (handed from one to the next under ``VmRecord.cond``,
+which orders their accesses); the record's shared fields are under
+``VmRecord.cond``, taken briefly (never around I/O). Log records of a turn
+carry the VM's fields whichever thread drives it: each turn runs in the
+supervisor's own ``contextvars.Context``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
+import enum
 import json
 import logging
 import math
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -138,8 +152,23 @@ class _Pending:
 _OK = object()  # an outcome without error
 
 
+class _NoPark:
+    """The last turn did not end in a wait."""
+
+
+class _Then(enum.Enum):
+    """What a drive's turns ended in."""
+
+    PARK = "park"  # a wait: park (``VmSupervisor.parking``) unless woken meanwhile
+    HAND_OVER = "hand over"  # the caller's limit: the pool drives on
+    END = "end"  # the supervisor is done
+
+
+_NO_PARK = _NoPark()
+
+
 class VmSupervisor:
-    """See the module docstring. Attributes are this thread's own, except
+    """See the module docstring. Attributes are the driving thread's, except
     the record's fields under ``vm.cond``."""
 
     def __init__(self, manager: VmManager, vm: VmRecord, *, kept_incoming: str = "") -> None:
@@ -154,7 +183,12 @@ class VmSupervisor:
         self.held_reported = -1  # the request whose hold was published
         self.spec: VmSpec | None = None
         self.handle: VmmHandle | None = None
-        self.watch = process.ExitWatch(manager.exit_watcher, vm.wakeup)
+        self.watch = process.ExitWatch(manager.exit_watcher, vm.wake)
+        # This VM's own context (its log records name the VM and the
+        # operation worked on), entered by whichever thread drives a turn.
+        self.context = contextvars.Context()
+        self.turns = 0  # turns run so far (tests: an idle VM runs none)
+        self.parking: float | _NoPark | None = _NO_PARK  # the last turn's Wait
         self.pending: _Pending | None = None
         self.ever_started = False
         self.replacing = False
@@ -198,31 +232,84 @@ class VmSupervisor:
 
     # -- the loop ----------------------------------------------------------------
 
-    def run(self) -> None:
-        with self.vm.cond:
-            spec = self.vm.desired
-        # This thread's own context: its log records name the VM, and the
-        # operation whose spec (or removal) it is working on.
-        bind(vm_id=self.vm.vm_id, op_id=spec.op_id if spec is not None else "")
+    def drive(self, until: Callable[[], bool] | None = None) -> None:
+        """Run this VM's turns on the calling thread, which ``VmRecord``
+        handed them (``claim``, ``unpark``, its pool's ``resume``), until
+        the VM parks (a wait) or its supervisor ends. ``until``: a
+        caller's limit, asked after each turn: when it says stop, the turns
+        go on on the manager's pool. The VM is handed on only once this
+        thread left the supervisor's context (another thread enters it)."""
+        while True:
+            then = self.context.run(self._turns, until)
+            if then is _Then.END:
+                return
+            if then is _Then.HAND_OVER:
+                self.m.turns.submit(self.drive)
+                return
+            assert not isinstance(self.parking, _NoPark)
+            if self._park(self.parking):
+                return
+
+    def _turns(self, until: Callable[[], bool] | None) -> _Then:
+        if self.turns == 0:
+            with self.vm.cond:
+                spec = self.vm.desired
+            bind(vm_id=self.vm.vm_id, op_id=spec.op_id if spec is not None else "")
         try:
-            while self._turn():
-                pass
+            while True:
+                self.turns += 1
+                self.parking = _NO_PARK
+                if not self._turn():
+                    self._end()
+                    return _Then.END
+                if not isinstance(self.parking, _NoPark):
+                    return _Then.PARK
+                if until is not None and until():
+                    return _Then.HAND_OVER
         except BaseException as exc:
             log.exception("VM %s: supervisor failed", self.vm.vm_id)
-            self._publish(
-                Phase.FAILED,
-                f"supervisor failed: {exc!r}",
-                EventKind.FAILED,
-                outcome=ProcuratorError(f"VM {self.vm.vm_id}: supervisor failed: {exc!r}"),
-            )
-        finally:
-            self.watch.close()
-            with self.vm.cond:
-                self.vm.finished = True
-                self.vm.handle = None
-                self.vm.cond.notify_all()
-            if self.vm.flock is not None:
-                self.vm.flock.release()
+            try:
+                self._publish(
+                    Phase.FAILED,
+                    f"supervisor failed: {exc!r}",
+                    EventKind.FAILED,
+                    outcome=ProcuratorError(f"VM {self.vm.vm_id}: supervisor failed: {exc!r}"),
+                )
+            finally:
+                self._end()
+            return _Then.END
+
+    def _end(self) -> None:
+        """The supervisor is done (removed, closing, failed): nothing of it
+        runs again."""
+        self.watch.close()
+        with self.vm.cond:
+            self.vm.finished = True
+            self.vm.handle = None
+            self.vm.resume = None
+            self.vm.cond.notify_all()
+        if self.vm.flock is not None:
+            self.vm.flock.release()
+
+    def _park(self, until: float | None) -> bool:
+        """Stop driving turns until woken or ``until`` (manager clock); False
+        when a wake came meanwhile (or the wait is over), so the caller runs
+        the next turn itself."""
+        if self.watch.alive() is False:
+            return False  # exited: nothing to wait for (the one-shot wake is spent)
+        if until is not None and until <= self.m.clock():
+            return False
+        park_id = self.vm.park(until)
+        if park_id is None:
+            return False
+        if until is not None:
+            self.m.turns.at(until, lambda: self._resume(park_id))
+        return True
+
+    def _resume(self, park_id: int) -> None:
+        """A park's deadline (on a pool thread): drive if still parked by it."""
+        if self.vm.unpark(park_id):
+            self.drive()
 
     def _turn(self) -> bool:
         """Read the record, decide, perform one step; False when done."""
@@ -351,7 +438,7 @@ class VmSupervisor:
                     self._ladder(why, api=False)  # no VM in it to shut down
                 else:
                     self._forget_vmm()
-            except ProcuratorError as exc:  # its exit wakes this thread again
+            except ProcuratorError as exc:  # its exit wakes this VM again
                 log.error("VM %s: could not stop its VMM (%s): %s", self.vm.vm_id, why, exc)  # noqa: TRY400
         if self.kept_told != self.request:
             self.kept_told = self.request
@@ -615,16 +702,18 @@ class VmSupervisor:
         )
 
     def _wait(self, until: float | None) -> None:
+        """End the turn in a wait: for a wake (a request, the VMM's exit,
+        the sweep) or ``until`` (manager clock; None: no deadline). The
+        turns park after it (``_drive``)."""
         if until is not None and math.isinf(until):
             # Settled, checked by the sweep: wait for a request, the VMM's
             # exit or the sweep's call, with no timeout.
             self._publish_swept()
             until = None
-        timeout = None if until is None else max(0.0, until - self.m.clock())
-        self.watch.wait(timeout)
+        self.parking = until
 
     def _publish_swept(self) -> None:
-        """Hand the sweep what it checks of this VM while this thread waits."""
+        """Hand the sweep what it checks of this VM while it is parked."""
         if self.handle is None:
             return
         mark = self.known_state[0] if self.known_state is not None else None
@@ -1177,7 +1266,7 @@ class VmSupervisor:
 
     def _internal_error(self, exc: Exception) -> None:
         """An error nothing translated (a bug, an OS error such as EMFILE):
-        ending this thread would leave the VMM running unwatched. Report it
+        ending the supervisor would leave the VMM running unwatched. Report it
         to the waiting caller and try again after the health interval."""
         log.exception("VM %s: unexpected error; retrying", self.vm.vm_id)
         with self.vm.cond:
@@ -1354,8 +1443,8 @@ class VmSupervisor:
 
 
 class JobContext:
-    """What a job (``VmManager.run_job``) may see and do, on the VM's
-    supervisor thread: the spec and the VMM as the supervisor knows them,
+    """What a job (``VmManager.run_job``) may see and do, in a turn of the
+    VM's supervisor: the spec and the VMM as the supervisor knows them,
     stop the VMM, launch one from a saved state, tell of an event."""
 
     def __init__(self, supervisor: VmSupervisor) -> None:

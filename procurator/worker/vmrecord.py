@@ -227,8 +227,8 @@ ChangeCallback = Callable[[VmObservation, VmEvent | None], None]
 
 
 class Job:
-    """Work a caller hands a VM's supervisor thread (a snapshot, a
-    restore: ``VmManager.run_job``), run there between two steps so it
+    """Work a caller hands a VM's supervisor (a snapshot, a restore:
+    ``VmManager.run_job``), run in its turns between two steps so it
     never races a health check, a restart or a replacement. ``run`` gets
     the supervisor's ``JobContext``; its result or the error it raised
     comes back in ``result`` / ``error``. Fields after ``run`` are guarded
@@ -302,13 +302,21 @@ class VmRecord:
         self.started = False  # guarded by op_lock
         self.gone = False  # guarded by op_lock: record retired, look up again
         self.flock: VmLock | None = None
-        self.thread: threading.Thread | None = None
-        # What the supervisor sleeps on: set by a caller's request, the
-        # sweep, closing, and the manager's ExitWatcher when the VMM exits
-        # (no descriptor: a settled VM costs the worker its pidfd only).
-        self.wakeup = threading.Event()
 
         self.cond = threading.Condition(threading.Lock())  # level 3
+        # Who runs the supervisor's turns (``procurator.worker.turns``):
+        # ``parked`` True while no thread does (it waits: for a wake, or
+        # for ``park_id``'s deadline); ``woken``: a wake came that the
+        # turns have not read yet. ``resume`` hands a parked VM to the
+        # manager's pool (set with the supervisor). A new record is parked:
+        # its first wake starts it.
+        self.parked = True
+        self.woken = False
+        self.park_id = 0
+        self.resume: Callable[[], None] | None = None
+        # The supervisor's ``drive`` (set with it), for a caller that
+        # claimed the VM's turns (``claim``).
+        self.drive: Callable[[Callable[[], bool] | None], None] | None = None
         self.desired: VmSpec | None = None
         self.removing = False
         self.remove_op_id = ""  # op id of the removal asked for, if any
@@ -337,8 +345,65 @@ class VmRecord:
             driver=driver,
         )
 
+    # -- who runs the turns (no lock held by the caller but op_lock) ---------------
+
     def wake(self) -> None:
-        self.wakeup.set()
+        """A request, the sweep, closing, the VMM's exit (the manager's
+        ``ExitWatcher``): the supervisor looks at its record again, at once
+        if it is parked (on a pool thread), else after its current turn."""
+        resume = None
+        with self.cond:
+            if self.parked and self.resume is not None:
+                self.parked, self.woken = False, False
+                resume = self.resume
+            else:
+                self.woken = True
+        if resume is not None:
+            resume()
+
+    def poke(self) -> None:
+        """A wake for a caller that drives the turns itself next (``claim``
+        at once, ``release`` in the end): a parked VM stays parked for it."""
+        with self.cond:
+            self.woken = True
+
+    def claim(self) -> bool:
+        """Take a parked, woken VM's turns onto the calling thread (then
+        drive them: ``VmSupervisor.drive``); False when another thread
+        runs them or nothing woke the VM."""
+        with self.cond:
+            if not (self.parked and self.woken and self.resume is not None):
+                return False
+            self.parked, self.woken = False, False
+            return True
+
+    def release(self) -> None:
+        """After ``poke``: a wake the caller did not drive goes to the pool."""
+        with self.cond:
+            if not (self.parked and self.woken):
+                return
+        self.wake()
+
+    def park(self, until: float | None) -> int | None:
+        """The supervisor's turns stop here: park (returns the park's id,
+        for its deadline ``until``, if any) unless a wake came meanwhile
+        (None: run another turn). The caller drives no turn after parking."""
+        with self.cond:
+            if self.woken:
+                self.woken = False
+                return None
+            self.parked = True
+            self.park_id += 1
+            return self.park_id
+
+    def unpark(self, park_id: int) -> bool:
+        """Park ``park_id``'s deadline came: True when the VM is still parked
+        by it (then the caller drives its turns)."""
+        with self.cond:
+            if not self.parked or self.park_id != park_id:
+                return False
+            self.parked, self.woken = False, False
+            return True
 
     def answered(self) -> Outcome | None:
         """The outcome of the current request, if there is one (under cond)."""

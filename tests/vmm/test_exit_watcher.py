@@ -1,6 +1,6 @@
 """process.ExitWatcher: one thread and one epoll tell many processes' exits
-(a supervisor sleeps on an event, not on descriptors of its own), and
-ExitWatch: a supervisor's pidfd and wait."""
+(a parked supervisor holds no thread and no descriptor of its own), and
+ExitWatch: a supervisor's pidfd and its wake."""
 
 from __future__ import annotations
 
@@ -79,46 +79,24 @@ def test_a_process_that_exited_before_it_was_added_wakes_at_once(
         os.close(pidfd)
 
 
-def test_an_exit_watch_wakes_its_waiter_and_holds_one_descriptor(
+def test_an_exit_watch_wakes_its_vm_and_holds_one_descriptor(
     watcher: process.ExitWatcher,
 ) -> None:
     wake = threading.Event()
-    watch = process.ExitWatch(lambda: watcher, wake)
+    watch = process.ExitWatch(lambda: watcher, wake.set)
     child = sleeper()
     try:
         before = len(os.listdir("/proc/self/fd"))
         assert watch.open(handle_of(child))
         assert len(os.listdir("/proc/self/fd")) == before + 1  # the pidfd
         assert watch.alive() is True
-        waiting = threading.Thread(target=watch.wait, args=(None,))
-        waiting.start()
+        assert not wake.wait(0.05)
         child.kill()
         child.wait()
-        waiting.join(30)
-        assert not waiting.is_alive()
+        assert wake.wait(30), "the exit did not wake the VM"
         assert watch.alive() is False
-        watch.wait(None)  # exited: returns at once, the one-shot wake spent
         watch.close()
         assert len(os.listdir("/proc/self/fd")) == before
-    finally:
-        watch.close()
-        child.kill()
-        child.wait()
-
-
-def test_a_request_wakes_an_exit_watch_without_its_process_exiting(
-    watcher: process.ExitWatcher,
-) -> None:
-    wake = threading.Event()
-    watch = process.ExitWatch(lambda: watcher, wake)
-    child = sleeper()
-    try:
-        assert watch.open(handle_of(child))
-        wake.set()  # VmRecord.wake
-        watch.wait(None)
-        assert not wake.is_set()  # taken: the next wait sleeps again
-        watch.wait(0.01)
-        assert watch.alive() is True
     finally:
         watch.close()
         child.kill()

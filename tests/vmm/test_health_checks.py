@@ -131,28 +131,25 @@ def test_a_budget_the_fleet_fits_in_leaves_the_interval_alone(
     assert manager.health_interval() == FAST.health_interval
 
 
-def _switches(thread_id: int | None) -> int:
-    """Voluntary context switches of one thread of this process so far."""
-    status = Path(f"/proc/self/task/{thread_id}/status").read_text()
-    return int(status.split("voluntary_ctxt_switches:")[1].split()[0])
-
-
 def test_an_idle_supervisor_sleeps_and_the_sweep_checks_it(
     make_manager: ManagerFactory, api_calls: ApiCalls, recorder: Recorder
 ) -> None:
-    """A settled VM's supervisor makes no call and does not even wake for
-    10 health intervals; each sweep is one ``vm.counters`` call. (Before
-    the sweep, each supervisor made a check every health interval.)"""
+    """A settled VM's supervisor makes no call and runs no turn for 10
+    health intervals, parked on no thread; each sweep is one
+    ``vm.counters`` call. (Before the sweep, each supervisor made a check
+    every health interval.)"""
     manager = make_manager(timeouts=replace(FAST, counters_interval=3600.0))
     assert manager.sweeping
     manager.ensure(VmSpec("vm1", "h1", definition()))
     vm = manager._vms["vm1"]
     recorder.wait_for(lambda: vm.swept is not None)  # its idle wait began
-    assert vm.thread is not None
-    switches, start = _switches(vm.thread.native_id), len(api_calls.endpoints())
+    assert vm.drive is not None
+    supervisor = vm.drive.__self__  # type: ignore[attr-defined]  # a bound method
+    turns, start = supervisor.turns, len(api_calls.endpoints())
     time.sleep(10 * FAST.health_interval)
     assert api_calls.endpoints()[start:] == []
-    assert _switches(vm.thread.native_id) == switches, "the idle supervisor woke"
+    assert supervisor.turns == turns, "the idle supervisor woke"
+    assert vm.parked
     for _ in range(3):
         manager.sweep()
     assert api_calls.endpoints()[start:] == ["vm.counters"] * 3

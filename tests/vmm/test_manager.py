@@ -869,37 +869,37 @@ def test_refused_pause_keeps_the_guest_running_and_is_retried(
 def test_begin_close_releases_callers_blocked_in_ensure(
     make_manager: ManagerFactory, state_dir: Path
 ) -> None:
-    """A worker shutting down must not wait out a slow boot in every
-    ensure() its reconciler has in flight: begin_close() returns them at
-    once, while the supervisor finishes its step; close() then waits."""
+    """A worker shutting down waits for no VM's next step: begin_close()
+    has an ensure() that drives a slow boot on its own thread return once
+    that step is over, and the VM's supervisor ends there: close() has
+    nothing left to wait for. (A thread per VM made the shutdown wait for
+    the same step, in close().)"""
     manager = make_manager()
     manager.ensure(spec())
     write_faults(state_dir, "vm1", {"delay": {"vm.boot": 6}})
-    outcome: list[BaseException | None] = []
+    outcomes: dict[str, BaseException | None] = {}
 
-    def replace_vm() -> None:
+    def ensure(name: str, hash_: str) -> None:
         try:
-            manager.ensure(spec(hash="h2"))
-            outcome.append(None)
+            manager.ensure(spec(hash=hash_))
+            outcomes[name] = None
         except BaseException as exc:
-            outcome.append(exc)
+            outcomes[name] = exc
 
-    caller = threading.Thread(target=replace_vm)
-    caller.start()
+    driver = threading.Thread(target=ensure, args=("driver", "h2"))
+    driver.start()
     recorder_deadline = time.monotonic() + 30
     while (obs := manager.get("vm1")) is None or obs.phase is not Phase.STARTING:
         assert time.monotonic() < recorder_deadline, obs
         time.sleep(0.02)
-    supervisor = next(t for t in threading.enumerate() if t.name == "vm-vm1")
     manager.begin_close()
-    caller.join()
-    # Released by the close, not by the boot: a finished boot would have
-    # answered the ensure with success instead.
-    (error,) = outcome
-    assert isinstance(error, ManagerClosedError)
-    assert supervisor.is_alive()  # still in its boot step: nothing was waited for
+    assert driver.is_alive(), "the driving caller left its boot step"
+    driver.join()
+    # The supervisor ended with the turn after the boot, before settling.
+    assert isinstance(outcomes["driver"], ManagerClosedError)
+    vm = manager._vms["vm1"]
+    assert vm.finished and not vm.parked, "a turn ran after the close"
     with pytest.raises(ManagerClosedError):
         manager.ensure(spec())  # closed to new calls
     manager.close()
-    assert not supervisor.is_alive()
     make_manager().remove("vm1")  # the VMM outlived its manager, by design

@@ -1,7 +1,8 @@
 """The VMM driver port: what the VmManager needs from a hypervisor.
 
 One driver instance serves all VMs of a worker; every method is blocking and
-thread-safe (each VM's supervisor thread calls it for its own VM only). A
+thread-safe (each VM's supervisor calls it for its own VM only, from one
+thread at a time). A
 driver never decides policy (restarts, backoff, the order of the stop ladder):
 the VmManager does, the same way for every driver.
 

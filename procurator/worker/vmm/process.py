@@ -900,14 +900,13 @@ class ExitWatcher:
 class ExitWatch:
     """A supervisor's watch on its VMM: the pidfd (the one descriptor a
     settled VM costs the worker), registered with the manager's
-    ``ExitWatcher`` to set ``wake`` (the VM's wake event) when the VMM
-    exits, and the event the supervisor sleeps on (``wait``).
+    ``ExitWatcher`` to call ``wake`` (the VM record's) when the VMM exits.
 
     poll(), not select(), for ``alive``: a worker with a few hundred VMs has
     fds above FD_SETSIZE (1024), which select() cannot watch (a poll object
     holds no descriptor)."""
 
-    def __init__(self, watcher: Callable[[], ExitWatcher], wake: threading.Event) -> None:
+    def __init__(self, watcher: Callable[[], ExitWatcher], wake: Callable[[], None]) -> None:
         self.pidfd = -1
         self._watcher = watcher
         self._watching: ExitWatcher | None = None
@@ -930,7 +929,7 @@ class ExitWatch:
         self._exit.register(self.pidfd, select.POLLIN)
         watcher = self._watcher()
         try:
-            watcher.add(self.pidfd, self._wake.set)
+            watcher.add(self.pidfd, self._wake)
         except BaseException:
             # Out of epoll watches (ENOSPC) fails like a pidfd_open out of
             # descriptors (EMFILE): raised, with no descriptor kept.
@@ -943,15 +942,6 @@ class ExitWatch:
         """Whether the watched process runs (the pidfd turns readable when
         it exits: one poll(2) instead of reading /proc); None without one."""
         return None if self._exit is None else not self._exit.poll(0)
-
-    def wait(self, timeout: float | None) -> None:
-        """Until woken (a request, the sweep, the VMM's exit) or ``timeout``
-        seconds pass. Clears the wake, so the caller must read what it was
-        woken for after this returns (a wake after the clear is kept)."""
-        if self.alive() is False:
-            return  # exited: nothing to wait for (the one-shot wake is spent)
-        if self._wake.wait(timeout):
-            self._wake.clear()
 
     def close(self) -> None:
         self._exit = None

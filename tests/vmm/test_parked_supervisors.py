@@ -1,0 +1,106 @@
+"""Supervisors on a few threads (issue 31; procurator.worker.turns): a
+start runs the VM's turns on the caller's thread, which waits for their
+answer anyway (a removal runs on the pool); a settled VM parks and holds
+no thread; a wake (the VMM's exit) resumes it on the pool; a VM whose
+turns are parked on a deadline (QEMU-style timed checks, no sweep) is
+checked when it comes.
+And the record's hand-over rules (VmRecord: park, wake, poke, claim)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from dataclasses import replace
+
+from vmmhelpers import FAST, ApiCalls, ManagerFactory, Recorder, definition
+
+from procurator.core.models import EventKind, Phase
+from procurator.worker.manager import VmSpec
+from procurator.worker.vmrecord import VmRecord
+
+
+def test_a_start_and_a_replacement_run_on_the_callers_thread(
+    make_manager: ManagerFactory, recorder: Recorder
+) -> None:
+    manager = make_manager(timeouts=replace(FAST, counters_interval=3600.0))
+    threads: list[int] = []
+    watched = recorder.__call__
+
+    def record(obs, event):  # type: ignore[no-untyped-def]
+        threads.append(threading.get_ident())
+        watched(obs, event)
+
+    manager.on_change = record
+    assert manager.ensure(VmSpec("vm1", "h1", definition())).phase is Phase.RUNNING
+    assert manager.ensure(VmSpec("vm1", "h2", definition())).phase is Phase.RUNNING
+    assert recorder.kinds("vm1")[-1] is EventKind.REPLACED
+    assert set(threads) == {threading.get_ident()}, "a turn ran on another thread"
+    assert manager.turns.started == 0, "the pool started a thread for a start"
+    manager.remove("vm1")
+    assert recorder.kinds("vm1")[-1] is EventKind.REMOVED
+    assert len(set(threads)) == 2, "the removal did not run on the pool"
+
+
+def test_settled_vms_hold_no_thread(make_manager: ManagerFactory, recorder: Recorder) -> None:
+    manager = make_manager(timeouts=replace(FAST, counters_interval=3600.0))
+    before = threading.active_count()
+    for i in range(12):
+        manager.ensure(VmSpec(f"vm{i}", "h1", definition()))
+    for i in range(12):
+        vm = manager._vms[f"vm{i}"]
+        recorder.wait_for(lambda vm=vm: vm.swept is not None)  # type: ignore[misc]
+        assert vm.parked
+    # The sweep's thread, the exit watcher's, the jailer's reader: not one per VM.
+    assert threading.active_count() - before <= 3
+
+
+def test_a_vmm_exit_resumes_a_parked_vm_on_the_pool(
+    make_manager: ManagerFactory, recorder: Recorder
+) -> None:
+    manager = make_manager(timeouts=replace(FAST, counters_interval=3600.0))
+    obs = manager.ensure(VmSpec("vm1", "h1", definition()))
+    vm = manager._vms["vm1"]
+    recorder.wait_for(lambda: vm.swept is not None)
+    assert obs.pid is not None
+    os.kill(obs.pid, signal.SIGKILL)
+    recorder.wait_for(lambda: EventKind.CRASHED in recorder.kinds("vm1"))
+    recorder.wait_for(lambda: EventKind.RESTARTED in recorder.kinds("vm1"))
+    assert manager.turns.started >= 1  # the restart ran on the pool
+
+
+def test_timed_checks_run_when_their_deadline_comes(
+    make_manager: ManagerFactory, api_calls: ApiCalls
+) -> None:
+    """No sweep (counters_interval 0): a settled VM parks until its next
+    health check, which the pool's clock runs."""
+    manager = make_manager(timeouts=replace(FAST, counters_interval=0))
+    assert not manager.sweeping
+    manager.ensure(VmSpec("vm1", "h1", definition()))
+    start = len(api_calls.endpoints())
+    deadline = manager.clock() + 30
+    while api_calls.endpoints()[start:].count("vm.info") < 3:
+        assert manager.clock() < deadline, api_calls.endpoints()[start:]
+        threading.Event().wait(FAST.health_interval)
+    assert manager._vms["vm1"].obs.phase is Phase.RUNNING
+
+
+def test_a_record_is_handed_to_one_thread_at_a_time() -> None:
+    resumed: list[str] = []
+    vm = VmRecord("vm1", "fake")
+    assert vm.parked and not vm.claim(), "nothing woke it"
+    vm.resume = lambda: resumed.append("pool")
+    vm.poke()
+    assert vm.claim() and not vm.claim(), "claimed twice"
+    vm.wake()  # while this thread drives: read after its turn
+    assert resumed == [] and vm.woken
+    assert vm.park(None) is None, "parked over a wake"
+    park_id = vm.park(5.0)
+    assert park_id is not None and vm.parked
+    vm.wake()
+    assert resumed == ["pool"] and not vm.parked
+    assert not vm.unpark(park_id), "a stale deadline took the VM"
+    assert vm.park(None) is not None
+    vm.poke()
+    vm.release()  # poked, never claimed: the pool takes it
+    assert resumed == ["pool", "pool"] and not vm.parked

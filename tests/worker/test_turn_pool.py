@@ -1,0 +1,112 @@
+"""TurnPool: the few threads that run parked supervisors' turns
+(procurator.worker.turns): work runs on an idle thread or a new one up to
+the cap; past it, a turn that waited ``starve_after`` gets a thread of its
+own, so one blocked turn never holds up the others for good; deadlines
+run in order; idle threads beyond the spare ones end; a failing turn
+does not take its thread down."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from procurator.worker.turns import TurnPool
+
+WAIT = 30.0  # a hang guard, never the expected time
+
+
+@pytest.fixture
+def pool() -> Iterator[TurnPool]:
+    made = TurnPool(cap=1, spare=1, starve_after=0.05, linger=0.2)
+    yield made
+    made.close()
+
+
+def test_a_turn_runs_on_a_pool_thread(pool: TurnPool) -> None:
+    ran = threading.Event()
+    where: list[str] = []
+
+    def turn() -> None:
+        where.append(threading.current_thread().name)
+        ran.set()
+
+    pool.submit(turn)
+    assert ran.wait(WAIT)
+    assert where == ["vm-turns"]
+
+
+def test_a_blocked_turn_does_not_hold_up_the_next_past_the_cap(pool: TurnPool) -> None:
+    release, second = threading.Event(), threading.Event()
+    pool.submit(lambda: release.wait(WAIT))
+    try:
+        pool.submit(second.set)
+        assert second.wait(WAIT), "the second turn waited for the blocked one"
+        assert not release.is_set()
+        assert pool.started == 2  # the cap's one and one past it, for the starved turn
+    finally:
+        release.set()
+
+
+def test_deadlines_run_in_order_and_not_before_they_are_due(pool: TurnPool) -> None:
+    order: list[str] = []
+    done = threading.Event()
+    now = pool.clock()
+    pool.at(now + 0.3, lambda: (order.append("late"), done.set()))
+    pool.at(now + 0.1, lambda: order.append(f"early {pool.clock() >= now + 0.1}"))
+    assert done.wait(WAIT)
+    assert order == ["early True", "late"]
+
+
+def test_idle_threads_beyond_the_spare_ones_end() -> None:
+    pool = TurnPool(cap=4, spare=1, starve_after=0.05, linger=0.1)
+    try:
+        release = threading.Event()
+        started = threading.Semaphore(0)
+
+        def blocked() -> None:
+            started.release()
+            release.wait(WAIT)
+
+        for _ in range(3):
+            pool.submit(blocked)
+        for _ in range(3):
+            assert started.acquire(timeout=WAIT)
+        assert pool.threads() == 3
+        release.set()
+        deadline = time.monotonic() + WAIT
+        while pool.threads() > 1:
+            assert time.monotonic() < deadline, f"{pool.threads()} threads stayed"
+            time.sleep(0.02)
+    finally:
+        pool.close()
+
+
+def test_a_failing_turn_leaves_its_thread_serving(
+    pool: TurnPool, caplog: pytest.LogCaptureFixture
+) -> None:
+    def failing() -> None:
+        raise RuntimeError("a bug in one VM's turn")
+
+    ran = threading.Event()
+    pool.submit(failing)
+    pool.submit(ran.set)
+    assert ran.wait(WAIT)
+    assert pool.started == 1, "the failure ended its thread"
+    assert "a supervisor's turn failed" in caplog.text
+
+
+def test_close_ends_every_thread_and_drops_later_work() -> None:
+    pool = TurnPool(cap=2, spare=2, starve_after=0.05, linger=10.0)
+    ran = threading.Event()
+    pool.submit(ran.set)
+    assert ran.wait(WAIT)
+    pool.at(pool.clock() + 3600, ran.set)
+    pool.close()
+    assert pool.threads() == 0
+    assert not [t for t in threading.enumerate() if t.name.startswith("vm-turns")]
+    ran.clear()
+    pool.submit(ran.set)
+    assert not ran.wait(0.1)
