@@ -12,9 +12,12 @@ import os
 import signal
 import threading
 from dataclasses import replace
+from pathlib import Path
 
-from vmmhelpers import FAST, ApiCalls, ManagerFactory, Recorder, definition
+import pytest
+from vmmhelpers import FAST, ApiCalls, ManagerFactory, Recorder, definition, write_faults
 
+from procurator.core.errors import TemporaryError
 from procurator.core.models import EventKind, Phase
 from procurator.worker.manager import VmSpec
 from procurator.worker.vmrecord import VmRecord
@@ -40,6 +43,21 @@ def test_a_start_and_a_replacement_run_on_the_callers_thread(
     manager.remove("vm1")
     assert recorder.kinds("vm1")[-1] is EventKind.REMOVED
     assert len(set(threads)) == 2, "the removal did not run on the pool"
+
+
+def test_an_ensure_past_its_deadline_hands_the_turns_to_the_pool(
+    make_manager: ManagerFactory, state_dir: Path, recorder: Recorder
+) -> None:
+    """The caller's deadline passes during a slow boot: it returns after
+    that step (not done), and the pool settles the VM without it."""
+    manager = make_manager(timeouts=replace(FAST, counters_interval=3600.0, ensure=0.5))
+    manager.ensure(VmSpec("vm1", "h1", definition()))
+    write_faults(state_dir, "vm1", {"delay": {"vm.boot": 1.5}})
+    with pytest.raises(TemporaryError, match=r"not done after 0\.5 s"):
+        manager.ensure(VmSpec("vm1", "h2", definition()))
+    recorder.wait_for(lambda: EventKind.REPLACED in recorder.kinds("vm1"))
+    assert manager.turns.started >= 1, "nothing drove the turns after the caller left"
+    assert manager.get_or_raise("vm1").phase is Phase.RUNNING
 
 
 def test_settled_vms_hold_no_thread(make_manager: ManagerFactory, recorder: Recorder) -> None:
