@@ -45,7 +45,7 @@ __all__ = ["TurnPool"]
 
 log = logging.getLogger(__name__)
 
-Run = Callable[[], None]
+Run = Callable[[], object]  # its result is ignored
 
 
 class TurnPool:
@@ -60,6 +60,7 @@ class TurnPool:
         linger: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         name: str = "vm-turns",
+        thread: Callable[..., threading.Thread] = threading.Thread,
     ) -> None:
         if cap < 1 or spare < 0 or starve_after <= 0 or linger <= 0:
             raise ValueError("TurnPool: cap >= 1, spare >= 0, starve_after and linger > 0")
@@ -69,6 +70,7 @@ class TurnPool:
         self.linger = linger
         self.clock = clock
         self.name = name
+        self._thread = thread  # makes the threads (a seam for tests)
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # pool threads wait here
         self._tick = threading.Condition(self._lock)  # the clock thread waits here
@@ -94,7 +96,8 @@ class TurnPool:
             if self._idle >= len(self._ready):
                 self._work.notify()
             elif self._threads < self.cap:
-                self._start_locked()
+                if not self._start_locked():
+                    self._tick.notify()  # the clock thread tries again
             else:
                 self._ensure_clock()
                 self._tick.notify()  # it watches for starvation
@@ -134,24 +137,39 @@ class TurnPool:
 
     # -- threads -----------------------------------------------------------------
 
-    def _start_locked(self) -> None:
-        thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
+    def _start_locked(self) -> bool:
+        """Start a pool thread; False (logged) when the OS refuses one
+        (``RuntimeError``: out of threads or memory). Nothing is lost: the
+        work stays queued for a thread that frees up, and the clock thread
+        tries again each ``starve_after``. Never raises, so a wake
+        (``VmRecord.wake``, from the exit watcher's thread too) never fails."""
+        thread = self._thread(target=self._serve, name=self.name, daemon=True)
         self._threads += 1
-        self.started += 1
         self._all.add(thread)
         try:
             thread.start()
-        except BaseException:
+        except RuntimeError as exc:
             self._threads -= 1
             self._all.discard(thread)
-            raise
+            log.warning("cannot start a turn thread (%s); %d serve meanwhile", exc, self._threads)
+            self._ensure_clock()
+            return False
+        self.started += 1
+        return True
 
     def _ensure_clock(self) -> None:
-        if self._clock is None:
-            self._clock = threading.Thread(
-                target=self._keep_time, name=f"{self.name}-clock", daemon=True
+        if self._clock is not None:
+            return
+        clock = self._thread(target=self._keep_time, name=f"{self.name}-clock", daemon=True)
+        try:
+            clock.start()
+        except RuntimeError as exc:
+            # Tried again by the next submit or deadline.
+            log.error(  # noqa: TRY400 - the OS refused a thread: no trace to show
+                "cannot start the turn pool's clock thread (%s): deadlines wait", exc
             )
-            self._clock.start()
+            return
+        self._clock = clock
 
     def _serve(self) -> None:
         me = threading.current_thread()
@@ -193,8 +211,7 @@ class TurnPool:
                 if self._ready and self._idle:
                     self._work.notify(min(self._idle, len(self._ready)))
                 unserved = len(self._ready) - self._idle
-                while unserved > 0 and self._threads < self.cap:
-                    self._start_locked()
+                while unserved > 0 and self._threads < self.cap and self._start_locked():
                     unserved -= 1
                 timeout: float | None = None
                 if self._timers:
@@ -202,7 +219,7 @@ class TurnPool:
                 if unserved > 0:
                     starved = now - self._ready[0][0] >= self.starve_after
                     if starved and now - extra_at >= self.starve_after:
-                        self._start_locked()
+                        self._start_locked()  # past the cap, or a refused start again
                         extra_at = now
                     watch = self.starve_after - (now - max(self._ready[0][0], extra_at))
                     timeout = watch if timeout is None else min(timeout, watch)

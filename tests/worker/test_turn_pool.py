@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -54,7 +55,12 @@ def test_deadlines_run_in_order_and_not_before_they_are_due(pool: TurnPool) -> N
     order: list[str] = []
     done = threading.Event()
     now = pool.clock()
-    pool.at(now + 0.3, lambda: (order.append("late"), done.set()))
+
+    def late() -> None:
+        order.append("late")
+        done.set()
+
+    pool.at(now + 0.3, late)
     pool.at(now + 0.1, lambda: order.append(f"early {pool.clock() >= now + 0.1}"))
     assert done.wait(WAIT)
     assert order == ["early True", "late"]
@@ -110,3 +116,31 @@ def test_close_ends_every_thread_and_drops_later_work() -> None:
     ran.clear()
     pool.submit(ran.set)
     assert not ran.wait(0.1)
+
+
+def test_a_refused_thread_start_loses_no_work(caplog: pytest.LogCaptureFixture) -> None:
+    """The OS refuses the first two pool threads (out of threads or
+    memory): ``submit`` does not raise (a wake from the exit watcher's
+    thread must not fail), and the work runs once a thread starts."""
+    refusals = [RuntimeError("can't start new thread")] * 2
+
+    def thread(**kwargs: Any) -> threading.Thread:
+        made = threading.Thread(**kwargs)
+        if kwargs["name"] == "vm-turns" and refusals:
+            error = refusals.pop()
+
+            def refuse() -> None:
+                raise error
+
+            made.start = refuse  # type: ignore[method-assign]
+        return made
+
+    pool = TurnPool(cap=2, spare=1, starve_after=0.05, linger=10.0, thread=thread)
+    try:
+        ran = threading.Event()
+        pool.submit(ran.set)
+        assert ran.wait(WAIT), "the work was lost with the refused thread"
+        assert not refusals and pool.started == 1
+        assert "cannot start a turn thread" in caplog.text
+    finally:
+        pool.close()
