@@ -35,7 +35,7 @@ until the VM parks, or the pool takes over after the turn in which
 a waiting caller returned at it. Every other wake (a removal, the VMM's
 exit, the sweep, a job, a backoff's or a timed check's deadline) resumes
 a parked VM on the manager's ``TurnPool``, a few threads that grow past
-their cap only while turns are blocked. A settled VM parks on no thread:
+their cap only while all of them are stuck. A settled VM parks on no thread:
 10,000 idle VMs cost the threads of the pool, the sweep and the exit
 watcher, not 10,000.
 
@@ -79,15 +79,15 @@ With a driver whose ``state_mark`` tells every state change of the VM
 (``Capabilities.state_marks``: cloud-hypervisor's event monitor file) and
 ``Timeouts.counters_interval`` > 0, the manager runs one sweep thread. A
 settled supervisor then has nothing timed to do: it publishes its VMM and
-the mark of its last state read (``VmRecord.swept``) and waits for its wake
-event with no timeout (set by a request, the sweep, or the manager's
-``process.ExitWatcher`` when its VMM exits). Every counters interval the
+the mark of its last state read (``VmRecord.swept``) and parks with no
+deadline, until a wake (``VmRecord.wake``: a request, the sweep, or the
+manager's ``process.ExitWatcher`` when its VMM exits). Every counters interval the
 sweep, for each such VM, compares the mark (a ``stat``, no API call) and
 reads the counters (one call, at most ``SWEEP_CALL_TIMEOUT``): they are what
 the metrics poller reports, and an answer proves the API answers and the VM
 still exists. A changed or missing mark, or a call that fails or does not
 answer, asks the supervisor to read the state (``VmRecord.check_asked``, and
-its wake event): its own check, with the full API timeout, counts unanswered
+a wake): its own check, with the full API timeout, counts unanswered
 checks towards ``hung_after`` as before. So a hung VMM is escalated within
 one counters interval plus ``hung_after`` API timeouts and one
 ``retry_unanswered`` (15 + 5 + 5 + 5 s = 30 s by default, at any fleet

@@ -1,9 +1,13 @@
 """TurnPool: the few threads that run parked supervisors' turns
 (procurator.worker.turns): work runs on an idle thread or a new one up to
-the cap; past it, a turn that waited ``starve_after`` gets a thread of its
-own, so one blocked turn never holds up the others for good; deadlines
-run in order; idle threads beyond the spare ones end; a failing turn
-does not take its thread down."""
+the cap; past it, once no thread took a turn for ``starve_after`` (all
+stuck), every waiting turn gets a thread of its own, while a backlog of
+quick turns stays on the cap's threads; deadlines run in order; idle
+threads beyond the spare ones end, under a steady trickle too; a failing
+turn does not take its thread down; a refused thread start loses nothing.
+No test here asserts a duration: each waits (with a hang guard) for what
+must happen, and the pool's ``starve_after`` is long where a count of
+threads is asserted."""
 
 from __future__ import annotations
 
@@ -51,6 +55,50 @@ def test_a_blocked_turn_does_not_hold_up_the_next_past_the_cap(pool: TurnPool) -
         release.set()
 
 
+def test_every_turn_waiting_behind_stuck_ones_gets_a_thread_at_once() -> None:
+    """Twenty stuck turns (hung VMMs) on a pool of four, and a healthy
+    turn behind them: once no thread took a turn for ``starve_after`` (one
+    step of the pool's clock, which moves only when the test moves it),
+    every waiting turn gets its own thread at once, the healthy one too;
+    not one thread per ``starve_after``, which would leave the healthy
+    turn waiting for sixteen more steps."""
+    now = [0.0]
+    pool = TurnPool(cap=4, starve_after=1.0, linger=10.0, clock=lambda: now[0])
+    release, healthy = threading.Event(), threading.Event()
+    try:
+        for _ in range(20):
+            pool.submit(lambda: release.wait(WAIT))
+        pool.submit(healthy.set)
+        assert not healthy.wait(0.2), "the healthy turn ran before any thread was free"
+        now[0] = 1.0  # no turn taken for starve_after
+        assert healthy.wait(WAIT), "the healthy turn waited behind the stuck ones"
+        assert not release.is_set() and pool.started == 21
+    finally:
+        release.set()
+        pool.close()
+
+
+def test_a_backlog_of_quick_turns_stays_on_the_caps_threads() -> None:
+    """300 turns of 10 ms on one thread: the backlog lasts ~3 s, three
+    times ``starve_after``, but a turn is taken every 10 ms: nothing is
+    stuck, no thread is added."""
+    pool = TurnPool(cap=1, starve_after=1.0, linger=10.0)
+    done = threading.Semaphore(0)
+
+    def quick() -> None:
+        time.sleep(0.01)
+        done.release()
+
+    try:
+        for _ in range(300):
+            pool.submit(quick)
+        for _ in range(300):
+            assert done.acquire(timeout=WAIT)
+        assert pool.started == 1
+    finally:
+        pool.close()
+
+
 def test_deadlines_run_in_order_and_not_before_they_are_due(pool: TurnPool) -> None:
     order: list[str] = []
     done = threading.Event()
@@ -64,6 +112,33 @@ def test_deadlines_run_in_order_and_not_before_they_are_due(pool: TurnPool) -> N
     pool.at(now + 0.1, lambda: order.append(f"early {pool.clock() >= now + 0.1}"))
     assert done.wait(WAIT)
     assert order == ["early True", "late"]
+
+
+def test_surplus_threads_end_under_a_steady_trickle() -> None:
+    """Eight threads, then one quick turn every 20 ms: work goes to the
+    thread idle the shortest time, so the others time out and end while
+    the trickle goes on (handed round in turn, none would)."""
+    pool = TurnPool(cap=8, spare=1, starve_after=30.0, linger=0.3)
+    try:
+        release = threading.Event()
+        started = threading.Semaphore(0)
+
+        def blocked() -> None:
+            started.release()
+            release.wait(WAIT)
+
+        for _ in range(8):
+            pool.submit(blocked)
+        for _ in range(8):
+            assert started.acquire(timeout=WAIT)
+        release.set()
+        deadline = time.monotonic() + WAIT
+        while pool.threads() > 2:
+            assert time.monotonic() < deadline, f"{pool.threads()} threads stayed"
+            pool.submit(lambda: None)
+            time.sleep(0.02)
+    finally:
+        pool.close()
 
 
 def test_idle_threads_beyond_the_spare_ones_end() -> None:
@@ -90,18 +165,28 @@ def test_idle_threads_beyond_the_spare_ones_end() -> None:
         pool.close()
 
 
-def test_a_failing_turn_leaves_its_thread_serving(
-    pool: TurnPool, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_failing_turn_leaves_its_thread_serving(caplog: pytest.LogCaptureFixture) -> None:
+    pool = TurnPool(cap=1, spare=1, starve_after=30.0, linger=10.0)
+    where: list[int] = []
+
     def failing() -> None:
+        where.append(threading.get_ident())
         raise RuntimeError("a bug in one VM's turn")
 
     ran = threading.Event()
-    pool.submit(failing)
-    pool.submit(ran.set)
-    assert ran.wait(WAIT)
-    assert pool.started == 1, "the failure ended its thread"
-    assert "a supervisor's turn failed" in caplog.text
+
+    def second() -> None:
+        where.append(threading.get_ident())
+        ran.set()
+
+    try:
+        pool.submit(failing)
+        pool.submit(second)
+        assert ran.wait(WAIT)
+        assert len(where) == 2 and where[0] == where[1], "the failure ended its thread"
+        assert "a supervisor's turn failed" in caplog.text
+    finally:
+        pool.close()
 
 
 def test_close_ends_every_thread_and_drops_later_work() -> None:
