@@ -75,6 +75,7 @@ import enum
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, replace
@@ -238,9 +239,23 @@ class VmSupervisor:
         the VM parks (a wait) or its supervisor ends. ``until``: a
         caller's limit, asked after each turn: when it says stop, the turns
         go on on the manager's pool. The VM is handed on only once this
-        thread left the supervisor's context (another thread enters it)."""
+        thread left the supervisor's context (another thread enters it).
+
+        What a turn raises that is not an ``Exception`` (a bug is) and
+        reaches a caller's thread (``KeyboardInterrupt``, ``SystemExit`` in
+        a process that drives an ``ensure`` from its main thread) is the
+        caller's, not the VM's: the turns go on on the pool and it goes up.
+        On a pool thread (``until`` None) it fails the supervisor, as a bug
+        does: nothing above a pool thread would take it."""
         while True:
-            then = self.context.run(self._turns, until)
+            try:
+                then = self.context.run(self._turns, until)
+            except BaseException:
+                if until is None:
+                    self.context.run(self._fail, sys.exc_info()[1])
+                    return
+                self.m.turns.submit(self.drive)
+                raise
             if then is _Then.END:
                 return
             if then is _Then.HAND_OVER:
@@ -266,18 +281,22 @@ class VmSupervisor:
                     return _Then.PARK
                 if until is not None and until():
                     return _Then.HAND_OVER
-        except BaseException as exc:
-            log.exception("VM %s: supervisor failed", self.vm.vm_id)
-            try:
-                self._publish(
-                    Phase.FAILED,
-                    f"supervisor failed: {exc!r}",
-                    EventKind.FAILED,
-                    outcome=ProcuratorError(f"VM {self.vm.vm_id}: supervisor failed: {exc!r}"),
-                )
-            finally:
-                self._end()
+        except Exception as exc:  # noqa: BLE001 - a bug: the VM's failure, reported
+            self._fail(exc)
             return _Then.END
+
+    def _fail(self, exc: BaseException | None) -> None:
+        """The supervisor failed (a bug): tell it, and end."""
+        log.error("VM %s: supervisor failed", self.vm.vm_id, exc_info=exc)
+        try:
+            self._publish(
+                Phase.FAILED,
+                f"supervisor failed: {exc!r}",
+                EventKind.FAILED,
+                outcome=ProcuratorError(f"VM {self.vm.vm_id}: supervisor failed: {exc!r}"),
+            )
+        finally:
+            self._end()
 
     def _end(self) -> None:
         """The supervisor is done (removed, closing, failed): nothing of it
@@ -373,6 +392,8 @@ class VmSupervisor:
         if any; True when one ran. Whatever it raises goes back to its
         caller: the VM's own loop carries on from what it observes next."""
         vm = self.vm
+        if not self.facts.adopted:
+            return False  # the first turn re-adopts the VMM the job will see
         with vm.cond:
             while vm.jobs and vm.jobs[0].cancelled:
                 vm.jobs.pop(0)
@@ -704,7 +725,7 @@ class VmSupervisor:
     def _wait(self, until: float | None) -> None:
         """End the turn in a wait: for a wake (a request, the VMM's exit,
         the sweep) or ``until`` (manager clock; None: no deadline). The
-        turns park after it (``_drive``)."""
+        turns park after it (``drive``)."""
         if until is not None and math.isinf(until):
             # Settled, checked by the sweep: wait for a request, the VMM's
             # exit or the sweep's call, with no timeout.

@@ -39,7 +39,6 @@ def test_a_start_and_a_replacement_run_on_the_callers_thread(
     assert manager.ensure(VmSpec("vm1", "h2", definition())).phase is Phase.RUNNING
     assert recorder.kinds("vm1")[-1] is EventKind.REPLACED
     assert set(threads) == {threading.get_ident()}, "a turn ran on another thread"
-    assert manager.turns.started == 0, "the pool started a thread for a start"
     manager.remove("vm1")
     assert recorder.kinds("vm1")[-1] is EventKind.REMOVED
     assert len(set(threads)) == 2, "the removal did not run on the pool"
@@ -48,16 +47,54 @@ def test_a_start_and_a_replacement_run_on_the_callers_thread(
 def test_an_ensure_past_its_deadline_hands_the_turns_to_the_pool(
     make_manager: ManagerFactory, state_dir: Path, recorder: Recorder
 ) -> None:
-    """The caller's deadline passes during a slow boot: it returns after
-    that step (not done), and the pool settles the VM without it."""
-    manager = make_manager(timeouts=replace(FAST, counters_interval=3600.0, ensure=0.5))
+    """The caller's deadline passes during its replacement's slow steps:
+    it drove them itself until then, returns not done after the step in
+    which the deadline passed, and the pool settles the VM without it."""
+    manager = make_manager(timeouts=replace(FAST, counters_interval=3600.0))
     manager.ensure(VmSpec("vm1", "h1", definition()))
+    told: list[tuple[int, EventKind | None]] = []
+
+    def record(obs, event):  # type: ignore[no-untyped-def]
+        told.append((threading.get_ident(), event.kind if event else None))
+        recorder(obs, event)
+
+    manager.on_change = record
+    manager.timeouts = replace(manager.timeouts, ensure=0.5)
     write_faults(state_dir, "vm1", {"delay": {"vm.boot": 1.5}})
     with pytest.raises(TemporaryError, match=r"not done after 0\.5 s"):
         manager.ensure(VmSpec("vm1", "h2", definition()))
+    caller = threading.get_ident()
+    assert told and told[0][0] == caller, "the caller did not drive its VM's turns"
     recorder.wait_for(lambda: EventKind.REPLACED in recorder.kinds("vm1"))
-    assert manager.turns.started >= 1, "nothing drove the turns after the caller left"
+    (replaced,) = [who for who, kind in told if kind is EventKind.REPLACED]
+    assert replaced != caller, "the replacement settled on the caller's thread"
     assert manager.get_or_raise("vm1").phase is Phase.RUNNING
+
+
+def test_an_interrupt_in_a_callers_turn_is_the_callers(
+    make_manager: ManagerFactory, recorder: Recorder
+) -> None:
+    """A KeyboardInterrupt that reaches the turns an ``ensure`` drives (a
+    main thread's Ctrl-C) goes up to that caller, and the VM's turns go on
+    on the pool: it is no failure of the VM's supervisor."""
+    manager = make_manager(timeouts=replace(FAST, counters_interval=3600.0))
+    caller = threading.get_ident()
+    interrupted: list[Phase] = []
+
+    def record(obs, event):  # type: ignore[no-untyped-def]
+        if threading.get_ident() == caller and not interrupted:
+            interrupted.append(obs.phase)
+            raise KeyboardInterrupt
+        recorder(obs, event)
+
+    manager.on_change = record
+    with pytest.raises(KeyboardInterrupt):
+        manager.ensure(VmSpec("vm1", "h1", definition()))
+    assert interrupted == [Phase.STARTING]
+    recorder.wait_for(lambda: EventKind.BOOTED in recorder.kinds("vm1"))
+    vm = manager._vms["vm1"]
+    assert not vm.finished and manager.get_or_raise("vm1").phase is Phase.RUNNING
+    assert EventKind.FAILED not in recorder.kinds("vm1")
 
 
 def test_settled_vms_hold_no_thread(make_manager: ManagerFactory, recorder: Recorder) -> None:
