@@ -493,7 +493,7 @@ class MoveTransfers:
         self._cancels[vm_id] = (transfer.op_id, cancel)
 
         def progress(done: int, total: int) -> None:
-            # From the supervisor's thread: every percent, and the end.
+            # From the supervisor's turn (the job's): every percent, and the end.
             percent = 100 * done // total if total else 0
             if percent != last[0]:
                 last[0] = percent

@@ -542,7 +542,8 @@ class ReconcilingHandler:
                     await trio.sleep_forever()
                 finally:
                     # Shutting down: threads blocked in ensure()/remove()
-                    # (up to Timeouts.ensure) must return before the nursery
+                    # (up to Timeouts.ensure, an ensure that drives its
+                    # VM's turns one step more) must return before the nursery
                     # can end; closing the manager first makes them (one
                     # that drives its VM's turns after its current step).
                     self.manager.begin_close()

@@ -301,7 +301,7 @@ class SnapshotService:
 
     def delete(self, vm_id: str, name: str) -> SnapshotInfo:
         """Delete snapshot ``name`` of ``vm_id`` (``NotFoundError`` if
-        there is none), on the VM's thread: never during its restore."""
+        there is none), in the VM's turns: never during its restore."""
         check_name(vm_id, name)
 
         def run(ctx: JobContext) -> SnapshotInfo:

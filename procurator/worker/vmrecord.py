@@ -4,8 +4,10 @@
 (what is true of it, immutable, replaced on every change), ``Timeouts``, and
 ``VmRecord``: one per managed VM, the only mutable state shared between the
 callers of ``procurator.worker.manager.VmManager`` and the VM's supervisor
-thread (``procurator.worker.supervisor``). Its fields after ``cond`` are
-guarded by ``cond`` (a leaf lock: see the lock order in ``manager``).
+(``procurator.worker.supervisor``), whichever thread drives its turns. Its
+fields after ``cond`` are guarded by ``cond`` (see the lock order in
+``manager``); ``parked``, ``woken`` and ``park_id`` say which thread may
+drive the turns (``procurator.worker.turns``).
 
 Requests and outcomes: a caller that changes the target (hash, power, or
 removal) bumps ``request``; the supervisor answers with an ``Outcome`` of

@@ -494,7 +494,7 @@ _ops = st.one_of(
     st.tuples(st.just("external"), st.sampled_from(_IDS), st.one_of(st.none(), _observations)),
     st.tuples(st.just("finish"), st.integers(0, 5)),
     # A step's VM reaches its target before the step returns (the VmManager
-    # reports "running" from the VM's thread while ensure is still waiting).
+    # reports "running" from the VM's turns while ensure is still waiting).
     st.tuples(st.just("settle"), st.integers(0, 5)),
     st.tuples(
         st.just("fail"), st.sampled_from(_IDS), st.sampled_from(["temporary", "permanent", "bug"])

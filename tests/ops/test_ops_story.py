@@ -51,7 +51,7 @@ def test_one_grep_of_the_op_id_tells_the_rollout(
     assert f"[op_id={op}" in master
 
     # The worker: receipt, the reconciler's action, the actuator's steps and
-    # the VM's supervisor thread (worker/supervisor.py) — JSON lines with the
+    # the VM's supervisor's turns (worker/supervisor.py) — JSON lines with the
     # same fields.
     lines = _grep(fake_fleet.worker_log, op)
     records = [json.loads(line) for line in lines]
