@@ -30,6 +30,23 @@ def pool() -> Iterator[TurnPool]:
     made.close()
 
 
+def _busy(pool: TurnPool, n: int) -> threading.Event:
+    """``n`` turns blocked on the pool's threads (all started); set the
+    event returned to let them end."""
+    release = threading.Event()
+    started = threading.Semaphore(0)
+
+    def blocked() -> None:
+        started.release()
+        release.wait(WAIT)
+
+    for _ in range(n):
+        pool.submit(blocked)
+    for _ in range(n):
+        assert started.acquire(timeout=WAIT)
+    return release
+
+
 def test_a_turn_runs_on_a_pool_thread(pool: TurnPool) -> None:
     ran = threading.Event()
     where: list[str] = []
@@ -120,18 +137,7 @@ def test_surplus_threads_end_under_a_steady_trickle() -> None:
     the trickle goes on (handed round in turn, none would)."""
     pool = TurnPool(cap=8, spare=1, starve_after=30.0, linger=0.3)
     try:
-        release = threading.Event()
-        started = threading.Semaphore(0)
-
-        def blocked() -> None:
-            started.release()
-            release.wait(WAIT)
-
-        for _ in range(8):
-            pool.submit(blocked)
-        for _ in range(8):
-            assert started.acquire(timeout=WAIT)
-        release.set()
+        _busy(pool, 8).set()
         deadline = time.monotonic() + WAIT
         while pool.threads() > 2:
             assert time.monotonic() < deadline, f"{pool.threads()} threads stayed"
@@ -144,17 +150,7 @@ def test_surplus_threads_end_under_a_steady_trickle() -> None:
 def test_idle_threads_beyond_the_spare_ones_end() -> None:
     pool = TurnPool(cap=4, spare=1, starve_after=0.05, linger=0.1)
     try:
-        release = threading.Event()
-        started = threading.Semaphore(0)
-
-        def blocked() -> None:
-            started.release()
-            release.wait(WAIT)
-
-        for _ in range(3):
-            pool.submit(blocked)
-        for _ in range(3):
-            assert started.acquire(timeout=WAIT)
+        release = _busy(pool, 3)
         assert pool.threads() == 3
         release.set()
         deadline = time.monotonic() + WAIT
