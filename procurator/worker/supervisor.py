@@ -75,7 +75,6 @@ import enum
 import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, replace
@@ -188,7 +187,7 @@ class VmSupervisor:
         # This VM's own context (its log records name the VM and the
         # operation worked on), entered by whichever thread drives a turn.
         self.context = contextvars.Context()
-        self.turns = 0  # turns run so far (tests: an idle VM runs none)
+        self.turns_run = 0  # so far (tests: an idle VM runs none)
         self.parking: float | _NoPark | None = _NO_PARK  # the last turn's Wait
         self.pending: _Pending | None = None
         self.ever_started = False
@@ -250,9 +249,9 @@ class VmSupervisor:
         while True:
             try:
                 then = self.context.run(self._turns, until)
-            except BaseException:
+            except BaseException as exc:
                 if until is None:
-                    self.context.run(self._fail, sys.exc_info()[1])
+                    self.context.run(self._fail, exc)
                     return
                 self.m.turns.submit(self.drive)
                 raise
@@ -266,13 +265,13 @@ class VmSupervisor:
                 return
 
     def _turns(self, until: Callable[[], bool] | None) -> _Then:
-        if self.turns == 0:
+        if self.turns_run == 0:
             with self.vm.cond:
                 spec = self.vm.desired
             bind(vm_id=self.vm.vm_id, op_id=spec.op_id if spec is not None else "")
         try:
             while True:
-                self.turns += 1
+                self.turns_run += 1
                 self.parking = _NO_PARK
                 if not self._turn():
                     self._end()
@@ -285,7 +284,7 @@ class VmSupervisor:
             self._fail(exc)
             return _Then.END
 
-    def _fail(self, exc: BaseException | None) -> None:
+    def _fail(self, exc: BaseException) -> None:
         """The supervisor failed (a bug): tell it, and end."""
         log.error("VM %s: supervisor failed", self.vm.vm_id, exc_info=exc)
         try:

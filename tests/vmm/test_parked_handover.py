@@ -5,7 +5,8 @@ worker.turns, VmRecord's park/wake/poke/claim/release/unpark): the real
 only stand-in: it answers each request after 0-3 turns, sleeps now and
 then, and parks with or without a deadline). Callers that drive (ensure),
 callers that wake and wait (remove, jobs) and spurious wakers (exits, the
-sweep) run against the same VMs at once. Checked: never two threads in one
+sweep) run against the same VMs at once, until each VM answered
+``ANSWERS`` requests. Checked: never two threads in one
 VM's turn (or its context), every request answered (no wake lost), and
 closing ends every supervisor. Adapted from the review's harness, which
 two broken copies of the record failed (a lost wake; two threads in)."""
@@ -23,7 +24,7 @@ from procurator.worker.turns import TurnPool
 from procurator.worker.vmrecord import Outcome, Timeouts, VmRecord
 
 VMS = 6
-SECONDS = 2.0
+ANSWERS = 150  # requests answered per VM before the callers stop
 HANG_GUARD = 60.0
 
 
@@ -100,7 +101,7 @@ def test_turns_are_handed_to_one_thread_at_a_time_and_no_wake_is_lost() -> None:
             vm.resume = lambda made=made: pool.submit(made.drive)
         vms.append(vm)
     stop = threading.Event()
-    answered = [0]
+    answered = dict.fromkeys((vm.vm_id for vm in vms), 0)
 
     def ask(vm: VmRecord, *, drive: bool) -> None:
         while not stop.is_set():
@@ -113,7 +114,7 @@ def test_turns_are_handed_to_one_thread_at_a_time_and_no_wake_is_lost() -> None:
                     vm.wake()  # as remove and run_job: the pool does
                 try:
                     VmManager._wait_outcome(manager, vm, "a request", drive=drive)  # type: ignore[arg-type]
-                    answered[0] += 1
+                    answered[vm.vm_id] += 1
                 except Exception as exc:
                     checked.errors.append(f"{vm.vm_id}: {exc!r}")
             time.sleep(random.random() * 0.003)
@@ -129,7 +130,10 @@ def test_turns_are_handed_to_one_thread_at_a_time_and_no_wake_is_lost() -> None:
     try:
         for thread in threads:
             thread.start()
-        time.sleep(SECONDS)
+        guard = time.monotonic() + HANG_GUARD
+        while min(answered.values()) < ANSWERS and not checked.errors:
+            assert time.monotonic() < guard, f"requests stopped being answered: {answered}"
+            time.sleep(0.05)
     finally:
         stop.set()
         for thread in threads:
@@ -145,4 +149,3 @@ def test_turns_are_handed_to_one_thread_at_a_time_and_no_wake_is_lost() -> None:
             assert vm.cond.wait_for(lambda vm=vm: vm.finished, HANG_GUARD), vm.vm_id  # type: ignore[misc]
     pool.close()
     assert checked.errors == []
-    assert answered[0] > VMS

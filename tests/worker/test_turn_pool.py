@@ -96,14 +96,19 @@ def test_every_turn_waiting_behind_stuck_ones_gets_a_thread_at_once() -> None:
 
 
 def test_a_backlog_of_quick_turns_stays_on_the_caps_threads() -> None:
-    """300 turns of 10 ms on one thread: the backlog lasts ~3 s, three
-    times ``starve_after``, but a turn is taken every 10 ms: nothing is
-    stuck, no thread is added."""
-    pool = TurnPool(cap=1, starve_after=1.0, linger=10.0)
+    """300 turns on one thread, each a tenth of ``starve_after`` long on
+    the pool's clock (which only the turns move): the backlog lasts thirty
+    times ``starve_after``, but a turn is taken every tenth of it: nothing
+    is stuck, no thread is added, however slow the machine. (Each also
+    takes 5 ms of real time, so that the clock thread, which sleeps a real
+    ``starve_after`` at first, looks at the backlog while it lasts.)"""
+    now = [0.0]
+    pool = TurnPool(cap=1, starve_after=1.0, linger=10.0, clock=lambda: now[0])
     done = threading.Semaphore(0)
 
     def quick() -> None:
-        time.sleep(0.01)
+        time.sleep(0.005)
+        now[0] += 0.1
         done.release()
 
     try:
