@@ -500,6 +500,9 @@ def _new_root_record_cost(n: int = 100) -> float:
     journal-less ext4 it is dearer than a new file of the run's."""
     auto = Path(os.environ.get("NIX_STATE_DIR", "/nix/var/nix")) / "gcroots" / "auto"
     names = [auto / f"procurator-bench-probe-{os.getpid()}-{index}" for index in range(n)]
+    # A host whose store never rooted a path has none yet (Nix makes it
+    # with the first root, as the worker's first start would).
+    auto.mkdir(parents=True, exist_ok=True)
     try:
         cpu = time.thread_time()
         for name in names:

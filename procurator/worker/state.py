@@ -22,16 +22,21 @@ by a release before ``run/`` keeps its socket where its handle says.)
 Why the split: ``vm.json`` says what should exist and survives anything;
 ``handles.json`` says what *was* true when it was written and is never trusted
 without re-checking it against the OS (is that pid alive, with that start
-time?). Both are written atomically (temporary file, rename), so a crash
-leaves either the old or the new content. Only ``vm.json`` is also made
-durable (fsync of the file and of the directory, ~7 ms here, and of each
+time?). A crash leaves either the old or the new content of each:
+``vm.json`` is replaced whole (temporary file, rename) and made durable
+(fsync of the file and of the directory, ~7 ms here, and of each
 directory made for it into its parent — a new VM's ``vms/<id>`` into
 ``vms/`` — so the record cannot be lost with its directory:
-``procurator.durable``): ``handles.json``
-describes processes, and whatever takes a write out of the page cache before
-it reaches the disk — a power loss, a kernel crash — takes those processes
-with it. A worker that merely dies (even by SIGKILL) sees every renamed file,
-so skipping its fsyncs loses nothing and spares two of the three per VM start.
+``procurator.durable``). ``handles.json`` is rewritten in place by one
+write of at most a page, which a killed writer leaves whole or untouched
+(``write_json_in_place``): it is rewritten three times a start, and a
+rename's temporary file is an inode made and one freed each time (issue
+31). It is never fsynced: it describes processes, and whatever takes a
+write out of the page cache before it reaches the disk — a power loss, a
+kernel crash — takes those processes with it (and may leave the record
+torn: read as unreadable, so that nothing in it is trusted). A worker that
+merely dies (even by SIGKILL) sees every write it made, so skipping its
+fsyncs loses nothing and spares two of the three per VM start.
 
 Ownership: a process may touch a VM's directory, and may spawn or signal its
 VMM, only while it owns the VM: it holds ``locks/<vm_id>.lock``
@@ -106,6 +111,7 @@ __all__ = [
     "VmLock",
     "VmLockedError",
     "write_json_atomic",
+    "write_json_in_place",
 ]
 
 log = logging.getLogger(__name__)
@@ -176,6 +182,56 @@ def write_json_atomic(path: Path, data: Mapping[str, Any], *, durable: bool = Tr
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise StateWriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+#: The longest record ``write_json_in_place`` writes in place: one page,
+#: which the kernel copies into the file whole or not at all.
+IN_PLACE_MAX = 4096
+
+
+def write_json_in_place(path: Path, data: Mapping[str, Any]) -> None:
+    """Overwrite ``path`` with ``data`` as JSON where it lies: no new inode
+    and none freed, as a rename would (issue 31: on ext4 without a journal
+    each inode freed makes every allocation in its block group for minutes
+    after scan past it, and a start rewrote ``handles.json`` three times).
+
+    One ``pwrite`` at offset 0 of at most ``IN_PLACE_MAX`` bytes, padded
+    with spaces (which JSON ignores) to the file's old length, so a writer
+    killed at any moment, even by SIGKILL, leaves the old record or the
+    new one: the kernel checks for a fatal signal only between the pages
+    of a write, and this one is a page at most. Not durable: a power loss
+    may leave it torn, which its reader takes for unreadable (and then
+    trusts nothing in it: ``procurator.worker.supervisor``'s ``_adopt``).
+    The file's first write creates it; a writer killed between the
+    creation and the write leaves it empty, unreadable too. A longer
+    record, a short write, or anything but a regular file at ``path`` (a
+    symlink is not followed): ``write_json_atomic`` replaces it whole."""
+    payload = json.dumps(data, sort_keys=True).encode() + b"\n"
+    if len(payload) > IN_PLACE_MAX:
+        write_json_atomic(path, data, durable=False)
+        return
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise StateWriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        write_json_atomic(path, data, durable=False)
+        return
+    try:
+        size = os.fstat(fd).st_size
+        padded = payload.ljust(size)
+        whole = len(padded) <= IN_PLACE_MAX and os.pwrite(fd, padded, 0) == len(padded)
+    except OSError as exc:
+        raise StateWriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    if not whole:
+        write_json_atomic(path, data, durable=False)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -507,9 +563,9 @@ class StateDir:
 
     def write_handles(self, lock: VmLock, record: HandlesRecord) -> None:
         self._check_lock(lock)
-        # Not durable: see the module docstring (processes do not survive
-        # what an fsync protects against).
-        write_json_atomic(self.vm_dir(lock.vm_id) / HANDLES_FILE, record.to_json(), durable=False)
+        # In place and not durable: see the module docstring (processes do
+        # not survive what an fsync protects against).
+        write_json_in_place(self.vm_dir(lock.vm_id) / HANDLES_FILE, record.to_json())
 
     def clear_handles(self, lock: VmLock) -> None:
         self._check_lock(lock)

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,7 @@ from procurator.worker.state import (
     StateError,
     VmLockedError,
     write_json_atomic,
+    write_json_in_place,
 )
 from procurator.worker.vmm.base import VmmHandle
 
@@ -51,6 +55,78 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path: Path) -> None:
         write_json_atomic(target, {"i": i})
     assert json.loads(target.read_text()) == {"i": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_in_place_write_keeps_the_inode_and_pads_a_shorter_record(tmp_path: Path) -> None:
+    target = tmp_path / "handles.json"
+    write_json_in_place(target, {"pid": 123456, "path": "x" * 200})
+    inode = target.stat().st_ino
+    write_json_in_place(target, {"pid": 1})
+    # Rewritten where it lies: no temporary file, no new inode (none freed),
+    # and the old record's tail is blanked, not left to be parsed.
+    assert target.stat().st_ino == inode
+    assert [p.name for p in tmp_path.iterdir()] == ["handles.json"]
+    assert json.loads(target.read_text()) == {"pid": 1}
+    write_json_in_place(target, {"pid": 2, "path": "y" * 400})
+    assert target.stat().st_ino == inode
+    assert json.loads(target.read_text()) == {"pid": 2, "path": "y" * 400}
+
+
+def test_in_place_write_replaces_what_it_cannot_write_in_one_page(tmp_path: Path) -> None:
+    target = tmp_path / "handles.json"
+    write_json_in_place(target, {"pid": 1})
+    inode = target.stat().st_ino
+    # Longer than a page: one write could be cut between its pages, so
+    # the record is replaced whole (a rename: a new inode).
+    write_json_in_place(target, {"path": "z" * 5000})
+    assert target.stat().st_ino != inode
+    assert json.loads(target.read_text()) == {"path": "z" * 5000}
+    # Now the file is longer than a page: padding to it would be too, so
+    # the short record replaces it whole as well, and the next one is in
+    # place again.
+    write_json_in_place(target, {"pid": 2})
+    assert json.loads(target.read_text()) == {"pid": 2}
+    assert target.stat().st_size < 100
+    inode = target.stat().st_ino
+    write_json_in_place(target, {"pid": 3})
+    assert target.stat().st_ino == inode
+
+
+def test_in_place_write_replaces_a_symlink_and_never_writes_through_it(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("keep")
+    target = tmp_path / "handles.json"
+    target.symlink_to(elsewhere)
+    write_json_in_place(target, {"pid": 1})
+    assert not target.is_symlink()
+    assert json.loads(target.read_text()) == {"pid": 1}
+    assert elsewhere.read_text() == "keep"
+
+
+def test_in_place_write_killed_at_any_moment_leaves_a_whole_record(tmp_path: Path) -> None:
+    """SIGKILL a process rewriting a record (records of changing lengths)
+    at 300 random moments: each time the file holds one whole record,
+    never a torn or truncated one. (An open with O_TRUNC before the write
+    would leave it empty when killed between the two.)"""
+    target = tmp_path / "handles.json"
+    records = [{"pid": n, "path": "p" * (n * 37 % 900)} for n in range(20)]
+    write_json_in_place(target, records[0])
+    rng = random.Random(31)
+    for _ in range(300):
+        pid = os.fork()
+        if pid == 0:  # the writer: rewrites until killed
+            try:
+                while True:
+                    for record in records:
+                        write_json_in_place(target, record)
+            finally:
+                os._exit(1)
+        time.sleep(rng.uniform(0, 0.003))
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status), status
+        assert json.loads(target.read_text()) in records
+    assert [p.name for p in tmp_path.iterdir()] == ["handles.json"]
 
 
 def test_lock_is_exclusive_within_and_across_processes(state: StateDir) -> None:
