@@ -316,6 +316,24 @@ _SPECS: tuple[MetricSpec, ...] = (
         "running), by state (pending, ready, failed).",
         ("state",),
     ),
+    _spec(
+        "procurator_worker_turn_threads", _G, _WORKER,
+        "Threads running VM supervisors' turns now, by state (busy, idle).",
+        ("state",),
+    ),
+    _spec(
+        "procurator_worker_turns_waiting", _G, _WORKER,
+        "Supervisor turns due (a wake, a deadline) and not yet taken by a thread.",
+    ),
+    _spec(
+        "procurator_worker_turn_wait_seconds", _G, _WORKER,
+        "How long the first supervisor turn in line has waited for a thread (0: none waits).",
+    ),
+    _spec(
+        "procurator_worker_turn_stalls_total", _C, _WORKER,
+        "Times every turn thread was stuck (none took a turn for 0.25 s) while turns "
+        "waited, so that the pool started a thread for each waiting turn.",
+    ),
     # -- master (fleet view) -------------------------------------------------
     _spec(
         "procurator_master_workers_connected", _G, _MASTER,

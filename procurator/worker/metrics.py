@@ -92,6 +92,7 @@ from procurator.core.metrics import (
 )
 from procurator.core.models import Health, Phase, PrepareState
 from procurator.prometheus import HttpServer, run_http_server, to_metric
+from procurator.worker.turns import TurnPoolStats
 from procurator.worker.vmrecord import VmObservation
 
 __all__ = [
@@ -344,6 +345,7 @@ class WorkerMetrics:
         self._vms_by_health: dict[str, int] = {}
         self._health_monitor_errors = 0
         self._prepared: dict[str, int] = {}
+        self._turns: Callable[[], TurnPoolStats] | None = None
         self._published = _Published(WorkerSnapshot(), (), vms_by_phase(()))
         # The samples of each VM as the last publish built them, from the
         # snapshot they were built of: reused while a VM does not change.
@@ -424,6 +426,12 @@ class WorkerMetrics:
         by_value = {health.value: count for health, count in counts.items()}
         with self._lock:
             self._vms_by_health = by_value
+
+    def watch_turns(self, stats: Callable[[], TurnPoolStats] | None) -> None:
+        """Read the supervisors' turn pool (``TurnPool.stats``) at each
+        scrape; None: stop."""
+        with self._lock:
+            self._turns = stats
 
     def set_prepared(self, counts: Mapping[PrepareState, int]) -> None:
         """The images to prepare by state now."""
@@ -663,6 +671,7 @@ class WorkerMetrics:
             by_health = sorted(self._vms_by_health.items())
             monitor_errors = self._health_monitor_errors
             prepared = sorted(self._prepared.items())
+            turns = self._turns
 
         def metric(name: str) -> Metric:
             spec = CATALOGUE[name]
@@ -711,3 +720,22 @@ class WorkerMetrics:
             for value, count in prepared:
                 images.add_sample(images.name, {"state": value}, float(count))
             yield images
+        if turns is not None:
+            yield from _turn_metrics(turns(), metric)
+
+
+def _turn_metrics(stats: TurnPoolStats, metric: Callable[[str], Metric]) -> Iterator[Metric]:
+    """The supervisors' turn pool (``procurator.worker.turns``) as families."""
+    threads = metric("procurator_worker_turn_threads")
+    threads.add_sample(threads.name, {"state": "busy"}, float(stats.threads - stats.idle))
+    threads.add_sample(threads.name, {"state": "idle"}, float(stats.idle))
+    yield threads
+    waiting = metric("procurator_worker_turns_waiting")
+    waiting.add_sample(waiting.name, {}, float(stats.waiting))
+    yield waiting
+    wait = metric("procurator_worker_turn_wait_seconds")
+    wait.add_sample(wait.name, {}, stats.oldest_wait)
+    yield wait
+    stalls = metric("procurator_worker_turn_stalls_total")
+    stalls.add_sample("procurator_worker_turn_stalls_total", {}, float(stats.stalls))
+    yield stalls

@@ -358,6 +358,7 @@ class ReconcilingHandler:
             on_change=self._on_change,
             jail=self.jail,
         )
+        self.metrics.watch_turns(self.manager.turns.stats)
         self.network = (
             NetworkManager(
                 NetworkConfig(

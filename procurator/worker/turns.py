@@ -46,12 +46,26 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
-__all__ = ["TurnPool"]
+__all__ = ["TurnPool", "TurnPoolStats"]
 
 log = logging.getLogger(__name__)
 
 Run = Callable[[], object]  # its result is ignored
+
+
+@dataclass(frozen=True, slots=True)
+class TurnPoolStats:
+    """What the pool looks like now (``TurnPool.stats``; the worker's
+    ``procurator_worker_turn_*`` metrics, docs/METRICS.md)."""
+
+    threads: int  # pool threads alive (the clock thread not counted)
+    idle: int  # of them, waiting for work
+    waiting: int  # turns due and not taken by a thread yet
+    oldest_wait: float  # seconds the first in line has waited (0: none waits)
+    stalls: int  # times every thread was stuck and the pool grew past its cap
+    started: int  # threads started so far
 
 
 class TurnPool:
@@ -81,7 +95,7 @@ class TurnPool:
         self._thread = thread  # makes the threads (a seam for tests)
         self._lock = threading.Lock()
         self._tick = threading.Condition(self._lock)  # the clock thread waits here
-        self._ready: deque[Run] = deque()
+        self._ready: deque[tuple[float, Run]] = deque()  # (due since, run)
         self._timers: list[tuple[float, int, Run]] = []  # heap of (due, seq, run)
         self._seq = itertools.count()
         # Idle threads' conditions, the one idle the shortest time last.
@@ -97,6 +111,7 @@ class TurnPool:
         self._clock: threading.Thread | None = None
         self._all: set[threading.Thread] = set()
         self.started = 0  # threads started so far (a figure for tests and benches)
+        self.stalls = 0  # times every thread was stuck while turns waited
 
     # -- the API -----------------------------------------------------------------
 
@@ -106,7 +121,7 @@ class TurnPool:
         with self._lock:
             if self._closing:
                 return
-            self._ready.append(run)
+            self._ready.append((self.clock(), run))
             if len(self._ready) <= self._coming:
                 return  # a thread on its way takes it
             if self._waiting:
@@ -134,6 +149,21 @@ class TurnPool:
         """Pool threads alive now (the clock thread not counted)."""
         with self._lock:
             return self._threads
+
+    def stats(self) -> TurnPoolStats:
+        """The pool now (for a scrape: one lock, no I/O)."""
+        with self._lock:
+            now = self.clock()
+            waiting = len(self._ready)
+            oldest = now - self._ready[0][0] if waiting else 0.0
+            return TurnPoolStats(
+                threads=self._threads,
+                idle=len(self._waiting),
+                waiting=waiting,
+                oldest_wait=max(oldest, 0.0),
+                stalls=self.stalls,
+                started=self.started,
+            )
 
     def close(self) -> None:
         """Drop what has not started, end every thread, wait for them."""
@@ -206,7 +236,7 @@ class TurnPool:
         try:
             while not self._closing:
                 if self._ready:
-                    run = self._ready.popleft()
+                    _, run = self._ready.popleft()
                     self._progress = self.clock()
                     lock.release()
                     try:
@@ -241,8 +271,8 @@ class TurnPool:
             while not self._closing:
                 now = self.clock()
                 while self._timers and self._timers[0][0] <= now:
-                    _, _, run = heapq.heappop(self._timers)
-                    self._ready.append(run)
+                    due, _, run = heapq.heappop(self._timers)
+                    self._ready.append((due, run))
                 unserved = len(self._ready) - self._coming
                 while unserved > 0 and self._waiting:
                     self._hand_locked()
@@ -261,6 +291,7 @@ class TurnPool:
                         more = min(unserved, self.limit - self._threads)
                         if not warned:
                             warned = True
+                            self.stalls += 1
                             log.warning(
                                 "every turn thread is stuck (none took a turn in %g s) with "
                                 "%d turns waiting: %d more threads%s",

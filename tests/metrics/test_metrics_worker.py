@@ -30,6 +30,7 @@ from procurator.core.metrics import (
 )
 from procurator.core.models import Phase
 from procurator.worker.metrics import MAX_LABEL_VALUES, POLL_SPREAD, WorkerMetrics
+from procurator.worker.turns import TurnPoolStats
 from procurator.worker.vmm.process import pid_start_ticks
 
 NOW = 1_763_000_000.0
@@ -54,6 +55,9 @@ def _fed_metrics() -> WorkerMetrics:
     metrics.count_error("invalid")
     metrics.observe_realise(2.5)
     metrics.set_observed_generation(41)
+    metrics.watch_turns(
+        lambda: TurnPoolStats(threads=5, idle=2, waiting=7, oldest_wait=0.75, stalls=1, started=9)
+    )
     return metrics
 
 
@@ -120,6 +124,12 @@ async def test_http_output_passes_promtool_and_carries_the_snapshot(promtool: st
     assert samples[("procurator_vmm_api_call_failures_total", failures)] == 1
     assert samples[("procurator_image_realise_duration_seconds_count", frozenset())] == 1
     assert samples[("procurator_worker_metrics_poll_timestamp_seconds", frozenset())] == NOW
+    # The supervisors' turn pool, read at the scrape.
+    assert samples[("procurator_worker_turn_threads", frozenset({("state", "busy")}))] == 3
+    assert samples[("procurator_worker_turn_threads", frozenset({("state", "idle")}))] == 2
+    assert samples[("procurator_worker_turns_waiting", frozenset())] == 7
+    assert samples[("procurator_worker_turn_wait_seconds", frozenset())] == 0.75
+    assert samples[("procurator_worker_turn_stalls_total", frozenset())] == 1
 
 
 async def test_openmetrics_output_parses_strictly() -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from procurator.worker.turns import TurnPool
+from procurator.worker.turns import TurnPool, TurnPoolStats
 
 WAIT = 30.0  # a hang guard, never the expected time
 
@@ -90,6 +90,41 @@ def test_every_turn_waiting_behind_stuck_ones_gets_a_thread_at_once() -> None:
         now[0] = 1.0  # no turn taken for starve_after
         assert healthy.wait(WAIT), "the healthy turn waited behind the stuck ones"
         assert not release.is_set() and pool.started == 21
+    finally:
+        release.set()
+        pool.close()
+
+
+def test_stats_show_the_waiting_turns_and_count_a_stall_once() -> None:
+    """What the worker's ``procurator_worker_turn_*`` metrics read: turns
+    waiting behind stuck ones, how long the first in line has waited (on
+    the pool's clock), the threads busy and idle, and one stall counted
+    for the one episode in which every waiting turn got a thread."""
+    now = [0.0]
+    pool = TurnPool(cap=2, starve_after=1.0, linger=10.0, clock=lambda: now[0])
+    release = threading.Event()
+    try:
+        assert pool.stats() == TurnPoolStats(0, 0, 0, 0.0, 0, 0)
+        stuck = _busy(pool, 2)  # the cap's threads
+        for _ in range(3):
+            pool.submit(lambda: release.wait(WAIT))
+        now[0] = 0.5  # not stuck yet
+        stats = pool.stats()
+        assert (stats.threads, stats.idle, stats.waiting, stats.stalls) == (2, 0, 3, 0)
+        assert stats.oldest_wait == 0.5
+        now[0] = 1.0  # no turn taken for starve_after: a thread each
+        deadline = time.monotonic() + WAIT
+        while pool.stats().waiting and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stats = pool.stats()
+        assert (stats.threads, stats.idle, stats.waiting, stats.oldest_wait) == (5, 0, 0, 0.0)
+        assert (stats.stalls, stats.started) == (1, 5)
+        stuck.set()
+        release.set()
+        deadline = time.monotonic() + WAIT
+        while pool.stats().idle < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pool.stats().idle == 5 and pool.stats().stalls == 1
     finally:
         release.set()
         pool.close()
