@@ -31,12 +31,15 @@ directory made for it into its parent — a new VM's ``vms/<id>`` into
 write of at most a page, which a killed writer leaves whole or untouched
 (``write_json_in_place``): it is rewritten three times a start, and a
 rename's temporary file is an inode made and one freed each time (issue
-31). It is never fsynced: it describes processes, and whatever takes a
-write out of the page cache before it reaches the disk — a power loss, a
-kernel crash — takes those processes with it (and may leave the record
-torn: read as unreadable, so that nothing in it is trusted). A worker that
-merely dies (even by SIGKILL) sees every write it made, so skipping its
-fsyncs loses nothing and spares two of the three per VM start.
+31). It carries a check, so that what may still tear it (a power loss, a
+copy cut short under memory pressure) reads as unreadable, as does the
+empty file a worker killed inside its very first write leaves: nothing in
+an unreadable record is trusted, and the next owner looks for a VMM that
+nobody recorded. It is never fsynced: it describes processes, and
+whatever takes a write out of the page cache before it reaches the disk —
+a power loss, a kernel crash — takes those processes with it. A worker
+that merely dies (even by SIGKILL) sees every write it made, so skipping
+its fsyncs loses nothing and spares two of the three per VM start.
 
 Ownership: a process may touch a VM's directory, and may spawn or signal its
 VMM, only while it owns the VM: it holds ``locks/<vm_id>.lock``
@@ -89,7 +92,9 @@ import json
 import logging
 import os
 import shutil
+import stat
 import threading
+import zlib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +115,7 @@ __all__ = [
     "StateWriteError",
     "VmLock",
     "VmLockedError",
+    "read_json_checked",
     "write_json_atomic",
     "write_json_in_place",
 ]
@@ -187,6 +193,9 @@ def write_json_atomic(path: Path, data: Mapping[str, Any], *, durable: bool = Tr
 #: The longest record ``write_json_in_place`` writes in place: one page,
 #: which the kernel copies into the file whole or not at all.
 IN_PLACE_MAX = 4096
+#: The key of an in-place record's check: the CRC-32 of the canonical JSON
+#: (sorted keys, one line) of the rest of the record (``read_json_checked``).
+CHECK_KEY = "crc32"
 
 
 def write_json_in_place(path: Path, data: Mapping[str, Any]) -> None:
@@ -196,21 +205,31 @@ def write_json_in_place(path: Path, data: Mapping[str, Any]) -> None:
     after scan past it, and a start rewrote ``handles.json`` three times).
 
     One ``pwrite`` at offset 0 of at most ``IN_PLACE_MAX`` bytes, padded
-    with spaces (which JSON ignores) to the file's old length, so a writer
+    with spaces (which JSON ignores) to the file's old length: a writer
     killed at any moment, even by SIGKILL, leaves the old record or the
-    new one: the kernel checks for a fatal signal only between the pages
-    of a write, and this one is a page at most. Not durable: a power loss
-    may leave it torn, which its reader takes for unreadable (and then
-    trusts nothing in it: ``procurator.worker.supervisor``'s ``_adopt``).
-    The file's first write creates it; a writer killed between the
-    creation and the write leaves it empty, unreadable too. A longer
-    record, a short write, or anything but a regular file at ``path`` (a
-    symlink is not followed): ``write_json_atomic`` replaces it whole."""
-    payload = json.dumps(data, sort_keys=True).encode() + b"\n"
+    new one, since the kernel checks for a fatal signal only between the
+    pages of a write, and this one is a page at most. Two rarer ends may
+    still tear it: a power loss (sectors written apart), and a copy from
+    the writer's memory cut short under memory pressure just as the writer
+    is killed (the OOM killer's moment). So the record carries its own
+    check (``CHECK_KEY``: its old half and its new half never match it),
+    and ``read_json_checked`` reports a torn record as unreadable, which
+    its reader trusts nothing of (``procurator.worker.supervisor``'s
+    ``_adopt``). Not durable (no fsync). The file's first write creates
+    it; a writer killed between the creation and the write leaves it
+    empty, unreadable too. A longer record, a short write, a symlink (not
+    followed), a FIFO (not waited on) or anything but a regular file with
+    one link at ``path``: ``write_json_atomic`` replaces it whole (with the
+    check, too)."""
+    if CHECK_KEY in data:
+        raise ValueError(f"a record written in place may not hold {CHECK_KEY!r}")
+    body = json.dumps(data, sort_keys=True).encode()
+    checked = {**data, CHECK_KEY: zlib.crc32(body)}
+    payload = json.dumps(checked, sort_keys=True).encode() + b"\n"
     if len(payload) > IN_PLACE_MAX:
-        write_json_atomic(path, data, durable=False)
+        write_json_atomic(path, checked, durable=False)
         return
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         try:
             fd = os.open(path, flags, 0o600)
@@ -218,20 +237,42 @@ def write_json_in_place(path: Path, data: Mapping[str, Any]) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, flags, 0o600)
     except OSError as exc:
-        if exc.errno != errno.ELOOP:
+        # ELOOP: a symlink; ENXIO: a FIFO nobody reads.
+        if exc.errno not in (errno.ELOOP, errno.ENXIO):
             raise StateWriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
-        write_json_atomic(path, data, durable=False)
+        write_json_atomic(path, checked, durable=False)
         return
     try:
-        size = os.fstat(fd).st_size
-        padded = payload.ljust(size)
-        whole = len(padded) <= IN_PLACE_MAX and os.pwrite(fd, padded, 0) == len(padded)
+        seen = os.fstat(fd)
+        padded = payload.ljust(seen.st_size)
+        whole = (
+            stat.S_ISREG(seen.st_mode)
+            and seen.st_nlink == 1
+            and len(padded) <= IN_PLACE_MAX
+            and os.pwrite(fd, padded, 0) == len(padded)
+        )
     except OSError as exc:
         raise StateWriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
     finally:
         os.close(fd)
     if not whole:
-        write_json_atomic(path, data, durable=False)
+        # After a short write the file is torn (and fails its check) until
+        # this replaces it; if this fails too, its reader finds it unreadable.
+        write_json_atomic(path, checked, durable=False)
+
+
+def read_json_checked(path: Path) -> dict[str, Any] | None:
+    """A record ``write_json_in_place`` wrote, its check removed; None when
+    there is none. Raises ``StateError`` when it is unreadable, malformed or
+    torn (its check does not match). A record without a check (written by
+    a release before it) is taken as it is."""
+    data = _read_json(path)
+    if data is None or CHECK_KEY not in data:
+        return data
+    check = data.pop(CHECK_KEY)
+    if check != zlib.crc32(json.dumps(data, sort_keys=True).encode()):
+        raise StateError(f"{path} is torn: its check does not match its content")
+    return data
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -553,7 +594,7 @@ class StateDir:
     # -- transient handles -------------------------------------------------------
 
     def read_handles(self, vm_id: str) -> HandlesRecord | None:
-        data = _read_json(self.vm_dir(vm_id) / HANDLES_FILE)
+        data = read_json_checked(self.vm_dir(vm_id) / HANDLES_FILE)
         if data is None:
             return None
         try:

@@ -21,6 +21,7 @@ from procurator.worker.state import (
     StateDir,
     StateError,
     VmLockedError,
+    read_json_checked,
     write_json_atomic,
     write_json_in_place,
 )
@@ -66,10 +67,10 @@ def test_in_place_write_keeps_the_inode_and_pads_a_shorter_record(tmp_path: Path
     # and the old record's tail is blanked, not left to be parsed.
     assert target.stat().st_ino == inode
     assert [p.name for p in tmp_path.iterdir()] == ["handles.json"]
-    assert json.loads(target.read_text()) == {"pid": 1}
+    assert read_json_checked(target) == {"pid": 1}
     write_json_in_place(target, {"pid": 2, "path": "y" * 400})
     assert target.stat().st_ino == inode
-    assert json.loads(target.read_text()) == {"pid": 2, "path": "y" * 400}
+    assert read_json_checked(target) == {"pid": 2, "path": "y" * 400}
 
 
 def test_in_place_write_replaces_what_it_cannot_write_in_one_page(tmp_path: Path) -> None:
@@ -80,12 +81,12 @@ def test_in_place_write_replaces_what_it_cannot_write_in_one_page(tmp_path: Path
     # the record is replaced whole (a rename: a new inode).
     write_json_in_place(target, {"path": "z" * 5000})
     assert target.stat().st_ino != inode
-    assert json.loads(target.read_text()) == {"path": "z" * 5000}
+    assert read_json_checked(target) == {"path": "z" * 5000}
     # Now the file is longer than a page: padding to it would be too, so
     # the short record replaces it whole as well, and the next one is in
     # place again.
     write_json_in_place(target, {"pid": 2})
-    assert json.loads(target.read_text()) == {"pid": 2}
+    assert read_json_checked(target) == {"pid": 2}
     assert target.stat().st_size < 100
     inode = target.stat().st_ino
     write_json_in_place(target, {"pid": 3})
@@ -99,8 +100,59 @@ def test_in_place_write_replaces_a_symlink_and_never_writes_through_it(tmp_path:
     target.symlink_to(elsewhere)
     write_json_in_place(target, {"pid": 1})
     assert not target.is_symlink()
-    assert json.loads(target.read_text()) == {"pid": 1}
+    assert read_json_checked(target) == {"pid": 1}
     assert elsewhere.read_text() == "keep"
+
+
+def test_a_torn_record_reads_as_unreadable(state: StateDir) -> None:
+    """What a power loss (or a copy cut short as the writer is killed) may
+    leave: the new record's first part over the old one's rest. Its check
+    does not match, so it is unreadable, never a mix taken for a record."""
+    old = HandlesRecord("cloud-hypervisor", previous="a" * 32, spawning=True)
+    handle = VmmHandle("cloud-hypervisor", 4242, 99, "/x/api.sock")
+    new = HandlesRecord("cloud-hypervisor", handle=handle, hash="b" * 32, owes="booted")
+    path = state.root / "vms" / "vm1" / "handles.json"
+    with state.lock("vm1") as lock:
+        state.write_handles(lock, old)
+        old_bytes = path.read_bytes()
+        state.write_handles(lock, new)
+        assert state.read_handles("vm1") == new
+        new_bytes = path.read_bytes()
+    differ = next(i for i, (a, b) in enumerate(zip(old_bytes, new_bytes, strict=False)) if a != b)
+    for cut in (differ + 1, (differ + len(old_bytes)) // 2, len(old_bytes) - 1):
+        torn = new_bytes[:cut] + old_bytes[cut:]
+        assert torn not in (old_bytes, new_bytes)
+        path.write_bytes(torn)
+        try:
+            data = json.loads(torn)
+        except ValueError:
+            data = None
+        if data is not None:  # parses: the check is what catches it
+            assert data.pop("crc32") is not None
+        with pytest.raises(StateError, match=r"handles\.json (is torn|is not valid JSON)"):
+            state.read_handles("vm1")
+    path.write_bytes(b"")  # killed inside the first write
+    with pytest.raises(StateError):
+        state.read_handles("vm1")
+    # A record without a check (a release before it wrote it) is read.
+    path.write_text(json.dumps(new.to_json()))
+    assert state.read_handles("vm1") == new
+
+
+def test_in_place_write_replaces_a_fifo_or_a_linked_file_without_writing_into_it(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "handles.json"
+    os.mkfifo(target)  # nobody reads it: an open for writing would wait
+    write_json_in_place(target, {"pid": 1})
+    assert target.is_file()
+    assert json.loads(target.read_text())["pid"] == 1
+    other = tmp_path / "other"
+    os.link(target, other)  # a second name: writing in place would change it too
+    before = other.read_bytes()
+    write_json_in_place(target, {"pid": 2})
+    assert json.loads(target.read_text())["pid"] == 2
+    assert other.read_bytes() == before
 
 
 def test_in_place_write_killed_at_any_moment_leaves_a_whole_record(tmp_path: Path) -> None:
@@ -121,11 +173,13 @@ def test_in_place_write_killed_at_any_moment_leaves_a_whole_record(tmp_path: Pat
                         write_json_in_place(target, record)
             finally:
                 os._exit(1)
-        time.sleep(rng.uniform(0, 0.003))
-        os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
+        try:
+            time.sleep(rng.uniform(0, 0.003))
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
         assert os.WIFSIGNALED(status), status
-        assert json.loads(target.read_text()) in records
+        assert read_json_checked(target) in records
     assert [p.name for p in tmp_path.iterdir()] == ["handles.json"]
 
 
