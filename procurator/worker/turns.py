@@ -64,7 +64,7 @@ class TurnPoolStats:
     idle: int  # of them, waiting for work
     waiting: int  # turns due and not taken by a thread yet
     oldest_wait: float  # seconds the first in line has waited (0: none waits)
-    stalls: int  # times every thread was stuck and the pool grew past its cap
+    stalls: int  # times turns waited for starve_after with no thread taking one
     started: int  # threads started so far
 
 
@@ -151,16 +151,18 @@ class TurnPool:
             return self._threads
 
     def stats(self) -> TurnPoolStats:
-        """The pool now (for a scrape: one lock, no I/O)."""
+        """The pool now (for a scrape: one lock, no I/O). Deadlines already
+        due count as waiting too: the clock thread has yet to move them (or
+        could not be started)."""
         with self._lock:
             now = self.clock()
-            waiting = len(self._ready)
-            oldest = now - self._ready[0][0] if waiting else 0.0
+            overdue = [due for due, _, _ in self._timers if due <= now]
+            firsts = [*overdue, self._ready[0][0]] if self._ready else overdue
             return TurnPoolStats(
                 threads=self._threads,
                 idle=len(self._waiting),
-                waiting=waiting,
-                oldest_wait=max(oldest, 0.0),
+                waiting=len(self._ready) + len(overdue),
+                oldest_wait=max(now - min(firsts), 0.0) if firsts else 0.0,
                 stalls=self.stalls,
                 started=self.started,
             )

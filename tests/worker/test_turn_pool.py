@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -95,14 +95,22 @@ def test_every_turn_waiting_behind_stuck_ones_gets_a_thread_at_once() -> None:
         pool.close()
 
 
+def _until(what: Callable[[], bool]) -> bool:
+    deadline = time.monotonic() + WAIT
+    while not what() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return what()
+
+
 def test_stats_show_the_waiting_turns_and_count_a_stall_once() -> None:
-    """What the worker's ``procurator_worker_turn_*`` metrics read: turns
+    """What the worker's ``procurator_worker_turn*`` metrics read: turns
     waiting behind stuck ones, how long the first in line has waited (on
     the pool's clock), the threads busy and idle, and one stall counted
     for the one episode in which every waiting turn got a thread."""
     now = [0.0]
     pool = TurnPool(cap=2, starve_after=1.0, linger=10.0, clock=lambda: now[0])
     release = threading.Event()
+    stuck = threading.Event()
     try:
         assert pool.stats() == TurnPoolStats(0, 0, 0, 0.0, 0, 0)
         stuck = _busy(pool, 2)  # the cap's threads
@@ -113,20 +121,69 @@ def test_stats_show_the_waiting_turns_and_count_a_stall_once() -> None:
         assert (stats.threads, stats.idle, stats.waiting, stats.stalls) == (2, 0, 3, 0)
         assert stats.oldest_wait == 0.5
         now[0] = 1.0  # no turn taken for starve_after: a thread each
-        deadline = time.monotonic() + WAIT
-        while pool.stats().waiting and time.monotonic() < deadline:
-            time.sleep(0.01)
+        assert _until(lambda: pool.stats().waiting == 0)
         stats = pool.stats()
         assert (stats.threads, stats.idle, stats.waiting, stats.oldest_wait) == (5, 0, 0, 0.0)
         assert (stats.stalls, stats.started) == (1, 5)
         stuck.set()
         release.set()
-        deadline = time.monotonic() + WAIT
-        while pool.stats().idle < 5 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert pool.stats().idle == 5 and pool.stats().stalls == 1
+        assert _until(lambda: pool.stats().idle == 5)
+        assert pool.stats().stalls == 1
     finally:
+        stuck.set()
         release.set()
+        pool.close()
+
+
+def test_a_stall_that_lasts_counts_once() -> None:
+    """At its limit the pool cannot add threads: the turn behind the stuck
+    ones waits on, through many ``starve_after`` periods, and that is one
+    stall, not one per period (the worker logs it once, too)."""
+    now = [0.0]
+    pool = TurnPool(cap=1, limit=1, starve_after=1.0, linger=10.0, clock=lambda: now[0])
+    stuck = threading.Event()
+    try:
+        stuck = _busy(pool, 1)
+        ran = threading.Event()
+        pool.submit(ran.set)
+        for step in range(1, 6):
+            now[0] = float(step)
+            pool.submit(lambda: None)  # wakes the clock thread to look again
+            assert _until(lambda: pool.stats().stalls >= 1)
+            time.sleep(0.02)  # the clock thread's look at this step
+        stats = pool.stats()
+        assert stats.stalls == 1 and stats.threads == 1 and stats.oldest_wait == 5.0
+        stuck.set()
+        assert ran.wait(WAIT)
+    finally:
+        stuck.set()
+        pool.close()
+
+
+def test_stats_count_due_deadlines_the_clock_thread_has_not_moved() -> None:
+    """The clock thread could not be started (the OS refused it): deadlines
+    that are due wait in the heap, and the stats say so."""
+
+    def thread(**kwargs: Any) -> threading.Thread:
+        made = threading.Thread(**kwargs)
+        if kwargs["name"].endswith("-clock"):
+
+            def refuse() -> None:
+                raise RuntimeError("can't start new thread")
+
+            made.start = refuse  # type: ignore[method-assign]
+        return made
+
+    now = [10.0]
+    pool = TurnPool(cap=1, starve_after=1.0, linger=10.0, clock=lambda: now[0], thread=thread)
+    try:
+        pool.at(12.0, lambda: None)
+        pool.at(14.0, lambda: None)
+        assert pool.stats().waiting == 0  # not due yet
+        now[0] = 15.0
+        stats = pool.stats()
+        assert (stats.waiting, stats.oldest_wait) == (2, 3.0)
+    finally:
         pool.close()
 
 
