@@ -120,7 +120,7 @@ from procurator.worker.network import NetworkConfig, NetworkManager
 from procurator.worker.prepare import PREPARED_DIR, ImagePreparer
 from procurator.worker.vmm import process
 from procurator.worker.vmm.base import VmmDriver
-from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver
+from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver, connection_budget
 from procurator.worker.vmm.qemu import QemuDriver
 from procurator.worker.vmrecord import VmSpec
 
@@ -208,6 +208,7 @@ def make_driver(
             args=options.vmm_args,
             on_api_call=on_api_call,
             runtime_paths=options.vmm_runtime_paths,
+            kept_connections=connection_budget(),
         )
     accel = _ACCELS.get(options.qemu_accel)
     if accel is None:

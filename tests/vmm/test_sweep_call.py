@@ -1,9 +1,12 @@
-"""The sweep's counters call leaves the driver's kept connections alone
-(issue 31 target 3): an idle VMM whose transport is not kept is read on a
-transport made for that call and closed after it, so a sweep over 1,000
-VMMs neither evicts the connections of VMs being started or changed nor
-pays the kept set's bookkeeping per VM. A hand-written transport factory
-(the driver's ``TransportFactory`` port) records what is made and closed."""
+"""The sweep's counters call and the driver's kept connections (issue 31
+target 3): while the budget (``kept_connections``) has room, an idle VMM's
+connection is kept from one sweep to the next (a connect and a close per
+call were half the sweep's CPU); once it is spent, an idle VMM whose
+transport is not kept is read on a transport made for that call and closed
+after it, so a sweep over more VMMs than the budget neither cycles the
+kept set nor evicts the connections of VMs being started or changed. A
+hand-written transport factory (the driver's ``TransportFactory`` port)
+records what is made and closed."""
 
 from __future__ import annotations
 
@@ -12,7 +15,11 @@ import json
 import httpx
 
 from procurator.worker.vmm.base import VmmHandle
-from procurator.worker.vmm.cloud_hypervisor import CloudHypervisorDriver
+from procurator.worker.vmm.cloud_hypervisor import (
+    KEPT_CONNECTIONS,
+    CloudHypervisorDriver,
+    connection_budget,
+)
 
 
 class Recorded(httpx.BaseTransport):
@@ -69,3 +76,38 @@ def test_the_sweeps_calls_leave_the_kept_connections_alone() -> None:
     finally:
         driver.close()
     assert all(t.closed for t in made)
+
+
+def test_a_sweep_keeps_idle_connections_while_the_budget_has_room() -> None:
+    made: list[Recorded] = []
+
+    def factory(path: str) -> httpx.BaseTransport:
+        made.append(Recorded(path))
+        return made[-1]
+
+    driver = CloudHypervisorDriver(
+        "cloud-hypervisor", transport_factory=factory, kept_connections=4
+    )
+    try:
+        for _ in range(3):  # three sweeps over six idle VMMs
+            for n in range(6):
+                driver.counters(handle(n), timeout=1.0)
+        # The first four keep theirs from sweep to sweep; the last two are
+        # read on a transport each call (the budget is spent: no eviction).
+        assert [t.path for t in made[:4]] == [f"/vm{n}.sock" for n in range(4)]
+        assert [t.calls for t in made[:4]] == [3, 3, 3, 3]
+        assert not any(t.closed for t in made[:4])
+        assert len(made) == 4 + 2 * 3 and all(t.closed and t.calls == 1 for t in made[4:])
+        # A VM being started needs one too: it takes the least recently used.
+        driver.info(handle(9), timeout=1.0)
+        assert made[0].closed and not made[-1].closed
+    finally:
+        driver.close()
+    assert all(t.closed for t in made)
+
+
+def test_the_budget_is_a_quarter_of_the_open_file_limit() -> None:
+    assert connection_budget(20_000) == 5_000  # 10,000 VMs' pidfds still fit
+    assert connection_budget(1_048_576) == 262_144
+    assert connection_budget(40) == KEPT_CONNECTIONS
+    assert connection_budget() >= KEPT_CONNECTIONS

@@ -31,17 +31,22 @@ default. Transports are created lazily, dropped when their VMM is shut down
 or found gone, and those of VMMs that died unnoticed are pruned on a launch
 at most every ``_PRUNE_INTERVAL`` (a prune reads /proc once per transport:
 on every launch, a fleet start would cost O(VMs²) reads).
-Only the ``kept_connections`` most recently used transports are kept (and
-with them their idle connections); using one more closes the least recently
-used: an idle VM holds no connection in the worker (issue 31: a settled VM
-costs the worker one descriptor, its VMM's pidfd, so that 10,000 VMs fit an
-open-file limit of 20,000). A VM being started or changed makes its calls
-in a row and keeps its connection for them; the sweep, which calls each
-idle VMM once per counters interval, connects for each call (a unix
-``connect`` and the close: ~25 µs of the worker's CPU, docs/BENCHMARKS.md),
-on a transport made for that call and closed after it when the VMM's is not
-kept (``counters``: ``keep=False``), so a sweep neither evicts the kept
-connections of VMs being started nor pays the kept set's upkeep per VM.
+At most ``kept_connections`` transports are kept (and with them their idle
+connections); the worker sizes it from its open-file limit
+(``connection_budget``: a quarter of it, so that a fleet as large as the
+limit allows still fits: a settled VM costs the worker one descriptor, its
+VMM's pidfd, and one more for its kept connection while the budget has
+room; issue 31). A VM being started or changed makes its calls in a row
+and keeps its connection for them; a call that does so when the budget is
+spent closes the least recently used. The sweep, which calls each idle
+VMM once per counters interval (``counters``: ``keep=False``), keeps a
+connection only while the budget has room and never evicts one: past the
+budget it connects for each call, on a transport made for that call and
+closed after it, so a sweep over more VMMs than the budget neither cycles
+the kept set (every call a miss) nor evicts the connections of VMs being
+started. A connection kept costs a descriptor; one made per call costs a
+unix ``connect`` and its close, ~55 µs of the worker's CPU a call
+(docs/BENCHMARKS.md, session 10).
 Requests are ``httpx.Request`` objects handed to the transport directly, not
 sent through an ``httpx.Client``: a client's per-request work (merging the
 URL with a base, cookies, auth and redirect flows, event hooks) is more than
@@ -87,6 +92,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import shutil
 import stat
 import threading
@@ -125,6 +131,7 @@ __all__ = [
     "ApiCallObserver",
     "CloudHypervisorDriver",
     "TransportFactory",
+    "connection_budget",
     "default_transport",
 ]
 
@@ -146,10 +153,28 @@ _DEVICES = ("/dev/kvm",)
 _BASE_URL = "http://localhost/api/v1"
 _HEADERS = {"Accept": "application/json", "User-Agent": "procurator"}
 _PRUNE_INTERVAL = 10.0
-#: How many VMMs' transports (and idle connections) a driver keeps: more
-#: than the launches and changes under way at once (the worker's capacity
-#: limiter allows 8), a few dozen descriptors whatever the fleet.
+#: How many VMMs' transports (and idle connections) a driver keeps at
+#: least: more than the launches and changes under way at once (the
+#: worker's capacity limiter allows 8). The worker keeps more
+#: (``connection_budget``).
 KEPT_CONNECTIONS = 16
+
+
+def connection_budget(open_files: int | None = None) -> int:
+    """How many VMMs' connections a worker keeps: a quarter of its open-file
+    limit (``open_files``; this process's soft limit when None), at least
+    ``KEPT_CONNECTIONS``. The other three quarters hold the VMs' pidfds
+    (one each), the descriptors of VMs being started, and everything else:
+    at a limit of 20,000 a worker keeps 5,000 connections and still fits
+    10,000 VMs; at systemd's 1,048,576 (nix/modules/worker.nix) every VM
+    keeps one."""
+    if open_files is None:
+        open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if open_files == resource.RLIM_INFINITY:
+            open_files = 1 << 20
+    return max(KEPT_CONNECTIONS, open_files // 4)
+
+
 _MAX_SOCKET_PATH = 107  # sun_path is 108 bytes, NUL included
 #: The unix socket of a migration, in the VMM's run directory: the target's
 #: VMM listens there, the source's connects there (the worker's relay on the
@@ -268,7 +293,7 @@ class CloudHypervisorDriver:
         # Leaf lock: guards _transports, _incoming and _pruned_at only; never
         # held across I/O.
         self._lock = threading.Lock()
-        # Least recently used first; at most kept_connections.
+        # Least recently used first; at most kept_connections (``_transport``).
         self._transports: OrderedDict[tuple[int, int], httpx.BaseTransport] = OrderedDict()
         # Migrations being received, by VMM (launch_incoming to finish_incoming).
         self._incoming: dict[tuple[int, int], _Incoming] = {}
@@ -904,20 +929,22 @@ class CloudHypervisorDriver:
         self, handle: VmmHandle, *, keep: bool = True
     ) -> tuple[httpx.BaseTransport, bool]:
         """The VMM's transport, now the most recently used, and whether it
-        is the caller's to close after its call: with ``keep`` False, a VMM
-        whose transport is not kept gets one for this call only, and the
-        kept ones stay as they are. Else the least recently used beyond
-        ``kept_connections`` is closed (a request it has under way
-        completes: its connection is closed once answered)."""
+        is the caller's to close after its call. A VMM whose transport is
+        not kept gets one that is kept when fewer than ``kept_connections``
+        are; when as many are, with ``keep`` False one for this call only
+        (the kept ones stay as they are), else the least recently used is
+        closed (a request it has under way completes: its connection is
+        closed once answered)."""
         key = (handle.pid, handle.pid_start_ticks)
         evicted: httpx.BaseTransport | None = None
         with self._lock:
             transport = self._transports.get(key)
-            if transport is None and not keep:
-                return self._transport_factory(handle.api_socket), True
             if transport is None:
+                full = len(self._transports) >= self.kept_connections
+                if full and not keep:
+                    return self._transport_factory(handle.api_socket), True
                 transport = self._transports[key] = self._transport_factory(handle.api_socket)
-                if len(self._transports) > self.kept_connections:
+                if full:
                     evicted = self._transports.popitem(last=False)[1]
             else:
                 self._transports.move_to_end(key)
@@ -938,7 +965,8 @@ class CloudHypervisorDriver:
         """One API call; the body of its (2xx) answer, or the error it is
         (module docstring). ``keep`` False: a call that comes alone (the
         sweep's counters of an idle VMM), made on a connection of its own
-        when the VMM's transport is not kept (``_transport``)."""
+        when the VMM's transport is not kept and the budget of kept ones is
+        spent (``_transport``)."""
         transport, once = self._transport(handle, keep=keep)
         started = time.perf_counter()
         ok = False
