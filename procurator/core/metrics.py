@@ -331,8 +331,8 @@ _SPECS: tuple[MetricSpec, ...] = (
     ),
     _spec(
         "procurator_worker_turn_stalls_total", _C, _WORKER,
-        "Times every turn thread was stuck (none took a turn for 0.25 s) while turns "
-        "waited, so that the pool started a thread for each waiting turn.",
+        "Times turns waited 0.25 s with no thread taking one (every thread stuck, or a "
+        "thread refused), so that the pool started a thread for each waiting turn it could.",
     ),
     # -- master (fleet view) -------------------------------------------------
     _spec(

@@ -65,7 +65,6 @@ class TurnPoolStats:
     waiting: int  # turns due and not taken by a thread yet
     oldest_wait: float  # seconds the first in line has waited (0: none waits)
     stalls: int  # times turns waited for starve_after with no thread taking one
-    started: int  # threads started so far
 
 
 class TurnPool:
@@ -164,7 +163,6 @@ class TurnPool:
                 waiting=len(self._ready) + len(overdue),
                 oldest_wait=max(now - min(firsts), 0.0) if firsts else 0.0,
                 stalls=self.stalls,
-                started=self.started,
             )
 
     def close(self) -> None:

@@ -56,7 +56,7 @@ def _fed_metrics() -> WorkerMetrics:
     metrics.observe_realise(2.5)
     metrics.set_observed_generation(41)
     metrics.watch_turns(
-        lambda: TurnPoolStats(threads=5, idle=2, waiting=7, oldest_wait=0.75, stalls=1, started=9)
+        lambda: TurnPoolStats(threads=5, idle=2, waiting=7, oldest_wait=0.75, stalls=1)
     )
     return metrics
 

@@ -45,7 +45,9 @@ def handle(n: int) -> VmmHandle:
     return VmmHandle("cloud-hypervisor", pid=1000 + n, pid_start_ticks=n, api_socket=f"/vm{n}.sock")
 
 
-def test_the_sweeps_calls_leave_the_kept_connections_alone() -> None:
+def recording_driver(kept_connections: int) -> tuple[CloudHypervisorDriver, list[Recorded]]:
+    """A driver whose transports are ``Recorded``, and the list of them in
+    the order it made them."""
     made: list[Recorded] = []
 
     def factory(path: str) -> httpx.BaseTransport:
@@ -53,8 +55,13 @@ def test_the_sweeps_calls_leave_the_kept_connections_alone() -> None:
         return made[-1]
 
     driver = CloudHypervisorDriver(
-        "cloud-hypervisor", transport_factory=factory, kept_connections=2
+        "cloud-hypervisor", transport_factory=factory, kept_connections=kept_connections
     )
+    return driver, made
+
+
+def test_the_sweeps_calls_leave_the_kept_connections_alone() -> None:
+    driver, made = recording_driver(kept_connections=2)
     try:
         starting = [handle(0), handle(1)]
         for h in starting:
@@ -79,15 +86,7 @@ def test_the_sweeps_calls_leave_the_kept_connections_alone() -> None:
 
 
 def test_a_sweep_keeps_idle_connections_while_the_budget_has_room() -> None:
-    made: list[Recorded] = []
-
-    def factory(path: str) -> httpx.BaseTransport:
-        made.append(Recorded(path))
-        return made[-1]
-
-    driver = CloudHypervisorDriver(
-        "cloud-hypervisor", transport_factory=factory, kept_connections=4
-    )
+    driver, made = recording_driver(kept_connections=4)
     try:
         for _ in range(3):  # three sweeps over six idle VMMs
             for n in range(6):

@@ -95,6 +95,23 @@ def test_every_turn_waiting_behind_stuck_ones_gets_a_thread_at_once() -> None:
         pool.close()
 
 
+def _refusing(refused: Callable[[str], bool]) -> Callable[..., threading.Thread]:
+    """The pool's ``thread`` seam: threads whose start the OS refuses (out
+    of threads or memory) when ``refused(name)`` says so."""
+
+    def thread(**kwargs: Any) -> threading.Thread:
+        made = threading.Thread(**kwargs)
+        if refused(kwargs["name"]):
+
+            def refuse() -> None:
+                raise RuntimeError("can't start new thread")
+
+            made.start = refuse  # type: ignore[method-assign]
+        return made
+
+    return thread
+
+
 def _until(what: Callable[[], bool]) -> bool:
     deadline = time.monotonic() + WAIT
     while not what() and time.monotonic() < deadline:
@@ -112,7 +129,7 @@ def test_stats_show_the_waiting_turns_and_count_a_stall_once() -> None:
     release = threading.Event()
     stuck = threading.Event()
     try:
-        assert pool.stats() == TurnPoolStats(0, 0, 0, 0.0, 0, 0)
+        assert pool.stats() == TurnPoolStats(0, 0, 0, 0.0, 0)
         stuck = _busy(pool, 2)  # the cap's threads
         for _ in range(3):
             pool.submit(lambda: release.wait(WAIT))
@@ -124,7 +141,7 @@ def test_stats_show_the_waiting_turns_and_count_a_stall_once() -> None:
         assert _until(lambda: pool.stats().waiting == 0)
         stats = pool.stats()
         assert (stats.threads, stats.idle, stats.waiting, stats.oldest_wait) == (5, 0, 0, 0.0)
-        assert (stats.stalls, stats.started) == (1, 5)
+        assert (stats.stalls, pool.started) == (1, 5)
         stuck.set()
         release.set()
         assert _until(lambda: pool.stats().idle == 5)
@@ -164,16 +181,7 @@ def test_stats_count_due_deadlines_the_clock_thread_has_not_moved() -> None:
     """The clock thread could not be started (the OS refused it): deadlines
     that are due wait in the heap, and the stats say so."""
 
-    def thread(**kwargs: Any) -> threading.Thread:
-        made = threading.Thread(**kwargs)
-        if kwargs["name"].endswith("-clock"):
-
-            def refuse() -> None:
-                raise RuntimeError("can't start new thread")
-
-            made.start = refuse  # type: ignore[method-assign]
-        return made
-
+    thread = _refusing(lambda name: name.endswith("-clock"))
     now = [10.0]
     pool = TurnPool(cap=1, starve_after=1.0, linger=10.0, clock=lambda: now[0], thread=thread)
     try:
@@ -300,20 +308,12 @@ def test_a_refused_thread_start_loses_no_work(caplog: pytest.LogCaptureFixture) 
     """The OS refuses the first two pool threads (out of threads or
     memory): ``submit`` does not raise (a wake from the exit watcher's
     thread must not fail), and the work runs once a thread starts."""
-    refusals = [RuntimeError("can't start new thread")] * 2
+    refusals = [True, True]
 
-    def thread(**kwargs: Any) -> threading.Thread:
-        made = threading.Thread(**kwargs)
-        if kwargs["name"] == "vm-turns" and refusals:
-            error = refusals.pop()
+    def refused(name: str) -> bool:
+        return name == "vm-turns" and bool(refusals) and refusals.pop()
 
-            def refuse() -> None:
-                raise error
-
-            made.start = refuse  # type: ignore[method-assign]
-        return made
-
-    pool = TurnPool(cap=2, spare=1, starve_after=0.05, linger=10.0, thread=thread)
+    pool = TurnPool(cap=2, spare=1, starve_after=0.05, linger=10.0, thread=_refusing(refused))
     try:
         ran = threading.Event()
         pool.submit(ran.set)
