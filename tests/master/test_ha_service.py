@@ -371,6 +371,50 @@ async def test_status_and_applies_fail_fast_while_the_database_is_away(
             await eventually(lambda: _at(a, 2), "a hears of it")
 
 
+class _Traced:
+    """A store that notes, in ``trace``, what one master heard from it
+    (the watch's health) and wrote to it (statuses, session reclaims), for
+    a failure's message."""
+
+    def __init__(self, store: Store, name: str, trace: list[str]) -> None:
+        self._store = store
+        self._name = name
+        self._trace = trace
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def _note(self, what: str) -> None:
+        self._trace.append(f"{trio.current_time():.2f} {self._name}: {what}")
+
+    async def watch(
+        self,
+        on_change: OnChange,
+        on_health: OnHealth,
+        *,
+        task_status: Any = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        def health(ok: bool, reason: str) -> None:
+            self._note(f"watch {'ok' if ok else 'broken: ' + reason[-60:]}")
+            on_health(ok, reason)
+
+        await self._store.watch(on_change, health, task_status=task_status)
+
+    async def write_status(self, write: Any) -> Any:
+        try:
+            written = await self._store.write_status(write)
+        except Exception as exc:
+            self._note(f"status {write.observed_generation} whole={write.whole}: {exc!r:.80}")
+            raise
+        self._note(f"status {write.observed_generation} whole={write.whole}: {written}")
+        return written
+
+    async def reclaim_session(self, *args: Any, **kw: Any) -> Any:
+        version = await self._store.reclaim_session(*args, **kw)
+        self._note(f"reclaim {args[0]}: {version}")
+        return version
+
+
 async def _serves(service: MasterService) -> bool:
     try:
         await service.fleet_status()
@@ -391,10 +435,16 @@ async def test_a_status_the_database_lost_is_written_again_by_its_master(
     reporting again (a converged worker has nothing new to say)."""
     from pgcluster import PgCluster  # noqa: PLC0415
 
+    trace: list[str] = []
+
+    def traced(name: str) -> Callable[[Store], Store]:
+        return lambda store: _Traced(store, name, trace)  # type: ignore[return-value]
+
     with PgCluster() as pg:
         url = pg.new_database()
-        async with masters(url, 2) as group:
-            a, b = group.services
+        async with masters(url, 0) as group:
+            a = await group.start(wrap=traced("a"))
+            b = await group.start(wrap=traced("b"))
             await a.apply(fleet_of({"host-a": [("web-1", "a")]}))
             token = await a.register(WorkerInfo("host-a"), FakeNode())
             await a.report_status(token, WorkerStatus("host-a", 0, ()))
@@ -419,9 +469,10 @@ async def test_a_status_the_database_lost_is_written_again_by_its_master(
 
             await eventually(lambda: shown(b), "b shows the report")
             pg.stop("immediate")
+            trace.append("-- the database restored from before the report")
             pg.restore(before)  # the report's commit is lost
             pg.start()
-            c = await group.start()
+            c = await group.start(wrap=traced("c"))
             for name, service in (("a", a), ("b", b), ("c", c)):
                 try:
                     await eventually(
@@ -431,7 +482,8 @@ async def test_a_status_the_database_lost_is_written_again_by_its_master(
                     )
                 except AssertionError as exc:
                     # Seen once in a CI run (2026-12-07), not reproduced in
-                    # 14 runs since: say what every master saw and held.
+                    # 54 runs since: say what every master saw, held, heard
+                    # from the database and wrote to it.
                     state = {
                         m.master_id: (
                             m._available,
@@ -442,7 +494,8 @@ async def test_a_status_the_database_lost_is_written_again_by_its_master(
                         for m in (a, b, c)
                     }
                     raise AssertionError(
-                        f"{exc}; masters (available, why not, watch ok, shown): {state}"
+                        f"{exc}; masters (available, why not, watch ok, shown): {state}; "
+                        "what they heard and wrote:\n" + "\n".join(trace)
                     ) from None
 
 
