@@ -250,14 +250,20 @@ async def wire(rounds: int) -> None:
                     await pushes.latency()  # the first apply, and any push of the registration
                     await trio.sleep(0.5)
 
+                    async def one_call(report: MetricsReport) -> bool:
+                        return await session._send_metrics(report, None)
+
+                    async def sliced(report: MetricsReport) -> bool:
+                        return await session._send_sliced(report, None)
+
                     async def by_1000(report: MetricsReport) -> bool:
                         for part in report_slices(report, 1_000):
-                            takes_changes = await session._send_metrics(part)
+                            takes_changes = await session._send_metrics(part, None)
                         return takes_changes
 
-                    modes = {
-                        "one call": session._send_metrics,
-                        "sliced": session._send_sliced,
+                    modes: dict[str, Callable[[MetricsReport], Awaitable[bool]]] = {
+                        "one call": one_call,
+                        "sliced": sliced,
                         "sliced by 1,000": by_1000,
                     }
                     for index in range(len(modes) * rounds):

@@ -7,9 +7,11 @@ the jailed loop: like with like).
 The procurator side is the product as deployed: real ``procurator master``
 and ``procurator worker`` processes (``--no-network``, cloud-hypervisor
 driver pointed at the lean fake VMM), a real image added to the Nix store,
-one ``Control.apply`` of N VMs; the clock stops when the master's status
-shows the worker's ``observedGeneration`` at the applied generation (every
-VM running). The bare loop, at the worker's concurrency (8 threads): spawn
+one ``Control.apply`` of N VMs; the clock stops when the master shows the
+worker's ``observedGeneration`` at the applied generation (blocking
+``describe`` reads of one VM, which carry the worker's generations:
+``wait_worker_observed``; every VM running is checked after). The bare
+loop, at the worker's concurrency (8 threads): spawn
 the same fake VMM, wait for its socket, ``vmm.ping``, ``vm.create``,
 ``vm.boot``, ``vm.info`` over one raw HTTP/1.1 connection; jailed, each
 VMM first goes through ``Jail.prepare`` and ``VmJail.spawn``
@@ -72,9 +74,10 @@ from bench._harness import (
     free_port,
     run_seconds,
     wait_connected,
-    wait_observed,
+    wait_worker_observed,
 )
 from procurator.core.jail import JailPolicy
+from procurator.core.models import Phase
 from procurator.core.vmdef import VmDefinition
 from procurator.worker import cgroups
 from procurator.worker.jail import Jail, instance_name
@@ -448,17 +451,22 @@ def procurator_start(run: Run, n: int) -> tuple[OneWorkerFleet, float]:
             helpers = _helper_cpu(worker.pid)
             started = trio.current_time()
             result = await client.apply(fleet.fleet())
-            seen = await wait_observed(
-                client,
-                result.generation,
-                [WORKER_ID],
-                timeout=900,
-                interval=0.1,
-                on_poll=worker.check_alive,
+            seen = await wait_worker_observed(
+                client, "vm-00000", result.generation, timeout=900, on_poll=worker.check_alive
             )
             fleet.start_worker_cpu = cpu_seconds(worker.pid) - cpu
             fleet.start_worker_system = _system_seconds(worker.pid) - system
             fleet.start_helper_cpu = _helper_cpu(worker.pid) - helpers
+            # Outside the clock: the worker's observed generation counts a
+            # VM that failed to start as done, the figure must not.
+            running = sum(
+                vm.phase is Phase.RUNNING
+                for w in (await client.status()).workers
+                if w.status is not None
+                for vm in w.status.vms
+            )
+            if running != n:
+                raise RuntimeError(f"the start ended with {running} of {n} VMs running")
             return seen - started
 
     return fleet, trio.run(apply)
