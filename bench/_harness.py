@@ -565,20 +565,23 @@ async def wait_worker_observed(
     generation: int,
     *,
     timeout: float,
+    spacing: float = 0.05,
     on_poll: Callable[[], None] | None = None,
 ) -> float:
     """``wait_observed`` for the one worker ``vm_id`` is assigned to, read
     from ``describe`` of that VM (the worker's desired and observed
-    generations come with it) with blocking reads: each passes the change
-    index of the answer before, so the master answers when something
-    changed, and the read costs the master one VM, not the fleet. (Reading
-    the whole fleet's status every 0.1 s took ~13 % of the master's Python
-    during a 1,000-VM start, on the cores the start runs on:
-    docs/BENCHMARKS.md.) ``trio.current_time()`` of the answer that showed
-    it."""
+    generations come with it): a read costs the master one VM, not the
+    fleet. (Reading the whole fleet's status every 0.1 s took ~13 % of the
+    master's Python during a 1,000-VM start, on the cores the start runs
+    on: docs/BENCHMARKS.md.) Blocking reads, each passing the change index
+    of the answer before, so a read answers as soon as something changed;
+    at most one every ``spacing`` seconds, since during a start the index
+    moves with every report (back to back, they were one read per VM
+    started). ``trio.current_time()`` of the answer that showed it."""
     index = 0
     with trio.fail_after(timeout):
         while True:
+            asked = trio.current_time()
             desc = await client.describe_vm(vm_id, event_limit=0, wait_index=index, wait=10)
             now = trio.current_time()
             if (
@@ -589,6 +592,7 @@ async def wait_worker_observed(
             index = desc.change_index
             if on_poll is not None:
                 on_poll()
+            await trio.sleep_until(asked + spacing)
 
 
 async def wait_connected(client: ControlClient, worker_ids: Sequence[str], timeout: float) -> None:
