@@ -361,6 +361,7 @@ class WorkerMetrics:
             "procurator_reconcile_pass_duration_seconds", _PASS_BUCKETS
         )
         self._api_call = self._histogram("procurator_vmm_api_call_duration_seconds", _API_BUCKETS)
+        self._api_call_children: dict[str, Histogram] = {}
         self._realise = self._histogram(
             "procurator_image_realise_duration_seconds", _REALISE_BUCKETS
         )
@@ -388,9 +389,14 @@ class WorkerMetrics:
             endpoint = _bounded(endpoint, self._endpoints)
             if not ok:
                 self._api_failures[endpoint] = self._api_failures.get(endpoint, 0) + 1
+            # The endpoint's child, found once (``labels`` checks, joins
+            # and locks at every call); as bounded as the endpoints.
+            child = self._api_call_children.get(endpoint)
+            if child is None:
+                child = self._api_call_children[endpoint] = self._api_call.labels(endpoint)
         observed = _seconds(seconds)
         if observed is not None:
-            self._api_call.labels(endpoint).observe(observed)
+            child.observe(observed)
 
     def count_error(self, kind: str) -> None:
         """One error of ``kind``: a small fixed vocabulary (an error ``code``

@@ -16,7 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from procurator.worker.vmm._unix_http import MAX_HEAD_BYTES, UnixSocketTransport
+from procurator.worker.vmm import _unix_http
+from procurator.worker.vmm._unix_http import KEPT, MAX_HEAD_BYTES, UnixSocketTransport
 
 URL = "http://localhost/api/v1/"
 TIMEOUT = {"timeout": {"connect": 5.0, "read": 5.0, "write": 5.0, "pool": 5.0}}
@@ -436,3 +437,33 @@ def test_an_httpx_client_over_it_works_like_over_any_transport(peer: Peer) -> No
         response = client.get(URL + "vm.info")
         assert response.json() == {"state": "Paused"}
         assert response.headers["content-type"] == "application/json"
+
+
+def test_a_kept_request_is_encoded_once_and_others_each_time(
+    peer: Peer, transport: UnixSocketTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request marked ``KEPT`` (the driver's bodiless ones, sent again
+    unchanged) keeps its bytes after its first send; a request that is not
+    is encoded at every send, so a caller that changes a request before
+    sending it again sends what it changed."""
+    encoded: list[bytes] = []
+    real = _unix_http._encode
+
+    def counting(request: httpx.Request) -> bytes:
+        encoded.append(data := real(request))
+        return data
+
+    monkeypatch.setattr(_unix_http, "_encode", counting)
+    peer.script = [ok(), ok(), ok(), ok()]
+    kept = httpx.Request("GET", URL + "vm.counters", extensions={**TIMEOUT, KEPT: True})
+    for _ in range(2):
+        transport.handle_request(kept).read()
+    assert len(encoded) == 1
+    assert peer.requests[0] == peer.requests[1]
+    plain = httpx.Request("GET", URL + "vm.info", extensions=TIMEOUT)
+    transport.handle_request(plain).read()
+    plain.headers["X-Try"] = "2"
+    transport.handle_request(plain).read()
+    assert len(encoded) == 3
+    assert b"X-Try" not in peer.requests[2]
+    assert b"\r\nX-Try: 2\r\n" in peer.requests[3]

@@ -12,7 +12,9 @@ Why not ``httpx.HTTPTransport(uds=...)``:
   the transport alone cost ~220 µs of CPU per call, half of the whole call
   (docs/BENCHMARKS.md). The peer is one local VMM answering one request at
   a time, so this transport writes a request with one ``sendall`` and
-  parses the answer with bytes methods.
+  parses the answer with bytes methods; a request its sender marks
+  ``KEPT`` (sent again unchanged, as the sweep's counters request is) is
+  encoded once.
 
 What it speaks: HTTP/1.1 requests with the headers httpx built (a body is
 sent as it is framed by those headers: Content-Length, or chunked when httpx
@@ -55,13 +57,17 @@ import time
 
 import httpx
 
-__all__ = ["MAX_HEAD_BYTES", "UnixSocketTransport"]
+__all__ = ["KEPT", "MAX_HEAD_BYTES", "UnixSocketTransport"]
 
 MAX_HEAD_BYTES = 64 * 1024
 _RECV_BYTES = 64 * 1024
 _IDEMPOTENT = frozenset({"GET", "HEAD"})
 _NO_BODY_STATUS = frozenset({204, 304})
 _FORBIDDEN_IN_HEADERS = (b"\r", b"\n", b"\0")
+#: A request's extension saying it is sent again unchanged: its bytes are
+#: kept (under ``_ENCODED``) after its first send.
+KEPT = "procurator.kept"
+_ENCODED = "procurator.encoded"
 
 
 class _PeerClosed(Exception):
@@ -69,10 +75,11 @@ class _PeerClosed(Exception):
 
 
 class _Connection:
-    __slots__ = ("buffer", "deadline", "idle_since", "received", "sock", "timeout")
+    __slots__ = ("buffer", "deadline", "idle_since", "poller", "received", "sock", "timeout")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.poller: select.poll | None = None  # made at the first check for reuse
         self.timeout: float | None = sock.gettimeout()
         self.buffer = bytearray()
         self.idle_since = 0.0
@@ -107,9 +114,12 @@ class _Connection:
         if self.buffer or now - self.idle_since > expiry:
             return False
         # Readable while idle: the peer closed it (or sent something
-        # unasked); either way not reusable. One poll(2), no mode switches.
-        poller = select.poll()
-        poller.register(self.sock, select.POLLIN)
+        # unasked); either way not reusable. One poll(2), no mode switches;
+        # the poller is the connection's, kept for its next reuse.
+        poller = self.poller
+        if poller is None:
+            poller = self.poller = select.poll()
+            poller.register(self.sock, select.POLLIN)
         return not poller.poll(0)
 
     def close(self) -> None:
@@ -138,8 +148,18 @@ class UnixSocketTransport(httpx.BaseTransport):
     # -- httpx.BaseTransport -------------------------------------------------------
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        timeouts = request.extensions.get("timeout") or {}
-        data = _encode(request)
+        extensions = request.extensions
+        timeouts = extensions.get("timeout") or {}
+        # A request its sender marks ``KEPT`` (sent again, never changed:
+        # the driver's bodiless ones, such as the counters request the sweep
+        # sends to every VMM) is encoded once, its bytes kept in its own
+        # extensions. Only those: a caller may share one extensions dict
+        # between requests.
+        data = extensions.get(_ENCODED)
+        if data is None:
+            data = _encode(request)
+            if extensions.get(KEPT):
+                extensions[_ENCODED] = data
         conn = self._take_idle()
         if conn is not None:
             try:
