@@ -392,8 +392,10 @@ class WorkerMetrics:
             # The endpoint's child, found once (``labels`` checks, joins
             # and locks at every call); as bounded as the endpoints.
             child = self._api_call_children.get(endpoint)
-            if child is None:
-                child = self._api_call_children[endpoint] = self._api_call.labels(endpoint)
+        if child is None:  # made outside the leaf lock: labels() takes its own
+            made = self._api_call.labels(endpoint)
+            with self._lock:
+                child = self._api_call_children.setdefault(endpoint, made)
         observed = _seconds(seconds)
         if observed is not None:
             child.observe(observed)

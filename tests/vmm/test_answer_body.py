@@ -88,6 +88,32 @@ def test_an_answer_with_a_content_coding_is_refused_not_decoded() -> None:
     assert driver.counters(HANDLE, timeout=1.0) == COUNTERS  # identity is no coding
 
 
+@pytest.mark.parametrize(
+    ("codings", "refused"),
+    [
+        ([b"Identity"], None),
+        ([b" identity "], None),
+        ([b""], None),
+        ([b"identity", b"identity"], None),
+        ([b"identity", b"gzip"], "gzip"),
+        ([b"br"], "br"),
+    ],
+)
+def test_each_content_coding_header_is_checked(codings: list[bytes], refused: str | None) -> None:
+    driver = driver_answering(
+        httpx.Response(
+            200,
+            headers=[(b"Content-Encoding", coding) for coding in codings],
+            stream=httpx.ByteStream(json.dumps(COUNTERS).encode()),
+        )
+    )
+    if refused is None:
+        assert driver.counters(HANDLE, timeout=1.0) == COUNTERS
+    else:
+        with pytest.raises(VmmError, match=f"content coding '{refused}'"):
+            driver.counters(HANDLE, timeout=1.0)
+
+
 def test_a_streamed_answer_is_read_and_closed() -> None:
     stream = _Streamed([b'{"state": ', b'"Running"}'])
     driver = driver_answering(httpx.Response(200, stream=stream))

@@ -191,6 +191,19 @@ def test_a_connection_the_peer_closed_while_idle_is_not_reused(
     assert peer.accepted == 2 and len(peer.requests) == 2  # not sent on the closed one
 
 
+def test_a_connection_reused_once_then_closed_by_the_peer_is_not_reused(
+    peer: Peer, transport: UnixSocketTransport
+) -> None:
+    """The check before a reuse keeps its poller with the connection: the
+    second check, on the kept poller, still sees the peer's close."""
+    peer.script = [ok(), ok(), CLOSE, ok()]
+    call(transport)
+    call(transport)  # the first reuse: the poller is made
+    wait_for(lambda: peer.closed == 1)
+    assert call(transport).status_code == 200
+    assert peer.accepted == 2 and len(peer.requests) == 3
+
+
 def test_a_get_whose_reused_connection_drops_is_retried_once(
     peer: Peer, transport: UnixSocketTransport
 ) -> None:
@@ -467,3 +480,9 @@ def test_a_kept_request_is_encoded_once_and_others_each_time(
     assert len(encoded) == 3
     assert b"X-Try" not in peer.requests[2]
     assert b"\r\nX-Try: 2\r\n" in peer.requests[3]
+    # A request made from a kept one's extensions (as a redirect is) is its
+    # own: the bytes stay with the request object they were encoded from.
+    peer.script = [ok()]
+    copy = httpx.Request("GET", URL + "vmm.ping", extensions=kept.extensions)
+    transport.handle_request(copy).read()
+    assert peer.requests[4].startswith(b"GET /api/v1/vmm.ping ")

@@ -65,9 +65,9 @@ _IDEMPOTENT = frozenset({"GET", "HEAD"})
 _NO_BODY_STATUS = frozenset({204, 304})
 _FORBIDDEN_IN_HEADERS = (b"\r", b"\n", b"\0")
 #: A request's extension saying it is sent again unchanged: its bytes are
-#: kept (under ``_ENCODED``) after its first send.
+#: kept (in the request's attribute ``_ENCODED``) after its first send.
 KEPT = "procurator.kept"
-_ENCODED = "procurator.encoded"
+_ENCODED = "_procurator_encoded"
 
 
 class _PeerClosed(Exception):
@@ -152,14 +152,15 @@ class UnixSocketTransport(httpx.BaseTransport):
         timeouts = extensions.get("timeout") or {}
         # A request its sender marks ``KEPT`` (sent again, never changed:
         # the driver's bodiless ones, such as the counters request the sweep
-        # sends to every VMM) is encoded once, its bytes kept in its own
-        # extensions. Only those: a caller may share one extensions dict
-        # between requests.
-        data = extensions.get(_ENCODED)
+        # sends to every VMM) is encoded once, its bytes kept on the request
+        # object itself: a request made from its extensions (a redirect's)
+        # does not inherit them. Only those: a caller may change an
+        # unmarked request between two sends.
+        data: bytes | None = getattr(request, _ENCODED, None)
         if data is None:
             data = _encode(request)
             if extensions.get(KEPT):
-                extensions[_ENCODED] = data
+                setattr(request, _ENCODED, data)
         conn = self._take_idle()
         if conn is not None:
             try:

@@ -223,9 +223,10 @@ _MAX_KEPT_REQUESTS = 64
 def _request(
     method: str, endpoint: str, seconds: float, body: Mapping[str, Any] | None
 ) -> httpx.Request:
-    """The request of one call: a kept one when it has no body (the
-    transports only read a request, so one object serves every call and
-    thread)."""
+    """The request of one call: a kept one when it has no body, marked
+    ``KEPT`` (one object serves every call and thread: the transports only
+    read it, but for ``UnixSocketTransport`` keeping its encoded bytes on
+    it, the same bytes whichever thread stores them first)."""
     key = (method, endpoint, seconds)
     if body is None:
         kept = _REQUESTS.get(key)
@@ -1131,9 +1132,12 @@ def _content(response: httpx.Response) -> bytes:
     cloud-hypervisor sends none, and decoding is where the transport's bound
     on a body stops holding (16 MiB of gzip becomes ~16 GiB in the worker).
     """
-    # The raw pairs, not ``Headers.get`` (which decodes and lowercases
-    # every name for each lookup: a fifth of what the sweep's call spent in
-    # httpx's models).
+    # The raw pairs, not ``Headers.get`` (which works out the headers'
+    # encoding, decodes every name and value, and raises and catches a
+    # KeyError when the header is missing, as it nearly always is: a fifth
+    # of what the sweep's call spent in httpx's models). Several values are
+    # each checked, so two ``identity`` are taken and ``identity`` beside
+    # ``gzip`` refused.
     for name, value in response.headers.raw:
         if name.lower() == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
             response.close()
