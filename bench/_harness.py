@@ -577,7 +577,10 @@ async def wait_worker_observed(
     of the answer before, so a read answers as soon as something changed;
     at most one every ``spacing`` seconds, since during a start the index
     moves with every report (back to back, they were one read per VM
-    started). ``trio.current_time()`` of the answer that showed it."""
+    started), so the clock may stop up to ``spacing`` late (the old poll:
+    up to 0.1 s). As in ``wait_observed``, a worker the apply did not
+    change keeps its older desired generation. ``trio.current_time()`` of
+    the answer that showed it."""
     index = 0
     with trio.fail_after(timeout):
         while True:
@@ -585,7 +588,7 @@ async def wait_worker_observed(
             desc = await client.describe_vm(vm_id, event_limit=0, wait_index=index, wait=10)
             now = trio.current_time()
             if (
-                desc.desired_generation >= generation
+                desc.fleet_generation >= generation
                 and desc.observed_generation >= desc.desired_generation
             ):
                 return now

@@ -373,8 +373,9 @@ async def test_status_and_applies_fail_fast_while_the_database_is_away(
 
 class _Traced:
     """A store that notes, in ``trace``, what one master heard from it
-    (the watch's health) and wrote to it (statuses, session reclaims), for
-    a failure's message."""
+    (the watch's health, its resyncs and workers' changes) and wrote to it
+    (statuses, lease renewals, session reclaims), for a failure's
+    message."""
 
     def __init__(self, store: Store, name: str, trace: list[str]) -> None:
         self._store = store
@@ -398,9 +399,19 @@ class _Traced:
             self._note(f"watch {'ok' if ok else 'broken: ' + reason[-60:]}")
             on_health(ok, reason)
 
-        await self._store.watch(on_change, health, task_status=task_status)
+        def change(change: Change) -> None:
+            if change.kind in (ChangeKind.RESYNC, ChangeKind.WORKER):
+                self._note(f"heard {change.kind.name} {change.worker_id} {change.value}")
+            on_change(change)
 
-    async def write_status(self, write: Any) -> Any:
+        await self._store.watch(change, health, task_status=task_status)
+
+    async def renew_sessions(self, master_id: str, *, lease_ms: int) -> dict[str, int]:
+        held: dict[str, int] = await self._store.renew_sessions(master_id, lease_ms=lease_ms)
+        self._note(f"renewed {sorted(held)}")
+        return held
+
+    async def write_status(self, write: StatusWrite) -> Any:
         try:
             written = await self._store.write_status(write)
         except Exception as exc:
@@ -443,8 +454,8 @@ async def test_a_status_the_database_lost_is_written_again_by_its_master(
     with PgCluster() as pg:
         url = pg.new_database()
         async with masters(url, 0) as group:
-            a = await group.start(wrap=traced("a"))
-            b = await group.start(wrap=traced("b"))
+            a = await group.start(wrap=traced("a/m0"))
+            b = await group.start(wrap=traced("b/m1"))
             await a.apply(fleet_of({"host-a": [("web-1", "a")]}))
             token = await a.register(WorkerInfo("host-a"), FakeNode())
             await a.report_status(token, WorkerStatus("host-a", 0, ()))
@@ -472,7 +483,7 @@ async def test_a_status_the_database_lost_is_written_again_by_its_master(
             trace.append("-- the database restored from before the report")
             pg.restore(before)  # the report's commit is lost
             pg.start()
-            c = await group.start(wrap=traced("c"))
+            c = await group.start(wrap=traced("c/m2"))
             for name, service in (("a", a), ("b", b), ("c", c)):
                 try:
                     await eventually(
