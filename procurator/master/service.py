@@ -2172,16 +2172,13 @@ class MasterService:
         if not events:
             return
         try:
-            await self._store.add_events(
-                worker_id, events, per_vm=self._events_per_vm, total=self._events_total
-            )
+            await self._add_events(worker_id, events)
         except UnavailableError as exc:
             self._set_unavailable_if_store(exc)
             raise
         for event in events:
             with log_context(op_id=event.op_id, worker_id=worker_id, vm_id=event.vm_id):
                 logger.info("VM %s %s: %s", event.vm_id, event.kind.value, event.message)
-        await self._pull_events()
 
     async def _record_moves(self, op_id: str, placed: Sequence[VmPlacement]) -> None:
         """A ``rescheduled`` event per VM an apply (or a heal) moved, under
@@ -2203,13 +2200,51 @@ class MasterService:
                 )
         try:
             for worker_id, events in sorted(by_worker.items()):
-                await self._store.add_events(
-                    worker_id, events, per_vm=self._events_per_vm, total=self._events_total
-                )
-            if by_worker:
-                await self._pull_events()
+                await self._add_events(worker_id, events)
         except UnavailableError as exc:
             logger.warning("apply %s: the moves' events were not stored: %s", op_id, exc)
+
+    async def _add_events(self, worker_id: str, events: Sequence[VmEvent]) -> None:
+        """Store ``events`` of ``worker_id``, and have the rings up to them.
+
+        On a store only this master writes (``single_master``: SQLite) the
+        events just stored are the only ones after the cursor, so they go
+        into the rings as written, with the seqs the store gave them, not
+        read back: that read was a second store call per events report
+        (issue 31, docs/BENCHMARKS.md). The event lock, held over the write,
+        keeps the rings in the store's order. Elsewhere other masters may
+        have stored events meanwhile: they are pulled with ours."""
+        if not events:
+            return
+        if not self._store.single_master:
+            await self._store.add_events(
+                worker_id, events, per_vm=self._events_per_vm, total=self._events_total
+            )
+            await self._pull_events()
+            return
+        async with self._events_lock:
+            last = await self._store.add_events(
+                worker_id, events, per_vm=self._events_per_vm, total=self._events_total
+            )
+            first = last - len(events) + 1
+            behind = first <= self._event_cursor  # never on a store of ours alone
+            if not behind:
+                for offset, event in enumerate(events):
+                    self._remember_event(WorkerEvent(worker_id, event, first + offset))
+                self._event_cursor = last
+                self._mark_changed()
+        if behind:
+            # Seqs grow with the database's clock and each write's count:
+            # only a store replaced under this master (an older copy) gives
+            # seqs at or below one already seen.
+            logger.warning(
+                "events stored at seqs %d-%d, at or below the newest seen (%d): the store's "
+                "seqs went back; reading it again",
+                first,
+                last,
+                self._event_cursor,
+            )
+            await self._pull_events()
 
     async def _pull_events(self) -> None:
         """Every event stored after the cursor, in seq order, into the rings."""
@@ -2456,10 +2491,7 @@ class MasterService:
             )
         try:
             for worker_id, events in sorted(by_worker.items()):
-                await self._store.add_events(
-                    worker_id, events, per_vm=self._events_per_vm, total=self._events_total
-                )
-            await self._pull_events()
+                await self._add_events(worker_id, events)
         except UnavailableError as exc:
             logger.warning("%s: the events were not stored: %s", op_id, exc)
 
@@ -2767,10 +2799,7 @@ class MasterService:
         holder = move.target if plan.move.switched else move.source
         event = VmEvent(move.vm_id, EventKind.MOVING, plan.message, move.op_id, now_ms)
         try:
-            await self._store.add_events(
-                holder, [event], per_vm=self._events_per_vm, total=self._events_total
-            )
-            await self._pull_events()
+            await self._add_events(holder, [event])
         except UnavailableError as exc:
             logger.warning("move %s: the event was not stored: %s", move.op_id, exc)
         return replace(plan.move, generation=generation) if diffs else plan.move

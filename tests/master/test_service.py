@@ -396,3 +396,68 @@ async def test_a_report_during_the_restore_after_the_database_returned_is_not_lo
         stored = await store.worker("host-a")
         assert stored is not None and stored.status == status
         nursery.cancel_scope.cancel()
+
+
+async def test_events_a_master_stores_alone_are_kept_as_stored_not_read_back(
+    tmp_path: Path, fleet_of: FleetOf
+) -> None:
+    """On a store only this master writes, the events of a report go into
+    its rings as stored (seqs included) without a read of the store; with
+    reports from many workers at once they hold exactly what the store
+    holds, in its order, as a master started afterwards on it shows."""
+    reads = 0
+
+    class Counting:
+        def __init__(self, store: FleetStore) -> None:
+            self._store = store
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._store, name)
+
+        async def events_since(self, seq: int, limit: int) -> Any:
+            nonlocal reads
+            reads += 1
+            return await self._store.events_since(seq, limit)
+
+    workers = [f"host-{i}" for i in range(6)]
+    async with await FleetStore.open(tmp_path / "m.db") as store, trio.open_nursery() as nursery:
+        service = MasterService(
+            Counting(store),  # type: ignore[arg-type]
+            push_timeout=1.0,
+            events_per_vm=8,  # all of a VM's: only the bound on all of them trims
+            events_total=30,
+        )
+        await nursery.start(service.run)
+        await service.apply(fleet_of({w: [(f"vm-{w}", "a")] for w in workers}))
+        tokens = {w: await service.register(WorkerInfo(w), FakeNode()) for w in workers}
+        reads_before = reads
+
+        async def report(worker_id: str) -> None:
+            for batch in range(4):
+                await service.report_events(
+                    tokens[worker_id],
+                    [
+                        VmEvent(f"vm-{worker_id}", EventKind.BOOTED, f"{batch}.{i}")
+                        for i in range(2)
+                    ],
+                )
+
+        async with trio.open_nursery() as reporters:
+            for w in workers:
+                reporters.start_soon(report, w)
+        assert reads == reads_before  # nothing read back
+        shown = await service.recent_events(limit=100)
+        stored = await store.events_since(0, 100)
+        assert len(shown) == 30  # the bound, of 48 reported
+        assert shown == stored
+        assert [e.seq for e in shown] == sorted(e.seq for e in shown)
+        for w in workers:
+            assert await service.recent_events(f"vm-{w}") == tuple(
+                e for e in stored if e.event.vm_id == f"vm-{w}"
+            )
+        nursery.cancel_scope.cancel()
+    async with await FleetStore.open(tmp_path / "m.db") as store, trio.open_nursery() as nursery:
+        again = MasterService(store, push_timeout=1.0, events_per_vm=8, events_total=30)
+        await nursery.start(again.run)
+        assert await again.recent_events(limit=100) == shown
+        nursery.cancel_scope.cancel()
