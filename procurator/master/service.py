@@ -33,8 +33,10 @@ Invariants:
   cached version (``StatusWritten.previous``): else other writes came in
   between (a lease expired, a session reclaimed, an apply's removals) and
   the worker is read whole, lest the new version hide them. Events enter the
-  rings in seq order, from the store only (``_pull_events``): the store
-  mints seqs under a lock, so a cursor skips nothing.
+  rings in seq order: read from the store (``_pull_events``; the store
+  mints seqs under a lock, so a cursor skips nothing) or, on a store only
+  this master writes, as this master stored them, with the seqs the store
+  gave them (``_add_events``).
 - **An apply is one transaction** that mints the generation and checks the
   expected one inside it. The fleet cache is brought up to date from the
   store before the diff (one cheap query: the workers changed since); if
@@ -601,6 +603,7 @@ class MasterService:
         self._vm_events: dict[str, collections.deque[WorkerEvent]] = {}
         self._max_vm_event_keys = events_total
         self._event_cursor = 0
+        self._events_unsure = False  # a write of events failed: read the next back
         # Catching up: what notifications (or the backstop) said is newer.
         self._dirty_generation = 0
         self._dirty_workers: set[str] = set()
@@ -2200,64 +2203,90 @@ class MasterService:
                 )
         try:
             for worker_id, events in sorted(by_worker.items()):
-                await self._add_events(worker_id, events)
+                await self._add_events(worker_id, events, pull=False)
+            if by_worker and not self._store.single_master:
+                await self._pull_events()
         except UnavailableError as exc:
             logger.warning("apply %s: the moves' events were not stored: %s", op_id, exc)
 
-    async def _add_events(self, worker_id: str, events: Sequence[VmEvent]) -> None:
-        """Store ``events`` of ``worker_id``, and have the rings up to them.
+    async def _add_events(
+        self, worker_id: str, events: Sequence[VmEvent], *, pull: bool = True
+    ) -> None:
+        """Store ``events`` of ``worker_id``, and have the rings up to them
+        (with ``pull`` False, a caller storing several workers' events reads
+        them once after them: ``_pull_events``).
 
         On a store only this master writes (``single_master``: SQLite) the
-        events just stored are the only ones after the cursor, so they go
-        into the rings as written, with the seqs the store gave them, not
-        read back: that read was a second store call per events report
-        (issue 31, docs/BENCHMARKS.md). The event lock, held over the write,
-        keeps the rings in the store's order. Elsewhere other masters may
-        have stored events meanwhile: they are pulled with ours."""
+        events just stored are the only ones after the cursor, with the seqs
+        the store minted for them (``Store.add_events``), so they go into
+        the rings as written, not read back: that read was a second store
+        call per events report (issue 31, docs/BENCHMARKS.md). The rings
+        stay bounded as the store is, not a copy of it: a report with more
+        events of one VM than the store keeps of it shows them all in the
+        fleet-wide ring, as the same events sent in several reports always
+        did. The event lock, held over the write, keeps the rings in the
+        store's order. A write that failed may still have committed (an
+        error after the commit): the next write, under the same lock, reads
+        back what came after the cursor, so those events are not skipped.
+        Elsewhere other masters may have stored events meanwhile: they are
+        read with ours."""
         if not events:
             return
         if not self._store.single_master:
             await self._store.add_events(
                 worker_id, events, per_vm=self._events_per_vm, total=self._events_total
             )
-            await self._pull_events()
+            if pull:
+                await self._pull_events()
             return
         async with self._events_lock:
-            last = await self._store.add_events(
-                worker_id, events, per_vm=self._events_per_vm, total=self._events_total
-            )
+            unsure = self._events_unsure
+            try:
+                last = await self._store.add_events(
+                    worker_id, events, per_vm=self._events_per_vm, total=self._events_total
+                )
+            except BaseException:
+                self._events_unsure = True
+                raise
             first = last - len(events) + 1
-            behind = first <= self._event_cursor  # never on a store of ours alone
-            if not behind:
+            seen = self._event_cursor
+            if unsure:
+                await self._pull_locked()
+                self._events_unsure = False
+                return
+            if first > seen:
                 for offset, event in enumerate(events):
                     self._remember_event(WorkerEvent(worker_id, event, first + offset))
                 self._event_cursor = last
                 self._mark_changed()
-        if behind:
-            # Seqs grow with the database's clock and each write's count:
-            # only a store replaced under this master (an older copy) gives
-            # seqs at or below one already seen.
-            logger.warning(
-                "events stored at seqs %d-%d, at or below the newest seen (%d): the store's "
-                "seqs went back; reading it again",
-                first,
-                last,
-                self._event_cursor,
-            )
-            await self._pull_events()
+                return
+        # Seqs grow with the database's clock and each write's count: only a
+        # store replaced under this master (an older copy) gives seqs at or
+        # below one already seen.
+        logger.warning(
+            "events stored at seqs %d-%d, at or below the newest this master has seen (%d): "
+            "the store's seqs went back; they show after the master restarts",
+            first,
+            last,
+            seen,
+        )
 
     async def _pull_events(self) -> None:
         """Every event stored after the cursor, in seq order, into the rings."""
         async with self._events_lock:
-            while True:
-                page = await self._store.events_since(self._event_cursor, _EVENTS_PAGE)
-                for item in page:
-                    self._remember_event(item)
-                    self._event_cursor = item.seq
-                if page:
-                    self._mark_changed()
-                if len(page) < _EVENTS_PAGE:
-                    return
+            await self._pull_locked()
+
+    async def _pull_locked(self) -> None:
+        """``_pull_events`` with the event lock held."""
+        while True:
+            page = await self._store.events_since(self._event_cursor, _EVENTS_PAGE)
+            for item in page:
+                self._remember_event(item)
+                self._event_cursor = item.seq
+            if page:
+                self._mark_changed()
+            if len(page) < _EVENTS_PAGE:
+                return
 
     def _remember_event(self, item: WorkerEvent) -> None:
         if len(self._events) == self._events.maxlen:
@@ -2491,7 +2520,9 @@ class MasterService:
             )
         try:
             for worker_id, events in sorted(by_worker.items()):
-                await self._add_events(worker_id, events)
+                await self._add_events(worker_id, events, pull=False)
+            if by_worker and not self._store.single_master:
+                await self._pull_events()
         except UnavailableError as exc:
             logger.warning("%s: the events were not stored: %s", op_id, exc)
 

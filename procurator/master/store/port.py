@@ -201,8 +201,10 @@ class Store(Protocol):
     async def add_events(
         self, worker_id: str, events: Sequence[VmEvent], *, per_vm: int, total: int
     ) -> int:
-        """Store events under new seqs (the newest is returned), keeping at
-        most ``per_vm`` per VM and ``total`` in all."""
+        """Store events under new seqs, keeping at most ``per_vm`` per VM
+        and ``total`` in all. The newest seq is returned: the events got
+        the seqs ``newest - len(events) + 1 .. newest``, in their order (a
+        master that alone writes the store puts them in its rings so)."""
         ...
 
     async def events_since(self, seq: int, limit: int) -> tuple[WorkerEvent, ...]: ...
