@@ -184,7 +184,9 @@ Invariants:
   sessions commit with ``synchronous_commit = off``; a failover may promote
   a replica that was behind), and a worker whose report was acknowledged
   does not send it again: so before serving again, a master writes anew
-  the last status of every session it still holds (``_restore_statuses``).
+  the last status of every session it still holds (``_restore_statuses``),
+  and serves only if the database did not go away again meanwhile (what it
+  wrote may be lost with that outage too: it writes again after it).
   A failed apply changed nothing unless its commit was under way: then the
   outcome is unknown to the master too, and the request id settles it.
 - Every log record of an apply and of the pushes, status transitions and
@@ -615,6 +617,7 @@ class MasterService:
         # The database: reachable (the notifications flow) and caught up.
         self._watch_ok = False
         self._available = False
+        self._outages = 0  # times the database went away (_set_unavailable)
         self._unavailable = f"database {store.name} has not been read yet"
         self._change_index = int(wall_clock() * 1e6)
         self._changed = trio.Event()
@@ -886,6 +889,7 @@ class MasterService:
             self._mark_changed()
         self._available = False
         self._unavailable = reason
+        self._outages += 1
         self._dirty_all = True
         self._sync_wake.set()
 
@@ -911,6 +915,7 @@ class MasterService:
     async def _sync(self) -> None:
         """Bring every cache up to what the notifications (or, with
         ``_dirty_all``, a comparison of versions) say is newer."""
+        outages = self._outages
         full = self._dirty_all
         if full:
             self._dirty_all = False
@@ -951,6 +956,12 @@ class MasterService:
         if full and self._watch_ok and not self._available:
             # Still refusing reports: nothing else writes a status here now.
             await self._restore_statuses()
+            if self._outages != outages or not self._watch_ok:
+                # The database went away again while this sync ran: what it
+                # read and wrote again may be lost with it (a restart from
+                # an older copy). Unavailable still; the next full sync,
+                # once the database is back, writes the statuses again.
+                return
             self._available = True
             logger.info("database %s is back; caught up", self._store.name)
             self._mark_changed()

@@ -492,9 +492,11 @@ async def test_a_status_the_database_lost_is_written_again_by_its_master(
                         timeout=30,
                     )
                 except AssertionError as exc:
-                    # Seen once in a CI run (2026-12-07), not reproduced in
-                    # 54 runs since: say what every master saw, held, heard
-                    # from the database and wrote to it.
+                    # Say what every master saw, held, heard from the
+                    # database and wrote to it. (This trace found the race
+                    # behind a 2026-12-07 failure: a restore finished on the
+                    # old server after the next outage began; see
+                    # test_service.py's test of it.)
                     state = {
                         m.master_id: (
                             m._available,

@@ -32,7 +32,7 @@ from procurator.core.models import (
 from procurator.core.status import StatusChanges
 from procurator.core.validation import LIMITS
 from procurator.master.service import MasterService
-from procurator.master.store import FleetStore, StatusWrite
+from procurator.master.store import Change, ChangeKind, FleetStore, StatusWrite
 
 FleetOf = Callable[[dict[str, list[tuple[str, str]]]], Fleet]
 
@@ -513,4 +513,81 @@ async def test_events_a_failed_write_committed_are_not_skipped(
         shown = await service.recent_events()
         assert [e.event.message for e in shown] == ["first", "second"]
         assert shown == await store.events_since(0, 10)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_status_written_again_as_the_database_goes_away_is_written_once_more(
+    tmp_path: Path, fleet_of: FleetOf
+) -> None:
+    """The database comes back, the master writes its sessions' statuses
+    again, and the database goes away before that write is done (seen once
+    on PostgreSQL: the write committed on a server that was then restarted
+    from an older copy). The master must not serve as caught up: once the
+    database is back again it writes the statuses once more."""
+    health: list[Callable[[bool, str], None]] = []
+    changes: list[Callable[[Change], None]] = []
+    writes: list[int] = []
+    gate: list[trio.Event] = []
+    entered = trio.Event()
+    written = trio.Event()
+
+    class Watched:
+        def __init__(self, store: FleetStore) -> None:
+            self._store = store
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._store, name)
+
+        async def watch(self, on_change: Any, on_health: Any, *, task_status: Any) -> None:
+            health.append(on_health)
+            changes.append(on_change)
+            on_health(True, "")
+            task_status.started()
+            await trio.sleep_forever()
+
+        async def write_status(self, write: StatusWrite) -> Any:
+            writes.append(write.observed_generation)
+            if not gate:
+                return await self._store.write_status(write)
+            entered.set()
+            await gate[0].wait()
+            done = await self._store.write_status(write)
+            written.set()
+            return done
+
+    def database(up: bool) -> None:
+        health[0](up, "" if up else "database gone")
+        if up:
+            changes[0](Change(ChangeKind.RESYNC))
+
+    async with await FleetStore.open(tmp_path / "m.db") as store, trio.open_nursery() as nursery:
+        service = MasterService(
+            Watched(store),  # type: ignore[arg-type]
+            push_timeout=1.0,
+            sync_interval=3600,
+        )
+        await nursery.start(service.run)
+        applied = await service.apply(fleet_of({"host-a": [("web-1", "a")]}))
+        token = await service.register(WorkerInfo("host-a"), FakeNode())
+        reported = WorkerStatus("host-a", applied.generation, ())
+        await service.report_status(token, reported)
+        assert writes == [applied.generation]
+        database(False)
+        assert not service.available
+        gate.append(trio.Event())
+        database(True)
+        await entered.wait()  # the status is being written again...
+        database(False)  # ...as the database goes away once more
+        gate[0].set()
+        await written.wait()
+        await settle()
+        assert not service.available  # what it wrote may be lost with it
+        gate.clear()
+        database(True)
+        with trio.fail_after(10):
+            while not service.available:
+                await trio.sleep(0.01)
+        assert writes == [applied.generation] * 3  # the report, the restore, once more
+        (worker,) = (await service.fleet_status()).workers
+        assert worker.status == reported
         nursery.cancel_scope.cancel()
