@@ -219,7 +219,7 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NoReturn, Protocol
 
@@ -2186,7 +2186,7 @@ class MasterService:
         if not events:
             return
         try:
-            await self._add_events(worker_id, events)
+            await self._add_events([(worker_id, events)])
         except UnavailableError as exc:
             self._set_unavailable_if_store(exc)
             raise
@@ -2213,19 +2213,13 @@ class MasterService:
                     )
                 )
         try:
-            for worker_id, events in sorted(by_worker.items()):
-                await self._add_events(worker_id, events, pull=False)
-            if by_worker and not self._store.single_master:
-                await self._pull_events()
+            await self._add_events(sorted(by_worker.items()))
         except UnavailableError as exc:
             logger.warning("apply %s: the moves' events were not stored: %s", op_id, exc)
 
-    async def _add_events(
-        self, worker_id: str, events: Sequence[VmEvent], *, pull: bool = True
-    ) -> None:
-        """Store ``events`` of ``worker_id``, and have the rings up to them
-        (with ``pull`` False, a caller storing several workers' events reads
-        them once after them: ``_pull_events``).
+    async def _add_events(self, batches: Iterable[tuple[str, Sequence[VmEvent]]]) -> None:
+        """Store each batch of events (worker id, its events), and have the
+        rings up to them.
 
         On a store only this master writes (``single_master``: SQLite) the
         events just stored are the only ones after the cursor, with the seqs
@@ -2235,52 +2229,58 @@ class MasterService:
         stay bounded as the store is, not a copy of it: a report with more
         events of one VM than the store keeps of it shows them all in the
         fleet-wide ring, as the same events sent in several reports always
-        did. The event lock, held over the write, keeps the rings in the
+        did. The event lock, held over the writes, keeps the rings in the
         store's order. A write that failed may still have committed (an
         error after the commit): the next write, under the same lock, reads
         back what came after the cursor, so those events are not skipped.
         Elsewhere other masters may have stored events meanwhile: they are
-        read with ours."""
-        if not events:
+        read with ours, once after all the batches."""
+        batches = [(worker_id, events) for worker_id, events in batches if events]
+        if not batches:
             return
         if not self._store.single_master:
-            await self._store.add_events(
-                worker_id, events, per_vm=self._events_per_vm, total=self._events_total
-            )
-            if pull:
-                await self._pull_events()
-            return
-        async with self._events_lock:
-            unsure = self._events_unsure
-            try:
-                last = await self._store.add_events(
+            for worker_id, events in batches:
+                await self._store.add_events(
                     worker_id, events, per_vm=self._events_per_vm, total=self._events_total
                 )
-            except BaseException:
-                self._events_unsure = True
-                raise
-            first = last - len(events) + 1
-            seen = self._event_cursor
-            if unsure:
-                await self._pull_locked()
-                self._events_unsure = False
-                return
-            if first > seen:
-                for offset, event in enumerate(events):
-                    self._remember_event(WorkerEvent(worker_id, event, first + offset))
-                self._event_cursor = last
-                self._mark_changed()
-                return
-        # Seqs grow with the database's clock and each write's count: only a
-        # store replaced under this master (an older copy) gives seqs at or
-        # below one already seen.
-        logger.warning(
-            "events stored at seqs %d-%d, at or below the newest this master has seen (%d): "
-            "the store's seqs went back; they show after the master restarts",
-            first,
-            last,
-            seen,
-        )
+            await self._pull_events()
+            return
+        async with self._events_lock:
+            for worker_id, events in batches:
+                await self._add_own_events_locked(worker_id, events)
+
+    async def _add_own_events_locked(self, worker_id: str, events: Sequence[VmEvent]) -> None:
+        """``_add_events`` of one batch on a store only this master writes,
+        the event lock held."""
+        unsure = self._events_unsure
+        try:
+            last = await self._store.add_events(
+                worker_id, events, per_vm=self._events_per_vm, total=self._events_total
+            )
+        except BaseException:
+            self._events_unsure = True
+            raise
+        if unsure:
+            await self._pull_locked()
+            self._events_unsure = False
+            return
+        first = last - len(events) + 1
+        if first <= self._event_cursor:
+            # Seqs grow with the database's clock and each write's count:
+            # only a store replaced under this master (an older copy) gives
+            # seqs at or below one already seen.
+            logger.warning(
+                "events stored at seqs %d-%d, at or below the newest this master has seen "
+                "(%d): the store's seqs went back; they show after the master restarts",
+                first,
+                last,
+                self._event_cursor,
+            )
+            return
+        for offset, event in enumerate(events):
+            self._remember_event(WorkerEvent(worker_id, event, first + offset))
+        self._event_cursor = last
+        self._mark_changed()
 
     async def _pull_events(self) -> None:
         """Every event stored after the cursor, in seq order, into the rings."""
@@ -2530,10 +2530,7 @@ class MasterService:
                 VmEvent(vm_id, EventKind.WARNING, message, op_id, now)
             )
         try:
-            for worker_id, events in sorted(by_worker.items()):
-                await self._add_events(worker_id, events, pull=False)
-            if by_worker and not self._store.single_master:
-                await self._pull_events()
+            await self._add_events(sorted(by_worker.items()))
         except UnavailableError as exc:
             logger.warning("%s: the events were not stored: %s", op_id, exc)
 
@@ -2841,7 +2838,7 @@ class MasterService:
         holder = move.target if plan.move.switched else move.source
         event = VmEvent(move.vm_id, EventKind.MOVING, plan.message, move.op_id, now_ms)
         try:
-            await self._add_events(holder, [event])
+            await self._add_events([(holder, [event])])
         except UnavailableError as exc:
             logger.warning("move %s: the event was not stored: %s", move.op_id, exc)
         return replace(plan.move, generation=generation) if diffs else plan.move

@@ -125,18 +125,26 @@ class RestartableService:
         return await self.start()
 
 
-class DiesAfterCommit:
+class PassThroughStore:
+    """A store that passes every call through to ``store``: a test's
+    wrapper overrides the calls it watches or bends."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+class DiesAfterCommit(PassThroughStore):
     """The master's store, for a master that dies right after its commit:
     the apply is stored, the answer is never sent (the commit never
     returns; the test then stops the master). Everything else passes
     through to the real store."""
 
     def __init__(self, store: Store) -> None:
-        self._store = store
+        super().__init__(store)
         self.committed = trio.Event()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
 
     async def commit(self, **kwargs: Any) -> int:
         await self._store.commit(**kwargs)

@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 import trio
-from masterhelpers import FakeNode
+from masterhelpers import FakeNode, PassThroughStore
 
 from procurator.core.errors import StaleGenerationError, UnavailableError
 from procurator.core.models import (
@@ -371,19 +371,16 @@ async def test_status_and_applies_fail_fast_while_the_database_is_away(
             await eventually(lambda: _at(a, 2), "a hears of it")
 
 
-class _Traced:
+class _Traced(PassThroughStore):
     """A store that notes, in ``trace``, what one master heard from it
     (the watch's health, its resyncs and workers' changes) and wrote to it
     (statuses, lease renewals, session reclaims), for a failure's
     message."""
 
     def __init__(self, store: Store, name: str, trace: list[str]) -> None:
-        self._store = store
+        super().__init__(store)
         self._name = name
         self._trace = trace
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
 
     def _note(self, what: str) -> None:
         self._trace.append(f"{trio.current_time():.2f} {self._name}: {what}")

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from masterhelpers import FakeNode
+from masterhelpers import FakeNode, PassThroughStore
 
 from procurator.core.errors import (
     LimitExceededError,
@@ -410,13 +410,7 @@ async def test_events_a_master_stores_alone_are_kept_as_stored_not_read_back(
     reads = 0
     writes = 0
 
-    class Counting:
-        def __init__(self, store: FleetStore) -> None:
-            self._store = store
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._store, name)
-
+    class Counting(PassThroughStore):
         async def events_since(self, seq: int, limit: int) -> Any:
             nonlocal reads
             reads += 1
@@ -484,13 +478,7 @@ async def test_events_a_failed_write_committed_are_not_skipped(
     events: that write reads back everything after the cursor."""
     failing = [True]
 
-    class CommitThenFail:
-        def __init__(self, store: FleetStore) -> None:
-            self._store = store
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._store, name)
-
+    class CommitThenFail(PassThroughStore):
         async def add_events(self, *args: Any, **kw: Any) -> int:
             newest: int = await self._store.add_events(*args, **kw)
             if failing[0]:
@@ -531,13 +519,7 @@ async def test_a_status_written_again_as_the_database_goes_away_is_written_once_
     entered = trio.Event()
     written = trio.Event()
 
-    class Watched:
-        def __init__(self, store: FleetStore) -> None:
-            self._store = store
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._store, name)
-
+    class Watched(PassThroughStore):
         async def watch(self, on_change: Any, on_health: Any, *, task_status: Any) -> None:
             health.append(on_health)
             changes.append(on_change)
