@@ -855,6 +855,17 @@ interface WorkerSession {
   # named twice), and with `limitExceeded` when the merged status would be
   # over the per-worker VM limit. Either way the master keeps the status it
   # had: the worker sends a full `reportStatus` next.
+  reportStatusAndEvents @5 (changes :WorkerStatusChanges, events :List(VmEvent))
+      -> (result :ReportResult, eventsResult :ReportResult);
+  # `reportStatusChanges(changes)` then `reportEvents(events)` in one call
+  # (a burst of starts reports both for the same VMs: half the calls).
+  # `result` is the status changes' (and the call's own: a request that
+  # does not decode, an internal error); when it is an error the events
+  # were not looked at, and `eventsResult` means nothing: the worker sends
+  # them again, alone. Otherwise `eventsResult` is the events' result, as
+  # `reportEvents` would answer it. Added with combined reports (after
+  # version 1's first release): an older master answers unimplemented, and
+  # the worker makes the two calls instead for the rest of the session.
 }
 
 struct ReportResult {

@@ -101,6 +101,7 @@ RPC_METHODS = (
     "reportStatusChanges",
     "reportMetrics",
     "reportEvents",
+    "reportStatusAndEvents",
 )
 """The ``method`` label values ``InstrumentedBackend`` counts under."""
 
@@ -376,6 +377,13 @@ class MasterInstruments:
                 key = (method, _error_code(error))
                 self._errors[key] = self._errors.get(key, 0) + 1
 
+    def count_error(self, method: str, error: BaseException) -> None:
+        """An error a counted call answered without raising it (a part of
+        the call's results)."""
+        with self._lock:
+            key = (method, _error_code(error))
+            self._errors[key] = self._errors.get(key, 0) + 1
+
     def observe_store(
         self, operation: str, seconds: float, error: BaseException | None = None
     ) -> None:
@@ -541,13 +549,25 @@ _WIRE_NAMES = {
     "report_status_changes": "reportStatusChanges",
     "report_metrics": "reportMetrics",
     "report_events": "reportEvents",
+    "report_status_and_events": "reportStatusAndEvents",
 }
+
+
+def _after_status_and_events(
+    instruments: MasterInstruments, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any
+) -> None:
+    _after_report(instruments, args, kwargs, result)
+    if result is not None:  # the events' part answered an error
+        instruments.count_error("reportStatusAndEvents", result)
+
+
 _UNCOUNTED = frozenset({"run", "unregister"})  # the service's life; a connection that ended
 _AFTER: dict[str, Callable[[MasterInstruments, tuple[Any, ...], dict[str, Any], Any], None]] = {
     "apply": _after_apply,
     "apply_patch": _after_patch,
     "report_status": _after_report,
     "report_status_changes": _after_report,
+    "report_status_and_events": _after_status_and_events,
 }
 
 

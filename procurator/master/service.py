@@ -2194,6 +2194,20 @@ class MasterService:
             with log_context(op_id=event.op_id, worker_id=worker_id, vm_id=event.vm_id):
                 logger.info("VM %s %s: %s", event.vm_id, event.kind.value, event.message)
 
+    async def report_status_and_events(
+        self, token: int, changes: StatusChanges, events: Sequence[VmEvent]
+    ) -> ProcuratorError | None:
+        """``report_status_changes`` then ``report_events``, as one call
+        (``WorkerSession.reportStatusAndEvents``): raises what the first
+        raises (the events are then not looked at); answers what the second
+        raises (the events' own answer), or None."""
+        await self.report_status_changes(token, changes)
+        try:
+            await self.report_events(token, events)
+        except ProcuratorError as exc:
+            return exc
+        return None
+
     async def _record_moves(self, op_id: str, placed: Sequence[VmPlacement]) -> None:
         """A ``rescheduled`` event per VM an apply (or a heal) moved, under
         its new worker. The move is committed whatever becomes of these: a

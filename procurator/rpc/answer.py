@@ -40,7 +40,7 @@ from procurator.core.errors import ProcuratorError, UnauthorizedError
 from procurator.logs import log_context, new_op_id
 from procurator.rpc.convert import READ_ERRORS, fill_error, malformed_error
 
-__all__ = ["answer", "error_arm", "error_result"]
+__all__ = ["answer", "error_arm", "error_result", "refuse"]
 
 R = TypeVar("R")
 
@@ -98,9 +98,8 @@ async def answer(
             await serve(request, context.results)
             return
     except ProcuratorError as exc:
-        error = exc
-        level = logging.WARNING if isinstance(exc, UnauthorizedError) else logging.INFO
-        why = f"refused ({exc.code}): {exc.message}"
+        refuse(error_builder(context.results), exc, label, logger=logger, who=who, op_id=op_id)
+        return
     except Exception as exc:  # a bug: answered, and logged with its traceback
         error = ProcuratorError(f"{method}: internal error; see {log_name}")
         error.op_id = op_id or new_op_id()
@@ -108,7 +107,38 @@ async def answer(
             logger.error("%s: %s failed unexpectedly", who, label, exc_info=exc)  # noqa: TRY400
         fill_error(error_builder(context.results), error)
         return
+    _refuse(error_builder(context.results), error, label, level, why, logger, who, op_id)
+
+
+def refuse(
+    builder: Any,
+    error: ProcuratorError,
+    label: str,
+    *,
+    logger: logging.Logger,
+    who: object = "",
+    op_id: str = "",
+) -> None:
+    """Fill the ``Error`` ``builder`` with ``error`` and log it, as
+    :func:`answer` does with an error ``serve`` raised: for a call that
+    answers several results, each with its own error (``label`` names the
+    part in the log)."""
+    level = logging.WARNING if isinstance(error, UnauthorizedError) else logging.INFO
+    why = f"refused ({error.code}): {error.message}"
+    _refuse(builder, error, label, level, why, logger, who, op_id)
+
+
+def _refuse(
+    builder: Any,
+    error: ProcuratorError,
+    label: str,
+    level: int,
+    why: str,
+    logger: logging.Logger,
+    who: object,
+    op_id: str,
+) -> None:
     error.op_id = error.op_id or op_id or new_op_id()
     with log_context(op_id=error.op_id):
         logger.log(level, "%s: %s %s", who, label, why)
-    fill_error(error_builder(context.results), error)
+    fill_error(builder, error)

@@ -769,6 +769,18 @@ class CapnpMasterSession:
     async def report_events(self, events: Sequence[VmEvent]) -> None:
         await self._bridge.run(_report_events, self._handle, events, what="reportEvents")
 
+    async def report_status_and_events(
+        self, changes: StatusChanges, events: Sequence[VmEvent]
+    ) -> PermanentError | None:
+        """``report_status_changes`` then ``report_events`` in one call.
+        Raises as ``report_status_changes`` would (the events were then not
+        looked at; ``UnsupportedError`` from an older master, which took
+        nothing); otherwise the events' refusal for good, or None (a
+        temporary failure of the events raises)."""
+        return await self._bridge.run(
+            _report_status_and_events, self._handle, changes, events, what="reportStatusAndEvents"
+        )
+
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
             await self._bridge.run(_close, self._handle)
@@ -864,3 +876,20 @@ async def _report_events(
     request = _session(handle).reportEvents_request()
     fill_events(request.init("events", len(events)), events)
     _check_report(await request.send())
+
+
+async def _report_status_and_events(
+    handle: CapnpHandle[tuple[ClientConnection, Any]],
+    changes: StatusChanges,
+    events: Sequence[VmEvent],
+) -> PermanentError | None:
+    request = _session(handle).reportStatusAndEvents_request()
+    fill_status_changes(request.init("changes"), changes)
+    fill_events(request.init("events", len(events)), events)
+    response = await request.send()
+    _check_report(response)
+    try:
+        _ok(response.eventsResult)
+    except PermanentError as exc:
+        return exc
+    return None

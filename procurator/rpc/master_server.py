@@ -119,7 +119,7 @@ from procurator.core.status import StatusChanges
 from procurator.core.validation import check_rollout_id, check_vm_id, check_worker_id
 from procurator.logs import log_context, new_op_id
 from procurator.rpc.address import Address
-from procurator.rpc.answer import ErrorBuilder, answer, error_arm, error_result
+from procurator.rpc.answer import ErrorBuilder, answer, error_arm, error_result, refuse
 from procurator.rpc.bridge import (
     TRAVERSAL_LIMIT_WORDS,
     Bridge,
@@ -322,6 +322,13 @@ class MasterBackend(Protocol):
     async def report_metrics(self, token: int, report: MetricsReport) -> None: ...
 
     async def report_events(self, token: int, events: Sequence[VmEvent]) -> None: ...
+
+    async def report_status_and_events(
+        self, token: int, changes: StatusChanges, events: Sequence[VmEvent]
+    ) -> ProcuratorError | None:
+        """The two reports in one call: raises as ``report_status_changes``
+        (the events then not looked at), answers the events' error."""
+        ...
 
 
 # ---------------------------------------------------------------- trio side
@@ -988,6 +995,33 @@ class _WorkerSessionImpl(_schema.WorkerSession.Server):  # type: ignore[misc, na
             self._listener.backend.report_events,
         )
 
+    async def reportStatusAndEvents_context(self, context: Any) -> None:
+        async def serve(request: tuple[StatusChanges, tuple[VmEvent, ...]], results: Any) -> None:
+            listener = self._listener
+            refused = await listener.call(
+                listener.backend.report_status_and_events, self._token, *request
+            )
+            results.result.ok = None
+            if refused is None:
+                results.eventsResult.ok = None
+            else:
+                refuse(
+                    results.eventsResult.init("error"),
+                    refused,
+                    "reportStatusAndEvents's events",
+                    logger=logger,
+                    who=self._conn,
+                )
+
+        await _answer(
+            self._conn,
+            "WorkerSession.reportStatusAndEvents",
+            context,
+            error_arm,
+            _decode_status_and_events,
+            serve,
+        )
+
     async def _report(
         self,
         method: str,
@@ -1000,6 +1034,10 @@ class _WorkerSessionImpl(_schema.WorkerSession.Server):  # type: ignore[misc, na
             results.result.ok = None
 
         await _answer(self._conn, method, context, error_arm, decode, serve)
+
+
+def _decode_status_and_events(params: Any) -> tuple[StatusChanges, tuple[VmEvent, ...]]:
+    return status_changes_from_reader(params.changes), events_from_reader(params.events)
 
 
 def _decode_known_generation(params: Any) -> int:

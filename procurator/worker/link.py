@@ -40,7 +40,14 @@ Invariants:
   (only the newest unsent set is kept; ``metrics_dropped`` counts the rest).
 - **Events are buffered up to a bound**; when it overflows the oldest are
   dropped and counted (``events_dropped``). Sent events leave the buffer only
-  once the master acknowledged them.
+  once the master acknowledged them (or refused them for good).
+- **Status and events share one call in flight.** A status change report
+  and the events queued meanwhile cross in one ``report_status_and_events``
+  (a burst of starts reports both for the same VMs: half the calls, each a
+  hop into the master's event loop). Its status part is answered first: when
+  it is refused the events were not looked at, and they go again, alone,
+  after the whole status. A master without the combined call (older) gets
+  the two calls, one after the other, for the rest of the session.
 - A call that hangs longer than ``call_timeout`` ends the session: the
   connection is closed and the link reconnects. A metrics report that
   crosses as several calls (a big one, in slices) is bounded call by call,
@@ -169,6 +176,15 @@ class MasterSession(Protocol):
 
     async def report_events(self, events: Sequence[VmEvent]) -> None: ...
 
+    async def report_status_and_events(
+        self, changes: StatusChanges, events: Sequence[VmEvent]
+    ) -> PermanentError | None:
+        """``report_status_changes`` then ``report_events`` in one call:
+        raises as the first (the events were then not taken;
+        ``UnsupportedError``: the master has no such call, it took nothing),
+        answers the events' refusal for good, or None."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -234,14 +250,14 @@ class MasterLink:
         self._session: MasterSession | None = None
         # Status: the whole, and what the master has not acknowledged yet.
         self._outbox = StatusOutbox(info.worker_id)
-        self._status_wake = trio.Event()
+        # Wakes the reports' sender: status or events to send.
+        self._reports_wake = trio.Event()
         # Metrics: latest unsent set only.
         self._metrics: tuple[MetricSample, ...] | None = None
         self._metrics_wake = trio.Event()
         # Events: bounded buffer of (sequence number, event).
         self._events: collections.deque[tuple[int, VmEvent]] = collections.deque()
         self._event_seq = itertools.count(1)
-        self._events_wake = trio.Event()
         # The fence: last contact (trio clock; set in ``run``), whether
         # fenced, and what the deliverer still has to tell the handler.
         self._on_fence = on_fence
@@ -284,25 +300,25 @@ class MasterLink:
         reconnect). O(VMs): a handler that knows what changed calls
         ``publish_status_changes``."""
         self._outbox.publish(status)
-        self._status_wake.set()
+        self._reports_wake.set()
 
     def publish_status_changes(self, changes: StatusChanges) -> None:
         """Report what changed in the status since the last publication
         (O(changes); coalesced like ``publish_status``)."""
         self._outbox.publish_changes(changes)
-        self._status_wake.set()
+        self._reports_wake.set()
 
     def publish_prepared(self, prepared: tuple[PreparedImage, ...]) -> None:
         """Report the progress on the images the assignment asks to prepare
         (whole; it goes with the status, see ``StatusOutbox.publish_prepared``)."""
         self._outbox.publish_prepared(prepared)
-        self._status_wake.set()
+        self._reports_wake.set()
 
     def publish_transfers(self, transfers: tuple[TransferProgress, ...]) -> None:
         """Report a move's disk transfers (whole; it goes with the status,
         see ``StatusOutbox.publish_transfers``)."""
         self._outbox.publish_transfers(transfers)
-        self._status_wake.set()
+        self._reports_wake.set()
 
     def publish_metrics(self, samples: Sequence[MetricSample]) -> None:
         """Send ``samples`` when the master can take them; an unsent older
@@ -321,7 +337,7 @@ class MasterLink:
                 self.events_dropped += 1
             self._events.append((next(self._event_seq), event))
         if events:
-            self._events_wake.set()
+            self._reports_wake.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled; ready at once (see the module docstring)."""
@@ -556,9 +572,8 @@ class MasterLink:
         async with trio.open_nursery() as nursery:
             await self._pull(session)
             nursery.start_soon(self._resync, session)
-            nursery.start_soon(self._send_status, session)
+            nursery.start_soon(self._send_reports, session)
             nursery.start_soon(self._send_metrics, session)
-            nursery.start_soon(self._send_events, session)
             await session.wait_disconnected()
             raise UnavailableError("the connection to the master broke")
 
@@ -606,39 +621,93 @@ class MasterLink:
         self._contact()
         return None
 
-    async def _send_status(self, session: MasterSession) -> None:
+    async def _send_reports(self, session: MasterSession) -> None:
+        """Report the status and the events, one call in flight: a status
+        change report and the events queued meanwhile go in one call
+        (``report_status_and_events``), which in a burst of starts halves
+        the calls; a whole status, or either alone, goes by itself."""
         outbox = self._outbox
-        send_changes = True  # False once the master said it does not take them
+        send_changes = True  # False once the master said it takes whole status reports only
+        together = True  # False once the master said it has no combined call
         while True:
             report = outbox.take(changes=send_changes)
-            if report is None:
-                await self._status_wake.wait()
-                self._status_wake = trio.Event()
+            batch = list(itertools.islice(self._events, self.settings.event_batch))
+            if report is None and not batch:
+                await self._reports_wake.wait()
+                self._reports_wake = trio.Event()
                 continue
-            try:
-                if isinstance(report, StatusChanges):
-                    logger.debug(
-                        "reporting status changes: generation %d, %d VM(s) changed",
-                        report.observed_generation,
-                        len(report.changed),
-                    )
-                    refused = await self._refusal(session.report_status_changes, report)
-                    if refused is not None:
-                        # The master kept the status it had: make it whole.
-                        if isinstance(refused, UnsupportedError):
-                            send_changes = False  # an older master
-                            logger.info("the master takes whole status reports only")
-                        else:
-                            logger.warning("the master refused a status change report: %s", refused)
-                        outbox.refused()
-                        continue
-                elif not await self._call("a status report", session.report_status, report):
-                    outbox.refused()  # it holds no status of ours
-                    continue
-            except BaseException:
-                outbox.undelivered()  # may not have arrived: send again later
-                raise
-            outbox.delivered()
+            if together and batch and isinstance(report, StatusChanges):
+                together = await self._send_together(session, report, batch)
+                continue
+            if report is not None:
+                send_changes = await self._send_status(session, report) and send_changes
+            if batch:
+                await self._send_events(session, batch)
+
+    async def _send_together(
+        self, session: MasterSession, changes: StatusChanges, batch: list[tuple[int, VmEvent]]
+    ) -> bool:
+        """Send ``changes`` (taken from the outbox) and ``batch`` in one
+        call; False when the master has no such call (it took nothing: both
+        go again, apart)."""
+        outbox = self._outbox
+        events = [event for _, event in batch]
+        events_refused: list[PermanentError | None] = [None]
+
+        async def both(_: None) -> None:
+            events_refused[0] = await session.report_status_and_events(changes, events)
+
+        try:
+            refused = await self._refusal(both, None)
+        except BaseException:
+            outbox.undelivered()  # may not have arrived: send again later
+            raise
+        if isinstance(refused, UnsupportedError):
+            logger.info("the master takes status changes and events in separate calls")
+            outbox.undelivered()
+            return False
+        if refused is not None:
+            # The master kept the status it had, and did not look at the
+            # events: the whole status next, then the events alone.
+            logger.warning("the master refused a status change report: %s", refused)
+            outbox.refused()
+            return True
+        outbox.delivered()
+        self._drop_sent(batch)
+        if events_refused[0] is not None:
+            logger.error("the master refused an events report: %s", events_refused[0])
+        return True
+
+    async def _send_status(
+        self, session: MasterSession, report: WorkerStatus | StatusChanges
+    ) -> bool:
+        """Send ``report`` (taken from the outbox); False when the master
+        said it takes whole status reports only."""
+        outbox = self._outbox
+        try:
+            if isinstance(report, StatusChanges):
+                logger.debug(
+                    "reporting status changes: generation %d, %d VM(s) changed",
+                    report.observed_generation,
+                    len(report.changed),
+                )
+                refused = await self._refusal(session.report_status_changes, report)
+                if refused is not None:
+                    # The master kept the status it had: make it whole.
+                    outbox.refused()
+                    if isinstance(refused, UnsupportedError):
+                        logger.info("the master takes whole status reports only")
+                        return False  # an older master
+                    logger.warning("the master refused a status change report: %s", refused)
+                    return True
+            elif not await self._call("a status report", session.report_status, report):
+                outbox.refused()  # it holds no status of ours
+                return True
+        except BaseException:
+            outbox.undelivered()  # may not have arrived: send again later
+            raise
+        outbox.delivered()
+        return True
 
     async def _send_metrics(self, session: MasterSession) -> None:
         while True:
@@ -652,19 +721,15 @@ class MasterLink:
             )
             await self._call("a metrics report", report, samples, bounded=False)
 
-    async def _send_events(self, session: MasterSession) -> None:
-        while True:
-            if not self._events:
-                await self._events_wake.wait()
-                self._events_wake = trio.Event()
-                continue
-            batch = list(itertools.islice(self._events, self.settings.event_batch))
-            events = [event for _, event in batch]
-            await self._call("an events report", session.report_events, events)
-            # Drop what was sent (or refused), wherever overflow left it.
-            last = batch[-1][0]
-            while self._events and self._events[0][0] <= last:
-                self._events.popleft()
+    async def _send_events(self, session: MasterSession, batch: list[tuple[int, VmEvent]]) -> None:
+        await self._call("an events report", session.report_events, [e for _, e in batch])
+        self._drop_sent(batch)
+
+    def _drop_sent(self, batch: list[tuple[int, VmEvent]]) -> None:
+        """Drop what was sent (or refused), wherever overflow left it."""
+        last = batch[-1][0]
+        while self._events and self._events[0][0] <= last:
+            self._events.popleft()
 
 
 class FailoverDialer:

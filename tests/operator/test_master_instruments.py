@@ -19,11 +19,12 @@ from rpcfixtures import make_fleet
 from procurator.core.errors import (
     NotFoundError,
     StaleGenerationError,
+    UnauthorizedError,
     UnavailableError,
     UnsupportedError,
 )
 from procurator.core.metrics import CATALOGUE, FleetView
-from procurator.core.models import Assignment, WorkerInfo, WorkerStatus
+from procurator.core.models import Assignment, EventKind, VmEvent, WorkerInfo, WorkerStatus
 from procurator.core.status import StatusChanges
 from procurator.master.metrics import (
     MAX_PENDING_APPLIES,
@@ -152,6 +153,32 @@ async def test_apply_to_observed_is_timed_per_worker_and_generation(master: Mast
     assert master.value(f"{name}_bucket", le="2.5") == 0
     assert master.value(f"{name}_bucket", le="5.0") == 2
     assert master.value(f"{name}_bucket", le="15.0") == 3
+
+
+async def test_a_combined_report_is_one_call_and_its_events_refusal_an_error(
+    master: Master,
+) -> None:
+    backend, clock = master.backend, master.clock
+    token = await backend.register(WorkerInfo("host-a"), Node())
+    applied = await backend.apply(make_fleet({"host-a": [("web-1", "a")]}))
+    await backend.report_status(token, WorkerStatus("host-a", 0))
+    clock.now += 4
+    booted = VmEvent("web-1", EventKind.BOOTED)
+    changes = StatusChanges("host-a", applied.generation)
+    assert await backend.report_status_and_events(token, changes, [booted]) is None
+    refused = await backend.report_status_and_events(
+        token, changes, [VmEvent("db-9", EventKind.BOOTED)]
+    )
+    assert isinstance(refused, UnauthorizedError)
+
+    calls = "procurator_master_rpc_calls_total"
+    assert master.value(calls, method="reportStatusAndEvents") == 2
+    assert master.value(calls, method="reportStatusChanges") == 0
+    assert master.value(calls, method="reportEvents") == 0
+    errors = "procurator_master_rpc_errors_total"
+    assert master.value(errors, method="reportStatusAndEvents", code="unauthorized") == 1
+    # Its status part observed the apply.
+    assert master.value("procurator_master_apply_to_observed_seconds_sum") == 4
 
 
 async def test_pending_applies_per_worker_are_bounded(master: Master) -> None:

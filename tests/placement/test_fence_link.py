@@ -13,7 +13,7 @@ import trio.testing
 from fencehelpers import Actuator
 
 from procurator.core.assignments import AssignmentUpdate
-from procurator.core.errors import UnavailableError
+from procurator.core.errors import PermanentError, UnavailableError
 from procurator.core.fence import fence_message
 from procurator.core.metrics import MetricSample
 from procurator.core.models import (
@@ -79,6 +79,13 @@ class Session:
     async def report_events(self, events: Sequence[VmEvent]) -> None:
         await self._answer()
         self.master.events.extend(events)
+
+    async def report_status_and_events(
+        self, changes: StatusChanges, events: Sequence[VmEvent]
+    ) -> PermanentError | None:
+        await self._answer()
+        self.master.events.extend(events)
+        return None
 
     async def aclose(self) -> None:
         self.gone.set()

@@ -11,6 +11,7 @@ import trio.testing
 
 from procurator.core.assignments import AssignmentChanges, AssignmentUpdate
 from procurator.core.errors import (
+    PermanentError,
     ProcuratorError,
     UnavailableError,
     UnsupportedError,
@@ -96,6 +97,25 @@ class FakeSession:
             raise ValidationError("bad events")
         self.master.events.extend(events)
 
+    async def report_status_and_events(
+        self, changes: StatusChanges, events: Sequence[VmEvent]
+    ) -> PermanentError | None:
+        """As the master does: the changes (raising: the events are not
+        looked at), then the events (their refusal answered)."""
+        self._check()
+        self.master.together.append((changes, tuple(events)))
+        if self.master.slow_reports:
+            await self.master.release_reports.wait()
+            self._check()
+        if self.master.no_together:
+            raise UnsupportedError("reportStatusAndEvents: the peer does not implement it")
+        await self.report_status_changes(changes)
+        try:
+            await self.report_events(events)
+        except PermanentError as exc:
+            return exc
+        return None
+
     async def aclose(self) -> None:
         self._gone.set()
 
@@ -118,6 +138,9 @@ class FakeMaster:
         self.metrics_calls = 1
         self.metrics_call_seconds = 0.0
         self.refuse_events = False
+        # Combined reports (refused ones too); an older master has none.
+        self.together: list[tuple[StatusChanges, tuple[VmEvent, ...]]] = []
+        self.no_together = False
 
     async def connect(self, info: WorkerInfo, on_push: OnAssignment) -> FakeSession:
         self.attempts.append(trio.current_time())
@@ -330,6 +353,157 @@ async def test_a_refused_change_report_is_followed_by_a_whole_status(
         assert len(master.changes) == (1 if unsupported else 2)
         assert master.whole[-1] == fleet_status(3, vm_1=Phase.FAILED)
         assert link.connected and len(master.sessions) == 1
+        nursery.cancel_scope.cancel()
+
+
+def _burst(link: MasterLink, generation: int, vm_id: str) -> StatusChanges:
+    """A new VM's status and its event, published in one trio turn (as the
+    runtime does in a burst of starts); the changes published."""
+    changes = StatusChanges("host-a", generation, changed=(VmStatus(vm_id, Phase.RUNNING),))
+    link.publish_events([VmEvent(vm_id, EventKind.BOOTED)])
+    link.publish_status_changes(changes)
+    return changes
+
+
+async def test_status_changes_and_the_events_queued_with_them_go_in_one_call(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    master = FakeMaster()
+    master.up = True
+    link, _ = make_link(master)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        await link.wait_connected()
+        link.publish_status(fleet_status(1))
+        await trio.sleep(1)
+        changes = _burst(link, 2, "vm-5")
+        await trio.sleep(1)
+        assert master.together == [(changes, (VmEvent("vm-5", EventKind.BOOTED),))]
+        assert master.changes == [changes]
+        assert master.statuses[-1] == WorkerStatus(
+            "host-a", 2, (*fleet_status(1).vms, *changes.changed)
+        )
+        assert master.events == [VmEvent("vm-5", EventKind.BOOTED)]
+        # Either alone goes alone.
+        link.publish_events([VmEvent("vm-6", EventKind.CRASHED)])
+        await trio.sleep(1)
+        link.publish_status(fleet_status(3, vm_2=Phase.FAILED))
+        await trio.sleep(1)
+        assert len(master.together) == 1 and len(master.changes) == 2
+        assert [e.vm_id for e in master.events] == ["vm-5", "vm-6"]
+        assert master.statuses[-1] == fleet_status(3, vm_2=Phase.FAILED)  # vm-5 removed
+        nursery.cancel_scope.cancel()
+
+
+async def test_refused_status_changes_send_the_whole_status_then_their_events_alone(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    master = FakeMaster()
+    master.up = True
+    link, _ = make_link(master)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        await link.wait_connected()
+        link.publish_status(fleet_status(1))
+        await trio.sleep(1)
+        master.changes_refusal = ValidationError("status changes name VM 'vm-1' twice")
+        _burst(link, 2, "vm-5")
+        await trio.sleep(1)
+        assert len(master.together) == 1
+        # The master did not look at the events: they went after the
+        # whole status, once.
+        changes = master.changes[0]
+        assert master.whole == [
+            fleet_status(1),
+            WorkerStatus("host-a", 2, (*fleet_status(1).vms, *changes.changed)),
+        ]
+        assert master.events == [VmEvent("vm-5", EventKind.BOOTED)]
+        assert link.connected and len(master.sessions) == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_events_refused_in_a_combined_call_are_dropped_and_the_status_kept(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    master = FakeMaster()
+    master.up = True
+    link, _ = make_link(master)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        await link.wait_connected()
+        link.publish_status(fleet_status(1))
+        await trio.sleep(1)
+        master.refuse_events = True
+        _burst(link, 2, "vm-5")
+        await trio.sleep(1)
+        master.refuse_events = False
+        changes = _burst(link, 3, "vm-7")
+        await trio.sleep(1)
+        assert (
+            [c for c, _ in master.together]
+            == master.changes
+            == [
+                StatusChanges("host-a", 2, changed=(VmStatus("vm-5", Phase.RUNNING),)),
+                changes,
+            ]
+        )
+        assert master.whole == [fleet_status(1)]  # the status was taken: no whole again
+        assert master.events == [VmEvent("vm-7", EventKind.BOOTED)]
+        assert link.connected and len(master.sessions) == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_older_master_gets_status_changes_and_events_apart(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    master = FakeMaster()
+    master.up = True
+    master.no_together = True
+    link, _ = make_link(master)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        await link.wait_connected()
+        link.publish_status(fleet_status(1))
+        await trio.sleep(1)
+        first = _burst(link, 2, "vm-5")
+        await trio.sleep(1)
+        second = _burst(link, 3, "vm-6")
+        await trio.sleep(1)
+        # Asked once on this session; nothing of that call was taken.
+        assert [c for c, _ in master.together] == [first]
+        assert master.changes == [first, second] and master.whole == [fleet_status(1)]
+        assert master.events == [
+            VmEvent("vm-5", EventKind.BOOTED),
+            VmEvent("vm-6", EventKind.BOOTED),
+        ]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_combined_call_lost_with_the_session_is_sent_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    master = FakeMaster()
+    master.up = True
+    link, _ = make_link(master)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        await link.wait_connected()
+        link.publish_status(fleet_status(1))
+        await trio.sleep(1)
+        master.slow_reports = True  # the changes' report waits...
+        _burst(link, 2, "vm-5")
+        await trio.sleep(0.5)
+        assert len(master.together) == 1 and master.events == []
+        master.sessions[0].drop()  # ...and the connection breaks
+        master.slow_reports = False
+        master.release_reports.set()
+        await trio.sleep(5)
+        assert len(master.sessions) == 2
+        # The next session starts whole, then sends the events (kept).
+        assert master.whole[-1] == WorkerStatus(
+            "host-a", 2, (*fleet_status(1).vms, VmStatus("vm-5", Phase.RUNNING))
+        )
+        assert master.events == [VmEvent("vm-5", EventKind.BOOTED)]
         nursery.cancel_scope.cancel()
 
 

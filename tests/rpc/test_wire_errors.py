@@ -196,6 +196,17 @@ class ScriptedBackend:
     async def report_events(self, token: int, events: Any) -> None:
         self._maybe_fail("report_events")
 
+    async def report_status_and_events(
+        self, token: int, changes: StatusChanges, events: Any
+    ) -> ProcuratorError | None:
+        """As the service: the changes' error raised, the events' answered."""
+        await self.report_status_changes(token, changes)
+        try:
+            await self.report_events(token, events)
+        except ProcuratorError as exc:
+            return exc
+        return None
+
 
 BACKEND_METHODS = (
     "apply",
