@@ -210,6 +210,7 @@ class Proc:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
+    metrics_port: int = 0  # its Prometheus exporter's (0: none)
 
     @property
     def pid(self) -> int:
@@ -307,6 +308,7 @@ class Run:
 
     def start_master(self, *, metrics: bool = False) -> tuple[Proc, int]:
         port = free_port()
+        metrics_port = free_port() if metrics else 0
         proc = self.procurator(
             "master",
             "master",
@@ -315,9 +317,10 @@ class Run:
             "--db",
             str(self.dir / f"master-{port}.db"),
             "--metrics-listen",
-            f"127.0.0.1:{free_port()}" if metrics else "",
+            f"127.0.0.1:{metrics_port}" if metrics else "",
             *self.daemon_log_args("warning"),
         )
+        proc.metrics_port = metrics_port
         return proc, port
 
     def stop(self, *procs: Proc, timeout: float = 30.0) -> None:
