@@ -44,7 +44,13 @@ from dataclasses import dataclass
 from procurator.core.errors import ValidationError
 from procurator.core.models import PreparedImage, TransferProgress, VmStatus, WorkerStatus
 
-__all__ = ["StatusChanges", "StatusOutbox", "apply_status_changes", "status_changes"]
+__all__ = [
+    "StatusChanges",
+    "StatusMerger",
+    "StatusOutbox",
+    "apply_status_changes",
+    "status_changes",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +128,51 @@ def apply_status_changes(base: WorkerStatus, changes: StatusChanges) -> WorkerSt
         changes.prepared,
         changes.transfers,
     )
+
+
+class StatusMerger:
+    """``apply_status_changes`` for one status after another, in O(changes)
+    plus a copy of the list (C speed) instead of a Python pass over every
+    VM: it keeps the positions of the VMs of the status it merged last, so
+    the next merge into *that* status (the master's session merges each
+    report into what the last one left) replaces entries in place. A merge
+    into any other status (the last merged was not stored, a whole report
+    came between), or one that removes VMs, takes the plain path and
+    re-indexes. Same result, same errors. One owner (not thread-safe)."""
+
+    def __init__(self) -> None:
+        self._last: WorkerStatus | None = None
+        self._index: dict[str, int] = {}
+
+    def merge(self, base: WorkerStatus, changes: StatusChanges) -> WorkerStatus:
+        if changes.removed or changes.worker_id != base.worker_id:
+            merged = apply_status_changes(base, changes)
+            self._last = None
+            return merged
+        if self._last is not base:
+            self._index = {vm.id: i for i, vm in enumerate(base.vms)}
+            self._last = base
+        index = self._index
+        changed = changes.changed
+        if len({vm.id for vm in changed}) != len(changed):
+            return apply_status_changes(base, changes)  # raises, naming the VM
+        vms = list(base.vms)
+        for vm in changed:
+            at = index.get(vm.id)
+            if at is None:
+                index[vm.id] = len(vms)
+                vms.append(vm)
+            else:
+                vms[at] = vm
+        merged = WorkerStatus(
+            base.worker_id,
+            changes.observed_generation,
+            tuple(vms),
+            changes.prepared,
+            changes.transfers,
+        )
+        self._last = merged
+        return merged
 
 
 class StatusOutbox:

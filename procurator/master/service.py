@@ -307,7 +307,7 @@ from procurator.core.move import step as move_step
 from procurator.core.rollout import Rollout, RolloutAction, RolloutPhase, RolloutView, act, view
 from procurator.core.rollout import step as rollout_step
 from procurator.core.snapshot import SnapshotAction, SnapshotInfo, SnapshotRequest
-from procurator.core.status import StatusChanges, apply_status_changes
+from procurator.core.status import StatusChanges, StatusMerger
 from procurator.core.validation import LIMITS, check_request_id
 from procurator.logs import log_context, new_op_id, some
 from procurator.master.drain import live_or_handoff, plan_drains
@@ -452,6 +452,11 @@ class _Session:
     # The last status this session delivered: what its status changes apply
     # to (never another session's, see procurator.core.status).
     status: WorkerStatus | None = None
+    # Merges its changes in O(changes) (procurator.core.status).
+    merger: StatusMerger = field(default_factory=StatusMerger)
+    # The last status vetted in full or in part, with the voice it was
+    # vetted against (``MasterService._vet_status``); None: none.
+    vetted: tuple[WorkerStatus, _Voice | None] | None = None
     # Held by a status report from its merge until its store write ended:
     # two of the session's reports that arrive together are applied one
     # after the other (a worker's link sends one at a time, but the master
@@ -523,7 +528,10 @@ class _Worker:
 
 @dataclass(eq=False)
 class _Voice:
-    """What one worker may speak for (see the module docstring)."""
+    """What one worker may speak for (see the module docstring). Replaced
+    whole when it changes (``_rebuild_voice``), never changed in place:
+    ``_vet_status`` tells by identity that a voice is the one it vetted a
+    status against."""
 
     assigned: frozenset[str] = frozenset()
     # VM id -> the generation that took it off this worker, not yet observed.
@@ -1891,24 +1899,53 @@ class MasterService:
                 raise ValidationError(
                     "status changes before a full status on this session; send the full status"
                 )
-            merged = apply_status_changes(session.status, changes)
+            base = session.status
+            merged = session.merger.merge(base, changes)
             if len(merged.vms) > LIMITS.max_vms_per_worker:
                 raise LimitExceededError(
                     f"status changes would make {len(merged.vms)} VMs, over the limit of "
                     f"{LIMITS.max_vms_per_worker} per worker"
                 )
-            await self._vet_status(session, merged)
+            await self._vet_status(session, merged, base, changes.changed)
             await self._store_status(session, merged, changes)
 
-    async def _vet_status(self, session: _Session, status: WorkerStatus) -> None:
-        """Refuse ``status`` (whole, or merged from changes) when the
-        session's worker may not report it (``_status_problem``)."""
+    async def _vet_status(
+        self,
+        session: _Session,
+        status: WorkerStatus,
+        base: WorkerStatus | None = None,
+        changed: Sequence[VmStatus] = (),
+    ) -> None:
+        """Refuse ``status`` (whole, or merged from changes into ``base``)
+        when the session's worker may not report it (``_status_problem``).
+
+        A VM's verdict depends only on the worker's voice (replaced, never
+        changed in place) and the observed generation. So when ``base`` is
+        the status this session last vetted, against the voice the worker
+        has now, and the changes keep its observed generation, only the
+        ``changed`` entries are looked at: a burst's reports cost what they
+        carry, not the worker's VMs."""
         worker_id = session.worker_id
-        await self._vet(
-            worker_id,
-            "status",
-            lambda: self._status_problem(worker_id, status.observed_generation, status.vms),
+        voice = self._voices.get(worker_id)
+        observed = status.observed_generation
+        vetted = session.vetted
+        incremental = (
+            base is not None
+            and vetted is not None
+            and vetted[0] is base
+            and vetted[1] is voice
+            and observed == base.observed_generation
         )
+
+        def problem() -> ProcuratorError | None:
+            # Looked at again after a catch-up, which may replace the voice.
+            same = incremental and self._voices.get(worker_id) is voice
+            return self._status_problem(worker_id, observed, changed if same else status.vms)
+
+        session.vetted = None
+        await self._vet(worker_id, "status", problem)
+        if self._voices.get(worker_id) is voice:
+            session.vetted = (status, voice)
 
     async def _vet(
         self, worker_id: str, what: str, problem_of: Callable[[], ProcuratorError | None]

@@ -11,6 +11,7 @@ from procurator.core.errors import ValidationError
 from procurator.core.models import Phase, VmStatus, WorkerStatus
 from procurator.core.status import (
     StatusChanges,
+    StatusMerger,
     StatusOutbox,
     apply_status_changes,
     status_changes,
@@ -80,6 +81,53 @@ def test_changes_that_do_not_fit_are_refused(changes: StatusChanges, problem: st
     base = WorkerStatus("host-a", 1, (vm("a"),))
     with pytest.raises(ValidationError, match=problem):
         apply_status_changes(base, changes)
+
+
+@pytest.mark.parametrize(
+    ("changes", "problem"),
+    [
+        (StatusChanges("host-b", 1), "of worker 'host-b'"),
+        (StatusChanges("host-a", 1, changed=(vm("a"), vm("a"))), "VM 'a' twice"),
+        (StatusChanges("host-a", 1, changed=(vm("z"), vm("z"))), "VM 'z' twice"),
+        (StatusChanges("host-a", 1, removed=("zz",)), "'zz', which the last status"),
+    ],
+)
+def test_the_merger_refuses_what_does_not_fit_and_merges_on(
+    changes: StatusChanges, problem: str
+) -> None:
+    merger = StatusMerger()
+    base = merger.merge(WorkerStatus("host-a", 0, (vm("a"),)), StatusChanges("host-a", 1))
+    with pytest.raises(ValidationError, match=problem):
+        merger.merge(base, changes)
+    assert merger.merge(base, StatusChanges("host-a", 2, changed=(vm("b"),))) == WorkerStatus(
+        "host-a", 2, (vm("a"), vm("b"))
+    )
+
+
+@settings(max_examples=300)
+@given(
+    statuses,
+    st.lists(
+        st.tuples(statuses, st.sampled_from(["stored", "lost", "whole"])), min_size=1, max_size=8
+    ),
+)
+def test_the_merger_merges_as_apply_status_changes_does(
+    first: WorkerStatus, steps: list[tuple[WorkerStatus, str]]
+) -> None:
+    """The master's way: each report merged into the status the last one
+    left, which is not always the one merged last (a write that failed
+    leaves the old one; a whole report replaces it)."""
+    merger = StatusMerger()
+    held = first
+    for new, fate in steps:
+        if fate == "whole":
+            held = new
+            continue
+        changes = status_changes(held, new)
+        merged = merger.merge(held, changes)
+        assert merged == apply_status_changes(held, changes)
+        if fate == "stored":
+            held = merged
 
 
 # ---------------------------------------------------------------- the outbox

@@ -6,8 +6,9 @@ test through a real Cap'n Proto socket."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -304,3 +305,45 @@ async def test_over_the_wire_a_forged_report_is_refused_and_not_shown(
 
 async def _ignore(assignment: object) -> None:
     return None
+
+
+async def test_a_burst_of_change_reports_is_vetted_by_what_each_carries(
+    master: RestartableService, fleet_of: FleetOf, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against the voice the last report was vetted with, a change report
+    that keeps the observed generation is vetted by its own entries; when
+    the voice was replaced meanwhile (here by hand: a move that ends, a
+    catch-up), the next one is vetted whole again."""
+    service = svc(master)
+    result = await service.apply(fleet_of({"host-a": [(f"web-{i}", "a") for i in range(6)]}))
+    token = await service.register(WorkerInfo("host-a"), FakeNode())
+    looked_at: list[int] = []
+    status_problem = service._status_problem
+
+    def counting(worker_id: str, observed: int, checked: Sequence[VmStatus]) -> object:
+        looked_at.append(len(checked))
+        return status_problem(worker_id, observed, checked)
+
+    monkeypatch.setattr(service, "_status_problem", counting)
+    ids = [f"web-{i}" for i in range(6)]
+    await service.report_status(token, WorkerStatus("host-a", 0, vms(*ids[:4])))
+    for vm_id in ids[3:]:
+        await service.report_status_changes(token, StatusChanges("host-a", 0, changed=vms(vm_id)))
+    assert looked_at == [4, 1, 1, 1]
+    # A new observed generation is vetted whole.
+    await service.report_status_changes(token, StatusChanges("host-a", result.generation))
+    assert looked_at[-1] == 6
+
+    # The voice replaced: web-0, which no report since touched, is no
+    # longer the worker's to report.
+    voice = service._voices["host-a"]
+    service._voices["host-a"] = dataclasses.replace(voice, assigned=voice.assigned - {"web-0"})
+    with pytest.raises(UnauthorizedError, match="'web-0'"):
+        await service.report_status_changes(
+            token,
+            StatusChanges("host-a", result.generation, changed=vms("web-1", phase=Phase.FAILED)),
+        )
+    assert looked_at[-1] == 6
+    assert await status_of(service, "host-a") == WorkerStatus(
+        "host-a", result.generation, vms(*ids)
+    )
