@@ -27,6 +27,8 @@ Invariants (the link in ``procurator.worker.link`` and the master in
   it as it is. ``transfers`` (a move's disk transfers) travel the same way
   (``publish_transfers``).
 
+``StatusMerger`` is the master's: it merges each report into what the
+last one left in O(changes) (``apply_status_changes`` walks every VM).
 ``StatusOutbox`` is the worker's side of it, and keeps a report's cost
 proportional to what changed, whatever the fleet: the reconciler publishes
 the entries it recomputed (``publish_changes``), the outbox keeps the whole

@@ -128,7 +128,11 @@ Invariants:
   it does not end, so a worker cannot keep a VM's series by no longer
   naming them; a series that ended needs no voice). A refused report is
   refused whole, logged with the worker id at WARNING, and nothing of it is
-  stored. Before refusing, a master whose caches may be behind the store
+  stored (a ``reportStatusAndEvents`` carries two reports, each vetted and
+  refused on its own: the status changes first, then the events). The
+  status vet of a change report looks only at the entries it carries when
+  nothing else can have changed the verdict (``_vet_status``). Before
+  refusing, a master whose caches may be behind the store
   (another master's apply heard of in part) catches up on the fleet and
   that worker: a report is refused only against what the store holds.
 
@@ -2237,12 +2241,21 @@ class MasterService:
         """``report_status_changes`` then ``report_events``, as one call
         (``WorkerSession.reportStatusAndEvents``): raises what the first
         raises (the events are then not looked at); answers what the second
-        raises (the events' own answer), or None."""
+        raises (the events' own answer; a bug in it as ``internal``, logged
+        here with its op id), or None."""
         await self.report_status_changes(token, changes)
         try:
             await self.report_events(token, events)
         except ProcuratorError as exc:
             return exc
+        except Exception:  # a bug: the status part stands, so it is the events' answer
+            error = ProcuratorError(
+                "reportStatusAndEvents: events: internal error; see the master's log"
+            )
+            error.op_id = new_op_id()
+            with log_context(op_id=error.op_id, worker_id=changes.worker_id):
+                logger.exception("the events of a combined report failed unexpectedly")
+            return error
         return None
 
     async def _record_moves(self, op_id: str, placed: Sequence[VmPlacement]) -> None:

@@ -819,8 +819,14 @@ def _worker_status(reader: Any, where: str, problems: _Problems) -> WorkerStatus
     items = reader.vms
     _check_length(len(items), LIMITS.max_vms_per_worker, f"{where}.vms")
     vms: list[VmStatus] = []
+    seen: dict[str, int] = {}
     for index, item in enumerate(items):
-        vms.append(_vm_status(item, f"{where}.vms[{index}]", problems))
+        vm = _vm_status(item, f"{where}.vms[{index}]", problems)
+        if (first := seen.setdefault(vm.id, index)) != index:
+            problems.add(
+                f"{where}.vms[{index}].id", f"VM {vm.id!r} is reported twice (vms[{first}])"
+            )
+        vms.append(vm)
     prepared = _prepared_from_reader(reader.prepared, f"{where}.prepared", problems)
     transfers = _progress_from_reader(reader.transfers, f"{where}.transfers", problems)
     return WorkerStatus(worker_id, generation, tuple(vms), prepared, transfers)

@@ -128,6 +128,7 @@ from procurator.rpc.bridge import (
 )
 from procurator.rpc.convert import (
     MAX_EVENTS_PER_REPORT,
+    READ_ERRORS,
     apply_request_from_reader,
     error_from_reader,
     events_from_reader,
@@ -146,6 +147,7 @@ from procurator.rpc.convert import (
     fill_snapshot_request,
     fill_snapshot_result,
     fill_worker_events,
+    malformed_error,
     metrics_from_reader,
     patch_request_from_reader,
     snapshot_list_from_reader,
@@ -996,12 +998,18 @@ class _WorkerSessionImpl(_schema.WorkerSession.Server):  # type: ignore[misc, na
         )
 
     async def reportStatusAndEvents_context(self, context: Any) -> None:
-        async def serve(request: tuple[StatusChanges, tuple[VmEvent, ...]], results: Any) -> None:
+        async def serve(request: tuple[StatusChanges, _Events], results: Any) -> None:
+            changes, events = request
             listener = self._listener
             refused = await listener.call(
-                listener.backend.report_status_and_events, self._token, *request
+                listener.backend.report_status_and_events,
+                self._token,
+                changes,
+                () if isinstance(events, ProcuratorError) else events,
             )
             results.result.ok = None
+            if isinstance(events, ProcuratorError):
+                refused = events  # unreadable: none stored, the status taken all the same
             if refused is None:
                 results.eventsResult.ok = None
             else:
@@ -1036,8 +1044,20 @@ class _WorkerSessionImpl(_schema.WorkerSession.Server):  # type: ignore[misc, na
         await _answer(self._conn, method, context, error_arm, decode, serve)
 
 
-def _decode_status_and_events(params: Any) -> tuple[StatusChanges, tuple[VmEvent, ...]]:
-    return status_changes_from_reader(params.changes), events_from_reader(params.events)
+_Events = tuple[VmEvent, ...] | ProcuratorError
+
+
+def _decode_status_and_events(params: Any) -> tuple[StatusChanges, _Events]:
+    """The status changes (raising: the call's answer) and the events, or
+    why they cannot be read (their own answer: one bad event costs the
+    events, not the status)."""
+    changes = status_changes_from_reader(params.changes)
+    try:
+        return changes, events_from_reader(params.events)
+    except READ_ERRORS as exc:
+        return changes, malformed_error(params, exc)
+    except ProcuratorError as exc:
+        return changes, exc
 
 
 def _decode_known_generation(params: Any) -> int:

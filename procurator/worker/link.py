@@ -47,7 +47,9 @@ Invariants:
   hop into the master's event loop). Its status part is answered first: when
   it is refused the events were not looked at, and they go again, alone,
   after the whole status. A master without the combined call (older) gets
-  the two calls, one after the other, for the rest of the session.
+  the two calls, one after the other, for the rest of the session. So
+  events may wait behind a status report (a whole one too), and one
+  ``call_timeout`` bounds both parts of a combined call.
 - A call that hangs longer than ``call_timeout`` ends the session: the
   connection is closed and the link reconnects. A metrics report that
   crosses as several calls (a big one, in slices) is bounded call by call,
@@ -660,7 +662,10 @@ class MasterLink:
         try:
             refused = await self._refusal(both, None)
         except BaseException:
-            outbox.undelivered()  # may not have arrived: send again later
+            # It may not have arrived, or its status part was taken and its
+            # events failed for now: the session ends either way, and the
+            # next one starts whole. The events are kept.
+            outbox.undelivered()
             raise
         if isinstance(refused, UnsupportedError):
             logger.info("the master takes status changes and events in separate calls")

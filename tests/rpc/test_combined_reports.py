@@ -4,6 +4,7 @@ link against an older master that has no such call."""
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from test_wire_errors import ScriptedBackend
 from procurator.core.assignments import AssignmentUpdate
 from procurator.core.errors import (
     NotFoundError,
+    ProcuratorError,
     UnauthorizedError,
     UnavailableError,
     ValidationError,
@@ -87,6 +89,18 @@ async def test_status_changes_and_events_cross_in_one_call(
             assert await control.events("web-2") == ()  # none of the batch stored
             (worker,) = (await control.status()).workers
             assert worker.status == WorkerStatus("host-a", 2, (web[0], failed))
+
+            # An event that does not decode costs the events, not the status.
+            unreadable = VmEvent("web-0", EventKind.BOOTED, "up", "x" * 65, 8)
+            restarted = VmStatus("web-0", Phase.RUNNING, observed_hash="a" * 32, restarts=1)
+            refused = await session.report_status_and_events(
+                StatusChanges("host-a", 2, changed=(restarted,)), [unreadable]
+            )
+            assert isinstance(refused, ValidationError)
+            assert any("events[0].opId" in detail for detail in refused.details), refused.details
+            assert await control.events("web-0") == ()
+            (worker,) = (await control.status()).workers
+            assert worker.status == WorkerStatus("host-a", 2, (restarted, failed))
     finally:
         await session.aclose()
 
@@ -101,8 +115,9 @@ async def test_each_part_of_a_combined_call_answers_typed(bridge: Bridge) -> Non
         ({"report_status_changes": ValidationError("does not fit")}, ValidationError, None),
         # The events' temporary failure raises: they are sent again.
         ({"report_events": UnavailableError("the store is away")}, UnavailableError, None),
-        # A bug in either part is the call's internal error.
-        ({"report_events": RuntimeError("bug")}, Exception, None),
+        # A bug in the events' part is their internal error (the status
+        # part stands); it raises, as any internal error does.
+        ({"report_events": RuntimeError("bug")}, ProcuratorError, None),
     ]
     for fail, raises, answers in cases:
         backend = ScriptedBackend(fail)
@@ -113,8 +128,14 @@ async def test_each_part_of_a_combined_call_answers_typed(bridge: Bridge) -> Non
                 if raises is not None:
                     with pytest.raises(raises) as caught:
                         await session.report_status_and_events(changes, events)
-                    if raises is Exception:
-                        assert getattr(caught.value, "code", "") == "internal"
+                    error = caught.value
+                    assert isinstance(error, ProcuratorError) and type(error) is raises
+                    (cause,) = fail.values()
+                    if isinstance(cause, ProcuratorError):
+                        assert error.message == cause.message
+                    else:
+                        assert error.code == "internal"
+                        assert error.message.startswith("reportStatusAndEvents: events: ")
                     continue
                 refused = await session.report_status_and_events(changes, events)
                 if answers is None:
@@ -198,7 +219,9 @@ async def test_a_link_to_an_older_master_reports_status_changes_and_events_apart
     ) as older:
         try:
             assert older.stdout is not None
-            port = int(await trio.to_thread.run_sync(older.stdout.readline))
+            with trio.fail_after(30):
+                line = await trio.to_thread.run_sync(older.stdout.readline, abandon_on_cancel=True)
+            port = int(line)
             link = MasterLink(
                 CapnpMasterDialer(bridge, parse_address(f"127.0.0.1:{port}")),
                 WorkerInfo("host-a"),
@@ -233,7 +256,10 @@ async def test_a_link_to_an_older_master_reports_status_changes_and_events_apart
         finally:
             assert older.stdin is not None
             older.stdin.close()
-            older.wait(timeout=30)
+            try:
+                await trio.to_thread.run_sync(functools.partial(older.wait, timeout=30))
+            finally:
+                older.kill()  # a no-op once it has exited
 
 
 async def _true() -> bool:

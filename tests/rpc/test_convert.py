@@ -266,6 +266,17 @@ def test_bad_values_name_their_field() -> None:
         convert.worker_status_from_reader(reader)
     assert "status.vms[0].message: longer than" in info.value.details[0]
 
+    # A VM reported twice: a worker keeps one entry per VM.
+    status = S.WorkerStatus.new_message(workerId="host-a")
+    for entry, vm_id in zip(status.init("vms", 3), ("web-1", "web-2", "web-1"), strict=True):
+        entry.id = vm_id
+    with (
+        pytest.raises(ValidationError, match="problem") as info,
+        S.WorkerStatus.from_bytes(status.to_bytes()) as reader,
+    ):
+        convert.worker_status_from_reader(reader)
+    assert info.value.details == ("status.vms[2].id: VM 'web-1' is reported twice (vms[0])",)
+
 
 def test_every_entry_is_checked_although_valid_values_are_remembered() -> None:
     """The decoder skips re-matching a hash or store path already valid in

@@ -67,6 +67,7 @@ class FakeSession:
         self.status = status
         self.master.whole.append(status)
         self.master.statuses.append(status)
+        self.master.order.append("whole")
 
     async def report_status_changes(self, changes: StatusChanges) -> None:
         """As the master does: merged into this session's last status."""
@@ -96,6 +97,7 @@ class FakeSession:
         if self.master.refuse_events:
             raise ValidationError("bad events")
         self.master.events.extend(events)
+        self.master.order.append("events")
 
     async def report_status_and_events(
         self, changes: StatusChanges, events: Sequence[VmEvent]
@@ -141,6 +143,7 @@ class FakeMaster:
         # Combined reports (refused ones too); an older master has none.
         self.together: list[tuple[StatusChanges, tuple[VmEvent, ...]]] = []
         self.no_together = False
+        self.order: list[str] = []  # whole status reports and events taken, in turn
 
     async def connect(self, info: WorkerInfo, on_push: OnAssignment) -> FakeSession:
         self.attempts.append(trio.current_time())
@@ -418,6 +421,7 @@ async def test_refused_status_changes_send_the_whole_status_then_their_events_al
             WorkerStatus("host-a", 2, (*fleet_status(1).vms, *changes.changed)),
         ]
         assert master.events == [VmEvent("vm-5", EventKind.BOOTED)]
+        assert master.order == ["whole", "whole", "events"]
         assert link.connected and len(master.sessions) == 1
         nursery.cancel_scope.cancel()
 

@@ -43,6 +43,7 @@ from procurator.core.models import (
 )
 from procurator.core.status import StatusChanges
 from procurator.logs import ContextFilter, TextFormatter
+from procurator.master.service import MasterService
 from procurator.rpc.address import Address
 from procurator.rpc.bridge import Bridge
 from procurator.rpc.clients import CapnpMasterDialer, open_control
@@ -199,13 +200,10 @@ class ScriptedBackend:
     async def report_status_and_events(
         self, token: int, changes: StatusChanges, events: Any
     ) -> ProcuratorError | None:
-        """As the service: the changes' error raised, the events' answered."""
-        await self.report_status_changes(token, changes)
-        try:
-            await self.report_events(token, events)
-        except ProcuratorError as exc:
-            return exc
-        return None
+        """The service's own split (its two parts are this backend's)."""
+        self._maybe_fail("report_status_and_events")
+        split = MasterService.report_status_and_events
+        return await split(self, token, changes, events)  # type: ignore[arg-type]
 
 
 BACKEND_METHODS = (
@@ -219,6 +217,7 @@ BACKEND_METHODS = (
     "report_status_changes",
     "report_metrics",
     "report_events",
+    "report_status_and_events",
 )
 
 
@@ -258,6 +257,12 @@ async def _every_call(bridge: Bridge, address: Address) -> dict[str, BaseExcepti
         )
         await expect_failure(
             "report_events", session.report_events([VmEvent("web-1", EventKind.BOOTED)])
+        )
+        await expect_failure(
+            "report_status_and_events",
+            session.report_status_and_events(
+                StatusChanges("host-a", 0), [VmEvent("web-1", EventKind.BOOTED)]
+            ),
         )
     finally:
         await session.aclose()
