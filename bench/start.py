@@ -689,7 +689,8 @@ def measure(run: Run) -> list[Row]:
                 f"host's {cores} cores were busy {product_busy:.0%} of the procurator start, "
                 f"{jailed_busy:.0%} of the jailed loop's: where both are near 100 %, this "
                 "ratio is about the least the wall clock's can be (issue 31, target 5); "
-                f"the worker's status and events reports the master served: {report_calls}"
+                "the worker's status and events reports the master served until then: "
+                f"{report_calls}"
             ),
         ),
         Row(
