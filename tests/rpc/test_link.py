@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 import trio
@@ -368,10 +369,10 @@ def _burst(link: MasterLink, generation: int, vm_id: str) -> StatusChanges:
     return changes
 
 
-async def test_status_changes_and_the_events_queued_with_them_go_in_one_call(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    master = FakeMaster()
+@contextlib.asynccontextmanager
+async def reporting_link(master: FakeMaster) -> AsyncIterator[MasterLink]:
+    """A link to ``master`` (up) that has reported ``fleet_status(1)``
+    whole; cancelled on the way out."""
     master.up = True
     link, _ = make_link(master)
     async with trio.open_nursery() as nursery:
@@ -379,6 +380,15 @@ async def test_status_changes_and_the_events_queued_with_them_go_in_one_call(
         await link.wait_connected()
         link.publish_status(fleet_status(1))
         await trio.sleep(1)
+        yield link
+        nursery.cancel_scope.cancel()
+
+
+async def test_status_changes_and_the_events_queued_with_them_go_in_one_call(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    master = FakeMaster()
+    async with reporting_link(master) as link:
         changes = _burst(link, 2, "vm-5")
         await trio.sleep(1)
         assert master.together == [(changes, (VmEvent("vm-5", EventKind.BOOTED),))]
@@ -395,20 +405,13 @@ async def test_status_changes_and_the_events_queued_with_them_go_in_one_call(
         assert len(master.together) == 1 and len(master.changes) == 2
         assert [e.vm_id for e in master.events] == ["vm-5", "vm-6"]
         assert master.statuses[-1] == fleet_status(3, vm_2=Phase.FAILED)  # vm-5 removed
-        nursery.cancel_scope.cancel()
 
 
 async def test_refused_status_changes_send_the_whole_status_then_their_events_alone(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     master = FakeMaster()
-    master.up = True
-    link, _ = make_link(master)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(link.run)
-        await link.wait_connected()
-        link.publish_status(fleet_status(1))
-        await trio.sleep(1)
+    async with reporting_link(master) as link:
         master.changes_refusal = ValidationError("status changes name VM 'vm-1' twice")
         _burst(link, 2, "vm-5")
         await trio.sleep(1)
@@ -423,20 +426,13 @@ async def test_refused_status_changes_send_the_whole_status_then_their_events_al
         assert master.events == [VmEvent("vm-5", EventKind.BOOTED)]
         assert master.order == ["whole", "whole", "events"]
         assert link.connected and len(master.sessions) == 1
-        nursery.cancel_scope.cancel()
 
 
 async def test_events_refused_in_a_combined_call_are_dropped_and_the_status_kept(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     master = FakeMaster()
-    master.up = True
-    link, _ = make_link(master)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(link.run)
-        await link.wait_connected()
-        link.publish_status(fleet_status(1))
-        await trio.sleep(1)
+    async with reporting_link(master) as link:
         master.refuse_events = True
         _burst(link, 2, "vm-5")
         await trio.sleep(1)
@@ -454,21 +450,14 @@ async def test_events_refused_in_a_combined_call_are_dropped_and_the_status_kept
         assert master.whole == [fleet_status(1)]  # the status was taken: no whole again
         assert master.events == [VmEvent("vm-7", EventKind.BOOTED)]
         assert link.connected and len(master.sessions) == 1
-        nursery.cancel_scope.cancel()
 
 
 async def test_an_older_master_gets_status_changes_and_events_apart(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     master = FakeMaster()
-    master.up = True
     master.no_together = True
-    link, _ = make_link(master)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(link.run)
-        await link.wait_connected()
-        link.publish_status(fleet_status(1))
-        await trio.sleep(1)
+    async with reporting_link(master) as link:
         first = _burst(link, 2, "vm-5")
         await trio.sleep(1)
         second = _burst(link, 3, "vm-6")
@@ -480,20 +469,13 @@ async def test_an_older_master_gets_status_changes_and_events_apart(
             VmEvent("vm-5", EventKind.BOOTED),
             VmEvent("vm-6", EventKind.BOOTED),
         ]
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_combined_call_lost_with_the_session_is_sent_again(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     master = FakeMaster()
-    master.up = True
-    link, _ = make_link(master)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(link.run)
-        await link.wait_connected()
-        link.publish_status(fleet_status(1))
-        await trio.sleep(1)
+    async with reporting_link(master) as link:
         master.slow_reports = True  # the changes' report waits...
         _burst(link, 2, "vm-5")
         await trio.sleep(0.5)
@@ -508,7 +490,6 @@ async def test_a_combined_call_lost_with_the_session_is_sent_again(
             "host-a", 2, (*fleet_status(1).vms, VmStatus("vm-5", Phase.RUNNING))
         )
         assert master.events == [VmEvent("vm-5", EventKind.BOOTED)]
-        nursery.cancel_scope.cancel()
 
 
 async def test_metrics_drop_and_events_buffer_while_away(
