@@ -346,14 +346,25 @@ def _exposure(symlinks: Iterable[tuple[str, str]], binds: Iterable[tuple[str, bo
     """The binds pruned (``_prune``), and the symlinks that a bind does not
     already show (one inside a bound directory is there as it is)."""
     kept = _prune(binds)
+    bound = {path.rstrip("/") for path, _ in kept}
     return Exposure(
-        symlinks=tuple(
-            link
-            for link in dict.fromkeys(symlinks)
-            if not any(link[0].startswith(path.rstrip("/") + "/") for path, _ in kept)
-        ),
+        symlinks=tuple(link for link in dict.fromkeys(symlinks) if not _inside(link[0], bound)),
         binds=kept,
     )
+
+
+def _inside(path: str, directories: set[str]) -> bool:
+    """Whether ``path`` lies below one of ``directories`` (each without a
+    trailing slash; "" is the root): ``path`` starts with one of them and a
+    slash. Looks up each of its own prefixes that ends before a slash, so a
+    start costs its paths' lengths, not paths x binds (issue 31: a VM's
+    exposure is its runtime's plus its own, pruned at every start)."""
+    at = path.find("/")
+    while at != -1:
+        if path[:at] in directories:
+            return True
+        at = path.find("/", at + 1)
+    return False
 
 
 def _resolve(path: str) -> tuple[list[tuple[str, str]], str]:
@@ -416,10 +427,12 @@ def _prune(binds: Iterable[tuple[str, bool]]) -> tuple[tuple[str, bool], ...]:
     for path, writable in binds:
         best[path] = best.get(path, False) or writable
     kept: list[tuple[str, bool]] = []
+    bound: set[str] = set()
     for path in sorted(best, key=lambda p: (p.count("/"), p)):
-        if any(path.startswith(k.rstrip("/") + "/") for k, _ in kept):
+        if _inside(path, bound):
             continue
         kept.append((path, best[path]))
+        bound.add(path.rstrip("/"))
     return tuple(kept)
 
 
