@@ -168,15 +168,12 @@ async def test_a_master_behind_catches_up_before_it_applies(pg_url: str, fleet_o
             await a.apply(fleet_of({"host-a": []}), expected_generation=first.generation)
 
 
-class _Deaf:
+class _Deaf(PassThroughStore):
     """A store whose notifications never arrive (held back)."""
 
     def __init__(self, store: Store, held: list[Change]) -> None:
-        self._store = store
+        super().__init__(store)
         self._held = held
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
 
     async def watch(
         self,
@@ -601,16 +598,13 @@ async def test_a_disconnection_does_not_hide_a_change_made_before_it(
         await eventually(seen, "the master shows the change made before the disconnection")
 
 
-class _SlowRegister:
+class _SlowRegister(PassThroughStore):
     """A store whose ``register`` answers only once the service has heard,
     through its notification, of the session it stored."""
 
     def __init__(self, store: Store) -> None:
-        self._store = store
+        super().__init__(store)
         self.service: MasterService | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
 
     async def register(self, worker_id: str, *args: Any, **kwargs: Any) -> Any:
         stored = await self._store.register(worker_id, *args, **kwargs)
