@@ -859,11 +859,13 @@ interface WorkerSession {
       -> (result :ReportResult, eventsResult :ReportResult);
   # `reportStatusChanges(changes)` then `reportEvents(events)` in one call
   # (a burst of starts reports both for the same VMs: half the calls).
-  # `result` is the status changes' (and the call's own: a request that
-  # does not decode, an internal error); when it is an error the events
-  # were not looked at, and `eventsResult` means nothing: the worker sends
-  # them again, alone. Otherwise `eventsResult` is the events' result, as
-  # `reportEvents` would answer it. Added with combined reports (after
+  # `result` is the status changes' (and the call's own: changes that do
+  # not decode, an internal error before the events); when it is an error
+  # the events were not looked at, and `eventsResult` means nothing: the
+  # worker sends them again, alone. Otherwise the status changes were taken
+  # and `eventsResult` is the events' result, as `reportEvents` would answer
+  # it (events that do not decode, or an internal error storing them, are
+  # answered there). Added with combined reports (after
   # version 1's first release): an older master answers unimplemented, and
   # the worker makes the two calls instead for the rest of the session.
 }

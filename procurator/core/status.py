@@ -28,7 +28,8 @@ Invariants (the link in ``procurator.worker.link`` and the master in
   (``publish_transfers``).
 
 ``StatusMerger`` is the master's: it merges each report into what the
-last one left in O(changes) (``apply_status_changes`` walks every VM).
+last one left in O(changes) (``apply_status_changes`` walks every VM, as
+the merger still does for a report that removes VMs).
 ``StatusOutbox`` is the worker's side of it, and keeps a report's cost
 proportional to what changed, whatever the fleet: the reconciler publishes
 the entries it recomputed (``publish_changes``), the outbox keeps the whole

@@ -118,13 +118,18 @@ def refuse(
     logger: logging.Logger,
     who: object = "",
     op_id: str = "",
+    malformed: bool = False,
 ) -> None:
     """Fill the ``Error`` ``builder`` with ``error`` and log it, as
-    :func:`answer` does with an error ``serve`` raised: for a call that
-    answers several results, each with its own error (``label`` names the
-    part in the log)."""
-    level = logging.WARNING if isinstance(error, UnauthorizedError) else logging.INFO
-    why = f"refused ({error.code}): {error.message}"
+    :func:`answer` does with an error ``serve`` raised (``malformed``: with
+    one ``convert.malformed_error`` made, as for a request that does not
+    decode): for a call that answers several results, each with its own
+    error (``label`` names the part in the log)."""
+    if malformed:
+        level, why = logging.WARNING, f"refused, malformed: {error.details[0]}"
+    else:
+        level = logging.WARNING if isinstance(error, UnauthorizedError) else logging.INFO
+        why = f"refused ({error.code}): {error.message}"
     _refuse(builder, error, label, level, why, logger, who, op_id)
 
 

@@ -819,14 +819,8 @@ def _worker_status(reader: Any, where: str, problems: _Problems) -> WorkerStatus
     items = reader.vms
     _check_length(len(items), LIMITS.max_vms_per_worker, f"{where}.vms")
     vms: list[VmStatus] = []
-    seen: dict[str, int] = {}
     for index, item in enumerate(items):
-        vm = _vm_status(item, f"{where}.vms[{index}]", problems)
-        if (first := seen.setdefault(vm.id, index)) != index:
-            problems.add(
-                f"{where}.vms[{index}].id", f"VM {vm.id!r} is reported twice (vms[{first}])"
-            )
-        vms.append(vm)
+        vms.append(_vm_status(item, f"{where}.vms[{index}]", problems))
     prepared = _prepared_from_reader(reader.prepared, f"{where}.prepared", problems)
     transfers = _progress_from_reader(reader.transfers, f"{where}.transfers", problems)
     return WorkerStatus(worker_id, generation, tuple(vms), prepared, transfers)
@@ -879,8 +873,17 @@ def _vm_status(item: Any, at: str, problems: _Problems) -> VmStatus:
 
 
 def worker_status_from_reader(reader: Any, where: str = "status") -> WorkerStatus:
+    """A worker's report of its whole status: each VM named once (a
+    worker keeps one entry per VM). A fleet status read from a master is
+    not held to that (an older master may have taken such a report)."""
     problems = _Problems(where)
     status = _worker_status(reader, where, problems)
+    seen: dict[str, int] = {}
+    for index, vm in enumerate(status.vms):
+        if (first := seen.setdefault(vm.id, index)) != index:
+            problems.add(
+                f"{where}.vms[{index}].id", f"VM {vm.id!r} is reported twice (vms[{first}])"
+            )
     problems.raise_if_any()
     return status
 

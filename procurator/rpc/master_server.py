@@ -1000,16 +1000,17 @@ class _WorkerSessionImpl(_schema.WorkerSession.Server):  # type: ignore[misc, na
     async def reportStatusAndEvents_context(self, context: Any) -> None:
         async def serve(request: tuple[StatusChanges, _Events], results: Any) -> None:
             changes, events = request
+            unreadable = events if isinstance(events, _Unreadable) else None
             listener = self._listener
             refused = await listener.call(
                 listener.backend.report_status_and_events,
                 self._token,
                 changes,
-                () if isinstance(events, ProcuratorError) else events,
+                () if isinstance(events, _Unreadable) else events,
             )
             results.result.ok = None
-            if isinstance(events, ProcuratorError):
-                refused = events  # unreadable: none stored, the status taken all the same
+            if unreadable is not None:
+                refused = unreadable.error  # none stored; the status taken all the same
             if refused is None:
                 results.eventsResult.ok = None
             else:
@@ -1019,6 +1020,7 @@ class _WorkerSessionImpl(_schema.WorkerSession.Server):  # type: ignore[misc, na
                     "reportStatusAndEvents's events",
                     logger=logger,
                     who=self._conn,
+                    malformed=unreadable is not None and unreadable.malformed,
                 )
 
         await _answer(
@@ -1044,7 +1046,16 @@ class _WorkerSessionImpl(_schema.WorkerSession.Server):  # type: ignore[misc, na
         await _answer(self._conn, method, context, error_arm, decode, serve)
 
 
-_Events = tuple[VmEvent, ...] | ProcuratorError
+@dataclass(frozen=True, slots=True)
+class _Unreadable:
+    """Why a combined report's events cannot be taken as sent; ``malformed``:
+    they do not decode (``convert.malformed_error``), else they break a rule."""
+
+    error: ProcuratorError
+    malformed: bool
+
+
+_Events = tuple[VmEvent, ...] | _Unreadable
 
 
 def _decode_status_and_events(params: Any) -> tuple[StatusChanges, _Events]:
@@ -1055,9 +1066,9 @@ def _decode_status_and_events(params: Any) -> tuple[StatusChanges, _Events]:
     try:
         return changes, events_from_reader(params.events)
     except READ_ERRORS as exc:
-        return changes, malformed_error(params, exc)
+        return changes, _Unreadable(malformed_error(params, exc), malformed=True)
     except ProcuratorError as exc:
-        return changes, exc
+        return changes, _Unreadable(exc, malformed=False)
 
 
 def _decode_known_generation(params: Any) -> int:

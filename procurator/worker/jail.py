@@ -357,7 +357,7 @@ def _inside(path: str, directories: set[str]) -> bool:
     """Whether ``path`` lies below one of ``directories`` (each without a
     trailing slash; "" is the root): ``path`` starts with one of them and a
     slash. Looks up each of its own prefixes that ends before a slash, so a
-    start costs its paths' lengths, not paths x binds (issue 31: a VM's
+    path costs its depth, not the number of binds (issue 31: a VM's
     exposure is its runtime's plus its own, pruned at every start)."""
     at = path.find("/")
     while at != -1:

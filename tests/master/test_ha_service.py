@@ -644,17 +644,14 @@ async def _pushed(node: FakeNode, generation: int) -> bool:
     return [p.generation for p in node.pushed] == [generation]
 
 
-class _ReadRacesAWrite:
+class _ReadRacesAWrite(PassThroughStore):
     """A store whose first read of a worker returns what it read only
     after ``during`` made a newer change the service heard of."""
 
     def __init__(self, store: Store) -> None:
-        self._store = store
+        super().__init__(store)
         self.during: Callable[[], Awaitable[None]] | None = None
         self.heard: list[Change] = []  # what the service was told, in order
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
 
     async def watch(
         self,

@@ -45,6 +45,7 @@ def evil_schema(directory: Path) -> Any:
     for struct, field, new_type in (
         ("WorkerInfo", "workerId", "Data"),
         ("VmStatus", "message", "Data"),
+        ("VmEvent", "message", "Data"),
         ("VmAssignment", "id", "Data"),
         ("Master", "info", "AnyPointer"),
         ("Control", "vmId", "Data"),
@@ -87,6 +88,9 @@ async def _call(scenario: str, request: Any, answer: str) -> Any:
         return None
     if answer == "result":
         _report(scenario, response.result)
+    elif answer == "eventsResult":  # a combined report: its status part, then its events'
+        _report(f"{scenario} (status)", response.result)
+        _report(scenario, response.eventsResult)
     elif response._has("error"):
         _report_error(scenario, response.error)
     else:
@@ -138,6 +142,17 @@ async def main(address: str) -> None:
             vm.message = b"ok\x00"
         vms[1].message = b"\xff\xfe broken\x00"
         await _call("reportStatus: a message not UTF-8", request, "result")
+
+        request = session.reportStatus_request()
+        request.init("status").workerId = "host-a"
+        await _call("reportStatus", request, "result")
+
+        request = session.reportStatusAndEvents_request()
+        request.init("changes").workerId = "host-a"
+        event = request.init("events", 1)[0]
+        event.vmId = "web-0"
+        event.message = b"\xff\xfe broken\x00"
+        await _call("reportStatusAndEvents: an event's message not UTF-8", request, "eventsResult")
 
         control = (await master.control()).result.control
         request = control.apply_request()

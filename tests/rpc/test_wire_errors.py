@@ -89,6 +89,10 @@ MALFORMED = {
     "reportStatus: a message not UTF-8": "status.vms[1].message: text is not valid UTF-8",
     "apply: a VM id without its NUL": "fleet.workers[0].vms[0].id: text is not NUL-terminated",
     "events: a VM id not UTF-8": "vmId: text is not valid UTF-8",
+    # The events' own answer: the status part is taken (below).
+    "reportStatusAndEvents: an event's message not UTF-8": (
+        "events[0].message: text is not valid UTF-8"
+    ),
 }
 
 
@@ -115,6 +119,9 @@ async def test_malformed_requests_are_invalid_and_name_the_field(
     # The connection went on: the well-formed calls between were served.
     assert answers["register"] == {"scenario": "register", "ok": "session"}
     assert answers["status"] == {"scenario": "status", "ok": "answered"}
+    assert answers["reportStatus"] == {"scenario": "reportStatus", "ok": "ok"}
+    combined = "reportStatusAndEvents: an event's message not UTF-8 (status)"
+    assert answers[combined] == {"scenario": combined, "ok": "ok"}
     # The master's log: one WARNING line per malformed request, naming the
     # field and carrying the op id the client got; nothing worse.
     lines = log.getvalue().splitlines()
