@@ -654,10 +654,11 @@ class MasterLink:
         go again, apart)."""
         outbox = self._outbox
         events = [event for _, event in batch]
-        events_refused: list[PermanentError | None] = [None]
+        events_refused: PermanentError | None = None
 
         async def both(_: None) -> None:
-            events_refused[0] = await session.report_status_and_events(changes, events)
+            nonlocal events_refused
+            events_refused = await session.report_status_and_events(changes, events)
 
         try:
             refused = await self._refusal(both, None)
@@ -679,8 +680,8 @@ class MasterLink:
             return True
         outbox.delivered()
         self._drop_sent(batch)
-        if events_refused[0] is not None:
-            logger.error("the master refused an events report: %s", events_refused[0])
+        if events_refused is not None:
+            logger.error("the master refused an events report: %s", events_refused)
         return True
 
     async def _send_status(

@@ -283,10 +283,10 @@ def fleet_status(generation: int, **phases: Phase) -> WorkerStatus:
     )
 
 
-async def test_after_a_whole_status_only_what_changed_is_reported(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    master = FakeMaster()
+@contextlib.asynccontextmanager
+async def reporting_link(master: FakeMaster) -> AsyncIterator[MasterLink]:
+    """A link to ``master`` (up) that has reported ``fleet_status(1)``
+    whole; cancelled on the way out."""
     master.up = True
     link, _ = make_link(master)
     async with trio.open_nursery() as nursery:
@@ -294,6 +294,15 @@ async def test_after_a_whole_status_only_what_changed_is_reported(
         await link.wait_connected()
         link.publish_status(fleet_status(1))
         await trio.sleep(1)
+        yield link
+        nursery.cancel_scope.cancel()
+
+
+async def test_after_a_whole_status_only_what_changed_is_reported(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    master = FakeMaster()
+    async with reporting_link(master) as link:
         link.publish_status(fleet_status(1, vm_2=Phase.STARTING))
         await trio.sleep(1)
         link.publish_status(fleet_status(2))
@@ -326,7 +335,6 @@ async def test_after_a_whole_status_only_what_changed_is_reported(
             "host-a", 4, changed=(VmStatus("vm-9", Phase.STARTING),), removed=("vm-0",)
         )
         assert {v.id for v in master.statuses[-1].vms} == {"vm-1", "vm-2", "vm-3", "vm-9"}
-        nursery.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize("unsupported", [False, True])
@@ -334,18 +342,12 @@ async def test_a_refused_change_report_is_followed_by_a_whole_status(
     autojump_clock: trio.testing.MockClock, unsupported: bool
 ) -> None:
     master = FakeMaster()
-    master.up = True
     master.changes_refusal = (
         UnsupportedError("reportStatusChanges: the peer does not implement it")
         if unsupported
         else ValidationError("status changes remove VM 'vm-9', which the last status did not")
     )
-    link, _ = make_link(master)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(link.run)
-        await link.wait_connected()
-        link.publish_status(fleet_status(1))
-        await trio.sleep(1)
+    async with reporting_link(master) as link:
         link.publish_status(fleet_status(2, vm_1=Phase.FAILED))
         await trio.sleep(1)
         assert len(master.changes) == 1
@@ -357,7 +359,6 @@ async def test_a_refused_change_report_is_followed_by_a_whole_status(
         assert len(master.changes) == (1 if unsupported else 2)
         assert master.whole[-1] == fleet_status(3, vm_1=Phase.FAILED)
         assert link.connected and len(master.sessions) == 1
-        nursery.cancel_scope.cancel()
 
 
 def _burst(link: MasterLink, generation: int, vm_id: str) -> StatusChanges:
@@ -367,21 +368,6 @@ def _burst(link: MasterLink, generation: int, vm_id: str) -> StatusChanges:
     link.publish_events([VmEvent(vm_id, EventKind.BOOTED)])
     link.publish_status_changes(changes)
     return changes
-
-
-@contextlib.asynccontextmanager
-async def reporting_link(master: FakeMaster) -> AsyncIterator[MasterLink]:
-    """A link to ``master`` (up) that has reported ``fleet_status(1)``
-    whole; cancelled on the way out."""
-    master.up = True
-    link, _ = make_link(master)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(link.run)
-        await link.wait_connected()
-        link.publish_status(fleet_status(1))
-        await trio.sleep(1)
-        yield link
-        nursery.cancel_scope.cancel()
 
 
 async def test_status_changes_and_the_events_queued_with_them_go_in_one_call(
