@@ -19,8 +19,11 @@ digests first and sends the chunk in a second round, ~1-3 ms more at 1,000
 VMs: docs/BENCHMARKS.md, "a one-VM change, second pass"), and it re-encodes
 only the chunks whose VMs changed since its last cut (the CLI cuts the
 whole fleet every time, ~10 ms at 10,000 VMs: "the apply at 10,000 VMs").
-The apply phase includes building the fleet (``fleet_of``, 11.6 ms at
-10,000 VMs), as a client's own reading of its file would. The master
+The change's clock starts before the client builds its fleet
+(``fleet_of``, 11.6 ms at 10,000 VMs), as a client's own reading of its
+file would; that build is its own phase, *read the fleet*, and the
+flatness row is given again from the fleet in hand (what grows with the
+fleet by the request's nature left out, next to the floor's own move). The master
 is asked about the one VM (``describe vm``: the worker's observed generation
 and that VM's reported status) with blocking reads: each passes the change
 index of the answer before, so the master answers as soon as a report
@@ -52,10 +55,11 @@ Baselines, same run:
   apart, the root alone moving 23.6 -> 46.2 ms).
 
 Where a change's time goes (its phases, p50 of each; "where a one-VM
-change's time goes" in docs/BENCHMARKS.md): *apply*, from sending the
-apply to its answer (the client's fleet, the patch rounds, the master's
-transaction); *to running*, from that answer to the time the worker's
-``replaced`` event carries (the push, the worker's pass, rooting the new
+change's time goes" in docs/BENCHMARKS.md): *read the fleet*, the client
+building its N-VM fleet; *apply*, from that fleet to the apply's answer
+(the client's cut of it, the patch rounds, the master's transaction);
+*to running*, from that answer to the time the worker's ``replaced`` event
+carries (the push, the worker's pass, rooting the new
 image, the old VMM's stop and the new one's start: the floor's part);
 *to observed*, from that event to the blocking ``describe`` that shows the
 VM running at the new generation (the step's end on the worker, the
@@ -90,6 +94,7 @@ from procurator.rpc.address import Address
 from procurator.rpc.bridge import Bridge, connect, open_bridge
 from procurator.rpc.clients import ControlClient
 from procurator.rpc.schema import load_schema
+from procurator.worker.vmm.cloud_hypervisor import connection_budget
 
 NAME = "change"
 #: ``run.shared`` key of a callable ``(run, fleet) -> list[Row]`` that
@@ -218,17 +223,26 @@ def open_files(pid: int) -> tuple[int, int]:
 
 def _fitting(fleet: OneWorkerFleet, wanted: int, step: int) -> tuple[int, str]:
     """``wanted``, or the largest multiple of ``step`` below it whose
-    descriptors fit the worker's open-file limit (90 % of it, at the
-    descriptors per VM it holds now), with a note saying why."""
+    descriptors fit the worker's open-file limit (90 % of it), with a note
+    saying why. Past what it holds now a VM adds its pidfd, and its kept
+    API connection while the worker keeps fewer than its budget
+    (``connection_budget``: a quarter of the limit; the rest connect per
+    call)."""
     count, limit = open_files(fleet.worker.pid)
-    per_vm = count / fleet.n
-    need = count + (wanted - fleet.n) * per_vm
-    if need <= 0.9 * limit:
+    budget = connection_budget(limit)
+
+    def need(n: int) -> int:
+        return count + (n - fleet.n) + max(0, min(n, budget) - min(fleet.n, budget))
+
+    if need(wanted) <= 0.9 * limit:
         return wanted, ""
-    fits = int((0.9 * limit - count) / per_vm + fleet.n) // step * step
+    fits = wanted
+    while fits > fleet.n and need(fits) > 0.9 * limit:
+        fits -= step
     return fits, (
-        f"not {wanted}: the worker holds {per_vm:.1f} descriptors per VM ({count} at "
-        f"{fleet.n} VMs), {wanted} VMs need ~{need:,.0f}, its open-file limit is {limit:,} "
+        f"not {wanted}: the worker holds {count:,} descriptors at {fleet.n} VMs "
+        f"(a pidfd a VM, an API connection kept for each of the first {budget:,}), "
+        f"{wanted} VMs need ~{need(wanted):,}, its open-file limit is {limit:,} "
         "(and this host cannot raise it: no CAP_SYS_RESOURCE; a deployed worker has "
         "LimitNOFILE=1048576, nix/modules/worker.nix)"
     )
@@ -237,7 +251,8 @@ def _fitting(fleet: OneWorkerFleet, wanted: int, step: int) -> tuple[int, str]:
 def measure(run: Run) -> list[Row]:
     fleet = one_worker_fleet(run)
     rows: list[Row] = []
-    p50s: dict[int, tuple[float, float]] = {}  # size -> (p50, jailed floor)
+    # size -> (p50, jailed floor, p50 from the fleet in hand, the client's read of it)
+    p50s: dict[int, tuple[float, float, float, float]] = {}
     for wanted in sizes(run):
         size, why = _fitting(fleet, wanted, 100 if run.quick else 1000)
         if why:
@@ -266,11 +281,13 @@ def measure(run: Run) -> list[Row]:
                     ).strip(),
                 )
             )
-        size_rows, p50, floor = _measure_size(run, fleet)
+        size_rows, p50, floor, in_hand, read = _measure_size(run, fleet)
         rows.extend(size_rows)
-        p50s[size] = (p50, floor)
+        p50s[size] = (p50, floor, in_hand, read)
     if len(p50s) == 2:
-        (small, (p50_s, floor_s)), (large, (p50_l, floor_l)) = sorted(p50s.items())
+        (small, (p50_s, floor_s, hand_s, read_s)), (large, (p50_l, floor_l, hand_l, read_l)) = (
+            sorted(p50s.items())
+        )
         rows.append(
             Row(
                 NAME,
@@ -283,6 +300,25 @@ def measure(run: Run) -> list[Row]:
                     f"the jailed floor moved {floor_l / floor_s:.2f}x between the two sizes "
                     f"({fmt_s(floor_s)} -> {fmt_s(floor_l)}); ratio of the ratios to the floor "
                     f"{(p50_l / floor_l) / (p50_s / floor_s):.2f}x"
+                ),
+            )
+        )
+        rows.append(
+            Row(
+                NAME,
+                "... from the fleet in hand (the client's build of it left out)",
+                fmt_s(hand_l),
+                f"{fmt_s(hand_s)} at {small} VMs",
+                f"{hand_l / hand_s:.2f}x",
+                "",
+                note=(
+                    f"the client's build of its fleet, p50: {fmt_s(read_s)} at {small} VMs, "
+                    f"{fmt_s(read_l)} at {large} (what any whole-fleet apply pays before it "
+                    "sends: reading the file, O(the fleet)); together with the jailed "
+                    f"floor's move ({fmt_s(floor_l - floor_s)}) it is "
+                    f"{fmt_s(read_l - read_s + floor_l - floor_s)} of the "
+                    f"{fmt_s(p50_l - p50_s)} the p50 grew, where <= 1.2x leaves "
+                    f"{fmt_s(0.2 * p50_s)}"
                 ),
             )
         )
@@ -335,16 +371,23 @@ class _FloorSampler:
         self.jail.close()
 
 
-def _measure_size(run: Run, fleet: OneWorkerFleet) -> tuple[list[Row], float, float]:
-    """The change's rows at the fleet's present size, its p50 and the
-    jailed per-replacement floor."""
+def _measure_size(run: Run, fleet: OneWorkerFleet) -> tuple[list[Row], float, float, float, float]:
+    """The change's rows at the fleet's present size, its p50, the jailed
+    per-replacement floor, the p50 from the fleet in hand (built) to
+    observed, and the median of the client's build of its fleet."""
     repeats = 5 if run.quick else 20
     vm_id = fleet.vm_ids[0]
     latencies: list[float] = []
     polls: list[float] = []
     describes: list[float] = []
     reads: list[int] = []
-    phases: dict[str, list[float]] = {"apply": [], "to running": [], "to observed": []}
+    in_hand: list[float] = []  # from the fleet built to observed
+    phases: dict[str, list[float]] = {
+        "read the fleet": [],
+        "apply": [],
+        "to running": [],
+        "to observed": [],
+    }
     address = Address(host="127.0.0.1", port=fleet.port)
     floors = _FloorSampler(run, fleet.images["b"], f"floor-{fleet.n}")
 
@@ -357,17 +400,21 @@ def _measure_size(run: Run, fleet: OneWorkerFleet) -> tuple[list[Row], float, fl
                 await trio.sleep(0.5)  # let the previous change's reports settle
                 wall = time.time()
                 started = trio.current_time()
-                result = await client.apply(fleet.fleet())
+                desired = fleet.fleet()  # the client reading its N-VM fleet file
+                built = trio.current_time()
+                result = await client.apply(desired)
                 answered = trio.current_time()
                 seen, count = await _wait_settled(
                     client, vm_id, result.generation, want, fleet.worker.check_alive
                 )
                 latencies.append(seen - started)
+                in_hand.append(seen - built)
                 reads.append(count)
                 replaced = await _replaced_at(client, vm_id, result.op_id)
                 if replaced is not None:  # the worker's clock, in ms
                     running = min(max(replaced - wall, answered - started), seen - started)
-                    phases["apply"].append(answered - started)
+                    phases["read the fleet"].append(built - started)
+                    phases["apply"].append(answered - built)
                     phases["to running"].append(running - (answered - started))
                     phases["to observed"].append(seen - started - running)
                 run.log(f"change {index + 1}/{repeats}: {(seen - started) * 1e3:.1f} ms")
@@ -444,4 +491,4 @@ def _measure_size(run: Run, fleet: OneWorkerFleet) -> tuple[list[Row], float, fl
                 ),
             )
         )
-    return rows, p50, floor
+    return rows, p50, floor, median(in_hand), median(phases["read the fleet"] or [0.0])
