@@ -835,13 +835,20 @@ class VmSupervisor:
             )
 
     def _take(self, handle: VmmHandle, booted_hash: str, *, foreign: bool = False) -> None:
-        """From now on ``handle`` is this VM's VMM."""
+        """From now on ``handle`` is this VM's VMM. What its launch
+        confirmed (``VmmHandle.confirmed``) is its first health check, as
+        ``_probe`` would note it: the VM's state read once, not twice."""
         alive = self.watch.open(handle)
         self.handle = handle
         if booted_hash:
             self.last_hash = booted_hash
         self.known_state = None
-        self._note(vmm=VmmFacts(booted_hash=booted_hash, alive=alive, foreign=foreign))
+        vmm = VmmFacts(booted_hash=booted_hash, alive=alive, foreign=foreign)
+        if handle.confirmed is not None:
+            state, mark = handle.confirmed
+            self.known_state = (mark, state) if mark is not None else None
+            vmm = replace(vmm, state=state, checked_at=self.m.clock())
+        self._note(vmm=vmm)
         with self.vm.cond:
             self.vm.handle = handle
 

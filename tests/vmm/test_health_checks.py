@@ -52,6 +52,22 @@ def test_a_settled_vm_is_checked_with_one_counters_call(
     assert manager.counters()["vm1"], "the counters call's answer is kept"
 
 
+def test_a_start_reads_the_vms_state_once(
+    make_manager: ManagerFactory, api_calls: ApiCalls, recorder: Recorder
+) -> None:
+    """The launch's ``vm.info``, which confirms the boot, is the new VMM's
+    first health check too (``VmmHandle.confirmed``): the start asks it
+    once, and the state mark read with it lets the sweep's next checks be
+    counters calls alone."""
+    manager = make_manager()
+    before = len(api_calls.endpoints())
+    assert manager.ensure(VmSpec("vm1", "h1", definition())).phase is Phase.RUNNING
+    started = api_calls.endpoints()[before:]
+    assert started[started.index("vm.create") :] == ["vm.create", "vm.boot", "vm.info"], started
+    window = _settle(api_calls, recorder, "vm.counters", 3)
+    assert set(window) == {"vm.counters"}, window
+
+
 def test_without_counters_every_check_reads_the_state(
     make_manager: ManagerFactory, api_calls: ApiCalls, recorder: Recorder
 ) -> None:

@@ -542,13 +542,23 @@ def test_a_replacement_launched_but_not_yet_told_when_the_worker_dies_is_told_on
     make_manager: ManagerFactory, state_dir: Path, recorder: Recorder
 ) -> None:
     # The worker replacing h1 by h2 recorded the new VMM's handle and dies
-    # before it saw the VM settle (the new VMM answers the launch's own
-    # vm.info, then a fault holds the rest):
-    # nobody has told the replacement yet. The next owner re-adopts the VMM
-    # (no second replacement) and tells it as ``replaced``: a rollout that
-    # counts replacements must see exactly one (CI saw it missing).
+    # before the replacement was told (its turn is held in the callback
+    # that would hand the ``replaced`` event on, before the handles record
+    # stops owing it): nobody has told the replacement yet. The next owner
+    # re-adopts the VMM (no second replacement) and tells it as
+    # ``replaced``: a rollout that counts replacements must see exactly one
+    # (CI saw it missing).
     worker = subprocess.Popen(
-        [sys.executable, str(HERE / "worker_proc.py"), str(state_dir), "k1", "--then", "h2"],
+        [
+            sys.executable,
+            str(HERE / "worker_proc.py"),
+            str(state_dir),
+            "k1",
+            "--then",
+            "h2",
+            "--hold-on",
+            "replaced",
+        ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -557,7 +567,6 @@ def test_a_replacement_launched_but_not_yet_told_when_the_worker_dies_is_told_on
     try:
         assert worker.stdin is not None and worker.stdout is not None
         old = json.loads(worker.stdout.readline())["k1"]
-        write_faults(state_dir, "k1", {"hang_after_boot": {"vm.info": 1}})
         worker.stdin.write("go\n")
         worker.stdin.flush()
         deadline = time.monotonic() + 30.0
@@ -577,7 +586,6 @@ def test_a_replacement_launched_but_not_yet_told_when_the_worker_dies_is_told_on
     assert record["owes"] == "replaced", record
     [(new, _)] = vmms_of(state_dir, "k1")
     assert new != old and not alive(old)
-    (state_dir / "vms" / "k1" / "run" / "api.sock.fault").unlink()
 
     [obs] = make_manager().recover()
     assert obs.phase is Phase.RUNNING and obs.observed_hash == "h2"

@@ -61,7 +61,7 @@ from __future__ import annotations
 import enum
 import threading
 from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -238,6 +238,15 @@ class VmmHandle:
     pid: int
     pid_start_ticks: int
     api_socket: str
+    #: What the launch that returned this handle confirmed of its VM (the
+    #: state, and with ``Capabilities.state_marks`` the state mark read
+    #: *before* that confirmation: a transition after it moves the mark),
+    #: so that the supervisor's first health check of a new VMM is not a
+    #: second ``vm.info`` of what the launch has just asked. Not persisted,
+    #: not compared: None for a handle read back or adopted.
+    confirmed: tuple[VmState, Hashable | None] | None = field(
+        default=None, compare=False, repr=False
+    )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -279,7 +288,8 @@ class VmmDriver(Protocol):
     ) -> VmmHandle:
         """Start a VMM in its own session (so it outlives the worker), with
         the launch marker (``process.launch_env``), running the VM of
-        ``definition``; confirm the VM runs; return the handle. ``timeout``
+        ``definition``; confirm the VM runs; return the handle (with what
+        was confirmed in ``VmmHandle.confirmed``, where the driver keeps it). ``timeout``
         bounds the whole start. With ``jail``, the VMM is started through it
         (``VmmJail.spawn``) and asked for its own syscall filter; without,
         it runs with the worker's privileges (``--unconfined``). Raises

@@ -99,7 +99,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -373,7 +373,7 @@ class CloudHypervisorDriver:
             paths,
             timeout=timeout,
             jail=jail,
-            then=lambda handle, deadline: self._create_and_boot(handle, config, deadline),
+            then=lambda handle, deadline: self._create_and_boot(handle, paths, config, deadline),
         )
 
     def restore(
@@ -395,7 +395,7 @@ class CloudHypervisorDriver:
             paths,
             timeout=timeout,
             jail=jail,
-            then=lambda handle, deadline: self._restore_and_resume(handle, source, deadline),
+            then=lambda handle, deadline: self._restore_and_resume(handle, paths, source, deadline),
         )
 
     def save_state(self, handle: VmmHandle, target: Path, *, timeout: float) -> None:
@@ -680,11 +680,12 @@ class CloudHypervisorDriver:
         *,
         timeout: float,
         jail: VmmJail | None,
-        then: Callable[[VmmHandle, float], None],
+        then: Callable[[VmmHandle, float], tuple[VmState, Hashable | None] | None],
     ) -> VmmHandle:
         """Start an empty VMM, wait for its API, then ``then(handle,
         deadline)``: boot (``launch``), restore (``restore``) or receive
-        (``launch_incoming``)."""
+        (``launch_incoming``); what it confirmed goes with the handle
+        (``VmmHandle.confirmed``)."""
         deadline = time.monotonic() + timeout
         if len(os.fsencode(paths.api_socket)) > _MAX_SOCKET_PATH:
             raise VmmRejected(
@@ -723,13 +724,13 @@ class CloudHypervisorDriver:
                 who=f"cloud-hypervisor for {paths.vm_dir}",
                 logs=logs,
             )
-            then(handle, deadline)
+            confirmed = then(handle, deadline)
         except BaseException:
             self.forget(handle)
             process.abort_launch(handle)
             self._clear_socket(paths)
             raise
-        return handle
+        return handle if confirmed is None else replace(handle, confirmed=confirmed)
 
     def _ping_launched(self, handle: VmmHandle, timeout: float, *, jailed: bool) -> None:
         """``vmm.ping``, and the answer must come from the VMM just launched:
@@ -819,20 +820,24 @@ class CloudHypervisorDriver:
         )
 
     def _create_and_boot(
-        self, handle: VmmHandle, config: Mapping[str, Any], deadline: float
-    ) -> None:
+        self, handle: VmmHandle, paths: VmmPaths, config: Mapping[str, Any], deadline: float
+    ) -> tuple[VmState, Hashable | None]:
         self._call(
             handle, "PUT", "vm.create", timeout=_left(deadline, handle, "vm.create"), body=config
         )
         self._call(handle, "PUT", "vm.boot", timeout=_left(deadline, handle, "vm.boot"))
+        mark = self.state_mark(paths)  # before the state it is kept with
         state = self.state(handle, timeout=_left(deadline, handle, "vm.info"))
         if state is not VmState.RUNNING:
             raise VmmError(
                 f"cloud-hypervisor at {handle.api_socket} reports the VM {state.value} "
                 "right after vm.boot, not Running"
             )
+        return state, mark
 
-    def _restore_and_resume(self, handle: VmmHandle, source: Path, deadline: float) -> None:
+    def _restore_and_resume(
+        self, handle: VmmHandle, paths: VmmPaths, source: Path, deadline: float
+    ) -> tuple[VmState, Hashable | None]:
         self._call(
             handle,
             "PUT",
@@ -841,12 +846,14 @@ class CloudHypervisorDriver:
             body={"source_url": f"file://{source}"},
         )
         self._call(handle, "PUT", "vm.resume", timeout=_left(deadline, handle, "vm.resume"))
+        mark = self.state_mark(paths)  # before the state it is kept with
         state = self.state(handle, timeout=_left(deadline, handle, "vm.info"))
         if state is not VmState.RUNNING:
             raise VmmError(
                 f"cloud-hypervisor at {handle.api_socket} reports the VM {state.value} "
                 "right after vm.restore and vm.resume, not Running"
             )
+        return state, mark
 
     def info(self, handle: VmmHandle, *, timeout: float) -> dict[str, Any] | None:
         """``vm.info``, or None when no VM is created (404)."""
