@@ -29,8 +29,11 @@ not by socket path, so a restarted VMM on the same path never gets a pooled
 connection to its dead predecessor), ``_unix_http.UnixSocketTransport`` by
 default. Transports are created lazily, dropped when their VMM is shut down
 or found gone, and those of VMMs that died unnoticed are pruned on a launch
-at most every ``_PRUNE_INTERVAL`` (a prune reads /proc once per transport:
-on every launch, a fleet start would cost O(VMs²) reads).
+at most every ``_PRUNE_INTERVAL``, among the ``_PRUNE_BATCH`` least
+recently used (a prune reads /proc once per transport it looks at: of
+every kept one, a prune took ~0.3 s at 10,000 VMs, on the path of the
+change that ran it; a dead VMM's transport is used no more, so it drifts
+to the front of the order, and the budget below bounds what waits there).
 At most ``kept_connections`` transports are kept (and with them their idle
 connections); the worker sizes it from its open-file limit
 (``connection_budget``: a quarter of it, so that a fleet as large as the
@@ -89,6 +92,7 @@ cloud-hypervisor's own seccomp filter and Landlock rules on top (``argv``).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -153,6 +157,8 @@ _DEVICES = ("/dev/kvm",)
 _BASE_URL = "http://localhost/api/v1"
 _HEADERS = {"Accept": "application/json", "User-Agent": "procurator"}
 _PRUNE_INTERVAL = 10.0
+#: How many of the least recently used transports a prune looks at.
+_PRUNE_BATCH = 64
 #: How many VMMs' transports (and idle connections) a driver keeps at
 #: least: more than the launches and changes under way at once (the
 #: worker's capacity limiter allows 8). The worker keeps more
@@ -789,15 +795,16 @@ class CloudHypervisorDriver:
             incoming.relay.close()
 
     def _prune(self) -> None:
-        """Close the transports of VMMs that are gone (at most every
-        ``_PRUNE_INTERVAL``)."""
+        """Close the transports of VMMs that are gone among the
+        ``_PRUNE_BATCH`` least recently used (at most every
+        ``_PRUNE_INTERVAL``: module docstring)."""
         now = time.monotonic()
         with self._lock:
             if now - self._pruned_at < _PRUNE_INTERVAL:
                 return
             self._pruned_at = now
-            transports = list(self._transports.items())
-        dead = [key for key, _ in transports if not process.is_alive(*key)]
+            oldest = list(itertools.islice(self._transports, _PRUNE_BATCH))
+        dead = [key for key in oldest if not process.is_alive(*key)]
         with self._lock:
             closing = [t for key in dead if (t := self._transports.pop(key, None)) is not None]
         for transport in closing:
