@@ -382,6 +382,7 @@ def _measure_size(run: Run, fleet: OneWorkerFleet) -> tuple[list[Row], float, fl
     describes: list[float] = []
     reads: list[int] = []
     in_hand: list[float] = []  # from the fleet built to observed
+    builds: list[float] = []  # the client's build of its fleet, every change
     phases: dict[str, list[float]] = {
         "read the fleet": [],
         "apply": [],
@@ -409,6 +410,7 @@ def _measure_size(run: Run, fleet: OneWorkerFleet) -> tuple[list[Row], float, fl
                 )
                 latencies.append(seen - started)
                 in_hand.append(seen - built)
+                builds.append(built - started)
                 reads.append(count)
                 replaced = await _replaced_at(client, vm_id, result.op_id)
                 if replaced is not None:  # the worker's clock, in ms
@@ -491,4 +493,4 @@ def _measure_size(run: Run, fleet: OneWorkerFleet) -> tuple[list[Row], float, fl
                 ),
             )
         )
-    return rows, p50, floor, median(in_hand), median(phases["read the fleet"] or [0.0])
+    return rows, p50, floor, median(in_hand), median(builds)

@@ -95,6 +95,9 @@ class NullDriver:
     def clear_leftovers(self, paths: VmmPaths, *, unrecorded: bool, grace: float) -> None:
         """Nothing is ever left."""
 
+    def forget(self, handle: VmmHandle) -> None:
+        """Nothing is kept per VMM but its state, which a launch resets."""
+
     def close(self) -> None:
         """Nothing is held."""
 

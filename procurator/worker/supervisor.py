@@ -838,14 +838,17 @@ class VmSupervisor:
         """From now on ``handle`` is this VM's VMM. What its launch
         confirmed (``VmmHandle.confirmed``) is its first health check, as
         ``_probe`` would note it: the VM's state read once, not twice."""
+        confirmed = handle.confirmed
+        if confirmed is not None:
+            handle = replace(handle, confirmed=None)  # taken once, here
         alive = self.watch.open(handle)
         self.handle = handle
         if booted_hash:
             self.last_hash = booted_hash
         self.known_state = None
         vmm = VmmFacts(booted_hash=booted_hash, alive=alive, foreign=foreign)
-        if handle.confirmed is not None:
-            state, mark = handle.confirmed
+        if confirmed is not None:
+            state, mark = confirmed
             self.known_state = (mark, state) if mark is not None else None
             vmm = replace(vmm, state=state, checked_at=self.m.clock())
         self._note(vmm=vmm)
@@ -865,6 +868,8 @@ class VmSupervisor:
                 f"VM {self.vm.vm_id}: VMM pid {handle.pid} is still exiting after "
                 f"{self.t.sigkill_wait:g} s"
             )
+        if handle is not None:
+            self.driver.forget(handle)  # its connection, at once (not a prune's)
         self.watch.close()
         self.handle = None
         self.owed = False

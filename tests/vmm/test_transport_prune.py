@@ -1,5 +1,6 @@
-"""The cloud-hypervisor driver closes the transports of VMMs that died
-unnoticed, a few at a time: a launch's prune looks at the least recently
+"""The cloud-hypervisor driver drops the transport of a VMM its supervisor
+saw end at once (``forget``), and closes those of VMMs that died
+unnoticed a few at a time: a launch's prune looks at the least recently
 used transports only (a dead VMM's is used no more, so it is among them), at
 most every ``_PRUNE_INTERVAL``. Checking every kept transport took ~0.3 s at
 10,000 VMs, on the path of the change whose launch ran it (issue 31)."""
@@ -10,7 +11,9 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
+from vmmhelpers import ManagerFactory, definition
 
+from procurator.worker.manager import VmSpec
 from procurator.worker.vmm import cloud_hypervisor as ch
 from procurator.worker.vmm import process
 from procurator.worker.vmm.base import VmmHandle
@@ -73,3 +76,17 @@ def test_a_prune_looks_at_the_least_recently_used_only(liveness: _Liveness) -> N
     # At most one prune an interval.
     driver._prune()
     assert len(liveness.checked) == ch._PRUNE_BATCH
+
+
+def test_a_vmm_seen_ending_leaves_no_transport(
+    make_manager: ManagerFactory, driver: ch.CloudHypervisorDriver
+) -> None:
+    """The supervisor drops the transport of every VMM it saw end (a
+    replacement's old one, a removal's) at once, not at a prune."""
+    manager = make_manager()
+    old = manager.ensure(VmSpec("vm1", "h1", definition())).pid
+    new = manager.ensure(VmSpec("vm1", "h2", definition())).pid
+    assert old != new
+    assert [pid for pid, _ in driver._transports] == [new]
+    manager.remove("vm1")
+    assert not driver._transports

@@ -58,9 +58,9 @@ def main() -> None:
         pids[vm_id] = obs.pid
     print(json.dumps(pids), flush=True)
     if then:
-        sys.stdin.readline()  # the test has set its faults
+        sys.stdin.readline()  # the test is ready (its faults set, if any)
         for vm_id in vm_ids:
-            # The test may hold the new VMM's boot (a fault) and kill us then.
+            # The test may hold the replacement (a fault, --hold-on) and kill us then.
             with contextlib.suppress(ProcuratorError):
                 manager.ensure(VmSpec(vm_id, then, definition()))
     threading.Event().wait()

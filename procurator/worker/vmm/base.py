@@ -302,6 +302,12 @@ class VmmDriver(Protocol):
         else None."""
         ...
 
+    def forget(self, handle: VmmHandle) -> None:
+        """Drop what the driver keeps for the VMM of ``handle``, which is
+        gone (its API connection, its lock): the supervisor calls it once it
+        saw the VMM end."""
+        ...
+
     def classify_exit(self, paths: VmmPaths, handle: VmmHandle) -> VmExit:
         """How the VMM of ``handle``, now gone, ended."""
         ...

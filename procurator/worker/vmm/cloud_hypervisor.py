@@ -28,7 +28,8 @@ HTTP: one httpx transport per VMM *process* (keyed by pid and start ticks,
 not by socket path, so a restarted VMM on the same path never gets a pooled
 connection to its dead predecessor), ``_unix_http.UnixSocketTransport`` by
 default. Transports are created lazily, dropped when their VMM is shut down
-or found gone, and those of VMMs that died unnoticed are pruned on a launch
+or found gone (``forget``: the supervisor calls it for every VMM it saw
+end), and those of VMMs that died unnoticed are pruned on a launch
 at most every ``_PRUNE_INTERVAL``, among the ``_PRUNE_BATCH`` least
 recently used (a prune reads /proc once per transport it looks at: of
 every kept one, a prune took ~0.3 s at 10,000 VMs, on the path of the

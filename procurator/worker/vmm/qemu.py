@@ -1462,7 +1462,7 @@ class QemuDriver:
             else:
                 _load_and_boot(target, session, state)
         except BaseException:
-            self._forget(handle)
+            self.forget(handle)
             process.abort_launch(handle)
             self._clear_socket(paths)
             raise
@@ -1474,7 +1474,7 @@ class QemuDriver:
     def classify_exit(self, paths: VmmPaths, handle: VmmHandle) -> VmExit:
         """QEMU removes its QMP socket when it exits cleanly (the guest
         powered off, ``quit``, SIGTERM); a crash or SIGKILL leaves it."""
-        self._forget(handle)
+        self.forget(handle)
         move = self._drop_incoming(handle)
         if move is not None:
             move.close()
@@ -1577,7 +1577,7 @@ class QemuDriver:
         with self._guard:
             return self._incoming.pop((handle.pid, handle.pid_start_ticks), None)
 
-    def _forget(self, handle: VmmHandle) -> None:
+    def forget(self, handle: VmmHandle) -> None:
         """Drop the lock of a VMM that is gone (no session can succeed)."""
         with self._guard:
             self._locks.pop(handle.api_socket, None)
@@ -1586,7 +1586,7 @@ class QemuDriver:
         if handle.driver != DRIVER_NAME:
             raise VmmRejected(f"{self._target(handle)}: handle of driver {handle.driver!r}")
         if not process.is_alive(handle.pid, handle.pid_start_ticks):
-            self._forget(handle)
+            self.forget(handle)
             raise VmmGone(f"{self._target(handle)}: qemu pid {handle.pid} is not running")
 
     @contextlib.contextmanager
@@ -1625,7 +1625,7 @@ class QemuDriver:
         if process.wait_exit(
             handle.pid, handle.pid_start_ticks, max(0.0, deadline - time.monotonic())
         ):
-            self._forget(handle)
+            self.forget(handle)
 
     @staticmethod
     def _block_device_id(entry: object) -> str | None:
