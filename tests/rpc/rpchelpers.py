@@ -44,3 +44,15 @@ async def served_service(
         async with served(bridge, service, **options) as address:
             yield service, address
         nursery.cancel_scope.cancel()
+
+
+def schema_without(tmp_path: Path, member: str) -> Path:
+    """The project's schema as an older peer had it: without the interface
+    member that starts with ``member`` (e.g. ``"pushChanges @1"``), written
+    under ``tmp_path``."""
+    text = (Path(__file__).resolve().parents[2] / "schema" / "procurator.capnp").read_text()
+    start = text.index(f"  {member}")
+    end = text.index("}", start)
+    older = tmp_path / "procurator.capnp"
+    older.write_text(text[:start] + text[end:])
+    return older

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import trio
-from rpchelpers import served
+from rpchelpers import schema_without, served
 
 from procurator.core.assignments import AssignmentChanges, AssignmentUpdate
 from procurator.core.errors import UnsupportedError, ValidationError
@@ -23,7 +23,6 @@ from procurator.rpc.master_server import RemoteNode
 from procurator.rpc.schema import load_schema
 
 _schema = load_schema()
-REPO = Path(__file__).resolve().parents[2]
 PATH = "/nix/store/" + "b" * 32 + "-web"
 
 
@@ -149,15 +148,6 @@ asyncio.run(run())
 """
 
 
-def _schema_before_push_changes(tmp_path: Path) -> Path:
-    text = (REPO / "schema" / "procurator.capnp").read_text()
-    start = text.index("  pushChanges @1")
-    end = text.index("}", start)
-    older = tmp_path / "procurator.capnp"
-    older.write_text(text[:start] + text[end:])
-    return older
-
-
 async def test_an_older_worker_answers_changes_unsupported(bridge: Bridge, tmp_path: Path) -> None:
     """The master learns from the answer that it must push whole
     assignments to it."""
@@ -169,7 +159,7 @@ async def test_an_older_worker_answers_changes_unsupported(bridge: Bridge, tmp_p
             [
                 sys.executable,
                 str(script),
-                str(_schema_before_push_changes(tmp_path)),
+                str(schema_without(tmp_path, "pushChanges @1")),
                 str(address.port),
             ],
             stdin=subprocess.PIPE,

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import trio
-from rpchelpers import served
+from rpchelpers import schema_without, served
 from test_wire_errors import ScriptedBackend
 
 from procurator.core.assignments import AssignmentUpdate
@@ -40,7 +40,6 @@ from procurator.rpc.clients import CapnpMasterDialer, open_control
 from procurator.worker.link import LinkSettings, MasterLink
 
 FleetOf = Callable[[dict[str, list[tuple[str, str]]]], Fleet]
-REPO = Path(__file__).resolve().parents[2]
 FAST = LinkSettings(resync_interval=30, call_timeout=5.0, backoff_initial=0.05, backoff_max=0.2)
 
 
@@ -196,21 +195,12 @@ asyncio.run(run())
 """
 
 
-def _schema_before_combined_reports(tmp_path: Path) -> Path:
-    text = (REPO / "schema" / "procurator.capnp").read_text()
-    start = text.index("  reportStatusAndEvents @5")
-    end = text.index("}", start)
-    older = tmp_path / "procurator.capnp"
-    older.write_text(text[:start] + text[end:])
-    return older
-
-
 async def test_a_link_to_an_older_master_reports_status_changes_and_events_apart(
     bridge: Bridge, tmp_path: Path
 ) -> None:
     script, log = tmp_path / "older_master.py", tmp_path / "calls.log"
     script.write_text(_OLDER_MASTER)
-    schema = _schema_before_combined_reports(tmp_path)
+    schema = schema_without(tmp_path, "reportStatusAndEvents @5")
     with subprocess.Popen(
         [sys.executable, str(script), str(schema), str(log)],
         stdin=subprocess.PIPE,
