@@ -70,18 +70,20 @@ def test_every_master_serves_the_same_fleet(lab: HaLab, add_image: Callable[...,
     assert result.returncode == 0, result.stdout + result.stderr
     generation = applied_generation(result.stdout)
     lab.wait_for("convergence", lambda: lab.converged(fleet, generation))
-    views = []
-    for index in range(3):
+    # Each master's own view: the others learn a worker's status from the
+    # database (NOTIFY, or the sync's backstop), a moment after its holder.
+    expected = [(w, True, generation, 1) for w in lab.worker_ids]
+
+    def view(index: int) -> list[tuple[str, bool, int, int]] | None:
         status = lab.status(masters=[index])
-        assert status is not None
-        views.append(
-            [
-                (w["worker_id"], w["connected"], w["observed_generation"], len(w["vms"]))
-                for w in status["workers"]
-            ]
-        )
-    assert views[0] == views[1] == views[2]
-    assert views[0] == [(w, True, generation, 1) for w in lab.worker_ids]
+        if status is None:
+            return None
+        return [
+            (w["worker_id"], w["connected"], w["observed_generation"], len(w["vms"]))
+            for w in status["workers"]
+        ]
+
+    lab.wait_for("every master's view", lambda: all(view(i) == expected for i in range(3)))
     # The workers are spread: each master holds some of the sessions.
     with psycopg.connect(lab.database) as conn:
         holders = dict(conn.execute("SELECT worker_id, master_id FROM worker_state").fetchall())

@@ -141,11 +141,14 @@ def test_dashboard_and_rules_read_what_a_live_master_and_worker_publish(
 
     def vm_figures_published() -> bool:
         # The worker polls its VMs every --metrics-interval (15 s) and
-        # reports them to the master on the same beat.
+        # reports them to the master on its own beat: a poll that saw the
+        # VM still starting gives the master a phase without a boot time
+        # until the next report, so both are waited for on both endpoints.
         scrapes.update({role: _scrape(url) for role, url in urls.items()})
-        return all("procurator_vm_phase{" in text for text in scrapes.values()) and (
-            'phase="running"' in scrapes["worker"]
-        )
+        return all(
+            "procurator_vm_phase{" in text and "procurator_vm_boot_duration_seconds{" in text
+            for text in scrapes.values()
+        ) and ('phase="running"' in scrapes["worker"])
 
     metrics_fleet.wait_for("the VM's figures on both endpoints", vm_figures_published)
     published = _published(scrapes["master"]) | _published(scrapes["worker"])

@@ -32,6 +32,11 @@ def _kinds(described: dict[str, Any]) -> list[str]:
     return [e["kind"] for e in described["events"]]
 
 
+def _last_event(fleet: FakeFleet) -> dict[str, Any]:
+    events: list[dict[str, Any]] = fleet.describe("web-1")["events"]
+    return events[-1] if events else {"op_id": ""}
+
+
 def test_power_transitions_keep_the_vm_its_process_and_its_disk(
     fake_fleet: FakeFleet, add_image: AddImage
 ) -> None:
@@ -59,6 +64,9 @@ def test_power_transitions_keep_the_vm_its_process_and_its_disk(
     # Running again: resumed in place; the event says the clock is not resynced.
     resumed_op = fake_fleet.apply_ok(_fleet(image, "running"))
     assert fake_fleet.vmm_pid("web-1") == pid
+    # The event is waited for: a combined report stores it after the status
+    # that ended `apply --wait`.
+    fake_fleet.wait_for("the resumed event", lambda: _last_event(fake_fleet)["op_id"] == resumed_op)
     described = fake_fleet.describe("web-1")
     resumed = [e for e in described["events"] if e["kind"] == "resumed"]
     assert resumed and resumed[-1]["op_id"] == resumed_op
@@ -74,7 +82,8 @@ def test_power_transitions_keep_the_vm_its_process_and_its_disk(
     assert disk.read_bytes().startswith(b"guest data survives a stop")
 
     # And started again: a new VMM on the same disk copy, same identity.
-    fake_fleet.apply_ok(_fleet(image, "running"))
+    started_op = fake_fleet.apply_ok(_fleet(image, "running"))
+    fake_fleet.wait_for("the booted event", lambda: _last_event(fake_fleet)["op_id"] == started_op)
     new_pid = fake_fleet.vmm_pid("web-1")
     assert new_pid is not None and new_pid != pid
     assert fake_fleet.disk_copies("web-1") == [disk]

@@ -37,16 +37,23 @@ def test_one_grep_of_the_op_id_tells_the_rollout(
     op = fake_fleet.apply_ok(_one_vm("web-1", image))
 
     # The master: the apply, the push, the worker's events, convergence —
-    # text lines, the op id both in the message and in the fields.
-    master = "\n".join(_grep(fake_fleet.master_log, op))
-    for step in (
+    # text lines, the op id both in the message and in the fields. The
+    # events are waited for: a combined report stores (and logs) them after
+    # the status that ended `apply --wait`.
+    steps = (
         "applied " + op,
         "worker host-a: added web-1",
         "pushed generation 1 to worker host-a",
         "VM web-1 created",
         "VM web-1 booted",
         "worker host-a converged to generation 1",
-    ):
+    )
+    fake_fleet.wait_for(
+        "web-1's events in the master's log",
+        lambda: "VM web-1 booted" in "\n".join(_grep(fake_fleet.master_log, op)),
+    )
+    master = "\n".join(_grep(fake_fleet.master_log, op))
+    for step in steps:
         assert step in master, f"{step!r} not in:\n{master}"
     assert f"[op_id={op}" in master
 
@@ -86,7 +93,10 @@ def test_one_grep_of_the_op_id_tells_the_rollout(
     pause_op = fake_fleet.apply_ok(_one_vm("web-1", image, "paused"))
     assert pause_op != op
     assert any("web-1: paused" in line for line in _grep(fake_fleet.worker_log, pause_op))
-    assert any("VM web-1 paused" in line for line in _grep(fake_fleet.master_log, pause_op))
+    fake_fleet.wait_for(
+        "web-1's paused event in the master's log",
+        lambda: any("VM web-1 paused" in line for line in _grep(fake_fleet.master_log, pause_op)),
+    )
 
 
 def test_a_refused_apply_carries_its_op_id(fake_fleet: FakeFleet, add_image: AddImage) -> None:

@@ -85,9 +85,17 @@ def test_a_frozen_master_fences_the_reschedule_vm_and_a_thawed_one_restores_it(
             return vms["moves"]["phase"] == "running" and vms["stays"]["phase"] == "running"
 
         fleet.wait_for("the VM to run again", restored)
-        result = fleet.cli("events", "--vm", "moves", "--json")
-        assert result.returncode == 0, result.stderr
-        events = [json.loads(line) for line in result.stdout.splitlines()]
+        # A worker registering anew sends its whole status first and its
+        # events in a call after it: the resumed event is waited for.
+        events: list[dict[str, Any]] = []
+
+        def resumed_told() -> bool:
+            result = fleet.cli("events", "--vm", "moves", "--json")
+            assert result.returncode == 0, result.stderr
+            events[:] = [json.loads(line) for line in result.stdout.splitlines()]
+            return any(e["kind"] == "resumed" for e in events)
+
+        fleet.wait_for("the resumed event", resumed_told)
         kinds = [e["kind"] for e in events]
         fenced = [e for e in events if "fenced: no master for" in e["message"]]
         assert [e["kind"] for e in fenced] == ["paused"], events
