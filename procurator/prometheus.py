@@ -12,8 +12,11 @@
   ``close`` wakes it (a byte on its own socket pair): an idle exporter wakes
   no thread (socketserver's ``serve_forever`` polls, 5 wake-ups a second at
   0.2 s: 0.5 ms/s of an idle 1,000-VM worker's CPU, docs/BENCHMARKS.md).
-  ``close`` stops the loop, frees the port and joins the serving thread;
-  request threads are daemons and end with their request.
+  ``close`` stops the loop, frees the port and joins the serving thread,
+  then the requests in flight (bounded). Hostile clients: each read and
+  write of a request must progress within ``REQUEST_TIMEOUT``, and at most
+  ``MAX_REQUESTS`` are served at once (one beyond is closed unread), so
+  silent connections cannot pin threads.
 - ``run_http_server``: ``HttpServer`` as a trio service.
 
 One server lifecycle for both exporters: binding (IPv4 or IPv6 by the
@@ -27,6 +30,7 @@ import logging
 import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
 from typing import Any, Self
@@ -55,31 +59,107 @@ def to_metric(family: Family) -> Metric:
     return metric
 
 
+# A connection's bounds: each read and write of a request must progress
+# within REQUEST_TIMEOUT seconds (a scraper sends its request at once), and
+# at most MAX_REQUESTS are served at once (a connection beyond is closed
+# unread). Silent or trickling clients hold a thread each for that long at
+# most, and never more than MAX_REQUESTS threads.
+REQUEST_TIMEOUT = 10.0
+MAX_REQUESTS = 32
+# How long ``close`` waits for the requests in flight to end.
+CLOSE_GRACE = 5.0
+
+
 class _Handler(WSGIRequestHandler):
+    timeout = REQUEST_TIMEOUT  # StreamRequestHandler: the connection's timeout
+
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
 
 class _Server(ThreadingMixIn, WSGIServer):
+    """A thread per request, tracked (``finish``) and capped
+    (``max_requests``)."""
+
     daemon_threads = True
+    block_on_close = False  # close joins its requests itself, with a bound
+    max_requests = MAX_REQUESTS
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._requests: set[threading.Thread] = set()
+        self._requests_lock = threading.Lock()  # a leaf
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        thread = threading.Thread(
+            target=self.process_request_thread,
+            args=(request, client_address),
+            name=f"{threading.current_thread().name}-request",
+            daemon=True,
+        )
+        with self._requests_lock:
+            full = len(self._requests) >= self.max_requests
+            if not full:
+                self._requests.add(thread)
+        if full:
+            log.debug(
+                "%s: %d requests in flight; closed unread", client_address, len(self._requests)
+            )
+            self.shutdown_request(request)
+            return
+        thread.start()
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._requests_lock:
+                self._requests.discard(threading.current_thread())
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver prints a traceback to stderr: a client that timed out
+        # or went away mid-request is the client's doing, logged at debug.
+        log.debug("%s: request failed", client_address, exc_info=True)
+
+    def finish(self, grace: float) -> None:
+        """Wait up to ``grace`` seconds for the requests in flight to end
+        (each is bounded by the handler's timeout anyway)."""
+        deadline = time.monotonic() + grace
+        with self._requests_lock:
+            requests = list(self._requests)
+        for thread in requests:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 class HttpServer:
     """Serves ``app`` on ``host:port`` (port 0: any free port, see ``port``)
     from construction until ``close``. ``what`` names it in errors, logs and
-    its thread's name ("worker metrics"). Raises ``PermanentError`` naming
-    the address when it cannot be bound."""
+    its thread's name ("worker metrics"); ``request_timeout`` and
+    ``max_requests`` bound its connections (the module's defaults). Raises
+    ``PermanentError`` naming the address when it cannot be bound."""
 
-    def __init__(self, app: WsgiApp, host: str, port: int, *, what: str) -> None:
+    def __init__(
+        self,
+        app: WsgiApp,
+        host: str,
+        port: int,
+        *,
+        what: str,
+        request_timeout: float = REQUEST_TIMEOUT,
+        max_requests: int = MAX_REQUESTS,
+    ) -> None:
         try:
             family = socket.getaddrinfo(
                 host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
             )[0][0]
             server_class: type[_Server] = type(
-                "_BoundServer", (_Server,), {"address_family": family}
+                "_BoundServer",
+                (_Server,),
+                {"address_family": family, "max_requests": max_requests},
             )
+            handler_class = type("_BoundHandler", (_Handler,), {"timeout": request_timeout})
             self._httpd: _Server = make_server(
-                host, port, app, server_class=server_class, handler_class=_Handler
+                host, port, app, server_class=server_class, handler_class=handler_class
             )
         except OSError as exc:
             raise PermanentError(
@@ -119,14 +199,16 @@ class HttpServer:
                 self._httpd.handle_request()
 
     def close(self) -> None:
-        """Stop serving; idempotent. Returns once the serving thread ended
-        and the port is free."""
+        """Stop serving; idempotent. Returns once the serving thread ended,
+        the port is free and the requests in flight ended (at most
+        ``CLOSE_GRACE`` seconds: each is bounded by ``REQUEST_TIMEOUT``)."""
         if self._closed:
             return
         self._closed = True
         self._wake_w.send(b"x")
         self._thread.join()
         self._httpd.server_close()
+        self._httpd.finish(CLOSE_GRACE)
         self._wake_r.close()
         self._wake_w.close()
 

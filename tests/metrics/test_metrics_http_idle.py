@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import httpx
+import pytest
 
 from procurator.prometheus import HttpServer
 
@@ -36,11 +37,29 @@ def _wake_ups(thread: threading.Thread) -> int:
     raise AssertionError("no voluntary_ctxt_switches in the thread's status")
 
 
+_EPOLL_WAITS = {"232", "281"}  # epoll_wait, epoll_pwait (x86_64)
+
+
+def _parked(thread: threading.Thread) -> None:
+    """Until the serving thread sleeps in its selector again: after a
+    request it still has to hand the connection on and get back to
+    ``select``, and the sleep that ends that way is one more switch."""
+    deadline = time.monotonic() + 30.0  # a hang guard
+    path = f"/proc/self/task/{thread.native_id}/syscall"
+    while True:
+        with open(path, encoding="ascii") as f:
+            if f.read().split()[0] in _EPOLL_WAITS:
+                return
+        assert time.monotonic() < deadline, "the serving thread never went back to select"
+        time.sleep(0.005)
+
+
 def test_idle_server_thread_does_not_wake_and_closes_at_once() -> None:
     server = HttpServer(_app, "127.0.0.1", 0, what="test")
     try:
         thread = _serving_thread(server)
         assert httpx.get(server.url("/metrics")).text == "ok\n"
+        _parked(thread)
         before = _wake_ups(thread)
         time.sleep(1.0)  # a span of idleness to count wake-ups in, not a bound
         assert _wake_ups(thread) == before  # polled at 0.2 s: 5 more
@@ -53,3 +72,90 @@ def test_idle_server_thread_does_not_wake_and_closes_at_once() -> None:
         again.bind(("127.0.0.1", server.port))
         again.listen()
     server.close()  # idempotent
+
+
+def _closed_by_server(conn: socket.socket, limit: float) -> bool:
+    """Whether the server closed ``conn`` within ``limit`` seconds."""
+    conn.settimeout(limit)
+    try:
+        return conn.recv(1) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_a_silent_connection_is_dropped_and_pins_no_thread(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    # A client that connects and sends nothing (or stops mid-request) is
+    # closed once the request timeout passes, quietly: no traceback.
+    server = HttpServer(_app, "127.0.0.1", 0, what="test", request_timeout=0.3)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as silent:
+            assert _closed_by_server(silent, 10.0)  # a hang guard; 0.3 s expected
+        with socket.create_connection(("127.0.0.1", server.port)) as trickle:
+            trickle.sendall(b"GET /metrics HT")
+            assert _closed_by_server(trickle, 10.0)
+        assert httpx.get(server.url("/metrics")).text == "ok\n"
+    finally:
+        server.close()
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def _requests_of(server: HttpServer) -> list[threading.Thread]:
+    name = f"{_serving_thread(server).name}-request"
+    return [t for t in threading.enumerate() if t.name == name]
+
+
+def test_connections_beyond_the_cap_are_closed_unread() -> None:
+    server = HttpServer(_app, "127.0.0.1", 0, what="test", request_timeout=30, max_requests=2)
+    held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 30.0  # a hang guard
+        while len(_requests_of(server)) < 2:
+            assert time.monotonic() < deadline, "the two requests never started"
+            time.sleep(0.01)
+        # A third while two silent ones are in flight: closed, not served.
+        with socket.create_connection(("127.0.0.1", server.port)) as third:
+            third.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            assert _closed_by_server(third, 10.0)
+        for conn in held:
+            conn.close()
+        # Once they ended, requests are served again.
+        deadline = time.monotonic() + 30.0
+        while _requests_of(server):
+            assert time.monotonic() < deadline, "the requests never ended"
+            time.sleep(0.01)
+        assert httpx.get(server.url("/metrics")).text == "ok\n"
+    finally:
+        for conn in held:
+            conn.close()
+        server.close()
+
+
+def test_close_waits_for_the_request_in_flight() -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        entered.set()
+        release.wait(30)  # a hang guard
+        return _app(environ, start_response)
+
+    server = HttpServer(slow, "127.0.0.1", 0, what="test")
+    answers: list[int] = []
+    client = threading.Thread(
+        target=lambda: answers.append(httpx.get(server.url("/metrics"), timeout=30).status_code)
+    )
+    client.start()
+    assert entered.wait(30)
+    (request,) = _requests_of(server)
+    closing = threading.Thread(target=server.close)
+    closing.start()
+    closing.join(0.5)
+    assert closing.is_alive()  # the scrape in flight holds it
+    release.set()
+    closing.join(30)
+    assert not closing.is_alive() and not request.is_alive()
+    client.join(30)
+    assert answers == [200]  # the scrape got its answer
