@@ -176,6 +176,12 @@ def test_a_jailed_qemu_boots_pings_is_replaced_and_readopted(
     assert lab.vmm_pids()["web-1"] == replaced
     assert lab.guest_status(address)["boot_id"] == second["boot_id"]
     assert _jailed(replaced)["uid"] == jail["uid"]
+    # The event is waited for: a new session's first (whole) status goes in
+    # a call before the events queued meanwhile.
+    _wait(
+        lambda: any(e["kind"] == "readopted" for e in _describe(lab, "web-1")["events"]),
+        "the readopted event",
+    )
     readopted = _describe(lab, "web-1")
     assert readopted["observed"]["restarts"] == 0
     assert any(

@@ -70,7 +70,9 @@ async def test_a_deadline_mid_migration_cancels_it_and_the_vm_runs_on_its_source
                             break
                         await trio.sleep(0.05)
                 assert MovePhase.MIGRATING in phases, (phases, move)
-                assert phases[-2:] == [MovePhase.CANCELLING, MovePhase.FAILED], (phases, move)
+                # Cancelling may end between two looks (the fake sees the
+                # broken stream at its next frame): the reason says it.
+                assert phases[-1] is MovePhase.FAILED, (phases, move)
                 assert move.reason.startswith("not done before the deadline"), move
                 assert "the migration cancelled on host-a" in move.reason, move
                 # The guest runs on at the source, and only there (before:

@@ -245,7 +245,8 @@ def test_a_guest_moves_live_between_two_namespaces_and_answers_on_the_target(
             out, _ = ping.communicate(timeout=10)
         assert moved.returncode == 0, moved.stdout + moved.stderr
         phases = [json.loads(ln)["phase"] for ln in moved.stdout.splitlines()]
-        assert phases[-1] == "done" and "migrating" in phases, phases
+        # A phase shorter than the command's two reads may not print.
+        assert phases[-1] == "done", phases
         wait_for("web-1 running on host-b", lambda: running_on() == {"web-1": "host-b"}, logs, 60)
         wait_for("host-a's QEMU to go", lambda: not _qemu_pids(states["host-a"]), logs, 60)
         # Migrated, not booted again: the same boot, its uptime went on.

@@ -180,7 +180,8 @@ async def test_live_moves_end_done_or_failed_and_never_boot_the_vm_twice(
                 # Done: the target's VMM holds the source's guest memory.
                 source_digest = _digests(tmp_path, "host-a")
                 phases = await move("host-b")
-                assert phases[-1] == "done" and "migrating" in phases, phases
+                # A phase shorter than the command's two reads may not print.
+                assert phases[-1] == "done", phases
                 await settle(lambda s: runs_on(s, "web-1") == {"host-b"})
                 moved = _digests(tmp_path, "host-b")
                 assert moved and (not source_digest or moved[-1] == source_digest[-1]), moved

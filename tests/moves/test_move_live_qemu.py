@@ -157,8 +157,8 @@ class _Cluster:
         assert result.returncode == 0, result.stdout + result.stderr
         self.wait_for("the guest on host-a", lambda: READY in _serial(self.states["host-a"]), 120)
 
-    def move_command(self) -> list[str]:
-        command = [sys.executable, "-m", "procurator", "move", "web-1", "--to", "host-b"]
+    def move_command(self, target: str = "host-b") -> list[str]:
+        command = [sys.executable, "-m", "procurator", "move", "web-1", "--to", target]
         return [*command, "--live", "--wait", "--timeout", "180", "--json"]
 
 
@@ -178,7 +178,8 @@ def test_a_qemu_guest_moves_live_between_two_worker_processes(tmp_path: Path, im
         took = time.monotonic() - started
         assert moved.returncode == 0, moved.stdout + moved.stderr
         phases = [json.loads(line)["phase"] for line in moved.stdout.splitlines()]
-        assert phases[-1] == "done" and "migrating" in phases, phases
+        # A phase shorter than the command's two reads may not print.
+        assert phases[-1] == "done", phases
         print(f"\nlive move of a TCG guest between two worker processes: {took:.2f} s in all")
         cluster.wait_for(
             "web-1 running on host-b", lambda: cluster.running_on() == {"web-1": "host-b"}, 60
@@ -195,55 +196,80 @@ def test_a_source_worker_killed_mid_migration_leaves_the_guest_running_once(
     """kill -9 of the source worker once it began migrating (its mark
     written, not yet sent), and a new worker started in its place: the move
     ends done or failed (never stuck), and the guest runs on in exactly one
-    QEMU, never booted again: on host-b migrated (its serial log starts
-    with the move), or on host-a in the same QEMU process (the restarted
-    worker undid the migration its predecessor stopped in,
-    ``abandon_migration``, and its retry of the move found the target's
-    listener closed). The kill lands while QEMU mirrors or migrates, or
-    (mostly, here: a mostly idle 256 MiB guest migrates in well under a
-    second) after QEMU completed the migration and before the worker wrote
-    "sent": the worst window, the target holding the whole state, the
-    source's guest stopped. The outcome is printed."""
+    QEMU, never booted again: on the target migrated (its serial log starts
+    with the move), or on the source in the same QEMU process. The kill
+    lands anywhere from the mark to just before "sent". Seen here: right
+    after the mark (QEMU not yet asked: the restarted worker finds nothing
+    to undo, migrates again, and the move ends done), and after QEMU
+    completed the migration (the worst window, the target holding the
+    whole state: the restarted worker undoes it, ``abandon_migration``,
+    its retry finds the target's listener closed, and the move ends
+    failed). The outcome is printed."""
     with ExitStack() as stack:
         cluster = _Cluster(stack, tmp_path)
         states = cluster.states
         cluster.boot_on_a(image)
-        (source_qemu,) = _qemu_pids(states["host-a"])
-        move = subprocess.Popen(
-            cluster.move_command(),
-            env=cluster.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        stack.callback(_ended, move)
-        # The source's mark, written as its supervisor begins to migrate
-        # (not yet sent): the kill lands in the migration.
-        mark = states["host-a"] / "vms" / "web-1" / MOVED_OUT_FILE
-        cluster.wait_for("the source to begin migrating", lambda: _not_sent(mark), 120)
-        cluster.kill9("host-a")
-        cluster.restart("host-a")
+        source, target = "host-a", "host-b"
+        for _ in range(3):
+            (source_qemu,) = _qemu_pids(states[source])
+            boots = _serial(states[source]).count(READY)
+            move = subprocess.Popen(
+                cluster.move_command(target),
+                env=cluster.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            stack.callback(_ended, move)
+            # The source's mark, written as its supervisor begins to
+            # migrate (not yet sent): the kill lands in the migration. A
+            # move that got past it between two looks (done: the mark went
+            # with the VM's directory) is tried again the other way.
+            mark = states[source] / "vms" / "web-1" / MOVED_OUT_FILE
+            if _caught(mark, move):
+                break
+            out, errors = move.communicate(timeout=300)
+            assert move.returncode == EXIT_OK, out + errors
+            cluster.wait_for(
+                f"web-1 running on {target}",
+                lambda t=target: cluster.running_on() == {"web-1": t},
+                60,
+            )
+            source, target = target, source
+        else:
+            raise AssertionError("three moves went past the source's mark between two looks")
+        cluster.kill9(source)
+        cluster.restart(source)
         out, errors = move.communicate(timeout=300)  # a hang guard: --timeout 180 ends it
-        phases = [json.loads(line)["phase"] for line in out.splitlines()]
-        assert "migrating" in phases, phases
         assert move.returncode in (EXIT_OK, EXIT_FAILED), out + errors
-        outcome = phases[-1]
-        assert outcome == ("done" if move.returncode == EXIT_OK else "failed"), phases
-        where = "host-b" if outcome == "done" else "host-a"
+        outcome = json.loads(out.splitlines()[-1])["phase"]
+        assert outcome == ("done" if move.returncode == EXIT_OK else "failed"), out
+        where, other = (target, source) if outcome == "done" else (source, target)
         cluster.wait_for(
             f"web-1 running on {where} alone",
             lambda: cluster.running_on() == {"web-1": where},
             120,
         )
-        other = "host-a" if where == "host-b" else "host-b"
         cluster.wait_for(f"{other}'s QEMU to go", lambda: not _qemu_pids(states[other]), 60)
-        assert len(_qemu_pids(states[where])) == 1
-        if outcome == "done":
-            assert READY not in _serial(states["host-b"])
-        else:
-            assert _qemu_pids(states["host-a"]) == [source_qemu]
-            assert _serial(states["host-a"]).count(READY) == 1
+        if outcome == "done":  # migrated: its serial log begins with the move
+            assert len(_qemu_pids(states[where])) == 1
+            assert READY not in _serial(states[where])
+        else:  # the same QEMU ran on, not booted again
+            assert _qemu_pids(states[where]) == [source_qemu]
+            assert _serial(states[where]).count(READY) == boots
         print(f"\nsource worker killed while migrating: the move ended {outcome}")
+
+
+def _caught(mark: Path, move: subprocess.Popen[str]) -> bool:
+    """Look at ``mark`` every few ms until it says migrating (True) or the
+    move ended first (False)."""
+    deadline = time.monotonic() + 120  # a hang guard
+    while not _not_sent(mark):
+        if move.poll() is not None:
+            return False
+        assert time.monotonic() < deadline, "the source never began migrating"
+        time.sleep(0.002)
+    return True
 
 
 def _not_sent(mark: Path) -> bool:
