@@ -13,10 +13,11 @@
   no thread (socketserver's ``serve_forever`` polls, 5 wake-ups a second at
   0.2 s: 0.5 ms/s of an idle 1,000-VM worker's CPU, docs/BENCHMARKS.md).
   ``close`` stops the loop, frees the port and joins the serving thread,
-  then the requests in flight (bounded). Hostile clients: each read and
-  write of a request must progress within ``REQUEST_TIMEOUT``, and at most
-  ``MAX_REQUESTS`` are served at once (one beyond is closed unread), so
-  silent connections cannot pin threads.
+  then the requests in flight (bounded). Hostile clients: a request must
+  arrive within ``REQUEST_TIMEOUT`` of its connection and its answer go out
+  within ``ANSWER_TIMEOUT``, and at most ``MAX_REQUESTS`` are served at once
+  (one beyond is closed unread), so silent or trickling connections cannot
+  pin threads.
 - ``run_http_server``: ``HttpServer`` as a trio service.
 
 One server lifecycle for both exporters: binding (IPv4 or IPv6 by the
@@ -26,9 +27,11 @@ reachable at, an idempotent close.
 
 from __future__ import annotations
 
+import io
 import logging
 import selectors
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -59,27 +62,76 @@ def to_metric(family: Family) -> Metric:
     return metric
 
 
-# A connection's bounds: each read and write of a request must progress
-# within REQUEST_TIMEOUT seconds (a scraper sends its request at once), and
+# A connection's bounds: its request (line and headers) must arrive within
+# REQUEST_TIMEOUT seconds of the connection, however it trickles in (a
+# scraper sends it at once), and the answer must go out within
+# ANSWER_TIMEOUT (a 10,000-VM worker's uncompressed scrape is tens of MB);
 # at most MAX_REQUESTS are served at once (a connection beyond is closed
-# unread). Silent or trickling clients hold a thread each for that long at
-# most, and never more than MAX_REQUESTS threads.
+# unread). A silent, trickling or never-reading client holds a thread that
+# long at most, and never more than MAX_REQUESTS threads.
 REQUEST_TIMEOUT = 10.0
+ANSWER_TIMEOUT = 60.0
 MAX_REQUESTS = 32
 # How long ``close`` waits for the requests in flight to end.
 CLOSE_GRACE = 5.0
 
 
+class _DeadlineReader(io.RawIOBase):
+    """The connection's reads, each given what is left of one deadline."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request did not arrive in time")
+        self._sock.settimeout(left)
+        return self._sock.recv_into(buffer)
+
+
+class _Quiet:
+    """wsgiref's error stream: a client gone or timed out mid-answer is the
+    client's doing, logged at debug, not a traceback on stderr."""
+
+    def write(self, text: str) -> None:
+        if text.strip():
+            log.debug("answering a request: %s", text.rstrip())
+
+    def flush(self) -> None:
+        pass
+
+
 class _Handler(WSGIRequestHandler):
-    timeout = REQUEST_TIMEOUT  # StreamRequestHandler: the connection's timeout
+    request_timeout = REQUEST_TIMEOUT
+    answer_timeout = ANSWER_TIMEOUT
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # the socket's own file: replaced by one with a deadline
+        deadline = time.monotonic() + self.request_timeout
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, deadline))
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()  # reads the headers, under the deadline
+        # The request is in: from here on, the answer's budget.
+        self.connection.settimeout(self.answer_timeout)
+        return parsed
+
+    def get_stderr(self) -> Any:
+        return _Quiet()
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
 
 class _Server(ThreadingMixIn, WSGIServer):
-    """A thread per request, tracked (``finish``) and capped
-    (``max_requests``)."""
+    """A thread per request, tracked (``join_requests``) and capped
+    (``max_requests``). Only the serving thread adds to the set."""
 
     daemon_threads = True
     block_on_close = False  # close joins its requests itself, with a bound
@@ -98,32 +150,33 @@ class _Server(ThreadingMixIn, WSGIServer):
             daemon=True,
         )
         with self._requests_lock:
-            full = len(self._requests) >= self.max_requests
-            if not full:
+            # Every thread in the set was started: the ended ones go.
+            self._requests = {t for t in self._requests if t.is_alive()}
+            in_flight = len(self._requests)
+            if in_flight < self.max_requests:
                 self._requests.add(thread)
-        if full:
-            log.debug(
-                "%s: %d requests in flight; closed unread", client_address, len(self._requests)
-            )
+        if in_flight >= self.max_requests:
+            log.debug("%s: %d requests in flight; closed unread", client_address, in_flight)
             self.shutdown_request(request)
             return
-        thread.start()
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
-            super().process_request_thread(request, client_address)
-        finally:
+            thread.start()
+        except RuntimeError:  # no thread to be had (a pids limit): this request only
             with self._requests_lock:
-                self._requests.discard(threading.current_thread())
+                self._requests.discard(thread)
+            raise  # socketserver: handle_error, then shutdown_request
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        # socketserver prints a traceback to stderr: a client that timed out
-        # or went away mid-request is the client's doing, logged at debug.
-        log.debug("%s: request failed", client_address, exc_info=True)
+        # socketserver prints a traceback to stderr. A client that timed out
+        # or went away is the client's doing (debug); anything else is ours.
+        if isinstance(sys.exc_info()[1], OSError):
+            log.debug("%s: request failed", client_address, exc_info=True)
+        else:
+            log.exception("%s: request failed", client_address)
 
-    def finish(self, grace: float) -> None:
+    def join_requests(self, grace: float) -> None:
         """Wait up to ``grace`` seconds for the requests in flight to end
-        (each is bounded by the handler's timeout anyway)."""
+        (each is bounded by the handler's timeouts anyway)."""
         deadline = time.monotonic() + grace
         with self._requests_lock:
             requests = list(self._requests)
@@ -157,7 +210,7 @@ class HttpServer:
                 (_Server,),
                 {"address_family": family, "max_requests": max_requests},
             )
-            handler_class = type("_BoundHandler", (_Handler,), {"timeout": request_timeout})
+            handler_class = type("_BoundHandler", (_Handler,), {"request_timeout": request_timeout})
             self._httpd: _Server = make_server(
                 host, port, app, server_class=server_class, handler_class=handler_class
             )
@@ -208,7 +261,7 @@ class HttpServer:
         self._wake_w.send(b"x")
         self._thread.join()
         self._httpd.server_close()
-        self._httpd.finish(CLOSE_GRACE)
+        self._httpd.join_requests(CLOSE_GRACE)
         self._wake_r.close()
         self._wake_w.close()
 

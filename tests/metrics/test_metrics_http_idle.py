@@ -6,6 +6,8 @@ worker). Real sockets, the real thread's scheduler counters."""
 
 from __future__ import annotations
 
+import platform
+import select
 import socket
 import threading
 import time
@@ -37,7 +39,8 @@ def _wake_ups(thread: threading.Thread) -> int:
     raise AssertionError("no voluntary_ctxt_switches in the thread's status")
 
 
-_EPOLL_WAITS = {"232", "281"}  # epoll_wait, epoll_pwait (x86_64)
+# epoll_wait and epoll_pwait by architecture (aarch64 has only the latter).
+_EPOLL_WAITS = {"x86_64": {"232", "281"}, "aarch64": {"22"}}[platform.machine()]
 
 
 def _parked(thread: threading.Thread) -> None:
@@ -85,6 +88,26 @@ def _closed_by_server(conn: socket.socket, limit: float) -> bool:
         return True
 
 
+def _closed_while_trickling(conn: socket.socket, seconds: float) -> bool:
+    """Send a never-ending request head a byte every 0.1 s for ``seconds``;
+    whether the server closed the connection meanwhile."""
+    started = time.monotonic()
+    head = b"GET /metrics HTTP/1.0\r\nX-Padding: "
+    sent = 0
+    while time.monotonic() - started < seconds:
+        try:
+            conn.sendall(head[sent : sent + 1] if sent < len(head) else b"a")
+        except (BrokenPipeError, ConnectionResetError):
+            return True
+        sent += 1
+        if select.select([conn], [], [], 0.1)[0]:
+            try:
+                return conn.recv(1) == b""
+            except ConnectionResetError:
+                return True
+    return False
+
+
 def test_a_silent_connection_is_dropped_and_pins_no_thread(
     capfd: pytest.CaptureFixture[str],
 ) -> None:
@@ -97,6 +120,10 @@ def test_a_silent_connection_is_dropped_and_pins_no_thread(
         with socket.create_connection(("127.0.0.1", server.port)) as trickle:
             trickle.sendall(b"GET /metrics HT")
             assert _closed_by_server(trickle, 10.0)
+        # One byte every 0.1 s, for 10 s: each read is quick, the request
+        # never ends; it is closed while it still trickles in.
+        with socket.create_connection(("127.0.0.1", server.port)) as slow:
+            assert _closed_while_trickling(slow, seconds=10.0)
         assert httpx.get(server.url("/metrics")).text == "ok\n"
     finally:
         server.close()
@@ -147,15 +174,26 @@ def test_close_waits_for_the_request_in_flight() -> None:
     client = threading.Thread(
         target=lambda: answers.append(httpx.get(server.url("/metrics"), timeout=30).status_code)
     )
+    closed_after_release: list[bool] = []
+
+    def close() -> None:
+        server.close()
+        closed_after_release.append(release.is_set())
+
+    closing = threading.Thread(target=close)
     client.start()
-    assert entered.wait(30)
-    (request,) = _requests_of(server)
-    closing = threading.Thread(target=server.close)
-    closing.start()
-    closing.join(0.5)
-    assert closing.is_alive()  # the scrape in flight holds it
-    release.set()
-    closing.join(30)
-    assert not closing.is_alive() and not request.is_alive()
-    client.join(30)
-    assert answers == [200]  # the scrape got its answer
+    try:
+        assert entered.wait(30)
+        (request,) = _requests_of(server)
+        closing.start()
+        time.sleep(0.5)  # time for close to return, were it not to wait
+        release.set()
+        closing.join(30)
+        assert closed_after_release == [True]  # the scrape in flight held it
+        assert not request.is_alive()
+        client.join(30)
+        assert answers == [200]  # the scrape got its answer
+    finally:
+        release.set()
+        client.join(30)
+        server.close()

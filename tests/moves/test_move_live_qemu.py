@@ -235,6 +235,9 @@ def test_a_source_worker_killed_mid_migration_leaves_the_guest_running_once(
                 lambda t=target: cluster.running_on() == {"web-1": t},
                 60,
             )
+            cluster.wait_for(
+                f"{source}'s QEMU to go", lambda s=source: not _qemu_pids(states[s]), 60
+            )
             source, target = target, source
         else:
             raise AssertionError("three moves went past the source's mark between two looks")
@@ -242,6 +245,7 @@ def test_a_source_worker_killed_mid_migration_leaves_the_guest_running_once(
         cluster.restart(source)
         out, errors = move.communicate(timeout=300)  # a hang guard: --timeout 180 ends it
         assert move.returncode in (EXIT_OK, EXIT_FAILED), out + errors
+        assert out, errors
         outcome = json.loads(out.splitlines()[-1])["phase"]
         assert outcome == ("done" if move.returncode == EXIT_OK else "failed"), out
         where, other = (target, source) if outcome == "done" else (source, target)
@@ -281,9 +285,10 @@ def _not_sent(mark: Path) -> bool:
 
 
 def _ended(proc: subprocess.Popen[str]) -> None:
+    """The command ended and its pipes closed, whatever became of it."""
     if proc.poll() is None:
         proc.kill()
-        proc.communicate()
+    proc.communicate()
 
 
 def _remove_every_vm(

@@ -32,9 +32,10 @@ def _kinds(described: dict[str, Any]) -> list[str]:
     return [e["kind"] for e in described["events"]]
 
 
-def _last_event(fleet: FakeFleet) -> dict[str, Any]:
+def _last_event(fleet: FakeFleet) -> tuple[str, str]:
+    """The op id and kind of web-1's newest event (empty: none)."""
     events: list[dict[str, Any]] = fleet.describe("web-1")["events"]
-    return events[-1] if events else {"op_id": ""}
+    return (events[-1]["op_id"], events[-1]["kind"]) if events else ("", "")
 
 
 def test_power_transitions_keep_the_vm_its_process_and_its_disk(
@@ -66,7 +67,9 @@ def test_power_transitions_keep_the_vm_its_process_and_its_disk(
     assert fake_fleet.vmm_pid("web-1") == pid
     # The event is waited for: a combined report stores it after the status
     # that ended `apply --wait`.
-    fake_fleet.wait_for("the resumed event", lambda: _last_event(fake_fleet)["op_id"] == resumed_op)
+    fake_fleet.wait_for(
+        "the resumed event", lambda: _last_event(fake_fleet) == (resumed_op, "resumed")
+    )
     described = fake_fleet.describe("web-1")
     resumed = [e for e in described["events"] if e["kind"] == "resumed"]
     assert resumed and resumed[-1]["op_id"] == resumed_op
@@ -83,7 +86,9 @@ def test_power_transitions_keep_the_vm_its_process_and_its_disk(
 
     # And started again: a new VMM on the same disk copy, same identity.
     started_op = fake_fleet.apply_ok(_fleet(image, "running"))
-    fake_fleet.wait_for("the booted event", lambda: _last_event(fake_fleet)["op_id"] == started_op)
+    fake_fleet.wait_for(
+        "the booted event", lambda: _last_event(fake_fleet) == (started_op, "booted")
+    )
     new_pid = fake_fleet.vmm_pid("web-1")
     assert new_pid is not None and new_pid != pid
     assert fake_fleet.disk_copies("web-1") == [disk]
