@@ -131,7 +131,8 @@ class _Handler(WSGIRequestHandler):
 
 class _Server(ThreadingMixIn, WSGIServer):
     """A thread per request, tracked (``join_requests``) and capped
-    (``max_requests``). Only the serving thread adds to the set."""
+    (``max_requests``). The set of them is the serving thread's alone (and
+    ``close``'s, once that thread ended): no lock."""
 
     daemon_threads = True
     block_on_close = False  # close joins its requests itself, with a bound
@@ -139,7 +140,6 @@ class _Server(ThreadingMixIn, WSGIServer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._requests: set[threading.Thread] = set()
-        self._requests_lock = threading.Lock()  # a leaf
         super().__init__(*args, **kwargs)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -149,22 +149,16 @@ class _Server(ThreadingMixIn, WSGIServer):
             name=f"{threading.current_thread().name}-request",
             daemon=True,
         )
-        with self._requests_lock:
-            # Every thread in the set was started: the ended ones go.
-            self._requests = {t for t in self._requests if t.is_alive()}
-            in_flight = len(self._requests)
-            if in_flight < self.max_requests:
-                self._requests.add(thread)
-        if in_flight >= self.max_requests:
-            log.debug("%s: %d requests in flight; closed unread", client_address, in_flight)
+        # Every thread in the set was started: the ended ones go.
+        self._requests = {t for t in self._requests if t.is_alive()}
+        if len(self._requests) >= self.max_requests:
+            log.debug(
+                "%s: %d requests in flight; closed unread", client_address, len(self._requests)
+            )
             self.shutdown_request(request)
             return
-        try:
-            thread.start()
-        except RuntimeError:  # no thread to be had (a pids limit): this request only
-            with self._requests_lock:
-                self._requests.discard(thread)
-            raise  # socketserver: handle_error, then shutdown_request
+        thread.start()  # no thread to be had (a pids limit): socketserver's handle_error
+        self._requests.add(thread)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # socketserver prints a traceback to stderr. A client that timed out
@@ -178,9 +172,7 @@ class _Server(ThreadingMixIn, WSGIServer):
         """Wait up to ``grace`` seconds for the requests in flight to end
         (each is bounded by the handler's timeouts anyway)."""
         deadline = time.monotonic() + grace
-        with self._requests_lock:
-            requests = list(self._requests)
-        for thread in requests:
+        for thread in self._requests:
             thread.join(max(0.0, deadline - time.monotonic()))
 
 
@@ -254,7 +246,7 @@ class HttpServer:
     def close(self) -> None:
         """Stop serving; idempotent. Returns once the serving thread ended,
         the port is free and the requests in flight ended (at most
-        ``CLOSE_GRACE`` seconds: each is bounded by ``REQUEST_TIMEOUT``)."""
+        ``CLOSE_GRACE`` seconds: each is bounded by the handler's timeouts)."""
         if self._closed:
             return
         self._closed = True
